@@ -1,0 +1,25 @@
+# Two commands do all set-up: `make demo` and `make test` create .venv when missing and install the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# -c, not PIP_CONSTRAINT: the variable would replace the machine's own constraint file
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/modrwkv demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/backbone_cpu.py
+
+clean:
+	rm -rf $(VENV) runs benchmarks/out

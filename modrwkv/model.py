@@ -1,0 +1,347 @@
+"""The RWKV-7 ("x070") backbone: one readable file, parameter names = RWKV-LM checkpoint keys = paper symbols.
+
+    x = ln0(emb(ids));  per layer:  x += att(ln1(x));  x += ffn(ln2(x));   logits = head(ln_out(x))
+
+The time mix's recurrence goes through `kernels.wkv7`; everything else is plain PyTorch. One forward serves
+training (parallel over [B, T], right-padding mask), prefill and decoding (state in, state out).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+from .config import RWKV7Config
+
+
+@dataclass
+class RWKV7State:
+    """Everything the model remembers of a sequence; its size never grows with the sequence's length.
+
+    att_shift, ffn_shift: [L, B, C] the last token's ln1 / ln2 output per layer (token shift);
+    wkv: [L, B, H, N, N] the time-mix state (value dim x key dim), always fp32.
+    """
+
+    att_shift: torch.Tensor
+    wkv: torch.Tensor
+    ffn_shift: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[1]
+
+    def clone(self) -> "RWKV7State":
+        return RWKV7State(self.att_shift.clone(), self.wkv.clone(), self.ffn_shift.clone())
+
+    def select(self, index) -> "RWKV7State":
+        """The states of the given batch rows (a list/tensor of indices; repeats allowed, e.g. to fan out)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.wkv.device)
+        return RWKV7State(self.att_shift[:, index], self.wkv[:, index], self.ffn_shift[:, index])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.att_shift, self.wkv, self.ffn_shift))
+
+
+def token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """x[:, t-1] for every t, with `previous` ([B, C], or zeros) standing before the first token."""
+    first = torch.zeros_like(x[:, :1]) if previous is None else previous[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Tensor | None) -> torch.Tensor:
+    """x at each row's last real position ([B, C]); rows with no real token keep `previous`."""
+    if lengths is None:
+        return x[:, -1]
+    rows = torch.arange(x.shape[0], device=x.device)
+    picked = x[rows, (lengths - 1).clamp(min=0)]
+    keep = previous.to(x.dtype) if previous is not None else torch.zeros_like(picked)
+    return torch.where((lengths > 0)[:, None], picked, keep)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.n_head, self.head_size = H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.w1, self.w2 = nn.Parameter(torch.zeros(C, cfg.decay_lora)), nn.Parameter(torch.zeros(cfg.decay_lora, C))
+        self.a1, self.a2 = nn.Parameter(torch.zeros(C, cfg.a_lora)), nn.Parameter(torch.zeros(cfg.a_lora, C))
+        self.v1, self.v2 = nn.Parameter(torch.zeros(C, cfg.v_lora)), nn.Parameter(torch.zeros(cfg.v_lora, C))
+        self.g1, self.g2 = nn.Parameter(torch.zeros(C, cfg.gate_lora)), nn.Parameter(torch.zeros(cfg.gate_lora, C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, shift, wkv_state, v_first, pad):
+        """x: [B, T, C] (ln1 output); pad: [B, T] bool (True = padding) or None."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # decay exp(-exp(w)) in (0.545, 1)
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:  # value residual towards layer 0's v
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        wkv_in = [r, w, k, v, -kk, kk * a]
+        if pad is not None:  # padded steps leave the state untouched: decay 1, no writes
+            keep = (~pad)[..., None]
+            wkv_in = [t * keep for t in wkv_in]
+            wkv_in[1] = w.masked_fill(~keep, float("-inf"))
+        y, wkv_state = kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state)
+
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = y + ((r * k).view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True).mul(v.view(B, T, H, N)).view(B, T, C)
+        return self.output(y * g), wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x, shift):
+        k = x + (token_shift(x, shift) - x) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, pad, lengths):
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        xa = self.ln1(x)
+        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, pad)
+        x = x + out
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, ffn_shift)
+        return x, v_first, last_valid(xa, lengths, att_shift), wkv_state, last_valid(xf, lengths, ffn_shift)
+
+
+class RWKV7(nn.Module):
+    def __init__(self, config: RWKV7Config):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        # Inference (no grad) runs long inputs in segments of this many tokens with the state carried:
+        # same result, bounded activation memory.
+        self.prefill_segment = 2048
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_rwkv_pth(cls, path, dtype=torch.float32) -> "RWKV7":
+        from .checkpoint import load_rwkv_pth
+
+        return load_rwkv_pth(path, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None) -> "RWKV7":
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(directory, dtype=dtype)
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @torch.no_grad()
+    def init_weights(self) -> "RWKV7":
+        """RWKV-LM's initialisation for training from scratch (a plain PyTorch init diverges)."""
+        cfg = self.config
+        L, C, N = cfg.n_layer, cfg.n_embd, cfg.head_size
+        channel = torch.arange(C, dtype=torch.float64)
+        ddd = (channel / C).view(1, 1, C)
+        linear = channel / (C - 1) - 0.5
+        zigzag = ((channel % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+
+        def orthogonal(t: torch.Tensor, gain: float) -> None:
+            rows, cols = t.shape
+            nn.init.orthogonal_(t, gain=gain * (math.sqrt(rows / cols) if rows > cols else 1.0))
+
+        for layer_id, block in enumerate(self.blocks):
+            ratio_0_to_1 = layer_id / max(L - 1, 1)
+            ratio_1_to_almost0 = 1.0 - layer_id / L
+            att, ffn = block.att, block.ffn
+            for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                getattr(att, name).copy_(1.0 - ddd ** (power * ratio_1_to_almost0))
+            decay_speed = -6 + 6 * (channel / (C - 1)) ** (1 + ratio_0_to_1**0.3)
+            att.w0.copy_((decay_speed + 0.5 + 2.5 * zigzag).view(1, 1, C))
+            att.a0.copy_((-0.19 + 0.3 * zigzag + 0.4 * linear).view(1, 1, C))
+            att.v0.copy_((0.73 - 0.4 * linear).view(1, 1, C))
+            att.k_k.copy_((0.71 - 0.1 * linear).view(1, 1, C))
+            att.k_a.fill_(1.02)
+            att.r_k.fill_(-0.04)
+            for first, second in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
+                first.zero_()
+                orthogonal(second, 0.1)
+            orthogonal(att.receptance.weight, 1.0)
+            orthogonal(att.key.weight, 0.1)
+            orthogonal(att.value.weight, 1.0)
+            att.output.weight.zero_()
+            att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
+            att.ln_x.bias.zero_()
+            ffn.x_k.copy_(1.0 - ddd ** (ratio_1_to_almost0**4))
+            orthogonal(ffn.key.weight, 1.0)
+            ffn.value.weight.zero_()
+            for ln in (block.ln1, block.ln2) + ((block.ln0,) if layer_id == 0 else ()):
+                ln.reset_parameters()
+        self.ln_out.reset_parameters()
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        V = cfg.vocab_size
+        orthogonal(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+        return self
+
+    def optimizer_groups(self, weight_decay: float = 0.0, params: dict | None = None) -> list[dict]:
+        """RWKV-LM's parameter groups: att.w0 at 2x lr; weight decay only on large matrices.
+
+        Each group carries `lr_scale` (multiply the base lr by it). `params` (name -> parameter) restricts the
+        groups to those, e.g. only trainable ones; default: every parameter of the model.
+        """
+        params = dict(self.named_parameters()) if params is None else params
+        double, decay, plain = [], [], []
+        for name, p in params.items():
+            if name.endswith("att.w0"):
+                double.append(p)
+            elif weight_decay > 0 and p.squeeze().dim() >= 2 and name.endswith(".weight"):
+                decay.append(p)
+            else:
+                plain.append(p)
+        groups = [
+            {"params": plain, "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": double, "weight_decay": 0.0, "lr_scale": 2.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def zero_state(self, batch_size: int, device=None, dtype=None) -> RWKV7State:
+        cfg = self.config
+        device = device or self.emb.weight.device
+        dtype = dtype or self.emb.weight.dtype
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return RWKV7State(
+            att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            raise ValueError(
+                f"token ids out of range [0, {self.config.vocab_size}): found {bad.unique()[:8].tolist()}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        state: RWKV7State | None = None,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RWKV7State]:
+        """Returns (logits, state): logits [B, T, V] (or [B, n, V] for logits_to_keep=n), and the state after
+        the last real token of each row, which continues the sequence exactly.
+
+        attention_mask: [B, T], 1 for real tokens, 0 for right padding. inputs_embeds ([B, T, C]) replaces
+        the embedding lookup (the multimodal model splices encoder features in there).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+            x = self.emb(input_ids)
+        else:
+            x = inputs_embeds.to(self.emb.weight.dtype)
+        B, T, _ = x.shape
+        pad, lengths = self._padding(attention_mask, B, T, x.device)
+        if state is None:
+            state = self.zero_state(B, x.device, x.dtype)
+        elif state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sequences but the input has {B}")
+
+        segment = self.prefill_segment
+        if torch.is_grad_enabled() or T <= segment or pad is not None:
+            hidden, state = self._body(x, state, pad, lengths)
+            return self._logits(hidden, logits_to_keep), state
+        kept = []
+        keep = logits_to_keep or T
+        for start in range(0, T, segment):
+            hidden, state = self._body(x[:, start : start + segment], state, None, None)
+            n = min(keep - (T - start - hidden.shape[1]), hidden.shape[1])
+            if n > 0:
+                kept.append(self._logits(hidden, n))
+        return torch.cat(kept, dim=1), state
+
+    def _padding(self, attention_mask, B, T, device):
+        if attention_mask is None:
+            return None, None
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        lengths = mask.sum(dim=1)
+        if not torch.equal(mask, torch.arange(T, device=device)[None, :] < lengths[:, None]):
+            raise ValueError("attention_mask must be right-padded: ones, then zeros, in every row")
+        if bool(mask.all()):
+            return None, None
+        return ~mask, lengths
+
+    def _body(self, x, state, pad, lengths):
+        v_first = None
+        att_shifts, wkvs, ffn_shifts = [], [], []
+        for i, block in enumerate(self.blocks):
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], pad, lengths)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, v_first, att_shift, wkv, ffn_shift = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, v_first, att_shift, wkv, ffn_shift = block(*args)
+            att_shifts.append(att_shift)
+            wkvs.append(wkv)
+            ffn_shifts.append(ffn_shift)
+        new_state = RWKV7State(torch.stack(att_shifts), torch.stack(wkvs).float(), torch.stack(ffn_shifts))
+        return x, new_state
+
+    def _logits(self, hidden, logits_to_keep):
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.head(self.ln_out(hidden))

@@ -1,0 +1,33 @@
+import os
+
+# Triton kernels run on CPU only through the interpreter, which must be on before any @triton.jit runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# The official `rwkv` package reads this at import time.
+os.environ.setdefault("RWKV_V7_ON", "1")
+os.environ.setdefault("RWKV_JIT_ON", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modrwkv import RWKV7, RWKV7Config  # noqa: E402
+
+
+def random_backbone(config: RWKV7Config, seed: int = 0) -> RWKV7:
+    """The official init, then the zero-initialised matrices (att.output, ffn.value, first LoRA factors) and the
+    embedding made random, so every part of the recurrence moves the logits."""
+    torch.manual_seed(seed)
+    model = RWKV7(config).init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("att.output.weight", "ffn.value.weight")) or name.split(".")[-1] in ("w1", "a1", "v1", "g1"):
+                p.normal_(0, 0.3)
+            elif name.split(".")[-1] in ("w2", "a2", "v2", "g2"):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name == "emb.weight":
+                p.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def make_backbone():
+    return random_backbone

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modrwkv import RWKV7, RWKV7Config
+from modrwkv.checkpoint import CheckpointError, convert_fla_to_rwkv_pth, convert_rwkv_pth_to_fla
+from tests.conftest import random_backbone
+
+CFG = RWKV7Config(vocab_size=211, n_layer=3, n_embd=64, head_size=16, dim_ffn=160)
+
+
+@pytest.fixture
+def pth(tmp_path):
+    path = tmp_path / "rwkv.pth"
+    torch.save(random_backbone(CFG).state_dict(), path)
+    return path
+
+
+def test_pth_shapes_are_inferred(pth):
+    model = RWKV7.from_rwkv_pth(pth)
+    assert model.config == CFG
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_and_from_pretrained_round_trip(tmp_path, pth, dtype):
+    model = RWKV7.from_rwkv_pth(pth, dtype=dtype)
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_embd"] == 64
+    again = RWKV7.from_pretrained(tmp_path / "hf")
+    assert again.emb.weight.dtype == dtype
+    ids = torch.randint(0, 211, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], again(ids)[0])
+
+
+def test_fla_conversion_round_trip(tmp_path, pth):
+    convert_rwkv_pth_to_fla(pth, tmp_path / "fla")
+    fla = load_file(tmp_path / "fla" / "model.safetensors")
+    original = torch.load(pth, weights_only=True)
+    # names and layouts of flash-linear-attention's HF model
+    assert "lm_head.weight" in fla and "model.embeddings.weight" in fla
+    assert torch.equal(fla["model.layers.1.attn.w_lora.lora.0.weight"], original["blocks.1.att.w1"].t())
+    assert torch.equal(fla["model.layers.1.attn.w_lora.lora.2.bias"], original["blocks.1.att.w0"].view(-1))
+    assert torch.equal(fla["model.layers.2.attn.r_proj.weight"], original["blocks.2.att.receptance.weight"])
+    assert fla["model.layers.0.attn.x_r"].shape == (1, 1, 64) and fla["model.layers.0.ffn.x_k"].shape == (64,)
+    assert "model.layers.0.pre_norm.weight" in fla and not any(k.startswith("model.layers.0.attn.v_lora") for k in fla)
+    hf = json.loads((tmp_path / "fla" / "config.json").read_text())
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"]) == (64, 3, 160)
+
+    convert_fla_to_rwkv_pth(tmp_path / "fla", tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert set(back) == set(original) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    for name, tensor in back.items():
+        assert torch.equal(tensor, original[name]), name
+    ids = torch.randint(0, 211, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(RWKV7.from_rwkv_pth(pth)(ids)[0], RWKV7.from_rwkv_pth(tmp_path / "back.pth")(ids)[0])
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path, pth):
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(pth.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch weights file"):
+        RWKV7.from_rwkv_pth(bad)
+    with pytest.raises(CheckpointError, match="missing.pth: no such checkpoint file"):
+        RWKV7.from_rwkv_pth(tmp_path / "missing.pth")
+
+
+def test_wrong_architecture_lists_every_problem(tmp_path, pth):
+    weights = torch.load(pth, weights_only=True)
+    del weights["blocks.1.att.k_k"], weights["blocks.2.ffn.x_k"]
+    weights["blocks.1.att.time_faaaa"] = torch.zeros(4, 16)  # an RWKV-6 key
+    weights["blocks.2.att.r_k"] = torch.zeros(2, 32)
+    path = tmp_path / "wrong.pth"
+    torch.save(weights, path)
+    with pytest.raises(CheckpointError) as info:
+        RWKV7.from_rwkv_pth(path)
+    message = str(info.value)
+    assert "wrong.pth" in message
+    for fragment in ("blocks.1.att.k_k", "blocks.2.ffn.x_k", "unexpected keys (1): blocks.1.att.time_faaaa",
+                     "blocks.2.att.r_k: checkpoint (2, 32) vs model (4, 16)"):
+        assert fragment in message
+
+
+def test_not_rwkv7_at_all(tmp_path):
+    path = tmp_path / "gpt.pth"
+    torch.save({"transformer.wte.weight": torch.zeros(10, 4)}, path)
+    with pytest.raises(CheckpointError, match="gpt.pth: not an RWKV-7 .* missing keys: emb.weight"):
+        RWKV7.from_rwkv_pth(path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"emb.weight": torch.zeros(2, 2), "note": object()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        RWKV7.from_rwkv_pth(path)
+
+
+def test_from_pretrained_needs_its_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        RWKV7.from_pretrained(tmp_path)

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from modrwkv import RWKV7, RWKV7Config
+from tests.conftest import random_backbone
+
+TINY = RWKV7Config(vocab_size=97, n_layer=2, n_embd=64, head_size=16)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@torch.no_grad()
+def test_right_padded_batch_equals_separate_runs():
+    model = random_backbone(TINY)
+    seqs = [torch.randint(0, 97, (n,)) for n in (23, 9, 1)]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    logits, state = model(ids, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        ref_logits, ref_state = model(s[None])
+        assert rel_err(logits[i, : len(s)], ref_logits[0]) < 1e-5
+        for field in ("att_shift", "wkv", "ffn_shift"):
+            assert rel_err(getattr(state, field)[:, i], getattr(ref_state, field)[:, 0]) < 1e-5
+
+
+def test_attention_mask_must_be_right_padded():
+    model = random_backbone(TINY)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+
+
+def test_token_ids_out_of_range_are_reported():
+    model = random_backbone(TINY)
+    with pytest.raises(ValueError, match=r"out of range \[0, 97\).*\[97, 120\]"):
+        model(torch.tensor([[1, 97, 120]]))
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[-1]]))
+
+
+def test_parallel_gradients_match_fp64_reference(monkeypatch):
+    """The fp32 parallel forward (chunked backend) against the fp64 per-step recurrence, gradients included."""
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(2))
+
+    def grads(model, backend):
+        monkeypatch.setenv("MODRWKV_WKV7_BACKEND", backend)
+        model.zero_grad()
+        logits, _ = model(ids)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 97).double(), target.reshape(-1)).backward()
+        return {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    model32 = random_backbone(TINY).train()
+    model64 = random_backbone(TINY).double().train()
+    g32, g64 = grads(model32, "chunked"), grads(model64, "reference")
+    assert g32.keys() == g64.keys() and len(g64) == len(list(model64.parameters())) - 3  # layer 0: v0, v1, v2 unused
+    for name in g64:
+        scale = g64[name].abs().max()
+        if scale > 0:
+            assert (g32[name] - g64[name]).abs().max() / scale < 1e-3, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(3))
+    out = []
+    for ckpt in (False, True):
+        model = random_backbone(TINY).train()
+        model.gradient_checkpointing = ckpt
+        logits, _ = model(ids)
+        logits.square().mean().backward()
+        out.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in out[0]:
+        torch.testing.assert_close(out[0][name], out[1][name], rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def test_inputs_embeds_equals_input_ids():
+    model = random_backbone(TINY)
+    ids = torch.randint(0, 97, (2, 11))
+    a, _ = model(ids)
+    b, _ = model(inputs_embeds=model.emb(ids))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=model.emb(ids))
+
+
+@torch.no_grad()
+def test_state_is_constant_size_and_reusable():
+    model = random_backbone(TINY)
+    prefix = torch.randint(0, 97, (1, 30))
+    _, state = model(prefix)
+    assert state.nbytes() == model.zero_state(1).nbytes()
+    fan = state.select([0, 0, 0])
+    questions = torch.randint(0, 97, (3, 5))
+    batched, _ = model(questions, state=fan)
+    for i in range(3):
+        alone, _ = model(questions[i : i + 1], state=state.clone())
+        assert rel_err(batched[i], alone[0]) < 1e-5
+        full, _ = model(torch.cat([prefix, questions[i : i + 1]], dim=1))
+        assert rel_err(batched[i], full[0, -5:]) < 1e-4
+
+
+def test_init_matches_official_formulas():
+    cfg = RWKV7Config(vocab_size=300, n_layer=4, n_embd=128, head_size=32)
+    model = RWKV7(cfg).init_weights()
+    C, L = 128, 4
+    att = model.blocks[2].att
+    ddd = torch.arange(C) / C
+    torch.testing.assert_close(att.x_r.view(-1), (1 - ddd ** (0.2 * (1 - 2 / L))).float())
+    assert torch.all(att.output.weight == 0) and torch.all(model.blocks[1].ffn.value.weight == 0)
+    assert torch.all(att.w1 == 0) and att.w2.abs().max() > 0
+    torch.testing.assert_close(att.ln_x.weight, torch.full((C,), (3 / L) ** 0.7))
+    assert torch.all(att.k_a == 1.02) and torch.all(att.r_k == -0.04)
+    assert model.emb.weight.abs().max() <= 1e-4
+    n = torch.arange(C, dtype=torch.float64)
+    zigzag = ((n % 32) - 15.5) / 15.5
+    zigzag = zigzag * zigzag.abs()
+    w0 = -6 + 6 * (n / (C - 1)) ** (1 + (2 / 3) ** 0.3) + 0.5 + 2.5 * zigzag
+    torch.testing.assert_close(att.w0.view(-1), w0.float())
+    # LoRA ranks for the 0.1B width follow RWKV-LM's rule: w/a 64, v 32, g 128
+    big = RWKV7Config(n_layer=1, n_embd=768)
+    assert (big.decay_lora, big.a_lora, big.v_lora, big.gate_lora) == (64, 64, 32, 128)
+
+
+def test_optimizer_groups():
+    model = random_backbone(TINY)
+    groups = model.optimizer_groups(weight_decay=0.1)
+    by_scale = {(g["lr_scale"], g["weight_decay"]): g["params"] for g in groups}
+    w0s = {id(b.att.w0) for b in model.blocks}
+    assert {id(p) for p in by_scale[(2.0, 0.0)]} == w0s
+    decayed = {id(p) for p in by_scale[(1.0, 0.1)]}
+    assert id(model.blocks[0].att.key.weight) in decayed and id(model.head.weight) in decayed
+    assert id(model.blocks[0].att.w1) not in decayed and id(model.blocks[0].ln1.weight) not in decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

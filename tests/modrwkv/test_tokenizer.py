@@ -1,0 +1,53 @@
+import pytest
+from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+from modrwkv.tokenizer import SPECIAL_TOKENS, WorldTokenizer, default_vocab_path
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.\n\tIndented  text, numbers 3.14159 and URLs https://x.org/a?b=c",
+    "机器学习是人工智能的一个分支。今天天气很好，我们去公园散步吧！",
+    "Mixed: emoji 🎉🚀👍🏽 family 👨‍👩‍👧 flags 🇫🇷 and math ∑∫√ ok",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WorldTokenizer()
+
+
+@pytest.fixture(scope="module")
+def official():
+    return TRIE_TOKENIZER(str(default_vocab_path()))
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=["english", "chinese", "emoji"])
+def test_round_trip_and_official_ids(tok, official, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids == official.encode(text)
+    assert all(1 <= i <= 65529 for i in ids)
+
+
+def test_special_tokens(tok):
+    ids = tok.encode("<image>\nWhat digit is this?<audio>", allow_special=True)
+    assert ids[0] == SPECIAL_TOKENS["<image>"] and ids[-1] == SPECIAL_TOKENS["<audio>"]
+    assert tok.decode(ids) == "<image>\nWhat digit is this?<audio>"
+    assert SPECIAL_TOKENS["<image>"] not in tok.encode("<image>")  # plain text stays text
+    assert tok.decode([0]) == ""
+
+
+def test_stream_decoder_holds_partial_characters(tok):
+    text = "a🎉b中"
+    ids = tok.encode_bytes(text.encode())
+    # force byte-level pieces so a character is split across tokens
+    byte_ids = [tok.encode_bytes(bytes([b]))[0] for b in text.encode()]
+    dec = tok.stream_decoder()
+    pieces = [dec.push(i) for i in byte_ids] + [dec.flush()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[1] == "" and pieces[4] == "🎉"
+    assert tok.decode(ids) == text
+
+
+def test_out_of_range_id(tok):
+    with pytest.raises(ValueError, match="70000"):
+        tok.decode([70000])
