@@ -31,3 +31,12 @@ def random_backbone(config: RWKV7Config, seed: int = 0) -> RWKV7:
 @pytest.fixture
 def make_backbone():
     return random_backbone
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; the CPU path has its own tests")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -5,11 +5,11 @@ from state S, with Γ_t the cumulative decay since the chunk start, every u_t, y
 are linear in S, so (rows are time steps, ~x = x·Γ_{t-1} or x·Γ_t, x~ = x/Γ_i):
 
     U = W1 S^T + W2,     (I - M_ab) [W1 | W2] = [ã | M_ak V]       (a unit-triangular solve, C x C)
-    Y = r̃ S^T + M_rb U + M_rk V
+    Y = r̃ S^T + M_rb U + M_rk V  = Q S^T + Z
     S' = S diag(Γ_C) + U^T b̂ + V^T k̂                              (b̂_i = b_i Γ_C/Γ_i, likewise k̂)
 
 where M_xy[t, i] = x̃_t · ỹ_i, strictly lower (i < t) for the ã rows and lower (i <= t) for the r̃ rows.
-All of it but the S -> S' hand-off runs batched over every chunk at once.
+Everything but the hand-off S -> S' runs batched over every chunk at once.
 
 Plain PyTorch ops, so autograd gives the backward; fast on CPU and used there by default.
 """
@@ -34,19 +34,19 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
     pad = n_chunks * C - T
 
     def blocks(x):
-        # [B, T, H, N] -> [B*H, n_chunks, C, N]; padded steps are identities (no input, decay 1).
-        x = x.to(dtype).transpose(1, 2)
+        # [B, T, H, N] -> [n_chunks, B*H, C, N], chunk-major so each chunk's slice is contiguous.
+        # Padded steps are identities (no input, decay 1).
+        x = x.to(dtype)
         if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(B * H, n_chunks, C, N)
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, n_chunks, C, H, N).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, C, N)
 
     log_decay = blocks(-torch.exp(w.to(dtype)).clamp(min=LOG_DECAY_FLOOR))
     r, k, v, a, b = (blocks(x) for x in (r, k, v, a, b))
 
     g = log_decay.cumsum(dim=2)  # log Γ_t, inclusive
-    g_prev = g - log_decay  # log Γ_{t-1}
     g_last = g[:, :, -1:, :]  # log Γ_C
-    a_t = a * torch.exp(g_prev)
+    a_t = a * torch.exp(g - log_decay)  # a_t Γ_{t-1}
     r_t = r * torch.exp(g)
     inv = torch.exp(-g)
     b_i, k_i = b * inv, k * inv
@@ -63,16 +63,18 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
     eye = torch.eye(C, dtype=dtype, device=r.device)
     W = torch.linalg.solve_triangular(eye - M_ab, torch.cat([a_t, M_ak @ v], dim=-1), upper=False, unitriangular=True)
     W1, W2 = W[..., :N], W[..., N:]
-    Q = r_t + M_rb @ W1  # Y = Q S^T + Z
+    # Per chunk, with S its starting state:  Y = Q S^T + Z,  U^T = S W1^T + W2^T,  S' = S diag(Γ_C) + U^T b̂ + V^T k̂
+    Q = r_t + M_rb @ W1
     Z = M_rb @ W2 + M_rk @ v
-    W1T, W2T, vT = W1.transpose(-1, -2), W2.transpose(-1, -2), v.transpose(-1, -2)
-    chunk_decay = torch.exp(g_last)  # [BH, n_chunks, 1, N]
+    W1T, W2T, vT = (x.transpose(-1, -2) for x in (W1, W2, v))
+    # unbind once: indexing chunk by chunk would make autograd scatter each slice into a full-size zero tensor
+    per_chunk = zip(*(x.unbind(0) for x in (Q, Z, W1T, W2T, b_end, vT, k_end, torch.exp(g_last))))
 
     S = r.new_zeros(B * H, N, N) if initial_state is None else initial_state.to(dtype).reshape(B * H, N, N)
     ys = []
-    for c in range(n_chunks):
-        ys.append(torch.baddbmm(Z[:, c], Q[:, c], S.transpose(-1, -2)))
-        UT = torch.baddbmm(W2T[:, c], S, W1T[:, c])
-        S = S * chunk_decay[:, c] + UT @ b_end[:, c] + vT[:, c] @ k_end[:, c]
-    y = torch.stack(ys, dim=1).reshape(B, H, n_chunks * C, N)[:, :, :T].transpose(1, 2)
+    for Q_c, Z_c, W1T_c, W2T_c, b_end_c, vT_c, k_end_c, decay_c in per_chunk:  # the only sequential part
+        ys.append(torch.baddbmm(Z_c, Q_c, S.transpose(-1, -2)))
+        UT = torch.baddbmm(W2T_c, S, W1T_c)
+        S = torch.baddbmm(torch.baddbmm(S * decay_c, UT, b_end_c), vT_c, k_end_c)
+    y = torch.stack(ys).view(n_chunks, B, H, C, N).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, N)[:, :T]
     return y, S.reshape(B, H, N, N)

@@ -21,13 +21,9 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
     decay = torch.exp(-torch.exp(w))
     S = r.new_zeros(B, H, N, N) if initial_state is None else initial_state.to(dtype)
     ys = []
-    for t in range(T):
-        Sa = torch.einsum("bhvk,bhk->bhv", S, a[:, t])
-        S = (
-            S * decay[:, t, :, None, :]
-            + Sa[..., :, None] * b[:, t, :, None, :]
-            + v[:, t, :, :, None] * k[:, t, :, None, :]
-        )
-        ys.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
+    for r_t, d_t, k_t, v_t, a_t, b_t in zip(*(x.unbind(1) for x in (r, decay, k, v, a, b))):
+        Sa = (S @ a_t[..., None])[..., 0]
+        S = S * d_t[:, :, None, :] + Sa[..., :, None] * b_t[:, :, None, :] + v_t[..., :, None] * k_t[:, :, None, :]
+        ys.append((S @ r_t[..., None])[..., 0])
     y = torch.stack(ys, dim=1) if T else r.new_zeros(B, 0, H, N)
     return y, S

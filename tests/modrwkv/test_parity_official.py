@@ -32,7 +32,7 @@ def pair(request, tmp_path_factory):
     return ours, ids, ref_logits, ref_state
 
 
-@pytest.fixture(params=["reference", "chunked"])
+@pytest.fixture(params=["reference", "chunked", "triton"])
 def backend(request, monkeypatch):
     monkeypatch.setenv(kernels.BACKEND_ENV, request.param)
     return request.param

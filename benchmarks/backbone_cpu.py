@@ -1,0 +1,203 @@
+"""Backbone on CPU: ours vs the official `rwkv` package vs a same-size Llama, side by side in one run.
+
+The 0.1B shape (12 layers, width 768, vocab 65536) with random weights; 2 threads. Prefill = tokens/s for a
+prompt of T tokens with last-position logits (what the `rwkv` package computes by default); decode = tokens/s
+of single-token steps on the state (or KV cache). Each measurement runs in its own process so its peak memory
+(RSS above the loaded model) is its own. Prints a table and writes JSON.
+
+    python benchmarks/backbone_cpu.py [--lengths 1024 4096 16384] [--bf16-lengths 1024] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(vocab_size=65536, n_layer=12, n_embd=768, head_size=64)
+DECODE_STEPS = 16
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 2 ms while the block runs; .peak_mb is the highest."""
+
+    def __enter__(self):
+        self.peak_mb, self._running = rss_mb(), True
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while self._running:
+            self.peak_mb = max(self.peak_mb, rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def build_ours(dtype):
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from modrwkv import RWKV7, RWKV7Config
+    from tests.conftest import random_backbone
+
+    return random_backbone(RWKV7Config(**SHAPE)).to(dtype)
+
+
+def run_case(case: dict) -> dict:
+    """One measurement, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    T, impl, op = case["T"], case["impl"], case["op"]
+    ids = torch.randint(0, SHAPE["vocab_size"], (T,), generator=torch.Generator().manual_seed(0))
+
+    if impl == "ours":
+        model = build_ours(dtype)
+        warm = lambda: model(ids[None, :32], logits_to_keep=1)  # noqa: E731
+        prefill = lambda: model(ids[None], logits_to_keep=1)  # noqa: E731
+
+        def step(state):
+            return model(ids[None, :1], state=state, logits_to_keep=1)[1]
+
+    elif impl == "rwkv":
+        os.environ["RWKV_V7_ON"] = "1"
+        os.environ.setdefault("RWKV_JIT_ON", "1")
+        from rwkv.model import RWKV
+
+        model = RWKV(model=case["pth"][: -len(".pth")], strategy=f"cpu {case['dtype']}")
+        tokens = ids.tolist()
+        warm = lambda: model.forward(tokens[:32], None)  # noqa: E731
+        prefill = lambda: model.forward(tokens, None)  # noqa: E731
+
+        def step(state):
+            return model.forward([tokens[0]], state)[1]
+
+    else:  # a same-size Llama: 12 layers, width 768, 12 heads, MLP 2048 (12·C² per layer like RWKV-7)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=768, intermediate_size=2048,
+                          num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                          max_position_embeddings=max(T, 32) + DECODE_STEPS + 8, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        warm = lambda: model(ids[None, :32], use_cache=True, logits_to_keep=1)  # noqa: E731
+        prefill = lambda: model(ids[None], use_cache=True, logits_to_keep=1)  # noqa: E731
+        step = None
+
+    with torch.no_grad():
+        warm()
+        base = rss_mb()
+        with PeakRSS() as peak:
+            started = time.perf_counter()
+            out = prefill()
+            prefill_s = time.perf_counter() - started
+        result = {**case, "prefill_tok_s": T / prefill_s, "peak_mb_above_model": peak.peak_mb - base}
+        if op == "decode" and step is not None:
+            state = out[1] if impl != "llama" else None
+            state = step(state)
+            started = time.perf_counter()
+            for _ in range(DECODE_STEPS):
+                state = step(state)
+            result["decode_tok_s"] = DECODE_STEPS / (time.perf_counter() - started)
+    result.pop("pth", None)
+    return result
+
+
+def spawn(case: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {**case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def state_and_cache_bytes(T: int, bytes_per: int) -> tuple[int, int]:
+    L, C, N = SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["head_size"]
+    state = L * (2 * C * bytes_per + (C // N) * N * N * 4)  # two shift vectors + fp32 wkv matrices
+    kv_cache = 2 * L * T * C * bytes_per
+    return state, kv_cache
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--bf16-lengths", type=int, nargs="*", default=[1024],
+                        help="bf16 prefill lengths (bf16 matmuls are emulated on AVX2-only CPUs: slow)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(json.loads(args.one))))
+        return
+
+    import torch
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pth = str(Path(tmp) / "rwkv7-0.1B-random.pth")
+        torch.save(build_ours(torch.float32).state_dict(), pth)  # the same weights for ours and the package
+        cases = []
+        for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
+            for T in lengths:
+                for impl in ("ours", "rwkv", "llama"):
+                    op = "decode" if T == lengths[0] and impl != "llama" else "prefill"
+                    cases.append({"impl": impl, "dtype": dtype, "T": T, "op": op, "threads": args.threads, "pth": pth})
+        results = [spawn(c) for c in tqdm(cases, desc="benchmark cases")]
+
+    rows = {(r["impl"], r["dtype"], r["T"]): r for r in results}
+    lines = ["| dtype | T | ours prefill tok/s | rwkv pkg tok/s | ours/pkg | Llama-SDPA tok/s | ours/Llama | "
+             "ours peak MB | Llama peak MB | RWKV state | Llama KV cache |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(r, key, digits=0):
+        return f"{r[key]:.{digits}f}" if r and key in r else (r.get("error", "-")[:40] if r else "-")
+
+    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
+        for T in lengths:
+            o, p, l = rows.get(("ours", dtype, T)), rows.get(("rwkv", dtype, T)), rows.get(("llama", dtype, T))
+            ratio = lambda a, b: f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x" if a and b and "prefill_tok_s" in a and "prefill_tok_s" in b else "-"  # noqa: E731
+            state, cache = state_and_cache_bytes(T, 4 if dtype == "fp32" else 2)
+            lines.append(f"| {dtype} | {T} | {fmt(o, 'prefill_tok_s')} | {fmt(p, 'prefill_tok_s')} | {ratio(o, p)} | "
+                         f"{fmt(l, 'prefill_tok_s')} | {ratio(o, l)} | {fmt(o, 'peak_mb_above_model')} | "
+                         f"{fmt(l, 'peak_mb_above_model')} | {state / 2**20:.2f} MiB | {cache / 2**20:.0f} MiB |")
+    lines += ["", "| dtype | ours decode tok/s | rwkv pkg decode tok/s | ours/pkg |", "|---|---|---|---|"]
+    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
+        if not lengths:
+            continue
+        o, p = rows.get(("ours", dtype, lengths[0])), rows.get(("rwkv", dtype, lengths[0]))
+        ratio = f"{o['decode_tok_s'] / p['decode_tok_s']:.2f}x" if o and p and "decode_tok_s" in o and "decode_tok_s" in p else "-"
+        lines.append(f"| {dtype} | {fmt(o, 'decode_tok_s', 1)} | {fmt(p, 'decode_tok_s', 1)} | {ratio} |")
+    fp32 = [rows.get(("ours", "fp32", T)) for T in args.lengths]
+    if len(fp32) > 1 and all(r and "prefill_tok_s" in r for r in fp32):
+        lines.append(f"\nper-token prefill cost at T={args.lengths[-1]} vs T={args.lengths[0]} (ours, fp32): "
+                     f"{fp32[0]['prefill_tok_s'] / fp32[-1]['prefill_tok_s']:.2f}x")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    table = "\n".join(lines)
+    print(f"machine: {machine}\n{table}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backbone_cpu.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    (out / "backbone_cpu.md").write_text(f"machine: {machine}\n\n{table}\n")
+    print(f"wrote {out / 'backbone_cpu.json'}")
+
+
+if __name__ == "__main__":
+    main()

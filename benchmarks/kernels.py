@@ -1,0 +1,136 @@
+"""wkv7 kernels side by side: tokens/s forward and forward+backward, and max relative error vs fp64.
+
+CPU (always): "chunked" vs "reference" at T = 4k (B=1, H=12, N=64, fp32).
+CUDA (when a GPU is present): "triton" vs flash-linear-attention's `chunk_rwkv7` (if installed) vs
+"reference"-free timing, B=8, H=12, N=64, T = 1k, 4k, 16k, bf16 inputs; plus the fraction of the memory
+floor (inputs read once + y written once, at the device's peak bandwidth given by --peak-gbs).
+
+    python benchmarks/kernels.py [--out DIR] [--peak-gbs 3350]
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
+sys.path[0] = str(ROOT)
+
+
+def inputs(B, T, H, N, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rand = lambda: torch.randn(B, T, H, N, generator=g)  # noqa: E731
+    r, k, v = rand(), rand(), rand()
+    w = -F.softplus(-2 * rand()) - 0.5
+    kk = F.normalize(rand(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rand())
+    return [x.to(device=device, dtype=dtype) for x in (r, w, k, v, a, b)]
+
+
+def timed(fn, device, repeats=3) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def max_rel_err(y, ref) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def fla_chunk_rwkv7():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError:
+        return None
+
+    def run(r, w, k, v, a, b):
+        # fla takes the log-decay -exp(w) and returns (o, final_state)
+        o, _ = chunk_rwkv7(r, -torch.exp(w.float()).to(r.dtype), k, v, a, b, scale=1.0, output_final_state=True)
+        return o
+
+    return run
+
+
+def bench_backend(name, fn, xs, device, T, B):
+    res = {"backend": name}
+    with torch.no_grad():
+        res["fwd_tok_s"] = B * T / timed(lambda: fn(*xs), device)
+    leaves = [x.detach().requires_grad_() for x in xs]
+
+    def fwd_bwd():
+        fn(*leaves).float().sum().backward()
+
+    res["fwd_bwd_tok_s"] = B * T / timed(fwd_bwd, device)
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
+    args = parser.parse_args()
+    from kernels import wkv7
+
+    rows = []
+    torch.set_num_threads(2)
+    T, B, H, N = 4096, 1, 12, 64
+    xs = inputs(B, T, H, N, torch.float32, "cpu")
+    ref64, _ = wkv7(*(x.double() for x in xs), backend="reference")
+    for name in ("reference", "chunked"):
+        fn = lambda *t, name=name: wkv7(*t, backend=name)[0]  # noqa: E731
+        row = {"device": "cpu", "T": T, "B": B, "dtype": "fp32", **bench_backend(name, fn, xs, "cpu", T, B)}
+        with torch.no_grad():
+            row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
+        rows.append(row)
+
+    if torch.cuda.is_available():
+        B = 8
+        fla = fla_chunk_rwkv7()
+        for T in (1024, 4096, 16384):
+            xs = inputs(B, T, H, N, torch.bfloat16, "cuda")
+            ref64, _ = wkv7(*(x.double() for x in xs), backend="chunked")  # fp64 chunked == fp64 reference
+            candidates = {"triton": lambda *t: wkv7(*t, backend="triton")[0]}
+            if fla is not None:
+                candidates["fla chunk_rwkv7"] = fla
+            for name, fn in candidates.items():
+                row = {"device": torch.cuda.get_device_name(), "T": T, "B": B, "dtype": "bf16",
+                       **bench_backend(name, fn, xs, "cuda", T, B)}
+                with torch.no_grad():
+                    row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
+                floor_bytes = 7 * B * T * H * N * 2  # six inputs read, y written, bf16
+                row["fwd_frac_of_memory_floor"] = floor_bytes / (args.peak_gbs * 1e9) / (B * T / row["fwd_tok_s"])
+                rows.append(row)
+
+    machine = f"{platform.machine()}, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only (2 threads)")
+    lines = ["| device | T | B | dtype | backend | fwd tok/s | fwd+bwd tok/s | max rel err vs fp64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['T']} | {r['B']} | {r['dtype']} | {r['backend']} | {r['fwd_tok_s']:.0f} | "
+                     f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} |")
+    cpu = {r["backend"]: r for r in rows if r["device"] == "cpu"}
+    lines.append(f"\nchunked vs reference at T={T if not torch.cuda.is_available() else 4096} on CPU: forward "
+                 f"{cpu['chunked']['fwd_tok_s'] / cpu['reference']['fwd_tok_s']:.1f}x, forward+backward "
+                 f"{cpu['chunked']['fwd_bwd_tok_s'] / cpu['reference']['fwd_bwd_tok_s']:.1f}x")
+    table = "\n".join(lines)
+    print(f"machine: {machine}\n{table}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    (out / "kernels.md").write_text(f"machine: {machine}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

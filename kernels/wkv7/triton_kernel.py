@@ -1,0 +1,180 @@
+"""The wkv7 recurrence as Triton kernels: forward and backward, any T, fp32 state, fp32 or bf16 inputs.
+
+One program per (batch, head) keeps the N x N state in registers and walks the sequence in chunks of CHUNK
+steps. The forward writes y and, at every chunk start, a checkpoint of the state; the backward walks the
+chunks in reverse: it recomputes the chunk's states from its checkpoint into a per-program scratch buffer,
+then runs the exact reverse-mode recurrence step by step:
+
+    S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t,   d_t = exp(-exp(w_t))
+
+    dS_t  += dy_t r_t^T                      dr_t = S_t^T dy_t
+    dv_t   = dS_t k_t        dk_t = dS_t^T v_t        db_t = dS_t^T (S_{t-1} a_t)
+    dsa    = dS_t b_t        da_t = S_{t-1}^T dsa     dw_t = -exp(w_t) d_t Σ_i dS_t[i,:] S_{t-1}[i,:]
+    dS_{t-1} = dS_t diag(d_t) + dsa a_t^T
+
+Inputs of any float dtype are cast to fp32 on load; every product accumulates in fp32. Tested on CPU with
+TRITON_INTERPRET=1 against the fp64 reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 16
+
+
+@triton.jit
+def _wkv7_fwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [B, T, H, N]; s0 [B, H, N, N] fp32
+    y_ptr, sT_ptr, ckpt_ptr,  # y [B, T, H, N] fp32; final state [B, H, N, N]; checkpoints [B, H, NC, N, N]
+    T, H: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    HAS_S0: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b_idx = pid // H
+    h_idx = pid % H
+    n_chunks = tl.cdiv(T, CHUNK_LEN)
+    iv = tl.arange(0, BLOCK_N)  # value index (rows of S)
+    jk = tl.arange(0, BLOCK_N)  # key index (columns of S)
+    vec_mask = iv < N
+    tile_mask = (iv[:, None] < N) & (jk[None, :] < N)
+    tile_off = iv[:, None] * N + jk[None, :]
+    state_base = pid * N * N
+    if HAS_S0:
+        S = tl.load(s0_ptr + state_base + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    for c in range(0, n_chunks):
+        tl.store(ckpt_ptr + (pid * n_chunks + c) * N * N + tile_off, S, mask=tile_mask)
+        for s in range(0, CHUNK_LEN):
+            t = c * CHUNK_LEN + s
+            if t < T:
+                off = ((b_idx * T + t) * H + h_idx) * N
+                r = tl.load(r_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                d = tl.exp(-tl.exp(w))
+                sa = tl.sum(S * a[None, :], axis=1)
+                S = S * d[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
+                y = tl.sum(S * r[None, :], axis=1)
+                tl.store(y_ptr + off + iv, y, mask=vec_mask)
+    tl.store(sT_ptr + state_base + tile_off, S, mask=tile_mask)
+
+
+@triton.jit
+def _wkv7_bwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
+    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, scratch_ptr,  # scratch [B*H, CHUNK, N, N]
+    T, H: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    HAS_DST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b_idx = pid // H
+    h_idx = pid % H
+    n_chunks = tl.cdiv(T, CHUNK_LEN)
+    iv = tl.arange(0, BLOCK_N)
+    jk = tl.arange(0, BLOCK_N)
+    vec_mask = iv < N
+    tile_mask = (iv[:, None] < N) & (jk[None, :] < N)
+    tile_off = iv[:, None] * N + jk[None, :]
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    scratch = scratch_ptr + pid * CHUNK_LEN * N * N
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        # 1. recompute the chunk's states S_{t-1} from its checkpoint
+        S = tl.load(ckpt_ptr + (pid * n_chunks + c) * N * N + tile_off, mask=tile_mask, other=0.0)
+        for s in range(0, CHUNK_LEN):
+            t = c * CHUNK_LEN + s
+            if t < T:
+                tl.store(scratch + s * N * N + tile_off, S, mask=tile_mask)
+                off = ((b_idx * T + t) * H + h_idx) * N
+                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                sa = tl.sum(S * a[None, :], axis=1)
+                S = S * tl.exp(-tl.exp(w))[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
+        tl.debug_barrier()
+        # 2. reverse-mode through the chunk
+        for s_rev in range(0, CHUNK_LEN):
+            s = CHUNK_LEN - 1 - s_rev
+            t = c * CHUNK_LEN + s
+            if t < T:
+                off = ((b_idx * T + t) * H + h_idx) * N
+                S_prev = tl.load(scratch + s * N * N + tile_off, mask=tile_mask, other=0.0)
+                r = tl.load(r_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
+                ew = tl.exp(w)
+                d = tl.exp(-ew)
+                sa = tl.sum(S_prev * a[None, :], axis=1)
+                S_t = S_prev * d[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
+                dS += dy[:, None] * r[None, :]
+                tl.store(dr_ptr + off + jk, tl.sum(S_t * dy[:, None], axis=0), mask=vec_mask)
+                tl.store(dv_ptr + off + iv, tl.sum(dS * k[None, :], axis=1), mask=vec_mask)
+                tl.store(dk_ptr + off + jk, tl.sum(dS * v[:, None], axis=0), mask=vec_mask)
+                tl.store(db_ptr + off + jk, tl.sum(dS * sa[:, None], axis=0), mask=vec_mask)
+                dsa = tl.sum(dS * bb[None, :], axis=1)
+                tl.store(da_ptr + off + jk, tl.sum(S_prev * dsa[:, None], axis=0), mask=vec_mask)
+                dd = tl.sum(dS * S_prev, axis=0)
+                tl.store(dw_ptr + off + jk, -dd * d * ew, mask=vec_mask)
+                dS = dS * d[None, :] + dsa[:, None] * a[None, :]
+        tl.debug_barrier()
+    tl.store(ds0_ptr + pid * N * N + tile_off, dS, mask=tile_mask)
+
+
+def _launch_meta(N: int) -> dict:
+    return {"N": N, "BLOCK_N": triton.next_power_of_2(N), "CHUNK_LEN": CHUNK}
+
+
+class WKV7Triton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        B, T, H, N = r.shape
+        r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        n_chunks = triton.cdiv(T, CHUNK)
+        y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
+        s_final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        ckpt = torch.empty(B, H, n_chunks, N, N, device=r.device, dtype=torch.float32)
+        s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
+        _wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, T, H=H, HAS_S0=s0 is not None,
+                                   **_launch_meta(N))
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt)
+        ctx.has_s0 = s0 is not None
+        ctx.s0_dtype = s0.dtype if s0 is not None else None
+        return y, s_final
+
+    @staticmethod
+    def backward(ctx, dy, ds_final):
+        r, w, k, v, a, b, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        grads = [torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(6)]
+        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        scratch = torch.empty(B * H, CHUNK, N, N, device=r.device, dtype=torch.float32)
+        dy = torch.zeros_like(grads[0]) if dy is None else dy.float().contiguous()
+        has_dst = ds_final is not None
+        dst_arg = ds_final.float().contiguous() if has_dst else ds0
+        _wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, T, H=H,
+                                   HAS_DST=has_dst, **_launch_meta(N))
+        dr, dw, dk, dv, da, db = (g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b)))
+        return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None
+
+
+def wkv7_triton(r, w, k, v, a, b, initial_state=None):
+    """Same contract as `wkv7_reference`; y comes back in fp32 (the dispatcher casts it to r's dtype)."""
+    if r.shape[1] == 0:
+        B, _, H, N = r.shape
+        state = initial_state.float() if initial_state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
+        return r.new_zeros(r.shape, dtype=torch.float32), state
+    return WKV7Triton.apply(r, w, k, v, a, b, initial_state)
