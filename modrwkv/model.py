@@ -50,7 +50,7 @@ class RWKV7State:
 def token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """x[:, t-1] for every t, with `previous` ([B, C], or zeros) standing before the first token."""
     first = torch.zeros_like(x[:, :1]) if previous is None else previous[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)
 
 
 def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Tensor | None) -> torch.Tensor:
@@ -61,6 +61,13 @@ def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Te
     picked = x[rows, (lengths - 1).clamp(min=0)]
     keep = previous.to(x.dtype) if previous is not None else torch.zeros_like(picked)
     return torch.where((lengths > 0)[:, None], picked, keep)
+
+
+def store_column_major(linear: nn.Linear) -> None:
+    """Keeps the weight's shape and values ([out, in], as checkpoints name it) but lays its storage out as
+    [in, out]. On CPU, BLAS reads square and tall matrices faster that way: decoding the 0.1B model streams
+    the 200 MB head 1.45x faster; prefill GEMMs are as fast or slightly faster. Purely a memory layout."""
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=linear.weight.requires_grad)
 
 
 class TimeMix(nn.Module):
@@ -87,7 +94,7 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # decay exp(-exp(w)) in (0.545, 1)
@@ -123,7 +130,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x, shift):
-        k = x + (token_shift(x, shift) - x) * self.x_k
+        k = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2)
 
 
@@ -157,6 +164,9 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
+                store_column_major(module)
         self.gradient_checkpointing = False
         # Inference (no grad) runs long inputs in segments of this many tokens with the state carried:
         # same result, bounded activation memory.

@@ -66,15 +66,16 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
     # Per chunk, with S its starting state:  Y = Q S^T + Z,  U^T = S W1^T + W2^T,  S' = S diag(Γ_C) + U^T b̂ + V^T k̂
     Q = r_t + M_rb @ W1
     Z = M_rb @ W2 + M_rk @ v
-    W1T, W2T, vT = (x.transpose(-1, -2) for x in (W1, W2, v))
+    # Loop operands transposed and contiguous once, so the per-chunk products need no copies: Y^T = S Q^T + Z^T.
+    QT, ZT, W1T, W2T, vT = (x.transpose(-1, -2).contiguous() for x in (Q, Z, W1, W2, v))
     # unbind once: indexing chunk by chunk would make autograd scatter each slice into a full-size zero tensor
-    per_chunk = zip(*(x.unbind(0) for x in (Q, Z, W1T, W2T, b_end, vT, k_end, torch.exp(g_last))))
+    per_chunk = zip(*(x.unbind(0) for x in (QT, ZT, W1T, W2T, b_end, vT, k_end, torch.exp(g_last))))
 
     S = r.new_zeros(B * H, N, N) if initial_state is None else initial_state.to(dtype).reshape(B * H, N, N)
-    ys = []
-    for Q_c, Z_c, W1T_c, W2T_c, b_end_c, vT_c, k_end_c, decay_c in per_chunk:  # the only sequential part
-        ys.append(torch.baddbmm(Z_c, Q_c, S.transpose(-1, -2)))
+    yTs = []
+    for QT_c, ZT_c, W1T_c, W2T_c, b_end_c, vT_c, k_end_c, decay_c in per_chunk:  # the only sequential part
+        yTs.append(torch.baddbmm(ZT_c, S, QT_c))
         UT = torch.baddbmm(W2T_c, S, W1T_c)
         S = torch.baddbmm(torch.baddbmm(S * decay_c, UT, b_end_c), vT_c, k_end_c)
-    y = torch.stack(ys).view(n_chunks, B, H, C, N).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, N)[:, :T]
+    y = torch.stack(yTs).view(n_chunks, B, H, N, C).permute(1, 0, 4, 2, 3).reshape(B, n_chunks * C, H, N)[:, :T]
     return y, S.reshape(B, H, N, N)
