@@ -1,0 +1,194 @@
+"""ModRWKV: encoder features -> projector (Conv1D compression + MLP adapter) -> spliced into the RWKV-7 input.
+
+The frozen encoders live in `preprocessing/` (their outputs are cached); this model starts from features.
+Placeholder positions in `input_ids` (see `conversation.py`) receive the adapted features, in order; every
+other position is an ordinary token embedding. Phase I trains the projectors (and the forecasting head);
+phase II trains the backbone as well.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, load_state_strict
+from .config import RWKV7Config
+from .conversation import IGNORE, PLACEHOLDER_IDS
+from .model import RWKV7, RWKV7State
+from .projector import Projector, ProjectorConfig
+from .wavenet import WaveNet, WaveNetConfig
+
+CONFIG_FILE = "modrwkv_config.json"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+
+Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
+
+
+@dataclass
+class ModRWKVConfig:
+    backbone: RWKV7Config
+    projectors: dict[str, ProjectorConfig] = field(default_factory=dict)  # by modality: image, audio, series
+    forecast_horizon: int = 0  # > 0: a regression head predicts this many future series values
+    series_encoder: WaveNetConfig | None = None  # trainable WaveNet run on raw (normalised) series items
+
+    def __post_init__(self):
+        unknown = set(self.projectors) - set(PLACEHOLDER_IDS)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {sorted(PLACEHOLDER_IDS)}")
+        for name, p in self.projectors.items():
+            if p.model_dim != self.backbone.n_embd:
+                raise ValueError(f"{name} projector outputs {p.model_dim}, the backbone width is {self.backbone.n_embd}")
+        series = self.projectors.get("series")
+        if self.series_encoder is not None and series is not None and series.encoder_dim != self.series_encoder.hidden:
+            raise ValueError(f"the series projector takes width {series.encoder_dim}, WaveNet gives {self.series_encoder.hidden}")
+
+    def to_dict(self) -> dict:
+        return {"backbone": self.backbone.to_dict(), "projectors": {k: asdict(v) for k, v in self.projectors.items()},
+                "forecast_horizon": self.forecast_horizon,
+                "series_encoder": asdict(self.series_encoder) if self.series_encoder else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModRWKVConfig":
+        return cls(backbone=RWKV7Config.from_dict(d["backbone"]),
+                   projectors={k: ProjectorConfig(**v) for k, v in d.get("projectors", {}).items()},
+                   forecast_horizon=d.get("forecast_horizon", 0),
+                   series_encoder=WaveNetConfig(**d["series_encoder"]) if d.get("series_encoder") else None)
+
+
+@dataclass
+class ModRWKVOutput:
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    forecast_loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    state: RWKV7State
+    forecast: torch.Tensor | None = None
+
+
+class ModRWKV(nn.Module):
+    def __init__(self, config: ModRWKVConfig, backbone: RWKV7 | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else RWKV7(config.backbone)
+        self.projectors = nn.ModuleDict({name: Projector(cfg) for name, cfg in config.projectors.items()})
+        C = config.backbone.n_embd
+        self.forecast_head = nn.Linear(C, config.forecast_horizon) if config.forecast_horizon else None
+        self.series_encoder = WaveNet(config.series_encoder) if config.series_encoder else None
+
+    # ---- phases -------------------------------------------------------------------------------------------
+    def set_phase(self, phase: int) -> None:
+        """Phase I: projectors, forecast head and WaveNet only. Phase II: the backbone too."""
+        if phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2, got {phase}")
+        self.requires_grad_(True)
+        self.backbone.requires_grad_(phase == 2)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    # ---- sequence assembly --------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, features: list[Features], sample_ids=None) -> torch.Tensor:
+        """Token embeddings with every placeholder run replaced by its item's adapted features."""
+        self.backbone.check_input_ids(input_ids)
+        if len(features) != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} sequences but feature lists for {len(features)}")
+        x = self.backbone.emb(input_ids)
+        rows = []
+        for b, items in enumerate(features):
+            name = sample_ids[b] if sample_ids is not None else str(b)
+            row = x[b]
+            for modality, placeholder in PLACEHOLDER_IDS.items():
+                positions = (input_ids[b] == placeholder).nonzero().squeeze(-1)
+                mine = [f for m, f in items if m == modality]
+                if not mine:
+                    if len(positions):
+                        raise ValueError(f"sample {name}: {len(positions)} <{modality}> positions but no {modality} features")
+                    continue
+                if modality not in self.projectors:
+                    raise ValueError(f"sample {name}: the model has no {modality} projector")
+                projector = self.projectors[modality]
+                if modality == "series" and self.series_encoder is not None:
+                    mine = [self.series_encoder(f.to(x.dtype)) for f in mine]
+                adapted = torch.cat([projector(f.to(x.dtype)) for f in mine])
+                if adapted.shape[0] != len(positions):
+                    raise ValueError(
+                        f"sample {name}: {len(positions)} <{modality}> positions but the features give "
+                        f"{adapted.shape[0]} vectors after compression"
+                    )
+                row = row.index_put((positions,), adapted)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def forward(self, input_ids, features, attention_mask=None, labels=None, state=None,
+                series_target=None, sample_ids=None, return_logits: bool = True) -> ModRWKVOutput:
+        """With labels, the LM loss (next-token, labels aligned with input_ids). return_logits=False skips the
+        head except at labelled positions: what training wants with a 65536-word vocabulary."""
+        embeds = self.embed(input_ids, features, sample_ids)
+        hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
+        logits = self.backbone.head(hidden) if return_logits else None
+        lm_loss = forecast_loss = forecast = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            learned = targets != IGNORE
+            if logits is not None:
+                scores = logits[:, :-1][learned]
+            else:
+                scores = self.backbone.head(hidden[:, :-1][learned])
+            lm_loss = F.cross_entropy(scores.float(), targets[learned])
+        if self.forecast_head is not None:
+            last = (attention_mask.sum(1) - 1) if attention_mask is not None else torch.full(
+                (hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+            forecast = self.forecast_head(hidden[torch.arange(hidden.shape[0]), last])
+            if series_target is not None:
+                forecast_loss = F.mse_loss(forecast.float(), series_target.float())
+        parts = [x for x in (lm_loss, forecast_loss) if x is not None]
+        loss = sum(parts) if parts else None
+        return ModRWKVOutput(loss, lm_loss, forecast_loss, logits, state, forecast)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, features: list[Features], state: RWKV7State | None = None):
+        """Runs a prompt (features injected here, and only here); returns last-position logits [B, V] and state."""
+        embeds = self.embed(input_ids, features)
+        logits, state = self.backbone(inputs_embeds=embeds, state=state, logits_to_keep=1)
+        return logits[:, -1], state
+
+    # ---- save / load --------------------------------------------------------------------------------------
+    def save_pretrained(self, directory, adapter_only: bool = False) -> None:
+        """config + weights; adapter_only writes everything but the backbone (phase I's output)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if adapter_only:
+            save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
+        else:
+            save_file(state, directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory, backbone: RWKV7 | None = None) -> "ModRWKV":
+        """A full checkpoint, or an adapter-only one plus the `backbone` it was trained on."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{directory}: no {CONFIG_FILE}; expected a ModRWKV save_pretrained directory")
+        config = ModRWKVConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        full = directory / WEIGHTS_FILE
+        if full.is_file():
+            model = cls(config)
+            load_state_strict(model, load_file(full), full)
+            return model.eval()
+        adapter = directory / ADAPTER_FILE
+        if not adapter.is_file():
+            raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {ADAPTER_FILE}")
+        if backbone is None:
+            raise CheckpointError(f"{adapter}: an adapter-only checkpoint needs the backbone it was trained on")
+        if backbone.config != config.backbone:
+            raise CheckpointError(f"{adapter}: trained on backbone {config.backbone}, given {backbone.config}")
+        model = cls(config, backbone=backbone)
+        weights = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_file(adapter)}
+        load_state_strict(model, weights, adapter)
+        return model.eval()

@@ -1,0 +1,20 @@
+"""Frozen encoders: raw images / audio -> feature sequences [L, D], loaded from local directories only.
+
+`build_encoder(kind, model_dir)` picks the wrapper by registry name. Every wrapper exposes `kind`,
+`output_dim`, `encode(inputs, sample_ids) -> list[Tensor [L, D]]` and `weights_hash()` (the feature cache
+keys on it). Bad inputs raise ValueError naming the sample.
+"""
+
+from .audio import AUDIO_ENCODERS
+from .vision import VISION_ENCODERS
+
+ENCODERS = {**VISION_ENCODERS, **AUDIO_ENCODERS}
+
+
+def build_encoder(kind: str, model_dir, **kwargs):
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown encoder {kind!r}; registered: {sorted(ENCODERS)}")
+    return ENCODERS[kind](model_dir, **kwargs)
+
+
+__all__ = ["ENCODERS", "build_encoder"]

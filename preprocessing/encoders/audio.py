@@ -1,0 +1,80 @@
+"""Speech encoders at 16 kHz: WavLM (50 Hz features) and the Whisper encoder (padded to 30 s, output trimmed
+to the real audio's length). Other sample rates are resampled; nonsense rates and empty clips are refused."""
+
+import math
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperFeatureExtractor, WhisperModel
+
+from .base import FrozenEncoder, require_local_dir
+
+SAMPLE_RATE = 16000
+RATE_RANGE = (4000, 192000)
+
+
+def to_16k_mono(wave, rate: int, sample_id: str) -> np.ndarray:
+    wave = np.asarray(wave, dtype=np.float32)
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
+    if wave.ndim == 2:  # [samples, channels]
+        wave = wave.mean(axis=1)
+    if wave.ndim != 1 or wave.size == 0:
+        raise ValueError(f"sample {sample_id}: expected a non-empty mono or [samples, channels] waveform, got {wave.shape}")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"sample {sample_id}: the waveform has NaN or inf samples")
+    if rate != SAMPLE_RATE:
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, SAMPLE_RATE)
+        wave = resample_poly(wave, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    return wave
+
+
+class WhisperEncoder(FrozenEncoder):
+    kind = "whisper"
+    frame_samples = 320  # 100 mel frames/s, then a stride-2 convolution: one output per 20 ms
+
+    def __init__(self, model_dir, device="cpu", dtype=torch.float32):
+        path = require_local_dir(model_dir)
+        super().__init__(path, WhisperModel.from_pretrained(path, local_files_only=True).get_encoder(), device, dtype)
+        self.features = WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins)
+        self.max_samples = self.features.n_samples  # 30 s
+
+    @property
+    def output_dim(self) -> int:
+        return self.model.config.d_model
+
+    @torch.no_grad()
+    def encode(self, waves, sample_rates, sample_ids=None) -> list[torch.Tensor]:
+        sample_ids = sample_ids or [str(i) for i in range(len(waves))]
+        clips = [to_16k_mono(w, r, s) for w, r, s in zip(waves, sample_rates, sample_ids)]
+        for clip, sid in zip(clips, sample_ids):
+            if clip.size > self.max_samples:
+                raise ValueError(f"sample {sid}: {clip.size / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window")
+        mel = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        hidden = self.model(mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
+        return [h[: math.ceil(c.size / self.frame_samples)] for h, c in zip(hidden, clips)]
+
+
+class WavLMEncoder(FrozenEncoder):
+    kind = "wavlm"
+
+    def __init__(self, model_dir, device="cpu", dtype=torch.float32):
+        path = require_local_dir(model_dir)
+        super().__init__(path, WavLMModel.from_pretrained(path, local_files_only=True), device, dtype)
+        self.features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                 do_normalize=True, return_attention_mask=True)
+
+    @torch.no_grad()
+    def encode(self, waves, sample_rates, sample_ids=None) -> list[torch.Tensor]:
+        sample_ids = sample_ids or [str(i) for i in range(len(waves))]
+        clips = [to_16k_mono(w, r, s) for w, r, s in zip(waves, sample_rates, sample_ids)]
+        batch = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)
+        hidden = self.model(batch.input_values.to(self.device, self.dtype),
+                            attention_mask=batch.attention_mask.to(self.device)).last_hidden_state.float().cpu()
+        lengths = self.model._get_feat_extract_output_lengths(torch.tensor([c.size for c in clips]))
+        return [h[: int(n)] for h, n in zip(hidden, lengths)]
+
+
+AUDIO_ENCODERS = {cls.kind: cls for cls in (WhisperEncoder, WavLMEncoder)}

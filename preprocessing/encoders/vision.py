@@ -1,0 +1,104 @@
+"""Vision towers: CLIP, SigLIP, SigLIP2 and DINOv2, any width; last hidden state (CLS included where present)."""
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    Dinov2Model,
+    Siglip2ImageProcessor,
+    Siglip2VisionModel,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+)
+
+from .base import FrozenEncoder, require_local_dir
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def check_rgb(image, sample_id: str):
+    """An RGB PIL image or an H x W x 3 uint8 array; anything else is refused with the sample named."""
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            raise ValueError(f"sample {sample_id}: expected an RGB image, got PIL mode {image.mode!r}")
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"sample {sample_id}: expected an RGB uint8 array H x W x 3, got {image.dtype} {image.shape}")
+        return image
+    raise ValueError(f"sample {sample_id}: expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+class VisionEncoder(FrozenEncoder):
+    model_class = None
+    processor_class = None
+
+    def __init__(self, model_dir, device="cpu", dtype=torch.float32):
+        path = require_local_dir(model_dir)
+        super().__init__(path, self.model_class.from_pretrained(path, local_files_only=True), device, dtype)
+        if (path / PREPROCESSOR_FILE).is_file():
+            self.processor = self.processor_class.from_pretrained(path, local_files_only=True)
+        else:
+            self.processor = self.default_processor(self.model.config)
+
+    def default_processor(self, config):
+        size = config.image_size
+        return self.processor_class(size={"height": size, "width": size}, do_center_crop=False)
+
+    def model_inputs(self, images):
+        return self.processor(images=images, return_tensors="pt")
+
+    @torch.no_grad()
+    def encode(self, images, sample_ids=None) -> list[torch.Tensor]:
+        sample_ids = sample_ids or [str(i) for i in range(len(images))]
+        images = [check_rgb(im, sid) for im, sid in zip(images, sample_ids)]
+        inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        hidden = self.model(**inputs).last_hidden_state
+        return list(hidden.float().cpu().unbind(0))
+
+
+class CLIPEncoder(VisionEncoder):
+    kind, model_class, processor_class = "clip", CLIPVisionModel, CLIPImageProcessor
+
+    def default_processor(self, config):
+        size = config.image_size
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+class SiglipEncoder(VisionEncoder):
+    kind, model_class, processor_class = "siglip", SiglipVisionModel, SiglipImageProcessor
+
+
+class Dinov2Encoder(VisionEncoder):
+    kind, model_class, processor_class = "dinov2", Dinov2Model, BitImageProcessor
+
+    def default_processor(self, config):
+        size = config.image_size
+        return BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+class Siglip2Encoder(VisionEncoder):
+    """SigLIP2 (NaFlex): variable patch counts; each image keeps only its real patches."""
+
+    kind, model_class, processor_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessor
+
+    def default_processor(self, config):
+        return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+
+    @torch.no_grad()
+    def encode(self, images, sample_ids=None) -> list[torch.Tensor]:
+        sample_ids = sample_ids or [str(i) for i in range(len(images))]
+        images = [check_rgb(im, sid) for im, sid in zip(images, sample_ids)]
+        inputs = {k: v.to(self.device) for k, v in self.processor(images=images, return_tensors="pt").items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        hidden = self.model(**inputs).last_hidden_state.float().cpu()
+        mask = inputs["pixel_attention_mask"].bool().cpu()
+        return [h[m] for h, m in zip(hidden, mask)]
+
+
+VISION_ENCODERS = {cls.kind: cls for cls in (CLIPEncoder, SiglipEncoder, Siglip2Encoder, Dinov2Encoder)}

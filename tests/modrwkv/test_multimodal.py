@@ -1,0 +1,167 @@
+import pytest
+import torch
+
+from modrwkv import RWKV7Config
+from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
+from modrwkv.generation import GenerationConfig, generate
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from modrwkv.projector import Projector, ProjectorConfig
+from modrwkv.tokenizer import WorldTokenizer
+from tests.conftest import random_backbone
+
+BACKBONE = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WorldTokenizer()
+
+
+def tiny_model(forecast_horizon=0, seed=0) -> ModRWKV:
+    torch.manual_seed(seed)
+    config = ModRWKVConfig(
+        backbone=BACKBONE,
+        projectors={
+            "image": ProjectorConfig(encoder_dim=24, model_dim=64, kernel=3, stride=2, adapter_scale=2),
+            "audio": ProjectorConfig(encoder_dim=16, model_dim=64),
+            "series": ProjectorConfig(encoder_dim=8, model_dim=64, adapter_scale=4),
+        },
+        forecast_horizon=forecast_horizon,
+    )
+    return ModRWKV(config, backbone=random_backbone(BACKBONE, seed=seed))
+
+
+@pytest.mark.parametrize("kernel_stride,expected", [((0, 0), 577), ((3, 2), 288), ((4, 3), 192), ((5, 4), 144)])
+def test_compression_lengths_table7(kernel_stride, expected):
+    k, s = kernel_stride
+    cfg = ProjectorConfig(encoder_dim=32, model_dim=16, kernel=k, stride=s)
+    assert cfg.compressed_length(577) == expected
+    assert Projector(cfg)(torch.randn(577, 32)).shape == (expected, 16)
+
+
+def test_projector_config_errors():
+    with pytest.raises(ValueError, match="compression"):
+        ProjectorConfig(encoder_dim=8, model_dim=8, kernel=3, stride=0)
+    with pytest.raises(ValueError, match="width 9"):
+        Projector(ProjectorConfig(encoder_dim=8, model_dim=8))(torch.randn(4, 9))
+
+
+def test_conversation_labels_only_on_assistant_turns(tok):
+    turns = [Turn("user", "<image>\nWhat digit is this?"), Turn("assistant", "seven"),
+             Turn("user", "And this <audio>?"), Turn("assistant", "hello")]
+    ids, labels = tokenize_conversation(tok, turns, [5, 3], "s1")
+    assert len(ids) == len(labels)
+    assert ids.count(PLACEHOLDER_IDS["image"]) == 5 and ids.count(PLACEHOLDER_IDS["audio"]) == 3
+    learned = [t for t, l in zip(ids, labels) if l != IGNORE]
+    assert tok.decode(learned) == " seven\n\n hello\n\n"
+    assert all(l == IGNORE for t, l in zip(ids, labels) if t in PLACEHOLDER_IDS.values())
+    # the user text after the second placeholder is in place, not shifted into labels
+    assert all(l == t for t, l in zip(ids, labels) if l != IGNORE)
+
+
+def test_placeholder_count_mismatch_names_the_sample(tok):
+    with pytest.raises(ValueError, match="sample digits-17: the text has 1 modality placeholders but 2"):
+        tokenize_conversation(tok, [Turn("user", "<image> hi"), Turn("assistant", "x")], [4, 4], "digits-17")
+    model = tiny_model()
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [5])])
+    with pytest.raises(ValueError, match="sample q9: 5 <image> positions but the features give 3"):
+        model.embed(ids, [[("image", torch.randn(7, 24))]], sample_ids=["q9"])  # 7 -> (7-3)//2+1 = 3
+
+
+def test_features_land_on_placeholder_positions(tok):
+    model = tiny_model()
+    feats = torch.randn(9, 24)
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
+    embeds = model.embed(ids, [[("image", feats)]])
+    pos = (ids[0] == PLACEHOLDER_IDS["image"]).nonzero().squeeze(-1)
+    torch.testing.assert_close(embeds[0, pos], model.projectors["image"](feats))
+    others = ids[0] != PLACEHOLDER_IDS["image"]
+    torch.testing.assert_close(embeds[0, others], model.backbone.emb(ids[0, others]))
+
+
+def test_phase_parameters():
+    model = tiny_model(forecast_horizon=6)
+    model.set_phase(1)
+    phase1 = set(model.trainable_parameters())
+    assert phase1 == {n for n, _ in model.named_parameters() if n.startswith(("projectors.", "forecast_head."))}
+    assert "projectors.image.compress.weight" in phase1 and "projectors.audio.adapter.2.weight" in phase1
+    model.set_phase(2)
+    assert set(model.trainable_parameters()) == {n for n, _ in model.named_parameters()}
+
+
+def test_trimodal_sample_forward_backward_and_phase1_gradients(tok):
+    model = tiny_model(forecast_horizon=6)
+    model.set_phase(1)
+    turns = [Turn("user", "<image> <audio> <series> describe"), Turn("assistant", "a cat says hi")]
+    feats = [("image", torch.randn(11, 24)), ("audio", torch.randn(4, 16)), ("series", torch.randn(6, 8))]
+    lengths = [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in feats]
+    ids, labels = tokenize_conversation(tok, turns, lengths, "tri")
+    out = model(torch.tensor([ids]), [feats], labels=torch.tensor([labels]), series_target=torch.randn(1, 6))
+    assert out.lm_loss is not None and out.forecast_loss is not None
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.startswith(("projectors.", "forecast_head."))}
+
+
+def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
+    model = tiny_model(forecast_horizon=3)
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
+    feats = [[("image", torch.randn(9, 24))]]
+    with torch.no_grad():
+        expected = model(ids, feats).logits
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    with torch.no_grad():
+        assert torch.equal(ModRWKV.from_pretrained(tmp_path / "full")(ids, feats).logits, expected)
+        again = ModRWKV.from_pretrained(tmp_path / "adapter", backbone=model.backbone)
+        assert torch.equal(again(ids, feats).logits, expected)
+    with pytest.raises(ValueError, match="needs the backbone"):
+        ModRWKV.from_pretrained(tmp_path / "adapter")
+
+
+def test_prefix_state_reuse_gives_the_answers_of_re_encoding(tok):
+    model = tiny_model()
+    image = [("image", torch.randn(13, 24))]
+    n = model.config.projectors["image"].compressed_length(13)
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0, stop_tokens=())
+    questions = ["What digit is this?", "Is it round?", "Colour?"]
+    # encode the image once into the state
+    prefix = prompt_ids(tok, "<image>", [n])[: -len(tok.encode("\n\nAssistant:"))]
+    _, image_state = model.prefill(torch.tensor([prefix]), [image])
+    reused, fresh = [], []
+    for q in questions:
+        rest = tok.encode(f"\n{q}\n\nAssistant:")
+        logits, state = model.backbone(torch.tensor([rest]), state=image_state.clone(), logits_to_keep=1)
+        reused.append(generate(model.backbone, [rest], cfg, state=state, first_logits=logits[:, -1]).tokens[0])
+        full = prompt_ids(tok, f"<image>\n{q}", [n])
+        assert full == prefix + rest
+        first, state = model.prefill(torch.tensor([full]), [image])
+        fresh.append(generate(model.backbone, [full], cfg, state=state, first_logits=first).tokens[0])
+    assert reused == fresh
+
+
+def test_wavenet_is_causal_and_trains_in_phase_one(tok):
+    from modrwkv.wavenet import WaveNet, WaveNetConfig, denormalize_series, normalize_series
+
+    net = WaveNet(WaveNetConfig(in_channels=1, hidden=8, layers=3))
+    x = torch.randn(20, 1)
+    y = net(x)
+    x2 = x.clone()
+    x2[12:] += 5.0
+    assert torch.allclose(net(x2)[:12], y[:12]) and not torch.allclose(net(x2)[12:], y[12:])
+
+    z, mean, std = normalize_series(torch.tensor([[1.0], [3.0], [5.0]]))
+    torch.testing.assert_close(denormalize_series(z, mean, std), torch.tensor([[1.0], [3.0], [5.0]]))
+    with pytest.raises(ValueError, match="sample co2-4: the series has NaN"):
+        normalize_series(torch.tensor([[1.0], [float("nan")]]), "co2-4")
+
+    config = ModRWKVConfig(backbone=BACKBONE, forecast_horizon=4, series_encoder=WaveNetConfig(hidden=8, layers=2),
+                           projectors={"series": ProjectorConfig(encoder_dim=8, model_dim=64, kernel=2, stride=2)})
+    model = ModRWKV(config, backbone=random_backbone(BACKBONE))
+    model.set_phase(1)
+    ids, labels = tokenize_conversation(tok, [Turn("user", "<series> next?"), Turn("assistant", "up")], [5], "s")
+    out = model(torch.tensor([ids]), [[("series", torch.randn(10, 1))]], labels=torch.tensor([labels]),
+                series_target=torch.randn(1, 4))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.series_encoder.parameters())
+    assert all(p.grad is None for p in model.backbone.parameters())

@@ -1,0 +1,93 @@
+"""Frozen encoders built from tiny configs, saved to a temp dir and loaded through the same local-path code
+that real weights use."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Siglip2VisionConfig, Siglip2VisionModel,
+    SiglipVisionConfig, SiglipVisionModel, WavLMConfig, WavLMModel, WhisperConfig, WhisperModel,
+)
+
+from preprocessing.encoders import build_encoder
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+VISION = {
+    "clip": (CLIPVisionModel, CLIPVisionConfig(image_size=32, patch_size=8, **TINY), 16 + 1),  # + CLS
+    "siglip": (SiglipVisionModel, SiglipVisionConfig(image_size=32, patch_size=8, **TINY), 16),
+    "dinov2": (Dinov2Model, Dinov2Config(image_size=28, patch_size=14, **TINY), 4 + 1),  # + CLS
+    "siglip2": (Siglip2VisionModel, Siglip2VisionConfig(patch_size=8, num_patches=16, **TINY), None),
+}
+
+
+def rgb(seed, size=(40, 30)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("kind", sorted(VISION))
+def test_vision_encoders_load_from_a_local_dir(tmp_path, kind):
+    model_class, config, length = VISION[kind]
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(tmp_path)
+    encoder = build_encoder(kind, tmp_path)
+    assert encoder.output_dim == 32
+    feats = encoder.encode([rgb(0), rgb(1, (25, 60))], ["a", "b"])
+    assert len(feats) == 2 and all(f.shape[-1] == 32 and torch.isfinite(f).all() for f in feats)
+    if length is not None:
+        assert [f.shape[0] for f in feats] == [length, length]
+    else:  # NaFlex: at most num_patches real patches per image
+        assert all(0 < f.shape[0] <= 16 for f in feats)
+    assert not torch.equal(feats[0][: min(len(f) for f in feats)], feats[1][: min(len(f) for f in feats)])
+    assert len(encoder.weights_hash()) == 64
+    with pytest.raises(ValueError, match="sample gray-3: expected an RGB image, got PIL mode 'L'"):
+        encoder.encode([rgb(0).convert("L")], ["gray-3"])
+
+
+def test_missing_model_dir_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_encoder("clip", tmp_path)
+    with pytest.raises(ValueError, match="unknown encoder 'vit'"):
+        build_encoder("vit", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whisper")
+    config = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    torch.manual_seed(0)
+    WhisperModel(config).save_pretrained(path)
+    return path
+
+
+def tone(seconds, rate, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def test_whisper_trims_to_the_real_length_and_resamples(whisper_dir):
+    encoder = build_encoder("whisper", whisper_dir)
+    one_s, half_s_8k_stereo = encoder.encode([tone(1.0, 16000), tone(0.5, 8000, channels=2)], [16000, 8000])
+    assert one_s.shape == (50, 32) and half_s_8k_stereo.shape == (25, 32)
+    with pytest.raises(ValueError, match="sample clip-9: sample rate 100 Hz"):
+        encoder.encode([tone(1.0, 100)], [100], ["clip-9"])
+    bad = tone(0.2, 16000)
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="sample n1: the waveform has NaN"):
+        encoder.encode([bad], [16000], ["n1"])
+    with pytest.raises(ValueError, match="longer than Whisper's 30 s"):
+        encoder.encode([tone(31, 16000)], [16000])
+
+
+def test_wavlm_gives_50_hz_features(tmp_path):
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    WavLMModel(config).save_pretrained(tmp_path)
+    encoder = build_encoder("wavlm", tmp_path)
+    a, b = encoder.encode([tone(1.0, 16000), tone(0.5, 22050)], [16000, 22050])
+    assert a.shape == (49, 32) and b.shape == (24, 32)
+    with pytest.raises(ValueError, match="sample e: expected a non-empty"):
+        encoder.encode([np.zeros(0, np.float32)], [16000], ["e"])
