@@ -57,6 +57,53 @@ def cmd_generate(args) -> None:
     stream_generate(model, WorldTokenizer(), args.prompt, config)
 
 
+def load_media(args) -> list[tuple[str, "torch.Tensor"]]:
+    """The --image/--audio/--series file, encoded into features (frozen encoder, or the raw series for WaveNet)."""
+    import numpy as np
+    import torch
+
+    media = []
+    if args.image or args.audio:
+        if not args.encoder or not args.encoder_dir:
+            raise ValueError("--image/--audio need --encoder and --encoder-dir (a local encoder directory)")
+        from preprocessing.encoders import build_encoder
+
+        encoder = build_encoder(args.encoder, args.encoder_dir)
+    if args.image:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            media.append(("image", encoder.encode([im.convert("RGB")], [args.image])[0]))
+    if args.audio:
+        import soundfile
+
+        wave, rate = soundfile.read(args.audio, dtype="float32")
+        media.append(("audio", encoder.encode([wave], [rate], [args.audio])[0]))
+    if args.series:
+        from .wavenet import normalize_series
+
+        values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
+        media.append(("series", normalize_series(torch.from_numpy(values), args.series)[0]))
+    if not media:
+        raise ValueError("give at least one of --image, --audio, --series")
+    return media
+
+
+def cmd_chat(args) -> None:
+    from .chat import ChatSession
+    from .multimodal import ModRWKV
+    from .tokenizer import WorldTokenizer
+
+    backbone = load_model(args.backbone, "fp32") if args.backbone else None
+    model = ModRWKV.from_pretrained(args.model, backbone=backbone)
+    session = ChatSession(model, WorldTokenizer(), load_media(args))
+    questions = args.question or (line.strip() for line in sys.stdin if line.strip())
+    for question in questions:
+        print(f"User: {question}\nAssistant: ", end="", flush=True)
+        session.ask(question, on_text=lambda piece: print(piece, end="", flush=True))
+        print()
+
+
 def cmd_demo(args) -> None:
     from pipelines.demo import run_demo
 
@@ -85,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="ask questions about an image, audio clip or series (encoded once, state reused)")
+    p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory")
+    p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint")
+    p.add_argument("--image")
+    p.add_argument("--audio", help="any rate soundfile reads; resampled to 16 kHz")
+    p.add_argument("--series", help="CSV of numbers, one column per channel")
+    p.add_argument("--encoder", help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm")
+    p.add_argument("--encoder-dir", help="local directory with the encoder's weights")
+    p.add_argument("--question", action="append", help="repeatable; without it, questions are read from stdin")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its model and outputs")

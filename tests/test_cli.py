@@ -28,3 +28,26 @@ def test_bad_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main(["generate", "--model", str(tmp_path / "junk.pth"), "--prompt", "x"]) == 2
     assert "junk.pth" in capsys.readouterr().err
+
+
+def test_chat_answers_several_questions_about_one_image(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+    from modrwkv.projector import ProjectorConfig
+
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+    backbone_cfg = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=64, head_size=32)
+    config = ModRWKVConfig(backbone=backbone_cfg, projectors={"image": ProjectorConfig(encoder_dim=32, model_dim=64)})
+    ModRWKV(config, backbone=random_backbone(backbone_cfg)).save_pretrained(tmp_path / "model")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "gray.png")  # grayscale: the CLI converts
+    args = ["chat", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "gray.png"), "--encoder", "clip",
+            "--encoder-dir", str(tmp_path / "clip"), "--question", "What is it?", "--question", "Colour?"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("User: ") == 2 and "Colour?" in out
+    assert main(args[:-4] + ["--encoder-dir", str(tmp_path / "nowhere"), "--question", "x"]) == 2
+    assert "nowhere" in capsys.readouterr().err

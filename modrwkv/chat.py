@@ -1,0 +1,53 @@
+"""Chat about one image / audio clip / series: its features enter the RNN state once, then every question
+starts from a copy of that state. Memory stays constant however long the conversation grows."""
+
+from collections.abc import Callable
+
+import torch
+
+from .conversation import ROLES, TURN_END, expand_placeholders
+from .generation import GenerationConfig, generate
+from .model import RWKV7State
+from .multimodal import Features, ModRWKV
+from .tokenizer import END_OF_TEXT, WorldTokenizer
+
+
+class ChatSession:
+    def __init__(self, model: ModRWKV, tokenizer: WorldTokenizer, media: Features, config: GenerationConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        stop = tuple(tokenizer.encode(TURN_END)) + (END_OF_TEXT,)
+        self.config = config or GenerationConfig(max_new_tokens=128, temperature=0, stop_tokens=stop)
+        placeholders = " ".join(f"<{modality}>" for modality, _ in media)
+        lengths = []
+        for modality, features in media:
+            if modality not in model.projectors:
+                raise ValueError(f"this model has no {modality} projector (it has: {sorted(model.projectors)})")
+            # WaveNet keeps the series length, so the projector's compression alone sets the count
+            lengths.append(model.config.projectors[modality].compressed_length(features.shape[0]))
+        prefix, _ = expand_placeholders(
+            tokenizer.encode(f"{ROLES['user']}: {placeholders}", allow_special=True), lengths, "chat"
+        )
+        self.media_state = self._encode(prefix, media)
+
+    @torch.no_grad()
+    def _encode(self, prefix: list[int], media: Features) -> RWKV7State:
+        _, state = self.model.prefill(torch.tensor([prefix]), [media])
+        return state
+
+    @torch.no_grad()
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+        """One answer, from a fresh copy of the media state (earlier questions do not leak into it)."""
+        ids = self.tokenizer.encode(f"\n{question}{TURN_END}{ROLES['assistant']}:")
+        logits, state = self.model.backbone(torch.tensor([ids]), state=self.media_state.clone(), logits_to_keep=1)
+        decoder = self.tokenizer.stream_decoder()
+        pieces = []
+
+        def stream(_row: int, token: int) -> None:
+            piece = decoder.push(token)
+            pieces.append(piece)
+            if on_text is not None and piece:
+                on_text(piece)
+
+        generate(self.model.backbone, [ids], self.config, state=state, first_logits=logits[:, -1], on_token=stream)
+        pieces.append(decoder.flush())
+        return "".join(pieces).strip()
