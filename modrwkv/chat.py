@@ -13,26 +13,30 @@ from .tokenizer import END_OF_TEXT, WorldTokenizer
 
 
 class ChatSession:
-    def __init__(self, model: ModRWKV, tokenizer: WorldTokenizer, media: Features, config: GenerationConfig | None = None):
+    """One user turn about some media, then questions. Media can also arrive piece by piece with `add` (e.g.
+    streaming audio, chunk after chunk): each piece's features enter the carried state as it comes."""
+
+    def __init__(self, model: ModRWKV, tokenizer: WorldTokenizer, media: Features = (),
+                 config: GenerationConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
         stop = tuple(tokenizer.encode(TURN_END)) + (END_OF_TEXT,)
         self.config = config or GenerationConfig(max_new_tokens=128, temperature=0, stop_tokens=stop)
-        placeholders = " ".join(f"<{modality}>" for modality, _ in media)
-        lengths = []
+        self.prompt_ids = tokenizer.encode(f"{ROLES['user']}:")
+        with torch.no_grad():
+            _, self.media_state = model.backbone(torch.tensor([self.prompt_ids]), logits_to_keep=1)
         for modality, features in media:
-            if modality not in model.projectors:
-                raise ValueError(f"this model has no {modality} projector (it has: {sorted(model.projectors)})")
-            # WaveNet keeps the series length, so the projector's compression alone sets the count
-            lengths.append(model.config.projectors[modality].compressed_length(features.shape[0]))
-        prefix, _ = expand_placeholders(
-            tokenizer.encode(f"{ROLES['user']}: {placeholders}", allow_special=True), lengths, "chat"
-        )
-        self.media_state = self._encode(prefix, media)
+            self.add(modality, features)
 
     @torch.no_grad()
-    def _encode(self, prefix: list[int], media: Features) -> RWKV7State:
-        _, state = self.model.prefill(torch.tensor([prefix]), [media])
-        return state
+    def add(self, modality: str, features: torch.Tensor) -> None:
+        """Appends one item (" <modality>" expanded to its feature count) to the user turn, in the state."""
+        if modality not in self.model.projectors:
+            raise ValueError(f"this model has no {modality} projector (it has: {sorted(self.model.projectors)})")
+        # WaveNet keeps the series length, so the projector's compression alone sets the count
+        n = self.model.config.projectors[modality].compressed_length(features.shape[0])
+        ids, _ = expand_placeholders(self.tokenizer.encode(f" <{modality}>", allow_special=True), [n], "chat")
+        _, self.media_state = self.model.prefill(torch.tensor([ids]), [[(modality, features)]], state=self.media_state)
+        self.prompt_ids += ids
 
     @torch.no_grad()
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:

@@ -214,7 +214,8 @@ class RWKV7(nn.Module):
         zigzag = ((channel % N) - (N - 1) / 2) / ((N - 1) / 2)
         zigzag = zigzag * zigzag.abs()
 
-        def orthogonal(t: torch.Tensor, gain: float) -> None:
+        def lora_orthogonal(t: torch.Tensor, gain: float) -> None:
+            # RWKV-LM's ortho_init for the second LoRA factors: tall matrices get an extra sqrt(rows / cols)
             rows, cols = t.shape
             nn.init.orthogonal_(t, gain=gain * (math.sqrt(rows / cols) if rows > cols else 1.0))
 
@@ -233,22 +234,22 @@ class RWKV7(nn.Module):
             att.r_k.fill_(-0.04)
             for first, second in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
                 first.zero_()
-                orthogonal(second, 0.1)
-            orthogonal(att.receptance.weight, 1.0)
-            orthogonal(att.key.weight, 0.1)
-            orthogonal(att.value.weight, 1.0)
+                lora_orthogonal(second, 0.1)
+            nn.init.orthogonal_(att.receptance.weight, gain=1.0)
+            nn.init.orthogonal_(att.key.weight, gain=0.1)
+            nn.init.orthogonal_(att.value.weight, gain=1.0)
             att.output.weight.zero_()
             att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
             att.ln_x.bias.zero_()
             ffn.x_k.copy_(1.0 - ddd ** (ratio_1_to_almost0**4))
-            orthogonal(ffn.key.weight, 1.0)
+            nn.init.orthogonal_(ffn.key.weight, gain=1.0)
             ffn.value.weight.zero_()
             for ln in (block.ln1, block.ln2) + ((block.ln0,) if layer_id == 0 else ()):
                 ln.reset_parameters()
         self.ln_out.reset_parameters()
         nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
         V = cfg.vocab_size
-        orthogonal(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
         return self
 
     def optimizer_groups(self, weight_decay: float = 0.0, params: dict | None = None) -> list[dict]:

@@ -121,6 +121,12 @@ def test_init_matches_official_formulas():
     zigzag = zigzag * zigzag.abs()
     w0 = -6 + 6 * (n / (C - 1)) ** (1 + (2 / 3) ** 0.3) + 0.5 + 2.5 * zigzag
     torch.testing.assert_close(att.w0.view(-1), w0.float())
+    # orthogonal gains as in RWKV-LM: orthonormal columns scaled by the gain (no extra factor for tall matrices)
+    head_norms = model.head.weight.norm(dim=0)
+    torch.testing.assert_close(head_norms, torch.full_like(head_norms, 0.5 * (300 / C) ** 0.5))
+    ffn_key_norms = model.blocks[0].ffn.key.weight.norm(dim=0)  # [4C, C]
+    torch.testing.assert_close(ffn_key_norms, torch.ones_like(ffn_key_norms))
+    torch.testing.assert_close(att.key.weight @ att.key.weight.t(), 0.01 * torch.eye(C), atol=1e-5, rtol=0)
     # LoRA ranks for the 0.1B width follow RWKV-LM's rule: w/a 64, v 32, g 128
     big = RWKV7Config(n_layer=1, n_embd=768)
     assert (big.decay_lora, big.a_lora, big.v_lora, big.gate_lora) == (64, 64, 32, 128)

@@ -165,3 +165,19 @@ def test_wavenet_is_causal_and_trains_in_phase_one(tok):
     out.loss.backward()
     assert all(p.grad is not None for p in model.series_encoder.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_streamed_audio_chunks_equal_one_pass(tok):
+    from modrwkv.chat import ChatSession
+
+    model = tiny_model()
+    chunks = [torch.randn(n, 16) for n in (7, 5, 9)]
+    stream = ChatSession(model, tok)
+    for chunk in chunks:  # audio arriving piece by piece; the state carries everything so far
+        stream.add("audio", chunk)
+    whole = ChatSession(model, tok)
+    _, one_pass = model.prefill(torch.tensor([stream.prompt_ids]), [[("audio", c) for c in chunks]])
+    for field in ("att_shift", "wkv", "ffn_shift"):
+        torch.testing.assert_close(getattr(stream.media_state, field), getattr(one_pass, field), rtol=1e-4, atol=1e-5)
+    assert stream.ask("What was said?") == ChatSession(model, tok, [("audio", c) for c in chunks]).ask("What was said?")
+    assert whole.prompt_ids == tok.encode("User:")
