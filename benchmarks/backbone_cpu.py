@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
+
+from benchmarks.report import write_report  # noqa: E402
 SHAPE = dict(vocab_size=65536, n_layer=12, n_embd=768, head_size=64)
 DECODE_STEPS = 16
 
@@ -51,10 +54,7 @@ class PeakRSS:
 
 
 def build_ours(dtype):
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    from modrwkv import RWKV7, RWKV7Config
+    from modrwkv import RWKV7Config
     from tests.conftest import random_backbone
 
     return random_backbone(RWKV7Config(**SHAPE)).to(dtype)
@@ -190,13 +190,7 @@ def main():
         lines.append(f"\nper-token prefill cost at T={args.lengths[-1]} vs T={args.lengths[0]} (ours, fp32): "
                      f"{fp32[0]['prefill_tok_s'] / fp32[-1]['prefill_tok_s']:.2f}x")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
-    table = "\n".join(lines)
-    print(f"machine: {machine}\n{table}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "backbone_cpu.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    (out / "backbone_cpu.md").write_text(f"machine: {machine}\n\n{table}\n")
-    print(f"wrote {out / 'backbone_cpu.json'}")
+    write_report(args.out, "backbone_cpu", machine, results, lines)
 
 
 if __name__ == "__main__":

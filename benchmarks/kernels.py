@@ -9,7 +9,6 @@ floor (inputs read once + y written once, at the device's peak bandwidth given b
 """
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
 sys.path[0] = str(ROOT)
+
+from benchmarks.report import write_report  # noqa: E402
 
 
 def inputs(B, T, H, N, dtype, device, seed=0):
@@ -121,15 +122,10 @@ def main():
         lines.append(f"| {r['device']} | {r['T']} | {r['B']} | {r['dtype']} | {r['backend']} | {r['fwd_tok_s']:.0f} | "
                      f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} |")
     cpu = {r["backend"]: r for r in rows if r["device"] == "cpu"}
-    lines.append(f"\nchunked vs reference at T={T if not torch.cuda.is_available() else 4096} on CPU: forward "
+    lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "
                  f"{cpu['chunked']['fwd_tok_s'] / cpu['reference']['fwd_tok_s']:.1f}x, forward+backward "
                  f"{cpu['chunked']['fwd_bwd_tok_s'] / cpu['reference']['fwd_bwd_tok_s']:.1f}x")
-    table = "\n".join(lines)
-    print(f"machine: {machine}\n{table}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    (out / "kernels.md").write_text(f"machine: {machine}\n\n{table}\n")
+    write_report(args.out, "kernels", machine, rows, lines)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import torch
 
 from .conversation import ROLES, TURN_END, expand_placeholders
 from .generation import GenerationConfig, generate
-from .model import RWKV7State
 from .multimodal import Features, ModRWKV
 from .tokenizer import END_OF_TEXT, WorldTokenizer
 

@@ -57,7 +57,7 @@ def cmd_generate(args) -> None:
     stream_generate(model, WorldTokenizer(), args.prompt, config)
 
 
-def load_media(args) -> list[tuple[str, "torch.Tensor"]]:
+def load_media(args) -> list:
     """The --image/--audio/--series file, encoded into features (frozen encoder, or the raw series for WaveNet)."""
     import numpy as np
     import torch

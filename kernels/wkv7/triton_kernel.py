@@ -24,24 +24,46 @@ CHUNK = 16
 
 
 @triton.jit
+def _tile(N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Index vector, its mask, the N x N tile's mask and offsets (row = value index, column = key index)."""
+    idx = tl.arange(0, BLOCK_N)
+    vec_mask = idx < N
+    tile_mask = vec_mask[:, None] & vec_mask[None, :]
+    return idx, vec_mask, tile_mask, idx[:, None] * N + idx[None, :]
+
+
+@triton.jit
+def _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, mask):
+    """The six [N] input vectors of one (batch, step, head), as fp32."""
+    r = tl.load(r_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
+    return r, w, k, v, a, b
+
+
+@triton.jit
+def _step(S, d, k, v, a, b):
+    """S_t = S_{t-1} diag(d) + (S_{t-1} a) b^T + v k^T; also returns S_{t-1} a."""
+    sa = tl.sum(S * a[None, :], axis=1)
+    return S * d[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :], sa
+
+
+@triton.jit
 def _wkv7_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [B, T, H, N]; s0 [B, H, N, N] fp32
     y_ptr, sT_ptr, ckpt_ptr,  # y [B, T, H, N] fp32; final state [B, H, N, N]; checkpoints [B, H, NC, N, N]
     T, H: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b_idx = pid // H
-    h_idx = pid % H
+    pid = tl.program_id(0)  # one program per (batch, head)
+    b_idx, h_idx = pid // H, pid % H
     n_chunks = tl.cdiv(T, CHUNK_LEN)
-    iv = tl.arange(0, BLOCK_N)  # value index (rows of S)
-    jk = tl.arange(0, BLOCK_N)  # key index (columns of S)
-    vec_mask = iv < N
-    tile_mask = (iv[:, None] < N) & (jk[None, :] < N)
-    tile_off = iv[:, None] * N + jk[None, :]
-    state_base = pid * N * N
+    idx, vec_mask, tile_mask, tile_off = _tile(N, BLOCK_N)
     if HAS_S0:
-        S = tl.load(s0_ptr + state_base + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        S = tl.load(s0_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
@@ -50,18 +72,10 @@ def _wkv7_fwd_kernel(
             t = c * CHUNK_LEN + s
             if t < T:
                 off = ((b_idx * T + t) * H + h_idx) * N
-                r = tl.load(r_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                d = tl.exp(-tl.exp(w))
-                sa = tl.sum(S * a[None, :], axis=1)
-                S = S * d[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
-                y = tl.sum(S * r[None, :], axis=1)
-                tl.store(y_ptr + off + iv, y, mask=vec_mask)
-    tl.store(sT_ptr + state_base + tile_off, S, mask=tile_mask)
+                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
+                S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
+                tl.store(y_ptr + off + idx, tl.sum(S * r[None, :], axis=1), mask=vec_mask)
+    tl.store(sT_ptr + pid * N * N + tile_off, S, mask=tile_mask)
 
 
 @triton.jit
@@ -72,14 +86,9 @@ def _wkv7_bwd_kernel(
     HAS_DST: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b_idx = pid // H
-    h_idx = pid % H
+    b_idx, h_idx = pid // H, pid % H
     n_chunks = tl.cdiv(T, CHUNK_LEN)
-    iv = tl.arange(0, BLOCK_N)
-    jk = tl.arange(0, BLOCK_N)
-    vec_mask = iv < N
-    tile_mask = (iv[:, None] < N) & (jk[None, :] < N)
-    tile_off = iv[:, None] * N + jk[None, :]
+    idx, vec_mask, tile_mask, tile_off = _tile(N, BLOCK_N)
     if HAS_DST:
         dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
@@ -94,13 +103,8 @@ def _wkv7_bwd_kernel(
             if t < T:
                 tl.store(scratch + s * N * N + tile_off, S, mask=tile_mask)
                 off = ((b_idx * T + t) * H + h_idx) * N
-                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                sa = tl.sum(S * a[None, :], axis=1)
-                S = S * tl.exp(-tl.exp(w))[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
+                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
+                S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
         tl.debug_barrier()
         # 2. reverse-mode through the chunk
         for s_rev in range(0, CHUNK_LEN):
@@ -109,26 +113,19 @@ def _wkv7_bwd_kernel(
             if t < T:
                 off = ((b_idx * T + t) * H + h_idx) * N
                 S_prev = tl.load(scratch + s * N * N + tile_off, mask=tile_mask, other=0.0)
-                r = tl.load(r_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                bb = tl.load(b_ptr + off + jk, mask=vec_mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + off + iv, mask=vec_mask, other=0.0).to(tl.float32)
+                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
+                dy = tl.load(dy_ptr + off + idx, mask=vec_mask, other=0.0).to(tl.float32)
                 ew = tl.exp(w)
                 d = tl.exp(-ew)
-                sa = tl.sum(S_prev * a[None, :], axis=1)
-                S_t = S_prev * d[None, :] + sa[:, None] * bb[None, :] + v[:, None] * k[None, :]
+                S_t, sa = _step(S_prev, d, k, v, a, b)
                 dS += dy[:, None] * r[None, :]
-                tl.store(dr_ptr + off + jk, tl.sum(S_t * dy[:, None], axis=0), mask=vec_mask)
-                tl.store(dv_ptr + off + iv, tl.sum(dS * k[None, :], axis=1), mask=vec_mask)
-                tl.store(dk_ptr + off + jk, tl.sum(dS * v[:, None], axis=0), mask=vec_mask)
-                tl.store(db_ptr + off + jk, tl.sum(dS * sa[:, None], axis=0), mask=vec_mask)
-                dsa = tl.sum(dS * bb[None, :], axis=1)
-                tl.store(da_ptr + off + jk, tl.sum(S_prev * dsa[:, None], axis=0), mask=vec_mask)
-                dd = tl.sum(dS * S_prev, axis=0)
-                tl.store(dw_ptr + off + jk, -dd * d * ew, mask=vec_mask)
+                tl.store(dr_ptr + off + idx, tl.sum(S_t * dy[:, None], axis=0), mask=vec_mask)
+                tl.store(dv_ptr + off + idx, tl.sum(dS * k[None, :], axis=1), mask=vec_mask)
+                tl.store(dk_ptr + off + idx, tl.sum(dS * v[:, None], axis=0), mask=vec_mask)
+                tl.store(db_ptr + off + idx, tl.sum(dS * sa[:, None], axis=0), mask=vec_mask)
+                dsa = tl.sum(dS * b[None, :], axis=1)
+                tl.store(da_ptr + off + idx, tl.sum(S_prev * dsa[:, None], axis=0), mask=vec_mask)
+                tl.store(dw_ptr + off + idx, -tl.sum(dS * S_prev, axis=0) * d * ew, mask=vec_mask)
                 dS = dS * d[None, :] + dsa[:, None] * a[None, :]
         tl.debug_barrier()
     tl.store(ds0_ptr + pid * N * N + tile_off, dS, mask=tile_mask)

@@ -77,8 +77,7 @@ def test_chunks_with_carried_state(pair, backend):
 
 @torch.no_grad()
 def test_last_position_prefill_matches_official_default(pair):
-    from rwkv.model import RWKV  # noqa: F401  (the official default returns only the last logits)
-
+    """The official forward returns only the last position's logits by default; logits_to_keep=1 matches it."""
     ours, ids, ref_logits, _ = pair
     logits, _ = ours(torch.tensor([ids]), logits_to_keep=1)
     assert logits.shape == (1, 1, ours.config.vocab_size)
