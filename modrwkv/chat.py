@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 
 from .conversation import ROLES, TURN_END, expand_placeholders
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, generate_text
 from .multimodal import Features, ModRWKV
 from .tokenizer import END_OF_TEXT, WorldTokenizer
 
@@ -42,15 +42,6 @@ class ChatSession:
         """One answer, from a fresh copy of the media state (earlier questions do not leak into it)."""
         ids = self.tokenizer.encode(f"\n{question}{TURN_END}{ROLES['assistant']}:")
         logits, state = self.model.backbone(torch.tensor([ids]), state=self.media_state.clone(), logits_to_keep=1)
-        decoder = self.tokenizer.stream_decoder()
-        pieces = []
-
-        def stream(_row: int, token: int) -> None:
-            piece = decoder.push(token)
-            pieces.append(piece)
-            if on_text is not None and piece:
-                on_text(piece)
-
-        generate(self.model.backbone, [ids], self.config, state=state, first_logits=logits[:, -1], on_token=stream)
-        pieces.append(decoder.flush())
-        return "".join(pieces).strip()
+        text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text, state=state,
+                             first_logits=logits[:, -1])
+        return text.strip()

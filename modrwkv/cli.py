@@ -27,34 +27,22 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
-def stream_generate(model, tokenizer, prompt: str, config) -> str:
-    """Prints the continuation of `prompt` as it is generated; returns it."""
-    from .generation import generate
-
-    decoder = tokenizer.stream_decoder()
-    pieces = []
-
-    def show(_row: int, token: int) -> None:
-        piece = decoder.push(token)
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-
-    generate(model, [tokenizer.encode(prompt, allow_special=True)], config, on_token=show)
-    pieces.append(decoder.flush())
-    print(pieces[-1])
-    return "".join(pieces)
+def print_piece(text: str) -> None:
+    print(text, end="", flush=True)
 
 
 def cmd_generate(args) -> None:
-    from .generation import GenerationConfig
+    from .generation import GenerationConfig, generate_text
     from .tokenizer import WorldTokenizer
 
     model = load_model(args.model, args.dtype)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    print(args.prompt, end="", flush=True)
-    stream_generate(model, WorldTokenizer(), args.prompt, config)
+    tokenizer = WorldTokenizer()
+    print_piece(args.prompt)
+    generate_text(model, tokenizer, tokenizer.encode(args.prompt, allow_special=True), config, on_text=print_piece)
+    print()
 
 
 def load_media(args) -> list:
@@ -100,7 +88,7 @@ def cmd_chat(args) -> None:
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())
     for question in questions:
         print(f"User: {question}\nAssistant: ", end="", flush=True)
-        session.ask(question, on_text=lambda piece: print(piece, end="", flush=True))
+        session.ask(question, on_text=print_piece)
         print()
 
 

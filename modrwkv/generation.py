@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import RWKV7, RWKV7State
-from .tokenizer import END_OF_TEXT
+from .tokenizer import END_OF_TEXT, WorldTokenizer
 
 
 @dataclass
@@ -131,3 +131,28 @@ def generate(
         final[row] = state.select([j])
     merged = RWKV7State(*(torch.cat([getattr(final[r], f) for r in range(B)], dim=1) for f in ("att_shift", "wkv", "ffn_shift")))
     return GenerationOutput(tokens=tokens, stopped=stopped, state=merged)
+
+
+def generate_text(
+    model: RWKV7,
+    tokenizer: WorldTokenizer,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig | None = None,
+    on_text: Callable[[str], None] | None = None,
+    state: RWKV7State | None = None,
+    first_logits: torch.Tensor | None = None,
+) -> str:
+    """One prompt's continuation as text; on_text receives it piece by piece, in whole UTF-8 characters."""
+    decoder = tokenizer.stream_decoder()
+    pieces = []
+
+    def stream(_row: int, token: int) -> None:
+        pieces.append(decoder.push(token))
+        if on_text is not None and pieces[-1]:
+            on_text(pieces[-1])
+
+    generate(model, [prompt_ids], config, state=state, on_token=stream, first_logits=first_logits)
+    pieces.append(decoder.flush())
+    if on_text is not None and pieces[-1]:
+        on_text(pieces[-1])
+    return "".join(pieces)

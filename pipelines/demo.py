@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from modrwkv import RWKV7, RWKV7Config
-from modrwkv.cli import stream_generate
-from modrwkv.generation import GenerationConfig
+from modrwkv.cli import print_piece
+from modrwkv.generation import GenerationConfig, generate_text
 from modrwkv.tokenizer import WorldTokenizer
 
 from .text_pretrain import train_on_text, unigram_entropy
@@ -47,7 +47,9 @@ def run_demo(out: Path, steps: int = 100) -> dict:
     reloaded = RWKV7.from_pretrained(out / "backbone")
     prompt = "Beautiful is better than"
     print(f"[demo] greedy continuation from the reloaded model:\n{prompt}", end="")
-    completion = stream_generate(reloaded, tokenizer, prompt, GenerationConfig(max_new_tokens=40, temperature=0))
+    completion = generate_text(reloaded, tokenizer, tokenizer.encode(prompt), GenerationConfig(max_new_tokens=40, temperature=0),
+                               on_text=print_piece)
+    print()
     summary = {"first_loss": losses[0], "last_loss": losses[-1], "completion": completion,
                "seconds": round(time.time() - started, 1)}
     print(f"[demo] done in {summary['seconds']} s; model at {out / 'backbone'}")

@@ -84,3 +84,16 @@ def test_bad_generation_arguments():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(random_backbone(CFG), [[]])
+
+
+def test_generate_text_streams_whole_characters():
+    from modrwkv.generation import generate_text
+    from modrwkv.tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    model = random_backbone(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16), seed=1)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=())
+    pieces = []
+    text = generate_text(model, tok, tok.encode("你好"), cfg, on_text=pieces.append)
+    assert "".join(pieces) == text
+    assert text == tok.decode(generate(model, [tok.encode("你好")], cfg).tokens[0])
