@@ -51,3 +51,7 @@ def test_stream_decoder_holds_partial_characters(tok):
 def test_out_of_range_id(tok):
     with pytest.raises(ValueError, match="70000"):
         tok.decode([70000])
+
+
+def test_whole_vocabulary_equals_the_official_table(tok, official):
+    assert tok.id_to_bytes == official.idx2token
