@@ -41,7 +41,6 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """One answer, from a fresh copy of the media state (earlier questions do not leak into it)."""
         ids = self.tokenizer.encode(f"\n{question}{TURN_END}{ROLES['assistant']}:")
-        logits, state = self.model.backbone(torch.tensor([ids]), state=self.media_state.clone(), logits_to_keep=1)
-        text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text, state=state,
-                             first_logits=logits[:, -1])
+        text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text,
+                             state=self.media_state.clone())
         return text.strip()

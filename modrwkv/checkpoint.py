@@ -87,11 +87,16 @@ def load_rwkv_pth(path, dtype=torch.float32) -> RWKV7:
     return model.to(dtype).eval()
 
 
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors: what safetensors writes (weights may be stored transposed in memory)."""
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
 def save_pretrained(model: RWKV7, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG_FILE)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+    save_file(cpu_state_dict(model), directory / WEIGHTS_FILE)
 
 
 def load_pretrained(directory, dtype=None) -> RWKV7:

@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, load_state_strict
+from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
-from .model import RWKV7, RWKV7State
+from .model import RWKV7, RWKV7State, last_valid
 from .projector import Projector, ProjectorConfig
 from .wavenet import WaveNet, WaveNetConfig
 
@@ -141,9 +141,8 @@ class ModRWKV(nn.Module):
                 scores = self.backbone.head(hidden[:, :-1][learned])
             lm_loss = F.cross_entropy(scores.float(), targets[learned])
         if self.forecast_head is not None:
-            last = (attention_mask.sum(1) - 1) if attention_mask is not None else torch.full(
-                (hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-            forecast = self.forecast_head(hidden[torch.arange(hidden.shape[0]), last])
+            lengths = attention_mask.sum(1) if attention_mask is not None else None
+            forecast = self.forecast_head(last_valid(hidden, lengths, None))
             if series_target is not None:
                 forecast_loss = F.mse_loss(forecast.float(), series_target.float())
         parts = [x for x in (lm_loss, forecast_loss) if x is not None]
@@ -163,7 +162,7 @@ class ModRWKV(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = cpu_state_dict(self)
         if adapter_only:
             save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
         else:
