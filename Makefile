@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	# the demo's speech is synthesised by Debian's espeak-ng and resampled by sox
+	command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# -c, not PIP_CONSTRAINT: the variable would replace the machine's own constraint file
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'

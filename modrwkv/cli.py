@@ -98,6 +98,18 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out))
 
 
+def cmd_encode(args) -> None:
+    from pipelines.encode import main
+
+    main(args)
+
+
+def cmd_data_demo(args) -> None:
+    from preprocessing.demo_data import build_demo_data
+
+    print(f"wrote the demo datasets to {build_demo_data(args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modrwkv",
@@ -131,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-dir", help="local directory with the encoder's weights")
     p.add_argument("--question", action="append", help="repeatable; without it, questions are read from stdin")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("encode", help="pre-encode a dataset into a WebDataset feature cache (Ray Data)")
+    p.add_argument("--config", required=True, help="an encode YAML (see configs/)")
+    p.add_argument("--force", action="store_true", help="re-encode even if a complete cache entry exists")
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("data", help="build datasets")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
+    p.add_argument("--out", default="runs/demo/data")
+    p.set_defaults(func=cmd_data_demo)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its model and outputs")

@@ -19,17 +19,22 @@ class FrozenEncoder:
         return self.model.config.hidden_size
 
     def weights_hash(self) -> str:
-        """sha256 over the weight files in the model directory (what a feature cache must be keyed on)."""
-        digest = hashlib.sha256()
-        files = sorted(p for p in self.model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-        if not files:
-            raise FileNotFoundError(f"{self.model_dir}: no weight or config files")
-        for path in files:
-            digest.update(path.name.encode())
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return hash_model_dir(self.model_dir)
+
+
+def hash_model_dir(model_dir) -> str:
+    """sha256 over the weight and config files of a model directory (what a feature cache must be keyed on)."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no weight or config files")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def require_local_dir(model_dir) -> Path:

@@ -4,13 +4,13 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
-    BitImageProcessor,
-    CLIPImageProcessor,
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
     CLIPVisionModel,
     Dinov2Model,
-    Siglip2ImageProcessor,
+    Siglip2ImageProcessorPil,
     Siglip2VisionModel,
-    SiglipImageProcessor,
+    SiglipImageProcessorPil,
     SiglipVisionModel,
 )
 
@@ -62,33 +62,33 @@ class VisionEncoder(FrozenEncoder):
 
 
 class CLIPEncoder(VisionEncoder):
-    kind, model_class, processor_class = "clip", CLIPVisionModel, CLIPImageProcessor
+    kind, model_class, processor_class = "clip", CLIPVisionModel, CLIPImageProcessorPil
 
     def default_processor(self, config):
         size = config.image_size
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 class SiglipEncoder(VisionEncoder):
-    kind, model_class, processor_class = "siglip", SiglipVisionModel, SiglipImageProcessor
+    kind, model_class, processor_class = "siglip", SiglipVisionModel, SiglipImageProcessorPil
 
 
 class Dinov2Encoder(VisionEncoder):
-    kind, model_class, processor_class = "dinov2", Dinov2Model, BitImageProcessor
+    kind, model_class, processor_class = "dinov2", Dinov2Model, BitImageProcessorPil
 
     def default_processor(self, config):
         size = config.image_size
-        return BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+        return BitImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False,
                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 class Siglip2Encoder(VisionEncoder):
     """SigLIP2 (NaFlex): variable patch counts; each image keeps only its real patches."""
 
-    kind, model_class, processor_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessor
+    kind, model_class, processor_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessorPil
 
     def default_processor(self, config):
-        return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+        return Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
     @torch.no_grad()
     def encode(self, images, sample_ids=None) -> list[torch.Tensor]:

@@ -1,0 +1,97 @@
+"""`modrwkv data demo`: small real datasets written in the standard formats, so the demo and the tests go
+through the same readers as real data.
+
+- digits VQA (LLaVA JSON): sklearn's bundled handwritten digits as PNGs, "What digit is this?" -> "seven";
+- spoken digits (ASR JSONL): English and Mandarin digit strings synthesised by espeak-ng, 16 kHz WAV;
+- forecasting (CSV): statsmodels' bundled CO2 (weekly), sunspots (yearly) and El Niño (monthly) series.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+HANZI = "零一二三四五六七八九"
+QUESTION = "<image>\nWhat digit is this?"
+
+
+def write_json(path: Path, records, lines: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lines:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+
+
+def build_digits(out: Path, n_train: int, n_test: int) -> None:
+    """Train from the front of sklearn's 1797 digits, test from the back: the splits never share an image."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits = {"train": range(n_train), "test": range(len(digits.target) - n_test, len(digits.target))}
+    for split, indices in splits.items():
+        records = []
+        for i in indices:
+            name = f"images/digit-{i:04d}.png"
+            pixels = (255 - digits.images[i] * 15).astype(np.uint8)  # 0..16 ink -> dark on white
+            Image.fromarray(pixels).resize((32, 32), Image.NEAREST).save(out / name)
+            records.append({"id": f"digit-{i:04d}", "image": name, "conversations": [
+                {"from": "human", "value": QUESTION}, {"from": "gpt", "value": WORDS[digits.target[i]]}]})
+        write_json(out / f"{split}.json", records)
+
+
+def require_espeak() -> None:
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if missing:
+        raise FileNotFoundError(f"{' and '.join(missing)} not found: install Debian's espeak-ng and sox "
+                                "(`make demo` and `make test` do it when they can)")
+
+
+def synthesise(text: str, voice: str, path: Path) -> None:
+    speech = subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "--stdout", text], check=True, capture_output=True).stdout
+    subprocess.run(["sox", "-v", "0.8", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(path)],
+                   input=speech, check=True, capture_output=True)
+
+
+def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Three-digit strings, spoken in English and in Mandarin (half each)."""
+    require_espeak()
+    rng = np.random.default_rng(seed)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = []
+        for i in range(n):
+            digits = rng.integers(0, 10, size=3)
+            english = i % 2 == 0
+            text = " ".join(WORDS[d] for d in digits) if english else "".join(HANZI[d] for d in digits)
+            name = f"audio/{split}-{i:04d}.wav"
+            synthesise(text, "en-us" if english else "cmn", out / name)
+            records.append({"id": f"{split}-{i:04d}", "audio": name, "text": text, "language": "en" if english else "zh"})
+        write_json(out / f"{split}.jsonl", records, lines=True)
+
+
+def build_series(out: Path) -> None:
+    import pandas as pd
+    from statsmodels import datasets
+
+    out.mkdir(parents=True, exist_ok=True)
+    co2 = datasets.co2.load_pandas().data  # weekly, with gaps (NaN) left as they are
+    pd.DataFrame({"week": co2.index.strftime("%Y-%m-%d"), "co2": co2["co2"].to_numpy()}).to_csv(out / "co2.csv", index=False)
+    sun = datasets.sunspots.load_pandas().data
+    pd.DataFrame({"year": sun["YEAR"].astype(int), "sunspots": sun["SUNACTIVITY"]}).to_csv(out / "sunspots.csv", index=False)
+    nino = datasets.elnino.load_pandas().data
+    monthly = nino.drop(columns="YEAR").to_numpy().reshape(-1)
+    pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
+
+
+def build_demo_data(out, n_digits=(256, 100), n_speech=(200, 40)) -> Path:
+    out = Path(out)
+    build_digits(out / "digits", *n_digits)
+    build_speech(out / "speech", *n_speech)
+    build_series(out / "series")
+    return out

@@ -1,0 +1,45 @@
+"""Speech recognition sets: a JSONL manifest ({"audio", "text", "language"?, "id"?} per line, audio paths
+relative to the manifest) or LibriSpeech-style folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
+
+import posixpath
+
+from .. import storage
+from .llava import parse_records
+from .sample import RawSample, Reject, sample_key, unique
+
+PROMPTS = {"en": "Transcribe the English speech.", "zh": "Transcribe the Mandarin speech."}
+DEFAULT_PROMPT = "Transcribe the speech."
+
+
+def asr_sample(key_id: str, audio: str, text: str, language: str | None, where: str) -> RawSample:
+    prompt = PROMPTS.get(language or "", DEFAULT_PROMPT)
+    turns = [{"role": "user", "text": f"<audio>\n{prompt}"}, {"role": "assistant", "text": text}]
+    meta = {"id": key_id, "turns": turns, "text": text, "language": language, "source": where}
+    return RawSample(sample_key(key_id), "audio", [audio], meta)
+
+
+def read_asr_manifest(uri: str, audio_root: str | None = None) -> tuple[list[RawSample], list[Reject]]:
+    root = audio_root or storage.parent(uri)
+    records, rejects = parse_records(uri)
+    samples = []
+    for where, r in records:
+        if not isinstance(r, dict) or not isinstance(r.get("audio"), str) or not isinstance(r.get("text"), str):
+            rejects.append(Reject(where, "a line must be an object with string 'audio' and 'text'"))
+            continue
+        audio = storage.resolve(root, r["audio"])
+        key_id = str(r.get("id") or posixpath.splitext(posixpath.basename(r["audio"]))[0])
+        samples.append(asr_sample(key_id, audio, r["text"], r.get("language"), where))
+    return unique(samples, rejects), rejects
+
+
+def read_librispeech(root: str, audio_suffix: str = ".flac") -> tuple[list[RawSample], list[Reject]]:
+    samples, rejects = [], []
+    for transcript in storage.walk(root, ".trans.txt"):
+        folder = storage.parent(transcript)
+        for n, line in enumerate(storage.read_bytes(transcript).decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            utterance, _, text = line.partition(" ")
+            audio = storage.join(folder, utterance + audio_suffix)
+            samples.append(asr_sample(utterance, audio, text.strip(), "en", f"{transcript}:{n}"))
+    return unique(samples, rejects), rejects

@@ -1,0 +1,48 @@
+"""What every reader yields: raw samples with provenance, and the records it could not use."""
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sample_key(source_id: str) -> str:
+    """A WebDataset key from a source id: stable, no dots or slashes (webdataset splits names at the first
+    dot); ids that had to be changed get a short hash so two ids never collide."""
+    safe = UNSAFE.sub("_", str(source_id))
+    if safe == str(source_id) and safe:
+        return safe
+    return f"{safe[:80]}-{hashlib.sha1(str(source_id).encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class RawSample:
+    key: str
+    modality: str  # image | audio | series
+    sources: list[str]  # the raw files (paths or URIs), one per modality item; empty for inline series windows
+    meta: dict  # json-able: turns, text, targets, provenance; travels into the cache next to the features
+    series: dict = field(default_factory=dict)  # series windows: {"lookback": [...], "target": [...]}
+
+
+@dataclass
+class Reject:
+    source: str  # the file (and line or record) the problem is in
+    reason: str
+    key: str | None = None
+    stage: str = "read"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason}
+
+
+def unique(samples: list[RawSample], rejects: list[Reject]) -> list[RawSample]:
+    """Drops (and rejects) every sample whose key was already taken: a key names exactly one sample."""
+    seen, kept = set(), []
+    for s in samples:
+        if s.key in seen:
+            rejects.append(Reject(s.sources[0] if s.sources else s.meta.get("source", "?"), "duplicate sample id", s.key))
+            continue
+        seen.add(s.key)
+        kept.append(s)
+    return kept

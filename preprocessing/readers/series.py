@@ -1,0 +1,81 @@
+"""Time series from CSV or parquet: each numeric column is one series, cut into (lookback, horizon) windows.
+
+Splits are by time: the rows are divided into train / val / test ranges by `fractions`; a window belongs to
+the split that holds its whole horizon (its lookback may reach back into the previous range, the usual
+long-term-forecasting convention, so val/test keep their first windows)."""
+
+import io
+import posixpath
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .. import storage
+from .sample import RawSample, Reject, sample_key
+
+SPLITS = ("train", "val", "test")
+
+
+def load_table(uri: str):
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        return pq.read_table(io.BytesIO(data))
+    if uri.endswith(".csv"):
+        return pacsv.read_csv(io.BytesIO(data))
+    raise ValueError(f"{uri}: series files must be .csv or .parquet")
+
+
+def fill_gaps(values: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN/inf runs (ends held at the nearest finite value)."""
+    finite = np.isfinite(values)
+    idx = np.arange(len(values))
+    return np.interp(idx, idx[finite], values[finite])
+
+
+def split_range(n_rows: int, split: str, fractions) -> tuple[int, int]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    edges = np.round(np.cumsum([0, *fractions]) * n_rows).astype(int)
+    i = SPLITS.index(split)
+    return int(edges[i]), int(edges[i + 1])
+
+
+def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str = "train",
+                fractions=(0.7, 0.1, 0.2), columns=None, time_column=None, nan_policy: str = "reject",
+                prompt: str = "<series>\nForecast the next values.") -> tuple[list[RawSample], list[Reject]]:
+    if nan_policy not in ("reject", "interpolate"):
+        raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
+    table = load_table(uri)
+    if time_column:
+        table = table.sort_by(time_column)
+    names = columns or [n for n in table.column_names if n != time_column]
+    stem = posixpath.splitext(posixpath.basename(uri))[0]
+    samples, rejects = [], []
+    for name in names:
+        where = f"{uri}:{name}"
+        if name not in table.column_names:
+            rejects.append(Reject(where, f"no column {name!r}; columns: {table.column_names}"))
+            continue
+        try:
+            values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+        except (TypeError, ValueError):
+            rejects.append(Reject(where, f"column {name!r} is not numeric"))
+            continue
+        if not np.isfinite(values).any():
+            rejects.append(Reject(where, "the column has no finite values"))
+            continue
+        if nan_policy == "interpolate":
+            values = fill_gaps(values)
+        if len(values) < lookback + horizon:
+            rejects.append(Reject(where, f"{len(values)} rows, fewer than lookback + horizon = {lookback + horizon}"))
+            continue
+        lo, hi = split_range(len(values), split, fractions)
+        for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, stride):
+            window = values[start : start + lookback + horizon]
+            key_id = f"{stem}-{name}-{start}"
+            meta = {"id": key_id, "turns": [{"role": "user", "text": prompt}], "column": name, "start": start,
+                    "split": split, "source": where}
+            samples.append(RawSample(sample_key(key_id), "series", [], meta,
+                                     {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))
+    return samples, rejects

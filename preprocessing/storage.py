@@ -1,0 +1,82 @@
+"""Local paths and s3:// URIs behind one small API (pyarrow.fs). S3 endpoint and credentials come from the
+environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from configs or logs."""
+
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(str(base), *parts) if is_remote(base) else str(Path(base, *parts))
+
+
+def resolve(base_dir: str, path: str) -> str:
+    """`path` as given when absolute or a URI, else relative to `base_dir` (a manifest's folder)."""
+    if is_remote(path) or Path(path).is_absolute():
+        return str(path)
+    return join(base_dir, path)
+
+
+def parent(uri: str) -> str:
+    return posixpath.dirname(str(uri)) if is_remote(uri) else str(Path(uri).parent)
+
+
+def _fs(uri: str):
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(str(uri))
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly inside a folder (empty when the folder does not exist)."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))
+                  if i.type == pafs.FileType.File)
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Written under a temporary name, then moved into place: a reader never sees a half-written file."""
+    fs, path = _fs(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def delete(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def walk(uri: str, suffix: str) -> list[str]:
+    """Every file under a folder, recursively, whose name ends with `suffix`, as full paths/URIs."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: not a folder")
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if i.type == pafs.FileType.File and i.path.endswith(suffix)]
+    if is_remote(uri):
+        scheme = str(uri).split("://", 1)[0]
+        return sorted(f"{scheme}://{p}" for p in found)
+    return sorted(found)

@@ -1,0 +1,91 @@
+"""Decoding and checking raw inputs before they reach an encoder. Every check raises `Rejected` with a reason
+a person can act on; the encode job records it in rejects.jsonl and goes on with the next sample."""
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+from .encoders.audio import to_16k_mono
+
+
+class Rejected(ValueError):
+    pass
+
+
+@dataclass
+class Limits:
+    max_image_pixels: int = 4096 * 4096  # PIL's own bomb guard only warns below 2x its limit
+    min_image_side: int = 1
+    max_audio_seconds: float = 30.0
+    min_audio_seconds: float = 0.05
+    min_series_length: int = 8
+
+
+def decode_image(data: bytes, limits: Limits) -> np.ndarray:
+    """RGB uint8 [H, W, 3]. The size is checked from the header, before any pixel is decoded."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                raise Rejected(f"image header claims {w}x{h} pixels, over the limit of {limits.max_image_pixels} "
+                               "(possible decompression bomb)")
+            if min(w, h) < limits.min_image_side:
+                raise Rejected(f"image is {w}x{h}, smaller than {limits.min_image_side} pixels on a side")
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except Rejected:
+        raise
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"possible decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Rejected(f"not a readable image: {e}") from None
+
+
+def decode_audio(data: bytes, limits: Limits) -> np.ndarray:
+    """Mono float32 at 16 kHz (other rates resampled, channels averaged)."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise Rejected(f"not a readable audio file: {e}") from None
+    if wave.shape[0] == 0:
+        raise Rejected("the audio has no samples")
+    seconds = wave.shape[0] / rate
+    if seconds > limits.max_audio_seconds:
+        raise Rejected(f"{seconds:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
+    if seconds < limits.min_audio_seconds:
+        raise Rejected(f"{seconds * 1000:.0f} ms of audio, under the minimum of {limits.min_audio_seconds * 1000:.0f} ms")
+    try:
+        return to_16k_mono(wave, rate, "audio")
+    except ValueError as e:
+        raise Rejected(str(e).removeprefix("sample audio: ")) from None
+
+
+def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:
+    series = np.asarray(values, dtype=np.float32)
+    if series.ndim != 1 or series.size < limits.min_series_length:
+        raise Rejected(f"{name} has {series.size} values, fewer than {limits.min_series_length}")
+    if not np.isfinite(series).all():
+        raise Rejected(f"{name} has {int((~np.isfinite(series)).sum())} NaN or inf values")
+    return series
+
+
+def check_text(turns: list[dict], tokenizer) -> None:
+    """Every turn has words, and the whole conversation tokenizes."""
+    for i, turn in enumerate(turns):
+        words = turn["text"]
+        for placeholder in ("<image>", "<audio>", "<series>"):
+            words = words.replace(placeholder, "")
+        if not words.strip() and turn["role"] == "assistant":
+            raise Rejected(f"turn {i} ({turn['role']}) is empty")
+        try:
+            tokenizer.encode(turn["text"], allow_special=True)
+        except (ValueError, KeyError) as e:
+            raise Rejected(f"turn {i} does not tokenize: {e}") from None
+

@@ -1,0 +1,164 @@
+"""`modrwkv encode` end to end on a real (local) Ray instance: bad inputs quarantined with counts that
+reconcile, cache reuse, resume after a kill, and the same path against a local S3 server."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encode
+from preprocessing.cache.reader import FeatureCache
+from preprocessing.demo_data import build_digits
+from tests.tiny_models import save_tiny_clip, save_tiny_whisper
+
+from ..preprocessing.bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("encoders")
+    return {"clip": save_tiny_clip(d / "clip"), "clip_b": save_tiny_clip(d / "clip_b", seed=1),
+            "whisper": save_tiny_whisper(d / "whisper")}
+
+
+def config(**sections) -> EncodeConfig:
+    return from_dict(EncodeConfig, sections)
+
+
+def turns(question, answer):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray_local):
+    img = tmp_path / "img"
+    img.mkdir()
+    files = {"good-0.png": png_bytes(seed=0), "good-1.png": png_bytes((40, 24), seed=1), "trunc.jpg": truncated_jpeg(),
+             "zero.png": b"", "bomb.png": huge_header_png()}
+    for name, data in files.items():
+        (img / name).write_bytes(data)
+    records = [{"id": Path(n).stem, "image": n, "conversations": turns("<image>\nWhat is it?", "noise")} for n in files]
+    records += [{"id": "missing", "image": "nope.png", "conversations": turns("<image>\nWhat?", "x")},
+                {"id": "schema", "image": "good-0.png", "conversation": []}]
+    (tmp_path / "vqa.json").write_text(json.dumps(records))
+    result = run_encode(config(dataset={"format": "llava", "path": str(tmp_path / "vqa.json"), "media_root": str(img)},
+                               encoder={"kind": "clip", "model_dir": str(encoders["clip"])},
+                               cache={"root": str(tmp_path / "cache"), "shard_size": 3}))
+    assert result.manifest["counts"] == {"read": 7, "written": 2, "rejected": 5}
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
+    assert "not a readable image" in reasons["trunc"] and "empty file" in reasons["zero"]
+    assert "decompression bomb" in reasons["bomb"] and "cannot read" in reasons["missing"]
+    assert "'conversations' must be a non-empty list" in reasons["schema"]
+    cache = FeatureCache(result.uri)
+    written = {s["key"]: s for s in cache.iter_samples(shuffle=False)}
+    assert sorted(written) == ["good-0", "good-1"]
+    sample = written["good-1"]
+    assert sample["arrays"]["item0"].dtype == np.float16 and sample["arrays"]["item0"].shape == (17, 32)
+    assert sample["meta"]["content_sha256"] == [hashlib.sha256(files["good-1.png"]).hexdigest()]
+    assert sample["meta"]["turns"][1] == {"role": "assistant", "text": "noise"}
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    clips = {"ok": wav_bytes(0.6), "stereo8k": wav_bytes(0.6, rate=8000, channels=2), "text": b"not audio at all"}
+    for name, data in clips.items():
+        (audio / f"{name}.wav").write_bytes(data)
+    lines = [{"audio": f"{n}.wav", "text": "one two"} for n in clips] + [
+        {"id": "silent-text", "audio": "ok.wav", "text": ""}, {"audio": "gone.wav", "text": "x"}]
+    (audio / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
+                               encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
+                               cache={"root": str(tmp_path / "cache")}))
+    assert result.manifest["counts"] == {"read": 5, "written": 2, "rejected": 3}
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
+    assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
+    assert "cannot read" in reasons["gone"]
+    lengths = {s["key"]: s["arrays"]["item0"].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
+    assert lengths == {"ok": 30, "stereo8k": 30}  # 0.6 s at 50 Hz, the 8 kHz stereo clip resampled
+
+    rows = ["v,dead"] + [f"{np.sin(i / 3):.4f},nan" if i != 50 else "nan,nan" for i in range(60)]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    result = run_encode(config(dataset={"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 16,
+                                        "horizon": 4, "stride": 8, "fractions": [1.0, 0.0, 0.0]},
+                               encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")}))
+    # windows start at 0, 8, ..., 40: row 50 (NaN) is in the target of the one at 32 and the lookback of the one
+    # at 40; the dead column has no value at all
+    assert result.manifest["counts"] == {"read": 7, "written": 4, "rejected": 3}
+    reasons = sorted(r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl")))
+    assert reasons == ["lookback has 1 NaN or inf values", "target has 1 NaN or inf values",
+                       "the column has no finite values"]
+    sample = next(FeatureCache(result.uri).iter_samples(shuffle=False))
+    assert sample["arrays"]["item0"].shape == (16, 1) and sample["arrays"]["target"].shape == (4,)
+    assert abs(float(sample["arrays"]["item0"].mean())) < 1e-5  # normalised per window
+    raw = np.sin(np.arange(16) / 3).round(4)
+    assert sample["meta"]["mean"] == pytest.approx(raw.mean(), abs=1e-4)
+
+
+def digits_config(data, encoder, root, **run):
+    return {"dataset": {"format": "llava", "path": str(data / "train.json")},
+            "encoder": {"kind": "clip", "model_dir": str(encoder)},
+            "cache": {"root": str(root), "shard_size": 2}, "run": {"actors": 1, "batch_size": 2, **run}}
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in folder.iterdir()}
+
+
+def test_second_run_reuses_the_cache_and_a_changed_encoder_does_not(tmp_path, encoders, ray_local):
+    build_digits(tmp_path / "digits", n_train=24, n_test=0)
+    first = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
+    before = snapshot(Path(first.uri))
+    second = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
+    assert second.reused and second.uri == first.uri and second.encoded_shards == []
+    assert snapshot(Path(first.uri)) == before  # nothing written
+    print(f"first {first.seconds:.2f} s, cached {second.seconds:.3f} s")
+    assert first.seconds >= 10 * second.seconds
+    other = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip_b"], tmp_path / "cache")))
+    assert other.uri != first.uri and not other.reused
+    limits = config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache"))
+    limits.limits.max_image_pixels = 1 << 20
+    assert run_encode(limits).uri not in (first.uri, other.uri)
+
+
+def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encoders, ray_local):
+    build_digits(tmp_path / "digits", n_train=64, n_test=0)
+    path = tmp_path / "encode.yaml"
+    path.write_text(yaml.safe_dump(digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
+    # its own short Ray temp dir: Ray's socket paths must stay under 108 characters
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen([sys.executable, "-m", "modrwkv.cli", "encode", "--config", str(path)], cwd=ROOT, env=env,
+                           stdout=log, stderr=log, start_new_session=True)
+    receipts = []
+    deadline = time.time() + 120
+    while len(receipts) < 3 and time.time() < deadline and job.poll() is None:
+        receipts = list((tmp_path / "cache").glob("*/shard-*.json"))
+        time.sleep(0.02)
+    assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    time.sleep(3)  # let anything the dead job left behind settle before looking
+    entry = Path(receipts[0]).parent
+    assert not (entry / "manifest.json").exists()
+    done = sorted(int(p.stem[6:]) for p in entry.glob("shard-*.json"))
+    assert 3 <= len(done) < 32
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in entry.glob("shard-*")}
+
+    resumed = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
+    assert resumed.uri == str(entry) and not resumed.reused
+    assert resumed.encoded_shards == [i for i in range(32) if i not in done]
+    assert all((entry / name).stat().st_mtime_ns == stamp[0] for name, stamp in before.items())
+
+    fresh = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "fresh")))
+    assert fresh.manifest["shards"] == resumed.manifest["shards"]  # same keys, counts and bytes (sha256) per shard
+    assert fresh.manifest["counts"] == resumed.manifest["counts"] == {"read": 64, "written": 64, "rejected": 0}

@@ -1,0 +1,81 @@
+"""The cache format: deterministic shards, receipts, the manifest written last, and the training-side reader."""
+
+import numpy as np
+import pytest
+
+from preprocessing.cache.entry import CacheEntry, cache_id
+from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.shard import pack_shard, unpack_shard
+
+
+def samples(n, start=0):
+    return [{"key": f"s{i:03d}", "arrays": {"item0": np.full((2 + i % 3, 4), i, np.float16)},
+             "meta": {"turns": [{"role": "user", "text": "<image>"}], "i": i}} for i in range(start, start + n)]
+
+
+def test_shards_are_deterministic_and_never_pickled(tmp_path):
+    data = pack_shard(samples(3))
+    assert data == pack_shard(samples(3))
+    back = unpack_shard(data)
+    assert [s["key"] for s in back] == ["s000", "s001", "s002"]
+    assert back[2]["arrays"]["item0"].shape == (4, 4) and back[2]["meta"]["i"] == 2
+    with pytest.raises(ValueError, match="Object arrays cannot be saved when allow_pickle=False"):
+        pack_shard([{"key": "x", "arrays": {"item0": np.array([{"a": 1}], dtype=object)}, "meta": {}}])
+
+
+def test_cache_ids_change_with_any_input():
+    spec = {"encoder": {"kind": "clip", "weights_hash": "a"}, "preprocessing": {"x": 1}, "source_hash": "s"}
+    changed = {**spec, "encoder": {"kind": "clip", "weights_hash": "b"}}
+    assert cache_id(spec) == cache_id(dict(reversed(list(spec.items()))))
+    assert cache_id(spec) != cache_id(changed)
+
+
+def write_entry(uri, counts):
+    entry, start = CacheEntry(uri), 0
+    for i, n in enumerate(counts):
+        chunk = samples(n, start)
+        entry.write_shard(i, pack_shard(chunk), [s["key"] for s in chunk], [])
+        start += n
+    return entry.finish({"modality": "image"}, len(counts), [], n_read=start, extra={})
+
+
+def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
+    manifest = write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
+    assert manifest["counts"] == {"read": 12, "written": 12, "rejected": 0}
+    cache = FeatureCache(str(tmp_path / "e"))
+    rank0 = [s["key"] for s in cache.iter_samples(0, 2, seed=1, buffer_size=3)]
+    rank1 = [s["key"] for s in cache.iter_samples(1, 2, seed=1, buffer_size=3)]
+    assert len(rank0) == len(rank1) == 5  # rank 1 holds 4 + 1 samples; rank 0 is cut to match
+    assert not set(rank0) & set(rank1)
+    assert rank0 == [s["key"] for s in cache.iter_samples(0, 2, seed=1, buffer_size=3)]
+    assert rank0 != [s["key"] for s in cache.iter_samples(0, 2, seed=1, epoch=1, buffer_size=3)]
+    in_order = [s["key"] for s in cache.iter_samples(shuffle=False)]
+    assert in_order == [f"s{i:03d}" for i in range(12)]
+    with pytest.raises(ValueError, match="4 shards for 5 workers"):
+        cache.samples_per_worker(5)
+
+
+def test_reader_refuses_changed_shards_and_unfinished_entries(tmp_path):
+    uri = str(tmp_path / "e")
+    write_entry(uri, [2, 2])
+    shard = tmp_path / "e" / "shard-00001.tar"
+    shard.write_bytes(pack_shard(samples(2, 100)))
+    with pytest.raises(ValueError, match="shard-00001.tar: sha256 differs from the manifest"):
+        FeatureCache(uri).read_shard(1)
+    entry = CacheEntry(uri)
+    entry.clear()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        FeatureCache(uri)
+
+
+def test_shards_read_back_through_webdataset_and_ray_data(tmp_path, ray_local):
+    import webdataset as wds
+
+    write_entry(str(tmp_path / "e"), [3])
+    url = str(tmp_path / "e" / "shard-00000.tar")
+    decoded = list(wds.WebDataset(url, shardshuffle=False).decode())
+    assert [s["__key__"] for s in decoded] == ["s000", "s001", "s002"]
+    assert np.array_equal(decoded[1]["item0.npy"], samples(3)[1]["arrays"]["item0"])
+    assert decoded[2]["json"]["i"] == 2
+    rows = ray_local.data.read_webdataset(url).take_all()
+    assert sorted(r["__key__"] for r in rows) == ["s000", "s001", "s002"]

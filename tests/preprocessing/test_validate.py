@@ -1,0 +1,51 @@
+"""Decoding checks: each bad input is refused with a reason a person can act on; odd-but-fine ones convert."""
+
+import numpy as np
+import pytest
+
+from modrwkv.tokenizer import WorldTokenizer
+from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
+
+from .bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
+
+LIMITS = Limits()
+
+
+def test_images():
+    image = decode_image(png_bytes((20, 30)), LIMITS)
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+    with pytest.raises(Rejected, match="empty file"):
+        decode_image(b"", LIMITS)
+    with pytest.raises(Rejected, match="not a readable image"):
+        decode_image(truncated_jpeg(), LIMITS)
+    with pytest.raises(Rejected, match="possible decompression bomb"):
+        decode_image(huge_header_png(), LIMITS)  # over PIL's own hard limit
+    with pytest.raises(Rejected, match="claims 5000x5000 pixels, over the limit of 16777216"):
+        decode_image(huge_header_png(5000, 5000), LIMITS)  # PIL would only warn; our limit refuses
+    with pytest.raises(Rejected, match="not a readable image"):
+        decode_image(b"this is text", LIMITS)
+
+
+def test_audio():
+    wave = decode_audio(wav_bytes(0.5, rate=8000, channels=2), LIMITS)  # 8 kHz stereo: accepted, resampled
+    assert wave.ndim == 1 and wave.shape[0] == 8000 and wave.dtype == np.float32
+    with pytest.raises(Rejected, match="not a readable audio file"):
+        decode_audio(b"just some text, named .wav", LIMITS)
+    with pytest.raises(Rejected, match="empty file"):
+        decode_audio(b"", LIMITS)
+    with pytest.raises(Rejected, match="over the limit of 1.0 s"):
+        decode_audio(wav_bytes(2.0), Limits(max_audio_seconds=1.0))
+    with pytest.raises(Rejected, match="the audio has no samples"):
+        decode_audio(wav_bytes(0.0), LIMITS)
+
+
+def test_series_and_text():
+    assert check_series(list(range(10)), LIMITS).dtype == np.float32
+    with pytest.raises(Rejected, match="10 NaN or inf values"):
+        check_series([float("nan")] * 10, LIMITS)
+    with pytest.raises(Rejected, match="fewer than 8"):
+        check_series([1.0, 2.0], LIMITS)
+    tokenizer = WorldTokenizer()
+    check_text([{"role": "user", "text": "<image>"}, {"role": "assistant", "text": "seven"}], tokenizer)
+    with pytest.raises(Rejected, match=r"turn 1 \(assistant\) is empty"):
+        check_text([{"role": "user", "text": "<audio>\nTranscribe."}, {"role": "assistant", "text": "  "}], tokenizer)
