@@ -63,7 +63,7 @@ def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Te
     return torch.where((lengths > 0)[:, None], picked, keep)
 
 
-def lay_out_linear_weights(model: nn.Module) -> None:
+def lay_out_linear_weights(model: nn.Module, allow_transposed: bool = True) -> None:
     """Chooses each linear weight's memory layout (values and shape [out, in] unchanged) for CPU BLAS speed:
     in fp32, square and tall matrices stored transposed ([in, out] contiguous) stream faster here (decoding
     reads the 200 MB head of the 0.1B model 1.45x faster; prefill GEMMs are as fast or faster); in bf16 that
@@ -71,7 +71,7 @@ def lay_out_linear_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Linear):
             w = module.weight
-            want_transposed = w.dtype == torch.float32 and module.out_features >= module.in_features
+            want_transposed = allow_transposed and w.dtype == torch.float32 and module.out_features >= module.in_features
             is_transposed = w.stride() == (1, w.shape[0]) and w.shape[0] > 1
             if want_transposed and not is_transposed:
                 w.data = w.data.t().contiguous().t()
@@ -173,6 +173,7 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.blas_layout = True
         lay_out_linear_weights(self)
         self.gradient_checkpointing = False
         # Inference (no grad) runs long inputs in segments of this many tokens with the state carried:
@@ -182,8 +183,15 @@ class RWKV7(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .float() / .bfloat16() all come through here: re-choose the weight layout for the new dtype
         module = super()._apply(fn, *args, **kwargs)
-        lay_out_linear_weights(self)
+        lay_out_linear_weights(self, self.blas_layout)
         return module
+
+    def use_contiguous_weights(self) -> "RWKV7":
+        """Plain row-major weights from now on: distributed engines (DeepSpeed) flatten and broadcast
+        parameters as raw memory, which needs contiguous tensors."""
+        self.blas_layout = False
+        lay_out_linear_weights(self, allow_transposed=False)
+        return self
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod

@@ -132,7 +132,7 @@ class ModRWKV(nn.Module):
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
         logits = self.backbone.head(hidden) if return_logits else None
         lm_loss = forecast_loss = forecast = None
-        if labels is not None:
+        if labels is not None and (labels[:, 1:] != IGNORE).any():  # forecasting-only batches have no text targets
             targets = labels[:, 1:]
             learned = targets != IGNORE
             if logits is not None:

@@ -46,6 +46,10 @@ def _convert(value, hint, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {k: _convert(v, args[1] if args else typing.Any, f"{where}.{k}") for k, v in value.items()}
+    if hint in (dict, list):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{where}: expected a {'mapping' if hint is dict else 'list'}, got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):

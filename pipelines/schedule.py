@@ -1,0 +1,11 @@
+"""The learning-rate schedule both phases use: linear warmup, then cosine decay to `min_ratio` of the peak."""
+
+import math
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,95 @@
+"""MLflow for training and evaluation runs: where to log, run creation on the driver, batched metric
+logging from rank 0, and the loss-curve plot."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+SERVICES_FILE = Path("runs/services/services.json")
+FALLBACK_URI = "sqlite:///runs/mlflow.db"
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else the server `modrwkv services up` started, else a
+    local sqlite store (no server)."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if SERVICES_FILE.is_file():
+        url = json.loads(SERVICES_FILE.read_text()).get("mlflow", {}).get("url")
+        if url:
+            return url
+    SERVICES_FILE.parent.parent.mkdir(parents=True, exist_ok=True)
+    return FALLBACK_URI
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
+    """Creates the run on the driver (workers that restart after a failure keep logging into it)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_revision(), **tags})
+    items = list(flatten(params).items())
+    for i in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]],
+                         tags=[RunTag("modrwkv.config", "see params")] if i == 0 else [])
+    return run.info.run_id
+
+
+class MetricLogger:
+    """Step metrics into one run, sent in batches (one HTTP call per step, not per metric)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, losses = zip(*history) if history else ((), ())
+    ax.plot(steps, losses)
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,277 @@
+"""`modrwkv train --config configs/train_*.yaml --phase 1|2`: Ray Train workers, one DeepSpeed engine each,
+reading the feature cache; MLflow tracks the run.
+
+Phase I trains the projectors (Conv1D compression + adapter), the forecast head and WaveNet at a high lr on
+a frozen backbone and saves them adapter-only; phase II loads that output and trains the backbone too.
+The driver resolves the caches (an encode YAML is encoded or found in the cache), builds the model config
+from the cached feature widths, creates the MLflow run, and exports the final model from the last
+checkpoint; workers run the loop in `train_loop.py`.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .config import ConfigError, load_config, to_dict
+from . import tracking
+
+BACKBONE_REF = "backbone_source.json"  # beside an adapter-only save: which backbone it was trained on
+
+
+@dataclass
+class BackboneConfig:
+    # A pretrained backbone: a save_pretrained directory or an RWKV-LM .pth. (A freshly initialised RWKV-7
+    # cannot serve phase I: its output projections start at zero, so no gradient reaches the adapter.)
+    path: str
+
+
+@dataclass
+class ProjectorSpec:
+    kernel: int = 0
+    stride: int = 0
+    adapter_scale: int = 4
+
+
+@dataclass
+class WaveNetSpec:
+    hidden: int = 64
+    layers: int = 6
+    kernel: int = 2
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig
+    projectors: dict[str, ProjectorSpec] = field(default_factory=dict)  # by modality; widths come from the caches
+    wavenet: WaveNetSpec | None = None  # series caches encoded "raw" train this WaveNet
+
+
+@dataclass
+class PhaseConfig:
+    lr: float
+    steps: int  # optimizer steps
+    global_batch: int
+    micro_batch: int = 8  # per worker; accumulation fills the global batch
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0  # 0: only at the end
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
+            raise ValueError("lr, steps and micro_batch must be positive")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ScalingSpec:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    ray_address: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db
+    experiment: str = "modrwkv"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    caches: list[str]  # feature-cache entries, or encode YAMLs (found in the cache or encoded first)
+    model: ModelConfig
+    phase1: PhaseConfig
+    phase2: PhaseConfig
+    output_dir: str = "runs/train"
+    max_length: int = 2048
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if not self.caches:
+            raise ValueError("caches: at least one feature cache (or encode YAML) is needed")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_dir: Path
+    metrics: dict
+    seconds: float
+
+
+def resolve_caches(entries: list[str]) -> list[str]:
+    from .encode import EncodeConfig, run_encode
+
+    uris = []
+    for entry in entries:
+        if entry.endswith((".yaml", ".yml")):
+            uris.append(run_encode(load_config(entry, EncodeConfig)).uri)
+        else:
+            uris.append(entry)
+    return uris
+
+
+def feature_widths(cache_uris: list[str]) -> dict[str, int]:
+    """modality -> the cached feature width (the projector's input)."""
+    from preprocessing.cache.reader import FeatureCache
+
+    widths = {}
+    for uri in cache_uris:
+        cache = FeatureCache(uri)
+        sample = cache.read_shard(0)[0]
+        widths[cache.modality] = int(sample["arrays"]["item0"].shape[-1])
+    return widths
+
+
+def model_config(config: TrainConfig, backbone_config, cache_uris: list[str], horizon: int) -> dict:
+    from modrwkv.multimodal import ModRWKVConfig
+    from modrwkv.projector import ProjectorConfig
+    from modrwkv.wavenet import WaveNetConfig
+
+    widths = feature_widths(cache_uris)
+    missing = set(widths) - set(config.model.projectors)
+    if missing:
+        raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is configured")
+    wavenet = None
+    if config.model.wavenet and "series" in widths:
+        wavenet = WaveNetConfig(in_channels=widths["series"], **dataclasses.asdict(config.model.wavenet))
+        widths["series"] = wavenet.hidden
+    projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd, **dataclasses.asdict(p))
+                  for m, p in config.model.projectors.items() if m in widths}
+    return ModRWKVConfig(backbone_config, projectors, horizon if "series" in widths else 0, wavenet).to_dict()
+
+
+def series_horizon(cache_uris: list[str]) -> int:
+    from preprocessing.cache.reader import FeatureCache
+
+    for uri in cache_uris:
+        cache = FeatureCache(uri)
+        if cache.modality == "series":
+            return int(cache.read_shard(0)[0]["arrays"]["target"].shape[0])
+    return 0
+
+
+def backbone_config(config: TrainConfig):
+    from modrwkv.checkpoint import infer_config, read_rwkv_pth
+    from modrwkv.config import RWKV7Config
+
+    path = Path(config.model.backbone.path)
+    if path.is_dir():
+        return RWKV7Config.from_dict(json.loads((path / "config.json").read_text()))
+    return infer_config(read_rwkv_pth(path))
+
+
+def phase_dir(config: TrainConfig, phase: int) -> Path:
+    return Path(config.output_dir).absolute() / config.name / f"phase{phase}"
+
+
+def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .train_loop import train_loop_per_worker
+
+    start = time.perf_counter()
+    hp = config.phase1 if phase == 1 else config.phase2
+    caches = resolve_caches(config.caches)
+    bb_config = backbone_config(config)
+    mm_config = model_config(config, bb_config, caches, series_horizon(caches))
+    init_from = None
+    if phase == 2:
+        init_from = phase_dir(config, 1) / "model"
+        if not (init_from / BACKBONE_REF).is_file():
+            raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
+    out = phase_dir(config, phase)
+    out.mkdir(parents=True, exist_ok=True)
+
+    uri = tracking.tracking_uri(config.tracking.tracking_uri)
+    tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
+            "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
+    if phase == 2:
+        tags["phase1_run_id"] = json.loads((init_from / BACKBONE_REF).read_text())["run_id"]
+    run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
+                                {**to_dict(config), "phase": phase, "resolved_caches": caches}, tags)
+    print(f"MLflow run {run_id} at {uri}")
+
+    if not ray.is_initialized():
+        ray.init(address=config.scaling.ray_address, log_to_driver=False)
+    loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
+                   "backbone": dataclasses.asdict(config.model.backbone), "init_from": str(init_from) if init_from else None,
+                   "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
+                   "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"{config.name}-phase{phase}", storage_path=str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
+    )
+    result = trainer.fit()
+    model_dir = export_model(result.checkpoint, out, config, phase, run_id)
+    log_artifacts(uri, run_id, config, model_dir, out, phase)
+    metrics = dict(result.metrics or {})
+    print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
+          f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_dir}")
+    return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start)
+
+
+def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id: str) -> Path:
+    """The final checkpoint's save_pretrained folders (model/, and adapter/ after phase II), copied out of
+    Ray's storage; returns the model folder."""
+    with checkpoint.as_directory() as d:
+        if not (Path(d) / "model").is_dir():
+            raise FileNotFoundError(f"{d}: the final checkpoint has no model/ folder")
+        for name in ("model", "adapter"):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            if (Path(d) / name).is_dir():
+                shutil.copytree(Path(d) / name, out / name)
+    reference = {"run_id": run_id, "phase": phase, **dataclasses.asdict(config.model.backbone)}
+    (out / "model" / BACKBONE_REF).write_text(json.dumps(reference, indent=1) + "\n")
+    return out / "model"
+
+
+def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        client.log_artifact(run_id, str(cfg))
+        history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+        client.log_artifact(run_id, str(tracking.loss_curve(sorted(history), Path(tmp) / "loss_curve.png",
+                                                            f"{config.name} phase {phase}")))
+    client.log_artifacts(run_id, str(model_dir), "model")
+    adapter = out / ("model" if phase == 1 else "adapter") / "adapter.safetensors"
+    client.log_artifact(run_id, str(adapter), "adapter")
+
+
+def main(args: argparse.Namespace) -> None:
+    config = load_config(args.config, TrainConfig)
+    run_train(config, args.phase, args.resume_from)

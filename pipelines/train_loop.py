@@ -1,0 +1,161 @@
+"""What every Ray Train worker runs: the model, a DeepSpeed engine, its share of the feature cache, and the
+phase's optimizer steps; checkpoints go through `ray.train.report`, metrics to MLflow from rank 0."""
+
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_model(cfg: dict):
+    from modrwkv.model import RWKV7
+    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+
+    config = ModRWKVConfig.from_dict(cfg["model"])
+    path = Path(cfg["backbone"]["path"])
+    backbone = RWKV7.from_pretrained(path) if path.is_dir() else RWKV7.from_rwkv_pth(path)
+    if cfg["init_from"]:  # phase II starts from phase I's projectors
+        return ModRWKV.from_pretrained(cfg["init_from"], backbone=backbone)
+    torch.manual_seed(cfg["seed"])
+    return ModRWKV(config, backbone=backbone)
+
+
+def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
+    per_step = hp["micro_batch"] * world
+    if hp["global_batch"] % per_step:
+        raise ValueError(f"global_batch {hp['global_batch']} is not a multiple of micro_batch x workers = {per_step}")
+    zero = {"stage": ds["zero_stage"]}
+    if ds["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": hp["micro_batch"], "gradient_accumulation_steps": hp["global_batch"] // per_step,
+            "gradient_clipping": hp["grad_clip"], "zero_optimization": zero, "bf16": {"enabled": on_gpu},
+            "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+
+
+def micro_batches(caches: list, collator, micro: int, rank: int, world: int, seed: int):
+    """Endless micro-batches. Every rank draws the same cache for the same micro-step (one shared seed), so
+    all ranks run the same modality's projector together."""
+    def stream(cache):
+        epoch = 0
+        while True:
+            yield from cache.iter_samples(rank, world, seed=seed, epoch=epoch)
+            epoch += 1
+
+    streams = [stream(c) for c in caches]
+    pick = random.Random(seed)
+    weights = [len(c) for c in caches]
+    while True:
+        i = pick.choices(range(len(caches)), weights)[0]
+        yield collator([next(streams[i]) for _ in range(micro)])
+
+
+def to_device(batch, device):
+    batch.input_ids, batch.attention_mask, batch.labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
+    if batch.series_target is not None:
+        batch.series_target = batch.series_target.to(device)
+    return batch
+
+
+def all_mean(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from preprocessing.cache.reader import FeatureCache
+
+    from .schedule import warmup_cosine
+    from .tracking import MetricLogger
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    hp, phase = cfg["hp"], cfg["phase"]
+    model = build_model(cfg)
+    model.backbone.use_contiguous_weights()
+    model.set_phase(phase)
+    trainable = model.trainable_parameters()
+    groups = model.backbone.optimizer_groups(hp["weight_decay"], params=trainable)
+    for g in groups:
+        g["lr"] = hp["lr"] * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.99), eps=1e-8)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                                   config=deepspeed_config(hp, cfg["deepspeed"], world, on_gpu))
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            path, client_state = engine.load_checkpoint(d, tag="ds")
+            if path is None:  # DeepSpeed returns (None, None) instead of raising
+                raise FileNotFoundError(f"{d}: no DeepSpeed checkpoint to resume from")
+            step = client_state["step"]
+
+    caches = [FeatureCache(u) for u in cfg["caches"]]
+    collator = Collator(WorldTokenizer(), model.config, cfg["max_length"])
+    batches = micro_batches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"])
+    accumulation = engine.gradient_accumulation_steps()
+    for _ in range(step * accumulation):  # the data position of the resumed step
+        next(batches)
+    logger = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
+    # micro-batch's modality leaves a projector idle (sum, not an element: ZeRO-3 partitions may be empty)
+    touch = list(trainable.values())
+    metrics = {}
+    while step < hp["steps"]:
+        scale = warmup_cosine(step, hp["steps"], hp["warmup_steps"], hp["min_lr_ratio"])
+        for g in optimizer.param_groups:
+            g["lr"] = hp["lr"] * g["lr_scale"] * scale
+        started, losses, samples, tokens = time.perf_counter(), [], 0, 0
+        for _ in range(accumulation):
+            batch = to_device(next(batches), engine.device)
+            out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
+                         series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False)
+            loss = out.loss + sum(p.sum() * 0.0 for p in touch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(out.loss))
+            samples += len(batch.sample_ids)
+            tokens += batch.n_tokens
+        step += 1
+        seconds = time.perf_counter() - started
+        metrics = {"step": step, "loss": all_mean(sum(losses) / len(losses), engine.device),
+                   "lr": hp["lr"] * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": all_mean(samples, engine.device) * world / seconds,
+                   "tokens_per_s": all_mean(tokens, engine.device) * world / seconds}
+        if logger:
+            logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        last = step == hp["steps"]
+        if last or (hp["checkpoint_every"] and step % hp["checkpoint_every"] == 0):
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(d, tag="ds", client_state={"step": step})
+                if last:
+                    save_final(model, Path(d), phase, rank, cfg["deepspeed"]["zero_stage"])
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:
+    """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
+    Called on every rank: under ZeRO-3 the full weights are gathered first (a collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero_stage == 3):
+        if rank == 0:
+            model.save_pretrained(folder / "model", adapter_only=phase == 1)
+            if phase == 2:
+                model.save_pretrained(folder / "adapter", adapter_only=True)
