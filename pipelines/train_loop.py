@@ -113,6 +113,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     for _ in range(step * accumulation):  # the data position of the resumed step
         next(batches)
     logger = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    if logger and step:
+        logger.log({"resumed_from_step": step}, step)
     # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
     # micro-batch's modality leaves a projector idle (sum, not an element: ZeRO-3 partitions may be empty)
     touch = list(trainable.values())

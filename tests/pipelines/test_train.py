@@ -1,0 +1,114 @@
+"""`modrwkv train` on CPU: 2 Ray Train workers, DeepSpeed ZeRO-2, the digits-VQA feature cache, MLflow."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from modrwkv import RWKV7Config
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encode
+from pipelines.train import TrainConfig, run_train
+from preprocessing.demo_data import build_digits
+from tests.conftest import random_backbone
+from tests.tiny_models import save_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("train")
+    build_digits(root / "digits", n_train=64, n_test=0)
+    save_tiny_clip(root / "clip")
+    cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(root / "digits" / "train.json")},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
+        "cache": {"root": str(root / "cache"), "shard_size": 8}})).uri
+    random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)).save_pretrained(root / "backbone")
+    return root, cache
+
+
+def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:
+    return from_dict(TrainConfig, {
+        "name": name, "caches": [cache], "output_dir": str(root / "runs"),
+        "model": {"backbone": {"path": str(root / "backbone")}, "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2}}},
+        "phase1": {"lr": 3e-3, "steps": 8, "global_batch": 16, "micro_batch": 4, **phase1},
+        "phase2": {"lr": 1e-3, "steps": 4, "global_batch": 16, "micro_batch": 4},
+        "scaling": {"workers": 2}, "deepspeed": {"zero_stage": 2},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "test-train"}})
+
+
+def losses(client, run_id):
+    return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_phase1_then_phase2_with_mlflow(setup):
+    root, cache = setup
+    config = train_config(root, cache, "digits")
+    one = run_train(config, phase=1)
+    client = MlflowClient(config.tracking.tracking_uri)
+    history = losses(client, one.run_id)
+    assert len(history) == 8 and sum(history[-3:]) < sum(history[:3])
+
+    # phase I left every backbone weight bit-identical: the engine's own final state against the source
+    states = next((root / "runs" / "digits" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt"))
+    module = torch.load(states, weights_only=True, map_location="cpu")["module"]
+    source = load_file(root / "backbone" / "model.safetensors")
+    assert set(source) == {k.removeprefix("backbone.") for k in module if k.startswith("backbone.")}
+    assert all(torch.equal(module[f"backbone.{k}"], v) for k, v in source.items())
+    assert (one.model_dir / "adapter.safetensors").is_file() and not (one.model_dir / "model.safetensors").exists()
+
+    two = run_train(config, phase=2)
+    history2 = losses(client, two.run_id)
+    assert len(history2) == 4 and history2[-1] < history2[0]
+    assert (two.model_dir / "model.safetensors").is_file()
+
+    run = client.get_run(two.run_id)
+    assert run.data.tags["phase1_run_id"] == one.run_id and run.data.tags["phase"] == "2"
+    assert run.data.params["phase2.lr"] == "0.001" and run.data.params["deepspeed.zero_stage"] == "2"
+    assert cache.split("/")[-1] in run.data.tags["feature_cache_ids"]
+    assert len(run.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
+    for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+        assert len(client.get_metric_history(two.run_id, metric)) == 4
+    artifacts = {a.path for a in client.list_artifacts(two.run_id)}
+    assert {"config.yaml", "loss_curve.png", "model", "adapter"} <= artifacts
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(two.run_id, "model")}
+    found = client.search_runs([run.info.experiment_id], "tags.phase = '1'")
+    assert [r.info.run_id for r in found] == [one.run_id]
+
+
+def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
+    """Waits until Ray's controller has registered a checkpoint (its snapshot lists one), then kills a worker."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        snapshots = list(storage.rglob("checkpoint_manager_snapshot.json"))
+        if snapshots and json.loads(snapshots[0].read_text()).get("checkpoint_results"):
+            break
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    if workers:
+        workers[0].kill()
+        killed.append(workers[0].pid)
+
+
+def test_training_resumes_after_a_worker_is_killed(setup):
+    root, cache = setup
+    config = train_config(root, cache, "fault", steps=12, checkpoint_every=3)
+    config.scaling.max_failures = 1
+    killed = []
+    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint,
+                               args=(root / "runs" / "fault" / "phase1" / "ray", killed))
+    watcher.start()
+    result = run_train(config, phase=1)
+    watcher.join()
+    assert killed and not psutil.pid_exists(killed[0])
+    assert result.metrics["step"] == 12
+    client = MlflowClient(config.tracking.tracking_uri)
+    resumed = client.get_metric_history(result.run_id, "resumed_from_step")
+    assert resumed and resumed[0].value % 3 == 0 and 3 <= resumed[0].value < 12
+    assert max(m.step for m in client.get_metric_history(result.run_id, "loss")) == 12
