@@ -88,5 +88,5 @@ def test_dinov2_small_matches_onnxruntime(tmp_path):
 
 
 def test_export_names_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="unknown export 'clip'; available: \\['dinov2-small', 'fracast', 'whisper-tiny.en'\\]"):
+    with pytest.raises(ValueError, match=r"unknown export 'clip'; available: \['dinov2-small', 'fracast', 'whisper"):
         export_encoder("clip", tmp_path)

@@ -18,17 +18,17 @@ from .wheels import wheel_file
 
 # ctranslate2's DataType enum order (include/ctranslate2/types.h); bfloat16 has no numpy dtype, read as raw bits
 DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
-SUPPORTED_VERSIONS = (5, 6)
+SUPPORTED_VERSIONS = (6,)  # the layout above; older versions differ and are untested
 
 
 class _Reader:
     def __init__(self, data: bytes):
         self.data, self.pos = data, 0
 
-    def unpack(self, fmt: str):
-        values = struct.unpack_from("<" + fmt, self.data, self.pos)
+    def unpack(self, fmt: str) -> int:
+        (value,) = struct.unpack_from("<" + fmt, self.data, self.pos)
         self.pos += struct.calcsize("<" + fmt)
-        return values if len(values) > 1 else values[0]
+        return value
 
     def string(self) -> str:
         length = self.unpack("H")

@@ -13,16 +13,18 @@ import numpy as np
 import torch
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
+from ..vision import IMAGENET_MEAN, IMAGENET_STD
 from .wheels import wheel_file
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # the graph was exported from an older transformers whose attention used BERT-style module names
-ATTENTION_RENAMES = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
-                     ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
+ATTENTION_RENAMES = {
+    ".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj.",
+}
 
 
 def load_graph(path):
-    import onnx  # optional: only converters need it
+    import onnx  # imported on use: it comes with the optional `weights` extra, not the base install
 
     return onnx.load(str(path)).graph
 
@@ -53,7 +55,8 @@ def named_matmul_weights(graph, inits: dict[str, np.ndarray]) -> dict[str, np.nd
 
 def position_embeddings(inits: dict[str, np.ndarray], hidden: int) -> np.ndarray:
     """[1, 1 + n*n, D] from the anonymous CLS row and square patch grid."""
-    anonymous = [a for name, a in inits.items() if name.startswith("onnx::") and a.ndim == 3 and a.shape[-1] == hidden]
+    anonymous = [a for name, a in inits.items()
+                 if name.startswith("onnx::") and a.ndim == 3 and a.shape[-1] == hidden]
     cls_rows = [a for a in anonymous if a.shape[:2] == (1, 1)]
     grids = [a for a in anonymous if a.shape[0] == 1 and a.shape[1] > 1 and math.isqrt(a.shape[1]) ** 2 == a.shape[1]]
     if len(cls_rows) != 1 or len(grids) != 1:
