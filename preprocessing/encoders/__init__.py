@@ -1,4 +1,4 @@
-"""Frozen encoders: raw images / audio -> feature sequences [L, D], loaded from local directories only.
+"""Frozen encoders: raw images / audio / series -> feature sequences [L, D], loaded from local directories only.
 
 `build_encoder(kind, model_dir)` picks the wrapper by registry name. Every wrapper exposes `kind`,
 `output_dim`, `encode(inputs, sample_ids) -> list[Tensor [L, D]]` and `weights_hash()` (the feature cache
@@ -6,9 +6,10 @@ keys on it). Bad inputs raise ValueError naming the sample.
 """
 
 from .audio import AUDIO_ENCODERS
+from .series import SERIES_ENCODERS
 from .vision import VISION_ENCODERS
 
-ENCODERS = {**VISION_ENCODERS, **AUDIO_ENCODERS}
+ENCODERS = {**VISION_ENCODERS, **AUDIO_ENCODERS, **SERIES_ENCODERS}
 
 
 def build_encoder(kind: str, model_dir, **kwargs):

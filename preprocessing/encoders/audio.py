@@ -5,7 +5,8 @@ import math
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperFeatureExtractor, WhisperModel
+from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from .base import FrozenEncoder, require_local_dir
 
@@ -31,13 +32,20 @@ def to_16k_mono(wave, rate: int, sample_id: str) -> np.ndarray:
     return wave
 
 
+def load_whisper_encoder(path):
+    """A full WhisperModel save or an encoder-only one (what our converters write: no decoder weights to fake)."""
+    if "WhisperEncoder" in (WhisperConfig.from_pretrained(path).architectures or []):
+        return HFWhisperEncoder.from_pretrained(path, local_files_only=True)
+    return WhisperModel.from_pretrained(path, local_files_only=True).get_encoder()
+
+
 class WhisperEncoder(FrozenEncoder):
     kind = "whisper"
     frame_samples = 320  # 100 mel frames/s, then a stride-2 convolution: one output per 20 ms
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, WhisperModel.from_pretrained(path, local_files_only=True).get_encoder(), device, dtype)
+        super().__init__(path, load_whisper_encoder(path), device, dtype)
         self.features = WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins)
         self.max_samples = self.features.n_samples  # 30 s
 

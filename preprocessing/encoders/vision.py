@@ -17,6 +17,7 @@ from transformers import (
 from .base import FrozenEncoder, require_local_dir
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's normalisation
 
 
 def check_rgb(image, sample_id: str):
@@ -79,7 +80,7 @@ class Dinov2Encoder(VisionEncoder):
     def default_processor(self, config):
         size = config.image_size
         return BitImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False,
-                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 class Siglip2Encoder(VisionEncoder):
