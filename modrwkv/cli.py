@@ -104,6 +104,18 @@ def cmd_encode(args) -> None:
     main(args)
 
 
+def cmd_train(args) -> None:
+    from pipelines.train import main
+
+    main(args)
+
+
+def cmd_eval(args) -> None:
+    from pipelines.evaluate import main
+
+    main(args)
+
+
 def cmd_data_demo(args) -> None:
     from preprocessing.demo_data import build_demo_data
 
@@ -155,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-encode even if a complete cache entry exists")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="phase I (adapter) or II (adapter + backbone) on Ray Train + DeepSpeed, tracked in MLflow")
+    p.add_argument("--config", required=True, help="a train YAML (see configs/)")
+    p.add_argument("--phase", type=int, choices=[1, 2], required=True)
+    p.add_argument("--resume-from", help="a checkpoint folder to resume from (default: a fresh run)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="batch inference over a feature cache (Ray Data); metrics and tables to MLflow")
+    p.add_argument("--config", help="an eval YAML; the flags below override it")
+    p.add_argument("--checkpoint", help="a trained model folder (runs/train/<name>/phase2/model)")
+    p.add_argument("--task", choices=["vqa", "asr", "forecast"])
+    p.add_argument("--cache", help="a feature-cache entry or an encode YAML")
+    p.add_argument("--out-dir", help="where predictions and plots go (default runs/eval)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("encoder", help="frozen encoders")
     encoder = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")

@@ -275,7 +275,8 @@ class ShardEncoder:
         lookback, target = (torch.from_numpy(from_npy(p)).float()[:, None] for p in s["payloads"])
         normalised, mean, std = normalize_series(lookback, s["key"])
         stats = {"mean": float(mean), "std": float(std)}
-        arrays = {"target": ((target - mean) / std)[:, 0].numpy()}
+        # the normalised lookback rides along for every encoder: evaluation needs it for seasonal-naive baselines
+        arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": normalised[:, 0].numpy()}
         if self.encoder is None:
             arrays["item0"] = normalised.numpy()
         else:
