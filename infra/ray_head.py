@@ -6,9 +6,11 @@ interfaces, and an explicit mode keeps a stray `~/.ray/auth_token` from switchin
 """
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 from .process import HOST, ServiceProcess, free_port, http_ok, port_open, spawn, venv_bin, wait_until
@@ -53,21 +55,26 @@ def auth_token_file(state_dir: Path) -> Path:
     return path
 
 
+def default_ray_tmpdir(state_dir: Path) -> Path:
+    """Ray's unix sockets live under RAY_TMPDIR and their paths must fit in 107 characters with the session name
+    (~70 of them), so not under a deep state dir; one per state dir, so not Ray's shared /tmp/ray either."""
+    return Path(tempfile.gettempdir()) / f"ray-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
+
+
 def start_ray_head(
     state_dir: str | Path, port: int | None = None, dashboard_port: int | None = None, num_cpus: int | None = None,
     home: str | Path | None = None, ray_tmpdir: str | Path | None = None, env: dict[str, str] | None = None,
     timeout: float = 90.0,
 ) -> RayHead:
-    """`env` reaches the jobs' drivers and workers (e.g. MLFLOW_TRACKING_URI, the S3 variables). `home` and
-    `ray_tmpdir` default to the caller's HOME and `<state_dir>/ray`; Ray's unix sockets live under the latter,
-    whose path must stay short (about 107 characters with the session name)."""
+    """`env` reaches the jobs' drivers and workers (e.g. MLFLOW_TRACKING_URI, the S3 variables). `home` defaults
+    to the caller's HOME."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     port, dashboard_port = port or free_port(), dashboard_port or free_port()
     token_path = auth_token_file(state_dir)
     head_env = {
         **(env or {}),
-        "RAY_TMPDIR": str(ray_tmpdir or state_dir / "ray"),
+        "RAY_TMPDIR": str(ray_tmpdir or default_ray_tmpdir(state_dir)),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         # jobs run `python ...` from PATH: it must be this venv's interpreter
