@@ -6,6 +6,7 @@ import socket
 import tempfile
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.cli import add_services_parser
@@ -24,6 +25,7 @@ def bound(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
+@pytest.mark.slow  # starts all three services again (MLflow alone takes 10-50 s on 2 busy cores)
 def test_up_status_down(capsys):
     with tempfile.TemporaryDirectory(prefix="svc", ignore_cleanup_errors=True) as state_dir:
         services(["up", "--state-dir", state_dir, "--num-cpus", "1"])
