@@ -11,6 +11,9 @@ import torch  # noqa: E402
 
 from modrwkv import RWKV7, RWKV7Config  # noqa: E402
 
+# the real local services (S3, MLflow, Ray head) as session fixtures
+pytest_plugins = ["tests.services"]
+
 
 def random_backbone(config: RWKV7Config, seed: int = 0) -> RWKV7:
     """The official init, then the zero-initialised matrices (att.output, ffn.value, first LoRA factors) and the

@@ -1,0 +1,101 @@
+"""`modrwkv services up|down|status`: the local S3 endpoint, MLflow server and Ray head, as detached processes
+recorded in `<state-dir>/services.json`."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from .mlflow_server import MlflowServer, start_mlflow
+from .process import ServiceError, ServiceProcess
+from .ray_head import RayHead, start_ray_head
+from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
+
+BUCKET = "modrwkv"
+KINDS = {"s3": S3Server, "mlflow": MlflowServer, "ray": RayHead}  # start order; stopped in reverse
+
+
+def services_file(state_dir: Path) -> Path:
+    return state_dir / "services.json"
+
+
+def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
+    path = services_file(state_dir)
+    if not path.exists():
+        return {}
+    return {name: KINDS[name].from_dict(d) for name, d in json.loads(path.read_text()).items()}
+
+
+def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, ServiceProcess]:
+    """S3 with bucket `modrwkv`, MLflow storing artifacts in `s3://modrwkv/mlflow`, and a Ray head whose jobs get
+    both in their environment. If one fails, the ones already started are stopped."""
+    running = [name for name, s in load_services(state_dir).items() if s.alive()]
+    if running:
+        raise ServiceError(f"already running: {', '.join(running)} (see {services_file(state_dir)}); run `down` first")
+    with contextlib.ExitStack() as started:
+        s3 = started.enter_context(start_s3(state_dir))
+        s3.create_bucket(BUCKET)
+        mlflow = started.enter_context(start_mlflow(state_dir, artifacts_destination=f"s3://{BUCKET}/mlflow",
+                                                    env=s3.env()))
+        ray = started.enter_context(start_ray_head(state_dir, num_cpus=num_cpus, env={**s3.env(), **mlflow.env()}))
+        services = {"s3": s3, "mlflow": mlflow, "ray": ray}
+        services_file(state_dir).write_text(json.dumps({k: s.to_dict() for k, s in services.items()}, indent=2))
+        started.pop_all()  # keep them running past this process
+    return services
+
+
+def services_down(state_dir: Path) -> list[str]:
+    services = load_services(state_dir)
+    for service in reversed(services.values()):
+        service.stop()
+    services_file(state_dir).unlink(missing_ok=True)
+    return list(services)
+
+
+def describe(name: str, service: ServiceProcess) -> str:
+    state = "running" if service.alive() else "NOT RUNNING"
+    where = {
+        "s3": lambda s: f"endpoint {s.endpoint_url}",
+        "mlflow": lambda s: f"tracking URI {s.tracking_uri}",
+        "ray": lambda s: f"address {s.address}, dashboard {s.dashboard_url}",
+    }[name](service)
+    return f"{name:7s} pid {service.pid:<8d} {state:12s} {where}  (log {service.log_path})"
+
+
+def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
+    """Shell lines that point clients at the services. No credentials: the S3 placeholders are in
+    `infra.s3_server.s3_env`, the Ray token stays in its file."""
+    env = {}
+    if "s3" in services:
+        env |= {k: v for k, v in services["s3"].env().items() if k not in LOCAL_CREDENTIALS}
+    if "mlflow" in services:
+        env |= services["mlflow"].env()
+    if "ray" in services:
+        env |= services["ray"].client_env()
+    return [f"export {k}={v}" for k, v in env.items()]
+
+
+def cmd_services(args) -> None:
+    state_dir = Path(args.state_dir).resolve()
+    if args.action == "up":
+        services = services_up(state_dir, args.num_cpus)
+    elif args.action == "down":
+        stopped = services_down(state_dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing recorded in {services_file(state_dir)}")
+        return
+    else:
+        services = load_services(state_dir)
+        if not services:
+            print(f"no services recorded in {services_file(state_dir)}")
+            return
+    for name, service in services.items():
+        print(describe(name, service))
+    print("\n".join(client_exports(services)))
+
+
+def add_services_parser(subparsers) -> None:
+    p = subparsers.add_parser("services", help="start/stop the local S3 endpoint, MLflow server and Ray head")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--state-dir", default="runs/services", help="pids, ports, logs and data of the services")
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs the Ray head offers")
+    p.set_defaults(func=cmd_services)

@@ -1,0 +1,142 @@
+"""Run a local service as a detached process: spawn it in its own session, wait until it answers, stop it by pid.
+
+The services (S3 endpoint, MLflow server, Ray head) each describe themselves as a `ServiceProcess` subclass; the
+pid and its start time are enough to stop one later from another process (`modrwkv services down`).
+"""
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Self
+
+import psutil
+
+HOST = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A service did not come up (the message names its log file) or could not be stopped."""
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the running interpreter's environment, so services run the venv's packages."""
+    return str(Path(sys.executable).parent / name)
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1. Another process may take it before the service binds it; the service
+    then exits and `wait_until` reports that with its log."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@dataclasses.dataclass(kw_only=True)
+class ServiceProcess:
+    """A spawned service. Usable as a context manager: leaving the block stops it."""
+
+    name: str
+    pid: int
+    create_time: float  # with the pid, identifies the process even after the pid could have been reused
+    log_path: str
+    pid_file: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def process(self) -> psutil.Process | None:
+        """The running process, or None when it is gone (or its pid now belongs to another process)."""
+        try:
+            p = psutil.Process(self.pid)
+            if abs(p.create_time() - self.create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                return p
+        except psutil.NoSuchProcess:
+            pass
+        return None
+
+    def alive(self) -> bool:
+        return self.process() is not None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log written)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the service (each one tears its own children down on it), then SIGKILL to whatever of its
+        process tree is left. Ray starts workers in their own process groups, so the tree, not the group, is
+        what gets collected."""
+        proc = self.process()
+        if proc is not None:
+            tree = [proc, *proc.children(recursive=True)]
+            proc.terminate()
+            psutil.wait_procs([proc], timeout=timeout)
+            leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            for p in leftovers:
+                p.kill()
+            psutil.wait_procs(tree, timeout=5)
+        Path(self.pid_file).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None = None) -> dict:
+    """Start `cmd` in a new session (it outlives the caller and gets no terminal signals), output to
+    `<state_dir>/<name>.log`, pid to `<state_dir>/<name>.pid`. Returns the `ServiceProcess` fields."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / f"{name}.log"
+    pid_file = state_dir / f"{name}.pid"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    pid_file.write_text(f"{proc.pid}\n")
+    return dict(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+                log_path=str(log_path), pid_file=str(pid_file))
+
+
+def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `healthy` until it holds; if the process exits first or time runs out, stop it and raise an error
+    that names the log file and quotes its end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy():
+            return
+        if not service.alive():
+            service.stop()  # removes the pid file
+            raise ServiceError(f"{service.name} exited before {what}; log: {service.log_path}\n{service.log_tail()}")
+        time.sleep(0.25)
+    service.stop()
+    raise ServiceError(
+        f"{service.name} did not get to {what} within {timeout:.0f} s; log: {service.log_path}\n{service.log_tail()}"
+    )

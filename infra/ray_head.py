@@ -1,0 +1,101 @@
+"""A local Ray head node (`ray start --head --block`), stopped by its pid.
+
+Not `ray stop`: it terminates every Ray process on the machine by name, other users' clusters included.
+Token authentication is always on, with the token in a file under the state dir: the GCS listens on all
+interfaces, and an explicit mode keeps a stray `~/.ray/auth_token` from switching auth on behind our back.
+"""
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+from .process import HOST, ServiceProcess, free_port, http_ok, port_open, spawn, venv_bin, wait_until
+
+# Ports Ray would otherwise take from fixed defaults (10001, 52365, ...), which a second head on the machine holds.
+INTERNAL_PORT_FLAGS = (
+    "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RayHead(ServiceProcess):
+    gcs_port: int
+    dashboard_port: int
+    token_path: str
+
+    @property
+    def address(self) -> str:
+        """For `ray.init(address=...)`."""
+        return f"{HOST}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """For `ray job submit --address` and `JobSubmissionClient`."""
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (ray.init, `ray job submit`, JobSubmissionClient) needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
+
+
+def auth_token_file(state_dir: Path) -> Path:
+    """The cluster's token, created once (owner-only) and reused on restarts."""
+    path = state_dir / "ray-auth-token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def default_ray_tmpdir(state_dir: Path) -> Path:
+    """Ray's unix sockets live under RAY_TMPDIR and their paths must fit in 107 characters with the session name
+    (~70 of them), so not under a deep state dir; one per state dir, so not Ray's shared /tmp/ray either."""
+    return Path(tempfile.gettempdir()) / f"ray-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
+
+
+def start_ray_head(
+    state_dir: str | Path, port: int | None = None, dashboard_port: int | None = None, num_cpus: int | None = None,
+    home: str | Path | None = None, ray_tmpdir: str | Path | None = None, env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+) -> RayHead:
+    """`env` reaches the jobs' drivers and workers (e.g. MLFLOW_TRACKING_URI, the S3 variables). `home` defaults
+    to the caller's HOME."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port, dashboard_port = port or free_port(), dashboard_port or free_port()
+    token_path = auth_token_file(state_dir)
+    head_env = {
+        **(env or {}),
+        "RAY_TMPDIR": str(ray_tmpdir or default_ray_tmpdir(state_dir)),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        # jobs run `python ...` from PATH: it must be this venv's interpreter
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM
+    }
+    if home:
+        head_env["HOME"] = str(home)
+    cmd = [
+        venv_bin("ray"), "start", "--head", "--block", "--port", str(port),
+        "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+        "--num-cpus", str(num_cpus or os.cpu_count()), "--disable-usage-stats",
+    ]
+    for flag in INTERNAL_PORT_FLAGS:
+        cmd += [flag, str(free_port())]
+    head = RayHead(**spawn("ray", cmd, state_dir, head_env), gcs_port=port, dashboard_port=dashboard_port,
+                   token_path=str(token_path))
+    wait_until(head, lambda: port_open(port) and http_ok(f"{head.dashboard_url}/api/version", head.auth_headers()),
+               "GCS and dashboard answering", timeout)
+    return head
+
+
+def stop_ray_head(head: RayHead) -> None:
+    head.stop()

@@ -1,0 +1,107 @@
+"""The real local services: each starts, answers, is usable by its clients, and stops (pid gone, port free).
+They are shared per session (tests/services.py); the stop checks run on instances of their own."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from infra.jobs import run_job
+from infra.process import HOST, ServiceError
+from infra.s3_server import s3_client, start_s3
+from tests.services import BUCKET
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def test_s3_put_get(s3_server):
+    s3 = s3_client(s3_server.endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key="cache/shard-0.tar", Body=b"features")
+    assert s3.get_object(Bucket=BUCKET, Key="cache/shard-0.tar")["Body"].read() == b"features"
+
+
+def test_s3_stops_by_pid(tmp_path):
+    server = start_s3(tmp_path)
+    assert Path(server.pid_file).read_text().strip() == str(server.pid)
+    server.stop()
+    assert not psutil.pid_exists(server.pid)
+    assert port_free(server.port)
+    assert not Path(server.pid_file).exists()
+
+
+def test_failed_start_names_the_log(tmp_path):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        with pytest.raises(ServiceError, match=f"log: {tmp_path / 's3.log'}"):
+            start_s3(tmp_path, port=taken.getsockname()[1], timeout=20)
+
+
+def test_mlflow_metric_through_client_and_rest(mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    experiment = client.create_experiment("infra-metric")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "loss", 1.25, step=3)
+    url = (f"{mlflow_server.tracking_uri}/api/2.0/mlflow/metrics/get-history"
+           f"?run_id={run.info.run_id}&metric_key=loss")
+    with urllib.request.urlopen(url) as r:
+        history = json.load(r)["metrics"]
+    assert [(m["value"], m["step"]) for m in history] == [(1.25, 3)]
+
+
+def test_mlflow_artifacts_land_in_s3(mlflow_server, s3_server):
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    run = client.create_run(client.create_experiment("infra-artifacts"))
+    client.log_text(run.info.run_id, "hello", "notes/hello.txt")
+    keys = [o["Key"] for o in s3_client(s3_server.endpoint_url).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
+
+
+def test_ray_task_from_a_client_process(ray_head):
+    script = textwrap.dedent(f"""
+        import ray, sys
+        ray.init(address="{ray_head.address}")
+        print(ray.get(ray.remote(lambda: sys.executable).remote()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **ray_head.client_env()},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # workers run the venv's `python3`, the job's `python` may be either name: compare the venv's bin dir
+    assert Path(out.stdout.strip().splitlines()[-1]).parent == VENV_BIN
+
+
+def test_job_runs_with_the_venv_python(ray_head):
+    result = run_job(ray_head.dashboard_url, 'python -c "import modrwkv, sys; print(sys.executable)"',
+                     working_dir=REPO, headers=ray_head.auth_headers(), timeout=180)
+    assert result.status == "SUCCEEDED", result.logs
+    assert Path(result.logs.strip().splitlines()[-1]).parent == VENV_BIN
+
+
+def test_ray_job_submit_cli(ray_head):
+    """The documented command line: `ray job submit` with the head's client env."""
+    out = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
+         "--working-dir", str(REPO), "--", "python", "-c", "import modrwkv; print('job-ok')"],
+        env={**os.environ, **ray_head.client_env()}, capture_output=True, text=True, timeout=180,
+    )
+    output = out.stdout + out.stderr
+    assert out.returncode == 0, output
+    assert "job-ok" in output and "succeeded" in output
