@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.set_defaults(func=cmd_encoder_export)
 
+    from infra.cli import add_services_parser
+
+    add_services_parser(sub)
+
     p = sub.add_parser("data", help="build datasets")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
@@ -202,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from infra.process import ServiceError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ServiceError) as e:
         print(f"modrwkv {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

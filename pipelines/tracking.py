@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-SERVICES_FILE = Path("runs/services/services.json")
+SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
 FALLBACK_URI = "sqlite:///runs/mlflow.db"
 
 
@@ -17,11 +17,12 @@ def tracking_uri(configured: str | None) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if SERVICES_FILE.is_file():
-        url = json.loads(SERVICES_FILE.read_text()).get("mlflow", {}).get("url")
-        if url:
-            return url
-    SERVICES_FILE.parent.parent.mkdir(parents=True, exist_ok=True)
+    from infra.cli import load_services
+
+    server = load_services(SERVICES_DIR).get("mlflow")
+    if server is not None and server.alive():
+        return server.tracking_uri
+    SERVICES_DIR.parent.mkdir(parents=True, exist_ok=True)
     return FALLBACK_URI
 
 

@@ -31,9 +31,9 @@ def mlflow_server(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A 1-CPU Ray head whose HOME and RAY_TMPDIR are temp dirs; the latter under /tmp with a short name,
-    since Ray's unix socket paths must fit in 107 characters."""
+    """A 3-CPU Ray head (room for a 2-worker training job) whose HOME and RAY_TMPDIR are temp dirs; the
+    latter under /tmp with a short name, since Ray's unix socket paths must fit in 107 characters."""
     with tempfile.TemporaryDirectory(prefix="ray", ignore_cleanup_errors=True) as ray_tmpdir:
-        with start_ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, home=tmp_path_factory.mktemp("home"),
+        with start_ray_head(tmp_path_factory.mktemp("ray"), num_cpus=3, home=tmp_path_factory.mktemp("home"),
                             ray_tmpdir=ray_tmpdir) as head:
             yield head

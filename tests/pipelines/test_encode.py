@@ -162,3 +162,29 @@ def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encod
     fresh = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "fresh")))
     assert fresh.manifest["shards"] == resumed.manifest["shards"]  # same keys, counts and bytes (sha256) per shard
     assert fresh.manifest["counts"] == resumed.manifest["counts"] == {"read": 64, "written": 64, "rejected": 0}
+
+
+def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, monkeypatch):
+    from infra.s3_server import s3_client
+
+    from tests.services import BUCKET
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    build_digits(tmp_path / "digits", n_train=6, n_test=0)
+    s3 = s3_client(s3_server.endpoint_url)
+    for path in (tmp_path / "digits").rglob("*.*"):
+        s3.upload_file(str(path), BUCKET, f"raw/digits/{path.relative_to(tmp_path / 'digits')}")
+    source = {"format": "llava", "path": f"s3://{BUCKET}/raw/digits/train.json"}
+    spec = {"dataset": source, "encoder": {"kind": "clip", "model_dir": str(encoders["clip"])},
+            "cache": {"root": f"s3://{BUCKET}/cache", "shard_size": 4}}
+    result = run_encode(config(**spec))
+    assert result.uri.startswith(f"s3://{BUCKET}/cache/image-clip-")
+    assert result.manifest["counts"] == {"read": 6, "written": 6, "rejected": 0}
+    names = {o["Key"].rsplit("/", 1)[1] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="cache/")["Contents"]}
+    assert {"manifest.json", "rejects.jsonl", "shard-00000.tar", "shard-00001.tar"} <= names
+    assert not any(".tmp-" in n for n in names)
+    samples = list(FeatureCache(result.uri).iter_samples(shuffle=False))
+    assert [s["key"] for s in samples] == [f"digit-{i:04d}" for i in range(6)]
+    assert samples[0]["meta"]["source"].startswith(f"s3://{BUCKET}/raw/digits/train.json")
+    assert run_encode(config(**spec)).reused

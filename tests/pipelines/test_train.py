@@ -112,3 +112,35 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     assert resumed and resumed[0].value % 3 == 0 and 3 <= resumed[0].value < 12
     assert max(m.step for m in client.get_metric_history(result.run_id, "loss")) == 12
+
+
+def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, ray_head, mlflow_server, s3_server, tmp_path):
+    import urllib.request
+
+    import yaml
+
+    from infra.jobs import run_job
+    from infra.s3_server import s3_client
+    from pipelines.config import to_dict
+
+    from tests.services import BUCKET
+
+    root, cache = setup
+    config = train_config(root, cache, "submitted", steps=4)
+    config.tracking.tracking_uri, config.tracking.experiment = mlflow_server.tracking_uri, "submitted"
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    repo = Path(__file__).resolve().parents[2]
+    job = run_job(ray_head.dashboard_url, f"python -m modrwkv.cli train --config {path} --phase 1",
+                  working_dir=repo, headers=ray_head.auth_headers(), timeout=600)
+    assert job.status == "SUCCEEDED", job.logs[-3000:]
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name("submitted")
+    [run] = client.search_runs([experiment.experiment_id])
+    url = f"{mlflow_server.tracking_uri}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=loss"
+    history = json.loads(urllib.request.urlopen(url).read())["metrics"]
+    assert sorted(m["step"] for m in history) == [1, 2, 3, 4]
+    keys = [o["Key"] for o in s3_client(s3_server.endpoint_url).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/loss_curve.png") for k in keys)
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/model/adapter.safetensors") for k in keys)
