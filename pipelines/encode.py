@@ -65,9 +65,14 @@ class EncoderSpec:
     kind: str  # a registered frozen encoder (clip, siglip2, whisper, ...) or "raw" for WaveNet series
     model_dir: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    image_size: int | None = None  # vision only: square input size (default: the model's processor config)
 
     def __post_init__(self):
         from preprocessing.encoders import ENCODERS
+        from preprocessing.encoders.vision import VISION_ENCODERS
+
+        if self.image_size is not None and self.kind not in VISION_ENCODERS:
+            raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
 
         if self.kind != RAW_SERIES and self.kind not in ENCODERS:
             raise ValueError(f"encoder.kind {self.kind!r} is not one of {sorted(ENCODERS) + [RAW_SERIES]}")
@@ -168,7 +173,8 @@ def cache_spec(config: EncodeConfig, samples: list[RawSample], modality: str) ->
     preprocessing = {"limits": dataclasses.asdict(config.limits), "shard_size": config.cache.shard_size,
                      "dataset": {k: v for k, v in dataclasses.asdict(config.dataset).items() if k not in ("path", "media_root")}}
     return {"modality": modality,
-            "encoder": {"kind": e.kind, "dtype": e.dtype, "weights_hash": hash_model_dir(e.model_dir) if e.model_dir else None},
+            "encoder": {"kind": e.kind, "dtype": e.dtype, "image_size": e.image_size,
+                        "weights_hash": hash_model_dir(e.model_dir) if e.model_dir else None},
             "preprocessing": preprocessing, "source_hash": source_hash(samples)}
 
 
@@ -235,7 +241,8 @@ class ShardEncoder:
 
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec.dtype]
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.encoder = build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype)
+            extra = {"image_size": self.spec.image_size} if self.spec.image_size else {}
+            self.encoder = build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
 
     def encode_items(self, modality: str, items: list, ids: list[str]) -> list[np.ndarray]:
         if modality == "image":

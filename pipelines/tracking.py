@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
-FALLBACK_URI = "sqlite:///runs/mlflow.db"
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -23,7 +22,7 @@ def tracking_uri(configured: str | None) -> str:
     if server is not None and server.alive():
         return server.tracking_uri
     SERVICES_DIR.parent.mkdir(parents=True, exist_ok=True)
-    return FALLBACK_URI
+    return f"sqlite:///{SERVICES_DIR.parent.absolute() / 'mlflow.db'}"  # absolute: workers run elsewhere
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -120,6 +120,13 @@ class TrainResult:
     seconds: float
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute: Ray workers do not run in the driver's working directory."""
+    from preprocessing import storage
+
+    return uri if storage.is_remote(uri) else str(Path(uri).absolute())
+
+
 def resolve_caches(entries: list[str]) -> list[str]:
     from .encode import EncodeConfig, run_encode
 
@@ -129,7 +136,7 @@ def resolve_caches(entries: list[str]) -> list[str]:
             uris.append(run_encode(load_config(entry, EncodeConfig)).uri)
         else:
             uris.append(entry)
-    return uris
+    return [absolute(u) for u in uris]
 
 
 def feature_widths(cache_uris: list[str]) -> dict[str, int]:
@@ -219,7 +226,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     if not ray.is_initialized():
         ray.init(address=config.scaling.ray_address, log_to_driver=False)
     loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
-                   "backbone": dataclasses.asdict(config.model.backbone), "init_from": str(init_from) if init_from else None,
+                   "backbone": {"path": absolute(config.model.backbone.path)}, "init_from": str(init_from) if init_from else None,
                    "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
                    "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
     trainer = TorchTrainer(
@@ -251,7 +258,7 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
                 shutil.rmtree(out / name)
             if (Path(d) / name).is_dir():
                 shutil.copytree(Path(d) / name, out / name)
-    reference = {"run_id": run_id, "phase": phase, **dataclasses.asdict(config.model.backbone)}
+    reference = {"run_id": run_id, "phase": phase, "path": absolute(config.model.backbone.path)}
     (out / "model" / BACKBONE_REF).write_text(json.dumps(reference, indent=1) + "\n")
     return out / "model"
 

@@ -89,7 +89,7 @@ def build_series(out: Path) -> None:
     pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
 
 
-def build_demo_data(out, n_digits=(256, 100), n_speech=(200, 40)) -> Path:
+def build_demo_data(out, n_digits=(256, 100), n_speech=(96, 24)) -> Path:
     out = Path(out)
     build_digits(out / "digits", *n_digits)
     build_speech(out / "speech", *n_speech)

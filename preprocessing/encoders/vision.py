@@ -37,13 +37,17 @@ class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
 
-    def __init__(self, model_dir, device="cpu", dtype=torch.float32):
+    def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None):
+        """`image_size` overrides the processor's square input size (ViTs interpolate their position grid)."""
         path = require_local_dir(model_dir)
         super().__init__(path, self.model_class.from_pretrained(path, local_files_only=True), device, dtype)
         if (path / PREPROCESSOR_FILE).is_file():
             self.processor = self.processor_class.from_pretrained(path, local_files_only=True)
         else:
             self.processor = self.default_processor(self.model.config)
+        if image_size:
+            self.processor.size = {"height": image_size, "width": image_size}
+            self.processor.do_center_crop = False
 
     def default_processor(self, config):
         size = config.image_size
