@@ -1,0 +1,118 @@
+"""ModRWKV as an lmms-eval model, registered as "modrwkv".
+
+    import pipelines.lmms_eval_model  # registers the class with lmms-eval
+    lmms_eval.evaluator.simple_evaluate(model="modrwkv", tasks=["pope"],
+        model_args="pretrained=runs/phase2,encoder=siglip2,encoder_dir=encoders/siglip2")
+
+Each request's images go through the frozen encoder, then into the chat prompt ("User: <image>\\n{question}
+\\n\\nAssistant:"). Generation is greedy. The module imports without lmms-eval installed (the class is then
+a plain one with the same interface), so the project runs and tests it without that dependency.
+"""
+
+import torch
+from PIL import Image
+
+from modrwkv.conversation import TURN_END, prompt_ids
+from modrwkv.multimodal import ModRWKV
+from modrwkv.tokenizer import END_OF_TEXT, WorldTokenizer
+from preprocessing.encoders import build_encoder
+
+try:
+    from lmms_eval.api.model import lmms as EvalModelBase
+    from lmms_eval.api.registry import register_model
+except ImportError:
+    class EvalModelBase:
+        def __init__(self):
+            self.task_dict = {}  # lmms-eval fills it: task name -> split -> doc_id -> doc
+
+    def register_model(*names):
+        return lambda cls: cls
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@register_model("modrwkv")
+class ModRWKVEvalModel(EvalModelBase):
+    """pretrained: a ModRWKV save_pretrained directory (or the model); encoder: a `build_encoder` kind with its
+    encoder_dir (or an encoder object). batch_size is accepted because lmms-eval always passes it; requests
+    run one at a time, each with its own images."""
+
+    def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1,
+                 tokenizer: WorldTokenizer | None = None):
+        super().__init__()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
+        self.model = model.to(self.device).eval()
+        self.encoder = build_encoder(encoder, encoder_dir, device=self.device) if isinstance(encoder, str) else encoder
+        if self.encoder is not None and "image" not in self.model.projectors:
+            raise ValueError(f"an image encoder was given but the model has no image projector ({sorted(self.model.projectors)})")
+        self.tokenizer = tokenizer or WorldTokenizer()
+
+    def request_inputs(self, context: str, visuals, name: str) -> tuple[list[int], list]:
+        """(prompt ids, image features) for one request. Tasks that do not place the images themselves get
+        them before the question, as in training."""
+        images = list(visuals or [])
+        if not images:
+            return prompt_ids(self.tokenizer, context, [], name), []
+        if self.encoder is None:
+            raise ValueError(f"{name}: the request has images but no image encoder was given")
+        if not all(isinstance(im, Image.Image) for im in images):
+            raise ValueError(f"{name}: only PIL images are supported, got {sorted({type(im).__name__ for im in images})}")
+        features = self.encoder.encode([im.convert("RGB") for im in images], [f"{name}/{i}" for i in range(len(images))])
+        if "<image>" not in context:
+            context = " ".join(["<image>"] * len(images)) + "\n" + context
+        lengths = [self.model.config.projectors["image"].compressed_length(f.shape[0]) for f in features]
+        return prompt_ids(self.tokenizer, context, lengths, name), [("image", f.to(self.device)) for f in features]
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(sum of the target tokens' log-probs after the prompt, whether greedy decoding would produce them)."""
+        results = []
+        for request in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            target = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            ids, features = self.request_inputs(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}")
+            # the answer follows "Assistant:" after a space, as tokenize_conversation lays out training samples
+            target_ids = self.tokenizer.encode(target if target[:1].isspace() else f" {target}")
+            embeds = self.model.embed(torch.tensor([ids + target_ids], device=self.device), [features])
+            hidden, _ = self.model.backbone.forward_hidden(inputs_embeds=embeds)
+            # position t predicts token t + 1: the logits from the prompt's last token on score the target
+            logits = self.model.backbone.head(hidden[0, len(ids) - 1 : -1]).float()
+            targets = torch.tensor(target_ids, device=self.device)
+            log_prob = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
+            results.append((float(log_prob), bool((logits.argmax(-1) == targets).all())))
+        return results
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        """Greedy answers, cut at the first of gen_kwargs["until"] or the end of the assistant's turn."""
+        answers = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            until = gen_kwargs.get("until") or []
+            stops = [s for s in ([until] if isinstance(until, str) else until) if s] + [TURN_END]
+            ids, features = self.request_inputs(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}")
+            max_new_tokens = int(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+            answers.append(self.greedy_until(ids, features, stops, max_new_tokens))
+        return answers
+
+    def greedy_until(self, ids: list[int], features, stops: list[str], max_new_tokens: int) -> str:
+        """Decodes until a stop string appears (the text is cut before it), END_OF_TEXT or max_new_tokens."""
+        logits, state = self.model.prefill(torch.tensor([ids], device=self.device), [features])
+        decoder, text = self.tokenizer.stream_decoder(), ""
+        for _ in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            if token == END_OF_TEXT:
+                break
+            text += decoder.push(token)
+            if any(s in text for s in stops):
+                break
+            logits, state = self.model.backbone(torch.tensor([[token]], device=self.device), state=state, logits_to_keep=1)
+            logits = logits[:, -1]
+        text += decoder.flush()
+        return text[: min(text.find(s) if s in text else len(text) for s in stops)].strip()
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("the modrwkv model answers single-round requests only")

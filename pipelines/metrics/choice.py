@@ -1,0 +1,103 @@
+"""Multiple choice (ScienceQA / MMBench style: which option letter did the model pick?) and POPE (yes/no)."""
+
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+LETTERS = string.ascii_uppercase
+# The reply starts with a letter and a mark, or is one: "B", "(B)", "B.", "b)", "B: a cat" (not "A cat").
+LEADING_LETTER = re.compile(r"^\(?([A-Za-z])(?:[.):]|$)")
+# "The answer is B", "Answer: b)", "answer is (C)": a lowercase letter needs a closing mark, so that "the
+# answer is a cat" is not option A.
+STATED_LETTER = re.compile(r"(?i:answer)(?:\s+is|:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
+BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
+
+
+def option_letters(n_options: int) -> str:
+    if not 0 < n_options <= len(LETTERS):
+        raise ValueError(f"expected 1 to {len(LETTERS)} options, got {n_options}")
+    return LETTERS[:n_options]
+
+
+def words_of(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def extract_choice(response: str, options: Sequence[str]) -> str | None:
+    """The option letter a free-text response names, or None if it names none (or several)."""
+    letters = option_letters(len(options))
+    text = response.strip()
+    for pattern in (LEADING_LETTER, STATED_LETTER):
+        found = pattern.search(text)
+        if found and found.group(found.lastindex).upper() in letters:
+            return found.group(found.lastindex).upper()
+    bracketed = {m.upper() for m in BRACKETED_LETTER.findall(text)} & set(letters)
+    if len(bracketed) == 1:
+        return bracketed.pop()
+    # no letter: the option whose text the response contains (an exact answer wins over containment)
+    said = words_of(text)
+    named = [letter for letter, option in zip(letters, options) if words_of(option) == said]
+    if not named:
+        named = [letter for letter, option in zip(letters, options)
+                 if words_of(option) and re.search(rf"\b{re.escape(words_of(option))}\b", said)]
+    return named[0] if len(named) == 1 else None
+
+
+def choice_accuracy(responses: Sequence[str], answers: Sequence[str], option_lists: Sequence[Sequence[str]]) -> float:
+    """Fraction of responses naming the right letter; a response naming no option counts as wrong."""
+    if not len(responses) == len(answers) == len(option_lists):
+        raise ValueError(f"{len(responses)} responses, {len(answers)} answers, {len(option_lists)} option lists")
+    if not responses:
+        raise ValueError("no responses to score")
+    right = sum(extract_choice(r, o) == a.upper() for r, a, o in zip(responses, answers, option_lists))
+    return right / len(responses)
+
+
+# ---- POPE ------------------------------------------------------------------------------------------------
+
+NEGATIONS = {"no", "not", "none"}
+
+
+def parse_yes_no(response: str) -> str | None:
+    """"yes", "no" or None, from the first sentence: a negation word makes it "no" (as POPE's script does).
+    POPE's script calls everything else "yes"; here a reply with neither is None, so junk is not a "yes"."""
+    first_sentence = response.strip().split(".")[0].lower().replace("n't", " not")
+    words = set(re.findall(r"[a-z]+", first_sentence))
+    if words & NEGATIONS:
+        return "no"
+    return "yes" if "yes" in words else None
+
+
+@dataclass(frozen=True)
+class PopeScores:
+    accuracy: float
+    precision: float  # "yes" is the positive class
+    recall: float
+    f1: float
+    yes_ratio: float  # share of all responses parsed as "yes"
+    unparsed: int  # responses that were neither yes nor no; wrong for accuracy, never a predicted "yes"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pope_scores(responses: Sequence[str], labels: Sequence[str]) -> PopeScores:
+    labels = list(labels)
+    if len(responses) != len(labels):
+        raise ValueError(f"{len(responses)} responses but {len(labels)} labels")
+    if not responses:
+        raise ValueError("no responses to score")
+    if set(labels) - {"yes", "no"}:
+        raise ValueError(f"POPE labels are 'yes' or 'no', got {sorted(set(labels) - {'yes', 'no'})}")
+    predicted = [parse_yes_no(r) for r in responses]
+    pairs = list(zip(predicted, labels))
+    true_pos = pairs.count(("yes", "yes"))
+    false_pos = pairs.count(("yes", "no"))
+    true_neg = pairs.count(("no", "no"))
+    positives = labels.count("yes")
+    precision = true_pos / (true_pos + false_pos) if true_pos + false_pos else 0.0
+    recall = true_pos / positives if positives else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return PopeScores(accuracy=(true_pos + true_neg) / len(pairs), precision=precision, recall=recall, f1=f1,
+                      yes_ratio=predicted.count("yes") / len(pairs), unparsed=predicted.count(None))

@@ -1,0 +1,66 @@
+"""Forecast errors: MSE / MAE on the normalised scale the model predicts in and on the original scale, and
+MASE, which divides the error by that of a seasonal-naive forecast on the lookback window.
+
+Arrays are [windows, horizon] (or [horizon] for one window); lookback windows are [windows, length].
+"""
+
+import numpy as np
+
+
+def mse(prediction, target) -> float:
+    prediction, target = matching_arrays(prediction, target)
+    return float(np.mean((prediction - target) ** 2))
+
+
+def mae(prediction, target) -> float:
+    prediction, target = matching_arrays(prediction, target)
+    return float(np.mean(np.abs(prediction - target)))
+
+
+def matching_arrays(prediction, target) -> tuple[np.ndarray, np.ndarray]:
+    prediction, target = np.asarray(prediction, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in shape")
+    if prediction.size == 0:
+        raise ValueError("no values to score")
+    return prediction, target
+
+
+def denormalize(values, mean, std) -> np.ndarray:
+    """Undoes per-window z-scoring: values [windows, horizon] * std[windows] + mean[windows]."""
+    values = np.asarray(values, dtype=np.float64)
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if values.ndim == 2:  # one mean/std per window (row), broadcast along the horizon
+        mean, std = mean.reshape(-1, 1), std.reshape(-1, 1)
+    return values * std + mean
+
+
+def forecast_errors(prediction, target, mean, std) -> dict[str, float]:
+    """MSE and MAE of normalised forecasts, and of the same forecasts back on the original scale."""
+    original_prediction, original_target = denormalize(prediction, mean, std), denormalize(target, mean, std)
+    return {"mse_normalized": mse(prediction, target), "mae_normalized": mae(prediction, target),
+            "mse": mse(original_prediction, original_target), "mae": mae(original_prediction, original_target)}
+
+
+def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:
+    """Repeats the last `period` values of each lookback window (period 1: the last value, the naive forecast)."""
+    lookback = np.asarray(lookback, dtype=np.float64)
+    if not 0 < period <= lookback.shape[-1]:
+        raise ValueError(f"the period must be in [1, {lookback.shape[-1]}] (the lookback length), got {period}")
+    last_season = lookback[..., -period:]
+    return last_season[..., np.arange(horizon) % period]
+
+
+def mase(prediction, target, lookback, period: int = 1) -> float:
+    """Mean over windows of MAE / (in-sample MAE of the seasonal-naive one-step forecast on the lookback):
+    the scale is mean |y_t - y_{t-period}| over each lookback window."""
+    prediction, target = matching_arrays(prediction, target)
+    prediction, target, lookback = (np.atleast_2d(a) for a in (prediction, target, np.asarray(lookback, np.float64)))
+    if lookback.shape[0] != prediction.shape[0] or lookback.shape[1] <= period:
+        raise ValueError(f"need one lookback window per forecast, longer than the period {period}; "
+                         f"got {lookback.shape} for {prediction.shape[0]} forecasts")
+    scale = np.mean(np.abs(lookback[:, period:] - lookback[:, :-period]), axis=1)
+    flat = np.flatnonzero(scale == 0)
+    if len(flat):
+        raise ValueError(f"windows {flat.tolist()}: the lookback repeats exactly with period {period}, so MASE is undefined")
+    return float(np.mean(np.mean(np.abs(prediction - target), axis=1) / scale))
