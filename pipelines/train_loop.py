@@ -124,6 +124,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         for g in optimizer.param_groups:
             g["lr"] = hp["lr"] * g["lr_scale"] * scale
         started, losses, samples, tokens = time.perf_counter(), [], 0, 0
+        by_modality = {}
         for _ in range(accumulation):
             batch = to_device(next(batches), engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -132,6 +133,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(out.loss))
+            by_modality.setdefault(batch.features[0][0][0], []).append(float(out.loss))
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
         step += 1
@@ -140,6 +142,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                    "lr": hp["lr"] * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": all_mean(samples, engine.device) * world / seconds,
                    "tokens_per_s": all_mean(tokens, engine.device) * world / seconds}
+        # every rank draws the same cache per micro-step, so these keys agree across ranks
+        metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), engine.device) for m, v in sorted(by_modality.items())})
         if logger:
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
         last = step == hp["steps"]

@@ -5,8 +5,7 @@ import math
 import torch
 
 from modrwkv import RWKV7, RWKV7Config
-from pipelines.demo import bundled_text
-from pipelines.text_pretrain import train_on_text, unigram_entropy
+from pipelines.text_pretrain import bundled_text, train_on_text, unigram_entropy
 
 
 def test_two_layers_learn_a_text_well_below_unigram_entropy():

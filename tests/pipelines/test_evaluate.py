@@ -1,0 +1,96 @@
+"""`modrwkv eval`: scoring against hand-made predictions, and a full run (Ray Data inference, MLflow server)
+whose metrics and per-sample table are then found through MLflow's REST API."""
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+
+from modrwkv import RWKV7Config
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from modrwkv.projector import ProjectorConfig
+from modrwkv.wavenet import WaveNetConfig
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encode
+from pipelines.evaluate import EvalConfig, run_eval, score
+from preprocessing.demo_data import build_digits
+from tests.conftest import random_backbone
+from tests.tiny_models import save_tiny_clip
+
+
+def test_vqa_and_asr_scores_with_their_baselines():
+    rows = [{"prediction": p, "reference": r} for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "two"), ("the four", "four")]]
+    metrics, baselines = score("vqa", rows, 1)
+    assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
+    rows = [{"prediction": "one two", "reference": "one two three", "language": "en"},
+            {"prediction": "四八", "reference": "四八八", "language": "zh"}]
+    metrics, baselines = score("asr", rows, 1)
+    assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3)}
+    assert baselines == {"wer_en": 1.0, "cer_zh": 1.0}
+
+
+def test_forecast_scores_match_the_baseline_when_the_forecast_is_seasonal_naive():
+    lookback = [0.0, 1.0, 2.0, 1.0, 2.0, 3.0]  # seasonal naive (period 3) continues with 1, 2
+    rows = [{"prediction": [1.0, 2.0], "reference": [1.0, 3.0], "lookback": lookback, "mean": 10.0, "std": 2.0}]
+    metrics, baselines = score("forecast", rows, 3)
+    assert metrics == baselines
+    assert metrics["mse_normalized"] == 0.5 and metrics["mse"] == 2.0  # errors 0 and 1; on the original scale 0 and 2
+    assert metrics["mase"] == 0.5  # MAE 0.5 over the lookback's mean |y_t - y_(t-3)| = 1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("eval")
+    build_digits(root / "digits", n_train=0, n_test=6)
+    save_tiny_clip(root / "clip")
+    image_cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(root / "digits" / "test.json")},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")}, "cache": {"root": str(root / "cache"), "shard_size": 3}})).uri
+    (root / "s.csv").write_text("v\n" + "\n".join(f"{np.sin(i / 2) + 0.01 * i:.4f}" for i in range(80)) + "\n")
+    series_cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(root / "s.csv"), "lookback": 16, "horizon": 4, "stride": 4,
+                    "split": "test", "fractions": [0.5, 0.0, 0.5]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(root / "cache")}})).uri
+    backbone = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)
+    config = ModRWKVConfig(backbone, {"image": ProjectorConfig(32, 32, 3, 2, 2), "series": ProjectorConfig(8, 32, 0, 0, 2)},
+                           forecast_horizon=4, series_encoder=WaveNetConfig(hidden=8, layers=2))
+    ModRWKV(config, random_backbone(backbone)).save_pretrained(root / "model")
+    return root, image_cache, series_cache
+
+
+def get(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url).read())
+
+
+def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, mlflow_server):
+    root, image_cache, series_cache = trained
+    uri = mlflow_server.tracking_uri
+    vqa = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "vqa", "cache": image_cache,
+                                          "out_dir": str(root / "out"), "max_new_tokens": 3, "tracking_uri": uri,
+                                          "experiment": "eval-test"}))
+    predictions = [json.loads(line) for line in vqa.predictions.read_text().splitlines()]
+    assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
+    expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
+    assert vqa.metrics["accuracy"] == pytest.approx(expected)
+
+    run = get(f"{uri}/api/2.0/mlflow/runs/get?run_id={vqa.run_id}")["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["accuracy"] == pytest.approx(vqa.metrics["accuracy"])
+    assert metrics["baseline_accuracy"] == pytest.approx(vqa.baselines["accuracy"])
+    files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={vqa.run_id}")["files"]}
+    assert {"eval_vqa.json", "predictions_vqa.jsonl", "confusion_matrix.png"} <= files
+    artifact_uri = run["info"]["artifact_uri"]  # mlflow-artifacts:/<experiment>/<run>/artifacts
+    path = artifact_uri.split("mlflow-artifacts:/", 1)[1]
+    table = get(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{path}/eval_vqa.json")
+    assert table["columns"][:3] == ["key", "reference", "prediction"] and len(table["data"]) == 6
+
+    forecast = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": series_cache,
+                                               "out_dir": str(root / "out"), "season": 4, "tracking_uri": uri,
+                                               "experiment": "eval-test"}))
+    assert {"mse", "mae", "mse_normalized", "mae_normalized", "mase"} == set(forecast.metrics) == set(forecast.baselines)
+    files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={forecast.run_id}")["files"]}
+    assert "forecast_vs_truth.png" in files
+
+    with pytest.raises(ValueError, match="a image cache cannot be evaluated as forecast"):
+        run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": image_cache}))
