@@ -65,6 +65,7 @@ class PhaseConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # 0: only at the end
+    caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
 
     def __post_init__(self):
         if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
@@ -96,10 +97,10 @@ class TrackingConfig:
 @dataclass
 class TrainConfig:
     name: str
-    caches: list[str]  # feature-cache entries, or encode YAMLs (found in the cache or encoded first)
     model: ModelConfig
     phase1: PhaseConfig
     phase2: PhaseConfig
+    caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
     output_dir: str = "runs/train"
     max_length: int = 2048
     seed: int = 0
@@ -108,8 +109,9 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        if not self.caches:
-            raise ValueError("caches: at least one feature cache (or encode YAML) is needed")
+        for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
+            if not (phase.caches or self.caches):
+                raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
 
 
 @dataclass
@@ -202,7 +204,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
 
     start = time.perf_counter()
     hp = config.phase1 if phase == 1 else config.phase2
-    caches = resolve_caches(config.caches)
+    caches = resolve_caches(hp.caches or config.caches)
     bb_config = backbone_config(config)
     mm_config = model_config(config, bb_config, caches, series_horizon(caches))
     init_from = None

@@ -2,7 +2,6 @@
 can request `s3_server`, `mlflow_server` or `ray_head`. Registered in tests/conftest.py."""
 
 import tempfile
-from pathlib import Path
 
 import pytest
 

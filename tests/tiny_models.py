@@ -17,3 +17,17 @@ def save_tiny_whisper(path, hidden: int = 32, seed: int = 0):
                                decoder_attention_heads=2, encoder_ffn_dim=2 * hidden,
                                decoder_ffn_dim=2 * hidden)).save_pretrained(path)
     return path
+
+
+def tiny_digits_cache(root, split: str, n: int, shard_size: int) -> str:
+    """`n` digits of one split, encoded by a tiny CLIP into a cache under `root` (Ray must be up)."""
+    from pipelines.config import from_dict
+    from pipelines.encode import EncodeConfig, run_encode
+    from preprocessing.demo_data import build_digits
+
+    build_digits(root / "digits", n_train=n if split == "train" else 0, n_test=n if split == "test" else 0)
+    save_tiny_clip(root / "clip")
+    return run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(root / "digits" / f"{split}.json")},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
+        "cache": {"root": str(root / "cache"), "shard_size": shard_size}})).uri

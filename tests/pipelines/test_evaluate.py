@@ -14,9 +14,8 @@ from modrwkv.wavenet import WaveNetConfig
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.evaluate import EvalConfig, run_eval, score
-from preprocessing.demo_data import build_digits
 from tests.conftest import random_backbone
-from tests.tiny_models import save_tiny_clip
+from tests.tiny_models import tiny_digits_cache
 
 
 def test_vqa_and_asr_scores_with_their_baselines():
@@ -42,11 +41,7 @@ def test_forecast_scores_match_the_baseline_when_the_forecast_is_seasonal_naive(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("eval")
-    build_digits(root / "digits", n_train=0, n_test=6)
-    save_tiny_clip(root / "clip")
-    image_cache = run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(root / "digits" / "test.json")},
-        "encoder": {"kind": "clip", "model_dir": str(root / "clip")}, "cache": {"root": str(root / "cache"), "shard_size": 3}})).uri
+    image_cache = tiny_digits_cache(root, "test", 6, shard_size=3)
     (root / "s.csv").write_text("v\n" + "\n".join(f"{np.sin(i / 2) + 0.01 * i:.4f}" for i in range(80)) + "\n")
     series_cache = run_encode(from_dict(EncodeConfig, {
         "dataset": {"format": "series", "path": str(root / "s.csv"), "lookback": 16, "horizon": 4, "stride": 4,

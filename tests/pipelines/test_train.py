@@ -13,22 +13,15 @@ from safetensors.torch import load_file
 
 from modrwkv import RWKV7Config
 from pipelines.config import from_dict
-from pipelines.encode import EncodeConfig, run_encode
 from pipelines.train import TrainConfig, run_train
-from preprocessing.demo_data import build_digits
 from tests.conftest import random_backbone
-from tests.tiny_models import save_tiny_clip
+from tests.tiny_models import tiny_digits_cache
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("train")
-    build_digits(root / "digits", n_train=64, n_test=0)
-    save_tiny_clip(root / "clip")
-    cache = run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(root / "digits" / "train.json")},
-        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
-        "cache": {"root": str(root / "cache"), "shard_size": 8}})).uri
+    cache = tiny_digits_cache(root, "train", 64, shard_size=8)
     random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)).save_pretrained(root / "backbone")
     return root, cache
 
