@@ -24,6 +24,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_cpu.py
 	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/encode.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/out

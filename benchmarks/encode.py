@@ -1,0 +1,143 @@
+"""Feature-cache economics on the demo's real encoder (DINOv2 ViT-S/14 at 112 px, 256 digit images):
+
+- encode throughput with 1 vs 2 encoder actors (Ray Data, one local Ray instance, each run from scratch);
+- a second run of the same config (the cache hit) vs the first;
+- one training step (batch 16, the demo's tiny RWKV-7, phase II) fed from the cache vs encoding the same
+  images on the fly (PNG decode + DINOv2 forward in the step).
+
+    python benchmarks/encode.py [--out benchmarks/out]
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's files
+os.chdir(ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.report import write_report  # noqa: E402
+
+DATA, ENCODER = Path("runs/demo/data"), Path("runs/demo/encoders/dinov2-small")
+
+
+def prepare():
+    from pipelines.demo import pretrained_backbone
+    from preprocessing.demo_data import build_digits
+    from preprocessing.encoders.convert import export_encoder
+
+    if not (DATA / "digits" / "train.json").is_file():
+        build_digits(DATA / "digits", 256, 100)
+    if not (ENCODER / "config.json").is_file():
+        export_encoder("dinov2-small", ENCODER)
+    return pretrained_backbone(Path("runs/demo/backbone"))
+
+
+def encode_config(root: Path, actors: int):
+    from pipelines.config import from_dict
+    from pipelines.encode import EncodeConfig
+
+    return from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(DATA / "digits" / "train.json")},
+        "encoder": {"kind": "dinov2", "model_dir": str(ENCODER), "image_size": 112},
+        "cache": {"root": str(root), "shard_size": 32}, "run": {"actors": actors, "batch_size": 16}})
+
+
+def step_times(model, batches, steps: int) -> float:
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-4)
+    times = []
+    for i in range(steps + 1):  # the first step warms up and is not counted
+        started = time.perf_counter()
+        batch = batches(i)
+        out = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
+                    return_logits=False)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return sum(times[1:]) / steps
+
+
+def training_steps(cache_uri: str, backbone_dir: Path, steps: int, batch_size: int = 16) -> dict:
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from modrwkv import RWKV7
+    from modrwkv.batching import Collator
+    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+    from modrwkv.projector import ProjectorConfig
+    from modrwkv.tokenizer import WorldTokenizer
+    from preprocessing.cache.reader import FeatureCache
+    from preprocessing.encoders import build_encoder
+
+    backbone = RWKV7.from_pretrained(backbone_dir)
+    config = ModRWKVConfig(backbone.config, {"image": ProjectorConfig(384, backbone.config.n_embd, 3, 2, 2)})
+    model = ModRWKV(config, backbone)
+    model.set_phase(2)
+    collate = Collator(WorldTokenizer(), config, 256)
+    samples = list(FeatureCache(cache_uri).iter_samples(shuffle=False))
+    records = {r["id"]: r for r in json.loads((DATA / "digits" / "train.json").read_text())}
+    encoder = build_encoder("dinov2", ENCODER, image_size=112)
+
+    def cached(i):
+        return collate(samples[i * batch_size : (i + 1) * batch_size])
+
+    def on_the_fly(i):
+        chunk = samples[i * batch_size : (i + 1) * batch_size]
+        images = [np.asarray(Image.open(io.BytesIO((DATA / "digits" / records[s["meta"]["id"]]["image"]).read_bytes())).convert("RGB"))
+                  for s in chunk]
+        with torch.no_grad():
+            features = encoder.encode(images, [s["key"] for s in chunk])
+        return collate([{**s, "arrays": {"item0": f.numpy()}} for s, f in zip(chunk, features)])
+
+    return {"cached_s": step_times(model, cached, steps), "on_the_fly_s": step_times(model, on_the_fly, steps)}
+
+
+def main():
+    import ray
+
+    from pipelines.encode import run_encode
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    backbone = prepare()
+    work = Path(args.out) / "encode-work"
+    shutil.rmtree(work, ignore_errors=True)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for actors in (1, 2):
+        first = run_encode(encode_config(work / f"actors{actors}", actors))
+        n = first.manifest["counts"]["written"]
+        rows.append({"case": f"encode, {actors} actor(s)", "samples": n, "seconds": first.seconds,
+                     "samples_per_s": n / first.seconds})
+    again = run_encode(encode_config(work / "actors2", 2))
+    rows.append({"case": "same config again (cache hit)", "samples": n, "seconds": again.seconds,
+                 "samples_per_s": n / again.seconds})
+    ray.shutdown()
+    steps = training_steps(first.uri, backbone, args.steps)
+    torch_threads = torch.get_num_threads()
+    lines = ["| case | samples | seconds | samples/s |", "|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} |" for r in rows]
+    lines += ["", f"2 actors vs 1: {rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x; "
+              f"cache hit vs first encode: {rows[1]['seconds'] / again.seconds:.0f}x faster", "",
+              "| training step (batch 16, phase II) | seconds | vs cached |", "|---|---|---|",
+              f"| features from the cache | {steps['cached_s']:.3f} | 1.00x |",
+              f"| encoding on the fly | {steps['on_the_fly_s']:.3f} | {steps['on_the_fly_s'] / steps['cached_s']:.2f}x |"]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+               f"({torch_threads} threads in-process; 1 per Ray actor)")
+    write_report(args.out, "encode", machine, rows + [{"case": "training step", **steps}], lines)
+
+
+if __name__ == "__main__":
+    main()
