@@ -226,8 +226,7 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
     if parent:
         experiment_id = client.get_run(parent).info.experiment_id
     else:
-        found = client.get_experiment_by_name(config.experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(config.experiment)
+        experiment_id = tracking.experiment_id(client, uri, config.experiment)
     tags = {"task": config.task, "checkpoint": str(config.checkpoint), **({"mlflow.parentRunId": parent} if parent else {})}
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id

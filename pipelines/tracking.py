@@ -45,15 +45,26 @@ def git_revision() -> str:
         return "unknown"
 
 
+def experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, created when missing. With a SQLite store (no server), artifacts go beside the
+    database file; MLflow's default would be ./mlruns in whatever folder the job runs in."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").absolute().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
     """Creates the run on the driver (workers that restart after a failure keep logging into it)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_revision(), **tags})
+    tags = {"mlflow.source.git.commit": git_revision(), **tags}
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name, tags=tags)
     items = list(flatten(params).items())
     for i in range(0, len(items), 100):  # MLflow's batch limit for params
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]],
