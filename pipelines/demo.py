@@ -42,7 +42,8 @@ def mlflow_server():
     running = load_services(SERVICES).get("mlflow")
     if running is not None and running.alive():
         return running
-    server = start_mlflow(SERVICES / "mlflow", artifacts_destination=str((SERVICES / "mlflow" / "artifacts").absolute()))
+    artifacts = (SERVICES / "mlflow" / "artifacts").absolute()
+    server = start_mlflow(SERVICES / "mlflow", artifacts_destination=str(artifacts))
     services = {name: s.to_dict() for name, s in load_services(SERVICES).items() if s.alive()}
     services_file(SERVICES).write_text(json.dumps({**services, "mlflow": server.to_dict()}, indent=2))
     return server
@@ -55,7 +56,8 @@ def pretrained_backbone(path: Path, steps: int = 100) -> Path:
     tokenizer = WorldTokenizer()
     torch.manual_seed(0)
     model = RWKV7(TINY).init_weights()
-    losses = train_on_text(model, tokenizer.encode(bundled_text()), steps=steps, ctx_len=64, batch_size=4, progress=True)
+    ids = tokenizer.encode(bundled_text())
+    losses = train_on_text(model, ids, steps=steps, ctx_len=64, batch_size=4, progress=True)
     model.save_pretrained(path)
     prompt = "Beautiful is better than"
     text = generate_text(model, tokenizer, tokenizer.encode(prompt), GenerationConfig(max_new_tokens=8, temperature=0))
@@ -67,7 +69,8 @@ def table(rows: list[tuple[str, str, float, float]]) -> str:
     lines = [f"{'task':<20} {'metric':<16} {'value':>10} {'baseline':>10}  baseline is", "-" * 78]
     explain = {"accuracy": "chance (1 / #answers)", "wer_en": "empty transcript", "cer_zh": "empty transcript"}
     for task, metric, value, baseline in rows:
-        lines.append(f"{task:<20} {metric:<16} {value:>10.4f} {baseline:>10.4f}  {explain.get(metric, 'seasonal naive (52 weeks)')}")
+        what = explain.get(metric, "seasonal naive (52 weeks)")
+        lines.append(f"{task:<20} {metric:<16} {value:>10.4f} {baseline:>10.4f}  {what}")
     return "\n".join(lines)
 
 

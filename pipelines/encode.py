@@ -31,10 +31,11 @@ from preprocessing.validate import Limits, Rejected, check_series, check_text, d
 
 from .config import load_config, to_dict
 
-RAW_SERIES = "raw"
+MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
+RAW_SERIES = "raw"  # trainable series encoders (WaveNet) get the normalised input, not features
 # Forwarded (by name) to the Ray workers that read and write storage; values never printed.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION")  # trainable series encoders (WaveNet) get the normalised input, not features
+               "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @dataclass
@@ -171,7 +172,8 @@ def cache_spec(config: EncodeConfig, samples: list[RawSample], modality: str) ->
 
     e = config.encoder
     preprocessing = {"limits": dataclasses.asdict(config.limits), "shard_size": config.cache.shard_size,
-                     "dataset": {k: v for k, v in dataclasses.asdict(config.dataset).items() if k not in ("path", "media_root")}}
+                     "dataset": {k: v for k, v in dataclasses.asdict(config.dataset).items()
+                                 if k not in ("path", "media_root")}}
     return {"modality": modality,
             "encoder": {"kind": e.kind, "dtype": e.dtype, "image_size": e.image_size,
                         "weights_hash": hash_model_dir(e.model_dir) if e.model_dir else None},
@@ -259,12 +261,16 @@ class ShardEncoder:
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
             items = [(s["key"], from_npy(p)) for s in chunk for p in s["payloads"]]
+            if not items:  # text-only samples (LLaVA mixes have them): nothing to encode
+                results.update({s["key"]: [] for s in chunk})
+                continue
             try:
-                feats = self.encode_items(chunk[0]["modality"], [x for _, x in items], [k for k, _ in items]) if items else []
+                feats = self.encode_items(chunk[0]["modality"], [x for _, x in items], [k for k, _ in items])
             except ValueError:  # find the sample the encoder refuses; the others still get encoded
                 for s in chunk:
                     try:
-                        results[s["key"]] = self.encode_items(s["modality"], [from_npy(p) for p in s["payloads"]], [s["key"]] * len(s["payloads"]))
+                        payloads = [from_npy(p) for p in s["payloads"]]
+                        results[s["key"]] = self.encode_items(s["modality"], payloads, [s["key"]] * len(payloads))
                     except ValueError as e:
                         results[s["key"]] = f"encoder refused it: {e}"
                 continue
@@ -301,13 +307,15 @@ class ShardEncoder:
             if good and good[0]["modality"] == "series":
                 for s in good:
                     arrays, stats = self.series_arrays(s)
-                    written.append({"key": s["key"], "arrays": arrays, "meta": {**s["meta"], **stats, "modality": "series"}})
+                    meta = {**s["meta"], **stats, "modality": "series"}
+                    written.append({"key": s["key"], "arrays": arrays, "meta": meta})
             elif good:
                 features = self.encode_samples(good)
                 for s in good:
                     f = features[s["key"]]
                     if isinstance(f, str):
-                        rejects.append({"key": s["key"], "source": s["meta"].get("source"), "stage": "encode", "reason": f})
+                        rejects.append({"key": s["key"], "source": s["meta"].get("source"), "stage": "encode",
+                                        "reason": f})
                     else:
                         written.append({"key": s["key"], "arrays": {f"item{j}": a for j, a in enumerate(f)},
                                         "meta": {**s["meta"], "modality": s["modality"]}})
@@ -342,7 +350,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     start = time.perf_counter()
     samples, rejects = read_dataset(config.dataset)
     samples = check_texts(samples, rejects)
-    modality = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}[config.dataset.format]
+    modality = MODALITY_OF_FORMAT[config.dataset.format]
     spec = cache_spec(config, samples, modality)
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
