@@ -235,7 +235,9 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=f"{config.name}-phase{phase}", storage_path=str(out / "ray"),
+        # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
+        # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
+        run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=config.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
