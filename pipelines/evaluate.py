@@ -71,19 +71,14 @@ class Predictor:
         self.model = load_model(checkpoint).eval()
         self.tokenizer, self.cache, self.max_new_tokens = WorldTokenizer(), FeatureCache(cache_uri), max_new_tokens
 
-    def items(self, sample):
-        import torch
-
-        names = sorted((n for n in sample["arrays"] if n.startswith("item")), key=lambda n: int(n[4:]))
-        return [(sample["meta"]["modality"], torch.from_numpy(sample["arrays"][n]).float()) for n in names]
-
     def predict(self, sample) -> dict:
         import torch
 
+        from modrwkv.batching import sample_items
         from modrwkv.conversation import prompt_ids
         from modrwkv.generation import GenerationConfig, generate
 
-        meta, items = sample["meta"], self.items(sample)
+        meta, items = sample["meta"], sample_items(sample)
         config = self.model.config
         lengths = [config.projectors[m].compressed_length(f.shape[0]) for m, f in items]
         user = next(t["text"] for t in meta["turns"] if t["role"] == "user")

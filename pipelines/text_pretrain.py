@@ -1,7 +1,9 @@
-"""A minimal single-process language-model loop for the backbone: the smoke test of training from scratch.
+"""Minimal single-process loops for the backbone alone: language modelling on a text, and the same plus
+instruction turns (the demo's stand-in for a pretrained instruct LM).
 
-Cluster training (Ray Train + DeepSpeed, phases I/II) is `pipelines/train.py`; this one exists to show, in
-seconds on a CPU, that the official init and parameter groups learn.
+Cluster training (Ray Train + DeepSpeed, phases I/II) is `pipelines/train.py`; these exist to show, in
+seconds on a CPU, that the official init and parameter groups learn, and to give the demo a backbone that
+already follows the chat template before any modality is added.
 """
 
 import codecs
@@ -9,12 +11,15 @@ import contextlib
 import io
 import math
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from modrwkv import RWKV7
+from modrwkv.conversation import IGNORE, Turn, tokenize_conversation
+from modrwkv.tokenizer import WorldTokenizer
 
 
 def bundled_text() -> str:
@@ -31,30 +36,84 @@ def unigram_entropy(ids: list[int]) -> float:
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
+def backbone_optimizer(model: RWKV7, lr: float) -> torch.optim.Optimizer:
+    groups = model.optimizer_groups(weight_decay=0.01)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
+
+
+def text_loss(model: RWKV7, data: torch.Tensor, ctx_len: int, batch_size: int, generator) -> torch.Tensor:
+    """Next-token loss on `batch_size` random windows of `data`."""
+    starts = torch.randint(0, len(data) - ctx_len, (batch_size,), generator=generator)
+    window = torch.stack([data[s : s + ctx_len + 1] for s in starts])
+    logits, _ = model(window[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1))
+
+
+def chat_loss(model: RWKV7, tokenizer: WorldTokenizer, chats: list[list[Turn]]) -> torch.Tensor:
+    """Loss on the assistant's words only (the chat template's labels); the head runs on those positions alone."""
+    encoded = [tokenize_conversation(tokenizer, turns, []) for turns in chats]
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros(len(chats), width, dtype=torch.long)
+    labels = torch.full((len(chats), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(chats), width, dtype=torch.bool)
+    for b, (row, row_labels) in enumerate(encoded):
+        ids[b, : len(row)], labels[b, : len(row)] = torch.tensor(row), torch.tensor(row_labels)
+        mask[b, : len(row)] = True
+    hidden, _ = model.forward_hidden(ids, attention_mask=mask)
+    targets = labels[:, 1:]
+    learned = targets != IGNORE
+    return F.cross_entropy(model.head(hidden[:, :-1][learned]).float(), targets[learned])
+
+
+def check_length(ids: list[int], ctx_len: int) -> None:
+    if len(ids) < ctx_len + 1:
+        raise ValueError(f"the text has {len(ids)} tokens; need more than ctx_len={ctx_len}")
+
+
+def optimise(model: RWKV7, losses: Callable[[], list[torch.Tensor]], steps: int, lr: float, desc: str,
+             progress: bool) -> list[list[float]]:
+    """`steps` AdamW steps on the sum of `losses()` over the backbone's parameter groups, with clipping; returns
+    every step's loss parts."""
+    optimizer = backbone_optimizer(model, lr)
+    model.train()
+    history = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        parts = losses()
+        optimizer.zero_grad(set_to_none=True)
+        sum(parts).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append([p.item() for p in parts])
+    model.eval()
+    return history
+
+
 def train_on_text(
     model: RWKV7, ids: list[int], steps: int = 200, ctx_len: int = 64, batch_size: int = 8, lr: float = 3e-3,
     seed: int = 0, progress: bool = False,
 ) -> list[float]:
-    """Next-token training on random windows of `ids` with AdamW over the backbone's parameter groups."""
-    if len(ids) < ctx_len + 1:
-        raise ValueError(f"the text has {len(ids)} tokens; need more than ctx_len={ctx_len}")
-    data = torch.tensor(ids, dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    groups = model.optimizer_groups(weight_decay=0.01)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="train", disable=not progress):
-        starts = torch.randint(0, len(ids) - ctx_len, (batch_size,), generator=generator)
-        window = torch.stack([data[s : s + ctx_len + 1] for s in starts])
-        logits, _ = model(window[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    """Next-token training on random windows of `ids`; returns the loss per step."""
+    check_length(ids, ctx_len)
+    data, generator = torch.tensor(ids, dtype=torch.long), torch.Generator().manual_seed(seed)
+    history = optimise(model, lambda: [text_loss(model, data, ctx_len, batch_size, generator)], steps, lr,
+                       "train", progress)
+    return [text for text, in history]
+
+
+def train_on_chats(
+    model: RWKV7, tokenizer: WorldTokenizer, ids: list[int], sample_chat: Callable[[], list[Turn]],
+    steps: int = 200, chat_batch: int = 16, text_batch: int = 2, ctx_len: int = 64, lr: float = 3e-3,
+    seed: int = 0, progress: bool = False,
+) -> list[tuple[float, float]]:
+    """Each step: next-token loss on `text_batch` windows of `ids` plus the assistant-only loss on `chat_batch`
+    conversations from `sample_chat()`. Returns (text loss, chat loss) per step."""
+    check_length(ids, ctx_len)
+    data, generator = torch.tensor(ids, dtype=torch.long), torch.Generator().manual_seed(seed)
+
+    def losses():
+        return [text_loss(model, data, ctx_len, text_batch, generator),
+                chat_loss(model, tokenizer, [sample_chat() for _ in range(chat_batch)])]
+
+    return [(text, chat) for text, chat in optimise(model, losses, steps, lr, "instruct", progress)]

@@ -89,6 +89,50 @@ class MetricLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+class StepProgress:
+    """A progress bar on the driver for a run whose workers log `metric` each step: it polls MLflow, the one
+    place both sides reach (the workers may run on other machines)."""
+
+    def __init__(self, uri: str, run_id: str, total: int, desc: str, metric: str = "loss", every_s: float = 2.0):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.metric, self.every_s = MlflowClient(uri), run_id, metric, every_s
+        self.total, self.desc = total, desc
+
+    def poll(self) -> None:
+        try:
+            history = self.client.get_metric_history(self.run_id, self.metric)
+        except Exception:  # noqa: BLE001 - a progress bar must never fail the job it reports on
+            return
+        if history:
+            last = max(history, key=lambda m: m.step)
+            self.bar.update(last.step - self.bar.n)
+            self.bar.set_postfix({self.metric: f"{last.value:.4f}"})
+
+    def __enter__(self):
+        import threading
+
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="step")
+        self.done = threading.Event()
+
+        def watch():
+            while not self.done.wait(self.every_s):
+                self.poll()
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(timeout=5)  # MLflow's client retries an unreachable server for minutes: do not wait for it
+        if not self.thread.is_alive():
+            self.poll()
+        self.bar.close()  # a late poll from a stuck thread then does nothing: tqdm ignores updates once closed
+
+
 def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
     import matplotlib
 

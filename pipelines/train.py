@@ -66,10 +66,13 @@ class PhaseConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # 0: only at the end
     caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
+    mix: list[float] | None = None  # relative sampling weight of each cache, in order; default: its sample count
 
     def __post_init__(self):
         if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
             raise ValueError("lr, steps and micro_batch must be positive")
+        if self.mix is not None and not all(w > 0 for w in self.mix):
+            raise ValueError(f"mix weights must be positive, got {self.mix}")
 
 
 @dataclass
@@ -110,8 +113,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
-            if not (phase.caches or self.caches):
+            caches = phase.caches or self.caches
+            if not caches:
                 raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
+            if phase.mix is not None and len(phase.mix) != len(caches):
+                raise ValueError(f"{name}.mix has {len(phase.mix)} weights for {len(caches)} caches")
 
 
 @dataclass
@@ -141,24 +147,27 @@ def resolve_caches(entries: list[str]) -> list[str]:
     return [absolute(u) for u in uris]
 
 
-def feature_widths(cache_uris: list[str]) -> dict[str, int]:
-    """modality -> the cached feature width (the projector's input)."""
+def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int]:
+    """(modality -> the cached feature width, the projector's input; the forecast horizon, 0 without series),
+    from the first sample of each cache."""
     from preprocessing.cache.reader import FeatureCache
 
-    widths = {}
+    widths, horizon = {}, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
-        sample = cache.read_shard(0)[0]
-        widths[cache.modality] = int(sample["arrays"]["item0"].shape[-1])
-    return widths
+        arrays = cache.read_shard(0)[0]["arrays"]
+        widths[cache.modality] = int(arrays["item0"].shape[-1])
+        if cache.modality == "series":
+            horizon = int(arrays["target"].shape[0])
+    return widths, horizon
 
 
-def model_config(config: TrainConfig, backbone_config, cache_uris: list[str], horizon: int) -> dict:
+def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) -> dict:
     from modrwkv.multimodal import ModRWKVConfig
     from modrwkv.projector import ProjectorConfig
     from modrwkv.wavenet import WaveNetConfig
 
-    widths = feature_widths(cache_uris)
+    widths, horizon = cache_shapes(cache_uris)
     missing = set(widths) - set(config.model.projectors)
     if missing:
         raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is configured")
@@ -169,16 +178,6 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str], ho
     projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd, **dataclasses.asdict(p))
                   for m, p in config.model.projectors.items() if m in widths}
     return ModRWKVConfig(backbone_config, projectors, horizon if "series" in widths else 0, wavenet).to_dict()
-
-
-def series_horizon(cache_uris: list[str]) -> int:
-    from preprocessing.cache.reader import FeatureCache
-
-    for uri in cache_uris:
-        cache = FeatureCache(uri)
-        if cache.modality == "series":
-            return int(cache.read_shard(0)[0]["arrays"]["target"].shape[0])
-    return 0
 
 
 def backbone_config(config: TrainConfig):
@@ -206,7 +205,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     hp = config.phase1 if phase == 1 else config.phase2
     caches = resolve_caches(hp.caches or config.caches)
     bb_config = backbone_config(config)
-    mm_config = model_config(config, bb_config, caches, series_horizon(caches))
+    mm_config = model_config(config, bb_config, caches)
     init_from = None
     if phase == 2:
         init_from = phase_dir(config, 1) / "model"
@@ -242,7 +241,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
     )
-    result = trainer.fit()
+    with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
+        result = trainer.fit()
     model_dir = export_model(result.checkpoint, out, config, phase, run_id)
     log_artifacts(uri, run_id, config, model_dir, out, phase)
     metrics = dict(result.metrics or {})

@@ -35,9 +35,10 @@ def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
-def micro_batches(caches: list, collator, micro: int, rank: int, world: int, seed: int):
-    """Endless micro-batches. Every rank draws the same cache for the same micro-step (one shared seed), so
-    all ranks run the same modality's projector together."""
+def micro_batches(caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None):
+    """Endless micro-batches, each from one cache drawn with weights `mix` (default: sample counts). Every rank
+    draws the same cache for the same micro-step (one shared seed), so all ranks run the same modality's
+    projector together."""
     def stream(cache):
         epoch = 0
         while True:
@@ -46,7 +47,7 @@ def micro_batches(caches: list, collator, micro: int, rank: int, world: int, see
 
     streams = [stream(c) for c in caches]
     pick = random.Random(seed)
-    weights = [len(c) for c in caches]
+    weights = mix or [len(c) for c in caches]
     while True:
         i = pick.choices(range(len(caches)), weights)[0]
         yield collator([next(streams[i]) for _ in range(micro)])
@@ -108,7 +109,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     caches = [FeatureCache(u) for u in cfg["caches"]]
     collator = Collator(WorldTokenizer(), model.config, cfg["max_length"])
-    batches = micro_batches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"])
+    batches = micro_batches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"], hp["mix"])
     accumulation = engine.gradient_accumulation_steps()
     for _ in range(step * accumulation):  # the data position of the resumed step
         next(batches)
