@@ -56,7 +56,7 @@ def pretrained_backbone(path: Path, steps: int = 200, say=print) -> Path:
     torch.manual_seed(0)
     model = RWKV7(TINY).init_weights()
     losses = train_on_chats(model, tokenizer, tokenizer.encode(bundled_text()), context_questions(), steps=steps,
-                            progress=True)
+                            text_batch=1, progress=True)
     model.save_pretrained(path)
     greedy = GenerationConfig(max_new_tokens=8, temperature=0)
     prompt = "User: four\nWhat digit is this?\n\nAssistant:"

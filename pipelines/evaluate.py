@@ -192,7 +192,8 @@ def forecast_png(rows: list[dict], path: Path, n: int = 4) -> Path:
     picked = rows[:: max(len(rows) // n, 1)][:n]
     fig, axes = plt.subplots(len(picked), 1, figsize=(7, 2.2 * len(picked)), squeeze=False)
     for ax, r in zip(axes[:, 0], picked):
-        lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"] for k in ("lookback", "reference", "prediction"))
+        lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"]
+                                     for k in ("lookback", "reference", "prediction"))
         future = np.arange(len(lookback), len(lookback) + len(truth))
         ax.plot(np.arange(len(lookback)), lookback, color="gray", label="lookback")
         ax.plot(future, truth, color="black", label="truth")
@@ -222,7 +223,9 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
         experiment_id = client.get_run(parent).info.experiment_id
     else:
         experiment_id = tracking.experiment_id(client, uri, config.experiment)
-    tags = {"task": config.task, "checkpoint": str(config.checkpoint), **({"mlflow.parentRunId": parent} if parent else {})}
+    tags = {"task": config.task, "checkpoint": str(config.checkpoint)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id
     for name, value in {**result.metrics, **{f"baseline_{k}": v for k, v in result.baselines.items()}}.items():

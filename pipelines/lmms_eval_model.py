@@ -45,7 +45,8 @@ class ModRWKVEvalModel(EvalModelBase):
         self.model = model.to(self.device).eval()
         self.encoder = build_encoder(encoder, encoder_dir, device=self.device) if isinstance(encoder, str) else encoder
         if self.encoder is not None and "image" not in self.model.projectors:
-            raise ValueError(f"an image encoder was given but the model has no image projector ({sorted(self.model.projectors)})")
+            raise ValueError("an image encoder was given but the model has no image projector "
+                             f"({sorted(self.model.projectors)})")
         self.tokenizer = tokenizer or WorldTokenizer()
 
     def request_inputs(self, context: str, visuals, name: str) -> tuple[list[int], list]:
@@ -57,8 +58,10 @@ class ModRWKVEvalModel(EvalModelBase):
         if self.encoder is None:
             raise ValueError(f"{name}: the request has images but no image encoder was given")
         if not all(isinstance(im, Image.Image) for im in images):
-            raise ValueError(f"{name}: only PIL images are supported, got {sorted({type(im).__name__ for im in images})}")
-        features = self.encoder.encode([im.convert("RGB") for im in images], [f"{name}/{i}" for i in range(len(images))])
+            kinds = sorted({type(im).__name__ for im in images})
+            raise ValueError(f"{name}: only PIL images are supported, got {kinds}")
+        rgb = [im.convert("RGB") for im in images]
+        features = self.encoder.encode(rgb, [f"{name}/{i}" for i in range(len(images))])
         if "<image>" not in context:
             context = " ".join(["<image>"] * len(images)) + "\n" + context
         lengths = [self.model.config.projectors["image"].compressed_length(f.shape[0]) for f in features]
@@ -109,7 +112,8 @@ class ModRWKVEvalModel(EvalModelBase):
             text += decoder.push(token)
             if any(s in text for s in stops):
                 break
-            logits, state = self.model.backbone(torch.tensor([[token]], device=self.device), state=state, logits_to_keep=1)
+            step = torch.tensor([[token]], device=self.device)
+            logits, state = self.model.backbone(step, state=state, logits_to_keep=1)
             logits = logits[:, -1]
         text += decoder.flush()
         return text[: min(text.find(s) if s in text else len(text) for s in stops)].strip()

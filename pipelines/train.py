@@ -170,7 +170,8 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
     widths, horizon = cache_shapes(cache_uris)
     missing = set(widths) - set(config.model.projectors)
     if missing:
-        raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is configured")
+        raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is "
+                          "configured")
     wavenet = None
     if config.model.wavenet and "series" in widths:
         wavenet = WaveNetConfig(in_channels=widths["series"], **dataclasses.asdict(config.model.wavenet))
@@ -227,7 +228,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     if not ray.is_initialized():
         ray.init(address=config.scaling.ray_address, log_to_driver=False)
     loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
-                   "backbone": {"path": absolute(config.model.backbone.path)}, "init_from": str(init_from) if init_from else None,
+                   "backbone": {"path": absolute(config.model.backbone.path)},
+                   "init_from": str(init_from) if init_from else None,
                    "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
                    "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
     trainer = TorchTrainer(

@@ -30,7 +30,8 @@ def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
     zero = {"stage": ds["zero_stage"]}
     if ds["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {"train_micro_batch_size_per_gpu": hp["micro_batch"], "gradient_accumulation_steps": hp["global_batch"] // per_step,
+    return {"train_micro_batch_size_per_gpu": hp["micro_batch"],
+            "gradient_accumulation_steps": hp["global_batch"] // per_step,
             "gradient_clipping": hp["grad_clip"], "zero_optimization": zero, "bf16": {"enabled": on_gpu},
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
@@ -54,7 +55,8 @@ def micro_batches(caches: list, collator, micro: int, rank: int, world: int, see
 
 
 def to_device(batch, device):
-    batch.input_ids, batch.attention_mask, batch.labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    batch.input_ids, batch.attention_mask, batch.labels = (
+        t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
     batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
     if batch.series_target is not None:
         batch.series_target = batch.series_target.to(device)
@@ -77,6 +79,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
+
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build: over a minute on 2 cores,
+        # per install) that only tensor-parallel inference calls; training all-reduces through torch.distributed
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from modrwkv.batching import Collator
     from modrwkv.tokenizer import WorldTokenizer

@@ -62,5 +62,6 @@ def mase(prediction, target, lookback, period: int = 1) -> float:
     scale = np.mean(np.abs(lookback[:, period:] - lookback[:, :-period]), axis=1)
     flat = np.flatnonzero(scale == 0)
     if len(flat):
-        raise ValueError(f"windows {flat.tolist()}: the lookback repeats exactly with period {period}, so MASE is undefined")
+        raise ValueError(f"windows {flat.tolist()}: the lookback repeats exactly with period {period}, "
+                         "so MASE is undefined")
     return float(np.mean(np.mean(np.abs(prediction - target), axis=1) / scale))
