@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	# the demo's speech is synthesised by Debian's espeak-ng and resampled by sox
@@ -26,6 +26,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/encode.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/quality.py
+
+# learning quality against probe/ridge ceilings and trivial baselines, 3 seeds (about an hour on 2 cores)
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/out

@@ -1,7 +1,11 @@
 """Cached samples -> model batches: the chat template, placeholder runs sized by each projector's
-compression, right padding with an attention mask, labels only on assistant words (-100 elsewhere)."""
+compression, right padding with an attention mask, labels only on assistant words (-100 elsewhere).
 
-from dataclasses import dataclass
+A sample longer than `max_length` tokens raises `OverLength`, or, with `skip_over_length`, is left out of its
+batch and named in `Batch.skipped` (training's policy: one sample never stops a run; truncating would cut the
+answer or split a media item, so it is skipped and reported instead)."""
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +22,8 @@ class Batch:
     features: list[Features]
     series_target: torch.Tensor | None  # [B, horizon] (normalised) for forecasting batches
     sample_ids: list[str]
+    series_lookback: torch.Tensor | None = None  # [B, lookback] (normalised) for forecasting batches
+    skipped: list[dict] = field(default_factory=list)  # {"key", "tokens"} of samples left out (over max_length)
 
     @property
     def n_tokens(self) -> int:
@@ -30,9 +36,17 @@ def sample_items(sample: dict) -> Features:
     return [(sample["meta"]["modality"], torch.from_numpy(sample["arrays"][n]).float()) for n in names]
 
 
+class OverLength(ValueError):
+    def __init__(self, key: str, tokens: int, max_length: int):
+        super().__init__(f"sample {key}: {tokens} tokens, over the context length {max_length}")
+        self.key, self.tokens = key, tokens
+
+
 class Collator:
-    def __init__(self, tokenizer: WorldTokenizer, config: ModRWKVConfig, max_length: int | None = None):
+    def __init__(self, tokenizer: WorldTokenizer, config: ModRWKVConfig, max_length: int | None = None,
+                 skip_over_length: bool = False):
         self.tokenizer, self.config, self.max_length = tokenizer, config, max_length
+        self.skip_over_length = skip_over_length
 
     def item_length(self, modality: str, features: torch.Tensor, sample_id: str) -> int:
         if modality not in self.config.projectors:
@@ -45,24 +59,38 @@ class Collator:
         lengths = [self.item_length(m, f, key) for m, f in items]
         ids, labels = tokenize_conversation(self.tokenizer, [Turn(**t) for t in meta["turns"]], lengths, key)
         if self.max_length and len(ids) > self.max_length:
-            raise ValueError(f"sample {key}: {len(ids)} tokens, over the context length {self.max_length}")
-        target = sample["arrays"].get("target")
-        return ids, labels, items, None if target is None else torch.from_numpy(target).float()
+            raise OverLength(key, len(ids), self.max_length)
+        target, lookback = (sample["arrays"].get(k) for k in ("target", "lookback"))
+        as_tensor = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731
+        return ids, labels, items, as_tensor(target), as_tensor(lookback)
 
     def __call__(self, samples: list[dict]) -> Batch:
-        encoded = [self.encode(s) for s in samples]
+        encoded, skipped = [], []
+        for sample in samples:
+            try:
+                encoded.append(self.encode(sample))
+            except OverLength as e:
+                if not self.skip_over_length:
+                    raise
+                skipped.append({"key": e.key, "tokens": e.tokens})
+        samples = [s for s in samples if s["key"] not in {k["key"] for k in skipped}]
+        if not encoded:
+            return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
+                         torch.zeros(0, 0, dtype=torch.long), [], None, [], skipped=skipped)
         width = max(len(ids) for ids, *_ in encoded)
         B = len(encoded)
         input_ids = torch.zeros(B, width, dtype=torch.long)
         labels = torch.full((B, width), IGNORE, dtype=torch.long)
         mask = torch.zeros(B, width, dtype=torch.bool)
-        for b, (ids, lab, _, _) in enumerate(encoded):
+        for b, (ids, lab, *_) in enumerate(encoded):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             labels[b, : len(lab)] = torch.tensor(lab)
             mask[b, : len(ids)] = True
-        targets = [t for *_, t in encoded]
+        targets = [t for *_, t, _ in encoded]
         if any(t is None for t in targets) != all(t is None for t in targets):
             raise ValueError("a batch mixes forecasting samples with others; batch each cache separately")
         series_target = None if targets[0] is None else torch.stack(targets)
-        return Batch(input_ids, mask, labels, [items for _, _, items, _ in encoded], series_target,
-                     [s["key"] for s in samples])
+        lookbacks = [lb for *_, lb in encoded]
+        series_lookback = None if series_target is None or lookbacks[0] is None else torch.stack(lookbacks)
+        return Batch(input_ids, mask, labels, [items for _, _, items, *_ in encoded], series_target,
+                     [s["key"] for s in samples], series_lookback, skipped)

@@ -122,6 +122,12 @@ def cmd_data_demo(args) -> None:
     print(f"wrote the demo datasets to {build_demo_data(args.out)}")
 
 
+def cmd_data_shapes(args) -> None:
+    from preprocessing.shapes_data import build_shapes
+
+    print(f"wrote the shapes VQA set to {build_shapes(args.out, args.train, args.test, args.seed)}")
+
+
 def cmd_encoder_export(args) -> None:
     from preprocessing.encoders.convert import export_encoder
 
@@ -198,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
     p.add_argument("--out", default="runs/demo/data")
     p.set_defaults(func=cmd_data_demo)
+    p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
+    p.add_argument("--out", default="runs/shapes/data")
+    p.add_argument("--train", type=int, default=2000, help="training questions (one image each)")
+    p.add_argument("--test", type=int, default=500, help="test questions")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its model and outputs")

@@ -65,10 +65,15 @@ def tokenize_conversation(
             answer = tokenizer.encode(f" {turn.text}{TURN_END}")
             ids += prefix + answer
             labels += [IGNORE] * len(prefix) + answer
+    if turns[-1].role == "user":  # a prompt: its answer (words, or a forecast read here) follows "Assistant:"
+        prefix = tokenizer.encode(f"{ROLES['assistant']}:")
+        ids += prefix
+        labels += [IGNORE] * len(prefix)
     return expand_placeholders(ids, item_lengths, sample_id, labels)
 
 
 def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int], sample_id: str = "?") -> list[int]:
-    """A generation prompt: one user turn, then "Assistant:" for the model to continue."""
-    ids = tokenizer.encode(f"{ROLES['user']}: {user_text}{TURN_END}{ROLES['assistant']}:", allow_special=True)
-    return expand_placeholders(ids, item_lengths, sample_id)[0]
+    """A generation prompt: one user turn, then "Assistant:" for the model to continue. The same tokens as a
+    training conversation that ends with that user turn (a forecasting sample), so a forecast head reads the
+    position it was trained on."""
+    return tokenize_conversation(tokenizer, [Turn("user", user_text)], item_lengths, sample_id)[0]

@@ -35,6 +35,8 @@ class ModRWKVConfig:
     projectors: dict[str, ProjectorConfig] = field(default_factory=dict)  # by modality: image, audio, series
     forecast_horizon: int = 0  # > 0: a regression head predicts this many future series values
     series_encoder: WaveNetConfig | None = None  # trainable WaveNet run on raw (normalised) series items
+    # > 0: the forecast adds a linear map of the last `forecast_lookback` normalised lookback values (see ModRWKV)
+    forecast_lookback: int = 0
 
     def __post_init__(self):
         unknown = set(self.projectors) - set(PLACEHOLDER_IDS)
@@ -43,20 +45,22 @@ class ModRWKVConfig:
         for name, p in self.projectors.items():
             if p.model_dim != self.backbone.n_embd:
                 raise ValueError(f"{name} projector outputs {p.model_dim}, the backbone width is {self.backbone.n_embd}")
+        if self.forecast_lookback < 0 or (self.forecast_lookback and not self.forecast_horizon):
+            raise ValueError(f"forecast_lookback {self.forecast_lookback} needs a forecast_horizon > 0")
         series = self.projectors.get("series")
         if self.series_encoder is not None and series is not None and series.encoder_dim != self.series_encoder.hidden:
             raise ValueError(f"the series projector takes width {series.encoder_dim}, WaveNet gives {self.series_encoder.hidden}")
 
     def to_dict(self) -> dict:
         return {"backbone": self.backbone.to_dict(), "projectors": {k: asdict(v) for k, v in self.projectors.items()},
-                "forecast_horizon": self.forecast_horizon,
+                "forecast_horizon": self.forecast_horizon, "forecast_lookback": self.forecast_lookback,
                 "series_encoder": asdict(self.series_encoder) if self.series_encoder else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModRWKVConfig":
         return cls(backbone=RWKV7Config.from_dict(d["backbone"]),
                    projectors={k: ProjectorConfig(**v) for k, v in d.get("projectors", {}).items()},
-                   forecast_horizon=d.get("forecast_horizon", 0),
+                   forecast_horizon=d.get("forecast_horizon", 0), forecast_lookback=d.get("forecast_lookback", 0),
                    series_encoder=WaveNetConfig(**d["series_encoder"]) if d.get("series_encoder") else None)
 
 
@@ -78,6 +82,18 @@ class ModRWKV(nn.Module):
         self.projectors = nn.ModuleDict({name: Projector(cfg) for name, cfg in config.projectors.items()})
         C = config.backbone.n_embd
         self.forecast_head = nn.Linear(C, config.forecast_horizon) if config.forecast_horizon else None
+        # forecast = skip(lookback) + head(hidden). The skip starts as the naive forecast (the last value,
+        # repeated) and can become any linear map of the lookback, what a ridge regression fits; the head starts
+        # at zero and learns what the backbone adds. From scratch, the head alone lost to seasonal naive.
+        self.forecast_skip = None
+        if config.forecast_lookback:
+            self.forecast_skip = nn.Linear(config.forecast_lookback, config.forecast_horizon)
+            with torch.no_grad():
+                self.forecast_skip.weight.zero_()
+                self.forecast_skip.weight[:, -1] = 1.0
+                self.forecast_skip.bias.zero_()
+                self.forecast_head.weight.zero_()
+                self.forecast_head.bias.zero_()
         self.series_encoder = WaveNet(config.series_encoder) if config.series_encoder else None
 
     # ---- phases -------------------------------------------------------------------------------------------
@@ -125,9 +141,11 @@ class ModRWKV(nn.Module):
         return torch.stack(rows)
 
     def forward(self, input_ids, features, attention_mask=None, labels=None, state=None,
-                series_target=None, sample_ids=None, return_logits: bool = True) -> ModRWKVOutput:
+                series_target=None, sample_ids=None, return_logits: bool = True,
+                series_lookback=None) -> ModRWKVOutput:
         """With labels, the LM loss (next-token, labels aligned with input_ids). return_logits=False skips the
-        head except at labelled positions: what training wants with a 65536-word vocabulary."""
+        head except at labelled positions: what training wants with a 65536-word vocabulary.
+        series_lookback [B, L >= forecast_lookback]: the normalised lookback, for a model with a forecast skip."""
         embeds = self.embed(input_ids, features, sample_ids)
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
         logits = self.backbone.head(hidden) if return_logits else None
@@ -140,14 +158,25 @@ class ModRWKV(nn.Module):
             else:
                 scores = self.backbone.head(hidden[:, :-1][learned])
             lm_loss = F.cross_entropy(scores.float(), targets[learned])
-        if self.forecast_head is not None:
+        if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
             lengths = attention_mask.sum(1) if attention_mask is not None else None
             forecast = self.forecast_head(last_valid(hidden, lengths, None))
+            if self.forecast_skip is not None:
+                forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
             if series_target is not None:
                 forecast_loss = F.mse_loss(forecast.float(), series_target.float())
         parts = [x for x in (lm_loss, forecast_loss) if x is not None]
         loss = sum(parts) if parts else None
         return ModRWKVOutput(loss, lm_loss, forecast_loss, logits, state, forecast)
+
+    def lookback_window(self, series_lookback) -> torch.Tensor:
+        """The last forecast_lookback values of each normalised lookback, [B, forecast_lookback]."""
+        n = self.config.forecast_lookback
+        if series_lookback is None:
+            raise ValueError("this model forecasts from the lookback too: pass series_lookback")
+        if series_lookback.dim() != 2 or series_lookback.shape[1] < n:
+            raise ValueError(f"series_lookback must be [B, >= {n}], got {tuple(series_lookback.shape)}")
+        return series_lookback[:, -n:]
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, features: list[Features], state: RWKV7State | None = None):

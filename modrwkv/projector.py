@@ -1,8 +1,12 @@
-"""From encoder features to backbone embeddings: optional Conv1D sequence compression, then the MLP adapter.
+"""From encoder features to backbone embeddings: optional per-dimension standardisation, optional Conv1D
+sequence compression, then the MLP adapter.
 
-    features [L, enc] --Conv1D(k, s), no padding--> [L', enc], L' = floor((L - k) / s) + 1
+    features [L, enc] --(x - mean) / std--> --Conv1D(k, s), no padding--> [L', enc], L' = floor((L - k) / s) + 1
                       --Linear(enc, m*C) -> ReLU -> Linear(m*C, C)--> [L', C]
 (k, s) = (0, 0) means no compression. The paper's Table 7: 577 tokens -> 288 / 192 / 144 for (3,2) / (4,3) / (5,4).
+With `standardize`, mean and std are buffers holding the training features' statistics (`set_feature_stats`),
+saved with the weights: a frozen encoder's informative directions can have a small spread (DINOv2's colour), and
+the adapter learns them far faster once each dimension has unit variance.
 """
 
 from dataclasses import asdict, dataclass
@@ -18,6 +22,7 @@ class ProjectorConfig:
     kernel: int = 0  # Conv1D compression kernel; 0 with stride 0 = no compression
     stride: int = 0
     adapter_scale: int = 4  # m: the adapter's hidden width is m * model_dim
+    standardize: bool = False  # per-dimension (x - mean) / std with the training features' statistics
 
     def __post_init__(self):
         if (self.kernel == 0) != (self.stride == 0) or self.kernel < 0 or self.stride < 0:
@@ -38,6 +43,9 @@ class Projector(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        if c.standardize:  # identity until set_feature_stats
+            self.register_buffer("feature_mean", torch.zeros(c.encoder_dim))
+            self.register_buffer("feature_std", torch.ones(c.encoder_dim))
         self.compress = nn.Conv1d(c.encoder_dim, c.encoder_dim, c.kernel, c.stride) if c.kernel else None
         self.adapter = nn.Sequential(
             nn.Linear(c.encoder_dim, c.adapter_scale * c.model_dim),
@@ -45,12 +53,24 @@ class Projector(nn.Module):
             nn.Linear(c.adapter_scale * c.model_dim, c.model_dim),
         )
 
+    @torch.no_grad()
+    def set_feature_stats(self, mean, std) -> None:
+        if not self.config.standardize:
+            raise ValueError("this projector does not standardise its features (ProjectorConfig.standardize)")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != (self.config.encoder_dim,) or std.shape != mean.shape or not (std > 0).all():
+            raise ValueError(f"feature stats must be two [{self.config.encoder_dim}] vectors with std > 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[L, enc] or [B, L, enc] -> [L', C] or [B, L', C]."""
         squeeze = features.dim() == 2
         x = features[None] if squeeze else features
         if x.shape[-1] != self.config.encoder_dim:
             raise ValueError(f"features have width {x.shape[-1]}, the projector expects {self.config.encoder_dim}")
+        if self.config.standardize:
+            x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
         if self.compress is not None:
             if x.shape[1] < self.config.kernel:
                 raise ValueError(f"{x.shape[1]} feature vectors are fewer than the compression kernel {self.config.kernel}")

@@ -43,6 +43,8 @@ class DatasetConfig:
     format: Literal["llava", "asr_jsonl", "librispeech", "series"]
     path: str
     media_root: str | None = None  # image/audio paths resolve against this (default: the manifest's folder)
+    # media paths must stay inside media_root (no absolute paths, `..` or symlinks out); true lifts that
+    allow_media_outside_root: bool = False
     # series only
     lookback: int = 96
     horizon: int = 24
@@ -121,9 +123,9 @@ class EncodeResult:
 # ---- driver side: read, key, plan ---------------------------------------------------------------------------
 def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
     if d.format == "llava":
-        return read_llava(d.path, d.media_root)
+        return read_llava(d.path, d.media_root, d.allow_media_outside_root)
     if d.format == "asr_jsonl":
-        return read_asr_manifest(d.path, d.media_root)
+        return read_asr_manifest(d.path, d.media_root, d.allow_media_outside_root)
     if d.format == "librispeech":
         return read_librispeech(d.path)
     return read_series(d.path, d.lookback, d.horizon, d.stride, d.split, d.fractions, d.columns, d.time_column,
@@ -172,8 +174,10 @@ def cache_spec(config: EncodeConfig, samples: list[RawSample], modality: str) ->
 
     e = config.encoder
     preprocessing = {"limits": dataclasses.asdict(config.limits), "shard_size": config.cache.shard_size,
+                     # where the files are, and the permission to read outside the root, change no feature:
+                     # the samples they admit are in source_hash
                      "dataset": {k: v for k, v in dataclasses.asdict(config.dataset).items()
-                                 if k not in ("path", "media_root")}}
+                                 if k not in ("path", "media_root", "allow_media_outside_root")}}
     return {"modality": modality,
             "encoder": {"kind": e.kind, "dtype": e.dtype, "image_size": e.image_size,
                         "weights_hash": hash_model_dir(e.model_dir) if e.model_dir else None},
@@ -387,3 +391,12 @@ def main(args: argparse.Namespace) -> None:
     if args.ray_address:
         overrides["run.ray_address"] = args.ray_address
     run_encode(load_config(args.config, EncodeConfig, overrides))
+
+
+# `python -m pipelines.encode ...`, the job command for `ray job submit`: same flags as `modrwkv encode`
+if __name__ == "__main__":
+    import sys
+
+    from modrwkv.cli import main as cli_main
+
+    sys.exit(cli_main(["encode", *sys.argv[1:]]))

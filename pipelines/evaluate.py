@@ -86,7 +86,8 @@ class Predictor:
         row = {"key": sample["key"], "language": meta.get("language")}
         with torch.no_grad():
             if meta["modality"] == "series":
-                forecast = self.model(ids, [items]).forecast[0].numpy()
+                lookback = torch.from_numpy(sample["arrays"]["lookback"]).float()[None]
+                forecast = self.model(ids, [items], series_lookback=lookback).forecast[0].numpy()
                 row.update(prediction=forecast.tolist(), reference=sample["arrays"]["target"].tolist(),
                            lookback=sample["arrays"]["lookback"].tolist(), mean=meta["mean"], std=meta["std"])
                 return row
@@ -277,3 +278,12 @@ def main(args: argparse.Namespace) -> None:
 
         config = from_dict(EvalConfig, overrides)
     run_eval(config)
+
+
+# `python -m pipelines.evaluate ...`, the job command for `ray job submit`: same flags as `modrwkv eval`
+if __name__ == "__main__":
+    import sys
+
+    from modrwkv.cli import main as cli_main
+
+    sys.exit(cli_main(["eval", *sys.argv[1:]]))

@@ -4,6 +4,8 @@ logging from rank 0, and the loss-curve plot."""
 import json
 import os
 import subprocess
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
@@ -131,6 +133,43 @@ class StepProgress:
         if not self.thread.is_alive():
             self.poll()
         self.bar.close()  # a late poll from a stuck thread then does nothing: tqdm ignores updates once closed
+
+
+def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "training") -> None:
+    """Each feature cache as an MLflow dataset input (name = the cache folder, digest = its cache id, source =
+    its URI), so the runs table shows which caches a run read and which runs share one."""
+    from mlflow import MlflowClient
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for cache in cache_uris:
+        name = cache.rstrip("/").rsplit("/", 1)[-1]  # <modality>-<encoder>-<16 hex digits of the cache id>
+        with warnings.catch_warnings():  # a local path matches two registered source types, the same class
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(cache)
+        dataset = MetaDataset(source, name=name, digest=name.rsplit("-", 1)[-1])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+    MlflowClient(uri).log_inputs(run_id, datasets=inputs)
+
+
+@contextmanager
+def run_status(uri: str, run_id: str):
+    """Ends the run FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any other exception (which
+    propagates), each with its end time, so the runs table can be filtered by outcome."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:

@@ -38,6 +38,8 @@ class ProjectorSpec:
     kernel: int = 0
     stride: int = 0
     adapter_scale: int = 4
+    # per-dimension standardisation with the training caches' feature statistics (modrwkv/projector.py)
+    standardize: bool = True
 
 
 @dataclass
@@ -52,6 +54,8 @@ class ModelConfig:
     backbone: BackboneConfig
     projectors: dict[str, ProjectorSpec] = field(default_factory=dict)  # by modality; widths come from the caches
     wavenet: WaveNetSpec | None = None  # series caches encoded "raw" train this WaveNet
+    # the forecast adds a linear map of the normalised lookback, starting as the naive forecast (ModRWKV)
+    forecast_skip: bool = True
 
 
 @dataclass
@@ -147,19 +151,19 @@ def resolve_caches(entries: list[str]) -> list[str]:
     return [absolute(u) for u in uris]
 
 
-def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int]:
-    """(modality -> the cached feature width, the projector's input; the forecast horizon, 0 without series),
-    from the first sample of each cache."""
+def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
+    """(modality -> the cached feature width, the projector's input; the forecast horizon and the lookback
+    length, 0 without series), from the first sample of each cache."""
     from preprocessing.cache.reader import FeatureCache
 
-    widths, horizon = {}, 0
+    widths, horizon, lookback = {}, 0, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
         arrays = cache.read_shard(0)[0]["arrays"]
         widths[cache.modality] = int(arrays["item0"].shape[-1])
         if cache.modality == "series":
-            horizon = int(arrays["target"].shape[0])
-    return widths, horizon
+            horizon, lookback = int(arrays["target"].shape[0]), int(arrays["lookback"].shape[0])
+    return widths, horizon, lookback
 
 
 def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) -> dict:
@@ -167,7 +171,7 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
     from modrwkv.projector import ProjectorConfig
     from modrwkv.wavenet import WaveNetConfig
 
-    widths, horizon = cache_shapes(cache_uris)
+    widths, horizon, lookback = cache_shapes(cache_uris)
     missing = set(widths) - set(config.model.projectors)
     if missing:
         raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is "
@@ -176,9 +180,40 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
     if config.model.wavenet and "series" in widths:
         wavenet = WaveNetConfig(in_channels=widths["series"], **dataclasses.asdict(config.model.wavenet))
         widths["series"] = wavenet.hidden
-    projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd, **dataclasses.asdict(p))
+    projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd,
+                                     **{**dataclasses.asdict(p),  # WaveNet's output is trained, not cached
+                                        "standardize": p.standardize and not (m == "series" and wavenet)})
                   for m, p in config.model.projectors.items() if m in widths}
-    return ModRWKVConfig(backbone_config, projectors, horizon if "series" in widths else 0, wavenet).to_dict()
+    series = "series" in widths
+    return ModRWKVConfig(backbone_config, projectors, horizon if series else 0, wavenet,
+                         forecast_lookback=lookback if series and config.model.forecast_skip else 0).to_dict()
+
+
+def feature_stats(cache_uris: list[str], modalities: set[str], max_shards: int = 16) -> dict[str, dict]:
+    """Per-dimension mean and std of the cached feature vectors of each modality in `modalities`, over every
+    item of the first `max_shards` shards of each cache (enough for stable statistics, cheap on a cluster)."""
+    import numpy as np
+
+    from preprocessing.cache.reader import FeatureCache
+
+    sums = {}
+    for uri in cache_uris:
+        cache = FeatureCache(uri)
+        if cache.modality not in modalities:
+            continue
+        for index in range(min(len(cache.shards), max_shards)):
+            for sample in cache.read_shard(index):
+                for name, array in sample["arrays"].items():
+                    if name.startswith("item"):
+                        x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+                        n, total, squares = sums.get(cache.modality, (0, 0.0, 0.0))
+                        sums[cache.modality] = (n + len(x), total + x.sum(0), squares + (x * x).sum(0))
+    stats = {}
+    for modality, (n, total, squares) in sums.items():
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0)) + 1e-6
+        stats[modality] = {"mean": mean.tolist(), "std": std.tolist()}
+    return stats
 
 
 def backbone_config(config: TrainConfig):
@@ -188,7 +223,7 @@ def backbone_config(config: TrainConfig):
     path = Path(config.model.backbone.path)
     if path.is_dir():
         return RWKV7Config.from_dict(json.loads((path / "config.json").read_text()))
-    return infer_config(read_rwkv_pth(path))
+    return infer_config(read_rwkv_pth(path), path)
 
 
 def phase_dir(config: TrainConfig, phase: int) -> Path:
@@ -225,31 +260,35 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                 {**to_dict(config), "phase": phase, "resolved_caches": caches}, tags)
     print(f"MLflow run {run_id} at {uri}")
 
-    if not ray.is_initialized():
-        ray.init(address=config.scaling.ray_address, log_to_driver=False)
-    loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
-                   "backbone": {"path": absolute(config.model.backbone.path)},
-                   "init_from": str(init_from) if init_from else None,
-                   "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
-                   "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
-        # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
-        # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
-        run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=str(out / "ray"),
-                             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
-    )
-    with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
-        result = trainer.fit()
-    model_dir = export_model(result.checkpoint, out, config, phase, run_id)
-    log_artifacts(uri, run_id, config, model_dir, out, phase)
-    metrics = dict(result.metrics or {})
-    print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
-          f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_dir}")
+    with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
+        tracking.log_caches(uri, run_id, caches)
+        if not ray.is_initialized():
+            ray.init(address=config.scaling.ray_address, log_to_driver=False)
+        standardized = {m for m, p in mm_config["projectors"].items() if p.get("standardize")}
+        stats = feature_stats(caches, standardized) if phase == 1 else {}  # phase II reads phase I's buffers
+        loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
+                       "backbone": {"path": absolute(config.model.backbone.path)},
+                       "init_from": str(init_from) if init_from else None, "feature_stats": stats,
+                       "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
+                       "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
+                                         resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+            # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
+            # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
+            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=str(out / "ray"),
+                                 failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
+        )
+        with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
+            result = trainer.fit()
+        model_dir = export_model(result.checkpoint, out, config, phase, run_id)
+        log_artifacts(uri, run_id, config, model_dir, out, phase)
+        metrics = dict(result.metrics or {})
+        print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
+              f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_dir}")
     return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start)
 
 
@@ -288,3 +327,12 @@ def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, o
 def main(args: argparse.Namespace) -> None:
     config = load_config(args.config, TrainConfig)
     run_train(config, args.phase, args.resume_from)
+
+
+# `python -m pipelines.train ...`, the job command for `ray job submit`: same flags as `modrwkv train`
+if __name__ == "__main__":
+    import sys
+
+    from modrwkv.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -20,7 +20,10 @@ def build_model(cfg: dict):
     if cfg["init_from"]:  # phase II starts from phase I's projectors
         return ModRWKV.from_pretrained(cfg["init_from"], backbone=backbone)
     torch.manual_seed(cfg["seed"])
-    return ModRWKV(config, backbone=backbone)
+    model = ModRWKV(config, backbone=backbone)
+    for modality, stats in cfg["feature_stats"].items():  # the driver's statistics of the training features
+        model.projectors[modality].set_feature_stats(stats["mean"], stats["std"])
+    return model
 
 
 def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
@@ -37,9 +40,10 @@ def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
 
 
 def micro_batches(caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None):
-    """Endless micro-batches, each from one cache drawn with weights `mix` (default: sample counts). Every rank
-    draws the same cache for the same micro-step (one shared seed), so all ranks run the same modality's
-    projector together."""
+    """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
+    sample counts). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
+    the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
+    text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's."""
     def stream(cache):
         epoch = 0
         while True:
@@ -51,7 +55,17 @@ def micro_batches(caches: list, collator, micro: int, rank: int, world: int, see
     weights = mix or [len(c) for c in caches]
     while True:
         i = pick.choices(range(len(caches)), weights)[0]
-        yield collator([next(streams[i]) for _ in range(micro)])
+        batch, skipped = collator([next(streams[i]) for _ in range(micro)]), []
+        for _ in range(len(caches[i]) // micro + 1):  # every sample over-long: draw again, a pass at most
+            if batch.sample_ids:
+                break
+            skipped += batch.skipped
+            batch = collator([next(streams[i]) for _ in range(micro)])
+        else:
+            raise ValueError(f"{caches[i].uri}: every sample drawn is over max_length "
+                             f"({len(skipped)} in a row, e.g. {skipped[0]})")
+        batch.skipped = skipped + batch.skipped
+        yield caches[i].modality, batch
 
 
 def to_device(batch, device):
@@ -60,6 +74,8 @@ def to_device(batch, device):
     batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
     if batch.series_target is not None:
         batch.series_target = batch.series_target.to(device)
+    if batch.series_lookback is not None:
+        batch.series_lookback = batch.series_lookback.to(device)
     return batch
 
 
@@ -115,7 +131,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             step = client_state["step"]
 
     caches = [FeatureCache(u) for u in cfg["caches"]]
-    collator = Collator(WorldTokenizer(), model.config, cfg["max_length"])
+    collator = Collator(WorldTokenizer(), model.config, cfg["max_length"], skip_over_length=True)
     batches = micro_batches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"], hp["mix"])
     accumulation = engine.gradient_accumulation_steps()
     for _ in range(step * accumulation):  # the data position of the resumed step
@@ -126,7 +142,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
     # micro-batch's modality leaves a projector idle (sum, not an element: ZeRO-3 partitions may be empty)
     touch = list(trainable.values())
-    metrics = {}
+    metrics, skipped = {}, []  # over-long samples this rank left out (the collator's policy)
     while step < hp["steps"]:
         scale = warmup_cosine(step, hp["steps"], hp["warmup_steps"], hp["min_lr_ratio"])
         for g in optimizer.param_groups:
@@ -134,14 +150,17 @@ def train_loop_per_worker(cfg: dict) -> None:
         started, losses, samples, tokens = time.perf_counter(), [], 0, 0
         by_modality = {}
         for _ in range(accumulation):
-            batch = to_device(next(batches), engine.device)
+            modality, batch = next(batches)
+            skipped += [{**s, "step": step + 1, "rank": rank} for s in batch.skipped]
+            batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
-                         series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False)
+                         series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,
+                         series_lookback=batch.series_lookback)
             loss = out.loss + sum(p.sum() * 0.0 for p in touch)
             engine.backward(loss)
             engine.step()
             losses.append(float(out.loss))
-            by_modality.setdefault(batch.features[0][0][0], []).append(float(out.loss))
+            by_modality.setdefault(modality, []).append(float(out.loss))
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
         step += 1
@@ -149,18 +168,40 @@ def train_loop_per_worker(cfg: dict) -> None:
         metrics = {"step": step, "loss": all_mean(sum(losses) / len(losses), engine.device),
                    "lr": hp["lr"] * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": all_mean(samples, engine.device) * world / seconds,
-                   "tokens_per_s": all_mean(tokens, engine.device) * world / seconds}
+                   "tokens_per_s": all_mean(tokens, engine.device) * world / seconds,
+                   "skipped_over_length": all_mean(len(skipped), engine.device) * world}
         # every rank draws the same cache per micro-step, so these keys agree across ranks
         metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), engine.device) for m, v in sorted(by_modality.items())})
         if logger:
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
         last = step == hp["steps"]
+        if last:
+            log_skipped(skipped, logger, world)
         if last or (hp["checkpoint_every"] and step % hp["checkpoint_every"] == 0):
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ds", client_state={"step": step})
                 if last:
                     save_final(model, Path(d), phase, rank, cfg["deepspeed"]["zero_stage"])
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def log_skipped(skipped: list[dict], logger, world: int) -> None:
+    """Every rank's skipped samples, gathered, as `skipped_samples.jsonl` in the run (rank 0 writes it).
+    A collective: every rank calls it."""
+    import json
+
+    import torch.distributed as dist
+
+    everyone = [skipped]
+    if dist.is_initialized() and world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, skipped)
+    rows = [row for part in everyone for row in part]
+    if logger is not None and rows:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "skipped_samples.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            logger.client.log_artifact(logger.run_id, str(path))
 
 
 def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:

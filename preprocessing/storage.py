@@ -23,6 +23,27 @@ def resolve(base_dir: str, path: str) -> str:
     return join(base_dir, path)
 
 
+def media_path(root: str, path: str, allow_outside: bool = False) -> str:
+    """A dataset's media path resolved against its `root`, refused (ValueError, with the reason) before anything
+    is opened when it is absolute or another URI, climbs out of the root with `..`, or (locally) resolves through
+    a symlink to a place outside it. `allow_outside` accepts such paths, as `resolve` does."""
+    if allow_outside:
+        return resolve(root, path)
+    if is_remote(path) or Path(path).is_absolute() or posixpath.isabs(path):
+        raise ValueError(f"media path {path!r} is absolute; it must be relative to the media root {root}")
+    if is_remote(root):
+        scheme, prefix = root.rstrip("/").split("://", 1)
+        joined = posixpath.normpath(posixpath.join(prefix, path))
+        if not joined.startswith(prefix + "/"):
+            raise ValueError(f"media path {path!r} leaves the media root {root}")
+        return f"{scheme}://{joined}"
+    base = Path(root).resolve()
+    target = (base / path).resolve()  # follows symlinks
+    if not target.is_relative_to(base):
+        raise ValueError(f"media path {path!r} resolves to {target}, outside the media root {base}")
+    return str(Path(root) / path)
+
+
 def parent(uri: str) -> str:
     return posixpath.dirname(str(uri)) if is_remote(uri) else str(Path(uri).parent)
 

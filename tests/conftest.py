@@ -1,13 +1,16 @@
 import os
 
-# Triton kernels run on CPU only through the interpreter, which must be on before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be on before any
+# @triton.jit runs; with one, the same tests run the compiled kernels on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The official `rwkv` package reads this at import time.
 os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_JIT_ON", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from modrwkv import RWKV7, RWKV7Config  # noqa: E402
 

@@ -1,6 +1,8 @@
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from modrwkv import RWKV7Config
@@ -51,3 +53,15 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys):
     assert out.count("User: ") == 2 and "Colour?" in out
     assert main(args[:-4] + ["--encoder-dir", str(tmp_path / "nowhere"), "--question", "x"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,flag", [("train", "--phase"), ("encode", "--config"), ("evaluate", "--task")])
+def test_job_modules_run_as_scripts(module, flag):
+    """`python -m pipelines.<job>` is the entrypoint `ray job submit` runs on a cluster (ray_cluster.yaml)."""
+    done = subprocess.run([sys.executable, "-m", f"pipelines.{module}", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert flag in done.stdout
+    bad = subprocess.run([sys.executable, "-m", f"pipelines.{module}", "--config", "no/such.yaml"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert bad.returncode == 2 and ("no/such.yaml" in bad.stderr or "required" in bad.stderr)

@@ -18,7 +18,8 @@ def asr_sample(key_id: str, audio: str, text: str, language: str | None, where: 
     return RawSample(sample_key(key_id), "audio", [audio], meta)
 
 
-def read_asr_manifest(uri: str, audio_root: str | None = None) -> tuple[list[RawSample], list[Reject]]:
+def read_asr_manifest(uri: str, audio_root: str | None = None,
+                      allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
     root = audio_root or storage.parent(uri)
     records, rejects = parse_records(uri)
     samples = []
@@ -26,7 +27,11 @@ def read_asr_manifest(uri: str, audio_root: str | None = None) -> tuple[list[Raw
         if not isinstance(r, dict) or not isinstance(r.get("audio"), str) or not isinstance(r.get("text"), str):
             rejects.append(Reject(where, "a line must be an object with string 'audio' and 'text'"))
             continue
-        audio = storage.resolve(root, r["audio"])
+        try:
+            audio = storage.media_path(root, r["audio"], allow_outside_root)
+        except ValueError as e:
+            rejects.append(Reject(where, str(e), sample_key(str(r.get("id") or r["audio"]))))
+            continue
         key_id = str(r.get("id") or posixpath.splitext(posixpath.basename(r["audio"]))[0])
         samples.append(asr_sample(key_id, audio, r["text"], r.get("language"), where))
     return unique(samples, rejects), rejects

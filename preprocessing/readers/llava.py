@@ -1,6 +1,6 @@
 """LLaVA-style instruction data: a JSON list or JSONL of
     {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}]}
-Image paths resolve against `image_root` (local or s3://)."""
+Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
 import json
 
@@ -45,7 +45,8 @@ def to_turns(conversations, placeholder: str) -> list[dict]:
     return turns
 
 
-def read_llava(uri: str, image_root: str | None = None) -> tuple[list[RawSample], list[Reject]]:
+def read_llava(uri: str, image_root: str | None = None,
+               allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
     root = image_root or storage.parent(uri)
     records, rejects = parse_records(uri)
     samples = []
@@ -61,10 +62,10 @@ def read_llava(uri: str, image_root: str | None = None) -> tuple[list[RawSample]
             placeholders = sum(t["text"].count("<image>") for t in turns)
             if placeholders != len(images):
                 raise ValueError(f"{placeholders} <image> placeholders for {len(images)} images")
+            sources = [storage.media_path(root, p, allow_outside_root) for p in images]
         except ValueError as e:
             rejects.append(Reject(where, str(e), sample_key(record["id"]) if isinstance(record, dict) and "id" in record else None))
             continue
-        sources = [storage.resolve(root, p) for p in images]
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
                                  {"id": str(record["id"]), "turns": turns, "source": where}))
     return unique(samples, rejects), rejects

@@ -20,7 +20,24 @@ def test_cluster_config_is_valid(config):
     validate_config(prepared)
     gpu_types = {name: t for name, t in prepared["available_node_types"].items() if t["resources"].get("GPU")}
     assert gpu_types and all(t["max_workers"] >= t["min_workers"] for t in gpu_types.values())
-    assert any("-c ~/modrwkv/constraints.txt -e ~/modrwkv" in c for c in prepared["setup_commands"])
+
+
+def test_cluster_install_provides_what_a_job_imports(config):
+    """The packages the setup command installs (the project's dependencies plus the extras it names) cover
+    what a training, encode or eval job imports on a node, the tokenizer's vocabulary (`rwkv`) included."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((CONFIG.parent / "pyproject.toml").read_text())["project"]
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "~/modrwkv" in c]
+    assert len(installs) == 1, config["setup_commands"]
+    assert "-c ~/modrwkv/constraints.txt" in installs[0]  # the pinned torch
+    target = re.search(r"-e\s+['\"]?~/modrwkv(\[[^\]]*\])?", installs[0])
+    assert target, installs[0]
+    extras = target.group(1).strip("[]").split(",") if target.group(1) else []
+    requirements = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    names = {re.split(r"[\[<>=~! ;]", r, maxsplit=1)[0].lower() for r in requirements}
+    assert {"torch", "ray", "deepspeed", "mlflow", "webdataset", "boto3", "transformers", "rwkv"} <= names
 
 
 @pytest.mark.parametrize("where", ["top", "node_type"])

@@ -17,7 +17,7 @@ def tok():
     return WorldTokenizer()
 
 
-def tiny_model(forecast_horizon=0, seed=0) -> ModRWKV:
+def tiny_model(forecast_horizon=0, seed=0, forecast_lookback=0) -> ModRWKV:
     torch.manual_seed(seed)
     config = ModRWKVConfig(
         backbone=BACKBONE,
@@ -27,6 +27,7 @@ def tiny_model(forecast_horizon=0, seed=0) -> ModRWKV:
             "series": ProjectorConfig(encoder_dim=8, model_dim=64, adapter_scale=4),
         },
         forecast_horizon=forecast_horizon,
+        forecast_lookback=forecast_lookback,
     )
     return ModRWKV(config, backbone=random_backbone(BACKBONE, seed=seed))
 
@@ -44,6 +45,31 @@ def test_projector_config_errors():
         ProjectorConfig(encoder_dim=8, model_dim=8, kernel=3, stride=0)
     with pytest.raises(ValueError, match="width 9"):
         Projector(ProjectorConfig(encoder_dim=8, model_dim=8))(torch.randn(4, 9))
+
+
+def test_projector_standardises_with_the_stats_it_is_given_and_saves_them(tmp_path):
+    torch.manual_seed(0)
+    plain = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2))
+    scaled = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2, standardize=True))
+    scaled.load_state_dict({**plain.state_dict(), "feature_mean": torch.zeros(8), "feature_std": torch.ones(8)})
+    x = torch.randn(2, 9, 8) * 5 + 3
+    assert torch.equal(scaled(x), plain(x))  # identity until stats are set
+    mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 4, 8)
+    scaled.set_feature_stats(mean, std)
+    assert torch.allclose(scaled(x), plain((x - mean) / std), atol=1e-6)
+    with pytest.raises(ValueError, match="std > 0"):
+        scaled.set_feature_stats(mean, torch.zeros(8))
+    with pytest.raises(ValueError, match="does not standardise"):
+        plain.set_feature_stats(mean, std)
+
+    config = ModRWKVConfig(backbone=BACKBONE, projectors={
+        "image": ProjectorConfig(encoder_dim=8, model_dim=64, kernel=3, stride=2, standardize=True)})
+    model = ModRWKV(config, backbone=random_backbone(BACKBONE))
+    model.projectors["image"].set_feature_stats(mean, std)
+    model.save_pretrained(tmp_path, adapter_only=True)
+    again = ModRWKV.from_pretrained(tmp_path, backbone=model.backbone)
+    assert torch.equal(again.projectors["image"].feature_std, std)
+    assert ModRWKVConfig.from_dict(config.to_dict()).projectors["image"].standardize
 
 
 def test_conversation_labels_only_on_assistant_turns(tok):
@@ -83,7 +109,7 @@ def test_phase_parameters():
     model = tiny_model(forecast_horizon=6)
     model.set_phase(1)
     phase1 = set(model.trainable_parameters())
-    assert phase1 == {n for n, _ in model.named_parameters() if n.startswith(("projectors.", "forecast_head."))}
+    assert phase1 == {n for n, _ in model.named_parameters() if n.startswith(("projectors.", "forecast_"))}
     assert "projectors.image.compress.weight" in phase1 and "projectors.audio.adapter.2.weight" in phase1
     model.set_phase(2)
     assert set(model.trainable_parameters()) == {n for n, _ in model.named_parameters()}
@@ -117,6 +143,54 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(again(ids, feats).logits, expected)
     with pytest.raises(ValueError, match="needs the backbone"):
         ModRWKV.from_pretrained(tmp_path / "adapter")
+
+
+def series_batch(tok, model, n, lookback_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [[("series", torch.randn(6, 8, generator=g))] for _ in range(n)]
+    ids = torch.tensor([prompt_ids(tok, "<series> next?", [6])] * n)
+    return ids, feats, torch.randn(n, lookback_len, generator=g)
+
+
+def test_forecast_skip_starts_as_the_naive_forecast_and_round_trips(tmp_path, tok):
+    model = tiny_model(forecast_horizon=5, forecast_lookback=12).eval()
+    ids, feats, lookback = series_batch(tok, model, 3, 20)  # a longer lookback: its last 12 values are read
+    with torch.no_grad():
+        forecast = model(ids, feats, series_lookback=lookback).forecast
+    assert torch.equal(forecast, lookback[:, -1:].expand(3, 5))
+    with pytest.raises(ValueError, match="pass series_lookback"):
+        model(ids, feats)
+    with pytest.raises(ValueError, match=r"\[B, >= 12\]"):
+        model(ids, feats, series_lookback=lookback[:, :7])
+    with pytest.raises(ValueError, match="needs a forecast_horizon"):
+        ModRWKVConfig(backbone=BACKBONE, forecast_lookback=4)
+    with torch.no_grad():
+        model.forecast_skip.weight.normal_()
+        expected = model(ids, feats, series_lookback=lookback).forecast
+    model.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    again = ModRWKV.from_pretrained(tmp_path / "adapter", backbone=model.backbone)
+    assert again.config.forecast_lookback == 12
+    with torch.no_grad():
+        assert torch.equal(again(ids, feats, series_lookback=lookback).forecast, expected)
+
+
+def test_forecast_skip_learns_a_linear_map_of_the_lookback_in_phase_one(tok):
+    """A target that is a fixed linear map of the lookback: the skip fits it, the head alone cannot."""
+    g = torch.Generator().manual_seed(1)
+    true_map = torch.randn(8, 3, generator=g) / 3
+    final = {}
+    for lookback_len in (0, 8):
+        model = tiny_model(forecast_horizon=3, forecast_lookback=lookback_len)
+        model.set_phase(1)
+        opt = torch.optim.Adam(model.trainable_parameters().values(), lr=1e-2)
+        for step in range(150):
+            ids, feats, lookback = series_batch(tok, model, 16, 8, seed=step)
+            out = model(ids, feats, series_target=lookback @ true_map, series_lookback=lookback)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        final[lookback_len] = out.forecast_loss.item()
+    assert final[8] < 0.1 * final[0]  # the head alone stays near the target's variance (~1)
 
 
 def test_prefix_state_reuse_gives_the_answers_of_re_encoding(tok):
@@ -181,3 +255,75 @@ def test_streamed_audio_chunks_equal_one_pass(tok):
         torch.testing.assert_close(getattr(stream.media_state, field), getattr(one_pass, field), rtol=1e-4, atol=1e-5)
     assert stream.ask("What was said?") == ChatSession(model, tok, [("audio", c) for c in chunks]).ask("What was said?")
     assert whole.prompt_ids == tok.encode("User:")
+
+
+def test_a_batch_mixing_image_and_text_only_samples_trains(tok):
+    """LLaVA's instruction data holds text-only conversations beside image ones, in the same cache."""
+    import numpy as np
+
+    from modrwkv.batching import Collator
+
+    model = tiny_model(forecast_horizon=3, forecast_lookback=4)  # a forecaster too: no lookback needed here
+    model.set_phase(2)
+    image = {"key": "with-image", "meta": {"modality": "image", "turns": [
+        {"role": "user", "text": "<image>\nWhat is it?"}, {"role": "assistant", "text": "a cat"}]},
+        "arrays": {"item0": np.random.default_rng(0).standard_normal((9, 24)).astype(np.float32)}}
+    text = {"key": "text-only", "meta": {"modality": "image", "turns": [
+        {"role": "user", "text": "Say hi."}, {"role": "assistant", "text": "hi there"}]}, "arrays": {}}
+    batch = Collator(tok, model.config)([image, text])
+    assert [len(items) for items in batch.features] == [1, 0]
+    out = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
+                sample_ids=batch.sample_ids, return_logits=False)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.forecast is None and out.forecast_loss is None
+    assert model.projectors["image"].adapter[0].weight.grad.abs().sum() > 0
+    assert model.backbone.emb.weight.grad.abs().sum() > 0
+
+
+def test_a_forecast_is_read_at_the_same_position_in_training_and_evaluation(tok):
+    """Training collates the forecasting conversation (a user turn alone); evaluation builds the prompt with
+    prompt_ids. Both end at "Assistant:", so the head reads the hidden state it was trained on."""
+    import numpy as np
+
+    from modrwkv.batching import Collator
+
+    model = tiny_model(forecast_horizon=3, forecast_lookback=5).eval()
+    with torch.no_grad():
+        model.forecast_head.weight.normal_()  # make the head's input matter
+    rng = np.random.default_rng(0)
+    samples = [{"key": f"w{i}", "meta": {"modality": "series", "turns": [
+        {"role": "user", "text": "<series>\nForecast the next 3 values."}]},
+        "arrays": {"item0": rng.standard_normal((6 + i, 8)).astype(np.float32),
+                   "lookback": rng.standard_normal(5).astype(np.float32),
+                   "target": rng.standard_normal(3).astype(np.float32)}} for i in range(2)]
+    batch = Collator(tok, model.config)(samples)
+    with torch.no_grad():
+        trained_on = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask,
+                           series_lookback=batch.series_lookback).forecast
+    for b, s in enumerate(samples):
+        items = batch.features[b]
+        ids = prompt_ids(tok, s["meta"]["turns"][0]["text"], [items[0][1].shape[0]], s["key"])
+        assert ids == batch.input_ids[b, : int(batch.attention_mask[b].sum())].tolist()
+        with torch.no_grad():
+            alone = model(torch.tensor([ids]), [items], series_lookback=batch.series_lookback[b : b + 1]).forecast
+        assert torch.allclose(alone[0], trained_on[b], atol=1e-5)
+
+
+def test_over_long_samples_raise_or_are_skipped_and_named(tok):
+    import numpy as np
+
+    from modrwkv.batching import Collator, OverLength
+
+    model = tiny_model()
+    feats = {"item0": np.zeros((9, 24), dtype=np.float32)}
+    short = {"key": "short", "meta": {"modality": "image", "turns": [
+        {"role": "user", "text": "<image>\nWhat?"}, {"role": "assistant", "text": "cat"}]}, "arrays": feats}
+    long = {"key": "long", "meta": {"modality": "image", "turns": [
+        {"role": "user", "text": "<image>\n" + "word " * 200}, {"role": "assistant", "text": "cat"}]}, "arrays": feats}
+    with pytest.raises(OverLength, match="sample long: 2[0-9][0-9] tokens, over the context length 64"):
+        Collator(tok, model.config, max_length=64)([short, long])
+    batch = Collator(tok, model.config, max_length=64, skip_over_length=True)([long, short])
+    assert batch.sample_ids == ["short"] and batch.input_ids.shape[0] == 1 and len(batch.features) == 1
+    assert batch.skipped[0]["key"] == "long" and batch.skipped[0]["tokens"] > 200
+    empty = Collator(tok, model.config, max_length=64, skip_over_length=True)([long])
+    assert empty.sample_ids == [] and empty.input_ids.shape[0] == 0 and len(empty.skipped) == 1

@@ -1,6 +1,7 @@
 """Which cache each micro-batch comes from: by sample count, or by the phase's `mix` weights."""
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,19 +12,44 @@ from pipelines.train_loop import micro_batches
 
 class FakeCache:
     def __init__(self, name: str, n: int):
-        self.name, self.n = name, n
+        self.name, self.n, self.uri = name, n, f"fake/{name}"
 
     def __len__(self):
         return self.n
+
+    @property
+    def modality(self):
+        return f"modality-{self.name}"
 
     def iter_samples(self, rank, world, seed, epoch):
         return ({"cache": self.name, "i": i} for i in range(self.n))
 
 
+def fake_collator(too_long=lambda sample: False):
+    """Like Collator(skip_over_length=True): keeps the samples that fit, names the others."""
+    def collate(samples):
+        kept = [x for x in samples if not too_long(x)]
+        return SimpleNamespace(cache=samples[0]["cache"], sample_ids=[x["i"] for x in kept],
+                               skipped=[{"key": x["i"]} for x in samples if too_long(x)])
+    return collate
+
+
 def drawn(mix, n=4000):
     caches = [FakeCache("a", 300), FakeCache("b", 100)]
-    batches = micro_batches(caches, lambda samples: samples[0]["cache"], 2, 0, 1, seed=0, mix=mix)
-    return Counter(next(batches) for _ in range(n))
+    batches = micro_batches(caches, fake_collator(), 2, 0, 1, seed=0, mix=mix)
+    pairs = [next(batches) for _ in range(n)]
+    assert all(modality == f"modality-{batch.cache}" for modality, batch in pairs)
+    return Counter(batch.cache for _, batch in pairs)
+
+
+def test_over_long_samples_are_skipped_and_named_and_a_cache_of_nothing_else_fails_clearly():
+    batches = micro_batches([FakeCache("a", 40)], fake_collator(lambda x: x["i"] % 4 != 0), 2, 0, 1, seed=0)
+    seen = [next(batches)[1] for _ in range(30)]
+    assert all(batch.sample_ids and all(i % 4 == 0 for i in batch.sample_ids) for batch in seen)
+    assert {s["key"] for batch in seen for s in batch.skipped} == {i for i in range(40) if i % 4}
+    hopeless = micro_batches([FakeCache("b", 10)], fake_collator(lambda x: True), 2, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="fake/b: every sample drawn is over max_length"):
+        next(hopeless)
 
 
 def test_default_mix_follows_sample_counts():

@@ -28,3 +28,25 @@ def test_step_progress_survives_an_unreachable_server(tmp_path):
         time.sleep(0.05)
     assert progress.bar.n == 0
     assert time.monotonic() - started < 10  # the job is not held up by the bar's retries
+
+
+def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_path):
+    import pytest
+
+    from pipelines.tracking import run_status
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    outcomes = {}
+    for name, error in (("ok", None), ("crash", RuntimeError("boom")), ("ctrl-c", KeyboardInterrupt())):
+        run_id = start_run(uri, "status", name, {}, {})
+        if error is None:
+            with run_status(uri, run_id):
+                pass
+        else:
+            with pytest.raises(type(error)), run_status(uri, run_id):
+                raise error
+        info = client.get_run(run_id).info
+        outcomes[name] = info.status
+        assert info.end_time is not None and info.end_time >= info.start_time
+    assert outcomes == {"ok": "FINISHED", "crash": "FAILED", "ctrl-c": "KILLED"}

@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 
 from modrwkv import RWKV7Config
 from pipelines.config import from_dict
-from pipelines.train import TrainConfig, run_train
+from pipelines.metrics.ceilings import cache_samples
+from pipelines.train import TrainConfig, feature_stats, run_train
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
 
@@ -55,6 +57,13 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert set(source) == {k.removeprefix("backbone.") for k in module if k.startswith("backbone.")}
     assert all(torch.equal(module[f"backbone.{k}"], v) for k, v in source.items())
     assert (one.model_dir / "adapter.safetensors").is_file() and not (one.model_dir / "model.safetensors").exists()
+    # the projector standardises with the training features' statistics, computed by the driver
+    stats = feature_stats([cache], {"image"})["image"]
+    items = np.concatenate([s["arrays"]["item0"] for s in cache_samples(cache)]).astype(np.float64)
+    assert np.allclose(stats["mean"], items.mean(0), atol=1e-6) and np.allclose(stats["std"], items.std(0), atol=1e-5)
+    adapter = load_file(one.model_dir / "adapter.safetensors")
+    saved_std = adapter["projectors.image.feature_std"].double()
+    assert torch.allclose(saved_std, torch.tensor(stats["std"], dtype=torch.float64), atol=1e-5)
 
     two = run_train(config, phase=2)
     history2 = losses(client, two.run_id)
@@ -71,6 +80,12 @@ def test_phase1_then_phase2_with_mlflow(setup):
     artifacts = {a.path for a in client.list_artifacts(two.run_id)}
     assert {"config.yaml", "loss_curve.png", "model", "adapter"} <= artifacts
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(two.run_id, "model")}
+    for finished in (one.run_id, two.run_id):
+        info = client.get_run(finished).info
+        assert info.status == "FINISHED" and info.end_time is not None
+        (used,) = client.get_run(finished).inputs.dataset_inputs  # the cache, as an MLflow dataset input
+        assert used.dataset.name == cache.split("/")[-1] and used.dataset.digest == cache.split("-")[-1]
+        assert cache in used.dataset.source and used.tags[0].value == "training"
     found = client.search_runs([run.info.experiment_id], "tags.phase = '1'")
     assert [r.info.run_id for r in found] == [one.run_id]
 
@@ -124,7 +139,7 @@ def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, r
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
     repo = Path(__file__).resolve().parents[2]
-    job = run_job(ray_head.dashboard_url, f"python -m modrwkv.cli train --config {path} --phase 1",
+    job = run_job(ray_head.dashboard_url, f"python -m pipelines.train --config {path} --phase 1",
                   working_dir=repo, headers=ray_head.auth_headers(), timeout=600)
     assert job.status == "SUCCEEDED", job.logs[-3000:]
 
@@ -137,3 +152,50 @@ def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, r
     keys = [o["Key"] for o in s3_client(s3_server.endpoint_url).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/loss_curve.png") for k in keys)
     assert any(k.endswith(f"{run.info.run_id}/artifacts/model/adapter.safetensors") for k in keys)
+
+
+def test_backbone_config_from_an_rwkv_lm_pth(tmp_path):
+    """A train config may name an RWKV-LM .pth: its sizes are read from the weights' shapes."""
+    from pipelines.train import backbone_config
+
+    config = RWKV7Config(vocab_size=128, n_layer=3, n_embd=64, head_size=16)
+    torch.save(random_backbone(config).state_dict(), tmp_path / "model.pth")
+    train = train_config(tmp_path, "unused-cache", "pth")
+    train.model.backbone.path = str(tmp_path / "model.pth")
+    assert backbone_config(train) == config
+
+
+def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp_path):
+    """LLaVA's mixed data: image samples, text-only conversations and a few samples over the context length in
+    one cache. Training runs through, batches mix text-only with image samples, the over-long ones are skipped,
+    counted in a metric and named in an artifact."""
+    from pipelines.config import from_dict
+    from pipelines.encode import EncodeConfig, run_encode
+    from preprocessing.demo_data import build_digits
+
+    root, _ = setup
+    build_digits(tmp_path / "digits", n_train=24, n_test=0)
+    records = json.loads((tmp_path / "digits" / "train.json").read_text())
+    records += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say {w}."},
+                                                       {"from": "gpt", "value": w}]}
+                for i, w in enumerate(["hello", "yes", "no", "maybe"])]
+    records += [{**records[i], "id": f"long-{i}", "conversations": [
+        {"from": "human", "value": "<image>\n" + "Look closely. " * 60}, {"from": "gpt", "value": "seven"}]}
+        for i in range(3)]
+    (tmp_path / "digits" / "mixed.json").write_text(json.dumps(records))
+    cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(tmp_path / "digits" / "mixed.json")},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
+        "cache": {"root": str(tmp_path / "cache"), "shard_size": 8}})).uri
+    config = train_config(root, cache, "mixed", steps=6)
+    config.max_length = 96
+    result = run_train(config, phase=1)
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED" and result.metrics["step"] == 6
+    skipped = client.get_metric_history(result.run_id, "skipped_over_length")
+    assert len(skipped) == 6 and skipped[-1].value >= 1
+    artifact = Path(client.download_artifacts(result.run_id, "skipped_samples.jsonl", str(tmp_path)))
+    named = [json.loads(line) for line in artifact.read_text().splitlines()]
+    assert len(named) == skipped[-1].value and {r["key"] for r in named} <= {"long-0", "long-1", "long-2"}
+    assert all(r["tokens"] > 96 for r in named)

@@ -88,3 +88,43 @@ def test_series_gaps_are_interpolated_or_rejected(tmp_path):
     assert filled[0].series["lookback"][5] == pytest.approx(5.0)
     kept, _ = read_series(str(tmp_path / "g.csv"), lookback=8, horizon=2, stride=10)
     assert np.isnan(kept[0].series["lookback"][5])  # left for the validate stage, which rejects the window
+
+
+def conversation(n_images=1):
+    return [{"from": "human", "value": "<image>\n" * n_images + "What is it?"}, {"from": "gpt", "value": "a cat"}]
+
+
+def test_media_paths_outside_the_root_are_rejected_before_they_are_opened(tmp_path):
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "ok.png").write_bytes(b"not opened by the reader")
+    (root / "img" / "link.png").symlink_to("/etc/passwd")
+    (root / "img" / "inner.png").symlink_to(root / "img" / "ok.png")  # a link that stays inside is fine
+    records = [{"id": name, "image": path, "conversations": conversation()} for name, path in (
+        ("ok", "img/ok.png"), ("inner", "img/inner.png"), ("climb", "../../etc/passwd"),
+        ("absolute", "/etc/passwd"), ("symlink", "img/link.png"), ("uri", "s3://other-bucket/x.png"))]
+    (root / "data.json").write_text(json.dumps(records))
+    samples, rejects = read_llava(str(root / "data.json"))
+    assert [s.key for s in samples] == ["ok", "inner"]
+    reasons = {r.key: r.reason for r in rejects}
+    assert set(reasons) == {"climb", "absolute", "symlink", "uri"}
+    assert "outside the media root" in reasons["climb"] and "outside the media root" in reasons["symlink"]
+    assert "is absolute" in reasons["absolute"] and "is absolute" in reasons["uri"]
+    assert "/etc/passwd" in reasons["symlink"]  # names where it points
+
+    opted_in, rejects = read_llava(str(root / "data.json"), allow_outside_root=True)
+    assert len(opted_in) == 6 and not rejects
+
+    (root / "m.jsonl").write_text('{"audio": "../secret.wav", "text": "hi"}\n{"audio": "a/x.wav", "text": "hi"}\n')
+    samples, rejects = read_asr_manifest(str(root / "m.jsonl"))
+    assert [s.key for s in samples] == ["x"] and "outside the media root" in rejects[0].reason
+
+
+def test_media_paths_under_an_s3_root_stay_under_its_prefix():
+    from preprocessing import storage
+
+    assert storage.media_path("s3://bucket/set", "img/a.png") == "s3://bucket/set/img/a.png"
+    with pytest.raises(ValueError, match="leaves the media root"):
+        storage.media_path("s3://bucket/set", "../other/a.png")
+    with pytest.raises(ValueError, match="is absolute"):
+        storage.media_path("s3://bucket/set", "s3://bucket/other/a.png")

@@ -1,0 +1,88 @@
+"""What simple models get from the same cached features a ModRWKV trains on: the ceiling beside every score.
+
+- VQA: a logistic-regression probe per question group, on each image's features read as its first token joined
+  to the mean of the others (with the asked word, one-hot, and its product with the features where the answer
+  depends on it), and the majority
+  answer of the group's training questions as the trivial baseline;
+- forecasting: ridge regression from the normalised lookback to the normalised horizon (alpha chosen by
+  leave-one-out on the training windows), scored on the original scale.
+Both are deterministic: one value per cache pair.
+"""
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from .forecast import forecast_errors
+from .vqa import normalize_answer
+
+
+def cache_samples(uri: str) -> list[dict]:
+    from preprocessing.cache.reader import FeatureCache
+
+    cache = FeatureCache(uri)
+    return [s for i in range(len(cache.shards)) for s in cache.read_shard(i)]
+
+
+def image_vector(sample: dict) -> np.ndarray:
+    tokens = sample["arrays"]["item0"]
+    return np.concatenate([tokens[0], tokens[1:].mean(0)])
+
+
+def turn_text(sample: dict, role: str) -> str:
+    return next(t["text"] for t in sample["meta"]["turns"] if t["role"] == role)
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(set(train_y)) < 2:
+        return float(np.mean(np.array(test_y) == train_y[0]))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
+    probe.fit(np.stack(train_x), train_y)
+    return float(np.mean(probe.predict(np.stack(test_x)) == np.array(test_y)))
+
+
+def majority_accuracy(train_y, test_y) -> float:
+    majority = Counter(train_y).most_common(1)[0][0]
+    return float(np.mean(np.array(test_y) == majority))
+
+
+def asked_words(sample: dict, vocabulary: list[str]) -> np.ndarray:
+    """One-hot of the vocabulary words the question names."""
+    question = f" {turn_text(sample, 'user').lower().rstrip('?')} "
+    return np.array([f" {w} " in question for w in vocabulary], dtype=np.float32)
+
+
+def with_asked(image: np.ndarray, asked: np.ndarray) -> np.ndarray:
+    """Image features, the asked word, and their outer product: "is the asked colour the one the features
+    hold" is an interaction, which a linear probe reads only from the product."""
+    return np.concatenate([image, asked, np.outer(asked, image).ravel()])
+
+
+def vqa_ceilings(train: list[dict], test: list[dict], group_of: Callable[[dict], str] = lambda s: "all",
+                 asked: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """{group: {"ceiling": probe accuracy, "baseline": majority accuracy}} for each question group of `test`.
+    `asked` maps a group to the words its questions may name (e.g. yes/no questions), given to its probe."""
+    out = {}
+    for group in sorted({group_of(s) for s in test}):
+        words = (asked or {}).get(group)
+        features = lambda ss: [with_asked(image_vector(s), asked_words(s, words)) if words  # noqa: E731
+                               else image_vector(s) for s in ss]
+        tr, te = [s for s in train if group_of(s) == group], [s for s in test if group_of(s) == group]
+        ytr, yte = ([normalize_answer(turn_text(s, "assistant")) for s in ss] for ss in (tr, te))
+        out[group] = {"ceiling": probe_accuracy(features(tr), ytr, features(te), yte),
+                      "baseline": majority_accuracy(ytr, yte)}
+    return out
+
+
+def ridge_forecast_mse(train: list[dict], test: list[dict]) -> float:
+    from sklearn.linear_model import RidgeCV
+
+    stack = lambda ss, k: np.stack([s["arrays"][k] for s in ss])  # noqa: E731
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(stack(train, "lookback"), stack(train, "target"))
+    mean, std = (np.array([s["meta"][k] for s in test]) for k in ("mean", "std"))
+    return forecast_errors(ridge.predict(stack(test, "lookback")), stack(test, "target"), mean, std)["mse"]

@@ -1,0 +1,101 @@
+"""`modrwkv data shapes`: a synthetic VQA set whose answers are certain, to measure how much of what the image
+features hold a trained model uses (a probe on the same features is the ceiling).
+
+PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one question, in LLaVA's convention
+(`<image>\\n` then the question) with a one-word answer. Question types, in equal numbers:
+- colour: "What colour is the shape?" (one shape; 8 colours);
+- shape: "What shape is this?" (one shape; circle, square, triangle);
+- position: "Where is the shape?" (one shape, against one edge: left, right, top, bottom);
+- count: "How many shapes are there?" (one, two, three);
+- yes/no: "Is there a <colour> shape?" or "Is there a <shape>?" (1-3 shapes; yes half the time).
+Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
+"""
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .demo_data import write_json
+
+COLOURS = {"red": (215, 35, 35), "green": (40, 160, 50), "blue": (35, 70, 215), "yellow": (235, 205, 30),
+           "purple": (135, 45, 170), "orange": (245, 135, 20), "brown": (115, 70, 30), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom")
+COUNTS = ("one", "two", "three")
+QUESTION_TYPES = ("colour", "shape", "position", "count", "yesno")
+CANVAS, SIZE = 64, 18  # shape bounding box side, px
+
+
+def draw(canvas: ImageDraw.ImageDraw, shape: str, colour: str, x: int, y: int) -> None:
+    """One filled shape with its bounding box's top-left corner at (x, y)."""
+    box = (x, y, x + SIZE - 1, y + SIZE - 1)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        canvas.ellipse(box, fill=fill)
+    elif shape == "square":
+        canvas.rectangle(box, fill=fill)
+    else:
+        canvas.polygon([(x + SIZE // 2, y), (x, y + SIZE - 1), (x + SIZE - 1, y + SIZE - 1)], fill=fill)
+
+
+def edge_corner(position: str, rng: random.Random) -> tuple[int, int]:
+    """A top-left corner that puts the shape against one edge, centred along it (jittered)."""
+    far, mid = CANVAS - SIZE - 2, (CANVAS - SIZE) // 2 + rng.randint(-6, 6)
+    return {"left": (2, mid), "right": (far, mid), "top": (mid, 2), "bottom": (mid, far)}[position]
+
+
+def free_corners(n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """n non-overlapping positions: one per cell of a 3 x 3 grid, jittered inside it."""
+    cell = CANVAS // 3
+    cells = rng.sample([(i, j) for i in range(3) for j in range(3)], n)
+    return [(i * cell + rng.randint(0, cell - SIZE), j * cell + rng.randint(0, cell - SIZE)) for i, j in cells]
+
+
+def make_item(kind: str, rng: random.Random) -> tuple[list[tuple[str, str, int, int]], str, str]:
+    """(shapes drawn as (shape, colour, x, y), question, answer) for one question type."""
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    if kind in ("colour", "shape"):
+        x, y = rng.randint(4, CANVAS - SIZE - 4), rng.randint(4, CANVAS - SIZE - 4)
+        question = "What colour is the shape?" if kind == "colour" else "What shape is this?"
+        return [(shape, colour, x, y)], question, colour if kind == "colour" else shape
+    if kind == "position":
+        position = rng.choice(POSITIONS)
+        return [(shape, colour, *edge_corner(position, rng))], "Where is the shape?", position
+    n = rng.randint(1, 3)
+    drawn = [(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y) for x, y in free_corners(n, rng)]
+    if kind == "count":
+        return drawn, "How many shapes are there?", COUNTS[n - 1]
+    by_colour = rng.random() < 0.5
+    present = {c for _, c, _, _ in drawn} if by_colour else {s for s, _, _, _ in drawn}
+    options = list(COLOURS) if by_colour else list(SHAPES)
+    if rng.random() < 0.5:
+        asked, answer = rng.choice(sorted(present)), "yes"
+    else:
+        absent = [o for o in options if o not in present]
+        asked, answer = (rng.choice(absent), "no") if absent else (rng.choice(sorted(present)), "yes")
+    question = f"Is there a {asked} shape?" if by_colour else f"Is there a {asked}?"
+    return drawn, question, answer
+
+
+def build_shapes(out, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
+    holds them in equal numbers."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = []
+        for i in range(n):
+            kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+            shapes, question, answer = make_item(kind, rng)
+            image = Image.new("RGB", (CANVAS, CANVAS), "white")
+            canvas = ImageDraw.Draw(image)
+            for shape, colour, x, y in shapes:
+                draw(canvas, shape, colour, x, y)
+            name = f"images/{split}-{i:05d}.png"
+            image.save(out / name)
+            records.append({"id": f"shapes-{split}-{i:05d}", "image": name, "type": kind, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        write_json(out / f"{split}.json", records)
+    return out

@@ -1,0 +1,58 @@
+"""Ceilings and trivial baselines on synthetic cached samples whose answers the features do or do not hold."""
+
+import numpy as np
+
+from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
+
+
+def vqa_sample(tokens, question, answer, group):
+    return {"arrays": {"item0": tokens.astype(np.float32)}, "group": group, "meta": {"turns": [
+        {"role": "user", "text": f"<image>\n{question}"}, {"role": "assistant", "text": answer}]}}
+
+
+def test_probe_reads_what_the_features_hold_and_the_majority_baseline():
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue"]
+
+    def make(n):
+        samples = []
+        for i in range(n):
+            c = i % 3 if i % 5 else 0  # "red" is the most common answer
+            tokens = rng.standard_normal((5, 8))
+            tokens[1:, c] += 3.0  # the colour is in the patch tokens' mean
+            samples.append(vqa_sample(tokens, "What colour?", colours[c], "colour"))
+            asked = colours[rng.integers(3)]  # yes/no: the answer needs the asked word too
+            answer = "yes" if asked == colours[c] else "no"
+            samples.append(vqa_sample(tokens, f"Is there a {asked} shape?", answer, "yesno"))
+            noise = rng.standard_normal((5, 8))  # the answer is not in the features at all
+            samples.append(vqa_sample(noise, "Odd?", ["yes", "no"][rng.integers(2)], "noise"))
+        return samples
+
+    train, test = make(300), make(150)
+    result = vqa_ceilings(train, test, lambda s: s["group"], {"yesno": colours})
+    assert result["colour"]["ceiling"] > 0.97
+    assert abs(result["colour"]["baseline"] - np.mean([turn == "red" for turn in
+               (s["meta"]["turns"][1]["text"] for s in test if s["group"] == "colour")])) < 1e-9
+    assert result["yesno"]["ceiling"] > 0.9
+    assert result["noise"]["ceiling"] < 0.7
+    without_word = vqa_ceilings(train, test, lambda s: s["group"])
+    assert without_word["yesno"]["ceiling"] < 0.8  # the asked word matters
+
+
+def test_ridge_recovers_a_linear_forecast_on_the_original_scale():
+    rng = np.random.default_rng(1)
+    true_map = rng.standard_normal((12, 3)) / 4
+
+    def make(n, noise):
+        samples = []
+        for _ in range(n):
+            lookback = rng.standard_normal(12)
+            target = lookback @ true_map + noise * rng.standard_normal(3)
+            samples.append({"arrays": {"lookback": lookback, "target": target},
+                            "meta": {"mean": rng.uniform(300, 400), "std": 2.0}})
+        return samples
+
+    exact = ridge_forecast_mse(make(200, 0.0), make(50, 0.0))
+    noisy = ridge_forecast_mse(make(200, 0.5), make(50, 0.5))
+    assert exact < 1e-3
+    assert 0.5 < noisy < 1.5  # noise variance 0.25, times std² = 4, on the original scale

@@ -1,0 +1,47 @@
+"""The shapes VQA set: LLaVA records the reader accepts, every question type in equal numbers, answers that
+match the pixels drawn, and the same set for the same seed."""
+
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from modrwkv.cli import main
+from preprocessing.readers.llava import read_llava
+from preprocessing.shapes_data import COLOURS, COUNTS, QUESTION_TYPES, build_shapes
+
+
+def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3)
+    samples, rejects = read_llava(str(tmp_path / "train.json"))
+    assert len(samples) == 60 and rejects == []
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert Counter(r["type"] for r in records) == {t: 12 for t in QUESTION_TYPES}
+    for r in records:
+        question, answer = (turn["value"] for turn in r["conversations"])
+        assert question.startswith("<image>\n") and len(answer.split()) == 1
+        pixels = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB")).reshape(-1, 3)
+        inked = {tuple(p) for p in pixels if tuple(p) != (255, 255, 255)}
+        drawn = {name for name, rgb in COLOURS.items() if rgb in inked}
+        if r["type"] == "colour":
+            assert drawn == {answer}, r["id"]
+        elif r["type"] == "count":
+            assert 1 <= len(drawn) <= COUNTS.index(answer) + 1, r["id"]  # shapes may share a colour
+        elif r["type"] == "position":
+            ys, xs = np.nonzero(np.asarray(Image.open(tmp_path / r["image"]).convert("L")) < 250)
+            cx, cy = xs.mean(), ys.mean()
+            side = {"left": cx < 20, "right": cx > 43, "top": cy < 20, "bottom": cy > 43}
+            assert side[answer], (r["id"], cx, cy)
+        elif r["type"] == "yesno" and "shape?" in question:  # "Is there a <colour> shape?"
+            asked = question.split()[-2]
+            assert (asked in drawn) == (answer == "yes"), r["id"]
+
+
+def test_same_seed_same_set_and_the_cli(tmp_path):
+    assert main(["data", "shapes", "--out", str(tmp_path / "a"), "--train", "10", "--test", "5", "--seed", "1"]) == 0
+    build_shapes(tmp_path / "b", 10, 5, seed=1)
+    for split in ("train", "test"):
+        assert (tmp_path / "a" / f"{split}.json").read_text() == (tmp_path / "b" / f"{split}.json").read_text()
+    first = json.loads((tmp_path / "a" / "test.json").read_text())[0]
+    assert (tmp_path / "a" / first["image"]).read_bytes() == (tmp_path / "b" / first["image"]).read_bytes()
