@@ -1,9 +1,13 @@
 """The wkv7 recurrence as Triton kernels: forward and backward, any T, fp32 state, fp32 or bf16 inputs.
 
-One program per (batch, head) keeps the N x N state in registers and walks the sequence in chunks of CHUNK
-steps. The forward writes y and, at every chunk start, a checkpoint of the state; the backward walks the
-chunks in reverse: it recomputes the chunk's states from its checkpoint into a per-program scratch buffer,
-then runs the exact reverse-mode recurrence step by step:
+Each row of the state (one value index) evolves on its own: S_t[i] = S_{t-1}[i] diag(d) + (S_{t-1}[i] . a) b^T
++ v_i k^T. So the forward runs one program per (batch, head, block of BLOCK_V rows), each keeping its
+BLOCK_V x N slice of the state in registers and walking the sequence in chunks of CHUNK steps: more programs
+and a shorter chain of reductions per step than one program per head (1.4x the forward tokens/s on an H200).
+It writes its rows of y and, at every chunk start, a checkpoint of its slice. The backward runs one program
+per (batch, head) over all rows, because dr, dk, da, db and dw sum over rows: with row blocks adding their
+parts atomically it was 0.74x as fast. It walks the chunks in reverse, recomputes the chunk's states from
+its checkpoint into a per-program scratch buffer, then runs the exact reverse-mode recurrence step by step:
 
     S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t,   d_t = exp(-exp(w_t))
 
@@ -21,32 +25,33 @@ import triton
 import triton.language as tl
 
 CHUNK = 16
+BLOCK_V = 16  # state rows per forward program (16 beat 32 and 64 on an H200)
 
 
 @triton.jit
-def _tile(N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Index vector, its mask, the N x N tile's mask and offsets (row = value index, column = key index)."""
-    idx = tl.arange(0, BLOCK_N)
-    vec_mask = idx < N
-    tile_mask = vec_mask[:, None] & vec_mask[None, :]
-    return idx, vec_mask, tile_mask, idx[:, None] * N + idx[None, :]
+def _tile(N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, v0):
+    """This program's state rows (value indices v0 ...) and all columns (key indices): index vectors, their
+    masks, the BLOCK_V x BLOCK_N tile's mask and its offsets in an N x N matrix."""
+    rows = v0 + tl.arange(0, BLOCK_V)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < N, cols < N
+    return rows, row_mask, cols, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * N + cols[None, :]
 
 
 @triton.jit
-def _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, mask):
-    """The six [N] input vectors of one (batch, step, head), as fp32."""
-    r = tl.load(r_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + off + idx, mask=mask, other=0.0).to(tl.float32)
-    return r, w, k, v, a, b
+def _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, mask):
+    """The five key-side [N] vectors of one (batch, step, head), as fp32."""
+    r = tl.load(r_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+    return r, w, k, a, b
 
 
 @triton.jit
 def _step(S, d, k, v, a, b):
-    """S_t = S_{t-1} diag(d) + (S_{t-1} a) b^T + v k^T; also returns S_{t-1} a."""
+    """S_t = S_{t-1} diag(d) + (S_{t-1} a) b^T + v k^T on this program's rows; also returns S_{t-1} a."""
     sa = tl.sum(S * a[None, :], axis=1)
     return S * d[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :], sa
 
@@ -55,26 +60,27 @@ def _step(S, d, k, v, a, b):
 def _wkv7_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [B, T, H, N]; s0 [B, H, N, N] fp32
     y_ptr, sT_ptr, ckpt_ptr,  # y [B, T, H, N] fp32; final state [B, H, N, N]; checkpoints [B, H, NC, N, N]
-    T, H: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    T, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # one program per (batch, head)
+    pid = tl.program_id(0)  # (batch, head); axis 1 picks the block of state rows
     b_idx, h_idx = pid // H, pid % H
     n_chunks = tl.cdiv(T, CHUNK_LEN)
-    idx, vec_mask, tile_mask, tile_off = _tile(N, BLOCK_N)
+    rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, tl.program_id(1) * BLOCK_V)
     if HAS_S0:
         S = tl.load(s0_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+        S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
         tl.store(ckpt_ptr + (pid * n_chunks + c) * N * N + tile_off, S, mask=tile_mask)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
                 off = ((b_idx * T + t) * H + h_idx) * N
-                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
+                r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
+                v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
-                tl.store(y_ptr + off + idx, tl.sum(S * r[None, :], axis=1), mask=vec_mask)
+                tl.store(y_ptr + off + rows, tl.sum(S * r[None, :], axis=1), mask=row_mask)
     tl.store(sT_ptr + pid * N * N + tile_off, S, mask=tile_mask)
 
 
@@ -82,17 +88,17 @@ def _wkv7_fwd_kernel(
 def _wkv7_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, scratch_ptr,  # scratch [B*H, CHUNK, N, N]
-    T, H: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    T, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_DST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (batch, head), all rows: BLOCK_V covers N
     b_idx, h_idx = pid // H, pid % H
     n_chunks = tl.cdiv(T, CHUNK_LEN)
-    idx, vec_mask, tile_mask, tile_off = _tile(N, BLOCK_N)
+    rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, 0)
     if HAS_DST:
         dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
-        dS = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+        dS = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     scratch = scratch_ptr + pid * CHUNK_LEN * N * N
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
@@ -103,7 +109,8 @@ def _wkv7_bwd_kernel(
             if t < T:
                 tl.store(scratch + s * N * N + tile_off, S, mask=tile_mask)
                 off = ((b_idx * T + t) * H + h_idx) * N
-                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
+                r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
+                v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
         tl.debug_barrier()
         # 2. reverse-mode through the chunk
@@ -113,26 +120,31 @@ def _wkv7_bwd_kernel(
             if t < T:
                 off = ((b_idx * T + t) * H + h_idx) * N
                 S_prev = tl.load(scratch + s * N * N + tile_off, mask=tile_mask, other=0.0)
-                r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, idx, vec_mask)
-                dy = tl.load(dy_ptr + off + idx, mask=vec_mask, other=0.0).to(tl.float32)
+                r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
+                v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 ew = tl.exp(w)
                 d = tl.exp(-ew)
                 S_t, sa = _step(S_prev, d, k, v, a, b)
                 dS += dy[:, None] * r[None, :]
-                tl.store(dr_ptr + off + idx, tl.sum(S_t * dy[:, None], axis=0), mask=vec_mask)
-                tl.store(dv_ptr + off + idx, tl.sum(dS * k[None, :], axis=1), mask=vec_mask)
-                tl.store(dk_ptr + off + idx, tl.sum(dS * v[:, None], axis=0), mask=vec_mask)
-                tl.store(db_ptr + off + idx, tl.sum(dS * sa[:, None], axis=0), mask=vec_mask)
+                tl.store(dv_ptr + off + rows, tl.sum(dS * k[None, :], axis=1), mask=row_mask)
                 dsa = tl.sum(dS * b[None, :], axis=1)
-                tl.store(da_ptr + off + idx, tl.sum(S_prev * dsa[:, None], axis=0), mask=vec_mask)
-                tl.store(dw_ptr + off + idx, -tl.sum(dS * S_prev, axis=0) * d * ew, mask=vec_mask)
+                tl.store(dr_ptr + off + cols, tl.sum(S_t * dy[:, None], axis=0), mask=col_mask)
+                tl.store(dk_ptr + off + cols, tl.sum(dS * v[:, None], axis=0), mask=col_mask)
+                tl.store(db_ptr + off + cols, tl.sum(dS * sa[:, None], axis=0), mask=col_mask)
+                tl.store(da_ptr + off + cols, tl.sum(S_prev * dsa[:, None], axis=0), mask=col_mask)
+                tl.store(dw_ptr + off + cols, -tl.sum(dS * S_prev, axis=0) * d * ew, mask=col_mask)
                 dS = dS * d[None, :] + dsa[:, None] * a[None, :]
         tl.debug_barrier()
     tl.store(ds0_ptr + pid * N * N + tile_off, dS, mask=tile_mask)
 
 
-def _launch_meta(N: int) -> dict:
-    return {"N": N, "BLOCK_N": triton.next_power_of_2(N), "CHUNK_LEN": CHUNK}
+def _launch(B: int, H: int, N: int, rows_per_program: int) -> tuple[tuple[int, int], dict]:
+    """The grid (batch x head, row blocks) and the kernels' compile-time sizes."""
+    block_n = triton.next_power_of_2(N)
+    block_v = min(triton.next_power_of_2(rows_per_program), block_n)
+    grid = (B * H, triton.cdiv(N, block_v))
+    return grid, {"N": N, "BLOCK_V": block_v, "BLOCK_N": block_n, "CHUNK_LEN": CHUNK}
 
 
 class WKV7Triton(torch.autograd.Function):
@@ -145,8 +157,8 @@ class WKV7Triton(torch.autograd.Function):
         s_final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         ckpt = torch.empty(B, H, n_chunks, N, N, device=r.device, dtype=torch.float32)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
-        _wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, T, H=H, HAS_S0=s0 is not None,
-                                   **_launch_meta(N))
+        grid, meta = _launch(B, H, N, BLOCK_V)
+        _wkv7_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, T, H=H, HAS_S0=s0 is not None, **meta)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt)
         ctx.has_s0 = s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
@@ -162,8 +174,9 @@ class WKV7Triton(torch.autograd.Function):
         dy = torch.zeros_like(grads[0]) if dy is None else dy.float().contiguous()
         has_dst = ds_final is not None
         dst_arg = ds_final.float().contiguous() if has_dst else ds0
-        _wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, T, H=H,
-                                   HAS_DST=has_dst, **_launch_meta(N))
+        grid, meta = _launch(B, H, N, N)  # one program per head: the key-side gradients sum over rows
+        _wkv7_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, T, H=H, HAS_DST=has_dst,
+                               **meta)
         dr, dw, dk, dv, da, db = (g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b)))
         return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None
 

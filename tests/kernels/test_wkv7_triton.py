@@ -49,6 +49,26 @@ def test_forward_and_gradients_match_fp64_reference(T, with_state):
         assert rel_err(s32.grad, s64.grad) < TOL
 
 
+def test_several_forward_row_blocks_per_head():
+    """N = 48: the forward runs three programs of BLOCK_V rows per head (the last masked past N), the backward
+    one per head over the checkpoints they wrote."""
+    from kernels.wkv7.triton_kernel import BLOCK_V
+
+    N = 48
+    assert -(-N // BLOCK_V) > 1
+    xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, N, seed=5, requires_grad=True)
+    xs32 = on_device(xs64)
+    (s32,) = on_device([s64])
+    y_ref, s_ref = wkv7(*xs64, initial_state=s64, backend="reference")
+    y, s = wkv7(*xs32, initial_state=s32, backend="triton")
+    assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
+    loss_of(y_ref, s_ref).backward()
+    loss_of(y, s).backward()
+    for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b"], xs32, xs64):
+        assert rel_err(x32.grad, x64.grad) < TOL, name
+    assert rel_err(s32.grad, s64.grad) < TOL
+
+
 def test_head_size_not_a_power_of_two_and_only_final_state_used():
     xs64, s64 = wkv_inputs(2, 9, 2, 12, seed=3, requires_grad=True)
     xs32 = on_device(xs64)
