@@ -134,6 +134,12 @@ def cmd_encoder_export(args) -> None:
     print(f"wrote {export_encoder(args.name, args.out)}")
 
 
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set phase1.steps=3 --set scaling.workers=1 "
+                             "(repeatable; the value is read as YAML; checked against the schema like the file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modrwkv",
@@ -172,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="an encode YAML (see configs/)")
     p.add_argument("--force", action="store_true", help="re-encode even if a complete cache entry exists")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
+    add_set_option(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="phase I (adapter) or II (adapter + backbone) on Ray Train + DeepSpeed, tracked in MLflow")
     p.add_argument("--config", required=True, help="a train YAML (see configs/)")
     p.add_argument("--phase", type=int, choices=[1, 2], required=True)
     p.add_argument("--resume-from", help="a checkpoint folder to resume from (default: a fresh run)")
+    add_set_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="batch inference over a feature cache (Ray Data); metrics and tables to MLflow")
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["vqa", "asr", "forecast"])
     p.add_argument("--cache", help="a feature-cache entry or an encode YAML")
     p.add_argument("--out-dir", help="where predictions and plots go (default runs/eval)")
+    add_set_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("encoder", help="frozen encoders")

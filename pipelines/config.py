@@ -89,6 +89,21 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def parse_overrides(items: list[str] | None) -> dict:
+    """`--set` items, "dotted.key=value", as load_config overrides; each value is read as YAML, so
+    `phase1.steps=3` is an int, `phase1.mix=[2, 1]` a list and `model.backbone.path=x.pth` a string."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. phase1.steps=3")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return overrides
+
+
 def load_config(path, schema, overrides: dict | None = None):
     """The YAML file at `path` as a `schema` instance; `overrides` (dotted keys) win over the file."""
     path = Path(path)

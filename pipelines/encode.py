@@ -29,7 +29,7 @@ from preprocessing.cache.shard import pack_shard
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
 
-from .config import load_config, to_dict
+from .config import load_config, parse_overrides, to_dict
 
 MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
 RAW_SERIES = "raw"  # trainable series encoders (WaveNet) get the normalised input, not features
@@ -387,7 +387,9 @@ def code_version() -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    overrides = {"run.force": True} if args.force else {}
+    overrides = parse_overrides(args.set)
+    if args.force:
+        overrides["run.force"] = True
     if args.ray_address:
         overrides["run.ray_address"] = args.ray_address
     run_encode(load_config(args.config, EncodeConfig, overrides))

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from . import tracking
-from .config import load_config
+from .config import load_config, parse_overrides
 
 TASK_MODALITY = {"vqa": "image", "asr": "audio", "forecast": "series"}
 
@@ -269,8 +269,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
 
 def main(args: argparse.Namespace) -> None:
-    overrides = {k: v for k, v in {"checkpoint": args.checkpoint, "task": args.task, "cache": args.cache,
-                                   "out_dir": args.out_dir}.items() if v is not None}
+    overrides = {**parse_overrides(args.set), **{k: v for k, v in {
+        "checkpoint": args.checkpoint, "task": args.task, "cache": args.cache, "out_dir": args.out_dir}.items()
+        if v is not None}}
     if args.config:
         config = load_config(args.config, EvalConfig, overrides)
     else:

@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from .config import ConfigError, load_config, to_dict
+from .config import ConfigError, load_config, parse_overrides, to_dict
 from . import tracking
 
 BACKBONE_REF = "backbone_source.json"  # beside an adapter-only save: which backbone it was trained on
@@ -325,7 +325,7 @@ def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, o
 
 
 def main(args: argparse.Namespace) -> None:
-    config = load_config(args.config, TrainConfig)
+    config = load_config(args.config, TrainConfig, parse_overrides(args.set))
     run_train(config, args.phase, args.resume_from)
 
 

@@ -1,9 +1,14 @@
 """YAML configs are checked at load: readable errors that name the file and the key."""
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import ConfigError, load_config
 from pipelines.encode import EncodeConfig
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def write(tmp_path, text):
@@ -38,3 +43,29 @@ def test_bad_configs_are_named(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml", EncodeConfig)
+
+
+def test_set_overrides_are_typed_checked_and_named():
+    from pipelines.config import parse_overrides
+    from pipelines.train import TrainConfig
+
+    overrides = parse_overrides(["phase1.steps=3", "scaling.workers=1", "phase2.mix=[2, 1, 1]",
+                                 "model.backbone.path=runs/x.pth"])
+    assert overrides == {"phase1.steps": 3, "scaling.workers": 1, "phase2.mix": [2, 1, 1],
+                         "model.backbone.path": "runs/x.pth"}
+    config = load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, overrides)
+    assert config.phase1.steps == 3 and config.scaling.workers == 1 and config.model.backbone.path == "runs/x.pth"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["phase1.steps"])
+    with pytest.raises(ConfigError, match=r"phase1\.steps: expected int, got 'many'"):
+        load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["phase1.steps=many"]))
+    with pytest.raises(ConfigError, match="unknown key 'stepz'.*steps"):
+        load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["phase1.stepz=3"]))
+
+
+def test_set_on_the_command_line_fails_before_any_work(capsys):
+    from modrwkv.cli import main
+
+    assert main(["train", "--config", str(CONFIGS / "demo" / "train.yaml"), "--phase", "1",
+                 "--set", "scaling.workerz=2"]) == 2
+    assert "unknown key 'workerz'" in capsys.readouterr().err
