@@ -333,8 +333,10 @@ def encode_shards(config: EncodeConfig, uri: str, shards: list[list[RawSample]],
     from tqdm import tqdm
 
     if not ray.is_initialized():
+        # a job on a cluster (`ray job submit` sets RAY_ADDRESS) joins it; only a new local instance is sized
+        joining = config.run.ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
-                 **({} if config.run.ray_address else {"num_cpus": max(config.run.actors, 1) + 1}))
+                 **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = [{"index": i, "samples": json.dumps([dataclasses.asdict(s) for s in shards[i]])} for i in todo]
     runtime_env = {"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}

@@ -153,13 +153,17 @@ def resolve_caches(entries: list[str]) -> list[str]:
 
 def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
     """(modality -> the cached feature width, the projector's input; the forecast horizon and the lookback
-    length, 0 without series), from the first sample of each cache."""
+    length, 0 without series), from the first sample of each cache that has a feature item (text-only samples
+    and empty shards are passed over)."""
     from preprocessing.cache.reader import FeatureCache
 
     widths, horizon, lookback = {}, 0, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
-        arrays = cache.read_shard(0)[0]["arrays"]
+        samples = (s for i in range(len(cache.shards)) for s in cache.read_shard(i))
+        arrays = next((s["arrays"] for s in samples if "item0" in s["arrays"]), None)
+        if arrays is None:
+            raise ValueError(f"{uri}: no sample holds {cache.modality} features (text-only or empty cache)")
         widths[cache.modality] = int(arrays["item0"].shape[-1])
         if cache.modality == "series":
             horizon, lookback = int(arrays["target"].shape[0]), int(arrays["lookback"].shape[0])

@@ -171,20 +171,11 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
     counted in a metric and named in an artifact."""
     from pipelines.config import from_dict
     from pipelines.encode import EncodeConfig, run_encode
-    from preprocessing.demo_data import build_digits
+    from tests.mixed_llava import mixed_llava
 
     root, _ = setup
-    build_digits(tmp_path / "digits", n_train=24, n_test=0)
-    records = json.loads((tmp_path / "digits" / "train.json").read_text())
-    records += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say {w}."},
-                                                       {"from": "gpt", "value": w}]}
-                for i, w in enumerate(["hello", "yes", "no", "maybe"])]
-    records += [{**records[i], "id": f"long-{i}", "conversations": [
-        {"from": "human", "value": "<image>\n" + "Look closely. " * 60}, {"from": "gpt", "value": "seven"}]}
-        for i in range(3)]
-    (tmp_path / "digits" / "mixed.json").write_text(json.dumps(records))
     cache = run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(tmp_path / "digits" / "mixed.json")},
+        "dataset": {"format": "llava", "path": str(mixed_llava(tmp_path / "digits", n_long=3))},
         "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
         "cache": {"root": str(tmp_path / "cache"), "shard_size": 8}})).uri
     config = train_config(root, cache, "mixed", steps=6)
