@@ -65,7 +65,7 @@ class Collator:
         return ids, labels, items, as_tensor(target), as_tensor(lookback)
 
     def __call__(self, samples: list[dict]) -> Batch:
-        encoded, skipped = [], []
+        kept, encoded, skipped = [], [], []
         for sample in samples:
             try:
                 encoded.append(self.encode(sample))
@@ -73,7 +73,8 @@ class Collator:
                 if not self.skip_over_length:
                     raise
                 skipped.append({"key": e.key, "tokens": e.tokens})
-        samples = [s for s in samples if s["key"] not in {k["key"] for k in skipped}]
+                continue
+            kept.append(sample)
         if not encoded:
             return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
                          torch.zeros(0, 0, dtype=torch.long), [], None, [], skipped=skipped)
@@ -93,4 +94,4 @@ class Collator:
         lookbacks = [lb for *_, lb in encoded]
         series_lookback = None if series_target is None or lookbacks[0] is None else torch.stack(lookbacks)
         return Batch(input_ids, mask, labels, [items for _, _, items, *_ in encoded], series_target,
-                     [s["key"] for s in samples], series_lookback, skipped)
+                     [s["key"] for s in kept], series_lookback, skipped)

@@ -21,8 +21,7 @@ from .vqa import normalize_answer
 def cache_samples(uri: str) -> list[dict]:
     from preprocessing.cache.reader import FeatureCache
 
-    cache = FeatureCache(uri)
-    return [s for i in range(len(cache.shards)) for s in cache.read_shard(i)]
+    return list(FeatureCache(uri).iter_samples(shuffle=False))  # every sample, in shard order
 
 
 def image_vector(sample: dict) -> np.ndarray:
