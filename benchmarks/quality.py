@@ -6,13 +6,15 @@ the same cached features) and its trivial baseline, as mean ± std over seeds, w
   Mandarin CER; baseline: the empty transcript; no simple ceiling), CO2 forecasting (MSE in ppm²; ceiling:
   ridge on the normalised lookback; baseline: seasonal naive, 52 weeks);
 - shapes suite (configs/quality/train_shapes.yaml on `modrwkv data shapes`): accuracy per question type
-  (colour, shape, position, count, yes/no) beside a probe per type and the type's majority answer.
+  (colour, shape, position, count, yes/no) beside a probe per type and the type's majority answer;
+- El Nino suite (configs/quality/train_elnino.yaml): monthly sea-surface temperature (statsmodels), MSE in °C²
+  beside ridge on the lookback and seasonal naive (12 months).
 
 Ceilings and majority baselines come from `pipelines/metrics/ceilings.py` (deterministic: one value, no std).
 Runs train through the real pipeline (Ray Train + DeepSpeed on 2 CPU workers), tracked in a SQLite MLflow
 store under --out.
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--suites demo shapes] [--out benchmarks/out]
+    python benchmarks/quality.py [--seeds 0 1 2] [--suites demo shapes elnino] [--out benchmarks/out]
 """
 
 import argparse
@@ -122,6 +124,22 @@ def shapes_suite(seeds, tracking_uri) -> list[dict]:
     return [{"task": f"shapes VQA: {kind}", "metric": "accuracy", **row} for kind, row in rows.items()]
 
 
+def elnino_suite(seeds, tracking_uri) -> list[dict]:
+    """The second real series: monthly El Nino sea-surface temperature, trained alone."""
+    from pipelines.metrics.ceilings import cache_samples, ridge_forecast_mse
+
+    train, test = (cache_samples(cache_uri(f"configs/quality/encode_elnino_{n}.yaml")) for n in ("train", "test"))
+    row = {"ceiling": ridge_forecast_mse(train, test)}
+    for seed in seeds:
+        started = time.perf_counter()
+        result = evaluate("configs/quality/eval_elnino.yaml",
+                          train_both_phases("configs/quality/train_elnino.yaml", seed, tracking_uri), tracking_uri)
+        row.setdefault("model", []).append(result.metrics["mse"])
+        row["baseline"] = result.baselines["mse"]  # seasonal naive: the same for every seed
+        row.setdefault("minutes", []).append((time.perf_counter() - started) / 60)
+    return [{"task": "El Nino forecast", "metric": "mse", **row}]
+
+
 # ---- report -------------------------------------------------------------------------------------------------
 def fmt(value) -> str:
     if value is None:
@@ -160,7 +178,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--suites", nargs="+", choices=["demo", "shapes"], default=["demo", "shapes"])
+    parser.add_argument("--suites", nargs="+", choices=["demo", "shapes", "elnino"],
+                        default=["demo", "shapes", "elnino"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
 
@@ -182,6 +201,8 @@ def main():
             rows += demo_suite(args.seeds, tracking_uri)
         if "shapes" in args.suites:
             rows += shapes_suite(args.seeds, tracking_uri)
+        if "elnino" in args.suites:
+            rows += elnino_suite(args.seeds, tracking_uri)
     finally:
         ray.shutdown()
     plot(rows, out / "quality.png")
@@ -191,7 +212,7 @@ def main():
     lines += [f"| {r['task']} | {r['metric']} | {fmt(r.get('model'))} | {fmt(r.get('ceiling'))} | "
               f"{fmt(r.get('baseline'))} | {np.mean(r.get('minutes', [np.nan])):.1f} |" for r in rows]
     lines.append("\nceiling: logistic-regression probe (VQA) or ridge (forecast) on the same cached features; "
-                 "baseline: majority answer, empty transcript, seasonal naive (52 weeks). Minutes cover training "
+                 "baseline: majority answer, empty transcript, seasonal naive (52 weeks, 12 months). Minutes cover training "
                  "and evaluation; a demo training serves its three tasks.")
     write_report(out, "quality", machine, rows, lines)
 

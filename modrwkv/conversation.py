@@ -72,6 +72,11 @@ def tokenize_conversation(
     return expand_placeholders(ids, item_lengths, sample_id, labels)
 
 
+def text_length(tokenizer: WorldTokenizer, turns: list[Turn], n_items: int, sample_id: str = "?") -> int:
+    """The conversation's tokens without its feature items: its length in a batch is this plus the items'."""
+    return len(tokenize_conversation(tokenizer, turns, [0] * n_items, sample_id)[0])
+
+
 def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int], sample_id: str = "?") -> list[int]:
     """A generation prompt: one user turn, then "Assistant:" for the model to continue. The same tokens as a
     training conversation that ends with that user turn (a forecasting sample), so a forecast head reads the

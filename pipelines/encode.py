@@ -109,6 +109,8 @@ class EncodeConfig:
     limits: Limits = field(default_factory=Limits)
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # the context length the cache will train at: encode counts and names the samples over it (changes no feature)
+    max_length: int | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class EncodeResult:
     reused: bool
     encoded_shards: list[int]
     seconds: float
+    over_length: list[dict] | None = None  # with max_length: the samples over it, features uncompressed
 
 
 # ---- driver side: read, key, plan ---------------------------------------------------------------------------
@@ -323,9 +326,20 @@ class ShardEncoder:
                     else:
                         written.append({"key": s["key"], "arrays": {f"item{j}": a for j, a in enumerate(f)},
                                         "meta": {**s["meta"], "modality": s["modality"]}})
-            receipt = self.entry.write_shard(int(index), pack_shard(written), [w["key"] for w in written], rejects)
+            receipt = self.entry.write_shard(int(index), pack_shard(written), [w["key"] for w in written], rejects,
+                                             [sample_lengths(w) for w in written])
             receipts.append(json.dumps({"index": int(index), "count": receipt["count"], "rejected": len(rejects)}))
         return {"receipt": np.array(receipts, dtype=object)}
+
+
+def sample_lengths(sample: dict) -> list:
+    """[text tokens, [feature tokens of each item]]: what a context length is checked against."""
+    from modrwkv.conversation import Turn, text_length
+
+    n_items = sum(name.startswith("item") for name in sample["arrays"])
+    items = [sample["arrays"][f"item{j}"].shape[0] for j in range(n_items)]
+    turns = [Turn(**t) for t in sample["meta"]["turns"]]
+    return [text_length(world_tokenizer(), turns, len(items), sample["key"]), items]
 
 
 def encode_shards(config: EncodeConfig, uri: str, shards: list[list[RawSample]], todo: list[int]) -> None:
@@ -363,7 +377,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     if entry.is_complete() and not config.run.force:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
-        return EncodeResult(uri, manifest, True, [], time.perf_counter() - start)
+        return EncodeResult(uri, manifest, True, [], time.perf_counter() - start, report_over_length(uri, config))
     if config.run.force:
         entry.clear()
     shards = plan_shards(samples, config.cache.shard_size)
@@ -379,7 +393,26 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     c = manifest["counts"]
     print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
           + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
-    return EncodeResult(uri, manifest, False, todo, time.perf_counter() - start)
+    return EncodeResult(uri, manifest, False, todo, time.perf_counter() - start, report_over_length(uri, config))
+
+
+def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:
+    """With `max_length`: prints how many samples exceed it by their text alone (training skips them with any
+    projector) and with their features uncompressed (a projector's compression may bring these under)."""
+    from preprocessing.cache.reader import FeatureCache
+
+    if not config.max_length:
+        return None
+    cache = FeatureCache(uri)
+    text_only, whole = cache.over_length(config.max_length, lambda n: 0), cache.over_length(config.max_length)
+    if whole is None:
+        print(f"{uri} was encoded before sample lengths were recorded: re-encode with --force to check max_length")
+        return None
+    examples = ", ".join(f"{s['key']} ({s['tokens']} tokens)" for s in whole[:3])
+    print(f"max_length {config.max_length}: {len(text_only)} of {len(cache)} samples are over it by their text alone "
+          f"(training skips them whatever the projector), {len(whole)} with their features uncompressed"
+          + (f", e.g. {examples}" if whole else ""))
+    return whole
 
 
 def code_version() -> str:

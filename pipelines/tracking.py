@@ -47,16 +47,22 @@ def git_revision() -> str:
         return "unknown"
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
+
+
 def experiment_id(client, uri: str, name: str) -> str:
-    """The experiment's id, created when missing. With a SQLite store (no server), artifacts go beside the
-    database file; MLflow's default would be ./mlruns in whatever folder the job runs in."""
+    """The experiment's id, created when missing, marked as model training (MLflow 3's UI would otherwise guess
+    its kind). With a SQLite store (no server), artifacts go beside the database file; MLflow's default would be
+    ./mlruns in whatever folder the job runs in."""
     found = client.get_experiment_by_name(name)
     if found:
+        if EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").absolute().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
@@ -89,6 +95,18 @@ class MetricLogger:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def system_metrics(uri: str, run_id: str, node: str | None, every_s: float):
+    """A started monitor logging this machine's CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU
+    use into the run as `system/[<node>/]...` every `every_s` seconds, until `finish()` or the run ends. A
+    restarted worker continues its step numbers."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, node_id=node,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 class StepProgress:

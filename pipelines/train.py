@@ -99,6 +99,7 @@ class TrackingConfig:
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db
     experiment: str = "modrwkv"
     run_name: str | None = None
+    system_metrics_every_s: float = 10.0  # CPU, memory, GPU of each training node into the run; 0: off
 
 
 @dataclass
@@ -110,12 +111,15 @@ class TrainConfig:
     caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
     output_dir: str = "runs/train"
     max_length: int = 2048
+    prefetch_threads: int = 4  # per worker, read, check and decode the next shards ahead; 0: on the training thread
     seed: int = 0
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
+        if self.prefetch_threads < 0:
+            raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
         for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
             caches = phase.caches or self.caches
             if not caches:
@@ -220,6 +224,27 @@ def feature_stats(cache_uris: list[str], modalities: set[str], max_shards: int =
     return stats
 
 
+def over_length_in_caches(cache_uris: list[str], mm_config: dict, max_length: int) -> int | None:
+    """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
+    recorded lengths, before any worker starts; training skips and names them). The total, or None when a cache
+    predates recorded lengths."""
+    from modrwkv.multimodal import ModRWKVConfig
+    from preprocessing.cache.reader import FeatureCache
+
+    projectors, total = ModRWKVConfig.from_dict(mm_config).projectors, 0
+    for uri in cache_uris:
+        cache = FeatureCache(uri)
+        over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
+        if over is None:
+            print(f"{uri}: encoded before sample lengths were recorded; over-long samples are counted as met")
+            return None
+        if over:
+            print(f"{uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be skipped, "
+                  f"e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
+        total += len(over)
+    return total
+
+
 def backbone_config(config: TrainConfig):
     from modrwkv.checkpoint import infer_config, read_rwkv_pth
     from modrwkv.config import RWKV7Config
@@ -266,6 +291,9 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
+        over = over_length_in_caches(caches, mm_config, config.max_length)
+        if over is not None:
+            tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         standardized = {m for m, p in mm_config["projectors"].items() if p.get("standardize")}
@@ -274,7 +302,9 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                        "backbone": {"path": absolute(config.model.backbone.path)},
                        "init_from": str(init_from) if init_from else None, "feature_stats": stats,
                        "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
-                       "seed": config.seed, "tracking_uri": uri, "run_id": run_id}
+                       "prefetch_threads": config.prefetch_threads,
+                       "seed": config.seed, "tracking_uri": uri, "run_id": run_id,
+                       "system_metrics_every_s": config.tracking.system_metrics_every_s}
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,

@@ -39,33 +39,63 @@ def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
-def micro_batches(caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None):
+class MicroBatches:
     """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
     sample counts). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
     the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
-    text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's."""
-    def stream(cache):
-        epoch = 0
-        while True:
-            yield from cache.iter_samples(rank, world, seed=seed, epoch=epoch)
-            epoch += 1
+    text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
 
-    streams = [stream(c) for c in caches]
-    pick = random.Random(seed)
-    weights = mix or [len(c) for c in caches]
-    while True:
-        i = pick.choices(range(len(caches)), weights)[0]
-        batch, skipped = collator([next(streams[i]) for _ in range(micro)]), []
-        for _ in range(len(caches[i]) // micro + 1):  # every sample over-long: draw again, a pass at most
+    `position()` is plain counts (caches drawn; per cache, the samples taken); a stream built with it continues
+    exactly where the first one stood, reading no shard before that point."""
+
+    def __init__(self, caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None,
+                 position: dict | None = None, prefetch: int = 4):
+        self.caches, self.collator, self.micro, self.seed = caches, collator, micro, seed
+        self.rank, self.world, self.prefetch = rank, world, prefetch
+        self.weights = mix or [len(c) for c in caches]
+        position = position or {"draws": 0, "taken": [0] * len(caches)}
+        if len(position["taken"]) != len(caches):
+            raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
+        self.draws, self.taken = 0, list(position["taken"])
+        self.pick = random.Random(seed)
+        for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
+            self.draw()
+        self.streams = [self.stream(i) for i in range(len(caches))]
+
+    def position(self) -> dict:
+        return {"draws": self.draws, "taken": list(self.taken)}
+
+    def draw(self) -> int:
+        self.draws += 1
+        return self.pick.choices(range(len(self.caches)), self.weights)[0]
+
+    def stream(self, i: int):
+        cache = self.caches[i]
+        epoch, start = divmod(self.taken[i], cache.samples_per_worker(self.world))
+        for sample in cache.iter_samples(self.rank, self.world, seed=self.seed, epoch=epoch, start=start,
+                                         epochs=None, prefetch=self.prefetch):
+            self.taken[i] += 1  # counted before it is handed out: a position taken between draws is exact
+            yield sample
+
+    def take(self, i: int):
+        return self.collator([next(self.streams[i]) for _ in range(self.micro)])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        i = self.draw()
+        batch, skipped = self.take(i), []
+        for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample over-long: draw again, a pass at most
             if batch.sample_ids:
                 break
             skipped += batch.skipped
-            batch = collator([next(streams[i]) for _ in range(micro)])
+            batch = self.take(i)
         else:
-            raise ValueError(f"{caches[i].uri}: every sample drawn is over max_length "
+            raise ValueError(f"{self.caches[i].uri}: every sample drawn is over max_length "
                              f"({len(skipped)} in a row, e.g. {skipped[0]})")
         batch.skipped = skipped + batch.skipped
-        yield caches[i].modality, batch
+        return self.caches[i].modality, batch
 
 
 def to_device(batch, device):
@@ -106,11 +136,15 @@ def train_loop_per_worker(cfg: dict) -> None:
     from preprocessing.cache.reader import FeatureCache
 
     from .schedule import warmup_cosine
-    from .tracking import MetricLogger
+    from .tracking import MetricLogger, system_metrics
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     hp, phase = cfg["hp"], cfg["phase"]
+    monitor = None
+    if cfg["system_metrics_every_s"] and ctx.get_local_rank() == 0:  # one monitor per machine
+        node = f"node{ctx.get_node_rank()}" if ctx.get_local_world_size() < world else None
+        monitor = system_metrics(cfg["tracking_uri"], cfg["run_id"], node, cfg["system_metrics_every_s"])
     model = build_model(cfg)
     model.backbone.use_contiguous_weights()
     model.set_phase(phase)
@@ -121,21 +155,23 @@ def train_loop_per_worker(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.99), eps=1e-8)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                                    config=deepspeed_config(hp, cfg["deepspeed"], world, on_gpu))
-    step = 0
+    step, position = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             path, client_state = engine.load_checkpoint(d, tag="ds")
             if path is None:  # DeepSpeed returns (None, None) instead of raising
                 raise FileNotFoundError(f"{d}: no DeepSpeed checkpoint to resume from")
-            step = client_state["step"]
+            step, positions = client_state["step"], client_state["data_positions"]
+            if len(positions) != world:
+                raise ValueError(f"{d}: saved by {len(positions)} workers, resumed by {world}")
+            position = positions[rank]
 
     caches = [FeatureCache(u) for u in cfg["caches"]]
     collator = Collator(WorldTokenizer(), model.config, cfg["max_length"], skip_over_length=True)
-    batches = micro_batches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"], hp["mix"])
+    batches = MicroBatches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"], hp["mix"], position,
+                           cfg["prefetch_threads"])
     accumulation = engine.gradient_accumulation_steps()
-    for _ in range(step * accumulation):  # the data position of the resumed step
-        next(batches)
     logger = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     if logger and step:
         logger.log({"resumed_from_step": step}, step)
@@ -147,10 +183,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         scale = warmup_cosine(step, hp["steps"], hp["warmup_steps"], hp["min_lr_ratio"])
         for g in optimizer.param_groups:
             g["lr"] = hp["lr"] * g["lr_scale"] * scale
-        started, losses, samples, tokens = time.perf_counter(), [], 0, 0
+        started, losses, samples, tokens, waited = time.perf_counter(), [], 0, 0, 0.0
         by_modality = {}
         for _ in range(accumulation):
+            before = time.perf_counter()
             modality, batch = next(batches)
+            waited += time.perf_counter() - before
             skipped += [{**s, "step": step + 1, "rank": rank} for s in batch.skipped]
             batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -169,7 +207,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                    "lr": hp["lr"] * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": all_mean(samples, engine.device) * world / seconds,
                    "tokens_per_s": all_mean(tokens, engine.device) * world / seconds,
-                   "skipped_over_length": all_mean(len(skipped), engine.device) * world}
+                   "skipped_over_length": all_mean(len(skipped), engine.device) * world,
+                   "data_wait_s": all_mean(waited, engine.device)}  # the step's time spent waiting for its batches
         # every rank draws the same cache per micro-step, so these keys agree across ranks
         metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), engine.device) for m, v in sorted(by_modality.items())})
         if logger:
@@ -178,11 +217,25 @@ def train_loop_per_worker(cfg: dict) -> None:
         if last:
             log_skipped(skipped, logger, world)
         if last or (hp["checkpoint_every"] and step % hp["checkpoint_every"] == 0):
+            positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag="ds", client_state={"step": step})
+                engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions})
                 if last:
                     save_final(model, Path(d), phase, rank, cfg["deepspeed"]["zero_stage"])
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    if monitor:
+        monitor.finish()  # logs what it holds; after a crash it stops by itself once the run is no longer RUNNING
+
+
+def gather(value, world: int) -> list:
+    """Every rank's `value`, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and world > 1):
+        return [value]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def log_skipped(skipped: list[dict], logger, world: int) -> None:
@@ -190,13 +243,7 @@ def log_skipped(skipped: list[dict], logger, world: int) -> None:
     A collective: every rank calls it."""
     import json
 
-    import torch.distributed as dist
-
-    everyone = [skipped]
-    if dist.is_initialized() and world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, skipped)
-    rows = [row for part in everyone for row in part]
+    rows = [row for part in gather(skipped, world) for row in part]
     if logger is not None and rows:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "skipped_samples.jsonl"

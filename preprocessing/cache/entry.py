@@ -51,9 +51,13 @@ class CacheEntry:
         return {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
                 if n.startswith("shard-") and n.endswith(".json")}
 
-    def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict]) -> dict:
+    def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
+                    lengths: list[list] | None = None) -> dict:
+        """lengths: per key, [text tokens, [tokens of each feature item]], so a context length can be checked
+        against the whole cache from its manifest alone."""
         receipt = {"index": index, "name": shard_name(index), "count": len(keys), "keys": keys,
-                   "sha256": hashlib.sha256(shard).hexdigest(), "bytes": len(shard), "rejects": rejects}
+                   "sha256": hashlib.sha256(shard).hexdigest(), "bytes": len(shard), "rejects": rejects,
+                   "lengths": lengths}
         storage.write_atomic(self.path(shard_name(index)), shard)
         storage.write_atomic(self.path(receipt_name(index)), canonical_json(receipt))
         return receipt
@@ -77,7 +81,7 @@ class CacheEntry:
         manifest = {
             "format_version": FORMAT_VERSION, "cache_id": cache_id(spec), **spec, **extra,
             "counts": {"read": n_read, "written": written, "rejected": len(rejects)},
-            "shards": [{k: r[k] for k in ("name", "count", "sha256", "bytes", "keys")} for r in receipts],
+            "shards": [{k: r.get(k) for k in ("name", "count", "sha256", "bytes", "keys", "lengths")} for r in receipts],
         }
         storage.write_atomic(self.path(REJECTS), b"".join(canonical_json(r) + b"\n" for r in rejects))
         storage.write_atomic(self.path(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())

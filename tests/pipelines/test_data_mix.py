@@ -1,13 +1,14 @@
 """Which cache each micro-batch comes from: by sample count, or by the phase's `mix` weights."""
 
 from collections import Counter
+from itertools import count
 from types import SimpleNamespace
 
 import pytest
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.train import TrainConfig
-from pipelines.train_loop import micro_batches
+from pipelines.train_loop import MicroBatches
 
 
 class FakeCache:
@@ -21,8 +22,12 @@ class FakeCache:
     def modality(self):
         return f"modality-{self.name}"
 
-    def iter_samples(self, rank, world, seed, epoch):
-        return ({"cache": self.name, "i": i} for i in range(self.n))
+    def samples_per_worker(self, world):
+        return self.n
+
+    def iter_samples(self, rank, world, seed, epoch, start, epochs, prefetch):
+        assert epochs is None  # one endless stream per cache
+        return ({"cache": self.name, "i": i % self.n, "epoch": epoch + i // self.n} for i in count(start))
 
 
 def fake_collator(too_long=lambda sample: False):
@@ -30,24 +35,25 @@ def fake_collator(too_long=lambda sample: False):
     def collate(samples):
         kept = [x for x in samples if not too_long(x)]
         return SimpleNamespace(cache=samples[0]["cache"], sample_ids=[x["i"] for x in kept],
+                               epochs=[x["epoch"] for x in kept],
                                skipped=[{"key": x["i"]} for x in samples if too_long(x)])
     return collate
 
 
 def drawn(mix, n=4000):
     caches = [FakeCache("a", 300), FakeCache("b", 100)]
-    batches = micro_batches(caches, fake_collator(), 2, 0, 1, seed=0, mix=mix)
+    batches = MicroBatches(caches, fake_collator(), 2, 0, 1, seed=0, mix=mix)
     pairs = [next(batches) for _ in range(n)]
     assert all(modality == f"modality-{batch.cache}" for modality, batch in pairs)
     return Counter(batch.cache for _, batch in pairs)
 
 
 def test_over_long_samples_are_skipped_and_named_and_a_cache_of_nothing_else_fails_clearly():
-    batches = micro_batches([FakeCache("a", 40)], fake_collator(lambda x: x["i"] % 4 != 0), 2, 0, 1, seed=0)
+    batches = MicroBatches([FakeCache("a", 40)], fake_collator(lambda x: x["i"] % 4 != 0), 2, 0, 1, seed=0)
     seen = [next(batches)[1] for _ in range(30)]
     assert all(batch.sample_ids and all(i % 4 == 0 for i in batch.sample_ids) for batch in seen)
     assert {s["key"] for batch in seen for s in batch.skipped} == {i for i in range(40) if i % 4}
-    hopeless = micro_batches([FakeCache("b", 10)], fake_collator(lambda x: True), 2, 0, 1, seed=0)
+    hopeless = MicroBatches([FakeCache("b", 10)], fake_collator(lambda x: True), 2, 0, 1, seed=0)
     with pytest.raises(ValueError, match="fake/b: every sample drawn is over max_length"):
         next(hopeless)
 
@@ -77,3 +83,22 @@ def test_bad_mix_is_refused(mix, message):
 
 def test_mix_accepted():
     assert from_dict(TrainConfig, config(mix=[2, 1])).phase1.mix == [2, 1]
+
+
+def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood():
+    def stream(position=None):
+        caches = [FakeCache("a", 15), FakeCache("b", 7)]
+        return MicroBatches(caches, fake_collator(lambda x: x["i"] % 5 == 1), 2, 0, 1, seed=4, position=position)
+
+    first = stream()
+    for _ in range(23):  # past several epochs of both caches, with over-long samples skipped on the way
+        next(first)
+    position = first.position()
+    assert position["draws"] >= 23 and position["taken"][0] > 15 and position["taken"][1] > 7  # past an epoch
+    resumed = stream(position)
+    assert resumed.position() == position
+    for _ in range(40):
+        (m1, b1), (m2, b2) = next(first), next(resumed)
+        assert (m1, b1.sample_ids, b1.epochs, b1.skipped) == (m2, b2.sample_ids, b2.epochs, b2.skipped)
+    with pytest.raises(ValueError, match="a data position for 2 caches cannot resume 1"):
+        MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)

@@ -130,6 +130,30 @@ def test_second_run_reuses_the_cache_and_a_changed_encoder_does_not(tmp_path, en
     assert run_encode(limits).uri not in (first.uri, other.uri)
 
 
+def test_encode_names_the_samples_over_the_context_length(tmp_path, encoders, ray_local):
+    from modrwkv.batching import Collator
+    from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
+    from modrwkv.tokenizer import WorldTokenizer
+    from tests.mixed_llava import mixed_llava
+
+    path = mixed_llava(tmp_path / "data", n_images=6, n_long=2)
+    sections = {"dataset": {"format": "llava", "path": str(path)},
+                "encoder": {"kind": "clip", "model_dir": str(encoders["clip"])},
+                "cache": {"root": str(tmp_path / "cache"), "shard_size": 4}, "max_length": 200}
+    result = run_encode(config(**sections))
+    assert sorted(s["key"] for s in result.over_length) == ["long-0", "long-1"]
+    assert run_encode(config(**{**sections, "max_length": 100000})).over_length == []  # a cache hit reports too
+    # the manifest's lengths are the collator's: text tokens plus each item's compressed length
+    cache = FeatureCache(result.uri)
+    projector = ProjectorConfig(encoder_dim=32, model_dim=32, kernel=3, stride=2)
+    model = ModRWKVConfig.from_dict({"backbone": {"vocab_size": 65536, "n_layer": 1, "n_embd": 32, "head_size": 16}})
+    model.projectors["image"] = projector
+    collate, compressed = Collator(WorldTokenizer(), model), projector.compressed_length
+    tokens = {s["key"]: len(collate.encode(s)[0]) for s in cache.iter_samples(shuffle=False)}
+    assert len(tokens) == 12 and len({n for n in tokens.values()}) > 2  # image, text-only and long samples
+    assert cache.over_length(0, compressed) == [{"key": k, "tokens": n} for k, n in tokens.items()]
+
+
 def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encoders, ray_local):
     build_digits(tmp_path / "digits", n_train=64, n_test=0)
     path = tmp_path / "encode.yaml"

@@ -1,14 +1,18 @@
-"""The paper's vision recipe rehearsed the way a user runs it on a cluster: the shipped YAML files themselves,
+"""The paper's recipes rehearsed the way a user runs them on a cluster: the shipped YAML files themselves,
 shrunk with `--set`, submitted with `ray job submit` (the `python -m pipelines.*` job commands) to a Ray head,
-on LLaVA-format data in S3 that mixes image, text-only and over-long samples, a tiny random RWKV-7 written
-as an RWKV-LM `.pth` and a tiny SigLIP2; MLflow on its server. Passes only if both encodes, phase I, phase II
-and the evaluation finish and MLflow holds the runs FINISHED."""
+with a tiny random RWKV-7 written as an RWKV-LM `.pth`, data in S3 and MLflow on its server. Vision: LLaVA-format
+data mixing image, text-only and over-long samples, a tiny SigLIP2. Audio: a LibriSpeech-format tree with
+over-long transcripts, a tiny Whisper. Each passes only if its encodes, phase I, phase II and the evaluation
+finish and MLflow holds the runs FINISHED."""
 
+import io
 import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 from mlflow import MlflowClient
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
@@ -19,6 +23,7 @@ from modrwkv import RWKV7Config
 from tests.conftest import random_backbone
 from tests.mixed_llava import mixed_llava
 from tests.services import BUCKET
+from tests.tiny_models import save_tiny_whisper
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = "configs/paper"
@@ -31,6 +36,64 @@ def llava_data_in_s3(tmp_path: Path, s3) -> str:
     for image in (tmp_path / "digits" / "images").iterdir():
         s3.put_object(Bucket=BUCKET, Key=f"rehearsal/llava/images/{image.name}", Body=image.read_bytes())
     return f"s3://{BUCKET}/rehearsal/llava"
+
+
+def librispeech_in_s3(s3, n: int = 12, n_long: int = 2) -> str:
+    """A LibriSpeech-format tree (speaker/chapter/*.flac and a *.trans.txt): `n` short tone clips read as digit
+    words, and `n_long` clips whose transcripts are far over a small context length."""
+    words = ["ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE"]
+    folder, lines = "rehearsal/LibriSpeech/train/19/198", []
+    for i in range(n + n_long):
+        utterance = f"19-198-{i:04d}"
+        seconds = 0.4 + 0.1 * (i % 5)
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 40 * (i % 10)) * np.arange(int(16000 * seconds)) / 16000)
+        flac = io.BytesIO()
+        soundfile.write(flac, wave.astype(np.float32), 16000, format="FLAC")
+        s3.put_object(Bucket=BUCKET, Key=f"{folder}/{utterance}.flac", Body=flac.getvalue())
+        lines.append(f"{utterance} {words[i % 10] if i < n else ' '.join(words * 12)}")
+    s3.put_object(Bucket=BUCKET, Key=f"{folder}/19-198.trans.txt", Body="\n".join(lines).encode())
+    return f"s3://{BUCKET}/rehearsal/LibriSpeech/train"
+
+
+def tiny_pth_backbone(tmp_path: Path) -> Path:
+    backbone = tmp_path / "rwkv7.pth"  # RWKV-LM's checkpoint format: a plain state dict
+    tiny = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)
+    torch.save(random_backbone(tiny).state_dict(), backbone)
+    return backbone
+
+
+def shrunk(backbone: Path, tmp_path: Path, tracking_uri: str, cache: str) -> list[str]:
+    """The overrides that fit a paper recipe to 2 CPU workers, 3 steps a phase and a 96-token context."""
+    overrides = [f"model.backbone.path={backbone}", f"output_dir={tmp_path / 'runs'}", "max_length=96",
+                 "scaling.workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
+                 f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
+    for phase in (1, 2):
+        overrides += [f"phase{phase}.steps=3", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
+                      f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0", f"phase{phase}.caches=[{cache}]"]
+    return overrides
+
+
+def check_runs(client, experiment_name: str, cache: str) -> dict:
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    runs = {r.data.tags.get("phase", "eval"): r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"1", "2", "eval"}
+    assert all(r.info.status == "FINISHED" and r.info.end_time for r in runs.values())
+    for phase in ("1", "2"):
+        (used,) = runs[phase].inputs.dataset_inputs
+        assert used.dataset.source.endswith(f'{cache}"}}') or cache in used.dataset.source
+        assert runs[phase].data.metrics["skipped_over_length"] >= 1  # the long samples, skipped and counted
+        assert runs[phase].data.metrics["over_length_in_caches"] == 2  # and known from the manifest beforehand
+        assert "system/cpu_utilization_percentage" in runs[phase].data.metrics
+    return runs
+
+
+def cache_in_s3(s3, cache_root: str) -> str:
+    prefix = cache_root.split("/", 3)[3] + "/"
+    entries = {key.split("/")[2] for key in (o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)[
+        "Contents"]) if key.endswith("manifest.json")}
+    assert len(entries) == 1  # the same data and encoder twice: one cache, found the second time
+    return f"{cache_root}/{entries.pop()}"
 
 
 def job(head, env, command: str, *overrides: str) -> None:
@@ -48,9 +111,7 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     siglip2 = Siglip2VisionConfig(patch_size=8, num_patches=16, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=1, num_attention_heads=2)
     Siglip2VisionModel(siglip2).save_pretrained(tmp_path / "siglip2")
-    backbone = tmp_path / "rwkv7.pth"  # RWKV-LM's checkpoint format: a plain state dict
-    tiny = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)
-    torch.save(random_backbone(tiny).state_dict(), backbone)
+    backbone = tiny_pth_backbone(tmp_path)
     env = s3_server.env()
 
     cache_root = f"s3://{BUCKET}/rehearsal/cache"  # the bucket is shared with other tests
@@ -59,19 +120,11 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
             f"dataset.path={data}/mixed.json", f"dataset.media_root={data}",
             f"encoder.model_dir={tmp_path / 'siglip2'}", "encoder.dtype=fp32", f"cache.root={cache_root}",
             "cache.shard_size=8", "run.actors=1", "run.batch_size=8", "run.gpus_per_actor=0")
-    entries = {key.split("/")[2] for key in (o["Key"] for o in s3.list_objects_v2(
-        Bucket=BUCKET, Prefix="rehearsal/cache/")["Contents"]) if key.endswith("manifest.json")}
-    assert len(entries) == 1  # the same data and encoder twice: one cache, found the second time
-    cache = f"{cache_root}/{entries.pop()}"
+    cache = cache_in_s3(s3, cache_root)
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{cache.split('/', 3)[3]}/manifest.json")["Body"].read())
     assert manifest["counts"] == {"read": 30, "written": 30, "rejected": 0}  # over-long samples are kept here
 
-    shrink = [f"model.backbone.path={backbone}", f"output_dir={tmp_path / 'runs'}", "max_length=96",
-              "scaling.workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
-              f"tracking.tracking_uri={mlflow_server.tracking_uri}"]
-    for phase in (1, 2):
-        shrink += [f"phase{phase}.steps=3", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
-                   f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0", f"phase{phase}.caches=[{cache}]"]
+    shrink = shrunk(backbone, tmp_path, mlflow_server.tracking_uri, cache)
     for phase in (1, 2):
         job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_vision.yaml --phase {phase}", *shrink)
     model = tmp_path / "runs" / "modrwkv-vision-1.5b" / "phase2" / "model"
@@ -79,13 +132,27 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
                        f"--out-dir {tmp_path / 'eval'}", f"tracking_uri={mlflow_server.tracking_uri}",
         "max_new_tokens=2")
 
-    client = MlflowClient(mlflow_server.tracking_uri)
-    experiment = client.get_experiment_by_name("modrwkv-vision")
-    runs = {r.data.tags.get("phase", "eval"): r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"1", "2", "eval"}
-    assert all(r.info.status == "FINISHED" and r.info.end_time for r in runs.values())
-    for phase in ("1", "2"):
-        (used,) = runs[phase].inputs.dataset_inputs
-        assert used.dataset.source.endswith(f'{cache}"}}') or cache in used.dataset.source
-        assert runs[phase].data.metrics["skipped_over_length"] >= 1  # the long samples, skipped and counted
+    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-vision", cache)
     assert 0 <= runs["eval"].data.metrics["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tmp_path):
+    s3 = s3_client(s3_server.endpoint_url)
+    data = librispeech_in_s3(s3)
+    whisper, backbone, env = save_tiny_whisper(tmp_path / "whisper"), tiny_pth_backbone(tmp_path), s3_server.env()
+    cache_root = f"s3://{BUCKET}/rehearsal/audio-cache"
+    for encode in ("encode_librispeech", "encode_librispeech_test_clean"):  # here the same tree: one cache
+        job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/{encode}.yaml", f"dataset.path={data}",
+            f"encoder.model_dir={whisper}", "encoder.dtype=fp32", f"cache.root={cache_root}", "cache.shard_size=4",
+            "run.actors=1", "run.batch_size=4", "run.gpus_per_actor=0", "max_length=96")
+    cache = cache_in_s3(s3, cache_root)
+    for phase in (1, 2):
+        job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_audio.yaml --phase {phase}",
+            *shrunk(backbone, tmp_path, mlflow_server.tracking_uri, cache))
+    model = tmp_path / "runs" / "modrwkv-audio-1.5b" / "phase2" / "model"
+    job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_librispeech.yaml",
+        f"checkpoint={model}", f"cache={cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "max_new_tokens=2",
+        f"tracking_uri={mlflow_server.tracking_uri}")
+    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", cache)
+    assert runs["eval"].data.metrics["wer_en"] >= 0

@@ -35,7 +35,8 @@ def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:
         "phase1": {"lr": 3e-3, "steps": 8, "global_batch": 16, "micro_batch": 4, **phase1},
         "phase2": {"lr": 1e-3, "steps": 4, "global_batch": 16, "micro_batch": 4},
         "scaling": {"workers": 2}, "deepspeed": {"zero_stage": 2},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "test-train"}})
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "test-train",
+                     "system_metrics_every_s": 1.0}})
 
 
 def losses(client, run_id):
@@ -75,8 +76,11 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert run.data.params["phase2.lr"] == "0.001" and run.data.params["deepspeed.zero_stage"] == "2"
     assert cache.split("/")[-1] in run.data.tags["feature_cache_ids"]
     assert len(run.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
-    for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+    for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s"):
         assert len(client.get_metric_history(two.run_id, metric)) == 4
+    for metric in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert client.get_metric_history(two.run_id, metric)  # one monitor on this one machine, no node prefix
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(two.run_id)}
     assert {"config.yaml", "loss_curve.png", "model", "adapter"} <= artifacts
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(two.run_id, "model")}
@@ -120,6 +124,12 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     assert resumed and resumed[0].value % 3 == 0 and 3 <= resumed[0].value < 12
     assert max(m.step for m in client.get_metric_history(result.run_id, "loss")) == 12
+    # the data position is saved with each checkpoint and restored from it (not replayed): 12 steps x 2 micro-
+    # batches of 4 per rank = 96 samples
+    last = sorted((root / "runs" / "fault" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt"))
+    state = torch.load(max(last, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
+    assert state["step"] == 12 and len(state["data_positions"]) == 2
+    assert state["data_positions"] == [{"draws": 24, "taken": [96]}] * 2
 
 
 def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, ray_head, mlflow_server, s3_server, tmp_path):
@@ -190,3 +200,5 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
     named = [json.loads(line) for line in artifact.read_text().splitlines()]
     assert len(named) == skipped[-1].value and {r["key"] for r in named} <= {"long-0", "long-1", "long-2"}
     assert all(r["tokens"] > 96 for r in named)
+    (expected,) = client.get_metric_history(result.run_id, "over_length_in_caches")  # known before training
+    assert expected.value == 3

@@ -1,5 +1,7 @@
 """The cache format: deterministic shards, receipts, the manifest written last, and the training-side reader."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -43,16 +45,55 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     manifest = write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
     assert manifest["counts"] == {"read": 12, "written": 12, "rejected": 0}
     cache = FeatureCache(str(tmp_path / "e"))
-    rank0 = [s["key"] for s in cache.iter_samples(0, 2, seed=1, buffer_size=3)]
-    rank1 = [s["key"] for s in cache.iter_samples(1, 2, seed=1, buffer_size=3)]
+    rank0 = [s["key"] for s in cache.iter_samples(0, 2, seed=1, window=3)]
+    rank1 = [s["key"] for s in cache.iter_samples(1, 2, seed=1, window=3)]
     assert len(rank0) == len(rank1) == 5  # rank 1 holds 4 + 1 samples; rank 0 is cut to match
     assert not set(rank0) & set(rank1)
-    assert rank0 == [s["key"] for s in cache.iter_samples(0, 2, seed=1, buffer_size=3)]
-    assert rank0 != [s["key"] for s in cache.iter_samples(0, 2, seed=1, epoch=1, buffer_size=3)]
+    assert rank0 == [s["key"] for s in cache.iter_samples(0, 2, seed=1, window=3)]
+    assert rank0 != [s["key"] for s in cache.iter_samples(0, 2, seed=1, epoch=1, window=3)]
     in_order = [s["key"] for s in cache.iter_samples(shuffle=False)]
     assert in_order == [f"s{i:03d}" for i in range(12)]
     with pytest.raises(ValueError, match="4 shards for 5 workers"):
         cache.samples_per_worker(5)
+
+
+def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatch):
+    write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
+    cache = FeatureCache(str(tmp_path / "e"))
+    assert cache.windows([0, 1, 2, 3, 4], 5) == [(0, [0, 1]), (6, [2, 3]), (12, [4])]
+    whole = [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5)]
+    assert sorted(whole) == [f"s{i:03d}" for i in range(14)] and whole != sorted(whole)
+    three = [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3)]
+    assert three[:14] == whole and three[14:28] != whole and sorted(three[28:]) == sorted(whole)
+    read = []
+    original = FeatureCache.read_shard
+    monkeypatch.setattr(FeatureCache, "read_shard", lambda self, i: read.append(i) or original(self, i))
+    for start in (0, 5, 6, 13, 14):
+        read.clear()
+        assert [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, start=start)] == whole[start:]
+        held = sum(cache.shards[i]["count"] for i in read)  # what it read beyond what it yields: one window's head
+        assert 0 <= held - (14 - start) < 5 + 2 and (start < 14 or not read)
+    endless = cache.iter_samples(seed=3, epoch=2, window=5, start=9, epochs=None)
+    assert [next(endless)["key"] for _ in range(5 + 28)] == three[9:]
+    for depth in (0, 1, 8):  # how many threads read ahead changes nothing in what is read
+        assert [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3, prefetch=depth)] == three
+    with pytest.raises(ValueError, match="start 15 is outside an epoch's 14 samples"):
+        next(cache.iter_samples(start=15))
+
+
+def test_reader_reads_the_next_window_while_this_one_is_consumed(tmp_path, monkeypatch):
+    write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
+    cache, read = FeatureCache(str(tmp_path / "e")), []
+    original = FeatureCache.read_shard
+    monkeypatch.setattr(FeatureCache, "read_shard", lambda self, i: read.append(i) or original(self, i))
+    samples = cache.iter_samples(shuffle=False, window=5, epochs=None, prefetch=2)
+    next(samples)  # window 0 (shards 0, 1) is in hand; shards 2 and 3 (window 1) and nothing more are on their way
+    deadline = time.time() + 10
+    while len(read) < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert sorted(read) == [0, 1, 2, 3]
+    samples.close()  # stops the readers
 
 
 def test_reader_refuses_changed_shards_and_unfinished_entries(tmp_path):
@@ -62,6 +103,8 @@ def test_reader_refuses_changed_shards_and_unfinished_entries(tmp_path):
     shard.write_bytes(pack_shard(samples(2, 100)))
     with pytest.raises(ValueError, match="shard-00001.tar: sha256 differs from the manifest"):
         FeatureCache(uri).read_shard(1)
+    with pytest.raises(ValueError, match="shard-00001.tar: sha256 differs"):  # raised on a reader thread, seen here
+        list(FeatureCache(uri).iter_samples(shuffle=False))
     entry = CacheEntry(uri)
     entry.clear()
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
