@@ -1,18 +1,24 @@
-"""From encoder features to backbone embeddings: optional per-dimension standardisation, optional Conv1D
-sequence compression, then the MLP adapter.
+"""From encoder features to backbone embeddings: optional normalisation with the training features' statistics,
+optional Conv1D sequence compression, then the MLP adapter.
 
-    features [L, enc] --(x - mean) / std--> --Conv1D(k, s), no padding--> [L', enc], L' = floor((L - k) / s) + 1
+    features [L, enc] --normalize--> --Conv1D(k, s), no padding--> [L', enc], L' = floor((L - k) / s) + 1
                       --Linear(enc, m*C) -> ReLU -> Linear(m*C, C)--> [L', C]
 (k, s) = (0, 0) means no compression. The paper's Table 7: 577 tokens -> 288 / 192 / 144 for (3,2) / (4,3) / (5,4).
-With `standardize`, mean and std are buffers holding the training features' statistics (`set_feature_stats`),
-saved with the weights: a frozen encoder's informative directions can have a small spread (DINOv2's colour), and
-the adapter learns them far faster once each dimension has unit variance.
+
+`normalize`: "standardize" is (x - mean) / std per dimension; "whiten" is (x - mean) W with W = Σ^(-1/2), the ZCA
+whitening matrix of the training features (`set_feature_stats`; saved with the weights). A frozen encoder's
+informative directions can have a small spread (DINOv2 is trained to ignore colour jitter, so colour lies in
+low-variance directions that are not axis-aligned); the adapter learns them far faster once every direction has
+unit variance (measured in benchmarks/RESULTS.md, issue 12).
 """
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
+
+Normalize = Literal["none", "standardize", "whiten"]
 
 
 @dataclass
@@ -22,13 +28,15 @@ class ProjectorConfig:
     kernel: int = 0  # Conv1D compression kernel; 0 with stride 0 = no compression
     stride: int = 0
     adapter_scale: int = 4  # m: the adapter's hidden width is m * model_dim
-    standardize: bool = False  # per-dimension (x - mean) / std with the training features' statistics
+    normalize: Normalize = "none"  # with the training features' statistics: per dimension, or ZCA whitening
 
     def __post_init__(self):
         if (self.kernel == 0) != (self.stride == 0) or self.kernel < 0 or self.stride < 0:
             raise ValueError(f"compression (kernel, stride) must be (0, 0) or both positive, got ({self.kernel}, {self.stride})")
         if self.encoder_dim <= 0 or self.model_dim <= 0 or self.adapter_scale <= 0:
             raise ValueError(f"encoder_dim, model_dim and adapter_scale must be positive: {asdict(self)}")
+        if self.normalize not in ("none", "standardize", "whiten"):
+            raise ValueError(f"normalize must be none, standardize or whiten, not {self.normalize!r}")
 
     def compressed_length(self, length: int) -> int:
         if self.kernel == 0:
@@ -43,9 +51,12 @@ class Projector(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if c.standardize:  # identity until set_feature_stats
+        if c.normalize != "none":  # identity until set_feature_stats
             self.register_buffer("feature_mean", torch.zeros(c.encoder_dim))
+        if c.normalize == "standardize":
             self.register_buffer("feature_std", torch.ones(c.encoder_dim))
+        if c.normalize == "whiten":
+            self.register_buffer("feature_whitening", torch.eye(c.encoder_dim))
         self.compress = nn.Conv1d(c.encoder_dim, c.encoder_dim, c.kernel, c.stride) if c.kernel else None
         self.adapter = nn.Sequential(
             nn.Linear(c.encoder_dim, c.adapter_scale * c.model_dim),
@@ -54,14 +65,25 @@ class Projector(nn.Module):
         )
 
     @torch.no_grad()
-    def set_feature_stats(self, mean, std) -> None:
-        if not self.config.standardize:
-            raise ValueError("this projector does not standardise its features (ProjectorConfig.standardize)")
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean.shape != (self.config.encoder_dim,) or std.shape != mean.shape or not (std > 0).all():
-            raise ValueError(f"feature stats must be two [{self.config.encoder_dim}] vectors with std > 0")
+    def set_feature_stats(self, mean, std=None, whitening=None) -> None:
+        """The training features' mean, and their per-dimension std ("standardize") or whitening matrix ("whiten")."""
+        d, kind = self.config.encoder_dim, self.config.normalize
+        if kind == "none":
+            raise ValueError("this projector does not normalise its features (ProjectorConfig.normalize)")
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if mean.shape != (d,):
+            raise ValueError(f"the feature mean must be a [{d}] vector, not {tuple(mean.shape)}")
+        if kind == "standardize":
+            std = torch.as_tensor(std, dtype=torch.float32)
+            if std.shape != (d,) or not (std > 0).all():
+                raise ValueError(f"the feature std must be a [{d}] vector, every entry > 0")
+            self.feature_std.copy_(std)
+        else:
+            whitening = torch.as_tensor(whitening, dtype=torch.float32)
+            if whitening.shape != (d, d) or not torch.isfinite(whitening).all():
+                raise ValueError(f"the whitening matrix must be a finite [{d}, {d}] matrix")
+            self.feature_whitening.copy_(whitening)
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[L, enc] or [B, L, enc] -> [L', C] or [B, L', C]."""
@@ -69,8 +91,10 @@ class Projector(nn.Module):
         x = features[None] if squeeze else features
         if x.shape[-1] != self.config.encoder_dim:
             raise ValueError(f"features have width {x.shape[-1]}, the projector expects {self.config.encoder_dim}")
-        if self.config.standardize:
+        if self.config.normalize == "standardize":
             x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
+        elif self.config.normalize == "whiten":
+            x = (x - self.feature_mean.to(x.dtype)) @ self.feature_whitening.to(x.dtype)
         if self.compress is not None:
             if x.shape[1] < self.config.kernel:
                 raise ValueError(f"{x.shape[1]} feature vectors are fewer than the compression kernel {self.config.kernel}")

@@ -38,8 +38,9 @@ class ProjectorSpec:
     kernel: int = 0
     stride: int = 0
     adapter_scale: int = 4
-    # per-dimension standardisation with the training caches' feature statistics (modrwkv/projector.py)
-    standardize: bool = True
+    # with the training caches' feature statistics: none, standardize (per dimension) or whiten (ZCA);
+    # modrwkv/projector.py says why
+    normalize: Literal["none", "standardize", "whiten"] = "whiten"
 
 
 @dataclass
@@ -190,37 +191,50 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
         widths["series"] = wavenet.hidden
     projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd,
                                      **{**dataclasses.asdict(p),  # WaveNet's output is trained, not cached
-                                        "standardize": p.standardize and not (m == "series" and wavenet)})
+                                        "normalize": "none" if m == "series" and wavenet else p.normalize})
                   for m, p in config.model.projectors.items() if m in widths}
     series = "series" in widths
     return ModRWKVConfig(backbone_config, projectors, horizon if series else 0, wavenet,
                          forecast_lookback=lookback if series and config.model.forecast_skip else 0).to_dict()
 
 
-def feature_stats(cache_uris: list[str], modalities: set[str], max_shards: int = 16) -> dict[str, dict]:
-    """Per-dimension mean and std of the cached feature vectors of each modality in `modalities`, over every
-    item of the first `max_shards` shards of each cache (enough for stable statistics, cheap on a cluster)."""
+WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
+
+
+def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: int = 16,
+                  max_vectors: int = 262_144) -> dict[str, dict]:
+    """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
+    vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2), over the items of the first
+    `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
+    cluster's driver)."""
     import numpy as np
 
     from preprocessing.cache.reader import FeatureCache
 
-    sums = {}
+    moments = {}  # modality -> [n, sum x, sum x x^T]
     for uri in cache_uris:
         cache = FeatureCache(uri)
-        if cache.modality not in modalities:
+        if cache.modality not in normalize:
             continue
         for index in range(min(len(cache.shards), max_shards)):
-            for sample in cache.read_shard(index):
-                for name, array in sample["arrays"].items():
-                    if name.startswith("item"):
-                        x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-                        n, total, squares = sums.get(cache.modality, (0, 0.0, 0.0))
-                        sums[cache.modality] = (n + len(x), total + x.sum(0), squares + (x * x).sum(0))
+            n, total, outer = moments.setdefault(cache.modality, [0, 0.0, 0.0])
+            if n >= max_vectors:
+                break
+            items = [a for s in cache.read_shard(index) for name, a in s["arrays"].items() if name.startswith("item")]
+            if items:
+                x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
+                moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]
     stats = {}
-    for modality, (n, total, squares) in sums.items():
+    for modality, (n, total, outer) in moments.items():
         mean = total / n
-        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0)) + 1e-6
-        stats[modality] = {"mean": mean.tolist(), "std": std.tolist()}
+        covariance = outer / n - np.outer(mean, mean)
+        stats[modality] = {"mean": mean.tolist()}
+        if normalize[modality] == "standardize":
+            stats[modality]["std"] = (np.sqrt(np.maximum(np.diag(covariance), 0.0)) + 1e-6).tolist()
+        else:
+            eigenvalues, vectors = np.linalg.eigh(covariance)
+            eigenvalues = np.maximum(eigenvalues, 0.0) + WHITEN_EPS * max(eigenvalues.mean(), 1e-12)
+            stats[modality]["whitening"] = ((vectors / np.sqrt(eigenvalues)) @ vectors.T).tolist()
     return stats
 
 
@@ -296,8 +310,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
-        standardized = {m for m, p in mm_config["projectors"].items() if p.get("standardize")}
-        stats = feature_stats(caches, standardized) if phase == 1 else {}  # phase II reads phase I's buffers
+        normalized = {m: p["normalize"] for m, p in mm_config["projectors"].items() if p["normalize"] != "none"}
+        stats = feature_stats(caches, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
         loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
                        "backbone": {"path": absolute(config.model.backbone.path)},
                        "init_from": str(init_from) if init_from else None, "feature_stats": stats,

@@ -22,7 +22,7 @@ def build_model(cfg: dict):
     torch.manual_seed(cfg["seed"])
     model = ModRWKV(config, backbone=backbone)
     for modality, stats in cfg["feature_stats"].items():  # the driver's statistics of the training features
-        model.projectors[modality].set_feature_stats(stats["mean"], stats["std"])
+        model.projectors[modality].set_feature_stats(stats["mean"], stats.get("std"), stats.get("whitening"))
     return model
 
 

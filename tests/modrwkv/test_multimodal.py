@@ -47,29 +47,37 @@ def test_projector_config_errors():
         Projector(ProjectorConfig(encoder_dim=8, model_dim=8))(torch.randn(4, 9))
 
 
-def test_projector_standardises_with_the_stats_it_is_given_and_saves_them(tmp_path):
+def test_projector_normalises_with_the_stats_it_is_given_and_saves_them(tmp_path):
     torch.manual_seed(0)
     plain = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2))
-    scaled = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2, standardize=True))
+    scaled = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2, normalize="standardize"))
+    whitened = Projector(ProjectorConfig(encoder_dim=8, model_dim=16, kernel=3, stride=2, normalize="whiten"))
     scaled.load_state_dict({**plain.state_dict(), "feature_mean": torch.zeros(8), "feature_std": torch.ones(8)})
+    whitened.load_state_dict({**plain.state_dict(), "feature_mean": torch.zeros(8), "feature_whitening": torch.eye(8)})
     x = torch.randn(2, 9, 8) * 5 + 3
-    assert torch.equal(scaled(x), plain(x))  # identity until stats are set
-    mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 4, 8)
+    assert torch.equal(scaled(x), plain(x)) and torch.equal(whitened(x), plain(x))  # identity until stats are set
+    mean, std, w = torch.linspace(-1, 1, 8), torch.linspace(0.5, 4, 8), torch.randn(8, 8)
     scaled.set_feature_stats(mean, std)
     assert torch.allclose(scaled(x), plain((x - mean) / std), atol=1e-6)
-    with pytest.raises(ValueError, match="std > 0"):
+    whitened.set_feature_stats(mean, whitening=w)
+    assert torch.allclose(whitened(x), plain((x - mean) @ w), atol=1e-5)
+    with pytest.raises(ValueError, match="every entry > 0"):
         scaled.set_feature_stats(mean, torch.zeros(8))
-    with pytest.raises(ValueError, match="does not standardise"):
+    with pytest.raises(ValueError, match=r"finite \[8, 8\] matrix"):
+        whitened.set_feature_stats(mean, whitening=torch.ones(8))
+    with pytest.raises(ValueError, match="does not normalise"):
         plain.set_feature_stats(mean, std)
+    with pytest.raises(ValueError, match="normalize must be none, standardize or whiten"):
+        ProjectorConfig(encoder_dim=8, model_dim=8, normalize="pca")
 
     config = ModRWKVConfig(backbone=BACKBONE, projectors={
-        "image": ProjectorConfig(encoder_dim=8, model_dim=64, kernel=3, stride=2, standardize=True)})
+        "image": ProjectorConfig(encoder_dim=8, model_dim=64, kernel=3, stride=2, normalize="whiten")})
     model = ModRWKV(config, backbone=random_backbone(BACKBONE))
-    model.projectors["image"].set_feature_stats(mean, std)
+    model.projectors["image"].set_feature_stats(mean, whitening=w)
     model.save_pretrained(tmp_path, adapter_only=True)
     again = ModRWKV.from_pretrained(tmp_path, backbone=model.backbone)
-    assert torch.equal(again.projectors["image"].feature_std, std)
-    assert ModRWKVConfig.from_dict(config.to_dict()).projectors["image"].standardize
+    assert torch.equal(again.projectors["image"].feature_whitening, w)
+    assert ModRWKVConfig.from_dict(config.to_dict()).projectors["image"].normalize == "whiten"
 
 
 def test_conversation_labels_only_on_assistant_turns(tok):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from modrwkv import RWKV7Config
 from pipelines.config import from_dict
 from pipelines.metrics.ceilings import cache_samples
-from pipelines.train import TrainConfig, feature_stats, run_train
+from pipelines.train import WHITEN_EPS, TrainConfig, feature_stats, run_train
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
 
@@ -58,13 +58,18 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert set(source) == {k.removeprefix("backbone.") for k in module if k.startswith("backbone.")}
     assert all(torch.equal(module[f"backbone.{k}"], v) for k, v in source.items())
     assert (one.model_dir / "adapter.safetensors").is_file() and not (one.model_dir / "model.safetensors").exists()
-    # the projector standardises with the training features' statistics, computed by the driver
-    stats = feature_stats([cache], {"image"})["image"]
+    # the projector whitens with the training features' statistics, computed by the driver: mean and ZCA matrix
     items = np.concatenate([s["arrays"]["item0"] for s in cache_samples(cache)]).astype(np.float64)
-    assert np.allclose(stats["mean"], items.mean(0), atol=1e-6) and np.allclose(stats["std"], items.std(0), atol=1e-5)
+    stats = feature_stats([cache], {"image": "whiten"})["image"]
+    eigenvalues, vectors = np.linalg.eigh(np.cov(items, rowvar=False, bias=True))
+    eigenvalues = np.maximum(eigenvalues, 0) + WHITEN_EPS * eigenvalues.mean()
+    assert np.allclose(stats["mean"], items.mean(0), atol=1e-6)
+    assert np.allclose(stats["whitening"], (vectors / np.sqrt(eigenvalues)) @ vectors.T, atol=1e-4)
+    standardized = feature_stats([cache], {"image": "standardize"})["image"]
+    assert np.allclose(standardized["std"], items.std(0), atol=1e-5) and "whitening" not in standardized
     adapter = load_file(one.model_dir / "adapter.safetensors")
-    saved_std = adapter["projectors.image.feature_std"].double()
-    assert torch.allclose(saved_std, torch.tensor(stats["std"], dtype=torch.float64), atol=1e-5)
+    saved = adapter["projectors.image.feature_whitening"].double()
+    assert torch.allclose(saved, torch.tensor(stats["whitening"], dtype=torch.float64), atol=1e-4)
 
     two = run_train(config, phase=2)
     history2 = losses(client, two.run_id)
