@@ -33,14 +33,19 @@ class BackboneConfig:
     path: str
 
 
+# Measured in benchmarks/quality.py (RESULTS.md, issue 12): whitening lifts DINOv2's colour (0.46 → 0.86) but
+# doubles the spoken-digit errors on Whisper features (WER 0.05 → 0.22); series are the same either way.
+DEFAULT_NORMALIZE = {"image": "whiten", "audio": "standardize", "series": "standardize"}
+
+
 @dataclass
 class ProjectorSpec:
     kernel: int = 0
     stride: int = 0
     adapter_scale: int = 4
-    # with the training caches' feature statistics: none, standardize (per dimension) or whiten (ZCA);
-    # modrwkv/projector.py says why
-    normalize: Literal["none", "standardize", "whiten"] = "whiten"
+    # with the training caches' feature statistics: none, standardize (per dimension) or whiten (ZCA); default:
+    # the modality's measured best (DEFAULT_NORMALIZE); modrwkv/projector.py says why
+    normalize: Literal["none", "standardize", "whiten"] | None = None
 
 
 @dataclass
@@ -191,7 +196,8 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
         widths["series"] = wavenet.hidden
     projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd,
                                      **{**dataclasses.asdict(p),  # WaveNet's output is trained, not cached
-                                        "normalize": "none" if m == "series" and wavenet else p.normalize})
+                                        "normalize": "none" if m == "series" and wavenet
+                                        else p.normalize or DEFAULT_NORMALIZE.get(m, "standardize")})
                   for m, p in config.model.projectors.items() if m in widths}
     series = "series" in widths
     return ModRWKVConfig(backbone_config, projectors, horizon if series else 0, wavenet,

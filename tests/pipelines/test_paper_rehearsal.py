@@ -15,6 +15,7 @@ import pytest
 import soundfile
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
 from infra.jobs import run_job
@@ -96,6 +97,13 @@ def cache_in_s3(s3, cache_root: str) -> str:
     return f"{cache_root}/{entries.pop()}"
 
 
+def normalization(model: Path, modality: str) -> list[str]:
+    """The feature-statistics buffers a trained model's projector holds."""
+    prefix = f"projectors.{modality}.feature_"
+    return [k.removeprefix(f"projectors.{modality}.") for k in load_file(model / "model.safetensors")
+            if k.startswith(prefix)]
+
+
 def job(head, env, command: str, *overrides: str) -> None:
     entrypoint = command + "".join(f" --set {shlex.quote(o)}" for o in overrides)
     result = run_job(head.dashboard_url, entrypoint, working_dir=REPO, env_vars=env, headers=head.auth_headers(),
@@ -134,6 +142,7 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
 
     runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-vision", cache)
     assert 0 <= runs["eval"].data.metrics["accuracy"] <= 1
+    assert set(normalization(model, "image")) == {"feature_mean", "feature_whitening"}  # image's default: whiten
 
 
 @pytest.mark.slow
@@ -156,3 +165,4 @@ def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tm
         f"tracking_uri={mlflow_server.tracking_uri}")
     runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", cache)
     assert runs["eval"].data.metrics["wer_en"] >= 0
+    assert set(normalization(model, "audio")) == {"feature_mean", "feature_std"}  # audio's default: standardize
