@@ -13,7 +13,7 @@ unit variance (measured in benchmarks/RESULTS.md, issue 12).
 """
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ class ProjectorConfig:
             raise ValueError(f"compression (kernel, stride) must be (0, 0) or both positive, got ({self.kernel}, {self.stride})")
         if self.encoder_dim <= 0 or self.model_dim <= 0 or self.adapter_scale <= 0:
             raise ValueError(f"encoder_dim, model_dim and adapter_scale must be positive: {asdict(self)}")
-        if self.normalize not in ("none", "standardize", "whiten"):
+        if self.normalize not in get_args(Normalize):
             raise ValueError(f"normalize must be none, standardize or whiten, not {self.normalize!r}")
 
     def compressed_length(self, length: int) -> int:
