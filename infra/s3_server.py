@@ -3,8 +3,6 @@
 import dataclasses
 from pathlib import Path
 
-import boto3
-
 from .process import HOST, ServiceProcess, free_port, http_ok, spawn, venv_bin, wait_until
 
 REGION = "us-east-1"
@@ -24,6 +22,8 @@ def s3_env(endpoint_url: str) -> dict[str, str]:
 
 
 def s3_client(endpoint_url: str):
+    import boto3  # heavy (botocore's service models); the CLI imports this module for `services` alone
+
     env = s3_env(endpoint_url)
     return boto3.client(
         "s3", endpoint_url=endpoint_url, region_name=REGION,

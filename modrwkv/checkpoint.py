@@ -1,10 +1,10 @@
-"""Checkpoint I/O for the backbone: RWKV-LM `.pth`, HF-style directories, and flash-linear-attention's layout.
+"""Checkpoint I/O for the backbone, at the level of weight dicts: RWKV-LM `.pth`, HF-style directories, and
+flash-linear-attention's layout. `RWKV7.from_pretrained` builds the model from what these read.
 
 Every loader is strict: missing keys, unexpected keys and shape mismatches are collected and raised together
 in one `CheckpointError` that names the file. Nothing is unpickled (`weights_only=True`, safetensors).
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import RWKV7Config
-from .model import RWKV7
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,26 +79,20 @@ def load_state_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     model.load_state_dict(weights, strict=False)
 
 
-def load_rwkv_pth(path, dtype=torch.float32) -> RWKV7:
-    weights = read_rwkv_pth(path)
-    model = RWKV7(infer_config(weights, path))
-    load_state_strict(model, weights, path, optional=UNUSED_LAYER0)
-    return model.to(dtype).eval()
-
-
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors: what safetensors writes (weights may be stored transposed in memory)."""
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_pretrained(model: RWKV7, directory) -> None:
+def write_pretrained(config: RWKV7Config, weights: dict[str, torch.Tensor], directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save(directory / CONFIG_FILE)
-    save_file(cpu_state_dict(model), directory / WEIGHTS_FILE)
+    config.save(directory / CONFIG_FILE)
+    save_file(weights, directory / WEIGHTS_FILE)
 
 
-def load_pretrained(directory, dtype=None) -> RWKV7:
+def read_pretrained(directory) -> tuple[RWKV7Config, dict[str, torch.Tensor]]:
+    """(config, weights) of a directory written by `write_pretrained`."""
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
@@ -112,107 +105,13 @@ def load_pretrained(directory, dtype=None) -> RWKV7:
         weights = load_file(directory / WEIGHTS_FILE)
     except Exception as e:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({e})") from e
-    model = RWKV7(config)
-    load_state_strict(model, weights, directory / WEIGHTS_FILE)
-    return model.to(dtype or weights["emb.weight"].dtype).eval()  # default: the dtype it was saved in
+    return config, weights
 
 
-# ---- flash-linear-attention's HF layout -------------------------------------------------------------------
-# RWKV-LM name part -> fla name part. LoRA triples x0/x1/x2 become x_lora.lora.{2.bias, 0.weight, 2.weight},
-# with the matrices transposed (fla stores them as nn.Linear weights). fla keeps [1,1,C] only for att.x_*.
-_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-        "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
-_PART = {"att": "attn", "ffn": "ffn", "ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
-_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "ln_x": "g_norm"}
-_LORA = {"0": "2.bias", "1": "0.weight", "2": "2.weight"}
-
-
-def rwkv_key_to_fla(name: str) -> tuple[str, bool]:
-    """(fla name, transposed?) for one RWKV-LM key."""
-    if name in _TOP:
-        return _TOP[name], False
-    _, layer, part, *rest = name.split(".")
-    rest = ".".join(rest)
-    transposed = False
-    if part == "att" and re.fullmatch(r"[wavg][012]", rest):
-        transposed = rest[1] in "12"
-        rest = f"{rest[0]}_lora.lora.{_LORA[rest[1]]}"
-    elif part == "att" and rest.split(".")[0] in _PROJ:
-        head, *tail = rest.split(".")
-        rest = ".".join([_PROJ[head], *tail])
-    return f"model.layers.{layer}.{_PART[part]}.{rest}", transposed
-
-
-def rwkv_to_fla(weights: dict[str, torch.Tensor], config: RWKV7Config) -> tuple[dict[str, torch.Tensor], dict]:
-    out = {}
-    for name, tensor in weights.items():
-        if name in UNUSED_LAYER0:
-            continue
-        fla_name, transposed = rwkv_key_to_fla(name)
-        t = tensor.t() if transposed else tensor
-        if t.dim() == 3 and t.shape[:2] == (1, 1) and ".attn.x_" not in fla_name:
-            t = t.reshape(-1)
-        out[fla_name] = t.contiguous()
-    hf_config = {
-        "model_type": "rwkv7",
-        "architectures": ["RWKV7ForCausalLM"],
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "head_dim": config.head_size,
-        "intermediate_size": config.dim_ffn,
-        "hidden_ratio": config.dim_ffn / config.n_embd,
-        "decay_low_rank_dim": config.decay_lora,
-        "a_low_rank_dim": config.a_lora,
-        "v_low_rank_dim": config.v_lora,
-        "gate_low_rank_dim": config.gate_lora,
-        "norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
-    return out, hf_config
-
-
-def fla_to_rwkv(weights: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict[str, torch.Tensor], RWKV7Config]:
-    config = RWKV7Config(
-        vocab_size=hf_config["vocab_size"],
-        n_layer=hf_config["num_hidden_layers"],
-        n_embd=hf_config["hidden_size"],
-        head_size=hf_config.get("head_dim") or 64,
-        dim_ffn=hf_config.get("intermediate_size") or int(hf_config["hidden_size"] * hf_config.get("hidden_ratio", 4)),
-        decay_lora=hf_config["decay_low_rank_dim"],
-        a_lora=hf_config["a_low_rank_dim"],
-        v_lora=hf_config["v_low_rank_dim"],
-        gate_lora=hf_config["gate_low_rank_dim"],
-    )
-    template = RWKV7(config).state_dict()
-    names = {rwkv_key_to_fla(k)[0]: k for k in template}
-    out, unexpected = {}, []
-    for fla_name, tensor in weights.items():
-        if fla_name not in names:
-            unexpected.append(fla_name)
-            continue
-        name = names[fla_name]
-        t = tensor.t() if rwkv_key_to_fla(name)[1] else tensor
-        out[name] = t.reshape(template[name].shape).contiguous() if t.numel() == template[name].numel() else t
-    if unexpected:
-        raise CheckpointError(f"fla checkpoint has keys with no RWKV-LM counterpart: {', '.join(unexpected)}")
-    return out, config
-
-
-def convert_rwkv_pth_to_fla(src, out_dir) -> None:
-    weights = read_rwkv_pth(src)
-    config = infer_config(weights, src)
-    fla_weights, hf_config = rwkv_to_fla(weights, config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file(fla_weights, out_dir / WEIGHTS_FILE)
-
-
-def convert_fla_to_rwkv_pth(src_dir, out_path) -> None:
-    src_dir = Path(src_dir)
-    hf_config = json.loads((src_dir / CONFIG_FILE).read_text())
-    weights, config = fla_to_rwkv(load_file(src_dir / WEIGHTS_FILE), hf_config)
-    model = RWKV7(config)
-    load_state_strict(model, weights, src_dir / WEIGHTS_FILE, optional=UNUSED_LAYER0)
-    torch.save(weights, out_path)
+def read_config(path) -> RWKV7Config:
+    """The config of a backbone checkpoint (a save_pretrained directory or an RWKV-LM .pth), weights unread
+    where the format allows."""
+    path = Path(path)
+    if path.is_dir():
+        return RWKV7Config.load(path / CONFIG_FILE)
+    return infer_config(read_rwkv_pth(path), path)

@@ -8,6 +8,7 @@ training (parallel over [B, T], right-padding mask), prefill and decoding (state
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
+from .checkpoint import (UNUSED_LAYER0, WEIGHTS_FILE, cpu_state_dict, infer_config, load_state_strict,
+                         read_pretrained, read_rwkv_pth, write_pretrained)
 from .config import RWKV7Config
 
 
@@ -61,22 +64,6 @@ def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Te
     picked = x[rows, (lengths - 1).clamp(min=0)]
     keep = previous.to(x.dtype) if previous is not None else torch.zeros_like(picked)
     return torch.where((lengths > 0)[:, None], picked, keep)
-
-
-def lay_out_linear_weights(model: nn.Module, allow_transposed: bool = True) -> None:
-    """Chooses each linear weight's memory layout (values and shape [out, in] unchanged) for CPU BLAS speed:
-    in fp32, square and tall matrices stored transposed ([in, out] contiguous) stream faster here (decoding
-    reads the 200 MB head of the 0.1B model 1.45x faster; prefill GEMMs are as fast or faster); in bf16 that
-    layout is ~5x slower, so every other dtype keeps the usual row-major layout."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            w = module.weight
-            want_transposed = allow_transposed and w.dtype == torch.float32 and module.out_features >= module.in_features
-            is_transposed = w.stride() == (1, w.shape[0]) and w.shape[0] > 1
-            if want_transposed and not is_transposed:
-                w.data = w.data.t().contiguous().t()
-            elif is_transposed and not want_transposed:
-                w.data = w.data.contiguous()
 
 
 class TimeMix(nn.Module):
@@ -173,43 +160,31 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.blas_layout = True
-        lay_out_linear_weights(self)
         self.gradient_checkpointing = False
         # Inference (no grad) runs long inputs in segments of this many tokens with the state carried:
         # same result, bounded activation memory.
         self.prefill_segment = 2048
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to(dtype) / .float() / .bfloat16() all come through here: re-choose the weight layout for the new dtype
-        module = super()._apply(fn, *args, **kwargs)
-        lay_out_linear_weights(self, self.blas_layout)
-        return module
-
-    def use_contiguous_weights(self) -> "RWKV7":
-        """Plain row-major weights from now on: distributed engines (DeepSpeed) flatten and broadcast
-        parameters as raw memory, which needs contiguous tensors."""
-        self.blas_layout = False
-        lay_out_linear_weights(self, allow_transposed=False)
-        return self
-
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_rwkv_pth(cls, path, dtype=torch.float32) -> "RWKV7":
-        from .checkpoint import load_rwkv_pth
-
-        return load_rwkv_pth(path, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory, dtype=None) -> "RWKV7":
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, dtype=dtype)
+    def from_pretrained(cls, path, dtype=None) -> "RWKV7":
+        """A save_pretrained directory, or an RWKV-LM `.pth` file (sizes inferred from the shapes). Strict: every
+        missing, unexpected or mis-shaped key is named in one CheckpointError. dtype default: the directory's
+        saved dtype; fp32 for a `.pth`."""
+        path = Path(path)
+        if path.is_dir():
+            config, weights = read_pretrained(path)
+            source, optional = path / WEIGHTS_FILE, ()
+            dtype = dtype or weights["emb.weight"].dtype
+        else:
+            weights = read_rwkv_pth(path)
+            config, source, optional = infer_config(weights, path), path, UNUSED_LAYER0
+        model = cls(config)
+        load_state_strict(model, weights, source, optional=optional)
+        return model.to(dtype or torch.float32).eval()
 
     def save_pretrained(self, directory) -> None:
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
+        write_pretrained(self.config, cpu_state_dict(self), directory)
 
     @torch.no_grad()
     def init_weights(self) -> "RWKV7":

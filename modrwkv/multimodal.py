@@ -7,7 +7,7 @@ phase II trains the backbone as well.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,12 +19,14 @@ from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
 from .model import RWKV7, RWKV7State, last_valid
-from .projector import Projector, ProjectorConfig
+from .projector import DEFAULT_NORMALIZE, Projector, ProjectorConfig
 from .wavenet import WaveNet, WaveNetConfig
 
 CONFIG_FILE = "modrwkv_config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
+# beside an adapter-only save: the backbone it was trained on ({"path": ...}, plus what the trainer records)
+BACKBONE_SOURCE_FILE = "backbone_source.json"
 
 Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
 
@@ -42,6 +44,7 @@ class ModRWKVConfig:
         unknown = set(self.projectors) - set(PLACEHOLDER_IDS)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {sorted(PLACEHOLDER_IDS)}")
+        self.projectors = {name: self.resolved(name, p) for name, p in self.projectors.items()}
         for name, p in self.projectors.items():
             if p.model_dim != self.backbone.n_embd:
                 raise ValueError(f"{name} projector outputs {p.model_dim}, the backbone width is {self.backbone.n_embd}")
@@ -50,6 +53,14 @@ class ModRWKVConfig:
         series = self.projectors.get("series")
         if self.series_encoder is not None and series is not None and series.encoder_dim != self.series_encoder.hidden:
             raise ValueError(f"the series projector takes width {series.encoder_dim}, WaveNet gives {self.series_encoder.hidden}")
+
+    def resolved(self, modality: str, p: ProjectorConfig) -> ProjectorConfig:
+        """`p` with the backbone's width and the modality's default normalisation where left open. WaveNet's
+        output is trained, not cached, so series behind a WaveNet are not normalised by default."""
+        if not p.encoder_dim:
+            raise ValueError(f"the {modality} projector's encoder_dim is not set (the features' width)")
+        default = "none" if modality == "series" and self.series_encoder else DEFAULT_NORMALIZE[modality]
+        return replace(p, model_dim=p.model_dim or self.backbone.n_embd, normalize=p.normalize or default)
 
     def to_dict(self) -> dict:
         return {"backbone": self.backbone.to_dict(), "projectors": {k: asdict(v) for k, v in self.projectors.items()},
@@ -186,8 +197,9 @@ class ModRWKV(nn.Module):
         return logits[:, -1], state
 
     # ---- save / load --------------------------------------------------------------------------------------
-    def save_pretrained(self, directory, adapter_only: bool = False) -> None:
-        """config + weights; adapter_only writes everything but the backbone (phase I's output)."""
+    def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None) -> None:
+        """config + weights; adapter_only writes everything but the backbone (phase I's output). backbone_source
+        ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by itself."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -196,10 +208,13 @@ class ModRWKV(nn.Module):
             save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
         else:
             save_file(state, directory / WEIGHTS_FILE)
+        if backbone_source is not None:
+            write_backbone_source(directory, backbone_source)
 
     @classmethod
     def from_pretrained(cls, directory, backbone: RWKV7 | None = None) -> "ModRWKV":
-        """A full checkpoint, or an adapter-only one plus the `backbone` it was trained on."""
+        """A full checkpoint, or an adapter-only one with the `backbone` it was trained on (default: the one
+        its backbone_source.json names)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise CheckpointError(f"{directory}: no {CONFIG_FILE}; expected a ModRWKV save_pretrained directory")
@@ -213,10 +228,26 @@ class ModRWKV(nn.Module):
         if not adapter.is_file():
             raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {ADAPTER_FILE}")
         if backbone is None:
-            raise CheckpointError(f"{adapter}: an adapter-only checkpoint needs the backbone it was trained on")
+            source = read_backbone_source(directory)
+            if source is None:
+                raise CheckpointError(f"{adapter}: an adapter-only checkpoint needs the backbone it was trained on "
+                                      f"(give it, or record it in {BACKBONE_SOURCE_FILE})")
+            backbone = RWKV7.from_pretrained(source["path"])
         if backbone.config != config.backbone:
             raise CheckpointError(f"{adapter}: trained on backbone {config.backbone}, given {backbone.config}")
         model = cls(config, backbone=backbone)
         weights = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_file(adapter)}
         load_state_strict(model, weights, adapter)
         return model.eval()
+
+
+def write_backbone_source(directory, source: dict) -> None:
+    if "path" not in source:
+        raise ValueError(f"a backbone source needs a path, got {sorted(source)}")
+    (Path(directory) / BACKBONE_SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+
+
+def read_backbone_source(directory) -> dict | None:
+    """What `save_pretrained(..., backbone_source=)` recorded beside the checkpoint, or None."""
+    path = Path(directory) / BACKBONE_SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -434,6 +434,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     import sys
 
-    from modrwkv.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     sys.exit(cli_main(["encode", *sys.argv[1:]]))

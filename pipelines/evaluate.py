@@ -57,7 +57,7 @@ def load_model(checkpoint: str):
     if not reference.is_file():
         raise FileNotFoundError(f"{folder}: neither model.safetensors nor {BACKBONE_REF} naming the backbone")
     path = Path(json.loads(reference.read_text())["path"])
-    backbone = RWKV7.from_pretrained(path) if path.is_dir() else RWKV7.from_rwkv_pth(path)
+    backbone = RWKV7.from_pretrained(path) if path.is_dir() else RWKV7.from_pretrained(path)
     return ModRWKV.from_pretrained(folder, backbone=backbone)
 
 
@@ -285,6 +285,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     import sys
 
-    from modrwkv.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     sys.exit(cli_main(["eval", *sys.argv[1:]]))

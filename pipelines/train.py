@@ -14,124 +14,22 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
+import numpy as np
 import yaml
 
-from .config import ConfigError, load_config, parse_overrides, to_dict
+from modrwkv.checkpoint import read_config
+from modrwkv.config import RWKV7Config
+from modrwkv.multimodal import ModRWKVConfig, read_backbone_source, write_backbone_source
+from preprocessing.cache.reader import FeatureCache
+
 from . import tracking
-
-BACKBONE_REF = "backbone_source.json"  # beside an adapter-only save: which backbone it was trained on
-
-
-@dataclass
-class BackboneConfig:
-    # A pretrained backbone: a save_pretrained directory or an RWKV-LM .pth. (A freshly initialised RWKV-7
-    # cannot serve phase I: its output projections start at zero, so no gradient reaches the adapter.)
-    path: str
-
-
-# Measured in benchmarks/quality.py (RESULTS.md, issue 12): whitening lifts DINOv2's colour (0.46 → 0.86) but
-# doubles the spoken-digit errors on Whisper features (WER 0.05 → 0.22); series are the same either way.
-DEFAULT_NORMALIZE = {"image": "whiten", "audio": "standardize", "series": "standardize"}
-
-
-@dataclass
-class ProjectorSpec:
-    kernel: int = 0
-    stride: int = 0
-    adapter_scale: int = 4
-    # with the training caches' feature statistics: none, standardize (per dimension) or whiten (ZCA); default:
-    # the modality's measured best (DEFAULT_NORMALIZE); modrwkv/projector.py says why
-    normalize: Literal["none", "standardize", "whiten"] | None = None
-
-
-@dataclass
-class WaveNetSpec:
-    hidden: int = 64
-    layers: int = 6
-    kernel: int = 2
-
-
-@dataclass
-class ModelConfig:
-    backbone: BackboneConfig
-    projectors: dict[str, ProjectorSpec] = field(default_factory=dict)  # by modality; widths come from the caches
-    wavenet: WaveNetSpec | None = None  # series caches encoded "raw" train this WaveNet
-    # the forecast adds a linear map of the normalised lookback, starting as the naive forecast (ModRWKV)
-    forecast_skip: bool = True
-
-
-@dataclass
-class PhaseConfig:
-    lr: float
-    steps: int  # optimizer steps
-    global_batch: int
-    micro_batch: int = 8  # per worker; accumulation fills the global batch
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 0  # 0: only at the end
-    caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
-    mix: list[float] | None = None  # relative sampling weight of each cache, in order; default: its sample count
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
-            raise ValueError("lr, steps and micro_batch must be positive")
-        if self.mix is not None and not all(w > 0 for w in self.mix):
-            raise ValueError(f"mix weights must be positive, got {self.mix}")
-
-
-@dataclass
-class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-
-
-@dataclass
-class ScalingSpec:
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
-    ray_address: str | None = None
-
-
-@dataclass
-class TrackingConfig:
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db
-    experiment: str = "modrwkv"
-    run_name: str | None = None
-    system_metrics_every_s: float = 10.0  # CPU, memory, GPU of each training node into the run; 0: off
-
-
-@dataclass
-class TrainConfig:
-    name: str
-    model: ModelConfig
-    phase1: PhaseConfig
-    phase2: PhaseConfig
-    caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
-    output_dir: str = "runs/train"
-    max_length: int = 2048
-    prefetch_threads: int = 4  # per worker, read, check and decode the next shards ahead; 0: on the training thread
-    seed: int = 0
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    scaling: ScalingSpec = field(default_factory=ScalingSpec)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    def __post_init__(self):
-        if self.prefetch_threads < 0:
-            raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
-        for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
-            caches = phase.caches or self.caches
-            if not caches:
-                raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
-            if phase.mix is not None and len(phase.mix) != len(caches):
-                raise ValueError(f"{name}.mix has {len(phase.mix)} weights for {len(caches)} caches")
+from .caches import absolute, resolve_caches
+from .config import ConfigError, load_config, parse_overrides, to_dict
+from .train_config import TrainConfig
+from .train_loop import WorkerConfig, train_loop_per_worker
 
 
 @dataclass
@@ -142,31 +40,10 @@ class TrainResult:
     seconds: float
 
 
-def absolute(uri: str) -> str:
-    """Local paths made absolute: Ray workers do not run in the driver's working directory."""
-    from preprocessing import storage
-
-    return uri if storage.is_remote(uri) else str(Path(uri).absolute())
-
-
-def resolve_caches(entries: list[str]) -> list[str]:
-    from .encode import EncodeConfig, run_encode
-
-    uris = []
-    for entry in entries:
-        if entry.endswith((".yaml", ".yml")):
-            uris.append(run_encode(load_config(entry, EncodeConfig)).uri)
-        else:
-            uris.append(entry)
-    return [absolute(u) for u in uris]
-
-
 def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
     """(modality -> the cached feature width, the projector's input; the forecast horizon and the lookback
     length, 0 without series), from the first sample of each cache that has a feature item (text-only samples
     and empty shards are passed over)."""
-    from preprocessing.cache.reader import FeatureCache
-
     widths, horizon, lookback = {}, 0, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
@@ -180,11 +57,9 @@ def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
     return widths, horizon, lookback
 
 
-def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) -> dict:
-    from modrwkv.multimodal import ModRWKVConfig
-    from modrwkv.projector import ProjectorConfig
-    from modrwkv.wavenet import WaveNetConfig
-
+def model_config(config: TrainConfig, backbone: RWKV7Config, cache_uris: list[str]) -> ModRWKVConfig:
+    """The model for these caches: each projector's input width is its cache's feature width (a width set in
+    the config must agree), WaveNet's input channels the cached series'."""
     widths, horizon, lookback = cache_shapes(cache_uris)
     missing = set(widths) - set(config.model.projectors)
     if missing:
@@ -192,16 +67,19 @@ def model_config(config: TrainConfig, backbone_config, cache_uris: list[str]) ->
                           "configured")
     wavenet = None
     if config.model.wavenet and "series" in widths:
-        wavenet = WaveNetConfig(in_channels=widths["series"], **dataclasses.asdict(config.model.wavenet))
-        widths["series"] = wavenet.hidden
-    projectors = {m: ProjectorConfig(encoder_dim=widths[m], model_dim=backbone_config.n_embd,
-                                     **{**dataclasses.asdict(p),  # WaveNet's output is trained, not cached
-                                        "normalize": "none" if m == "series" and wavenet
-                                        else p.normalize or DEFAULT_NORMALIZE.get(m, "standardize")})
-                  for m, p in config.model.projectors.items() if m in widths}
+        wavenet = dataclasses.replace(config.model.wavenet, in_channels=widths["series"])
+        widths["series"] = wavenet.hidden  # WaveNet's output is trained, not cached
+    projectors = {}
+    for modality, p in config.model.projectors.items():
+        if modality not in widths:
+            continue
+        if p.encoder_dim not in (0, widths[modality]):
+            raise ConfigError(f"model.projectors.{modality}.encoder_dim: {p.encoder_dim}, but the cached features "
+                              f"are {widths[modality]} wide")
+        projectors[modality] = dataclasses.replace(p, encoder_dim=widths[modality])
     series = "series" in widths
-    return ModRWKVConfig(backbone_config, projectors, horizon if series else 0, wavenet,
-                         forecast_lookback=lookback if series and config.model.forecast_skip else 0).to_dict()
+    return ModRWKVConfig(backbone, projectors, horizon if series else 0, wavenet,
+                         forecast_lookback=lookback if series and config.model.forecast_skip else 0)
 
 
 WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
@@ -213,10 +91,6 @@ def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: 
     vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2), over the items of the first
     `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
     cluster's driver)."""
-    import numpy as np
-
-    from preprocessing.cache.reader import FeatureCache
-
     moments = {}  # modality -> [n, sum x, sum x x^T]
     for uri in cache_uris:
         cache = FeatureCache(uri)
@@ -244,14 +118,11 @@ def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: 
     return stats
 
 
-def over_length_in_caches(cache_uris: list[str], mm_config: dict, max_length: int) -> int | None:
+def over_length_in_caches(cache_uris: list[str], mm_config: ModRWKVConfig, max_length: int) -> int | None:
     """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
     recorded lengths, before any worker starts; training skips and names them). The total, or None when a cache
     predates recorded lengths."""
-    from modrwkv.multimodal import ModRWKVConfig
-    from preprocessing.cache.reader import FeatureCache
-
-    projectors, total = ModRWKVConfig.from_dict(mm_config).projectors, 0
+    projectors, total = mm_config.projectors, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
         over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
@@ -265,36 +136,25 @@ def over_length_in_caches(cache_uris: list[str], mm_config: dict, max_length: in
     return total
 
 
-def backbone_config(config: TrainConfig):
-    from modrwkv.checkpoint import infer_config, read_rwkv_pth
-    from modrwkv.config import RWKV7Config
-
-    path = Path(config.model.backbone.path)
-    if path.is_dir():
-        return RWKV7Config.from_dict(json.loads((path / "config.json").read_text()))
-    return infer_config(read_rwkv_pth(path), path)
-
-
 def phase_dir(config: TrainConfig, phase: int) -> Path:
     return Path(config.output_dir).absolute() / config.name / f"phase{phase}"
 
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
-    import ray
+    import ray  # Ray (and its Train library) load in seconds; only a training driver needs them
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from .train_loop import train_loop_per_worker
 
     start = time.perf_counter()
     hp = config.phase1 if phase == 1 else config.phase2
     caches = resolve_caches(hp.caches or config.caches)
-    bb_config = backbone_config(config)
+    bb_config = read_config(config.model.backbone.path)
     mm_config = model_config(config, bb_config, caches)
     init_from = None
     if phase == 2:
         init_from = phase_dir(config, 1) / "model"
-        if not (init_from / BACKBONE_REF).is_file():
+        phase1 = read_backbone_source(init_from)
+        if phase1 is None:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
     out = phase_dir(config, phase)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +163,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
     if phase == 2:
-        tags["phase1_run_id"] = json.loads((init_from / BACKBONE_REF).read_text())["run_id"]
+        tags["phase1_run_id"] = phase1["run_id"]
     run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
                                 {**to_dict(config), "phase": phase, "resolved_caches": caches}, tags)
@@ -316,15 +176,13 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
-        normalized = {m: p["normalize"] for m, p in mm_config["projectors"].items() if p["normalize"] != "none"}
+        normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}
         stats = feature_stats(caches, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
-        loop_config = {"phase": phase, "hp": dataclasses.asdict(hp), "caches": caches, "model": mm_config,
-                       "backbone": {"path": absolute(config.model.backbone.path)},
-                       "init_from": str(init_from) if init_from else None, "feature_stats": stats,
-                       "deepspeed": dataclasses.asdict(config.deepspeed), "max_length": config.max_length,
-                       "prefetch_threads": config.prefetch_threads,
-                       "seed": config.seed, "tracking_uri": uri, "run_id": run_id,
-                       "system_metrics_every_s": config.tracking.system_metrics_every_s}
+        loop_config = WorkerConfig(
+            phase=phase, hp=hp, caches=caches, model=mm_config, backbone_path=absolute(config.model.backbone.path),
+            init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,
+            max_length=config.max_length, prefetch_threads=config.prefetch_threads, seed=config.seed,
+            tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
@@ -357,13 +215,13 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
                 shutil.rmtree(out / name)
             if (Path(d) / name).is_dir():
                 shutil.copytree(Path(d) / name, out / name)
-    reference = {"run_id": run_id, "phase": phase, "path": absolute(config.model.backbone.path)}
-    (out / "model" / BACKBONE_REF).write_text(json.dumps(reference, indent=1) + "\n")
+    write_backbone_source(out / "model", {"run_id": run_id, "phase": phase,
+                                          "path": absolute(config.model.backbone.path)})
     return out / "model"
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # MLflow takes seconds to import; only the driver's last step needs it
 
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -387,6 +245,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     import sys
 
-    from modrwkv.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     sys.exit(cli_main(["train", *sys.argv[1:]]))

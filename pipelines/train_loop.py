@@ -1,41 +1,71 @@
 """What every Ray Train worker runs: the model, a DeepSpeed engine, its share of the feature cache, and the
 phase's optimizer steps; checkpoints go through `ray.train.report`, metrics to MLflow from rank 0."""
 
+import json
 import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from modrwkv import RWKV7
+from modrwkv.batching import Collator
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from modrwkv.tokenizer import WorldTokenizer
+from preprocessing.cache.reader import FeatureCache
+
+from .schedule import warmup_cosine
+from .tracking import MetricLogger, system_metrics
+from .train_config import DeepSpeedConfig, PhaseConfig
 
 
-def build_model(cfg: dict):
-    from modrwkv.model import RWKV7
-    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+@dataclass
+class WorkerConfig:
+    """What the driver hands every worker (through Ray, as this object)."""
 
-    config = ModRWKVConfig.from_dict(cfg["model"])
-    path = Path(cfg["backbone"]["path"])
-    backbone = RWKV7.from_pretrained(path) if path.is_dir() else RWKV7.from_rwkv_pth(path)
-    if cfg["init_from"]:  # phase II starts from phase I's projectors
-        return ModRWKV.from_pretrained(cfg["init_from"], backbone=backbone)
-    torch.manual_seed(cfg["seed"])
-    model = ModRWKV(config, backbone=backbone)
-    for modality, stats in cfg["feature_stats"].items():  # the driver's statistics of the training features
+    phase: int
+    hp: PhaseConfig
+    caches: list[str]  # cache URIs every worker can open
+    model: ModRWKVConfig
+    backbone_path: str
+    init_from: str | None  # phase II: phase I's output folder
+    feature_stats: dict  # modality -> the training features' mean and std or whitening (phase I)
+    deepspeed: DeepSpeedConfig
+    max_length: int
+    prefetch_threads: int
+    seed: int
+    tracking_uri: str
+    run_id: str
+    system_metrics_every_s: float
+
+
+def build_model(cfg: WorkerConfig) -> ModRWKV:
+    backbone = RWKV7.from_pretrained(cfg.backbone_path)
+    if cfg.init_from:  # phase II starts from phase I's projectors
+        return ModRWKV.from_pretrained(cfg.init_from, backbone=backbone)
+    torch.manual_seed(cfg.seed)
+    model = ModRWKV(cfg.model, backbone=backbone)
+    for modality, stats in cfg.feature_stats.items():  # the driver's statistics of the training features
         model.projectors[modality].set_feature_stats(stats["mean"], stats.get("std"), stats.get("whitening"))
     return model
 
 
-def deepspeed_config(hp: dict, ds: dict, world: int, on_gpu: bool) -> dict:
-    per_step = hp["micro_batch"] * world
-    if hp["global_batch"] % per_step:
-        raise ValueError(f"global_batch {hp['global_batch']} is not a multiple of micro_batch x workers = {per_step}")
-    zero = {"stage": ds["zero_stage"]}
-    if ds["offload_optimizer"]:
+def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: bool) -> dict:
+    per_step = hp.micro_batch * world
+    if hp.global_batch % per_step:
+        raise ValueError(f"global_batch {hp.global_batch} is not a multiple of micro_batch x workers = {per_step}")
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {"train_micro_batch_size_per_gpu": hp["micro_batch"],
-            "gradient_accumulation_steps": hp["global_batch"] // per_step,
-            "gradient_clipping": hp["grad_clip"], "zero_optimization": zero, "bf16": {"enabled": on_gpu},
+    return {"train_micro_batch_size_per_gpu": hp.micro_batch,
+            "gradient_accumulation_steps": hp.global_batch // per_step,
+            "gradient_clipping": hp.grad_clip, "zero_optimization": zero, "bf16": {"enabled": on_gpu},
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
@@ -110,8 +140,6 @@ def to_device(batch, device):
 
 
 def all_mean(value: float, device) -> float:
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -119,42 +147,32 @@ def all_mean(value: float, device) -> float:
     return float(t)
 
 
-def train_loop_per_worker(cfg: dict) -> None:
+def train_loop_per_worker(cfg: WorkerConfig) -> None:
     on_gpu = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
+    import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator once, at import
 
     if not on_gpu:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build: over a minute on 2 cores,
         # per install) that only tensor-parallel inference calls; training all-reduces through torch.distributed
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    from modrwkv.batching import Collator
-    from modrwkv.tokenizer import WorldTokenizer
-    from preprocessing.cache.reader import FeatureCache
-
-    from .schedule import warmup_cosine
-    from .tracking import MetricLogger, system_metrics
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    hp, phase = cfg["hp"], cfg["phase"]
+    hp, phase = cfg.hp, cfg.phase
     monitor = None
-    if cfg["system_metrics_every_s"] and ctx.get_local_rank() == 0:  # one monitor per machine
+    if cfg.system_metrics_every_s and ctx.get_local_rank() == 0:  # one monitor per machine
         node = f"node{ctx.get_node_rank()}" if ctx.get_local_world_size() < world else None
-        monitor = system_metrics(cfg["tracking_uri"], cfg["run_id"], node, cfg["system_metrics_every_s"])
+        monitor = system_metrics(cfg.tracking_uri, cfg.run_id, node, cfg.system_metrics_every_s)
     model = build_model(cfg)
-    model.backbone.use_contiguous_weights()
     model.set_phase(phase)
     trainable = model.trainable_parameters()
-    groups = model.backbone.optimizer_groups(hp["weight_decay"], params=trainable)
+    groups = model.backbone.optimizer_groups(hp.weight_decay, params=trainable)
     for g in groups:
-        g["lr"] = hp["lr"] * g["lr_scale"]
-    optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.99), eps=1e-8)
+        g["lr"] = hp.lr * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.99), eps=1e-8)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                                   config=deepspeed_config(hp, cfg["deepspeed"], world, on_gpu))
+                                                   config=deepspeed_config(hp, cfg.deepspeed, world, on_gpu))
     step, position = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -167,22 +185,22 @@ def train_loop_per_worker(cfg: dict) -> None:
                 raise ValueError(f"{d}: saved by {len(positions)} workers, resumed by {world}")
             position = positions[rank]
 
-    caches = [FeatureCache(u) for u in cfg["caches"]]
-    collator = Collator(WorldTokenizer(), model.config, cfg["max_length"], skip_over_length=True)
-    batches = MicroBatches(caches, collator, hp["micro_batch"], rank, world, cfg["seed"], hp["mix"], position,
-                           cfg["prefetch_threads"])
+    caches = [FeatureCache(u) for u in cfg.caches]
+    collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_over_length=True)
+    batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, hp.mix, position,
+                           cfg.prefetch_threads)
     accumulation = engine.gradient_accumulation_steps()
-    logger = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    logger = MetricLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     if logger and step:
         logger.log({"resumed_from_step": step}, step)
     # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
     # micro-batch's modality leaves a projector idle (sum, not an element: ZeRO-3 partitions may be empty)
     touch = list(trainable.values())
     metrics, skipped = {}, []  # over-long samples this rank left out (the collator's policy)
-    while step < hp["steps"]:
-        scale = warmup_cosine(step, hp["steps"], hp["warmup_steps"], hp["min_lr_ratio"])
+    while step < hp.steps:
+        scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
         for g in optimizer.param_groups:
-            g["lr"] = hp["lr"] * g["lr_scale"] * scale
+            g["lr"] = hp.lr * g["lr_scale"] * scale
         started, losses, samples, tokens, waited = time.perf_counter(), [], 0, 0, 0.0
         by_modality = {}
         for _ in range(accumulation):
@@ -204,7 +222,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         step += 1
         seconds = time.perf_counter() - started
         metrics = {"step": step, "loss": all_mean(sum(losses) / len(losses), engine.device),
-                   "lr": hp["lr"] * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "lr": hp.lr * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": all_mean(samples, engine.device) * world / seconds,
                    "tokens_per_s": all_mean(tokens, engine.device) * world / seconds,
                    "skipped_over_length": all_mean(len(skipped), engine.device) * world,
@@ -213,15 +231,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), engine.device) for m, v in sorted(by_modality.items())})
         if logger:
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        last = step == hp["steps"]
+        last = step == hp.steps
         if last:
             log_skipped(skipped, logger, world)
-        if last or (hp["checkpoint_every"] and step % hp["checkpoint_every"] == 0):
+        if last or (hp.checkpoint_every and step % hp.checkpoint_every == 0):
             positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions})
                 if last:
-                    save_final(model, Path(d), phase, rank, cfg["deepspeed"]["zero_stage"])
+                    save_final(model, Path(d), phase, rank, cfg.deepspeed.zero_stage)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     if monitor:
         monitor.finish()  # logs what it holds; after a crash it stops by itself once the run is no longer RUNNING
@@ -229,8 +247,6 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 def gather(value, world: int) -> list:
     """Every rank's `value`, in rank order (a collective: every rank calls it)."""
-    import torch.distributed as dist
-
     if not (dist.is_initialized() and world > 1):
         return [value]
     everyone = [None] * world
@@ -241,8 +257,6 @@ def gather(value, world: int) -> list:
 def log_skipped(skipped: list[dict], logger, world: int) -> None:
     """Every rank's skipped samples, gathered, as `skipped_samples.jsonl` in the run (rank 0 writes it).
     A collective: every rank calls it."""
-    import json
-
     rows = [row for part in gather(skipped, world) for row in part]
     if logger is not None and rows:
         with tempfile.TemporaryDirectory() as d:
@@ -254,7 +268,7 @@ def log_skipped(skipped: list[dict], logger, world: int) -> None:
 def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:
     """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
     Called on every rank: under ZeRO-3 the full weights are gathered first (a collective)."""
-    import deepspeed
+    import deepspeed  # imported by train_loop_per_worker first, once DS_ACCELERATOR is set
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero_stage == 3):
         if rank == 0:

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from modrwkv import RWKV7Config
-from modrwkv.cli import main
+from pipelines.cli import main
 from tests.conftest import random_backbone
 
 
 def test_help_lists_the_jobs():
-    out = subprocess.run([sys.executable, "-m", "modrwkv.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("convert", "generate", "demo"):
         assert command in out.stdout
 

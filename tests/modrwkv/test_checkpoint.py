@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from modrwkv import RWKV7, RWKV7Config
-from modrwkv.checkpoint import CheckpointError, convert_fla_to_rwkv_pth, convert_rwkv_pth_to_fla
+from modrwkv.checkpoint import CheckpointError
+from modrwkv.fla_layout import convert_fla_to_rwkv_pth, convert_rwkv_pth_to_fla
 from tests.conftest import random_backbone
 
 CFG = RWKV7Config(vocab_size=211, n_layer=3, n_embd=64, head_size=16, dim_ffn=160)
@@ -19,13 +20,13 @@ def pth(tmp_path):
 
 
 def test_pth_shapes_are_inferred(pth):
-    model = RWKV7.from_rwkv_pth(pth)
+    model = RWKV7.from_pretrained(pth)
     assert model.config == CFG
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_and_from_pretrained_round_trip(tmp_path, pth, dtype):
-    model = RWKV7.from_rwkv_pth(pth, dtype=dtype)
+    model = RWKV7.from_pretrained(pth, dtype=dtype)
     model.save_pretrained(tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_embd"] == 64
     again = RWKV7.from_pretrained(tmp_path / "hf")
@@ -56,16 +57,16 @@ def test_fla_conversion_round_trip(tmp_path, pth):
         assert torch.equal(tensor, original[name]), name
     ids = torch.randint(0, 211, (1, 9))
     with torch.no_grad():
-        assert torch.equal(RWKV7.from_rwkv_pth(pth)(ids)[0], RWKV7.from_rwkv_pth(tmp_path / "back.pth")(ids)[0])
+        assert torch.equal(RWKV7.from_pretrained(pth)(ids)[0], RWKV7.from_pretrained(tmp_path / "back.pth")(ids)[0])
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path, pth):
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(pth.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch weights file"):
-        RWKV7.from_rwkv_pth(bad)
+        RWKV7.from_pretrained(bad)
     with pytest.raises(CheckpointError, match="missing.pth: no such checkpoint file"):
-        RWKV7.from_rwkv_pth(tmp_path / "missing.pth")
+        RWKV7.from_pretrained(tmp_path / "missing.pth")
 
 
 def test_wrong_architecture_lists_every_problem(tmp_path, pth):
@@ -76,7 +77,7 @@ def test_wrong_architecture_lists_every_problem(tmp_path, pth):
     path = tmp_path / "wrong.pth"
     torch.save(weights, path)
     with pytest.raises(CheckpointError) as info:
-        RWKV7.from_rwkv_pth(path)
+        RWKV7.from_pretrained(path)
     message = str(info.value)
     assert "wrong.pth" in message
     for fragment in ("blocks.1.att.k_k", "blocks.2.ffn.x_k", "unexpected keys (1): blocks.1.att.time_faaaa",
@@ -88,14 +89,14 @@ def test_not_rwkv7_at_all(tmp_path):
     path = tmp_path / "gpt.pth"
     torch.save({"transformer.wte.weight": torch.zeros(10, 4)}, path)
     with pytest.raises(CheckpointError, match="gpt.pth: not an RWKV-7 .* missing keys: emb.weight"):
-        RWKV7.from_rwkv_pth(path)
+        RWKV7.from_pretrained(path)
 
 
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"emb.weight": torch.zeros(2, 2), "note": object()}, path)
     with pytest.raises(CheckpointError, match="evil.pth"):
-        RWKV7.from_rwkv_pth(path)
+        RWKV7.from_pretrained(path)
 
 
 def test_from_pretrained_needs_its_files(tmp_path):

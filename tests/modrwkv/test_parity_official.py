@@ -26,7 +26,7 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     torch.save(random_backbone(SHAPES[request.param], seed=request.param).state_dict(), path)
     official = RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
-    ours = RWKV7.from_rwkv_pth(path)
+    ours = RWKV7.from_pretrained(path)
     ids = torch.randint(0, SHAPES[request.param].vocab_size, (45,), generator=torch.Generator().manual_seed(7)).tolist()
     ref_logits, ref_state = official.forward(ids, None, full_output=True)
     return ours, ids, ref_logits, ref_state

@@ -64,7 +64,7 @@ def test_set_overrides_are_typed_checked_and_named():
 
 
 def test_set_on_the_command_line_fails_before_any_work(capsys):
-    from modrwkv.cli import main
+    from pipelines.cli import main
 
     assert main(["train", "--config", str(CONFIGS / "demo" / "train.yaml"), "--phase", "1",
                  "--set", "scaling.workerz=2"]) == 2

@@ -161,7 +161,7 @@ def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encod
     # its own short Ray temp dir: Ray's socket paths must stay under 108 characters
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     log = open(tmp_path / "job.log", "w")
-    job = subprocess.Popen([sys.executable, "-m", "modrwkv.cli", "encode", "--config", str(path)], cwd=ROOT, env=env,
+    job = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--config", str(path)], cwd=ROOT, env=env,
                            stdout=log, stderr=log, start_new_session=True)
     receipts = []
     deadline = time.time() + 120

@@ -169,15 +169,16 @@ def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, r
     assert any(k.endswith(f"{run.info.run_id}/artifacts/model/adapter.safetensors") for k in keys)
 
 
-def test_backbone_config_from_an_rwkv_lm_pth(tmp_path):
-    """A train config may name an RWKV-LM .pth: its sizes are read from the weights' shapes."""
-    from pipelines.train import backbone_config
+def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):
+    """A train config may name an RWKV-LM .pth (sizes read from the weights' shapes) or a saved folder."""
+    from modrwkv.checkpoint import read_config
 
     config = RWKV7Config(vocab_size=128, n_layer=3, n_embd=64, head_size=16)
-    torch.save(random_backbone(config).state_dict(), tmp_path / "model.pth")
-    train = train_config(tmp_path, "unused-cache", "pth")
-    train.model.backbone.path = str(tmp_path / "model.pth")
-    assert backbone_config(train) == config
+    backbone = random_backbone(config)
+    torch.save(backbone.state_dict(), tmp_path / "model.pth")
+    backbone.save_pretrained(tmp_path / "folder")
+    assert read_config(tmp_path / "model.pth") == config
+    assert read_config(tmp_path / "folder") == config
 
 
 def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp_path):

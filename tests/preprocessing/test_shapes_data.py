@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from modrwkv.cli import main
+from pipelines.cli import main
 from preprocessing.readers.llava import read_llava
 from preprocessing.shapes_data import COLOURS, COUNTS, QUESTION_TYPES, build_shapes
 

@@ -1,24 +1,16 @@
-"""`modrwkv` command line: one entry point, a subcommand per job."""
+"""`modrwkv` command line: one entry point, a subcommand per job. It sits above every other layer; each command
+imports its own job inside its function, so `modrwkv --help` or `modrwkv generate` loads no Ray or MLflow."""
 
 import argparse
 import sys
 from pathlib import Path
 
-
-def load_model(path: str, dtype: str):
-    import torch
-
-    from .model import RWKV7
-
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    p = Path(path)
-    if p.is_dir():
-        return RWKV7.from_pretrained(p, dtype=torch_dtype)
-    return RWKV7.from_rwkv_pth(p, dtype=torch_dtype)
+from infra.cli import add_services_parser
+from infra.process import ServiceError
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import convert_fla_to_rwkv_pth, convert_rwkv_pth_to_fla
+    from modrwkv.fla_layout import convert_fla_to_rwkv_pth, convert_rwkv_pth_to_fla
 
     if args.to == "fla":
         convert_rwkv_pth_to_fla(args.src, args.dst)
@@ -32,10 +24,15 @@ def print_piece(text: str) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import GenerationConfig, generate_text
-    from .tokenizer import WorldTokenizer
+    import torch
 
-    model = load_model(args.model, args.dtype)
+    from modrwkv import RWKV7
+    from modrwkv.generation import GenerationConfig, generate_text
+    from modrwkv.inference import prepare_for_inference
+    from modrwkv.tokenizer import WorldTokenizer
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = prepare_for_inference(RWKV7.from_pretrained(args.model), dtype)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
@@ -68,7 +65,7 @@ def load_media(args) -> list:
         wave, rate = soundfile.read(args.audio, dtype="float32")
         media.append(("audio", encoder.encode([wave], [rate], [args.audio])[0]))
     if args.series:
-        from .wavenet import normalize_series
+        from modrwkv.wavenet import normalize_series
 
         values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
         media.append(("series", normalize_series(torch.from_numpy(values), args.series)[0]))
@@ -78,12 +75,14 @@ def load_media(args) -> list:
 
 
 def cmd_chat(args) -> None:
-    from .chat import ChatSession
-    from .multimodal import ModRWKV
-    from .tokenizer import WorldTokenizer
+    from modrwkv import RWKV7
+    from modrwkv.chat import ChatSession
+    from modrwkv.inference import prepare_for_inference
+    from modrwkv.multimodal import ModRWKV
+    from modrwkv.tokenizer import WorldTokenizer
 
-    backbone = load_model(args.backbone, "fp32") if args.backbone else None
-    model = ModRWKV.from_pretrained(args.model, backbone=backbone)
+    backbone = RWKV7.from_pretrained(args.backbone) if args.backbone else None
+    model = prepare_for_inference(ModRWKV.from_pretrained(args.model, backbone=backbone))
     session = ChatSession(model, WorldTokenizer(), load_media(args))
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())
     for question in questions:
@@ -165,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask questions about an image, audio clip or series (encoded once, state reused)")
     p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory")
-    p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint")
+    p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint "
+                                      "(default: the one recorded beside it)")
     p.add_argument("--image")
     p.add_argument("--audio", help="any rate soundfile reads; resampled to 16 kHz")
     p.add_argument("--series", help="CSV of numbers, one column per channel")
@@ -204,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.set_defaults(func=cmd_encoder_export)
 
-    from infra.cli import add_services_parser
-
     add_services_parser(sub)
 
     p = sub.add_parser("data", help="build datasets")
@@ -227,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from infra.process import ServiceError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

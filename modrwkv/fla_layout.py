@@ -1,0 +1,113 @@
+"""flash-linear-attention's HF layout of RWKV-7 (`fla-hub/rwkv7-*`), to and from RWKV-LM's `.pth`: key names,
+LoRA matrices transposed, [1, 1, C] vectors flattened. Conversions are checked against the model strictly."""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import (CONFIG_FILE, UNUSED_LAYER0, WEIGHTS_FILE, CheckpointError, infer_config, load_state_strict,
+                         read_rwkv_pth)
+from .config import RWKV7Config
+from .model import RWKV7
+
+# RWKV-LM name part -> fla name part. LoRA triples x0/x1/x2 become x_lora.lora.{2.bias, 0.weight, 2.weight},
+# with the matrices transposed (fla stores them as nn.Linear weights). fla keeps [1,1,C] only for att.x_*.
+_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
+        "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+_PART = {"att": "attn", "ffn": "ffn", "ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
+_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "ln_x": "g_norm"}
+_LORA = {"0": "2.bias", "1": "0.weight", "2": "2.weight"}
+
+
+def rwkv_key_to_fla(name: str) -> tuple[str, bool]:
+    """(fla name, transposed?) for one RWKV-LM key."""
+    if name in _TOP:
+        return _TOP[name], False
+    _, layer, part, *rest = name.split(".")
+    rest = ".".join(rest)
+    transposed = False
+    if part == "att" and re.fullmatch(r"[wavg][012]", rest):
+        transposed = rest[1] in "12"
+        rest = f"{rest[0]}_lora.lora.{_LORA[rest[1]]}"
+    elif part == "att" and rest.split(".")[0] in _PROJ:
+        head, *tail = rest.split(".")
+        rest = ".".join([_PROJ[head], *tail])
+    return f"model.layers.{layer}.{_PART[part]}.{rest}", transposed
+
+
+def rwkv_to_fla(weights: dict[str, torch.Tensor], config: RWKV7Config) -> tuple[dict[str, torch.Tensor], dict]:
+    out = {}
+    for name, tensor in weights.items():
+        if name in UNUSED_LAYER0:
+            continue
+        fla_name, transposed = rwkv_key_to_fla(name)
+        t = tensor.t() if transposed else tensor
+        if t.dim() == 3 and t.shape[:2] == (1, 1) and ".attn.x_" not in fla_name:
+            t = t.reshape(-1)
+        out[fla_name] = t.contiguous()
+    hf_config = {
+        "model_type": "rwkv7",
+        "architectures": ["RWKV7ForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "head_dim": config.head_size,
+        "intermediate_size": config.dim_ffn,
+        "hidden_ratio": config.dim_ffn / config.n_embd,
+        "decay_low_rank_dim": config.decay_lora,
+        "a_low_rank_dim": config.a_lora,
+        "v_low_rank_dim": config.v_lora,
+        "gate_low_rank_dim": config.gate_lora,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+    return out, hf_config
+
+
+def fla_to_rwkv(weights: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict[str, torch.Tensor], RWKV7Config]:
+    config = RWKV7Config(
+        vocab_size=hf_config["vocab_size"],
+        n_layer=hf_config["num_hidden_layers"],
+        n_embd=hf_config["hidden_size"],
+        head_size=hf_config.get("head_dim") or 64,
+        dim_ffn=hf_config.get("intermediate_size") or int(hf_config["hidden_size"] * hf_config.get("hidden_ratio", 4)),
+        decay_lora=hf_config["decay_low_rank_dim"],
+        a_lora=hf_config["a_low_rank_dim"],
+        v_lora=hf_config["v_low_rank_dim"],
+        gate_lora=hf_config["gate_low_rank_dim"],
+    )
+    template = RWKV7(config).state_dict()
+    names = {rwkv_key_to_fla(k)[0]: k for k in template}
+    out, unexpected = {}, []
+    for fla_name, tensor in weights.items():
+        if fla_name not in names:
+            unexpected.append(fla_name)
+            continue
+        name = names[fla_name]
+        t = tensor.t() if rwkv_key_to_fla(name)[1] else tensor
+        out[name] = t.reshape(template[name].shape).contiguous() if t.numel() == template[name].numel() else t
+    if unexpected:
+        raise CheckpointError(f"fla checkpoint has keys with no RWKV-LM counterpart: {', '.join(unexpected)}")
+    return out, config
+
+
+def convert_rwkv_pth_to_fla(src, out_dir) -> None:
+    weights = read_rwkv_pth(src)
+    config = infer_config(weights, src)
+    fla_weights, hf_config = rwkv_to_fla(weights, config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file(fla_weights, out_dir / WEIGHTS_FILE)
+
+
+def convert_fla_to_rwkv_pth(src_dir, out_path) -> None:
+    src_dir = Path(src_dir)
+    hf_config = json.loads((src_dir / CONFIG_FILE).read_text())
+    weights, config = fla_to_rwkv(load_file(src_dir / WEIGHTS_FILE), hf_config)
+    model = RWKV7(config)
+    load_state_strict(model, weights, src_dir / WEIGHTS_FILE, optional=UNUSED_LAYER0)
+    torch.save(weights, out_path)

@@ -1,0 +1,95 @@
+"""The schema of a train YAML (`modrwkv train --config`): checked at load by `pipelines.config`."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modrwkv.projector import ProjectorConfig
+from modrwkv.wavenet import WaveNetConfig
+
+
+@dataclass
+class BackboneConfig:
+    # A pretrained backbone: a save_pretrained directory or an RWKV-LM .pth. (A freshly initialised RWKV-7
+    # cannot serve phase I: its output projections start at zero, so no gradient reaches the adapter.)
+    path: str
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig
+    # by modality; encoder_dim comes from the caches, model_dim from the backbone, normalize (with the training
+    # caches' statistics) defaults to the modality's measured best (modrwkv/projector.py says why)
+    projectors: dict[str, ProjectorConfig] = field(default_factory=dict)
+    wavenet: WaveNetConfig | None = None  # series caches encoded "raw" train this WaveNet (in_channels: the caches)
+    # the forecast adds a linear map of the normalised lookback, starting as the naive forecast (ModRWKV)
+    forecast_skip: bool = True
+
+
+@dataclass
+class PhaseConfig:
+    lr: float
+    steps: int  # optimizer steps
+    global_batch: int
+    micro_batch: int = 8  # per worker; accumulation fills the global batch
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0  # 0: only at the end
+    caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
+    mix: list[float] | None = None  # relative sampling weight of each cache, in order; default: its sample count
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
+            raise ValueError("lr, steps and micro_batch must be positive")
+        if self.mix is not None and not all(w > 0 for w in self.mix):
+            raise ValueError(f"mix weights must be positive, got {self.mix}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ScalingSpec:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    ray_address: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db
+    experiment: str = "modrwkv"
+    run_name: str | None = None
+    system_metrics_every_s: float = 10.0  # CPU, memory, GPU of each training node into the run; 0: off
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    model: ModelConfig
+    phase1: PhaseConfig
+    phase2: PhaseConfig
+    caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
+    output_dir: str = "runs/train"
+    max_length: int = 2048
+    prefetch_threads: int = 4  # per worker, read, check and decode the next shards ahead; 0: on the training thread
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if self.prefetch_threads < 0:
+            raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
+        for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
+            caches = phase.caches or self.caches
+            if not caches:
+                raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
+            if phase.mix is not None and len(phase.mix) != len(caches):
+                raise ValueError(f"{name}.mix has {len(phase.mix)} weights for {len(caches)} caches")
