@@ -1,8 +1,8 @@
 """`modrwkv eval --checkpoint runs/train/<name>/phase2/model --task vqa|asr|forecast --cache <entry or encode YAML>`
 
-Ray Data batch inference over a feature cache (one actor per model copy, one shard per call): greedy
-decoding for VQA and ASR, the forecast head for series. Predictions go to JSONL; metrics, a per-sample table
-and plots (confusion matrix, forecast vs truth) go to MLflow, in a child run of the training run.
+Ray Data batch inference over a feature cache (one actor per model copy, one shard per call), each sample
+predicted, and the whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Predictions go to JSONL;
+metrics, a per-sample table and the plots go to MLflow, in a child run of the training run.
 """
 
 import argparse
@@ -10,20 +10,21 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
+
+from preprocessing.cache.reader import FeatureCache
 
 from . import tracking
-from .config import load_config, parse_overrides
-
-TASK_MODALITY = {"vqa": "image", "asr": "audio", "forecast": "series"}
+from .config import from_dict, load_config, parse_overrides
+from .eval_tasks import TASKS, EvalTask, TaskName
 
 
 @dataclass
 class EvalConfig:
     checkpoint: str  # a ModRWKV save_pretrained folder written by `modrwkv train`
-    task: Literal["vqa", "asr", "forecast"]
+    task: TaskName
     cache: str  # a feature-cache entry, or an encode YAML (found in the cache or encoded first)
     out_dir: str = "runs/eval"
     max_new_tokens: int = 16
@@ -64,60 +65,27 @@ def load_model(checkpoint: str):
 class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
-    def __init__(self, checkpoint: str, cache_uri: str, max_new_tokens: int):
-        from modrwkv.tokenizer import WorldTokenizer
-        from preprocessing.cache.reader import FeatureCache
+    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask):
+        from modrwkv.tokenizer import WorldTokenizer  # the model package imports torch: actors only, not the driver
 
         self.model = load_model(checkpoint).eval()
-        self.tokenizer, self.cache, self.max_new_tokens = WorldTokenizer(), FeatureCache(cache_uri), max_new_tokens
-
-    def predict(self, sample) -> dict:
-        import torch
-
-        from modrwkv.batching import sample_items
-        from modrwkv.conversation import prompt_ids
-        from modrwkv.generation import GenerationConfig, generate
-
-        meta, items = sample["meta"], sample_items(sample)
-        config = self.model.config
-        lengths = [config.projectors[m].compressed_length(f.shape[0]) for m, f in items]
-        user = next(t["text"] for t in meta["turns"] if t["role"] == "user")
-        ids = torch.tensor([prompt_ids(self.tokenizer, user, lengths, sample["key"])])
-        row = {"key": sample["key"], "language": meta.get("language")}
-        with torch.no_grad():
-            if meta["modality"] == "series":
-                lookback = torch.from_numpy(sample["arrays"]["lookback"]).float()[None]
-                forecast = self.model(ids, [items], series_lookback=lookback).forecast[0].numpy()
-                row.update(prediction=forecast.tolist(), reference=sample["arrays"]["target"].tolist(),
-                           lookback=sample["arrays"]["lookback"].tolist(), mean=meta["mean"], std=meta["std"])
-                return row
-            first, state = self.model.prefill(ids, [items])
-            stop = tuple(self.tokenizer.encode("\n\n"))
-            out = generate(self.model.backbone, [ids[0].tolist()],
-                           GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0, stop_tokens=stop),
-                           state=state, first_logits=first)
-        answer = next(t["text"] for t in meta["turns"] if t["role"] == "assistant")
-        row.update(prediction=self.tokenizer.decode(out.tokens[0]).strip(), reference=answer)
-        return row
+        self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self.predict(s) for index in batch["shard"] for s in self.cache.read_shard(int(index))]
+        rows = [self.task.predict(self.model, self.tokenizer, s)
+                for index in batch["shard"] for s in self.cache.read_shard(int(index))]
         return {"rows": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object)}
 
 
-def predict_all(config: EvalConfig, cache_uri: str) -> list[dict]:
-    import ray
-    from tqdm import tqdm
-
-    from preprocessing.cache.reader import FeatureCache
+def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict]:
+    import ray  # slow to import and only needed here
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     n_shards = len(FeatureCache(cache_uri).shards)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
-                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri,
-                                               "max_new_tokens": config.max_new_tokens})
+                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task})
     rows = []
     with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
         for batch in ds.iter_batches(batch_size=None):
@@ -126,90 +94,9 @@ def predict_all(config: EvalConfig, cache_uri: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["key"])
 
 
-def score(task: str, rows: list[dict], season: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(metrics, baselines). VQA: exact match after VQAv2 normalisation, beside chance over the answer set.
-    ASR: WER on English and CER on Mandarin, beside the empty transcript. Forecasting: MSE/MAE on both scales
-    and MASE, beside the seasonal-naive forecast."""
-    from .metrics.asr import character_error_rate, word_error_rate
-    from .metrics.forecast import forecast_errors, mase, seasonal_naive
-    from .metrics.vqa import mean_exact_match
-
-    if task == "vqa":
-        predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(set(references))}
-    if task == "asr":
-        metrics, baselines = {}, {}
-        for language, rate in (("en", word_error_rate), ("zh", lambda r, h: character_error_rate(r, h, "zh"))):
-            mine = [r for r in rows if r["language"] == language]
-            if mine:
-                references = [r["reference"] for r in mine]
-                result = rate(references, [r["prediction"] for r in mine])
-                metrics[f"{result.metric}_{language}"] = result.rate
-                baselines[f"{result.metric}_{language}"] = rate(references, [""] * len(mine)).rate
-        return metrics, baselines
-    prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
-    mean, std = (np.array([[r[k]] for r in rows]) for k in ("mean", "std"))
-    naive = seasonal_naive(lookback, target.shape[1], season)
-    metrics = {**forecast_errors(prediction, target, mean, std), "mase": mase(prediction, target, lookback, season)}
-    baselines = {**forecast_errors(naive, target, mean, std), "mase": mase(naive, target, lookback, season)}
-    return metrics, baselines
-
-
-def confusion_png(rows: list[dict], path: Path) -> Path | None:
-    """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = sorted({r["reference"] for r in rows})
-    if not 2 <= len(labels) <= 30:
-        return None
-    index = {label: i for i, label in enumerate(labels)}
-    counts = np.zeros((len(labels), len(labels) + 1), dtype=int)  # last column: any other answer
-    for r in rows:
-        counts[index[r["reference"]], index.get(r["prediction"], len(labels))] += 1
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(labels) + 1), labels + ["other"], rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set(xlabel="prediction", ylabel="reference", title="confusion matrix")
-    for (i, j), n in np.ndenumerate(counts):
-        if n:
-            ax.text(j, i, n, ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def forecast_png(rows: list[dict], path: Path, n: int = 4) -> Path:
-    """Lookback, truth and forecast of the first windows, on the original scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    picked = rows[:: max(len(rows) // n, 1)][:n]
-    fig, axes = plt.subplots(len(picked), 1, figsize=(7, 2.2 * len(picked)), squeeze=False)
-    for ax, r in zip(axes[:, 0], picked):
-        lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"]
-                                     for k in ("lookback", "reference", "prediction"))
-        future = np.arange(len(lookback), len(lookback) + len(truth))
-        ax.plot(np.arange(len(lookback)), lookback, color="gray", label="lookback")
-        ax.plot(future, truth, color="black", label="truth")
-        ax.plot(future, forecast, color="tab:red", label="forecast")
-        ax.set_title(r["key"], fontsize=9)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plots: list[Path]) -> str:
     """A child run of the training run: metrics, baselines, the per-sample table and the plots."""
-    import mlflow
+    import mlflow  # slow to import and only needed here
     from mlflow import MlflowClient
 
     from .train import BACKBONE_REF
@@ -243,25 +130,22 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
-    from preprocessing.cache.reader import FeatureCache
-
     from .train import resolve_caches
 
     start = time.perf_counter()
     cache_uri = resolve_caches([config.cache])[0]
+    task = TASKS[config.task].from_config(config)
     modality = FeatureCache(cache_uri).modality
-    if modality != TASK_MODALITY[config.task]:
+    if modality != task.modality:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
-    rows = predict_all(config, cache_uri)
+    rows = predict_all(config, cache_uri, task)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / f"predictions_{config.task}.jsonl"
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics, baselines = score(config.task, rows, config.season)
+    metrics, baselines = task.score(rows)
     result = EvalResult(metrics, baselines, predictions)
-    plots = [p for p in (confusion_png(rows, out / "confusion_matrix.png") if config.task == "vqa" else None,
-                         forecast_png(rows, out / "forecast_vs_truth.png") if config.task == "forecast" else None) if p]
-    result.run_id = log_to_mlflow(config, result, rows, plots)
+    result.run_id = log_to_mlflow(config, result, rows, task.plots(rows, out))
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in {predictions}")
@@ -275,8 +159,6 @@ def main(args: argparse.Namespace) -> None:
     if args.config:
         config = load_config(args.config, EvalConfig, overrides)
     else:
-        from .config import from_dict
-
         config = from_dict(EvalConfig, overrides)
     run_eval(config)
 

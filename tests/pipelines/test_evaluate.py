@@ -1,5 +1,5 @@
-"""`modrwkv eval`: scoring against hand-made predictions, and a full run (Ray Data inference, MLflow server)
-whose metrics and per-sample table are then found through MLflow's REST API."""
+"""`modrwkv eval`: a full run (Ray Data inference, MLflow server) whose metrics and per-sample table are then
+found through MLflow's REST API. Each task's scoring is tested in test_eval_tasks.py."""
 
 import json
 import urllib.request
@@ -13,29 +13,9 @@ from modrwkv.projector import ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
-from pipelines.evaluate import EvalConfig, run_eval, score
+from pipelines.evaluate import EvalConfig, run_eval
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
-
-
-def test_vqa_and_asr_scores_with_their_baselines():
-    rows = [{"prediction": p, "reference": r} for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "two"), ("the four", "four")]]
-    metrics, baselines = score("vqa", rows, 1)
-    assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
-    rows = [{"prediction": "one two", "reference": "one two three", "language": "en"},
-            {"prediction": "四八", "reference": "四八八", "language": "zh"}]
-    metrics, baselines = score("asr", rows, 1)
-    assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3)}
-    assert baselines == {"wer_en": 1.0, "cer_zh": 1.0}
-
-
-def test_forecast_scores_match_the_baseline_when_the_forecast_is_seasonal_naive():
-    lookback = [0.0, 1.0, 2.0, 1.0, 2.0, 3.0]  # seasonal naive (period 3) continues with 1, 2
-    rows = [{"prediction": [1.0, 2.0], "reference": [1.0, 3.0], "lookback": lookback, "mean": 10.0, "std": 2.0}]
-    metrics, baselines = score("forecast", rows, 3)
-    assert metrics == baselines
-    assert metrics["mse_normalized"] == 0.5 and metrics["mse"] == 2.0  # errors 0 and 1; on the original scale 0 and 2
-    assert metrics["mase"] == 0.5  # MAE 0.5 over the lookback's mean |y_t - y_(t-3)| = 1
 
 
 @pytest.fixture(scope="module")

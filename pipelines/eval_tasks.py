@@ -1,0 +1,182 @@
+"""The evaluation tasks, one class each: how one cached sample is prompted and predicted, how the predictions are
+scored beside a trivial baseline, and which plots show them. `TASKS` maps the names `EvalConfig.task` takes to
+the classes; a task's settings are the eval config's fields of the same names (e.g. `season`)."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from .metrics.asr import character_error_rate, word_error_rate
+from .metrics.ceilings import turn_text
+from .metrics.forecast import forecast_errors, mase, seasonal_naive
+from .metrics.vqa import mean_exact_match
+
+TaskName = Literal["vqa", "asr", "forecast"]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend; imported here, as plotting is the only use and it is slow
+    to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+@dataclass
+class EvalTask(ABC):
+    modality: ClassVar[str]  # the feature cache it reads
+
+    @classmethod
+    def from_config(cls, config) -> "EvalTask":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    def predict(self, model, tokenizer, sample: dict) -> dict:
+        """One sample's row: key, language, prediction and reference, and what scoring and plots need beyond."""
+        # torch and the model package (which imports torch) load in the prediction actors only, not the driver
+        import torch
+
+        from modrwkv.batching import sample_items
+        from modrwkv.conversation import prompt_ids
+
+        items = sample_items(sample)
+        lengths = [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items]
+        ids = torch.tensor([prompt_ids(tokenizer, turn_text(sample, "user"), lengths, sample["key"])])
+        with torch.no_grad():
+            answer = self.answer(model, tokenizer, sample, ids, items)
+        return {"key": sample["key"], "language": sample["meta"].get("language"), **answer}
+
+    @abstractmethod
+    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
+        """The model's prediction for the prompt `ids` and the sample's features `items`, with the reference."""
+
+    @abstractmethod
+    def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+        """(metrics, the trivial baseline's metrics) over the predicted rows."""
+
+    def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
+        return []
+
+
+@dataclass
+class DecodeTask(EvalTask):
+    """Answered in text: greedy decoding up to the first blank line."""
+
+    max_new_tokens: int = 16
+
+    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
+        from modrwkv.generation import GenerationConfig, generate  # imports torch: see EvalTask.predict
+
+        first, state = model.prefill(ids, [items])
+        stop = tuple(tokenizer.encode("\n\n"))
+        out = generate(model.backbone, [ids[0].tolist()],
+                       GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0, stop_tokens=stop),
+                       state=state, first_logits=first)
+        return {"prediction": tokenizer.decode(out.tokens[0]).strip(), "reference": turn_text(sample, "assistant")}
+
+
+@dataclass
+class VQA(DecodeTask):
+    """Exact match after VQAv2 normalisation, beside chance over the answer set; a confusion matrix."""
+
+    modality: ClassVar[str] = "image"
+
+    def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+        predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(set(references))}
+
+    def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
+        """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
+        labels = sorted({r["reference"] for r in rows})
+        if not 2 <= len(labels) <= 30:
+            return []
+        index = {label: i for i, label in enumerate(labels)}
+        counts = np.zeros((len(labels), len(labels) + 1), dtype=int)  # last column: any other answer
+        for r in rows:
+            counts[index[r["reference"]], index.get(r["prediction"], len(labels))] += 1
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 6))
+        ax.imshow(counts, cmap="Blues")
+        ax.set_xticks(range(len(labels) + 1), labels + ["other"], rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set(xlabel="prediction", ylabel="reference", title="confusion matrix")
+        for (i, j), n in np.ndenumerate(counts):
+            if n:
+                ax.text(j, i, n, ha="center", va="center", fontsize=8)
+        return [save_figure(fig, out_dir / "confusion_matrix.png")]
+
+
+@dataclass
+class ASR(DecodeTask):
+    """WER on English and CER on Mandarin, each beside the empty transcript."""
+
+    modality: ClassVar[str] = "audio"
+
+    def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+        metrics, baselines = {}, {}
+        for language, rate in (("en", word_error_rate), ("zh", lambda r, h: character_error_rate(r, h, "zh"))):
+            mine = [r for r in rows if r["language"] == language]
+            if mine:
+                references = [r["reference"] for r in mine]
+                result = rate(references, [r["prediction"] for r in mine])
+                metrics[f"{result.metric}_{language}"] = result.rate
+                baselines[f"{result.metric}_{language}"] = rate(references, [""] * len(mine)).rate
+        return metrics, baselines
+
+
+@dataclass
+class Forecast(EvalTask):
+    """The forecast head's horizon: MSE/MAE on both scales and MASE, beside the seasonal-naive forecast; a plot of
+    forecasts against the truth."""
+
+    modality: ClassVar[str] = "series"
+    season: int = 1  # the seasonal-naive baseline's period (1 = naive)
+
+    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
+        import torch  # see EvalTask.predict
+
+        arrays, meta = sample["arrays"], sample["meta"]
+        lookback = torch.from_numpy(arrays["lookback"]).float()[None]
+        forecast = model(ids, [items], series_lookback=lookback).forecast[0].numpy()
+        return {"prediction": forecast.tolist(), "reference": arrays["target"].tolist(),
+                "lookback": arrays["lookback"].tolist(), "mean": meta["mean"], "std": meta["std"]}
+
+    def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+        prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
+        mean, std = (np.array([[r[k]] for r in rows]) for k in ("mean", "std"))
+
+        def errors(forecast: np.ndarray) -> dict[str, float]:
+            scaled = forecast_errors(forecast, target, mean, std)
+            return {**scaled, "mase": mase(forecast, target, lookback, self.season)}
+
+        return errors(prediction), errors(seasonal_naive(lookback, target.shape[1], self.season))
+
+    def plots(self, rows: list[dict], out_dir: Path, n: int = 4) -> list[Path]:
+        """Lookback, truth and forecast of the first windows, on the original scale."""
+        picked = rows[:: max(len(rows) // n, 1)][:n]
+        fig, axes = pyplot().subplots(len(picked), 1, figsize=(7, 2.2 * len(picked)), squeeze=False)
+        for ax, r in zip(axes[:, 0], picked):
+            lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"]
+                                         for k in ("lookback", "reference", "prediction"))
+            future = np.arange(len(lookback), len(lookback) + len(truth))
+            ax.plot(np.arange(len(lookback)), lookback, color="gray", label="lookback")
+            ax.plot(future, truth, color="black", label="truth")
+            ax.plot(future, forecast, color="tab:red", label="forecast")
+            ax.set_title(r["key"], fontsize=9)
+        axes[0, 0].legend(fontsize=8)
+        return [save_figure(fig, out_dir / "forecast_vs_truth.png")]
+
+
+TASKS: dict[TaskName, type[EvalTask]] = {"vqa": VQA, "asr": ASR, "forecast": Forecast}

@@ -1,0 +1,54 @@
+"""Each evaluation task's scoring and trivial baseline on hand-made predictions, its plots, and its settings."""
+
+from typing import get_args
+
+import pytest
+
+from pipelines.config import from_dict
+from pipelines.eval_tasks import ASR, TASKS, VQA, Forecast, TaskName
+from pipelines.evaluate import EvalConfig
+
+
+def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_path):
+    rows = [{"prediction": p, "reference": r}
+            for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "two"), ("the four", "four")]]
+    metrics, baselines = VQA().score(rows)
+    assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
+    assert VQA().plots(rows, tmp_path) == [tmp_path / "confusion_matrix.png"]
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+    one_answer = [{"prediction": "yes", "reference": "yes"}] * 2  # no closed set of answers to cross
+    assert VQA().plots(one_answer, tmp_path / "none") == []
+
+
+def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):
+    rows = [{"prediction": "one two", "reference": "one two three", "language": "en"},
+            {"prediction": "四八", "reference": "四八八", "language": "zh"}]
+    metrics, baselines = ASR().score(rows)
+    assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3)}
+    assert baselines == {"wer_en": 1.0, "cer_zh": 1.0}
+    assert ASR().score(rows[:1]) == ({"wer_en": pytest.approx(1 / 3)}, {"wer_en": 1.0})  # no Mandarin, no CER
+    assert ASR().plots(rows, tmp_path) == []
+
+
+def test_forecast_scores_beside_seasonal_naive_and_plots_forecasts(tmp_path):
+    lookback = [0.0, 1.0, 2.0, 1.0, 2.0, 3.0]  # seasonal naive (period 3) continues with 1, 2
+    rows = [{"key": "w0", "prediction": [1.0, 2.0], "reference": [1.0, 3.0], "lookback": lookback,
+             "mean": 10.0, "std": 2.0}]
+    metrics, baselines = Forecast(season=3).score(rows)
+    assert metrics == baselines  # the forecast is the seasonal-naive one
+    assert metrics["mse_normalized"] == 0.5 and metrics["mse"] == 2.0  # errors 0 and 1; on the original scale 0 and 2
+    assert metrics["mase"] == 0.5  # MAE 0.5 over the lookback's mean |y_t - y_(t-3)| = 1
+    exact = [{**rows[0], "prediction": [1.0, 3.0]}]
+    metrics, naive = Forecast(season=1).score(exact)  # naive (period 1) repeats 3: errors 2 and 0
+    assert metrics["mse"] == 0.0 and naive["mse_normalized"] == 2.0 and naive["mse"] == 8.0
+    assert Forecast().plots(rows, tmp_path) == [tmp_path / "forecast_vs_truth.png"]
+    assert (tmp_path / "forecast_vs_truth.png").stat().st_size > 0
+
+
+def test_tasks_are_named_by_the_eval_config_and_take_their_settings_from_it():
+    assert set(TASKS) == set(get_args(TaskName))
+    assert {name: task.modality for name, task in TASKS.items()} == {"vqa": "image", "asr": "audio",
+                                                                      "forecast": "series"}
+    config = {"checkpoint": "m", "cache": "c", "max_new_tokens": 4, "season": 52}
+    assert TASKS["forecast"].from_config(from_dict(EvalConfig, {**config, "task": "forecast"})) == Forecast(season=52)
+    assert TASKS["asr"].from_config(from_dict(EvalConfig, {**config, "task": "asr"})) == ASR(max_new_tokens=4)
