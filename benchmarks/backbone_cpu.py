@@ -55,9 +55,10 @@ class PeakRSS:
 
 def build_ours(dtype):
     from modrwkv import RWKV7Config
+    from modrwkv.inference import prepare_for_inference
     from tests.conftest import random_backbone
 
-    return random_backbone(RWKV7Config(**SHAPE)).to(dtype)
+    return prepare_for_inference(random_backbone(RWKV7Config(**SHAPE)), dtype)
 
 
 def run_case(case: dict) -> dict:

@@ -74,7 +74,7 @@ def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
 
 # ---- suites -------------------------------------------------------------------------------------------------
 def cache_uri(encode_yaml: str) -> str:
-    from pipelines.train import resolve_caches
+    from pipelines.caches import resolve_caches
 
     return resolve_caches([encode_yaml])[0]
 

@@ -87,7 +87,8 @@ def generate(
     """Generates for a batch of prompts (token id lists).
 
     state: a starting state for every row (e.g. a cached prefix), or None. on_token(row, token_id) is
-    called as each token is produced (streaming). first_logits with state: skip the prefill, the state
+    called as each token is produced (streaming); returning True ends that row there (the token is kept, the
+    returned state has not read it). first_logits with state: skip the prefill, the state
     already holds the prompt (prefix reuse) and these are its last-position logits [B, V].
     """
     config = config or GenerationConfig()
@@ -115,9 +116,11 @@ def generate(
                 final[row] = state.select([j])
             else:
                 tokens[row].append(tok)
-                keep.append(j)
-                if on_token is not None:
-                    on_token(row, tok)
+                if on_token is not None and on_token(row, tok):
+                    stopped[row] = True
+                    final[row] = state.select([j])
+                else:
+                    keep.append(j)
         if not keep:
             active = []
             break
@@ -141,18 +144,22 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     state: RWKV7State | None = None,
     first_logits: torch.Tensor | None = None,
+    stop_texts: Sequence[str] = (),
 ) -> str:
-    """One prompt's continuation as text; on_text receives it piece by piece, in whole UTF-8 characters."""
+    """One prompt's continuation as text; on_text receives it piece by piece, in whole UTF-8 characters.
+    Generation also ends at the first of `stop_texts` to appear, and the text is cut before it."""
     decoder = tokenizer.stream_decoder()
     pieces = []
 
-    def stream(_row: int, token: int) -> None:
+    def stream(_row: int, token: int) -> bool:
         pieces.append(decoder.push(token))
         if on_text is not None and pieces[-1]:
             on_text(pieces[-1])
+        return bool(pieces[-1]) and any(s in "".join(pieces) for s in stop_texts)
 
     generate(model, [prompt_ids], config, state=state, on_token=stream, first_logits=first_logits)
     pieces.append(decoder.flush())
     if on_text is not None and pieces[-1]:
         on_text(pieces[-1])
-    return "".join(pieces)
+    text = "".join(pieces)
+    return text[: min([text.find(s) for s in stop_texts if s in text], default=len(text))]

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from preprocessing.cache.reader import FeatureCache
 
 from . import tracking
+from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
 from .eval_tasks import TASKS, EvalTask, TaskName
 
@@ -44,31 +45,17 @@ class EvalResult:
     seconds: float = 0.0
 
 
-def load_model(checkpoint: str):
-    """A trained ModRWKV: a full save, or an adapter-only one whose backbone path is recorded beside it."""
-    from modrwkv.model import RWKV7
-    from modrwkv.multimodal import ModRWKV
-
-    from .train import BACKBONE_REF
-
-    folder = Path(checkpoint)
-    if (folder / "model.safetensors").is_file():
-        return ModRWKV.from_pretrained(folder)
-    reference = folder / BACKBONE_REF
-    if not reference.is_file():
-        raise FileNotFoundError(f"{folder}: neither model.safetensors nor {BACKBONE_REF} naming the backbone")
-    path = Path(json.loads(reference.read_text())["path"])
-    backbone = RWKV7.from_pretrained(path) if path.is_dir() else RWKV7.from_pretrained(path)
-    return ModRWKV.from_pretrained(folder, backbone=backbone)
-
-
 class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask):
-        from modrwkv.tokenizer import WorldTokenizer  # the model package imports torch: actors only, not the driver
+        # the model package imports torch: actors only, not the driver
+        from modrwkv.inference import prepare_for_inference
+        from modrwkv.multimodal import ModRWKV
+        from modrwkv.tokenizer import WorldTokenizer
 
-        self.model = load_model(checkpoint).eval()
+        # a full save, or an adapter-only one with its backbone recorded beside it
+        self.model = prepare_for_inference(ModRWKV.from_pretrained(checkpoint))
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
     def __call__(self, batch: dict) -> dict:
@@ -99,13 +86,10 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
     import mlflow  # slow to import and only needed here
     from mlflow import MlflowClient
 
-    from .train import BACKBONE_REF
+    from modrwkv.multimodal import read_backbone_source  # imports torch: see Predictor
 
     uri = tracking.tracking_uri(config.tracking_uri)
-    parent = config.parent_run_id
-    reference = Path(config.checkpoint) / BACKBONE_REF
-    if parent is None and reference.is_file():
-        parent = json.loads(reference.read_text()).get("run_id")
+    parent = config.parent_run_id or (read_backbone_source(config.checkpoint) or {}).get("run_id")
     client = MlflowClient(uri)
     if parent:
         experiment_id = client.get_run(parent).info.experiment_id
@@ -130,8 +114,6 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
-    from .train import resolve_caches
-
     start = time.perf_counter()
     cache_uri = resolve_caches([config.cache])[0]
     task = TASKS[config.task].from_config(config)

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from modrwkv.conversation import TURN_END, prompt_ids
+from modrwkv.generation import GenerationConfig, generate_text
+from modrwkv.inference import prepare_for_inference
 from modrwkv.multimodal import ModRWKV
-from modrwkv.tokenizer import END_OF_TEXT, WorldTokenizer
+from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 
 try:
@@ -33,7 +35,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 @register_model("modrwkv")
 class ModRWKVEvalModel(EvalModelBase):
-    """pretrained: a ModRWKV save_pretrained directory (or the model); encoder: a `build_encoder` kind with its
+    """pretrained: a ModRWKV save_pretrained directory, full or adapter-only (or the model); encoder: a `build_encoder` kind with its
     encoder_dir (or an encoder object). batch_size is accepted because lmms-eval always passes it; requests
     run one at a time, each with its own images."""
 
@@ -41,8 +43,9 @@ class ModRWKVEvalModel(EvalModelBase):
                  tokenizer: WorldTokenizer | None = None):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # a full save, or an adapter-only one with its backbone recorded beside it
         model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
-        self.model = model.to(self.device).eval()
+        self.model = prepare_for_inference(model.to(self.device))
         self.encoder = build_encoder(encoder, encoder_dir, device=self.device) if isinstance(encoder, str) else encoder
         if self.encoder is not None and "image" not in self.model.projectors:
             raise ValueError("an image encoder was given but the model has no image projector "
@@ -104,19 +107,9 @@ class ModRWKVEvalModel(EvalModelBase):
     def greedy_until(self, ids: list[int], features, stops: list[str], max_new_tokens: int) -> str:
         """Decodes until a stop string appears (the text is cut before it), END_OF_TEXT or max_new_tokens."""
         logits, state = self.model.prefill(torch.tensor([ids], device=self.device), [features])
-        decoder, text = self.tokenizer.stream_decoder(), ""
-        for _ in range(max_new_tokens):
-            token = int(logits[0].argmax())
-            if token == END_OF_TEXT:
-                break
-            text += decoder.push(token)
-            if any(s in text for s in stops):
-                break
-            step = torch.tensor([[token]], device=self.device)
-            logits, state = self.model.backbone(step, state=state, logits_to_keep=1)
-            logits = logits[:, -1]
-        text += decoder.flush()
-        return text[: min(text.find(s) if s in text else len(text) for s in stops)].strip()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0)
+        return generate_text(self.model.backbone, self.tokenizer, ids, config, state=state, first_logits=logits,
+                             stop_texts=stops).strip()
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("the modrwkv model answers single-round requests only")

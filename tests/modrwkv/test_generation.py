@@ -97,3 +97,19 @@ def test_generate_text_streams_whole_characters():
     text = generate_text(model, tok, tok.encode("你好"), cfg, on_text=pieces.append)
     assert "".join(pieces) == text
     assert text == tok.decode(generate(model, [tok.encode("你好")], cfg).tokens[0])
+
+
+def test_generate_text_ends_at_a_stop_text_and_cuts_it_off():
+    from modrwkv.generation import generate_text
+    from modrwkv.tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    model = random_backbone(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16), seed=1)
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0, stop_tokens=())
+    prompt = tok.encode("Hello")
+    free = generate_text(model, tok, prompt, cfg)
+    stop = free[len(free) // 2 : len(free) // 2 + 2]  # two characters from the middle of the free text
+    streamed = []
+    cut = generate_text(model, tok, prompt, cfg, on_text=streamed.append, stop_texts=[stop, "never there"])
+    assert cut == free[: free.find(stop)]
+    assert len("".join(streamed)) < len(free)  # generation stopped early, not only the text cut

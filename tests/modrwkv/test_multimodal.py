@@ -151,6 +151,12 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(again(ids, feats).logits, expected)
     with pytest.raises(ValueError, match="needs the backbone"):
         ModRWKV.from_pretrained(tmp_path / "adapter")
+    # with the backbone's source recorded beside it, the adapter loads alone (as eval, chat and lmms-eval do)
+    model.backbone.save_pretrained(tmp_path / "backbone")
+    model.save_pretrained(tmp_path / "recorded", adapter_only=True, backbone_source={"path": str(tmp_path / "backbone")})
+    assert not (tmp_path / "recorded" / "model.safetensors").exists()
+    with torch.no_grad():
+        assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
 
 
 def series_batch(tok, model, n, lookback_len, seed=0):
