@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 		{ apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# -c, not PIP_CONSTRAINT: the variable would replace the machine's own constraint file
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,weights]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[demo,dev,weights]'
 	touch $@
 
 demo: $(STAMP)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import IGNORE, Turn, tokenize_conversation
+from .conversation import Turn, tokenize_conversation
 from .multimodal import Features, ModRWKVConfig
+from .padding import right_pad
 from .tokenizer import WorldTokenizer
 
 
@@ -78,15 +79,7 @@ class Collator:
         if not encoded:
             return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
                          torch.zeros(0, 0, dtype=torch.long), [], None, [], skipped=skipped)
-        width = max(len(ids) for ids, *_ in encoded)
-        B = len(encoded)
-        input_ids = torch.zeros(B, width, dtype=torch.long)
-        labels = torch.full((B, width), IGNORE, dtype=torch.long)
-        mask = torch.zeros(B, width, dtype=torch.bool)
-        for b, (ids, lab, *_) in enumerate(encoded):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            labels[b, : len(lab)] = torch.tensor(lab)
-            mask[b, : len(ids)] = True
+        input_ids, mask, labels = right_pad([ids for ids, *_ in encoded], [lab for _, lab, *_ in encoded])
         targets = [t for *_, t, _ in encoded]
         if any(t is None for t in targets) != all(t is None for t in targets):
             raise ValueError("a batch mixes forecasting samples with others; batch each cache separately")

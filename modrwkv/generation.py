@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import RWKV7, RWKV7State
+from .padding import right_pad
 from .tokenizer import END_OF_TEXT, WorldTokenizer
 
 
@@ -51,22 +52,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def right_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, : len(p)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def prefill(model: RWKV7, prompts: Sequence[Sequence[int]], state: RWKV7State | None = None):
     """Runs the prompts in one parallel pass; returns each row's last-position logits [B, V] and the state."""
-    ids, mask = right_pad(prompts, model.emb.weight.device)
+    ids, mask, _ = right_pad(prompts, device=model.emb.weight.device)
     if bool(mask.all()):
         logits, state = model(ids, state=state, logits_to_keep=1)
         return logits[:, -1], state

@@ -14,8 +14,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+
+from infra.cli import load_services, services_file
+from infra.mlflow_server import start_mlflow
+from preprocessing.demo_data import build_demo_data
+from preprocessing.encoders.convert import export_encoder
+
 from .config import load_config
 from .demo_backbone import pretrained_backbone
+from .encode import EncodeConfig, run_encode
+from .evaluate import EvalConfig, run_eval
+from .metrics.ceilings import cache_samples, ridge_forecast_mse, vqa_ceilings
+from .train import TrainConfig, run_train
 
 CONFIGS = Path("configs/demo")
 SERVICES = Path("runs/services")
@@ -29,9 +40,6 @@ def say(message: str) -> None:
 
 def mlflow_server():
     """The MLflow server `modrwkv services` knows about, or a new one (sqlite runs, artifacts on local disk)."""
-    from infra.cli import load_services, services_file
-    from infra.mlflow_server import start_mlflow
-
     running = load_services(SERVICES).get("mlflow")
     if running is not None and running.alive():
         return running
@@ -56,8 +64,6 @@ def table(rows: list[tuple[str, str, float, float | None, float]]) -> str:
 
 def ceilings(caches: dict[str, str]) -> dict[str, float]:
     """The simple models' scores on the demo's cached features (`pipelines/metrics/ceilings.py`), by metric."""
-    from .metrics.ceilings import cache_samples, ridge_forecast_mse, vqa_ceilings
-
     digits = vqa_ceilings(cache_samples(caches["encode_digits_train"]), cache_samples(caches["encode_digits_test"]))
     co2 = ridge_forecast_mse(cache_samples(caches["encode_co2_train"]), cache_samples(caches["encode_co2_test"]))
     return {"accuracy": digits["all"]["ceiling"], "mse": co2}
@@ -65,9 +71,6 @@ def ceilings(caches: dict[str, str]) -> dict[str, float]:
 
 def prepare_assets(out: Path = Path("runs/demo")) -> None:
     """The demo's data, encoders and stand-in backbone under `out`, each made only when missing."""
-    from preprocessing.demo_data import build_demo_data
-    from preprocessing.encoders.convert import export_encoder
-
     if not (out / "data" / "digits" / "test.json").is_file():
         say("building the demo data (sklearn digits, espeak-ng speech, statsmodels CO2)")
         build_demo_data(out / "data")
@@ -79,12 +82,6 @@ def prepare_assets(out: Path = Path("runs/demo")) -> None:
 
 
 def run_demo(out: Path = Path("runs/demo")) -> dict:
-    import ray
-
-    from .encode import EncodeConfig, run_encode
-    from .evaluate import EvalConfig, run_eval
-    from .train import TrainConfig, run_train
-
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
         server = pool.submit(mlflow_server)  # its /health takes a while: start it first, use it last

@@ -13,26 +13,9 @@ from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.ceilings import turn_text
 from .metrics.forecast import forecast_errors, mase, seasonal_naive
 from .metrics.vqa import mean_exact_match
+from .plots import pyplot, save_figure
 
 TaskName = Literal["vqa", "asr", "forecast"]
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only backend; imported here, as plotting is the only use and it is slow
-    to import."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
 
 
 @dataclass

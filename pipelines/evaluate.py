@@ -11,7 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import ray
+from mlflow import MlflowClient
 from tqdm import tqdm
 
 from preprocessing.cache.reader import FeatureCache
@@ -65,7 +68,6 @@ class Predictor:
 
 
 def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict]:
-    import ray  # slow to import and only needed here
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -83,9 +85,6 @@ def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict
 
 def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plots: list[Path]) -> str:
     """A child run of the training run: metrics, baselines, the per-sample table and the plots."""
-    import mlflow  # slow to import and only needed here
-    from mlflow import MlflowClient
-
     from modrwkv.multimodal import read_backbone_source  # imports torch: see Predictor
 
     uri = tracking.tracking_uri(config.tracking_uri)

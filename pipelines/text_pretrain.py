@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from modrwkv import RWKV7
 from modrwkv.conversation import IGNORE, Turn, tokenize_conversation
+from modrwkv.padding import right_pad
 from modrwkv.tokenizer import WorldTokenizer
 
 
@@ -54,13 +55,7 @@ def text_loss(model: RWKV7, data: torch.Tensor, ctx_len: int, batch_size: int, g
 def chat_loss(model: RWKV7, tokenizer: WorldTokenizer, chats: list[list[Turn]]) -> torch.Tensor:
     """Loss on the assistant's words only (the chat template's labels); the head runs on those positions alone."""
     encoded = [tokenize_conversation(tokenizer, turns, []) for turns in chats]
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.zeros(len(chats), width, dtype=torch.long)
-    labels = torch.full((len(chats), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros(len(chats), width, dtype=torch.bool)
-    for b, (row, row_labels) in enumerate(encoded):
-        ids[b, : len(row)], labels[b, : len(row)] = torch.tensor(row), torch.tensor(row_labels)
-        mask[b, : len(row)] = True
+    ids, mask, labels = right_pad([row for row, _ in encoded], [row_labels for _, row_labels in encoded])
     hidden, _ = model.forward_hidden(ids, attention_mask=mask)
     targets = labels[:, 1:]
     learned = targets != IGNORE

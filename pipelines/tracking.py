@@ -4,9 +4,22 @@ logging from rank 0, and the loss-curve plot."""
 import json
 import os
 import subprocess
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from tqdm import tqdm
+
+from infra.cli import load_services
+
+from .plots import pyplot, save_figure
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
 
@@ -18,8 +31,6 @@ def tracking_uri(configured: str | None) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from infra.cli import load_services
-
     server = load_services(SERVICES_DIR).get("mlflow")
     if server is not None and server.alive():
         return server.tracking_uri
@@ -67,9 +78,6 @@ def experiment_id(client, uri: str, name: str) -> str:
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
     """Creates the run on the driver (workers that restart after a failure keep logging into it)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param, RunTag
-
     client = MlflowClient(uri)
     tags = {"mlflow.source.git.commit": git_revision(), **tags}
     run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name, tags=tags)
@@ -84,15 +92,9 @@ class MetricLogger:
     """Step metrics into one run, sent in batches (one HTTP call per step, not per metric)."""
 
     def __init__(self, uri: str, run_id: str):
-        from mlflow import MlflowClient
-
         self.client, self.run_id = MlflowClient(uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -101,8 +103,6 @@ def system_metrics(uri: str, run_id: str, node: str | None, every_s: float):
     """A started monitor logging this machine's CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU
     use into the run as `system/[<node>/]...` every `every_s` seconds, until `finish()` or the run ends. A
     restarted worker continues its step numbers."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, node_id=node,
                                    tracking_uri=uri)
     monitor.start()
@@ -114,8 +114,6 @@ class StepProgress:
     place both sides reach (the workers may run on other machines)."""
 
     def __init__(self, uri: str, run_id: str, total: int, desc: str, metric: str = "loss", every_s: float = 2.0):
-        from mlflow import MlflowClient
-
         self.client, self.run_id, self.metric, self.every_s = MlflowClient(uri), run_id, metric, every_s
         self.total, self.desc = total, desc
 
@@ -130,10 +128,6 @@ class StepProgress:
             self.bar.set_postfix({self.metric: f"{last.value:.4f}"})
 
     def __enter__(self):
-        import threading
-
-        from tqdm import tqdm
-
         self.bar = tqdm(total=self.total, desc=self.desc, unit="step")
         self.done = threading.Event()
 
@@ -156,11 +150,6 @@ class StepProgress:
 def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "training") -> None:
     """Each feature cache as an MLflow dataset input (name = the cache folder, digest = its cache id, source =
     its URI), so the runs table shows which caches a run read and which runs share one."""
-    from mlflow import MlflowClient
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
     inputs = []
     for cache in cache_uris:
         name = cache.rstrip("/").rsplit("/", 1)[-1]  # <modality>-<encoder>-<16 hex digits of the cache id>
@@ -176,8 +165,6 @@ def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "tra
 def run_status(uri: str, run_id: str):
     """Ends the run FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any other exception (which
     propagates), each with its end time, so the runs table can be filtered by outcome."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(uri)
     try:
         yield
@@ -191,17 +178,9 @@ def run_status(uri: str, run_id: str):
 
 
 def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     steps, losses = zip(*history) if history else ((), ())
     ax.plot(steps, losses)
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

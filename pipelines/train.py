@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 import yaml
+from mlflow import MlflowClient
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
@@ -141,10 +145,6 @@ def phase_dir(config: TrainConfig, phase: int) -> Path:
 
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
-    import ray  # Ray (and its Train library) load in seconds; only a training driver needs them
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     start = time.perf_counter()
     hp = config.phase1 if phase == 1 else config.phase2
     caches = resolve_caches(hp.caches or config.caches)
@@ -221,8 +221,6 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:
-    from mlflow import MlflowClient  # MLflow takes seconds to import; only the driver's last step needs it
-
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"

@@ -29,7 +29,7 @@ def write_json(path: Path, records, lines: bool = False) -> None:
 
 def build_digits(out: Path, n_train: int, n_test: int) -> None:
     """Train from the front of sklearn's 1797 digits, test from the back: the splits never share an image."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # the [demo] extra
 
     digits = load_digits()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
 
 def build_series(out: Path) -> None:
     import pandas as pd
-    from statsmodels import datasets
+    from statsmodels import datasets  # the [demo] extra
 
     out.mkdir(parents=True, exist_ok=True)
     co2 = datasets.co2.load_pandas().data  # weekly, with gaps (NaN) left as they are

@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from preprocessing.cache.reader import FeatureCache
+
 from .forecast import forecast_errors
 from .vqa import normalize_answer
 
 
 def cache_samples(uri: str) -> list[dict]:
-    from preprocessing.cache.reader import FeatureCache
-
     return list(FeatureCache(uri).iter_samples(shuffle=False))  # every sample, in shard order
 
 
@@ -34,7 +34,7 @@ def turn_text(sample: dict, role: str) -> str:
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # the [demo] extra, like every ceiling
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -79,7 +79,7 @@ def vqa_ceilings(train: list[dict], test: list[dict], group_of: Callable[[dict],
 
 
 def ridge_forecast_mse(train: list[dict], test: list[dict]) -> float:
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import RidgeCV  # the [demo] extra, like every ceiling
 
     stack = lambda ss, k: np.stack([s["arrays"][k] for s in ss])  # noqa: E731
     ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(stack(train, "lookback"), stack(train, "target"))
