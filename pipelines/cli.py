@@ -62,8 +62,10 @@ def load_media(args) -> list:
     if args.audio:
         import soundfile
 
+        from preprocessing.items import Audio
+
         wave, rate = soundfile.read(args.audio, dtype="float32")
-        media.append(("audio", encoder.encode([wave], [rate], [args.audio])[0]))
+        media.append(("audio", encoder.encode([Audio(wave, rate)], [args.audio])[0]))
     if args.series:
         from modrwkv.wavenet import normalize_series
 

@@ -148,6 +148,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import main as cli_main
+    from pipelines.cli import main as cli_main  # the CLI imports this module: only the `-m` entry needs it
 
     sys.exit(cli_main(["eval", *sys.argv[1:]]))

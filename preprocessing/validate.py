@@ -8,7 +8,7 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from .encoders.audio import to_16k_mono
+from .items import SAMPLE_RATE, Audio, to_16k_mono
 
 
 class Rejected(ValueError):
@@ -46,8 +46,8 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise Rejected(f"not a readable image: {e}") from None
 
 
-def decode_audio(data: bytes, limits: Limits) -> np.ndarray:
-    """Mono float32 at 16 kHz (other rates resampled, channels averaged)."""
+def decode_audio(data: bytes, limits: Limits) -> Audio:
+    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged)."""
     if not data:
         raise Rejected("empty file")
     try:
@@ -60,9 +60,10 @@ def decode_audio(data: bytes, limits: Limits) -> np.ndarray:
     if seconds > limits.max_audio_seconds:
         raise Rejected(f"{seconds:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
     if seconds < limits.min_audio_seconds:
-        raise Rejected(f"{seconds * 1000:.0f} ms of audio, under the minimum of {limits.min_audio_seconds * 1000:.0f} ms")
+        raise Rejected(f"{seconds * 1000:.0f} ms of audio, "
+                       f"under the minimum of {limits.min_audio_seconds * 1000:.0f} ms")
     try:
-        return to_16k_mono(wave, rate, "audio")
+        return Audio(to_16k_mono(Audio(wave, rate), "audio"), SAMPLE_RATE)
     except ValueError as e:
         raise Rejected(str(e).removeprefix("sample audio: ")) from None
 

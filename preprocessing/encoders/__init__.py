@@ -1,8 +1,9 @@
 """Frozen encoders: raw images / audio / series -> feature sequences [L, D], loaded from local directories only.
 
 `build_encoder(kind, model_dir)` picks the wrapper by registry name. Every wrapper exposes `kind`,
-`output_dim`, `encode(inputs, sample_ids) -> list[Tensor [L, D]]` and `weights_hash()` (the feature cache
-keys on it). Bad inputs raise ValueError naming the sample.
+`output_dim`, `weights_hash()` (the feature cache keys on it) and one call for every modality,
+`encode(items, ids) -> list[Tensor [L, D]]`: items are RGB images (PIL or uint8 [H, W, 3]),
+`preprocessing.items.Audio(wave, rate)` clips or 1-D series; bad items raise ValueError naming their id.
 """
 
 from .audio import AUDIO_ENCODERS

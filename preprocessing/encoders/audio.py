@@ -1,35 +1,15 @@
 """Speech encoders at 16 kHz: WavLM (50 Hz features) and the Whisper encoder (padded to 30 s, output trimmed
-to the real audio's length). Other sample rates are resampled; nonsense rates and empty clips are refused."""
+to the real audio's length). Items are `preprocessing.items.Audio`: other sample rates are resampled; nonsense
+rates and empty clips are refused."""
 
 import math
 
-import numpy as np
 import torch
 from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
+from ..items import SAMPLE_RATE, to_16k_mono
 from .base import FrozenEncoder, require_local_dir
-
-SAMPLE_RATE = 16000
-RATE_RANGE = (4000, 192000)
-
-
-def to_16k_mono(wave, rate: int, sample_id: str) -> np.ndarray:
-    wave = np.asarray(wave, dtype=np.float32)
-    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
-        raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
-    if wave.ndim == 2:  # [samples, channels]
-        wave = wave.mean(axis=1)
-    if wave.ndim != 1 or wave.size == 0:
-        raise ValueError(f"sample {sample_id}: expected a non-empty mono or [samples, channels] waveform, got {wave.shape}")
-    if not np.isfinite(wave).all():
-        raise ValueError(f"sample {sample_id}: the waveform has NaN or inf samples")
-    if rate != SAMPLE_RATE:
-        from scipy.signal import resample_poly
-
-        g = math.gcd(rate, SAMPLE_RATE)
-        wave = resample_poly(wave, SAMPLE_RATE // g, rate // g).astype(np.float32)
-    return wave
 
 
 def load_whisper_encoder(path):
@@ -53,11 +33,9 @@ class WhisperEncoder(FrozenEncoder):
     def output_dim(self) -> int:
         return self.model.config.d_model
 
-    @torch.no_grad()
-    def encode(self, waves, sample_rates, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(waves))]
-        clips = [to_16k_mono(w, r, s) for w, r, s in zip(waves, sample_rates, sample_ids)]
-        for clip, sid in zip(clips, sample_ids):
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
+        clips = [to_16k_mono(audio, sid) for audio, sid in zip(items, ids)]
+        for clip, sid in zip(clips, ids):
             if clip.size > self.max_samples:
                 raise ValueError(f"sample {sid}: {clip.size / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window")
         mel = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
@@ -74,10 +52,8 @@ class WavLMEncoder(FrozenEncoder):
         self.features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
                                                  do_normalize=True, return_attention_mask=True)
 
-    @torch.no_grad()
-    def encode(self, waves, sample_rates, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(waves))]
-        clips = [to_16k_mono(w, r, s) for w, r, s in zip(waves, sample_rates, sample_ids)]
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
+        clips = [to_16k_mono(audio, sid) for audio, sid in zip(items, ids)]
         batch = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)
         hidden = self.model(batch.input_values.to(self.device, self.dtype),
                             attention_mask=batch.attention_mask.to(self.device)).last_hidden_state.float().cpu()

@@ -1,9 +1,11 @@
-"""What every frozen encoder wrapper shares: local-only loading, frozen eval mode, a weights fingerprint."""
+"""What every frozen encoder wrapper shares: local-only loading, frozen eval mode, a weights fingerprint and
+the one call the encode job, chat and evaluation make: `encode(items, ids)`."""
 
-import hashlib
 from pathlib import Path
 
 import torch
+
+from ..cache.key import hash_model_dir
 
 
 class FrozenEncoder:
@@ -18,23 +20,20 @@ class FrozenEncoder:
     def output_dim(self) -> int:
         return self.model.config.hidden_size
 
+    @torch.no_grad()
+    def encode(self, items: list, ids: list[str] | None = None) -> list[torch.Tensor]:
+        """One float32 CPU tensor [L, D] per item. `ids` name the samples in the ValueError a bad item raises
+        (default: the items' positions)."""
+        ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
+        if len(ids) != len(items):
+            raise ValueError(f"{len(items)} items but {len(ids)} sample ids")
+        return self.encode_batch(items, ids)
+
+    def encode_batch(self, items: list, ids: list[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
     def weights_hash(self) -> str:
         return hash_model_dir(self.model_dir)
-
-
-def hash_model_dir(model_dir) -> str:
-    """sha256 over the weight and config files of a model directory (what a feature cache must be keyed on)."""
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256()
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight or config files")
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def require_local_dir(model_dir) -> Path:

@@ -35,14 +35,12 @@ class FracastEncoder(FrozenEncoder):
     def output_dim(self) -> int:
         return self.model.config.d_model
 
-    @torch.no_grad()
-    def encode(self, series, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(series))]
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
         width = self.model.config.context
-        values = torch.zeros(len(series), width)
-        observed = torch.zeros(len(series), width, dtype=torch.bool)
+        values = torch.zeros(len(items), width)
+        observed = torch.zeros(len(items), width, dtype=torch.bool)
         lengths = []
-        for row, (s, sid) in enumerate(zip(series, sample_ids)):
+        for row, (s, sid) in enumerate(zip(items, ids)):
             z = normalized(s, sid)
             if not self.min_length <= len(z) <= width:
                 raise ValueError(f"sample {sid}: {len(z)} points; Fracast takes {self.min_length} to {width}")
@@ -65,10 +63,8 @@ class TimerEncoder(FrozenEncoder):
         super().__init__(path, TimerModel.from_pretrained(path, local_files_only=True), device, dtype)
         self.patch = self.model.config.input_token_len
 
-    @torch.no_grad()
-    def encode(self, series, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(series))]
-        zs = [normalized(s, sid) for s, sid in zip(series, sample_ids)]
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
+        zs = [normalized(s, sid) for s, sid in zip(items, ids)]
         patches = [math.ceil(len(z) / self.patch) for z in zs]
         batch = torch.zeros(len(zs), max(patches) * self.patch)
         for row, (z, n) in enumerate(zip(zs, patches)):

@@ -28,7 +28,8 @@ def check_rgb(image, sample_id: str):
         return image
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"sample {sample_id}: expected an RGB uint8 array H x W x 3, got {image.dtype} {image.shape}")
+            raise ValueError(f"sample {sample_id}: expected an RGB uint8 array H x W x 3, "
+                             f"got {image.dtype} {image.shape}")
         return image
     raise ValueError(f"sample {sample_id}: expected a PIL image or a numpy array, got {type(image).__name__}")
 
@@ -56,10 +57,8 @@ class VisionEncoder(FrozenEncoder):
     def model_inputs(self, images):
         return self.processor(images=images, return_tensors="pt")
 
-    @torch.no_grad()
-    def encode(self, images, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(images))]
-        images = [check_rgb(im, sid) for im, sid in zip(images, sample_ids)]
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
+        images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
         inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         hidden = self.model(**inputs).last_hidden_state
@@ -95,10 +94,8 @@ class Siglip2Encoder(VisionEncoder):
     def default_processor(self, config):
         return Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
-    @torch.no_grad()
-    def encode(self, images, sample_ids=None) -> list[torch.Tensor]:
-        sample_ids = sample_ids or [str(i) for i in range(len(images))]
-        images = [check_rgb(im, sid) for im, sid in zip(images, sample_ids)]
+    def encode_batch(self, items, ids) -> list[torch.Tensor]:
+        images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
         inputs = {k: v.to(self.device) for k, v in self.processor(images=images, return_tensors="pt").items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         hidden = self.model(**inputs).last_hidden_state.float().cpu()

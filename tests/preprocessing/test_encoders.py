@@ -10,7 +10,12 @@ from transformers import (
     SiglipVisionConfig, SiglipVisionModel, WavLMConfig, WavLMModel, WhisperConfig, WhisperModel,
 )
 
-from preprocessing.encoders import build_encoder
+from preprocessing.encoders import ENCODERS, build_encoder
+from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
+from preprocessing.encoders.timer import TimerConfig, TimerModel
+from preprocessing.items import Audio
+
+from .test_series_encoders import seasonal
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 VISION = {
@@ -18,6 +23,19 @@ VISION = {
     "siglip": (SiglipVisionModel, SiglipVisionConfig(image_size=32, patch_size=8, **TINY), 16),
     "dinov2": (Dinov2Model, Dinov2Config(image_size=28, patch_size=14, **TINY), 4 + 1),  # + CLS
     "siglip2": (Siglip2VisionModel, Siglip2VisionConfig(patch_size=8, num_patches=16, **TINY), None),
+}
+
+
+WHISPER = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+WAVLM = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+TINY_MODELS = {  # kind -> a random tiny model of it, saved the way real weights are
+    **{kind: lambda path, kind=kind: VISION[kind][0](VISION[kind][1]).save_pretrained(path) for kind in VISION},
+    "whisper": lambda path: WhisperModel(WHISPER).save_pretrained(path),
+    "wavlm": lambda path: WavLMModel(WAVLM).save_pretrained(path),
+    "timer": lambda path: TimerModel(TimerConfig(input_token_len=8, **TINY)).save_pretrained(path),
+    "fracast": lambda path: save_fracast(FracastNet(FracastConfig(d_model=16, context=64, stages=4)), path),
 }
 
 
@@ -54,40 +72,60 @@ def test_missing_model_dir_is_clear(tmp_path):
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("whisper")
-    config = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
     torch.manual_seed(0)
-    WhisperModel(config).save_pretrained(path)
+    WhisperModel(WHISPER).save_pretrained(path)
     return path
 
 
-def tone(seconds, rate, channels=1):
+def tone(seconds, rate, channels=1) -> Audio:
     t = np.arange(int(seconds * rate)) / rate
     wave = 0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
-    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+    return Audio(np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate)
 
 
 def test_whisper_trims_to_the_real_length_and_resamples(whisper_dir):
     encoder = build_encoder("whisper", whisper_dir)
-    one_s, half_s_8k_stereo = encoder.encode([tone(1.0, 16000), tone(0.5, 8000, channels=2)], [16000, 8000])
+    one_s, half_s_8k_stereo = encoder.encode([tone(1.0, 16000), tone(0.5, 8000, channels=2)])
     assert one_s.shape == (50, 32) and half_s_8k_stereo.shape == (25, 32)
     with pytest.raises(ValueError, match="sample clip-9: sample rate 100 Hz"):
-        encoder.encode([tone(1.0, 100)], [100], ["clip-9"])
+        encoder.encode([tone(1.0, 100)], ["clip-9"])
     bad = tone(0.2, 16000)
-    bad[3] = np.nan
+    bad.wave[3] = np.nan
     with pytest.raises(ValueError, match="sample n1: the waveform has NaN"):
-        encoder.encode([bad], [16000], ["n1"])
+        encoder.encode([bad], ["n1"])
     with pytest.raises(ValueError, match="longer than Whisper's 30 s"):
-        encoder.encode([tone(31, 16000)], [16000])
+        encoder.encode([tone(31, 16000)])
 
 
 def test_wavlm_gives_50_hz_features(tmp_path):
-    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
     torch.manual_seed(0)
-    WavLMModel(config).save_pretrained(tmp_path)
+    WavLMModel(WAVLM).save_pretrained(tmp_path)
     encoder = build_encoder("wavlm", tmp_path)
-    a, b = encoder.encode([tone(1.0, 16000), tone(0.5, 22050)], [16000, 22050])
+    a, b = encoder.encode([tone(1.0, 16000), tone(0.5, 22050)])
     assert a.shape == (49, 32) and b.shape == (24, 32)
     with pytest.raises(ValueError, match="sample e: expected a non-empty"):
-        encoder.encode([np.zeros(0, np.float32)], [16000], ["e"])
+        encoder.encode([Audio(np.zeros(0, np.float32), 16000)], ["e"])
+
+
+def test_every_registered_encoder_is_called_the_same_way(tmp_path):
+    """One loop over the registry: `encode(items, ids)` for every kind, audio items carrying their own rate."""
+    items = {"image": (rgb(0), rgb(1, (25, 60))), "audio": (tone(1.0, 8000), tone(0.5, 16000, channels=2)),
+             "series": (seasonal(40), seasonal(21, seed=1))}
+    bad = {"image": rgb(0).convert("L"), "audio": tone(0.5, 16000).wave, "series": np.zeros((40, 2), np.float32)}
+    refusal = {"image": "expected an RGB image", "audio": r"expected an Audio\(wave, rate\) item",
+               "series": "expected a univariate series"}
+    modality = {**dict.fromkeys(VISION, "image"), "whisper": "audio", "wavlm": "audio", "timer": "series",
+                "fracast": "series"}
+    assert sorted(TINY_MODELS) == sorted(modality) == sorted(ENCODERS)  # a new encoder joins this loop
+    for kind, save in TINY_MODELS.items():
+        torch.manual_seed(0)
+        save(tmp_path / kind)
+        encoder, m = build_encoder(kind, tmp_path / kind), modality[kind]
+        first, second = encoder.encode(list(items[m]), ["first", "second"])
+        assert first.ndim == second.ndim == 2 and first.shape[1] == second.shape[1] == encoder.output_dim, kind
+        if m == "audio":  # 1 s at 8 kHz resampled to 16 kHz: 1 s of 50 Hz features, twice the 0.5 s clip's
+            assert abs(first.shape[0] - 2 * second.shape[0]) <= 1 and first.shape[0] >= 49, kind
+        with pytest.raises(ValueError, match=f"sample second: {refusal[m]}"):
+            encoder.encode([items[m][0], bad[m]], ["first", "second"])
+        with pytest.raises(ValueError, match="2 items but 1 sample ids"):
+            encoder.encode(list(items[m]), ["first"])

@@ -12,6 +12,7 @@ from preprocessing.encoders import build_encoder
 from preprocessing.encoders.convert import export_encoder
 from preprocessing.encoders.convert.ct2 import read_ct2_variables
 from preprocessing.encoders.convert.wheels import wheel_file
+from preprocessing.items import Audio
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -43,7 +44,7 @@ def test_whisper_tiny_en_matches_ctranslate2(tmp_path):
     assert ours.shape == ref.shape == (1, 1500, 384)
     assert relative_error(ours, ref) < 1e-4  # measured ~3e-6 (fp16 weights, fp32 compute on both sides)
 
-    (features,) = encoder.encode([wave], [16000])  # the wrapper's path: trimmed to the 3 s of real audio
+    (features,) = encoder.encode([Audio(wave, 16000)])  # the wrapper's path: trimmed to the 3 s of real audio
     assert features.shape == (150, 384)
     assert relative_error(features.numpy(), ref[0, :150]) < 1e-4
 

@@ -27,8 +27,8 @@ def test_images():
 
 
 def test_audio():
-    wave = decode_audio(wav_bytes(0.5, rate=8000, channels=2), LIMITS)  # 8 kHz stereo: accepted, resampled
-    assert wave.ndim == 1 and wave.shape[0] == 8000 and wave.dtype == np.float32
+    audio = decode_audio(wav_bytes(0.5, rate=8000, channels=2), LIMITS)  # 8 kHz stereo: accepted, resampled
+    assert audio.rate == 16000 and audio.wave.shape == (8000,) and audio.wave.dtype == np.float32
     with pytest.raises(Rejected, match="not a readable audio file"):
         decode_audio(b"just some text, named .wav", LIMITS)
     with pytest.raises(Rejected, match="empty file"):

@@ -1,0 +1,85 @@
+"""The schema of `configs/encode_*.yaml` (`EncodeConfig`), checked when the config is loaded."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from preprocessing.validate import Limits
+
+MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
+RAW_SERIES = "raw"  # trainable series encoders (WaveNet) get the normalised input, not features
+
+
+@dataclass
+class DatasetConfig:
+    format: Literal["llava", "asr_jsonl", "librispeech", "series"]
+    path: str
+    media_root: str | None = None  # image/audio paths resolve against this (default: the manifest's folder)
+    # media paths must stay inside media_root (no absolute paths, `..` or symlinks out); true lifts that
+    allow_media_outside_root: bool = False
+    # series only
+    lookback: int = 96
+    horizon: int = 24
+    stride: int = 24
+    split: Literal["train", "val", "test"] = "train"
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    columns: list[str] | None = None
+    time_column: str | None = None
+    nan_policy: Literal["reject", "interpolate"] = "reject"
+    prompt: str = "<series>\nForecast the next values."
+
+    def __post_init__(self):
+        if min(self.lookback, self.horizon, self.stride) < 1:
+            raise ValueError("lookback, horizon and stride must be positive")
+        if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) < 0:
+            raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {self.fractions}")
+
+
+@dataclass
+class EncoderSpec:
+    kind: str  # a registered frozen encoder (clip, siglip2, whisper, ...) or "raw" for WaveNet series
+    model_dir: str | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    image_size: int | None = None  # vision only: square input size (default: the model's processor config)
+
+    def __post_init__(self):
+        # transformers and torch: heavy, only checking an encoder section needs the registry
+        from preprocessing.encoders import ENCODERS
+        from preprocessing.encoders.vision import VISION_ENCODERS
+
+        if self.image_size is not None and self.kind not in VISION_ENCODERS:
+            raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
+
+        if self.kind != RAW_SERIES and self.kind not in ENCODERS:
+            raise ValueError(f"encoder.kind {self.kind!r} is not one of {sorted(ENCODERS) + [RAW_SERIES]}")
+        if self.kind != RAW_SERIES and not self.model_dir:
+            raise ValueError(f"encoder.model_dir is required for {self.kind!r} (a local model directory)")
+
+
+@dataclass
+class CacheConfig:
+    root: str = "runs/cache"  # a folder or s3://bucket/prefix
+    shard_size: int = 256
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError("cache.shard_size must be positive")
+
+
+@dataclass
+class RunConfig:
+    actors: int = 1  # encoder actor pool size
+    batch_size: int = 16  # encoder micro-batch
+    gpus_per_actor: float = 0.0
+    force: bool = False  # re-encode even when a complete entry exists
+    ray_address: str | None = None  # None: a local Ray instance
+
+
+@dataclass
+class EncodeConfig:
+    dataset: DatasetConfig
+    encoder: EncoderSpec
+    limits: Limits = field(default_factory=Limits)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # the context length the cache will train at: encode counts and names the samples over it (changes no feature)
+    max_length: int | None = None

@@ -1,0 +1,39 @@
+"""What the frozen encoders take besides images and series: an audio item carries its own sample rate, so
+every encoder is called the same way, `encode(items, ids)`."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # what every speech encoder here was trained at
+RATE_RANGE = (4000, 192000)
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    wave: np.ndarray  # [samples] or [samples, channels]
+    rate: int  # Hz
+
+
+def to_16k_mono(audio: Audio, sample_id: str) -> np.ndarray:
+    """The clip as float32 mono at 16 kHz (channels averaged, other rates resampled); nonsense rates, empty
+    clips and NaN/inf samples are refused naming the sample."""
+    if not isinstance(audio, Audio):
+        raise ValueError(f"sample {sample_id}: expected an Audio(wave, rate) item, got {type(audio).__name__}")
+    wave, rate = np.asarray(audio.wave, dtype=np.float32), audio.rate
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
+    if wave.ndim == 2:  # [samples, channels]
+        wave = wave.mean(axis=1)
+    if wave.ndim != 1 or wave.size == 0:
+        raise ValueError(f"sample {sample_id}: expected a non-empty mono or [samples, channels] waveform, "
+                         f"got {wave.shape}")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"sample {sample_id}: the waveform has NaN or inf samples")
+    if rate != SAMPLE_RATE:
+        from scipy.signal import resample_poly  # scipy: slow to import, only resampling needs it
+
+        g = math.gcd(rate, SAMPLE_RATE)
+        wave = resample_poly(wave, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    return wave
