@@ -73,10 +73,9 @@ def training_steps(cache_uri: str, backbone_dir: Path, steps: int, batch_size: i
 
     from modrwkv import RWKV7
     from modrwkv.batching import Collator
-    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-    from modrwkv.projector import ProjectorConfig
+    from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
     from modrwkv.tokenizer import WorldTokenizer
-    from preprocessing.cache.reader import FeatureCache
+    from preprocessing.cache.entry import FeatureCache
     from preprocessing.encoders import build_encoder
 
     backbone = RWKV7.from_pretrained(backbone_dir)

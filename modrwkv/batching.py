@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import Turn, tokenize_conversation
+from .conversation import Turn, right_pad, tokenize_conversation
 from .multimodal import Features, ModRWKVConfig
-from .padding import right_pad
 from .tokenizer import WorldTokenizer
 
 

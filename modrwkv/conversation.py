@@ -4,10 +4,14 @@
 
 Every modality placeholder in a user turn expands to as many positions as its (compressed) feature sequence
 has vectors; the model writes the adapted features there. Labels: the assistant's words and its closing
-"\n\n" are learned; user turns, the "Assistant:" prefix and modality positions get -100 (ignored).
+"\n\n" are learned; user turns, the "Assistant:" prefix and modality positions get -100 (ignored). Rows of
+ids (and labels) go into one batch right-padded, the layout every forward pass takes.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .tokenizer import SPECIAL_TOKENS, WorldTokenizer
 
@@ -82,3 +86,23 @@ def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int
     training conversation that ends with that user turn (a forecasting sample), so a forecast head reads the
     position it was trained on."""
     return tokenize_conversation(tokenizer, [Turn("user", user_text)], item_lengths, sample_id)[0]
+
+
+def right_pad(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None, device=None):
+    """(ids [B, T] with 0 after each row's end, attention mask [B, T] bool, labels [B, T] with IGNORE after the
+    end or None when no labels are given); T is the longest row."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    padded_labels = None if labels is None else torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[b, : len(row)] = True
+        if labels is not None:
+            padded_labels[b, : len(row)] = torch.as_tensor(list(labels[b]), dtype=torch.long)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+        padded_labels = None if padded_labels is None else padded_labels.to(device)
+    return ids, mask, padded_labels

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .conversation import right_pad
 from .model import RWKV7, RWKV7State
-from .padding import right_pad
 from .tokenizer import END_OF_TEXT, WorldTokenizer
 
 

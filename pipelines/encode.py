@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from preprocessing import storage
-from preprocessing.cache.entry import CacheEntry
+from preprocessing.cache.entry import CacheEntry, FeatureCache, npy_bytes, pack_shard
 from preprocessing.cache.key import cache_spec, code_version, entry_uri
-from preprocessing.cache.reader import FeatureCache
-from preprocessing.cache.shard import npy_bytes, pack_shard
 from preprocessing.items import Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image

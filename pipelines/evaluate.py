@@ -17,7 +17,7 @@ import ray
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.entry import FeatureCache
 
 from . import tracking
 from .caches import resolve_caches

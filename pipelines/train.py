@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
 from modrwkv.multimodal import ModRWKVConfig, read_backbone_source, write_backbone_source
-from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.entry import FeatureCache
 
 from . import tracking
 from .caches import absolute, resolve_caches

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
-from modrwkv.projector import ProjectorConfig
+from modrwkv.multimodal import ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 
 
@@ -18,7 +18,7 @@ class BackboneConfig:
 class ModelConfig:
     backbone: BackboneConfig
     # by modality; encoder_dim comes from the caches, model_dim from the backbone, normalize (with the training
-    # caches' statistics) defaults to the modality's measured best (modrwkv/projector.py says why)
+    # caches' statistics) defaults to the modality's measured best (modrwkv/multimodal.py says why)
     projectors: dict[str, ProjectorConfig] = field(default_factory=dict)
     wavenet: WaveNetConfig | None = None  # series caches encoded "raw" train this WaveNet (in_channels: the caches)
     # the forecast adds a linear map of the normalised lookback, starting as the naive forecast (ModRWKV)

@@ -18,7 +18,7 @@ from modrwkv import RWKV7
 from modrwkv.batching import Collator
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
 from modrwkv.tokenizer import WorldTokenizer
-from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.entry import FeatureCache
 
 from .schedule import warmup_cosine
 from .tracking import MetricLogger, system_metrics

@@ -37,8 +37,7 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys):
     from PIL import Image
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-    from modrwkv.projector import ProjectorConfig
+    from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 
     CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "clip")

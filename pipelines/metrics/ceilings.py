@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.entry import FeatureCache
 
 from .forecast import forecast_errors
 from .vqa import normalize_answer

@@ -1,13 +1,29 @@
-"""A feature-cache entry: `shard-NNNNN.tar` shards, a `shard-NNNNN.json` receipt per finished shard, then
-`rejects.jsonl` and `manifest.json`, written last. Its folder name is content-addressed by everything the
-features depend on (encoder id and weights hash, preprocessing config, source-dataset hash, format version),
-so a changed encoder or config can never pick up stale features.
+"""A feature-cache entry, its one on-disk format: written by the encode job (`CacheEntry`), read by training and
+evaluation (`FeatureCache`).
 
-A shard counts as done only when its receipt exists (the tar is moved into place first); an interrupted job
-resumes by encoding the shards that have no receipt."""
+An entry holds `shard-NNNNN.tar` shards, a `shard-NNNNN.json` receipt per finished shard, then `rejects.jsonl`
+and `manifest.json`, written last. Its folder name is content-addressed by everything the features depend on
+(encoder id and weights hash, preprocessing config, source-dataset hash, format version), so a changed encoder or
+config can never pick up stale features. A shard counts as done only when its receipt exists (the tar is moved
+into place first); an interrupted job resumes by encoding the shards that have no receipt.
+
+A shard is a WebDataset tar of `<key>.<name>.npy` arrays and one `<key>.json` per sample. Members are written in
+sample order with fixed metadata (mtime 0, uid 0), so the same samples always give the same bytes: a resumed
+encode produces exactly the shards an uninterrupted one would. Reading never unpickles (np.load with
+allow_pickle=False) and checks each shard against the manifest's sha256 first. The reader splits the samples
+across Ray Train workers by shard, shuffles them with a seed and reads ahead on background threads."""
 
 import hashlib
+import io
 import json
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from itertools import count, tee
+
+import numpy as np
 
 from .. import storage
 
@@ -30,6 +46,49 @@ def shard_name(index: int) -> str:
 
 def receipt_name(index: int) -> str:
     return f"shard-{index:05d}.json"
+
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def pack_shard(samples: list[dict]) -> bytes:
+    """samples: {"key", "arrays": {name: ndarray}, "meta": dict}, written in the given order."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            members = [(f"{name}.npy", npy_bytes(a)) for name, a in sorted(sample["arrays"].items())]
+            members.append(("json", json.dumps(sample["meta"], sort_keys=True, ensure_ascii=False).encode()))
+            for suffix, data in members:
+                info = tarfile.TarInfo(f"{sample['key']}.{suffix}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def unpack_shard(data: bytes, name: str = "shard") -> list[dict]:
+    """The samples of a shard, in order: {"key", "arrays", "meta"}."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.partition(".")
+            payload = tar.extractfile(member).read()
+            sample = samples.setdefault(key, {"key": key, "arrays": {}, "meta": None})
+            if suffix == "json":
+                sample["meta"] = json.loads(payload)
+            elif suffix.endswith(".npy"):
+                sample["arrays"][suffix[: -len(".npy")]] = np.load(io.BytesIO(payload), allow_pickle=False)
+            else:
+                raise ValueError(f"{name}: member {member.name!r} is neither .npy nor .json")
+    for key, sample in samples.items():
+        if sample["meta"] is None:
+            raise ValueError(f"{name}: sample {key!r} has no .json member")
+    return list(samples.values())
 
 
 class CacheEntry:
@@ -86,3 +145,128 @@ class CacheEntry:
         storage.write_atomic(self.path(REJECTS), b"".join(canonical_json(r) + b"\n" for r in rejects))
         storage.write_atomic(self.path(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
+
+
+class FeatureCache:
+    """A complete entry, read: its manifest, and its samples by shard."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+        self.manifest = CacheEntry(self.uri).manifest()
+        self.shards = self.manifest["shards"]
+
+    @property
+    def id(self) -> str:
+        return self.manifest["cache_id"]
+
+    @property
+    def modality(self) -> str:
+        return self.manifest["modality"]
+
+    def __len__(self) -> int:
+        return self.manifest["counts"]["written"]
+
+    def over_length(self, max_length: int, compressed=lambda n: n) -> list[dict] | None:
+        """{"key", "tokens"} of every sample whose text tokens plus its items' `compressed` feature lengths exceed
+        `max_length`, from the manifest alone; None for a cache encoded before lengths were recorded."""
+        if any(shard.get("lengths") is None for shard in self.shards):
+            return None
+        over = []
+        for shard in self.shards:
+            for key, (text, items) in zip(shard["keys"], shard["lengths"]):
+                tokens = text + sum(compressed(n) for n in items)
+                if tokens > max_length:
+                    over.append({"key": key, "tokens": tokens})
+        return over
+
+    def read_shard(self, index: int) -> list[dict]:
+        shard = self.shards[index]
+        data = storage.read_bytes(storage.join(self.uri, shard["name"]))
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise ValueError(f"{self.uri}/{shard['name']}: sha256 differs from the manifest; the shard was changed "
+                             "or damaged after encoding (re-encode with --force)")
+        return unpack_shard(data, f"{self.uri}/{shard['name']}")
+
+    def worker_shards(self, rank: int, world: int) -> list[int]:
+        return list(range(rank, len(self.shards), world))
+
+    def samples_per_worker(self, world: int) -> int:
+        """Every rank yields this many samples (the smallest rank's share), so all ranks take the same number
+        of steps: a distributed step needs every rank."""
+        if len(self.shards) < world:
+            raise ValueError(f"{self.uri}: {len(self.shards)} shards for {world} workers; encode with a smaller "
+                             "cache.shard_size so every worker gets at least one shard")
+        return min(sum(self.shards[i]["count"] for i in self.worker_shards(r, world)) for r in range(world))
+
+    def windows(self, order: list[int], size: int) -> list[tuple[int, list[int]]]:
+        """`order`'s shards grouped into runs of consecutive shards holding at least `size` samples (the last may
+        hold fewer), each with the position of its first sample in the epoch."""
+        windows, first, members, held = [], 0, [], 0
+        for index in order:
+            members.append(index)
+            held += self.shards[index]["count"]
+            if held >= size:
+                windows.append((first, members))
+                first, members, held = first + held, [], 0
+        if members:
+            windows.append((first, members))
+        return windows
+
+    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list[dict]]:
+        """The decoded shards `indices`, in order. With `threads`, shards holding at least `ahead` samples beyond
+        the one handed out are being read, checked and decoded on background threads, so the consumer waits on
+        storage only when it outruns them; with 0, each is read when asked for."""
+        if threads == 0:
+            yield from map(self.read_shard, indices)
+            return
+        pool, pending = ThreadPoolExecutor(threads, thread_name_prefix="shard-reader"), deque()
+
+        def fill():
+            while not pending or sum(count for count, _ in pending) < ahead:
+                index = next(indices, None)
+                if index is None:
+                    return
+                pending.append((self.shards[index]["count"], pool.submit(self.read_shard, index)))
+
+        try:
+            fill()
+            while pending:
+                samples = pending.popleft()[1].result()
+                fill()
+                yield samples
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def plan(self, rank: int, world: int, seed: int, epoch: int, start: int, epochs: int | None, shuffle: bool,
+             window: int) -> Iterator[tuple[int, int, list[int], int, int]]:
+        """(epoch, window, shards, first sample to yield, end) for each window to read, from `start` of `epoch`
+        on, for `epochs` epochs (None: endless)."""
+        quota = self.samples_per_worker(world)
+        if not 0 <= start <= quota:
+            raise ValueError(f"{self.uri}: start {start} is outside an epoch's {quota} samples per worker")
+        for e in count(epoch) if epochs is None else range(epoch, epoch + epochs):
+            order = self.worker_shards(rank, world)
+            if shuffle:
+                np.random.default_rng([seed, e, rank]).shuffle(order)
+            for w, (first, members) in enumerate(self.windows(order, window)):
+                skip = start - first if e == epoch else 0
+                held = sum(self.shards[i]["count"] for i in members)
+                if first < quota and skip < held:
+                    yield e, w, members, max(skip, 0), quota - first
+
+    def iter_samples(self, rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                     window: int = 1024, start: int = 0, epochs: int | None = 1, prefetch: int = 4) -> Iterator[dict]:
+        """This rank's samples from its sample `start` of `epoch` on, for `epochs` epochs (None: endless): each
+        epoch's shard order shuffled per (seed, epoch, rank), then the samples of each window of consecutive shards
+        (at least `window` samples) permuted together. Because the order is fixed by the seed alone, a position is
+        a plain count, and starting at `start` reads no shard before the window that holds it (a resumed run
+        does not replay its data). `prefetch` threads read the next window while this one is consumed."""
+        windows, reading = tee(self.plan(rank, world, seed, epoch, start, epochs, shuffle, window))
+        shard_order = (i for _, _, members, _, _ in reading for i in members)
+        with closing(self.read_ahead(shard_order, prefetch, window)) as shards:
+            for e, w, members, skip, end in windows:
+                samples = [sample for _ in members for sample in next(shards)]
+                if shuffle:
+                    permutation = np.random.default_rng([seed, e, rank, w]).permutation(len(samples))
+                    samples = [samples[i] for i in permutation]
+                yield from samples[skip:end]

@@ -9,8 +9,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from modrwkv import RWKV7Config
 from modrwkv.conversation import Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
-from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-from modrwkv.projector import ProjectorConfig
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 from tests.conftest import random_backbone

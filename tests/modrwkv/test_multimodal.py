@@ -4,8 +4,7 @@ import torch
 from modrwkv import RWKV7Config
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
-from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-from modrwkv.projector import Projector, ProjectorConfig
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
 from modrwkv.tokenizer import WorldTokenizer
 from tests.conftest import random_backbone
 

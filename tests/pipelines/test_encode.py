@@ -17,7 +17,7 @@ import yaml
 
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
-from preprocessing.cache.reader import FeatureCache
+from preprocessing.cache.entry import FeatureCache
 from preprocessing.demo_data import build_digits
 from tests.tiny_models import save_tiny_clip, save_tiny_whisper
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from modrwkv import RWKV7Config
-from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-from modrwkv.projector import ProjectorConfig
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode

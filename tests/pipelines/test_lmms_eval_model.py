@@ -18,8 +18,7 @@ import pipelines.lmms_eval_model as lmms_eval_model
 from modrwkv import RWKV7Config
 from modrwkv.conversation import prompt_ids
 from modrwkv.generation import GenerationConfig, generate
-from modrwkv.multimodal import ModRWKV, ModRWKVConfig
-from modrwkv.projector import ProjectorConfig
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 from tests.conftest import random_backbone

@@ -212,8 +212,7 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     from pipelines.train import cache_shapes
-    from preprocessing.cache.entry import CacheEntry
-    from preprocessing.cache.shard import pack_shard
+    from preprocessing.cache.entry import CacheEntry, pack_shard
 
     meta = {"turns": [{"role": "user", "text": "Say yes."}, {"role": "assistant", "text": "yes"}], "modality": "image"}
     text = {"key": "t0", "arrays": {}, "meta": meta}

@@ -5,9 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from preprocessing.cache.entry import CacheEntry, cache_id
-from preprocessing.cache.reader import FeatureCache
-from preprocessing.cache.shard import pack_shard, unpack_shard
+from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
 
 
 def samples(n, start=0):
