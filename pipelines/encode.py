@@ -137,10 +137,9 @@ def media_items(s: dict, limits: Limits) -> tuple[list, dict, dict]:
     return items, {}, {"content_sha256": hashes}
 
 
-def decode_and_validate(row: dict, limits: dict) -> dict:
+def decode_and_validate(row: dict, limits: Limits) -> dict:
     """Turns every sample of the shard into encoder items (and arrays stored as they are); a sample that fails
     gets a reject reason instead."""
-    limits = Limits(**limits)
     samples = json.loads(row["samples"])
     for s in samples:
         s["items"], s["arrays"], s["reject"] = [], {}, None
@@ -166,8 +165,8 @@ class RawSeries:
 class ShardEncoder:
     """An actor: holds one encoder, turns a validated shard into a written shard and its receipt."""
 
-    def __init__(self, encoder: dict, entry_uri: str, batch_size: int):
-        self.spec, self.entry, self.batch_size = EncoderSpec(**encoder), CacheEntry(entry_uri), batch_size
+    def __init__(self, encoder: EncoderSpec, entry_uri: str, batch_size: int):
+        self.spec, self.entry, self.batch_size = encoder, CacheEntry(entry_uri), batch_size
         if self.spec.kind == RAW_SERIES:
             self.encoder, self.feature_dtype = RawSeries(), np.float32  # the model's input: full precision
         else:
@@ -258,11 +257,11 @@ def encode_shards(config: EncodeConfig, uri: str, shards: list[list[RawSample]],
     rows = [{"index": i, "samples": json.dumps([dataclasses.asdict(s) for s in shards[i]])} for i in todo]
     runtime_env = {"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(decode_and_validate, fn_kwargs={"limits": dataclasses.asdict(config.limits)}, runtime_env=runtime_env)
+    ds = ds.map(decode_and_validate, fn_kwargs={"limits": config.limits}, runtime_env=runtime_env)
     ds = ds.map_batches(ShardEncoder, batch_size=1, runtime_env=runtime_env,
                         compute=ray.data.ActorPoolStrategy(size=config.run.actors),
                         num_gpus=config.run.gpus_per_actor or None,
-                        fn_constructor_kwargs={"encoder": dataclasses.asdict(config.encoder), "entry_uri": uri,
+                        fn_constructor_kwargs={"encoder": config.encoder, "entry_uri": uri,
                                                "batch_size": config.run.batch_size})
     with tqdm(total=len(todo), desc="encode shards", unit="shard") as bar:
         for _ in ds.iter_rows():

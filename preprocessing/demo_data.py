@@ -76,8 +76,8 @@ def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
 
 
 def build_series(out: Path) -> None:
-    import pandas as pd
-    from statsmodels import datasets  # the [demo] extra
+    import pandas as pd  # with statsmodels' datasets (the [demo] extra), which return pandas frames
+    from statsmodels import datasets
 
     out.mkdir(parents=True, exist_ok=True)
     co2 = datasets.co2.load_pandas().data  # weekly, with gaps (NaN) left as they are

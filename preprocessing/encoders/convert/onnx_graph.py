@@ -30,7 +30,7 @@ def load_graph(path):
 
 
 def initializers(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # the `weights` extra, as in load_graph
 
     return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
 
