@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import RWKV7Config
+from .inference import quantized_layers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,7 +81,12 @@ def load_state_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors: what safetensors writes (weights may be stored transposed in memory)."""
+    """Detached, contiguous CPU tensors: what safetensors writes (weights may be stored transposed in memory).
+    A quantized model is refused: its int8 weights and scales are no checkpoint format any loader reads, and
+    dequantizing would pass rounded weights off as the trained ones."""
+    if quantized := quantized_layers(module):
+        raise CheckpointError(f"the model is quantized for inference ({len(quantized)} layers, e.g. {quantized[0]}) "
+                              "and cannot be saved: save it before modrwkv.quantize(), or load the checkpoint again")
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 

@@ -305,10 +305,10 @@ class ModRWKV(nn.Module):
     def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None) -> None:
         """config + weights; adapter_only writes everything but the backbone (phase I's output). backbone_source
         ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by itself."""
+        state = cpu_state_dict(self)  # first: a model that cannot be saved (quantized) leaves no partial folder
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = cpu_state_dict(self)
         if adapter_only:
             save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
         else:
