@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import numpy as np
@@ -32,6 +33,7 @@ class EvalConfig:
     cache: str  # a feature-cache entry, or an encode YAML (found in the cache or encoded first)
     out_dir: str = "runs/eval"
     max_new_tokens: int = 16
+    quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
     actors: int = 1
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
     tracking_uri: str | None = None
@@ -51,14 +53,14 @@ class EvalResult:
 class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
-    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask):
+    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none"):
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
         from modrwkv.multimodal import ModRWKV
         from modrwkv.tokenizer import WorldTokenizer
 
         # a full save, or an adapter-only one with its backbone recorded beside it
-        self.model = prepare_for_inference(ModRWKV.from_pretrained(checkpoint))
+        self.model = prepare_for_inference(ModRWKV.from_pretrained(checkpoint), quantization=quantize)
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
     def __call__(self, batch: dict) -> dict:
@@ -74,7 +76,8 @@ def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict
     n_shards = len(FeatureCache(cache_uri).shards)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
-                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task})
+                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
+                                               "quantize": config.quantize})
     rows = []
     with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
         for batch in ds.iter_batches(batch_size=None):
@@ -135,7 +138,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
 def main(args: argparse.Namespace) -> None:
     overrides = {**parse_overrides(args.set), **{k: v for k, v in {
-        "checkpoint": args.checkpoint, "task": args.task, "cache": args.cache, "out_dir": args.out_dir}.items()
+        "checkpoint": args.checkpoint, "task": args.task, "cache": args.cache, "out_dir": args.out_dir,
+        "quantize": args.quantize}.items()
         if v is not None}}
     if args.config:
         config = load_config(args.config, EvalConfig, overrides)

@@ -36,16 +36,16 @@ DEFAULT_MAX_NEW_TOKENS = 128
 @register_model("modrwkv")
 class ModRWKVEvalModel(EvalModelBase):
     """pretrained: a ModRWKV save_pretrained directory, full or adapter-only (or the model); encoder: a `build_encoder` kind with its
-    encoder_dir (or an encoder object). batch_size is accepted because lmms-eval always passes it; requests
-    run one at a time, each with its own images."""
+    encoder_dir (or an encoder object); quantize: "none", "int8" or "bf16" (modrwkv.quantize). batch_size is
+    accepted because lmms-eval always passes it; requests run one at a time, each with its own images."""
 
     def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1,
-                 tokenizer: WorldTokenizer | None = None):
+                 tokenizer: WorldTokenizer | None = None, quantize: str = "none"):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # a full save, or an adapter-only one with its backbone recorded beside it
         model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
-        self.model = prepare_for_inference(model.to(self.device))
+        self.model = prepare_for_inference(model.to(self.device), quantization=quantize)
         self.encoder = build_encoder(encoder, encoder_dir, device=self.device) if isinstance(encoder, str) else encoder
         if self.encoder is not None and "image" not in self.model.projectors:
             raise ValueError("an image encoder was given but the model has no image projector "

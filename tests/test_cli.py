@@ -26,13 +26,35 @@ def test_convert_both_ways_and_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("wrote")
 
 
+@pytest.fixture
+def prepared(monkeypatch):
+    """Every model the CLI prepares for inference, kept to look at after the command."""
+    from modrwkv import inference
+
+    models, prepare = [], inference.prepare_for_inference
+    monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: models.append(prepare(*a, **k)) or models[-1])
+    return models
+
+
+def test_generate_quantizes_when_asked(tmp_path, capsys, prepared):
+    from modrwkv.inference import QuantizedLinear
+
+    torch.save(random_backbone(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=64, head_size=32)).state_dict(),
+               tmp_path / "m.pth")
+    for mode in ("int8", "bf16"):
+        assert main(["generate", "--model", str(tmp_path / "m.pth"), "--prompt", "Hi", "--max-new-tokens", "3",
+                     "--temperature", "0", "--quantize", mode]) == 0
+        assert isinstance(prepared[-1].head, QuantizedLinear) and prepared[-1].head.mode == mode
+    assert capsys.readouterr().out.startswith("Hi")
+
+
 def test_bad_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main(["generate", "--model", str(tmp_path / "junk.pth"), "--prompt", "x"]) == 2
     assert "junk.pth" in capsys.readouterr().err
 
 
-def test_chat_answers_several_questions_about_one_image(tmp_path, capsys):
+def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepared):
     import numpy as np
     from PIL import Image
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -50,6 +72,8 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("User: ") == 2 and "Colour?" in out
+    assert main(args + ["--quantize", "int8"]) == 0
+    assert prepared[-1].backbone.head.mode == "int8" and prepared[-1].projectors["image"].adapter[0].mode == "int8"
     assert main(args[:-4] + ["--encoder-dir", str(tmp_path / "nowhere"), "--question", "x"]) == 2
     assert "nowhere" in capsys.readouterr().err
 

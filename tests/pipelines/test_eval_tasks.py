@@ -52,3 +52,11 @@ def test_tasks_are_named_by_the_eval_config_and_take_their_settings_from_it():
     config = {"checkpoint": "m", "cache": "c", "max_new_tokens": 4, "season": 52}
     assert TASKS["forecast"].from_config(from_dict(EvalConfig, {**config, "task": "forecast"})) == Forecast(season=52)
     assert TASKS["asr"].from_config(from_dict(EvalConfig, {**config, "task": "asr"})) == ASR(max_new_tokens=4)
+
+
+def test_eval_quantization_is_checked_at_load():
+    config = {"checkpoint": "m", "cache": "c", "task": "vqa"}
+    assert from_dict(EvalConfig, config).quantize == "none"
+    assert from_dict(EvalConfig, {**config, "quantize": "int8"}).quantize == "int8"
+    with pytest.raises(ValueError, match="quantize"):
+        from_dict(EvalConfig, {**config, "quantize": "int4"})

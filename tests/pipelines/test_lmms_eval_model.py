@@ -101,7 +101,8 @@ def test_loglikelihood_matches_the_model_on_encoded_images(wrapper, saved, tok):
     assert results[0][0] != pytest.approx(results[1][0], rel=1e-4)  # the image changes the score
 
 
-def test_loglikelihood_greedy_flag_and_value_by_hand(tok):
+@pytest.mark.parametrize("quantize,rel", [("none", 1e-5), ("int8", 2.0**-8)])  # int8: 5.0 = 127 steps of a bf16 scale
+def test_loglikelihood_greedy_flag_and_value_by_hand(tok, quantize, rel):
     """A model whose logits ignore the input: 0 everywhere except 5 for " red". Then
     log p(" red") = 5 - log(e^5 + 65535) and log p(" blue") = -log(e^5 + 65535), at every position."""
     red, blue = tok.encode(" red"), tok.encode(" blue")
@@ -113,14 +114,15 @@ def test_loglikelihood_greedy_flag_and_value_by_hand(tok):
         model.backbone.ln_out.bias[0] = 1.0
         model.backbone.head.weight.zero_()
         model.backbone.head.weight[red[0], 0] = 5.0
-    evaluator = lmms_eval_model.ModRWKVEvalModel(pretrained=model, device="cpu", tokenizer=tok)
+    evaluator = lmms_eval_model.ModRWKVEvalModel(pretrained=model, device="cpu", tokenizer=tok, quantize=quantize)
+    assert (quantize == "int8") == (getattr(evaluator.model.backbone.head, "mode", None) == "int8")
     evaluator.task_dict = {"qa": {"val": {7: {"answer": "blue"}}}}
     requests = [Request(("Which colour?", "red", no_visual, 7, "qa", "val")),
                 Request(("Which colour?", lambda doc: doc["answer"], no_visual, 7, "qa", "val"))]
     normaliser = math.log(math.exp(5) + 65535)
     (red_score, red_greedy), (blue_score, blue_greedy) = evaluator.loglikelihood(requests)
-    assert red_score == pytest.approx(5 - normaliser, rel=1e-5) and red_greedy
-    assert blue_score == pytest.approx(-normaliser, rel=1e-5) and not blue_greedy
+    assert red_score == pytest.approx(5 - normaliser, rel=rel) and red_greedy
+    assert blue_score == pytest.approx(-normaliser, rel=rel) and not blue_greedy
 
 
 def test_generate_until_stops_at_the_stop_string(wrapper, saved, tok):
