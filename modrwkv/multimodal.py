@@ -295,11 +295,18 @@ class ModRWKV(nn.Module):
         return series_lookback[:, -n:]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, features: list[Features], state: RWKV7State | None = None):
-        """Runs a prompt (features injected here, and only here); returns last-position logits [B, V] and state."""
+    def prefill(self, input_ids: torch.Tensor, features: list[Features], state: RWKV7State | None = None,
+                attention_mask: torch.Tensor | None = None):
+        """Runs prompts (features injected here, and only here); returns last-position logits [B, V] and state.
+        attention_mask ([B, T], right padding): prompts of different lengths in one pass, each row's logits at
+        its last real token and its state after it."""
         embeds = self.embed(input_ids, features)
-        logits, state = self.backbone(inputs_embeds=embeds, state=state, logits_to_keep=1)
-        return logits[:, -1], state
+        if attention_mask is None:
+            logits, state = self.backbone(inputs_embeds=embeds, state=state, logits_to_keep=1)
+            return logits[:, -1], state
+        hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
+        last = attention_mask.sum(dim=1) - 1
+        return self.backbone.head(hidden[torch.arange(len(hidden), device=hidden.device), last]), state
 
     # ---- save / load --------------------------------------------------------------------------------------
     def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None) -> None:

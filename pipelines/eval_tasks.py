@@ -26,24 +26,26 @@ class EvalTask(ABC):
     def from_config(cls, config) -> "EvalTask":
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
-    def predict(self, model, tokenizer, sample: dict) -> dict:
-        """One sample's row: key, language, prediction and reference, and what scoring and plots need beyond."""
+    def predict(self, model, tokenizer, samples: list[dict]) -> list[dict]:
+        """The samples' rows (key, language, prediction and reference, and what scoring and plots need beyond),
+        in order; tasks answer several samples in one pass of the model where they can."""
         # torch and the model package (which imports torch) load in the prediction actors only, not the driver
         import torch
 
         from modrwkv.batching import sample_items
         from modrwkv.conversation import prompt_ids
 
-        items = sample_items(sample)
-        lengths = [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items]
-        ids = torch.tensor([prompt_ids(tokenizer, turn_text(sample, "user"), lengths, sample["key"])])
+        features = [sample_items(s) for s in samples]
+        prompts = [prompt_ids(tokenizer, turn_text(s, "user"),
+                              [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s["key"])
+                   for s, items in zip(samples, features)]
         with torch.no_grad():
-            answer = self.answer(model, tokenizer, sample, ids, items)
-        return {"key": sample["key"], "language": sample["meta"].get("language"), **answer}
+            answers = self.answer(model, tokenizer, samples, prompts, features)
+        return [{"key": s["key"], "language": s["meta"].get("language"), **a} for s, a in zip(samples, answers)]
 
     @abstractmethod
-    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
-        """The model's prediction for the prompt `ids` and the sample's features `items`, with the reference."""
+    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+        """The model's predictions, with the references, for the samples' prompt ids and feature items."""
 
     @abstractmethod
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
@@ -55,19 +57,26 @@ class EvalTask(ABC):
 
 @dataclass
 class DecodeTask(EvalTask):
-    """Answered in text: greedy decoding up to the first blank line."""
+    """Answered in text: greedy decoding up to the first blank line, `batch_size` prompts at a time (prefilled
+    together with right padding, decoded together, each row dropped when it stops)."""
 
     max_new_tokens: int = 16
+    batch_size: int = 16
 
-    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
-        from modrwkv.generation import GenerationConfig, generate  # imports torch: see EvalTask.predict
+    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+        from modrwkv.conversation import right_pad  # imports torch: see EvalTask.predict
+        from modrwkv.generation import GenerationConfig, generate
 
-        first, state = model.prefill(ids, [items])
-        stop = tuple(tokenizer.encode("\n\n"))
-        out = generate(model.backbone, [ids[0].tolist()],
-                       GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0, stop_tokens=stop),
-                       state=state, first_logits=first)
-        return {"prediction": tokenizer.decode(out.tokens[0]).strip(), "reference": turn_text(sample, "assistant")}
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0,
+                                  stop_tokens=tuple(tokenizer.encode("\n\n")))
+        tokens = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            ids, mask, _ = right_pad(prompts[batch])
+            first, state = model.prefill(ids, features[batch], attention_mask=mask)
+            tokens += generate(model.backbone, prompts[batch], config, state=state, first_logits=first).tokens
+        return [{"prediction": tokenizer.decode(t).strip(), "reference": turn_text(s, "assistant")}
+                for s, t in zip(samples, tokens)]
 
 
 @dataclass
@@ -127,14 +136,18 @@ class Forecast(EvalTask):
     modality: ClassVar[str] = "series"
     season: int = 1  # the seasonal-naive baseline's period (1 = naive)
 
-    def answer(self, model, tokenizer, sample: dict, ids, items) -> dict:
+    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+        """One forward per sample: a forecast reads a single pass, there is no decoding loop to batch."""
         import torch  # see EvalTask.predict
 
-        arrays, meta = sample["arrays"], sample["meta"]
-        lookback = torch.from_numpy(arrays["lookback"]).float()[None]
-        forecast = model(ids, [items], series_lookback=lookback).forecast[0].numpy()
-        return {"prediction": forecast.tolist(), "reference": arrays["target"].tolist(),
-                "lookback": arrays["lookback"].tolist(), "mean": meta["mean"], "std": meta["std"]}
+        rows = []
+        for sample, ids, items in zip(samples, prompts, features):
+            arrays, meta = sample["arrays"], sample["meta"]
+            lookback = torch.from_numpy(arrays["lookback"]).float()[None]
+            forecast = model(torch.tensor([ids]), [items], series_lookback=lookback).forecast[0].numpy()
+            rows.append({"prediction": forecast.tolist(), "reference": arrays["target"].tolist(),
+                         "lookback": arrays["lookback"].tolist(), "mean": meta["mean"], "std": meta["std"]})
+        return rows
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))

@@ -33,6 +33,7 @@ class EvalConfig:
     cache: str  # a feature-cache entry, or an encode YAML (found in the cache or encoded first)
     out_dir: str = "runs/eval"
     max_new_tokens: int = 16
+    batch_size: int = 16  # prompts decoded together (vqa, asr); 1 = one at a time
     quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
     actors: int = 1
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
@@ -64,8 +65,8 @@ class Predictor:
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self.task.predict(self.model, self.tokenizer, s)
-                for index in batch["shard"] for s in self.cache.read_shard(int(index))]
+        rows = [row for index in batch["shard"]
+                for row in self.task.predict(self.model, self.tokenizer, list(self.cache.read_shard(int(index))))]
         return {"rows": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object)}
 
 

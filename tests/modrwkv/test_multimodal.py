@@ -340,3 +340,17 @@ def test_over_long_samples_raise_or_are_skipped_and_named(tok):
     assert batch.skipped[0]["key"] == "long" and batch.skipped[0]["tokens"] > 200
     empty = Collator(tok, model.config, max_length=64, skip_over_length=True)([long])
     assert empty.sample_ids == [] and empty.input_ids.shape[0] == 0 and len(empty.skipped) == 1
+
+
+def test_prefill_of_padded_prompts_equals_each_prompt_alone():
+    from modrwkv.conversation import right_pad
+
+    model = tiny_model(seed=5).eval()
+    prompts = [[1, 2] + [65531] * 4 + [7, 8, 9], [3] + [65531] * 6]
+    features = [[("audio", torch.randn(4, 16))], [("audio", torch.randn(6, 16))]]
+    ids, mask, _ = right_pad(prompts)
+    logits, state = model.prefill(ids, features, attention_mask=mask)
+    for row, (prompt, items) in enumerate(zip(prompts, features)):
+        alone, alone_state = model.prefill(torch.tensor([prompt]), [items])
+        torch.testing.assert_close(logits[row], alone[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(state.select([row]).wkv, alone_state.wkv, rtol=1e-4, atol=1e-4)

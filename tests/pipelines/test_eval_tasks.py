@@ -2,6 +2,7 @@
 
 from typing import get_args
 
+import numpy as np
 import pytest
 
 from pipelines.config import from_dict
@@ -60,3 +61,42 @@ def test_eval_quantization_is_checked_at_load():
     assert from_dict(EvalConfig, {**config, "quantize": "int8"}).quantize == "int8"
     with pytest.raises(ValueError, match="quantize"):
         from_dict(EvalConfig, {**config, "quantize": "int4"})
+
+
+def audio_sample(i: int, frames: int, language: str) -> dict:
+    from preprocessing.readers.asr import PROMPTS
+
+    turns = [{"role": "user", "text": f"<audio>\n{PROMPTS[language]}"}, {"role": "assistant", "text": "one two"}]
+    features = np.random.default_rng(i).standard_normal((frames, 16)).astype(np.float32)
+    return {"key": f"a{i}", "meta": {"modality": "audio", "turns": turns, "language": language},
+            "arrays": {"item0": features}}
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_batched_decoding_gives_the_rows_of_one_at_a_time_decoding(quantize):
+    """Prompts of different lengths (two languages, 3 to 14 audio frames) padded into batches of 4 (the last
+    one partial), rows stopping at different steps: the same rows as decoding each sample alone."""
+    from modrwkv import quantize as quantize_model
+    from modrwkv.tokenizer import WorldTokenizer
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    class StopAt(WorldTokenizer):  # the tasks stop at "\n\n", which a random model never says: stop at `token`
+        def __init__(self, token):
+            super().__init__()
+            self.token = token
+
+        def encode(self, text, allow_special=False):
+            return [self.token] if text == "\n\n" else super().encode(text, allow_special)
+
+    model = quantize_model(tiny_model(seed=4), quantize)
+    samples = [audio_sample(i, frames, language)
+               for i, (frames, language) in enumerate([(3, "en"), (14, "zh"), (7, "en"), (9, "zh"), (5, "en"),
+                                                       (11, "en")])]
+    free = ASR(max_new_tokens=8, batch_size=1).predict(model, StopAt(-1), samples)
+    stop = WorldTokenizer().encode(free[0]["prediction"])[2]  # the first row says it third
+    tokenizer = StopAt(stop)
+    alone = ASR(max_new_tokens=8, batch_size=1).predict(model, tokenizer, samples)
+    batched = ASR(max_new_tokens=8, batch_size=4).predict(model, tokenizer, samples)
+    assert batched == alone
+    lengths = {len(tokenizer.encode(r["prediction"])) for r in alone}
+    assert len(lengths) > 1 and max(lengths) >= 6  # some rows stopped early, others decoded on
