@@ -3,9 +3,12 @@
 The 0.1B shape (12 layers, width 768, vocab 65536) with random weights; 2 threads. Prefill = tokens/s for a
 prompt of T tokens with last-position logits (what the `rwkv` package computes by default); decode = tokens/s
 of single-token steps on the state (or KV cache). Each measurement runs in its own process so its peak memory
-(RSS above the loaded model) is its own. Prints a table and writes JSON.
+(RSS above the loaded model) is its own. Ours is also measured with quantized weights (`modrwkv.quantize`:
+int8 or bf16 linear weights, fp32 elsewhere) at the first length, against the package in fp32. Prints a table
+and writes JSON.
 
-    python benchmarks/backbone_cpu.py [--lengths 1024 4096 16384] [--bf16-lengths 1024] [--out DIR]
+    python benchmarks/backbone_cpu.py [--lengths 1024 4096 16384] [--bf16-lengths 1024] [--quantize int8 bf16]
+        [--out DIR]
 """
 
 import argparse
@@ -53,12 +56,12 @@ class PeakRSS:
         self.peak_mb = max(self.peak_mb, rss_mb())
 
 
-def build_ours(dtype):
+def build_ours(dtype, quantization="none"):
     from modrwkv import RWKV7Config
     from modrwkv.inference import prepare_for_inference
     from tests.conftest import random_backbone
 
-    return prepare_for_inference(random_backbone(RWKV7Config(**SHAPE)), dtype)
+    return prepare_for_inference(random_backbone(RWKV7Config(**SHAPE)), dtype, quantization)
 
 
 def run_case(case: dict) -> dict:
@@ -70,8 +73,8 @@ def run_case(case: dict) -> dict:
     T, impl, op = case["T"], case["impl"], case["op"]
     ids = torch.randint(0, SHAPE["vocab_size"], (T,), generator=torch.Generator().manual_seed(0))
 
-    if impl == "ours":
-        model = build_ours(dtype)
+    if impl.startswith("ours"):  # "ours", or "ours-int8" / "ours-bf16" with quantized weights
+        model = build_ours(dtype, impl.partition("-")[2] or "none")
         warm = lambda: model(ids[None, :32], logits_to_keep=1)  # noqa: E731
         prefill = lambda: model(ids[None], logits_to_keep=1)  # noqa: E731
 
@@ -191,6 +194,19 @@ def package_decode_table(rows, args) -> list[str]:
     return lines
 
 
+def quantized_table(rows, args) -> list[str]:
+    """Ours with quantized linear weights vs fp32 weights and vs the package (fp32), at the first length."""
+    T = args.lengths[0]
+    base, pkg = rows.get(("ours", "fp32", T)), rows.get(("rwkv", "fp32", T))
+    lines = [f"| weights | prefill tok/s (T={T}) | vs fp32 | vs pkg | decode tok/s | vs fp32 | vs pkg |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in [("fp32", base)] + [(q, rows.get((f"ours-{q}", "fp32", T))) for q in args.quantize]:
+        lines.append(f"| {name} | {fmt(r, 'prefill_tok_s')} | {ratio(r, base, 'prefill_tok_s')} | "
+                     f"{ratio(r, pkg, 'prefill_tok_s')} | {fmt(r, 'decode_tok_s', 1)} | "
+                     f"{ratio(r, base, 'decode_tok_s')} | {ratio(r, pkg, 'decode_tok_s')} |")
+    return lines
+
+
 def plot(rows, lengths, path: Path) -> None:
     """Four panels over the prompt length (fp32): prefill time per token, prefill peak memory, the state or
     KV cache decoding carries, and decode speed."""
@@ -229,6 +245,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--bf16-lengths", type=int, nargs="*", default=[1024],
                         help="bf16 prefill lengths (bf16 matmuls are emulated on AVX2-only CPUs: slow)")
+    parser.add_argument("--quantize", nargs="*", default=["int8", "bf16"], choices=["int8", "bf16"],
+                        help="quantized weights for ours, measured at the first length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -252,10 +270,13 @@ def main():
                     decode = (dtype == "fp32" and impl != "rwkv") or (T == lengths[0] and impl != "llama")
                     cases.append({"impl": impl, "dtype": dtype, "T": T, "op": "decode" if decode else "prefill",
                                   "threads": args.threads, "pth": pth})
+        cases += [{"impl": f"ours-{q}", "dtype": "fp32", "T": args.lengths[0], "op": "decode", "threads": args.threads,
+                   "pth": pth} for q in args.quantize]
         results = [spawn(c) for c in tqdm(cases, desc="benchmark cases")]
 
     rows = {(r["impl"], r["dtype"], r["T"]): r for r in results}
-    lines = prefill_table(rows, args) + [""] + decode_table(rows, args.lengths) + [""] + package_decode_table(rows, args)
+    lines = (prefill_table(rows, args) + [""] + decode_table(rows, args.lengths) + [""]
+             + package_decode_table(rows, args) + [""] + quantized_table(rows, args))
     fp32 = [rows.get(("ours", "fp32", T)) for T in args.lengths]
     if len(fp32) > 1 and all(r and "prefill_tok_s" in r for r in fp32):
         lines.append(f"\nper-token prefill cost at T={args.lengths[-1]} vs T={args.lengths[0]} (ours, fp32): "

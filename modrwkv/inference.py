@@ -54,7 +54,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(torch.bfloat16)
         if self.mode == "int8":
-            h = F.pad(h, (0, self.weight.shape[1] - self.in_features)).reshape(-1, self.weight.shape[1])
+            # the kernel wants rows contiguous in memory; inputs may be views (e.g. a projector's transposed conv)
+            h = F.pad(h, (0, self.weight.shape[1] - self.in_features)).reshape(-1, self.weight.shape[1]).contiguous()
             y = torch._weight_int8pack_mm(h, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(h, self.weight)

@@ -32,7 +32,8 @@ def prepared(monkeypatch):
     from modrwkv import inference
 
     models, prepare = [], inference.prepare_for_inference
-    monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: models.append(prepare(*a, **k)) or models[-1])
+    monkeypatch.setattr(inference, "prepare_for_inference",
+                        lambda *a, **k: models.append(prepare(*a, **k)) or models[-1])
     return models
 
 

@@ -1,0 +1,83 @@
+"""`modrwkv eval`'s prediction loop on CPU: samples/s decoding one prompt at a time vs batches of prompts, with
+fp32 and int8 weights, and each task's score beside (batching must not change it; int8 may, slightly).
+
+Runs what the Predictor actor runs on each shard (`EvalTask.predict` over the cache's samples), in this
+process, without Ray. Give a trained checkpoint and one test cache per task, e.g. the demo's:
+
+    python benchmarks/eval_throughput.py --checkpoint runs/train/demo/phase2/model \\
+        --task vqa=runs/cache/image-... --task asr=runs/cache/audio-... [--batch-sizes 1 16] [--out DIR]
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
+
+import torch  # noqa: E402
+
+from benchmarks.report import write_report  # noqa: E402
+from modrwkv.inference import prepare_for_inference  # noqa: E402
+from modrwkv.multimodal import ModRWKV  # noqa: E402
+from modrwkv.tokenizer import WorldTokenizer  # noqa: E402
+from pipelines.eval_tasks import TASKS  # noqa: E402
+from preprocessing.cache.entry import FeatureCache  # noqa: E402
+
+
+def measure(model, tokenizer, task_name: str, samples: list[dict], batch_size: int) -> dict:
+    task = TASKS[task_name](batch_size=batch_size) if task_name != "forecast" else TASKS[task_name]()
+    started = time.perf_counter()
+    rows = [row for shard in samples for row in task.predict(model, tokenizer, shard)]
+    seconds = time.perf_counter() - started
+    metrics, _ = task.score(rows)
+    return {"samples": len(rows), "seconds": seconds, "samples_s": len(rows) / seconds, **metrics,
+            "predictions": [r["prediction"] for r in rows]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a ModRWKV save_pretrained folder")
+    parser.add_argument("--task", action="append", required=True, metavar="TASK=CACHE",
+                        help="a task (vqa, asr, forecast) and its test cache entry; repeatable")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--quantize", nargs="+", default=["none", "int8"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer, results = WorldTokenizer(), []
+    for quantization in args.quantize:
+        model = prepare_for_inference(ModRWKV.from_pretrained(args.checkpoint), quantization=quantization)
+        for spec in args.task:
+            name, cache_uri = spec.split("=", 1)
+            cache = FeatureCache(cache_uri)
+            samples = [cache.read_shard(i) for i in range(len(cache.shards))]  # per shard, as the actor gets them
+            sizes = args.batch_sizes if name != "forecast" else args.batch_sizes[:1]  # forecasts do not decode
+            for batch_size in sizes:
+                result = measure(model, tokenizer, name, samples, batch_size)
+                results.append({"task": name, "quantize": quantization, "batch_size": batch_size, **result})
+                print({k: v for k, v in results[-1].items() if k != "predictions"}, flush=True)
+
+    lines = ["| task | weights | batch | samples | samples/s | vs batch 1 | same predictions as batch 1, fp32 | "
+             "score |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        first = next(b for b in results if b["task"] == r["task"] and b["quantize"] == r["quantize"])
+        reference = next(b for b in results if b["task"] == r["task"])
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in (
+            "task", "quantize", "batch_size", "samples", "seconds", "samples_s", "predictions"))
+        same = sum(a == b for a, b in zip(r["predictions"], reference["predictions"]))
+        lines.append(f"| {r['task']} | {r['quantize']} | {r['batch_size']} | {r['samples']} | {r['samples_s']:.2f} | "
+                     f"{r['samples_s'] / first['samples_s']:.2f}x | {same}/{r['samples']} | {scores} |")
+    for r in results:
+        r.pop("predictions")
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{args.threads} threads")
+    write_report(args.out, "eval_throughput", machine, results, lines)
+
+
+if __name__ == "__main__":
+    main()
