@@ -2,7 +2,9 @@
 fp32 and int8 weights, and each task's score beside (batching must not change it; int8 may, slightly).
 
 Runs what the Predictor actor runs on each shard (`EvalTask.predict` over the cache's samples), in this
-process, without Ray. Give a trained checkpoint and one test cache per task, e.g. the demo's:
+process, without Ray. Each setting runs `--repeats` times, the batch sizes interleaved within a round so that
+load from other processes hits them alike; the fastest round counts (the first is also the warm-up).
+Give a trained checkpoint and one test cache per task, e.g. the demo's:
 
     python benchmarks/eval_throughput.py --checkpoint runs/train/demo/phase2/model \\
         --task vqa=runs/cache/image-... --task asr=runs/cache/audio-... [--batch-sizes 1 16] [--out DIR]
@@ -28,14 +30,22 @@ from pipelines.eval_tasks import TASKS  # noqa: E402
 from preprocessing.cache.entry import FeatureCache  # noqa: E402
 
 
-def measure(model, tokenizer, task_name: str, samples: list[dict], batch_size: int) -> dict:
-    task = TASKS[task_name](batch_size=batch_size) if task_name != "forecast" else TASKS[task_name]()
-    started = time.perf_counter()
-    rows = [row for shard in samples for row in task.predict(model, tokenizer, shard)]
-    seconds = time.perf_counter() - started
-    metrics, _ = task.score(rows)
-    return {"samples": len(rows), "seconds": seconds, "samples_s": len(rows) / seconds, **metrics,
-            "predictions": [r["prediction"] for r in rows]}
+def measure(model, tokenizer, task_name: str, samples: list[dict], batch_sizes: list[int], repeats: int) -> list:
+    """One result per batch size: the fastest of `repeats` rounds, its score and predictions."""
+    tasks = [TASKS[task_name](batch_size=b) if task_name != "forecast" else TASKS[task_name]() for b in batch_sizes]
+    seconds = [float("inf")] * len(tasks)
+    for _ in range(repeats):
+        for i, task in enumerate(tasks):
+            started = time.perf_counter()
+            rows = [row for shard in samples for row in task.predict(model, tokenizer, shard)]
+            seconds[i] = min(seconds[i], time.perf_counter() - started)
+    results = []
+    for task, batch_size, s in zip(tasks, batch_sizes, seconds):
+        rows = [row for shard in samples for row in task.predict(model, tokenizer, shard)]
+        metrics, _ = task.score(rows)
+        results.append({"batch_size": batch_size, "samples": len(rows), "seconds": s, "samples_s": len(rows) / s,
+                        **metrics, "predictions": [r["prediction"] for r in rows]})
+    return results
 
 
 def main():
@@ -45,6 +55,7 @@ def main():
                         help="a task (vqa, asr, forecast) and its test cache entry; repeatable")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--quantize", nargs="+", default=["none", "int8"])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
@@ -57,9 +68,8 @@ def main():
             cache = FeatureCache(cache_uri)
             samples = [cache.read_shard(i) for i in range(len(cache.shards))]  # per shard, as the actor gets them
             sizes = args.batch_sizes if name != "forecast" else args.batch_sizes[:1]  # forecasts do not decode
-            for batch_size in sizes:
-                result = measure(model, tokenizer, name, samples, batch_size)
-                results.append({"task": name, "quantize": quantization, "batch_size": batch_size, **result})
+            for result in measure(model, tokenizer, name, samples, sizes, args.repeats):
+                results.append({"task": name, "quantize": quantization, **result})
                 print({k: v for k, v in results[-1].items() if k != "predictions"}, flush=True)
 
     lines = ["| task | weights | batch | samples | samples/s | vs batch 1 | same predictions as batch 1, fp32 | "
