@@ -137,8 +137,8 @@ def prepare(samples: list[RawSample], rejects: list[Reject], limits: Limits,
             missing = [src for src in s.sources if digests[src] is None]
             if missing:
                 raise Rejected(f"cannot read {missing[0]}: no such file")
-            prepared.append(Prepared(s, [digests[src] for src in s.sources], meta={"content_sha256":
-                                                                                  [digests[src] for src in s.sources]}))
+            refs = [digests[src] for src in s.sources]
+            prepared.append(Prepared(s, refs, meta={"content_sha256": refs}))  # provenance: each file's sha256
         except Rejected as e:
             rejects.append(Reject(s.sources[0] if s.sources else s.meta.get("source", "?"), str(e), s.key,
                                   stage="validate"))
