@@ -3,7 +3,10 @@
 - encode throughput with 1 vs 2 encoder actors (Ray Data, one local Ray instance, each run from scratch);
 - a second run of the same config (the cache hit) vs the first;
 - one training step (batch 16, the demo's tiny RWKV-7, phase II) fed from the cache vs encoding the same
-  images on the fly (PNG decode + DINOv2 forward in the step).
+  images on the fly (PNG decode + DINOv2 forward in the step);
+- reuse through the feature store (issue 14): prompt wording or 1 % of the answers changed, 10 % new images,
+  5 questions per image vs as many distinct images, and a start on an unchanged 10,000-sample set in a local S3
+  (moto) counting the media bytes it reads.
 
     python benchmarks/encode.py [--out benchmarks/out]
 """
@@ -39,12 +42,12 @@ def prepare():
     return pretrained_backbone(Path("runs/demo/backbone"))
 
 
-def encode_config(root: Path, actors: int):
+def encode_config(root, actors: int, path=DATA / "digits" / "train.json", allow_outside: bool = False):
     from pipelines.config import from_dict
     from pipelines.encode import EncodeConfig
 
     return from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(DATA / "digits" / "train.json")},
+        "dataset": {"format": "llava", "path": str(path), "allow_media_outside_root": allow_outside},
         "encoder": {"kind": "dinov2", "model_dir": str(ENCODER), "image_size": 112},
         "cache": {"root": str(root), "shard_size": 32}, "run": {"actors": actors, "batch_size": 16}})
 
@@ -101,6 +104,94 @@ def training_steps(cache_uri: str, backbone_dir: Path, steps: int, batch_size: i
     return {"cached_s": step_times(model, cached, steps), "on_the_fly_s": step_times(model, on_the_fly, steps)}
 
 
+def llava(out: Path, records: list[dict]) -> Path:
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records))
+    return out
+
+
+def asked(records: list[dict], questions: int, wording: str = "Question", answers=lambda r, q: f"answer {q}"):
+    return [{**r, "id": f"{r['id']}-q{q}", "conversations": [
+        {"from": "human", "value": f"<image>\n{wording} {q} about this digit?"},
+        {"from": "gpt", "value": answers(r, q)}]} for r in records for q in range(questions)]
+
+
+def reuse_rows(work: Path) -> list[dict]:
+    """Each case against its own first encode, in one run; `encoded` counts encoder items."""
+    import json
+
+    from pipelines.encode import run_encode
+    from preprocessing.demo_data import build_digits
+
+    build_digits(work / "pool", 1797 - 100, 100)  # every sklearn digit image but the test ones
+    pool = json.loads((work / "pool" / "train.json").read_text())
+    for r in pool:
+        r["image"] = str((work / "pool" / r["image"]).absolute())
+    config = lambda path, root: encode_config(root, 2, path, allow_outside=True)  # noqa: E731
+
+    def run(name, records, root="store"):
+        result = run_encode(config(llava(work / f"{name}.json", records), work / root))
+        return {"case": name, "samples": result.manifest["counts"]["written"], "seconds": result.seconds,
+                "encoded": result.items["encoded"], "media_files_read": result.fingerprinted_files}
+
+    base = pool[:256]
+    rows = [run("256 images, 1 question each (first encode)", asked(base, 1)),
+            run("prompt wording changed", asked(base, 1, "Query")),
+            run("1 % of the answers changed",
+                asked(base, 1, answers=lambda r, q: "?" if r in base[:3] else f"answer {q}")),
+            run("10 % new images added", asked(pool[:282], 1))]
+    rows += [run("64 images x 5 questions (320 samples)", asked(pool[300:364], 5), "five"),
+             run("320 distinct images x 1 question", asked(pool[400:720], 1), "distinct")]
+    return rows
+
+
+def s3_start_rows(work: Path) -> list[dict]:
+    """A 10,000-sample set (1,697 images, 5-6 questions each) in a local S3: its first encode, then the start of
+    a training job on it unchanged (`resolve_caches`), counting the media bytes that start reads."""
+    import json
+
+    from infra.s3_server import s3_client, start_s3
+    from pipelines.caches import resolve_caches
+    from pipelines.encode import run_encode
+    from preprocessing import storage
+
+    server = start_s3(work / "s3")
+    try:
+        os.environ.update(server.env())
+        s3 = s3_client(server.endpoint_url)
+        s3.create_bucket(Bucket="bench")
+        pool = json.loads((work / "pool" / "train.json").read_text())
+        for r in pool:
+            s3.upload_file(r["image"], "bench", f"digits/{Path(r['image']).name}")
+            r["image"] = Path(r["image"]).name
+        records = asked(pool, 6)[:10_000]
+        s3.put_object(Bucket="bench", Key="digits/train.json", Body=json.dumps(records).encode())
+        path = work / "s3.yaml"
+        cfg = encode_config("s3://bench/cache", 2, "s3://bench/digits/train.json")
+        first = run_encode(cfg)
+        import yaml
+
+        from pipelines.config import to_dict
+
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        read, original = [], storage.read_bytes
+        storage.read_bytes = lambda uri: read.append(uri) or original(uri)
+        started = time.perf_counter()
+        try:
+            resolve_caches([str(path)])
+        finally:
+            storage.read_bytes = original
+        media = [u for u in read if u.endswith(".png")]
+        return [{"case": "10,000 samples in S3, first encode", "samples": first.manifest["counts"]["written"],
+                 "seconds": first.seconds, "encoded": first.items["encoded"], "media_files_read": len(pool)},
+                {"case": "train start on it, unchanged (S3)", "samples": first.manifest["counts"]["written"],
+                 "seconds": time.perf_counter() - started, "encoded": 0, "media_files_read": len(media)}]
+    finally:
+        server.stop()
+
+
 def main():
     import ray
 
@@ -123,6 +214,7 @@ def main():
     again = run_encode(encode_config(work / "actors2", 2))
     rows.append({"case": "same config again (cache hit)", "samples": n, "seconds": again.seconds,
                  "samples_per_s": n / again.seconds})
+    reuse = reuse_rows(work) + s3_start_rows(work)
     ray.shutdown()
     steps = training_steps(first.uri, backbone, args.steps)
     torch_threads = torch.get_num_threads()
@@ -133,9 +225,17 @@ def main():
               "| training step (batch 16, phase II) | seconds | vs cached |", "|---|---|---|",
               f"| features from the cache | {steps['cached_s']:.3f} | 1.00x |",
               f"| encoding on the fly | {steps['on_the_fly_s']:.3f} | {steps['on_the_fly_s'] / steps['cached_s']:.2f}x |"]
+    lines += ["", "| reuse through the feature store | samples | seconds | encoder items | media files read |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['samples']} | {r['seconds']:.2f} | {r['encoded']} | {r['media_files_read']} |"
+              for r in reuse]
+    base, five, distinct = reuse[0], reuse[4], reuse[5]
+    lines += ["", f"prompt edit / 1 % answers vs first encode: {reuse[1]['seconds'] / base['seconds']:.3f}x / "
+              f"{reuse[2]['seconds'] / base['seconds']:.3f}x of its time (target <= 0.05); 5 questions per image vs "
+              f"distinct images: {five['seconds'] / distinct['seconds']:.2f}x the time (target <= 0.3)"]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"({torch_threads} threads in-process; 1 per Ray actor)")
-    write_report(args.out, "encode", machine, rows + [{"case": "training step", **steps}], lines)
+    write_report(args.out, "encode", machine, rows + [{"case": "training step", **steps}] + reuse, lines)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,22 @@ def cmd_data_shapes(args) -> None:
     print(f"wrote the shapes VQA set to {build_shapes(args.out, args.train, args.test, args.seed)}")
 
 
+def cmd_cache(args) -> None:
+    from preprocessing import storage
+    from preprocessing.cache.inventory import describe, garbage
+
+    if args.cache_command in ("ls", "du"):
+        print(describe(args.root, sizes=args.cache_command == "du"))
+        return
+    found = garbage(args.root, args.grace_hours * 3600)
+    for uri in found:
+        print(uri)
+        if args.apply:
+            storage.delete(uri)
+    what = "removed" if args.apply else "would remove (dry run; --apply removes them)"
+    print(f"{what}: {len(found)} files no complete entry uses, older than {args.grace_hours:g} h")
+
+
 def cmd_encoder_export(args) -> None:
     from preprocessing.encoders.convert import export_encoder
 
@@ -191,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_set_option(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="phase I (adapter) or II (adapter + backbone) on Ray Train + DeepSpeed, tracked in MLflow")
+    p = sub.add_parser("train", help="phase I (adapter) or II (adapter + backbone) on Ray Train + DeepSpeed, "
+                                     "tracked in MLflow")
     p.add_argument("--config", required=True, help="a train YAML (see configs/)")
     p.add_argument("--phase", type=int, choices=[1, 2], required=True)
     p.add_argument("--resume-from", help="a checkpoint folder to resume from (default: a fresh run)")
@@ -207,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_option(p, default=None)  # None: the config's value (default none)
     add_set_option(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache", help="the feature cache: entries, feature stores, sizes, garbage")
+    cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for action, text in (("ls", "entries (samples tables) and feature stores with their item counts"),
+                         ("du", "as ls, with bytes: each entry's shards and the features it uses; each store's unused"),
+                         ("gc", "remove store items no complete entry uses, old-format and unfinished entries")):
+        p = cache.add_parser(action, help=text)
+        p.add_argument("--root", default="runs/cache", help="the cache root: a folder or s3://bucket/prefix")
+        p.set_defaults(func=cmd_cache)
+        if action == "gc":
+            p.add_argument("--apply", action="store_true", help="delete (default: only list what would go)")
+            p.add_argument("--grace-hours", type=float, default=1.0,
+                           help="keep anything younger: a running encode writes items before its entry uses them")
 
     p = sub.add_parser("encoder", help="frozen encoders")
     encoder = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")

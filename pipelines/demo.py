@@ -95,7 +95,9 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
         for path in sorted(CONFIGS.glob("encode_*.yaml")):
             result = run_encode(load_config(path, EncodeConfig))
             caches[path.stem] = result.uri
-            say(f"{path.name}: {'reused' if result.reused else 'encoded'} in {result.seconds:.1f} s")
+            done = "reused" if result.reused else (f"{result.items['encoded']} items encoded, "
+                                                   f"{result.items['in_store']} from the store")
+            say(f"{path.name}: {done} in {result.seconds:.1f} s")
         train_config = load_config(CONFIGS / "train.yaml", TrainConfig)
         phases = [run_train(train_config, phase) for phase in (1, 2)]
         rows, ceiling = [], ceilings(caches)

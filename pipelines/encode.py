@@ -1,13 +1,16 @@
-"""`modrwkv encode --config configs/encode_*.yaml`: raw dataset -> content-addressed WebDataset feature cache.
+"""`modrwkv encode --config configs/encode_*.yaml`: raw dataset -> features in the feature store + a cache entry.
 
-    readers (driver: descriptors, text checks) -> Ray Data: one row per shard
-      -> map(decode_and_validate)             encoder items; bad sample -> that shard's rejects
-      -> map_batches(ShardEncoder, actor pool) `encoder.encode(items, ids)` in micro-batches -> shard tar + receipt
-    driver: receipts -> rejects.jsonl + manifest.json (last)
+    driver: readers, text checks; each media file's sha256 from the fingerprints (files read only when they
+            changed); series windows normalised; the entry's key from the store key and the samples' records
+      complete entry with that key -> reused, nothing read or encoded
+      else the items the store lacks (each unique media file or window once) -> Ray Data:
+        map(decode_item)                         read, check against its sha256, decode; bad item -> its reason
+        map_batches(ItemEncoder, actor pool)     `encoder.encode(items, ids)` in micro-batches -> store
+    driver: the samples table (turns + the item files they reference) -> shards, rejects.jsonl, manifest.json
 
-Shards are planned up front from the sorted sample keys, so a rerun finds finished shards by their receipts
-and encodes only the rest; a complete entry (manifest present) is reused without starting Ray at all. The
-schema is in `encode_config.py`, the cache key in `preprocessing/cache/key.py`.
+Media travel between the stages as binary columns. An interrupted job loses nothing: the items it stored are
+found by the next run. The schema is in `encode_config.py`, the keys in `preprocessing/cache/key.py`, the
+on-disk format in `preprocessing/cache/entry.py`.
 """
 
 import argparse
@@ -15,16 +18,16 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from preprocessing import storage
-from preprocessing.cache.entry import CacheEntry, FeatureCache, npy_bytes, pack_shard
-from preprocessing.cache.key import cache_spec, code_version, entry_uri
+from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
+from preprocessing.cache.fingerprints import Fingerprints
+from preprocessing.cache.key import cache_spec, code_version, entry_uri, store_key
 from preprocessing.items import Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
@@ -44,9 +47,24 @@ class EncodeResult:
     uri: str
     manifest: dict
     reused: bool
-    encoded_shards: list[int]
+    items: dict  # unique items: how many the dataset references, found in the store, encoded now, rejected
     seconds: float
     over_length: list[dict] | None = None  # with max_length: the samples over it, features uncompressed
+    fingerprinted_files: int = 0  # files whose bytes were read to fingerprint them (changed or new)
+
+
+@dataclass
+class Prepared:
+    """A sample on its way into the samples table."""
+
+    raw: RawSample
+    refs: list[str]  # its items, in order: sha256 of each media file's bytes (or of the normalised window)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # stored as they are (series targets)
+    meta: dict = field(default_factory=dict)  # added to the raw meta (series normalisation stats)
+
+    def record(self) -> dict:
+        """What the entry key covers of this sample: its descriptor and its items' content."""
+        return {**dataclasses.asdict(self.raw), "refs": self.refs}
 
 
 # ---- driver side: read, key, plan ---------------------------------------------------------------------------
@@ -79,78 +97,86 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
     return kept
 
 
-def plan_shards(samples: list[RawSample], shard_size: int) -> list[list[RawSample]]:
-    ordered = sorted(samples, key=lambda s: s.key)
+def plan_shards(samples: list[dict], shard_size: int) -> list[list[dict]]:
+    ordered = sorted(samples, key=lambda s: s["key"])
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
-# ---- Ray side: validate, encode, write ----------------------------------------------------------------------
-# Items and arrays travel between the stages as hex .npy bytes (a plain string column); audio as .npz with its rate.
-def pack_item(item) -> str:
-    if isinstance(item, Audio):
-        buf = io.BytesIO()
-        np.savez(buf, wave=item.wave, rate=item.rate)
-        return buf.getvalue().hex()
-    return npy_bytes(item).hex()
-
-
-def unpack_item(hex_bytes: str):
-    loaded = np.load(io.BytesIO(bytes.fromhex(hex_bytes)), allow_pickle=False)
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        return Audio(loaded["wave"], int(loaded["rate"]))
-    return loaded
-
-
-def series_window(s: dict, limits: Limits) -> tuple[list, dict, dict]:
-    """(items, arrays, meta) of a window: the item is the normalised lookback; the normalised target and
-    lookback (evaluation's seasonal-naive baselines need it whatever the encoder) are stored next to the
-    features, with the stats that undo the normalisation."""
+def series_window(s: RawSample, limits: Limits) -> Prepared:
+    """A window's item is its normalised lookback; the normalised target and lookback (evaluation's
+    seasonal-naive baselines need it whatever the encoder) are stored in the sample, with the stats that undo the
+    normalisation."""
     # torch: heavy, only series windows need it
     import torch
 
     from modrwkv.wavenet import normalize_series
 
-    lookback = check_series(s["series"]["lookback"], limits, "lookback")
-    target = torch.from_numpy(check_series(s["series"]["target"], Limits(min_series_length=1), "target"))[:, None]
+    lookback = check_series(s.series["lookback"], limits, "lookback")
+    target = torch.from_numpy(check_series(s.series["target"], Limits(min_series_length=1), "target"))[:, None]
     try:
-        normalised, mean, std = normalize_series(torch.from_numpy(lookback)[:, None], s["key"])
+        normalised, mean, std = normalize_series(torch.from_numpy(lookback)[:, None], s.key)
     except ValueError as e:
         raise Rejected(str(e)) from None
-    arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": normalised[:, 0].numpy()}
-    meta = {"mean": float(mean), "std": float(std), "content_sha256": []}  # no files: no content hashes
-    return [normalised[:, 0].numpy()], arrays, meta
+    window = normalised[:, 0].numpy()
+    arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
+    return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,
+                    {"mean": float(mean), "std": float(std)})
 
 
-def media_items(s: dict, limits: Limits) -> tuple[list, dict, dict]:
-    """(items, arrays, meta) of a sample with media files: each file read, fingerprinted and decoded."""
-    items, hashes = [], []
-    for src in s["sources"]:
-        try:
-            data = storage.read_bytes(src)
-        except (FileNotFoundError, OSError) as e:
-            raise Rejected(f"cannot read {src}: {e}") from None
-        hashes.append(hashlib.sha256(data).hexdigest())
-        try:
-            items.append(DECODE_MEDIA[s["modality"]](data, limits))
-        except Rejected as e:
-            raise Rejected(f"{src}: {e}") from None
-    return items, {}, {"content_sha256": hashes}
-
-
-def decode_and_validate(row: dict, limits: Limits) -> dict:
-    """Turns every sample of the shard into encoder items (and arrays stored as they are); a sample that fails
-    gets a reject reason instead."""
-    samples = json.loads(row["samples"])
+def prepare(samples: list[RawSample], rejects: list[Reject], limits: Limits,
+            fingerprints: Fingerprints) -> list[Prepared]:
+    """Every sample with its items' refs (media files fingerprinted, series windows normalised); a sample whose
+    file is missing or whose window is unusable is rejected with the reason."""
+    digests = fingerprints.sha256s([src for s in samples for src in s.sources])
+    prepared = []
     for s in samples:
-        s["items"], s["arrays"], s["reject"] = [], {}, None
         try:
-            # series windows are inline values, every other sample is media files
-            items, arrays, meta = series_window(s, limits) if s["series"] else media_items(s, limits)
-            s["items"], s["meta"] = [pack_item(x) for x in items], {**s["meta"], **meta}
-            s["arrays"] = {name: npy_bytes(a).hex() for name, a in arrays.items()}
+            if s.series:
+                prepared.append(series_window(s, limits))
+                continue
+            missing = [src for src in s.sources if digests[src] is None]
+            if missing:
+                raise Rejected(f"cannot read {missing[0]}: no such file")
+            refs = [digests[src] for src in s.sources]
+            prepared.append(Prepared(s, refs, meta={"content_sha256": refs}))  # provenance: each file's sha256
         except Rejected as e:
-            s["reject"] = str(e)
-    return {"index": row["index"], "samples": json.dumps(samples)}
+            rejects.append(Reject(s.sources[0] if s.sources else s.meta.get("source", "?"), str(e), s.key,
+                                  stage="validate"))
+    return prepared
+
+
+# ---- Ray side: decode, encode, store ------------------------------------------------------------------------
+# Items travel between the stages as .npy bytes in a binary column; audio as .npz with its rate.
+def pack_item(item) -> bytes:
+    if isinstance(item, Audio):
+        buf = io.BytesIO()
+        np.savez(buf, wave=item.wave, rate=item.rate)
+        return buf.getvalue()
+    return npy_bytes(item)
+
+
+def unpack_item(data: bytes):
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        return Audio(loaded["wave"], int(loaded["rate"]))
+    return loaded
+
+
+def decode_item(row: dict, modality: str, limits: Limits) -> dict:
+    """One item to encode: a media file read, checked against the sha256 it was keyed by and decoded, or a
+    series window as it is; an unusable one gets its reason instead."""
+    if not row["source"]:
+        return {"ref": row["ref"], "item": row["window"], "reject": ""}
+    try:
+        try:
+            data = storage.read_bytes(row["source"])
+        except (FileNotFoundError, OSError) as e:
+            raise Rejected(f"cannot read it: {e}") from None
+        if hashlib.sha256(data).hexdigest() != row["ref"]:
+            raise Rejected("it changed while the job ran; encode again")
+        return {"ref": row["ref"], "item": pack_item(DECODE_MEDIA[modality](data, limits)), "reject": ""}
+    except Rejected as e:
+        return {"ref": row["ref"], "item": b"", "reject": f"{row['source']}: {e}"}
 
 
 class RawSeries:
@@ -162,11 +188,11 @@ class RawSeries:
         return [torch.from_numpy(x)[:, None] for x in items]
 
 
-class ShardEncoder:
-    """An actor: holds one encoder, turns a validated shard into a written shard and its receipt."""
+class ItemEncoder:
+    """An actor: holds one encoder; encodes a micro-batch of decoded items and stores each one's features."""
 
-    def __init__(self, encoder: EncoderSpec, entry_uri: str, batch_size: int):
-        self.spec, self.entry, self.batch_size = encoder, CacheEntry(entry_uri), batch_size
+    def __init__(self, encoder: EncoderSpec, store: FeatureStore):
+        self.spec, self.store = encoder, store
         if self.spec.kind == RAW_SERIES:
             self.encoder, self.feature_dtype = RawSeries(), np.float32  # the model's input: full precision
         else:
@@ -183,68 +209,30 @@ class ShardEncoder:
         extra = {"image_size": self.spec.image_size} if self.spec.image_size else {}
         return build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
 
-    def encode_items(self, items: list, ids: list[str]) -> list[np.ndarray]:
-        return [o.float().numpy().astype(self.feature_dtype) for o in self.encoder.encode(items, ids)]
-
-    def encode_samples(self, samples: list[dict]) -> dict[str, list[np.ndarray] | str]:
-        """key -> feature arrays, or key -> reject reason when the encoder refuses the sample."""
-        results = {}
-        for start in range(0, len(samples), self.batch_size):
-            chunk = samples[start : start + self.batch_size]
-            items = [(s["key"], unpack_item(p)) for s in chunk for p in s["items"]]
-            if not items:  # text-only samples (LLaVA mixes have them): nothing to encode
-                results.update({s["key"]: [] for s in chunk})
-                continue
-            try:
-                feats = self.encode_items([x for _, x in items], [k for k, _ in items])
-            except ValueError:  # find the sample the encoder refuses; the others still get encoded
-                for s in chunk:
-                    try:
-                        results[s["key"]] = self.encode_items([unpack_item(p) for p in s["items"]],
-                                                              [s["key"]] * len(s["items"]))
-                    except ValueError as e:
-                        results[s["key"]] = f"encoder refused it: {e}"
-                continue
-            for (key, _), f in zip(items, feats):
-                results.setdefault(key, []).append(f)
-            for s in chunk:
-                results.setdefault(s["key"], [])
-        return results
+    def store_features(self, refs: list[str], items: list) -> list[str]:
+        features = self.encoder.encode(items, refs)
+        return [self.store.write(ref, f.float().numpy().astype(self.feature_dtype)) for ref, f in zip(refs, features)]
 
     def __call__(self, batch: dict) -> dict:
-        receipts = []
-        for index, samples_json in zip(batch["index"], batch["samples"]):
-            samples = json.loads(samples_json)
-            rejects = [{"key": s["key"], "source": s["meta"].get("source"), "stage": "validate", "reason": s["reject"]}
-                       for s in samples if s["reject"]]
-            good = [s for s in samples if not s["reject"]]
-            features, written = self.encode_samples(good), []
-            for s in good:
-                f = features[s["key"]]
-                if isinstance(f, str):
-                    rejects.append({"key": s["key"], "source": s["meta"].get("source"), "stage": "encode", "reason": f})
-                    continue
-                arrays = {name: unpack_item(a) for name, a in s["arrays"].items()}
-                arrays.update({f"item{j}": a for j, a in enumerate(f)})
-                written.append({"key": s["key"], "arrays": arrays, "meta": {**s["meta"], "modality": s["modality"]}})
-            receipt = self.entry.write_shard(int(index), pack_shard(written), [w["key"] for w in written], rejects,
-                                             [sample_lengths(w) for w in written])
-            receipts.append(json.dumps({"index": int(index), "count": receipt["count"], "rejected": len(rejects)}))
-        return {"receipt": np.array(receipts, dtype=object)}
+        refs, files, rejects = list(batch["ref"]), [""] * len(batch["ref"]), list(batch["reject"])
+        good = [i for i, reason in enumerate(rejects) if not reason]
+        items = {i: unpack_item(batch["item"][i]) for i in good}
+        try:
+            for i, name in zip(good, self.store_features([refs[i] for i in good], [items[i] for i in good])):
+                files[i] = name
+        except ValueError:  # find the item the encoder refuses; the others still get stored
+            for i in good:
+                try:
+                    files[i] = self.store_features([refs[i]], [items[i]])[0]
+                except ValueError as e:
+                    rejects[i] = f"the encoder refused it: {e}"
+        return {"ref": np.array(refs, dtype=object), "file": np.array(files, dtype=object),
+                "reject": np.array(rejects, dtype=object)}
 
 
-def sample_lengths(sample: dict) -> list:
-    """[text tokens, [feature tokens of each item]]: what a context length is checked against."""
-    from modrwkv.conversation import Turn, text_length  # modrwkv imports torch: heavy
-
-    n_items = sum(name.startswith("item") for name in sample["arrays"])
-    items = [sample["arrays"][f"item{j}"].shape[0] for j in range(n_items)]
-    turns = [Turn(**t) for t in sample["meta"]["turns"]]
-    return [text_length(world_tokenizer(), turns, len(items), sample["key"]), items]
-
-
-def encode_shards(config: EncodeConfig, uri: str, shards: list[list[RawSample]], todo: list[int]) -> None:
-    # heavy, and only a job that has shards to encode needs them
+def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict]) -> dict[str, dict]:
+    """ref -> {"file"} or {"reject"} for each item in `todo` (ref -> {"source"} or {"window"})."""
+    # heavy, and only a job that has items to encode needs them
     import ray
     from tqdm import tqdm
 
@@ -254,49 +242,98 @@ def encode_shards(config: EncodeConfig, uri: str, shards: list[list[RawSample]],
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = [{"index": i, "samples": json.dumps([dataclasses.asdict(s) for s in shards[i]])} for i in todo]
+    rows = [{"ref": ref, "source": item.get("source", ""), "window": item.get("window", b"")}
+            for ref, item in sorted(todo.items())]
     runtime_env = {"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(decode_and_validate, fn_kwargs={"limits": config.limits}, runtime_env=runtime_env)
-    ds = ds.map_batches(ShardEncoder, batch_size=1, runtime_env=runtime_env,
+    blocks = max(1, min(len(rows) // config.run.batch_size, 64))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map(decode_item, fn_kwargs={"modality": MODALITY_OF_FORMAT[config.dataset.format],
+                                        "limits": config.limits}, runtime_env=runtime_env)
+    ds = ds.map_batches(ItemEncoder, batch_size=config.run.batch_size, runtime_env=runtime_env,
                         compute=ray.data.ActorPoolStrategy(size=config.run.actors),
                         num_gpus=config.run.gpus_per_actor or None,
-                        fn_constructor_kwargs={"encoder": config.encoder, "entry_uri": uri,
-                                               "batch_size": config.run.batch_size})
-    with tqdm(total=len(todo), desc="encode shards", unit="shard") as bar:
-        for _ in ds.iter_rows():
-            bar.update(1)
+                        fn_constructor_kwargs={"encoder": config.encoder, "store": store})
+    results = {}
+    with tqdm(total=len(rows), desc="encode items", unit="item") as bar:
+        for batch in ds.iter_batches(batch_size=None):
+            for ref, name, reason in zip(batch["ref"], batch["file"], batch["reject"]):
+                results[ref] = {"reject": reason} if reason else {"file": name}
+            bar.update(len(batch["ref"]))
+    return results
+
+
+def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects: dict[str, str],
+                  rejects: list[Reject]) -> list[dict]:
+    """The samples to write: turns, arrays and their item files; a sample with a rejected item is rejected."""
+    written = []
+    for p in prepared:
+        reason = next((item_rejects[ref] for ref in p.refs if ref not in files), None)
+        if reason is not None:
+            rejects.append(Reject(p.raw.sources[0] if p.raw.sources else p.raw.meta.get("source", "?"),
+                                  reason, p.raw.key, stage="encode"))
+            continue
+        arrays = {k: v for k, v in p.arrays.items() if k != "item"}
+        meta = {**p.raw.meta, **p.meta, "modality": p.raw.modality, "features": [files[ref] for ref in p.refs]}
+        written.append({"key": p.raw.key, "arrays": arrays, "meta": meta})
+    return written
+
+
+def sample_lengths(sample: dict) -> list:
+    """[text tokens, [feature vectors of each item]]: what a context length is checked against."""
+    from modrwkv.conversation import Turn, text_length  # modrwkv imports torch: heavy
+
+    items = [item_length(name) for name in sample["meta"]["features"]]
+    turns = [Turn(**t) for t in sample["meta"]["turns"]]
+    return [text_length(world_tokenizer(), turns, len(items), sample["key"]), items]
 
 
 def run_encode(config: EncodeConfig) -> EncodeResult:
     start = time.perf_counter()
     samples, rejects = read_dataset(config.dataset)
+    n_read = len(samples) + len(rejects)
     samples = check_texts(samples, rejects)
+    fingerprints = Fingerprints(config.cache.root)
+    prepared = prepare(samples, rejects, config.limits, fingerprints)
     sections = dataclasses.asdict(config)
-    spec = cache_spec(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["dataset"],
-                      sections["limits"], config.cache.shard_size, samples)
+    key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
+                    fingerprints)
+    store = FeatureStore.for_key(config.cache.root, key)
+    spec = cache_spec(key, sections["dataset"], config.cache.shard_size,
+                      [p.record() for p in sorted(prepared, key=lambda p: p.raw.key)])
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
     if entry.is_complete() and not config.run.force:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
-        return EncodeResult(uri, manifest, True, [], time.perf_counter() - start, report_over_length(uri, config))
+        return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
+                            report_over_length(uri, config), fingerprints.files_read)
     if config.run.force:
         entry.clear()
-    shards = plan_shards(samples, config.cache.shard_size)
-    done = entry.done_shards()
-    todo = [i for i in range(len(shards)) if i not in done]
-    if done:
-        print(f"resuming {uri}: {len(done)} of {len(shards)} shards already written")
-    if todo:
-        encode_shards(config, uri, shards, todo)
-    read_rejects = [r.to_dict() for r in rejects]
-    manifest = entry.finish(spec, len(shards), read_rejects, n_read=len(samples) + len(rejects),
-                            extra={"config": to_dict(config), "code_version": code_version()})
+    needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
+    needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared if p.raw.series})
+    in_store = {} if config.run.force else store.items()
+    todo = {ref: item for ref, item in needed.items() if ref not in in_store}
+    print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")
+    results = encode_items(config, store, todo) if todo else {}
+    files = {ref: in_store[ref] for ref in needed if ref in in_store}
+    files.update({ref: r["file"] for ref, r in results.items() if "file" in r})
+    item_rejects = {ref: r["reject"] for ref, r in results.items() if "reject" in r}
+    written = samples_table(prepared, files, item_rejects, rejects)
+    shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
+    for index, shard in enumerate(shards):
+        if index not in done:
+            entry.write_shard(index, pack_shard(shard), [w["key"] for w in shard], [],
+                              [sample_lengths(w) for w in shard])
+    items = {"unique": len(needed), "in_store": len(needed) - len(todo), "encoded": len(todo) - len(item_rejects),
+             "rejected": len(item_rejects)}
+    manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,
+                            extra={"config": to_dict(config), "code_version": code_version(),
+                                   "feature_store": store.name, "items": items})
     c = manifest["counts"]
     print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
           + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
-    return EncodeResult(uri, manifest, False, todo, time.perf_counter() - start, report_over_length(uri, config))
+    return EncodeResult(uri, manifest, False, items, time.perf_counter() - start, report_over_length(uri, config),
+                        fingerprints.files_read)
 
 
 def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:

@@ -101,3 +101,31 @@ def walk(uri: str, suffix: str) -> list[str]:
         scheme = str(uri).split("://", 1)[0]
         return sorted(f"{scheme}://{p}" for p in found)
     return sorted(found)
+
+
+def stat_files(uris: list[str]) -> dict[str, tuple[int, int] | None]:
+    """(size, modification time in ns) of each file, None where there is none. One listing per folder (on S3,
+    one request per 1,000 files) instead of one request per file."""
+    by_folder: dict[str, list[str]] = {}
+    for uri in uris:
+        by_folder.setdefault(parent(uri), []).append(uri)
+    stats = {}
+    for folder, members in by_folder.items():
+        fs, path = _fs(folder)
+        listed = {}
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path))
+            listed = {posixpath.basename(i.path): (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+        stats.update({uri: listed.get(posixpath.basename(str(uri))) for uri in members})
+    return stats
+
+
+def list_tree(uri: str) -> dict[str, tuple[int, int]]:
+    """Every file under a folder, recursively: its path relative to the folder -> (size, modification time in ns);
+    empty when the folder does not exist."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return {}
+    base = path.rstrip("/") + "/"
+    return {i.path[len(base):]: (i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if i.type == pafs.FileType.File}

@@ -1,21 +1,31 @@
-"""A feature-cache entry, its one on-disk format: written by the encode job (`CacheEntry`), read by training and
-evaluation (`FeatureCache`).
+"""The feature cache's one on-disk format: the feature store, which holds each media item's features once per
+encoder, and cache entries, the samples tables that reference them. The encode job writes both (`FeatureStore`,
+`CacheEntry`); training and evaluation read an entry with its features (`FeatureCache`).
 
-An entry holds `shard-NNNNN.tar` shards, a `shard-NNNNN.json` receipt per finished shard, then `rejects.jsonl`
-and `manifest.json`, written last. Its folder name is content-addressed by everything the features depend on
-(encoder id and weights hash, preprocessing config, source-dataset hash, format version), so a changed encoder or
-config can never pick up stale features. A shard counts as done only when its receipt exists (the tar is moved
-into place first); an interrupted job resumes by encoding the shards that have no receipt.
+    <cache root>/features/<modality>-<encoder kind>-<16 hex of the store key>/
+        store.json                                  the store's key: encoder, its weights hash, validation limits
+        <ref[:2]>/<ref>_<length>_<sha256[:32]>.npy  one item: ref = sha256 of the media file's bytes (or of the
+                                                    normalised series window); length = its feature vectors; the
+                                                    digest is of the .npy bytes, checked on every read
+    <cache root>/<modality>-<encoder kind>-<16 hex of the entry key>/
+        shard-NNNNN.tar, shard-NNNNN.json           samples: a WebDataset tar of `<key>.json` (turns, provenance,
+                                                    "features": the sample's item files, in order) and
+                                                    `<key>.<name>.npy` arrays (series targets); a receipt each
+        rejects.jsonl, manifest.json                written last: counts, shards with sha256, sample lengths
 
-A shard is a WebDataset tar of `<key>.<name>.npy` arrays and one `<key>.json` per sample. Members are written in
-sample order with fixed metadata (mtime 0, uid 0), so the same samples always give the same bytes: a resumed
-encode produces exactly the shards an uninterrupted one would. Reading never unpickles (np.load with
-allow_pickle=False) and checks each shard against the manifest's sha256 first. The reader splits the samples
-across Ray Train workers by shard, shuffles them with a seed and reads ahead on background threads."""
+A store is shared by every dataset, split, prompt edit and experiment that uses its items; item names carry all
+the encode job and the readers need, so one listing tells which items exist and how long they are. An entry is
+cheap: rebuilding one for edited text reads no media and runs no encoder. Writes are atomic and
+content-addressed: two jobs encoding the same new item write the same name (a deterministic encoder gives the
+same bytes), never a half-written file. Shards are deterministic (members in sample order, mtime 0, uid 0);
+reading never unpickles (np.load with allow_pickle=False) and checks every shard and item against its sha256.
+The reader splits an entry's samples across Ray Train workers by shard, shuffles them with a seed and reads ahead
+on background threads."""
 
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 from collections import deque
 from collections.abc import Iterator
@@ -27,7 +37,9 @@ import numpy as np
 
 from .. import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: features in the feature store, referenced by the samples; 1 held them inside the shards
+STORE_FOLDER = "features"
+STORE_KEY_FILE = "store.json"
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 
@@ -147,13 +159,70 @@ class CacheEntry:
         return manifest
 
 
+def item_file(ref: str, data: bytes, length: int) -> str:
+    return f"{ref[:2]}/{ref}_{length}_{hashlib.sha256(data).hexdigest()[:32]}.npy"
+
+
+def parse_item_file(name: str) -> tuple[str, int, str]:
+    """(ref, length, digest) of an item file's relative name."""
+    ref, length, digest = posixpath.basename(name).removesuffix(".npy").split("_")
+    return ref, int(length), digest
+
+
+def item_length(name: str) -> int:
+    return parse_item_file(name)[1]
+
+
+def store_name(key: dict) -> str:
+    return f"{key['modality']}-{key['kind']}-{hashlib.sha256(canonical_json(key)).hexdigest()[:16]}"
+
+
+class FeatureStore:
+    def __init__(self, root: str, name: str):
+        self.uri = storage.join(root, STORE_FOLDER, name)
+        self.name = name
+
+    @classmethod
+    def for_key(cls, root: str, key: dict) -> "FeatureStore":
+        store = cls(root, store_name(key))
+        if not storage.exists(storage.join(store.uri, STORE_KEY_FILE)):
+            key_file = storage.join(store.uri, STORE_KEY_FILE)
+            storage.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True).encode())
+        return store
+
+    def items(self) -> dict[str, str]:
+        """ref -> its item file (relative), for every item the store holds: one listing, nothing read."""
+        return {parse_item_file(name)[0]: name for name in storage.list_tree(self.uri) if name.endswith(".npy")}
+
+    def write(self, ref: str, features: np.ndarray) -> str:
+        """Stores one item's features; returns its file name (relative)."""
+        data = npy_bytes(features)
+        name = item_file(ref, data, len(features))
+        storage.write_atomic(storage.join(self.uri, name), data)
+        return name
+
+    def read(self, name: str) -> np.ndarray:
+        """One item's features, checked against the digest in its name; never unpickled."""
+        data = storage.read_bytes(storage.join(self.uri, name))
+        if not hashlib.sha256(data).hexdigest().startswith(parse_item_file(name)[2]):
+            raise ValueError(f"{self.uri}/{name}: sha256 differs from its name; the features were changed or "
+                             "damaged after encoding (delete the file and encode again)")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 class FeatureCache:
     """A complete entry, read: its manifest, and its samples by shard."""
 
     def __init__(self, uri: str):
         self.uri = str(uri)
         self.manifest = CacheEntry(self.uri).manifest()
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.uri}: a cache entry of format {self.manifest.get('format_version')}, from before "
+                             "the feature store; encode its dataset again (`modrwkv encode --config ...`: each "
+                             "media item is then encoded once and shared); `modrwkv cache gc --apply` removes it")
         self.shards = self.manifest["shards"]
+        self.store = FeatureStore(storage.parent(self.uri), self.manifest["feature_store"])
+        self.item_reader = ThreadPoolExecutor(8, thread_name_prefix="item-reader")  # item files are small: overlap
 
     @property
     def id(self) -> str:
@@ -179,13 +248,22 @@ class FeatureCache:
                     over.append({"key": key, "tokens": tokens})
         return over
 
-    def read_shard(self, index: int) -> list[dict]:
+    def read_samples(self, index: int) -> list[dict]:
+        """A shard's samples as stored, checked against the manifest: turns, arrays, the names of their items."""
         shard = self.shards[index]
         data = storage.read_bytes(storage.join(self.uri, shard["name"]))
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise ValueError(f"{self.uri}/{shard['name']}: sha256 differs from the manifest; the shard was changed "
                              "or damaged after encoding (re-encode with --force)")
         return unpack_shard(data, f"{self.uri}/{shard['name']}")
+
+    def read_shard(self, index: int) -> list[dict]:
+        """A shard's samples with their features (`item<j>` arrays), each item checked against its digest."""
+        samples = self.read_samples(index)
+        files = [(sample, j, name) for sample in samples for j, name in enumerate(sample["meta"]["features"])]
+        for (sample, j, _), features in zip(files, self.item_reader.map(self.store.read, [f for *_, f in files])):
+            sample["arrays"][f"item{j}"] = features
+        return samples
 
     def worker_shards(self, rank: int, world: int) -> list[int]:
         return list(range(rank, len(self.shards), world))

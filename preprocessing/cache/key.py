@@ -1,73 +1,54 @@
-"""What a feature-cache entry is keyed on: the encoder (kind, dtype, input size, a hash of its weight files),
-the preprocessing (limits, shard size, the dataset options that change features) and the bytes of every raw
-input. `entry_uri` names the entry by that key (`cache_id`), so a changed encoder, config or dataset can never
-pick up stale features."""
+"""What the cache is keyed on. A feature store (`store.py`) is keyed on the encoder (kind, dtype, input size, a
+hash of its weight files) and the validation limits; each of its items on the bytes of one media file (or one
+series window). A cache entry, the samples table, is keyed on its store, the dataset options that change a
+sample, the shard size and every sample's record with the content hashes of its media. `entry_uri` names the
+entry by that key (`cache_id`): an edited prompt makes a new entry whose features all come from the store."""
 
-import dataclasses
 import hashlib
-import json
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
 from .. import storage
-from ..readers import RawSample
-from .entry import cache_id
+from .entry import canonical_json, cache_id
+from .fingerprints import Fingerprints
 
-# where the files are, and the permission to read outside the media root, change no feature: the samples they
-# admit are in the source hash
+# where the files are, and the permission to read outside the media root, change no sample: the samples they
+# admit are in the samples' records
 LOCATION_ONLY = ("path", "media_root", "allow_media_outside_root")
+WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
-def hash_model_dir(model_dir) -> str:
-    """sha256 over the weight and config files of a model directory (what a feature cache must be keyed on)."""
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256()
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+def hash_model_dir(model_dir, fingerprints: Fingerprints) -> str:
+    """sha256 over the names and contents of a model directory's weight and config files (the files are read
+    only when they changed since the last call)."""
+    files = sorted(str(p) for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_FILES)
     if not files:
         raise FileNotFoundError(f"{model_dir}: no weight or config files")
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    digests = fingerprints.sha256s(files)
+    return hashlib.sha256(canonical_json([[Path(f).name, digests[f]] for f in files])).hexdigest()
 
 
-def file_sha256(uri: str) -> str:
-    try:
-        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-    except (FileNotFoundError, OSError):
-        return "missing"  # the validate stage rejects it with the reason
-
-
-def source_hash(samples: list[RawSample]) -> str:
-    """Descriptors and the bytes of every raw file: edited data never reuses a stale cache."""
-    files = sorted({src for s in samples for src in s.sources})
-    with ThreadPoolExecutor(8) as pool:
-        contents = dict(zip(files, pool.map(file_sha256, files)))
-    digest = hashlib.sha256()
-    for s in samples:
-        record = {**dataclasses.asdict(s), "content": [contents[src] for src in s.sources]}
-        digest.update(json.dumps(record, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def cache_spec(modality: str, encoder: dict, dataset: dict, limits: dict, shard_size: int,
-               samples: list[RawSample]) -> dict:
-    """encoder, dataset, limits: the encode config's sections as dicts (`kind`, `model_dir`, `dtype`,
-    `image_size`; the dataset options; the validation limits)."""
-    preprocessing = {"limits": limits, "shard_size": shard_size,
-                     "dataset": {k: v for k, v in dataset.items() if k not in LOCATION_ONLY}}
+def store_key(modality: str, encoder: dict, limits: dict, fingerprints: Fingerprints) -> dict:
+    """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`); limits: the
+    validation limits (an item the store holds passed them)."""
     model_dir = encoder["model_dir"]
-    return {"modality": modality,
-            "encoder": {"kind": encoder["kind"], "dtype": encoder["dtype"], "image_size": encoder["image_size"],
-                        "weights_hash": hash_model_dir(model_dir) if model_dir else None},
-            "preprocessing": preprocessing, "source_hash": source_hash(samples)}
+    return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
+            "image_size": encoder["image_size"], "limits": limits,
+            "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
+
+
+def cache_spec(store: dict, dataset: dict, shard_size: int, records: list[dict]) -> dict:
+    """store: its key; records: each sample's descriptor with the content hashes of its media, in key order."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(canonical_json(record))
+    return {"modality": store["modality"], "store": store, "shard_size": shard_size,
+            "dataset": {k: v for k, v in dataset.items() if k not in LOCATION_ONLY},
+            "samples_hash": digest.hexdigest()}
 
 
 def entry_uri(root: str, spec: dict) -> str:
-    return storage.join(root, f"{spec['modality']}-{spec['encoder']['kind']}-{cache_id(spec)[:16]}")
+    return storage.join(root, f"{spec['modality']}-{spec['store']['kind']}-{cache_id(spec)[:16]}")
 
 
 def code_version() -> str:

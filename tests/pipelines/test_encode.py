@@ -119,7 +119,7 @@ def test_second_run_reuses_the_cache_and_a_changed_encoder_does_not(tmp_path, en
     first = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
     before = snapshot(Path(first.uri))
     second = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
-    assert second.reused and second.uri == first.uri and second.encoded_shards == []
+    assert second.reused and second.uri == first.uri and second.fingerprinted_files == 0  # no media byte read
     assert snapshot(Path(first.uri)) == before  # nothing written
     print(f"first {first.seconds:.2f} s, cached {second.seconds:.3f} s")
     assert first.seconds >= 10 * second.seconds
@@ -154,7 +154,11 @@ def test_encode_names_the_samples_over_the_context_length(tmp_path, encoders, ra
     assert cache.over_length(0, compressed) == [{"key": k, "tokens": n} for k, n in tokens.items()]
 
 
-def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encoders, ray_local):
+def store_items(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in root.glob("features/*/*/*.npy")}
+
+
+def test_interrupted_encode_resumes_with_only_the_missing_items(tmp_path, encoders, ray_local):
     build_digits(tmp_path / "digits", n_train=64, n_test=0)
     path = tmp_path / "encode.yaml"
     path.write_text(yaml.safe_dump(digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
@@ -163,29 +167,82 @@ def test_interrupted_encode_resumes_with_only_the_missing_shards(tmp_path, encod
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--config", str(path)], cwd=ROOT, env=env,
                            stdout=log, stderr=log, start_new_session=True)
-    receipts = []
     deadline = time.time() + 120
-    while len(receipts) < 3 and time.time() < deadline and job.poll() is None:
-        receipts = list((tmp_path / "cache").glob("*/shard-*.json"))
+    while len(store_items(tmp_path / "cache")) < 6 and time.time() < deadline and job.poll() is None:
         time.sleep(0.02)
     assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     time.sleep(3)  # let anything the dead job left behind settle before looking
-    entry = Path(receipts[0]).parent
-    assert not (entry / "manifest.json").exists()
-    done = sorted(int(p.stem[6:]) for p in entry.glob("shard-*.json"))
-    assert 3 <= len(done) < 32
-    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in entry.glob("shard-*")}
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+    before = store_items(tmp_path / "cache")
+    assert 6 <= len(before) < 64
 
     resumed = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
-    assert resumed.uri == str(entry) and not resumed.reused
-    assert resumed.encoded_shards == [i for i in range(32) if i not in done]
-    assert all((entry / name).stat().st_mtime_ns == stamp[0] for name, stamp in before.items())
+    assert not resumed.reused
+    assert resumed.items == {"unique": 64, "in_store": len(before), "encoded": 64 - len(before), "rejected": 0}
+    after = store_items(tmp_path / "cache")
+    assert len(after) == 64 and all(after[name] == stamp for name, stamp in before.items())  # none written again
 
     fresh = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "fresh")))
     assert fresh.manifest["shards"] == resumed.manifest["shards"]  # same keys, counts and bytes (sha256) per shard
     assert fresh.manifest["counts"] == resumed.manifest["counts"] == {"read": 64, "written": 64, "rejected": 0}
+    assert store_items(tmp_path / "fresh").keys() == after.keys()  # the same item files, byte for byte
+
+
+def test_each_media_item_is_encoded_once_across_questions_prompts_and_datasets(tmp_path, encoders, ray_local):
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    records = json.loads((tmp_path / "digits" / "train.json").read_text())
+    # five questions about every image: one encoder item per image
+    asked = [{**r, "id": f"{r['id']}-q{q}", "conversations": turns(f"<image>\nQuestion {q}?", f"answer {q}")}
+             for r in records for q in range(5)]
+    (tmp_path / "digits" / "asked.json").write_text(json.dumps(asked))
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+    sections["dataset"]["path"] = str(tmp_path / "digits" / "asked.json")
+    first = run_encode(config(**sections))
+    assert first.items == {"unique": 8, "in_store": 0, "encoded": 8, "rejected": 0}
+    assert first.manifest["counts"]["written"] == 40
+    # new prompt wording: a new entry, every feature from the store, no media byte read again
+    reworded = [{**r, "conversations": turns(r["conversations"][0]["value"].replace("Question", "Query"), "x")}
+                for r in asked]
+    (tmp_path / "digits" / "asked.json").write_text(json.dumps(reworded))
+    edited = run_encode(config(**sections))
+    assert edited.uri != first.uri and edited.items == {"unique": 8, "in_store": 8, "encoded": 0, "rejected": 0}
+    assert edited.fingerprinted_files == 0
+    same = {s["key"]: s["arrays"]["item0"] for s in FeatureCache(first.uri).iter_samples(shuffle=False)}
+    assert all(np.array_equal(same[s["key"]], s["arrays"]["item0"])
+               for s in FeatureCache(edited.uri).iter_samples(shuffle=False))
+    # the plain digits set (other records, same images) and two new images: only the new ones are encoded
+    build_digits(tmp_path / "more", n_train=10, n_test=0)
+    more = digits_config(tmp_path / "more", encoders["clip"], tmp_path / "cache")
+    assert run_encode(config(**more)).items == {"unique": 10, "in_store": 8, "encoded": 2, "rejected": 0}
+    # a file rewritten with other pixels is read again and encoded; the unchanged ones are not read
+    (tmp_path / "more" / records[0]["image"]).write_bytes(png_bytes(seed=7))
+    changed = run_encode(config(**more))
+    assert changed.fingerprinted_files == 1 and changed.items["encoded"] == 1
+
+
+def test_two_jobs_encoding_overlapping_data_at_once_share_one_copy(tmp_path, encoders, ray_local):
+    from concurrent.futures import ThreadPoolExecutor
+
+    build_digits(tmp_path / "digits", n_train=16, n_test=0)
+    records = json.loads((tmp_path / "digits" / "train.json").read_text())
+    jobs = []
+    for name, part, question in (("a", records[:12], "What digit is this?"), ("b", records[4:], "Which digit?")):
+        chosen = [{**r, "conversations": turns(f"<image>\n{question}", "x")} for r in part]
+        (tmp_path / "digits" / f"{name}.json").write_text(json.dumps(chosen))
+        sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+        sections["dataset"]["path"] = str(tmp_path / "digits" / f"{name}.json")
+        jobs.append(config(**sections))
+    with ThreadPoolExecutor(2) as pool:  # both start before either has stored anything
+        a, b = pool.map(run_encode, jobs)
+    assert a.items["unique"] == b.items["unique"] == 12 and a.items["encoded"] + b.items["encoded"] >= 16
+    stored = list((tmp_path / "cache" / "features").rglob("*"))
+    assert len([p for p in stored if p.suffix == ".npy"]) == 16 and not [p for p in stored if ".tmp-" in p.name]
+    features = [{s["meta"]["id"]: s["arrays"]["item0"] for s in FeatureCache(r.uri).iter_samples(shuffle=False)}
+                for r in (a, b)]
+    shared = set(features[0]) & set(features[1])
+    assert len(shared) == 8 and all(np.array_equal(features[0][k], features[1][k]) for k in shared)
 
 
 def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, monkeypatch):
@@ -206,7 +263,8 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert result.uri.startswith(f"s3://{BUCKET}/cache/image-clip-")
     assert result.manifest["counts"] == {"read": 6, "written": 6, "rejected": 0}
     names = {o["Key"].rsplit("/", 1)[1] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="cache/")["Contents"]}
-    assert {"manifest.json", "rejects.jsonl", "shard-00000.tar", "shard-00001.tar"} <= names
+    assert {"manifest.json", "rejects.jsonl", "shard-00000.tar", "shard-00001.tar", "store.json"} <= names
+    assert sum(n.endswith(".npy") for n in names) == 6  # one item per image, in the store
     assert not any(".tmp-" in n for n in names)
     samples = list(FeatureCache(result.uri).iter_samples(shuffle=False))
     assert [s["key"] for s in samples] == [f"digit-{i:04d}" for i in range(6)]

@@ -212,16 +212,13 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     from pipelines.train import cache_shapes
-    from preprocessing.cache.entry import CacheEntry, pack_shard
+    from tests.cache_entries import write_entry
 
     meta = {"turns": [{"role": "user", "text": "Say yes."}, {"role": "assistant", "text": "yes"}], "modality": "image"}
     text = {"key": "t0", "arrays": {}, "meta": meta}
     image = {"key": "i0", "arrays": {"item0": np.zeros((5, 12), np.float16)}, "meta": meta}
     for name, shards in (("mixed", [[text], [], [image]]), ("text", [[text]])):
-        entry = CacheEntry(str(tmp_path / name))
-        for i, samples in enumerate(shards):
-            entry.write_shard(i, pack_shard(samples), [s["key"] for s in samples], [])
-        entry.finish({"modality": "image"}, len(shards), [], n_read=sum(map(len, shards)), extra={})
+        write_entry(str(tmp_path / name), shards)
     assert cache_shapes([str(tmp_path / "mixed")]) == ({"image": 12}, 0, 0)
     with pytest.raises(ValueError, match="no sample holds image features"):
         cache_shapes([str(tmp_path / "text")])

@@ -1,11 +1,14 @@
 """The cache format: deterministic shards, receipts, the manifest written last, and the training-side reader."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
+from tests.cache_entries import STORE
+from tests.cache_entries import write_entry as write_samples
 
 
 def samples(n, start=0):
@@ -31,12 +34,8 @@ def test_cache_ids_change_with_any_input():
 
 
 def write_entry(uri, counts):
-    entry, start = CacheEntry(uri), 0
-    for i, n in enumerate(counts):
-        chunk = samples(n, start)
-        entry.write_shard(i, pack_shard(chunk), [s["key"] for s in chunk], [])
-        start += n
-    return entry.finish({"modality": "image"}, len(counts), [], n_read=start, extra={})
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return write_samples(uri, [samples(n, start) for n, start in zip(counts, starts)])
 
 
 def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
@@ -109,6 +108,19 @@ def test_reader_refuses_changed_shards_and_unfinished_entries(tmp_path):
         FeatureCache(uri)
 
 
+def test_reader_refuses_changed_features_and_entries_from_before_the_store(tmp_path):
+    uri = str(tmp_path / "e")
+    write_entry(uri, [2])
+    item = sorted((tmp_path / "features" / STORE).glob("*/*.npy"))[0]
+    np.save(item, np.zeros((3, 4), np.float16), allow_pickle=False)
+    with pytest.raises(ValueError, match=f"{item.name}: sha256 differs from its name"):
+        FeatureCache(uri).read_shard(0)
+    manifest = tmp_path / "e" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(ValueError, match="format 1, from before the feature store; encode its dataset again"):
+        FeatureCache(uri)
+
+
 def test_shards_read_back_through_webdataset_and_ray_data(tmp_path, ray_local):
     import webdataset as wds
 
@@ -116,7 +128,39 @@ def test_shards_read_back_through_webdataset_and_ray_data(tmp_path, ray_local):
     url = str(tmp_path / "e" / "shard-00000.tar")
     decoded = list(wds.WebDataset(url, shardshuffle=False).decode())
     assert [s["__key__"] for s in decoded] == ["s000", "s001", "s002"]
-    assert np.array_equal(decoded[1]["item0.npy"], samples(3)[1]["arrays"]["item0"])
     assert decoded[2]["json"]["i"] == 2
+    # the features live in the store beside the entry, named in each sample's json
+    (name,) = decoded[1]["json"]["features"]
+    stored = np.load(tmp_path / "features" / STORE / name, allow_pickle=False)
+    assert np.array_equal(stored, samples(3)[1]["arrays"]["item0"])
     rows = ray_local.data.read_webdataset(url).take_all()
     assert sorted(r["__key__"] for r in rows) == ["s000", "s001", "s002"]
+
+
+def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
+    from pipelines.cli import main
+    from preprocessing.cache.entry import FeatureStore
+    from preprocessing.cache.inventory import describe, garbage
+
+    root = tmp_path / "cache"
+    write_entry(str(root / "kept"), [2, 1])
+    write_entry(str(root / "old"), [1])  # will look like an entry of the first format
+    (root / "old" / "manifest.json").write_text('{"format_version": 1}')
+    write_entry(str(root / "unfinished"), [1])
+    (root / "unfinished" / "manifest.json").unlink()
+    orphan = FeatureStore(str(root), STORE).write("f" * 64, np.ones((2, 4), np.float16))
+    (root / "features" / STORE / "ab").mkdir(exist_ok=True)
+    (root / "features" / STORE / "ab" / "x.npy.tmp-12345678").write_bytes(b"half")
+    assert garbage(str(root), grace_s=3600) == []  # everything is younger than an hour: a job may be writing it
+    found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=0)}
+    old = {p.relative_to(root).as_posix() for p in (root / "old").iterdir()}
+    unfinished = {p.relative_to(root).as_posix() for p in (root / "unfinished").iterdir()}
+    assert old <= found and unfinished <= found and f"features/{STORE}/{orphan}" in found
+    assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
+    assert not any(f.startswith("kept/") for f in found)
+    kept = FeatureCache(str(root / "kept")).iter_samples(shuffle=False)
+    kept_items = {n for s in kept for n in s["meta"]["features"]}
+    assert not {f"features/{STORE}/{n}" for n in kept_items} & found
+    assert "kept" in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
+    assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
+    assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / "kept")).iter_samples())) == 3

@@ -1,0 +1,123 @@
+"""What a cache root holds, and what nothing uses: `modrwkv cache ls|du|gc`.
+
+An entry is complete when its manifest exists; its samples reference item files in one store. Garbage is what
+no complete entry of the current format references: store items, entries of an older format, unfinished entries
+and half-written files. A job may be writing right now (its entry has no manifest yet, its new items are not
+referenced yet), so only files older than a grace period count as garbage."""
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from .. import storage
+from .entry import FORMAT_VERSION, MANIFEST, STORE_FOLDER, FeatureCache
+from .fingerprints import FOLDER as FINGERPRINTS
+
+
+@dataclass
+class Entry:
+    name: str
+    manifest: dict | None  # None: unfinished (or being written)
+    files: dict[str, tuple[int, int]]  # relative name -> (size, mtime_ns)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+    @property
+    def current(self) -> bool:
+        return self.manifest is not None and self.manifest.get("format_version") == FORMAT_VERSION
+
+
+@dataclass
+class Store:
+    name: str
+    files: dict[str, tuple[int, int]]
+    referenced: dict[str, set[str]] = field(default_factory=dict)  # item file -> the entries that reference it
+
+    @property
+    def items(self) -> dict[str, tuple[int, int]]:
+        return {name: stat for name, stat in self.files.items() if name.endswith(".npy")}
+
+
+def inventory(root: str) -> tuple[list[Entry], list[Store]]:
+    """Every entry and store under `root`, each store item with the complete entries that reference it (read
+    from the entries' shards)."""
+    tree = storage.list_tree(root)
+    by_top: dict[str, dict[str, tuple[int, int]]] = {}
+    for path, stat in tree.items():
+        top, _, rest = path.partition("/")
+        if rest:
+            by_top.setdefault(top, {})[rest] = stat
+    stores = {}
+    for path, stat in tree.items():
+        parts = path.split("/", 2)
+        if parts[0] == STORE_FOLDER and len(parts) == 3:
+            stores.setdefault(parts[1], Store(parts[1], {})).files[parts[2]] = stat
+    entries = []
+    for name, files in sorted(by_top.items()):
+        if name in (STORE_FOLDER, FINGERPRINTS):
+            continue
+        manifest = json.loads(storage.read_bytes(storage.join(root, name, MANIFEST))) if MANIFEST in files else None
+        entry = Entry(name, manifest, files)
+        entries.append(entry)
+        if entry.current and entry.manifest["feature_store"] in stores:
+            referenced = stores[entry.manifest["feature_store"]].referenced
+            cache = FeatureCache(storage.join(root, name))
+            for shard in range(len(cache.shards)):
+                for sample in cache.read_samples(shard):
+                    for item in sample["meta"]["features"]:
+                        referenced.setdefault(item, set()).add(name)
+    return entries, sorted(stores.values(), key=lambda s: s.name)
+
+
+def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
+    """The URIs `gc` removes: unreferenced store items, entries of an older format or never finished, and
+    half-written files, when older than `grace_s` seconds."""
+    entries, stores = inventory(root)
+    old = time.time_ns() - int(grace_s * 1e9)
+    found = []
+    for entry in entries:
+        if not entry.current and all(mtime < old for _, mtime in entry.files.values()):
+            found += [storage.join(root, entry.name, f) for f in sorted(entry.files)]
+    for store in stores:
+        for name, (_, mtime) in sorted(store.files.items()):
+            unused = (name.endswith(".npy") and name not in store.referenced) or ".tmp-" in name
+            if unused and mtime < old:
+                found.append(storage.join(root, STORE_FOLDER, store.name, name))
+    return found
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def describe(root: str, sizes: bool) -> str:
+    """`ls` (sizes False) or `du` (sizes True) as a table."""
+    entries, stores = inventory(root)
+    lines = [f"{'entry':<44} {'status':<10} {'samples':>8} {'rejected':>8}  store"
+             + (f" {'samples':>10} {'features':>10}" if sizes else "")]
+    by_name = {s.name: s for s in stores}
+    for e in entries:
+        status = "complete" if e.current else ("unfinished" if e.manifest is None else "old format")
+        counts = (e.manifest or {}).get("counts", {})
+        store = (e.manifest or {}).get("feature_store", "-")
+        line = f"{e.name:<44} {status:<10} {counts.get('written', '-'):>8} {counts.get('rejected', '-'):>8}  {store}"
+        if sizes:
+            items = by_name[store].items if store in by_name else {}
+            used = sum(size for n, (size, _) in items.items() if e.name in by_name[store].referenced.get(n, ()))
+            line += f" {human(e.bytes):>10} {human(used):>10}"
+        lines.append(line)
+    lines.append("")
+    lines.append(f"{'store':<44} {'items':>8} {'used':>8}" + (f" {'bytes':>10} {'unused':>10}" if sizes else ""))
+    for s in stores:
+        line = f"{s.name:<44} {len(s.items):>8} {len(s.referenced):>8}"
+        if sizes:
+            unused = sum(size for n, (size, _) in s.items.items() if n not in s.referenced)
+            line += f" {human(sum(size for size, _ in s.items.values())):>10} {human(unused):>10}"
+        lines.append(line)
+    return "\n".join(lines)
