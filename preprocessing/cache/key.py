@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import storage
 from .entry import canonical_json, cache_id
-from .fingerprints import Fingerprints
+from .fingerprints import Fingerprints, file_sha256
 
 # where the files are, and the permission to read outside the media root, change no sample: the samples they
 # admit are in the samples' records
@@ -18,13 +18,13 @@ LOCATION_ONLY = ("path", "media_root", "allow_media_outside_root")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
-def hash_model_dir(model_dir, fingerprints: Fingerprints) -> str:
-    """sha256 over the names and contents of a model directory's weight and config files (the files are read
-    only when they changed since the last call)."""
+def hash_model_dir(model_dir, fingerprints: Fingerprints | None = None) -> str:
+    """sha256 over the names and contents of a model directory's weight and config files (with `fingerprints`,
+    the files are read only when they changed since they were last fingerprinted)."""
     files = sorted(str(p) for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_FILES)
     if not files:
         raise FileNotFoundError(f"{model_dir}: no weight or config files")
-    digests = fingerprints.sha256s(files)
+    digests = fingerprints.sha256s(files) if fingerprints else {f: file_sha256(f) for f in files}
     return hashlib.sha256(canonical_json([[Path(f).name, digests[f]] for f in files])).hexdigest()
 
 
