@@ -12,6 +12,7 @@
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -95,11 +96,11 @@ def training_steps(cache_uri: str, backbone_dir: Path, steps: int, batch_size: i
 
     def on_the_fly(i):
         chunk = samples[i * batch_size : (i + 1) * batch_size]
-        images = [np.asarray(Image.open(io.BytesIO((DATA / "digits" / records[s["meta"]["id"]]["image"]).read_bytes())).convert("RGB"))
-                  for s in chunk]
+        files = [DATA / "digits" / records[s.meta["id"]]["image"] for s in chunk]
+        images = [np.asarray(Image.open(io.BytesIO(f.read_bytes())).convert("RGB")) for f in files]
         with torch.no_grad():
-            features = encoder.encode(images, [s["key"] for s in chunk])
-        return collate([{**s, "arrays": {"item0": f.numpy()}} for s, f in zip(chunk, features)])
+            features = encoder.encode(images, [s.key for s in chunk])
+        return collate([dataclasses.replace(s, items=[f.numpy()]) for s, f in zip(chunk, features)])
 
     return {"cached_s": step_times(model, cached, steps), "on_the_fly_s": step_times(model, on_the_fly, steps)}
 

@@ -25,12 +25,14 @@ import torch  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from modrwkv.inference import prepare_for_inference  # noqa: E402
 from modrwkv.multimodal import ModRWKV  # noqa: E402
+from modrwkv.sample import Sample  # noqa: E402
 from modrwkv.tokenizer import WorldTokenizer  # noqa: E402
 from pipelines.eval_tasks import TASKS  # noqa: E402
 from preprocessing.cache.entry import FeatureCache  # noqa: E402
 
 
-def measure(model, tokenizer, task_name: str, samples: list[dict], batch_sizes: list[int], repeats: int) -> list:
+def measure(model, tokenizer, task_name: str, samples: list[list[Sample]], batch_sizes: list[int],
+            repeats: int) -> list:
     """One result per batch size: the fastest of `repeats` rounds, its score and predictions."""
     tasks = [TASKS[task_name](batch_size=b) if task_name != "forecast" else TASKS[task_name]() for b in batch_sizes]
     seconds = [float("inf")] * len(tasks)

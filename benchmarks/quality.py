@@ -112,7 +112,7 @@ def shapes_suite(seeds, tracking_uri) -> list[dict]:
     kinds = {r["id"]: r["type"] for split in ("train", "test")
              for r in json.loads((SHAPES_DATA / f"{split}.json").read_text())}
     train, test = (cache_samples(cache_uri(f"configs/quality/encode_shapes_{n}.yaml")) for n in ("train", "test"))
-    references = vqa_ceilings(train, test, lambda s: kinds[s["meta"]["id"]], {"yesno": [*COLOURS, *SHAPES]})
+    references = vqa_ceilings(train, test, lambda s: kinds[s.meta["id"]], {"yesno": [*COLOURS, *SHAPES]})
     rows = {kind: {**ref} for kind, ref in references.items()}
     for seed in seeds:
         started = time.perf_counter()

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import Turn, right_pad, tokenize_conversation
+from .conversation import right_pad, tokenize_conversation
 from .multimodal import Features, ModRWKVConfig
+from .sample import Sample
 from .tokenizer import WorldTokenizer
 
 
@@ -30,12 +31,6 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def sample_items(sample: dict) -> Features:
-    """A cached sample's feature items (arrays item0, item1, ...) in order, as (modality, float tensor) pairs."""
-    names = sorted((n for n in sample["arrays"] if n.startswith("item")), key=lambda n: int(n[4:]))
-    return [(sample["meta"]["modality"], torch.from_numpy(sample["arrays"][n]).float()) for n in names]
-
-
 class OverLength(ValueError):
     def __init__(self, key: str, tokens: int, max_length: int):
         super().__init__(f"sample {key}: {tokens} tokens, over the context length {max_length}")
@@ -53,18 +48,16 @@ class Collator:
             raise ValueError(f"sample {sample_id}: the model has no {modality} projector")
         return self.config.projectors[modality].compressed_length(features.shape[0])
 
-    def encode(self, sample: dict):
-        key, meta = sample["key"], sample["meta"]
-        items = sample_items(sample)
-        lengths = [self.item_length(m, f, key) for m, f in items]
-        ids, labels = tokenize_conversation(self.tokenizer, [Turn(**t) for t in meta["turns"]], lengths, key)
+    def encode(self, sample: Sample):
+        items = sample.features()
+        lengths = [self.item_length(m, f, sample.key) for m, f in items]
+        ids, labels = tokenize_conversation(self.tokenizer, sample.turns, lengths, sample.key)
         if self.max_length and len(ids) > self.max_length:
-            raise OverLength(key, len(ids), self.max_length)
-        target, lookback = (sample["arrays"].get(k) for k in ("target", "lookback"))
+            raise OverLength(sample.key, len(ids), self.max_length)
         as_tensor = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731
-        return ids, labels, items, as_tensor(target), as_tensor(lookback)
+        return ids, labels, items, as_tensor(sample.target), as_tensor(sample.lookback)
 
-    def __call__(self, samples: list[dict]) -> Batch:
+    def __call__(self, samples: list[Sample]) -> Batch:
         kept, encoded, skipped = [], [], []
         for sample in samples:
             try:
@@ -86,4 +79,4 @@ class Collator:
         lookbacks = [lb for *_, lb in encoded]
         series_lookback = None if series_target is None or lookbacks[0] is None else torch.stack(lookbacks)
         return Batch(input_ids, mask, labels, [items for _, _, items, *_ in encoded], series_target,
-                     [s["key"] for s in kept], series_lookback, skipped)
+                     [s.key for s in kept], series_lookback, skipped)

@@ -21,6 +21,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from preprocessing.validate import Limits, Rejected, check_series, check_text, d
 
 from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec
+
+if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the decode workers (loading this module) lack
+    from modrwkv.sample import Sample
 
 # Forwarded (by name) to the Ray workers that read and write storage; values never printed.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -97,8 +101,8 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
     return kept
 
 
-def plan_shards(samples: list[dict], shard_size: int) -> list[list[dict]]:
-    ordered = sorted(samples, key=lambda s: s["key"])
+def plan_shards(samples: list["Sample"], shard_size: int) -> list[list["Sample"]]:
+    ordered = sorted(samples, key=lambda s: s.key)
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
@@ -263,8 +267,11 @@ def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict
 
 
 def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects: dict[str, str],
-                  rejects: list[Reject]) -> list[dict]:
-    """The samples to write: turns, arrays and their item files; a sample with a rejected item is rejected."""
+                  rejects: list[Reject]) -> list["Sample"]:
+    """The samples to write, referencing their item files; a sample with a rejected item is rejected."""
+    from modrwkv.conversation import Turn  # see TYPE_CHECKING above
+    from modrwkv.sample import Sample
+
     written = []
     for p in prepared:
         reason = next((item_rejects[ref] for ref in p.refs if ref not in files), None)
@@ -272,19 +279,19 @@ def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects:
             rejects.append(Reject(p.raw.sources[0] if p.raw.sources else p.raw.meta.get("source", "?"),
                                   reason, p.raw.key, stage="encode"))
             continue
-        arrays = {k: v for k, v in p.arrays.items() if k != "item"}
-        meta = {**p.raw.meta, **p.meta, "modality": p.raw.modality, "features": [files[ref] for ref in p.refs]}
-        written.append({"key": p.raw.key, "arrays": arrays, "meta": meta})
+        meta = {k: v for k, v in {**p.raw.meta, **p.meta}.items() if k != "turns"}
+        written.append(Sample(p.raw.key, p.raw.modality, [Turn(**t) for t in p.raw.meta["turns"]],
+                              [files[ref] for ref in p.refs], lookback=p.arrays.get("lookback"),
+                              target=p.arrays.get("target"), meta=meta))
     return written
 
 
-def sample_lengths(sample: dict) -> list:
+def sample_lengths(sample: "Sample") -> list:
     """[text tokens, [feature vectors of each item]]: what a context length is checked against."""
-    from modrwkv.conversation import Turn, text_length  # modrwkv imports torch: heavy
+    from modrwkv.conversation import text_length  # modrwkv imports torch: heavy
 
-    items = [item_length(name) for name in sample["meta"]["features"]]
-    turns = [Turn(**t) for t in sample["meta"]["turns"]]
-    return [text_length(world_tokenizer(), turns, len(items), sample["key"]), items]
+    items = [item_length(name) for name in sample.item_files]
+    return [text_length(world_tokenizer(), sample.turns, len(items), sample.key), items]
 
 
 def run_encode(config: EncodeConfig) -> EncodeResult:
@@ -322,7 +329,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
     for index, shard in enumerate(shards):
         if index not in done:
-            entry.write_shard(index, pack_shard(shard), [w["key"] for w in shard], [],
+            entry.write_shard(index, pack_shard(shard), [w.key for w in shard], [],
                               [sample_lengths(w) for w in shard])
     items = {"unique": len(needed), "in_store": len(needed) - len(todo), "encoded": len(todo) - len(item_rejects),
              "rejected": len(item_rejects)}

@@ -5,15 +5,17 @@ the classes; a task's settings are the eval config's fields of the same names (e
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
-from .metrics.ceilings import turn_text
 from .metrics.forecast import forecast_errors, mase, seasonal_naive
 from .metrics.vqa import mean_exact_match
 from .plots import pyplot, save_figure
+
+if TYPE_CHECKING:  # see EvalTask.predict: the driver loads no torch
+    from modrwkv.sample import Sample
 
 TaskName = Literal["vqa", "asr", "forecast"]
 
@@ -26,25 +28,24 @@ class EvalTask(ABC):
     def from_config(cls, config) -> "EvalTask":
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
-    def predict(self, model, tokenizer, samples: list[dict]) -> list[dict]:
+    def predict(self, model, tokenizer, samples: list["Sample"]) -> list[dict]:
         """The samples' rows (key, language, prediction and reference, and what scoring and plots need beyond),
         in order; tasks answer several samples in one pass of the model where they can."""
         # torch and the model package (which imports torch) load in the prediction actors only, not the driver
         import torch
 
-        from modrwkv.batching import sample_items
         from modrwkv.conversation import prompt_ids
 
-        features = [sample_items(s) for s in samples]
-        prompts = [prompt_ids(tokenizer, turn_text(s, "user"),
-                              [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s["key"])
+        features = [s.features() for s in samples]
+        prompts = [prompt_ids(tokenizer, s.text("user"),
+                              [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s.key)
                    for s, items in zip(samples, features)]
         with torch.no_grad():
             answers = self.answer(model, tokenizer, samples, prompts, features)
-        return [{"key": s["key"], "language": s["meta"].get("language"), **a} for s, a in zip(samples, answers)]
+        return [{"key": s.key, "language": s.meta.get("language"), **a} for s, a in zip(samples, answers)]
 
     @abstractmethod
-    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+    def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
         """The model's predictions, with the references, for the samples' prompt ids and feature items."""
 
     @abstractmethod
@@ -63,7 +64,7 @@ class DecodeTask(EvalTask):
     max_new_tokens: int = 16
     batch_size: int = 16
 
-    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+    def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
         from modrwkv.conversation import right_pad  # imports torch: see EvalTask.predict
         from modrwkv.generation import GenerationConfig, generate
 
@@ -75,7 +76,7 @@ class DecodeTask(EvalTask):
             ids, mask, _ = right_pad(prompts[batch])
             first, state = model.prefill(ids, features[batch], attention_mask=mask)
             tokens += generate(model.backbone, prompts[batch], config, state=state, first_logits=first).tokens
-        return [{"prediction": tokenizer.decode(t).strip(), "reference": turn_text(s, "assistant")}
+        return [{"prediction": tokenizer.decode(t).strip(), "reference": s.text("assistant")}
                 for s, t in zip(samples, tokens)]
 
 
@@ -136,17 +137,16 @@ class Forecast(EvalTask):
     modality: ClassVar[str] = "series"
     season: int = 1  # the seasonal-naive baseline's period (1 = naive)
 
-    def answer(self, model, tokenizer, samples: list[dict], prompts: list[list[int]], features: list) -> list[dict]:
+    def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
         """One forward per sample: a forecast reads a single pass, there is no decoding loop to batch."""
         import torch  # see EvalTask.predict
 
         rows = []
         for sample, ids, items in zip(samples, prompts, features):
-            arrays, meta = sample["arrays"], sample["meta"]
-            lookback = torch.from_numpy(arrays["lookback"]).float()[None]
+            lookback = torch.from_numpy(sample.lookback).float()[None]
             forecast = model(torch.tensor([ids]), [items], series_lookback=lookback).forecast[0].numpy()
-            rows.append({"prediction": forecast.tolist(), "reference": arrays["target"].tolist(),
-                         "lookback": arrays["lookback"].tolist(), "mean": meta["mean"], "std": meta["std"]})
+            rows.append({"prediction": forecast.tolist(), "reference": sample.target.tolist(),
+                         "lookback": sample.lookback.tolist(), "mean": sample.meta["mean"], "std": sample.meta["std"]})
         return rows
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:

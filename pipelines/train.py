@@ -52,12 +52,12 @@ def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
     for uri in cache_uris:
         cache = FeatureCache(uri)
         samples = (s for i in range(len(cache.shards)) for s in cache.read_shard(i))
-        arrays = next((s["arrays"] for s in samples if "item0" in s["arrays"]), None)
-        if arrays is None:
+        sample = next((s for s in samples if s.items), None)
+        if sample is None:
             raise ValueError(f"{uri}: no sample holds {cache.modality} features (text-only or empty cache)")
-        widths[cache.modality] = int(arrays["item0"].shape[-1])
+        widths[cache.modality] = int(sample.items[0].shape[-1])
         if cache.modality == "series":
-            horizon, lookback = int(arrays["target"].shape[0]), int(arrays["lookback"].shape[0])
+            horizon, lookback = int(sample.target.shape[0]), int(sample.lookback.shape[0])
     return widths, horizon, lookback
 
 
@@ -104,7 +104,7 @@ def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: 
             n, total, outer = moments.setdefault(cache.modality, [0, 0.0, 0.0])
             if n >= max_vectors:
                 break
-            items = [a for s in cache.read_shard(index) for name, a in s["arrays"].items() if name.startswith("item")]
+            items = [a for s in cache.read_shard(index) for a in s.items]
             if items:
                 x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
                 moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]

@@ -11,6 +11,7 @@ Both are deterministic: one value per cache pair.
 
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,18 +20,17 @@ from preprocessing.cache.entry import FeatureCache
 from .forecast import forecast_errors
 from .vqa import normalize_answer
 
+if TYPE_CHECKING:  # the driver (`modrwkv demo`) loads no torch
+    from modrwkv.sample import Sample
 
-def cache_samples(uri: str) -> list[dict]:
+
+def cache_samples(uri: str) -> list["Sample"]:
     return list(FeatureCache(uri).iter_samples(shuffle=False))  # every sample, in shard order
 
 
-def image_vector(sample: dict) -> np.ndarray:
-    tokens = sample["arrays"]["item0"]
+def image_vector(sample: "Sample") -> np.ndarray:
+    tokens = sample.items[0]
     return np.concatenate([tokens[0], tokens[1:].mean(0)])
-
-
-def turn_text(sample: dict, role: str) -> str:
-    return next(t["text"] for t in sample["meta"]["turns"] if t["role"] == role)
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
@@ -50,9 +50,9 @@ def majority_accuracy(train_y, test_y) -> float:
     return float(np.mean(np.array(test_y) == majority))
 
 
-def asked_words(sample: dict, vocabulary: list[str]) -> np.ndarray:
+def asked_words(sample: "Sample", vocabulary: list[str]) -> np.ndarray:
     """One-hot of the vocabulary words the question names."""
-    question = f" {turn_text(sample, 'user').lower().rstrip('?')} "
+    question = f" {sample.text('user').lower().rstrip('?')} "
     return np.array([f" {w} " in question for w in vocabulary], dtype=np.float32)
 
 
@@ -62,7 +62,7 @@ def with_asked(image: np.ndarray, asked: np.ndarray) -> np.ndarray:
     return np.concatenate([image, asked, np.outer(asked, image).ravel()])
 
 
-def vqa_ceilings(train: list[dict], test: list[dict], group_of: Callable[[dict], str] = lambda s: "all",
+def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable[["Sample"], str] = lambda s: "all",
                  asked: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
     """{group: {"ceiling": probe accuracy, "baseline": majority accuracy}} for each question group of `test`.
     `asked` maps a group to the words its questions may name (e.g. yes/no questions), given to its probe."""
@@ -72,16 +72,16 @@ def vqa_ceilings(train: list[dict], test: list[dict], group_of: Callable[[dict],
         features = lambda ss: [with_asked(image_vector(s), asked_words(s, words)) if words  # noqa: E731
                                else image_vector(s) for s in ss]
         tr, te = [s for s in train if group_of(s) == group], [s for s in test if group_of(s) == group]
-        ytr, yte = ([normalize_answer(turn_text(s, "assistant")) for s in ss] for ss in (tr, te))
+        ytr, yte = ([normalize_answer(s.text("assistant")) for s in ss] for ss in (tr, te))
         out[group] = {"ceiling": probe_accuracy(features(tr), ytr, features(te), yte),
                       "baseline": majority_accuracy(ytr, yte)}
     return out
 
 
-def ridge_forecast_mse(train: list[dict], test: list[dict]) -> float:
+def ridge_forecast_mse(train: list["Sample"], test: list["Sample"]) -> float:
     from sklearn.linear_model import RidgeCV  # the [demo] extra, like every ceiling
 
-    stack = lambda ss, k: np.stack([s["arrays"][k] for s in ss])  # noqa: E731
+    stack = lambda ss, k: np.stack([getattr(s, k) for s in ss])  # noqa: E731
     ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(stack(train, "lookback"), stack(train, "target"))
-    mean, std = (np.array([s["meta"][k] for s in test]) for k in ("mean", "std"))
+    mean, std = (np.array([s.meta[k] for s in test]) for k in ("mean", "std"))
     return forecast_errors(ridge.predict(stack(test, "lookback")), stack(test, "target"), mean, std)["mse"]

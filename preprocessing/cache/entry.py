@@ -8,9 +8,10 @@ encoder, and cache entries, the samples tables that reference them. The encode j
                                                     normalised series window); length = its feature vectors; the
                                                     digest is of the .npy bytes, checked on every read
     <cache root>/<modality>-<encoder kind>-<16 hex of the entry key>/
-        shard-NNNNN.tar, shard-NNNNN.json           samples: a WebDataset tar of `<key>.json` (turns, provenance,
-                                                    "features": the sample's item files, in order) and
-                                                    `<key>.<name>.npy` arrays (series targets); a receipt each
+        shard-NNNNN.tar, shard-NNNNN.json           samples: a WebDataset tar of each `Sample`'s members
+                                                    (`modrwkv/sample.py`: `<key>.json` with turns, provenance and
+                                                    its item files; series arrays as `<key>.<name>.npy`); a
+                                                    receipt each
         rejects.jsonl, manifest.json                written last: counts, shards with sha256, sample lengths
 
 A store is shared by every dataset, split, prompt edit and experiment that uses its items; item names carry all
@@ -32,10 +33,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from itertools import count, tee
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import storage
+
+if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the encode job's decode workers do without
+    from modrwkv.sample import Sample
 
 FORMAT_VERSION = 2  # 2: features in the feature store, referenced by the samples; 1 held them inside the shards
 STORE_FOLDER = "features"
@@ -67,40 +72,46 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pack_shard(samples: list[dict]) -> bytes:
-    """samples: {"key", "arrays": {name: ndarray}, "meta": dict}, written in the given order."""
+def pack_shard(samples: list["Sample"]) -> bytes:
+    """The samples' records (`Sample.to_shard_record`) as a WebDataset tar, written in the given order."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
-            members = [(f"{name}.npy", npy_bytes(a)) for name, a in sorted(sample["arrays"].items())]
-            members.append(("json", json.dumps(sample["meta"], sort_keys=True, ensure_ascii=False).encode()))
+            record = sample.to_shard_record()
+            members = [(name, npy_bytes(record[name])) for name in sorted(record) if name.endswith(".npy")]
+            members.append(("json", json.dumps(record["json"], sort_keys=True, ensure_ascii=False).encode()))
             for suffix, data in members:
-                info = tarfile.TarInfo(f"{sample['key']}.{suffix}")
+                info = tarfile.TarInfo(f"{sample.key}.{suffix}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
 
 
-def unpack_shard(data: bytes, name: str = "shard") -> list[dict]:
-    """The samples of a shard, in order: {"key", "arrays", "meta"}."""
-    samples: dict[str, dict] = {}
+def unpack_shard(data: bytes, name: str = "shard") -> list["Sample"]:
+    """The samples of a shard, in order, without their items' features."""
+    from modrwkv.sample import Sample  # see TYPE_CHECKING above
+
+    records: dict[str, dict] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, _, suffix = member.name.partition(".")
             payload = tar.extractfile(member).read()
-            sample = samples.setdefault(key, {"key": key, "arrays": {}, "meta": None})
+            record = records.setdefault(key, {"__key__": key})
             if suffix == "json":
-                sample["meta"] = json.loads(payload)
+                record["json"] = json.loads(payload)
             elif suffix.endswith(".npy"):
-                sample["arrays"][suffix[: -len(".npy")]] = np.load(io.BytesIO(payload), allow_pickle=False)
+                record[suffix] = np.load(io.BytesIO(payload), allow_pickle=False)
             else:
                 raise ValueError(f"{name}: member {member.name!r} is neither .npy nor .json")
-    for key, sample in samples.items():
-        if sample["meta"] is None:
+    for key, record in records.items():
+        if "json" not in record:
             raise ValueError(f"{name}: sample {key!r} has no .json member")
-    return list(samples.values())
+    try:
+        return [Sample.from_shard_record(record) for record in records.values()]
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 class CacheEntry:
@@ -248,8 +259,8 @@ class FeatureCache:
                     over.append({"key": key, "tokens": tokens})
         return over
 
-    def read_samples(self, index: int) -> list[dict]:
-        """A shard's samples as stored, checked against the manifest: turns, arrays, the names of their items."""
+    def read_samples(self, index: int) -> list["Sample"]:
+        """A shard's samples as stored, checked against the manifest: their items named, not read."""
         shard = self.shards[index]
         data = storage.read_bytes(storage.join(self.uri, shard["name"]))
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
@@ -257,12 +268,12 @@ class FeatureCache:
                              "or damaged after encoding (re-encode with --force)")
         return unpack_shard(data, f"{self.uri}/{shard['name']}")
 
-    def read_shard(self, index: int) -> list[dict]:
-        """A shard's samples with their features (`item<j>` arrays), each item checked against its digest."""
+    def read_shard(self, index: int) -> list["Sample"]:
+        """A shard's samples with their items' features, each item checked against its digest."""
         samples = self.read_samples(index)
-        files = [(sample, j, name) for sample in samples for j, name in enumerate(sample["meta"]["features"])]
-        for (sample, j, _), features in zip(files, self.item_reader.map(self.store.read, [f for *_, f in files])):
-            sample["arrays"][f"item{j}"] = features
+        features = self.item_reader.map(self.store.read, [name for s in samples for name in s.item_files])
+        for sample in samples:
+            sample.items = [next(features) for _ in sample.item_files]
         return samples
 
     def worker_shards(self, rank: int, world: int) -> list[int]:
@@ -290,7 +301,7 @@ class FeatureCache:
             windows.append((first, members))
         return windows
 
-    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list[dict]]:
+    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list["Sample"]]:
         """The decoded shards `indices`, in order. With `threads`, shards holding at least `ahead` samples beyond
         the one handed out are being read, checked and decoded on background threads, so the consumer waits on
         storage only when it outruns them; with 0, each is read when asked for."""
@@ -333,7 +344,8 @@ class FeatureCache:
                     yield e, w, members, max(skip, 0), quota - first
 
     def iter_samples(self, rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                     window: int = 1024, start: int = 0, epochs: int | None = 1, prefetch: int = 4) -> Iterator[dict]:
+                     window: int = 1024, start: int = 0, epochs: int | None = 1,
+                     prefetch: int = 4) -> Iterator["Sample"]:
         """This rank's samples from its sample `start` of `epoch` on, for `epochs` epochs (None: endless): each
         epoch's shard order shuffled per (seed, epoch, rank), then the samples of each window of consecutive shards
         (at least `window` samples) permuted together. Because the order is fixed by the seed alone, a position is

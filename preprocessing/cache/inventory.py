@@ -66,7 +66,7 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
             cache = FeatureCache(storage.join(root, name))
             for shard in range(len(cache.shards)):
                 for sample in cache.read_samples(shard):
-                    for item in sample["meta"]["features"]:
+                    for item in sample.item_files:
                         referenced.setdefault(item, set()).add(name)
     return entries, sorted(stores.values(), key=lambda s: s.name)
 

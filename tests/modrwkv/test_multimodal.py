@@ -5,6 +5,7 @@ from modrwkv import RWKV7Config
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
+from modrwkv.sample import Sample
 from modrwkv.tokenizer import WorldTokenizer
 from tests.conftest import random_backbone
 
@@ -278,11 +279,9 @@ def test_a_batch_mixing_image_and_text_only_samples_trains(tok):
 
     model = tiny_model(forecast_horizon=3, forecast_lookback=4)  # a forecaster too: no lookback needed here
     model.set_phase(2)
-    image = {"key": "with-image", "meta": {"modality": "image", "turns": [
-        {"role": "user", "text": "<image>\nWhat is it?"}, {"role": "assistant", "text": "a cat"}]},
-        "arrays": {"item0": np.random.default_rng(0).standard_normal((9, 24)).astype(np.float32)}}
-    text = {"key": "text-only", "meta": {"modality": "image", "turns": [
-        {"role": "user", "text": "Say hi."}, {"role": "assistant", "text": "hi there"}]}, "arrays": {}}
+    image = Sample("with-image", "image", [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "a cat")],
+                   items=[np.random.default_rng(0).standard_normal((9, 24)).astype(np.float32)])
+    text = Sample("text-only", "image", [Turn("user", "Say hi."), Turn("assistant", "hi there")])
     batch = Collator(tok, model.config)([image, text])
     assert [len(items) for items in batch.features] == [1, 0]
     out = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -304,18 +303,17 @@ def test_a_forecast_is_read_at_the_same_position_in_training_and_evaluation(tok)
     with torch.no_grad():
         model.forecast_head.weight.normal_()  # make the head's input matter
     rng = np.random.default_rng(0)
-    samples = [{"key": f"w{i}", "meta": {"modality": "series", "turns": [
-        {"role": "user", "text": "<series>\nForecast the next 3 values."}]},
-        "arrays": {"item0": rng.standard_normal((6 + i, 8)).astype(np.float32),
-                   "lookback": rng.standard_normal(5).astype(np.float32),
-                   "target": rng.standard_normal(3).astype(np.float32)}} for i in range(2)]
+    samples = [Sample(f"w{i}", "series", [Turn("user", "<series>\nForecast the next 3 values.")],
+                      items=[rng.standard_normal((6 + i, 8)).astype(np.float32)],
+                      lookback=rng.standard_normal(5).astype(np.float32),
+                      target=rng.standard_normal(3).astype(np.float32)) for i in range(2)]
     batch = Collator(tok, model.config)(samples)
     with torch.no_grad():
         trained_on = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask,
                            series_lookback=batch.series_lookback).forecast
     for b, s in enumerate(samples):
         items = batch.features[b]
-        ids = prompt_ids(tok, s["meta"]["turns"][0]["text"], [items[0][1].shape[0]], s["key"])
+        ids = prompt_ids(tok, s.text("user"), [items[0][1].shape[0]], s.key)
         assert ids == batch.input_ids[b, : int(batch.attention_mask[b].sum())].tolist()
         with torch.no_grad():
             alone = model(torch.tensor([ids]), [items], series_lookback=batch.series_lookback[b : b + 1]).forecast
@@ -328,11 +326,9 @@ def test_over_long_samples_raise_or_are_skipped_and_named(tok):
     from modrwkv.batching import Collator, OverLength
 
     model = tiny_model()
-    feats = {"item0": np.zeros((9, 24), dtype=np.float32)}
-    short = {"key": "short", "meta": {"modality": "image", "turns": [
-        {"role": "user", "text": "<image>\nWhat?"}, {"role": "assistant", "text": "cat"}]}, "arrays": feats}
-    long = {"key": "long", "meta": {"modality": "image", "turns": [
-        {"role": "user", "text": "<image>\n" + "word " * 200}, {"role": "assistant", "text": "cat"}]}, "arrays": feats}
+    feats = [np.zeros((9, 24), dtype=np.float32)]
+    short = Sample("short", "image", [Turn("user", "<image>\nWhat?"), Turn("assistant", "cat")], items=feats)
+    long = Sample("long", "image", [Turn("user", "<image>\n" + "word " * 200), Turn("assistant", "cat")], items=feats)
     with pytest.raises(OverLength, match="sample long: 2[0-9][0-9] tokens, over the context length 64"):
         Collator(tok, model.config, max_length=64)([short, long])
     batch = Collator(tok, model.config, max_length=64, skip_over_length=True)([long, short])

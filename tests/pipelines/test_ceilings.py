@@ -2,12 +2,14 @@
 
 import numpy as np
 
+from modrwkv.conversation import Turn
+from modrwkv.sample import Sample
 from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
 
 
 def vqa_sample(tokens, question, answer, group):
-    return {"arrays": {"item0": tokens.astype(np.float32)}, "group": group, "meta": {"turns": [
-        {"role": "user", "text": f"<image>\n{question}"}, {"role": "assistant", "text": answer}]}}
+    return Sample("q", "image", [Turn("user", f"<image>\n{question}"), Turn("assistant", answer)],
+                  items=[tokens.astype(np.float32)], meta={"group": group})
 
 
 def test_probe_reads_what_the_features_hold_and_the_majority_baseline():
@@ -29,13 +31,13 @@ def test_probe_reads_what_the_features_hold_and_the_majority_baseline():
         return samples
 
     train, test = make(300), make(150)
-    result = vqa_ceilings(train, test, lambda s: s["group"], {"yesno": colours})
+    result = vqa_ceilings(train, test, lambda s: s.meta["group"], {"yesno": colours})
     assert result["colour"]["ceiling"] > 0.97
     assert abs(result["colour"]["baseline"] - np.mean([turn == "red" for turn in
-               (s["meta"]["turns"][1]["text"] for s in test if s["group"] == "colour")])) < 1e-9
+               (s.text("assistant") for s in test if s.meta["group"] == "colour")])) < 1e-9
     assert result["yesno"]["ceiling"] > 0.9
     assert result["noise"]["ceiling"] < 0.7
-    without_word = vqa_ceilings(train, test, lambda s: s["group"])
+    without_word = vqa_ceilings(train, test, lambda s: s.meta["group"])
     assert without_word["yesno"]["ceiling"] < 0.8  # the asked word matters
 
 
@@ -48,8 +50,8 @@ def test_ridge_recovers_a_linear_forecast_on_the_original_scale():
         for _ in range(n):
             lookback = rng.standard_normal(12)
             target = lookback @ true_map + noise * rng.standard_normal(3)
-            samples.append({"arrays": {"lookback": lookback, "target": target},
-                            "meta": {"mean": rng.uniform(300, 400), "std": 2.0}})
+            samples.append(Sample("w", "series", [], lookback=lookback, target=target,
+                                  meta={"mean": rng.uniform(300, 400), "std": 2.0}))
         return samples
 
     exact = ridge_forecast_mse(make(200, 0.0), make(50, 0.0))

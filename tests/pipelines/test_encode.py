@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from modrwkv.conversation import Turn
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 from preprocessing.cache.entry import FeatureCache
@@ -61,12 +62,12 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert "decompression bomb" in reasons["bomb"] and "cannot read" in reasons["missing"]
     assert "'conversations' must be a non-empty list" in reasons["schema"]
     cache = FeatureCache(result.uri)
-    written = {s["key"]: s for s in cache.iter_samples(shuffle=False)}
+    written = {s.key: s for s in cache.iter_samples(shuffle=False)}
     assert sorted(written) == ["good-0", "good-1"]
     sample = written["good-1"]
-    assert sample["arrays"]["item0"].dtype == np.float16 and sample["arrays"]["item0"].shape == (17, 32)
-    assert sample["meta"]["content_sha256"] == [hashlib.sha256(files["good-1.png"]).hexdigest()]
-    assert sample["meta"]["turns"][1] == {"role": "assistant", "text": "noise"}
+    assert sample.items[0].dtype == np.float16 and sample.items[0].shape == (17, 32)
+    assert sample.meta["content_sha256"] == [hashlib.sha256(files["good-1.png"]).hexdigest()]
+    assert sample.turns[1] == Turn("assistant", "noise")
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -83,7 +84,7 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
     assert "cannot read" in reasons["gone"]
-    lengths = {s["key"]: s["arrays"]["item0"].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
+    lengths = {s.key: s.items[0].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
     assert lengths == {"ok": 30, "stereo8k": 30}  # 0.6 s at 50 Hz, the 8 kHz stereo clip resampled
 
     rows = ["v,dead"] + [f"{np.sin(i / 3):.4f},nan" if i != 50 else "nan,nan" for i in range(60)]
@@ -98,10 +99,10 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert reasons == ["lookback has 1 NaN or inf values", "target has 1 NaN or inf values",
                        "the column has no finite values"]
     sample = next(FeatureCache(result.uri).iter_samples(shuffle=False))
-    assert sample["arrays"]["item0"].shape == (16, 1) and sample["arrays"]["target"].shape == (4,)
-    assert abs(float(sample["arrays"]["item0"].mean())) < 1e-5  # normalised per window
+    assert sample.items[0].shape == (16, 1) and sample.target.shape == (4,)
+    assert abs(float(sample.items[0].mean())) < 1e-5  # normalised per window
     raw = np.sin(np.arange(16) / 3).round(4)
-    assert sample["meta"]["mean"] == pytest.approx(raw.mean(), abs=1e-4)
+    assert sample.meta["mean"] == pytest.approx(raw.mean(), abs=1e-4)
 
 
 def digits_config(data, encoder, root, **run):
@@ -149,7 +150,7 @@ def test_encode_names_the_samples_over_the_context_length(tmp_path, encoders, ra
     model = ModRWKVConfig.from_dict({"backbone": {"vocab_size": 65536, "n_layer": 1, "n_embd": 32, "head_size": 16}})
     model.projectors["image"] = projector
     collate, compressed = Collator(WorldTokenizer(), model), projector.compressed_length
-    tokens = {s["key"]: len(collate.encode(s)[0]) for s in cache.iter_samples(shuffle=False)}
+    tokens = {s.key: len(collate.encode(s)[0]) for s in cache.iter_samples(shuffle=False)}
     assert len(tokens) == 12 and len({n for n in tokens.values()}) > 2  # image, text-only and long samples
     assert cache.over_length(0, compressed) == [{"key": k, "tokens": n} for k, n in tokens.items()]
 
@@ -209,8 +210,8 @@ def test_each_media_item_is_encoded_once_across_questions_prompts_and_datasets(t
     edited = run_encode(config(**sections))
     assert edited.uri != first.uri and edited.items == {"unique": 8, "in_store": 8, "encoded": 0, "rejected": 0}
     assert edited.fingerprinted_files == 0
-    same = {s["key"]: s["arrays"]["item0"] for s in FeatureCache(first.uri).iter_samples(shuffle=False)}
-    assert all(np.array_equal(same[s["key"]], s["arrays"]["item0"])
+    same = {s.key: s.items[0] for s in FeatureCache(first.uri).iter_samples(shuffle=False)}
+    assert all(np.array_equal(same[s.key], s.items[0])
                for s in FeatureCache(edited.uri).iter_samples(shuffle=False))
     # the plain digits set (other records, same images) and two new images: only the new ones are encoded
     build_digits(tmp_path / "more", n_train=10, n_test=0)
@@ -239,7 +240,7 @@ def test_two_jobs_encoding_overlapping_data_at_once_share_one_copy(tmp_path, enc
     assert a.items["unique"] == b.items["unique"] == 12 and a.items["encoded"] + b.items["encoded"] >= 16
     stored = list((tmp_path / "cache" / "features").rglob("*"))
     assert len([p for p in stored if p.suffix == ".npy"]) == 16 and not [p for p in stored if ".tmp-" in p.name]
-    features = [{s["meta"]["id"]: s["arrays"]["item0"] for s in FeatureCache(r.uri).iter_samples(shuffle=False)}
+    features = [{s.meta["id"]: s.items[0] for s in FeatureCache(r.uri).iter_samples(shuffle=False)}
                 for r in (a, b)]
     shared = set(features[0]) & set(features[1])
     assert len(shared) == 8 and all(np.array_equal(features[0][k], features[1][k]) for k in shared)
@@ -267,6 +268,6 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert sum(n.endswith(".npy") for n in names) == 6  # one item per image, in the store
     assert not any(".tmp-" in n for n in names)
     samples = list(FeatureCache(result.uri).iter_samples(shuffle=False))
-    assert [s["key"] for s in samples] == [f"digit-{i:04d}" for i in range(6)]
-    assert samples[0]["meta"]["source"].startswith(f"s3://{BUCKET}/raw/digits/train.json")
+    assert [s.key for s in samples] == [f"digit-{i:04d}" for i in range(6)]
+    assert samples[0].meta["source"].startswith(f"s3://{BUCKET}/raw/digits/train.json")
     assert run_encode(config(**spec)).reused

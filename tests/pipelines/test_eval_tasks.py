@@ -63,13 +63,14 @@ def test_eval_quantization_is_checked_at_load():
         from_dict(EvalConfig, {**config, "quantize": "int4"})
 
 
-def audio_sample(i: int, frames: int, language: str) -> dict:
+def audio_sample(i: int, frames: int, language: str):
+    from modrwkv.conversation import Turn
+    from modrwkv.sample import Sample
     from preprocessing.readers.asr import PROMPTS
 
-    turns = [{"role": "user", "text": f"<audio>\n{PROMPTS[language]}"}, {"role": "assistant", "text": "one two"}]
+    turns = [Turn("user", f"<audio>\n{PROMPTS[language]}"), Turn("assistant", "one two")]
     features = np.random.default_rng(i).standard_normal((frames, 16)).astype(np.float32)
-    return {"key": f"a{i}", "meta": {"modality": "audio", "turns": turns, "language": language},
-            "arrays": {"item0": features}}
+    return Sample(f"a{i}", "audio", turns, items=[features], meta={"language": language})
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

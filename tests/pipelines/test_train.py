@@ -59,7 +59,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert all(torch.equal(module[f"backbone.{k}"], v) for k, v in source.items())
     assert (one.model_dir / "adapter.safetensors").is_file() and not (one.model_dir / "model.safetensors").exists()
     # the projector whitens with the training features' statistics, computed by the driver: mean and ZCA matrix
-    items = np.concatenate([s["arrays"]["item0"] for s in cache_samples(cache)]).astype(np.float64)
+    items = np.concatenate([s.items[0] for s in cache_samples(cache)]).astype(np.float64)
     stats = feature_stats([cache], {"image": "whiten"})["image"]
     eigenvalues, vectors = np.linalg.eigh(np.cov(items, rowvar=False, bias=True))
     eigenvalues = np.maximum(eigenvalues, 0) + WHITEN_EPS * eigenvalues.mean()
@@ -211,12 +211,14 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
+    from modrwkv.conversation import Turn
+    from modrwkv.sample import Sample
     from pipelines.train import cache_shapes
     from tests.cache_entries import write_entry
 
-    meta = {"turns": [{"role": "user", "text": "Say yes."}, {"role": "assistant", "text": "yes"}], "modality": "image"}
-    text = {"key": "t0", "arrays": {}, "meta": meta}
-    image = {"key": "i0", "arrays": {"item0": np.zeros((5, 12), np.float16)}, "meta": meta}
+    turns = [Turn("user", "Say yes."), Turn("assistant", "yes")]
+    text = Sample("t0", "image", turns)
+    image = Sample("i0", "image", turns, items=[np.zeros((5, 12), np.float16)])
     for name, shards in (("mixed", [[text], [], [image]]), ("text", [[text]])):
         write_entry(str(tmp_path / name), shards)
     assert cache_shapes([str(tmp_path / "mixed")]) == ({"image": 12}, 0, 0)

@@ -6,24 +6,50 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modrwkv.conversation import Turn
+from modrwkv.sample import Sample
 from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
 from tests.cache_entries import STORE
 from tests.cache_entries import write_entry as write_samples
 
 
 def samples(n, start=0):
-    return [{"key": f"s{i:03d}", "arrays": {"item0": np.full((2 + i % 3, 4), i, np.float16)},
-             "meta": {"turns": [{"role": "user", "text": "<image>"}], "i": i}} for i in range(start, start + n)]
+    return [Sample(f"s{i:03d}", "image", [Turn("user", "<image>")], items=[np.full((2 + i % 3, 4), i, np.float16)],
+                   meta={"i": i}) for i in range(start, start + n)]
 
 
 def test_shards_are_deterministic_and_never_pickled(tmp_path):
     data = pack_shard(samples(3))
     assert data == pack_shard(samples(3))
     back = unpack_shard(data)
-    assert [s["key"] for s in back] == ["s000", "s001", "s002"]
-    assert back[2]["arrays"]["item0"].shape == (4, 4) and back[2]["meta"]["i"] == 2
+    assert [s.key for s in back] == ["s000", "s001", "s002"]
+    assert back[2].meta == {"i": 2} and back[2].turns == [Turn("user", "<image>")] and back[2].items == []
     with pytest.raises(ValueError, match="Object arrays cannot be saved when allow_pickle=False"):
-        pack_shard([{"key": "x", "arrays": {"item0": np.array([{"a": 1}], dtype=object)}, "meta": {}}])
+        pack_shard([Sample("x", "series", [], lookback=np.array([{"a": 1}], dtype=object))])
+
+
+def test_a_sample_is_stored_in_the_layout_entries_of_format_2_hold():
+    """Entries written before the `Sample` type stay readable: the same members, the same json document."""
+    import io
+    import json
+    import tarfile
+
+    sample = Sample("w0", "series", [Turn("user", "<series>\nNext?")], ["ab/ab_3_0.npy"],
+                    lookback=np.array([1.0, 2.0, 3.0], np.float32), target=np.array([4.0], np.float32),
+                    meta={"mean": 2.0, "std": 0.5, "id": "w0"})
+    data = pack_shard([sample])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    assert list(members) == ["w0.lookback.npy", "w0.target.npy", "w0.json"]
+    assert json.loads(members["w0.json"]) == {"features": ["ab/ab_3_0.npy"], "id": "w0", "mean": 2.0,
+                                               "modality": "series", "std": 0.5,
+                                               "turns": [{"role": "user", "text": "<series>\nNext?"}]}
+    (back,) = unpack_shard(data)
+    assert (back.key, back.modality, back.turns, back.item_files, back.meta) == \
+        (sample.key, sample.modality, sample.turns, sample.item_files, sample.meta)
+    assert np.array_equal(back.lookback, sample.lookback) and np.array_equal(back.target, sample.target)
+    with pytest.raises(ValueError, match="sample 'w0': unknown members \\['item0.npy'\\]"):
+        Sample.from_shard_record({**sample.to_shard_record(), "item0.npy": np.zeros(1)})
 
 
 def test_cache_ids_change_with_any_input():
@@ -42,13 +68,13 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     manifest = write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
     assert manifest["counts"] == {"read": 12, "written": 12, "rejected": 0}
     cache = FeatureCache(str(tmp_path / "e"))
-    rank0 = [s["key"] for s in cache.iter_samples(0, 2, seed=1, window=3)]
-    rank1 = [s["key"] for s in cache.iter_samples(1, 2, seed=1, window=3)]
+    rank0 = [s.key for s in cache.iter_samples(0, 2, seed=1, window=3)]
+    rank1 = [s.key for s in cache.iter_samples(1, 2, seed=1, window=3)]
     assert len(rank0) == len(rank1) == 5  # rank 1 holds 4 + 1 samples; rank 0 is cut to match
     assert not set(rank0) & set(rank1)
-    assert rank0 == [s["key"] for s in cache.iter_samples(0, 2, seed=1, window=3)]
-    assert rank0 != [s["key"] for s in cache.iter_samples(0, 2, seed=1, epoch=1, window=3)]
-    in_order = [s["key"] for s in cache.iter_samples(shuffle=False)]
+    assert rank0 == [s.key for s in cache.iter_samples(0, 2, seed=1, window=3)]
+    assert rank0 != [s.key for s in cache.iter_samples(0, 2, seed=1, epoch=1, window=3)]
+    in_order = [s.key for s in cache.iter_samples(shuffle=False)]
     assert in_order == [f"s{i:03d}" for i in range(12)]
     with pytest.raises(ValueError, match="4 shards for 5 workers"):
         cache.samples_per_worker(5)
@@ -58,22 +84,22 @@ def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatc
     write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
     cache = FeatureCache(str(tmp_path / "e"))
     assert cache.windows([0, 1, 2, 3, 4], 5) == [(0, [0, 1]), (6, [2, 3]), (12, [4])]
-    whole = [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5)]
+    whole = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5)]
     assert sorted(whole) == [f"s{i:03d}" for i in range(14)] and whole != sorted(whole)
-    three = [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3)]
+    three = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3)]
     assert three[:14] == whole and three[14:28] != whole and sorted(three[28:]) == sorted(whole)
     read = []
     original = FeatureCache.read_shard
     monkeypatch.setattr(FeatureCache, "read_shard", lambda self, i: read.append(i) or original(self, i))
     for start in (0, 5, 6, 13, 14):
         read.clear()
-        assert [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, start=start)] == whole[start:]
+        assert [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, start=start)] == whole[start:]
         held = sum(cache.shards[i]["count"] for i in read)  # what it read beyond what it yields: one window's head
         assert 0 <= held - (14 - start) < 5 + 2 and (start < 14 or not read)
     endless = cache.iter_samples(seed=3, epoch=2, window=5, start=9, epochs=None)
-    assert [next(endless)["key"] for _ in range(5 + 28)] == three[9:]
+    assert [next(endless).key for _ in range(5 + 28)] == three[9:]
     for depth in (0, 1, 8):  # how many threads read ahead changes nothing in what is read
-        assert [s["key"] for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3, prefetch=depth)] == three
+        assert [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3, prefetch=depth)] == three
     with pytest.raises(ValueError, match="start 15 is outside an epoch's 14 samples"):
         next(cache.iter_samples(start=15))
 
@@ -132,7 +158,7 @@ def test_shards_read_back_through_webdataset_and_ray_data(tmp_path, ray_local):
     # the features live in the store beside the entry, named in each sample's json
     (name,) = decoded[1]["json"]["features"]
     stored = np.load(tmp_path / "features" / STORE / name, allow_pickle=False)
-    assert np.array_equal(stored, samples(3)[1]["arrays"]["item0"])
+    assert np.array_equal(stored, samples(3)[1].items[0])
     rows = ray_local.data.read_webdataset(url).take_all()
     assert sorted(r["__key__"] for r in rows) == ["s000", "s001", "s002"]
 
@@ -159,7 +185,7 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
     assert not any(f.startswith("kept/") for f in found)
     kept = FeatureCache(str(root / "kept")).iter_samples(shuffle=False)
-    kept_items = {n for s in kept for n in s["meta"]["features"]}
+    kept_items = {n for s in kept for n in s.item_files}
     assert not {f"features/{STORE}/{n}" for n in kept_items} & found
     assert "kept" in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
     assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
