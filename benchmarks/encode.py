@@ -165,7 +165,7 @@ def s3_start_rows(work: Path) -> list[dict]:
         s3.create_bucket(Bucket="bench")
         pool = json.loads((work / "pool" / "train.json").read_text())
         for r in pool:
-            s3.upload_file(r["image"], "bench", f"digits/{Path(r['image']).name}")
+            s3.upload_file(str(work / "pool" / r["image"]), "bench", f"digits/{Path(r['image']).name}")
             r["image"] = Path(r["image"]).name
         records = asked(pool, 6)[:10_000]
         s3.put_object(Bucket="bench", Key="digits/train.json", Body=json.dumps(records).encode())
