@@ -10,6 +10,12 @@ Backends, each beside its reference in `kernels/wkv7/`:
 - "chunked":   exact chunked matrix form in PyTorch, the default on CPU;
 - "triton":    Triton forward/backward kernels, the default on CUDA (on CPU only under TRITON_INTERPRET=1).
 The environment variable MODRWKV_WKV7_BACKEND forces one.
+
+Packed input (several sequences in one row, as flash-linear-attention takes it): `cu_seqlens`, a LongTensor
+[S + 1] of segment offsets into T with B = 1. Each segment starts from zero state (or its row of an
+`initial_state` [S, H, N, N]) and its final state is returned, [S, H, N, N]. Every backend gets the segments as a
+batch, each padded at its end with identity steps (no input, decay 1: w = -inf), so no state crosses a boundary
+by construction and the chunked form's decay floor never meets a reset; the padding is dropped again.
 """
 
 import os
@@ -44,8 +50,10 @@ def default_backend(device: torch.device, seq_len: int) -> str:
     return "reference" if seq_len == 1 else "chunked"  # one decode step is the recurrence itself
 
 
-def wkv7(r, w, k, v, a, b, initial_state=None, backend=None):
+def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     """Returns y in the dtype of `r` and the final state in fp32 (fp64 for fp64 inputs on the torch backends)."""
+    if cu_seqlens is not None:
+        return wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens)
     shape = r.shape
     if r.dim() != 4:
         raise ValueError(f"wkv7 expects [B, T, H, N] tensors, got r of shape {tuple(shape)}")
@@ -60,3 +68,34 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None):
         raise ValueError(f"wkv7: unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     y, state = BACKENDS[name](r, w, k, v, a, b, initial_state)
     return y.to(r.dtype), state
+
+
+def segment_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, position within it) of every packed step, after checking the offsets."""
+    offsets = [int(x) for x in cu_seqlens]
+    if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"wkv7: cu_seqlens must run from 0 to T={T}, got {offsets}")
+    lengths = torch.tensor([e - s for s, e in zip(offsets, offsets[1:])])
+    if (lengths <= 0).any():
+        raise ValueError(f"wkv7: every segment needs at least one step, got offsets {offsets}")
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return segment, torch.arange(T) - torch.tensor(offsets[:-1])[segment]
+
+
+def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
+    if r.dim() != 4 or r.shape[0] != 1:
+        raise ValueError(f"wkv7: packed input (cu_seqlens) is one row, [1, T, H, N]; got r of shape {tuple(r.shape)}")
+    _, T, H, N = r.shape
+    segment, position = (x.to(r.device) for x in segment_index(cu_seqlens, T))
+    S, longest = len(cu_seqlens) - 1, int(position.max()) + 1
+    if initial_state is not None and initial_state.shape != (S, H, N, N):
+        raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(S, H, N, N)}"
+                         " (one row per segment)")
+
+    def batched(x, fill):  # [1, T, H, N] -> [S, longest, H, N], each segment from step 0, `fill` after its end
+        out = x.new_full((S, longest, H, N), fill)
+        return out.index_put((segment, position), x[0])
+
+    inputs = [batched(x, float("-inf") if x is w else 0.0) for x in (r, w, k, v, a, b)]
+    y, state = wkv7(*inputs, initial_state=initial_state, backend=backend)
+    return y[segment, position][None], state

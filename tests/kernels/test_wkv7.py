@@ -104,3 +104,76 @@ def test_environment_forces_backend(monkeypatch):
     monkeypatch.delenv(kernels.BACKEND_ENV)
     assert kernels.default_backend(torch.device("cpu"), 33) == "chunked"
     assert kernels.default_backend(torch.device("cpu"), 1) == "reference"
+
+
+def device_of(backend: str) -> str:
+    """Triton runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1 (set by conftest without a GPU)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def pack(xs_by_segment):
+    """Per-segment inputs [1, T_s, H, N] -> one packed row [1, sum T_s, H, N] and its cu_seqlens."""
+    lengths = [x[0].shape[1] for x in xs_by_segment]
+    packed = [torch.cat([xs[i] for xs in xs_by_segment], dim=1) for i in range(6)]
+    return packed, torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_segments_equal_separate_runs_forward_and_backward(backend, with_state):
+    """Segments of 1, 17, 40 and 5 steps (inside one chunk, across chunk edges): outputs, final states and the
+    gradients of every input, initial states included, equal one run per segment (fp32, 1e-5)."""
+    device = device_of(backend)
+    segments = [wkv_inputs(1, T, 2, 8, dtype=torch.float32, seed=i) for i, T in enumerate((1, 17, 40, 5))]
+    xs_by_segment = [[x.to(device).requires_grad_() for x in xs] for xs, _ in segments]
+    states = [s0.to(device).requires_grad_() for _, s0 in segments] if with_state else [None] * len(segments)
+    weights = torch.linspace(-1, 1, 63 * 2 * 8, device=device).view(1, 63, 2, 8)
+
+    separate_y, separate_s = [], []
+    for xs, s0 in zip(xs_by_segment, states):
+        y, s = wkv7(*xs, initial_state=s0, backend=backend)
+        separate_y.append(y)
+        separate_s.append(s)
+    y_sep, s_sep = torch.cat(separate_y, dim=1), torch.cat(separate_s)
+    ((y_sep * weights).sum() + (s_sep**2).sum()).backward()
+    leaves = [x for xs in xs_by_segment for x in xs] + ([s for s in states] if with_state else [])
+    grads_sep = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+
+    packed, cu_seqlens = pack(xs_by_segment)
+    init = torch.cat(states) if with_state else None
+    y, s = wkv7(*packed, initial_state=init, backend=backend, cu_seqlens=cu_seqlens)
+    assert y.shape == (1, 63, 2, 8) and s.shape == (4, 2, 8, 8)
+    ((y * weights).sum() + (s**2).sum()).backward()
+    assert rel_err(y, y_sep) < 1e-5 and rel_err(s, s_sep) < 1e-5
+    for got, want in zip([x.grad for x in leaves], grads_sep):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+def test_a_change_in_one_segment_reaches_no_other(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    segments = [[x.to(device_of(backend)) for x in wkv_inputs(1, T, 2, 8, dtype=dtype, seed=i)[0]]
+                for i, T in enumerate((9, 20, 7))]
+    packed, cu_seqlens = pack(segments)
+    y, s = wkv7(*packed, backend=backend, cu_seqlens=cu_seqlens)
+    changed = [x.clone() for x in packed]
+    changed[3][:, 9:29] += 1.0  # every value of the middle segment
+    y2, s2 = wkv7(*changed, backend=backend, cu_seqlens=cu_seqlens)
+    assert torch.equal(y2[:, :9], y[:, :9]) and torch.equal(y2[:, 29:], y[:, 29:])
+    assert torch.equal(s2[0], s[0]) and torch.equal(s2[2], s[2])
+    assert not torch.equal(y2[:, 9:29], y[:, 9:29])
+
+
+def test_bad_packing_is_named():
+    xs, _ = wkv_inputs(1, 10, 2, 8)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T=10"):
+        wkv7(*xs, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="at least one step"):
+        wkv7(*xs, cu_seqlens=torch.tensor([0, 4, 4, 10]))
+    with pytest.raises(ValueError, match="one row per segment"):
+        wkv7(*xs, initial_state=torch.zeros(1, 2, 8, 8), cu_seqlens=torch.tensor([0, 4, 10]))
+    two_rows, _ = wkv_inputs(2, 10, 2, 8)
+    with pytest.raises(ValueError, match="packed input"):
+        wkv7(*two_rows, cu_seqlens=torch.tensor([0, 10]))
