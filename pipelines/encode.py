@@ -27,8 +27,7 @@ import numpy as np
 
 from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
-from preprocessing.cache.fingerprints import Fingerprints
-from preprocessing.cache.key import cache_spec, code_version, entry_uri, store_key
+from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.items import Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
@@ -37,7 +36,7 @@ from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec
 
 if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the decode workers (loading this module) lack
-    from modrwkv.sample import Sample
+    from modrwkv.batching import Sample
 
 # Forwarded (by name) to the Ray workers that read and write storage; values never printed.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -128,7 +127,7 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
 
 
 def prepare(samples: list[RawSample], rejects: list[Reject], limits: Limits,
-            fingerprints: Fingerprints) -> list[Prepared]:
+            fingerprints: storage.Fingerprints) -> list[Prepared]:
     """Every sample with its items' refs (media files fingerprinted, series windows normalised); a sample whose
     file is missing or whose window is unusable is rejected with the reason."""
     digests = fingerprints.sha256s([src for s in samples for src in s.sources])
@@ -270,7 +269,7 @@ def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects:
                   rejects: list[Reject]) -> list["Sample"]:
     """The samples to write, referencing their item files; a sample with a rejected item is rejected."""
     from modrwkv.conversation import Turn  # see TYPE_CHECKING above
-    from modrwkv.sample import Sample
+    from modrwkv.batching import Sample
 
     written = []
     for p in prepared:
@@ -299,7 +298,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
     samples = check_texts(samples, rejects)
-    fingerprints = Fingerprints(config.cache.root)
+    fingerprints = cache_fingerprints(config.cache.root)
     prepared = prepare(samples, rejects, config.limits, fingerprints)
     sections = dataclasses.asdict(config)
     key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],

@@ -15,7 +15,7 @@ from .metrics.vqa import mean_exact_match
 from .plots import pyplot, save_figure
 
 if TYPE_CHECKING:  # see EvalTask.predict: the driver loads no torch
-    from modrwkv.sample import Sample
+    from modrwkv.batching import Sample
 
 TaskName = Literal["vqa", "asr", "forecast"]
 

@@ -9,7 +9,7 @@ encoder, and cache entries, the samples tables that reference them. The encode j
                                                     digest is of the .npy bytes, checked on every read
     <cache root>/<modality>-<encoder kind>-<16 hex of the entry key>/
         shard-NNNNN.tar, shard-NNNNN.json           samples: a WebDataset tar of each `Sample`'s members
-                                                    (`modrwkv/sample.py`: `<key>.json` with turns, provenance and
+                                                    (`modrwkv/batching.py`: `<key>.json` with turns, provenance and
                                                     its item files; series arrays as `<key>.<name>.npy`); a
                                                     receipt each
         rejects.jsonl, manifest.json                written last: counts, shards with sha256, sample lengths
@@ -40,7 +40,7 @@ import numpy as np
 from .. import storage
 
 if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the encode job's decode workers do without
-    from modrwkv.sample import Sample
+    from modrwkv.batching import Sample
 
 FORMAT_VERSION = 2  # 2: features in the feature store, referenced by the samples; 1 held them inside the shards
 STORE_FOLDER = "features"
@@ -89,7 +89,7 @@ def pack_shard(samples: list["Sample"]) -> bytes:
 
 def unpack_shard(data: bytes, name: str = "shard") -> list["Sample"]:
     """The samples of a shard, in order, without their items' features."""
-    from modrwkv.sample import Sample  # see TYPE_CHECKING above
+    from modrwkv.batching import Sample  # see TYPE_CHECKING above
 
     records: dict[str, dict] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .. import storage
 from .entry import FORMAT_VERSION, MANIFEST, STORE_FOLDER, FeatureCache
-from .fingerprints import FOLDER as FINGERPRINTS
+from .key import FINGERPRINTS_FOLDER
 
 
 @dataclass
@@ -56,7 +56,7 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
             stores.setdefault(parts[1], Store(parts[1], {})).files[parts[2]] = stat
     entries = []
     for name, files in sorted(by_top.items()):
-        if name in (STORE_FOLDER, FINGERPRINTS):
+        if name in (STORE_FOLDER, FINGERPRINTS_FOLDER):
             continue
         manifest = json.loads(storage.read_bytes(storage.join(root, name, MANIFEST))) if MANIFEST in files else None
         entry = Entry(name, manifest, files)

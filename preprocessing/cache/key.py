@@ -1,8 +1,12 @@
-"""What the cache is keyed on. A feature store (`store.py`) is keyed on the encoder (kind, dtype, input size, a
-hash of its weight files) and the validation limits; each of its items on the bytes of one media file (or one
-series window). A cache entry, the samples table, is keyed on its store, the dataset options that change a
-sample, the shard size and every sample's record with the content hashes of its media. `entry_uri` names the
-entry by that key (`cache_id`): an edited prompt makes a new entry whose features all come from the store."""
+"""What the cache is keyed on. A feature store is keyed on the encoder (kind, dtype, input size, a hash of its
+weight files) and the validation limits; each of its items on the bytes of one media file (or one series
+window). A cache entry, the samples table, is keyed on its store, the dataset options that change a sample, the
+shard size and every sample's record with the content hashes of its media. `entry_uri` names the entry by that
+key (`cache_id`): an edited prompt makes a new entry whose features all come from the store.
+
+Content hashes come from `storage.Fingerprints` with its records in `<cache root>/fingerprints/`: a file is read
+again only when its size or modification time changes, so a start on unchanged data reads no media bytes.
+"""
 
 import hashlib
 from importlib.metadata import version
@@ -10,25 +14,25 @@ from pathlib import Path
 
 from .. import storage
 from .entry import canonical_json, cache_id
-from .fingerprints import Fingerprints, file_sha256
 
+FINGERPRINTS_FOLDER = "fingerprints"
 # where the files are, and the permission to read outside the media root, change no sample: the samples they
 # admit are in the samples' records
 LOCATION_ONLY = ("path", "media_root", "allow_media_outside_root")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
-def hash_model_dir(model_dir, fingerprints: Fingerprints | None = None) -> str:
+def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) -> str:
     """sha256 over the names and contents of a model directory's weight and config files (with `fingerprints`,
     the files are read only when they changed since they were last fingerprinted)."""
     files = sorted(str(p) for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_FILES)
     if not files:
         raise FileNotFoundError(f"{model_dir}: no weight or config files")
-    digests = fingerprints.sha256s(files) if fingerprints else {f: file_sha256(f) for f in files}
+    digests = fingerprints.sha256s(files) if fingerprints else {f: storage.file_sha256(f) for f in files}
     return hashlib.sha256(canonical_json([[Path(f).name, digests[f]] for f in files])).hexdigest()
 
 
-def store_key(modality: str, encoder: dict, limits: dict, fingerprints: Fingerprints) -> dict:
+def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints) -> dict:
     """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`); limits: the
     validation limits (an item the store holds passed them)."""
     model_dir = encoder["model_dir"]
@@ -45,6 +49,10 @@ def cache_spec(store: dict, dataset: dict, shard_size: int, records: list[dict])
     return {"modality": store["modality"], "store": store, "shard_size": shard_size,
             "dataset": {k: v for k, v in dataset.items() if k not in LOCATION_ONLY},
             "samples_hash": digest.hexdigest()}
+
+
+def cache_fingerprints(cache_root: str) -> storage.Fingerprints:
+    return storage.Fingerprints(storage.join(cache_root, FINGERPRINTS_FOLDER))
 
 
 def entry_uri(root: str, spec: dict) -> str:

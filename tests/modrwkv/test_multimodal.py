@@ -5,7 +5,7 @@ from modrwkv import RWKV7Config
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
-from modrwkv.sample import Sample
+from modrwkv.batching import Sample
 from modrwkv.tokenizer import WorldTokenizer
 from tests.conftest import random_backbone
 

@@ -212,7 +212,7 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     from modrwkv.conversation import Turn
-    from modrwkv.sample import Sample
+    from modrwkv.batching import Sample
     from pipelines.train import cache_shapes
     from tests.cache_entries import write_entry
 

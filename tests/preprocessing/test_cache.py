@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from modrwkv.conversation import Turn
-from modrwkv.sample import Sample
+from modrwkv.batching import Sample
 from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
 from tests.cache_entries import STORE
 from tests.cache_entries import write_entry as write_samples
