@@ -349,9 +349,6 @@ def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:
         return None
     cache = FeatureCache(uri)
     text_only, whole = cache.over_length(config.max_length, lambda n: 0), cache.over_length(config.max_length)
-    if whole is None:
-        print(f"{uri} was encoded before sample lengths were recorded: re-encode with --force to check max_length")
-        return None
     examples = ", ".join(f"{s['key']} ({s['tokens']} tokens)" for s in whole[:3])
     print(f"max_length {config.max_length}: {len(text_only)} of {len(cache)} samples are over it by their text alone "
           f"(training skips them whatever the projector), {len(whole)} with their features uncompressed"

@@ -122,17 +122,13 @@ def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: 
     return stats
 
 
-def over_length_in_caches(cache_uris: list[str], mm_config: ModRWKVConfig, max_length: int) -> int | None:
+def over_length_in_caches(cache_uris: list[str], mm_config: ModRWKVConfig, max_length: int) -> int:
     """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
-    recorded lengths, before any worker starts; training skips and names them). The total, or None when a cache
-    predates recorded lengths."""
+    recorded lengths, before any worker starts; training skips and names them). Returns the total."""
     projectors, total = mm_config.projectors, 0
     for uri in cache_uris:
         cache = FeatureCache(uri)
         over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
-        if over is None:
-            print(f"{uri}: encoded before sample lengths were recorded; over-long samples are counted as met")
-            return None
         if over:
             print(f"{uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be skipped, "
                   f"e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
@@ -172,8 +168,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
         over = over_length_in_caches(caches, mm_config, config.max_length)
-        if over is not None:
-            tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
+        tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}

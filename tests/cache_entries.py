@@ -17,6 +17,9 @@ def write_entry(uri: str, shards: list[list[Sample]], modality: str = "image") -
         rows = [dataclasses.replace(sample, item_files=[
             store.write(hashlib.sha256(f"{sample.key}/item{j}".encode()).hexdigest(), features)
             for j, features in enumerate(sample.items)]) for sample in shard]
-        entry.write_shard(index, pack_shard(rows), [r.key for r in rows], [])
+        # lengths as the manifest records them, [text tokens, [feature vectors of each item]]; these hand-made
+        # samples need not tokenize, and no test here checks a context length, so the text counts 0
+        entry.write_shard(index, pack_shard(rows), [r.key for r in rows], [],
+                          [[0, [len(a) for a in r.items]] for r in rows])
     return entry.finish({"modality": modality}, len(shards), [], n_read=sum(map(len, shards)),
                         extra={"feature_store": STORE})

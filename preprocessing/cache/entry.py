@@ -134,7 +134,7 @@ class CacheEntry:
                 if n.startswith("shard-") and n.endswith(".json")}
 
     def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
-                    lengths: list[list] | None = None) -> dict:
+                    lengths: list[list]) -> dict:
         """lengths: per key, [text tokens, [tokens of each feature item]], so a context length can be checked
         against the whole cache from its manifest alone."""
         receipt = {"index": index, "name": shard_name(index), "count": len(keys), "keys": keys,
@@ -246,11 +246,9 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.manifest["counts"]["written"]
 
-    def over_length(self, max_length: int, compressed=lambda n: n) -> list[dict] | None:
+    def over_length(self, max_length: int, compressed=lambda n: n) -> list[dict]:
         """{"key", "tokens"} of every sample whose text tokens plus its items' `compressed` feature lengths exceed
-        `max_length`, from the manifest alone; None for a cache encoded before lengths were recorded."""
-        if any(shard.get("lengths") is None for shard in self.shards):
-            return None
+        `max_length`, from the manifest alone (every entry of this format records the lengths)."""
         over = []
         for shard in self.shards:
             for key, (text, items) in zip(shard["keys"], shard["lengths"]):
