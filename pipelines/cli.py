@@ -49,14 +49,14 @@ def load_media(args) -> list:
 
     media = []
     if args.image or args.audio:
-        if not args.encoder or not args.encoder_dir:
-            raise ValueError("--image/--audio need --encoder and --encoder-dir (a local encoder directory)")
-        from preprocessing.encoders import build_encoder
-
-        encoder = build_encoder(args.encoder, args.encoder_dir)
+        if not args.encoder_dir:
+            raise ValueError("--image/--audio need --encoder-dir (a local encoder directory)")
+        # transformers: heavy, only media needs it. The encoder is set up as the model's training caches were.
+        from preprocessing.encoders.recorded import encoder_for
     if args.image:
         from PIL import Image
 
+        encoder = encoder_for(args.model, "image", args.encoder_dir, args.encoder)
         with Image.open(args.image) as im:
             media.append(("image", encoder.encode([im.convert("RGB")], [args.image])[0]))
     if args.audio:
@@ -64,6 +64,7 @@ def load_media(args) -> list:
 
         from preprocessing.items import Audio
 
+        encoder = encoder_for(args.model, "audio", args.encoder_dir, args.encoder)
         wave, rate = soundfile.read(args.audio, dtype="float32")
         media.append(("audio", encoder.encode([Audio(wave, rate)], [args.audio])[0]))
     if args.series:
@@ -194,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image")
     p.add_argument("--audio", help="any rate soundfile reads; resampled to 16 kHz")
     p.add_argument("--series", help="CSV of numbers, one column per channel")
-    p.add_argument("--encoder", help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm")
-    p.add_argument("--encoder-dir", help="local directory with the encoder's weights")
+    p.add_argument("--encoder", help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm (default: "
+                                     "the one the model records; its input size and layer are always the recorded)")
+    p.add_argument("--encoder-dir", help="local directory with the encoder's weights (those the model was trained on)")
     p.add_argument("--question", action="append", help="repeatable; without it, questions are read from stdin")
     add_quantize_option(p)
     p.set_defaults(func=cmd_chat)

@@ -209,7 +209,7 @@ class ItemEncoder:
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        extra = {"image_size": self.spec.image_size} if self.spec.image_size else {}
+        extra = {name: getattr(self.spec, name) for name in ("image_size", "layer") if getattr(self.spec, name)}
         return build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
 
     def store_features(self, refs: list[str], items: list) -> list[str]:

@@ -40,6 +40,9 @@ class EncoderSpec:
     model_dir: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     image_size: int | None = None  # vision only: square input size (default: the model's processor config)
+    # vision only: the hidden layer whose tokens are cached (LLaVA's mm_vision_select_layer: -2 is the
+    # penultimate, before the final norm); None: the last hidden state
+    layer: int | None = None
 
     def __post_init__(self):
         # transformers and torch: heavy, only checking an encoder section needs the registry
@@ -48,6 +51,8 @@ class EncoderSpec:
 
         if self.image_size is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
+        if self.layer is not None and self.kind not in VISION_ENCODERS:
+            raise ValueError(f"encoder.layer applies to vision encoders, not {self.kind!r}")
 
         if self.kind != RAW_SERIES and self.kind not in ENCODERS:
             raise ValueError(f"encoder.kind {self.kind!r} is not one of {sorted(ENCODERS) + [RAW_SERIES]}")

@@ -18,6 +18,7 @@ from modrwkv.inference import prepare_for_inference
 from modrwkv.multimodal import ModRWKV
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
+from preprocessing.encoders.recorded import encoder_for
 
 try:
     from lmms_eval.api.model import lmms as EvalModelBase
@@ -35,9 +36,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 @register_model("modrwkv")
 class ModRWKVEvalModel(EvalModelBase):
-    """pretrained: a ModRWKV save_pretrained directory, full or adapter-only (or the model); encoder: a `build_encoder` kind with its
-    encoder_dir (or an encoder object); quantize: "none", "int8" or "bf16" (modrwkv.quantize). batch_size is
-    accepted because lmms-eval always passes it; requests run one at a time, each with its own images."""
+    """pretrained: a ModRWKV save_pretrained directory, full or adapter-only (or the model); encoder_dir: the image
+    encoder's weights, set up as the model's training caches were (kind, input size, layer: recorded beside the
+    model; `encoder` names the kind where nothing is recorded), or an encoder object as `encoder`; quantize:
+    "none", "int8" or "bf16" (modrwkv.quantize). batch_size is accepted because lmms-eval always passes it; requests
+    run one at a time, each with its own images."""
 
     def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1,
                  tokenizer: WorldTokenizer | None = None, quantize: str = "none"):
@@ -46,7 +49,11 @@ class ModRWKVEvalModel(EvalModelBase):
         # a full save, or an adapter-only one with its backbone recorded beside it
         model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
         self.model = prepare_for_inference(model.to(self.device), quantization=quantize)
-        self.encoder = build_encoder(encoder, encoder_dir, device=self.device) if isinstance(encoder, str) else encoder
+        if encoder_dir is not None and not isinstance(pretrained, ModRWKV):  # set up as the training caches were
+            encoder = encoder_for(pretrained, "image", encoder_dir, encoder, device=self.device)
+        elif isinstance(encoder, str):
+            encoder = build_encoder(encoder, encoder_dir, device=self.device)
+        self.encoder = encoder
         if self.encoder is not None and "image" not in self.model.projectors:
             raise ValueError("an image encoder was given but the model has no image projector "
                              f"({sorted(self.model.projectors)})")

@@ -28,6 +28,7 @@ from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
 from modrwkv.multimodal import ModRWKVConfig, read_backbone_source, write_backbone_source
 from preprocessing.cache.entry import FeatureCache
+from preprocessing.encoders.recorded import write_encoders_record
 
 from . import tracking
 from .caches import absolute, resolve_caches
@@ -192,6 +193,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
         model_dir = export_model(result.checkpoint, out, config, phase, run_id)
+        write_encoders_record(model_dir, encoder_store_keys(caches))
         log_artifacts(uri, run_id, config, model_dir, out, phase)
         metrics = dict(result.metrics or {})
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
@@ -213,6 +215,19 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
     write_backbone_source(out / "model", {"run_id": run_id, "phase": phase,
                                           "path": absolute(config.model.backbone.path)})
     return out / "model"
+
+
+def encoder_store_keys(cache_uris: list[str]) -> dict[str, dict]:
+    """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
+    whose caches came from different encoders or settings is left out (chat then needs its kind), with a note."""
+    keys: dict[str, list[dict]] = {}
+    for uri in cache_uris:
+        cache = FeatureCache(uri)
+        keys.setdefault(cache.modality, []).append(cache.manifest["store"])
+    for modality, found in keys.items():
+        if any(k != found[0] for k in found):
+            print(f"note: the {modality} caches come from different encoders or settings; the model records none")
+    return {modality: found[0] for modality, found in keys.items() if all(k == found[0] for k in found)}
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:

@@ -33,11 +33,13 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints) -> dict:
-    """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`); limits: the
-    validation limits (an item the store holds passed them)."""
+    """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`, `layer`); limits:
+    the validation limits (an item the store holds passed them)."""
     model_dir = encoder["model_dir"]
+    # the layer joins the key only when chosen: stores of the last hidden state keep the keys they were written under
+    layer = {"layer": encoder["layer"]} if encoder.get("layer") is not None else {}
     return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
-            "image_size": encoder["image_size"], "limits": limits,
+            "image_size": encoder["image_size"], **layer, "limits": limits,
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
 
 

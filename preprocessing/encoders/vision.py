@@ -1,4 +1,5 @@
-"""Vision towers: CLIP, SigLIP, SigLIP2 and DINOv2, any width; last hidden state (CLS included where present)."""
+"""Vision towers: CLIP, SigLIP, SigLIP2 and DINOv2, any width; the last hidden state or a chosen layer's tokens
+(CLS included where present)."""
 
 import numpy as np
 import torch
@@ -38,8 +39,11 @@ class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
 
-    def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None):
-        """`image_size` overrides the processor's square input size (ViTs interpolate their position grid)."""
+    def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None,
+                 layer: int | None = None):
+        """`image_size` overrides the processor's square input size (ViTs interpolate their position grid);
+        `layer` indexes the hidden states (0: the embeddings, -1: the last block's output before the final norm;
+        None: the model's last_hidden_state, after the final norm where it has one)."""
         path = require_local_dir(model_dir)
         super().__init__(path, self.model_class.from_pretrained(path, local_files_only=True), device, dtype)
         if (path / PREPROCESSOR_FILE).is_file():
@@ -49,6 +53,16 @@ class VisionEncoder(FrozenEncoder):
         if image_size:
             self.processor.size = {"height": image_size, "width": image_size}
             self.processor.do_center_crop = False
+        layers = self.model.config.num_hidden_layers
+        if layer is not None and not -(layers + 1) <= layer <= layers:
+            raise ValueError(f"{path}: layer {layer} is not one of the model's hidden states (-{layers + 1}..{layers})")
+        self.layer = layer
+
+    def hidden(self, inputs) -> torch.Tensor:
+        """[B, L, D]: the chosen layer's tokens."""
+        if self.layer is None:
+            return self.model(**inputs).last_hidden_state
+        return self.model(**inputs, output_hidden_states=True).hidden_states[self.layer]
 
     def default_processor(self, config):
         size = config.image_size
@@ -61,8 +75,7 @@ class VisionEncoder(FrozenEncoder):
         images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
         inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        hidden = self.model(**inputs).last_hidden_state
-        return list(hidden.float().cpu().unbind(0))
+        return list(self.hidden(inputs).float().cpu().unbind(0))
 
 
 class CLIPEncoder(VisionEncoder):
@@ -98,7 +111,7 @@ class Siglip2Encoder(VisionEncoder):
         images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
         inputs = {k: v.to(self.device) for k, v in self.processor(images=images, return_tensors="pt").items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        hidden = self.model(**inputs).last_hidden_state.float().cpu()
+        hidden = self.hidden(inputs).float().cpu()
         mask = inputs["pixel_attention_mask"].bool().cpu()
         return [h[m] for h, m in zip(hidden, mask)]
 

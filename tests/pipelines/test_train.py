@@ -16,6 +16,8 @@ from modrwkv import RWKV7Config
 from pipelines.config import from_dict
 from pipelines.metrics.ceilings import cache_samples
 from pipelines.train import WHITEN_EPS, TrainConfig, feature_stats, run_train
+from preprocessing.cache.entry import FeatureCache
+from preprocessing.encoders.recorded import read_encoders_record
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
 
@@ -75,6 +77,11 @@ def test_phase1_then_phase2_with_mlflow(setup):
     history2 = losses(client, two.run_id)
     assert len(history2) == 4 and history2[-1] < history2[0]
     assert (two.model_dir / "model.safetensors").is_file()
+    # inference encodes media as these caches were: the encoder's kind, settings and weights, recorded beside it
+    recorded = read_encoders_record(two.model_dir)["image"]
+    store = FeatureCache(cache).manifest["store"]
+    assert recorded == {k: store.get(k) for k in ("kind", "dtype", "image_size", "layer", "weights_hash")}
+    assert recorded["kind"] == "clip" and len(recorded["weights_hash"]) == 64
 
     run = client.get_run(two.run_id)
     assert run.data.tags["phase1_run_id"] == one.run_id and run.data.tags["phase"] == "2"

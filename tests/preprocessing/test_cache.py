@@ -9,6 +9,8 @@ import pytest
 from modrwkv.conversation import Turn
 from modrwkv.batching import Sample
 from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
+from preprocessing.cache.key import store_key
+from preprocessing.storage import Fingerprints
 from tests.cache_entries import STORE
 from tests.cache_entries import write_entry as write_samples
 
@@ -190,3 +192,13 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert "kept" in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
     assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
     assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / "kept")).iter_samples())) == 3
+
+
+def test_a_chosen_encoder_layer_joins_the_store_key_and_the_default_keeps_the_old_one(tmp_path):
+    encoder = {"kind": "dinov2", "model_dir": None, "dtype": "fp32", "image_size": 112}
+
+    def key(**extra):
+        return store_key("image", {**encoder, **extra}, {"max_pixels": 1}, Fingerprints(str(tmp_path)))
+
+    assert key() == key(layer=None) and "layer" not in key()  # stores written before `layer` existed stay valid
+    assert key(layer=8) != key() and key(layer=8) != key(layer=-2)

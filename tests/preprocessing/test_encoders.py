@@ -12,6 +12,7 @@ from transformers import (
 
 from preprocessing.encoders import ENCODERS, build_encoder
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
+from preprocessing.encoders.recorded import encoder_for, read_encoders_record, write_encoders_record
 from preprocessing.encoders.timer import TimerConfig, TimerModel
 from preprocessing.items import Audio
 
@@ -129,3 +130,48 @@ def test_every_registered_encoder_is_called_the_same_way(tmp_path):
             encoder.encode([items[m][0], bad[m]], ["first", "second"])
         with pytest.raises(ValueError, match="2 items but 1 sample ids"):
             encoder.encode(list(items[m]), ["first"])
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "siglip2"])
+def test_a_chosen_layer_gives_that_hidden_state(tmp_path, kind):
+    model_class, config, _ = VISION[kind]
+    torch.manual_seed(0)
+    model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path)
+    images, ids = [rgb(0), rgb(1)], ["a", "b"]
+    last = build_encoder(kind, tmp_path).encode(images, ids)
+    embeddings = build_encoder(kind, tmp_path, layer=0).encode(images, ids)
+    encoder = build_encoder(kind, tmp_path, layer=-2)
+    inputs = encoder.processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        expected = encoder.model(**inputs, output_hidden_states=True).hidden_states[-2]
+    chosen = encoder.encode(images, ids)
+    for i, f in enumerate(chosen):  # SigLIP2 keeps each image's real patches only
+        torch.testing.assert_close(f, expected[i, : len(f)])
+        assert f.shape == last[i].shape == embeddings[i].shape and not torch.allclose(f, last[i])
+    with pytest.raises(ValueError, match="layer 3 is not one of the model's hidden states"):
+        build_encoder(kind, tmp_path, layer=3)
+
+
+def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
+    model_class, config, _ = VISION["dinov2"]
+    torch.manual_seed(0)
+    model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "enc")
+    torch.manual_seed(1)
+    model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "other")
+    trained = build_encoder("dinov2", tmp_path / "enc", image_size=56, layer=1)
+    (tmp_path / "model").mkdir()
+    write_encoders_record(tmp_path / "model", {"image": {
+        "kind": "dinov2", "dtype": "fp32", "image_size": 56, "layer": 1, "weights_hash": trained.weights_hash(),
+        "limits": {"max_image_pixels": 1}}})
+    assert read_encoders_record(tmp_path / "model")["image"]["layer"] == 1
+    rebuilt = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
+    torch.testing.assert_close(rebuilt.encode([rgb(0)], ["a"])[0], trained.encode([rgb(0)], ["a"])[0])
+    assert rebuilt.encode([rgb(0)], ["a"])[0].shape[0] == 4 * 4 + 1  # 56 px: a 4 x 4 patch grid, not the default 2 x 2
+    with pytest.raises(ValueError, match="not the dinov2 weights .* was trained with"):
+        encoder_for(tmp_path / "model", "image", tmp_path / "other")
+    with pytest.raises(ValueError, match="was trained on dinov2 image features, not clip"):
+        encoder_for(tmp_path / "model", "image", tmp_path / "enc", kind="clip")
+    with pytest.raises(ValueError, match="does not record its image encoder"):
+        encoder_for(tmp_path / "enc", "image", tmp_path / "enc")
+    unrecorded = encoder_for(tmp_path / "enc", "image", tmp_path / "enc", kind="dinov2")  # a model saved by hand
+    assert unrecorded.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1
