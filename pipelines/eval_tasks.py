@@ -58,18 +58,18 @@ class EvalTask(ABC):
 
 @dataclass
 class DecodeTask(EvalTask):
-    """Answered in text: greedy decoding up to the first blank line, `batch_size` prompts at a time (prefilled
+    """Answered in text: greedy decoding up to the end of the assistant's turn, `batch_size` prompts at a time (prefilled
     together with right padding, decoded together, each row dropped when it stops)."""
 
     max_new_tokens: int = 16
     batch_size: int = 16
 
     def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
-        from modrwkv.conversation import right_pad  # imports torch: see EvalTask.predict
+        from modrwkv.conversation import TURN_END, right_pad  # imports torch: see EvalTask.predict
         from modrwkv.generation import GenerationConfig, generate
 
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0,
-                                  stop_tokens=tuple(tokenizer.encode("\n\n")))
+                                  stop_tokens=tuple(tokenizer.encode(TURN_END)))
         tokens = []
         for start in range(0, len(prompts), self.batch_size):
             batch = slice(start, start + self.batch_size)
