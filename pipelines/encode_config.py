@@ -72,6 +72,15 @@ class RunConfig:
     gpus_per_actor: float = 0.0
     force: bool = False  # re-encode even when a complete entry exists
     ray_address: str | None = None  # None: a local Ray instance
+    # A job whose store lacks at most this many items encodes them in the driver, without Ray Data's ~6 s per job
+    # before its first item (planning, the actor pool, each actor loading its encoder). 0: always Ray. 128: on 2
+    # CPU cores the driver (2 torch threads) matches 2 actors per item when it has the cores to itself, but slows
+    # more than they do when other work competes; there Ray won from ~130-190 items (benchmarks/RESULTS.md).
+    in_process_max_items: int = 128
+
+    def __post_init__(self):
+        if self.in_process_max_items < 0:
+            raise ValueError("run.in_process_max_items must be 0 (always Ray) or more")
 
 
 @dataclass
