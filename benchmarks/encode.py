@@ -1,6 +1,8 @@
 """Feature-cache economics on the demo's real encoder (DINOv2 ViT-S/14 at 112 px, 256 digit images):
 
 - encode throughput with 1 vs 2 encoder actors (Ray Data, one local Ray instance, each run from scratch);
+- a job's new items encoded in the driver vs by Ray Data (2 actors), by their number: where
+  `run.in_process_max_items` should stand;
 - a second run of the same config (the cache hit) vs the first;
 - one training step (batch 16, the demo's tiny RWKV-7, phase II) fed from the cache vs encoding the same
   images on the fly (PNG decode + DINOv2 forward in the step);
@@ -43,14 +45,14 @@ def prepare():
     return pretrained_backbone(Path("runs/demo/backbone"))
 
 
-def encode_config(root, actors: int, path=DATA / "digits" / "train.json", allow_outside: bool = False):
+def encode_config(root, actors: int, path=DATA / "digits" / "train.json", allow_outside: bool = False, **run):
     from pipelines.config import from_dict
     from pipelines.encode import EncodeConfig
 
     return from_dict(EncodeConfig, {
         "dataset": {"format": "llava", "path": str(path), "allow_media_outside_root": allow_outside},
         "encoder": {"kind": "dinov2", "model_dir": str(ENCODER), "image_size": 112},
-        "cache": {"root": str(root), "shard_size": 32}, "run": {"actors": actors, "batch_size": 16}})
+        "cache": {"root": str(root), "shard_size": 32}, "run": {"actors": actors, "batch_size": 16, **run}})
 
 
 def step_times(model, batches, steps: int) -> float:
@@ -119,23 +121,28 @@ def asked(records: list[dict], questions: int, wording: str = "Question", answer
         {"from": "gpt", "value": answers(r, q)}]} for r in records for q in range(questions)]
 
 
-def reuse_rows(work: Path) -> list[dict]:
-    """Each case against its own first encode, in one run; `encoded` counts encoder items."""
+def digit_pool(work: Path) -> list[dict]:
+    """Every sklearn digit image but the test ones, under work/pool: LLaVA records with absolute image paths."""
     import json
 
-    from pipelines.encode import run_encode
     from preprocessing.demo_data import build_digits
 
-    build_digits(work / "pool", 1797 - 100, 100)  # every sklearn digit image but the test ones
+    build_digits(work / "pool", 1797 - 100, 100)
     pool = json.loads((work / "pool" / "train.json").read_text())
-    for r in pool:
-        r["image"] = str((work / "pool" / r["image"]).absolute())
+    return [{**r, "image": str((work / "pool" / r["image"]).absolute())} for r in pool]
+
+
+def reuse_rows(work: Path, pool: list[dict]) -> list[dict]:
+    """Each case against its own first encode, in one run; `encoded` counts encoder items."""
+    from pipelines.encode import run_encode
+
     config = lambda path, root: encode_config(root, 2, path, allow_outside=True)  # noqa: E731
 
     def run(name, records, root="store"):
         result = run_encode(config(llava(work / f"{name}.json", records), work / root))
         return {"case": name, "samples": result.manifest["counts"]["written"], "seconds": result.seconds,
-                "encoded": result.items["encoded"], "media_files_read": result.fingerprinted_files}
+                "encoded": result.items["encoded"], "media_files_read": result.fingerprinted_files,
+                "encoded_in": result.encoded_in}
 
     base = pool[:256]
     rows = [run("256 images, 1 question each (first encode)", asked(base, 1)),
@@ -145,6 +152,20 @@ def reuse_rows(work: Path) -> list[dict]:
             run("10 % new images added", asked(pool[:282], 1))]
     rows += [run("64 images x 5 questions (320 samples)", asked(pool[300:364], 5), "five"),
              run("320 distinct images x 1 question", asked(pool[400:720], 1), "distinct")]
+    return rows
+
+
+def driver_or_ray_rows(work: Path, pool: list[dict], sizes=(64, 128, 256)) -> list[dict]:
+    """Each size's images (new to its own store) encoded in the driver, then by Ray Data with 2 actors."""
+    from pipelines.encode import run_encode
+
+    rows = []
+    for n in sizes:
+        path = llava(work / f"new{n}.json", asked(pool[:n], 1))
+        for where, limit in (("driver", n), ("ray", 0)):
+            result = run_encode(encode_config(work / f"{where}{n}", 2, path, True, in_process_max_items=limit))
+            rows.append({"case": f"{n} new images, {where}", "items": result.items["encoded"],
+                         "encoded_in": result.encoded_in, "seconds": result.seconds})
     return rows
 
 
@@ -186,7 +207,8 @@ def s3_start_rows(work: Path) -> list[dict]:
             storage.read_bytes = original
         media = [u for u in read if u.endswith(".png")]
         return [{"case": "10,000 samples in S3, first encode", "samples": first.manifest["counts"]["written"],
-                 "seconds": first.seconds, "encoded": first.items["encoded"], "media_files_read": len(pool)},
+                 "seconds": first.seconds, "encoded": first.items["encoded"], "media_files_read": len(pool),
+                 "encoded_in": first.encoded_in},
                 {"case": "train start on it, unchanged (S3)", "samples": first.manifest["counts"]["written"],
                  "seconds": time.perf_counter() - started, "encoded": 0, "media_files_read": len(media)}]
     finally:
@@ -208,14 +230,17 @@ def main():
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     rows = []
     for actors in (1, 2):
-        first = run_encode(encode_config(work / f"actors{actors}", actors))
+        first = run_encode(encode_config(work / f"actors{actors}", actors, in_process_max_items=0))
         n = first.manifest["counts"]["written"]
         rows.append({"case": f"encode, {actors} actor(s)", "samples": n, "seconds": first.seconds,
                      "samples_per_s": n / first.seconds})
-    again = run_encode(encode_config(work / "actors2", 2))
+    again = run_encode(encode_config(work / "actors2", 2, in_process_max_items=0))
     rows.append({"case": "same config again (cache hit)", "samples": n, "seconds": again.seconds,
                  "samples_per_s": n / again.seconds})
-    reuse = reuse_rows(work) + s3_start_rows(work)
+    pool = digit_pool(work)
+    reuse = reuse_rows(work, pool)
+    paths = driver_or_ray_rows(work, pool)
+    reuse += s3_start_rows(work)
     ray.shutdown()
     steps = training_steps(first.uri, backbone, args.steps)
     torch_threads = torch.get_num_threads()
@@ -225,18 +250,21 @@ def main():
               f"cache hit vs first encode: {rows[1]['seconds'] / again.seconds:.0f}x faster", "",
               "| training step (batch 16, phase II) | seconds | vs cached |", "|---|---|---|",
               f"| features from the cache | {steps['cached_s']:.3f} | 1.00x |",
-              f"| encoding on the fly | {steps['on_the_fly_s']:.3f} | {steps['on_the_fly_s'] / steps['cached_s']:.2f}x |"]
-    lines += ["", "| reuse through the feature store | samples | seconds | encoder items | media files read |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['samples']} | {r['seconds']:.2f} | {r['encoded']} | {r['media_files_read']} |"
-              for r in reuse]
+              f"| encoding on the fly | {steps['on_the_fly_s']:.3f} | "
+              f"{steps['on_the_fly_s'] / steps['cached_s']:.2f}x |"]
+    lines += ["", "| reuse through the feature store | samples | seconds | encoder items | media files read | "
+              "encoded in |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['samples']} | {r['seconds']:.2f} | {r['encoded']} | {r['media_files_read']} | "
+              f"{r.get('encoded_in') or '-'} |" for r in reuse]
+    lines += ["", "| new items (Ray up) | in the driver, s | Ray Data, 2 actors, s |", "|---|---|---|"]
+    lines += [f"| {d['items']} | {d['seconds']:.2f} | {r['seconds']:.2f} |" for d, r in zip(paths[::2], paths[1::2])]
     base, five, distinct = reuse[0], reuse[4], reuse[5]
     lines += ["", f"prompt edit / 1 % answers vs first encode: {reuse[1]['seconds'] / base['seconds']:.3f}x / "
               f"{reuse[2]['seconds'] / base['seconds']:.3f}x of its time (target <= 0.05); 5 questions per image vs "
               f"distinct images: {five['seconds'] / distinct['seconds']:.2f}x the time (target <= 0.3)"]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"({torch_threads} threads in-process; 1 per Ray actor)")
-    write_report(args.out, "encode", machine, rows + [{"case": "training step", **steps}] + reuse, lines)
+    write_report(args.out, "encode", machine, rows + [{"case": "training step", **steps}] + reuse + paths, lines)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
       else the items the store lacks (each unique media file or window once) -> Ray Data:
         map(decode_item)                         read, check against its sha256, decode; bad item -> its reason
         map_batches(ItemEncoder, actor pool)     `encoder.encode(items, ids)` in micro-batches -> store
+      (at most `run.in_process_max_items` of them: the same two steps in the driver, without Ray)
     driver: the samples table (turns + the item files they reference) -> shards, rejects.jsonl, manifest.json
 
 Media travel between the stages as binary columns. An interrupted job loses nothing: the items it stored are
@@ -20,6 +21,7 @@ import hashlib
 import io
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +35,7 @@ from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_lib
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
 
 from .config import load_config, parse_overrides, to_dict
-from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec
+from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
 
 if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the decode workers (loading this module) lack
     from modrwkv.batching import Sample
@@ -54,6 +56,7 @@ class EncodeResult:
     seconds: float
     over_length: list[dict] | None = None  # with max_length: the samples over it, features uncompressed
     fingerprinted_files: int = 0  # files whose bytes were read to fingerprint them (changed or new)
+    encoded_in: str | None = None  # "driver" (a small job), "ray", or None when nothing was encoded
 
 
 @dataclass
@@ -233,11 +236,43 @@ class ItemEncoder:
                 "reject": np.array(rejects, dtype=object)}
 
 
-def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict]) -> dict[str, dict]:
-    """ref -> {"file"} or {"reject"} for each item in `todo` (ref -> {"source"} or {"window"})."""
-    # heavy, and only a job that has items to encode needs them
-    import ray
-    from tqdm import tqdm
+def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict]) -> tuple[dict[str, dict], str]:
+    """ref -> {"file"} or {"reject"} for each item in `todo` (ref -> {"source"} or {"window"}), and where they were
+    encoded: "driver" or "ray" (see `encodes_in_driver`)."""
+    from tqdm import tqdm  # only a job that has items to encode needs it
+
+    rows = [{"ref": ref, "source": item.get("source", ""), "window": item.get("window", b"")}
+            for ref, item in sorted(todo.items())]
+    where = "driver" if encodes_in_driver(config.run, len(rows)) else "ray"
+    batches = (encode_in_driver if where == "driver" else encode_with_ray)(config, store, rows)
+    results = {}
+    with tqdm(total=len(rows), desc=f"encode items ({where})", unit="item") as bar:
+        for batch in batches:
+            for ref, name, reason in zip(batch["ref"], batch["file"], batch["reject"]):
+                results[ref] = {"reject": reason} if reason else {"file": name}
+            bar.update(len(batch["ref"]))
+    return results, where
+
+
+def encodes_in_driver(run: RunConfig, items: int) -> bool:
+    """A job of at most `run.in_process_max_items` items encodes in the driver, unless its actors would get GPUs
+    and the driver has none (a cluster's head node): there Ray Data's GPUs beat the driver's CPU at any size."""
+    import torch  # loaded already: the driver's text checks import modrwkv
+
+    return items <= run.in_process_max_items and (not run.gpus_per_actor or torch.cuda.is_available())
+
+
+def encode_in_driver(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
+    """The Ray stages' own functions, one micro-batch at a time in this process: a small job skips Ray Data's fixed
+    cost (planning, starting the actor pool, each actor loading its encoder)."""
+    encoder, modality = ItemEncoder(config.encoder, store), MODALITY_OF_FORMAT[config.dataset.format]
+    for start in range(0, len(rows), config.run.batch_size):
+        decoded = [decode_item(row, modality, config.limits) for row in rows[start : start + config.run.batch_size]]
+        yield encoder({column: [d[column] for d in decoded] for column in ("ref", "item", "reject")})
+
+
+def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
+    import ray  # heavy: only a job large enough for Ray Data needs it
 
     if not ray.is_initialized():
         # a job on a cluster (`ray job submit` sets RAY_ADDRESS) joins it; only a new local instance is sized
@@ -245,8 +280,6 @@ def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = [{"ref": ref, "source": item.get("source", ""), "window": item.get("window", b"")}
-            for ref, item in sorted(todo.items())]
     runtime_env = {"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
@@ -256,13 +289,7 @@ def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict
                         compute=ray.data.ActorPoolStrategy(size=config.run.actors),
                         num_gpus=config.run.gpus_per_actor or None,
                         fn_constructor_kwargs={"encoder": config.encoder, "store": store})
-    results = {}
-    with tqdm(total=len(rows), desc="encode items", unit="item") as bar:
-        for batch in ds.iter_batches(batch_size=None):
-            for ref, name, reason in zip(batch["ref"], batch["file"], batch["reject"]):
-                results[ref] = {"reject": reason} if reason else {"file": name}
-            bar.update(len(batch["ref"]))
-    return results
+    yield from ds.iter_batches(batch_size=None)
 
 
 def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects: dict[str, str],
@@ -320,7 +347,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     in_store = {} if config.run.force else store.items()
     todo = {ref: item for ref, item in needed.items() if ref not in in_store}
     print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")
-    results = encode_items(config, store, todo) if todo else {}
+    results, encoded_in = encode_items(config, store, todo) if todo else ({}, None)
     files = {ref: in_store[ref] for ref in needed if ref in in_store}
     files.update({ref: r["file"] for ref, r in results.items() if "file" in r})
     item_rejects = {ref: r["reject"] for ref, r in results.items() if "reject" in r}
@@ -339,7 +366,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
           + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
     return EncodeResult(uri, manifest, False, items, time.perf_counter() - start, report_over_length(uri, config),
-                        fingerprints.files_read)
+                        fingerprints.files_read, encoded_in)
 
 
 def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:

@@ -77,6 +77,16 @@ class RunConfig:
     gpus_per_actor: float = 0.0
     force: bool = False  # re-encode even when a complete entry exists
     ray_address: str | None = None  # None: a local Ray instance
+    # A job whose store lacks at most this many items encodes them in the driver, without Ray Data's ~6 s per job
+    # before its first item (planning, the actor pool, each actor loading its encoder). 0: always Ray. 128: on 2
+    # CPU cores the driver (2 torch threads) stays ahead of 2 actors up to ~1,000 items when it has the cores to
+    # itself, but slows far more than they do when other work competes: there Ray overtook it between 64 and 192
+    # items. 128 keeps the loss of the wrong choice near 5 s either way (benchmarks/RESULTS.md).
+    in_process_max_items: int = 128
+
+    def __post_init__(self):
+        if self.in_process_max_items < 0:
+            raise ValueError("run.in_process_max_items must be 0 (always Ray) or more")
 
 
 @dataclass

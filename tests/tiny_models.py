@@ -20,7 +20,7 @@ def save_tiny_whisper(path, hidden: int = 32, seed: int = 0):
 
 
 def tiny_digits_cache(root, split: str, n: int, shard_size: int) -> str:
-    """`n` digits of one split, encoded by a tiny CLIP into a cache under `root` (Ray must be up)."""
+    """`n` digits of one split, encoded by a tiny CLIP into a cache under `root`."""
     from pipelines.config import from_dict
     from pipelines.encode import EncodeConfig, run_encode
     from preprocessing.demo_data import build_digits

@@ -29,6 +29,8 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
     ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nrun: {batch_sise: 4}",
      "run: unknown key 'batch_sise' \\(did you mean 'batch_size'\\?\\)"),
     ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nrun: {actors: two}", "run.actors: expected int, got 'two'"),
+    ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nrun: {in_process_max_items: -1}",
+     "in_process_max_items must be 0 \\(always Ray\\) or more"),
     ("dataset: {format: series, path: x}", "encoder: required"),
     ("dataset: {format: series, path: x}\nencoder: {kind: clip}", "encoder.model_dir is required"),
     ("dataset: {format: series, path: x, fractions: [0.5, 0.5]}\nencoder: {kind: raw}", "fractions must be three"),

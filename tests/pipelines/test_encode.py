@@ -1,5 +1,6 @@
-"""`modrwkv encode` end to end on a real (local) Ray instance: bad inputs quarantined with counts that
-reconcile, cache reuse, resume after a kill, and the same path against a local S3 server."""
+"""`modrwkv encode` end to end, through a real (local) Ray instance and through the driver (small jobs): bad inputs
+quarantined with counts that reconcile, the same entries either way, cache reuse, resume after a kill, and Ray
+Data against a local S3 server."""
 
 import hashlib
 import json
@@ -42,9 +43,14 @@ def turns(question, answer):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray_local):
-    img = tmp_path / "img"
-    img.mkdir()
+# two good images, three bad ones, a missing file and a record without conversations: 5 items to encode
+BAD_IMAGE_ITEMS = 5
+
+
+def bad_images_set(folder: Path) -> tuple[dict, dict[str, bytes]]:
+    """A LLaVA set with good and bad images under `folder`: its dataset section and the image files."""
+    img = folder / "img"
+    img.mkdir(parents=True)
     files = {"good-0.png": png_bytes(seed=0), "good-1.png": png_bytes((40, 24), seed=1), "trunc.jpg": truncated_jpeg(),
              "zero.png": b"", "bomb.png": huge_header_png()}
     for name, data in files.items():
@@ -52,10 +58,16 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     records = [{"id": Path(n).stem, "image": n, "conversations": turns("<image>\nWhat is it?", "noise")} for n in files]
     records += [{"id": "missing", "image": "nope.png", "conversations": turns("<image>\nWhat?", "x")},
                 {"id": "schema", "image": "good-0.png", "conversation": []}]
-    (tmp_path / "vqa.json").write_text(json.dumps(records))
-    result = run_encode(config(dataset={"format": "llava", "path": str(tmp_path / "vqa.json"), "media_root": str(img)},
-                               encoder={"kind": "clip", "model_dir": str(encoders["clip"])},
-                               cache={"root": str(tmp_path / "cache"), "shard_size": 3}))
+    (folder / "vqa.json").write_text(json.dumps(records))
+    return {"format": "llava", "path": str(folder / "vqa.json"), "media_root": str(img)}, files
+
+
+def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray_local):
+    dataset, files = bad_images_set(tmp_path)
+    result = run_encode(config(dataset=dataset, encoder={"kind": "clip", "model_dir": str(encoders["clip"])},
+                               cache={"root": str(tmp_path / "cache"), "shard_size": 3},
+                               run={"in_process_max_items": 0}))
+    assert result.encoded_in == "ray"
     assert result.manifest["counts"] == {"read": 7, "written": 2, "rejected": 5}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable image" in reasons["trunc"] and "empty file" in reasons["zero"]
@@ -79,7 +91,7 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     (audio / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
                                encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
-                               cache={"root": str(tmp_path / "cache")}))
+                               cache={"root": str(tmp_path / "cache")}, run={"in_process_max_items": 0}))
     assert result.manifest["counts"] == {"read": 5, "written": 2, "rejected": 3}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
@@ -91,7 +103,8 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
     result = run_encode(config(dataset={"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 16,
                                         "horizon": 4, "stride": 8, "fractions": [1.0, 0.0, 0.0]},
-                               encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")}))
+                               encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")},
+                               run={"in_process_max_items": 0}))
     # windows start at 0, 8, ..., 40: row 50 (NaN) is in the target of the one at 32 and the lookback of the one
     # at 40; the dead column has no value at all
     assert result.manifest["counts"] == {"read": 7, "written": 4, "rejected": 3}
@@ -103,6 +116,39 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert abs(float(sample.items[0].mean())) < 1e-5  # normalised per window
     raw = np.sin(np.arange(16) / 3).round(4)
     assert sample.meta["mean"] == pytest.approx(raw.mean(), abs=1e-4)
+
+
+def test_a_small_job_encodes_in_the_driver_exactly_as_ray_data_does(tmp_path, encoders, ray_local):
+    dataset, _ = bad_images_set(tmp_path / "data")
+    results = {}
+    # at most `in_process_max_items` items to encode: the driver; one more: Ray Data
+    for path, limit in (("driver", BAD_IMAGE_ITEMS), ("ray", BAD_IMAGE_ITEMS - 1)):
+        results[path] = run_encode(config(dataset=dataset, encoder={"kind": "clip", "model_dir": str(encoders["clip"])},
+                                          cache={"root": str(tmp_path / path), "shard_size": 3},
+                                          run={"in_process_max_items": limit, "batch_size": 2}))
+        assert results[path].encoded_in == path
+    driver, ray = results["driver"], results["ray"]
+    assert Path(driver.uri).name == Path(ray.uri).name
+    assert driver.manifest["counts"] == {"read": 7, "written": 2, "rejected": 5}
+    # the same samples (each shard's sha256 covers its samples and the names of their feature files) and rejects
+    same = ("counts", "shards", "items")
+    assert {k: driver.manifest[k] for k in same} == {k: ray.manifest[k] for k in same}
+    assert (Path(driver.uri) / "rejects.jsonl").read_text() == (Path(ray.uri) / "rejects.jsonl").read_text()
+    stored = [{p.relative_to(tmp_path / path): p.read_bytes() for p in (tmp_path / path).glob("features/*/*/*.npy")}
+              for path in results]
+    assert len(stored[0]) == 2 and stored[0] == stored[1]  # the same feature files, byte for byte
+
+
+def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):
+    import torch
+
+    from pipelines.encode import RunConfig, encodes_in_driver
+
+    assert not encodes_in_driver(RunConfig(in_process_max_items=0), 1)  # 0: always Ray
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not encodes_in_driver(RunConfig(gpus_per_actor=1), 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encodes_in_driver(RunConfig(gpus_per_actor=1), 1)
 
 
 def digits_config(data, encoder, root, **run):
@@ -162,7 +208,9 @@ def store_items(root: Path) -> dict[str, tuple[int, int]]:
 def test_interrupted_encode_resumes_with_only_the_missing_items(tmp_path, encoders, ray_local):
     build_digits(tmp_path / "digits", n_train=64, n_test=0)
     path = tmp_path / "encode.yaml"
-    path.write_text(yaml.safe_dump(digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")))
+    # Ray Data: its start leaves time to kill the job part way (the driver would finish these 64 items first)
+    path.write_text(yaml.safe_dump(digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache",
+                                                 in_process_max_items=0)))
     # its own short Ray temp dir: Ray's socket paths must stay under 108 characters
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     log = open(tmp_path / "job.log", "w")
@@ -201,7 +249,7 @@ def test_each_media_item_is_encoded_once_across_questions_prompts_and_datasets(t
     sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
     sections["dataset"]["path"] = str(tmp_path / "digits" / "asked.json")
     first = run_encode(config(**sections))
-    assert first.items == {"unique": 8, "in_store": 0, "encoded": 8, "rejected": 0}
+    assert first.encoded_in == "driver" and first.items == {"unique": 8, "in_store": 0, "encoded": 8, "rejected": 0}
     assert first.manifest["counts"]["written"] == 40
     # new prompt wording: a new entry, every feature from the store, no media byte read again
     reworded = [{**r, "conversations": turns(r["conversations"][0]["value"].replace("Question", "Query"), "x")}
@@ -209,7 +257,7 @@ def test_each_media_item_is_encoded_once_across_questions_prompts_and_datasets(t
     (tmp_path / "digits" / "asked.json").write_text(json.dumps(reworded))
     edited = run_encode(config(**sections))
     assert edited.uri != first.uri and edited.items == {"unique": 8, "in_store": 8, "encoded": 0, "rejected": 0}
-    assert edited.fingerprinted_files == 0
+    assert edited.fingerprinted_files == 0 and edited.encoded_in is None
     same = {s.key: s.items[0] for s in FeatureCache(first.uri).iter_samples(shuffle=False)}
     assert all(np.array_equal(same[s.key], s.items[0])
                for s in FeatureCache(edited.uri).iter_samples(shuffle=False))
@@ -259,7 +307,8 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
         s3.upload_file(str(path), BUCKET, f"raw/digits/{path.relative_to(tmp_path / 'digits')}")
     source = {"format": "llava", "path": f"s3://{BUCKET}/raw/digits/train.json"}
     spec = {"dataset": source, "encoder": {"kind": "clip", "model_dir": str(encoders["clip"])},
-            "cache": {"root": f"s3://{BUCKET}/cache", "shard_size": 4}}
+            "cache": {"root": f"s3://{BUCKET}/cache", "shard_size": 4},
+            "run": {"in_process_max_items": 0}}  # Ray Data: its workers get the S3 settings from the driver
     result = run_encode(config(**spec))
     assert result.uri.startswith(f"s3://{BUCKET}/cache/image-clip-")
     assert result.manifest["counts"] == {"read": 6, "written": 6, "rejected": 0}
