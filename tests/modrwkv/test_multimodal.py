@@ -365,7 +365,8 @@ def packing_samples():
                items=[image(21), image(9)]),
         Sample("text", "image", [Turn("user", "Say hi."), Turn("assistant", "hi there")]),
         Sample("big", "image", [Turn("user", "<image>\nDescribe it in detail."),
-                                Turn("assistant", "a small grey cat on a red chair near the window")], items=[image(41)]),
+                                Turn("assistant", "a small grey cat on a red chair near the window")],
+               items=[image(41)]),
         Sample("audio", "audio", [Turn("user", "<audio>\nWhat was said?"), Turn("assistant", "seven")],
                items=[rng.standard_normal((11, 16)).astype(np.float32)]),
     ]
