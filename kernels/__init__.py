@@ -73,7 +73,7 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
     """The segment offsets as ints, after checking that they cut [0, T) into non-empty segments."""
-    offsets = [int(x) for x in cu_seqlens]
+    offsets = cu_seqlens.tolist()  # one device sync, not one per offset
     if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
         raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {offsets}")
     if any(e <= s for s, e in zip(offsets, offsets[1:])):

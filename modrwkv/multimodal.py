@@ -230,9 +230,10 @@ class ModRWKV(nn.Module):
         per row, or per packed sequence of a row [1, T] (cu_seqlens: their offsets)."""
         self.backbone.check_input_ids(input_ids)
         B, T = input_ids.shape
+        offsets = None if cu_seqlens is None else cu_seqlens.tolist()
         # (row, start, end) of every sample
-        spans = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
-                 else [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+        spans = ([(b, 0, T) for b in range(B)] if offsets is None
+                 else [(0, start, end) for start, end in zip(offsets, offsets[1:])])
         if len(features) != len(spans):
             raise ValueError(f"{len(spans)} sequences but feature lists for {len(features)}")
         x = self.backbone.emb(input_ids)

@@ -73,23 +73,25 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
 
 class RowPacker:
     """One cache's samples as rows of up to max_length tokens: `buffer` samples read at a time (the cache's order
-    is already shuffled) and packed first-fit decreasing, their rows handed out in order, then the next buffer.
+    is already shuffled) and packed first-fit decreasing; their rows are handed out in a seeded shuffle (first-fit
+    decreasing makes the rows of the longest samples first), then the next buffer is read.
 
-    Its position is the rows handed out of the current buffer (`used`); with the count of samples read before
-    that buffer, it rebuilds the same rows: the buffer is read again from its start and packs the same way."""
+    Its position is the samples read before the current buffer (`start`) and the rows handed out of it (`used`):
+    reading that buffer again packs and orders the same rows."""
 
-    def __init__(self, samples, collator, buffer: int, cache_size: int, uri: str, used: int = 0):
+    def __init__(self, samples, collator, buffer: int, cache_size: int, uri: str, seed: int, start: int = 0,
+                 used: int = 0):
         self.samples, self.collator, self.buffer = samples, collator, buffer
-        self.cache_size, self.uri = cache_size, uri
-        self.rows, self.used, self.read, self.skipped = [], 0, 0, []
+        self.cache_size, self.uri, self.seed = cache_size, uri, seed
+        self.rows, self.start, self.read, self.used, self.skipped = [], start, 0, 0, []
         if used:  # resuming inside a buffer: read it again, skip what was handed out
             self.fill()
             self.used = used
 
     def fill(self) -> None:
         for _ in range(self.cache_size // self.buffer + 1):  # every sample over-long: read on, a pass at most
+            self.start, self.read, self.used = self.start + self.read, self.buffer, 0
             encoded, skipped = self.collator.encode_all([next(self.samples) for _ in range(self.buffer)])
-            self.read, self.used = self.buffer, 0
             self.skipped += skipped
             if encoded:
                 break
@@ -97,6 +99,7 @@ class RowPacker:
             raise ValueError(f"{self.uri}: every sample drawn is over max_length "
                              f"({len(self.skipped)} in a row, e.g. {self.skipped[0]})")
         bins = first_fit_decreasing([len(e.ids) for e in encoded], self.collator.max_length)
+        random.Random(f"{self.seed}/{self.start}").shuffle(bins)
         self.rows = [[encoded[i] for i in row] for row in bins]
 
     def next_row(self) -> list:
@@ -145,14 +148,13 @@ class MicroBatches:
         for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
-        self.packers = [RowPacker(self.streams[i], collator, pack_buffer, len(c), c.uri, position["rows"][i])
-                        for i, c in enumerate(caches)] if pack_buffer else None
+        self.packers = [RowPacker(self.streams[i], collator, pack_buffer, len(c), c.uri, seed, position["taken"][i],
+                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
         if self.packers is None:
             return {"draws": self.draws, "taken": list(self.taken)}
-        return {"draws": self.draws, "taken": [n - p.read for n, p in zip(self.taken, self.packers)],
-                "rows": [p.used for p in self.packers]}
+        return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers]}
 
     def draw(self) -> int:
         self.draws += 1
