@@ -4,11 +4,15 @@ CPU (always): "chunked" vs "reference" at T = 4k (B=1, H=12, N=64, fp32).
 CUDA (when a GPU is present): "triton" vs flash-linear-attention's `chunk_rwkv7` (if installed) vs
 "reference"-free timing, B=8, H=12, N=64, T = 1k, 4k, 16k, bf16 inputs; plus the fraction of the memory
 floor (inputs read once + y written once, at the device's peak bandwidth given by --peak-gbs).
+Packed rows (issue 15): the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
+batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: "triton" (and fla's chunk_rwkv7 with
+cu_seqlens, if installed) at 16k tokens, bf16.
 
     python benchmarks/kernels.py [--out DIR] [--peak-gbs 3350]
 """
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -56,12 +60,45 @@ def fla_chunk_rwkv7():
     except ImportError:
         return None
 
-    def run(r, w, k, v, a, b):
+    def run(r, w, k, v, a, b, cu_seqlens=None):
         # fla takes the log-decay -exp(w) and returns (o, final_state)
-        o, _ = chunk_rwkv7(r, -torch.exp(w.float()).to(r.dtype), k, v, a, b, scale=1.0, output_final_state=True)
+        o, _ = chunk_rwkv7(r, -torch.exp(w.float()).to(r.dtype), k, v, a, b, scale=1.0, output_final_state=True,
+                           cu_seqlens=cu_seqlens)
         return o
 
     return run
+
+
+def segment_lengths(total: int, seed: int = 0) -> list[int]:
+    """Lengths as spread as LLaVA-665K's samples (lognormal, median 300, clipped to [16, 2048]) filling `total`."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(torch.empty(1).log_normal_(math.log(300), 1.0, generator=g).clamp(16, 2048)))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def padded_batch(xs, lengths):
+    """A packed row's segments [1, T, H, N] as a right-padded batch [S, longest, H, N]."""
+    longest = max(lengths)
+    return [torch.stack([F.pad(seg, (0, 0, 0, 0, 0, longest - len(seg))) for seg in x[0].split(lengths)]) for x in xs]
+
+
+def packed_vs_padded(T, H, N, dtype, device, backends: dict) -> list[dict]:
+    """Real tokens/s of each backend on one packed row and on the same segments right-padded."""
+    lengths = segment_lengths(T)
+    xs = inputs(1, T, H, N, dtype, device)
+    cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0)
+    where = {"device": device if device == "cpu" else torch.cuda.get_device_name(), "T": T,
+             "segments": len(lengths), "longest": max(lengths), "dtype": str(dtype).removeprefix("torch.")}
+    rows = []
+    for name, run in backends.items():
+        for layout, fn, args in (("packed", lambda *t, run=run: run(*t, cu_seqlens=cu_seqlens), xs),
+                                 ("padded", run, padded_batch(xs, lengths))):
+            # B = 1: tokens/s counts the T real tokens only, padded or not
+            rows.append({**where, "layout": layout, **bench_backend(name, fn, args, device, T, 1)})
+    return rows
 
 
 def bench_backend(name, fn, xs, device, T, B):
@@ -96,6 +133,9 @@ def main():
             row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
         rows.append(row)
 
+    packed = packed_vs_padded(4096, H, N, torch.float32, "cpu",
+                              {"chunked": lambda *t, **kw: wkv7(*t, backend="chunked", **kw)[0]})
+
     if torch.cuda.is_available():
         B = 8
         fla = fla_chunk_rwkv7()
@@ -113,6 +153,10 @@ def main():
                 floor_bytes = 7 * B * T * H * N * 2  # six inputs read, y written, bf16
                 row["fwd_frac_of_memory_floor"] = floor_bytes / (args.peak_gbs * 1e9) / (B * T / row["fwd_tok_s"])
                 rows.append(row)
+        backends = {"triton": lambda *t, **kw: wkv7(*t, backend="triton", **kw)[0]}
+        if fla is not None:
+            backends["fla chunk_rwkv7"] = fla
+        packed += packed_vs_padded(16384, H, N, torch.bfloat16, "cuda", backends)
 
     machine = f"{platform.machine()}, torch {torch.__version__}" + (
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only (2 threads)")
@@ -125,7 +169,11 @@ def main():
     lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "
                  f"{cpu['chunked']['fwd_tok_s'] / cpu['reference']['fwd_tok_s']:.1f}x, forward+backward "
                  f"{cpu['chunked']['fwd_bwd_tok_s'] / cpu['reference']['fwd_bwd_tok_s']:.1f}x")
-    write_report(args.out, "kernels", machine, rows, lines)
+    lines += ["", "| device | real tokens | segments (longest) | dtype | backend | layout | fwd tok/s "
+              "| fwd+bwd tok/s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['device']} | {r['T']} | {r['segments']} ({r['longest']}) | {r['dtype']} | {r['backend']} | "
+              f"{r['layout']} | {r['fwd_tok_s']:.0f} | {r['fwd_bwd_tok_s']:.0f} |" for r in packed]
+    write_report(args.out, "kernels", machine, rows + packed, lines)
 
 
 if __name__ == "__main__":

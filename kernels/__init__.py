@@ -38,7 +38,8 @@ def _triton(*args):
 
 BACKENDS = {"reference": wkv7_reference, "chunked": wkv7_chunked, "triton": _triton}
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "default_backend", "wkv7", "wkv7_chunked", "wkv7_reference"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "check_cu_seqlens", "default_backend", "wkv7", "wkv7_chunked",
+           "wkv7_reference"]
 
 
 def default_backend(device: torch.device, seq_len: int) -> str:
@@ -70,14 +71,20 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     return y.to(r.dtype), state
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
+    """The segment offsets as ints, after checking that they cut [0, T) into non-empty segments."""
+    offsets = cu_seqlens.tolist()  # one device sync, not one per offset
+    if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {offsets}")
+    if any(e <= s for s, e in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens: every segment needs at least one step, got offsets {offsets}")
+    return offsets
+
+
 def segment_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(segment, position within it) of every packed step, after checking the offsets."""
-    offsets = [int(x) for x in cu_seqlens]
-    if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
-        raise ValueError(f"wkv7: cu_seqlens must run from 0 to T={T}, got {offsets}")
+    offsets = check_cu_seqlens(cu_seqlens, T)
     lengths = torch.tensor([e - s for s, e in zip(offsets, offsets[1:])])
-    if (lengths <= 0).any():
-        raise ValueError(f"wkv7: every segment needs at least one step, got offsets {offsets}")
     segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     return segment, torch.arange(T) - torch.tensor(offsets[:-1])[segment]
 

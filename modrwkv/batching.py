@@ -1,5 +1,7 @@
 """Cached samples -> model batches: the chat template, placeholder runs sized by each projector's
-compression, right padding with an attention mask, labels only on assistant words (-100 elsewhere).
+compression, labels only on assistant words (-100 elsewhere), and one of two layouts: right padding with an
+attention mask (`Collator.__call__`), or packed, the samples end to end in one row with their offsets
+(`Collator.pack`, rows of up to `max_length` tokens filled by `first_fit_decreasing`).
 
 A sample longer than `max_length` tokens raises `OverLength`, or, with `skip_over_length`, is left out of its
 batch and named in `Batch.skipped` (training's policy: one sample never stops a run; truncating would cut the
@@ -69,24 +71,59 @@ class Sample:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [B, T], right-padded with 0
-    attention_mask: torch.Tensor  # [B, T] bool
-    labels: torch.Tensor  # [B, T], IGNORE on padding, prompts and modality positions
-    features: list[Features]
-    series_target: torch.Tensor | None  # [B, horizon] (normalised) for forecasting batches
+    input_ids: torch.Tensor  # [B, T] right-padded with 0; packed: [1, T], the samples end to end
+    attention_mask: torch.Tensor | None  # [B, T] bool; None when packed (no position is padding)
+    labels: torch.Tensor  # [B, T] (packed: [1, T]), IGNORE on padding, prompts and modality positions
+    features: list[Features]  # per sample
+    series_target: torch.Tensor | None  # [B, horizon] (normalised) for forecasting batches, a row per sample
     sample_ids: list[str]
     series_lookback: torch.Tensor | None = None  # [B, lookback] (normalised) for forecasting batches
     skipped: list[dict] = field(default_factory=list)  # {"key", "tokens"} of samples left out (over max_length)
+    cu_seqlens: torch.Tensor | None = None  # packed: [samples + 1] offsets of the samples in the row
+    slots: int = 0  # token positions of the layout: B x T padded; packed: rows x max_length, filled or not
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return self.input_ids.shape[1] if self.cu_seqlens is not None else int(self.attention_mask.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """The share of the layout's positions that hold no sample token: right padding, or the rows' unfilled
+        ends (a packed row is computed only as far as it is filled; the fraction says how well it was packed)."""
+        return 1.0 - self.n_tokens / self.slots if self.slots else 0.0
 
 
 class OverLength(ValueError):
     def __init__(self, key: str, tokens: int, max_length: int):
         super().__init__(f"sample {key}: {tokens} tokens, over the context length {max_length}")
         self.key, self.tokens = key, tokens
+
+
+@dataclass
+class Encoded:
+    """A sample as the model reads it: token ids and labels (placeholder runs sized), its features and series."""
+
+    sample: Sample
+    ids: list[int]
+    labels: list[int]
+    items: Features
+    target: torch.Tensor | None
+    lookback: torch.Tensor | None
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each summing to at most `capacity`: the longest first, each into the first
+    bin with room for it, a new bin when none has. Deterministic (equal lengths keep their order)."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        first = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if first is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[first].append(i)
+            room[first] -= lengths[i]
+    return bins
 
 
 class Collator:
@@ -100,17 +137,18 @@ class Collator:
             raise ValueError(f"sample {sample_id}: the model has no {modality} projector")
         return self.config.projectors[modality].compressed_length(features.shape[0])
 
-    def encode(self, sample: Sample):
+    def encode(self, sample: Sample) -> Encoded:
         items = sample.features()
         lengths = [self.item_length(m, f, sample.key) for m, f in items]
         ids, labels = tokenize_conversation(self.tokenizer, sample.turns, lengths, sample.key)
         if self.max_length and len(ids) > self.max_length:
             raise OverLength(sample.key, len(ids), self.max_length)
         as_tensor = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731
-        return ids, labels, items, as_tensor(sample.target), as_tensor(sample.lookback)
+        return Encoded(sample, ids, labels, items, as_tensor(sample.target), as_tensor(sample.lookback))
 
-    def __call__(self, samples: list[Sample]) -> Batch:
-        kept, encoded, skipped = [], [], []
+    def encode_all(self, samples: list[Sample]) -> tuple[list[Encoded], list[dict]]:
+        """(the samples that fit, encoded; {"key", "tokens"} of those left out) under the over-length policy."""
+        encoded, skipped = [], []
         for sample in samples:
             try:
                 encoded.append(self.encode(sample))
@@ -118,17 +156,43 @@ class Collator:
                 if not self.skip_over_length:
                     raise
                 skipped.append({"key": e.key, "tokens": e.tokens})
-                continue
-            kept.append(sample)
+        return encoded, skipped
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        """One right-padded row per sample."""
+        encoded, skipped = self.encode_all(samples)
         if not encoded:
             return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
                          torch.zeros(0, 0, dtype=torch.long), [], None, [], skipped=skipped)
-        input_ids, mask, labels = right_pad([ids for ids, *_ in encoded], [lab for _, lab, *_ in encoded])
-        targets = [t for *_, t, _ in encoded]
+        input_ids, mask, labels = right_pad([e.ids for e in encoded], [e.labels for e in encoded])
+        return Batch(input_ids, mask, labels, [e.items for e in encoded], sample_ids=[e.sample.key for e in encoded],
+                     skipped=skipped, slots=input_ids.numel(), **self.series(encoded))
+
+    def pack(self, rows: list[list[Encoded]], skipped: list[dict] | None = None) -> Batch:
+        """Rows of samples (each row at most max_length tokens, e.g. from `first_fit_decreasing`) laid end to end
+        in one packed row [1, T] with the samples' offsets: rows are a token budget, not a layout, so nothing is
+        padded. Labels at each sample's first token stay as tokenised (the model drops the target across a
+        boundary)."""
+        encoded = [e for row in rows for e in row]
+        if not encoded:
+            raise ValueError("nothing to pack")
+        for row in rows:
+            if self.max_length and sum(len(e.ids) for e in row) > self.max_length:
+                raise ValueError(f"a row of {sum(len(e.ids) for e in row)} tokens, over max_length {self.max_length}")
+        input_ids = torch.tensor([[t for e in encoded for t in e.ids]])
+        labels = torch.tensor([[t for e in encoded for t in e.labels]])
+        cu_seqlens = torch.tensor([0] + [len(e.ids) for e in encoded]).cumsum(0)
+        slots = len(rows) * self.max_length if self.max_length else input_ids.numel()
+        return Batch(input_ids, None, labels, [e.items for e in encoded], sample_ids=[e.sample.key for e in encoded],
+                     skipped=skipped or [], cu_seqlens=cu_seqlens, slots=slots, **self.series(encoded))
+
+    @staticmethod
+    def series(encoded: list[Encoded]) -> dict:
+        """series_target and series_lookback: forecasting samples' horizons and lookbacks, stacked (else None)."""
+        targets = [e.target for e in encoded]
         if any(t is None for t in targets) != all(t is None for t in targets):
             raise ValueError("a batch mixes forecasting samples with others; batch each cache separately")
         series_target = None if targets[0] is None else torch.stack(targets)
-        lookbacks = [lb for *_, lb in encoded]
+        lookbacks = [e.lookback for e in encoded]
         series_lookback = None if series_target is None or lookbacks[0] is None else torch.stack(lookbacks)
-        return Batch(input_ids, mask, labels, [items for _, _, items, *_ in encoded], series_target,
-                     [s.key for s in kept], series_lookback, skipped)
+        return {"series_target": series_target, "series_lookback": series_lookback}

@@ -4,6 +4,11 @@
 
 The time mix's recurrence goes through `kernels.wkv7`; everything else is plain PyTorch. One forward serves
 training (parallel over [B, T], right-padding mask), prefill and decoding (state in, state out).
+
+Packed input: one row [1, T] of S sequences laid end to end, `cu_seqlens` [S + 1] their offsets. Only two
+paths cross tokens, the token shift and the wkv recurrence, and both restart at every offset from that
+sequence's own state (zeros, or its row of an S-row state); everything else (LayerNorms, LoRAs, the value
+residual, ln_x, the bonus) acts on each token alone. So a packed row computes exactly what S separate runs do.
 """
 
 import math
@@ -50,14 +55,22 @@ class RWKV7State:
         return sum(t.numel() * t.element_size() for t in (self.att_shift, self.wkv, self.ffn_shift))
 
 
-def token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """x[:, t-1] for every t, with `previous` ([B, C], or zeros) standing before the first token."""
-    first = torch.zeros_like(x[:, :1]) if previous is None else previous[:, None].to(x.dtype)
+def token_shift(x: torch.Tensor, previous: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """x[:, t-1] for every t, with `previous` ([B, C]) standing before the first token. A packed row ([1, T, C])
+    has one `previous` per sequence ([S, C]), standing before that sequence's first token instead of x[:, t-1]."""
+    first = previous[:, None].to(x.dtype)
+    if cu_seqlens is not None:
+        shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return shifted[0].index_put((cu_seqlens[:-1],), first[:, 0])[None]
     return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)
 
 
-def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Tensor | None) -> torch.Tensor:
-    """x at each row's last real position ([B, C]); rows with no real token keep `previous`."""
+def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """x at each row's last real position ([B, C]), or at each packed sequence's last position ([S, C]);
+    rows with no real token keep `previous`."""
+    if cu_seqlens is not None:
+        return x[0, cu_seqlens[1:] - 1]
     if lengths is None:
         return x[:, -1]
     rows = torch.arange(x.shape[0], device=x.device)
@@ -85,12 +98,14 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, shift, wkv_state, v_first, pad):
-        """x: [B, T, C] (ln1 output); pad: [B, T] bool (True = padding) or None."""
+    def forward(self, x, shift, wkv_state, v_first, pad, cu_seqlens):
+        """x: [B, T, C] (ln1 output); pad: [B, T] bool (True = padding) or None; cu_seqlens: a packed row's
+        sequence offsets or None."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x
-        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        xx = token_shift(x, shift, cu_seqlens) - x
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m)
+                                  for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # decay exp(-exp(w)) in (0.545, 1)
@@ -111,7 +126,8 @@ class TimeMix(nn.Module):
             keep = (~pad)[..., None]
             wkv_in = [t * keep for t in wkv_in]
             wkv_in[1] = w.masked_fill(~keep, float("-inf"))
-        y, wkv_state = kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state)
+        y, wkv_state = kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state,
+                                    cu_seqlens=cu_seqlens)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         y = y + ((r * k).view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True).mul(v.view(B, T, H, N)).view(B, T, C)
@@ -125,8 +141,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(self, x, shift):
-        k = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
+    def forward(self, x, shift, cu_seqlens):
+        k = torch.addcmul(x, token_shift(x, shift, cu_seqlens) - x, self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2)
 
 
@@ -141,15 +157,16 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
-    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, pad, lengths):
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, pad, lengths, cu_seqlens):
         if self.layer_id == 0:
             x = self.ln0(x)
         xa = self.ln1(x)
-        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, pad)
+        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, pad, cu_seqlens)
         x = x + out
         xf = self.ln2(x)
-        x = x + self.ffn(xf, ffn_shift)
-        return x, v_first, last_valid(xa, lengths, att_shift), wkv_state, last_valid(xf, lengths, ffn_shift)
+        x = x + self.ffn(xf, ffn_shift, cu_seqlens)
+        return (x, v_first, last_valid(xa, lengths, att_shift, cu_seqlens), wkv_state,
+                last_valid(xf, lengths, ffn_shift, cu_seqlens))
 
 
 class RWKV7(nn.Module):
@@ -286,35 +303,37 @@ class RWKV7(nn.Module):
         logits_to_keep: int = 0,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RWKV7State]:
         """Returns (logits, state): logits [B, T, V] (or [B, n, V] for logits_to_keep=n), and the state after
         the last real token of each row, which continues the sequence exactly.
 
         attention_mask: [B, T], 1 for real tokens, 0 for right padding. inputs_embeds ([B, T, C]) replaces
-        the embedding lookup (the multimodal model splices encoder features in there).
+        the embedding lookup (the multimodal model splices encoder features in there). cu_seqlens: [S + 1]
+        offsets of S sequences packed into one row [1, T]; `state` then holds S sequences, in and out.
         """
-        x, state, pad, lengths = self._prepare(input_ids, inputs_embeds, state, attention_mask)
+        x, state, pad, lengths, cu_seqlens = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
         T = x.shape[1]
         segment = self.prefill_segment
-        if torch.is_grad_enabled() or T <= segment or pad is not None:
-            hidden, state = self._body(x, state, pad, lengths)
+        if torch.is_grad_enabled() or T <= segment or pad is not None or cu_seqlens is not None:
+            hidden, state = self._body(x, state, pad, lengths, cu_seqlens)
             return self._logits(hidden, logits_to_keep), state
         kept = []
         keep = logits_to_keep or T
         for start in range(0, T, segment):
-            hidden, state = self._body(x[:, start : start + segment], state, None, None)
+            hidden, state = self._body(x[:, start : start + segment], state, None, None, None)
             n = min(keep - (T - start - hidden.shape[1]), hidden.shape[1])
             if n > 0:
                 kept.append(self._logits(hidden, n))
         return torch.cat(kept, dim=1), state
 
-    def forward_hidden(self, input_ids=None, state=None, attention_mask=None, inputs_embeds=None):
+    def forward_hidden(self, input_ids=None, state=None, attention_mask=None, inputs_embeds=None, cu_seqlens=None):
         """The body without the head: (hidden states after ln_out [B, T, C], state). For heads of one's own."""
-        x, state, pad, lengths = self._prepare(input_ids, inputs_embeds, state, attention_mask)
-        hidden, state = self._body(x, state, pad, lengths)
+        x, state, pad, lengths, cu_seqlens = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
+        hidden, state = self._body(x, state, pad, lengths, cu_seqlens)
         return self.ln_out(hidden), state
 
-    def _prepare(self, input_ids, inputs_embeds, state, attention_mask):
+    def _prepare(self, input_ids, inputs_embeds, state, attention_mask, cu_seqlens):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -324,11 +343,17 @@ class RWKV7(nn.Module):
             x = inputs_embeds.to(self.emb.weight.dtype)
         B, T, _ = x.shape
         pad, lengths = self._padding(attention_mask, B, T, x.device)
+        if cu_seqlens is not None:
+            if B != 1 or attention_mask is not None:
+                raise ValueError(f"packed input (cu_seqlens) is one row without padding: got {B} rows"
+                                 + (" and an attention_mask" if attention_mask is not None else ""))
+            B = len(kernels.check_cu_seqlens(cu_seqlens, T)) - 1  # one state per packed sequence
+            cu_seqlens = cu_seqlens.to(x.device)
         if state is None:
             state = self.zero_state(B, x.device, x.dtype)
         elif state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} sequences but the input has {B}")
-        return x, state, pad, lengths
+        return x, state, pad, lengths, cu_seqlens
 
     def _padding(self, attention_mask, B, T, device):
         if attention_mask is None:
@@ -343,11 +368,11 @@ class RWKV7(nn.Module):
             return None, None
         return ~mask, lengths
 
-    def _body(self, x, state, pad, lengths):
+    def _body(self, x, state, pad, lengths, cu_seqlens):
         v_first = None
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
-            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], pad, lengths)
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], pad, lengths, cu_seqlens)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, v_first, att_shift, wkv, ffn_shift = checkpoint(block, *args, use_reentrant=False)
             else:

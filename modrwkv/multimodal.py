@@ -224,18 +224,24 @@ class ModRWKV(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     # ---- sequence assembly --------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, features: list[Features], sample_ids=None) -> torch.Tensor:
-        """Token embeddings with every placeholder run replaced by its item's adapted features."""
+    def embed(self, input_ids: torch.Tensor, features: list[Features], sample_ids=None,
+              cu_seqlens=None) -> torch.Tensor:
+        """Token embeddings with every placeholder run replaced by its item's adapted features. One feature list
+        per row, or per packed sequence of a row [1, T] (cu_seqlens: their offsets)."""
         self.backbone.check_input_ids(input_ids)
-        if len(features) != input_ids.shape[0]:
-            raise ValueError(f"{input_ids.shape[0]} sequences but feature lists for {len(features)}")
+        B, T = input_ids.shape
+        offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+        # (row, start, end) of every sample
+        spans = ([(b, 0, T) for b in range(B)] if offsets is None
+                 else [(0, start, end) for start, end in zip(offsets, offsets[1:])])
+        if len(features) != len(spans):
+            raise ValueError(f"{len(spans)} sequences but feature lists for {len(features)}")
         x = self.backbone.emb(input_ids)
-        rows = []
-        for b, items in enumerate(features):
-            name = sample_ids[b] if sample_ids is not None else str(b)
-            row = x[b]
+        rows = list(x.unbind(0))
+        for i, ((b, start, end), items) in enumerate(zip(spans, features)):
+            name = sample_ids[i] if sample_ids is not None else str(i)
             for modality, placeholder in PLACEHOLDER_IDS.items():
-                positions = (input_ids[b] == placeholder).nonzero().squeeze(-1)
+                positions = start + (input_ids[b, start:end] == placeholder).nonzero().squeeze(-1)
                 mine = [f for m, f in items if m == modality]
                 if not mine:
                     if len(positions):
@@ -252,22 +258,26 @@ class ModRWKV(nn.Module):
                         f"sample {name}: {len(positions)} <{modality}> positions but the features give "
                         f"{adapted.shape[0]} vectors after compression"
                     )
-                row = row.index_put((positions,), adapted)
-            rows.append(row)
+                rows[b] = rows[b].index_put((positions,), adapted)
         return torch.stack(rows)
 
     def forward(self, input_ids, features, attention_mask=None, labels=None, state=None,
                 series_target=None, sample_ids=None, return_logits: bool = True,
-                series_lookback=None) -> ModRWKVOutput:
-        """With labels, the LM loss (next-token, labels aligned with input_ids). return_logits=False skips the
-        head except at labelled positions: what training wants with a 65536-word vocabulary.
-        series_lookback [B, L >= forecast_lookback]: the normalised lookback, for a model with a forecast skip."""
-        embeds = self.embed(input_ids, features, sample_ids)
-        hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
+                series_lookback=None, cu_seqlens=None) -> ModRWKVOutput:
+        """With labels, the LM loss (next-token, labels aligned with input_ids): the mean over every labelled
+        token of the batch. return_logits=False skips the head except at labelled positions: what training wants
+        with a 65536-word vocabulary. series_lookback [B, L >= forecast_lookback]: the normalised lookback, for a
+        model with a forecast skip. cu_seqlens: the samples are packed into one row [1, T] at these offsets
+        (features, series_target, series_lookback and the returned state are then per sample)."""
+        embeds = self.embed(input_ids, features, sample_ids, cu_seqlens)
+        hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask,
+                                                     cu_seqlens=cu_seqlens)
         logits = self.backbone.head(hidden) if return_logits else None
         lm_loss = forecast_loss = forecast = None
-        if labels is not None and (labels[:, 1:] != IGNORE).any():  # forecasting-only batches have no text targets
-            targets = labels[:, 1:]
+        targets = None if labels is None else labels[:, 1:]
+        if targets is not None and cu_seqlens is not None:  # a sample's last token predicts nothing of the next
+            targets = targets.index_fill(1, cu_seqlens[1:-1].to(targets.device) - 1, IGNORE)
+        if targets is not None and (targets != IGNORE).any():  # forecasting-only batches have no text targets
             learned = targets != IGNORE
             if logits is not None:
                 scores = logits[:, :-1][learned]
@@ -276,7 +286,7 @@ class ModRWKV(nn.Module):
             lm_loss = F.cross_entropy(scores.float(), targets[learned])
         if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
             lengths = attention_mask.sum(1) if attention_mask is not None else None
-            forecast = self.forecast_head(last_valid(hidden, lengths, None))
+            forecast = self.forecast_head(last_valid(hidden, lengths, None, cu_seqlens))
             if self.forecast_skip is not None:
                 forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
             if series_target is not None:

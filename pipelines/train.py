@@ -177,7 +177,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         loop_config = WorkerConfig(
             phase=phase, hp=hp, caches=caches, model=mm_config, backbone_path=absolute(config.model.backbone.path),
             init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,
-            max_length=config.max_length, prefetch_threads=config.prefetch_threads, seed=config.seed,
+            max_length=config.max_length, packing=config.packing, pack_buffer=config.pack_buffer,
+            prefetch_threads=config.prefetch_threads, seed=config.seed,
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,

@@ -30,7 +30,9 @@ class PhaseConfig:
     lr: float
     steps: int  # optimizer steps
     global_batch: int
-    micro_batch: int = 8  # per worker; accumulation fills the global batch
+    # per worker, samples (padded) or rows of up to max_length tokens (packing); accumulation fills the global
+    # batch, which counts the same unit
+    micro_batch: int = 8
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -78,6 +80,11 @@ class TrainConfig:
     caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
     output_dir: str = "runs/train"
     max_length: int = 2048
+    # Several samples per row of up to max_length tokens, first-fit decreasing over `pack_buffer` samples at a time;
+    # each sample's recurrence starts from zero, exactly as alone. Off: one right-padded row per sample.
+    # benchmarks/RESULTS.md (training throughput) measures both.
+    packing: bool = True
+    pack_buffer: int = 128
     prefetch_threads: int = 4  # per worker, read, check and decode the next shards ahead; 0: on the training thread
     seed: int = 0
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -87,6 +94,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.prefetch_threads < 0:
             raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
+        if self.packing and (self.pack_buffer < 1 or self.max_length < 1):
+            raise ValueError(f"packing needs pack_buffer and max_length of 1 or more, not {self.pack_buffer}, "
+                             f"{self.max_length}")
         for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
             caches = phase.caches or self.caches
             if not caches:

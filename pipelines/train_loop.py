@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from modrwkv import RWKV7
-from modrwkv.batching import Collator
+from modrwkv.batching import Collator, first_fit_decreasing
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.cache.entry import FeatureCache
@@ -38,6 +38,8 @@ class WorkerConfig:
     feature_stats: dict  # modality -> the training features' mean and std or whitening (phase I)
     deepspeed: DeepSpeedConfig
     max_length: int
+    packing: bool
+    pack_buffer: int
     prefetch_threads: int
     seed: int
     tracking_uri: str
@@ -69,31 +71,90 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
+class RowPacker:
+    """One cache's samples as rows of up to max_length tokens: `buffer` samples read at a time (the cache's order
+    is already shuffled) and packed first-fit decreasing; their rows are handed out in a seeded shuffle (first-fit
+    decreasing makes the rows of the longest samples first), then the next buffer is read.
+
+    Its position is the samples read before the current buffer (`start`) and the rows handed out of it (`used`):
+    reading that buffer again packs and orders the same rows."""
+
+    def __init__(self, samples, collator, buffer: int, cache_size: int, uri: str, seed: int, start: int = 0,
+                 used: int = 0):
+        self.samples, self.collator, self.buffer = samples, collator, buffer
+        self.cache_size, self.uri, self.seed = cache_size, uri, seed
+        self.rows, self.start, self.read, self.used, self.skipped = [], start, 0, 0, []
+        if used:  # resuming inside a buffer: read it again, skip what was handed out
+            self.fill()
+            self.used = used
+
+    def fill(self) -> None:
+        for _ in range(self.cache_size // self.buffer + 1):  # every sample over-long: read on, a pass at most
+            self.start, self.read, self.used = self.start + self.read, self.buffer, 0
+            encoded, skipped = self.collator.encode_all([next(self.samples) for _ in range(self.buffer)])
+            self.skipped += skipped
+            if encoded:
+                break
+        else:
+            raise ValueError(f"{self.uri}: every sample drawn is over max_length "
+                             f"({len(self.skipped)} in a row, e.g. {self.skipped[0]})")
+        bins = first_fit_decreasing([len(e.ids) for e in encoded], self.collator.max_length)
+        random.Random(f"{self.seed}/{self.start}").shuffle(bins)
+        self.rows = [[encoded[i] for i in row] for row in bins]
+
+    def next_row(self) -> list:
+        if self.used == len(self.rows):
+            self.fill()
+        self.used += 1
+        return self.rows[self.used - 1]
+
+    def take(self, n: int):
+        """A packed micro-batch of `n` rows, with the over-long samples left out since the last one."""
+        rows = [self.next_row() for _ in range(n)]
+        batch = self.collator.pack(rows, self.skipped)
+        self.skipped = []
+        return batch
+
+
 class MicroBatches:
     """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
     sample counts). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
     the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
     text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
 
-    `position()` is plain counts (caches drawn; per cache, the samples taken); a stream built with it continues
-    exactly where the first one stood, reading no shard before that point."""
+    A micro-batch is `micro` samples, right-padded; or with `pack_buffer` > 0, `micro` rows of up to max_length
+    tokens packed from buffers of that many samples (`RowPacker`).
+
+    `position()` is plain counts (caches drawn; per cache, the samples taken, and when packing, taken before the
+    current buffer and the rows handed out of it); a stream built with it continues exactly where the first one
+    stood, reading no shard before that point."""
 
     def __init__(self, caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None,
-                 position: dict | None = None, prefetch: int = 4):
+                 position: dict | None = None, prefetch: int = 4, pack_buffer: int = 0):
         self.caches, self.collator, self.micro, self.seed = caches, collator, micro, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
         self.weights = mix or [len(c) for c in caches]
-        position = position or {"draws": 0, "taken": [0] * len(caches)}
+        if position is None:
+            position = {"draws": 0, "taken": [0] * len(caches)}
+            if pack_buffer:
+                position["rows"] = [0] * len(caches)
         if len(position["taken"]) != len(caches):
             raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
+        if ("rows" in position) != bool(pack_buffer):
+            saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
+            raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
         self.draws, self.taken = 0, list(position["taken"])
         self.pick = random.Random(seed)
         for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
+        self.packers = [RowPacker(self.streams[i], collator, pack_buffer, len(c), c.uri, seed, position["taken"][i],
+                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
-        return {"draws": self.draws, "taken": list(self.taken)}
+        if self.packers is None:
+            return {"draws": self.draws, "taken": list(self.taken)}
+        return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers]}
 
     def draw(self) -> int:
         self.draws += 1
@@ -115,6 +176,8 @@ class MicroBatches:
 
     def __next__(self):
         i = self.draw()
+        if self.packers is not None:
+            return self.caches[i].modality, self.packers[i].take(self.micro)
         batch, skipped = self.take(i), []
         for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample over-long: draw again, a pass at most
             if batch.sample_ids:
@@ -129,8 +192,9 @@ class MicroBatches:
 
 
 def to_device(batch, device):
-    batch.input_ids, batch.attention_mask, batch.labels = (
-        t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    batch.input_ids, batch.labels = batch.input_ids.to(device), batch.labels.to(device)
+    if batch.attention_mask is not None:
+        batch.attention_mask = batch.attention_mask.to(device)
     batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
     if batch.series_target is not None:
         batch.series_target = batch.series_target.to(device)
@@ -188,7 +252,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     caches = [FeatureCache(u) for u in cfg.caches]
     collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_over_length=True)
     batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, hp.mix, position,
-                           cfg.prefetch_threads)
+                           cfg.prefetch_threads, cfg.pack_buffer if cfg.packing else 0)
     accumulation = engine.gradient_accumulation_steps()
     logger = MetricLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     if logger and step:
@@ -201,7 +265,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = hp.lr * g["lr_scale"] * scale
-        started, losses, samples, tokens, waited = time.perf_counter(), [], 0, 0, 0.0
+        started, losses, samples, tokens, slots, waited = time.perf_counter(), [], 0, 0, 0, 0.0
         by_modality = {}
         for _ in range(accumulation):
             before = time.perf_counter()
@@ -211,7 +275,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
                          series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,
-                         series_lookback=batch.series_lookback)
+                         series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens)
             loss = out.loss + sum(p.sum() * 0.0 for p in touch)
             engine.backward(loss)
             engine.step()
@@ -219,12 +283,15 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             by_modality.setdefault(modality, []).append(float(out.loss))
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
+            slots += batch.slots
         step += 1
         seconds = time.perf_counter() - started
         metrics = {"step": step, "loss": all_mean(sum(losses) / len(losses), engine.device),
                    "lr": hp.lr * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": all_mean(samples, engine.device) * world / seconds,
-                   "tokens_per_s": all_mean(tokens, engine.device) * world / seconds,
+                   "tokens_per_s": all_mean(tokens, engine.device) * world / seconds,  # real tokens, no padding
+                   # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
+                   "padding_fraction": 1.0 - all_mean(tokens, engine.device) / all_mean(slots, engine.device),
                    "skipped_over_length": all_mean(len(skipped), engine.device) * world,
                    "data_wait_s": all_mean(waited, engine.device)}  # the step's time spent waiting for its batches
         # every rank draws the same cache per micro-step, so these keys agree across ranks

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from modrwkv import RWKV7, RWKV7Config
+import kernels
+from modrwkv import RWKV7, RWKV7Config, RWKV7State
 from tests.conftest import random_backbone
 
 TINY = RWKV7Config(vocab_size=97, n_layer=2, n_embd=64, head_size=16)
@@ -102,6 +103,99 @@ def test_state_is_constant_size_and_reusable():
         assert rel_err(batched[i], alone[0]) < 1e-5
         full, _ = model(torch.cat([prefix, questions[i : i + 1]], dim=1))
         assert rel_err(batched[i], full[0, -5:]) < 1e-4
+
+
+PACKED_LENGTHS = (5, 1, 23, 17)  # a single token, and sequences across the chunked kernel's 16-step chunks
+
+
+def offsets(lengths) -> torch.Tensor:
+    return torch.tensor([0, *lengths]).cumsum(0)
+
+
+def random_state(model: RWKV7, rows: int) -> RWKV7State:
+    g = torch.Generator().manual_seed(7)
+    zero = model.zero_state(rows)
+    return RWKV7State(*(torch.randn(x.shape, generator=g).mul(0.5).requires_grad_()
+                        for x in (zero.att_shift, zero.wkv, zero.ffn_shift)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_row_equals_separate_runs_forward_and_backward(monkeypatch, backend, with_state):
+    """Sequences of 5, 1, 23 and 17 tokens packed in one row: the logits, the final states and the gradients of
+    every parameter, of the input embeddings and of the initial states equal one run per sequence (fp32, 1e-5)."""
+    monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+    model = random_backbone(TINY).train()
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(1, n, 64, generator=g).requires_grad_() for n in PACKED_LENGTHS]
+    state = random_state(model, len(PACKED_LENGTHS)) if with_state else None
+    weights = torch.randn(1, sum(PACKED_LENGTHS), 97, generator=g)  # every logit counts, each differently
+    leaves = embeds + ([state.att_shift, state.wkv, state.ffn_shift] if with_state else [])
+
+    def gradients():
+        grads = [x.grad.clone() for x in leaves] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        for x in leaves:
+            x.grad = None
+        return grads
+
+    def squares(s: RWKV7State):
+        return (s.att_shift**2).sum() + (s.wkv**2).sum() + (s.ffn_shift**2).sum()
+
+    separate = [model(inputs_embeds=x, state=state.select([i]) if with_state else None)
+                for i, x in enumerate(embeds)]
+    sep_logits = torch.cat([logits for logits, _ in separate], dim=1)
+    sep_states = [torch.cat([getattr(s, f) for _, s in separate], dim=1) for f in ("att_shift", "wkv", "ffn_shift")]
+    ((sep_logits * weights).sum() + sum(squares(s) for _, s in separate)).backward()
+    sep_grads = gradients()
+
+    logits, packed_state = model(inputs_embeds=torch.cat(embeds, dim=1), state=state,
+                                 cu_seqlens=offsets(PACKED_LENGTHS))
+    ((logits * weights).sum() + squares(packed_state)).backward()
+    assert packed_state.batch_size == len(PACKED_LENGTHS) and logits.shape == sep_logits.shape
+    assert rel_err(logits, sep_logits) < 1e-5
+    for got, want in zip((packed_state.att_shift, packed_state.wkv, packed_state.ffn_shift), sep_states):
+        assert rel_err(got, want) < 1e-5
+    packed_grads = gradients()
+    # every parameter but the embedding (inputs_embeds are given) and layer 0's unused v0, v1, v2
+    assert len(packed_grads) == len(sep_grads) == len(leaves) + len(list(model.parameters())) - 4
+    for got, want in zip(packed_grads, sep_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_a_packed_sequence_reaches_no_other():
+    """New tokens in the middle sequence change no logit or final state of the others, bit for bit; the last
+    sequence's logits have exactly zero gradient on every earlier sequence's input."""
+    model = random_backbone(TINY).train()
+    lengths = (9, 20, 7)
+    cu_seqlens = offsets(lengths)
+    ids = torch.randint(0, 97, (1, 36), generator=torch.Generator().manual_seed(4))
+    changed = ids.clone()
+    changed[0, 9:29] = (ids[0, 9:29] + 1) % 97
+    with torch.no_grad():
+        logits, state = model(ids, cu_seqlens=cu_seqlens)
+        logits2, state2 = model(changed, cu_seqlens=cu_seqlens)
+    others = torch.tensor([True] * 9 + [False] * 20 + [True] * 7)
+    assert torch.equal(logits2[:, others], logits[:, others])
+    assert not torch.equal(logits2[:, ~others], logits[:, ~others])
+    for field in ("att_shift", "wkv", "ffn_shift"):
+        assert torch.equal(getattr(state2, field)[:, [0, 2]], getattr(state, field)[:, [0, 2]])
+    embeds = model.emb(ids).detach().requires_grad_()
+    logits, _ = model(inputs_embeds=embeds, cu_seqlens=cu_seqlens)
+    logits[:, 29:].square().sum().backward()
+    assert embeds.grad[:, :29].abs().max() == 0 and embeds.grad[:, 29:].abs().max() > 0
+
+
+def test_bad_packed_input_is_named():
+    model = random_backbone(TINY)
+    with pytest.raises(ValueError, match="one row without padding: got 2 rows"):
+        model(torch.zeros(2, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="and an attention_mask"):
+        model(torch.zeros(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 6), cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T=6"):
+        model(torch.zeros(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="state holds 1 sequences but the input has 2"):
+        model(torch.zeros(1, 6, dtype=torch.long), state=model.zero_state(1), cu_seqlens=torch.tensor([0, 2, 6]))
 
 
 def test_init_matches_official_formulas():

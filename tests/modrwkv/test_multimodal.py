@@ -350,3 +350,142 @@ def test_prefill_of_padded_prompts_equals_each_prompt_alone():
         alone, alone_state = model.prefill(torch.tensor([prompt]), [items])
         torch.testing.assert_close(logits[row], alone[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(state.select([row]).wkv, alone_state.wkv, rtol=1e-4, atol=1e-4)
+
+
+def packing_samples():
+    """Image samples of several sizes (one with two items and two answers), an audio one and a text-only one."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    image = lambda n: rng.standard_normal((n, 24)).astype(np.float32)  # noqa: E731
+    return [
+        Sample("small", "image", [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "a cat")], items=[image(5)]),
+        Sample("two", "image", [Turn("user", "<image> and <image>: same?"), Turn("assistant", "no, they differ"),
+                                Turn("user", "Why?"), Turn("assistant", "one is larger than the other")],
+               items=[image(21), image(9)]),
+        Sample("text", "image", [Turn("user", "Say hi."), Turn("assistant", "hi there")]),
+        Sample("big", "image", [Turn("user", "<image>\nDescribe it in detail."),
+                                Turn("assistant", "a small grey cat on a red chair near the window")],
+               items=[image(41)]),
+        Sample("audio", "audio", [Turn("user", "<audio>\nWhat was said?"), Turn("assistant", "seven")],
+               items=[rng.standard_normal((11, 16)).astype(np.float32)]),
+    ]
+
+
+def run(model, batch, features=None):
+    return model(batch.input_ids, features or batch.features, attention_mask=batch.attention_mask,
+                 labels=batch.labels, sample_ids=batch.sample_ids, series_target=batch.series_target,
+                 series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens, return_logits=False)
+
+
+def with_grad(features):
+    return [[(m, f.clone().requires_grad_()) for m, f in items] for items in features]
+
+
+def test_packed_loss_is_the_per_token_mean_over_the_samples_run_separately(tok):
+    """The LM loss of a batch is its summed next-token loss over its labelled tokens divided by their count (what
+    the padded trainer computes: one cross-entropy mean over the micro-batch's labels). Packed rows give that loss,
+    and the gradients of every parameter and every feature input, of one run per sample (fp32, 1e-5)."""
+    from modrwkv.batching import Collator, first_fit_decreasing
+
+    model = tiny_model(seed=2)
+    model.set_phase(2)
+    collator = Collator(tok, model.config, max_length=64)
+    samples = packing_samples()
+
+    def gradients(features):
+        grads = [f.grad.clone() for items in features for _, f in items]
+        grads += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        return grads
+
+    total, labelled, separate_grads = 0.0, 0, []
+    singles = [collator([s]) for s in samples]
+    features = [with_grad(b.features) for b in singles]
+    for batch, feats in zip(singles, features):
+        n = int((batch.labels[:, 1:] != IGNORE).sum())
+        total = total + run(model, batch, feats).lm_loss * n  # this sample's summed loss
+        labelled += n
+    separate = total / labelled
+    separate.backward()
+    separate_grads = gradients([items for f in features for items in f])
+
+    encoded, _ = collator.encode_all(samples)
+    rows = first_fit_decreasing([len(e.ids) for e in encoded], 64)
+    assert len(rows) < len(samples)  # some rows hold several samples
+    packed = collator.pack([[encoded[i] for i in row] for row in rows])
+    tokens = sum(len(e.ids) for e in encoded)
+    assert packed.input_ids.shape == (1, tokens) and packed.padding_fraction == 1 - tokens / (len(rows) * 64)
+    packed_features = with_grad(packed.features)
+    out = run(model, packed, packed_features)
+    out.lm_loss.backward()
+    order = [packed.sample_ids.index(s.key) for s in samples]  # the packed grads in the samples' order
+    packed_grads = gradients([packed_features[i] for i in order])
+    assert abs(out.lm_loss.item() - separate.item()) < 1e-5 * separate.item()
+    # the 5 feature items, every parameter but the series projector's 4 and layer 0's unused v0, v1, v2
+    assert len(packed_grads) == len(separate_grads) == 5 + len(list(model.parameters())) - 7
+    for got, want in zip(packed_grads, separate_grads):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+    padded = run(model, collator(samples))  # the padded trainer's loss of the same samples
+    assert abs(padded.lm_loss.item() - separate.item()) < 1e-5 * separate.item()
+
+
+def test_packed_forecasts_equal_padded_ones(tok):
+    import numpy as np
+
+    from modrwkv.batching import Collator
+
+    model = tiny_model(forecast_horizon=3, forecast_lookback=5, seed=1).eval()
+    with torch.no_grad():
+        model.forecast_head.weight.normal_()  # make the head's input matter
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"w{i}", "series", [Turn("user", "<series>\nForecast the next 3 values.")],
+                      items=[rng.standard_normal((4 + 3 * i, 8)).astype(np.float32)],
+                      lookback=rng.standard_normal(5).astype(np.float32),
+                      target=rng.standard_normal(3).astype(np.float32)) for i in range(3)]
+    collator = Collator(tok, model.config, max_length=200)
+    encoded, _ = collator.encode_all(samples)
+    with torch.no_grad():
+        padded, packed = run(model, collator(samples)), run(model, collator.pack([encoded]))
+    assert packed.lm_loss is None and packed.forecast.shape == (3, 3)
+    torch.testing.assert_close(packed.forecast, padded.forecast, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.forecast_loss, padded.forecast_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_a_change_in_one_packed_sample_reaches_no_other(tok):
+    """Other features for one sample change no logit of any other sample in the row, bit for bit."""
+    from modrwkv.batching import Collator
+
+    model = tiny_model(seed=3).eval()
+    collator = Collator(tok, model.config, max_length=400)
+    encoded, _ = collator.encode_all(packing_samples())
+    batch = collator.pack([encoded])
+    changed = [list(items) for items in batch.features]
+    changed[1] = [(m, f + 1.0) for m, f in changed[1]]  # the sample "two"
+    with torch.no_grad():
+        logits = model(batch.input_ids, batch.features, cu_seqlens=batch.cu_seqlens).logits
+        logits2 = model(batch.input_ids, changed, cu_seqlens=batch.cu_seqlens).logits
+    start, end = batch.cu_seqlens[1:3].tolist()
+    assert torch.equal(logits2[:, :start], logits[:, :start]) and torch.equal(logits2[:, end:], logits[:, end:])
+    assert not torch.equal(logits2[:, start:end], logits[:, start:end])
+
+
+def test_first_fit_decreasing_fills_rows_in_order_of_length():
+    from modrwkv.batching import first_fit_decreasing
+
+    assert first_fit_decreasing([3, 9, 5, 2, 7, 1], 10) == [[1, 5], [4, 0], [2, 3]]  # 9+1, 7+3, 5+2
+    assert first_fit_decreasing([], 10) == []
+    assert first_fit_decreasing([10, 10], 10) == [[0], [1]]
+
+
+def test_no_target_crosses_a_packed_boundary():
+    """With every token labelled, a sample's last token would predict the next sample's first: the packed loss
+    leaves those targets out, as separate runs do."""
+    model = tiny_model(seed=4).eval()
+    seqs = [torch.randint(1, 65000, (1, n), generator=torch.Generator().manual_seed(n)) for n in (6, 11, 3)]
+    with torch.no_grad():
+        summed = sum(model(s, [[]], labels=s).lm_loss * (s.shape[1] - 1) for s in seqs)
+        row = torch.cat(seqs, dim=1)
+        packed = model(row, [[], [], []], labels=row, cu_seqlens=torch.tensor([0, 6, 17, 20])).lm_loss
+    assert abs(packed.item() - summed.item() / 17) < 1e-5 * packed.item()

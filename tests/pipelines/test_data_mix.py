@@ -102,3 +102,60 @@ def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood(
         assert (m1, b1.sample_ids, b1.epochs, b1.skipped) == (m2, b2.sample_ids, b2.epochs, b2.skipped)
     with pytest.raises(ValueError, match="a data position for 2 caches cannot resume 1"):
         MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
+
+
+class FakePackingCollator:
+    """Like Collator(max_length, skip_over_length=True) for packing: sample i is `length(i)` tokens long."""
+
+    def __init__(self, max_length: int, length):
+        self.max_length, self.length = max_length, length
+
+    def encode_all(self, samples):
+        kept = [SimpleNamespace(ids=[0] * self.length(x["i"]), sample=x) for x in samples
+                if self.length(x["i"]) <= self.max_length]
+        return kept, [{"key": x["i"]} for x in samples if self.length(x["i"]) > self.max_length]
+
+    def pack(self, rows, skipped):
+        samples = [e.sample for row in rows for e in row]
+        return SimpleNamespace(rows=[[(e.sample["i"], len(e.ids)) for e in row] for row in rows], skipped=skipped,
+                               sample_ids=[x["i"] for x in samples], epochs=[x["epoch"] for x in samples],
+                               cache=samples[0]["cache"])
+
+
+def packed_stream(caches, position=None, length=lambda i: (i * 7) % 13 + 1, micro=3):
+    return MicroBatches(caches, FakePackingCollator(16, length), micro, 0, 1, seed=2, position=position, pack_buffer=10)
+
+
+def test_packed_micro_batches_hold_full_rows_of_every_sample_once():
+    """Rows of at most max_length tokens, first-fit decreasing within each buffer of 10 samples: over 3 epochs
+    of 30 samples each one is packed once per epoch, none twice; the over-long one is skipped and named."""
+    stream = packed_stream([FakeCache("a", 30)], length=lambda i: 17 if i == 4 else (i * 7) % 13 + 1)
+    batches = []
+    while stream.position()["taken"][0] < 90:  # until the 10th buffer (the 4th epoch) is read
+        batch = next(stream)[1]
+        batches.append(batch)
+        assert len(batch.rows) == 3 and all(sum(n for _, n in row) <= 16 for row in batch.rows)
+    seen = Counter((i, e) for b in batches for i, e in zip(b.sample_ids, b.epochs))
+    assert set(seen.values()) == {1}
+    assert {(i, e) for i, e in seen if e < 3} == {(i, e) for i in range(30) for e in range(3) if i != 4}
+    assert [s for b in batches for s in b.skipped] == [{"key": 4}] * 4
+
+
+def test_a_packed_stream_built_from_a_position_continues_exactly_where_the_first_stood():
+    first = packed_stream([FakeCache("a", 15), FakeCache("b", 7)])
+    for _ in range(17):  # inside a buffer, past an epoch of both caches
+        next(first)
+    position = first.position()
+    assert position["draws"] == 17 and position["taken"][0] % 10 == 0 and 0 < sum(position["rows"])
+    resumed = packed_stream([FakeCache("a", 15), FakeCache("b", 7)], position)
+    assert resumed.position() == position
+    for _ in range(30):
+        (m1, b1), (m2, b2) = next(first), next(resumed)
+        assert (m1, b1.rows, b1.epochs, b1.skipped) == (m2, b2.rows, b2.epochs, b2.skipped)
+    with pytest.raises(ValueError, match="saved with packing on cannot resume a run with packing off"):
+        MicroBatches([FakeCache("a", 15), FakeCache("b", 7)], fake_collator(), 2, 0, 1, seed=2, position=position)
+
+
+def test_a_cache_of_nothing_but_over_long_samples_fails_clearly_when_packing():
+    with pytest.raises(ValueError, match="fake/b: every sample drawn is over max_length"):
+        next(packed_stream([FakeCache("b", 10)], length=lambda i: 17))

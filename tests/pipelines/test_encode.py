@@ -196,7 +196,7 @@ def test_encode_names_the_samples_over_the_context_length(tmp_path, encoders, ra
     model = ModRWKVConfig.from_dict({"backbone": {"vocab_size": 65536, "n_layer": 1, "n_embd": 32, "head_size": 16}})
     model.projectors["image"] = projector
     collate, compressed = Collator(WorldTokenizer(), model), projector.compressed_length
-    tokens = {s.key: len(collate.encode(s)[0]) for s in cache.iter_samples(shuffle=False)}
+    tokens = {s.key: len(collate.encode(s).ids) for s in cache.iter_samples(shuffle=False)}
     assert len(tokens) == 12 and len({n for n in tokens.values()}) > 2  # image, text-only and long samples
     assert cache.over_length(0, compressed) == [{"key": k, "tokens": n} for k, n in tokens.items()]
 

@@ -31,8 +31,9 @@ def setup(tmp_path_factory, ray_local):
 
 
 def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:
+    """Packed (the default) in rows of 64 tokens, about two digits samples each."""
     return from_dict(TrainConfig, {
-        "name": name, "caches": [cache], "output_dir": str(root / "runs"),
+        "name": name, "caches": [cache], "output_dir": str(root / "runs"), "max_length": 64, "pack_buffer": 16,
         "model": {"backbone": {"path": str(root / "backbone")}, "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2}}},
         "phase1": {"lr": 3e-3, "steps": 8, "global_batch": 16, "micro_batch": 4, **phase1},
         "phase2": {"lr": 1e-3, "steps": 4, "global_batch": 16, "micro_batch": 4},
@@ -73,6 +74,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     saved = adapter["projectors.image.feature_whitening"].double()
     assert torch.allclose(saved, torch.tensor(stats["whitening"], dtype=torch.float64), atol=1e-4)
 
+    config.packing = False  # phase II right-padded: both layouts train
     two = run_train(config, phase=2)
     history2 = losses(client, two.run_id)
     assert len(history2) == 4 and history2[-1] < history2[0]
@@ -88,8 +90,12 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert run.data.params["phase2.lr"] == "0.001" and run.data.params["deepspeed.zero_stage"] == "2"
     assert cache.split("/")[-1] in run.data.tags["feature_cache_ids"]
     assert len(run.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
-    for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s"):
+    for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "padding_fraction"):
         assert len(client.get_metric_history(two.run_id, metric)) == 4
+    # the digits samples are all of one length: no padding; packed, rows of 64 hold two with some room left
+    assert {m.value for m in client.get_metric_history(two.run_id, "padding_fraction")} == {0.0}
+    packed = client.get_metric_history(one.run_id, "padding_fraction")
+    assert len(packed) == 8 and all(0 < m.value < 0.5 for m in packed)
     for metric in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
         assert client.get_metric_history(two.run_id, metric)  # one monitor on this one machine, no node prefix
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -136,12 +142,29 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     assert resumed and resumed[0].value % 3 == 0 and 3 <= resumed[0].value < 12
     assert max(m.step for m in client.get_metric_history(result.run_id, "loss")) == 12
-    # the data position is saved with each checkpoint and restored from it (not replayed): 12 steps x 2 micro-
-    # batches of 4 per rank = 96 samples
+    # the data position is saved with each checkpoint and restored from it (not replayed): where each rank's
+    # stream stands after 12 steps x 2 micro-batches of 4 packed rows
     last = sorted((root / "runs" / "fault" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt"))
     state = torch.load(max(last, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
     assert state["step"] == 12 and len(state["data_positions"]) == 2
-    assert state["data_positions"] == [{"draws": 24, "taken": [96]}] * 2
+    assert state["data_positions"] == [position_after(config, cache, 24, rank, 2) for rank in (0, 1)]
+
+
+def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: int, world: int) -> dict:
+    """A fresh data stream's position after `micro_batches` of the phase I run's."""
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train import model_config
+    from pipelines.train_loop import MicroBatches
+    from preprocessing.cache.entry import FeatureCache
+
+    model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16), [cache])
+    collator = Collator(WorldTokenizer(), model, config.max_length, skip_over_length=True)
+    stream = MicroBatches([FeatureCache(cache)], collator, config.phase1.micro_batch, rank, world, config.seed,
+                          pack_buffer=config.pack_buffer)
+    batches = [next(stream)[1] for _ in range(micro_batches)]
+    assert sum(len(b.sample_ids) for b in batches) > micro_batches * config.phase1.micro_batch  # rows hold several
+    return stream.position()
 
 
 def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, ray_head, mlflow_server, s3_server, tmp_path):
