@@ -6,7 +6,9 @@ them without any error, only worse."""
 import json
 from pathlib import Path
 
+from ..cache.key import hash_model_dir
 from . import build_encoder
+from .base import require_local_dir
 
 ENCODERS_FILE = "encoders.json"
 RECORDED = ("kind", "dtype", "image_size", "layer", "weights_hash")  # what of a store key decides the features
@@ -33,9 +35,9 @@ def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, 
         return build_encoder(kind, encoder_dir, device=device)
     if kind is not None and kind != recorded["kind"]:
         raise ValueError(f"{model_dir} was trained on {recorded['kind']} {modality} features, not {kind}")
-    settings = {k: recorded[k] for k in ("image_size", "layer") if recorded.get(k) is not None}
-    encoder = build_encoder(recorded["kind"], encoder_dir, device=device, **settings)
-    if recorded.get("weights_hash") and encoder.weights_hash() != recorded["weights_hash"]:
+    found = hash_model_dir(require_local_dir(encoder_dir))  # before loading: other weights are never built
+    if recorded.get("weights_hash") and found != recorded["weights_hash"]:
         raise ValueError(f"{encoder_dir}: not the {recorded['kind']} weights {model_dir} was trained with "
-                         f"(weights sha256 {encoder.weights_hash()[:12]}, trained on {recorded['weights_hash'][:12]})")
-    return encoder
+                         f"(weights sha256 {found[:12]}, trained on {recorded['weights_hash'][:12]})")
+    settings = {k: recorded[k] for k in ("image_size", "layer") if recorded.get(k) is not None}
+    return build_encoder(recorded["kind"], encoder_dir, device=device, **settings)
