@@ -58,8 +58,8 @@ class EvalTask(ABC):
 
 @dataclass
 class DecodeTask(EvalTask):
-    """Answered in text: greedy decoding up to the end of the assistant's turn, `batch_size` prompts at a time (prefilled
-    together with right padding, decoded together, each row dropped when it stops)."""
+    """Answered in text: greedy decoding up to the end of the assistant's turn, `batch_size` prompts at a time
+    (prefilled together with right padding, decoded together, each row dropped when it stops)."""
 
     max_new_tokens: int = 16
     batch_size: int = 16

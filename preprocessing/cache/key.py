@@ -1,5 +1,5 @@
-"""What the cache is keyed on. A feature store is keyed on the encoder (kind, dtype, input size, a hash of its
-weight files) and the validation limits; each of its items on the bytes of one media file (or one series
+"""What the cache is keyed on. A feature store is keyed on the encoder (kind, dtype, input size, the chosen layer,
+a hash of its weight files) and the validation limits; each of its items on the bytes of one media file (or one series
 window). A cache entry, the samples table, is keyed on its store, the dataset options that change a sample, the
 shard size and every sample's record with the content hashes of its media. `entry_uri` names the entry by that
 key (`cache_id`): an edited prompt makes a new entry whose features all come from the store.
