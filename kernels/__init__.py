@@ -13,9 +13,11 @@ The environment variable MODRWKV_WKV7_BACKEND forces one.
 
 Packed input (several sequences in one row, as flash-linear-attention takes it): `cu_seqlens`, a LongTensor
 [S + 1] of segment offsets into T with B = 1. Each segment starts from zero state (or its row of an
-`initial_state` [S, H, N, N]) and its final state is returned, [S, H, N, N]. Every backend gets the segments as a
-batch, each padded at its end with identity steps (no input, decay 1: w = -inf), so no state crosses a boundary
-by construction and the chunked form's decay floor never meets a reset; the padding is dropped again.
+`initial_state` [S, H, N, N]) and its final state is returned, [S, H, N, N]. Segments are padded at their end with
+identity steps (no input, decay 1: w = -inf), dropped again afterwards: the chunked backend keeps them in one row,
+each padded to whole chunks, and restarts the state at each segment's first chunk (so the recurrence costs about
+the real tokens); the others get them as a batch, each padded to the longest. Either way no state crosses a
+boundary by construction.
 """
 
 import os
@@ -23,6 +25,7 @@ import os
 import torch
 
 from .wkv7 import wkv7_chunked, wkv7_reference
+from .wkv7.chunked import CHUNK
 
 BACKEND_ENV = "MODRWKV_WKV7_BACKEND"
 
@@ -99,10 +102,23 @@ def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(S, H, N, N)}"
                          " (one row per segment)")
 
+    name = backend or default_backend(r.device, longest)
+    fills = [float("-inf") if x is w else 0.0 for x in (r, w, k, v, a, b)]
+    if name == "chunked":  # one row, each segment padded to whole chunks
+        lengths = torch.diff(cu_seqlens.to("cpu"))
+        chunks = -(-lengths // CHUNK)
+        starts = torch.cumsum(chunks, 0) - chunks
+        index = (starts * CHUNK).to(r.device)[segment] + position
+        T_padded = int(chunks.sum()) * CHUNK
+        inputs = [x.new_full((T_padded, H, N), fill).index_put((index,), x[0])[None]
+                  for x, fill in zip((r, w, k, v, a, b), fills)]
+        y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks.tolist())
+        return y[:, index].to(r.dtype), state
+
     def batched(x, fill):  # [1, T, H, N] -> [S, longest, H, N], each segment from step 0, `fill` after its end
         out = x.new_full((S, longest, H, N), fill)
         return out.index_put((segment, position), x[0])
 
-    inputs = [batched(x, float("-inf") if x is w else 0.0) for x in (r, w, k, v, a, b)]
-    y, state = wkv7(*inputs, initial_state=initial_state, backend=backend)
+    y, state = wkv7(*(batched(x, fill) for x, fill in zip((r, w, k, v, a, b), fills)), initial_state=initial_state,
+                    backend=name)
     return y[segment, position][None], state

@@ -127,7 +127,7 @@ def cmd_data_demo(args) -> None:
 def cmd_data_shapes(args) -> None:
     from preprocessing.shapes_data import build_shapes
 
-    print(f"wrote the shapes VQA set to {build_shapes(args.out, args.train, args.test, args.seed)}")
+    print(f"wrote the shapes VQA set to {build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno)}")
 
 
 def cmd_cache(args) -> None:
@@ -256,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_demo)
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
-    p.add_argument("--train", type=int, default=2000, help="training questions (one image each)")
-    p.add_argument("--test", type=int, default=500, help="test questions")
+    p.add_argument("--train", type=int, default=2000, help="training images (one question each, plus --extra-yesno)")
+    p.add_argument("--test", type=int, default=500, help="test images (one question each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra-yesno", type=int, default=1,
+                   help="yes/no questions more per training image, about its own shapes (0: one question each)")
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")

@@ -45,27 +45,26 @@ class TrainResult:
     seconds: float
 
 
-def cache_shapes(cache_uris: list[str]) -> tuple[dict[str, int], int, int]:
+def cache_shapes(caches: list[FeatureCache]) -> tuple[dict[str, int], int, int]:
     """(modality -> the cached feature width, the projector's input; the forecast horizon and the lookback
     length, 0 without series), from the first sample of each cache that has a feature item (text-only samples
     and empty shards are passed over)."""
     widths, horizon, lookback = {}, 0, 0
-    for uri in cache_uris:
-        cache = FeatureCache(uri)
+    for cache in caches:
         samples = (s for i in range(len(cache.shards)) for s in cache.read_shard(i))
         sample = next((s for s in samples if s.items), None)
         if sample is None:
-            raise ValueError(f"{uri}: no sample holds {cache.modality} features (text-only or empty cache)")
+            raise ValueError(f"{cache.uri}: no sample holds {cache.modality} features (text-only or empty cache)")
         widths[cache.modality] = int(sample.items[0].shape[-1])
         if cache.modality == "series":
             horizon, lookback = int(sample.target.shape[0]), int(sample.lookback.shape[0])
     return widths, horizon, lookback
 
 
-def model_config(config: TrainConfig, backbone: RWKV7Config, cache_uris: list[str]) -> ModRWKVConfig:
+def model_config(config: TrainConfig, backbone: RWKV7Config, caches: list[FeatureCache]) -> ModRWKVConfig:
     """The model for these caches: each projector's input width is its cache's feature width (a width set in
     the config must agree), WaveNet's input channels the cached series'."""
-    widths, horizon, lookback = cache_shapes(cache_uris)
+    widths, horizon, lookback = cache_shapes(caches)
     missing = set(widths) - set(config.model.projectors)
     if missing:
         raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is "
@@ -90,15 +89,14 @@ def model_config(config: TrainConfig, backbone: RWKV7Config, cache_uris: list[st
 WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
 
 
-def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: int = 16,
+def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_shards: int = 16,
                   max_vectors: int = 262_144) -> dict[str, dict]:
     """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
     vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2), over the items of the first
     `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
     cluster's driver)."""
     moments = {}  # modality -> [n, sum x, sum x x^T]
-    for uri in cache_uris:
-        cache = FeatureCache(uri)
+    for cache in caches:
         if cache.modality not in normalize:
             continue
         for index in range(min(len(cache.shards), max_shards)):
@@ -123,16 +121,15 @@ def feature_stats(cache_uris: list[str], normalize: dict[str, str], max_shards: 
     return stats
 
 
-def over_length_in_caches(cache_uris: list[str], mm_config: ModRWKVConfig, max_length: int) -> int:
+def over_length_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> int:
     """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
     recorded lengths, before any worker starts; training skips and names them). Returns the total."""
     projectors, total = mm_config.projectors, 0
-    for uri in cache_uris:
-        cache = FeatureCache(uri)
+    for cache in caches:
         over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
         if over:
-            print(f"{uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be skipped, "
-                  f"e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
+            print(f"{cache.uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be "
+                  f"skipped, e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
         total += len(over)
     return total
 
@@ -145,8 +142,9 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     start = time.perf_counter()
     hp = config.phase1 if phase == 1 else config.phase2
     caches = resolve_caches(hp.caches or config.caches)
+    opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
     bb_config = read_config(config.model.backbone.path)
-    mm_config = model_config(config, bb_config, caches)
+    mm_config = model_config(config, bb_config, opened)
     init_from = None
     if phase == 2:
         init_from = phase_dir(config, 1) / "model"
@@ -168,12 +166,12 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
-        over = over_length_in_caches(caches, mm_config, config.max_length)
+        over = over_length_in_caches(opened, mm_config, config.max_length)
         tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}
-        stats = feature_stats(caches, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
+        stats = feature_stats(opened, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
         loop_config = WorkerConfig(
             phase=phase, hp=hp, caches=caches, model=mm_config, backbone_path=absolute(config.model.backbone.path),
             init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,
@@ -194,7 +192,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
         model_dir = export_model(result.checkpoint, out, config, phase, run_id)
-        write_encoders_record(model_dir, encoder_store_keys(caches))
+        write_encoders_record(model_dir, encoder_store_keys(opened))
         log_artifacts(uri, run_id, config, model_dir, out, phase)
         metrics = dict(result.metrics or {})
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
@@ -218,12 +216,11 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
     return out / "model"
 
 
-def encoder_store_keys(cache_uris: list[str]) -> dict[str, dict]:
+def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
     whose caches came from different encoders or settings is left out (chat then needs its kind), with a note."""
     keys: dict[str, list[dict]] = {}
-    for uri in cache_uris:
-        cache = FeatureCache(uri)
+    for cache in caches:
         keys.setdefault(cache.modality, []).append(cache.manifest["store"])
     for modality, found in keys.items():
         if any(k != found[0] for k in found):

@@ -9,6 +9,11 @@ PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one ques
 - count: "How many shapes are there?" (one, two, three);
 - yes/no: "Is there a <colour> shape?" or "Is there a <shape>?" (1-3 shapes; yes half the time).
 Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
+
+Each training image is also asked `extra_yesno` yes/no questions about its own shapes (default 1; colour- or
+shape-asked and yes or no at random), as VQAv2 asks several questions of one image: with one question per image
+the tiny backbone memorises each training image's yes/no answer instead of learning to compare the asked word with
+what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). The test split keeps one question per image.
 """
 
 import random
@@ -66,7 +71,12 @@ def make_item(kind: str, rng: random.Random) -> tuple[list[tuple[str, str, int, 
     drawn = [(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y) for x, y in free_corners(n, rng)]
     if kind == "count":
         return drawn, "How many shapes are there?", COUNTS[n - 1]
-    by_colour = rng.random() < 0.5
+    question, answer = yesno_question(drawn, rng.random() < 0.5, rng)
+    return drawn, question, answer
+
+
+def yesno_question(drawn: list[tuple[str, str, int, int]], by_colour: bool, rng: random.Random) -> tuple[str, str]:
+    """A question naming a colour (or a shape) that is drawn ("yes") or not ("no"), half the time each."""
     present = {c for _, c, _, _ in drawn} if by_colour else {s for s, _, _, _ in drawn}
     options = list(COLOURS) if by_colour else list(SHAPES)
     if rng.random() < 0.5:
@@ -74,16 +84,22 @@ def make_item(kind: str, rng: random.Random) -> tuple[list[tuple[str, str, int, 
     else:
         absent = [o for o in options if o not in present]
         asked, answer = (rng.choice(absent), "no") if absent else (rng.choice(sorted(present)), "yes")
-    question = f"Is there a {asked} shape?" if by_colour else f"Is there a {asked}?"
-    return drawn, question, answer
+    return (f"Is there a {asked} shape?" if by_colour else f"Is there a {asked}?"), answer
 
 
-def build_shapes(out, n_train: int, n_test: int, seed: int = 0) -> Path:
+def record(record_id: str, image: str, kind: str, question: str, answer: str) -> dict:
+    return {"id": record_id, "image": image, "type": kind, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+
+def build_shapes(out, n_train: int, n_test: int, seed: int = 0, extra_yesno: int = 1) -> Path:
     """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
-    holds them in equal numbers."""
+    holds them in equal numbers, and each training image gets `extra_yesno` more yes/no questions."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    # the extra questions draw from their own generator, so the images and the test split do not depend on them
+    extra_rng = random.Random(f"{seed}-extra-yesno")
     for split, n in (("train", n_train), ("test", n_test)):
         records = []
         for i in range(n):
@@ -95,7 +111,9 @@ def build_shapes(out, n_train: int, n_test: int, seed: int = 0) -> Path:
                 draw(canvas, shape, colour, x, y)
             name = f"images/{split}-{i:05d}.png"
             image.save(out / name)
-            records.append({"id": f"shapes-{split}-{i:05d}", "image": name, "type": kind, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+            records.append(record(f"shapes-{split}-{i:05d}", name, kind, question, answer))
+            for j in range(extra_yesno if split == "train" else 0):
+                question, answer = yesno_question(shapes, extra_rng.random() < 0.5, extra_rng)
+                records.append(record(f"shapes-{split}-{i:05d}-yesno{j}", name, "yesno", question, answer))
         write_json(out / f"{split}.json", records)
     return out

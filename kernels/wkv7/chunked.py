@@ -12,7 +12,13 @@ where M_xy[t, i] = x̃_t · ỹ_i, strictly lower (i < t) for the ã rows and lo
 Everything but the hand-off S -> S' runs batched over every chunk at once.
 
 Plain PyTorch ops, so autograd gives the backward; fast on CPU and used there by default.
+
+Packed input (`segment_chunks`): segments laid end to end in one row, each padded to whole chunks; only the
+hand-off loop knows the boundaries: it restarts the state at each segment's first chunk, so no state crosses one
+and the decay floor never has to express a reset.
 """
+
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +31,12 @@ CHUNK = 16
 LOG_DECAY_FLOOR = -5.0
 
 
-def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
-    """Same contract as `wkv7_reference`: [B, T, H, N] inputs; returns (y, final_state) in fp32 (fp64 in)."""
+def wkv7_chunked(r, w, k, v, a, b, initial_state=None, segment_chunks=None):
+    """Same contract as `wkv7_reference`: [B, T, H, N] inputs; returns (y, final_state) in fp32 (fp64 in).
+
+    segment_chunks: for packed input (B = 1), the number of chunks of each segment, which fill T; the state starts
+    each segment from its row of `initial_state` [S, H, N, N] (or zero) and the final states are [S, H, N, N].
+    """
     B, T, H, N = r.shape
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     C = CHUNK
@@ -71,11 +81,19 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
     # unbind once: indexing chunk by chunk would make autograd scatter each slice into a full-size zero tensor
     per_chunk = zip(*(x.unbind(0) for x in (QT, ZT, W1T, W2T, b_end, vT, k_end, torch.exp(g_last))))
 
-    S = r.new_zeros(B * H, N, N) if initial_state is None else initial_state.to(dtype).reshape(B * H, N, N)
-    yTs = []
-    for QT_c, ZT_c, W1T_c, W2T_c, b_end_c, vT_c, k_end_c, decay_c in per_chunk:  # the only sequential part
-        yTs.append(torch.baddbmm(ZT_c, S, QT_c))
-        UT = torch.baddbmm(W2T_c, S, W1T_c)
-        S = torch.baddbmm(torch.baddbmm(S * decay_c, UT, b_end_c), vT_c, k_end_c)
+    if segment_chunks is None:
+        segment_chunks = [n_chunks]
+    elif B != 1 or sum(segment_chunks) != n_chunks:
+        raise ValueError(f"wkv7_chunked: segment_chunks {segment_chunks} must fill the {n_chunks} chunks of one row")
+    starts = r.new_zeros(len(segment_chunks), B * H, N, N) if initial_state is None else \
+        initial_state.to(dtype).reshape(len(segment_chunks), B * H, N, N)
+    per_chunk = iter(per_chunk)
+    yTs, finals = [], []
+    for S, n in zip(starts.unbind(0), segment_chunks):
+        for QT_c, ZT_c, W1T_c, W2T_c, b_end_c, vT_c, k_end_c, decay_c in islice(per_chunk, n):  # sequential
+            yTs.append(torch.baddbmm(ZT_c, S, QT_c))
+            UT = torch.baddbmm(W2T_c, S, W1T_c)
+            S = torch.baddbmm(torch.baddbmm(S * decay_c, UT, b_end_c), vT_c, k_end_c)
+        finals.append(S)
     y = torch.stack(yTs).view(n_chunks, B, H, N, C).permute(1, 0, 4, 2, 3).reshape(B, n_chunks * C, H, N)[:, :T]
-    return y, S.reshape(B, H, N, N)
+    return y, torch.stack(finals).reshape(-1, H, N, N)

@@ -121,13 +121,14 @@ def pack(xs_by_segment):
 @pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_packed_segments_equal_separate_runs_forward_and_backward(backend, with_state):
-    """Segments of 1, 17, 40 and 5 steps (inside one chunk, across chunk edges): outputs, final states and the
-    gradients of every input, initial states included, equal one run per segment (fp32, 1e-5)."""
+    """Segments of 1, 17, 16, 40 and 5 steps (inside one chunk, across chunk edges, exactly one chunk): outputs,
+    final states and the gradients of every input, initial states included, equal one run per segment (fp32,
+    1e-5)."""
     device = device_of(backend)
-    segments = [wkv_inputs(1, T, 2, 8, dtype=torch.float32, seed=i) for i, T in enumerate((1, 17, 40, 5))]
+    segments = [wkv_inputs(1, T, 2, 8, dtype=torch.float32, seed=i) for i, T in enumerate((1, 17, 16, 40, 5))]
     xs_by_segment = [[x.to(device).requires_grad_() for x in xs] for xs, _ in segments]
     states = [s0.to(device).requires_grad_() for _, s0 in segments] if with_state else [None] * len(segments)
-    weights = torch.linspace(-1, 1, 63 * 2 * 8, device=device).view(1, 63, 2, 8)
+    weights = torch.linspace(-1, 1, 79 * 2 * 8, device=device).view(1, 79, 2, 8)
 
     separate_y, separate_s = [], []
     for xs, s0 in zip(xs_by_segment, states):
@@ -144,7 +145,7 @@ def test_packed_segments_equal_separate_runs_forward_and_backward(backend, with_
     packed, cu_seqlens = pack(xs_by_segment)
     init = torch.cat(states) if with_state else None
     y, s = wkv7(*packed, initial_state=init, backend=backend, cu_seqlens=cu_seqlens)
-    assert y.shape == (1, 63, 2, 8) and s.shape == (4, 2, 8, 8)
+    assert y.shape == (1, 79, 2, 8) and s.shape == (5, 2, 8, 8)
     ((y * weights).sum() + (s**2).sum()).backward()
     assert rel_err(y, y_sep) < 1e-5 and rel_err(s, s_sep) < 1e-5
     for got, want in zip([x.grad for x in leaves], grads_sep):
@@ -177,3 +178,5 @@ def test_bad_packing_is_named():
     two_rows, _ = wkv_inputs(2, 10, 2, 8)
     with pytest.raises(ValueError, match="packed input"):
         wkv7(*two_rows, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="must fill the 1 chunks of one row"):
+        kernels.wkv7_chunked(*xs, segment_chunks=[1, 1])

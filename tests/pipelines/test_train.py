@@ -63,12 +63,12 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert (one.model_dir / "adapter.safetensors").is_file() and not (one.model_dir / "model.safetensors").exists()
     # the projector whitens with the training features' statistics, computed by the driver: mean and ZCA matrix
     items = np.concatenate([s.items[0] for s in cache_samples(cache)]).astype(np.float64)
-    stats = feature_stats([cache], {"image": "whiten"})["image"]
+    stats = feature_stats([FeatureCache(cache)], {"image": "whiten"})["image"]
     eigenvalues, vectors = np.linalg.eigh(np.cov(items, rowvar=False, bias=True))
     eigenvalues = np.maximum(eigenvalues, 0) + WHITEN_EPS * eigenvalues.mean()
     assert np.allclose(stats["mean"], items.mean(0), atol=1e-6)
     assert np.allclose(stats["whitening"], (vectors / np.sqrt(eigenvalues)) @ vectors.T, atol=1e-4)
-    standardized = feature_stats([cache], {"image": "standardize"})["image"]
+    standardized = feature_stats([FeatureCache(cache)], {"image": "standardize"})["image"]
     assert np.allclose(standardized["std"], items.std(0), atol=1e-5) and "whitening" not in standardized
     adapter = load_file(one.model_dir / "adapter.safetensors")
     saved = adapter["projectors.image.feature_whitening"].double()
@@ -112,15 +112,23 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert [r.info.run_id for r in found] == [one.run_id]
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # it exited meanwhile
+        return ""
+
+
 def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
-    """Waits until Ray's controller has registered a checkpoint (its snapshot lists one), then kills a worker."""
+    """Waits until Ray's controller has registered a checkpoint (its snapshot lists one), then kills a worker of
+    this test's Ray instance (started by this process: its workers descend from it), never another job's."""
     deadline = time.time() + 300
     while time.time() < deadline:
         snapshots = list(storage.rglob("checkpoint_manager_snapshot.json"))
         if snapshots and json.loads(snapshots[0].read_text()).get("checkpoint_results"):
             break
         time.sleep(0.2)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
     if workers:
         workers[0].kill()
         killed.append(workers[0].pid)
@@ -156,9 +164,9 @@ def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: in
     from modrwkv.tokenizer import WorldTokenizer
     from pipelines.train import model_config
     from pipelines.train_loop import MicroBatches
-    from preprocessing.cache.entry import FeatureCache
 
-    model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16), [cache])
+    model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
+                         [FeatureCache(cache)])
     collator = Collator(WorldTokenizer(), model, config.max_length, skip_over_length=True)
     stream = MicroBatches([FeatureCache(cache)], collator, config.phase1.micro_batch, rank, world, config.seed,
                           pack_buffer=config.pack_buffer)
@@ -251,6 +259,6 @@ def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     image = Sample("i0", "image", turns, items=[np.zeros((5, 12), np.float16)])
     for name, shards in (("mixed", [[text], [], [image]]), ("text", [[text]])):
         write_entry(str(tmp_path / name), shards)
-    assert cache_shapes([str(tmp_path / "mixed")]) == ({"image": 12}, 0, 0)
+    assert cache_shapes([FeatureCache(tmp_path / "mixed")]) == ({"image": 12}, 0, 0)
     with pytest.raises(ValueError, match="no sample holds image features"):
-        cache_shapes([str(tmp_path / "text")])
+        cache_shapes([FeatureCache(tmp_path / "text")])

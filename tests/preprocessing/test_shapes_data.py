@@ -1,5 +1,6 @@
 """The shapes VQA set: LLaVA records the reader accepts, every question type in equal numbers, answers that
-match the pixels drawn, and the same set for the same seed."""
+match the pixels drawn, one extra yes/no question per training image about that image, and the same set for the
+same seed."""
 
 import json
 from collections import Counter
@@ -15,9 +16,14 @@ from preprocessing.shapes_data import COLOURS, COUNTS, QUESTION_TYPES, build_sha
 def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     build_shapes(tmp_path, n_train=60, n_test=10, seed=3)
     samples, rejects = read_llava(str(tmp_path / "train.json"))
-    assert len(samples) == 60 and rejects == []
+    assert len(samples) == 120 and rejects == []
     records = json.loads((tmp_path / "train.json").read_text())
-    assert Counter(r["type"] for r in records) == {t: 12 for t in QUESTION_TYPES}
+    assert Counter(r["type"] for r in records) == {**{t: 12 for t in QUESTION_TYPES}, "yesno": 72}
+    assert Counter(Counter(r["image"] for r in records).values()) == {2: 60}  # each image asked twice
+    extra = [r for r in records if "-yesno" in r["id"]]
+    assert {r["conversations"][1]["value"] for r in extra} == {"yes", "no"}
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
     for r in records:
         question, answer = (turn["value"] for turn in r["conversations"])
         assert question.startswith("<image>\n") and len(answer.split()) == 1
@@ -45,3 +51,14 @@ def test_same_seed_same_set_and_the_cli(tmp_path):
         assert (tmp_path / "a" / f"{split}.json").read_text() == (tmp_path / "b" / f"{split}.json").read_text()
     first = json.loads((tmp_path / "a" / "test.json").read_text())[0]
     assert (tmp_path / "a" / first["image"]).read_bytes() == (tmp_path / "b" / first["image"]).read_bytes()
+
+
+def test_extra_questions_leave_images_and_test_split_unchanged(tmp_path):
+    build_shapes(tmp_path / "plain", 20, 10, seed=2, extra_yesno=0)
+    build_shapes(tmp_path / "extra", 20, 10, seed=2)
+    plain, extra = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("plain", "extra"))
+    assert len(plain) == 20 and [r for r in extra if "-yesno" not in r["id"]] == plain
+    assert (tmp_path / "plain" / "test.json").read_text() == (tmp_path / "extra" / "test.json").read_text()
+    for name in ("train-00007.png", "test-00003.png"):
+        plain, extra = (tmp_path / folder / "images" / name for folder in ("plain", "extra"))
+        assert plain.read_bytes() == extra.read_bytes()
