@@ -16,8 +16,8 @@ Packed input (several sequences in one row, as flash-linear-attention takes it):
 `initial_state` [S, H, N, N]) and its final state is returned, [S, H, N, N]. Segments are padded at their end with
 identity steps (no input, decay 1: w = -inf), dropped again afterwards: the chunked backend keeps them in one row,
 each padded to whole chunks, and restarts the state at each segment's first chunk (so the recurrence costs about
-the real tokens); the others get them as a batch, each padded to the longest. Either way no state crosses a
-boundary by construction.
+the real tokens); the reference gets them as a batch, each padded to the longest. The Triton kernels take the
+row as it is: one program per segment and head. Either way no state crosses a boundary by construction.
 """
 
 import os
@@ -103,6 +103,9 @@ def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
                          " (one row per segment)")
 
     name = backend or default_backend(r.device, longest)
+    if name == "triton":
+        y, state = _triton(r, w, k, v, a, b, initial_state, cu_seqlens)
+        return y.to(r.dtype), state
     fills = [float("-inf") if x is w else 0.0 for x in (r, w, k, v, a, b)]
     if name == "chunked":  # one row, each segment padded to whole chunks
         lengths = torch.diff(cu_seqlens.to("cpu"))

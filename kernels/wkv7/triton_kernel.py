@@ -16,6 +16,11 @@ its checkpoint into a per-program scratch buffer, then runs the exact reverse-mo
     dsa    = dS_t b_t        da_t = S_{t-1}^T dsa     dw_t = -exp(w_t) d_t Σ_i dS_t[i,:] S_{t-1}[i,:]
     dS_{t-1} = dS_t diag(d_t) + dsa a_t^T
 
+Both kernels see the input as segments of one row: offsets `cu` [S + 1] (a batch [B, T] is B segments of T
+steps, packed input its own `cu_seqlens`), so a packed row costs its real steps only. A program (segment, head)
+starts from its segment's row of the initial state and checkpoints its chunks at `chunk_cu` [S + 1], the
+chunk offsets of the segments.
+
 Inputs of any float dtype are cast to fp32 on load; every product accumulates in fp32. Tested on CPU with
 TRITON_INTERPRET=1 against the fp64 reference.
 """
@@ -57,26 +62,34 @@ def _step(S, d, k, v, a, b):
 
 
 @triton.jit
+def _segment(cu_ptr, chunk_cu_ptr, pid, H: tl.constexpr, CHUNK_LEN: tl.constexpr):
+    """Program (segment, head): its head, first step, step count, first chunk and chunk count."""
+    seg = pid // H
+    bos, eos = tl.load(cu_ptr + seg), tl.load(cu_ptr + seg + 1)
+    return pid % H, bos, eos - bos, tl.load(chunk_cu_ptr + seg), tl.cdiv(eos - bos, CHUNK_LEN)
+
+
+@triton.jit
 def _wkv7_fwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [B, T, H, N]; s0 [B, H, N, N] fp32
-    y_ptr, sT_ptr, ckpt_ptr,  # y [B, T, H, N] fp32; final state [B, H, N, N]; checkpoints [B, H, NC, N, N]
-    T, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [T_all, H, N]; s0 [S, H, N, N] fp32
+    y_ptr, sT_ptr, ckpt_ptr,  # y [T_all, H, N] fp32; final states [S, H, N, N]; checkpoints [H, chunks, N, N]
+    cu_ptr, chunk_cu_ptr, total_chunks,  # segment offsets [S + 1] in steps and in chunks
+    H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (batch, head); axis 1 picks the block of state rows
-    b_idx, h_idx = pid // H, pid % H
-    n_chunks = tl.cdiv(T, CHUNK_LEN)
+    pid = tl.program_id(0)  # (segment, head); axis 1 picks the block of state rows
+    h_idx, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, CHUNK_LEN)
     rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, tl.program_id(1) * BLOCK_V)
     if HAS_S0:
         S = tl.load(s0_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + (pid * n_chunks + c) * N * N + tile_off, S, mask=tile_mask)
+        tl.store(ckpt_ptr + (h_idx * total_chunks + c0 + c) * N * N + tile_off, S, mask=tile_mask)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
-                off = ((b_idx * T + t) * H + h_idx) * N
+                off = ((bos + t) * H + h_idx) * N
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
@@ -87,13 +100,13 @@ def _wkv7_fwd_kernel(
 @triton.jit
 def _wkv7_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
-    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, scratch_ptr,  # scratch [B*H, CHUNK, N, N]
-    T, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
+    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, scratch_ptr,  # scratch [S*H, CHUNK, N, N]
+    cu_ptr, chunk_cu_ptr, total_chunks,
+    H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_DST: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (batch, head), all rows: BLOCK_V covers N
-    b_idx, h_idx = pid // H, pid % H
-    n_chunks = tl.cdiv(T, CHUNK_LEN)
+    pid = tl.program_id(0)  # (segment, head), all rows: BLOCK_V covers N
+    h_idx, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, CHUNK_LEN)
     rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, 0)
     if HAS_DST:
         dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
@@ -103,12 +116,12 @@ def _wkv7_bwd_kernel(
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
         # 1. recompute the chunk's states S_{t-1} from its checkpoint
-        S = tl.load(ckpt_ptr + (pid * n_chunks + c) * N * N + tile_off, mask=tile_mask, other=0.0)
+        S = tl.load(ckpt_ptr + (h_idx * total_chunks + c0 + c) * N * N + tile_off, mask=tile_mask, other=0.0)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
                 tl.store(scratch + s * N * N + tile_off, S, mask=tile_mask)
-                off = ((b_idx * T + t) * H + h_idx) * N
+                off = ((bos + t) * H + h_idx) * N
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
@@ -118,7 +131,7 @@ def _wkv7_bwd_kernel(
             s = CHUNK_LEN - 1 - s_rev
             t = c * CHUNK_LEN + s
             if t < T:
-                off = ((b_idx * T + t) * H + h_idx) * N
+                off = ((bos + t) * H + h_idx) * N
                 S_prev = tl.load(scratch + s * N * N + tile_off, mask=tile_mask, other=0.0)
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -139,52 +152,65 @@ def _wkv7_bwd_kernel(
     tl.store(ds0_ptr + pid * N * N + tile_off, dS, mask=tile_mask)
 
 
-def _launch(B: int, H: int, N: int, rows_per_program: int) -> tuple[tuple[int, int], dict]:
-    """The grid (batch x head, row blocks) and the kernels' compile-time sizes."""
+def _launch(programs: int, N: int, rows_per_program: int) -> tuple[tuple[int, int], dict]:
+    """The grid ((segment, head) programs, row blocks) and the kernels' compile-time sizes."""
     block_n = triton.next_power_of_2(N)
     block_v = min(triton.next_power_of_2(rows_per_program), block_n)
-    grid = (B * H, triton.cdiv(N, block_v))
+    grid = (programs, triton.cdiv(N, block_v))
     return grid, {"N": N, "BLOCK_V": block_v, "BLOCK_N": block_n, "CHUNK_LEN": CHUNK}
+
+
+def _segments(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Step and chunk offsets of the segments ([S + 1] each: a batch's rows, or the packed row's `cu_seqlens`)
+    and the number of chunks in all."""
+    cu = torch.arange(B + 1, device=device) * T if cu_seqlens is None else cu_seqlens.to(device)
+    chunks = torch.div(torch.diff(cu) + CHUNK - 1, CHUNK, rounding_mode="floor")
+    chunk_cu = torch.cat([chunks.new_zeros(1), torch.cumsum(chunks, 0)])
+    return cu.to(torch.int32).contiguous(), chunk_cu.to(torch.int32).contiguous(), int(chunk_cu[-1])
 
 
 class WKV7Triton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, cu_seqlens):
         B, T, H, N = r.shape
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-        n_chunks = triton.cdiv(T, CHUNK)
+        cu, chunk_cu, total_chunks = _segments(B, T, cu_seqlens, r.device)
+        S = cu.numel() - 1
         y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
-        s_final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        ckpt = torch.empty(B, H, n_chunks, N, N, device=r.device, dtype=torch.float32)
+        s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
+        ckpt = torch.empty(H, total_chunks, N, N, device=r.device, dtype=torch.float32)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
-        grid, meta = _launch(B, H, N, BLOCK_V)
-        _wkv7_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, T, H=H, HAS_S0=s0 is not None, **meta)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt)
+        grid, meta = _launch(S * H, N, BLOCK_V)
+        _wkv7_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, H=H,
+                               HAS_S0=s0 is not None, **meta)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
         ctx.has_s0 = s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         return y, s_final
 
     @staticmethod
     def backward(ctx, dy, ds_final):
-        r, w, k, v, a, b, ckpt = ctx.saved_tensors
+        r, w, k, v, a, b, ckpt, cu, chunk_cu = ctx.saved_tensors
         B, T, H, N = r.shape
+        S = cu.numel() - 1
         grads = [torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(6)]
-        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        scratch = torch.empty(B * H, CHUNK, N, N, device=r.device, dtype=torch.float32)
+        ds0 = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
+        scratch = torch.empty(S * H, CHUNK, N, N, device=r.device, dtype=torch.float32)
         dy = torch.zeros_like(grads[0]) if dy is None else dy.float().contiguous()
         has_dst = ds_final is not None
         dst_arg = ds_final.float().contiguous() if has_dst else ds0
-        grid, meta = _launch(B, H, N, N)  # one program per head: the key-side gradients sum over rows
-        _wkv7_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, T, H=H, HAS_DST=has_dst,
-                               **meta)
+        grid, meta = _launch(S * H, N, N)  # one program per head: the key-side gradients sum over rows
+        _wkv7_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, cu, chunk_cu,
+                               ckpt.shape[1], H=H, HAS_DST=has_dst, **meta)
         dr, dw, dk, dv, da, db = (g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b)))
-        return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None
+        return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None
 
 
-def wkv7_triton(r, w, k, v, a, b, initial_state=None):
-    """Same contract as `wkv7_reference`; y comes back in fp32 (the dispatcher casts it to r's dtype)."""
+def wkv7_triton(r, w, k, v, a, b, initial_state=None, cu_seqlens=None):
+    """Same contract as `wkv7_reference`; y comes back in fp32 (the dispatcher casts it to r's dtype).
+    cu_seqlens: packed input (B = 1), checked by the dispatcher; one program per segment and head."""
     if r.shape[1] == 0:
         B, _, H, N = r.shape
         state = initial_state.float() if initial_state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
         return r.new_zeros(r.shape, dtype=torch.float32), state
-    return WKV7Triton.apply(r, w, k, v, a, b, initial_state)
+    return WKV7Triton.apply(r, w, k, v, a, b, initial_state, cu_seqlens)
