@@ -218,14 +218,18 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
-    whose caches came from different encoders or settings is left out (chat then needs its kind), with a note."""
-    keys: dict[str, list[dict]] = {}
+    whose caches came from different encoders or settings, or one whose manifest records none (a cache written by
+    other code), is left out (chat then needs its kind), with a note."""
+    keys: dict[str, list[dict | None]] = {}
     for cache in caches:
-        keys.setdefault(cache.modality, []).append(cache.manifest["store"])
+        keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
     for modality, found in keys.items():
-        if any(k != found[0] for k in found):
+        if None in found:
+            print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
+        elif any(k != found[0] for k in found):
             print(f"note: the {modality} caches come from different encoders or settings; the model records none")
-    return {modality: found[0] for modality, found in keys.items() if all(k == found[0] for k in found)}
+    return {modality: found[0] for modality, found in keys.items()
+            if found[0] is not None and all(k == found[0] for k in found)}
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:

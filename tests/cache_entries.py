@@ -11,7 +11,8 @@ from preprocessing.cache.entry import CacheEntry, FeatureStore, pack_shard
 STORE = "image-test-0000000000000000"
 
 
-def write_entry(uri: str, shards: list[list[Sample]], modality: str = "image") -> dict:
+def write_entry(uri: str, shards: list[list[Sample]], modality: str = "image", encoder: dict | None = None) -> dict:
+    """encoder: the store key (encoder settings) the manifest records, as an encode job's does; none without it."""
     store, entry = FeatureStore(storage.parent(uri), STORE), CacheEntry(uri)
     for index, shard in enumerate(shards):
         rows = [dataclasses.replace(sample, item_files=[
@@ -21,5 +22,6 @@ def write_entry(uri: str, shards: list[list[Sample]], modality: str = "image") -
         # samples need not tokenize, and no test here checks a context length, so the text counts 0
         entry.write_shard(index, pack_shard(rows), [r.key for r in rows], [],
                           [[0, [len(a) for a in r.items]] for r in rows])
-    return entry.finish({"modality": modality}, len(shards), [], n_read=sum(map(len, shards)),
+    spec = {"modality": modality, **({"store": encoder} if encoder else {})}
+    return entry.finish(spec, len(shards), [], n_read=sum(map(len, shards)),
                         extra={"feature_store": STORE})

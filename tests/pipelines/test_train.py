@@ -262,3 +262,22 @@ def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     assert cache_shapes([FeatureCache(tmp_path / "mixed")]) == ({"image": 12}, 0, 0)
     with pytest.raises(ValueError, match="no sample holds image features"):
         cache_shapes([FeatureCache(tmp_path / "text")])
+
+
+def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agrees(tmp_path, capsys):
+    from modrwkv.batching import Sample
+    from modrwkv.conversation import Turn
+    from pipelines.train import encoder_store_keys
+    from tests.cache_entries import write_entry
+
+    sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],
+                    items=[np.zeros((5, 12), np.float16)])
+    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8}
+    for name, encoder in (("a", dinov2), ("b", dinov2), ("c", {**dinov2, "layer": None}), ("d", None)):
+        write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
+    opened = {name: FeatureCache(tmp_path / name) for name in "abcd"}
+    assert encoder_store_keys([opened["a"], opened["b"]]) == {"image": dinov2}
+    assert encoder_store_keys([opened["a"], opened["c"]]) == {} and "different encoders" in capsys.readouterr().out
+    # a cache written by other code records no encoder: nothing to record, and training goes on
+    assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
+    assert encoder_store_keys([opened["a"], opened["d"]]) == {}
