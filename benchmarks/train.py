@@ -173,8 +173,9 @@ def demo_mean_length(cfg) -> float:
 
 def packing_cases(out: Path, steps: int) -> tuple[list[dict], dict]:
     """Phase II, ZeRO-2, padded then packed: the spread mix on the demo's backbone and on a wider one, and the
-    demo's mix on the demo's backbone. The wider backbone's padded micro-batches of 8 did not fit in this machine's
-    memory (23 GB, shared with other sessions): it runs 1 worker and micro-batches of 4 samples."""
+    demo's mix on the demo's backbone. The wider backbone's padded micro-batches of 8 do not fit in this machine's
+    memory (24 GB; Ray's memory monitor kills the worker even with nothing else running): it runs 1 worker and
+    micro-batches of 4 samples."""
     from mlflow import MlflowClient
 
     from modrwkv import RWKV7Config
