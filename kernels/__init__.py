@@ -84,42 +84,42 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
     return offsets
 
 
-def segment_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment, position within it) of every packed step, after checking the offsets."""
-    offsets = check_cu_seqlens(cu_seqlens, T)
-    lengths = torch.tensor([e - s for s, e in zip(offsets, offsets[1:])])
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    return segment, torch.arange(T) - torch.tensor(offsets[:-1])[segment]
+def segment_index(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, position within it) of every packed step, for segments of these lengths laid end to end."""
+    counts = torch.tensor(lengths)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+    position = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[segment]
+    return segment.to(device), position.to(device)
 
 
 def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
     if r.dim() != 4 or r.shape[0] != 1:
         raise ValueError(f"wkv7: packed input (cu_seqlens) is one row, [1, T, H, N]; got r of shape {tuple(r.shape)}")
     _, T, H, N = r.shape
-    segment, position = (x.to(r.device) for x in segment_index(cu_seqlens, T))
-    S, longest = len(cu_seqlens) - 1, int(position.max()) + 1
+    offsets = check_cu_seqlens(cu_seqlens, T)
+    lengths = [e - s for s, e in zip(offsets, offsets[1:])]
+    S = len(lengths)
     if initial_state is not None and initial_state.shape != (S, H, N, N):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(S, H, N, N)}"
                          " (one row per segment)")
 
-    name = backend or default_backend(r.device, longest)
-    if name == "triton":
+    name = backend or default_backend(r.device, max(lengths))
+    if name == "triton":  # the kernels read the offsets themselves
         y, state = _triton(r, w, k, v, a, b, initial_state, cu_seqlens)
         return y.to(r.dtype), state
+    segment, position = segment_index(lengths, r.device)
     fills = [float("-inf") if x is w else 0.0 for x in (r, w, k, v, a, b)]
     if name == "chunked":  # one row, each segment padded to whole chunks
-        lengths = torch.diff(cu_seqlens.to("cpu"))
-        chunks = -(-lengths // CHUNK)
-        starts = torch.cumsum(chunks, 0) - chunks
-        index = (starts * CHUNK).to(r.device)[segment] + position
-        T_padded = int(chunks.sum()) * CHUNK
-        inputs = [x.new_full((T_padded, H, N), fill).index_put((index,), x[0])[None]
+        chunks = [-(-n // CHUNK) for n in lengths]
+        starts = torch.tensor([0, *chunks[:-1]]).cumsum(0) * CHUNK
+        index = starts.to(r.device)[segment] + position
+        inputs = [x.new_full((sum(chunks) * CHUNK, H, N), fill).index_put((index,), x[0])[None]
                   for x, fill in zip((r, w, k, v, a, b), fills)]
-        y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks.tolist())
+        y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks)
         return y[:, index].to(r.dtype), state
 
     def batched(x, fill):  # [1, T, H, N] -> [S, longest, H, N], each segment from step 0, `fill` after its end
-        out = x.new_full((S, longest, H, N), fill)
+        out = x.new_full((S, max(lengths), H, N), fill)
         return out.index_put((segment, position), x[0])
 
     y, state = wkv7(*(batched(x, fill) for x, fill in zip((r, w, k, v, a, b), fills)), initial_state=initial_state,
