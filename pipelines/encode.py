@@ -212,7 +212,8 @@ class ItemEncoder:
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        extra = {name: getattr(self.spec, name) for name in ("image_size", "layer") if getattr(self.spec, name)}
+        extra = {name: getattr(self.spec, name) for name in ("image_size", "layer")
+                 if getattr(self.spec, name) is not None}  # layer 0, the embeddings, included
         return build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
 
     def store_features(self, refs: list[str], items: list) -> list[str]:

@@ -175,3 +175,14 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
         encoder_for(tmp_path / "enc", "image", tmp_path / "enc")
     unrecorded = encoder_for(tmp_path / "enc", "image", tmp_path / "enc", kind="dinov2")  # a model saved by hand
     assert unrecorded.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1
+
+
+def test_the_encode_job_builds_the_layer_its_config_names_the_embeddings_too(tmp_path):
+    from pipelines.encode import ItemEncoder
+    from pipelines.encode_config import EncoderSpec
+
+    model_class, config, _ = VISION["dinov2"]
+    model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path)
+    for layer in (0, 1, None):  # 0, the embeddings, is a layer like any other
+        spec = EncoderSpec(kind="dinov2", model_dir=str(tmp_path), image_size=28, layer=layer)
+        assert ItemEncoder(spec, store=None).encoder.layer == layer
