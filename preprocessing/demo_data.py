@@ -54,16 +54,18 @@ def require_espeak() -> None:
 
 def synthesise(text: str, voice: str, path: Path) -> None:
     speech = subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "--stdout", text], check=True, capture_output=True).stdout
-    subprocess.run(["sox", "-v", "0.8", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(path)],
+    # -R: sox dithers with a fixed seed, so a rebuilt set is byte for byte the same and its cached features are reused
+    subprocess.run(["sox", "-R", "-v", "0.8", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(path)],
                    input=speech, check=True, capture_output=True)
 
 
 def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
-    """Three-digit strings, spoken in English and in Mandarin (half each)."""
+    """Three-digit strings, spoken in English and in Mandarin (half each). Each split draws from its own generator,
+    so the test utterances do not depend on the training set's size (and a larger one extends a smaller)."""
     require_espeak()
-    rng = np.random.default_rng(seed)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
+        rng = np.random.default_rng([seed, split == "test"])
         records = []
         for i in range(n):
             digits = rng.integers(0, 10, size=3)
@@ -89,7 +91,7 @@ def build_series(out: Path) -> None:
     pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
 
 
-def build_demo_data(out, n_digits=(256, 100), n_speech=(96, 24)) -> Path:
+def build_demo_data(out, n_digits=(256, 100), n_speech=(384, 48)) -> Path:
     out = Path(out)
     build_digits(out / "digits", *n_digits)
     build_speech(out / "speech", *n_speech)
