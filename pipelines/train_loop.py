@@ -62,10 +62,13 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
     per_step = hp.micro_batch * world
     if hp.global_batch % per_step:
         raise ValueError(f"global_batch {hp.global_batch} is not a multiple of micro_batch x workers = {per_step}")
-    zero = {"stage": ds.zero_stage}
+    zero, offload = {"stage": ds.zero_stage}, {}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {"train_micro_batch_size_per_gpu": hp.micro_batch,
+        # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is
+        # torch's fused AdamW (one pass per partition), and its DeepSpeedCPUAdam would need a C++ build at start
+        offload = {"zero_force_ds_cpu_optimizer": False}
+    return {"train_micro_batch_size_per_gpu": hp.micro_batch, **offload,
             "gradient_accumulation_steps": hp.global_batch // per_step,
             "gradient_clipping": hp.grad_clip, "zero_optimization": zero, "bf16": {"enabled": on_gpu},
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}

@@ -112,6 +112,20 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert [r.info.run_id for r in found] == [one.run_id]
 
 
+def test_optimizer_offload_trains_as_without_it(setup):
+    """ZeRO-Offload moves the optimizer step to the CPU; it must run (DeepSpeed refuses a client optimizer there
+    unless told) and compute the same steps."""
+    root, cache = setup
+    histories = []
+    for offload in (False, True):
+        config = train_config(root, cache, f"offload-{offload}", steps=3)
+        config.deepspeed.offload_optimizer = offload
+        result = run_train(config, phase=1)
+        histories.append(losses(MlflowClient(config.tracking.tracking_uri), result.run_id))
+    assert len(histories[1]) == 3 and histories[1][-1] < histories[1][0]
+    assert np.allclose(histories[0], histories[1], rtol=1e-6)
+
+
 def command_line(process: psutil.Process) -> str:
     try:
         return " ".join(process.cmdline())
