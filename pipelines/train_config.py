@@ -53,6 +53,13 @@ class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
 
+    def __post_init__(self):
+        if self.zero_stage == 3:  # refused here, not as an autograd error in the workers' first backward
+            raise ValueError("zero_stage 3 is not supported yet: the trainer adds every trainable tensor to each "
+                             "step's loss (times 0) so that ZeRO reduces the projectors a micro-batch leaves idle, "
+                             "and ZeRO-3's partitioned parameters cannot take that gradient; use zero_stage 2, "
+                             "with offload_optimizer: true to save memory")
+
 
 @dataclass
 class ScalingSpec:

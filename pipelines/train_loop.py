@@ -263,7 +263,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     if logger and step:
         logger.log({"resumed_from_step": step}, step)
     # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
-    # micro-batch's modality leaves a projector idle (sum, not an element: ZeRO-3 partitions may be empty)
+    # micro-batch's modality leaves a projector idle (what keeps ZeRO-3 out: DeepSpeedConfig)
     touch = list(trainable.values())
     metrics, skipped = {}, []  # over-long samples this rank left out (the collator's policy)
     while step < hp.steps:

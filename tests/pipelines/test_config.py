@@ -44,6 +44,14 @@ def test_bad_configs_are_named(tmp_path, text, message):
     assert str(info.value).startswith(str(tmp_path / "c.yaml"))
 
 
+def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
+    from pipelines.train import TrainConfig
+
+    text = (CONFIGS / "demo" / "train.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3")
+    with pytest.raises(ConfigError, match="deepspeed: zero_stage 3 is not supported yet: .* use zero_stage 2"):
+        load_config(write(tmp_path, text), TrainConfig)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml", EncodeConfig)
