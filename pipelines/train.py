@@ -223,13 +223,15 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     keys: dict[str, list[dict | None]] = {}
     for cache in caches:
         keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
+    agreed = {}
     for modality, found in keys.items():
         if None in found:
             print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
         elif any(k != found[0] for k in found):
             print(f"note: the {modality} caches come from different encoders or settings; the model records none")
-    return {modality: found[0] for modality, found in keys.items()
-            if found[0] is not None and all(k == found[0] for k in found)}
+        else:
+            agreed[modality] = found[0]
+    return agreed
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:
