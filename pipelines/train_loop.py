@@ -62,16 +62,16 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
     per_step = hp.micro_batch * world
     if hp.global_batch % per_step:
         raise ValueError(f"global_batch {hp.global_batch} is not a multiple of micro_batch x workers = {per_step}")
-    zero, offload = {"stage": ds.zero_stage}, {}
+    config = {"train_micro_batch_size_per_gpu": hp.micro_batch,
+              "gradient_accumulation_steps": hp.global_batch // per_step, "gradient_clipping": hp.grad_clip,
+              "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": on_gpu},
+              "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is
-        # torch's fused AdamW (one pass per partition), and its DeepSpeedCPUAdam would need a C++ build at start
-        offload = {"zero_force_ds_cpu_optimizer": False}
-    return {"train_micro_batch_size_per_gpu": hp.micro_batch, **offload,
-            "gradient_accumulation_steps": hp.global_batch // per_step,
-            "gradient_clipping": hp.grad_clip, "zero_optimization": zero, "bf16": {"enabled": on_gpu},
-            "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+        # torch's fused AdamW (one pass per partition), and its DeepSpeedCPUAdam is a C++ op built on first use
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 class RowPacker:
@@ -263,7 +263,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     if logger and step:
         logger.log({"resumed_from_step": step}, step)
     # every trainable tensor joins every step's graph (x0): ZeRO reduces all of them even when this
-    # micro-batch's modality leaves a projector idle (what keeps ZeRO-3 out: DeepSpeedConfig)
+    # micro-batch's modality leaves a projector idle (why DeepSpeedConfig refuses ZeRO-3)
     touch = list(trainable.values())
     metrics, skipped = {}, []  # over-long samples this rank left out (the collator's policy)
     while step < hp.steps:
