@@ -256,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_demo)
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
-    p.add_argument("--train", type=int, default=2000, help="training images (one question each, plus --extra-yesno)")
-    p.add_argument("--test", type=int, default=500, help="test images (one question each)")
+    p.add_argument("--train", type=int, default=8000, help="training images (one question each, plus --extra-yesno)")
+    p.add_argument("--test", type=int, default=2500, help="test images (one question each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-yesno", type=int, default=1,
                    help="yes/no questions more per training image, about its own shapes (0: one question each)")

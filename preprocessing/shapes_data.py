@@ -13,7 +13,9 @@ Each record also carries its question type under "type", which readers ignore an
 Each training image is also asked `extra_yesno` yes/no questions about its own shapes (default 1; colour- or
 shape-asked and yes or no at random), as VQAv2 asks several questions of one image: with one question per image
 the tiny backbone memorises each training image's yes/no answer instead of learning to compare the asked word with
-what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). The test split keeps one question per image.
+what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). It memorises them on 2,000 training images as well, most
+of all where one of two or three shapes is the one asked about; `modrwkv data shapes` makes 8,000 (G21). The test
+split keeps one question per image.
 """
 
 import random
@@ -97,10 +99,11 @@ def build_shapes(out, n_train: int, n_test: int, seed: int = 0, extra_yesno: int
     holds them in equal numbers, and each training image gets `extra_yesno` more yes/no questions."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    # the extra questions draw from their own generator, so the images and the test split do not depend on them
+    # the test split and the extra questions draw from their own generators: the test split does not depend on the
+    # training size, and neither split's images depend on the extra questions
     extra_rng = random.Random(f"{seed}-extra-yesno")
     for split, n in (("train", n_train), ("test", n_test)):
+        rng = random.Random(seed if split == "train" else f"{seed}-test")
         records = []
         for i in range(n):
             kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]

@@ -62,3 +62,13 @@ def test_extra_questions_leave_images_and_test_split_unchanged(tmp_path):
     for name in ("train-00007.png", "test-00003.png"):
         plain, extra = (tmp_path / folder / "images" / name for folder in ("plain", "extra"))
         assert plain.read_bytes() == extra.read_bytes()
+
+
+def test_test_split_does_not_depend_on_the_training_size(tmp_path):
+    build_shapes(tmp_path / "small", 10, 5, seed=4)
+    build_shapes(tmp_path / "large", 30, 5, seed=4)
+    assert (tmp_path / "small" / "test.json").read_text() == (tmp_path / "large" / "test.json").read_text()
+    small, large = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("small", "large"))
+    assert [r for r in large if int(r["id"].split("-")[2]) < 10] == small  # the first training images are kept too
+    for name in ("train-00009.png", "test-00004.png"):
+        assert (tmp_path / "small" / "images" / name).read_bytes() == (tmp_path / "large" / "images" / name).read_bytes()
