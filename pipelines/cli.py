@@ -254,10 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
     p.add_argument("--out", default="runs/demo/data")
     p.set_defaults(func=cmd_data_demo)
+    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES  # PIL only, no job framework
+
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
-    p.add_argument("--train", type=int, default=8000, help="training images (one question each, plus --extra-yesno)")
-    p.add_argument("--test", type=int, default=2500, help="test images (one question each)")
+    p.add_argument("--train", type=int, default=TRAIN_IMAGES,
+                   help="training images (one question each, plus --extra-yesno)")
+    p.add_argument("--test", type=int, default=TEST_IMAGES, help="test images (one question each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-yesno", type=int, default=1,
                    help="yes/no questions more per training image, about its own shapes (0: one question each)")

@@ -71,4 +71,5 @@ def test_test_split_does_not_depend_on_the_training_size(tmp_path):
     small, large = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("small", "large"))
     assert [r for r in large if int(r["id"].split("-")[2]) < 10] == small  # the first training images are kept too
     for name in ("train-00009.png", "test-00004.png"):
-        assert (tmp_path / "small" / "images" / name).read_bytes() == (tmp_path / "large" / "images" / name).read_bytes()
+        small, large = (tmp_path / folder / "images" / name for folder in ("small", "large"))
+        assert small.read_bytes() == large.read_bytes()
