@@ -118,24 +118,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (about a minute of a short GPU lease)")
     args = parser.parse_args()
     from kernels import wkv7
 
-    rows = []
+    rows, packed = [], []
     started = time.perf_counter()
     torch.set_num_threads(2)
-    T, B, H, N = 4096, 1, 12, 64
-    xs = inputs(B, T, H, N, torch.float32, "cpu")
-    ref64, _ = wkv7(*(x.double() for x in xs), backend="reference")
-    for name in ("reference", "chunked"):
-        fn = lambda *t, name=name: wkv7(*t, backend=name)[0]  # noqa: E731
-        row = {"device": "cpu", "T": T, "B": B, "dtype": "fp32", **bench_backend(name, fn, xs, "cpu", T, B)}
-        with torch.no_grad():
-            row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
-        rows.append(row)
-
-    packed = packed_vs_padded(4096, H, N, torch.float32, "cpu",
-                              {"chunked": lambda *t, **kw: wkv7(*t, backend="chunked", **kw)[0]})
+    H, N = 12, 64
+    if not args.no_cpu:
+        T, B = 4096, 1
+        xs = inputs(B, T, H, N, torch.float32, "cpu")
+        ref64, _ = wkv7(*(x.double() for x in xs), backend="reference")
+        for name in ("reference", "chunked"):
+            fn = lambda *t, name=name: wkv7(*t, backend=name)[0]  # noqa: E731
+            row = {"device": "cpu", "T": T, "B": B, "dtype": "fp32", **bench_backend(name, fn, xs, "cpu", T, B)}
+            with torch.no_grad():
+                row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
+            rows.append(row)
+        packed = packed_vs_padded(4096, H, N, torch.float32, "cpu",
+                                  {"chunked": lambda *t, **kw: wkv7(*t, backend="chunked", **kw)[0]})
 
     if torch.cuda.is_available():
         B = 8
@@ -169,9 +171,10 @@ def main():
         lines.append(f"| {r['device']} | {r['T']} | {r['B']} | {r['dtype']} | {r['backend']} | {r['fwd_tok_s']:.0f} | "
                      f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} |")
     cpu = {r["backend"]: r for r in rows if r["device"] == "cpu"}
-    lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "
-                 f"{cpu['chunked']['fwd_tok_s'] / cpu['reference']['fwd_tok_s']:.1f}x, forward+backward "
-                 f"{cpu['chunked']['fwd_bwd_tok_s'] / cpu['reference']['fwd_bwd_tok_s']:.1f}x")
+    if cpu:
+        lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "
+                     f"{cpu['chunked']['fwd_tok_s'] / cpu['reference']['fwd_tok_s']:.1f}x, forward+backward "
+                     f"{cpu['chunked']['fwd_bwd_tok_s'] / cpu['reference']['fwd_bwd_tok_s']:.1f}x")
     lines += ["", "| device | real tokens | segments (longest) | dtype | backend | layout | fwd tok/s "
               "| fwd+bwd tok/s |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['device']} | {r['T']} | {r['segments']} ({r['longest']}) | {r['dtype']} | {r['backend']} | "
