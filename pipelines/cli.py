@@ -127,7 +127,8 @@ def cmd_data_demo(args) -> None:
 def cmd_data_shapes(args) -> None:
     from preprocessing.shapes_data import build_shapes
 
-    print(f"wrote the shapes VQA set to {build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno)}")
+    out = build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno, args.yesno_turns)
+    print(f"wrote the shapes VQA set to {out}")
 
 
 def cmd_cache(args) -> None:
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
     p.add_argument("--out", default="runs/demo/data")
     p.set_defaults(func=cmd_data_demo)
-    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES  # PIL only, no job framework
+    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES, YESNO_TURNS  # PIL only, no job framework
 
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
@@ -263,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=TEST_IMAGES, help="test images (one question each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-yesno", type=int, default=1,
-                   help="yes/no questions more per training image, about its own shapes (0: one question each)")
+                   help="yes/no records more per training image, about its own shapes (0: one question each)")
+    p.add_argument("--yesno-turns", type=int, default=YESNO_TURNS,
+                   help="different yes/no questions each extra record asks in turn, as multi-turn LLaVA records do")
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")

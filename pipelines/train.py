@@ -11,6 +11,7 @@ checkpoint; workers run the loop in `train_loop.py`.
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +36,16 @@ from .caches import absolute, resolve_caches
 from .config import ConfigError, load_config, parse_overrides, to_dict
 from .train_config import TrainConfig
 from .train_loop import WorkerConfig, train_loop_per_worker
+
+# glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
+# and unmaps it when freed: the embedding's and head's gradients of a 65536-word vocabulary (33.5 MB each at width
+# 128), their flat ZeRO buckets and Adam's temporaries are faulted in again every step, half a CPU worker's step
+# time on a VM (benchmarks/RESULTS.md). Kept in one heap, they are reused; a user's own setting of each wins.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32), "MALLOC_ARENA_MAX": "1"}
+
+
+def worker_env() -> dict[str, str]:
+    return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
 
 
 @dataclass
@@ -186,7 +197,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
             run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=str(out / "ray"),
                                  failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 worker_runtime_env={"env_vars": worker_env()}),
             resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
         )
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):

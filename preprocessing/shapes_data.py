@@ -10,11 +10,12 @@ PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one ques
 - yes/no: "Is there a <colour> shape?" or "Is there a <shape>?" (1-3 shapes; yes half the time).
 Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
 
-Each training image is also asked `extra_yesno` yes/no questions about its own shapes (default 1; colour- or
-shape-asked and yes or no at random), as VQAv2 asks several questions of one image: with one question per image
+Each training image also gets `extra_yesno` records (default 1) of `yesno_turns` different yes/no questions about
+its own shapes (default 1; each colour- or shape-asked and yes or no at random; several are asked in turn, as
+LLaVA's multi-turn records ask them), as VQAv2 asks several questions of one image: with one question per image
 the tiny backbone memorises each training image's yes/no answer instead of learning to compare the asked word with
-what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). It memorises them on 2,000 training images as well, most
-of all where one of two or three shapes is the one asked about; `modrwkv data shapes` makes 8,000 (G21). The test
+what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). It memorises them on 2,000 training images as well, most of
+all where one of two or three shapes is the one asked about; `modrwkv data shapes` makes 8,000 (G21). The test
 split keeps one question per image.
 """
 
@@ -35,6 +36,7 @@ CANVAS, SIZE = 64, 18  # shape bounding box side, px
 # the shipped set's size: 2,000 training images are memorised (G21); 500 test questions a type, since on 100 yes/no
 # questions one model's score moved by up to 0.06 between test draws
 TRAIN_IMAGES, TEST_IMAGES = 8000, 2500
+YESNO_TURNS = 1  # different yes/no questions in each extra record; 3 is being measured (RESULTS.md, G24)
 
 
 def draw(canvas: ImageDraw.ImageDraw, shape: str, colour: str, x: int, y: int) -> None:
@@ -92,15 +94,32 @@ def yesno_question(drawn: list[tuple[str, str, int, int]], by_colour: bool, rng:
     return (f"Is there a {asked} shape?" if by_colour else f"Is there a {asked}?"), answer
 
 
-def record(record_id: str, image: str, kind: str, question: str, answer: str) -> dict:
-    return {"id": record_id, "image": image, "type": kind, "conversations": [
-        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+def distinct_yesno(drawn: list[tuple[str, str, int, int]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """n different yes/no questions about the drawn shapes, each drawn as `yesno_question` draws one."""
+    asked = {}
+    while len(asked) < n:
+        question, answer = yesno_question(drawn, rng.random() < 0.5, rng)
+        asked.setdefault(question, answer)
+    return list(asked.items())
+
+
+def record(record_id: str, image: str, kind: str, turns: list[tuple[str, str]]) -> dict:
+    """One LLaVA record: the image before the first question, then (question, answer) turns."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
+                          {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": image, "type": kind, "conversations": conversations}
 
 
 def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, seed: int = 0,
-                 extra_yesno: int = 1) -> Path:
+                 extra_yesno: int = 1, yesno_turns: int = YESNO_TURNS) -> Path:
     """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
-    holds them in equal numbers, and each training image gets `extra_yesno` more yes/no questions."""
+    holds them in equal numbers, and each training image gets `extra_yesno` more records of `yesno_turns`
+    different yes/no questions each, asked in turn."""
+    if not 1 <= yesno_turns <= len(COLOURS) + len(SHAPES):
+        raise ValueError(f"yesno_turns must be 1-{len(COLOURS) + len(SHAPES)} (the different questions an image "
+                         f"can be asked), got {yesno_turns}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # the test split and the extra questions draw from their own generators: the test split does not depend on the
@@ -118,9 +137,9 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
                 draw(canvas, shape, colour, x, y)
             name = f"images/{split}-{i:05d}.png"
             image.save(out / name)
-            records.append(record(f"shapes-{split}-{i:05d}", name, kind, question, answer))
+            records.append(record(f"shapes-{split}-{i:05d}", name, kind, [(question, answer)]))
             for j in range(extra_yesno if split == "train" else 0):
-                question, answer = yesno_question(shapes, extra_rng.random() < 0.5, extra_rng)
-                records.append(record(f"shapes-{split}-{i:05d}-yesno{j}", name, "yesno", question, answer))
+                turns = distinct_yesno(shapes, yesno_turns, extra_rng)
+                records.append(record(f"shapes-{split}-{i:05d}-yesno{j}", name, "yesno", turns))
         write_json(out / f"{split}.json", records)
     return out

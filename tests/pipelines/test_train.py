@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from modrwkv import RWKV7Config
 from pipelines.config import from_dict
 from pipelines.metrics.ceilings import cache_samples
-from pipelines.train import WHITEN_EPS, TrainConfig, feature_stats, run_train
+from pipelines.train import WHITEN_EPS, WORKER_ENV, TrainConfig, feature_stats, run_train, worker_env
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.encoders.recorded import read_encoders_record
 from tests.conftest import random_backbone
@@ -144,8 +144,9 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
         time.sleep(0.2)
     workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
     if workers:
+        allocator = {k: workers[0].environ().get(k) for k in WORKER_ENV}
         workers[0].kill()
-        killed.append(workers[0].pid)
+        killed.append((workers[0].pid, allocator))
 
 
 def test_training_resumes_after_a_worker_is_killed(setup):
@@ -158,7 +159,9 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     watcher.start()
     result = run_train(config, phase=1)
     watcher.join()
-    assert killed and not psutil.pid_exists(killed[0])
+    (pid, allocator), = killed
+    assert not psutil.pid_exists(pid)
+    assert allocator == worker_env()  # the workers keep large blocks in one heap (or as a user sets it)
     assert result.metrics["step"] == 12
     client = MlflowClient(config.tracking.tracking_uri)
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
@@ -170,6 +173,11 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     state = torch.load(max(last, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
     assert state["step"] == 12 and len(state["data_positions"]) == 2
     assert state["data_positions"] == [position_after(config, cache, 24, rank, 2) for rank in (0, 1)]
+
+
+def test_a_users_allocator_settings_win(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert worker_env() == {**WORKER_ENV, "MALLOC_ARENA_MAX": "4"} != WORKER_ENV
 
 
 def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: int, world: int) -> dict:

@@ -1,11 +1,12 @@
 """The shapes VQA set: LLaVA records the reader accepts, every question type in equal numbers, answers that
-match the pixels drawn, one extra yes/no question per training image about that image, and the same set for the
-same seed."""
+match the pixels drawn, one extra record per training image asking one yes/no question (or several in turn) about
+that image, and the same set for the same seed."""
 
 import json
 from collections import Counter
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.cli import main
@@ -22,11 +23,20 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     assert Counter(Counter(r["image"] for r in records).values()) == {2: 60}  # each image asked twice
     extra = [r for r in records if "-yesno" in r["id"]]
     assert {r["conversations"][1]["value"] for r in extra} == {"yes", "no"}
+    assert {len(r["conversations"]) for r in extra} == {2}  # one question each, unless asked for more
     test = json.loads((tmp_path / "test.json").read_text())
     assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
-    for r in records:
-        question, answer = (turn["value"] for turn in r["conversations"])
-        assert question.startswith("<image>\n") and len(answer.split()) == 1
+    assert {len(r["conversations"]) for r in [*test, *records] if "-yesno" not in r["id"]} == {2}
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=3)
+    records = json.loads((tmp_path / "train.json").read_text())
+    extra = [r for r in records if "-yesno" in r["id"]]
+    assert {len(r["conversations"]) for r in extra} == {6}  # three different questions, asked in turn
+    assert all(len({t["value"] for t in r["conversations"][::2]}) == 3 for r in extra)
+    turns = [(r, turn["value"], answer["value"]) for r in records
+             for turn, answer in zip(r["conversations"][::2], r["conversations"][1::2])]
+    for r, question, answer in turns:
+        assert question.startswith("<image>\n") == (question == r["conversations"][0]["value"])
+        assert len(answer.split()) == 1
         pixels = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB")).reshape(-1, 3)
         inked = {tuple(p) for p in pixels if tuple(p) != (255, 255, 255)}
         drawn = {name for name, rgb in COLOURS.items() if rgb in inked}
@@ -73,3 +83,9 @@ def test_test_split_does_not_depend_on_the_training_size(tmp_path):
     for name in ("train-00009.png", "test-00004.png"):
         small, large = (tmp_path / folder / "images" / name for folder in ("small", "large"))
         assert small.read_bytes() == large.read_bytes()
+
+
+def test_more_yesno_turns_than_an_image_has_questions_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="yesno_turns must be 1-11"):
+        build_shapes(tmp_path, 2, 1, yesno_turns=12)
+    assert not (tmp_path / "train.json").exists()
