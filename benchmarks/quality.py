@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)
 
 from benchmarks.report import write_report  # noqa: E402
+from pipelines.environment import cpu_description  # noqa: E402
 
 SHAPES_DATA = Path("runs/shapes/data")
 DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "configs/demo/eval_speech.yaml",
@@ -204,7 +205,7 @@ def main():
     finally:
         ray.shutdown()
     plot(rows, out / "quality.png")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only; seeds {args.seeds}"
+    machine = f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, CPU only; seeds {args.seeds}"
     lines = ["| task | metric | model (mean ± std) | ceiling | baseline | minutes per seed |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {fmt(r.get('model'))} | {fmt(r.get('ceiling'))} | "

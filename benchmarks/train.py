@@ -13,13 +13,17 @@ rows of max_length tokens as hold as many samples on average (at least one), so 
 samples (and pay the optimizer step as often). Then the forward and backward alone, in CPU seconds
 (`compute_cases`): what packing saves, without the trainer's per-step costs and the other work on the cores.
 
-    python benchmarks/train.py [--out benchmarks/out] [--steps 12] [--only scaling|packing]
+Allocator: phase II on the digits cache with the training workers' shipped glibc settings (`pipelines.train.
+WORKER_ENV`) vs glibc's defaults, alternated, 2 workers.
+
+    python benchmarks/train.py [--out benchmarks/out] [--steps 12] [--only scaling|allocator|packing|compute]
 """
 
 import argparse
 import os
 import platform
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,7 @@ DEMO_BACKBONE = "runs/demo/backbone"
 # A backbone whose layers, not its 65536-word head, take most of the compute, as in the released sizes (0.1B:
 # 12 layers of width 768): padding costs layer compute only, the head runs at labelled positions in both layouts.
 WIDE = {"vocab_size": 65536, "n_layer": 6, "n_embd": 512, "head_size": 64}
+PARTS = ["scaling", "allocator", "packing", "compute"]
 
 
 def config(out: Path, cache: str, workers: int, stage: int, steps: int, prefetch: int = 4, packing: bool = False,
@@ -249,17 +254,24 @@ def input_wait(out: Path, cache: str, s3_cache: str, steps: int) -> list[dict]:
     return rows
 
 
-def scaling_cases(out: Path, steps: int) -> tuple[list[dict], list[dict], list[str]]:
-    """Workers and ZeRO stages, then the input wait from local disk vs S3 (the "bench" bucket); their rows and
-    table lines."""
-    from mlflow import MlflowClient
-
+def digits_cache(out: Path, steps: int) -> str:
+    """The demo's digits cache (encoded if missing) and a phase I output beside it for phase II to start from."""
     from benchmarks.encode import encode_config
     from pipelines.encode import run_encode
     from pipelines.train import run_train
 
     cache = run_encode(encode_config(Path("runs/cache"), 2)).uri
-    run_train(config(out, cache, 2, 2, steps), phase=1)  # phase II starts from a phase I output
+    run_train(config(out, cache, 2, 2, steps), phase=1)
+    return cache
+
+
+def scaling_cases(out: Path, cache: str, steps: int) -> tuple[list[dict], list[dict], list[str]]:
+    """Workers and ZeRO stages, then the input wait from local disk vs S3 (the "bench" bucket); their rows and
+    table lines."""
+    from mlflow import MlflowClient
+
+    from pipelines.train import run_train
+
     rows = []
     for workers, stage in CASES:
         result = run_train(config(out, cache, workers, stage, steps), phase=2)
@@ -277,6 +289,42 @@ def scaling_cases(out: Path, steps: int) -> tuple[list[dict], list[dict], list[s
     lines += [f"| {r['cache']} | {r['prefetch_threads']} | {r['data_wait_s'] * 1e3:.1f} | "
               f"{r['data_wait_s'] / local:.2f}x | {r['samples_per_s']:.1f} |" for r in waits]
     return rows, waits, lines
+
+
+@contextmanager
+def glibc_allocator_defaults():
+    """Training workers started without the allocator settings `pipelines.train` gives them (glibc's defaults,
+    where the driver's environment sets none)."""
+    import pipelines.train
+
+    shipped, pipelines.train.WORKER_ENV = pipelines.train.WORKER_ENV, {}
+    try:
+        yield
+    finally:
+        pipelines.train.WORKER_ENV = shipped
+
+
+def allocator_cases(out: Path, cache: str, steps: int, rounds: int = 2) -> tuple[list[dict], list[str]]:
+    """Phase II with 2 workers, the shipped allocator settings vs glibc's defaults, alternated `rounds` times so
+    that both see the same machine; their rows and table lines."""
+    from mlflow import MlflowClient
+
+    from pipelines.train import run_train
+
+    rows = []
+    for round_ in range(rounds):
+        for allocator in ("shipped", "glibc defaults"):
+            with glibc_allocator_defaults() if allocator != "shipped" else nullcontext():
+                result = run_train(config(out, cache, 2, 2, steps), phase=2)
+            client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+            rows.append({"allocator": allocator, "round": round_, "wall_s": result.seconds,
+                         "samples_per_s": mean_after_first(client, result.run_id, "samples_per_s")})
+    per_round = {a: [r["samples_per_s"] for r in rows if r["allocator"] == a] for a in ("shipped", "glibc defaults")}
+    baseline = np.mean(per_round["glibc defaults"])
+    lines = ["| worker allocator | samples/s, each round | mean | vs glibc defaults |", "|---|---|---|---|"]
+    lines += [f"| {a} | {' / '.join(f'{x:.1f}' for x in xs)} | {np.mean(xs):.1f} | {np.mean(xs) / baseline:.2f}x |"
+              for a, xs in per_round.items()]
+    return rows, lines
 
 
 def packing_lines(packed: list[dict], spread: dict) -> list[str]:
@@ -314,22 +362,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--only", choices=("scaling", "packing", "compute"), help="one part (default: all three)")
+    parser.add_argument("--only", choices=PARTS, help="one part (default: all)")
     args = parser.parse_args()
-    parts = [args.only] if args.only else ["scaling", "packing", "compute"]
+    parts = [args.only] if args.only else PARTS
     prepare()
     out = (Path(args.out) / "train-work").absolute()
     rows, lines = [], []
-    if "scaling" in parts or "packing" in parts:
+    if {"scaling", "allocator", "packing"} & set(parts):
         s3 = start_s3(out / "s3") if "scaling" in parts else None
         if s3:
             os.environ.update(s3.env())  # before Ray starts: its workers inherit the endpoint
             s3.create_bucket("bench")
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        cache = digits_cache(out, args.steps) if {"scaling", "allocator"} & set(parts) else None
         if s3:
-            scaling, waits, lines = scaling_cases(out, args.steps)
+            scaling, waits, lines = scaling_cases(out, cache, args.steps)
             rows += scaling + waits
             stop_s3(s3)
+        if "allocator" in parts:
+            allocator, allocator_lines = allocator_cases(out, cache, args.steps)
+            rows += allocator
+            lines += ([""] if lines else []) + allocator_lines
         if "packing" in parts:
             packed, spread = packing_cases(out, args.steps)
             rows += packed

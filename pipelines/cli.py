@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-yesno", type=int, default=1,
                    help="yes/no records more per training image, about its own shapes (0: one question each)")
     p.add_argument("--yesno-turns", type=int, default=YESNO_TURNS,
-                   help="different yes/no questions each extra record asks in turn, as multi-turn LLaVA records do")
+                   help="different yes/no questions each extra record asks in turn, as multi-turn LLaVA records do "
+                        "(default %(default)s)")
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")

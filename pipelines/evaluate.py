@@ -23,6 +23,7 @@ from preprocessing.cache.entry import FeatureCache
 from . import tracking
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
+from .environment import environment_tags
 from .eval_tasks import TASKS, EvalTask, TaskName
 
 
@@ -98,7 +99,7 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
         experiment_id = client.get_run(parent).info.experiment_id
     else:
         experiment_id = tracking.experiment_id(client, uri, config.experiment)
-    tags = {"task": config.task, "checkpoint": str(config.checkpoint)}
+    tags = {"task": config.task, "checkpoint": str(config.checkpoint), **environment_tags()}  # where it scored
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)

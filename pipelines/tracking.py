@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from infra.cli import load_services
 
+from .environment import environment_tags
 from .plots import pyplot, save_figure
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
@@ -97,6 +98,13 @@ class MetricLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_environment(uri: str, run_id: str, node: str | None) -> None:
+    """This machine's CPU and package versions as the run's tags, `env.[<node>.]...`: what its figures can move
+    with between machines."""
+    tags = environment_tags(f"env.{node}." if node else "env.")
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def system_metrics(uri: str, run_id: str, node: str | None, every_s: float):

@@ -21,7 +21,7 @@ from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.cache.entry import FeatureCache
 
 from .schedule import warmup_cosine
-from .tracking import MetricLogger, system_metrics
+from .tracking import MetricLogger, log_environment, system_metrics
 from .train_config import DeepSpeedConfig, PhaseConfig
 
 
@@ -228,9 +228,11 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     hp, phase = cfg.hp, cfg.phase
     monitor = None
-    if cfg.system_metrics_every_s and ctx.get_local_rank() == 0:  # one monitor per machine
+    if ctx.get_local_rank() == 0:  # once per machine
         node = f"node{ctx.get_node_rank()}" if ctx.get_local_world_size() < world else None
-        monitor = system_metrics(cfg.tracking_uri, cfg.run_id, node, cfg.system_metrics_every_s)
+        log_environment(cfg.tracking_uri, cfg.run_id, node)
+        if cfg.system_metrics_every_s:
+            monitor = system_metrics(cfg.tracking_uri, cfg.run_id, node, cfg.system_metrics_every_s)
     model = build_model(cfg)
     model.set_phase(phase)
     trainable = model.trainable_parameters()

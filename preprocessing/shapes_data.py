@@ -36,7 +36,7 @@ CANVAS, SIZE = 64, 18  # shape bounding box side, px
 # the shipped set's size: 2,000 training images are memorised (G21); 500 test questions a type, since on 100 yes/no
 # questions one model's score moved by up to 0.06 between test draws
 TRAIN_IMAGES, TEST_IMAGES = 8000, 2500
-YESNO_TURNS = 1  # different yes/no questions in each extra record; 3 is being measured (RESULTS.md, G24)
+YESNO_TURNS = 3  # different yes/no questions in each extra record (RESULTS.md, G24)
 
 
 def draw(canvas: ImageDraw.ImageDraw, shape: str, colour: str, x: int, y: int) -> None:

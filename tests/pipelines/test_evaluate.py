@@ -12,6 +12,7 @@ from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
+from pipelines.environment import cpu_description
 from pipelines.evaluate import EvalConfig, run_eval
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
@@ -52,6 +53,8 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, mlflow_serv
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert metrics["accuracy"] == pytest.approx(vqa.metrics["accuracy"])
     assert metrics["baseline_accuracy"] == pytest.approx(vqa.baselines["accuracy"])
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["env.numpy"] == np.__version__ and tags["env.cpu"] == cpu_description()  # what scored, where
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={vqa.run_id}")["files"]}
     assert {"eval_vqa.json", "predictions_vqa.jsonl", "confusion_matrix.png"} <= files
     artifact_uri = run["info"]["artifact_uri"]  # mlflow-artifacts:/<experiment>/<run>/artifacts

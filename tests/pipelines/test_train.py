@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from modrwkv import RWKV7Config
 from pipelines.config import from_dict
+from pipelines.environment import cpu_description
 from pipelines.metrics.ceilings import cache_samples
 from pipelines.train import WHITEN_EPS, WORKER_ENV, TrainConfig, feature_stats, run_train, worker_env
 from preprocessing.cache.entry import FeatureCache
@@ -90,6 +91,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert run.data.params["phase2.lr"] == "0.001" and run.data.params["deepspeed.zero_stage"] == "2"
     assert cache.split("/")[-1] in run.data.tags["feature_cache_ids"]
     assert len(run.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
+    assert run.data.tags["env.torch"] == torch.__version__ and run.data.tags["env.cpu"] == cpu_description()
     for metric in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "padding_fraction"):
         assert len(client.get_metric_history(two.run_id, metric)) == 4
     # the digits samples are all of one length: no padding; packed, rows of 64 hold two with some room left

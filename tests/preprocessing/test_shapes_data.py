@@ -1,5 +1,5 @@
 """The shapes VQA set: LLaVA records the reader accepts, every question type in equal numbers, answers that
-match the pixels drawn, one extra record per training image asking one yes/no question (or several in turn) about
+match the pixels drawn, one extra record per training image asking three yes/no questions in turn (or one) about
 that image, and the same set for the same seed."""
 
 import json
@@ -23,13 +23,6 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     assert Counter(Counter(r["image"] for r in records).values()) == {2: 60}  # each image asked twice
     extra = [r for r in records if "-yesno" in r["id"]]
     assert {r["conversations"][1]["value"] for r in extra} == {"yes", "no"}
-    assert {len(r["conversations"]) for r in extra} == {2}  # one question each, unless asked for more
-    test = json.loads((tmp_path / "test.json").read_text())
-    assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
-    assert {len(r["conversations"]) for r in [*test, *records] if "-yesno" not in r["id"]} == {2}
-    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=3)
-    records = json.loads((tmp_path / "train.json").read_text())
-    extra = [r for r in records if "-yesno" in r["id"]]
     assert {len(r["conversations"]) for r in extra} == {6}  # three different questions, asked in turn
     assert all(len({t["value"] for t in r["conversations"][::2]}) == 3 for r in extra)
     turns = [(r, turn["value"], answer["value"]) for r in records
@@ -52,6 +45,12 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
         elif r["type"] == "yesno" and "shape?" in question:  # "Is there a <colour> shape?"
             asked = question.split()[-2]
             assert (asked in drawn) == (answer == "yes"), r["id"]
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
+    assert {len(r["conversations"]) for r in [*test, *records] if "-yesno" not in r["id"]} == {2}
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=1)
+    extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
+    assert {len(r["conversations"]) for r in extra} == {2}
 
 
 def test_same_seed_same_set_and_the_cli(tmp_path):

@@ -1,0 +1,24 @@
+"""A run's environment tags: the CPU's model and vector instructions as /proc/cpuinfo names them, and the installed
+versions of the packages that compute its figures."""
+
+import numpy as np
+
+from pipelines.environment import cpu_description, environment_tags
+
+
+def test_cpu_description_names_the_model_and_its_vector_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx avx2 avx512f avx512_bf16\n"
+                       "\nprocessor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx avx2 avx512f avx512_bf16\n")
+    assert cpu_description(cpuinfo) == "AMD EPYC 9R14 (avx2, avx512f, avx512_bf16)"
+    cpuinfo.write_text("model name\t: Neoverse\nflags\t\t: fp asimd\n")  # none of the x86 instructions
+    assert cpu_description(cpuinfo) == "Neoverse"
+    assert cpu_description(tmp_path / "missing")  # not Linux: what Python calls the machine
+
+
+def test_environment_tags_hold_this_machine_and_its_packages():
+    tags = environment_tags("env.node1.")
+    assert tags["env.node1.numpy"] == np.__version__
+    assert tags["env.node1.cpu"] == cpu_description()
+    assert set(tags) >= {"env.node1.torch", "env.node1.deepspeed", "env.node1.ray"}
+    assert not any(v == "not installed" for k, v in tags.items() if k.endswith((".torch", ".numpy", ".ray")))
