@@ -42,6 +42,7 @@ DEMO_BACKBONE = "runs/demo/backbone"
 # 12 layers of width 768): padding costs layer compute only, the head runs at labelled positions in both layouts.
 WIDE = {"vocab_size": 65536, "n_layer": 6, "n_embd": 512, "head_size": 64}
 PARTS = ["scaling", "allocator", "packing", "compute"]
+ALLOCATORS = ("shipped", "glibc defaults")  # the training workers' settings (pipelines.train.WORKER_ENV) or none
 
 
 def config(out: Path, cache: str, workers: int, stage: int, steps: int, prefetch: int = 4, packing: bool = False,
@@ -313,13 +314,13 @@ def allocator_cases(out: Path, cache: str, steps: int, rounds: int = 2) -> tuple
 
     rows = []
     for round_ in range(rounds):
-        for allocator in ("shipped", "glibc defaults"):
+        for allocator in ALLOCATORS:
             with glibc_allocator_defaults() if allocator != "shipped" else nullcontext():
                 result = run_train(config(out, cache, 2, 2, steps), phase=2)
             client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
             rows.append({"allocator": allocator, "round": round_, "wall_s": result.seconds,
                          "samples_per_s": mean_after_first(client, result.run_id, "samples_per_s")})
-    per_round = {a: [r["samples_per_s"] for r in rows if r["allocator"] == a] for a in ("shipped", "glibc defaults")}
+    per_round = {a: [r["samples_per_s"] for r in rows if r["allocator"] == a] for a in ALLOCATORS}
     baseline = np.mean(per_round["glibc defaults"])
     lines = ["| worker allocator | samples/s, each round | mean | vs glibc defaults |", "|---|---|---|---|"]
     lines += [f"| {a} | {' / '.join(f'{x:.1f}' for x in xs)} | {np.mean(xs):.1f} | {np.mean(xs) / baseline:.2f}x |"

@@ -11,8 +11,8 @@ PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one ques
 Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
 
 Each training image also gets `extra_yesno` records (default 1) of `yesno_turns` different yes/no questions about
-its own shapes (default 1; each colour- or shape-asked and yes or no at random; several are asked in turn, as
-LLaVA's multi-turn records ask them), as VQAv2 asks several questions of one image: with one question per image
+its own shapes (default 3, G24; each colour- or shape-asked and yes or no at random, asked in turn as LLaVA's
+multi-turn records ask them), as VQAv2 asks several questions of one image: with one question per image
 the tiny backbone memorises each training image's yes/no answer instead of learning to compare the asked word with
 what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). It memorises them on 2,000 training images as well, most of
 all where one of two or three shapes is the one asked about; `modrwkv data shapes` makes 8,000 (G21). The test
