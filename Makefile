@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/quality.py
 
-# learning quality against probe/ridge ceilings and trivial baselines, 3 seeds (about 20 minutes on 2 cores)
+# learning quality against probe/ridge ceilings and trivial baselines, 3 seeds (about 70 minutes on 2 cores)
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 

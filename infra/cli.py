@@ -23,7 +23,10 @@ def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
     path = services_file(state_dir)
     if not path.exists():
         return {}
-    return {name: KINDS[name].from_dict(d) for name, d in json.loads(path.read_text()).items()}
+    try:
+        return {name: KINDS[name].from_dict(d) for name, d in json.loads(path.read_text()).items()}
+    except ServiceError as e:
+        raise ServiceError(f"{path}: {e}") from None
 
 
 def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, ServiceProcess]:
@@ -44,12 +47,13 @@ def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, Servi
     return services
 
 
-def services_down(state_dir: Path) -> list[str]:
+def services_down(state_dir: Path) -> dict[str, bool]:
+    """Stops the recorded services; for each, whether it was running (False: its pid is gone or now another
+    process's, which is left alone)."""
     services = load_services(state_dir)
-    for service in reversed(services.values()):
-        service.stop()
+    was_running = {name: services[name].stop() for name in reversed(services)}
     services_file(state_dir).unlink(missing_ok=True)
-    return list(services)
+    return {name: was_running[name] for name in services}
 
 
 def describe(name: str, service: ServiceProcess) -> str:
@@ -80,8 +84,14 @@ def cmd_services(args) -> None:
     if args.action == "up":
         services = services_up(state_dir, args.num_cpus)
     elif args.action == "down":
-        stopped = services_down(state_dir)
-        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing recorded in {services_file(state_dir)}")
+        recorded = load_services(state_dir)
+        was_running = services_down(state_dir)
+        stopped = [name for name, running in was_running.items() if running]
+        gone = [f"{name} (pid {recorded[name].pid} gone or now another process's)"
+                for name, running in was_running.items() if not running]
+        lines = [f"stopped: {', '.join(stopped)}"] if stopped else []
+        lines += [f"not running, left alone: {', '.join(gone)}"] if gone else []
+        print("\n".join(lines) or f"nothing recorded in {services_file(state_dir)}")
         return
     else:
         services = load_services(state_dir)

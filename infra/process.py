@@ -51,13 +51,21 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
+def seconds_after_boot(process: psutil.Process) -> float:
+    """When the process started, in seconds since boot. psutil derives its wall-clock start time from the kernel's
+    count since boot plus the boot time, so subtracting the boot time read now gives that count back."""
+    return process.create_time() - psutil.boot_time()
+
+
 @dataclasses.dataclass(kw_only=True)
 class ServiceProcess:
     """A spawned service. Usable as a context manager: leaving the block stops it."""
 
     name: str
     pid: int
-    create_time: float  # with the pid, identifies the process even after the pid could have been reused
+    # with the pid, identifies the process even after the pid could have been reused; counted from boot, as the kernel
+    # counts it, because a wall-clock start time moves when the clock is stepped and the live service looks gone
+    started_after_boot: float
     log_path: str
     pid_file: str
 
@@ -66,13 +74,17 @@ class ServiceProcess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Self:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+        if missing:
+            raise ServiceError(f"the record of {d.get('name', 'a service')} lacks {', '.join(missing)}: another "
+                               "version wrote it; stop the pid it names by hand and delete the record")
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
     def process(self) -> psutil.Process | None:
         """The running process, or None when it is gone (or its pid now belongs to another process)."""
         try:
             p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+            if abs(seconds_after_boot(p) - self.started_after_boot) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
                 return p
         except psutil.NoSuchProcess:
             pass
@@ -87,10 +99,10 @@ class ServiceProcess:
         except FileNotFoundError:
             return "(no log written)"
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM to the service (each one tears its own children down on it), then SIGKILL to whatever of its
         process tree is left. Ray starts workers in their own process groups, so the tree, not the group, is
-        what gets collected."""
+        what gets collected. False when it was not running (nothing to stop)."""
         proc = self.process()
         if proc is not None:
             tree = [proc, *proc.children(recursive=True)]
@@ -101,6 +113,7 @@ class ServiceProcess:
                 p.kill()
             psutil.wait_procs(tree, timeout=5)
         Path(self.pid_file).unlink(missing_ok=True)
+        return proc is not None
 
     def __enter__(self) -> Self:
         return self
@@ -121,7 +134,7 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
             env={**os.environ, **(env or {})},
         )
     pid_file.write_text(f"{proc.pid}\n")
-    return dict(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+    return dict(name=name, pid=proc.pid, started_after_boot=seconds_after_boot(psutil.Process(proc.pid)),
                 log_path=str(log_path), pid_file=str(pid_file))
 
 

@@ -127,7 +127,7 @@ def cmd_data_demo(args) -> None:
 def cmd_data_shapes(args) -> None:
     from preprocessing.shapes_data import build_shapes
 
-    out = build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno, args.yesno_turns)
+    out = build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno, args.yesno_per_shape)
     print(f"wrote the shapes VQA set to {out}")
 
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
     p.add_argument("--out", default="runs/demo/data")
     p.set_defaults(func=cmd_data_demo)
-    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES, YESNO_TURNS  # PIL only, no job framework
+    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES, YESNO_PER_SHAPE  # PIL only, no job framework
 
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
@@ -265,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-yesno", type=int, default=1,
                    help="yes/no records more per training image, about its own shapes (0: one question each)")
-    p.add_argument("--yesno-turns", type=int, default=YESNO_TURNS,
-                   help="different yes/no questions each extra record asks in turn, as multi-turn LLaVA records do "
-                        "(default %(default)s)")
+    p.add_argument("--yesno-per-shape", type=int, default=YESNO_PER_SHAPE,
+                   help="different yes/no questions each extra record asks in turn per shape drawn, as multi-turn "
+                        "LLaVA records do (default %(default)s: 3, 6 or 9)")
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")

@@ -10,13 +10,14 @@ PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one ques
 - yes/no: "Is there a <colour> shape?" or "Is there a <shape>?" (1-3 shapes; yes half the time).
 Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
 
-Each training image also gets `extra_yesno` records (default 1) of `yesno_turns` different yes/no questions about
-its own shapes (default 3, G24; each colour- or shape-asked and yes or no at random, asked in turn as LLaVA's
-multi-turn records ask them), as VQAv2 asks several questions of one image: with one question per image
-the tiny backbone memorises each training image's yes/no answer instead of learning to compare the asked word with
-what it sees (benchmarks/RESULTS.md, issue 12: G7-G9). It memorises them on 2,000 training images as well, most of
-all where one of two or three shapes is the one asked about; `modrwkv data shapes` makes 8,000 (G21). The test
-split keeps one question per image.
+Each training image also gets `extra_yesno` records (default 1) of different yes/no questions about its own shapes,
+`yesno_per_shape` for each shape drawn (default 3: 3, 6 or 9 questions; G25), each colour- or shape-asked and yes or
+no at random, asked in turn as LLaVA's multi-turn records ask them, as VQAv2 asks several questions of one image. With
+one question per image the tiny backbone memorises each training image's yes/no answer instead of learning to compare
+the asked word with what it sees (benchmarks/RESULTS.md, issue 12: G7-G9); it memorises them on 2,000 training images
+as well, most of all where one of two or three shapes is the one asked about, so `modrwkv data shapes` makes 8,000
+(G21); and with three questions an image, images of three shapes, where a near hue is asked beside the drawn ones, are
+the least practised (G24). The test split keeps one question per image.
 """
 
 import random
@@ -36,7 +37,8 @@ CANVAS, SIZE = 64, 18  # shape bounding box side, px
 # the shipped set's size: 2,000 training images are memorised (G21); 500 test questions a type, since on 100 yes/no
 # questions one model's score moved by up to 0.06 between test draws
 TRAIN_IMAGES, TEST_IMAGES = 8000, 2500
-YESNO_TURNS = 3  # different yes/no questions in each extra record (RESULTS.md, G24)
+YESNO_PER_SHAPE = 3  # different yes/no questions an extra record asks per shape drawn (RESULTS.md, G25)
+ASKABLE = len(COLOURS) + len(SHAPES)  # the different yes/no questions an image can be asked
 
 
 def draw(canvas: ImageDraw.ImageDraw, shape: str, colour: str, x: int, y: int) -> None:
@@ -113,13 +115,13 @@ def record(record_id: str, image: str, kind: str, turns: list[tuple[str, str]]) 
 
 
 def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, seed: int = 0,
-                 extra_yesno: int = 1, yesno_turns: int = YESNO_TURNS) -> Path:
+                 extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE) -> Path:
     """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
-    holds them in equal numbers, and each training image gets `extra_yesno` more records of `yesno_turns`
-    different yes/no questions each, asked in turn."""
-    if not 1 <= yesno_turns <= len(COLOURS) + len(SHAPES):
-        raise ValueError(f"yesno_turns must be 1-{len(COLOURS) + len(SHAPES)} (the different questions an image "
-                         f"can be asked), got {yesno_turns}")
+    holds them in equal numbers, and each training image gets `extra_yesno` more records of different yes/no
+    questions, `yesno_per_shape` for each shape drawn (at most the image's `ASKABLE`), asked in turn."""
+    if not 1 <= yesno_per_shape <= ASKABLE:
+        raise ValueError(f"yesno_per_shape must be 1-{ASKABLE} (the different questions an image can be asked), "
+                         f"got {yesno_per_shape}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # the test split and the extra questions draw from their own generators: the test split does not depend on the
@@ -139,7 +141,7 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
             image.save(out / name)
             records.append(record(f"shapes-{split}-{i:05d}", name, kind, [(question, answer)]))
             for j in range(extra_yesno if split == "train" else 0):
-                turns = distinct_yesno(shapes, yesno_turns, extra_rng)
+                turns = distinct_yesno(shapes, min(yesno_per_shape * len(shapes), ASKABLE), extra_rng)
                 records.append(record(f"shapes-{split}-{i:05d}-yesno{j}", name, "yesno", turns))
         write_json(out / f"{split}.json", records)
     return out

@@ -3,6 +3,7 @@
 import argparse
 import json
 import socket
+import sys
 import tempfile
 
 import psutil
@@ -10,7 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.cli import add_services_parser
-from infra.process import HOST
+from infra.mlflow_server import MlflowServer
+from infra.process import HOST, ServiceError, spawn
+from infra.s3_server import S3Server
 
 
 def services(argv: list[str]) -> None:
@@ -51,3 +54,30 @@ def test_up_status_down(capsys):
         assert not any(bound(p) for p in ports)
         services(["status", "--state-dir", state_dir])
         assert "no services recorded" in capsys.readouterr().out
+
+
+def test_down_stops_its_own_services_and_leaves_a_reused_pid_alone(tmp_path, capsys):
+    """A recorded pid whose process started at another time is someone else's now: `down` says so and spares it."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    s3 = S3Server(**spawn("s3", sleep, tmp_path), port=1)
+    started = spawn("mlflow", sleep, tmp_path)
+    other = psutil.Process(started["pid"])
+    try:
+        reused = MlflowServer(**{**started, "started_after_boot": started["started_after_boot"] - 10}, port=2)
+        (tmp_path / "services.json").write_text(json.dumps({"s3": s3.to_dict(), "mlflow": reused.to_dict()}))
+        capsys.readouterr()
+        services(["down", "--state-dir", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert "stopped: s3\n" in out and f"not running, left alone: mlflow (pid {other.pid} gone" in out
+        assert not psutil.pid_exists(s3.pid) and other.is_running()
+        assert not (tmp_path / "services.json").exists()
+    finally:
+        other.kill()
+
+
+def test_a_record_from_another_version_is_refused_by_name(tmp_path):
+    record = S3Server(**spawn("s3", [sys.executable, "-c", "pass"], tmp_path), port=1).to_dict()
+    del record["started_after_boot"]
+    (tmp_path / "services.json").write_text(json.dumps({"s3": record}))
+    with pytest.raises(ServiceError, match=f"{tmp_path / 'services.json'}: the record of s3 lacks started_after_boot"):
+        services(["down", "--state-dir", str(tmp_path)])

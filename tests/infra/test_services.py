@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.jobs import run_job
-from infra.process import HOST, ServiceError
+from infra.process import HOST, ServiceError, ServiceProcess, spawn
 from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
 
@@ -45,6 +45,20 @@ def test_s3_stops_by_pid(tmp_path):
     assert not psutil.pid_exists(server.pid)
     assert port_free(server.port)
     assert not Path(server.pid_file).exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="steps the boot time psutil reads from Linux's /proc/stat")
+def test_a_service_is_still_found_after_the_clock_steps(tmp_path, monkeypatch):
+    service = ServiceProcess(**spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path))
+    wall_clock_start = psutil.Process(service.pid).create_time()
+    booted = psutil.boot_time()
+    # the kernel keeps the boot time as wall clock minus uptime, so stepping the clock 5 minutes moves it as much
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: booted + 300)
+    assert psutil.Process(service.pid).create_time() == pytest.approx(wall_clock_start + 300)
+    assert service.alive()
+    assert service.stop()
+    assert not psutil.pid_exists(service.pid)
+    assert not service.stop()  # already stopped: nothing to stop
 
 
 def test_failed_start_names_the_log(tmp_path):

@@ -1,6 +1,6 @@
 """The shapes VQA set: LLaVA records the reader accepts, every question type in equal numbers, answers that
-match the pixels drawn, one extra record per training image asking three yes/no questions in turn (or one) about
-that image, and the same set for the same seed."""
+match the pixels drawn, one extra record per training image asking three different yes/no questions per shape drawn
+(or one) in turn about that image, and the same set for the same seed."""
 
 import json
 from collections import Counter
@@ -8,10 +8,16 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from pipelines.cli import main
 from preprocessing.readers.llava import read_llava
-from preprocessing.shapes_data import COLOURS, COUNTS, QUESTION_TYPES, build_shapes
+from preprocessing.shapes_data import ASKABLE, COLOURS, COUNTS, QUESTION_TYPES, build_shapes
+
+
+def drawn_shapes(image_path) -> int:
+    """The shapes in an image: its connected non-white regions (the generator keeps them apart)."""
+    return ndimage.label(np.asarray(Image.open(image_path).convert("L")) < 250)[1]
 
 
 def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
@@ -23,8 +29,9 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     assert Counter(Counter(r["image"] for r in records).values()) == {2: 60}  # each image asked twice
     extra = [r for r in records if "-yesno" in r["id"]]
     assert {r["conversations"][1]["value"] for r in extra} == {"yes", "no"}
-    assert {len(r["conversations"]) for r in extra} == {6}  # three different questions, asked in turn
-    assert all(len({t["value"] for t in r["conversations"][::2]}) == 3 for r in extra)
+    for r in extra:  # three different questions per shape drawn, asked in turn
+        questions = [t["value"].removeprefix("<image>\n") for t in r["conversations"][::2]]
+        assert len(set(questions)) == len(questions) == min(3 * drawn_shapes(tmp_path / r["image"]), ASKABLE), r["id"]
     turns = [(r, turn["value"], answer["value"]) for r in records
              for turn, answer in zip(r["conversations"][::2], r["conversations"][1::2])]
     for r, question, answer in turns:
@@ -48,14 +55,17 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     test = json.loads((tmp_path / "test.json").read_text())
     assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
     assert {len(r["conversations"]) for r in [*test, *records] if "-yesno" not in r["id"]} == {2}
-    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=1)
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_per_shape=1)
     extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
-    assert {len(r["conversations"]) for r in extra} == {2}
+    assert all(len(r["conversations"]) == 2 * drawn_shapes(tmp_path / r["image"]) for r in extra)
 
 
 def test_same_seed_same_set_and_the_cli(tmp_path):
-    assert main(["data", "shapes", "--out", str(tmp_path / "a"), "--train", "10", "--test", "5", "--seed", "1"]) == 0
-    build_shapes(tmp_path / "b", 10, 5, seed=1)
+    assert main(["data", "shapes", "--out", str(tmp_path / "a"), "--train", "10", "--test", "5", "--seed", "1",
+                 "--yesno-per-shape", "2"]) == 0
+    build_shapes(tmp_path / "b", 10, 5, seed=1, yesno_per_shape=2)
+    build_shapes(tmp_path / "c", 10, 5, seed=1)
+    assert (tmp_path / "a" / "train.json").read_text() != (tmp_path / "c" / "train.json").read_text()
     for split in ("train", "test"):
         assert (tmp_path / "a" / f"{split}.json").read_text() == (tmp_path / "b" / f"{split}.json").read_text()
     first = json.loads((tmp_path / "a" / "test.json").read_text())[0]
@@ -84,7 +94,7 @@ def test_test_split_does_not_depend_on_the_training_size(tmp_path):
         assert small.read_bytes() == large.read_bytes()
 
 
-def test_more_yesno_turns_than_an_image_has_questions_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="yesno_turns must be 1-11"):
-        build_shapes(tmp_path, 2, 1, yesno_turns=12)
+def test_more_yesno_questions_than_an_image_has_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="yesno_per_shape must be 1-11"):
+        build_shapes(tmp_path, 2, 1, yesno_per_shape=12)
     assert not (tmp_path / "train.json").exists()
