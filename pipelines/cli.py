@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="yes/no records more per training image, about its own shapes (0: one question each)")
     p.add_argument("--yesno-per-shape", type=int, default=YESNO_PER_SHAPE,
                    help="different yes/no questions each extra record asks in turn per shape drawn, as multi-turn "
-                        "LLaVA records do (default %(default)s: 3, 6 or 9)")
+                        "LLaVA records do (default %(default)s: 3, 6 or 9 questions for 1, 2 or 3 shapes)")
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")

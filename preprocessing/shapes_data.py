@@ -118,7 +118,7 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
                  extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE) -> Path:
     """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
     holds them in equal numbers, and each training image gets `extra_yesno` more records of different yes/no
-    questions, `yesno_per_shape` for each shape drawn (at most the image's `ASKABLE`), asked in turn."""
+    questions, `yesno_per_shape` for each shape drawn (at most `ASKABLE`, all there are), asked in turn."""
     if not 1 <= yesno_per_shape <= ASKABLE:
         raise ValueError(f"yesno_per_shape must be 1-{ASKABLE} (the different questions an image can be asked), "
                          f"got {yesno_per_shape}")
