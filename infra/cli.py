@@ -47,13 +47,14 @@ def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, Servi
     return services
 
 
-def services_down(state_dir: Path) -> dict[str, bool]:
-    """Stops the recorded services; for each, whether it was running (False: its pid is gone or now another
-    process's, which is left alone)."""
+def services_down(state_dir: Path) -> tuple[list[str], list[ServiceProcess]]:
+    """Stops the recorded services, the last started first. Returns the names of those stopped and the services
+    that were not running (their pid gone or now another process's, which is left alone), in the record's order."""
     services = load_services(state_dir)
     was_running = {name: services[name].stop() for name in reversed(services)}
     services_file(state_dir).unlink(missing_ok=True)
-    return {name: was_running[name] for name in services}
+    stopped = [name for name in services if was_running[name]]
+    return stopped, [service for name, service in services.items() if not was_running[name]]
 
 
 def describe(name: str, service: ServiceProcess) -> str:
@@ -84,11 +85,8 @@ def cmd_services(args) -> None:
     if args.action == "up":
         services = services_up(state_dir, args.num_cpus)
     elif args.action == "down":
-        recorded = load_services(state_dir)
-        was_running = services_down(state_dir)
-        stopped = [name for name, running in was_running.items() if running]
-        gone = [f"{name} (pid {recorded[name].pid} gone or now another process's)"
-                for name, running in was_running.items() if not running]
+        stopped, not_running = services_down(state_dir)
+        gone = [f"{s.name} (pid {s.pid} gone or now another process's)" for s in not_running]
         lines = [f"stopped: {', '.join(stopped)}"] if stopped else []
         lines += [f"not running, left alone: {', '.join(gone)}"] if gone else []
         print("\n".join(lines) or f"nothing recorded in {services_file(state_dir)}")
