@@ -23,7 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_cpu.py
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/wkv7_kernels.py
 	$(BIN)/python benchmarks/encode.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/quality.py

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
-sys.path[0] = str(ROOT)
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
 from benchmarks.report import write_report  # noqa: E402
 from pipelines.environment import cpu_description  # noqa: E402

@@ -2,7 +2,7 @@
 
     x = ln0(emb(ids));  per layer:  x += att(ln1(x));  x += ffn(ln2(x));   logits = head(ln_out(x))
 
-The time mix's recurrence goes through `kernels.wkv7`; everything else is plain PyTorch. One forward serves
+The time mix's recurrence goes through `modrwkv_kernels.wkv7`; everything else is plain PyTorch. One forward serves
 training (parallel over [B, T], right-padding mask), prefill and decoding (state in, state out).
 
 Packed input: one row [1, T] of S sequences laid end to end, `cu_seqlens` [S + 1] their offsets. Only two
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import modrwkv_kernels
 
 from .checkpoint import (UNUSED_LAYER0, WEIGHTS_FILE, cpu_state_dict, infer_config, load_state_strict,
                          read_pretrained, read_rwkv_pth, write_pretrained)
@@ -126,7 +126,7 @@ class TimeMix(nn.Module):
             keep = (~pad)[..., None]
             wkv_in = [t * keep for t in wkv_in]
             wkv_in[1] = w.masked_fill(~keep, float("-inf"))
-        y, wkv_state = kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state,
+        y, wkv_state = modrwkv_kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state,
                                     cu_seqlens=cu_seqlens)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
@@ -347,7 +347,7 @@ class RWKV7(nn.Module):
             if B != 1 or attention_mask is not None:
                 raise ValueError(f"packed input (cu_seqlens) is one row without padding: got {B} rows"
                                  + (" and an attention_mask" if attention_mask is not None else ""))
-            B = len(kernels.check_cu_seqlens(cu_seqlens, T)) - 1  # one state per packed sequence
+            B = len(modrwkv_kernels.check_cu_seqlens(cu_seqlens, T)) - 1  # one state per packed sequence
             cu_seqlens = cu_seqlens.to(x.device)
         if state is None:
             state = self.zero_state(B, x.device, x.dtype)

@@ -1,5 +1,5 @@
-"""The layers import one way (kernels < modrwkv < preprocessing < pipelines < the CLI; infra beside, importing
-none of them), no module imports itself back through others, and the model package loads no job framework."""
+"""The layers import one way (modrwkv_kernels < modrwkv < preprocessing < pipelines < the CLI; infra beside,
+importing none of them), no module imports itself back through others, and the model package loads no job framework."""
 
 import ast
 import subprocess
@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "modrwkv", "preprocessing", "pipelines", "infra")
+PACKAGES = ("modrwkv_kernels", "modrwkv", "preprocessing", "pipelines", "infra")
 MAY_IMPORT = {
-    "kernels": set(),
-    "modrwkv": {"kernels"},
-    "preprocessing": {"kernels", "modrwkv"},
-    "pipelines": {"kernels", "modrwkv", "preprocessing", "infra"},
+    "modrwkv_kernels": set(),
+    "modrwkv": {"modrwkv_kernels"},
+    "preprocessing": {"modrwkv_kernels", "modrwkv"},
+    "pipelines": {"modrwkv_kernels", "modrwkv", "preprocessing", "infra"},
     "infra": set(),
 }
 CLI = "pipelines.cli"  # the application's command line: the top; nothing imports it
@@ -103,7 +103,7 @@ def test_the_checks_see_a_wrong_import_and_a_cycle(tmp_path):
     tree = {"modrwkv/__init__.py": "from .model import RWKV7\n",
             "modrwkv/model.py": "from . import probe\nRWKV7 = 1\n",
             "modrwkv/probe.py": "def f():\n    from pipelines import train\n    from .model import RWKV7\n",
-            "pipelines/__init__.py": "", "pipelines/train.py": "import kernels\n"}
+            "pipelines/__init__.py": "", "pipelines/train.py": "import modrwkv_kernels\n"}
     for name, text in tree.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)

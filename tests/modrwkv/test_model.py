@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import kernels
+import modrwkv_kernels as kernels
 from modrwkv import RWKV7, RWKV7Config, RWKV7State
 from tests.conftest import random_backbone
 

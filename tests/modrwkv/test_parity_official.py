@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import modrwkv_kernels as kernels
 from modrwkv import RWKV7, RWKV7Config
 
 SHAPES = [
@@ -35,7 +35,7 @@ def pair(request, tmp_path_factory):
 @pytest.fixture(params=["reference", "chunked", "triton"])
 def backend(request, monkeypatch):
     if request.param == "triton" and torch.cuda.is_available():
-        pytest.skip("these CPU-tensor checks run Triton only under its interpreter; tests/kernels runs it on CUDA")
+        pytest.skip("these CPU-tensor checks run Triton only under its interpreter; tests/modrwkv_kernels runs it on CUDA")
     monkeypatch.setenv(kernels.BACKEND_ENV, request.param)
     return request.param
 

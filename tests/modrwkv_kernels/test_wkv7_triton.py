@@ -5,9 +5,9 @@ run on CPU tensors under TRITON_INTERPRET=1 (set in conftest)."""
 import pytest
 import torch
 
-from kernels import wkv7
-from kernels.wkv7.triton_kernel import CHUNK
-from tests.kernels.test_wkv7 import rel_err, wkv_inputs
+from modrwkv_kernels import wkv7
+from modrwkv_kernels.wkv7.triton_kernel import CHUNK
+from tests.modrwkv_kernels.test_wkv7 import rel_err, wkv_inputs
 
 TOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +52,7 @@ def test_forward_and_gradients_match_fp64_reference(T, with_state):
 def test_several_forward_row_blocks_per_head():
     """N = 48: the forward runs three programs of BLOCK_V rows per head (the last masked past N), the backward
     one per head over the checkpoints they wrote."""
-    from kernels.wkv7.triton_kernel import BLOCK_V
+    from modrwkv_kernels.wkv7.triton_kernel import BLOCK_V
 
     N = 48
     assert -(-N // BLOCK_V) > 1

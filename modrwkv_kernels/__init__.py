@@ -5,7 +5,7 @@ RWKV-LM's form (per-step decay exp(-exp(w))), state [B, H, N, N] (value dim x ke
 
     S_t = S_{t-1} diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_t^T + v_t k_t^T,     y_t = S_t r_t
 
-Backends, each beside its reference in `kernels/wkv7/`:
+Backends, each beside its reference in `modrwkv_kernels/wkv7/`:
 - "reference": the plain per-step recurrence (also the default for a single decode step);
 - "chunked":   exact chunked matrix form in PyTorch, the default on CPU;
 - "triton":    Triton forward/backward kernels, the default on CUDA (on CPU only under TRITON_INTERPRET=1).

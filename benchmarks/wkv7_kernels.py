@@ -8,7 +8,7 @@ Packed rows (issue 15): the same segments of spread lengths as one packed row (`
 batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: "triton" (and fla's chunk_rwkv7 with
 cu_seqlens, if installed) at 16k tokens, bf16.
 
-    python benchmarks/kernels.py [--out DIR] [--peak-gbs 3350]
+    python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs 3350]
 """
 
 import argparse
@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
-sys.path[0] = str(ROOT)
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
 from benchmarks.report import write_report  # noqa: E402
 
@@ -120,7 +119,7 @@ def main():
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (about a minute of a short GPU lease)")
     args = parser.parse_args()
-    from kernels import wkv7
+    from modrwkv_kernels import wkv7
 
     rows, packed = [], []
     started = time.perf_counter()

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import wkv7
+import modrwkv_kernels as kernels
+from modrwkv_kernels import wkv7
 
 
 def wkv_inputs(B, T, H, N, dtype=torch.float64, seed=0, requires_grad=False):
