@@ -1,17 +1,18 @@
 """wkv7 kernels side by side: tokens/s forward and forward+backward, and max relative error vs fp64.
 
 CPU (always): "chunked" vs "reference" at T = 4k (B=1, H=12, N=64, fp32).
-CUDA (when a GPU is present): "triton" vs flash-linear-attention's `chunk_rwkv7` (if installed) vs
-"reference"-free timing, B=8, H=12, N=64, T = 1k, 4k, 16k, bf16 inputs; plus the fraction of the memory
-floor (inputs read once + y written once, at the device's peak bandwidth given by --peak-gbs).
+CUDA (when a GPU is present): "triton" (step by step), "triton_chunked" (tf32 products, and tf32x3) and
+flash-linear-attention's `chunk_rwkv7` (the "fla" backend, if installed), B=8, H=12, N=64, T = 1k, 4k, 16k, bf16
+inputs; plus the fraction of the memory floor (inputs read once + y written once, at the device's peak bandwidth
+given by --peak-gbs).
 Packed rows (issue 15): the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
-batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: "triton" (and fla's chunk_rwkv7 with
-cu_seqlens, if installed) at 16k tokens, bf16.
+batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: every GPU backend at 16k tokens, bf16.
 
     python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs 3350]
 """
 
 import argparse
+import importlib.util
 import math
 import platform
 import sys
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
 from benchmarks.report import write_report  # noqa: E402
+from modrwkv_kernels import packed_layout, wkv7  # noqa: E402
 
 
 def inputs(B, T, H, N, dtype, device, seed=0):
@@ -53,19 +55,14 @@ def max_rel_err(y, ref) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def fla_chunk_rwkv7():
-    try:
-        from fla.ops.rwkv7 import chunk_rwkv7
-    except ImportError:
-        return None
-
-    def run(r, w, k, v, a, b, cu_seqlens=None):
-        # fla takes the log-decay -exp(w) and returns (o, final_state)
-        o, _ = chunk_rwkv7(r, -torch.exp(w.float()).to(r.dtype), k, v, a, b, scale=1.0, output_final_state=True,
-                           cu_seqlens=cu_seqlens)
-        return o
-
-    return run
+def fp64_output_and_gradients(xs):
+    """y of the fp64 chunked form (equal to the fp64 reference) and the gradients of every input for a loss that
+    weighs each output differently; the weights are returned for the other backends' backward."""
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    y, _ = wkv7(*leaves, backend="chunked")
+    weights = torch.randn(y.shape, generator=torch.Generator(device=y.device).manual_seed(1), device=y.device)
+    (y * weights.double()).sum().backward()
+    return y.detach(), weights, [x.grad for x in leaves]
 
 
 def segment_lengths(total: int, seed: int = 0) -> list[int]:
@@ -88,15 +85,15 @@ def packed_vs_padded(T, H, N, dtype, device, backends: dict) -> list[dict]:
     """Real tokens/s of each backend on one packed row and on the same segments right-padded."""
     lengths = segment_lengths(T)
     xs = inputs(1, T, H, N, dtype, device)
-    cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0)
+    layout = packed_layout(torch.tensor([0, *lengths], device=device).cumsum(0), T)  # once, as a model forward does
     where = {"device": device if device == "cpu" else torch.cuda.get_device_name(), "T": T,
              "segments": len(lengths), "longest": max(lengths), "dtype": str(dtype).removeprefix("torch.")}
     rows = []
     for name, run in backends.items():
-        for layout, fn, args in (("packed", lambda *t, run=run: run(*t, cu_seqlens=cu_seqlens), xs),
-                                 ("padded", run, padded_batch(xs, lengths))):
+        for form, fn, args in (("packed", lambda *t, run=run: run(*t, cu_seqlens=layout), xs),
+                               ("padded", run, padded_batch(xs, lengths))):
             # B = 1: tokens/s counts the T real tokens only, padded or not
-            rows.append({**where, "layout": layout, **bench_backend(name, fn, args, device, T, 1)})
+            rows.append({**where, "layout": form, **bench_backend(name, fn, args, device, T, 1)})
     return rows
 
 
@@ -119,7 +116,6 @@ def main():
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (about a minute of a short GPU lease)")
     args = parser.parse_args()
-    from modrwkv_kernels import wkv7
 
     rows, packed = [], []
     started = time.perf_counter()
@@ -139,22 +135,29 @@ def main():
                                   {"chunked": lambda *t, **kw: wkv7(*t, backend="chunked", **kw)[0]})
 
     if torch.cuda.is_available():
+        from modrwkv_kernels.wkv7.triton_chunked import wkv7_triton_chunked
+
         B = 8
-        backends = {"triton": lambda *t, **kw: wkv7(*t, backend="triton", **kw)[0]}
-        fla = fla_chunk_rwkv7()
-        if fla is not None:
-            backends["fla chunk_rwkv7"] = fla
-        cases = {}  # each length's inputs and fp64 output, made once for every backend
+        backends = {name: lambda *t, name=name, **kw: wkv7(*t, backend=name, **kw)[0]
+                    for name in ("triton", "triton_chunked")}
+        backends["triton_chunked tf32x3"] = lambda *t, cu_seqlens=None: wkv7_triton_chunked(
+            *t, layout=cu_seqlens, precision="tf32x3")[0]
+        if importlib.util.find_spec("fla") is not None:  # flash-linear-attention's chunk_rwkv7, last: it autotunes
+            backends["fla chunk_rwkv7"] = lambda *t, **kw: wkv7(*t, backend="fla", **kw)[0]
+        cases = {}  # each length's inputs, fp64 output and gradients, made once for every backend
         for T in (1024, 4096, 16384):
             xs = inputs(B, T, H, N, torch.bfloat16, "cuda")
-            cases[T] = xs, wkv7(*(x.double() for x in xs), backend="chunked")[0]  # fp64 chunked == fp64 reference
+            cases[T] = xs, *fp64_output_and_gradients(xs)
         # backend-major, ours first: if fla's autotuning outlasts a short GPU lease, our rows are already logged
         for name, fn in backends.items():
-            for T, (xs, ref64) in cases.items():
+            for T, (xs, ref64, weights, grads64) in cases.items():
                 row = {"device": torch.cuda.get_device_name(), "T": T, "B": B, "dtype": "bf16",
                        **bench_backend(name, fn, xs, "cuda", T, B)}
-                with torch.no_grad():
-                    row["max_rel_err_vs_fp64"] = max_rel_err(fn(*xs), ref64)
+                leaves = [x.detach().requires_grad_() for x in xs]
+                y = fn(*leaves)
+                (y.float() * weights).sum().backward()
+                row["max_rel_err_vs_fp64"] = max_rel_err(y.detach(), ref64)
+                row["grad_max_rel_err_vs_fp64"] = max(max_rel_err(x.grad, g) for x, g in zip(leaves, grads64))
                 floor_bytes = 7 * B * T * H * N * 2  # six inputs read, y written, bf16
                 row["fwd_frac_of_memory_floor"] = floor_bytes / (args.peak_gbs * 1e9) / (B * T / row["fwd_tok_s"])
                 rows.append(row)
@@ -164,11 +167,12 @@ def main():
 
     machine = f"{platform.machine()}, torch {torch.__version__}" + (
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only (2 threads)")
-    lines = ["| device | T | B | dtype | backend | fwd tok/s | fwd+bwd tok/s | max rel err vs fp64 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | T | B | dtype | backend | fwd tok/s | fwd+bwd tok/s | max rel err vs fp64 | gradients' |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        grad_err = f"{r['grad_max_rel_err_vs_fp64']:.1e}" if "grad_max_rel_err_vs_fp64" in r else "-"
         lines.append(f"| {r['device']} | {r['T']} | {r['B']} | {r['dtype']} | {r['backend']} | {r['fwd_tok_s']:.0f} | "
-                     f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} |")
+                     f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} | {grad_err} |")
     cpu = {r["backend"]: r for r in rows if r["device"] == "cpu"}
     if cpu:
         lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "

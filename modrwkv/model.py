@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import modrwkv_kernels
+from modrwkv_kernels import PackedLayout
 
 from .checkpoint import (UNUSED_LAYER0, WEIGHTS_FILE, cpu_state_dict, infer_config, load_state_strict,
                          read_pretrained, read_rwkv_pth, write_pretrained)
@@ -55,22 +56,22 @@ class RWKV7State:
         return sum(t.numel() * t.element_size() for t in (self.att_shift, self.wkv, self.ffn_shift))
 
 
-def token_shift(x: torch.Tensor, previous: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def token_shift(x: torch.Tensor, previous: torch.Tensor, packed: PackedLayout | None = None) -> torch.Tensor:
     """x[:, t-1] for every t, with `previous` ([B, C]) standing before the first token. A packed row ([1, T, C])
     has one `previous` per sequence ([S, C]), standing before that sequence's first token instead of x[:, t-1]."""
     first = previous[:, None].to(x.dtype)
-    if cu_seqlens is not None:
+    if packed is not None:
         shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        return shifted[0].index_put((cu_seqlens[:-1],), first[:, 0])[None]
+        return shifted[0].index_put((packed.cu_seqlens[:-1],), first[:, 0])[None]
     return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)
 
 
 def last_valid(x: torch.Tensor, lengths: torch.Tensor | None, previous: torch.Tensor | None,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+               packed: PackedLayout | None = None) -> torch.Tensor:
     """x at each row's last real position ([B, C]), or at each packed sequence's last position ([S, C]);
     rows with no real token keep `previous`."""
-    if cu_seqlens is not None:
-        return x[0, cu_seqlens[1:] - 1]
+    if packed is not None:
+        return x[0, packed.cu_seqlens[1:] - 1]
     if lengths is None:
         return x[:, -1]
     rows = torch.arange(x.shape[0], device=x.device)
@@ -98,12 +99,12 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, shift, wkv_state, v_first, pad, cu_seqlens):
-        """x: [B, T, C] (ln1 output); pad: [B, T] bool (True = padding) or None; cu_seqlens: a packed row's
-        sequence offsets or None."""
+    def forward(self, x, shift, wkv_state, v_first, pad, packed):
+        """x: [B, T, C] (ln1 output); pad: [B, T] bool (True = padding) or None; packed: a packed row's
+        `PackedLayout` or None."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift, cu_seqlens) - x
+        xx = token_shift(x, shift, packed) - x
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m)
                                   for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
@@ -127,7 +128,7 @@ class TimeMix(nn.Module):
             wkv_in = [t * keep for t in wkv_in]
             wkv_in[1] = w.masked_fill(~keep, float("-inf"))
         y, wkv_state = modrwkv_kernels.wkv7(*(t.view(B, T, H, N) for t in wkv_in), initial_state=wkv_state,
-                                    cu_seqlens=cu_seqlens)
+                                            cu_seqlens=packed)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         y = y + ((r * k).view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True).mul(v.view(B, T, H, N)).view(B, T, C)
@@ -141,8 +142,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(self, x, shift, cu_seqlens):
-        k = torch.addcmul(x, token_shift(x, shift, cu_seqlens) - x, self.x_k)
+    def forward(self, x, shift, packed):
+        k = torch.addcmul(x, token_shift(x, shift, packed) - x, self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2)
 
 
@@ -157,16 +158,16 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
-    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, pad, lengths, cu_seqlens):
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, pad, lengths, packed):
         if self.layer_id == 0:
             x = self.ln0(x)
         xa = self.ln1(x)
-        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, pad, cu_seqlens)
+        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, pad, packed)
         x = x + out
         xf = self.ln2(x)
-        x = x + self.ffn(xf, ffn_shift, cu_seqlens)
-        return (x, v_first, last_valid(xa, lengths, att_shift, cu_seqlens), wkv_state,
-                last_valid(xf, lengths, ffn_shift, cu_seqlens))
+        x = x + self.ffn(xf, ffn_shift, packed)
+        return (x, v_first, last_valid(xa, lengths, att_shift, packed), wkv_state,
+                last_valid(xf, lengths, ffn_shift, packed))
 
 
 class RWKV7(nn.Module):
@@ -310,13 +311,14 @@ class RWKV7(nn.Module):
 
         attention_mask: [B, T], 1 for real tokens, 0 for right padding. inputs_embeds ([B, T, C]) replaces
         the embedding lookup (the multimodal model splices encoder features in there). cu_seqlens: [S + 1]
-        offsets of S sequences packed into one row [1, T]; `state` then holds S sequences, in and out.
+        offsets of S sequences packed into one row [1, T] (or their `PackedLayout`); `state` then holds S
+        sequences, in and out.
         """
-        x, state, pad, lengths, cu_seqlens = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
+        x, state, pad, lengths, packed = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
         T = x.shape[1]
         segment = self.prefill_segment
-        if torch.is_grad_enabled() or T <= segment or pad is not None or cu_seqlens is not None:
-            hidden, state = self._body(x, state, pad, lengths, cu_seqlens)
+        if torch.is_grad_enabled() or T <= segment or pad is not None or packed is not None:
+            hidden, state = self._body(x, state, pad, lengths, packed)
             return self._logits(hidden, logits_to_keep), state
         kept = []
         keep = logits_to_keep or T
@@ -329,8 +331,8 @@ class RWKV7(nn.Module):
 
     def forward_hidden(self, input_ids=None, state=None, attention_mask=None, inputs_embeds=None, cu_seqlens=None):
         """The body without the head: (hidden states after ln_out [B, T, C], state). For heads of one's own."""
-        x, state, pad, lengths, cu_seqlens = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
-        hidden, state = self._body(x, state, pad, lengths, cu_seqlens)
+        x, state, pad, lengths, packed = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
+        hidden, state = self._body(x, state, pad, lengths, packed)
         return self.ln_out(hidden), state
 
     def _prepare(self, input_ids, inputs_embeds, state, attention_mask, cu_seqlens):
@@ -343,17 +345,19 @@ class RWKV7(nn.Module):
             x = inputs_embeds.to(self.emb.weight.dtype)
         B, T, _ = x.shape
         pad, lengths = self._padding(attention_mask, B, T, x.device)
+        packed = None
         if cu_seqlens is not None:
             if B != 1 or attention_mask is not None:
                 raise ValueError(f"packed input (cu_seqlens) is one row without padding: got {B} rows"
                                  + (" and an attention_mask" if attention_mask is not None else ""))
-            B = len(modrwkv_kernels.check_cu_seqlens(cu_seqlens, T)) - 1  # one state per packed sequence
-            cu_seqlens = cu_seqlens.to(x.device)
+            # the offsets are read once here (or by the caller): no layer syncs with the device for them
+            packed = modrwkv_kernels.as_layout(cu_seqlens, T, x.device)
+            B = packed.n_segments  # one state per packed sequence
         if state is None:
             state = self.zero_state(B, x.device, x.dtype)
         elif state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} sequences but the input has {B}")
-        return x, state, pad, lengths, cu_seqlens
+        return x, state, pad, lengths, packed
 
     def _padding(self, attention_mask, B, T, device):
         if attention_mask is None:
@@ -368,11 +372,11 @@ class RWKV7(nn.Module):
             return None, None
         return ~mask, lengths
 
-    def _body(self, x, state, pad, lengths, cu_seqlens):
+    def _body(self, x, state, pad, lengths, packed):
         v_first = None
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
-            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], pad, lengths, cu_seqlens)
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], pad, lengths, packed)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, v_first, att_shift, wkv, ffn_shift = checkpoint(block, *args, use_reentrant=False)
             else:

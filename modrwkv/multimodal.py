@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from modrwkv_kernels import as_layout
+
 from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
@@ -230,7 +232,7 @@ class ModRWKV(nn.Module):
         per row, or per packed sequence of a row [1, T] (cu_seqlens: their offsets)."""
         self.backbone.check_input_ids(input_ids)
         B, T = input_ids.shape
-        offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, T, input_ids.device).offsets
         # (row, start, end) of every sample
         spans = ([(b, 0, T) for b in range(B)] if offsets is None
                  else [(0, start, end) for start, end in zip(offsets, offsets[1:])])
@@ -269,14 +271,15 @@ class ModRWKV(nn.Module):
         with a 65536-word vocabulary. series_lookback [B, L >= forecast_lookback]: the normalised lookback, for a
         model with a forecast skip. cu_seqlens: the samples are packed into one row [1, T] at these offsets
         (features, series_target, series_lookback and the returned state are then per sample)."""
-        embeds = self.embed(input_ids, features, sample_ids, cu_seqlens)
+        packed = None if cu_seqlens is None else as_layout(cu_seqlens, input_ids.shape[1], input_ids.device)
+        embeds = self.embed(input_ids, features, sample_ids, packed)
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask,
-                                                     cu_seqlens=cu_seqlens)
+                                                     cu_seqlens=packed)
         logits = self.backbone.head(hidden) if return_logits else None
         lm_loss = forecast_loss = forecast = None
         targets = None if labels is None else labels[:, 1:]
-        if targets is not None and cu_seqlens is not None:  # a sample's last token predicts nothing of the next
-            targets = targets.index_fill(1, cu_seqlens[1:-1].to(targets.device) - 1, IGNORE)
+        if targets is not None and packed is not None:  # a sample's last token predicts nothing of the next
+            targets = targets.index_fill(1, packed.cu_seqlens[1:-1].to(targets.device) - 1, IGNORE)
         if targets is not None and (targets != IGNORE).any():  # forecasting-only batches have no text targets
             learned = targets != IGNORE
             if logits is not None:
@@ -286,7 +289,7 @@ class ModRWKV(nn.Module):
             lm_loss = F.cross_entropy(scores.float(), targets[learned])
         if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
             lengths = attention_mask.sum(1) if attention_mask is not None else None
-            forecast = self.forecast_head(last_valid(hidden, lengths, None, cu_seqlens))
+            forecast = self.forecast_head(last_valid(hidden, lengths, None, packed))
             if self.forecast_skip is not None:
                 forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
             if series_target is not None:

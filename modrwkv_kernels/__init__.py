@@ -8,11 +8,16 @@ RWKV-LM's form (per-step decay exp(-exp(w))), state [B, H, N, N] (value dim x ke
 Backends, each beside its reference in `modrwkv_kernels/wkv7/`:
 - "reference": the plain per-step recurrence (also the default for a single decode step);
 - "chunked":   exact chunked matrix form in PyTorch, the default on CPU;
-- "triton":    Triton forward/backward kernels, the default on CUDA (on CPU only under TRITON_INTERPRET=1).
-The environment variable MODRWKV_WKV7_BACKEND forces one.
+- "triton":    Triton forward/backward kernels walking the sequence step by step;
+- "triton_chunked": Triton kernels in the chunked matrix form (`tl.dot` inside each chunk), the default on
+               CUDA (on an H200 3.3x "triton" and 1.1x fla's chunk_rwkv7 forward+backward, bf16, T = 4k-16k);
+- "fla":       flash-linear-attention's `chunk_rwkv7`, when that optional package is installed (GPU only).
+The Triton backends run on CPU tensors only under TRITON_INTERPRET=1. The environment variable
+MODRWKV_WKV7_BACKEND forces one.
 
 Packed input (several sequences in one row, as flash-linear-attention takes it): `cu_seqlens`, a LongTensor
-[S + 1] of segment offsets into T with B = 1. Each segment starts from zero state (or its row of an
+[S + 1] of segment offsets into T with B = 1, or its `PackedLayout` (`packed_layout(cu_seqlens, T)`), which a
+model builds once per forward so that no layer reads the offsets back from the device. Each segment starts from zero state (or its row of an
 `initial_state` [S, H, N, N]) and its final state is returned, [S, H, N, N]. Segments are padded at their end with
 identity steps (no input, decay 1: w = -inf), dropped again afterwards: the chunked backend keeps them in one row,
 each padded to whole chunks, and restarts the state at each segment's first chunk (so the recurrence costs about
@@ -24,25 +29,54 @@ import os
 
 import torch
 
+from .layout import CHUNK, PackedLayout, as_layout, check_cu_seqlens, packed_layout, rows_layout
 from .wkv7 import wkv7_chunked, wkv7_reference
-from .wkv7.chunked import CHUNK
 
 BACKEND_ENV = "MODRWKV_WKV7_BACKEND"
 
 
+def _check_triton_device(name, x):
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the {name} wkv7 backend runs on CPU tensors only with TRITON_INTERPRET=1 set before start")
+
+
+# The Triton modules are imported on first use: defining Triton kernels needs a GPU driver or TRITON_INTERPRET=1.
 def _triton(*args):
-    # Imported on first use: defining Triton kernels needs a GPU driver or TRITON_INTERPRET=1.
-    if args[0].device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the triton wkv7 backend runs on CPU tensors only with TRITON_INTERPRET=1 set before start")
+    _check_triton_device("triton", args[0])
     from .wkv7.triton_kernel import wkv7_triton
 
     return wkv7_triton(*args)
 
 
-BACKENDS = {"reference": wkv7_reference, "chunked": wkv7_chunked, "triton": _triton}
+def _triton_chunked(*args):
+    _check_triton_device("triton_chunked", args[0])
+    from .wkv7.triton_chunked import wkv7_triton_chunked
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "check_cu_seqlens", "default_backend", "wkv7", "wkv7_chunked",
-           "wkv7_reference"]
+    return wkv7_triton_chunked(*args)
+
+
+def _fla(r, w, k, v, a, b, initial_state=None, layout=None):
+    """flash-linear-attention's chunked kernel behind our contract: it takes the log-decay -exp(w) and keeps the
+    state as key x value, ours value x key."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError as error:
+        raise RuntimeError("the fla wkv7 backend needs flash-linear-attention: pip install 'modrwkv[fla]'") from error
+    w, k, v, a, b = (x.to(r.dtype) for x in (-torch.exp(w.float()), k, v, a, b))  # one dtype (autocast mixes)
+    state = initial_state.float().transpose(-1, -2).contiguous() if initial_state is not None else None
+    packed = {} if layout is None else {"cu_seqlens": layout.cu_seqlens,
+                                        "cu_seqlens_cpu": torch.tensor(layout.offsets)}  # spares fla a sync
+    y, final = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=state,
+                           output_final_state=True, **packed)
+    return y, final.float().transpose(-1, -2)
+
+
+BACKENDS = {"reference": wkv7_reference, "chunked": wkv7_chunked, "triton": _triton,
+            "triton_chunked": _triton_chunked, "fla": _fla}
+ROW_BACKENDS = ("triton", "triton_chunked", "fla")  # take a packed row as it is, with its offsets
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "CHUNK", "PackedLayout", "as_layout", "check_cu_seqlens",
+           "default_backend", "packed_layout", "rows_layout", "wkv7", "wkv7_chunked", "wkv7_reference"]
 
 
 def default_backend(device: torch.device, seq_len: int) -> str:
@@ -50,7 +84,7 @@ def default_backend(device: torch.device, seq_len: int) -> str:
     if forced:
         return forced
     if device.type == "cuda":
-        return "triton"
+        return "triton_chunked"
     return "reference" if seq_len == 1 else "chunked"  # one decode step is the recurrence itself
 
 
@@ -74,16 +108,6 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     return y.to(r.dtype), state
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
-    """The segment offsets as ints, after checking that they cut [0, T) into non-empty segments."""
-    offsets = cu_seqlens.tolist()  # one device sync, not one per offset
-    if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
-        raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {offsets}")
-    if any(e <= s for s, e in zip(offsets, offsets[1:])):
-        raise ValueError(f"cu_seqlens: every segment needs at least one step, got offsets {offsets}")
-    return offsets
-
-
 def segment_index(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(segment, position within it) of every packed step, for segments of these lengths laid end to end."""
     counts = torch.tensor(lengths)
@@ -96,16 +120,16 @@ def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
     if r.dim() != 4 or r.shape[0] != 1:
         raise ValueError(f"wkv7: packed input (cu_seqlens) is one row, [1, T, H, N]; got r of shape {tuple(r.shape)}")
     _, T, H, N = r.shape
-    offsets = check_cu_seqlens(cu_seqlens, T)
-    lengths = [e - s for s, e in zip(offsets, offsets[1:])]
+    layout = as_layout(cu_seqlens, T, r.device)
+    lengths = list(layout.lengths)
     S = len(lengths)
     if initial_state is not None and initial_state.shape != (S, H, N, N):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(S, H, N, N)}"
                          " (one row per segment)")
 
     name = backend or default_backend(r.device, max(lengths))
-    if name == "triton":  # the kernels read the offsets themselves
-        y, state = _triton(r, w, k, v, a, b, initial_state, cu_seqlens)
+    if name in ROW_BACKENDS:  # the kernels read the offsets themselves
+        y, state = BACKENDS[name](r, w, k, v, a, b, initial_state, layout)
         return y.to(r.dtype), state
     segment, position = segment_index(lengths, r.device)
     fills = [float("-inf") if x is w else 0.0 for x in (r, w, k, v, a, b)]

@@ -23,7 +23,7 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-CHUNK = 16
+from ..layout import CHUNK
 # Per-step log-decay floor. Inside a chunk the factors 1/Γ_i reach exp(CHUNK * |floor|) = e^80 < fp32 max,
 # so nothing overflows. The backbone's decays are >= exp(-0.607) per step, far above this floor
 # (exp(-5) = 0.0067); smaller decays are raised to it, which changes the state by less than 0.7%

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 16
+from ..layout import CHUNK, rows_layout
 BLOCK_V = 16  # state rows per forward program (16 beat 32 and 64 on an H200)
 
 
@@ -160,21 +160,13 @@ def _launch(programs: int, N: int, rows_per_program: int) -> tuple[tuple[int, in
     return grid, {"N": N, "BLOCK_V": block_v, "BLOCK_N": block_n, "CHUNK_LEN": CHUNK}
 
 
-def _segments(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Step and chunk offsets of the segments ([S + 1] each: a batch's rows, or the packed row's `cu_seqlens`)
-    and the number of chunks in all."""
-    cu = torch.arange(B + 1, device=device) * T if cu_seqlens is None else cu_seqlens.to(device)
-    chunks = torch.div(torch.diff(cu) + CHUNK - 1, CHUNK, rounding_mode="floor")
-    chunk_cu = torch.cat([chunks.new_zeros(1), torch.cumsum(chunks, 0)])
-    return cu.to(torch.int32).contiguous(), chunk_cu.to(torch.int32).contiguous(), int(chunk_cu[-1])
-
-
 class WKV7Triton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, cu_seqlens):
+    def forward(ctx, r, w, k, v, a, b, s0, layout):
         B, T, H, N = r.shape
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-        cu, chunk_cu, total_chunks = _segments(B, T, cu_seqlens, r.device)
+        layout = layout or rows_layout(B, T, r.device)
+        cu, chunk_cu, total_chunks = layout.step_offsets, layout.chunk_offsets, layout.total_chunks
         S = cu.numel() - 1
         y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
@@ -206,11 +198,11 @@ class WKV7Triton(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None
 
 
-def wkv7_triton(r, w, k, v, a, b, initial_state=None, cu_seqlens=None):
+def wkv7_triton(r, w, k, v, a, b, initial_state=None, layout=None):
     """Same contract as `wkv7_reference`; y comes back in fp32 (the dispatcher casts it to r's dtype).
-    cu_seqlens: packed input (B = 1), checked by the dispatcher; one program per segment and head."""
+    layout: a packed row's `PackedLayout` (B = 1), checked by the dispatcher; one program per segment and head."""
     if r.shape[1] == 0:
         B, _, H, N = r.shape
         state = initial_state.float() if initial_state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
         return r.new_zeros(r.shape, dtype=torch.float32), state
-    return WKV7Triton.apply(r, w, k, v, a, b, initial_state, cu_seqlens)
+    return WKV7Triton.apply(r, w, k, v, a, b, initial_state, layout)

@@ -119,7 +119,7 @@ def random_state(model: RWKV7, rows: int) -> RWKV7State:
                         for x in (zero.att_shift, zero.wkv, zero.ffn_shift)))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_chunked"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_packed_row_equals_separate_runs_forward_and_backward(monkeypatch, backend, with_state):
     """Sequences of 5, 1, 23 and 17 tokens packed in one row: the logits, the final states and the gradients of
@@ -236,3 +236,40 @@ def test_optimizer_groups():
     assert id(model.blocks[0].att.key.weight) in decayed and id(model.head.weight) in decayed
     assert id(model.blocks[0].att.w1) not in decayed and id(model.blocks[0].ln1.weight) not in decayed
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+SYNCING_CALLS = ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero")  # each waits for the device
+
+
+def test_packed_forward_reads_the_offsets_once_whatever_the_depth(monkeypatch):
+    """On a GPU every read of a device value back to the host waits for the queued work. A packed forward reads
+    the offsets once, when it starts: the count of such reads is the same for 2 and 6 layers, and the kernel
+    gets one layout object in every layer. The row backend is replaced by a stand-in that records what it gets,
+    so only the model's and the dispatcher's own reads are counted."""
+    seen = []
+
+    def row_backend(r, w, k, v, a, b, initial_state, layout):
+        seen.append(layout)
+        return torch.zeros_like(r, dtype=torch.float32), initial_state.float()
+
+    monkeypatch.setitem(kernels.BACKENDS, "triton", row_backend)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    calls = []
+    for name in SYNCING_CALLS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _name=name, _original=original, **kw: calls.append(_name)
+                            or _original(self, *a, **kw))
+    ids = torch.randint(0, 97, (1, sum(PACKED_LENGTHS)), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0, *PACKED_LENGTHS]).cumsum(0)
+    counts = {}
+    for n_layer in (2, 6):
+        model = random_backbone(RWKV7Config(vocab_size=97, n_layer=n_layer, n_embd=64, head_size=16))
+        calls.clear()
+        seen.clear()
+        model(ids, cu_seqlens=cu_seqlens)
+        counts[n_layer] = list(calls)
+        assert len(seen) == n_layer and all(layout is seen[0] for layout in seen)
+        assert seen[0].lengths == PACKED_LENGTHS
+    assert counts[2] == counts[6]
+    assert counts[2].count("tolist") == 1  # the offsets, read once

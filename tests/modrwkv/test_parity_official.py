@@ -32,9 +32,9 @@ def pair(request, tmp_path_factory):
     return ours, ids, ref_logits, ref_state
 
 
-@pytest.fixture(params=["reference", "chunked", "triton"])
+@pytest.fixture(params=["reference", "chunked", "triton", "triton_chunked"])
 def backend(request, monkeypatch):
-    if request.param == "triton" and torch.cuda.is_available():
+    if request.param.startswith("triton") and torch.cuda.is_available():
         pytest.skip("these CPU-tensor checks run Triton only under its interpreter; tests/modrwkv_kernels runs it on CUDA")
     monkeypatch.setenv(kernels.BACKEND_ENV, request.param)
     return request.param

@@ -1,6 +1,6 @@
-"""Triton wkv7 kernels against the fp64 reference: fp32 inputs, T below, at and across chunk boundaries, with and
-without an initial state, H >= 2, every gradient. On CUDA the compiled kernels run; without a GPU the same tests
-run on CPU tensors under TRITON_INTERPRET=1 (set in conftest)."""
+"""Both Triton wkv7 backends (step by step, and chunked) against the fp64 reference: fp32 inputs, T below, at
+and across chunk boundaries, with and without an initial state, H >= 2, every gradient. On CUDA the compiled
+kernels run; without a GPU the same tests run on CPU tensors under TRITON_INTERPRET=1 (set in conftest)."""
 
 import pytest
 import torch
@@ -11,6 +11,11 @@ from tests.modrwkv_kernels.test_wkv7 import rel_err, wkv_inputs
 
 TOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["triton", "triton_chunked"])
+def backend(request):
+    return request.param
 
 
 def on_device(xs):
@@ -27,7 +32,7 @@ def loss_of(y, s, seed=0):
 
 @pytest.mark.parametrize("T", [1, CHUNK - 3, CHUNK, 2 * CHUNK + 5])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_forward_and_gradients_match_fp64_reference(T, with_state):
+def test_forward_and_gradients_match_fp64_reference(backend, T, with_state):
     B, H, N = 1, 2, 16
     xs64, s64 = wkv_inputs(B, T, H, N, seed=T, requires_grad=True)
     xs32 = on_device(xs64)
@@ -35,7 +40,7 @@ def test_forward_and_gradients_match_fp64_reference(T, with_state):
     init64, init32 = (s64, s32) if with_state else (None, None)
 
     y_ref, s_ref = wkv7(*xs64, initial_state=init64, backend="reference")
-    y, s = wkv7(*xs32, initial_state=init32, backend="triton")
+    y, s = wkv7(*xs32, initial_state=init32, backend=backend)
     assert y.dtype == torch.float32 and s.dtype == torch.float32
     assert rel_err(y, y_ref) < TOL
     assert rel_err(s, s_ref) < TOL
@@ -44,23 +49,30 @@ def test_forward_and_gradients_match_fp64_reference(T, with_state):
     loss_of(y, s).backward()
     names = ["r", "w", "k", "v", "a", "b"]
     for name, x32, x64 in zip(names, xs32, xs64):
+        if T == 1 and not with_state and name == "w":
+            # one step from a zero state: w reaches nothing, its gradient is 0; the chunked kernel's terms
+            # r e^G and k e^-G cancel to rounding, so measure against the other gradients' scale
+            scale = max(x.grad.abs().max() for x in xs64)
+            assert x32.grad.abs().max() < TOL * scale
+            continue
         assert rel_err(x32.grad, x64.grad) < TOL, name
     if with_state:
         assert rel_err(s32.grad, s64.grad) < TOL
 
 
-def test_several_forward_row_blocks_per_head():
-    """N = 48: the forward runs three programs of BLOCK_V rows per head (the last masked past N), the backward
-    one per head over the checkpoints they wrote."""
-    from modrwkv_kernels.wkv7.triton_kernel import BLOCK_V
+def test_several_forward_row_blocks_per_head(backend):
+    """N = 48: the forward runs several programs of BLOCK_V rows per head (the last masked past N); the backward
+    reads the checkpoints they wrote (the chunked one also runs a program per row block and sums their parts)."""
+    from modrwkv_kernels.wkv7 import triton_chunked, triton_kernel
 
     N = 48
-    assert -(-N // BLOCK_V) > 1
+    block_v = (triton_kernel if backend == "triton" else triton_chunked).BLOCK_V
+    assert -(-N // block_v) > 1
     xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, N, seed=5, requires_grad=True)
     xs32 = on_device(xs64)
     (s32,) = on_device([s64])
     y_ref, s_ref = wkv7(*xs64, initial_state=s64, backend="reference")
-    y, s = wkv7(*xs32, initial_state=s32, backend="triton")
+    y, s = wkv7(*xs32, initial_state=s32, backend=backend)
     assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
     loss_of(y_ref, s_ref).backward()
     loss_of(y, s).backward()
@@ -69,11 +81,11 @@ def test_several_forward_row_blocks_per_head():
     assert rel_err(s32.grad, s64.grad) < TOL
 
 
-def test_head_size_not_a_power_of_two_and_only_final_state_used():
+def test_head_size_not_a_power_of_two_and_only_final_state_used(backend):
     xs64, s64 = wkv_inputs(2, 9, 2, 12, seed=3, requires_grad=True)
     xs32 = on_device(xs64)
     _, s_ref = wkv7(*xs64, initial_state=s64, backend="reference")
-    _, s = wkv7(*xs32, initial_state=s64.detach().to(DEVICE, torch.float32), backend="triton")
+    _, s = wkv7(*xs32, initial_state=s64.detach().to(DEVICE, torch.float32), backend=backend)
     assert rel_err(s, s_ref) < TOL
     s_ref.square().sum().backward()
     s.square().sum().backward()
@@ -82,40 +94,40 @@ def test_head_size_not_a_power_of_two_and_only_final_state_used():
         assert rel_err(x32.grad, x64.grad) < TOL
 
 
-def test_bf16_inputs_are_read_as_fp32():
+def test_bf16_inputs_are_read_as_fp32(backend):
     xs, _ = wkv_inputs(1, 7, 2, 16, seed=4)
     bf = [x.to(DEVICE, torch.bfloat16) for x in xs]
     y_ref, s_ref = wkv7(*(x.double() for x in bf), backend="reference")  # same rounded inputs, fp64 maths
-    y, s = wkv7(*bf, backend="triton")
+    y, s = wkv7(*bf, backend=backend)
     assert y.dtype == torch.bfloat16
     assert rel_err(s, s_ref) < TOL
     assert rel_err(y, y_ref) < 1e-2  # y itself is rounded to bf16
 
 
-def test_backbone_gradients_through_triton_match_chunked(monkeypatch):
+def test_backbone_gradients_through_triton_match_chunked(backend, monkeypatch):
     from modrwkv import RWKV7Config
     from tests.conftest import random_backbone
 
     ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     target = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = {}
-    for backend in ("chunked", "triton"):
-        monkeypatch.setenv("MODRWKV_WKV7_BACKEND", backend)
+    for name in ("chunked", backend):
+        monkeypatch.setenv("MODRWKV_WKV7_BACKEND", name)
         model = random_backbone(RWKV7Config(vocab_size=97, n_layer=2, n_embd=64, head_size=16)).to(DEVICE).train()
         logits, _ = model(ids)
         torch.nn.functional.cross_entropy(logits.reshape(-1, 97), target.reshape(-1)).backward()
-        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for name, g in grads["chunked"].items():
-        assert rel_err(grads["triton"][name], g) < 1e-4, name
+        assert rel_err(grads[backend][name], g) < 1e-4, name
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_triton_matches_fp64(dtype):
+def test_cuda_triton_matches_fp64(backend, dtype):
     xs, s0 = wkv_inputs(2, 1000, 4, 64, seed=9)
     y_ref, s_ref = wkv7(*xs, initial_state=s0, backend="reference")
     cuda = [x.to("cuda", dtype).requires_grad_() for x in xs]
-    y, s = wkv7(*cuda, initial_state=s0.cuda().float(), backend="triton")
+    y, s = wkv7(*cuda, initial_state=s0.cuda().float(), backend=backend)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert rel_err(y.cpu(), y_ref) < tol and rel_err(s.cpu(), s_ref) < tol
     (y.float().sum() + s.sum()).backward()
@@ -123,20 +135,20 @@ def test_cuda_triton_matches_fp64(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_long_sequence_in_pieces_equals_one_call():
+def test_cuda_long_sequence_in_pieces_equals_one_call(backend):
     """T = 4096 at the backbone's head size, split at a point inside a chunk: the carried state is exact."""
     xs, s0 = wkv_inputs(1, 4096, 2, 64, seed=11)
     cuda = [x.to("cuda", torch.float32) for x in xs]
-    y, s = wkv7(*cuda, initial_state=s0.cuda().float(), backend="triton")
-    y1, s1 = wkv7(*(x[:, :1001] for x in cuda), initial_state=s0.cuda().float(), backend="triton")
-    y2, s2 = wkv7(*(x[:, 1001:] for x in cuda), initial_state=s1, backend="triton")
+    y, s = wkv7(*cuda, initial_state=s0.cuda().float(), backend=backend)
+    y1, s1 = wkv7(*(x[:, :1001] for x in cuda), initial_state=s0.cuda().float(), backend=backend)
+    y2, s2 = wkv7(*(x[:, 1001:] for x in cuda), initial_state=s1, backend=backend)
     assert rel_err(torch.cat([y1, y2], 1), y) < 1e-5 and rel_err(s2, s) < 1e-5
     y_ref, s_ref = wkv7(*(x.double() for x in cuda), initial_state=s0.cuda(), backend="chunked")
     assert rel_err(y, y_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_backbone_training_step_matches_fp32_chunked(monkeypatch):
+def test_cuda_bf16_backbone_training_step_matches_fp32_chunked(backend, monkeypatch):
     """A bf16-autocast training step through the compiled kernel: loss and gradients near the fp32 chunked ones.
 
     The backbone is the official init with the zero-initialised matrices made small, like one early in training:
@@ -147,8 +159,8 @@ def test_cuda_bf16_backbone_training_step_matches_fp32_chunked(monkeypatch):
     config = RWKV7Config(vocab_size=256, n_layer=2, n_embd=128, head_size=64)
     ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(2)).cuda()
     results = {}
-    for backend, autocast in (("chunked", False), ("triton", True)):
-        monkeypatch.setenv("MODRWKV_WKV7_BACKEND", backend)
+    for run, autocast in (("chunked", False), (backend, True)):
+        monkeypatch.setenv("MODRWKV_WKV7_BACKEND", run)
         torch.manual_seed(0)
         model = RWKV7(config).init_weights()
         with torch.no_grad():
@@ -161,8 +173,8 @@ def test_cuda_bf16_backbone_training_step_matches_fp32_chunked(monkeypatch):
             logits, _ = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 256), ids[:, 1:].reshape(-1))
         loss.backward()
-        results[backend] = loss.item(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
-    (loss32, g32), (loss16, g16) = results["chunked"], results["triton"]
+        results[run] = loss.item(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    (loss32, g32), (loss16, g16) = results["chunked"], results[backend]
     assert abs(loss16 - loss32) / loss32 < 1e-2
     assert len(g32) == len(g16) and all(g.norm() > 0 for g in g32.values())  # every parameter in use is reached
     for name, g in g32.items():

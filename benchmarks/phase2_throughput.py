@@ -1,0 +1,168 @@
+"""Phase II training throughput at the paper's 0.4B shape: tokens/s and model FLOPs utilisation per wkv7 backend.
+
+One training step as phase II runs it, in one process without Ray or DeepSpeed: ModRWKV (RWKV-7 0.4B: 24 layers
+of 1024, head size 64, the World vocabulary; an image projector from SigLIP2-base features, 768 wide, 577 tokens
+uncompressed as in the paper's Table 6), random init, phase II (backbone and projector trained), bf16 autocast
+over fp32 weights, AdamW. Each step is one packed row of `--row-tokens` tokens: image-question samples (577
+feature tokens + a lognormal text of median 120 tokens, context at most 2048) laid end to end with their
+`cu_seqlens`, the loss on each answer (the text's second half). The same rows and weights run through each
+backend in turn.
+
+Model FLOPs per token: 6 x (parameters of the blocks and the projector) for every token, plus 6 x the head's
+parameters for each labelled token (the head runs at labelled positions only); the recurrence itself adds under
+1 % and is not counted. MFU divides by the device's dense bf16 peak (`--peak-tflops`, H200/H100 SXM: 989).
+
+    python benchmarks/phase2_throughput.py [--backends triton triton_chunked fla] [--steps 5] [--out DIR]
+    python benchmarks/phase2_throughput.py --shape tiny   # the CPU default: a few-layer model, seconds a step
+"""
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
+
+from benchmarks.report import write_report  # noqa: E402
+from modrwkv import RWKV7, RWKV7Config  # noqa: E402
+from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS  # noqa: E402
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig  # noqa: E402
+
+SHAPES = {  # the paper's 0.4B backbone (RWKV-7 World 0.4B) and a tiny one for CPU runs
+    "0.4b": {"backbone": RWKV7Config(vocab_size=65536, n_layer=24, n_embd=1024, head_size=64),
+             "encoder_dim": 768, "image_tokens": 577, "context": 2048, "row_tokens": 16384},
+    "tiny": {"backbone": RWKV7Config(vocab_size=65536, n_layer=2, n_embd=128, head_size=64),
+             "encoder_dim": 64, "image_tokens": 64, "context": 256, "row_tokens": 1024},
+}
+
+
+def sample_lengths(total: int, image_tokens: int, context: int, seed: int) -> list[int]:
+    """Sample lengths (image tokens + lognormal text, median 120) filling `total` tokens; the last one trimmed."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        text = int(torch.empty(1).log_normal_(math.log(120), 0.8, generator=g).clamp(8, context - image_tokens))
+        lengths.append(image_tokens + text)
+    lengths[-1] -= sum(lengths) - total
+    if lengths[-1] <= image_tokens:
+        lengths.pop()
+    return lengths
+
+
+def packed_row(lengths, image_tokens, encoder_dim, vocab, device, seed):
+    """input ids [1, T] (an <image> run, then text), labels on each text's second half, features, cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for n in lengths:
+        text = torch.randint(1, vocab - 16, (n - image_tokens,), generator=g)
+        ids += [torch.full((image_tokens,), PLACEHOLDER_IDS["image"]), text]
+        answer = text.clone()
+        answer[: len(text) // 2] = IGNORE
+        labels += [torch.full((image_tokens,), IGNORE), answer]
+    features = [[("image", torch.randn(image_tokens, encoder_dim, generator=g).to(device))] for _ in lengths]
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(device)
+    return torch.cat(ids)[None].to(device), torch.cat(labels)[None].to(device), features, cu_seqlens
+
+
+def model_flops_per_step(model: ModRWKV, tokens: int, labelled: int) -> float:
+    head = sum(p.numel() for p in model.backbone.head.parameters())
+    embedding = sum(p.numel() for p in model.backbone.emb.parameters())
+    body = sum(p.numel() for p in model.parameters()) - head - embedding
+    return 6.0 * (body * tokens + head * labelled)
+
+
+def build_model(shape, device, seed=0) -> ModRWKV:
+    torch.manual_seed(seed)
+    config = ModRWKVConfig(backbone=shape["backbone"], projectors={
+        "image": ProjectorConfig(encoder_dim=shape["encoder_dim"], normalize="none")})
+    model = ModRWKV(config, backbone=RWKV7(shape["backbone"]).init_weights()).to(device)
+    model.set_phase(2)
+    return model.train()
+
+
+def run_backend(backend, model, initial, shape, device, steps, seed=0) -> dict:
+    """`steps` timed training steps (after one warm-up) from the weights `initial`, the wkv7 recurrence on
+    `backend`."""
+    os.environ["MODRWKV_WKV7_BACKEND"] = backend
+    model.load_state_dict(initial)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    vocab = shape["backbone"].vocab_size
+    rows = [packed_row(sample_lengths(shape["row_tokens"], shape["image_tokens"], shape["context"], seed + i),
+                       shape["image_tokens"], shape["encoder_dim"], vocab, device, seed + i) for i in range(steps + 1)]
+
+    def step(ids, labels, features, cu_seqlens):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = model(ids, features, labels=labels, return_logits=False, cu_seqlens=cu_seqlens)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first_loss = step(*rows[0]).item()  # warm-up: compiles the kernels
+    sync()
+    started = time.perf_counter()
+    losses = [step(*row) for row in rows[1:]]
+    sync()
+    seconds = (time.perf_counter() - started) / steps
+    tokens = shape["row_tokens"]
+    labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in rows[1:]) / steps
+    flops = model_flops_per_step(model, tokens, labelled)
+    result = {"backend": backend, "tokens_per_step": tokens, "samples_per_step": len(rows[1][3]) - 1,
+              "seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
+              "first_loss": first_loss, "last_loss": float(losses[-1])}
+    if device == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del optimizer
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="0.4b" if cuda else "tiny")
+    parser.add_argument("--backends", nargs="+", default=["triton", "triton_chunked", "fla"] if cuda else ["chunked"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args()
+    device = "cuda" if cuda else "cpu"
+    shape = SHAPES[args.shape]
+    started = time.perf_counter()
+    model = build_model(shape, device)
+    initial = {name: t.clone() for name, t in model.state_dict().items()}  # every backend starts from these
+    print(f"[{time.perf_counter() - started:.0f}s] model built", file=sys.stderr, flush=True)
+    rows = []
+    for backend in args.backends:
+        try:
+            row = run_backend(backend, model, initial, shape, device, args.steps)
+        except Exception as error:  # an optional backend that is not installed leaves its row out, named
+            print(f"{backend}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            continue
+        row["mfu"] = row["model_tflops"] / args.peak_tflops if cuda else None
+        rows.append(row)
+        print(f"[{time.perf_counter() - started:.0f}s] {row}", file=sys.stderr, flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    machine = f"{where}, torch {torch.__version__}; shape {args.shape}, {shape['row_tokens']} tokens a step"
+    lines = ["| backend | samples / step | s / step | tokens/s | model TFLOP/s | MFU | peak GiB | loss first -> last |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['backend']} | {r['samples_per_step']} | {r['seconds_per_step']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
+                     f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+    write_report(args.out, "phase2_throughput", machine, rows, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Where the segments of a row lie, computed once per forward and handed to every layer.
+
+A packed row's offsets live on the device; reading them back (`.tolist()`) waits for the device to finish
+everything queued before. The layout reads them once, when the forward starts, and keeps on the host what the
+backends need on the host (the lengths) and on the device what the kernels read there (offsets in steps and in
+chunks), so no layer syncs. CHUNK, the chunk length of every chunked backend, is defined here alone.
+"""
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    cu_seqlens: torch.Tensor  # [S + 1] int64 offsets of the segments, on the inputs' device
+    lengths: tuple[int, ...]  # each segment's steps, on the host
+    step_offsets: torch.Tensor  # [S + 1] int32, on the device: what the Triton kernels read
+    chunk_offsets: torch.Tensor  # [S + 1] int32, on the device: each segment's first chunk of CHUNK steps
+    total_chunks: int
+
+    @property
+    def offsets(self) -> list[int]:
+        return list(accumulate(self.lengths, initial=0))
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.lengths)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
+    """The segment offsets as ints, after checking that they cut [0, T) into non-empty segments."""
+    offsets = cu_seqlens.tolist()  # one device sync, not one per offset
+    if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {offsets}")
+    if any(e <= s for s, e in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens: every segment needs at least one step, got offsets {offsets}")
+    return offsets
+
+
+def _layout(lengths: list[int], device, cu_seqlens=None) -> PackedLayout:
+    chunks = [-(-n // CHUNK) for n in lengths]
+    offsets = list(accumulate(lengths, initial=0))
+    chunk_offsets = list(accumulate(chunks, initial=0))
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor(offsets, device=device)
+    return PackedLayout(cu_seqlens.to(device=device, dtype=torch.long), tuple(lengths),
+                        torch.tensor(offsets, dtype=torch.int32, device=device),
+                        torch.tensor(chunk_offsets, dtype=torch.int32, device=device), chunk_offsets[-1])
+
+
+def packed_layout(cu_seqlens: torch.Tensor, T: int, device=None) -> PackedLayout:
+    """The layout of a packed row [1, T] cut at `cu_seqlens` [S + 1] (checked; the one host sync)."""
+    offsets = check_cu_seqlens(cu_seqlens, T)
+    return _layout([e - s for s, e in zip(offsets, offsets[1:])], device or cu_seqlens.device, cu_seqlens)
+
+
+def as_layout(packed: "PackedLayout | torch.Tensor", T: int, device=None) -> PackedLayout:
+    """A layout as given (checked against T on the host) or built from cu_seqlens."""
+    if isinstance(packed, PackedLayout):
+        if sum(packed.lengths) != T:
+            raise ValueError(f"the packed layout covers {sum(packed.lengths)} steps, the input has T={T}")
+        return packed
+    return packed_layout(packed, T, device)
+
+
+def rows_layout(B: int, T: int, device) -> PackedLayout:
+    """A batch [B, T] as B segments of T steps, from the shape alone (no device read)."""
+    return _layout([T] * B, device)
