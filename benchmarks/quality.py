@@ -41,7 +41,8 @@ DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "c
 # ---- model scores -------------------------------------------------------------------------------------------
 def train_both_phases(config_path: str, seed: int, tracking_uri: str):
     from pipelines.config import load_config
-    from pipelines.train import TrainConfig, phase_dir, run_train
+    from pipelines.train import TrainConfig, run_train
+    from pipelines.train_setup import phase_dir
 
     name = f"{Path(config_path).stem.removeprefix('train').strip('_') or 'demo'}-quality-s{seed}"
     config = load_config(config_path, TrainConfig, {"seed": seed, "name": name,

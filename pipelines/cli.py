@@ -107,8 +107,10 @@ def cmd_encode(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from pipelines.train import main
-
+    if args.single_process:
+        from pipelines.train_local import main
+    else:
+        from pipelines.train import main
     main(args)
 
 
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a train YAML (see configs/)")
     p.add_argument("--phase", type=int, choices=[1, 2], required=True)
     p.add_argument("--resume-from", help="a checkpoint folder to resume from (default: a fresh run)")
+    p.add_argument("--single-process", action="store_true",
+                   help="train in this process with the same core, no Ray or DeepSpeed (debugging, quick "
+                        "experiments); MLflow only when a tracking URI is configured")
     add_set_option(p)
     p.set_defaults(func=cmd_train)
 

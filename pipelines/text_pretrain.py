@@ -1,9 +1,9 @@
 """Minimal single-process loops for the backbone alone: language modelling on a text, and the same plus
 instruction turns (the demo's stand-in for a pretrained instruct LM).
 
-Cluster training (Ray Train + DeepSpeed, phases I/II) is `pipelines/train.py`; these exist to show, in
-seconds on a CPU, that the official init and parameter groups learn, and to give the demo a backbone that
-already follows the chat template before any modality is added.
+The steps are the training core's (`trainer.py`: its AdamW recipe and engine) on text batches instead of
+feature-cache ones; these loops exist to show, in seconds on a CPU, that the official init and parameter groups
+learn, and to give the demo a backbone that already follows the chat template before any modality is added.
 """
 
 import codecs
@@ -21,6 +21,8 @@ from modrwkv import RWKV7
 from modrwkv.conversation import IGNORE, Turn, right_pad, tokenize_conversation
 from modrwkv.tokenizer import WorldTokenizer
 
+from .trainer import LocalEngine, adamw
+
 
 def bundled_text() -> str:
     """The Zen of Python, as shipped (rot13-encoded) in the standard library's `this` module."""
@@ -34,13 +36,6 @@ def unigram_entropy(ids: list[int]) -> float:
     counts = Counter(ids)
     n = len(ids)
     return -sum(c / n * math.log(c / n) for c in counts.values())
-
-
-def backbone_optimizer(model: RWKV7, lr: float) -> torch.optim.Optimizer:
-    groups = model.optimizer_groups(weight_decay=0.01)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
 
 
 def text_loss(model: RWKV7, data: torch.Tensor, ctx_len: int, batch_size: int, generator) -> torch.Tensor:
@@ -68,17 +63,17 @@ def check_length(ids: list[int], ctx_len: int) -> None:
 
 def optimise(model: RWKV7, losses: Callable[[], list[torch.Tensor]], steps: int, lr: float, desc: str,
              progress: bool) -> list[list[float]]:
-    """`steps` AdamW steps on the sum of `losses()` over the backbone's parameter groups, with clipping; returns
-    every step's loss parts."""
-    optimizer = backbone_optimizer(model, lr)
+    """`steps` steps of the training core's engine (AdamW over the backbone's parameter groups, clipped at 1) on
+    the sum of `losses()`; returns every step's loss parts."""
+    # the loop form of AdamW, not the fused one of phase I/II: the demo's stand-in (and its figures) came from it
+    optimizer = adamw(model.optimizer_groups(weight_decay=0.01), lr, fused=False)
+    engine = LocalEngine(model, optimizer, accumulation=1, grad_clip=1.0)
     model.train()
     history = []
     for _ in tqdm(range(steps), desc=desc, disable=not progress):
         parts = losses()
-        optimizer.zero_grad(set_to_none=True)
-        sum(parts).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        engine.backward(sum(parts))
+        engine.step()
         history.append([p.item() for p in parts])
     model.eval()
     return history

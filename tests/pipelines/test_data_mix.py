@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.train import TrainConfig
-from pipelines.train_loop import MicroBatches
+from pipelines.trainer import MicroBatches
 
 
 class FakeCache:

@@ -16,7 +16,8 @@ from modrwkv import RWKV7Config
 from pipelines.config import from_dict
 from pipelines.environment import cpu_description
 from pipelines.metrics.ceilings import cache_samples
-from pipelines.train import WHITEN_EPS, WORKER_ENV, TrainConfig, feature_stats, run_train, worker_env
+from pipelines.train import WORKER_ENV, TrainConfig, run_train, worker_env
+from pipelines.train_setup import WHITEN_EPS, feature_stats
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.encoders.recorded import read_encoders_record
 from tests.conftest import random_backbone
@@ -186,8 +187,8 @@ def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: in
     """A fresh data stream's position after `micro_batches` of the phase I run's."""
     from modrwkv.batching import Collator
     from modrwkv.tokenizer import WorldTokenizer
-    from pipelines.train import model_config
-    from pipelines.train_loop import MicroBatches
+    from pipelines.train_setup import model_config
+    from pipelines.trainer import MicroBatches
 
     model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                          [FeatureCache(cache)])
@@ -275,7 +276,7 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     from modrwkv.conversation import Turn
     from modrwkv.batching import Sample
-    from pipelines.train import cache_shapes
+    from pipelines.train_setup import cache_shapes
     from tests.cache_entries import write_entry
 
     turns = [Turn("user", "Say yes."), Turn("assistant", "yes")]
@@ -291,7 +292,7 @@ def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
 def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agrees(tmp_path, capsys):
     from modrwkv.batching import Sample
     from modrwkv.conversation import Turn
-    from pipelines.train import encoder_store_keys
+    from pipelines.train_setup import encoder_store_keys
     from tests.cache_entries import write_entry
 
     sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],

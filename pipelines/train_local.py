@@ -1,0 +1,123 @@
+"""`modrwkv train --config ... --phase N --single-process`: one phase in this process, no Ray or DeepSpeed.
+
+The same resolution as the cluster driver (`train.py`: caches, model config, feature statistics, phase I's
+output for phase II), then the training core (`trainer.py`) with a `LocalEngine`, on the GPU when there is one.
+Metrics go to the console and, when a tracking URI is configured (the config's `tracking.tracking_uri` or
+MLFLOW_TRACKING_URI), to an MLflow run; MLflow is not imported otherwise. The model folder is written where
+the cluster driver writes it, so phase II, evaluation and chat read either alike.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from modrwkv.batching import Collator
+from modrwkv.checkpoint import read_config
+from modrwkv.multimodal import read_backbone_source, write_backbone_source
+from modrwkv.tokenizer import WorldTokenizer
+from preprocessing.cache.entry import FeatureCache
+from preprocessing.encoders.recorded import write_encoders_record
+
+from .caches import absolute, resolve_caches
+from .config import load_config, parse_overrides
+from .train_config import TrainConfig
+from .train_setup import encoder_store_keys, feature_stats, model_config, over_length_in_caches, phase_dir
+from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
+
+
+def configured_tracking_uri(config: TrainConfig) -> str | None:
+    return config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def run_single_process(config: TrainConfig, phase: int, device: str | None = None) -> tuple[Path, list[dict]]:
+    """Trains one phase; returns the model folder and every step's metrics."""
+    hp = config.phase1 if phase == 1 else config.phase2
+    caches = resolve_caches(hp.caches or config.caches)
+    opened = [FeatureCache(uri) for uri in caches]
+    mm_config = model_config(config, read_config(config.model.backbone.path), opened)
+    init_from = None
+    if phase == 2:
+        init_from = phase_dir(config, 1) / "model"
+        if read_backbone_source(init_from) is None:
+            raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
+    out = phase_dir(config, phase)
+    out.mkdir(parents=True, exist_ok=True)
+    over_length_in_caches(opened, mm_config, config.max_length)
+    normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}
+    stats = feature_stats(opened, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(absolute(config.model.backbone.path), mm_config, str(init_from) if init_from else None,
+                        stats, config.seed).to(device)
+    model.set_phase(phase)
+    optimizer = optimizer_for(model, hp)
+    engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
+    collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_over_length=True)
+    batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, hp.mix, None,
+                           config.prefetch_threads, config.pack_buffer if config.packing else 0)
+
+    uri = configured_tracking_uri(config)
+    logger = mlflow_logger(config, phase, caches, uri) if uri else None
+    history, started = [], time.perf_counter()
+
+    def on_step(step: int, metrics: dict) -> None:
+        history.append({"step": step, **metrics})
+        print(f"phase {phase} step {step}/{hp.steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
+              f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+        if logger:
+            logger.log(metrics, step)
+
+    skipped = train_steps(engine, optimizer, batches, hp, on_step=on_step)
+    model.save_pretrained(out / "model", adapter_only=phase == 1)
+    if phase == 2:
+        model.save_pretrained(out / "adapter", adapter_only=True)
+    write_backbone_source(out / "model", {"run_id": logger.run_id if logger else None, "phase": phase,
+                                          "path": absolute(config.model.backbone.path)})
+    write_encoders_record(out / "model", encoder_store_keys(opened))
+    if skipped:
+        print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
+    if logger:
+        finish_mlflow_run(logger, config, out, phase, history, skipped)
+    print(f"phase {phase} done in {time.perf_counter() - started:.0f} s: loss {history[-1]['loss']:.4f}; "
+          f"model in {out / 'model'}")
+    return out / "model", history
+
+
+def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
+    from . import tracking  # only when a run is tracked: this driver runs without MLflow
+    from .config import to_dict
+
+    run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
+                                {**to_dict(config), "phase": phase, "resolved_caches": caches},
+                                {"phase": str(phase), "driver": "single-process"})
+    tracking.log_caches(uri, run_id, caches)
+    print(f"MLflow run {run_id} at {uri}")
+    return tracking.MetricLogger(uri, run_id)
+
+
+def finish_mlflow_run(logger, config: TrainConfig, out: Path, phase: int, history: list[dict],
+                      skipped: list[dict]) -> None:
+    from . import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = [(h["step"], h["loss"]) for h in history]
+        logger.client.log_artifact(logger.run_id, str(tracking.loss_curve(curve, Path(tmp) / "loss_curve.png",
+                                                                          f"{config.name} phase {phase}")))
+        if skipped:
+            path = Path(tmp) / "skipped_samples.jsonl"
+            path.write_text("".join(json.dumps(s) + "\n" for s in skipped))
+            logger.client.log_artifact(logger.run_id, str(path))
+    logger.client.log_artifacts(logger.run_id, str(out / "model"), "model")
+    logger.client.set_terminated(logger.run_id)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.resume_from:
+        raise SystemExit("--resume-from continues a Ray Train checkpoint; --single-process starts a phase afresh")
+    run_single_process(load_config(args.config, TrainConfig, parse_overrides(args.set)), args.phase)

@@ -1,0 +1,126 @@
+"""What a training run resolves before its first step, whichever driver runs it (Ray Train or one process):
+the model config from the caches' feature widths, the feature statistics the projectors normalise with, the
+output folders, and the encoder settings the trained model records."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from modrwkv.config import RWKV7Config
+from modrwkv.multimodal import ModRWKVConfig
+from preprocessing.cache.entry import FeatureCache
+
+from .config import ConfigError
+from .train_config import TrainConfig
+
+
+def cache_shapes(caches: list[FeatureCache]) -> tuple[dict[str, int], int, int]:
+    """(modality -> the cached feature width, the projector's input; the forecast horizon and the lookback
+    length, 0 without series), from the first sample of each cache that has a feature item (text-only samples
+    and empty shards are passed over)."""
+    widths, horizon, lookback = {}, 0, 0
+    for cache in caches:
+        samples = (s for i in range(len(cache.shards)) for s in cache.read_shard(i))
+        sample = next((s for s in samples if s.items), None)
+        if sample is None:
+            raise ValueError(f"{cache.uri}: no sample holds {cache.modality} features (text-only or empty cache)")
+        widths[cache.modality] = int(sample.items[0].shape[-1])
+        if cache.modality == "series":
+            horizon, lookback = int(sample.target.shape[0]), int(sample.lookback.shape[0])
+    return widths, horizon, lookback
+
+
+def model_config(config: TrainConfig, backbone: RWKV7Config, caches: list[FeatureCache]) -> ModRWKVConfig:
+    """The model for these caches: each projector's input width is its cache's feature width (a width set in
+    the config must agree), WaveNet's input channels the cached series'."""
+    widths, horizon, lookback = cache_shapes(caches)
+    missing = set(widths) - set(config.model.projectors)
+    if missing:
+        raise ConfigError(f"model.projectors: the caches hold {sorted(missing)} features but no projector is "
+                          "configured")
+    wavenet = None
+    if config.model.wavenet and "series" in widths:
+        wavenet = dataclasses.replace(config.model.wavenet, in_channels=widths["series"])
+        widths["series"] = wavenet.hidden  # WaveNet's output is trained, not cached
+    projectors = {}
+    for modality, p in config.model.projectors.items():
+        if modality not in widths:
+            continue
+        if p.encoder_dim not in (0, widths[modality]):
+            raise ConfigError(f"model.projectors.{modality}.encoder_dim: {p.encoder_dim}, but the cached features "
+                              f"are {widths[modality]} wide")
+        projectors[modality] = dataclasses.replace(p, encoder_dim=widths[modality])
+    series = "series" in widths
+    return ModRWKVConfig(backbone, projectors, horizon if series else 0, wavenet,
+                         forecast_lookback=lookback if series and config.model.forecast_skip else 0)
+
+
+WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
+
+
+def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_shards: int = 16,
+                  max_vectors: int = 262_144) -> dict[str, dict]:
+    """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
+    vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2), over the items of the first
+    `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
+    cluster's driver)."""
+    moments = {}  # modality -> [n, sum x, sum x x^T]
+    for cache in caches:
+        if cache.modality not in normalize:
+            continue
+        for index in range(min(len(cache.shards), max_shards)):
+            n, total, outer = moments.setdefault(cache.modality, [0, 0.0, 0.0])
+            if n >= max_vectors:
+                break
+            items = [a for s in cache.read_shard(index) for a in s.items]
+            if items:
+                x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
+                moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]
+    stats = {}
+    for modality, (n, total, outer) in moments.items():
+        mean = total / n
+        covariance = outer / n - np.outer(mean, mean)
+        stats[modality] = {"mean": mean.tolist()}
+        if normalize[modality] == "standardize":
+            stats[modality]["std"] = (np.sqrt(np.maximum(np.diag(covariance), 0.0)) + 1e-6).tolist()
+        else:
+            eigenvalues, vectors = np.linalg.eigh(covariance)
+            eigenvalues = np.maximum(eigenvalues, 0.0) + WHITEN_EPS * max(eigenvalues.mean(), 1e-12)
+            stats[modality]["whitening"] = ((vectors / np.sqrt(eigenvalues)) @ vectors.T).tolist()
+    return stats
+
+
+def over_length_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> int:
+    """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
+    recorded lengths, before any worker starts; training skips and names them). Returns the total."""
+    projectors, total = mm_config.projectors, 0
+    for cache in caches:
+        over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
+        if over:
+            print(f"{cache.uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be "
+                  f"skipped, e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
+        total += len(over)
+    return total
+
+
+def phase_dir(config: TrainConfig, phase: int) -> Path:
+    return Path(config.output_dir).absolute() / config.name / f"phase{phase}"
+
+
+def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
+    """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
+    whose caches came from different encoders or settings, or one whose manifest records none (a cache written by
+    other code), is left out (chat then needs its kind), with a note."""
+    keys: dict[str, list[dict | None]] = {}
+    for cache in caches:
+        keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
+    agreed = {}
+    for modality, found in keys.items():
+        if None in found:
+            print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
+        elif any(k != found[0] for k in found):
+            print(f"note: the {modality} caches come from different encoders or settings; the model records none")
+        else:
+            agreed[modality] = found[0]
+    return agreed

@@ -1,0 +1,291 @@
+"""The training core: one phase of ModRWKV training in plain PyTorch, in one process.
+
+    model = build_model(backbone_path, model_config, init_from, feature_stats, seed)
+    model.set_phase(phase)
+    optimizer = optimizer_for(model, hp)            # RWKV-LM's parameter groups, AdamW
+    batches = MicroBatches(caches, collator, ...)   # packed rows (or padded samples), caches drawn by the mix
+    engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
+    skipped = train_steps(engine, optimizer, batches, hp, on_step=print)
+
+`modrwkv train --single-process` runs exactly this (`train_local.py`). A Ray Train worker runs the same
+`train_steps` around a DeepSpeed engine (`train_loop.py`), which keeps LocalEngine's contract across workers:
+the loss divided by the accumulation steps, gradients clipped and the optimizer stepped at each accumulation
+boundary, here with the gradients reduced and the optimizer state partitioned (ZeRO). Imports no Ray,
+DeepSpeed or MLflow.
+"""
+
+import random
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from modrwkv import RWKV7
+from modrwkv.batching import first_fit_decreasing
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+
+from .schedule import warmup_cosine
+from .train_config import PhaseConfig
+
+
+def build_model(backbone_path: str, config: ModRWKVConfig, init_from: str | None, feature_stats: dict,
+                seed: int) -> ModRWKV:
+    """The backbone from `backbone_path`; phase II's projectors from phase I's folder `init_from`, phase I's new
+    ones (seeded) normalising with `feature_stats` (modality -> the training features' mean and std or
+    whitening)."""
+    backbone = RWKV7.from_pretrained(backbone_path)
+    if init_from:
+        return ModRWKV.from_pretrained(init_from, backbone=backbone)
+    torch.manual_seed(seed)
+    model = ModRWKV(config, backbone=backbone)
+    for modality, stats in feature_stats.items():
+        model.projectors[modality].set_feature_stats(stats["mean"], stats.get("std"), stats.get("whitening"))
+    return model
+
+
+def adamw(groups: list[dict], lr: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW as RWKV-LM trains (betas 0.9, 0.99), each of `optimizer_groups`' groups at lr times its lr_scale."""
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=fused)
+
+
+def optimizer_for(model: ModRWKV, hp: PhaseConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters in RWKV-LM's groups (att.w0 at 2x lr, weight decay on matrices only).
+    Fused: one pass over each (flat ZeRO) partition; on CPU the loop form takes 10x as long (0.32 vs 0.03 s for
+    67M parameters), a sixth of a step of the L6, C512 backbone in benchmarks/train.py."""
+    return adamw(model.backbone.optimizer_groups(hp.weight_decay, params=model.trainable_parameters()), hp.lr)
+
+
+def accumulation_steps(hp: PhaseConfig, world: int) -> int:
+    per_step = hp.micro_batch * world
+    if hp.global_batch % per_step:
+        raise ValueError(f"global_batch {hp.global_batch} is not a multiple of micro_batch x workers = {per_step}")
+    return hp.global_batch // per_step
+
+
+class LocalEngine:
+    """The engine contract `train_steps` uses, in plain PyTorch (DeepSpeed's engine keeps the same one):
+    calling it runs the model (`module`); `backward` divides the loss by the accumulation steps; `step` counts micro-steps
+    and, at each accumulation boundary, clips the gradients' global norm and steps the optimizer."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
+                 grad_clip: float):
+        self.module, self.optimizer, self.accumulation, self.grad_clip = model, optimizer, accumulation, grad_clip
+        self.device = next(model.parameters()).device
+        self.micro_steps, self.grad_norm = 0, 0.0
+
+    def __call__(self, *args, **kwargs):
+        # on a GPU in bf16 over fp32 weights, as DeepSpeed's bf16 mode computes there
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return
+        params = [p for p in self.module.parameters() if p.grad is not None]  # in the model's order, as a loop would
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0
+                                                              else float("inf")))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation
+
+    def get_global_grad_norm(self) -> float:
+        return self.grad_norm
+
+
+class RowPacker:
+    """One cache's samples as rows of up to max_length tokens: `buffer` samples read at a time (the cache's order
+    is already shuffled) and packed first-fit decreasing; their rows are handed out in a seeded shuffle (first-fit
+    decreasing makes the rows of the longest samples first), then the next buffer is read.
+
+    Its position is the samples read before the current buffer (`start`) and the rows handed out of it (`used`):
+    reading that buffer again packs and orders the same rows."""
+
+    def __init__(self, samples, collator, buffer: int, cache_size: int, uri: str, seed: int, start: int = 0,
+                 used: int = 0):
+        self.samples, self.collator, self.buffer = samples, collator, buffer
+        self.cache_size, self.uri, self.seed = cache_size, uri, seed
+        self.rows, self.start, self.read, self.used, self.skipped = [], start, 0, 0, []
+        if used:  # resuming inside a buffer: read it again, skip what was handed out
+            self.fill()
+            self.used = used
+
+    def fill(self) -> None:
+        for _ in range(self.cache_size // self.buffer + 1):  # every sample over-long: read on, a pass at most
+            self.start, self.read, self.used = self.start + self.read, self.buffer, 0
+            encoded, skipped = self.collator.encode_all([next(self.samples) for _ in range(self.buffer)])
+            self.skipped += skipped
+            if encoded:
+                break
+        else:
+            raise ValueError(f"{self.uri}: every sample drawn is over max_length "
+                             f"({len(self.skipped)} in a row, e.g. {self.skipped[0]})")
+        bins = first_fit_decreasing([len(e.ids) for e in encoded], self.collator.max_length)
+        random.Random(f"{self.seed}/{self.start}").shuffle(bins)
+        self.rows = [[encoded[i] for i in row] for row in bins]
+
+    def next_row(self) -> list:
+        if self.used == len(self.rows):
+            self.fill()
+        self.used += 1
+        return self.rows[self.used - 1]
+
+    def take(self, n: int):
+        """A packed micro-batch of `n` rows, with the over-long samples left out since the last one."""
+        rows = [self.next_row() for _ in range(n)]
+        batch = self.collator.pack(rows, self.skipped)
+        self.skipped = []
+        return batch
+
+
+class MicroBatches:
+    """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
+    sample counts). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
+    the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
+    text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
+
+    A micro-batch is `micro` samples, right-padded; or with `pack_buffer` > 0, `micro` rows of up to max_length
+    tokens packed from buffers of that many samples (`RowPacker`).
+
+    `position()` is plain counts (caches drawn; per cache, the samples taken, and when packing, taken before the
+    current buffer and the rows handed out of it); a stream built with it continues exactly where the first one
+    stood, reading no shard before that point."""
+
+    def __init__(self, caches: list, collator, micro: int, rank: int, world: int, seed: int, mix=None,
+                 position: dict | None = None, prefetch: int = 4, pack_buffer: int = 0):
+        self.caches, self.collator, self.micro, self.seed = caches, collator, micro, seed
+        self.rank, self.world, self.prefetch = rank, world, prefetch
+        self.weights = mix or [len(c) for c in caches]
+        if position is None:
+            position = {"draws": 0, "taken": [0] * len(caches)}
+            if pack_buffer:
+                position["rows"] = [0] * len(caches)
+        if len(position["taken"]) != len(caches):
+            raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
+        if ("rows" in position) != bool(pack_buffer):
+            saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
+            raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
+        self.draws, self.taken = 0, list(position["taken"])
+        self.pick = random.Random(seed)
+        for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
+            self.draw()
+        self.streams = [self.stream(i) for i in range(len(caches))]
+        self.packers = [RowPacker(self.streams[i], collator, pack_buffer, len(c), c.uri, seed, position["taken"][i],
+                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
+
+    def position(self) -> dict:
+        if self.packers is None:
+            return {"draws": self.draws, "taken": list(self.taken)}
+        return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers]}
+
+    def draw(self) -> int:
+        self.draws += 1
+        return self.pick.choices(range(len(self.caches)), self.weights)[0]
+
+    def stream(self, i: int):
+        cache = self.caches[i]
+        epoch, start = divmod(self.taken[i], cache.samples_per_worker(self.world))
+        for sample in cache.iter_samples(self.rank, self.world, seed=self.seed, epoch=epoch, start=start,
+                                         epochs=None, prefetch=self.prefetch):
+            self.taken[i] += 1  # counted before it is handed out: a position taken between draws is exact
+            yield sample
+
+    def take(self, i: int):
+        return self.collator([next(self.streams[i]) for _ in range(self.micro)])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        i = self.draw()
+        if self.packers is not None:
+            return self.caches[i].modality, self.packers[i].take(self.micro)
+        batch, skipped = self.take(i), []
+        for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample over-long: draw again, a pass at most
+            if batch.sample_ids:
+                break
+            skipped += batch.skipped
+            batch = self.take(i)
+        else:
+            raise ValueError(f"{self.caches[i].uri}: every sample drawn is over max_length "
+                             f"({len(skipped)} in a row, e.g. {skipped[0]})")
+        batch.skipped = skipped + batch.skipped
+        return self.caches[i].modality, batch
+
+
+def to_device(batch, device):
+    batch.input_ids, batch.labels = batch.input_ids.to(device), batch.labels.to(device)
+    if batch.attention_mask is not None:
+        batch.attention_mask = batch.attention_mask.to(device)
+    batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
+    if batch.series_target is not None:
+        batch.series_target = batch.series_target.to(device)
+    if batch.series_lookback is not None:
+        batch.series_lookback = batch.series_lookback.to(device)
+    return batch
+
+
+def all_mean(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
+def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step: int = 0,
+                on_step: Callable[[int, dict], None] | None = None, world: int = 1) -> list[dict]:
+    """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
+    micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
+    averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step."""
+    # every trainable tensor joins every step's graph (x0): with one projector per modality, a micro-batch leaves
+    # the others idle, and ZeRO reduces every gradient; the same here, so one process computes what workers do
+    touch = [p for p in engine.module.parameters() if p.requires_grad]
+    accumulation, skipped = engine.gradient_accumulation_steps(), []
+    while step < hp.steps:
+        scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = hp.lr * g["lr_scale"] * scale
+        started, losses, samples, tokens, slots, waited = time.perf_counter(), [], 0, 0, 0, 0.0
+        by_modality = {}
+        for _ in range(accumulation):
+            before = time.perf_counter()
+            modality, batch = next(batches)
+            waited += time.perf_counter() - before
+            skipped += [{**s, "step": step + 1} for s in batch.skipped]
+            batch = to_device(batch, engine.device)
+            out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
+                         series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,
+                         series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens)
+            engine.backward(out.loss + sum(p.sum() * 0.0 for p in touch))
+            engine.step()
+            loss = float(out.loss.detach())
+            losses.append(loss)
+            by_modality.setdefault(modality, []).append(loss)
+            samples += len(batch.sample_ids)
+            tokens += batch.n_tokens
+            slots += batch.slots
+        step += 1
+        seconds = time.perf_counter() - started
+        device = engine.device
+        metrics = {"loss": all_mean(sum(losses) / len(losses), device), "lr": hp.lr * scale,
+                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": all_mean(samples, device) * world / seconds,
+                   "tokens_per_s": all_mean(tokens, device) * world / seconds,  # real tokens, no padding
+                   # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
+                   "padding_fraction": 1.0 - all_mean(tokens, device) / all_mean(slots, device),
+                   "skipped_over_length": all_mean(len(skipped), device) * world,
+                   "data_wait_s": all_mean(waited, device)}  # the step's time spent waiting for its batches
+        # every worker draws the same cache per micro-step, so these keys agree across workers
+        metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), device) for m, v in sorted(by_modality.items())})
+        if on_step:
+            on_step(step, metrics)
+    return skipped

@@ -1,0 +1,114 @@
+"""The training core in one process (`modrwkv train --single-process`), and the same core under Ray Train and
+DeepSpeed computing the same losses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from modrwkv import RWKV7Config
+from pipelines.config import from_dict, to_dict
+from pipelines.train import TrainConfig, run_train
+from pipelines.train_local import run_single_process
+from pipelines.trainer import LocalEngine
+from tests.conftest import random_backbone
+from tests.tiny_models import tiny_digits_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    cache = tiny_digits_cache(root, "train", 48, shard_size=8)
+    random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16)).save_pretrained(root / "backbone")
+    return root, cache
+
+
+def config_for(root: Path, cache: str, name: str, **top) -> TrainConfig:
+    return from_dict(TrainConfig, {
+        "name": name, "caches": [cache], "output_dir": str(root / "runs"), "max_length": 64, "pack_buffer": 16,
+        "model": {"backbone": {"path": str(root / "backbone")},
+                  "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2}}},
+        "phase1": {"lr": 3e-3, "steps": 6, "global_batch": 8, "micro_batch": 4},
+        "phase2": {"lr": 1e-3, "steps": 3, "global_batch": 8, "micro_batch": 4},
+        "scaling": {"workers": 1}, "deepspeed": {"zero_stage": 0}, **top})
+
+
+def test_local_engine_accumulates_clips_and_steps_at_the_boundary():
+    """Two micro-steps of loss L_i: the optimizer sees the gradient of (L_1 + L_2) / 2, clipped to the global
+    norm asked for, once, at the second step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = LocalEngine(model, optimizer, accumulation=2, grad_clip=0.05)
+    xs = [torch.randn(4, 3) for _ in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.backward(engine(xs[0]).square().sum())
+    engine.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # no step inside the accumulation
+    engine.backward(engine(xs[1]).square().sum())
+    engine.step()
+
+    loss = sum(reference(x).square().sum() for x in xs) / 2
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert engine.get_global_grad_norm() == pytest.approx(float(norm), rel=1e-5)
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.allclose(p, b - 0.1 * g * min(1.0, 0.05 / float(norm)), atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next accumulation
+
+
+def test_single_process_phase1_then_phase2_learn_and_load_no_cluster_framework(setup, tmp_path):
+    """One process, no tracking URI: phase I's loss falls, phase II starts from phase I's folder; neither Ray,
+    DeepSpeed nor MLflow is imported (run in a fresh interpreter, which then lists what it loaded)."""
+    root, cache = setup
+    config = config_for(root, cache, "local", output_dir=str(tmp_path / "runs"))
+    script = f"""
+import json, sys
+from pipelines.config import from_dict
+from pipelines.train_config import TrainConfig
+from pipelines.train_local import run_single_process
+config = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(to_dict(config)))}))
+result = {{}}
+for phase in (1, 2):
+    folder, history = run_single_process(config, phase, device="cpu")
+    result[phase] = {{"folder": str(folder), "losses": [h["loss"] for h in history]}}
+result["loaded"] = sorted({{m.split(".")[0] for m in sys.modules}} & {{"ray", "deepspeed", "mlflow"}})
+print("RESULT" + json.dumps(result))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT")[-1])
+    assert result["loaded"] == []
+    phase1, phase2 = result["1"], result["2"]
+    assert len(phase1["losses"]) == 6 and sum(phase1["losses"][-2:]) < sum(phase1["losses"][:2])
+    assert (Path(phase1["folder"]) / "adapter.safetensors").is_file()
+    assert not (Path(phase1["folder"]) / "model.safetensors").exists()  # phase I saves the adapter only
+    assert len(phase2["losses"]) == 3 and (Path(phase2["folder"]) / "model.safetensors").is_file()
+    assert phase2["losses"][0] < phase1["losses"][0]  # phase II starts where phase I ended, not from scratch
+
+
+@pytest.mark.slow
+def test_the_ray_deepspeed_run_computes_the_single_process_losses(setup, ray_local, tmp_path):
+    """One worker, ZeRO off, the same data: Ray Train + DeepSpeed and one process give the same loss at every
+    step of phase I (the engines differ; the core is the same)."""
+    root, cache = setup
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "equality",
+                "system_metrics_every_s": 0}
+    distributed = run_train(config_for(root, cache, "ray", tracking=tracking), phase=1)
+    history = MlflowClient(tracking["tracking_uri"]).get_metric_history(distributed.run_id, "loss")
+    ray_losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    _, local = run_single_process(config_for(root, cache, "one", tracking=tracking), phase=1, device="cpu")
+    local_losses = [h["loss"] for h in local]
+    assert len(ray_losses) == len(local_losses) == 6
+    assert local_losses == pytest.approx(ray_losses, rel=1e-5)
