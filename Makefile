@@ -45,7 +45,8 @@ lock:
 	@echo "wrote $(LOCK); now run make test, and commit the lock if it passes"
 
 # Finds drift before users do: the newest versions the ranges allow (no lock) in their own venv, the fast tests,
-# then a tiny real encode (the demo's digits config, real DINOv2-S) and both training phases (a few steps each).
+# then a tiny real encode (the demo's digits config, real DINOv2-S) and both training phases (a few steps each;
+# the MLflow database's path is absolute, since Ray Train's workers run in a directory of their own).
 # The fast tests leave out test_train.py too (its five trainings are 2.6 of the 6.8 min that "not slow" takes on
 # 2 cores); the tiny training below stands in for them. `make drift DRIFT_TESTS='-m "not slow"'` runs them all.
 DRIFT_TESTS ?= -m "not slow" --ignore=tests/pipelines/test_train.py
@@ -54,7 +55,7 @@ DRIFT_TRAIN = $(DRIFT)/bin/modrwkv train --config configs/demo/train.yaml \
 	--set phase1.steps=3 --set phase2.steps=3 --set phase1.checkpoint_every=0 --set phase2.checkpoint_every=0 \
 	--set 'model.projectors={image: {kernel: 5, stride: 4, adapter_scale: 2}}' \
 	--set model.backbone.path=$(DRIFT_RUN)/backbone --set output_dir=$(DRIFT_RUN)/train \
-	--set tracking.tracking_uri=sqlite:///$(DRIFT_RUN)/mlflow.db
+	--set tracking.tracking_uri=sqlite:///$(abspath $(DRIFT_RUN))/mlflow.db
 drift: tools
 	$(PYTHON) -m venv --clear $(DRIFT)
 	$(DRIFT)/bin/$(PIP_INSTALL) -e '$(EXTRAS)'
