@@ -10,7 +10,7 @@ EXTRAS := .[demo,dev,weights]
 DRIFT := .venv-drift
 DRIFT_RUN := runs/drift
 
-.PHONY: demo test bench quality lock drift tools clean
+.PHONY: demo test test-fast bench quality lock drift tools clean
 
 # the demo's speech is synthesised by Debian's espeak-ng and resampled by sox
 tools:
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# every module, without the multi-minute runs (Ray Train + DeepSpeed, learning checks): under 3 minutes on 2 cores
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Re-resolves the lock on purpose: the newest versions pyproject.toml's ranges allow, in a throwaway venv,
 # frozen with every transitive package (setuptools too: torch requires it at run time; pip itself is not locked).

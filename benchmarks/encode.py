@@ -6,7 +6,7 @@
 - a second run of the same config (the cache hit) vs the first;
 - one training step (batch 16, the demo's tiny RWKV-7, phase II) fed from the cache vs encoding the same
   images on the fly (PNG decode + DINOv2 forward in the step);
-- reuse through the feature store (issue 14): prompt wording or 1 % of the answers changed, 10 % new images,
+- reuse through the feature store: prompt wording or 1 % of the answers changed, 10 % new images,
   5 questions per image vs as many distinct images, and a start on an unchanged 10,000-sample set in a local S3
   (moto) counting the media bytes it reads.
 

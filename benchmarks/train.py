@@ -5,7 +5,7 @@ waits for its input with the cache on local disk vs in S3 (a local moto endpoint
 Each case is a real `run_train` (Ray Train + DeepSpeed, MLflow to a local SQLite file); samples/s is the mean
 of the per-step figures after the first step, the same global batch in every case (right-padded batches).
 
-Packing (issue 15): phase II padded vs packed on two length mixes: real (non-pad) tokens/s and the padding
+Packing: phase II padded vs packed on two length mixes: real (non-pad) tokens/s and the padding
 fraction (MLflow's per-step metrics). The spread mix is synthetic and LLaVA-665K-like (`spread_samples`), trained
 on the demo's backbone and on a wider random one (`WIDE`); the demo's mix is its three caches, drawn 2:1:1 as
 configs/demo/train.yaml does. A padded micro-batch is 8 samples (4 on the wider backbone); a packed one as many

@@ -5,7 +5,7 @@ CUDA (when a GPU is present): "triton" (step by step), "triton_chunked" (tf32 pr
 flash-linear-attention's `chunk_rwkv7` (the "fla" backend, if installed), B=8, H=12, N=64, T = 1k, 4k, 16k, bf16
 inputs; plus the fraction of the memory floor (inputs read once + y written once, at the device's peak bandwidth
 given by --peak-gbs).
-Packed rows (issue 15): the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
+Packed rows: the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
 batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: every GPU backend at 16k tokens, bf16.
 
     python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs 3350]

@@ -16,7 +16,7 @@ The projector, from encoder features to backbone embeddings:
 whitening matrix of the training features (`set_feature_stats`; saved with the weights). A frozen encoder's
 informative directions can have a small spread (DINOv2 is trained to ignore colour jitter, so colour lies in
 low-variance directions that are not axis-aligned); the adapter learns them far faster once every direction has
-unit variance (measured in benchmarks/RESULTS.md, issue 12).
+unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature normalisation).
 """
 
 import json
@@ -46,7 +46,7 @@ BACKBONE_SOURCE_FILE = "backbone_source.json"
 Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
 
 Normalize = Literal["none", "standardize", "whiten"]
-# Each modality's measured best (benchmarks/RESULTS.md, issue 12): whitening lifts DINOv2's colour (0.46 -> 0.86)
+# Each modality's measured best (benchmarks/RESULTS.md, "Learning quality"): whitening lifts DINOv2's colour (0.46 -> 0.86)
 # but doubles the spoken-digit errors on Whisper features (WER 0.05 -> 0.22); series are the same either way.
 DEFAULT_NORMALIZE: dict[str, Normalize] = {"image": "whiten", "audio": "standardize", "series": "standardize"}
 

@@ -11,13 +11,14 @@ PIL draws 1-3 filled shapes on a white 64 px canvas and each image gets one ques
 Each record also carries its question type under "type", which readers ignore and the benchmark groups by.
 
 Each training image also gets `extra_yesno` records (default 1) of different yes/no questions about its own shapes,
-`yesno_per_shape` for each shape drawn (default 3: 3, 6 or 9 questions; G25), each colour- or shape-asked and yes or
+`yesno_per_shape` for each shape drawn (default 3: 3, 6 or 9 questions), each colour- or shape-asked and yes or
 no at random, asked in turn as LLaVA's multi-turn records ask them, as VQAv2 asks several questions of one image. With
 one question per image the tiny backbone memorises each training image's yes/no answer instead of learning to compare
-the asked word with what it sees (benchmarks/RESULTS.md, issue 12: G7-G9); it memorises them on 2,000 training images
-as well, most of all where one of two or three shapes is the one asked about, so `modrwkv data shapes` makes 8,000
-(G21); and with three questions an image, images of three shapes, where a near hue is asked beside the drawn ones, are
-the least practised (G24). The test split keeps one question per image.
+the asked word with what it sees; it memorises them on 2,000 training images
+as well, most of all where one of two or three shapes is the one asked about, so `modrwkv data shapes` makes 8,000;
+and with three questions an image, images of three shapes, where a near hue is asked beside the drawn ones, are the
+least practised, hence three a shape. (The experiments: benchmarks/RESULTS.md, "Learning quality", the shapes
+suite's.) The test split keeps one question per image.
 """
 
 import random
@@ -34,10 +35,10 @@ POSITIONS = ("left", "right", "top", "bottom")
 COUNTS = ("one", "two", "three")
 QUESTION_TYPES = ("colour", "shape", "position", "count", "yesno")
 CANVAS, SIZE = 64, 18  # shape bounding box side, px
-# the shipped set's size: 2,000 training images are memorised (G21); 500 test questions a type, since on 100 yes/no
+# the shipped set's size: 2,000 training images are memorised; 500 test questions a type, since on 100 yes/no
 # questions one model's score moved by up to 0.06 between test draws
 TRAIN_IMAGES, TEST_IMAGES = 8000, 2500
-YESNO_PER_SHAPE = 3  # different yes/no questions an extra record asks per shape drawn (RESULTS.md, G25)
+YESNO_PER_SHAPE = 3  # different yes/no questions an extra record asks per shape drawn (yes/no 0.949 -> 0.967)
 ASKABLE = len(COLOURS) + len(SHAPES)  # the different yes/no questions an image can be asked
 
 

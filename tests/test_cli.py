@@ -55,6 +55,7 @@ def test_bad_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     assert "junk.pth" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepared):
     import numpy as np
     from PIL import Image
@@ -88,7 +89,8 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepar
     assert main(without_kind) == 2 and "not the clip weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module,flag", [("train", "--phase"), ("encode", "--config"), ("evaluate", "--task")])
+@pytest.mark.parametrize("module,flag", [pytest.param("train", "--phase", marks=pytest.mark.slow),  # trains: 10 s
+                                         ("encode", "--config"), ("evaluate", "--task")])
 def test_job_modules_run_as_scripts(module, flag):
     """`python -m pipelines.<job>` is the entrypoint `ray job submit` runs on a cluster (ray_cluster.yaml)."""
     done = subprocess.run([sys.executable, "-m", f"pipelines.{module}", "--help"], capture_output=True, text=True,

@@ -109,6 +109,7 @@ def test_job_runs_with_the_venv_python(ray_head):
     assert Path(result.logs.strip().splitlines()[-1]).parent == VENV_BIN
 
 
+@pytest.mark.slow
 def test_ray_job_submit_cli(ray_head):
     """The documented command line: `ray job submit` with the head's client env."""
     out = subprocess.run(

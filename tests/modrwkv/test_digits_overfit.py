@@ -1,6 +1,7 @@
 """A tiny ModRWKV overfits 32 real handwritten digits (sklearn's bundled set) in phase I then phase II."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -49,6 +50,7 @@ def train(model, batch, steps, lr):
     return out.loss.item()
 
 
+@pytest.mark.slow
 def test_overfits_32_digits_phase1_then_phase2(tmp_path):
     torch.manual_seed(0)
     tok = WorldTokenizer()

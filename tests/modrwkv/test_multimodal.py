@@ -188,6 +188,7 @@ def test_forecast_skip_starts_as_the_naive_forecast_and_round_trips(tmp_path, to
         assert torch.equal(again(ids, feats, series_lookback=lookback).forecast, expected)
 
 
+@pytest.mark.slow
 def test_forecast_skip_learns_a_linear_map_of_the_lookback_in_phase_one(tok):
     """A target that is a fixed linear map of the lookback: the skip fits it, the head alone cannot."""
     g = torch.Generator().manual_seed(1)

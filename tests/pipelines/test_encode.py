@@ -205,6 +205,7 @@ def store_items(root: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in root.glob("features/*/*/*.npy")}
 
 
+@pytest.mark.slow
 def test_interrupted_encode_resumes_with_only_the_missing_items(tmp_path, encoders, ray_local):
     build_digits(tmp_path / "digits", n_train=64, n_test=0)
     path = tmp_path / "encode.yaml"

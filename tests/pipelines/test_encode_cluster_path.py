@@ -2,7 +2,7 @@
 
 `python -m pipelines.encode` and `ray job submit --working-dir .` both put the repository root first on sys.path
 (the driver's, and the Ray workers'), where our old `kernels/` folder hid HF's `kernels`, which transformers >= 5.25
-imports when any encoder loads (issue 30). Both run the demo's config on its 256 digit images with the real DINOv2-S,
+imports when any encoder loads. Both run the demo's config on its 256 digit images with the real DINOv2-S,
 so Ray Data's actor pool loads the encoder too; only the data, encoder and cache paths move to a temp dir."""
 
 import importlib.metadata as metadata

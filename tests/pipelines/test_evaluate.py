@@ -38,6 +38,7 @@ def get(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url).read())
 
 
+@pytest.mark.slow
 def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, mlflow_server):
     root, image_cache, series_cache = trained
     uri = mlflow_server.tracking_uri

@@ -3,6 +3,7 @@ instruction turns teach it to answer from the user's turn."""
 
 import math
 
+import pytest
 import torch
 
 from modrwkv import RWKV7, RWKV7Config
@@ -30,6 +31,7 @@ def test_unigram_entropy_by_hand():
     assert unigram_entropy([3, 3, 3]) == 0
 
 
+@pytest.mark.slow
 def test_instruction_turns_teach_answering_from_the_users_turn():
     torch.manual_seed(0)
     tokenizer = WorldTokenizer()

@@ -48,6 +48,7 @@ def losses(client, run_id):
     return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_phase1_then_phase2_with_mlflow(setup):
     root, cache = setup
     config = train_config(root, cache, "digits")
@@ -115,6 +116,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert [r.info.run_id for r in found] == [one.run_id]
 
 
+@pytest.mark.slow
 def test_optimizer_offload_trains_as_without_it(setup):
     """ZeRO-Offload moves the optimizer step to the CPU; it must run (DeepSpeed refuses a client optimizer there
     unless told) and compute the same steps."""
@@ -152,6 +154,7 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
         killed.append((workers[0].pid, allocator))
 
 
+@pytest.mark.slow
 def test_training_resumes_after_a_worker_is_killed(setup):
     root, cache = setup
     config = train_config(root, cache, "fault", steps=12, checkpoint_every=3)
@@ -200,6 +203,7 @@ def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: in
     return stream.position()
 
 
+@pytest.mark.slow
 def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, ray_head, mlflow_server, s3_server, tmp_path):
     import urllib.request
 
@@ -244,6 +248,7 @@ def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):
     assert read_config(tmp_path / "folder") == config
 
 
+@pytest.mark.slow
 def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp_path):
     """LLaVA's mixed data: image samples, text-only conversations and a few samples over the context length in
     one cache. Training runs through, batches mix text-only with image samples, the over-long ones are skipped,

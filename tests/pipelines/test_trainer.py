@@ -66,6 +66,18 @@ def test_local_engine_accumulates_clips_and_steps_at_the_boundary():
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next accumulation
 
 
+def test_the_deepspeed_config_takes_the_cores_accumulation():
+    from pipelines.train_config import DeepSpeedConfig, PhaseConfig
+    from pipelines.train_loop import deepspeed_config
+
+    hp = PhaseConfig(lr=1e-3, steps=1, global_batch=16, micro_batch=4, grad_clip=0.5)
+    config = deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), world=2, on_gpu=False)
+    assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
+    with pytest.raises(ValueError, match="not a multiple of micro_batch x workers = 12"):
+        deepspeed_config(hp, DeepSpeedConfig(), world=3, on_gpu=False)
+
+
 def test_single_process_phase1_then_phase2_learn_and_load_no_cluster_framework(setup, tmp_path):
     """One process, no tracking URI: phase I's loss falls, phase II starts from phase I's folder; neither Ray,
     DeepSpeed nor MLflow is imported (run in a fresh interpreter, which then lists what it loaded)."""
