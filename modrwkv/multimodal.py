@@ -19,7 +19,9 @@ low-variance directions that are not axis-aligned); the adapter learns them far 
 unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature normalisation).
 """
 
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -353,11 +355,7 @@ class ModRWKV(nn.Module):
         if not adapter.is_file():
             raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {ADAPTER_FILE}")
         if backbone is None:
-            source = read_backbone_source(directory)
-            if source is None:
-                raise CheckpointError(f"{adapter}: an adapter-only checkpoint needs the backbone it was trained on "
-                                      f"(give it, or record it in {BACKBONE_SOURCE_FILE})")
-            backbone = RWKV7.from_pretrained(source["path"])
+            backbone = RWKV7.from_pretrained(resolve_backbone(directory))
         if backbone.config != config.backbone:
             raise CheckpointError(f"{adapter}: trained on backbone {config.backbone}, given {backbone.config}")
         model = cls(config, backbone=backbone)
@@ -366,13 +364,55 @@ class ModRWKV(nn.Module):
         return model.eval()
 
 
+def backbone_weights(path: Path) -> Path:
+    """The file holding a backbone's weights: a save_pretrained folder's, or the RWKV-LM .pth itself."""
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_backbone_source(directory, source: dict) -> None:
+    """Records where an adapter-only folder's backbone is, three ways: its absolute path, its path relative to this
+    folder (a run tree copied elsewhere, or to another machine, still finds it), and the sha256 of its weights
+    (what a backbone found either way must match)."""
     if "path" not in source:
         raise ValueError(f"a backbone source needs a path, got {sorted(source)}")
-    (Path(directory) / BACKBONE_SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+    backbone = Path(source["path"]).absolute()
+    record = {**source, "path": str(backbone), "relative_path": os.path.relpath(backbone, Path(directory).absolute())}
+    if backbone_weights(backbone).is_file():
+        record["sha256"] = file_sha256(backbone_weights(backbone))
+    (Path(directory) / BACKBONE_SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def read_backbone_source(directory) -> dict | None:
     """What `save_pretrained(..., backbone_source=)` recorded beside the checkpoint, or None."""
     path = Path(directory) / BACKBONE_SOURCE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_backbone(directory) -> Path:
+    """The backbone an adapter-only folder was trained on: by its path relative to the folder first, then its
+    absolute path; either must hold the recorded weights (sha256), when the record has their hash."""
+    directory = Path(directory)
+    source = read_backbone_source(directory)
+    if source is None:
+        raise CheckpointError(f"{directory}: an adapter-only checkpoint needs the backbone it was trained on "
+                              f"(give it, or record it in {BACKBONE_SOURCE_FILE})")
+    candidates = ([directory / source["relative_path"]] if source.get("relative_path") else []) + [Path(source["path"])]
+    mismatched = []
+    for candidate in candidates:
+        if not backbone_weights(candidate).is_file():
+            continue
+        if "sha256" in source and file_sha256(backbone_weights(candidate)) != source["sha256"]:
+            mismatched.append(str(candidate))
+            continue
+        return candidate
+    found = f"; {', '.join(mismatched)} hold other weights than the recorded sha256" if mismatched else ""
+    raise CheckpointError(f"{directory}: its backbone is at none of {[str(c) for c in candidates]} "
+                          f"({BACKBONE_SOURCE_FILE}){found}; pass backbone= to load it with another copy")

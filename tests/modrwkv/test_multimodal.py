@@ -1,7 +1,10 @@
+import shutil
+
 import pytest
 import torch
 
 from modrwkv import RWKV7Config
+from modrwkv.checkpoint import CheckpointError
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
@@ -157,6 +160,29 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
     assert not (tmp_path / "recorded" / "model.safetensors").exists()
     with torch.no_grad():
         assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
+
+
+def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, tok):
+    """A run tree (backbone and adapter-only model) copied to another place, the original removed: the model
+    finds the copied backbone by its relative path; a backbone with other weights there is refused, named."""
+    model = tiny_model()
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
+    feats = [[("image", torch.randn(9, 24))]]
+    with torch.no_grad():
+        expected = model(ids, feats).logits
+    original = tmp_path / "machine_a"
+    model.backbone.save_pretrained(original / "backbone")
+    model.save_pretrained(original / "runs" / "phase1" / "model", adapter_only=True,
+                          backbone_source={"path": str(original / "backbone")})
+    copied = tmp_path / "machine_b" / "elsewhere"
+    shutil.copytree(original, copied)
+    shutil.rmtree(original)
+    with torch.no_grad():
+        assert torch.equal(ModRWKV.from_pretrained(copied / "runs" / "phase1" / "model")(ids, feats).logits, expected)
+
+    tiny_model(seed=1).backbone.save_pretrained(copied / "backbone")  # another backbone in its place
+    with pytest.raises(CheckpointError, match="hold other weights than the recorded sha256"):
+        ModRWKV.from_pretrained(copied / "runs" / "phase1" / "model")
 
 
 def series_batch(tok, model, n, lookback_len, seed=0):
