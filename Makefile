@@ -51,9 +51,6 @@ lock:
 # Finds drift before users do: the newest versions the ranges allow (no lock) in their own venv, the fast tests,
 # then a tiny real encode (the demo's digits config, real DINOv2-S) and both training phases (a few steps each;
 # the MLflow database's path is absolute, since Ray Train's workers run in a directory of their own).
-# The fast tests leave out test_train.py too (its five trainings are 2.6 of the 6.8 min that "not slow" takes on
-# 2 cores); the tiny training below stands in for them. `make drift DRIFT_TESTS='-m "not slow"'` runs them all.
-DRIFT_TESTS ?= -m "not slow" --ignore=tests/pipelines/test_train.py
 DRIFT_TRAIN = $(DRIFT)/bin/modrwkv train --config configs/demo/train.yaml \
 	--set "caches=[$$(ls -d $(DRIFT_RUN)/cache/image-dinov2-*)]" --set phase1.mix=null --set phase2.mix=null \
 	--set phase1.steps=3 --set phase2.steps=3 --set phase1.checkpoint_every=0 --set phase2.checkpoint_every=0 \
@@ -67,7 +64,7 @@ drift: tools
 	@echo "drift: resolved (differences from $(LOCK): < locked, > resolved now)"
 	@$(DRIFT)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|kernels|ray|deepspeed|mlflow)=='
 	@$(DRIFT)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | diff $(LOCK) - | grep '^[<>] [^#]' || true
-	$(DRIFT)/bin/python -m pytest -q $(DRIFT_TESTS)
+	$(DRIFT)/bin/python -m pytest -q -m "not slow"
 	rm -rf $(DRIFT_RUN)
 	$(DRIFT)/bin/modrwkv data demo --out $(DRIFT_RUN)/data
 	$(DRIFT)/bin/modrwkv encoder export dinov2-small $(DRIFT_RUN)/encoders/dinov2-small
