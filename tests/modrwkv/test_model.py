@@ -119,7 +119,8 @@ def random_state(model: RWKV7, rows: int) -> RWKV7State:
                         for x in (zero.att_shift, zero.wkv, zero.ffn_shift)))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", pytest.param("triton", marks=pytest.mark.slow),
+                                     "triton_chunked"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_packed_row_equals_separate_runs_forward_and_backward(monkeypatch, backend, with_state):
     """Sequences of 5, 1, 23 and 17 tokens packed in one row: the logits, the final states and the gradients of

@@ -32,7 +32,8 @@ def pair(request, tmp_path_factory):
     return ours, ids, ref_logits, ref_state
 
 
-@pytest.fixture(params=["reference", "chunked", "triton", "triton_chunked"])
+# the step-by-step Triton kernel, interpreted on CPU, takes 10 s a check: the full suite runs it
+@pytest.fixture(params=["reference", "chunked", pytest.param("triton", marks=pytest.mark.slow), "triton_chunked"])
 def backend(request, monkeypatch):
     if request.param.startswith("triton") and torch.cuda.is_available():
         pytest.skip("these CPU-tensor checks run Triton only under its interpreter; tests/modrwkv_kernels runs it on CUDA")

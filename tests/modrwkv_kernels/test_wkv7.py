@@ -119,7 +119,8 @@ def pack(xs_by_segment):
     return packed, torch.tensor([0] + lengths).cumsum(0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", pytest.param("triton", marks=pytest.mark.slow),
+                                     "triton_chunked"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_packed_segments_equal_separate_runs_forward_and_backward(backend, with_state):
     """Segments of 1, 17, 16, 40 and 5 steps (inside one chunk, across chunk edges, exactly one chunk): outputs,

@@ -73,7 +73,7 @@ def audio_sample(i: int, frames: int, language: str):
     return Sample(f"a{i}", "audio", turns, items=[features], meta={"language": language})
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)])
 def test_batched_decoding_gives_the_rows_of_one_at_a_time_decoding(quantize):
     """Prompts of different lengths (two languages, 3 to 14 audio frames) padded into batches of 4 (the last
     one partial), rows stopping at different steps: the same rows as decoding each sample alone."""

@@ -13,6 +13,7 @@ from pipelines.demo_backbone import context_questions
 from pipelines.text_pretrain import bundled_text, train_on_chats, train_on_text, unigram_entropy
 
 
+@pytest.mark.slow
 def test_two_layers_learn_a_text_well_below_unigram_entropy():
     torch.manual_seed(0)
     text = bundled_text()
