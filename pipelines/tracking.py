@@ -27,16 +27,24 @@ SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what
 
 def tracking_uri(configured: str | None) -> str:
     """The config's URI, else MLFLOW_TRACKING_URI, else the server `modrwkv services up` started, else a
-    local sqlite store (no server)."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    local sqlite store (no server). A relative sqlite path is made absolute: Ray's workers run in another
+    directory, where it would name another (empty) database."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return absolute_sqlite(uri)
     server = load_services(SERVICES_DIR).get("mlflow")
     if server is not None and server.alive():
         return server.tracking_uri
     SERVICES_DIR.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{SERVICES_DIR.parent.absolute() / 'mlflow.db'}"  # absolute: workers run elsewhere
+
+
+def absolute_sqlite(uri: str) -> str:
+    """`sqlite:///runs/mlflow.db` (relative to here) as `sqlite:////<here>/runs/mlflow.db`; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -50,3 +50,14 @@ def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_pat
         outcomes[name] = info.status
         assert info.end_time is not None and info.end_time >= info.start_time
     assert outcomes == {"ok": "FINISHED", "crash": "FAILED", "ctrl-c": "KILLED"}
+
+
+def test_a_relative_sqlite_uri_is_made_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
+    from pipelines.tracking import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert tracking_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_uri(None) == f"sqlite:///{tmp_path}/env.db"
