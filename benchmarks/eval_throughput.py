@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from modrwkv.inference import prepare_for_inference  # noqa: E402
 from modrwkv.multimodal import ModRWKV  # noqa: E402
-from modrwkv.batching import Sample  # noqa: E402
+from modrwkv.conversation import Sample  # noqa: E402
 from modrwkv.tokenizer import WorldTokenizer  # noqa: E402
 from pipelines.eval_tasks import TASKS  # noqa: E402
 from preprocessing.cache.entry import FeatureCache  # noqa: E402

@@ -81,7 +81,7 @@ def spread_samples(n: int, seed: int = 0) -> list:
     """LLaVA-665K-like samples: one image (65 random 384-wide feature vectors, DINOv2-S's shape, 32 tokens after
     the (3, 2) compression) and a question and answer of random words, their total lognormal in length (median
     150 words, sigma 1, clipped to [20, 1900]), half of it the answer: ~60 to ~2,000 tokens a sample."""
-    from modrwkv.batching import Sample
+    from modrwkv.conversation import Sample
     from modrwkv.conversation import Turn
 
     rng = np.random.default_rng(seed)

@@ -7,66 +7,18 @@ A sample longer than `max_length` tokens raises `OverLength`, or, with `skip_ove
 batch and named in `Batch.skipped` (training's policy: one sample never stops a run; truncating would cut the
 answer or split a media item, so it is skipped and reported instead).
 
-A cached sample (`Sample`) is what the encode job writes into a cache entry and what training and evaluation read
-back; its layout in a shard is defined here alone (`to_shard_record`, `from_shard_record`); the tar container, the
-byte coding and the checks are the cache's (`preprocessing/cache/entry.py`):
-
-    <key>.json          turns, "modality", "features" (its item files in the feature store, in placeholder order)
-                        and the provenance beside them (id, source, language, series mean/std, content_sha256)
-    <key>.lookback.npy  series: the normalised lookback
-    <key>.target.npy    series: the normalised horizon
+The cached sample itself (`Sample`, its shard record) is the conversation format's: `modrwkv/conversation.py`.
+`right_pad` lays rows of ids (and labels) into one right-padded batch, the layout every padded forward takes.
 """
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from .conversation import Turn, right_pad, tokenize_conversation
+from .conversation import IGNORE, Sample, tokenize_conversation
 from .multimodal import Features, ModRWKVConfig
 from .tokenizer import WorldTokenizer
-
-
-SERIES_ARRAYS = ("lookback", "target")
-
-
-@dataclass
-class Sample:
-    key: str
-    modality: str  # image | audio | series: its items', and the projector that reads them
-    turns: list[Turn]
-    item_files: list[str] = field(default_factory=list)  # its items in the feature store, in placeholder order
-    items: list[np.ndarray] = field(default_factory=list)  # their features, once read from the store
-    lookback: np.ndarray | None = None  # series windows: the normalised lookback, for the forecast skip and baselines
-    target: np.ndarray | None = None  # series windows: the normalised horizon
-    meta: dict = field(default_factory=dict)  # json-able provenance and extras: id, source, language, mean, std
-
-    def to_shard_record(self) -> dict:
-        """{"__key__", "json": the .json member's document, "<name>.npy": array}: a WebDataset sample, which is what
-        a shard stores. The features stay in the store: only their names are written."""
-        document = {**self.meta, "turns": [asdict(t) for t in self.turns], "modality": self.modality,
-                    "features": self.item_files}
-        arrays = {f"{name}.npy": getattr(self, name) for name in SERIES_ARRAYS if getattr(self, name) is not None}
-        return {"__key__": self.key, "json": document, **arrays}
-
-    @classmethod
-    def from_shard_record(cls, record: dict) -> "Sample":
-        """The sample of a record `to_shard_record` wrote (its items not read yet)."""
-        meta = dict(record["json"])
-        turns, modality, files = (meta.pop(k) for k in ("turns", "modality", "features"))
-        unknown = set(record) - {"__key__", "json"} - {f"{name}.npy" for name in SERIES_ARRAYS}
-        if unknown:
-            raise ValueError(f"sample {record['__key__']!r}: unknown members {sorted(unknown)}")
-        return cls(record["__key__"], modality, [Turn(**t) for t in turns], files,
-                   lookback=record.get("lookback.npy"), target=record.get("target.npy"), meta=meta)
-
-    def text(self, role: str) -> str:
-        """The first `role` turn's text: the question ("user") or the reference answer ("assistant")."""
-        return next(t.text for t in self.turns if t.role == role)
-
-    def features(self) -> Features:
-        """Its items as the model takes them: (modality, float tensor) pairs, in placeholder order."""
-        return [(self.modality, torch.from_numpy(a).float()) for a in self.items]
 
 
 @dataclass
@@ -138,7 +90,7 @@ class Collator:
         return self.config.projectors[modality].compressed_length(features.shape[0])
 
     def encode(self, sample: Sample) -> Encoded:
-        items = sample.features()
+        items = sample_features(sample)
         lengths = [self.item_length(m, f, sample.key) for m, f in items]
         ids, labels = tokenize_conversation(self.tokenizer, sample.turns, lengths, sample.key)
         if self.max_length and len(ids) > self.max_length:
@@ -196,3 +148,28 @@ class Collator:
         lookbacks = [e.lookback for e in encoded]
         series_lookback = None if series_target is None or lookbacks[0] is None else torch.stack(lookbacks)
         return {"series_target": series_target, "series_lookback": series_lookback}
+
+
+def sample_features(sample: Sample) -> Features:
+    """A sample's items as the model takes them: (modality, float tensor) pairs, in placeholder order."""
+    return [(sample.modality, torch.from_numpy(a).float()) for a in sample.items]
+
+
+def right_pad(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None, device=None):
+    """(ids [B, T] with 0 after each row's end, attention mask [B, T] bool, labels [B, T] with IGNORE after the
+    end or None when no labels are given); T is the longest row."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    padded_labels = None if labels is None else torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[b, : len(row)] = True
+        if labels is not None:
+            padded_labels[b, : len(row)] = torch.as_tensor(list(labels[b]), dtype=torch.long)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+        padded_labels = None if padded_labels is None else padded_labels.to(device)
+    return ids, mask, padded_labels

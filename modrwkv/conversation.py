@@ -4,14 +4,24 @@
 
 Every modality placeholder in a user turn expands to as many positions as its (compressed) feature sequence
 has vectors; the model writes the adapted features there. Labels: the assistant's words and its closing
-"\n\n" are learned; user turns, the "Assistant:" prefix and modality positions get -100 (ignored). Rows of
-ids (and labels) go into one batch right-padded, the layout every forward pass takes.
+"\n\n" are learned; user turns, the "Assistant:" prefix and modality positions get -100 (ignored).
+
+A cached sample (`Sample`) is what the encode job writes into a cache entry and what training and evaluation read
+back; its layout in a shard is defined here alone (`to_shard_record`, `from_shard_record`); the tar container, the
+byte coding and the checks are the cache's (`preprocessing/cache/entry.py`):
+
+    <key>.json          turns, "modality", "features" (its item files in the feature store, in placeholder order)
+                        and the provenance beside them (id, source, language, series mean/std, content_sha256)
+    <key>.lookback.npy  series: the normalised lookback
+    <key>.target.npy    series: the normalised horizon
+
+This module and `tokenizer.py` import no torch: the encode job's data workers, the cache and evaluation's
+scoring read the format without it (`modrwkv/batching.py` turns samples into tensors).
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-import torch
+import numpy as np
 
 from .tokenizer import SPECIAL_TOKENS, WorldTokenizer
 
@@ -88,21 +98,39 @@ def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int
     return tokenize_conversation(tokenizer, [Turn("user", user_text)], item_lengths, sample_id)[0]
 
 
-def right_pad(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None, device=None):
-    """(ids [B, T] with 0 after each row's end, attention mask [B, T] bool, labels [B, T] with IGNORE after the
-    end or None when no labels are given); T is the longest row."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every row needs at least one token")
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    padded_labels = None if labels is None else torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[b, : len(row)] = True
-        if labels is not None:
-            padded_labels[b, : len(row)] = torch.as_tensor(list(labels[b]), dtype=torch.long)
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-        padded_labels = None if padded_labels is None else padded_labels.to(device)
-    return ids, mask, padded_labels
+SERIES_ARRAYS = ("lookback", "target")
+
+
+@dataclass
+class Sample:
+    key: str
+    modality: str  # image | audio | series: its items', and the projector that reads them
+    turns: list[Turn]
+    item_files: list[str] = field(default_factory=list)  # its items in the feature store, in placeholder order
+    items: list[np.ndarray] = field(default_factory=list)  # their features, once read from the store
+    lookback: np.ndarray | None = None  # series windows: the normalised lookback, for the forecast skip and baselines
+    target: np.ndarray | None = None  # series windows: the normalised horizon
+    meta: dict = field(default_factory=dict)  # json-able provenance and extras: id, source, language, mean, std
+
+    def to_shard_record(self) -> dict:
+        """{"__key__", "json": the .json member's document, "<name>.npy": array}: a WebDataset sample, which is what
+        a shard stores. The features stay in the store: only their names are written."""
+        document = {**self.meta, "turns": [asdict(t) for t in self.turns], "modality": self.modality,
+                    "features": self.item_files}
+        arrays = {f"{name}.npy": getattr(self, name) for name in SERIES_ARRAYS if getattr(self, name) is not None}
+        return {"__key__": self.key, "json": document, **arrays}
+
+    @classmethod
+    def from_shard_record(cls, record: dict) -> "Sample":
+        """The sample of a record `to_shard_record` wrote (its items not read yet)."""
+        meta = dict(record["json"])
+        turns, modality, files = (meta.pop(k) for k in ("turns", "modality", "features"))
+        unknown = set(record) - {"__key__", "json"} - {f"{name}.npy" for name in SERIES_ARRAYS}
+        if unknown:
+            raise ValueError(f"sample {record['__key__']!r}: unknown members {sorted(unknown)}")
+        return cls(record["__key__"], modality, [Turn(**t) for t in turns], files,
+                   lookback=record.get("lookback.npy"), target=record.get("target.npy"), meta=meta)
+
+    def text(self, role: str) -> str:
+        """The first `role` turn's text: the question ("user") or the reference answer ("assistant")."""
+        return next(t.text for t in self.turns if t.role == role)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import right_pad
+from .batching import right_pad
 from .model import RWKV7, RWKV7State
 from .tokenizer import END_OF_TEXT, WorldTokenizer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from modrwkv import RWKV7, RWKV7Config
-from modrwkv.conversation import Turn
+from modrwkv.conversation import Turn, prompt_ids
 from modrwkv.generation import GenerationConfig, generate_text
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.demo_data import HANZI, QUESTION, WORDS
@@ -59,8 +59,8 @@ def pretrained_backbone(path: Path, steps: int = 200, say=print) -> Path:
                             text_batch=1, progress=True)
     model.save_pretrained(path)
     greedy = GenerationConfig(max_new_tokens=8, temperature=0)
-    prompt = "User: four\nWhat digit is this?\n\nAssistant:"
-    answer = generate_text(model, tokenizer, tokenizer.encode(prompt), greedy)
+    prompt = "four\nWhat digit is this?"
+    answer = generate_text(model, tokenizer, prompt_ids(tokenizer, prompt, []), greedy)
     say(f"backbone: text loss {losses[0][0]:.2f} -> {losses[-1][0]:.2f}, instruction loss {losses[0][1]:.2f} -> "
         f"{losses[-1][1]:.2f}; asked {prompt!r} it answers {answer.split(chr(10))[0]!r}")
     return path

@@ -23,10 +23,11 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from modrwkv.conversation import Sample, Turn, text_length
+from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
@@ -36,9 +37,6 @@ from preprocessing.validate import Limits, Rejected, check_series, check_text, d
 
 from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
-
-if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the decode workers (loading this module) lack
-    from modrwkv.batching import Sample
 
 # Forwarded (by name) to the Ray workers that read and write storage; values never printed.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -87,8 +85,6 @@ def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
 
 @functools.cache
 def world_tokenizer():
-    from modrwkv.tokenizer import WorldTokenizer  # modrwkv imports torch: heavy
-
     return WorldTokenizer()
 
 
@@ -103,7 +99,7 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
     return kept
 
 
-def plan_shards(samples: list["Sample"], shard_size: int) -> list[list["Sample"]]:
+def plan_shards(samples: list[Sample], shard_size: int) -> list[list[Sample]]:
     ordered = sorted(samples, key=lambda s: s.key)
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
@@ -294,11 +290,8 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
 
 
 def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects: dict[str, str],
-                  rejects: list[Reject]) -> list["Sample"]:
+                  rejects: list[Reject]) -> list[Sample]:
     """The samples to write, referencing their item files; a sample with a rejected item is rejected."""
-    from modrwkv.conversation import Turn  # see TYPE_CHECKING above
-    from modrwkv.batching import Sample
-
     written = []
     for p in prepared:
         reason = next((item_rejects[ref] for ref in p.refs if ref not in files), None)
@@ -313,9 +306,8 @@ def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects:
     return written
 
 
-def sample_lengths(sample: "Sample") -> list:
+def sample_lengths(sample: Sample) -> list:
     """[text tokens, [feature vectors of each item]]: what a context length is checked against."""
-    from modrwkv.conversation import text_length  # modrwkv imports torch: heavy
 
     items = [item_length(name) for name in sample.item_files]
     return [text_length(world_tokenizer(), sample.turns, len(items), sample.key), items]

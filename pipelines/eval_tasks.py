@@ -14,8 +14,8 @@ from .metrics.forecast import forecast_errors, mase, seasonal_naive
 from .metrics.vqa import mean_exact_match
 from .plots import pyplot, save_figure
 
-if TYPE_CHECKING:  # see EvalTask.predict: the driver loads no torch
-    from modrwkv.batching import Sample
+if TYPE_CHECKING:
+    from modrwkv.conversation import Sample
 
 TaskName = Literal["vqa", "asr", "forecast"]
 
@@ -34,9 +34,10 @@ class EvalTask(ABC):
         # torch and the model package (which imports torch) load in the prediction actors only, not the driver
         import torch
 
+        from modrwkv.batching import sample_features
         from modrwkv.conversation import prompt_ids
 
-        features = [s.features() for s in samples]
+        features = [sample_features(s) for s in samples]
         prompts = [prompt_ids(tokenizer, s.text("user"),
                               [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s.key)
                    for s, items in zip(samples, features)]
@@ -65,7 +66,8 @@ class DecodeTask(EvalTask):
     batch_size: int = 16
 
     def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
-        from modrwkv.conversation import TURN_END, right_pad  # imports torch: see EvalTask.predict
+        from modrwkv.batching import right_pad  # imports torch: see EvalTask.predict
+        from modrwkv.conversation import TURN_END
         from modrwkv.generation import GenerationConfig, generate
 
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0,

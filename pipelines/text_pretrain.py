@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from modrwkv import RWKV7
-from modrwkv.conversation import IGNORE, Turn, right_pad, tokenize_conversation
+from modrwkv.batching import right_pad
+from modrwkv.conversation import IGNORE, Turn, tokenize_conversation
 from modrwkv.tokenizer import WorldTokenizer
 
 from .trainer import LocalEngine, adamw

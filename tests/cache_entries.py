@@ -4,7 +4,7 @@ encode job stores them (features in the store beside the entry, referenced by th
 import dataclasses
 import hashlib
 
-from modrwkv.batching import Sample
+from modrwkv.conversation import Sample
 from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureStore, pack_shard
 

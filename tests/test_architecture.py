@@ -124,3 +124,12 @@ def test_cli_loads_no_job_framework_before_a_job_runs():
             f"print(','.join(m for m in {JOB_FRAMEWORKS!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == ""
+
+
+def test_the_conversation_format_loads_no_torch():
+    """Turns, the template, sample records and the tokenizer: what data jobs and evaluation's scoring read, in a
+    fresh interpreter, without torch."""
+    code = ("import sys, modrwkv.conversation, modrwkv.tokenizer, preprocessing.cache.entry; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'triton'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ from .forecast import forecast_errors
 from .vqa import normalize_answer
 
 if TYPE_CHECKING:  # the driver (`modrwkv demo`) loads no torch
-    from modrwkv.batching import Sample
+    from modrwkv.conversation import Sample
 
 
 def cache_samples(uri: str) -> list["Sample"]:

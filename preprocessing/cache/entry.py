@@ -33,14 +33,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from itertools import count, tee
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import storage
+from modrwkv.conversation import Sample
 
-if TYPE_CHECKING:  # imported where used: modrwkv loads torch, which the encode job's decode workers do without
-    from modrwkv.batching import Sample
+from .. import storage
 
 FORMAT_VERSION = 2  # 2: features in the feature store, referenced by the samples; 1 held them inside the shards
 STORE_FOLDER = "features"
@@ -72,7 +70,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pack_shard(samples: list["Sample"]) -> bytes:
+def pack_shard(samples: list[Sample]) -> bytes:
     """The samples' records (`Sample.to_shard_record`) as a WebDataset tar, written in the given order."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -87,10 +85,8 @@ def pack_shard(samples: list["Sample"]) -> bytes:
     return out.getvalue()
 
 
-def unpack_shard(data: bytes, name: str = "shard") -> list["Sample"]:
+def unpack_shard(data: bytes, name: str = "shard") -> list[Sample]:
     """The samples of a shard, in order, without their items' features."""
-    from modrwkv.batching import Sample  # see TYPE_CHECKING above
-
     records: dict[str, dict] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
@@ -257,7 +253,7 @@ class FeatureCache:
                     over.append({"key": key, "tokens": tokens})
         return over
 
-    def read_samples(self, index: int) -> list["Sample"]:
+    def read_samples(self, index: int) -> list[Sample]:
         """A shard's samples as stored, checked against the manifest: their items named, not read."""
         shard = self.shards[index]
         data = storage.read_bytes(storage.join(self.uri, shard["name"]))
@@ -266,7 +262,7 @@ class FeatureCache:
                              "or damaged after encoding (re-encode with --force)")
         return unpack_shard(data, f"{self.uri}/{shard['name']}")
 
-    def read_shard(self, index: int) -> list["Sample"]:
+    def read_shard(self, index: int) -> list[Sample]:
         """A shard's samples with their items' features, each item checked against its digest."""
         samples = self.read_samples(index)
         features = self.item_reader.map(self.store.read, [name for s in samples for name in s.item_files])
@@ -299,7 +295,7 @@ class FeatureCache:
             windows.append((first, members))
         return windows
 
-    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list["Sample"]]:
+    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list[Sample]]:
         """The decoded shards `indices`, in order. With `threads`, shards holding at least `ahead` samples beyond
         the one handed out are being read, checked and decoded on background threads, so the consumer waits on
         storage only when it outruns them; with 0, each is read when asked for."""

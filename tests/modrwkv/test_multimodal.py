@@ -8,7 +8,7 @@ from modrwkv.checkpoint import CheckpointError
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
-from modrwkv.batching import Sample
+from modrwkv.conversation import Sample
 from modrwkv.tokenizer import WorldTokenizer
 from tests.conftest import random_backbone
 
@@ -366,7 +366,7 @@ def test_over_long_samples_raise_or_are_skipped_and_named(tok):
 
 
 def test_prefill_of_padded_prompts_equals_each_prompt_alone():
-    from modrwkv.conversation import right_pad
+    from modrwkv.batching import right_pad
 
     model = tiny_model(seed=5).eval()
     prompts = [[1, 2] + [65531] * 4 + [7, 8, 9], [3] + [65531] * 6]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from modrwkv.conversation import Turn
-from modrwkv.batching import Sample
+from modrwkv.conversation import Sample
 from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
 
 

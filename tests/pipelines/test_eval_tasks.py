@@ -65,7 +65,7 @@ def test_eval_quantization_is_checked_at_load():
 
 def audio_sample(i: int, frames: int, language: str):
     from modrwkv.conversation import Turn
-    from modrwkv.batching import Sample
+    from modrwkv.conversation import Sample
     from preprocessing.readers.asr import PROMPTS
 
     turns = [Turn("user", f"<audio>\n{PROMPTS[language]}"), Turn("assistant", "one two")]

@@ -280,7 +280,7 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
     from modrwkv.conversation import Turn
-    from modrwkv.batching import Sample
+    from modrwkv.conversation import Sample
     from pipelines.train_setup import cache_shapes
     from tests.cache_entries import write_entry
 
@@ -295,7 +295,7 @@ def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
 
 
 def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agrees(tmp_path, capsys):
-    from modrwkv.batching import Sample
+    from modrwkv.conversation import Sample
     from modrwkv.conversation import Turn
     from pipelines.train_setup import encoder_store_keys
     from tests.cache_entries import write_entry

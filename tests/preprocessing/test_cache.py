@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from modrwkv.conversation import Turn
-from modrwkv.batching import Sample
+from modrwkv.conversation import Sample
 from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
 from preprocessing.cache.key import store_key
 from preprocessing.storage import Fingerprints
