@@ -87,15 +87,16 @@ def _unit_lower_inverse(M, steps, SQUARINGS: tl.constexpr, PRECISION: tl.constex
 @triton.jit
 def _program(cu_ptr, chunk_cu_ptr, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr,
              BLOCK_N: tl.constexpr, L: tl.constexpr):
-    """Program (segment, head, row block): its head, segment, first step, length, first chunk, chunk count, and
-    its rows and columns with their masks."""
+    """Program (segment, head, row block): its head, segment, first step, length, first chunk, chunk count, its
+    rows and columns with their masks, and its state tile's mask and offsets in an N x N matrix."""
     pid = tl.program_id(0)
     seg = pid // H
     bos, eos = tl.load(cu_ptr + seg), tl.load(cu_ptr + seg + 1)
     rows = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < N, cols < N
     return (pid % H, pid, bos, eos - bos, tl.load(chunk_cu_ptr + seg), tl.cdiv(eos - bos, L),
-            rows, rows < N, cols, cols < N)
+            rows, row_mask, cols, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * N + cols[None, :])
 
 
 @triton.jit
@@ -106,10 +107,8 @@ def _chunk_fwd_kernel(
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
     FLOOR: tl.constexpr, SQUARINGS: tl.constexpr, PRECISION: tl.constexpr, HAS_S0: tl.constexpr,
 ):
-    h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V,
-                                                                           BLOCK_N, L)
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    tile_off = rows[:, None] * N + cols[None, :]
+    (h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask, tile_mask,
+     tile_off) = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V, BLOCK_N, L)
     if HAS_S0:
         S = tl.load(s0_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
@@ -144,10 +143,8 @@ def _chunk_bwd_kernel(
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
     FLOOR: tl.constexpr, SQUARINGS: tl.constexpr, PRECISION: tl.constexpr, HAS_DST: tl.constexpr,
 ):
-    h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V,
-                                                                           BLOCK_N, L)
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    tile_off = rows[:, None] * N + cols[None, :]
+    (h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask, tile_mask,
+     tile_off) = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V, BLOCK_N, L)
     part = tl.program_id(1) * part_stride
     if HAS_DST:
         dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
