@@ -39,17 +39,22 @@ DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "c
 
 
 # ---- model scores -------------------------------------------------------------------------------------------
+SINGLE_PROCESS = False  # --single-process: train with the core in this process instead of Ray Train + DeepSpeed
+
+
 def train_both_phases(config_path: str, seed: int, tracking_uri: str):
     from pipelines.config import load_config
     from pipelines.train import TrainConfig, run_train
+    from pipelines.train_local import run_single_process
     from pipelines.train_setup import phase_dir
 
     name = f"{Path(config_path).stem.removeprefix('train').strip('_') or 'demo'}-quality-s{seed}"
     config = load_config(config_path, TrainConfig, {"seed": seed, "name": name,
                                                     "tracking.tracking_uri": tracking_uri,
                                                     "tracking.experiment": "quality"})
+    train = run_single_process if SINGLE_PROCESS else run_train
     for phase in (1, 2):
-        run_train(config, phase)
+        train(config, phase)
     return phase_dir(config, 2) / "model"
 
 
@@ -180,7 +185,11 @@ def main():
     parser.add_argument("--suites", nargs="+", choices=["demo", "shapes", "elnino"],
                         default=["demo", "shapes", "elnino"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--single-process", action="store_true",
+                        help="train each recipe in this process (the training core) instead of Ray Train + DeepSpeed")
     args = parser.parse_args()
+    global SINGLE_PROCESS
+    SINGLE_PROCESS = args.single_process
 
     import os
 
@@ -205,7 +214,8 @@ def main():
     finally:
         ray.shutdown()
     plot(rows, out / "quality.png")
-    machine = f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, CPU only; seeds {args.seeds}"
+    machine = (f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, CPU only; seeds {args.seeds}; "
+               f"trained {'in one process' if SINGLE_PROCESS else 'by Ray Train + DeepSpeed'}")
     lines = ["| task | metric | model (mean ± std) | ceiling | baseline | minutes per seed |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {fmt(r.get('model'))} | {fmt(r.get('ceiling'))} | "
