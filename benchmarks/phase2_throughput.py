@@ -121,7 +121,6 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0) -> dict:
               "first_loss": first_loss, "last_loss": float(losses[-1])}
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del optimizer
     return result
 
 
