@@ -165,7 +165,7 @@ def compute_cases(rounds: int = 2) -> list[dict]:
 
 def demo_mean_length(cfg) -> float:
     """The demo caches' mean sample length (manifest lengths, compressed items), weighted by the phase II mix."""
-    from pipelines.train import resolve_caches
+    from pipelines.caches import resolve_caches
     from preprocessing.cache.entry import FeatureCache
 
     caches = [FeatureCache(u) for u in resolve_caches(cfg.phase2.caches or cfg.caches)]

@@ -23,17 +23,15 @@ from mlflow import MlflowClient
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from modrwkv.checkpoint import read_config
-from modrwkv.multimodal import read_backbone_source, write_backbone_source
-from preprocessing.cache.entry import FeatureCache
+from modrwkv.multimodal import write_backbone_source
 from preprocessing.encoders.recorded import write_encoders_record
 
 from . import tracking
-from .caches import absolute, resolve_caches
+from .caches import absolute
 from .config import load_config, parse_overrides, to_dict
 from .train_config import TrainConfig
 from .train_loop import WorkerConfig, train_loop_per_worker
-from .train_setup import encoder_store_keys, feature_stats, model_config, over_length_in_caches, phase_dir
+from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
 
 # glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
 # and unmaps it when freed: the embedding's and head's gradients of a 65536-word vocabulary (33.5 MB each at width
@@ -56,25 +54,15 @@ class TrainResult:
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
     start = time.perf_counter()
-    hp = config.phase1 if phase == 1 else config.phase2
-    caches = resolve_caches(hp.caches or config.caches)
-    opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
-    bb_config = read_config(config.model.backbone.path)
-    mm_config = model_config(config, bb_config, opened)
-    init_from = None
-    if phase == 2:
-        init_from = phase_dir(config, 1) / "model"
-        phase1 = read_backbone_source(init_from)
-        if phase1 is None:
-            raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
-    out = phase_dir(config, phase)
-    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_phase(config, phase)
+    hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
+                                                     plan.out)
 
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
     if phase == 2:
-        tags["phase1_run_id"] = phase1["run_id"]
+        tags["phase1_run_id"] = plan.phase1_source["run_id"]
     run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
                                 {**to_dict(config), "phase": phase, "resolved_caches": caches}, tags)
@@ -86,8 +74,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
-        normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}
-        stats = feature_stats(opened, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
+        stats = plan.feature_stats()
         loop_config = WorkerConfig(
             phase=phase, hp=hp, caches=caches, model=mm_config, backbone_path=absolute(config.model.backbone.path),
             init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 
 from modrwkv.batching import Collator
-from modrwkv.checkpoint import read_config
-from modrwkv.multimodal import read_backbone_source, write_backbone_source
+from modrwkv.multimodal import write_backbone_source
 from modrwkv.tokenizer import WorldTokenizer
-from preprocessing.cache.entry import FeatureCache
 from preprocessing.encoders.recorded import write_encoders_record
 
-from .caches import absolute, resolve_caches
+from .caches import absolute
 from .config import load_config, parse_overrides
 from .train_config import TrainConfig
-from .train_setup import encoder_store_keys, feature_stats, model_config, over_length_in_caches, phase_dir
+from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
 from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
 
 
@@ -36,24 +34,13 @@ def configured_tracking_uri(config: TrainConfig) -> str | None:
 
 def run_single_process(config: TrainConfig, phase: int, device: str | None = None) -> tuple[Path, list[dict]]:
     """Trains one phase; returns the model folder and every step's metrics."""
-    hp = config.phase1 if phase == 1 else config.phase2
-    caches = resolve_caches(hp.caches or config.caches)
-    opened = [FeatureCache(uri) for uri in caches]
-    mm_config = model_config(config, read_config(config.model.backbone.path), opened)
-    init_from = None
-    if phase == 2:
-        init_from = phase_dir(config, 1) / "model"
-        if read_backbone_source(init_from) is None:
-            raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
-    out = phase_dir(config, phase)
-    out.mkdir(parents=True, exist_ok=True)
-    over_length_in_caches(opened, mm_config, config.max_length)
-    normalized = {m: p.normalize for m, p in mm_config.projectors.items() if p.normalize != "none"}
-    stats = feature_stats(opened, normalized) if phase == 1 else {}  # phase II reads phase I's buffers
+    plan = plan_phase(config, phase)
+    hp, opened, out = plan.hp, plan.opened, plan.out
+    over_length_in_caches(opened, plan.model, config.max_length)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(absolute(config.model.backbone.path), mm_config, str(init_from) if init_from else None,
-                        stats, config.seed).to(device)
+    model = build_model(absolute(config.model.backbone.path), plan.model,
+                        str(plan.init_from) if plan.init_from else None, plan.feature_stats(), config.seed).to(device)
     model.set_phase(phase)
     optimizer = optimizer_for(model, hp)
     engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
@@ -62,7 +49,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
                            config.prefetch_threads, config.pack_buffer if config.packing else 0)
 
     uri = configured_tracking_uri(config)
-    logger = mlflow_logger(config, phase, caches, uri) if uri else None
+    logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
     history, started = [], time.perf_counter()
 
     def on_step(step: int, metrics: dict) -> None:

@@ -3,16 +3,19 @@ the model config from the caches' feature widths, the feature statistics the pro
 output folders, and the encoder settings the trained model records."""
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
-from modrwkv.multimodal import ModRWKVConfig
+from modrwkv.multimodal import ModRWKVConfig, read_backbone_source
 from preprocessing.cache.entry import FeatureCache
 
+from .caches import resolve_caches
 from .config import ConfigError
-from .train_config import TrainConfig
+from .train_config import PhaseConfig, TrainConfig
 
 
 def cache_shapes(caches: list[FeatureCache]) -> tuple[dict[str, int], int, int]:
@@ -124,3 +127,40 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
         else:
             agreed[modality] = found[0]
     return agreed
+
+
+@dataclass
+class PhasePlan:
+    """One phase as both drivers start it: its settings, caches (URIs and opened), model config, phase I's
+    folder and backbone record (phase II), and its output folder (created)."""
+
+    hp: PhaseConfig
+    caches: list[str]
+    opened: list[FeatureCache]
+    model: ModRWKVConfig
+    init_from: Path | None
+    phase1_source: dict | None
+    out: Path
+
+    def feature_stats(self) -> dict[str, dict]:
+        """Phase I: the statistics its projectors normalise with; phase II reads phase I's saved buffers."""
+        if self.init_from is not None:
+            return {}
+        normalized = {m: p.normalize for m, p in self.model.projectors.items() if p.normalize != "none"}
+        return feature_stats(self.opened, normalized)
+
+
+def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
+    hp = config.phase1 if phase == 1 else config.phase2
+    caches = resolve_caches(hp.caches or config.caches)
+    opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
+    mm_config = model_config(config, read_config(config.model.backbone.path), opened)
+    init_from = phase1_source = None
+    if phase == 2:
+        init_from = phase_dir(config, 1) / "model"
+        phase1_source = read_backbone_source(init_from)
+        if phase1_source is None:
+            raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
+    out = phase_dir(config, phase)
+    out.mkdir(parents=True, exist_ok=True)
+    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, out)
