@@ -1,33 +1,48 @@
 #!/usr/bin/env bash
-# The GPU rehearsal: what a lent GPU machine runs in one go, each part under its own time limit, ours first so
-# that flash-linear-attention's autotuning can never hide our rows. Logs and the benchmarks' JSON go to $OUT.
-#   1. tests/modrwkv_kernels on CUDA (both Triton backends);
-#   2. benchmarks/phase2_throughput.py: phase II training steps at the paper's 0.4B shape, per backend;
-#   3. benchmarks/wkv7_kernels.py: ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16;
-#   4. the fla backend's tests (when fla-core is carried).
-# The machine has no network: wheels in .whl/ (flash-linear-attention's fla-core) install from there.
-#   OUT=/some/dir benchmarks/gpu_rehearsal.sh
+# The GPU rehearsal: what a lent GPU machine runs in one go, each part under its own time limit and all of them
+# inside one budget, so the command ends before the device's limit. Ours first: flash-linear-attention autotunes
+# about 90 s per shape and dtype on a bare machine, so its parts go last and can never hide our rows.
+#   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
+#   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
+#                       process, 3 seeds, from the demo's caches carried in runs/cache (no data or encoders there;
+#                       runs/gpu_demo/caches.json lists them: `python benchmarks/quality.py --write-caches ...`)
+#   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size
+#   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
+#   fla_tests           the fla backend against ours (when fla-core is carried)
+#   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
+# The machine has no network: wheels in .whl/ (fla-core) install from there. Logs and every benchmark's JSON are
+# packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
+#   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
+LOGS=$(mktemp -d)
+PARTS=${PARTS:-"kernel_tests demo_quality encoder_throughput fla_tests phase2_fla"}
+DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOGS/machine.log"
 
-part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to $OUT/NAME.log, say how it ended
-    local name=$1 limit=$2 started=$SECONDS
+part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is left of the budget), log, pack
+    local name=$1 limit=$2 started=$SECONDS left=$((DEADLINE - SECONDS))
     shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
+    if ((left < 20)); then echo "== $name: skipped, ${left}s of the budget left"; return 0; fi
+    ((limit > left)) && limit=$left
     echo "== $name (at most ${limit}s)"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
+    timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tee "$LOGS/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$LOGS/$name.log"
+    tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
 }
-# fla autotunes on first use of each shape and dtype (about 90 s each on a bare H200): its test and rows go last
-part kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k "not fla"
-part phase2_throughput "${PHASE2_S:-150}" python3 benchmarks/phase2_throughput.py --out "$OUT"
-part wkv7_kernels "${KERNELS_S:-200}" python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 4800 --out "$OUT"
-part fla_tests "${FLA_TESTS_S:-60}" python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
+part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
+part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
+    --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
+part encoder_throughput 60 python3 benchmarks/encoder_throughput.py --out "$LOGS"
+part wkv7_kernels 200 python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 4800 --out "$LOGS"
+part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
+part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"

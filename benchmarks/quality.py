@@ -12,13 +12,21 @@ the same cached features) and its trivial baseline, as mean ± std over seeds, w
 
 Ceilings and majority baselines come from `pipelines/metrics/ceilings.py` (deterministic: one value, no std).
 Runs train through the real pipeline (Ray Train + DeepSpeed on 2 CPU workers), tracked in a SQLite MLflow
-store under --out.
+store under --out; with --single-process, training (the core) and evaluation run in this process, on the GPU
+when there is one.
 
     python benchmarks/quality.py [--seeds 0 1 2] [--suites demo shapes elnino] [--out benchmarks/out]
+
+A machine without the demo's data and encoders (a lent GPU) is given the demo's caches instead:
+    python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json          # here, after `make demo`
+    python benchmarks/quality.py --suites demo --single-process --untracked --caches runs/gpu_demo/caches.json
+(the caches' entries under runs/cache travel with the file; the stand-in backbone is trained there).
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -34,17 +42,20 @@ from benchmarks.report import write_report  # noqa: E402
 from pipelines.environment import cpu_description  # noqa: E402
 
 SHAPES_DATA = Path("runs/shapes/data")
+DEMO_CONFIGS = Path("configs/demo")
 DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "configs/demo/eval_speech.yaml",
               "CO2 forecast": "configs/demo/eval_co2.yaml"}
 
 
 # ---- model scores -------------------------------------------------------------------------------------------
-SINGLE_PROCESS = False  # --single-process: train with the core in this process instead of Ray Train + DeepSpeed
+SINGLE_PROCESS = False  # --single-process: train with the core and evaluate in this process, no Ray
+UNTRACKED = False  # --untracked: no MLflow (a machine without it)
+CACHES: dict[str, str] = {}  # --caches: encode YAML -> its cache entry, for a machine without the data or encoders
 
 
 def train_both_phases(config_path: str, seed: int, tracking_uri: str):
     from pipelines.config import load_config
-    from pipelines.train import TrainConfig, run_train
+    from pipelines.train_config import TrainConfig
     from pipelines.train_local import run_single_process
     from pipelines.train_setup import phase_dir
 
@@ -52,7 +63,13 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str):
     config = load_config(config_path, TrainConfig, {"seed": seed, "name": name,
                                                     "tracking.tracking_uri": tracking_uri,
                                                     "tracking.experiment": "quality"})
-    train = run_single_process if SINGLE_PROCESS else run_train
+    config = dataclasses.replace(config, caches=[cache_uri(c) for c in config.caches])
+    if SINGLE_PROCESS:
+        train = run_single_process
+    else:
+        from pipelines.train import run_train  # imports Ray
+
+        train = run_train
     for phase in (1, 2):
         train(config, phase)
     return phase_dir(config, 2) / "model"
@@ -63,8 +80,10 @@ def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str):
     from pipelines.evaluate import EvalConfig, run_eval
 
     out_dir = checkpoint.parent.parent / "eval" / Path(eval_path).stem
-    return run_eval(load_config(eval_path, EvalConfig, {"checkpoint": str(checkpoint), "out_dir": str(out_dir),
-                                                        "tracking_uri": tracking_uri, "experiment": "quality"}))
+    config = load_config(eval_path, EvalConfig, {"checkpoint": str(checkpoint), "out_dir": str(out_dir),
+                                                 "tracking_uri": tracking_uri, "experiment": "quality",
+                                                 "actors": 0 if SINGLE_PROCESS else 1, "track": not UNTRACKED})
+    return run_eval(dataclasses.replace(config, cache=cache_uri(config.cache)))
 
 
 def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
@@ -81,7 +100,26 @@ def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
 def cache_uri(encode_yaml: str) -> str:
     from pipelines.caches import resolve_caches
 
+    if CACHES:
+        if encode_yaml not in CACHES:
+            raise SystemExit(f"{encode_yaml} is not among the caches given; they cover {sorted(CACHES)}")
+        return str(ROOT / CACHES[encode_yaml])
     return resolve_caches([encode_yaml])[0]
+
+
+def write_caches(path: Path) -> None:
+    """The demo's encode YAMLs and their entries (relative to the repository), for `--caches` elsewhere."""
+    entries = {str(y): str(Path(cache_uri(str(y))).relative_to(ROOT)) for y in sorted(DEMO_CONFIGS.glob("encode_*.yaml"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1) + "\n")
+    print(f"wrote {path}: {len(entries)} cache entries under {ROOT / 'runs/cache'} (carry that folder with it)")
+
+
+def machine_description() -> str:
+    import torch
+
+    where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU only"
+    return f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, {where}"
 
 
 def demo_suite(seeds, tracking_uri) -> list[dict]:
@@ -186,35 +224,53 @@ def main():
                         default=["demo", "shapes", "elnino"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--single-process", action="store_true",
-                        help="train each recipe in this process (the training core) instead of Ray Train + DeepSpeed")
+                        help="train (the training core) and evaluate in this process, on the GPU when there is one, "
+                             "instead of Ray Train + DeepSpeed and Ray Data")
+    parser.add_argument("--untracked", action="store_true", help="no MLflow (with --single-process)")
+    parser.add_argument("--caches", type=Path,
+                        help="the demo suite's cache entries, as --write-caches wrote them: no data or encoders needed")
+    parser.add_argument("--write-caches", type=Path, metavar="FILE",
+                        help="encode the demo's caches (when missing), list them in FILE for --caches, and stop")
     args = parser.parse_args()
-    global SINGLE_PROCESS
-    SINGLE_PROCESS = args.single_process
-
-    import os
-
-    import ray
-
-    from pipelines.demo import prepare_assets
-
+    if args.untracked and not args.single_process:
+        parser.error("--untracked needs --single-process (Ray Train's driver tracks every run)")
+    if args.caches and set(args.suites) != {"demo"}:
+        parser.error("--caches serves the demo suite alone: add --suites demo")
+    global SINGLE_PROCESS, UNTRACKED
+    SINGLE_PROCESS, UNTRACKED = args.single_process, args.untracked
     os.chdir(ROOT)  # the shipped configs use paths relative to the repository
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{out / 'quality_mlflow.db'}"
-    prepare_assets()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    rows = []
-    try:
-        if "demo" in args.suites:
-            rows += demo_suite(args.seeds, tracking_uri)
-        if "shapes" in args.suites:
-            rows += shapes_suite(args.seeds, tracking_uri)
-        if "elnino" in args.suites:
-            rows += elnino_suite(args.seeds, tracking_uri)
-    finally:
-        ray.shutdown()
+    tracking_uri = None if UNTRACKED else f"sqlite:///{out / 'quality_mlflow.db'}"
+    if args.caches:
+        import torch
+
+        from pipelines.demo_backbone import pretrained_backbone
+
+        CACHES.update(json.loads(args.caches.read_text()))
+        pretrained_backbone(Path("runs/demo/backbone"), device="cuda" if torch.cuda.is_available() else "cpu")
+        rows = demo_suite(args.seeds, tracking_uri)
+    else:
+        import ray
+
+        from pipelines.demo import prepare_assets
+
+        prepare_assets()
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        try:
+            if args.write_caches:
+                return write_caches(args.write_caches)
+            rows = []
+            if "demo" in args.suites:
+                rows += demo_suite(args.seeds, tracking_uri)
+            if "shapes" in args.suites:
+                rows += shapes_suite(args.seeds, tracking_uri)
+            if "elnino" in args.suites:
+                rows += elnino_suite(args.seeds, tracking_uri)
+        finally:
+            ray.shutdown()
     plot(rows, out / "quality.png")
-    machine = (f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, CPU only; seeds {args.seeds}; "
+    machine = (f"{machine_description()}; seeds {args.seeds}; "
                f"trained {'in one process' if SINGLE_PROCESS else 'by Ray Train + DeepSpeed'}")
     lines = ["| task | metric | model (mean ± std) | ceiling | baseline | minutes per seed |",
              "|---|---|---|---|---|---|"]

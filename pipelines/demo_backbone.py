@@ -49,12 +49,12 @@ def context_questions(seed: int = 0):
     return sample
 
 
-def pretrained_backbone(path: Path, steps: int = 200, say=print) -> Path:
+def pretrained_backbone(path: Path, steps: int = 200, say=print, device: str = "cpu") -> Path:
     if (path / "model.safetensors").is_file():
         return path
     tokenizer = WorldTokenizer()
     torch.manual_seed(0)
-    model = RWKV7(TINY).init_weights()
+    model = RWKV7(TINY).init_weights().to(device)
     losses = train_on_chats(model, tokenizer, tokenizer.encode(bundled_text()), context_questions(), steps=steps,
                             text_batch=1, progress=True)
     model.save_pretrained(path)

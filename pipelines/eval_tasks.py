@@ -37,7 +37,8 @@ class EvalTask(ABC):
         from modrwkv.batching import sample_features
         from modrwkv.conversation import prompt_ids
 
-        features = [sample_features(s) for s in samples]
+        device = model.backbone.emb.weight.device
+        features = [[(m, f.to(device)) for m, f in sample_features(s)] for s in samples]
         prompts = [prompt_ids(tokenizer, s.text("user"),
                               [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s.key)
                    for s, items in zip(samples, features)]
@@ -75,7 +76,7 @@ class DecodeTask(EvalTask):
         tokens = []
         for start in range(0, len(prompts), self.batch_size):
             batch = slice(start, start + self.batch_size)
-            ids, mask, _ = right_pad(prompts[batch])
+            ids, mask, _ = right_pad(prompts[batch], device=model.backbone.emb.weight.device)
             first, state = model.prefill(ids, features[batch], attention_mask=mask)
             tokens += generate(model.backbone, prompts[batch], config, state=state, first_logits=first).tokens
         return [{"prediction": tokenizer.decode(t).strip(), "reference": s.text("assistant")}
@@ -143,10 +144,11 @@ class Forecast(EvalTask):
         """One forward per sample: a forecast reads a single pass, there is no decoding loop to batch."""
         import torch  # see EvalTask.predict
 
-        rows = []
+        rows, device = [], model.backbone.emb.weight.device
         for sample, ids, items in zip(samples, prompts, features):
-            lookback = torch.from_numpy(sample.lookback).float()[None]
-            forecast = model(torch.tensor([ids]), [items], series_lookback=lookback).forecast[0].numpy()
+            lookback = torch.from_numpy(sample.lookback).float()[None].to(device)
+            output = model(torch.tensor([ids], device=device), [items], series_lookback=lookback)
+            forecast = output.forecast[0].cpu().numpy()
             rows.append({"prediction": forecast.tolist(), "reference": sample.target.tolist(),
                          "lookback": sample.lookback.tolist(), "mean": sample.meta["mean"], "std": sample.meta["std"]})
         return rows

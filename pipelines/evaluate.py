@@ -1,8 +1,10 @@
 """`modrwkv eval --checkpoint runs/train/<name>/phase2/model --task vqa|asr|forecast --cache <entry or encode YAML>`
 
-Ray Data batch inference over a feature cache (one actor per model copy, one shard per call), each sample
-predicted, and the whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Predictions go to JSONL;
-metrics, a per-sample table and the plots go to MLflow, in a child run of the training run.
+Ray Data batch inference over a feature cache (one actor per model copy, one shard per call), or with `actors: 0`
+in this process (on the GPU when there is one: a one-GPU machine, a debugger), each sample predicted, and the
+whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Predictions go to JSONL; metrics, a
+per-sample table and the plots go to MLflow, in a child run of the training run (`track: false`: to disk only,
+with neither Ray nor MLflow imported).
 """
 
 import argparse
@@ -12,15 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 import numpy as np
-import ray
-from mlflow import MlflowClient
 from tqdm import tqdm
 
 from preprocessing.cache.entry import FeatureCache
 
-from . import tracking
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags
@@ -36,11 +34,12 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16  # prompts decoded together (vqa, asr); 1 = one at a time
     quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
-    actors: int = 1
+    actors: int = 1  # Ray Data prediction actors; 0: in this process, on the GPU when there is one
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
     tracking_uri: str | None = None
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
+    track: bool = True  # false: predictions, scores and plots on disk only, no MLflow run
 
 
 @dataclass
@@ -55,14 +54,15 @@ class EvalResult:
 class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
-    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none"):
+    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu"):
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
         from modrwkv.multimodal import ModRWKV
         from modrwkv.tokenizer import WorldTokenizer
 
         # a full save, or an adapter-only one with its backbone recorded beside it
-        self.model = prepare_for_inference(ModRWKV.from_pretrained(checkpoint), quantization=quantize)
+        model = ModRWKV.from_pretrained(checkpoint).to(device)
+        self.model = prepare_for_inference(model, quantization=quantize)
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
     def __call__(self, batch: dict) -> dict:
@@ -72,6 +72,29 @@ class Predictor:
 
 
 def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict]:
+    n_shards = len(FeatureCache(cache_uri).shards)
+    shards = predict_here(config, cache_uri, task) if config.actors == 0 else predict_with_ray(config, cache_uri, task)
+    rows = []
+    with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
+        for batch in shards:
+            rows += [json.loads(r) for r in batch["rows"]]
+            bar.update(1)
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def predict_here(config: EvalConfig, cache_uri: str, task: EvalTask):
+    """Each shard's predicted rows, from this process."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictor = Predictor(config.checkpoint, cache_uri, task, config.quantize, device)
+    for index in range(len(predictor.cache.shards)):
+        yield predictor({"shard": [index]})
+
+
+def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask):
+    """Each shard's predicted rows, from Ray Data actors."""
+    import ray  # only when actors predict
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -80,17 +103,17 @@ def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
                                                "quantize": config.quantize})
-    rows = []
-    with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
-        for batch in ds.iter_batches(batch_size=None):
-            rows += [json.loads(r) for r in batch["rows"]]
-            bar.update(1)
-    return sorted(rows, key=lambda r: r["key"])
+    return ds.iter_batches(batch_size=None)
 
 
 def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plots: list[Path]) -> str:
     """A child run of the training run: metrics, baselines, the per-sample table and the plots."""
+    import mlflow
+    from mlflow import MlflowClient
+
     from modrwkv.multimodal import read_backbone_source  # imports torch: see Predictor
+
+    from . import tracking
 
     uri = tracking.tracking_uri(config.tracking_uri)
     parent = config.parent_run_id or (read_backbone_source(config.checkpoint) or {}).get("run_id")
@@ -131,7 +154,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics, baselines = task.score(rows)
     result = EvalResult(metrics, baselines, predictions)
-    result.run_id = log_to_mlflow(config, result, rows, task.plots(rows, out))
+    plots = task.plots(rows, out)
+    if config.track:
+        result.run_id = log_to_mlflow(config, result, rows, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in {predictions}")

@@ -42,7 +42,7 @@ def unigram_entropy(ids: list[int]) -> float:
 def text_loss(model: RWKV7, data: torch.Tensor, ctx_len: int, batch_size: int, generator) -> torch.Tensor:
     """Next-token loss on `batch_size` random windows of `data`."""
     starts = torch.randint(0, len(data) - ctx_len, (batch_size,), generator=generator)
-    window = torch.stack([data[s : s + ctx_len + 1] for s in starts])
+    window = torch.stack([data[s : s + ctx_len + 1] for s in starts]).to(model.emb.weight.device)
     logits, _ = model(window[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1))
 
@@ -50,7 +50,8 @@ def text_loss(model: RWKV7, data: torch.Tensor, ctx_len: int, batch_size: int, g
 def chat_loss(model: RWKV7, tokenizer: WorldTokenizer, chats: list[list[Turn]]) -> torch.Tensor:
     """Loss on the assistant's words only (the chat template's labels); the head runs on those positions alone."""
     encoded = [tokenize_conversation(tokenizer, turns, []) for turns in chats]
-    ids, mask, labels = right_pad([row for row, _ in encoded], [row_labels for _, row_labels in encoded])
+    ids, mask, labels = right_pad([row for row, _ in encoded], [row_labels for _, row_labels in encoded],
+                                  device=model.emb.weight.device)
     hidden, _ = model.forward_hidden(ids, attention_mask=mask)
     targets = labels[:, 1:]
     learned = targets != IGNORE

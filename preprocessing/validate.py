@@ -5,7 +5,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile
 from PIL import Image
 
 from .items import SAMPLE_RATE, Audio, to_16k_mono
@@ -48,6 +47,8 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
 
 def decode_audio(data: bytes, limits: Limits) -> Audio:
     """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged)."""
+    import soundfile  # here: whatever trains from cached features never loads libsndfile
+
     if not data:
         raise Rejected("empty file")
     try:

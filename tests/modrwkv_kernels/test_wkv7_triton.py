@@ -100,7 +100,9 @@ def test_bf16_inputs_are_read_as_fp32(backend):
     y_ref, s_ref = wkv7(*(x.double() for x in bf), backend="reference")  # same rounded inputs, fp64 maths
     y, s = wkv7(*bf, backend=backend)
     assert y.dtype == torch.bfloat16
-    assert rel_err(s, s_ref) < TOL
+    # the chunked kernel's products of 16-bit inputs run in tf32 on a GPU (as fla's do): 2.6e-4 on an H200;
+    # the interpreter computes them in fp32
+    assert rel_err(s, s_ref) < (1e-3 if backend == "triton_chunked" and DEVICE == "cuda" else TOL)
     assert rel_err(y, y_ref) < 1e-2  # y itself is rounded to bf16
 
 

@@ -1,7 +1,9 @@
 """`modrwkv eval`: a full run (Ray Data inference, MLflow server) whose metrics and per-sample table are then
-found through MLflow's REST API. Each task's scoring is tested in test_eval_tasks.py."""
+found through MLflow's REST API, and a run in this process with neither Ray nor MLflow. Each task's scoring is
+tested in test_eval_tasks.py."""
 
 import json
+import sys
 import urllib.request
 
 import numpy as np
@@ -19,7 +21,7 @@ from tests.tiny_models import tiny_digits_cache
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local):
+def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     image_cache = tiny_digits_cache(root, "test", 6, shard_size=3)
     (root / "s.csv").write_text("v\n" + "\n".join(f"{np.sin(i / 2) + 0.01 * i:.4f}" for i in range(80)) + "\n")
@@ -38,14 +40,38 @@ def get(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url).read())
 
 
+def eval_config(root, cache: str, task: str, **settings) -> EvalConfig:
+    return from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": task, "cache": cache,
+                                  "out_dir": str(root / settings.pop("out", "out")), **settings})
+
+
+def read_predictions(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch):
+    root, image_cache, series_cache = trained
+    for name in ("ray", "mlflow"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing either now fails
+    vqa = run_eval(eval_config(root, image_cache, "vqa", out="here", max_new_tokens=3, actors=0, track=False))
+    assert vqa.run_id is None
+    predictions = read_predictions(vqa.predictions)
+    assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
+    expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
+    assert vqa.metrics["accuracy"] == pytest.approx(expected)
+    assert (root / "here" / "confusion_matrix.png").is_file()
+    forecast = run_eval(eval_config(root, series_cache, "forecast", out="here", season=4, actors=0, track=False))
+    assert {"mse", "mae", "mse_normalized", "mae_normalized", "mase"} == set(forecast.metrics)
+
+
 @pytest.mark.slow
-def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, mlflow_server):
+def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, mlflow_server):
     root, image_cache, series_cache = trained
     uri = mlflow_server.tracking_uri
-    vqa = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "vqa", "cache": image_cache,
-                                          "out_dir": str(root / "out"), "max_new_tokens": 3, "tracking_uri": uri,
-                                          "experiment": "eval-test"}))
-    predictions = [json.loads(line) for line in vqa.predictions.read_text().splitlines()]
+    vqa = run_eval(eval_config(root, image_cache, "vqa", max_new_tokens=3, tracking_uri=uri, experiment="eval-test"))
+    predictions = read_predictions(vqa.predictions)
+    here = run_eval(eval_config(root, image_cache, "vqa", out="here", max_new_tokens=3, actors=0, track=False))
+    assert read_predictions(here.predictions) == predictions  # Ray Data's actors predict what this process does
     assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
     expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
     assert vqa.metrics["accuracy"] == pytest.approx(expected)
