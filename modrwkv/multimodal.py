@@ -19,17 +19,12 @@ low-variance directions that are not axis-aligned); the adapter learns them far 
 unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature normalisation).
 """
 
-import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from modrwkv_kernels import as_layout
 
@@ -37,13 +32,8 @@ from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
 from .model import RWKV7, RWKV7State, last_valid
+from .model_folder import read_model_folder, resolve_backbone, write_model_folder
 from .wavenet import WaveNet, WaveNetConfig
-
-CONFIG_FILE = "modrwkv_config.json"
-WEIGHTS_FILE = "model.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
-# beside an adapter-only save: the backbone it was trained on ({"path": ...}, plus what the trainer records)
-BACKBONE_SOURCE_FILE = "backbone_source.json"
 
 Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
 
@@ -323,96 +313,30 @@ class ModRWKV(nn.Module):
         last = attention_mask.sum(dim=1) - 1
         return self.backbone.head(hidden[torch.arange(len(hidden), device=hidden.device), last]), state
 
-    # ---- save / load --------------------------------------------------------------------------------------
-    def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None) -> None:
-        """config + weights; adapter_only writes everything but the backbone (phase I's output). backbone_source
-        ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by itself."""
+    # ---- save / load: the folder's layout lives in model_folder.py ----------------------------------------
+    def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None,
+                        encoders: dict[str, dict] | None = None) -> None:
+        """Config and weights; adapter_only writes everything but the backbone (phase I's output).
+        backbone_source ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by
+        itself; encoders (modality -> feature store key) records the encoders inference must use."""
         state = cpu_state_dict(self)  # first: a model that cannot be saved (quantized) leaves no partial folder
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        if adapter_only:
-            save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
-        else:
-            save_file(state, directory / WEIGHTS_FILE)
-        if backbone_source is not None:
-            write_backbone_source(directory, backbone_source)
+        write_model_folder(directory, self.config.to_dict(), state, adapter_only, backbone_source, encoders)
 
     @classmethod
     def from_pretrained(cls, directory, backbone: RWKV7 | None = None) -> "ModRWKV":
         """A full checkpoint, or an adapter-only one with the `backbone` it was trained on (default: the one
         its backbone_source.json names)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{directory}: no {CONFIG_FILE}; expected a ModRWKV save_pretrained directory")
-        config = ModRWKVConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        full = directory / WEIGHTS_FILE
-        if full.is_file():
+        folder = read_model_folder(directory)
+        config = ModRWKVConfig.from_dict(folder.config)
+        if not folder.adapter_only:
             model = cls(config)
-            load_state_strict(model, load_file(full), full)
+            load_state_strict(model, folder.weights, folder.weights_file)
             return model.eval()
-        adapter = directory / ADAPTER_FILE
-        if not adapter.is_file():
-            raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {ADAPTER_FILE}")
         if backbone is None:
             backbone = RWKV7.from_pretrained(resolve_backbone(directory))
         if backbone.config != config.backbone:
-            raise CheckpointError(f"{adapter}: trained on backbone {config.backbone}, given {backbone.config}")
+            raise CheckpointError(f"{folder.weights_file}: trained on backbone {config.backbone}, given {backbone.config}")
         model = cls(config, backbone=backbone)
-        weights = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_file(adapter)}
-        load_state_strict(model, weights, adapter)
+        load_state_strict(model, {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **folder.weights},
+                          folder.weights_file)
         return model.eval()
-
-
-def backbone_weights(path: Path) -> Path:
-    """The file holding a backbone's weights: a save_pretrained folder's, or the RWKV-LM .pth itself."""
-    return path / WEIGHTS_FILE if path.is_dir() else path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_backbone_source(directory, source: dict) -> None:
-    """Records where an adapter-only folder's backbone is, three ways: its absolute path, its path relative to this
-    folder (a run tree copied elsewhere, or to another machine, still finds it), and the sha256 of its weights
-    (what a backbone found either way must match)."""
-    if "path" not in source:
-        raise ValueError(f"a backbone source needs a path, got {sorted(source)}")
-    backbone = Path(source["path"]).absolute()
-    record = {**source, "path": str(backbone), "relative_path": os.path.relpath(backbone, Path(directory).absolute())}
-    if backbone_weights(backbone).is_file():
-        record["sha256"] = file_sha256(backbone_weights(backbone))
-    (Path(directory) / BACKBONE_SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def read_backbone_source(directory) -> dict | None:
-    """What `save_pretrained(..., backbone_source=)` recorded beside the checkpoint, or None."""
-    path = Path(directory) / BACKBONE_SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def resolve_backbone(directory) -> Path:
-    """The backbone an adapter-only folder was trained on: by its path relative to the folder first, then its
-    absolute path; either must hold the recorded weights (sha256), when the record has their hash."""
-    directory = Path(directory)
-    source = read_backbone_source(directory)
-    if source is None:
-        raise CheckpointError(f"{directory}: an adapter-only checkpoint needs the backbone it was trained on "
-                              f"(give it, or record it in {BACKBONE_SOURCE_FILE})")
-    candidates = ([directory / source["relative_path"]] if source.get("relative_path") else []) + [Path(source["path"])]
-    mismatched = []
-    for candidate in candidates:
-        if not backbone_weights(candidate).is_file():
-            continue
-        if "sha256" in source and file_sha256(backbone_weights(candidate)) != source["sha256"]:
-            mismatched.append(str(candidate))
-            continue
-        return candidate
-    found = f"; {', '.join(mismatched)} hold other weights than the recorded sha256" if mismatched else ""
-    raise CheckpointError(f"{directory}: its backbone is at none of {[str(c) for c in candidates]} "
-                          f"({BACKBONE_SOURCE_FILE}){found}; pass backbone= to load it with another copy")

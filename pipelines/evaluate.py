@@ -111,7 +111,7 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
     import mlflow
     from mlflow import MlflowClient
 
-    from modrwkv.multimodal import read_backbone_source  # imports torch: see Predictor
+    from modrwkv.model_folder import read_backbone_source  # imports torch: see Predictor
 
     from . import tracking
 

@@ -23,8 +23,7 @@ from mlflow import MlflowClient
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from modrwkv.multimodal import write_backbone_source
-from preprocessing.encoders.recorded import write_encoders_record
+from modrwkv.model_folder import write_records
 
 from . import tracking
 from .caches import absolute
@@ -95,8 +94,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         )
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
-        model_dir = export_model(result.checkpoint, out, config, phase, run_id)
-        write_encoders_record(model_dir, encoder_store_keys(opened))
+        model_dir = export_model(result.checkpoint, out, config, phase, run_id, encoder_store_keys(opened))
         log_artifacts(uri, run_id, config, model_dir, out, phase)
         metrics = dict(result.metrics or {})
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
@@ -104,9 +102,10 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start)
 
 
-def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id: str) -> Path:
+def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id: str, encoders: dict) -> Path:
     """The final checkpoint's save_pretrained folders (model/, and adapter/ after phase II), copied out of
-    Ray's storage; returns the model folder."""
+    Ray's storage, the model's with what the driver knows recorded (its backbone, its encoders); returns the
+    model folder."""
     with checkpoint.as_directory() as d:
         if not (Path(d) / "model").is_dir():
             raise FileNotFoundError(f"{d}: the final checkpoint has no model/ folder")
@@ -115,8 +114,8 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
                 shutil.rmtree(out / name)
             if (Path(d) / name).is_dir():
                 shutil.copytree(Path(d) / name, out / name)
-    write_backbone_source(out / "model", {"run_id": run_id, "phase": phase,
-                                          "path": absolute(config.model.backbone.path)})
+    write_records(out / "model", {"run_id": run_id, "phase": phase, "path": absolute(config.model.backbone.path)},
+                  encoders)
     return out / "model"
 
 

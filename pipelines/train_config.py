@@ -14,6 +14,9 @@ class BackboneConfig:
     path: str
 
 
+WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
+
+
 @dataclass
 class ModelConfig:
     backbone: BackboneConfig
@@ -23,6 +26,13 @@ class ModelConfig:
     wavenet: WaveNetConfig | None = None  # series caches encoded "raw" train this WaveNet (in_channels: the caches)
     # the forecast adds a linear map of the normalised lookback, starting as the naive forecast (ModRWKV)
     forecast_skip: bool = True
+    # whitened projectors: the ε of Σ^(-1/2); 0.1 kept colour as well as 0.01 did and the other types better
+    # (benchmarks/RESULTS.md, "ZCA whitening"; `benchmarks/experiments.py image-normalisation` compares them)
+    whiten_eps: float = WHITEN_EPS
+
+    def __post_init__(self):
+        if self.whiten_eps <= 0:
+            raise ValueError(f"whiten_eps must be positive, not {self.whiten_eps}")
 
 
 @dataclass

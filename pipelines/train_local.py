@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 
 from modrwkv.batching import Collator
-from modrwkv.multimodal import write_backbone_source
 from modrwkv.tokenizer import WorldTokenizer
-from preprocessing.encoders.recorded import write_encoders_record
 
 from .caches import absolute
 from .config import load_config, parse_overrides
@@ -60,12 +58,11 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
             logger.log(metrics, step)
 
     skipped = train_steps(engine, optimizer, batches, hp, on_step=on_step)
-    model.save_pretrained(out / "model", adapter_only=phase == 1)
+    model.save_pretrained(out / "model", adapter_only=phase == 1, encoders=encoder_store_keys(opened),
+                          backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
+                                           "path": absolute(config.model.backbone.path)})
     if phase == 2:
         model.save_pretrained(out / "adapter", adapter_only=True)
-    write_backbone_source(out / "model", {"run_id": logger.run_id if logger else None, "phase": phase,
-                                          "path": absolute(config.model.backbone.path)})
-    write_encoders_record(out / "model", encoder_store_keys(opened))
     if skipped:
         print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
     if logger:

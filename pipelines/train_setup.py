@@ -10,12 +10,13 @@ import numpy as np
 
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
-from modrwkv.multimodal import ModRWKVConfig, read_backbone_source
+from modrwkv.model_folder import read_backbone_source
+from modrwkv.multimodal import ModRWKVConfig
 from preprocessing.cache.entry import FeatureCache
 
 from .caches import resolve_caches
 from .config import ConfigError
-from .train_config import PhaseConfig, TrainConfig
+from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
 
 
 def cache_shapes(caches: list[FeatureCache]) -> tuple[dict[str, int], int, int]:
@@ -59,13 +60,11 @@ def model_config(config: TrainConfig, backbone: RWKV7Config, caches: list[Featur
                          forecast_lookback=lookback if series and config.model.forecast_skip else 0)
 
 
-WHITEN_EPS = 0.1  # added to each eigenvalue, times their mean: near-empty directions are not blown up
-
-
 def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_shards: int = 16,
-                  max_vectors: int = 262_144) -> dict[str, dict]:
+                  max_vectors: int = 262_144, whiten_eps: float = WHITEN_EPS) -> dict[str, dict]:
     """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
-    vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2), over the items of the first
+    vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2) (each eigenvalue raised by `whiten_eps`
+    times their mean, so that near-empty directions are not blown up), over the items of the first
     `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
     cluster's driver)."""
     moments = {}  # modality -> [n, sum x, sum x x^T]
@@ -89,7 +88,7 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
             stats[modality]["std"] = (np.sqrt(np.maximum(np.diag(covariance), 0.0)) + 1e-6).tolist()
         else:
             eigenvalues, vectors = np.linalg.eigh(covariance)
-            eigenvalues = np.maximum(eigenvalues, 0.0) + WHITEN_EPS * max(eigenvalues.mean(), 1e-12)
+            eigenvalues = np.maximum(eigenvalues, 0.0) + whiten_eps * max(eigenvalues.mean(), 1e-12)
             stats[modality]["whitening"] = ((vectors / np.sqrt(eigenvalues)) @ vectors.T).tolist()
     return stats
 
@@ -141,13 +140,14 @@ class PhasePlan:
     init_from: Path | None
     phase1_source: dict | None
     out: Path
+    whiten_eps: float = WHITEN_EPS
 
     def feature_stats(self) -> dict[str, dict]:
         """Phase I: the statistics its projectors normalise with; phase II reads phase I's saved buffers."""
         if self.init_from is not None:
             return {}
         normalized = {m: p.normalize for m, p in self.model.projectors.items() if p.normalize != "none"}
-        return feature_stats(self.opened, normalized)
+        return feature_stats(self.opened, normalized, whiten_eps=self.whiten_eps)
 
 
 def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
@@ -163,4 +163,4 @@ def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
     out = phase_dir(config, phase)
     out.mkdir(parents=True, exist_ok=True)
-    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, out)
+    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, out, config.model.whiten_eps)

@@ -63,7 +63,7 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepar
 
     from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
     from preprocessing.cache.key import hash_model_dir
-    from preprocessing.encoders.recorded import write_encoders_record
+    from modrwkv.model_folder import write_records
 
     CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "clip")
@@ -82,10 +82,10 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepar
     assert "nowhere" in capsys.readouterr().err
     # a trained model records its encoder: no --encoder needed, and other weights are refused
     clip_hash = hash_model_dir(tmp_path / "clip")
-    write_encoders_record(tmp_path / "model", {"image": {"kind": "clip", "weights_hash": clip_hash}})
+    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": clip_hash}})
     without_kind = [a for a in args if a not in ("--encoder", "clip")]
     assert main(without_kind) == 0 and capsys.readouterr().out.count("User: ") == 2
-    write_encoders_record(tmp_path / "model", {"image": {"kind": "clip", "weights_hash": "0" * 64}})
+    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": "0" * 64}})
     assert main(without_kind) == 2 and "not the clip weights" in capsys.readouterr().err
 
 

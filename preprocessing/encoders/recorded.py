@@ -1,28 +1,13 @@
-"""Which frozen encoder a trained model's features came from, recorded beside its weights (`encoders.json`), so
-that inference (chat, lmms-eval) encodes media as training's caches did: the same kind, input size, layer and
-weights. Features from another resolution, layer or checkpoint are a different input; the model would answer
-them without any error, only worse."""
+"""The frozen encoder a trained model's features came from, built from the record its folder keeps
+(`encoders.json`, `modrwkv/model_folder.py`), so that inference (chat, lmms-eval) encodes media as training's
+caches did: the same kind, input size, layer and weights. Features from another resolution, layer or checkpoint
+are a different input; the model would answer them without any error, only worse."""
 
-import json
-from pathlib import Path
+from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
 
 from ..cache.key import hash_model_dir
 from . import build_encoder
 from .base import require_local_dir
-
-ENCODERS_FILE = "encoders.json"
-RECORDED = ("kind", "dtype", "image_size", "layer", "weights_hash")  # what of a store key decides the features
-
-
-def write_encoders_record(model_dir, store_keys: dict[str, dict]) -> None:
-    """store_keys: modality -> the feature store key of the caches it was trained on (the cache manifests')."""
-    record = {modality: {k: key.get(k) for k in RECORDED} for modality, key in store_keys.items()}
-    (Path(model_dir) / ENCODERS_FILE).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def read_encoders_record(model_dir) -> dict[str, dict]:
-    path = Path(model_dir) / ENCODERS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, device="cpu"):

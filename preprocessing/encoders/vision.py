@@ -69,7 +69,8 @@ class VisionEncoder(FrozenEncoder):
         return self.processor_class(size={"height": size, "width": size}, do_center_crop=False)
 
     def model_inputs(self, images):
-        return self.processor(images=images, return_tensors="pt")
+        # channels_last said, not guessed: an image 3 pixels high or less would otherwise be read as channels-first
+        return self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
 
     def encode_batch(self, items, ids) -> list[torch.Tensor]:
         images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
@@ -109,7 +110,7 @@ class Siglip2Encoder(VisionEncoder):
 
     def encode_batch(self, items, ids) -> list[torch.Tensor]:
         images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
-        inputs = {k: v.to(self.device) for k, v in self.processor(images=images, return_tensors="pt").items()}
+        inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         hidden = self.hidden(inputs).float().cpu()
         mask = inputs["pixel_attention_mask"].bool().cpu()

@@ -5,10 +5,10 @@ import torch
 
 from modrwkv import RWKV7Config
 from modrwkv.checkpoint import CheckpointError
-from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Turn, prompt_ids, tokenize_conversation
+from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS, Sample, Turn, prompt_ids, tokenize_conversation
 from modrwkv.generation import GenerationConfig, generate
+from modrwkv.model_folder import read_backbone_source, read_encoders_record
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, Projector, ProjectorConfig
-from modrwkv.conversation import Sample
 from modrwkv.tokenizer import WorldTokenizer
 from tests.conftest import random_backbone
 
@@ -164,7 +164,8 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
 
 def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, tok):
     """A run tree (backbone and adapter-only model) copied to another place, the original removed: the model
-    finds the copied backbone by its relative path; a backbone with other weights there is refused, named."""
+    finds the copied backbone by its relative path and keeps its encoder record; a backbone with other weights
+    there is refused, named. The folder holds the files model_folder.py lists, and no other."""
     model = tiny_model()
     ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
     feats = [[("image", torch.randn(9, 24))]]
@@ -172,13 +173,21 @@ def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, to
         expected = model(ids, feats).logits
     original = tmp_path / "machine_a"
     model.backbone.save_pretrained(original / "backbone")
+    store_key = {"kind": "dinov2", "dtype": "fp32", "image_size": 112, "layer": 8, "weights_hash": "ab" * 32,
+                 "limits": {"max_image_pixels": 4096}}  # the limits decide which items are kept, not their features
     model.save_pretrained(original / "runs" / "phase1" / "model", adapter_only=True,
-                          backbone_source={"path": str(original / "backbone")})
+                          backbone_source={"path": str(original / "backbone"), "run_id": "r1"},
+                          encoders={"image": store_key})
+    assert sorted(p.name for p in (original / "runs" / "phase1" / "model").iterdir()) == [
+        "adapter.safetensors", "backbone_source.json", "encoders.json", "modrwkv_config.json"]
     copied = tmp_path / "machine_b" / "elsewhere"
     shutil.copytree(original, copied)
     shutil.rmtree(original)
+    folder = copied / "runs" / "phase1" / "model"
     with torch.no_grad():
-        assert torch.equal(ModRWKV.from_pretrained(copied / "runs" / "phase1" / "model")(ids, feats).logits, expected)
+        assert torch.equal(ModRWKV.from_pretrained(folder)(ids, feats).logits, expected)
+    assert read_encoders_record(folder) == {"image": {k: v for k, v in store_key.items() if k != "limits"}}
+    assert read_backbone_source(folder)["run_id"] == "r1"
 
     tiny_model(seed=1).backbone.save_pretrained(copied / "backbone")  # another backbone in its place
     with pytest.raises(CheckpointError, match="hold other weights than the recorded sha256"):

@@ -13,13 +13,13 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from modrwkv import RWKV7Config
+from modrwkv.model_folder import read_encoders_record
 from pipelines.config import from_dict
 from pipelines.environment import cpu_description
 from pipelines.metrics.ceilings import cache_samples
 from pipelines.train import WORKER_ENV, TrainConfig, run_train, worker_env
 from pipelines.train_setup import WHITEN_EPS, feature_stats
 from preprocessing.cache.entry import FeatureCache
-from preprocessing.encoders.recorded import read_encoders_record
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
 

@@ -1,6 +1,8 @@
 """Frozen encoders built from tiny configs, saved to a temp dir and loaded through the same local-path code
 that real weights use."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,10 @@ from transformers import (
     SiglipVisionConfig, SiglipVisionModel, WavLMConfig, WavLMModel, WhisperConfig, WhisperModel,
 )
 
+from modrwkv.model_folder import read_encoders_record, write_records
 from preprocessing.encoders import ENCODERS, build_encoder
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
-from preprocessing.encoders.recorded import encoder_for, read_encoders_record, write_encoders_record
+from preprocessing.encoders.recorded import encoder_for
 from preprocessing.encoders.timer import TimerConfig, TimerModel
 from preprocessing.items import Audio
 
@@ -160,7 +163,7 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
     model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "other")
     trained = build_encoder("dinov2", tmp_path / "enc", image_size=56, layer=1)
     (tmp_path / "model").mkdir()
-    write_encoders_record(tmp_path / "model", {"image": {
+    write_records(tmp_path / "model", encoders={"image": {
         "kind": "dinov2", "dtype": "fp32", "image_size": 56, "layer": 1, "weights_hash": trained.weights_hash(),
         "limits": {"max_image_pixels": 1}}})
     assert read_encoders_record(tmp_path / "model")["image"]["layer"] == 1
@@ -175,6 +178,34 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
         encoder_for(tmp_path / "enc", "image", tmp_path / "enc")
     unrecorded = encoder_for(tmp_path / "enc", "image", tmp_path / "enc", kind="dinov2")  # a model saved by hand
     assert unrecorded.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1
+
+
+@pytest.mark.parametrize("kind", sorted(VISION))
+def test_tiny_images_encode_as_their_pil_form_on_the_encode_jobs_path(tmp_path, kind):
+    """The encode job hands encoders decoded H x W x 3 arrays; an image 3 pixels high or less must not be read as
+    channels-first (transformers guesses the layout from the shape): each gives the features of its PIL form, and
+    a uniform colour at any size those of the same colour at 16 x 16 where the input size is fixed."""
+    from pipelines.encode import ItemEncoder
+    from pipelines.encode_config import EncoderSpec
+    from preprocessing.validate import Limits, decode_image
+
+    model_class, config, length = VISION[kind]
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(tmp_path)
+    encoder = ItemEncoder(EncoderSpec(kind=kind, model_dir=str(tmp_path)), store=None).encoder
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (1, 3), (3, 1), (3, 500), (2, 2)):
+        pil = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        png = io.BytesIO()
+        pil.save(png, format="PNG")
+        decoded = decode_image(png.getvalue(), Limits())  # what the job's readers hand the encoder
+        assert decoded.shape == (height, width, 3)
+        from_array, from_pil = encoder.encode([decoded, pil], ["array", "pil"])
+        torch.testing.assert_close(from_array, from_pil, msg=f"{kind} {height}x{width}")
+        if length is not None:
+            red, red_16 = encoder.encode([np.full((height, width, 3), (255, 0, 0), np.uint8),
+                                          np.full((16, 16, 3), (255, 0, 0), np.uint8)], ["red", "red-16"])
+            torch.testing.assert_close(red, red_16, atol=1e-4, rtol=1e-4, msg=f"{kind} {height}x{width}")
 
 
 def test_the_encode_job_builds_the_layer_its_config_names_the_embeddings_too(tmp_path):
