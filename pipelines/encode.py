@@ -349,7 +349,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     for index, shard in enumerate(shards):
         if index not in done:
             entry.write_shard(index, pack_shard(shard), [w.key for w in shard], [],
-                              [sample_lengths(w) for w in shard])
+                              [sample_lengths(w) for w in shard], [w.item_files for w in shard])
     items = {"unique": len(needed), "in_store": len(needed) - len(todo), "encoded": len(todo) - len(item_rejects),
              "rejected": len(item_rejects)}
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,

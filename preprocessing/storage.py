@@ -63,6 +63,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def open_for_reading(uri: str):
+    """A seekable file: readers of columnar files fetch only the parts they need (ranged reads on S3)."""
+    fs, path = _fs(uri)
+    return fs.open_input_file(path)
+
+
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     return fs.get_file_info(path).type == pafs.FileType.File

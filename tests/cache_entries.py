@@ -21,7 +21,7 @@ def write_entry(uri: str, shards: list[list[Sample]], modality: str = "image", e
         # lengths as the manifest records them, [text tokens, [feature vectors of each item]]; these hand-made
         # samples need not tokenize, and no test here checks a context length, so the text counts 0
         entry.write_shard(index, pack_shard(rows), [r.key for r in rows], [],
-                          [[0, [len(a) for a in r.items]] for r in rows])
+                          [[0, [len(a) for a in r.items]] for r in rows], [r.item_files for r in rows])
     spec = {"modality": modality, **({"store": encoder} if encoder else {})}
     return entry.finish(spec, len(shards), [], n_read=sum(map(len, shards)),
                         extra={"feature_store": STORE})

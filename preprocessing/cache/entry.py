@@ -12,7 +12,8 @@ encoder, and cache entries, the samples tables that reference them. The encode j
                                                     (`modrwkv/batching.py`: `<key>.json` with turns, provenance and
                                                     its item files; series arrays as `<key>.<name>.npy`); a
                                                     receipt each
-        rejects.jsonl, manifest.json                written last: counts, shards with sha256, sample lengths
+        index.parquet, rejects.jsonl, manifest.json written last: per sample its shard, key, lengths and item
+                                                    files (`index.py`); the rejects; counts, shards with sha256
 
 A store is shared by every dataset, split, prompt edit and experiment that uses its items; item names carry all
 the encode job and the readers need, so one listing tells which items exist and how long they are. An entry is
@@ -39,8 +40,12 @@ import numpy as np
 from modrwkv.conversation import Sample
 
 from .. import storage
+from .index import INDEX, from_manifest, index_table, read_index, total_tokens, write_index
 
-FORMAT_VERSION = 2  # 2: features in the feature store, referenced by the samples; 1 held them inside the shards
+# 3: per-sample keys, lengths and item files in index.parquet; 2 kept keys and lengths in the manifest (read alike);
+# 1 held the features inside the shards, before the feature store
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 STORE_FOLDER = "features"
 STORE_KEY_FILE = "store.json"
 MANIFEST = "manifest.json"
@@ -126,16 +131,19 @@ class CacheEntry:
         return json.loads(storage.read_bytes(self.path(MANIFEST)))
 
     def done_shards(self) -> set[int]:
-        return {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
-                if n.startswith("shard-") and n.endswith(".json")}
+        """The shards a previous, interrupted run wrote (a receipt from before the index, without item files, is
+        written again)."""
+        written = {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
+                   if n.startswith("shard-") and n.endswith(".json")}
+        return {index for index in written if "item_files" in self.receipt(index)}
 
     def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
-                    lengths: list[list]) -> dict:
-        """lengths: per key, [text tokens, [tokens of each feature item]], so a context length can be checked
-        against the whole cache from its manifest alone."""
+                    lengths: list[list], item_files: list[list[str]]) -> dict:
+        """Per key: lengths, [text tokens, [tokens of each feature item]], and its item files, for the entry's
+        index (a context length is checked against the whole cache, and store items found in use, from it alone)."""
         receipt = {"index": index, "name": shard_name(index), "count": len(keys), "keys": keys,
                    "sha256": hashlib.sha256(shard).hexdigest(), "bytes": len(shard), "rejects": rejects,
-                   "lengths": lengths}
+                   "lengths": lengths, "item_files": item_files}
         storage.write_atomic(self.path(shard_name(index)), shard)
         storage.write_atomic(self.path(receipt_name(index)), canonical_json(receipt))
         return receipt
@@ -145,12 +153,12 @@ class CacheEntry:
 
     def clear(self) -> None:
         """Forgets a previous encode: manifest first, so the entry stops counting as complete at once."""
-        for name in [MANIFEST, REJECTS] + [n for n in storage.list_files(self.uri) if n.startswith("shard-")]:
+        for name in [MANIFEST, REJECTS, INDEX] + [n for n in storage.list_files(self.uri) if n.startswith("shard-")]:
             storage.delete(self.path(name))
 
     def finish(self, spec: dict, n_shards: int, read_rejects: list[dict], n_read: int, extra: dict) -> dict:
-        """Gathers the receipts into rejects.jsonl and the manifest (written last); every sample read must be
-        either written or rejected."""
+        """Gathers the receipts into the index, rejects.jsonl and the manifest (written last); every sample read
+        must be either written or rejected."""
         receipts = [self.receipt(i) for i in range(n_shards)]
         rejects = read_rejects + [r for rec in receipts for r in rec["rejects"]]
         written = sum(r["count"] for r in receipts)
@@ -159,8 +167,9 @@ class CacheEntry:
         manifest = {
             "format_version": FORMAT_VERSION, "cache_id": cache_id(spec), **spec, **extra,
             "counts": {"read": n_read, "written": written, "rejected": len(rejects)},
-            "shards": [{k: r.get(k) for k in ("name", "count", "sha256", "bytes", "keys", "lengths")} for r in receipts],
+            "shards": [{k: r[k] for k in ("name", "count", "sha256", "bytes")} for r in receipts],
         }
+        write_index(self.uri, index_table(receipts))
         storage.write_atomic(self.path(REJECTS), b"".join(canonical_json(r) + b"\n" for r in rejects))
         storage.write_atomic(self.path(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
@@ -223,7 +232,7 @@ class FeatureCache:
     def __init__(self, uri: str):
         self.uri = str(uri)
         self.manifest = CacheEntry(self.uri).manifest()
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"{self.uri}: a cache entry of format {self.manifest.get('format_version')}, from before "
                              "the feature store; encode its dataset again (`modrwkv encode --config ...`: each "
                              "media item is then encoded once and shared); `modrwkv cache gc --apply` removes it")
@@ -242,16 +251,23 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.manifest["counts"]["written"]
 
+    def index(self, columns: list[str] | None = None):
+        """The per-sample index (`index.py`): a pyarrow table of `columns` (default all)."""
+        if self.manifest["format_version"] == 2:
+            table = from_manifest(self.manifest)
+            return table.select(columns) if columns else table
+        return read_index(self.uri, columns)
+
     def over_length(self, max_length: int, compressed=lambda n: n) -> list[dict]:
         """{"key", "tokens"} of every sample whose text tokens plus its items' `compressed` feature lengths exceed
-        `max_length`, from the manifest alone (every entry of this format records the lengths)."""
-        over = []
-        for shard in self.shards:
-            for key, (text, items) in zip(shard["keys"], shard["lengths"]):
-                tokens = text + sum(compressed(n) for n in items)
-                if tokens > max_length:
-                    over.append({"key": key, "tokens": tokens})
-        return over
+        `max_length`, from the index alone."""
+        table = self.index(["text_tokens", "item_tokens"])
+        tokens = total_tokens(table, compressed)
+        over = np.flatnonzero(tokens > max_length)
+        if not len(over):
+            return []
+        keys = self.index(["key"])["key"].take(over).to_pylist()
+        return [{"key": key, "tokens": int(tokens[i])} for key, i in zip(keys, over)]
 
     def read_samples(self, index: int) -> list[Sample]:
         """A shard's samples as stored, checked against the manifest: their items named, not read."""

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import storage
-from .entry import FORMAT_VERSION, MANIFEST, STORE_FOLDER, FeatureCache
+from .entry import MANIFEST, READABLE_FORMATS, STORE_FOLDER, FeatureCache
 from .key import FINGERPRINTS_FOLDER
 
 
@@ -26,7 +26,7 @@ class Entry:
 
     @property
     def current(self) -> bool:
-        return self.manifest is not None and self.manifest.get("format_version") == FORMAT_VERSION
+        return self.manifest is not None and self.manifest.get("format_version") in READABLE_FORMATS
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Store:
 
 def inventory(root: str) -> tuple[list[Entry], list[Store]]:
     """Every entry and store under `root`, each store item with the complete entries that reference it (read
-    from the entries' shards)."""
+    from the entries' indexes; a format-2 entry's, from its shards)."""
     tree = storage.list_tree(root)
     by_top: dict[str, dict[str, tuple[int, int]]] = {}
     for path, stat in tree.items():
@@ -63,12 +63,15 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
         entries.append(entry)
         if entry.current and entry.manifest["feature_store"] in stores:
             referenced = stores[entry.manifest["feature_store"]].referenced
-            cache = FeatureCache(storage.join(root, name))
-            for shard in range(len(cache.shards)):
-                for sample in cache.read_samples(shard):
-                    for item in sample.item_files:
-                        referenced.setdefault(item, set()).add(name)
+            for item in referenced_items(FeatureCache(storage.join(root, name))):
+                referenced.setdefault(item, set()).add(name)
     return entries, sorted(stores.values(), key=lambda s: s.name)
+
+
+def referenced_items(cache: FeatureCache) -> set[str]:
+    if cache.manifest["format_version"] == 2:  # its index holds no item files
+        return {item for shard in range(len(cache.shards)) for s in cache.read_samples(shard) for item in s.item_files}
+    return set(cache.index(["item_files"])["item_files"].combine_chunks().flatten().to_pylist())
 
 
 def garbage(root: str, grace_s: float = 3600.0) -> list[str]:

@@ -66,6 +66,48 @@ def write_entry(uri, counts):
     return write_samples(uri, [samples(n, start) for n, start in zip(counts, starts)])
 
 
+def test_the_index_holds_every_sample_and_the_manifest_none(tmp_path):
+    """One row per sample, in shard order: its shard, key, lengths and item files; the manifest keeps the shards'
+    checksums alone, so it stays small however many samples the entry holds."""
+    uri = str(tmp_path / "e")
+    write_entry(uri, [3, 2])
+    cache = FeatureCache(uri)
+    assert all(set(shard) == {"name", "count", "sha256", "bytes"} for shard in cache.manifest["shards"])
+    index = cache.index().to_pydict()
+    stored = [s for i in range(len(cache.shards)) for s in cache.read_samples(i)]
+    assert index["key"] == [s.key for s in stored] == [f"s{i:03d}" for i in range(5)]
+    assert index["shard"] == [0, 0, 0, 1, 1] and index["text_tokens"] == [0] * 5
+    assert index["item_files"] == [s.item_files for s in stored]
+    assert index["item_tokens"] == [[2 + i % 3] for i in range(5)]  # the features' vectors, as their names say
+    assert cache.over_length(3) == [{"key": "s002", "tokens": 4}]
+    assert cache.over_length(1, lambda n: n - 1) == [{"key": "s001", "tokens": 2}, {"key": "s002", "tokens": 3},
+                                                     {"key": "s004", "tokens": 2}]
+
+
+def test_an_entry_of_format_2_opens_counts_and_keeps_its_items(tmp_path):
+    """Entries written before the index (keys and lengths in the manifest) are read alike and are not garbage."""
+    import json
+
+    from preprocessing.cache.inventory import describe, garbage, inventory
+
+    root = tmp_path / "cache"
+    write_entry(str(root / "e"), [3, 2])
+    new = FeatureCache(str(root / "e"))
+    index, over = new.index().to_pydict(), new.over_length(1, lambda n: n - 1)
+    manifest = {**new.manifest, "format_version": 2, "shards": [
+        {**shard, "keys": [k for k, i in zip(index["key"], index["shard"]) if i == n],
+         "lengths": [[t, items] for t, items, i in zip(index["text_tokens"], index["item_tokens"], index["shard"])
+                     if i == n]} for n, shard in enumerate(new.manifest["shards"])]}
+    (root / "e" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "e" / "index.parquet").unlink()
+    old = FeatureCache(str(root / "e"))
+    assert old.index(["key"])["key"].to_pylist() == index["key"]
+    assert old.over_length(1, lambda n: n - 1) == over and len(over) == 3
+    _, (store,) = inventory(str(root))
+    assert set(store.referenced) == {f for files in index["item_files"] for f in files}
+    assert garbage(str(root), grace_s=0) == [] and "complete" in describe(str(root), sizes=False)
+
+
 def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     manifest = write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
     assert manifest["counts"] == {"read": 12, "written": 12, "rejected": 0}
@@ -144,7 +186,7 @@ def test_reader_refuses_changed_features_and_entries_from_before_the_store(tmp_p
     with pytest.raises(ValueError, match=f"{item.name}: sha256 differs from its name"):
         FeatureCache(uri).read_shard(0)
     manifest = tmp_path / "e" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 1'))
+    manifest.write_text(manifest.read_text().replace('"format_version": 3', '"format_version": 1'))
     with pytest.raises(ValueError, match="format 1, from before the feature store; encode its dataset again"):
         FeatureCache(uri)
 
