@@ -31,6 +31,7 @@ from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
+from preprocessing.cache.precision import to_stored
 from preprocessing.items import Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
@@ -195,10 +196,7 @@ class ItemEncoder:
 
     def __init__(self, encoder: EncoderSpec, store: FeatureStore):
         self.spec, self.store = encoder, store
-        if self.spec.kind == RAW_SERIES:
-            self.encoder, self.feature_dtype = RawSeries(), np.float32  # the model's input: full precision
-        else:
-            self.encoder, self.feature_dtype = self.frozen_encoder(), np.float16  # features: half the bytes
+        self.encoder = RawSeries() if self.spec.kind == RAW_SERIES else self.frozen_encoder()
 
     def frozen_encoder(self):
         # torch and transformers: heavy, only the encoder actors need them
@@ -213,8 +211,10 @@ class ItemEncoder:
         return build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
 
     def store_features(self, refs: list[str], items: list) -> list[str]:
-        features = self.encoder.encode(items, refs)
-        return [self.store.write(ref, f.float().numpy().astype(self.feature_dtype)) for ref, f in zip(refs, features)]
+        features = [f.float().numpy() for f in self.encoder.encode(items, refs)]
+        if self.spec.kind == RAW_SERIES:  # the WaveNet's input: full precision
+            return [self.store.write(ref, f) for ref, f in zip(refs, features)]
+        return [self.store.write(ref, to_stored(f, self.store.precision)) for ref, f in zip(refs, features)]
 
     def __call__(self, batch: dict) -> dict:
         refs, files, rejects = list(batch["ref"]), [""] * len(batch["ref"]), list(batch["reject"])
@@ -322,7 +322,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     prepared = prepare(samples, rejects, config.limits, fingerprints)
     sections = dataclasses.asdict(config)
     key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
-                    fingerprints)
+                    fingerprints, config.cache.precision)
     store = FeatureStore.for_key(config.cache.root, key)
     spec = cache_spec(key, sections["dataset"], config.cache.shard_size,
                       [p.record() for p in sorted(prepared, key=lambda p: p.raw.key)])

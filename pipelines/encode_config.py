@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+from preprocessing.cache.precision import Precision
 from preprocessing.validate import Limits
 
 MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
@@ -64,6 +65,9 @@ class EncoderSpec:
 class CacheConfig:
     root: str = "runs/cache"  # a folder or s3://bucket/prefix
     shard_size: int = 256
+    # how the store holds features (preprocessing/cache/precision.py): fp16, or int8 with a scale per vector (half
+    # the bytes); part of the store's key, so both live side by side
+    precision: Precision = "fp16"
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -98,3 +102,8 @@ class EncodeConfig:
     run: RunConfig = field(default_factory=RunConfig)
     # the context length the cache will train at: encode counts and names the samples over it (changes no feature)
     max_length: int | None = None
+
+    def __post_init__(self):
+        if self.cache.precision != "fp16" and self.encoder.kind == RAW_SERIES:
+            raise ValueError(f"cache.precision {self.cache.precision!r} applies to encoder features; raw series "
+                             "(the WaveNet's input) are stored in full precision")

@@ -41,6 +41,7 @@ from modrwkv.conversation import Sample
 
 from .. import storage
 from .index import INDEX, from_manifest, index_table, read_index, total_tokens, write_index
+from .precision import Precision, from_stored
 
 # 3: per-sample keys, lengths and item files in index.parquet; 2 kept keys and lengths in the manifest (read alike);
 # 1 held the features inside the shards, before the feature store
@@ -194,13 +195,13 @@ def store_name(key: dict) -> str:
 
 
 class FeatureStore:
-    def __init__(self, root: str, name: str):
+    def __init__(self, root: str, name: str, precision: Precision = "fp16"):
         self.uri = storage.join(root, STORE_FOLDER, name)
-        self.name = name
+        self.name, self.precision = name, precision
 
     @classmethod
     def for_key(cls, root: str, key: dict) -> "FeatureStore":
-        store = cls(root, store_name(key))
+        store = cls(root, store_name(key), key.get("precision", "fp16"))
         if not storage.exists(storage.join(store.uri, STORE_KEY_FILE)):
             key_file = storage.join(store.uri, STORE_KEY_FILE)
             storage.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True).encode())
@@ -211,19 +212,19 @@ class FeatureStore:
         return {parse_item_file(name)[0]: name for name in storage.list_tree(self.uri) if name.endswith(".npy")}
 
     def write(self, ref: str, features: np.ndarray) -> str:
-        """Stores one item's features; returns its file name (relative)."""
+        """Stores one item's features as given (`precision.to_stored` made them); returns its file name (relative)."""
         data = npy_bytes(features)
         name = item_file(ref, data, len(features))
         storage.write_atomic(storage.join(self.uri, name), data)
         return name
 
     def read(self, name: str) -> np.ndarray:
-        """One item's features, checked against the digest in its name; never unpickled."""
+        """One item's features, checked against the digest in its name; never unpickled; int8 ones decoded."""
         data = storage.read_bytes(storage.join(self.uri, name))
         if not hashlib.sha256(data).hexdigest().startswith(parse_item_file(name)[2]):
             raise ValueError(f"{self.uri}/{name}: sha256 differs from its name; the features were changed or "
                              "damaged after encoding (delete the file and encode again)")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return from_stored(np.load(io.BytesIO(data), allow_pickle=False), self.precision)
 
 
 class FeatureCache:
@@ -237,7 +238,8 @@ class FeatureCache:
                              "the feature store; encode its dataset again (`modrwkv encode --config ...`: each "
                              "media item is then encoded once and shared); `modrwkv cache gc --apply` removes it")
         self.shards = self.manifest["shards"]
-        self.store = FeatureStore(storage.parent(self.uri), self.manifest["feature_store"])
+        precision = self.manifest.get("store", {}).get("precision", "fp16")
+        self.store = FeatureStore(storage.parent(self.uri), self.manifest["feature_store"], precision)
         self.item_reader = ThreadPoolExecutor(8, thread_name_prefix="item-reader")  # item files are small: overlap
 
     @property

@@ -32,14 +32,17 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
     return hashlib.sha256(canonical_json([[Path(f).name, digests[f]] for f in files])).hexdigest()
 
 
-def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints) -> dict:
+def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,
+              precision: str = "fp16") -> dict:
     """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`, `layer`); limits:
-    the validation limits (an item the store holds passed them)."""
+    the validation limits (an item the store holds passed them); precision: how items are stored (`precision.py`)."""
     model_dir = encoder["model_dir"]
-    # the layer joins the key only when chosen: stores of the last hidden state keep the keys they were written under
+    # the layer and the precision join the key only when chosen: stores of the last hidden state in fp16 keep the
+    # keys they were written under
     layer = {"layer": encoder["layer"]} if encoder.get("layer") is not None else {}
+    stored = {"precision": precision} if precision != "fp16" else {}
     return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
-            "image_size": encoder["image_size"], **layer, "limits": limits,
+            "image_size": encoder["image_size"], **layer, **stored, "limits": limits,
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
 
 

@@ -177,6 +177,34 @@ def test_second_run_reuses_the_cache_and_a_changed_encoder_does_not(tmp_path, en
     assert run_encode(limits).uri not in (first.uri, other.uri)
 
 
+def test_an_int8_store_lives_beside_the_fp16_one_at_half_the_bytes(tmp_path, encoders):
+    """The same images encoded into an fp16 and an int8 store (a small job: in the driver): two stores, the int8
+    items int8 [L, D + 2] at about half the bytes, and training reads back features within half a step of each
+    vector's scale of the fp16 ones (which carry the encoder's own rounding to fp16)."""
+    build_digits(tmp_path / "digits", n_train=6, n_test=0)
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+    fp16 = run_encode(config(**sections))
+    int8 = run_encode(config(**{**sections, "cache": {**sections["cache"], "precision": "int8"}}))
+    assert int8.manifest["feature_store"] != fp16.manifest["feature_store"]
+    assert int8.manifest["store"]["precision"] == "int8" and "precision" not in fp16.manifest["store"]
+    stores = {r.manifest["feature_store"]: sorted((tmp_path / "cache" / "features" / r.manifest["feature_store"])
+                                                  .glob("*/*.npy")) for r in (fp16, int8)}
+    fp16_files, int8_files = stores[fp16.manifest["feature_store"]], stores[int8.manifest["feature_store"]]
+    assert len(fp16_files) == len(int8_files) == 6
+    stored = np.load(int8_files[0], allow_pickle=False)
+    width = np.load(fp16_files[0], allow_pickle=False).shape[1]
+    assert stored.dtype == np.int8 and stored.shape[1] == width + 2
+    ratio = sum(f.stat().st_size for f in int8_files) / sum(f.stat().st_size for f in fp16_files)
+    assert ratio < 0.55 + 128 * 6 / sum(f.stat().st_size for f in fp16_files)  # + each .npy's 128-byte header
+    exact = {s.key: s.items[0].astype(np.float32) for s in FeatureCache(fp16.uri).iter_samples(shuffle=False)}
+    for sample in FeatureCache(int8.uri).iter_samples(shuffle=False):
+        (features,) = sample.items
+        assert features.dtype == np.float32 and features.shape == exact[sample.key].shape
+        step = np.abs(exact[sample.key]).max(axis=1, keepdims=True) / 127
+        fp16_rounding = np.abs(exact[sample.key]) * 2.0**-11  # the fp16 store's own error
+        assert np.all(np.abs(features - exact[sample.key]) <= 0.5 * step * 1.01 + fp16_rounding)
+
+
 def test_encode_names_the_samples_over_the_context_length(tmp_path, encoders, ray_local):
     from modrwkv.batching import Collator
     from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig

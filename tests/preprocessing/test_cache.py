@@ -244,3 +244,22 @@ def test_a_chosen_encoder_layer_joins_the_store_key_and_the_default_keeps_the_ol
 
     assert key() == key(layer=None) and "layer" not in key()  # stores written before `layer` existed stay valid
     assert key(layer=8) != key() and key(layer=8) != key(layer=-2)
+    int8 = store_key("image", encoder, {"max_pixels": 1}, Fingerprints(str(tmp_path)), "int8")
+    assert int8 != key() and int8["precision"] == "int8" and "precision" not in key()  # likewise for fp16 stores
+
+
+def test_int8_items_decode_within_half_a_step_and_read_back_as_features(tmp_path):
+    from preprocessing.cache.entry import FeatureStore
+    from preprocessing.cache.precision import from_stored, to_stored
+
+    features = np.random.default_rng(0).normal(0, 3, (65, 384)).astype(np.float32)
+    features[3] = 0  # a zero vector: its scale is 0, its codes 0
+    stored = to_stored(features, "int8")
+    assert stored.dtype == np.int8 and stored.shape == (65, 386)
+    assert stored.nbytes / to_stored(features, "fp16").nbytes < 0.51
+    step = np.ascontiguousarray(stored[:, -2:]).view(np.float16).astype(np.float32)
+    assert np.all(step * 127 >= np.abs(features).max(axis=1, keepdims=True))  # every value within 127 steps
+    decoded = from_stored(stored, "int8")
+    assert np.all(np.abs(decoded - features) <= step / 2) and not decoded[3].any()
+    store = FeatureStore(str(tmp_path), "image-test-int8", "int8")
+    assert np.array_equal(store.read(store.write("ab" * 32, stored)), decoded)
