@@ -21,22 +21,28 @@ A machine without the demo's data and encoders (a lent GPU) is given the demo's 
     python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json          # here, after `make demo`
     python benchmarks/quality.py --suites demo --single-process --untracked --caches runs/gpu_demo/caches.json
 (the caches' entries under runs/cache travel with the file; the stand-in backbone is trained there).
+
+Each suite also runs a `Variant` of its shipped configs: benchmarks/experiments.py re-runs the experiments behind
+the shipped defaults that way.
 """
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
+if __name__ == "__main__":  # run as a script: import the project's packages, not this folder's modules
+    sys.path[0] = str(ROOT)
 
 from benchmarks.report import write_report  # noqa: E402
 from pipelines.environment import cpu_description  # noqa: E402
@@ -45,6 +51,35 @@ SHAPES_DATA = Path("runs/shapes/data")
 DEMO_CONFIGS = Path("configs/demo")
 DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "configs/demo/eval_speech.yaml",
               "CO2 forecast": "configs/demo/eval_co2.yaml"}
+DEMO_METRICS = {"digits VQA": ("accuracy",), "spoken digits": ("wer_en", "cer_zh"), "CO2 forecast": ("mse",)}
+SUITE_CONFIGS = {  # suite -> its train config and its eval configs
+    "demo": ("configs/demo/train.yaml", tuple(DEMO_EVALS.values())),
+    "shapes": ("configs/quality/train_shapes.yaml", ("configs/quality/eval_shapes.yaml",)),
+    "elnino": ("configs/quality/train_elnino.yaml", ("configs/quality/eval_elnino.yaml",)),
+}
+VARIANT_DATA = Path("runs/experiments/data")  # data sets other than the shipped ones, each in a folder of its own
+DATA_BUILDERS = {  # data a variant may build: module, builder, and the file each encode YAML then reads
+    "shapes": ("preprocessing.shapes_data", "build_shapes", {"configs/quality/encode_shapes_train.yaml": "train.json",
+                                                            "configs/quality/encode_shapes_test.yaml": "test.json"}),
+    "speech": ("preprocessing.demo_data", "build_speech", {"configs/demo/encode_speech_train.yaml": "train.jsonl",
+                                                          "configs/demo/encode_speech_test.yaml": "test.jsonl"}),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an experiment's arm (benchmarks/experiments.py) changes in a suite's shipped configs; every override is
+    `--set`-style (dotted key -> value). The shipped suites run `SHIPPED`."""
+
+    name: str = "quality"  # in the run names, so that arms do not share output folders
+    train: dict = field(default_factory=dict)  # over the suite's train config
+    encode: dict = field(default_factory=dict)  # encode YAML -> overrides of it (an encoder's layer, ...)
+    # DATA_BUILDERS name -> its builder's keywords: a data set other than the shipped one, which the encode YAMLs
+    # that read it are pointed at
+    data: dict = field(default_factory=dict)
+
+
+SHIPPED = Variant()
 
 
 # ---- model scores -------------------------------------------------------------------------------------------
@@ -53,17 +88,20 @@ UNTRACKED = False  # --untracked: no MLflow (a machine without it)
 CACHES: dict[str, str] = {}  # --caches: encode YAML -> its cache entry, for a machine without the data or encoders
 
 
-def train_both_phases(config_path: str, seed: int, tracking_uri: str):
+def train_both_phases(config_path: str, seed: int, tracking_uri: str, variant: Variant = SHIPPED,
+                      encode: dict | None = None):
+    """Phases I and II of the train config with `variant`'s overrides; `encode`: encode YAML -> its overrides
+    (`encode_overrides`). Returns phase II's model folder."""
     from pipelines.config import load_config
     from pipelines.train_config import TrainConfig
     from pipelines.train_local import run_single_process
     from pipelines.train_setup import phase_dir
 
-    name = f"{Path(config_path).stem.removeprefix('train').strip('_') or 'demo'}-quality-s{seed}"
-    config = load_config(config_path, TrainConfig, {"seed": seed, "name": name,
+    name = f"{Path(config_path).stem.removeprefix('train').strip('_') or 'demo'}-{variant.name}-s{seed}"
+    config = load_config(config_path, TrainConfig, {**variant.train, "seed": seed, "name": name,
                                                     "tracking.tracking_uri": tracking_uri,
                                                     "tracking.experiment": "quality"})
-    config = dataclasses.replace(config, caches=[cache_uri(c) for c in config.caches])
+    config = dataclasses.replace(config, caches=[cache_uri(c, (encode or {}).get(c)) for c in config.caches])
     if SINGLE_PROCESS:
         train = run_single_process
     else:
@@ -75,7 +113,7 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str):
     return phase_dir(config, 2) / "model"
 
 
-def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str):
+def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str, encode: dict | None = None):
     from pipelines.config import load_config
     from pipelines.evaluate import EvalConfig, run_eval
 
@@ -83,7 +121,7 @@ def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str):
     config = load_config(eval_path, EvalConfig, {"checkpoint": str(checkpoint), "out_dir": str(out_dir),
                                                  "tracking_uri": tracking_uri, "experiment": "quality",
                                                  "actors": 0 if SINGLE_PROCESS else 1, "track": not UNTRACKED})
-    return run_eval(dataclasses.replace(config, cache=cache_uri(config.cache)))
+    return run_eval(dataclasses.replace(config, cache=cache_uri(config.cache, (encode or {}).get(config.cache))))
 
 
 def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
@@ -97,14 +135,49 @@ def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
 
 
 # ---- suites -------------------------------------------------------------------------------------------------
-def cache_uri(encode_yaml: str) -> str:
+def cache_uri(encode_yaml: str, overrides: dict | None = None) -> str:
+    """The cache of an encode YAML with `overrides` (found in the cache, or encoded first), or the entry --caches
+    gave for it."""
     from pipelines.caches import resolve_caches
 
     if CACHES:
+        if overrides:
+            raise SystemExit(f"{encode_yaml} is changed by this variant ({overrides}): --caches cannot give it")
         if encode_yaml not in CACHES:
             raise SystemExit(f"{encode_yaml} is not among the caches given; they cover {sorted(CACHES)}")
         return str(ROOT / CACHES[encode_yaml])
-    return resolve_caches([encode_yaml])[0]
+    return resolve_caches([encode_yaml], {encode_yaml: overrides})[0]
+
+
+def data_builder(name: str):
+    module, builder, _ = DATA_BUILDERS[name]
+    return getattr(importlib.import_module(module), builder)
+
+
+def variant_data_folder(name: str, keywords: dict) -> Path:
+    return VARIANT_DATA / "-".join([name, *(f"{k}-{v}" for k, v in sorted(keywords.items()))])
+
+
+def encode_overrides(variant: Variant, build: bool = True) -> dict[str, dict]:
+    """encode YAML -> its overrides: the variant's own, and the dataset paths of the data sets it asks for, each
+    built (with `build`, when its folder lacks it) from its builder's keywords in a folder of its own."""
+    overrides = {yaml: dict(o) for yaml, o in variant.encode.items()}
+    for name, keywords in variant.data.items():
+        folder, files = variant_data_folder(name, keywords), DATA_BUILDERS[name][2]
+        if build and not all((folder / file).is_file() for file in files.values()):
+            data_builder(name)(folder, **keywords)
+        for yaml, file in files.items():
+            overrides.setdefault(yaml, {})["dataset.path"] = str(folder / file)
+    return overrides
+
+
+def split_samples(encode_yaml: str, encode: dict[str, dict]) -> tuple[list, list]:
+    """The training and test samples of the encode YAMLs `encode_yaml` names with "{}" for the split."""
+    from pipelines.metrics.ceilings import cache_samples
+
+    yamls = [encode_yaml.format(split) for split in ("train", "test")]
+    train, test = (cache_samples(cache_uri(yaml, encode.get(yaml))) for yaml in yamls)
+    return train, test
 
 
 def write_caches(path: Path) -> None:
@@ -122,64 +195,78 @@ def machine_description() -> str:
     return f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, {where}"
 
 
-def demo_suite(seeds, tracking_uri) -> list[dict]:
-    from pipelines.metrics.ceilings import cache_samples, ridge_forecast_mse, vqa_ceilings
+def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO_EVALS)) -> list[dict]:
+    """`tasks`: the demo tasks evaluated (all three; a variant that trains some of the caches alone names those)."""
+    from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
 
-    train, test = (cache_samples(cache_uri(f"configs/demo/encode_{n}.yaml")) for n in ("digits_train", "digits_test"))
-    digits = vqa_ceilings(train, test)["all"]
-    co2_train, co2_test = (cache_samples(cache_uri(f"configs/demo/encode_co2_{n}.yaml")) for n in ("train", "test"))
-    rows = {("digits VQA", "accuracy"): {"ceiling": digits["ceiling"], "baseline": digits["baseline"]},
-            ("spoken digits", "wer_en"): {}, ("spoken digits", "cer_zh"): {},
-            ("CO2 forecast", "mse"): {"ceiling": ridge_forecast_mse(co2_train, co2_test)}}
+    encode = encode_overrides(variant)
+    rows = {(task, metric): {} for task in tasks for metric in DEMO_METRICS[task]}
+    if "digits VQA" in tasks:
+        digits = vqa_ceilings(*split_samples("configs/demo/encode_digits_{}.yaml", encode))["all"]
+        rows["digits VQA", "accuracy"].update(ceiling=digits["ceiling"], baseline=digits["baseline"])
+    if "CO2 forecast" in tasks:
+        rows["CO2 forecast", "mse"]["ceiling"] = ridge_forecast_mse(*split_samples("configs/demo/encode_co2_{}.yaml",
+                                                                                   encode))
+    train_config, _ = SUITE_CONFIGS["demo"]
     for seed in seeds:
         started = time.perf_counter()
-        checkpoint = train_both_phases("configs/demo/train.yaml", seed, tracking_uri)
-        for task, eval_path in DEMO_EVALS.items():
-            result = evaluate(eval_path, checkpoint, tracking_uri)
-            for (row_task, metric), row in rows.items():
-                if row_task == task:
-                    row.setdefault("model", []).append(result.metrics[metric])
-                    if metric != "accuracy":  # empty transcript, seasonal naive: the same for every seed
-                        row["baseline"] = result.baselines[metric]
+        checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
+        for task in tasks:
+            result = evaluate(DEMO_EVALS[task], checkpoint, tracking_uri, encode)
+            for metric in DEMO_METRICS[task]:
+                rows[task, metric].setdefault("model", []).append(result.metrics[metric])
+                if metric != "accuracy":  # empty transcript, seasonal naive: the same for every seed
+                    rows[task, metric]["baseline"] = result.baselines[metric]
         for row in rows.values():
             row.setdefault("minutes", []).append((time.perf_counter() - started) / 60)
     return [{"task": t, "metric": m, **row} for (t, m), row in rows.items()]
 
 
-def shapes_suite(seeds, tracking_uri) -> list[dict]:
-    from pipelines.metrics.ceilings import cache_samples, vqa_ceilings
+def shapes_suite(seeds, tracking_uri, variant: Variant = SHIPPED) -> list[dict]:
+    from pipelines.config import load_config
+    from pipelines.encode import EncodeConfig
+    from pipelines.metrics.ceilings import vqa_ceilings
     from preprocessing.shapes_data import COLOURS, SHAPES, build_shapes
 
-    build_shapes(SHAPES_DATA)  # the shipped size, in seconds; the feature store re-encodes only images that changed
-    kinds = {r["id"]: r["type"] for split in ("train", "test")
-             for r in json.loads((SHAPES_DATA / f"{split}.json").read_text())}
-    train, test = (cache_samples(cache_uri(f"configs/quality/encode_shapes_{n}.yaml")) for n in ("train", "test"))
-    references = vqa_ceilings(train, test, lambda s: kinds[s.meta["id"]], {"yesno": [*COLOURS, *SHAPES]})
+    if "shapes" not in variant.data:
+        build_shapes(SHAPES_DATA)  # the shipped size, in seconds; the feature store re-encodes only images that changed
+    encode = encode_overrides(variant)
+    shapes_yaml = "configs/quality/encode_shapes_{}.yaml"
+    kinds = {r["id"]: r["type"] for split in ("train", "test") for r in json.loads(
+        Path(load_config(shapes_yaml.format(split), EncodeConfig, encode.get(shapes_yaml.format(split))).dataset.path)
+        .read_text())}
+    references = vqa_ceilings(*split_samples(shapes_yaml, encode), lambda s: kinds[s.meta["id"]],
+                              {"yesno": [*COLOURS, *SHAPES]})
     rows = {kind: {**ref} for kind, ref in references.items()}
+    train_config, (eval_config,) = SUITE_CONFIGS["shapes"]
     for seed in seeds:
         started = time.perf_counter()
-        checkpoint = train_both_phases("configs/quality/train_shapes.yaml", seed, tracking_uri)
-        result = evaluate("configs/quality/eval_shapes.yaml", checkpoint, tracking_uri)
+        checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
+        result = evaluate(eval_config, checkpoint, tracking_uri, encode)
         for kind, accuracy in grouped_accuracy(result.predictions, kinds.__getitem__).items():
             rows[kind].setdefault("model", []).append(accuracy)
             rows[kind].setdefault("minutes", []).append((time.perf_counter() - started) / 60)
     return [{"task": f"shapes VQA: {kind}", "metric": "accuracy", **row} for kind, row in rows.items()]
 
 
-def elnino_suite(seeds, tracking_uri) -> list[dict]:
+def elnino_suite(seeds, tracking_uri, variant: Variant = SHIPPED) -> list[dict]:
     """The second real series: monthly El Nino sea-surface temperature, trained alone."""
-    from pipelines.metrics.ceilings import cache_samples, ridge_forecast_mse
+    from pipelines.metrics.ceilings import ridge_forecast_mse
 
-    train, test = (cache_samples(cache_uri(f"configs/quality/encode_elnino_{n}.yaml")) for n in ("train", "test"))
-    row = {"ceiling": ridge_forecast_mse(train, test)}
+    encode = encode_overrides(variant)
+    row = {"ceiling": ridge_forecast_mse(*split_samples("configs/quality/encode_elnino_{}.yaml", encode))}
+    train_config, (eval_config,) = SUITE_CONFIGS["elnino"]
     for seed in seeds:
         started = time.perf_counter()
-        result = evaluate("configs/quality/eval_elnino.yaml",
-                          train_both_phases("configs/quality/train_elnino.yaml", seed, tracking_uri), tracking_uri)
+        checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
+        result = evaluate(eval_config, checkpoint, tracking_uri, encode)
         row.setdefault("model", []).append(result.metrics["mse"])
         row["baseline"] = result.baselines["mse"]  # seasonal naive: the same for every seed
         row.setdefault("minutes", []).append((time.perf_counter() - started) / 60)
     return [{"task": "El Nino forecast", "metric": "mse", **row}]
+
+
+SUITES = {"demo": demo_suite, "shapes": shapes_suite, "elnino": elnino_suite}
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -220,8 +307,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--suites", nargs="+", choices=["demo", "shapes", "elnino"],
-                        default=["demo", "shapes", "elnino"])
+    parser.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--single-process", action="store_true",
                         help="train (the training core) and evaluate in this process, on the GPU when there is one, "
@@ -260,13 +346,8 @@ def main():
         try:
             if args.write_caches:
                 return write_caches(args.write_caches)
-            rows = []
-            if "demo" in args.suites:
-                rows += demo_suite(args.seeds, tracking_uri)
-            if "shapes" in args.suites:
-                rows += shapes_suite(args.seeds, tracking_uri)
-            if "elnino" in args.suites:
-                rows += elnino_suite(args.seeds, tracking_uri)
+            rows = [row for name, suite in SUITES.items() if name in args.suites
+                    for row in suite(args.seeds, tracking_uri)]
         finally:
             ray.shutdown()
     plot(rows, out / "quality.png")

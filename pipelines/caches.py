@@ -14,6 +14,9 @@ def absolute(uri: str) -> str:
     return uri if storage.is_remote(uri) else str(Path(uri).absolute())
 
 
-def resolve_caches(entries: list[str]) -> list[str]:
-    uris = [run_encode(load_config(e, EncodeConfig)).uri if e.endswith((".yaml", ".yml")) else e for e in entries]
+def resolve_caches(entries: list[str], overrides: dict[str, dict] | None = None) -> list[str]:
+    """`overrides`: encode YAML -> `--set`-style overrides of it (an experiment's variant of a shipped config)."""
+    overrides = overrides or {}
+    uris = [run_encode(load_config(e, EncodeConfig, overrides.get(e))).uri if e.endswith((".yaml", ".yml")) else e
+            for e in entries]
     return [absolute(u) for u in uris]

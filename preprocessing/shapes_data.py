@@ -116,13 +116,15 @@ def record(record_id: str, image: str, kind: str, turns: list[tuple[str, str]]) 
 
 
 def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, seed: int = 0,
-                 extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE) -> Path:
+                 extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE, yesno_turns: int | None = None) -> Path:
     """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
     holds them in equal numbers, and each training image gets `extra_yesno` more records of different yes/no
-    questions, `yesno_per_shape` for each shape drawn (at most `ASKABLE`, all there are), asked in turn."""
-    if not 1 <= yesno_per_shape <= ASKABLE:
-        raise ValueError(f"yesno_per_shape must be 1-{ASKABLE} (the different questions an image can be asked), "
-                         f"got {yesno_per_shape}")
+    questions, `yesno_per_shape` for each shape drawn (at most `ASKABLE`, all there are), asked in turn; or, with
+    `yesno_turns`, that many whatever the shapes drawn (the sets measured before the count followed the shapes:
+    1, then 3; benchmarks/experiments.py's yes/no data)."""
+    for name, count in (("yesno_per_shape", yesno_per_shape), ("yesno_turns", yesno_turns)):
+        if count is not None and not 1 <= count <= ASKABLE:
+            raise ValueError(f"{name} must be 1-{ASKABLE} (the different questions an image can be asked), got {count}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # the test split and the extra questions draw from their own generators: the test split does not depend on the
@@ -142,7 +144,8 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
             image.save(out / name)
             records.append(record(f"shapes-{split}-{i:05d}", name, kind, [(question, answer)]))
             for j in range(extra_yesno if split == "train" else 0):
-                turns = distinct_yesno(shapes, min(yesno_per_shape * len(shapes), ASKABLE), extra_rng)
+                asked = yesno_turns if yesno_turns is not None else min(yesno_per_shape * len(shapes), ASKABLE)
+                turns = distinct_yesno(shapes, asked, extra_rng)
                 records.append(record(f"shapes-{split}-{i:05d}-yesno{j}", name, "yesno", turns))
         write_json(out / f"{split}.json", records)
     return out

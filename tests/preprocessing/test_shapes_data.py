@@ -58,6 +58,9 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_per_shape=1)
     extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
     assert all(len(r["conversations"]) == 2 * drawn_shapes(tmp_path / r["image"]) for r in extra)
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=3)  # as many whatever the shapes drawn
+    extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
+    assert {len(r["conversations"]) for r in extra} == {6}
 
 
 def test_same_seed_same_set_and_the_cli(tmp_path):
@@ -97,4 +100,6 @@ def test_test_split_does_not_depend_on_the_training_size(tmp_path):
 def test_more_yesno_questions_than_an_image_has_is_refused(tmp_path):
     with pytest.raises(ValueError, match="yesno_per_shape must be 1-11"):
         build_shapes(tmp_path, 2, 1, yesno_per_shape=12)
+    with pytest.raises(ValueError, match="yesno_turns must be 1-11"):
+        build_shapes(tmp_path, 2, 1, yesno_turns=0)
     assert not (tmp_path / "train.json").exists()

@@ -1,0 +1,317 @@
+"""The experiments behind the shipped defaults, re-runnable: each compares arms, each arm a quality suite's shipped
+configs with `--set`-style overrides (of the train config, of its encode configs, of the data a suite builds),
+trained by the training core in this process and scored as benchmarks/RESULTS.md quotes it: mean ± std over seeds
+beside the suite's ceiling and baseline (`benchmarks/quality.py`'s suites, untracked).
+
+    python benchmarks/experiments.py --list
+    python benchmarks/experiments.py NAME [--seeds 0 1 2] [--arms ARM ...] [--out DIR]
+
+The table (arm × task and metric) is printed beside what RESULTS.md quoted for each arm, and written as NAME.md and
+NAME.json under --out (default runs/experiments/NAME), where the arms' models and evaluations go too. Smoke runs:
+`--steps N` trains every phase N steps (the figures then mean nothing); `--set KEY=VALUE` overrides every arm's
+train config (a backbone elsewhere); `--caches FILE` gives the demo's caches as `quality.py --write-caches` wrote
+them, for a machine without the data or encoders (arms that change an encode config cannot use it).
+
+Most experiments ran before today's code (RESULTS.md says when); what the configs cannot say of the original runs
+is in each entry's `differs`, and the figures may differ by it.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as a script: import the project's packages, not this folder's modules
+    sys.path[0] = str(ROOT)
+
+from benchmarks import quality  # noqa: E402
+from benchmarks.quality import DEMO_EVALS, SUITE_CONFIGS, Variant, encode_overrides, fmt  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Suite:
+    run: Callable  # (seeds, tracking_uri, variant) -> rows, as quality.py's suites
+    train_config: str
+    eval_configs: tuple[str, ...]
+
+
+SUITES = {name: Suite(run, *SUITE_CONFIGS[name]) for name, run in quality.SUITES.items()}
+# the demo's recipe scored on CO2 alone, for arms that train on its series cache alone
+SUITES["co2"] = Suite(partial(quality.demo_suite, tasks=("CO2 forecast",)), SUITE_CONFIGS["demo"][0],
+                      (DEMO_EVALS["CO2 forecast"],))
+
+
+@dataclass(frozen=True)
+class Arm(Variant):
+    """One side of a comparison: a Variant and what RESULTS.md quoted for it."""
+
+    quoted: str = ""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    decides: str
+    chose: str  # the shipped default, as the config or code says it
+    results: tuple[str, ...]  # the RESULTS.md lines it re-runs, by the bold words they open with
+    suite: str
+    arms: tuple[Arm, ...]
+    setting: Variant = field(default_factory=Variant)  # what every arm shares: the recipe of the time
+    differs: str = ""  # what the configs cannot say of the original runs
+
+
+def arm_variant(experiment: Experiment, arm: Arm, extra: dict) -> Variant:
+    """The arm's overrides over the experiment's setting, then `extra` (--steps, --set) over the train config."""
+    base = experiment.setting
+    encode = {yaml: {**base.encode.get(yaml, {}), **arm.encode.get(yaml, {})} for yaml in {**base.encode, **arm.encode}}
+    data = {name: {**base.data.get(name, {}), **arm.data.get(name, {})} for name in {**base.data, **arm.data}}
+    return Variant(f"{experiment.name}-{arm.name}", {**base.train, **arm.train, **extra}, encode, data)
+
+
+# ---- the registry: the settings of the time, then one entry per experiment -----------------------------------
+SHAPES_ENCODES = ("configs/quality/encode_shapes_train.yaml", "configs/quality/encode_shapes_test.yaml")
+LAST_LAYER = {yaml: {"encoder.layer": None} for yaml in SHAPES_ENCODES}
+COMPRESSED = {"model.projectors.image.kernel": 5, "model.projectors.image.stride": 4}  # 65 DINOv2 tokens -> 16
+# the shapes set before it grew: 2,000 training images, 500 test questions (100 a type)
+SHAPES_2000 = {"n_train": 2000, "n_test": 500}
+# the first shapes recipe: one question an image, the last layer's tokens, compressed, phase II 300 steps
+FIRST_SHAPES = Variant(train={"phase2.steps": 300, **COMPRESSED}, encode=LAST_LAYER,
+                       data={"shapes": {**SHAPES_2000, "extra_yesno": 0}})
+FIRST_SHAPES_TEST = ("the test questions are the first 500 of today's test split, not the 500 then drawn after the "
+                     "training images (the generator changed when the split grew to 2,500); same kinds, same size")
+LARGER_SET = ("the single-process figures were on a separate 2,500-question test set (`modrwkv data shapes --train "
+              "0 --test 2500 --seed 11`); the arms here are scored on the shipped 2,500-question test split")
+
+
+def standardized_or_whitened(modality: str, encoder: str, suite: str, standardized: str, whitened: str,
+                             differs: str) -> Experiment:
+    """The per-modality choice that whitening every modality in the pipeline made (image whiten, the rest
+    standardize): this modality's projector standardised (shipped) or whitened, the others as shipped."""
+    return Experiment(
+        f"{modality}-normalisation", f"how {modality} ({encoder}) features are normalised: per dimension or whitened",
+        f"{modality} projectors standardize (DEFAULT_NORMALIZE, modrwkv/multimodal.py)",
+        ("Pipeline, 3 seeds, every modality whitened",), suite,
+        (Arm("standardize", quoted=standardized),
+         Arm("whiten", train={f"model.projectors.{modality}.normalize": "whiten"}, quoted=whitened)),
+        differs=differs)
+
+
+EXPERIMENTS = {e.name: e for e in [
+    Experiment(
+        "forecast-skip", "whether a forecast adds a linear map of the normalised lookback (starting as the naive "
+        "forecast) to the head, which starts at zero", "model.forecast_skip: true",
+        ("Forecast head alone vs head + lookback skip",), "co2",
+        (Arm("head-alone-unnormalised", train={"model.forecast_skip": False,
+                                               "model.projectors.series.normalize": "none"},
+             quoted="CO2 MSE 0.688 ± 0.093 ppm² (ridge 0.245, seasonal naive 3.41)"),
+         Arm("skip-unnormalised", train={"model.projectors.series.normalize": "none"},
+             quoted="CO2 MSE 0.337 ± 0.021 ppm²"),
+         Arm("head-alone", train={"model.forecast_skip": False}, quoted="not measured (features standardised since)"),
+         Arm("skip", quoted="not measured (the shipped recipe on the CO2 cache alone)")),
+        Variant(train={"caches": ["configs/demo/encode_co2_train.yaml"], "phase1.mix": None, "phase2.mix": None,
+                       "phase1.steps": 40, "phase2.steps": 40}),
+        "then the series features were not normalised (the '-unnormalised' arms; standardisation came after), and "
+        "training read the forecast after 'User: …\\n\\n' where evaluation read it after 'Assistant:' (fixed since: "
+        "'Forecast read at a different position'); which position the script of the time evaluated is not recorded"),
+    Experiment(
+        "image-normalisation", "how image features are normalised before the projector: not at all, per dimension, "
+        "or ZCA-whitened (ε 0.01 or 0.1 of the mean eigenvalue)",
+        "image projectors whiten (DEFAULT_NORMALIZE, modrwkv/multimodal.py), model.whiten_eps 0.1",
+        ("Single-process baseline", "Per-dimension standardisation of the features before the projector",
+         "ZCA whitening instead of per-dimension standardisation", "Pipeline, 3 seeds, every modality whitened"),
+        "shapes",
+        (Arm("none", train={"model.projectors.image.normalize": "none"},
+             quoted="colour 0.183 ± 0.045, shape 0.76 ± 0.11, yes/no 0.59 ± 0.02, count 0.96, position 0.99"),
+         Arm("standardize", train={"model.projectors.image.normalize": "standardize"},
+             quoted="colour 0.46 ± 0.03, shape 0.99 ± 0.01, count 0.92, yes/no 0.58"),
+         Arm("whiten-eps-0.01", train={"model.projectors.image.normalize": "whiten", "model.whiten_eps": 0.01},
+             quoted="colour 0.847 ± 0.034, shape 1.00, count 0.89, position 0.96, yes/no 0.57"),
+         Arm("whiten", quoted="colour 0.857 ± 0.045, shape 0.99, count 0.92, position 0.99, yes/no 0.59")),
+        FIRST_SHAPES, FIRST_SHAPES_TEST),
+    standardized_or_whitened(
+        "audio", "Whisper", "demo", "WER 0.046 ± 0.065, CER 0.037 ± 0.013 (every modality standardised)",
+        "WER 0.222 ± 0.039, CER 0.176 ± 0.035 (every modality whitened)",
+        "then 96 training utterances and 24 test ones, trained by Ray Train on 2 workers, and each arm normalised every "
+        "modality alike; here today's 384 / 48 utterances, one process, and only the audio projector differs"),
+    standardized_or_whitened(
+        "series", "Fracast", "elnino",
+        "El Nino MSE 1.202 ± 0.018 (every modality standardised; the quality table since: 1.142 ± 0.037)",
+        "El Nino MSE 1.337 ± 0.066 (every modality whitened)",
+        "the pipeline's runs (Ray Train, 2 workers); here one process. The line's CO2 figures (0.339 -> 0.324 ± "
+        "0.015, whitened better there) came from the demo suite with every modality whitened, which no arm here runs"),
+    Experiment(
+        "encoder-layer", "which DINOv2 layer's tokens the shapes set caches: the last, or layer 8",
+        "encoder.layer: 8 in configs/quality/encode_shapes_*.yaml", ("The model on layer 8's tokens",), "shapes",
+        (Arm("last-layer", encode=LAST_LAYER,
+             quoted="colour 0.880 ± 0.036 (0.83 / 0.91 / 0.90), count 0.86 / 0.91 / 0.90, yes/no 0.58 / 0.58 / 0.60"),
+         Arm("layer-8", quoted="colour 0.910 ± 0.016 (0.89 / 0.91 / 0.93), count 0.917, yes/no 0.56 / 0.57 / 0.60")),
+        Variant(train=FIRST_SHAPES.train, data=FIRST_SHAPES.data), FIRST_SHAPES_TEST),
+    Experiment(
+        "extra-yesno", "whether each training image is asked one yes/no question more about its own shapes "
+        "(phase II 1,200 steps, so that each question is seen as often)",
+        "build_shapes(extra_yesno=1) (preprocessing/shapes_data.py)",
+        ("G7's data, phase II 1,200 steps", "G9 shipped, pipeline, 3 seeds"), "shapes",
+        (Arm("one-question", data={"shapes": {"extra_yesno": 0}},
+             quoted="seed 0: colour 0.96, count 0.90, yes/no 0.58 (1.00 on training questions)"),
+         Arm("one-yesno-more", data={"shapes": {"yesno_turns": 1}},
+             quoted="colour 0.957 ± 0.021, yes/no 0.823 ± 0.038, count 0.937, position 0.987, shape 1.00 (on images "
+                    "drawn afresh); on these images seeds 0 / 1: yes/no 0.84 / 0.83, colour 0.93 / 0.96; pipeline: "
+                    "colour 0.980 ± 0.014, yes/no 0.867 ± 0.033")),
+        Variant(train={"phase2.steps": 1200, **COMPRESSED}, data={"shapes": SHAPES_2000}),
+        "the single-process line drew 2,000 new training images; the shipped set kept its images and drew the extra "
+        "questions from a generator of their own (the arms here). " + FIRST_SHAPES_TEST),
+    Experiment(
+        "shapes-recipe", "the shapes set's size, phase II's length and the image projector's compression",
+        "8,000 training images (build_shapes), phase2.steps: 2400 and no compression in "
+        "configs/quality/train_shapes.yaml",
+        ("Four times the training images", "Four times, no Conv1D compression", "G21 shipped, pipeline, 3 seeds"),
+        "shapes",
+        (Arm("2000-images-1200-steps-compressed", train={"phase2.steps": 1200, **COMPRESSED},
+             data={"shapes": {"n_train": 2000}},
+             quoted="seed 0: yes/no 0.830 (the larger set); pipeline on 500 questions 0.867 ± 0.033"),
+         Arm("8000-images-1200-steps-compressed", train={"phase2.steps": 1200, **COMPRESSED},
+             quoted="seed 0: yes/no 0.894 (the larger set)"),
+         Arm("8000-images-2400-steps-compressed", train=COMPRESSED,
+             quoted="seeds 0 / 1: yes/no 0.922 / 0.904 (the larger set)"),
+         Arm("8000-images-2400-steps", quoted="seeds 0 / 1 / 2: yes/no 0.948 / 0.914 / 0.910 = 0.924 ± 0.017 (the "
+                                              "larger set); pipeline 0.935 ± 0.002 on the shipped split")),
+        Variant(data={"shapes": {"yesno_turns": 1}}),  # one yes/no question in the extra record, as then
+        LARGER_SET + "; the pipeline figures are Ray Train's, 2 workers"),
+    Experiment(
+        "yesno-data", "how many yes/no questions each training image's extra record asks: one, three in turn, or "
+        "three per shape drawn", "build_shapes(yesno_per_shape=3) (preprocessing/shapes_data.py)",
+        ("G24's seed 2", "G25's three seeds"), "shapes",
+        (Arm("one", data={"shapes": {"yesno_turns": 1}},
+             quoted="yes/no 0.935 ± 0.002 (0.936 / 0.938 / 0.932)"),
+         Arm("three-in-turn", data={"shapes": {"yesno_turns": 3}},
+             quoted="yes/no 0.949 ± 0.009 (0.962 / 0.940 / 0.946)"),
+         Arm("three-per-shape", quoted="yes/no 0.967 ± 0.012 (0.950 / 0.976 / 0.974), colour 0.999 ± 0.001, count "
+                                       "0.987 ± 0.005, position 0.999 ± 0.002, shape 1.000")),
+        differs="the pipeline's runs (Ray Train, 2 workers, 20-35 minutes a seed); here one process"),
+    Experiment(
+        "speech-utterances", "how many spoken-digit utterances the demo trains on: 96 or 384 (the same 150 steps)",
+        "build_demo_data(n_speech=(384, 48)) (preprocessing/demo_data.py)",
+        ("Four times the training utterances",), "demo",
+        (Arm("96-utterances", data={"speech": {"n_train": 96, "n_test": 48}},
+             quoted="WER 0.000 / 0.292 / 0.014, CER 0.014 / 0.222 / 0.014; digits 0.773 ± 0.005, CO2 0.324 ± 0.013"),
+         Arm("384-utterances", quoted="WER 0.000 / 0.000 / 0.000, CER 0.000 / 0.000 / 0.000; digits 0.790 ± 0.029, "
+                                      "CO2 0.328 ± 0.019")),
+        differs="the pipeline's runs (Ray Train, 2 workers); here one process, which draws the caches in another "
+        "order (RESULTS.md, 'Training core')"),
+]}
+
+
+# ---- resolving and running ------------------------------------------------------------------------------------
+def resolve(experiment: Experiment) -> None:
+    """Loads every config the experiment would run, with each arm's overrides, building and training nothing: the
+    suite's train config, the encode configs it and the suite's eval configs read, and the data builders' keywords
+    against their signatures. Raises on the first that does not resolve."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.encode import EncodeConfig
+    from pipelines.evaluate import EvalConfig
+    from pipelines.train_config import TrainConfig
+
+    suite = SUITES[experiment.suite]
+    for arm in experiment.arms:
+        variant = arm_variant(experiment, arm, {})
+        config = load_config(suite.train_config, TrainConfig, variant.train)
+        evals = [load_config(path, EvalConfig) for path in suite.eval_configs]
+        read = {*config.caches, *(e.cache for e in evals)}
+        encode = encode_overrides(variant, build=False)
+        if set(encode) - read:
+            raise ConfigError(f"{experiment.name}, arm {arm.name}: overrides {sorted(set(encode) - read)}, which "
+                              f"this suite does not read ({sorted(read)})")
+        for yaml in read:
+            load_config(yaml, EncodeConfig, encode.get(yaml))
+        for name, keywords in variant.data.items():
+            inspect.signature(quality.data_builder(name)).bind(Path("folder"), **keywords)
+
+
+def run(experiment: Experiment, seeds: list[int], arms: list[Arm], extra: dict) -> list[dict]:
+    rows = []
+    for arm in arms:
+        variant = arm_variant(experiment, arm, extra)
+        rows += [{"arm": arm.name, **row, "quoted": arm.quoted}
+                 for row in SUITES[experiment.suite].run(seeds, None, variant)]
+    return rows
+
+
+def report_lines(experiment: Experiment, rows: list[dict], arms: list[Arm]) -> list[str]:
+    lines = [f"{experiment.name}: {experiment.decides}. Shipped: {experiment.chose}.", "",
+             "| arm | task | metric | model (mean ± std) | per seed | ceiling | baseline | minutes per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['task']} | {r['metric']} | {fmt(r.get('model'))} | "
+              f"{' / '.join(f'{v:.3f}' for v in r.get('model', []))} | {fmt(r.get('ceiling'))} | "
+              f"{fmt(r.get('baseline'))} | {np.mean(r.get('minutes', [np.nan])):.1f} |" for r in rows]
+    lines += ["", "benchmarks/RESULTS.md quoted (" + "; ".join(f'"{line}"' for line in experiment.results) + "):"]
+    lines += [f"- {arm.name}: {arm.quoted}" for arm in arms]
+    if experiment.differs:
+        lines += ["", f"Differs from the original runs: {experiment.differs}."]
+    return lines
+
+
+def listing() -> str:
+    return "\n".join(f"{e.name}: decides {e.decides}; chose {e.chose}; RESULTS.md: "
+                     + "; ".join(f'"{line}"' for line in e.results) for e in EXPERIMENTS.values())
+
+
+def main():
+    from pipelines.config import parse_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", choices=list(EXPERIMENTS), metavar="NAME",
+                        help="an experiment: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--list", action="store_true", help="one line per experiment, and stop")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: all)")
+    parser.add_argument("--out", type=Path, help="default: runs/experiments/NAME")
+    parser.add_argument("--steps", type=int, help="every phase this many steps (a smoke run)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="over every arm's train config")
+    parser.add_argument("--caches", type=Path,
+                        help="the demo's cache entries, as `quality.py --write-caches` wrote them: no data or encoders")
+    args = parser.parse_args()
+    if args.list:
+        return print(listing())
+    if args.name is None:
+        parser.error("name an experiment (--list lists them)")
+    experiment = EXPERIMENTS[args.name]
+    arms = [a for a in experiment.arms if not args.arms or a.name in args.arms]
+    unknown = set(args.arms or []) - {a.name for a in experiment.arms}
+    if unknown:
+        parser.error(f"{experiment.name} has no arm {sorted(unknown)}; its arms: {[a.name for a in experiment.arms]}")
+    out = (args.out or ROOT / "runs" / "experiments" / experiment.name).absolute()
+    extra = {**({"phase1.steps": args.steps, "phase2.steps": args.steps} if args.steps else {}),
+             **parse_overrides(args.set), "output_dir": str(out / "train")}
+    if args.caches:
+        quality.CACHES.update(json.loads(args.caches.read_text()))
+    quality.SINGLE_PROCESS = quality.UNTRACKED = True  # the training core and evaluation in this process, no MLflow
+
+    os.chdir(ROOT)  # the shipped configs use paths relative to the repository
+    if not args.caches:
+        from pipelines.demo import prepare_assets
+
+        prepare_assets()  # the demo's data, encoders and stand-in backbone, each made when missing
+    elif "model.backbone.path" not in extra:  # the stand-in, trained here when missing, as quality.py does
+        import torch
+
+        from pipelines.demo_backbone import pretrained_backbone
+
+        pretrained_backbone(Path("runs/demo/backbone"), device="cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(experiment, args.seeds, arms, extra)
+    machine = f"{quality.machine_description()}; seeds {args.seeds}; trained in one process"
+    if args.steps:
+        machine += f"; {args.steps} steps a phase (a smoke run)"
+    write_report(out, experiment.name, machine, rows, report_lines(experiment, rows, arms))
+
+
+if __name__ == "__main__":
+    main()
