@@ -10,9 +10,13 @@
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
-# The machine has no network: wheels in .whl/ (fla-core) install from there. Logs and every benchmark's JSON are
-# packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
-#   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
+# The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
+# them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
+# World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER). The demo part also needs the demo's
+# caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here, then carry runs/cache and
+# runs/gpu_demo (52 MB) with .whl. Logs and every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each
+# part (what comes back is counted in files).
+#   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
