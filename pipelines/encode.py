@@ -39,9 +39,6 @@ from preprocessing.validate import Limits, Rejected, check_series, check_text, d
 from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
 
-# Forwarded (by name) to the Ray workers that read and write storage; values never printed.
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION")
 # a raw media file -> the encoder's item (series windows are inline, see `series_window`)
 DECODE_MEDIA = {"image": decode_image, "audio": decode_audio}
 
@@ -277,7 +274,7 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in storage.ENV if k in os.environ}}
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map(decode_item, fn_kwargs={"modality": MODALITY_OF_FORMAT[config.dataset.format],

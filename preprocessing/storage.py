@@ -1,14 +1,20 @@
 """Local paths and s3:// URIs behind one small API (pyarrow.fs). S3 endpoint and credentials come from the
 environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from configs or logs."""
 
+import functools
 import hashlib
 import json
+import os
 import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+# What the S3 client is built from, by name (values never printed); Ray's workers are given the same.
+ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+       "AWS_REGION")
 
 
 def is_remote(uri: str) -> bool:
@@ -53,8 +59,20 @@ def parent(uri: str) -> str:
 
 def _fs(uri: str):
     if is_remote(uri):
-        return pafs.FileSystem.from_uri(str(uri))
+        scheme, path = str(uri).split("://", 1)
+        bucket = path.split("/", 1)[0]
+        settings = tuple(os.environ.get(name) for name in ENV)
+        return remote_filesystem(f"{scheme}://{bucket}", settings), path
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+@functools.lru_cache(maxsize=None)
+def remote_filesystem(bucket_uri: str, settings: tuple) -> pafs.FileSystem:
+    """One client per bucket and settings, per process: building one costs about 9 ms of CPU and does not run in
+    parallel across threads, which capped a training worker at about 90 items/s from S3
+    (`benchmarks/feature_reader.py`). `settings`: the environment it was built under (a changed endpoint or key
+    gets a new client)."""
+    return pafs.FileSystem.from_uri(bucket_uri)[0]
 
 
 def read_bytes(uri: str) -> bytes:
