@@ -73,7 +73,8 @@ class Predictor:
 
 def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict]:
     n_shards = len(FeatureCache(cache_uri).shards)
-    shards = predict_here(config, cache_uri, task) if config.actors == 0 else predict_with_ray(config, cache_uri, task)
+    shards = (predict_here(config, cache_uri, task) if config.actors == 0
+              else predict_with_ray(config, cache_uri, task, n_shards))
     rows = []
     with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
         for batch in shards:
@@ -92,13 +93,12 @@ def predict_here(config: EvalConfig, cache_uri: str, task: EvalTask):
         yield predictor({"shard": [index]})
 
 
-def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask):
+def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shards: int):
     """Each shard's predicted rows, from Ray Data actors."""
     import ray  # only when actors predict
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    n_shards = len(FeatureCache(cache_uri).shards)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
