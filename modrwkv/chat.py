@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from .conversation import ROLES, TURN_END, expand_placeholders
+from .conversation import ROLES, TURN_END, expand_placeholders, prompt_ids
 from .generation import GenerationConfig, generate_text
 from .multimodal import Features, ModRWKV
 from .tokenizer import END_OF_TEXT, WorldTokenizer
@@ -44,3 +44,19 @@ class ChatSession:
         text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text,
                              state=self.media_state.clone())
         return text.strip()
+
+
+@torch.no_grad()
+def forecast_series(model: ModRWKV, tokenizer: WorldTokenizer, question: str, features: torch.Tensor,
+                    lookback: torch.Tensor, mean: float, std: float) -> list[float]:
+    """The forecast head's horizon for one series window, in the series' own units. The prompt is the user turn a
+    forecasting sample trains on (the question, after " <series>" unless it places it); lookback: the window
+    normalised as its features were, whose mean and std undo the normalisation."""
+    if model.forecast_head is None:
+        raise ValueError("this model has no forecast head (it was trained without a forecast_horizon)")
+    text = question if "<series>" in question else f"<series>\n{question}"
+    n = model.config.projectors["series"].compressed_length(features.shape[0])
+    device = model.backbone.emb.weight.device
+    ids = torch.tensor([prompt_ids(tokenizer, text, [n], "forecast")], device=device)
+    output = model(ids, [[("series", features.to(device))]], series_lookback=lookback[None].float().to(device))
+    return (output.forecast[0].float().cpu() * std + mean).tolist()

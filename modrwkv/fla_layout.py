@@ -96,7 +96,11 @@ def fla_to_rwkv(weights: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict
 
 def convert_rwkv_pth_to_fla(src, out_dir) -> None:
     weights = read_rwkv_pth(src)
-    config = infer_config(weights, src)
+    write_fla_folder(weights, infer_config(weights, src), out_dir)
+
+
+def write_fla_folder(weights: dict[str, torch.Tensor], config: RWKV7Config, out_dir) -> None:
+    """A backbone's RWKV-LM-named weights, written in fla's layout: config.json and model.safetensors."""
     fla_weights, hf_config = rwkv_to_fla(weights, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,13 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
+def cmd_export(args) -> None:
+    from modrwkv.hf_export.exporter import export_fla, export_hf
+
+    export = export_hf if args.to == "hf" else export_fla
+    print(f"wrote {export(args.model_dir, args.out_dir, backbone=args.backbone)}")
+
+
 def print_piece(text: str) -> None:
     print(text, end="", flush=True)
 
@@ -42,52 +49,54 @@ def cmd_generate(args) -> None:
     print()
 
 
-def load_media(args) -> list:
-    """The --image/--audio/--series file, encoded into features (frozen encoder, or the raw series for WaveNet)."""
+def load_media(args, model_dir, encoder_dirs: dict[str, str]):
+    """The --image/--audio file's features, and the --series window (a SeriesInput), each encoded as the model's
+    training caches were (`MediaEncoders`): by --encoder-dir, else the encoder a logged model carries."""
     import numpy as np
-    import torch
 
-    media = []
-    if args.image or args.audio:
-        if not args.encoder_dir:
-            raise ValueError("--image/--audio need --encoder-dir (a local encoder directory)")
-        # transformers: heavy, only media needs it. The encoder is set up as the model's training caches were.
-        from preprocessing.encoders.recorded import encoder_for
-    if args.image:
-        from PIL import Image
+    # transformers: heavy, only media needs it
+    from preprocessing.encoders.recorded import MediaEncoders
 
-        encoder = encoder_for(args.model, "image", args.encoder_dir, args.encoder)
-        with Image.open(args.image) as im:
-            media.append(("image", encoder.encode([im.convert("RGB")], [args.image])[0]))
-    if args.audio:
-        import soundfile
-
-        from preprocessing.items import Audio
-
-        encoder = encoder_for(args.model, "audio", args.encoder_dir, args.encoder)
-        wave, rate = soundfile.read(args.audio, dtype="float32")
-        media.append(("audio", encoder.encode([Audio(wave, rate)], [args.audio])[0]))
+    dirs = {m: args.encoder_dir or encoder_dirs.get(m) for m in ("image", "audio", "series")}
+    encoders = MediaEncoders(model_dir, dirs, {m: args.encoder for m in ("image", "audio") if args.encoder})
+    media, series = [], None
+    for modality, path in (("image", args.image), ("audio", args.audio)):
+        if path:
+            encode = encoders.image if modality == "image" else encoders.audio
+            media.append((modality, encode(Path(path).read_bytes(), path)))
     if args.series:
-        from modrwkv.wavenet import normalize_series
-
         values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
-        media.append(("series", normalize_series(torch.from_numpy(values), args.series)[0]))
+        if values.shape[1] != 1:
+            raise ValueError(f"{args.series}: {values.shape[1]} columns; a series is one column of numbers")
+        series = encoders.series(values[:, 0], args.series)
+        media.append(("series", series.features))
     if not media:
         raise ValueError("give at least one of --image, --audio, --series")
-    return media
+    return media, series
 
 
 def cmd_chat(args) -> None:
     from modrwkv import RWKV7
-    from modrwkv.chat import ChatSession
+    from modrwkv.chat import ChatSession, forecast_series
     from modrwkv.inference import prepare_for_inference
     from modrwkv.multimodal import ModRWKV
     from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.logged_models import local_model
 
+    found = local_model(args.model)
     backbone = RWKV7.from_pretrained(args.backbone) if args.backbone else None
-    model = prepare_for_inference(ModRWKV.from_pretrained(args.model, backbone=backbone), quantization=args.quantize)
-    session = ChatSession(model, WorldTokenizer(), load_media(args))
+    model = prepare_for_inference(ModRWKV.from_pretrained(found.model_dir, backbone=backbone),
+                                  quantization=args.quantize)
+    media, series = load_media(args, found.model_dir, found.encoder_dirs)
+    tokenizer = WorldTokenizer()
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())
+    if series is not None and model.forecast_head is not None and len(media) == 1:
+        for question in questions:  # a forecasting model answers a series with its head's horizon
+            values = forecast_series(model, tokenizer, question, series.features, series.lookback, series.mean,
+                                     series.std)
+            print(f"User: {question}\nForecast: {', '.join(f'{v:.6g}' for v in values)}")
+        return
+    session = ChatSession(model, tokenizer, media)
     for question in questions:
         print(f"User: {question}\nAssistant: ", end="", flush=True)
         session.ask(question, on_text=print_piece)
@@ -180,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (--to fla) or .pth path (--to rwkv)")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="write a trained ModRWKV for transformers (trust_remote_code), or its backbone "
+                                      "in flash-linear-attention's layout")
+    p.add_argument("--to", choices=["hf", "fla"], required=True,
+                   help="hf: a folder that transformers' AutoModelForCausalLM and AutoTokenizer load with "
+                        "trust_remote_code=True (config, fp32 safetensors weights, World tokenizer, pure-PyTorch "
+                        "modelling code; no modrwkv needed); fla: the backbone alone in fla's RWKV-7 layout")
+    p.add_argument("model_dir", help="a ModRWKV save_pretrained folder, e.g. runs/train/<name>/phase2/model (an "
+                                     "adapter-only phase I folder is completed with the backbone it records)")
+    p.add_argument("out_dir", help="the folder to write (created; files of the same names are replaced)")
+    p.add_argument("--backbone", help="the backbone (.pth or folder) for an adapter-only model_dir "
+                                      "(default: the one recorded beside it)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("generate", help="continue a text prompt with a backbone checkpoint")
     p.add_argument("--model", required=True, help="RWKV-LM .pth or a save_pretrained directory")
     p.add_argument("--prompt", required=True)
@@ -192,15 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="ask questions about an image, audio clip or series (encoded once, state reused)")
-    p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory")
+    p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory, or a logged or registered "
+                                                  "model: models:/<model id>, models:/NAME/VERSION, models:/NAME@alias")
     p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint "
                                       "(default: the one recorded beside it)")
     p.add_argument("--image")
     p.add_argument("--audio", help="any rate soundfile reads; resampled to 16 kHz")
-    p.add_argument("--series", help="CSV of numbers, one column per channel")
+    p.add_argument("--series", help="CSV of numbers, one column: the lookback window (a model with a forecast head "
+                                    "prints its forecast)")
     p.add_argument("--encoder", help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm (default: "
                                      "the one the model records; its input size and layer are always the recorded)")
-    p.add_argument("--encoder-dir", help="local directory with the encoder's weights (those the model was trained on)")
+    p.add_argument("--encoder-dir", help="local directory with the encoder's weights (those the model was trained on; "
+                                         "default for a logged model: the encoder it carries)")
     p.add_argument("--question", action="append", help="repeatable; without it, questions are read from stdin")
     add_quantize_option(p)
     p.set_defaults(func=cmd_chat)
@@ -220,16 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-process", action="store_true",
                    help="train in this process with the same core, no Ray or DeepSpeed (debugging, quick "
                         "experiments); MLflow only when a tracking URI is configured")
+    p.add_argument("--register-as", metavar="NAME", help="register phase II's logged model as a new version of NAME "
+                                                         "(tracking.register_as)")
     add_set_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="batch inference over a feature cache (Ray Data); metrics and tables to MLflow")
     p.add_argument("--config", help="an eval YAML; the flags below override it")
-    p.add_argument("--checkpoint", help="a trained model folder (runs/train/<name>/phase2/model)")
+    p.add_argument("--checkpoint", help="a trained model folder (runs/train/<name>/phase2/model), or a logged or "
+                                        "registered model: models:/<model id>, models:/NAME/VERSION, "
+                                        "models:/NAME@alias")
     p.add_argument("--task", choices=["vqa", "asr", "forecast"])
     p.add_argument("--cache", help="a feature-cache entry or an encode YAML")
     p.add_argument("--out-dir", help="where predictions and plots go (default runs/eval)")
     add_quantize_option(p, default=None)  # None: the config's value (default none)
+    p.add_argument("--register-as", metavar="NAME", help="register the scored logged model as a version of NAME "
+                                                         "(unless one holds it), tagged with the scores")
     add_set_option(p)
     p.set_defaults(func=cmd_eval)
 

@@ -31,6 +31,7 @@ from .train import TrainConfig, run_train
 CONFIGS = Path("configs/demo")
 SERVICES = Path("runs/services")
 ENCODERS = ("dinov2-small", "whisper-tiny.en", "fracast")
+REGISTERED_NAME = "modrwkv-demo"  # phase II's model is registered under it, a new version per run
 TASKS = {"digits VQA": "eval_digits", "spoken digits ASR": "eval_speech", "CO2 forecasting": "eval_co2"}
 
 
@@ -69,6 +70,15 @@ def ceilings(caches: dict[str, str]) -> dict[str, float]:
     return {"accuracy": digits["all"]["ceiling"], "mse": co2}
 
 
+def registered_version(uri: str, model_id: str) -> str:
+    """models:/NAME/VERSION of the demo's registered version holding the logged model."""
+    from mlflow import MlflowClient
+
+    (version,) = [v for v in MlflowClient(uri).search_model_versions(f"source_path = 'models:/{model_id}'")
+                  if v.name == REGISTERED_NAME]
+    return f"models:/{REGISTERED_NAME}/{version.version}"
+
+
 def prepare_assets(out: Path = Path("runs/demo")) -> None:
     """The demo's data, encoders and stand-in backbone under `out`, each made only when missing."""
     if not (out / "data" / "digits" / "test.json").is_file():
@@ -98,7 +108,7 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
             done = "reused" if result.reused else (f"{result.items['encoded']} items encoded, "
                                                    f"{result.items['in_store']} from the store")
             say(f"{path.name}: {done} in {result.seconds:.1f} s")
-        train_config = load_config(CONFIGS / "train.yaml", TrainConfig)
+        train_config = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
         phases = [run_train(train_config, phase) for phase in (1, 2)]
         rows, ceiling = [], ceilings(caches)
         for task, name in TASKS.items():
@@ -111,7 +121,11 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
     print("\n" + table(rows) + "\n")
     say(f"done in {minutes:.1f} min; phase I run {phases[0].run_id}, phase II run {phases[1].run_id}")
     say(f"review the runs in the MLflow UI: {mlflow.tracking_uri}  (stop it with `modrwkv services down`)")
+    version = registered_version(mlflow.tracking_uri, phases[1].model_id)
+    say(f"phase II's model is {version} (logged model {phases[1].model_id}); serve it with\n"
+        f"  MLFLOW_TRACKING_URI={mlflow.tracking_uri} .venv/bin/mlflow models serve -m {version} --env-manager local "
+        "-p 5001")
     summary = {"minutes": round(minutes, 1), "mlflow": mlflow.tracking_uri, "table": rows,
-               "runs": [p.run_id for p in phases]}
+               "runs": [p.run_id for p in phases], "model_id": phases[1].model_id, "registered": version}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -32,12 +32,12 @@ from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
-from preprocessing.items import Audio
+from preprocessing.items import RAW_SERIES, Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
 
 from .config import load_config, parse_overrides, to_dict
-from .encode_config import MODALITY_OF_FORMAT, RAW_SERIES, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
+from .encode_config import MODALITY_OF_FORMAT, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
 
 # a raw media file -> the encoder's item (series windows are inline, see `series_window`)
 DECODE_MEDIA = {"image": decode_image, "audio": decode_audio}

@@ -4,10 +4,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from preprocessing.cache.precision import Precision
+from preprocessing.items import RAW_SERIES
 from preprocessing.validate import Limits
 
 MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
-RAW_SERIES = "raw"  # trainable series encoders (WaveNet) get the normalised input, not features
 
 
 @dataclass

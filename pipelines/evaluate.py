@@ -10,7 +10,7 @@ with neither Ray nor MLflow imported).
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +40,7 @@ class EvalConfig:
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
     track: bool = True  # false: predictions, scores and plots on disk only, no MLflow run
+    register_as: str | None = None  # registers the scored (logged) model as a version of this name, tagged with scores
 
 
 @dataclass
@@ -106,17 +107,25 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
     return ds.iter_batches(batch_size=None)
 
 
-def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plots: list[Path]) -> str:
-    """A child run of the training run: metrics, baselines, the per-sample table and the plots."""
+def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: EvalResult, rows: list[dict],
+                  plots: list[Path]) -> str:
+    """A child run of the training run: metrics (on the logged model they scored, when the checkpoint is one),
+    baselines, the per-sample table and the plots."""
     import mlflow
     from mlflow import MlflowClient
 
     from modrwkv.model_folder import read_backbone_source  # imports torch: see Predictor
 
     from . import tracking
+    from .logged_models import eval_metrics, link_eval, model_id_of, register
 
     uri = tracking.tracking_uri(config.tracking_uri)
-    parent = config.parent_run_id or (read_backbone_source(config.checkpoint) or {}).get("run_id")
+    model_id = model_id_of(uri, config.checkpoint)
+    if config.register_as:
+        if model_id is None:
+            raise ValueError(f"{config.checkpoint}: not a logged model (trained without MLflow?); nothing to register")
+        register(uri, model_id, config.register_as)
+    parent = config.parent_run_id or (read_backbone_source(model_dir) or {}).get("run_id")
     client = MlflowClient(uri)
     if parent:
         experiment_id = client.get_run(parent).info.experiment_id
@@ -127,8 +136,10 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id
-    for name, value in {**result.metrics, **{f"baseline_{k}": v for k, v in result.baselines.items()}}.items():
-        client.log_metric(run_id, name, float(value))
+    client.log_batch(run_id, metrics=eval_metrics(result.metrics, model_id, cache_uri) + eval_metrics(
+        {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri))
+    if model_id:
+        link_eval(uri, run_id, model_id, result.metrics, cache_uri)
     table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
              for k in ("key", "reference", "prediction", "language") if k in rows[0]}
     mlflow.set_tracking_uri(uri)
@@ -140,6 +151,16 @@ def log_to_mlflow(config: EvalConfig, result: EvalResult, rows: list[dict], plot
     return run_id
 
 
+def resolved_checkpoint(checkpoint: str) -> Path:
+    """The model folder: the checkpoint itself, or a logged or registered model (`models:/...`) downloaded here
+    (prediction actors on other nodes then need the same download path: run such evaluations where the driver is)."""
+    if not checkpoint.startswith("models:/"):
+        return Path(checkpoint)
+    from .logged_models import local_model  # MLflow: only for a logged model
+
+    return local_model(checkpoint).model_dir
+
+
 def run_eval(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
     cache_uri = resolve_caches([config.cache])[0]
@@ -147,7 +168,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     modality = FeatureCache(cache_uri).modality
     if modality != task.modality:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
-    rows = predict_all(config, cache_uri, task)
+    model_dir = resolved_checkpoint(config.checkpoint)
+    rows = predict_all(replace(config, checkpoint=str(model_dir)), cache_uri, task)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / f"predictions_{config.task}.jsonl"
@@ -156,7 +178,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     result = EvalResult(metrics, baselines, predictions)
     plots = task.plots(rows, out)
     if config.track:
-        result.run_id = log_to_mlflow(config, result, rows, plots)
+        result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, rows, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in {predictions}")
@@ -166,7 +188,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
 def main(args: argparse.Namespace) -> None:
     overrides = {**parse_overrides(args.set), **{k: v for k, v in {
         "checkpoint": args.checkpoint, "task": args.task, "cache": args.cache, "out_dir": args.out_dir,
-        "quantize": args.quantize}.items()
+        "quantize": args.quantize, "register_as": args.register_as}.items()
         if v is not None}}
     if args.config:
         config = load_config(args.config, EvalConfig, overrides)

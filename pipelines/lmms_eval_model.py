@@ -20,6 +20,8 @@ from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 from preprocessing.encoders.recorded import encoder_for
 
+from .logged_models import local_model
+
 try:
     from lmms_eval.api.model import lmms as EvalModelBase
     from lmms_eval.api.registry import register_model
@@ -36,7 +38,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 @register_model("modrwkv")
 class ModRWKVEvalModel(EvalModelBase):
-    """pretrained: a ModRWKV save_pretrained directory, full or adapter-only (or the model); encoder_dir: the image
+    """pretrained: a ModRWKV save_pretrained directory, full or adapter-only, a logged or registered model
+    (models:/..., whose image encoder is the default encoder_dir), or the model; encoder_dir: the image
     encoder's weights, set up as the model's training caches were (kind, input size, layer: recorded beside the
     model; `encoder` names the kind where nothing is recorded), or an encoder object as `encoder`; quantize:
     "none", "int8" or "bf16" (modrwkv.quantize). batch_size is accepted because lmms-eval always passes it; requests
@@ -46,6 +49,9 @@ class ModRWKVEvalModel(EvalModelBase):
                  tokenizer: WorldTokenizer | None = None, quantize: str = "none"):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not isinstance(pretrained, ModRWKV):  # a logged or registered model: its folder and the encoders it carries
+            found = local_model(pretrained)
+            pretrained, encoder_dir = found.model_dir, encoder_dir or found.encoder_dirs.get("image")
         # a full save, or an adapter-only one with its backbone recorded beside it
         model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
         self.model = prepare_for_inference(model.to(self.device), quantization=quantize)

@@ -101,7 +101,7 @@ class MetricLogger:
     """Step metrics into one run, sent in batches (one HTTP call per step, not per metric)."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(uri), run_id
+        self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

@@ -26,9 +26,10 @@ from ray.train.torch import TorchTrainer
 from modrwkv.model_folder import write_records
 
 from . import tracking
+from .logged_models import encoder_dirs, log_trained_model, register
 from .caches import absolute
-from .config import load_config, parse_overrides, to_dict
-from .train_config import TrainConfig
+from .config import load_config, to_dict
+from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
 from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
 
@@ -49,6 +50,7 @@ class TrainResult:
     model_dir: Path
     metrics: dict
     seconds: float
+    model_id: str  # the logged model of model_dir
 
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
@@ -79,7 +81,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,
             max_length=config.max_length, packing=config.packing, pack_buffer=config.pack_buffer,
             prefetch_threads=config.prefetch_threads, seed=config.seed,
-            tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s)
+            tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
+            log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened))
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
@@ -94,12 +97,16 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         )
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
-        model_dir = export_model(result.checkpoint, out, config, phase, run_id, encoder_store_keys(opened))
-        log_artifacts(uri, run_id, config, model_dir, out, phase)
+        encoders = loop_config.encoders
+        model_dir = export_model(result.checkpoint, out, config, phase, run_id, encoders)
+        log_artifacts(uri, run_id, config, out, phase)
+        model_id = log_trained_model(uri, run_id, model_dir, phase, hp.steps, opened, encoder_dirs(opened, encoders))
+        if phase == 2 and config.tracking.register_as:
+            register(uri, model_id, config.tracking.register_as)
         metrics = dict(result.metrics or {})
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
               f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_dir}")
-    return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start)
+    return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start, model_id)
 
 
 def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id: str, encoders: dict) -> Path:
@@ -119,7 +126,7 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
     return out / "model"
 
 
-def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, out: Path, phase: int) -> None:
+def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: int) -> None:
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
@@ -128,13 +135,12 @@ def log_artifacts(uri: str, run_id: str, config: TrainConfig, model_dir: Path, o
         history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
         client.log_artifact(run_id, str(tracking.loss_curve(sorted(history), Path(tmp) / "loss_curve.png",
                                                             f"{config.name} phase {phase}")))
-    client.log_artifacts(run_id, str(model_dir), "model")
     adapter = out / ("model" if phase == 1 else "adapter") / "adapter.safetensors"
     client.log_artifact(run_id, str(adapter), "adapter")
 
 
 def main(args: argparse.Namespace) -> None:
-    config = load_config(args.config, TrainConfig, parse_overrides(args.set))
+    config = load_config(args.config, TrainConfig, train_overrides(args))
     run_train(config, args.phase, args.resume_from)
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 from modrwkv.multimodal import ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 
+from .config import parse_overrides
+
 
 @dataclass
 class BackboneConfig:
@@ -86,6 +88,12 @@ class TrackingConfig:
     experiment: str = "modrwkv"
     run_name: str | None = None
     system_metrics_every_s: float = 10.0  # CPU, memory, GPU of each training node into the run; 0: off
+    # each phase's final model is a logged model of its run (pipelines/logged_models.py); this name registers
+    # phase II's as a new version of it (`modrwkv train --register-as NAME`)
+    register_as: str | None = None
+    # every phase's checkpoint_every checkpoint a logged model too (to compare and evaluate; no encoders: the final
+    # phase II model is the one to serve)
+    log_checkpoints: bool = False
 
 
 @dataclass
@@ -120,3 +128,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
             if phase.mix is not None and len(phase.mix) != len(caches):
                 raise ValueError(f"{name}.mix has {len(phase.mix)} weights for {len(caches)} caches")
+
+
+def train_overrides(args) -> dict:
+    """`modrwkv train`'s --set items and flags as load_config overrides."""
+    flags = {"tracking.register_as": args.register_as} if getattr(args, "register_as", None) else {}
+    return {**parse_overrides(args.set), **flags}

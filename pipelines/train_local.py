@@ -20,8 +20,8 @@ from modrwkv.batching import Collator
 from modrwkv.tokenizer import WorldTokenizer
 
 from .caches import absolute
-from .config import load_config, parse_overrides
-from .train_config import TrainConfig
+from .config import load_config
+from .train_config import TrainConfig, train_overrides
 from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
 from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
 
@@ -49,6 +49,12 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     uri = configured_tracking_uri(config)
     logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
     history, started = [], time.perf_counter()
+    encoders = encoder_store_keys(opened)
+
+    def save(folder: Path, step: int) -> None:
+        model.save_pretrained(folder, adapter_only=phase == 1, encoders=encoders,
+                              backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
+                                               "path": absolute(config.model.backbone.path), "step": step})
 
     def on_step(step: int, metrics: dict) -> None:
         history.append({"step": step, **metrics})
@@ -56,17 +62,22 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
               f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
         if logger:
             logger.log(metrics, step)
+            if config.tracking.log_checkpoints and hp.checkpoint_every and step % hp.checkpoint_every == 0 \
+                    and step < hp.steps:  # the final model is logged with its encoders below
+                from .logged_models import log_trained_model
+
+                save(out / "checkpoints" / f"step-{step:06d}", step)
+                log_trained_model(uri, logger.run_id, out / "checkpoints" / f"step-{step:06d}", phase, step, opened,
+                                  {})
 
     skipped = train_steps(engine, optimizer, batches, hp, on_step=on_step)
-    model.save_pretrained(out / "model", adapter_only=phase == 1, encoders=encoder_store_keys(opened),
-                          backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
-                                           "path": absolute(config.model.backbone.path)})
+    save(out / "model", hp.steps)
     if phase == 2:
         model.save_pretrained(out / "adapter", adapter_only=True)
     if skipped:
         print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
     if logger:
-        finish_mlflow_run(logger, config, out, phase, history, skipped)
+        finish_mlflow_run(logger, config, out, phase, history, skipped, opened, encoders)
     print(f"phase {phase} done in {time.perf_counter() - started:.0f} s: loss {history[-1]['loss']:.4f}; "
           f"model in {out / 'model'}")
     return out / "model", history
@@ -86,8 +97,9 @@ def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
 
 
 def finish_mlflow_run(logger, config: TrainConfig, out: Path, phase: int, history: list[dict],
-                      skipped: list[dict]) -> None:
+                      skipped: list[dict], caches: list, encoders: dict) -> None:
     from . import tracking
+    from .logged_models import encoder_dirs, log_trained_model, register
 
     with tempfile.TemporaryDirectory() as tmp:
         curve = [(h["step"], h["loss"]) for h in history]
@@ -97,11 +109,14 @@ def finish_mlflow_run(logger, config: TrainConfig, out: Path, phase: int, histor
             path = Path(tmp) / "skipped_samples.jsonl"
             path.write_text("".join(json.dumps(s) + "\n" for s in skipped))
             logger.client.log_artifact(logger.run_id, str(path))
-    logger.client.log_artifacts(logger.run_id, str(out / "model"), "model")
+    model_id = log_trained_model(logger.uri, logger.run_id, out / "model", phase, history[-1]["step"], caches,
+                                 encoder_dirs(caches, encoders))
+    if phase == 2 and config.tracking.register_as:
+        register(logger.uri, model_id, config.tracking.register_as)
     logger.client.set_terminated(logger.run_id)
 
 
 def main(args: argparse.Namespace) -> None:
     if args.resume_from:
         raise SystemExit("--resume-from continues a Ray Train checkpoint; --single-process starts a phase afresh")
-    run_single_process(load_config(args.config, TrainConfig, parse_overrides(args.set)), args.phase)
+    run_single_process(load_config(args.config, TrainConfig, train_overrides(args)), args.phase)

@@ -13,10 +13,12 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from modrwkv.batching import Collator
+from modrwkv.model_folder import write_records
 from modrwkv.multimodal import ModRWKVConfig
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.cache.entry import FeatureCache
 
+from .logged_models import log_trained_model
 from .tracking import MetricLogger, log_environment, system_metrics
 from .train_config import DeepSpeedConfig, PhaseConfig
 from .trainer import MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
@@ -42,6 +44,8 @@ class WorkerConfig:
     tracking_uri: str
     run_id: str
     system_metrics_every_s: float
+    log_checkpoints: bool = False  # each checkpoint's model folder a logged model of the run (rank 0)
+    encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
 
 
 def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: bool) -> dict:
@@ -109,8 +113,12 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions})
-                if last:
+                if last or cfg.log_checkpoints:
                     save_final(model, Path(d), phase, rank, cfg.deepspeed.zero_stage)
+                if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
+                    write_records(Path(d) / "model", encoders=cfg.encoders, backbone_source={
+                        "run_id": cfg.run_id, "phase": phase, "path": cfg.backbone_path, "step": step})
+                    log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(d))
 
     skipped = train_steps(engine, optimizer, batches, hp, step, on_step, world)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the encoder kind of a series model with its own trainable encoder (WaveNet): its items are the normalised values
+RAW_SERIES = "raw"
 SAMPLE_RATE = 16000  # what every speech encoder here was trained at
 RATE_RANGE = (4000, 192000)
 

@@ -51,7 +51,8 @@ def losses(client, run_id):
 @pytest.mark.slow
 def test_phase1_then_phase2_with_mlflow(setup):
     root, cache = setup
-    config = train_config(root, cache, "digits")
+    config = train_config(root, cache, "digits", checkpoint_every=4)
+    config.tracking.log_checkpoints = True  # phase I's step-4 checkpoint a logged model too
     one = run_train(config, phase=1)
     client = MlflowClient(config.tracking.tracking_uri)
     history = losses(client, one.run_id)
@@ -104,8 +105,14 @@ def test_phase1_then_phase2_with_mlflow(setup):
         assert client.get_metric_history(two.run_id, metric)  # one monitor on this one machine, no node prefix
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(two.run_id)}
-    assert {"config.yaml", "loss_curve.png", "model", "adapter"} <= artifacts
-    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(two.run_id, "model")}
+    assert {"config.yaml", "loss_curve.png", "adapter"} <= artifacts
+    for result, steps in ((one, [4, 8]), (two, [4])):  # each phase's final model a logged model of its run, at
+        # its last step; phase I's kept checkpoint too
+        found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
+        by_step = {next(iter({m.step for m in model.metrics})): model.model_id for model in found}
+        assert sorted(by_step) == steps and by_step[steps[-1]] == result.model_id
+    files = {a.path for a in client.list_artifacts(two.run_id) if a.path.startswith("model")}
+    assert not files  # the folder lives in the logged model, not again among the run's artifacts
     for finished in (one.run_id, two.run_id):
         info = client.get_run(finished).info
         assert info.status == "FINISHED" and info.end_time is not None
@@ -233,7 +240,8 @@ def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, r
     assert sorted(m["step"] for m in history) == [1, 2, 3, 4]
     keys = [o["Key"] for o in s3_client(s3_server.endpoint_url).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/loss_curve.png") for k in keys)
-    assert any(k.endswith(f"{run.info.run_id}/artifacts/model/adapter.safetensors") for k in keys)
+    (model,) = client.search_logged_models([experiment.experiment_id])  # its model: in the store, through the server
+    assert any(f"/models/{model.model_id}/" in k and k.endswith("/model/adapter.safetensors") for k in keys)
 
 
 def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):

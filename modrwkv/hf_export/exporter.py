@@ -1,0 +1,77 @@
+"""`modrwkv export`: a trained ModRWKV folder (`ModRWKV.save_pretrained`'s; an adapter-only one is completed
+with the backbone it records) written for other tools.
+
+- `export_hf`: a folder `transformers` loads with trust_remote_code, no modrwkv package needed:
+      config.json            ModRWKV's config, placeholder ids, encoders, auto_map (AutoConfig,
+                             AutoModelForCausalLM, AutoTokenizer)
+      model.safetensors      every weight, fp32, under ModRWKV's own names
+      generation_config.json generation stops at <|endoftext|>
+      tokenizer_config.json, rwkv_vocab_v20230424.txt   the World tokenizer
+      *.py                   remote_code/'s files, and two modules of ours that are pure Python/torch already
+                             (the tokenizer, WaveNet), shipped as they are rather than rewritten
+- `export_fla`: the backbone alone in flash-linear-attention's RWKV-7 layout (`fla_layout.py`).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .. import tokenizer as world_tokenizer
+from .. import wavenet
+from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict
+from ..conversation import PLACEHOLDER_IDS
+from ..fla_layout import write_fla_folder
+from ..model import RWKV7
+from ..model_folder import read_encoders_record
+from ..multimodal import ModRWKV
+
+REMOTE_CODE = Path(__file__).parent / "remote_code"
+# export file name -> our module the remote code imports under that name: pure Python/torch already, so one
+# source serves both (an import of ours added to either fails the test that loads an export without modrwkv)
+SHIPPED_MODULES = {"world_tokenizer.py": Path(world_tokenizer.__file__), "wavenet.py": Path(wavenet.__file__)}
+AUTO_MAP = {"AutoConfig": "configuration_modrwkv.ModRWKVConfig",
+            "AutoModelForCausalLM": "modeling_modrwkv.ModRWKVForCausalLM",
+            "AutoTokenizer": ["tokenization_modrwkv.ModRWKVTokenizer", None]}
+
+
+def load_for_export(model_dir, out_dir, backbone=None) -> ModRWKV:
+    """The ModRWKV of `model_dir` (`backbone`: a .pth or folder for an adapter-only one, default the recorded);
+    refuses to write the export over the folder it reads."""
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise CheckpointError(f"{out_dir}: the export would overwrite the model folder it reads; give another folder")
+    return ModRWKV.from_pretrained(model_dir, backbone=RWKV7.from_pretrained(backbone) if backbone else None)
+
+
+def export_hf(model_dir, out_dir, backbone=None) -> Path:
+    """The transformers folder (see the module's docstring); returns it."""
+    model = load_for_export(model_dir, out_dir, backbone)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "modrwkv", "architectures": ["ModRWKVForCausalLM"], "auto_map": AUTO_MAP,
+              **model.config.to_dict(), "placeholder_ids": PLACEHOLDER_IDS,
+              "encoders": read_encoders_record(model_dir), "dtype": "float32", "tie_word_embeddings": False}
+    write_json(out_dir / "config.json", config)
+    save_file(cpu_state_dict(model.float()), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    end_of_text = world_tokenizer.END_OF_TEXT
+    write_json(out_dir / "generation_config.json", {"eos_token_id": end_of_text, "pad_token_id": end_of_text})
+    write_json(out_dir / "tokenizer_config.json", {"auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
+                                                   "tokenizer_class": "ModRWKVTokenizer"})
+    shutil.copyfile(world_tokenizer.default_vocab_path(), out_dir / world_tokenizer.VOCAB_FILENAME)
+    for source in sorted(REMOTE_CODE.glob("*.py")):
+        shutil.copyfile(source, out_dir / source.name)
+    for name, source in SHIPPED_MODULES.items():
+        shutil.copyfile(source, out_dir / name)
+    return out_dir
+
+
+def export_fla(model_dir, out_dir, backbone=None) -> Path:
+    """The backbone's fla folder (config.json, model.safetensors); returns it."""
+    model = load_for_export(model_dir, out_dir, backbone)
+    write_fla_folder(cpu_state_dict(model.backbone), model.config.backbone, out_dir)
+    return Path(out_dir)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

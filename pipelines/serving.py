@@ -1,0 +1,97 @@
+"""A trained ModRWKV behind `mlflow models serve`: the pyfunc model of every logged ModRWKV (`logged_models.py`).
+
+A request holds rows (`{"dataframe_records": [...]}`), each a question and one medium:
+    {"question": "What digit is this?", "image": "<base64 PNG or JPEG>"}
+    {"question": "Transcribe the audio.", "audio": "<base64 WAV or FLAC>"}
+    {"question": "Forecast the next 13 weeks.", "series": [315.2, 315.4, ...]}
+and gets one prediction per row: {"answer": text}, or {"forecast": [...]} (in the series' own units) from a model
+with a forecast head. Media are decoded, checked and encoded as the encode job made the training caches, by the
+recorded encoder the model carries; the answer is `modrwkv chat`'s. A bad row fails the request with HTTP 400
+and its reason; the server goes on serving.
+"""
+
+import base64
+import binascii
+import math
+
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
+
+MODALITIES = ("image", "audio", "series")
+FIELDS = ("question", *MODALITIES)
+MAX_MEDIA_BASE64 = 16 * 2**20  # characters; larger media are refused before anything is decoded
+MAX_QUESTION_CHARS = 4000
+
+
+def absent(value) -> bool:
+    """A row's missing field: pandas fills other rows' fields with NaN or None."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def media_bytes(text, field: str, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {field} must be a base64 string, got {type(text).__name__}")
+    if len(text) > MAX_MEDIA_BASE64:
+        raise ValueError(f"{where}: the {field} is {len(text)} base64 characters, over the limit of {MAX_MEDIA_BASE64}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where}: {field} is not valid base64 ({e})") from None
+
+
+def answer(model, tokenizer, media, row: dict, where: str) -> dict:
+    """One request row's prediction; ValueError naming `where` and the reason for a row that cannot be answered."""
+    from modrwkv.chat import ChatSession, forecast_series
+
+    unknown = sorted(k for k, v in row.items() if k not in FIELDS and not absent(v))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}; a row holds {list(FIELDS)}")
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: no question (a non-empty string)")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"{where}: the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
+    given = [m for m in MODALITIES if not absent(row.get(m))]
+    if len(given) != 1:
+        raise ValueError(f"{where}: give exactly one of {list(MODALITIES)}, not {given or 'none'}")
+    modality = given[0]
+    if modality not in model.projectors:
+        raise ValueError(f"{where}: this model takes {sorted(model.projectors)}, not {modality}")
+    if modality == "series":
+        values = row["series"]
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"{where}: series must be a list of numbers")
+        series = media.series(values, where)
+        if model.forecast_head is not None:
+            return {"forecast": forecast_series(model, tokenizer, question, series.features, series.lookback,
+                                                series.mean, series.std)}
+        features = series.features
+    else:
+        encode = media.image if modality == "image" else media.audio
+        features = encode(media_bytes(row[modality], modality, where), where)
+    return {"answer": ChatSession(model, tokenizer, [(modality, features)]).ask(question)}
+
+
+class ModRWKVService(PythonModel):
+    """Loads the model folder and its encoders from the logged model's artifacts; answers rows in order."""
+
+    def load_context(self, context) -> None:
+        from modrwkv.inference import prepare_for_inference
+        from modrwkv.multimodal import ModRWKV
+        from modrwkv.tokenizer import WorldTokenizer
+        from preprocessing.encoders.recorded import MediaEncoders
+
+        from .logged_models import ENCODER_ARTIFACT, MODEL_ARTIFACT
+
+        model_dir = context.artifacts[MODEL_ARTIFACT]
+        self.model = prepare_for_inference(ModRWKV.from_pretrained(model_dir))
+        self.tokenizer = WorldTokenizer()
+        encoders = {m: context.artifacts.get(ENCODER_ARTIFACT.format(m)) for m in MODALITIES}
+        self.media = MediaEncoders(model_dir, encoders)
+
+    def predict(self, context, model_input, params=None) -> list[dict]:
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        try:
+            return [answer(self.model, self.tokenizer, self.media, row, f"row {i}") for i, row in enumerate(rows)]
+        except ValueError as e:  # a bad request, not a failure of the server: HTTP 400 with the reason
+            raise MlflowException.invalid_parameter_value(str(e)) from None

@@ -1,0 +1,236 @@
+"""Trained models in MLflow: each phase's final model a logged model of its run (datasets, step, encoders), the
+registry, evaluation scores on the model they scored, `models:/...` wherever a model folder is taken, and the
+served model answering over HTTP as `modrwkv chat` does."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from mlflow import MlflowClient
+from PIL import Image
+
+from modrwkv import RWKV7Config
+from modrwkv.multimodal import ModRWKV
+from pipelines.cli import main
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encode
+from pipelines.evaluate import EvalConfig, run_eval
+from pipelines.lmms_eval_model import ModRWKVEvalModel
+from pipelines.logged_models import local_model, model_id_of
+from preprocessing.cache.key import hash_model_dir
+from pipelines.train_config import TrainConfig
+from pipelines.train_local import run_single_process
+from tests.conftest import random_backbone
+from tests.tiny_models import save_tiny_whisper, tiny_digits_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wav_bytes(seconds: float, hz: float = 440.0, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def caches(root: Path) -> dict[str, str]:
+    """Tiny digits (tiny CLIP), tones (tiny Whisper) and a sine series (raw, for a WaveNet), each a train cache."""
+    found = {"image": tiny_digits_cache(root, "train", 16, shard_size=8)}
+    audio = root / "audio"
+    audio.mkdir()
+    for i in range(6):
+        (audio / f"tone{i}.wav").write_bytes(wav_bytes(0.4, 200 + 100 * i))
+    (audio / "asr.jsonl").write_text("".join(json.dumps({"audio": f"tone{i}.wav", "text": f"tone {i}"}) + "\n"
+                                             for i in range(6)))
+    found["audio"] = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
+        "encoder": {"kind": "whisper", "model_dir": str(save_tiny_whisper(root / "whisper"))},
+        "cache": {"root": str(root / "cache")}})).uri
+    (root / "s.csv").write_text("v\n" + "\n".join(f"{np.sin(i / 3) + 0.01 * i:.4f}" for i in range(120)) + "\n")
+    found["series"] = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(root / "s.csv"), "lookback": 16, "horizon": 4, "stride": 4,
+                    "split": "train", "fractions": [1.0, 0.0, 0.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(root / "cache")}})).uri
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Phase I (its step-2 checkpoint kept as a logged model too) then II in one process, tracked in a SQLite
+    store, phase II registered as "tiny"."""
+    root = tmp_path_factory.mktemp("logged")
+    uri = f"sqlite:///{root}/mlflow.db"
+    used = caches(root)
+    backbone = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)
+    random_backbone(backbone).save_pretrained(root / "backbone")
+    config = from_dict(TrainConfig, {
+        "name": "tiny", "caches": list(used.values()), "output_dir": str(root / "runs"), "max_length": 96,
+        "packing": False,
+        "model": {"backbone": {"path": str(root / "backbone")}, "wavenet": {"hidden": 8, "layers": 2},
+                  "projectors": {"image": {"kernel": 3, "stride": 2}, "audio": {"kernel": 3, "stride": 2},
+                                 "series": {"kernel": 0, "stride": 0}}},
+        "phase1": {"lr": 3e-3, "steps": 3, "global_batch": 4, "micro_batch": 4, "checkpoint_every": 2},
+        "phase2": {"lr": 1e-3, "steps": 2, "global_batch": 4, "micro_batch": 4},
+        "tracking": {"tracking_uri": uri, "experiment": "logged", "register_as": "tiny", "log_checkpoints": True}})
+    folders = [run_single_process(config, phase, device="cpu")[0] for phase in (1, 2)]
+    return root, uri, used, folders
+
+
+def logged_models(client: MlflowClient, folder: Path):
+    run_id = json.loads((folder / "backbone_source.json").read_text())["run_id"]
+    experiment = client.get_run(run_id).info.experiment_id
+    return run_id, client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+
+
+def test_each_phase_is_a_logged_model_with_its_datasets_and_phase_two_is_registered(trained, monkeypatch):
+    root, uri, used, (phase1, phase2) = trained
+    client = MlflowClient(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)  # where models:/... are downloaded (runs/models)
+    for phase, folder, steps in ((1, phase1, 3), (2, phase2, 2)):
+        run_id, found = logged_models(client, folder)
+        by_step = {next(iter({m.step for m in model.metrics})): model for model in found}
+        assert sorted(by_step) == ([2, 3] if phase == 1 else [2])  # phase I's checkpoint, then each final model
+        model = by_step[steps]
+        assert model.tags["modrwkv.phase"] == str(phase) and model.model_type == "modrwkv"
+        assert model_id_of(uri, str(folder)) == model.model_id
+        # the caches it trained on are its datasets, through a metric each
+        samples = {m.dataset_name: m.value for m in model.metrics if m.key == f"samples/{m.dataset_name}"}
+        assert samples == {u.rsplit("/", 1)[-1]: written(u) for u in used.values()}
+        assert {m.step for m in model.metrics} == {steps}
+        outputs = client.get_run(run_id).outputs.model_outputs
+        assert sorted((o.step, o.model_id) for o in outputs) == sorted((s, m.model_id) for s, m in by_step.items())
+        downloaded = local_model(f"models:/{model.model_id}")
+        assert sorted(p.name for p in downloaded.model_dir.iterdir()) == sorted(p.name for p in folder.iterdir())
+        # phase I's adapter-only folder finds its backbone by path: it carries no encoders; phase II all it needs
+        if phase == 1:
+            assert downloaded.encoder_dirs == {}
+            checkpoint = local_model(f"models:/{by_step[2].model_id}")  # the checkpoint loads: adapter + records
+            kept = folder.parent / "checkpoints" / "step-000002"
+            assert model_id_of(uri, str(kept)) == by_step[2].model_id
+            assert ModRWKV.from_pretrained(checkpoint.model_dir).config == ModRWKV.from_pretrained(kept).config
+        else:
+            assert sorted(downloaded.encoder_dirs) == ["audio", "image"]
+            assert hash_model_dir(downloaded.encoder_dirs["audio"]) == hash_model_dir(root / "whisper")
+    (version,) = client.search_model_versions("name = 'tiny'")
+    assert version.source == f"models:/{model_id_of(uri, str(phase2))}" and int(version.version) == 1
+
+
+def written(cache_uri: str) -> float:
+    return float(json.loads((Path(cache_uri) / "manifest.json").read_text())["counts"]["written"])
+
+
+def digit_png(root: Path) -> Path:
+    """A test digit, as the demo's data has it."""
+    return sorted((root / "digits" / "images").glob("*.png"))[0]
+
+
+def chat(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(["chat", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trained, monkeypatch, capsys):
+    root, uri, used, (_, phase2) = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    client = MlflowClient(uri)
+    test_cache = tiny_digits_cache(root / "test", "test", 4, shard_size=4)
+    config = {"task": "vqa", "cache": test_cache, "max_new_tokens": 3, "actors": 0, "tracking_uri": uri}
+    scored = run_eval(from_dict(EvalConfig, {**config, "checkpoint": str(phase2), "out_dir": str(root / "e1")}))
+    model_id = model_id_of(uri, str(phase2))
+    (model,) = client.search_logged_models([client.get_run(scored.run_id).info.experiment_id],
+                                           filter_string="metrics.accuracy >= 0", order_by=[
+                                               {"field_name": "metrics.accuracy", "ascending": False}])
+    assert model.model_id == model_id
+    (accuracy,) = [m for m in model.metrics if m.key == "accuracy"]
+    assert accuracy.value == scored.metrics["accuracy"] and accuracy.dataset_name == test_cache.rsplit("/", 1)[-1]
+    eval_run = client.get_run(scored.run_id)
+    assert [m.model_id for m in eval_run.inputs.model_inputs] == [model_id]  # the eval run names what it scored
+    (version,) = client.search_model_versions("name = 'tiny'")  # its registered version carries the scores
+    assert float(version.tags[f"eval.{accuracy.dataset_name}.accuracy"]) == pytest.approx(accuracy.value)
+
+    # the registered version in place of the folder: eval, chat
+    again = run_eval(from_dict(EvalConfig, {**config, "checkpoint": "models:/tiny/1", "out_dir": str(root / "e2")}))
+    assert again.predictions.read_text() == scored.predictions.read_text()
+    assert client.get_run(again.run_id).data.tags["mlflow.parentRunId"] == eval_run.data.tags["mlflow.parentRunId"]
+    question = ["--image", str(digit_png(root)), "--question", "What digit is this?"]
+    by_folder = chat(["--model", str(phase2), "--encoder-dir", str(root / "clip"), *question], capsys)
+    assert chat(["--model", "models:/tiny/1", *question], capsys) == by_folder  # the encoder it carries
+    client.set_registered_model_alias("tiny", "serving", 1)
+    assert chat(["--model", "models:/tiny@serving", *question], capsys) == by_folder
+    wrapper = ModRWKVEvalModel("models:/tiny/1", device="cpu")  # lmms-eval's: with the image encoder it carries
+    assert wrapper.encoder.kind == "clip" and hash_model_dir(wrapper.encoder.model_dir) == hash_model_dir(root / "clip")
+    with pytest.raises(Exception, match="tiny"):
+        local_model("models:/tiny/7")
+
+
+def post(url: str, rows: list[dict]) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", json.dumps({"dataframe_records": rows}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.slow
+def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_requests(trained, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from infra.model_server import start_model_server
+
+    root, uri, _, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    image, clip = digit_png(root), root / "audio" / "tone2.wav"
+    series = [float(np.sin(i / 3) + 0.01 * i) for i in range(16)]
+    (tmp_path / "series.csv").write_text("\n".join(map(str, series)) + "\n")
+    expected = {}
+    for modality, path, question in (("image", image, "What digit is this?"), ("audio", clip, "Transcribe.")):
+        out = chat(["--model", "models:/tiny/1", f"--{modality}", str(path), "--question", question], capsys)
+        expected[modality] = out.split("Assistant: ", 1)[1].strip()
+    out = chat(["--model", "models:/tiny/1", "--series", str(tmp_path / "series.csv"), "--question", "Forecast."],
+               capsys)
+    forecast = [float(v) for v in out.split("Forecast: ", 1)[1].split(", ")]
+
+    with start_model_server("models:/tiny/1", tmp_path / "server", env={"MLFLOW_TRACKING_URI": uri}) as server:
+        status, body = post(server.url, [
+            {"question": "What digit is this?", "image": b64(image.read_bytes())},
+            {"question": "Transcribe.", "audio": b64(clip.read_bytes())},
+            {"question": "Forecast.", "series": series}])
+        assert status == 200, body
+        answers = body["predictions"]
+        assert [answers[0], answers[1]] == [{"answer": expected["image"]}, {"answer": expected["audio"]}]
+        assert len(answers[2]["forecast"]) == len(forecast) == 4
+        assert answers[2]["forecast"] == pytest.approx(forecast, rel=1e-5)
+
+        huge = io.BytesIO()
+        Image.new("1", (5000, 5000)).save(huge, format="PNG")  # 25M pixels in a few kB: over the pixel limit
+        for row, reason in (
+                ({"question": "What is it?", "image": b64(b"not an image at all")}, "not a readable image"),
+                ({"question": "What is it?", "image": b64(huge.getvalue())}, "over the limit"),
+                ({"question": "Both?", "image": b64(image.read_bytes()), "series": series}, "exactly one of"),
+                ({"question": "Play it.", "video": "AAAA"}, "unknown fields ['video']"),
+                ({"question": "", "image": b64(image.read_bytes())}, "no question")):
+            status, body = post(server.url, [row])
+            assert status == 400 and reason in body["message"], (row.keys(), status, body)
+        status, body = post(server.url, [{"question": "What digit is this?", "image": b64(image.read_bytes())}])
+        assert status == 200 and body["predictions"] == [{"answer": expected["image"]}]  # still serving
+    assert not server.alive()
