@@ -21,9 +21,10 @@ def cmd_convert(args) -> None:
 
 def cmd_export(args) -> None:
     from modrwkv.hf_export.exporter import export_fla, export_hf
+    from pipelines.logged_models import local_model
 
     export = export_hf if args.to == "hf" else export_fla
-    print(f"wrote {export(args.model_dir, args.out_dir, backbone=args.backbone)}")
+    print(f"wrote {export(local_model(args.model_dir).model_dir, args.out_dir, backbone=args.backbone)}")
 
 
 def print_piece(text: str) -> None:
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trust_remote_code=True (config, fp32 safetensors weights, World tokenizer, pure-PyTorch "
                         "modelling code; no modrwkv needed); fla: the backbone alone in fla's RWKV-7 layout")
     p.add_argument("model_dir", help="a ModRWKV save_pretrained folder, e.g. runs/train/<name>/phase2/model (an "
-                                     "adapter-only phase I folder is completed with the backbone it records)")
+                                     "adapter-only phase I folder is completed with the backbone it records), or a "
+                                     "logged or registered model (models:/...)")
     p.add_argument("out_dir", help="the folder to write (created; files of the same names are replaced)")
     p.add_argument("--backbone", help="the backbone (.pth or folder) for an adapter-only model_dir "
                                       "(default: the one recorded beside it)")

@@ -26,9 +26,9 @@ from ray.train.torch import TorchTrainer
 from modrwkv.model_folder import write_records
 
 from . import tracking
-from .logged_models import encoder_dirs, log_trained_model, register
 from .caches import absolute
 from .config import load_config, to_dict
+from .logged_models import encoder_dirs, log_trained_model, register
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
 from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase

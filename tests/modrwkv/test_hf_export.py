@@ -176,7 +176,8 @@ def test_an_adapter_only_folder_exports_with_its_recorded_backbone(exported, tmp
     model.backbone.save_pretrained(tmp_path / "backbone")
     model.save_pretrained(tmp_path / "phase1", adapter_only=True, backbone_source={"path": str(tmp_path / "backbone")})
     assert main(["export", "--to", "hf", str(tmp_path / "phase1"), str(tmp_path / "export")]) == 0
-    weights, full = load_file(tmp_path / "export" / "model.safetensors"), load_file(root / "export" / "model.safetensors")
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    full = load_file(root / "export" / "model.safetensors")
     assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
 
 

@@ -171,6 +171,8 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
     assert chat(["--model", "models:/tiny/1", *question], capsys) == by_folder  # the encoder it carries
     client.set_registered_model_alias("tiny", "serving", 1)
     assert chat(["--model", "models:/tiny@serving", *question], capsys) == by_folder
+    assert main(["export", "--to", "hf", "models:/tiny/1", str(root / "hf")]) == 0  # the export takes one too
+    assert json.loads((root / "hf" / "config.json").read_text())["encoders"]["image"]["kind"] == "clip"
     wrapper = ModRWKVEvalModel("models:/tiny/1", device="cpu")  # lmms-eval's: with the image encoder it carries
     assert wrapper.encoder.kind == "clip" and hash_model_dir(wrapper.encoder.model_dir) == hash_model_dir(root / "clip")
     with pytest.raises(Exception, match="tiny"):

@@ -79,6 +79,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert torch.allclose(saved, torch.tensor(stats["whitening"], dtype=torch.float64), atol=1e-4)
 
     config.packing = False  # phase II right-padded: both layouts train
+    config.tracking.register_as = "digits-tiny"
     two = run_train(config, phase=2)
     history2 = losses(client, two.run_id)
     assert len(history2) == 4 and history2[-1] < history2[0]
@@ -108,9 +109,12 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert {"config.yaml", "loss_curve.png", "adapter"} <= artifacts
     for result, steps in ((one, [4, 8]), (two, [4])):  # each phase's final model a logged model of its run, at
         # its last step; phase I's kept checkpoint too
-        found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
+        found = client.search_logged_models([run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{result.run_id}'")
         by_step = {next(iter({m.step for m in model.metrics})): model.model_id for model in found}
         assert sorted(by_step) == steps and by_step[steps[-1]] == result.model_id
+    (version,) = client.search_model_versions("name = 'digits-tiny'")  # phase II's, registered by the driver
+    assert version.source == f"models:/{two.model_id}"
     files = {a.path for a in client.list_artifacts(two.run_id) if a.path.startswith("model")}
     assert not files  # the folder lives in the logged model, not again among the run's artifacts
     for finished in (one.run_id, two.run_id):
