@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+from preprocessing.cache.precision import DEFAULT as DEFAULT_PRECISION
 from preprocessing.cache.precision import Precision
 from preprocessing.items import RAW_SERIES
 from preprocessing.validate import Limits
@@ -67,7 +68,7 @@ class CacheConfig:
     shard_size: int = 256
     # how the store holds features (preprocessing/cache/precision.py): fp16, or int8 with a scale per vector (half
     # the bytes); part of the store's key, so both live side by side
-    precision: Precision = "fp16"
+    precision: Precision = DEFAULT_PRECISION
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -104,6 +105,6 @@ class EncodeConfig:
     max_length: int | None = None
 
     def __post_init__(self):
-        if self.cache.precision != "fp16" and self.encoder.kind == RAW_SERIES:
+        if self.cache.precision != DEFAULT_PRECISION and self.encoder.kind == RAW_SERIES:
             raise ValueError(f"cache.precision {self.cache.precision!r} applies to encoder features; raw series "
                              "(the WaveNet's input) are stored in full precision")

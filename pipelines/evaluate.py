@@ -23,6 +23,7 @@ from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags
 from .eval_tasks import TASKS, EvalTask, TaskName
+from .logged_models import check_registered_name
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EvalConfig:
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
     track: bool = True  # false: predictions, scores and plots on disk only, no MLflow run
     register_as: str | None = None  # registers the scored (logged) model as a version of this name, tagged with scores
+
+    def __post_init__(self):
+        check_registered_name(self.register_as)
 
 
 @dataclass

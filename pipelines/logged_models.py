@@ -8,6 +8,7 @@ folder and the frozen encoders its caches came from, so `mlflow models serve` en
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ def log_trained_model(uri: str, run_id: str, model_dir: Path, phase: int, step: 
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     model = client.create_logged_model(
-        run.info.experiment_id, name=f"{run.info.run_name or 'modrwkv'}-model", source_run_id=run_id,
+        run.info.experiment_id, name=logged_model_name(run.info.run_name), source_run_id=run_id,
         params=run.data.params, model_type=MODEL_TYPE,
         tags={PHASE_TAG: str(phase), FOLDER_TAG: str(Path(model_dir).absolute()),
               "modrwkv.encoders": json.dumps(sorted(encoder_dirs))})
@@ -60,6 +61,19 @@ def log_trained_model(uri: str, run_id: str, model_dir: Path, phase: int, step: 
                model_id=model.model_id,
                dataset_name=cache_name(cache.uri), dataset_digest=cache_digest(cache.uri)) for cache in caches])
     return model.model_id
+
+
+def check_registered_name(name: str | None) -> None:
+    """A registry name, refused at config load rather than after training: MLflow refuses / and :, and `@` would
+    read as an alias in models:/NAME@alias."""
+    if name is not None and (not name.strip() or any(c in name for c in "/:@")):
+        raise ValueError(f"register_as {name!r}: a registered model's name is non-empty, without '/', ':' or '@'")
+
+
+def logged_model_name(run_name: str | None) -> str:
+    """`<run name>-model`, with what MLflow refuses in a logged model's name (/ : . % and quotes: run names such as
+    "modrwkv-vision-1.5b-phase1" have them) as "-"."""
+    return re.sub(r"[/:.%\"']", "-", f"{run_name or 'modrwkv'}-model")
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from modrwkv.multimodal import ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 
 from .config import parse_overrides
+from .logged_models import check_registered_name
 
 
 @dataclass
@@ -94,6 +95,9 @@ class TrackingConfig:
     # every phase's checkpoint_every checkpoint a logged model too (to compare and evaluate; no encoders: the final
     # phase II model is the one to serve)
     log_checkpoints: bool = False
+
+    def __post_init__(self):
+        check_registered_name(self.register_as)
 
 
 @dataclass

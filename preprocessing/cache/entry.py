@@ -41,7 +41,7 @@ from modrwkv.conversation import Sample
 
 from .. import storage
 from .index import INDEX, from_manifest, index_table, read_index, total_tokens, write_index
-from .precision import Precision, from_stored
+from .precision import DEFAULT, Precision, from_stored, key_precision
 
 # 3: per-sample keys, lengths and item files in index.parquet; 2 kept keys and lengths in the manifest (read alike);
 # 1 held the features inside the shards, before the feature store
@@ -195,13 +195,13 @@ def store_name(key: dict) -> str:
 
 
 class FeatureStore:
-    def __init__(self, root: str, name: str, precision: Precision = "fp16"):
+    def __init__(self, root: str, name: str, precision: Precision = DEFAULT):
         self.uri = storage.join(root, STORE_FOLDER, name)
         self.name, self.precision = name, precision
 
     @classmethod
     def for_key(cls, root: str, key: dict) -> "FeatureStore":
-        store = cls(root, store_name(key), key.get("precision", "fp16"))
+        store = cls(root, store_name(key), key_precision(key))
         if not storage.exists(storage.join(store.uri, STORE_KEY_FILE)):
             key_file = storage.join(store.uri, STORE_KEY_FILE)
             storage.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True).encode())
@@ -238,8 +238,8 @@ class FeatureCache:
                              "the feature store; encode its dataset again (`modrwkv encode --config ...`: each "
                              "media item is then encoded once and shared); `modrwkv cache gc --apply` removes it")
         self.shards = self.manifest["shards"]
-        precision = self.manifest.get("store", {}).get("precision", "fp16")
-        self.store = FeatureStore(storage.parent(self.uri), self.manifest["feature_store"], precision)
+        self.store = FeatureStore(storage.parent(self.uri), self.manifest["feature_store"],
+                                  key_precision(self.manifest.get("store", {})))
         self.item_reader = ThreadPoolExecutor(8, thread_name_prefix="item-reader")  # item files are small: overlap
 
     @property

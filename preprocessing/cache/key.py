@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import storage
 from .entry import canonical_json, cache_id
+from .precision import DEFAULT, Precision
 
 FINGERPRINTS_FOLDER = "fingerprints"
 # where the files are, and the permission to read outside the media root, change no sample: the samples they
@@ -33,14 +34,14 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,
-              precision: str = "fp16") -> dict:
+              precision: Precision = DEFAULT) -> dict:
     """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`, `layer`); limits:
     the validation limits (an item the store holds passed them); precision: how items are stored (`precision.py`)."""
     model_dir = encoder["model_dir"]
     # the layer and the precision join the key only when chosen: stores of the last hidden state in fp16 keep the
     # keys they were written under
     layer = {"layer": encoder["layer"]} if encoder.get("layer") is not None else {}
-    stored = {"precision": precision} if precision != "fp16" else {}
+    stored = {"precision": precision} if precision != DEFAULT else {}
     return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
             "image_size": encoder["image_size"], **layer, **stored, "limits": limits,
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}

@@ -16,6 +16,12 @@ import numpy as np
 
 Precision = Literal["fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp16", "int8")
+DEFAULT: Precision = "fp16"  # a store key names its precision only when it is another (keys from before keep theirs)
+
+
+def key_precision(key: dict) -> Precision:
+    """The precision a store key (or a manifest's copy of it) was written in."""
+    return key.get("precision", DEFAULT)
 
 
 def to_stored(features: np.ndarray, precision: Precision) -> np.ndarray:

@@ -5,11 +5,6 @@ served model answering over HTTP as `modrwkv chat` does."""
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,11 +18,11 @@ from PIL import Image
 from modrwkv import RWKV7Config
 from modrwkv.multimodal import ModRWKV
 from pipelines.cli import main
-from pipelines.config import from_dict
+from pipelines.config import ConfigError, from_dict
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.evaluate import EvalConfig, run_eval
 from pipelines.lmms_eval_model import ModRWKVEvalModel
-from pipelines.logged_models import local_model, model_id_of
+from pipelines.logged_models import local_model, logged_model_name, model_id_of
 from preprocessing.cache.key import hash_model_dir
 from pipelines.train_config import TrainConfig
 from pipelines.train_local import run_single_process
@@ -131,6 +126,28 @@ def written(cache_uri: str) -> float:
     return float(json.loads((Path(cache_uri) / "manifest.json").read_text())["counts"]["written"])
 
 
+PHASE = {"lr": 1e-3, "steps": 1, "global_batch": 1}
+
+
+def test_register_as_flags_reach_the_configs():
+    from pipelines.cli import build_parser
+    from pipelines.train_config import train_overrides
+
+    args = build_parser().parse_args(["train", "--config", "x.yaml", "--phase", "2", "--register-as", "mine",
+                                      "--set", "phase2.steps=3"])
+    assert train_overrides(args) == {"phase2.steps": 3, "tracking.register_as": "mine"}
+    args = build_parser().parse_args(["train", "--config", "x.yaml", "--phase", "2"])
+    assert train_overrides(args) == {}
+    args = build_parser().parse_args(["eval", "--checkpoint", "models:/mine/1", "--register-as", "best"])
+    assert (args.checkpoint, args.register_as) == ("models:/mine/1", "best")
+    for schema, settings in ((TrainConfig, {"tracking": {"register_as": "a/b"}}),
+                             (EvalConfig, {"checkpoint": "m", "task": "vqa", "cache": "c", "register_as": "x@y"})):
+        with pytest.raises(ConfigError, match="register_as"):  # refused at load, not after training
+            from_dict(schema, {**({"name": "n", "model": {"backbone": {"path": "b"}}, "phase1": PHASE,
+                                   "phase2": PHASE} if schema is TrainConfig else {}), **settings})
+    assert logged_model_name("modrwkv-vision-1.5b-phase1") == "modrwkv-vision-1-5b-phase1-model"
+
+
 def digit_png(root: Path) -> Path:
     """A test digit, as the demo's data has it."""
     return sorted((root / "digits" / "images").glob("*.png"))[0]
@@ -162,8 +179,13 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
     (version,) = client.search_model_versions("name = 'tiny'")  # its registered version carries the scores
     assert float(version.tags[f"eval.{accuracy.dataset_name}.accuracy"]) == pytest.approx(accuracy.value)
 
-    # the registered version in place of the folder: eval, chat
-    again = run_eval(from_dict(EvalConfig, {**config, "checkpoint": "models:/tiny/1", "out_dir": str(root / "e2")}))
+    # the registered version in place of the folder: eval (registering what it scored under another name), chat
+    again = run_eval(from_dict(EvalConfig, {**config, "checkpoint": "models:/tiny/1", "out_dir": str(root / "e2"),
+                                            "register_as": "tiny-scored"}))
+    (scored_version,) = client.search_model_versions("name = 'tiny-scored'")
+    assert scored_version.source == f"models:/{model_id}"
+    assert scored_version.tags[f"eval.{accuracy.dataset_name}.accuracy"] == version.tags[
+        f"eval.{accuracy.dataset_name}.accuracy"]
     assert again.predictions.read_text() == scored.predictions.read_text()
     assert client.get_run(again.run_id).data.tags["mlflow.parentRunId"] == eval_run.data.tags["mlflow.parentRunId"]
     question = ["--image", str(digit_png(root)), "--question", "What digit is this?"]
