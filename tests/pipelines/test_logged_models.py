@@ -258,3 +258,14 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
         status, body = post(server.url, [{"question": "What digit is this?", "image": b64(image.read_bytes())}])
         assert status == 200 and body["predictions"] == [{"answer": expected["image"]}]  # still serving
     assert not server.alive()
+
+
+def test_a_modality_the_model_was_not_trained_on_is_refused_with_the_reason():
+    from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.serving import answer
+
+    backbone = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)
+    model = ModRWKV(ModRWKVConfig(backbone, {"image": ProjectorConfig(32, 32)}), random_backbone(backbone))
+    with pytest.raises(ValueError, match=r"row 3: this model takes \['image'\], not audio"):
+        answer(model, WorldTokenizer(), None, {"question": "Transcribe.", "audio": b64(wav_bytes(0.2))}, "row 3")
