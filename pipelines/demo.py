@@ -123,8 +123,8 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
     say(f"review the runs in the MLflow UI: {mlflow.tracking_uri}  (stop it with `modrwkv services down`)")
     version = registered_version(mlflow.tracking_uri, phases[1].model_id)
     say(f"phase II's model is {version} (logged model {phases[1].model_id}); serve it with\n"
-        f"  MLFLOW_TRACKING_URI={mlflow.tracking_uri} .venv/bin/mlflow models serve -m {version} --env-manager local "
-        "-p 5001")
+        f"  MLFLOW_TRACKING_URI={mlflow.tracking_uri} PATH=\"$PWD/.venv/bin:$PATH\" mlflow models serve -m {version} "
+        "--env-manager local -p 5001")
     summary = {"minutes": round(minutes, 1), "mlflow": mlflow.tracking_uri, "table": rows,
                "runs": [p.run_id for p in phases], "model_id": phases[1].model_id, "registered": version}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
