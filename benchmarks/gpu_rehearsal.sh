@@ -4,8 +4,8 @@
 # about 90 s per shape and dtype on a bare machine, so its parts go last and can never hide our rows.
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
-#                       process, 3 seeds, from the demo's caches carried in runs/cache (no data or encoders there;
-#                       runs/gpu_demo/caches.json lists them: `python benchmarks/quality.py --write-caches ...`)
+#                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
+#                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
 #   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
@@ -13,9 +13,9 @@
 # The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
 # them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
 # World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER). The demo part also needs the demo's
-# caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here, then carry runs/cache and
-# runs/gpu_demo (52 MB) with .whl. Logs and every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each
-# part (what comes back is counted in files).
+# caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here (copies of the six entries
+# with only the features they use, whatever else runs/cache holds), then carry runs/gpu_demo with .whl. Logs and
+# every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
 #   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

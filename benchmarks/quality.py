@@ -20,7 +20,8 @@ when there is one.
 A machine without the demo's data and encoders (a lent GPU) is given the demo's caches instead:
     python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json          # here, after `make demo`
     python benchmarks/quality.py --suites demo --single-process --untracked --caches runs/gpu_demo/caches.json
-(the caches' entries under runs/cache travel with the file; the stand-in backbone is trained there).
+(copies of the caches' entries, with only their features, go to runs/gpu_demo/cache: carry runs/gpu_demo; the
+stand-in backbone is trained there).
 
 Each suite also runs a `Variant` of its shipped configs: benchmarks/experiments.py re-runs the experiments behind
 the shipped defaults that way.
@@ -181,11 +182,17 @@ def split_samples(encode_yaml: str, encode: dict[str, dict]) -> tuple[list, list
 
 
 def write_caches(path: Path) -> None:
-    """The demo's encode YAMLs and their entries (relative to the repository), for `--caches` elsewhere."""
-    entries = {str(y): str(Path(cache_uri(str(y))).relative_to(ROOT)) for y in sorted(DEMO_CONFIGS.glob("encode_*.yaml"))}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The demo's encode YAMLs and copies of their entries in a cache root beside FILE (with only the store items
+    they use: `modrwkv cache cp`), for `--caches` on a machine without the data or the encoders."""
+    from preprocessing.cache.copy import copy_entry
+
+    root = path.absolute().parent / "cache"
+    entries = {}
+    for yaml in sorted(DEMO_CONFIGS.glob("encode_*.yaml")):
+        copied = copy_entry(cache_uri(str(yaml)), str(root), progress=False)
+        entries[str(yaml)] = str(Path(copied.uri).relative_to(ROOT))
     path.write_text(json.dumps(entries, indent=1) + "\n")
-    print(f"wrote {path}: {len(entries)} cache entries under {ROOT / 'runs/cache'} (carry that folder with it)")
+    print(f"wrote {path}: {len(entries)} cache entries in {root} (carry that folder)")
 
 
 def machine_description() -> str:

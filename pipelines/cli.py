@@ -159,6 +159,18 @@ def cmd_cache(args) -> None:
     print(f"{what}: {len(found)} files no complete entry uses, older than {args.grace_hours:g} h")
 
 
+def cmd_cache_copy(args) -> None:
+    from preprocessing.cache.copy import copy_entry
+    from preprocessing.cache.inventory import human
+
+    from .caches import resolve_caches
+
+    for uri in resolve_caches(args.entries):
+        c = copy_entry(uri, args.to)
+        print(f"{uri} -> {c.uri}: {c.entry_files} entry files, {c.items_copied} items copied, {c.items_present} "
+              f"already there; {human(c.bytes_copied)}")
+
+
 def cmd_encoder_export(args) -> None:
     from preprocessing.encoders.convert import export_encoder
 
@@ -278,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--apply", action="store_true", help="delete (default: only list what would go)")
             p.add_argument("--grace-hours", type=float, default=1.0,
                            help="keep anything younger: a running encode writes items before its entry uses them")
+    p = cache.add_parser("cp", help="copy entries, with only the store items they use, to another cache root")
+    p.add_argument("entries", nargs="+", metavar="ENTRY", help="a complete entry (folder or s3:// URI) or its encode "
+                                                                 "YAML (encoded first when not in the cache)")
+    p.add_argument("--to", required=True, metavar="ROOT", help="the destination cache root: a folder or "
+                                                                "s3://bucket/prefix")
+    p.set_defaults(func=cmd_cache_copy)
 
     p = sub.add_parser("encoder", help="frozen encoders")
     encoder = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")

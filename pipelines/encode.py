@@ -34,7 +34,8 @@ from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version
 from preprocessing.cache.precision import to_stored
 from preprocessing.items import RAW_SERIES, Audio
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
-from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
+from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
+                                   normalised_lookback)
 
 from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
@@ -109,14 +110,8 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
     # torch: heavy, only series windows need it
     import torch
 
-    from modrwkv.wavenet import normalize_series
-
-    lookback = check_series(s.series["lookback"], limits, "lookback")
+    normalised, mean, std = normalised_lookback(s.series["lookback"], limits, s.key)
     target = torch.from_numpy(check_series(s.series["target"], Limits(min_series_length=1), "target"))[:, None]
-    try:
-        normalised, mean, std = normalize_series(torch.from_numpy(lookback)[:, None], s.key)
-    except ValueError as e:
-        raise Rejected(str(e)) from None
     window = normalised[:, 0].numpy()
     arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,

@@ -78,6 +78,20 @@ def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:
     return series
 
 
+def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "lookback"):
+    """A lookback window checked and z-scored as the model reads it: (window [L, 1] tensor, mean, std). The encode
+    job stores it; chat and the served model feed it to the same encoder."""
+    import torch  # only series need it: the image and audio checks stay torch-free
+
+    from modrwkv.wavenet import normalize_series
+
+    lookback = check_series(values, limits, name)
+    try:
+        return normalize_series(torch.from_numpy(lookback)[:, None], sample_id)
+    except ValueError as e:
+        raise Rejected(str(e)) from None
+
+
 def check_text(turns: list[dict], tokenizer) -> None:
     """Every turn has words, and the whole conversation tokenizes."""
     for i, turn in enumerate(turns):

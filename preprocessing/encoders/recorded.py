@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
-from modrwkv.wavenet import normalize_series
 
 from ..cache.key import hash_model_dir
 from ..items import RAW_SERIES
-from ..validate import Limits, check_series, decode_audio, decode_image
+from ..validate import Limits, decode_audio, decode_image, normalised_lookback
 from . import build_encoder
 from .base import require_local_dir
 
@@ -64,8 +63,7 @@ class MediaEncoders:
     def series(self, values, sample_id: str) -> "SeriesInput":
         """A lookback window z-scored as the encode job does (`pipelines/encode.py: series_window`); its features
         are the recorded encoder's, or the normalised values themselves for a model with its own WaveNet."""
-        lookback = check_series(values, self.limits, sample_id)
-        window, mean, std = normalize_series(torch.from_numpy(lookback)[:, None], sample_id)
+        window, mean, std = normalised_lookback(values, self.limits, sample_id, name=sample_id)
         recorded = read_encoders_record(self.model_dir).get("series", {}).get("kind") or self.kinds.get("series")
         features = window if recorded in (None, RAW_SERIES) else self.encoder("series").encode([window[:, 0]],
                                                                                                 [sample_id])[0]

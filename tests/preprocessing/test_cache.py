@@ -236,6 +236,40 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / "kept")).iter_samples())) == 3
 
 
+def test_cache_cp_carries_an_entry_with_only_its_items_through_s3_and_back(tmp_path, s3_server, monkeypatch, capsys):
+    """Two entries share a store; copying one takes its own items alone, to S3 and from there to a folder, and
+    the copy reads back the same samples; a second copy finds the items there and copies none of them again."""
+    from pipelines.cli import main
+    from preprocessing.cache.copy import copy_entry
+    from preprocessing.cache.inventory import inventory
+    from tests.services import BUCKET
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    root = tmp_path / "cache"
+    write_entry(str(root / "a"), [2, 1])
+    write_samples(str(root / "b"), [samples(2, start=10)])
+    (root / "features" / STORE / "store.json").write_text("{}")  # the key an encode job writes
+    remote = f"s3://{BUCKET}/copied"
+    assert main(["cache", "cp", str(root / "a"), "--to", remote]) == 0
+    assert "3 items copied, 0 already there" in capsys.readouterr().out
+    again = copy_entry(str(root / "a"), remote, progress=False)
+    assert (again.items_copied, again.items_present) == (0, 3)
+    local = copy_entry(f"{remote}/a", str(tmp_path / "elsewhere"), progress=False)
+    entries, (store,) = inventory(str(tmp_path / "elsewhere"))
+    assert [e.name for e in entries] == ["a"] and len(store.items) == 3 == len(store.referenced)
+    assert (store.files.keys() - store.items.keys()) == {"store.json"}
+    original = list(FeatureCache(str(root / "a")).iter_samples(shuffle=False))
+    copied = list(FeatureCache(local.uri).iter_samples(shuffle=False))
+    assert [s.key for s in copied] == [s.key for s in original]
+    assert all(np.array_equal(x, y) for s, t in zip(copied, original) for x, y in zip(s.items, t.items))
+    with pytest.raises(ValueError, match="already in"):
+        copy_entry(str(root / "a"), str(root))
+    (root / "b" / "manifest.json").unlink()
+    assert main(["cache", "cp", str(root / "b"), "--to", str(tmp_path / "elsewhere")]) == 2
+    assert "never finished" in capsys.readouterr().err
+
+
 def test_a_chosen_encoder_layer_joins_the_store_key_and_the_default_keeps_the_old_one(tmp_path):
     encoder = {"kind": "dinov2", "model_dir": None, "dtype": "fp32", "image_size": 112}
 
