@@ -2,6 +2,7 @@
 compute them and the CPU's vector instructions (torch's, oneDNN's and MKL's kernels pick their code path by them,
 so one seed's features, probe and model can differ in their last bits, and a borderline answer can flip)."""
 
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -37,3 +38,14 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 def environment_tags(prefix: str = "env.") -> dict[str, str]:
     """{prefix + "cpu": ..., prefix + "<package>": version} for this process's machine."""
     return {f"{prefix}cpu": cpu_description(), **{f"{prefix}{name}": package_version(name) for name in PACKAGES}}
+
+
+def require_cuda(setting: str) -> None:
+    """A process a config sends to a GPU (`setting` names the option) and that sees none (a CPU build of torch, a
+    driver too old for the wheel) fails here, rather than run on, on its CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{setting} asks for a GPU, but this process sees no CUDA device (torch {torch.__version__}, "
+                           f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the node's driver and torch build")

@@ -21,7 +21,7 @@ from preprocessing.cache.entry import FeatureCache
 
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
-from .environment import environment_tags
+from .environment import environment_tags, require_cuda
 from .eval_tasks import TASKS, EvalTask, TaskName
 from .logged_models import check_registered_name
 
@@ -36,6 +36,7 @@ class EvalConfig:
     batch_size: int = 16  # prompts decoded together (vqa, asr); 1 = one at a time
     quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
     actors: int = 1  # Ray Data prediction actors; 0: in this process, on the GPU when there is one
+    gpus_per_actor: float = 0.0  # each actor's share of a GPU, which holds its model copy; 0: CPU actors
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
     tracking_uri: str | None = None
     experiment: str = "modrwkv"
@@ -45,6 +46,8 @@ class EvalConfig:
 
     def __post_init__(self):
         check_registered_name(self.register_as)
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be 0 or more, not {self.gpus_per_actor}")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Predictor:
         from modrwkv.multimodal import ModRWKV
         from modrwkv.tokenizer import WorldTokenizer
 
+        if device == "cuda":
+            require_cuda("gpus_per_actor")
         # a full save, or an adapter-only one with its backbone recorded beside it
         model = ModRWKV.from_pretrained(checkpoint).to(device)
         self.model = prepare_for_inference(model, quantization=quantize)
@@ -106,8 +111,10 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
         ray.init(log_to_driver=False)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
+                        num_gpus=config.gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
-                                               "quantize": config.quantize})
+                                               "quantize": config.quantize,
+                                               "device": "cuda" if config.gpus_per_actor else "cpu"})
     return ds.iter_batches(batch_size=None)
 
 

@@ -82,6 +82,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             max_length=config.max_length, packing=config.packing, pack_buffer=config.pack_buffer,
             prefetch_threads=config.prefetch_threads, seed=config.seed,
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
+            use_gpu=config.scaling.use_gpu, gradient_checkpointing=config.gradient_checkpointing,
             log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened))
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,

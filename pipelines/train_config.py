@@ -115,6 +115,10 @@ class TrainConfig:
     packing: bool = True
     pack_buffer: int = 128
     prefetch_threads: int = 4  # per worker, read, check and decode the next shards ahead; 0: on the training thread
+    # recompute each block's activations in the backward pass instead of keeping them all: more compute (a second
+    # forward) for less memory; without it phase II of the 0.4B shape held 66 GiB for one 16,384-token row
+    # (docs/scale.md), so 40-80 GB cards need it at the paper's context and micro-batches
+    gradient_checkpointing: bool = False
     seed: int = 0
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)

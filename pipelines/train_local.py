@@ -38,7 +38,8 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(absolute(config.model.backbone.path), plan.model,
-                        str(plan.init_from) if plan.init_from else None, plan.feature_stats(), config.seed).to(device)
+                        str(plan.init_from) if plan.init_from else None, plan.feature_stats(), config.seed,
+                        config.gradient_checkpointing).to(device)
     model.set_phase(phase)
     optimizer = optimizer_for(model, hp)
     engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
-import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
@@ -18,6 +17,7 @@ from modrwkv.multimodal import ModRWKVConfig
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.cache.entry import FeatureCache
 
+from .environment import require_cuda
 from .logged_models import log_trained_model
 from .tracking import MetricLogger, log_environment, system_metrics
 from .train_config import DeepSpeedConfig, PhaseConfig
@@ -44,6 +44,8 @@ class WorkerConfig:
     tracking_uri: str
     run_id: str
     system_metrics_every_s: float
+    use_gpu: bool = False  # scaling.use_gpu: a worker that sees no CUDA device then fails
+    gradient_checkpointing: bool = False
     log_checkpoints: bool = False  # each checkpoint's model folder a logged model of the run (rank 0)
     encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
 
@@ -62,7 +64,9 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cfg.use_gpu
+    if on_gpu:
+        require_cuda("scaling.use_gpu")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
     import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator once, at import
 
@@ -80,7 +84,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         log_environment(cfg.tracking_uri, cfg.run_id, node)
         if cfg.system_metrics_every_s:
             monitor = system_metrics(cfg.tracking_uri, cfg.run_id, node, cfg.system_metrics_every_s)
-    model = build_model(cfg.backbone_path, cfg.model, cfg.init_from, cfg.feature_stats, cfg.seed)
+    model = build_model(cfg.backbone_path, cfg.model, cfg.init_from, cfg.feature_stats, cfg.seed,
+                        cfg.gradient_checkpointing)
     model.set_phase(phase)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp),
                                                    dist_init_required=False,

@@ -30,11 +30,12 @@ from .train_config import PhaseConfig
 
 
 def build_model(backbone_path: str, config: ModRWKVConfig, init_from: str | None, feature_stats: dict,
-                seed: int) -> ModRWKV:
+                seed: int, gradient_checkpointing: bool = False) -> ModRWKV:
     """The backbone from `backbone_path`; phase II's projectors from phase I's folder `init_from`, phase I's new
     ones (seeded) normalising with `feature_stats` (modality -> the training features' mean and std or
     whitening)."""
     backbone = RWKV7.from_pretrained(backbone_path)
+    backbone.gradient_checkpointing = gradient_checkpointing
     if init_from:
         return ModRWKV.from_pretrained(init_from, backbone=backbone)
     torch.manual_seed(seed)

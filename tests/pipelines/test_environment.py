@@ -2,8 +2,10 @@
 versions of the packages that compute its figures."""
 
 import numpy as np
+import pytest
+import torch
 
-from pipelines.environment import cpu_description, environment_tags
+from pipelines.environment import cpu_description, environment_tags, require_cuda
 
 
 def test_cpu_description_names_the_model_and_its_vector_instructions(tmp_path):
@@ -22,3 +24,18 @@ def test_environment_tags_hold_this_machine_and_its_packages():
     assert tags["env.node1.cpu"] == cpu_description()
     assert set(tags) >= {"env.node1.torch", "env.node1.deepspeed", "env.node1.ray"}
     assert not any(v == "not installed" for k, v in tags.items() if k.endswith((".torch", ".numpy", ".ray")))
+
+
+def test_a_process_sent_to_a_gpu_it_lacks_fails_naming_the_setting(monkeypatch):
+    """A training worker (scaling.use_gpu) or an eval actor (gpus_per_actor) on a node whose torch sees no GPU stops
+    with the reason, before it loads anything, instead of running on its CPU."""
+    from pipelines.eval_tasks import TASKS
+    from pipelines.evaluate import EvalConfig, Predictor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="scaling.use_gpu asks for a GPU, but this process sees no CUDA device"):
+        require_cuda("scaling.use_gpu")
+    with pytest.raises(RuntimeError, match="gpus_per_actor asks for a GPU"):
+        Predictor("no-such-checkpoint", "no-such-cache", TASKS["vqa"], device="cuda")
+    with pytest.raises(ValueError, match="gpus_per_actor must be 0 or more"):
+        EvalConfig(checkpoint="c", task="vqa", cache="c", gpus_per_actor=-1)

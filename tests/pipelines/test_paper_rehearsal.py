@@ -161,7 +161,8 @@ def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tm
             *shrunk(backbone, tmp_path, mlflow_server.tracking_uri, cache))
     model = tmp_path / "runs" / "modrwkv-audio-1.5b" / "phase2" / "model"
     job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_librispeech.yaml",
-        f"checkpoint={model}", f"cache={cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "max_new_tokens=2",
+        f"checkpoint={model}", f"cache={cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "gpus_per_actor=0",
+        "max_new_tokens=2",
         f"tracking_uri={mlflow_server.tracking_uri}")
     runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", cache)
     assert runs["eval"].data.metrics["wer_en"] >= 0

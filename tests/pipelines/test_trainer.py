@@ -110,6 +110,29 @@ print("RESULT" + json.dumps(result))
     assert phase2["losses"][0] < phase1["losses"][0]  # phase II starts where phase I ended, not from scratch
 
 
+def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(setup, tmp_path, monkeypatch):
+    """The config's switch reaches the backbone: every block runs under torch's checkpoint (its forward again in
+    the backward pass), and phase I's losses are those of the run that keeps its activations."""
+    import modrwkv.model
+
+    root, cache = setup
+    wrapped = []
+
+    def counting(function, *args, **kwargs):
+        wrapped.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(modrwkv.model, "checkpoint", counting)
+    losses = {}
+    for on in (False, True):
+        config = config_for(root, cache, f"checkpointing-{on}", output_dir=str(tmp_path / "runs"),
+                            gradient_checkpointing=on)
+        losses[on] = [h["loss"] for h in run_single_process(config, phase=1, device="cpu")[1]]
+        assert bool(wrapped) == on
+    assert len(wrapped) % 2 == 0 and len(wrapped) >= 6 * 2  # both blocks, in every micro-step
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_the_ray_deepspeed_run_computes_the_single_process_losses(setup, ray_local, tmp_path):
     """One worker, ZeRO off, the same data: Ray Train + DeepSpeed and one process give the same loss at every
