@@ -60,6 +60,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                                      plan.out)
 
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
+    tracking.check_reachable_by_workers(uri, config.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
     if phase == 2:

@@ -192,6 +192,26 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     assert state["data_positions"] == [position_after(config, cache, 24, rank, 2) for rank in (0, 1)]
 
 
+def test_a_job_joining_a_cluster_refuses_a_tracking_store_in_a_local_file(setup, monkeypatch):
+    """On a cluster, rank 0 and every node's monitor log from their own machines: a SQLite file on the driver's
+    would be a different, empty database there. The job stops before it starts a run; a server URI passes."""
+    from pipelines.tracking import check_reachable_by_workers
+
+    root, cache = setup
+    config = train_config(root, cache, "joining")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives the entrypoint
+    with pytest.raises(ValueError, match="cannot reach; give an MLflow server"):
+        run_train(config, phase=1)
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "attributes.run_name = 'joining-phase1'")
+    for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(ValueError, match="store in a file on this machine"):
+            check_reachable_by_workers(local, "ray://head:10001")
+        check_reachable_by_workers(local, None)  # a local Ray of its own: the workers share this machine
+    check_reachable_by_workers("http://10.0.0.1:5000", "ray://head:10001")
+
+
 def test_a_users_allocator_settings_win(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert worker_env() == {**WORKER_ENV, "MALLOC_ARENA_MAX": "4"} != WORKER_ENV
