@@ -94,7 +94,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            path, client_state = engine.load_checkpoint(d, tag="ds")
+            # the frozen backbone is not in phase I's checkpoints: it comes from backbone_path, as built above
+            frozen = any(not p.requires_grad for p in model.parameters())
+            path, client_state = engine.load_checkpoint(d, tag="ds", load_module_strict=not frozen)
             if path is None:  # DeepSpeed returns (None, None) instead of raising
                 raise FileNotFoundError(f"{d}: no DeepSpeed checkpoint to resume from")
             step, positions = client_state["step"], client_state["data_positions"]
@@ -117,7 +119,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         if last or (hp.checkpoint_every and step % hp.checkpoint_every == 0):
             positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions})
+                # without the frozen weights: a 1.5B backbone is 3 GB in bf16, every checkpoint_every steps
+                engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions},
+                                       exclude_frozen_parameters=True)
                 if last or cfg.log_checkpoints:
                     save_final(model, Path(d), phase, rank, cfg.deepspeed.zero_stage)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders

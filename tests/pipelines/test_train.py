@@ -189,6 +189,7 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     last = sorted((root / "runs" / "fault" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt"))
     state = torch.load(max(last, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
     assert state["step"] == 12 and len(state["data_positions"]) == 2
+    assert state["module"] and not any(k.startswith("backbone.") for k in state["module"])  # frozen: not saved
     assert state["data_positions"] == [position_after(config, cache, 24, rank, 2) for rank in (0, 1)]
 
 
