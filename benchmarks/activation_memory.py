@@ -5,9 +5,9 @@ to other backbone shapes), and the step's time; in one run, each case in a fresh
 The step is phase I's: the backbone frozen, the input embeddings (an adapter's output) trained, so the gradients
 it adds are the inputs' only and the peak is the saved activations plus the backward's working set. The head is
 left out (a loss on the last hidden states): the trainer runs it at labelled positions only, where it adds about
-3 x vocabulary x 4 bytes per labelled token (logits, their softmax and its gradient), whatever the backbone. fp32, on this
-machine's CPU, through the CPU's kernel backend; on a GPU in bf16 the activations are about half of these bytes
-(the wkv state checkpoints stay fp32).
+3 x vocabulary x 4 bytes per labelled token (logits, their softmax and its gradient), whatever the backbone. fp32,
+on this machine's CPU, through the CPU's kernel backend; the 0.4B phase II step on an H200 in bf16 kept about 0.7x
+of these bytes per token, layer and channel (docs/scale.md derives it).
 
     python benchmarks/activation_memory.py [--layers 4] [--width 512] [--tokens 1024 4096] [--out benchmarks/out]
 """
@@ -96,8 +96,8 @@ def main():
                                   text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT), **FIXED_MMAP})
             rows.append(json.loads(done.stdout.split("CASE")[-1]))
             print(rows[-1], file=sys.stderr, flush=True)
-    lines = ["| tokens | checkpointing | step s | vs without | added MiB | KiB/token | bytes/(token x layer x channel) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | checkpointing | step s | vs without | added MiB | KiB/token | "
+             "bytes/(token x layer x channel) |", "|---|---|---|---|---|---|---|"]
     for without, with_ in zip(rows[::2], rows[1::2]):
         for r in (without, with_):
             lines.append(f"| {r['tokens']} | {'on' if r['checkpointing'] else 'off'} | {r['seconds']:.2f} | "

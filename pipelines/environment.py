@@ -46,6 +46,6 @@ def require_cuda(setting: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(f"{setting} asks for a GPU, but this process sees no CUDA device (torch {torch.__version__}, "
-                           f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+        raise RuntimeError(f"{setting} asks for a GPU, but this process sees no CUDA device (torch "
+                           f"{torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the node's driver and torch build")

@@ -29,6 +29,7 @@ import io
 import json
 import posixpath
 import tarfile
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# numpy parses a .npy header with `ast`, which CPython before 3.11.8 cannot run in two threads at once (gh-106905:
+# a rare "SystemError: AST constructor recursion depth mismatch"); the readers' threads take turns
+_NPY_HEADER = threading.Lock()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy file's array, never unpickled, safe to call from many threads."""
+    with _NPY_HEADER:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def pack_shard(samples: list[Sample]) -> bytes:
     """The samples' records (`Sample.to_shard_record`) as a WebDataset tar, written in the given order."""
     out = io.BytesIO()
@@ -104,7 +116,7 @@ def unpack_shard(data: bytes, name: str = "shard") -> list[Sample]:
             if suffix == "json":
                 record["json"] = json.loads(payload)
             elif suffix.endswith(".npy"):
-                record[suffix] = np.load(io.BytesIO(payload), allow_pickle=False)
+                record[suffix] = load_npy(payload)
             else:
                 raise ValueError(f"{name}: member {member.name!r} is neither .npy nor .json")
     for key, record in records.items():
@@ -224,7 +236,7 @@ class FeatureStore:
         if not hashlib.sha256(data).hexdigest().startswith(parse_item_file(name)[2]):
             raise ValueError(f"{self.uri}/{name}: sha256 differs from its name; the features were changed or "
                              "damaged after encoding (delete the file and encode again)")
-        return from_stored(np.load(io.BytesIO(data), allow_pickle=False), self.precision)
+        return from_stored(load_npy(data), self.precision)
 
 
 class FeatureCache:

@@ -236,6 +236,25 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / "kept")).iter_samples())) == 3
 
 
+def test_readers_parse_npy_headers_one_thread_at_a_time(tmp_path, monkeypatch):
+    """Shards and items are read on several threads, and numpy parses .npy headers with `ast`, which CPython 3.11.7
+    (this project's) corrupts when two threads parse at once (gh-106905; seen once in CI): every np.load of the
+    readers runs under the lock."""
+    import preprocessing.cache.entry as entry
+
+    real_load, calls = np.load, []
+
+    def checked_load(*args, **kwargs):
+        assert entry._NPY_HEADER.locked(), "np.load outside the reader's lock"
+        calls.append(1)
+        return real_load(*args, **kwargs)
+
+    write_entry(str(tmp_path / "e"), [3, 2])
+    monkeypatch.setattr(np, "load", checked_load)
+    read = [s for s in FeatureCache(str(tmp_path / "e")).iter_samples(shuffle=False)]
+    assert [s.key for s in read] == [f"s{i:03d}" for i in range(5)] and len(calls) == 5  # each sample's item
+
+
 def test_cache_cp_carries_an_entry_with_only_its_items_through_s3_and_back(tmp_path, s3_server, monkeypatch, capsys):
     """Two entries share a store; copying one takes its own items alone, to S3 and from there to a folder, and
     the copy reads back the same samples; a second copy finds the items there and copies none of them again."""
