@@ -206,11 +206,12 @@ def test_a_job_joining_a_cluster_refuses_a_tracking_store_in_a_local_file(setup,
     client = MlflowClient(config.tracking.tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert not client.search_runs(experiments, "attributes.run_name = 'joining-phase1'")
-    for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+    for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns", "./mlruns"):
         with pytest.raises(ValueError, match="store in a file on this machine"):
             check_reachable_by_workers(local, "ray://head:10001")
         check_reachable_by_workers(local, None)  # a local Ray of its own: the workers share this machine
-    check_reachable_by_workers("http://10.0.0.1:5000", "ray://head:10001")
+    for server in ("http://10.0.0.1:5000", "https://mlflow.example.com", "databricks"):
+        check_reachable_by_workers(server, "ray://head:10001")
 
 
 def test_a_users_allocator_settings_win(monkeypatch):
