@@ -85,7 +85,9 @@ def start_ray_head(
         head_env["HOME"] = str(home)
     cmd = [
         venv_bin("ray"), "start", "--head", "--block", "--port", str(port),
-        "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+        # the node registers as HOST, the address its clients dial: with the machine's own address (Ray's guess
+        # from its interfaces) a client on 127.0.0.1 finds no node of its own and fails to connect
+        "--node-ip-address", HOST, "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
         "--num-cpus", str(num_cpus or os.cpu_count()), "--disable-usage-stats",
     ]
     for flag in INTERNAL_PORT_FLAGS:
