@@ -10,6 +10,7 @@
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
+#   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s
 # The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
 # them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
 # World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER). The demo part also needs the demo's
@@ -21,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 LOGS=$(mktemp -d)
-PARTS=${PARTS:-"kernel_tests demo_quality encoder_throughput fla_tests phase2_fla"}
+PARTS=${PARTS:-"kernel_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"}
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,3 +51,5 @@ part encoder_throughput 60 python3 benchmarks/encoder_throughput.py --out "$LOGS
 part wkv7_kernels 200 python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 4800 --out "$LOGS"
 part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
 part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"
+part phase2_ckpt 120 python3 benchmarks/phase2_throughput.py --backends triton_chunked --checkpointing off on \
+    --out "$LOGS/checkpointing"

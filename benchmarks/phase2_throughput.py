@@ -12,7 +12,12 @@ Model FLOPs per token: 6 x (parameters of the blocks and the projector) for ever
 parameters for each labelled token (the head runs at labelled positions only); the recurrence itself adds under
 1 % and is not counted. MFU divides by the device's dense bf16 peak (`--peak-tflops`, H200/H100 SXM: 989).
 
-    python benchmarks/phase2_throughput.py [--backends triton triton_chunked fla] [--steps 5] [--out DIR]
+With `--checkpointing off on` each backend runs again with the backbone's gradient checkpointing (the blocks'
+activations recomputed in the backward pass): its peak memory and its cost in tokens/s; MFU counts model FLOPs
+only, so the recomputation lowers it.
+
+    python benchmarks/phase2_throughput.py [--backends triton triton_chunked fla] [--checkpointing off on]
+                                           [--steps 5] [--out DIR]
     python benchmarks/phase2_throughput.py --shape tiny   # the CPU default: a few-layer model, seconds a step
 """
 
@@ -86,11 +91,12 @@ def build_model(shape, device, seed=0) -> ModRWKV:
     return model.train()
 
 
-def run_backend(backend, model, initial, shape, device, steps, seed=0) -> dict:
+def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpointing=False) -> dict:
     """`steps` timed training steps (after one warm-up) from the weights `initial`, the wkv7 recurrence on
     `backend`."""
     os.environ["MODRWKV_WKV7_BACKEND"] = backend
     model.load_state_dict(initial)
+    model.backbone.gradient_checkpointing = checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     vocab = shape["backbone"].vocab_size
     rows = [packed_row(sample_lengths(shape["row_tokens"], shape["image_tokens"], shape["context"], seed + i),
@@ -116,7 +122,7 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0) -> dict:
     tokens = shape["row_tokens"]
     labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in rows[1:]) / steps
     flops = model_flops_per_step(model, tokens, labelled)
-    result = {"backend": backend, "tokens_per_step": tokens, "samples_per_step": len(rows[1][3]) - 1,
+    result = {"backend": backend, "checkpointing": checkpointing, "tokens_per_step": tokens, "samples_per_step": len(rows[1][3]) - 1,
               "seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
               "first_loss": first_loss, "last_loss": float(losses[-1])}
     if device == "cuda":
@@ -129,6 +135,8 @@ def main():
     cuda = torch.cuda.is_available()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="0.4b" if cuda else "tiny")
     parser.add_argument("--backends", nargs="+", default=["triton", "triton_chunked", "fla"] if cuda else ["chunked"])
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="the backbone's gradient checkpointing, each given value in turn")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
@@ -140,9 +148,9 @@ def main():
     initial = {name: t.clone() for name, t in model.state_dict().items()}  # every backend starts from these
     print(f"[{time.perf_counter() - started:.0f}s] model built", file=sys.stderr, flush=True)
     rows = []
-    for backend in args.backends:
+    for backend, checkpointing in [(b, c) for b in args.backends for c in args.checkpointing]:
         try:
-            row = run_backend(backend, model, initial, shape, device, args.steps)
+            row = run_backend(backend, model, initial, shape, device, args.steps, checkpointing=checkpointing == "on")
         except Exception as error:  # an optional backend that is not installed leaves its row out, named
             print(f"{backend}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
@@ -153,11 +161,11 @@ def main():
             torch.cuda.empty_cache()
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     machine = f"{where}, torch {torch.__version__}; shape {args.shape}, {shape['row_tokens']} tokens a step"
-    lines = ["| backend | samples / step | s / step | tokens/s | model TFLOP/s | MFU | peak GiB | loss first -> last |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | checkpointing | samples / step | s / step | tokens/s | model TFLOP/s | MFU | peak GiB | "
+             "loss first -> last |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['backend']} | {r['samples_per_step']} | {r['seconds_per_step']:.3f} | "
+        lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | {r['samples_per_step']} | {r['seconds_per_step']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     write_report(args.out, "phase2_throughput", machine, rows, lines)
