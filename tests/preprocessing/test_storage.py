@@ -1,0 +1,35 @@
+"""preprocessing/storage.py against the local S3 endpoint and a folder."""
+
+from preprocessing import storage
+from tests.services import BUCKET
+
+
+class Recording:
+    """A filesystem that records the calls made on it and passes them on."""
+
+    def __init__(self, fs, calls: list):
+        self.fs, self.calls = fs, calls
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.fs, name)
+
+
+def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp_path, s3_server, monkeypatch):
+    """An S3 object appears only once its upload completes, so it is written in place (no temporary name, no copy
+    and delete); a local file goes through a temporary name. Both read back whole, and none leaves a temporary."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    real_fs, calls = storage._fs, []
+    monkeypatch.setattr(storage, "_fs", lambda uri: (Recording(real_fs(uri)[0], calls), real_fs(uri)[1]))
+    data = bytes(range(256)) * 1000
+    remote = f"s3://{BUCKET}/storage-test/a/b/item.npy"
+    storage.write_atomic(remote, data)
+    assert calls == ["open_output_stream"]
+    calls.clear()
+    storage.write_atomic(str(tmp_path / "a" / "b" / "item.npy"), data)
+    assert calls == ["create_dir", "open_output_stream", "move"]
+    for uri in (remote, str(tmp_path / "a" / "b" / "item.npy")):
+        assert storage.read_bytes(uri) == data
+    assert storage.list_files(f"s3://{BUCKET}/storage-test/a/b") == ["item.npy"]
+    assert storage.list_files(str(tmp_path / "a" / "b")) == ["item.npy"]
