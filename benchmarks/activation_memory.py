@@ -36,12 +36,12 @@ def reset_peak_rss() -> int:
     """Frees what the C heap holds unused, sets the peak RSS to the current one (Linux: clear_refs 5), returns it."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
-    return rss_bytes("VmHWM")
+    return peak_rss_bytes()
 
 
-def rss_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (the peak since the last reset) of this process."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+def peak_rss_bytes() -> int:
+    """VmHWM: this process's peak RSS since the last reset."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024  # kB
 
 
@@ -57,6 +57,7 @@ def measure(layers: int, width: int, tokens: int, checkpointing: bool) -> dict:
     model.gradient_checkpointing = checkpointing
     embeds = torch.randn(1, tokens, width, requires_grad=True)
     target = torch.randn(1, tokens, width)
+
     def step(n: int) -> None:
         hidden, _ = model.forward_hidden(inputs_embeds=embeds[:, :n])
         (hidden * target[:, :n]).mean().backward()
@@ -67,7 +68,7 @@ def measure(layers: int, width: int, tokens: int, checkpointing: bool) -> dict:
     started = time.perf_counter()
     step(tokens)
     seconds = time.perf_counter() - started
-    added = rss_bytes("VmHWM") - before
+    added = peak_rss_bytes() - before
     return {"layers": layers, "width": width, "tokens": tokens, "checkpointing": checkpointing, "seconds": seconds,
             "added_bytes": added, "bytes_per_token": added / tokens,
             "bytes_per_token_layer_channel": added / (tokens * layers * width)}

@@ -122,7 +122,8 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
     tokens = shape["row_tokens"]
     labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in rows[1:]) / steps
     flops = model_flops_per_step(model, tokens, labelled)
-    result = {"backend": backend, "checkpointing": checkpointing, "tokens_per_step": tokens, "samples_per_step": len(rows[1][3]) - 1,
+    result = {"backend": backend, "checkpointing": checkpointing, "tokens_per_step": tokens,
+              "samples_per_step": len(rows[1][3]) - 1,
               "seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
               "first_loss": first_loss, "last_loss": float(losses[-1])}
     if device == "cuda":
@@ -150,7 +151,8 @@ def main():
     rows = []
     for backend, checkpointing in [(b, c) for b in args.backends for c in args.checkpointing]:
         try:
-            row = run_backend(backend, model, initial, shape, device, args.steps, checkpointing=checkpointing == "on")
+            row = run_backend(backend, model, initial, shape, device, args.steps,
+                              checkpointing=checkpointing == "on")
         except Exception as error:  # an optional backend that is not installed leaves its row out, named
             print(f"{backend}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
@@ -165,7 +167,8 @@ def main():
              "loss first -> last |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | {r['samples_per_step']} | {r['seconds_per_step']:.3f} | "
+        lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | {r['samples_per_step']} | "
+                     f"{r['seconds_per_step']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     write_report(args.out, "phase2_throughput", machine, rows, lines)

@@ -60,7 +60,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
 
     # the engine's final checkpoint holds what phase I trains, exactly the adapter saved, and not the frozen
     # backbone (rebuilt from backbone_path on resume)
-    states = sorted((root / "runs" / "digits" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt"))
+    states = (root / "runs" / "digits" / "phase1" / "ray").rglob("mp_rank_00_model_states.pt")
     module = torch.load(max(states, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")["module"]
     adapter = load_file(one.model_dir / "adapter.safetensors")
     assert set(module) == set(adapter) and all(torch.equal(module[k], v) for k, v in adapter.items())

@@ -21,7 +21,12 @@ def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     real_fs, calls = storage._fs, []
-    monkeypatch.setattr(storage, "_fs", lambda uri: (Recording(real_fs(uri)[0], calls), real_fs(uri)[1]))
+
+    def recording_fs(uri):
+        fs, path = real_fs(uri)
+        return Recording(fs, calls), path
+
+    monkeypatch.setattr(storage, "_fs", recording_fs)
     data = bytes(range(256)) * 1000
     remote = f"s3://{BUCKET}/storage-test/a/b/item.npy"
     storage.write_atomic(remote, data)
