@@ -111,7 +111,7 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str, variant: V
         train = run_train
     for phase in (1, 2):
         train(config, phase)
-    return phase_dir(config, 2) / "model"
+    return Path(phase_dir(config, 2)) / "model"
 
 
 def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str, encode: dict | None = None):

@@ -70,11 +70,14 @@ def write_records(directory, backbone_source: dict | None = None, encoders: dict
     if backbone_source is not None:
         if "path" not in backbone_source:
             raise ValueError(f"a backbone source needs a path, got {sorted(backbone_source)}")
-        backbone = Path(backbone_source["path"]).absolute()
-        record = {**backbone_source, "path": str(backbone),
-                  "relative_path": os.path.relpath(backbone, directory.absolute())}
-        if backbone_weights(backbone).is_file():
-            record["sha256"] = file_sha256(backbone_weights(backbone))
+        if "://" in str(backbone_source["path"]):  # a URI (s3://): its weights' sha256 is the caller's to give
+            record = dict(backbone_source)
+        else:
+            backbone = Path(backbone_source["path"]).absolute()
+            record = {**backbone_source, "path": str(backbone),
+                      "relative_path": os.path.relpath(backbone, directory.absolute())}
+            if backbone_weights(backbone).is_file():
+                record["sha256"] = file_sha256(backbone_weights(backbone))
         (directory / BACKBONE_SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     if encoders is not None:
         record = {modality: {k: key.get(k) for k in ENCODER_SETTINGS} for modality, key in encoders.items()}

@@ -80,14 +80,13 @@ def cmd_chat(args) -> None:
     from modrwkv import RWKV7
     from modrwkv.chat import ChatSession, forecast_series
     from modrwkv.inference import prepare_for_inference
-    from modrwkv.multimodal import ModRWKV
     from modrwkv.tokenizer import WorldTokenizer
     from pipelines.logged_models import local_model
+    from pipelines.trained_model import load_trained_model
 
     found = local_model(args.model)
     backbone = RWKV7.from_pretrained(args.backbone) if args.backbone else None
-    model = prepare_for_inference(ModRWKV.from_pretrained(found.model_dir, backbone=backbone),
-                                  quantization=args.quantize)
+    model = prepare_for_inference(load_trained_model(str(found.model_dir), backbone), quantization=args.quantize)
     media, series = load_media(args, found.model_dir, found.encoder_dirs)
     tokenizer = WorldTokenizer()
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())

@@ -33,6 +33,7 @@ from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, it
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
 from preprocessing.items import RAW_SERIES, Audio
+from preprocessing.local_copy import local_copy
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
                                    normalised_lookback)
@@ -200,7 +201,8 @@ class ItemEncoder:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extra = {name: getattr(self.spec, name) for name in ("image_size", "layer")
                  if getattr(self.spec, name) is not None}  # layer 0, the embeddings, included
-        return build_encoder(self.spec.kind, self.spec.model_dir, device=device, dtype=dtype, **extra)
+        model_dir = local_copy(self.spec.model_dir)  # an s3:// folder: this node's copy
+        return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **extra)
 
     def store_features(self, refs: list[str], items: list) -> list[str]:
         features = [f.float().numpy() for f in self.encoder.encode(items, refs)]

@@ -39,7 +39,7 @@ class DatasetConfig:
 @dataclass
 class EncoderSpec:
     kind: str  # a registered frozen encoder (clip, siglip2, whisper, ...) or "raw" for WaveNet series
-    model_dir: str | None = None
+    model_dir: str | None = None  # a folder or s3:// URI (each node reads its local copy)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     image_size: int | None = None  # vision only: square input size (default: the model's processor config)
     # vision only: the hidden layer whose tokens are cached (LLaVA's mm_vision_select_layer: -2 is the
@@ -59,7 +59,7 @@ class EncoderSpec:
         if self.kind != RAW_SERIES and self.kind not in ENCODERS:
             raise ValueError(f"encoder.kind {self.kind!r} is not one of {sorted(ENCODERS) + [RAW_SERIES]}")
         if self.kind != RAW_SERIES and not self.model_dir:
-            raise ValueError(f"encoder.model_dir is required for {self.kind!r} (a local model directory)")
+            raise ValueError(f"encoder.model_dir is required for {self.kind!r} (a model folder or its s3:// URI)")
 
 
 @dataclass

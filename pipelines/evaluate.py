@@ -17,7 +17,9 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
+from preprocessing.local_copy import local_copy, publish, working_dir
 
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
@@ -28,10 +30,10 @@ from .logged_models import check_registered_name
 
 @dataclass
 class EvalConfig:
-    checkpoint: str  # a ModRWKV save_pretrained folder written by `modrwkv train`
+    checkpoint: str  # a model folder written by `modrwkv train` (a path or s3:// URI), or models:/...
     task: TaskName
     cache: str  # a feature-cache entry, or an encode YAML (found in the cache or encoded first)
-    out_dir: str = "runs/eval"
+    out_dir: str = "runs/eval"  # a folder or s3:// URI
     max_new_tokens: int = 16
     batch_size: int = 16  # prompts decoded together (vqa, asr); 1 = one at a time
     quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
@@ -65,13 +67,14 @@ class Predictor:
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu"):
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
-        from modrwkv.multimodal import ModRWKV
         from modrwkv.tokenizer import WorldTokenizer
+
+        from .trained_model import load_trained_model
 
         if device == "cuda":
             require_cuda("gpus_per_actor")
-        # a full save, or an adapter-only one with its backbone recorded beside it
-        model = ModRWKV.from_pretrained(checkpoint).to(device)
+        # a full save, or an adapter-only one with its backbone recorded beside it; a URI: this node's copy
+        model = load_trained_model(checkpoint).to(device)
         self.model = prepare_for_inference(model, quantization=quantize)
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
@@ -163,10 +166,11 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
 
 
 def resolved_checkpoint(checkpoint: str) -> Path:
-    """The model folder: the checkpoint itself, or a logged or registered model (`models:/...`) downloaded here
-    (prediction actors on other nodes then need the same download path: run such evaluations where the driver is)."""
+    """The model folder here: the checkpoint itself, this node's copy of an s3:// one, or a logged or registered
+    model (`models:/...`) downloaded here (prediction actors on other nodes then need the same download path: run
+    such evaluations where the driver is)."""
     if not checkpoint.startswith("models:/"):
-        return Path(checkpoint)
+        return Path(local_copy(checkpoint))
     from .logged_models import local_model  # MLflow: only for a logged model
 
     return local_model(checkpoint).model_dir
@@ -180,19 +184,23 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if modality != task.modality:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
     model_dir = resolved_checkpoint(config.checkpoint)
-    rows = predict_all(replace(config, checkpoint=str(model_dir)), cache_uri, task)
-    out = Path(config.out_dir)
+    # actors open a path or an s3:// URI themselves (each node its own copy); a logged model, the download here
+    for_actors = str(model_dir) if config.checkpoint.startswith("models:/") else config.checkpoint
+    rows = predict_all(replace(config, checkpoint=for_actors), cache_uri, task)
+    out = working_dir(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / f"predictions_{config.task}.jsonl"
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics, baselines = task.score(rows)
     result = EvalResult(metrics, baselines, predictions)
     plots = task.plots(rows, out)
+    publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
     if config.track:
         result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, rows, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in {predictions}")
+    print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in "
+          f"{storage.join(config.out_dir, predictions.name)}")
     return result
 
 

@@ -24,12 +24,13 @@ PHASE_TAG, FOLDER_TAG = "modrwkv.phase", "modrwkv.model_dir"
 
 
 def log_trained_model(uri: str, run_id: str, model_dir: Path, phase: int, step: int, caches: list,
-                      encoder_dirs: dict[str, str]) -> str:
+                      encoder_dirs: dict[str, str], published: str | None = None) -> str:
     """Logs `model_dir` as a logged model of the run at `step`, with the encoders when it holds every weight (an
     adapter-only folder, phase I's, finds its backbone by path: it is compared and evaluated, not served, and its
     copy of the encoders would only fill the artifact store). Each cache (FeatureCache) is one of its datasets,
     through a `samples/<cache>` metric, its sample count (MLflow links a model to datasets by its metrics, one name
-    per dataset). Returns the model id."""
+    per dataset). `published`: where users find the folder (an s3:// output's URI), which `model_id_of` matches;
+    default: `model_dir` itself. Returns the model id."""
     import mlflow
     import mlflow.pyfunc
     from mlflow import MlflowClient
@@ -45,7 +46,7 @@ def log_trained_model(uri: str, run_id: str, model_dir: Path, phase: int, step: 
     model = client.create_logged_model(
         run.info.experiment_id, name=logged_model_name(run.info.run_name), source_run_id=run_id,
         params=run.data.params, model_type=MODEL_TYPE,
-        tags={PHASE_TAG: str(phase), FOLDER_TAG: str(Path(model_dir).absolute()),
+        tags={PHASE_TAG: str(phase), FOLDER_TAG: published or str(Path(model_dir).absolute()),
               "modrwkv.encoders": json.dumps(sorted(encoder_dirs))})
     artifacts = {MODEL_ARTIFACT: str(model_dir),
                  **{ENCODER_ARTIFACT.format(m): str(d) for m, d in encoder_dirs.items()}}
@@ -105,7 +106,9 @@ def encoder_dirs(caches: list, recorded: dict[str, dict]) -> dict[str, str]:
     """modality -> the encoder folder its caches were encoded with (from the cache manifest's config), for each
     modality the model records an encoder of (`encoder_store_keys`) whose folder is still there with the recorded
     weights; the others are left out with a note (serving that modality then needs the folder given)."""
+    from preprocessing import storage
     from preprocessing.cache.key import hash_model_dir
+    from preprocessing.local_copy import local_copy
 
     found = {}
     for cache in caches:
@@ -113,6 +116,8 @@ def encoder_dirs(caches: list, recorded: dict[str, dict]) -> dict[str, str]:
         folder = ((cache.manifest.get("config") or {}).get("encoder") or {}).get("model_dir")
         if cache.modality in found or not key or not folder:
             continue
+        if storage.is_remote(folder) and storage.list_files(folder):
+            folder = local_copy(folder)  # logged from this node's copy
         if Path(folder).is_dir() and hash_model_dir(folder) == key.get("weights_hash"):
             found[cache.modality] = str(Path(folder).absolute())
         else:
@@ -160,12 +165,15 @@ def model_id_of(uri: str, reference: str) -> str | None:
             return name
         return source.removeprefix("models:/") if source.startswith("models:/m-") else None
     from modrwkv.model_folder import read_backbone_source
+    from preprocessing.local_copy import local_copy
 
-    run_id = (read_backbone_source(reference) or {}).get("run_id")
+    from .caches import absolute
+
+    run_id = (read_backbone_source(local_copy(reference)) or {}).get("run_id")
     if not run_id:
         return None
     experiment = client.get_run(run_id).info.experiment_id
-    folder = str(Path(reference).absolute())
+    folder = absolute(reference)
     found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     matches = [m for m in found if m.tags.get(FOLDER_TAG) == folder]
     return max(matches, key=lambda m: m.creation_timestamp).model_id if matches else None
@@ -203,10 +211,13 @@ class LocalModel:
 
 
 def local_model(reference: str, downloads: Path = DOWNLOADS) -> LocalModel:
-    """A model folder as it is, or a logged or registered model (`models:/<id>`, `models:/NAME/VERSION`,
-    `models:/NAME@alias`) downloaded once (by its model id) under `downloads`, with the encoders it carries."""
+    """A model folder as it is (this node's copy of an s3:// one), or a logged or registered model (`models:/<id>`,
+    `models:/NAME/VERSION`, `models:/NAME@alias`) downloaded once (by its model id) under `downloads`, with the
+    encoders it carries."""
     if not str(reference).startswith("models:/"):
-        return LocalModel(Path(reference))
+        from preprocessing.local_copy import local_copy
+
+        return LocalModel(Path(local_copy(reference)))
     import mlflow
     from mlflow.models import Model
 

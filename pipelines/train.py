@@ -24,9 +24,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from modrwkv.model_folder import write_records
+from preprocessing import storage
 
 from . import tracking
-from .caches import absolute
 from .config import load_config, to_dict
 from .logged_models import encoder_dirs, log_trained_model, register
 from .train_config import TrainConfig, train_overrides
@@ -47,10 +47,11 @@ def worker_env() -> dict[str, str]:
 @dataclass
 class TrainResult:
     run_id: str
-    model_dir: Path
+    model_dir: Path  # on this machine
     metrics: dict
     seconds: float
     model_id: str  # the logged model of model_dir
+    model_uri: str  # where the model folder was published: model_dir, or its copy under an s3:// output_dir
 
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
@@ -78,8 +79,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         stats = plan.feature_stats()
         loop_config = WorkerConfig(
-            phase=phase, hp=hp, caches=caches, model=mm_config, backbone_path=absolute(config.model.backbone.path),
-            init_from=str(init_from) if init_from else None, feature_stats=stats, deepspeed=config.deepspeed,
+            phase=phase, hp=hp, caches=caches, model=mm_config, backbone=plan.backbone,
+            init_from=init_from, feature_stats=stats, deepspeed=config.deepspeed,
             max_length=config.max_length, packing=config.packing, pack_buffer=config.pack_buffer,
             prefetch_threads=config.prefetch_threads, seed=config.seed,
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
@@ -91,7 +92,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                          resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
             # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
             # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
-            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=str(out / "ray"),
+            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}",
+                                 storage_path=storage.join(plan.destination, "ray"),  # a folder or s3://
                                  failure_config=FailureConfig(max_failures=config.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  worker_runtime_env={"env_vars": worker_env()}),
@@ -100,18 +102,20 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
         encoders = loop_config.encoders
-        model_dir = export_model(result.checkpoint, out, config, phase, run_id, encoders)
+        model_dir = export_model(result.checkpoint, out, plan.backbone, phase, run_id, encoders)
         log_artifacts(uri, run_id, config, out, phase)
-        model_id = log_trained_model(uri, run_id, model_dir, phase, hp.steps, opened, encoder_dirs(opened, encoders))
+        model_id = log_trained_model(uri, run_id, model_dir, phase, hp.steps, opened, encoder_dirs(opened, encoders),
+                                     storage.join(plan.destination, "model"))
         if phase == 2 and config.tracking.register_as:
             register(uri, model_id, config.tracking.register_as)
+        model_uri = plan.publish()
         metrics = dict(result.metrics or {})
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
-              f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_dir}")
-    return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start, model_id)
+              f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_uri}")
+    return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start, model_id, model_uri)
 
 
-def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id: str, encoders: dict) -> Path:
+def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str, encoders: dict) -> Path:
     """The final checkpoint's save_pretrained folders (model/, and adapter/ after phase II), copied out of
     Ray's storage, the model's with what the driver knows recorded (its backbone, its encoders); returns the
     model folder."""
@@ -123,8 +127,7 @@ def export_model(checkpoint, out: Path, config: TrainConfig, phase: int, run_id:
                 shutil.rmtree(out / name)
             if (Path(d) / name).is_dir():
                 shutil.copytree(Path(d) / name, out / name)
-    write_records(out / "model", {"run_id": run_id, "phase": phase, "path": absolute(config.model.backbone.path)},
-                  encoders)
+    write_records(out / "model", {"run_id": run_id, "phase": phase, **backbone}, encoders)
     return out / "model"
 
 

@@ -107,7 +107,7 @@ class TrainConfig:
     phase1: PhaseConfig
     phase2: PhaseConfig
     caches: list[str] = field(default_factory=list)  # cache entries or encode YAMLs (found or encoded first)
-    output_dir: str = "runs/train"
+    output_dir: str = "runs/train"  # a folder or s3://bucket/prefix (`<output_dir>/<name>/phase<N>/`)
     max_length: int = 2048
     # Several samples per row of up to max_length tokens, first-fit decreasing over `pack_buffer` samples at a time;
     # each sample's recurrence starts from zero, exactly as alone. Off: one right-padded row per sample.

@@ -18,11 +18,11 @@ import torch
 
 from modrwkv.batching import Collator
 from modrwkv.tokenizer import WorldTokenizer
+from preprocessing import storage
 
-from .caches import absolute
 from .config import load_config
 from .train_config import TrainConfig, train_overrides
-from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
+from .train_setup import PhasePlan, encoder_store_keys, over_length_in_caches, plan_phase
 from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
 
 
@@ -31,14 +31,15 @@ def configured_tracking_uri(config: TrainConfig) -> str | None:
 
 
 def run_single_process(config: TrainConfig, phase: int, device: str | None = None) -> tuple[Path, list[dict]]:
-    """Trains one phase; returns the model folder and every step's metrics."""
+    """Trains one phase; returns the model folder on this machine (under an s3:// output_dir, a copy of the
+    published one) and every step's metrics."""
     plan = plan_phase(config, phase)
     hp, opened, out = plan.hp, plan.opened, plan.out
     over_length_in_caches(opened, plan.model, config.max_length)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(absolute(config.model.backbone.path), plan.model,
-                        str(plan.init_from) if plan.init_from else None, plan.feature_stats(), config.seed,
+    model = build_model(plan.backbone["path"], plan.model,
+                        plan.init_from, plan.feature_stats(), config.seed,
                         config.gradient_checkpointing).to(device)
     model.set_phase(phase)
     optimizer = optimizer_for(model, hp)
@@ -55,7 +56,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     def save(folder: Path, step: int) -> None:
         model.save_pretrained(folder, adapter_only=phase == 1, encoders=encoders,
                               backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
-                                               "path": absolute(config.model.backbone.path), "step": step})
+                                               **plan.backbone, "step": step})
 
     def on_step(step: int, metrics: dict) -> None:
         history.append({"step": step, **metrics})
@@ -78,9 +79,9 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     if skipped:
         print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
     if logger:
-        finish_mlflow_run(logger, config, out, phase, history, skipped, opened, encoders)
+        finish_mlflow_run(logger, config, plan, phase, history, skipped, encoders)
     print(f"phase {phase} done in {time.perf_counter() - started:.0f} s: loss {history[-1]['loss']:.4f}; "
-          f"model in {out / 'model'}")
+          f"model in {plan.publish()}")
     return out / "model", history
 
 
@@ -97,8 +98,8 @@ def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
     return tracking.MetricLogger(uri, run_id)
 
 
-def finish_mlflow_run(logger, config: TrainConfig, out: Path, phase: int, history: list[dict],
-                      skipped: list[dict], caches: list, encoders: dict) -> None:
+def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, history: list[dict],
+                      skipped: list[dict], encoders: dict) -> None:
     from . import tracking
     from .logged_models import encoder_dirs, log_trained_model, register
 
@@ -110,8 +111,9 @@ def finish_mlflow_run(logger, config: TrainConfig, out: Path, phase: int, histor
             path = Path(tmp) / "skipped_samples.jsonl"
             path.write_text("".join(json.dumps(s) + "\n" for s in skipped))
             logger.client.log_artifact(logger.run_id, str(path))
-    model_id = log_trained_model(logger.uri, logger.run_id, out / "model", phase, history[-1]["step"], caches,
-                                 encoder_dirs(caches, encoders))
+    model_id = log_trained_model(logger.uri, logger.run_id, plan.out / "model", phase, history[-1]["step"],
+                                 plan.opened, encoder_dirs(plan.opened, encoders),
+                                 storage.join(plan.destination, "model"))
     if phase == 2 and config.tracking.register_as:
         register(logger.uri, model_id, config.tracking.register_as)
     logger.client.set_terminated(logger.run_id)

@@ -32,7 +32,7 @@ class WorkerConfig:
     hp: PhaseConfig
     caches: list[str]  # cache URIs every worker can open
     model: ModRWKVConfig
-    backbone_path: str
+    backbone: dict  # its record: {"path": a folder, .pth or s3:// URI, "sha256" for a URI}
     init_from: str | None  # phase II: phase I's output folder
     feature_stats: dict  # modality -> the training features' mean and std or whitening (phase I)
     deepspeed: DeepSpeedConfig
@@ -84,7 +84,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         log_environment(cfg.tracking_uri, cfg.run_id, node)
         if cfg.system_metrics_every_s:
             monitor = system_metrics(cfg.tracking_uri, cfg.run_id, node, cfg.system_metrics_every_s)
-    model = build_model(cfg.backbone_path, cfg.model, cfg.init_from, cfg.feature_stats, cfg.seed,
+    model = build_model(cfg.backbone["path"], cfg.model, cfg.init_from, cfg.feature_stats, cfg.seed,
                         cfg.gradient_checkpointing)
     model.set_phase(phase)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp),
@@ -94,7 +94,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            # the frozen backbone is not in phase I's checkpoints: it comes from backbone_path, as built above
+            # the frozen backbone is not in phase I's checkpoints: it comes from its path, as built above
             frozen = any(not p.requires_grad for p in model.parameters())
             path, client_state = engine.load_checkpoint(d, tag="ds", load_module_strict=not frozen)
             if path is None:  # DeepSpeed returns (None, None) instead of raising
@@ -126,7 +126,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     save_final(model, Path(d), phase, rank, cfg.deepspeed.zero_stage)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
                     write_records(Path(d) / "model", encoders=cfg.encoders, backbone_source={
-                        "run_id": cfg.run_id, "phase": phase, "path": cfg.backbone_path, "step": step})
+                        "run_id": cfg.run_id, "phase": phase, **cfg.backbone, "step": step})
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(d))
 

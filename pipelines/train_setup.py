@@ -10,11 +10,13 @@ import numpy as np
 
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
-from modrwkv.model_folder import read_backbone_source
+from modrwkv.model_folder import backbone_weights, file_sha256, read_backbone_source
 from modrwkv.multimodal import ModRWKVConfig
+from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
+from preprocessing.local_copy import local_copy, publish, working_dir
 
-from .caches import resolve_caches
+from .caches import absolute, resolve_caches
 from .config import ConfigError
 from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
 
@@ -106,8 +108,20 @@ def over_length_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, 
     return total
 
 
-def phase_dir(config: TrainConfig, phase: int) -> Path:
-    return Path(config.output_dir).absolute() / config.name / f"phase{phase}"
+def phase_dir(config: TrainConfig, phase: int) -> str:
+    """Where a phase's folders (model/, adapter/, Ray's checkpoints) go: a local folder or an s3:// URI."""
+    return storage.join(absolute(config.output_dir), config.name, f"phase{phase}")
+
+
+def backbone_record(path: str) -> dict:
+    """{"path": the backbone's absolute path or URI}; for a URI also the sha256 of its weights (from this node's
+    copy), which a local path's record gets from the file itself (`write_records`)."""
+    path = absolute(path)
+    if not storage.is_remote(path):
+        return {"path": path}
+    return {"path": path, "sha256": file_sha256(backbone_weights(Path(local_copy(path))))}
+
+
 
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
@@ -131,16 +145,25 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
 @dataclass
 class PhasePlan:
     """One phase as both drivers start it: its settings, caches (URIs and opened), model config, phase I's
-    folder and backbone record (phase II), and its output folder (created)."""
+    model folder (phase II; a path or URI) and backbone record, where its output goes (`destination`, a folder or
+    an s3:// URI) and the local folder the driver writes it in (`out`, created)."""
 
     hp: PhaseConfig
     caches: list[str]
     opened: list[FeatureCache]
     model: ModRWKVConfig
-    init_from: Path | None
+    init_from: str | None
     phase1_source: dict | None
+    destination: str
     out: Path
+    backbone: dict  # what the model folders record of it (`backbone_record`)
     whiten_eps: float = WHITEN_EPS
+
+    def publish(self) -> str:
+        """The model folders written in `out` copied to an s3:// destination (nothing to do for a local one);
+        returns where the model folder now is."""
+        publish(self.out, self.destination, ("model", "adapter"))
+        return storage.join(self.destination, "model")
 
     def feature_stats(self) -> dict[str, dict]:
         """Phase I: the statistics its projectors normalise with; phase II reads phase I's saved buffers."""
@@ -154,13 +177,18 @@ def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
     hp = config.phase1 if phase == 1 else config.phase2
     caches = resolve_caches(hp.caches or config.caches)
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
-    mm_config = model_config(config, read_config(config.model.backbone.path), opened)
+    backbone = backbone_record(config.model.backbone.path)
+    mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     init_from = phase1_source = None
     if phase == 2:
-        init_from = phase_dir(config, 1) / "model"
-        phase1_source = read_backbone_source(init_from)
+        init_from = storage.join(phase_dir(config, 1), "model")
+        try:
+            phase1_source = read_backbone_source(local_copy(init_from))
+        except FileNotFoundError:  # no such remote folder
+            pass
         if phase1_source is None:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
-    out = phase_dir(config, phase)
-    out.mkdir(parents=True, exist_ok=True)
-    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, out, config.model.whiten_eps)
+    destination = phase_dir(config, phase)
+    out = working_dir(destination)
+    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone,
+                     config.model.whiten_eps)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from modrwkv import RWKV7
 from modrwkv.batching import first_fit_decreasing
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from preprocessing.local_copy import local_copy
 
 from .schedule import warmup_cosine
 from .train_config import PhaseConfig
@@ -33,11 +34,11 @@ def build_model(backbone_path: str, config: ModRWKVConfig, init_from: str | None
                 seed: int, gradient_checkpointing: bool = False) -> ModRWKV:
     """The backbone from `backbone_path`; phase II's projectors from phase I's folder `init_from`, phase I's new
     ones (seeded) normalising with `feature_stats` (modality -> the training features' mean and std or
-    whitening)."""
-    backbone = RWKV7.from_pretrained(backbone_path)
+    whitening). Either path may be an s3:// URI, read from this node's copy."""
+    backbone = RWKV7.from_pretrained(local_copy(backbone_path))
     backbone.gradient_checkpointing = gradient_checkpointing
     if init_from:
-        return ModRWKV.from_pretrained(init_from, backbone=backbone)
+        return ModRWKV.from_pretrained(local_copy(init_from), backbone=backbone)
     torch.manual_seed(seed)
     model = ModRWKV(config, backbone=backbone)
     for modality, stats in feature_stats.items():

@@ -117,6 +117,20 @@ def write_atomic(uri: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
+def copy_tree(source: str, destination: str) -> None:
+    """A file, or a folder with everything under it, copied between local paths and URIs (large files in parallel
+    parts); what was at `destination` under the same names is replaced."""
+    source_fs, source_path = _fs(source)
+    destination_fs, destination_path = _fs(destination)
+    kind = source_fs.get_file_info(source_path).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if kind == pafs.FileType.Directory:  # copy_files makes only the subfolders it lists
+        destination_fs.create_dir(destination_path, recursive=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                    destination_filesystem=destination_fs)
+
+
 def delete(uri: str) -> None:
     fs, path = _fs(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:

@@ -9,8 +9,8 @@ again only when its size or modification time changes, so a start on unchanged d
 """
 
 import hashlib
+import posixpath
 from importlib.metadata import version
-from pathlib import Path
 
 from .. import storage
 from .entry import canonical_json, cache_id
@@ -24,13 +24,16 @@ WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
 def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) -> str:
-    """sha256 over the names and contents of a model directory's weight and config files (with `fingerprints`,
-    the files are read only when they changed since they were last fingerprinted)."""
-    files = sorted(str(p) for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_FILES)
-    if not files:
+    """sha256 over the names and contents of a model directory's weight and config files, a folder or an s3://
+    URI alike (with `fingerprints`, the files are read only when they changed since they were last
+    fingerprinted)."""
+    names = [n for n in storage.list_files(str(model_dir)) if posixpath.splitext(n)[1] in WEIGHT_FILES]
+    if not names:
         raise FileNotFoundError(f"{model_dir}: no weight or config files")
-    digests = fingerprints.sha256s(files) if fingerprints else {f: storage.file_sha256(f) for f in files}
-    return hashlib.sha256(canonical_json([[Path(f).name, digests[f]] for f in files])).hexdigest()
+    files = {n: storage.join(str(model_dir), n) for n in names}
+    digests = fingerprints.sha256s(list(files.values())) if fingerprints else {
+        f: storage.file_sha256(f) for f in files.values()}
+    return hashlib.sha256(canonical_json([[n, digests[files[n]]] for n in names])).hexdigest()
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,

@@ -1,13 +1,15 @@
 """The paper's recipes rehearsed the way a user runs them on a cluster: the shipped YAML files themselves,
 shrunk with `--set`, submitted with `ray job submit` (the `python -m pipelines.*` job commands) to a Ray head,
 with a tiny random RWKV-7 written as an RWKV-LM `.pth`, data in S3 and MLflow on its server. Vision: LLaVA-format
-data mixing image, text-only and over-long samples, a tiny SigLIP2. Audio: a LibriSpeech-format tree with
-over-long transcripts, a tiny Whisper. Each passes only if its encodes, phase I, phase II and the evaluation
-finish and MLflow holds the runs FINISHED."""
+data mixing image, text-only and over-long samples, a tiny SigLIP2, weights and outputs in local folders. Audio: a
+LibriSpeech-format tree with over-long transcripts, a tiny Whisper, and as the shipped recipe has it, no shared
+folder: the encoder's and backbone's weights, the training outputs and the evaluation's in S3 too. Each passes only
+if its encodes, phase I, phase II and the evaluation finish and MLflow holds the runs FINISHED."""
 
 import io
 import json
 import shlex
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +65,9 @@ def tiny_pth_backbone(tmp_path: Path) -> Path:
     return backbone
 
 
-def shrunk(backbone: Path, tmp_path: Path, tracking_uri: str, cache: str) -> list[str]:
+def shrunk(backbone: str, output_dir: str, tracking_uri: str, cache: str) -> list[str]:
     """The overrides that fit a paper recipe to 2 CPU workers, 3 steps a phase and a 96-token context."""
-    overrides = [f"model.backbone.path={backbone}", f"output_dir={tmp_path / 'runs'}", "max_length=96",
+    overrides = [f"model.backbone.path={backbone}", f"output_dir={output_dir}", "max_length=96",
                  "scaling.workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
                  f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
     for phase in (1, 2):
@@ -90,9 +92,7 @@ def check_runs(client, experiment_name: str, cache: str) -> dict:
 
 
 def cache_in_s3(s3, cache_root: str) -> str:
-    prefix = cache_root.split("/", 3)[3] + "/"
-    entries = {key.split("/")[2] for key in (o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)[
-        "Contents"]) if key.endswith("manifest.json")}
+    entries = {key.split("/")[0] for key in keys(s3, cache_root) if key.endswith("manifest.json")}
     assert len(entries) == 1  # the same data and encoder twice: one cache, found the second time
     return f"{cache_root}/{entries.pop()}"
 
@@ -132,7 +132,7 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{cache.split('/', 3)[3]}/manifest.json")["Body"].read())
     assert manifest["counts"] == {"read": 30, "written": 30, "rejected": 0}  # over-long samples are kept here
 
-    shrink = shrunk(backbone, tmp_path, mlflow_server.tracking_uri, cache)
+    shrink = shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, cache)
     for phase in (1, 2):
         job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_vision.yaml --phase {phase}", *shrink)
     model = tmp_path / "runs" / "modrwkv-vision-1.5b" / "phase2" / "model"
@@ -148,22 +148,51 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
 @pytest.mark.slow
 def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tmp_path):
     s3 = s3_client(s3_server.endpoint_url)
-    data = librispeech_in_s3(s3)
-    whisper, backbone, env = save_tiny_whisper(tmp_path / "whisper"), tiny_pth_backbone(tmp_path), s3_server.env()
-    cache_root = f"s3://{BUCKET}/rehearsal/audio-cache"
+    data, env, bucket = librispeech_in_s3(s3), s3_server.env(), f"s3://{BUCKET}/rehearsal/audio"
+    for local, uri in ((save_tiny_whisper(tmp_path / "whisper"), f"{bucket}/models/whisper"),
+                       (tiny_pth_backbone(tmp_path), f"{bucket}/models/rwkv7.pth")):
+        upload(s3, local, uri)
+    cache_root = f"{bucket}/cache"
     for encode in ("encode_librispeech", "encode_librispeech_test_clean"):  # here the same tree: one cache
         job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/{encode}.yaml", f"dataset.path={data}",
-            f"encoder.model_dir={whisper}", "encoder.dtype=fp32", f"cache.root={cache_root}", "cache.shard_size=4",
-            "run.actors=1", "run.batch_size=4", "run.gpus_per_actor=0", "max_length=96")
+            f"encoder.model_dir={bucket}/models/whisper", "encoder.dtype=fp32", f"cache.root={cache_root}",
+            "cache.shard_size=4", "run.actors=1", "run.batch_size=4", "run.gpus_per_actor=0", "max_length=96")
     cache = cache_in_s3(s3, cache_root)
     for phase in (1, 2):
         job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_audio.yaml --phase {phase}",
-            *shrunk(backbone, tmp_path, mlflow_server.tracking_uri, cache))
-    model = tmp_path / "runs" / "modrwkv-audio-1.5b" / "phase2" / "model"
+            *shrunk(f"{bucket}/models/rwkv7.pth", f"{bucket}/runs", mlflow_server.tracking_uri, cache))
+    model = f"{bucket}/runs/modrwkv-audio-1.5b/phase2/model"
     job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_librispeech.yaml",
-        f"checkpoint={model}", f"cache={cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "gpus_per_actor=0",
-        "max_new_tokens=2",
-        f"tracking_uri={mlflow_server.tracking_uri}")
+        f"checkpoint={model}", f"cache={cache}", f"out_dir={bucket}/eval", "actors=1", "gpus_per_actor=0",
+        "max_new_tokens=2", f"tracking_uri={mlflow_server.tracking_uri}")
     runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", cache)
     assert runs["eval"].data.metrics["wer_en"] >= 0
-    assert set(normalization(model, "audio")) == {"feature_mean", "feature_std"}  # audio's default: standardize
+    written = sorted(keys(s3, f"{bucket}/runs/modrwkv-audio-1.5b"))
+    assert [k for k in written if "/ray/" not in k] == [
+        "phase1/model/adapter.safetensors", "phase1/model/backbone_source.json", "phase1/model/encoders.json",
+        "phase1/model/modrwkv_config.json", "phase2/adapter/adapter.safetensors", "phase2/adapter/modrwkv_config.json",
+        "phase2/model/backbone_source.json", "phase2/model/encoders.json", "phase2/model/model.safetensors",
+        "phase2/model/modrwkv_config.json"]
+    assert any(k.startswith("phase2/ray/") and k.endswith(".safetensors") for k in written)  # Ray's checkpoints
+    assert sorted(keys(s3, f"{bucket}/eval")) == ["predictions_asr.jsonl"]
+    phase2 = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{model.split('/', 3)[3]}/backbone_source.json")[
+        "Body"].read())
+    assert phase2["path"] == f"{bucket}/models/rwkv7.pth" and len(phase2["sha256"]) == 64
+    with tempfile.TemporaryDirectory() as d:
+        s3.download_file(BUCKET, f"{model.split('/', 3)[3]}/model.safetensors", f"{d}/model.safetensors")
+        assert set(normalization(Path(d), "audio")) == {"feature_mean", "feature_std"}  # audio's default: standardize
+
+
+def upload(s3, local: Path, uri: str) -> None:
+    """A file, or a folder's files, to `uri` in the test bucket."""
+    key = uri.split("/", 3)[3]
+    for path in [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), BUCKET, key if path == local else f"{key}/{path.relative_to(local)}")
+
+
+def keys(s3, uri: str) -> list[str]:
+    """The objects under `uri`, relative to it, without folder markers."""
+    prefix = uri.split("/", 3)[3] + "/"
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"].removeprefix(prefix) for page in pages for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")]

@@ -11,12 +11,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from modrwkv import RWKV7Config
+from modrwkv import RWKV7, RWKV7Config
+from modrwkv.checkpoint import CheckpointError
+from modrwkv.multimodal import ModRWKV
 from pipelines.config import from_dict, to_dict
 from pipelines.train import TrainConfig, run_train
 from pipelines.train_local import run_single_process
+from pipelines.trained_model import load_trained_model
 from pipelines.trainer import LocalEngine
+from preprocessing import local_copy, storage
 from tests.conftest import random_backbone
+from tests.services import BUCKET
 from tests.tiny_models import tiny_digits_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +93,7 @@ import json, sys
 from pipelines.config import from_dict
 from pipelines.train_config import TrainConfig
 from pipelines.train_local import run_single_process
+from pipelines.trained_model import load_trained_model
 config = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(to_dict(config)))}))
 result = {{}}
 for phase in (1, 2):
@@ -131,6 +137,46 @@ def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(setup,
         assert bool(wrapped) == on
     assert len(wrapped) % 2 == 0 and len(wrapped) >= 6 * 2  # both blocks, in every micro-step
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_outputs_and_backbone_in_s3_need_no_shared_folder(setup, s3_server, tmp_path, monkeypatch):
+    """output_dir and the backbone as s3:// URIs: phase I publishes its folder to S3; phase II, on what stands for
+    another node (its own local copies, none of phase I's local folders), reads phase I's output and the backbone
+    from S3 and publishes its own beside it."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    root, cache = setup
+    base = f"s3://{BUCKET}/trainer-outputs"
+    storage.copy_tree(str(root / "backbone"), f"{base}/backbone")
+    config = config_for(root, cache, "remote", output_dir=f"{base}/runs")
+    config.model.backbone.path = f"{base}/backbone"
+    losses = {}
+    for phase in (1, 2):
+        monkeypatch.setenv(local_copy.ROOT_ENV, str(tmp_path / f"node{phase}" / "copies"))
+        folder, history = run_single_process(config, phase, device="cpu")
+        losses[phase] = [h["loss"] for h in history]
+        assert folder.is_relative_to(tmp_path / f"node{phase}")
+        published = storage.list_tree(f"{base}/runs/remote/phase{phase}")
+        assert {name: size for name, (size, _) in published.items()} == {
+            str(p.relative_to(folder.parent)): p.stat().st_size for p in folder.parent.rglob("*") if p.is_file()}
+    assert sorted(published) == ["adapter/adapter.safetensors", "adapter/modrwkv_config.json",
+                                 "model/backbone_source.json", "model/encoders.json", "model/model.safetensors",
+                                 "model/modrwkv_config.json"]
+    fetched = sorted(p.name for p in (tmp_path / "node2" / "copies").glob("*/*") if p.is_dir())
+    assert fetched == ["backbone", "model"]  # the backbone and phase I's model, from S3
+    assert losses[2][0] < losses[1][0]  # phase II starts where phase I ended
+
+    # a third node opens phase I's adapter-only model: its backbone, recorded by URI and sha256, comes from S3
+    monkeypatch.setenv(local_copy.ROOT_ENV, str(tmp_path / "node3" / "copies"))
+    phase1 = f"{base}/runs/remote/phase1/model"
+    opened = load_trained_model(phase1)
+    expected = ModRWKV.from_pretrained(local_copy.local_copy(phase1), backbone=RWKV7.from_pretrained(root / "backbone"))
+    assert all(torch.equal(a, b) for a, b in zip(opened.state_dict().values(), expected.state_dict().values()))
+    other = tmp_path / "other-backbone"
+    random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16), seed=1).save_pretrained(other)
+    storage.copy_tree(str(other), f"{base}/backbone")
+    with pytest.raises(CheckpointError, match=f"its backbone {base}/backbone now holds other weights"):
+        load_trained_model(phase1)
 
 
 @pytest.mark.slow
