@@ -253,6 +253,12 @@ class RWKV7(nn.Module):
         nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
         return self
 
+    def unread_parameters(self) -> list[nn.Parameter]:
+        """The parameters no forward pass reads: layer 0's value-residual mix (v0, v1, v2; layer 0's v is the one
+        the others mix towards), kept for RWKV-LM's checkpoint layout."""
+        att = self.blocks[0].att
+        return [att.v0, att.v1, att.v2]
+
     def optimizer_groups(self, weight_decay: float = 0.0, params: dict | None = None) -> list[dict]:
         """RWKV-LM's parameter groups: att.w0 at 2x lr; weight decay only on large matrices.
 

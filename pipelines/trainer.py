@@ -249,8 +249,12 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
     averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step."""
     # every trainable tensor joins every step's graph (x0): with one projector per modality, a micro-batch leaves
-    # the others idle, and ZeRO reduces every gradient; the same here, so one process computes what workers do
-    touch = [p for p in engine.module.parameters() if p.requires_grad]
+    # the others idle, and ZeRO reduces every gradient; the same here, so one process computes what workers do. The
+    # backbone's tensors are all read by every forward but those it names: touching its ~800 others would add
+    # thousands of tiny kernels a micro-step
+    backbone = engine.module.backbone
+    read = {id(p) for p in backbone.parameters()} - {id(p) for p in backbone.unread_parameters()}
+    touch = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in read]
     accumulation, skipped = engine.gradient_accumulation_steps(), []
     while step < hp.steps:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)

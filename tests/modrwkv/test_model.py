@@ -78,6 +78,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(out[0][name], out[1][name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_forward_reads_every_parameter_but_those_named_unread():
+    """Training touches only the backbone's unread tensors (x0) to keep ZeRO's reduction whole; any other tensor
+    without a gradient after a forward and backward would be left out of it."""
+    model = random_backbone(TINY).train()
+    logits, _ = model(torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4)))
+    logits.square().mean().backward()
+    unread = {id(p) for p in model.unread_parameters()}
+    assert len(unread) == 3
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (id(p) in unread), name
+
+
 @torch.no_grad()
 def test_inputs_embeds_equals_input_ids():
     model = random_backbone(TINY)
