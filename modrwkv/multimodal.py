@@ -91,6 +91,15 @@ class Projector(nn.Module):
             nn.Linear(c.adapter_scale * c.model_dim, c.model_dim),
         )
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module moves and casts, but the feature statistics stay in fp32 (a model cast to bf16, as DeepSpeed
+        and prepare_for_inference cast it, would round them; see forward): they only move to the new device."""
+        stats = {name: b for name, b in self._buffers.items() if name.startswith("feature_")}
+        super()._apply(fn, recurse)
+        for name, kept in stats.items():
+            self._buffers[name] = kept.to(self._buffers[name].device)
+        return self
+
     @torch.no_grad()
     def set_feature_stats(self, mean, std=None, whitening=None) -> None:
         """The training features' mean, and their per-dimension std ("standardize") or whitening matrix ("whiten")."""
@@ -112,16 +121,27 @@ class Projector(nn.Module):
             self.feature_whitening.copy_(whitening)
         self.feature_mean.copy_(mean)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[L, enc] or [B, L, enc] -> [L', C] or [B, L', C]."""
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The features minus their training mean, divided by the std or whitened; in fp32 whatever the model
+        computes in (autocast off): whitening reaches the features' low-variance directions by cancelling large
+        components, and bf16 features or statistics put up to 4 % noise into them (benchmarks/whitening_precision.py).
+        Unchanged without statistics (`normalize: none`)."""
+        if self.config.normalize == "none":
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float() - self.feature_mean
+            if self.config.normalize == "standardize":
+                return x / self.feature_std
+            return x @ self.feature_whitening
+
+    def forward(self, features: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[L, enc] or [B, L, enc] -> [L', C] or [B, L', C]. `dtype`: the one the layers after the normalisation
+        compute in (the model's; default: the features')."""
         squeeze = features.dim() == 2
         x = features[None] if squeeze else features
         if x.shape[-1] != self.config.encoder_dim:
             raise ValueError(f"features have width {x.shape[-1]}, the projector expects {self.config.encoder_dim}")
-        if self.config.normalize == "standardize":
-            x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
-        elif self.config.normalize == "whiten":
-            x = (x - self.feature_mean.to(x.dtype)) @ self.feature_whitening.to(x.dtype)
+        x = self.normalise(x).to(dtype or x.dtype)
         if self.compress is not None:
             if x.shape[1] < self.config.kernel:
                 raise ValueError(f"{x.shape[1]} feature vectors are fewer than the compression kernel {self.config.kernel}")
@@ -246,7 +266,7 @@ class ModRWKV(nn.Module):
                 projector = self.projectors[modality]
                 if modality == "series" and self.series_encoder is not None:
                     mine = [self.series_encoder(f.to(x.dtype)) for f in mine]
-                adapted = torch.cat([projector(f.to(x.dtype)) for f in mine])
+                adapted = torch.cat([projector(f, x.dtype) for f in mine])
                 if adapted.shape[0] != len(positions):
                     raise ValueError(
                         f"sample {name}: {len(positions)} <{modality}> positions but the features give "

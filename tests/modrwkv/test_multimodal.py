@@ -83,6 +83,39 @@ def test_projector_normalises_with_the_stats_it_is_given_and_saves_them(tmp_path
     assert ModRWKVConfig.from_dict(config.to_dict()).projectors["image"].normalize == "whiten"
 
 
+def test_a_bf16_model_normalises_its_features_in_fp32():
+    """Cast to bf16 (as DeepSpeed and prepare_for_inference cast it) and under autocast, a projector keeps its
+    feature statistics in fp32 and whitens fp16 features as an fp32 one does: features whose spread is small
+    beside their mean (a frozen encoder's) come out unit-variance in every direction, where bf16 arithmetic would
+    add percents of noise to the smallest ones."""
+    torch.manual_seed(0)
+    d = 32
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+    spread = torch.logspace(-2, 0, d, dtype=torch.float64)  # directions with 1/100 of the largest's spread
+    x = (torch.randn(4000, d, dtype=torch.float64) * spread) @ basis.T + 3.0
+    mean, cov = x.mean(0), torch.cov(x.T)
+    values, vectors = torch.linalg.eigh(cov)
+    whitening = (vectors / values.sqrt()) @ vectors.T
+    features = x.half()  # as the cache stores them
+    reference = (features.double() - mean) @ whitening
+
+    projector = Projector(ProjectorConfig(encoder_dim=d, model_dim=16, normalize="whiten"))
+    projector.set_feature_stats(mean.float(), whitening=whitening.float())
+    fp32 = projector.normalise(features)
+    projector.bfloat16()
+    assert projector.feature_whitening.dtype == projector.feature_mean.dtype == torch.float32
+    assert projector.adapter[0].weight.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = projector.normalise(features)
+    for normalised in (projector.normalise(features), under_autocast):
+        assert normalised.dtype == torch.float32 and torch.equal(normalised, fp32)
+    error = ((fp32.double() - reference) @ vectors).square().mean(0).sqrt()  # per direction; each has unit spread
+    bf16 = ((features.bfloat16() - mean.bfloat16()) @ whitening.bfloat16()).double()
+    bf16_error = ((bf16 - reference) @ vectors).square().mean(0).sqrt()
+    assert error.max() < 1e-4 and bf16_error[:4].min() > 100 * error.max()
+    assert projector(features, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_conversation_labels_only_on_assistant_turns(tok):
     turns = [Turn("user", "<image>\nWhat digit is this?"), Turn("assistant", "seven"),
              Turn("user", "And this <audio>?"), Turn("assistant", "hello")]

@@ -214,11 +214,14 @@ class Projector(nn.Module):
                                      nn.Linear(adapter_scale * model_dim, model_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = features
+        # the normalisation in fp32 whatever the model's dtype: whitening reaches low-variance directions by
+        # cancelling large components, which bf16 rounding swamps
+        x = features.float()
         if self.normalize == "standardize":
-            x = (x - self.feature_mean) / self.feature_std
+            x = (x - self.feature_mean.float()) / self.feature_std.float()
         elif self.normalize == "whiten":
-            x = (x - self.feature_mean) @ self.feature_whitening
+            x = (x - self.feature_mean.float()) @ self.feature_whitening.float()
+        x = x.to(self.adapter[0].weight.dtype)
         if self.compress is not None:
             if x.shape[0] < self.kernel:
                 raise ValueError(f"{x.shape[0]} feature vectors are fewer than the compression kernel {self.kernel}")
@@ -264,9 +267,9 @@ class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
         backbone embeddings [L', C]."""
         if modality not in self.projectors:
             raise ValueError(f"this model has no {modality} projector (it has: {sorted(self.projectors)})")
-        x = features.to(self.backbone.emb.weight.dtype)
+        x = features
         if modality == "series" and self.series_encoder is not None:
-            x = self.series_encoder(x)
+            x = self.series_encoder(x.to(self.backbone.emb.weight.dtype))
         return self.projectors[modality](x)
 
     def expand_placeholders(self, input_ids: torch.LongTensor, **features) -> torch.LongTensor:
