@@ -74,7 +74,9 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
         over = over_length_in_caches(opened, mm_config, config.max_length)
-        tracking.MetricLogger(uri, run_id).log({"over_length_in_caches": over}, 0)
+        before_start = tracking.MetricLogger(uri, run_id)
+        before_start.log({"over_length_in_caches": over}, 0)
+        before_start.flush()
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         stats = plan.feature_stats()

@@ -103,6 +103,7 @@ def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, 
     from . import tracking
     from .logged_models import encoder_dirs, log_trained_model, register
 
+    logger.flush()
     with tempfile.TemporaryDirectory() as tmp:
         curve = [(h["step"], h["loss"]) for h in history]
         logger.client.log_artifact(logger.run_id, str(tracking.loss_curve(curve, Path(tmp) / "loss_curve.png",

@@ -113,9 +113,11 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         logger.log({"resumed_from_step": step}, step)
 
     def on_step(step: int, metrics: dict) -> None:
+        last = step == hp.steps
         if logger:
             logger.log(metrics, step)
-        last = step == hp.steps
+            if last:  # every step's metrics in MLflow before the final checkpoint ends the run
+                logger.flush()
         if last or (hp.checkpoint_every and step % hp.checkpoint_every == 0):
             positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from mlflow import MlflowClient
 
 from pipelines.tracking import MetricLogger, StepProgress, start_run
@@ -20,6 +21,26 @@ def test_step_progress_follows_the_logged_steps(tmp_path):
         assert progress.bar.n == 3
         assert progress.bar.postfix == "loss=0.3333"
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"  # the bar only reads
+
+
+def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path, monkeypatch):
+    """A step hands its batch to MLflow's logging thread and goes on; `flush` returns once every step's metrics are
+    in the run, and raises what the server refused."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "background", "run", {}, {})
+    logger = MetricLogger(uri, run_id)
+    modes = []
+    real = logger.client.log_batch
+    monkeypatch.setattr(logger.client, "log_batch", lambda *a, **k: modes.append(k["synchronous"]) or real(*a, **k))
+    for step in range(1, 21):
+        logger.log({"loss": 1.0 / step, "lr": 0.1}, step)
+    logger.flush()
+    assert modes == [False] * 20 and logger.pending == []
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    logger.log({"bad name/../": 1.0}, 21)  # MLflow refuses the name: seen at flush, not at the step
+    with pytest.raises(Exception, match="bad name"):
+        logger.flush()
 
 
 def test_step_progress_survives_an_unreachable_server(tmp_path):
