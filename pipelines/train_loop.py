@@ -55,6 +55,11 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
               "gradient_accumulation_steps": accumulation_steps(hp, world), "gradient_clipping": hp.grad_clip,
               "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": on_gpu},
               "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+    if on_gpu and ds.zero_stage:
+        # bf16 parameters, but each step's gradients summed over its micro-steps in fp32 (DeepSpeed sums in the
+        # parameters' dtype by default); ZeRO 1 and 2 keep that sum in their own fp32 partition, while without ZeRO
+        # DeepSpeed has no such mode (it refuses the setting)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is

@@ -79,6 +79,10 @@ def test_the_deepspeed_config_takes_the_cores_accumulation():
     config = deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), world=2, on_gpu=False)
     assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 0.5
     assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
+    assert "data_types" not in config  # fp32 parameters: gradients are summed in fp32 already
+    on_gpu = deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), world=2, on_gpu=True)
+    assert on_gpu["bf16"] == {"enabled": True} and on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(hp, DeepSpeedConfig(zero_stage=0), world=2, on_gpu=True)
     with pytest.raises(ValueError, match="not a multiple of micro_batch x workers = 12"):
         deepspeed_config(hp, DeepSpeedConfig(), world=3, on_gpu=False)
 
