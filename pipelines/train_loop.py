@@ -2,7 +2,6 @@
 the feature caches; checkpoints go through `ray.train.report`, metrics to MLflow from rank 0."""
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from preprocessing.cache.entry import FeatureCache
 from .environment import require_cuda
 from .logged_models import log_trained_model
 from .tracking import MetricLogger, log_environment, system_metrics
+from .deepspeed_engine import save_final, start_engine
 from .train_config import DeepSpeedConfig, PhaseConfig
-from .trainer import MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
+from .trainer import MicroBatches, build_model, train_steps
 
 
 @dataclass
@@ -50,36 +50,10 @@ class WorkerConfig:
     encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
 
 
-def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: bool) -> dict:
-    config = {"train_micro_batch_size_per_gpu": hp.micro_batch,
-              "gradient_accumulation_steps": accumulation_steps(hp, world), "gradient_clipping": hp.grad_clip,
-              "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": on_gpu},
-              "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
-    if on_gpu and ds.zero_stage:
-        # bf16 parameters, but each step's gradients summed over its micro-steps in fp32 (DeepSpeed sums in the
-        # parameters' dtype by default); ZeRO 1 and 2 keep that sum in their own fp32 partition, while without ZeRO
-        # DeepSpeed has no such mode (it refuses the setting)
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if ds.offload_optimizer:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is
-        # torch's fused AdamW (one pass per partition), and its DeepSpeedCPUAdam is a C++ op built on first use
-        config["zero_force_ds_cpu_optimizer"] = False
-    return config
-
-
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
     on_gpu = cfg.use_gpu
     if on_gpu:
         require_cuda("scaling.use_gpu")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator once, at import
-
-    if not on_gpu:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build: over a minute on 2 cores,
-        # per install) that only tensor-parallel inference calls; training all-reduces through torch.distributed
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     hp, phase = cfg.hp, cfg.phase
@@ -92,9 +66,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     model = build_model(cfg.backbone["path"], cfg.model, cfg.init_from, cfg.feature_stats, cfg.seed,
                         cfg.gradient_checkpointing)
     model.set_phase(phase)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp),
-                                                   dist_init_required=False,
-                                                   config=deepspeed_config(hp, cfg.deepspeed, world, on_gpu))
+    engine, optimizer = start_engine(model, hp, cfg.deepspeed, world, on_gpu)
     step, position = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -161,15 +133,3 @@ def log_skipped(skipped: list[dict], logger, world: int) -> None:
             path = Path(d) / "skipped_samples.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             logger.client.log_artifact(logger.run_id, str(path))
-
-
-def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:
-    """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
-    Called on every rank: under ZeRO-3 the full weights are gathered first (a collective)."""
-    import deepspeed  # imported by train_loop_per_worker first, once DS_ACCELERATOR is set
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero_stage == 3):
-        if rank == 0:
-            model.save_pretrained(folder / "model", adapter_only=phase == 1)
-            if phase == 2:
-                model.save_pretrained(folder / "adapter", adapter_only=True)

@@ -73,7 +73,7 @@ def test_local_engine_accumulates_clips_and_steps_at_the_boundary():
 
 def test_the_deepspeed_config_takes_the_cores_accumulation():
     from pipelines.train_config import DeepSpeedConfig, PhaseConfig
-    from pipelines.train_loop import deepspeed_config
+    from pipelines.deepspeed_engine import deepspeed_config
 
     hp = PhaseConfig(lr=1e-3, steps=1, global_batch=16, micro_batch=4, grad_clip=0.5)
     config = deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), world=2, on_gpu=False)

@@ -1,0 +1,57 @@
+"""The DeepSpeed side of training, without Ray: the engine's config from ours, the engine itself around the
+training core's model and optimizer, and the final save. A Ray Train worker (`train_loop.py`) uses these, and so
+can a single process that sets up torch.distributed itself (the GPU test)."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from .train_config import DeepSpeedConfig, PhaseConfig
+from .trainer import accumulation_steps, optimizer_for
+
+
+def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: bool) -> dict:
+    config = {"train_micro_batch_size_per_gpu": hp.micro_batch,
+              "gradient_accumulation_steps": accumulation_steps(hp, world), "gradient_clipping": hp.grad_clip,
+              "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": on_gpu},
+              "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+    if on_gpu and ds.zero_stage:
+        # bf16 parameters, but each step's gradients summed over its micro-steps in fp32 (DeepSpeed sums in the
+        # parameters' dtype by default); ZeRO 1 and 2 keep that sum in their own fp32 partition, while without ZeRO
+        # DeepSpeed has no such mode (it refuses the setting)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if ds.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is
+        # torch's fused AdamW (one pass per partition), and its DeepSpeedCPUAdam is a C++ op built on first use
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def start_engine(model: torch.nn.Module, hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: bool):
+    """A DeepSpeed engine for `model` (its phase set) and the core's AdamW, on the process group already set up
+    (Ray Train's, or the caller's); returns (engine, optimizer)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator once, at import
+
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build: over a minute on 2 cores,
+        # per install) that only tensor-parallel inference calls; training all-reduces through torch.distributed
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp),
+                                                   dist_init_required=False,
+                                                   config=deepspeed_config(hp, ds, world, on_gpu))
+    return engine, optimizer
+
+
+def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:
+    """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
+    Called on every rank: under ZeRO-3 the full weights are gathered first (a collective)."""
+    import deepspeed  # imported by start_engine first, once DS_ACCELERATOR is set
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero_stage == 3):
+        if rank == 0:
+            model.save_pretrained(folder / "model", adapter_only=phase == 1)
+            if phase == 2:
+                model.save_pretrained(folder / "adapter", adapter_only=True)
