@@ -3,6 +3,8 @@
 # inside one budget, so the command ends before the device's limit. Ours first: flash-linear-attention autotunes
 # about 90 s per shape and dtype on a bare machine, so its parts go last and can never hide our rows.
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
+#   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-2 in bf16 with fp32 gradient
+#                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py)
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
@@ -13,7 +15,9 @@
 #   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s
 # The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
 # them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
-# World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER). The demo part also needs the demo's
+# World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER), DeepSpeed 0.19.8 (PyPI has only its
+# source: `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`) with hjson and pydantic 2.14.4,
+# pydantic-core, annotated-types and typing-inspection at the lock's versions. The demo part also needs the demo's
 # caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here (copies of the six entries
 # with only the features they use, whatever else runs/cache holds), then carry runs/gpu_demo with .whl. Logs and
 # every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
@@ -22,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 LOGS=$(mktemp -d)
-PARTS=${PARTS:-"kernel_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"}
+PARTS=${PARTS:-"kernel_tests deepspeed_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"}
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,6 +49,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
 }
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
+part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py
 part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 60 python3 benchmarks/encoder_throughput.py --out "$LOGS"
