@@ -64,7 +64,8 @@ class EvalResult:
 class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
-    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu"):
+    def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu",
+                 tracking_uri: str | None = None):
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
         from modrwkv.tokenizer import WorldTokenizer
@@ -73,6 +74,10 @@ class Predictor:
 
         if device == "cuda":
             require_cuda("gpus_per_actor")
+        if checkpoint.startswith("models:/"):  # downloaded on this node, from the driver's tracking server
+            from .logged_models import local_model
+
+            checkpoint = str(local_model(checkpoint, configured_uri=tracking_uri).model_dir)
         # a full save, or an adapter-only one with its backbone recorded beside it; a URI: this node's copy
         model = load_trained_model(checkpoint).to(device)
         self.model = prepare_for_inference(model, quantization=quantize)
@@ -101,7 +106,7 @@ def predict_here(config: EvalConfig, cache_uri: str, task: EvalTask):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = Predictor(config.checkpoint, cache_uri, task, config.quantize, device)
+    predictor = Predictor(config.checkpoint, cache_uri, task, config.quantize, device, config.tracking_uri)
     for index in range(len(predictor.cache.shards)):
         yield predictor({"shard": [index]})
 
@@ -117,7 +122,8 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
                         num_gpus=config.gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
                                                "quantize": config.quantize,
-                                               "device": "cuda" if config.gpus_per_actor else "cpu"})
+                                               "device": "cuda" if config.gpus_per_actor else "cpu",
+                                               "tracking_uri": config.tracking_uri})
     return ds.iter_batches(batch_size=None)
 
 
@@ -165,15 +171,14 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
     return run_id
 
 
-def resolved_checkpoint(checkpoint: str) -> Path:
+def resolved_checkpoint(checkpoint: str, configured_uri: str | None) -> Path:
     """The model folder here: the checkpoint itself, this node's copy of an s3:// one, or a logged or registered
-    model (`models:/...`) downloaded here (prediction actors on other nodes then need the same download path: run
-    such evaluations where the driver is)."""
+    model (`models:/...`) downloaded here. Prediction actors resolve the checkpoint the same way on their nodes."""
     if not checkpoint.startswith("models:/"):
         return Path(local_copy(checkpoint))
     from .logged_models import local_model  # MLflow: only for a logged model
 
-    return local_model(checkpoint).model_dir
+    return local_model(checkpoint, configured_uri=configured_uri).model_dir
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -183,10 +188,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
     modality = FeatureCache(cache_uri).modality
     if modality != task.modality:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
-    model_dir = resolved_checkpoint(config.checkpoint)
-    # actors open a path or an s3:// URI themselves (each node its own copy); a logged model, the download here
-    for_actors = str(model_dir) if config.checkpoint.startswith("models:/") else config.checkpoint
-    rows = predict_all(replace(config, checkpoint=for_actors), cache_uri, task)
+    model_dir = resolved_checkpoint(config.checkpoint, config.tracking_uri)
+    if config.checkpoint.startswith("models:/"):  # the actors download it from the server this driver found
+        from .tracking import tracking_uri
+
+        config = replace(config, tracking_uri=tracking_uri(config.tracking_uri))
+    rows = predict_all(config, cache_uri, task)
     out = working_dir(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / f"predictions_{config.task}.jsonl"

@@ -6,9 +6,11 @@ A logged model is a pyfunc (`pipelines/serving.py`, built from code: nothing pic
 folder and the frozen encoders its caches came from, so `mlflow models serve` encodes media as training did.
 """
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,10 +212,11 @@ class LocalModel:
     encoder_dirs: dict[str, str] = field(default_factory=dict)  # modality -> encoder folder, when the model has them
 
 
-def local_model(reference: str, downloads: Path = DOWNLOADS) -> LocalModel:
+def local_model(reference: str, downloads: Path = DOWNLOADS, configured_uri: str | None = None) -> LocalModel:
     """A model folder as it is (this node's copy of an s3:// one), or a logged or registered model (`models:/<id>`,
-    `models:/NAME/VERSION`, `models:/NAME@alias`) downloaded once (by its model id) under `downloads`, with the
-    encoders it carries."""
+    `models:/NAME/VERSION`, `models:/NAME@alias`; from the tracking server `configured_uri`, else the usual one)
+    downloaded once a node (by its model id; processes of one node wait for one download) under `downloads`, with
+    the encoders it carries."""
     if not str(reference).startswith("models:/"):
         from preprocessing.local_copy import local_copy
 
@@ -223,15 +226,22 @@ def local_model(reference: str, downloads: Path = DOWNLOADS) -> LocalModel:
 
     from .tracking import tracking_uri
 
-    uri = tracking_uri(None)
+    uri = tracking_uri(configured_uri)
     model_id = model_id_of(uri, reference)
     if model_id is None:
         raise ValueError(f"{reference}: a model version registered from files, not from a ModRWKV logged model")
     target = downloads / model_id
-    if not (target / "MLmodel").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        with fluent_tracking_uri(uri):
-            mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(target))
+    downloads.mkdir(parents=True, exist_ok=True)
+    with open(downloads / f"{model_id}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "MLmodel").is_file():
+            incoming = downloads / f"{model_id}.incoming"
+            shutil.rmtree(incoming, ignore_errors=True)  # an interrupted download
+            incoming.mkdir()
+            with fluent_tracking_uri(uri):
+                mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(incoming))
+            shutil.rmtree(target, ignore_errors=True)
+            incoming.rename(target)
     artifacts = Model.load(str(target)).flavors["python_function"].get("artifacts", {})
     paths = {name: target / spec["path"] for name, spec in artifacts.items()}
     if MODEL_ARTIFACT not in paths:

@@ -20,7 +20,8 @@ from modrwkv.multimodal import ModRWKV
 from pipelines.cli import main
 from pipelines.config import ConfigError, from_dict
 from pipelines.encode import EncodeConfig, run_encode
-from pipelines.evaluate import EvalConfig, run_eval
+from pipelines.eval_tasks import TASKS
+from pipelines.evaluate import EvalConfig, Predictor, run_eval
 from pipelines.lmms_eval_model import ModRWKVEvalModel
 from pipelines.logged_models import local_model, logged_model_name, model_id_of
 from preprocessing.cache.key import hash_model_dir
@@ -187,6 +188,15 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
     assert scored_version.tags[f"eval.{accuracy.dataset_name}.accuracy"] == version.tags[
         f"eval.{accuracy.dataset_name}.accuracy"]
     assert again.predictions.read_text() == scored.predictions.read_text()
+    elsewhere = root / "another-node"  # a prediction actor on another node: it downloads the model itself
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    task = TASKS["vqa"].from_config(from_dict(EvalConfig, {**config, "checkpoint": "models:/tiny/1"}))
+    actor = Predictor("models:/tiny/1", test_cache, task, tracking_uri=uri)
+    rows = sorted(actor({"shard": [0]})["rows"], key=lambda r: json.loads(r)["key"])  # the cache's one shard
+    assert [json.loads(r) for r in rows] == [json.loads(line) for line in scored.predictions.read_text().splitlines()]
+    assert [p.name for p in (elsewhere / "runs" / "models").iterdir() if p.is_dir()] == [model_id]
+    monkeypatch.chdir(root)
     assert client.get_run(again.run_id).data.tags["mlflow.parentRunId"] == eval_run.data.tags["mlflow.parentRunId"]
     question = ["--image", str(digit_png(root)), "--question", "What digit is this?"]
     by_folder = chat(["--model", str(phase2), "--encoder-dir", str(root / "clip"), *question], capsys)
