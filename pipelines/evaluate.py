@@ -195,7 +195,6 @@ def run_eval(config: EvalConfig) -> EvalResult:
         config = replace(config, tracking_uri=tracking_uri(config.tracking_uri))
     rows = predict_all(config, cache_uri, task)
     out = working_dir(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     predictions = out / f"predictions_{config.task}.jsonl"
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics, baselines = task.score(rows)

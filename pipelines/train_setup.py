@@ -122,8 +122,6 @@ def backbone_record(path: str) -> dict:
     return {"path": path, "sha256": file_sha256(backbone_weights(Path(local_copy(path))))}
 
 
-
-
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
     whose caches came from different encoders or settings, or one whose manifest records none (a cache written by
@@ -185,7 +183,7 @@ def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
         try:
             phase1_source = read_backbone_source(local_copy(init_from))
         except FileNotFoundError:  # no such remote folder
-            pass
+            phase1_source = None
         if phase1_source is None:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
     destination = phase_dir(config, phase)
