@@ -271,7 +271,7 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in storage.ENV if k in os.environ}}
+    runtime_env = {"env_vars": storage.settings()}
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map(decode_item, fn_kwargs={"modality": MODALITY_OF_FORMAT[config.dataset.format],

@@ -119,6 +119,7 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
         ray.init(log_to_driver=False)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
+                        runtime_env={"env_vars": storage.settings()},
                         num_gpus=config.gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
                                                "quantize": config.quantize,

@@ -87,20 +87,20 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             prefetch_threads=config.prefetch_threads, seed=config.seed,
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
             use_gpu=config.scaling.use_gpu, gradient_checkpointing=config.gradient_checkpointing,
-            log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened))
+            log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened),
+            resume_from=Checkpoint(*storage.for_ray(resume_from)) if resume_from else None)
+        storage_path, storage_filesystem = storage.for_ray(storage.join(plan.destination, "ray"))  # folder or s3://
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
                                          resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
             # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
             # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
-            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}",
-                                 storage_path=storage.join(plan.destination, "ray"),  # a folder or s3://
+            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=storage_path,
+                                 storage_filesystem=storage_filesystem,
                                  failure_config=FailureConfig(max_failures=config.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 worker_runtime_env={"env_vars": worker_env()}),
-            resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
-        )
+                                 worker_runtime_env={"env_vars": {**worker_env(), **storage.settings()}}))
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
         encoders = loop_config.encoders

@@ -48,6 +48,7 @@ class WorkerConfig:
     gradient_checkpointing: bool = False
     log_checkpoints: bool = False  # each checkpoint's model folder a logged model of the run (rank 0)
     encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
+    resume_from: Checkpoint | None = None  # `--resume-from`: where a fresh run starts (Ray's own restarts win)
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
@@ -68,7 +69,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     model.set_phase(phase)
     engine, optimizer = start_engine(model, hp, cfg.deepspeed, world, on_gpu)
     step, position = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    # after a failure inside this fit, Ray's latest checkpoint; otherwise the one --resume-from names (Ray Train 2
+    # refuses a trainer's resume_from_checkpoint)
+    checkpoint = ray.train.get_checkpoint() or cfg.resume_from
     if checkpoint:
         with checkpoint.as_directory() as d:
             # the frozen backbone is not in phase I's checkpoints: it comes from its path, as built above

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import posixpath
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,12 @@ import pyarrow.fs as pafs
 # What the S3 client is built from, by name (values never printed); Ray's workers are given the same.
 ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
        "AWS_REGION")
+
+
+def settings() -> dict[str, str]:
+    """This process's S3 settings (`ENV`, those set), for the Ray workers a job starts: a job submitted with them, or
+    a driver given them in its shell, passes them on (otherwise workers have only their node's)."""
+    return {name: os.environ[name] for name in ENV if name in os.environ}
 
 
 def is_remote(uri: str) -> bool:
@@ -64,6 +71,25 @@ def _fs(uri: str):
         settings = tuple(os.environ.get(name) for name in ENV)
         return remote_filesystem(f"{scheme}://{bucket}", settings), path
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def for_ray(uri: str) -> tuple[str, pafs.FileSystem]:
+    """(path, filesystem) for Ray Train's storage and checkpoints: the filesystem is built here with this process's
+    S3 settings spelled out, so that they travel with it (pickled) to Ray's train controller and workers, which may
+    start where none are set; settings this process lacks (an instance profile's credentials) stay each node's."""
+    if not is_remote(uri):
+        fs, path = _fs(uri)
+        return path, fs
+    env, options = settings(), {}
+    if "AWS_ENDPOINT_URL" in env:
+        endpoint = urllib.parse.urlparse(env["AWS_ENDPOINT_URL"])
+        options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
+    if "AWS_ACCESS_KEY_ID" in env:
+        options.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                       session_token=env.get("AWS_SESSION_TOKEN"))
+    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        options["region"] = env.get("AWS_REGION") or env["AWS_DEFAULT_REGION"]
+    return str(uri).split("://", 1)[1], pafs.S3FileSystem(**options)
 
 
 @functools.lru_cache(maxsize=None)

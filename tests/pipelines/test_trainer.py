@@ -197,3 +197,31 @@ def test_the_ray_deepspeed_run_computes_the_single_process_losses(setup, ray_loc
     local_losses = [h["loss"] for h in local]
     assert len(ray_losses) == len(local_losses) == 6
     assert local_losses == pytest.approx(ray_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ray_local, s3_server, tmp_path,
+                                                                        monkeypatch):
+    """Under an s3:// output_dir Ray Train keeps its checkpoints in S3; `--resume-from` one of them by URI
+    continues there: the resumed run's steps 4-6 have the first run's losses (weights, optimizer and data position
+    restored), and the model folder is published to S3."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)  # the workers get these from the driver (Ray's may have started without)
+    root, cache = setup
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "resume", "system_metrics_every_s": 0}
+    base = f"s3://{BUCKET}/trainer-resume"
+    config = config_for(root, cache, "resume", output_dir=base, tracking=tracking)
+    config.phase1.checkpoint_every = 3
+    first = run_train(config, phase=1)
+    client = MlflowClient(tracking["tracking_uri"])
+    losses = {m.step: m.value for m in client.get_metric_history(first.run_id, "loss")}
+    assert first.model_uri == f"{base}/resume/phase1/model" and storage.exists(f"{first.model_uri}/adapter.safetensors")
+    ray_storage = f"{base}/resume/phase1/ray"
+    checkpoints = sorted({"/".join(name.split("/")[:2]) for name in storage.list_tree(ray_storage)
+                          if name.endswith("mp_rank_00_model_states.pt")})  # <run>/checkpoint_<time>, oldest first
+    assert len(checkpoints) == 2  # steps 3 and 6, the two kept
+    resumed = run_train(config, phase=1, resume_from=f"{ray_storage}/{checkpoints[0]}")
+    assert [m.value for m in client.get_metric_history(resumed.run_id, "resumed_from_step")] == [3]
+    again = {m.step: m.value for m in client.get_metric_history(resumed.run_id, "loss")}
+    assert sorted(again) == [4, 5, 6]
+    assert [again[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-5)
