@@ -21,6 +21,7 @@ from preprocessing.encoders import build_encoder
 from preprocessing.encoders.recorded import encoder_for
 
 from .logged_models import local_model
+from .trained_model import load_trained_model
 
 try:
     from lmms_eval.api.model import lmms as EvalModelBase
@@ -52,8 +53,8 @@ class ModRWKVEvalModel(EvalModelBase):
         if not isinstance(pretrained, ModRWKV):  # a logged or registered model: its folder and the encoders it carries
             found = local_model(pretrained)
             pretrained, encoder_dir = found.model_dir, encoder_dir or found.encoder_dirs.get("image")
-        # a full save, or an adapter-only one with its backbone recorded beside it
-        model = pretrained if isinstance(pretrained, ModRWKV) else ModRWKV.from_pretrained(pretrained)
+        # a full save, or an adapter-only one with its backbone recorded beside it (an s3:// one: this node's copy)
+        model = pretrained if isinstance(pretrained, ModRWKV) else load_trained_model(str(pretrained))
         self.model = prepare_for_inference(model.to(self.device), quantization=quantize)
         if encoder_dir is not None and not isinstance(pretrained, ModRWKV):  # set up as the training caches were
             encoder = encoder_for(pretrained, "image", encoder_dir, encoder, device=self.device)
