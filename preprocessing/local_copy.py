@@ -61,7 +61,7 @@ def local_copy(uri: str) -> str:
 
 def working_dir(destination: str) -> Path:
     """The local folder (created) to write what goes to `destination` in: the destination itself when it is a
-    local path; for a URI, an emptied folder under the node's local copies, for `publish` to upload."""
+    local path; for a URI, an emptied folder beside the node's local copies, for `publish` to upload."""
     if not storage.is_remote(destination):
         folder = Path(destination)
     else:

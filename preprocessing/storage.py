@@ -77,19 +77,17 @@ def for_ray(uri: str) -> tuple[str, pafs.FileSystem]:
     """(path, filesystem) for Ray Train's storage and checkpoints: the filesystem is built here with this process's
     S3 settings spelled out, so that they travel with it (pickled) to Ray's train controller and workers, which may
     start where none are set; settings this process lacks (an instance profile's credentials) stay each node's."""
+    fs, path = _fs(uri)
     if not is_remote(uri):
-        fs, path = _fs(uri)
         return path, fs
-    env, options = settings(), {}
+    env, options = settings(), {"region": fs.region}  # the bucket's, as this process's client resolved it
     if "AWS_ENDPOINT_URL" in env:
         endpoint = urllib.parse.urlparse(env["AWS_ENDPOINT_URL"])
         options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
     if "AWS_ACCESS_KEY_ID" in env:
         options.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
                        session_token=env.get("AWS_SESSION_TOKEN"))
-    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
-        options["region"] = env.get("AWS_REGION") or env["AWS_DEFAULT_REGION"]
-    return str(uri).split("://", 1)[1], pafs.S3FileSystem(**options)
+    return path, pafs.S3FileSystem(**options)
 
 
 @functools.lru_cache(maxsize=None)
