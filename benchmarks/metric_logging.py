@@ -73,7 +73,8 @@ def main():
                 rows.append({"way": way, "round": round_, "steps": args.steps, "metrics": args.metrics,
                              "ms_per_step_in_loop": 1000 * in_loop / args.steps, "seconds_until_landed": landed})
                 print(rows[-1], file=sys.stderr, flush=True)
-    lines = ["| way | round | steps x metrics | ms a step spends logging | s until all landed |", "|---|---|---|---|---|"]
+    lines = ["| way | round | steps x metrics | ms a step spends logging | s until all landed |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['way']} | {r['round']} | {r['steps']} x {r['metrics']} | {r['ms_per_step_in_loop']:.2f} | "
               f"{r['seconds_until_landed']:.2f} |" for r in rows]
     machine = (f"{cpu_description()}, {os.cpu_count()} CPUs, {platform.machine()}; MLflow server on 127.0.0.1 "

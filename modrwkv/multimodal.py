@@ -124,7 +124,8 @@ class Projector(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """The features minus their training mean, divided by the std or whitened; in fp32 whatever the model
         computes in (autocast off): whitening reaches the features' low-variance directions by cancelling large
-        components, and bf16 features or statistics put up to 4 % noise into them (benchmarks/whitening_precision.py).
+        components, and bf16 features or statistics put noise into them (1.3-3.2 % in the median direction of the
+        training caches, more in the smallest: benchmarks/whitening_precision.py).
         Unchanged without statistics (`normalize: none`)."""
         if self.config.normalize == "none":
             return x

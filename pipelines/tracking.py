@@ -110,8 +110,8 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
 class MetricLogger:
     """Step metrics into one run, a batch a step, sent by MLflow's background logging thread: the step does not
     wait for the tracking server (a batch took 11-40 ms against the local one, 90-110 ms with its CPUs busy,
-    `benchmarks/metric_logging.py`, while every other worker waited at the next all-reduce). `flush()` waits until every batch has landed and
-    raises what failed."""
+    `benchmarks/metric_logging.py`, while every other worker waited at the next all-reduce). `flush()` waits until
+    every batch has landed and raises what failed."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id

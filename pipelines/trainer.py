@@ -248,10 +248,10 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
     averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step."""
-    # every trainable tensor joins every step's graph (x0): with one projector per modality, a micro-batch leaves
-    # the others idle, and ZeRO reduces every gradient; the same here, so one process computes what workers do. The
-    # backbone's tensors are all read by every forward but those it names: touching its ~800 others would add
-    # thousands of tiny kernels a micro-step
+    # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
+    # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
+    # ~800 others; touching them too added thousands of tiny kernels a micro-step); the same in one process, which
+    # then computes what workers do
     backbone = engine.module.backbone
     read = {id(p) for p in backbone.parameters()} - {id(p) for p in backbone.unread_parameters()}
     touch = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in read]
