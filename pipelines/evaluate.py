@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
-from preprocessing.local_copy import local_copy, publish, working_dir
+from preprocessing.local_copy import publish, working_dir
 
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags, require_cuda
 from .eval_tasks import TASKS, EvalTask, TaskName
-from .logged_models import check_registered_name
+from .logged_models import check_registered_name, local_model
 
 
 @dataclass
@@ -74,12 +74,10 @@ class Predictor:
 
         if device == "cuda":
             require_cuda("gpus_per_actor")
-        if checkpoint.startswith("models:/"):  # downloaded on this node, from the driver's tracking server
-            from .logged_models import local_model
-
-            checkpoint = str(local_model(checkpoint, configured_uri=tracking_uri).model_dir)
-        # a full save, or an adapter-only one with its backbone recorded beside it; a URI: this node's copy
-        model = load_trained_model(checkpoint).to(device)
+        # a full save, or an adapter-only one with its backbone recorded beside it; an s3:// folder or a logged
+        # model (models:/..., from the driver's tracking server): this node's copy
+        folder = local_model(checkpoint, configured_uri=tracking_uri).model_dir
+        model = load_trained_model(str(folder)).to(device)
         self.model = prepare_for_inference(model, quantization=quantize)
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
 
@@ -172,16 +170,6 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
     return run_id
 
 
-def resolved_checkpoint(checkpoint: str, configured_uri: str | None) -> Path:
-    """The model folder here: the checkpoint itself, this node's copy of an s3:// one, or a logged or registered
-    model (`models:/...`) downloaded here. Prediction actors resolve the checkpoint the same way on their nodes."""
-    if not checkpoint.startswith("models:/"):
-        return Path(local_copy(checkpoint))
-    from .logged_models import local_model  # MLflow: only for a logged model
-
-    return local_model(checkpoint, configured_uri=configured_uri).model_dir
-
-
 def run_eval(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
     cache_uri = resolve_caches([config.cache])[0]
@@ -189,7 +177,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     modality = FeatureCache(cache_uri).modality
     if modality != task.modality:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
-    model_dir = resolved_checkpoint(config.checkpoint, config.tracking_uri)
+    # the model folder here (prediction actors resolve the checkpoint the same way on their nodes)
+    model_dir = local_model(config.checkpoint, configured_uri=config.tracking_uri).model_dir
     if config.checkpoint.startswith("models:/"):  # the actors download it from the server this driver found
         from .tracking import tracking_uri
 

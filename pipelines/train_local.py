@@ -80,8 +80,9 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
         print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
     if logger:
         finish_mlflow_run(logger, config, plan, phase, history, skipped, encoders)
+    model_uri = plan.publish()
     print(f"phase {phase} done in {time.perf_counter() - started:.0f} s: loss {history[-1]['loss']:.4f}; "
-          f"model in {plan.publish()}")
+          f"model in {model_uri}")
     return out / "model", history
 
 
