@@ -4,7 +4,8 @@
 # about 90 s per shape and dtype on a bare machine, so its parts go last and can never hide our rows.
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
 #   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-2 in bf16 with fp32 gradient
-#                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py)
+#                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py);
+#                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py)
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
@@ -49,7 +50,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
 }
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
-part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py
+part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
+    tests/pipelines/test_trainer_cuda.py
 part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 60 python3 benchmarks/encoder_throughput.py --out "$LOGS"

@@ -33,10 +33,7 @@ class Batch:
     skipped: list[dict] = field(default_factory=list)  # {"key", "tokens"} of samples left out (over max_length)
     cu_seqlens: torch.Tensor | None = None  # packed: [samples + 1] offsets of the samples in the row
     slots: int = 0  # token positions of the layout: B x T padded; packed: rows x max_length, filled or not
-
-    @property
-    def n_tokens(self) -> int:
-        return self.input_ids.shape[1] if self.cu_seqlens is not None else int(self.attention_mask.sum())
+    n_tokens: int = 0  # the samples' tokens, padding not counted
 
     @property
     def padding_fraction(self) -> float:
@@ -118,7 +115,8 @@ class Collator:
                          torch.zeros(0, 0, dtype=torch.long), [], None, [], skipped=skipped)
         input_ids, mask, labels = right_pad([e.ids for e in encoded], [e.labels for e in encoded])
         return Batch(input_ids, mask, labels, [e.items for e in encoded], sample_ids=[e.sample.key for e in encoded],
-                     skipped=skipped, slots=input_ids.numel(), **self.series(encoded))
+                     skipped=skipped, slots=input_ids.numel(), n_tokens=sum(len(e.ids) for e in encoded),
+                     **self.series(encoded))
 
     def pack(self, rows: list[list[Encoded]], skipped: list[dict] | None = None) -> Batch:
         """Rows of samples (each row at most max_length tokens, e.g. from `first_fit_decreasing`) laid end to end
@@ -136,7 +134,8 @@ class Collator:
         cu_seqlens = torch.tensor([0] + [len(e.ids) for e in encoded]).cumsum(0)
         slots = len(rows) * self.max_length if self.max_length else input_ids.numel()
         return Batch(input_ids, None, labels, [e.items for e in encoded], sample_ids=[e.sample.key for e in encoded],
-                     skipped=skipped or [], cu_seqlens=cu_seqlens, slots=slots, **self.series(encoded))
+                     skipped=skipped or [], cu_seqlens=cu_seqlens, slots=slots, n_tokens=input_ids.shape[1],
+                     **self.series(encoded))
 
     @staticmethod
     def series(encoded: list[Encoded]) -> dict:

@@ -15,13 +15,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import modrwkv_kernels
-from modrwkv_kernels import PackedLayout
+from modrwkv_kernels import PackedLayout, on_host, to_device_nowait
 
 from .checkpoint import (UNUSED_LAYER0, WEIGHTS_FILE, cpu_state_dict, infer_config, load_state_strict,
                          read_pretrained, read_rwkv_pth, write_pretrained)
@@ -294,14 +295,17 @@ class RWKV7(nn.Module):
         )
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+    def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ids on the host (read back once if given on the device), checked: [B, T], inside the vocabulary."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
-            raise ValueError(
-                f"token ids out of range [0, {self.config.vocab_size}): found {bad.unique()[:8].tolist()}"
-            )
+        host = on_host(input_ids)
+        ids = host.numpy()
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): "
+                             f"found {np.unique(bad)[:8].tolist()}")
+        return host
 
     def forward(
         self,
@@ -346,7 +350,7 @@ class RWKV7(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
             self.check_input_ids(input_ids)
-            x = self.emb(input_ids)
+            x = self.emb(to_device_nowait(input_ids, self.emb.weight.device))
         else:
             x = inputs_embeds.to(self.emb.weight.dtype)
         B, T, _ = x.shape
@@ -370,13 +374,13 @@ class RWKV7(nn.Module):
             return None, None
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
-        mask = attention_mask.to(device=device, dtype=torch.bool)
-        lengths = mask.sum(dim=1)
-        if not torch.equal(mask, torch.arange(T, device=device)[None, :] < lengths[:, None]):
+        mask = on_host(attention_mask).numpy().astype(bool)
+        lengths = mask.sum(axis=1)
+        if not np.array_equal(mask, np.arange(T)[None, :] < lengths[:, None]):
             raise ValueError("attention_mask must be right-padded: ones, then zeros, in every row")
-        if bool(mask.all()):
+        if mask.all():
             return None, None
-        return ~mask, lengths
+        return to_device_nowait(torch.from_numpy(~mask), device), to_device_nowait(torch.from_numpy(lengths), device)
 
     def _body(self, x, state, pad, lengths, packed):
         v_first = None

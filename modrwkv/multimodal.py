@@ -22,11 +22,12 @@ unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature no
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modrwkv_kernels import as_layout
+from modrwkv_kernels import PackedLayout, as_layout, on_host, to_device_nowait
 
 from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
 from .config import RWKV7Config
@@ -242,21 +243,23 @@ class ModRWKV(nn.Module):
     def embed(self, input_ids: torch.Tensor, features: list[Features], sample_ids=None,
               cu_seqlens=None) -> torch.Tensor:
         """Token embeddings with every placeholder run replaced by its item's adapted features. One feature list
-        per row, or per packed sequence of a row [1, T] (cu_seqlens: their offsets)."""
-        self.backbone.check_input_ids(input_ids)
+        per row, or per packed sequence of a row [1, T] (cu_seqlens: their offsets). The placeholders are found
+        on the host (`input_ids` read back once if given on the device)."""
+        ids = self.backbone.check_input_ids(input_ids).numpy()
         B, T = input_ids.shape
-        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, T, input_ids.device).offsets
+        device = self.backbone.emb.weight.device
+        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, T, device).offsets
         # (row, start, end) of every sample
         spans = ([(b, 0, T) for b in range(B)] if offsets is None
                  else [(0, start, end) for start, end in zip(offsets, offsets[1:])])
         if len(features) != len(spans):
             raise ValueError(f"{len(spans)} sequences but feature lists for {len(features)}")
-        x = self.backbone.emb(input_ids)
+        x = self.backbone.emb(to_device_nowait(input_ids, device))
         rows = list(x.unbind(0))
         for i, ((b, start, end), items) in enumerate(zip(spans, features)):
             name = sample_ids[i] if sample_ids is not None else str(i)
             for modality, placeholder in PLACEHOLDER_IDS.items():
-                positions = start + (input_ids[b, start:end] == placeholder).nonzero().squeeze(-1)
+                positions = start + np.flatnonzero(ids[b, start:end] == placeholder)
                 mine = [f for m, f in items if m == modality]
                 if not mine:
                     if len(positions):
@@ -273,7 +276,7 @@ class ModRWKV(nn.Module):
                         f"sample {name}: {len(positions)} <{modality}> positions but the features give "
                         f"{adapted.shape[0]} vectors after compression"
                     )
-                rows[b] = rows[b].index_put((positions,), adapted)
+                rows[b] = rows[b].index_put((to_device_nowait(torch.from_numpy(positions), device),), adapted)
         return torch.stack(rows)
 
     def forward(self, input_ids, features, attention_mask=None, labels=None, state=None,
@@ -284,24 +287,23 @@ class ModRWKV(nn.Module):
         with a 65536-word vocabulary. series_lookback [B, L >= forecast_lookback]: the normalised lookback, for a
         model with a forecast skip. cu_seqlens: the samples are packed into one row [1, T] at these offsets
         (features, series_target, series_lookback and the returned state are then per sample)."""
-        packed = None if cu_seqlens is None else as_layout(cu_seqlens, input_ids.shape[1], input_ids.device)
+        device = self.backbone.emb.weight.device
+        packed = None if cu_seqlens is None else as_layout(cu_seqlens, input_ids.shape[1], device)
         embeds = self.embed(input_ids, features, sample_ids, packed)
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask,
                                                      cu_seqlens=packed)
         logits = self.backbone.head(hidden) if return_logits else None
         lm_loss = forecast_loss = forecast = None
-        targets = None if labels is None else labels[:, 1:]
-        if targets is not None and packed is not None:  # a sample's last token predicts nothing of the next
-            targets = targets.index_fill(1, packed.cu_seqlens[1:-1].to(targets.device) - 1, IGNORE)
-        if targets is not None and (targets != IGNORE).any():  # forecasting-only batches have no text targets
-            learned = targets != IGNORE
+        learned = None if labels is None else self.learned_positions(labels, packed)
+        if learned is not None and len(learned[0]):  # forecasting-only batches have no text targets
+            where, targets = (to_device_nowait(torch.from_numpy(a), device) for a in learned)
             if logits is not None:
-                scores = logits[:, :-1][learned]
+                scores = logits.flatten(0, 1).index_select(0, where)
             else:
-                scores = self.backbone.head(hidden[:, :-1][learned])
-            lm_loss = F.cross_entropy(scores.float(), targets[learned])
+                scores = self.backbone.head(hidden.flatten(0, 1).index_select(0, where))
+            lm_loss = F.cross_entropy(scores.float(), targets)
         if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
-            lengths = attention_mask.sum(1) if attention_mask is not None else None
+            lengths = None if attention_mask is None else to_device_nowait(attention_mask, device).sum(1)
             forecast = self.forecast_head(last_valid(hidden, lengths, None, packed))
             if self.forecast_skip is not None:
                 forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
@@ -310,6 +312,18 @@ class ModRWKV(nn.Module):
         parts = [x for x in (lm_loss, forecast_loss) if x is not None]
         loss = sum(parts) if parts else None
         return ModRWKVOutput(loss, lm_loss, forecast_loss, logits, state, forecast)
+
+    @staticmethod
+    def learned_positions(labels: torch.Tensor, packed: PackedLayout | None) -> tuple[np.ndarray, np.ndarray]:
+        """(flat indices into [B, T] of the positions whose next token is learned, those tokens), found on the
+        host (`labels` are read back once if given on the device)."""
+        labels = on_host(labels).numpy()
+        targets = np.full_like(labels, IGNORE)
+        targets[:, :-1] = labels[:, 1:]  # position t learns the token at t + 1
+        if packed is not None:  # a sample's last token predicts nothing of the next sample
+            targets[:, np.asarray(packed.offsets[1:-1], dtype=np.int64) - 1] = IGNORE
+        where = np.flatnonzero(targets != IGNORE)
+        return where, targets.reshape(-1)[where]
 
     def lookback_window(self, series_lookback) -> torch.Tensor:
         """The last forecast_lookback values of each normalised lookback, [B, forecast_lookback]."""

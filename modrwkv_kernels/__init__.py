@@ -29,7 +29,8 @@ import os
 
 import torch
 
-from .layout import CHUNK, PackedLayout, as_layout, check_cu_seqlens, packed_layout, rows_layout
+from .layout import (CHUNK, PackedLayout, as_layout, check_cu_seqlens, on_host, packed_layout, rows_layout,
+                     to_device_nowait)
 from .wkv7 import wkv7_chunked, wkv7_reference
 
 BACKEND_ENV = "MODRWKV_WKV7_BACKEND"
@@ -76,7 +77,8 @@ BACKENDS = {"reference": wkv7_reference, "chunked": wkv7_chunked, "triton": _tri
 ROW_BACKENDS = ("triton", "triton_chunked", "fla")  # take a packed row as it is, with its offsets
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "CHUNK", "PackedLayout", "as_layout", "check_cu_seqlens",
-           "default_backend", "packed_layout", "rows_layout", "wkv7", "wkv7_chunked", "wkv7_reference"]
+           "default_backend", "on_host", "packed_layout", "rows_layout", "to_device_nowait", "wkv7", "wkv7_chunked",
+           "wkv7_reference"]
 
 
 def default_backend(device: torch.device, seq_len: int) -> str:
@@ -109,11 +111,12 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
 
 
 def segment_index(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment, position within it) of every packed step, for segments of these lengths laid end to end."""
+    """(segment, position within it) of every packed step, for segments of these lengths laid end to end; built on
+    the host, copied to `device` without waiting."""
     counts = torch.tensor(lengths)
     segment = torch.repeat_interleave(torch.arange(len(lengths)), counts)
-    position = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[segment]
-    return segment.to(device), position.to(device)
+    position = torch.arange(sum(lengths)) - (torch.cumsum(counts, 0) - counts)[segment]
+    return to_device_nowait(segment, device), to_device_nowait(position, device)
 
 
 def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
@@ -136,7 +139,7 @@ def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
     if name == "chunked":  # one row, each segment padded to whole chunks
         chunks = [-(-n // CHUNK) for n in lengths]
         starts = torch.tensor([0, *chunks[:-1]]).cumsum(0) * CHUNK
-        index = starts.to(r.device)[segment] + position
+        index = to_device_nowait(starts, r.device)[segment] + position
         inputs = [x.new_full((sum(chunks) * CHUNK, H, N), fill).index_put((index,), x[0])[None]
                   for x, fill in zip((r, w, k, v, a, b), fills)]
         y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks)

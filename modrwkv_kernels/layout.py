@@ -1,9 +1,10 @@
 """Where the segments of a row lie, computed once per forward and handed to every layer.
 
-A packed row's offsets live on the device; reading them back (`.tolist()`) waits for the device to finish
-everything queued before. The layout reads them once, when the forward starts, and keeps on the host what the
-backends need on the host (the lengths) and on the device what the kernels read there (offsets in steps and in
-chunks), so no layer syncs. CHUNK, the chunk length of every chunked backend, is defined here alone.
+A packed row's offsets on the device would have to be read back (`.tolist()`), which waits for the device to
+finish everything queued before. The layout reads them once, when the forward starts (not at all when they are
+given on the host, as training gives them), and keeps on the host what the backends need on the host (the
+lengths) and on the device what the kernels read there (offsets in steps and in chunks), copied there without
+waiting, so no layer syncs. CHUNK, the chunk length of every chunked backend, is defined here alone.
 """
 
 from dataclasses import dataclass
@@ -31,9 +32,22 @@ class PackedLayout:
         return len(self.lengths)
 
 
+def on_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU: itself when it is there, else read back once (which waits for the device's queued work).
+    Forwards check and index their layout inputs (ids, masks, labels, offsets) on the host, in numpy (which
+    refuses a device tensor rather than read it back silently): given them on the CPU, as training gives them,
+    a forward queues all its device work without waiting for any of it."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def to_device_nowait(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """A copy on `device` that the host does not wait for (from pageable memory the driver stages it first)."""
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[int]:
     """The segment offsets as ints, after checking that they cut [0, T) into non-empty segments."""
-    offsets = cu_seqlens.tolist()  # one device sync, not one per offset
+    offsets = on_host(cu_seqlens).numpy().tolist()  # at most one device read, not one per offset
     if cu_seqlens.dim() != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
         raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {offsets}")
     if any(e <= s for s, e in zip(offsets, offsets[1:])):
@@ -46,10 +60,10 @@ def _layout(lengths: list[int], device, cu_seqlens=None) -> PackedLayout:
     offsets = list(accumulate(lengths, initial=0))
     chunk_offsets = list(accumulate(chunks, initial=0))
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor(offsets, device=device)
-    return PackedLayout(cu_seqlens.to(device=device, dtype=torch.long), tuple(lengths),
-                        torch.tensor(offsets, dtype=torch.int32, device=device),
-                        torch.tensor(chunk_offsets, dtype=torch.int32, device=device), chunk_offsets[-1])
+        cu_seqlens = torch.tensor(offsets)
+    return PackedLayout(to_device_nowait(cu_seqlens, device, torch.long), tuple(lengths),
+                        to_device_nowait(torch.tensor(offsets, dtype=torch.int32), device),
+                        to_device_nowait(torch.tensor(chunk_offsets, dtype=torch.int32), device), chunk_offsets[-1])
 
 
 def packed_layout(cu_seqlens: torch.Tensor, T: int, device=None) -> PackedLayout:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from modrwkv import RWKV7
 from modrwkv.batching import first_fit_decreasing
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from modrwkv_kernels import to_device_nowait
 from preprocessing.local_copy import local_copy
 
 from .schedule import warmup_cosine
@@ -76,7 +77,7 @@ class LocalEngine:
                  grad_clip: float):
         self.module, self.optimizer, self.accumulation, self.grad_clip = model, optimizer, accumulation, grad_clip
         self.device = next(model.parameters()).device
-        self.micro_steps, self.grad_norm = 0, 0.0
+        self.micro_steps, self.grad_norm = 0, torch.zeros(())
 
     def __call__(self, *args, **kwargs):
         # on a GPU in bf16 over fp32 weights, as DeepSpeed's bf16 mode computes there
@@ -91,8 +92,8 @@ class LocalEngine:
         if self.micro_steps % self.accumulation:
             return
         params = [p for p in self.module.parameters() if p.grad is not None]  # in the model's order, as a loop would
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0
-                                                              else float("inf")))
+        # kept on the device: read with the step's metrics, not before the optimizer may run
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -100,7 +101,7 @@ class LocalEngine:
         return self.accumulation
 
     def get_global_grad_norm(self) -> float:
-        return self.grad_norm
+        return float(self.grad_norm)
 
 
 class RowPacker:
@@ -224,23 +225,22 @@ class MicroBatches:
 
 
 def to_device(batch, device):
-    batch.input_ids, batch.labels = batch.input_ids.to(device), batch.labels.to(device)
-    if batch.attention_mask is not None:
-        batch.attention_mask = batch.attention_mask.to(device)
-    batch.features = [[(m, f.to(device)) for m, f in items] for items in batch.features]
+    """The batch's features and series on `device`, copied without the host waiting. Its layout (ids, labels,
+    mask, offsets) stays on the host, where the model finds placeholders and targets without a device read."""
+    batch.features = [[(m, to_device_nowait(f, device)) for m, f in items] for items in batch.features]
     if batch.series_target is not None:
-        batch.series_target = batch.series_target.to(device)
+        batch.series_target = to_device_nowait(batch.series_target, device)
     if batch.series_lookback is not None:
-        batch.series_lookback = batch.series_lookback.to(device)
+        batch.series_lookback = to_device_nowait(batch.series_lookback, device)
     return batch
 
 
-def all_mean(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def all_mean(values: torch.Tensor) -> list[float]:
+    """The mean of each of `values` (float64) over the workers (one all-reduce), read back once."""
     if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t)
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()
 
 
 def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step: int = 0,
@@ -261,7 +261,7 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
         for g in optimizer.param_groups:
             g["lr"] = hp.lr * g["lr_scale"] * scale
         started, losses, samples, tokens, slots, waited = time.perf_counter(), [], 0, 0, 0, 0.0
-        by_modality = {}
+        by_modality = {}  # the micro-steps' losses stay on the device until the step's one read
         for _ in range(accumulation):
             before = time.perf_counter()
             modality, batch = next(batches)
@@ -273,25 +273,27 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
                          series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens)
             engine.backward(out.loss + sum(p.sum() * 0.0 for p in touch))
             engine.step()
-            loss = float(out.loss.detach())
-            losses.append(loss)
-            by_modality.setdefault(modality, []).append(loss)
+            losses.append(out.loss.detach().double())
+            by_modality.setdefault(modality, []).append(losses[-1])
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
             slots += batch.slots
         step += 1
-        seconds = time.perf_counter() - started
-        device = engine.device
-        metrics = {"loss": all_mean(sum(losses) / len(losses), device), "lr": hp.lr * scale,
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "samples_per_s": all_mean(samples, device) * world / seconds,
-                   "tokens_per_s": all_mean(tokens, device) * world / seconds,  # real tokens, no padding
+        # every worker draws the same cache per micro-step, so the modalities agree across workers
+        modalities = sorted(by_modality)
+        means = [torch.stack(losses).mean(), *(torch.stack(by_modality[m]).mean() for m in modalities)]
+        counts = torch.tensor([samples, tokens, slots, len(skipped), waited], dtype=torch.float64)
+        loss, *modality_losses, samples, tokens, slots, n_skipped, waited = all_mean(
+            torch.cat([torch.stack(means), to_device_nowait(counts, engine.device)]))
+        seconds = time.perf_counter() - started  # after the read, which waited for the step's device work
+        metrics = {"loss": loss, "lr": hp.lr * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": samples * world / seconds,
+                   "tokens_per_s": tokens * world / seconds,  # real tokens, no padding
                    # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
-                   "padding_fraction": 1.0 - all_mean(tokens, device) / all_mean(slots, device),
-                   "skipped_over_length": all_mean(len(skipped), device) * world,
-                   "data_wait_s": all_mean(waited, device)}  # the step's time spent waiting for its batches
-        # every worker draws the same cache per micro-step, so these keys agree across workers
-        metrics.update({f"loss_{m}": all_mean(sum(v) / len(v), device) for m, v in sorted(by_modality.items())})
+                   "padding_fraction": 1.0 - tokens / slots,
+                   "skipped_over_length": n_skipped * world,
+                   "data_wait_s": waited}  # the step's time spent waiting for its batches
+        metrics.update({f"loss_{m}": v for m, v in zip(modalities, modality_losses)})
         if on_step:
             on_step(step, metrics)
     return skipped

@@ -34,6 +34,24 @@ def random_backbone(config: RWKV7Config, seed: int = 0) -> RWKV7:
     return model.eval()
 
 
+# each reads a tensor's values back to the host, which on a GPU waits for all the queued work
+SYNCING_CALLS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "equal")
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """The names of the torch calls made that read values back from a tensor, in order. Host-side layout work is
+    done in numpy (which refuses a CUDA tensor), so on a GPU each call counted here would be a sync."""
+    calls = []
+    for name in SYNCING_CALLS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _name=name, _original=original, **kw: calls.append(_name)
+                            or _original(self, *a, **kw))
+    monkeypatch.setattr(torch, "equal", lambda *a, _original=torch.equal: calls.append("equal") or _original(*a))
+    return calls
+
+
 @pytest.fixture
 def make_backbone():
     return random_backbone

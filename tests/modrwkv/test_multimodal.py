@@ -500,6 +500,25 @@ def test_packed_loss_is_the_per_token_mean_over_the_samples_run_separately(tok):
     assert abs(padded.lm_loss.item() - separate.item()) < 1e-5 * separate.item()
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_training_step_given_its_batch_on_the_host_reads_nothing_back(tok, layout, device_reads):
+    """Training hands the model its ids, labels, mask and offsets on the host: placeholders, labelled positions
+    and the layout are found there, so forward and backward of a multimodal batch (images, audio, text only) read
+    nothing back from the device (on a GPU each read would wait for the queued work; it was one per sample and
+    modality, plus the loss's, before)."""
+    from modrwkv.batching import Collator
+
+    model = tiny_model(seed=5)
+    model.set_phase(2)
+    collator = Collator(tok, model.config, max_length=400)
+    samples = packing_samples()
+    batch = collator.pack([collator.encode_all(samples)[0]]) if layout == "packed" else collator(samples)
+    device_reads.clear()
+    run(model, batch).loss.backward()
+    assert device_reads == []
+    assert all(p.grad is not None for p in model.backbone.blocks[1].parameters())
+
+
 def test_packed_forecasts_equal_padded_ones(tok):
     import numpy as np
 

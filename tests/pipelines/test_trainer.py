@@ -71,6 +71,39 @@ def test_local_engine_accumulates_clips_and_steps_at_the_boundary():
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next accumulation
 
 
+def test_a_step_reads_the_device_once_whatever_it_accumulates(device_reads):
+    """The micro-steps' losses stay on the device; each optimizer step reads its metrics back as one tensor (one
+    all-reduce across workers) and then the gradient norm, for 1 micro-step or 3. The batch's layout stays on the
+    host (a `meta` device stands for the GPU), its features go to the device."""
+    from itertools import cycle
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for, to_device, train_steps
+    from tests.modrwkv.test_multimodal import packing_samples, tiny_model
+
+    collator = Collator(WorldTokenizer(), tiny_model().config, max_length=400)
+    batch = collator.pack([collator.encode_all(packing_samples())[0]])
+    moved = to_device(collator.pack([collator.encode_all(packing_samples())[0]]), torch.device("meta"))
+    assert moved.input_ids.is_cpu and moved.labels.is_cpu and moved.cu_seqlens.is_cpu
+    assert all(f.is_meta for items in moved.features for _, f in items)
+    reads, metrics = {}, []
+    for accumulation in (1, 3):
+        model = tiny_model(seed=accumulation)
+        model.set_phase(2)
+        hp = PhaseConfig(lr=1e-3, steps=2, global_batch=accumulation, micro_batch=1)
+        optimizer = optimizer_for(model, hp)
+        engine = LocalEngine(model, optimizer, accumulation, grad_clip=1.0)
+        device_reads.clear()
+        train_steps(engine, optimizer, cycle([("image", batch)]), hp, on_step=lambda step, m: metrics.append(m))
+        reads[accumulation] = list(device_reads)
+    assert reads[1] == reads[3] == ["tolist", "__float__"] * 2
+    assert all(m["loss"] > 0 and m["loss_image"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
+    for m in metrics:
+        assert m["tokens_per_s"] / m["samples_per_s"] == pytest.approx(batch.n_tokens / len(batch.sample_ids))
+
+
 def test_the_deepspeed_config_takes_the_cores_accumulation():
     from pipelines.train_config import DeepSpeedConfig, PhaseConfig
     from pipelines.deepspeed_engine import deepspeed_config
