@@ -61,7 +61,8 @@ def sample_lengths(total: int, image_tokens: int, context: int, seed: int) -> li
 
 
 def packed_row(lengths, image_tokens, encoder_dim, vocab, device, seed):
-    """input ids [1, T] (an <image> run, then text), labels on each text's second half, features, cu_seqlens."""
+    """input ids [1, T] (an <image> run, then text), labels on each text's second half, features, cu_seqlens: the
+    features on `device`, the layout (ids, labels, offsets) on the host, as training hands them to the model."""
     g = torch.Generator().manual_seed(seed)
     ids, labels = [], []
     for n in lengths:
@@ -71,8 +72,8 @@ def packed_row(lengths, image_tokens, encoder_dim, vocab, device, seed):
         answer[: len(text) // 2] = IGNORE
         labels += [torch.full((image_tokens,), IGNORE), answer]
     features = [[("image", torch.randn(image_tokens, encoder_dim, generator=g).to(device))] for _ in lengths]
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(device)
-    return torch.cat(ids)[None].to(device), torch.cat(labels)[None].to(device), features, cu_seqlens
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
+    return torch.cat(ids)[None], torch.cat(labels)[None], features, cu_seqlens
 
 
 def model_flops_per_step(model: ModRWKV, tokens: int, labelled: int) -> float:
