@@ -20,11 +20,17 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from modrwkv.hf_export.exporter import export_fla, export_hf
+    from modrwkv import RWKV7
+    from modrwkv.hf_export.exporter import check_out_dir, export_fla, export_hf
     from pipelines.logged_models import local_model
+    from pipelines.trained_model import load_trained_model
+    from preprocessing.local_copy import local_copy
 
+    folder = local_model(args.model_dir).model_dir
+    check_out_dir(folder, args.out_dir)  # before the model is opened
+    model = load_trained_model(str(folder), RWKV7.from_pretrained(local_copy(args.backbone)) if args.backbone else None)
     export = export_hf if args.to == "hf" else export_fla
-    print(f"wrote {export(local_model(args.model_dir).model_dir, args.out_dir, backbone=args.backbone)}")
+    print(f"wrote {export(model, folder, args.out_dir)}")
 
 
 def print_piece(text: str) -> None:
@@ -211,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "adapter-only phase I folder is completed with the backbone it records), or a "
                                      "logged or registered model (models:/...)")
     p.add_argument("out_dir", help="the folder to write (created; files of the same names are replaced)")
-    p.add_argument("--backbone", help="the backbone (.pth or folder) for an adapter-only model_dir "
-                                      "(default: the one recorded beside it)")
+    p.add_argument("--backbone", help="the backbone (.pth or folder, local or s3://) for an adapter-only model_dir "
+                                      "(default: the one recorded beside it, local or s3://)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="continue a text prompt with a backbone checkpoint")

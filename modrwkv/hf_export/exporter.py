@@ -1,5 +1,5 @@
-"""`modrwkv export`: a trained ModRWKV folder (`ModRWKV.save_pretrained`'s; an adapter-only one is completed
-with the backbone it records) written for other tools.
+"""`modrwkv export`: a trained ModRWKV (opened from its `ModRWKV.save_pretrained` folder; an adapter-only one
+completed with the backbone it records, wherever that is: `pipelines/trained_model.py`) written for other tools.
 
 - `export_hf`: a folder `transformers` loads with trust_remote_code, no modrwkv package needed:
       config.json            ModRWKV's config, placeholder ids, encoders, auto_map (AutoConfig,
@@ -23,7 +23,6 @@ from .. import wavenet
 from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict
 from ..conversation import PLACEHOLDER_IDS
 from ..fla_layout import write_fla_folder
-from ..model import RWKV7
 from ..model_folder import read_encoders_record
 from ..multimodal import ModRWKV
 
@@ -36,17 +35,15 @@ AUTO_MAP = {"AutoConfig": "configuration_modrwkv.ModRWKVConfig",
             "AutoTokenizer": ["tokenization_modrwkv.ModRWKVTokenizer", None]}
 
 
-def load_for_export(model_dir, out_dir, backbone=None) -> ModRWKV:
-    """The ModRWKV of `model_dir` (`backbone`: a .pth or folder for an adapter-only one, default the recorded);
-    refuses to write the export over the folder it reads."""
+def check_out_dir(model_dir, out_dir) -> None:
+    """Refuses to write the export over the folder it reads."""
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise CheckpointError(f"{out_dir}: the export would overwrite the model folder it reads; give another folder")
-    return ModRWKV.from_pretrained(model_dir, backbone=RWKV7.from_pretrained(backbone) if backbone else None)
 
 
-def export_hf(model_dir, out_dir, backbone=None) -> Path:
-    """The transformers folder (see the module's docstring); returns it."""
-    model = load_for_export(model_dir, out_dir, backbone)
+def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
+    """The transformers folder (see the module's docstring) of `model`, opened from `model_dir`; returns it."""
+    check_out_dir(model_dir, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "modrwkv", "architectures": ["ModRWKVForCausalLM"], "auto_map": AUTO_MAP,
@@ -66,9 +63,9 @@ def export_hf(model_dir, out_dir, backbone=None) -> Path:
     return out_dir
 
 
-def export_fla(model_dir, out_dir, backbone=None) -> Path:
-    """The backbone's fla folder (config.json, model.safetensors); returns it."""
-    model = load_for_export(model_dir, out_dir, backbone)
+def export_fla(model: ModRWKV, model_dir, out_dir) -> Path:
+    """The fla folder (config.json, model.safetensors) of `model`'s backbone, opened from `model_dir`; returns it."""
+    check_out_dir(model_dir, out_dir)
     write_fla_folder(cpu_state_dict(model.backbone), model.config.backbone, out_dir)
     return Path(out_dir)
 

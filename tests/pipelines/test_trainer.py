@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from modrwkv import RWKV7, RWKV7Config
 from modrwkv.checkpoint import CheckpointError
 from modrwkv.multimodal import ModRWKV
+from pipelines.cli import main
 from pipelines.config import from_dict, to_dict
 from pipelines.train import TrainConfig, run_train
 from pipelines.train_local import run_single_process
@@ -209,6 +211,10 @@ def test_outputs_and_backbone_in_s3_need_no_shared_folder(setup, s3_server, tmp_
     opened = load_trained_model(phase1)
     expected = ModRWKV.from_pretrained(local_copy.local_copy(phase1), backbone=RWKV7.from_pretrained(root / "backbone"))
     assert all(torch.equal(a, b) for a, b in zip(opened.state_dict().values(), expected.state_dict().values()))
+    assert main(["export", "--to", "hf", phase1, str(tmp_path / "export")]) == 0  # the CLI opens it the same way
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert exported.keys() == opened.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in opened.state_dict().items())
     other = tmp_path / "other-backbone"
     random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16), seed=1).save_pretrained(other)
     storage.copy_tree(str(other), f"{base}/backbone")

@@ -243,6 +243,8 @@ class ModRWKVCausalLMOutput(ModelOutput):
 
 class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ModRWKVConfig
+    # the projectors' feature statistics stay fp32 in a model loaded in bf16 or fp16 (Projector.forward)
+    _keep_in_fp32_modules_strict = ["feature_mean", "feature_std", "feature_whitening"]
 
     def __init__(self, config: ModRWKVConfig):
         super().__init__(config)
