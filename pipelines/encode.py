@@ -158,9 +158,11 @@ def unpack_item(data: bytes):
     return loaded
 
 
-def decode_item(row: dict, modality: str, limits: Limits) -> dict:
+def decode_item(row: dict, modality: str, limits: Limits, s3: storage.Settings | None = None) -> dict:
     """One item to encode: a media file read, checked against the sha256 it was keyed by and decoded, or a
-    series window as it is; an unusable one gets its reason instead."""
+    series window as it is; an unusable one gets its reason instead. `s3`: the driver's S3 settings (a Ray task)."""
+    if s3:
+        s3.apply()
     if not row["source"]:
         return {"ref": row["ref"], "item": row["window"], "reject": ""}
     try:
@@ -187,7 +189,9 @@ class RawSeries:
 class ItemEncoder:
     """An actor: holds one encoder; encodes a micro-batch of decoded items and stores each one's features."""
 
-    def __init__(self, encoder: EncoderSpec, store: FeatureStore):
+    def __init__(self, encoder: EncoderSpec, store: FeatureStore, s3: storage.Settings | None = None):
+        if s3:  # the driver's S3 settings, for a Ray actor
+            s3.apply()
         self.spec, self.store = encoder, store
         self.encoder = RawSeries() if self.spec.kind == RAW_SERIES else self.frozen_encoder()
 
@@ -271,15 +275,15 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
         ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    runtime_env = {"env_vars": storage.settings()}
+    s3 = storage.settings()  # an argument, not a runtime env's variables (see storage.Settings)
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map(decode_item, fn_kwargs={"modality": MODALITY_OF_FORMAT[config.dataset.format],
-                                        "limits": config.limits}, runtime_env=runtime_env)
-    ds = ds.map_batches(ItemEncoder, batch_size=config.run.batch_size, runtime_env=runtime_env,
+                                        "limits": config.limits, "s3": s3})
+    ds = ds.map_batches(ItemEncoder, batch_size=config.run.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=config.run.actors),
                         num_gpus=config.run.gpus_per_actor or None,
-                        fn_constructor_kwargs={"encoder": config.encoder, "store": store})
+                        fn_constructor_kwargs={"encoder": config.encoder, "store": store, "s3": s3})
     yield from ds.iter_batches(batch_size=None)
 
 

@@ -65,7 +65,9 @@ class Predictor:
     """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
 
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu",
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, s3: storage.Settings | None = None):
+        if s3:  # the driver's S3 settings, for a Ray actor
+            s3.apply()
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
         from modrwkv.tokenizer import WorldTokenizer
@@ -117,12 +119,11 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
         ray.init(log_to_driver=False)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
-                        runtime_env={"env_vars": storage.settings()},
                         num_gpus=config.gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
                                                "quantize": config.quantize,
                                                "device": "cuda" if config.gpus_per_actor else "cpu",
-                                               "tracking_uri": config.tracking_uri})
+                                               "tracking_uri": config.tracking_uri, "s3": storage.settings()})
     return ds.iter_batches(batch_size=None)
 
 

@@ -88,7 +88,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
             use_gpu=config.scaling.use_gpu, gradient_checkpointing=config.gradient_checkpointing,
             log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened),
-            resume_from=Checkpoint(*storage.for_ray(resume_from)) if resume_from else None)
+            resume_from=Checkpoint(*storage.for_ray(resume_from)) if resume_from else None, s3=storage.settings())
         storage_path, storage_filesystem = storage.for_ray(storage.join(plan.destination, "ray"))  # folder or s3://
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
@@ -100,7 +100,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                  storage_filesystem=storage_filesystem,
                                  failure_config=FailureConfig(max_failures=config.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 worker_runtime_env={"env_vars": {**worker_env(), **storage.settings()}}))
+                                 worker_runtime_env={"env_vars": worker_env()}))
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
             result = trainer.fit()
         encoders = loop_config.encoders

@@ -14,6 +14,7 @@ from modrwkv.batching import Collator
 from modrwkv.model_folder import write_records
 from modrwkv.multimodal import ModRWKVConfig
 from modrwkv.tokenizer import WorldTokenizer
+from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 
 from .environment import require_cuda
@@ -49,9 +50,12 @@ class WorkerConfig:
     log_checkpoints: bool = False  # each checkpoint's model folder a logged model of the run (rank 0)
     encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
     resume_from: Checkpoint | None = None  # `--resume-from`: where a fresh run starts (Ray's own restarts win)
+    s3: storage.Settings | None = None  # the driver's S3 settings, applied first (not in the runtime env)
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
+    if cfg.s3:
+        cfg.s3.apply()
     on_gpu = cfg.use_gpu
     if on_gpu:
         require_cuda("scaling.use_gpu")

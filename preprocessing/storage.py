@@ -18,10 +18,38 @@ ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SE
        "AWS_REGION")
 
 
-def settings() -> dict[str, str]:
-    """This process's S3 settings (`ENV`, those set), for the Ray workers a job starts: a job submitted with them, or
-    a driver given them in its shell, passes them on (otherwise workers have only their node's)."""
+def environment() -> dict[str, str]:
+    """This process's S3 settings (`ENV`, those set)."""
     return {name: os.environ[name] for name in ENV if name in os.environ}
+
+
+class Settings:
+    """This process's S3 settings, for the Ray workers a job starts (a driver given them in its shell passes them
+    on; otherwise workers have only their node's, e.g. an instance profile's). They travel as an argument (a
+    constructor's, a function's, the train loop config) and are applied first thing in the worker; not in a runtime
+    env, whose variables Ray's dashboard and state API show to anyone who can reach them. The repr names the
+    variables, never their values (Ray Train shows its loop config as text)."""
+
+    def __init__(self, values: dict[str, str]):
+        self._values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"S3Settings({', '.join(sorted(self._values))})"
+
+    def apply(self) -> None:
+        """Sets them in this process's environment; S3 clients built after it use them."""
+        os.environ.update(self._values)
+
+
+def settings() -> Settings:
+    return Settings(environment())
+
+
+def call_with(settings: Settings, function, *args, **kwargs):
+    """`function(*args, **kwargs)` after applying `settings` in this process: for a Ray task, as
+    `functools.partial(call_with, settings, function)`."""
+    settings.apply()
+    return function(*args, **kwargs)
 
 
 def is_remote(uri: str) -> bool:
@@ -80,7 +108,7 @@ def for_ray(uri: str) -> tuple[str, pafs.FileSystem]:
     fs, path = _fs(uri)
     if not is_remote(uri):
         return path, fs
-    env, options = settings(), {"region": fs.region}  # the bucket's, as this process's client resolved it
+    env, options = environment(), {"region": fs.region}  # the bucket's, as this process's client resolved it
     if "AWS_ENDPOINT_URL" in env:
         endpoint = urllib.parse.urlparse(env["AWS_ENDPOINT_URL"])
         options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)

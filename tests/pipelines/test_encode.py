@@ -323,6 +323,57 @@ def test_two_jobs_encoding_overlapping_data_at_once_share_one_copy(tmp_path, enc
     assert len(shared) == 8 and all(np.array_equal(features[0][k], features[1][k]) for k in shared)
 
 
+# A driver whose Ray started before it had S3 settings (as a cluster's did): the job must hand them to its workers
+# itself. Then what Ray's state API (the dashboard's source) shows of the job's tasks and actors.
+RAY_STARTED_WITHOUT_S3 = r"""
+import json, os, sys, time
+import ray
+from ray.util.state import list_actors, list_tasks
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encode
+
+spec, settings, dashboard_port = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+dashboard = "http://" + ray.init(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,
+                                 log_to_driver=False).dashboard_url
+os.environ.update(settings)
+result = run_encode(from_dict(EncodeConfig, spec))
+for _ in range(30):  # task events reach the state API a little after the tasks ran
+    shown = json.dumps([list_tasks(dashboard, detail=True, raise_on_missing_output=False),
+                        list_actors(dashboard, detail=True, raise_on_missing_output=False)], default=str)
+    listed = "decode_item" in shown and "ItemEncoder" in shown
+    if listed:
+        break
+    time.sleep(1)
+print(json.dumps({"counts": result.manifest["counts"], "workers_listed": listed,
+                  "secret_shown": settings["AWS_SECRET_ACCESS_KEY"] in shown}))
+"""
+
+
+@pytest.mark.slow
+def test_ray_workers_get_the_drivers_s3_settings_and_the_dashboard_never_shows_the_secret(tmp_path, encoders,
+                                                                                          s3_server):
+    from infra.s3_server import s3_client
+    from infra.process import free_port
+
+    from tests.services import BUCKET
+
+    build_digits(tmp_path / "digits", n_train=4, n_test=0)
+    s3 = s3_client(s3_server.endpoint_url)
+    for path in (tmp_path / "digits").rglob("*.*"):
+        s3.upload_file(str(path), BUCKET, f"hidden/digits/{path.relative_to(tmp_path / 'digits')}")
+    spec = {"dataset": {"format": "llava", "path": f"s3://{BUCKET}/hidden/digits/train.json"},
+            "encoder": {"kind": "clip", "model_dir": str(encoders["clip"])},
+            "cache": {"root": f"s3://{BUCKET}/hidden-cache", "shard_size": 2}, "run": {"in_process_max_items": 0}}
+    settings = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": f"never-shown-{os.getpid()}-{time.time_ns()}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    done = subprocess.run([sys.executable, "-c", RAY_STARTED_WITHOUT_S3, json.dumps(spec), json.dumps(settings),
+                           str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"counts": {"read": 4, "written": 4, "rejected": 0}, "workers_listed": True,
+                      "secret_shown": False}
+
+
 def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, monkeypatch):
     from infra.s3_server import s3_client
 

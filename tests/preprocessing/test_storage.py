@@ -1,5 +1,7 @@
 """preprocessing/storage.py against the local S3 endpoint and a folder."""
 
+import pickle
+
 from preprocessing import storage
 from tests.services import BUCKET
 
@@ -38,3 +40,16 @@ def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp
         assert storage.read_bytes(uri) == data
     assert storage.list_files(f"s3://{BUCKET}/storage-test/a/b") == ["item.npy"]
     assert storage.list_files(str(tmp_path / "a" / "b")) == ["item.npy"]
+
+
+def test_s3_settings_travel_pickled_name_their_variables_and_apply_where_they_land(monkeypatch):
+    for name in storage.ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    settings = pickle.loads(pickle.dumps(storage.settings()))  # as Ray hands it to a worker
+    assert repr(settings) == "S3Settings(AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY)"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    settings.apply()
+    assert storage.environment() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
