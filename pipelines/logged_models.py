@@ -6,11 +6,9 @@ A logged model is a pyfunc (`pipelines/serving.py`, built from code: nothing pic
 folder and the frozen encoders its caches came from, so `mlflow models serve` encodes media as training did.
 """
 
-import fcntl
 import json
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -217,9 +215,9 @@ def local_model(reference: str, downloads: Path = DOWNLOADS, configured_uri: str
     `models:/NAME/VERSION`, `models:/NAME@alias`; from the tracking server `configured_uri`, else the usual one)
     downloaded once a node (by its model id; processes of one node wait for one download) under `downloads`, with
     the encoders it carries."""
-    if not str(reference).startswith("models:/"):
-        from preprocessing.local_copy import local_copy
+    from preprocessing.local_copy import local_copy, node_lock, replace_whole
 
+    if not str(reference).startswith("models:/"):
         return LocalModel(Path(local_copy(reference)))
     import mlflow
     from mlflow.models import Model
@@ -232,16 +230,14 @@ def local_model(reference: str, downloads: Path = DOWNLOADS, configured_uri: str
         raise ValueError(f"{reference}: a model version registered from files, not from a ModRWKV logged model")
     target = downloads / model_id
     downloads.mkdir(parents=True, exist_ok=True)
-    with open(downloads / f"{model_id}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with node_lock(downloads / f"{model_id}.lock"):
         if not (target / "MLmodel").is_file():
-            incoming = downloads / f"{model_id}.incoming"
-            shutil.rmtree(incoming, ignore_errors=True)  # an interrupted download
-            incoming.mkdir()
-            with fluent_tracking_uri(uri):
-                mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(incoming))
-            shutil.rmtree(target, ignore_errors=True)
-            incoming.rename(target)
+            def download(incoming: Path) -> None:
+                incoming.mkdir()
+                with fluent_tracking_uri(uri):
+                    mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(incoming))
+
+            replace_whole(target, download)
     artifacts = Model.load(str(target)).flavors["python_function"].get("artifacts", {})
     paths = {name: target / spec["path"] for name, spec in artifacts.items()}
     if MODEL_ARTIFACT not in paths:

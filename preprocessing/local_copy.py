@@ -11,6 +11,8 @@ import os
 import posixpath
 import shutil
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import storage
@@ -42,21 +44,35 @@ def local_copy(uri: str) -> str:
     slot = copies_root() / hashlib.sha256(str(uri).encode()).hexdigest()[:24]
     target = slot / posixpath.basename(str(uri).rstrip("/"))
     slot.mkdir(parents=True, exist_ok=True)
-    with open(slot / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+    with node_lock(slot / ".lock"):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
             return str(target)
         record.unlink(missing_ok=True)
-        incoming = slot / f"incoming-{uuid.uuid4().hex[:8]}"
-        try:
-            storage.copy_tree(uri, str(incoming))
-            remove(target)
-            incoming.rename(target)
-        finally:
-            remove(incoming)
+        replace_whole(target, lambda incoming: storage.copy_tree(uri, str(incoming)))
         record.write_text(json.dumps(listing))
     return str(target)
+
+
+@contextmanager
+def node_lock(path: Path):
+    """One process of the node at a time inside (an exclusive file lock at `path`, released when the file closes,
+    also when its process dies): the others wait, then find the fetch done."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def replace_whole(target: Path, fetch: Callable[[Path], None]) -> None:
+    """`fetch(path)` writes a new file or folder at a fresh path beside `target`, which then takes its place: a fetch
+    cut short leaves no partial `target`."""
+    incoming = target.parent / f"incoming-{uuid.uuid4().hex[:8]}"
+    try:
+        fetch(incoming)
+        remove(target)
+        incoming.rename(target)
+    finally:
+        remove(incoming)
 
 
 def working_dir(destination: str) -> Path:
