@@ -3,7 +3,7 @@ the feature caches; checkpoints go through `ray.train.report`, metrics to MLflow
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -35,7 +35,9 @@ class WorkerConfig:
     model: ModRWKVConfig
     backbone: dict  # its record: {"path": a folder, .pth or s3:// URI, "sha256" for a URI}
     init_from: str | None  # phase II: phase I's output folder
-    feature_stats: dict  # modality -> the training features' mean and std or whitening (phase I)
+    # modality -> the training features' mean and std or whitening (phase I); not in the repr, which Ray Train shows
+    # as the run's loop config (a 1152-wide whitening matrix alone is 27 MB of text)
+    feature_stats: dict = field(repr=False)
     deepspeed: DeepSpeedConfig
     max_length: int
     packing: bool
