@@ -22,6 +22,10 @@
 # caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here (copies of the six entries
 # with only the features they use, whatever else runs/cache holds), then carry runs/gpu_demo with .whl. Logs and
 # every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
+# Triton's autotuning results (fla's took its parts' whole limits twice) are kept on disk and packed into
+# $OUT/triton_autotune.tar.gz after each part; copied here to runs/triton_autotune.tar.gz and carried, they are
+# reused by the next lent machine (same image: the cache key holds Triton's version, the GPU, each kernel's source
+# and shapes), which then compiles only each kernel's chosen config.
 #   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +35,8 @@ PARTS=${PARTS:-"kernel_tests deepspeed_tests demo_quality encoder_throughput fla
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(mktemp -d)}
+[[ -f runs/triton_autotune.tar.gz ]] && tar xzf runs/triton_autotune.tar.gz -C "$TRITON_CACHE_DIR"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -48,6 +54,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tee "$LOGS/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$LOGS/$name.log"
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tar.gz" -T -)
 }
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
 part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
