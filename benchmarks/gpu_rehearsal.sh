@@ -13,7 +13,8 @@
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
-#   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s
+#   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s, and
+#                       where each step's device time goes (torch's profiler: top kernels, device busy share)
 # The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
 # them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
 # World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER), DeepSpeed 0.19.8 (PyPI has only its
@@ -66,4 +67,4 @@ part wkv7_kernels 200 python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 480
 part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
 part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"
 part phase2_ckpt 120 python3 benchmarks/phase2_throughput.py --backends triton_chunked --checkpointing off on \
-    --out "$LOGS/checkpointing"
+    --profile --out "$LOGS/checkpointing"

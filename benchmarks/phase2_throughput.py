@@ -16,6 +16,11 @@ With `--checkpointing off on` each backend runs again with the backbone's gradie
 activations recomputed in the backward pass): its peak memory and its cost in tokens/s; MFU counts model FLOPs
 only, so the recomputation lowers it.
 
+With `--profile` one more step of each row runs under torch's profiler: where the step's device time goes (the
+ops with the most self time, the count of kernels launched) and how much of the timed step the device was busy
+(its kernels' summed time over the unprofiled step time: well under 1 means the host's launches, not the device,
+set the pace).
+
     python benchmarks/phase2_throughput.py [--backends triton triton_chunked fla] [--checkpointing off on]
                                            [--steps 5] [--out DIR]
     python benchmarks/phase2_throughput.py --shape tiny   # the CPU default: a few-layer model, seconds a step
@@ -92,9 +97,27 @@ def build_model(shape, device, seed=0) -> ModRWKV:
     return model.train()
 
 
-def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpointing=False) -> dict:
+def profile_summary(prof, device: str, seconds_per_step: float, top: int = 15) -> dict:
+    """The profiled step's device time (on a GPU its kernels', each counted once: an op's self device time would
+    count them again; on a CPU the ops' own time), its top entries and their count; `busy` is that time over the
+    unprofiled step's."""
+    if device == "cuda":
+        entries = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        self_time = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        entries, self_time = list(prof.key_averages()), lambda e: e.self_cpu_time_total  # noqa: E731
+    total_us = sum(self_time(e) for e in entries)
+    ranked = sorted(entries, key=self_time, reverse=True)[:top]
+    return {"device_ms": total_us / 1e3, "busy": total_us / 1e6 / seconds_per_step,
+            "calls": sum(e.count for e in entries),
+            "top": [{"name": e.key, "calls": e.count, "ms": self_time(e) / 1e3, "share": self_time(e) / total_us}
+                    for e in ranked]}
+
+
+def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpointing=False,
+                profile=False) -> dict:
     """`steps` timed training steps (after one warm-up) from the weights `initial`, the wkv7 recurrence on
-    `backend`."""
+    `backend`; with `profile`, one more step under torch's profiler."""
     os.environ["MODRWKV_WKV7_BACKEND"] = backend
     model.load_state_dict(initial)
     model.backbone.gradient_checkpointing = checkpointing
@@ -129,6 +152,13 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
               "first_loss": first_loss, "last_loss": float(losses[-1])}
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            step(*rows[-1])
+            sync()
+        result["profile"] = profile_summary(prof, device, seconds)
     return result
 
 
@@ -140,6 +170,8 @@ def main():
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="the backbone's gradient checkpointing, each given value in turn")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="profile one more step of each row: top ops by "
+                                                               "device time, kernels launched, device busy share")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
@@ -153,7 +185,7 @@ def main():
     for backend, checkpointing in [(b, c) for b in args.backends for c in args.checkpointing]:
         try:
             row = run_backend(backend, model, initial, shape, device, args.steps,
-                              checkpointing=checkpointing == "on")
+                              checkpointing=checkpointing == "on", profile=args.profile)
         except Exception as error:  # an optional backend that is not installed leaves its row out, named
             print(f"{backend}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
@@ -172,6 +204,14 @@ def main():
                      f"{r['seconds_per_step']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            what = "kernels" if device == "cuda" else "ops"
+            lines += ["", f"{r['backend']}, checkpointing {'on' if r['checkpointing'] else 'off'}: the profiled step's "
+                      f"{p['calls']} {what} took {p['device_ms']:.1f} ms, {p['busy']:.0%} of the timed step",
+                      "", f"| {what[:-1]} | calls | ms | share |", "|---|---|---|---|"]
+            lines += [f"| {o['name'][:90]} | {o['calls']} | {o['ms']:.2f} | {o['share']:.1%} |" for o in p["top"]]
     write_report(args.out, "phase2_throughput", machine, rows, lines)
 
 
