@@ -1,0 +1,27 @@
+"""benchmarks/phase2_throughput.py end to end on CPU at its tiny shape, run as the GPU machine runs it (as a script,
+without the job frameworks), with the profiled step."""
+
+import json
+import subprocess
+import sys
+
+from .test_encoder_throughput import NOT_ON_THE_GPU_MACHINE, ROOT
+
+RUN_WITHOUT_THEM = ("import runpy, sys\n"
+                    "for name in sys.argv[1].split(','):\n"
+                    "    sys.modules[name] = None\n"
+                    "sys.argv = sys.argv[1:]\n"
+                    "runpy.run_path('benchmarks/phase2_throughput.py', run_name='__main__')\n")
+
+
+def test_a_tiny_phase2_step_is_timed_and_profiled(tmp_path):
+    subprocess.run([sys.executable, "-c", RUN_WITHOUT_THEM, ",".join(NOT_ON_THE_GPU_MACHINE), "--shape", "tiny",
+                    "--steps", "1", "--profile", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    (row,) = json.loads((tmp_path / "phase2_throughput.json").read_text())["results"]
+    assert row["backend"] == "chunked" and row["tokens_per_s"] > 0 and row["last_loss"] < row["first_loss"] + 1
+    profile = row["profile"]
+    assert 0 < profile["busy"] <= 2 and profile["calls"] > 100 and len(profile["top"]) == 15
+    assert sum(o["share"] for o in profile["top"]) <= 1 + 1e-9
+    assert "aten::mm" in {o["name"] for o in profile["top"]}  # the blocks' matrix products lead on a CPU
+    assert "the profiled step's" in (tmp_path / "phase2_throughput.md").read_text()
