@@ -45,13 +45,6 @@ def settings() -> Settings:
     return Settings(environment())
 
 
-def call_with(settings: Settings, function, *args, **kwargs):
-    """`function(*args, **kwargs)` after applying `settings` in this process: for a Ray task, as
-    `functools.partial(call_with, settings, function)`."""
-    settings.apply()
-    return function(*args, **kwargs)
-
-
 def is_remote(uri: str) -> bool:
     return "://" in str(uri)
 
