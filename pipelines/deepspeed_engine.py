@@ -21,6 +21,8 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
         # parameters' dtype by default); ZeRO 1 and 2 keep that sum in their own fp32 partition, while without ZeRO
         # DeepSpeed has no such mode (it refuses the setting)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if ds.overlap_comm:
+        config["zero_optimization"]["overlap_comm"] = True
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         # DeepSpeed refuses a client optimizer under offload unless told, for fear of a slow CPU step; ours is

@@ -65,8 +65,14 @@ class PhaseConfig:
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    # ZeRO 1/2: reduce gradient buckets while the backward still runs (DeepSpeed leaves it off for these stages);
+    # worth it across nodes, at the cost of its communication buffers' memory
+    overlap_comm: bool = False
 
     def __post_init__(self):
+        if self.overlap_comm and self.zero_stage == 0:
+            raise ValueError("overlap_comm overlaps ZeRO's gradient reduction with the backward: it needs zero_stage "
+                             "1 or 2")
         if self.zero_stage == 3:  # refused here, not as an autograd error in the workers' first backward
             raise ValueError("zero_stage 3 is not supported yet: the trainer adds every trainable tensor to each "
                              "step's loss (times 0) so that ZeRO reduces the projectors a micro-batch leaves idle, "

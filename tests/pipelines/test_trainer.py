@@ -120,6 +120,10 @@ def test_the_deepspeed_config_takes_the_cores_accumulation():
     assert "data_types" not in deepspeed_config(hp, DeepSpeedConfig(zero_stage=0), world=2, on_gpu=True)
     with pytest.raises(ValueError, match="not a multiple of micro_batch x workers = 12"):
         deepspeed_config(hp, DeepSpeedConfig(), world=3, on_gpu=False)
+    overlapped = deepspeed_config(hp, DeepSpeedConfig(zero_stage=1, overlap_comm=True), world=2, on_gpu=True)
+    assert overlapped["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    with pytest.raises(ValueError, match="overlap_comm .* needs zero_stage 1 or 2"):
+        DeepSpeedConfig(zero_stage=0, overlap_comm=True)
 
 
 def test_single_process_phase1_then_phase2_learn_and_load_no_cluster_framework(setup, tmp_path):
