@@ -23,10 +23,13 @@ COCO's) and 12 s float32 mono clips at 16 kHz (LibriSpeech 960 h is 281,241 utte
 Under SigLIP2's patch budget the token count depends on the aspect ratio only, so the image size moves just the
 resize cost. One batch of distinct items is generated and encoded again for every timed batch (memory stays flat).
 
-Measured per encoder after one warm-up batch (CUDA: torch.cuda.synchronize around the timed batches): items/s;
-tokens L and width D per item; the bytes per item a feature cache would store: fp16, L*D*2 (what ours writes), and
-8-bit with one fp16 scale per token, L*D + L*2 (a formula, not an implementation); on CUDA the peak GPU memory
-(weights included), on CPU items/s per core (torch.get_num_threads()).
+Measured per encoder after one warm-up batch (CUDA: torch.cuda.synchronize around the timed batches): items/s of
+`encode` in one process, and of its two halves apart: the host half (`inputs.prepare`: the processor's resize and
+patchify, Whisper's log-mel) on one thread, as each of the encode job's Ray decode tasks runs it, and the batched
+`forward` (the model); their ratio is how many decode tasks (CPUs) keep one forward busy. Then tokens L and width D
+per item; the bytes per item a feature cache would store: fp16, L*D*2 (what ours writes), and 8-bit with one fp16
+scale per token, L*D + L*2 (a formula, not an implementation); on CUDA the peak GPU memory (weights included), on
+CPU items/s per core (torch.get_num_threads()).
 
     python benchmarks/encoder_throughput.py [--device cuda|cpu] [--items N] [--batch-size B] [--dtype D] [--out DIR]
     python benchmarks/encoder_throughput.py --device cpu --tiny --items 8    # seconds; the test runs this path
@@ -121,19 +124,34 @@ def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_si
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    features = encoder.encode(batch)  # warm-up: kernels chosen, allocator and thread pools up
-    sync()
-    started = time.perf_counter()
-    for _ in range(batches):
-        encoder.encode(batch)
-    sync()
-    seconds = time.perf_counter() - started
+    prepared = [encoder.inputs.prepare(item, str(i)) for i, item in enumerate(batch)]
+    features = encoder.forward(prepared)  # warm-up: kernels chosen, allocator and thread pools up
+
+    def timed(work) -> float:
+        sync()
+        started = time.perf_counter()
+        for _ in range(batches):
+            work()
+        sync()
+        return time.perf_counter() - started
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the host half alone, on one thread: what one Ray decode task has (OMP_NUM_THREADS=1)
+    prepare_seconds = timed(lambda: [encoder.inputs.prepare(item, str(i)) for i, item in enumerate(batch)])
+    torch.set_num_threads(threads)
+    forward_seconds = timed(lambda: encoder.forward(prepared))
+    seconds = timed(lambda: encoder.encode(batch))
     tokens, dim = features[0].shape  # every item has the same size, so the same token count
     result = {
         "encoder": kind, "model": MODEL_NAMES[kind] + (" (tiny)" if tiny else ""),
         "parameters": parameters, "item": ITEM_NAMES[kind], "device": device, "dtype": dtype,
         "batch_size": batch_size, "items_timed": batches * batch_size, "seconds": seconds,
-        "items_per_s": batches * batch_size / seconds, "tokens_per_item": tokens, "feature_dim": dim,
+        "items_per_s": batches * batch_size / seconds,
+        "prepare_items_per_s_one_thread": batches * batch_size / prepare_seconds,
+        "forward_items_per_s": batches * batch_size / forward_seconds,
+        # decode tasks it takes to keep one forward busy: the CPUs a GPU encode actor needs beside it
+        "prepare_threads_per_forward": prepare_seconds / forward_seconds,
+        "tokens_per_item": tokens, "feature_dim": dim,
         "bytes_per_item_fp16": tokens * dim * 2, "bytes_per_item_8bit": tokens * dim + tokens * 2,
         "build_seconds": build_seconds,
     }
@@ -171,13 +189,16 @@ def main():
     where = torch.cuda.get_device_name() if cuda else f"CPU ({cpu})"
     machine = (f"{where}, torch {torch.__version__}, transformers {transformers.__version__}; "
                f"{'tiny' if args.tiny else 'real-size'} encoders with random weights, {dtype}")
-    lines = ["| encoder | item | batch | items timed | items/s | items/s/core | tokens x dim | KiB/item fp16 | "
-             "KiB/item 8-bit | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| encoder | item | batch | items timed | items/s | items/s/core | host half items/s, 1 thread | "
+             "forward items/s | threads to feed the forward | tokens x dim | KiB/item fp16 | KiB/item 8-bit | "
+             "peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_core = f"{r['items_per_s_per_core']:.2f}" if "items_per_s_per_core" in r else "-"
         peak = f"{r['peak_gpu_gib']:.1f}" if "peak_gpu_gib" in r else "-"
         lines.append(f"| {r['model']} | {r['item']} | {r['batch_size']} | {r['items_timed']} | "
-                     f"{r['items_per_s']:.2f} | {per_core} | {r['tokens_per_item']} x {r['feature_dim']} | "
+                     f"{r['items_per_s']:.2f} | {per_core} | {r['prepare_items_per_s_one_thread']:.2f} | "
+                     f"{r['forward_items_per_s']:.2f} | {r['prepare_threads_per_forward']:.2f} | "
+                     f"{r['tokens_per_item']} x {r['feature_dim']} | "
                      f"{r['bytes_per_item_fp16'] / 1024:.0f} | {r['bytes_per_item_8bit'] / 1024:.0f} | {peak} |")
     write_report(args.out, "encoder_throughput", machine, rows, lines)
 

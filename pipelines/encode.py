@@ -4,8 +4,9 @@
             changed); series windows normalised; the entry's key from the store key and the samples' records
       complete entry with that key -> reused, nothing read or encoded
       else the items the store lacks (each unique media file or window once) -> Ray Data:
-        map(decode_item)                         read, check against its sha256, decode; bad item -> its reason
-        map_batches(ItemEncoder, actor pool)     `encoder.encode(items, ids)` in micro-batches -> store
+        map(decode_item)                         read, check against its sha256, decode, prepare (the encoder's
+                                                 host half: processor, log-mel); bad item -> its reason
+        map_batches(ItemEncoder, actor pool)     `encoder.forward(prepared)` in micro-batches -> store
       (at most `run.in_process_max_items` of them: the same two steps in the driver, without Ray)
     driver: the samples table (turns + the item files they reference) -> shards, rejects.jsonl, manifest.json
 
@@ -32,7 +33,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
-from preprocessing.items import RAW_SERIES, Audio
+from preprocessing.items import RAW_SERIES
 from preprocessing.local_copy import local_copy
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
@@ -141,53 +142,71 @@ def prepare(samples: list[RawSample], rejects: list[Reject], limits: Limits,
     return prepared
 
 
-# ---- Ray side: decode, encode, store ------------------------------------------------------------------------
-# Items travel between the stages as .npy bytes in a binary column; audio as .npz with its rate.
-def pack_item(item) -> bytes:
-    if isinstance(item, Audio):
-        buf = io.BytesIO()
-        np.savez(buf, wave=item.wave, rate=item.rate)
-        return buf.getvalue()
-    return npy_bytes(item)
+# ---- Ray side: decode and prepare, encode, store ------------------------------------------------------------
+# An item travels between the stages as the .npz bytes of its prepared arrays (`EncoderInputs.prepare`).
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
-def unpack_item(data: bytes):
-    loaded = np.load(io.BytesIO(data), allow_pickle=False)
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        return Audio(loaded["wave"], int(loaded["rate"]))
-    return loaded
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
+        return {name: loaded[name] for name in loaded.files}
 
 
-def decode_item(row: dict, modality: str, limits: Limits, s3: storage.Settings | None = None) -> dict:
-    """One item to encode: a media file read, checked against the sha256 it was keyed by and decoded, or a
-    series window as it is; an unusable one gets its reason instead. `s3`: the driver's S3 settings (a Ray task)."""
+def decode_item(row: dict, modality: str, limits: Limits, inputs, s3: storage.Settings | None = None) -> dict:
+    """One item ready for the encoder's model: a media file read, checked against the sha256 it was keyed by,
+    decoded and prepared by `inputs` (resize + patchify, log-mel, normalisation), or a series window prepared; an
+    unusable one gets its reason instead. `s3`: the driver's S3 settings (a Ray task)."""
     if s3:
         s3.apply()
-    if not row["source"]:
-        return {"ref": row["ref"], "item": row["window"], "reject": ""}
+    name = row["source"] or f"window {row['ref'][:12]}"
     try:
-        try:
-            data = storage.read_bytes(row["source"])
-        except (FileNotFoundError, OSError) as e:
-            raise Rejected(f"cannot read it: {e}") from None
-        if hashlib.sha256(data).hexdigest() != row["ref"]:
-            raise Rejected("it changed while the job ran; encode again")
-        return {"ref": row["ref"], "item": pack_item(DECODE_MEDIA[modality](data, limits)), "reject": ""}
+        if row["source"]:
+            try:
+                data = storage.read_bytes(row["source"])
+            except (FileNotFoundError, OSError) as e:
+                raise Rejected(f"cannot read it: {e}") from None
+            if hashlib.sha256(data).hexdigest() != row["ref"]:
+                raise Rejected("it changed while the job ran; encode again")
+            item = DECODE_MEDIA[modality](data, limits)
+        else:
+            item = np.load(io.BytesIO(row["window"]), allow_pickle=False)
     except Rejected as e:
-        return {"ref": row["ref"], "item": b"", "reject": f"{row['source']}: {e}"}
+        return {"ref": row["ref"], "item": b"", "reject": f"{name}: {e}"}
+    try:
+        return {"ref": row["ref"], "item": pack_arrays(inputs.prepare(item, name)), "reject": ""}
+    except ValueError as e:
+        return {"ref": row["ref"], "item": b"", "reject": f"the encoder refused it: {e}"}
 
 
 class RawSeries:
-    """The encoder of the "raw" kind: WaveNet trains on the normalised series itself, one value per step."""
+    """The encoder of the "raw" kind, its own inputs: WaveNet trains on the normalised series itself, one value
+    per step."""
 
-    def encode(self, items: list, ids: list[str] | None = None) -> list:
+    def prepare(self, series: np.ndarray, sample_id: str) -> dict[str, np.ndarray]:
+        return {"values": series}
+
+    def forward(self, prepared: list[dict[str, np.ndarray]]) -> list:
         import torch  # heavy: only the encoder actors need it
 
-        return [torch.from_numpy(x)[:, None] for x in items]
+        return [torch.from_numpy(p["values"])[:, None] for p in prepared]
+
+
+def encoder_inputs(spec: EncoderSpec):
+    """The host half of the job's encoder (`EncoderInputs`), what the decode tasks run: built once, here."""
+    if spec.kind == RAW_SERIES:
+        return RawSeries()
+    from preprocessing.encoders import build_inputs  # transformers: heavy, only a job with items to encode
+
+    settings = {"image_size": spec.image_size} if spec.image_size else {}
+    return build_inputs(spec.kind, local_copy(spec.model_dir), **settings)
 
 
 class ItemEncoder:
-    """An actor: holds one encoder; encodes a micro-batch of decoded items and stores each one's features."""
+    """An actor: holds one encoder's model; encodes a micro-batch of prepared items and stores each one's
+    features."""
 
     def __init__(self, encoder: EncoderSpec, store: FeatureStore, s3: storage.Settings | None = None):
         if s3:  # the driver's S3 settings, for a Ray actor
@@ -208,27 +227,20 @@ class ItemEncoder:
         model_dir = local_copy(self.spec.model_dir)  # an s3:// folder: this node's copy
         return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **extra)
 
-    def store_features(self, refs: list[str], items: list) -> list[str]:
-        features = [f.float().numpy() for f in self.encoder.encode(items, refs)]
-        if self.spec.kind == RAW_SERIES:  # the WaveNet's input: full precision
-            return [self.store.write(ref, f) for ref, f in zip(refs, features)]
-        return [self.store.write(ref, to_stored(f, self.store.precision)) for ref, f in zip(refs, features)]
-
     def __call__(self, batch: dict) -> dict:
         refs, files, rejects = list(batch["ref"]), [""] * len(batch["ref"]), list(batch["reject"])
         good = [i for i, reason in enumerate(rejects) if not reason]
-        items = {i: unpack_item(batch["item"][i]) for i in good}
-        try:
-            for i, name in zip(good, self.store_features([refs[i] for i in good], [items[i] for i in good])):
-                files[i] = name
-        except ValueError:  # find the item the encoder refuses; the others still get stored
-            for i in good:
-                try:
-                    files[i] = self.store_features([refs[i]], [items[i]])[0]
-                except ValueError as e:
-                    rejects[i] = f"the encoder refused it: {e}"
+        if good:
+            features = self.encoder.forward([unpack_arrays(batch["item"][i]) for i in good])
+            for i, f in zip(good, features):
+                files[i] = self.store.write(refs[i], self.stored(f.float().numpy()))
         return {"ref": np.array(refs, dtype=object), "file": np.array(files, dtype=object),
                 "reject": np.array(rejects, dtype=object)}
+
+    def stored(self, features: np.ndarray) -> np.ndarray:
+        if self.spec.kind == RAW_SERIES:  # the WaveNet's input: full precision
+            return features
+        return to_stored(features, self.store.precision)
 
 
 def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict]) -> tuple[dict[str, dict], str]:
@@ -260,9 +272,11 @@ def encodes_in_driver(run: RunConfig, items: int) -> bool:
 def encode_in_driver(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
     """The Ray stages' own functions, one micro-batch at a time in this process: a small job skips Ray Data's fixed
     cost (planning, starting the actor pool, each actor loading its encoder)."""
-    encoder, modality = ItemEncoder(config.encoder, store), MODALITY_OF_FORMAT[config.dataset.format]
+    encoder, inputs = ItemEncoder(config.encoder, store), encoder_inputs(config.encoder)
+    modality = MODALITY_OF_FORMAT[config.dataset.format]
     for start in range(0, len(rows), config.run.batch_size):
-        decoded = [decode_item(row, modality, config.limits) for row in rows[start : start + config.run.batch_size]]
+        decoded = [decode_item(row, modality, config.limits, inputs)
+                   for row in rows[start : start + config.run.batch_size]]
         yield encoder({column: [d[column] for d in decoded] for column in ("ref", "item", "reject")})
 
 
@@ -279,7 +293,7 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map(decode_item, fn_kwargs={"modality": MODALITY_OF_FORMAT[config.dataset.format],
-                                        "limits": config.limits, "s3": s3})
+                                        "limits": config.limits, "inputs": encoder_inputs(config.encoder), "s3": s3})
     ds = ds.map_batches(ItemEncoder, batch_size=config.run.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=config.run.actors),
                         num_gpus=config.run.gpus_per_actor or None,

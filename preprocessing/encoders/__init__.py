@@ -4,6 +4,8 @@
 `output_dim`, `weights_hash()` (the feature cache keys on it) and one call for every modality,
 `encode(items, ids) -> list[Tensor [L, D]]`: items are RGB images (PIL or uint8 [H, W, 3]),
 `preprocessing.items.Audio(wave, rate)` clips or 1-D series; bad items raise ValueError naming their id.
+`encode` is `forward` (the batched model) over `inputs.prepare(item, id)` (the host's share: processor, log-mel,
+normalisation); `build_inputs(kind, model_dir)` builds that host half alone, without the weights.
 """
 
 from .audio import AUDIO_ENCODERS
@@ -13,10 +15,19 @@ from .vision import VISION_ENCODERS
 ENCODERS = {**VISION_ENCODERS, **AUDIO_ENCODERS, **SERIES_ENCODERS}
 
 
-def build_encoder(kind: str, model_dir, **kwargs):
+def encoder_class(kind: str):
     if kind not in ENCODERS:
         raise ValueError(f"unknown encoder {kind!r}; registered: {sorted(ENCODERS)}")
-    return ENCODERS[kind](model_dir, **kwargs)
+    return ENCODERS[kind]
 
 
-__all__ = ["ENCODERS", "build_encoder"]
+def build_encoder(kind: str, model_dir, **kwargs):
+    return encoder_class(kind)(model_dir, **kwargs)
+
+
+def build_inputs(kind: str, model_dir, **settings):
+    """The `EncoderInputs` of `build_encoder(kind, model_dir, **settings)`, its weights left unread."""
+    return encoder_class(kind).build_inputs(model_dir, **settings)
+
+
+__all__ = ["ENCODERS", "build_encoder", "build_inputs"]

@@ -4,12 +4,13 @@ rates and empty clips are refused."""
 
 import math
 
+import numpy as np
 import torch
 from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from ..items import SAMPLE_RATE, to_16k_mono
-from .base import FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, require_local_dir
 
 
 def load_whisper_encoder(path):
@@ -19,28 +20,54 @@ def load_whisper_encoder(path):
     return WhisperModel.from_pretrained(path, local_files_only=True).get_encoder()
 
 
+class LogMelInputs(EncoderInputs):
+    """A clip -> Whisper's log-mel spectrogram of its 30 s window and its length at 16 kHz:
+    {"mel": [mel bins, 3000], "samples": []}."""
+
+    def __init__(self, mel_bins: int):
+        self.features = WhisperFeatureExtractor(feature_size=mel_bins)
+
+    def prepare(self, audio, sample_id: str) -> dict[str, np.ndarray]:
+        clip = to_16k_mono(audio, sample_id)
+        if clip.size > self.features.n_samples:
+            raise ValueError(f"sample {sample_id}: {clip.size / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s "
+                             "window")
+        mel = self.features([clip], sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+        return {"mel": mel, "samples": np.asarray(clip.size)}
+
+
 class WhisperEncoder(FrozenEncoder):
     kind = "whisper"
     frame_samples = 320  # 100 mel frames/s, then a stride-2 convolution: one output per 20 ms
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, load_whisper_encoder(path), device, dtype)
-        self.features = WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins)
-        self.max_samples = self.features.n_samples  # 30 s
+        model = load_whisper_encoder(path)
+        super().__init__(path, model, LogMelInputs(model.config.num_mel_bins), device, dtype)
+
+    @classmethod
+    def build_inputs(cls, model_dir) -> LogMelInputs:
+        return LogMelInputs(WhisperConfig.from_pretrained(require_local_dir(model_dir)).num_mel_bins)
 
     @property
     def output_dim(self) -> int:
         return self.model.config.d_model
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        clips = [to_16k_mono(audio, sid) for audio, sid in zip(items, ids)]
-        for clip, sid in zip(clips, ids):
-            if clip.size > self.max_samples:
-                raise ValueError(f"sample {sid}: {clip.size / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window")
-        mel = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        hidden = self.model(mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
-        return [h[: math.ceil(c.size / self.frame_samples)] for h, c in zip(hidden, clips)]
+    def forward(self, prepared) -> list[torch.Tensor]:
+        hidden = self.model(self.to_model([p["mel"] for p in prepared])).last_hidden_state.float().cpu()
+        return [h[: math.ceil(int(p["samples"]) / self.frame_samples)] for h, p in zip(hidden, prepared)]
+
+
+class WaveformInputs(EncoderInputs):
+    """A clip -> its 16 kHz samples normalised to zero mean and unit variance: {"wave": [samples]}."""
+
+    def __init__(self):
+        self.features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                 do_normalize=True)
+
+    def prepare(self, audio, sample_id: str) -> dict[str, np.ndarray]:
+        clip = to_16k_mono(audio, sample_id)
+        return {"wave": self.features([clip], sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]}
 
 
 class WavLMEncoder(FrozenEncoder):
@@ -48,17 +75,32 @@ class WavLMEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, WavLMModel.from_pretrained(path, local_files_only=True), device, dtype)
-        self.features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                                 do_normalize=True, return_attention_mask=True)
+        super().__init__(path, WavLMModel.from_pretrained(path, local_files_only=True), WaveformInputs(), device,
+                         dtype)
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        clips = [to_16k_mono(audio, sid) for audio, sid in zip(items, ids)]
-        batch = self.features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)
-        hidden = self.model(batch.input_values.to(self.device, self.dtype),
-                            attention_mask=batch.attention_mask.to(self.device)).last_hidden_state.float().cpu()
-        lengths = self.model._get_feat_extract_output_lengths(torch.tensor([c.size for c in clips]))
-        return [h[: int(n)] for h, n in zip(hidden, lengths)]
+    @classmethod
+    def build_inputs(cls, model_dir) -> WaveformInputs:
+        return WaveformInputs()
+
+    def forward(self, prepared) -> list[torch.Tensor]:
+        if self.model.config.feat_extract_norm == "group":
+            # WavLM Base/Base+: the first convolution's GroupNorm spans the whole time axis, padding included, so a
+            # padded clip's features would depend on its batch-mates (measured: off by 40 % of their scale); each
+            # clip runs alone, as inference encodes it
+            return [f for p in prepared for f in self.padded_forward([p])]
+        return self.padded_forward(prepared)
+
+    def padded_forward(self, prepared) -> list[torch.Tensor]:
+        # right-padded with zeros and masked, as the feature extractor pads a batch itself
+        lengths = [p["wave"].size for p in prepared]
+        waves = np.zeros((len(prepared), max(lengths)), np.float32)
+        mask = np.zeros((len(prepared), max(lengths)), np.int64)
+        for row, (p, n) in enumerate(zip(prepared, lengths)):
+            waves[row, :n], mask[row, :n] = p["wave"], 1
+        hidden = self.model(torch.from_numpy(waves).to(self.device, self.dtype),
+                            attention_mask=torch.from_numpy(mask).to(self.device)).last_hidden_state.float().cpu()
+        frames = self.model._get_feat_extract_output_lengths(torch.tensor(lengths))
+        return [h[: int(n)] for h, n in zip(hidden, frames)]
 
 
 AUDIO_ENCODERS = {cls.kind: cls for cls in (WhisperEncoder, WavLMEncoder)}

@@ -1,18 +1,32 @@
 """What every frozen encoder wrapper shares: local-only loading, frozen eval mode, a weights fingerprint and
-the one call the encode job, chat and evaluation make: `encode(items, ids)`."""
+the one call the encode job, chat and evaluation make: `encode(items, ids)`.
+
+An encoder is two halves. `inputs` (an `EncoderInputs`: no weights, plain numpy out) turns one item into the
+arrays its model reads: the image processor's resize and patchify, Whisper's log-mel, a series' normalisation.
+`forward` batches those arrays and runs the model. `encode` is one after the other; the encode job runs the first
+half in Ray Data's CPU tasks, beside the decoding, so that an encoder actor's one CPU never feeds its GPU alone."""
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cache.key import hash_model_dir
 
 
+class EncoderInputs:
+    """One item -> the arrays the model reads, on the host; a bad item raises ValueError naming `sample_id`.
+    Picklable and light: the encode job builds it once in the driver and hands it to every decode task."""
+
+    def prepare(self, item, sample_id: str) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
 class FrozenEncoder:
     kind = "?"
 
-    def __init__(self, model_dir, model: torch.nn.Module, device="cpu", dtype=torch.float32):
-        self.model_dir = Path(model_dir)
+    def __init__(self, model_dir, model: torch.nn.Module, inputs: EncoderInputs, device="cpu", dtype=torch.float32):
+        self.model_dir, self.inputs = Path(model_dir), inputs
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
 
@@ -20,17 +34,22 @@ class FrozenEncoder:
     def output_dim(self) -> int:
         return self.model.config.hidden_size
 
-    @torch.no_grad()
     def encode(self, items: list, ids: list[str] | None = None) -> list[torch.Tensor]:
         """One float32 CPU tensor [L, D] per item. `ids` name the samples in the ValueError a bad item raises
         (default: the items' positions)."""
         ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
         if len(ids) != len(items):
             raise ValueError(f"{len(items)} items but {len(ids)} sample ids")
-        return self.encode_batch(items, ids)
+        return self.forward([self.inputs.prepare(item, sid) for item, sid in zip(items, ids)])
 
-    def encode_batch(self, items: list, ids: list[str]) -> list[torch.Tensor]:
+    def forward(self, prepared: list[dict[str, np.ndarray]]) -> list[torch.Tensor]:
+        """The features of a batch of `inputs.prepare` outputs: one float32 CPU tensor [L, D] each (no autograd
+        graph: the weights are frozen and the inputs need no gradient)."""
         raise NotImplementedError
+
+    def to_model(self, rows: list[np.ndarray]) -> torch.Tensor:
+        """Equal-shaped host arrays stacked into one batch on the model's device, in its dtype."""
+        return torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
 
     def weights_hash(self) -> str:
         return hash_model_dir(self.model_dir)

@@ -165,11 +165,16 @@ def save_fracast(model: FracastNet, out_dir) -> Path:
     return out
 
 
-def load_fracast(model_dir) -> FracastNet:
+def read_fracast_config(model_dir) -> FracastConfig:
     path = Path(model_dir)
     fields = json.loads((path / CONFIG_FILE).read_text())
     if fields.get("model_type") != "fracast":
         raise ValueError(f"{path}: config.json is a {fields.get('model_type')!r} model, not fracast")
-    model = FracastNet(FracastConfig(**fields))
+    return FracastConfig(**fields)
+
+
+def load_fracast(model_dir) -> FracastNet:
+    path = Path(model_dir)
+    model = FracastNet(read_fracast_config(path))
     model.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
     return model

@@ -8,8 +8,8 @@ import torch
 
 from modrwkv.wavenet import normalize_series
 
-from .base import FrozenEncoder, require_local_dir
-from .fracast import load_fracast
+from .base import EncoderInputs, FrozenEncoder, require_local_dir
+from .fracast import load_fracast, read_fracast_config
 from .timer import TimerModel
 
 
@@ -21,35 +21,57 @@ def normalized(series, sample_id: str) -> torch.Tensor:
     return normalize_series(values[:, None], sample_id)[0][:, 0]
 
 
+class MinMaxInputs(EncoderInputs):
+    """A series of `min_length` to `context` points -> z-scored, then min-max scaled as Fracast-0 was trained:
+    {"values": [L]}."""
+
+    min_length = 8  # Fracast-0's own minimum of observed points
+
+    def __init__(self, context: int):
+        self.context = context
+
+    def prepare(self, series, sample_id: str) -> dict[str, np.ndarray]:
+        z = normalized(series, sample_id)
+        if not self.min_length <= len(z) <= self.context:
+            raise ValueError(f"sample {sample_id}: {len(z)} points; Fracast takes {self.min_length} to {self.context}")
+        # the min-max scaling ignores the z-score (affine-invariant); the z-score refused NaN/inf with the sample named
+        return {"values": ((z - z.min()) / (z.max() - z.min()).clamp(min=1e-5)).numpy()}
+
+
 class FracastEncoder(FrozenEncoder):
     """Per-step features [L, 64] for series of 8 to 2048 points, left-padded into Fracast's 2048-step window."""
 
     kind = "fracast"
-    min_length = 8  # Fracast-0's own minimum of observed points
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, load_fracast(path), device, dtype)
+        model = load_fracast(path)
+        super().__init__(path, model, MinMaxInputs(model.config.context), device, dtype)
+
+    @classmethod
+    def build_inputs(cls, model_dir) -> MinMaxInputs:
+        return MinMaxInputs(read_fracast_config(require_local_dir(model_dir)).context)
 
     @property
     def output_dim(self) -> int:
         return self.model.config.d_model
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        width = self.model.config.context
-        values = torch.zeros(len(items), width)
-        observed = torch.zeros(len(items), width, dtype=torch.bool)
-        lengths = []
-        for row, (s, sid) in enumerate(zip(items, ids)):
-            z = normalized(s, sid)
-            if not self.min_length <= len(z) <= width:
-                raise ValueError(f"sample {sid}: {len(z)} points; Fracast takes {self.min_length} to {width}")
-            # Fracast-0 was trained on min-max scaled windows; that scaling ignores the z-score (affine-invariant)
-            values[row, width - len(z):] = (z - z.min()) / (z.max() - z.min()).clamp(min=1e-5)
-            observed[row, width - len(z):] = True
-            lengths.append(len(z))
-        hidden = self.model(values.to(self.device, self.dtype), observed.to(self.device)).float().cpu()
+    def forward(self, prepared) -> list[torch.Tensor]:
+        width, lengths = self.model.config.context, [len(p["values"]) for p in prepared]
+        values = np.zeros((len(prepared), width), np.float32)
+        observed = np.zeros((len(prepared), width), bool)
+        for row, (p, n) in enumerate(zip(prepared, lengths)):
+            values[row, width - n:], observed[row, width - n:] = p["values"], True
+        hidden = self.model(torch.from_numpy(values).to(self.device, self.dtype),
+                            torch.from_numpy(observed).to(self.device)).float().cpu()
         return [h[width - n:] for h, n in zip(hidden, lengths)]
+
+
+class ZScoreInputs(EncoderInputs):
+    """A series -> z-scored over its whole length: {"values": [L]}."""
+
+    def prepare(self, series, sample_id: str) -> dict[str, np.ndarray]:
+        return {"values": normalized(series, sample_id).numpy()}
 
 
 class TimerEncoder(FrozenEncoder):
@@ -60,17 +82,22 @@ class TimerEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, TimerModel.from_pretrained(path, local_files_only=True), device, dtype)
+        super().__init__(path, TimerModel.from_pretrained(path, local_files_only=True), ZScoreInputs(), device,
+                         dtype)
         self.patch = self.model.config.input_token_len
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        zs = [normalized(s, sid) for s, sid in zip(items, ids)]
+    @classmethod
+    def build_inputs(cls, model_dir) -> ZScoreInputs:
+        return ZScoreInputs()
+
+    def forward(self, prepared) -> list[torch.Tensor]:
+        zs = [p["values"] for p in prepared]
         patches = [math.ceil(len(z) / self.patch) for z in zs]
-        batch = torch.zeros(len(zs), max(patches) * self.patch)
+        batch = np.zeros((len(zs), max(patches) * self.patch), np.float32)
         for row, (z, n) in enumerate(zip(zs, patches)):
             # right-padding the batch is exact: causal attention keeps later (padding) patches out of earlier ones
             batch[row, n * self.patch - len(z) : n * self.patch] = z
-        hidden = self.model(batch.to(self.device, self.dtype)).float().cpu()
+        hidden = self.model(torch.from_numpy(batch).to(self.device, self.dtype)).float().cpu()
         return [h[:n] for h, n in zip(hidden, patches)]
 
 

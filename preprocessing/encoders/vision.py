@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .base import FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, require_local_dir
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's normalisation
@@ -35,9 +35,37 @@ def check_rgb(image, sample_id: str):
     raise ValueError(f"sample {sample_id}: expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
+class ImageInputs(EncoderInputs):
+    """An image -> the processor's pixels at the model's fixed input size: {"pixel_values": [3, H, W]}."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def processed(self, image, sample_id: str) -> dict[str, np.ndarray]:
+        # channels_last said, not guessed: an image 3 pixels high or less would otherwise be read as channels-first
+        inputs = self.processor(images=[check_rgb(image, sample_id)], return_tensors="np",
+                                input_data_format="channels_last")
+        return {name: value[0] for name, value in inputs.items()}
+
+    def prepare(self, image, sample_id: str) -> dict[str, np.ndarray]:
+        return {"pixel_values": self.processed(image, sample_id)["pixel_values"]}
+
+
+class NaFlexInputs(ImageInputs):
+    """SigLIP2's NaFlex: the image resized (aspect kept) to at most `max_num_patches` patches; only its real
+    patches travel: {"patches": [n, 3 * patch^2], "spatial_shapes": [2]}."""
+
+    def prepare(self, image, sample_id: str) -> dict[str, np.ndarray]:
+        inputs = self.processed(image, sample_id)
+        real = int(inputs["pixel_attention_mask"].sum())  # the processor pads after the real patches
+        return {"patches": inputs["pixel_values"][:real], "spatial_shapes": inputs["spatial_shapes"]}
+
+
 class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
+    inputs_class = ImageInputs
+    forward_options = {}  # what the model's forward needs told to take `image_size` (DINOv2 interpolates always)
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None,
                  layer: int | None = None):
@@ -45,56 +73,67 @@ class VisionEncoder(FrozenEncoder):
         `layer` indexes the hidden states (0: the embeddings, -1: the last block's output before the final norm;
         None: the model's last_hidden_state, after the final norm where it has one)."""
         path = require_local_dir(model_dir)
-        super().__init__(path, self.model_class.from_pretrained(path, local_files_only=True), device, dtype)
-        if (path / PREPROCESSOR_FILE).is_file():
-            self.processor = self.processor_class.from_pretrained(path, local_files_only=True)
-        else:
-            self.processor = self.default_processor(self.model.config)
-        if image_size:
-            self.processor.size = {"height": image_size, "width": image_size}
-            self.processor.do_center_crop = False
+        model = self.model_class.from_pretrained(path, local_files_only=True)
+        super().__init__(path, model, self.build_inputs(path, image_size, model.config), device, dtype)
         layers = self.model.config.num_hidden_layers
         if layer is not None and not -(layers + 1) <= layer <= layers:
             raise ValueError(f"{path}: layer {layer} is not one of the model's hidden states (-{layers + 1}..{layers})")
         self.layer = layer
 
+    @classmethod
+    def build_inputs(cls, model_dir, image_size: int | None = None, config=None) -> ImageInputs:
+        """The processor the folder ships (its own defaults from the model's config when it ships none), with
+        `image_size` as the square input size."""
+        path = require_local_dir(model_dir)
+        if (path / PREPROCESSOR_FILE).is_file():
+            processor = cls.processor_class.from_pretrained(path, local_files_only=True)
+        else:
+            config = config or cls.model_class.config_class.from_pretrained(path, local_files_only=True)
+            processor = cls.default_processor(config)
+        if image_size:
+            processor.size = {"height": image_size, "width": image_size}
+            processor.do_center_crop = False
+        return cls.inputs_class(processor)
+
     def hidden(self, inputs) -> torch.Tensor:
         """[B, L, D]: the chosen layer's tokens."""
         if self.layer is None:
-            return self.model(**inputs).last_hidden_state
-        return self.model(**inputs, output_hidden_states=True).hidden_states[self.layer]
+            return self.model(**inputs, **self.forward_options).last_hidden_state
+        return self.model(**inputs, **self.forward_options, output_hidden_states=True).hidden_states[self.layer]
 
-    def default_processor(self, config):
+    @classmethod
+    def default_processor(cls, config):
         size = config.image_size
-        return self.processor_class(size={"height": size, "width": size}, do_center_crop=False)
+        return cls.processor_class(size={"height": size, "width": size}, do_center_crop=False)
 
-    def model_inputs(self, images):
-        # channels_last said, not guessed: an image 3 pixels high or less would otherwise be read as channels-first
-        return self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
+    def forward(self, prepared) -> list[torch.Tensor]:
+        pixels = self.to_model([p["pixel_values"] for p in prepared])
+        return list(self.hidden({"pixel_values": pixels}).float().cpu().unbind(0))
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
-        inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return list(self.hidden(inputs).float().cpu().unbind(0))
+
+# at the model's own input size the interpolation hands back its position embeddings unchanged
+INTERPOLATE = {"interpolate_pos_encoding": True}
 
 
 class CLIPEncoder(VisionEncoder):
-    kind, model_class, processor_class = "clip", CLIPVisionModel, CLIPImageProcessorPil
+    kind, model_class, processor_class, forward_options = "clip", CLIPVisionModel, CLIPImageProcessorPil, INTERPOLATE
 
-    def default_processor(self, config):
+    @classmethod
+    def default_processor(cls, config):
         size = config.image_size
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 class SiglipEncoder(VisionEncoder):
-    kind, model_class, processor_class = "siglip", SiglipVisionModel, SiglipImageProcessorPil
+    kind, model_class, processor_class, forward_options = "siglip", SiglipVisionModel, SiglipImageProcessorPil, \
+        INTERPOLATE
 
 
 class Dinov2Encoder(VisionEncoder):
     kind, model_class, processor_class = "dinov2", Dinov2Model, BitImageProcessorPil
 
-    def default_processor(self, config):
+    @classmethod
+    def default_processor(cls, config):
         size = config.image_size
         return BitImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False,
                                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
@@ -103,18 +142,26 @@ class Dinov2Encoder(VisionEncoder):
 class Siglip2Encoder(VisionEncoder):
     """SigLIP2 (NaFlex): variable patch counts; each image keeps only its real patches."""
 
-    kind, model_class, processor_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessorPil
+    kind, model_class, processor_class, inputs_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessorPil, \
+        NaFlexInputs
 
-    def default_processor(self, config):
+    @classmethod
+    def default_processor(cls, config):
         return Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
-    def encode_batch(self, items, ids) -> list[torch.Tensor]:
-        images = [check_rgb(im, sid) for im, sid in zip(items, ids)]
-        inputs = {k: v.to(self.device) for k, v in self.model_inputs(images).items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+    def forward(self, prepared) -> list[torch.Tensor]:
+        # padded to the processor's patch budget, as it pads a batch itself: the same attention, the same numbers
+        width, counts = self.inputs.processor.max_num_patches, [len(p["patches"]) for p in prepared]
+        patches = np.zeros((len(prepared), width, prepared[0]["patches"].shape[1]), np.float32)
+        mask = np.zeros((len(prepared), width), np.int32)
+        for row, (p, n) in enumerate(zip(prepared, counts)):
+            patches[row, :n], mask[row, :n] = p["patches"], 1
+        shapes = np.stack([p["spatial_shapes"] for p in prepared])
+        inputs = {"pixel_values": torch.from_numpy(patches).to(self.device, self.dtype),
+                  "pixel_attention_mask": torch.from_numpy(mask).to(self.device),
+                  "spatial_shapes": torch.from_numpy(shapes).to(self.device)}
         hidden = self.hidden(inputs).float().cpu()
-        mask = inputs["pixel_attention_mask"].bool().cpu()
-        return [h[m] for h, m in zip(hidden, mask)]
+        return [h[:n] for h, n in zip(hidden, counts)]
 
 
 VISION_ENCODERS = {cls.kind: cls for cls in (CLIPEncoder, SiglipEncoder, Siglip2Encoder, Dinov2Encoder)}

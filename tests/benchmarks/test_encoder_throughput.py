@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # absent from the GPU machine the benchmark runs on
 NOT_ON_THE_GPU_MACHINE = ("soundfile", "librosa", "ray", "mlflow", "deepspeed", "webdataset", "boto3")
@@ -29,6 +31,9 @@ def test_tiny_encoders_report_throughput_tokens_and_bytes(tmp_path):
     expected_tokens = {"siglip2": 12, "whisper": 600}
     for kind, row in rows.items():
         assert row["items_per_s"] > 0 and row["items_per_s_per_core"] > 0
+        assert row["prepare_items_per_s_one_thread"] > 0 and row["forward_items_per_s"] > 0
+        assert row["prepare_threads_per_forward"] == pytest.approx(
+            row["forward_items_per_s"] / row["prepare_items_per_s_one_thread"])
         assert (row["items_timed"], row["batch_size"]) == (4, 2)
         assert (row["tokens_per_item"], row["feature_dim"]) == (expected_tokens[kind], 32)
         assert row["bytes_per_item_fp16"] == expected_tokens[kind] * 32 * 2

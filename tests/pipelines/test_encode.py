@@ -83,7 +83,10 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
 
     audio = tmp_path / "audio"
     audio.mkdir()
-    clips = {"ok": wav_bytes(0.6), "stereo8k": wav_bytes(0.6, rate=8000, channels=2), "text": b"not audio at all"}
+    # "long" passes the job's limits (raised to 40 s) but not Whisper's 30 s window: the decode task, where the
+    # encoder's inputs are prepared, refuses it
+    clips = {"ok": wav_bytes(0.6), "stereo8k": wav_bytes(0.6, rate=8000, channels=2), "text": b"not audio at all",
+             "long": wav_bytes(31, rate=8000)}
     for name, data in clips.items():
         (audio / f"{name}.wav").write_bytes(data)
     lines = [{"audio": f"{n}.wav", "text": "one two"} for n in clips] + [
@@ -91,11 +94,14 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     (audio / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
                                encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
-                               cache={"root": str(tmp_path / "cache")}, run={"in_process_max_items": 0}))
-    assert result.manifest["counts"] == {"read": 5, "written": 2, "rejected": 3}
+                               cache={"root": str(tmp_path / "cache")}, limits={"max_audio_seconds": 40},
+                               run={"in_process_max_items": 0}))
+    assert result.manifest["counts"] == {"read": 6, "written": 2, "rejected": 4}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
     assert "cannot read" in reasons["gone"]
+    assert reasons["long"] == (f"the encoder refused it: sample {audio / 'long.wav'}: 31.0 s is longer than "
+                               "Whisper's 30 s window")
     lengths = {s.key: s.items[0].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
     assert lengths == {"ok": 30, "stereo8k": 30}  # 0.6 s at 50 Hz, the 8 kHz stereo clip resampled
 

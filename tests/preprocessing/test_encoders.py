@@ -2,6 +2,7 @@
 that real weights use."""
 
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from transformers import (
 )
 
 from modrwkv.model_folder import read_encoders_record, write_records
-from preprocessing.encoders import ENCODERS, build_encoder
+from preprocessing.encoders import ENCODERS, build_encoder, build_inputs
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
 from preprocessing.encoders.recorded import encoder_for
 from preprocessing.encoders.timer import TimerConfig, TimerModel
@@ -101,12 +102,14 @@ def test_whisper_trims_to_the_real_length_and_resamples(whisper_dir):
         encoder.encode([tone(31, 16000)])
 
 
-def test_wavlm_gives_50_hz_features(tmp_path):
+@pytest.mark.parametrize("norm", ["group", "layer"])  # WavLM Base/Base+, WavLM Large
+def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm):
     torch.manual_seed(0)
-    WavLMModel(WAVLM).save_pretrained(tmp_path)
+    WavLMModel(WavLMConfig(**{**WAVLM.to_dict(), "feat_extract_norm": norm})).save_pretrained(tmp_path)
     encoder = build_encoder("wavlm", tmp_path)
     a, b = encoder.encode([tone(1.0, 16000), tone(0.5, 22050)])
     assert a.shape == (49, 32) and b.shape == (24, 32)
+    torch.testing.assert_close(b, encoder.encode([tone(0.5, 22050)])[0], atol=1e-5, rtol=1e-5)  # as alone
     with pytest.raises(ValueError, match="sample e: expected a non-empty"):
         encoder.encode([Audio(np.zeros(0, np.float32), 16000)], ["e"])
 
@@ -135,6 +138,39 @@ def test_every_registered_encoder_is_called_the_same_way(tmp_path):
             encoder.encode(list(items[m]), ["first"])
 
 
+def test_the_host_half_prepares_without_the_weights_and_a_batch_equals_its_items_alone(tmp_path):
+    """What the encode job's decode tasks run: `build_inputs` reads the configs only (the weights file is gone)
+    and survives pickling (Ray ships it); its arrays are the encoder's own; and `forward` of a batch padded with
+    items of other lengths gives each item the features it gets alone (padding never leaks in)."""
+    items = {"image": [rgb(0), rgb(1, (25, 60)), np.asarray(rgb(2, (3, 50)))],
+             "audio": [tone(1.0, 8000), tone(0.5, 16000, channels=2), tone(0.3, 16000)],
+             "series": [seasonal(40), seasonal(21, seed=1), seasonal(64, seed=2)]}
+    modality = {**dict.fromkeys(VISION, "image"), "whisper": "audio", "wavlm": "audio", "timer": "series",
+                "fracast": "series"}
+    settings = {"clip": {"image_size": 40}}  # a setting the inputs must take from the caller, not the folder
+    for kind, save in TINY_MODELS.items():
+        torch.manual_seed(0)
+        save(tmp_path / kind)
+        encoder = build_encoder(kind, tmp_path / kind, **settings.get(kind, {}))
+        configs_only = tmp_path / f"{kind}-configs"
+        configs_only.mkdir()
+        for json_file in (tmp_path / kind).glob("*.json"):
+            (configs_only / json_file.name).write_bytes(json_file.read_bytes())
+        inputs = pickle.loads(pickle.dumps(build_inputs(kind, configs_only, **settings.get(kind, {}))))
+        ids = [f"{kind}-{i}" for i in range(3)]
+        prepared = [inputs.prepare(item, sid) for item, sid in zip(items[modality[kind]], ids)]
+        own = [encoder.inputs.prepare(item, sid) for item, sid in zip(items[modality[kind]], ids)]
+        for mine, theirs in zip(prepared, own):
+            assert mine.keys() == theirs.keys() and all(isinstance(a, np.ndarray) for a in mine.values()), kind
+            assert all(np.array_equal(mine[name], theirs[name]) for name in mine), kind
+        batched = encoder.forward(prepared)
+        for p, f in zip(prepared, batched):
+            torch.testing.assert_close(f, encoder.forward([p])[0], atol=1e-5, rtol=1e-5, msg=kind)
+        assert len({f.shape[0] for f in batched}) > 1 or modality[kind] == "image", kind  # lengths did differ
+    with pytest.raises(ValueError, match="unknown encoder 'vit'"):
+        build_inputs("vit", tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["dinov2", "siglip2"])
 def test_a_chosen_layer_gives_that_hidden_state(tmp_path, kind):
     model_class, config, _ = VISION[kind]
@@ -144,7 +180,7 @@ def test_a_chosen_layer_gives_that_hidden_state(tmp_path, kind):
     last = build_encoder(kind, tmp_path).encode(images, ids)
     embeddings = build_encoder(kind, tmp_path, layer=0).encode(images, ids)
     encoder = build_encoder(kind, tmp_path, layer=-2)
-    inputs = encoder.processor(images=images, return_tensors="pt")
+    inputs = encoder.inputs.processor(images=images, return_tensors="pt")
     with torch.no_grad():
         expected = encoder.model(**inputs, output_hidden_states=True).hidden_states[-2]
     chosen = encoder.encode(images, ids)
