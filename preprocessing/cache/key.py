@@ -36,6 +36,12 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
     return hashlib.sha256(canonical_json([[n, digests[files[n]]] for n in names])).hexdigest()
 
 
+# an encoder kind whose features our code changed for the same weights joins the key with its revision, so that a
+# store of the old features is never reused for the new: wavlm 2, WavLM Base/Base+ clips encoded alone (2026-12-05;
+# before, a padded clip's GroupNorm took in its batch-mates' padding)
+FEATURE_REVISIONS = {"wavlm": 2}
+
+
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,
               precision: Precision = DEFAULT) -> dict:
     """encoder: the encode config's section as a dict (`kind`, `model_dir`, `dtype`, `image_size`, `layer`); limits:
@@ -45,8 +51,9 @@ def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.
     # keys they were written under
     layer = {"layer": encoder["layer"]} if encoder.get("layer") is not None else {}
     stored = {"precision": precision} if precision != DEFAULT else {}
+    revision = {"revision": FEATURE_REVISIONS[encoder["kind"]]} if encoder["kind"] in FEATURE_REVISIONS else {}
     return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
-            "image_size": encoder["image_size"], **layer, **stored, "limits": limits,
+            "image_size": encoder["image_size"], **layer, **stored, **revision, "limits": limits,
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
 
 

@@ -301,6 +301,15 @@ def test_a_chosen_encoder_layer_joins_the_store_key_and_the_default_keeps_the_ol
     assert int8 != key() and int8["precision"] == "int8" and "precision" not in key()  # likewise for fp16 stores
 
 
+def test_an_encoder_whose_features_our_code_changed_keys_a_new_store(tmp_path):
+    def key(kind):
+        encoder = {"kind": kind, "model_dir": None, "dtype": "fp32", "image_size": None}
+        return store_key("audio", encoder, {"max_audio_seconds": 30}, Fingerprints(str(tmp_path)))
+
+    assert key("wavlm")["revision"] == 2  # clips encoded alone: the padded-batch stores are not reused
+    assert "revision" not in key("whisper")  # unchanged kinds keep the keys their stores were written under
+
+
 def test_int8_items_decode_within_half_a_step_and_read_back_as_features(tmp_path):
     from preprocessing.cache.entry import FeatureStore
     from preprocessing.cache.precision import from_stored, to_stored
