@@ -5,7 +5,8 @@
       complete entry with that key -> reused, nothing read or encoded
       else the items the store lacks (each unique media file or window once) -> Ray Data:
         map(decode_item)                         read, check against its sha256, decode, prepare (the encoder's
-                                                 host half: processor, log-mel); bad item -> its reason
+                                                 host half, built once in the driver from the encoder's configs:
+                                                 processor, log-mel); bad item -> its reason
         map_batches(ItemEncoder, actor pool)     `encoder.forward(prepared)` in micro-batches -> store
       (at most `run.in_process_max_items` of them: the same two steps in the driver, without Ray)
     driver: the samples table (turns + the item files they reference) -> shards, rejects.jsonl, manifest.json
