@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import posixpath
+import time
 import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -234,10 +235,14 @@ class Fingerprints:
     """sha256 of files, each read again only when it changes: for each folder, its files' (size, modification
     time, sha256) are recorded in `<records>/<hash of the folder's URI>.json`, and a file whose size and
     modification time match its record is not read. (Like make and git, this trusts that a rewrite changes the
-    modification time or the size.) Unchanged data costs a listing per folder: on S3, a request per 1,000 files."""
+    modification time or the size.) Unchanged data costs a listing per folder: on S3, a request per 1,000 files.
+    A first pass over a big folder (LLaVA's 558K images sit in one) shows its progress and saves its record every
+    `save_every_s` and when interrupted, so a killed job's next run reads only the files not hashed yet."""
 
-    def __init__(self, records: str):
-        self.root = records
+    progress_from = 1000  # files to hash in one folder from which a progress bar shows
+
+    def __init__(self, records: str, save_every_s: float = 60.0):
+        self.root, self.save_every_s = records, save_every_s
         self.files_read = 0  # how many files the last calls had to hash (a benchmark and test reading)
 
     def record_uri(self, folder: str) -> str:
@@ -264,11 +269,31 @@ class Fingerprints:
                 else:
                     changed.append(uri)
             if changed:
-                with ThreadPoolExecutor(8) as pool:
-                    for uri, digest in zip(changed, pool.map(file_sha256, changed)):
-                        digests[uri] = digest
-                        if digest is not None:
-                            record[posixpath.basename(str(uri))] = [*stats[uri], digest]
-                self.files_read += len(changed)
-                write_atomic(record_uri, json.dumps(record, sort_keys=True).encode())
+                self.hash_changed(folder, changed, stats, record, digests)
         return digests
+
+    def hash_changed(self, folder: str, changed: list[str], stats: dict, record: dict, digests: dict) -> None:
+        """Reads and hashes `changed` (8 at a time), adding each to `record` and `digests`; the record is saved
+        every `save_every_s`, at the end, and on the way out of an interruption."""
+        from tqdm import tqdm  # here: only a folder with new or changed files needs it
+
+        def save():
+            write_atomic(self.record_uri(folder), json.dumps(record, sort_keys=True).encode())
+
+        saved_at, pool = time.monotonic(), ThreadPoolExecutor(8)
+        bar = tqdm(total=len(changed), desc=f"sha256 of {folder}", unit="file",
+                   disable=len(changed) < self.progress_from)
+        try:
+            for uri, digest in zip(changed, pool.map(file_sha256, changed)):
+                digests[uri] = digest
+                if digest is not None:
+                    record[posixpath.basename(str(uri))] = [*stats[uri], digest]
+                self.files_read += 1
+                bar.update()
+                if time.monotonic() - saved_at >= self.save_every_s:
+                    save()
+                    saved_at = time.monotonic()
+        finally:
+            pool.shutdown(cancel_futures=True)  # interrupted: the reads not started yet are dropped, not waited for
+            bar.close()
+            save()
