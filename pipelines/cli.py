@@ -164,6 +164,26 @@ def cmd_cache(args) -> None:
     print(f"{what}: {len(found)} files no complete entry uses, older than {args.grace_hours:g} h")
 
 
+def cmd_cache_local(args) -> None:
+    import datetime
+
+    from preprocessing.cache.inventory import human
+    from preprocessing.local_copy import node_folders, prune
+
+    if args.apply and args.unused_days is None:
+        raise ValueError("--apply removes what --unused-days selects: give --unused-days")
+    folders = node_folders() if args.unused_days is None else prune(args.unused_days * 86400, args.apply)
+    for f in folders:
+        used = datetime.datetime.fromtimestamp(f.last_used).strftime("%Y-%m-%d %H:%M")
+        print(f"{used}  {human(f.bytes):>9}  {f.source or '(staged output)'}  {f.path}")
+    total = human(sum(f.bytes for f in folders))
+    if args.unused_days is None:
+        print(f"{len(folders)} local copies and staged outputs on this node, {total}")
+    else:
+        what = "removed" if args.apply else "would remove (dry run; --apply removes them)"
+        print(f"{what}: {len(folders)} unused for {args.unused_days:g} days, {total}")
+
+
 def cmd_cache_copy(args) -> None:
     from preprocessing.cache.copy import copy_entry
     from preprocessing.cache.inventory import human
@@ -295,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--apply", action="store_true", help="delete (default: only list what would go)")
             p.add_argument("--grace-hours", type=float, default=1.0,
                            help="keep anything younger: a running encode writes items before its entry uses them")
+    p = cache.add_parser("local", help="this node's copies of remote files (backbones, encoders, model folders) "
+                                       "and its outputs staged for upload: sizes, last use; prune the unused")
+    p.add_argument("--unused-days", type=float, metavar="DAYS", help="list only those unused for DAYS (the ones "
+                                                                      "--apply removes)")
+    p.add_argument("--apply", action="store_true", help="with --unused-days: remove them (default: only list them)")
+    p.set_defaults(func=cmd_cache_local)
     p = cache.add_parser("cp", help="copy entries, with only the store items they use, to another cache root")
     p.add_argument("entries", nargs="+", metavar="ENTRY", help="a complete entry (folder or s3:// URI) or its encode "
                                                                  "YAML (encoded first when not in the cache)")

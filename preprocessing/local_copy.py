@@ -2,7 +2,10 @@
 backbone checkpoint, phase I's model folder, an encoder's weights, an evaluated model. A cluster then needs no
 shared filesystem: each node fetches what its workers read once, into `MODRWKV_LOCAL_COPIES` (default
 ~/.cache/modrwkv/local-copies), and fetches it again only when the remote files' names, sizes or modification
-times change. Workers of one node wait for one fetch (a file lock) instead of each fetching."""
+times change. Workers of one node wait for one fetch (a file lock) instead of each fetching.
+
+Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
+outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`)."""
 
 import fcntl
 import hashlib
@@ -10,19 +13,27 @@ import json
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
 
 ROOT_ENV = "MODRWKV_LOCAL_COPIES"
-LISTING = "listing.json"  # what the copy was fetched from, written once the copy is complete
+LISTING = "listing.json"  # what the copy was fetched from, written once the copy is complete; touched at each use
+SOURCE = "source.txt"  # the URI the copy is of
 
 
 def copies_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or Path.home() / ".cache" / "modrwkv" / "local-copies")
+
+
+def outputs_root() -> Path:
+    """Where `working_dir` stages what goes to a remote destination."""
+    return copies_root().parent / "outputs"
 
 
 def remote_listing(uri: str) -> dict[str, list[int]]:
@@ -47,9 +58,11 @@ def local_copy(uri: str) -> str:
     with node_lock(slot / ".lock"):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
+            os.utime(record)  # its last use, for `prune`
             return str(target)
         record.unlink(missing_ok=True)
         replace_whole(target, lambda incoming: storage.copy_tree(uri, str(incoming)))
+        (slot / SOURCE).write_text(str(uri))
         record.write_text(json.dumps(listing))
     return str(target)
 
@@ -81,7 +94,7 @@ def working_dir(destination: str) -> Path:
     if not storage.is_remote(destination):
         folder = Path(destination)
     else:
-        folder = copies_root().parent / "outputs" / hashlib.sha256(destination.encode()).hexdigest()[:24]
+        folder = outputs_root() / hashlib.sha256(destination.encode()).hexdigest()[:24]
         remove(folder)  # only this run's files are published
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -101,3 +114,48 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+@dataclass
+class NodeFolder:
+    """A local copy (`source`: the URI it copies) or a staged output (`source` None) on this node's disk."""
+
+    path: Path
+    source: str | None
+    bytes: int
+    last_used: float  # seconds since the epoch: a copy's last fetch or use, an output's last write
+
+
+def node_folders() -> list[NodeFolder]:
+    """This node's local copies and staged outputs, least recently used first."""
+    found = []
+    for slot in sorted(copies_root().glob("*")) if copies_root().is_dir() else []:
+        record = slot / LISTING
+        if not record.is_file():  # being fetched, or pruned: only its lock file is left
+            continue
+        source = (slot / SOURCE).read_text() if (slot / SOURCE).is_file() else None  # copies from before SOURCE
+        found.append(NodeFolder(slot, source or "(remote not recorded)", tree_bytes(slot),
+                                record.stat().st_mtime))
+    for folder in sorted(outputs_root().glob("*")) if outputs_root().is_dir() else []:
+        written = [p.stat().st_mtime for p in (folder, *folder.rglob("*"))]
+        found.append(NodeFolder(folder, None, tree_bytes(folder), max(written)))
+    return sorted(found, key=lambda f: f.last_used)
+
+
+def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
+    """The node folders unused for `unused_for_s`; with `apply`, removed (a copy under its fetch lock, so a worker
+    fetching it waits, then fetches it again)."""
+    stale = [f for f in node_folders() if time.time() - f.last_used >= unused_for_s]
+    for folder in stale if apply else []:
+        if folder.source is None:
+            remove(folder.path)
+            continue
+        with node_lock(folder.path / ".lock"):
+            for entry in folder.path.iterdir():
+                if entry.name != ".lock":  # the lock stays: a worker may be waiting on it
+                    remove(entry)
+    return stale
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

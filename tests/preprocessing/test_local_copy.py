@@ -1,5 +1,7 @@
 """preprocessing/local_copy.py: node-local copies of s3:// files and folders, against the local S3 endpoint."""
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,3 +79,34 @@ def test_workers_of_one_node_wait_for_one_fetch(s3, monkeypatch):
         copies = list(pool.map(local_copy, [uri] * 4))
     assert len(set(copies)) == 1 and fetched == [uri]
     assert sorted(p.name for p in Path(copies[0]).iterdir()) == sorted(f"shard-{i}.bin" for i in range(20))
+
+
+def test_copies_and_staged_outputs_unused_for_a_while_are_listed_then_pruned(s3, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    s3.put_object(Bucket=BUCKET, Key="local-copy/old/rwkv7.pth", Body=b"o" * 3000)
+    s3.put_object(Bucket=BUCKET, Key="local-copy/new/config.json", Body=b"n" * 10)
+    old, new = f"s3://{BUCKET}/local-copy/old/rwkv7.pth", f"s3://{BUCKET}/local-copy/new"
+    old_copy, new_copy = Path(local_copy(old)), Path(local_copy(new))
+    staged = local_copy_module.working_dir(f"s3://{BUCKET}/runs/phase2")
+    (staged / "model").mkdir()
+    (staged / "model" / "weights.safetensors").write_bytes(b"w" * 2000)
+    ten_days_ago = time.time() - 10 * 86400
+    for path in (old_copy.parent / local_copy_module.LISTING, staged, staged / "model",
+                 staged / "model" / "weights.safetensors"):
+        os.utime(path, (ten_days_ago, ten_days_ago))
+
+    listed = {f.source: f for f in local_copy_module.node_folders()}
+    assert sorted(listed, key=str) == sorted([old, new, None], key=str)
+    assert listed[old].bytes > 3000 and listed[None].bytes == 2000 and listed[old].last_used < listed[new].last_used
+    assert main(["cache", "local"]) == 0 and f"{old}  {old_copy.parent}" in capsys.readouterr().out
+
+    fetched = fetches(monkeypatch)
+    assert sorted((f.source for f in local_copy_module.prune(7 * 86400)), key=str) == sorted([old, None], key=str)
+    assert old_copy.exists() and staged.exists()  # a dry run removes nothing
+    assert main(["cache", "local", "--unused-days", "7", "--apply"]) == 0
+    assert "removed: 2 unused for 7 days" in capsys.readouterr().out
+    assert not old_copy.exists() and not staged.exists() and new_copy.exists()
+    assert local_copy(new) == str(new_copy) and fetched == []  # the one in use stays
+    assert local_copy(old) == str(old_copy) and fetched == [old] and old_copy.read_bytes() == b"o" * 3000
+    assert main(["cache", "local", "--apply"]) == 2 and "give --unused-days" in capsys.readouterr().err
