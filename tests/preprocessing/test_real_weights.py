@@ -80,7 +80,7 @@ def test_dinov2_small_matches_onnxruntime(tmp_path):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
     image = load_sample_image("china.jpg")  # a real photo, 427 x 640
-    pixels = encoder.processor(images=[image], return_tensors="pt")["pixel_values"]
+    pixels = encoder.inputs.processor(images=[image], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 224, 224)  # the saved preprocessor matches the graph's input size
     (ref,) = session.run(None, {"input_image": pixels.numpy()})
     (features,) = encoder.encode([image])
