@@ -9,7 +9,8 @@
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
-#   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size
+#   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size: the
+#                       model's forward on the GPU apart from the host half the encode job's decode tasks run
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
