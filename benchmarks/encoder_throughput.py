@@ -26,7 +26,10 @@ resize cost. One batch of distinct items is generated and encoded again for ever
 Measured per encoder after one warm-up batch (CUDA: torch.cuda.synchronize around the timed batches): items/s of
 `encode` in one process, and of its two halves apart: the host half (`inputs.prepare`: the processor's resize and
 patchify, Whisper's log-mel) on one thread, as each of the encode job's Ray decode tasks runs it, and the batched
-`forward` (the model); their ratio is how many decode tasks (CPUs) keep one forward busy. Then tokens L and width D
+`forward` (the model); their ratio is how many decode tasks (CPUs) keep one forward busy. With N prepare processes
+(default on CUDA: up to 8), the two overlapped as the encode job runs them: the forward fed by N spawned processes
+running the host half, one thread each (the items pickled to and from them, as Ray's object store moves them
+between decode tasks and actors). Then tokens L and width D
 per item; the bytes per item a feature cache would store: fp16, L*D*2 (what ours writes), and 8-bit with one fp16
 scale per token, L*D + L*2 (a formula, not an implementation); on CUDA the peak GPU memory (weights included), on
 CPU items/s per core (torch.get_num_threads()).
@@ -39,11 +42,13 @@ included); CPU fp32, batch 8, 32 images and 16 clips (under a minute on 2 cores)
 """
 
 import argparse
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
+from benchmarks import prepare_workers  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from preprocessing.encoders import build_encoder  # noqa: E402
 from preprocessing.items import SAMPLE_RATE, Audio  # noqa: E402
@@ -109,8 +115,10 @@ SAVERS = {"siglip2": save_random_siglip2, "whisper": save_random_whisper}
 ITEMS = {"siglip2": synthetic_images, "whisper": synthetic_clips}
 
 
-def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_size: int) -> dict:
-    """Build, save and load `kind` (real or tiny); encode one warm-up batch, then `items // batch_size` timed ones."""
+def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_size: int,
+            prepare_processes: int = 0) -> dict:
+    """Build, save and load `kind` (real or tiny); encode one warm-up batch, then `items // batch_size` timed ones;
+    with `prepare_processes`, also the items fed to the forward by that many processes running the host half."""
     sizes = (TINY if tiny else REAL)[kind]
     batch_size = min(batch_size, items)
     batches = items // batch_size
@@ -141,6 +149,7 @@ def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_si
     torch.set_num_threads(threads)
     forward_seconds = timed(lambda: encoder.forward(prepared))
     seconds = timed(lambda: encoder.encode(batch))
+    pipelined_seconds = pipelined(encoder, batch, batches, prepare_processes, sync) if prepare_processes else None
     tokens, dim = features[0].shape  # every item has the same size, so the same token count
     result = {
         "encoder": kind, "model": MODEL_NAMES[kind] + (" (tiny)" if tiny else ""),
@@ -151,6 +160,9 @@ def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_si
         "forward_items_per_s": batches * batch_size / forward_seconds,
         # decode tasks it takes to keep one forward busy: the CPUs a GPU encode actor needs beside it
         "prepare_threads_per_forward": prepare_seconds / forward_seconds,
+        # the forward fed by `prepare_processes` processes running the host half, as the encode job feeds an actor
+        "prepare_processes": prepare_processes,
+        "pipelined_items_per_s": batches * batch_size / pipelined_seconds if pipelined_seconds else None,
         "tokens_per_item": tokens, "feature_dim": dim,
         "bytes_per_item_fp16": tokens * dim * 2, "bytes_per_item_8bit": tokens * dim + tokens * 2,
         "build_seconds": build_seconds,
@@ -163,6 +175,23 @@ def measure(kind: str, tiny: bool, device: str, dtype: str, items: int, batch_si
     return result
 
 
+def pipelined(encoder, batch: list, batches: int, processes: int, sync) -> float:
+    """Seconds for `batches` forwards of `batch` whose host half runs in `processes` worker processes meanwhile
+    (workers started and warmed up before the clock starts)."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=prepare_workers.start,
+                             initargs=(encoder.inputs,)) as pool:
+        list(pool.map(prepare_workers.prepare, enumerate(batch * processes)))  # every worker up, imports done
+        started, ready = time.perf_counter(), []
+        for prepared in pool.map(prepare_workers.prepare, enumerate(batch * batches)):
+            ready.append(prepared)
+            if len(ready) == len(batch):
+                encoder.forward(ready)
+                ready = []
+        sync()
+        return time.perf_counter() - started
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,17 +200,23 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 8 on CPU")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--tiny", action="store_true", help="one layer of width 32 instead of the real sizes")
+    parser.add_argument("--prepare-processes", type=int, default=None, metavar="N",
+                        help="also time the forward fed by N processes running the host half, as the encode job "
+                             "feeds an actor (default: up to 8 on CUDA, one core left to the forward; 0 on CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
     cuda = args.device == "cuda"
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     batch_size = args.batch_size or (64 if cuda else 8)
+    processes = args.prepare_processes if args.prepare_processes is not None else (
+        min(8, (os.cpu_count() or 2) - 1) if cuda else 0)
     # a clip costs several images' time (Whisper's forward covers 30 s whatever the clip): half as many suffice
     default_items = {"siglip2": 512, "whisper": 256} if cuda else {"siglip2": 32, "whisper": 16}
     started = time.perf_counter()
     rows = []
     for kind in ("siglip2", "whisper"):
-        rows.append(measure(kind, args.tiny, args.device, dtype, args.items or default_items[kind], batch_size))
+        rows.append(measure(kind, args.tiny, args.device, dtype, args.items or default_items[kind], batch_size,
+                            processes))
         print(f"[{time.perf_counter() - started:.0f}s] {rows[-1]}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.empty_cache()
@@ -190,14 +225,15 @@ def main():
     machine = (f"{where}, torch {torch.__version__}, transformers {transformers.__version__}; "
                f"{'tiny' if args.tiny else 'real-size'} encoders with random weights, {dtype}")
     lines = ["| encoder | item | batch | items timed | items/s | items/s/core | host half items/s, 1 thread | "
-             "forward items/s | threads to feed the forward | tokens x dim | KiB/item fp16 | KiB/item 8-bit | "
-             "peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forward items/s | threads to feed the forward | fed by N processes: items/s | tokens x dim | "
+             "KiB/item fp16 | KiB/item 8-bit | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_core = f"{r['items_per_s_per_core']:.2f}" if "items_per_s_per_core" in r else "-"
         peak = f"{r['peak_gpu_gib']:.1f}" if "peak_gpu_gib" in r else "-"
+        fed = f"{r['prepare_processes']}: {r['pipelined_items_per_s']:.2f}" if r["prepare_processes"] else "-"
         lines.append(f"| {r['model']} | {r['item']} | {r['batch_size']} | {r['items_timed']} | "
                      f"{r['items_per_s']:.2f} | {per_core} | {r['prepare_items_per_s_one_thread']:.2f} | "
-                     f"{r['forward_items_per_s']:.2f} | {r['prepare_threads_per_forward']:.2f} | "
+                     f"{r['forward_items_per_s']:.2f} | {r['prepare_threads_per_forward']:.2f} | {fed} | "
                      f"{r['tokens_per_item']} x {r['feature_dim']} | "
                      f"{r['bytes_per_item_fp16'] / 1024:.0f} | {r['bytes_per_item_8bit'] / 1024:.0f} | {peak} |")
     write_report(args.out, "encoder_throughput", machine, rows, lines)

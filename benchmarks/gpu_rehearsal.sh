@@ -10,7 +10,8 @@
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
 #   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size: the
-#                       model's forward on the GPU apart from the host half the encode job's decode tasks run
+#                       model's forward on the GPU apart from the host half the encode job's decode tasks run, then
+#                       the forward fed by 8 processes running that half (the encode job's rate per GPU)
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
@@ -63,7 +64,7 @@ part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines
     tests/pipelines/test_trainer_cuda.py
 part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
-part encoder_throughput 60 python3 benchmarks/encoder_throughput.py --out "$LOGS"
+part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"
 part wkv7_kernels 200 python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 4800 --out "$LOGS"
 part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
 part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"

@@ -20,7 +20,8 @@ RUN_WITHOUT_THEM = ("import runpy, sys\n"
 
 def test_tiny_encoders_report_throughput_tokens_and_bytes(tmp_path):
     subprocess.run([sys.executable, "-c", RUN_WITHOUT_THEM, ",".join(NOT_ON_THE_GPU_MACHINE),
-                    "--device", "cpu", "--tiny", "--items", "4", "--batch-size", "2", "--out", str(tmp_path)],
+                    "--device", "cpu", "--tiny", "--items", "4", "--batch-size", "2", "--prepare-processes", "2",
+                    "--out", str(tmp_path)],
                    cwd=ROOT, check=True, capture_output=True, text=True)
 
     report = json.loads((tmp_path / "encoder_throughput.json").read_text())
@@ -32,6 +33,7 @@ def test_tiny_encoders_report_throughput_tokens_and_bytes(tmp_path):
     for kind, row in rows.items():
         assert row["items_per_s"] > 0 and row["items_per_s_per_core"] > 0
         assert row["prepare_items_per_s_one_thread"] > 0 and row["forward_items_per_s"] > 0
+        assert row["prepare_processes"] == 2 and row["pipelined_items_per_s"] > 0
         assert row["prepare_threads_per_forward"] == pytest.approx(
             row["forward_items_per_s"] / row["prepare_items_per_s_one_thread"])
         assert (row["items_timed"], row["batch_size"]) == (4, 2)
