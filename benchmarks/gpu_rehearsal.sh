@@ -17,6 +17,7 @@
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
 #   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s, and
 #                       where each step's device time goes (torch's profiler: top kernels, device busy share)
+#   phase2_compile      the same step eager and with the backbone's blocks under torch.compile, profiled
 # The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
 # them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
 # World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER), DeepSpeed 0.19.8 (PyPI has only its
@@ -34,7 +35,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 LOGS=$(mktemp -d)
-PARTS=${PARTS:-"kernel_tests deepspeed_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"}
+ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"
+PARTS=${PARTS:-"$ALL_PARTS phase2_compile"}
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -70,3 +72,5 @@ part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernel
 part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"
 part phase2_ckpt 120 python3 benchmarks/phase2_throughput.py --backends triton_chunked --checkpointing off on \
     --profile --out "$LOGS/checkpointing"
+part phase2_compile 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked --compile off on \
+    --profile --out "$LOGS/compile"

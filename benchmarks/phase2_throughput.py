@@ -16,13 +16,17 @@ With `--checkpointing off on` each backend runs again with the backbone's gradie
 activations recomputed in the backward pass): its peak memory and its cost in tokens/s; MFU counts model FLOPs
 only, so the recomputation lowers it.
 
+With `--compile off on` the rows run again with each backbone block under `torch.compile` (Dynamo stops at the
+wkv7 kernels, which are compiled code of their own): what fusing the blocks' many small ops (token shift, LoRAs,
+norms, the channel mix) gains in a launch-bound step.
+
 With `--profile` one more step of each row runs under torch's profiler: where the step's device time goes (the
 ops with the most self time, the count of kernels launched) and how much of the timed step the device was busy
 (its kernels' summed time over the unprofiled step time: well under 1 means the host's launches, not the device,
 set the pace).
 
     python benchmarks/phase2_throughput.py [--backends triton triton_chunked fla] [--checkpointing off on]
-                                           [--steps 5] [--out DIR]
+                                           [--compile off on] [--steps 5] [--out DIR]
     python benchmarks/phase2_throughput.py --shape tiny   # the CPU default: a few-layer model, seconds a step
 """
 
@@ -114,7 +118,7 @@ def profile_summary(prof, device: str, seconds_per_step: float, top: int = 15) -
                     for e in ranked]}
 
 
-def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpointing=False,
+def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpointing=False, compiled=False,
                 profile=False) -> dict:
     """`steps` timed training steps (after one warm-up) from the weights `initial`, the wkv7 recurrence on
     `backend`; with `profile`, one more step under torch's profiler."""
@@ -146,7 +150,7 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
     tokens = shape["row_tokens"]
     labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in rows[1:]) / steps
     flops = model_flops_per_step(model, tokens, labelled)
-    result = {"backend": backend, "checkpointing": checkpointing, "tokens_per_step": tokens,
+    result = {"backend": backend, "checkpointing": checkpointing, "compiled": compiled, "tokens_per_step": tokens,
               "samples_per_step": len(rows[1][3]) - 1,
               "seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
               "first_loss": first_loss, "last_loss": float(losses[-1])}
@@ -169,6 +173,8 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["triton", "triton_chunked", "fla"] if cuda else ["chunked"])
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="the backbone's gradient checkpointing, each given value in turn")
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
+                        help="the backbone's blocks under torch.compile, each given value in turn (off first)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="profile one more step of each row: top ops by "
                                                                "device time, kernels launched, device busy share")
@@ -181,11 +187,16 @@ def main():
     model = build_model(shape, device)
     initial = {name: t.clone() for name, t in model.state_dict().items()}  # every backend starts from these
     print(f"[{time.perf_counter() - started:.0f}s] model built", file=sys.stderr, flush=True)
-    rows = []
-    for backend, checkpointing in [(b, c) for b in args.backends for c in args.checkpointing]:
+    rows, blocks_compiled = [], False
+    for compiled, backend, checkpointing in [(c == "on", b, ck) for c in sorted(set(args.compile))
+                                             for b in args.backends for ck in args.checkpointing]:
+        if compiled and not blocks_compiled:  # once, for every row after: the eager rows came first
+            for block in model.backbone.blocks:
+                block.compile(dynamic=True)  # packed rows differ in their segments: one graph for all
+            blocks_compiled = True
         try:
             row = run_backend(backend, model, initial, shape, device, args.steps,
-                              checkpointing=checkpointing == "on", profile=args.profile)
+                              checkpointing=checkpointing == "on", compiled=compiled, profile=args.profile)
         except Exception as error:  # an optional backend that is not installed leaves its row out, named
             print(f"{backend}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
@@ -196,11 +207,12 @@ def main():
             torch.cuda.empty_cache()
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     machine = f"{where}, torch {torch.__version__}; shape {args.shape}, {shape['row_tokens']} tokens a step"
-    lines = ["| backend | checkpointing | samples / step | s / step | tokens/s | model TFLOP/s | MFU | peak GiB | "
-             "loss first -> last |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | checkpointing | compiled | samples / step | s / step | tokens/s | model TFLOP/s | MFU | "
+             "peak GiB | loss first -> last |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | {r['samples_per_step']} | "
+        lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {r['samples_per_step']} | "
                      f"{r['seconds_per_step']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
@@ -208,7 +220,8 @@ def main():
         if "profile" in r:
             p = r["profile"]
             what = "kernels" if device == "cuda" else "ops"
-            lines += ["", f"{r['backend']}, checkpointing {'on' if r['checkpointing'] else 'off'}: the profiled step's "
+            lines += ["", f"{r['backend']}, checkpointing {'on' if r['checkpointing'] else 'off'}"
+                      f"{', compiled' if r['compiled'] else ''}: the profiled step's "
                       f"{p['calls']} {what} took {p['device_ms']:.1f} ms, {p['busy']:.0%} of the timed step",
                       "", f"| {what[:-1]} | calls | ms | share |", "|---|---|---|---|"]
             lines += [f"| {o['name'][:90]} | {o['calls']} | {o['ms']:.2f} | {o['share']:.1%} |" for o in p["top"]]

@@ -90,6 +90,9 @@ def default_backend(device: torch.device, seq_len: int) -> str:
     return "reference" if seq_len == 1 else "chunked"  # one decode step is the recurrence itself
 
 
+# torch.compile of a model around it stops here: the kernels are compiled code of their own, and the packed
+# layout's host-side lists would make Dynamo recompile for every row (benchmarks/RESULTS.md, torch.compile)
+@torch.compiler.disable
 def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     """Returns y in the dtype of `r` and the final state in fp32 (fp64 for fp64 inputs on the torch backends)."""
     if cu_seqlens is not None:

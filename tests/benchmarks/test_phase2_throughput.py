@@ -14,12 +14,14 @@ RUN_WITHOUT_THEM = ("import runpy, sys\n"
                     "runpy.run_path('benchmarks/phase2_throughput.py', run_name='__main__')\n")
 
 
-def test_a_tiny_phase2_step_is_timed_and_profiled(tmp_path):
+def test_a_tiny_phase2_step_is_timed_and_profiled_eager_and_compiled(tmp_path):
     subprocess.run([sys.executable, "-c", RUN_WITHOUT_THEM, ",".join(NOT_ON_THE_GPU_MACHINE), "--shape", "tiny",
-                    "--steps", "1", "--profile", "--out", str(tmp_path)],
+                    "--steps", "1", "--profile", "--compile", "on", "off", "--out", str(tmp_path)],
                    cwd=ROOT, check=True, capture_output=True, text=True)
-    (row,) = json.loads((tmp_path / "phase2_throughput.json").read_text())["results"]
+    row, compiled = json.loads((tmp_path / "phase2_throughput.json").read_text())["results"]
+    assert not row["compiled"] and compiled["compiled"]  # eager first, whatever the order asked
     assert row["backend"] == "chunked" and row["tokens_per_s"] > 0 and row["last_loss"] < row["first_loss"] + 1
+    assert compiled["tokens_per_s"] > 0 and abs(compiled["last_loss"] - row["last_loss"]) < 1e-4  # same step
     profile = row["profile"]
     assert 0 < profile["busy"] <= 2 and profile["calls"] > 100 and len(profile["top"]) == 15
     assert sum(o["share"] for o in profile["top"]) <= 1 + 1e-9

@@ -182,3 +182,25 @@ def test_bad_packing_is_named():
         wkv7(*two_rows, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="must fill the 1 chunks of one row"):
         kernels.wkv7_chunked(*xs, segment_chunks=[1, 1])
+
+
+def test_a_compiled_caller_steps_around_the_kernels_and_needs_no_graph_per_layout():
+    """torch.compile of code around wkv7, as of a backbone block: Dynamo leaves the dispatcher (host-side layout
+    lists, the kernels' own launches) alone, so packed rows of other segments, and of another length, reuse the
+    compiled code; and it computes what eager does."""
+    def step(xs, cu_seqlens):
+        r = torch.tanh(xs[0])  # something for Dynamo to compile on either side of the kernel
+        y, _ = wkv7(r, *xs[1:], backend="chunked", cu_seqlens=cu_seqlens)
+        return (y * 2).sum()
+
+    rows = [[1, 17, 16, 40, 5], [40, 39], [30, 3, 27]]  # 79, 79 and 60 steps
+    inputs = [pack([wkv_inputs(1, T, 2, 8, dtype=torch.float32, seed=i)[0] for i, T in enumerate(row)])
+              for row in rows]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for xs, cu_seqlens in inputs:
+                torch.testing.assert_close(compiled(xs, cu_seqlens), step(xs, cu_seqlens), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
