@@ -1,6 +1,7 @@
 """Frozen encoders built from tiny configs, saved to a temp dir and loaded through the same local-path code
 that real weights use."""
 
+import copy
 import io
 import pickle
 
@@ -156,7 +157,9 @@ def test_the_host_half_prepares_without_the_weights_and_a_batch_equals_its_items
         configs_only.mkdir()
         for json_file in (tmp_path / kind).glob("*.json"):
             (configs_only / json_file.name).write_bytes(json_file.read_bytes())
-        inputs = pickle.loads(pickle.dumps(build_inputs(kind, configs_only, **settings.get(kind, {}))))
+        built = build_inputs(kind, configs_only, **settings.get(kind, {}))
+        assert pickle.dumps(built)  # what Ray does to hand it to the decode tasks
+        inputs = copy.deepcopy(built)  # a copy made through the same reduce protocol
         ids = [f"{kind}-{i}" for i in range(3)]
         prepared = [inputs.prepare(item, sid) for item, sid in zip(items[modality[kind]], ids)]
         own = [encoder.inputs.prepare(item, sid) for item, sid in zip(items[modality[kind]], ids)]
