@@ -10,7 +10,7 @@ from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, Wh
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from ..items import SAMPLE_RATE, to_16k_mono
-from .base import EncoderInputs, FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, require_local_dir, right_padded
 
 
 def load_whisper_encoder(path):
@@ -93,10 +93,7 @@ class WavLMEncoder(FrozenEncoder):
     def padded_forward(self, prepared) -> list[torch.Tensor]:
         # right-padded with zeros and masked, as the feature extractor pads a batch itself
         lengths = [p["wave"].size for p in prepared]
-        waves = np.zeros((len(prepared), max(lengths)), np.float32)
-        mask = np.zeros((len(prepared), max(lengths)), np.int64)
-        for row, (p, n) in enumerate(zip(prepared, lengths)):
-            waves[row, :n], mask[row, :n] = p["wave"], 1
+        waves, mask = right_padded([p["wave"] for p in prepared], max(lengths))
         hidden = self.model(torch.from_numpy(waves).to(self.device, self.dtype),
                             attention_mask=torch.from_numpy(mask).to(self.device)).last_hidden_state.float().cpu()
         frames = self.model._get_feat_extract_output_lengths(torch.tensor(lengths))

@@ -55,6 +55,16 @@ class FrozenEncoder:
         return hash_model_dir(self.model_dir)
 
 
+def right_padded(rows: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n_i, ...] laid into one zero-filled batch [B, length, ...], and the mask of their real entries
+    [B, length] (1 real, 0 padding): how the feature extractors and processors pad a batch themselves."""
+    batch = np.zeros((len(rows), length, *rows[0].shape[1:]), rows[0].dtype)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)], mask[i, : len(row)] = row, 1
+    return batch, mask
+
+
 def require_local_dir(model_dir) -> Path:
     path = Path(model_dir)
     if not (path / "config.json").is_file():

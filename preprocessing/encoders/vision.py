@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .base import EncoderInputs, FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, require_local_dir, right_padded
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's normalisation
@@ -151,17 +151,13 @@ class Siglip2Encoder(VisionEncoder):
 
     def forward(self, prepared) -> list[torch.Tensor]:
         # padded to the processor's patch budget, as it pads a batch itself: the same attention, the same numbers
-        width, counts = self.inputs.processor.max_num_patches, [len(p["patches"]) for p in prepared]
-        patches = np.zeros((len(prepared), width, prepared[0]["patches"].shape[1]), np.float32)
-        mask = np.zeros((len(prepared), width), np.int32)
-        for row, (p, n) in enumerate(zip(prepared, counts)):
-            patches[row, :n], mask[row, :n] = p["patches"], 1
+        patches, mask = right_padded([p["patches"] for p in prepared], self.inputs.processor.max_num_patches)
         shapes = np.stack([p["spatial_shapes"] for p in prepared])
         inputs = {"pixel_values": torch.from_numpy(patches).to(self.device, self.dtype),
-                  "pixel_attention_mask": torch.from_numpy(mask).to(self.device),
+                  "pixel_attention_mask": torch.from_numpy(mask.astype(np.int32)).to(self.device),
                   "spatial_shapes": torch.from_numpy(shapes).to(self.device)}
         hidden = self.hidden(inputs).float().cpu()
-        return [h[:n] for h, n in zip(hidden, counts)]
+        return [h[: len(p["patches"])] for h, p in zip(hidden, prepared)]
 
 
 VISION_ENCODERS = {cls.kind: cls for cls in (CLIPEncoder, SiglipEncoder, Siglip2Encoder, Dinov2Encoder)}
