@@ -186,6 +186,10 @@ class RawSeries:
     """The encoder of the "raw" kind, its own inputs: WaveNet trains on the normalised series itself, one value
     per step."""
 
+    @property
+    def inputs(self) -> "RawSeries":
+        return self
+
     def prepare(self, series: np.ndarray, sample_id: str) -> dict[str, np.ndarray]:
         return {"values": series}
 
@@ -199,10 +203,9 @@ def encoder_inputs(spec: EncoderSpec):
     """The host half of the job's encoder (`EncoderInputs`), what the decode tasks run: built once, here."""
     if spec.kind == RAW_SERIES:
         return RawSeries()
-    from preprocessing.encoders import build_inputs  # transformers: heavy, only a job with items to encode
+    from preprocessing.encoders import build_inputs, build_settings  # transformers: heavy, only a job with items
 
-    settings = {"image_size": spec.image_size} if spec.image_size else {}
-    return build_inputs(spec.kind, local_copy(spec.model_dir), **settings)
+    return build_inputs(spec.kind, local_copy(spec.model_dir), **build_settings(dataclasses.asdict(spec)))
 
 
 class ItemEncoder:
@@ -219,14 +222,13 @@ class ItemEncoder:
         # torch and transformers: heavy, only the encoder actors need them
         import torch
 
-        from preprocessing.encoders import build_encoder
+        from preprocessing.encoders import build_encoder, build_settings
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        extra = {name: getattr(self.spec, name) for name in ("image_size", "layer")
-                 if getattr(self.spec, name) is not None}  # layer 0, the embeddings, included
         model_dir = local_copy(self.spec.model_dir)  # an s3:// folder: this node's copy
-        return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **extra)
+        settings = build_settings(dataclasses.asdict(self.spec))
+        return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **settings)
 
     def __call__(self, batch: dict) -> dict:
         refs, files, rejects = list(batch["ref"]), [""] * len(batch["ref"]), list(batch["reject"])
@@ -273,10 +275,10 @@ def encodes_in_driver(run: RunConfig, items: int) -> bool:
 def encode_in_driver(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
     """The Ray stages' own functions, one micro-batch at a time in this process: a small job skips Ray Data's fixed
     cost (planning, starting the actor pool, each actor loading its encoder)."""
-    encoder, inputs = ItemEncoder(config.encoder, store), encoder_inputs(config.encoder)
+    encoder = ItemEncoder(config.encoder, store)
     modality = MODALITY_OF_FORMAT[config.dataset.format]
     for start in range(0, len(rows), config.run.batch_size):
-        decoded = [decode_item(row, modality, config.limits, inputs)
+        decoded = [decode_item(row, modality, config.limits, encoder.encoder.inputs)
                    for row in rows[start : start + config.run.batch_size]]
         yield encoder({column: [d[column] for d in decoded] for column in ("ref", "item", "reject")})
 

@@ -19,7 +19,6 @@ MODEL_TYPE = "modrwkv"
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 MODEL_ARTIFACT = "model"
 ENCODER_ARTIFACT = "encoder_{}"  # one per modality
-DOWNLOADS = Path("runs/models")  # where `models:/...` are downloaded to, once each
 PHASE_TAG, FOLDER_TAG = "modrwkv.phase", "modrwkv.model_dir"
 
 
@@ -210,12 +209,12 @@ class LocalModel:
     encoder_dirs: dict[str, str] = field(default_factory=dict)  # modality -> encoder folder, when the model has them
 
 
-def local_model(reference: str, downloads: Path = DOWNLOADS, configured_uri: str | None = None) -> LocalModel:
+def local_model(reference: str, configured_uri: str | None = None) -> LocalModel:
     """A model folder as it is (this node's copy of an s3:// one), or a logged or registered model (`models:/<id>`,
     `models:/NAME/VERSION`, `models:/NAME@alias`; from the tracking server `configured_uri`, else the usual one)
-    downloaded once a node (by its model id; processes of one node wait for one download) under `downloads`, with
-    the encoders it carries."""
-    from preprocessing.local_copy import local_copy, node_lock, replace_whole
+    downloaded once a node, as a local copy of `models:/<id>` (`preprocessing/local_copy.py`), with the encoders it
+    carries."""
+    from preprocessing.local_copy import local_copy, node_copy
 
     if not str(reference).startswith("models:/"):
         return LocalModel(Path(local_copy(reference)))
@@ -228,16 +227,14 @@ def local_model(reference: str, downloads: Path = DOWNLOADS, configured_uri: str
     model_id = model_id_of(uri, reference)
     if model_id is None:
         raise ValueError(f"{reference}: a model version registered from files, not from a ModRWKV logged model")
-    target = downloads / model_id
-    downloads.mkdir(parents=True, exist_ok=True)
-    with node_lock(downloads / f"{model_id}.lock"):
-        if not (target / "MLmodel").is_file():
-            def download(incoming: Path) -> None:
-                incoming.mkdir()
-                with fluent_tracking_uri(uri):
-                    mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(incoming))
 
-            replace_whole(target, download)
+    def download(incoming: Path) -> None:
+        incoming.mkdir()
+        with fluent_tracking_uri(uri):
+            mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(incoming))
+
+    # a logged model never changes: its id is its version
+    target = node_copy(f"models:/{model_id}", "model", {"model_id": model_id}, download)
     artifacts = Model.load(str(target)).flavors["python_function"].get("artifacts", {})
     paths = {name: target / spec["path"] for name, spec in artifacts.items()}
     if MODEL_ARTIFACT not in paths:

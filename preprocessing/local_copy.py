@@ -1,8 +1,9 @@
-"""Node-local copies of what a process must open as a local file or folder but the job names by an s3:// URI: a
-backbone checkpoint, phase I's model folder, an encoder's weights, an evaluated model. A cluster then needs no
-shared filesystem: each node fetches what its workers read once, into `MODRWKV_LOCAL_COPIES` (default
-~/.cache/modrwkv/local-copies), and fetches it again only when the remote files' names, sizes or modification
-times change. Workers of one node wait for one fetch (a file lock) instead of each fetching.
+"""Node-local copies of what a process must open as a local file or folder but the job names by a URI: a backbone
+checkpoint, phase I's model folder, an encoder's weights, an evaluated model on S3, a logged model (`models:/...`,
+`pipelines/logged_models.py`). A cluster then needs no shared filesystem: each node fetches what its workers read
+once, into `MODRWKV_LOCAL_COPIES` (default ~/.cache/modrwkv/local-copies), and fetches it again only when the remote
+version changes (an S3 folder: its files' names, sizes or modification times). Workers of one node wait for one fetch
+(a file lock) instead of each fetching.
 
 Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
 outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`)."""
@@ -52,19 +53,27 @@ def local_copy(uri: str) -> str:
     listing = remote_listing(uri)
     if not listing:
         raise FileNotFoundError(f"{uri}: no such file or folder")
-    slot = copies_root() / hashlib.sha256(str(uri).encode()).hexdigest()[:24]
-    target = slot / posixpath.basename(str(uri).rstrip("/"))
+    name = posixpath.basename(str(uri).rstrip("/"))
+    return str(node_copy(uri, name, listing, lambda incoming: storage.copy_tree(uri, str(incoming))))
+
+
+def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], None]) -> Path:
+    """This node's copy of `source` (a URI: s3://..., models:/...), the path `<slot>/<name>`: `fetch(path)` writes it
+    unless a complete copy fetched from the same `listing` (what identifies the remote version) is there. Processes
+    of the node wait for one fetch; each use counts as the copy's last use, for `prune`."""
+    slot = copies_root() / hashlib.sha256(str(source).encode()).hexdigest()[:24]
+    target = slot / name
     slot.mkdir(parents=True, exist_ok=True)
     with node_lock(slot / ".lock"):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
-            os.utime(record)  # its last use, for `prune`
-            return str(target)
+            os.utime(record)
+            return target
         record.unlink(missing_ok=True)
-        replace_whole(target, lambda incoming: storage.copy_tree(uri, str(incoming)))
-        (slot / SOURCE).write_text(str(uri))
+        replace_whole(target, fetch)
+        (slot / SOURCE).write_text(str(source))
         record.write_text(json.dumps(listing))
-    return str(target)
+    return target
 
 
 @contextmanager

@@ -21,13 +21,24 @@ def encoder_class(kind: str):
     return ENCODERS[kind]
 
 
+BUILD_SETTINGS = ("image_size", "layer")  # what an encoder is built with beyond its kind and folder (vision only)
+MODEL_ONLY_SETTINGS = ("layer",)  # which of them the host half does not read
+
+
+def build_settings(section: dict) -> dict:
+    """The build settings an encode config's encoder section or a model's encoders record sets; an unset (None) one
+    keeps the encoder's default (layer 0, the embeddings, is set)."""
+    return {name: section[name] for name in BUILD_SETTINGS if section.get(name) is not None}
+
+
 def build_encoder(kind: str, model_dir, **kwargs):
     return encoder_class(kind)(model_dir, **kwargs)
 
 
 def build_inputs(kind: str, model_dir, **settings):
     """The `EncoderInputs` of `build_encoder(kind, model_dir, **settings)`, its weights left unread."""
-    return encoder_class(kind).build_inputs(model_dir, **settings)
+    return encoder_class(kind).build_inputs(
+        model_dir, **{name: value for name, value in settings.items() if name not in MODEL_ONLY_SETTINGS})
 
 
-__all__ = ["ENCODERS", "build_encoder", "build_inputs"]
+__all__ = ["ENCODERS", "build_encoder", "build_inputs", "build_settings"]

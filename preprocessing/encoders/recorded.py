@@ -12,7 +12,7 @@ from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
 from ..cache.key import hash_model_dir
 from ..items import RAW_SERIES
 from ..validate import Limits, decode_audio, decode_image, normalised_lookback
-from . import build_encoder
+from . import build_encoder, build_settings
 from .base import require_local_dir
 
 
@@ -30,8 +30,7 @@ def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, 
     if recorded.get("weights_hash") and found != recorded["weights_hash"]:
         raise ValueError(f"{encoder_dir}: not the {recorded['kind']} weights {model_dir} was trained with "
                          f"(weights sha256 {found[:12]}, trained on {recorded['weights_hash'][:12]})")
-    settings = {k: recorded[k] for k in ("image_size", "layer") if recorded.get(k) is not None}
-    return build_encoder(recorded["kind"], encoder_dir, device=device, **settings)
+    return build_encoder(recorded["kind"], encoder_dir, device=device, **build_settings(recorded))
 
 
 class MediaEncoders:

@@ -24,6 +24,7 @@ from pipelines.eval_tasks import TASKS
 from pipelines.evaluate import EvalConfig, Predictor, run_eval
 from pipelines.lmms_eval_model import ModRWKVEvalModel
 from pipelines.logged_models import local_model, logged_model_name, model_id_of
+from preprocessing import local_copy
 from preprocessing.cache.key import hash_model_dir
 from pipelines.train_config import TrainConfig
 from pipelines.train_local import run_single_process
@@ -93,7 +94,7 @@ def test_each_phase_is_a_logged_model_with_its_datasets_and_phase_two_is_registe
     root, uri, used, (phase1, phase2) = trained
     client = MlflowClient(uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(root)  # where models:/... are downloaded (runs/models)
+    monkeypatch.setenv(local_copy.ROOT_ENV, str(root / "node-copies"))  # where models:/... are downloaded
     for phase, folder, steps in ((1, phase1, 3), (2, phase2, 2)):
         run_id, found = logged_models(client, folder)
         by_step = {next(iter({m.step for m in model.metrics})): model for model in found}
@@ -108,6 +109,7 @@ def test_each_phase_is_a_logged_model_with_its_datasets_and_phase_two_is_registe
         outputs = client.get_run(run_id).outputs.model_outputs
         assert sorted((o.step, o.model_id) for o in outputs) == sorted((s, m.model_id) for s, m in by_step.items())
         downloaded = local_model(f"models:/{model.model_id}")
+        assert downloaded.model_dir.is_relative_to(root / "node-copies")
         assert sorted(p.name for p in downloaded.model_dir.iterdir()) == sorted(p.name for p in folder.iterdir())
         # phase I's adapter-only folder finds its backbone by path: it carries no encoders; phase II all it needs
         if phase == 1:
@@ -119,6 +121,9 @@ def test_each_phase_is_a_logged_model_with_its_datasets_and_phase_two_is_registe
         else:
             assert sorted(downloaded.encoder_dirs) == ["audio", "image"]
             assert hash_model_dir(downloaded.encoder_dirs["audio"]) == hash_model_dir(root / "whisper")
+    # once a node, beside its other copies (`modrwkv cache local` lists and prunes them): the three fetched above
+    copies = local_copy.node_folders()
+    assert len(copies) == 3 and all(f.source.startswith("models:/m-") for f in copies)
     (version,) = client.search_model_versions("name = 'tiny'")
     assert version.source == f"models:/{model_id_of(uri, str(phase2))}" and int(version.version) == 1
 
@@ -163,6 +168,7 @@ def chat(args: list[str], capsys) -> str:
 def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trained, monkeypatch, capsys):
     root, uri, used, (_, phase2) = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(local_copy.ROOT_ENV, str(root / "this-node"))
     monkeypatch.chdir(root)
     client = MlflowClient(uri)
     test_cache = tiny_digits_cache(root / "test", "test", 4, shard_size=4)
@@ -188,15 +194,14 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
     assert scored_version.tags[f"eval.{accuracy.dataset_name}.accuracy"] == version.tags[
         f"eval.{accuracy.dataset_name}.accuracy"]
     assert again.predictions.read_text() == scored.predictions.read_text()
-    elsewhere = root / "another-node"  # a prediction actor on another node: it downloads the model itself
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
+    # a prediction actor on another node: it downloads the model itself
+    monkeypatch.setenv(local_copy.ROOT_ENV, str(root / "another-node"))
     task = TASKS["vqa"].from_config(from_dict(EvalConfig, {**config, "checkpoint": "models:/tiny/1"}))
     actor = Predictor("models:/tiny/1", test_cache, task, tracking_uri=uri)
     rows = sorted(actor({"shard": [0]})["rows"], key=lambda r: json.loads(r)["key"])  # the cache's one shard
     assert [json.loads(r) for r in rows] == [json.loads(line) for line in scored.predictions.read_text().splitlines()]
-    assert [p.name for p in (elsewhere / "runs" / "models").iterdir() if p.is_dir()] == [model_id]
-    monkeypatch.chdir(root)
+    assert [f.source for f in local_copy.node_folders()] == [f"models:/{model_id}"]
+    monkeypatch.setenv(local_copy.ROOT_ENV, str(root / "this-node"))
     assert client.get_run(again.run_id).data.tags["mlflow.parentRunId"] == eval_run.data.tags["mlflow.parentRunId"]
     question = ["--image", str(digit_png(root)), "--question", "What digit is this?"]
     by_folder = chat(["--model", str(phase2), "--encoder-dir", str(root / "clip"), *question], capsys)

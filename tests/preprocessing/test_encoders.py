@@ -148,7 +148,8 @@ def test_the_host_half_prepares_without_the_weights_and_a_batch_equals_its_items
              "series": [seasonal(40), seasonal(21, seed=1), seasonal(64, seed=2)]}
     modality = {**dict.fromkeys(VISION, "image"), "whisper": "audio", "wavlm": "audio", "timer": "series",
                 "fracast": "series"}
-    settings = {"clip": {"image_size": 40}}  # a setting the inputs must take from the caller, not the folder
+    # a setting the inputs must take from the caller, not the folder, and one only the model reads
+    settings = {"clip": {"image_size": 40, "layer": -2}}
     for kind, save in TINY_MODELS.items():
         torch.manual_seed(0)
         save(tmp_path / kind)
