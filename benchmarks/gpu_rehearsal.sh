@@ -12,6 +12,8 @@
 #   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size: the
 #                       model's forward on the GPU apart from the host half the encode job's decode tasks run, then
 #                       the forward fed by 8 processes running that half (the encode job's rate per GPU)
+#   wavlm_batching      WavLM Base (real size, random weights) on clips of unequal length: each clip's whole model
+#                       alone against the shipped forward (convolutions alone, the transformer batched)
 #   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
@@ -35,7 +37,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 LOGS=$(mktemp -d)
-ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput fla_tests phase2_fla phase2_ckpt"
+ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput wavlm_batching"
+ALL_PARTS+=" fla_tests phase2_fla phase2_ckpt"
 PARTS=${PARTS:-"$ALL_PARTS phase2_compile"}
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
@@ -67,6 +70,7 @@ part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines
 part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"
+part wavlm_batching 60 python3 benchmarks/wavlm_batching.py --out "$LOGS"
 part wkv7_kernels 200 python3 benchmarks/wkv7_kernels.py --no-cpu --peak-gbs 4800 --out "$LOGS"
 part fla_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels -k fla
 part phase2_fla 150 python3 benchmarks/phase2_throughput.py --backends triton_chunked fla --out "$LOGS"

@@ -10,7 +10,6 @@ one `id repr(token) byte_length` per line). The rest are ours:
     65533..65535   reserved
 """
 
-import ast
 import codecs
 import importlib.util
 from pathlib import Path
@@ -29,11 +28,22 @@ def default_vocab_path() -> Path:
 
 
 def parse_literal(literal: str) -> str | bytes:
-    """A vocab entry's Python literal ('...', "..." or b'...'). Without escapes the quotes are simply stripped
-    (most of the 65k lines, and 10x faster than the parser); anything else goes through ast.literal_eval."""
-    if "\\" not in literal and len(literal) >= 2 and literal[0] == literal[-1] and literal[0] in "'\"":
-        return literal[1:-1]
-    return ast.literal_eval(literal)
+    """A vocab entry's Python literal as `repr` writes it: '...' or "..." (text), b'...' or b"..." (bytes).
+    Decoded here rather than by ast.literal_eval: CPython 3.11's AST builder counts its recursion depth in state
+    the interpreter's threads share, and 65k parses in a process whose other threads parse too can fail with a
+    spurious SystemError ("AST constructor recursion depth mismatch"; seen in this suite, loading the tokenizer
+    beside a Ray Train run)."""
+    is_bytes = literal[:1] == "b"
+    quoted = literal[1:] if is_bytes else literal
+    if len(quoted) < 2 or quoted[0] != quoted[-1] or quoted[0] not in "'\"":
+        raise ValueError(f"not a quoted literal: {literal}")
+    body = quoted[1:-1]
+    if is_bytes:  # ASCII with escapes: \xNN to U+00NN, which latin-1 turns back into the byte NN
+        return body.encode("ascii").decode("unicode_escape").encode("latin-1")
+    if "\\" not in body:  # most of the 65k lines
+        return body
+    # the text's own characters kept as they are (latin-1, or escaped for the decoder), its escapes decoded
+    return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 class WorldTokenizer:
@@ -49,7 +59,7 @@ class WorldTokenizer:
                 idx_str, rest = line.split(" ", 1)
                 literal, length = rest.rsplit(" ", 1)
                 token = parse_literal(literal)
-            except (ValueError, SyntaxError) as e:
+            except ValueError as e:
                 raise ValueError(f"{path}:{line_no}: not a vocab line ({e})") from e
             token = token.encode("utf-8") if isinstance(token, str) else token
             if not isinstance(token, bytes) or len(token) != int(length):

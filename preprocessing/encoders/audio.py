@@ -10,7 +10,7 @@ from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, Wh
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from ..items import SAMPLE_RATE, to_16k_mono
-from .base import EncoderInputs, FrozenEncoder, require_local_dir, right_padded
+from .base import EncoderInputs, FrozenEncoder, require_local_dir
 
 
 def load_whisper_encoder(path):
@@ -83,21 +83,28 @@ class WavLMEncoder(FrozenEncoder):
         return WaveformInputs()
 
     def forward(self, prepared) -> list[torch.Tensor]:
+        """WavLMModel's forward, in two steps so that a clip's features never depend on its batch-mates: the
+        convolutions (`convolved`), then the projection and transformer over the batch, right-padded and masked."""
+        if self.model.adapter is not None:
+            raise ValueError(f"{self.model_dir}: a WavLM with an adapter (add_adapter) is not supported")
+        convolved = self.convolved([torch.from_numpy(p["wave"]).to(self.device, self.dtype) for p in prepared])
+        frames = [len(c) for c in convolved]
+        mask = torch.arange(max(frames), device=self.device)[None] < torch.tensor(frames, device=self.device)[:, None]
+        hidden, _ = self.model.feature_projection(torch.nn.utils.rnn.pad_sequence(convolved, batch_first=True))
+        hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state.float().cpu()
+        return [h[:n] for h, n in zip(hidden, frames)]
+
+    def convolved(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each clip's convolutional features [frames, conv channels]."""
         if self.model.config.feat_extract_norm == "group":
             # WavLM Base/Base+: the first convolution's GroupNorm spans the whole time axis, padding included, so a
             # padded clip's features would depend on its batch-mates (measured: off by 40 % of their scale); each
-            # clip runs alone, as inference encodes it
-            return [f for p in prepared for f in self.padded_forward([p])]
-        return self.padded_forward(prepared)
-
-    def padded_forward(self, prepared) -> list[torch.Tensor]:
-        # right-padded with zeros and masked, as the feature extractor pads a batch itself
-        lengths = [p["wave"].size for p in prepared]
-        waves, mask = right_padded([p["wave"] for p in prepared], max(lengths))
-        hidden = self.model(torch.from_numpy(waves).to(self.device, self.dtype),
-                            attention_mask=torch.from_numpy(mask).to(self.device)).last_hidden_state.float().cpu()
-        frames = self.model._get_feat_extract_output_lengths(torch.tensor(lengths))
-        return [h[: int(n)] for h, n in zip(hidden, frames)]
+            # clip's convolutions run alone (about a third of the model's work), the transformer takes the batch
+            return [self.model.feature_extractor(w[None])[0].T for w in waves]
+        # WavLM Large normalises each frame alone: a zero-padded batch, each clip's frames cut to its own length
+        batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+        frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
+        return [c[: int(n)] for c, n in zip(self.model.feature_extractor(batch).transpose(1, 2), frames)]
 
 
 AUDIO_ENCODERS = {cls.kind: cls for cls in (WhisperEncoder, WavLMEncoder)}

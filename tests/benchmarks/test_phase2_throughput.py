@@ -2,22 +2,13 @@
 without the job frameworks), with the profiled step."""
 
 import json
-import subprocess
-import sys
 
-from .test_encoder_throughput import NOT_ON_THE_GPU_MACHINE, ROOT
-
-RUN_WITHOUT_THEM = ("import runpy, sys\n"
-                    "for name in sys.argv[1].split(','):\n"
-                    "    sys.modules[name] = None\n"
-                    "sys.argv = sys.argv[1:]\n"
-                    "runpy.run_path('benchmarks/phase2_throughput.py', run_name='__main__')\n")
+from .gpu_machine import run_benchmark
 
 
 def test_a_tiny_phase2_step_is_timed_and_profiled_eager_and_compiled(tmp_path):
-    subprocess.run([sys.executable, "-c", RUN_WITHOUT_THEM, ",".join(NOT_ON_THE_GPU_MACHINE), "--shape", "tiny",
-                    "--steps", "1", "--profile", "--compile", "on", "off", "--out", str(tmp_path)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+    run_benchmark("phase2_throughput.py", "--shape", "tiny", "--steps", "1", "--profile", "--compile", "on", "off",
+                  "--out", str(tmp_path))
     row, compiled = json.loads((tmp_path / "phase2_throughput.json").read_text())["results"]
     assert not row["compiled"] and compiled["compiled"]  # eager first, whatever the order asked
     assert row["backend"] == "chunked" and row["tokens_per_s"] > 0 and row["last_loss"] < row["first_loss"] + 1

@@ -108,9 +108,12 @@ def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm):
     torch.manual_seed(0)
     WavLMModel(WavLMConfig(**{**WAVLM.to_dict(), "feat_extract_norm": norm})).save_pretrained(tmp_path)
     encoder = build_encoder("wavlm", tmp_path)
-    a, b = encoder.encode([tone(1.0, 16000), tone(0.5, 22050)])
-    assert a.shape == (49, 32) and b.shape == (24, 32)
-    torch.testing.assert_close(b, encoder.encode([tone(0.5, 22050)])[0], atol=1e-5, rtol=1e-5)  # as alone
+    clips = [tone(1.0, 16000), tone(0.5, 22050), tone(0.7, 16000)]
+    features = encoder.encode(clips)
+    assert [f.shape for f in features] == [(49, 32), (24, 32), (34, 32)]
+    for clip, f in zip(clips, features):  # each as HF's model gives it for the clip alone
+        wave = torch.from_numpy(encoder.inputs.prepare(clip, "clip")["wave"])[None]
+        torch.testing.assert_close(f, encoder.model(wave).last_hidden_state[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sample e: expected a non-empty"):
         encoder.encode([Audio(np.zeros(0, np.float32), 16000)], ["e"])
 
