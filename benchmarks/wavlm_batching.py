@@ -1,5 +1,7 @@
 """WavLM Base in a batch: each clip through the whole model alone, against the shipped `WavLMEncoder.forward`
-(each clip's convolutions alone, then the projection and transformer over the batch, right-padded and masked).
+(each clip's convolutions alone, then the projection and transformer over clips of about the same length,
+right-padded and masked) at several `max_padding` settings (the padding a transformer batch may add, as a share of
+its real frames: 0 batches only equal lengths, inf the whole batch).
 
 WavLM Base and Base+ normalise their first convolution with a GroupNorm over the whole time axis, so a zero-padded
 batch would give a clip features that depend on its batch-mates (off by 40 % of their scale): until 2026-12-05 the
@@ -14,7 +16,8 @@ lengths. Both ways time the model only (the host half, the waveform normalisatio
 warm-up pass each, torch.cuda.synchronize around each timing on CUDA. The error column: the largest absolute
 difference between a clip's two feature sequences, over the largest feature magnitude.
 
-    python benchmarks/wavlm_batching.py [--device cuda|cpu] [--clips N] [--batch-size B] [--tiny] [--out DIR]
+    python benchmarks/wavlm_batching.py [--device cuda|cpu] [--clips N] [--batch-size B] [--max-padding P ...]
+                                        [--tiny] [--out DIR]
 
 Defaults: CUDA bf16, 256 clips in batches of 32; CPU fp32, 16 clips in batches of 8. `--tiny`: one layer of width 32
 (the test's path).
@@ -51,7 +54,7 @@ def synthetic_clips(count: int, rng) -> list[Audio]:
             for s in seconds]
 
 
-def measure(device: str, dtype: str, clips: int, batch_size: int, tiny: bool) -> dict:
+def measure(device: str, dtype: str, clips: int, batch_size: int, max_paddings: list[float], tiny: bool) -> list[dict]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         model = WavLMModel(WavLMConfig(**(TINY if tiny else {}), feat_extract_norm="group"))
@@ -77,15 +80,19 @@ def measure(device: str, dtype: str, clips: int, batch_size: int, tiny: bool) ->
         return time.perf_counter() - started, features
 
     alone_seconds, reference = timed(alone)
-    batched_seconds, features = timed(encoder.forward)
     scale = max(float(r.abs().max()) for r in reference)
-    error = max(float((f - r).abs().max()) for f, r in zip(features, reference)) / scale
     audio_seconds = sum(p["wave"].size for p in prepared) / SAMPLE_RATE
-    return {"model": "WavLM Base" + (" (tiny)" if tiny else ""), "parameters": parameters, "device": device,
-            "dtype": dtype, "clips": clips, "batch_size": batch_size, "audio_seconds": audio_seconds,
-            "alone_clips_per_s": clips / alone_seconds, "batched_clips_per_s": clips / batched_seconds,
-            "speedup": alone_seconds / batched_seconds, "max_error_over_scale": error,
-            "same_lengths": all(f.shape == r.shape for f, r in zip(features, reference))}
+    rows = []
+    for max_padding in max_paddings:
+        encoder.max_padding = max_padding
+        seconds, features = timed(encoder.forward)
+        rows.append({"model": "WavLM Base" + (" (tiny)" if tiny else ""), "parameters": parameters, "device": device,
+                     "dtype": dtype, "clips": clips, "batch_size": batch_size, "audio_seconds": audio_seconds,
+                     "max_padding": max_padding, "alone_clips_per_s": clips / alone_seconds,
+                     "batched_clips_per_s": clips / seconds, "speedup": alone_seconds / seconds,
+                     "max_error_over_scale": max(float((f - r).abs().max()) for f, r in zip(features, reference))
+                     / scale, "same_lengths": all(f.shape == r.shape for f, r in zip(features, reference))})
+    return rows
 
 
 def main():
@@ -94,22 +101,24 @@ def main():
     parser.add_argument("--clips", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--max-padding", type=float, nargs="+", default=[0.0, 0.25, float("inf")],
+                        help="the encoder's max_padding settings to time (default: 0 0.25 inf)")
     parser.add_argument("--tiny", action="store_true", help="one layer of width 32 instead of WavLM Base's size")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
     cuda = args.device == "cuda"
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    row = measure(args.device, dtype, args.clips or (256 if cuda else 16), args.batch_size or (32 if cuda else 8),
-                  args.tiny)
+    rows = measure(args.device, dtype, args.clips or (256 if cuda else 16), args.batch_size or (32 if cuda else 8),
+                   args.max_padding, args.tiny)
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     machine = (f"{torch.cuda.get_device_name() if cuda else f'CPU ({cpu})'}, torch {torch.__version__}, "
                f"transformers {transformers.__version__}; random weights, {dtype}")
-    lines = ["| model | clips (audio s) | batch | each clip alone: clips/s | shipped: clips/s | speedup | "
-             "max error / scale |", "|---|---|---|---|---|---|---|",
-             f"| {row['model']} | {row['clips']} ({row['audio_seconds']:.0f}) | {row['batch_size']} | "
-             f"{row['alone_clips_per_s']:.2f} | {row['batched_clips_per_s']:.2f} | {row['speedup']:.2f}x | "
-             f"{row['max_error_over_scale']:.1e} |"]
-    write_report(args.out, "wavlm_batching", machine, [row], lines)
+    lines = ["| model | clips (audio s) | batch | each clip's whole model alone: clips/s | max_padding | shipped "
+             "forward: clips/s | speedup | max error / scale |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['clips']} ({r['audio_seconds']:.0f}) | {r['batch_size']} | "
+              f"{r['alone_clips_per_s']:.2f} | {r['max_padding']:g} | {r['batched_clips_per_s']:.2f} | "
+              f"{r['speedup']:.2f}x | {r['max_error_over_scale']:.1e} |" for r in rows]
+    write_report(args.out, "wavlm_batching", machine, rows, lines)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ class WaveformInputs(EncoderInputs):
 
 class WavLMEncoder(FrozenEncoder):
     kind = "wavlm"
+    # how much padding a transformer batch may add, as a share of its real frames: clips batch with others of
+    # about their length. 0, each length alone: on a CPU any padding only costs (benchmarks/wavlm_batching.py, 0.25
+    # ran at 0.7x); what a GPU gains from it is that benchmark's part of the GPU rehearsal
+    max_padding = 0.0
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
@@ -84,27 +88,48 @@ class WavLMEncoder(FrozenEncoder):
 
     def forward(self, prepared) -> list[torch.Tensor]:
         """WavLMModel's forward, in two steps so that a clip's features never depend on its batch-mates: the
-        convolutions (`convolved`), then the projection and transformer over the batch, right-padded and masked."""
+        convolutions (`convolved`), then the projection and transformer over clips of about the same length,
+        right-padded and masked."""
         if self.model.adapter is not None:
             raise ValueError(f"{self.model_dir}: a WavLM with an adapter (add_adapter) is not supported")
         convolved = self.convolved([torch.from_numpy(p["wave"]).to(self.device, self.dtype) for p in prepared])
-        frames = [len(c) for c in convolved]
-        mask = torch.arange(max(frames), device=self.device)[None] < torch.tensor(frames, device=self.device)[:, None]
-        hidden, _ = self.model.feature_projection(torch.nn.utils.rnn.pad_sequence(convolved, batch_first=True))
-        hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state.float().cpu()
-        return [h[:n] for h, n in zip(hidden, frames)]
+        features = [None] * len(convolved)
+        for group in length_groups([len(c) for c in convolved], self.max_padding):
+            frames = [len(convolved[i]) for i in group]
+            mask = None if min(frames) == max(frames) else (
+                torch.arange(max(frames), device=self.device)[None] < torch.tensor(frames, device=self.device)[:, None])
+            hidden, _ = self.model.feature_projection(
+                torch.nn.utils.rnn.pad_sequence([convolved[i] for i in group], batch_first=True))
+            hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state.float().cpu()
+            for i, h in zip(group, hidden):
+                features[i] = h[: len(convolved[i])]
+        return features
 
     def convolved(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each clip's convolutional features [frames, conv channels]."""
         if self.model.config.feat_extract_norm == "group":
             # WavLM Base/Base+: the first convolution's GroupNorm spans the whole time axis, padding included, so a
             # padded clip's features would depend on its batch-mates (measured: off by 40 % of their scale); each
-            # clip's convolutions run alone (about a third of the model's work), the transformer takes the batch
+            # clip's convolutions run alone (about a third of the model's work)
             return [self.model.feature_extractor(w[None])[0].T for w in waves]
         # WavLM Large normalises each frame alone: a zero-padded batch, each clip's frames cut to its own length
         batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
         return [c[: int(n)] for c, n in zip(self.model.feature_extractor(batch).transpose(1, 2), frames)]
+
+
+def length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices into `lengths` in groups, longest first, each padded to its longest adding at most `max_padding` of
+    its real length."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else []
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + max_padding) * real:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 AUDIO_ENCODERS = {cls.kind: cls for cls in (WhisperEncoder, WavLMEncoder)}

@@ -16,6 +16,7 @@ from transformers import (
 
 from modrwkv.model_folder import read_encoders_record, write_records
 from preprocessing.encoders import ENCODERS, build_encoder, build_inputs
+from preprocessing.encoders.audio import length_groups
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
 from preprocessing.encoders.recorded import encoder_for
 from preprocessing.encoders.timer import TimerConfig, TimerModel
@@ -83,9 +84,9 @@ def whisper_dir(tmp_path_factory):
     return path
 
 
-def tone(seconds, rate, channels=1) -> Audio:
+def tone(seconds, rate, channels=1, hz=440) -> Audio:
     t = np.arange(int(seconds * rate)) / rate
-    wave = 0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    wave = 0.3 * np.sin(2 * np.pi * hz * t).astype(np.float32)
     return Audio(np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate)
 
 
@@ -103,19 +104,29 @@ def test_whisper_trims_to_the_real_length_and_resamples(whisper_dir):
         encoder.encode([tone(31, 16000)])
 
 
+@pytest.mark.parametrize("max_padding", [0.0, 0.2, float("inf")])  # each length alone, two pairs, all
 @pytest.mark.parametrize("norm", ["group", "layer"])  # WavLM Base/Base+, WavLM Large
-def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm):
+def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm, max_padding):
     torch.manual_seed(0)
     WavLMModel(WavLMConfig(**{**WAVLM.to_dict(), "feat_extract_norm": norm})).save_pretrained(tmp_path)
     encoder = build_encoder("wavlm", tmp_path)
-    clips = [tone(1.0, 16000), tone(0.5, 22050), tone(0.7, 16000)]
+    encoder.max_padding = max_padding
+    clips = [tone(1.0, 16000), tone(0.5, 22050), tone(0.7, 16000), tone(0.7, 16000, hz=220)]
     features = encoder.encode(clips)
-    assert [f.shape for f in features] == [(49, 32), (24, 32), (34, 32)]
+    assert [f.shape for f in features] == [(49, 32), (24, 32), (34, 32), (34, 32)]
     for clip, f in zip(clips, features):  # each as HF's model gives it for the clip alone
         wave = torch.from_numpy(encoder.inputs.prepare(clip, "clip")["wave"])[None]
         torch.testing.assert_close(f, encoder.model(wave).last_hidden_state[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sample e: expected a non-empty"):
         encoder.encode([Audio(np.zeros(0, np.float32), 16000)], ["e"])
+
+
+def test_clips_batch_with_others_of_about_their_length():
+    lengths = [10, 100, 95, 12, 50, 95]
+    assert length_groups(lengths, 0.0) == [[1], [2, 5], [4], [3], [0]]  # equal lengths only
+    # longest first; a group takes the next clip while padding to its longest adds at most 25 % of its frames
+    assert length_groups(lengths, 0.25) == [[1, 2, 5, 4], [3, 0]]
+    assert length_groups(lengths, float("inf")) == [[1, 2, 5, 4, 3, 0]]
 
 
 def test_every_registered_encoder_is_called_the_same_way(tmp_path):
