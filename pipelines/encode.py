@@ -35,7 +35,7 @@ from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, it
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
 from preprocessing.items import RAW_SERIES
-from preprocessing.local_copy import local_copy
+from preprocessing.local_copy import local_configs, local_copy
 from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
                                    normalised_lookback)
@@ -205,7 +205,8 @@ def encoder_inputs(spec: EncoderSpec):
         return RawSeries()
     from preprocessing.encoders import build_inputs, build_settings  # transformers: heavy, only a job with items
 
-    return build_inputs(spec.kind, local_copy(spec.model_dir), **build_settings(dataclasses.asdict(spec)))
+    # an s3:// folder: its configs alone (the driver never needs the weights)
+    return build_inputs(spec.kind, local_configs(spec.model_dir), **build_settings(dataclasses.asdict(spec)))
 
 
 class ItemEncoder:

@@ -57,6 +57,24 @@ def local_copy(uri: str) -> str:
     return str(node_copy(uri, name, listing, lambda incoming: storage.copy_tree(uri, str(incoming))))
 
 
+def local_configs(uri: str) -> str:
+    """A model folder's top-level JSON files (its config and its processor's settings: all an encoder's host half
+    reads): `uri` itself when it is a local path, else this node's copy of those files alone, without the weights."""
+    if not storage.is_remote(uri):
+        return str(uri)
+    listing = {name: list(stat) for name, stat in storage.list_tree(uri).items()
+               if "/" not in name and name.endswith(".json")}
+    if not listing:
+        raise FileNotFoundError(f"{uri}: no config files (*.json) at the top of that folder")
+
+    def fetch(incoming: Path) -> None:
+        incoming.mkdir()
+        for name in listing:
+            storage.copy_tree(storage.join(uri, name), str(incoming / name))
+
+    return str(node_copy(f"{uri} (configs)", posixpath.basename(uri.rstrip("/")), listing, fetch))
+
+
 def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], None]) -> Path:
     """This node's copy of `source` (a URI: s3://..., models:/...), the path `<slot>/<name>`: `fetch(path)` writes it
     unless a complete copy fetched from the same `listing` (what identifies the remote version) is there. Processes
@@ -152,18 +170,26 @@ def node_folders() -> list[NodeFolder]:
 
 
 def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
-    """The node folders unused for `unused_for_s`; with `apply`, removed (a copy under its fetch lock, so a worker
-    fetching it waits, then fetches it again)."""
+    """The node folders unused for `unused_for_s`; with `apply`, those removed (a copy under its fetch lock, so a
+    worker fetching it waits, then fetches it again; one used since it was listed stays)."""
     stale = [f for f in node_folders() if time.time() - f.last_used >= unused_for_s]
-    for folder in stale if apply else []:
+    if not apply:
+        return stale
+    removed = []
+    for folder in stale:
         if folder.source is None:
             remove(folder.path)
+            removed.append(folder)
             continue
         with node_lock(folder.path / ".lock"):
+            record = folder.path / LISTING
+            if not record.is_file() or time.time() - record.stat().st_mtime < unused_for_s:
+                continue
             for entry in folder.path.iterdir():
                 if entry.name != ".lock":  # the lock stays: a worker may be waiting on it
                     remove(entry)
-    return stale
+        removed.append(folder)
+    return removed
 
 
 def tree_bytes(folder: Path) -> int:

@@ -37,9 +37,11 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 
 
 # an encoder kind whose features our code changed for the same weights joins the key with its revision, so that a
-# store of the old features is never reused for the new: wavlm 2, WavLM Base/Base+ clips encoded alone (2026-12-05;
-# before, a padded clip's GroupNorm took in its batch-mates' padding)
-FEATURE_REVISIONS = {"wavlm": 2}
+# store of the old features is never reused for the new (the whole kind's: a change to Base's features re-encodes
+# Large too). wavlm 2: Base/Base+ clips encoded alone (before, a padded clip's GroupNorm took in its batch-mates'
+# padding); 3: the samples as the checkpoint's feature extractor gives them (Base/Base+ ship do_normalize false;
+# before, always normalised), both 2026-12-05
+FEATURE_REVISIONS = {"wavlm": 3}
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,

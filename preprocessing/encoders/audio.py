@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2FeatureExtractor, WavLMModel, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers import (Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel, WhisperConfig, WhisperFeatureExtractor,
+                          WhisperModel)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from ..items import SAMPLE_RATE, to_16k_mono
-from .base import EncoderInputs, FrozenEncoder, require_local_dir
+from .base import PREPROCESSOR_FILE, EncoderInputs, FrozenEncoder, require_local_dir
 
 
 def load_whisper_encoder(path):
@@ -59,15 +60,28 @@ class WhisperEncoder(FrozenEncoder):
 
 
 class WaveformInputs(EncoderInputs):
-    """A clip -> its 16 kHz samples normalised to zero mean and unit variance: {"wave": [samples]}."""
+    """A clip -> its 16 kHz samples, normalised to zero mean and unit variance if the model's feature extractor
+    says so: {"wave": [samples]}. A clip shorter than one feature frame's `min_samples` is refused."""
 
-    def __init__(self):
+    def __init__(self, normalize: bool = True, min_samples: int = 1):
         self.features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                                 do_normalize=True)
+                                                 do_normalize=normalize)
+        self.min_samples = min_samples
 
     def prepare(self, audio, sample_id: str) -> dict[str, np.ndarray]:
         clip = to_16k_mono(audio, sample_id)
+        if clip.size < self.min_samples:
+            raise ValueError(f"sample {sample_id}: {clip.size} samples at 16 kHz, fewer than the {self.min_samples} "
+                             "of one feature frame")
         return {"wave": self.features([clip], sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]}
+
+
+def receptive_field(kernels, strides) -> int:
+    """Input samples under one output frame of a stack of unpadded convolutions."""
+    field, step = 1, 1
+    for kernel, stride in zip(kernels, strides):
+        field, step = field + (kernel - 1) * step, step * stride
+    return field
 
 
 class WavLMEncoder(FrozenEncoder):
@@ -79,12 +93,18 @@ class WavLMEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
-        super().__init__(path, WavLMModel.from_pretrained(path, local_files_only=True), WaveformInputs(), device,
-                         dtype)
+        model = WavLMModel.from_pretrained(path, local_files_only=True)
+        super().__init__(path, model, self.build_inputs(path, model.config), device, dtype)
 
     @classmethod
-    def build_inputs(cls, model_dir) -> WaveformInputs:
-        return WaveformInputs()
+    def build_inputs(cls, model_dir, config=None) -> WaveformInputs:
+        """The folder's feature extractor settings where it ships them (WavLM Base and Base+ read raw samples, Large
+        normalised ones), else normalised samples; clips as short as one feature frame."""
+        path = require_local_dir(model_dir)
+        config = config or WavLMConfig.from_pretrained(path, local_files_only=True)
+        normalize = (Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True).do_normalize
+                     if (path / PREPROCESSOR_FILE).is_file() else True)
+        return WaveformInputs(normalize, receptive_field(config.conv_kernel, config.conv_stride))
 
     def forward(self, prepared) -> list[torch.Tensor]:
         """WavLMModel's forward, in two steps so that a clip's features never depend on its batch-mates: the

@@ -13,6 +13,8 @@ import torch
 
 from ..cache.key import hash_model_dir
 
+PREPROCESSOR_FILE = "preprocessor_config.json"  # a checkpoint's processor settings, where it ships them
+
 
 class EncoderInputs:
     """One item -> the arrays the model reads, on the host; a bad item raises ValueError naming `sample_id`.

@@ -15,9 +15,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .base import EncoderInputs, FrozenEncoder, require_local_dir, right_padded
+from .base import PREPROCESSOR_FILE, EncoderInputs, FrozenEncoder, require_local_dir, right_padded
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's normalisation
 
 

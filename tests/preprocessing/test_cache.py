@@ -306,7 +306,7 @@ def test_an_encoder_whose_features_our_code_changed_keys_a_new_store(tmp_path):
         encoder = {"kind": kind, "model_dir": None, "dtype": "fp32", "image_size": None}
         return store_key("audio", encoder, {"max_audio_seconds": 30}, Fingerprints(str(tmp_path)))
 
-    assert key("wavlm")["revision"] == 2  # clips encoded alone: the padded-batch stores are not reused
+    assert key("wavlm")["revision"] == 3  # the padded-batch and always-normalised stores are not reused
     assert "revision" not in key("whisper")  # unchanged kinds keep the keys their stores were written under
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from transformers import (
     CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Siglip2VisionConfig, Siglip2VisionModel,
-    SiglipVisionConfig, SiglipVisionModel, WavLMConfig, WavLMModel, WhisperConfig, WhisperModel,
+    SiglipVisionConfig, SiglipVisionModel, Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel, WhisperConfig,
+    WhisperModel,
 )
 
 from modrwkv.model_folder import read_encoders_record, write_records
@@ -119,6 +120,24 @@ def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm, max
         torch.testing.assert_close(f, encoder.model(wave).last_hidden_state[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sample e: expected a non-empty"):
         encoder.encode([Audio(np.zeros(0, np.float32), 16000)], ["e"])
+
+
+def test_wavlm_reads_the_samples_its_checkpoint_expects(tmp_path):
+    """Base and Base+ ship a feature extractor that does not normalise; one frame is 400 samples (25 ms)."""
+    torch.manual_seed(0)
+    WavLMModel(WAVLM).save_pretrained(tmp_path)
+    clip = tone(0.5, 16000)
+    normalised = build_encoder("wavlm", tmp_path).inputs.prepare(clip, "c")["wave"]
+    assert abs(normalised.std() - 1) < 1e-3  # no processor settings shipped: normalised, as before
+    Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path)
+    encoder = build_encoder("wavlm", tmp_path)
+    raw = encoder.inputs.prepare(clip, "c")["wave"]
+    np.testing.assert_array_equal(raw, clip.wave)
+    alone = encoder.model(torch.from_numpy(raw)[None]).last_hidden_state[0]
+    torch.testing.assert_close(encoder.encode([clip])[0], alone)
+    assert encoder.inputs.min_samples == 400 and encoder.encode([tone(400 / 16000, 16000)])[0].shape == (1, 32)
+    with pytest.raises(ValueError, match="sample short: 399 samples at 16 kHz, fewer than the 400 of one feature"):
+        encoder.encode([tone(399 / 16000, 16000)], ["short"])
 
 
 def test_clips_batch_with_others_of_about_their_length():

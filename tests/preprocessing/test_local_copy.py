@@ -110,3 +110,31 @@ def test_copies_and_staged_outputs_unused_for_a_while_are_listed_then_pruned(s3,
     assert local_copy(new) == str(new_copy) and fetched == []  # the one in use stays
     assert local_copy(old) == str(old_copy) and fetched == [old] and old_copy.read_bytes() == b"o" * 3000
     assert main(["cache", "local", "--apply"]) == 2 and "give --unused-days" in capsys.readouterr().err
+
+
+def test_a_folders_configs_are_copied_without_its_weights(s3, monkeypatch):
+    prefix = "local-copy/encoder"
+    for name, body in (("config.json", b"{}"), ("preprocessor_config.json", b'{"size": 8}'),
+                       ("model.safetensors", b"w" * 1000), ("nested/extra.json", b"{}")):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    fetched, uri = fetches(monkeypatch), f"s3://{BUCKET}/{prefix}"
+    configs = Path(local_copy_module.local_configs(uri))
+    assert sorted(p.name for p in configs.rglob("*")) == ["config.json", "preprocessor_config.json"]
+    assert (configs / "preprocessor_config.json").read_bytes() == b'{"size": 8}'
+    assert local_copy_module.local_configs(uri) == str(configs) and len(fetched) == 2  # once
+    assert [f.source for f in local_copy_module.node_folders()] == [f"{uri} (configs)"]
+    with pytest.raises(FileNotFoundError, match="no config files"):
+        local_copy_module.local_configs(f"s3://{BUCKET}/{prefix}/nested-none")
+
+
+def test_a_copy_used_after_it_was_listed_is_not_pruned(s3, monkeypatch):
+    s3.put_object(Bucket=BUCKET, Key="local-copy/busy/rwkv7.pth", Body=b"b" * 100)
+    uri = f"s3://{BUCKET}/local-copy/busy/rwkv7.pth"
+    copy = Path(local_copy(uri))
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(copy.parent / local_copy_module.LISTING, (ten_days_ago, ten_days_ago))
+    listed = local_copy_module.node_folders()
+    assert [f.source for f in local_copy_module.prune(7 * 86400)] == [uri]  # stale when listed
+    local_copy(uri)  # then a worker uses it
+    monkeypatch.setattr(local_copy_module, "node_folders", lambda: listed)
+    assert local_copy_module.prune(7 * 86400, apply=True) == [] and copy.read_bytes() == b"b" * 100
