@@ -175,7 +175,8 @@ def cmd_cache_local(args) -> None:
     folders = node_folders() if args.unused_days is None else prune(args.unused_days * 86400, args.apply)
     for f in folders:
         used = datetime.datetime.fromtimestamp(f.last_used).strftime("%Y-%m-%d %H:%M")
-        print(f"{used}  {human(f.bytes):>9}  {f.source or '(staged output)'}  {f.path}")
+        what = f.source or ("(staged output)" if f.uploaded else "(staged output, never uploaded: kept)")
+        print(f"{used}  {human(f.bytes):>9}  {what}  {f.path}")
     total = human(sum(f.bytes for f in folders))
     if args.unused_days is None:
         print(f"{len(folders)} local copies and staged outputs on this node, {total}")

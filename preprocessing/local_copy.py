@@ -6,7 +6,8 @@ version changes (an S3 folder: its files' names, sizes or modification times). W
 (a file lock) instead of each fetching.
 
 Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
-outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`)."""
+outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`), never a
+staged output that was not uploaded."""
 
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ from . import storage
 ROOT_ENV = "MODRWKV_LOCAL_COPIES"
 LISTING = "listing.json"  # what the copy was fetched from, written once the copy is complete; touched at each use
 SOURCE = "source.txt"  # the URI the copy is of
+UPLOADED = "uploaded.txt"  # in a staged output: the URI `publish` uploaded it to, written once it has
 
 
 def copies_root() -> Path:
@@ -134,6 +136,7 @@ def publish(folder: Path, destination: str, names: tuple[str, ...]) -> None:
         for name in names:
             if (folder / name).exists():
                 storage.copy_tree(str(folder / name), storage.join(destination, name))
+        (folder / UPLOADED).write_text(destination)
 
 
 def remove(path: Path) -> None:
@@ -151,6 +154,7 @@ class NodeFolder:
     source: str | None
     bytes: int
     last_used: float  # seconds since the epoch: a copy's last fetch or use, an output's last write
+    uploaded: bool = True  # False: a staged output never uploaded (a failed run's), maybe the only copy of its files
 
 
 def node_folders() -> list[NodeFolder]:
@@ -165,14 +169,15 @@ def node_folders() -> list[NodeFolder]:
                                 record.stat().st_mtime))
     for folder in sorted(outputs_root().glob("*")) if outputs_root().is_dir() else []:
         written = [p.stat().st_mtime for p in (folder, *folder.rglob("*"))]
-        found.append(NodeFolder(folder, None, tree_bytes(folder), max(written)))
+        found.append(NodeFolder(folder, None, tree_bytes(folder), max(written), (folder / UPLOADED).is_file()))
     return sorted(found, key=lambda f: f.last_used)
 
 
 def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
-    """The node folders unused for `unused_for_s`; with `apply`, those removed (a copy under its fetch lock, so a
-    worker fetching it waits, then fetches it again; one used since it was listed stays)."""
-    stale = [f for f in node_folders() if time.time() - f.last_used >= unused_for_s]
+    """The node folders unused for `unused_for_s`, a staged output only once uploaded; with `apply`, those removed (a
+    copy under its fetch lock, so a worker fetching it waits, then fetches it again; one used since it was listed
+    stays)."""
+    stale = [f for f in node_folders() if f.uploaded and time.time() - f.last_used >= unused_for_s]
     if not apply:
         return stale
     removed = []

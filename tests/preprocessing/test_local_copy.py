@@ -91,15 +91,22 @@ def test_copies_and_staged_outputs_unused_for_a_while_are_listed_then_pruned(s3,
     staged = local_copy_module.working_dir(f"s3://{BUCKET}/runs/phase2")
     (staged / "model").mkdir()
     (staged / "model" / "weights.safetensors").write_bytes(b"w" * 2000)
+    local_copy_module.publish(staged, f"s3://{BUCKET}/runs/phase2", ("model",))
+    failed = local_copy_module.working_dir(f"s3://{BUCKET}/runs/failed")  # its run stopped before uploading
+    (failed / "model.safetensors").write_bytes(b"f" * 10)
     ten_days_ago = time.time() - 10 * 86400
-    for path in (old_copy.parent / local_copy_module.LISTING, staged, staged / "model",
-                 staged / "model" / "weights.safetensors"):
+    for path in (old_copy.parent / local_copy_module.LISTING, *staged.rglob("*"), staged, *failed.rglob("*"), failed):
         os.utime(path, (ten_days_ago, ten_days_ago))
 
-    listed = {f.source: f for f in local_copy_module.node_folders()}
-    assert sorted(listed, key=str) == sorted([old, new, None], key=str)
-    assert listed[old].bytes > 3000 and listed[None].bytes == 2000 and listed[old].last_used < listed[new].last_used
-    assert main(["cache", "local"]) == 0 and f"{old}  {old_copy.parent}" in capsys.readouterr().out
+    listed = {f.path: f for f in local_copy_module.node_folders()}
+    assert sorted(listed) == sorted([old_copy.parent, new_copy.parent, staged, failed])
+    assert [listed[p].source for p in (old_copy.parent, new_copy.parent, staged, failed)] == [old, new, None, None]
+    assert listed[old_copy.parent].bytes > 3000 and listed[staged].bytes == 2000 + len(f"s3://{BUCKET}/runs/phase2")
+    assert listed[old_copy.parent].last_used < listed[new_copy.parent].last_used
+    assert listed[staged].uploaded and not listed[failed].uploaded
+    assert main(["cache", "local"]) == 0
+    out = capsys.readouterr().out
+    assert f"{old}  {old_copy.parent}" in out and f"(staged output, never uploaded: kept)  {failed}" in out
 
     fetched = fetches(monkeypatch)
     assert sorted((f.source for f in local_copy_module.prune(7 * 86400)), key=str) == sorted([old, None], key=str)
@@ -107,6 +114,7 @@ def test_copies_and_staged_outputs_unused_for_a_while_are_listed_then_pruned(s3,
     assert main(["cache", "local", "--unused-days", "7", "--apply"]) == 0
     assert "removed: 2 unused for 7 days" in capsys.readouterr().out
     assert not old_copy.exists() and not staged.exists() and new_copy.exists()
+    assert (failed / "model.safetensors").read_bytes() == b"f" * 10  # never uploaded: maybe the only copy
     assert local_copy(new) == str(new_copy) and fetched == []  # the one in use stays
     assert local_copy(old) == str(old_copy) and fetched == [old] and old_copy.read_bytes() == b"o" * 3000
     assert main(["cache", "local", "--apply"]) == 2 and "give --unused-days" in capsys.readouterr().err
