@@ -165,11 +165,10 @@ def node_folders() -> list[NodeFolder]:
         if not record.is_file():  # being fetched, or pruned: only its lock file is left
             continue
         source = (slot / SOURCE).read_text() if (slot / SOURCE).is_file() else None  # copies from before SOURCE
-        found.append(NodeFolder(slot, source or "(remote not recorded)", tree_bytes(slot),
+        found.append(NodeFolder(slot, source or "(remote not recorded)", tree_stats(slot)[0],
                                 record.stat().st_mtime))
     for folder in sorted(outputs_root().glob("*")) if outputs_root().is_dir() else []:
-        written = [p.stat().st_mtime for p in (folder, *folder.rglob("*"))]
-        found.append(NodeFolder(folder, None, tree_bytes(folder), max(written), (folder / UPLOADED).is_file()))
+        found.append(NodeFolder(folder, None, *tree_stats(folder), (folder / UPLOADED).is_file()))
     return sorted(found, key=lambda f: f.last_used)
 
 
@@ -197,5 +196,16 @@ def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
     return removed
 
 
-def tree_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def tree_stats(folder: Path) -> tuple[int, float]:
+    """The bytes of a folder's files and the latest modification time of it and everything under it; what vanishes
+    while it is walked (a job writing its outputs) is left out."""
+    size, latest = 0, 0.0
+    for root, _, files in os.walk(folder):  # os.walk skips a folder that vanished
+        for path in [root, *(os.path.join(root, name) for name in files)]:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue
+            size += stat.st_size if path != root else 0
+            latest = max(latest, stat.st_mtime)
+    return size, latest
