@@ -276,7 +276,10 @@ class ModRWKV(nn.Module):
                         f"sample {name}: {len(positions)} <{modality}> positions but the features give "
                         f"{adapted.shape[0]} vectors after compression"
                     )
-                rows[b] = rows[b].index_put((to_device_nowait(torch.from_numpy(positions), device),), adapted)
+                # in the embeddings' dtype: under autocast the projector computes in bf16 while the embedding stays fp32
+                # (CUDA's autocast casts index_put's source itself, CPU's does not)
+                rows[b] = rows[b].index_put((to_device_nowait(torch.from_numpy(positions), device),),
+                                            adapted.to(rows[b].dtype))
         return torch.stack(rows)
 
     def forward(self, input_ids, features, attention_mask=None, labels=None, state=None,

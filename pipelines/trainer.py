@@ -36,7 +36,8 @@ def build_model(backbone_path: str, config: ModRWKVConfig, init_from: str | None
     """The backbone from `backbone_path`; phase II's projectors from phase I's folder `init_from`, phase I's new
     ones (seeded) normalising with `feature_stats` (modality -> the training features' mean and std or
     whitening). Either path may be an s3:// URI, read from this node's copy."""
-    backbone = RWKV7.from_pretrained(local_copy(backbone_path))
+    # fp32 master weights whatever the checkpoint's dtype (a bf16 folder too): bf16 is autocast's or DeepSpeed's
+    backbone = RWKV7.from_pretrained(local_copy(backbone_path), dtype=torch.float32)
     backbone.gradient_checkpointing = gradient_checkpointing
     if init_from:
         return ModRWKV.from_pretrained(local_copy(init_from), backbone=backbone)

@@ -149,6 +149,17 @@ def test_features_land_on_placeholder_positions(tok):
     torch.testing.assert_close(embeds[0, others], model.backbone.emb(ids[0, others]))
 
 
+def test_features_splice_into_fp32_embeddings_under_bf16_autocast(tok):
+    """How the one-process trainer runs on a GPU: autocast leaves the embedding in fp32, the projector in bf16."""
+    model = tiny_model()
+    model.set_phase(1)
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, [[("image", torch.randn(9, 24))]], labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projectors["image"].adapter[0].weight.grad.abs().sum() > 0
+
+
 def test_phase_parameters():
     model = tiny_model(forecast_horizon=6)
     model.set_phase(1)

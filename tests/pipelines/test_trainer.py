@@ -268,3 +268,15 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     again = {m.step: m.value for m in client.get_metric_history(resumed.run_id, "loss")}
     assert sorted(again) == [4, 5, 6]
     assert [again[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_a_bf16_backbone_folder_trains_in_fp32(tmp_path):
+    """Training keeps fp32 master weights: bf16 is computed by autocast or DeepSpeed, never stored in the optimizer."""
+    from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
+    from pipelines.trainer import build_model
+
+    config = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=64, head_size=32)
+    random_backbone(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    mm = ModRWKVConfig(config, {"image": ProjectorConfig(encoder_dim=8, model_dim=64)})
+    model = build_model(str(tmp_path / "bf16"), mm, None, {}, seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
