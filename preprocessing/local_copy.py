@@ -82,8 +82,9 @@ def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], Non
     unless a complete copy fetched from the same `listing` (what identifies the remote version) is there. Processes
     of the node wait for one fetch; each use counts as the copy's last use, for `prune`."""
     slot = copies_root() / hashlib.sha256(str(source).encode()).hexdigest()[:24]
-    target = slot / name
-    slot.mkdir(parents=True, exist_ok=True)
+    # a remote file named like the slot's own records goes one folder down, never over them
+    target = slot / "copy" / name if name in (LISTING, SOURCE, ".lock") else slot / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     with node_lock(slot / ".lock"):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():

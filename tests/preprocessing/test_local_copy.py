@@ -66,6 +66,15 @@ def test_a_remote_file_is_copied_under_its_name(s3, tmp_path):
     assert copy.name == "rwkv7.pth" and copy.read_bytes() == b"state dict bytes"
 
 
+def test_a_remote_file_named_like_the_copys_records_keeps_its_bytes(s3):
+    for name in (local_copy_module.LISTING, local_copy_module.SOURCE):
+        s3.put_object(Bucket=BUCKET, Key=f"local-copy/records/{name}", Body=b"the remote's own bytes")
+        uri = f"s3://{BUCKET}/local-copy/records/{name}"
+        copy = Path(local_copy(uri))
+        assert copy.name == name and copy.read_bytes() == b"the remote's own bytes"
+        assert local_copy(uri) == str(copy) and uri in [f.source for f in local_copy_module.node_folders()]
+
+
 def test_a_missing_remote_is_named(s3):
     with pytest.raises(FileNotFoundError, match=f"s3://{BUCKET}/local-copy/none: no such file or folder"):
         local_copy(f"s3://{BUCKET}/local-copy/none")
