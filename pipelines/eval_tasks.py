@@ -11,7 +11,7 @@ import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import forecast_errors, mase, seasonal_naive
-from .metrics.vqa import mean_exact_match
+from .metrics.vqa import mean_exact_match, normalize_answer
 from .plots import pyplot, save_figure
 
 if TYPE_CHECKING:
@@ -70,28 +70,40 @@ class DecodeTask(EvalTask):
         from modrwkv.batching import right_pad  # imports torch: see EvalTask.predict
         from modrwkv.conversation import TURN_END
         from modrwkv.generation import GenerationConfig, generate
+        from modrwkv.tokenizer import END_OF_TEXT
 
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=0,
-                                  stop_tokens=tuple(tokenizer.encode(TURN_END)))
-        tokens = []
+                                  stop_tokens=(*tokenizer.encode(TURN_END), END_OF_TEXT))
+        rows = []
         for start in range(0, len(prompts), self.batch_size):
             batch = slice(start, start + self.batch_size)
+            said = [[] for _ in prompts[batch]]
+
+            def ends_turn(row: int, token: int) -> bool:
+                # the turn's end may come inside other tokens ("。\n" then "\n"), not as the "\n\n" token
+                said[row].append(token)
+                return TURN_END in tokenizer.decode(said[row])
+
             ids, mask, _ = right_pad(prompts[batch], device=model.backbone.emb.weight.device)
             first, state = model.prefill(ids, features[batch], attention_mask=mask)
-            tokens += generate(model.backbone, prompts[batch], config, state=state, first_logits=first).tokens
-        return [{"prediction": tokenizer.decode(t).strip(), "reference": s.text("assistant")}
-                for s, t in zip(samples, tokens)]
+            out = generate(model.backbone, prompts[batch], config, state=state, first_logits=first, on_token=ends_turn)
+            # stopped: False where the answer ran to max_new_tokens (cut short, or never ending its turn)
+            rows += [{"prediction": tokenizer.decode(t).split(TURN_END)[0].strip(), "stopped": stopped}
+                     for t, stopped in zip(out.tokens, out.stopped)]
+        return [{**r, "reference": s.text("assistant")} for s, r in zip(samples, rows)]
 
 
 @dataclass
 class VQA(DecodeTask):
-    """Exact match after VQAv2 normalisation, beside chance over the answer set; a confusion matrix."""
+    """Exact match after VQAv2 normalisation, beside chance over the answer set (answers told apart after the same
+    normalisation); a confusion matrix."""
 
     modality: ClassVar[str] = "image"
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(set(references))}
+        answers = {normalize_answer(r) for r in references}
+        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(answers)}
 
     def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
         """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
@@ -116,19 +128,28 @@ class VQA(DecodeTask):
 
 @dataclass
 class ASR(DecodeTask):
-    """WER on English and CER on Mandarin, each beside the empty transcript."""
+    """WER on English and CER on Mandarin, each beside the empty transcript. Rows in another language (or none)
+    are not scored but counted (`rows_unscored`), never dropped unsaid; none scored at all is an error."""
 
     modality: ClassVar[str] = "audio"
+    RATES: ClassVar[dict] = {"en": word_error_rate, "zh": lambda r, h: character_error_rate(r, h, "zh")}
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         metrics, baselines = {}, {}
-        for language, rate in (("en", word_error_rate), ("zh", lambda r, h: character_error_rate(r, h, "zh"))):
-            mine = [r for r in rows if r["language"] == language]
+        for language, rate in self.RATES.items():
+            mine = [r for r in rows if r.get("language") == language]
             if mine:
                 references = [r["reference"] for r in mine]
                 result = rate(references, [r["prediction"] for r in mine])
                 metrics[f"{result.metric}_{language}"] = result.rate
                 baselines[f"{result.metric}_{language}"] = rate(references, [""] * len(mine)).rate
+        unscored = [r for r in rows if r.get("language") not in self.RATES]
+        others = sorted({str(r.get("language")) for r in unscored})
+        if not metrics:
+            raise ValueError(f"no row to score: ASR scores languages {sorted(self.RATES)}, the rows have {others}")
+        if unscored:
+            metrics["rows_unscored"] = len(unscored)
+            print(f"ASR: {len(unscored)} rows not scored, in languages {others} (scored: {sorted(self.RATES)})")
         return metrics, baselines
 
 

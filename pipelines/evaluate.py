@@ -133,6 +133,7 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
     baselines, the per-sample table and the plots."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     from modrwkv.model_folder import read_backbone_source  # imports torch: see Predictor
 
@@ -156,12 +157,19 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id
-    client.log_batch(run_id, metrics=eval_metrics(result.metrics, model_id, cache_uri) + eval_metrics(
-        {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri))
+    # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization in
+    # their names, so that they never pass for the model's own (on the logged model, in its registered versions' tags)
+    settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
+                "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
+    scores = (result.metrics if config.quantize == "none"
+              else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
+    client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
+        {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
+        params=[Param(k, str(v)) for k, v in settings.items()])
     if model_id:
-        link_eval(uri, run_id, model_id, result.metrics, cache_uri)
+        link_eval(uri, run_id, model_id, scores, cache_uri)
     table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
-             for k in ("key", "reference", "prediction", "language") if k in rows[0]}
+             for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
     mlflow.set_tracking_uri(uri)
     mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
     client.log_artifact(run_id, str(result.predictions))

@@ -12,8 +12,9 @@ from pipelines.evaluate import EvalConfig
 
 def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_path):
     rows = [{"prediction": p, "reference": r}
-            for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "two"), ("the four", "four")]]
+            for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "Two"), ("the four", "four")]]
     metrics, baselines = VQA().score(rows)
+    # chance over the answers told apart as the metric tells them ("two" and "Two" are one answer)
     assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
     assert VQA().plots(rows, tmp_path) == [tmp_path / "confusion_matrix.png"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
@@ -29,6 +30,11 @@ def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):
     assert baselines == {"wer_en": 1.0, "cer_zh": 1.0}
     assert ASR().score(rows[:1]) == ({"wer_en": pytest.approx(1 / 3)}, {"wer_en": 1.0})  # no Mandarin, no CER
     assert ASR().plots(rows, tmp_path) == []
+    others = [{"prediction": "un", "reference": "un", "language": "fr"}, {"prediction": "x", "reference": "y"}]
+    metrics, _ = ASR().score(rows + others)  # scored where it can be, the rest counted, never dropped unsaid
+    assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3), "rows_unscored": 2}
+    with pytest.raises(ValueError, match=r"no row to score: .* the rows have \['None', 'fr'\]"):
+        ASR().score(others)
 
 
 def test_forecast_scores_beside_seasonal_naive_and_plots_forecasts(tmp_path):
@@ -63,6 +69,17 @@ def test_eval_quantization_is_checked_at_load():
         from_dict(EvalConfig, {**config, "quantize": "int4"})
 
 
+def stop_at(token: int):
+    """The World tokenizer with `token` as the turn's end: the tasks stop at "\n\n", which a random model never says."""
+    from modrwkv.tokenizer import WorldTokenizer
+
+    class StopAt(WorldTokenizer):
+        def encode(self, text, allow_special=False):
+            return [token] if text == "\n\n" else super().encode(text, allow_special)
+
+    return StopAt()
+
+
 def audio_sample(i: int, frames: int, language: str):
     from modrwkv.conversation import Turn
     from modrwkv.conversation import Sample
@@ -81,23 +98,36 @@ def test_batched_decoding_gives_the_rows_of_one_at_a_time_decoding(quantize):
     from modrwkv.tokenizer import WorldTokenizer
     from tests.modrwkv.test_multimodal import tiny_model
 
-    class StopAt(WorldTokenizer):  # the tasks stop at "\n\n", which a random model never says: stop at `token`
-        def __init__(self, token):
-            super().__init__()
-            self.token = token
-
-        def encode(self, text, allow_special=False):
-            return [self.token] if text == "\n\n" else super().encode(text, allow_special)
-
     model = quantize_model(tiny_model(seed=4), quantize)
     samples = [audio_sample(i, frames, language)
                for i, (frames, language) in enumerate([(3, "en"), (14, "zh"), (7, "en"), (9, "zh"), (5, "en"),
                                                        (11, "en")])]
-    free = ASR(max_new_tokens=8, batch_size=1).predict(model, StopAt(-1), samples)
+    free = ASR(max_new_tokens=8, batch_size=1).predict(model, stop_at(-1), samples)
     stop = WorldTokenizer().encode(free[0]["prediction"])[2]  # the first row says it third
-    tokenizer = StopAt(stop)
+    tokenizer = stop_at(stop)
     alone = ASR(max_new_tokens=8, batch_size=1).predict(model, tokenizer, samples)
     batched = ASR(max_new_tokens=8, batch_size=4).predict(model, tokenizer, samples)
     assert batched == alone
     lengths = {len(tokenizer.encode(r["prediction"])) for r in alone}
     assert len(lengths) > 1 and max(lengths) >= 6  # some rows stopped early, others decoded on
+
+
+def test_an_answer_ends_where_its_text_ends_the_turn_even_inside_a_token():
+    """"。\n\n" is tokenized "。\n", "\n": no "\n\n" token, yet the answer's turn ends there."""
+    from modrwkv.tokenizer import WorldTokenizer
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    model, plain = tiny_model(seed=4), WorldTokenizer()
+    samples = [audio_sample(i, frames, "en") for i, frames in enumerate([3, 14, 7])]
+    free = ASR(max_new_tokens=8, batch_size=3).predict(model, stop_at(-1), samples)
+    assert not any(r["stopped"] for r in free)  # all ran to max_new_tokens
+    said = plain.encode(free[0]["prediction"])[2]
+
+    class EndsInside(type(stop_at(-1))):  # `said` decodes to text that holds the turn's end
+        def decode(self, ids):
+            ids = list(ids)
+            return plain.decode(ids[: ids.index(said)]) + "。\n\nUser:" if said in ids else plain.decode(ids)
+
+    rows = ASR(max_new_tokens=8, batch_size=3).predict(model, EndsInside(), samples)
+    assert rows[0]["stopped"] and rows[0]["prediction"].endswith("。") and "User" not in rows[0]["prediction"]
+    assert free[0]["prediction"].startswith(rows[0]["prediction"][:-1])

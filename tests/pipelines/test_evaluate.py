@@ -87,7 +87,16 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     artifact_uri = run["info"]["artifact_uri"]  # mlflow-artifacts:/<experiment>/<run>/artifacts
     path = artifact_uri.split("mlflow-artifacts:/", 1)[1]
     table = get(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{path}/eval_vqa.json")
-    assert table["columns"][:3] == ["key", "reference", "prediction"] and len(table["data"]) == 6
+    assert table["columns"][:4] == ["key", "reference", "prediction", "stopped"] and len(table["data"]) == 6
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}  # what decided the scores
+    assert (params["task"], params["quantize"], params["max_new_tokens"], params["batch_size"]) == ("vqa", "none", "3",
+                                                                                                    "16")
+    # a quantized model's scores never pass for the model's own
+    int8 = run_eval(eval_config(root, image_cache, "vqa", out="int8", max_new_tokens=3, actors=0, quantize="int8",
+                                tracking_uri=uri, experiment="eval-test"))
+    run = get(f"{uri}/api/2.0/mlflow/runs/get?run_id={int8.run_id}")["run"]
+    logged = {m["key"] for m in run["data"]["metrics"]}
+    assert "accuracy_int8" in logged and "accuracy" not in logged and "baseline_accuracy" in logged
 
     forecast = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": series_cache,
                                                "out_dir": str(root / "out"), "season": 4, "tracking_uri": uri,
