@@ -59,21 +59,36 @@ def synthesise(text: str, voice: str, path: Path) -> None:
                    input=speech, check=True, capture_output=True)
 
 
+HELD_OUT = 125  # of the 1,000 three-digit strings, those only the test split says (a fixed shuffle picks them)
+
+
+def speech_texts(split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, language) of a split's utterances: three-digit strings, English and Mandarin in turn. Each split
+    draws with its own generator from its own part of the strings (`HELD_OUT` of them for the test split), so no
+    test utterance's words are heard in training, and the test set does not depend on the training set's size."""
+    shuffled = np.random.default_rng(seed).permutation(1000)
+    strings = shuffled[:HELD_OUT] if split == "test" else shuffled[HELD_OUT:]
+    rng = np.random.default_rng([seed, split == "test"])
+    texts = []
+    for i in range(n):
+        number = int(strings[rng.integers(len(strings))])
+        digits = (number // 100, number // 10 % 10, number % 10)
+        english = i % 2 == 0
+        texts.append((" ".join(WORDS[d] for d in digits) if english else "".join(HANZI[d] for d in digits),
+                      "en" if english else "zh"))
+    return texts
+
+
 def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
-    """Three-digit strings, spoken in English and in Mandarin (half each). Each split draws from its own generator,
-    so the test utterances do not depend on the training set's size (and a larger one extends a smaller)."""
+    """`speech_texts` of each split, spoken by espeak-ng (English and Mandarin voices)."""
     require_espeak()
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        rng = np.random.default_rng([seed, split == "test"])
         records = []
-        for i in range(n):
-            digits = rng.integers(0, 10, size=3)
-            english = i % 2 == 0
-            text = " ".join(WORDS[d] for d in digits) if english else "".join(HANZI[d] for d in digits)
+        for i, (text, language) in enumerate(speech_texts(split, n, seed)):
             name = f"audio/{split}-{i:04d}.wav"
-            synthesise(text, "en-us" if english else "cmn", out / name)
-            records.append({"id": f"{split}-{i:04d}", "audio": name, "text": text, "language": "en" if english else "zh"})
+            synthesise(text, "en-us" if language == "en" else "cmn", out / name)
+            records.append({"id": f"{split}-{i:04d}", "audio": name, "text": text, "language": language})
         write_json(out / f"{split}.jsonl", records, lines=True)
 
 
