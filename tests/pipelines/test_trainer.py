@@ -201,7 +201,9 @@ def test_outputs_and_backbone_in_s3_need_no_shared_folder(setup, s3_server, tmp_
         assert folder.is_relative_to(tmp_path / f"node{phase}")
         published = storage.list_tree(f"{base}/runs/remote/phase{phase}")
         assert {name: size for name, (size, _) in published.items()} == {
-            str(p.relative_to(folder.parent)): p.stat().st_size for p in folder.parent.rglob("*") if p.is_file()}
+            str(p.relative_to(folder.parent)): p.stat().st_size for p in folder.parent.rglob("*")
+            if p.is_file() and p.name != local_copy.UPLOADED}
+        assert (folder.parent / local_copy.UPLOADED).read_text() == f"{base}/runs/remote/phase{phase}"  # prunable
     assert sorted(published) == ["adapter/adapter.safetensors", "adapter/modrwkv_config.json",
                                  "model/backbone_source.json", "model/encoders.json", "model/model.safetensors",
                                  "model/modrwkv_config.json"]
