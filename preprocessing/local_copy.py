@@ -27,6 +27,7 @@ from . import storage
 ROOT_ENV = "MODRWKV_LOCAL_COPIES"
 LISTING = "listing.json"  # what the copy was fetched from, written once the copy is complete; touched at each use
 SOURCE = "source.txt"  # the URI the copy is of
+LOCK = ".lock"  # the copy's fetch lock (`node_lock`), kept when the copy is pruned: a worker may be waiting on it
 UPLOADED = "uploaded.txt"  # in a staged output: the URI `publish` uploaded it to, written once it has
 
 
@@ -83,9 +84,9 @@ def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], Non
     of the node wait for one fetch; each use counts as the copy's last use, for `prune`."""
     slot = copies_root() / hashlib.sha256(str(source).encode()).hexdigest()[:24]
     # a remote file named like the slot's own records goes one folder down, never over them
-    target = slot / "copy" / name if name in (LISTING, SOURCE, ".lock") else slot / name
+    target = slot / "copy" / name if name in (LISTING, SOURCE, LOCK) else slot / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with node_lock(slot / ".lock"):
+    with node_lock(slot / LOCK):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
             os.utime(record)
@@ -186,12 +187,12 @@ def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
             remove(folder.path)
             removed.append(folder)
             continue
-        with node_lock(folder.path / ".lock"):
+        with node_lock(folder.path / LOCK):
             record = folder.path / LISTING
             if not record.is_file() or time.time() - record.stat().st_mtime < unused_for_s:
                 continue
             for entry in folder.path.iterdir():
-                if entry.name != ".lock":  # the lock stays: a worker may be waiting on it
+                if entry.name != LOCK:
                     remove(entry)
         removed.append(folder)
     return removed

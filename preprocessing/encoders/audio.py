@@ -94,6 +94,8 @@ class WavLMEncoder(FrozenEncoder):
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
         model = WavLMModel.from_pretrained(path, local_files_only=True)
+        if model.adapter is not None:  # `forward` runs the model's parts itself, without one
+            raise ValueError(f"{path}: a WavLM with an adapter (add_adapter) is not supported")
         super().__init__(path, model, self.build_inputs(path, model.config), device, dtype)
 
     @classmethod
@@ -110,8 +112,6 @@ class WavLMEncoder(FrozenEncoder):
         """WavLMModel's forward, in two steps so that a clip's features never depend on its batch-mates: the
         convolutions (`convolved`), then the projection and transformer over clips of about the same length,
         right-padded and masked."""
-        if self.model.adapter is not None:
-            raise ValueError(f"{self.model_dir}: a WavLM with an adapter (add_adapter) is not supported")
         convolved = self.convolved([torch.from_numpy(p["wave"]).to(self.device, self.dtype) for p in prepared])
         features = [None] * len(convolved)
         for group in length_groups([len(c) for c in convolved], self.max_padding):
