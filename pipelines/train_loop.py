@@ -74,7 +74,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                         cfg.gradient_checkpointing)
     model.set_phase(phase)
     engine, optimizer = start_engine(model, hp, cfg.deepspeed, world, on_gpu)
-    step, position = 0, None
+    step, position, skipped = 0, None, []
     # after a failure inside this fit, Ray's latest checkpoint; otherwise the one --resume-from names (Ray Train 2
     # refuses a trainer's resume_from_checkpoint)
     checkpoint = ray.train.get_checkpoint() or cfg.resume_from
@@ -89,6 +89,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             if len(positions) != world:
                 raise ValueError(f"{d}: saved by {len(positions)} workers, resumed by {world}")
             position = positions[rank]
+            skipped = client_state.get("skipped_samples", [[]] * world)[rank]  # absent: saved before it was kept
 
     caches = [FeatureCache(u) for u in cfg.caches]
     collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_over_length=True)
@@ -108,8 +109,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             positions = gather(batches.position(), world)
             with tempfile.TemporaryDirectory() as d:
                 # without the frozen weights: a 1.5B backbone is 3 GB in bf16, every checkpoint_every steps
-                engine.save_checkpoint(d, tag="ds", client_state={"step": step, "data_positions": positions},
-                                       exclude_frozen_parameters=True)
+                engine.save_checkpoint(d, tag="ds", exclude_frozen_parameters=True, client_state={
+                    "step": step, "data_positions": positions, "skipped_samples": gather(skipped, world)})
                 if last or cfg.log_checkpoints:
                     save_final(model, Path(d), phase, rank, cfg.deepspeed.zero_stage)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
@@ -118,7 +119,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(d))
 
-    skipped = train_steps(engine, optimizer, batches, hp, step, on_step, world)
+    train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)
     log_skipped([{**s, "rank": rank} for s in skipped], logger, world)
     if monitor:
         monitor.finish()  # logs what it holds; after a crash it stops by itself once the run is no longer RUNNING

@@ -120,7 +120,7 @@ class RowPacker:
         self.rows, self.start, self.read, self.used, self.skipped = [], start, 0, 0, []
         if used:  # resuming inside a buffer: read it again, skip what was handed out
             self.fill()
-            self.used = used
+            self.used, self.skipped = used, []  # its over-long samples went out with its first row
 
     def fill(self) -> None:
         for _ in range(self.cache_size // self.buffer + 1):  # every sample over-long: read on, a pass at most
@@ -245,10 +245,12 @@ def all_mean(values: torch.Tensor) -> list[float]:
 
 
 def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step: int = 0,
-                on_step: Callable[[int, dict], None] | None = None, world: int = 1) -> list[dict]:
+                on_step: Callable[[int, dict], None] | None = None, world: int = 1,
+                skipped: list[dict] | None = None) -> list[dict]:
     """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
-    averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step."""
+    averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step:
+    `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it."""
     # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
     # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
     # ~800 others; touching them too added thousands of tiny kernels a micro-step); the same in one process, which
@@ -256,7 +258,7 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     backbone = engine.module.backbone
     read = {id(p) for p in backbone.parameters()} - {id(p) for p in backbone.unread_parameters()}
     touch = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in read]
-    accumulation, skipped = engine.gradient_accumulation_steps(), []
+    accumulation, skipped = engine.gradient_accumulation_steps(), [] if skipped is None else skipped
     while step < hp.steps:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
         for g in optimizer.param_groups:
@@ -267,7 +269,7 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
             before = time.perf_counter()
             modality, batch = next(batches)
             waited += time.perf_counter() - before
-            skipped += [{**s, "step": step + 1} for s in batch.skipped]
+            skipped.extend({**s, "step": step + 1} for s in batch.skipped)
             batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
                          series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,

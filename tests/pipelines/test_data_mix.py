@@ -142,16 +142,24 @@ def test_packed_micro_batches_hold_full_rows_of_every_sample_once():
 
 
 def test_a_packed_stream_built_from_a_position_continues_exactly_where_the_first_stood():
-    first = packed_stream([FakeCache("a", 15), FakeCache("b", 7)])
+    """Rows, epochs and over-long samples as the first stream's: the current buffer's over-long samples went
+    out with its first row, before the position, and are not named again."""
+    def length(i):
+        return 17 if i % 5 == 3 else (i * 7) % 13 + 1
+
+    first = packed_stream([FakeCache("a", 15), FakeCache("b", 7)], length=length)
     for _ in range(17):  # inside a buffer, past an epoch of both caches
         next(first)
     position = first.position()
     assert position["draws"] == 17 and position["taken"][0] % 10 == 0 and 0 < sum(position["rows"])
-    resumed = packed_stream([FakeCache("a", 15), FakeCache("b", 7)], position)
+    resumed = packed_stream([FakeCache("a", 15), FakeCache("b", 7)], position, length=length)
     assert resumed.position() == position
+    skipped = 0
     for _ in range(30):
         (m1, b1), (m2, b2) = next(first), next(resumed)
         assert (m1, b1.rows, b1.epochs, b1.skipped) == (m2, b2.rows, b2.epochs, b2.skipped)
+        skipped += len(b1.skipped)
+    assert skipped >= 5
     with pytest.raises(ValueError, match="saved with packing on cannot resume a run with packing off"):
         MicroBatches([FakeCache("a", 15), FakeCache("b", 7)], fake_collator(), 2, 0, 1, seed=2, position=position)
 

@@ -32,6 +32,20 @@ def setup(tmp_path_factory, ray_local):
     return root, cache
 
 
+@pytest.fixture(scope="module")
+def mixed_cache(setup, tmp_path_factory) -> str:
+    """LLaVA's mixed data (digits, text-only conversations, 3 samples of about 300 tokens), encoded by setup's CLIP."""
+    from pipelines.encode import EncodeConfig, run_encode
+    from tests.mixed_llava import mixed_llava
+
+    root, _ = setup
+    folder = tmp_path_factory.mktemp("mixed")
+    return run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(mixed_llava(folder / "digits", n_long=3))},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
+        "cache": {"root": str(folder / "cache"), "shard_size": 8}})).uri
+
+
 def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:
     """Packed (the default) in rows of 64 tokens, about two digits samples each."""
     return from_dict(TrainConfig, {
@@ -166,8 +180,9 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
 
 
 @pytest.mark.slow
-def test_training_resumes_after_a_worker_is_killed(setup):
-    root, cache = setup
+def test_training_resumes_after_a_worker_is_killed(setup, mixed_cache):
+    root, _ = setup
+    cache = mixed_cache  # with over-long samples: those left out before the failure stay named after it
     config = train_config(root, cache, "fault", steps=12, checkpoint_every=3)
     config.scaling.max_failures = 1
     killed = []
@@ -190,7 +205,13 @@ def test_training_resumes_after_a_worker_is_killed(setup):
     state = torch.load(max(last, key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
     assert state["step"] == 12 and len(state["data_positions"]) == 2
     assert state["module"] and not any(k.startswith("backbone.") for k in state["module"])  # frozen: not saved
-    assert state["data_positions"] == [position_after(config, cache, 24, rank, 2) for rank in (0, 1)]
+    expected = [stream_after(config, cache, 24, rank, 2) for rank in (0, 1)]
+    assert state["data_positions"] == [position for position, _ in expected]
+    # every over-long sample drawn named once, at its step, those of the steps before the failure too
+    artifact = Path(client.download_artifacts(result.run_id, "skipped_samples.jsonl", str(root / "fault")))
+    named = [json.loads(line) for line in artifact.read_text().splitlines()]
+    assert named == [{**s, "rank": rank} for rank, (_, skipped) in enumerate(expected) for s in skipped]
+    assert len(named) >= 10 and client.get_metric_history(result.run_id, "skipped_over_length")[-1].value == len(named)
 
 
 def test_a_job_joining_a_cluster_refuses_a_tracking_store_in_a_local_file(setup, monkeypatch):
@@ -219,12 +240,13 @@ def test_a_users_allocator_settings_win(monkeypatch):
     assert worker_env() == {**WORKER_ENV, "MALLOC_ARENA_MAX": "4"} != WORKER_ENV
 
 
-def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: int, world: int) -> dict:
-    """A fresh data stream's position after `micro_batches` of the phase I run's."""
+def stream_after(config: TrainConfig, cache: str, micro_batches: int, rank: int, world: int) -> tuple[dict, list]:
+    """A fresh data stream's position after `micro_batches` of the phase I run's, and the over-long samples it
+    left out on the way, by optimizer step."""
     from modrwkv.batching import Collator
     from modrwkv.tokenizer import WorldTokenizer
     from pipelines.train_setup import model_config
-    from pipelines.trainer import MicroBatches
+    from pipelines.trainer import MicroBatches, accumulation_steps
 
     model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                          [FeatureCache(cache)])
@@ -233,7 +255,8 @@ def position_after(config: TrainConfig, cache: str, micro_batches: int, rank: in
                           pack_buffer=config.pack_buffer)
     batches = [next(stream)[1] for _ in range(micro_batches)]
     assert sum(len(b.sample_ids) for b in batches) > micro_batches * config.phase1.micro_batch  # rows hold several
-    return stream.position()
+    accumulation = accumulation_steps(config.phase1, world)
+    return stream.position(), [{**s, "step": i // accumulation + 1} for i, b in enumerate(batches) for s in b.skipped]
 
 
 @pytest.mark.slow
@@ -283,20 +306,12 @@ def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, tmp_path):
+def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, mixed_cache, tmp_path):
     """LLaVA's mixed data: image samples, text-only conversations and a few samples over the context length in
     one cache. Training runs through, batches mix text-only with image samples, the over-long ones are skipped,
     counted in a metric and named in an artifact."""
-    from pipelines.config import from_dict
-    from pipelines.encode import EncodeConfig, run_encode
-    from tests.mixed_llava import mixed_llava
-
     root, _ = setup
-    cache = run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(mixed_llava(tmp_path / "digits", n_long=3))},
-        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
-        "cache": {"root": str(tmp_path / "cache"), "shard_size": 8}})).uri
-    config = train_config(root, cache, "mixed", steps=6)
+    config = train_config(root, mixed_cache, "mixed", steps=6)
     config.max_length = 96
     result = run_train(config, phase=1)
 
