@@ -353,11 +353,19 @@ class ModRWKV(nn.Module):
 
     # ---- save / load: the folder's layout lives in model_folder.py ----------------------------------------
     def save_pretrained(self, directory, adapter_only: bool = False, backbone_source: dict | None = None,
-                        encoders: dict[str, dict] | None = None) -> None:
+                        encoders: dict[str, dict] | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Config and weights; adapter_only writes everything but the backbone (phase I's output).
         backbone_source ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by
-        itself; encoders (modality -> feature store key) records the encoders inference must use."""
-        state = cpu_state_dict(self)  # first: a model that cannot be saved (quantized) leaves no partial folder
+        itself; encoders (modality -> feature store key) records the encoders inference must use. state_dict, as
+        in transformers, is written in place of the module's own (a trainer's fp32 master weights of a bf16
+        module); it must hold the same names."""
+        # first: a model that cannot be saved (quantized) leaves no partial folder
+        state = cpu_state_dict(self)
+        if state_dict is not None:
+            if missing := set(state) ^ set(state_dict):
+                raise ValueError(f"state_dict does not hold the model's tensor names ({len(missing)} differ, e.g. {min(missing)})")
+            state = state_dict
         write_model_folder(directory, self.config.to_dict(), state, adapter_only, backbone_source, encoders)
 
     @classmethod

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from modrwkv.checkpoint import cpu_state_dict
+
 from .train_config import DeepSpeedConfig, PhaseConfig
 from .trainer import accumulation_steps, optimizer_for
 
@@ -47,13 +49,20 @@ def start_engine(model: torch.nn.Module, hp: PhaseConfig, ds: DeepSpeedConfig, w
     return engine, optimizer
 
 
-def save_final(model, folder: Path, phase: int, rank: int, zero_stage: int) -> None:
+def save_final(model, folder: Path, phase: int, rank: int) -> None:
     """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
-    Called on every rank: under ZeRO-3 the full weights are gathered first (a collective)."""
-    import deepspeed  # imported by start_engine first, once DS_ACCELERATOR is set
+    The trained tensors saved are the optimizer's fp32 master weights, not the module's bf16 rounding of them
+    (which keeps 8 bits of mantissa: the next phase would start from, and inference run on, weights no step
+    produced). Called on every rank: each master tensor is assembled from the ranks' partitions (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero_stage == 3):
-        if rank == 0:
-            model.save_pretrained(folder / "model", adapter_only=phase == 1)
-            if phase == 2:
-                model.save_pretrained(folder / "adapter", adapter_only=True)
+    masters = {}
+    for name, p in model.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None  # None: an optimizer keeping no copy
+        if full is not None and rank == 0:
+            masters[name] = full.cpu()
+    if rank == 0:
+        state = {**cpu_state_dict(model), **masters}
+        model.save_pretrained(folder / "model", adapter_only=phase == 1, state_dict=state)
+        if phase == 2:
+            model.save_pretrained(folder / "adapter", adapter_only=True, state_dict=state)

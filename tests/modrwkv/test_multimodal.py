@@ -206,6 +206,18 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
 
 
+def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_name_the_same_tensors(tmp_path):
+    model = tiny_model()
+    state = {k: v + 1 for k, v in model.state_dict().items()}  # as a trainer's master weights differ from its module
+    model.save_pretrained(tmp_path / "given", state_dict=state)
+    loaded = ModRWKV.from_pretrained(tmp_path / "given").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    del state["projectors.image.adapter.0.weight"]
+    with pytest.raises(ValueError, match=r"not hold the model's tensor names \(1 differ, e.g. projectors.image.adapter.0.weight\)"):
+        model.save_pretrained(tmp_path / "partial", state_dict=state)
+    assert not (tmp_path / "partial").exists()
+
+
 def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, tok):
     """A run tree (backbone and adapter-only model) copied to another place, the original removed: the model
     finds the copied backbone by its relative path and keeps its encoder record; a backbone with other weights
