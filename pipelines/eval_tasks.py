@@ -105,15 +105,22 @@ class VQA(DecodeTask):
         answers = {normalize_answer(r) for r in references}
         return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(answers)}
 
+    @staticmethod
+    def confusion(rows: list[dict]) -> tuple[list[str], np.ndarray]:
+        """The answers (normalised as the metric compares them) and counts[reference, prediction], the last
+        column any answer outside the set: its diagonal is what `accuracy` counts."""
+        labels = sorted({normalize_answer(r["reference"]) for r in rows})
+        index = {label: i for i, label in enumerate(labels)}
+        counts = np.zeros((len(labels), len(labels) + 1), dtype=int)
+        for r in rows:
+            counts[index[normalize_answer(r["reference"])], index.get(normalize_answer(r["prediction"]), -1)] += 1
+        return labels, counts
+
     def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
         """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
-        labels = sorted({r["reference"] for r in rows})
+        labels, counts = self.confusion(rows)
         if not 2 <= len(labels) <= 30:
             return []
-        index = {label: i for i, label in enumerate(labels)}
-        counts = np.zeros((len(labels), len(labels) + 1), dtype=int)  # last column: any other answer
-        for r in rows:
-            counts[index[r["reference"]], index.get(r["prediction"], len(labels))] += 1
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 6))
         ax.imshow(counts, cmap="Blues")

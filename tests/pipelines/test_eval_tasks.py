@@ -16,6 +16,10 @@ def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_p
     metrics, baselines = VQA().score(rows)
     # chance over the answers told apart as the metric tells them ("two" and "Two" are one answer)
     assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
+    # the matrix compares answers as the metric does: its diagonal is the accuracy's count
+    labels, counts = VQA.confusion(rows)
+    assert labels == ["2", "4", "7"]  # VQAv2's normalisation writes numbers as digits
+    assert counts.tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]] and np.trace(counts) == 0.75 * len(rows)
     assert VQA().plots(rows, tmp_path) == [tmp_path / "confusion_matrix.png"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
     one_answer = [{"prediction": "yes", "reference": "yes"}] * 2  # no closed set of answers to cross
