@@ -80,14 +80,19 @@ def load_state_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     model.load_state_dict(weights, strict=False)
 
 
-def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors: what safetensors writes (weights may be stored transposed in memory).
-    A quantized model is refused: its int8 weights and scales are no checkpoint format any loader reads, and
+def refuse_quantized(module: torch.nn.Module) -> None:
+    """A quantized model is refused: its int8 weights and scales are no checkpoint format any loader reads, and
     dequantizing would pass rounded weights off as the trained ones."""
     if quantized := quantized_layers(module):
         raise CheckpointError(f"the model is quantized for inference ({len(quantized)} layers, e.g. {quantized[0]}) "
                               "and cannot be saved: save it before modrwkv.quantize(), or load the checkpoint again")
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def cpu_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors named as `keep` accepts, as detached, contiguous CPU tensors: what safetensors writes (weights may
+    be stored transposed in memory). A quantized model is refused (`refuse_quantized`)."""
+    refuse_quantized(module)
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if keep(k)}
 
 
 def write_pretrained(config: RWKV7Config, weights: dict[str, torch.Tensor], directory) -> None:

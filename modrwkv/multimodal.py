@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from modrwkv_kernels import PackedLayout, as_layout, on_host, to_device_nowait
 
-from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict
+from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict, refuse_quantized
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
 from .model import RWKV7, RWKV7State, last_valid
@@ -359,13 +359,19 @@ class ModRWKV(nn.Module):
         backbone_source ({"path": the backbone's directory or .pth, ...}) lets `from_pretrained` find the backbone by
         itself; encoders (modality -> feature store key) records the encoders inference must use. state_dict, as
         in transformers, is written in place of the module's own (a trainer's fp32 master weights of a bf16
-        module); it must hold the same names."""
+        module); it must hold the names written (adapter_only: the backbone's may be left out)."""
+        def written(name: str) -> bool:
+            return not (adapter_only and name.startswith("backbone."))
+
         # first: a model that cannot be saved (quantized) leaves no partial folder
-        state = cpu_state_dict(self)
-        if state_dict is not None:
-            if missing := set(state) ^ set(state_dict):
-                raise ValueError(f"state_dict does not hold the model's tensor names ({len(missing)} differ, e.g. {min(missing)})")
-            state = state_dict
+        if state_dict is None:
+            state = cpu_state_dict(self, written)
+        else:
+            refuse_quantized(self)
+            state = {k: v for k, v in state_dict.items() if written(k)}
+            if differ := {k for k in self.state_dict() if written(k)} ^ set(state):
+                raise ValueError(f"state_dict does not hold the model's tensor names ({len(differ)} differ, "
+                                 f"e.g. {min(differ)})")
         write_model_folder(directory, self.config.to_dict(), state, adapter_only, backbone_source, encoders)
 
     @classmethod

@@ -49,20 +49,43 @@ def start_engine(model: torch.nn.Module, hp: PhaseConfig, ds: DeepSpeedConfig, w
     return engine, optimizer
 
 
-def save_final(model, folder: Path, phase: int, rank: int) -> None:
+def save_final(engine, folder: Path, phase: int, rank: int) -> None:
     """Phase I: the projectors only (adapter-only save); phase II: the whole model, and the adapter beside it.
-    The trained tensors saved are the optimizer's fp32 master weights, not the module's bf16 rounding of them
-    (which keeps 8 bits of mantissa: the next phase would start from, and inference run on, weights no step
-    produced). Called on every rank: each master tensor is assembled from the ranks' partitions (a collective)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters = {}
-    for name, p in model.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None  # None: an optimizer keeping no copy
-        if full is not None and rank == 0:
-            masters[name] = full.cpu()
+    The trained tensors saved are the optimizer's fp32 master weights, not the bf16 module's rounding of them
+    (8 significant bits: the next phase would start from, and inference run on, weights no step produced).
+    Called on every rank (under ZeRO each master tensor is assembled from the ranks' partitions: a collective)."""
+    model = engine.module
+    masters = fp32_master_weights(model, engine.optimizer, rank)
     if rank == 0:
-        state = {**cpu_state_dict(model), **masters}
+        def rest(name: str) -> bool:  # the buffers and untrained tensors written (phase I's adapter: no backbone)
+            return name not in masters and (phase == 2 or not name.startswith("backbone."))
+
+        state = {**cpu_state_dict(model, rest), **masters}
         model.save_pretrained(folder / "model", adapter_only=phase == 1, state_dict=state)
         if phase == 2:
             model.save_pretrained(folder / "adapter", adapter_only=True, state_dict=state)
+
+
+def fp32_master_weights(model: torch.nn.Module, optimizer, rank: int) -> dict[str, torch.Tensor]:
+    """Name -> the optimizer's fp32 copy of each trained parameter, on the CPU of rank 0 (other ranks: empty, after
+    taking part in the collectives). An fp32 parameter with no copy is its own; a bf16 one with none is an error,
+    never saved rounded."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    copies = {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # bf16 without ZeRO: whole fp32 copies, group by group
+        copies = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                  for lp, hp in zip(lps, hps)}
+    masters = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # ZeRO 1 and 2 (every rank maps the same parameters, so all take part in each all-reduce, in order)
+        master = copies[id(p)] if id(p) in copies else safe_get_full_fp32_param(p)
+        if master is None and p.dtype != torch.float32:
+            raise RuntimeError(f"{name}: the optimizer ({type(optimizer).__name__}) keeps no fp32 copy of this "
+                               f"{p.dtype} parameter to save")
+        if rank == 0:
+            masters[name] = (p if master is None else master).detach().contiguous().cpu()
+    return masters

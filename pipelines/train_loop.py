@@ -112,7 +112,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                 engine.save_checkpoint(d, tag="ds", exclude_frozen_parameters=True, client_state={
                     "step": step, "data_positions": positions, "skipped_samples": gather(skipped, world)})
                 if last or cfg.log_checkpoints:
-                    save_final(model, Path(d), phase, rank)
+                    save_final(engine, Path(d), phase, rank)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
                     write_records(Path(d) / "model", encoders=cfg.encoders, backbone_source={
                         "run_id": cfg.run_id, "phase": phase, **cfg.backbone, "step": step})

@@ -212,6 +212,10 @@ def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_name_the_s
     model.save_pretrained(tmp_path / "given", state_dict=state)
     loaded = ModRWKV.from_pretrained(tmp_path / "given").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    adapter = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    model.save_pretrained(tmp_path / "adapter", adapter_only=True, state_dict=adapter)  # the backbone not needed
+    again = ModRWKV.from_pretrained(tmp_path / "adapter", backbone=model.backbone).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in adapter.items())
     del state["projectors.image.adapter.0.weight"]
     with pytest.raises(ValueError, match=r"not hold the model's tensor names \(1 differ, e.g. projectors.image.adapter.0.weight\)"):
         model.save_pretrained(tmp_path / "partial", state_dict=state)

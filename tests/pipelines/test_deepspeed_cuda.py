@@ -81,7 +81,7 @@ def test_zero2_in_bf16_sums_gradients_in_fp32_learns_and_saves(process_group, tm
     # process, gloo)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
 
-    save_final(engine.module, tmp_path, phase=1, rank=0)
+    save_final(engine, tmp_path, phase=1, rank=0)
     saved = ModRWKV.from_pretrained(tmp_path / "model", backbone=random_backbone(config.backbone))
     for name, p in engine.module.projectors.named_parameters():  # the fp32 masters, the module their rounding
         master = saved.projectors.get_parameter(name)

@@ -66,12 +66,11 @@ def test_overlap_comm_reaches_deepspeed_and_trains_as_without_it():
     assert on == pytest.approx(off, rel=1e-6)
 
 
-BF16_PHASE2_SAVED = ONE_RANK + r"""
+BF16_SAVED = ONE_RANK + r"""
 import sys
 from pathlib import Path
 import deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
 from modrwkv import RWKV7Config
 from modrwkv.batching import Collator
@@ -83,42 +82,52 @@ from pipelines.trainer import optimizer_for, train_steps
 from tests.conftest import random_backbone
 from tests.pipelines.test_deepspeed_cuda import digit_like_batches
 
-folder = sys.argv[1]
-torch.manual_seed(0)
-config = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
-                       {"image": ProjectorConfig(encoder_dim=32, kernel=3, stride=2, adapter_scale=2)})
-model = ModRWKV(config, backbone=random_backbone(config.backbone))
-model.set_phase(2)
-hp = PhaseConfig(lr=3e-3, steps=3, global_batch=8, micro_batch=4)
-# the GPU's engine config (bf16 module, fp32 master partitions) on DeepSpeed's CPU accelerator
-engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp), dist_init_required=False,
-                                               config=deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), 1, True))
-train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp)
-save_final(engine.module, Path(folder), phase=2, rank=0)
-saved = {name: load_file(f"{folder}/{sub}/{file}") for name, sub, file in
-         (("model", "model", "model.safetensors"), ("adapter", "adapter", "adapter.safetensors"))}
-report = {"bf16": engine.bfloat16_enabled(), "params": {}}
-for name, p in engine.module.named_parameters():
-    master = safe_get_full_fp32_param(p)
-    report["params"][name] = {
-        "module_dtype": str(p.dtype), "saved_dtype": str(saved["model"][name].dtype),
-        "saved_is_master": torch.equal(saved["model"][name], master),
-        "saved_rounds_to_module": torch.equal(saved["model"][name].bfloat16(), p.detach()),
-        "saved_is_module": torch.equal(saved["model"][name], p.detach().float()),
-        "adapter_is_master": torch.equal(saved["adapter"][name], master) if name in saved["adapter"] else None}
+report = {}
+for stage, phase in ((0, 2), (1, 2), (2, 2), (2, 1)):
+    torch.manual_seed(0)
+    config = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
+                           {"image": ProjectorConfig(encoder_dim=32, kernel=3, stride=2, adapter_scale=2)})
+    model = ModRWKV(config, backbone=random_backbone(config.backbone))
+    model.set_phase(phase)
+    hp = PhaseConfig(lr=3e-3, steps=3, global_batch=8, micro_batch=4)
+    # the GPU's engine config (bf16 module, fp32 masters) on DeepSpeed's CPU accelerator
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer_for(model, hp), dist_init_required=False,
+        config=deepspeed_config(hp, DeepSpeedConfig(zero_stage=stage), 1, True))
+    train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp)
+    folder = Path(sys.argv[1]) / f"stage{stage}-phase{phase}"
+    save_final(engine, folder, phase=phase, rank=0)
+    model_file = "adapter.safetensors" if phase == 1 else "model.safetensors"
+    saved = {"model": load_file(folder / "model" / model_file)}
+    if phase == 2:
+        saved["adapter"] = load_file(folder / "adapter" / "adapter.safetensors")
+    trained = {n: p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}
+    report[f"{stage}/{phase}"] = {
+        "optimizer": type(engine.optimizer).__name__, "trained": len(trained),
+        "module_dtypes": sorted({str(p.dtype) for p in trained.values()}),
+        "saved": {kind: sorted(tensors) for kind, tensors in saved.items()},
+        "saved_dtypes": sorted({str(t.dtype) for tensors in saved.values() for n, t in tensors.items() if n in trained}),
+        # each saved tensor of a trained parameter: the module's bf16 is its rounding, and it holds more bits
+        "rounds_to_module": all(torch.equal(t.bfloat16(), trained[n]) for tensors in saved.values()
+                                for n, t in tensors.items() if n in trained),
+        "more_than_module": sum(not torch.equal(t, trained[n].float()) for n, t in saved["model"].items()
+                                if n in trained)}
 print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_a_bf16_engine_saves_its_fp32_master_weights(tmp_path):
     """Under bf16 the module holds each trained tensor rounded to 8 significant bits; the saved model and adapter
-    hold the optimizer's fp32 masters, whose rounding the module is."""
-    report = run_script(BF16_PHASE2_SAVED, str(tmp_path))
-    params = report["params"]
-    assert report["bf16"] and len(params) > 50
-    assert {p["module_dtype"] for p in params.values()} == {"torch.bfloat16"}
-    assert {p["saved_dtype"] for p in params.values()} == {"torch.float32"}
-    assert all(p["saved_is_master"] and p["saved_rounds_to_module"] for p in params.values())
-    assert sum(not p["saved_is_module"] for p in params.values()) > len(params) / 2  # not the module's, widened
-    adapter = {n: p["adapter_is_master"] for n, p in params.items() if not n.startswith("backbone.")}
-    assert adapter and all(adapter.values())
+    hold the optimizer's fp32 masters, whose rounding the module is: without ZeRO (DeepSpeed's unfused bf16
+    optimizer), ZeRO-1 (its BF16_Optimizer) and ZeRO-2, phase II and phase I (adapter only, backbone frozen)."""
+    report = run_script(BF16_SAVED, str(tmp_path))
+    optimizers = {key: r["optimizer"] for key, r in report.items()}
+    assert optimizers == {"0/2": "FP16_UnfusedOptimizer", "1/2": "BF16_Optimizer", "2/2": "DeepSpeedZeroOptimizer",
+                          "2/1": "DeepSpeedZeroOptimizer"}
+    for key, r in report.items():
+        assert r["module_dtypes"] == ["torch.bfloat16"] and r["saved_dtypes"] == ["torch.float32"], key
+        assert r["rounds_to_module"] and r["more_than_module"] > r["trained"] / 2, key
+    full, adapter = report["2/2"]["saved"]["model"], report["2/2"]["saved"]["adapter"]
+    assert len(full) > report["2/2"]["trained"] and adapter == [n for n in full if not n.startswith("backbone.")]
+    assert report["2/1"]["saved"]["model"] == adapter  # phase I: the same tensors, backbone frozen and left out
