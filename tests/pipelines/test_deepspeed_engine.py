@@ -94,7 +94,9 @@ for stage, phase in ((0, 2), (1, 2), (2, 2), (2, 1)):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer_for(model, hp), dist_init_required=False,
         config=deepspeed_config(hp, DeepSpeedConfig(zero_stage=stage), 1, True))
-    train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp)
+    losses = []
+    train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp,
+                on_step=lambda step, metrics: losses.append(metrics["loss"]))
     folder = Path(sys.argv[1]) / f"stage{stage}-phase{phase}"
     save_final(engine, folder, phase=phase, rank=0)
     model_file = "adapter.safetensors" if phase == 1 else "model.safetensors"
@@ -103,7 +105,8 @@ for stage, phase in ((0, 2), (1, 2), (2, 2), (2, 1)):
         saved["adapter"] = load_file(folder / "adapter" / "adapter.safetensors")
     trained = {n: p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}
     report[f"{stage}/{phase}"] = {
-        "optimizer": type(engine.optimizer).__name__, "trained": len(trained),
+        "optimizer": type(engine.optimizer).__name__, "trained": len(trained), "losses": losses,
+        "feature_stats": {n: str(t.dtype) for n, t in saved["model"].items() if ".feature_" in n},
         "module_dtypes": sorted({str(p.dtype) for p in trained.values()}),
         "saved": {kind: sorted(tensors) for kind, tensors in saved.items()},
         "saved_dtypes": sorted({str(t.dtype) for tensors in saved.values() for n, t in tensors.items() if n in trained}),
@@ -128,6 +131,8 @@ def test_a_bf16_engine_saves_its_fp32_master_weights(tmp_path):
     for key, r in report.items():
         assert r["module_dtypes"] == ["torch.bfloat16"] and r["saved_dtypes"] == ["torch.float32"], key
         assert r["rounds_to_module"] and r["more_than_module"] > r["trained"] / 2, key
+        assert len(r["losses"]) == 3 and r["losses"][-1] < r["losses"][0], key  # it trains, in bf16
+        assert r["feature_stats"] and set(r["feature_stats"].values()) == {"torch.float32"}, key  # never rounded
     full, adapter = report["2/2"]["saved"]["model"], report["2/2"]["saved"]["adapter"]
     assert len(full) > report["2/2"]["trained"] and adapter == [n for n in full if not n.startswith("backbone.")]
     assert report["2/1"]["saved"]["model"] == adapter  # phase I: the same tensors, backbone frozen and left out
