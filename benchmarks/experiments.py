@@ -88,12 +88,14 @@ FIRST_SHAPES = Variant(train={"phase2.steps": 300, **COMPRESSED}, encode=LAST_LA
                        data={"shapes": {**SHAPES_2000, "extra_yesno": 0}})
 FIRST_SHAPES_TEST = ("the test questions are the first 500 of today's test split, not the 500 then drawn after the "
                      "training images (the generator changed when the split grew to 2,500); same kinds, same size")
+# the demo's recipe before 2026-12-05's digits-recipe (phase I 300 steps, phase II at 5e-4 since)
+DEMO_BEFORE_DIGITS_RECIPE = {"phase1.steps": 150, "phase1.checkpoint_every": 75, "phase2.lr": 1.0e-3}
 LARGER_SET = ("the single-process figures were on a separate 2,500-question test set (`modrwkv data shapes --train "
               "0 --test 2500 --seed 11`); the arms here are scored on the shipped 2,500-question test split")
 
 
 def standardized_or_whitened(modality: str, encoder: str, suite: str, standardized: str, whitened: str,
-                             differs: str) -> Experiment:
+                             differs: str, setting: Variant = Variant()) -> Experiment:
     """The per-modality choice that whitening every modality in the pipeline made (image whiten, the rest
     standardize): this modality's projector standardised (shipped) or whitened, the others as shipped."""
     return Experiment(
@@ -102,7 +104,7 @@ def standardized_or_whitened(modality: str, encoder: str, suite: str, standardiz
         ("Pipeline, 3 seeds, every modality whitened",), suite,
         (Arm("standardize", quoted=standardized),
          Arm("whiten", train={f"model.projectors.{modality}.normalize": "whiten"}, quoted=whitened)),
-        differs=differs)
+        setting, differs)
 
 
 EXPERIMENTS = {e.name: e for e in [
@@ -118,7 +120,7 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("head-alone", train={"model.forecast_skip": False}, quoted="not measured (features standardised since)"),
          Arm("skip", quoted="not measured (the shipped recipe on the CO2 cache alone)")),
         Variant(train={"caches": ["configs/demo/encode_co2_train.yaml"], "phase1.mix": None, "phase2.mix": None,
-                       "phase1.steps": 40, "phase2.steps": 40}),
+                       "phase1.steps": 40, "phase2.steps": 40, "phase2.lr": 1.0e-3}),
         "then the series features were not normalised (the '-unnormalised' arms; standardisation came after), and "
         "training read the forecast after 'User: …\\n\\n' where evaluation read it after 'Assistant:' (fixed since: "
         "'Forecast read at a different position'); which position the script of the time evaluated is not recorded"),
@@ -141,7 +143,8 @@ EXPERIMENTS = {e.name: e for e in [
         "audio", "Whisper", "demo", "WER 0.046 ± 0.065, CER 0.037 ± 0.013 (every modality standardised)",
         "WER 0.222 ± 0.039, CER 0.176 ± 0.035 (every modality whitened)",
         "then 96 training utterances and 24 test ones, trained by Ray Train on 2 workers, and each arm normalised every "
-        "modality alike; here today's 384 / 48 utterances, one process, and only the audio projector differs"),
+        "modality alike; here today's 384 / 48 utterances, one process, and only the audio projector differs",
+        Variant(train=DEMO_BEFORE_DIGITS_RECIPE)),
     standardized_or_whitened(
         "series", "Fracast", "elnino",
         "El Nino MSE 1.202 ± 0.018 (every modality standardised; the quality table since: 1.142 ± 0.037)",
@@ -205,14 +208,15 @@ EXPERIMENTS = {e.name: e for e in [
              quoted="WER 0.000 / 0.292 / 0.014, CER 0.014 / 0.222 / 0.014; digits 0.773 ± 0.005, CO2 0.324 ± 0.013"),
          Arm("384-utterances", quoted="WER 0.000 / 0.000 / 0.000, CER 0.000 / 0.000 / 0.000; digits 0.790 ± 0.029, "
                                       "CO2 0.328 ± 0.019")),
-        differs="the pipeline's runs (Ray Train, 2 workers); here one process, which draws the caches in another "
+        Variant(train=DEMO_BEFORE_DIGITS_RECIPE),
+        "the pipeline's runs (Ray Train, 2 workers); here one process, which draws the caches in another "
         "order (RESULTS.md, 'Training core')"),
     Experiment(
         "digits-recipe", "how the demo's recipe trains digits steadily across seeds, now that the other tasks' draws "
         "move it (0.71 to 0.81 over five seeds): phase I twice as long, phase II's lr halved, or phase II drawing "
         "digits 3:1:1, or both of the first two", "phase1.steps: 300, phase2.lr: 5.0e-4 (configs/demo/train.yaml)",
         ("The demo's digits over ten seeds",), "demo",
-        (Arm("before", train={"phase1.steps": 150, "phase1.checkpoint_every": 75, "phase2.lr": 1.0e-3},
+        (Arm("before", train=DEMO_BEFORE_DIGITS_RECIPE,
              quoted="one process, seeds 0-4 / 5-9: digits 0.772 ± 0.054 / 0.738 ± 0.039; pipeline, seeds 0-4: "
                     "0.766 ± 0.039 (0.71 / 0.80 / 0.78 / 0.81 / 0.73), WER 0, CER 0.003 ± 0.006, CO2 0.328 ± 0.020"),
          Arm("phase1-300-steps", train={"phase2.lr": 1.0e-3}, quoted="one process, seeds 0-4: digits 0.780 ± 0.033"),
@@ -232,7 +236,8 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("int8", encode={f"configs/demo/encode_{task}_{split}.yaml": {"cache.precision": "int8"}
                              for task in ("digits", "speech", "co2") for split in ("train", "test")},
              quoted="new")),
-        differs="none: both arms are today's code and data"),
+        Variant(train=DEMO_BEFORE_DIGITS_RECIPE), "none: both arms are today's code and data (the demo's recipe of "
+        "the time)"),
     Experiment(
         "feature-precision-elnino", "the El Nino suite's Fracast features stored in fp16 or in int8 (the other "
         "series suite; the demo's CO2 is in feature-precision)", "cache.precision: fp16 (pipelines/encode_config.py)",
