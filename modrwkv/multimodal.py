@@ -369,9 +369,13 @@ class ModRWKV(nn.Module):
         else:
             refuse_quantized(self)
             state = {k: v for k, v in state_dict.items() if written(k)}
-            if differ := {k for k in self.state_dict() if written(k)} ^ set(state):
+            own = {k: v.shape for k, v in self.state_dict().items() if written(k)}
+            if differ := set(own) ^ set(state):
                 raise ValueError(f"state_dict does not hold the model's tensor names ({len(differ)} differ, "
                                  f"e.g. {min(differ)})")
+            if reshaped := sorted(k for k, shape in own.items() if state[k].shape != shape):
+                raise ValueError(f"state_dict's {reshaped[0]} is {tuple(state[reshaped[0]].shape)}, the model's "
+                                 f"{tuple(own[reshaped[0]])} ({len(reshaped)} tensors differ in shape)")
         write_model_folder(directory, self.config.to_dict(), state, adapter_only, backbone_source, encoders)
 
     @classmethod

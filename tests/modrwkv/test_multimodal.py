@@ -206,7 +206,7 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
 
 
-def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_name_the_same_tensors(tmp_path):
+def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_match_its_names_and_shapes(tmp_path):
     model = tiny_model()
     state = {k: v + 1 for k, v in model.state_dict().items()}  # as a trainer's master weights differ from its module
     model.save_pretrained(tmp_path / "given", state_dict=state)
@@ -216,10 +216,13 @@ def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_name_the_s
     model.save_pretrained(tmp_path / "adapter", adapter_only=True, state_dict=adapter)  # the backbone not needed
     again = ModRWKV.from_pretrained(tmp_path / "adapter", backbone=model.backbone).state_dict()
     assert all(torch.equal(again[k], v) for k, v in adapter.items())
+    with pytest.raises(ValueError, match=r"state_dict's projectors.image.adapter.0.weight is \(1, 1\), the model's"):
+        model.save_pretrained(tmp_path / "reshaped", state_dict={**state, "projectors.image.adapter.0.weight":
+                                                                 torch.zeros(1, 1)})
     del state["projectors.image.adapter.0.weight"]
-    with pytest.raises(ValueError, match=r"not hold the model's tensor names \(1 differ, e.g. projectors.image.adapter.0.weight\)"):
+    with pytest.raises(ValueError, match=r"tensor names \(1 differ, e.g. projectors.image.adapter.0.weight\)"):
         model.save_pretrained(tmp_path / "partial", state_dict=state)
-    assert not (tmp_path / "partial").exists()
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "reshaped").exists()
 
 
 def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, tok):
