@@ -8,7 +8,8 @@
 #                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py)
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
-#                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`)
+#                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`);
+#                       about a minute a seed on an H200 (phase I took 16 s at 150 steps; 300 since 2026-12-05)
 #   encoder_throughput  the paper's frozen encoders (SigLIP2, Whisper), random weights at their real size: the
 #                       model's forward on the GPU apart from the host half the encode job's decode tasks run, then
 #                       the forward fed by 8 processes running that half (the encode job's rate per GPU)
@@ -67,7 +68,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
 part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
     tests/pipelines/test_trainer_cuda.py
-part demo_quality 200 python3 benchmarks/quality.py --suites demo --single-process --untracked \
+part demo_quality 280 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"
 part wavlm_batching 60 python3 benchmarks/wavlm_batching.py --out "$LOGS"
