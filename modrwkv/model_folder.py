@@ -29,6 +29,11 @@ ENCODERS_FILE = "encoders.json"
 ENCODER_SETTINGS = ("kind", "dtype", "image_size", "layer", "weights_hash")  # what of a store key decides features
 
 
+def in_adapter(name: str) -> bool:
+    """Whether an adapter-only folder holds the model's tensor `name`: all but the backbone's."""
+    return not name.startswith("backbone.")
+
+
 def write_model_folder(directory, config: dict, state: dict, adapter_only: bool = False,
                        backbone_source: dict | None = None, encoders: dict[str, dict] | None = None) -> None:
     """The config and weights (`state`: every tensor, CPU; adapter_only: all but the backbone's), then the records
@@ -37,7 +42,7 @@ def write_model_folder(directory, config: dict, state: dict, adapter_only: bool 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if adapter_only:
-        save_file({k: v for k, v in state.items() if not k.startswith("backbone.")}, directory / ADAPTER_FILE)
+        save_file({k: v for k, v in state.items() if in_adapter(k)}, directory / ADAPTER_FILE)
     else:
         save_file(state, directory / WEIGHTS_FILE)
     write_records(directory, backbone_source, encoders)

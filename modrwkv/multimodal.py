@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict, refu
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
 from .model import RWKV7, RWKV7State, last_valid
-from .model_folder import read_model_folder, resolve_backbone, write_model_folder
+from .model_folder import in_adapter, read_model_folder, resolve_backbone, write_model_folder
 from .wavenet import WaveNet, WaveNetConfig
 
 Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
@@ -361,7 +361,7 @@ class ModRWKV(nn.Module):
         in transformers, is written in place of the module's own (a trainer's fp32 master weights of a bf16
         module); it must hold the names written (adapter_only: the backbone's may be left out)."""
         def written(name: str) -> bool:
-            return not (adapter_only and name.startswith("backbone."))
+            return in_adapter(name) or not adapter_only
 
         # first: a model that cannot be saved (quantized) leaves no partial folder
         if state_dict is None:

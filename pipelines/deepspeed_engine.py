@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from modrwkv.checkpoint import cpu_state_dict
+from modrwkv.model_folder import in_adapter
 
 from .train_config import DeepSpeedConfig, PhaseConfig
 from .trainer import accumulation_steps, optimizer_for
@@ -58,7 +59,7 @@ def save_final(engine, folder: Path, phase: int, rank: int) -> None:
     masters = fp32_master_weights(model, engine.optimizer, rank)
     if rank == 0:
         def rest(name: str) -> bool:  # the buffers and untrained tensors written (phase I's adapter: no backbone)
-            return name not in masters and (phase == 2 or not name.startswith("backbone."))
+            return name not in masters and (phase == 2 or in_adapter(name))
 
         state = {**cpu_state_dict(model, rest), **masters}
         model.save_pretrained(folder / "model", adapter_only=phase == 1, state_dict=state)
