@@ -177,7 +177,7 @@ class StepProgress:
 
     def __exit__(self, *exc):
         self.done.set()
-        self.thread.join(timeout=5)  # MLflow's client retries an unreachable server for minutes: do not wait for it
+        self.thread.join(timeout=2)  # a poll takes milliseconds; MLflow retries an unreachable server for minutes
         if not self.thread.is_alive():
             self.poll()
         self.bar.close()  # a late poll from a stuck thread then does nothing: tqdm ignores updates once closed

@@ -56,6 +56,10 @@ def test_whole_sequence(pair, backend):
     assert_state_equal(state, ref_state, ours.config.n_layer)
 
 
+# a Triton launch per token and layer under the interpreter: seconds; tests/modrwkv_kernels checks one-step calls
+@pytest.mark.parametrize("backend", ["reference", "chunked", *(pytest.param(name, marks=pytest.mark.slow)
+                                                          for name in ("triton", "triton_chunked"))],
+                         indirect=True)
 @torch.no_grad()
 def test_token_by_token(pair, backend):
     ours, ids, ref_logits, ref_state = pair

@@ -81,6 +81,11 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert sample.meta["content_sha256"] == [hashlib.sha256(files["good-1.png"]).hexdigest()]
     assert sample.turns[1] == Turn("assistant", "noise")
 
+
+# the image set above covers the Ray job's quarantine in the fast tier; Ray's audio and series jobs take seconds each
+@pytest.mark.parametrize("encoded_in", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
+def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray_local, encoded_in):
+    run = {"in_process_max_items": 0} if encoded_in == "ray" else {}  # the default: a job this small, in the driver
     audio = tmp_path / "audio"
     audio.mkdir()
     # "long" passes the job's limits (raised to 40 s) but not Whisper's 30 s window: the decode task, where the
@@ -94,8 +99,8 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     (audio / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
                                encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
-                               cache={"root": str(tmp_path / "cache")}, limits={"max_audio_seconds": 40},
-                               run={"in_process_max_items": 0}))
+                               cache={"root": str(tmp_path / "cache")}, limits={"max_audio_seconds": 40}, run=run))
+    assert result.encoded_in == encoded_in
     assert result.manifest["counts"] == {"read": 6, "written": 2, "rejected": 4}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
@@ -109,8 +114,8 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
     result = run_encode(config(dataset={"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 16,
                                         "horizon": 4, "stride": 8, "fractions": [1.0, 0.0, 0.0]},
-                               encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")},
-                               run={"in_process_max_items": 0}))
+                               encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")}, run=run))
+    assert result.encoded_in == encoded_in
     # windows start at 0, 8, ..., 40: row 50 (NaN) is in the target of the one at 32 and the lookback of the one
     # at 40; the dead column has no value at all
     assert result.manifest["counts"] == {"read": 7, "written": 4, "rejected": 3}
