@@ -11,6 +11,7 @@ one `id repr(token) byte_length` per line). The rest are ours:
 """
 
 import codecs
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -46,30 +47,36 @@ def parse_literal(literal: str) -> str | bytes:
     return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+@functools.cache
+def read_vocab(path: Path) -> tuple[dict[int, bytes], dict]:
+    """A vocab file's tokens by id and their trie (dicts: byte -> child node; the key None holds the id of the token
+    ending at that node). Read once per process: tokenizers share them, and nothing changes them."""
+    id_to_bytes: dict[int, bytes] = {}
+    trie: dict = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            idx_str, rest = line.split(" ", 1)
+            literal, length = rest.rsplit(" ", 1)
+            token = parse_literal(literal)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: not a vocab line ({e})") from e
+        token = token.encode("utf-8") if isinstance(token, str) else token
+        if not isinstance(token, bytes) or len(token) != int(length):
+            raise ValueError(f"{path}:{line_no}: token length does not match the stated {length}")
+        idx = int(idx_str)
+        id_to_bytes[idx] = token
+        node = trie
+        for byte in token:
+            node = node.setdefault(byte, {})
+        node[None] = idx
+    return id_to_bytes, trie
+
+
 class WorldTokenizer:
     def __init__(self, vocab_path=None):
-        path = Path(vocab_path) if vocab_path else default_vocab_path()
-        self.id_to_bytes: dict[int, bytes] = {}
-        # Trie of dicts: byte -> child node; the key None holds the id of the token ending at that node.
-        self._trie: dict = {}
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                idx_str, rest = line.split(" ", 1)
-                literal, length = rest.rsplit(" ", 1)
-                token = parse_literal(literal)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not a vocab line ({e})") from e
-            token = token.encode("utf-8") if isinstance(token, str) else token
-            if not isinstance(token, bytes) or len(token) != int(length):
-                raise ValueError(f"{path}:{line_no}: token length does not match the stated {length}")
-            idx = int(idx_str)
-            self.id_to_bytes[idx] = token
-            node = self._trie
-            for byte in token:
-                node = node.setdefault(byte, {})
-            node[None] = idx
+        self.id_to_bytes, self._trie = read_vocab(Path(vocab_path).resolve() if vocab_path else default_vocab_path())
         self.special_tokens = dict(SPECIAL_TOKENS)
         self.special_ids = {v: k for k, v in self.special_tokens.items()}
         self.vocab_size = VOCAB_SIZE

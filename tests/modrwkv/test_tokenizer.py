@@ -3,7 +3,7 @@ import ast
 import pytest
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-from modrwkv.tokenizer import SPECIAL_TOKENS, WorldTokenizer, default_vocab_path, parse_literal
+from modrwkv.tokenizer import SPECIAL_TOKENS, WorldTokenizer, default_vocab_path, parse_literal, read_vocab
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.\n\tIndented  text, numbers 3.14159 and URLs https://x.org/a?b=c",
@@ -70,6 +70,17 @@ def test_vocab_literals_decode_as_python_reads_them(literal, value):
 def test_the_vocabulary_loads_without_the_python_parser(monkeypatch):
     """Parsing 65k literals beside other threads that parse failed once in this suite (a CPython 3.11 SystemError)."""
     monkeypatch.setattr(ast, "parse", lambda *a, **kw: pytest.fail("the vocabulary went through ast.parse"))
+    read_vocab.cache_clear()  # read again, here
     assert WorldTokenizer().encode("Hello 中文") == TRIE_TOKENIZER(str(default_vocab_path())).encode("Hello 中文")
     with pytest.raises(ValueError, match="not a quoted literal"):
         parse_literal("x'a'")
+
+
+def test_tokenizers_share_one_reading_of_a_vocab_file_and_a_bad_one_names_its_line(tmp_path):
+    assert WorldTokenizer().id_to_bytes is WorldTokenizer(default_vocab_path()).id_to_bytes
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("1 'a' 1\n2 'bc' 3\n")
+    with pytest.raises(ValueError, match=f"{vocab}:2: token length does not match the stated 3"):
+        WorldTokenizer(vocab)
+    vocab.write_text("1 'a' 1\n2 'bc' 2\n")  # a failed read is not kept
+    assert WorldTokenizer(vocab).encode_bytes(b"abc") == [1, 2]
