@@ -21,15 +21,12 @@
 #   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s, and
 #                       where each step's device time goes (torch's profiler: top kernels, device busy share)
 #   phase2_compile      the same step eager and with the backbone's blocks under torch.compile, profiled
-# The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there. Fetch
-# them here (cp312, manylinux x86_64; see the device tool's README): fla-core 0.6.0 (the fla rows), rwkv 0.8.32 (the
-# World vocabulary file), jiwer and RapidFuzz at the lock's versions (WER), DeepSpeed 0.19.8 (PyPI has only its
-# source: `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`) with hjson and pydantic 2.14.4,
-# pydantic-core, annotated-types and typing-inspection at the lock's versions. The demo part also needs the demo's
-# caches: `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json` here (copies of the six entries
-# with only the features they use, whatever else runs/cache holds), then carry runs/gpu_demo with .whl. Logs and
-# every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted in files).
-# Triton's autotuning results (fla's took its parts' whole limits twice) are kept on disk and packed into
+# The machine has no network and its image lacks some of our packages: wheels in .whl/ install from there, and the
+# demo part reads copies of the demo's caches in runs/gpu_demo. `benchmarks/gpu_rehearsal_inputs.sh` makes both here
+# (fla-core for the fla rows, rwkv for the World vocabulary file, jiwer and RapidFuzz for WER, DeepSpeed with hjson
+# and pydantic's packages; the six cache entries with only the features they use): carry ".whl" and "runs/gpu_demo".
+# Logs and every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted
+# in files). Triton's autotuning results (fla's took its parts' whole limits twice) are kept on disk and packed into
 # $OUT/triton_autotune.tar.gz after each part; copied here to runs/triton_autotune.tar.gz and carried, they are
 # reused by the next lent machine (same image: the cache key holds Triton's version, the GPU, each kernel's source
 # and shapes), which then compiles only each kernel's chosen config.
