@@ -16,7 +16,8 @@ from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 from ..vision import IMAGENET_MEAN, IMAGENET_STD
 from .wheels import wheel_file
 
-# the graph was exported from an older transformers whose attention used BERT-style module names
+# the graph was exported from a transformers whose attention used BERT-style module names (5.17 still does; 5.25
+# names them as most models do)
 ATTENTION_RENAMES = {
     ".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
     ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj.",
@@ -64,16 +65,21 @@ def position_embeddings(inits: dict[str, np.ndarray], hidden: int) -> np.ndarray
     return np.concatenate([cls_rows[0], grids[0]], axis=1)
 
 
-def current_name(name: str) -> str:
-    for old, new in ATTENTION_RENAMES.items():
-        name = name.replace(old, new)
-    return name
+def installed_names(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """`state` with the graph's attention names renamed where the installed transformers' model (`expected`: its
+    parameter names) uses the newer ones."""
+    def renamed(name: str) -> str:
+        for old, new in ATTENTION_RENAMES.items():
+            name = name.replace(old, new)
+        return name
+
+    return {renamed(k) if renamed(k) in expected else k: v for k, v in state.items()}
 
 
 def dinov2_state(graph, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
     inits = initializers(graph)
     named = {k: v for k, v in inits.items() if k.startswith(prefix)} | named_matmul_weights(graph, inits)
-    state = {current_name(k.removeprefix(prefix)): torch.tensor(v) for k, v in named.items() if k.startswith(prefix)}
+    state = {k.removeprefix(prefix): torch.tensor(v) for k, v in named.items() if k.startswith(prefix)}
     hidden = state["embeddings.cls_token"].shape[-1]
     state["embeddings.position_embeddings"] = torch.tensor(position_embeddings(inits, hidden))
     state["embeddings.mask_token"] = torch.zeros(1, hidden)  # only used for masked pre-training; not exported
@@ -96,7 +102,7 @@ def export_dinov2_onnx(onnx_path, out_dir, heads: int, image_size: int = 224) ->
     is the resize the saved preprocessor applies (the position grid interpolates to it)."""
     state = dinov2_state(load_graph(onnx_path))
     model = Dinov2Model(dinov2_config(state, heads))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(installed_names(state, model.state_dict().keys()), strict=True)
     out = Path(out_dir)
     model.save_pretrained(out)
     BitImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
