@@ -68,12 +68,13 @@ def position_embeddings(inits: dict[str, np.ndarray], hidden: int) -> np.ndarray
 def installed_names(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
     """`state` with the graph's attention names renamed where the installed transformers' model (`expected`: its
     parameter names) uses the newer ones."""
-    def renamed(name: str) -> str:
+    def installed(name: str) -> str:
+        renamed = name
         for old, new in ATTENTION_RENAMES.items():
-            name = name.replace(old, new)
-        return name
+            renamed = renamed.replace(old, new)
+        return renamed if renamed in expected else name
 
-    return {renamed(k) if renamed(k) in expected else k: v for k, v in state.items()}
+    return {installed(k): v for k, v in state.items()}
 
 
 def dinov2_state(graph, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
