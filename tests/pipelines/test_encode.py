@@ -84,8 +84,11 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
 
 # the image set above covers the Ray job's quarantine in the fast tier; Ray's audio and series jobs take seconds each
 @pytest.mark.parametrize("encoded_in", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
-def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray_local, encoded_in):
-    run = {"in_process_max_items": 0} if encoded_in == "ray" else {}  # the default: a job this small, in the driver
+def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, encoders, request, encoded_in):
+    run = {}  # the default: a job this small, in the driver
+    if encoded_in == "ray":
+        request.getfixturevalue("ray_local")
+        run = {"in_process_max_items": 0}
     audio = tmp_path / "audio"
     audio.mkdir()
     # "long" passes the job's limits (raised to 40 s) but not Whisper's 30 s window: the decode task, where the
