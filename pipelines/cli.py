@@ -176,6 +176,7 @@ def cmd_cache_local(args) -> None:
     for f in folders:
         used = datetime.datetime.fromtimestamp(f.last_used).strftime("%Y-%m-%d %H:%M")
         what = f.source or ("(staged output)" if f.uploaded else "(staged output, never uploaded: kept)")
+        what += " (in use: kept)" if f.in_use else ""
         print(f"{used}  {human(f.bytes):>9}  {what}  {f.path}")
     total = human(sum(f.bytes for f in folders))
     if args.unused_days is None:

@@ -7,7 +7,8 @@ version changes (an S3 folder: its files' names, sizes or modification times). W
 
 Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
 outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`), never a
-staged output that was not uploaded."""
+staged output that was not uploaded, and never a copy a living process was handed: each process holds a shared
+lock on every copy it got until it exits (or calls `release_copies`), however long ago it opened it."""
 
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from . import storage
 
@@ -28,6 +30,7 @@ ROOT_ENV = "MODRWKV_LOCAL_COPIES"
 LISTING = "listing.json"  # what the copy was fetched from, written once the copy is complete; touched at each use
 SOURCE = "source.txt"  # the URI the copy is of
 LOCK = ".lock"  # the copy's fetch lock (`node_lock`), kept when the copy is pruned: a worker may be waiting on it
+IN_USE = ".in-use"  # shared-locked by each process handed the copy (`hold`), also kept when the copy is pruned
 UPLOADED = "uploaded.txt"  # in a staged output: the URI `publish` uploaded it to, written once it has
 
 
@@ -81,21 +84,53 @@ def local_configs(uri: str) -> str:
 def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], None]) -> Path:
     """This node's copy of `source` (a URI: s3://..., models:/...), the path `<slot>/<name>`: `fetch(path)` writes it
     unless a complete copy fetched from the same `listing` (what identifies the remote version) is there. Processes
-    of the node wait for one fetch; each use counts as the copy's last use, for `prune`."""
+    of the node wait for one fetch; each use counts as the copy's last use, for `prune`, and this process holds the
+    copy (`hold`) until it exits."""
     slot = copies_root() / hashlib.sha256(str(source).encode()).hexdigest()[:24]
     # a remote file named like the slot's own records goes one folder down, never over them
-    target = slot / "copy" / name if name in (LISTING, SOURCE, LOCK) else slot / name
+    target = slot / "copy" / name if name in (LISTING, SOURCE, LOCK, IN_USE) else slot / name
     target.parent.mkdir(parents=True, exist_ok=True)
     with node_lock(slot / LOCK):
         record = slot / LISTING
         if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
             os.utime(record)
-            return target
-        record.unlink(missing_ok=True)
-        replace_whole(target, fetch)
-        (slot / SOURCE).write_text(str(source))
-        record.write_text(json.dumps(listing))
+        else:
+            record.unlink(missing_ok=True)
+            replace_whole(target, fetch)
+            (slot / SOURCE).write_text(str(source))
+            record.write_text(json.dumps(listing))
+        hold(slot)
     return target
+
+
+_held: dict[Path, IO] = {}  # slot -> its open IN_USE file, shared-locked while this process lives
+
+
+def hold(slot: Path) -> None:
+    """This process uses the copy in `slot`: a shared lock on its IN_USE file, which `prune` cannot take
+    exclusively until every holder has exited (the kernel drops a dead process's locks) or released it."""
+    if slot not in _held:
+        in_use = open(slot / IN_USE, "a")
+        fcntl.flock(in_use, fcntl.LOCK_SH)
+        _held[slot] = in_use
+
+
+def release_copies() -> None:
+    """This process no longer reads the copies it was handed (it loaded them, say): `prune` may remove them."""
+    while _held:
+        _held.popitem()[1].close()
+
+
+def in_use(slot: Path) -> bool:
+    """Whether a living process (this one included) holds the copy in `slot`."""
+    if not (slot / IN_USE).is_file():
+        return False
+    with open(slot / IN_USE, "a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 @contextmanager
@@ -157,6 +192,7 @@ class NodeFolder:
     bytes: int
     last_used: float  # seconds since the epoch: a copy's last fetch or use, an output's last write
     uploaded: bool = True  # False: a staged output never uploaded (a failed run's), maybe the only copy of its files
+    in_use: bool = False  # a copy a living process was handed (`hold`): never pruned
 
 
 def node_folders() -> list[NodeFolder]:
@@ -168,17 +204,18 @@ def node_folders() -> list[NodeFolder]:
             continue
         source = (slot / SOURCE).read_text() if (slot / SOURCE).is_file() else None  # copies from before SOURCE
         found.append(NodeFolder(slot, source or "(remote not recorded)", tree_stats(slot)[0],
-                                record.stat().st_mtime))
+                                record.stat().st_mtime, in_use=in_use(slot)))
     for folder in sorted(outputs_root().glob("*")) if outputs_root().is_dir() else []:
         found.append(NodeFolder(folder, None, *tree_stats(folder), (folder / UPLOADED).is_file()))
     return sorted(found, key=lambda f: f.last_used)
 
 
 def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
-    """The node folders unused for `unused_for_s`, a staged output only once uploaded; with `apply`, those removed (a
-    copy under its fetch lock, so a worker fetching it waits, then fetches it again; one used since it was listed
-    stays)."""
-    stale = [f for f in node_folders() if f.uploaded and time.time() - f.last_used >= unused_for_s]
+    """The node folders unused for `unused_for_s`, a staged output only once uploaded, a copy only when no living
+    process holds it; with `apply`, those removed (a copy under its fetch lock, so a worker fetching it waits, then
+    fetches it again; one used or held since it was listed stays)."""
+    stale = [f for f in node_folders()
+             if f.uploaded and not f.in_use and time.time() - f.last_used >= unused_for_s]
     if not apply:
         return stale
     removed = []
@@ -189,10 +226,10 @@ def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
             continue
         with node_lock(folder.path / LOCK):
             record = folder.path / LISTING
-            if not record.is_file() or time.time() - record.stat().st_mtime < unused_for_s:
+            if not record.is_file() or time.time() - record.stat().st_mtime < unused_for_s or in_use(folder.path):
                 continue
             for entry in folder.path.iterdir():
-                if entry.name != LOCK:
+                if entry.name not in (LOCK, IN_USE):
                     remove(entry)
         removed.append(folder)
     return removed

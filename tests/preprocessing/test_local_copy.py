@@ -1,6 +1,8 @@
 """preprocessing/local_copy.py: node-local copies of s3:// files and folders, against the local S3 endpoint."""
 
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,8 @@ def s3(s3_server, monkeypatch, tmp_path):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv(local_copy_module.ROOT_ENV, str(tmp_path / "copies"))
-    return s3_client(s3_server.endpoint_url)
+    yield s3_client(s3_server.endpoint_url)
+    local_copy_module.release_copies()
 
 
 def fetches(monkeypatch) -> list[str]:
@@ -115,9 +118,11 @@ def test_copies_and_staged_outputs_unused_for_a_while_are_listed_then_pruned(s3,
     assert listed[staged].uploaded and not listed[failed].uploaded
     assert main(["cache", "local"]) == 0
     out = capsys.readouterr().out
-    assert f"{old}  {old_copy.parent}" in out and f"(staged output, never uploaded: kept)  {failed}" in out
+    assert f"{old} (in use: kept)  {old_copy.parent}" in out and f"(staged output, never uploaded: kept)  {failed}" in out
 
     fetched = fetches(monkeypatch)
+    assert [f.source for f in local_copy_module.prune(7 * 86400)] == [None]  # this process holds the copies
+    local_copy_module.release_copies()
     assert sorted((f.source for f in local_copy_module.prune(7 * 86400)), key=str) == sorted([old, None], key=str)
     assert old_copy.exists() and staged.exists()  # a dry run removes nothing
     assert main(["cache", "local", "--unused-days", "7", "--apply"]) == 0
@@ -151,7 +156,31 @@ def test_a_copy_used_after_it_was_listed_is_not_pruned(s3, monkeypatch):
     ten_days_ago = time.time() - 10 * 86400
     os.utime(copy.parent / local_copy_module.LISTING, (ten_days_ago, ten_days_ago))
     listed = local_copy_module.node_folders()
+    local_copy_module.release_copies()
     assert [f.source for f in local_copy_module.prune(7 * 86400)] == [uri]  # stale when listed
-    local_copy(uri)  # then a worker uses it
+    local_copy(uri)  # then a worker uses it, and is done with it
+    local_copy_module.release_copies()
     monkeypatch.setattr(local_copy_module, "node_folders", lambda: listed)
     assert local_copy_module.prune(7 * 86400, apply=True) == [] and copy.read_bytes() == b"b" * 100
+
+
+def test_a_copy_a_living_process_was_handed_is_kept_until_it_exits(s3, capsys):
+    from pipelines.cli import main
+
+    s3.put_object(Bucket=BUCKET, Key="local-copy/held/rwkv7.pth", Body=b"h" * 100)
+    uri = f"s3://{BUCKET}/local-copy/held/rwkv7.pth"
+    worker = subprocess.Popen(  # a long job: handed the copy, then reads it for as long as it runs
+        [sys.executable, "-c", "import sys; from preprocessing.local_copy import local_copy; "
+                               f"print(local_copy({uri!r}), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        copy = Path(worker.stdout.readline().strip())
+        ten_days_ago = time.time() - 10 * 86400
+        os.utime(copy.parent / local_copy_module.LISTING, (ten_days_ago, ten_days_ago))
+        assert [f.in_use for f in local_copy_module.node_folders()] == [True]
+        assert main(["cache", "local"]) == 0 and f"{uri} (in use: kept)" in capsys.readouterr().out
+        assert local_copy_module.prune(7 * 86400, apply=True) == [] and copy.read_bytes() == b"h" * 100
+    finally:
+        worker.communicate("")
+    assert worker.returncode == 0 and [f.in_use for f in local_copy_module.node_folders()] == [False]
+    assert [f.source for f in local_copy_module.prune(7 * 86400, apply=True)] == [uri] and not copy.exists()
