@@ -3,15 +3,22 @@
 An entry is complete when its manifest exists; its samples reference item files in one store. Garbage is what
 no complete entry of the current format references: store items, entries of an older format, unfinished entries
 and half-written files. A job may be writing right now (its entry has no manifest yet, its new items are not
-referenced yet), so only files older than a grace period count as garbage."""
+referenced yet), so only files older than a grace period count as garbage. A root may hold other things (a
+dataset beside its caches): only the files an entry writes count, and a folder without any is no entry."""
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
 from .. import storage
-from .entry import MANIFEST, READABLE_FORMATS, STORE_FOLDER, FeatureCache
+from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache
+from .index import INDEX
 from .key import FINGERPRINTS_FOLDER
+
+# the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
+ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)})"
+                        r"(\.tmp-[0-9a-f]+)?")
 
 
 @dataclass
@@ -42,12 +49,13 @@ class Store:
 
 def inventory(root: str) -> tuple[list[Entry], list[Store]]:
     """Every entry and store under `root`, each store item with the complete entries that reference it (read
-    from the entries' indexes; a format-2 entry's, from its shards)."""
+    from the entries' indexes; a format-2 entry's, from its shards). An entry's files are those it writes; other
+    files under `root` are no part of any."""
     tree = storage.list_tree(root)
     by_top: dict[str, dict[str, tuple[int, int]]] = {}
     for path, stat in tree.items():
         top, _, rest = path.partition("/")
-        if rest:
+        if ENTRY_FILE.fullmatch(rest):
             by_top.setdefault(top, {})[rest] = stat
     stores = {}
     for path, stat in tree.items():
