@@ -94,7 +94,7 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
     tokenizer, kept = world_tokenizer(), []
     for s in samples:
         try:
-            check_text(s.meta["turns"], tokenizer)
+            check_text(s.meta["turns"], tokenizer, s.modality, 1 if s.modality == "series" else len(s.sources))
             kept.append(s)
         except Rejected as e:
             rejects.append(Reject(s.meta.get("source", "?"), str(e), s.key, stage="validate"))

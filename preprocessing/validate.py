@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from modrwkv.conversation import Turn, text_length
+
 from .items import SAMPLE_RATE, Audio, to_16k_mono
 
 
@@ -92,11 +94,15 @@ def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "loo
         raise Rejected(str(e)) from None
 
 
-def check_text(turns: list[dict], tokenizer) -> None:
-    """Every turn has words, and the whole conversation tokenizes."""
+PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "series": "<series>"}
+
+
+def check_text(turns: list[dict], tokenizer, modality: str, n_items: int) -> None:
+    """Every turn has words, the whole conversation tokenizes, and it holds one placeholder of the sample's own
+    modality per item (a text-only sample none): what the cache's lengths and the collator rely on."""
     for i, turn in enumerate(turns):
         words = turn["text"]
-        for placeholder in ("<image>", "<audio>", "<series>"):
+        for placeholder in PLACEHOLDERS.values():
             words = words.replace(placeholder, "")
         if not words.strip() and turn["role"] == "assistant":
             raise Rejected(f"turn {i} ({turn['role']}) is empty")
@@ -104,4 +110,12 @@ def check_text(turns: list[dict], tokenizer) -> None:
             tokenizer.encode(turn["text"], allow_special=True)
         except (ValueError, KeyError) as e:
             raise Rejected(f"turn {i} does not tokenize: {e}") from None
+        other = [p for m, p in PLACEHOLDERS.items() if m != modality and p in turn["text"]]
+        if other:
+            raise Rejected(f"turn {i} holds {other[0]}, a placeholder of another modality than this {modality} "
+                           "sample's")
+    try:
+        text_length(tokenizer, [Turn(t["role"], t["text"]) for t in turns], n_items)
+    except ValueError as e:
+        raise Rejected(str(e).removeprefix("sample ?: ")) from None
 

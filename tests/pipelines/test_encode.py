@@ -98,16 +98,17 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
     for name, data in clips.items():
         (audio / f"{name}.wav").write_bytes(data)
     lines = [{"audio": f"{n}.wav", "text": "one two"} for n in clips] + [
-        {"id": "silent-text", "audio": "ok.wav", "text": ""}, {"audio": "gone.wav", "text": "x"}]
+        {"id": "silent-text", "audio": "ok.wav", "text": ""}, {"audio": "gone.wav", "text": "x"},
+        {"id": "placeholder", "audio": "ok.wav", "text": "the <image> tag"}]
     (audio / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "asr.jsonl")},
                                encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
                                cache={"root": str(tmp_path / "cache")}, limits={"max_audio_seconds": 40}, run=run))
     assert result.encoded_in == encoded_in
-    assert result.manifest["counts"] == {"read": 6, "written": 2, "rejected": 4}
+    assert result.manifest["counts"] == {"read": 7, "written": 2, "rejected": 5}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
-    assert "cannot read" in reasons["gone"]
+    assert "cannot read" in reasons["gone"] and "holds <image>, a placeholder of another" in reasons["placeholder"]
     assert reasons["long"] == (f"the encoder refused it: sample {audio / 'long.wav'}: 31.0 s is longer than "
                                "Whisper's 30 s window")
     lengths = {s.key: s.items[0].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}

@@ -46,6 +46,21 @@ def test_series_and_text():
     with pytest.raises(Rejected, match="fewer than 8"):
         check_series([1.0, 2.0], LIMITS)
     tokenizer = WorldTokenizer()
-    check_text([{"role": "user", "text": "<image>"}, {"role": "assistant", "text": "seven"}], tokenizer)
+    check_text([{"role": "user", "text": "<image>"}, {"role": "assistant", "text": "seven"}], tokenizer, "image", 1)
     with pytest.raises(Rejected, match=r"turn 1 \(assistant\) is empty"):
-        check_text([{"role": "user", "text": "<audio>\nTranscribe."}, {"role": "assistant", "text": "  "}], tokenizer)
+        check_text([{"role": "user", "text": "<audio>\nTranscribe."}, {"role": "assistant", "text": "  "}], tokenizer,
+                   "audio", 1)
+
+
+@pytest.mark.parametrize("modality, n_items, user_text, reason", [
+    ("image", 0, "What does the <image> tag do in HTML?", "1 modality placeholders but 0 feature items"),
+    ("image", 2, "<image>\nWhat is it?", "1 modality placeholders but 2 feature items"),
+    ("image", 0, "What does the <audio> tag do in HTML?", "holds <audio>, a placeholder of another modality"),
+    ("audio", 1, "<audio>\nTranscribe <series>.", "holds <series>, a placeholder of another modality"),
+])
+def test_a_text_whose_placeholders_do_not_match_its_items_is_rejected(modality, n_items, user_text, reason):
+    """The cache's lengths and the collator count one placeholder of the sample's modality per item: a text that
+    says otherwise is rejected before anything is encoded."""
+    turns = [{"role": "user", "text": user_text}, {"role": "assistant", "text": "An answer."}]
+    with pytest.raises(Rejected, match=reason):
+        check_text(turns, WorldTokenizer(), modality, n_items)
