@@ -41,8 +41,9 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """One answer, from a fresh copy of the media state (earlier questions do not leak into it)."""
         ids = self.tokenizer.encode(f"\n{question}{TURN_END}{ROLES['assistant']}:")
+        # the answer's closing "\n\n" is not always one token ("。\n" then "\n"): the text ends the turn too
         text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text,
-                             state=self.media_state.clone())
+                             state=self.media_state.clone(), stop_texts=(TURN_END,))
         return text.strip()
 
 

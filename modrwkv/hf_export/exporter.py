@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .. import tokenizer as world_tokenizer
 from .. import wavenet
 from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict
-from ..conversation import PLACEHOLDER_IDS
+from ..conversation import PLACEHOLDER_IDS, TURN_END
 from ..fla_layout import write_fla_folder
 from ..model_folder import read_encoders_record
 from ..multimodal import ModRWKV
@@ -52,7 +52,10 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
     write_json(out_dir / "config.json", config)
     save_file(cpu_state_dict(model.float()), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     end_of_text = world_tokenizer.END_OF_TEXT
-    write_json(out_dir / "generation_config.json", {"eos_token_id": end_of_text, "pad_token_id": end_of_text})
+    # an answer ends its turn with "\n\n" (trained so), rarely with end-of-text: generate() stops at either token
+    turn_end = world_tokenizer.WorldTokenizer().encode(TURN_END)
+    write_json(out_dir / "generation_config.json", {"eos_token_id": [end_of_text, *turn_end],
+                                                    "pad_token_id": end_of_text})
     write_json(out_dir / "tokenizer_config.json", {"auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
                                                    "tokenizer_class": "ModRWKVTokenizer"})
     shutil.copyfile(world_tokenizer.default_vocab_path(), out_dir / world_tokenizer.VOCAB_FILENAME)

@@ -118,7 +118,7 @@ def our_outputs(model: ModRWKV, inputs: dict) -> dict:
         greedy = []
         for _ in range(inputs["greedy_tokens"]):
             greedy.append(int(logits.argmax(dim=-1)))
-            if greedy[-1] == END_OF_TEXT:  # generate() stops after it, as our generation does
+            if greedy[-1] in (END_OF_TEXT, *tokenizer.encode("\n\n")):  # generate() stops after these, as chat
                 break
             step, state = model.backbone(torch.tensor([greedy[-1:]]), state=state, logits_to_keep=1)
             logits = step[:, -1]
@@ -173,6 +173,8 @@ def test_the_export_holds_config_tokenizer_code_and_every_fp32_weight(exported):
     for name in ("configuration_modrwkv.py", "modeling_modrwkv.py", "tokenization_modrwkv.py", "world_tokenizer.py",
                  "wavenet.py", "tokenizer_config.json", "generation_config.json", "rwkv_vocab_v20230424.txt"):
         assert (export / name).is_file(), name
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [END_OF_TEXT, *WorldTokenizer().encode("\n\n")]  # the trained turn end
     weights, ours = load_file(export / "model.safetensors"), model.state_dict()
     assert weights.keys() == ours.keys()
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], ours[k]) for k in ours)
