@@ -59,9 +59,9 @@ def prefill(model: RWKV7, prompts: Sequence[Sequence[int]], state: RWKV7State | 
     if bool(mask.all()):
         logits, state = model(ids, state=state, logits_to_keep=1)
         return logits[:, -1], state
-    logits, state = model(ids, state=state, attention_mask=mask)
-    lengths = mask.sum(dim=1)
-    return logits[torch.arange(len(prompts)), lengths - 1], state
+    # the head on each row's last real position only: [B, V] logits, never [B, T, V] (gigabytes at T = 4096)
+    hidden, state = model.forward_hidden(ids, state=state, attention_mask=mask)
+    return model.head(hidden[torch.arange(len(prompts)), mask.sum(dim=1) - 1]), state
 
 
 @torch.no_grad()

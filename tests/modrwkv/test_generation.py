@@ -28,6 +28,22 @@ def test_greedy_batched_equals_full_recompute(model):
         assert tokens == greedy_by_hand(model, prompt, 6)
 
 
+def test_prompts_of_different_lengths_run_the_head_on_their_last_positions_only(model):
+    seen = []
+    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
+    try:
+        logits, _ = prefill(model, PROMPTS)
+    finally:
+        hook.remove()
+    assert seen == [(3, CFG.n_embd)]  # one vector a row, not a [3, 7, vocab] block
+    for row, prompt in enumerate(PROMPTS):
+        alone, _ = model(torch.tensor([prompt]), logits_to_keep=1)
+        torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="logits_to_keep counts back from the last position, which is padding"):
+        model(torch.tensor([[5, 6, 7, 0], [1, 2, 3, 4]]), attention_mask=mask, logits_to_keep=1)
+
+
 def test_stop_token_ends_only_its_row(model):
     free = generate(model, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=0, stop_tokens=()))
     stop = free.tokens[1][2]
