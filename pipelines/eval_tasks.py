@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
-from .metrics.forecast import forecast_errors, mase, seasonal_naive
+from .metrics.forecast import forecast_errors, mase, mase_scale, seasonal_naive
 from .metrics.vqa import mean_exact_match, normalize_answer
 from .plots import pyplot, save_figure
 
@@ -189,7 +189,13 @@ class Forecast(EvalTask):
             scaled = forecast_errors(forecast, target, mean, std)
             return {**scaled, "mase": mase(forecast, target, lookback, self.season)}
 
-        return errors(prediction), errors(seasonal_naive(lookback, target.shape[1], self.season))
+        metrics, baselines = errors(prediction), errors(seasonal_naive(lookback, target.shape[1], self.season))
+        unscaled = int(np.sum(mase_scale(lookback, self.season) == 0))
+        if unscaled:  # flat stretches (zero sales, a stuck sensor): MSE and MAE count them, MASE cannot
+            metrics["windows_without_mase"] = unscaled
+            print(f"forecast: {unscaled} of {len(rows)} windows repeat exactly with period {self.season} in their "
+                  "lookback: left out of MASE")
+        return metrics, baselines
 
     def plots(self, rows: list[dict], out_dir: Path, n: int = 4) -> list[Path]:
         """Lookback, truth and forecast of the first windows, on the original scale."""

@@ -51,17 +51,24 @@ def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:
     return last_season[..., np.arange(horizon) % period]
 
 
+def mase_scale(lookback, period: int = 1) -> np.ndarray:
+    """Each lookback window's in-sample MAE of the seasonal-naive one-step forecast, mean |y_t - y_{t-period}|:
+    MASE's denominator; 0 for a window that repeats exactly with that period (a flat one for period 1)."""
+    lookback = np.atleast_2d(np.asarray(lookback, np.float64))
+    if lookback.shape[1] <= period:
+        raise ValueError(f"the lookback ({lookback.shape[1]} steps) must be longer than the period {period}")
+    return np.mean(np.abs(lookback[:, period:] - lookback[:, :-period]), axis=1)
+
+
 def mase(prediction, target, lookback, period: int = 1) -> float:
-    """Mean over windows of MAE / (in-sample MAE of the seasonal-naive one-step forecast on the lookback):
-    the scale is mean |y_t - y_{t-period}| over each lookback window."""
+    """Mean over windows of MAE / `mase_scale` (M4's per-window MASE). A window whose scale is 0 has no MASE and is
+    left out of the mean (count them with `mase_scale`); NaN when no window has one."""
     prediction, target = matching_arrays(prediction, target)
-    prediction, target, lookback = (np.atleast_2d(a) for a in (prediction, target, np.asarray(lookback, np.float64)))
-    if lookback.shape[0] != prediction.shape[0] or lookback.shape[1] <= period:
-        raise ValueError(f"need one lookback window per forecast, longer than the period {period}; "
-                         f"got {lookback.shape} for {prediction.shape[0]} forecasts")
-    scale = np.mean(np.abs(lookback[:, period:] - lookback[:, :-period]), axis=1)
-    flat = np.flatnonzero(scale == 0)
-    if len(flat):
-        raise ValueError(f"windows {flat.tolist()}: the lookback repeats exactly with period {period}, "
-                         "so MASE is undefined")
-    return float(np.mean(np.mean(np.abs(prediction - target), axis=1) / scale))
+    prediction, target = np.atleast_2d(prediction), np.atleast_2d(target)
+    scale = mase_scale(lookback, period)
+    if scale.shape[0] != prediction.shape[0]:
+        raise ValueError(f"need one lookback window per forecast: got {scale.shape[0]} for {prediction.shape[0]}")
+    scaled = scale > 0
+    if not scaled.any():
+        return float("nan")
+    return float(np.mean(np.mean(np.abs(prediction - target), axis=1)[scaled] / scale[scaled]))

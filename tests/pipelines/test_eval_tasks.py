@@ -52,6 +52,9 @@ def test_forecast_scores_beside_seasonal_naive_and_plots_forecasts(tmp_path):
     exact = [{**rows[0], "prediction": [1.0, 3.0]}]
     metrics, naive = Forecast(season=1).score(exact)  # naive (period 1) repeats 3: errors 2 and 0
     assert metrics["mse"] == 0.0 and naive["mse_normalized"] == 2.0 and naive["mse"] == 8.0
+    flat = {**rows[0], "key": "w1", "lookback": [4.0] * 6, "prediction": [4.0, 4.0], "reference": [4.0, 6.0]}
+    metrics, _ = Forecast(season=3).score(rows + [flat])  # a stuck sensor: MSE counts it, MASE cannot
+    assert metrics["mase"] == 0.5 and metrics["windows_without_mase"] == 1 and metrics["mse_normalized"] == 1.25
     assert Forecast().plots(rows, tmp_path) == [tmp_path / "forecast_vs_truth.png"]
     assert (tmp_path / "forecast_vs_truth.png").stat().st_size > 0
 

@@ -1,10 +1,12 @@
 """Every expected value here is worked out by hand in the comment beside it."""
 
+import math
+
 import pytest
 
 from pipelines.metrics.asr import character_error_rate, normalize_english, normalize_mandarin, word_error_rate
 from pipelines.metrics.choice import choice_accuracy, extract_choice, parse_yes_no, pope_scores
-from pipelines.metrics.forecast import denormalize, forecast_errors, mae, mase, mse, seasonal_naive
+from pipelines.metrics.forecast import denormalize, forecast_errors, mae, mase, mase_scale, mse, seasonal_naive
 from pipelines.metrics.vqa import exact_match, mean_exact_match, mean_vqa_accuracy, normalize_answer, vqa_accuracy
 
 # ---- VQA ---------------------------------------------------------------------------------------------------
@@ -188,5 +190,9 @@ def test_mase_by_hand():
     naive = seasonal_naive(seasonal, horizon=3, period=2)  # (3, 7, 3): off by 1 everywhere
     assert mase(naive, target, seasonal, period=2) == pytest.approx(1.0)
     assert mase([4.5, 8.5, 4.5], target, seasonal, period=2) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match=r"windows \[0\]: the lookback repeats exactly"):
-        mase([1, 1], [1, 2], [5, 5, 5])
+    # a flat lookback has no scale: left out of the mean (here with the first window, MASE 1.0), NaN when alone
+    assert mase([[3, 3], [5, 5]], [[4, 5], [5, 6]], [[1, 2, 4], [5, 5, 5]]) == pytest.approx(1.0)
+    assert mase_scale([[1, 2, 4], [5, 5, 5]]).tolist() == [1.5, 0.0]
+    assert math.isnan(mase([1, 1], [1, 2], [5, 5, 5]))
+    with pytest.raises(ValueError, match="must be longer than the period 3"):
+        mase([1, 1], [1, 2], [5, 5, 5], period=3)
