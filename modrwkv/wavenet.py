@@ -64,7 +64,10 @@ class WaveNet(nn.Module):
         return out[0] if squeeze else out
 
 
-def normalize_series(window: torch.Tensor, sample_id: str = "?", eps: float = 1e-5):
+STD_FLOOR = 1e-5  # a flat window's std: its normalised values are 0, and anything it is scaled by is x 1e5
+
+
+def normalize_series(window: torch.Tensor, sample_id: str = "?", eps: float = STD_FLOOR):
     """Per-window, per-channel z-score: returns (normalised, mean, std). NaN/inf are refused."""
     if not torch.isfinite(window).all():
         raise ValueError(f"sample {sample_id}: the series has NaN or inf values")

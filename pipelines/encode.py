@@ -113,8 +113,13 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
     # torch: heavy, only series windows need it
     import torch
 
+    from modrwkv.wavenet import STD_FLOOR
+
     normalised, mean, std = normalised_lookback(s.series["lookback"], limits, s.key)
     target = torch.from_numpy(check_series(s.series["target"], Limits(min_series_length=1), "target"))[:, None]
+    # a flat lookback's std is the floor: a target that moves by more would train on normalised values of 1e5
+    if float(std) <= STD_FLOOR and float((target - mean).abs().max()) > STD_FLOOR:
+        raise Rejected("the lookback is flat but the target moves: the target has no scale to be normalised by")
     window = normalised[:, 0].numpy()
     arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,

@@ -133,6 +133,23 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
     assert sample.meta["mean"] == pytest.approx(raw.mean(), abs=1e-4)
 
 
+def test_a_flat_lookback_is_kept_only_while_its_target_stays_flat():
+    """Solar output at night, zero sales: a constant lookback has no scale, so a target that moves after it
+    would be stored times 1e5 (the std floor); such a window is rejected, one that stays flat kept (zeros)."""
+    from pipelines.encode import series_window
+    from preprocessing.readers import RawSample
+    from preprocessing.validate import Limits, Rejected
+
+    def window(lookback, target):
+        return series_window(RawSample("w", "series", [], {}, {"lookback": lookback, "target": target}), Limits())
+
+    flat = window([0.1] * 8, [0.1] * 4)
+    assert np.abs(flat.arrays["target"]).max() < 1 and flat.meta["std"] == pytest.approx(1e-5)
+    assert np.abs(window([0.1] * 7 + [0.2], [0.1, 0.1, 1.3, 2.5]).arrays["target"]).max() < 100  # a scale: kept
+    with pytest.raises(Rejected, match="the lookback is flat but the target moves"):
+        window([0.1] * 8, [0.1, 0.1, 1.3, 2.5])
+
+
 def test_a_small_job_encodes_in_the_driver_exactly_as_ray_data_does(tmp_path, encoders, ray_local):
     dataset, _ = bad_images_set(tmp_path / "data")
     results = {}
