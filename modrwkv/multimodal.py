@@ -381,7 +381,8 @@ class ModRWKV(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, backbone: RWKV7 | None = None) -> "ModRWKV":
         """A full checkpoint, or an adapter-only one with the `backbone` it was trained on (default: the one
-        its backbone_source.json names)."""
+        its backbone_source.json names, in fp32 as a full checkpoint loads, whatever dtype it was saved in; a
+        given backbone's dtype is the whole model's)."""
         folder = read_model_folder(directory)
         config = ModRWKVConfig.from_dict(folder.config)
         if not folder.adapter_only:
@@ -389,10 +390,10 @@ class ModRWKV(nn.Module):
             load_state_strict(model, folder.weights, folder.weights_file)
             return model.eval()
         if backbone is None:
-            backbone = RWKV7.from_pretrained(resolve_backbone(directory))
+            backbone = RWKV7.from_pretrained(resolve_backbone(directory), dtype=torch.float32)
         if backbone.config != config.backbone:
             raise CheckpointError(f"{folder.weights_file}: trained on backbone {config.backbone}, given {backbone.config}")
         model = cls(config, backbone=backbone)
         load_state_strict(model, {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **folder.weights},
                           folder.weights_file)
-        return model.eval()
+        return model.to(backbone.emb.weight.dtype).eval()  # the adapter was built in fp32

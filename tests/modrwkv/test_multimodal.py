@@ -206,6 +206,21 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
 
 
+def test_an_adapter_on_a_bf16_backbone_folder_loads_in_one_dtype_and_runs(tmp_path, tok):
+    """Phase I on a bf16 backbone folder (supported for training) saves an adapter-only model: it loads in fp32 as a
+    full folder does, or in the dtype of a backbone given to it, never half and half."""
+    model = tiny_model()
+    model.backbone.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model.save_pretrained(tmp_path / "phase1", adapter_only=True, backbone_source={"path": str(tmp_path / "bf16")})
+    ids = torch.tensor([prompt_ids(tok, "<image> what?", [4])])
+    for backbone, dtype in ((None, torch.float32), (model.backbone, torch.bfloat16)):
+        loaded = ModRWKV.from_pretrained(tmp_path / "phase1", backbone=backbone)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+        with torch.no_grad():
+            logits, _ = loaded.prefill(ids, [[("image", torch.randn(9, 24))]])
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
 def test_a_given_state_dict_is_saved_in_place_of_the_modules_and_must_match_its_names_and_shapes(tmp_path):
     model = tiny_model()
     state = {k: v + 1 for k, v in model.state_dict().items()}  # as a trainer's master weights differ from its module
