@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -31,7 +32,8 @@ import numpy as np
 from modrwkv.conversation import Sample, Turn, text_length
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
-from preprocessing.cache.entry import CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes, pack_shard
+from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
+                                      pack_shard)
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
 from preprocessing.items import RAW_SERIES
@@ -172,8 +174,10 @@ def decode_item(row: dict, modality: str, limits: Limits, inputs, s3: storage.Se
         if row["source"]:
             try:
                 data = storage.read_bytes(row["source"])
-            except (FileNotFoundError, OSError) as e:
+            except FileNotFoundError as e:  # gone since it was fingerprinted
                 raise Rejected(f"cannot read it: {e}") from None
+            except OSError as e:  # storage failing (after pyarrow's retries): fail, or the entry would miss it for good
+                raise OSError(f"{row['source']}: cannot read it: {e}") from e
             if hashlib.sha256(data).hexdigest() != row["ref"]:
                 raise Rejected("it changed while the job ran; encode again")
             item = DECODE_MEDIA[modality](data, limits)
@@ -352,6 +356,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     if entry.is_complete() and not config.run.force:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
+        report_other_rejects(entry, rejects, n_read)
         return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
                             report_over_length(uri, config), fingerprints.files_read)
     if config.run.force:
@@ -381,6 +386,18 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
           + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
     return EncodeResult(uri, manifest, False, items, time.perf_counter() - start, report_over_length(uri, config),
                         fingerprints.files_read, encoded_in)
+
+
+def report_other_rejects(entry: CacheEntry, rejects: list[Reject], n_read: int) -> None:
+    """On a cache hit: the entry holds the same samples, but this run may have read and rejected others than the run
+    that built it (a bad record added since); those are printed, as the entry's rejects.jsonl lists the other's."""
+    listed = {(r["key"], r["reason"]) for r in map(json.loads, storage.read_bytes(entry.path(REJECTS)).splitlines())}
+    new = [r for r in rejects if (r.key, r.reason) not in listed]
+    if new or n_read != entry.manifest()["counts"]["read"]:
+        print(f"this run read {n_read} samples ({entry.manifest()['counts']['read']} when the entry was built); "
+              f"{len(new)} rejects it found are not in the entry's {REJECTS}:")
+        for r in new:
+            print(f"  {r.source}: {r.reason}")
 
 
 def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:

@@ -227,7 +227,7 @@ def list_tree(uri: str) -> dict[str, tuple[int, int]]:
 def file_sha256(uri: str) -> str | None:
     try:
         return hashlib.sha256(read_bytes(uri)).hexdigest()
-    except (FileNotFoundError, OSError):  # gone since it was listed
+    except FileNotFoundError:  # gone since it was listed; any other error (storage failing) is raised, not a reject
         return None
 
 

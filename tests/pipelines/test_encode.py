@@ -82,6 +82,41 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert sample.turns[1] == Turn("assistant", "noise")
 
 
+def test_a_file_that_storage_fails_to_read_fails_the_job_and_a_vanished_one_is_rejected(tmp_path, monkeypatch):
+    """A sample rejected because the storage failed once would be missing from the entry, and from every later run
+    that reuses it: only a file gone since it was fingerprinted is rejected; any other read error stops the job."""
+    from pipelines.encode import decode_item
+    from preprocessing import storage
+
+    image = tmp_path / "1.png"
+    image.write_bytes(png_bytes())
+    row = {"source": str(image), "ref": hashlib.sha256(image.read_bytes()).hexdigest()}
+
+    def failing(uri):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+
+    monkeypatch.setattr(storage, "read_bytes", failing)
+    with pytest.raises(OSError, match=f"{image}: cannot read it: AWS Error NETWORK_CONNECTION"):
+        decode_item(row, "image", None, None)
+    image.unlink()
+    monkeypatch.undo()
+    assert "cannot read it" in decode_item(row, "image", None, None)["reject"]
+
+
+def test_a_cache_hit_prints_the_rejects_the_entry_does_not_list(tmp_path, encoders, capsys):
+    dataset, _ = bad_images_set(tmp_path)
+    encoder = {"kind": "clip", "model_dir": str(encoders["clip"])}
+    first = run_encode(config(dataset=dataset, encoder=encoder, cache={"root": str(tmp_path / "cache")}))
+    records = json.loads(Path(dataset["path"]).read_text())
+    Path(dataset["path"]).write_text(json.dumps(records + [{"id": "added", "conversations": "not a list"}]))
+    capsys.readouterr()
+    again = run_encode(config(dataset=dataset, encoder=encoder, cache={"root": str(tmp_path / "cache")}))
+    assert again.reused and again.uri == first.uri  # the same samples are written: the entry serves
+    out = capsys.readouterr().out
+    assert "this run read 8 samples (7 when the entry was built); 1 rejects it found are not in" in out
+    assert "'conversations' must be a non-empty list" in out.split("not in the entry's rejects.jsonl:")[1]
+
+
 # the image set above covers the Ray job's quarantine in the fast tier; Ray's audio and series jobs take seconds each
 @pytest.mark.parametrize("encoded_in", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
 def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, encoders, request, encoded_in):

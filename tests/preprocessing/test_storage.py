@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 from preprocessing import storage
 from tests.services import BUCKET
 
@@ -53,3 +55,14 @@ def test_s3_settings_travel_name_their_variables_and_apply_where_they_land(monke
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     settings.apply()
     assert storage.environment() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+
+
+def test_a_file_gone_has_no_sha256_but_a_failing_read_is_raised(tmp_path, monkeypatch):
+    assert storage.file_sha256(str(tmp_path / "gone.png")) is None  # the encode job rejects its sample
+
+    def failing(uri):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+
+    monkeypatch.setattr(storage, "read_bytes", failing)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # not a missing file: the job stops instead
+        storage.file_sha256(str(tmp_path / "there.png"))
