@@ -48,20 +48,26 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
 
 
 def decode_audio(data: bytes, limits: Limits) -> Audio:
-    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged)."""
+    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged). The length
+    is checked from the header, before any sample is decoded: decoding allocates what the header claims, and a
+    corrupt header may claim days of audio."""
     import soundfile  # here: whatever trains from cached features never loads libsndfile
 
     if not data:
         raise Rejected("empty file")
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:  # libsndfile refuses a header with a rate of 0
+            claimed = f.frames / f.samplerate
+            if claimed > limits.max_audio_seconds:
+                raise Rejected(f"{claimed:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
+            wave, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+    except MemoryError:
+        raise Rejected("decoding it needs more memory than this process has") from None
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise Rejected(f"not a readable audio file: {e}") from None
     if wave.shape[0] == 0:
         raise Rejected("the audio has no samples")
     seconds = wave.shape[0] / rate
-    if seconds > limits.max_audio_seconds:
-        raise Rejected(f"{seconds:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
     if seconds < limits.min_audio_seconds:
         raise Rejected(f"{seconds * 1000:.0f} ms of audio, "
                        f"under the minimum of {limits.min_audio_seconds * 1000:.0f} ms")

@@ -6,7 +6,7 @@ import pytest
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
 
-from .bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
+from .bad_inputs import huge_header_flac, huge_header_png, png_bytes, truncated_jpeg, wav_bytes
 
 LIMITS = Limits()
 
@@ -37,6 +37,22 @@ def test_audio():
         decode_audio(wav_bytes(2.0), Limits(max_audio_seconds=1.0))
     with pytest.raises(Rejected, match="the audio has no samples"):
         decode_audio(wav_bytes(0.0), LIMITS)
+
+
+def test_audio_length_is_checked_from_the_header_before_anything_is_decoded(monkeypatch):
+    """Decoding allocates what the header claims: a corrupt one claiming 50 days (256 GiB of samples) is refused
+    from the header, where decoding it would end the job with a MemoryError."""
+    import soundfile
+
+    with pytest.raises(Rejected, match=r"4294967\.3 s of audio, over the limit of 30\.0 s"):
+        decode_audio(huge_header_flac(), LIMITS)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", out_of_memory)  # a header within the limit, a host without
+    with pytest.raises(Rejected, match="needs more memory than this process has"):
+        decode_audio(wav_bytes(0.5), LIMITS)
 
 
 def test_series_and_text():
