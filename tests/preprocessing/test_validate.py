@@ -1,7 +1,10 @@
 """Decoding checks: each bad input is refused with a reason a person can act on; odd-but-fine ones convert."""
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
@@ -24,6 +27,31 @@ def test_images():
         decode_image(huge_header_png(5000, 5000), LIMITS)  # PIL would only warn; our limit refuses
     with pytest.raises(Rejected, match="not a readable image"):
         decode_image(b"this is text", LIMITS)
+
+
+def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_wide_grayscale_images_keep_their_gradient():
+    """PIL's convert("RGB") clips 16-bit, 32-bit int and float grayscale to 0..255: a 16-bit scan came out near
+    white, a float one in [0, 1] black."""
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    expected = np.rint(ramp * 255)
+    for pixels, fmt in (((ramp * 65535).astype(np.uint16), "PNG"), ((ramp * 65535).astype(np.uint16), "TIFF"),
+                        ((ramp * 4e6 - 1e6).astype(np.int32), "TIFF"), (ramp.astype(np.float32), "TIFF")):
+        image = decode_image(image_bytes(pixels, fmt), LIMITS)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert (image == image[..., :1]).all()  # gray stays gray
+        assert np.abs(image[..., 0] - expected).max() <= 1, (pixels.dtype, fmt)
+    dim = decode_image(image_bytes(np.full((8, 8), 257 * 40, np.uint16), "PNG"), LIMITS)
+    assert (dim == 40).all()  # 16-bit: by its full range, not stretched
+    holes = np.ones((8, 8), np.float32)
+    holes[2, 3] = np.nan
+    with pytest.raises(Rejected, match="1 of the image's pixels are NaN or inf"):
+        decode_image(image_bytes(holes, "TIFF"), LIMITS)
 
 
 def test_audio():
