@@ -37,14 +37,22 @@ def read_asr_manifest(uri: str, audio_root: str | None = None,
     return unique(samples, rejects), rejects
 
 
-def read_librispeech(root: str, audio_suffix: str = ".flac") -> tuple[list[RawSample], list[Reject]]:
+def read_librispeech(root: str, audio_suffix: str = ".flac",
+                     allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
+    """Each transcript line `<utterance> <text>` names its audio beside the transcript; like every media path, it
+    must stay inside the dataset's folder (`storage.media_path`)."""
     samples, rejects = [], []
     for transcript in storage.walk(root, ".trans.txt"):
-        folder = storage.parent(transcript)
-        for n, line in enumerate(storage.read_bytes(transcript).decode("utf-8").splitlines(), 1):
+        uri = storage.join(root, transcript)
+        for n, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             utterance, _, text = line.partition(" ")
-            audio = storage.join(folder, utterance + audio_suffix)
-            samples.append(asr_sample(utterance, audio, text.strip(), "en", f"{transcript}:{n}"))
+            relative = posixpath.join(posixpath.dirname(transcript), utterance + audio_suffix)
+            try:
+                audio = storage.media_path(root, relative, allow_outside_root)
+            except ValueError as e:
+                rejects.append(Reject(f"{uri}:{n}", str(e), sample_key(utterance)))
+                continue
+            samples.append(asr_sample(utterance, audio, text.strip(), "en", f"{uri}:{n}"))
     return unique(samples, rejects), rejects

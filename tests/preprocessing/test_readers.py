@@ -120,6 +120,23 @@ def test_media_paths_outside_the_root_are_rejected_before_they_are_opened(tmp_pa
     assert [s.key for s in samples] == ["x"] and "outside the media root" in rejects[0].reason
 
 
+def test_librispeech_audio_outside_the_dataset_folder_is_rejected(tmp_path):
+    """A transcript's utterance id names its audio file: `..` in the id, or a symlinked .flac, must not reach out of
+    the dataset's folder."""
+    (tmp_path / "secret.flac").write_bytes(b"not opened by the reader")
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198-0002.flac").symlink_to(tmp_path / "secret.flac")
+    (chapter / "19-198.trans.txt").write_text("19-198-0001 HELLO\n../../../secret CLIMB\n19-198-0002 LINK\n")
+    samples, rejects = read_librispeech(str(tmp_path / "ls"))
+    assert [s.key for s in samples] == ["19-198-0001"]
+    assert [r.source for r in rejects] == [f"{chapter / '19-198.trans.txt'}:{n}" for n in (2, 3)]
+    assert all("outside the media root" in r.reason for r in rejects) and rejects[1].key == "19-198-0002"
+
+    opted_in, rejects = read_librispeech(str(tmp_path / "ls"), allow_outside_root=True)
+    assert len(opted_in) == 3 and not rejects
+
+
 def test_media_paths_under_an_s3_root_stay_under_its_prefix():
     from preprocessing import storage
 
