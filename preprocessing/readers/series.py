@@ -49,13 +49,17 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     table = load_table(uri)
     if time_column:
         table = table.sort_by(time_column)
-    names = columns or [n for n in table.column_names if n != time_column]
+    # each name once: a column listed twice gave windows with the same keys, which the cache stores once
+    names = dict.fromkeys(columns or [n for n in table.column_names if n != time_column])
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:
             rejects.append(Reject(where, f"no column {name!r}; columns: {table.column_names}"))
+            continue
+        if table.column_names.count(name) > 1:  # which of them is meant is anyone's guess
+            rejects.append(Reject(where, f"the header names column {name!r} {table.column_names.count(name)} times"))
             continue
         try:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)

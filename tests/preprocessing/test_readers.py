@@ -90,6 +90,18 @@ def test_series_gaps_are_interpolated_or_rejected(tmp_path):
     assert np.isnan(kept[0].series["lookback"][5])  # left for the validate stage, which rejects the window
 
 
+def test_series_column_names_given_twice(tmp_path):
+    """A column listed twice is read once (its windows had the same keys: the manifest counted 12 written where the
+    shards held 6); a column the header names twice is ambiguous, and rejected naming the file."""
+    path = str(tmp_path / "s.csv")
+    (tmp_path / "s.csv").write_text("\n".join(["v,w,w"] + [f"{i},{-i},{2 * i}" for i in range(40)]) + "\n")
+    samples, rejects = read_series(path, lookback=8, horizon=2, stride=10, columns=["v", "v"], fractions=(1, 0, 0))
+    assert [s.key for s in samples] == ["s-v-0", "s-v-10", "s-v-20", "s-v-30"] and not rejects
+    samples, rejects = read_series(path, lookback=8, horizon=2, stride=10, fractions=(1, 0, 0))
+    assert {s.meta["column"] for s in samples} == {"v"}
+    assert [(r.source, r.reason) for r in rejects] == [(f"{path}:w", "the header names column 'w' 2 times")]
+
+
 def conversation(n_images=1):
     return [{"from": "human", "value": "<image>\n" * n_images + "What is it?"}, {"from": "gpt", "value": "a cat"}]
 
