@@ -1,6 +1,7 @@
 """Dataset readers: standard formats in, descriptors with provenance out, bad records rejected with reasons."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,30 @@ def test_series_column_names_given_twice(tmp_path):
     samples, rejects = read_series(path, lookback=8, horizon=2, stride=10, fractions=(1, 0, 0))
     assert {s.meta["column"] for s in samples} == {"v"}
     assert [(r.source, r.reason) for r in rejects] == [(f"{path}:w", "the header names column 'w' 2 times")]
+
+
+def test_series_time_column_must_sort_in_time_order(tmp_path):
+    """A CSV's dd/mm/yyyy dates are text, which sorted alphabetically scrambled the series (01/01, 01/02, 02/01):
+    the time column must hold dates, timestamps or numbers, and its errors name the file."""
+    days = [(d, m) for m in (1, 2) for d in range(1, 29)]
+    (tmp_path / "dmy.csv").write_text("\n".join(["date,v"] + [f"{d:02d}/{m:02d}/2020,{i}" for i, (d, m) in
+                                                              enumerate(days)]) + "\n")
+    path = str(tmp_path / "dmy.csv")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: time column 'date' holds string values, which do not "
+                                                   "sort in time order; give ISO dates")):
+        read_series(path, lookback=8, horizon=2, stride=10, time_column="date")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no time column 'Date'; columns: ['date', 'v']")):
+        read_series(path, lookback=8, horizon=2, stride=10, time_column="Date")
+    (tmp_path / "twice.csv").write_text("date,date,v\n2020-01-01,2020-01-01,1\n")
+    with pytest.raises(ValueError, match="twice.csv: the header names the time column 'date' 2 times"):
+        read_series(str(tmp_path / "twice.csv"), lookback=8, horizon=2, stride=10, time_column="date")
+
+    shuffled = np.random.default_rng(0).permutation(len(days))
+    (tmp_path / "iso.csv").write_text("\n".join(["date,v"] + [f"2020-{days[i][1]:02d}-{days[i][0]:02d},{i}"
+                                                              for i in shuffled]) + "\n")
+    samples, _ = read_series(str(tmp_path / "iso.csv"), lookback=8, horizon=2, stride=10, time_column="date",
+                             fractions=(1, 0, 0))
+    assert samples[0].series["lookback"] == list(range(8)) and samples[-1].series["target"] == [48, 49]
 
 
 def conversation(n_images=1):
