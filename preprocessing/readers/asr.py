@@ -4,7 +4,7 @@ relative to the manifest) or LibriSpeech-style folders (`<speaker>/<chapter>/*.t
 import posixpath
 
 from .. import storage
-from .llava import parse_records
+from .llava import parse_records, text_lines
 from .sample import RawSample, Reject, sample_key, unique
 
 PROMPTS = {"en": "Transcribe the English speech.", "zh": "Transcribe the Mandarin speech."}
@@ -44,15 +44,13 @@ def read_librispeech(root: str, audio_suffix: str = ".flac",
     samples, rejects = [], []
     for transcript in storage.walk(root, ".trans.txt"):
         uri = storage.join(root, transcript)
-        for n, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for where, line in text_lines(uri, rejects):
             utterance, _, text = line.partition(" ")
             relative = posixpath.join(posixpath.dirname(transcript), utterance + audio_suffix)
             try:
                 audio = storage.media_path(root, relative, allow_outside_root)
             except ValueError as e:
-                rejects.append(Reject(f"{uri}:{n}", str(e), sample_key(utterance)))
+                rejects.append(Reject(where, str(e), sample_key(utterance)))
                 continue
-            samples.append(asr_sample(utterance, audio, text.strip(), "en", f"{uri}:{n}"))
+            samples.append(asr_sample(utterance, audio, text.strip(), "en", where))
     return unique(samples, rejects), rejects

@@ -60,6 +60,32 @@ def test_asr_manifest_and_librispeech_folders(tmp_path):
     assert samples[1].sources == [str(chapter / "19-198-0001.flac")] and samples[1].meta["text"] == "CHAPTER ONE"
 
 
+def test_a_line_that_is_not_utf8_is_rejected_and_the_others_are_read(tmp_path):
+    good = json.dumps({"id": "a", "conversations": conversation(0)}).encode()
+    latin1 = '{"id": "b", "conversations": [{"from": "human", "value": "caf\u00e9"}]}'.encode("latin-1")
+    (tmp_path / "v.jsonl").write_bytes(b"\n".join([good, latin1, good.replace(b'"a"', b'"c"')]) + b"\n")
+    samples, rejects = read_llava(str(tmp_path / "v.jsonl"))
+    assert [s.key for s in samples] == ["a", "c"]
+    assert [(r.source, r.reason) for r in rejects] == [(f"{tmp_path / 'v.jsonl'}:2", "not UTF-8 text: byte 0xe9 at "
+                                                        "offset 61 of the line (invalid continuation byte)")]
+
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198.trans.txt").write_bytes(b"19-198-0000 CAF\xc9\n19-198-0001 CHAPTER ONE\n")
+    samples, rejects = read_librispeech(str(tmp_path / "ls"))
+    assert [s.key for s in samples] == ["19-198-0001"] and rejects[0].source.endswith("19-198.trans.txt:1")
+
+
+def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
+    (tmp_path / "v.json").write_text('[{"id": "a"},]')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'v.json'}: not a readable JSON file: Expecting "
+                                                   "value: line 1 column 14")):
+        read_llava(str(tmp_path / "v.json"))
+    (tmp_path / "v.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match="v.json: not a readable JSON file: 'utf-8' codec can't decode byte 0xe9"):
+        read_llava(str(tmp_path / "v.json"))
+
+
 def test_series_windows_split_by_time(tmp_path):
     n = 100
     rows = ["t,a,b,empty"] + [f"{i},{i},{2 * i},nan" for i in range(n)]
