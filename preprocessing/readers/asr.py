@@ -1,5 +1,6 @@
 """Speech recognition sets: a JSONL manifest ({"audio", "text", "language"?, "id"?} per line, audio paths
-relative to the manifest) or LibriSpeech-style folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
+relative to the manifest; without an id, the audio's path less its extension names the sample) or LibriSpeech-style
+folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
 
 import posixpath
 
@@ -27,12 +28,17 @@ def read_asr_manifest(uri: str, audio_root: str | None = None,
         if not isinstance(r, dict) or not isinstance(r.get("audio"), str) or not isinstance(r.get("text"), str):
             rejects.append(Reject(where, "a line must be an object with string 'audio' and 'text'"))
             continue
+        given_id = r.get("id")
+        # the path, not the file's name: spk1/001.wav and spk2/001.wav are two samples
+        key_id = str(given_id) if given_id not in (None, "") else posixpath.splitext(posixpath.normpath(r["audio"]))[0]
+        if not isinstance(r.get("language"), str | None):
+            rejects.append(Reject(where, f"'language' must be a string, got {r['language']!r:.40}", sample_key(key_id)))
+            continue
         try:
             audio = storage.media_path(root, r["audio"], allow_outside_root)
         except ValueError as e:
-            rejects.append(Reject(where, str(e), sample_key(str(r.get("id") or r["audio"]))))
+            rejects.append(Reject(where, str(e), sample_key(key_id)))
             continue
-        key_id = str(r.get("id") or posixpath.splitext(posixpath.basename(r["audio"]))[0])
         samples.append(asr_sample(key_id, audio, r["text"], r.get("language"), where))
     return unique(samples, rejects), rejects
 

@@ -48,7 +48,7 @@ def test_llava_json_and_jsonl(tmp_path):
 def test_asr_manifest_and_librispeech_folders(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a/x.wav", "text": "hello", "language": "en"}\n{"audio": 3}\n')
     samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
-    assert samples[0].key == "x" and samples[0].meta["turns"][1] == {"role": "assistant", "text": "hello"}
+    assert samples[0].key == sample_key("a/x") and samples[0].meta["turns"][1] == {"role": "assistant", "text": "hello"}
     assert "<audio>" in samples[0].meta["turns"][0]["text"]
     assert len(rejects) == 1 and rejects[0].source.endswith("m.jsonl:2")
 
@@ -58,6 +58,21 @@ def test_asr_manifest_and_librispeech_folders(tmp_path):
     samples, rejects = read_librispeech(str(tmp_path / "ls"))
     assert [s.key for s in samples] == ["19-198-0000", "19-198-0001"] and not rejects
     assert samples[1].sources == [str(chapter / "19-198-0001.flac")] and samples[1].meta["text"] == "CHAPTER ONE"
+
+
+def test_asr_samples_without_an_id_are_named_by_their_path(tmp_path):
+    """Named by the file's name alone, spk1/001.wav and spk2/001.wav were one id, and the second was rejected as a
+    duplicate. A given id names its sample as before (0 included); a bad 'language' rejects its line only."""
+    lines = [{"audio": "spk1/001.wav", "text": "one"}, {"audio": "./spk2/001.wav", "text": "two"},
+             {"audio": "003.wav", "text": "three"}, {"id": "given", "audio": "spk1/004.wav", "text": "four"},
+             {"id": 0, "audio": "spk1/005.wav", "text": "five"},
+             {"audio": "spk1/006.wav", "text": "six", "language": ["en"]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
+    assert [s.key for s in samples] == [sample_key("spk1/001"), sample_key("spk2/001"), "003", "given", "0"]
+    assert samples[1].sources == [str(tmp_path / "spk2/001.wav")]
+    assert [r.to_dict() for r in rejects] == [{"key": sample_key("spk1/006"), "source": f"{tmp_path / 'm.jsonl'}:6",
+                                               "stage": "read", "reason": "'language' must be a string, got ['en']"}]
 
 
 def test_a_line_that_is_not_utf8_is_rejected_and_the_others_are_read(tmp_path):
@@ -180,7 +195,7 @@ def test_media_paths_outside_the_root_are_rejected_before_they_are_opened(tmp_pa
 
     (root / "m.jsonl").write_text('{"audio": "../secret.wav", "text": "hi"}\n{"audio": "a/x.wav", "text": "hi"}\n')
     samples, rejects = read_asr_manifest(str(root / "m.jsonl"))
-    assert [s.key for s in samples] == ["x"] and "outside the media root" in rejects[0].reason
+    assert [s.key for s in samples] == [sample_key("a/x")] and "outside the media root" in rejects[0].reason
 
 
 def test_librispeech_audio_outside_the_dataset_folder_is_rejected(tmp_path):
