@@ -82,7 +82,7 @@ def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
     if d.format == "asr_jsonl":
         return read_asr_manifest(d.path, d.media_root, d.allow_media_outside_root)
     if d.format == "librispeech":
-        return read_librispeech(d.path)
+        return read_librispeech(d.path, allow_outside_root=d.allow_media_outside_root)
     return read_series(d.path, d.lookback, d.horizon, d.stride, d.split, d.fractions, d.columns, d.time_column,
                        d.nan_policy, d.prompt)
 

@@ -90,6 +90,11 @@ class RunConfig:
     in_process_max_items: int = 128
 
     def __post_init__(self):
+        for name in ("actors", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be 1 or more, got {getattr(self, name)}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"run.gpus_per_actor must be 0 or more, got {self.gpus_per_actor}")
         if self.in_process_max_items < 0:
             raise ValueError("run.in_process_max_items must be 0 (always Ray) or more")
 

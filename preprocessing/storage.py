@@ -184,16 +184,14 @@ def delete(uri: str) -> None:
 
 
 def walk(uri: str, suffix: str) -> list[str]:
-    """Every file under a folder, recursively, whose name ends with `suffix`, as full paths/URIs."""
+    """Every file under a folder, recursively, whose name ends with `suffix`, as paths relative to the folder (what
+    `media_path` takes)."""
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: not a folder")
-    found = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-             if i.type == pafs.FileType.File and i.path.endswith(suffix)]
-    if is_remote(uri):
-        scheme = str(uri).split("://", 1)[0]
-        return sorted(f"{scheme}://{p}" for p in found)
-    return sorted(found)
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
 def stat_files(uris: list[str]) -> dict[str, tuple[int, int] | None]:

@@ -38,6 +38,8 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
             if min(w, h) < limits.min_image_side:
                 raise Rejected(f"image is {w}x{h}, smaller than {limits.min_image_side} pixels on a side")
             im.load()
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                return wide_gray_to_rgb(im)
             return np.asarray(im.convert("RGB"))
     except Rejected:
         raise
@@ -47,21 +49,43 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise Rejected(f"not a readable image: {e}") from None
 
 
+def wide_gray_to_rgb(im: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit int or float grayscale image as RGB uint8. PIL's convert("RGB") clips these to 0..255,
+    which turns a 16-bit scan near white and a float one in [0, 1] black. 16-bit images are scaled by their full
+    range (0..65535); 32-bit int and float ones, which have no fixed range, by their own minimum and maximum (a
+    constant image is black)."""
+    pixels = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        scaled = pixels / 257.0
+    else:
+        if not np.isfinite(pixels).all():
+            raise Rejected(f"{int((~np.isfinite(pixels)).sum())} of the image's pixels are NaN or inf")
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+    return np.repeat(np.rint(scaled).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def decode_audio(data: bytes, limits: Limits) -> Audio:
-    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged)."""
+    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged). The length
+    is checked from the header, before any sample is decoded: decoding allocates what the header claims, and a
+    corrupt header may claim days of audio."""
     import soundfile  # here: whatever trains from cached features never loads libsndfile
 
     if not data:
         raise Rejected("empty file")
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:  # libsndfile refuses a header with a rate of 0
+            claimed = f.frames / f.samplerate
+            if claimed > limits.max_audio_seconds:
+                raise Rejected(f"{claimed:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
+            wave, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+    except MemoryError:
+        raise Rejected("decoding it needs more memory than this process has") from None
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise Rejected(f"not a readable audio file: {e}") from None
     if wave.shape[0] == 0:
         raise Rejected("the audio has no samples")
     seconds = wave.shape[0] / rate
-    if seconds > limits.max_audio_seconds:
-        raise Rejected(f"{seconds:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
     if seconds < limits.min_audio_seconds:
         raise Rejected(f"{seconds * 1000:.0f} ms of audio, "
                        f"under the minimum of {limits.min_audio_seconds * 1000:.0f} ms")

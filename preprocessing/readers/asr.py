@@ -1,10 +1,11 @@
 """Speech recognition sets: a JSONL manifest ({"audio", "text", "language"?, "id"?} per line, audio paths
-relative to the manifest) or LibriSpeech-style folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
+relative to the manifest; without an id, the audio's path less its extension names the sample) or LibriSpeech-style
+folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
 
 import posixpath
 
 from .. import storage
-from .llava import parse_records
+from .llava import parse_records, text_lines
 from .sample import RawSample, Reject, sample_key, unique
 
 PROMPTS = {"en": "Transcribe the English speech.", "zh": "Transcribe the Mandarin speech."}
@@ -27,24 +28,35 @@ def read_asr_manifest(uri: str, audio_root: str | None = None,
         if not isinstance(r, dict) or not isinstance(r.get("audio"), str) or not isinstance(r.get("text"), str):
             rejects.append(Reject(where, "a line must be an object with string 'audio' and 'text'"))
             continue
+        given_id = r.get("id")
+        # the path, not the file's name: spk1/001.wav and spk2/001.wav are two samples
+        key_id = str(given_id) if given_id not in (None, "") else posixpath.splitext(posixpath.normpath(r["audio"]))[0]
+        if not isinstance(r.get("language"), str | None):
+            rejects.append(Reject(where, f"'language' must be a string, got {r['language']!r:.40}", sample_key(key_id)))
+            continue
         try:
             audio = storage.media_path(root, r["audio"], allow_outside_root)
         except ValueError as e:
-            rejects.append(Reject(where, str(e), sample_key(str(r.get("id") or r["audio"]))))
+            rejects.append(Reject(where, str(e), sample_key(key_id)))
             continue
-        key_id = str(r.get("id") or posixpath.splitext(posixpath.basename(r["audio"]))[0])
         samples.append(asr_sample(key_id, audio, r["text"], r.get("language"), where))
     return unique(samples, rejects), rejects
 
 
-def read_librispeech(root: str, audio_suffix: str = ".flac") -> tuple[list[RawSample], list[Reject]]:
+def read_librispeech(root: str, audio_suffix: str = ".flac",
+                     allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
+    """Each transcript line `<utterance> <text>` names its audio beside the transcript; like every media path, it
+    must stay inside the dataset's folder (`storage.media_path`)."""
     samples, rejects = [], []
     for transcript in storage.walk(root, ".trans.txt"):
-        folder = storage.parent(transcript)
-        for n, line in enumerate(storage.read_bytes(transcript).decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        uri = storage.join(root, transcript)
+        for where, line in text_lines(uri, rejects):
             utterance, _, text = line.partition(" ")
-            audio = storage.join(folder, utterance + audio_suffix)
-            samples.append(asr_sample(utterance, audio, text.strip(), "en", f"{transcript}:{n}"))
+            relative = posixpath.join(posixpath.dirname(transcript), utterance + audio_suffix)
+            try:
+                audio = storage.media_path(root, relative, allow_outside_root)
+            except ValueError as e:
+                rejects.append(Reject(where, str(e), sample_key(utterance)))
+                continue
+            samples.append(asr_sample(utterance, audio, text.strip(), "en", where))
     return unique(samples, rejects), rejects

@@ -3,6 +3,7 @@
 Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
 import json
+from collections.abc import Iterator
 
 from .. import storage
 from .sample import RawSample, Reject, sample_key, unique
@@ -10,20 +11,35 @@ from .sample import RawSample, Reject, sample_key, unique
 ROLE_OF = {"human": "user", "gpt": "assistant"}
 
 
+def text_lines(uri: str, rejects: list[Reject]) -> Iterator[tuple[str, str]]:
+    """(where, line) of each non-blank line of a text file, each line decoded on its own: one that is not UTF-8 is
+    rejected naming its file and line, and the others are read."""
+    for n, raw in enumerate(storage.read_bytes(uri).splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} of the line ({e.reason})"
+            rejects.append(Reject(f"{uri}:{n}", reason))
+            continue
+        if line.strip():
+            yield f"{uri}:{n}", line
+
+
 def parse_records(uri: str) -> tuple[list, list[Reject]]:
-    """(records with their position, rejects): JSONL lines that fail to parse are rejected one by one."""
-    text = storage.read_bytes(uri).decode("utf-8")
+    """(records with their position, rejects): JSONL lines that fail to decode or parse are rejected one by one; a
+    JSON file that does is an error naming it."""
     if uri.endswith(".jsonl"):
         records, rejects = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for where, line in text_lines(uri, rejects):
             try:
-                records.append((f"{uri}:{n}", json.loads(line)))
+                records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
-                rejects.append(Reject(f"{uri}:{n}", f"invalid JSON: {e.msg}"))
+                rejects.append(Reject(where, f"invalid JSON: {e.msg}"))
         return records, rejects
-    data = json.loads(text)
+    try:
+        data = json.loads(storage.read_bytes(uri).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{uri}: not a readable JSON file: {e}") from None
     if not isinstance(data, list):
         raise ValueError(f"{uri}: expected a JSON list of samples, got {type(data).__name__}")
     return [(f"{uri}[{i}]", r) for i, r in enumerate(data)], []

@@ -8,6 +8,7 @@ import io
 import posixpath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -41,6 +42,21 @@ def split_range(n_rows: int, split: str, fractions) -> tuple[int, int]:
     return int(edges[i]), int(edges[i + 1])
 
 
+def checked_time_column(table, name: str, uri: str) -> str:
+    """The column the rows are sorted by, if it sorts in time order: dates and timestamps (pyarrow parses ISO ones)
+    or numbers; text such as 31/01/2020 would sort alphabetically and scramble the series."""
+    if name not in table.column_names:
+        raise ValueError(f"{uri}: no time column {name!r}; columns: {table.column_names}")
+    if table.column_names.count(name) > 1:
+        raise ValueError(f"{uri}: the header names the time column {name!r} {table.column_names.count(name)} times")
+    kind = table.schema.field(name).type
+    if not (pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)):
+        raise ValueError(f"{uri}: time column {name!r} holds {kind} values, which do not sort in time order; give "
+                         "ISO dates or times (2020-01-31, 2020-01-31 10:00) or numbers")
+    return name
+
+
 def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str = "train",
                 fractions=(0.7, 0.1, 0.2), columns=None, time_column=None, nan_policy: str = "reject",
                 prompt: str = "<series>\nForecast the next values.") -> tuple[list[RawSample], list[Reject]]:
@@ -48,14 +64,18 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
         raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
     table = load_table(uri)
     if time_column:
-        table = table.sort_by(time_column)
-    names = columns or [n for n in table.column_names if n != time_column]
+        table = table.sort_by(checked_time_column(table, time_column, uri))
+    # each name once: a column listed twice gave windows with the same keys, which the cache stores once
+    names = dict.fromkeys(columns or [n for n in table.column_names if n != time_column])
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:
             rejects.append(Reject(where, f"no column {name!r}; columns: {table.column_names}"))
+            continue
+        if table.column_names.count(name) > 1:  # which of them is meant is anyone's guess
+            rejects.append(Reject(where, f"the header names column {name!r} {table.column_names.count(name)} times"))
             continue
         try:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)

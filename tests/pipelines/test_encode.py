@@ -206,6 +206,20 @@ def test_a_small_job_encodes_in_the_driver_exactly_as_ray_data_does(tmp_path, en
     assert len(stored[0]) == 2 and stored[0] == stored[1]  # the same feature files, byte for byte
 
 
+def test_librispeech_gets_the_datasets_opt_in_for_media_outside_its_root(tmp_path):
+    from pipelines.encode import read_dataset
+
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198.trans.txt").write_text("../../../elsewhere HELLO\n")
+    dataset = {"format": "librispeech", "path": str(tmp_path / "ls")}
+    samples, rejects = read_dataset(config(dataset=dataset, encoder={"kind": "raw"}).dataset)
+    assert not samples and "outside the media root" in rejects[0].reason
+    samples, rejects = read_dataset(config(dataset={**dataset, "allow_media_outside_root": True},
+                                           encoder={"kind": "raw"}).dataset)
+    assert samples[0].sources == [str(chapter / "../../../elsewhere.flac")] and not rejects
+
+
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):
     import torch
 

@@ -1,6 +1,7 @@
 """Dataset readers: standard formats in, descriptors with provenance out, bad records rejected with reasons."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_llava_json_and_jsonl(tmp_path):
 def test_asr_manifest_and_librispeech_folders(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a/x.wav", "text": "hello", "language": "en"}\n{"audio": 3}\n')
     samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
-    assert samples[0].key == "x" and samples[0].meta["turns"][1] == {"role": "assistant", "text": "hello"}
+    assert samples[0].key == sample_key("a/x") and samples[0].meta["turns"][1] == {"role": "assistant", "text": "hello"}
     assert "<audio>" in samples[0].meta["turns"][0]["text"]
     assert len(rejects) == 1 and rejects[0].source.endswith("m.jsonl:2")
 
@@ -57,6 +58,47 @@ def test_asr_manifest_and_librispeech_folders(tmp_path):
     samples, rejects = read_librispeech(str(tmp_path / "ls"))
     assert [s.key for s in samples] == ["19-198-0000", "19-198-0001"] and not rejects
     assert samples[1].sources == [str(chapter / "19-198-0001.flac")] and samples[1].meta["text"] == "CHAPTER ONE"
+
+
+def test_asr_samples_without_an_id_are_named_by_their_path(tmp_path):
+    """Named by the file's name alone, spk1/001.wav and spk2/001.wav were one id, and the second was rejected as a
+    duplicate. A given id names its sample as before (0 included); a bad 'language' rejects its line only."""
+    lines = [{"audio": "spk1/001.wav", "text": "one"}, {"audio": "./spk2/001.wav", "text": "two"},
+             {"audio": "003.wav", "text": "three"}, {"id": "given", "audio": "spk1/004.wav", "text": "four"},
+             {"id": 0, "audio": "spk1/005.wav", "text": "five"},
+             {"audio": "spk1/006.wav", "text": "six", "language": ["en"]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
+    assert [s.key for s in samples] == [sample_key("spk1/001"), sample_key("spk2/001"), "003", "given", "0"]
+    assert samples[1].sources == [str(tmp_path / "spk2/001.wav")]
+    assert [r.to_dict() for r in rejects] == [{"key": sample_key("spk1/006"), "source": f"{tmp_path / 'm.jsonl'}:6",
+                                               "stage": "read", "reason": "'language' must be a string, got ['en']"}]
+
+
+def test_a_line_that_is_not_utf8_is_rejected_and_the_others_are_read(tmp_path):
+    good = json.dumps({"id": "a", "conversations": conversation(0)}).encode()
+    latin1 = '{"id": "b", "conversations": [{"from": "human", "value": "caf\u00e9"}]}'.encode("latin-1")
+    (tmp_path / "v.jsonl").write_bytes(b"\n".join([good, latin1, good.replace(b'"a"', b'"c"')]) + b"\n")
+    samples, rejects = read_llava(str(tmp_path / "v.jsonl"))
+    assert [s.key for s in samples] == ["a", "c"]
+    assert [(r.source, r.reason) for r in rejects] == [(f"{tmp_path / 'v.jsonl'}:2", "not UTF-8 text: byte 0xe9 at "
+                                                        "offset 61 of the line (invalid continuation byte)")]
+
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198.trans.txt").write_bytes(b"19-198-0000 CAF\xc9\n19-198-0001 CHAPTER ONE\n")
+    samples, rejects = read_librispeech(str(tmp_path / "ls"))
+    assert [s.key for s in samples] == ["19-198-0001"] and rejects[0].source.endswith("19-198.trans.txt:1")
+
+
+def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
+    (tmp_path / "v.json").write_text('[{"id": "a"},]')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'v.json'}: not a readable JSON file: Expecting "
+                                                   "value: line 1 column 14")):
+        read_llava(str(tmp_path / "v.json"))
+    (tmp_path / "v.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match="v.json: not a readable JSON file: 'utf-8' codec can't decode byte 0xe9"):
+        read_llava(str(tmp_path / "v.json"))
 
 
 def test_series_windows_split_by_time(tmp_path):
@@ -90,6 +132,42 @@ def test_series_gaps_are_interpolated_or_rejected(tmp_path):
     assert np.isnan(kept[0].series["lookback"][5])  # left for the validate stage, which rejects the window
 
 
+def test_series_column_names_given_twice(tmp_path):
+    """A column listed twice is read once (its windows had the same keys: the manifest counted 12 written where the
+    shards held 6); a column the header names twice is ambiguous, and rejected naming the file."""
+    path = str(tmp_path / "s.csv")
+    (tmp_path / "s.csv").write_text("\n".join(["v,w,w"] + [f"{i},{-i},{2 * i}" for i in range(40)]) + "\n")
+    samples, rejects = read_series(path, lookback=8, horizon=2, stride=10, columns=["v", "v"], fractions=(1, 0, 0))
+    assert [s.key for s in samples] == ["s-v-0", "s-v-10", "s-v-20", "s-v-30"] and not rejects
+    samples, rejects = read_series(path, lookback=8, horizon=2, stride=10, fractions=(1, 0, 0))
+    assert {s.meta["column"] for s in samples} == {"v"}
+    assert [(r.source, r.reason) for r in rejects] == [(f"{path}:w", "the header names column 'w' 2 times")]
+
+
+def test_series_time_column_must_sort_in_time_order(tmp_path):
+    """A CSV's dd/mm/yyyy dates are text, which sorted alphabetically scrambled the series (01/01, 01/02, 02/01):
+    the time column must hold dates, timestamps or numbers, and its errors name the file."""
+    days = [(d, m) for m in (1, 2) for d in range(1, 29)]
+    (tmp_path / "dmy.csv").write_text("\n".join(["date,v"] + [f"{d:02d}/{m:02d}/2020,{i}" for i, (d, m) in
+                                                              enumerate(days)]) + "\n")
+    path = str(tmp_path / "dmy.csv")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: time column 'date' holds string values, which do not "
+                                                   "sort in time order; give ISO dates")):
+        read_series(path, lookback=8, horizon=2, stride=10, time_column="date")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no time column 'Date'; columns: ['date', 'v']")):
+        read_series(path, lookback=8, horizon=2, stride=10, time_column="Date")
+    (tmp_path / "twice.csv").write_text("date,date,v\n2020-01-01,2020-01-01,1\n")
+    with pytest.raises(ValueError, match="twice.csv: the header names the time column 'date' 2 times"):
+        read_series(str(tmp_path / "twice.csv"), lookback=8, horizon=2, stride=10, time_column="date")
+
+    shuffled = np.random.default_rng(0).permutation(len(days))
+    (tmp_path / "iso.csv").write_text("\n".join(["date,v"] + [f"2020-{days[i][1]:02d}-{days[i][0]:02d},{i}"
+                                                              for i in shuffled]) + "\n")
+    samples, _ = read_series(str(tmp_path / "iso.csv"), lookback=8, horizon=2, stride=10, time_column="date",
+                             fractions=(1, 0, 0))
+    assert samples[0].series["lookback"] == list(range(8)) and samples[-1].series["target"] == [48, 49]
+
+
 def conversation(n_images=1):
     return [{"from": "human", "value": "<image>\n" * n_images + "What is it?"}, {"from": "gpt", "value": "a cat"}]
 
@@ -117,7 +195,24 @@ def test_media_paths_outside_the_root_are_rejected_before_they_are_opened(tmp_pa
 
     (root / "m.jsonl").write_text('{"audio": "../secret.wav", "text": "hi"}\n{"audio": "a/x.wav", "text": "hi"}\n')
     samples, rejects = read_asr_manifest(str(root / "m.jsonl"))
-    assert [s.key for s in samples] == ["x"] and "outside the media root" in rejects[0].reason
+    assert [s.key for s in samples] == [sample_key("a/x")] and "outside the media root" in rejects[0].reason
+
+
+def test_librispeech_audio_outside_the_dataset_folder_is_rejected(tmp_path):
+    """A transcript's utterance id names its audio file: `..` in the id, or a symlinked .flac, must not reach out of
+    the dataset's folder."""
+    (tmp_path / "secret.flac").write_bytes(b"not opened by the reader")
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198-0002.flac").symlink_to(tmp_path / "secret.flac")
+    (chapter / "19-198.trans.txt").write_text("19-198-0001 HELLO\n../../../secret CLIMB\n19-198-0002 LINK\n")
+    samples, rejects = read_librispeech(str(tmp_path / "ls"))
+    assert [s.key for s in samples] == ["19-198-0001"]
+    assert [r.source for r in rejects] == [f"{chapter / '19-198.trans.txt'}:{n}" for n in (2, 3)]
+    assert all("outside the media root" in r.reason for r in rejects) and rejects[1].key == "19-198-0002"
+
+    opted_in, rejects = read_librispeech(str(tmp_path / "ls"), allow_outside_root=True)
+    assert len(opted_in) == 3 and not rejects
 
 
 def test_media_paths_under_an_s3_root_stay_under_its_prefix():

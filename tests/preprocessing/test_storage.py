@@ -42,6 +42,9 @@ def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp
         assert storage.read_bytes(uri) == data
     assert storage.list_files(f"s3://{BUCKET}/storage-test/a/b") == ["item.npy"]
     assert storage.list_files(str(tmp_path / "a" / "b")) == ["item.npy"]
+    # relative to the folder walked, as `media_path` takes them
+    for folder in (f"s3://{BUCKET}/storage-test", str(tmp_path)):
+        assert storage.walk(folder, ".npy") == ["a/b/item.npy"]
 
 
 def test_s3_settings_travel_name_their_variables_and_apply_where_they_land(monkeypatch):

@@ -1,12 +1,15 @@
 """Decoding checks: each bad input is refused with a reason a person can act on; odd-but-fine ones convert."""
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.validate import Limits, Rejected, check_series, check_text, decode_audio, decode_image
 
-from .bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
+from .bad_inputs import huge_header_flac, huge_header_png, png_bytes, truncated_jpeg, wav_bytes
 
 LIMITS = Limits()
 
@@ -26,6 +29,31 @@ def test_images():
         decode_image(b"this is text", LIMITS)
 
 
+def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_wide_grayscale_images_keep_their_gradient():
+    """PIL's convert("RGB") clips 16-bit, 32-bit int and float grayscale to 0..255: a 16-bit scan came out near
+    white, a float one in [0, 1] black."""
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    expected = np.rint(ramp * 255)
+    for pixels, fmt in (((ramp * 65535).astype(np.uint16), "PNG"), ((ramp * 65535).astype(np.uint16), "TIFF"),
+                        ((ramp * 4e6 - 1e6).astype(np.int32), "TIFF"), (ramp.astype(np.float32), "TIFF")):
+        image = decode_image(image_bytes(pixels, fmt), LIMITS)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert (image == image[..., :1]).all()  # gray stays gray
+        assert np.abs(image[..., 0] - expected).max() <= 1, (pixels.dtype, fmt)
+    dim = decode_image(image_bytes(np.full((8, 8), 257 * 40, np.uint16), "PNG"), LIMITS)
+    assert (dim == 40).all()  # 16-bit: by its full range, not stretched
+    holes = np.ones((8, 8), np.float32)
+    holes[2, 3] = np.nan
+    with pytest.raises(Rejected, match="1 of the image's pixels are NaN or inf"):
+        decode_image(image_bytes(holes, "TIFF"), LIMITS)
+
+
 def test_audio():
     audio = decode_audio(wav_bytes(0.5, rate=8000, channels=2), LIMITS)  # 8 kHz stereo: accepted, resampled
     assert audio.rate == 16000 and audio.wave.shape == (8000,) and audio.wave.dtype == np.float32
@@ -37,6 +65,22 @@ def test_audio():
         decode_audio(wav_bytes(2.0), Limits(max_audio_seconds=1.0))
     with pytest.raises(Rejected, match="the audio has no samples"):
         decode_audio(wav_bytes(0.0), LIMITS)
+
+
+def test_audio_length_is_checked_from_the_header_before_anything_is_decoded(monkeypatch):
+    """Decoding allocates what the header claims: a corrupt one claiming 50 days (256 GiB of samples) is refused
+    from the header, where decoding it would end the job with a MemoryError."""
+    import soundfile
+
+    with pytest.raises(Rejected, match=r"4294967\.3 s of audio, over the limit of 30\.0 s"):
+        decode_audio(huge_header_flac(), LIMITS)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", out_of_memory)  # a header within the limit, a host without
+    with pytest.raises(Rejected, match="needs more memory than this process has"):
+        decode_audio(wav_bytes(0.5), LIMITS)
 
 
 def test_series_and_text():
