@@ -19,6 +19,7 @@ from modrwkv.multimodal import ModRWKV
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 from preprocessing.encoders.recorded import encoder_for
+from preprocessing.validate import as_rgb
 
 from .logged_models import local_model
 from .trained_model import load_trained_model
@@ -77,7 +78,7 @@ class ModRWKVEvalModel(EvalModelBase):
         if not all(isinstance(im, Image.Image) for im in images):
             kinds = sorted({type(im).__name__ for im in images})
             raise ValueError(f"{name}: only PIL images are supported, got {kinds}")
-        rgb = [im.convert("RGB") for im in images]
+        rgb = [as_rgb(im) for im in images]  # as the encode job decodes its images (16-bit ones scaled, not clipped)
         features = self.encoder.encode(rgb, [f"{name}/{i}" for i in range(len(images))])
         if "<image>" not in context:
             context = " ".join(["<image>"] * len(images)) + "\n" + context

@@ -38,15 +38,20 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
             if min(w, h) < limits.min_image_side:
                 raise Rejected(f"image is {w}x{h}, smaller than {limits.min_image_side} pixels on a side")
             im.load()
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                return wide_gray_to_rgb(im)
-            return np.asarray(im.convert("RGB"))
+            return as_rgb(im)
     except Rejected:
         raise
     except Image.DecompressionBombError as e:
         raise Rejected(f"possible decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, TypeError) as e:  # TypeError: PIL's IM reader on a corrupt header
         raise Rejected(f"not a readable image: {e}") from None
+
+
+def as_rgb(im: Image.Image) -> np.ndarray:
+    """A decoded image as the encoders read it, RGB uint8 [H, W, 3]: the encode job's and evaluation's alike."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return wide_gray_to_rgb(im)
+    return np.asarray(im.convert("RGB"))
 
 
 def wide_gray_to_rgb(im: Image.Image) -> np.ndarray:

@@ -150,15 +150,31 @@ def test_images_go_through_the_encoder_once_per_request(wrapper, monkeypatch):
     encode = wrapper.encoder.encode
 
     def spy(images, sample_ids):
-        seen.append((len(images), [im.mode for im in images], sample_ids))
+        seen.append((len(images), [im.shape[-1] for im in images], sample_ids))
         return encode(images, sample_ids)
 
     monkeypatch.setattr(wrapper.encoder, "encode", spy)
     # doc 2 is grayscale: converted to RGB for the encoder; a context naming the image keeps its own placeholder
     wrapper.generate_until([Request(("<image> What is it?", {"max_new_tokens": 2}, doc_to_visual, 2, "vqa", "test"))])
-    assert seen == [(1, ["RGB"], ["vqa/test/2/0"])]
+    assert seen == [(1, [3], ["vqa/test/2/0"])]
     with pytest.raises(ValueError, match="vqa/test/0: the text has 2 modality placeholders but 1"):
         wrapper.generate_until([Request(("<image><image>?", {}, doc_to_visual, 0, "vqa", "test"))])
+
+
+def test_a_16_bit_image_reaches_the_encoder_as_the_encode_job_decodes_it(wrapper):
+    """Evaluation and the cached features it is compared with read an image alike: a 16-bit scan scaled by its
+    range (PIL's convert("RGB") would clip it to white)."""
+    import io
+
+    from preprocessing.validate import Limits, decode_image
+
+    scan = Image.fromarray(np.linspace(0, 65535, 40 * 30).reshape(40, 30).astype(np.uint16))
+    png = io.BytesIO()
+    scan.save(png, format="PNG")
+    stored = decode_image(png.getvalue(), Limits())
+    assert stored.min() == 0 and stored.max() == 255
+    _, features = wrapper.request_inputs("What is it?", [Image.open(io.BytesIO(png.getvalue()))], "scan")
+    torch.testing.assert_close(features[0][1], wrapper.encoder.encode([stored])[0])
 
 
 def test_registers_with_lmms_eval_when_installed(saved, tok):

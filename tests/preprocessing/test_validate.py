@@ -27,6 +27,9 @@ def test_images():
         decode_image(huge_header_png(5000, 5000), LIMITS)  # PIL would only warn; our limit refuses
     with pytest.raises(Rejected, match="not a readable image"):
         decode_image(b"this is text", LIMITS)
+    im_file = image_bytes(np.zeros((20, 20, 3), np.uint8), "IM").replace(b"20*20", b"20*2.")  # a corrupt size
+    with pytest.raises(Rejected, match="not a readable image"):  # PIL's IM reader raises TypeError on it
+        decode_image(im_file, LIMITS)
 
 
 def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
