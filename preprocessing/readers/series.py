@@ -19,12 +19,14 @@ SPLITS = ("train", "val", "test")
 
 
 def load_table(uri: str):
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(data))
-    if uri.endswith(".csv"):
-        return pacsv.read_csv(io.BytesIO(data))
-    raise ValueError(f"{uri}: series files must be .csv or .parquet")
+    readers = {".parquet": pq.read_table, ".csv": pacsv.read_csv}
+    suffix = posixpath.splitext(uri)[1]
+    if suffix not in readers:
+        raise ValueError(f"{uri}: series files must be .csv or .parquet")
+    try:
+        return readers[suffix](io.BytesIO(storage.read_bytes(uri)))
+    except pa.ArrowInvalid as e:  # a ragged CSV, a file that is not parquet: pyarrow's message names no file
+        raise ValueError(f"{uri}: not a readable {suffix[1:]} file: {e}") from None
 
 
 def fill_gaps(values: np.ndarray) -> np.ndarray:

@@ -144,6 +144,14 @@ def test_series_column_names_given_twice(tmp_path):
     assert [(r.source, r.reason) for r in rejects] == [(f"{path}:w", "the header names column 'w' 2 times")]
 
 
+def test_a_series_file_pyarrow_cannot_read_is_an_error_naming_it(tmp_path):
+    (tmp_path / "ragged.csv").write_text("v,w\n1,2\n3,4,5\n")
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    for name, kind in (("ragged.csv", "csv"), ("fake.parquet", "parquet")):
+        with pytest.raises(ValueError, match=f"{tmp_path / name}: not a readable {kind} file: "):
+            read_series(str(tmp_path / name), lookback=1, horizon=1, stride=1)
+
+
 def test_series_time_column_must_sort_in_time_order(tmp_path):
     """A CSV's dd/mm/yyyy dates are text, which sorted alphabetically scrambled the series (01/01, 01/02, 02/01):
     the time column must hold dates, timestamps or numbers, and its errors name the file."""
