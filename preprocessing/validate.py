@@ -24,6 +24,14 @@ class Limits:
     min_audio_seconds: float = 0.05
     min_series_length: int = 8
 
+    def __post_init__(self):
+        for name in ("max_image_pixels", "min_image_side", "min_series_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be 1 or more, got {getattr(self, name)}")
+        if not 0 <= self.min_audio_seconds < self.max_audio_seconds:
+            raise ValueError(f"limits: need 0 <= min_audio_seconds < max_audio_seconds, got {self.min_audio_seconds} "
+                             f"and {self.max_audio_seconds}")
+
 
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     """RGB uint8 [H, W, 3]. The size is checked from the header, before any pixel is decoded."""
