@@ -16,7 +16,7 @@ def text_lines(uri: str, rejects: list[Reject]) -> Iterator[tuple[str, str]]:
     rejected naming its file and line, and the others are read."""
     for n, raw in enumerate(storage.read_bytes(uri).splitlines(), 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows editors) is no text
         except UnicodeDecodeError as e:
             reason = f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} of the line ({e.reason})"
             rejects.append(Reject(f"{uri}:{n}", reason))

@@ -83,6 +83,8 @@ def test_a_line_that_is_not_utf8_is_rejected_and_the_others_are_read(tmp_path):
     assert [s.key for s in samples] == ["a", "c"]
     assert [(r.source, r.reason) for r in rejects] == [(f"{tmp_path / 'v.jsonl'}:2", "not UTF-8 text: byte 0xe9 at "
                                                         "offset 61 of the line (invalid continuation byte)")]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # saved by a Windows editor
+    assert read_llava(str(tmp_path / "bom.jsonl"))[0][0].key == "a"
 
     chapter = tmp_path / "ls" / "19" / "198"
     chapter.mkdir(parents=True)
