@@ -70,8 +70,8 @@ def test_mix_weights_override_sample_counts():
 
 def config(**phase1):
     return {"name": "x", "caches": ["c1", "c2"], "model": {"backbone": {"path": "b"}, "projectors": {}},
-            "phase1": {"lr": 1e-3, "steps": 1, "global_batch": 8, **phase1},
-            "phase2": {"lr": 1e-3, "steps": 1, "global_batch": 8}}
+            "phase1": {"lr": 1e-3, "steps": 1, "global_batch": 16, **phase1},
+            "phase2": {"lr": 1e-3, "steps": 1, "global_batch": 16}}
 
 
 @pytest.mark.parametrize("mix, message", [([1.0], "phase1.mix has 1 weights for 2 caches"),
