@@ -67,22 +67,29 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
     """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
     vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2) (each eigenvalue raised by `whiten_eps`
     times their mean, so that near-empty directions are not blown up), over the items of the first
-    `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
-    cluster's driver)."""
-    moments = {}  # modality -> [n, sum x, sum x x^T]
+    `max_shards` shards of each cache (read on past them while a cache's shards held only text-only samples),
+    at most `max_vectors` vectors (enough for stable statistics, cheap on a cluster's driver). A modality whose
+    caches hold no feature vector at all is an error."""
+    moments = {c.modality: [0, 0.0, 0.0] for c in caches if c.modality in normalize}  # [n, sum x, sum x x^T]
     for cache in caches:
         if cache.modality not in normalize:
             continue
-        for index in range(min(len(cache.shards), max_shards)):
-            n, total, outer = moments.setdefault(cache.modality, [0, 0.0, 0.0])
-            if n >= max_vectors:
+        found = 0  # this cache's vectors
+        for index in range(len(cache.shards)):
+            n, total, outer = moments[cache.modality]
+            if n >= max_vectors or (index >= max_shards and found):
                 break
             items = [a for s in cache.read_shard(index) for a in s.items]
             if items:
                 x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
                 moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]
+                found += len(x)
     stats = {}
     for modality, (n, total, outer) in moments.items():
+        if not n:
+            uris = ", ".join(c.uri for c in caches if c.modality == modality)
+            raise ValueError(f"{uris}: no {modality} feature vectors to normalise with (text-only or empty); "
+                             f"set model.projectors.{modality}.normalize: none, or train on a cache with features")
         mean = total / n
         covariance = outer / n - np.outer(mean, mean)
         stats[modality] = {"mean": mean.tolist()}

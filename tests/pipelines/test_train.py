@@ -360,3 +360,20 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}
+
+
+def test_feature_stats_read_on_past_text_only_shards_and_name_a_cache_without_features(tmp_path):
+    """LLaVA-like data may open with shards of text-only samples: the statistics come from the first shards with
+    features, not a division by no vectors; a cache with none is named."""
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    turns = [Turn("user", "Say yes."), Turn("assistant", "yes")]
+    text = [Sample(f"t{i}", "image", turns) for i in range(2)]
+    image = [Sample("i0", "image", turns, items=[np.array([[1.0, 2.0], [3.0, 2.0]], np.float16)])]
+    write_entry(str(tmp_path / "late"), [text] * 16 + [image])
+    write_entry(str(tmp_path / "text"), [text] * 3)
+    stats = feature_stats([FeatureCache(tmp_path / "late")], {"image": "standardize"})
+    assert stats["image"]["mean"] == [2.0, 2.0] and stats["image"]["std"] == pytest.approx([1.0, 1e-6])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'text'}: no image feature vectors to normalise with"):
+        feature_stats([FeatureCache(tmp_path / "text")], {"image": "whiten"})
