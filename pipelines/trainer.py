@@ -289,14 +289,16 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
         loss, *modality_losses, samples, tokens, slots, n_skipped, waited = all_mean(
             torch.cat([torch.stack(means), to_device_nowait(counts, engine.device)]))
         seconds = time.perf_counter() - started  # after the read, which waited for the step's device work
-        metrics = {"loss": loss, "lr": hp.lr * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "samples_per_s": samples * world / seconds,
+        metrics = {"loss": loss, "lr": hp.lr * scale, "samples_per_s": samples * world / seconds,
                    "tokens_per_s": tokens * world / seconds,  # real tokens, no padding
                    # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
                    "padding_fraction": 1.0 - tokens / slots,
                    "skipped_over_length": n_skipped * world,
                    "data_wait_s": waited}  # the step's time spent waiting for its batches
         metrics.update({f"loss_{m}": v for m, v in zip(modalities, modality_losses)})
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:  # an engine that measured none: no metric rather than a made-up 0
+            metrics["grad_norm"] = float(grad_norm)
         if on_step:
             on_step(step, metrics)
     return skipped
