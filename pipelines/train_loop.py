@@ -1,7 +1,6 @@
 """What every Ray Train worker runs: the training core (`trainer.py`) around a DeepSpeed engine, on its share of
 the feature caches; checkpoints go through `ray.train.report`, metrics to MLflow from rank 0."""
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from preprocessing.cache.entry import FeatureCache
 
 from .environment import require_cuda
 from .logged_models import log_trained_model
-from .tracking import MetricLogger, log_environment, system_metrics
+from .tracking import MetricLogger, log_environment, log_skipped_samples, system_metrics
 from .deepspeed_engine import save_final, start_engine
 from .train_config import DeepSpeedConfig, PhaseConfig
 from .trainer import MicroBatches, build_model, train_steps
@@ -138,8 +137,5 @@ def log_skipped(skipped: list[dict], logger, world: int) -> None:
     """Every rank's skipped samples, gathered, as `skipped_samples.jsonl` in the run (rank 0 writes it).
     A collective: every rank calls it."""
     rows = [row for part in gather(skipped, world) for row in part]
-    if logger is not None and rows:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "skipped_samples.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            logger.client.log_artifact(logger.run_id, str(path))
+    if logger is not None:
+        log_skipped_samples(logger.uri, logger.run_id, rows)

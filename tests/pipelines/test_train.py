@@ -34,16 +34,10 @@ def setup(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def mixed_cache(setup, tmp_path_factory) -> str:
-    """LLaVA's mixed data (digits, text-only conversations, 3 samples of about 300 tokens), encoded by setup's CLIP."""
-    from pipelines.encode import EncodeConfig, run_encode
-    from tests.mixed_llava import mixed_llava
+    """LLaVA's mixed data (digits, text-only conversations, 3 over-long samples), encoded by setup's CLIP."""
+    from tests.mixed_llava import mixed_llava_cache
 
-    root, _ = setup
-    folder = tmp_path_factory.mktemp("mixed")
-    return run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(mixed_llava(folder / "digits", n_long=3))},
-        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
-        "cache": {"root": str(folder / "cache"), "shard_size": 8}})).uri
+    return mixed_llava_cache(tmp_path_factory.mktemp("mixed"), setup[0] / "clip")
 
 
 def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:

@@ -37,6 +37,14 @@ def setup(tmp_path_factory):
     return root, cache
 
 
+@pytest.fixture(scope="module")
+def mixed_cache(setup, tmp_path_factory) -> str:
+    """LLaVA's mixed data (digits, text-only conversations, 3 over-long samples), encoded by setup's CLIP."""
+    from tests.mixed_llava import mixed_llava_cache
+
+    return mixed_llava_cache(tmp_path_factory.mktemp("mixed"), setup[0] / "clip")
+
+
 def config_for(root: Path, cache: str, name: str, **top) -> TrainConfig:
     return from_dict(TrainConfig, {
         "name": name, "caches": [cache], "output_dir": str(root / "runs"), "max_length": 64, "pack_buffer": 16,
@@ -282,3 +290,39 @@ def test_a_bf16_backbone_folder_trains_in_fp32(tmp_path):
     mm = ModRWKVConfig(config, {"image": ProjectorConfig(encoder_dim=8, model_dim=64)})
     model = build_model(str(tmp_path / "bf16"), mm, None, {}, seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_failed_single_process_run_ends_failed_with_what_the_cluster_driver_logs(setup, mixed_cache, tmp_path,
+                                                                                   monkeypatch):
+    """A crash at step 4 (a CUDA out-of-memory, say) ends the MLflow run FAILED, with its end time, not RUNNING
+    forever; it holds the over-long count known before training (as the cluster driver logs it), the steps it
+    took and the over-long samples it had skipped by then."""
+    import pipelines.train_local
+
+    root, _ = setup
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = config_for(root, mixed_cache, "crash", max_length=96,
+                        tracking={"tracking_uri": uri, "experiment": "crash", "system_metrics_every_s": 0})
+    train_steps = pipelines.train_local.train_steps
+
+    def crashing_at_step_4(*args, on_step, **kwargs):
+        def step(number: int, metrics: dict) -> None:
+            on_step(number, metrics)
+            if number == 4:
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+        return train_steps(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(pipelines.train_local, "train_steps", crashing_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_single_process(config, phase=1, device="cpu")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FAILED" and run.info.end_time
+    assert [m.value for m in client.get_metric_history(run_id, "over_length_in_caches")] == [3]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    named = [json.loads(line) for line in
+             Path(client.download_artifacts(run_id, "skipped_samples.jsonl", str(tmp_path))).read_text().splitlines()]
+    assert named and {r["key"] for r in named} <= {"long-0", "long-1", "long-2"} and {r["step"] for r in named} <= {
+        1, 2, 3, 4}
