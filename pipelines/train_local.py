@@ -23,7 +23,7 @@ from preprocessing import storage
 
 from .config import load_config
 from .train_config import TrainConfig, train_overrides
-from .train_setup import PhasePlan, encoder_store_keys, over_length_in_caches, plan_phase
+from .train_setup import PhasePlan, encoder_store_keys, plan_phase, skipped_in_caches
 from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
 
 
@@ -40,9 +40,9 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
     skipped = []  # train_steps extends it as it goes: a failed run names those left out before it failed too
     with tracked_run(logger, skipped):
-        over = over_length_in_caches(opened, plan.model, config.max_length)
+        known_skips = skipped_in_caches(opened, plan.model, config.max_length)
         if logger:
-            log_before_training(logger, plan.caches, over)
+            log_before_training(logger, plan.caches, known_skips)
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = build_model(plan.backbone["path"], plan.model,
@@ -51,7 +51,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
         model.set_phase(phase)
         optimizer = optimizer_for(model, hp)
         engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
-        collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_over_length=True)
+        collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_bad_samples=True)
         batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, hp.mix, None,
                                config.prefetch_threads, config.pack_buffer if config.packing else 0)
 
@@ -82,7 +82,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
         if phase == 2:
             model.save_pretrained(out / "adapter", adapter_only=True)
         if skipped:
-            print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
+            print(f"{len(skipped)} samples left out, e.g. {skipped[0]}")
         if logger:
             finish_mlflow_run(logger, config, plan, phase, history, skipped, encoders)
         model_uri = plan.publish()
@@ -121,13 +121,13 @@ def tracked_run(logger, skipped: list[dict]):
             raise
 
 
-def log_before_training(logger, caches: list[str], over_length: int) -> None:
-    """What the cluster driver logs before its workers start: the caches read, and how many of their samples are
-    over max_length by their manifests."""
+def log_before_training(logger, caches: list[str], known_skips: dict[str, int]) -> None:
+    """What the cluster driver logs before its workers start: the caches read, and how many of their samples
+    training will skip by their manifests (`skipped_in_caches`)."""
     from . import tracking
 
     tracking.log_caches(logger.uri, logger.run_id, caches)
-    logger.log({"over_length_in_caches": over_length}, 0)
+    logger.log(known_skips, 0)
 
 
 def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, history: list[dict],

@@ -91,7 +91,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             skipped = client_state.get("skipped_samples", [[]] * world)[rank]  # absent: saved before it was kept
 
     caches = [FeatureCache(u) for u in cfg.caches]
-    collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_over_length=True)
+    collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_bad_samples=True)
     batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, hp.mix, position,
                            cfg.prefetch_threads, cfg.pack_buffer if cfg.packing else 0)
     logger = MetricLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None

@@ -102,17 +102,25 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
     return stats
 
 
-def over_length_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> int:
-    """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
-    recorded lengths, before any worker starts; training skips and names them). Returns the total."""
-    projectors, total = mm_config.projectors, 0
+def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> dict[str, int]:
+    """The samples training will skip, counted from the manifests' recorded lengths before any worker starts
+    (training skips and names them; printed per cache): {"over_length_in_caches": those over `max_length` with this
+    model's projectors, "too_short_in_caches": those with an item its projector compresses to nothing}."""
+    over_total = short_total = 0
     for cache in caches:
-        over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
+        projector = mm_config.projectors[cache.modality]
+        short = cache.compressed_to_nothing(projector.compressed_length)
+        if short:
+            print(f"{cache.uri}: {len(short)} of {len(cache)} samples have an item of fewer feature vectors than the "
+                  f"{cache.modality} projector's compression kernel {projector.kernel} and will be skipped, "
+                  f"e.g. {short[0]}")
+        known = set(short)  # training tells such a sample too short before it counts its tokens
+        over = [s for s in cache.over_length(max_length, projector.compressed_length) if s["key"] not in known]
         if over:
             print(f"{cache.uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be "
                   f"skipped, e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
-        total += len(over)
-    return total
+        over_total, short_total = over_total + len(over), short_total + len(short)
+    return {"over_length_in_caches": over_total, "too_short_in_caches": short_total}
 
 
 def phase_dir(config: TrainConfig, phase: int) -> str:

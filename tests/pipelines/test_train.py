@@ -244,7 +244,7 @@ def stream_after(config: TrainConfig, cache: str, micro_batches: int, rank: int,
 
     model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                          [FeatureCache(cache)])
-    collator = Collator(WorldTokenizer(), model, config.max_length, skip_over_length=True)
+    collator = Collator(WorldTokenizer(), model, config.max_length, skip_bad_samples=True)
     stream = MicroBatches([FeatureCache(cache)], collator, config.phase1.micro_batch, rank, world, config.seed,
                           pack_buffer=config.pack_buffer)
     batches = [next(stream)[1] for _ in range(micro_batches)]
