@@ -3,9 +3,11 @@ compression, labels only on assistant words (-100 elsewhere), and one of two lay
 attention mask (`Collator.__call__`), or packed, the samples end to end in one row with their offsets
 (`Collator.pack`, rows of up to `max_length` tokens filled by `first_fit_decreasing`).
 
-A sample longer than `max_length` tokens raises `OverLength`, or, with `skip_over_length`, is left out of its
-batch and named in `Batch.skipped` (training's policy: one sample never stops a run; truncating would cut the
-answer or split a media item, so it is skipped and reported instead).
+A sample longer than `max_length` tokens raises `OverLength`, one with an item its projector compresses to no
+position (fewer feature vectors than the compression kernel: 50 ms of audio is 2 WavLM frames) `TooShort`; with
+`skip_bad_samples` either is left out of its batch and named, with the reason, in `Batch.skipped` (training's
+policy: one sample never stops a run; truncating would cut the answer or split a media item, so it is skipped and
+reported instead).
 
 The cached sample itself (`Sample`, its shard record) is the conversation format's: `modrwkv/conversation.py`.
 `right_pad` lays rows of ids (and labels) into one right-padded batch, the layout every padded forward takes.
@@ -30,7 +32,7 @@ class Batch:
     series_target: torch.Tensor | None  # [B, horizon] (normalised) for forecasting batches, a row per sample
     sample_ids: list[str]
     series_lookback: torch.Tensor | None = None  # [B, lookback] (normalised) for forecasting batches
-    skipped: list[dict] = field(default_factory=list)  # {"key", "tokens"} of samples left out (over max_length)
+    skipped: list[dict] = field(default_factory=list)  # BadSample.record of each sample left out
     cu_seqlens: torch.Tensor | None = None  # packed: [samples + 1] offsets of the samples in the row
     slots: int = 0  # token positions of the layout: B x T padded; packed: rows x max_length, filled or not
     n_tokens: int = 0  # the samples' tokens, padding not counted
@@ -42,10 +44,35 @@ class Batch:
         return 1.0 - self.n_tokens / self.slots if self.slots else 0.0
 
 
-class OverLength(ValueError):
+class BadSample(ValueError):
+    """A sample the model cannot take, which training leaves out (`skip_bad_samples`): `record` names it and why,
+    {"key", "reason", and the reason's figures}."""
+
+    reason = ""  # in the record, and training's metric skipped_<reason>
+
+    def __init__(self, message: str, key: str, **figures):
+        super().__init__(message)
+        self.key, self.record = key, {"key": key, "reason": self.reason, **figures}
+
+
+class OverLength(BadSample):
+    reason = "over_length"
+
     def __init__(self, key: str, tokens: int, max_length: int):
-        super().__init__(f"sample {key}: {tokens} tokens, over the context length {max_length}")
-        self.key, self.tokens = key, tokens
+        super().__init__(f"sample {key}: {tokens} tokens, over the context length {max_length}", key, tokens=tokens)
+        self.tokens = tokens
+
+
+class TooShort(BadSample):
+    reason = "too_short"
+
+    def __init__(self, key: str, modality: str, item: int, vectors: int, kernel: int):
+        super().__init__(f"sample {key}: its {modality} item {item} has {vectors} feature vectors, none left after "
+                         f"the projector's compression (kernel {kernel})", key, modality=modality, item=item,
+                         vectors=vectors, kernel=kernel)
+
+
+SKIP_REASONS = (OverLength.reason, TooShort.reason)
 
 
 @dataclass
@@ -75,36 +102,46 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def item_lengths(config: ModRWKVConfig, items: Features, sample_id: str) -> list[int]:
+    """Each item's placeholder run: its feature vectors after its projector's compression. An item compressed to
+    none raises `TooShort` (the model would have no position to write it at)."""
+    lengths = []
+    for index, (modality, features) in enumerate(items):
+        if modality not in config.projectors:
+            raise ValueError(f"sample {sample_id}: the model has no {modality} projector")
+        projector = config.projectors[modality]
+        length = projector.compressed_length(features.shape[0])
+        if length == 0:
+            raise TooShort(sample_id, modality, index, features.shape[0], projector.kernel)
+        lengths.append(length)
+    return lengths
+
+
 class Collator:
     def __init__(self, tokenizer: WorldTokenizer, config: ModRWKVConfig, max_length: int | None = None,
-                 skip_over_length: bool = False):
+                 skip_bad_samples: bool = False):
         self.tokenizer, self.config, self.max_length = tokenizer, config, max_length
-        self.skip_over_length = skip_over_length
-
-    def item_length(self, modality: str, features: torch.Tensor, sample_id: str) -> int:
-        if modality not in self.config.projectors:
-            raise ValueError(f"sample {sample_id}: the model has no {modality} projector")
-        return self.config.projectors[modality].compressed_length(features.shape[0])
+        self.skip_bad_samples = skip_bad_samples
 
     def encode(self, sample: Sample) -> Encoded:
         items = sample_features(sample)
-        lengths = [self.item_length(m, f, sample.key) for m, f in items]
-        ids, labels = tokenize_conversation(self.tokenizer, sample.turns, lengths, sample.key)
+        ids, labels = tokenize_conversation(self.tokenizer, sample.turns,
+                                            item_lengths(self.config, items, sample.key), sample.key)
         if self.max_length and len(ids) > self.max_length:
             raise OverLength(sample.key, len(ids), self.max_length)
         as_tensor = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731
         return Encoded(sample, ids, labels, items, as_tensor(sample.target), as_tensor(sample.lookback))
 
     def encode_all(self, samples: list[Sample]) -> tuple[list[Encoded], list[dict]]:
-        """(the samples that fit, encoded; {"key", "tokens"} of those left out) under the over-length policy."""
+        """(the samples the model takes, encoded; the records of those left out) under the bad-sample policy."""
         encoded, skipped = [], []
         for sample in samples:
             try:
                 encoded.append(self.encode(sample))
-            except OverLength as e:
-                if not self.skip_over_length:
+            except BadSample as e:
+                if not self.skip_bad_samples:
                     raise
-                skipped.append({"key": e.key, "tokens": e.tokens})
+                skipped.append(e.record)
         return encoded, skipped
 
     def __call__(self, samples: list[Sample]) -> Batch:

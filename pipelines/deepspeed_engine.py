@@ -47,7 +47,25 @@ def start_engine(model: torch.nn.Module, hp: PhaseConfig, ds: DeepSpeedConfig, w
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model, hp),
                                                    dist_init_required=False,
                                                    config=deepspeed_config(hp, ds, world, on_gpu))
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization()):
+        measure_grad_norm(engine)
     return engine, optimizer
+
+
+def measure_grad_norm(engine) -> None:
+    """Without ZeRO or bf16 DeepSpeed clips the fp32 gradients but keeps no norm (`get_global_grad_norm()` is
+    None): the engine measures it as LocalEngine does, at each accumulation boundary, from the gradients its step
+    clips by (already averaged over the workers), before the step clips and zeroes them; clipping off too."""
+    step, last = engine.step, []
+
+    def step_measuring_norm(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            last[:] = [torch.nn.utils.get_total_norm(grads)]  # kept on the device until the step's metrics
+        return step(*args, **kwargs)
+
+    engine.step = step_measuring_norm
+    engine.get_global_grad_norm = lambda: float(last[0]) if last else None
 
 
 def save_final(engine, folder: Path, phase: int, rank: int) -> None:

@@ -30,21 +30,30 @@ class EvalTask(ABC):
 
     def predict(self, model, tokenizer, samples: list["Sample"]) -> list[dict]:
         """The samples' rows (key, language, prediction and reference, and what scoring and plots need beyond),
-        in order; tasks answer several samples in one pass of the model where they can."""
+        in order; tasks answer several samples in one pass of the model where they can. A sample the model cannot
+        take (an item compressed to nothing) is not predicted: its row says why (`skipped`)."""
         # torch and the model package (which imports torch) load in the prediction actors only, not the driver
         import torch
 
-        from modrwkv.batching import sample_features
+        from modrwkv.batching import TooShort, item_lengths, sample_features
         from modrwkv.conversation import prompt_ids
 
         device = model.backbone.emb.weight.device
-        features = [[(m, f.to(device)) for m, f in sample_features(s)] for s in samples]
-        prompts = [prompt_ids(tokenizer, s.text("user"),
-                              [model.config.projectors[m].compressed_length(f.shape[0]) for m, f in items], s.key)
-                   for s, items in zip(samples, features)]
+        taken, prompts, features, skipped = [], [], [], {}
+        for index, sample in enumerate(samples):
+            items = sample_features(sample)
+            try:
+                prompts.append(prompt_ids(tokenizer, sample.text("user"), item_lengths(model.config, items, sample.key),
+                                          sample.key))
+            except TooShort as e:
+                skipped[index] = {"skipped": str(e)}
+                continue
+            taken.append(sample)
+            features.append([(m, f.to(device)) for m, f in items])
         with torch.no_grad():
-            answers = self.answer(model, tokenizer, samples, prompts, features)
-        return [{"key": s.key, "language": s.meta.get("language"), **a} for s, a in zip(samples, answers)]
+            answers = iter(self.answer(model, tokenizer, taken, prompts, features))
+        return [{"key": s.key, "language": s.meta.get("language"), **(skipped.get(i) or next(answers))}
+                for i, s in enumerate(samples)]
 
     @abstractmethod
     def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:

@@ -196,15 +196,23 @@ def run_eval(config: EvalConfig) -> EvalResult:
     out = working_dir(config.out_dir)
     predictions = out / f"predictions_{config.task}.jsonl"
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics, baselines = task.score(rows)
+    # a sample the model cannot take is not predicted: counted, and named with its reason in the predictions file
+    skipped = [r for r in rows if "skipped" in r]
+    scored = [r for r in rows if "skipped" not in r]
+    if skipped and not scored:
+        raise ValueError(f"{cache_uri}: no row to score, every sample was skipped, e.g. {skipped[0]['skipped']}")
+    metrics, baselines = task.score(scored)
+    if skipped:
+        metrics["rows_skipped"] = len(skipped)
+        print(f"eval {config.task}: {len(skipped)} samples skipped, e.g. {skipped[0]['skipped']}")
     result = EvalResult(metrics, baselines, predictions)
-    plots = task.plots(rows, out)
+    plots = task.plots(scored, out)
     publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
     if config.track:
-        result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, rows, plots)
+        result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, scored, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"eval {config.task} on {len(rows)} samples: {shown}; predictions in "
+    print(f"eval {config.task} on {len(scored)} samples: {shown}; predictions in "
           f"{storage.join(config.out_dir, predictions.name)}")
     return result
 

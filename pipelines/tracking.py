@@ -4,6 +4,7 @@ logging from rank 0, and the loss-curve plot."""
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -195,6 +196,16 @@ def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "tra
         dataset = MetaDataset(source, name=name, digest=name.rsplit("-", 1)[-1])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
     MlflowClient(uri).log_inputs(run_id, datasets=inputs)
+
+
+def log_skipped_samples(uri: str, run_id: str, skipped: list[dict]) -> None:
+    """The samples training left out, one JSON object a line, as the run's `skipped_samples.jsonl` (none: no file)."""
+    if not skipped:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "skipped_samples.jsonl"
+        path.write_text("".join(json.dumps(s) + "\n" for s in skipped))
+        MlflowClient(uri).log_artifact(run_id, str(path))
 
 
 @contextmanager

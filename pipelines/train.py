@@ -31,7 +31,7 @@ from .config import load_config, to_dict
 from .logged_models import encoder_dirs, log_trained_model, register
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
-from .train_setup import encoder_store_keys, over_length_in_caches, plan_phase
+from .train_setup import encoder_store_keys, plan_phase, skipped_in_caches
 
 # glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
 # and unmaps it when freed: the embedding's and head's gradients of a 65536-word vocabulary (33.5 MB each at width
@@ -73,9 +73,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
-        over = over_length_in_caches(opened, mm_config, config.max_length)
         before_start = tracking.MetricLogger(uri, run_id)
-        before_start.log({"over_length_in_caches": over}, 0)
+        before_start.log(skipped_in_caches(opened, mm_config, config.max_length), 0)
         before_start.flush()
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)

@@ -57,6 +57,13 @@ class PhaseConfig:
     def __post_init__(self):
         if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:
             raise ValueError("lr, steps and micro_batch must be positive")
+        if self.global_batch < 1 or self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch must be a positive multiple of micro_batch {self.micro_batch}, not "
+                             f"{self.global_batch}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, not {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be between 0 and 1 (a fraction of lr), not {self.min_lr_ratio}")
         if self.mix is not None and not all(w > 0 for w in self.mix):
             raise ValueError(f"mix weights must be positive, got {self.mix}")
 
@@ -87,6 +94,10 @@ class ScalingSpec:
     cpus_per_worker: int = 1
     max_failures: int = 2
     ray_address: str | None = None
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be 1 or more, not {self.workers}")
 
 
 @dataclass
@@ -142,6 +153,12 @@ class TrainConfig:
                 raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
             if phase.mix is not None and len(phase.mix) != len(caches):
                 raise ValueError(f"{name}.mix has {len(phase.mix)} weights for {len(caches)} caches")
+            # each worker accumulates micro-batches to its share of the global batch: here, not in every worker
+            # after the run has started (`--single-process` loads its config with one worker)
+            per_step = phase.micro_batch * self.scaling.workers
+            if phase.global_batch % per_step:
+                raise ValueError(f"{name}.global_batch {phase.global_batch} is not a multiple of micro_batch x "
+                                 f"scaling.workers = {phase.micro_batch} x {self.scaling.workers} = {per_step}")
 
 
 def train_overrides(args) -> dict:

@@ -3,12 +3,13 @@
 The same resolution as the cluster driver (`train.py`: caches, model config, feature statistics, phase I's
 output for phase II), then the training core (`trainer.py`) with a `LocalEngine`, on the GPU when there is one.
 Metrics go to the console and, when a tracking URI is configured (the config's `tracking.tracking_uri` or
-MLFLOW_TRACKING_URI), to an MLflow run; MLflow is not imported otherwise. The model folder is written where
-the cluster driver writes it, so phase II, evaluation and chat read either alike.
+MLFLOW_TRACKING_URI), to an MLflow run, which ends FINISHED, FAILED or KILLED as the cluster driver's does; MLflow
+is not imported otherwise. The model folder is written where the cluster driver writes it, so phase II, evaluation
+and chat read either alike.
 """
 
 import argparse
-import json
+import contextlib
 import os
 import tempfile
 import time
@@ -22,7 +23,7 @@ from preprocessing import storage
 
 from .config import load_config
 from .train_config import TrainConfig, train_overrides
-from .train_setup import PhasePlan, encoder_store_keys, over_length_in_caches, plan_phase
+from .train_setup import PhasePlan, encoder_store_keys, plan_phase, skipped_in_caches
 from .trainer import LocalEngine, MicroBatches, accumulation_steps, build_model, optimizer_for, train_steps
 
 
@@ -35,52 +36,56 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     published one) and every step's metrics."""
     plan = plan_phase(config, phase)
     hp, opened, out = plan.hp, plan.opened, plan.out
-    over_length_in_caches(opened, plan.model, config.max_length)
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(plan.backbone["path"], plan.model,
-                        plan.init_from, plan.feature_stats(), config.seed,
-                        config.gradient_checkpointing).to(device)
-    model.set_phase(phase)
-    optimizer = optimizer_for(model, hp)
-    engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
-    collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_over_length=True)
-    batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, hp.mix, None,
-                           config.prefetch_threads, config.pack_buffer if config.packing else 0)
-
     uri = configured_tracking_uri(config)
     logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
-    history, started = [], time.perf_counter()
-    encoders = encoder_store_keys(opened)
-
-    def save(folder: Path, step: int) -> None:
-        model.save_pretrained(folder, adapter_only=phase == 1, encoders=encoders,
-                              backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
-                                               **plan.backbone, "step": step})
-
-    def on_step(step: int, metrics: dict) -> None:
-        history.append({"step": step, **metrics})
-        print(f"phase {phase} step {step}/{hp.steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
-              f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+    skipped = []  # train_steps extends it as it goes: a failed run names those left out before it failed too
+    with tracked_run(logger, skipped):
+        known_skips = skipped_in_caches(opened, plan.model, config.max_length)
         if logger:
-            logger.log(metrics, step)
-            if config.tracking.log_checkpoints and hp.checkpoint_every and step % hp.checkpoint_every == 0 \
-                    and step < hp.steps:  # the final model is logged with its encoders below
-                from .logged_models import log_trained_model
+            log_before_training(logger, plan.caches, known_skips)
 
-                save(out / "checkpoints" / f"step-{step:06d}", step)
-                log_trained_model(uri, logger.run_id, out / "checkpoints" / f"step-{step:06d}", phase, step, opened,
-                                  {})
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_model(plan.backbone["path"], plan.model,
+                            plan.init_from, plan.feature_stats(), config.seed,
+                            config.gradient_checkpointing).to(device)
+        model.set_phase(phase)
+        optimizer = optimizer_for(model, hp)
+        engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
+        collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_bad_samples=True)
+        batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, hp.mix, None,
+                               config.prefetch_threads, config.pack_buffer if config.packing else 0)
 
-    skipped = train_steps(engine, optimizer, batches, hp, on_step=on_step)
-    save(out / "model", hp.steps)
-    if phase == 2:
-        model.save_pretrained(out / "adapter", adapter_only=True)
-    if skipped:
-        print(f"{len(skipped)} over-long samples left out, e.g. {skipped[0]}")
-    if logger:
-        finish_mlflow_run(logger, config, plan, phase, history, skipped, encoders)
-    model_uri = plan.publish()
+        history, started = [], time.perf_counter()
+        encoders = encoder_store_keys(opened)
+
+        def save(folder: Path, step: int) -> None:
+            model.save_pretrained(folder, adapter_only=phase == 1, encoders=encoders,
+                                  backbone_source={"run_id": logger.run_id if logger else None, "phase": phase,
+                                                   **plan.backbone, "step": step})
+
+        def on_step(step: int, metrics: dict) -> None:
+            history.append({"step": step, **metrics})
+            print(f"phase {phase} step {step}/{hp.steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
+                  f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+            if logger:
+                logger.log(metrics, step)
+                if config.tracking.log_checkpoints and hp.checkpoint_every and step % hp.checkpoint_every == 0 \
+                        and step < hp.steps:  # the final model is logged with its encoders below
+                    from .logged_models import log_trained_model
+
+                    save(out / "checkpoints" / f"step-{step:06d}", step)
+                    log_trained_model(uri, logger.run_id, out / "checkpoints" / f"step-{step:06d}", phase, step,
+                                      opened, {})
+
+        train_steps(engine, optimizer, batches, hp, on_step=on_step, skipped=skipped)
+        save(out / "model", hp.steps)
+        if phase == 2:
+            model.save_pretrained(out / "adapter", adapter_only=True)
+        if skipped:
+            print(f"{len(skipped)} samples left out, e.g. {skipped[0]}")
+        if logger:
+            finish_mlflow_run(logger, config, plan, phase, history, skipped, encoders)
+        model_uri = plan.publish()
     print(f"phase {phase} done in {time.perf_counter() - started:.0f} s: loss {history[-1]['loss']:.4f}; "
           f"model in {model_uri}")
     return out / "model", history
@@ -94,9 +99,35 @@ def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
                                 {**to_dict(config), "phase": phase, "resolved_caches": caches},
                                 {"phase": str(phase), "driver": "single-process"})
-    tracking.log_caches(uri, run_id, caches)
     print(f"MLflow run {run_id} at {uri}")
     return tracking.MetricLogger(uri, run_id)
+
+
+@contextlib.contextmanager
+def tracked_run(logger, skipped: list[dict]):
+    """A tracked run ends FINISHED, FAILED or KILLED, as the cluster driver's does (`tracking.run_status`); one
+    that fails keeps the metrics of the steps it took and names the samples it had left out (`skipped`)."""
+    if logger is None:
+        yield
+        return
+    from . import tracking
+
+    with tracking.run_status(logger.uri, logger.run_id):
+        try:
+            yield
+        except BaseException:
+            logger.flush()
+            tracking.log_skipped_samples(logger.uri, logger.run_id, skipped)
+            raise
+
+
+def log_before_training(logger, caches: list[str], known_skips: dict[str, int]) -> None:
+    """What the cluster driver logs before its workers start: the caches read, and how many of their samples
+    training will skip by their manifests (`skipped_in_caches`)."""
+    from . import tracking
+
+    tracking.log_caches(logger.uri, logger.run_id, caches)
+    logger.log(known_skips, 0)
 
 
 def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, history: list[dict],
@@ -109,19 +140,17 @@ def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, 
         curve = [(h["step"], h["loss"]) for h in history]
         logger.client.log_artifact(logger.run_id, str(tracking.loss_curve(curve, Path(tmp) / "loss_curve.png",
                                                                           f"{config.name} phase {phase}")))
-        if skipped:
-            path = Path(tmp) / "skipped_samples.jsonl"
-            path.write_text("".join(json.dumps(s) + "\n" for s in skipped))
-            logger.client.log_artifact(logger.run_id, str(path))
+    tracking.log_skipped_samples(logger.uri, logger.run_id, skipped)
     model_id = log_trained_model(logger.uri, logger.run_id, plan.out / "model", phase, history[-1]["step"],
                                  plan.opened, encoder_dirs(plan.opened, encoders),
                                  storage.join(plan.destination, "model"))
     if phase == 2 and config.tracking.register_as:
         register(logger.uri, model_id, config.tracking.register_as)
-    logger.client.set_terminated(logger.run_id)
 
 
 def main(args: argparse.Namespace) -> None:
     if args.resume_from:
         raise SystemExit("--resume-from continues a Ray Train checkpoint; --single-process starts a phase afresh")
-    run_single_process(load_config(args.config, TrainConfig, train_overrides(args)), args.phase)
+    # this process is the one worker: global_batch need only be a multiple of micro_batch here
+    config = load_config(args.config, TrainConfig, {**train_overrides(args), "scaling.workers": 1})
+    run_single_process(config, args.phase)

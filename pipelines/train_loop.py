@@ -1,7 +1,6 @@
 """What every Ray Train worker runs: the training core (`trainer.py`) around a DeepSpeed engine, on its share of
 the feature caches; checkpoints go through `ray.train.report`, metrics to MLflow from rank 0."""
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from preprocessing.cache.entry import FeatureCache
 
 from .environment import require_cuda
 from .logged_models import log_trained_model
-from .tracking import MetricLogger, log_environment, system_metrics
+from .tracking import MetricLogger, log_environment, log_skipped_samples, system_metrics
 from .deepspeed_engine import save_final, start_engine
 from .train_config import DeepSpeedConfig, PhaseConfig
 from .trainer import MicroBatches, build_model, train_steps
@@ -92,7 +91,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             skipped = client_state.get("skipped_samples", [[]] * world)[rank]  # absent: saved before it was kept
 
     caches = [FeatureCache(u) for u in cfg.caches]
-    collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_over_length=True)
+    collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_bad_samples=True)
     batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, hp.mix, position,
                            cfg.prefetch_threads, cfg.pack_buffer if cfg.packing else 0)
     logger = MetricLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
@@ -138,8 +137,5 @@ def log_skipped(skipped: list[dict], logger, world: int) -> None:
     """Every rank's skipped samples, gathered, as `skipped_samples.jsonl` in the run (rank 0 writes it).
     A collective: every rank calls it."""
     rows = [row for part in gather(skipped, world) for row in part]
-    if logger is not None and rows:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "skipped_samples.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            logger.client.log_artifact(logger.run_id, str(path))
+    if logger is not None:
+        log_skipped_samples(logger.uri, logger.run_id, rows)

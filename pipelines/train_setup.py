@@ -67,22 +67,29 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
     """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
     vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2) (each eigenvalue raised by `whiten_eps`
     times their mean, so that near-empty directions are not blown up), over the items of the first
-    `max_shards` shards of each cache, at most `max_vectors` vectors (enough for stable statistics, cheap on a
-    cluster's driver)."""
-    moments = {}  # modality -> [n, sum x, sum x x^T]
+    `max_shards` shards of each cache (read on past them while a cache's shards held only text-only samples),
+    at most `max_vectors` vectors (enough for stable statistics, cheap on a cluster's driver). A modality whose
+    caches hold no feature vector at all is an error."""
+    moments = {c.modality: [0, 0.0, 0.0] for c in caches if c.modality in normalize}  # [n, sum x, sum x x^T]
     for cache in caches:
         if cache.modality not in normalize:
             continue
-        for index in range(min(len(cache.shards), max_shards)):
-            n, total, outer = moments.setdefault(cache.modality, [0, 0.0, 0.0])
-            if n >= max_vectors:
+        found = 0  # this cache's vectors
+        for index in range(len(cache.shards)):
+            n, total, outer = moments[cache.modality]
+            if n >= max_vectors or (index >= max_shards and found):
                 break
             items = [a for s in cache.read_shard(index) for a in s.items]
             if items:
                 x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
                 moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]
+                found += len(x)
     stats = {}
     for modality, (n, total, outer) in moments.items():
+        if not n:
+            uris = ", ".join(c.uri for c in caches if c.modality == modality)
+            raise ValueError(f"{uris}: no {modality} feature vectors to normalise with (text-only or empty); "
+                             f"set model.projectors.{modality}.normalize: none, or train on a cache with features")
         mean = total / n
         covariance = outer / n - np.outer(mean, mean)
         stats[modality] = {"mean": mean.tolist()}
@@ -95,17 +102,25 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
     return stats
 
 
-def over_length_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> int:
-    """Prints, per cache, how many samples exceed `max_length` with this model's projectors (from the manifests'
-    recorded lengths, before any worker starts; training skips and names them). Returns the total."""
-    projectors, total = mm_config.projectors, 0
+def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> dict[str, int]:
+    """The samples training will skip, counted from the manifests' recorded lengths before any worker starts
+    (training skips and names them; printed per cache): {"over_length_in_caches": those over `max_length` with this
+    model's projectors, "too_short_in_caches": those with an item its projector compresses to nothing}."""
+    over_total = short_total = 0
     for cache in caches:
-        over = cache.over_length(max_length, projectors[cache.modality].compressed_length)
+        projector = mm_config.projectors[cache.modality]
+        short = cache.compressed_to_nothing(projector.compressed_length)
+        if short:
+            print(f"{cache.uri}: {len(short)} of {len(cache)} samples have an item of fewer feature vectors than the "
+                  f"{cache.modality} projector's compression kernel {projector.kernel} and will be skipped, "
+                  f"e.g. {short[0]}")
+        known = set(short)  # training tells such a sample too short before it counts its tokens
+        over = [s for s in cache.over_length(max_length, projector.compressed_length) if s["key"] not in known]
         if over:
             print(f"{cache.uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be "
                   f"skipped, e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
-        total += len(over)
-    return total
+        over_total, short_total = over_total + len(over), short_total + len(short)
+    return {"over_length_in_caches": over_total, "too_short_in_caches": short_total}
 
 
 def phase_dir(config: TrainConfig, phase: int) -> str:

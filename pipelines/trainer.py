@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from modrwkv import RWKV7
-from modrwkv.batching import first_fit_decreasing
+from modrwkv.batching import SKIP_REASONS, OverLength, first_fit_decreasing
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
 from modrwkv_kernels import to_device_nowait
 from preprocessing.local_copy import local_copy
@@ -120,18 +120,18 @@ class RowPacker:
         self.rows, self.start, self.read, self.used, self.skipped = [], start, 0, 0, []
         if used:  # resuming inside a buffer: read it again, skip what was handed out
             self.fill()
-            self.used, self.skipped = used, []  # its over-long samples went out with its first row
+            self.used, self.skipped = used, []  # its skipped samples went out with its first row
 
     def fill(self) -> None:
-        for _ in range(self.cache_size // self.buffer + 1):  # every sample over-long: read on, a pass at most
+        for _ in range(self.cache_size // self.buffer + 1):  # every sample skipped: read on, a pass at most
             self.start, self.read, self.used = self.start + self.read, self.buffer, 0
             encoded, skipped = self.collator.encode_all([next(self.samples) for _ in range(self.buffer)])
             self.skipped += skipped
             if encoded:
                 break
         else:
-            raise ValueError(f"{self.uri}: every sample drawn is over max_length "
-                             f"({len(self.skipped)} in a row, e.g. {self.skipped[0]})")
+            raise ValueError(f"{self.uri}: every sample drawn is skipped ({len(self.skipped)} in a row, e.g. "
+                             f"{self.skipped[0]})")
         bins = first_fit_decreasing([len(e.ids) for e in encoded], self.collator.max_length)
         random.Random(f"{self.seed}/{self.start}").shuffle(bins)
         self.rows = [[encoded[i] for i in row] for row in bins]
@@ -143,7 +143,7 @@ class RowPacker:
         return self.rows[self.used - 1]
 
     def take(self, n: int):
-        """A packed micro-batch of `n` rows, with the over-long samples left out since the last one."""
+        """A packed micro-batch of `n` rows, with the samples left out since the last one."""
         rows = [self.next_row() for _ in range(n)]
         batch = self.collator.pack(rows, self.skipped)
         self.skipped = []
@@ -213,14 +213,14 @@ class MicroBatches:
         if self.packers is not None:
             return self.caches[i].modality, self.packers[i].take(self.micro)
         batch, skipped = self.take(i), []
-        for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample over-long: draw again, a pass at most
+        for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample skipped: draw again, a pass at most
             if batch.sample_ids:
                 break
             skipped += batch.skipped
             batch = self.take(i)
         else:
-            raise ValueError(f"{self.caches[i].uri}: every sample drawn is over max_length "
-                             f"({len(skipped)} in a row, e.g. {skipped[0]})")
+            raise ValueError(f"{self.caches[i].uri}: every sample drawn is skipped ({len(skipped)} in a row, e.g. "
+                             f"{skipped[0]})")
         batch.skipped = skipped + batch.skipped
         return self.caches[i].modality, batch
 
@@ -249,7 +249,8 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
                 skipped: list[dict] | None = None) -> list[dict]:
     """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
-    averaged over workers when torch.distributed is up. Returns the over-long samples left out, by step:
+    averaged over workers when torch.distributed is up. Returns the samples left out (over-long, or with an item
+    compressed to nothing: `modrwkv.batching.BadSample`), by step:
     `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it."""
     # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
     # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
@@ -285,18 +286,24 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
         # every worker draws the same cache per micro-step, so the modalities agree across workers
         modalities = sorted(by_modality)
         means = [torch.stack(losses).mean(), *(torch.stack(by_modality[m]).mean() for m in modalities)]
-        counts = torch.tensor([samples, tokens, slots, len(skipped), waited], dtype=torch.float64)
-        loss, *modality_losses, samples, tokens, slots, n_skipped, waited = all_mean(
-            torch.cat([torch.stack(means), to_device_nowait(counts, engine.device)]))
+        # records saved before they named a reason are over-long ones (the only reason then)
+        reasons = [s.get("reason", OverLength.reason) for s in skipped]
+        counts = torch.tensor([samples, tokens, slots, waited, *map(reasons.count, SKIP_REASONS)],
+                              dtype=torch.float64)
+        values = all_mean(torch.cat([torch.stack(means), to_device_nowait(counts, engine.device)]))
+        loss, modality_losses = values[0], values[1 : len(means)]
+        samples, tokens, slots, waited, *n_skipped = values[len(means) :]
         seconds = time.perf_counter() - started  # after the read, which waited for the step's device work
-        metrics = {"loss": loss, "lr": hp.lr * scale, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "samples_per_s": samples * world / seconds,
+        metrics = {"loss": loss, "lr": hp.lr * scale, "samples_per_s": samples * world / seconds,
                    "tokens_per_s": tokens * world / seconds,  # real tokens, no padding
                    # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
                    "padding_fraction": 1.0 - tokens / slots,
-                   "skipped_over_length": n_skipped * world,
                    "data_wait_s": waited}  # the step's time spent waiting for its batches
+        metrics.update({f"skipped_{reason}": n * world for reason, n in zip(SKIP_REASONS, n_skipped)})
         metrics.update({f"loss_{m}": v for m, v in zip(modalities, modality_losses)})
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:  # an engine that measured none: no metric rather than a made-up 0
+            metrics["grad_norm"] = float(grad_norm)
         if on_step:
             on_step(step, metrics)
     return skipped

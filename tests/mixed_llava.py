@@ -20,3 +20,15 @@ def mixed_llava(folder: Path, n_images: int = 24, n_long: int = 2) -> Path:
         for i in range(n_long)]
     (folder / "mixed.json").write_text(json.dumps(records))
     return folder / "mixed.json"
+
+
+def mixed_llava_cache(folder: Path, clip: Path) -> str:
+    """`mixed_llava` with 3 samples of about 300 tokens, encoded by the CLIP saved at `clip`, as a cache under
+    `folder`."""
+    from pipelines.config import from_dict
+    from pipelines.encode import EncodeConfig, run_encode
+
+    return run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(mixed_llava(folder / "digits", n_long=3))},
+        "encoder": {"kind": "clip", "model_dir": str(clip)},
+        "cache": {"root": str(folder / "cache"), "shard_size": 8}})).uri

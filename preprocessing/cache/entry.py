@@ -41,7 +41,7 @@ import numpy as np
 from modrwkv.conversation import Sample
 
 from .. import storage
-from .index import INDEX, from_manifest, index_table, read_index, total_tokens, write_index
+from .index import INDEX, from_manifest, index_table, item_sums, read_index, total_tokens, write_index
 from .precision import DEFAULT, Precision, from_stored, key_precision
 
 # 3: per-sample keys, lengths and item files in index.parquet; 2 kept keys and lengths in the manifest (read alike);
@@ -282,6 +282,12 @@ class FeatureCache:
             return []
         keys = self.index(["key"])["key"].take(over).to_pylist()
         return [{"key": key, "tokens": int(tokens[i])} for key, i in zip(keys, over)]
+
+    def compressed_to_nothing(self, compressed) -> list[str]:
+        """The keys of the samples with an item that `compressed` leaves no feature vector of (fewer than the
+        projector's compression kernel), from the index alone."""
+        short = np.flatnonzero(item_sums(self.index(["item_tokens"]), lambda n: compressed(n) == 0))
+        return self.index(["key"])["key"].take(short).to_pylist() if len(short) else []
 
     def read_samples(self, index: int) -> list[Sample]:
         """A shard's samples as stored, checked against the manifest: their items named, not read."""

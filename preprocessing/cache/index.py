@@ -53,11 +53,15 @@ def from_manifest(manifest: dict) -> pa.Table:
 
 def total_tokens(table: pa.Table, compressed=lambda n: n) -> np.ndarray:
     """Each sample's text tokens plus its items' `compressed` feature lengths, [samples]."""
+    return table["text_tokens"].to_numpy().astype(np.int64) + item_sums(table, compressed)
+
+
+def item_sums(table: pa.Table, per_item) -> np.ndarray:
+    """Each sample's sum of `per_item(n)` (an int) over its items' feature lengths n, [samples]."""
     items = table["item_tokens"].combine_chunks()
     lengths = pc.list_flatten(items).to_numpy(zero_copy_only=False).astype(np.int64)
     owners = pc.list_parent_indices(items).to_numpy(zero_copy_only=False)
-    distinct = np.unique(lengths)  # a handful of lengths: `compressed` is called once each
-    mapped = np.array([compressed(int(n)) for n in distinct], dtype=np.int64)
-    per_item = mapped[np.searchsorted(distinct, lengths)] if len(lengths) else lengths
-    features = np.bincount(owners, weights=per_item, minlength=table.num_rows).astype(np.int64)
-    return table["text_tokens"].to_numpy().astype(np.int64) + features
+    distinct = np.unique(lengths)  # a handful of lengths: `per_item` is called once each
+    mapped = np.array([per_item(int(n)) for n in distinct], dtype=np.int64)
+    values = mapped[np.searchsorted(distinct, lengths)] if len(lengths) else lengths
+    return np.bincount(owners, weights=values, minlength=table.num_rows).astype(np.int64)

@@ -445,11 +445,38 @@ def test_over_long_samples_raise_or_are_skipped_and_named(tok):
     long = Sample("long", "image", [Turn("user", "<image>\n" + "word " * 200), Turn("assistant", "cat")], items=feats)
     with pytest.raises(OverLength, match="sample long: 2[0-9][0-9] tokens, over the context length 64"):
         Collator(tok, model.config, max_length=64)([short, long])
-    batch = Collator(tok, model.config, max_length=64, skip_over_length=True)([long, short])
+    batch = Collator(tok, model.config, max_length=64, skip_bad_samples=True)([long, short])
     assert batch.sample_ids == ["short"] and batch.input_ids.shape[0] == 1 and len(batch.features) == 1
     assert batch.skipped[0]["key"] == "long" and batch.skipped[0]["tokens"] > 200
-    empty = Collator(tok, model.config, max_length=64, skip_over_length=True)([long])
+    empty = Collator(tok, model.config, max_length=64, skip_bad_samples=True)([long])
     assert empty.sample_ids == [] and empty.input_ids.shape[0] == 0 and len(empty.skipped) == 1
+
+
+def test_an_item_compressed_to_nothing_raises_or_is_skipped_and_named(tok):
+    """Fewer feature vectors than the projector's compression kernel (50 ms of audio is 2 WavLM frames) leave no
+    position for the item: the collator says so, or leaves the sample out with its reason, in either layout,
+    instead of a batch the model's forward fails on."""
+    import numpy as np
+
+    from modrwkv.batching import Collator, TooShort
+
+    model = tiny_model()  # image: kernel 3, stride 2
+    turns = [Turn("user", "<image>\nWhat?"), Turn("assistant", "cat")]
+    whole = Sample("whole", "image", turns, items=[np.zeros((9, 24), dtype=np.float32)])
+    short = Sample("short", "image", turns, items=[np.zeros((2, 24), dtype=np.float32)])
+    with pytest.raises(TooShort, match="sample short: its image item 0 has 2 feature vectors, none left after the "
+                                       r"projector's compression \(kernel 3\)"):
+        Collator(tok, model.config, max_length=64)([whole, short])
+    collator = Collator(tok, model.config, max_length=64, skip_bad_samples=True)
+    named = {"key": "short", "reason": "too_short", "modality": "image", "item": 0, "vectors": 2, "kernel": 3}
+    padded = collator([short, whole])
+    encoded, skipped = collator.encode_all([short, whole])
+    packed = collator.pack([encoded], skipped)
+    for batch in (padded, packed):
+        assert batch.sample_ids == ["whole"] and batch.skipped == [named]
+        out = model(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
+                    cu_seqlens=batch.cu_seqlens)
+        assert torch.isfinite(out.loss)
 
 
 def test_prefill_of_padded_prompts_equals_each_prompt_alone():

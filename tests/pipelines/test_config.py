@@ -62,6 +62,39 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
         load_config(write(tmp_path, text), TrainConfig)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"phase1.global_batch": 0}, "phase1: global_batch must be a positive multiple of micro_batch 8, not 0"),
+    ({"phase2.global_batch": 12}, "phase2: global_batch must be a positive multiple of micro_batch 8, not 12"),
+    ({"phase1.warmup_steps": -5}, "phase1: warmup_steps must be 0 or more, not -5"),
+    ({"phase2.min_lr_ratio": 2.0}, "phase2: min_lr_ratio must be between 0 and 1"),
+    ({"scaling.workers": 0}, "scaling: workers must be 1 or more, not 0"),
+    ({"scaling.workers": 4},
+     r"phase1.global_batch 16 is not a multiple of micro_batch x scaling.workers = 8 x 4 = 32"),
+])
+def test_batch_sizes_and_schedules_are_checked_at_load(override, message):
+    """Not in the workers, after the MLflow run, the caches and Ray have started (where Ray retried it)."""
+    from pipelines.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, override)
+
+
+def test_one_process_is_one_worker_in_the_global_batch(monkeypatch, capsys):
+    """A global batch of 16 in micro-batches of 8 cannot be split over 4 Ray workers, but one process
+    accumulates it in two micro-steps: `--single-process` loads the config as its one worker."""
+    import pipelines.train_local
+    from pipelines.cli import main
+
+    started = []
+    monkeypatch.setattr(pipelines.train_local, "run_single_process", lambda config, phase: started.append(config))
+    command = ["train", "--config", str(CONFIGS / "demo" / "train.yaml"), "--phase", "1", "--set", "scaling.workers=4"]
+    assert main(command) == 2
+    assert "not a multiple of micro_batch x scaling.workers = 8 x 4 = 32" in capsys.readouterr().err
+    assert not started
+    assert main([*command, "--single-process"]) == 0
+    assert [c.scaling.workers for c in started] == [1]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml", EncodeConfig)

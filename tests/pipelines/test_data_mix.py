@@ -31,7 +31,7 @@ class FakeCache:
 
 
 def fake_collator(too_long=lambda sample: False):
-    """Like Collator(skip_over_length=True): keeps the samples that fit, names the others."""
+    """Like Collator(skip_bad_samples=True): keeps the samples that fit, names the others."""
     def collate(samples):
         kept = [x for x in samples if not too_long(x)]
         return SimpleNamespace(cache=samples[0]["cache"], sample_ids=[x["i"] for x in kept],
@@ -54,7 +54,7 @@ def test_over_long_samples_are_skipped_and_named_and_a_cache_of_nothing_else_fai
     assert all(batch.sample_ids and all(i % 4 == 0 for i in batch.sample_ids) for batch in seen)
     assert {s["key"] for batch in seen for s in batch.skipped} == {i for i in range(40) if i % 4}
     hopeless = MicroBatches([FakeCache("b", 10)], fake_collator(lambda x: True), 2, 0, 1, seed=0)
-    with pytest.raises(ValueError, match="fake/b: every sample drawn is over max_length"):
+    with pytest.raises(ValueError, match="fake/b: every sample drawn is skipped"):
         next(hopeless)
 
 
@@ -70,8 +70,8 @@ def test_mix_weights_override_sample_counts():
 
 def config(**phase1):
     return {"name": "x", "caches": ["c1", "c2"], "model": {"backbone": {"path": "b"}, "projectors": {}},
-            "phase1": {"lr": 1e-3, "steps": 1, "global_batch": 8, **phase1},
-            "phase2": {"lr": 1e-3, "steps": 1, "global_batch": 8}}
+            "phase1": {"lr": 1e-3, "steps": 1, "global_batch": 16, **phase1},
+            "phase2": {"lr": 1e-3, "steps": 1, "global_batch": 16}}
 
 
 @pytest.mark.parametrize("mix, message", [([1.0], "phase1.mix has 1 weights for 2 caches"),
@@ -105,7 +105,7 @@ def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood(
 
 
 class FakePackingCollator:
-    """Like Collator(max_length, skip_over_length=True) for packing: sample i is `length(i)` tokens long."""
+    """Like Collator(max_length, skip_bad_samples=True) for packing: sample i is `length(i)` tokens long."""
 
     def __init__(self, max_length: int, length):
         self.max_length, self.length = max_length, length
@@ -165,5 +165,5 @@ def test_a_packed_stream_built_from_a_position_continues_exactly_where_the_first
 
 
 def test_a_cache_of_nothing_but_over_long_samples_fails_clearly_when_packing():
-    with pytest.raises(ValueError, match="fake/b: every sample drawn is over max_length"):
+    with pytest.raises(ValueError, match="fake/b: every sample drawn is skipped"):
         next(packed_stream([FakeCache("b", 10)], length=lambda i: 17))

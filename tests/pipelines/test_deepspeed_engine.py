@@ -66,6 +66,52 @@ def test_overlap_comm_reaches_deepspeed_and_trains_as_without_it():
     assert on == pytest.approx(off, rel=1e-6)
 
 
+GRAD_NORMS = ONE_RANK + r"""
+from modrwkv import RWKV7Config
+from modrwkv.batching import Collator
+from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
+from modrwkv.tokenizer import WorldTokenizer
+from pipelines.deepspeed_engine import start_engine
+from pipelines.train_config import DeepSpeedConfig, PhaseConfig
+from pipelines.trainer import LocalEngine, accumulation_steps, optimizer_for, train_steps
+from tests.conftest import random_backbone
+from tests.pipelines.test_deepspeed_cuda import digit_like_batches
+
+report = {}
+for engine_kind, clip in (("local", 0.05), ("zero0", 0.05), ("zero2", 0.05), ("local", 0.0), ("zero0", 0.0)):
+    torch.manual_seed(0)
+    config = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
+                           {"image": ProjectorConfig(encoder_dim=32, kernel=3, stride=2, adapter_scale=2)})
+    model = ModRWKV(config, backbone=random_backbone(config.backbone))
+    model.set_phase(1)
+    hp = PhaseConfig(lr=3e-3, steps=3, global_batch=8, micro_batch=4, grad_clip=clip)
+    if engine_kind == "local":
+        optimizer = optimizer_for(model, hp)
+        engine = LocalEngine(model, optimizer, accumulation_steps(hp, 1), hp.grad_clip)
+    else:
+        engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=int(engine_kind[-1])), world=1,
+                                         on_gpu=False)
+    steps = []
+    train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp,
+                on_step=lambda step, metrics: steps.append(metrics))
+    report[f"{engine_kind}/{clip}"] = {"losses": [m["loss"] for m in steps],
+                                       "grad_norms": [m.get("grad_norm") for m in steps]}
+print(json.dumps(report))
+"""
+
+
+def test_deepspeed_without_zero_logs_the_gradient_norm_the_local_engine_logs():
+    """DeepSpeed keeps no gradient norm without ZeRO (and bf16): the metric is the norm its step clips by, the
+    local engine's and ZeRO-2's on the same data, with clipping on or off; never a made-up 0."""
+    report = run_script(GRAD_NORMS)
+    for clip in ("0.05", "0.0"):
+        local, zero0 = report[f"local/{clip}"], report[f"zero0/{clip}"]
+        assert len(local["grad_norms"]) == 3 and all(n > 0.05 for n in local["grad_norms"])  # clipped when on
+        assert zero0["grad_norms"] == pytest.approx(local["grad_norms"], rel=1e-5)
+        assert zero0["losses"] == pytest.approx(local["losses"], rel=1e-5)
+    assert report["zero2/0.05"]["grad_norms"] == pytest.approx(report["local/0.05"]["grad_norms"], rel=1e-4)
+
+
 BF16_SAVED = ONE_RANK + r"""
 import sys
 from pathlib import Path

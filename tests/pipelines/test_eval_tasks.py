@@ -138,3 +138,22 @@ def test_an_answer_ends_where_its_text_ends_the_turn_even_inside_a_token():
     rows = ASR(max_new_tokens=8, batch_size=3).predict(model, EndsInside(), samples)
     assert rows[0]["stopped"] and rows[0]["prediction"].endswith("。") and "User" not in rows[0]["prediction"]
     assert free[0]["prediction"].startswith(rows[0]["prediction"][:-1])
+
+
+def test_a_sample_whose_item_compresses_to_nothing_is_skipped_with_its_reason():
+    """An image of 2 feature vectors under a compression kernel of 3 leaves no position for its features: its row
+    says why it was not predicted; the other rows are those predicted without it."""
+    from modrwkv.conversation import Sample, Turn
+    from modrwkv.tokenizer import WorldTokenizer
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    model, tokenizer = tiny_model(seed=4), WorldTokenizer()
+    turns = [Turn("user", "<image>\nWhich digit?"), Turn("assistant", "seven")]
+    samples = [Sample(f"i{i}", "image", turns, items=[np.random.default_rng(i).standard_normal((n, 24), np.float32)])
+               for i, n in enumerate([9, 2, 7])]
+    rows = VQA(max_new_tokens=3, batch_size=2).predict(model, tokenizer, samples)
+    assert [r["key"] for r in rows] == ["i0", "i1", "i2"]
+    assert rows[1] == {"key": "i1", "language": None, "skipped": "sample i1: its image item 0 has 2 feature "
+                                                                 "vectors, none left after the projector's "
+                                                                 "compression (kernel 3)"}
+    assert [rows[0], rows[2]] == VQA(max_new_tokens=3, batch_size=2).predict(model, tokenizer, samples[::2])

@@ -64,6 +64,26 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     assert {"mse", "mae", "mse_normalized", "mae_normalized", "mase"} == set(forecast.metrics)
 
 
+def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
+    """A cache with an image of 2 feature vectors, fewer than the projector's compression kernel 3: the others are
+    scored, that one is counted (`rows_skipped`) and named with its reason in the predictions, not a failed run."""
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    root, _, _ = trained
+    turns = [Turn("user", "<image>\nWhat digit is this?"), Turn("assistant", "seven")]
+    samples = [Sample(key, "image", turns, items=[np.ones((n, 32), np.float16)]) for key, n in zip("abc", (17, 2, 17))]
+    write_entry(str(root / "short" / "entry"), [samples])
+    vqa = run_eval(eval_config(root, str(root / "short" / "entry"), "vqa", out="short", max_new_tokens=3, actors=0,
+                               track=False))
+    assert vqa.metrics["rows_skipped"] == 1 and "accuracy" in vqa.metrics
+    predictions = read_predictions(vqa.predictions)
+    assert [p["key"] for p in predictions] == ["a", "b", "c"] and "prediction" in predictions[0]
+    assert predictions[1] == {"key": "b", "language": None, "skipped": "sample b: its image item 0 has 2 feature "
+                                                                     "vectors, none left after the projector's "
+                                                                     "compression (kernel 3)"}
+
+
 @pytest.mark.slow
 def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, mlflow_server):
     root, image_cache, series_cache = trained

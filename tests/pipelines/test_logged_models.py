@@ -79,6 +79,7 @@ def trained(tmp_path_factory):
                                  "series": {"kernel": 0, "stride": 0}}},
         "phase1": {"lr": 3e-3, "steps": 3, "global_batch": 4, "micro_batch": 4, "checkpoint_every": 2},
         "phase2": {"lr": 1e-3, "steps": 2, "global_batch": 4, "micro_batch": 4},
+        "scaling": {"workers": 1},
         "tracking": {"tracking_uri": uri, "experiment": "logged", "register_as": "tiny", "log_checkpoints": True}})
     folders = [run_single_process(config, phase, device="cpu")[0] for phase in (1, 2)]
     return root, uri, used, folders
@@ -132,7 +133,7 @@ def written(cache_uri: str) -> float:
     return float(json.loads((Path(cache_uri) / "manifest.json").read_text())["counts"]["written"])
 
 
-PHASE = {"lr": 1e-3, "steps": 1, "global_batch": 1}
+PHASE = {"lr": 1e-3, "steps": 1, "global_batch": 8}
 
 
 def test_register_as_flags_reach_the_configs():

@@ -34,16 +34,10 @@ def setup(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def mixed_cache(setup, tmp_path_factory) -> str:
-    """LLaVA's mixed data (digits, text-only conversations, 3 samples of about 300 tokens), encoded by setup's CLIP."""
-    from pipelines.encode import EncodeConfig, run_encode
-    from tests.mixed_llava import mixed_llava
+    """LLaVA's mixed data (digits, text-only conversations, 3 over-long samples), encoded by setup's CLIP."""
+    from tests.mixed_llava import mixed_llava_cache
 
-    root, _ = setup
-    folder = tmp_path_factory.mktemp("mixed")
-    return run_encode(from_dict(EncodeConfig, {
-        "dataset": {"format": "llava", "path": str(mixed_llava(folder / "digits", n_long=3))},
-        "encoder": {"kind": "clip", "model_dir": str(root / "clip")},
-        "cache": {"root": str(folder / "cache"), "shard_size": 8}})).uri
+    return mixed_llava_cache(tmp_path_factory.mktemp("mixed"), setup[0] / "clip")
 
 
 def train_config(root: Path, cache: str, name: str, **phase1) -> TrainConfig:
@@ -250,7 +244,7 @@ def stream_after(config: TrainConfig, cache: str, micro_batches: int, rank: int,
 
     model = model_config(config, RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                          [FeatureCache(cache)])
-    collator = Collator(WorldTokenizer(), model, config.max_length, skip_over_length=True)
+    collator = Collator(WorldTokenizer(), model, config.max_length, skip_bad_samples=True)
     stream = MicroBatches([FeatureCache(cache)], collator, config.phase1.micro_batch, rank, world, config.seed,
                           pack_buffer=config.pack_buffer)
     batches = [next(stream)[1] for _ in range(micro_batches)]
@@ -360,3 +354,20 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}
+
+
+def test_feature_stats_read_on_past_text_only_shards_and_name_a_cache_without_features(tmp_path):
+    """LLaVA-like data may open with shards of text-only samples: the statistics come from the first shards with
+    features, not a division by no vectors; a cache with none is named."""
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    turns = [Turn("user", "Say yes."), Turn("assistant", "yes")]
+    text = [Sample(f"t{i}", "image", turns) for i in range(2)]
+    image = [Sample("i0", "image", turns, items=[np.array([[1.0, 2.0], [3.0, 2.0]], np.float16)])]
+    write_entry(str(tmp_path / "late"), [text] * 16 + [image])
+    write_entry(str(tmp_path / "text"), [text] * 3)
+    stats = feature_stats([FeatureCache(tmp_path / "late")], {"image": "standardize"})
+    assert stats["image"]["mean"] == [2.0, 2.0] and stats["image"]["std"] == pytest.approx([1.0, 1e-6])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'text'}: no image feature vectors to normalise with"):
+        feature_stats([FeatureCache(tmp_path / "text")], {"image": "whiten"})

@@ -37,6 +37,32 @@ def setup(tmp_path_factory):
     return root, cache
 
 
+@pytest.fixture(scope="module")
+def mixed_cache(setup, tmp_path_factory) -> str:
+    """LLaVA's mixed data (digits, text-only conversations, 3 over-long samples), encoded by setup's CLIP."""
+    from tests.mixed_llava import mixed_llava_cache
+
+    return mixed_llava_cache(tmp_path_factory.mktemp("mixed"), setup[0] / "clip")
+
+
+@pytest.fixture(scope="module")
+def short_item_cache(tmp_path_factory) -> tuple[str, set[str]]:
+    """16 image samples, 4 of them with 2 feature vectors, fewer than the image projector's compression kernel 3
+    (as 50 ms of audio is 2 WavLM frames); and the keys of those 4."""
+    import numpy as np
+
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    rng = np.random.default_rng(0)
+    turns = [Turn("user", "<image>\nWhich digit?"), Turn("assistant", "seven")]
+    samples = [Sample(f"{'short' if i % 4 == 0 else 'whole'}-{i}", "image", turns,
+                      items=[rng.normal(size=(2 if i % 4 == 0 else 9, 32)).astype(np.float16)]) for i in range(16)]
+    uri = str(tmp_path_factory.mktemp("short") / "entry")
+    write_entry(uri, [samples[:8], samples[8:]])
+    return uri, {s.key for s in samples if len(s.items[0]) == 2}
+
+
 def config_for(root: Path, cache: str, name: str, **top) -> TrainConfig:
     return from_dict(TrainConfig, {
         "name": name, "caches": [cache], "output_dir": str(root / "runs"), "max_length": 64, "pack_buffer": 16,
@@ -282,3 +308,68 @@ def test_a_bf16_backbone_folder_trains_in_fp32(tmp_path):
     mm = ModRWKVConfig(config, {"image": ProjectorConfig(encoder_dim=8, model_dim=64)})
     model = build_model(str(tmp_path / "bf16"), mm, None, {}, seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_failed_single_process_run_ends_failed_with_what_the_cluster_driver_logs(setup, mixed_cache, tmp_path,
+                                                                                   monkeypatch):
+    """A crash at step 4 (a CUDA out-of-memory, say) ends the MLflow run FAILED, with its end time, not RUNNING
+    forever; it holds the over-long count known before training (as the cluster driver logs it), the steps it
+    took and the over-long samples it had skipped by then."""
+    import pipelines.train_local
+
+    root, _ = setup
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = config_for(root, mixed_cache, "crash", max_length=96,
+                        tracking={"tracking_uri": uri, "experiment": "crash", "system_metrics_every_s": 0})
+    train_steps = pipelines.train_local.train_steps
+
+    def crashing_at_step_4(*args, on_step, **kwargs):
+        def step(number: int, metrics: dict) -> None:
+            on_step(number, metrics)
+            if number == 4:
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+        return train_steps(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(pipelines.train_local, "train_steps", crashing_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_single_process(config, phase=1, device="cpu")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FAILED" and run.info.end_time
+    assert [m.value for m in client.get_metric_history(run_id, "over_length_in_caches")] == [3]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    named = [json.loads(line) for line in
+             Path(client.download_artifacts(run_id, "skipped_samples.jsonl", str(tmp_path))).read_text().splitlines()]
+    assert named and {r["key"] for r in named} <= {"long-0", "long-1", "long-2"} and {r["step"] for r in named} <= {
+        1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_an_item_compressed_to_nothing_is_skipped_counted_and_named(setup, short_item_cache, tmp_path, request,
+                                                                    driver):
+    """A sample whose item has fewer feature vectors than its projector's compression kernel has no position for
+    its features: training skips it as it skips an over-long one and runs on, through either driver; the count is
+    known before training (from the manifest), counted at every step and each one is named with its reason."""
+    root, _ = setup
+    cache, short = short_item_cache
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = config_for(root, cache, "short", tracking={"tracking_uri": uri, "experiment": "short",
+                                                        "system_metrics_every_s": 0})
+    client = MlflowClient(uri)
+    if driver == "ray":
+        request.getfixturevalue("ray_local")
+        run_id = run_train(config, phase=1).run_id
+    else:
+        run_single_process(config, phase=1, device="cpu")
+        (run,) = client.search_runs([client.get_experiment_by_name("short").experiment_id])
+        run_id = run.info.run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run_id, "too_short_in_caches")] == [4]
+    counted = sorted(client.get_metric_history(run_id, "skipped_too_short"), key=lambda m: m.step)
+    named = [json.loads(line) for line in
+             Path(client.download_artifacts(run_id, "skipped_samples.jsonl", str(tmp_path))).read_text().splitlines()]
+    assert len(counted) == 6 and counted[-1].value == len(named) >= 4 and {r["key"] for r in named} == short
+    assert all((r["reason"], r["vectors"], r["kernel"]) == ("too_short", 2, 3) for r in named)
+    assert client.get_metric_history(run_id, "skipped_over_length")[-1].value == 0
