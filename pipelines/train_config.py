@@ -64,6 +64,9 @@ class PhaseConfig:
             raise ValueError(f"warmup_steps must be 0 or more, not {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be between 0 and 1 (a fraction of lr), not {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip", "checkpoint_every"):  # grad_clip 0: no clipping
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.mix is not None and not all(w > 0 for w in self.mix):
             raise ValueError(f"mix weights must be positive, got {self.mix}")
 
