@@ -4,6 +4,7 @@ recorded in `<state-dir>/services.json`."""
 import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 
 from .mlflow_server import MlflowServer, start_mlflow
@@ -13,6 +14,7 @@ from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
 
 BUCKET = "modrwkv"
 KINDS = {"s3": S3Server, "mlflow": MlflowServer, "ray": RayHead}  # start order; stopped in reverse
+UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def services_file(state_dir: Path) -> Path:
@@ -80,10 +82,29 @@ def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
     return [f"export {k}={v}" for k, v in env.items()]
 
 
+@contextlib.contextmanager
+def signals_unwind():
+    """SIGTERM and SIGHUP (`kill`, a closed terminal, a supervisor) raise SystemExit here as Ctrl-C raises
+    KeyboardInterrupt, so what was started is stopped on the way out; by default they end the process on the spot
+    and leave the services running, unrecorded. A signal ignored on entry (nohup) stays ignored."""
+    def unwind(signum, frame):
+        for s in UNWIND_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)  # a second one must not cut the stopping short
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, unwind) for s in UNWIND_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def cmd_services(args) -> None:
     state_dir = Path(args.state_dir).resolve()
     if args.action == "up":
-        services = services_up(state_dir, args.num_cpus)
+        with signals_unwind():
+            services = services_up(state_dir, args.num_cpus)
     elif args.action == "down":
         stopped, not_running = services_down(state_dir)
         gone = [f"{s.name} (pid {s.pid} gone or now another process's)" for s in not_running]

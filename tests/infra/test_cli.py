@@ -2,9 +2,14 @@
 
 import argparse
 import json
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import textwrap
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,6 +19,28 @@ from infra.cli import add_services_parser
 from infra.mlflow_server import MlflowServer
 from infra.process import HOST, ServiceError, spawn
 from infra.s3_server import S3Server
+
+REPO = Path(__file__).resolve().parents[2]
+SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
+# `modrwkv services up` with stand-ins: an S3 endpoint up at once, then an MLflow server that never answers
+UP_WITH_STAND_INS = textwrap.dedent(f"""
+    import sys
+    import infra.cli as cli
+    from infra.mlflow_server import MlflowServer
+    from infra.process import spawn, wait_until
+    from infra.s3_server import S3Server
+    from pipelines.cli import main
+
+    def start_s3(state_dir, **kwargs):
+        return S3Server(**spawn("s3", {SLEEP!r}, state_dir), port=1)
+
+    def start_mlflow(state_dir, **kwargs):
+        server = MlflowServer(**spawn("mlflow", {SLEEP!r}, state_dir), port=2)
+        wait_until(server, lambda: False, "answer /health", timeout=90)
+
+    cli.start_s3, cli.start_mlflow, S3Server.create_bucket = start_s3, start_mlflow, lambda self, name: None
+    sys.exit(main(["services", "up", "--state-dir", sys.argv[1]]))
+""")
 
 
 def services(argv: list[str]) -> None:
@@ -54,6 +81,32 @@ def test_up_status_down(capsys):
         assert not any(bound(p) for p in ports)
         services(["status", "--state-dir", state_dir])
         assert "no services recorded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_during_up_stops_what_it_started(tmp_path, signum):
+    """Ctrl-C, `kill` or a closed terminal while a service comes up: the one coming up and those already up are
+    stopped; nothing is left running with no record for `down` to stop it by."""
+    # SIGINT left to Python (a parent that ignores it, as a background job's shell does, would pass that on)
+    up = subprocess.Popen([sys.executable, "-c", UP_WITH_STAND_INS, str(tmp_path)], cwd=REPO, text=True,
+                          stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "mlflow.pid").exists() and up.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = [psutil.Process(int((tmp_path / f"{name}.pid").read_text())) for name in ("s3", "mlflow")]
+        time.sleep(0.5)  # polling for /health now
+        up.send_signal(signum)
+        up.wait(timeout=60)
+        assert up.returncode != 0, up.stderr.read()
+        assert not any(p.is_running() for p in started)
+        assert not list(tmp_path.glob("*.pid")) and not (tmp_path / "services.json").exists()
+    finally:
+        up.kill()
+        for p in started:
+            if p.is_running():
+                p.kill()
 
 
 def test_down_stops_its_own_services_and_leaves_a_reused_pid_alone(tmp_path, capsys):

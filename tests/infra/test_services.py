@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.jobs import run_job
-from infra.process import HOST, ServiceError, ServiceProcess, spawn
+from infra.process import HOST, ServiceError, ServiceProcess, spawn, wait_until
 from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
 
@@ -67,6 +67,27 @@ def test_failed_start_names_the_log(tmp_path):
         taken.listen()
         with pytest.raises(ServiceError, match=f"log: {tmp_path / 's3.log'}"):
             start_s3(tmp_path, port=taken.getsockname()[1], timeout=20)
+
+
+def test_an_interrupted_start_stops_the_service(tmp_path):
+    """Ctrl-C while a service comes up: nobody holds it yet and it runs in a session of its own, so the wait
+    stops it, or it would run on unrecorded."""
+    service = ServiceProcess(**spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path))
+    polls = []
+
+    def ctrl_c_on_the_second_poll() -> bool:
+        polls.append(None)
+        if len(polls) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait_until(service, ctrl_c_on_the_second_poll, "answer", timeout=60)
+        assert not psutil.pid_exists(service.pid)
+        assert not Path(service.pid_file).exists()
+    finally:
+        service.stop()
 
 
 def test_mlflow_metric_through_client_and_rest(mlflow_server):
