@@ -1,6 +1,7 @@
 """The real local services: each starts, answers, is usable by its clients, and stops (pid gone, port free).
 They are shared per session (tests/services.py); the stop checks run on instances of their own."""
 
+import contextlib
 import json
 import os
 import socket
@@ -121,6 +122,18 @@ def test_ray_task_from_a_client_process(ray_head):
     assert out.returncode == 0, out.stderr
     # workers run the venv's `python3`, the job's `python` may be either name: compare the venv's bin dir
     assert Path(out.stdout.strip().splitlines()[-1]).parent == VENV_BIN
+
+
+def test_ray_listens_on_loopback_only(ray_head):
+    """Ray's own choice would put the GCS, raylet and agents on all interfaces, the client server on the machine's
+    address: reachable from other machines, token auth their only guard."""
+    head = psutil.Process(ray_head.pid)
+    listening = []
+    for process in [head, *head.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may exit meanwhile
+            listening += [c.laddr for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert ray_head.gcs_port in [address.port for address in listening]
+    assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
 
 
 def test_job_runs_with_the_venv_python(ray_head):
