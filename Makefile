@@ -12,21 +12,28 @@ DRIFT_RUN := runs/drift
 
 .PHONY: demo test test-fast bench quality lock drift tools clean
 
-# the demo's speech is synthesised by Debian's espeak-ng and resampled by sox
+# The demo's speech is synthesised by Debian's espeak-ng and resampled by sox (the demo, the benchmarks and drift
+# build it; the tests need neither). Installed by apt-get as root; anyone else is told the command, as apt-get would
+# only fail for want of root.
 tools:
-	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; }
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; \
+		else \
+			echo "the demo's speech needs espeak-ng and sox (Debian: sudo apt-get install espeak-ng sox)" >&2; exit 1; \
+		fi; \
+	fi
 
 # Installs exactly the lock: a new venv each time (so nothing dropped from the lock lingers), --no-deps (so
 # nothing unlocked comes in), then `pip check` fails if the lock misses something pyproject.toml asks for.
-$(STAMP): $(LOCK) pyproject.toml constraints.txt | tools
+$(STAMP): $(LOCK) pyproject.toml constraints.txt
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/$(PIP_INSTALL) --no-deps -r $(LOCK)
 	$(BIN)/$(PIP_INSTALL) --no-deps -e .
 	$(BIN)/pip check || { echo "$(LOCK) does not satisfy pyproject.toml: run make lock" >&2; exit 1; }
 	touch $@
 
-demo: $(STAMP)
+demo: tools $(STAMP)
 	$(BIN)/modrwkv demo
 
 test: $(STAMP)
@@ -78,7 +85,7 @@ drift: tools
 	@echo "drift: passed with"
 	@$(DRIFT)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|kernels|ray|deepspeed|mlflow)=='
 
-bench: $(STAMP)
+bench: tools $(STAMP)
 	$(BIN)/python benchmarks/backbone_cpu.py
 	$(BIN)/python benchmarks/wkv7_kernels.py
 	$(BIN)/python benchmarks/phase2_throughput.py
@@ -87,7 +94,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
 # learning quality against probe/ridge ceilings and trivial baselines, 3 seeds (about 70 minutes on 2 cores)
-quality: $(STAMP)
+quality: tools $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
 clean:

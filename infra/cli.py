@@ -2,8 +2,11 @@
 recorded in `<state-dir>/services.json`."""
 
 import contextlib
+import fcntl
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
 from .mlflow_server import MlflowServer, start_mlflow
@@ -13,10 +16,37 @@ from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
 
 BUCKET = "modrwkv"
 KINDS = {"s3": S3Server, "mlflow": MlflowServer, "ray": RayHead}  # start order; stopped in reverse
+UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def services_file(state_dir: Path) -> Path:
     return state_dir / "services.json"
+
+
+@contextlib.contextmanager
+def services_lock(state_dir: Path):
+    """Held by whoever reads the record to change it (`up`, `down`, the demo's MLflow) until it is written: two
+    `up` at once both found nothing running, both started, and the second record hid the first set for good."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "services.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process starting or stopping the services in {state_dir}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock, as does the process's end
+
+
+def write_services(state_dir: Path, services: dict[str, ServiceProcess]) -> None:
+    """Whole or not at all (a temporary file renamed over the record): a reader never sees half a record, and a
+    write that fails (disk full) leaves the previous one, whose services `down` can still stop."""
+    path = services_file(state_dir)
+    temporary = path.with_name(f"{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps({name: s.to_dict() for name, s in services.items()}, indent=2))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
@@ -32,17 +62,18 @@ def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
 def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, ServiceProcess]:
     """S3 with bucket `modrwkv`, MLflow storing artifacts in `s3://modrwkv/mlflow`, and a Ray head whose jobs get
     both in their environment. If one fails, the ones already started are stopped."""
-    running = [name for name, s in load_services(state_dir).items() if s.alive()]
-    if running:
-        raise ServiceError(f"already running: {', '.join(running)} (see {services_file(state_dir)}); run `down` first")
-    with contextlib.ExitStack() as started:
+    with services_lock(state_dir), contextlib.ExitStack() as started:
+        running = [name for name, s in load_services(state_dir).items() if s.alive()]
+        if running:
+            raise ServiceError(f"already running: {', '.join(running)} (see {services_file(state_dir)}); "
+                               "run `down` first")
         s3 = started.enter_context(start_s3(state_dir))
         s3.create_bucket(BUCKET)
         mlflow = started.enter_context(start_mlflow(state_dir, artifacts_destination=f"s3://{BUCKET}/mlflow",
                                                     env=s3.env()))
         ray = started.enter_context(start_ray_head(state_dir, num_cpus=num_cpus, env={**s3.env(), **mlflow.env()}))
         services = {"s3": s3, "mlflow": mlflow, "ray": ray}
-        services_file(state_dir).write_text(json.dumps({k: s.to_dict() for k, s in services.items()}, indent=2))
+        write_services(state_dir, services)
         started.pop_all()  # keep them running past this process
     return services
 
@@ -50,9 +81,12 @@ def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, Servi
 def services_down(state_dir: Path) -> tuple[list[str], list[ServiceProcess]]:
     """Stops the recorded services, the last started first. Returns the names of those stopped and the services
     that were not running (their pid gone or now another process's, which is left alone), in the record's order."""
-    services = load_services(state_dir)
-    was_running = {name: services[name].stop() for name in reversed(services)}
-    services_file(state_dir).unlink(missing_ok=True)
+    if not state_dir.is_dir():
+        return [], []  # nothing recorded; locking would create the folder
+    with services_lock(state_dir):
+        services = load_services(state_dir)
+        was_running = {name: services[name].stop() for name in reversed(services)}
+        services_file(state_dir).unlink(missing_ok=True)
     stopped = [name for name in services if was_running[name]]
     return stopped, [service for name, service in services.items() if not was_running[name]]
 
@@ -80,10 +114,29 @@ def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
     return [f"export {k}={v}" for k, v in env.items()]
 
 
+@contextlib.contextmanager
+def signals_unwind():
+    """SIGTERM and SIGHUP (`kill`, a closed terminal, a supervisor) raise SystemExit here as Ctrl-C raises
+    KeyboardInterrupt, so what was started is stopped on the way out; by default they end the process on the spot
+    and leave the services running, unrecorded. A signal ignored on entry (nohup) stays ignored."""
+    def unwind(signum, frame):
+        for s in UNWIND_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)  # a second one must not cut the stopping short
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, unwind) for s in UNWIND_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def cmd_services(args) -> None:
     state_dir = Path(args.state_dir).resolve()
     if args.action == "up":
-        services = services_up(state_dir, args.num_cpus)
+        with signals_unwind():
+            services = services_up(state_dir, args.num_cpus)
     elif args.action == "down":
         stopped, not_running = services_down(state_dir)
         gone = [f"{s.name} (pid {s.pid} gone or now another process's)" for s in not_running]

@@ -140,16 +140,19 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
 
 def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, timeout: float) -> None:
     """Poll `healthy` until it holds; if the process exits first or time runs out, stop it and raise an error
-    that names the log file and quotes its end."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if healthy():
-            return
-        if not service.alive():
-            service.stop()  # removes the pid file
-            raise ServiceError(f"{service.name} exited before {what}; log: {service.log_path}\n{service.log_tail()}")
-        time.sleep(0.25)
-    service.stop()
-    raise ServiceError(
-        f"{service.name} did not get to {what} within {timeout:.0f} s; log: {service.log_path}\n{service.log_tail()}"
-    )
+    that names the log file and quotes its end. Interrupted (Ctrl-C, or a signal the caller turns into an
+    exception), it stops the service too: its caller does not hold it yet, and it runs in a session of its own."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if healthy():
+                return
+            if not service.alive():
+                raise ServiceError(f"{service.name} exited before {what}; log: {service.log_path}\n"
+                                   f"{service.log_tail()}")
+            time.sleep(0.25)
+        raise ServiceError(f"{service.name} did not get to {what} within {timeout:.0f} s; log: {service.log_path}\n"
+                           f"{service.log_tail()}")
+    except BaseException:
+        service.stop()  # also removes the pid file
+        raise

@@ -1,8 +1,12 @@
 """A local Ray head node (`ray start --head --block`), stopped by its pid.
 
 Not `ray stop`: it terminates every Ray process on the machine by name, other users' clusters included.
-Token authentication is always on, with the token in a file under the state dir: the GCS listens on all
-interfaces, and an explicit mode keeps a stray `~/.ray/auth_token` from switching auth on behind our back.
+Every port it opens (GCS, raylet, client server, dashboard and its agent, runtime-env agent, metrics) is on
+127.0.0.1: in Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, its default on macOS and Windows)
+`ray start` keeps `--node-ip-address 127.0.0.1`; otherwise it swaps in the machine's address, and the GCS, raylet
+and agents listen on all interfaces. No other machine can join such a head (`ray_cluster.yaml` is for clusters).
+Token authentication is always on, with the token in a file under the state dir: other users of the machine reach
+127.0.0.1 too, and an explicit mode keeps a stray `~/.ray/auth_token` from switching auth on behind our back.
 """
 
 import dataclasses
@@ -20,6 +24,9 @@ INTERNAL_PORT_FLAGS = (
     "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
     "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
 )
+
+# Ray's single-machine mode: every port on 127.0.0.1 (see above)
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,8 +46,10 @@ class RayHead(ServiceProcess):
         return f"http://{HOST}:{self.dashboard_port}"
 
     def client_env(self) -> dict[str, str]:
-        """What a client (ray.init, `ray job submit`, JobSubmissionClient) needs in its environment."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+        """What a client (ray.init, `ray job submit`, JobSubmissionClient) needs in its environment. ray.init needs
+        the single-machine mode too: without it, it swaps the head's 127.0.0.1 for the machine's address and finds
+        nothing listening there."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, **SINGLE_MACHINE}
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
@@ -80,13 +89,14 @@ def start_ray_head(
         # jobs run `python ...` from PATH: it must be this venv's interpreter
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM
+        **SINGLE_MACHINE,
     }
     if home:
         head_env["HOME"] = str(home)
     cmd = [
         venv_bin("ray"), "start", "--head", "--block", "--port", str(port),
-        # the node registers as HOST, the address its clients dial: with the machine's own address (Ray's guess
-        # from its interfaces) a client on 127.0.0.1 finds no node of its own and fails to connect
+        # the node's address, so every port's: HOST, the address its clients dial (kept as given only in the
+        # single-machine mode set above)
         "--node-ip-address", HOST, "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
         "--num-cpus", str(num_cpus or os.cpu_count()), "--disable-usage-stats",
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from infra.cli import load_services, services_file
+from infra.cli import load_services, services_lock, write_services
 from infra.mlflow_server import start_mlflow
 from preprocessing.demo_data import SPEECH_SIZES, build_demo_data, build_speech, speech_is_current
 from preprocessing.encoders.convert import export_encoder
@@ -41,13 +41,13 @@ def say(message: str) -> None:
 
 def mlflow_server():
     """The MLflow server `modrwkv services` knows about, or a new one (sqlite runs, artifacts on local disk)."""
-    running = load_services(SERVICES).get("mlflow")
-    if running is not None and running.alive():
-        return running
-    artifacts = (SERVICES / "mlflow" / "artifacts").absolute()
-    server = start_mlflow(SERVICES / "mlflow", artifacts_destination=str(artifacts))
-    services = {name: s.to_dict() for name, s in load_services(SERVICES).items() if s.alive()}
-    services_file(SERVICES).write_text(json.dumps({**services, "mlflow": server.to_dict()}, indent=2))
+    with services_lock(SERVICES):  # from the check to the record, as `services up` (two demos, or one beside it)
+        services = {name: s for name, s in load_services(SERVICES).items() if s.alive()}
+        if "mlflow" in services:
+            return services["mlflow"]
+        artifacts = (SERVICES / "mlflow" / "artifacts").absolute()
+        server = start_mlflow(SERVICES / "mlflow", artifacts_destination=str(artifacts))
+        write_services(SERVICES, {**services, "mlflow": server})
     return server
 
 

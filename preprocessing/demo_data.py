@@ -49,7 +49,7 @@ def require_espeak() -> None:
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
     if missing:
         raise FileNotFoundError(f"{' and '.join(missing)} not found: install Debian's espeak-ng and sox "
-                                "(`make demo` and `make test` do it when they can)")
+                                "(`make demo` installs them when run as root)")
 
 
 def synthesise(text: str, voice: str, path: Path) -> None:

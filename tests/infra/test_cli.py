@@ -2,18 +2,48 @@
 
 import argparse
 import json
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.cli import add_services_parser
+import infra.cli as cli
+from infra.cli import add_services_parser, load_services, services_down, services_up
 from infra.mlflow_server import MlflowServer
 from infra.process import HOST, ServiceError, spawn
+from infra.ray_head import RayHead
 from infra.s3_server import S3Server
+
+REPO = Path(__file__).resolve().parents[2]
+SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
+# `modrwkv services up` with stand-ins: an S3 endpoint up at once, then an MLflow server that never answers
+UP_WITH_STAND_INS = textwrap.dedent(f"""
+    import sys
+    import infra.cli as cli
+    from infra.mlflow_server import MlflowServer
+    from infra.process import spawn, wait_until
+    from infra.s3_server import S3Server
+    from pipelines.cli import main
+
+    def start_s3(state_dir, **kwargs):
+        return S3Server(**spawn("s3", {SLEEP!r}, state_dir), port=1)
+
+    def start_mlflow(state_dir, **kwargs):
+        server = MlflowServer(**spawn("mlflow", {SLEEP!r}, state_dir), port=2)
+        wait_until(server, lambda: False, "answer /health", timeout=90)
+
+    cli.start_s3, cli.start_mlflow, S3Server.create_bucket = start_s3, start_mlflow, lambda self, name: None
+    sys.exit(main(["services", "up", "--state-dir", sys.argv[1]]))
+""")
 
 
 def services(argv: list[str]) -> None:
@@ -54,6 +84,103 @@ def test_up_status_down(capsys):
         assert not any(bound(p) for p in ports)
         services(["status", "--state-dir", state_dir])
         assert "no services recorded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_during_up_stops_what_it_started(tmp_path, signum):
+    """Ctrl-C, `kill` or a closed terminal while a service comes up: the one coming up and those already up are
+    stopped; nothing is left running with no record for `down` to stop it by."""
+    # SIGINT left to Python (a parent that ignores it, as a background job's shell does, would pass that on)
+    up = subprocess.Popen([sys.executable, "-c", UP_WITH_STAND_INS, str(tmp_path)], cwd=REPO, text=True,
+                          stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "mlflow.pid").exists() and up.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = [psutil.Process(int((tmp_path / f"{name}.pid").read_text())) for name in ("s3", "mlflow")]
+        time.sleep(0.5)  # polling for /health now
+        up.send_signal(signum)
+        up.wait(timeout=60)
+        assert up.returncode != 0, up.stderr.read()
+        assert not any(p.is_running() for p in started)
+        assert not list(tmp_path.glob("*.pid")) and not (tmp_path / "services.json").exists()
+    finally:
+        up.kill()
+        for p in started:
+            if p.is_running():
+                p.kill()
+
+
+def test_two_ups_at_once_start_one_set(tmp_path, monkeypatch):
+    """Two `up` on one state dir at once (two terminals, or `up` beside `make demo`): the second waits for the first,
+    then finds its services running. Both used to start a set, and the second record hid the first set for good."""
+    spawned, first_inside, second_inside, go_on = [], threading.Event(), threading.Event(), threading.Event()
+
+    def stand_in(cls, name, **fields):  # sleepers, the first `up`'s S3 endpoint held back until the test lets it go
+        def start(state_dir, **kwargs):
+            spawned.append(cls(**spawn(name, SLEEP, state_dir), **fields))
+            if name == "s3":
+                (second_inside if first_inside.is_set() else first_inside).set()
+                go_on.wait(timeout=30)
+            return spawned[-1]
+        return start
+
+    monkeypatch.setattr(cli, "start_s3", stand_in(S3Server, "s3", port=1))
+    monkeypatch.setattr(cli, "start_mlflow", stand_in(MlflowServer, "mlflow", port=2))
+    monkeypatch.setattr(cli, "start_ray_head", stand_in(RayHead, "ray", gcs_port=3, dashboard_port=4, token_path="t"))
+    monkeypatch.setattr(S3Server, "create_bucket", lambda self, name: None)
+    results = [None, None]
+
+    def up(i: int) -> None:
+        try:
+            results[i] = services_up(tmp_path, 1)
+        except ServiceError as e:
+            results[i] = e
+
+    ups = [threading.Thread(target=up, args=(i,)) for i in range(2)]
+    try:
+        ups[0].start()
+        assert first_inside.wait(timeout=30)
+        ups[1].start()
+        second_got_in = second_inside.wait(timeout=2)  # unlocked, it is past the check in milliseconds
+        go_on.set()
+        for thread in ups:
+            thread.join(timeout=60)
+        assert not second_got_in
+        assert {name: s.pid for name, s in results[0].items()} == {n: s.pid for n, s in load_services(tmp_path).items()}
+        assert isinstance(results[1], ServiceError) and "already running: s3, mlflow, ray" in str(results[1])
+        assert len(spawned) == 3
+    finally:
+        go_on.set()
+        services_down(tmp_path)
+        for service in spawned:
+            service.stop()
+
+
+def test_a_failed_write_keeps_the_record(tmp_path):
+    """The record is replaced whole or not at all: a write cut short (a full disk; here a file size limit) leaves the
+    previous record, and `down` can still stop its services, instead of half a record nothing can read."""
+    s3 = S3Server(**spawn("s3", SLEEP, tmp_path), port=1)
+    try:
+        cli.write_services(tmp_path, {"s3": s3})
+        recorded = (tmp_path / "services.json").read_text()
+        longer = {**s3.to_dict(), "log_path": "x" * 4096}
+        write = textwrap.dedent(f"""
+            import resource
+            from pathlib import Path
+            from infra.cli import write_services
+            from infra.s3_server import S3Server
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # Python ignores SIGXFSZ: writes fail with EFBIG
+            write_services(Path({str(tmp_path)!r}), {{"s3": S3Server(**{longer!r})}})
+        """)
+        out = subprocess.run([sys.executable, "-c", write], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "File too large" in out.stderr, out.stderr
+        assert (tmp_path / "services.json").read_text() == recorded
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s3.log", "s3.pid", "services.json"]
+        assert services_down(tmp_path) == (["s3"], [])
+    finally:
+        s3.stop()
 
 
 def test_down_stops_its_own_services_and_leaves_a_reused_pid_alone(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The real local services: each starts, answers, is usable by its clients, and stops (pid gone, port free).
 They are shared per session (tests/services.py); the stop checks run on instances of their own."""
 
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.jobs import run_job
-from infra.process import HOST, ServiceError, ServiceProcess, spawn
+from infra.process import HOST, ServiceError, ServiceProcess, spawn, wait_until
 from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
 
@@ -69,6 +70,27 @@ def test_failed_start_names_the_log(tmp_path):
             start_s3(tmp_path, port=taken.getsockname()[1], timeout=20)
 
 
+def test_an_interrupted_start_stops_the_service(tmp_path):
+    """Ctrl-C while a service comes up: nobody holds it yet and it runs in a session of its own, so the wait
+    stops it, or it would run on unrecorded."""
+    service = ServiceProcess(**spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path))
+    polls = []
+
+    def ctrl_c_on_the_second_poll() -> bool:
+        polls.append(None)
+        if len(polls) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait_until(service, ctrl_c_on_the_second_poll, "answer", timeout=60)
+        assert not psutil.pid_exists(service.pid)
+        assert not Path(service.pid_file).exists()
+    finally:
+        service.stop()
+
+
 def test_mlflow_metric_through_client_and_rest(mlflow_server):
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
     experiment = client.create_experiment("infra-metric")
@@ -100,6 +122,18 @@ def test_ray_task_from_a_client_process(ray_head):
     assert out.returncode == 0, out.stderr
     # workers run the venv's `python3`, the job's `python` may be either name: compare the venv's bin dir
     assert Path(out.stdout.strip().splitlines()[-1]).parent == VENV_BIN
+
+
+def test_ray_listens_on_loopback_only(ray_head):
+    """Ray's own choice would put the GCS, raylet and agents on all interfaces, the client server on the machine's
+    address: reachable from other machines, token auth their only guard."""
+    head = psutil.Process(ray_head.pid)
+    listening = []
+    for process in [head, *head.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may exit meanwhile
+            listening += [c.laddr for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert ray_head.gcs_port in [address.port for address in listening]
+    assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
 
 
 def test_job_runs_with_the_venv_python(ray_head):
