@@ -40,7 +40,7 @@ class EvalConfig:
     actors: int = 1  # Ray Data prediction actors; 0: in this process, on the GPU when there is one
     gpus_per_actor: float = 0.0  # each actor's share of a GPU, which holds its model copy; 0: CPU actors
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, repr=False)  # not in the repr: it may hold credentials
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
     track: bool = True  # false: predictions, scores and plots on disk only, no MLflow run
@@ -66,7 +66,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu",
                  tracking_uri: str | None = None, s3: storage.Settings | None = None):
-        if s3:  # the driver's S3 settings, for a Ray actor
+        if s3:  # the driver's S3 settings (and tracking URI), for a Ray actor
             s3.apply()
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
@@ -120,11 +120,16 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         num_gpus=config.gpus_per_actor or None,
-                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
-                                               "quantize": config.quantize,
-                                               "device": "cuda" if config.gpus_per_actor else "cpu",
-                                               "tracking_uri": config.tracking_uri, "s3": storage.settings()})
+                        fn_constructor_kwargs=actor_arguments(config, cache_uri, task))
     return ds.iter_batches(batch_size=None)
+
+
+def actor_arguments(config: EvalConfig, cache_uri: str, task: EvalTask) -> dict:
+    """The prediction actors' constructor arguments. The tracking URI, which may hold credentials, travels as the S3
+    settings do, as a variable the actor sets (`storage.Settings`): Ray shows the arguments' text, never its values."""
+    env = {**storage.environment(), **({"MLFLOW_TRACKING_URI": config.tracking_uri} if config.tracking_uri else {})}
+    return {"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task, "quantize": config.quantize,
+            "device": "cuda" if config.gpus_per_actor else "cpu", "s3": storage.Settings(env)}
 
 
 def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: EvalResult, rows: list[dict],
