@@ -162,25 +162,25 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id
-    # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization in
-    # their names, so that they never pass for the model's own (on the logged model, in its registered versions' tags)
-    settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
-                "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
-    scores = (result.metrics if config.quantize == "none"
-              else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
-    client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
-        {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
-        params=[Param(k, str(v)) for k, v in settings.items()])
-    if model_id:
-        link_eval(uri, run_id, model_id, scores, cache_uri)
-    table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
-             for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
-    mlflow.set_tracking_uri(uri)
-    mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
-    client.log_artifact(run_id, str(result.predictions))
-    for plot in plots:
-        client.log_artifact(run_id, str(plot))
-    client.set_terminated(run_id)
+    with tracking.run_status(uri, run_id):  # FINISHED, or FAILED when logging fails (never left RUNNING)
+        # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization
+        # in their names, so that they never pass for the model's own (on the logged model, in its versions' tags)
+        settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
+                    "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
+        scores = (result.metrics if config.quantize == "none"
+                  else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
+        client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
+            {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
+            params=[Param(k, str(v)) for k, v in settings.items()])
+        if model_id:
+            link_eval(uri, run_id, model_id, scores, cache_uri)
+        table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
+                 for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
+        mlflow.set_tracking_uri(uri)
+        mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
+        client.log_artifact(run_id, str(result.predictions))
+        for plot in plots:
+            client.log_artifact(run_id, str(plot))
     return run_id
 
 
