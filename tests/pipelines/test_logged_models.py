@@ -23,7 +23,7 @@ from pipelines.encode import EncodeConfig, run_encode
 from pipelines.eval_tasks import TASKS
 from pipelines.evaluate import EvalConfig, Predictor, run_eval
 from pipelines.lmms_eval_model import ModRWKVEvalModel
-from pipelines.logged_models import local_model, logged_model_name, model_id_of
+from pipelines.logged_models import local_model, logged_model_name, model_id_of, register
 from preprocessing import local_copy
 from preprocessing.cache.key import hash_model_dir
 from pipelines.train_config import TrainConfig
@@ -215,6 +215,17 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
     assert wrapper.encoder.kind == "clip" and hash_model_dir(wrapper.encoder.model_dir) == hash_model_dir(root / "clip")
     with pytest.raises(Exception, match="tiny"):
         local_model("models:/tiny/7")
+
+
+def test_latest_names_the_newest_registered_version_as_in_mlflow(trained):
+    root, uri, _, (phase1, _) = trained
+    _, models = logged_models(MlflowClient(uri), phase1)  # phase I's step-2 checkpoint and its final model
+    older, newer = sorted(models, key=lambda m: m.creation_timestamp)
+    for model in (older, newer):
+        register(uri, model.model_id, "tiny-phase1")  # versions 1 and 2
+    assert model_id_of(uri, "models:/tiny-phase1/latest") == newer.model_id
+    assert model_id_of(uri, "models:/tiny-phase1/Latest") == newer.model_id  # MLflow reads it in any case
+    assert model_id_of(uri, "models:/tiny-phase1/1") == older.model_id
 
 
 def post(url: str, rows: list[dict]) -> tuple[int, dict]:
