@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask questions about an image, audio clip or series (encoded once, state reused)")
     p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory, or a logged or registered "
-                                                  "model: models:/<model id>, models:/NAME/VERSION, models:/NAME@alias")
+                                                  "model: models:/<model id>, models:/NAME/VERSION|latest, "
+                                                  "models:/NAME@alias")
     p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint "
                                       "(default: the one recorded beside it)")
     p.add_argument("--image")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="batch inference over a feature cache (Ray Data); metrics and tables to MLflow")
     p.add_argument("--config", help="an eval YAML; the flags below override it")
     p.add_argument("--checkpoint", help="a trained model folder (runs/train/<name>/phase2/model), or a logged or "
-                                        "registered model: models:/<model id>, models:/NAME/VERSION, "
+                                        "registered model: models:/<model id>, models:/NAME/VERSION|latest, "
                                         "models:/NAME@alias")
     p.add_argument("--task", choices=["vqa", "asr", "forecast"])
     p.add_argument("--cache", help="a feature-cache entry or an encode YAML")
@@ -365,12 +366,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(e: Exception) -> str | None:
+    """The message of an error that is a user's mistake or an unreachable service (a config, a path, a model URI, a
+    server), printed on one line without a traceback; None for any other (a bug keeps its traceback). MLflow's
+    errors are known once a command loaded MLflow (this module loads no job framework); their text may hold the
+    tracking URI, whose credentials are left out."""
+    known = (ValueError, OSError, ServiceError)
+    if "mlflow" not in sys.modules:
+        return str(e) if isinstance(e, known) else None
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import redact
+
+    return redact(str(e)) if isinstance(e, (*known, MlflowException)) else None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ServiceError) as e:
-        print(f"modrwkv {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"modrwkv {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -97,6 +97,8 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. phase1.steps=3")
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: {key.strip()!r} has an empty part between its dots")
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
@@ -111,13 +113,21 @@ def load_config(path, schema, overrides: dict | None = None):
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:  # a folder, a file this user may not read
+        raise ConfigError(f"{path}: cannot read it as a config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):  # before overrides go into it
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or an empty section (`scaling:`)
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):  # `--set scaling.workers.n=1`: workers is a number
+                raise ConfigError(f"{path}: --set {dotted}: {'.'.join(parents[:i + 1])} is {node!r}, not a mapping")
         node[leaf] = value
     try:
         return from_dict(schema, data)

@@ -40,7 +40,7 @@ class EvalConfig:
     actors: int = 1  # Ray Data prediction actors; 0: in this process, on the GPU when there is one
     gpus_per_actor: float = 0.0  # each actor's share of a GPU, which holds its model copy; 0: CPU actors
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, repr=False)  # not in the repr: it may hold credentials
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
     track: bool = True  # false: predictions, scores and plots on disk only, no MLflow run
@@ -66,7 +66,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu",
                  tracking_uri: str | None = None, s3: storage.Settings | None = None):
-        if s3:  # the driver's S3 settings, for a Ray actor
+        if s3:  # the driver's S3 settings (and tracking URI), for a Ray actor
             s3.apply()
         # the model package imports torch: actors only, not the driver
         from modrwkv.inference import prepare_for_inference
@@ -120,11 +120,16 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         num_gpus=config.gpus_per_actor or None,
-                        fn_constructor_kwargs={"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task,
-                                               "quantize": config.quantize,
-                                               "device": "cuda" if config.gpus_per_actor else "cpu",
-                                               "tracking_uri": config.tracking_uri, "s3": storage.settings()})
+                        fn_constructor_kwargs=actor_arguments(config, cache_uri, task))
     return ds.iter_batches(batch_size=None)
+
+
+def actor_arguments(config: EvalConfig, cache_uri: str, task: EvalTask) -> dict:
+    """The prediction actors' constructor arguments. The tracking URI, which may hold credentials, travels as the S3
+    settings do, as a variable the actor sets (`storage.Settings`): Ray shows the arguments' text, never its values."""
+    env = {**storage.environment(), **({"MLFLOW_TRACKING_URI": config.tracking_uri} if config.tracking_uri else {})}
+    return {"checkpoint": config.checkpoint, "cache_uri": cache_uri, "task": task, "quantize": config.quantize,
+            "device": "cuda" if config.gpus_per_actor else "cpu", "s3": storage.Settings(env)}
 
 
 def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: EvalResult, rows: list[dict],
@@ -157,25 +162,25 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
     run_id = run.info.run_id
-    # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization in
-    # their names, so that they never pass for the model's own (on the logged model, in its registered versions' tags)
-    settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
-                "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
-    scores = (result.metrics if config.quantize == "none"
-              else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
-    client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
-        {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
-        params=[Param(k, str(v)) for k, v in settings.items()])
-    if model_id:
-        link_eval(uri, run_id, model_id, scores, cache_uri)
-    table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
-             for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
-    mlflow.set_tracking_uri(uri)
-    mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
-    client.log_artifact(run_id, str(result.predictions))
-    for plot in plots:
-        client.log_artifact(run_id, str(plot))
-    client.set_terminated(run_id)
+    with tracking.run_status(uri, run_id):  # FINISHED, or FAILED when logging fails (never left RUNNING)
+        # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization
+        # in their names, so that they never pass for the model's own (on the logged model, in its versions' tags)
+        settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
+                    "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
+        scores = (result.metrics if config.quantize == "none"
+                  else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
+        client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
+            {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
+            params=[Param(k, str(v)) for k, v in settings.items()])
+        if model_id:
+            link_eval(uri, run_id, model_id, scores, cache_uri)
+        table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
+                 for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
+        mlflow.set_tracking_uri(uri)
+        mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
+        client.log_artifact(run_id, str(result.predictions))
+        for plot in plots:
+            client.log_artifact(run_id, str(plot))
     return run_id
 
 

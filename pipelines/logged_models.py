@@ -149,8 +149,9 @@ def register(uri: str, model_id: str, name: str, tags: dict[str, str] | None = N
 
 
 def model_id_of(uri: str, reference: str) -> str | None:
-    """The logged model a checkpoint reference names: `models:/<id>`, `models:/NAME/VERSION`, `models:/NAME@alias`,
-    or a folder a training run logged (found by its run and folder tags); None when it names no logged model."""
+    """The logged model a checkpoint reference names: `models:/<id>`, `models:/NAME/VERSION` (or `latest`),
+    `models:/NAME@alias`, or a folder a training run logged (found by its run and folder tags); None when it names no
+    logged model."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -159,7 +160,14 @@ def model_id_of(uri: str, reference: str) -> str | None:
         if "@" in name:
             source = client.get_model_version_by_alias(*name.split("@", 1)).source
         elif "/" in name:
-            source = client.get_model_version(*name.split("/", 1)).source
+            name, version = name.split("/", 1)
+            if version.lower() == "latest":  # as MLflow reads models:/NAME/latest: the newest version
+                newest = client.search_model_versions(f"name = '{name}'", max_results=1,
+                                                      order_by=["version_number DESC"])
+                if not newest:
+                    raise ValueError(f"{reference}: no version of {name!r} is registered")
+                version = newest[0].version
+            source = client.get_model_version(name, version).source
         else:
             return name
         return source.removeprefix("models:/") if source.startswith("models:/m-") else None

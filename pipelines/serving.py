@@ -1,6 +1,8 @@
 """A trained ModRWKV behind `mlflow models serve`: the pyfunc model of every logged ModRWKV (`logged_models.py`).
 
-A request holds rows (`{"dataframe_records": [...]}`), each a question and one medium:
+A request holds rows in any of MLflow's formats (`{"dataframe_records": [...]}`, `dataframe_split`, `{"inputs":
+[...]}` or `{"instances": [...]}`, or `{"inputs": {...}}`: columns, or one row's fields), each a question and one
+medium:
     {"question": "What digit is this?", "image": "<base64 PNG or JPEG>"}
     {"question": "Transcribe the audio.", "audio": "<base64 WAV or FLAC>"}
     {"question": "Forecast the next 13 weeks.", "series": [315.2, 315.4, ...]}
@@ -14,6 +16,7 @@ import base64
 import binascii
 import math
 
+import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
@@ -21,11 +24,40 @@ MODALITIES = ("image", "audio", "series")
 FIELDS = ("question", *MODALITIES)
 MAX_MEDIA_BASE64 = 16 * 2**20  # characters; larger media are refused before anything is decoded
 MAX_QUESTION_CHARS = 4000
+FORMATS = ("dataframe_records, dataframe_split, inputs or instances as a list of rows, or inputs as a mapping of "
+           "columns or of one row's fields")
 
 
 def absent(value) -> bool:
     """A row's missing field: pandas fills other rows' fields with NaN or None."""
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def plain(value):
+    """A request's value as Python: MLflow hands the fields of `inputs` and `instances` over as numpy arrays (a
+    question as a 0-d array, a series as a 1-d one)."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def request_rows(model_input) -> list[dict]:
+    """The request's rows, whichever of MLflow's formats it came in (`FORMATS`), every value as Python; ValueError
+    for anything else."""
+    if hasattr(model_input, "to_dict"):  # dataframe_records, dataframe_split
+        rows = model_input.to_dict("records")
+    elif isinstance(model_input, dict):
+        columns = {k: plain(v) for k, v in model_input.items()}
+        if not all(isinstance(v, list) for v in columns.values()):  # a single value: one row's fields
+            rows = [columns]
+        elif len({len(v) for v in columns.values()}) > 1:
+            lengths = {k: len(v) for k, v in columns.items()}
+            raise ValueError(f"columns of different lengths, {lengths}; a request holds {FORMATS}")
+        else:
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    elif isinstance(model_input, list) and all(isinstance(row, dict) for row in model_input):
+        rows = model_input
+    else:
+        raise ValueError(f"not rows of fields but {type(model_input).__name__}; a request holds {FORMATS}")
+    return [{k: plain(v) for k, v in row.items()} for row in rows]
 
 
 def media_bytes(text, field: str, where: str) -> bytes:
@@ -90,8 +122,8 @@ class ModRWKVService(PythonModel):
         self.media = MediaEncoders(model_dir, encoders)
 
     def predict(self, context, model_input, params=None) -> list[dict]:
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         try:
+            rows = request_rows(model_input)
             return [answer(self.model, self.tokenizer, self.media, row, f"row {i}") for i, row in enumerate(rows)]
         except ValueError as e:  # a bad request, not a failure of the server: HTTP 400 with the reason
             raise MlflowException.invalid_parameter_value(str(e)) from None

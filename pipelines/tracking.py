@@ -3,6 +3,7 @@ logging from rank 0, and the loss-curve plot."""
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from infra.cli import load_services
 
+from .config import to_dict
 from .environment import environment_tags
 from .plots import pyplot, save_figure
 
@@ -38,6 +40,24 @@ def tracking_uri(configured: str | None) -> str:
         return server.tracking_uri
     SERVICES_DIR.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{SERVICES_DIR.parent.absolute() / 'mlflow.db'}"  # absolute: workers run elsewhere
+
+
+CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")  # a URL's `user:password@`
+
+
+def redact(text: str) -> str:
+    """`text` with each URL's credentials left out (`https://user:token@host` -> `https://host`): a tracking URI
+    may carry them, and what is printed or logged, or shown by Ray, must not. MLflow reads them from the URI or from
+    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN."""
+    return CREDENTIALS.sub(r"\1", text)
+
+
+def logged_config(config) -> dict:
+    """A training config as its run logs it (params, config.yaml): the tracking URI without credentials."""
+    data = to_dict(config)
+    if data["tracking"]["tracking_uri"]:
+        data["tracking"]["tracking_uri"] = redact(data["tracking"]["tracking_uri"])
+    return data
 
 
 def check_reachable_by_workers(uri: str, cluster: str | None) -> None:
@@ -106,6 +126,16 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]],
                          tags=[RunTag("modrwkv.config", "see params")] if i == 0 else [])
     return run.info.run_id
+
+
+def start_training_run(uri: str, config, phase: int, caches: list[str], tags: dict) -> str:
+    """A training phase's run, for either driver: the config (as `logged_config` shows it), the phase and the caches
+    it resolved as params; prints where the run is."""
+    run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
+    run_id = start_run(uri, config.tracking.experiment, run_name,
+                       {**logged_config(config), "phase": phase, "resolved_caches": caches}, tags)
+    print(f"MLflow run {run_id} at {redact(uri)}")
+    return run_id
 
 
 class MetricLogger:

@@ -27,7 +27,7 @@ from modrwkv.model_folder import write_records
 from preprocessing import storage
 
 from . import tracking
-from .config import load_config, to_dict
+from .config import load_config
 from .logged_models import encoder_dirs, log_trained_model, register
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
@@ -66,10 +66,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
     if phase == 2:
         tags["phase1_run_id"] = plan.phase1_source["run_id"]
-    run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
-                                {**to_dict(config), "phase": phase, "resolved_caches": caches}, tags)
-    print(f"MLflow run {run_id} at {uri}")
+    run_id = tracking.start_training_run(uri, config, phase, caches, tags)
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
@@ -136,7 +133,7 @@ def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: 
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
-        cfg.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(tracking.logged_config(config), sort_keys=False))
         client.log_artifact(run_id, str(cfg))
         history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
         client.log_artifact(run_id, str(tracking.loss_curve(sorted(history), Path(tmp) / "loss_curve.png",

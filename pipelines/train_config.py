@@ -105,7 +105,8 @@ class ScalingSpec:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db
+    # default: MLFLOW_TRACKING_URI, the local server, or runs/mlflow.db; not in the repr: it may hold credentials
+    tracking_uri: str | None = field(default=None, repr=False)
     experiment: str = "modrwkv"
     run_name: str | None = None
     system_metrics_every_s: float = 10.0  # CPU, memory, GPU of each training node into the run; 0: off

@@ -93,13 +93,8 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
 
 def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
     from . import tracking  # only when a run is tracked: this driver runs without MLflow
-    from .config import to_dict
 
-    run_name = config.tracking.run_name or f"{config.name}-phase{phase}"
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name,
-                                {**to_dict(config), "phase": phase, "resolved_caches": caches},
-                                {"phase": str(phase), "driver": "single-process"})
-    print(f"MLflow run {run_id} at {uri}")
+    run_id = tracking.start_training_run(uri, config, phase, caches, {"phase": str(phase), "driver": "single-process"})
     return tracking.MetricLogger(uri, run_id)
 
 

@@ -43,7 +43,7 @@ class WorkerConfig:
     pack_buffer: int
     prefetch_threads: int
     seed: int
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may hold credentials (`tracking.redact`); not in the repr either
     run_id: str
     system_metrics_every_s: float
     use_gpu: bool = False  # scaling.use_gpu: a worker that sees no CUDA device then fails

@@ -29,7 +29,8 @@ class Settings:
     on; otherwise workers have only their node's, e.g. an instance profile's). They travel as an argument (a
     constructor's, a function's, the train loop config) and are applied first thing in the worker; not in a runtime
     env, whose variables Ray's dashboard and state API show to anyone who can reach them. The repr names the
-    variables, never their values (Ray Train shows its loop config as text)."""
+    variables, never their values (Ray Train shows its loop config as text). Evaluation's actors get the tracking URI,
+    which may hold credentials, this way too."""
 
     def __init__(self, values: dict[str, str]):
         self._values = dict(values)

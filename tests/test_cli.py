@@ -55,6 +55,32 @@ def test_bad_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     assert "junk.pth" in capsys.readouterr().err
 
 
+def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """A model URI naming nothing, an unreachable tracking server (its credentials left out of the message), a
+    folder given as the config, a --set into a number: one line naming it, exit 2."""
+    from pipelines.cli import user_error
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    store, server = f"sqlite:///{tmp_path / 'mlflow.db'}", "http://alice:s3cretTOKEN@127.0.0.1:9"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the unreachable server: fail at once
+    for uri, argv, reason in (
+            (store, ["chat", "--model", "models:/nosuch"], "Logged model with ID 'nosuch' not found"),
+            (store, ["chat", "--model", "models:/digits@prod"], "name=digits not found"),
+            (store, ["chat", "--model", "models:/digits/latest"], "no version of 'digits' is registered"),
+            (server, ["chat", "--model", "models:/digits/1"], "API request to http://127.0.0.1:9/api/"),
+            (store, ["train", "--config", str(configs), "--phase", "1"],
+             "cannot read it as a config file (Is a directory)"),
+            (store, ["train", "--config", str(configs / "demo" / "train.yaml"), "--phase", "1",
+                     "--set", "scaling.workers.=1"], "'scaling.workers.' has an empty part between its dots")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err  # MLflow's own log lines before it, when it creates the store
+        assert err.splitlines()[-1].startswith(f"modrwkv {argv[0]}: error: ") and "Traceback" not in err, err
+        assert reason in err and "s3cret" not in err, err
+    assert user_error(PermissionError(13, "Permission denied", "x.yaml")) == "[Errno 13] Permission denied: 'x.yaml'"
+    assert user_error(TypeError("a bug")) is None  # keeps its traceback
+
+
 @pytest.mark.slow
 def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepared):
     import numpy as np

@@ -103,7 +103,14 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml", EncodeConfig)
 
 
-def test_set_overrides_are_typed_checked_and_named():
+def test_a_folder_or_a_file_that_is_not_a_mapping_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: cannot read it as a config file \\(Is a directory\\)"):
+        load_config(tmp_path, EncodeConfig)
+    with pytest.raises(ConfigError, match=r"c\.yaml: expected a mapping, got \['a'\]"):
+        load_config(write(tmp_path, "- a\n"), EncodeConfig, {"run.actors": 2})
+
+
+def test_set_overrides_are_typed_checked_and_named(tmp_path):
     from pipelines.config import parse_overrides
     from pipelines.train import TrainConfig
 
@@ -119,6 +126,13 @@ def test_set_overrides_are_typed_checked_and_named():
         load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["phase1.steps=many"]))
     with pytest.raises(ConfigError, match="unknown key 'stepz'.*steps"):
         load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["phase1.stepz=3"]))
+    with pytest.raises(ConfigError, match=r"--set scaling\.workers\.n: scaling\.workers is 2, not a mapping"):
+        load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["scaling.workers.n=1"]))
+    with pytest.raises(ConfigError, match="'scaling..workers' has an empty part between its dots"):
+        parse_overrides(["scaling..workers=1"])
+    text = (CONFIGS / "demo" / "train.yaml").read_text() + "tracking:\n"  # an empty section takes keys too
+    config = load_config(write(tmp_path, text), TrainConfig, parse_overrides(["tracking.experiment=x"]))
+    assert config.tracking.experiment == "x"
 
 
 def test_set_on_the_command_line_fails_before_any_work(capsys):

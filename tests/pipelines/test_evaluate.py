@@ -84,6 +84,23 @@ def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(train
                                                                      "compression (kernel 3)"}
 
 
+def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    root, image_cache, _ = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def unreachable(*args, **kwargs):  # the artifact store behind the server is down, after the run was created
+        raise ConnectionError("artifact store unreachable")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", unreachable)
+    with pytest.raises(ConnectionError):
+        run_eval(eval_config(root, image_cache, "vqa", out="failing", max_new_tokens=3, actors=0, tracking_uri=uri))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "eval-vqa" and run.info.status == "FAILED" and run.info.end_time is not None
+
+
 @pytest.mark.slow
 def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, mlflow_server):
     root, image_cache, series_cache = trained

@@ -23,7 +23,7 @@ from pipelines.encode import EncodeConfig, run_encode
 from pipelines.eval_tasks import TASKS
 from pipelines.evaluate import EvalConfig, Predictor, run_eval
 from pipelines.lmms_eval_model import ModRWKVEvalModel
-from pipelines.logged_models import local_model, logged_model_name, model_id_of
+from pipelines.logged_models import local_model, logged_model_name, model_id_of, register
 from preprocessing import local_copy
 from preprocessing.cache.key import hash_model_dir
 from pipelines.train_config import TrainConfig
@@ -217,6 +217,17 @@ def test_eval_scores_the_logged_model_and_models_uris_work_where_folders_do(trai
         local_model("models:/tiny/7")
 
 
+def test_latest_names_the_newest_registered_version_as_in_mlflow(trained):
+    root, uri, _, (phase1, _) = trained
+    _, models = logged_models(MlflowClient(uri), phase1)  # phase I's step-2 checkpoint and its final model
+    older, newer = sorted(models, key=lambda m: m.creation_timestamp)
+    for model in (older, newer):
+        register(uri, model.model_id, "tiny-phase1")  # versions 1 and 2
+    assert model_id_of(uri, "models:/tiny-phase1/latest") == newer.model_id
+    assert model_id_of(uri, "models:/tiny-phase1/Latest") == newer.model_id  # MLflow reads it in any case
+    assert model_id_of(uri, "models:/tiny-phase1/1") == older.model_id
+
+
 def post(url: str, rows: list[dict]) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url}/invocations", json.dumps({"dataframe_records": rows}).encode(),
                                      {"Content-Type": "application/json"})
@@ -274,6 +285,35 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
         status, body = post(server.url, [{"question": "What digit is this?", "image": b64(image.read_bytes())}])
         assert status == 200 and body["predictions"] == [{"answer": expected["image"]}]  # still serving
     assert not server.alive()
+
+
+def test_the_served_model_takes_each_of_mlflows_request_formats(trained, monkeypatch):
+    """MLflow's scoring app (what `mlflow models serve` runs, without its server process) around the logged model:
+    the same rows in each of MLflow's request formats get the answers dataframe_records gets (strings arrive as 0-d
+    numpy arrays, a series as a 1-d one); a request that is not rows is refused with the formats a request takes."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    root, uri, _, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    served = TestClient(scoring_server.init(mlflow.pyfunc.load_model("models:/tiny/1")))
+    image = b64(digit_png(root).read_bytes())
+    series = [float(np.sin(i / 3) + 0.01 * i) for i in range(16)]
+    for rows in ([{"question": "What digit is this?", "image": image}, {"question": "Which digit?", "image": image}],
+                 [{"question": "Forecast.", "series": series}]):
+        fields = list(rows[0])
+        expected = served.post("/invocations", json={"dataframe_records": rows}).json()
+        assert len(expected["predictions"]) == len(rows), expected
+        bodies = [{"dataframe_split": {"columns": fields, "data": [[row[f] for f in fields] for row in rows]}},
+                  {"inputs": rows}, {"instances": rows}, {"inputs": {f: [row[f] for row in rows] for f in fields}}]
+        for body in bodies + ([{"inputs": rows[0]}] if len(rows) == 1 else []):  # a mapping of one row's fields
+            response = served.post("/invocations", json=body)
+            assert (response.status_code, response.json()) == (200, expected), body
+    for body, reason in (({"inputs": "What digit is this?"}, "a request holds dataframe_records, dataframe_split"),
+                         ({"inputs": {"question": ["a", "b"], "image": [image]}}, "columns of different lengths")):
+        response = served.post("/invocations", json=body)
+        assert response.status_code == 400 and reason in response.json()["message"], response.json()
 
 
 def test_a_modality_the_model_was_not_trained_on_is_refused_with_the_reason():

@@ -1,6 +1,7 @@
 """The driver-side training progress bar follows the steps rank 0 logs to MLflow."""
 
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -82,3 +83,46 @@ def test_a_relative_sqlite_uri_is_made_absolute_for_workers_elsewhere(tmp_path, 
     assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert tracking_uri(None) == f"sqlite:///{tmp_path}/env.db"
+
+
+def test_a_tracking_uri_with_credentials_is_never_printed_logged_or_shown(tmp_path, monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI=https://user:token@host (or the config's): the drivers' line, the run's params and
+    config.yaml, and what Ray shows (the train loop config's repr, the eval actors' arguments) name the host only."""
+    import dataclasses
+
+    from pipelines import tracking
+    from pipelines.config import from_dict
+    from pipelines.evaluate import EvalConfig, actor_arguments
+    from pipelines.train import log_artifacts
+    from pipelines.train_config import TrainConfig
+    from pipelines.train_loop import WorkerConfig
+
+    secret = "https://alice:s3cretTOKEN@mlflow.example.com:8443/prefix"
+    assert tracking.redact(secret) == "https://mlflow.example.com:8443/prefix"
+    assert tracking.redact(f"API request to {secret}/api failed: 401") == (  # MLflow's errors name the URL
+        "API request to https://mlflow.example.com:8443/prefix/api failed: 401")
+    for plain in ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000", "s3://bucket/key@1"):
+        assert tracking.redact(plain) == plain
+    phase = {"lr": 1e-3, "steps": 1, "global_batch": 1, "micro_batch": 1}
+    config = from_dict(TrainConfig, {"name": "t", "model": {"backbone": {"path": "b"}, "projectors": {"image": {}}},
+                                     "phase1": phase, "phase2": phase, "caches": ["c"], "scaling": {"workers": 1},
+                                     "tracking": {"tracking_uri": secret}})
+    store, real = f"sqlite:///{tmp_path / 'mlflow.db'}", tracking.start_run
+    monkeypatch.setattr(tracking, "start_run", lambda uri, *args: real(store, *args))  # no server at example.com
+    run_id = tracking.start_training_run(secret, config, 1, ["c"], {})
+    assert capsys.readouterr().out == f"MLflow run {run_id} at https://mlflow.example.com:8443/prefix\n"
+    client = MlflowClient(store)
+    assert client.get_run(run_id).data.params["tracking.tracking_uri"] == "https://mlflow.example.com:8443/prefix"
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    (tmp_path / "out" / "model" / "adapter.safetensors").write_bytes(b"")
+    log_artifacts(store, run_id, config, tmp_path / "out", 1)
+    assert "s3cret" not in (Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    fields = {f.name: None for f in dataclasses.fields(WorkerConfig)}
+    assert "s3cret" not in repr(WorkerConfig(**{**fields, "tracking_uri": secret})) + repr(config)
+
+    evaluation = EvalConfig(checkpoint="models:/m-1", task="vqa", cache="c", tracking_uri=secret)
+    arguments = actor_arguments(evaluation, "c", None)
+    assert "s3cret" not in repr(arguments) + repr(evaluation)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "restored after the test")
+    arguments["s3"].apply()  # what the actor does first: it then downloads the model from the driver's server
+    assert tracking.tracking_uri(arguments.get("tracking_uri")) == secret
