@@ -109,7 +109,10 @@ def decode_audio(data: bytes, limits: Limits) -> Audio:
 
 
 def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:
-    series = np.asarray(values, dtype=np.float32)
+    try:
+        series = np.asarray(values, dtype=np.float32)
+    except (OverflowError, TypeError, ValueError) as e:  # 10**400 (JSON has no limit), text, ragged lists
+        raise Rejected(f"{name} is not a list of numbers: {e}") from None
     if series.ndim != 1 or series.size < limits.min_series_length:
         raise Rejected(f"{name} has {series.size} values, fewer than {limits.min_series_length}")
     if not np.isfinite(series).all():

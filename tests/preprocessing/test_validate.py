@@ -92,6 +92,9 @@ def test_series_and_text():
         check_series([float("nan")] * 10, LIMITS)
     with pytest.raises(Rejected, match="fewer than 8"):
         check_series([1.0, 2.0], LIMITS)
+    for bad in ([10**400] * 10, ["a"] * 10, [[1.0], [2.0, 3.0]] * 5):  # JSON a client may send the served model
+        with pytest.raises(Rejected, match="series is not a list of numbers"):
+            check_series(bad, LIMITS)
     tokenizer = WorldTokenizer()
     check_text([{"role": "user", "text": "<image>"}, {"role": "assistant", "text": "seven"}], tokenizer, "image", 1)
     with pytest.raises(Rejected, match=r"turn 1 \(assistant\) is empty"):
