@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from infra.cli import add_services_parser
+from infra.cli import add_services_parser, signals_unwind
 from infra.process import ServiceError
 
 
@@ -112,7 +112,8 @@ def cmd_chat(args) -> None:
 def cmd_demo(args) -> None:
     from pipelines.demo import run_demo
 
-    run_demo(Path(args.out))
+    with signals_unwind():  # `kill` or a closed terminal stops its local Ray as Ctrl-C does, not on the spot
+        run_demo(Path(args.out))
 
 
 def cmd_encode(args) -> None:

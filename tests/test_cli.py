@@ -126,3 +126,15 @@ def test_job_modules_run_as_scripts(module, flag):
     bad = subprocess.run([sys.executable, "-m", f"pipelines.{module}", "--config", "no/such.yaml"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert bad.returncode == 2 and ("no/such.yaml" in bad.stderr or "required" in bad.stderr)
+
+
+def test_a_killed_demo_unwinds_as_on_ctrl_c():
+    """SIGTERM (`kill`, a closed terminal) reaches the demo's `finally`, where it shuts its local Ray down; by
+    default the process would end on the spot and leave Ray's processes running."""
+    stand_in = ("import os, signal, time\nimport pipelines.demo\n"
+                "def run_demo(out):\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(30)\n"
+                "    finally:\n        print('shut down', flush=True)\n"
+                "pipelines.demo.run_demo = run_demo\nfrom pipelines.cli import main\nmain(['demo'])\n")
+    done = subprocess.run([sys.executable, "-c", stand_in], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 128 + 15 and done.stdout == "shut down\n"
