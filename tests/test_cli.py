@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,5 +137,6 @@ def test_a_killed_demo_unwinds_as_on_ctrl_c():
                 "    finally:\n        print('shut down', flush=True)\n"
                 "pipelines.demo.run_demo = run_demo\nfrom pipelines.cli import main\nmain(['demo'])\n")
     done = subprocess.run([sys.executable, "-c", stand_in], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parents[1])
+                          cwd=Path(__file__).parents[1],  # SIGTERM at its default, whatever this process inherited
+                          preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     assert done.returncode == 128 + 15 and done.stdout == "shut down\n"

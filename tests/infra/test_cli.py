@@ -90,9 +90,10 @@ def test_up_status_down(capsys):
 def test_a_signal_during_up_stops_what_it_started(tmp_path, signum):
     """Ctrl-C, `kill` or a closed terminal while a service comes up: the one coming up and those already up are
     stopped; nothing is left running with no record for `down` to stop it by."""
-    # SIGINT left to Python (a parent that ignores it, as a background job's shell does, would pass that on)
+    # each signal at its default, as in a terminal: a parent that ignores one passes that on (a background job's
+    # shell ignores SIGINT, `nohup` SIGHUP), and an ignored signal is left ignored
     up = subprocess.Popen([sys.executable, "-c", UP_WITH_STAND_INS, str(tmp_path)], cwd=REPO, text=True,
-                          stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     started = []
     try:
         deadline = time.monotonic() + 60
