@@ -132,10 +132,12 @@ def test_job_modules_run_as_scripts(module, flag):
 def test_a_killed_demo_unwinds_as_on_ctrl_c():
     """SIGTERM (`kill`, a closed terminal) reaches the demo's `finally`, where it shuts its local Ray down; by
     default the process would end on the spot and leave Ray's processes running."""
-    stand_in = ("import os, signal, time\nimport pipelines.demo\n"
+    # the demo module stood in for, not imported (Ray, MLflow, torch: seconds)
+    stand_in = ("import os, signal, sys, time, types\n"
                 "def run_demo(out):\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(30)\n"
                 "    finally:\n        print('shut down', flush=True)\n"
-                "pipelines.demo.run_demo = run_demo\nfrom pipelines.cli import main\nmain(['demo'])\n")
+                "sys.modules['pipelines.demo'] = types.SimpleNamespace(run_demo=run_demo)\n"
+                "from pipelines.cli import main\nmain(['demo'])\n")
     done = subprocess.run([sys.executable, "-c", stand_in], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parents[1],  # SIGTERM at its default, whatever this process inherited
                           preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))

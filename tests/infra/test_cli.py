@@ -144,7 +144,7 @@ def test_two_ups_at_once_start_one_set(tmp_path, monkeypatch):
         ups[0].start()
         assert first_inside.wait(timeout=30)
         ups[1].start()
-        second_got_in = second_inside.wait(timeout=2)  # unlocked, it is past the check in milliseconds
+        second_got_in = second_inside.wait(timeout=0.5)  # unlocked, it is past the check in milliseconds
         go_on.set()
         for thread in ups:
             thread.join(timeout=60)

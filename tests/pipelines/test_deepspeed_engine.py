@@ -100,6 +100,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow  # DeepSpeed's start: the fast tier starts it once, in the overlap_comm test
 def test_deepspeed_without_zero_logs_the_gradient_norm_the_local_engine_logs():
     """DeepSpeed keeps no gradient norm without ZeRO (and bf16): the metric is the norm its step clips by, the
     local engine's and ZeRO-2's on the same data, with clipping on or off; never a made-up 0."""

@@ -26,7 +26,7 @@ def test_the_demo_waits_for_services_up_and_uses_its_mlflow(tmp_path, monkeypatc
         with services_lock(tmp_path):  # `up`, part way
             waiting = threading.Thread(target=lambda: found.append(demo.mlflow_server()))
             waiting.start()
-            waiting.join(timeout=2)  # unlocked, the demo finds no record and starts its own in milliseconds
+            waiting.join(timeout=0.5)  # unlocked, the demo finds no record and starts its own in milliseconds
             write_services(tmp_path, {"mlflow": sleeper(tmp_path)})
         waiting.join(timeout=30)
         assert len(spawned) == 1
