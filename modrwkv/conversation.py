@@ -26,7 +26,8 @@ import numpy as np
 from .tokenizer import SPECIAL_TOKENS, WorldTokenizer
 
 IGNORE = -100
-PLACEHOLDER_IDS = {"image": SPECIAL_TOKENS["<image>"], "audio": SPECIAL_TOKENS["<audio>"], "series": SPECIAL_TOKENS["<series>"]}
+PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "series": "<series>"}  # modality -> its placeholder text
+PLACEHOLDER_IDS = {modality: SPECIAL_TOKENS[text] for modality, text in PLACEHOLDERS.items()}
 MODALITY_OF_ID = {v: k for k, v in PLACEHOLDER_IDS.items()}
 ROLES = {"user": "User", "assistant": "Assistant"}
 TURN_END = "\n\n"
@@ -73,7 +74,7 @@ def tokenize_conversation(
             ids += piece
             labels += [IGNORE] * len(piece)
         else:
-            if any(s in turn.text for s in ("<image>", "<audio>", "<series>")):
+            if any(s in turn.text for s in PLACEHOLDERS.values()):
                 raise ValueError(f"sample {sample_id}: modality placeholders belong in user turns")
             prefix = tokenizer.encode(f"{ROLES['assistant']}:")
             answer = tokenizer.encode(f" {turn.text}{TURN_END}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from modrwkv.conversation import Turn, text_length
+from modrwkv.conversation import PLACEHOLDERS, Turn, text_length
 
 from .items import SAMPLE_RATE, Audio, to_16k_mono
 
@@ -132,9 +132,6 @@ def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "loo
         return normalize_series(torch.from_numpy(lookback)[:, None], sample_id)
     except ValueError as e:
         raise Rejected(str(e)) from None
-
-
-PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "series": "<series>"}
 
 
 def check_text(turns: list[dict], tokenizer, modality: str, n_items: int) -> None:
