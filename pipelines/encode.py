@@ -356,7 +356,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     if entry.is_complete() and not config.run.force:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
-        report_other_rejects(entry, rejects, n_read)
+        report_other_rejects(entry, manifest["counts"]["read"], rejects, n_read)
         return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
                             report_over_length(uri, config), fingerprints.files_read)
     if config.run.force:
@@ -388,13 +388,13 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
                         fingerprints.files_read, encoded_in)
 
 
-def report_other_rejects(entry: CacheEntry, rejects: list[Reject], n_read: int) -> None:
+def report_other_rejects(entry: CacheEntry, entry_read: int, rejects: list[Reject], n_read: int) -> None:
     """On a cache hit: the entry holds the same samples, but this run may have read and rejected others than the run
     that built it (a bad record added since); those are printed, as the entry's rejects.jsonl lists the other's."""
     listed = {(r["key"], r["reason"]) for r in map(json.loads, storage.read_bytes(entry.path(REJECTS)).splitlines())}
     new = [r for r in rejects if (r.key, r.reason) not in listed]
-    if new or n_read != entry.manifest()["counts"]["read"]:
-        print(f"this run read {n_read} samples ({entry.manifest()['counts']['read']} when the entry was built); "
+    if new or n_read != entry_read:
+        print(f"this run read {n_read} samples ({entry_read} when the entry was built); "
               f"{len(new)} rejects it found are not in the entry's {REJECTS}:")
         for r in new:
             print(f"  {r.source}: {r.reason}")
