@@ -24,6 +24,8 @@ INTERNAL_PORT_FLAGS = (
     "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
     "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
 )
+# The same for the Prometheus endpoints of the dashboard and the autoscaler, which only read these variables
+INTERNAL_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 
 # Ray's single-machine mode: every port on 127.0.0.1 (see above)
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -90,6 +92,7 @@ def start_ray_head(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM
         **SINGLE_MACHINE,
+        **{variable: str(free_port()) for variable in INTERNAL_PORT_VARIABLES},
     }
     if home:
         head_env["HOME"] = str(home)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -124,16 +125,35 @@ def test_ray_task_from_a_client_process(ray_head):
     assert Path(out.stdout.strip().splitlines()[-1]).parent == VENV_BIN
 
 
-def test_ray_listens_on_loopback_only(ray_head):
-    """Ray's own choice would put the GCS, raylet and agents on all interfaces, the client server on the machine's
-    address: reachable from other machines, token auth their only guard."""
-    head = psutil.Process(ray_head.pid)
+def listening_addresses(head: psutil.Process) -> list:
     listening = []
     for process in [head, *head.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):  # a worker may exit meanwhile
             listening += [c.laddr for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    return listening
+
+
+def test_ray_listens_on_loopback_only(ray_head):
+    """Ray's own choice would put the GCS, raylet and agents on all interfaces, the client server on the machine's
+    address: reachable from other machines, token auth their only guard."""
+    listening = listening_addresses(psutil.Process(ray_head.pid))
     assert ray_head.gcs_port in [address.port for address in listening]
     assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
+
+
+def test_ray_takes_no_fixed_port(ray_head):
+    """A second head on the machine (another user's, or a test's) would find Ray's fixed defaults taken."""
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    head = psutil.Process(ray_head.pid)
+    dashboard_metrics = int(head.environ()["DASHBOARD_METRIC_PORT"])
+    deadline = time.monotonic() + 30  # the dashboard opens its metrics endpoint a moment after it answers
+    while dashboard_metrics not in {a.port for a in listening_addresses(head)} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    ports = {address.port for address in listening_addresses(head)}
+    assert dashboard_metrics in ports
+    assert not ports & {10001, 52365, DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT}, sorted(ports)
 
 
 def test_job_runs_with_the_venv_python(ray_head):
