@@ -9,7 +9,10 @@ from PIL import Image
 
 from modrwkv.conversation import PLACEHOLDERS, Turn, text_length
 
-from .items import SAMPLE_RATE, Audio, to_16k_mono
+from .items import RATE_RANGE, SAMPLE_RATE, Audio, to_16k_mono
+
+
+MONO_BLOCK_VALUES = 2**18  # values decoded at once (1 MiB of float32), whatever the channel count
 
 
 class Rejected(ValueError):
@@ -79,19 +82,22 @@ def wide_gray_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def decode_audio(data: bytes, limits: Limits) -> Audio:
-    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged). The length
-    is checked from the header, before any sample is decoded: decoding allocates what the header claims, and a
-    corrupt header may claim days of audio."""
+    """The clip as an encoder item: mono float32 at 16 kHz (other rates resampled, channels averaged). The rate and
+    length are checked from the header, before any sample is decoded: decoding allocates what the header claims,
+    and a corrupt header may claim days of audio, or seconds at a megahertz."""
     import soundfile  # here: whatever trains from cached features never loads libsndfile
 
     if not data:
         raise Rejected("empty file")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:  # libsndfile refuses a header with a rate of 0
-            claimed = f.frames / f.samplerate
+            rate = f.samplerate
+            if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:  # a corrupt one may claim a megahertz
+                raise Rejected(f"sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
+            claimed = f.frames / rate
             if claimed > limits.max_audio_seconds:
                 raise Rejected(f"{claimed:.1f} s of audio, over the limit of {limits.max_audio_seconds} s")
-            wave, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+            wave = read_mono(f)
     except MemoryError:
         raise Rejected("decoding it needs more memory than this process has") from None
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
@@ -106,6 +112,16 @@ def decode_audio(data: bytes, limits: Limits) -> Audio:
         return Audio(to_16k_mono(Audio(wave, rate), "audio"), SAMPLE_RATE)
     except ValueError as e:
         raise Rejected(str(e).removeprefix("sample audio: ")) from None
+
+
+def read_mono(f) -> np.ndarray:
+    """The clip with its channels averaged block by block: decoded whole, it would take the mono clip's memory
+    times the channel count, and a corrupt header may claim a thousand channels."""
+    blocksize = max(1, MONO_BLOCK_VALUES // f.channels)
+    blocks = []
+    while len(block := f.read(blocksize, dtype="float32", always_2d=True)):  # fewer than claimed when truncated
+        blocks.append(block.mean(axis=1, dtype=np.float32))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:

@@ -39,12 +39,13 @@ def wav_bytes(seconds=0.5, rate=16000, channels=1, seed=0) -> bytes:
     return buf.getvalue()
 
 
-def huge_header_flac(frames=2**36 - 1) -> bytes:
+def huge_header_flac(frames=2**36 - 1, rate=16000) -> bytes:
     """A valid tiny FLAC whose STREAMINFO claims `frames` samples (the most it can say: 50 days at 16 kHz, 256 GiB
-    decoded), as a corrupt header may; nothing checks that field."""
+    decoded) at `rate` Hz (at most about 1 MHz), as a corrupt header may; nothing checks those fields."""
     buf = io.BytesIO()
     soundfile.write(buf, np.zeros(1600, np.float32), 16000, format="FLAC", subtype="PCM_16")
     data = bytearray(buf.getvalue())
     fields = int.from_bytes(data[18:26], "big")  # rate (20 bits), channels, bits per sample, frames (36 bits)
-    data[18:26] = (fields & ~(2**36 - 1) | frames).to_bytes(8, "big")
+    fields = fields & ~(2**36 - 1) & (2**44 - 1) | frames | rate << 44
+    data[18:26] = fields.to_bytes(8, "big")
     return bytes(data)

@@ -84,6 +84,32 @@ def test_audio_length_is_checked_from_the_header_before_anything_is_decoded(monk
     monkeypatch.setattr(soundfile.SoundFile, "read", out_of_memory)  # a header within the limit, a host without
     with pytest.raises(Rejected, match="needs more memory than this process has"):
         decode_audio(wav_bytes(0.5), LIMITS)
+    # 29 s at 1 MHz: within the length limit, a gigabyte decoded; the rate is refused from the header (read fails)
+    with pytest.raises(Rejected, match="sample rate 1000000 Hz is outside 4000-192000 Hz"):
+        decode_audio(huge_header_flac(frames=29_000_000, rate=1_000_000), LIMITS)
+
+
+def test_audio_channels_are_averaged_as_they_are_decoded():
+    """Decoded whole, 64 channels would take 64 times the mono clip's memory (a corrupt header may claim 1024)."""
+    import tracemalloc
+
+    import soundfile
+
+    data = wav_bytes(2.0, channels=64)  # 8 MiB as float32, 125 KiB mono
+    tracemalloc.start()
+    audio = decode_audio(data, LIMITS)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * 2**20, peak
+    whole = soundfile.read(io.BytesIO(data), dtype="float32")[0].mean(axis=1)
+    np.testing.assert_allclose(audio.wave, whole, atol=1e-6)
+
+
+def test_truncated_audio_decodes_what_it_holds():
+    data = wav_bytes(0.5)
+    audio = decode_audio(data[: 44 + 2 * 4000], LIMITS)  # a 44-byte header claiming 8000 samples, 4000 left
+    assert audio.wave.shape == (4000,)
+    np.testing.assert_allclose(audio.wave, decode_audio(data, LIMITS).wave[:4000], atol=1e-6)
 
 
 def test_series_and_text():
