@@ -105,11 +105,14 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             if last:  # every step's metrics in MLflow before the final checkpoint ends the run
                 logger.flush()
         if last or (hp.checkpoint_every and step % hp.checkpoint_every == 0):
-            positions = gather(batches.position(), world)
+            positions, everyone_skipped = gather(batches.position(), world), gather(skipped, world)
+            if logger:  # named with each checkpoint, so a run that fails for good names those up to its last one
+                log_skipped_samples(logger.uri, logger.run_id,
+                                    [{**s, "rank": r} for r, part in enumerate(everyone_skipped) for s in part])
             with tempfile.TemporaryDirectory() as d:
                 # without the frozen weights: a 1.5B backbone is 3 GB in bf16, every checkpoint_every steps
                 engine.save_checkpoint(d, tag="ds", exclude_frozen_parameters=True, client_state={
-                    "step": step, "data_positions": positions, "skipped_samples": gather(skipped, world)})
+                    "step": step, "data_positions": positions, "skipped_samples": everyone_skipped})
                 if last or cfg.log_checkpoints:
                     save_final(engine, Path(d), phase, rank)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
@@ -118,8 +121,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(d))
 
-    train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)
-    log_skipped([{**s, "rank": rank} for s in skipped], logger, world)
+    train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)  # the last step checkpoints
     if monitor:
         monitor.finish()  # logs what it holds; after a crash it stops by itself once the run is no longer RUNNING
 
@@ -131,11 +133,3 @@ def gather(value, world: int) -> list:
     everyone = [None] * world
     dist.all_gather_object(everyone, value)
     return everyone
-
-
-def log_skipped(skipped: list[dict], logger, world: int) -> None:
-    """Every rank's skipped samples, gathered, as `skipped_samples.jsonl` in the run (rank 0 writes it).
-    A collective: every rank calls it."""
-    rows = [row for part in gather(skipped, world) for row in part]
-    if logger is not None:
-        log_skipped_samples(logger.uri, logger.run_id, rows)

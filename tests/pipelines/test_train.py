@@ -208,6 +208,34 @@ def test_training_resumes_after_a_worker_is_killed(setup, mixed_cache):
     assert len(named) >= 10 and client.get_metric_history(result.run_id, "skipped_over_length")[-1].value == len(named)
 
 
+@pytest.mark.slow
+def test_a_run_that_fails_for_good_names_its_skipped_samples(setup, mixed_cache):
+    """No restart left: the run ends FAILED, and the samples left out up to its last checkpoint are named in it,
+    as its checkpoint saved them."""
+    from ray.train import TrainingFailedError
+
+    root, _ = setup
+    config = train_config(root, mixed_cache, "failed", steps=12, checkpoint_every=3)
+    config.scaling.max_failures = 0
+    killed = []
+    storage = root / "runs" / "failed" / "phase1" / "ray"
+    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(storage, killed))
+    watcher.start()
+    with pytest.raises(TrainingFailedError):
+        run_train(config, phase=1)
+    watcher.join()
+    assert killed
+    client = MlflowClient(config.tracking.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+                                "tags.mlflow.runName LIKE 'failed%'")
+    assert run.info.status == "FAILED"
+    last = max(storage.rglob("mp_rank_00_model_states.pt"), key=lambda p: p.stat().st_mtime)
+    saved = torch.load(last, weights_only=True, map_location="cpu")["skipped_samples"]
+    artifact = Path(client.download_artifacts(run.info.run_id, "skipped_samples.jsonl", str(root / "failed")))
+    named = [json.loads(line) for line in artifact.read_text().splitlines()]
+    assert named and named == [{**s, "rank": rank} for rank, part in enumerate(saved) for s in part]
+
+
 def test_a_job_joining_a_cluster_refuses_a_tracking_store_in_a_local_file(setup, monkeypatch):
     """On a cluster, rank 0 and every node's monitor log from their own machines: a SQLite file on the driver's
     would be a different, empty database there. The job stops before it starts a run; a server URI passes."""
