@@ -2,8 +2,9 @@
 checkpoint, phase I's model folder, an encoder's weights, an evaluated model on S3, a logged model (`models:/...`,
 `pipelines/logged_models.py`). A cluster then needs no shared filesystem: each node fetches what its workers read
 once, into `MODRWKV_LOCAL_COPIES` (default ~/.cache/modrwkv/local-copies), and fetches it again only when the remote
-version changes (an S3 folder: its files' names, sizes or modification times). Workers of one node wait for one fetch
-(a file lock) instead of each fetching.
+version changes (an S3 folder: its files' names, sizes or modification times), into a folder of its own: a process
+still reading the version it was handed keeps it whole. Workers of one node wait for one fetch (a file lock) instead
+of each fetching.
 
 Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
 outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`), never a
@@ -82,17 +83,18 @@ def local_configs(uri: str) -> str:
 
 
 def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], None]) -> Path:
-    """This node's copy of `source` (a URI: s3://..., models:/...), the path `<slot>/<name>`: `fetch(path)` writes it
-    unless a complete copy fetched from the same `listing` (what identifies the remote version) is there. Processes
-    of the node wait for one fetch; each use counts as the copy's last use, for `prune`, and this process holds the
-    copy (`hold`) until it exits."""
-    slot = copies_root() / hashlib.sha256(str(source).encode()).hexdigest()[:24]
+    """This node's copy of the version of `source` (a URI: s3://..., models:/...) that `listing` identifies, the
+    path `<slot>/<name>`, a slot per version: `fetch(path)` writes it unless the slot holds a complete copy.
+    Processes of the node wait for one fetch; each use counts as the copy's last use, for `prune`; this process
+    holds the copy (`hold`) until it exits. The source's other versions are removed unless a process holds one."""
+    version = json.dumps([str(source), listing], sort_keys=True)
+    slot = copies_root() / hashlib.sha256(version.encode()).hexdigest()[:24]
     # a remote file named like the slot's own records goes one folder down, never over them
     target = slot / "copy" / name if name in (LISTING, SOURCE, LOCK, IN_USE) else slot / name
     target.parent.mkdir(parents=True, exist_ok=True)
     with node_lock(slot / LOCK):
         record = slot / LISTING
-        if record.is_file() and json.loads(record.read_text()) == listing and target.exists():
+        if record.is_file() and target.exists():
             os.utime(record)
         else:
             record.unlink(missing_ok=True)
@@ -100,6 +102,10 @@ def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], Non
             (slot / SOURCE).write_text(str(source))
             record.write_text(json.dumps(listing))
         hold(slot)
+    # after this slot's lock is released: a process holding one lock never waits for another
+    for other in copies_root().iterdir():
+        if other != slot and (other / SOURCE).is_file() and (other / SOURCE).read_text() == str(source):
+            empty_slot(other)
     return target
 
 
@@ -131,6 +137,18 @@ def in_use(slot: Path) -> bool:
         except BlockingIOError:
             return True
     return False
+
+
+def empty_slot(slot: Path, still_unused: Callable[[], bool] = lambda: True) -> bool:
+    """Removes the copy in `slot`, under its fetch lock, unless a living process holds it, it is incomplete, or
+    `still_unused()` says it was used meanwhile; its LOCK and IN_USE files stay (a worker may be waiting on them)."""
+    with node_lock(slot / LOCK):
+        if not (slot / LISTING).is_file() or in_use(slot) or not still_unused():
+            return False
+        for entry in slot.iterdir():
+            if entry.name not in (LOCK, IN_USE):
+                remove(entry)
+    return True
 
 
 @contextmanager
@@ -224,14 +242,8 @@ def prune(unused_for_s: float, apply: bool = False) -> list[NodeFolder]:
             remove(folder.path)
             removed.append(folder)
             continue
-        with node_lock(folder.path / LOCK):
-            record = folder.path / LISTING
-            if not record.is_file() or time.time() - record.stat().st_mtime < unused_for_s or in_use(folder.path):
-                continue
-            for entry in folder.path.iterdir():
-                if entry.name not in (LOCK, IN_USE):
-                    remove(entry)
-        removed.append(folder)
+        if empty_slot(folder.path, lambda: time.time() - (folder.path / LISTING).stat().st_mtime >= unused_for_s):
+            removed.append(folder)
     return removed
 
 

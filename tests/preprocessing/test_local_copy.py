@@ -57,10 +57,17 @@ def test_a_remote_folder_is_fetched_once_and_again_only_when_it_changes(s3, monk
 
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/config.json", Body=b'{"width": 16}')  # another size
     s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/weights/part-1.safetensors")
-    assert local_copy(uri) == str(copy) and fetched == [uri, uri]
-    assert (copy / "config.json").read_bytes() == b'{"width": 16}'
-    assert not (copy / "weights" / "part-1.safetensors").exists()  # the copy is the remote's, not a merge
-    assert [p.name for p in copy.parent.iterdir() if p.name.startswith("incoming")] == []
+    new = Path(local_copy(uri))
+    assert new != copy and new.name == "model" and fetched == [uri, uri]
+    assert (new / "config.json").read_bytes() == b'{"width": 16}'
+    assert not (new / "weights" / "part-1.safetensors").exists()  # the copy is the remote's, not a merge
+    assert [p.name for p in new.parent.iterdir() if p.name.startswith("incoming")] == []
+    # this process was handed the old version and may still be reading it: it stays whole, config and weights
+    assert (copy / "config.json").read_bytes() == b'{"width": 8}'
+    assert (copy / "weights" / "part-1.safetensors").read_bytes() == b"1" * 100
+    local_copy_module.release_copies()  # done with both: the next use removes the version nobody holds
+    assert local_copy(uri) == str(new) and fetched == [uri, uri] and not copy.exists()
+    assert [f.path for f in local_copy_module.node_folders()] == [new.parent]
 
 
 def test_a_remote_file_is_copied_under_its_name(s3, tmp_path):
