@@ -4,6 +4,7 @@ The services (S3 endpoint, MLflow server, Ray head) each describe themselves as 
 pid and its start time are enough to stop one later from another process (`modrwkv services down`).
 """
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -133,9 +134,18 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-    pid_file.write_text(f"{proc.pid}\n")
-    return dict(name=name, pid=proc.pid, started_after_boot=seconds_after_boot(psutil.Process(proc.pid)),
-                log_path=str(log_path), pid_file=str(pid_file))
+    try:
+        pid_file.write_text(f"{proc.pid}\n")
+        return dict(name=name, pid=proc.pid, started_after_boot=seconds_after_boot(psutil.Process(proc.pid)),
+                    log_path=str(log_path), pid_file=str(pid_file))
+    except BaseException:  # Ctrl-C before the caller holds it: in a session of its own, it would run on unrecorded
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started = psutil.Process(proc.pid)
+            for process in [*started.children(recursive=True), started]:
+                process.kill()
+        proc.wait()
+        pid_file.unlink(missing_ok=True)
+        raise
 
 
 def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, timeout: float) -> None:

@@ -92,6 +92,27 @@ def test_an_interrupted_start_stops_the_service(tmp_path):
         service.stop()
 
 
+def test_a_start_interrupted_before_the_wait_stops_the_service(tmp_path, monkeypatch):
+    """Ctrl-C right after the process started, while spawn records it: nothing holds it yet either."""
+    import infra.process
+
+    started, real_popen = [], subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def ctrl_c(process):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infra.process.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(infra.process, "seconds_after_boot", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path)
+    (process,) = started
+    assert process.poll() is not None and not (tmp_path / "sleeper.pid").exists()
+
+
 def test_mlflow_metric_through_client_and_rest(mlflow_server):
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
     experiment = client.create_experiment("infra-metric")
