@@ -6,10 +6,11 @@ version changes (an S3 folder: its files' names, sizes or modification times), i
 still reading the version it was handed keeps it whole. Workers of one node wait for one fetch (a file lock) instead
 of each fetching.
 
-Nothing here is removed by itself: `node_folders` lists this node's copies (with their source and last use) and the
-outputs staged for upload beside them, `prune` removes those unused for a while (`modrwkv cache local`), never a
-staged output that was not uploaded, and never a copy a living process was handed: each process holds a shared
-lock on every copy it got until it exits (or calls `release_copies`), however long ago it opened it."""
+Nothing here is removed by itself but a source's other versions no process holds (at its next use): `node_folders`
+lists this node's copies (with their source and last use) and the outputs staged for upload beside them, `prune`
+removes those unused for a while (`modrwkv cache local`), never a staged output that was not uploaded, and never a
+copy a living process was handed: each process holds a shared lock on every copy it got until it exits (or calls
+`release_copies`), however long ago it opened it."""
 
 import fcntl
 import hashlib
