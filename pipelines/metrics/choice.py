@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 LETTERS = string.ascii_uppercase
 # The reply starts with a letter and a mark, or is one: "B", "(B)", "B.", "b)", "B: a cat" (not "A cat").
 LEADING_LETTER = re.compile(r"^\(?([A-Za-z])(?:[.):]|$)")
-# "The answer is B", "Answer: b)", "answer is (C)": a lowercase letter needs a closing mark, so that "the
-# answer is a cat" is not option A.
-STATED_LETTER = re.compile(r"(?i:answer)(?:\s+is|:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
+# "The answer is B", "Answer: b)", "answer is (C)", "The answer is: B", "The correct option is B": a lowercase
+# letter needs a closing mark, so that "the answer is a cat" is not option A.
+STATED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+is\s*:?|\s*:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
 BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
 
 

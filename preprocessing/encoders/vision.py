@@ -145,6 +145,14 @@ class Siglip2Encoder(VisionEncoder):
         NaFlexInputs
 
     @classmethod
+    def build_inputs(cls, model_dir, image_size: int | None = None, config=None) -> ImageInputs:
+        # NaFlex sizes each image by its patch budget and never reads `size`: a square size would change nothing
+        if image_size:
+            raise ValueError(f"{model_dir}: siglip2 (NaFlex) takes no image_size; its preprocessor's max_num_patches "
+                             "sets the resolution")
+        return super().build_inputs(model_dir, config=config)
+
+    @classmethod
     def default_processor(cls, config):
         return Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches)
 

@@ -60,6 +60,7 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
 @pytest.mark.parametrize("response,letter", [
     ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b)", "B"), (" B: cat", "B"),
     ("The answer is B", "B"), ("Answer: b)", "B"), ("answer is (C).", "C"),
+    ("The answer is: B", "B"), ("The correct option is C.", "C"), ("My choice is: d)", "D"),
     ("The answer is a cat", "B"),  # "a" is an article here: found through the option text instead
     ("A cat.", "B"),
     ("It is a dog.", "A"),

@@ -70,6 +70,15 @@ def test_vision_encoders_load_from_a_local_dir(tmp_path, kind):
         encoder.encode([rgb(0).convert("L")], ["gray-3"])
 
 
+def test_siglip2_refuses_an_image_size_it_would_ignore(tmp_path):
+    # NaFlex resizes to its patch budget whatever `size` says: the setting would only change the cache key
+    model_class, config, _ = VISION["siglip2"]
+    model_class(config).save_pretrained(tmp_path)
+    for build in (build_encoder, build_inputs):
+        with pytest.raises(ValueError, match="siglip2 .NaFlex. takes no image_size"):
+            build("siglip2", tmp_path, image_size=64)
+
+
 def test_missing_model_dir_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_encoder("clip", tmp_path)
