@@ -3,7 +3,8 @@
 Answers are normalised the way the official script does it (vqaEval.py): whitespace, punctuation (with its
 digit rules), lowercasing, number words to digits, articles dropped, missing apostrophes restored. The
 official script skips normalisation when all ten human answers agree (they are stored normalised); here both
-sides are always normalised, which gives the same scores on VQAv2's ground truth and is safe on other data.
+sides are always normalised, as lmms-eval does: safe on other data, and on VQAv2 a reply that needs normalising
+against ten agreeing answers ("two" for "2") scores 1 here where the official script gives 0.
 """
 
 import re
