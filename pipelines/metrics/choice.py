@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 LETTERS = string.ascii_uppercase
-# The reply starts with a letter and a mark, or is one: "B", "(B)", "B.", "b)", "B: a cat" (not "A cat").
-LEADING_LETTER = re.compile(r"^\(?([A-Za-z])(?:[.):]|$)")
+# The reply starts with a letter and a mark, or is one, or is one on its own line, bold or not: "B", "(B)", "B.",
+# "b)", "B: a cat", "B\nBecause...", "**B**" (not "A cat").
+LEADING_LETTER = re.compile(r"^\**\(?([A-Za-z])(?:[.):*]|[ \t]*(?:\n|$))")
 # "The answer is B", "Answer: b)", "answer is (C)", "The answer is: B", "The correct option is B": a lowercase
 # letter needs a closing mark, so that "the answer is a cat" is not option A.
 STATED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+is\s*:?|\s*:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")

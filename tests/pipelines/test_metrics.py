@@ -61,6 +61,7 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
     ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b)", "B"), (" B: cat", "B"),
     ("The answer is B", "B"), ("Answer: b)", "B"), ("answer is (C).", "C"),
     ("The answer is: B", "B"), ("The correct option is C.", "C"), ("My choice is: d)", "D"),
+    ("B\nIt is the second one.", "B"), ("**C**", "C"), ("**C.** dark red", "C"),
     ("The answer is a cat", "B"),  # "a" is an article here: found through the option text instead
     ("A cat.", "B"),
     ("It is a dog.", "A"),
