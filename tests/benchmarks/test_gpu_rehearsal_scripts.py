@@ -53,3 +53,20 @@ def test_the_rehearsal_packs_logs_and_autotuning_results_into_a_relative_out(tmp
     with tarfile.open(out / "triton_autotune.tar.gz") as tuned:
         assert tuned.getnames() == ["./somehash/_chunk_fwd_kernel.autotune.json"]
 
+
+def test_the_inputs_script_runs_in_a_git_worktree(tmp_path):
+    """In a worktree .git is a file: the wheels' folder is excluded through git's own path for info/exclude, where
+    writing .git/info/exclude stopped the script."""
+    main = repo_with(tmp_path / "main", "benchmarks/gpu_rehearsal_inputs.sh", "requirements.lock")
+    worktree = tmp_path / "worktree"
+    subprocess.run(["git", "-C", str(main), "worktree", "add", "-q", str(worktree)], check=True, capture_output=True)
+    tools = tmp_path / "bin"
+    stub(tools, "python3")  # pip download
+    stub(worktree / ".venv" / "bin", "python")  # pip wheel
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal_inputs.sh", "--no-caches"], cwd=worktree, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (worktree / ".whl" / "x.whl").write_text("")
+    ignored = subprocess.run(["git", "-C", str(worktree), "check-ignore", ".whl/x.whl"], capture_output=True)
+    assert ignored.returncode == 0
