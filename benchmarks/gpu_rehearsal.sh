@@ -33,7 +33,7 @@
 #   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/out/gpu}
+OUT=$(realpath -m "${OUT:-benchmarks/out/gpu}")  # absolute: the autotuning results are packed from another folder
 LOGS=$(mktemp -d)
 ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput wavlm_batching"
 ALL_PARTS+=" fla_tests phase2_fla phase2_ckpt"

@@ -23,7 +23,10 @@ pin() {  # pin NAME: NAME==VERSION as requirements.lock has it
 }
 
 [[ -x .venv/bin/python ]] || make .venv/.installed
-grep -qx "/$WHEELS/" .git/info/exclude 2>/dev/null || echo "/$WHEELS/" >> .git/info/exclude
+# git's own path for it: in a worktree .git is a file, and writing under it stopped the script (set -e)
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$EXCLUDE")"
+grep -qx "/$WHEELS/" "$EXCLUDE" 2>/dev/null || echo "/$WHEELS/" >> "$EXCLUDE"
 rm -rf "$WHEELS" && mkdir "$WHEELS"  # one version of each: two stop the machine's install
 specs=("$FLA")
 for name in $LOCKED; do specs+=("$(pin "$name")"); done

@@ -1,0 +1,72 @@
+"""benchmarks/gpu_rehearsal.sh and gpu_rehearsal_inputs.sh as shell scripts, with the programs they start (python3,
+nvidia-smi, the venv's python) replaced by stubs: what they write and where, not what the stubs would compute."""
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="no git")
+
+
+def stub(folder: Path, name: str, script: str = "exit 0") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+    (folder / name).chmod(stat.S_IRWXU)
+
+
+def repo_with(folder: Path, *files: str) -> Path:
+    """A git repository holding copies of these files of ours, committed."""
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, folder / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(folder)]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "scripts"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    return folder
+
+
+def test_the_rehearsal_packs_logs_and_autotuning_results_into_a_relative_out(tmp_path):
+    """OUT given relative (its default is): both archives land in it, although the autotuning results are packed
+    from inside Triton's cache folder."""
+    repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
+    tools = tmp_path / "bin"
+    stub(tools, "python3", "echo stub python3 \"$@\"")
+    stub(tools, "nvidia-smi", "echo stub GPU")
+    cache = tmp_path / "triton"
+    (cache / "somehash").mkdir(parents=True)
+    (cache / "somehash" / "_chunk_fwd_kernel.autotune.json").write_text("{}")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": "out/gpu", "PARTS": "kernel_tests",
+           "TRITON_CACHE_DIR": str(cache), "BUDGET_S": "60"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "== kernel_tests: exit 0" in run.stdout
+    out = repo / "out" / "gpu"
+    with tarfile.open(out / "rehearsal.tar.gz") as logs:
+        assert "./kernel_tests.log" in logs.getnames()
+    with tarfile.open(out / "triton_autotune.tar.gz") as tuned:
+        assert tuned.getnames() == ["./somehash/_chunk_fwd_kernel.autotune.json"]
+
+
+def test_the_inputs_script_runs_in_a_git_worktree(tmp_path):
+    """In a worktree .git is a file: the wheels' folder is excluded through git's own path for info/exclude, where
+    writing .git/info/exclude stopped the script."""
+    main = repo_with(tmp_path / "main", "benchmarks/gpu_rehearsal_inputs.sh", "requirements.lock")
+    worktree = tmp_path / "worktree"
+    subprocess.run(["git", "-C", str(main), "worktree", "add", "-q", str(worktree)], check=True, capture_output=True)
+    tools = tmp_path / "bin"
+    stub(tools, "python3")  # pip download
+    stub(worktree / ".venv" / "bin", "python")  # pip wheel
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal_inputs.sh", "--no-caches"], cwd=worktree, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (worktree / ".whl" / "x.whl").write_text("")
+    ignored = subprocess.run(["git", "-C", str(worktree), "check-ignore", ".whl/x.whl"], capture_output=True)
+    assert ignored.returncode == 0
