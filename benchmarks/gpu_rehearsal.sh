@@ -57,7 +57,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     if ((left < 20)); then echo "== $name: skipped, ${left}s of the budget left"; return 0; fi
     ((limit > left)) && limit=$left
     echo "== $name (at most ${limit}s)"
-    timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tee "$LOGS/$name.log"
+    timeout -k 10 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tee "$LOGS/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$LOGS/$name.log"
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tar.gz" -T -)
