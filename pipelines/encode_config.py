@@ -53,6 +53,9 @@ class EncoderSpec:
 
         if self.image_size is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
+        if self.image_size is not None and self.kind == "siglip2":  # NaFlex never reads a size
+            raise ValueError("encoder.image_size does not apply to siglip2: its preprocessor's max_num_patches "
+                             "sets the resolution")
         if self.layer is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.layer applies to vision encoders, not {self.kind!r}")
 
