@@ -2,8 +2,9 @@
 
 - VQA: a logistic-regression probe per question group, on each image's features read as its first token joined
   to the mean of the others (with the asked word, one-hot, and its product with the features where the answer
-  depends on it), and the majority
-  answer of the group's training questions as the trivial baseline;
+  depends on it), and the majority answer of the group's training questions as the trivial baseline. Probe and
+  majority learn from every question of a training record (a multi-turn record trains the model on each answer)
+  and score each test sample's first question (the one evaluation asks);
 - forecasting: ridge regression from the normalised lookback to the normalised horizon (alpha chosen by
   leave-one-out on the training windows), scored on the original scale.
 Both are deterministic: one value per cache pair.
@@ -50,9 +51,9 @@ def majority_accuracy(train_y, test_y) -> float:
     return float(np.mean(np.array(test_y) == majority))
 
 
-def asked_words(sample: "Sample", vocabulary: list[str]) -> np.ndarray:
+def asked_words(question: str, vocabulary: list[str]) -> np.ndarray:
     """One-hot of the vocabulary words the question names."""
-    question = f" {sample.text('user').lower().rstrip('?')} "
+    question = f" {question.lower().rstrip('?')} "
     return np.array([f" {w} " in question for w in vocabulary], dtype=np.float32)
 
 
@@ -69,13 +70,24 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
     out = {}
     for group in sorted({group_of(s) for s in test}):
         words = (asked or {}).get(group)
-        features = lambda ss: [with_asked(image_vector(s), asked_words(s, words)) if words  # noqa: E731
-                               else image_vector(s) for s in ss]
-        tr, te = [s for s in train if group_of(s) == group], [s for s in test if group_of(s) == group]
-        ytr, yte = ([normalize_answer(s.text("assistant")) for s in ss] for ss in (tr, te))
-        out[group] = {"ceiling": probe_accuracy(features(tr), ytr, features(te), yte),
-                      "baseline": majority_accuracy(ytr, yte)}
+        xtr, ytr = questions([s for s in train if group_of(s) == group], words, every_turn=True)
+        xte, yte = questions([s for s in test if group_of(s) == group], words, every_turn=False)
+        out[group] = {"ceiling": probe_accuracy(xtr, ytr, xte, yte), "baseline": majority_accuracy(ytr, yte)}
     return out
+
+
+def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool) -> tuple[list, list[str]]:
+    """(probe features, normalised answers) of the samples' (question, answer) turns: every turn (training: the
+    model learns each answer of a multi-turn record), or each sample's first (test: the question evaluation asks)."""
+    x, y = [], []
+    for sample in samples:
+        image = image_vector(sample)
+        turns = zip([t.text for t in sample.turns if t.role == "user"],
+                    [t.text for t in sample.turns if t.role == "assistant"])
+        for question, answer in turns if every_turn else [next(turns)]:
+            x.append(with_asked(image, asked_words(question, words)) if words else image)
+            y.append(normalize_answer(answer))
+    return x, y
 
 
 def ridge_forecast_mse(train: list["Sample"], test: list["Sample"]) -> float:

@@ -58,3 +58,36 @@ def test_ridge_recovers_a_linear_forecast_on_the_original_scale():
     noisy = ridge_forecast_mse(make(200, 0.5), make(50, 0.5))
     assert exact < 1e-3
     assert 0.5 < noisy < 1.5  # noise variance 0.25, times std² = 4, on the original scale
+
+
+def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_first_test_question():
+    # shapes' extra records ask several yes/no questions of one image in turn, and the model learns every answer
+    rng = np.random.default_rng(2)
+    colours = ["red", "green", "blue"]
+
+    def image(colour):
+        tokens = rng.standard_normal((5, 8))
+        tokens[1:, colours.index(colour)] += 3.0
+        return tokens
+
+    def record(turns, tokens):
+        conversation = [Turn(role, text) for question, answer in turns
+                        for role, text in (("user", question), ("assistant", answer))]
+        return Sample("q", "image", conversation, items=[tokens.astype(np.float32)])
+
+    train = []
+    for i in range(300):  # the first question is always answered "no": only the later turns hold a "yes"
+        drawn = colours[i % 3]
+        absent = colours[(i + 1) % 3]
+        train.append(record([(f"<image>\nIs there a {absent} shape?", "no"), (f"Is there a {drawn} shape?", "yes"),
+                             (f"Is there a {drawn} shape?", "yes")], image(drawn)))
+    test = []
+    for i in range(100):  # "yes" 70 times; a second turn that evaluation never asks
+        drawn = colours[i % 3]
+        asked = drawn if i % 10 < 7 else colours[(i + 1) % 3]
+        test.append(record([(f"<image>\nIs there a {asked} shape?", "yes" if asked == drawn else "no"),
+                            ("Odd?", "maybe")], image(drawn)))
+
+    result = vqa_ceilings(train, test, asked={"all": colours})["all"]
+    assert result["ceiling"] > 0.9  # a probe on first turns alone knows only "no": 0.30
+    assert abs(result["baseline"] - 0.7) < 1e-9  # the majority of all 900 training answers, "yes"
