@@ -281,7 +281,9 @@ def fmt(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, list):
-        return f"{np.mean(value):.3f} ± {np.std(value):.3f}" if value else "—"
+        if len(value) < 2:  # one seed has no spread: "± 0.000" would claim that seeds agree
+            return f"{value[0]:.3f} (one seed)" if value else "—"
+        return f"{np.mean(value):.3f} ± {np.std(value):.3f}"
     return f"{value:.3f}"
 
 
