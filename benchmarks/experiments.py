@@ -360,6 +360,8 @@ def main():
     machine = f"{quality.machine_description()}; seeds {args.seeds}; trained in one process"
     if args.steps:
         machine += f"; {args.steps} steps a phase (a smoke run)"
+    if args.set:  # every arm's figures depend on them: the report names them, as the command did
+        machine += f"; every arm with --set {' '.join(args.set)}"
     write_report(out, experiment.name, machine, rows, report_lines(experiment, rows, arms))
 
 

@@ -59,6 +59,7 @@ def test_the_forecast_skip_runs_end_to_end_in_a_few_steps(tmp_path):
         assert (row["task"], row["metric"]) == ("CO2 forecast", "mse") and len(row["model"]) == 1
         assert row["ceiling"] > 0 and row["baseline"] > 0 and row["quoted"]
     assert "2 steps a phase" in report["machine"]
+    assert f"every arm with --set model.backbone.path={tmp_path / 'backbone'}" in report["machine"]
     table = (out / "forecast-skip.md").read_text()
     assert "| skip | CO2 forecast | mse |" in table and "Forecast head alone vs head + lookback skip" in table
     assert (out / "train" / "demo-forecast-skip-skip-s0" / "phase2" / "model").is_dir()
