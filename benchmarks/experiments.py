@@ -209,8 +209,9 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("384-utterances", quoted="WER 0.000 / 0.000 / 0.000, CER 0.000 / 0.000 / 0.000; digits 0.790 ± 0.029, "
                                       "CO2 0.328 ± 0.019")),
         Variant(train=DEMO_BEFORE_DIGITS_RECIPE),
-        "the pipeline's runs (Ray Train, 2 workers); here one process, which draws the caches in another "
-        "order (RESULTS.md, 'Training core')"),
+        "the pipeline's runs (Ray Train, 2 workers), on the speech splits of the time, which shared test strings "
+        "with training (held out since 2026-12-05); here one process, which draws the caches in another order "
+        "(RESULTS.md, 'Training core')"),
     Experiment(
         "digits-recipe", "how the demo's recipe trains digits steadily across seeds, now that the other tasks' draws "
         "move it (0.71 to 0.81 over five seeds): phase I twice as long, phase II's lr halved, or phase II drawing "
@@ -236,8 +237,8 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("int8", encode={f"configs/demo/encode_{task}_{split}.yaml": {"cache.precision": "int8"}
                              for task in ("digits", "speech", "co2") for split in ("train", "test")},
              quoted="new")),
-        Variant(train=DEMO_BEFORE_DIGITS_RECIPE), "none: both arms are today's code and data (the demo's recipe of "
-        "the time)"),
+        Variant(train=DEMO_BEFORE_DIGITS_RECIPE), "the quoted fp16 figures (2026-12-04) predate the speech test "
+        "split held out of training (2026-12-05), which moved digits: compare the two arms of one run"),
     Experiment(
         "feature-precision-elnino", "the El Nino suite's Fracast features stored in fp16 or in int8 (the other "
         "series suite; the demo's CO2 is in feature-precision)", "cache.precision: fp16 (pipelines/encode_config.py)",
