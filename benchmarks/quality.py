@@ -126,12 +126,15 @@ def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str, encode: dict |
 
 
 def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
+    """Accuracy per group over the rows evaluation scored: a sample it skipped (named, with its reason, in the
+    predictions file; counted by the run's rows_skipped) has no prediction, as in its own metrics."""
     from pipelines.metrics.vqa import exact_match
 
     scores = defaultdict(list)
     for line in predictions.read_text().splitlines():
         row = json.loads(line)
-        scores[group_of_key(row["key"])].append(exact_match(row["prediction"], row["reference"]))
+        if "skipped" not in row:
+            scores[group_of_key(row["key"])].append(exact_match(row["prediction"], row["reference"]))
     return {group: float(np.mean(v)) for group, v in scores.items()}
 
 

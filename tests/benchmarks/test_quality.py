@@ -1,9 +1,21 @@
 """benchmarks/quality.py's table cells (experiments.py prints the same)."""
 
-from benchmarks.quality import fmt
+import json
+
+from benchmarks.quality import fmt, grouped_accuracy
 
 
 def test_a_cell_shows_mean_and_std_over_seeds_and_no_spread_for_one_seed():
     assert fmt([0.78, 0.77, 0.77]) == "0.773 ± 0.005"  # numpy.std, as every ± in benchmarks/RESULTS.md
     assert fmt([0.78]) == "0.780 (one seed)"  # not "0.780 ± 0.000": one seed measures no spread
     assert fmt([]) == fmt(None) == "—" and fmt(0.245) == "0.245"
+
+
+def test_grouped_accuracy_leaves_out_the_samples_evaluation_skipped(tmp_path):
+    rows = [{"key": "colour-1", "prediction": "red", "reference": "red"},
+            {"key": "colour-2", "prediction": "blue", "reference": "red"},
+            {"key": "count-1", "prediction": "3", "reference": "3"},
+            {"key": "count-2", "language": None, "skipped": "an item too short for the projector"}]
+    predictions = tmp_path / "predictions_vqa.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert grouped_accuracy(predictions, lambda key: key.split("-")[0]) == {"colour": 0.5, "count": 1.0}
