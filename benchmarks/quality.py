@@ -102,7 +102,14 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str, variant: V
     config = load_config(config_path, TrainConfig, {**variant.train, "seed": seed, "name": name,
                                                     "tracking.tracking_uri": tracking_uri,
                                                     "tracking.experiment": "quality"})
-    config = dataclasses.replace(config, caches=[cache_uri(c, (encode or {}).get(c)) for c in config.caches])
+
+    def resolved(caches: list[str] | None) -> list[str] | None:
+        return caches and [cache_uri(c, (encode or {}).get(c)) for c in caches]
+
+    # a phase's own caches too: a variant's encode overrides (and --caches) reach every cache trained on
+    config = dataclasses.replace(config, caches=resolved(config.caches),
+                                 phase1=dataclasses.replace(config.phase1, caches=resolved(config.phase1.caches)),
+                                 phase2=dataclasses.replace(config.phase2, caches=resolved(config.phase2.caches)))
     if SINGLE_PROCESS:
         train = run_single_process
     else:
