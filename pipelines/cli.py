@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults (what `make demo` runs)")
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its model and outputs")
+    p.add_argument("--out", default="runs/demo", help="where the demo builds its data, encoders and stand-in backbone "
+                                                      "and writes summary.json (its caches, models and evaluations "
+                                                      "go where configs/demo says, under runs/)")
     p.set_defaults(func=cmd_demo)
     return parser
 

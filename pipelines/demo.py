@@ -8,6 +8,7 @@ Every step that already has its output is skipped (data, encoders, backbone, cac
 straight to training. The MLflow server keeps running afterwards for review; `modrwkv services down` stops it.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from .metrics.ceilings import cache_samples, ridge_forecast_mse, vqa_ceilings
 from .train import TrainConfig, run_train
 
 CONFIGS = Path("configs/demo")
+ASSETS = Path("runs/demo")  # where configs/demo reads the data, encoders and backbone; `modrwkv demo --out` moves them
 SERVICES = Path("runs/services")
 ENCODERS = ("dinov2-small", "whisper-tiny.en", "fracast")
 REGISTERED_NAME = "modrwkv-demo"  # phase II's model is registered under it, a new version per run
@@ -79,7 +81,7 @@ def registered_version(uri: str, model_id: str) -> str:
     return f"models:/{REGISTERED_NAME}/{version.version}"
 
 
-def prepare_assets(out: Path = Path("runs/demo")) -> None:
+def prepare_assets(out: Path = ASSETS) -> None:
     """The demo's data, encoders and stand-in backbone under `out`, each made only when missing."""
     if not (out / "data" / "digits" / "test.json").is_file():
         say("building the demo data (sklearn digits, espeak-ng speech, statsmodels CO2)")
@@ -94,7 +96,30 @@ def prepare_assets(out: Path = Path("runs/demo")) -> None:
     pretrained_backbone(out / "backbone", say=say)
 
 
-def run_demo(out: Path = Path("runs/demo")) -> dict:
+def relocated(path: str | None, out: Path) -> str | None:
+    """A configs/demo path to an asset under runs/demo, under `out` instead; any other path as it is."""
+    if path is None or not Path(path).is_relative_to(ASSETS):
+        return path
+    return str(out / Path(path).relative_to(ASSETS))
+
+
+def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[str, EvalConfig]]:
+    """configs/demo's encode, train and eval configs (by file stem), reading the assets `prepare_assets(out)` made:
+    with another `out` than runs/demo, the encode configs' data and encoder folders and the backbone move there."""
+    encodes = {}
+    for path in sorted(CONFIGS.glob("encode_*.yaml")):
+        c = load_config(path, EncodeConfig)
+        encodes[path.stem] = dataclasses.replace(
+            c, dataset=dataclasses.replace(c.dataset, path=relocated(c.dataset.path, out)),
+            encoder=dataclasses.replace(c.encoder, model_dir=relocated(c.encoder.model_dir, out)))
+    train = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
+    backbone = dataclasses.replace(train.model.backbone, path=relocated(train.model.backbone.path, out))
+    train = dataclasses.replace(train, model=dataclasses.replace(train.model, backbone=backbone))
+    evals = {name: load_config(CONFIGS / f"{name}.yaml", EvalConfig) for name in TASKS.values()}
+    return encodes, train, evals
+
+
+def run_demo(out: Path = ASSETS) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
         server = pool.submit(mlflow_server)  # its /health takes a while: start it first, use it last
@@ -104,18 +129,20 @@ def run_demo(out: Path = Path("runs/demo")) -> dict:
     say(f"MLflow server at {mlflow.tracking_uri}")
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
+        encodes, train_config, evals = demo_configs(out)
         caches = {}
-        for path in sorted(CONFIGS.glob("encode_*.yaml")):
-            result = run_encode(load_config(path, EncodeConfig))
-            caches[path.stem] = result.uri
+        for stem, encode_config in encodes.items():
+            result = run_encode(encode_config)
+            caches[stem] = result.uri
             done = "reused" if result.reused else (f"{result.items['encoded']} items encoded, "
                                                    f"{result.items['in_store']} from the store")
-            say(f"{path.name}: {done} in {result.seconds:.1f} s")
-        train_config = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
+            say(f"{stem}.yaml: {done} in {result.seconds:.1f} s")
+        # the caches just encoded, not their YAMLs, whose paths are runs/demo's
+        train_config = dataclasses.replace(train_config, caches=[caches[Path(c).stem] for c in train_config.caches])
         phases = [run_train(train_config, phase) for phase in (1, 2)]
         rows, ceiling = [], ceilings(caches)
         for task, name in TASKS.items():
-            result = run_eval(load_config(CONFIGS / f"{name}.yaml", EvalConfig))
+            result = run_eval(dataclasses.replace(evals[name], cache=caches[Path(evals[name].cache).stem]))
             rows += [(task, k, v, ceiling.get(k), result.baselines[k]) for k, v in result.metrics.items()
                      if k in ("accuracy", "wer_en", "cer_zh", "mse", "mase")]
     finally:

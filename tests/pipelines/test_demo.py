@@ -2,6 +2,8 @@
 
 import sys
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import pipelines.demo as demo
 from infra.cli import load_services, services_lock, write_services
@@ -34,3 +36,50 @@ def test_the_demo_waits_for_services_up_and_uses_its_mlflow(tmp_path, monkeypatc
     finally:
         for service in spawned:
             service.stop()
+
+
+def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch):
+    """`modrwkv demo --out DIR` builds the data, encoders and backbone in DIR; the encodes, the training and the
+    evaluations read them from there. They read configs/demo's runs/demo paths whatever --out said: missing there,
+    or another run's assets, silently."""
+    out = tmp_path / "elsewhere"
+    seen = {"encode": [], "eval": []}
+
+    class Ran:  # what the jobs return, as far as the demo reads it
+        def __init__(self, **fields):
+            self.__dict__.update(reused=True, seconds=0.0, baselines={}, metrics={}, run_id="r", model_id="m",
+                                 **fields)
+
+    def encode(config):
+        seen["encode"].append(config)
+        return Ran(uri=str(tmp_path / "cache" / f"{Path(config.dataset.path).name}-{config.dataset.split}"))
+
+    def train(config, phase):
+        seen["train"] = config
+        return Ran()
+
+    def evaluate(config):
+        seen["eval"].append(config)
+        return Ran()
+
+    monkeypatch.setattr(demo, "mlflow_server", lambda: SimpleNamespace(tracking_uri="sqlite:///unused.db"))
+    monkeypatch.setattr(demo, "prepare_assets", lambda where: None)
+    monkeypatch.setattr(demo.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(demo.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(demo, "run_encode", encode)
+    monkeypatch.setattr(demo, "run_train", train)
+    monkeypatch.setattr(demo, "run_eval", evaluate)
+    monkeypatch.setattr(demo, "ceilings", lambda caches: {})
+    monkeypatch.setattr(demo, "registered_version", lambda uri, model_id: "models:/modrwkv-demo/1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unused")  # the demo sets it; monkeypatch puts it back
+    out.mkdir()
+    demo.run_demo(out)
+
+    assert len(seen["encode"]) == 6
+    for config in seen["encode"]:
+        assert Path(config.dataset.path).is_relative_to(out) and Path(config.encoder.model_dir).is_relative_to(out)
+    assert Path(seen["train"].model.backbone.path) == out / "backbone"
+    encoded = {str(tmp_path / "cache" / f"{Path(c.dataset.path).name}-{c.dataset.split}") for c in seen["encode"]}
+    assert len(seen["train"].caches) == 3 and set(seen["train"].caches) <= encoded  # the training splits'
+    assert not any("test" in Path(c).name for c in seen["train"].caches)
+    assert len(seen["eval"]) == 3 and all(c.cache in encoded and "test" in Path(c.cache).name for c in seen["eval"])
