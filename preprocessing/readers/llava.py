@@ -2,7 +2,9 @@
     {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}]}
 Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
+import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterator
 
 from .. import storage
@@ -65,7 +67,7 @@ def read_llava(uri: str, image_root: str | None = None,
                allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
     root = image_root or storage.parent(uri)
     records, rejects = parse_records(uri)
-    samples = []
+    samples, contents = [], []
     for where, record in records:
         try:
             if not isinstance(record, dict) or "id" not in record:
@@ -84,4 +86,18 @@ def read_llava(uri: str, image_root: str | None = None,
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
                                  {"id": str(record["id"]), "turns": turns, "source": where}))
-    return unique(samples, rejects), rejects
+        contents.append(hashlib.sha1(json.dumps([images, turns]).encode()).hexdigest()[:8])
+    return unique(distinct_keys(samples, contents), rejects), rejects
+
+
+def distinct_keys(samples: list[RawSample], contents: list[str]) -> list[RawSample]:
+    """LLaVA's instruction sets name each conversation by its image's id (llava_instruct_150k's ~158K conversations
+    are about ~80K COCO images), so an id that names samples of different content gets their content's hash in their
+    keys: each is kept, and only a record repeated whole is a duplicate (`unique`)."""
+    seen = defaultdict(set)
+    for s, content in zip(samples, contents):
+        seen[s.key].add(content)
+    for s, content in zip(samples, contents):
+        if len(seen[s.key]) > 1:
+            s.key = sample_key(f"{s.key}-{content}")
+    return samples

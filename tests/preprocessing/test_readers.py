@@ -233,3 +233,22 @@ def test_media_paths_under_an_s3_root_stay_under_its_prefix():
         storage.media_path("s3://bucket/set", "../other/a.png")
     with pytest.raises(ValueError, match="is absolute"):
         storage.media_path("s3://bucket/set", "s3://bucket/other/a.png")
+
+
+def test_llava_conversations_that_share_their_images_id_are_all_kept(tmp_path):
+    """LLaVA-Instruct-150K and llava_v1_5_mix665k name a conversation by its COCO image's id, and ~158K conversations
+    share ~80K images: every conversation but the first about an image was rejected as a duplicate. Only a record
+    repeated whole is one; an id used once keeps its plain key."""
+    image = "coco/train2017/000000033471.jpg"
+    records = [{"id": "000000033471", "image": image, "conversations": turns} for turns in (
+        conversation(), [{"from": "human", "value": "What is the bus doing?\n<image>"},
+                         {"from": "gpt", "value": "It is parked."}])]
+    records += [records[1], {"id": 2338, "image": "vg/VG_100K/2338.jpg", "conversations": conversation()}]
+    (tmp_path / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+    samples, rejects = read_llava(str(tmp_path / "llava_v1_5_mix665k.json"))
+    assert [s.meta["id"] for s in samples] == ["000000033471", "000000033471", "2338"]
+    assert len({s.key for s in samples}) == 3 and samples[2].key == "2338"
+    assert all(re.fullmatch(r"000000033471-[0-9a-f]{8}", s.key) for s in samples[:2])
+    assert [(r.key, r.reason) for r in rejects] == [(samples[1].key, "duplicate sample id")]
+    again, _ = read_llava(str(tmp_path / "llava_v1_5_mix665k.json"))
+    assert [s.key for s in again] == [s.key for s in samples]  # stable: an entry's key is built from them
