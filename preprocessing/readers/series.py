@@ -67,8 +67,10 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     table = load_table(uri)
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
-    # each name once: a column listed twice gave windows with the same keys, which the cache stores once
-    names = dict.fromkeys(columns or [n for n in table.column_names if n != time_column])
+    # each name once: a column listed twice gave windows with the same keys, which the cache stores once. Dates are
+    # no series (the Time-Series-Library's files lead with a `date` column, which cast to numbers is epoch seconds)
+    names = dict.fromkeys(columns or [n for n, kind in zip(table.column_names, table.schema.types)
+                                      if n != time_column and not pa.types.is_temporal(kind)])
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
     for name in names:
@@ -78,6 +80,9 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
             continue
         if table.column_names.count(name) > 1:  # which of them is meant is anyone's guess
             rejects.append(Reject(where, f"the header names column {name!r} {table.column_names.count(name)} times"))
+            continue
+        if pa.types.is_temporal(table[name].type):
+            rejects.append(Reject(where, f"column {name!r} holds {table[name].type} values: times, not a series"))
             continue
         try:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)

@@ -252,3 +252,17 @@ def test_llava_conversations_that_share_their_images_id_are_all_kept(tmp_path):
     assert [(r.key, r.reason) for r in rejects] == [(samples[1].key, "duplicate sample id")]
     again, _ = read_llava(str(tmp_path / "llava_v1_5_mix665k.json"))
     assert [s.key for s in again] == [s.key for s in samples]  # stable: an entry's key is built from them
+
+
+def test_a_date_column_is_no_series(tmp_path):
+    """The Time-Series-Library's files (ETTh1.csv: date,HUFL,...,OT) lead with a `date` column that pyarrow parses
+    as timestamps: read without a time column, it became a series of epoch seconds. Named in `columns`, it is
+    rejected."""
+    rows = [f"2016-07-01 {h:02d}:00:00,{h % 5}.5,{30 + h % 3}.1" for h in range(24)]
+    (tmp_path / "ETTh1.csv").write_text("date,HUFL,OT\n" + "\n".join(rows) + "\n")
+    samples, rejects = read_series(str(tmp_path / "ETTh1.csv"), lookback=8, horizon=4, stride=4, fractions=(1, 0, 0))
+    assert {s.meta["column"] for s in samples} == {"HUFL", "OT"} and not rejects
+    samples, rejects = read_series(str(tmp_path / "ETTh1.csv"), lookback=8, horizon=4, stride=4, fractions=(1, 0, 0),
+                                   columns=["date", "OT"])
+    assert {s.meta["column"] for s in samples} == {"OT"}
+    assert [r.reason for r in rejects] == ["column 'date' holds timestamp[s] values: times, not a series"]
