@@ -38,7 +38,8 @@ from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version
 from preprocessing.cache.precision import to_stored
 from preprocessing.items import RAW_SERIES
 from preprocessing.local_copy import local_configs, local_copy
-from preprocessing.readers import RawSample, Reject, read_asr_manifest, read_librispeech, read_llava, read_series
+from preprocessing.readers import (RawSample, Reject, read_aishell, read_asr_manifest, read_librispeech, read_llava,
+                                   read_series)
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
                                    normalised_lookback)
 
@@ -83,6 +84,8 @@ def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
         return read_asr_manifest(d.path, d.media_root, d.allow_media_outside_root)
     if d.format == "librispeech":
         return read_librispeech(d.path, allow_outside_root=d.allow_media_outside_root)
+    if d.format == "aishell":
+        return read_aishell(d.path, d.media_root, d.allow_media_outside_root)
     return read_series(d.path, d.lookback, d.horizon, d.stride, d.split, d.fractions, d.columns, d.time_column,
                        d.nan_policy, d.prompt)
 

@@ -8,14 +8,16 @@ from preprocessing.cache.precision import Precision
 from preprocessing.items import RAW_SERIES
 from preprocessing.validate import Limits
 
-MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "series": "series"}
+MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "aishell": "audio",
+                      "series": "series"}
 
 
 @dataclass
 class DatasetConfig:
-    format: Literal["llava", "asr_jsonl", "librispeech", "series"]
-    path: str
-    media_root: str | None = None  # image/audio paths resolve against this (default: the manifest's folder)
+    format: Literal["llava", "asr_jsonl", "librispeech", "aishell", "series"]
+    path: str  # aishell: its transcript file
+    # image/audio paths resolve against this (default: the manifest's folder); aishell: the split's folder of .wav
+    media_root: str | None = None
     # media paths must stay inside media_root (no absolute paths, `..` or symlinks out); true lifts that
     allow_media_outside_root: bool = False
     # series only
@@ -30,6 +32,9 @@ class DatasetConfig:
     prompt: str = "<series>\nForecast the next values."
 
     def __post_init__(self):
+        if self.format == "aishell" and not self.media_root:
+            raise ValueError("dataset.media_root is required for aishell: the split's folder of .wav files "
+                             "(data_aishell/wav/test, say), beside dataset.path, the transcript")
         if min(self.lookback, self.horizon, self.stride) < 1:
             raise ValueError("lookback, horizon and stride must be positive")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) < 0:

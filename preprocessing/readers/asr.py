@@ -1,6 +1,6 @@
 """Speech recognition sets: a JSONL manifest ({"audio", "text", "language"?, "id"?} per line, audio paths
-relative to the manifest; without an id, the audio's path less its extension names the sample) or LibriSpeech-style
-folders (`<speaker>/<chapter>/*.trans.txt` beside the audio)."""
+relative to the manifest; without an id, the audio's path less its extension names the sample), LibriSpeech-style
+folders (`<speaker>/<chapter>/*.trans.txt` beside the audio) or Aishell-1 (one transcript for a folder of .wav)."""
 
 import posixpath
 
@@ -59,4 +59,31 @@ def read_librispeech(root: str, audio_suffix: str = ".flac",
                 rejects.append(Reject(where, str(e), sample_key(utterance)))
                 continue
             samples.append(asr_sample(utterance, audio, text.strip(), "en", where))
+    return unique(samples, rejects), rejects
+
+
+def read_aishell(transcript: str, audio_root: str,
+                 allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
+    """Aishell-1 as it ships (`data_aishell`): one transcript for every split (transcript/aishell_transcript_v0.8.txt,
+    `<utterance> <word> <word> ...` a line) and a split's audio as `<speaker>/<utterance>.wav` under its folder
+    (wav/train, wav/dev or wav/test, its per-speaker archives unpacked). The split's .wav files are the samples, their
+    words joined without the spaces (Mandarin is scored by characters); a file the transcript has no words for is
+    rejected, named (Aishell-1 holds a few hundred)."""
+    rejects, texts = [], {}
+    for where, line in text_lines(transcript, rejects):
+        utterance, _, words = line.strip().partition(" ")
+        texts[utterance] = (where, "".join(words.split()))
+    samples = []
+    for relative in storage.walk(audio_root, ".wav"):
+        utterance = posixpath.splitext(posixpath.basename(relative))[0]
+        where, text = texts.get(utterance, (storage.join(audio_root, relative), ""))
+        if not text:
+            rejects.append(Reject(where, f"no transcribed words for it in {transcript}", sample_key(utterance)))
+            continue
+        try:
+            audio = storage.media_path(audio_root, relative, allow_outside_root)
+        except ValueError as e:
+            rejects.append(Reject(where, str(e), sample_key(utterance)))
+            continue
+        samples.append(asr_sample(utterance, audio, text, "zh", where))
     return unique(samples, rejects), rejects

@@ -48,6 +48,8 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
      "encoder.layer applies to vision encoders, not 'whisper'"),
     ("dataset: {format: llava, path: x}\nencoder: {kind: siglip2, model_dir: m, image_size: 384}",
      "encoder.image_size does not apply to siglip2"),
+    ("dataset: {format: aishell, path: data_aishell/transcript/aishell_transcript_v0.8.txt}\nencoder: {kind: raw}",
+     "dataset.media_root is required for aishell"),
     ("dataset: [", "not valid YAML"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):

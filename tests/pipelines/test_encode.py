@@ -206,6 +206,28 @@ def test_a_small_job_encodes_in_the_driver_exactly_as_ray_data_does(tmp_path, en
     assert len(stored[0]) == 2 and stored[0] == stored[1]  # the same feature files, byte for byte
 
 
+def test_aishell_encodes_from_its_own_layout_and_counts_reconcile(tmp_path, encoders):
+    """data_aishell's transcript and one split's speaker folders, through the job: Mandarin targets without the word
+    spaces, a clip the transcript does not cover rejected, read = written + rejected."""
+    (tmp_path / "transcript").mkdir()
+    transcript = tmp_path / "transcript" / "aishell_transcript_v0.8.txt"
+    transcript.write_text("BAC009S0764W0121 甚至 出现 交易\nBAC009S0764W0122 一二线 城市\n")
+    speaker = tmp_path / "wav" / "test" / "S0764"
+    speaker.mkdir(parents=True)
+    for n in (121, 122, 123):
+        (speaker / f"BAC009S0764W0{n}.wav").write_bytes(wav_bytes(0.6, seed=n))
+    result = run_encode(config(dataset={"format": "aishell", "path": str(transcript),
+                                        "media_root": str(tmp_path / "wav" / "test")},
+                               encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
+                               cache={"root": str(tmp_path / "cache")}))
+    assert result.manifest["counts"] == {"read": 3, "written": 2, "rejected": 1}
+    (reject,) = map(json.loads, open(Path(result.uri) / "rejects.jsonl"))
+    assert reject["key"] == "BAC009S0764W0123" and "no transcribed words" in reject["reason"]
+    samples = {s.key: s for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
+    assert samples["BAC009S0764W0121"].text("assistant") == "甚至出现交易"
+    assert samples["BAC009S0764W0122"].items[0].shape[0] == 30 and samples["BAC009S0764W0122"].meta["language"] == "zh"
+
+
 def test_librispeech_gets_the_datasets_opt_in_for_media_outside_its_root(tmp_path):
     from pipelines.encode import read_dataset
 

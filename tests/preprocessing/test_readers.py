@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from preprocessing.readers import read_asr_manifest, read_librispeech, read_llava, read_series, sample_key
+from preprocessing.readers import read_aishell, read_asr_manifest, read_librispeech, read_llava, read_series, sample_key
 
 
 def test_sample_keys_are_stable_safe_and_distinct():
@@ -58,6 +58,33 @@ def test_asr_manifest_and_librispeech_folders(tmp_path):
     samples, rejects = read_librispeech(str(tmp_path / "ls"))
     assert [s.key for s in samples] == ["19-198-0000", "19-198-0001"] and not rejects
     assert samples[1].sources == [str(chapter / "19-198-0001.flac")] and samples[1].meta["text"] == "CHAPTER ONE"
+
+
+def test_aishell_as_it_ships(tmp_path):
+    """data_aishell: one transcript for every split, a split's audio in speaker folders; the words' spaces go (CER
+    counts characters), a .wav the transcript has no words for is rejected, a symlink out of the split is too."""
+    (tmp_path / "transcript").mkdir()
+    transcript = tmp_path / "transcript" / "aishell_transcript_v0.8.txt"
+    transcript.write_text("BAC009S0764W0121 甚至 出现 交易 几乎 停滞 的 情况\n"
+                          "BAC009S0764W0122 一二线 城市 虽然 也 处于 调整 中\n"
+                          "BAC009S0002W0122 而 对 楼市 成交 抑制 作用 最 大 的 限 购\n"  # a training utterance
+                          "BAC009S0764W0124\n")  # an id without words
+    test = tmp_path / "wav" / "test"
+    (test / "S0764").mkdir(parents=True)
+    (tmp_path / "elsewhere.wav").write_bytes(b"not opened by the reader")
+    for name in ("BAC009S0764W0121", "BAC009S0764W0122", "BAC009S0764W0123", "BAC009S0764W0124"):
+        (test / "S0764" / f"{name}.wav").write_bytes(b"RIFF")
+    (test / "S0764" / "BAC009S0764W0125.wav").symlink_to(tmp_path / "elsewhere.wav")
+    transcript.write_text(transcript.read_text() + "BAC009S0764W0125 链接\n")
+    samples, rejects = read_aishell(str(transcript), str(test))
+    assert [s.key for s in samples] == ["BAC009S0764W0121", "BAC009S0764W0122"]
+    assert samples[0].meta["text"] == "甚至出现交易几乎停滞的情况" and samples[0].meta["language"] == "zh"
+    assert samples[1].sources == [str(test / "S0764" / "BAC009S0764W0122.wav")]
+    assert samples[1].meta["source"] == f"{transcript}:2"
+    assert [(r.key, r.reason.split(" in ")[0]) for r in rejects[:2]] == [
+        ("BAC009S0764W0123", "no transcribed words for it"), ("BAC009S0764W0124", "no transcribed words for it")]
+    assert rejects[0].source == str(test / "S0764" / "BAC009S0764W0123.wav") and rejects[1].source == f"{transcript}:4"
+    assert len(rejects) == 3 and "outside the media root" in rejects[2].reason  # 5 files = 2 samples + 3 rejects
 
 
 def test_asr_samples_without_an_id_are_named_by_their_path(tmp_path):
