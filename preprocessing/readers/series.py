@@ -1,4 +1,6 @@
-"""Time series from CSV or parquet: each numeric column is one series, cut into (lookback, horizon) windows.
+"""Time series from CSV, parquet or Arrow: each numeric column is one series, or, in the long layout of GluonTS and
+Hugging Face datasets (GIFT-Eval: one row per series, its values a list in `target`, [time] or [variate][time]), each
+row's list is one series per variate; each series is cut into (lookback, horizon) windows.
 
 Splits are by time: the rows are divided into train / val / test ranges by `fractions`; a window belongs to
 the split that holds its whole horizon (its lookback may reach back into the previous range, the usual
@@ -18,11 +20,20 @@ from .sample import RawSample, Reject, sample_key
 SPLITS = ("train", "val", "test")
 
 
+def read_arrow(data: io.BytesIO) -> pa.Table:
+    """Arrow IPC: the stream format Hugging Face's `save_to_disk` writes, or the file (Feather v2) format."""
+    try:
+        return pa.ipc.open_stream(data).read_all()
+    except pa.ArrowInvalid:
+        data.seek(0)
+        return pa.ipc.open_file(data).read_all()
+
+
 def load_table(uri: str):
-    readers = {".parquet": pq.read_table, ".csv": pacsv.read_csv}
+    readers = {".parquet": pq.read_table, ".csv": pacsv.read_csv, ".arrow": read_arrow}
     suffix = posixpath.splitext(uri)[1]
     if suffix not in readers:
-        raise ValueError(f"{uri}: series files must be .csv or .parquet")
+        raise ValueError(f"{uri}: series files must be .csv, .parquet or .arrow")
     try:
         return readers[suffix](io.BytesIO(storage.read_bytes(uri)))
     except pa.ArrowInvalid as e:  # a ragged CSV, a file that is not parquet: pyarrow's message names no file
@@ -68,11 +79,15 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
     # each name once: a column listed twice gave windows with the same keys, which the cache stores once. Dates are
-    # no series (the Time-Series-Library's files lead with a `date` column, which cast to numbers is epoch seconds)
-    names = dict.fromkeys(columns or [n for n, kind in zip(table.column_names, table.schema.types)
-                                      if n != time_column and not pa.types.is_temporal(kind)])
+    # no series (the Time-Series-Library's files lead with a `date` column, which cast to numbers is epoch seconds);
+    # in the long layout the series are `target`'s (its other lists are covariates)
+    long_layout = "target" in table.column_names and is_list(table.schema.field("target").type)
+    names = dict.fromkeys(columns or (["target"] if long_layout else [
+        n for n, kind in zip(table.column_names, table.schema.types)
+        if n != time_column and not pa.types.is_temporal(kind)]))
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
+    window_args = (lookback, horizon, stride, split, fractions, nan_policy, prompt, stem)
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:
@@ -84,25 +99,63 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
         if pa.types.is_temporal(table[name].type):
             rejects.append(Reject(where, f"column {name!r} holds {table[name].type} values: times, not a series"))
             continue
+        if is_list(table[name].type):
+            items = table["item_id"].to_pylist() if "item_id" in table.column_names else range(table.num_rows)
+            for item, cell in zip(items, table[name]):
+                series = f"{name}-{item}"
+                try:
+                    variates = row_variates(cell)
+                except (TypeError, ValueError, pa.ArrowException):
+                    rejects.append(Reject(f"{where}[{item}]", f"row {item}'s {name!r} is not a list of numbers"))
+                    continue
+                for v, values in enumerate(variates):
+                    several = len(variates) > 1
+                    cut(values, f"{series}-{v}" if several else series, f"{where}[{item}]",
+                        f"row {item}'s {name!r}" + (f", variate {v}," if several else ""),
+                        {"column": name, "item": str(item), "variate": v}, window_args, samples, rejects)
+            continue
         try:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
         except (TypeError, ValueError):
             rejects.append(Reject(where, f"column {name!r} is not numeric"))
             continue
-        if not np.isfinite(values).any():
-            rejects.append(Reject(where, "the column has no finite values"))
-            continue
-        if nan_policy == "interpolate":
-            values = fill_gaps(values)
-        if len(values) < lookback + horizon:
-            rejects.append(Reject(where, f"{len(values)} rows, fewer than lookback + horizon = {lookback + horizon}"))
-            continue
-        lo, hi = split_range(len(values), split, fractions)
-        for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, stride):
-            window = values[start : start + lookback + horizon]
-            key_id = f"{stem}-{name}-{start}"
-            meta = {"id": key_id, "turns": [{"role": "user", "text": prompt}], "column": name, "start": start,
-                    "split": split, "source": where}
-            samples.append(RawSample(sample_key(key_id), "series", [], meta,
-                                     {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))
+        cut(values, name, where, "the column", {"column": name}, window_args, samples, rejects)
     return samples, rejects
+
+
+def is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def row_variates(cell: pa.Scalar) -> list[np.ndarray]:
+    """One long-layout row's series: its list is one ([time]) or one per variate ([variate][time]); nulls are NaN."""
+    if not cell.is_valid:
+        raise ValueError("null")
+    values = cell.values
+    if is_list(values.type):
+        return [np.asarray(v.values.to_numpy(zero_copy_only=False), dtype=np.float64) for v in values]
+    return [np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)]
+
+
+def cut(values: np.ndarray, series: str, where: str, what: str, described: dict, window_args: tuple,
+        samples: list[RawSample], rejects: list[Reject]) -> None:
+    """One series' windows of the split into `samples`, or the reason it has none (`what` names the series to a
+    person) into `rejects`."""
+    lookback, horizon, stride, split, fractions, nan_policy, prompt, stem = window_args
+    if not np.isfinite(values).any():
+        rejects.append(Reject(where, f"{what} has no finite values"))
+        return
+    if nan_policy == "interpolate":
+        values = fill_gaps(values)
+    if len(values) < lookback + horizon:
+        rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than lookback + horizon = "
+                                     f"{lookback + horizon}"))
+        return
+    lo, hi = split_range(len(values), split, fractions)
+    for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, stride):
+        window = values[start : start + lookback + horizon]
+        key_id = f"{stem}-{series}-{start}"
+        meta = {"id": key_id, "turns": [{"role": "user", "text": prompt}], **described, "start": start,
+                "split": split, "source": where}
+        samples.append(RawSample(sample_key(key_id), "series", [], meta,
+                                 {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))

@@ -293,3 +293,33 @@ def test_a_date_column_is_no_series(tmp_path):
                                    columns=["date", "OT"])
     assert {s.meta["column"] for s in samples} == {"OT"}
     assert [r.reason for r in rejects] == ["column 'date' holds timestamp[s] values: times, not a series"]
+
+
+def test_series_in_the_long_layout_of_gift_eval(tmp_path):
+    """GIFT-Eval as Hugging Face's save_to_disk writes it (an Arrow stream, one row per series: item_id, start, freq,
+    target as [time] or [variate][time]): each row's target is a series per variate, split by time on its own;
+    a null or short one is rejected naming its row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ramp = [float(i) for i in range(40)]
+    table = pa.table({"item_id": ["a", "b", "c", "d"],
+                      "start": pa.array([0, 0, 0, 0], pa.timestamp("s")),
+                      "freq": ["H"] * 4,
+                      "target": [ramp, [1.0, 2.0], None, [v * 2 for v in ramp]]})
+    with pa.ipc.new_stream(tmp_path / "data-00000-of-00001.arrow", table.schema) as writer:
+        writer.write_table(table)
+    samples, rejects = read_series(str(tmp_path / "data-00000-of-00001.arrow"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
+    assert {s.meta["item"] for s in samples} == {"a", "d"} and len(samples) == 2 * 8  # (40 - 12) / 4 + 1 each
+    first = next(s for s in samples if s.meta["item"] == "d")
+    assert first.series == {"lookback": [v * 2 for v in ramp[:8]], "target": [v * 2 for v in ramp[8:12]]}
+    assert first.key == sample_key("data-00000-of-00001-target-d-0")
+    assert [(r.source.rsplit(":", 1)[1], r.reason) for r in rejects] == [
+        ("target[b]", "row b's 'target' has 2 values, fewer than lookback + horizon = 12"),
+        ("target[c]", "row c's 'target' is not a list of numbers")]
+
+    multivariate = pa.table({"item_id": ["m"], "target": [[ramp, [-v for v in ramp]]]})
+    pq.write_table(multivariate, tmp_path / "m.parquet")
+    samples, rejects = read_series(str(tmp_path / "m.parquet"), 8, 4, 4, "test", [0.5, 0.2, 0.3])
+    assert not rejects and {s.meta["variate"] for s in samples} == {0, 1}
+    assert [s.series["target"] for s in samples if s.meta["variate"] == 1][0] == [-v for v in ramp[28:32]]
