@@ -8,6 +8,7 @@ long-term-forecasting convention, so val/test keep their first windows)."""
 
 import io
 import posixpath
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .. import storage
-from .sample import RawSample, Reject, sample_key
+from .sample import RawSample, Reject, sample_key, unique
 
 SPLITS = ("train", "val", "test")
 
@@ -87,7 +88,7 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
         if n != time_column and not pa.types.is_temporal(kind)]))
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
-    window_args = (lookback, horizon, stride, split, fractions, nan_policy, prompt, stem)
+    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, stem)
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:
@@ -110,17 +111,17 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
                     continue
                 for v, values in enumerate(variates):
                     several = len(variates) > 1
-                    cut(values, f"{series}-{v}" if several else series, f"{where}[{item}]",
-                        f"row {item}'s {name!r}" + (f", variate {v}," if several else ""),
-                        {"column": name, "item": str(item), "variate": v}, window_args, samples, rejects)
+                    windows.cut(values, f"{series}-{v}" if several else series, f"{where}[{item}]",
+                                f"row {item}'s {name!r}" + (f", variate {v}," if several else ""),
+                                {"column": name, "item": str(item), "variate": v}, samples, rejects)
             continue
         try:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
         except (TypeError, ValueError):
             rejects.append(Reject(where, f"column {name!r} is not numeric"))
             continue
-        cut(values, name, where, "the column", {"column": name}, window_args, samples, rejects)
-    return samples, rejects
+        windows.cut(values, name, where, "the column", {"column": name}, samples, rejects)
+    return unique(samples, rejects), rejects  # a long layout's item_id given twice
 
 
 def is_list(kind: pa.DataType) -> bool:
@@ -137,25 +138,38 @@ def row_variates(cell: pa.Scalar) -> list[np.ndarray]:
     return [np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)]
 
 
-def cut(values: np.ndarray, series: str, where: str, what: str, described: dict, window_args: tuple,
-        samples: list[RawSample], rejects: list[Reject]) -> None:
-    """One series' windows of the split into `samples`, or the reason it has none (`what` names the series to a
-    person) into `rejects`."""
-    lookback, horizon, stride, split, fractions, nan_policy, prompt, stem = window_args
-    if not np.isfinite(values).any():
-        rejects.append(Reject(where, f"{what} has no finite values"))
-        return
-    if nan_policy == "interpolate":
-        values = fill_gaps(values)
-    if len(values) < lookback + horizon:
-        rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than lookback + horizon = "
-                                     f"{lookback + horizon}"))
-        return
-    lo, hi = split_range(len(values), split, fractions)
-    for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, stride):
-        window = values[start : start + lookback + horizon]
-        key_id = f"{stem}-{series}-{start}"
-        meta = {"id": key_id, "turns": [{"role": "user", "text": prompt}], **described, "start": start,
-                "split": split, "source": where}
-        samples.append(RawSample(sample_key(key_id), "series", [], meta,
-                                 {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))
+@dataclass(frozen=True)
+class Windowing:
+    """How a file's series become samples: the split's (lookback, horizon) windows, keyed under the file's stem."""
+
+    lookback: int
+    horizon: int
+    stride: int
+    split: str
+    fractions: tuple[float, ...]
+    nan_policy: str
+    prompt: str
+    stem: str
+
+    def cut(self, values: np.ndarray, series: str, where: str, what: str, described: dict,
+            samples: list[RawSample], rejects: list[Reject]) -> None:
+        """One series' windows into `samples`, or the reason it has none (`what` names the series to a person)
+        into `rejects`."""
+        if not np.isfinite(values).any():
+            rejects.append(Reject(where, f"{what} has no finite values"))
+            return
+        if self.nan_policy == "interpolate":
+            values = fill_gaps(values)
+        lookback, horizon = self.lookback, self.horizon
+        if len(values) < lookback + horizon:
+            rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than lookback + horizon = "
+                                         f"{lookback + horizon}"))
+            return
+        lo, hi = split_range(len(values), self.split, self.fractions)
+        for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride):
+            window = values[start : start + lookback + horizon]
+            key_id = f"{self.stem}-{series}-{start}"
+            meta = {"id": key_id, "turns": [{"role": "user", "text": self.prompt}], **described, "start": start,
+                    "split": self.split, "source": where}
+            samples.append(RawSample(sample_key(key_id), "series", [], meta,
+                                     {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))

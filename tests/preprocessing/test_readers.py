@@ -323,3 +323,9 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
     samples, rejects = read_series(str(tmp_path / "m.parquet"), 8, 4, 4, "test", [0.5, 0.2, 0.3])
     assert not rejects and {s.meta["variate"] for s in samples} == {0, 1}
     assert [s.series["target"] for s in samples if s.meta["variate"] == 1][0] == [-v for v in ramp[28:32]]
+
+    repeated = pa.table({"item_id": ["a", "a"], "target": [ramp, [-v for v in ramp]]})
+    pq.write_table(repeated, tmp_path / "r.parquet")
+    samples, rejects = read_series(str(tmp_path / "r.parquet"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
+    assert len(samples) == len(rejects) == 8 and {r.reason for r in rejects} == {"duplicate sample id"}
+    assert samples[0].series["target"] == ramp[8:12]  # the first of the two rows named "a"
