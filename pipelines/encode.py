@@ -87,7 +87,7 @@ def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
     if d.format == "aishell":
         return read_aishell(d.path, d.media_root, d.allow_media_outside_root)
     return read_series(d.path, d.lookback, d.horizon, d.stride, d.split, d.fractions, d.columns, d.time_column,
-                       d.nan_policy, d.prompt)
+                       d.nan_policy, d.prompt, d.split_rows)
 
 
 @functools.cache

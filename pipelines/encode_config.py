@@ -26,6 +26,9 @@ class DatasetConfig:
     stride: int = 24
     split: Literal["train", "val", "test"] = "train"
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    # instead of fractions: the rows where train, val and test end (the Time-Series-Library's ETTh borders:
+    # [8640, 11520, 14400]; ETTm: [34560, 46080, 57600]); rows after the last are not read
+    split_rows: list[int] | None = None
     columns: list[str] | None = None
     time_column: str | None = None
     nan_policy: Literal["reject", "interpolate"] = "reject"
@@ -39,6 +42,10 @@ class DatasetConfig:
             raise ValueError("lookback, horizon and stride must be positive")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) < 0:
             raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {self.fractions}")
+        if self.split_rows is not None and (len(self.split_rows) != 3 or not 0 < self.split_rows[0]
+                                            <= self.split_rows[1] <= self.split_rows[2]):
+            raise ValueError(f"split_rows must be three increasing row numbers (where train, val and test end), "
+                             f"got {self.split_rows}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
-from .metrics.forecast import forecast_errors, mase, mase_scale, seasonal_naive
+from .metrics.forecast import forecast_errors, mase, mase_scale, seasonal_naive, standardized_errors
 from .metrics.vqa import mean_exact_match, normalize_answer
 from .plots import pyplot, save_figure
 
@@ -187,15 +187,21 @@ class Forecast(EvalTask):
             output = model(torch.tensor([ids], device=device), [items], series_lookback=lookback)
             forecast = output.forecast[0].cpu().numpy()
             rows.append({"prediction": forecast.tolist(), "reference": sample.target.tolist(),
-                         "lookback": sample.lookback.tolist(), "mean": sample.meta["mean"], "std": sample.meta["std"]})
+                         "lookback": sample.lookback.tolist(), "mean": sample.meta["mean"], "std": sample.meta["std"],
+                         # cached before the reader recorded it: no standardized errors
+                         "train_std": sample.meta.get("train_std")})
         return rows
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
         mean, std = (np.array([[r[k]] for r in rows]) for k in ("mean", "std"))
 
+        train_std = [r.get("train_std") for r in rows]
+
         def errors(forecast: np.ndarray) -> dict[str, float]:
             scaled = forecast_errors(forecast, target, mean, std)
+            if None not in train_std:
+                scaled.update(standardized_errors(forecast, target, mean, std, train_std))
             return {**scaled, "mase": mase(forecast, target, lookback, self.season)}
 
         metrics, baselines = errors(prediction), errors(seasonal_naive(lookback, target.shape[1], self.season))

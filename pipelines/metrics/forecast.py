@@ -1,5 +1,6 @@
-"""Forecast errors: MSE / MAE on the normalised scale the model predicts in and on the original scale, and
-MASE, which divides the error by that of a seasonal-naive forecast on the lookback window.
+"""Forecast errors: MSE / MAE on the normalised scale the model predicts in, on the original scale and on each
+series' training-range scale (the benchmarks' "standardized" figures), and MASE, which divides the error by that of
+a seasonal-naive forecast on the lookback window.
 
 Arrays are [windows, horizon] (or [horizon] for one window); lookback windows are [windows, length].
 """
@@ -40,6 +41,18 @@ def forecast_errors(prediction, target, mean, std) -> dict[str, float]:
     original_prediction, original_target = denormalize(prediction, mean, std), denormalize(target, mean, std)
     return {"mse_normalized": mse(prediction, target), "mae_normalized": mae(prediction, target),
             "mse": mse(original_prediction, original_target), "mae": mae(original_prediction, original_target)}
+
+
+def standardized_errors(prediction, target, mean, std, train_std) -> dict[str, float]:
+    """MSE and MAE on each series' training-range scale (original-scale errors / its train std): the scale the
+    Time-Series-Library's tables report, comparable across series and datasets. Windows whose series was constant
+    in training (std 0) have none and are left out; {} when no window has one."""
+    train_std = np.asarray(train_std, dtype=np.float64).reshape(-1)
+    scaled = train_std > 0
+    if not scaled.any():
+        return {}
+    errors = (denormalize(prediction, mean, std) - denormalize(target, mean, std))[scaled] / train_std[scaled, None]
+    return {"mse_standardized": float(np.mean(errors**2)), "mae_standardized": float(np.mean(np.abs(errors)))}
 
 
 def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:

@@ -2,9 +2,11 @@
 Hugging Face datasets (GIFT-Eval: one row per series, its values a list in `target`, [time] or [variate][time]), each
 row's list is one series per variate; each series is cut into (lookback, horizon) windows.
 
-Splits are by time: the rows are divided into train / val / test ranges by `fractions`; a window belongs to
-the split that holds its whole horizon (its lookback may reach back into the previous range, the usual
-long-term-forecasting convention, so val/test keep their first windows)."""
+Splits are by time: the rows are divided into train / val / test ranges by `fractions`, or at the rows
+`split_rows` names (the Time-Series-Library's ETT borders: 12 / 4 / 4 months, the rows after them unused); a window
+belongs to the split that holds its whole horizon (its lookback may reach back into the previous range, the usual
+long-term-forecasting convention, so val/test keep their first windows). Every window carries its series' train-range
+mean and std (ddof 0, as that library's StandardScaler), the scale its benchmark tables report errors on."""
 
 import io
 import posixpath
@@ -48,10 +50,11 @@ def fill_gaps(values: np.ndarray) -> np.ndarray:
     return np.interp(idx, idx[finite], values[finite])
 
 
-def split_range(n_rows: int, split: str, fractions) -> tuple[int, int]:
+def split_range(n_rows: int, split: str, fractions, rows=None) -> tuple[int, int]:
+    """The split's rows [start, end): at `rows` (each range's end row) when given, else by `fractions`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    edges = np.round(np.cumsum([0, *fractions]) * n_rows).astype(int)
+    edges = [0, *rows] if rows else np.round(np.cumsum([0, *fractions]) * n_rows).astype(int)
     i = SPLITS.index(split)
     return int(edges[i]), int(edges[i + 1])
 
@@ -73,7 +76,8 @@ def checked_time_column(table, name: str, uri: str) -> str:
 
 def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str = "train",
                 fractions=(0.7, 0.1, 0.2), columns=None, time_column=None, nan_policy: str = "reject",
-                prompt: str = "<series>\nForecast the next values.") -> tuple[list[RawSample], list[Reject]]:
+                prompt: str = "<series>\nForecast the next values.",
+                split_rows=None) -> tuple[list[RawSample], list[Reject]]:
     if nan_policy not in ("reject", "interpolate"):
         raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
     table = load_table(uri)
@@ -88,7 +92,8 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
         if n != time_column and not pa.types.is_temporal(kind)]))
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
-    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, stem)
+    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, stem,
+                        tuple(split_rows) if split_rows else None)
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:
@@ -150,6 +155,7 @@ class Windowing:
     nan_policy: str
     prompt: str
     stem: str
+    split_rows: tuple[int, int, int] | None = None
 
     def cut(self, values: np.ndarray, series: str, where: str, what: str, described: dict,
             samples: list[RawSample], rejects: list[Reject]) -> None:
@@ -165,11 +171,18 @@ class Windowing:
             rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than lookback + horizon = "
                                          f"{lookback + horizon}"))
             return
-        lo, hi = split_range(len(values), self.split, self.fractions)
+        if self.split_rows and self.split_rows[-1] > len(values):
+            rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than split_rows' last, "
+                                         f"{self.split_rows[-1]}"))
+            return
+        lo, hi = split_range(len(values), self.split, self.fractions, self.split_rows)
+        train = values[slice(*split_range(len(values), "train", self.fractions, self.split_rows))]
+        train = train[np.isfinite(train)]  # gaps a window's check rejects, not the scale
+        scale = {"train_mean": float(train.mean()), "train_std": float(train.std())} if len(train) else {}
         for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride):
             window = values[start : start + lookback + horizon]
             key_id = f"{self.stem}-{series}-{start}"
             meta = {"id": key_id, "turns": [{"role": "user", "text": self.prompt}], **described, "start": start,
-                    "split": self.split, "source": where}
+                    "split": self.split, "source": where, **scale}
             samples.append(RawSample(sample_key(key_id), "series", [], meta,
                                      {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))

@@ -50,6 +50,8 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
      "encoder.image_size does not apply to siglip2"),
     ("dataset: {format: aishell, path: data_aishell/transcript/aishell_transcript_v0.8.txt}\nencoder: {kind: raw}",
      "dataset.media_root is required for aishell"),
+    ("dataset: {format: series, path: x, split_rows: [8640, 2880, 14400]}\nencoder: {kind: raw}",
+     "split_rows must be three increasing row numbers"),
     ("dataset: [", "not valid YAML"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):

@@ -59,6 +59,18 @@ def test_forecast_scores_beside_seasonal_naive_and_plots_forecasts(tmp_path):
     assert (tmp_path / "forecast_vs_truth.png").stat().st_size > 0
 
 
+def test_forecast_errors_on_each_series_training_scale_when_the_cache_has_it():
+    """The Time-Series-Library's tables report errors on each series standardised by its training range: original
+    errors 0 and 2 over a train std of 4 are 0 and 0.5; a series constant in training has no such scale."""
+    row = {"key": "w0", "prediction": [1.0, 2.0], "reference": [1.0, 3.0], "lookback": [0.0, 1.0, 2.0, 3.0],
+           "mean": 10.0, "std": 2.0, "train_std": 4.0}
+    constant = {**row, "key": "w1", "prediction": [5.0, 5.0], "train_std": 0.0}
+    metrics, naive = Forecast().score([row, constant])
+    assert metrics["mse_standardized"] == 0.125 and metrics["mae_standardized"] == 0.25
+    assert naive["mse_standardized"] == ((3.0 * 2 - 1.0 * 2) / 4) ** 2 / 2  # naive repeats 3: errors 4, 0 orig.
+    assert "mse_standardized" not in Forecast().score([{**row, "train_std": None}])[0]  # an older cache
+
+
 def test_tasks_are_named_by_the_eval_config_and_take_their_settings_from_it():
     assert set(TASKS) == set(get_args(TaskName))
     assert {name: task.modality for name, task in TASKS.items()} == {"vqa": "image", "asr": "audio",

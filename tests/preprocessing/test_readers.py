@@ -329,3 +329,19 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
     samples, rejects = read_series(str(tmp_path / "r.parquet"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
     assert len(samples) == len(rejects) == 8 and {r.reason for r in rejects} == {"duplicate sample id"}
     assert samples[0].series["target"] == ramp[8:12]  # the first of the two rows named "a"
+
+
+def test_series_split_at_given_rows_carry_their_training_scale(tmp_path):
+    """ETT's benchmark split (the Time-Series-Library's borders; the rows after them unused), and every window's
+    series mean and std over its training rows (ddof 0), what that library's tables standardise by."""
+    rows = ["date,a,b"] + [f"2016-07-01 {h:02d}:00:00,{h},{h * h}" for h in range(24)]
+    (tmp_path / "ETTh1.csv").write_text("\n".join(rows) + "\n")
+    samples, rejects = read_series(str(tmp_path / "ETTh1.csv"), 4, 2, 1, "test", split_rows=[12, 16, 20])
+    assert not rejects and [s.meta["start"] for s in samples if s.meta["column"] == "a"] == [12, 13, 14]
+    first = samples[0]
+    assert first.series == {"lookback": [12.0, 13.0, 14.0, 15.0], "target": [16.0, 17.0]}  # rows 20-23 unread
+    assert first.meta["train_mean"] == 5.5 and first.meta["train_std"] == pytest.approx(np.std(np.arange(12)))
+    b = next(s for s in samples if s.meta["column"] == "b")
+    assert b.meta["train_mean"] == pytest.approx(np.mean(np.arange(12) ** 2))
+    short, rejects = read_series(str(tmp_path / "ETTh1.csv"), 4, 2, 1, "test", split_rows=[12, 16, 30])
+    assert not short and rejects[0].reason == "the column has 24 values, fewer than split_rows' last, 30"
