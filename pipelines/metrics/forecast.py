@@ -46,13 +46,15 @@ def forecast_errors(prediction, target, mean, std) -> dict[str, float]:
 def standardized_errors(prediction, target, mean, std, train_std) -> dict[str, float]:
     """MSE and MAE on each series' training-range scale (original-scale errors / its train std): the scale the
     Time-Series-Library's tables report, comparable across series and datasets. Windows whose series was constant
-    in training (std 0) have none and are left out; {} when no window has one."""
+    in training (std 0) have none: left out, and counted; {} when no window has one."""
     train_std = np.asarray(train_std, dtype=np.float64).reshape(-1)
     scaled = train_std > 0
     if not scaled.any():
         return {}
     errors = (denormalize(prediction, mean, std) - denormalize(target, mean, std))[scaled] / train_std[scaled, None]
-    return {"mse_standardized": float(np.mean(errors**2)), "mae_standardized": float(np.mean(np.abs(errors)))}
+    left_out = int(np.sum(~scaled))
+    return {"mse_standardized": float(np.mean(errors**2)), "mae_standardized": float(np.mean(np.abs(errors))),
+            **({"windows_without_train_scale": left_out} if left_out else {})}
 
 
 def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:

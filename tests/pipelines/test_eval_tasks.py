@@ -67,6 +67,7 @@ def test_forecast_errors_on_each_series_training_scale_when_the_cache_has_it():
     constant = {**row, "key": "w1", "prediction": [5.0, 5.0], "train_std": 0.0}
     metrics, naive = Forecast().score([row, constant])
     assert metrics["mse_standardized"] == 0.125 and metrics["mae_standardized"] == 0.25
+    assert metrics["windows_without_train_scale"] == 1
     assert naive["mse_standardized"] == ((3.0 * 2 - 1.0 * 2) / 4) ** 2 / 2  # naive repeats 3: errors 4, 0 orig.
     assert "mse_standardized" not in Forecast().score([{**row, "train_std": None}])[0]  # an older cache
 
