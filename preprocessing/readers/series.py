@@ -10,6 +10,7 @@ mean and std (ddof 0, as that library's StandardScaler), the scale its benchmark
 
 import io
 import posixpath
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,15 @@ def read_arrow(data: io.BytesIO) -> pa.Table:
         return pa.ipc.open_file(data).read_all()
 
 
+READERS = {".parquet": pq.read_table, ".csv": pacsv.read_csv, ".arrow": read_arrow}
+
+
 def load_table(uri: str):
-    readers = {".parquet": pq.read_table, ".csv": pacsv.read_csv, ".arrow": read_arrow}
     suffix = posixpath.splitext(uri)[1]
-    if suffix not in readers:
+    if suffix not in READERS:
         raise ValueError(f"{uri}: series files must be .csv, .parquet or .arrow")
     try:
-        return readers[suffix](io.BytesIO(storage.read_bytes(uri)))
+        return READERS[suffix](io.BytesIO(storage.read_bytes(uri)))
     except pa.ArrowInvalid as e:  # a ragged CSV, a file that is not parquet: pyarrow's message names no file
         raise ValueError(f"{uri}: not a readable {suffix[1:]} file: {e}") from None
 
@@ -78,8 +81,38 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
                 fractions=(0.7, 0.1, 0.2), columns=None, time_column=None, nan_policy: str = "reject",
                 prompt: str = "<series>\nForecast the next values.",
                 split_rows=None) -> tuple[list[RawSample], list[Reject]]:
+    """The windows of one file's series, or of every .csv, .parquet and .arrow file under a folder (GIFT-Eval's
+    `<dataset>/<freq>/data-00000-of-00001.arrow` tree, say): keyed by each file's path under it, a file that does not
+    read rejected, named, and the others read."""
     if nan_policy not in ("reject", "interpolate"):
         raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
+    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, "",
+                        tuple(split_rows) if split_rows else None)
+    if storage.exists(uri) or posixpath.splitext(uri)[1] in READERS:
+        return file_series(uri, posixpath.splitext(posixpath.basename(uri))[0], windows, columns, time_column)
+    try:
+        files = sorted(f for suffix in READERS for f in storage.walk(uri, suffix))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file or folder") from None
+    if not files:
+        raise ValueError(f"{uri}: no .csv, .parquet or .arrow file under it")
+    samples, rejects = [], []
+    for relative in files:
+        file = storage.join(uri, relative)
+        try:
+            found, refused = file_series(file, posixpath.splitext(relative)[0], windows, columns, time_column)
+        except ValueError as e:  # unreadable, or a time column out of order
+            rejects.append(Reject(file, str(e).removeprefix(f"{file}: ")))
+            continue
+        samples += found
+        rejects += refused
+    return unique(samples, rejects), rejects
+
+
+def file_series(uri: str, stem: str, windows: "Windowing", columns,
+                time_column) -> tuple[list[RawSample], list[Reject]]:
+    """One file's windows, keyed under `stem`."""
+    windows = dataclasses.replace(windows, stem=stem)
     table = load_table(uri)
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
@@ -90,10 +123,7 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     names = dict.fromkeys(columns or (["target"] if long_layout else [
         n for n, kind in zip(table.column_names, table.schema.types)
         if n != time_column and not pa.types.is_temporal(kind)]))
-    stem = posixpath.splitext(posixpath.basename(uri))[0]
     samples, rejects = [], []
-    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, stem,
-                        tuple(split_rows) if split_rows else None)
     for name in names:
         where = f"{uri}:{name}"
         if name not in table.column_names:

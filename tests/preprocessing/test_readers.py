@@ -331,6 +331,32 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
     assert samples[0].series["target"] == ramp[8:12]  # the first of the two rows named "a"
 
 
+def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
+    """GIFT-Eval as its repository ships: `<dataset>/<freq>/data-00000-of-00001.arrow` beside JSON records. Every
+    file is read, keyed by its path under the folder (the file names repeat); one that does not read is rejected."""
+    import pyarrow as pa
+
+    for dataset, sign in (("electricity/15T", 1.0), ("solar/H", -1.0)):
+        (tmp_path / "gift" / dataset).mkdir(parents=True)
+        table = pa.table({"item_id": ["item_0"], "target": [[sign * i for i in range(20)]]})
+        with pa.ipc.new_stream(tmp_path / "gift" / dataset / "data-00000-of-00001.arrow", table.schema) as writer:
+            writer.write_table(table)
+        (tmp_path / "gift" / dataset / "dataset_info.json").write_text("{}")
+    (tmp_path / "gift" / "broken.parquet").write_bytes(b"not parquet")
+    samples, rejects = read_series(str(tmp_path / "gift"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
+    assert len(samples) == 6 and len({s.key for s in samples}) == 6  # (20 - 12) / 4 + 1 windows a file
+    assert samples[0].meta["id"] == "electricity/15T/data-00000-of-00001-target-item_0-0"
+    assert samples[-1].series["target"] == [-16.0, -17.0, -18.0, -19.0]
+    (reject,) = rejects
+    assert reject.source == str(tmp_path / "gift" / "broken.parquet") and reject.reason.startswith("not a readable")
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "dataset_info.json").write_text("{}")
+    with pytest.raises(ValueError, match="no .csv, .parquet or .arrow file under it"):
+        read_series(str(tmp_path / "records"), 8, 4, 4)
+    with pytest.raises(FileNotFoundError, match="missing: no such file or folder"):
+        read_series(str(tmp_path / "gift" / "missing"), 8, 4, 4)
+
+
 def test_series_split_at_given_rows_carry_their_training_scale(tmp_path):
     """ETT's benchmark split (the Time-Series-Library's borders; the rows after them unused), and every window's
     series mean and std over its training rows (ddof 0), what that library's tables standardise by."""
