@@ -10,7 +10,6 @@ mean and std (ddof 0, as that library's StandardScaler), the scale its benchmark
 
 import io
 import posixpath
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +85,7 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     read rejected, named, and the others read."""
     if nan_policy not in ("reject", "interpolate"):
         raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
-    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt, "",
+    windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt,
                         tuple(split_rows) if split_rows else None)
     if storage.exists(uri) or posixpath.splitext(uri)[1] in READERS:
         return file_series(uri, posixpath.splitext(posixpath.basename(uri))[0], windows, columns, time_column)
@@ -112,7 +111,6 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
 def file_series(uri: str, stem: str, windows: "Windowing", columns,
                 time_column) -> tuple[list[RawSample], list[Reject]]:
     """One file's windows, keyed under `stem`."""
-    windows = dataclasses.replace(windows, stem=stem)
     table = load_table(uri)
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
@@ -138,7 +136,7 @@ def file_series(uri: str, stem: str, windows: "Windowing", columns,
         if is_list(table[name].type):
             items = table["item_id"].to_pylist() if "item_id" in table.column_names else range(table.num_rows)
             for item, cell in zip(items, table[name]):
-                series = f"{name}-{item}"
+                series = f"{stem}-{name}-{item}"
                 try:
                     variates = row_variates(cell)
                 except (TypeError, ValueError, pa.ArrowException):
@@ -155,7 +153,7 @@ def file_series(uri: str, stem: str, windows: "Windowing", columns,
         except (TypeError, ValueError):
             rejects.append(Reject(where, f"column {name!r} is not numeric"))
             continue
-        windows.cut(values, name, where, "the column", {"column": name}, samples, rejects)
+        windows.cut(values, f"{stem}-{name}", where, "the column", {"column": name}, samples, rejects)
     return unique(samples, rejects), rejects  # a long layout's item_id given twice
 
 
@@ -175,7 +173,7 @@ def row_variates(cell: pa.Scalar) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Windowing:
-    """How a file's series become samples: the split's (lookback, horizon) windows, keyed under the file's stem."""
+    """How a file's series become samples: the split's (lookback, horizon) windows."""
 
     lookback: int
     horizon: int
@@ -184,13 +182,12 @@ class Windowing:
     fractions: tuple[float, ...]
     nan_policy: str
     prompt: str
-    stem: str
     split_rows: tuple[int, int, int] | None = None
 
     def cut(self, values: np.ndarray, series: str, where: str, what: str, described: dict,
             samples: list[RawSample], rejects: list[Reject]) -> None:
-        """One series' windows into `samples`, or the reason it has none (`what` names the series to a person)
-        into `rejects`."""
+        """One series' windows into `samples`, keyed `<series>-<start>` (`series`: its file's stem, column and
+        row), or the reason it has none (`what` names the series to a person) into `rejects`."""
         if not np.isfinite(values).any():
             rejects.append(Reject(where, f"{what} has no finite values"))
             return
@@ -211,7 +208,7 @@ class Windowing:
         scale = {"train_mean": float(train.mean()), "train_std": float(train.std())} if len(train) else {}
         for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride):
             window = values[start : start + lookback + horizon]
-            key_id = f"{self.stem}-{series}-{start}"
+            key_id = f"{series}-{start}"
             meta = {"id": key_id, "turns": [{"role": "user", "text": self.prompt}], **described, "start": start,
                     "split": self.split, "source": where, **scale}
             samples.append(RawSample(sample_key(key_id), "series", [], meta,
