@@ -86,18 +86,21 @@ def read_llava(uri: str, image_root: str | None = None,
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
                                  {"id": str(record["id"]), "turns": turns, "source": where}))
-        contents.append(hashlib.sha1(json.dumps([images, turns]).encode()).hexdigest()[:8])
+        contents.append([images, turns])
     return unique(distinct_keys(samples, contents), rejects), rejects
 
 
-def distinct_keys(samples: list[RawSample], contents: list[str]) -> list[RawSample]:
+def distinct_keys(samples: list[RawSample], contents: list) -> list[RawSample]:
     """LLaVA's instruction sets name each conversation by its image's id (llava_instruct_150k's ~158K conversations
     are about ~80K COCO images), so an id that names samples of different content gets their content's hash in their
-    keys: each is kept, and only a record repeated whole is a duplicate (`unique`)."""
-    seen = defaultdict(set)
+    keys: each is kept, and only a record repeated whole is a duplicate (`unique`). Only ids given more than once
+    are hashed."""
+    by_key = defaultdict(list)
     for s, content in zip(samples, contents):
-        seen[s.key].add(content)
-    for s, content in zip(samples, contents):
-        if len(seen[s.key]) > 1:
-            s.key = sample_key(f"{s.key}-{content}")
+        by_key[s.key].append((s, content))
+    for group in (g for g in by_key.values() if len(g) > 1):
+        hashes = [hashlib.sha1(json.dumps(content).encode()).hexdigest()[:8] for _, content in group]
+        if len(set(hashes)) > 1:
+            for (s, _), content_hash in zip(group, hashes):
+                s.key = sample_key(f"{s.key}-{content_hash}")
     return samples
