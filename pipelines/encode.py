@@ -72,8 +72,12 @@ class Prepared:
     meta: dict = field(default_factory=dict)  # added to the raw meta (series normalisation stats)
 
     def record(self) -> dict:
-        """What the entry key covers of this sample: its descriptor and its items' content."""
-        return {**dataclasses.asdict(self.raw), "refs": self.refs}
+        """What the entry key covers of this sample: its descriptor and its items' content (a series window's raw
+        values by their sha256: `series_window` lets the values go)."""
+        described = {**dataclasses.asdict(self.raw), "refs": self.refs}
+        if "values_sha256" in self.meta:
+            described["values_sha256"] = self.meta["values_sha256"]
+        return described
 
 
 # ---- driver side: read, key, plan ---------------------------------------------------------------------------
@@ -87,7 +91,7 @@ def read_dataset(d: DatasetConfig) -> tuple[list[RawSample], list[Reject]]:
     if d.format == "aishell":
         return read_aishell(d.path, d.media_root, d.allow_media_outside_root)
     return read_series(d.path, d.lookback, d.horizon, d.stride, d.split, d.fractions, d.columns, d.time_column,
-                       d.nan_policy, d.prompt, d.split_rows)
+                       d.nan_policy, d.prompt, d.split_rows, d.max_windows)
 
 
 @functools.cache
@@ -114,7 +118,7 @@ def plan_shards(samples: list[Sample], shard_size: int) -> list[list[Sample]]:
 def series_window(s: RawSample, limits: Limits) -> Prepared:
     """A window's item is its normalised lookback; the normalised target and lookback (evaluation's
     seasonal-naive baselines need it whatever the encoder) are stored in the sample, with the stats that undo the
-    normalisation."""
+    normalisation. Empties `s.series`: the raw values are not kept."""
     # torch: heavy, only series windows need it
     import torch
 
@@ -127,8 +131,13 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
         raise Rejected("the lookback is flat but the target moves: the target has no scale to be normalised by")
     window = normalised[:, 0].numpy()
     arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
+    # the raw values are let go here (s.series emptied: views of whole series, each freed with its last window), the
+    # driver holding every window until the entry is written; the key covers them by their digest
+    values = {part: hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
+              for part, v in s.series.items()}
+    s.series.clear()
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,
-                    {"mean": float(mean), "std": float(std)})
+                    {"mean": float(mean), "std": float(std), "values_sha256": values})
 
 
 def prepare(samples: list[RawSample], rejects: list[Reject], limits: Limits,
@@ -345,15 +354,14 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     start = time.perf_counter()
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
-    samples = check_texts(samples, rejects)
     fingerprints = cache_fingerprints(config.cache.root)
-    prepared = prepare(samples, rejects, config.limits, fingerprints)
+    prepared = prepare(check_texts(samples, rejects), rejects, config.limits, fingerprints)
     sections = dataclasses.asdict(config)
     key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
                     fingerprints, config.cache.precision)
     store = FeatureStore.for_key(config.cache.root, key)
     spec = cache_spec(key, sections["dataset"], config.cache.shard_size,
-                      [p.record() for p in sorted(prepared, key=lambda p: p.raw.key)])
+                      (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
     if entry.is_complete() and not config.run.force:
@@ -365,7 +373,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     if config.run.force:
         entry.clear()
     needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
-    needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared if p.raw.series})
+    needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared if p.raw.modality == "series"})
     in_store = {} if config.run.force else store.items()
     todo = {ref: item for ref, item in needed.items() if ref not in in_store}
     print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")

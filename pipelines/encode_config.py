@@ -29,6 +29,10 @@ class DatasetConfig:
     # instead of fractions: the rows where train, val and test end (the Time-Series-Library's ETTh borders:
     # [8640, 11520, 14400]; ETTm: [34560, 46080, 57600]); rows after the last are not read
     split_rows: list[int] | None = None
+    # the encode job holds every window until its entry is written (at lookback 720, 13 KiB each when they overlap,
+    # 29 KiB when they share no value: 1M are 12-28 GiB, benchmarks/RESULTS.md "Series encode"); more stop the read
+    # there, saying what to do
+    max_windows: int = 1_000_000
     columns: list[str] | None = None
     time_column: str | None = None
     nan_policy: Literal["reject", "interpolate"] = "reject"
@@ -38,8 +42,8 @@ class DatasetConfig:
         if self.format == "aishell" and not self.media_root:
             raise ValueError("dataset.media_root is required for aishell: the split's folder of .wav files "
                              "(data_aishell/wav/test, say), beside dataset.path, the transcript")
-        if min(self.lookback, self.horizon, self.stride) < 1:
-            raise ValueError("lookback, horizon and stride must be positive")
+        if min(self.lookback, self.horizon, self.stride, self.max_windows) < 1:
+            raise ValueError("lookback, horizon, stride and max_windows must be positive")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) < 0:
             raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {self.fractions}")
         if self.split_rows is not None and (len(self.split_rows) != 3 or not 0 < self.split_rows[0]

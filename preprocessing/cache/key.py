@@ -10,6 +10,7 @@ again only when its size or modification time changes, so a start on unchanged d
 
 import hashlib
 import posixpath
+from collections.abc import Iterable
 from importlib.metadata import version
 
 from .. import storage
@@ -59,7 +60,7 @@ def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
 
 
-def cache_spec(store: dict, dataset: dict, shard_size: int, records: list[dict]) -> dict:
+def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[dict]) -> dict:
     """store: its key; records: each sample's descriptor with the content hashes of its media, in key order."""
     digest = hashlib.sha256()
     for record in records:

@@ -22,7 +22,7 @@ class RawSample:
     modality: str  # image | audio | series
     sources: list[str]  # the raw files (paths or URIs), one per modality item; empty for inline series windows
     meta: dict  # json-able: turns, text, targets, provenance; travels into the cache next to the features
-    series: dict = field(default_factory=dict)  # series windows: {"lookback": [...], "target": [...]}
+    series: dict = field(default_factory=dict)  # series windows: {"lookback": values, "target": values} (arrays)
 
 
 @dataclass

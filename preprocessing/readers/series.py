@@ -8,7 +8,9 @@ belongs to the split that holds its whole horizon (its lookback may reach back i
 long-term-forecasting convention, so val/test keep their first windows). Every window carries its series' train-range
 mean and std (ddof 0, as that library's StandardScaler), the scale its benchmark tables report errors on."""
 
+import dataclasses
 import io
+import json
 import posixpath
 from dataclasses import dataclass
 
@@ -76,21 +78,26 @@ def checked_time_column(table, name: str, uri: str) -> str:
     return name
 
 
+class TooManyWindows(ValueError):
+    """More windows than the job may hold: not a bad file (a folder's reading stops, rather than reject it)."""
+
+
 def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str = "train",
                 fractions=(0.7, 0.1, 0.2), columns=None, time_column=None, nan_policy: str = "reject",
                 prompt: str = "<series>\nForecast the next values.",
-                split_rows=None) -> tuple[list[RawSample], list[Reject]]:
+                split_rows=None, max_windows: int | None = None) -> tuple[list[RawSample], list[Reject]]:
     """The windows of one file's series, or of every .csv, .parquet and .arrow file under a folder (GIFT-Eval's
     `<dataset>/<freq>/data-00000-of-00001.arrow` tree, say): keyed by each file's path under it, a file that does not
-    read rejected, named, and the others read."""
+    read rejected, named, and the others read. More than `max_windows` raise TooManyWindows as soon as they are cut
+    (the encode job holds every window: an error now, not the driver out of memory later)."""
     if nan_policy not in ("reject", "interpolate"):
         raise ValueError(f"nan_policy must be 'reject' or 'interpolate', got {nan_policy!r}")
     windows = Windowing(lookback, horizon, stride, split, tuple(fractions), nan_policy, prompt,
-                        tuple(split_rows) if split_rows else None)
+                        tuple(split_rows) if split_rows else None, max_windows)
     if storage.exists(uri) or posixpath.splitext(uri)[1] in READERS:
         return file_series(uri, posixpath.splitext(posixpath.basename(uri))[0], windows, columns, time_column)
     try:
-        files = sorted(f for suffix in READERS for f in storage.walk(uri, suffix))
+        files = dataset_files(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no such file or folder") from None
     if not files:
@@ -99,13 +106,34 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     for relative in files:
         file = storage.join(uri, relative)
         try:
-            found, refused = file_series(file, posixpath.splitext(relative)[0], windows, columns, time_column)
+            found, refused = file_series(file, posixpath.splitext(relative)[0],
+                                         dataclasses.replace(windows, windows_before=len(samples)), columns,
+                                         time_column)
+        except TooManyWindows:
+            raise
         except ValueError as e:  # unreadable, or a time column out of order
             rejects.append(Reject(file, str(e).removeprefix(f"{file}: ")))
             continue
         samples += found
         rejects += refused
     return unique(samples, rejects), rejects
+
+
+def dataset_files(uri: str) -> list[str]:
+    """The series files under a folder, relative to it. In a folder Hugging Face's `save_to_disk` wrote (its
+    state.json lists the data files) only those: the `cache-*.arrow` files `datasets` leaves beside them hold the
+    same rows again (some of GiftEvalPretrain's folders ship one)."""
+    files = sorted(f for suffix in READERS for f in storage.walk(uri, suffix))
+    listed = {}
+    for state in storage.walk(uri, "state.json"):
+        if posixpath.basename(state) != "state.json":
+            continue
+        try:
+            data_files = json.loads(storage.read_bytes(storage.join(uri, state)))["_data_files"]
+            listed[posixpath.dirname(state)] = {d["filename"] for d in data_files}
+        except (ValueError, KeyError, TypeError):  # some other program's state.json: every file counts
+            continue
+    return [f for f in files if posixpath.basename(f) in listed.get(posixpath.dirname(f), {posixpath.basename(f)})]
 
 
 def file_series(uri: str, stem: str, windows: "Windowing", columns,
@@ -183,6 +211,8 @@ class Windowing:
     nan_policy: str
     prompt: str
     split_rows: tuple[int, int, int] | None = None
+    max_windows: int | None = None  # of the job; None: no bound
+    windows_before: int = 0  # cut from the files read before this one
 
     def cut(self, values: np.ndarray, series: str, where: str, what: str, described: dict,
             samples: list[RawSample], rejects: list[Reject]) -> None:
@@ -206,10 +236,18 @@ class Windowing:
         train = values[slice(*split_range(len(values), "train", self.fractions, self.split_rows))]
         train = train[np.isfinite(train)]  # gaps a window's check rejects, not the scale
         scale = {"train_mean": float(train.mean()), "train_std": float(train.std())} if len(train) else {}
-        for start in range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride):
+        starts = range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride)
+        if self.max_windows is not None and self.windows_before + len(samples) + len(starts) > self.max_windows:
+            raise TooManyWindows(
+                f"{where}: with {what}'s {len(starts):,} windows the job would hold more than dataset.max_windows, "
+                f"{self.max_windows:,}; the encode job holds every window "
+                "until its entry is written (benchmarks/RESULTS.md, 'Series encode'): encode a share of the files "
+                "per job (a subfolder), take a larger stride, or raise max_windows where the driver has the memory")
+        for start in starts:
             window = values[start : start + lookback + horizon]
             key_id = f"{series}-{start}"
             meta = {"id": key_id, "turns": [{"role": "user", "text": self.prompt}], **described, "start": start,
                     "split": self.split, "source": where, **scale}
+            # views of the series, not copies: a stride-1 test split's windows share its values
             samples.append(RawSample(sample_key(key_id), "series", [], meta,
-                                     {"lookback": window[:lookback].tolist(), "target": window[lookback:].tolist()}))
+                                     {"lookback": window[:lookback], "target": window[lookback:]}))

@@ -18,9 +18,11 @@ import yaml
 
 from modrwkv.conversation import Turn
 from pipelines.config import from_dict
-from pipelines.encode import EncodeConfig, run_encode
+from pipelines.encode import EncodeConfig, run_encode, series_window
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.demo_data import build_digits
+from preprocessing.readers.sample import RawSample, sample_key
+from preprocessing.validate import Limits
 from tests.tiny_models import save_tiny_clip, save_tiny_whisper
 
 from ..preprocessing.bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
@@ -242,6 +244,22 @@ def test_librispeech_gets_the_datasets_opt_in_for_media_outside_its_root(tmp_pat
     assert samples[0].sources == [str(chapter / "../../../elsewhere.flac")] and not rejects
 
 
+def test_a_series_window_lets_its_values_go_and_its_key_still_covers_them():
+    """The driver holds every prepared window until the entry is written: not its raw values (the normalised arrays
+    are what it stores), which the entry key covers by their digest. Two windows differing only in the target share
+    their item (the normalised lookback) and must not share a key."""
+    def window(target):
+        turns = [{"role": "user", "text": "<series>"}]
+        return RawSample(sample_key("s-0"), "series", [], {"id": "s-0", "turns": turns},
+                         {"lookback": np.arange(8.0), "target": np.array(target)})
+
+    a, b = series_window(window([8.0, 9.0]), Limits()), series_window(window([8.0, 9.5]), Limits())
+    assert a.raw.series == {} and a.refs == b.refs
+    assert a.record() != b.record()
+    assert a.record() == series_window(window([8.0, 9.0]), Limits()).record()
+    np.testing.assert_allclose(a.arrays["target"] * a.meta["std"] + a.meta["mean"], [8.0, 9.0], rtol=1e-6)
+
+
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):
     import torch
 
@@ -433,7 +451,7 @@ import json, os, sys, time
 import ray
 from ray.util.state import list_actors, list_tasks
 from pipelines.config import from_dict
-from pipelines.encode import EncodeConfig, run_encode
+from pipelines.encode import EncodeConfig, run_encode, series_window
 
 spec, settings, dashboard_port = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 dashboard = "http://" + ray.init(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,

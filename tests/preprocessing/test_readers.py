@@ -2,11 +2,13 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from preprocessing.readers import read_aishell, read_asr_manifest, read_librispeech, read_llava, read_series, sample_key
+from preprocessing.readers.series import TooManyWindows
 
 
 def test_sample_keys_are_stable_safe_and_distinct():
@@ -130,6 +132,11 @@ def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
         read_llava(str(tmp_path / "v.json"))
 
 
+def as_lists(series: dict) -> dict:
+    """A window's values (arrays) as lists, to compare with the rows written."""
+    return {part: values.tolist() for part, values in series.items()}
+
+
 def test_series_windows_split_by_time(tmp_path):
     n = 100
     rows = ["t,a,b,empty"] + [f"{i},{i},{2 * i},nan" for i in range(n)]
@@ -141,13 +148,13 @@ def test_series_windows_split_by_time(tmp_path):
                                            "no column 'nope'; columns: ['t', 'a', 'b', 'empty']"}
     # train covers rows [0, 70): horizons end by row 70
     a = [s for s in train if s.meta["column"] == "a"]
-    assert a[0].series["lookback"] == list(range(10)) and a[0].series["target"] == list(range(10, 15))
+    assert as_lists(a[0].series) == {"lookback": list(range(10)), "target": list(range(10, 15))}
     assert max(s.meta["start"] for s in a) + 15 <= 70
     val = [s for s in by_split["val"][0] if s.meta["column"] == "a"]
     test = [s for s in by_split["test"][0] if s.meta["column"] == "a"]
     assert all(70 <= s.meta["start"] + 10 and s.meta["start"] + 15 <= 80 for s in val) and val
     assert all(80 <= s.meta["start"] + 10 for s in test) and test[-1].meta["start"] + 15 <= n
-    targets = [tuple(s.series["target"]) for s in a + val + test]
+    targets = [tuple(s.series["target"].tolist()) for s in a + val + test]
     assert len(targets) == len(set(targets))  # no horizon appears in two splits
 
 
@@ -202,7 +209,8 @@ def test_series_time_column_must_sort_in_time_order(tmp_path):
                                                               for i in shuffled]) + "\n")
     samples, _ = read_series(str(tmp_path / "iso.csv"), lookback=8, horizon=2, stride=10, time_column="date",
                              fractions=(1, 0, 0))
-    assert samples[0].series["lookback"] == list(range(8)) and samples[-1].series["target"] == [48, 49]
+    assert as_lists(samples[0].series)["lookback"] == list(range(8))
+    assert samples[-1].series["target"].tolist() == [48, 49]
 
 
 def conversation(n_images=1):
@@ -312,7 +320,7 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
     samples, rejects = read_series(str(tmp_path / "data-00000-of-00001.arrow"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
     assert {s.meta["item"] for s in samples} == {"a", "d"} and len(samples) == 2 * 8  # (40 - 12) / 4 + 1 each
     first = next(s for s in samples if s.meta["item"] == "d")
-    assert first.series == {"lookback": [v * 2 for v in ramp[:8]], "target": [v * 2 for v in ramp[8:12]]}
+    assert as_lists(first.series) == {"lookback": [v * 2 for v in ramp[:8]], "target": [v * 2 for v in ramp[8:12]]}
     assert first.key == sample_key("data-00000-of-00001-target-d-0")
     assert [(r.source.rsplit(":", 1)[1], r.reason) for r in rejects] == [
         ("target[b]", "row b's 'target' has 2 values, fewer than lookback + horizon = 12"),
@@ -322,18 +330,19 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
     pq.write_table(multivariate, tmp_path / "m.parquet")
     samples, rejects = read_series(str(tmp_path / "m.parquet"), 8, 4, 4, "test", [0.5, 0.2, 0.3])
     assert not rejects and {s.meta["variate"] for s in samples} == {0, 1}
-    assert [s.series["target"] for s in samples if s.meta["variate"] == 1][0] == [-v for v in ramp[28:32]]
+    assert [s.series["target"].tolist() for s in samples if s.meta["variate"] == 1][0] == [-v for v in ramp[28:32]]
 
     repeated = pa.table({"item_id": ["a", "a"], "target": [ramp, [-v for v in ramp]]})
     pq.write_table(repeated, tmp_path / "r.parquet")
     samples, rejects = read_series(str(tmp_path / "r.parquet"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
     assert len(samples) == len(rejects) == 8 and {r.reason for r in rejects} == {"duplicate sample id"}
-    assert samples[0].series["target"] == ramp[8:12]  # the first of the two rows named "a"
+    assert samples[0].series["target"].tolist() == ramp[8:12]  # the first of the two rows named "a"
 
 
 def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
     """GIFT-Eval as its repository ships: `<dataset>/<freq>/data-00000-of-00001.arrow` beside JSON records. Every
-    file is read, keyed by its path under the folder (the file names repeat); one that does not read is rejected."""
+    file is read, keyed by its path under the folder (the file names repeat); one that does not read is rejected;
+    where a `save_to_disk` state.json lists a folder's data files, only those (not `datasets`' cache files)."""
     import pyarrow as pa
 
     for dataset, sign in (("electricity/15T", 1.0), ("solar/H", -1.0)):
@@ -342,11 +351,16 @@ def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
         with pa.ipc.new_stream(tmp_path / "gift" / dataset / "data-00000-of-00001.arrow", table.schema) as writer:
             writer.write_table(table)
         (tmp_path / "gift" / dataset / "dataset_info.json").write_text("{}")
+    # datasets' processing cache beside the data it lists in state.json: the same rows, read once
+    shutil.copy(tmp_path / "gift" / "solar/H" / "data-00000-of-00001.arrow",
+                tmp_path / "gift" / "solar/H" / "cache-11fee8505f624f99.arrow")
+    (tmp_path / "gift" / "solar/H" / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "11fee8505f624f99"}))
     (tmp_path / "gift" / "broken.parquet").write_bytes(b"not parquet")
     samples, rejects = read_series(str(tmp_path / "gift"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
     assert len(samples) == 6 and len({s.key for s in samples}) == 6  # (20 - 12) / 4 + 1 windows a file
     assert samples[0].meta["id"] == "electricity/15T/data-00000-of-00001-target-item_0-0"
-    assert samples[-1].series["target"] == [-16.0, -17.0, -18.0, -19.0]
+    assert samples[-1].series["target"].tolist() == [-16.0, -17.0, -18.0, -19.0]
     (reject,) = rejects
     assert reject.source == str(tmp_path / "gift" / "broken.parquet") and reject.reason.startswith("not a readable")
     (tmp_path / "records").mkdir()
@@ -357,6 +371,22 @@ def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
         read_series(str(tmp_path / "gift" / "missing"), 8, 4, 4)
 
 
+def test_more_windows_than_a_job_may_hold_stop_the_read_naming_where(tmp_path):
+    """The encode job holds every window: past max_windows the read stops at the series that crosses it, counting
+    the files read before it, rather than be rejected as a bad file (a folder) or run the driver out of memory."""
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "b").mkdir()
+    for name in ("a", "b"):  # 20 rows: (20 - 12) / 4 + 1 = 3 windows a column
+        (tmp_path / "tree" / name / "s.csv").write_text("x,y\n" + "\n".join(f"{i},{-i}" for i in range(20)) + "\n")
+    samples, _ = read_series(str(tmp_path / "tree"), 8, 4, 4, "train", [1.0, 0.0, 0.0], max_windows=12)
+    assert len(samples) == 12
+    with pytest.raises(TooManyWindows, match=r"b/s.csv:y: with the column's 3 windows the job would hold more than "
+                                             r"dataset.max_windows, 11"):
+        read_series(str(tmp_path / "tree"), 8, 4, 4, "train", [1.0, 0.0, 0.0], max_windows=11)
+    with pytest.raises(TooManyWindows, match="s.csv:x: with the column's 3 windows"):
+        read_series(str(tmp_path / "tree" / "a" / "s.csv"), 8, 4, 4, "train", [1.0, 0.0, 0.0], max_windows=2)
+
+
 def test_series_split_at_given_rows_carry_their_training_scale(tmp_path):
     """ETT's benchmark split (the Time-Series-Library's borders; the rows after them unused), and every window's
     series mean and std over its training rows (ddof 0), what that library's tables standardise by."""
@@ -365,7 +395,7 @@ def test_series_split_at_given_rows_carry_their_training_scale(tmp_path):
     samples, rejects = read_series(str(tmp_path / "ETTh1.csv"), 4, 2, 1, "test", split_rows=[12, 16, 20])
     assert not rejects and [s.meta["start"] for s in samples if s.meta["column"] == "a"] == [12, 13, 14]
     first = samples[0]
-    assert first.series == {"lookback": [12.0, 13.0, 14.0, 15.0], "target": [16.0, 17.0]}  # rows 20-23 unread
+    assert as_lists(first.series) == {"lookback": [12.0, 13.0, 14.0, 15.0], "target": [16.0, 17.0]}  # rows 20-23 unread
     assert first.meta["train_mean"] == 5.5 and first.meta["train_std"] == pytest.approx(np.std(np.arange(12)))
     b = next(s for s in samples if s.meta["column"] == "b")
     assert b.meta["train_mean"] == pytest.approx(np.mean(np.arange(12) ** 2))
