@@ -12,6 +12,9 @@ LEADING_LETTER = re.compile(r"^\**\(?([A-Za-z])(?:[.):*]|[ \t]*(?:\n|$))")
 # "The answer is B", "Answer: b)", "answer is (C)", "The answer is: B", "The correct option is B": a lowercase
 # letter needs a closing mark, so that "the answer is a cat" is not option A.
 STATED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+is\s*:?|\s*:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
+# "Option B is right", "I choose C", "I'd pick D": a capital letter as a word after the verb or "option" ("I choose
+# a cat" stays text)
+NAMED_LETTER = re.compile(r"\b(?i:option|choose|chose|pick|select)\s+([A-Z])\b(?!')")
 BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
 
 
@@ -29,7 +32,7 @@ def extract_choice(response: str, options: Sequence[str]) -> str | None:
     """The option letter a free-text response names, or None if it names none (or several)."""
     letters = option_letters(len(options))
     text = response.strip()
-    for pattern in (LEADING_LETTER, STATED_LETTER):
+    for pattern in (LEADING_LETTER, STATED_LETTER, NAMED_LETTER):
         found = pattern.search(text)
         if found and found.group(found.lastindex).upper() in letters:
             return found.group(found.lastindex).upper()

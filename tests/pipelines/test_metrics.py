@@ -68,6 +68,9 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
     ("dark red", "C"),  # the exact option wins over "red", which it contains
     ("red", "D"),
     ("I pick (D) for sure", "D"),
+    ("Option B", "B"), ("I choose C because it is red.", "C"), ("I'd pick D", "D"), ("option A is right", "A"),
+    ("I choose a cat", "B"),  # an article: found through the option text
+    ("Option A's text says dog, so I choose B", "B"),  # "A's" names no pick
     ("E", None),  # there is no fifth option
     ("a bird", None), ("dog or cat", None),
 ])
