@@ -51,7 +51,9 @@ def standardized_errors(prediction, target, mean, std, train_std) -> dict[str, f
     scaled = train_std > 0
     if not scaled.any():
         return {}
-    errors = (denormalize(prediction, mean, std) - denormalize(target, mean, std))[scaled] / train_std[scaled, None]
+    # the original-scale error is the normalised one times its window's std (the mean cancels)
+    normalized = np.asarray(prediction, dtype=np.float64) - np.asarray(target, dtype=np.float64)
+    errors = (normalized * np.asarray(std, dtype=np.float64).reshape(-1, 1))[scaled] / train_std[scaled, None]
     left_out = int(np.sum(~scaled))
     return {"mse_standardized": float(np.mean(errors**2)), "mae_standardized": float(np.mean(np.abs(errors))),
             **({"windows_without_train_scale": left_out} if left_out else {})}
