@@ -124,18 +124,20 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
 
     from modrwkv.wavenet import STD_FLOOR
 
-    normalised, mean, std = normalised_lookback(s.series["lookback"], limits, s.key)
-    target = torch.from_numpy(check_series(s.series["target"], Limits(min_series_length=1), "target"))[:, None]
+    # the raw values are let go here, prepared or rejected (s.series emptied: views of whole series, each freed with
+    # its last window), the driver holding every window until the entry is written; the key covers them by digest
+    try:
+        normalised, mean, std = normalised_lookback(s.series["lookback"], limits, s.key)
+        target = torch.from_numpy(check_series(s.series["target"], Limits(min_series_length=1), "target"))[:, None]
+        values = {part: hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
+                  for part, v in s.series.items()}
+    finally:
+        s.series.clear()
     # a flat lookback's std is the floor: a target that moves by more would train on normalised values of 1e5
     if float(std) <= STD_FLOOR and float((target - mean).abs().max()) > STD_FLOOR:
         raise Rejected("the lookback is flat but the target moves: the target has no scale to be normalised by")
     window = normalised[:, 0].numpy()
     arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
-    # the raw values are let go here (s.series emptied: views of whole series, each freed with its last window), the
-    # driver holding every window until the entry is written; the key covers them by their digest
-    values = {part: hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
-              for part, v in s.series.items()}
-    s.series.clear()
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,
                     {"mean": float(mean), "std": float(std), "values_sha256": values})
 
@@ -355,7 +357,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
     fingerprints = cache_fingerprints(config.cache.root)
-    prepared = prepare(check_texts(samples, rejects), rejects, config.limits, fingerprints)
+    samples = check_texts(samples, rejects)  # the rejected let go (a series window holds a view of its series)
+    prepared = prepare(samples, rejects, config.limits, fingerprints)
     sections = dataclasses.asdict(config)
     key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
                     fingerprints, config.cache.precision)

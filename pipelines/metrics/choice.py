@@ -13,8 +13,10 @@ LEADING_LETTER = re.compile(r"^\**\(?([A-Za-z])(?:[.):*]|[ \t]*(?:\n|$))")
 # letter needs a closing mark, so that "the answer is a cat" is not option A.
 STATED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+is\s*:?|\s*:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
 # "Option B is right", "I choose C", "I'd pick D": a capital letter as a word after the verb or "option" ("I choose
-# a cat" stays text)
-NAMED_LETTER = re.compile(r"\b(?i:option|choose|chose|pick|select)\s+([A-Z])\b(?!')")
+# a cat" stays text), not one of a list ("pick A or B", "Select A, B, C or D"), nor after a negation ("I would not
+# choose A"); a reply naming two this way names none
+NAMED_LETTER = re.compile(r"\b(?i:option|choose|chose|pick|select)\s+([A-Z])\b(?!['’]|\s*(?:[,/]|or\b|and\b))")
+NEGATED = re.compile(r"(?i:\bnot|n't|n’t|\bnever)\s+(?:\w+\s+)?$")
 BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
 
 
@@ -32,10 +34,13 @@ def extract_choice(response: str, options: Sequence[str]) -> str | None:
     """The option letter a free-text response names, or None if it names none (or several)."""
     letters = option_letters(len(options))
     text = response.strip()
-    for pattern in (LEADING_LETTER, STATED_LETTER, NAMED_LETTER):
+    for pattern in (LEADING_LETTER, STATED_LETTER):
         found = pattern.search(text)
         if found and found.group(found.lastindex).upper() in letters:
             return found.group(found.lastindex).upper()
+    named = {m.group(1) for m in NAMED_LETTER.finditer(text) if not NEGATED.search(text[:m.start()])} & set(letters)
+    if len(named) == 1:
+        return named.pop()
     bracketed = {m.upper() for m in BRACKETED_LETTER.findall(text)} & set(letters)
     if len(bracketed) == 1:
         return bracketed.pop()

@@ -18,9 +18,9 @@ from .entry import canonical_json, cache_id
 from .precision import DEFAULT, Precision
 
 FINGERPRINTS_FOLDER = "fingerprints"
-# where the files are, and the permission to read outside the media root, change no sample: the samples they
-# admit are in the samples' records
-LOCATION_ONLY = ("path", "media_root", "allow_media_outside_root")
+# where the files are, the permission to read outside the media root and the bound on a job's windows change no
+# sample: the samples they admit are in the samples' records
+CHANGE_NO_SAMPLE = ("path", "media_root", "allow_media_outside_root", "max_windows")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
@@ -66,7 +66,7 @@ def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[di
     for record in records:
         digest.update(canonical_json(record))
     return {"modality": store["modality"], "store": store, "shard_size": shard_size,
-            "dataset": {k: v for k, v in dataset.items() if k not in LOCATION_ONLY},
+            "dataset": {k: v for k, v in dataset.items() if k not in CHANGE_NO_SAMPLE},
             "samples_hash": digest.hexdigest()}
 
 

@@ -121,19 +121,22 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
 
 def dataset_files(uri: str) -> list[str]:
     """The series files under a folder, relative to it. In a folder Hugging Face's `save_to_disk` wrote (its
-    state.json lists the data files) only those: the `cache-*.arrow` files `datasets` leaves beside them hold the
-    same rows again (some of GiftEvalPretrain's folders ship one)."""
+    state.json lists the data files) the .arrow files it lists, not the `cache-*.arrow` files `datasets` leaves beside
+    them, which hold the same rows again (some of GiftEvalPretrain's folders ship one); every file where the
+    state.json is some other program's or names a file that is not there."""
     files = sorted(f for suffix in READERS for f in storage.walk(uri, suffix))
+    present = {(posixpath.dirname(f), posixpath.basename(f)) for f in files}
     listed = {}
-    for state in storage.walk(uri, "state.json"):
-        if posixpath.basename(state) != "state.json":
-            continue
+    for state in (s for s in storage.walk(uri, "state.json") if posixpath.basename(s) == "state.json"):
+        folder = posixpath.dirname(state)
         try:
-            data_files = json.loads(storage.read_bytes(storage.join(uri, state)))["_data_files"]
-            listed[posixpath.dirname(state)] = {d["filename"] for d in data_files}
-        except (ValueError, KeyError, TypeError):  # some other program's state.json: every file counts
+            names = {d["filename"] for d in json.loads(storage.read_bytes(storage.join(uri, state)))["_data_files"]}
+        except (ValueError, KeyError, TypeError):
             continue
-    return [f for f in files if posixpath.basename(f) in listed.get(posixpath.dirname(f), {posixpath.basename(f)})]
+        if all((folder, name) in present for name in names):
+            listed[folder] = names
+    return [f for f in files if not f.endswith(".arrow") or posixpath.dirname(f) not in listed
+            or posixpath.basename(f) in listed[posixpath.dirname(f)]]
 
 
 def file_series(uri: str, stem: str, windows: "Windowing", columns,

@@ -22,7 +22,7 @@ from pipelines.encode import EncodeConfig, run_encode, series_window
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.demo_data import build_digits
 from preprocessing.readers.sample import RawSample, sample_key
-from preprocessing.validate import Limits
+from preprocessing.validate import Limits, Rejected
 from tests.tiny_models import save_tiny_clip, save_tiny_whisper
 
 from ..preprocessing.bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
@@ -258,6 +258,22 @@ def test_a_series_window_lets_its_values_go_and_its_key_still_covers_them():
     assert a.record() != b.record()
     assert a.record() == series_window(window([8.0, 9.0]), Limits()).record()
     np.testing.assert_allclose(a.arrays["target"] * a.meta["std"] + a.meta["mean"], [8.0, 9.0], rtol=1e-6)
+    rejected = window([8.0, np.nan])  # a rejected window lets its values go too: they may view a whole file
+    with pytest.raises(Rejected, match="NaN"):
+        series_window(rejected, Limits())
+    assert rejected.series == {}
+
+
+def test_the_bound_on_a_jobs_windows_is_not_in_the_entry_key(tmp_path):
+    """Raising max_windows to get past it must find the entry the lower bound built, not encode another."""
+    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(60)) + "\n")
+    spec = {"dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4,
+                        "stride": 4, "fractions": [1.0, 0.0, 0.0]},
+            "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}}
+    first = run_encode(from_dict(EncodeConfig, spec))
+    spec["dataset"]["max_windows"] = first.manifest["counts"]["written"]
+    again = run_encode(from_dict(EncodeConfig, spec))
+    assert not first.reused and again.reused and again.uri == first.uri
 
 
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):
@@ -451,7 +467,7 @@ import json, os, sys, time
 import ray
 from ray.util.state import list_actors, list_tasks
 from pipelines.config import from_dict
-from pipelines.encode import EncodeConfig, run_encode, series_window
+from pipelines.encode import EncodeConfig, run_encode
 
 spec, settings, dashboard_port = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 dashboard = "http://" + ray.init(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,

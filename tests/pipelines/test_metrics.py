@@ -71,6 +71,9 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
     ("Option B", "B"), ("I choose C because it is red.", "C"), ("I'd pick D", "D"), ("option A is right", "A"),
     ("I choose a cat", "B"),  # an article: found through the option text
     ("Option A's text says dog, so I choose B", "B"),  # "A's" names no pick
+    ("Option A is wrong; option B is right.", None),  # two named: none
+    ("I would not choose A. It is the cat.", "B"), ("I wouldn’t pick A: a cat", "B"),  # negated: the text decides
+    ("Select A, B, C or D: the cat", "B"), ("I can pick A or B", None),  # a list of letters names none
     ("E", None),  # there is no fifth option
     ("a bird", None), ("dog or cat", None),
 ])

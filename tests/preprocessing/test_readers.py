@@ -356,9 +356,16 @@ def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
                 tmp_path / "gift" / "solar/H" / "cache-11fee8505f624f99.arrow")
     (tmp_path / "gift" / "solar/H" / "state.json").write_text(json.dumps(
         {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "11fee8505f624f99"}))
+    # a state.json naming a file that is not there (renamed since) filters nothing: every file is read
+    shutil.copytree(tmp_path / "gift" / "solar/H", tmp_path / "gift" / "solar/D")
+    (tmp_path / "gift" / "solar/D" / "data-00000-of-00001.arrow").rename(tmp_path / "gift" / "solar/D" / "data.arrow")
     (tmp_path / "gift" / "broken.parquet").write_bytes(b"not parquet")
     samples, rejects = read_series(str(tmp_path / "gift"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
-    assert len(samples) == 6 and len({s.key for s in samples}) == 6  # (20 - 12) / 4 + 1 windows a file
+    # (20 - 12) / 4 + 1 windows a file: electricity's, solar/H's data file, solar/D's two
+    assert len(samples) == 12 and len({s.key for s in samples}) == 12
+    assert {s.meta["id"].rsplit("-target", 1)[0] for s in samples} == {
+        "electricity/15T/data-00000-of-00001", "solar/H/data-00000-of-00001", "solar/D/data",
+        "solar/D/cache-11fee8505f624f99"}
     assert samples[0].meta["id"] == "electricity/15T/data-00000-of-00001-target-item_0-0"
     assert samples[-1].series["target"].tolist() == [-16.0, -17.0, -18.0, -19.0]
     (reject,) = rejects
