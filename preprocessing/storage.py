@@ -184,9 +184,9 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def walk(uri: str, suffix: str) -> list[str]:
-    """Every file under a folder, recursively, whose name ends with `suffix`, as paths relative to the folder (what
-    `media_path` takes)."""
+def walk(uri: str, suffix: str | tuple[str, ...]) -> list[str]:
+    """Every file under a folder, recursively, whose name ends with `suffix` (or one of them), as paths relative to
+    the folder (what `media_path` takes), sorted."""
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: not a folder")
