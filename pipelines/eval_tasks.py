@@ -1,18 +1,22 @@
 """The evaluation tasks, one class each: how one cached sample is prompted and predicted, how the predictions are
 scored beside a trivial baseline, and which plots show them. `TASKS` maps the names `EvalConfig.task` takes to
-the classes; a task's settings are the eval config's fields of the same names (e.g. `season`)."""
+the classes; a task's settings are the eval config's fields of the same names (e.g. `season`).
+
+Predictions arrive a shard at a time and are scored as they come (`Tally`): what scoring needs is kept, never a
+test set's every forecast (the paper's Traffic set: 2.9M windows of 816 values)."""
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
-from .metrics.forecast import forecast_errors, mase, mase_scale, seasonal_naive, standardized_errors
+from .metrics.forecast import ForecastErrors, seasonal_naive
 from .metrics.vqa import mean_exact_match, normalize_answer
 from .plots import pyplot, save_figure
+from .row_sample import RowSample
 
 if TYPE_CHECKING:
     from modrwkv.conversation import Sample
@@ -20,9 +24,22 @@ if TYPE_CHECKING:
 TaskName = Literal["vqa", "asr", "forecast"]
 
 
+class Tally(ABC):
+    """A task's scores, running: the rows of each predicted shard are added as it arrives."""
+
+    @abstractmethod
+    def add(self, rows: list[dict]) -> None:
+        """Scored rows (none skipped)."""
+
+    @abstractmethod
+    def result(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(metrics, the trivial baseline's metrics) over the rows added."""
+
+
 @dataclass
 class EvalTask(ABC):
     modality: ClassVar[str]  # the feature cache it reads
+    unsaved: ClassVar[tuple[str, ...]] = ()  # row fields scoring reads that the predictions file leaves out
 
     @classmethod
     def from_config(cls, config) -> "EvalTask":
@@ -63,8 +80,29 @@ class EvalTask(ABC):
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         """(metrics, the trivial baseline's metrics) over the predicted rows."""
 
-    def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
+    def tally(self) -> Tally:
+        """Running scores: by default the rows are kept (a text answer's are a few hundred bytes) and scored at the
+        end."""
+        return KeptRows(self)
+
+    def saved(self, row: dict) -> dict:
+        """The row as the predictions file holds it."""
+        return {k: v for k, v in row.items() if k not in self.unsaved}
+
+    def plots(self, tally: Tally, out_dir: Path) -> list[Path]:
         return []
+
+
+@dataclass
+class KeptRows(Tally):
+    task: EvalTask
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+
+    def result(self) -> tuple[dict[str, float], dict[str, float]]:
+        return self.task.score(self.rows)
 
 
 @dataclass
@@ -125,9 +163,9 @@ class VQA(DecodeTask):
             counts[index[normalize_answer(r["reference"])], index.get(normalize_answer(r["prediction"]), -1)] += 1
         return labels, counts
 
-    def plots(self, rows: list[dict], out_dir: Path) -> list[Path]:
+    def plots(self, tally: KeptRows, out_dir: Path) -> list[Path]:
         """Reference vs prediction counts, when the answers form a small closed set (e.g. digit words)."""
-        labels, counts = self.confusion(rows)
+        labels, counts = self.confusion(tally.rows)
         if not 2 <= len(labels) <= 30:
             return []
         plt = pyplot()
@@ -172,51 +210,48 @@ class ASR(DecodeTask):
 @dataclass
 class Forecast(EvalTask):
     """The forecast head's horizon: MSE/MAE on both scales and MASE, beside the seasonal-naive forecast; a plot of
-    forecasts against the truth."""
+    forecasts against the truth. `batch_size` windows are forecast in one pass of the model."""
 
     modality: ClassVar[str] = "series"
+    # 720 values a window at the paper's lookback, already in the cache beside the row's key
+    unsaved: ClassVar[tuple[str, ...]] = ("lookback",)
     season: int = 1  # the seasonal-naive baseline's period (1 = naive)
+    batch_size: int = 16
 
     def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
-        """One forward per sample: a forecast reads a single pass, there is no decoding loop to batch."""
         import torch  # see EvalTask.predict
 
+        from modrwkv.batching import right_pad
+
         rows, device = [], model.backbone.emb.weight.device
-        for sample, ids, items in zip(samples, prompts, features):
-            lookback = torch.from_numpy(sample.lookback).float()[None].to(device)
-            output = model(torch.tensor([ids], device=device), [items], series_lookback=lookback)
-            forecast = output.forecast[0].cpu().numpy()
-            rows.append({"prediction": forecast.tolist(), "reference": sample.target.tolist(),
-                         "lookback": sample.lookback.tolist(), "mean": sample.meta["mean"], "std": sample.meta["std"],
-                         # cached before the reader recorded it: no standardized errors
-                         "train_std": sample.meta.get("train_std")})
+        for start in range(0, len(prompts), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            ids, mask, _ = right_pad(prompts[batch], device=device)
+            lookbacks = [torch.from_numpy(s.lookback).float() for s in samples[batch]]
+            length = max(len(x) for x in lookbacks)  # the skip reads the last values: left padding leaves them
+            lookback = torch.stack([torch.nn.functional.pad(x, (length - len(x), 0)) for x in lookbacks]).to(device)
+            forecasts = model(ids, features[batch], attention_mask=mask, series_lookback=lookback).forecast
+            rows += [{"prediction": shortest_float32(forecast.float().cpu().numpy()),
+                      "reference": shortest_float32(sample.target), "lookback": sample.lookback.tolist(),
+                      "mean": sample.meta["mean"], "std": sample.meta["std"],
+                      # cached before the reader recorded it: no standardized errors
+                      "train_std": sample.meta.get("train_std")}
+                     for sample, forecast in zip(samples[batch], forecasts)]
         return rows
 
+    def tally(self) -> "ForecastTally":
+        return ForecastTally(self.season)
+
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
-        prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
-        mean, std = (np.array([[r[k]] for r in rows]) for k in ("mean", "std"))
+        tally = self.tally()
+        tally.add(rows)
+        return tally.result()
 
-        train_std = [r.get("train_std") for r in rows]
-
-        def errors(forecast: np.ndarray) -> dict[str, float]:
-            scaled = forecast_errors(forecast, target, mean, std)
-            if None not in train_std:
-                scaled.update(standardized_errors(forecast, target, mean, std, train_std))
-            return {**scaled, "mase": mase(forecast, target, lookback, self.season)}
-
-        metrics, baselines = errors(prediction), errors(seasonal_naive(lookback, target.shape[1], self.season))
-        unscaled = int(np.sum(mase_scale(lookback, self.season) == 0))
-        if unscaled:  # flat stretches (zero sales, a stuck sensor): MSE and MAE count them, MASE cannot
-            metrics["windows_without_mase"] = unscaled
-            print(f"forecast: {unscaled} of {len(rows)} windows repeat exactly with period {self.season} in their "
-                  "lookback: left out of MASE")
-        return metrics, baselines
-
-    def plots(self, rows: list[dict], out_dir: Path, n: int = 4) -> list[Path]:
-        """Lookback, truth and forecast of the first windows, on the original scale."""
-        picked = rows[:: max(len(rows) // n, 1)][:n]
-        fig, axes = pyplot().subplots(len(picked), 1, figsize=(7, 2.2 * len(picked)), squeeze=False)
-        for ax, r in zip(axes[:, 0], picked):
+    def plots(self, tally: "ForecastTally", out_dir: Path) -> list[Path]:
+        """Lookback, truth and forecast of a few windows (`ForecastTally.shown`), on the original scale."""
+        shown = tally.shown.rows()
+        fig, axes = pyplot().subplots(len(shown), 1, figsize=(7, 2.2 * len(shown)), squeeze=False)
+        for ax, r in zip(axes[:, 0], shown):
             lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"]
                                          for k in ("lookback", "reference", "prediction"))
             future = np.arange(len(lookback), len(lookback) + len(truth))
@@ -226,6 +261,42 @@ class Forecast(EvalTask):
             ax.set_title(r["key"], fontsize=9)
         axes[0, 0].legend(fontsize=8)
         return [save_figure(fig, out_dir / "forecast_vs_truth.png")]
+
+
+def shortest_float32(values) -> list[float]:
+    """float32 values as the shortest decimals that read back as them: half the JSON of their float64 digits."""
+    return [float(str(v)) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
+
+
+@dataclass
+class ForecastTally(Tally):
+    """The forecasts' and the seasonal-naive forecasts' error sums, and the few windows the plot shows."""
+
+    season: int
+    model: ForecastErrors = field(init=False)
+    naive: ForecastErrors = field(init=False)
+    shown: RowSample = field(default_factory=lambda: RowSample(4))
+
+    def __post_init__(self):
+        self.model, self.naive = ForecastErrors(self.season), ForecastErrors(self.season)
+
+    def add(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        prediction, target, lookback = (np.array([r[k] for r in rows]) for k in ("prediction", "reference", "lookback"))
+        std, train_std = [r["std"] for r in rows], [r.get("train_std") for r in rows]
+        train_std = None if None in train_std else train_std
+        self.model.add(prediction, target, std, lookback, train_std)
+        self.naive.add(seasonal_naive(lookback, target.shape[1], self.season), target, std, lookback, train_std)
+        self.shown.add(rows)
+
+    def result(self) -> tuple[dict[str, float], dict[str, float]]:
+        metrics = self.model.result()
+        baselines = {k: v for k, v in self.naive.result().items() if not k.startswith("windows_")}  # the same counts
+        if metrics.get("windows_without_mase"):  # flat stretches (zero sales, a stuck sensor): MSE counts them
+            print(f"forecast: {metrics['windows_without_mase']} of {self.shown.seen} windows repeat exactly with "
+                  f"period {self.season} in their lookback: left out of MASE")
+        return metrics, baselines
 
 
 TASKS: dict[TaskName, type[EvalTask]] = {"vqa": VQA, "asr": ASR, "forecast": Forecast}

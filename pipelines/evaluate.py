@@ -2,14 +2,16 @@
 
 Ray Data batch inference over a feature cache (one actor per model copy, one shard per call), or with `actors: 0`
 in this process (on the GPU when there is one: a one-GPU machine, a debugger), each sample predicted, and the
-whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Predictions go to JSONL; metrics, a
-per-sample table and the plots go to MLflow, in a child run of the training run (`track: false`: to disk only,
-with neither Ray nor MLflow imported).
+whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Shards are written and scored as they arrive,
+so the driver holds a shard's rows at a time, whatever the test set's size. Predictions go to JSONL, in the cache's
+order; metrics, a per-sample table (`table_rows` of them at most) and the plots go to MLflow, in a child run of the
+training run (`track: false`: to disk only, with neither Ray nor MLflow imported).
 """
 
 import argparse
 import json
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -24,8 +26,9 @@ from preprocessing.local_copy import publish, working_dir
 from .caches import resolve_caches
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags, require_cuda
-from .eval_tasks import TASKS, EvalTask, TaskName
+from .eval_tasks import TASKS, EvalTask, Tally, TaskName
 from .logged_models import check_registered_name, local_model
+from .row_sample import RowSample
 
 
 @dataclass
@@ -35,11 +38,12 @@ class EvalConfig:
     cache: str  # a feature-cache entry, or an encode YAML (found in the cache or encoded first)
     out_dir: str = "runs/eval"  # a folder or s3:// URI
     max_new_tokens: int = 16
-    batch_size: int = 16  # prompts decoded together (vqa, asr); 1 = one at a time
+    batch_size: int = 16  # prompts decoded together (vqa, asr), windows forecast together (forecast)
     quantize: Literal["none", "int8", "bf16"] = "none"  # the model's linear weights (modrwkv.quantize)
     actors: int = 1  # Ray Data prediction actors; 0: in this process, on the GPU when there is one
     gpus_per_actor: float = 0.0  # each actor's share of a GPU, which holds its model copy; 0: CPU actors
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
+    table_rows: int = 10_000  # the MLflow table's rows at most (a sample by key hash): every row is in the JSONL
     tracking_uri: str | None = field(default=None, repr=False)  # not in the repr: it may hold credentials
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
@@ -50,6 +54,9 @@ class EvalConfig:
         check_registered_name(self.register_as)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor must be 0 or more, not {self.gpus_per_actor}")
+        if self.batch_size < 1 or self.table_rows < 0:
+            raise ValueError(f"batch_size must be 1 or more and table_rows 0 or more, not {self.batch_size} and "
+                             f"{self.table_rows}")
 
 
 @dataclass
@@ -89,16 +96,13 @@ class Predictor:
         return {"rows": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object)}
 
 
-def predict_all(config: EvalConfig, cache_uri: str, task: EvalTask) -> list[dict]:
+def predicted_shards(config: EvalConfig, cache_uri: str, task: EvalTask) -> Iterator[list[dict]]:
+    """Each shard's predicted rows, shard by shard in the cache's order."""
     n_shards = len(FeatureCache(cache_uri).shards)
     shards = (predict_here(config, cache_uri, task) if config.actors == 0
               else predict_with_ray(config, cache_uri, task, n_shards))
-    rows = []
-    with tqdm(total=n_shards, desc=f"eval {config.task}", unit="shard") as bar:
-        for batch in shards:
-            rows += [json.loads(r) for r in batch["rows"]]
-            bar.update(1)
-    return sorted(rows, key=lambda r: r["key"])
+    for batch in tqdm(shards, total=n_shards, desc=f"eval {config.task}", unit="shard"):
+        yield [json.loads(r) for r in batch["rows"]]
 
 
 def predict_here(config: EvalConfig, cache_uri: str, task: EvalTask):
@@ -121,6 +125,7 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         num_gpus=config.gpus_per_actor or None,
                         fn_constructor_kwargs=actor_arguments(config, cache_uri, task))
+    ds.context.execution_options.preserve_order = True  # the predictions file in the cache's order, run after run
     return ds.iter_batches(batch_size=None)
 
 
@@ -132,10 +137,11 @@ def actor_arguments(config: EvalConfig, cache_uri: str, task: EvalTask) -> dict:
             "device": "cuda" if config.gpus_per_actor else "cpu", "s3": storage.Settings(env)}
 
 
-def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: EvalResult, rows: list[dict],
+def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: EvalResult, table: RowSample,
                   plots: list[Path]) -> str:
     """A child run of the training run: metrics (on the logged model they scored, when the checkpoint is one),
-    baselines, the per-sample table and the plots."""
+    baselines, the per-sample table (a sample of the scored rows when there are more than `table_rows`) and the
+    plots."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -166,7 +172,8 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         # what decides the scores beside the model and the cache; a quantized model's scores carry the quantization
         # in their names, so that they never pass for the model's own (on the logged model, in its versions' tags)
         settings = {"task": config.task, "cache": cache_uri, "quantize": config.quantize,
-                    "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season}
+                    "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "season": config.season,
+                    "table_rows": config.table_rows}
         scores = (result.metrics if config.quantize == "none"
                   else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
         client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
@@ -174,10 +181,14 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
             params=[Param(k, str(v)) for k, v in settings.items()])
         if model_id:
             link_eval(uri, run_id, model_id, scores, cache_uri)
-        table = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
-                 for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
-        mlflow.set_tracking_uri(uri)
-        mlflow.log_table(table, artifact_file=f"eval_{config.task}.json", run_id=run_id)
+        rows = table.rows()
+        if rows:
+            columns = {k: [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for r in rows]
+                       for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
+            mlflow.set_tracking_uri(uri)
+            mlflow.log_table(columns, artifact_file=f"eval_{config.task}.json", run_id=run_id)
+        client.set_tag(run_id, "table", f"{len(rows)} of the {table.seen} scored rows (every row when they are no "
+                                        f"more than table_rows; else those whose keys hash lowest)")
         client.log_artifact(run_id, str(result.predictions))
         for plot in plots:
             client.log_artifact(run_id, str(plot))
@@ -197,29 +208,49 @@ def run_eval(config: EvalConfig) -> EvalResult:
         from .tracking import tracking_uri
 
         config = replace(config, tracking_uri=tracking_uri(config.tracking_uri))
-    rows = predict_all(config, cache_uri, task)
     out = working_dir(config.out_dir)
     predictions = out / f"predictions_{config.task}.jsonl"
-    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    # a sample the model cannot take is not predicted: counted, and named with its reason in the predictions file
-    skipped = [r for r in rows if "skipped" in r]
-    scored = [r for r in rows if "skipped" not in r]
-    if skipped and not scored:
-        raise ValueError(f"{cache_uri}: no row to score, every sample was skipped, e.g. {skipped[0]['skipped']}")
-    metrics, baselines = task.score(scored)
-    if skipped:
-        metrics["rows_skipped"] = len(skipped)
-        print(f"eval {config.task}: {len(skipped)} samples skipped, e.g. {skipped[0]['skipped']}")
+    scored = write_and_score(predicted_shards(config, cache_uri, task), task, predictions, config.table_rows)
+    if scored.skipped and not scored.table.seen:
+        raise ValueError(f"{cache_uri}: no row to score, every sample was skipped, e.g. {scored.first_reason}")
+    metrics, baselines = scored.tally.result()
+    if scored.skipped:
+        metrics["rows_skipped"] = scored.skipped
+        print(f"eval {config.task}: {scored.skipped} samples skipped, e.g. {scored.first_reason}")
     result = EvalResult(metrics, baselines, predictions)
-    plots = task.plots(scored, out)
+    plots = task.plots(scored.tally, out)
     publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
     if config.track:
-        result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, scored, plots)
+        result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, scored.table, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"eval {config.task} on {len(scored)} samples: {shown}; predictions in "
+    print(f"eval {config.task} on {scored.table.seen} samples: {shown}; predictions in "
           f"{storage.join(config.out_dir, predictions.name)}")
     return result
+
+
+@dataclass
+class Scored:
+    tally: Tally
+    table: RowSample  # the MLflow table's rows; `seen`: every scored row
+    skipped: int = 0  # samples the model could not take
+    first_reason: str | None = None
+
+
+def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: Path, table_rows: int) -> Scored:
+    """Each shard's rows written to the predictions file and added to the task's running scores as it arrives:
+    the driver holds one shard's rows at a time."""
+    scored = Scored(task.tally(), RowSample(table_rows))
+    with predictions.open("w") as file:
+        for rows in shards:
+            file.writelines(json.dumps(task.saved(r), ensure_ascii=False) + "\n" for r in rows)
+            # a sample the model cannot take is not predicted: counted, and named with its reason in the file
+            taken = [r for r in rows if "skipped" not in r]
+            scored.skipped += len(rows) - len(taken)
+            scored.first_reason = scored.first_reason or next((r["skipped"] for r in rows if "skipped" in r), None)
+            scored.tally.add(taken)
+            scored.table.add([task.saved(r) for r in taken])
+    return scored
 
 
 def main(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from preprocessing.cache.entry import FeatureCache
 
-from .forecast import forecast_errors
+from .forecast import ForecastErrors
 from .vqa import normalize_answer
 
 if TYPE_CHECKING:  # the driver (`modrwkv demo`) loads no torch
@@ -95,5 +95,5 @@ def ridge_forecast_mse(train: list["Sample"], test: list["Sample"]) -> float:
 
     stack = lambda ss, k: np.stack([getattr(s, k) for s in ss])  # noqa: E731
     ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(stack(train, "lookback"), stack(train, "target"))
-    mean, std = (np.array([s.meta[k] for s in test]) for k in ("mean", "std"))
-    return forecast_errors(ridge.predict(stack(test, "lookback")), stack(test, "target"), mean, std)["mse"]
+    std = np.array([s.meta["std"] for s in test])
+    return ForecastErrors().add(ridge.predict(stack(test, "lookback")), stack(test, "target"), std).result()["mse"]

@@ -2,8 +2,12 @@
 series' training-range scale (the benchmarks' "standardized" figures), and MASE, which divides the error by that of
 a seasonal-naive forecast on the lookback window.
 
-Arrays are [windows, horizon] (or [horizon] for one window); lookback windows are [windows, length].
+Arrays are [windows, horizon] (or [horizon] for one window); lookback windows are [windows, length]. A test set's
+errors are summed batch by batch (`ForecastErrors`): the paper's ECL and Traffic test sets hold millions of windows.
 """
+
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,27 +40,65 @@ def denormalize(values, mean, std) -> np.ndarray:
     return values * std + mean
 
 
-def forecast_errors(prediction, target, mean, std) -> dict[str, float]:
-    """MSE and MAE of normalised forecasts, and of the same forecasts back on the original scale."""
-    original_prediction, original_target = denormalize(prediction, mean, std), denormalize(target, mean, std)
-    return {"mse_normalized": mse(prediction, target), "mae_normalized": mae(prediction, target),
-            "mse": mse(original_prediction, original_target), "mae": mae(original_prediction, original_target)}
+@dataclass
+class ForecastErrors:
+    """A forecast's errors over a test set, added a batch of windows at a time: `result()` is what one call on all
+    the windows would give, in the memory of a few sums.
 
+    - mse/mae_normalized: on the per-window z-scored values the model predicts;
+    - mse/mae: on the original scale, the normalised error times its window's std (the mean cancels);
+    - mse/mae_standardized: the original error over its series' training std, the scale the Time-Series-Library's
+      tables report; a series constant in training (std 0) has none: left out and counted; none at all when a
+      batch came without training scales (a cache from before the reader recorded them);
+    - mase: the mean over windows of MAE over the lookback's seasonal-naive in-sample MAE (M4's per-window MASE,
+      scale-free, so the normalised values serve); a window repeating exactly with `period` has no scale: left out
+      and counted, NaN when no window has one. Needs each window's lookback."""
 
-def standardized_errors(prediction, target, mean, std, train_std) -> dict[str, float]:
-    """MSE and MAE on each series' training-range scale (original-scale errors / its train std): the scale the
-    Time-Series-Library's tables report, comparable across series and datasets. Windows whose series was constant
-    in training (std 0) have none: left out, and counted; {} when no window has one."""
-    train_std = np.asarray(train_std, dtype=np.float64).reshape(-1)
-    scaled = train_std > 0
-    if not scaled.any():
-        return {}
-    # the original-scale error is the normalised one times its window's std (the mean cancels)
-    normalized = np.asarray(prediction, dtype=np.float64) - np.asarray(target, dtype=np.float64)
-    errors = (normalized * np.asarray(std, dtype=np.float64).reshape(-1, 1))[scaled] / train_std[scaled, None]
-    left_out = int(np.sum(~scaled))
-    return {"mse_standardized": float(np.mean(errors**2)), "mae_standardized": float(np.mean(np.abs(errors))),
-            **({"windows_without_train_scale": left_out} if left_out else {})}
+    period: int = 1
+    sums: Counter = field(default_factory=Counter)  # metric -> sum of its terms
+    terms: Counter = field(default_factory=Counter)  # metric -> how many terms (values, or windows for mase)
+    left_out: Counter = field(default_factory=Counter)  # "windows_without_train_scale" / "windows_without_mase"
+    without_train_scales: bool = False
+
+    def add(self, prediction, target, std, lookback=None, train_std=None) -> "ForecastErrors":
+        prediction, target = matching_arrays(prediction, target)
+        normalized = np.atleast_2d(prediction - target)
+        original = normalized * np.asarray(std, dtype=np.float64).reshape(-1, 1)
+        self.sum_errors("_normalized", normalized)
+        self.sum_errors("", original)
+        if train_std is None:
+            self.without_train_scales = True
+        else:
+            train_std = np.asarray(train_std, dtype=np.float64).reshape(-1)
+            scaled = train_std > 0
+            self.sum_errors("_standardized", original[scaled] / train_std[scaled, None])
+            self.left_out["windows_without_train_scale"] += int(np.sum(~scaled))
+        if lookback is not None:
+            scale = mase_scale(lookback, self.period)
+            if scale.shape[0] != normalized.shape[0]:
+                raise ValueError(f"need one lookback window per forecast: got {scale.shape[0]} for "
+                                 f"{normalized.shape[0]}")
+            scaled = scale > 0
+            self.sums["mase"] += float(np.sum(np.mean(np.abs(normalized), axis=1)[scaled] / scale[scaled]))
+            self.terms["mase"] += int(np.sum(scaled))
+            self.left_out["windows_without_mase"] += int(np.sum(~scaled))
+        return self
+
+    def sum_errors(self, scale: str, errors: np.ndarray) -> None:
+        self.sums[f"mse{scale}"] += float(np.sum(errors**2))
+        self.sums[f"mae{scale}"] += float(np.sum(np.abs(errors)))
+        self.terms[f"mse{scale}"] += errors.size
+        self.terms[f"mae{scale}"] += errors.size
+
+    def result(self) -> dict[str, float]:
+        """The means, and how many windows each left out (where some were)."""
+        if not self.terms["mse"]:
+            raise ValueError("no values to score")
+        means = {k: self.sums[k] / n if n else float("nan") for k, n in self.terms.items()
+                 if not (k.endswith("_standardized") and (self.without_train_scales or not n))}
+        if self.without_train_scales:
+            self.left_out.pop("windows_without_train_scale", None)
+        return {**means, **{k: n for k, n in self.left_out.items() if n}}
 
 
 def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:
@@ -75,17 +117,3 @@ def mase_scale(lookback, period: int = 1) -> np.ndarray:
     if lookback.shape[1] <= period:
         raise ValueError(f"the lookback ({lookback.shape[1]} steps) must be longer than the period {period}")
     return np.mean(np.abs(lookback[:, period:] - lookback[:, :-period]), axis=1)
-
-
-def mase(prediction, target, lookback, period: int = 1) -> float:
-    """Mean over windows of MAE / `mase_scale` (M4's per-window MASE). A window whose scale is 0 has no MASE and is
-    left out of the mean (count them with `mase_scale`); NaN when no window has one."""
-    prediction, target = matching_arrays(prediction, target)
-    prediction, target = np.atleast_2d(prediction), np.atleast_2d(target)
-    scale = mase_scale(lookback, period)
-    if scale.shape[0] != prediction.shape[0]:
-        raise ValueError(f"need one lookback window per forecast: got {scale.shape[0]} for {prediction.shape[0]}")
-    scaled = scale > 0
-    if not scaled.any():
-        return float("nan")
-    return float(np.mean(np.mean(np.abs(prediction - target), axis=1)[scaled] / scale[scaled]))

@@ -10,6 +10,12 @@ from pipelines.eval_tasks import ASR, TASKS, VQA, Forecast, TaskName
 from pipelines.evaluate import EvalConfig
 
 
+def tally(task, rows: list[dict]):
+    running = task.tally()
+    running.add(rows)
+    return running
+
+
 def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_path):
     rows = [{"prediction": p, "reference": r}
             for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "Two"), ("the four", "four")]]
@@ -20,10 +26,10 @@ def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_p
     labels, counts = VQA.confusion(rows)
     assert labels == ["2", "4", "7"]  # VQAv2's normalisation writes numbers as digits
     assert counts.tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]] and np.trace(counts) == 0.75 * len(rows)
-    assert VQA().plots(rows, tmp_path) == [tmp_path / "confusion_matrix.png"]
+    assert VQA().plots(tally(VQA(), rows), tmp_path) == [tmp_path / "confusion_matrix.png"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
     one_answer = [{"prediction": "yes", "reference": "yes"}] * 2  # no closed set of answers to cross
-    assert VQA().plots(one_answer, tmp_path / "none") == []
+    assert VQA().plots(tally(VQA(), one_answer), tmp_path / "none") == []
 
 
 def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):
@@ -33,7 +39,7 @@ def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):
     assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3)}
     assert baselines == {"wer_en": 1.0, "cer_zh": 1.0}
     assert ASR().score(rows[:1]) == ({"wer_en": pytest.approx(1 / 3)}, {"wer_en": 1.0})  # no Mandarin, no CER
-    assert ASR().plots(rows, tmp_path) == []
+    assert ASR().plots(tally(ASR(), rows), tmp_path) == []
     others = [{"prediction": "un", "reference": "un", "language": "fr"}, {"prediction": "x", "reference": "y"}]
     metrics, _ = ASR().score(rows + others)  # scored where it can be, the rest counted, never dropped unsaid
     assert metrics == {"wer_en": pytest.approx(1 / 3), "cer_zh": pytest.approx(1 / 3), "rows_unscored": 2}
@@ -55,7 +61,7 @@ def test_forecast_scores_beside_seasonal_naive_and_plots_forecasts(tmp_path):
     flat = {**rows[0], "key": "w1", "lookback": [4.0] * 6, "prediction": [4.0, 4.0], "reference": [4.0, 6.0]}
     metrics, _ = Forecast(season=3).score(rows + [flat])  # a stuck sensor: MSE counts it, MASE cannot
     assert metrics["mase"] == 0.5 and metrics["windows_without_mase"] == 1 and metrics["mse_normalized"] == 1.25
-    assert Forecast().plots(rows, tmp_path) == [tmp_path / "forecast_vs_truth.png"]
+    assert Forecast().plots(tally(Forecast(), rows), tmp_path) == [tmp_path / "forecast_vs_truth.png"]
     assert (tmp_path / "forecast_vs_truth.png").stat().st_size > 0
 
 
@@ -70,6 +76,43 @@ def test_forecast_errors_on_each_series_training_scale_when_the_cache_has_it():
     assert metrics["windows_without_train_scale"] == 1
     assert naive["mse_standardized"] == ((3.0 * 2 - 1.0 * 2) / 4) ** 2 / 2  # naive repeats 3: errors 4, 0 orig.
     assert "mse_standardized" not in Forecast().score([{**row, "train_std": None}])[0]  # an older cache
+
+
+def test_forecasts_scored_shard_by_shard_are_scored_as_the_whole_test_set(tmp_path):
+    """The paper's ECL and Traffic test sets hold millions of windows: the driver adds each shard's rows to running
+    sums as they arrive. Any split of the rows gives the figures of the whole, worked out here on the arrays; flat
+    lookbacks and series constant in training are left out and counted alike; the plot shows the same windows
+    whatever the shards' order."""
+    rng = np.random.default_rng(0)
+    n, horizon = 23, 5
+    prediction, target = rng.normal(size=(n, horizon)), rng.normal(size=(n, horizon))
+    lookback, std, train_std = rng.normal(size=(n, 12)), rng.uniform(0.5, 2, n), rng.uniform(0.5, 2, n)
+    lookback[[3, 17]], train_std[[4, 9, 20]] = 1.0, 0.0
+    rows = [{"key": f"w{i:02d}", "prediction": prediction[i].tolist(), "reference": target[i].tolist(),
+             "lookback": lookback[i].tolist(), "mean": 1.0, "std": std[i], "train_std": train_std[i]} for i in range(n)]
+    whole = Forecast(season=2).score(rows)
+    shards = Forecast(season=2).tally()
+    for part in (rows[:1], rows[1:8], [], rows[8:16], rows[16:]):
+        shards.add(part)
+    assert shards.result()[0] == pytest.approx(whole[0]) and shards.result()[1] == pytest.approx(whole[1])
+    metrics, naive = whole
+    assert metrics["windows_without_mase"] == 2 and metrics["windows_without_train_scale"] == 3
+    assert "windows_without_mase" not in naive  # the counts are the model's; the baseline's are the same windows
+    scaled, errors = np.abs(lookback[:, 2:] - lookback[:, :-2]).mean(1), (prediction - target) * std[:, None]
+    assert metrics["mase"] == pytest.approx(np.mean(np.abs(prediction - target).mean(1)[scaled > 0] / scaled[scaled > 0]))
+    assert metrics["mse"] == pytest.approx(np.mean(errors**2))
+    trained = train_std > 0
+    assert metrics["mae_standardized"] == pytest.approx(np.mean(np.abs(errors[trained] / train_std[trained, None])))
+    naive_errors = (lookback[:, [-2, -1, -2, -1, -2]] - target) * std[:, None]
+    assert naive["mse"] == pytest.approx(np.mean(naive_errors**2))
+    reversed_shards = Forecast(season=2).tally()
+    for part in (rows[16:], rows[8:16], rows[:8]):
+        reversed_shards.add(part)
+    assert reversed_shards.shown.rows() == shards.shown.rows() and len(shards.shown.rows()) == 4
+    assert Forecast().plots(shards, tmp_path) == [tmp_path / "forecast_vs_truth.png"]
+    # a shard from a cache without training scales: no standardized figures for the whole
+    shards.add([{**rows[0], "train_std": None}])
+    assert not {"mse_standardized", "windows_without_train_scale"} & set(shards.result()[0])
 
 
 def test_tasks_are_named_by_the_eval_config_and_take_their_settings_from_it():

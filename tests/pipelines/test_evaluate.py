@@ -16,6 +16,7 @@ from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.environment import cpu_description
 from pipelines.evaluate import EvalConfig, run_eval
+from preprocessing.cache.entry import FeatureCache
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
 
@@ -64,6 +65,16 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     # the cache's windows carry their series' training scale: the benchmark tables' standardized errors too
     assert {"mse", "mae", "mse_normalized", "mae_normalized", "mse_standardized", "mae_standardized",
             "mase"} == set(forecast.metrics)
+    # windows are forecast 16 at a time by default: as one at a time, to float32 rounding
+    one_by_one = run_eval(eval_config(root, series_cache, "forecast", out="single", season=4, actors=0, track=False,
+                                      batch_size=1))
+    batched, single = read_predictions(forecast.predictions), read_predictions(one_by_one.predictions)
+    assert [r["key"] for r in batched] == [r["key"] for r in single] == [
+        s.key for i in range(len(FeatureCache(series_cache).shards)) for s in FeatureCache(series_cache).read_shard(i)]
+    np.testing.assert_allclose([r["prediction"] for r in batched], [r["prediction"] for r in single], atol=1e-5)
+    assert forecast.metrics == pytest.approx(one_by_one.metrics, rel=1e-4)
+    # the lookback (720 values a window at the paper's length) stays in the cache: the file holds the forecast
+    assert set(batched[0]) == {"key", "language", "prediction", "reference", "mean", "std", "train_std"}
 
 
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
@@ -139,12 +150,21 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
 
     forecast = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": series_cache,
                                                "out_dir": str(root / "out"), "season": 4, "tracking_uri": uri,
-                                               "experiment": "eval-test"}))
+                                               "experiment": "eval-test", "table_rows": 3}))
     # the cache's windows carry their series' training scale: the benchmark tables' standardized errors too
     assert {"mse", "mae", "mse_normalized", "mae_normalized", "mse_standardized", "mae_standardized",
             "mase"} == set(forecast.metrics) == set(forecast.baselines)
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={forecast.run_id}")["files"]}
     assert "forecast_vs_truth.png" in files
+    # a test set of millions of windows: the table holds `table_rows` of them, and says so; the file holds all
+    run = get(f"{uri}/api/2.0/mlflow/runs/get?run_id={forecast.run_id}")["run"]
+    path = run["info"]["artifact_uri"].split("mlflow-artifacts:/", 1)[1]
+    table = get(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{path}/eval_forecast.json")
+    predicted = {r["key"]: r for r in read_predictions(forecast.predictions)}
+    keys = [row[table["columns"].index("key")] for row in table["data"]]
+    assert len(keys) == 3 and keys == sorted(keys) and set(keys) < set(predicted)
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["table"].startswith(f"3 of the {len(predicted)} scored rows")
 
     with pytest.raises(ValueError, match="a image cache cannot be evaluated as forecast"):
         run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": image_cache}))

@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.metrics.asr import character_error_rate, normalize_english, normalize_mandarin, word_error_rate
 from pipelines.metrics.choice import choice_accuracy, extract_choice, parse_yes_no, pope_scores
-from pipelines.metrics.forecast import denormalize, forecast_errors, mae, mase, mase_scale, mse, seasonal_naive
+from pipelines.metrics.forecast import ForecastErrors, denormalize, mae, mase_scale, mse, seasonal_naive
 from pipelines.metrics.vqa import exact_match, mean_exact_match, mean_vqa_accuracy, normalize_answer, vqa_accuracy
 
 # ---- VQA ---------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_mse_mae_on_both_scales():
     mean, std = [10.0, 20.0], [2.0, 3.0]
     assert denormalize(prediction, mean, std).tolist() == [[10.0, 12.0], [23.0, 23.0]]
     # normalised errors (-1, 0, 1, 0); original scale: times std 2 and 3 -> (-2, 0, 3, 0)
-    assert forecast_errors(prediction, target, mean, std) == pytest.approx(
+    assert ForecastErrors().add(prediction, target, std).result() == pytest.approx(
         {"mse_normalized": 0.5, "mae_normalized": 0.5, "mse": 13 / 4, "mae": 5 / 4})
     with pytest.raises(ValueError, match="differ in shape"):
         mse([1, 2], [1, 2, 3])
@@ -186,6 +186,10 @@ def test_seasonal_naive():
     assert seasonal_naive([[1, 2, 3], [7, 8, 9]], horizon=2).tolist() == [[3, 3], [9, 9]]
     with pytest.raises(ValueError, match="period must be in"):
         seasonal_naive([1, 2], horizon=2, period=3)
+
+
+def mase(prediction, target, lookback, period: int = 1) -> float:
+    return ForecastErrors(period).add(prediction, target, std=1.0, lookback=lookback).result()["mase"]
 
 
 def test_mase_by_hand():
@@ -201,6 +205,9 @@ def test_mase_by_hand():
     # a flat lookback has no scale: left out of the mean (here with the first window, MASE 1.0), NaN when alone
     assert mase([[3, 3], [5, 5]], [[4, 5], [5, 6]], [[1, 2, 4], [5, 5, 5]]) == pytest.approx(1.0)
     assert mase_scale([[1, 2, 4], [5, 5, 5]]).tolist() == [1.5, 0.0]
-    assert math.isnan(mase([1, 1], [1, 2], [5, 5, 5]))
+    alone = ForecastErrors().add([1, 1], [1, 2], std=1.0, lookback=[5, 5, 5]).result()
+    assert math.isnan(alone["mase"]) and alone["windows_without_mase"] == 1
     with pytest.raises(ValueError, match="must be longer than the period 3"):
         mase([1, 1], [1, 2], [5, 5, 5], period=3)
+    with pytest.raises(ValueError, match="one lookback window per forecast: got 1 for 2"):
+        mase([[1, 1], [2, 2]], [[1, 2], [2, 2]], [1, 2, 3])
