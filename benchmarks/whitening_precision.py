@@ -28,11 +28,11 @@ def measure(encode_yaml: str, max_vectors: int) -> dict:
     import torch
 
     from modrwkv.multimodal import DEFAULT_NORMALIZE, Projector, ProjectorConfig
-    from pipelines.caches import resolve_caches
+    from pipelines.caches import resolve_cache
     from pipelines.train_setup import feature_stats
     from preprocessing.cache.entry import FeatureCache
 
-    cache = FeatureCache(resolve_caches([encode_yaml])[0])
+    cache = FeatureCache(resolve_cache(encode_yaml))
     kind = DEFAULT_NORMALIZE[cache.modality]
     stats = feature_stats([cache], {cache.modality: kind}, max_shards=STATS_SHARDS)[cache.modality]
     held_out = range(STATS_SHARDS, min(STATS_SHARDS + 2, len(cache.shards))) if len(cache.shards) > STATS_SHARDS \

@@ -13,7 +13,8 @@
 
 Media travel between the stages as binary columns. An interrupted job loses nothing: the items it stored are
 found by the next run. The schema is in `encode_config.py`, the keys in `preprocessing/cache/key.py`, the
-on-disk format in `preprocessing/cache/entry.py`.
+on-disk format in `preprocessing/cache/entry.py`. A collection (`dataset.each_folder`) is a job per folder, an
+entry each (`run_encodes`).
 """
 
 import argparse
@@ -402,6 +403,31 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
                         fingerprints.files_read, encoded_in)
 
 
+def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
+    """The config's entry, or with `dataset.each_folder` one per folder directly under `dataset.path`, each encoded
+    by a job of its own (what one job holds is one folder's windows). A folder that fails does not stop the others:
+    the failures are raised together at the end, each named, the other entries written (a rerun finds them)."""
+    if not config.dataset.each_folder:
+        return [run_encode(config)]
+    path = config.dataset.path.rstrip("/")
+    folders = storage.list_folders(path)
+    if not folders:
+        raise ValueError(f"{path}: dataset.each_folder reads the folders directly inside it, and there are none")
+    results, failures = [], []
+    for number, folder in enumerate(folders, start=1):
+        print(f"[{number}/{len(folders)}] {storage.join(path, folder)}")
+        dataset = dataclasses.replace(config.dataset, path=storage.join(path, folder), each_folder=False)
+        try:
+            results.append(run_encode(dataclasses.replace(config, dataset=dataset)))
+        except Exception as e:  # noqa: BLE001 (raised below, with the others')
+            failures.append(f"{folder}: {type(e).__name__}: {e}")
+    if failures:
+        raise RuntimeError(f"{path}: {len(failures)} of {len(folders)} folders failed to encode (the other "
+                           f"{len(results)} entries are written; a rerun finds them):\n  " + "\n  ".join(failures))
+    print(f"{path}: {len(results)} entries, one per folder:\n  " + "\n  ".join(r.uri for r in results))
+    return results
+
+
 def report_other_rejects(entry: CacheEntry, entry_read: int, rejects: list[Reject], n_read: int) -> None:
     """On a cache hit: the entry holds the same samples, but this run may have read and rejected others than the run
     that built it (a bad record added since); those are printed, as the entry's rejects.jsonl lists the other's."""
@@ -434,7 +460,7 @@ def main(args: argparse.Namespace) -> None:
         overrides["run.force"] = True
     if args.ray_address:
         overrides["run.ray_address"] = args.ray_address
-    run_encode(load_config(args.config, EncodeConfig, overrides))
+    run_encodes(load_config(args.config, EncodeConfig, overrides))
 
 
 # `python -m pipelines.encode ...`, the job command for `ray job submit`: same flags as `modrwkv encode`

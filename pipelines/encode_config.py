@@ -20,6 +20,9 @@ class DatasetConfig:
     media_root: str | None = None
     # media paths must stay inside media_root (no absolute paths, `..` or symlinks out); true lifts that
     allow_media_outside_root: bool = False
+    # true: `path` is a collection, a folder of dataset folders (GIFT-Eval's pretraining set); each is encoded by a
+    # job of its own into an entry of its own (a job holds every window it cuts), and training takes them all
+    each_folder: bool = False
     # series only
     lookback: int = 96
     horizon: int = 24

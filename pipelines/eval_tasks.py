@@ -227,9 +227,11 @@ class Forecast(EvalTask):
         for start in range(0, len(prompts), self.batch_size):
             batch = slice(start, start + self.batch_size)
             ids, mask, _ = right_pad(prompts[batch], device=device)
-            lookbacks = [torch.from_numpy(s.lookback).float() for s in samples[batch]]
-            length = max(len(x) for x in lookbacks)  # the skip reads the last values: left padding leaves them
-            lookback = torch.stack([torch.nn.functional.pad(x, (length - len(x), 0)) for x in lookbacks]).to(device)
+            lengths = {len(s.lookback) for s in samples[batch]}
+            if len(lengths) > 1:
+                raise ValueError(f"the windows from {samples[start].key} on have lookbacks of {sorted(lengths)} "
+                                 "steps: a cache's windows share one length (an encode job cuts one)")
+            lookback = torch.from_numpy(np.stack([s.lookback for s in samples[batch]])).float().to(device)
             forecasts = model(ids, features[batch], attention_mask=mask, series_lookback=lookback).forecast
             rows += [{"prediction": shortest_float32(forecast.float().cpu().numpy()),
                       "reference": shortest_float32(sample.target), "lookback": sample.lookback.tolist(),

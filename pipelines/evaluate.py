@@ -23,7 +23,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import publish, working_dir
 
-from .caches import resolve_caches
+from .caches import resolve_cache
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags, require_cuda
 from .eval_tasks import TASKS, EvalTask, Tally, TaskName
@@ -197,7 +197,7 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
 
 def run_eval(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
-    cache_uri = resolve_caches([config.cache])[0]
+    cache_uri = resolve_cache(config.cache)
     task = TASKS[config.task].from_config(config)
     modality = FeatureCache(cache_uri).modality
     if modality != task.modality:

@@ -148,6 +148,16 @@ def list_files(uri: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
+def list_folders(uri: str) -> list[str]:
+    """Names of the folders directly inside a folder (empty when the folder does not exist); on S3, one listing of
+    its prefixes, not of every file under it."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in fs.get_file_info(pafs.FileSelector(path))
+                  if i.type == pafs.FileType.Directory)
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """A reader never sees a half-written file. An S3 object appears whole when its upload completes, so it is
     written in place, one request (a temporary name and a move add a copy and a delete: 1.7x the time an item on the

@@ -18,9 +18,9 @@ from .entry import canonical_json, cache_id
 from .precision import DEFAULT, Precision
 
 FINGERPRINTS_FOLDER = "fingerprints"
-# where the files are, the permission to read outside the media root and the bound on a job's windows change no
-# sample: the samples they admit are in the samples' records
-CHANGE_NO_SAMPLE = ("path", "media_root", "allow_media_outside_root", "max_windows")
+# where the files are, the permission to read outside the media root, the bound on a job's windows and a collection
+# split into a job per folder change no sample: the samples they admit are in the samples' records
+CHANGE_NO_SAMPLE = ("path", "media_root", "allow_media_outside_root", "max_windows", "each_folder")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 

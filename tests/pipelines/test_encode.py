@@ -18,7 +18,7 @@ import yaml
 
 from modrwkv.conversation import Turn
 from pipelines.config import from_dict
-from pipelines.encode import EncodeConfig, run_encode, series_window
+from pipelines.encode import EncodeConfig, run_encode, run_encodes, series_window
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.demo_data import build_digits
 from preprocessing.readers.sample import RawSample, sample_key
@@ -274,6 +274,42 @@ def test_the_bound_on_a_jobs_windows_is_not_in_the_entry_key(tmp_path):
     spec["dataset"]["max_windows"] = first.manifest["counts"]["written"]
     again = run_encode(from_dict(EncodeConfig, spec))
     assert not first.reused and again.reused and again.uri == first.uri
+
+
+def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_of_the_others(tmp_path, capsys):
+    """GIFT-Eval's pretraining set holds far more windows than one job can: `dataset.each_folder` encodes each folder
+    by a job of its own, the entries those folders make alone. A folder that fails (here one past max_windows) is
+    named at the end, after the others are written; training's caches take the collection's YAML as its entries;
+    an evaluation, which reads one cache, refuses it before encoding anything."""
+    from pipelines.caches import resolve_cache, resolve_caches
+
+    collection = tmp_path / "gift"
+    for name, steps in (("solar", 60), ("retail", 64), ("huge", 400)):  # 13, 14 and 98 windows
+        (collection / name / "H").mkdir(parents=True)
+        (collection / name / "H" / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(steps)) + "\n")
+    (collection / "README.md").write_text("a file beside the folders: not a dataset")
+    spec = {"dataset": {"format": "series", "path": str(collection), "each_folder": True, "lookback": 8,
+                        "horizon": 4, "stride": 4, "fractions": [1.0, 0.0, 0.0], "max_windows": 20},
+            "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}}
+    with pytest.raises(RuntimeError, match=r"1 of 3 folders failed to encode \(the other 2 entries are written.*\n"
+                                           r"  huge: TooManyWindows: .*huge/H/s.csv"):
+        run_encodes(from_dict(EncodeConfig, spec))
+    assert "[3/3] " + str(collection / "solar") in capsys.readouterr().out
+    alone = {name: run_encode(from_dict(EncodeConfig, {**spec, "dataset": {
+        **spec["dataset"], "path": str(collection / name), "each_folder": False}})) for name in ("retail", "solar")}
+    assert all(r.reused for r in alone.values())  # the collection's job made the very entries
+    assert [r.manifest["counts"]["written"] for r in alone.values()] == [14, 13]
+    assert "each_folder" not in alone["solar"].manifest["dataset"]  # entries from before it keep their keys
+    spec["dataset"]["max_windows"] = 100
+    (tmp_path / "gift.yaml").write_text(yaml.safe_dump(spec))
+    uris = resolve_caches([str(tmp_path / "gift.yaml")])
+    assert len(uris) == 3 and uris[1:] == [alone["retail"].uri, alone["solar"].uri]  # huge, retail, solar
+    assert FeatureCache(uris[0]).manifest["counts"]["written"] == 98
+    with pytest.raises(ValueError, match="a collection, encoded an entry per folder"):
+        resolve_cache(str(tmp_path / "gift.yaml"))
+    spec["dataset"]["path"] = str(collection / "solar" / "H")  # a folder of files, no folders
+    with pytest.raises(ValueError, match="each_folder reads the folders directly inside it, and there are none"):
+        run_encodes(from_dict(EncodeConfig, spec))
 
 
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):

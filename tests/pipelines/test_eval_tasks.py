@@ -115,6 +115,21 @@ def test_forecasts_scored_shard_by_shard_are_scored_as_the_whole_test_set(tmp_pa
     assert not {"mse_standardized", "windows_without_train_scale"} & set(shards.result()[0])
 
 
+def test_forecasts_in_one_pass_need_lookbacks_of_one_length():
+    """A cache's windows share their lookback length (one encode job cuts them); windows of two lengths in one
+    batch are an error that names where, not a padded guess."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from modrwkv.conversation import Sample
+
+    model = SimpleNamespace(backbone=SimpleNamespace(emb=SimpleNamespace(weight=torch.zeros(1))))
+    samples = [Sample(f"w{n}", "series", [], lookback=np.zeros(n, np.float32)) for n in (16, 24)]
+    with pytest.raises(ValueError, match=r"the windows from w16 on have lookbacks of \[16, 24\] steps"):
+        Forecast(batch_size=2).answer(model, None, samples, [[1, 2], [1, 2]], [[], []])
+
+
 def test_tasks_are_named_by_the_eval_config_and_take_their_settings_from_it():
     assert set(TASKS) == set(get_args(TaskName))
     assert {name: task.modality for name, task in TASKS.items()} == {"vqa": "image", "asr": "audio",

@@ -67,27 +67,27 @@ def tiny_pth_backbone(tmp_path: Path) -> Path:
     return backbone
 
 
-def shrunk(backbone: str, output_dir: str, tracking_uri: str, cache: str) -> list[str]:
+def shrunk(backbone: str, output_dir: str, tracking_uri: str, *caches: str) -> list[str]:
     """The overrides that fit a paper recipe to 2 CPU workers, 3 steps a phase and a 96-token context."""
     overrides = [f"model.backbone.path={backbone}", f"output_dir={output_dir}", "max_length=96",
                  "scaling.workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
                  f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
     for phase in (1, 2):
         overrides += [f"phase{phase}.steps=3", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
-                      f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0", f"phase{phase}.caches=[{cache}]"]
+                      f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0", f"phase{phase}.caches=[{','.join(caches)}]"]
     return overrides
 
 
-def check_runs(client, experiment_name: str, cache: str, over_length: int = 2) -> dict:
-    """The phases' and the evaluation's runs; `over_length`: the cache's samples over the shrunk context."""
+def check_runs(client, experiment_name: str, caches: list[str], over_length: int = 2) -> dict:
+    """The phases' and the evaluation's runs; `over_length`: the caches' samples over the shrunk context."""
     experiment = client.get_experiment_by_name(experiment_name)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     runs = {r.data.tags.get("phase", "eval"): r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"1", "2", "eval"}
     assert all(r.info.status == "FINISHED" and r.info.end_time for r in runs.values())
     for phase in ("1", "2"):
-        (used,) = runs[phase].inputs.dataset_inputs
-        assert used.dataset.source.endswith(f'{cache}"}}') or cache in used.dataset.source
+        sources = [used.dataset.source for used in runs[phase].inputs.dataset_inputs]
+        assert len(sources) == len(caches) and all(any(cache in source for source in sources) for cache in caches)
         skipped = runs[phase].data.metrics["skipped_over_length"]
         assert skipped >= 1 if over_length else skipped == 0  # the long samples, skipped and counted
         assert runs[phase].data.metrics["over_length_in_caches"] == over_length  # and known from the manifest
@@ -95,10 +95,13 @@ def check_runs(client, experiment_name: str, cache: str, over_length: int = 2) -
     return runs
 
 
+def caches_in_s3(s3, cache_root: str) -> list[str]:
+    return sorted(f"{cache_root}/{key.split('/')[0]}" for key in keys(s3, cache_root) if key.endswith("manifest.json"))
+
+
 def cache_in_s3(s3, cache_root: str) -> str:
-    entries = {key.split("/")[0] for key in keys(s3, cache_root) if key.endswith("manifest.json")}
-    assert len(entries) == 1  # the same data and encoder twice: one cache, found the second time
-    return f"{cache_root}/{entries.pop()}"
+    (entry,) = caches_in_s3(s3, cache_root)  # the same data and encoder twice: one cache, found the second time
+    return entry
 
 
 def normalization(model: Path, modality: str) -> list[str]:
@@ -144,7 +147,7 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
                        f"--out-dir {tmp_path / 'eval'}", f"tracking_uri={mlflow_server.tracking_uri}",
         "max_new_tokens=2")
 
-    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-vision", cache)
+    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-vision", [cache])
     assert 0 <= runs["eval"].data.metrics["accuracy"] <= 1
     assert set(normalization(model, "image")) == {"feature_mean", "feature_whitening"}  # image's default: whiten
 
@@ -169,7 +172,7 @@ def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tm
     job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_librispeech.yaml",
         f"checkpoint={model}", f"cache={cache}", f"out_dir={bucket}/eval", "actors=1", "gpus_per_actor=0",
         "max_new_tokens=2", f"tracking_uri={mlflow_server.tracking_uri}")
-    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", cache)
+    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", [cache])
     assert runs["eval"].data.metrics["wer_en"] >= 0
     written = sorted(keys(s3, f"{bucket}/runs/modrwkv-audio-1.5b"))
     assert [k for k in written if "/ray/" not in k] == [
@@ -227,10 +230,13 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_gifteval_pretrain.yaml",
         f"dataset.path={gift_eval_in_s3(s3)}", "dataset.stride=56", f"cache.root={bucket}/cache",
         "cache.shard_size=4", *window)
-    cache = cache_in_s3(s3, f"{bucket}/cache")
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{cache.split('/', 3)[3]}/manifest.json")["Body"].read())
-    # 3 windows of 56 steps in each 200-step series (3 + 2 variates); the 3-step variates, rejected, named
-    assert manifest["counts"] == {"read": 17, "written": 15, "rejected": 2}
+    # a collection (each_folder): an entry per dataset folder, each encoded by a job of its own
+    caches = caches_in_s3(s3, f"{bucket}/cache")
+    counts = [json.loads(s3.get_object(Bucket=BUCKET, Key=f"{c.split('/', 3)[3]}/manifest.json")["Body"].read())[
+        "counts"] for c in caches]
+    # 3 windows of 56 steps in each 200-step series (retail: 2 variates, solar: 3); the 3-step variates, rejected
+    assert sorted(counts, key=lambda c: c["read"]) == [{"read": 8, "written": 6, "rejected": 2},
+                                                       {"read": 9, "written": 9, "rejected": 0}]
     job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_etth1_test.yaml",
         f"dataset.path={etth1_in_s3(s3)}", "dataset.split_rows=[120, 160, 240]", f"cache.root={bucket}/test-cache",
         "cache.shard_size=64", *window)
@@ -239,14 +245,14 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     backbone = tiny_pth_backbone(tmp_path)
     for phase in (1, 2):
         job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_series.yaml --phase {phase}",
-            *shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, cache),
+            *shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, *caches),
             "model.wavenet.hidden=8", "model.wavenet.layers=3")
     model = tmp_path / "runs" / "modrwkv-series-1.5b" / "phase2" / "model"
     job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_etth1.yaml", f"checkpoint={model}",
         f"cache={test_cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "gpus_per_actor=0",
         f"tracking_uri={mlflow_server.tracking_uri}")
 
-    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-series", cache, over_length=0)
+    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-series", caches, over_length=0)
     # every test window of the split's 80 hours whose 8-hour horizon it holds, in each of the 3 columns
     predicted = (tmp_path / "eval" / "predictions_forecast.jsonl").read_text().splitlines()
     assert len(predicted) == 73 * 3 and not any("skipped" in json.loads(row) for row in predicted)
