@@ -35,7 +35,8 @@ rng, making = np.random.default_rng(0), 0.0
 
 def actor_rows(start, stop):  # one shard's rows as a prediction actor returns them: JSON text
     walk = np.cumsum(rng.normal(size=(stop - start, lookback + horizon)), axis=1).astype(np.float32)
-    return [json.dumps({"key": f"w{start + i:08d}", "language": None, "prediction": shortest_float32(w[-horizon:] + 0.1),
+    return [json.dumps({"key": f"w{start + i:08d}", "language": None,
+                        "prediction": shortest_float32(w[-horizon:] + 0.1),
                         "reference": shortest_float32(w[-horizon:]), "lookback": w[:lookback].tolist(), "mean": 0.0,
                         "std": 1.0, "train_std": 1.0}) for i, w in enumerate(walk)]
 

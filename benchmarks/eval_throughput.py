@@ -1,5 +1,6 @@
 """`modrwkv eval`'s prediction loop on CPU: samples/s decoding one prompt at a time vs batches of prompts, with
-fp32 and int8 weights, and each task's score beside (batching must not change it; int8 may, slightly).
+fp32 and int8 weights, and each task's score beside (batching must not change it, forecasts beyond float32
+rounding; int8 may, slightly).
 
 Runs what the Predictor actor runs on each shard (`EvalTask.predict` over the cache's samples), in this
 process, without Ray. Each setting runs `--repeats` times, the batch sizes interleaved within a round so that

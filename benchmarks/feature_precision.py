@@ -41,11 +41,11 @@ def fp8_round_trip(features: np.ndarray) -> np.ndarray:
 
 
 def measure(encode_yaml: str, items: int) -> dict:
-    from pipelines.caches import resolve_caches
+    from pipelines.caches import resolve_cache
     from preprocessing.cache.entry import FeatureCache
     from preprocessing.cache.precision import from_stored, to_stored
 
-    cache = FeatureCache(resolve_caches([encode_yaml])[0])
+    cache = FeatureCache(resolve_cache(encode_yaml))
     vectors = []
     for shard in range(len(cache.shards)):
         vectors += [item.astype(np.float32) for sample in cache.read_shard(shard) for item in sample.items]

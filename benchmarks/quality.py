@@ -149,7 +149,7 @@ def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
 def cache_uri(encode_yaml: str, overrides: dict | None = None) -> str:
     """The cache of an encode YAML with `overrides` (found in the cache, or encoded first), or the entry --caches
     gave for it."""
-    from pipelines.caches import resolve_caches
+    from pipelines.caches import resolve_cache
 
     if CACHES:
         if overrides:
@@ -157,7 +157,7 @@ def cache_uri(encode_yaml: str, overrides: dict | None = None) -> str:
         if encode_yaml not in CACHES:
             raise SystemExit(f"{encode_yaml} is not among the caches given; they cover {sorted(CACHES)}")
         return str(ROOT / CACHES[encode_yaml])
-    return resolve_caches([encode_yaml], {encode_yaml: overrides})[0]
+    return resolve_cache(encode_yaml, overrides)
 
 
 def data_builder(name: str):

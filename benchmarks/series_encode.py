@@ -2,8 +2,9 @@
 time per window of a raw (WaveNet input) encode in the driver, lookback 720, horizon 96 and stride 816 as the
 paper's series recipe (windows that share no value, where the series' own values cost the most), at several window
 counts, each in a fresh process; the slope between the smallest and the largest is the cost of one window more
-(what decides how many windows one encode job can take: dataset.max_windows). `--stride 1`: a test split's windows,
-which share their values.
+(what decides how many windows one encode job can take: dataset.max_windows). Then the same config again: found from
+its record (one listing of its files) and, the record deleted, by its key (every window read and cut again).
+`--stride 1`: a test split's windows, which share their values.
 
     python benchmarks/series_encode.py [--windows 1000 4000 16000] [--stride 816] [--out benchmarks/out]
 """
@@ -24,7 +25,7 @@ LOOKBACK, HORIZON, STRIDE, COLUMNS = 720, 96, 816, 4  # configs/paper/encode_gif
 
 # one encode in a process of its own: its peak resident memory is the encode's alone
 CHILD = """
-import json, resource, sys, time
+import json, resource, shutil, sys, time
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
@@ -39,9 +40,15 @@ config = from_dict(EncodeConfig, {
     "encoder": {"kind": "raw"}, "cache": {"root": f"{folder}/cache"}, "run": {"in_process_max_items": 10**9}})
 before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
 result = run_encode(config)
-print(json.dumps({"windows": result.manifest["counts"]["written"], "seconds": time.perf_counter() - started,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "before_mib": before / 1024}))
+seconds, peak = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+assert run_encode(config).reused  # found from its record: one listing
+found_s, started = time.perf_counter() - started, time.perf_counter()
+shutil.rmtree(f"{folder}/cache/resolved")
+assert run_encode(config).reused  # without its record: read and cut again, the entry found by its key
+print(json.dumps({"windows": result.manifest["counts"]["written"], "seconds": seconds, "peak_mib": peak,
+                  "before_mib": before / 1024, "found_again_s": found_s,
+                  "found_by_key_s": time.perf_counter() - started}))
 """
 
 
@@ -71,8 +78,11 @@ def main():
     slope = {"kib_per_window": (last["peak_mib"] - first["peak_mib"]) * 1024 / added,
              "ms_per_window": (last["seconds"] - first["seconds"]) * 1000 / added}
     lines = [f"Raw series encode in the driver, lookback {LOOKBACK}, horizon {HORIZON}, stride {args.stride}, "
-             f"{COLUMNS} random-walk columns:", "", "| windows | peak RSS (MiB) | seconds |", "|---|---|---|"]
-    lines += [f"| {r['windows']} | {r['peak_mib']:.0f} | {r['seconds']:.1f} |" for r in rows]
+             f"{COLUMNS} random-walk columns:", "",
+             "| windows | peak RSS (MiB) | seconds | found again: by its record (s) | by its key (s) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['windows']} | {r['peak_mib']:.0f} | {r['seconds']:.1f} | {r['found_again_s']:.3f} | "
+              f"{r['found_by_key_s']:.1f} |" for r in rows]
     lines += ["", f"One window more: {slope['kib_per_window']:.1f} KiB of driver memory, "
                   f"{slope['ms_per_window']:.2f} ms."]
     write_report(args.out, f"series_encode_stride{args.stride}", machine_description(), [*rows, slope], lines)

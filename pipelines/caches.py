@@ -14,21 +14,36 @@ def absolute(uri: str) -> str:
     return uri if storage.is_remote(uri) else str(Path(uri).absolute())
 
 
-def resolve_caches(entries: list[str], overrides: dict[str, dict] | None = None) -> list[str]:
-    """`overrides`: encode YAML -> `--set`-style overrides of it (an experiment's variant of a shipped config). An
-    encode YAML of a collection (`dataset.each_folder`) gives an entry per folder."""
+def resolve_groups(entries: list[str], overrides: dict[str, dict] | None = None) -> list[list[str]]:
+    """Each entry's cache URIs: itself, or its encode YAML's entry, or, for a YAML of a collection
+    (`dataset.each_folder`), an entry per folder. `overrides`: encode YAML -> `--set`-style overrides of it (an
+    experiment's variant of a shipped config)."""
     overrides = overrides or {}
-    uris = [uri for e in entries for uri in (
-        [r.uri for r in run_encodes(load_config(e, EncodeConfig, overrides.get(e)))] if is_encode_config(e) else [e])]
-    return [absolute(u) for u in uris]
+    groups = [[r.uri for r in run_encodes(load_config(e, EncodeConfig, overrides.get(e)))] if is_encode_config(e)
+              else [e] for e in entries]
+    return [[absolute(u) for u in group] for group in groups]
 
 
-def resolve_cache(entry: str) -> str:
+def resolve_caches(entries: list[str], overrides: dict[str, dict] | None = None) -> list[str]:
+    return [uri for group in resolve_groups(entries, overrides) for uri in group]
+
+
+def resolve_cache(entry: str, overrides: dict | None = None) -> str:
     """One cache (an evaluation's): an encode YAML of a collection is refused before anything is encoded."""
-    if is_encode_config(entry) and load_config(entry, EncodeConfig).dataset.each_folder:
+    if is_encode_config(entry) and load_config(entry, EncodeConfig, overrides).dataset.each_folder:
         raise ValueError(f"{entry}: a collection, encoded an entry per folder (dataset.each_folder); this reads one "
                          "cache: name one of its entries, or its folder as dataset.path with each_folder false")
-    return resolve_caches([entry])[0]
+    return resolve_caches([entry], {entry: overrides or {}})[0]
+
+
+def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> list[float]:
+    """Sampling weights given one per configured entry, as one per cache: a collection's spread over its entries by
+    their sample counts (`sizes`, in order), so that it is drawn from as one cache of them all would be."""
+    sizes, weights = iter(sizes), []
+    for weight, group in zip(mix, groups, strict=True):
+        counts = [next(sizes) for _ in group]
+        weights += [weight * n / (sum(counts) or 1) for n in counts]
+    return weights
 
 
 def is_encode_config(entry: str) -> bool:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, Featur
                                       pack_shard)
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.precision import to_stored
+from preprocessing.cache.resolved import Resolution, source_digest
 from preprocessing.items import RAW_SERIES
 from preprocessing.local_copy import local_configs, local_copy
 from preprocessing.readers import (RawSample, Reject, read_aishell, read_asr_manifest, read_librispeech, read_llava,
@@ -353,8 +355,28 @@ def sample_lengths(sample: Sample) -> list:
     return [text_length(world_tokenizer(), sample.turns, len(items), sample.key), items]
 
 
+def series_resolution(config: EncodeConfig) -> Resolution | None:
+    """A series config's record of its entry (`preprocessing/cache/resolved.py`), keyed with the code that reads,
+    cuts, checks and keys its windows."""
+    if config.dataset.format != "series":
+        return None
+    from preprocessing import validate
+    from preprocessing.cache import entry, key
+    from preprocessing.readers import sample, series
+
+    code = source_digest([sys.modules[__name__], series, sample, validate, key, entry])
+    return Resolution(dataclasses.asdict(config), code)
+
+
 def run_encode(config: EncodeConfig) -> EncodeResult:
     start = time.perf_counter()
+    resolution = series_resolution(config)
+    found = None if config.run.force or resolution is None else resolution.find()
+    if found:
+        manifest = CacheEntry(found).manifest()
+        print(f"cache hit: {found} ({manifest['counts']['written']} samples), its files unchanged since; nothing read")
+        return EncodeResult(found, manifest, True, manifest["items"], time.perf_counter() - start,
+                            report_over_length(found, config))
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
     fingerprints = cache_fingerprints(config.cache.root)
@@ -372,6 +394,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
         report_other_rejects(entry, manifest["counts"]["read"], rejects, n_read)
+        if resolution:
+            resolution.write(uri)
         return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
                             report_over_length(uri, config), fingerprints.files_read)
     if config.run.force:
@@ -396,6 +420,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,
                             extra={"config": to_dict(config), "code_version": code_version(),
                                    "feature_store": store.name, "items": items})
+    if resolution:
+        resolution.write(uri)
     c = manifest["counts"]
     print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
           + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
@@ -410,16 +436,22 @@ def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
     if not config.dataset.each_folder:
         return [run_encode(config)]
     path = config.dataset.path.rstrip("/")
-    folders = storage.list_folders(path)
+    if not storage.is_folder(path):
+        raise FileNotFoundError(f"{path}: no such folder (dataset.each_folder reads the folders inside it)")
+    listed = storage.list_folders(path)
+    # `.cache` (what `huggingface-cli download --local-dir` leaves), `.git`, `_temporary`: not datasets
+    folders = [f for f in listed if not f.startswith((".", "_"))]
     if not folders:
         raise ValueError(f"{path}: dataset.each_folder reads the folders directly inside it, and there are none")
+    if len(folders) < len(listed):
+        print(f"{path}: not datasets, not read: {sorted(set(listed) - set(folders))}")
     results, failures = [], []
     for number, folder in enumerate(folders, start=1):
         print(f"[{number}/{len(folders)}] {storage.join(path, folder)}")
         dataset = dataclasses.replace(config.dataset, path=storage.join(path, folder), each_folder=False)
         try:
             results.append(run_encode(dataclasses.replace(config, dataset=dataset)))
-        except Exception as e:  # noqa: BLE001 (raised below, with the others')
+        except (ValueError, FileNotFoundError) as e:  # the folder's data (TooManyWindows, no series file)
             failures.append(f"{folder}: {type(e).__name__}: {e}")
     if failures:
         raise RuntimeError(f"{path}: {len(failures)} of {len(folders)} folders failed to encode (the other "
@@ -465,8 +497,6 @@ def main(args: argparse.Namespace) -> None:
 
 # `python -m pipelines.encode ...`, the job command for `ray job submit`: same flags as `modrwkv encode`
 if __name__ == "__main__":
-    import sys
-
     from pipelines.cli import main as cli_main  # the CLI imports this module: only the `-m` entry needs it
 
     sys.exit(cli_main(["encode", *sys.argv[1:]]))

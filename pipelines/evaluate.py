@@ -211,8 +211,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
     out = working_dir(config.out_dir)
     predictions = out / f"predictions_{config.task}.jsonl"
     scored = write_and_score(predicted_shards(config, cache_uri, task), task, predictions, config.table_rows)
-    if scored.skipped and not scored.table.seen:
-        raise ValueError(f"{cache_uri}: no row to score, every sample was skipped, e.g. {scored.first_reason}")
+    if not scored.table.seen:
+        raise ValueError(f"{cache_uri}: no row to score: " + (f"every sample was skipped, e.g. {scored.first_reason}"
+                                                              if scored.skipped else "the cache holds no sample"))
     metrics, baselines = scored.tally.result()
     if scored.skipped:
         metrics["rows_skipped"] = scored.skipped

@@ -16,7 +16,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import local_copy, publish, working_dir
 
-from .caches import absolute, resolve_caches
+from .caches import absolute, resolve_groups, spread_mix
 from .config import ConfigError
 from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
 
@@ -188,8 +188,11 @@ class PhasePlan:
 
 def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
     hp = config.phase1 if phase == 1 else config.phase2
-    caches = resolve_caches(hp.caches or config.caches)
+    groups = resolve_groups(hp.caches or config.caches)
+    caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
+    if hp.mix is not None:
+        hp = dataclasses.replace(hp, mix=spread_mix(hp.mix, groups, [len(c) for c in opened]))
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     init_from = phase1_source = None

@@ -148,6 +148,11 @@ def list_files(uri: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
+def is_folder(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def list_folders(uri: str) -> list[str]:
     """Names of the folders directly inside a folder (empty when the folder does not exist); on S3, one listing of
     its prefixes, not of every file under it."""

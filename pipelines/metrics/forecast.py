@@ -96,9 +96,9 @@ class ForecastErrors:
             raise ValueError("no values to score")
         means = {k: self.sums[k] / n if n else float("nan") for k, n in self.terms.items()
                  if not (k.endswith("_standardized") and (self.without_train_scales or not n))}
-        if self.without_train_scales:
-            self.left_out.pop("windows_without_train_scale", None)
-        return {**means, **{k: n for k, n in self.left_out.items() if n}}
+        left_out = {k: n for k, n in self.left_out.items()
+                    if n and not (k == "windows_without_train_scale" and self.without_train_scales)}
+        return {**means, **left_out}
 
 
 def seasonal_naive(lookback, horizon: int, period: int = 1) -> np.ndarray:

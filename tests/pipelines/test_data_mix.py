@@ -85,6 +85,17 @@ def test_mix_accepted():
     assert from_dict(TrainConfig, config(mix=[2, 1])).phase1.mix == [2, 1]
 
 
+def test_a_collections_weight_is_spread_over_its_entries_by_their_sample_counts():
+    """`mix` gives a weight per configured entry; a collection's encode YAML is an entry per folder, drawn from as
+    one cache of them all: its weight shared by sample counts (here 30 and 10 samples of weight 1; 10 of weight 3)."""
+    from pipelines.caches import spread_mix
+
+    assert spread_mix([3, 1], [["single"], ["folder-a", "folder-b"]], [10, 30, 10]) == [3, 0.75, 0.25]
+    assert spread_mix([2], [["empty"]], [0]) == [0.0]
+    with pytest.raises(ValueError):  # a weight per configured entry, no more, no fewer
+        spread_mix([1], [["a"], ["b"]], [1, 1])
+
+
 def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood():
     def stream(position=None):
         caches = [FakeCache("a", 15), FakeCache("b", 7)]

@@ -276,11 +276,40 @@ def test_the_bound_on_a_jobs_windows_is_not_in_the_entry_key(tmp_path):
     assert not first.reused and again.reused and again.uri == first.uri
 
 
-def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_of_the_others(tmp_path, capsys):
+def test_a_series_config_finds_its_entry_again_without_reading_while_its_files_are_unchanged(tmp_path, monkeypatch):
+    """Finding a series entry by its key means reading and cutting every window (days for GIFT-Eval's pretraining
+    set, before each training phase): a config that made an entry finds it again from a listing of its files while
+    none changed, and reads them again when one did, or when its record or entry is gone."""
+    import pipelines.encode
+
+    series = tmp_path / "s.csv"
+    series.write_text("x\n" + "\n".join(str(i % 7) for i in range(60)) + "\n")
+    spec = {"dataset": {"format": "series", "path": str(series), "lookback": 8, "horizon": 4, "stride": 4,
+                        "fractions": [1.0, 0.0, 0.0]},
+            "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}}
+    first = run_encode(from_dict(EncodeConfig, spec))
+    read = pipelines.encode.read_dataset
+    monkeypatch.setattr(pipelines.encode, "read_dataset", lambda d: pytest.fail(f"{d.path} read again"))
+    spec["dataset"]["max_windows"] = 50  # changes no window
+    again = run_encode(from_dict(EncodeConfig, spec))
+    assert again.reused and again.uri == first.uri and again.manifest == first.manifest
+    monkeypatch.setattr(pipelines.encode, "read_dataset", read)
+    with series.open("a") as f:  # a day more
+        f.write("\n".join(str(i % 7) for i in range(4)) + "\n")
+    grown = run_encode(from_dict(EncodeConfig, spec))
+    assert not grown.reused and grown.manifest["counts"]["written"] == first.manifest["counts"]["written"] + 1
+    for record in (tmp_path / "cache" / "resolved").iterdir():
+        record.unlink()
+    assert run_encode(from_dict(EncodeConfig, spec)).uri == grown.uri  # read again, its entry found by key
+
+
+def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_of_the_others(tmp_path, capsys,
+                                                                                            monkeypatch):
     """GIFT-Eval's pretraining set holds far more windows than one job can: `dataset.each_folder` encodes each folder
     by a job of its own, the entries those folders make alone. A folder that fails (here one past max_windows) is
     named at the end, after the others are written; training's caches take the collection's YAML as its entries;
     an evaluation, which reads one cache, refuses it before encoding anything."""
+    import pipelines.encode
     from pipelines.caches import resolve_cache, resolve_caches
 
     collection = tmp_path / "gift"
@@ -288,13 +317,15 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
         (collection / name / "H").mkdir(parents=True)
         (collection / name / "H" / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(steps)) + "\n")
     (collection / "README.md").write_text("a file beside the folders: not a dataset")
+    (collection / ".cache" / "huggingface").mkdir(parents=True)  # what `huggingface-cli download` leaves
     spec = {"dataset": {"format": "series", "path": str(collection), "each_folder": True, "lookback": 8,
                         "horizon": 4, "stride": 4, "fractions": [1.0, 0.0, 0.0], "max_windows": 20},
             "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}}
     with pytest.raises(RuntimeError, match=r"1 of 3 folders failed to encode \(the other 2 entries are written.*\n"
                                            r"  huge: TooManyWindows: .*huge/H/s.csv"):
         run_encodes(from_dict(EncodeConfig, spec))
-    assert "[3/3] " + str(collection / "solar") in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[3/3] " + str(collection / "solar") in printed and "not datasets, not read: ['.cache']" in printed
     alone = {name: run_encode(from_dict(EncodeConfig, {**spec, "dataset": {
         **spec["dataset"], "path": str(collection / name), "each_folder": False}})) for name in ("retail", "solar")}
     assert all(r.reused for r in alone.values())  # the collection's job made the very entries
@@ -305,10 +336,15 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
     uris = resolve_caches([str(tmp_path / "gift.yaml")])
     assert len(uris) == 3 and uris[1:] == [alone["retail"].uri, alone["solar"].uri]  # huge, retail, solar
     assert FeatureCache(uris[0]).manifest["counts"]["written"] == 98
+    monkeypatch.setattr(pipelines.encode, "read_dataset", lambda d: pytest.fail(f"{d.path} read again"))
+    assert resolve_caches([str(tmp_path / "gift.yaml")]) == uris  # a training phase's start: a listing per folder
     with pytest.raises(ValueError, match="a collection, encoded an entry per folder"):
         resolve_cache(str(tmp_path / "gift.yaml"))
     spec["dataset"]["path"] = str(collection / "solar" / "H")  # a folder of files, no folders
     with pytest.raises(ValueError, match="each_folder reads the folders directly inside it, and there are none"):
+        run_encodes(from_dict(EncodeConfig, spec))
+    spec["dataset"]["path"] = str(collection / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         run_encodes(from_dict(EncodeConfig, spec))
 
 

@@ -118,10 +118,12 @@ def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_pa
 def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, mlflow_server):
     root, image_cache, series_cache = trained
     uri = mlflow_server.tracking_uri
-    vqa = run_eval(eval_config(root, image_cache, "vqa", max_new_tokens=3, tracking_uri=uri, experiment="eval-test"))
+    vqa = run_eval(eval_config(root, image_cache, "vqa", max_new_tokens=3, tracking_uri=uri, experiment="eval-test",
+                               actors=2))
     predictions = read_predictions(vqa.predictions)
     here = run_eval(eval_config(root, image_cache, "vqa", out="here", max_new_tokens=3, actors=0, track=False))
-    assert read_predictions(here.predictions) == predictions  # Ray Data's actors predict what this process does
+    # Ray Data's actors predict what this process does, in the cache's order whichever actor finishes first
+    assert read_predictions(here.predictions) == predictions
     assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
     expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
     assert vqa.metrics["accuracy"] == pytest.approx(expected)

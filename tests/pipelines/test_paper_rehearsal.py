@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
@@ -25,6 +26,8 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel
 from infra.jobs import run_job
 from infra.s3_server import s3_client
 from modrwkv import RWKV7Config
+from pipelines.config import load_config, parse_overrides, to_dict
+from pipelines.encode_config import EncodeConfig
 from tests.conftest import random_backbone
 from tests.mixed_llava import mixed_llava
 from tests.services import BUCKET
@@ -74,7 +77,8 @@ def shrunk(backbone: str, output_dir: str, tracking_uri: str, *caches: str) -> l
                  f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
     for phase in (1, 2):
         overrides += [f"phase{phase}.steps=3", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
-                      f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0", f"phase{phase}.caches=[{','.join(caches)}]"]
+                      f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0",
+                      f"phase{phase}.caches=[{','.join(caches)}]"]
     return overrides
 
 
@@ -111,11 +115,13 @@ def normalization(model: Path, modality: str) -> list[str]:
             if k.startswith(prefix)]
 
 
-def job(head, env, command: str, *overrides: str) -> None:
+def job(head, env, command: str, *overrides: str) -> str:
+    """The job's logs, once it succeeded."""
     entrypoint = command + "".join(f" --set {shlex.quote(o)}" for o in overrides)
     result = run_job(head.dashboard_url, entrypoint, working_dir=REPO, env_vars=env, headers=head.auth_headers(),
                      timeout=900)
     assert result.status == "SUCCEEDED", f"{entrypoint}\n{result.logs[-4000:]}"
+    return result.logs
 
 
 @pytest.mark.slow
@@ -227,9 +233,9 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     s3 = s3_client(s3_server.endpoint_url)
     env, bucket = s3_server.env(), f"s3://{BUCKET}/rehearsal/series"
     window = ["dataset.lookback=48", "dataset.horizon=8", "run.actors=1", "run.batch_size=16"]
-    job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_gifteval_pretrain.yaml",
-        f"dataset.path={gift_eval_in_s3(s3)}", "dataset.stride=56", f"cache.root={bucket}/cache",
-        "cache.shard_size=4", *window)
+    gift = [f"dataset.path={gift_eval_in_s3(s3)}", "dataset.stride=56", f"cache.root={bucket}/cache",
+            "cache.shard_size=4", *window]
+    job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_gifteval_pretrain.yaml", *gift)
     # a collection (each_folder): an entry per dataset folder, each encoded by a job of its own
     caches = caches_in_s3(s3, f"{bucket}/cache")
     counts = [json.loads(s3.get_object(Bucket=BUCKET, Key=f"{c.split('/', 3)[3]}/manifest.json")["Body"].read())[
@@ -242,11 +248,17 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
         "cache.shard_size=64", *window)
     test_cache = cache_in_s3(s3, f"{bucket}/test-cache")
 
+    # training names the collection's encode YAML (the shipped one as the encode job read it), which stands for
+    # its entries: each found from a listing of its folder, no window read again
+    collection = tmp_path / "encode_gifteval_pretrain.yaml"
+    collection.write_text(yaml.safe_dump(to_dict(load_config(
+        f"{REPO}/{PAPER}/encode_gifteval_pretrain.yaml", EncodeConfig, parse_overrides(gift)))))
     backbone = tiny_pth_backbone(tmp_path)
     for phase in (1, 2):
-        job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_series.yaml --phase {phase}",
-            *shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, *caches),
-            "model.wavenet.hidden=8", "model.wavenet.layers=3")
+        logs = job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_series.yaml --phase {phase}",
+                   *shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, str(collection)),
+                   "model.wavenet.hidden=8", "model.wavenet.layers=3")
+        assert logs.count("its files unchanged since; nothing read") == 2
     model = tmp_path / "runs" / "modrwkv-series-1.5b" / "phase2" / "model"
     job(ray_head, env, f"python -m pipelines.evaluate --config {PAPER}/eval_etth1.yaml", f"checkpoint={model}",
         f"cache={test_cache}", f"out_dir={tmp_path / 'eval'}", "actors=1", "gpus_per_actor=0",
