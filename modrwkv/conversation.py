@@ -113,6 +113,12 @@ class Sample:
     target: np.ndarray | None = None  # series windows: the normalised horizon
     meta: dict = field(default_factory=dict)  # json-able provenance and extras: id, source, language, mean, std
 
+    @property
+    def items_inline(self) -> bool:
+        """A raw series window (the WaveNet's input) is its own item, its normalised lookback, stored with it rather
+        than in the feature store (GIFT-Eval's 280M windows would be as many store files, each a copy)."""
+        return self.modality == "series" and not self.item_files and self.lookback is not None
+
     def to_shard_record(self) -> dict:
         """{"__key__", "json": the .json member's document, "<name>.npy": array}: a WebDataset sample, which is what
         a shard stores. The features stay in the store: only their names are written."""

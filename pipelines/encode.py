@@ -208,27 +208,8 @@ def decode_item(row: dict, modality: str, limits: Limits, inputs, s3: storage.Se
         return {"ref": row["ref"], "item": b"", "reject": f"the encoder refused it: {e}"}
 
 
-class RawSeries:
-    """The encoder of the "raw" kind, its own inputs: WaveNet trains on the normalised series itself, one value
-    per step."""
-
-    @property
-    def inputs(self) -> "RawSeries":
-        return self
-
-    def prepare(self, series: np.ndarray, sample_id: str) -> dict[str, np.ndarray]:
-        return {"values": series}
-
-    def forward(self, prepared: list[dict[str, np.ndarray]]) -> list:
-        import torch  # heavy: only the encoder actors need it
-
-        return [torch.from_numpy(p["values"])[:, None] for p in prepared]
-
-
 def encoder_inputs(spec: EncoderSpec):
     """The host half of the job's encoder (`EncoderInputs`), what the decode tasks run: built once, here."""
-    if spec.kind == RAW_SERIES:
-        return RawSeries()
     from preprocessing.encoders import build_inputs, build_settings  # transformers: heavy, only a job with items
 
     # an s3:// folder: its configs alone (the driver never needs the weights)
@@ -243,7 +224,7 @@ class ItemEncoder:
         if s3:  # the driver's S3 settings, for a Ray actor
             s3.apply()
         self.spec, self.store = encoder, store
-        self.encoder = RawSeries() if self.spec.kind == RAW_SERIES else self.frozen_encoder()
+        self.encoder = self.frozen_encoder()
 
     def frozen_encoder(self):
         # torch and transformers: heavy, only the encoder actors need them
@@ -263,14 +244,9 @@ class ItemEncoder:
         if good:
             features = self.encoder.forward([unpack_arrays(batch["item"][i]) for i in good])
             for i, f in zip(good, features):
-                files[i] = self.store.write(refs[i], self.stored(f.float().numpy()))
+                files[i] = self.store.write(refs[i], to_stored(f.float().numpy(), self.store.precision))
         return {"ref": np.array(refs, dtype=object), "file": np.array(files, dtype=object),
                 "reject": np.array(rejects, dtype=object)}
-
-    def stored(self, features: np.ndarray) -> np.ndarray:
-        if self.spec.kind == RAW_SERIES:  # the WaveNet's input: full precision
-            return features
-        return to_stored(features, self.store.precision)
 
 
 def encode_items(config: EncodeConfig, store: FeatureStore, todo: dict[str, dict]) -> tuple[dict[str, dict], str]:
@@ -332,18 +308,19 @@ def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict])
 
 
 def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects: dict[str, str],
-                  rejects: list[Reject]) -> list[Sample]:
-    """The samples to write, referencing their item files; a sample with a rejected item is rejected."""
+                  rejects: list[Reject], inline: bool = False) -> list[Sample]:
+    """The samples to write, referencing their item files (none with `inline`: raw series windows, their own items);
+    a sample with a rejected item is rejected."""
     written = []
     for p in prepared:
-        reason = next((item_rejects[ref] for ref in p.refs if ref not in files), None)
+        reason = None if inline else next((item_rejects[ref] for ref in p.refs if ref not in files), None)
         if reason is not None:
             rejects.append(Reject(p.raw.sources[0] if p.raw.sources else p.raw.meta.get("source", "?"),
                                   reason, p.raw.key, stage="encode"))
             continue
         meta = {k: v for k, v in {**p.raw.meta, **p.meta}.items() if k != "turns"}
         written.append(Sample(p.raw.key, p.raw.modality, [Turn(**t) for t in p.raw.meta["turns"]],
-                              [files[ref] for ref in p.refs], lookback=p.arrays.get("lookback"),
+                              [] if inline else [files[ref] for ref in p.refs], lookback=p.arrays.get("lookback"),
                               target=p.arrays.get("target"), meta=meta))
     return written
 
@@ -351,7 +328,7 @@ def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects:
 def sample_lengths(sample: Sample) -> list:
     """[text tokens, [feature vectors of each item]]: what a context length is checked against."""
 
-    items = [item_length(name) for name in sample.item_files]
+    items = [len(sample.lookback)] if sample.items_inline else [item_length(name) for name in sample.item_files]
     return [text_length(world_tokenizer(), sample.turns, len(items), sample.key), items]
 
 
@@ -401,15 +378,18 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     if config.run.force:
         entry.clear()
     needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
-    needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared if p.raw.modality == "series"})
-    in_store = {} if config.run.force else store.items()
+    if config.encoder.kind != RAW_SERIES:  # a raw window is its own item, stored with it (`Sample.items_inline`)
+        needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared
+                       if p.raw.modality == "series"})
+    in_store = {} if config.run.force or not needed else store.items()
     todo = {ref: item for ref, item in needed.items() if ref not in in_store}
-    print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")
+    if needed:
+        print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")
     results, encoded_in = encode_items(config, store, todo) if todo else ({}, None)
     files = {ref: in_store[ref] for ref in needed if ref in in_store}
     files.update({ref: r["file"] for ref, r in results.items() if "file" in r})
     item_rejects = {ref: r["reject"] for ref, r in results.items() if "reject" in r}
-    written = samples_table(prepared, files, item_rejects, rejects)
+    written = samples_table(prepared, files, item_rejects, rejects, inline=config.encoder.kind == RAW_SERIES)
     shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
     for index, shard in enumerate(shards):
         if index not in done:

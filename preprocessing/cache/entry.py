@@ -303,7 +303,8 @@ class FeatureCache:
         samples = self.read_samples(index)
         features = self.item_reader.map(self.store.read, [name for s in samples for name in s.item_files])
         for sample in samples:
-            sample.items = [next(features) for _ in sample.item_files]
+            sample.items = ([sample.lookback[:, None]] if sample.items_inline
+                            else [next(features) for _ in sample.item_files])
         return samples
 
     def worker_shards(self, rank: int, world: int) -> list[int]:

@@ -156,7 +156,8 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
     result = run_encode(config(dataset={"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 16,
                                         "horizon": 4, "stride": 8, "fractions": [1.0, 0.0, 0.0]},
                                encoder={"kind": "raw"}, cache={"root": str(tmp_path / "cache")}, run=run))
-    assert result.encoded_in == encoded_in
+    # a raw window (the WaveNet's input) is its own item, its normalised lookback in its shard: nothing to encode
+    assert result.encoded_in is None and result.items["unique"] == 0
     # windows start at 0, 8, ..., 40: row 50 (NaN) is in the target of the one at 32 and the lookback of the one
     # at 40; the dead column has no value at all
     assert result.manifest["counts"] == {"read": 7, "written": 4, "rejected": 3}
@@ -164,7 +165,8 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
     assert reasons == ["lookback has 1 NaN or inf values", "target has 1 NaN or inf values",
                        "the column has no finite values"]
     sample = next(FeatureCache(result.uri).iter_samples(shuffle=False))
-    assert sample.items[0].shape == (16, 1) and sample.target.shape == (4,)
+    assert sample.items[0].shape == (16, 1) and sample.target.shape == (4,) and sample.item_files == []
+    assert sample.items[0].dtype == np.float32 and np.array_equal(sample.items[0][:, 0], sample.lookback)
     assert abs(float(sample.items[0].mean())) < 1e-5  # normalised per window
     raw = np.sin(np.arange(16) / 3).round(4)
     assert sample.meta["mean"] == pytest.approx(raw.mean(), abs=1e-4)
