@@ -10,7 +10,8 @@ A cached sample (`Sample`) is what the encode job writes into a cache entry and 
 back; its layout in a shard is defined here alone (`to_shard_record`, `from_shard_record`); the tar container, the
 byte coding and the checks are the cache's (`preprocessing/cache/entry.py`):
 
-    <key>.json          turns, "modality", "features" (its item files in the feature store, in placeholder order)
+    <key>.json          turns, "modality", "features" (its item files in the feature store, in placeholder order;
+                        none for a raw series window, whose item is its lookback: `Sample.items_inline`)
                         and the provenance beside them (id, source, language, series mean/std, content_sha256)
     <key>.lookback.npy  series: the normalised lookback
     <key>.target.npy    series: the normalised horizon
@@ -121,7 +122,8 @@ class Sample:
 
     def to_shard_record(self) -> dict:
         """{"__key__", "json": the .json member's document, "<name>.npy": array}: a WebDataset sample, which is what
-        a shard stores. The features stay in the store: only their names are written."""
+        a shard stores. The features stay in the store: only their names are written (a raw series window's item is
+        its lookback array, written here)."""
         document = {**self.meta, "turns": [asdict(t) for t in self.turns], "modality": self.modality,
                     "features": self.item_files}
         arrays = {f"{name}.npy": getattr(self, name) for name in SERIES_ARRAYS if getattr(self, name) is not None}

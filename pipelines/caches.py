@@ -39,10 +39,14 @@ def resolve_cache(entry: str, overrides: dict | None = None) -> str:
 def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> list[float]:
     """Sampling weights given one per configured entry, as one per cache: a collection's spread over its entries by
     their sample counts (`sizes`, in order), so that it is drawn from as one cache of them all would be."""
-    sizes, weights = iter(sizes), []
+    sizes, weights = list(sizes), []
+    if sum(map(len, groups)) != len(sizes):
+        raise ValueError(f"{len(sizes)} sample counts for {sum(map(len, groups))} caches")
     for weight, group in zip(mix, groups, strict=True):
-        counts = [next(sizes) for _ in group]
-        weights += [weight * n / (sum(counts) or 1) for n in counts]
+        counts, sizes = sizes[: len(group)], sizes[len(group):]
+        if not sum(counts):
+            raise ValueError(f"{group[0]}{' ...' if len(group) > 1 else ''}: no sample to draw with weight {weight}")
+        weights += [weight * n / sum(counts) for n in counts]
     return weights
 
 

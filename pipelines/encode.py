@@ -1,15 +1,19 @@
 """`modrwkv encode --config configs/encode_*.yaml`: raw dataset -> features in the feature store + a cache entry.
 
-    driver: readers, text checks; each media file's sha256 from the fingerprints (files read only when they
-            changed); series windows normalised; the entry's key from the store key and the samples' records
-      complete entry with that key -> reused, nothing read or encoded
-      else the items the store lacks (each unique media file or window once) -> Ray Data:
+    driver: a series config's record of its entry, found while its files are unchanged -> reused, nothing read
+            (`series_resolution`); else readers, text checks; each media file's sha256 from the fingerprints (files
+            read only when they changed); series windows normalised; the entry's key from the store key and the
+            samples' records
+      complete entry with that key -> reused, nothing encoded
+      else the items the store lacks (each unique media file or window once; a raw window is no store item, its
+      sample's lookback is) -> Ray Data:
         map(decode_item)                         read, check against its sha256, decode, prepare (the encoder's
                                                  host half, built once in the driver from the encoder's configs:
                                                  processor, log-mel); bad item -> its reason
         map_batches(ItemEncoder, actor pool)     `encoder.forward(prepared)` in micro-batches -> store
       (at most `run.in_process_max_items` of them: the same two steps in the driver, without Ray)
-    driver: the samples table (turns + the item files they reference) -> shards, rejects.jsonl, manifest.json
+    driver: the samples table (turns + the item files they reference, series arrays) -> shards, rejects.jsonl,
+            manifest.json
 
 Media travel between the stages as binary columns. An interrupted job loses nothing: the items it stored are
 found by the next run. The schema is in `encode_config.py`, the keys in `preprocessing/cache/key.py`, the
@@ -332,22 +336,37 @@ def sample_lengths(sample: Sample) -> list:
     return [text_length(world_tokenizer(), sample.turns, len(items), sample.key), items]
 
 
-def series_resolution(config: EncodeConfig) -> Resolution | None:
-    """A series config's record of its entry (`preprocessing/cache/resolved.py`), keyed with the code that reads,
-    cuts, checks and keys its windows."""
+# a series config's options that change no window: its record finds the entry whatever they are
+CHANGE_NO_WINDOW = ("max_windows", "each_folder")
+
+
+def series_resolution(config: EncodeConfig, store: dict) -> Resolution | None:
+    """A series config's record of its entry (`preprocessing/cache/resolved.py`), described by what decides its
+    samples beside its files: the dataset options that change a window, the store's key (the encoder's weights,
+    the limits), the shard size, and the code and libraries that read, cut, check, tokenize and key windows."""
     if config.dataset.format != "series":
         return None
+    from modrwkv import tokenizer, wavenet
     from preprocessing import validate
     from preprocessing.cache import entry, key
     from preprocessing.readers import sample, series
 
-    code = source_digest([sys.modules[__name__], series, sample, validate, key, entry])
-    return Resolution(dataclasses.asdict(config), code)
+    dataset = {k: v for k, v in dataclasses.asdict(config.dataset).items() if k not in CHANGE_NO_WINDOW}
+    path = config.dataset.path.rstrip("/")
+    dataset["path"] = path if storage.is_remote(path) else os.path.abspath(path)  # one record however it is named
+    code = source_digest([sys.modules[__name__], series, sample, validate, key, entry, storage, wavenet, tokenizer],
+                         ["numpy", "pyarrow", "rwkv"])  # rwkv: the tokenizer's vocabulary
+    described = {"dataset": dataset, "store": store, "shard_size": config.cache.shard_size, "code": code}
+    return Resolution(config.cache.root, described, series.files_read(config.dataset.path))
 
 
 def run_encode(config: EncodeConfig) -> EncodeResult:
     start = time.perf_counter()
-    resolution = series_resolution(config)
+    sections = dataclasses.asdict(config)
+    fingerprints = cache_fingerprints(config.cache.root)
+    key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
+                    fingerprints, config.cache.precision)
+    resolution = series_resolution(config, key)
     found = None if config.run.force or resolution is None else resolution.find()
     if found:
         manifest = CacheEntry(found).manifest()
@@ -356,12 +375,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
                             report_over_length(found, config))
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
-    fingerprints = cache_fingerprints(config.cache.root)
     samples = check_texts(samples, rejects)  # the rejected let go (a series window holds a view of its series)
     prepared = prepare(samples, rejects, config.limits, fingerprints)
-    sections = dataclasses.asdict(config)
-    key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
-                    fingerprints, config.cache.precision)
     store = FeatureStore.for_key(config.cache.root, key)
     spec = cache_spec(key, sections["dataset"], config.cache.shard_size,
                       (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))

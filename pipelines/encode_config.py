@@ -132,6 +132,9 @@ class EncodeConfig:
     max_length: int | None = None
 
     def __post_init__(self):
+        if self.encoder.kind == RAW_SERIES and self.dataset.format != "series":
+            raise ValueError(f"encoder.kind {RAW_SERIES!r} is for series (the WaveNet's input), not "
+                             f"dataset.format {self.dataset.format!r}")
         if self.cache.precision != DEFAULT_PRECISION and self.encoder.kind == RAW_SERIES:
             raise ValueError(f"cache.precision {self.cache.precision!r} applies to encoder features; raw series "
-                             "(the WaveNet's input) are stored in full precision")
+                             "(the WaveNet's input) are stored in full precision, in the shards")

@@ -140,6 +140,18 @@ def dataset_files(uri: str) -> list[str]:
             or posixpath.basename(f) in listed[posixpath.dirname(f)]]
 
 
+def files_read(uri: str) -> dict[str, list[int]] | None:
+    """What `read_series` reads of `uri`: each file's [size, modification time in ns], by its name relative to a
+    folder ("" for a file; a folder's state.json files too, which choose its .arrow files); None when there is
+    nothing there. A found-again entry is checked against it (`preprocessing/cache/resolved.py`)."""
+    if storage.is_folder(uri):
+        read, tree = set(dataset_files(uri)), storage.list_tree(uri)
+        return {name: list(stat) for name, stat in sorted(tree.items())
+                if name in read or posixpath.basename(name) == "state.json"}
+    stat = storage.stat_files([uri])[uri]
+    return None if stat is None else {"": list(stat)}
+
+
 def file_series(uri: str, stem: str, windows: "Windowing", columns,
                 time_column) -> tuple[list[RawSample], list[Reject]]:
     """One file's windows, keyed under `stem`."""

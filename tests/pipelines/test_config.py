@@ -52,6 +52,7 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
      "dataset.media_root is required for aishell"),
     ("dataset: {format: series, path: x, split_rows: [8640, 2880, 14400]}\nencoder: {kind: raw}",
      "split_rows must be three increasing row numbers"),
+    ("dataset: {format: llava, path: x}\nencoder: {kind: raw}", "encoder.kind 'raw' is for series"),
     ("dataset: [", "not valid YAML"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):

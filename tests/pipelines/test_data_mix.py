@@ -91,9 +91,12 @@ def test_a_collections_weight_is_spread_over_its_entries_by_their_sample_counts(
     from pipelines.caches import spread_mix
 
     assert spread_mix([3, 1], [["single"], ["folder-a", "folder-b"]], [10, 30, 10]) == [3, 0.75, 0.25]
-    assert spread_mix([2], [["empty"]], [0]) == [0.0]
+    with pytest.raises(ValueError, match="empty: no sample to draw with weight 2"):
+        spread_mix([2], [["empty"]], [0])
     with pytest.raises(ValueError):  # a weight per configured entry, no more, no fewer
         spread_mix([1], [["a"], ["b"]], [1, 1])
+    with pytest.raises(ValueError, match="3 sample counts for 2 caches"):
+        spread_mix([1, 1], [["a"], ["b"]], [1, 1, 1])
 
 
 def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood():

@@ -234,15 +234,15 @@ def test_aishell_encodes_from_its_own_layout_and_counts_reconcile(tmp_path, enco
 
 def test_librispeech_gets_the_datasets_opt_in_for_media_outside_its_root(tmp_path):
     from pipelines.encode import read_dataset
+    from pipelines.encode_config import DatasetConfig
 
     chapter = tmp_path / "ls" / "19" / "198"
     chapter.mkdir(parents=True)
     (chapter / "19-198.trans.txt").write_text("../../../elsewhere HELLO\n")
     dataset = {"format": "librispeech", "path": str(tmp_path / "ls")}
-    samples, rejects = read_dataset(config(dataset=dataset, encoder={"kind": "raw"}).dataset)
+    samples, rejects = read_dataset(from_dict(DatasetConfig, dataset))
     assert not samples and "outside the media root" in rejects[0].reason
-    samples, rejects = read_dataset(config(dataset={**dataset, "allow_media_outside_root": True},
-                                           encoder={"kind": "raw"}).dataset)
+    samples, rejects = read_dataset(from_dict(DatasetConfig, {**dataset, "allow_media_outside_root": True}))
     assert samples[0].sources == [str(chapter / "../../../elsewhere.flac")] and not rejects
 
 
@@ -295,6 +295,16 @@ def test_a_series_config_finds_its_entry_again_without_reading_while_its_files_a
     spec["dataset"]["max_windows"] = 50  # changes no window
     again = run_encode(from_dict(EncodeConfig, spec))
     assert again.reused and again.uri == first.uri and again.manifest == first.manifest
+    reads = []
+    monkeypatch.setattr(pipelines.encode, "read_dataset", lambda d: reads.append(d.path) or read(d))
+    stat = series.stat()
+    os.utime(series, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten, the same size: read again
+    touched = run_encode(from_dict(EncodeConfig, spec))
+    assert reads == [str(series)] and touched.reused and touched.uri == first.uri  # its entry found by its key
+    monkeypatch.setattr(pipelines.encode, "read_dataset", lambda d: pytest.fail(f"{d.path} read again"))
+    spec["dataset"]["path"] = os.path.relpath(series)  # the same file, named another way: the same record
+    assert run_encode(from_dict(EncodeConfig, spec)).uri == first.uri
+    spec["dataset"]["path"] = str(series)
     monkeypatch.setattr(pipelines.encode, "read_dataset", read)
     with series.open("a") as f:  # a day more
         f.write("\n".join(str(i % 7) for i in range(4)) + "\n")

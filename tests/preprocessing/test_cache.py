@@ -333,3 +333,23 @@ def test_int8_items_decode_within_half_a_step_and_read_back_as_features(tmp_path
     assert np.all(np.abs(decoded - features) <= step / 2) and not decoded[3].any()
     store = FeatureStore(str(tmp_path), "image-test-int8", "int8")
     assert np.array_equal(store.read(store.write("ab" * 32, stored)), decoded)
+
+
+def test_raw_series_windows_read_as_their_lookback_and_entries_with_store_items_as_before(tmp_path):
+    """A raw window's item is its normalised lookback, in its shard (no store file); an entry written when raw windows
+    had store items still reads them from the store."""
+    lookback = np.linspace(-1, 1, 8, dtype=np.float32)
+    turns = [Turn("user", "<series>\nForecast."), Turn("assistant", "")]
+    window = Sample("w0", "series", turns, lookback=lookback, target=np.zeros(2, np.float32))
+    entry = CacheEntry(str(tmp_path / "inline"))
+    entry.write_shard(0, pack_shard([window]), ["w0"], [], [[0, [8]]], [[]])
+    entry.finish({"modality": "series"}, 1, [], n_read=1, extra={"feature_store": STORE})
+    (inline,) = FeatureCache(str(tmp_path / "inline")).read_shard(0)
+    assert inline.items_inline and inline.items[0].shape == (8, 1) and inline.items[0].dtype == np.float32
+    np.testing.assert_array_equal(inline.items[0][:, 0], lookback)
+    stored = Sample("w0", "series", turns, items=[lookback[:, None] * 2], lookback=lookback,
+                    target=np.zeros(2, np.float32))
+    write_samples(str(tmp_path / "before"), [[stored]], modality="series")
+    (before,) = FeatureCache(str(tmp_path / "before")).read_shard(0)
+    assert not before.items_inline and before.item_files
+    np.testing.assert_array_equal(before.items[0], lookback[:, None] * 2)  # the store's, not the lookback
