@@ -244,13 +244,14 @@ def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: P
     scored = Scored(task.tally(), RowSample(table_rows))
     with predictions.open("w") as file:
         for rows in shards:
-            file.writelines(json.dumps(task.saved(r), ensure_ascii=False) + "\n" for r in rows)
+            saved = [task.saved(r) for r in rows]
+            file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in saved)
             # a sample the model cannot take is not predicted: counted, and named with its reason in the file
             taken = [r for r in rows if "skipped" not in r]
             scored.skipped += len(rows) - len(taken)
             scored.first_reason = scored.first_reason or next((r["skipped"] for r in rows if "skipped" in r), None)
             scored.tally.add(taken)
-            scored.table.add([task.saved(r) for r in taken])
+            scored.table.add([r for r in saved if "skipped" not in r])
     return scored
 
 

@@ -119,12 +119,15 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     return unique(samples, rejects), rejects
 
 
-def dataset_files(uri: str) -> list[str]:
+def dataset_files(uri: str, listed: list[str] | None = None) -> list[str]:
     """The series files under a folder, relative to it. In a folder Hugging Face's `save_to_disk` wrote (its
     state.json lists the data files) the .arrow files it lists, not the `cache-*.arrow` files `datasets` leaves beside
     them, which hold the same rows again (some of GiftEvalPretrain's folders ship one); every file where the
-    state.json is some other program's or names a file that is not there."""
-    walked = storage.walk(uri, (*READERS, "state.json"))  # one listing of the tree (on S3, a request a 1,000 files)
+    state.json is some other program's or names a file that is not there. `listed`: the tree's files, when the
+    caller has listed them."""
+    suffixes = (*READERS, "state.json")
+    # one listing of the tree (on S3, a request a 1,000 files)
+    walked = sorted(f for f in listed if f.endswith(suffixes)) if listed is not None else storage.walk(uri, suffixes)
     files = [f for f in walked if f.endswith(tuple(READERS))]
     present = {(posixpath.dirname(f), posixpath.basename(f)) for f in files}
     listed = {}
@@ -145,7 +148,8 @@ def files_read(uri: str) -> dict[str, list[int]] | None:
     folder ("" for a file; a folder's state.json files too, which choose its .arrow files); None when there is
     nothing there. A found-again entry is checked against it (`preprocessing/cache/resolved.py`)."""
     if storage.is_folder(uri):
-        read, tree = set(dataset_files(uri)), storage.list_tree(uri)
+        tree = storage.list_tree(uri)
+        read = set(dataset_files(uri, list(tree)))
         return {name: list(stat) for name, stat in sorted(tree.items())
                 if name in read or posixpath.basename(name) == "state.json"}
     stat = storage.stat_files([uri])[uri]
