@@ -6,7 +6,7 @@ from pathlib import Path
 from preprocessing import storage
 
 from .config import load_config
-from .encode import EncodeConfig, run_encodes
+from .encode import EncodeConfig, run_encode, run_encodes
 
 
 def absolute(uri: str) -> str:
@@ -30,10 +30,13 @@ def resolve_caches(entries: list[str], overrides: dict[str, dict] | None = None)
 
 def resolve_cache(entry: str, overrides: dict | None = None) -> str:
     """One cache (an evaluation's): an encode YAML of a collection is refused before anything is encoded."""
-    if is_encode_config(entry) and load_config(entry, EncodeConfig, overrides).dataset.each_folder:
+    if not is_encode_config(entry):
+        return absolute(entry)
+    config = load_config(entry, EncodeConfig, overrides)
+    if config.dataset.each_folder:
         raise ValueError(f"{entry}: a collection, encoded an entry per folder (dataset.each_folder); this reads one "
                          "cache: name one of its entries, or its folder as dataset.path with each_folder false")
-    return resolve_caches([entry], {entry: overrides or {}})[0]
+    return absolute(run_encode(config).uri)
 
 
 def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> list[float]:

@@ -156,9 +156,9 @@ def is_folder(uri: str) -> bool:
 def list_folders(uri: str) -> list[str]:
     """Names of the folders directly inside a folder (empty when the folder does not exist); on S3, one listing of
     its prefixes, not of every file under it."""
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    if not is_folder(uri):
         return []
+    fs, path = _fs(uri)
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in fs.get_file_info(pafs.FileSelector(path))
                   if i.type == pafs.FileType.Directory)
 
