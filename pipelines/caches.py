@@ -53,5 +53,19 @@ def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> l
     return weights
 
 
+def too_small(groups: list[list[str]], sizes: list[int], world: int) -> list[str]:
+    """The entries of collections holding fewer samples than the `world` workers, who each take samples of their own
+    from an entry drawn (a small dataset's folder): left out of the draw. A cache named alone that small is refused."""
+    small, sizes = [], list(sizes)
+    for group in groups:
+        counts, sizes = sizes[: len(group)], sizes[len(group):]
+        for uri, n in zip(group, counts, strict=True):
+            if 0 < n < world and len(group) == 1:
+                raise ValueError(f"{uri}: {n} samples for {world} workers; every worker takes samples of its own")
+            if 0 < n < world:
+                small.append(uri)
+    return small
+
+
 def is_encode_config(entry: str) -> bool:
     return entry.endswith((".yaml", ".yml"))

@@ -56,7 +56,7 @@ class TrainResult:
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
     start = time.perf_counter()
-    plan = plan_phase(config, phase)
+    plan = plan_phase(config, phase, config.scaling.workers)
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)
 
@@ -71,7 +71,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
         tracking.log_caches(uri, run_id, caches)
         before_start = tracking.MetricLogger(uri, run_id)
-        before_start.log(skipped_in_caches(opened, mm_config, config.max_length), 0)
+        before_start.log(skipped_in_caches(opened, mm_config, config.max_length, plan.left_out), 0)
         before_start.flush()
         if not ray.is_initialized():
             ray.init(address=config.scaling.ray_address, log_to_driver=False)

@@ -34,13 +34,13 @@ def configured_tracking_uri(config: TrainConfig) -> str | None:
 def run_single_process(config: TrainConfig, phase: int, device: str | None = None) -> tuple[Path, list[dict]]:
     """Trains one phase; returns the model folder on this machine (under an s3:// output_dir, a copy of the
     published one) and every step's metrics."""
-    plan = plan_phase(config, phase)
+    plan = plan_phase(config, phase, world=1)
     hp, opened, out = plan.hp, plan.opened, plan.out
     uri = configured_tracking_uri(config)
     logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
     skipped = []  # train_steps extends it as it goes: a failed run names those left out before it failed too
     with tracked_run(logger, skipped):
-        known_skips = skipped_in_caches(opened, plan.model, config.max_length)
+        known_skips = skipped_in_caches(opened, plan.model, config.max_length, plan.left_out)
         if logger:
             log_before_training(logger, plan.caches, known_skips)
 

@@ -16,7 +16,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import local_copy, publish, working_dir
 
-from .caches import absolute, resolve_groups, spread_mix
+from .caches import absolute, resolve_groups, spread_mix, too_small
 from .config import ConfigError
 from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
 
@@ -102,11 +102,17 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
     return stats
 
 
-def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int) -> dict[str, int]:
+def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int,
+                      left_out: list[str] = ()) -> dict[str, int]:
     """The samples training will skip, counted from the manifests' recorded lengths before any worker starts
     (training skips and names them; printed per cache): {"over_length_in_caches": those over `max_length` with this
-    model's projectors, "too_short_in_caches": those with an item its projector compresses to nothing}."""
+    model's projectors, "too_short_in_caches": those with an item its projector compresses to nothing,
+    "in_entries_left_out": those of the collection entries `left_out` of the draw (`PhasePlan.left_out`)}."""
     over_total = short_total = 0
+    small = [cache for cache in caches if cache.uri in left_out]
+    if small:
+        print(f"{len(small)} collection entries hold fewer samples than the workers and are left out of the draw "
+              f"({sum(map(len, small))} samples): {', '.join(cache.uri for cache in small)}")
     for cache in caches:
         projector = mm_config.projectors[cache.modality]
         short = cache.compressed_to_nothing(projector.compressed_length)
@@ -120,7 +126,8 @@ def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_
             print(f"{cache.uri}: {len(over)} of {len(cache)} samples are over max_length {max_length} and will be "
                   f"skipped, e.g. {over[0]['key']} ({over[0]['tokens']} tokens)")
         over_total, short_total = over_total + len(over), short_total + len(short)
-    return {"over_length_in_caches": over_total, "too_short_in_caches": short_total}
+    return {"over_length_in_caches": over_total, "too_short_in_caches": short_total,
+            "in_entries_left_out": sum(map(len, small))}
 
 
 def phase_dir(config: TrainConfig, phase: int) -> str:
@@ -170,6 +177,7 @@ class PhasePlan:
     destination: str
     out: Path
     backbone: dict  # what the model folders record of it (`backbone_record`)
+    left_out: list[str]  # collection entries with fewer samples than workers, never drawn (`caches.too_small`)
     whiten_eps: float = WHITEN_EPS
 
     def publish(self) -> str:
@@ -186,13 +194,15 @@ class PhasePlan:
         return feature_stats(self.opened, normalized, whiten_eps=self.whiten_eps)
 
 
-def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
+def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
+    """`world`: the workers that will train (each reads samples of its own from every cache it draws)."""
     hp = config.phase1 if phase == 1 else config.phase2
     groups = resolve_groups(hp.caches or config.caches)
     caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
-    if hp.mix is not None:
-        hp = dataclasses.replace(hp, mix=spread_mix(hp.mix, groups, [len(c) for c in opened]))
+    left_out = too_small(groups, [len(c) for c in opened], world)
+    sizes = [0 if uri in left_out else len(c) for uri, c in zip(caches, opened)]
+    hp = dataclasses.replace(hp, mix=sizes if hp.mix is None else spread_mix(hp.mix, groups, sizes))
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     init_from = phase1_source = None
@@ -206,5 +216,5 @@ def plan_phase(config: TrainConfig, phase: int) -> PhasePlan:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
     destination = phase_dir(config, phase)
     out = working_dir(destination)
-    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone,
+    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone, left_out,
                      config.model.whiten_eps)

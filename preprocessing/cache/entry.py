@@ -21,8 +21,8 @@ cheap: rebuilding one for edited text reads no media and runs no encoder. Writes
 content-addressed: two jobs encoding the same new item write the same name (a deterministic encoder gives the
 same bytes), never a half-written file. Shards are deterministic (members in sample order, mtime 0, uid 0);
 reading never unpickles (np.load with allow_pickle=False) and checks every shard and item against its sha256.
-The reader splits an entry's samples across Ray Train workers by shard, shuffles them with a seed and reads ahead
-on background threads."""
+The reader splits an entry's samples across Ray Train workers by shard (by sample when it has too few shards to go
+round), shuffles them with a seed and reads ahead on background threads."""
 
 import hashlib
 import io
@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from itertools import count, tee
+from typing import NamedTuple
 
 import numpy as np
 
@@ -239,6 +240,14 @@ class FeatureStore:
         return from_stored(load_npy(data), self.precision)
 
 
+class Share(NamedTuple):
+    """Samples `first`, `first + step`, ... of the shards `shards` read in order: `count` of them."""
+    shards: tuple[int, ...]
+    first: int
+    step: int
+    count: int
+
+
 class FeatureCache:
     """A complete entry, read: its manifest, and its samples by shard."""
 
@@ -307,24 +316,40 @@ class FeatureCache:
                             else [next(features) for _ in sample.item_files])
         return samples
 
-    def worker_shards(self, rank: int, world: int) -> list[int]:
-        return list(range(rank, len(self.shards), world))
+    def shard_quota(self, world: int) -> int:
+        """The samples of the smallest rank's share when every rank takes every `world`-th shard."""
+        return min(sum(shard["count"] for shard in self.shards[rank::world]) for rank in range(world))
+
+    def shared_by_sample(self, world: int) -> bool:
+        """Whether shards would leave a worker under half of an even split (fewer shards than workers, or a full
+        shard against a small last one): an entry of a few shards, which every worker then reads whole."""
+        return 2 * self.shard_quota(world) < len(self) // world
+
+    def shares(self, rank: int, world: int) -> list[Share]:
+        """Rank `rank`'s part of the entry: every `world`-th shard from `rank`, or, `shared_by_sample`, every
+        `world`-th sample from `rank` of all the shards."""
+        if self.shared_by_sample(world):
+            return [Share(tuple(range(len(self.shards))), rank, world, len(range(rank, len(self), world)))]
+        return [Share((i,), 0, 1, self.shards[i]["count"]) for i in range(rank, len(self.shards), world)]
+
+    def read_share(self, share: Share) -> list[Sample]:
+        return [sample for i in share.shards for sample in self.read_shard(i)][share.first::share.step]
 
     def samples_per_worker(self, world: int) -> int:
         """Every rank yields this many samples (the smallest rank's share), so all ranks take the same number
         of steps: a distributed step needs every rank."""
-        if len(self.shards) < world:
-            raise ValueError(f"{self.uri}: {len(self.shards)} shards for {world} workers; encode with a smaller "
-                             "cache.shard_size so every worker gets at least one shard")
-        return min(sum(self.shards[i]["count"] for i in self.worker_shards(r, world)) for r in range(world))
+        if len(self) < world:
+            raise ValueError(f"{self.uri}: {len(self)} samples for {world} workers; every worker needs at least one "
+                             "(leave this entry out of a run this wide)")
+        return len(self) // world if self.shared_by_sample(world) else self.shard_quota(world)
 
-    def windows(self, order: list[int], size: int) -> list[tuple[int, list[int]]]:
-        """`order`'s shards grouped into runs of consecutive shards holding at least `size` samples (the last may
+    def windows(self, order: list[Share], size: int) -> list[tuple[int, list[Share]]]:
+        """`order`'s shares grouped into runs of consecutive shares holding at least `size` samples (the last may
         hold fewer), each with the position of its first sample in the epoch."""
         windows, first, members, held = [], 0, [], 0
-        for index in order:
-            members.append(index)
-            held += self.shards[index]["count"]
+        for share in order:
+            members.append(share)
+            held += share.count
             if held >= size:
                 windows.append((first, members))
                 first, members, held = first + held, [], 0
@@ -332,21 +357,21 @@ class FeatureCache:
             windows.append((first, members))
         return windows
 
-    def read_ahead(self, indices: Iterator[int], threads: int, ahead: int) -> Iterator[list[Sample]]:
-        """The decoded shards `indices`, in order. With `threads`, shards holding at least `ahead` samples beyond
-        the one handed out are being read, checked and decoded on background threads, so the consumer waits on
-        storage only when it outruns them; with 0, each is read when asked for."""
+    def read_ahead(self, shares: Iterator[Share], threads: int, ahead: int) -> Iterator[list[Sample]]:
+        """The decoded `shares`, in order. With `threads`, shares holding at least `ahead` samples beyond the one
+        handed out are being read, checked and decoded on background threads, so the consumer waits on storage
+        only when it outruns them; with 0, each is read when asked for."""
         if threads == 0:
-            yield from map(self.read_shard, indices)
+            yield from map(self.read_share, shares)
             return
         pool, pending = ThreadPoolExecutor(threads, thread_name_prefix="shard-reader"), deque()
 
         def fill():
             while not pending or sum(count for count, _ in pending) < ahead:
-                index = next(indices, None)
-                if index is None:
+                share = next(shares, None)
+                if share is None:
                     return
-                pending.append((self.shards[index]["count"], pool.submit(self.read_shard, index)))
+                pending.append((share.count, pool.submit(self.read_share, share)))
 
         try:
             fill()
@@ -358,19 +383,20 @@ class FeatureCache:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def plan(self, rank: int, world: int, seed: int, epoch: int, start: int, epochs: int | None, shuffle: bool,
-             window: int) -> Iterator[tuple[int, int, list[int], int, int]]:
-        """(epoch, window, shards, first sample to yield, end) for each window to read, from `start` of `epoch`
+             window: int) -> Iterator[tuple[int, int, list[Share], int, int]]:
+        """(epoch, window, shares, first sample to yield, end) for each window to read, from `start` of `epoch`
         on, for `epochs` epochs (None: endless)."""
         quota = self.samples_per_worker(world)
         if not 0 <= start <= quota:
             raise ValueError(f"{self.uri}: start {start} is outside an epoch's {quota} samples per worker")
+        shares = self.shares(rank, world)
         for e in count(epoch) if epochs is None else range(epoch, epoch + epochs):
-            order = self.worker_shards(rank, world)
+            order = list(range(len(shares)))
             if shuffle:
                 np.random.default_rng([seed, e, rank]).shuffle(order)
-            for w, (first, members) in enumerate(self.windows(order, window)):
+            for w, (first, members) in enumerate(self.windows([shares[i] for i in order], window)):
                 skip = start - first if e == epoch else 0
-                held = sum(self.shards[i]["count"] for i in members)
+                held = sum(share.count for share in members)
                 if first < quota and skip < held:
                     yield e, w, members, max(skip, 0), quota - first
 
@@ -383,10 +409,10 @@ class FeatureCache:
         a plain count, and starting at `start` reads no shard before the window that holds it (a resumed run
         does not replay its data). `prefetch` threads read the next window while this one is consumed."""
         windows, reading = tee(self.plan(rank, world, seed, epoch, start, epochs, shuffle, window))
-        shard_order = (i for _, _, members, _, _ in reading for i in members)
-        with closing(self.read_ahead(shard_order, prefetch, window)) as shards:
+        share_order = (share for _, _, members, _, _ in reading for share in members)
+        with closing(self.read_ahead(share_order, prefetch, window)) as shares:
             for e, w, members, skip, end in windows:
-                samples = [sample for _ in members for sample in next(shards)]
+                samples = [sample for _ in members for sample in next(shares)]
                 if shuffle:
                     permutation = np.random.default_rng([seed, e, rank, w]).permutation(len(samples))
                     samples = [samples[i] for i in permutation]

@@ -99,6 +99,26 @@ def test_a_collections_weight_is_spread_over_its_entries_by_their_sample_counts(
         spread_mix([1, 1], [["a"], ["b"]], [1, 1, 1])
 
 
+def test_collection_entries_smaller_than_the_workers_are_left_out_of_the_draw_and_never_opened():
+    """Each worker takes samples of its own from a cache drawn: a collection's entry of fewer samples than workers
+    (a small dataset's folder) gets weight 0 and its stream is never started; a cache named alone that small is a
+    config error, named before any work."""
+    from pipelines.caches import too_small
+
+    groups = [["single"], ["a", "b", "c", "d"]]
+    assert too_small(groups, [8, 3, 0, 20, 7], world=8) == ["a", "d"]
+    assert too_small(groups, [8, 3, 0, 20, 7], world=1) == []
+    with pytest.raises(ValueError, match="single: 5 samples for 8 workers"):
+        too_small(groups, [5, 3, 0, 20, 7], world=8)
+
+    class TooSmall(FakeCache):
+        def samples_per_worker(self, world):
+            raise AssertionError("a cache left out of the draw is read")
+
+    batches = MicroBatches([FakeCache("a", 30), TooSmall("b", 3)], fake_collator(), 2, 0, 8, seed=0, mix=[30, 0])
+    assert {next(batches)[1].cache for _ in range(200)} == {"a"}
+
+
 def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood():
     def stream(position=None):
         caches = [FakeCache("a", 15), FakeCache("b", 7)]

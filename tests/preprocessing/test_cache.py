@@ -120,14 +120,36 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     assert rank0 != [s.key for s in cache.iter_samples(0, 2, seed=1, epoch=1, window=3)]
     in_order = [s.key for s in cache.iter_samples(shuffle=False)]
     assert in_order == [f"s{i:03d}" for i in range(12)]
-    with pytest.raises(ValueError, match="4 shards for 5 workers"):
-        cache.samples_per_worker(5)
+
+
+def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path):
+    """A small entry (a collection's small dataset: fewer shards than workers, or a full shard and a small last
+    one) still gives every worker its samples: each reads every shard and takes every world-th sample, so the
+    workers' samples are disjoint and as even as can be. Fewer samples than workers is refused by name."""
+    write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
+    cache = FeatureCache(str(tmp_path / "e"))
+    assert cache.samples_per_worker(5) == 2  # 12 samples: ranks 0 and 1 hold 3, the others 2
+    ranks = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3)] for r in range(5)]
+    assert [len(keys) for keys in ranks] == [2] * 5
+    assert len({key for keys in ranks for key in keys}) == 10
+    held = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3, shuffle=False, start=0)] for r in range(5)]
+    assert held[2] == ["s002", "s007"] and held[0] == ["s000", "s005"]
+    assert sorted(ranks[3]) == held[3] == ["s003", "s008"] and set(ranks[0]) < {"s000", "s005", "s010"}
+    with pytest.raises(ValueError, match="12 samples for 13 workers"):
+        cache.samples_per_worker(13)
+    write_entry(str(tmp_path / "uneven"), [8, 1])  # by shard, 1 sample a worker; by sample, 4
+    uneven = FeatureCache(str(tmp_path / "uneven"))
+    assert uneven.shard_quota(2) == 1 and uneven.samples_per_worker(2) == 4
+    halves = [{s.key for s in uneven.iter_samples(r, 2, seed=2)} for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 4 and not halves[0] & halves[1]
 
 
 def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatch):
     write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
     cache = FeatureCache(str(tmp_path / "e"))
-    assert cache.windows([0, 1, 2, 3, 4], 5) == [(0, [0, 1]), (6, [2, 3]), (12, [4])]
+    shares = cache.shares(0, 1)
+    assert [(first, [s.shards for s in members]) for first, members in cache.windows(shares, 5)] == \
+        [(0, [(0,), (1,)]), (6, [(2,), (3,)]), (12, [(4,)])]
     whole = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5)]
     assert sorted(whole) == [f"s{i:03d}" for i in range(14)] and whole != sorted(whole)
     three = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3)]
