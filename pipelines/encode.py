@@ -18,7 +18,7 @@
 Media travel between the stages as binary columns. An interrupted job loses nothing: the items it stored are
 found by the next run. The schema is in `encode_config.py`, the keys in `preprocessing/cache/key.py`, the
 on-disk format in `preprocessing/cache/entry.py`. A collection (`dataset.each_folder`) is a job per folder, an
-entry each (`run_encodes`).
+entry each, `run.folder_jobs` at once as Ray tasks (`run_encodes`).
 """
 
 import argparse
@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -290,14 +291,20 @@ def encode_in_driver(config: EncodeConfig, store: FeatureStore, rows: list[dict]
         yield encoder({column: [d[column] for d in decoded] for column in ("ref", "item", "reject")})
 
 
-def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
-    import ray  # heavy: only a job large enough for Ray Data needs it
+def join_ray(run: RunConfig, local_cpus: int):
+    """Ray, initialised: a job on a cluster (`ray job submit` sets RAY_ADDRESS, or `run.ray_address`) joins it;
+    only a new local instance is sized, to `local_cpus`."""
+    import ray  # heavy: only the jobs that need it import it
 
     if not ray.is_initialized():
-        # a job on a cluster (`ray job submit` sets RAY_ADDRESS) joins it; only a new local instance is sized
-        joining = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=config.run.ray_address, include_dashboard=False, log_to_driver=False,
-                 **({} if joining else {"num_cpus": max(config.run.actors, 1) + 1}))
+        joining = run.ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=run.ray_address, include_dashboard=False, log_to_driver=False,
+                 **({} if joining else {"num_cpus": local_cpus}))
+    return ray
+
+
+def encode_with_ray(config: EncodeConfig, store: FeatureStore, rows: list[dict]) -> Iterator[dict]:
+    ray = join_ray(config.run, local_cpus=config.run.actors + 1)
     ray.data.DataContext.get_current().enable_progress_bars = False
     s3 = storage.settings()  # an argument, not a runtime env's variables (see storage.Settings)
     blocks = max(1, min(len(rows) // config.run.batch_size, 64))
@@ -360,25 +367,40 @@ def series_resolution(config: EncodeConfig, store: dict) -> Resolution | None:
     return Resolution(config.cache.root, described, series.files_read(config.dataset.path))
 
 
-def run_encode(config: EncodeConfig) -> EncodeResult:
-    start = time.perf_counter()
+def identity(config: EncodeConfig) -> tuple[dict, dict, Resolution | None]:
+    """What names the job's output: the cache root's media fingerprints, the feature store's key, and for series
+    the record of its entry (`series_resolution`)."""
     sections = dataclasses.asdict(config)
     fingerprints = cache_fingerprints(config.cache.root)
     key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
                     fingerprints, config.cache.precision)
-    resolution = series_resolution(config, key)
+    return fingerprints, key, series_resolution(config, key)
+
+
+def found_unchanged(config: EncodeConfig, resolution: Resolution | None, start: float) -> EncodeResult | None:
+    """The entry a series record names while the files it was encoded from are unchanged: nothing read. None:
+    the dataset is to be read (its entry may still exist)."""
     found = None if config.run.force or resolution is None else resolution.find()
+    if not found:
+        return None
+    manifest = CacheEntry(found).manifest()
+    print(f"cache hit: {found} ({manifest['counts']['written']} samples), its files unchanged since; nothing read")
+    return EncodeResult(found, manifest, True, manifest["items"], time.perf_counter() - start,
+                        report_over_length(found, config))
+
+
+def run_encode(config: EncodeConfig) -> EncodeResult:
+    start = time.perf_counter()
+    fingerprints, key, resolution = identity(config)
+    found = found_unchanged(config, resolution, start)
     if found:
-        manifest = CacheEntry(found).manifest()
-        print(f"cache hit: {found} ({manifest['counts']['written']} samples), its files unchanged since; nothing read")
-        return EncodeResult(found, manifest, True, manifest["items"], time.perf_counter() - start,
-                            report_over_length(found, config))
+        return found
     samples, rejects = read_dataset(config.dataset)
     n_read = len(samples) + len(rejects)
     samples = check_texts(samples, rejects)  # the rejected let go (a series window holds a view of its series)
     prepared = prepare(samples, rejects, config.limits, fingerprints)
     store = FeatureStore.for_key(config.cache.root, key)
-    spec = cache_spec(key, sections["dataset"], config.cache.shard_size,
+    spec = cache_spec(key, dataclasses.asdict(config.dataset), config.cache.shard_size,
                       (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
@@ -426,8 +448,9 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
 
 def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
     """The config's entry, or with `dataset.each_folder` one per folder directly under `dataset.path`, each encoded
-    by a job of its own (what one job holds is one folder's windows). A folder that fails does not stop the others:
-    the failures are raised together at the end, each named, the other entries written (a rerun finds them)."""
+    by a job of its own (what one job holds is one folder's windows): `run.folder_jobs` at a time. A folder that
+    fails does not stop the others: the failures are raised together at the end, each named, the other entries
+    written (a rerun finds them)."""
     if not config.dataset.each_folder:
         return [run_encode(config)]
     path = config.dataset.path.rstrip("/")
@@ -440,19 +463,61 @@ def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
         raise ValueError(f"{path}: dataset.each_folder reads the folders directly inside it, and there are none")
     if len(folders) < len(listed):
         print(f"{path}: not datasets, not read: {sorted(set(listed) - set(folders))}")
-    results, failures = [], []
-    for number, folder in enumerate(folders, start=1):
-        print(f"[{number}/{len(folders)}] {storage.join(path, folder)}")
-        dataset = dataclasses.replace(config.dataset, path=storage.join(path, folder), each_folder=False)
-        try:
-            results.append(run_encode(dataclasses.replace(config, dataset=dataset)))
-        except (ValueError, FileNotFoundError) as e:  # the folder's data (TooManyWindows, no series file)
-            failures.append(f"{folder}: {type(e).__name__}: {e}")
+    configs = [dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, path=storage.join(path, f),
+                                                                       each_folder=False)) for f in folders]
+    outcomes: dict[int, EncodeResult | str] = {}
+    for index, outcome in folder_outcomes(configs, config.run):
+        outcomes[index] = outcome
+        told = outcome if isinstance(outcome, str) else (f"{'found' if outcome.reused else 'encoded'} {outcome.uri} "
+                                                          f"({outcome.manifest['counts']['written']} samples)")
+        print(f"[{len(outcomes)}/{len(folders)}] {folders[index]}: {told}", flush=True)
+    results = [outcomes[i] for i in range(len(folders)) if not isinstance(outcomes[i], str)]
+    failures = [f"{folders[i]}: {outcomes[i]}" for i in range(len(folders)) if isinstance(outcomes[i], str)]
     if failures:
         raise RuntimeError(f"{path}: {len(failures)} of {len(folders)} folders failed to encode (the other "
                            f"{len(results)} entries are written; a rerun finds them):\n  " + "\n  ".join(failures))
     print(f"{path}: {len(results)} entries, one per folder:\n  " + "\n  ".join(r.uri for r in results))
     return results
+
+
+def encode_folder(config: EncodeConfig, s3: storage.Settings | None = None) -> EncodeResult | str:
+    """A collection folder's entry, or why its data failed to encode (TooManyWindows, no series file), which stops
+    none of the other folders. `s3`: the driver's settings, given to a Ray task."""
+    if s3 is not None:
+        s3.apply()
+    try:
+        return run_encode(config)
+    except (ValueError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tuple[int, EncodeResult | str]]:
+    """Each folder's outcome (by its position in `configs`) as it is known: one after another in this process,
+    or, with `run.folder_jobs` > 1, that many at once as Ray tasks of a CPU each, spread over a cluster's nodes.
+    Entries found from their records are found here first (a listing, no task)."""
+    if run.folder_jobs == 1:
+        yield from enumerate(map(encode_folder, configs))
+        return
+    to_encode = []
+    for index, folder in enumerate(configs):
+        found = found_unchanged(folder, identity(folder)[2], time.perf_counter())
+        if found:
+            yield index, found
+        else:
+            to_encode.append(index)
+    if not to_encode:
+        return
+    ray = join_ray(run, local_cpus=run.folder_jobs * (run.actors + 1))  # a folder's job may start its encoders
+    print(f"{len(to_encode)} of {len(configs)} folders to read, {run.folder_jobs} at a time as Ray tasks", flush=True)
+    encode = ray.remote(num_cpus=1)(encode_folder)
+    s3, waiting, running = storage.settings(), iter(to_encode), {}
+    for index in itertools.islice(waiting, run.folder_jobs):
+        running[encode.remote(configs[index], s3)] = index
+    while running:
+        (done,), _ = ray.wait(list(running), num_returns=1)
+        yield running.pop(done), ray.get(done)
+        for index in itertools.islice(waiting, 1):
+            running[encode.remote(configs[index], s3)] = index
 
 
 def report_other_rejects(entry: CacheEntry, entry_read: int, rejects: list[Reject], n_read: int) -> None:

@@ -110,9 +110,13 @@ class RunConfig:
     # itself, but slows far more than they do when other work competes: there Ray overtook it between 64 and 192
     # items. 128 keeps the loss of the wrong choice near 5 s either way (benchmarks/RESULTS.md).
     in_process_max_items: int = 128
+    # A collection's folders (`dataset.each_folder`) encoded at once, each as a Ray task of one CPU holding that
+    # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory.
+    # 1: one after another in the driver, without Ray.
+    folder_jobs: int = 1
 
     def __post_init__(self):
-        for name in ("actors", "batch_size"):
+        for name in ("actors", "batch_size", "folder_jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be 1 or more, got {getattr(self, name)}")
         if self.gpus_per_actor < 0:

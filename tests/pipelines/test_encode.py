@@ -337,7 +337,8 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
                                            r"  huge: TooManyWindows: .*huge/H/s.csv"):
         run_encodes(from_dict(EncodeConfig, spec))
     printed = capsys.readouterr().out
-    assert "[3/3] " + str(collection / "solar") in printed and "not datasets, not read: ['.cache']" in printed
+    assert "[1/3] huge: TooManyWindows" in printed and "[3/3] solar: encoded " in printed
+    assert "not datasets, not read: ['.cache']" in printed
     alone = {name: run_encode(from_dict(EncodeConfig, {**spec, "dataset": {
         **spec["dataset"], "path": str(collection / name), "each_folder": False}})) for name in ("retail", "solar")}
     assert all(r.reused for r in alone.values())  # the collection's job made the very entries
@@ -350,6 +351,9 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
     assert FeatureCache(uris[0]).manifest["counts"]["written"] == 98
     monkeypatch.setattr(pipelines.encode, "read_dataset", lambda d: pytest.fail(f"{d.path} read again"))
     assert resolve_caches([str(tmp_path / "gift.yaml")]) == uris  # a training phase's start: a listing per folder
+    monkeypatch.setattr(pipelines.encode, "join_ray", lambda *a, **k: pytest.fail("Ray started to find entries"))
+    assert resolve_caches([str(tmp_path / "gift.yaml")], {str(tmp_path / "gift.yaml"): {"run.folder_jobs": 2}}) \
+        == uris  # folders encoded in Ray tasks are first looked for by the driver
     with pytest.raises(ValueError, match="a collection, encoded an entry per folder"):
         resolve_cache(str(tmp_path / "gift.yaml"))
     spec["dataset"]["path"] = str(collection / "solar" / "H")  # a folder of files, no folders

@@ -233,10 +233,12 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     s3 = s3_client(s3_server.endpoint_url)
     env, bucket = s3_server.env(), f"s3://{BUCKET}/rehearsal/series"
     window = ["dataset.lookback=48", "dataset.horizon=8", "run.actors=1", "run.batch_size=16"]
-    # shards of 8: an entry of 6 windows is one shard, of 9 a full one and 1, which the 2 workers share by sample
+    # shards of 8: an entry of 6 windows is one shard, of 9 a full one and 1, which the 2 workers share by sample;
+    # the folders encoded at once as Ray tasks on the cluster, reading S3 with the job's settings
     gift = [f"dataset.path={gift_eval_in_s3(s3)}", "dataset.stride=56", f"cache.root={bucket}/cache",
-            "cache.shard_size=8", *window]
-    job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_gifteval_pretrain.yaml", *gift)
+            "cache.shard_size=8", "run.folder_jobs=2", *window]
+    logs = job(ray_head, env, f"python -m pipelines.encode --config {PAPER}/encode_gifteval_pretrain.yaml", *gift)
+    assert "2 of 2 folders to read, 2 at a time as Ray tasks" in logs and logs.count(": encoded s3://") == 2
     # a collection (each_folder): an entry per dataset folder, each encoded by a job of its own
     caches = caches_in_s3(s3, f"{bucket}/cache")
     counts = [json.loads(s3.get_object(Bucket=BUCKET, Key=f"{c.split('/', 3)[3]}/manifest.json")["Body"].read())[
