@@ -23,7 +23,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import publish, working_dir
 
-from .caches import resolve_cache
+from .caches import absolute, resolve_cache
 from .config import from_dict, load_config, parse_overrides
 from .environment import environment_tags, require_cuda
 from .eval_tasks import TASKS, EvalTask, Tally, TaskName
@@ -44,6 +44,9 @@ class EvalConfig:
     gpus_per_actor: float = 0.0  # each actor's share of a GPU, which holds its model copy; 0: CPU actors
     season: int = 1  # forecasting: the seasonal-naive baseline's period (1 = naive)
     table_rows: int = 10_000  # the MLflow table's rows at most (a sample by key hash): every row is in the JSONL
+    # the predictions file goes to MLflow up to this size; a larger one (ECL's is ~4 GB) is only named, in the tag
+    # `predictions`, where out_dir holds it
+    predictions_artifact_mb: float = 512.0
     tracking_uri: str | None = field(default=None, repr=False)  # not in the repr: it may hold credentials
     experiment: str = "modrwkv"
     parent_run_id: str | None = None  # default: the run that trained the checkpoint
@@ -54,6 +57,8 @@ class EvalConfig:
         check_registered_name(self.register_as)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor must be 0 or more, not {self.gpus_per_actor}")
+        if self.predictions_artifact_mb < 0:
+            raise ValueError(f"predictions_artifact_mb must be 0 or more, not {self.predictions_artifact_mb}")
         if self.batch_size < 1 or self.table_rows < 0:
             raise ValueError(f"batch_size must be 1 or more and table_rows 0 or more, not {self.batch_size} and "
                              f"{self.table_rows}")
@@ -189,7 +194,14 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
             mlflow.log_table(columns, artifact_file=f"eval_{config.task}.json", run_id=run_id)
         client.set_tag(run_id, "table", f"{len(rows)} of the {table.seen} scored rows (every row when they are no "
                                         f"more than table_rows; else those whose keys hash lowest)")
-        client.log_artifact(run_id, str(result.predictions))
+        published = storage.join(absolute(config.out_dir), result.predictions.name)
+        size = result.predictions.stat().st_size
+        if size <= config.predictions_artifact_mb * 2**20:
+            client.log_artifact(run_id, str(result.predictions))
+            client.set_tag(run_id, "predictions", f"{published} (and an artifact of this run)")
+        else:
+            client.set_tag(run_id, "predictions", f"{published} ({size / 2**20:,.0f} MiB: over predictions_artifact_mb "
+                                                  f"{config.predictions_artifact_mb:g}, not an artifact of this run)")
         for plot in plots:
             client.log_artifact(run_id, str(plot))
     return run_id

@@ -136,6 +136,7 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     assert tags["env.numpy"] == np.__version__ and tags["env.cpu"] == cpu_description()  # what scored, where
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={vqa.run_id}")["files"]}
     assert {"eval_vqa.json", "predictions_vqa.jsonl", "confusion_matrix.png"} <= files
+    assert tags["predictions"] == f"{vqa.predictions} (and an artifact of this run)"  # out_dir is local here
     artifact_uri = run["info"]["artifact_uri"]  # mlflow-artifacts:/<experiment>/<run>/artifacts
     path = artifact_uri.split("mlflow-artifacts:/", 1)[1]
     table = get(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{path}/eval_vqa.json")
@@ -152,12 +153,13 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
 
     forecast = run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": series_cache,
                                                "out_dir": str(root / "out"), "season": 4, "tracking_uri": uri,
-                                               "experiment": "eval-test", "table_rows": 3}))
+                                               "experiment": "eval-test", "table_rows": 3,
+                                               "predictions_artifact_mb": 0.001}))
     # the cache's windows carry their series' training scale: the benchmark tables' standardized errors too
     assert {"mse", "mae", "mse_normalized", "mae_normalized", "mse_standardized", "mae_standardized",
             "mase"} == set(forecast.metrics) == set(forecast.baselines)
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={forecast.run_id}")["files"]}
-    assert "forecast_vs_truth.png" in files
+    assert "forecast_vs_truth.png" in files and "predictions_forecast.jsonl" not in files  # over 1 kB: named only
     # a test set of millions of windows: the table holds `table_rows` of them, and says so; the file holds all
     run = get(f"{uri}/api/2.0/mlflow/runs/get?run_id={forecast.run_id}")["run"]
     path = run["info"]["artifact_uri"].split("mlflow-artifacts:/", 1)[1]
@@ -167,6 +169,7 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     assert len(keys) == 3 and keys == sorted(keys) and set(keys) < set(predicted)
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["table"].startswith(f"3 of the {len(predicted)} scored rows")
+    assert tags["predictions"].startswith(f"{forecast.predictions} (") and "not an artifact" in tags["predictions"]
 
     with pytest.raises(ValueError, match="a image cache cannot be evaluated as forecast"):
         run_eval(from_dict(EvalConfig, {"checkpoint": str(root / "model"), "task": "forecast", "cache": image_cache}))
