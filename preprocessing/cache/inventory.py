@@ -1,12 +1,13 @@
 """What a cache root holds, and what nothing uses: `modrwkv cache ls|du|gc`.
 
 An entry is complete when its manifest exists; its samples reference item files in one store. Garbage is what
-no complete entry of the current format references: store items, entries of an older format, unfinished entries
-and half-written files. A job may be writing right now (its entry has no manifest yet, its new items are not
-referenced yet), so only files older than a grace period count as garbage. A root may hold other things (a
+no complete entry of the current format references: store items, entries of an older format, unfinished entries,
+series records of entries gone, and half-written files. A job may be writing right now (its entry has no manifest
+yet, its new items are not referenced yet), so only files older than a grace period count as garbage. A root may hold other things (a
 dataset beside its caches): only the files an entry writes count, and a folder without any is no entry."""
 
 import json
+import posixpath
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .. import storage
 from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache
 from .index import INDEX
 from .key import FINGERPRINTS_FOLDER
+from .resolved import RESOLVED_FOLDER
 
 # the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
 ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)})"
@@ -96,6 +98,19 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
             unused = (name.endswith(".npy") and name not in store.referenced) or ".tmp-" in name
             if unused and mtime < old:
                 found.append(storage.join(root, STORE_FOLDER, store.name, name))
+    return found + stale_records(root, {e.name for e in entries if e.current}, old)
+
+
+def stale_records(root: str, current: set[str], old: int) -> list[str]:
+    """Series records (`resolved.py`) older than `old` (ns) that name no entry in `current`, and half-written ones.
+    (A record of a described config no run makes again, say from before a code change, names a current entry and is
+    kept: a few hundred bytes.)"""
+    folder, found = storage.join(root, RESOLVED_FOLDER), []
+    for name, (_, mtime) in sorted(storage.list_tree(folder).items()):
+        if mtime < old and (".tmp-" in name or
+                            posixpath.basename(json.loads(storage.read_bytes(storage.join(folder, name)))["entry"]
+                                               .rstrip("/")) not in current):
+            found.append(storage.join(folder, name))
     return found
 
 

@@ -1,5 +1,6 @@
 """The cache format: deterministic shards, receipts, the manifest written last, and the training-side reader."""
 
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,6 @@ def test_shards_are_deterministic_and_never_pickled(tmp_path):
 def test_a_sample_is_stored_in_the_layout_entries_of_format_2_hold():
     """Entries written before the `Sample` type stay readable: the same members, the same json document."""
     import io
-    import json
     import tarfile
 
     sample = Sample("w0", "series", [Turn("user", "<series>\nNext?")], ["ab/ab_3_0.npy"],
@@ -86,8 +86,6 @@ def test_the_index_holds_every_sample_and_the_manifest_none(tmp_path):
 
 def test_an_entry_of_format_2_opens_counts_and_keeps_its_items(tmp_path):
     """Entries written before the index (keys and lengths in the manifest) are read alike and are not garbage."""
-    import json
-
     from preprocessing.cache.inventory import describe, garbage, inventory
 
     root = tmp_path / "cache"
@@ -248,12 +246,18 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     for path in others:  # a dataset kept beside its caches, a user's file in an entry: no cache's files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not the cache's")
+    (root / "resolved").mkdir()  # series records: of an entry kept, of one gc removes, of one gone, half-written
+    for name, entry in (("a", "kept"), ("b", "old"), ("c", "gone")):
+        (root / "resolved" / f"{name}.json").write_text(json.dumps({"entry": str(root / entry), "files": {}}))
+    (root / "resolved" / "d.json.tmp-0123abcd").write_text("{")
     assert garbage(str(root), grace_s=3600) == []  # everything is younger than an hour: a job may be writing it
     found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=0)}
     old = {p.relative_to(root).as_posix() for p in (root / "old").iterdir()}
     unfinished = {p.relative_to(root).as_posix() for p in (root / "unfinished").iterdir() if p.name != "notes.txt"}
     assert old <= found and unfinished <= found and f"features/{STORE}/{orphan}" in found
     assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
+    assert {f for f in found if f.startswith("resolved/")} == {"resolved/b.json", "resolved/c.json",
+                                                                "resolved/d.json.tmp-0123abcd"}
     assert not any(f.startswith("kept/") for f in found)
     assert not {p.relative_to(root).as_posix() for p in others} & found
     assert "llava" not in describe(str(root), sizes=False)
