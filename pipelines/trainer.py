@@ -210,8 +210,15 @@ class MicroBatches:
 
     def __next__(self):
         i = self.draw()
+        modality, batch = self.caches[i].modality, self.next_batch(i)
+        # a key is unique within its entry only (a collection's entries key their windows by paths in their folders)
+        entry = self.caches[i].uri.rstrip("/").rsplit("/", 1)[-1]
+        batch.skipped = [{**record, "entry": entry} for record in batch.skipped]
+        return modality, batch
+
+    def next_batch(self, i: int):
         if self.packers is not None:
-            return self.caches[i].modality, self.packers[i].take(self.micro)
+            return self.packers[i].take(self.micro)
         batch, skipped = self.take(i), []
         for _ in range(len(self.caches[i]) // self.micro + 1):  # every sample skipped: draw again, a pass at most
             if batch.sample_ids:
@@ -222,7 +229,7 @@ class MicroBatches:
             raise ValueError(f"{self.caches[i].uri}: every sample drawn is skipped ({len(skipped)} in a row, e.g. "
                              f"{skipped[0]})")
         batch.skipped = skipped + batch.skipped
-        return self.caches[i].modality, batch
+        return batch
 
 
 def to_device(batch, device):

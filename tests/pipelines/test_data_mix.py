@@ -172,7 +172,8 @@ def test_packed_micro_batches_hold_full_rows_of_every_sample_once():
     seen = Counter((i, e) for b in batches for i, e in zip(b.sample_ids, b.epochs))
     assert set(seen.values()) == {1}
     assert {(i, e) for i, e in seen if e < 3} == {(i, e) for i in range(30) for e in range(3) if i != 4}
-    assert [s for b in batches for s in b.skipped] == [{"key": 4}] * 4
+    # each named with the entry it is a key of
+    assert [s for b in batches for s in b.skipped] == [{"key": 4, "entry": "a"}] * 4
 
 
 def test_a_packed_stream_built_from_a_position_continues_exactly_where_the_first_stood():

@@ -371,5 +371,6 @@ def test_an_item_compressed_to_nothing_is_skipped_counted_and_named(setup, short
     named = [json.loads(line) for line in
              Path(client.download_artifacts(run_id, "skipped_samples.jsonl", str(tmp_path))).read_text().splitlines()]
     assert len(counted) == 6 and counted[-1].value == len(named) >= 4 and {r["key"] for r in named} == short
-    assert all((r["reason"], r["vectors"], r["kernel"]) == ("too_short", 2, 3) for r in named)
+    entry = cache.rstrip("/").rsplit("/", 1)[-1]  # keys are unique within an entry: each record names its entry
+    assert all((r["reason"], r["vectors"], r["kernel"], r["entry"]) == ("too_short", 2, 3, entry) for r in named)
     assert client.get_metric_history(run_id, "skipped_over_length")[-1].value == 0
