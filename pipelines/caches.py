@@ -1,6 +1,7 @@
 """What train and eval configs name as data: feature-cache entries, or encode YAMLs (found in the cache or
 encoded first), turned into cache URIs the Ray workers can open."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from preprocessing import storage
@@ -39,14 +40,21 @@ def resolve_cache(entry: str, overrides: dict | None = None) -> str:
     return absolute(run_encode(config).uri)
 
 
+def per_group(groups: list[list[str]], sizes: list[int]) -> Iterator[tuple[list[str], list[int]]]:
+    """Each configured entry's caches with their sample counts (`sizes`, one per cache, in order)."""
+    if sum(map(len, groups)) != len(sizes):
+        raise ValueError(f"{len(sizes)} sample counts for {sum(map(len, groups))} caches")
+    at = 0
+    for group in groups:
+        yield group, list(sizes[at:at + len(group)])
+        at += len(group)
+
+
 def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> list[float]:
     """Sampling weights given one per configured entry, as one per cache: a collection's spread over its entries by
     their sample counts (`sizes`, in order), so that it is drawn from as one cache of them all would be."""
-    sizes, weights = list(sizes), []
-    if sum(map(len, groups)) != len(sizes):
-        raise ValueError(f"{len(sizes)} sample counts for {sum(map(len, groups))} caches")
-    for weight, group in zip(mix, groups, strict=True):
-        counts, sizes = sizes[: len(group)], sizes[len(group):]
+    weights = []
+    for weight, (group, counts) in zip(mix, per_group(groups, sizes), strict=True):
         if not sum(counts):
             raise ValueError(f"{group[0]}{' ...' if len(group) > 1 else ''}: no sample to draw with weight {weight}")
         weights += [weight * n / sum(counts) for n in counts]
@@ -56,15 +64,27 @@ def spread_mix(mix: list[float], groups: list[list[str]], sizes: list[int]) -> l
 def too_small(groups: list[list[str]], sizes: list[int], world: int) -> list[str]:
     """The entries of collections holding fewer samples than the `world` workers, who each take samples of their own
     from an entry drawn (a small dataset's folder): left out of the draw. A cache named alone that small is refused."""
-    small, sizes = [], list(sizes)
-    for group in groups:
-        counts, sizes = sizes[: len(group)], sizes[len(group):]
+    small = []
+    for group, counts in per_group(groups, sizes):
         for uri, n in zip(group, counts, strict=True):
             if 0 < n < world and len(group) == 1:
                 raise ValueError(f"{uri}: {n} samples for {world} workers; every worker takes samples of its own")
             if 0 < n < world:
                 small.append(uri)
     return small
+
+
+def draw_weights(mix: list[float] | None, groups: list[list[str]], sizes: list[int],
+                 world: int) -> tuple[list[float], list[str]]:
+    """Each cache's weight in the draw of micro-batches (`mix`, one per configured entry, spread over a collection's
+    entries; None: sample counts), and the entries left out (`too_small`: weight 0)."""
+    left_out = too_small(groups, sizes, world)
+    uris = [uri for group in groups for uri in group]
+    drawn = [0 if uri in left_out else n for uri, n in zip(uris, sizes)]
+    weights = drawn if mix is None else spread_mix(mix, groups, drawn)
+    if not sum(weights):
+        raise ValueError(f"no cache holds a sample to draw for {world} workers: {', '.join(uris)}")
+    return weights, left_out
 
 
 def is_encode_config(entry: str) -> bool:

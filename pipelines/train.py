@@ -77,7 +77,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             ray.init(address=config.scaling.ray_address, log_to_driver=False)
         stats = plan.feature_stats()
         loop_config = WorkerConfig(
-            phase=phase, hp=hp, caches=caches, model=mm_config, backbone=plan.backbone,
+            phase=phase, hp=hp, caches=caches, weights=plan.weights, model=mm_config, backbone=plan.backbone,
             init_from=init_from, feature_stats=stats, deepspeed=config.deepspeed,
             max_length=config.max_length, packing=config.packing, pack_buffer=config.pack_buffer,
             prefetch_threads=config.prefetch_threads, seed=config.seed,

@@ -52,7 +52,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
         optimizer = optimizer_for(model, hp)
         engine = LocalEngine(model, optimizer, accumulation_steps(hp, world=1), hp.grad_clip)
         collator = Collator(WorldTokenizer(), model.config, config.max_length, skip_bad_samples=True)
-        batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, hp.mix, None,
+        batches = MicroBatches(opened, collator, hp.micro_batch, 0, 1, config.seed, plan.weights, None,
                                config.prefetch_threads, config.pack_buffer if config.packing else 0)
 
         history, started = [], time.perf_counter()

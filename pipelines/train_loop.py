@@ -31,6 +31,7 @@ class WorkerConfig:
     phase: int
     hp: PhaseConfig
     caches: list[str]  # cache URIs every worker can open
+    weights: list[float]  # each cache's in the draw of micro-batches (`caches.draw_weights`)
     model: ModRWKVConfig
     backbone: dict  # its record: {"path": a folder, .pth or s3:// URI, "sha256" for a URI}
     init_from: str | None  # phase II: phase I's output folder
@@ -92,7 +93,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
 
     caches = [FeatureCache(u) for u in cfg.caches]
     collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_bad_samples=True)
-    batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, hp.mix, position,
+    batches = MicroBatches(caches, collator, hp.micro_batch, rank, world, cfg.seed, cfg.weights, position,
                            cfg.prefetch_threads, cfg.pack_buffer if cfg.packing else 0)
     logger = MetricLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     if logger and step:

@@ -16,7 +16,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import local_copy, publish, working_dir
 
-from .caches import absolute, resolve_groups, spread_mix, too_small
+from .caches import absolute, draw_weights, resolve_groups
 from .config import ConfigError
 from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
 
@@ -113,7 +113,7 @@ def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_
     if small:
         print(f"{len(small)} collection entries hold fewer samples than the workers and are left out of the draw "
               f"({sum(map(len, small))} samples): {', '.join(cache.uri for cache in small)}")
-    for cache in caches:
+    for cache in (cache for cache in caches if cache.uri not in left_out):
         projector = mm_config.projectors[cache.modality]
         short = cache.compressed_to_nothing(projector.compressed_length)
         if short:
@@ -177,6 +177,7 @@ class PhasePlan:
     destination: str
     out: Path
     backbone: dict  # what the model folders record of it (`backbone_record`)
+    weights: list[float]  # each cache's in the draw of micro-batches (`caches.draw_weights`)
     left_out: list[str]  # collection entries with fewer samples than workers, never drawn (`caches.too_small`)
     whiten_eps: float = WHITEN_EPS
 
@@ -200,9 +201,7 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     groups = resolve_groups(hp.caches or config.caches)
     caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
-    left_out = too_small(groups, [len(c) for c in opened], world)
-    sizes = [0 if uri in left_out else len(c) for uri, c in zip(caches, opened)]
-    hp = dataclasses.replace(hp, mix=sizes if hp.mix is None else spread_mix(hp.mix, groups, sizes))
+    weights, left_out = draw_weights(hp.mix, groups, [len(c) for c in opened], world)
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     init_from = phase1_source = None
@@ -216,5 +215,5 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
     destination = phase_dir(config, phase)
     out = working_dir(destination)
-    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone, left_out,
-                     config.model.whiten_eps)
+    return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone, weights,
+                     left_out, config.model.whiten_eps)

@@ -103,13 +103,21 @@ def test_collection_entries_smaller_than_the_workers_are_left_out_of_the_draw_an
     """Each worker takes samples of its own from a cache drawn: a collection's entry of fewer samples than workers
     (a small dataset's folder) gets weight 0 and its stream is never started; a cache named alone that small is a
     config error, named before any work."""
-    from pipelines.caches import too_small
+    from pipelines.caches import draw_weights, too_small
 
     groups = [["single"], ["a", "b", "c", "d"]]
     assert too_small(groups, [8, 3, 0, 20, 7], world=8) == ["a", "d"]
     assert too_small(groups, [8, 3, 0, 20, 7], world=1) == []
     with pytest.raises(ValueError, match="single: 5 samples for 8 workers"):
         too_small(groups, [5, 3, 0, 20, 7], world=8)
+    # by sample counts, or the configured mix spread over the entries still drawn; an empty entry is never drawn
+    assert draw_weights(None, groups, [8, 3, 0, 20, 7], world=8) == ([8, 0, 0, 20, 0], ["a", "d"])
+    assert draw_weights([1, 3], groups, [8, 3, 0, 20, 7], world=8) == ([1, 0, 0, 3, 0], ["a", "d"])
+    assert draw_weights(None, groups, [8, 3, 0, 20, 7], world=1) == ([8, 3, 0, 20, 7], [])
+    with pytest.raises(ValueError, match="a ...: no sample to draw with weight 3"):
+        draw_weights([1, 3], groups, [8, 3, 0, 2, 7], world=8)
+    with pytest.raises(ValueError, match="no cache holds a sample to draw for 8 workers"):
+        draw_weights(None, [["a", "b"]], [3, 0], world=8)
 
     class TooSmall(FakeCache):
         def samples_per_worker(self, world):

@@ -346,6 +346,27 @@ def test_a_failed_single_process_run_ends_failed_with_what_the_cluster_driver_lo
         1, 2, 3, 4}
 
 
+def test_a_collection_entry_smaller_than_the_workers_is_left_out_before_they_start(setup, short_item_cache,
+                                                                                    monkeypatch, capsys):
+    """A phase's plan for 20 workers over a collection of two entries (48 and 16 samples): the small one is never
+    drawn (weight 0, with no mix or with one), counted and named; its too-short samples are not counted as skips too."""
+    import pipelines.train_setup
+    from pipelines.train_setup import plan_phase, skipped_in_caches
+
+    root, digits = setup
+    small, _ = short_item_cache
+    monkeypatch.setattr(pipelines.train_setup, "resolve_groups", lambda entries: [[digits, small]])
+    for mix in (None, [2.0]):
+        config = config_for(root, "collection.yaml", "left-out", phase1={"lr": 3e-3, "steps": 6, "global_batch": 20,
+                                                                         "micro_batch": 1, "mix": mix})
+        plan = plan_phase(config, 1, world=20)
+        assert plan.weights == ([48, 0] if mix is None else [2.0, 0.0]) and plan.left_out == [small]
+    skips = skipped_in_caches(plan.opened, plan.model, 64, plan.left_out)
+    assert skips == {"over_length_in_caches": 0, "too_short_in_caches": 0, "in_entries_left_out": 16}
+    assert "1 collection entries hold fewer samples than the workers" in capsys.readouterr().out
+    assert plan_phase(config, 1, world=16).left_out == []
+
+
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
 def test_an_item_compressed_to_nothing_is_skipped_counted_and_named(setup, short_item_cache, tmp_path, request,
                                                                     driver):
