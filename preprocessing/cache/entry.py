@@ -241,8 +241,8 @@ class FeatureStore:
 
 
 class Share(NamedTuple):
-    """Samples `first`, `first + step`, ... of the shards `shards` read in order: `count` of them."""
-    shards: tuple[int, ...]
+    """Samples `first`, `first + step`, ... of shard `shard`: `count` of them."""
+    shard: int
     first: int
     step: int
     count: int
@@ -309,7 +309,9 @@ class FeatureCache:
 
     def read_shard(self, index: int) -> list[Sample]:
         """A shard's samples with their items' features, each item checked against its digest."""
-        samples = self.read_samples(index)
+        return self.with_features(self.read_samples(index))
+
+    def with_features(self, samples: list[Sample]) -> list[Sample]:
         features = self.item_reader.map(self.store.read, [name for s in samples for name in s.item_files])
         for sample in samples:
             sample.items = ([sample.lookback[:, None]] if sample.items_inline
@@ -322,18 +324,24 @@ class FeatureCache:
 
     def shared_by_sample(self, world: int) -> bool:
         """Whether shards would leave a worker under half of an even split (fewer shards than workers, or a full
-        shard against a small last one): an entry of a few shards, which every worker then reads whole."""
+        shard against a small last one): an entry of a few shards, each read by every worker."""
         return 2 * self.shard_quota(world) < len(self) // world
 
     def shares(self, rank: int, world: int) -> list[Share]:
-        """Rank `rank`'s part of the entry: every `world`-th shard from `rank`, or, `shared_by_sample`, every
-        `world`-th sample from `rank` of all the shards."""
-        if self.shared_by_sample(world):
-            return [Share(tuple(range(len(self.shards))), rank, world, len(range(rank, len(self), world)))]
-        return [Share((i,), 0, 1, self.shards[i]["count"]) for i in range(rank, len(self.shards), world)]
+        """Rank `rank`'s part of the entry: every `world`-th shard from `rank`; or, `shared_by_sample`, every
+        `world`-th sample of the entry from `rank`, a share of each shard (features read for those alone)."""
+        if not self.shared_by_sample(world):
+            return [Share(i, 0, 1, self.shards[i]["count"]) for i in range(rank, len(self.shards), world)]
+        shares, before = [], 0
+        for i, shard in enumerate(self.shards):
+            first = (rank - before) % world  # the shard's first sample at a position rank + k * world
+            if first < shard["count"]:
+                shares.append(Share(i, first, world, len(range(first, shard["count"], world))))
+            before += shard["count"]
+        return shares
 
     def read_share(self, share: Share) -> list[Sample]:
-        return [sample for i in share.shards for sample in self.read_shard(i)][share.first::share.step]
+        return self.with_features(self.read_samples(share.shard)[share.first::share.step])
 
     def samples_per_worker(self, world: int) -> int:
         """Every rank yields this many samples (the smallest rank's share), so all ranks take the same number

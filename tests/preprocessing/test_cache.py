@@ -120,10 +120,11 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     assert in_order == [f"s{i:03d}" for i in range(12)]
 
 
-def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path):
+def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path, monkeypatch):
     """A small entry (a collection's small dataset: fewer shards than workers, or a full shard and a small last
-    one) still gives every worker its samples: each reads every shard and takes every world-th sample, so the
-    workers' samples are disjoint and as even as can be. Fewer samples than workers is refused by name."""
+    one) still gives every worker its samples: each reads every shard and takes every world-th sample (reading
+    their features alone), so the workers' samples are disjoint and as even as can be, and a start resumes exactly.
+    Fewer samples than workers is refused by name."""
     write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
     cache = FeatureCache(str(tmp_path / "e"))
     assert cache.samples_per_worker(5) == 2  # 12 samples: ranks 0 and 1 hold 3, the others 2
@@ -133,6 +134,12 @@ def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path):
     held = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3, shuffle=False, start=0)] for r in range(5)]
     assert held[2] == ["s002", "s007"] and held[0] == ["s000", "s005"]
     assert sorted(ranks[3]) == held[3] == ["s003", "s008"] and set(ranks[0]) < {"s000", "s005", "s010"}
+    assert [s.key for s in cache.iter_samples(3, 5, seed=1, window=3, start=1)] == ranks[3][1:]  # resumed exactly
+    read = []  # features are read for a worker's own samples alone
+    original = cache.store.read
+    monkeypatch.setattr(cache.store, "read", lambda name: read.append(name) or original(name))
+    list(cache.iter_samples(0, 5, seed=1, window=3, prefetch=0))
+    assert len(read) == sum(share.count for share in cache.shares(0, 5)) == 3
     with pytest.raises(ValueError, match="12 samples for 13 workers"):
         cache.samples_per_worker(13)
     write_entry(str(tmp_path / "uneven"), [8, 1])  # by shard, 1 sample a worker; by sample, 4
@@ -146,15 +153,15 @@ def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatc
     write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
     cache = FeatureCache(str(tmp_path / "e"))
     shares = cache.shares(0, 1)
-    assert [(first, [s.shards for s in members]) for first, members in cache.windows(shares, 5)] == \
-        [(0, [(0,), (1,)]), (6, [(2,), (3,)]), (12, [(4,)])]
+    assert [(first, [s.shard for s in members]) for first, members in cache.windows(shares, 5)] == \
+        [(0, [0, 1]), (6, [2, 3]), (12, [4])]
     whole = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5)]
     assert sorted(whole) == [f"s{i:03d}" for i in range(14)] and whole != sorted(whole)
     three = [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, epochs=3)]
     assert three[:14] == whole and three[14:28] != whole and sorted(three[28:]) == sorted(whole)
     read = []
-    original = FeatureCache.read_shard
-    monkeypatch.setattr(FeatureCache, "read_shard", lambda self, i: read.append(i) or original(self, i))
+    original = FeatureCache.read_samples
+    monkeypatch.setattr(FeatureCache, "read_samples", lambda self, i: read.append(i) or original(self, i))
     for start in (0, 5, 6, 13, 14):
         read.clear()
         assert [s.key for s in cache.iter_samples(seed=3, epoch=2, window=5, start=start)] == whole[start:]
@@ -171,8 +178,8 @@ def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatc
 def test_reader_reads_the_next_window_while_this_one_is_consumed(tmp_path, monkeypatch):
     write_entry(str(tmp_path / "e"), [3, 3, 3, 3, 2])
     cache, read = FeatureCache(str(tmp_path / "e")), []
-    original = FeatureCache.read_shard
-    monkeypatch.setattr(FeatureCache, "read_shard", lambda self, i: read.append(i) or original(self, i))
+    original = FeatureCache.read_samples
+    monkeypatch.setattr(FeatureCache, "read_samples", lambda self, i: read.append(i) or original(self, i))
     samples = cache.iter_samples(shuffle=False, window=5, epochs=None, prefetch=2)
     next(samples)  # window 0 (shards 0, 1) is in hand; shards 2 and 3 (window 1) and nothing more are on their way
     deadline = time.time() + 10
