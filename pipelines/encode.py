@@ -468,9 +468,7 @@ def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
     outcomes: dict[int, EncodeResult | str] = {}
     for index, outcome in folder_outcomes(configs, config.run):
         outcomes[index] = outcome
-        told = outcome if isinstance(outcome, str) else (f"{'found' if outcome.reused else 'encoded'} {outcome.uri} "
-                                                          f"({outcome.manifest['counts']['written']} samples)")
-        print(f"[{len(outcomes)}/{len(folders)}] {folders[index]}: {told}", flush=True)
+        print(f"[{len(outcomes)}/{len(folders)}] {folders[index]}: {told(outcome)}", flush=True)
     results = [outcomes[i] for i in range(len(folders)) if not isinstance(outcomes[i], str)]
     failures = [f"{folders[i]}: {outcomes[i]}" for i in range(len(folders)) if isinstance(outcomes[i], str)]
     if failures:
@@ -480,27 +478,49 @@ def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
     return results
 
 
+def told(outcome: EncodeResult | str) -> str:
+    """A folder's outcome in a line: what a job run as a Ray task printed reaches no console."""
+    if isinstance(outcome, str):
+        return outcome
+    counts = outcome.manifest["counts"]
+    over = "" if outcome.over_length is None else f", {len(outcome.over_length)} over max_length"
+    return (f"{'found' if outcome.reused else 'encoded'} {outcome.uri} ({counts['written']} samples, "
+            f"{counts['rejected']} rejected{over})")
+
+
+def failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+# what a folder's data raises (TooManyWindows, no series file, a record unreadable): that folder's failure alone
+DATA_ERRORS = (ValueError, FileNotFoundError)
+
+
 def encode_folder(config: EncodeConfig, s3: storage.Settings | None = None) -> EncodeResult | str:
-    """A collection folder's entry, or why its data failed to encode (TooManyWindows, no series file), which stops
-    none of the other folders. `s3`: the driver's settings, given to a Ray task."""
+    """A collection folder's entry, or why its data failed to encode, which stops none of the other folders. `s3`:
+    the driver's settings, given to a Ray task."""
     if s3 is not None:
         s3.apply()
     try:
         return run_encode(config)
-    except (ValueError, FileNotFoundError) as e:
-        return f"{type(e).__name__}: {e}"
+    except DATA_ERRORS as e:
+        return failure(e)
 
 
 def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tuple[int, EncodeResult | str]]:
     """Each folder's outcome (by its position in `configs`) as it is known: one after another in this process,
-    or, with `run.folder_jobs` > 1, that many at once as Ray tasks of a CPU each, spread over a cluster's nodes.
-    Entries found from their records are found here first (a listing, no task)."""
+    or, with `run.folder_jobs` > 1, that many at once as Ray tasks of a CPU each, spread over a cluster's nodes
+    (a task that dies, its node lost, is that folder's failure). Series entries found from their records are found
+    here first (a listing, no task)."""
     if run.folder_jobs == 1:
         yield from enumerate(map(encode_folder, configs))
         return
     to_encode = []
     for index, folder in enumerate(configs):
-        found = found_unchanged(folder, identity(folder)[2], time.perf_counter())
+        try:
+            found = found_unchanged(folder, identity(folder)[2], time.perf_counter())
+        except DATA_ERRORS as e:
+            found = failure(e)
         if found:
             yield index, found
         else:
@@ -509,13 +529,17 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
         return
     ray = join_ray(run, local_cpus=run.folder_jobs * (run.actors + 1))  # a folder's job may start its encoders
     print(f"{len(to_encode)} of {len(configs)} folders to read, {run.folder_jobs} at a time as Ray tasks", flush=True)
-    encode = ray.remote(num_cpus=1)(encode_folder)
+    encode = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(encode_folder)
     s3, waiting, running = storage.settings(), iter(to_encode), {}
     for index in itertools.islice(waiting, run.folder_jobs):
         running[encode.remote(configs[index], s3)] = index
     while running:
         (done,), _ = ray.wait(list(running), num_returns=1)
-        yield running.pop(done), ray.get(done)
+        try:
+            outcome = ray.get(done)
+        except ray.exceptions.RayError as e:
+            outcome = failure(e)
+        yield running.pop(done), outcome
         for index in itertools.islice(waiting, 1):
             running[encode.remote(configs[index], s3)] = index
 

@@ -111,8 +111,9 @@ class RunConfig:
     # items. 128 keeps the loss of the wrong choice near 5 s either way (benchmarks/RESULTS.md).
     in_process_max_items: int = 128
     # A collection's folders (`dataset.each_folder`) encoded at once, each as a Ray task of one CPU holding that
-    # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory.
-    # 1: one after another in the driver, without Ray.
+    # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory,
+    # since Ray's memory monitor kills a task over it and retries it (RAY_task_oom_retries on the cluster bounds
+    # that; by default it is without end). 1: one after another in the driver, without Ray.
     folder_jobs: int = 1
 
     def __post_init__(self):

@@ -56,12 +56,13 @@ class TrainResult:
 
 def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -> TrainResult:
     start = time.perf_counter()
+    uri = tracking.tracking_uri(config.tracking.tracking_uri)
+    tracking.check_reachable_by_workers(uri, config.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
+    if not ray.is_initialized():  # before the plan, whose encodes (a collection's folder tasks) would start one
+        ray.init(address=config.scaling.ray_address, log_to_driver=False)
     plan = plan_phase(config, phase, config.scaling.workers)
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)
-
-    uri = tracking.tracking_uri(config.tracking.tracking_uri)
-    tracking.check_reachable_by_workers(uri, config.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
     if phase == 2:
@@ -73,8 +74,6 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         before_start = tracking.MetricLogger(uri, run_id)
         before_start.log(skipped_in_caches(opened, mm_config, config.max_length, plan.left_out), 0)
         before_start.flush()
-        if not ray.is_initialized():
-            ray.init(address=config.scaling.ray_address, log_to_driver=False)
         stats = plan.feature_stats()
         loop_config = WorkerConfig(
             phase=phase, hp=hp, caches=caches, weights=plan.weights, model=mm_config, backbone=plan.backbone,

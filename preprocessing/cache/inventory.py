@@ -3,8 +3,9 @@
 An entry is complete when its manifest exists; its samples reference item files in one store. Garbage is what
 no complete entry of the current format references: store items, entries of an older format, unfinished entries,
 series records of entries gone, and half-written files. A job may be writing right now (its entry has no manifest
-yet, its new items are not referenced yet), so only files older than a grace period count as garbage. A root may hold other things (a
-dataset beside its caches): only the files an entry writes count, and a folder without any is no entry."""
+yet, its new items are not referenced yet), so only files older than a grace period count as garbage. A root may
+hold other things (a dataset beside its caches): only the files an entry writes count, and a folder without any is
+no entry."""
 
 import json
 import posixpath
@@ -85,8 +86,8 @@ def referenced_items(cache: FeatureCache) -> set[str]:
 
 
 def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
-    """The URIs `gc` removes: unreferenced store items, entries of an older format or never finished, and
-    half-written files, when older than `grace_s` seconds."""
+    """The URIs `gc` removes: unreferenced store items, entries of an older format or never finished, series records
+    of entries gone, and half-written files, when older than `grace_s` seconds."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
     found = []
@@ -101,17 +102,27 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     return found + stale_records(root, {e.name for e in entries if e.current}, old)
 
 
+# a series record's name, and its half-written form
+RECORD_FILE = re.compile(r"[0-9a-f]{32}\.json(\.tmp-[0-9a-f]+)?")
+
+
 def stale_records(root: str, current: set[str], old: int) -> list[str]:
-    """Series records (`resolved.py`) older than `old` (ns) that name no entry in `current`, and half-written ones.
-    (A record of a described config no run makes again, say from before a code change, names a current entry and is
-    kept: a few hundred bytes.)"""
+    """Series records (`resolved.py`) older than `old` (ns) that name no entry in `current`, or that cannot be read
+    (half-written, damaged). A record of a description no run makes again (say from before a code change) names a
+    current entry and is kept: a few hundred bytes. Files of other names are not the cache's."""
     folder, found = storage.join(root, RESOLVED_FOLDER), []
     for name, (_, mtime) in sorted(storage.list_tree(folder).items()):
-        if mtime < old and (".tmp-" in name or
-                            posixpath.basename(json.loads(storage.read_bytes(storage.join(folder, name)))["entry"]
-                                               .rstrip("/")) not in current):
+        if mtime < old and RECORD_FILE.fullmatch(name) and record_entry(storage.join(folder, name)) not in current:
             found.append(storage.join(folder, name))
     return found
+
+
+def record_entry(uri: str) -> str | None:
+    """The name of the entry a record names; None when it cannot be read."""
+    try:
+        return posixpath.basename(json.loads(storage.read_bytes(uri))["entry"].rstrip("/"))
+    except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError):
+        return None
 
 
 def human(n: float) -> str:

@@ -5,6 +5,7 @@ Data against a local S3 server."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,7 +338,8 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
                                            r"  huge: TooManyWindows: .*huge/H/s.csv"):
         run_encodes(from_dict(EncodeConfig, spec))
     printed = capsys.readouterr().out
-    assert "[1/3] huge: TooManyWindows" in printed and "[3/3] solar: encoded " in printed
+    assert "[1/3] huge: TooManyWindows" in printed
+    assert re.search(r"\[3/3\] solar: encoded \S+ \(13 samples, 0 rejected\)\n", printed)
     assert "not datasets, not read: ['.cache']" in printed
     alone = {name: run_encode(from_dict(EncodeConfig, {**spec, "dataset": {
         **spec["dataset"], "path": str(collection / name), "each_folder": False}})) for name in ("retail", "solar")}

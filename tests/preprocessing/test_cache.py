@@ -253,18 +253,22 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     for path in others:  # a dataset kept beside its caches, a user's file in an entry: no cache's files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not the cache's")
-    (root / "resolved").mkdir()  # series records: of an entry kept, of one gc removes, of one gone, half-written
-    for name, entry in (("a", "kept"), ("b", "old"), ("c", "gone")):
-        (root / "resolved" / f"{name}.json").write_text(json.dumps({"entry": str(root / entry), "files": {}}))
-    (root / "resolved" / "d.json.tmp-0123abcd").write_text("{")
+    # series records: of an entry kept, of one gc removes, of one gone, damaged, half-written; a user's note
+    (root / "resolved").mkdir()
+    records = {entry: f"{i:032x}.json" for i, entry in enumerate(("kept", "old", "gone"))}
+    for entry, name in records.items():
+        (root / "resolved" / name).write_text(json.dumps({"entry": str(root / entry), "files": {}}))
+    (root / "resolved" / f"{3:032x}.json").write_text("[")
+    (root / "resolved" / f"{4:032x}.json.tmp-0123abcd").write_text("{")
+    (root / "resolved" / "notes.json").write_text("{")
     assert garbage(str(root), grace_s=3600) == []  # everything is younger than an hour: a job may be writing it
     found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=0)}
     old = {p.relative_to(root).as_posix() for p in (root / "old").iterdir()}
     unfinished = {p.relative_to(root).as_posix() for p in (root / "unfinished").iterdir() if p.name != "notes.txt"}
     assert old <= found and unfinished <= found and f"features/{STORE}/{orphan}" in found
     assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
-    assert {f for f in found if f.startswith("resolved/")} == {"resolved/b.json", "resolved/c.json",
-                                                                "resolved/d.json.tmp-0123abcd"}
+    assert {f.removeprefix("resolved/") for f in found if f.startswith("resolved/")} == {
+        records["old"], records["gone"], f"{3:032x}.json", f"{4:032x}.json.tmp-0123abcd"}
     assert not any(f.startswith("kept/") for f in found)
     assert not {p.relative_to(root).as_posix() for p in others} & found
     assert "llava" not in describe(str(root), sizes=False)
