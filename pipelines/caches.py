@@ -81,6 +81,10 @@ def draw_weights(mix: list[float] | None, groups: list[list[str]], sizes: list[i
     left_out = too_small(groups, sizes, world)
     uris = [uri for group in groups for uri in group]
     drawn = [0 if uri in left_out else n for uri, n in zip(uris, sizes)]
+    for group, counts in per_group(groups, drawn):
+        if not sum(counts) and set(group) & set(left_out):
+            raise ValueError(f"{group[0]} ...: every entry of this collection holds fewer samples than the {world} "
+                             "workers, who each take samples of their own")
     weights = drawn if mix is None else spread_mix(mix, groups, drawn)
     if not sum(weights):
         raise ValueError(f"no cache holds a sample to draw for {world} workers: {', '.join(uris)}")

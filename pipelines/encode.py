@@ -510,7 +510,7 @@ def encode_folder(config: EncodeConfig, s3: storage.Settings | None = None) -> E
 def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tuple[int, EncodeResult | str]]:
     """Each folder's outcome (by its position in `configs`) as it is known: one after another in this process,
     or, with `run.folder_jobs` > 1, that many at once as Ray tasks of a CPU each, spread over a cluster's nodes
-    (a task that dies, its node lost, is that folder's failure). Series entries found from their records are found
+    (a task lost with its worker or node is that folder's failure; an error of the code stops them all). Series entries found from their records are found
     here first (a listing, no task)."""
     if run.folder_jobs == 1:
         yield from enumerate(map(encode_folder, configs))
@@ -535,11 +535,16 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
         running[encode.remote(configs[index], s3)] = index
     while running:
         (done,), _ = ray.wait(list(running), num_returns=1)
+        index = running.pop(done)
         try:
             outcome = ray.get(done)
-        except ray.exceptions.RayError as e:
+        except ray.exceptions.RayTaskError as e:  # our code failed, not the folder's data: stop, as in one process
+            for other in running:
+                ray.cancel(other)
+            raise e.as_instanceof_cause()
+        except ray.exceptions.RayError as e:  # the task lost: its worker killed (memory), its node gone
             outcome = failure(e)
-        yield running.pop(done), outcome
+        yield index, outcome
         for index in itertools.islice(waiting, 1):
             running[encode.remote(configs[index], s3)] = index
 

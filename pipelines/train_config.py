@@ -52,7 +52,9 @@ class PhaseConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # 0: only at the end
     caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
-    mix: list[float] | None = None  # relative sampling weight of each cache, in order; default: its sample count
+    # relative sampling weight of each configured cache, in order (a collection's shared by its entries' sample
+    # counts); default: sample counts
+    mix: list[float] | None = None
 
     def __post_init__(self):
         if self.lr <= 0 or self.steps < 1 or self.micro_batch < 1:

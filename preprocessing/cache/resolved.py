@@ -42,10 +42,12 @@ class Resolution:
     def find(self) -> str | None:
         if self.files is None or not storage.exists(self.uri):
             return None
-        record = json.loads(storage.read_bytes(self.uri))
-        if record["files"] != self.files or not CacheEntry(record["entry"]).is_complete():
+        try:
+            record = json.loads(storage.read_bytes(self.uri))
+            found = record["entry"] if record["files"] == self.files else None
+        except (ValueError, KeyError, TypeError):  # damaged: the data is read again, and the record rewritten
             return None
-        return record["entry"]
+        return found if found and CacheEntry(found).is_complete() else None
 
     def write(self, entry_uri: str) -> None:
         if self.files is not None:

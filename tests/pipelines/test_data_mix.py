@@ -114,10 +114,11 @@ def test_collection_entries_smaller_than_the_workers_are_left_out_of_the_draw_an
     assert draw_weights(None, groups, [8, 3, 0, 20, 7], world=8) == ([8, 0, 0, 20, 0], ["a", "d"])
     assert draw_weights([1, 3], groups, [8, 3, 0, 20, 7], world=8) == ([1, 0, 0, 3, 0], ["a", "d"])
     assert draw_weights(None, groups, [8, 3, 0, 20, 7], world=1) == ([8, 3, 0, 20, 7], [])
-    with pytest.raises(ValueError, match="a ...: no sample to draw with weight 3"):
-        draw_weights([1, 3], groups, [8, 3, 0, 2, 7], world=8)
     with pytest.raises(ValueError, match="no cache holds a sample to draw for 8 workers"):
-        draw_weights(None, [["a", "b"]], [3, 0], world=8)
+        draw_weights(None, [["a"], ["b", "c"]], [0, 0, 0], world=8)
+    for mix in (None, [1, 3]):  # a collection all of whose entries are too small is named, mix or none
+        with pytest.raises(ValueError, match="a ...: every entry of this collection holds fewer samples than the 8"):
+            draw_weights(mix, groups, [8, 3, 0, 2, 7], world=8)
 
     class TooSmall(FakeCache):
         def samples_per_worker(self, world):

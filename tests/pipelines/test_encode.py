@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +365,87 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
     spec["dataset"]["path"] = str(collection / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         run_encodes(from_dict(EncodeConfig, spec))
+
+
+class InProcessRay:
+    """What `folder_outcomes` asks of Ray, each task run in this process when its result is asked for: a task of
+    the folder `lose` is lost (its worker killed), and an exception of a task comes wrapped as Ray's."""
+
+    import ray.exceptions as exceptions
+
+    def __init__(self, lose: str | None = None):
+        self.lose, self.tasks, self.cancelled = lose, {}, []
+
+    def remote(self, **options):
+        assert options == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+
+        def submit(config, s3):
+            self.tasks[len(self.tasks)] = (function, config, s3)
+            return len(self.tasks) - 1
+
+        function = None
+
+        def wrap(f):
+            nonlocal function
+            function = f
+            return type("Task", (), {"remote": staticmethod(submit)})
+
+        return wrap
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        function, config, s3 = self.tasks[ref]
+        if Path(config.dataset.path).name == self.lose:
+            raise self.exceptions.WorkerCrashedError()
+        try:
+            return function(config, s3)
+        except Exception as e:
+            raise self.exceptions.RayTaskError("encode_folder", traceback.format_exc(), e) from e
+
+    def cancel(self, ref):
+        self.cancelled.append(ref)
+
+
+def test_folder_tasks_a_lost_one_fails_its_folder_alone_and_an_error_of_the_code_stops_them(tmp_path, monkeypatch):
+    """`run.folder_jobs` > 1 (Ray stood in for by `InProcessRay`): a task lost with its worker is its folder's
+    failure, the others written; a damaged record is no failure: its folder is read again and the record rewritten,
+    the other folders found by the driver; an error of the code (not of a folder's data) stops the run."""
+    import pipelines.encode
+
+    collection = tmp_path / "gift"
+    for name, steps in (("solar", 60), ("retail", 64), ("wind", 40)):
+        (collection / name / "H").mkdir(parents=True)
+        (collection / name / "H" / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(steps)) + "\n")
+    config = from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(collection), "each_folder": True, "lookback": 8, "horizon": 4,
+                    "stride": 4, "fractions": [1.0, 0.0, 0.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}, "run": {"folder_jobs": 2}})
+    ray = InProcessRay(lose="retail")
+    monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    with pytest.raises(RuntimeError, match=r"1 of 3 folders failed to encode .*\n  retail: WorkerCrashedError"):
+        run_encodes(config)
+    assert len(ray.tasks) == 3
+    ray = InProcessRay()
+    monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    entries = run_encodes(config)  # solar and wind found by the driver, retail encoded by a task
+    assert [Path(ray.tasks[0][1].dataset.path).name] == ["retail"] and len(ray.tasks) == 1
+    (damaged,) = [r for r in (tmp_path / "cache" / "resolved").iterdir()
+                  if json.loads(r.read_text())["entry"] == entries[1].uri]  # solar's (entries: retail, solar, wind)
+    damaged.write_text("[")
+    ray = InProcessRay()
+    monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    assert [r.uri for r in run_encodes(config)] == [r.uri for r in entries]
+    assert [Path(t[1].dataset.path).name for t in ray.tasks.values()] == ["solar"]
+    assert json.loads(damaged.read_text())["entry"] == entries[1].uri  # rewritten
+    monkeypatch.setattr(pipelines.encode, "found_unchanged", lambda *args: None)  # every folder to a task
+    monkeypatch.setattr(pipelines.encode, "run_encode", lambda config: {}["a bug"])
+    ray = InProcessRay()
+    monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    with pytest.raises(KeyError, match="a bug"):
+        run_encodes(config)
+    assert ray.cancelled == [1]  # the other running task
 
 
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):

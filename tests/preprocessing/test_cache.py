@@ -134,7 +134,13 @@ def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path, 
     held = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3, shuffle=False, start=0)] for r in range(5)]
     assert held[2] == ["s002", "s007"] and held[0] == ["s000", "s005"]
     assert sorted(ranks[3]) == held[3] == ["s003", "s008"] and set(ranks[0]) < {"s000", "s005", "s010"}
-    assert [s.key for s in cache.iter_samples(3, 5, seed=1, window=3, start=1)] == ranks[3][1:]  # resumed exactly
+    for world, window in ((5, 1), (5, 2), (2, 1), (2, 3)):  # shuffled shares, 2 epochs: each start resumes exactly
+        for rank in range(world):
+            whole = [s.key for s in cache.iter_samples(rank, world, seed=1, window=window, epochs=2)]
+            assert len(whole) == 2 * cache.samples_per_worker(world)
+            for start in range(cache.samples_per_worker(world) + 1):
+                assert [s.key for s in cache.iter_samples(rank, world, seed=1, window=window, epochs=2,
+                                                          start=start)] == whole[start:]
     read = []  # features are read for a worker's own samples alone
     original = cache.store.read
     monkeypatch.setattr(cache.store, "read", lambda name: read.append(name) or original(name))
