@@ -19,7 +19,8 @@ def test_a_tiny_phase2_step_is_timed_and_profiled(tmp_path):
     assert not row["compiled"] and row["backend"] == "chunked"
     assert row["tokens_per_s"] > 0 and row["last_loss"] < row["first_loss"] + 1
     profile = row["profile"]
-    assert 0 < profile["busy"] <= 2 and profile["calls"] > 100 and len(profile["top"]) == 15
+    # busy: the profiled step's op time over the timed steps', two timings: no bound holds with other work on the cores
+    assert profile["busy"] > 0 and profile["calls"] > 100 and len(profile["top"]) == 15
     assert sum(o["share"] for o in profile["top"]) <= 1 + 1e-9
     assert "aten::mm" in {o["name"] for o in profile["top"]}  # the blocks' matrix products lead on a CPU
     assert "the profiled step's" in (tmp_path / "phase2_throughput.md").read_text()
