@@ -139,13 +139,18 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def list_files(uri: str) -> list[str]:
-    """Names of the files directly inside a folder (empty when the folder does not exist)."""
+def listing(uri: str, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]]:
+    """A folder's path in its filesystem and what is in it (recursively: everything under it); nothing when the
+    folder does not exist. On S3, one listing (of its prefixes, not recursive)."""
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))
-                  if i.type == pafs.FileType.File)
+        return path, []
+    return path, fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly inside a folder (empty when the folder does not exist)."""
+    return sorted(posixpath.basename(i.path) for i in listing(uri)[1] if i.type == pafs.FileType.File)
 
 
 def is_folder(uri: str) -> bool:
@@ -154,13 +159,8 @@ def is_folder(uri: str) -> bool:
 
 
 def list_folders(uri: str) -> list[str]:
-    """Names of the folders directly inside a folder (empty when the folder does not exist); on S3, one listing of
-    its prefixes, not of every file under it."""
-    if not is_folder(uri):
-        return []
-    fs, path = _fs(uri)
-    return sorted(posixpath.basename(i.path.rstrip("/")) for i in fs.get_file_info(pafs.FileSelector(path))
-                  if i.type == pafs.FileType.Directory)
+    """Names of the folders directly inside a folder (empty when the folder does not exist)."""
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in listing(uri)[1] if i.type == pafs.FileType.Directory)
 
 
 def write_atomic(uri: str, data: bytes) -> None:
@@ -202,12 +202,9 @@ def delete(uri: str) -> None:
 def walk(uri: str, suffix: str | tuple[str, ...]) -> list[str]:
     """Every file under a folder, recursively, whose name ends with `suffix` (or one of them), as paths relative to
     the folder (what `media_path` takes), sorted."""
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    if not is_folder(uri):
         raise FileNotFoundError(f"{uri}: not a folder")
-    base = path.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                  if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return sorted(name for name in list_tree(uri) if name.endswith(suffix))
 
 
 def stat_files(uris: list[str]) -> dict[str, tuple[int, int] | None]:
@@ -218,11 +215,8 @@ def stat_files(uris: list[str]) -> dict[str, tuple[int, int] | None]:
         by_folder.setdefault(parent(uri), []).append(uri)
     stats = {}
     for folder, members in by_folder.items():
-        fs, path = _fs(folder)
-        listed = {}
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path))
-            listed = {posixpath.basename(i.path): (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+        listed = {posixpath.basename(i.path): (i.size, i.mtime_ns) for i in listing(folder)[1]
+                  if i.type == pafs.FileType.File}
         stats.update({uri: listed.get(posixpath.basename(str(uri))) for uri in members})
     return stats
 
@@ -230,12 +224,9 @@ def stat_files(uris: list[str]) -> dict[str, tuple[int, int] | None]:
 def list_tree(uri: str) -> dict[str, tuple[int, int]]:
     """Every file under a folder, recursively: its path relative to the folder -> (size, modification time in ns);
     empty when the folder does not exist."""
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return {}
+    path, found = listing(uri, recursive=True)
     base = path.rstrip("/") + "/"
-    return {i.path[len(base):]: (i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if i.type == pafs.FileType.File}
+    return {i.path[len(base):]: (i.size, i.mtime_ns) for i in found if i.type == pafs.FileType.File}
 
 
 def file_sha256(uri: str) -> str | None:
