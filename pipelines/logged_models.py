@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from preprocessing.cache.entry import entry_name
+
 MODEL_TYPE = "modrwkv"
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 MODEL_ARTIFACT = "model"
@@ -57,9 +59,9 @@ def log_trained_model(uri: str, run_id: str, model_dir: Path, phase: int, step: 
                   pip_requirements=[f"modrwkv=={version('modrwkv')}"])
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[
-        Metric(f"samples/{cache_name(cache.uri)}", float(cache.manifest["counts"]["written"]), now, step,
+        Metric(f"samples/{entry_name(cache.uri)}", float(cache.manifest["counts"]["written"]), now, step,
                model_id=model.model_id,
-               dataset_name=cache_name(cache.uri), dataset_digest=cache_digest(cache.uri)) for cache in caches])
+               dataset_name=entry_name(cache.uri), dataset_digest=cache_digest(cache.uri)) for cache in caches])
     return model.model_id
 
 
@@ -93,12 +95,8 @@ def fluent_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def cache_name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]  # <modality>-<encoder>-<16 hex digits of the cache id>
-
-
 def cache_digest(uri: str) -> str:
-    return cache_name(uri).rsplit("-", 1)[-1]  # as `tracking.log_caches` names the run's dataset inputs
+    return entry_name(uri).rsplit("-", 1)[-1]  # as `tracking.log_caches` names the run's dataset inputs
 
 
 def encoder_dirs(caches: list, recorded: dict[str, dict]) -> dict[str, str]:
@@ -192,7 +190,7 @@ def eval_metrics(metrics: dict[str, float], model_id: str | None, cache_uri: str
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=cache_name(cache_uri),
+    return [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=entry_name(cache_uri),
                    dataset_digest=cache_digest(cache_uri)) for k, v in metrics.items()]
 
 
@@ -207,7 +205,7 @@ def link_eval(uri: str, eval_run_id: str, model_id: str, metrics: dict[str, floa
     client.set_tag(eval_run_id, "modrwkv.model_id", model_id)
     for registered in client.search_model_versions(f"source_path = 'models:/{model_id}'"):
         for k, v in metrics.items():
-            client.set_model_version_tag(registered.name, registered.version, f"eval.{cache_name(cache_uri)}.{k}",
+            client.set_model_version_tag(registered.name, registered.version, f"eval.{entry_name(cache_uri)}.{k}",
                                          f"{v:.6g}")
 
 

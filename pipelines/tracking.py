@@ -20,6 +20,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from tqdm import tqdm
 
 from infra.cli import load_services
+from preprocessing.cache.entry import entry_name
 
 from .config import to_dict
 from .environment import environment_tags
@@ -219,7 +220,7 @@ def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "tra
     its URI), so the runs table shows which caches a run read and which runs share one."""
     inputs = []
     for cache in cache_uris:
-        name = cache.rstrip("/").rsplit("/", 1)[-1]  # <modality>-<encoder>-<16 hex digits of the cache id>
+        name = entry_name(cache)
         with warnings.catch_warnings():  # a local path matches two registered source types, the same class
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             source = resolve_dataset_source(cache)

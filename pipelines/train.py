@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from modrwkv.model_folder import write_records
 from preprocessing import storage
+from preprocessing.cache.entry import entry_name
 
 from . import tracking
 from .config import load_config
@@ -64,7 +65,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
-            "feature_cache_ids": ",".join(Path(c.rstrip("/")).name for c in caches)}
+            "feature_cache_ids": ",".join(map(entry_name, caches))}
     if phase == 2:
         tags["phase1_run_id"] = plan.phase1_source["run_id"]
     run_id = tracking.start_training_run(uri, config, phase, caches, tags)

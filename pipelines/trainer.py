@@ -25,6 +25,7 @@ from modrwkv import RWKV7
 from modrwkv.batching import SKIP_REASONS, OverLength, first_fit_decreasing
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig
 from modrwkv_kernels import to_device_nowait
+from preprocessing.cache.entry import entry_name
 from preprocessing.local_copy import local_copy
 
 from .schedule import warmup_cosine
@@ -212,8 +213,7 @@ class MicroBatches:
         i = self.draw()
         modality, batch = self.caches[i].modality, self.next_batch(i)
         # a key is unique within its entry only (a collection's entries key their windows by paths in their folders)
-        entry = self.caches[i].uri.rstrip("/").rsplit("/", 1)[-1]
-        batch.skipped = [{**record, "entry": entry} for record in batch.skipped]
+        batch.skipped = [{**record, "entry": entry_name(self.caches[i].uri)} for record in batch.skipped]
         return modality, batch
 
     def next_batch(self, i: int):

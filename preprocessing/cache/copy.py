@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import storage
-from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache
+from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache, entry_name
 from .inventory import referenced_items
 
 
@@ -25,10 +25,6 @@ class Copied:
     items_copied: int
     items_present: int  # referenced items the destination's store already held
     bytes_copied: int
-
-
-def entry_name(uri: str) -> str:
-    return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
 def same_folder(a: str, b: str) -> bool:

@@ -63,6 +63,12 @@ def cache_id(spec: dict) -> str:
     return hashlib.sha256(canonical_json({"format_version": FORMAT_VERSION, **spec})).hexdigest()
 
 
+def entry_name(uri: str) -> str:
+    """An entry's folder name, `<modality>-<encoder kind>-<16 hex of the entry key>`: what names it in runs and
+    records."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.tar"
 
