@@ -215,9 +215,11 @@ class StepProgress:
         self.bar.close()  # a late poll from a stuck thread then does nothing: tqdm ignores updates once closed
 
 
-def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "training") -> None:
+def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "training",
+               left_out: list[str] = ()) -> None:
     """Each feature cache as an MLflow dataset input (name = the cache folder, digest = its cache id, source =
-    its URI), so the runs table shows which caches a run read and which runs share one."""
+    its URI), so the runs table shows which caches a run read and which runs share one; those `left_out` of the
+    draw (collection entries smaller than the workers) listed in the run's `entries_left_out.txt`."""
     inputs = []
     for cache in cache_uris:
         name = entry_name(cache)
@@ -227,6 +229,8 @@ def log_caches(uri: str, run_id: str, cache_uris: list[str], context: str = "tra
         dataset = MetaDataset(source, name=name, digest=name.rsplit("-", 1)[-1])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
     MlflowClient(uri).log_inputs(run_id, datasets=inputs)
+    if left_out:
+        MlflowClient(uri).log_text(run_id, "".join(f"{cache}\n" for cache in left_out), "entries_left_out.txt")
 
 
 def log_skipped_samples(uri: str, run_id: str, skipped: list[dict]) -> None:

@@ -71,7 +71,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     run_id = tracking.start_training_run(uri, config, phase, caches, tags)
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
-        tracking.log_caches(uri, run_id, caches)
+        tracking.log_caches(uri, run_id, caches, left_out=plan.left_out)
         before_start = tracking.MetricLogger(uri, run_id)
         before_start.log(skipped_in_caches(opened, mm_config, config.max_length, plan.left_out), 0)
         before_start.flush()

@@ -42,7 +42,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     with tracked_run(logger, skipped):
         known_skips = skipped_in_caches(opened, plan.model, config.max_length, plan.left_out)
         if logger:
-            log_before_training(logger, plan.caches, known_skips)
+            log_before_training(logger, plan.caches, known_skips, plan.left_out)
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = build_model(plan.backbone["path"], plan.model,
@@ -116,12 +116,12 @@ def tracked_run(logger, skipped: list[dict]):
             raise
 
 
-def log_before_training(logger, caches: list[str], known_skips: dict[str, int]) -> None:
-    """What the cluster driver logs before its workers start: the caches read, and how many of their samples
-    training will skip by their manifests (`skipped_in_caches`)."""
+def log_before_training(logger, caches: list[str], known_skips: dict[str, int], left_out: list[str]) -> None:
+    """What the cluster driver logs before its workers start: the caches read (and those left out of the draw), and
+    how many of their samples training will skip by their manifests (`skipped_in_caches`)."""
     from . import tracking
 
-    tracking.log_caches(logger.uri, logger.run_id, caches)
+    tracking.log_caches(logger.uri, logger.run_id, caches, left_out=left_out)
     logger.log(known_skips, 0)
 
 

@@ -74,6 +74,19 @@ def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_pat
     assert outcomes == {"ok": "FINISHED", "crash": "FAILED", "ctrl-c": "KILLED"}
 
 
+def test_the_caches_a_run_read_are_its_datasets_and_those_left_out_of_the_draw_are_named(tmp_path):
+    from pipelines.tracking import log_caches
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "caches", "run", {}, {})
+    caches = [str(tmp_path / f"series-raw-{i:016x}") for i in range(3)]
+    log_caches(uri, run_id, caches, left_out=caches[1:2])
+    client = MlflowClient(uri)
+    assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == [Path(c).name for c in caches]
+    named = Path(client.download_artifacts(run_id, "entries_left_out.txt", str(tmp_path))).read_text()
+    assert named == f"{caches[1]}\n"
+
+
 def test_a_relative_sqlite_uri_is_made_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
     from pipelines.tracking import tracking_uri
 
