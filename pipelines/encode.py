@@ -510,8 +510,8 @@ def encode_folder(config: EncodeConfig, s3: storage.Settings | None = None) -> E
 def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tuple[int, EncodeResult | str]]:
     """Each folder's outcome (by its position in `configs`) as it is known: one after another in this process,
     or, with `run.folder_jobs` > 1, that many at once as Ray tasks of a CPU each, spread over a cluster's nodes
-    (a task lost with its worker or node is that folder's failure; an error of the code stops them all). Series entries found from their records are found
-    here first (a listing, no task)."""
+    (a task lost with its worker or node is that folder's failure; an error of the code stops them all). Series
+    entries found from their records are found here first (a listing, no task)."""
     if run.folder_jobs == 1:
         yield from enumerate(map(encode_folder, configs))
         return
