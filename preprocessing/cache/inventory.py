@@ -8,16 +8,15 @@ hold other things (a dataset beside its caches): only the files an entry writes 
 no entry."""
 
 import json
-import posixpath
 import re
 import time
 from dataclasses import dataclass, field
 
 from .. import storage
-from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache
+from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache, entry_name
 from .index import INDEX
 from .key import FINGERPRINTS_FOLDER
-from .resolved import RESOLVED_FOLDER
+from .resolved import RESOLVED_FOLDER, read_record
 
 # the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
 ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)})"
@@ -112,17 +111,11 @@ def stale_records(root: str, current: set[str], old: int) -> list[str]:
     current entry and is kept: a few hundred bytes. Files of other names are not the cache's."""
     folder, found = storage.join(root, RESOLVED_FOLDER), []
     for name, (_, mtime) in sorted(storage.list_tree(folder).items()):
-        if mtime < old and RECORD_FILE.fullmatch(name) and record_entry(storage.join(folder, name)) not in current:
-            found.append(storage.join(folder, name))
+        if mtime < old and RECORD_FILE.fullmatch(name):
+            record = read_record(storage.join(folder, name))
+            if record is None or entry_name(record["entry"]) not in current:
+                found.append(storage.join(folder, name))
     return found
-
-
-def record_entry(uri: str) -> str | None:
-    """The name of the entry a record names; None when it cannot be read."""
-    try:
-        return posixpath.basename(json.loads(storage.read_bytes(uri))["entry"].rstrip("/"))
-    except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError):
-        return None
 
 
 def human(n: float) -> str:

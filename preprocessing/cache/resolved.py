@@ -31,6 +31,16 @@ def source_digest(modules: list[ModuleType], distributions: list[str]) -> str:
     return digest.hexdigest()
 
 
+def read_record(uri: str) -> dict | None:
+    """A record, {"entry": its URI, "files": ...}; None when it is gone or damaged (a run then reads the data again
+    and writes it anew; `modrwkv cache gc` takes it for stale)."""
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except (ValueError, FileNotFoundError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("entry"), str) and "files" in record else None
+
+
 class Resolution:
     """One description's record: `find()` its entry while its files are unchanged, `write(uri)` once it has one.
     `files`: {name: [size, modification time in ns]} of what the reader reads; None: nothing to record."""
@@ -42,12 +52,10 @@ class Resolution:
     def find(self) -> str | None:
         if self.files is None or not storage.exists(self.uri):
             return None
-        try:
-            record = json.loads(storage.read_bytes(self.uri))
-            found = record["entry"] if record["files"] == self.files else None
-        except (ValueError, KeyError, TypeError):  # damaged: the data is read again, and the record rewritten
+        record = read_record(self.uri)
+        if record is None or record["files"] != self.files or not CacheEntry(record["entry"]).is_complete():
             return None
-        return found if found and CacheEntry(found).is_complete() else None
+        return record["entry"]
 
     def write(self, entry_uri: str) -> None:
         if self.files is not None:
