@@ -291,15 +291,22 @@ def encode_in_driver(config: EncodeConfig, store: FeatureStore, rows: list[dict]
         yield encoder({column: [d[column] for d in decoded] for column in ("ref", "item", "reject")})
 
 
+# Times a local instance retries a task its memory monitor killed before the task fails (Ray's default: without end,
+# in silence, as log_to_driver is off)
+OOM_RETRIES = 2
+
+
 def join_ray(run: RunConfig, local_cpus: int):
     """Ray, initialised: a job on a cluster (`ray job submit` sets RAY_ADDRESS, or `run.ray_address`) joins it;
-    only a new local instance is sized, to `local_cpus`."""
+    only a new local instance is configured: sized to `local_cpus`, a task killed for memory retried OOM_RETRIES
+    times."""
     import ray  # heavy: only the jobs that need it import it
 
     if not ray.is_initialized():
         joining = run.ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=run.ray_address, include_dashboard=False, log_to_driver=False,
-                 **({} if joining else {"num_cpus": local_cpus}))
+                 **({} if joining else {"num_cpus": local_cpus,
+                                        "_system_config": {"task_oom_retries": OOM_RETRIES}}))
     return ray
 
 
@@ -492,6 +499,13 @@ def failure(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def lost(error: Exception, out_of_memory: type) -> str:
+    """A lost task's failure in a line (Ray's memory report runs to 60) and, when memory killed it, what helps."""
+    told = failure(error).splitlines()[0]
+    return told + (" (fewer run.folder_jobs, or run.folder_memory_gb reserved for each, keep the folders' tasks "
+                   "within a node's memory)" if isinstance(error, out_of_memory) else "")
+
+
 # what a folder's data raises (TooManyWindows, no series file, a record unreadable): that folder's failure alone
 DATA_ERRORS = (ValueError, FileNotFoundError)
 
@@ -529,7 +543,8 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
         return
     ray = join_ray(run, local_cpus=run.folder_jobs * (run.actors + 1))  # a folder's job may start its encoders
     print(f"{len(to_encode)} of {len(configs)} folders to read, {run.folder_jobs} at a time as Ray tasks", flush=True)
-    encode = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(encode_folder)
+    memory = {"memory": int(run.folder_memory_gb * 2**30)} if run.folder_memory_gb else {}
+    encode = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **memory)(encode_folder)
     s3, waiting, running = storage.settings(), iter(to_encode), {}
     for index in itertools.islice(waiting, run.folder_jobs):
         running[encode.remote(configs[index], s3)] = index
@@ -542,8 +557,8 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
             for other in running:
                 ray.cancel(other)
             raise e.as_instanceof_cause()
-        except ray.exceptions.RayError as e:  # the task lost: its worker killed (memory), its node gone
-            outcome = failure(e)
+        except ray.exceptions.RayError as e:  # the task lost: killed for memory past its retries, its node gone
+            outcome = lost(e, ray.exceptions.OutOfMemoryError)
         yield index, outcome
         for index in itertools.islice(waiting, 1):
             running[encode.remote(configs[index], s3)] = index

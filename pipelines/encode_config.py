@@ -111,10 +111,15 @@ class RunConfig:
     # items. 128 keeps the loss of the wrong choice near 5 s either way (benchmarks/RESULTS.md).
     in_process_max_items: int = 128
     # A collection's folders (`dataset.each_folder`) encoded at once, each as a Ray task of one CPU holding that
-    # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory,
-    # since Ray's memory monitor kills a task over it and retries it (RAY_task_oom_retries on the cluster bounds
-    # that; by default it is without end). 1: one after another in the driver, without Ray.
+    # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory.
+    # Ray's memory monitor kills a task over it; a local instance of ours retries it OOM_RETRIES times, then names
+    # that folder failed; a cluster retries it without end unless started with RAY_task_oom_retries. 1: one after
+    # another in the driver, without Ray.
     folder_jobs: int = 1
+    # Memory Ray reserves for each folder task (its `memory` resource): a node takes no more tasks than it holds,
+    # so large folders wait rather than being killed (more than any node has: they wait for a node that has it, as
+    # an autoscaler may add). 0: none reserved, `folder_jobs` alone bounds them.
+    folder_memory_gb: float = 0.0
 
     def __post_init__(self):
         for name in ("actors", "batch_size", "folder_jobs"):
@@ -122,6 +127,8 @@ class RunConfig:
                 raise ValueError(f"run.{name} must be 1 or more, got {getattr(self, name)}")
         if self.gpus_per_actor < 0:
             raise ValueError(f"run.gpus_per_actor must be 0 or more, got {self.gpus_per_actor}")
+        if self.folder_memory_gb < 0:
+            raise ValueError(f"run.folder_memory_gb must be 0 (none reserved) or more, got {self.folder_memory_gb}")
         if self.in_process_max_items < 0:
             raise ValueError("run.in_process_max_items must be 0 (always Ray) or more")
 

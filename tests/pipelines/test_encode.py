@@ -374,10 +374,10 @@ class InProcessRay:
     import ray.exceptions as exceptions
 
     def __init__(self, lose: str | None = None):
-        self.lose, self.tasks, self.cancelled = lose, {}, []
+        self.lose, self.tasks, self.cancelled, self.options = lose, {}, [], None
 
     def remote(self, **options):
-        assert options == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        self.options = options
 
         def submit(config, s3):
             self.tasks[len(self.tasks)] = (function, config, s3)
@@ -426,10 +426,12 @@ def test_folder_tasks_a_lost_one_fails_its_folder_alone_and_an_error_of_the_code
     monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
     with pytest.raises(RuntimeError, match=r"1 of 3 folders failed to encode .*\n  retail: WorkerCrashedError"):
         run_encodes(config)
-    assert len(ray.tasks) == 3
+    assert len(ray.tasks) == 3 and ray.options == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
     ray = InProcessRay()
     monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    config.run.folder_memory_gb = 1.5
     entries = run_encodes(config)  # solar and wind found by the driver, retail encoded by a task
+    assert ray.options == {"num_cpus": 1, "scheduling_strategy": "SPREAD", "memory": 3 * 2**29}
     assert [Path(ray.tasks[0][1].dataset.path).name] == ["retail"] and len(ray.tasks) == 1
     (damaged,) = [r for r in (tmp_path / "cache" / "resolved").iterdir()
                   if json.loads(r.read_text())["entry"] == entries[1].uri]  # solar's (entries: retail, solar, wind)
@@ -446,6 +448,40 @@ def test_folder_tasks_a_lost_one_fails_its_folder_alone_and_an_error_of_the_code
     with pytest.raises(KeyError, match="a bug"):
         run_encodes(config)
     assert ray.cancelled == [1]  # the other running task
+
+
+FOLDERS_KILLED_FOR_MEMORY = """
+import sys
+from pipelines.config import from_dict
+from pipelines.encode import EncodeConfig, run_encodes
+config = from_dict(EncodeConfig, {
+    "dataset": {"format": "series", "path": sys.argv[1], "each_folder": True, "lookback": 8, "horizon": 4,
+                "stride": 4, "fractions": [1.0, 0.0, 0.0]},
+    "encoder": {"kind": "raw"}, "cache": {"root": sys.argv[2]}, "run": {"folder_jobs": 2}})
+try:
+    run_encodes(config)
+except RuntimeError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_a_folder_task_killed_for_memory_fails_its_folder_rather_than_being_retried_without_end(tmp_path):
+    """A local Ray instance whose memory monitor kills every task (a threshold of 1% of the node's memory): each
+    folder is named failed after OOM_RETRIES retries, where Ray's default retried them without end, in silence."""
+    for name in ("solar", "wind"):
+        (tmp_path / "gift" / name).mkdir(parents=True)
+        (tmp_path / "gift" / name / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100",
+           "RAY_task_oom_retry_delay_base_ms": "100"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", FOLDERS_KILLED_FOR_MEMORY, str(tmp_path / "gift"),
+                           str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = done.stdout[done.stdout.index("2 of 2 folders failed to encode"):]
+    assert re.match(r"[^\n]*\n  solar: OutOfMemoryError: [^\n]*run\.folder_memory_gb[^\n]*\n"
+                        r"  wind: OutOfMemoryError: [^\n]*run\.folder_memory_gb[^\n]*\n", failed), failed
 
 
 def test_small_jobs_go_to_the_driver_unless_their_actors_would_have_gpus_it_lacks(monkeypatch):
