@@ -8,9 +8,10 @@ beside the suite's ceiling and baseline (`benchmarks/quality.py`'s suites, untra
 
 The table (arm × task and metric) is printed beside what RESULTS.md quoted for each arm, and written as NAME.md and
 NAME.json under --out (default runs/experiments/NAME), where the arms' models and evaluations go too. Smoke runs:
-`--steps N` trains every phase N steps (the figures then mean nothing); `--set KEY=VALUE` overrides every arm's
-train config (a backbone elsewhere); `--caches FILE` gives the demo's caches as `quality.py --write-caches` wrote
-them, for a machine without the data or encoders (arms that change an encode config cannot use it).
+`--steps N` trains every phase N steps without warmup (the figures then mean nothing); `--set KEY=VALUE` overrides
+every arm's train config (a backbone elsewhere); `--caches FILE` gives the demo's caches as `quality.py
+--write-caches` wrote them, for a machine without the data or encoders (arms that change an encode config cannot use
+it).
 
 Most experiments ran before today's code (RESULTS.md says when); what the configs cannot say of the original runs
 is in each entry's `differs`, and the figures may differ by it.
@@ -370,7 +371,8 @@ def main():
     if unknown:
         parser.error(f"{experiment.name} has no arm {sorted(unknown)}; its arms: {[a.name for a in experiment.arms]}")
     out = (args.out or ROOT / "runs" / "experiments" / experiment.name).absolute()
-    extra = {**({"phase1.steps": args.steps, "phase2.steps": args.steps} if args.steps else {}),
+    extra = {**({f"phase{p}.{key}": value for p in (1, 2) for key, value in
+                 (("steps", args.steps), ("warmup_steps", 0))} if args.steps else {}),
              **parse_overrides(args.set), "output_dir": str(out / "train")}
     if args.caches:
         quality.CACHES.update(json.loads(args.caches.read_text()))

@@ -69,7 +69,8 @@ def demo_config(out: Path, steps: int, packing: bool = False, micro: int = 8):
 
     return load_config("configs/demo/train.yaml", TrainConfig, {
         "name": "bench-demo-mix", "output_dir": str(out), "packing": packing, "phase1.steps": 1,
-        "phase2.steps": steps, "phase2.global_batch": 2 * micro, "phase2.micro_batch": micro,
+        "phase1.warmup_steps": 0, "phase2.steps": steps, "phase2.warmup_steps": 0, "phase2.global_batch": 2 * micro,
+        "phase2.micro_batch": micro,
         "phase2.checkpoint_every": 0, "scaling.max_failures": 0, "tracking.system_metrics_every_s": 0,
         "tracking.tracking_uri": f"sqlite:///{(out / 'mlflow.db').absolute()}", "tracking.experiment": "bench"})
 

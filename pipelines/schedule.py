@@ -4,8 +4,9 @@ import math
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    """Multiplier of the peak lr for optimizer step `step` (0-based) of `total`: the warmup reaches the peak at its
+    last step, the decay `min_ratio` at the run's last (step total - 1)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    progress = min((step + 1 - warmup) / (total - warmup), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -62,8 +62,9 @@ class PhaseConfig:
         if self.global_batch < 1 or self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch must be a positive multiple of micro_batch {self.micro_batch}, not "
                              f"{self.global_batch}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, not {self.warmup_steps}")
+        if not 0 <= self.warmup_steps < self.steps:  # a warmup as long as the run leaves nothing to decay
+            raise ValueError(f"warmup_steps must be 0 or more and fewer than steps ({self.steps}), not "
+                             f"{self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be between 0 and 1 (a fraction of lr), not {self.min_lr_ratio}")
         for name in ("weight_decay", "grad_clip", "checkpoint_every"):  # grad_clip 0: no clipping

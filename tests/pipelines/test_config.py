@@ -72,7 +72,8 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"phase1.global_batch": 0}, "phase1: global_batch must be a positive multiple of micro_batch 8, not 0"),
     ({"phase2.global_batch": 12}, "phase2: global_batch must be a positive multiple of micro_batch 8, not 12"),
-    ({"phase1.warmup_steps": -5}, "phase1: warmup_steps must be 0 or more, not -5"),
+    ({"phase1.warmup_steps": -5}, r"phase1: warmup_steps must be 0 or more and fewer than steps \(300\), not -5"),
+    ({"phase1.steps": 5}, r"phase1: warmup_steps must be 0 or more and fewer than steps \(5\), not 5"),
     ({"phase2.min_lr_ratio": 2.0}, "phase2: min_lr_ratio must be between 0 and 1"),
     ({"phase1.grad_clip": -1.0}, "phase1: grad_clip must be 0 or more, not -1.0"),
     ({"phase2.weight_decay": -0.1}, "phase2: weight_decay must be 0 or more, not -0.1"),
@@ -121,12 +122,12 @@ def test_set_overrides_are_typed_checked_and_named(tmp_path):
     from pipelines.config import parse_overrides
     from pipelines.train import TrainConfig
 
-    overrides = parse_overrides(["phase1.steps=3", "scaling.workers=1", "phase2.mix=[2, 1, 1]",
+    overrides = parse_overrides(["phase1.steps=30", "scaling.workers=1", "phase2.mix=[2, 1, 1]",
                                  "model.backbone.path=runs/x.pth"])
-    assert overrides == {"phase1.steps": 3, "scaling.workers": 1, "phase2.mix": [2, 1, 1],
+    assert overrides == {"phase1.steps": 30, "scaling.workers": 1, "phase2.mix": [2, 1, 1],
                          "model.backbone.path": "runs/x.pth"}
     config = load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, overrides)
-    assert config.phase1.steps == 3 and config.scaling.workers == 1 and config.model.backbone.path == "runs/x.pth"
+    assert config.phase1.steps == 30 and config.scaling.workers == 1 and config.model.backbone.path == "runs/x.pth"
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides(["phase1.steps"])
     with pytest.raises(ConfigError, match=r"phase1\.steps: expected int, got 'many'"):
