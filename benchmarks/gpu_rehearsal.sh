@@ -64,7 +64,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
 }
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
 part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
-    tests/pipelines/test_trainer_cuda.py
+    tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py -k "cuda or deepspeed or on_the_gpu"
 part demo_quality 280 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"

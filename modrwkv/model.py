@@ -325,10 +325,10 @@ class RWKV7(nn.Module):
         sequences, in and out.
         """
         x, state, pad, lengths, packed = self._prepare(input_ids, inputs_embeds, state, attention_mask, cu_seqlens)
-        if logits_to_keep and pad is not None:
-            raise ValueError("logits_to_keep counts back from the last position, which is padding in a padded "
-                             "batch's shorter rows: take every position's logits, or forward_hidden and pick each "
-                             "row's last real position")
+        if logits_to_keep and (pad is not None or packed is not None):
+            raise ValueError("logits_to_keep counts back from a row's last position: padding in a padded batch's "
+                             "shorter rows, the last sequence's in a packed row; take every position's logits, or "
+                             "forward_hidden and pick each sequence's last real position")
         T = x.shape[1]
         segment = self.prefill_segment
         if torch.is_grad_enabled() or T <= segment or pad is not None or packed is not None:

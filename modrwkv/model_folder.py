@@ -45,6 +45,8 @@ def write_model_folder(directory, config: dict, state: dict, adapter_only: bool 
         save_file({k: v for k, v in state.items() if in_adapter(k)}, directory / ADAPTER_FILE)
     else:
         save_file(state, directory / WEIGHTS_FILE)
+    # a folder holds one model: another save's weights left beside these would be read in their place
+    (directory / (WEIGHTS_FILE if adapter_only else ADAPTER_FILE)).unlink(missing_ok=True)
     write_records(directory, backbone_source, encoders)
 
 
@@ -61,6 +63,9 @@ def read_model_folder(directory) -> FolderContents:
     if not (directory / CONFIG_FILE).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; expected a ModRWKV save_pretrained directory")
     config = json.loads((directory / CONFIG_FILE).read_text())
+    if (directory / WEIGHTS_FILE).is_file() and (directory / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{directory}: both {WEIGHTS_FILE} and {ADAPTER_FILE}, from two saves; which one its "
+                              f"{CONFIG_FILE} describes is unknown: save the model again, or remove the stale file")
     for name, adapter_only in ((WEIGHTS_FILE, False), (ADAPTER_FILE, True)):
         if (directory / name).is_file():
             return FolderContents(config, load_file(directory / name), directory / name, adapter_only)

@@ -260,7 +260,7 @@ class ModRWKV(nn.Module):
             name = sample_ids[i] if sample_ids is not None else str(i)
             for modality, placeholder in PLACEHOLDER_IDS.items():
                 positions = start + np.flatnonzero(ids[b, start:end] == placeholder)
-                mine = [f for m, f in items if m == modality]
+                mine = [to_device_nowait(f, device) for m, f in items if m == modality]  # a CPU cache's, a GPU model
                 if not mine:
                     if len(positions):
                         raise ValueError(f"sample {name}: {len(positions)} <{modality}> positions but no {modality} features")
@@ -306,7 +306,7 @@ class ModRWKV(nn.Module):
                 scores = self.backbone.head(hidden.flatten(0, 1).index_select(0, where))
             lm_loss = F.cross_entropy(scores.float(), targets)
         if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
-            lengths = None if attention_mask is None else to_device_nowait(attention_mask, device).sum(1)
+            lengths = None if attention_mask is None else to_device_nowait(attention_mask, device).long().sum(1)
             forecast = self.forecast_head(last_valid(hidden, lengths, None, packed))
             if self.forecast_skip is not None:
                 forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
@@ -348,7 +348,7 @@ class ModRWKV(nn.Module):
             logits, state = self.backbone(inputs_embeds=embeds, state=state, logits_to_keep=1)
             return logits[:, -1], state
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
-        last = attention_mask.sum(dim=1) - 1
+        last = attention_mask.long().sum(dim=1) - 1  # an index, whatever the mask's dtype (the backbone takes any)
         return self.backbone.head(hidden[torch.arange(len(hidden), device=hidden.device), last]), state
 
     # ---- save / load: the folder's layout lives in model_folder.py ----------------------------------------

@@ -50,7 +50,8 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
               **model.config.to_dict(), "placeholder_ids": PLACEHOLDER_IDS,
               "encoders": read_encoders_record(model_dir), "dtype": "float32", "tie_word_embeddings": False}
     write_json(out_dir / "config.json", config)
-    save_file(cpu_state_dict(model.float()), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    weights = {name: t.float() for name, t in cpu_state_dict(model).items()}  # fp32 copies, the model left as it is
+    save_file(weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     end_of_text = world_tokenizer.END_OF_TEXT
     # an answer ends its turn with "\n\n" (trained so), rarely with end-of-text: generate() stops at either token
     turn_end = world_tokenizer.WorldTokenizer().encode(TURN_END)

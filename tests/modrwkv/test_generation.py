@@ -40,8 +40,10 @@ def test_prompts_of_different_lengths_run_the_head_on_their_last_positions_only(
         alone, _ = model(torch.tensor([prompt]), logits_to_keep=1)
         torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="logits_to_keep counts back from the last position, which is padding"):
+    with pytest.raises(ValueError, match="logits_to_keep counts back from a row's last position: padding"):
         model(torch.tensor([[5, 6, 7, 0], [1, 2, 3, 4]]), attention_mask=mask, logits_to_keep=1)
+    with pytest.raises(ValueError, match="the last sequence's in a packed row"):  # not each sequence's last
+        model(torch.tensor([[5, 6, 7, 1, 2, 3, 4]]), cu_seqlens=torch.tensor([0, 3, 7]), logits_to_keep=1)
 
 
 def test_stop_token_ends_only_its_row(model):

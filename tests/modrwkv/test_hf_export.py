@@ -14,6 +14,7 @@ from modrwkv import RWKV7Config
 from modrwkv.checkpoint import UNUSED_LAYER0
 from modrwkv.conversation import PLACEHOLDER_IDS, prompt_ids
 from modrwkv.fla_layout import convert_fla_to_rwkv_pth
+from modrwkv.hf_export.exporter import export_hf
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.tokenizer import END_OF_TEXT, WorldTokenizer
 from modrwkv.wavenet import WaveNetConfig
@@ -178,6 +179,14 @@ def test_the_export_holds_config_tokenizer_code_and_every_fp32_weight(exported):
     weights, ours = load_file(export / "model.safetensors"), model.state_dict()
     assert weights.keys() == ours.keys()
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], ours[k]) for k in ours)
+
+
+def test_exporting_a_bf16_model_leaves_it_bf16(exported, tmp_path):
+    model, root = exported
+    half = tiny_model().to(torch.bfloat16)
+    export_hf(half, root / "model", tmp_path / "export")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(tmp_path / "export" / "model.safetensors").values()} == {torch.float32}
 
 
 def test_an_adapter_only_folder_exports_with_its_recorded_backbone(exported, tmp_path):

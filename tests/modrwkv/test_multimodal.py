@@ -206,6 +206,24 @@ def test_save_load_round_trip_full_and_adapter_only(tmp_path, tok):
         assert torch.equal(ModRWKV.from_pretrained(tmp_path / "recorded")(ids, feats).logits, expected)
 
 
+def test_a_save_into_a_folder_replaces_the_weights_another_save_left_there(tmp_path, tok):
+    """Phase I (adapter only) run again into the folder phase II saved whole: the new adapter is what loads, not the
+    old full weights, read first when both files lay there."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        model.projectors["image"].adapter[0].weight.add_(1.0)
+    model.save_pretrained(tmp_path / "model", adapter_only=True)
+    assert sorted(p.name for p in (tmp_path / "model").glob("*.safetensors")) == ["adapter.safetensors"]
+    again = ModRWKV.from_pretrained(tmp_path / "model", backbone=model.backbone)
+    assert torch.equal(again.projectors["image"].adapter[0].weight, model.projectors["image"].adapter[0].weight)
+    model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").glob("*.safetensors")) == ["model.safetensors"]
+    shutil.copy(tmp_path / "model" / "model.safetensors", tmp_path / "model" / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match="both model.safetensors and adapter.safetensors, from two saves"):
+        ModRWKV.from_pretrained(tmp_path / "model")
+
+
 def test_an_adapter_on_a_bf16_backbone_folder_loads_in_one_dtype_and_runs(tmp_path, tok):
     """Phase I on a bf16 backbone folder (supported for training) saves an adapter-only model: it loads in fp32 as a
     full folder does, or in the dtype of a backbone given to it, never half and half."""
@@ -487,10 +505,22 @@ def test_prefill_of_padded_prompts_equals_each_prompt_alone():
     features = [[("audio", torch.randn(4, 16))], [("audio", torch.randn(6, 16))]]
     ids, mask, _ = right_pad(prompts)
     logits, state = model.prefill(ids, features, attention_mask=mask)
+    as_floats, _ = model.prefill(ids, features, attention_mask=mask.float())  # a mask of any dtype, as the backbone's
+    torch.testing.assert_close(as_floats, logits, rtol=0, atol=0)
     for row, (prompt, items) in enumerate(zip(prompts, features)):
         alone, alone_state = model.prefill(torch.tensor([prompt]), [items])
         torch.testing.assert_close(logits[row], alone[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(state.select([row]).wkv, alone_state.wkv, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_features_on_the_host_reach_a_model_on_the_gpu():
+    """A chat or prefill on a GPU model given a cache's CPU features (on CPU, every other test's path)."""
+    model = tiny_model().eval()
+    ids, features = torch.tensor([[1] + [65531] * 4 + [7]]), [[("audio", torch.randn(4, 16))]]
+    on_host, _ = model.prefill(ids, features)
+    on_gpu, _ = model.cuda().prefill(ids, features)
+    torch.testing.assert_close(on_gpu.cpu(), on_host, rtol=1e-4, atol=1e-4)
 
 
 def packing_samples():
