@@ -197,7 +197,7 @@ class MicroBatches:
 
     def stream(self, i: int):
         cache = self.caches[i]
-        epoch, start = divmod(self.taken[i], cache.samples_per_worker(self.world))
+        epoch, start = divmod(self.taken[i], cache.samples_of(self.rank, self.world))
         for sample in cache.iter_samples(self.rank, self.world, seed=self.seed, epoch=epoch, start=start,
                                          epochs=None, prefetch=self.prefetch):
             self.taken[i] += 1  # counted before it is handed out: a position taken between draws is exact

@@ -246,6 +246,10 @@ class FeatureStore:
         return from_stored(load_npy(data), self.precision)
 
 
+# Workers take whole shards unless the smallest share would hold under this fraction of the largest's samples
+SHARD_BALANCE = 0.95
+
+
 class Share(NamedTuple):
     """Samples `first`, `first + step`, ... of shard `shard`: `count` of them."""
     shard: int
@@ -324,14 +328,16 @@ class FeatureCache:
                             else [next(features) for _ in sample.item_files])
         return samples
 
-    def shard_quota(self, world: int) -> int:
-        """The samples of the smallest rank's share when every rank takes every `world`-th shard."""
-        return min(sum(shard["count"] for shard in self.shards[rank::world]) for rank in range(world))
+    def shard_counts(self, world: int) -> list[int]:
+        """Each rank's samples when every rank takes every `world`-th shard."""
+        return [sum(shard["count"] for shard in self.shards[rank::world]) for rank in range(world)]
 
     def shared_by_sample(self, world: int) -> bool:
-        """Whether shards would leave a worker under half of an even split (fewer shards than workers, or a full
-        shard against a small last one): an entry of a few shards, each read by every worker."""
-        return 2 * self.shard_quota(world) < len(self) // world
+        """Whether shards would leave the workers' shares uneven, the smallest under SHARD_BALANCE of the largest
+        (fewer shards than workers, a full shard against a small last one): a worker reads its share once an
+        epoch, so the samples of a smaller one come round more often. Then each worker reads every shard."""
+        counts = self.shard_counts(world)
+        return min(counts) < SHARD_BALANCE * max(counts)
 
     def shares(self, rank: int, world: int) -> list[Share]:
         """Rank `rank`'s part of the entry: every `world`-th shard from `rank`; or, `shared_by_sample`, every
@@ -349,13 +355,13 @@ class FeatureCache:
     def read_share(self, share: Share) -> list[Sample]:
         return self.with_features(self.read_samples(share.shard)[share.first::share.step])
 
-    def samples_per_worker(self, world: int) -> int:
-        """Every rank yields this many samples (the smallest rank's share), so all ranks take the same number
-        of steps: a distributed step needs every rank."""
+    def samples_of(self, rank: int, world: int) -> int:
+        """Rank `rank`'s samples an epoch: its whole share. Ranks' epochs may differ by a few samples: their
+        streams are endless, kept in step by the draws they share, not by running out together."""
         if len(self) < world:
             raise ValueError(f"{self.uri}: {len(self)} samples for {world} workers; every worker needs at least one "
                              "(leave this entry out of a run this wide)")
-        return len(self) // world if self.shared_by_sample(world) else self.shard_quota(world)
+        return sum(share.count for share in self.shares(rank, world))
 
     def windows(self, order: list[Share], size: int) -> list[tuple[int, list[Share]]]:
         """`order`'s shares grouped into runs of consecutive shares holding at least `size` samples (the last may
@@ -400,9 +406,9 @@ class FeatureCache:
              window: int) -> Iterator[tuple[int, int, list[Share], int, int]]:
         """(epoch, window, shares, first sample to yield, end) for each window to read, from `start` of `epoch`
         on, for `epochs` epochs (None: endless)."""
-        quota = self.samples_per_worker(world)
+        quota = self.samples_of(rank, world)
         if not 0 <= start <= quota:
-            raise ValueError(f"{self.uri}: start {start} is outside an epoch's {quota} samples per worker")
+            raise ValueError(f"{self.uri}: start {start} is outside an epoch's {quota} samples of worker {rank}")
         shares = self.shares(rank, world)
         for e in count(epoch) if epochs is None else range(epoch, epoch + epochs):
             order = list(range(len(shares)))

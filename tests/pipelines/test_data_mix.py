@@ -22,7 +22,7 @@ class FakeCache:
     def modality(self):
         return f"modality-{self.name}"
 
-    def samples_per_worker(self, world):
+    def samples_of(self, rank, world):
         return self.n
 
     def iter_samples(self, rank, world, seed, epoch, start, epochs, prefetch):
@@ -121,7 +121,7 @@ def test_collection_entries_smaller_than_the_workers_are_left_out_of_the_draw_an
             draw_weights(mix, groups, [8, 3, 0, 2, 7], world=8)
 
     class TooSmall(FakeCache):
-        def samples_per_worker(self, world):
+        def samples_of(self, rank, world):
             raise AssertionError("a cache left out of the draw is read")
 
     batches = MicroBatches([FakeCache("a", 30), TooSmall("b", 3)], fake_collator(), 2, 0, 8, seed=0, mix=[30, 0])

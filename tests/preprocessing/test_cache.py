@@ -112,7 +112,7 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
     cache = FeatureCache(str(tmp_path / "e"))
     rank0 = [s.key for s in cache.iter_samples(0, 2, seed=1, window=3)]
     rank1 = [s.key for s in cache.iter_samples(1, 2, seed=1, window=3)]
-    assert len(rank0) == len(rank1) == 5  # rank 1 holds 4 + 1 samples; rank 0 is cut to match
+    assert len(rank0) == len(rank1) == 6  # by shard 4 + 3 against 4 + 1: by sample
     assert not set(rank0) & set(rank1)
     assert rank0 == [s.key for s in cache.iter_samples(0, 2, seed=1, window=3)]
     assert rank0 != [s.key for s in cache.iter_samples(0, 2, seed=1, epoch=1, window=3)]
@@ -123,22 +123,22 @@ def test_reader_splits_shards_evenly_and_shuffles_by_seed(tmp_path):
 def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path, monkeypatch):
     """A small entry (a collection's small dataset: fewer shards than workers, or a full shard and a small last
     one) still gives every worker its samples: each reads every shard and takes every world-th sample (reading
-    their features alone), so the workers' samples are disjoint and as even as can be, and a start resumes exactly.
-    Fewer samples than workers is refused by name."""
+    their features alone), so the workers' samples are disjoint, cover the entry and are as even as can be, and a
+    start resumes exactly. Fewer samples than workers is refused by name."""
     write_entry(str(tmp_path / "e"), [4, 4, 3, 1])
     cache = FeatureCache(str(tmp_path / "e"))
-    assert cache.samples_per_worker(5) == 2  # 12 samples: ranks 0 and 1 hold 3, the others 2
+    assert [cache.samples_of(r, 5) for r in range(5)] == [3, 3, 2, 2, 2]  # 12 samples
     ranks = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3)] for r in range(5)]
-    assert [len(keys) for keys in ranks] == [2] * 5
-    assert len({key for keys in ranks for key in keys}) == 10
+    assert [len(keys) for keys in ranks] == [3, 3, 2, 2, 2]
+    assert len({key for keys in ranks for key in keys}) == 12
     held = [[s.key for s in cache.iter_samples(r, 5, seed=1, window=3, shuffle=False, start=0)] for r in range(5)]
-    assert held[2] == ["s002", "s007"] and held[0] == ["s000", "s005"]
-    assert sorted(ranks[3]) == held[3] == ["s003", "s008"] and set(ranks[0]) < {"s000", "s005", "s010"}
+    assert held[2] == ["s002", "s007"] and held[0] == ["s000", "s005", "s010"]
+    assert sorted(ranks[3]) == held[3] == ["s003", "s008"] and set(ranks[0]) == {"s000", "s005", "s010"}
     for world, window in ((5, 1), (5, 2), (2, 1), (2, 3)):  # shuffled shares, 2 epochs: each start resumes exactly
         for rank in range(world):
             whole = [s.key for s in cache.iter_samples(rank, world, seed=1, window=window, epochs=2)]
-            assert len(whole) == 2 * cache.samples_per_worker(world)
-            for start in range(cache.samples_per_worker(world) + 1):
+            assert len(whole) == 2 * cache.samples_of(rank, world)
+            for start in range(cache.samples_of(rank, world) + 1):
                 assert [s.key for s in cache.iter_samples(rank, world, seed=1, window=window, epochs=2,
                                                           start=start)] == whole[start:]
     read = []  # features are read for a worker's own samples alone
@@ -147,12 +147,25 @@ def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path, 
     list(cache.iter_samples(0, 5, seed=1, window=3, prefetch=0))
     assert len(read) == sum(share.count for share in cache.shares(0, 5)) == 3
     with pytest.raises(ValueError, match="12 samples for 13 workers"):
-        cache.samples_per_worker(13)
-    write_entry(str(tmp_path / "uneven"), [8, 1])  # by shard, 1 sample a worker; by sample, 4
+        cache.samples_of(0, 13)
+    write_entry(str(tmp_path / "uneven"), [8, 1])  # by shard, 8 samples against 1; by sample, 5 and 4
     uneven = FeatureCache(str(tmp_path / "uneven"))
-    assert uneven.shard_quota(2) == 1 and uneven.samples_per_worker(2) == 4
+    assert uneven.shard_counts(2) == [8, 1] and uneven.shared_by_sample(2)
     halves = [{s.key for s in uneven.iter_samples(r, 2, seed=2)} for r in (0, 1)]
-    assert len(halves[0]) == len(halves[1]) == 4 and not halves[0] & halves[1]
+    assert [len(h) for h in halves] == [5, 4] and not halves[0] & halves[1]
+
+
+@pytest.mark.parametrize("counts, by_sample", [([20, 20, 20, 19], False), ([4, 4, 4], True), ([20, 20, 20, 17], True)])
+def test_each_epoch_the_workers_read_every_sample_once(tmp_path, counts, by_sample):
+    """Shares within 5% of each other go by shard, others by sample; either way no worker's epoch stops short of its
+    share (where every worker was cut to the smallest share's count, a third of [4, 4, 4] was left out each epoch,
+    the same shards' samples more often than others')."""
+    write_entry(str(tmp_path / "e"), counts)
+    cache = FeatureCache(str(tmp_path / "e"))
+    assert cache.shared_by_sample(2) == by_sample
+    for epoch in (0, 1):
+        keys = [s.key for r in (0, 1) for s in cache.iter_samples(r, 2, seed=3, epoch=epoch, window=4)]
+        assert sorted(keys) == [f"s{i:03d}" for i in range(sum(counts))]
 
 
 def test_reader_starts_at_a_count_reading_no_earlier_window(tmp_path, monkeypatch):
