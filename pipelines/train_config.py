@@ -52,8 +52,9 @@ class PhaseConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # 0: only at the end
     caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
-    # relative sampling weight of each configured cache, in order (a collection's shared by its entries' sample
-    # counts); default: sample counts
+    # relative sampling weight of each configured cache's samples, in order (a collection's shared by its entries'
+    # sample counts); default: sample counts. Packed, a cache of shorter samples is drawn less often, as a row holds
+    # more of them (`train_setup.per_packed_draw`)
     mix: list[float] | None = None
 
     def __post_init__(self):

@@ -19,6 +19,7 @@ from preprocessing.local_copy import local_copy, publish, working_dir
 from .caches import absolute, draw_weights, resolve_groups
 from .config import ConfigError
 from .train_config import WHITEN_EPS, PhaseConfig, TrainConfig
+from .trainer import samples_per_row
 
 
 def cache_shapes(caches: list[FeatureCache]) -> tuple[dict[str, int], int, int]:
@@ -195,6 +196,22 @@ class PhasePlan:
         return feature_stats(self.opened, normalized, whiten_eps=self.whiten_eps)
 
 
+def per_packed_draw(weights: list[float], caches: list[FeatureCache], mm_config: ModRWKVConfig,
+                    config: TrainConfig) -> list[float]:
+    """Weights of samples as weights of packed micro-batches: a cache of short samples fills a row with more of them,
+    so it is drawn that much less often, and every cache's samples are read at the rate its weight gives."""
+    drawn = []
+    for weight, cache in zip(weights, caches, strict=True):
+        if weight:
+            compressed = mm_config.projectors[cache.modality].compressed_length
+            per_row = samples_per_row(cache.sample_tokens(compressed), config.max_length, config.pack_buffer,
+                                      config.seed)
+            print(f"{cache.uri}: {per_row:.2f} samples a packed row")
+            weight /= per_row
+        drawn.append(weight)
+    return drawn
+
+
 def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     """`world`: the workers that will train (each reads samples of its own from every cache it draws)."""
     hp = config.phase1 if phase == 1 else config.phase2
@@ -204,6 +221,8 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     weights, left_out = draw_weights(hp.mix, groups, [len(c) for c in opened], world)
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
+    if config.packing:
+        weights = per_packed_draw(weights, opened, mm_config, config)
     init_from = phase1_source = None
     if phase == 2:
         init_from = storage.join(phase_dir(config, 1), "model")

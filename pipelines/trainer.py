@@ -151,9 +151,20 @@ class RowPacker:
         return batch
 
 
+def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: int = 8192) -> float:
+    """The samples a packed row holds on average when RowPacker packs samples of these lengths (`tokens`, those
+    over max_length skipped): measured by packing up to `sampled` of them, seeded, in buffers of `buffer`."""
+    fit = [int(n) for n in tokens if n <= max_length]
+    if not fit:
+        return 1.0
+    drawn = random.Random(seed).sample(fit, min(sampled, len(fit)))
+    rows = sum(len(first_fit_decreasing(drawn[i : i + buffer], max_length)) for i in range(0, len(drawn), buffer))
+    return len(drawn) / rows
+
+
 class MicroBatches:
     """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
-    sample counts). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
+    sample counts; when packing, a cache's weight is its samples' divided by `samples_per_row`, see `plan_phase`). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
     the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
     text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
 

@@ -291,11 +291,14 @@ class FeatureCache:
             return table.select(columns) if columns else table
         return read_index(self.uri, columns)
 
+    def sample_tokens(self, compressed=lambda n: n) -> np.ndarray:
+        """Each sample's text tokens plus its items' `compressed` feature lengths, from the index alone."""
+        return total_tokens(self.index(["text_tokens", "item_tokens"]), compressed)
+
     def over_length(self, max_length: int, compressed=lambda n: n) -> list[dict]:
         """{"key", "tokens"} of every sample whose text tokens plus its items' `compressed` feature lengths exceed
         `max_length`, from the index alone."""
-        table = self.index(["text_tokens", "item_tokens"])
-        tokens = total_tokens(table, compressed)
+        tokens = self.sample_tokens(compressed)
         over = np.flatnonzero(tokens > max_length)
         if not len(over):
             return []

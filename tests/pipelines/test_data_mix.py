@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.train import TrainConfig
-from pipelines.trainer import MicroBatches
+from pipelines.trainer import MicroBatches, samples_per_row
 
 
 class FakeCache:
@@ -211,3 +211,31 @@ def test_a_packed_stream_built_from_a_position_continues_exactly_where_the_first
 def test_a_cache_of_nothing_but_over_long_samples_fails_clearly_when_packing():
     with pytest.raises(ValueError, match="fake/b: every sample drawn is skipped"):
         next(packed_stream([FakeCache("b", 10)], length=lambda i: 17))
+
+
+def test_packed_caches_are_read_at_the_rate_of_their_sample_weights():
+    """Two caches of 300 samples, of 2 and of 9 tokens in rows of 16 packed from buffers of 10: a row holds 5 of one
+    (a buffer's 20 tokens make 2 rows), 1 of the other. Drawn by sample count, the short one's samples were read 5
+    times as often; drawn per `samples_per_row`, as often."""
+    lengths = {"short": 2, "long": 9}
+    caches = [FakeCache("short", 300), FakeCache("long", 300)]
+    per_row = [samples_per_row([lengths[c.name]] * len(c), 16, 10, seed=0) for c in caches]
+    assert per_row == [5.0, 1.0]
+    for weights, ratio in (([300, 300], 5.0), ([300 / per_row[0], 300 / per_row[1]], 1.0)):
+        stream = MicroBatches(caches, LengthsByCache(16, lengths), 3, 0, 1, seed=2, mix=weights, pack_buffer=10)
+        read = Counter()
+        for _ in range(600):
+            batch = next(stream)[1]
+            read[batch.cache] += len(batch.sample_ids)
+        assert read["short"] / read["long"] == pytest.approx(ratio, rel=0.25)
+
+
+class LengthsByCache(FakePackingCollator):
+    """Every sample of a cache one length."""
+
+    def __init__(self, max_length: int, lengths: dict[str, int]):
+        super().__init__(max_length, None)
+        self.lengths = lengths
+
+    def encode_all(self, samples):
+        return [SimpleNamespace(ids=[0] * self.lengths[x["cache"]], sample=x) for x in samples], []

@@ -357,10 +357,13 @@ def test_a_collection_entry_smaller_than_the_workers_is_left_out_before_they_sta
     small, _ = short_item_cache
     monkeypatch.setattr(pipelines.train_setup, "resolve_groups", lambda entries: [[digits, small]])
     for mix in (None, [2.0]):
-        config = config_for(root, "collection.yaml", "left-out", phase1={"lr": 3e-3, "steps": 6, "global_batch": 20,
-                                                                         "micro_batch": 1, "mix": mix})
+        config = config_for(root, "collection.yaml", "left-out", packing=False, phase1={
+            "lr": 3e-3, "steps": 6, "global_batch": 20, "micro_batch": 1, "mix": mix})
         plan = plan_phase(config, 1, world=20)
         assert plan.weights == ([48, 0] if mix is None else [2.0, 0.0]) and plan.left_out == [small]
+    config.packing = True  # rows of 64 tokens hold 2 digits samples or so: the entry drawn half as often
+    assert 0.5 < plan_phase(config, 1, world=20).weights[0] < 1.5 and plan.weights[1] == 0
+    assert f"{digits}: 2." in capsys.readouterr().out
     skips = skipped_in_caches(plan.opened, plan.model, 64, plan.left_out)
     assert skips == {"over_length_in_caches": 0, "too_short_in_caches": 0, "in_entries_left_out": 16}
     assert "1 collection entries hold fewer samples than the workers" in capsys.readouterr().out
