@@ -64,6 +64,11 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     plan = plan_phase(config, phase, config.scaling.workers)
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)
+    checkpoint = Checkpoint(*storage.for_ray(resume_from)) if resume_from else None
+    saved_at = checkpoint.get_metadata().get("step") if checkpoint else None  # None: saved before it was recorded
+    if saved_at is not None and saved_at >= hp.steps:  # the workers would run no step, and report no checkpoint
+        raise ValueError(f"{resume_from}: saved at step {saved_at}, the last of phase {phase}'s {hp.steps}: nothing "
+                         f"to resume (its model is in {plan.destination}); raise phase{phase}.steps to train on")
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(map(entry_name, caches))}
     if phase == 2:
@@ -84,7 +89,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             tracking_uri=uri, run_id=run_id, system_metrics_every_s=config.tracking.system_metrics_every_s,
             use_gpu=config.scaling.use_gpu, gradient_checkpointing=config.gradient_checkpointing,
             log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened),
-            resume_from=Checkpoint(*storage.for_ray(resume_from)) if resume_from else None, s3=storage.settings())
+            resume_from=checkpoint, s3=storage.settings())
         storage_path, storage_filesystem = storage.for_ray(storage.join(plan.destination, "ray"))  # folder or s3://
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,

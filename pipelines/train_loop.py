@@ -120,7 +120,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     write_records(Path(d) / "model", encoders=cfg.encoders, backbone_source={
                         "run_id": cfg.run_id, "phase": phase, **cfg.backbone, "step": step})
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
-                ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(d))
+                checkpoint = Checkpoint.from_directory(d)
+                checkpoint.set_metadata({"step": step})  # what a resume reads before it starts workers
+                ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)  # the last step checkpoints
     if monitor:

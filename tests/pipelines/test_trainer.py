@@ -296,6 +296,11 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     again = {m.step: m.value for m in client.get_metric_history(resumed.run_id, "loss")}
     assert sorted(again) == [4, 5, 6]
     assert [again[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-5)
+    runs = len(client.search_runs([client.get_run(first.run_id).info.experiment_id]))
+    with pytest.raises(ValueError, match=r"saved at step 6, the last of phase 1's 6: nothing to resume .* "
+                                         r"raise phase1.steps to train on"):
+        run_train(config, phase=1, resume_from=f"{ray_storage}/{checkpoints[1]}")
+    assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == runs  # refused before one
 
 
 def test_a_bf16_backbone_folder_trains_in_fp32(tmp_path):
