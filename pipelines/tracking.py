@@ -259,6 +259,12 @@ def run_status(uri: str, run_id: str):
     client.set_terminated(run_id, "FINISHED")
 
 
+def latest_per_step(history) -> list[tuple[int, float]]:
+    """(step, value) of a metric's history, the last value logged at each step: the steps a run replays after a
+    Ray Train restart from its last checkpoint are logged twice, and the replay's values are the run's."""
+    return sorted({m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}.items())
+
+
 def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
     steps, losses = zip(*history) if history else ((), ())

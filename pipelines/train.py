@@ -140,8 +140,8 @@ def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: 
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(yaml.safe_dump(tracking.logged_config(config), sort_keys=False))
         client.log_artifact(run_id, str(cfg))
-        history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
-        client.log_artifact(run_id, str(tracking.loss_curve(sorted(history), Path(tmp) / "loss_curve.png",
+        history = tracking.latest_per_step(client.get_metric_history(run_id, "loss"))
+        client.log_artifact(run_id, str(tracking.loss_curve(history, Path(tmp) / "loss_curve.png",
                                                             f"{config.name} phase {phase}")))
     adapter = out / ("model" if phase == 1 else "adapter") / "adapter.safetensors"
     client.log_artifact(run_id, str(adapter), "adapter")

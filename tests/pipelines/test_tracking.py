@@ -139,3 +139,13 @@ def test_a_tracking_uri_with_credentials_is_never_printed_logged_or_shown(tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "restored after the test")
     arguments["s3"].apply()  # what the actor does first: it then downloads the model from the driver's server
     assert tracking.tracking_uri(arguments.get("tracking_uri")) == secret
+
+
+def test_a_step_replayed_after_a_restart_plots_its_latest_value():
+    from mlflow.entities import Metric
+
+    from pipelines.tracking import latest_per_step
+
+    logged = [Metric("loss", v, t, s) for s, v, t in ((1, 3.0, 10), (2, 2.5, 11), (3, 9.9, 12),  # failed in step 3
+                                                      (3, 2.0, 20), (2, 2.5, 19), (4, 1.5, 21))]  # resumed at 1
+    assert latest_per_step(logged) == [(1, 3.0), (2, 2.5), (3, 2.0), (4, 1.5)]
