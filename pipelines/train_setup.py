@@ -3,6 +3,7 @@ the model config from the caches' feature widths, the feature statistics the pro
 output folders, and the encoder settings the trained model records."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from modrwkv.config import RWKV7Config
 from modrwkv.model_folder import backbone_weights, file_sha256, read_backbone_source
 from modrwkv.multimodal import ModRWKVConfig
 from preprocessing import storage
-from preprocessing.cache.entry import FeatureCache
+from preprocessing.cache.entry import FeatureCache, Share
+from preprocessing.cache.index import item_sums
 from preprocessing.local_copy import local_copy, publish, working_dir
 
 from .caches import absolute, draw_weights, resolve_groups
@@ -67,24 +69,21 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
                   max_vectors: int = 262_144, whiten_eps: float = WHITEN_EPS) -> dict[str, dict]:
     """For each modality in `normalize` (modality -> "standardize" or "whiten"): the mean of the cached feature
     vectors, and their per-dimension std or ZCA whitening matrix Σ^(-1/2) (each eigenvalue raised by `whiten_eps`
-    times their mean, so that near-empty directions are not blown up), over the items of the first
-    `max_shards` shards of each cache (read on past them while a cache's shards held only text-only samples),
-    at most `max_vectors` vectors (enough for stable statistics, cheap on a cluster's driver). A modality whose
-    caches hold no feature vector at all is an error."""
+    times their mean, so that near-empty directions are not blown up), over about `max_vectors` vectors (enough for
+    stable statistics, cheap on a cluster's driver) shared among the modality's caches by their sample counts, each
+    cache's from every k-th sample of up to `max_shards` of its shards with features, spread over them
+    (`stats_shares`). A modality whose caches hold no feature vector at all is an error."""
     moments = {c.modality: [0, 0.0, 0.0] for c in caches if c.modality in normalize}  # [n, sum x, sum x x^T]
     for cache in caches:
         if cache.modality not in normalize:
             continue
-        found = 0  # this cache's vectors
-        for index in range(len(cache.shards)):
-            n, total, outer = moments[cache.modality]
-            if n >= max_vectors or (index >= max_shards and found):
-                break
-            items = [a for s in cache.read_shard(index) for a in s.items]
+        samples = sum(len(c) for c in caches if c.modality == cache.modality)
+        for share in stats_shares(cache, max_vectors * len(cache) / samples, max_shards):
+            items = [a for s in cache.read_share(share) for a in s.items]
             if items:
-                x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)[: max_vectors - n]
+                n, total, outer = moments[cache.modality]
+                x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in items]).astype(np.float64)
                 moments[cache.modality] = [n + len(x), total + x.sum(0), outer + x.T @ x]
-                found += len(x)
     stats = {}
     for modality, (n, total, outer) in moments.items():
         if not n:
@@ -101,6 +100,20 @@ def feature_stats(caches: list[FeatureCache], normalize: dict[str, str], max_sha
             eigenvalues = np.maximum(eigenvalues, 0.0) + whiten_eps * max(eigenvalues.mean(), 1e-12)
             stats[modality]["whitening"] = ((vectors / np.sqrt(eigenvalues)) @ vectors.T).tolist()
     return stats
+
+
+def stats_shares(cache: FeatureCache, vectors: float, max_shards: int) -> list[Share]:
+    """Every k-th sample of up to `max_shards` of the cache's shards holding features, evenly spread over them, k
+    chosen from the index's lengths so that their items hold about `vectors` feature vectors: statistics of many
+    images or utterances, read with their features alone, rather than of the first few hundred in key order."""
+    index = cache.index(["shard", "item_tokens"])
+    per_shard = np.bincount(index["shard"].to_numpy(), weights=item_sums(index, lambda n: n),
+                            minlength=len(cache.shards))
+    with_features = np.flatnonzero(per_shard)
+    chosen = with_features[np.unique(np.linspace(0, len(with_features) - 1, max_shards).round().astype(int))] \
+        if len(with_features) else with_features
+    step = max(1, math.ceil(per_shard[chosen].sum() / max(vectors, 1)))
+    return [Share(int(i), 0, step, len(range(0, cache.shards[i]["count"], step))) for i in chosen]
 
 
 def skipped_in_caches(caches: list[FeatureCache], mm_config: ModRWKVConfig, max_length: int,
@@ -193,7 +206,8 @@ class PhasePlan:
         if self.init_from is not None:
             return {}
         normalized = {m: p.normalize for m, p in self.model.projectors.items() if p.normalize != "none"}
-        return feature_stats(self.opened, normalized, whiten_eps=self.whiten_eps)
+        drawn = [cache for cache in self.opened if cache.uri not in self.left_out]  # as training will read them
+        return feature_stats(drawn, normalized, whiten_eps=self.whiten_eps)
 
 
 def per_packed_draw(weights: list[float], caches: list[FeatureCache], mm_config: ModRWKVConfig,

@@ -18,7 +18,7 @@ from pipelines.config import from_dict
 from pipelines.environment import cpu_description
 from pipelines.metrics.ceilings import cache_samples
 from pipelines.train import WORKER_ENV, TrainConfig, run_train, worker_env
-from pipelines.train_setup import WHITEN_EPS, feature_stats
+from pipelines.train_setup import WHITEN_EPS, feature_stats, stats_shares
 from preprocessing.cache.entry import FeatureCache
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
@@ -382,6 +382,31 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}
+
+
+def test_feature_stats_come_from_samples_spread_over_shards_and_over_the_modalitys_caches(tmp_path):
+    """40 shards whose vectors are their shard's number, a budget of about 64 vectors from 16 shards: every 2nd
+    sample of 16 shards spread from the first to the last, not the first shard's (mean 0); a second cache of 10s as
+    large shares the budget by samples, not left out once the first has filled it."""
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    turns = [Turn("user", "<image>"), Turn("assistant", "yes")]
+
+    def shards(n: int, value, prefix: str) -> list[list[Sample]]:
+        return [[Sample(f"{prefix}{i}-{j}", "image", turns, items=[np.full((4, 2), value(i), np.float16)])
+                 for j in range(2)] for i in range(n)]
+
+    write_entry(str(tmp_path / "counting"), shards(40, lambda i: i, "c"))
+    write_entry(str(tmp_path / "tens"), shards(40, lambda i: 10, "t"))
+    counting = FeatureCache(tmp_path / "counting")
+    shares = stats_shares(counting, 64, 16)
+    assert [s.shard for s in shares] == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
+    assert {(s.first, s.step, s.count) for s in shares} == {(0, 2, 1)}  # 16 shards x 8 vectors: every 2nd sample
+    mean = feature_stats([counting], {"image": "standardize"}, max_vectors=64)["image"]["mean"]
+    assert mean == pytest.approx([19.5, 19.5], abs=0.1)
+    both = feature_stats([counting, FeatureCache(tmp_path / "tens")], {"image": "standardize"}, max_vectors=128)
+    assert both["image"]["mean"] == pytest.approx([(19.5 + 10) / 2] * 2, abs=0.1)
 
 
 def test_feature_stats_read_on_past_text_only_shards_and_name_a_cache_without_features(tmp_path):
