@@ -69,6 +69,7 @@ class EvalResult:
     metrics: dict[str, float]
     baselines: dict[str, float] = field(default_factory=dict)
     predictions: Path | None = None
+    coverage: dict[str, int] = field(default_factory=dict)  # what the scores cover of the test set (`coverage`)
     run_id: str | None = None
     seconds: float = 0.0
 
@@ -182,7 +183,7 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         scores = (result.metrics if config.quantize == "none"
                   else {f"{k}_{config.quantize}": v for k, v in result.metrics.items()})
         client.log_batch(run_id, metrics=eval_metrics(scores, model_id, cache_uri) + eval_metrics(
-            {f"baseline_{k}": v for k, v in result.baselines.items()}, None, cache_uri),
+            {f"baseline_{k}": v for k, v in result.baselines.items()} | result.coverage, None, cache_uri),
             params=[Param(k, str(v)) for k, v in settings.items()])
         if model_id:
             link_eval(uri, run_id, model_id, scores, cache_uri)
@@ -230,7 +231,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if scored.skipped:
         metrics["rows_skipped"] = scored.skipped
         print(f"eval {config.task}: {scored.skipped} samples skipped, e.g. {scored.first_reason}")
-    result = EvalResult(metrics, baselines, predictions)
+    result = EvalResult(metrics, baselines, predictions, coverage(config, cache_uri, scored))
     plots = task.plots(scored.tally, out)
     publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
     if config.track:
@@ -248,6 +249,22 @@ class Scored:
     table: RowSample  # the MLflow table's rows; `seen`: every scored row
     skipped: int = 0  # samples the model could not take
     first_reason: str | None = None
+    truncated: int = 0  # answers cut at max_new_tokens before they ended their turn
+
+
+def coverage(config: EvalConfig, cache_uri: str, scored: Scored) -> dict[str, int]:
+    """What the scores cover: the rows scored, the test samples the encode rejected (a published test set's
+    figures are over all of its samples), and the answers cut short; printed when some were left out or cut."""
+    counts = FeatureCache(cache_uri).manifest["counts"]
+    covered = {"rows_scored": scored.table.seen, "rejected_at_encode": counts["rejected"],
+               "rows_truncated": scored.truncated}
+    if counts["rejected"]:
+        print(f"eval {config.task}: the encode rejected {counts['rejected']} of the {counts['read']} test samples it "
+              f"read (see {storage.join(cache_uri, 'rejects.jsonl')}): the scores are over {scored.table.seen}")
+    if scored.truncated:
+        print(f"eval {config.task}: {scored.truncated} answers reached max_new_tokens {config.max_new_tokens} "
+              "before ending their turn (scored as cut: raise max_new_tokens if they were)")
+    return covered
 
 
 def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: Path, table_rows: int) -> Scored:
@@ -263,6 +280,7 @@ def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: P
             scored.skipped += len(rows) - len(taken)
             scored.first_reason = scored.first_reason or next((r["skipped"] for r in rows if "skipped" in r), None)
             scored.tally.add(taken)
+            scored.truncated += sum(r.get("stopped") is False for r in taken)
             scored.table.add([r for r in saved if "skipped" not in r])
     return scored
 

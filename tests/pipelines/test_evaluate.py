@@ -60,6 +60,8 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
     expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
     assert vqa.metrics["accuracy"] == pytest.approx(expected)
+    assert vqa.coverage == {"rows_scored": 6, "rejected_at_encode": 0,
+                            "rows_truncated": sum(not p["stopped"] for p in predictions)}
     assert (root / "here" / "confusion_matrix.png").is_file()
     forecast = run_eval(eval_config(root, series_cache, "forecast", out="here", season=4, actors=0, track=False))
     # the cache's windows carry their series' training scale: the benchmark tables' standardized errors too
@@ -75,6 +77,25 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     assert forecast.metrics == pytest.approx(one_by_one.metrics, rel=1e-4)
     # the lookback (720 values a window at the paper's length) stays in the cache: the file holds the forecast
     assert set(batched[0]) == {"key", "language", "prediction", "reference", "mean", "std", "train_std"}
+
+
+def test_the_test_samples_the_encode_rejected_are_counted_beside_the_scores(trained, capsys):
+    """A series whose first 40 steps are flat: the windows with a flat lookback before a moving target are rejected
+    at encode, so the scores cover fewer windows than the test split holds, which the evaluation says."""
+    root, _, _ = trained
+    values = [0.0] * 40 + [np.sin(i / 2) for i in range(40)]
+    (root / "flat.csv").write_text("v\n" + "\n".join(f"{v:.4f}" for v in values) + "\n")
+    cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(root / "flat.csv"), "lookback": 16, "horizon": 4, "stride": 4,
+                    "split": "test", "fractions": [0.0, 0.0, 1.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(root / "cache")}})).uri
+    counts = FeatureCache(cache).manifest["counts"]
+    assert counts["rejected"] > 0
+    forecast = run_eval(eval_config(root, cache, "forecast", out="flat", season=4, actors=0, track=False))
+    assert forecast.coverage == {"rows_scored": counts["written"], "rejected_at_encode": counts["rejected"],
+                                 "rows_truncated": 0}
+    assert (f"the encode rejected {counts['rejected']} of the {counts['read']} test samples it read "
+            f"(see {cache}/rejects.jsonl): the scores are over {counts['written']}") in capsys.readouterr().out
 
 
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
