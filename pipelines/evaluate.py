@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from modrwkv.model_folder import CONFIG_FILE
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import publish, working_dir
@@ -217,6 +218,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
     # the model folder here (prediction actors resolve the checkpoint the same way on their nodes)
     model_dir = local_model(config.checkpoint, configured_uri=config.tracking_uri).model_dir
+    check_model_fits(config, json.loads((model_dir / CONFIG_FILE).read_text()), FeatureCache(cache_uri))
     if config.checkpoint.startswith("models:/"):  # the actors download it from the server this driver found
         from .tracking import tracking_uri
 
@@ -241,6 +243,24 @@ def run_eval(config: EvalConfig) -> EvalResult:
     print(f"eval {config.task} on {scored.table.seen} samples: {shown}; predictions in "
           f"{storage.join(config.out_dir, predictions.name)}")
     return result
+
+
+def check_model_fits(config: EvalConfig, model: dict, cache: FeatureCache) -> None:
+    """Refuses, before any prediction, a model that cannot take the task (no projector for its modality, no
+    forecast head or another horizon than the windows') and a seasonal-naive period the lookback cannot hold."""
+    modality = cache.modality
+    if modality not in model["projectors"]:
+        raise ValueError(f"{config.checkpoint}: the model has no {modality} projector (it has "
+                         f"{', '.join(model['projectors']) or 'none'}); it cannot be evaluated on {cache.uri}")
+    if config.task != "forecast":
+        return
+    window = cache.manifest["dataset"]
+    if model["forecast_horizon"] != window["horizon"]:
+        raise ValueError(f"{config.checkpoint}: the model forecasts {model['forecast_horizon'] or 'no'} steps, "
+                         f"{cache.uri}'s windows hold a horizon of {window['horizon']}")
+    if not 1 <= config.season < window["lookback"]:
+        raise ValueError(f"season {config.season}: the seasonal-naive period must be 1 or more and shorter than "
+                         f"the lookback ({window['lookback']} steps in {cache.uri})")
 
 
 @dataclass

@@ -4,6 +4,7 @@ tested in test_eval_tasks.py."""
 
 import json
 import sys
+from dataclasses import replace
 import urllib.request
 
 import numpy as np
@@ -96,6 +97,26 @@ def test_the_test_samples_the_encode_rejected_are_counted_beside_the_scores(trai
                                  "rows_truncated": 0}
     assert (f"the encode rejected {counts['rejected']} of the {counts['read']} test samples it read "
             f"(see {cache}/rejects.jsonl): the scores are over {counts['written']}") in capsys.readouterr().out
+
+
+def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_prediction(trained, tmp_path):
+    root, image_cache, series_cache = trained
+    image_only = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16),
+                               {"image": ProjectorConfig(32, 32, 3, 2, 2)})
+    ModRWKV(image_only, random_backbone(image_only.backbone)).save_pretrained(tmp_path / "image-only")
+    config = eval_config(root, series_cache, "forecast", season=4, actors=0, track=False)
+    with pytest.raises(ValueError, match="the model has no series projector \\(it has image\\); it cannot be"):
+        run_eval(replace(config, checkpoint=str(tmp_path / "image-only")))
+    with pytest.raises(ValueError, match="season 16: the seasonal-naive period must be 1 or more and shorter than "
+                                         "the lookback \\(16 steps"):
+        run_eval(replace(config, season=16))
+    with pytest.raises(ValueError, match="season 0: "):
+        run_eval(replace(config, season=0))
+    three = ModRWKVConfig(image_only.backbone, {"series": ProjectorConfig(8, 32, 0, 0, 2)}, forecast_horizon=3,
+                          series_encoder=WaveNetConfig(hidden=8, layers=2))
+    ModRWKV(three, random_backbone(three.backbone)).save_pretrained(tmp_path / "three")
+    with pytest.raises(ValueError, match="the model forecasts 3 steps, .*'s windows hold a horizon of 4"):
+        run_eval(replace(config, checkpoint=str(tmp_path / "three")))
 
 
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
