@@ -24,6 +24,7 @@ MODALITIES = ("image", "audio", "series")
 FIELDS = ("question", *MODALITIES)
 MAX_MEDIA_BASE64 = 16 * 2**20  # characters; larger media are refused before anything is decoded
 MAX_QUESTION_CHARS = 4000
+MAX_SERIES_VALUES = 100_000  # a lookback longer than any recipe's (720) by far; each value is a step of prefill
 FORMATS = ("dataframe_records, dataframe_split, inputs or instances as a list of rows, or inputs as a mapping of "
            "columns or of one row's fields")
 
@@ -91,8 +92,11 @@ def answer(model, tokenizer, media, row: dict, where: str) -> dict:
         raise ValueError(f"{where}: this model takes {sorted(model.projectors)}, not {modality}")
     if modality == "series":
         values = row["series"]
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ValueError(f"{where}: series must be a list of numbers")
+        if len(values) > MAX_SERIES_VALUES:
+            raise ValueError(f"{where}: the series holds {len(values)} values, over the limit of {MAX_SERIES_VALUES}")
         series = media.series(values, where)
         if model.forecast_head is not None:
             return {"forecast": forecast_series(model, tokenizer, question, series.features, series.lookback,
