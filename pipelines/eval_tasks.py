@@ -14,7 +14,7 @@ import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import ForecastErrors, seasonal_naive
-from .metrics.vqa import mean_exact_match, normalize_answer
+from .metrics.vqa import mean_exact_match, mean_vqa_accuracy, normalize_answer
 from .plots import pyplot, save_figure
 from .row_sample import RowSample
 
@@ -137,20 +137,31 @@ class DecodeTask(EvalTask):
             # stopped: False where the answer ran to max_new_tokens (cut short, or never ending its turn)
             rows += [{"prediction": tokenizer.decode(t).split(TURN_END)[0].strip(), "stopped": stopped}
                      for t, stopped in zip(out.tokens, out.stopped)]
-        return [{**r, "reference": s.text("assistant")} for s, r in zip(samples, rows)]
+        return [{**r, "reference": s.text("assistant"), **({"answers": s.meta["answers"]} if "answers" in s.meta
+                                                              else {})} for s, r in zip(samples, rows)]
 
 
 @dataclass
 class VQA(DecodeTask):
-    """Exact match after VQAv2 normalisation, beside chance over the answer set (answers told apart after the same
+    """Exact match after VQAv2 normalisation against the reference answer (`accuracy`), and when every sample
+    carries its annotators' answers (a VQAv2-style test set), VQAv2's accuracy by their rule (`vqa_accuracy`, what
+    published tables report), each beside chance over the answer set (answers told apart after the same
     normalisation); a confusion matrix."""
 
     modality: ClassVar[str] = "image"
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        answers = {normalize_answer(r) for r in references}
-        return {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": 1 / len(answers)}
+        chance = 1 / len({normalize_answer(r) for r in references})
+        metrics, baselines = {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": chance}
+        annotated = sum("answers" in r for r in rows)
+        if annotated == len(rows):
+            metrics["vqa_accuracy"] = mean_vqa_accuracy(predictions, [r["answers"] for r in rows])
+            baselines["vqa_accuracy"] = chance
+        elif annotated:
+            print(f"vqa: {annotated} of {len(rows)} samples carry annotators' answers: no vqa_accuracy (it needs "
+                  "every sample's)")
+        return metrics, baselines
 
     @staticmethod
     def confusion(rows: list[dict]) -> tuple[list[str], np.ndarray]:

@@ -50,9 +50,11 @@ class ForecastErrors:
     - mse/mae_standardized: the original error over its series' training std, the scale the Time-Series-Library's
       tables report; a series constant in training (std 0) has none: left out and counted; none at all when a
       batch came without training scales (a cache from before the reader recorded them);
-    - mase: the mean over windows of MAE over the lookback's seasonal-naive in-sample MAE (M4's per-window MASE,
-      scale-free, so the normalised values serve); a window repeating exactly with `period` has no scale: left out
-      and counted, NaN when no window has one. Needs each window's lookback."""
+    - mase: the mean over windows of MAE over the seasonal-naive in-sample MAE of that window's lookback (scale-
+      free, so the normalised values serve). M4 and GIFT-Eval scale by the whole series' history before the
+      forecast instead, so these figures are not theirs: a lookback-scaled MASE, noisier for short lookbacks. A
+      window repeating exactly with `period` has no scale: left out and counted, NaN when no window has one. Needs
+      each window's lookback."""
 
     period: int = 1
     sums: Counter = field(default_factory=Counter)  # metric -> sum of its terms

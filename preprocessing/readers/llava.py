@@ -1,5 +1,6 @@
 """LLaVA-style instruction data: a JSON list or JSONL of
-    {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}]}
+    {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}],
+     "answers": [str, ...] (optional: a VQAv2-style test question's annotators' answers, scored by their rule)}
 Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
 import hashlib
@@ -81,11 +82,16 @@ def read_llava(uri: str, image_root: str | None = None,
             if placeholders != len(images):
                 raise ValueError(f"{placeholders} <image> placeholders for {len(images)} images")
             sources = [storage.media_path(root, p, allow_outside_root) for p in images]
+            answers = record.get("answers")
+            if answers is not None and not (isinstance(answers, list) and answers
+                                            and all(isinstance(a, str) for a in answers)):
+                raise ValueError("'answers' must be a non-empty list of strings (the annotators' answers)")
         except ValueError as e:
             rejects.append(Reject(where, str(e), sample_key(record["id"]) if isinstance(record, dict) and "id" in record else None))
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
-                                 {"id": str(record["id"]), "turns": turns, "source": where}))
+                                 {"id": str(record["id"]), "turns": turns, "source": where,
+                                  **({"answers": answers} if answers else {})}))
         contents.append([images, turns])
     return unique(distinct_keys(samples, contents), rejects), rejects
 

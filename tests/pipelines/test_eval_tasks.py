@@ -32,6 +32,20 @@ def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_p
     assert VQA().plots(tally(VQA(), one_answer), tmp_path / "none") == []
 
 
+def test_vqa_with_the_annotators_answers_scores_vqav2_accuracy_too(capsys):
+    """min(#annotators who gave the answer / 3, 1) over the leave-one-out subsets: 4 of 10 ("a cat!" is "cat" once
+    normalised) give 1.0, 1 of 10 gives 0.3;
+    exact match against the reference stays beside it. Some samples without answers: no vqa_accuracy, said so."""
+    answers = ["cat"] * 3 + ["dog"] * 6 + ["a cat!"]
+    rows = [{"prediction": "Cat", "reference": "dog", "answers": answers},
+            {"prediction": "bird", "reference": "dog", "answers": ["bird"] + ["dog"] * 9}]
+    metrics, baselines = VQA().score(rows)
+    assert metrics == {"accuracy": 0.0, "vqa_accuracy": pytest.approx((1.0 + 0.3) / 2)}
+    assert baselines == {"accuracy": 1.0, "vqa_accuracy": 1.0}
+    metrics, _ = VQA().score(rows + [{"prediction": "dog", "reference": "dog"}])
+    assert "vqa_accuracy" not in metrics and "2 of 3 samples carry annotators' answers" in capsys.readouterr().out
+
+
 def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):
     rows = [{"prediction": "one two", "reference": "one two three", "language": "en"},
             {"prediction": "四八", "reference": "四八八", "language": "zh"}]

@@ -27,6 +27,7 @@ def test_llava_json_and_jsonl(tmp_path):
         {"id": "two-images-one-tag", "image": ["a.png", "b.png"], "conversations": good["conversations"]},
         {"id": "wrong-role", "image": "a.png", "conversations": [{"from": "robot", "value": "<image>"}]},
         ["not", "an", "object"],
+        {"id": "answers-not-a-list", "image": "a.png", "answers": "cat", "conversations": good["conversations"]},
     ]
     (tmp_path / "data.json").write_text(json.dumps([good, *bad, good]))
     samples, rejects = read_llava(str(tmp_path / "data.json"), image_root="/imgs")
@@ -38,12 +39,14 @@ def test_llava_json_and_jsonl(tmp_path):
     assert "1 <image> placeholders for 2 images" in reasons[1]
     assert "'from': 'human'|'gpt'" in reasons[2]
     assert "an object with an 'id'" in reasons[3]
-    assert reasons[4] == "duplicate sample id" and len(rejects) == 5
+    assert "'answers' must be a non-empty list of strings" in reasons[4]
+    assert reasons[5] == "duplicate sample id" and len(rejects) == 6
     assert rejects[0].source.endswith("data.json[1]")
 
-    (tmp_path / "data.jsonl").write_text(json.dumps(good) + "\n{broken\n")
+    (tmp_path / "data.jsonl").write_text(json.dumps({**good, "answers": ["cat"] * 10}) + "\n{broken\n")
     samples, rejects = read_llava(str(tmp_path / "data.jsonl"))
     assert samples[0].sources == [str(tmp_path / "img/1.png")]  # relative to the manifest's folder
+    assert samples[0].meta["answers"] == ["cat"] * 10  # a VQAv2-style question's, kept for its scoring
     assert rejects[0].source.endswith("data.jsonl:2") and "invalid JSON" in rejects[0].reason
 
 
