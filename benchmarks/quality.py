@@ -293,7 +293,7 @@ def fmt(value) -> str:
     if isinstance(value, list):
         if len(value) < 2:  # one seed has no spread: "± 0.000" would claim that seeds agree
             return f"{value[0]:.3f} (one seed)" if value else "—"
-        return f"{np.mean(value):.3f} ± {np.std(value):.3f}"
+        return f"{np.mean(value):.3f} ± {np.std(value, ddof=1):.3f}"  # the seeds' sample std
     return f"{value:.3f}"
 
 
@@ -311,7 +311,8 @@ def plot(rows: list[dict], path: Path) -> None:
         bars = ((-0.27, "model", "tab:blue"), (0, "ceiling", "tab:green"), (0.27, "baseline", "tab:gray"))
         for offset, key, colour in bars:
             values = [np.mean(r[key]) if r.get(key) is not None and np.size(r[key]) else np.nan for r in group]
-            errors = [np.std(r[key]) if isinstance(r.get(key), list) else 0 for r in group]
+            errors = [np.std(r[key], ddof=1) if isinstance(r.get(key), list) and len(r[key]) > 1 else 0
+                      for r in group]
             ax.bar(x + offset, values, 0.27, yerr=errors, color=colour, label=key, capsize=2)
         ax.set_xticks(x, [f"{r['task']}\n{r['metric']}" for r in group], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)

@@ -6,7 +6,7 @@ from benchmarks.quality import fmt, grouped_accuracy
 
 
 def test_a_cell_shows_mean_and_std_over_seeds_and_no_spread_for_one_seed():
-    assert fmt([0.78, 0.77, 0.77]) == "0.773 ± 0.005"  # numpy.std, as every ± in benchmarks/RESULTS.md
+    assert fmt([0.78, 0.77, 0.77]) == "0.773 ± 0.006"  # the sample std (ddof 1); before 2026-12-06 ddof 0
     assert fmt([0.78]) == "0.780 (one seed)"  # not "0.780 ± 0.000": one seed measures no spread
     assert fmt([]) == fmt(None) == "—" and fmt(0.245) == "0.245"
 
