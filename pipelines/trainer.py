@@ -194,8 +194,10 @@ class MicroBatches:
         for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
-        self.packers = [RowPacker(self.streams[i], collator, pack_buffer, len(c), c.uri, seed, position["taken"][i],
-                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
+        # a buffer no larger than the worker's share: a larger one would hold some of its samples twice
+        self.packers = [RowPacker(self.streams[i], collator, min(pack_buffer, c.samples_of(rank, world)), len(c),
+                                  c.uri, seed, position["taken"][i], position["rows"][i])
+                        for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
         if self.packers is None:

@@ -239,3 +239,12 @@ class LengthsByCache(FakePackingCollator):
 
     def encode_all(self, samples):
         return [SimpleNamespace(ids=[0] * self.lengths[x["cache"]], sample=x) for x in samples], []
+
+
+def test_a_pack_buffer_larger_than_the_workers_share_holds_each_sample_once():
+    """A cache of 7 samples and buffers of 10: a buffer of the worker's 7 samples, where 10 held 3 of them twice."""
+    stream = packed_stream([FakeCache("b", 7)], length=lambda i: 3)
+    for _ in range(5):
+        next(stream)
+        packed = [e.sample["i"] for row in stream.packers[0].rows for e in row]
+        assert sorted(packed) == list(range(7))
