@@ -151,6 +151,21 @@ class RowPacker:
         return batch
 
 
+def check_epochs(saved: list[int] | None, now: list[int], caches: list, rank: int) -> None:
+    """A data position counts samples taken: it means the same place only over the same epochs. Refuses a position
+    saved over other epochs (a cache encoded again, or shared otherwise among the workers); one saved before the
+    epochs were recorded is taken as it is, with a warning."""
+    if saved is None:
+        print(f"worker {rank}: the data position predates its record of the epochs; resuming where its counts lead, "
+              "which is where the run stood only if the caches and their split among the workers are unchanged")
+        return
+    for cache, before, after in zip(caches, saved, now, strict=True):
+        if before != after:
+            raise ValueError(f"{cache.uri}: a data position saved when worker {rank}'s epoch held {before} of its "
+                             f"samples cannot resume one of {after} (the entry changed, or how the workers share "
+                             "it): start the phase afresh")
+
+
 def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: int = 8192) -> float:
     """The samples a packed row holds on average when RowPacker packs samples of these lengths (`tokens`, those
     over max_length skipped): measured by packing up to `sampled` of them, seeded, in buffers of `buffer`."""
@@ -180,12 +195,15 @@ class MicroBatches:
         self.caches, self.collator, self.micro, self.seed = caches, collator, micro, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
         self.weights = mix or [len(c) for c in caches]
+        # this worker's samples of each cache an epoch: what turns a count taken into a place in the data
+        self.epoch = [c.samples_of(rank, world) if w else 0 for c, w in zip(caches, self.weights, strict=True)]
         if position is None:
             position = {"draws": 0, "taken": [0] * len(caches)}
             if pack_buffer:
                 position["rows"] = [0] * len(caches)
         if len(position["taken"]) != len(caches):
             raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
+        check_epochs(position.get("epoch"), self.epoch, caches, rank)
         if ("rows" in position) != bool(pack_buffer):
             saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
             raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
@@ -195,14 +213,15 @@ class MicroBatches:
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
         # a buffer no larger than the worker's share: a larger one would hold some of its samples twice
-        self.packers = [RowPacker(self.streams[i], collator, min(pack_buffer, c.samples_of(rank, world)), len(c),
+        self.packers = [RowPacker(self.streams[i], collator, min(pack_buffer, self.epoch[i]) or 1, len(c),
                                   c.uri, seed, position["taken"][i], position["rows"][i])
                         for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
         if self.packers is None:
-            return {"draws": self.draws, "taken": list(self.taken)}
-        return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers]}
+            return {"draws": self.draws, "taken": list(self.taken), "epoch": self.epoch}
+        return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers],
+                "epoch": self.epoch}
 
     def draw(self) -> int:
         self.draws += 1
@@ -210,7 +229,7 @@ class MicroBatches:
 
     def stream(self, i: int):
         cache = self.caches[i]
-        epoch, start = divmod(self.taken[i], cache.samples_of(self.rank, self.world))
+        epoch, start = divmod(self.taken[i], self.epoch[i])
         for sample in cache.iter_samples(self.rank, self.world, seed=self.seed, epoch=epoch, start=start,
                                          epochs=None, prefetch=self.prefetch):
             self.taken[i] += 1  # counted before it is handed out: a position taken between draws is exact

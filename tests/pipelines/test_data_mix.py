@@ -248,3 +248,20 @@ def test_a_pack_buffer_larger_than_the_workers_share_holds_each_sample_once():
         next(stream)
         packed = [e.sample["i"] for row in stream.packers[0].rows for e in row]
         assert sorted(packed) == list(range(7))
+
+
+def test_a_position_saved_over_other_epochs_is_refused_and_one_without_them_is_taken_with_a_warning(capsys):
+    """A count of samples taken is a place in the data only over the same epochs: an entry encoded again (15
+    samples, then 16) would resume elsewhere, silently."""
+    first = MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4)
+    for _ in range(5):
+        next(first)
+    position = first.position()
+    assert position["epoch"] == [15]
+    with pytest.raises(ValueError, match="fake/a: a data position saved when worker 0's epoch held 15 of its samples "
+                                         "cannot resume one of 16"):
+        MicroBatches([FakeCache("a", 16)], fake_collator(), 2, 0, 1, seed=4, position=position)
+    del position["epoch"]  # saved before the epochs were recorded
+    resumed = MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
+    assert next(resumed)[1].sample_ids == next(first)[1].sample_ids
+    assert "the data position predates its record of the epochs" in capsys.readouterr().out
