@@ -62,6 +62,7 @@ lock:
 DRIFT_TRAIN = $(DRIFT)/bin/modrwkv train --config configs/demo/train.yaml \
 	--set "caches=[$$(ls -d $(DRIFT_RUN)/cache/image-dinov2-*)]" --set phase1.mix=null --set phase2.mix=null \
 	--set phase1.steps=3 --set phase2.steps=3 --set phase1.checkpoint_every=0 --set phase2.checkpoint_every=0 \
+	--set phase1.warmup_steps=0 --set phase2.warmup_steps=0 \
 	--set 'model.projectors={image: {kernel: 5, stride: 4, adapter_scale: 2}}' \
 	--set model.backbone.path=$(DRIFT_RUN)/backbone --set output_dir=$(DRIFT_RUN)/train \
 	--set tracking.tracking_uri=sqlite:///$(abspath $(DRIFT_RUN))/mlflow.db

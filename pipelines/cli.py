@@ -213,7 +213,7 @@ def add_quantize_option(parser: argparse.ArgumentParser, default: str | None = "
 
 def add_set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set phase1.steps=3 --set scaling.workers=1 "
+                        help="override a config value, e.g. --set phase1.lr=5e-4 --set scaling.workers=1 "
                              "(repeatable; the value is read as YAML; checked against the schema like the file)")
 
 

@@ -246,10 +246,6 @@ class FeatureStore:
         return from_stored(load_npy(data), self.precision)
 
 
-# Workers take whole shards unless the smallest share would hold under this fraction of the largest's samples
-SHARD_BALANCE = 0.95
-
-
 class Share(NamedTuple):
     """Samples `first`, `first + step`, ... of shard `shard`: `count` of them."""
     shard: int
@@ -331,36 +327,34 @@ class FeatureCache:
                             else [next(features) for _ in sample.item_files])
         return samples
 
-    def shard_counts(self, world: int) -> list[int]:
-        """Each rank's samples when every rank takes every `world`-th shard."""
-        return [sum(shard["count"] for shard in self.shards[rank::world]) for rank in range(world)]
-
-    def shared_by_sample(self, world: int) -> bool:
-        """Whether shards would leave the workers' shares uneven, the smallest under SHARD_BALANCE of the largest
-        (fewer shards than workers, a full shard against a small last one): a worker reads its share once an
-        epoch, so the samples of a smaller one come round more often. Then each worker reads every shard."""
-        counts = self.shard_counts(world)
-        return min(counts) < SHARD_BALANCE * max(counts)
+    def dealt_whole(self, world: int) -> int:
+        """How many leading shards go to the workers whole, in turns: rounds of `world` shards of the full size.
+        The rest (fewer full shards than workers, and a last short one) each worker shares by sample."""
+        full = max(shard["count"] for shard in self.shards)
+        leading = next((i for i, shard in enumerate(self.shards) if shard["count"] != full), len(self.shards))
+        return leading // world * world
 
     def shares(self, rank: int, world: int) -> list[Share]:
-        """Rank `rank`'s part of the entry: every `world`-th shard from `rank`; or, `shared_by_sample`, every
-        `world`-th sample of the entry from `rank`, a share of each shard (features read for those alone)."""
-        if not self.shared_by_sample(world):
-            return [Share(i, 0, 1, self.shards[i]["count"]) for i in range(rank, len(self.shards), world)]
-        shares, before = [], 0
-        for i, shard in enumerate(self.shards):
+        """Rank `rank`'s part of the entry: of the shards dealt whole, every `world`-th from `rank`; of the rest,
+        every `world`-th sample from `rank`, a share of each shard (features read for those alone). The workers'
+        parts are disjoint, cover the entry and differ by a sample at most, so every sample comes round as often."""
+        whole = self.dealt_whole(world)
+        shares = [Share(i, 0, 1, self.shards[i]["count"]) for i in range(rank, whole, world)]
+        before = 0
+        for i in range(whole, len(self.shards)):
+            count = self.shards[i]["count"]
             first = (rank - before) % world  # the shard's first sample at a position rank + k * world
-            if first < shard["count"]:
-                shares.append(Share(i, first, world, len(range(first, shard["count"], world))))
-            before += shard["count"]
+            if first < count:
+                shares.append(Share(i, first, world, len(range(first, count, world))))
+            before += count
         return shares
 
     def read_share(self, share: Share) -> list[Sample]:
         return self.with_features(self.read_samples(share.shard)[share.first::share.step])
 
     def samples_of(self, rank: int, world: int) -> int:
-        """Rank `rank`'s samples an epoch: its whole share. Ranks' epochs may differ by a few samples: their
-        streams are endless, kept in step by the draws they share, not by running out together."""
+        """Rank `rank`'s samples an epoch: its whole share. Ranks' epochs may differ by a sample: their streams are
+        endless, kept in step by the draws they share, not by running out together."""
         if len(self) < world:
             raise ValueError(f"{self.uri}: {len(self)} samples for {world} workers; every worker needs at least one "
                              "(leave this entry out of a run this wide)")

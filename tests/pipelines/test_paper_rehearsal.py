@@ -70,13 +70,13 @@ def tiny_pth_backbone(tmp_path: Path) -> Path:
     return backbone
 
 
-def shrunk(backbone: str, output_dir: str, tracking_uri: str, *caches: str) -> list[str]:
-    """The overrides that fit a paper recipe to 2 CPU workers, 3 steps a phase and a 96-token context."""
+def shrunk(backbone: str, output_dir: str, tracking_uri: str, *caches: str, steps: int = 3) -> list[str]:
+    """The overrides that fit a paper recipe to 2 CPU workers, `steps` a phase and a 96-token context."""
     overrides = [f"model.backbone.path={backbone}", f"output_dir={output_dir}", "max_length=96",
                  "scaling.workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
                  f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
     for phase in (1, 2):
-        overrides += [f"phase{phase}.steps=3", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
+        overrides += [f"phase{phase}.steps={steps}", f"phase{phase}.global_batch=4", f"phase{phase}.micro_batch=2",
                       f"phase{phase}.warmup_steps=1", f"phase{phase}.checkpoint_every=0",
                       f"phase{phase}.caches=[{','.join(caches)}]"]
     return overrides
@@ -145,7 +145,8 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{cache.split('/', 3)[3]}/manifest.json")["Body"].read())
     assert manifest["counts"] == {"read": 30, "written": 30, "rejected": 0}  # over-long samples are kept here
 
-    shrink = shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, cache)
+    # 8 steps of 2 samples a worker read each worker's whole share of the 30 (15): the over-long ones are met
+    shrink = shrunk(str(backbone), str(tmp_path / "runs"), mlflow_server.tracking_uri, cache, steps=8)
     for phase in (1, 2):
         job(ray_head, env, f"python -m pipelines.train --config {PAPER}/train_vision.yaml --phase {phase}", *shrink)
     model = tmp_path / "runs" / "modrwkv-vision-1.5b" / "phase2" / "model"

@@ -150,19 +150,22 @@ def test_an_entry_with_too_few_shards_to_go_round_is_shared_by_sample(tmp_path, 
         cache.samples_of(0, 13)
     write_entry(str(tmp_path / "uneven"), [8, 1])  # by shard, 8 samples against 1; by sample, 5 and 4
     uneven = FeatureCache(str(tmp_path / "uneven"))
-    assert uneven.shard_counts(2) == [8, 1] and uneven.shared_by_sample(2)
+    assert uneven.dealt_whole(2) == 0
     halves = [{s.key for s in uneven.iter_samples(r, 2, seed=2)} for r in (0, 1)]
     assert [len(h) for h in halves] == [5, 4] and not halves[0] & halves[1]
 
 
-@pytest.mark.parametrize("counts, by_sample", [([20, 20, 20, 19], False), ([4, 4, 4], True), ([20, 20, 20, 17], True)])
-def test_each_epoch_the_workers_read_every_sample_once(tmp_path, counts, by_sample):
-    """Shares within 5% of each other go by shard, others by sample; either way no worker's epoch stops short of its
-    share (where every worker was cut to the smallest share's count, a third of [4, 4, 4] was left out each epoch,
-    the same shards' samples more often than others')."""
+@pytest.mark.parametrize("counts, whole", [([4, 4, 4, 4], 4), ([4, 4, 4], 2), ([20, 20, 20, 17], 2),
+                                           ([6, 6, 6, 6, 6, 1], 4)])
+def test_each_epoch_the_workers_read_every_sample_once_and_as_many(tmp_path, counts, whole):
+    """Rounds of full shards dealt whole, the rest shared by sample: no worker's epoch stops short of its share
+    (where every worker was cut to the smallest share's count, a third of [4, 4, 4] was left out each epoch, the same
+    shards' samples more often than others'), and the workers' epochs differ by a sample at most."""
     write_entry(str(tmp_path / "e"), counts)
     cache = FeatureCache(str(tmp_path / "e"))
-    assert cache.shared_by_sample(2) == by_sample
+    assert cache.dealt_whole(2) == whole
+    assert [sum(s.step == 1 for s in cache.shares(r, 2)) for r in (0, 1)] == [whole // 2] * 2
+    assert abs(cache.samples_of(0, 2) - cache.samples_of(1, 2)) <= 1
     for epoch in (0, 1):
         keys = [s.key for r in (0, 1) for s in cache.iter_samples(r, 2, seed=3, epoch=epoch, window=4)]
         assert sorted(keys) == [f"s{i:03d}" for i in range(sum(counts))]
