@@ -110,8 +110,10 @@ def stats_shares(cache: FeatureCache, vectors: float, max_shards: int) -> list[S
     per_shard = np.bincount(index["shard"].to_numpy(), weights=item_sums(index, lambda n: n),
                             minlength=len(cache.shards))
     with_features = np.flatnonzero(per_shard)
-    chosen = with_features[np.unique(np.linspace(0, len(with_features) - 1, max_shards).round().astype(int))] \
-        if len(with_features) else with_features
+    # no more shards than the vectors wanted need (a collection's small share of the budget: one or two)
+    needed = math.ceil(vectors / per_shard[with_features].mean()) if len(with_features) else 0
+    spread = np.linspace(0, len(with_features) - 1, min(max_shards, max(needed, 1)))
+    chosen = with_features[np.unique(spread.round().astype(int))] if len(with_features) else with_features
     step = max(1, math.ceil(per_shard[chosen].sum() / max(vectors, 1)))
     return [Share(int(i), 0, step, len(range(0, cache.shards[i]["count"], step))) for i in chosen]
 
@@ -206,20 +208,20 @@ class PhasePlan:
         if self.init_from is not None:
             return {}
         normalized = {m: p.normalize for m, p in self.model.projectors.items() if p.normalize != "none"}
-        drawn = [cache for cache in self.opened if cache.uri not in self.left_out]  # as training will read them
+        drawn = [cache for cache, weight in zip(self.opened, self.weights) if weight]  # as training reads them
         return feature_stats(drawn, normalized, whiten_eps=self.whiten_eps)
 
 
 def per_packed_draw(weights: list[float], caches: list[FeatureCache], mm_config: ModRWKVConfig,
-                    config: TrainConfig) -> list[float]:
+                    config: TrainConfig, world: int) -> list[float]:
     """Weights of samples as weights of packed micro-batches: a cache of short samples fills a row with more of them,
     so it is drawn that much less often, and every cache's samples are read at the rate its weight gives."""
     drawn = []
     for weight, cache in zip(weights, caches, strict=True):
         if weight:
             compressed = mm_config.projectors[cache.modality].compressed_length
-            per_row = samples_per_row(cache.sample_tokens(compressed), config.max_length, config.pack_buffer,
-                                      config.seed)
+            buffer = min(config.pack_buffer, cache.samples_of(0, world))  # as MicroBatches caps it
+            per_row = samples_per_row(cache.sample_tokens(compressed), config.max_length, buffer, config.seed)
             print(f"{cache.uri}: {per_row:.2f} samples a packed row")
             weight /= per_row
         drawn.append(weight)
@@ -236,7 +238,7 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     if config.packing:
-        weights = per_packed_draw(weights, opened, mm_config, config)
+        weights = per_packed_draw(weights, opened, mm_config, config, world)
     init_from = phase1_source = None
     if phase == 2:
         init_from = storage.join(phase_dir(config, 1), "model")

@@ -179,7 +179,7 @@ def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: in
 
 class MicroBatches:
     """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
-    sample counts; when packing, a cache's weight is its samples' divided by `samples_per_row`, see `plan_phase`). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
+    sample counts; the training drivers give `plan_phase`'s, which packed divides by `samples_per_row`). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
     the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
     text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
 

@@ -385,9 +385,10 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
 
 
 def test_feature_stats_come_from_samples_spread_over_shards_and_over_the_modalitys_caches(tmp_path):
-    """40 shards whose vectors are their shard's number, a budget of about 64 vectors from 16 shards: every 2nd
-    sample of 16 shards spread from the first to the last, not the first shard's (mean 0); a second cache of 10s as
-    large shares the budget by samples, not left out once the first has filled it."""
+    """40 shards of 8 vectors whose values are their shard's number, a budget of about 64 vectors: the samples of 8
+    shards spread from the first to the last (no more shards read than the budget needs), not the first 8 shards'
+    (mean 3.5); a second cache of 10s as large shares the budget by samples, not left out once the first has
+    filled it."""
     from modrwkv.conversation import Sample, Turn
     from tests.cache_entries import write_entry
 
@@ -401,8 +402,10 @@ def test_feature_stats_come_from_samples_spread_over_shards_and_over_the_modalit
     write_entry(str(tmp_path / "tens"), shards(40, lambda i: 10, "t"))
     counting = FeatureCache(tmp_path / "counting")
     shares = stats_shares(counting, 64, 16)
-    assert [s.shard for s in shares] == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
-    assert {(s.first, s.step, s.count) for s in shares} == {(0, 2, 1)}  # 16 shards x 8 vectors: every 2nd sample
+    assert [s.shard for s in shares] == [0, 6, 11, 17, 22, 28, 33, 39]
+    assert {(s.first, s.step, s.count) for s in shares} == {(0, 1, 2)}
+    assert len(stats_shares(counting, 320, 16)) == 16  # at most max_shards
+    assert [tuple(s) for s in stats_shares(counting, 3, 16)] == [(0, 0, 3, 1)]  # one shard, every 3rd sample
     mean = feature_stats([counting], {"image": "standardize"}, max_vectors=64)["image"]["mean"]
     assert mean == pytest.approx([19.5, 19.5], abs=0.1)
     both = feature_stats([counting, FeatureCache(tmp_path / "tens")], {"image": "standardize"}, max_vectors=128)

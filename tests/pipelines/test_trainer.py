@@ -366,9 +366,10 @@ def test_a_collection_entry_smaller_than_the_workers_is_left_out_before_they_sta
             "lr": 3e-3, "steps": 6, "global_batch": 20, "micro_batch": 1, "mix": mix})
         plan = plan_phase(config, 1, world=20)
         assert plan.weights == ([48, 0] if mix is None else [2.0, 0.0]) and plan.left_out == [small]
-    config.packing = True  # rows of 64 tokens hold 2 digits samples or so: the entry drawn half as often
-    assert 0.5 < plan_phase(config, 1, world=20).weights[0] < 1.5 and plan.weights[1] == 0
-    assert f"{digits}: 2." in capsys.readouterr().out
+    config.packing = True  # a worker's buffer holds its 2 of the 48 samples, packed 1 and 1, or 2 in a row of 64
+    packed = plan_phase(config, 1, world=20)
+    assert packed.weights[0] == pytest.approx(2.0 / 1.5) and packed.weights[1] == 0
+    assert f"{digits}: 1.50 samples a packed row" in capsys.readouterr().out
     skips = skipped_in_caches(plan.opened, plan.model, 64, plan.left_out)
     assert skips == {"over_length_in_caches": 0, "too_short_in_caches": 0, "in_entries_left_out": 16}
     assert "1 collection entries hold fewer samples than the workers" in capsys.readouterr().out
