@@ -33,6 +33,7 @@ from .logged_models import encoder_dirs, log_trained_model, register
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
 from .train_setup import encoder_store_keys, plan_phase, skipped_in_caches
+from .trainer import check_position, worker_epochs
 
 # glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
 # and unmaps it when freed: the embedding's and head's gradients of a 65536-word vocabulary (33.5 MB each at width
@@ -65,10 +66,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)
     checkpoint = Checkpoint(*storage.for_ray(resume_from)) if resume_from else None
-    saved_at = checkpoint.get_metadata().get("step") if checkpoint else None  # None: saved before it was recorded
-    if saved_at is not None and saved_at >= hp.steps:  # the workers would run no step, and report no checkpoint
-        raise ValueError(f"{resume_from}: saved at step {saved_at}, the last of phase {phase}'s {hp.steps}: nothing "
-                         f"to resume (its model is in {plan.destination}); raise phase{phase}.steps to train on")
+    if checkpoint:
+        check_resumable(checkpoint.get_metadata(), resume_from, plan, phase, config.scaling.workers)
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(map(entry_name, caches))}
     if phase == 2:
@@ -132,6 +131,25 @@ def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str,
                 shutil.copytree(Path(d) / name, out / name)
     write_records(out / "model", {"run_id": run_id, "phase": phase, **backbone}, encoders)
     return out / "model"
+
+
+def check_resumable(saved: dict, resume_from: str, plan, phase: int, world: int) -> None:
+    """What the workers would refuse after loading the checkpoint, refused before any run starts (a checkpoint
+    written before its metadata held these is left to the workers): a phase already at its last step, which would
+    run nothing, and data positions saved over other entries or epochs (`trainer.check_position`)."""
+    steps = plan.hp.steps
+    if saved.get("step", 0) >= steps:  # the workers would run no step, and report no checkpoint
+        raise ValueError(f"{resume_from}: saved at step {saved['step']}, the last of phase {phase}'s {steps}: "
+                         f"nothing to resume (its model is in {plan.destination}); raise phase{phase}.steps to "
+                         "train on")
+    positions = saved.get("positions")
+    if positions is None:
+        return
+    if len(positions) != world:
+        raise ValueError(f"{resume_from}: saved by {len(positions)} workers, resumed by {world}")
+    entries = [entry_name(c.uri) for c in plan.opened]
+    for rank, position in enumerate(positions):
+        check_position(position, worker_epochs(plan.opened, plan.weights, rank, world), entries, rank)
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: int) -> None:

@@ -151,19 +151,29 @@ class RowPacker:
         return batch
 
 
-def check_epochs(saved: list[int] | None, now: list[int], caches: list, rank: int) -> None:
-    """A data position counts samples taken: it means the same place only over the same epochs. Refuses a position
-    saved over other epochs (a cache encoded again, or shared otherwise among the workers); one saved before the
-    epochs were recorded is taken as it is, with a warning."""
-    if saved is None:
-        print(f"worker {rank}: the data position predates its record of the epochs; resuming where its counts lead, "
-              "which is where the run stood only if the caches and their split among the workers are unchanged")
+def worker_epochs(caches: list, weights: list[float], rank: int, world: int) -> list[int]:
+    """Worker `rank`'s samples of each cache an epoch (0 for a cache never drawn): what turns a count taken into a
+    place in the data."""
+    return [c.samples_of(rank, world) if w else 0 for c, w in zip(caches, weights, strict=True)]
+
+
+def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int) -> None:
+    """A data position counts samples taken: it means the same place only over the same entries and epochs.
+    Refuses a position saved over another entry (one encoded again) or another epoch of one drawn then and now
+    (the entry shared otherwise among the workers); one saved before these were recorded is taken as it is, with a
+    warning."""
+    if "epoch" not in saved:
+        print(f"worker {rank}: the data position predates its record of the entries and epochs; resuming where its "
+              "counts lead, which is where the run stood only if the caches and their split are unchanged")
         return
-    for cache, before, after in zip(caches, saved, now, strict=True):
-        if before != after:
-            raise ValueError(f"{cache.uri}: a data position saved when worker {rank}'s epoch held {before} of its "
-                             f"samples cannot resume one of {after} (the entry changed, or how the workers share "
-                             "it): start the phase afresh")
+    for i, name in enumerate(entries):
+        if saved["entries"][i] != name:
+            raise ValueError(f"a data position saved over the entry {saved['entries'][i]} cannot resume a run that "
+                             f"reads {name} in its place: start the phase afresh")
+        if saved["epoch"][i] and epoch[i] and saved["epoch"][i] != epoch[i]:
+            raise ValueError(f"{name}: a data position saved when worker {rank}'s epoch held {saved['epoch'][i]} of "
+                             f"its samples cannot resume one of {epoch[i]} (it is shared otherwise among the "
+                             "workers): start the phase afresh")
 
 
 def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: int = 8192) -> float:
@@ -179,8 +189,9 @@ def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: in
 
 class MicroBatches:
     """Endless (cache modality, micro-batch) pairs, each batch from one cache drawn with weights `mix` (default:
-    sample counts; the training drivers give `plan_phase`'s, which packed divides by `samples_per_row`). Every rank draws the same cache for the same micro-step (one shared seed), so all ranks run
-    the same modality's projector together. The modality is the cache's: a batch of an image cache may hold
+    sample counts; the training drivers give `plan_phase`'s, which packed divides by `samples_per_row`). Every rank
+    draws the same cache for the same micro-step (one shared seed), so all ranks run the same modality's projector
+    together. The modality is the cache's: a batch of an image cache may hold
     text-only samples (LLaVA's data does), and its per-modality loss still counts as the cache's.
 
     A micro-batch is `micro` samples, right-padded; or with `pack_buffer` > 0, `micro` rows of up to max_length
@@ -195,15 +206,15 @@ class MicroBatches:
         self.caches, self.collator, self.micro, self.seed = caches, collator, micro, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
         self.weights = mix or [len(c) for c in caches]
-        # this worker's samples of each cache an epoch: what turns a count taken into a place in the data
-        self.epoch = [c.samples_of(rank, world) if w else 0 for c, w in zip(caches, self.weights, strict=True)]
+        self.epoch = worker_epochs(caches, self.weights, rank, world)
+        self.entries = [entry_name(c.uri) for c in caches]
         if position is None:
             position = {"draws": 0, "taken": [0] * len(caches)}
             if pack_buffer:
                 position["rows"] = [0] * len(caches)
         if len(position["taken"]) != len(caches):
             raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
-        check_epochs(position.get("epoch"), self.epoch, caches, rank)
+        check_position(position, self.epoch, self.entries, rank)
         if ("rows" in position) != bool(pack_buffer):
             saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
             raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
@@ -219,9 +230,9 @@ class MicroBatches:
 
     def position(self) -> dict:
         if self.packers is None:
-            return {"draws": self.draws, "taken": list(self.taken), "epoch": self.epoch}
+            return {"draws": self.draws, "taken": list(self.taken), "epoch": self.epoch, "entries": self.entries}
         return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers],
-                "epoch": self.epoch}
+                "epoch": self.epoch, "entries": self.entries}
 
     def draw(self) -> int:
         self.draws += 1

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.train import TrainConfig
-from pipelines.trainer import MicroBatches, samples_per_row
+from pipelines.trainer import MicroBatches, check_position, samples_per_row
 
 
 class FakeCache:
@@ -257,11 +257,16 @@ def test_a_position_saved_over_other_epochs_is_refused_and_one_without_them_is_t
     for _ in range(5):
         next(first)
     position = first.position()
-    assert position["epoch"] == [15]
-    with pytest.raises(ValueError, match="fake/a: a data position saved when worker 0's epoch held 15 of its samples "
+    assert position["epoch"] == [15] and position["entries"] == ["a"]
+    with pytest.raises(ValueError, match="a: a data position saved when worker 0's epoch held 15 of its samples "
                                          "cannot resume one of 16"):
         MicroBatches([FakeCache("a", 16)], fake_collator(), 2, 0, 1, seed=4, position=position)
+    with pytest.raises(ValueError, match="saved over the entry a cannot resume a run that reads b in its place"):
+        MicroBatches([FakeCache("b", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
+    unweighted = MicroBatches([FakeCache("a", 16)], fake_collator(), 2, 0, 1, seed=4, mix=[0])
+    assert unweighted.epoch == [0]  # never drawn: any epoch it had before is no place to resume from
+    check_position(unweighted.position(), [15], ["a"], 0)  # nor one it has now, once drawn
     del position["epoch"]  # saved before the epochs were recorded
     resumed = MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
     assert next(resumed)[1].sample_ids == next(first)[1].sample_ids
-    assert "the data position predates its record of the epochs" in capsys.readouterr().out
+    assert "the data position predates its record of the entries and epochs" in capsys.readouterr().out

@@ -272,7 +272,7 @@ def test_the_ray_deepspeed_run_computes_the_single_process_losses(setup, ray_loc
 
 @pytest.mark.slow
 def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ray_local, s3_server, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, short_item_cache):
     """Under an s3:// output_dir Ray Train keeps its checkpoints in S3; `--resume-from` one of them by URI
     continues there: the resumed run's steps 4-6 have the first run's losses (weights, optimizer and data position
     restored), and the model folder is published to S3."""
@@ -300,6 +300,10 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     with pytest.raises(ValueError, match=r"saved at step 6, the last of phase 1's 6: nothing to resume .* "
                                          r"raise phase1.steps to train on"):
         run_train(config, phase=1, resume_from=f"{ray_storage}/{checkpoints[1]}")
+    other = config_for(root, short_item_cache[0], "resume", output_dir=base, tracking=tracking)
+    with pytest.raises(ValueError, match=f"saved over the entry {Path(cache).name} cannot resume a run that reads "
+                                         f"{Path(short_item_cache[0]).name} in its place"):
+        run_train(other, phase=1, resume_from=f"{ray_storage}/{checkpoints[0]}")
     assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == runs  # refused before one
 
 
