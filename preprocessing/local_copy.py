@@ -186,12 +186,17 @@ def working_dir(destination: str) -> Path:
 
 
 def publish(folder: Path, destination: str, names: tuple[str, ...]) -> None:
-    """The named files or folders of a `working_dir` uploaded to its URI `destination`; nothing to do for a local
-    destination, which is the folder itself."""
+    """The named files or folders of a `working_dir` uploaded to its URI `destination`, a folder there left as this
+    one is; nothing to do for a local destination, which is the folder itself."""
     if storage.is_remote(destination):
         for name in names:
-            if (folder / name).exists():
-                storage.copy_tree(str(folder / name), storage.join(destination, name))
+            local, remote = folder / name, storage.join(destination, name)
+            if local.is_dir():  # the folder replaced, not merged: an earlier save's file would be read with these
+                kept = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+                for stale in set(storage.list_tree(remote)) - kept:
+                    storage.delete(storage.join(remote, stale))
+            if local.exists():
+                storage.copy_tree(str(local), remote)
         (folder / UPLOADED).write_text(destination)
 
 

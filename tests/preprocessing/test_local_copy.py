@@ -191,3 +191,17 @@ def test_a_copy_a_living_process_was_handed_is_kept_until_it_exits(s3, capsys):
         worker.communicate("")
     assert worker.returncode == 0 and [f.in_use for f in local_copy_module.node_folders()] == [False]
     assert [f.source for f in local_copy_module.prune(7 * 86400, apply=True)] == [uri] and not copy.exists()
+
+
+def test_a_published_folder_is_left_as_the_staged_one_is(s3):
+    """Phase I (adapter only) published where phase II's full model lay: the old weights file goes, rather than
+    lying beside the adapter (a folder holding both is refused when read)."""
+    prefix = "local-copy/republished/model"
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/model.safetensors", Body=b"phase II")
+    staged = local_copy_module.working_dir(f"s3://{BUCKET}/local-copy/republished")
+    (staged / "model").mkdir()
+    (staged / "model" / "adapter.safetensors").write_bytes(b"phase I")
+    local_copy_module.publish(staged, f"s3://{BUCKET}/local-copy/republished", ("model",))
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+              if not o["Key"].endswith("/")]  # the folder's marker aside
+    assert listed == [f"{prefix}/adapter.safetensors"]
