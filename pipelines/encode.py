@@ -544,6 +544,11 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
     ray = join_ray(run, local_cpus=run.folder_jobs * (run.actors + 1))  # a folder's job may start its encoders
     print(f"{len(to_encode)} of {len(configs)} folders to read, {run.folder_jobs} at a time as Ray tasks", flush=True)
     memory = {"memory": int(run.folder_memory_gb * 2**30)} if run.folder_memory_gb else {}
+    local = not (run.ray_address or os.environ.get("RAY_ADDRESS"))  # no autoscaler to add a larger node
+    if memory and local and memory["memory"] > ray.cluster_resources().get("memory", 0):
+        raise ValueError(f"run.folder_memory_gb {run.folder_memory_gb:g}: the local Ray instance has "
+                         f"{ray.cluster_resources().get('memory', 0) / 2**30:.1f} GiB for tasks; no folder task "
+                         "could start")
     encode = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **memory)(encode_folder)
     s3, waiting, running = storage.settings(), iter(to_encode), {}
     for index in itertools.islice(waiting, run.folder_jobs):

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from modrwkv.model_folder import CONFIG_FILE
+from modrwkv.multimodal import ModRWKVConfig
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
 from preprocessing.local_copy import publish, working_dir
@@ -218,7 +219,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
     # the model folder here (prediction actors resolve the checkpoint the same way on their nodes)
     model_dir = local_model(config.checkpoint, configured_uri=config.tracking_uri).model_dir
-    check_model_fits(config, json.loads((model_dir / CONFIG_FILE).read_text()), FeatureCache(cache_uri))
+    check_model_fits(config, ModRWKVConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text())),
+                     FeatureCache(cache_uri))
     if config.checkpoint.startswith("models:/"):  # the actors download it from the server this driver found
         from .tracking import tracking_uri
 
@@ -245,19 +247,23 @@ def run_eval(config: EvalConfig) -> EvalResult:
     return result
 
 
-def check_model_fits(config: EvalConfig, model: dict, cache: FeatureCache) -> None:
-    """Refuses, before any prediction, a model that cannot take the task (no projector for its modality, no
-    forecast head or another horizon than the windows') and a seasonal-naive period the lookback cannot hold."""
+def check_model_fits(config: EvalConfig, model: ModRWKVConfig, cache: FeatureCache) -> None:
+    """Refuses, before any prediction, a model that cannot take the task (no projector for its modality; no
+    forecast head, another horizon than the windows' or a skip reading a longer lookback) and a seasonal-naive
+    period the lookback cannot hold."""
     modality = cache.modality
-    if modality not in model["projectors"]:
+    if modality not in model.projectors:
         raise ValueError(f"{config.checkpoint}: the model has no {modality} projector (it has "
-                         f"{', '.join(model['projectors']) or 'none'}); it cannot be evaluated on {cache.uri}")
+                         f"{', '.join(model.projectors) or 'none'}); it cannot be evaluated on {cache.uri}")
     if config.task != "forecast":
         return
     window = cache.manifest["dataset"]
-    if model["forecast_horizon"] != window["horizon"]:
-        raise ValueError(f"{config.checkpoint}: the model forecasts {model['forecast_horizon'] or 'no'} steps, "
+    if model.forecast_horizon != window["horizon"]:
+        raise ValueError(f"{config.checkpoint}: the model forecasts {model.forecast_horizon or 'no'} steps, "
                          f"{cache.uri}'s windows hold a horizon of {window['horizon']}")
+    if model.forecast_lookback > window["lookback"]:
+        raise ValueError(f"{config.checkpoint}: the model's forecast skip reads a lookback of "
+                         f"{model.forecast_lookback} steps, {cache.uri}'s windows hold {window['lookback']}")
     if not 1 <= config.season < window["lookback"]:
         raise ValueError(f"season {config.season}: the seasonal-naive period must be 1 or more and shorter than "
                          f"the lookback ({window['lookback']} steps in {cache.uri})")
@@ -273,14 +279,15 @@ class Scored:
 
 
 def coverage(config: EvalConfig, cache_uri: str, scored: Scored) -> dict[str, int]:
-    """What the scores cover: the rows scored, the test samples the encode rejected (a published test set's
-    figures are over all of its samples), and the answers cut short; printed when some were left out or cut."""
+    """What the scores cover: the rows predicted (those a task does not score, as ASR's in other languages, are
+    counted apart), the test samples the encode rejected (a published test set's figures are over all of its
+    samples), and the answers cut short; printed when some were left out or cut."""
     counts = FeatureCache(cache_uri).manifest["counts"]
-    covered = {"rows_scored": scored.table.seen, "rejected_at_encode": counts["rejected"],
+    covered = {"rows_predicted": scored.table.seen, "rejected_at_encode": counts["rejected"],
                "rows_truncated": scored.truncated}
     if counts["rejected"]:
         print(f"eval {config.task}: the encode rejected {counts['rejected']} of the {counts['read']} test samples it "
-              f"read (see {storage.join(cache_uri, 'rejects.jsonl')}): the scores are over {scored.table.seen}")
+              f"read (see {storage.join(cache_uri, 'rejects.jsonl')}): {scored.table.seen} were predicted")
     if scored.truncated:
         print(f"eval {config.task}: {scored.truncated} answers reached max_new_tokens {config.max_new_tokens} "
               "before ending their turn (scored as cut: raise max_new_tokens if they were)")

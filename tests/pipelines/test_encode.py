@@ -407,6 +407,10 @@ class InProcessRay:
     def cancel(self, ref):
         self.cancelled.append(ref)
 
+    @staticmethod
+    def cluster_resources():
+        return {"memory": 2 * 2**30}
+
 
 def test_folder_tasks_a_lost_one_fails_its_folder_alone_and_an_error_of_the_code_stops_them(tmp_path, monkeypatch):
     """`run.folder_jobs` > 1 (Ray stood in for by `InProcessRay`): a task lost with its worker is its folder's
@@ -429,6 +433,9 @@ def test_folder_tasks_a_lost_one_fails_its_folder_alone_and_an_error_of_the_code
     assert len(ray.tasks) == 3 and ray.options == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
     ray = InProcessRay()
     monkeypatch.setattr(pipelines.encode, "join_ray", lambda run, local_cpus: ray)
+    config.run.folder_memory_gb = 3
+    with pytest.raises(ValueError, match="run.folder_memory_gb 3: the local Ray instance has 2.0 GiB for tasks"):
+        run_encodes(config)
     config.run.folder_memory_gb = 1.5
     entries = run_encodes(config)  # solar and wind found by the driver, retail encoded by a task
     assert ray.options == {"num_cpus": 1, "scheduling_strategy": "SPREAD", "memory": 3 * 2**29}

@@ -4,8 +4,8 @@ tested in test_eval_tasks.py."""
 
 import json
 import sys
-from dataclasses import replace
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,7 +61,7 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     assert [p["key"] for p in predictions] == [f"digit-{i:04d}" for i in range(1791, 1797)]
     expected = np.mean([p["prediction"].strip(".").lower() == p["reference"] for p in predictions])
     assert vqa.metrics["accuracy"] == pytest.approx(expected)
-    assert vqa.coverage == {"rows_scored": 6, "rejected_at_encode": 0,
+    assert vqa.coverage == {"rows_predicted": 6, "rejected_at_encode": 0,
                             "rows_truncated": sum(not p["stopped"] for p in predictions)}
     assert (root / "here" / "confusion_matrix.png").is_file()
     forecast = run_eval(eval_config(root, series_cache, "forecast", out="here", season=4, actors=0, track=False))
@@ -93,10 +93,10 @@ def test_the_test_samples_the_encode_rejected_are_counted_beside_the_scores(trai
     counts = FeatureCache(cache).manifest["counts"]
     assert counts["rejected"] > 0
     forecast = run_eval(eval_config(root, cache, "forecast", out="flat", season=4, actors=0, track=False))
-    assert forecast.coverage == {"rows_scored": counts["written"], "rejected_at_encode": counts["rejected"],
+    assert forecast.coverage == {"rows_predicted": counts["written"], "rejected_at_encode": counts["rejected"],
                                  "rows_truncated": 0}
     assert (f"the encode rejected {counts['rejected']} of the {counts['read']} test samples it read "
-            f"(see {cache}/rejects.jsonl): the scores are over {counts['written']}") in capsys.readouterr().out
+            f"(see {cache}/rejects.jsonl): {counts['written']} were predicted") in capsys.readouterr().out
 
 
 def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_prediction(trained, tmp_path):
@@ -117,6 +117,10 @@ def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_predi
     ModRWKV(three, random_backbone(three.backbone)).save_pretrained(tmp_path / "three")
     with pytest.raises(ValueError, match="the model forecasts 3 steps, .*'s windows hold a horizon of 4"):
         run_eval(replace(config, checkpoint=str(tmp_path / "three")))
+    longer = replace(three, forecast_horizon=4, forecast_lookback=32)
+    ModRWKV(longer, random_backbone(longer.backbone)).save_pretrained(tmp_path / "longer")
+    with pytest.raises(ValueError, match="forecast skip reads a lookback of 32 steps, .*'s windows hold 16"):
+        run_eval(replace(config, checkpoint=str(tmp_path / "longer")))
 
 
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):

@@ -274,7 +274,7 @@ def test_paper_series_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
     assert len(predicted) == 73 * 3 and not any("skipped" in json.loads(row) for row in predicted)
     scores = runs["eval"].data.metrics
     assert np.isfinite(scores["mse_standardized"]) and scores["baseline_mse"] > 0  # seasonal naive beside it
-    assert scores["rows_scored"] == 73 * 3 and scores["rejected_at_encode"] == 0  # what they cover
+    assert scores["rows_predicted"] == 73 * 3 and scores["rejected_at_encode"] == 0  # what they cover
     config = json.loads((model / "modrwkv_config.json").read_text())
     assert config["series_encoder"] == {"in_channels": 1, "hidden": 8, "layers": 3, "kernel": 2}
     assert config["forecast_horizon"] == 8 and config["projectors"]["series"]["adapter_scale"] == 4
