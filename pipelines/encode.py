@@ -42,6 +42,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
                                       pack_shard)
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
+from preprocessing.cache.lease import lease
 from preprocessing.cache.precision import to_stored
 from preprocessing.cache.resolved import Resolution, source_digest
 from preprocessing.items import RAW_SERIES
@@ -421,6 +422,21 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
                             report_over_length(uri, config), fingerprints.files_read)
     if config.run.force:
         entry.clear()
+    with lease(uri, store.name):  # `gc` keeps the store's items and this entry's files while it runs
+        manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read)
+    if resolution:
+        resolution.write(uri)
+    c = manifest["counts"]
+    print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
+          + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
+    return EncodeResult(uri, manifest, False, items, time.perf_counter() - start, report_over_length(uri, config),
+                        fingerprints.files_read, encoded_in)
+
+
+def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, spec: dict, prepared: list,
+                rejects: list[Reject], n_read: int) -> tuple[dict, dict, str | None]:
+    """The items not yet in the store encoded, then the entry's shards and its manifest; (manifest, item counts,
+    where the items were encoded)."""
     needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
     if config.encoder.kind != RAW_SERIES:  # a raw window is its own item, stored with it (`Sample.items_inline`)
         needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared
@@ -444,13 +460,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,
                             extra={"config": to_dict(config), "code_version": code_version(),
                                    "feature_store": store.name, "items": items})
-    if resolution:
-        resolution.write(uri)
-    c = manifest["counts"]
-    print(f"encoded {uri}: read {c['read']} = written {c['written']} + rejected {c['rejected']}"
-          + (f" (see {storage.join(uri, 'rejects.jsonl')})" if c["rejected"] else ""))
-    return EncodeResult(uri, manifest, False, items, time.perf_counter() - start, report_over_length(uri, config),
-                        fingerprints.files_read, encoded_in)
+    return manifest, items, encoded_in
 
 
 def run_encodes(config: EncodeConfig) -> list[EncodeResult]:

@@ -16,11 +16,14 @@ from .. import storage
 from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache, entry_name
 from .index import INDEX
 from .key import FINGERPRINTS_FOLDER
+from .lease import LEASE, leased_store
 from .resolved import RESOLVED_FOLDER, read_record
 
 # the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
-ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)})"
-                        r"(\.tmp-[0-9a-f]+)?")
+ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)}|"
+                        rf"{re.escape(LEASE)})(\.tmp-[0-9a-f]+)?")
+# an entry's folder name (`key.entry_uri`): a folder of other files named like an entry's is no entry
+ENTRY_NAME = re.compile(r"(image|audio|series)-[a-z0-9_]+-[0-9a-f]{16}")
 
 
 @dataclass
@@ -57,7 +60,7 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
     by_top: dict[str, dict[str, tuple[int, int]]] = {}
     for path, stat in tree.items():
         top, _, rest = path.partition("/")
-        if ENTRY_FILE.fullmatch(rest):
+        if ENTRY_NAME.fullmatch(top) and ENTRY_FILE.fullmatch(rest):
             by_top.setdefault(top, {})[rest] = stat
     stores = {}
     for path, stat in tree.items():
@@ -86,16 +89,21 @@ def referenced_items(cache: FeatureCache) -> set[str]:
 
 def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     """The URIs `gc` removes: unreferenced store items, entries of an older format or never finished, series records
-    of entries gone, and half-written files, when older than `grace_s` seconds."""
+    of entries gone, and half-written files, when older than `grace_s` seconds. An entry an encode holds a fresh
+    lease on (`lease.py`) is kept whole, and so is every item of the store it takes items from (a store unknown, as
+    when the lease is being rewritten: every store's)."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
+    leased = [e for e in entries if LEASE in e.files and e.files[LEASE][1] >= old]  # encodes running now
+    held = {leased_store(storage.join(root, e.name)) for e in leased}
     found = []
     for entry in entries:
-        if not entry.current and all(mtime < old for _, mtime in entry.files.values()):
+        if not entry.current and entry not in leased and all(mtime < old for _, mtime in entry.files.values()):
             found += [storage.join(root, entry.name, f) for f in sorted(entry.files)]
     for store in stores:
         for name, (_, mtime) in sorted(store.files.items()):
-            unused = (name.endswith(".npy") and name not in store.referenced) or ".tmp-" in name
+            unused = (name.endswith(".npy") and name not in store.referenced and store.name not in held
+                      and None not in held) or ".tmp-" in name
             if unused and mtime < old:
                 found.append(storage.join(root, STORE_FOLDER, store.name, name))
     return found + stale_records(root, {e.name for e in entries if e.current}, old)

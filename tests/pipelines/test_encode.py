@@ -752,3 +752,20 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert [s.key for s in samples] == [f"digit-{i:04d}" for i in range(6)]
     assert samples[0].meta["source"].startswith(f"s3://{BUCKET}/raw/digits/train.json")
     assert run_encode(config(**spec)).reused
+
+
+def test_an_encode_holds_a_lease_on_its_entry_while_it_writes_and_lets_it_go(tmp_path, monkeypatch):
+    """What tells `gc` that the store items the job reuses and its entry's first shards are in use."""
+    import pipelines.encode
+    from preprocessing.cache.lease import LEASE, leased_store
+
+    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
+    config = from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4, "stride": 4,
+                    "fractions": [1.0, 0.0, 0.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+    held, write = [], pipelines.encode.write_entry
+    monkeypatch.setattr(pipelines.encode, "write_entry", lambda config, entry, store, *rest: held.append(
+        leased_store(entry.uri) == store.name) or write(config, entry, store, *rest))
+    uri = run_encode(config).uri
+    assert held == [True] and not Path(uri, LEASE).exists()

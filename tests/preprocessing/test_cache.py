@@ -1,6 +1,7 @@
 """The cache format: deterministic shards, receipts, the manifest written last, and the training-side reader."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def test_cache_ids_change_with_any_input():
     assert cache_id(spec) != cache_id(changed)
 
 
+ENTRY = "image-test-00000000000000e1"  # named as encode jobs name entries: `gc` and `cache ls` know no other
+NAMES = {"kept": "image-test-000000000000ce01", "old": "image-test-000000000000ce02",
+         "unfinished": "image-test-000000000000ce03", "gone": "image-test-000000000000ce04"}
+
+
 def write_entry(uri, counts):
     starts = [sum(counts[:i]) for i in range(len(counts))]
     return write_samples(uri, [samples(n, start) for n, start in zip(counts, starts)])
@@ -89,16 +95,16 @@ def test_an_entry_of_format_2_opens_counts_and_keeps_its_items(tmp_path):
     from preprocessing.cache.inventory import describe, garbage, inventory
 
     root = tmp_path / "cache"
-    write_entry(str(root / "e"), [3, 2])
-    new = FeatureCache(str(root / "e"))
+    write_entry(str(root / ENTRY), [3, 2])
+    new = FeatureCache(str(root / ENTRY))
     index, over = new.index().to_pydict(), new.over_length(1, lambda n: n - 1)
     manifest = {**new.manifest, "format_version": 2, "shards": [
         {**shard, "keys": [k for k, i in zip(index["key"], index["shard"]) if i == n],
          "lengths": [[t, items] for t, items, i in zip(index["text_tokens"], index["item_tokens"], index["shard"])
                      if i == n]} for n, shard in enumerate(new.manifest["shards"])]}
-    (root / "e" / "manifest.json").write_text(json.dumps(manifest))
-    (root / "e" / "index.parquet").unlink()
-    old = FeatureCache(str(root / "e"))
+    (root / ENTRY / "manifest.json").write_text(json.dumps(manifest))
+    (root / ENTRY / "index.parquet").unlink()
+    old = FeatureCache(str(root / ENTRY))
     assert old.index(["key"])["key"].to_pylist() == index["key"]
     assert old.over_length(1, lambda n: n - 1) == over and len(over) == 3
     _, (store,) = inventory(str(root))
@@ -262,16 +268,16 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     from preprocessing.cache.inventory import describe, garbage
 
     root = tmp_path / "cache"
-    write_entry(str(root / "kept"), [2, 1])
-    write_entry(str(root / "old"), [1])  # will look like an entry of the first format
-    (root / "old" / "manifest.json").write_text('{"format_version": 1}')
-    write_entry(str(root / "unfinished"), [1])
-    (root / "unfinished" / "manifest.json").unlink()
+    write_entry(str(root / NAMES["kept"]), [2, 1])
+    write_entry(str(root / NAMES["old"]), [1])  # will look like an entry of the first format
+    (root / NAMES["old"] / "manifest.json").write_text('{"format_version": 1}')
+    write_entry(str(root / NAMES["unfinished"]), [1])
+    (root / NAMES["unfinished"] / "manifest.json").unlink()
     orphan = FeatureStore(str(root), STORE).write("f" * 64, np.ones((2, 4), np.float16))
     (root / "features" / STORE / "ab").mkdir(exist_ok=True)
     (root / "features" / STORE / "ab" / "x.npy.tmp-12345678").write_bytes(b"half")
-    (root / "unfinished" / "shard-00001.json.tmp-0123abcd").write_bytes(b"half")
-    others = [root / "llava" / "train.json", root / "llava" / "images" / "1.jpg", root / "unfinished" / "notes.txt"]
+    (root / NAMES["unfinished"] / "shard-00001.json.tmp-0123abcd").write_bytes(b"half")
+    others = [root / "llava" / "train.json", root / "llava" / "images" / "1.jpg", root / NAMES["unfinished"] / "notes.txt"]
     for path in others:  # a dataset kept beside its caches, a user's file in an entry: no cache's files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not the cache's")
@@ -279,28 +285,56 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     (root / "resolved").mkdir()
     records = {entry: f"{i:032x}.json" for i, entry in enumerate(("kept", "old", "gone"))}
     for entry, name in records.items():
-        (root / "resolved" / name).write_text(json.dumps({"entry": str(root / entry), "files": {}}))
+        (root / "resolved" / name).write_text(json.dumps({"entry": str(root / NAMES[entry]), "files": {}}))
     (root / "resolved" / f"{3:032x}.json").write_text("[")
     (root / "resolved" / f"{4:032x}.json.tmp-0123abcd").write_text("{")
     (root / "resolved" / "notes.json").write_text("{")
     assert garbage(str(root), grace_s=3600) == []  # everything is younger than an hour: a job may be writing it
     found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=0)}
-    old = {p.relative_to(root).as_posix() for p in (root / "old").iterdir()}
-    unfinished = {p.relative_to(root).as_posix() for p in (root / "unfinished").iterdir() if p.name != "notes.txt"}
+    old = {p.relative_to(root).as_posix() for p in (root / NAMES["old"]).iterdir()}
+    unfinished = {p.relative_to(root).as_posix() for p in (root / NAMES["unfinished"]).iterdir() if p.name != "notes.txt"}
     assert old <= found and unfinished <= found and f"features/{STORE}/{orphan}" in found
     assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
     assert {f.removeprefix("resolved/") for f in found if f.startswith("resolved/")} == {
         records["old"], records["gone"], f"{3:032x}.json", f"{4:032x}.json.tmp-0123abcd"}
-    assert not any(f.startswith("kept/") for f in found)
+    assert not any(f.startswith(NAMES["kept"] + "/") for f in found)
     assert not {p.relative_to(root).as_posix() for p in others} & found
     assert "llava" not in describe(str(root), sizes=False)
-    kept = FeatureCache(str(root / "kept")).iter_samples(shuffle=False)
+    kept = FeatureCache(str(root / NAMES["kept"])).iter_samples(shuffle=False)
     kept_items = {n for s in kept for n in s.item_files}
     assert not {f"features/{STORE}/{n}" for n in kept_items} & found
-    assert "kept" in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
+    assert NAMES["kept"] in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
     assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
-    assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / "kept")).iter_samples())) == 3
+    assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / NAMES["kept"])).iter_samples())) == 3
     assert all(path.read_text() == "not the cache's" for path in others)
+
+
+def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_like_an_entry(tmp_path):
+    """An encode of two hours: its receipts and the old store items it reuses, not referenced by any complete entry
+    yet, are kept while its lease is fresh, and are garbage once the lease is stale (the job killed). A user's
+    folders holding files named like an entry's (a WebDataset's shards, a manifest) are no entry."""
+    from preprocessing.cache.entry import FeatureStore
+    from preprocessing.cache.inventory import garbage
+    from preprocessing.cache.lease import LEASE, lease
+
+    root = tmp_path / "cache"
+    write_entry(str(root / NAMES["unfinished"]), [1])
+    (root / NAMES["unfinished"] / "manifest.json").unlink()
+    reused = FeatureStore(str(root), STORE).write("e" * 64, np.ones((2, 4), np.float16))
+    for path, text in ((root / "laion-wds" / "shard-000000.tar", "a user's"), (root / "mydata" / "manifest.json", "{}")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    two_hours_ago = time.time() - 7200
+    for path in root.rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with lease(str(root / NAMES["unfinished"]), STORE):
+        assert garbage(str(root), grace_s=3600) == []
+    assert not (root / NAMES["unfinished"] / LEASE).exists()  # removed when the job ends
+    (root / NAMES["unfinished"] / LEASE).write_text(json.dumps({"store": STORE}))  # a killed job's
+    os.utime(root / NAMES["unfinished"] / LEASE, (two_hours_ago, two_hours_ago))
+    found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=3600)}
+    assert f"features/{STORE}/{reused}" in found and f"{NAMES['unfinished']}/{LEASE}" in found
+    assert not {"laion-wds/shard-000000.tar", "mydata/manifest.json"} & found
 
 
 def test_readers_parse_npy_headers_one_thread_at_a_time(tmp_path, monkeypatch):
@@ -333,24 +367,24 @@ def test_cache_cp_carries_an_entry_with_only_its_items_through_s3_and_back(tmp_p
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     root = tmp_path / "cache"
-    write_entry(str(root / "a"), [2, 1])
+    write_entry(str(root / ENTRY), [2, 1])
     write_samples(str(root / "b"), [samples(2, start=10)])
     (root / "features" / STORE / "store.json").write_text("{}")  # the key an encode job writes
     remote = f"s3://{BUCKET}/copied"
-    assert main(["cache", "cp", str(root / "a"), "--to", remote]) == 0
+    assert main(["cache", "cp", str(root / ENTRY), "--to", remote]) == 0
     assert "3 items copied, 0 already there" in capsys.readouterr().out
-    again = copy_entry(str(root / "a"), remote, progress=False)
+    again = copy_entry(str(root / ENTRY), remote, progress=False)
     assert (again.items_copied, again.items_present) == (0, 3)
-    local = copy_entry(f"{remote}/a", str(tmp_path / "elsewhere"), progress=False)
+    local = copy_entry(f"{remote}/{ENTRY}", str(tmp_path / "elsewhere"), progress=False)
     entries, (store,) = inventory(str(tmp_path / "elsewhere"))
-    assert [e.name for e in entries] == ["a"] and len(store.items) == 3 == len(store.referenced)
+    assert [e.name for e in entries] == [ENTRY] and len(store.items) == 3 == len(store.referenced)
     assert (store.files.keys() - store.items.keys()) == {"store.json"}
-    original = list(FeatureCache(str(root / "a")).iter_samples(shuffle=False))
+    original = list(FeatureCache(str(root / ENTRY)).iter_samples(shuffle=False))
     copied = list(FeatureCache(local.uri).iter_samples(shuffle=False))
     assert [s.key for s in copied] == [s.key for s in original]
     assert all(np.array_equal(x, y) for s, t in zip(copied, original) for x, y in zip(s.items, t.items))
     with pytest.raises(ValueError, match="already in"):
-        copy_entry(str(root / "a"), str(root))
+        copy_entry(str(root / ENTRY), str(root))
     (root / "b" / "manifest.json").unlink()
     assert main(["cache", "cp", str(root / "b"), "--to", str(tmp_path / "elsewhere")]) == 2
     assert "never finished" in capsys.readouterr().err
