@@ -41,9 +41,12 @@ def load_table(uri: str):
     suffix = posixpath.splitext(uri)[1]
     if suffix not in READERS:
         raise ValueError(f"{uri}: series files must be .csv, .parquet or .arrow")
+    data = storage.read_bytes(uri)
     try:
-        return READERS[suffix](io.BytesIO(storage.read_bytes(uri)))
-    except pa.ArrowInvalid as e:  # a ragged CSV, a file that is not parquet: pyarrow's message names no file
+        return READERS[suffix](io.BytesIO(data))
+    # a ragged CSV, a file that is not parquet (ArrowInvalid), a damaged page or message (OSError): pyarrow's
+    # message names no file
+    except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{uri}: not a readable {suffix[1:]} file: {e}") from None
 
 
@@ -215,6 +218,8 @@ def row_variates(cell: pa.Scalar) -> list[np.ndarray]:
         raise ValueError("null")
     values = cell.values
     if is_list(values.type):
+        if values.null_count:
+            raise ValueError("a null variate")
         return [np.asarray(v.values.to_numpy(zero_copy_only=False), dtype=np.float64) for v in values]
     return [np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)]
 

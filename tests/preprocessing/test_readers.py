@@ -184,9 +184,18 @@ def test_series_column_names_given_twice(tmp_path):
 
 
 def test_a_series_file_pyarrow_cannot_read_is_an_error_naming_it(tmp_path):
+    """Not the format, or damaged inside (a data page that does not decompress: pyarrow's OSError), alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (tmp_path / "ragged.csv").write_text("v,w\n1,2\n3,4,5\n")
     (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
-    for name, kind in (("ragged.csv", "csv"), ("fake.parquet", "parquet")):
+    pq.write_table(pa.table({"v": [float(i) for i in range(2000)]}), tmp_path / "damaged.parquet",
+                   compression="snappy")
+    data = bytearray((tmp_path / "damaged.parquet").read_bytes())
+    data[100:400] = bytes(300)  # inside the first data page, the footer intact
+    (tmp_path / "damaged.parquet").write_bytes(bytes(data))
+    for name, kind in (("ragged.csv", "csv"), ("fake.parquet", "parquet"), ("damaged.parquet", "parquet")):
         with pytest.raises(ValueError, match=f"{tmp_path / name}: not a readable {kind} file: "):
             read_series(str(tmp_path / name), lookback=1, horizon=1, stride=1)
 
@@ -329,10 +338,11 @@ def test_series_in_the_long_layout_of_gift_eval(tmp_path):
         ("target[b]", "row b's 'target' has 2 values, fewer than lookback + horizon = 12"),
         ("target[c]", "row c's 'target' is not a list of numbers")]
 
-    multivariate = pa.table({"item_id": ["m"], "target": [[ramp, [-v for v in ramp]]]})
+    multivariate = pa.table({"item_id": ["m", "n"], "target": [[ramp, [-v for v in ramp]], [ramp, None]]})
     pq.write_table(multivariate, tmp_path / "m.parquet")
     samples, rejects = read_series(str(tmp_path / "m.parquet"), 8, 4, 4, "test", [0.5, 0.2, 0.3])
-    assert not rejects and {s.meta["variate"] for s in samples} == {0, 1}
+    assert {s.meta["variate"] for s in samples} == {0, 1} and {s.meta["item"] for s in samples} == {"m"}
+    assert [r.reason for r in rejects] == ["row n's 'target' is not a list of numbers"]  # a null variate
     assert [s.series["target"].tolist() for s in samples if s.meta["variate"] == 1][0] == [-v for v in ramp[28:32]]
 
     repeated = pa.table({"item_id": ["a", "a"], "target": [ramp, [-v for v in ramp]]})
