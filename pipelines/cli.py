@@ -205,6 +205,14 @@ def cmd_encoder_export(args) -> None:
     print(f"wrote {export_encoder(args.name, args.out)}")
 
 
+def non_negative(text: str) -> float:
+    """An age of 0 or more: a negative one would put the cut-off in the future, and take files being written."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def add_quantize_option(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
     parser.add_argument("--quantize", choices=["none", "int8", "bf16"], default=default,
                         help="weights of every linear layer in int8 (per-channel scales) or bf16, for faster CPU "
@@ -317,11 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_cache)
         if action == "gc":
             p.add_argument("--apply", action="store_true", help="delete (default: only list what would go)")
-            p.add_argument("--grace-hours", type=float, default=1.0,
+            p.add_argument("--grace-hours", type=non_negative, default=1.0,
                            help="keep anything younger: a running encode writes items before its entry uses them")
     p = cache.add_parser("local", help="this node's copies of remote files (backbones, encoders, model folders) "
                                        "and its outputs staged for upload: sizes, last use; prune the unused")
-    p.add_argument("--unused-days", type=float, metavar="DAYS", help="list only those unused for DAYS (the ones "
+    p.add_argument("--unused-days", type=non_negative, metavar="DAYS", help="list only those unused for DAYS (the ones "
                                                                       "--apply removes)")
     p.add_argument("--apply", action="store_true", help="with --unused-days: remove them (default: only list them)")
     p.set_defaults(func=cmd_cache_local)

@@ -106,11 +106,26 @@ def parse_overrides(items: list[str] | None) -> dict:
     return overrides
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping, which it would read as the last one alone
+    (`run: {actors: 4}` then `run: {batch_size: 8}` silently dropped the actors)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path, schema, overrides: dict | None = None):
     """The YAML file at `path` as a `schema` instance; `overrides` (dotted keys) win over the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as e:  # a folder, a file this user may not read

@@ -144,9 +144,20 @@ class EncodeConfig:
     max_length: int | None = None
 
     def __post_init__(self):
+        from preprocessing.encoders import AUDIO_ENCODERS, SERIES_ENCODERS, VISION_ENCODERS
+
         if self.encoder.kind == RAW_SERIES and self.dataset.format != "series":
             raise ValueError(f"encoder.kind {RAW_SERIES!r} is for series (the WaveNet's input), not "
                              f"dataset.format {self.dataset.format!r}")
+        modality = MODALITY_OF_FORMAT[self.dataset.format]
+        encoders = {"image": VISION_ENCODERS, "audio": AUDIO_ENCODERS, "series": {**SERIES_ENCODERS, RAW_SERIES: 0}}
+        if self.encoder.kind not in encoders[modality]:  # each item would be refused: an entry of nothing
+            raise ValueError(f"encoder.kind {self.encoder.kind!r} does not encode {modality} "
+                             f"(dataset.format {self.dataset.format!r}); {modality} encoders: "
+                             f"{sorted(encoders[modality])}")
+        if modality == "series" and self.dataset.lookback < self.limits.min_series_length:
+            raise ValueError(f"dataset.lookback {self.dataset.lookback} is shorter than limits.min_series_length "
+                             f"{self.limits.min_series_length}: every window would be rejected")
         if self.cache.precision != DEFAULT_PRECISION and self.encoder.kind == RAW_SERIES:
             raise ValueError(f"cache.precision {self.cache.precision!r} applies to encoder features; raw series "
                              "(the WaveNet's input) are stored in full precision, in the shards")

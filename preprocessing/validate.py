@@ -54,8 +54,12 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise Rejected(f"possible decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError, TypeError) as e:  # TypeError: PIL's IM reader on a corrupt header
-        raise Rejected(f"not a readable image: {e}") from None
+    except MemoryError:
+        raise
+    # whatever a damaged file makes PIL's many decoders raise (OSError, SyntaxError, TypeError from the IM reader's
+    # header, NotImplementedError from DDS's pixel formats, struct.error, EOFError...): that file's reject
+    except Exception as e:
+        raise Rejected(f"not a readable image: {type(e).__name__}: {e}") from None
 
 
 def as_rgb(im: Image.Image) -> np.ndarray:

@@ -17,6 +17,14 @@ def test_help_lists_the_jobs():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize("args", [["cache", "gc", "--grace-hours", "-1"], ["cache", "local", "--unused-days", "-2"]])
+def test_a_negative_age_is_refused_before_anything_is_listed(args, capsys):
+    """A cut-off in the future would take the files a job is writing now."""
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "must be 0 or more, not -" in capsys.readouterr().err
+
+
 def test_convert_both_ways_and_generate(tmp_path, capsys):
     model = random_backbone(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=64, head_size=32))
     torch.save(model.state_dict(), tmp_path / "m.pth")

@@ -41,4 +41,5 @@ def build_inputs(kind: str, model_dir, **settings):
         model_dir, **{name: value for name, value in settings.items() if name not in MODEL_ONLY_SETTINGS})
 
 
-__all__ = ["ENCODERS", "build_encoder", "build_inputs", "build_settings"]
+__all__ = ["AUDIO_ENCODERS", "ENCODERS", "SERIES_ENCODERS", "VISION_ENCODERS", "build_encoder", "build_inputs",
+           "build_settings"]

@@ -5,6 +5,7 @@ Image paths resolve against `image_root` (local or s3://) and must stay inside i
 
 import hashlib
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -29,23 +30,40 @@ def text_lines(uri: str, rejects: list[Reject]) -> Iterator[tuple[str, str]]:
 
 
 def parse_records(uri: str) -> tuple[list, list[Reject]]:
-    """(records with their position, rejects): JSONL lines that fail to decode or parse are rejected one by one; a
-    JSON file that does is an error naming it."""
+    """(records with their position, rejects): JSONL lines that fail to decode or parse, and records holding text
+    that is not Unicode (a lone surrogate escape such as "\\ud800", which no UTF-8 file can hold), are rejected one
+    by one; a JSON file that does not parse is an error naming it."""
+    rejects = []
     if uri.endswith(".jsonl"):
-        records, rejects = [], []
+        records, escapes = [], False
         for where, line in text_lines(uri, rejects):
             try:
                 records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
                 rejects.append(Reject(where, f"invalid JSON: {e.msg}"))
+            escapes = escapes or bool(SURROGATE_ESCAPE.search(line))
+    else:
+        try:
+            text = storage.read_bytes(uri).decode("utf-8-sig")  # a byte-order mark (Windows editors) is no text
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{uri}: not a readable JSON file: {e}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{uri}: expected a JSON list of samples, got {type(data).__name__}")
+        records, escapes = [(f"{uri}[{i}]", r) for i, r in enumerate(data)], bool(SURROGATE_ESCAPE.search(text))
+    if not escapes:  # no surrogate escape in the file: every record is Unicode, nothing to check
         return records, rejects
-    try:
-        data = json.loads(storage.read_bytes(uri).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{uri}: not a readable JSON file: {e}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{uri}: expected a JSON list of samples, got {type(data).__name__}")
-    return [(f"{uri}[{i}]", r) for i, r in enumerate(data)], []
+    unicode = []
+    for where, record in records:
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+            unicode.append((where, record))
+        except UnicodeEncodeError as e:
+            rejects.append(Reject(where, f"holds text that is not Unicode: a lone surrogate {e.object[e.start]!a}"))
+    return unicode, rejects
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def to_turns(conversations, placeholder: str) -> list[dict]:

@@ -13,7 +13,7 @@ def sample_key(source_id: str) -> str:
     safe = UNSAFE.sub("_", str(source_id))
     if safe == str(source_id) and safe:
         return safe
-    return f"{safe[:80]}-{hashlib.sha1(str(source_id).encode()).hexdigest()[:8]}"
+    return f"{safe[:80]}-{hashlib.sha1(str(source_id).encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 @dataclass

@@ -53,6 +53,12 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
     ("dataset: {format: series, path: x, split_rows: [8640, 2880, 14400]}\nencoder: {kind: raw}",
      "split_rows must be three increasing row numbers"),
     ("dataset: {format: llava, path: x}\nencoder: {kind: raw}", "encoder.kind 'raw' is for series"),
+    ("dataset: {format: llava, path: x}\nencoder: {kind: whisper, model_dir: w}",
+     "encoder.kind 'whisper' does not encode image \\(dataset.format 'llava'\\); image encoders: \\['clip', "),
+    ("dataset: {format: series, path: x, lookback: 4}\nencoder: {kind: raw}",
+     "dataset.lookback 4 is shorter than limits.min_series_length 8: every window would be rejected"),
+    ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nrun: {actors: 4}\nrun: {batch_size: 8}",
+     "not valid YAML: .*the key 'run' is given twice"),
     ("dataset: [", "not valid YAML"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):

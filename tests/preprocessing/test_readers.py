@@ -125,6 +125,23 @@ def test_a_line_that_is_not_utf8_is_rejected_and_the_others_are_read(tmp_path):
     assert [s.key for s in samples] == ["19-198-0001"] and rejects[0].source.endswith("19-198.trans.txt:1")
 
 
+def test_records_holding_a_lone_surrogate_are_rejected_and_a_byte_order_mark_is_no_text(tmp_path):
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which no UTF-8 shard can hold: the record is rejected, in
+    a JSON list or a JSONL or an ASR manifest alike, where it stopped the job when its shard was written."""
+    good = {"id": "s1", "image": "1.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                             {"from": "gpt", "value": "a cat"}]}
+    text = json.dumps([good, {**good, "id": "bad\ud800"}])
+    (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # with a byte-order mark
+    samples, rejects = read_llava(str(tmp_path / "data.json"))
+    assert [s.key for s in samples] == ["s1"]
+    assert [(r.source.rsplit("/", 1)[1], r.reason) for r in rejects] == [
+        ("data.json[1]", "holds text that is not Unicode: a lone surrogate '\\ud800'")]
+    (tmp_path / "asr.jsonl").write_text('{"audio": "a\\udc80.wav", "text": "hi"}\n{"audio": "b.wav", "text": "hi"}\n')
+    samples, rejects = read_asr_manifest(str(tmp_path / "asr.jsonl"))
+    assert [s.key for s in samples] == ["b"] and rejects[0].source.endswith("asr.jsonl:1")
+    assert sample_key("bad\ud800").startswith("bad_-")  # a key for any id, whatever it holds
+
+
 def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
     (tmp_path / "v.json").write_text('[{"id": "a"},]')
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'v.json'}: not a readable JSON file: Expecting "

@@ -1,6 +1,7 @@
 """Decoding checks: each bad input is refused with a reason a person can act on; odd-but-fine ones convert."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -30,6 +31,10 @@ def test_images():
     im_file = image_bytes(np.zeros((20, 20, 3), np.uint8), "IM").replace(b"20*20", b"20*2.")  # a corrupt size
     with pytest.raises(Rejected, match="not a readable image"):  # PIL's IM reader raises TypeError on it
         decode_image(im_file, LIMITS)
+    # a DDS header of pixel format flags PIL does not know: NotImplementedError, which stopped the job
+    dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 3) + bytes(104)
+    with pytest.raises(Rejected, match="not a readable image: NotImplementedError: Unknown pixel format flags 3"):
+        decode_image(dds, LIMITS)
 
 
 def image_bytes(pixels: np.ndarray, fmt: str) -> bytes:
