@@ -84,7 +84,8 @@ def media_path(root: str, path: str, allow_outside: bool = False) -> str:
 
 
 def parent(uri: str) -> str:
-    return posixpath.dirname(str(uri)) if is_remote(uri) else str(Path(uri).parent)
+    """The folder holding `uri`; a folder named with a trailing slash (`s3://b/cache/entry/`) is itself the child."""
+    return posixpath.dirname(str(uri).rstrip("/")) if is_remote(uri) else str(Path(uri).parent)
 
 
 def _fs(uri: str):

@@ -69,3 +69,10 @@ def test_a_file_gone_has_no_sha256_but_a_failing_read_is_raised(tmp_path, monkey
     monkeypatch.setattr(storage, "read_bytes", failing)
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # not a missing file: the job stops instead
         storage.file_sha256(str(tmp_path / "there.png"))
+
+
+def test_the_parent_of_a_uri_named_with_a_trailing_slash_is_the_folder_holding_it(tmp_path):
+    """An entry pasted as `s3://bucket/cache/image-x/`: its store is found beside it, under `s3://bucket/cache`."""
+    assert storage.parent("s3://bucket/cache/image-x/") == storage.parent("s3://bucket/cache/image-x") == \
+        "s3://bucket/cache"
+    assert storage.parent(f"{tmp_path}/image-x/") == str(tmp_path)
