@@ -51,8 +51,11 @@ def load_table(uri: str):
 
 
 def fill_gaps(values: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN/inf runs (ends held at the nearest finite value)."""
+    """Linear interpolation over NaN/inf runs (ends held at the nearest finite value); with no finite value, the
+    values as they are (the window's check rejects them)."""
     finite = np.isfinite(values)
+    if not finite.any():
+        return values
     idx = np.arange(len(values))
     return np.interp(idx, idx[finite], values[finite])
 
@@ -246,8 +249,6 @@ class Windowing:
         if not np.isfinite(values).any():
             rejects.append(Reject(where, f"{what} has no finite values"))
             return
-        if self.nan_policy == "interpolate":
-            values = fill_gaps(values)
         lookback, horizon = self.lookback, self.horizon
         if len(values) < lookback + horizon:
             rejects.append(Reject(where, f"{what} has {len(values)} values, fewer than lookback + horizon = "
@@ -268,8 +269,13 @@ class Windowing:
                 f"{self.max_windows:,}; the encode job holds every window "
                 "until its entry is written (benchmarks/RESULTS.md, 'Series encode'): encode a share of the files "
                 "per job (a subfolder), take a larger stride, or raise max_windows where the driver has the memory")
+        gaps = np.concatenate([[0], np.cumsum(~np.isfinite(values))])  # a window's gaps in O(1)
         for start in starts:
             window = values[start : start + lookback + horizon]
+            if self.nan_policy == "interpolate" and gaps[start + lookback + horizon] > gaps[start]:
+                # each part filled from its own values alone: a lookback's gap never from the horizon after it, nor
+                # a series' from values of a later split
+                window = np.concatenate([fill_gaps(window[:lookback]), fill_gaps(window[lookback:])])
             key_id = f"{series}-{start}"
             meta = {"id": key_id, "turns": [{"role": "user", "text": self.prompt}], **described, "start": start,
                     "split": self.split, "source": where, **scale}

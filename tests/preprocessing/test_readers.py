@@ -186,6 +186,13 @@ def test_series_gaps_are_interpolated_or_rejected(tmp_path):
     assert filled[0].series["lookback"][5] == pytest.approx(5.0)
     kept, _ = read_series(str(tmp_path / "g.csv"), lookback=8, horizon=2, stride=10)
     assert np.isnan(kept[0].series["lookback"][5])  # left for the validate stage, which rejects the window
+    # a gap at a lookback's end is held at its last value, not drawn toward the horizon it is to forecast
+    step = np.array([0.0] * 8 + [10.0] * 2)
+    step[7] = np.nan
+    (tmp_path / "s.csv").write_text("v\n" + "\n".join("nan" if np.isnan(v) else str(v) for v in step) + "\n")
+    (window,), _ = read_series(str(tmp_path / "s.csv"), lookback=8, horizon=2, stride=1, nan_policy="interpolate",
+                               fractions=[1.0, 0.0, 0.0])
+    assert window.series["lookback"].tolist() == [0.0] * 8 and window.series["target"].tolist() == [10.0] * 2
 
 
 def test_series_column_names_given_twice(tmp_path):
