@@ -22,8 +22,8 @@ from .resolved import RESOLVED_FOLDER, read_record
 # the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
 ENTRY_FILE = re.compile(rf"(shard-\d+\.(tar|json)|{re.escape(MANIFEST)}|{re.escape(REJECTS)}|{re.escape(INDEX)}|"
                         rf"{re.escape(LEASE)})(\.tmp-[0-9a-f]+)?")
-# an entry's folder name (`key.entry_uri`): a folder of other files named like an entry's is no entry
-ENTRY_NAME = re.compile(r"(image|audio|series)-[a-z0-9_]+-[0-9a-f]{16}")
+# an entry's folder name (`key.entry_uri`): an unfinished entry is known by it (a finished one by its manifest too)
+ENTRY_NAME = re.compile(r"(image|audio|series)-.+-[0-9a-f]{16}")
 
 
 @dataclass
@@ -60,7 +60,7 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
     by_top: dict[str, dict[str, tuple[int, int]]] = {}
     for path, stat in tree.items():
         top, _, rest = path.partition("/")
-        if ENTRY_NAME.fullmatch(top) and ENTRY_FILE.fullmatch(rest):
+        if ENTRY_FILE.fullmatch(rest):
             by_top.setdefault(top, {})[rest] = stat
     stores = {}
     for path, stat in tree.items():
@@ -71,7 +71,9 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
     for name, files in sorted(by_top.items()):
         if name in (STORE_FOLDER, FINGERPRINTS_FOLDER):
             continue
-        manifest = json.loads(storage.read_bytes(storage.join(root, name, MANIFEST))) if MANIFEST in files else None
+        manifest = entry_manifest(storage.join(root, name)) if MANIFEST in files else None
+        if manifest is None and not ENTRY_NAME.fullmatch(name):
+            continue  # files named as an entry's in a folder no encode made (a WebDataset, a dataset's manifest)
         entry = Entry(name, manifest, files)
         entries.append(entry)
         if entry.current and entry.manifest["feature_store"] in stores:
@@ -79,6 +81,15 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
             for item in referenced_items(FeatureCache(storage.join(root, name))):
                 referenced.setdefault(item, set()).add(name)
     return entries, sorted(stores.values(), key=lambda s: s.name)
+
+
+def entry_manifest(uri: str) -> dict | None:
+    """The entry's manifest; None for a file of that name that is no entry's (not JSON, no format version)."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) and "format_version" in manifest else None
 
 
 def referenced_items(cache: FeatureCache) -> set[str]:

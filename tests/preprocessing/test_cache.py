@@ -321,6 +321,7 @@ def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_lik
     write_entry(str(root / NAMES["unfinished"]), [1])
     (root / NAMES["unfinished"] / "manifest.json").unlink()
     reused = FeatureStore(str(root), STORE).write("e" * 64, np.ones((2, 4), np.float16))
+    write_entry(str(root / "renamed-by-hand"), [2])  # complete: an entry by its manifest, whatever its name
     for path, text in ((root / "laion-wds" / "shard-000000.tar", "a user's"), (root / "mydata" / "manifest.json", "{}")):
         path.parent.mkdir(parents=True)
         path.write_text(text)
@@ -335,6 +336,10 @@ def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_lik
     found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=3600)}
     assert f"features/{STORE}/{reused}" in found and f"{NAMES['unfinished']}/{LEASE}" in found
     assert not {"laion-wds/shard-000000.tar", "mydata/manifest.json"} & found
+    assert not [f for f in found if f.startswith("renamed-by-hand/")]
+    renamed = {f"features/{STORE}/{n}" for s in FeatureCache(str(root / "renamed-by-hand")).iter_samples()
+               for n in s.item_files}
+    assert len(renamed) == 2 and not renamed & found
 
 
 def test_readers_parse_npy_headers_one_thread_at_a_time(tmp_path, monkeypatch):
