@@ -208,7 +208,7 @@ def cmd_encoder_export(args) -> None:
 def non_negative(text: str) -> float:
     """An age of 0 or more: a negative one would put the cut-off in the future, and take files being written."""
     value = float(text)
-    if value < 0:
+    if not 0 <= value < float("inf"):  # nan fails this too
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 
 import yaml
@@ -113,10 +114,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by the base class
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable) or key in seen:
+                why = f"the key {key!r} is given twice" if isinstance(key, Hashable) else f"{key!r} cannot be a key"
+                raise yaml.constructor.ConstructorError(None, None, why, key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 

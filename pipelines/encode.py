@@ -455,6 +455,12 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
         if index not in done:
             entry.write_shard(index, pack_shard(shard), [w.key for w in shard], [],
                               [sample_lengths(w) for w in shard], [w.item_files for w in shard])
+    reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store]
+    gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
+    if gone:  # a gc that listed the root before this job's lease: the manifest would name missing features
+        raise RuntimeError(f"{len(gone)} of the {len(reused)} store items this job found and reused were removed "
+                           f"while it ran (a `modrwkv cache gc --apply`?), e.g. {gone[0]}; run the job again: it "
+                           "encodes them anew")
     items = {"unique": len(needed), "in_store": len(needed) - len(todo), "encoded": len(todo) - len(item_rejects),
              "rejected": len(item_rejects)}
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,

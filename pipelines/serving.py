@@ -92,10 +92,11 @@ def answer(model, tokenizer, media, row: dict, where: str) -> dict:
         raise ValueError(f"{where}: this model takes {sorted(model.projectors)}, not {modality}")
     if modality == "series":
         values = row["series"]
-        if not isinstance(values, (list, tuple)) or len(values) > MAX_SERIES_VALUES or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{where}: series must be a list of at most {MAX_SERIES_VALUES} numbers" + (
-                f", not {len(values)} values" if isinstance(values, (list, tuple)) else ""))
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:MAX_SERIES_VALUES + 1]):
+            raise ValueError(f"{where}: series must be a list of numbers")
+        if len(values) > MAX_SERIES_VALUES:
+            raise ValueError(f"{where}: the series holds {len(values)} values, over the limit of {MAX_SERIES_VALUES}")
         series = media.series(values, where)
         if model.forecast_head is not None:
             return {"forecast": forecast_series(model, tokenizer, question, series.features, series.lookback,

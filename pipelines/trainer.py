@@ -162,10 +162,14 @@ def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int)
     Refuses a position saved over another entry (one encoded again) or another epoch of one drawn then and now
     (the entry shared otherwise among the workers); one saved before these were recorded is taken as it is, with a
     warning."""
-    if "epoch" not in saved:
+    if "entries" not in saved:
         print(f"worker {rank}: the data position predates its record of the entries and epochs; resuming where its "
-              "counts lead, which is where the run stood only if the caches and their split are unchanged")
+              "counts lead, which is where the run stood only if the caches and their split among the workers are "
+              "unchanged (the split changed on 2026-12-06)")
         return
+    if len(saved["entries"]) != len(entries):
+        raise ValueError(f"a data position saved over {len(saved['entries'])} entries cannot resume a run over "
+                         f"{len(entries)}: start the phase afresh")
     for i, name in enumerate(entries):
         if saved["entries"][i] != name:
             raise ValueError(f"a data position saved over the entry {saved['entries'][i]} cannot resume a run that "

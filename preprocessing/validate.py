@@ -49,7 +49,7 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
             if min(w, h) < limits.min_image_side:
                 raise Rejected(f"image is {w}x{h}, smaller than {limits.min_image_side} pixels on a side")
             im.load()
-            return as_rgb(im)
+            return as_rgb(im)  # PIL's conversion of the file's mode and palette: a damaged file's to fail, too
     except Rejected:
         raise
     except Image.DecompressionBombError as e:

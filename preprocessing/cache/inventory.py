@@ -16,7 +16,7 @@ from .. import storage
 from .entry import MANIFEST, READABLE_FORMATS, REJECTS, STORE_FOLDER, FeatureCache, entry_name
 from .index import INDEX
 from .key import FINGERPRINTS_FOLDER
-from .lease import LEASE, leased_store
+from .lease import LEASE, RENEW_S, leased_store
 from .resolved import RESOLVED_FOLDER, read_record
 
 # the files an entry writes at its top, and their half-written forms (`storage.write_atomic`)
@@ -72,7 +72,8 @@ def inventory(root: str) -> tuple[list[Entry], list[Store]]:
         if name in (STORE_FOLDER, FINGERPRINTS_FOLDER):
             continue
         manifest = entry_manifest(storage.join(root, name)) if MANIFEST in files else None
-        if manifest is None and not ENTRY_NAME.fullmatch(name):
+        readable = manifest is not None and manifest.get("format_version") in READABLE_FORMATS
+        if not ENTRY_NAME.fullmatch(name) and not readable:
             continue  # files named as an entry's in a folder no encode made (a WebDataset, a dataset's manifest)
         entry = Entry(name, manifest, files)
         entries.append(entry)
@@ -105,7 +106,9 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     when the lease is being rewritten: every store's)."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
-    leased = [e for e in entries if LEASE in e.files and e.files[LEASE][1] >= old]  # encodes running now
+    # encodes running now: a lease renewed within RENEW_S, whatever the grace (0 included)
+    fresh = time.time_ns() - int(max(grace_s, 3 * RENEW_S) * 1e9)
+    leased = [e for e in entries if LEASE in e.files and e.files[LEASE][1] >= fresh]
     held = {leased_store(storage.join(root, e.name)) for e in leased}
     found = []
     for entry in entries:

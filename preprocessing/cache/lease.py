@@ -3,8 +3,10 @@
 An encode job lists the store's items, reuses those it finds and writes its entry's shards over minutes to hours;
 until its manifest exists, nothing else says that those files are in use. The job rewrites `lease.json` in its
 entry folder every `RENEW_S` seconds while it works and removes it when it ends; `gc` keeps the files of an entry
-whose lease is younger than its grace, and every unreferenced item of that store. A job killed outright leaves a
-lease that goes stale, and its files are garbage once older than the grace."""
+whose lease was renewed within its grace (and at least 3 renewals), and every unreferenced item of that store. A
+job killed outright leaves a lease that goes stale, and its files are garbage once older than the grace. A gc that
+listed the root before a job took its lease may still remove an item the job reuses: the job checks its reused
+items before it writes its manifest, and fails naming them (a rerun encodes them again)."""
 
 import json
 import os
@@ -29,7 +31,10 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S) -> Iterator[None
 
     def renew() -> None:
         while not stop.wait(renew_s):
-            storage.write_atomic(path, record)
+            try:
+                storage.write_atomic(path, record)
+            except OSError as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
+                print(f"{path}: lease not renewed ({e}); trying again in {renew_s:g} s", flush=True)
 
     renewing = threading.Thread(target=renew, name="entry-lease", daemon=True)
     renewing.start()

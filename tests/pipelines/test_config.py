@@ -17,6 +17,13 @@ def write(tmp_path, text):
     return path
 
 
+def test_yaml_merge_keys_still_read_under_the_duplicate_key_check(tmp_path):
+    text = ("dataset: {format: series, path: s.csv, lookback: 48}\nencoder: {kind: raw}\n"
+            "run:\n  <<: {actors: 2, batch_size: 8}\n  batch_size: 4\n")
+    config = load_config(write(tmp_path, text), EncodeConfig)
+    assert (config.run.actors, config.run.batch_size) == (2, 4)  # the mapping's own key wins over the merged
+
+
 def test_valid_config_with_defaults_and_overrides(tmp_path):
     path = write(tmp_path, "dataset: {format: series, path: s.csv, lookback: 48}\nencoder: {kind: raw}\n")
     config = load_config(path, EncodeConfig, {"run.actors": 2})
@@ -59,6 +66,7 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
      "dataset.lookback 4 is shorter than limits.min_series_length 8: every window would be rejected"),
     ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nrun: {actors: 4}\nrun: {batch_size: 8}",
      "not valid YAML: .*the key 'run' is given twice"),
+    ("dataset: {format: series, path: x}\nencoder: {kind: raw}\n? [1, 2]\n: 3", "\\[1, 2\\] cannot be a key"),
     ("dataset: [", "not valid YAML"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):

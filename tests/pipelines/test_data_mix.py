@@ -263,10 +263,12 @@ def test_a_position_saved_over_other_epochs_is_refused_and_one_without_them_is_t
         MicroBatches([FakeCache("a", 16)], fake_collator(), 2, 0, 1, seed=4, position=position)
     with pytest.raises(ValueError, match="saved over the entry a cannot resume a run that reads b in its place"):
         MicroBatches([FakeCache("b", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
+    with pytest.raises(ValueError, match="a data position saved over 1 entries cannot resume a run over 2"):
+        check_position(position, [15, 7], ["a", "b"], 0)
     unweighted = MicroBatches([FakeCache("a", 16)], fake_collator(), 2, 0, 1, seed=4, mix=[0])
     assert unweighted.epoch == [0]  # never drawn: any epoch it had before is no place to resume from
     check_position(unweighted.position(), [15], ["a"], 0)  # nor one it has now, once drawn
-    del position["epoch"]  # saved before the epochs were recorded
+    del position["epoch"], position["entries"]  # saved before the entries and epochs were recorded
     resumed = MicroBatches([FakeCache("a", 15)], fake_collator(), 2, 0, 1, seed=4, position=position)
     assert next(resumed)[1].sample_ids == next(first)[1].sample_ids
     assert "the data position predates its record of the entries and epochs" in capsys.readouterr().out

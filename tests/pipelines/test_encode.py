@@ -769,3 +769,29 @@ def test_an_encode_holds_a_lease_on_its_entry_while_it_writes_and_lets_it_go(tmp
         leased_store(entry.uri) == store.name) or write(config, entry, store, *rest))
     uri = run_encode(config).uri
     assert held == [True] and not Path(uri, LEASE).exists()
+
+
+def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heals(tmp_path, encoders, monkeypatch):
+    """A gc that listed the root before the job took its lease removes an old item the job reuses: the job fails
+    naming it rather than writing a manifest of missing features; run again, it encodes that item anew."""
+    import shutil
+
+    import pipelines.encode
+
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    settings = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+    shutil.rmtree(run_encode(config(**settings)).uri)  # the store's items stay, unreferenced
+    plan_shards = pipelines.encode.plan_shards
+
+    def collected_meanwhile(*args):
+        next(iter((tmp_path / "cache" / "features").glob("*/*/*.npy"))).unlink()
+        return plan_shards(*args)
+
+    monkeypatch.setattr(pipelines.encode, "plan_shards", collected_meanwhile)
+    with pytest.raises(RuntimeError, match="1 of the 8 store items this job found and reused were removed while it "
+                                           "ran .* run the job again: it encodes them anew"):
+        run_encode(config(**settings))
+    monkeypatch.setattr(pipelines.encode, "plan_shards", plan_shards)
+    healed = run_encode(config(**settings))
+    assert healed.items == {"unique": 8, "in_store": 7, "encoded": 1, "rejected": 0}
+    assert len([s for s in FeatureCache(healed.uri).iter_samples() if len(s.items[0])]) == 8

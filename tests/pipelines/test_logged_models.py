@@ -280,8 +280,8 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
                 ({"question": "Both?", "image": b64(image.read_bytes()), "series": series}, "exactly one of"),
                 ({"question": "Play it.", "video": "AAAA"}, "unknown fields ['video']"),
                 ({"question": "", "image": b64(image.read_bytes())}, "no question"),
-                ({"question": "Forecast.", "series": [True] * 16}, "a list of at most 100000 numbers"),
-                ({"question": "Forecast.", "series": [0.5] * 100_001}, "100000 numbers, not 100001 values")):
+                ({"question": "Forecast.", "series": [True] * 16}, "series must be a list of numbers"),
+                ({"question": "Forecast.", "series": [0.5] * 100_001}, "100001 values, over the limit of 100000")):
             status, body = post(server.url, [row])
             assert status == 400 and reason in body["message"], (row.keys(), status, body)
         status, body = post(server.url, [{"question": "What digit is this?", "image": b64(image.read_bytes())}])

@@ -322,7 +322,8 @@ def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_lik
     (root / NAMES["unfinished"] / "manifest.json").unlink()
     reused = FeatureStore(str(root), STORE).write("e" * 64, np.ones((2, 4), np.float16))
     write_entry(str(root / "renamed-by-hand"), [2])  # complete: an entry by its manifest, whatever its name
-    for path, text in ((root / "laion-wds" / "shard-000000.tar", "a user's"), (root / "mydata" / "manifest.json", "{}")):
+    for path, text in ((root / "laion-wds" / "shard-000000.tar", "a user's"), (root / "mydata" / "manifest.json",
+                                                                                 '{"format_version": 1}')):
         path.parent.mkdir(parents=True)
         path.write_text(text)
     two_hours_ago = time.time() - 7200
@@ -330,6 +331,7 @@ def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_lik
         os.utime(path, (two_hours_ago, two_hours_ago))
     with lease(str(root / NAMES["unfinished"]), STORE):
         assert garbage(str(root), grace_s=3600) == []
+        assert garbage(str(root), grace_s=0) == []  # a lease is fresh for 3 renewals, whatever the grace
     assert not (root / NAMES["unfinished"] / LEASE).exists()  # removed when the job ends
     (root / NAMES["unfinished"] / LEASE).write_text(json.dumps({"store": STORE}))  # a killed job's
     os.utime(root / NAMES["unfinished"] / LEASE, (two_hours_ago, two_hours_ago))
