@@ -142,14 +142,14 @@ def check_resumable(saved: dict, resume_from: str, plan, phase: int, world: int)
         raise ValueError(f"{resume_from}: saved at step {saved['step']}, the last of phase {phase}'s {steps}: "
                          f"nothing to resume (its model is in {plan.destination}); raise phase{phase}.steps to "
                          "train on")
-    positions = saved.get("positions")
-    if positions is None:
+    if "epochs" not in saved:
         return
-    if len(positions) != world:
-        raise ValueError(f"{resume_from}: saved by {len(positions)} workers, resumed by {world}")
+    if len(saved["epochs"]) != world:
+        raise ValueError(f"{resume_from}: saved by {len(saved['epochs'])} workers, resumed by {world}")
     entries = [entry_name(c.uri) for c in plan.opened]
-    for rank, position in enumerate(positions):
-        check_position(position, worker_epochs(plan.opened, plan.weights, rank, world), entries, rank)
+    for rank, epoch in enumerate(saved["epochs"]):
+        check_position({"entries": saved["entries"], "epoch": epoch},
+                       worker_epochs(plan.opened, plan.weights, rank, world), entries, rank)
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: int) -> None:

@@ -122,8 +122,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
                 checkpoint = Checkpoint.from_directory(d)
                 # what a resume checks before it starts workers
-                checkpoint.set_metadata({"step": step, "positions": [
-                    {"epoch": p["epoch"], "entries": p["entries"]} for p in positions]})
+                checkpoint.set_metadata({"step": step, "entries": positions[0]["entries"],
+                                         "epochs": [p["epoch"] for p in positions]})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)  # the last step checkpoints

@@ -277,7 +277,8 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     (root / "features" / STORE / "ab").mkdir(exist_ok=True)
     (root / "features" / STORE / "ab" / "x.npy.tmp-12345678").write_bytes(b"half")
     (root / NAMES["unfinished"] / "shard-00001.json.tmp-0123abcd").write_bytes(b"half")
-    others = [root / "llava" / "train.json", root / "llava" / "images" / "1.jpg", root / NAMES["unfinished"] / "notes.txt"]
+    others = [root / "llava" / "train.json", root / "llava" / "images" / "1.jpg",
+              root / NAMES["unfinished"] / "notes.txt"]
     for path in others:  # a dataset kept beside its caches, a user's file in an entry: no cache's files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not the cache's")
@@ -292,7 +293,8 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert garbage(str(root), grace_s=3600) == []  # everything is younger than an hour: a job may be writing it
     found = {Path(u).relative_to(root).as_posix() for u in garbage(str(root), grace_s=0)}
     old = {p.relative_to(root).as_posix() for p in (root / NAMES["old"]).iterdir()}
-    unfinished = {p.relative_to(root).as_posix() for p in (root / NAMES["unfinished"]).iterdir() if p.name != "notes.txt"}
+    unfinished = {p.relative_to(root).as_posix() for p in (root / NAMES["unfinished"]).iterdir()
+                  if p.name != "notes.txt"}
     assert old <= found and unfinished <= found and f"features/{STORE}/{orphan}" in found
     assert f"features/{STORE}/ab/x.npy.tmp-12345678" in found
     assert {f.removeprefix("resolved/") for f in found if f.startswith("resolved/")} == {
@@ -305,7 +307,8 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert not {f"features/{STORE}/{n}" for n in kept_items} & found
     assert NAMES["kept"] in describe(str(root), sizes=True) and "old format" in describe(str(root), sizes=False)
     assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
-    assert garbage(str(root), grace_s=0) == [] and len(list(FeatureCache(str(root / NAMES["kept"])).iter_samples())) == 3
+    assert garbage(str(root), grace_s=0) == []
+    assert len(list(FeatureCache(str(root / NAMES["kept"])).iter_samples())) == 3
     assert all(path.read_text() == "not the cache's" for path in others)
 
 
