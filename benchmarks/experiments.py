@@ -334,7 +334,8 @@ def report_lines(experiment: Experiment, rows: list[dict], arms: list[Arm]) -> l
     lines += [f"| {r['arm']} | {r['task']} | {r['metric']} | {fmt(r.get('model'))} | "
               f"{' / '.join(f'{v:.3f}' for v in r.get('model', []))} | {fmt(r.get('ceiling'))} | "
               f"{fmt(r.get('baseline'))} | {np.mean(r.get('minutes', [np.nan])):.1f} |" for r in rows]
-    lines += ["", "benchmarks/RESULTS.md quoted (" + "; ".join(f'"{line}"' for line in experiment.results) + "):"]
+    lines += ["", "benchmarks/RESULTS.md quoted (" + "; ".join(f'"{line}"' for line in experiment.results) + "; a ± "
+              "quoted before 2026-12-06 is the population std, the table's the sample std):"]
     lines += [f"- {arm.name}: {arm.quoted}" for arm in arms]
     if experiment.differs:
         lines += ["", f"Differs from the original runs: {experiment.differs}."]
