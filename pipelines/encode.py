@@ -50,7 +50,7 @@ from preprocessing.local_copy import local_configs, local_copy
 from preprocessing.readers import (RawSample, Reject, read_aishell, read_asr_manifest, read_librispeech, read_llava,
                                    read_series)
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
-                                   normalised_lookback)
+                                   keyed_limits, normalised_lookback)
 
 from .config import load_config, parse_overrides, to_dict
 from .encode_config import MODALITY_OF_FORMAT, DatasetConfig, EncodeConfig, EncoderSpec, RunConfig
@@ -380,8 +380,9 @@ def identity(config: EncodeConfig) -> tuple[dict, dict, Resolution | None]:
     the record of its entry (`series_resolution`)."""
     sections = dataclasses.asdict(config)
     fingerprints = cache_fingerprints(config.cache.root)
-    key = store_key(MODALITY_OF_FORMAT[config.dataset.format], sections["encoder"], sections["limits"],
-                    fingerprints, config.cache.precision)
+    modality = MODALITY_OF_FORMAT[config.dataset.format]
+    key = store_key(modality, sections["encoder"], keyed_limits(config.limits, modality), fingerprints,
+                    config.cache.precision)
     return fingerprints, key, series_resolution(config, key)
 
 

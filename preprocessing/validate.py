@@ -1,6 +1,7 @@
 """Decoding and checking raw inputs before they reach an encoder. Every check raises `Rejected` with a reason
 a person can act on; the encode job records it in rejects.jsonl and goes on with the next sample."""
 
+import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -34,6 +35,18 @@ class Limits:
         if not 0 <= self.min_audio_seconds < self.max_audio_seconds:
             raise ValueError(f"limits: need 0 <= min_audio_seconds < max_audio_seconds, got {self.min_audio_seconds} "
                              f"and {self.max_audio_seconds}")
+
+
+# each modality's own limits (what the items of its stores passed)
+LIMITS_OF = {"image": ("max_image_pixels", "min_image_side"), "audio": ("max_audio_seconds", "min_audio_seconds"),
+             "series": ("min_series_length",)}
+
+
+def keyed_limits(limits: Limits, modality: str) -> dict:
+    """The limits a store of `modality` is keyed on: its own as set, the other modalities' at their defaults, so
+    that a changed audio limit no longer re-keys (and re-encodes) an image store, and a store keyed with every
+    limit at its default keeps its key."""
+    return {**dataclasses.asdict(Limits()), **{name: getattr(limits, name) for name in LIMITS_OF[modality]}}
 
 
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:

@@ -525,6 +525,9 @@ def test_second_run_reuses_the_cache_and_a_changed_encoder_does_not(tmp_path, en
     other = run_encode(config(**digits_config(tmp_path / "digits", encoders["clip_b"], tmp_path / "cache")))
     assert other.uri != first.uri and not other.reused
     limits = config(**digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache"))
+    limits.limits.max_audio_seconds = 10.0  # another modality's limit: the image store and its entry are kept
+    again = run_encode(limits)
+    assert again.reused and again.uri == first.uri
     limits.limits.max_image_pixels = 1 << 20
     assert run_encode(limits).uri not in (first.uri, other.uri)
 
