@@ -1,22 +1,25 @@
 """`modrwkv services up|down|status`: the local S3 endpoint, MLflow server and Ray head, as detached processes
 recorded in `<state-dir>/services.json`."""
 
+import argparse
 import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 from .mlflow_server import MlflowServer, start_mlflow
-from .process import ServiceError, ServiceProcess
+from .process import ServiceError, ServiceProcess, without_proxy_for_loopback
 from .ray_head import RayHead, start_ray_head
 from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
 
 BUCKET = "modrwkv"
 KINDS = {"s3": S3Server, "mlflow": MlflowServer, "ray": RayHead}  # start order; stopped in reverse
 UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
 def services_file(state_dir: Path) -> Path:
@@ -57,6 +60,9 @@ def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
         return {name: KINDS[name].from_dict(d) for name, d in json.loads(path.read_text()).items()}
     except ServiceError as e:
         raise ServiceError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, another version's, edited by hand
+        raise ServiceError(f"{path}: not a record of these services ({type(e).__name__}: {e}); stop the pids it "
+                           "names by hand and delete it") from None
 
 
 def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, ServiceProcess]:
@@ -102,16 +108,17 @@ def describe(name: str, service: ServiceProcess) -> str:
 
 
 def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
-    """Shell lines that point clients at the services. No credentials: the S3 placeholders are in
-    `infra.s3_server.s3_env`, the Ray token stays in its file."""
-    env = {}
+    """Shell lines that point clients at the services, quoted for the shell. No credentials: the S3 placeholders
+    are in `infra.s3_server.s3_env`, the Ray token stays in its file. Behind a proxy, also the loopback exception
+    its clients need."""
+    env = without_proxy_for_loopback(os.environ) if any(os.environ.get(v) for v in PROXY_VARIABLES) else {}
     if "s3" in services:
         env |= {k: v for k, v in services["s3"].env().items() if k not in LOCAL_CREDENTIALS}
     if "mlflow" in services:
         env |= services["mlflow"].env()
     if "ray" in services:
         env |= services["ray"].client_env()
-    return [f"export {k}={v}" for k, v in env.items()]
+    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
 
 
 @contextlib.contextmanager
@@ -151,12 +158,21 @@ def cmd_services(args) -> None:
             return
     for name, service in services.items():
         print(describe(name, service))
-    print("\n".join(client_exports(services)))
+    running = {name: service for name, service in services.items() if service.alive()}
+    print("\n".join(client_exports(running)))  # none for a service that is down: its port may be another's now
+
+
+def cpu_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def add_services_parser(subparsers) -> None:
     p = subparsers.add_parser("services", help="start/stop the local S3 endpoint, MLflow server and Ray head")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--state-dir", default="runs/services", help="pids, ports, logs and data of the services")
-    p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs the Ray head offers")
+    p.add_argument("--num-cpus", type=cpu_count, default=os.cpu_count(),
+                   help="CPUs the Ray head offers (0: a head that runs no tasks)")
     p.set_defaults(func=cmd_services)

@@ -3,7 +3,7 @@
 import dataclasses
 from pathlib import Path
 
-from .process import HOST, ServiceProcess, free_port, http_ok, spawn, venv_bin, wait_until
+from .process import HOST, ServiceProcess, http_ok, service_port, spawn, venv_bin, wait_until
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -25,7 +25,7 @@ def start_mlflow(
     """`artifacts_destination` is a directory or `s3://bucket/prefix` (then `env` carries the S3 endpoint and
     credentials, e.g. `S3Server.env()`); clients upload through the server, so they need no S3 access."""
     state_dir = Path(state_dir).resolve()
-    port = port or free_port()
+    port = service_port(port)
     cmd = [
         venv_bin("mlflow"), "server", "--host", HOST, "--port", str(port),
         "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .process import HOST, ServiceProcess, free_port, http_ok, spawn, venv_bin, wait_until
+from .process import HOST, ServiceProcess, http_ok, service_port, spawn, venv_bin, wait_until
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -22,7 +22,7 @@ def start_model_server(model_uri: str, state_dir: str | Path, port: int | None =
                        env: dict[str, str] | None = None, timeout: float = 180.0) -> ModelServer:
     """`model_uri`: models:/<id>, models:/NAME/VERSION or @alias, found through MLFLOW_TRACKING_URI (in `env` or
     this process's environment). Waits until /ping answers: the model and its encoders are loaded by then."""
-    port = port or free_port()
+    port = service_port(port)
     # mlflow starts `uvicorn` by name: this environment's, which an unactivated venv does not put on PATH
     path = {"PATH": f"{Path(venv_bin('uvicorn')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [venv_bin("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", HOST,

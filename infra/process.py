@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Self
 
 import psutil
@@ -30,12 +31,29 @@ def venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free right now on 127.0.0.1: all bound before any is let go, as one bound and let go at a
+    time can come back twice. Another process may take one before the service binds it; the service then exits
+    and `wait_until` reports that with its log."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    """A port free right now on 127.0.0.1. Another process may take it before the service binds it; the service
-    then exits and `wait_until` reports that with its log."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def service_port(port: int | None) -> int:
+    """`port`, refused when something already answers on it (whose health check would pass for the service's), or
+    a free one when None."""
+    if port is None:
+        return free_port()
+    if port_open(port):
+        raise ServiceError(f"port {port} on {HOST} is in use: stop what listens there or leave the port unset")
+    return port
 
 
 def port_open(port: int) -> bool:
@@ -44,9 +62,20 @@ def port_open(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
+def without_proxy_for_loopback(env: Mapping[str, str]) -> dict[str, str]:
+    """no_proxy and NO_PROXY with 127.0.0.1 and localhost added to what `env` holds: on a host with http_proxy set
+    (clusters often do), HTTP clients send even loopback requests through the proxy, which cannot reach them."""
+    hosts = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    hosts = ",".join([h for h in hosts.split(",") if h.strip()] + [HOST, "localhost"])
+    return {"no_proxy": hosts, "NO_PROXY": hosts}
+
+
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the services are on this machine
+
+
 def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+        with DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
@@ -106,12 +135,15 @@ class ServiceProcess:
         what gets collected. False when it was not running (nothing to stop)."""
         proc = self.process()
         if proc is not None:
-            tree = [proc, *proc.children(recursive=True)]
-            proc.terminate()
+            tree = [proc]
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+                tree += proc.children(recursive=True)
+                proc.terminate()
             psutil.wait_procs([proc], timeout=timeout)
-            leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            for p in leftovers:
-                p.kill()
+            for p in tree:  # dozens of Ray processes end meanwhile: any of them may be gone by the time it is asked
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        p.kill()
             psutil.wait_procs(tree, timeout=5)
         Path(self.pid_file).unlink(missing_ok=True)
         return proc is not None
@@ -132,7 +164,7 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **without_proxy_for_loopback(os.environ), **(env or {})},
         )
     try:
         pid_file.write_text(f"{proc.pid}\n")
@@ -155,7 +187,7 @@ def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, 
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if healthy():
+            if healthy() and service.alive():  # not another process answering on its port
                 return
             if not service.alive():
                 raise ServiceError(f"{service.name} exited before {what}; log: {service.log_path}\n"

@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .process import HOST, ServiceProcess, free_port, http_ok, port_open, spawn, venv_bin, wait_until
+from .process import (HOST, ServiceError, ServiceProcess, free_ports, http_ok, port_open, service_port, spawn,
+                      venv_bin, wait_until)
 
 # Ports Ray would otherwise take from fixed defaults (10001, 52365, ...), which a second head on the machine holds.
 INTERNAL_PORT_FLAGS = (
@@ -72,6 +73,17 @@ def default_ray_tmpdir(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"ray-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
 
 
+def private_dir(path: Path) -> Path:
+    """`path`, created owner-only, and refused when another user owns it or others may write in it: its name is
+    predictable, and whoever controls the folder controls the sockets Ray puts in it."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    mode = path.stat()
+    if mode.st_uid != os.getuid() or mode.st_mode & 0o022:
+        raise ServiceError(f"{path}: Ray's socket folder is another user's or writable by others; remove it, or pass "
+                           "ray_tmpdir")
+    return path
+
+
 def start_ray_head(
     state_dir: str | Path, port: int | None = None, dashboard_port: int | None = None, num_cpus: int | None = None,
     home: str | Path | None = None, ray_tmpdir: str | Path | None = None, env: dict[str, str] | None = None,
@@ -81,18 +93,19 @@ def start_ray_head(
     to the caller's HOME."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    port, dashboard_port = port or free_port(), dashboard_port or free_port()
+    port, dashboard_port = service_port(port), service_port(dashboard_port)
+    internal = iter(free_ports(len(INTERNAL_PORT_VARIABLES) + len(INTERNAL_PORT_FLAGS)))
     token_path = auth_token_file(state_dir)
     head_env = {
         **(env or {}),
-        "RAY_TMPDIR": str(ray_tmpdir or default_ray_tmpdir(state_dir)),
+        "RAY_TMPDIR": str(ray_tmpdir or private_dir(default_ray_tmpdir(state_dir))),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         # jobs run `python ...` from PATH: it must be this venv's interpreter
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM
         **SINGLE_MACHINE,
-        **{variable: str(free_port()) for variable in INTERNAL_PORT_VARIABLES},
+        **{variable: str(next(internal)) for variable in INTERNAL_PORT_VARIABLES},
     }
     if home:
         head_env["HOME"] = str(home)
@@ -101,10 +114,10 @@ def start_ray_head(
         # the node's address, so every port's: HOST, the address its clients dial (kept as given only in the
         # single-machine mode set above)
         "--node-ip-address", HOST, "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
-        "--num-cpus", str(num_cpus or os.cpu_count()), "--disable-usage-stats",
+        "--num-cpus", str(os.cpu_count() if num_cpus is None else num_cpus), "--disable-usage-stats",
     ]
     for flag in INTERNAL_PORT_FLAGS:
-        cmd += [flag, str(free_port())]
+        cmd += [flag, str(next(internal))]
     head = RayHead(**spawn("ray", cmd, state_dir, head_env), gcs_port=port, dashboard_port=dashboard_port,
                    token_path=str(token_path))
     wait_until(head, lambda: port_open(port) and http_ok(f"{head.dashboard_url}/api/version", head.auth_headers()),

@@ -3,7 +3,7 @@
 import dataclasses
 from pathlib import Path
 
-from .process import HOST, ServiceError, ServiceProcess, free_port, http_ok, spawn, venv_bin, wait_until
+from .process import HOST, ServiceError, ServiceProcess, http_ok, service_port, spawn, venv_bin, wait_until
 
 REGION = "us-east-1"
 # moto accepts any credentials; these placeholders only make boto3 sign requests. A real endpoint takes its
@@ -47,7 +47,7 @@ class S3Server(ServiceProcess):
 
 
 def start_s3(state_dir: str | Path, port: int | None = None, timeout: float = 30.0) -> S3Server:
-    port = port or free_port()
+    port = service_port(port)
     if not Path(venv_bin("moto_server")).is_file():
         raise ServiceError("the local S3 endpoint needs moto's server: pip install 'modrwkv[demo]'")
     cmd = [venv_bin("moto_server"), "-H", HOST, "-p", str(port)]

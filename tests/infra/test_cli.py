@@ -208,3 +208,38 @@ def test_a_record_from_another_version_is_refused_by_name(tmp_path):
     (tmp_path / "services.json").write_text(json.dumps({"s3": record}))
     with pytest.raises(ServiceError, match=f"{tmp_path / 'services.json'}: the record of s3 lacks started_after_boot"):
         services(["down", "--state-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("record", ['{"s3": {"name": "s3", "pid"', '{"minio": {}}', '["s3"]', '{"s3": 1}'],
+                         ids=["cut-short", "unknown-service", "a-list", "not-a-mapping"])
+def test_an_unreadable_record_is_named(tmp_path, record):
+    (tmp_path / "services.json").write_text(record)
+    with pytest.raises(ServiceError, match=f"{tmp_path / 'services.json'}: not a record of these services"):
+        load_services(tmp_path)
+
+
+def test_status_exports_are_quoted_and_only_for_running_services(tmp_path, capsys, monkeypatch):
+    state_dir = tmp_path / "my runs" / "services"
+    s3 = S3Server(**spawn("s3", SLEEP, state_dir), port=1)
+    ray = RayHead(**spawn("ray", SLEEP, state_dir), gcs_port=3, dashboard_port=4,
+                  token_path=str(state_dir / "ray-auth-token"))
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        cli.write_services(state_dir, {"s3": s3, "ray": ray})
+        s3.stop()
+        services(["status", "--state-dir", str(state_dir)])
+        exports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export ")]
+        assert not any("AWS_ENDPOINT_URL" in line for line in exports)  # its port may be another's by now
+        shell = "\n".join([*exports, 'echo "$RAY_AUTH_TOKEN_PATH|$no_proxy"'])
+        out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == f"{state_dir / 'ray-auth-token'}|{HOST},localhost", out.stderr
+    finally:
+        ray.stop()
+
+
+def test_a_negative_cpu_count_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        services(["up", "--num-cpus", "-1"])
+    assert "--num-cpus: must be 0 or more, not -1" in capsys.readouterr().err

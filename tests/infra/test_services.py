@@ -63,12 +63,28 @@ def test_a_service_is_still_found_after_the_clock_steps(tmp_path, monkeypatch):
     assert not service.stop()  # already stopped: nothing to stop
 
 
-def test_failed_start_names_the_log(tmp_path):
+def test_a_port_in_use_is_refused_before_the_start(tmp_path):
+    """Something already listening on the port asked for would answer the health check in the service's place."""
     with socket.socket() as taken:
         taken.bind((HOST, 0))
         taken.listen()
-        with pytest.raises(ServiceError, match=f"log: {tmp_path / 's3.log'}"):
+        with pytest.raises(ServiceError, match=f"port {taken.getsockname()[1]} on {HOST} is in use"):
             start_s3(tmp_path, port=taken.getsockname()[1], timeout=20)
+    assert not list(tmp_path.iterdir())  # nothing spawned
+
+
+def test_failed_start_names_the_log(tmp_path):
+    service = ServiceProcess(**spawn("s3", [sys.executable, "-c", "print('no such bucket'); exit(3)"], tmp_path))
+    with pytest.raises(ServiceError, match=f"(?s)log: {tmp_path / 's3.log'}.*no such bucket"):
+        wait_until(service, lambda: False, "answer", timeout=20)
+
+
+def test_an_answer_from_another_process_is_not_a_start(tmp_path):
+    """The service exited (its port taken meanwhile) while whatever holds the port answers the health check."""
+    service = ServiceProcess(**spawn("s3", [sys.executable, "-c", "exit(3)"], tmp_path))
+    psutil.Process(service.pid).wait(timeout=30)
+    with pytest.raises(ServiceError, match="s3 exited before answering"):
+        wait_until(service, lambda: True, "answering", timeout=20)
 
 
 def test_an_interrupted_start_stops_the_service(tmp_path):

@@ -1,0 +1,98 @@
+"""The process plumbing under every service: ports, proxies, stopping a tree whose processes end on their own."""
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+import infra.ray_head as ray_head
+from infra.process import HOST, ServiceError, ServiceProcess, free_ports, spawn
+from infra.ray_head import private_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+
+
+def test_health_checks_do_not_go_through_a_proxy():
+    """A host with http_proxy set and no no_proxy (clusters often have one) sent even 127.0.0.1 through the proxy,
+    which cannot reach it: every service looked dead."""
+    check = textwrap.dedent("""
+        import http.server, threading
+        from infra.process import HOST, http_ok
+        server = http.server.HTTPServer((HOST, 0), http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(http_ok(f"http://{HOST}:{server.server_port}/"))
+    """)
+    env = {**os.environ, "http_proxy": f"http://{HOST}:9", "HTTP_PROXY": f"http://{HOST}:9"}
+    env.pop("no_proxy", None), env.pop("NO_PROXY", None)
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+
+
+def test_services_reach_each_other_past_a_proxy(tmp_path, monkeypatch):
+    monkeypatch.setenv("http_proxy", f"http://{HOST}:9")
+    monkeypatch.setenv("no_proxy", "internal.example")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    service = ServiceProcess(**spawn("echo", [sys.executable, "-c", "import os; print(os.environ['no_proxy'], "
+                                              "os.environ['NO_PROXY'])"], tmp_path))
+    psutil.wait_procs([psutil.Process(service.pid)], timeout=30)
+    assert service.log_tail().split() == [f"internal.example,{HOST},localhost"] * 2
+
+
+def test_stop_survives_processes_ending_on_their_own(tmp_path, monkeypatch):
+    """`down` while Ray's workers exit: one gone between being listed and being asked must not stop the rest."""
+    parent = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); " \
+             "time.sleep(120)"
+    service = ServiceProcess(**spawn("tree", [sys.executable, "-c", parent], tmp_path))
+    root = psutil.Process(service.pid)
+    while not root.children():
+        pass
+    child = root.children()[0]
+    real_status = psutil.Process.status
+
+    def gone_when_asked(process):
+        if process.pid != service.pid:
+            raise psutil.NoSuchProcess(process.pid)
+        return real_status(process)
+
+    monkeypatch.setattr(psutil.Process, "status", gone_when_asked)
+    try:
+        assert service.stop(timeout=5)
+        assert not root.is_running()
+    finally:
+        monkeypatch.undo()
+        child.kill()
+
+
+def test_rays_socket_folder_is_private(tmp_path):
+    folder = private_dir(tmp_path / "ray-1234")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert private_dir(folder) == folder  # reused on a restart
+    folder.chmod(0o777)  # made by another user for everyone to write in, as /tmp allows
+    with pytest.raises(ServiceError, match="ray-1234: Ray's socket folder is another user's or writable by others"):
+        private_dir(folder)
+
+
+def test_a_head_of_zero_cpus_offers_zero(tmp_path, monkeypatch):
+    commands = []
+
+    def spawn_nothing(name, cmd, state_dir, env):
+        commands.append(cmd)
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(ray_head, "spawn", spawn_nothing)
+    with pytest.raises(RuntimeError, match="not started"):
+        ray_head.start_ray_head(tmp_path, num_cpus=0, ray_tmpdir=tmp_path)
+    (cmd,) = commands
+    assert cmd[cmd.index("--num-cpus") + 1] == "0"
+    ports = [int(cmd[cmd.index(flag) + 1]) for flag in ray_head.INTERNAL_PORT_FLAGS]
+    assert len(set(ports)) == len(ports)
