@@ -5,6 +5,7 @@ unknown keys are refused with the closest allowed name, and a schema's own __pos
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Hashable
@@ -101,7 +102,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         if not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: {key.strip()!r} has an empty part between its dots")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = yaml.load(value, UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
     return overrides
@@ -109,7 +110,8 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader refusing a key given twice in one mapping, which it would read as the last one alone
-    (`run: {actors: 4}` then `run: {batch_size: 8}` silently dropped the actors)."""
+    (`run: {actors: 4}` then `run: {batch_size: 8}` silently dropped the actors), and reading `5e-4` as a number
+    (YAML 1.2), not the string YAML 1.1 makes of an exponent without a dot or a sign."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -122,6 +124,21 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, why, key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_implicit_resolver(  # copies the base class's table first: yaml.safe_load is left as it is
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def unshared(data):
+    """`data` with no mapping or list in two places: YAML gives an anchor and its aliases (`audio: *image`, and
+    what `<<: *defaults` merges) one object, so a `--set` of one would change the others too."""
+    if isinstance(data, dict):
+        return {key: unshared(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [unshared(value) for value in data]
+    return data
 
 
 def load_config(path, schema, overrides: dict | None = None):
@@ -137,6 +154,8 @@ def load_config(path, schema, overrides: dict | None = None):
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):  # before overrides go into it
         raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    if overrides:
+        data = unshared(data)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

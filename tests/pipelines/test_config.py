@@ -157,6 +157,30 @@ def test_set_overrides_are_typed_checked_and_named(tmp_path):
     assert config.tracking.experiment == "x"
 
 
+def test_an_exponent_without_a_dot_is_a_number():
+    """The help's own example, `--set phase1.lr=5e-4`, was refused: YAML 1.1 reads `5e-4` as a string."""
+    from pipelines.config import parse_overrides
+    from pipelines.train import TrainConfig
+
+    config = load_config(CONFIGS / "paper" / "train_vision.yaml", TrainConfig,
+                         parse_overrides(["phase1.lr=5e-4", "phase2.lr=1E-5", "scaling.workers=1"]))
+    assert (config.phase1.lr, config.phase2.lr) == (5e-4, 1e-5)
+
+
+def test_set_changes_one_place_of_an_anchored_mapping(tmp_path):
+    """YAML makes an anchor and its alias one object: `--set phase1.steps` changed phase II's steps as well."""
+    from pipelines.config import parse_overrides
+    from pipelines.train import TrainConfig
+
+    lines = (CONFIGS / "demo" / "train.yaml").read_text().splitlines()
+    lines = [("phase1: &phase " + line.removeprefix("phase1: ")) if line.startswith("phase1:") else line
+             for line in lines if not line.startswith("phase2:")] + ["phase2: *phase"]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    assert load_config(path, TrainConfig).phase2.steps == 300
+    config = load_config(path, TrainConfig, parse_overrides(["phase1.steps=7"]))
+    assert (config.phase1.steps, config.phase2.steps) == (7, 300)
+
+
 def test_set_on_the_command_line_fails_before_any_work(capsys):
     from pipelines.cli import main
 
