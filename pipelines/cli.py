@@ -56,6 +56,33 @@ def cmd_generate(args) -> None:
     print()
 
 
+MEDIA = ("image", "audio", "series")
+
+
+def medium_option(text: str) -> tuple[str | None, str]:
+    """`VALUE` or `MEDIUM=VALUE` (image=, audio=, series=): (the medium named or None, the value)."""
+    medium, sep, value = text.partition("=")
+    return (medium, value) if sep and medium in MEDIA else (None, text)
+
+
+def per_medium(option: str, given: list[tuple[str | None, str]], media: list[str]) -> dict[str, str]:
+    """medium -> value of a repeatable `option`: a value without a medium is the one medium given's; with several
+    media each needs its own (one folder is never both an image and an audio encoder)."""
+    chosen = {}
+    for medium, value in given:
+        if medium is None:
+            if len(media) != 1:
+                raise ValueError(f"{option} {value}: with {' and '.join('--' + m for m in media)} given, name the "
+                                 f"medium, e.g. {option} {media[0]}={value}")
+            medium = media[0]
+        if medium not in media:
+            raise ValueError(f"{option} {medium}={value}: no --{medium} given")
+        if medium in chosen:
+            raise ValueError(f"{option}: {medium} given twice ({chosen[medium]}, {value})")
+        chosen[medium] = value
+    return chosen
+
+
 def load_media(args, model_dir, encoder_dirs: dict[str, str]):
     """The --image/--audio file's features, and the --series window (a SeriesInput), each encoded as the model's
     training caches were (`MediaEncoders`): by --encoder-dir, else the encoder a logged model carries."""
@@ -64,21 +91,25 @@ def load_media(args, model_dir, encoder_dirs: dict[str, str]):
     # transformers: heavy, only media needs it
     from preprocessing.encoders.recorded import MediaEncoders
 
-    dirs = {m: args.encoder_dir or encoder_dirs.get(m) for m in ("image", "audio", "series")}
-    encoders = MediaEncoders(model_dir, dirs, {m: args.encoder for m in ("image", "audio") if args.encoder})
+    media_given = [m for m in MEDIA if getattr(args, m)]
+    if not media_given:
+        raise ValueError("give at least one of --image, --audio, --series")
+    dirs = encoder_dirs | per_medium("--encoder-dir", args.encoder_dir or [], media_given)
+    encoders = MediaEncoders(model_dir, dirs, per_medium("--encoder", args.encoder or [], media_given))
     media, series = [], None
     for modality, path in (("image", args.image), ("audio", args.audio)):
         if path:
             encode = encoders.image if modality == "image" else encoders.audio
             media.append((modality, encode(Path(path).read_bytes(), path)))
     if args.series:
-        values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
+        try:
+            values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
+        except ValueError as e:  # a header line, a word among the numbers
+            raise ValueError(f"{args.series}: not a CSV of numbers ({e})") from None
         if values.shape[1] != 1:
             raise ValueError(f"{args.series}: {values.shape[1]} columns; a series is one column of numbers")
         series = encoders.series(values[:, 0], args.series)
         media.append(("series", series.features))
-    if not media:
-        raise ValueError("give at least one of --image, --audio, --series")
     return media, series
 
 
@@ -89,9 +120,10 @@ def cmd_chat(args) -> None:
     from modrwkv.tokenizer import WorldTokenizer
     from pipelines.logged_models import local_model
     from pipelines.trained_model import load_trained_model
+    from preprocessing.local_copy import local_copy
 
     found = local_model(args.model)
-    backbone = RWKV7.from_pretrained(args.backbone) if args.backbone else None
+    backbone = RWKV7.from_pretrained(local_copy(args.backbone)) if args.backbone else None
     model = prepare_for_inference(load_trained_model(str(found.model_dir), backbone), quantization=args.quantize)
     media, series = load_media(args, found.model_dir, found.encoder_dirs)
     tokenizer = WorldTokenizer()
@@ -267,16 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a ModRWKV save_pretrained directory, or a logged or registered "
                                                   "model: models:/<model id>, models:/NAME/VERSION|latest, "
                                                   "models:/NAME@alias")
-    p.add_argument("--backbone", help="the backbone (.pth or directory) for an adapter-only checkpoint "
+    p.add_argument("--backbone", help="the backbone (.pth or folder, local or s3://) for an adapter-only checkpoint "
                                       "(default: the one recorded beside it)")
     p.add_argument("--image")
     p.add_argument("--audio", help="any rate soundfile reads; resampled to 16 kHz")
     p.add_argument("--series", help="CSV of numbers, one column: the lookback window (a model with a forecast head "
                                     "prints its forecast)")
-    p.add_argument("--encoder", help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm (default: "
-                                     "the one the model records; its input size and layer are always the recorded)")
-    p.add_argument("--encoder-dir", help="local directory with the encoder's weights (those the model was trained on; "
-                                         "default for a logged model: the encoder it carries)")
+    p.add_argument("--encoder", type=medium_option, action="append", metavar="[MEDIUM=]KIND",
+                   help="frozen encoder kind: clip, siglip, siglip2, dinov2, whisper, wavlm (default: the one the "
+                        "model records; its input size and layer are always the recorded); with more than one "
+                        "medium, one per medium: --encoder image=siglip2 --encoder audio=whisper")
+    p.add_argument("--encoder-dir", type=medium_option, action="append", metavar="[MEDIUM=]DIR",
+                   help="local directory with the encoder's weights (those the model was trained on; default for a "
+                        "logged model: the encoder it carries); with more than one medium, one per medium: "
+                        "--encoder-dir image=ENC_IMAGE --encoder-dir audio=ENC_AUDIO")
     p.add_argument("--question", action="append", help="repeatable; without it, questions are read from stdin")
     add_quantize_option(p)
     p.set_defaults(func=cmd_chat)

@@ -90,6 +90,31 @@ def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, mo
     assert user_error(TypeError("a bug")) is None  # keeps its traceback
 
 
+def test_encoder_options_are_per_medium(tmp_path):
+    """One --encoder-dir went to every medium: an image and an audio clip together could not be asked about."""
+    from types import SimpleNamespace
+
+    from pipelines.cli import build_parser, load_media, per_medium
+
+    args = build_parser().parse_args(["chat", "--model", "m", "--image", "a.png", "--audio", "b.wav",
+                                      "--encoder-dir", "image=ENC_IMAGE", "--encoder-dir", "audio=a=b",
+                                      "--encoder", "whisper"])
+    assert args.encoder_dir == [("image", "ENC_IMAGE"), ("audio", "a=b")] and args.encoder == [(None, "whisper")]
+    assert per_medium("--encoder-dir", args.encoder_dir, ["image", "audio"]) == {"image": "ENC_IMAGE", "audio": "a=b"}
+    assert per_medium("--encoder-dir", [(None, "ENC")], ["audio"]) == {"audio": "ENC"}
+    with pytest.raises(ValueError, match="--encoder whisper: with --image and --audio given, name the medium, e.g. "
+                                         "--encoder image=whisper"):
+        per_medium("--encoder", args.encoder, ["image", "audio"])
+    with pytest.raises(ValueError, match="--encoder-dir audio=a=b: no --audio given"):
+        per_medium("--encoder-dir", args.encoder_dir, ["image"])
+    with pytest.raises(ValueError, match=r"--encoder-dir: image given twice \(X, Y\)"):
+        per_medium("--encoder-dir", [("image", "X"), (None, "Y")], ["image"])
+    (tmp_path / "co2.csv").write_text("co2\n315.7\n317.4\n")
+    media = SimpleNamespace(image=None, audio=None, series=str(tmp_path / "co2.csv"), encoder_dir=None, encoder=None)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'co2.csv'}: not a CSV of numbers"):
+        load_media(media, tmp_path, {})
+
+
 @pytest.mark.slow
 def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepared):
     import numpy as np
