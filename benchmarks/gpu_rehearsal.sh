@@ -5,7 +5,8 @@
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
 #   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-2 in bf16 with fp32 gradient
 #                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py);
-#                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py)
+#                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py); the
+#                       model's packed rows on CUDA against the CPU (test_model_cuda.py, also in kernel_tests)
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`);
@@ -41,15 +42,22 @@ PARTS=${PARTS:-"$ALL_PARTS phase2_compile"}
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(mktemp -d)}
+# one folder for every call on the machine: a second call while it is still warm compiles nothing again
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/modrwkv-triton-cache}
+mkdir -p "$TRITON_CACHE_DIR"
 [[ -f runs/triton_autotune.tar.gz ]] && tar xzf runs/triton_autotune.tar.gz -C "$TRITON_CACHE_DIR"
+# a failed install stops here, not minutes later at the first import of what it lacks
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        || { echo "== the wheels in .whl did not install: stopping"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
+    || { echo "== a carried package does not import: stopping"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOGS/machine.log"
 
+LINE_BUFFERED=$(command -v stdbuf >/dev/null && echo "stdbuf -oL")  # coreutils' stdbuf, where the image has it
 part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is left of the budget), log, pack
     local name=$1 limit=$2 started=$SECONDS left=$((DEADLINE - SECONDS))
     shift 2
@@ -57,14 +65,17 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     if ((left < 20)); then echo "== $name: skipped, ${left}s of the budget left"; return 0; fi
     ((limit > left)) && limit=$left
     echo "== $name (at most ${limit}s)"
-    timeout -k 10 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tee "$LOGS/$name.log"
+    # line-buffered all along: a part the device's own limit cuts short still leaves its lines in the log
+    timeout -k 10 "$limit" "$@" 2>&1 | $LINE_BUFFERED tr '\r' '\n' | grep --line-buffered -v '^\s*$' \
+        | tee "$LOGS/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$LOGS/$name.log"
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tar.gz" -T -)
 }
 part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
-part deepspeed_tests 90 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
-    tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py -k "cuda or deepspeed or on_the_gpu"
+part deepspeed_tests 150 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
+    tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py tests/modrwkv/test_model_cuda.py \
+    -k "cuda or deepspeed or on_the_gpu"
 part demo_quality 280 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
 # the image has torch, triton, transformers, safetensors and pytest; not these (at the lock's versions where locked)
-LOCKED="rwkv jiwer RapidFuzz hjson pydantic pydantic_core annotated-types typing-inspection"
+# (typing_extensions: pydantic needs a newer one than an image may hold)
+LOCKED="rwkv jiwer RapidFuzz hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions"
 FLA=fla-core==0.6.0  # the fla rows: not in the lock (an optional backend)
 PLATFORMS=""
 for tag in manylinux1 manylinux2014 manylinux_2_17 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_31 \
@@ -40,3 +41,7 @@ if [[ "${1:-}" != "--no-caches" ]]; then
     .venv/bin/python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json
     echo "runs/gpu_demo: $(du -sh runs/gpu_demo | cut -f1) (with $WHEELS: at most 64 MiB a call)"
 fi
+carry=("$WHEELS")
+[[ -d runs/gpu_demo ]] && carry+=(runs/gpu_demo)
+carried=$(du -smc "${carry[@]}" | tail -1 | cut -f1)
+((carried <= 60)) || { echo "$WHEELS and runs/gpu_demo hold ${carried} MiB: over what one call carries" >&2; exit 1; }

@@ -54,6 +54,25 @@ def test_the_rehearsal_packs_logs_and_autotuning_results_into_a_relative_out(tmp
         assert tuned.getnames() == ["./somehash/_chunk_fwd_kernel.autotune.json"]
 
 
+@pytest.mark.parametrize("failing, message", [("pip install", "the wheels in .whl did not install"),
+                                               ("import deepspeed", "a carried package does not import")])
+def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing, message):
+    """Without the stop, every part ran on and the first one to import what the wheels held failed minutes later,
+    on the device's time."""
+    repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "deepspeed-0.19.8-py3-none-any.whl").write_text("")
+    tools = tmp_path / "bin"
+    stub(tools, "python3", f'case "$*" in *"{failing}"*) exit 1;; esac; echo stub python3 "$@"')
+    stub(tools, "nvidia-smi", "echo stub GPU")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "PARTS": "kernel_tests", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1 and f"== {message}: stopping" in run.stdout, run.stdout + run.stderr
+    assert "== kernel_tests" not in run.stdout
+
+
 def test_the_inputs_script_runs_in_a_git_worktree(tmp_path):
     """In a worktree .git is a file: the wheels' folder is excluded through git's own path for info/exclude, where
     writing .git/info/exclude stopped the script."""
