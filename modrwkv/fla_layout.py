@@ -15,6 +15,7 @@ from .model import RWKV7
 
 # RWKV-LM name part -> fla name part. LoRA triples x0/x1/x2 become x_lora.lora.{2.bias, 0.weight, 2.weight},
 # with the matrices transposed (fla stores them as nn.Linear weights). fla keeps [1,1,C] only for att.x_*.
+ARCHITECTURE = "RWKV7ForCausalLM"  # fla's class for the layout, as its config.json names it
 _TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
         "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
 _PART = {"att": "attn", "ffn": "ffn", "ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
@@ -50,7 +51,7 @@ def rwkv_to_fla(weights: dict[str, torch.Tensor], config: RWKV7Config) -> tuple[
         out[fla_name] = t.contiguous()
     hf_config = {
         "model_type": "rwkv7",
-        "architectures": ["RWKV7ForCausalLM"],
+        "architectures": [ARCHITECTURE],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "num_hidden_layers": config.n_layer,

@@ -22,8 +22,9 @@ from .. import tokenizer as world_tokenizer
 from .. import wavenet
 from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict
 from ..conversation import PLACEHOLDER_IDS, TURN_END
+from ..fla_layout import ARCHITECTURE as FLA_ARCHITECTURE
 from ..fla_layout import write_fla_folder
-from ..model_folder import read_encoders_record
+from ..model_folder import read_backbone_source, read_encoders_record
 from ..multimodal import ModRWKV
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
@@ -35,18 +36,38 @@ AUTO_MAP = {"AutoConfig": "configuration_modrwkv.ModRWKVConfig",
             "AutoTokenizer": ["tokenization_modrwkv.ModRWKVTokenizer", None]}
 
 
-def check_out_dir(model_dir, out_dir) -> None:
-    """Refuses to write the export over the folder it reads."""
-    if Path(out_dir).resolve() == Path(model_dir).resolve():
+ARCHITECTURES = {"hf": "ModRWKVForCausalLM", "fla": FLA_ARCHITECTURE}  # what each export's config.json names
+
+
+def check_out_dir(model_dir, out_dir, target: str) -> None:
+    """Refuses to write the export (`target`: hf or fla) over the folder it reads, over the backbone that folder
+    records, or into a folder holding anything but an earlier export of the same kind: one file name, config.json
+    or model.safetensors, would replace another model's."""
+    out = Path(out_dir).resolve()
+    if out == Path(model_dir).resolve():
         raise CheckpointError(f"{out_dir}: the export would overwrite the model folder it reads; give another folder")
+    source = read_backbone_source(model_dir) or {}
+    backbones = [Path(model_dir) / source["relative_path"]] if source.get("relative_path") else []
+    if any(out == p.resolve() for p in backbones + ([Path(source["path"])] if source.get("path") else [])):
+        raise CheckpointError(f"{out_dir}: the export would overwrite the backbone {model_dir} records; give another "
+                              "folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        architectures = json.loads((out / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        architectures = None
+    if architectures != [ARCHITECTURES[target]]:
+        raise CheckpointError(f"{out_dir}: holds other files than an earlier {target} export; give an empty or new "
+                              "folder")
 
 
 def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
     """The transformers folder (see the module's docstring) of `model`, opened from `model_dir`; returns it."""
-    check_out_dir(model_dir, out_dir)
+    check_out_dir(model_dir, out_dir, "hf")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "modrwkv", "architectures": ["ModRWKVForCausalLM"], "auto_map": AUTO_MAP,
+    config = {"model_type": "modrwkv", "architectures": [ARCHITECTURES["hf"]], "auto_map": AUTO_MAP,
               **model.config.to_dict(), "placeholder_ids": PLACEHOLDER_IDS,
               "encoders": read_encoders_record(model_dir), "dtype": "float32", "tie_word_embeddings": False}
     write_json(out_dir / "config.json", config)
@@ -69,7 +90,7 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
 
 def export_fla(model: ModRWKV, model_dir, out_dir) -> Path:
     """The fla folder (config.json, model.safetensors) of `model`'s backbone, opened from `model_dir`; returns it."""
-    check_out_dir(model_dir, out_dir)
+    check_out_dir(model_dir, out_dir, "fla")
     write_fla_folder(cpu_state_dict(model.backbone), model.config.backbone, out_dir)
     return Path(out_dir)
 

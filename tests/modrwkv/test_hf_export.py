@@ -199,6 +199,27 @@ def test_an_adapter_only_folder_exports_with_its_recorded_backbone(exported, tmp
     assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
 
 
+
+def test_an_export_replaces_only_an_earlier_export_of_its_kind(exported, tmp_path, capsys):
+    """One file name (config.json, model.safetensors) would replace another model's: exporting into the backbone a
+    folder records, into another model or into an export of the other kind is refused, and nothing is written."""
+    model, root = exported
+    model.backbone.save_pretrained(tmp_path / "backbone")
+    model.save_pretrained(tmp_path / "phase1", adapter_only=True, backbone_source={"path": str(tmp_path / "backbone")})
+    backbone_files = {p.name: p.read_bytes() for p in (tmp_path / "backbone").iterdir()}
+    for target, out, reason in (("fla", tmp_path / "backbone", "would overwrite the backbone"),
+                                ("hf", tmp_path / "phase1", "would overwrite the model folder it reads"),
+                                ("hf", tmp_path / "backbone", "would overwrite the backbone"),
+                                ("fla", root / "export", "holds other files than an earlier fla export")):
+        assert main(["export", "--to", target, str(tmp_path / "phase1"), str(out)]) == 2
+        assert f"{out}: " in (err := capsys.readouterr().err) and reason in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "backbone").iterdir()} == backbone_files
+    model.save_pretrained(tmp_path / "other")  # another model's folder, not named by this one's records
+    assert main(["export", "--to", "hf", str(root / "model"), str(tmp_path / "other")]) == 2
+    assert "holds other files than an earlier hf export" in capsys.readouterr().err
+    assert main(["export", "--to", "hf", str(tmp_path / "phase1"), str(root / "export")]) == 0  # an export again
+
+
 def test_the_fla_export_gives_the_backbone_back(exported, tmp_path):
     model, root = exported
     assert main(["export", "--to", "fla", str(root / "model"), str(tmp_path / "fla")]) == 0
