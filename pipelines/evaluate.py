@@ -64,6 +64,11 @@ class EvalConfig:
         if self.batch_size < 1 or self.table_rows < 0:
             raise ValueError(f"batch_size must be 1 or more and table_rows 0 or more, not {self.batch_size} and "
                              f"{self.table_rows}")
+        for name, least in (("max_new_tokens", 1), ("actors", 0)):  # season: against the lookback, when known
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be {least} or more, not {getattr(self, name)}")
+        if self.register_as and not self.track:
+            raise ValueError(f"register_as {self.register_as!r} registers in MLflow, which track: false turns off")
 
 
 @dataclass

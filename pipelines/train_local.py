@@ -34,9 +34,12 @@ def configured_tracking_uri(config: TrainConfig) -> str | None:
 def run_single_process(config: TrainConfig, phase: int, device: str | None = None) -> tuple[Path, list[dict]]:
     """Trains one phase; returns the model folder on this machine (under an s3:// output_dir, a copy of the
     published one) and every step's metrics."""
+    uri = configured_tracking_uri(config)
+    if phase == 2 and config.tracking.register_as and not uri:  # before training, not silently after it
+        raise ValueError(f"tracking.register_as {config.tracking.register_as!r}: registering needs MLflow, which one "
+                         "process uses only when told where: set tracking.tracking_uri or MLFLOW_TRACKING_URI")
     plan = plan_phase(config, phase, world=1)
     hp, opened, out = plan.hp, plan.opened, plan.out
-    uri = configured_tracking_uri(config)
     logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
     skipped = []  # train_steps extends it as it goes: a failed run names those left out before it failed too
     with tracked_run(logger, skipped):

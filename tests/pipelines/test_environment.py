@@ -39,3 +39,9 @@ def test_a_process_sent_to_a_gpu_it_lacks_fails_naming_the_setting(monkeypatch):
         Predictor("no-such-checkpoint", "no-such-cache", TASKS["vqa"], device="cuda")
     with pytest.raises(ValueError, match="gpus_per_actor must be 0 or more"):
         EvalConfig(checkpoint="c", task="vqa", cache="c", gpus_per_actor=-1)
+    # refused at load, before the cache is resolved (and maybe encoded) and an actor fails with it
+    for setting, message in (({"max_new_tokens": 0}, "max_new_tokens must be 1 or more, not 0"),
+                             ({"actors": -1}, "actors must be 0 or more, not -1"),
+                             ({"register_as": "mine", "track": False}, "register_as 'mine' registers in MLflow")):
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(checkpoint="c", task="vqa", cache="c", **setting)

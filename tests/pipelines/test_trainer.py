@@ -185,6 +185,17 @@ print("RESULT" + json.dumps(result))
     assert phase2["losses"][0] < phase1["losses"][0]  # phase II starts where phase I ended, not from scratch
 
 
+def test_registering_without_mlflow_is_refused_before_training(setup, tmp_path, monkeypatch):
+    """One process tracks only when told where; a --register-as without that trained, then registered nothing."""
+    root, cache = setup
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = config_for(root, cache, "unregistered", output_dir=str(tmp_path / "runs"),
+                        tracking={"register_as": "digits"})
+    with pytest.raises(ValueError, match="tracking.register_as 'digits': registering needs MLflow"):
+        run_single_process(config, 2, device="cpu")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(setup, tmp_path, monkeypatch):
     """The config's switch reaches the backbone: every block runs under torch's checkpoint (its forward again in
     the backward pass), and phase I's losses are those of the run that keeps its activations."""
