@@ -26,6 +26,9 @@ class JobResult:
 
 
 def runtime_env(working_dir: str | Path = ".", env_vars: dict[str, str] | None = None) -> dict:
+    """`env_vars` are the job's runtime env, which Ray's dashboard and state API show to whoever reaches them: no
+    real credentials there (the local endpoint's placeholders are fine). A job's driver passes its own S3 settings
+    on to its workers as `preprocessing.storage.Settings` does."""
     return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": dict(env_vars or {})}
 
 
