@@ -237,8 +237,9 @@ class ItemEncoder:
         import torch
 
         from preprocessing.encoders import build_encoder, build_settings
+        from preprocessing.encoders.base import DTYPES
 
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec.dtype]
+        dtype = DTYPES[self.spec.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_dir = local_copy(self.spec.model_dir)  # an s3:// folder: this node's copy
         settings = build_settings(dataclasses.asdict(self.spec))

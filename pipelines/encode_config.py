@@ -60,7 +60,9 @@ class EncoderSpec:
     kind: str  # a registered frozen encoder (clip, siglip2, whisper, ...) or "raw" for WaveNet series
     model_dir: str | None = None  # a folder or s3:// URI (each node reads its local copy)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    image_size: int | None = None  # vision only: square input size (default: the model's processor config)
+    # vision only: square input size (default: the model's processor config); siglip2 (NaFlex, any aspect ratio):
+    # the patch budget of a square that size, (image_size / patch)² (384: the paper's 576 patches; default 256)
+    image_size: int | None = None
     # vision only: the hidden layer whose tokens are cached (LLaVA's mm_vision_select_layer: -2 is the
     # penultimate, before the final norm); None: the last hidden state
     layer: int | None = None
@@ -72,9 +74,6 @@ class EncoderSpec:
 
         if self.image_size is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
-        if self.image_size is not None and self.kind == "siglip2":  # NaFlex never reads a size
-            raise ValueError("encoder.image_size does not apply to siglip2: its preprocessor's max_num_patches "
-                             "sets the resolution")
         if self.layer is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.layer applies to vision encoders, not {self.kind!r}")
 

@@ -9,7 +9,9 @@ medium:
 and gets one prediction per row: {"answer": text}, or {"forecast": [...]} (in the series' own units) from a model
 with a forecast head. Media are decoded, checked and encoded as the encode job made the training caches, by the
 recorded encoder the model carries; the answer is `modrwkv chat`'s. A bad row fails the request with HTTP 400
-and its reason; the server goes on serving.
+and its reason; a medium the model was logged without the encoder of (a phase I or checkpoint model) with 501,
+anything else that fails with 500; the server goes on serving. Rows are answered one after another, at most
+`MAX_ROWS` a request (an evaluation belongs in `modrwkv eval`); the size of a request's body is the proxy's to limit.
 """
 
 import base64
@@ -18,6 +20,7 @@ import math
 
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, NOT_IMPLEMENTED
 from mlflow.pyfunc import PythonModel
 
 MODALITIES = ("image", "audio", "series")
@@ -25,6 +28,7 @@ FIELDS = ("question", *MODALITIES)
 MAX_MEDIA_BASE64 = 16 * 2**20  # characters; larger media are refused before anything is decoded
 MAX_QUESTION_CHARS = 4000
 MAX_SERIES_VALUES = 100_000  # a lookback longer than any recipe's (720) by far; each value is a step of prefill
+MAX_ROWS = 64  # a request's work is bounded: MLflow answers a timed-out client with 504 but its predict runs on
 FORMATS = ("dataframe_records, dataframe_split, inputs or instances as a list of rows, or inputs as a mapping of "
            "columns or of one row's fields")
 
@@ -58,6 +62,8 @@ def request_rows(model_input) -> list[dict]:
         rows = model_input
     else:
         raise ValueError(f"not rows of fields but {type(model_input).__name__}; a request holds {FORMATS}")
+    if len(rows) > MAX_ROWS:
+        raise ValueError(f"{len(rows)} rows, over the limit of {MAX_ROWS} a request; send them in several")
     return [{k: plain(v) for k, v in row.items()} for row in rows]
 
 
@@ -111,6 +117,14 @@ def answer(model, tokenizer, media, row: dict, where: str) -> dict:
 class ModRWKVService(PythonModel):
     """Loads the model folder and its encoders from the logged model's artifacts; answers rows in order."""
 
+    def build_encoders(self) -> None:
+        """Every encoder the model's media need and the logged model carries, built now rather than at the first
+        request: a server answering /ping has loaded them, and weights other than those the model was trained
+        with fail its start."""
+        for modality in self.model.projectors:
+            if self.media.needs_encoder(modality) and self.media.encoder_dirs.get(modality):
+                self.media.encoder(modality)
+
     def load_context(self, context) -> None:
         from modrwkv.inference import prepare_for_inference
         from modrwkv.multimodal import ModRWKV
@@ -124,10 +138,19 @@ class ModRWKVService(PythonModel):
         self.tokenizer = WorldTokenizer()
         encoders = {m: context.artifacts.get(ENCODER_ARTIFACT.format(m)) for m in MODALITIES}
         self.media = MediaEncoders(model_dir, encoders)
+        self.build_encoders()
 
     def predict(self, context, model_input, params=None) -> list[dict]:
+        from preprocessing.encoders.recorded import MissingEncoder
+
         try:
             rows = request_rows(model_input)
             return [answer(self.model, self.tokenizer, self.media, row, f"row {i}") for i, row in enumerate(rows)]
+        except MissingEncoder as e:  # the server's lack, not the request's: 501
+            raise MlflowException(f"{e}; this logged model carries none (serve one logged with it)",
+                                  error_code=NOT_IMPLEMENTED) from None
         except ValueError as e:  # a bad request, not a failure of the server: HTTP 400 with the reason
             raise MlflowException.invalid_parameter_value(str(e)) from None
+        except Exception as e:  # MLflow would call any error a bad request
+            raise MlflowException(f"the server failed to answer: {type(e).__name__}: {e}",
+                                  error_code=INTERNAL_ERROR) from e

@@ -24,6 +24,9 @@ class EncoderInputs:
         raise NotImplementedError
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # an encoder section's `dtype`
+
+
 class FrozenEncoder:
     kind = "?"
 

@@ -3,22 +3,26 @@
 caches did: the same kind, input size, layer and weights. Features from another resolution, layer or checkpoint
 are a different input; the model would answer them without any error, only worse."""
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
 
-from ..cache.key import hash_model_dir
+from ..cache.key import FEATURE_REVISIONS, hash_model_dir
+from ..cache.precision import DEFAULT, from_stored, to_stored
 from ..items import RAW_SERIES
 from ..validate import Limits, decode_audio, decode_image, normalised_lookback
 from . import build_encoder, build_settings
-from .base import require_local_dir
+from .base import DTYPES, require_local_dir
 
 
 def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, device="cpu"):
-    """The encoder of `encoder_dir` set up as the `modality` caches of the model in `model_dir` were. A model
-    without the record (saved by hand) takes `kind` with its defaults. A different kind or weights: ValueError."""
+    """The encoder of `encoder_dir` set up as the `modality` caches of the model in `model_dir` were: the same kind,
+    weights, input size, layer and dtype, its features rounded as the caches stored them (`AsStored`). A model
+    without the record (saved by hand) takes `kind` with its defaults. A different kind or weights, or features our
+    code has changed since (`FEATURE_REVISIONS`): ValueError."""
     recorded = read_encoders_record(model_dir).get(modality)
     if recorded is None:
         if kind is None:
@@ -26,11 +30,50 @@ def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, 
         return build_encoder(kind, encoder_dir, device=device)
     if kind is not None and kind != recorded["kind"]:
         raise ValueError(f"{model_dir} was trained on {recorded['kind']} {modality} features, not {kind}")
+    check_revision(model_dir, recorded)
     found = hash_model_dir(require_local_dir(encoder_dir))  # before loading: other weights are never built
     if recorded.get("weights_hash") and found != recorded["weights_hash"]:
         raise ValueError(f"{encoder_dir}: not the {recorded['kind']} weights {model_dir} was trained with "
                          f"(weights sha256 {found[:12]}, trained on {recorded['weights_hash'][:12]})")
-    return build_encoder(recorded["kind"], encoder_dir, device=device, **build_settings(recorded))
+    dtype = DTYPES[recorded.get("dtype") or "fp32"]
+    encoder = build_encoder(recorded["kind"], encoder_dir, device=device, dtype=dtype, **build_settings(recorded))
+    return AsStored(encoder, recorded.get("precision") or DEFAULT)
+
+
+def check_revision(model_dir, recorded: dict) -> None:
+    """Refuses features our code has changed since the model's caches were encoded (a record names its revision;
+    none, a kind that had no revision then). A record from before revisions were recorded is let through, with a
+    note where the kind has been revised."""
+    kind, now = recorded["kind"], FEATURE_REVISIONS.get(recorded["kind"], 1)
+    if "revision" not in recorded:
+        if now > 1:
+            print(f"note: {model_dir} does not record which revision of the {kind} features it trained on; this code "
+                  f"makes revision {now} (preprocessing/cache/key.py): a model whose caches are older answers from "
+                  "other features than it learnt", file=sys.stderr)
+        return
+    trained = recorded["revision"] or 1
+    if trained != now:
+        raise ValueError(f"{model_dir} was trained on revision {trained} of the {kind} features, and this code makes "
+                         f"revision {now} (preprocessing/cache/key.py): train it again on caches encoded now")
+
+
+class AsStored:
+    """A frozen encoder whose features come back as the training caches held them: rounded through their storage
+    precision (fp16, or int8 with a scale per vector), so inference reads the values training read."""
+
+    def __init__(self, encoder, precision: str):
+        self.encoder, self.precision = encoder, precision
+
+    def encode(self, items: list, ids: list[str] | None = None) -> list[torch.Tensor]:
+        return [torch.from_numpy(from_stored(to_stored(f.float().numpy(), self.precision), self.precision)).float()
+                for f in self.encoder.encode(items, ids)]
+
+    def __getattr__(self, name):  # kind, output_dim, the model: the encoder's own
+        return getattr(self.encoder, name)
+
+
+class MissingEncoder(ValueError):
+    """The model needs an encoder for a medium that nobody gave it the folder of."""
 
 
 class MediaEncoders:
@@ -43,11 +86,18 @@ class MediaEncoders:
         self.model_dir, self.encoder_dirs, self.kinds = model_dir, dict(encoder_dirs), dict(kinds or {})
         self.limits, self.built = limits or Limits(), {}
 
+    def needs_encoder(self, modality: str) -> bool:
+        """Images and audio always; a series unless the model reads its values itself (WaveNet)."""
+        if modality != "series":
+            return True
+        recorded = read_encoders_record(self.model_dir).get("series", {}).get("kind") or self.kinds.get("series")
+        return recorded not in (None, RAW_SERIES)
+
     def encoder(self, modality: str):
         if modality not in self.built:
             if not self.encoder_dirs.get(modality):
-                raise ValueError(f"no {modality} encoder: give the folder of the {modality} encoder the model was "
-                                 "trained with")
+                raise MissingEncoder(f"no {modality} encoder: give the folder of the {modality} encoder the model "
+                                     "was trained with")
             self.built[modality] = encoder_for(self.model_dir, modality, self.encoder_dirs[modality],
                                                self.kinds.get(modality))
         return self.built[modality]
@@ -63,9 +113,8 @@ class MediaEncoders:
         """A lookback window z-scored as the encode job does (`pipelines/encode.py: series_window`); its features
         are the recorded encoder's, or the normalised values themselves for a model with its own WaveNet."""
         window, mean, std = normalised_lookback(values, self.limits, sample_id, name=sample_id)
-        recorded = read_encoders_record(self.model_dir).get("series", {}).get("kind") or self.kinds.get("series")
-        features = window if recorded in (None, RAW_SERIES) else self.encoder("series").encode([window[:, 0]],
-                                                                                                [sample_id])[0]
+        features = self.encoder("series").encode([window[:, 0]], [sample_id])[0] if self.needs_encoder("series") \
+            else window
         return SeriesInput(features, window[:, 0], float(mean), float(std))
 
 

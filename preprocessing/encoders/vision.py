@@ -1,6 +1,9 @@
 """Vision towers: CLIP, SigLIP, SigLIP2 and DINOv2, any width; the last hidden state or a chosen layer's tokens
 (CLS included where present)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -60,6 +63,15 @@ class NaFlexInputs(ImageInputs):
         return {"patches": inputs["pixel_values"][:real], "spatial_shapes": inputs["spatial_shapes"]}
 
 
+def check_model_type(path: Path, kind: str, expected: str) -> None:
+    """Refuses a checkpoint of another architecture, which transformers loads with a warning and the weights it
+    does not know dropped (DINOv2 with registers as DINOv2 ran without its registers). A whole CLIP or SigLIP model
+    (`clip` beside `clip_vision_model`) is fine: its vision tower is read."""
+    found = json.loads((path / "config.json").read_text()).get("model_type")
+    if found not in (expected, expected.removesuffix("_vision_model")):
+        raise ValueError(f"{path}: a {found} checkpoint, not the {expected} model the {kind} encoder reads")
+
+
 class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
@@ -72,6 +84,7 @@ class VisionEncoder(FrozenEncoder):
         `layer` indexes the hidden states (0: the embeddings, -1: the last block's output before the final norm;
         None: the model's last_hidden_state, after the final norm where it has one)."""
         path = require_local_dir(model_dir)
+        check_model_type(path, self.kind, self.model_class.config_class.model_type)
         model = self.model_class.from_pretrained(path, local_files_only=True)
         super().__init__(path, model, self.build_inputs(path, image_size, model.config), device, dtype)
         layers = self.model.config.num_hidden_layers
@@ -146,11 +159,17 @@ class Siglip2Encoder(VisionEncoder):
 
     @classmethod
     def build_inputs(cls, model_dir, image_size: int | None = None, config=None) -> ImageInputs:
-        # NaFlex sizes each image by its patch budget and never reads `size`: a square size would change nothing
+        """NaFlex fits each image, at its own aspect ratio, into a budget of patches and never reads `size`:
+        `image_size` sets that budget to a square of its side's, (image_size / patch)² patches (384 at patch 16: 576,
+        the paper's 577 tokens less a CLS SigLIP2 has not). Default: the preprocessor's own (256 for the base)."""
+        inputs = super().build_inputs(model_dir, config=config)
         if image_size:
-            raise ValueError(f"{model_dir}: siglip2 (NaFlex) takes no image_size; its preprocessor's max_num_patches "
-                             "sets the resolution")
-        return super().build_inputs(model_dir, config=config)
+            patch = inputs.processor.patch_size
+            if image_size % patch:
+                raise ValueError(f"{model_dir}: siglip2's image_size {image_size} is not a multiple of its patch "
+                                 f"size {patch}")
+            inputs.processor.max_num_patches = (image_size // patch) ** 2
+        return inputs
 
     @classmethod
     def default_processor(cls, config):

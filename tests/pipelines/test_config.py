@@ -53,8 +53,6 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
     ("dataset: {format: series, path: x, fractions: [0.5, 0.5]}\nencoder: {kind: raw}", "fractions must be three"),
     ("dataset: {format: asr_jsonl, path: x}\nencoder: {kind: whisper, model_dir: w, layer: -2}",
      "encoder.layer applies to vision encoders, not 'whisper'"),
-    ("dataset: {format: llava, path: x}\nencoder: {kind: siglip2, model_dir: m, image_size: 384}",
-     "encoder.image_size does not apply to siglip2"),
     ("dataset: {format: aishell, path: data_aishell/transcript/aishell_transcript_v0.8.txt}\nencoder: {kind: raw}",
      "dataset.media_root is required for aishell"),
     ("dataset: {format: series, path: x, split_rows: [8640, 2880, 14400]}\nencoder: {kind: raw}",

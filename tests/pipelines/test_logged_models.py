@@ -318,6 +318,39 @@ def test_the_served_model_takes_each_of_mlflows_request_formats(trained, monkeyp
         assert response.status_code == 400 and reason in response.json()["message"], response.json()
 
 
+def test_the_served_model_loads_its_encoders_at_start_and_tells_its_failures_from_the_requests(trained, monkeypatch):
+    """Its encoders are built before the first request (a server answering /ping is ready); a request of too many
+    rows is refused before any is answered; a medium whose encoder the logged model lacks is the server's 501, not
+    the client's 400; an error of the server's own is a 500."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    import pipelines.serving as serving
+
+    root, uri, _, (phase1, _) = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pyfunc.load_model("models:/tiny/1")
+    assert sorted(loaded.unwrap_python_model().media.built) == ["audio", "image"]
+    served = TestClient(scoring_server.init(loaded))
+    row = {"question": "What digit is this?", "image": b64(digit_png(root).read_bytes())}
+    response = served.post("/invocations", json={"dataframe_records": [row] * 65})
+    assert response.status_code == 400 and "65 rows, over the limit of 64" in response.json()["message"]
+
+    def fails(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(serving, "answer", fails)
+    response = served.post("/invocations", json={"dataframe_records": [row]})
+    assert response.status_code == 500 and "RuntimeError: CUDA out of memory" in response.json()["message"]
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _, found = logged_models(MlflowClient(uri), phase1)
+    adapter_only = TestClient(scoring_server.init(mlflow.pyfunc.load_model(f"models:/{found[0].model_id}")))
+    response = adapter_only.post("/invocations", json={"dataframe_records": [row]})
+    assert response.status_code == 501 and "no image encoder" in response.json()["message"], response.json()
+
+
 def test_a_modality_the_model_was_not_trained_on_is_refused_with_the_reason():
     from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
     from modrwkv.tokenizer import WorldTokenizer

@@ -95,7 +95,8 @@ def test_phase1_then_phase2_with_mlflow(setup):
     # inference encodes media as these caches were: the encoder's kind, settings and weights, recorded beside it
     recorded = read_encoders_record(two.model_dir)["image"]
     store = FeatureCache(cache).manifest["store"]
-    assert recorded == {k: store.get(k) for k in ("kind", "dtype", "image_size", "layer", "weights_hash")}
+    assert recorded == {k: store.get(k) for k in ("kind", "dtype", "image_size", "layer", "weights_hash", "revision",
+                                                  "precision")}
     assert recorded["kind"] == "clip" and len(recorded["weights_hash"]) == 64
 
     run = client.get_run(two.run_id)

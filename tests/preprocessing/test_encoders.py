@@ -19,6 +19,7 @@ from modrwkv.model_folder import read_encoders_record, write_records
 from preprocessing.encoders import ENCODERS, build_encoder, build_inputs
 from preprocessing.encoders.audio import length_groups
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
+from preprocessing.cache.key import hash_model_dir
 from preprocessing.encoders.recorded import encoder_for
 from preprocessing.encoders.timer import TimerConfig, TimerModel
 from preprocessing.items import Audio
@@ -70,13 +71,35 @@ def test_vision_encoders_load_from_a_local_dir(tmp_path, kind):
         encoder.encode([rgb(0).convert("L")], ["gray-3"])
 
 
-def test_siglip2_refuses_an_image_size_it_would_ignore(tmp_path):
-    # NaFlex resizes to its patch budget whatever `size` says: the setting would only change the cache key
-    model_class, config, _ = VISION["siglip2"]
+def test_siglip2s_image_size_sets_its_patch_budget(tmp_path):
+    """NaFlex never reads a square size: image_size is the budget of a square that size (the paper's 577 tokens
+    need 576 patches, not the base's default 256)."""
+    model_class, config, _ = VISION["siglip2"]  # patch 8, a default budget of 16
     model_class(config).save_pretrained(tmp_path)
-    for build in (build_encoder, build_inputs):
-        with pytest.raises(ValueError, match="siglip2 .NaFlex. takes no image_size"):
-            build("siglip2", tmp_path, image_size=64)
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8))
+    assert build_encoder("siglip2", tmp_path).encode([wide])[0].shape[0] <= 16
+    features = build_encoder("siglip2", tmp_path, image_size=48).encode([wide])[0]
+    assert 16 < features.shape[0] <= 36  # (48 / 8)² patches at most, the image's 2:1 kept
+    assert build_inputs("siglip2", tmp_path, image_size=48).processor.max_num_patches == 36
+    with pytest.raises(ValueError, match="siglip2's image_size 50 is not a multiple of its patch size 8"):
+        build_inputs("siglip2", tmp_path, image_size=50)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    """DINOv2 with registers loaded as DINOv2 ran without its registers, with a warning at most."""
+    from transformers import CLIPConfig, CLIPModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    _, config, _ = VISION["dinov2"]
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**{**config.to_dict(), "num_register_tokens": 4})) \
+        .save_pretrained(tmp_path / "registers")
+    with pytest.raises(ValueError, match="a dinov2_with_registers checkpoint, not the dinov2 model"):
+        build_encoder("dinov2", tmp_path / "registers")
+    _, vision, length = VISION["clip"]
+    CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config={"hidden_size": 32, "num_hidden_layers": 1,
+                                                                      "num_attention_heads": 2,
+                                                                      "intermediate_size": 64})) \
+        .save_pretrained(tmp_path / "whole-clip")  # a whole CLIP: its vision tower is what the encoder reads
+    assert build_encoder("clip", tmp_path / "whole-clip").encode([rgb(0)])[0].shape[0] == length
 
 
 def test_missing_model_dir_is_clear(tmp_path):
@@ -250,7 +273,8 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
         "limits": {"max_image_pixels": 1}}})
     assert read_encoders_record(tmp_path / "model")["image"]["layer"] == 1
     rebuilt = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
-    torch.testing.assert_close(rebuilt.encode([rgb(0)], ["a"])[0], trained.encode([rgb(0)], ["a"])[0])
+    # as the caches hold them: in fp16
+    torch.testing.assert_close(rebuilt.encode([rgb(0)], ["a"])[0], trained.encode([rgb(0)], ["a"])[0].half().float())
     assert rebuilt.encode([rgb(0)], ["a"])[0].shape[0] == 4 * 4 + 1  # 56 px: a 4 x 4 patch grid, not the default 2 x 2
     with pytest.raises(ValueError, match="not the dinov2 weights .* was trained with"):
         encoder_for(tmp_path / "model", "image", tmp_path / "other")
@@ -260,6 +284,34 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
         encoder_for(tmp_path / "enc", "image", tmp_path / "enc")
     unrecorded = encoder_for(tmp_path / "enc", "image", tmp_path / "enc", kind="dinov2")  # a model saved by hand
     assert unrecorded.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1
+
+
+def test_inference_reads_the_features_training_read(tmp_path, capsys):
+    """The recorded dtype and storage precision are honoured (bf16 encodes, int8 caches: inference encoded in fp32
+    and read unrounded features), and features our code has changed since the model trained are refused."""
+    from preprocessing.cache.precision import from_stored, to_stored
+    from preprocessing.encoders.recorded import check_revision
+
+    model_class, config, _ = VISION["dinov2"]
+    model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "enc")
+    record = {"kind": "dinov2", "dtype": "bf16", "image_size": 56, "layer": 1,
+              "weights_hash": hash_model_dir(tmp_path / "enc"), "precision": "int8"}
+    (tmp_path / "model").mkdir()
+    write_records(tmp_path / "model", encoders={"image": record})
+    rebuilt = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
+    assert rebuilt.dtype == torch.bfloat16
+    as_encoded = build_encoder("dinov2", tmp_path / "enc", dtype=torch.bfloat16, image_size=56, layer=1)
+    expected = from_stored(to_stored(as_encoded.encode([rgb(0)], ["a"])[0].numpy(), "int8"), "int8")
+    torch.testing.assert_close(rebuilt.encode([rgb(0)], ["a"])[0], torch.from_numpy(expected))
+
+    audio = {"kind": "wavlm", "dtype": "fp32", "image_size": None, "layer": None, "weights_hash": "ab" * 32}
+    write_records(tmp_path / "model", encoders={"audio": {**audio, "revision": 2}})
+    with pytest.raises(ValueError, match="trained on revision 2 of the wavlm features, and this code makes revision 3"):
+        encoder_for(tmp_path / "model", "audio", tmp_path / "enc")
+    check_revision(tmp_path / "model", {**audio, "revision": 3})
+    check_revision(tmp_path / "model", {**record, "revision": None})  # a kind never revised
+    check_revision(tmp_path / "model", audio)  # recorded before revisions were: let through, with a note
+    assert "does not record which revision of the wavlm features" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", sorted(VISION))
