@@ -58,6 +58,9 @@ class ProjectorConfig:
     def __post_init__(self):
         if (self.kernel == 0) != (self.stride == 0) or self.kernel < 0 or self.stride < 0:
             raise ValueError(f"compression (kernel, stride) must be (0, 0) or both positive, got ({self.kernel}, {self.stride})")
+        if self.stride > self.kernel:  # the windows would leave vectors between them unread
+            raise ValueError(f"compression stride {self.stride} is over its kernel {self.kernel}: the vectors between "
+                             "windows would never be read")
         if self.encoder_dim < 0 or self.model_dim < 0 or self.adapter_scale <= 0:
             raise ValueError(f"encoder_dim and model_dim must be positive (0: filled in later), adapter_scale "
                              f"positive: {asdict(self)}")

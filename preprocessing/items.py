@@ -12,9 +12,12 @@ SAMPLE_RATE = 16000  # what every speech encoder here was trained at
 RATE_RANGE = (4000, 192000)
 
 
+MAX_CHANNELS = 16  # more columns than this is a [channels, samples] array, not channels
+
+
 @dataclass(frozen=True, eq=False)
 class Audio:
-    wave: np.ndarray  # [samples] or [samples, channels]
+    wave: np.ndarray  # [samples] or [samples, channels]: floats in [-1, 1], or integer PCM (scaled to them)
     rate: int  # Hz
 
 
@@ -23,9 +26,15 @@ def to_16k_mono(audio: Audio, sample_id: str) -> np.ndarray:
     clips and NaN/inf samples are refused naming the sample."""
     if not isinstance(audio, Audio):
         raise ValueError(f"sample {sample_id}: expected an Audio(wave, rate) item, got {type(audio).__name__}")
-    wave, rate = np.asarray(audio.wave, dtype=np.float32), audio.rate
+    wave, rate = np.asarray(audio.wave), audio.rate
+    if np.issubdtype(wave.dtype, np.integer):  # int16 PCM as read by scipy or wave: full scale to 1.0, as soundfile
+        wave = wave.astype(np.float32) / np.float32(np.iinfo(wave.dtype).max)
+    wave = wave.astype(np.float32, copy=False)
     if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
         raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
+    if wave.ndim == 2 and wave.shape[1] > MAX_CHANNELS:  # torchaudio's layout: each channel would be a 2-sample clip
+        raise ValueError(f"sample {sample_id}: a {wave.shape} waveform has {wave.shape[1]} channels; give it as "
+                         "[samples, channels] (transpose a [channels, samples] array)")
     if wave.ndim == 2:  # [samples, channels]
         wave = wave.mean(axis=1)
     if wave.ndim != 1 or wave.size == 0:

@@ -46,6 +46,8 @@ def test_compression_lengths_table7(kernel_stride, expected):
 def test_projector_config_errors():
     with pytest.raises(ValueError, match="compression"):
         ProjectorConfig(encoder_dim=8, model_dim=8, kernel=3, stride=0)
+    with pytest.raises(ValueError, match="compression stride 4 is over its kernel 3: the vectors between windows"):
+        ProjectorConfig(encoder_dim=8, model_dim=8, kernel=3, stride=4)
     with pytest.raises(ValueError, match="width 9"):
         Projector(ProjectorConfig(encoder_dim=8, model_dim=8))(torch.randn(4, 9))
 

@@ -86,6 +86,25 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tmp_path, encoders, ray
     assert sample.turns[1] == Turn("assistant", "noise")
 
 
+def test_features_past_the_stores_range_are_rejected_not_stored_as_inf(tmp_path):
+    """fp16 holds values up to 65504: an encoder whose activations run larger (or one in fp16 that overflowed to NaN)
+    stored inf, which trained to a NaN loss; each such item is a reject with the reason, the others are written."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    loud = CLIPVisionModel.from_pretrained(save_tiny_clip(tmp_path / "clip"))
+    with torch.no_grad():
+        loud.pre_layrnorm.weight.mul_(1e6)  # a residual stream of about a million
+    loud.save_pretrained(tmp_path / "loud")
+    dataset, _ = bad_images_set(tmp_path / "data")
+    result = run_encode(config(dataset=dataset, encoder={"kind": "clip", "model_dir": str(tmp_path / "loud")},
+                               cache={"root": str(tmp_path / "cache")}))
+    assert result.manifest["counts"] == {"read": 7, "written": 0, "rejected": 7}
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
+    assert "the encoder's features hold NaN or inf (fp32), or values past fp16's range" in reasons["good-0"]
+    assert "largest |value| " in reasons["good-1"] and "not a readable image" in reasons["trunc"]
+
+
 def test_a_file_that_storage_fails_to_read_fails_the_job_and_a_vanished_one_is_rejected(tmp_path, monkeypatch):
     """A sample rejected because the storage failed once would be missing from the entry, and from every later run
     that reuses it: only a file gone since it was fingerprinted is rejected; any other read error stops the job."""

@@ -137,6 +137,18 @@ def test_whisper_trims_to_the_real_length_and_resamples(whisper_dir):
         encoder.encode([tone(31, 16000)])
 
 
+def test_integer_pcm_is_scaled_and_channels_first_is_refused():
+    """int16 samples went in unscaled (a peak of 9830 for 0.3), and a [channels, samples] array was read as a clip
+    of two samples with a channel per sample."""
+    from preprocessing.items import to_16k_mono
+
+    floats = tone(0.1, 16000).wave
+    pcm = np.round(floats * 32767).astype(np.int16)
+    np.testing.assert_allclose(to_16k_mono(Audio(pcm, 16000), "pcm"), floats, atol=1e-4)
+    with pytest.raises(ValueError, match=r"sample s: a \(2, 1600\) waveform has 1600 channels; give it as \[samples"):
+        to_16k_mono(Audio(np.stack([floats, floats]), 16000), "s")
+
+
 @pytest.mark.parametrize("max_padding", [0.0, 0.2, float("inf")])  # each length alone, two pairs, all
 @pytest.mark.parametrize("norm", ["group", "layer"])  # WavLM Base/Base+, WavLM Large
 def test_wavlm_gives_50_hz_features_whatever_its_batch_mates(tmp_path, norm, max_padding):
