@@ -6,7 +6,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modrwkv.conversation import PLACEHOLDERS, Turn, text_length
 
@@ -75,10 +75,21 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise Rejected(f"not a readable image: {type(e).__name__}: {e}") from None
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def as_rgb(im: Image.Image) -> np.ndarray:
-    """A decoded image as the encoders read it, RGB uint8 [H, W, 3]: the encode job's and evaluation's alike."""
+    """A decoded image as the encoders read it, RGB uint8 [H, W, 3]: the encode job's and evaluation's alike. Turned
+    upright as its EXIF orientation says (a phone stores a portrait photo on its side), and transparency laid on
+    white as transformers' own conversion does (PIL drops the alpha, and a diagram drawn in black on a transparent
+    background became black on black)."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         return wide_gray_to_rgb(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        on_white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(on_white, im.convert("RGBA")).convert("RGB"))
     return np.asarray(im.convert("RGB"))
 
 

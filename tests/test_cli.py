@@ -142,10 +142,10 @@ def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepar
     assert "nowhere" in capsys.readouterr().err
     # a trained model records its encoder: no --encoder needed, and other weights are refused
     clip_hash = hash_model_dir(tmp_path / "clip")
-    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": clip_hash}})
+    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": clip_hash, "revision": 2}})
     without_kind = [a for a in args if a not in ("--encoder", "clip")]
     assert main(without_kind) == 0 and capsys.readouterr().out.count("User: ") == 2
-    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": "0" * 64}})
+    write_records(tmp_path / "model", encoders={"image": {"kind": "clip", "weights_hash": "0" * 64, "revision": 2}})
     assert main(without_kind) == 2 and "not the clip weights" in capsys.readouterr().err
 
 

@@ -41,8 +41,9 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 # store of the old features is never reused for the new (the whole kind's: a change to Base's features re-encodes
 # Large too). wavlm 2: Base/Base+ clips encoded alone (before, a padded clip's GroupNorm took in its batch-mates'
 # padding); 3: the samples as the checkpoint's feature extractor gives them (Base/Base+ ship do_normalize false;
-# before, always normalised), both 2026-12-05
-FEATURE_REVISIONS = {"wavlm": 3}
+# before, always normalised), both 2026-12-05. Every vision kind 2: images turned upright by their EXIF orientation
+# and transparency laid on white (before, dropped: black), 2026-12-06
+FEATURE_REVISIONS = {"wavlm": 3, "clip": 2, "siglip": 2, "siglip2": 2, "dinov2": 2}
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,

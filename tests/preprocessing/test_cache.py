@@ -418,6 +418,7 @@ def test_an_encoder_whose_features_our_code_changed_keys_a_new_store(tmp_path):
         return store_key("audio", encoder, {"max_audio_seconds": 30}, Fingerprints(str(tmp_path)))
 
     assert key("wavlm")["revision"] == 3  # the padded-batch and always-normalised stores are not reused
+    assert key("dinov2")["revision"] == key("siglip2")["revision"] == 2  # images upright, transparency on white
     assert "revision" not in key("whisper")  # unchanged kinds keep the keys their stores were written under
 
 

@@ -282,7 +282,7 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
     (tmp_path / "model").mkdir()
     write_records(tmp_path / "model", encoders={"image": {
         "kind": "dinov2", "dtype": "fp32", "image_size": 56, "layer": 1, "weights_hash": trained.weights_hash(),
-        "limits": {"max_image_pixels": 1}}})
+        "revision": 2, "limits": {"max_image_pixels": 1}}})
     assert read_encoders_record(tmp_path / "model")["image"]["layer"] == 1
     rebuilt = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
     # as the caches hold them: in fp16
@@ -307,7 +307,7 @@ def test_inference_reads_the_features_training_read(tmp_path, capsys):
     model_class, config, _ = VISION["dinov2"]
     model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "enc")
     record = {"kind": "dinov2", "dtype": "bf16", "image_size": 56, "layer": 1,
-              "weights_hash": hash_model_dir(tmp_path / "enc"), "precision": "int8"}
+              "weights_hash": hash_model_dir(tmp_path / "enc"), "precision": "int8", "revision": 2}
     (tmp_path / "model").mkdir()
     write_records(tmp_path / "model", encoders={"image": record})
     rebuilt = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
@@ -321,7 +321,9 @@ def test_inference_reads_the_features_training_read(tmp_path, capsys):
     with pytest.raises(ValueError, match="trained on revision 2 of the wavlm features, and this code makes revision 3"):
         encoder_for(tmp_path / "model", "audio", tmp_path / "enc")
     check_revision(tmp_path / "model", {**audio, "revision": 3})
-    check_revision(tmp_path / "model", {**record, "revision": None})  # a kind never revised
+    check_revision(tmp_path / "model", {**audio, "kind": "whisper", "revision": None})  # a kind never revised
+    with pytest.raises(ValueError, match="revision 1 of the dinov2 features, and this code makes revision 2"):
+        check_revision(tmp_path / "model", {**record, "revision": None})
     check_revision(tmp_path / "model", audio)  # recorded before revisions were: let through, with a note
     assert "does not record which revision of the wavlm features" in capsys.readouterr().err
 

@@ -62,6 +62,34 @@ def test_wide_grayscale_images_keep_their_gradient():
         decode_image(image_bytes(holes, "TIFF"), LIMITS)
 
 
+def test_transparency_is_laid_on_white_and_photos_turned_upright():
+    """A diagram drawn in black on a transparent background decoded black on black (PIL drops the alpha); a
+    portrait photo a phone stores on its side (EXIF orientation 6) decoded on its side. As transformers'
+    `load_image` and `convert_to_rgb` give them, so evaluation's images match the caches'."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image
+
+    drawing = np.zeros((20, 20, 4), np.uint8)
+    drawing[10, :, 3] = 255  # one opaque black line
+    for pixels, mode in ((drawing, "RGBA"), (drawing[..., [0, 3]], "LA")):
+        image = decode_image(image_bytes(pixels, "PNG"), LIMITS)
+        assert (image[0] == 255).all() and (image[10] == 0).all(), mode
+        assert np.array_equal(image, np.asarray(convert_to_rgb(Image.fromarray(pixels, mode))))
+    palette = Image.fromarray(drawing[..., 0]).convert("P")
+    buf = io.BytesIO()
+    palette.save(buf, "PNG", transparency=0)  # a palette image's transparent index
+    assert (decode_image(buf.getvalue(), LIMITS) == 255).all()
+
+    photo = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1))[..., None].repeat(3, 2))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", exif=exif, quality=95)
+    upright = decode_image(buf.getvalue(), LIMITS)
+    assert upright.shape == (40, 20, 3)
+    assert np.array_equal(upright, np.asarray(load_image(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")))
+
+
 def test_audio():
     audio = decode_audio(wav_bytes(0.5, rate=8000, channels=2), LIMITS)  # 8 kHz stereo: accepted, resampled
     assert audio.rate == 16000 and audio.wave.shape == (8000,) and audio.wave.dtype == np.float32
