@@ -26,8 +26,9 @@ CONFIG_FILE = "modrwkv_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 BACKBONE_SOURCE_FILE = "backbone_source.json"
 ENCODERS_FILE = "encoders.json"
-# what of a store key decides features: the encoder and how it ran, our code's revision of them, how they were stored
-ENCODER_SETTINGS = ("kind", "dtype", "image_size", "layer", "weights_hash", "revision", "precision")
+# what of a store key decides features: the encoder and how it ran, our code's revision of them, how they were stored;
+# and a series window's length
+ENCODER_SETTINGS = ("kind", "dtype", "image_size", "layer", "weights_hash", "revision", "precision", "lookback")
 
 
 def in_adapter(name: str) -> bool:

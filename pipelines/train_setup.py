@@ -161,12 +161,16 @@ def backbone_record(path: str) -> dict:
 
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
-    """modality -> the feature store key of its caches: the encoder settings inference must reproduce. A modality
+    """modality -> the feature store key of its caches: the encoder settings inference must reproduce (and for
+    series the lookback of their windows). A modality
     whose caches came from different encoders or settings, or one whose manifest records none (a cache written by
     other code), is left out (chat then needs its kind), with a note."""
     keys: dict[str, list[dict | None]] = {}
     for cache in caches:
-        keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
+        key = cache.manifest.get("store")
+        if key is not None and cache.modality == "series":  # the window inference cuts from a longer series
+            key = {**key, "lookback": cache.manifest["dataset"]["lookback"]}
+        keys.setdefault(cache.modality, []).append(key)
     agreed = {}
     for modality, found in keys.items():
         if None in found:

@@ -109,9 +109,23 @@ class MediaEncoders:
     def audio(self, data: bytes, sample_id: str) -> torch.Tensor:
         return self.encoder("audio").encode([decode_audio(data, self.limits)], [sample_id])[0]
 
+    def trained_window(self, values, sample_id: str):
+        """The last `lookback` values of a longer series, its windows' length in training (z-scored over the whole
+        series, a history of years is another input than the weeks the model read); a shorter one is refused. A
+        model that records no lookback takes the series as given."""
+        lookback = read_encoders_record(self.model_dir).get("series", {}).get("lookback")
+        if lookback is None:
+            return values
+        if len(values) < lookback:
+            raise ValueError(f"{sample_id}: {len(values)} values, fewer than the {lookback} of the windows the model "
+                             "was trained on")
+        return values[len(values) - lookback:]
+
     def series(self, values, sample_id: str) -> "SeriesInput":
-        """A lookback window z-scored as the encode job does (`pipelines/encode.py: series_window`); its features
-        are the recorded encoder's, or the normalised values themselves for a model with its own WaveNet."""
+        """A lookback window (`trained_window`) z-scored as the encode job does (`pipelines/encode.py:
+        series_window`); its features are the recorded encoder's, or the normalised values themselves for a model
+        with its own WaveNet."""
+        values = self.trained_window(values, sample_id)
         window, mean, std = normalised_lookback(values, self.limits, sample_id, name=sample_id)
         features = self.encoder("series").encode([window[:, 0]], [sample_id])[0] if self.needs_encoder("series") \
             else window

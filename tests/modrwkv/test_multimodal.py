@@ -285,7 +285,7 @@ def test_an_adapter_only_folder_copied_elsewhere_finds_its_backbone(tmp_path, to
     with torch.no_grad():
         assert torch.equal(ModRWKV.from_pretrained(folder)(ids, feats).logits, expected)
     assert read_encoders_record(folder) == {"image": {**{k: v for k, v in store_key.items() if k != "limits"},
-                                                      "revision": None, "precision": None}}
+                                                      "revision": None, "precision": None, "lookback": None}}
     assert read_backbone_source(folder)["run_id"] == "r1"
 
     tiny_model(seed=1).backbone.save_pretrained(copied / "backbone")  # another backbone in its place

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from modrwkv import RWKV7Config
+from modrwkv.model_folder import read_encoders_record
 from modrwkv.multimodal import ModRWKV
 from pipelines.cli import main
 from pipelines.config import ConfigError, from_dict
@@ -247,7 +248,7 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
                                                                                       capsys):
     from infra.model_server import start_model_server
 
-    root, uri, _, _ = trained
+    root, uri, _, (_, phase2) = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(root)
     image, clip = digit_png(root), root / "audio" / "tone2.wav"
@@ -260,12 +261,14 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
     out = chat(["--model", "models:/tiny/1", "--series", str(tmp_path / "series.csv"), "--question", "Forecast."],
                capsys)
     forecast = [float(v) for v in out.split("Forecast: ", 1)[1].split(", ")]
+    # the model records its windows' length: a longer history is cut to its last 16 values, as chat cuts it
+    assert read_encoders_record(phase2)["series"]["lookback"] == 16
 
     with start_model_server("models:/tiny/1", tmp_path / "server", env={"MLFLOW_TRACKING_URI": uri}) as server:
         status, body = post(server.url, [
             {"question": "What digit is this?", "image": b64(image.read_bytes())},
             {"question": "Transcribe.", "audio": b64(clip.read_bytes())},
-            {"question": "Forecast.", "series": series}])
+            {"question": "Forecast.", "series": [9.0] * 30 + series}])
         assert status == 200, body
         answers = body["predictions"]
         assert [answers[0], answers[1]] == [{"answer": expected["image"]}, {"answer": expected["audio"]}]

@@ -96,7 +96,7 @@ def test_phase1_then_phase2_with_mlflow(setup):
     recorded = read_encoders_record(two.model_dir)["image"]
     store = FeatureCache(cache).manifest["store"]
     assert recorded == {k: store.get(k) for k in ("kind", "dtype", "image_size", "layer", "weights_hash", "revision",
-                                                  "precision")}
+                                                  "precision", "lookback")}
     assert recorded["kind"] == "clip" and len(recorded["weights_hash"]) == 64
 
     run = client.get_run(two.run_id)

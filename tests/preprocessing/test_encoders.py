@@ -328,6 +328,23 @@ def test_inference_reads_the_features_training_read(tmp_path, capsys):
     assert "does not record which revision of the wavlm features" in capsys.readouterr().err
 
 
+def test_a_series_is_cut_to_the_window_length_the_model_trained_on(tmp_path):
+    """A whole history z-scored at once is another input than the windows training read: its last `lookback`
+    values are; fewer are refused."""
+    from preprocessing.encoders.recorded import MediaEncoders
+
+    write_records(tmp_path, encoders={"series": {"kind": "raw", "lookback": 16}})
+    history = np.sin(np.arange(40) / 3) + 0.1 * np.arange(40)
+    media = MediaEncoders(tmp_path, {})
+    cut, last = media.series(history, "long"), media.series(history[-16:], "last")
+    assert cut.features.shape == (16, 1)
+    assert torch.equal(cut.features, last.features) and (cut.mean, cut.std) == (last.mean, last.std)
+    with pytest.raises(ValueError, match="short: 10 values, fewer than the 16 of the windows the model was trained"):
+        media.series(history[:10], "short")
+    write_records(tmp_path, encoders={"series": {"kind": "raw"}})  # a model that records none: taken as given
+    assert MediaEncoders(tmp_path, {}).series(history, "long").features.shape == (40, 1)
+
+
 @pytest.mark.parametrize("kind", sorted(VISION))
 def test_tiny_images_encode_as_their_pil_form_on_the_encode_jobs_path(tmp_path, kind):
     """The encode job hands encoders decoded H x W x 3 arrays; an image 3 pixels high or less must not be read as
