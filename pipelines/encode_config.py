@@ -60,8 +60,9 @@ class EncoderSpec:
     kind: str  # a registered frozen encoder (clip, siglip2, whisper, ...) or "raw" for WaveNet series
     model_dir: str | None = None  # a folder or s3:// URI (each node reads its local copy)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # vision only: square input size (default: the model's processor config); siglip2 (NaFlex, any aspect ratio):
-    # the patch budget of a square that size, (image_size / patch)² (384: the paper's 576 patches; default 256)
+    # vision only: the whole image resized to this square, no crop (default: the folder's processor, whose CLIP and
+    # DINOv2 resize the short side and centre-crop, cutting a wide image's sides); siglip2 (NaFlex, any aspect
+    # ratio): the patch budget of a square that size, (image_size / patch)² (384: the paper's 576 patches; default 256)
     image_size: int | None = None
     # vision only: the hidden layer whose tokens are cached (LLaVA's mm_vision_select_layer: -2 is the
     # penultimate, before the final norm); None: the last hidden state
