@@ -65,8 +65,8 @@ def port_open(port: int) -> bool:
 def without_proxy_for_loopback(env: Mapping[str, str]) -> dict[str, str]:
     """no_proxy and NO_PROXY with 127.0.0.1 and localhost added to what `env` holds: on a host with http_proxy set
     (clusters often do), HTTP clients send even loopback requests through the proxy, which cannot reach them."""
-    hosts = env.get("no_proxy") or env.get("NO_PROXY") or ""
-    hosts = ",".join([h for h in hosts.split(",") if h.strip()] + [HOST, "localhost"])
+    given = f"{env.get('no_proxy', '')},{env.get('NO_PROXY', '')},{HOST},localhost".split(",")
+    hosts = ",".join(dict.fromkeys(h.strip() for h in given if h.strip()))  # both spellings' hosts, each once
     return {"no_proxy": hosts, "NO_PROXY": hosts}
 
 

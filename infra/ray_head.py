@@ -74,13 +74,13 @@ def default_ray_tmpdir(state_dir: Path) -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """`path`, created owner-only, and refused when another user owns it or others may write in it: its name is
-    predictable, and whoever controls the folder controls the sockets Ray puts in it."""
+    """`path`, created owner-only (one of ours from before, made by Ray with the umask's mode, is made so), and
+    refused when another user owns it: its name is predictable, and whoever controls the folder controls the sockets
+    Ray puts in it."""
     path.mkdir(mode=0o700, exist_ok=True)
-    mode = path.stat()
-    if mode.st_uid != os.getuid() or mode.st_mode & 0o022:
-        raise ServiceError(f"{path}: Ray's socket folder is another user's or writable by others; remove it, or pass "
-                           "ray_tmpdir")
+    if path.stat().st_uid != os.getuid():
+        raise ServiceError(f"{path}: Ray's socket folder belongs to another user; remove it, or pass ray_tmpdir")
+    path.chmod(0o700)
     return path
 
 
@@ -93,8 +93,10 @@ def start_ray_head(
     to the caller's HOME."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    port, dashboard_port = service_port(port), service_port(dashboard_port)
-    internal = iter(free_ports(len(INTERNAL_PORT_VARIABLES) + len(INTERNAL_PORT_FLAGS)))
+    # every port picked at once, so no two are the same
+    picked = iter(free_ports(len(INTERNAL_PORT_VARIABLES) + len(INTERNAL_PORT_FLAGS) + 2))
+    port = next(picked) if port is None else service_port(port)
+    dashboard_port = next(picked) if dashboard_port is None else service_port(dashboard_port)
     token_path = auth_token_file(state_dir)
     head_env = {
         **(env or {}),
@@ -105,7 +107,7 @@ def start_ray_head(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM
         **SINGLE_MACHINE,
-        **{variable: str(next(internal)) for variable in INTERNAL_PORT_VARIABLES},
+        **{variable: str(next(picked)) for variable in INTERNAL_PORT_VARIABLES},
     }
     if home:
         head_env["HOME"] = str(home)
@@ -117,7 +119,7 @@ def start_ray_head(
         "--num-cpus", str(os.cpu_count() if num_cpus is None else num_cpus), "--disable-usage-stats",
     ]
     for flag in INTERNAL_PORT_FLAGS:
-        cmd += [flag, str(next(internal))]
+        cmd += [flag, str(next(picked))]
     head = RayHead(**spawn("ray", cmd, state_dir, head_env), gcs_port=port, dashboard_port=dashboard_port,
                    token_path=str(token_path))
     wait_until(head, lambda: port_open(port) and http_ok(f"{head.dashboard_url}/api/version", head.auth_headers()),

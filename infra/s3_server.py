@@ -23,11 +23,13 @@ def s3_env(endpoint_url: str) -> dict[str, str]:
 
 def s3_client(endpoint_url: str):
     import boto3  # heavy (botocore's service models); the CLI imports this module for `services` alone
+    from botocore.config import Config
 
     env = s3_env(endpoint_url)
     return boto3.client(
         "s3", endpoint_url=endpoint_url, region_name=REGION,
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(proxies={}),  # the endpoint is on this machine: never through http_proxy
     )
 
 

@@ -5,13 +5,14 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 import infra.ray_head as ray_head
-from infra.process import HOST, ServiceError, ServiceProcess, free_ports, spawn
+from infra.process import HOST, ServiceError, ServiceProcess, free_ports, spawn, without_proxy_for_loopback
 from infra.ray_head import private_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,12 +51,13 @@ def test_services_reach_each_other_past_a_proxy(tmp_path, monkeypatch):
 
 def test_stop_survives_processes_ending_on_their_own(tmp_path, monkeypatch):
     """`down` while Ray's workers exit: one gone between being listed and being asked must not stop the rest."""
-    parent = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); " \
-             "time.sleep(120)"
+    parent = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)")
     service = ServiceProcess(**spawn("tree", [sys.executable, "-c", parent], tmp_path))
     root = psutil.Process(service.pid)
-    while not root.children():
-        pass
+    deadline = time.monotonic() + 30
+    while not root.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
     child = root.children()[0]
     real_status = psutil.Process.status
 
@@ -73,13 +75,21 @@ def test_stop_survives_processes_ending_on_their_own(tmp_path, monkeypatch):
         child.kill()
 
 
-def test_rays_socket_folder_is_private(tmp_path):
+def test_rays_socket_folder_is_private(tmp_path, monkeypatch):
     folder = private_dir(tmp_path / "ray-1234")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    assert private_dir(folder) == folder  # reused on a restart
-    folder.chmod(0o777)  # made by another user for everyone to write in, as /tmp allows
-    with pytest.raises(ServiceError, match="ray-1234: Ray's socket folder is another user's or writable by others"):
+    folder.chmod(0o775)  # ours from before, made by Ray under a umask of 002
+    assert private_dir(folder) == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    monkeypatch.setattr(ray_head.os, "getuid", lambda: folder.stat().st_uid + 1)  # made by another user first
+    with pytest.raises(ServiceError, match="ray-1234: Ray's socket folder belongs to another user"):
         private_dir(folder)
+
+
+def test_the_loopback_exception_joins_both_spellings_once():
+    env = {"no_proxy": "a.example,127.0.0.1", "NO_PROXY": "b.example,a.example"}
+    once = without_proxy_for_loopback(env)
+    assert once["no_proxy"] == once["NO_PROXY"] == f"a.example,{HOST},b.example,localhost"
+    assert without_proxy_for_loopback(once) == once  # exported, then read again: no longer each time
 
 
 def test_a_head_of_zero_cpus_offers_zero(tmp_path, monkeypatch):
@@ -94,5 +104,5 @@ def test_a_head_of_zero_cpus_offers_zero(tmp_path, monkeypatch):
         ray_head.start_ray_head(tmp_path, num_cpus=0, ray_tmpdir=tmp_path)
     (cmd,) = commands
     assert cmd[cmd.index("--num-cpus") + 1] == "0"
-    ports = [int(cmd[cmd.index(flag) + 1]) for flag in ray_head.INTERNAL_PORT_FLAGS]
+    ports = [int(cmd[cmd.index(flag) + 1]) for flag in ("--port", "--dashboard-port", *ray_head.INTERNAL_PORT_FLAGS)]
     assert len(set(ports)) == len(ports)

@@ -40,6 +40,14 @@ def test_s3_put_get(s3_server):
     assert s3.get_object(Bucket=BUCKET, Key="cache/shard-0.tar")["Body"].read() == b"features"
 
 
+def test_the_s3_client_reaches_the_local_endpoint_past_a_proxy(s3_server, monkeypatch):
+    """`services up` creates its bucket in-process: boto3 sent that through http_proxy, which cannot reach it."""
+    monkeypatch.setenv("http_proxy", f"http://{HOST}:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert BUCKET in [b["Name"] for b in s3_client(s3_server.endpoint_url).list_buckets()["Buckets"]]
+
+
 def test_s3_stops_by_pid(tmp_path):
     server = start_s3(tmp_path)
     assert Path(server.pid_file).read_text().strip() == str(server.pid)
