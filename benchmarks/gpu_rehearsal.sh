@@ -51,9 +51,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         || { echo "== the wheels in .whl did not install: stopping"; exit 1; }
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
+        || { echo "== a carried package does not import: stopping"; exit 1; }
 fi
-python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
-    || { echo "== a carried package does not import: stopping"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOGS/machine.log"
 

@@ -73,6 +73,19 @@ def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing,
     assert "== kernel_tests" not in run.stdout
 
 
+def test_parts_that_need_no_wheels_run_without_them(tmp_path):
+    """The import check belongs to the carried wheels: a kernels-only run on an image without DeepSpeed goes on."""
+    repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
+    tools = tmp_path / "bin"
+    stub(tools, "python3", 'case "$*" in *"import deepspeed"*) exit 1;; esac; echo stub python3 "$@"')
+    stub(tools, "nvidia-smi", "echo stub GPU")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "PARTS": "kernel_tests", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and "== kernel_tests: exit 0" in run.stdout, run.stdout + run.stderr
+
+
 def test_the_inputs_script_runs_in_a_git_worktree(tmp_path):
     """In a worktree .git is a file: the wheels' folder is excluded through git's own path for info/exclude, where
     writing .git/info/exclude stopped the script."""
