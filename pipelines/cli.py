@@ -27,7 +27,7 @@ def cmd_export(args) -> None:
     from preprocessing.local_copy import local_copy
 
     folder = local_model(args.model_dir).model_dir
-    check_out_dir(folder, args.out_dir, args.to)  # before the model is opened
+    check_out_dir(folder, args.out_dir, args.to, args.backbone)  # before the model is opened
     model = load_trained_model(str(folder), RWKV7.from_pretrained(local_copy(args.backbone)) if args.backbone else None)
     export = export_hf if args.to == "hf" else export_fla
     print(f"wrote {export(model, folder, args.out_dir)}")

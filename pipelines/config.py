@@ -5,6 +5,7 @@ unknown keys are refused with the closest allowed name, and a schema's own __pos
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -54,6 +55,8 @@ def _convert(value, hint, where: str):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):  # 1e999 reads as inf
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -161,16 +161,13 @@ def backbone_record(path: str) -> dict:
 
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
-    """modality -> the feature store key of its caches: the encoder settings inference must reproduce (and for
-    series the lookback of their windows). A modality
-    whose caches came from different encoders or settings, or one whose manifest records none (a cache written by
-    other code), is left out (chat then needs its kind), with a note."""
+    """modality -> the feature store key of its caches: the encoder settings inference must reproduce, and for series
+    the lookback of their windows when they agree on one (None when not). A modality whose caches came from different
+    encoders or settings, or one whose manifest records none (a cache written by other code), is left out (chat then
+    needs its kind), with a note."""
     keys: dict[str, list[dict | None]] = {}
     for cache in caches:
-        key = cache.manifest.get("store")
-        if key is not None and cache.modality == "series":  # the window inference cuts from a longer series
-            key = {**key, "lookback": cache.manifest["dataset"]["lookback"]}
-        keys.setdefault(cache.modality, []).append(key)
+        keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
     agreed = {}
     for modality, found in keys.items():
         if None in found:
@@ -179,6 +176,9 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
             print(f"note: the {modality} caches come from different encoders or settings; the model records none")
         else:
             agreed[modality] = found[0]
+    if "series" in agreed:  # the window inference cuts from a longer series
+        lookbacks = {c.manifest["dataset"]["lookback"] for c in caches if c.modality == "series"}
+        agreed["series"] = {**agreed["series"], "lookback": lookbacks.pop() if len(lookbacks) == 1 else None}
     return agreed
 
 

@@ -21,15 +21,22 @@ class Audio:
     rate: int  # Hz
 
 
+def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
+    """Integer PCM as soundfile reads it, in [-1, 1): signed by 2^(bits-1), unsigned (8-bit WAV) about its middle."""
+    half = float(2 ** (8 * pcm.dtype.itemsize - 1))
+    values = pcm.astype(np.float64)
+    return ((values - half if np.issubdtype(pcm.dtype, np.unsignedinteger) else values) / half).astype(np.float32)
+
+
 def to_16k_mono(audio: Audio, sample_id: str) -> np.ndarray:
     """The clip as float32 mono at 16 kHz (channels averaged, other rates resampled); nonsense rates, empty
     clips and NaN/inf samples are refused naming the sample."""
     if not isinstance(audio, Audio):
         raise ValueError(f"sample {sample_id}: expected an Audio(wave, rate) item, got {type(audio).__name__}")
-    wave, rate = np.asarray(audio.wave), audio.rate
-    if np.issubdtype(wave.dtype, np.integer):  # int16 PCM as read by scipy or wave: full scale to 1.0, as soundfile
-        wave = wave.astype(np.float32) / np.float32(np.iinfo(wave.dtype).max)
-    wave = wave.astype(np.float32, copy=False)
+    wave, rate = audio.wave, audio.rate
+    if isinstance(wave, np.ndarray) and np.issubdtype(wave.dtype, np.integer):  # PCM as scipy's wavfile reads it
+        wave = pcm_to_float(wave)
+    wave = np.asarray(wave, dtype=np.float32)
     if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
         raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
     if wave.ndim == 2 and wave.shape[1] > MAX_CHANNELS:  # torchaudio's layout: each channel would be a 2-sample clip

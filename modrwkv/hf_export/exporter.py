@@ -39,18 +39,18 @@ AUTO_MAP = {"AutoConfig": "configuration_modrwkv.ModRWKVConfig",
 ARCHITECTURES = {"hf": "ModRWKVForCausalLM", "fla": FLA_ARCHITECTURE}  # what each export's config.json names
 
 
-def check_out_dir(model_dir, out_dir, target: str) -> None:
+def check_out_dir(model_dir, out_dir, target: str, backbone: str | None = None) -> None:
     """Refuses to write the export (`target`: hf or fla) over the folder it reads, over the backbone that folder
-    records, or into a folder holding anything but an earlier export of the same kind: one file name, config.json
-    or model.safetensors, would replace another model's."""
+    records or the one given instead (`backbone`), or into a folder holding anything but an earlier export of the
+    same kind: one file name, config.json or model.safetensors, would replace another model's."""
     out = Path(out_dir).resolve()
     if out == Path(model_dir).resolve():
         raise CheckpointError(f"{out_dir}: the export would overwrite the model folder it reads; give another folder")
     source = read_backbone_source(model_dir) or {}
     backbones = [Path(model_dir) / source["relative_path"]] if source.get("relative_path") else []
-    if any(out == p.resolve() for p in backbones + ([Path(source["path"])] if source.get("path") else [])):
-        raise CheckpointError(f"{out_dir}: the export would overwrite the backbone {model_dir} records; give another "
-                              "folder")
+    backbones += [Path(path) for path in (source.get("path"), backbone) if path and "://" not in str(path)]
+    if any(out == p.resolve() for p in backbones):
+        raise CheckpointError(f"{out_dir}: the export would overwrite the backbone it reads; give another folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:

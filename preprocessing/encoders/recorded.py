@@ -6,6 +6,7 @@ are a different input; the model would answer them without any error, only worse
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
@@ -65,10 +66,19 @@ class AsStored:
         self.encoder, self.precision = encoder, precision
 
     def encode(self, items: list, ids: list[str] | None = None) -> list[torch.Tensor]:
-        return [torch.from_numpy(from_stored(to_stored(f.float().numpy(), self.precision), self.precision)).float()
-                for f in self.encoder.encode(items, ids)]
+        ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
+        features = []
+        for f, sample_id in zip(self.encoder.encode(items, ids), ids, strict=True):
+            stored = from_stored(to_stored(f.float().numpy(), self.precision), self.precision)
+            if not np.isfinite(stored).all():  # what the encode job rejects, refused here too
+                raise ValueError(f"sample {sample_id}: the encoder's features hold NaN or inf, or values past "
+                                 f"{self.precision}'s range")
+            features.append(torch.from_numpy(stored).float())
+        return features
 
     def __getattr__(self, name):  # kind, output_dim, the model: the encoder's own
+        if name == "encoder":  # not set yet (a copy being made): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.encoder, name)
 
 

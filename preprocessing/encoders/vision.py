@@ -80,7 +80,8 @@ class VisionEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None,
                  layer: int | None = None):
-        """`image_size` overrides the processor's square input size (ViTs interpolate their position grid);
+        """`image_size` overrides the processor's square input size (ViTs interpolate their position grid; for
+        SigLIP2's NaFlex, the patch budget of that square: `Siglip2Encoder.build_inputs`);
         `layer` indexes the hidden states (0: the embeddings, -1: the last block's output before the final norm;
         None: the model's last_hidden_state, after the final norm where it has one)."""
         path = require_local_dir(model_dir)

@@ -14,7 +14,7 @@ from modrwkv import RWKV7Config
 from modrwkv.checkpoint import UNUSED_LAYER0
 from modrwkv.conversation import PLACEHOLDER_IDS, prompt_ids
 from modrwkv.fla_layout import convert_fla_to_rwkv_pth
-from modrwkv.hf_export.exporter import export_hf
+from modrwkv.hf_export.exporter import export_fla, export_hf
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.tokenizer import END_OF_TEXT, WorldTokenizer
 from modrwkv.wavenet import WaveNetConfig
@@ -199,7 +199,6 @@ def test_an_adapter_only_folder_exports_with_its_recorded_backbone(exported, tmp
     assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
 
 
-
 def test_an_export_replaces_only_an_earlier_export_of_its_kind(exported, tmp_path, capsys):
     """One file name (config.json, model.safetensors) would replace another model's: exporting into the backbone a
     folder records, into another model or into an export of the other kind is refused, and nothing is written."""
@@ -214,6 +213,10 @@ def test_an_export_replaces_only_an_earlier_export_of_its_kind(exported, tmp_pat
         assert main(["export", "--to", target, str(tmp_path / "phase1"), str(out)]) == 2
         assert f"{out}: " in (err := capsys.readouterr().err) and reason in err, err
     assert {p.name: p.read_bytes() for p in (tmp_path / "backbone").iterdir()} == backbone_files
+    export_fla(model, root / "model", tmp_path / "fla-backbone")  # an fla folder given as the backbone
+    assert main(["export", "--to", "fla", "--backbone", str(tmp_path / "fla-backbone"), str(tmp_path / "phase1"),
+                 str(tmp_path / "fla-backbone")]) == 2
+    assert "would overwrite the backbone it reads" in capsys.readouterr().err
     model.save_pretrained(tmp_path / "other")  # another model's folder, not named by this one's records
     assert main(["export", "--to", "hf", str(root / "model"), str(tmp_path / "other")]) == 2
     assert "holds other files than an earlier hf export" in capsys.readouterr().err

@@ -163,6 +163,8 @@ def test_an_exponent_without_a_dot_is_a_number():
     config = load_config(CONFIGS / "paper" / "train_vision.yaml", TrainConfig,
                          parse_overrides(["phase1.lr=5e-4", "phase2.lr=1E-5", "scaling.workers=1"]))
     assert (config.phase1.lr, config.phase2.lr) == (5e-4, 1e-5)
+    with pytest.raises(ConfigError, match=r"phase1\.lr: expected a finite number, got inf"):
+        load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["phase1.lr=1e999"]))
 
 
 def test_set_changes_one_place_of_an_anchored_mapping(tmp_path):

@@ -4,6 +4,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -383,6 +384,15 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}
+
+    # series: the windows' lookback recorded when every cache agrees on one; caches of two lookbacks keep the encoder
+    def series_cache(lookback: int):
+        return SimpleNamespace(modality="series", manifest={"store": {"modality": "series", "kind": "raw"},
+                                                            "dataset": {"lookback": lookback}})
+
+    assert encoder_store_keys([series_cache(96), series_cache(96)])["series"] == {
+        "modality": "series", "kind": "raw", "lookback": 96}
+    assert encoder_store_keys([series_cache(96), series_cache(512)])["series"]["lookback"] is None
 
 
 def test_feature_stats_come_from_samples_spread_over_shards_and_over_the_modalitys_caches(tmp_path):

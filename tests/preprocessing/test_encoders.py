@@ -143,8 +143,11 @@ def test_integer_pcm_is_scaled_and_channels_first_is_refused():
     from preprocessing.items import to_16k_mono
 
     floats = tone(0.1, 16000).wave
-    pcm = np.round(floats * 32767).astype(np.int16)
+    pcm = np.round(floats * 32768).astype(np.int16)
     np.testing.assert_allclose(to_16k_mono(Audio(pcm, 16000), "pcm"), floats, atol=1e-4)
+    eight_bit = np.round(floats * 128 + 128).astype(np.uint8)  # 8-bit WAV: unsigned, silence at 128
+    np.testing.assert_allclose(to_16k_mono(Audio(eight_bit, 16000), "u8"), floats, atol=1e-2)
+    assert to_16k_mono(Audio([0, 1, -1], 16000), "list").tolist() == [0.0, 1.0, -1.0]  # numbers, not PCM
     with pytest.raises(ValueError, match=r"sample s: a \(2, 1600\) waveform has 1600 channels; give it as \[samples"):
         to_16k_mono(Audio(np.stack([floats, floats]), 16000), "s")
 
@@ -326,6 +329,24 @@ def test_inference_reads_the_features_training_read(tmp_path, capsys):
         check_revision(tmp_path / "model", {**record, "revision": None})
     check_revision(tmp_path / "model", audio)  # recorded before revisions were: let through, with a note
     assert "does not record which revision of the wavlm features" in capsys.readouterr().err
+
+
+def test_inference_refuses_features_the_caches_could_not_hold():
+    """The encode job rejects an item whose features overflow the store's fp16; inference answered from inf."""
+    import copy
+
+    from preprocessing.encoders.recorded import AsStored
+
+    class Loud:
+        kind = "loud"
+
+        def encode(self, items, ids):
+            return [torch.full((2, 4), 1e6) for _ in items]
+
+    encoder = AsStored(Loud(), "fp16")
+    with pytest.raises(ValueError, match="sample photo-3: the encoder's features hold NaN or inf, or values past fp16"):
+        encoder.encode([None], ["photo-3"])
+    assert copy.copy(encoder).kind == "loud"  # the wrapper's own attributes first: a copy does not recurse
 
 
 def test_a_series_is_cut_to_the_window_length_the_model_trained_on(tmp_path):
