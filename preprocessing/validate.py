@@ -22,7 +22,8 @@ class Rejected(ValueError):
 
 @dataclass
 class Limits:
-    max_image_pixels: int = 4096 * 4096  # PIL's own bomb guard only warns below 2x its limit
+    # a 48-megapixel phone photo passes; PIL's own bomb guard (89M pixels) only warns below twice its limit
+    max_image_pixels: int = 8192 * 8192
     min_image_side: int = 1
     max_audio_seconds: float = 30.0
     min_audio_seconds: float = 0.05

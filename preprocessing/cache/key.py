@@ -42,7 +42,8 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 # Large too). wavlm 2: Base/Base+ clips encoded alone (before, a padded clip's GroupNorm took in its batch-mates'
 # padding); 3: the samples as the checkpoint's feature extractor gives them (Base/Base+ ship do_normalize false;
 # before, always normalised), both 2026-12-05. Every vision kind 2: images turned upright by their EXIF orientation
-# and transparency laid on white (before, dropped: black), 2026-12-06
+# and transparency laid on white (before, dropped: black), 2026-12-06 (the day the default pixel limit went from 4096²
+# to 8192², which re-keyed the image stores too)
 FEATURE_REVISIONS = {"wavlm": 3, "clip": 2, "siglip": 2, "siglip2": 2, "dinov2": 2}
 
 

@@ -276,7 +276,7 @@ def test_the_served_model_answers_each_modality_as_chat_does_and_refuses_bad_req
         assert answers[2]["forecast"] == pytest.approx(forecast, rel=1e-5)
 
         huge = io.BytesIO()
-        Image.new("1", (5000, 5000)).save(huge, format="PNG")  # 25M pixels in a few kB: over the pixel limit
+        Image.new("1", (9000, 9000)).save(huge, format="PNG")  # 81M pixels in a few kB: over the pixel limit
         for row, reason in (
                 ({"question": "What is it?", "image": b64(b"not an image at all")}, "not a readable image"),
                 ({"question": "What is it?", "image": b64(huge.getvalue())}, "over the limit"),

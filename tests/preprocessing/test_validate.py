@@ -24,8 +24,11 @@ def test_images():
         decode_image(truncated_jpeg(), LIMITS)
     with pytest.raises(Rejected, match="possible decompression bomb"):
         decode_image(huge_header_png(), LIMITS)  # over PIL's own hard limit
-    with pytest.raises(Rejected, match="claims 5000x5000 pixels, over the limit of 16777216"):
-        decode_image(huge_header_png(5000, 5000), LIMITS)  # PIL would only warn; our limit refuses
+    with pytest.raises(Rejected, match="claims 9000x9000 pixels, over the limit of 67108864"):
+        decode_image(huge_header_png(9000, 9000), LIMITS)  # PIL would only warn; our limit refuses
+    phone = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(phone, "PNG")  # 48 megapixels, as phones take them
+    assert decode_image(phone.getvalue(), LIMITS).shape == (6000, 8000, 3)
     with pytest.raises(Rejected, match="not a readable image"):
         decode_image(b"this is text", LIMITS)
     im_file = image_bytes(np.zeros((20, 20, 3), np.uint8), "IM").replace(b"20*20", b"20*2.")  # a corrupt size
