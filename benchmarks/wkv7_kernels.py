@@ -3,12 +3,12 @@
 CPU (always): "chunked" vs "reference" at T = 4k (B=1, H=12, N=64, fp32).
 CUDA (when a GPU is present): "triton" (step by step), "triton_chunked" (tf32 products, and tf32x3) and
 flash-linear-attention's `chunk_rwkv7` (the "fla" backend, if installed), B=8, H=12, N=64, T = 1k, 4k, 16k, bf16
-inputs; plus the fraction of the memory floor (inputs read once + y written once, at the device's peak bandwidth
-given by --peak-gbs).
+inputs; plus the fraction of the memory floor (inputs read once + y written once, at the card's peak bandwidth:
+`PEAK_GBS` by its name, or --peak-gbs).
 Packed rows: the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
 batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: every GPU backend at 16k tokens, bf16.
 
-    python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs 3350]
+    python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs GBS]
 """
 
 import argparse
@@ -110,10 +110,19 @@ def bench_backend(name, fn, xs, device, T, B):
     return res
 
 
+PEAK_GBS = {"H200": 4800.0, "H100": 3350.0}  # SXM memory bandwidth, GB/s, by what the card's name holds
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """The card's memory bandwidth (GB/s) from its name; None for a card not in PEAK_GBS (no floor column)."""
+    return next((gbs for card, gbs in PEAK_GBS.items() if card in device_name), None)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
-    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="device memory bandwidth in GB/s (default: the card's, for those in PEAK_GBS)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (about a minute of a short GPU lease)")
     args = parser.parse_args()
 
@@ -159,7 +168,9 @@ def main():
                 row["max_rel_err_vs_fp64"] = max_rel_err(y.detach(), ref64)
                 row["grad_max_rel_err_vs_fp64"] = max(max_rel_err(x.grad, g) for x, g in zip(leaves, grads64))
                 floor_bytes = 7 * B * T * H * N * 2  # six inputs read, y written, bf16
-                row["fwd_frac_of_memory_floor"] = floor_bytes / (args.peak_gbs * 1e9) / (B * T / row["fwd_tok_s"])
+                peak = args.peak_gbs or peak_bandwidth(torch.cuda.get_device_name())
+                if peak:
+                    row["fwd_frac_of_memory_floor"] = floor_bytes / (peak * 1e9) / (B * T / row["fwd_tok_s"])
                 rows.append(row)
                 print(f"[{time.perf_counter() - started:.0f}s] {row}", file=sys.stderr, flush=True)
             packed += packed_vs_padded(16384, H, N, torch.bfloat16, "cuda", {name: fn})

@@ -1,0 +1,10 @@
+"""benchmarks/wkv7_kernels.py's share of the memory floor reads the card it runs on."""
+
+from benchmarks.wkv7_kernels import peak_bandwidth
+
+
+def test_the_memory_floor_uses_the_cards_own_bandwidth():
+    """The rehearsal passed the H200's 4800 GB/s whatever the card: on an H100 (3350) the share read 1.43x low."""
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_bandwidth("NVIDIA H200") == 4800.0
+    assert peak_bandwidth("NVIDIA A100-SXM4-80GB") is None  # unknown: no floor column rather than a wrong one
