@@ -43,7 +43,7 @@ from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, Featur
                                       pack_shard)
 from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
 from preprocessing.cache.lease import lease
-from preprocessing.cache.precision import from_stored, to_stored
+from preprocessing.cache.precision import checked_stored
 from preprocessing.cache.resolved import Resolution, source_digest
 from preprocessing.items import RAW_SERIES
 from preprocessing.local_copy import local_configs, local_copy
@@ -251,10 +251,10 @@ class ItemEncoder:
         if good:
             features = self.encoder.forward([unpack_arrays(batch["item"][i]) for i in good])
             for i, f in zip(good, features):
-                stored = to_stored(f.float().numpy(), self.store.precision)
-                if not np.isfinite(from_stored(stored, self.store.precision)).all():  # fp16 overflows past 65504
-                    rejects[i] = (f"the encoder's features hold NaN or inf ({self.spec.dtype}), or values past "
-                                  f"{self.store.precision}'s range (largest |value| {float(f.abs().max()):.4g})")
+                try:
+                    stored = checked_stored(f.float().numpy(), self.store.precision)
+                except ValueError as e:
+                    rejects[i] = f"{e}; the encoder ran in {self.spec.dtype}"
                     continue
                 files[i] = self.store.write(refs[i], stored)
         return {"ref": np.array(refs, dtype=object), "file": np.array(files, dtype=object),

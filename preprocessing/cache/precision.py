@@ -39,6 +39,16 @@ def to_stored(features: np.ndarray, precision: Precision) -> np.ndarray:
     return np.concatenate([codes, scale.view(np.int8)], axis=1)
 
 
+def checked_stored(features: np.ndarray, precision: Precision) -> np.ndarray:
+    """`to_stored`, refused with a ValueError where the store cannot hold the features: NaN, inf, or values past
+    fp16's 65504 (which it would hold as inf, and training read as a NaN loss)."""
+    stored = to_stored(features, precision)
+    if not np.isfinite(from_stored(stored, precision)).all():
+        raise ValueError(f"the encoder's features hold NaN or inf, or values past {precision}'s range (largest "
+                         f"|value| {float(np.abs(features).max()):.4g})")
+    return stored
+
+
 def from_stored(stored: np.ndarray, precision: Precision) -> np.ndarray:
     """The stored array -> features [L, D]."""
     if precision == "fp16":

@@ -6,13 +6,12 @@ are a different input; the model would answer them without any error, only worse
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from modrwkv.model_folder import ENCODERS_FILE, read_encoders_record
 
 from ..cache.key import FEATURE_REVISIONS, hash_model_dir
-from ..cache.precision import DEFAULT, from_stored, to_stored
+from ..cache.precision import DEFAULT, checked_stored, from_stored
 from ..items import RAW_SERIES
 from ..validate import Limits, decode_audio, decode_image, normalised_lookback
 from . import build_encoder, build_settings
@@ -69,11 +68,11 @@ class AsStored:
         ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
         features = []
         for f, sample_id in zip(self.encoder.encode(items, ids), ids, strict=True):
-            stored = from_stored(to_stored(f.float().numpy(), self.precision), self.precision)
-            if not np.isfinite(stored).all():  # what the encode job rejects, refused here too
-                raise ValueError(f"sample {sample_id}: the encoder's features hold NaN or inf, or values past "
-                                 f"{self.precision}'s range")
-            features.append(torch.from_numpy(stored).float())
+            try:  # what the encode job rejects, refused here too
+                stored = checked_stored(f.float().numpy(), self.precision)
+            except ValueError as e:
+                raise ValueError(f"sample {sample_id}: {e}") from None
+            features.append(torch.from_numpy(from_stored(stored, self.precision)).float())
         return features
 
     def __getattr__(self, name):  # kind, output_dim, the model: the encoder's own

@@ -101,7 +101,8 @@ def test_features_past_the_stores_range_are_rejected_not_stored_as_inf(tmp_path)
                                cache={"root": str(tmp_path / "cache")}))
     assert result.manifest["counts"] == {"read": 7, "written": 0, "rejected": 7}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
-    assert "the encoder's features hold NaN or inf (fp32), or values past fp16's range" in reasons["good-0"]
+    assert "the encoder's features hold NaN or inf, or values past fp16's range" in reasons["good-0"]
+    assert reasons["good-0"].endswith("; the encoder ran in fp32")
     assert "largest |value| " in reasons["good-1"] and "not a readable image" in reasons["trunc"]
 
 
