@@ -19,7 +19,7 @@ import ray
 
 from infra.cli import load_services, services_lock, write_services
 from infra.mlflow_server import start_mlflow
-from preprocessing.demo_data import SPEECH_SIZES, build_demo_data, build_speech, speech_is_current
+from preprocessing.demo_data import BUILDERS, missing_datasets
 from preprocessing.encoders.convert import export_encoder
 
 from .config import load_config
@@ -83,12 +83,9 @@ def registered_version(uri: str, model_id: str) -> str:
 
 def prepare_assets(out: Path = ASSETS) -> None:
     """The demo's data, encoders and stand-in backbone under `out`, each made only when missing."""
-    if not (out / "data" / "digits" / "test.json").is_file():
-        say("building the demo data (sklearn digits, espeak-ng speech, statsmodels CO2)")
-        build_demo_data(out / "data")
-    elif not speech_is_current(out / "data" / "speech"):
-        say("building the demo's spoken digits again (its test split now holds out what training says)")
-        build_speech(out / "data" / "speech", *SPEECH_SIZES)
+    for name in missing_datasets(out / "data"):  # digits from sklearn, speech by espeak-ng, series from statsmodels
+        say(f"building the demo's {name} data")
+        BUILDERS[name](out / "data" / name)
     for name in ENCODERS:
         if not (out / "encoders" / name / "config.json").is_file():
             say(f"exporting the {name} encoder from its wheel")

@@ -83,3 +83,20 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
     assert len(seen["train"].caches) == 3 and set(seen["train"].caches) <= encoded  # the training splits'
     assert not any("test" in Path(c).name for c in seen["train"].caches)
     assert len(seen["eval"]) == 3 and all(c.cache in encoded and "test" in Path(c.cache).name for c in seen["eval"])
+
+
+def test_a_data_build_cut_short_is_finished_on_the_next_start(tmp_path, monkeypatch):
+    """The digits alone stood for the whole data: a build stopped in the speech (Ctrl-C) or a digits folder made by
+    hand left the speech and series missing for good, and training failed on a CSV that was never written."""
+    built = []
+    for name in demo.BUILDERS:
+        monkeypatch.setitem(demo.BUILDERS, name, lambda out, name=name: built.append(name))
+    monkeypatch.setattr(demo, "ENCODERS", ())
+    monkeypatch.setattr(demo, "pretrained_backbone", lambda *args, **kwargs: None)
+    data = tmp_path / "data"
+    (data / "digits").mkdir(parents=True)
+    (data / "digits" / "test.json").write_text("[]")
+    (data / "series").mkdir()
+    (data / "series" / "co2.csv").write_text("week,co2\n")  # one of the three series files
+    demo.prepare_assets(tmp_path)
+    assert built == ["speech", "series"]
