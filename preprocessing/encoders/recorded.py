@@ -94,12 +94,13 @@ class MediaEncoders:
     def __init__(self, model_dir, encoder_dirs: dict, kinds: dict | None = None, limits: Limits | None = None):
         self.model_dir, self.encoder_dirs, self.kinds = model_dir, dict(encoder_dirs), dict(kinds or {})
         self.limits, self.built = limits or Limits(), {}
+        self.series_record = read_encoders_record(model_dir).get("series", {})  # read once, not on every request
 
     def needs_encoder(self, modality: str) -> bool:
         """Images and audio always; a series unless the model reads its values itself (WaveNet)."""
         if modality != "series":
             return True
-        recorded = read_encoders_record(self.model_dir).get("series", {}).get("kind") or self.kinds.get("series")
+        recorded = self.series_record.get("kind") or self.kinds.get("series")
         return recorded not in (None, RAW_SERIES)
 
     def encoder(self, modality: str):
@@ -122,7 +123,7 @@ class MediaEncoders:
         """The last `lookback` values of a longer series, its windows' length in training (z-scored over the whole
         series, a history of years is another input than the weeks the model read); a shorter one is refused. A
         model that records no lookback takes the series as given."""
-        lookback = read_encoders_record(self.model_dir).get("series", {}).get("lookback")
+        lookback = self.series_record.get("lookback")
         if lookback is None:
             return values
         if len(values) < lookback:
