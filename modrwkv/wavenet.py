@@ -68,13 +68,16 @@ STD_FLOOR = 1e-5  # a flat window's std: its normalised values are 0, and anythi
 
 
 def normalize_series(window: torch.Tensor, sample_id: str = "?", eps: float = STD_FLOOR):
-    """Per-window, per-channel z-score: returns (normalised, mean, std). NaN/inf are refused."""
+    """Per-window, per-channel z-score in the window's own dtype: returns (normalised, mean, std). NaN/inf are
+    refused."""
     if not torch.isfinite(window).all():
         raise ValueError(f"sample {sample_id}: the series has NaN or inf values")
     if window.shape[0] < 2:
         raise ValueError(f"sample {sample_id}: a series window needs at least 2 points, got {window.shape[0]}")
     mean = window.mean(dim=0, keepdim=True)
     std = window.std(dim=0, keepdim=True).clamp(min=eps)
+    if not torch.isfinite(std).all():
+        raise ValueError(f"sample {sample_id}: the series' values are too large to normalise (their spread overflows)")
     return (window - mean) / std, mean, std
 
 

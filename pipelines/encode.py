@@ -146,7 +146,7 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
     if float(std) <= STD_FLOOR and float((target - mean).abs().max()) > STD_FLOOR:
         raise Rejected("the lookback is flat but the target moves: the target has no scale to be normalised by")
     window = normalised[:, 0].numpy()
-    arrays = {"target": ((target - mean) / std)[:, 0].numpy(), "lookback": window, "item": window}
+    arrays = {"target": ((target - mean) / std)[:, 0].float().numpy(), "lookback": window, "item": window}
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,
                     {"mean": float(mean), "std": float(std), "values_sha256": values})
 

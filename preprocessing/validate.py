@@ -154,8 +154,10 @@ def read_mono(f) -> np.ndarray:
 
 
 def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:
+    """The values as float64: a series' level can dwarf its movement (a counter at 1e7 moving by 0.01), which float32
+    would round away before the window is z-scored."""
     try:
-        series = np.asarray(values, dtype=np.float32)
+        series = np.asarray(values, dtype=np.float64)
     except (OverflowError, TypeError, ValueError) as e:  # 10**400 (JSON has no limit), text, ragged lists
         raise Rejected(f"{name} is not a list of numbers: {e}") from None
     if series.ndim != 1 or series.size < limits.min_series_length:
@@ -166,7 +168,7 @@ def check_series(values, limits: Limits, name: str = "series") -> np.ndarray:
 
 
 def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "lookback"):
-    """A lookback window checked and z-scored as the model reads it: (window [L, 1] tensor, mean, std). The encode
+    """A lookback window checked and z-scored as the model reads it: (float32 window [L, 1], float64 mean, std). The encode
     job stores it; chat and the served model feed it to the same encoder."""
     import torch  # only series need it: the image and audio checks stay torch-free
 
@@ -174,9 +176,10 @@ def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "loo
 
     lookback = check_series(values, limits, name)
     try:
-        return normalize_series(torch.from_numpy(lookback)[:, None], sample_id)
+        window, mean, std = normalize_series(torch.from_numpy(lookback)[:, None], sample_id)
     except ValueError as e:
         raise Rejected(str(e)) from None
+    return window.float(), mean, std  # the window in the model's float32; the float64 stats undo it exactly
 
 
 def check_text(turns: list[dict], tokenizer, modality: str, n_items: int) -> None:

@@ -43,8 +43,9 @@ def hash_model_dir(model_dir, fingerprints: storage.Fingerprints | None = None) 
 # padding); 3: the samples as the checkpoint's feature extractor gives them (Base/Base+ ship do_normalize false;
 # before, always normalised), both 2026-12-05. Every vision kind 2: images turned upright by their EXIF orientation
 # and transparency laid on white (before, dropped: black), 2026-12-06 (the day the default pixel limit went from 4096²
-# to 8192², which re-keyed the image stores too)
-FEATURE_REVISIONS = {"wavlm": 3, "clip": 2, "siglip": 2, "siglip2": 2, "dinov2": 2}
+# to 8192², which re-keyed the image stores too). Every series kind 2, "raw" too: windows z-scored in float64 (before,
+# cast to float32 first, which rounds away the movement of a series at a high level), 2026-12-06
+FEATURE_REVISIONS = {"wavlm": 3, "clip": 2, "siglip": 2, "siglip2": 2, "dinov2": 2, "raw": 2, "fracast": 2, "timer": 2}
 
 
 def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.Fingerprints,

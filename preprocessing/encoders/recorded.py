@@ -95,6 +95,7 @@ class MediaEncoders:
         self.model_dir, self.encoder_dirs, self.kinds = model_dir, dict(encoder_dirs), dict(kinds or {})
         self.limits, self.built = limits or Limits(), {}
         self.series_record = read_encoders_record(model_dir).get("series", {})  # read once, not on every request
+        self.raw_revision_checked = False
 
     def needs_encoder(self, modality: str) -> bool:
         """Images and audio always; a series unless the model reads its values itself (WaveNet)."""
@@ -135,6 +136,9 @@ class MediaEncoders:
         """A lookback window (`trained_window`) z-scored as the encode job does (`pipelines/encode.py:
         series_window`); its features are the recorded encoder's, or the normalised values themselves for a model
         with its own WaveNet."""
+        if self.series_record and not self.needs_encoder("series") and not self.raw_revision_checked:
+            check_revision(self.model_dir, self.series_record)  # raw windows have revisions, and no `encoder_for`
+            self.raw_revision_checked = True
         values = self.trained_window(values, sample_id)
         window, mean, std = normalised_lookback(values, self.limits, sample_id, name=sample_id)
         features = self.encoder("series").encode([window[:, 0]], [sample_id])[0] if self.needs_encoder("series") \

@@ -14,11 +14,12 @@ from .timer import TimerModel
 
 
 def normalized(series, sample_id: str) -> torch.Tensor:
-    """A 1-D series as float32, z-scored over its whole length (NaN/inf and < 2 points are refused)."""
-    values = torch.as_tensor(np.asarray(series, dtype=np.float32))
+    """A 1-D series z-scored over its whole length, in float64 (a level of 1e7 moving by 0.01 survives), returned as
+    float32 (NaN/inf and < 2 points are refused)."""
+    values = torch.as_tensor(np.asarray(series, dtype=np.float64))
     if values.ndim != 1:
         raise ValueError(f"sample {sample_id}: expected a univariate series [L], got shape {tuple(values.shape)}")
-    return normalize_series(values[:, None], sample_id)[0][:, 0]
+    return normalize_series(values[:, None], sample_id)[0][:, 0].float()
 
 
 class MinMaxInputs(EncoderInputs):

@@ -211,6 +211,20 @@ def test_a_flat_lookback_is_kept_only_while_its_target_stays_flat():
         window([0.1] * 8, [0.1, 0.1, 1.3, 2.5])
 
 
+def test_a_window_at_a_high_level_stores_its_target_as_it_moves():
+    """The target is normalised by the lookback's float64 stats: at a level of 1e7 its hundredths survive."""
+    from preprocessing.readers import RawSample
+    from preprocessing.validate import Limits
+
+    movement = 0.01 * np.sin(np.arange(12) / 2)
+    lookback, target = 1e7 + movement[:8], 1e7 + movement[8:]
+    stored = series_window(RawSample("meter", "series", [], {}, {"lookback": lookback, "target": target}), Limits())
+    expected = (movement[8:] - movement[:8].mean()) / movement[:8].std(ddof=1)
+    assert stored.arrays["target"].dtype == stored.arrays["item"].dtype == np.float32
+    np.testing.assert_allclose(stored.arrays["target"], expected, atol=1e-5)
+    assert stored.meta["mean"] == pytest.approx(lookback.mean(), abs=1e-8)
+
+
 def test_a_small_job_encodes_in_the_driver_exactly_as_ray_data_does(tmp_path, encoders, ray_local):
     dataset, _ = bad_images_set(tmp_path / "data")
     results = {}

@@ -419,6 +419,7 @@ def test_an_encoder_whose_features_our_code_changed_keys_a_new_store(tmp_path):
 
     assert key("wavlm")["revision"] == 3  # the padded-batch and always-normalised stores are not reused
     assert key("dinov2")["revision"] == key("siglip2")["revision"] == 2  # images upright, transparency on white
+    assert key("raw")["revision"] == key("fracast")["revision"] == key("timer")["revision"] == 2  # float64 z-scores
     assert "revision" not in key("whisper")  # unchanged kinds keep the keys their stores were written under
 
 

@@ -354,7 +354,7 @@ def test_a_series_is_cut_to_the_window_length_the_model_trained_on(tmp_path):
     values are; fewer are refused."""
     from preprocessing.encoders.recorded import MediaEncoders
 
-    write_records(tmp_path, encoders={"series": {"kind": "raw", "lookback": 16}})
+    write_records(tmp_path, encoders={"series": {"kind": "raw", "lookback": 16, "revision": 2}})
     history = np.sin(np.arange(40) / 3) + 0.1 * np.arange(40)
     media = MediaEncoders(tmp_path, {})
     cut, last = media.series(history, "long"), media.series(history[-16:], "last")
@@ -362,8 +362,11 @@ def test_a_series_is_cut_to_the_window_length_the_model_trained_on(tmp_path):
     assert torch.equal(cut.features, last.features) and (cut.mean, cut.std) == (last.mean, last.std)
     with pytest.raises(ValueError, match="short: 10 values, fewer than the 16 of the windows the model was trained"):
         media.series(history[:10], "short")
-    write_records(tmp_path, encoders={"series": {"kind": "raw"}})  # a model that records none: taken as given
+    write_records(tmp_path, encoders={"series": {"kind": "raw", "revision": 2}})  # no lookback: taken as given
     assert MediaEncoders(tmp_path, {}).series(history, "long").features.shape == (40, 1)
+    write_records(tmp_path, encoders={"series": {"kind": "raw"}})  # revision 1, no encoder to check it: still refused
+    with pytest.raises(ValueError, match="trained on revision 1 of the raw features, and this code makes revision 2"):
+        MediaEncoders(tmp_path, {}).series(history, "long")
 
 
 @pytest.mark.parametrize("kind", sorted(VISION))

@@ -149,7 +149,7 @@ def test_truncated_audio_decodes_what_it_holds():
 
 
 def test_series_and_text():
-    assert check_series(list(range(10)), LIMITS).dtype == np.float32
+    assert check_series(list(range(10)), LIMITS).dtype == np.float64  # a level's digits kept (see below)
     with pytest.raises(Rejected, match="10 NaN or inf values"):
         check_series([float("nan")] * 10, LIMITS)
     with pytest.raises(Rejected, match="fewer than 8"):
@@ -176,3 +176,22 @@ def test_a_text_whose_placeholders_do_not_match_its_items_is_rejected(modality, 
     turns = [{"role": "user", "text": user_text}, {"role": "assistant", "text": "An answer."}]
     with pytest.raises(Rejected, match=reason):
         check_text(turns, WorldTokenizer(), modality, n_items)
+
+
+def test_a_series_at_a_high_level_keeps_its_movement():
+    """A counter at 1e7 that moves by hundredths: float32 (an ulp of 1 there) rounded the window flat before it was
+    z-scored; the window the model reads is the movement, and the stats undo it to the original values."""
+    import torch
+
+    from preprocessing.encoders.series import normalized
+    from preprocessing.validate import normalised_lookback
+
+    movement = 0.01 * np.sin(np.arange(64) / 3)
+    expected = (movement - movement.mean()) / movement.std(ddof=1)
+    window, mean, std = normalised_lookback(1e7 + movement, LIMITS, "meter-3")
+    assert window.dtype == torch.float32
+    np.testing.assert_allclose(window[:, 0].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose((window.double() * std + mean)[:, 0].numpy(), 1e7 + movement, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(normalized(1e7 + movement, "meter-3").numpy(), expected, atol=1e-5)  # the encoders'
+    with pytest.raises(Rejected, match="sample huge-1: the series' values are too large to normalise"):
+        normalised_lookback([1e200, -1e200] * 5, LIMITS, "huge-1")  # finite, but the spread is not
