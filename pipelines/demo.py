@@ -56,7 +56,7 @@ def mlflow_server():
 def table(rows: list[tuple[str, str, float, float | None, float]]) -> str:
     """(task, metric, model, ceiling or None, baseline) rows; the notes below say what each ceiling is."""
     lines = [f"{'task':<20} {'metric':<10} {'model':>9} {'ceiling':>9} {'baseline':>9}  ceiling; baseline", "-" * 96]
-    explain = {"accuracy": "linear probe on the features; chance (1 / #answers)",
+    explain = {"accuracy": "linear probe on the features; the majority answer",
                "wer_en": "none; empty transcript", "cer_zh": "none; empty transcript",
                "mse": "ridge on the lookback; seasonal naive (52 weeks)", "mase": "none; seasonal naive (52 weeks)"}
     for task, metric, value, ceiling, baseline in rows:

@@ -6,6 +6,7 @@ Predictions arrive a shard at a time and are scored as they come (`Tally`): what
 test set's every forecast (the paper's Traffic set: 2.9M windows of 816 values)."""
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -145,19 +146,23 @@ class DecodeTask(EvalTask):
 class VQA(DecodeTask):
     """Exact match after VQAv2 normalisation against the reference answer (`accuracy`), and when every sample
     carries its annotators' answers (a VQAv2-style test set), VQAv2's accuracy by their rule (`vqa_accuracy`, what
-    published tables report), each beside chance over the answer set (answers told apart after the same
-    normalisation); a confusion matrix."""
+    published tables report), each beside the majority answer's (the most frequent reference, after the same
+    normalisation, given to every question: what a model that ignores the image can reach; taken from the test
+    references, as evaluation sees no training answers, so an upper bound on a training-majority guess); a
+    confusion matrix."""
 
     modality: ClassVar[str] = "image"
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        chance = 1 / len({normalize_answer(r) for r in references})
-        metrics, baselines = {"accuracy": mean_exact_match(predictions, references)}, {"accuracy": chance}
+        majority = [Counter(map(normalize_answer, references)).most_common(1)[0][0]] * len(rows)
+        metrics = {"accuracy": mean_exact_match(predictions, references)}
+        baselines = {"accuracy": mean_exact_match(majority, references)}
         annotated = sum("answers" in r for r in rows)
         if annotated == len(rows):
-            metrics["vqa_accuracy"] = mean_vqa_accuracy(predictions, [r["answers"] for r in rows])
-            baselines["vqa_accuracy"] = chance
+            answers = [r["answers"] for r in rows]
+            metrics["vqa_accuracy"] = mean_vqa_accuracy(predictions, answers)
+            baselines["vqa_accuracy"] = mean_vqa_accuracy(majority, answers)
         elif annotated:
             print(f"vqa: {annotated} of {len(rows)} samples carry annotators' answers: no vqa_accuracy (it needs "
                   "every sample's)")

@@ -16,12 +16,12 @@ def tally(task, rows: list[dict]):
     return running
 
 
-def test_vqa_scores_exact_match_beside_chance_and_plots_a_confusion_matrix(tmp_path):
+def test_vqa_scores_exact_match_beside_the_majority_answer_and_plots_a_confusion_matrix(tmp_path):
     rows = [{"prediction": p, "reference": r}
             for p, r in [("Seven.", "seven"), ("one", "two"), ("two", "Two"), ("the four", "four")]]
     metrics, baselines = VQA().score(rows)
-    # chance over the answers told apart as the metric tells them ("two" and "Two" are one answer)
-    assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": pytest.approx(1 / 3)}
+    # the majority answer told apart as the metric tells them ("two" and "Two" are one answer, 2 of 4)
+    assert metrics == {"accuracy": 0.75} and baselines == {"accuracy": 0.5}
     # the matrix compares answers as the metric does: its diagonal is the accuracy's count
     labels, counts = VQA.confusion(rows)
     assert labels == ["2", "4", "7"]  # VQAv2's normalisation writes numbers as digits
@@ -41,7 +41,9 @@ def test_vqa_with_the_annotators_answers_scores_vqav2_accuracy_too(capsys):
             {"prediction": "bird", "reference": "dog", "answers": ["bird"] + ["dog"] * 9}]
     metrics, baselines = VQA().score(rows)
     assert metrics == {"accuracy": 0.0, "vqa_accuracy": pytest.approx((1.0 + 0.3) / 2)}
-    assert baselines == {"accuracy": 1.0, "vqa_accuracy": 1.0}
+    assert baselines == {"accuracy": 1.0, "vqa_accuracy": 1.0}  # "dog" to both: 6 and 9 of 10 annotators
+    skewed = [{**rows[0], "reference": "cat"}, {**rows[1], "reference": "cat"}, {**rows[1], "reference": "dog"}]
+    assert VQA().score(skewed)[1] == {"accuracy": pytest.approx(2 / 3), "vqa_accuracy": pytest.approx((1 + 0 + 0) / 3)}
     metrics, _ = VQA().score(rows + [{"prediction": "dog", "reference": "dog"}])
     assert "vqa_accuracy" not in metrics and "2 of 3 samples carry annotators' answers" in capsys.readouterr().out
 
