@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modrwkv_kernels import PackedLayout, as_layout, on_host, to_device_nowait
+from modrwkv_kernels import as_layout, on_host, to_device_nowait
 
 from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict, refuse_quantized
 from .config import RWKV7Config
@@ -300,7 +300,7 @@ class ModRWKV(nn.Module):
                                                      cu_seqlens=packed)
         logits = self.backbone.head(hidden) if return_logits else None
         lm_loss = forecast_loss = forecast = None
-        learned = None if labels is None else self.learned_positions(labels, packed)
+        learned = None if labels is None else self.learned_positions(labels, None if packed is None else packed.offsets)
         if learned is not None and len(learned[0]):  # forecasting-only batches have no text targets
             where, targets = (to_device_nowait(torch.from_numpy(a), device) for a in learned)
             if logits is not None:
@@ -308,7 +308,7 @@ class ModRWKV(nn.Module):
             else:
                 scores = self.backbone.head(hidden.flatten(0, 1).index_select(0, where))
             lm_loss = F.cross_entropy(scores.float(), targets)
-        if self.forecast_head is not None and any(m == "series" for items in features for m, _ in items):
+        if self.forecasts(features):
             lengths = None if attention_mask is None else to_device_nowait(attention_mask, device).long().sum(1)
             forecast = self.forecast_head(last_valid(hidden, lengths, None, packed))
             if self.forecast_skip is not None:
@@ -319,15 +319,29 @@ class ModRWKV(nn.Module):
         loss = sum(parts) if parts else None
         return ModRWKVOutput(loss, lm_loss, forecast_loss, logits, state, forecast)
 
+    def forecasts(self, features: list[Features]) -> bool:
+        """Whether a batch with these features gets a forecast (and, given its target, a forecast loss)."""
+        return self.forecast_head is not None and any(m == "series" for items in features for m, _ in items)
+
+    def loss_units(self, labels: torch.Tensor, features: list[Features], series_target=None,
+                   cu_seqlens=None) -> tuple[int, int]:
+        """(labelled tokens, forecast values) of a batch: what `forward`'s lm_loss and forecast_loss are the means
+        over, counted on the host before it runs (a trainer weighs each micro-batch's means by them)."""
+        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, labels.shape[1]).offsets
+        tokens = len(self.learned_positions(labels, offsets)[0])
+        values = series_target.numel() if series_target is not None and self.forecasts(features) else 0
+        return tokens, values
+
     @staticmethod
-    def learned_positions(labels: torch.Tensor, packed: PackedLayout | None) -> tuple[np.ndarray, np.ndarray]:
+    def learned_positions(labels: torch.Tensor, offsets=None) -> tuple[np.ndarray, np.ndarray]:
         """(flat indices into [B, T] of the positions whose next token is learned, those tokens), found on the
-        host (`labels` are read back once if given on the device)."""
+        host (`labels` are read back once if given on the device). offsets: the packed samples' starts in a row
+        [1, T], and T."""
         labels = on_host(labels).numpy()
         targets = np.full_like(labels, IGNORE)
         targets[:, :-1] = labels[:, 1:]  # position t learns the token at t + 1
-        if packed is not None:  # a sample's last token predicts nothing of the next sample
-            targets[:, np.asarray(packed.offsets[1:-1], dtype=np.int64) - 1] = IGNORE
+        if offsets is not None:  # a sample's last token predicts nothing of the next sample
+            targets[:, np.asarray(offsets[1:-1], dtype=np.int64) - 1] = IGNORE
         where = np.flatnonzero(targets != IGNORE)
         return where, targets.reshape(-1)[where]
 

@@ -126,7 +126,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                                          "epochs": [p["epoch"] for p in positions]})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
-    train_steps(engine, optimizer, batches, hp, step, on_step, world, skipped)  # the last step checkpoints
+    train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints
     if monitor:
         monitor.finish()  # logs what it holds; after a crash it stops by itself once the run is no longer RUNNING
 

@@ -232,12 +232,28 @@ def per_packed_draw(weights: list[float], caches: list[FeatureCache], mm_config:
     return drawn
 
 
+def check_zero2_order(caches: list[FeatureCache]) -> None:
+    """ZeRO-2 reduces each gradient as the backward produces it, in buckets it assumes every worker fills in one
+    order (deepspeedai/DeepSpeed#2343). A micro-batch of a media cache whose samples are all text-only leaves the
+    projector to the trainer's x0 term, so its gradients come first on that worker and last on the others: tensors
+    summed with other tensors, silently (measured: tests/pipelines/test_deepspeed_engine.py). Refused here."""
+    for cache in caches:
+        if cache.modality != "series" and (n := cache.text_only()):
+            raise ConfigError(f"{cache.uri}: {n} of {len(cache)} samples are text-only, and under ZeRO-2 a worker "
+                              f"whose micro-batch holds no {cache.modality} item reduces its gradients in another "
+                              "order than the others (DeepSpeed's stage 2 assumes one order; its reduction then mixes "
+                              "tensors): set deepspeed.zero_stage: 1 (optimizer states still partitioned, gradients "
+                              "reduced once a step in parameter order), or train on one worker")
+
+
 def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     """`world`: the workers that will train (each reads samples of its own from every cache it draws)."""
     hp = config.phase1 if phase == 1 else config.phase2
     groups = resolve_groups(hp.caches or config.caches)
     caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
+    if world > 1 and config.deepspeed.zero_stage == 2:
+        check_zero2_order(opened)
     weights, left_out = draw_weights(hp.mix, groups, [len(c) for c in opened], world)
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)

@@ -290,74 +290,120 @@ def to_device(batch, device):
     return batch
 
 
-def all_mean(values: torch.Tensor) -> list[float]:
-    """The mean of each of `values` (float64) over the workers (one all-reduce), read back once."""
+def all_sum(values: torch.Tensor) -> list[float]:
+    """Each of `values` (float64) summed over the workers (one all-reduce), read back once."""
     if dist.is_initialized():
         dist.all_reduce(values)
-        values /= dist.get_world_size()
     return values.tolist()
 
 
 def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step: int = 0,
-                on_step: Callable[[int, dict], None] | None = None, world: int = 1,
-                skipped: list[dict] | None = None) -> list[dict]:
+                on_step: Callable[[int, dict], None] | None = None, skipped: list[dict] | None = None) -> list[dict]:
     """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
-    averaged over workers when torch.distributed is up. Returns the samples left out (over-long, or with an item
+    summed over workers when torch.distributed is up. Returns the samples left out (over-long, or with an item
     compressed to nothing: `modrwkv.batching.BadSample`), by step:
-    `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it."""
+    `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it.
+
+    A step minimises what one forward over its whole global batch would: the mean over every labelled token of the
+    step (all micro-batches, all workers) plus the mean squared error over every forecast value of the step. Each
+    micro-batch's means are weighted by its share of those counts (`step_objective`), so micro_batch, packing and
+    the number of workers change how a step is computed, not what it minimises."""
     # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
     # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
     # ~800 others; touching them too added thousands of tiny kernels a micro-step); the same in one process, which
     # then computes what workers do
-    backbone = engine.module.backbone
-    read = {id(p) for p in backbone.parameters()} - {id(p) for p in backbone.unread_parameters()}
-    touch = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in read]
+    model = engine.module
+    read = {id(p) for p in model.backbone.parameters()} - {id(p) for p in model.backbone.unread_parameters()}
+    touch = [p for p in model.parameters() if p.requires_grad and id(p) not in read]
     accumulation, skipped = engine.gradient_accumulation_steps(), [] if skipped is None else skipped
+    # the engines divide the loss by the accumulation steps, and DeepSpeed averages the gradients over workers
+    workers = dist.get_world_size() if dist.is_initialized() else 1
     while step < hp.steps:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = hp.lr * g["lr_scale"] * scale
-        started, losses, samples, tokens, slots, waited = time.perf_counter(), [], 0, 0, 0, 0.0
-        by_modality = {}  # the micro-steps' losses stay on the device until the step's one read
-        for _ in range(accumulation):
+        started, micro, waited = time.perf_counter(), [], 0.0
+        for _ in range(accumulation):  # all of the step's micro-batches first: their counts weigh each one's loss
             before = time.perf_counter()
-            modality, batch = next(batches)
+            micro.append(next(batches))
             waited += time.perf_counter() - before
+        units = [model.loss_units(b.labels, b.features, b.series_target, b.cu_seqlens) for _, b in micro]
+        totals = step_totals(units, engine.device)
+        modalities = sorted({modality for modality, _ in micro})
+        # per modality, summed over its micro-batches on the device until the step's one read:
+        # (token loss sum, labelled tokens, squared error sum, forecast values)
+        sums = torch.zeros(len(modalities), 4, dtype=torch.float64, device=engine.device)
+        samples, tokens, slots = 0, 0, 0
+        for (modality, batch), (n_tokens, n_values) in zip(micro, units):
             skipped.extend({**s, "step": step + 1} for s in batch.skipped)
             batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
                          series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,
                          series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens)
-            engine.backward(out.loss + sum(p.sum() * 0.0 for p in touch))
+            objective = step_objective(out, n_tokens, n_values, totals) * (accumulation * workers)
+            engine.backward(objective + sum(p.sum() * 0.0 for p in touch))
             engine.step()
-            losses.append(out.loss.detach().double())
-            by_modality.setdefault(modality, []).append(losses[-1])
+            row = sums[modalities.index(modality)]
+            if out.lm_loss is not None:
+                row[0] += out.lm_loss.detach().double() * n_tokens
+            if out.forecast_loss is not None:
+                row[2] += out.forecast_loss.detach().double() * n_values
+            row[1] += n_tokens
+            row[3] += n_values
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
             slots += batch.slots
         step += 1
-        # every worker draws the same cache per micro-step, so the modalities agree across workers
-        modalities = sorted(by_modality)
-        means = [torch.stack(losses).mean(), *(torch.stack(by_modality[m]).mean() for m in modalities)]
         # records saved before they named a reason are over-long ones (the only reason then)
         reasons = [s.get("reason", OverLength.reason) for s in skipped]
         counts = torch.tensor([samples, tokens, slots, waited, *map(reasons.count, SKIP_REASONS)],
                               dtype=torch.float64)
-        values = all_mean(torch.cat([torch.stack(means), to_device_nowait(counts, engine.device)]))
-        loss, modality_losses = values[0], values[1 : len(means)]
-        samples, tokens, slots, waited, *n_skipped = values[len(means) :]
+        # every worker draws the same cache per micro-step, so the modalities agree across workers
+        values = all_sum(torch.cat([sums.flatten(), to_device_nowait(counts, engine.device)]))
+        per_modality = [values[4 * i : 4 * i + 4] for i in range(len(modalities))]
+        samples, tokens, slots, waited, *n_skipped = values[4 * len(modalities) :]
         seconds = time.perf_counter() - started  # after the read, which waited for the step's device work
-        metrics = {"loss": loss, "lr": hp.lr * scale, "samples_per_s": samples * world / seconds,
-                   "tokens_per_s": tokens * world / seconds,  # real tokens, no padding
+        metrics = {"loss": mean_loss(*map(sum, zip(*per_modality))), "lr": hp.lr * scale,
+                   "samples_per_s": samples / seconds,
+                   "tokens_per_s": tokens / seconds,  # real tokens, no padding
                    # Batch.padding_fraction over the step: right padding, or the packed rows' unfilled ends
                    "padding_fraction": 1.0 - tokens / slots,
-                   "data_wait_s": waited}  # the step's time spent waiting for its batches
-        metrics.update({f"skipped_{reason}": n * world for reason, n in zip(SKIP_REASONS, n_skipped)})
-        metrics.update({f"loss_{m}": v for m, v in zip(modalities, modality_losses)})
+                   "data_wait_s": waited / workers}  # the step's time spent waiting for its batches, per worker
+        metrics.update({f"skipped_{reason}": n for reason, n in zip(SKIP_REASONS, n_skipped)})
+        metrics.update({f"loss_{m}": mean_loss(*sums_m) for m, sums_m in zip(modalities, per_modality)})
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:  # an engine that measured none: no metric rather than a made-up 0
             metrics["grad_norm"] = float(grad_norm)
         if on_step:
             on_step(step, metrics)
     return skipped
+
+
+def step_totals(units: list[tuple[int, int]], device) -> tuple[int, int]:
+    """(labelled tokens, forecast values) of a step: its micro-batches' `loss_units`, summed over workers (an
+    all-reduce when torch.distributed is up, read back before the step's first backward)."""
+    n_tokens, n_values = map(sum, zip(*units))
+    if dist.is_initialized():
+        totals = torch.tensor([n_tokens, n_values], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        n_tokens, n_values = totals.tolist()
+    return int(n_tokens), int(n_values)
+
+
+def step_objective(out, n_tokens: int, n_values: int, totals: tuple[int, int]) -> torch.Tensor:
+    """A micro-batch's part of the step's loss: its token-mean LM loss and value-mean forecast loss, each times the
+    micro-batch's share of the step's tokens or values; the parts add up to the step's means."""
+    parts = []
+    if out.lm_loss is not None:
+        parts.append(out.lm_loss * (n_tokens / totals[0]))
+    if out.forecast_loss is not None:
+        parts.append(out.forecast_loss * (n_values / totals[1]))
+    if not parts:
+        raise ValueError("a micro-batch with neither labelled tokens nor a forecast target: nothing to learn")
+    return sum(parts)
+
+
+def mean_loss(token_loss_sum: float, n_tokens: float, squared_error_sum: float, n_values: float) -> float:
+    """The step's loss from its sums: the token mean plus the forecast values' mean (each where there are any)."""
+    return (token_loss_sum / n_tokens if n_tokens else 0.0) + (squared_error_sum / n_values if n_values else 0.0)

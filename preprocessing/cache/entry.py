@@ -301,6 +301,10 @@ class FeatureCache:
         keys = self.index(["key"])["key"].take(over).to_pylist()
         return [{"key": key, "tokens": int(tokens[i])} for key, i in zip(keys, over)]
 
+    def text_only(self) -> int:
+        """How many samples hold no item (text-only turns in an image cache, as LLaVA's data has), from the index."""
+        return int(np.sum(item_sums(self.index(["item_tokens"]), lambda n: 1) == 0))
+
     def compressed_to_nothing(self, compressed) -> list[str]:
         """The keys of the samples with an item that `compressed` leaves no feature vector of (fewer than the
         projector's compression kernel), from the index alone."""

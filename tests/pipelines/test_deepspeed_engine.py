@@ -118,6 +118,74 @@ def test_deepspeed_without_zero_logs_the_gradient_norm_the_local_engine_logs():
     assert report["zero2/0.05"]["grad_norms"] == pytest.approx(report["local/0.05"]["grad_norms"], rel=1e-4)
 
 
+TWO_RANKS = r"""
+import json, os, sys
+import torch
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ.update({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from modrwkv.batching import Collator
+from modrwkv.tokenizer import WorldTokenizer
+from pipelines.deepspeed_engine import start_engine
+from pipelines.train_config import DeepSpeedConfig, PhaseConfig
+from tests.modrwkv.test_multimodal import packing_samples, tiny_model
+from pipelines.trainer import train_steps
+
+report = {}
+for stage, halves in ((2, ((0, 1), (3, 0))), (1, ((0, 1), (2, 3)))):  # ZeRO-1 with a text-only micro-batch too
+    model = tiny_model(seed=1)
+    model.set_phase(2)
+    hp = PhaseConfig(lr=1e-3, steps=2, global_batch=4, micro_batch=1, grad_clip=0.0)
+    engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=stage), world=2, on_gpu=False)
+    collator = Collator(WorldTokenizer(), model.config, max_length=400)
+    mine = [("image", collator([packing_samples()[i]])) for i in halves[rank]]  # the worker's half of each step
+    steps = []
+    train_steps(engine, optimizer, iter(mine * 2), hp, on_step=lambda step, metrics: steps.append(metrics))
+    report[stage] = {"losses": [m["loss"] for m in steps], "grad_norms": [m["grad_norm"] for m in steps]}
+print(json.dumps(report))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_take_the_step_one_process_takes_over_their_samples():
+    """Four samples whose answers differ in length, a step's two micro-batches on each of two workers: the same loss
+    and gradient norm as one process accumulating all four, steps 1 and 2. The step's token count is summed over the
+    workers, and the loss scaled back from DeepSpeed's average over them. ZeRO-2 where every micro-step runs the
+    image projector on both workers; ZeRO-1 also where one worker's micro-batch is text-only (under ZeRO-2 that
+    one's gradients would be reduced in another order than its peer's, mixing tensors: `plan_phase` refuses it)."""
+    import socket
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import LocalEngine, optimizer_for, train_steps
+    from tests.modrwkv.test_multimodal import packing_samples, tiny_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(rank), port], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    workers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert workers[0] == workers[1]  # every worker logs the step's figures, summed over all of them
+
+    for stage, order in (("2", (0, 1, 3, 0)), ("1", (0, 1, 2, 3))):
+        model = tiny_model(seed=1)
+        model.set_phase(2)
+        hp = PhaseConfig(lr=1e-3, steps=2, global_batch=4, micro_batch=1, grad_clip=0.0)
+        engine = LocalEngine(model, optimizer_for(model, hp), accumulation=4, grad_clip=0.0)
+        collator = Collator(WorldTokenizer(), model.config, max_length=400)
+        steps = []
+        train_steps(engine, engine.optimizer, iter([("image", collator([packing_samples()[i]])) for i in order] * 2),
+                    hp, on_step=lambda step, metrics: steps.append(metrics))
+        assert workers[0][stage]["losses"] == pytest.approx([m["loss"] for m in steps], rel=1e-5), stage
+        assert workers[0][stage]["grad_norms"] == pytest.approx([m["grad_norm"] for m in steps], rel=1e-4), stage
+
+
 BF16_SAVED = ONE_RANK + r"""
 import sys
 from pathlib import Path

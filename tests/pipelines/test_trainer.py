@@ -132,6 +132,52 @@ def test_a_step_reads_the_device_once_whatever_it_accumulates(device_reads):
         assert m["tokens_per_s"] / m["samples_per_s"] == pytest.approx(batch.n_tokens / len(batch.sample_ids))
 
 
+def test_a_step_minimises_one_loss_however_its_batch_is_split_or_packed():
+    """Four samples whose answers run from 2 to 13 tokens, one optimizer step: the same loss and gradient (norm) as
+    one padded micro-batch, as four micro-batches of one accumulated, or packed into one row or two. Before, each
+    micro-batch's token mean counted once: alone in a micro-batch the 2-token answer weighed a quarter of the step,
+    in a packed row 2 tokens in 30. A series step likewise: forecast windows one by one or together."""
+    import numpy as np
+
+    from modrwkv.batching import Collator
+    from modrwkv.conversation import Sample, Turn
+    from modrwkv.multimodal import ModRWKV
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for, train_steps
+    from tests.modrwkv.test_multimodal import packing_samples, tiny_model
+
+    def one_step(batches, modality="image", **model_args):
+        model = tiny_model(seed=1, **model_args)
+        model.set_phase(2)
+        hp = PhaseConfig(lr=1e-3, steps=1, global_batch=len(batches), micro_batch=1, grad_clip=0.0)
+        engine = LocalEngine(model, optimizer_for(model, hp), len(batches), grad_clip=0.0)
+        metrics = []
+        train_steps(engine, engine.optimizer, iter([(modality, b) for b in batches]), hp,
+                    on_step=lambda step, m: metrics.append(m))
+        return metrics[0]["loss"], metrics[0]["grad_norm"]
+
+    collator = Collator(WorldTokenizer(), tiny_model().config, max_length=400)
+    samples = packing_samples()[:4]
+    encoded = collator.encode_all(samples)[0]
+    answers = sorted(len(ModRWKV.learned_positions(collator([s]).labels, None)[0]) for s in samples)
+    assert answers[0] <= 3 and answers[-1] >= 10  # answers of very different lengths
+    whole = one_step([collator(samples)])
+    for split in ([collator([s]) for s in samples], [collator.pack([encoded])],
+                  [collator.pack([encoded[:2]]), collator.pack([encoded[2:]])], [collator(samples[:1]),
+                                                                                 collator(samples[1:])]):
+        assert one_step(split) == pytest.approx(whole, rel=1e-4)
+
+    rng = np.random.default_rng(0)
+    windows = [Sample(f"w{i}", "series", [Turn("user", "<series>\nForecast the next 4 values.")],
+                      items=[rng.standard_normal((6 + 3 * i, 8)).astype(np.float32)],
+                      target=rng.standard_normal(4).astype(np.float32)) for i in range(3)]
+    whole = one_step([collator(windows)], "series", forecast_horizon=4)
+    assert one_step([collator([w]) for w in windows], "series", forecast_horizon=4) == pytest.approx(whole, rel=1e-4)
+    assert one_step([collator.pack([collator.encode_all(windows)[0]])], "series",
+                    forecast_horizon=4) == pytest.approx(whole, rel=1e-4)
+
+
 def test_the_deepspeed_config_takes_the_cores_accumulation():
     from pipelines.train_config import DeepSpeedConfig, PhaseConfig
     from pipelines.deepspeed_engine import deepspeed_config
@@ -389,6 +435,24 @@ def test_a_collection_entry_smaller_than_the_workers_is_left_out_before_they_sta
     assert skips == {"over_length_in_caches": 0, "too_short_in_caches": 0, "in_entries_left_out": 16}
     assert "1 collection entries hold fewer samples than the workers" in capsys.readouterr().out
     assert plan_phase(config, 1, world=16).left_out == []
+
+
+def test_zero2_across_workers_is_refused_for_a_cache_with_text_only_samples(setup, mixed_cache):
+    """A text-only micro-batch on one worker would have ZeRO-2 reduce its gradients in another order than its peer's
+    (tests/pipelines/test_deepspeed_engine.py); refused before workers start, naming the cache, the count and the
+    way out. One worker, or ZeRO-1, or a cache whose samples all hold an image, is planned."""
+    from pipelines.config import ConfigError
+    from pipelines.train_setup import plan_phase
+
+    root, digits = setup
+    config = config_for(root, mixed_cache, "zero2", max_length=96, deepspeed={"zero_stage": 2})
+    with pytest.raises(ConfigError, match=rf"{mixed_cache}: \d+ of \d+ samples are text-only, .* set "
+                                          "deepspeed.zero_stage: 1"):
+        plan_phase(config, 1, world=2)
+    plan_phase(config, 1, world=1)
+    config.deepspeed.zero_stage = 1
+    plan_phase(config, 1, world=2)
+    plan_phase(config_for(root, digits, "zero2", deepspeed={"zero_stage": 2}), 1, world=2)
 
 
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
