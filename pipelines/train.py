@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from preprocessing.cache.entry import entry_name
 from . import tracking
 from .config import load_config
 from .logged_models import encoder_dirs, log_trained_model, register
+from .schedule import lr_at, schedule_of
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
 from .train_setup import encoder_store_keys, plan_phase, skipped_in_caches
@@ -136,12 +138,19 @@ def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str,
 def check_resumable(saved: dict, resume_from: str, plan, phase: int, world: int) -> None:
     """What the workers would refuse after loading the checkpoint, refused before any run starts (a checkpoint
     written before its metadata held these is left to the workers): a phase already at its last step, which would
-    run nothing, and data positions saved over other entries or epochs (`trainer.check_position`)."""
-    steps = plan.hp.steps
-    if saved.get("step", 0) >= steps:  # the workers would run no step, and report no checkpoint
-        raise ValueError(f"{resume_from}: saved at step {saved['step']}, the last of phase {phase}'s {steps}: "
-                         f"nothing to resume (its model is in {plan.destination}); raise phase{phase}.steps to "
-                         "train on")
+    run nothing, and data positions saved over other entries or epochs (`trainer.check_position`). A schedule other
+    than the checkpoint's is let through with a note of the lr it resumes at, and the saved run's there."""
+    steps, step = plan.hp.steps, saved.get("step", 0)
+    if step >= steps:  # the workers would run no step, and report no checkpoint
+        raise ValueError(f"{resume_from}: saved at step {step}, the last of phase {phase}'s {steps}: nothing to "
+                         f"resume (its model is in {plan.destination}); with phase{phase}.steps raised it trains on, "
+                         "its lr from then on the longer schedule's (partway up its cosine, not where this run's "
+                         "ended)")
+    now = schedule_of(plan.hp)
+    if saved.get("schedule", now) != now:
+        print(f"note: {resume_from} was saved by a run scheduled {saved['schedule']}, this one is {now}: step "
+              f"{step + 1} runs at lr {lr_at(now, step):.3g}, where the saved run's would be "
+              f"{lr_at(saved['schedule'], step):.3g}", file=sys.stderr)
     if "epochs" not in saved:
         return
     if len(saved["epochs"]) != world:
@@ -172,8 +181,6 @@ def main(args: argparse.Namespace) -> None:
 
 # `python -m pipelines.train ...`, the job command for `ray job submit`: same flags as `modrwkv train`
 if __name__ == "__main__":
-    import sys
-
     from pipelines.cli import main as cli_main  # the CLI imports this module: only the `-m` entry needs it
 
     sys.exit(cli_main(["train", *sys.argv[1:]]))

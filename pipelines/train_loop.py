@@ -18,6 +18,7 @@ from preprocessing.cache.entry import FeatureCache
 
 from .environment import require_cuda
 from .logged_models import log_trained_model
+from .schedule import schedule_of
 from .tracking import MetricLogger, log_environment, log_skipped_samples, system_metrics
 from .deepspeed_engine import save_final, start_engine
 from .train_config import DeepSpeedConfig, PhaseConfig
@@ -123,7 +124,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                 checkpoint = Checkpoint.from_directory(d)
                 # what a resume checks before it starts workers
                 checkpoint.set_metadata({"step": step, "entries": positions[0]["entries"],
-                                         "epochs": [p["epoch"] for p in positions]})
+                                         "epochs": [p["epoch"] for p in positions], "schedule": schedule_of(hp)})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints

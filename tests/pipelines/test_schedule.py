@@ -11,3 +11,31 @@ def test_the_peak_is_reached_once_and_the_floor_at_the_last_step(warmup):
     assert all(a > b for a, b in zip(decay, decay[1:]))  # no step held at the peak
     assert max(multipliers) == pytest.approx(1.0, abs=0.03) and multipliers.count(max(multipliers)) == 1
     assert multipliers[-1] == pytest.approx(0.1)
+
+
+def test_a_resume_on_another_schedule_says_where_its_lr_jumps(capsys):
+    """A phase of 100 steps that ended (min_lr_ratio 0: lr 0) resumed with steps raised to 200 starts halfway up the
+    longer cosine: refused at its last step with why, and a resume at step 60 under the longer schedule is let
+    through with both lrs named; the same schedule says nothing; a checkpoint without a record, nothing."""
+    from types import SimpleNamespace
+
+    from pipelines.schedule import lr_at, schedule_of
+    from pipelines.train import check_resumable
+    from pipelines.train_config import PhaseConfig
+
+    def plan(steps):
+        return SimpleNamespace(hp=PhaseConfig(lr=1e-3, steps=steps, global_batch=8, warmup_steps=5,
+                                              min_lr_ratio=0.0), destination="s3://b/run/phase1", opened=[])
+
+    saved = {"step": 100, "schedule": schedule_of(plan(100).hp)}
+    with pytest.raises(ValueError, match="saved at step 100, the last of phase 1's 100: nothing to resume .* "
+                                         "its lr from then on the longer schedule's"):
+        check_resumable(saved, "ckpt", plan(100), 1, world=1)
+    check_resumable({**saved, "step": 60}, "ckpt", plan(200), 1, world=1)
+    err = capsys.readouterr().err
+    assert f"step 61 runs at lr {lr_at(schedule_of(plan(200).hp), 60):.3g}" in err
+    assert f"the saved run's would be {lr_at(saved['schedule'], 60):.3g}" in err
+    assert lr_at(schedule_of(plan(200).hp), 60) > 2 * lr_at(saved["schedule"], 60)
+    check_resumable({**saved, "step": 60}, "ckpt", plan(100), 1, world=1)
+    check_resumable({"step": 60}, "ckpt", plan(200), 1, world=1)
+    assert capsys.readouterr().err == ""
