@@ -61,10 +61,13 @@ def fill_gaps(values: np.ndarray) -> np.ndarray:
 
 
 def split_range(n_rows: int, split: str, fractions, rows=None) -> tuple[int, int]:
-    """The split's rows [start, end): at `rows` (each range's end row) when given, else by `fractions`."""
+    """The split's rows [start, end): at `rows` (each range's end row) when given, else by (train, val, test)
+    `fractions` as the Time-Series-Library cuts them: train ends at int(train·n), test starts int(test·n) rows before
+    the end, val between (ECL's 26,304 rows: 18,412 and 21,044)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    edges = [0, *rows] if rows else np.round(np.cumsum([0, *fractions]) * n_rows).astype(int)
+    train, _, test = fractions
+    edges = [0, *rows] if rows else [0, int(train * n_rows), n_rows - int(test * n_rows), n_rows]
     i = SPLITS.index(split)
     return int(edges[i]), int(edges[i + 1])
 

@@ -178,6 +178,18 @@ def test_series_windows_split_by_time(tmp_path):
     assert len(targets) == len(set(targets))  # no horizon appears in two splits
 
 
+def test_fractions_cut_the_rows_where_the_time_series_library_does():
+    """TSLib's borders for its 70/10/20 sets: train ends at int(0.7 n), test starts int(0.2 n) rows before the end.
+    ECL's 26,304 rows: 18,412 and 21,044 (rounding both gave 18,413 and 21,043: one test window more, one row of
+    training statistics different); Traffic's 17,544: 12,280 and 14,036."""
+    from preprocessing.readers.series import split_range
+
+    for n, train_end, test_start in ((26304, 18412, 21044), (17544, 12280, 14036)):
+        assert [split_range(n, split, (0.7, 0.1, 0.2)) for split in ("train", "val", "test")] == [
+            (0, train_end), (train_end, test_start), (test_start, n)]
+    assert split_range(100, "test", (1.0, 0.0, 0.0)) == (100, 100)
+
+
 def test_series_gaps_are_interpolated_or_rejected(tmp_path):
     values = np.arange(40, dtype=float)
     values[5] = np.nan
