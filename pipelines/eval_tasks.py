@@ -49,7 +49,8 @@ class EvalTask(ABC):
     def predict(self, model, tokenizer, samples: list["Sample"]) -> list[dict]:
         """The samples' rows (key, language, prediction and reference, and what scoring and plots need beyond),
         in order; tasks answer several samples in one pass of the model where they can. A sample the model cannot
-        take (an item compressed to nothing) is not predicted: its row says why (`skipped`)."""
+        take (an item compressed to nothing) is not predicted: its row says why (`skipped`), with what scoring it as
+        unanswered needs (`unanswered`)."""
         # torch and the model package (which imports torch) load in the prediction actors only, not the driver
         import torch
 
@@ -64,7 +65,7 @@ class EvalTask(ABC):
                 prompts.append(prompt_ids(tokenizer, sample.text("user"), item_lengths(model.config, items, sample.key),
                                           sample.key))
             except TooShort as e:
-                skipped[index] = {"skipped": str(e)}
+                skipped[index] = {"skipped": str(e), **self.unanswered(sample)}
                 continue
             taken.append(sample)
             features.append([(m, f.to(device)) for m, f in items])
@@ -76,6 +77,10 @@ class EvalTask(ABC):
     @abstractmethod
     def answer(self, model, tokenizer, samples: list["Sample"], prompts: list[list[int]], features: list) -> list[dict]:
         """The model's predictions, with the references, for the samples' prompt ids and feature items."""
+
+    def unanswered(self, sample: "Sample") -> dict:
+        """A skipped sample's row as scored, or {} when it is left out of the scores (counted in `rows_skipped`)."""
+        return {}
 
     @abstractmethod
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
@@ -138,8 +143,17 @@ class DecodeTask(EvalTask):
             # stopped: False where the answer ran to max_new_tokens (cut short, or never ending its turn)
             rows += [{"prediction": tokenizer.decode(t).split(TURN_END)[0].strip(), "stopped": stopped}
                      for t, stopped in zip(out.tokens, out.stopped)]
-        return [{**r, "reference": s.text("assistant"), **({"answers": s.meta["answers"]} if "answers" in s.meta
-                                                              else {})} for s, r in zip(samples, rows)]
+        return [{**r, **self.references(s)} for s, r in zip(samples, rows)]
+
+    @staticmethod
+    def references(sample: "Sample") -> dict:
+        return {"reference": sample.text("assistant"), **({"answers": sample.meta["answers"]} if "answers" in
+                                                           sample.meta else {})}
+
+    def unanswered(self, sample: "Sample") -> dict:
+        """Scored as an empty answer: wrong for VQA, every word deleted for ASR. A sample the model cannot read is
+        one it fails; left out, the test set's score would be over the samples it can."""
+        return {"prediction": "", "stopped": True, **self.references(sample)}
 
 
 @dataclass

@@ -307,10 +307,12 @@ def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: P
         for rows in shards:
             saved = [task.saved(r) for r in rows]
             file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in saved)
-            # a sample the model cannot take is not predicted: counted, and named with its reason in the file
-            taken = [r for r in rows if "skipped" not in r]
-            scored.skipped += len(rows) - len(taken)
-            scored.first_reason = scored.first_reason or next((r["skipped"] for r in rows if "skipped" in r), None)
+            # a sample the model cannot take is not predicted: counted, named with its reason in the file, and
+            # scored as unanswered where its task can (`EvalTask.unanswered`), else left out of the scores
+            skipped = [r for r in rows if "skipped" in r]
+            scored.skipped += len(skipped)
+            scored.first_reason = scored.first_reason or next((r["skipped"] for r in skipped), None)
+            taken = [r for r in rows if "skipped" not in r or "prediction" in r]
             scored.tally.add(taken)
             scored.truncated += sum(r.get("stopped") is False for r in taken)
             scored.table.add([r for r in saved if "skipped" not in r])

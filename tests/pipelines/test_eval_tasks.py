@@ -243,5 +243,7 @@ def test_a_sample_whose_item_compresses_to_nothing_is_skipped_with_its_reason():
     assert [r["key"] for r in rows] == ["i0", "i1", "i2"]
     assert rows[1] == {"key": "i1", "language": None, "skipped": "sample i1: its image item 0 has 2 feature "
                                                                  "vectors, none left after the projector's "
-                                                                 "compression (kernel 3)"}
+                                                                 "compression (kernel 3)",
+                       "prediction": "", "stopped": True, "reference": "seven"}  # scored as unanswered: wrong
     assert [rows[0], rows[2]] == VQA(max_new_tokens=3, batch_size=2).predict(model, tokenizer, samples[::2])
+    assert VQA().score([rows[1]])[0] == {"accuracy": 0.0}

@@ -124,9 +124,11 @@ def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_predi
 
 
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
-    """A cache with an image of 2 feature vectors, fewer than the projector's compression kernel 3: the others are
-    scored, that one is counted (`rows_skipped`) and named with its reason in the predictions, not a failed run."""
+    """A cache with an image of 2 feature vectors, fewer than the projector's compression kernel 3: not a failed run;
+    that one is counted (`rows_skipped`), named with its reason in the predictions and scored as unanswered (wrong):
+    the accuracy is over all three."""
     from modrwkv.conversation import Sample, Turn
+    from pipelines.metrics.vqa import normalize_answer
     from tests.cache_entries import write_entry
 
     root, _, _ = trained
@@ -135,12 +137,15 @@ def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(train
     write_entry(str(root / "short" / "entry"), [samples])
     vqa = run_eval(eval_config(root, str(root / "short" / "entry"), "vqa", out="short", max_new_tokens=3, actors=0,
                                track=False))
-    assert vqa.metrics["rows_skipped"] == 1 and "accuracy" in vqa.metrics
+    assert vqa.metrics["rows_skipped"] == 1 and vqa.coverage["rows_predicted"] == 2
     predictions = read_predictions(vqa.predictions)
     assert [p["key"] for p in predictions] == ["a", "b", "c"] and "prediction" in predictions[0]
     assert predictions[1] == {"key": "b", "language": None, "skipped": "sample b: its image item 0 has 2 feature "
                                                                      "vectors, none left after the projector's "
-                                                                     "compression (kernel 3)"}
+                                                                     "compression (kernel 3)",
+                              "prediction": "", "stopped": True, "reference": "seven"}
+    right = sum(normalize_answer(p["prediction"]) == "7" for p in predictions)
+    assert vqa.metrics["accuracy"] == pytest.approx(right / 3)  # b counted, as wrong
 
 
 def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_path, monkeypatch):
