@@ -68,7 +68,8 @@ def optimise(model: RWKV7, losses: Callable[[], list[torch.Tensor]], steps: int,
     """`steps` steps of the training core's engine (AdamW over the backbone's parameter groups, clipped at 1) on
     the sum of `losses()`; returns every step's loss parts."""
     # the loop form of AdamW, not the fused one of phase I/II: the demo's stand-in (and its figures) came from it
-    optimizer = adamw(model.optimizer_groups(weight_decay=0.01), lr, fused=False)
+    # eps 1e-8: the demo's stand-in backbone was tuned with it (RESULTS.md); phases I and II take RWKV-LM's 1e-18
+    optimizer = adamw(model.optimizer_groups(weight_decay=0.01), lr, fused=False, eps=1e-8)
     engine = LocalEngine(model, optimizer, accumulation=1, grad_clip=1.0)
     model.train()
     history = []

@@ -49,6 +49,9 @@ class PhaseConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    # AdamW's epsilon: RWKV-LM's 1e-18 (rwkv7.md), under which a tensor of tiny gradients still moves by about lr a
+    # step; torch's 1e-8 damps any whose gradients' RMS is near or below it
+    adam_eps: float = 1e-18
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # 0: only at the end
     caches: list[str] | None = None  # this phase's data, when it differs from the top-level caches
@@ -68,6 +71,8 @@ class PhaseConfig:
                              f"{self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be between 0 and 1 (a fraction of lr), not {self.min_lr_ratio}")
+        if not 0 < self.adam_eps < 1:
+            raise ValueError(f"adam_eps must be between 0 and 1, not {self.adam_eps}")
         for name in ("weight_decay", "grad_clip", "checkpoint_every"):  # grad_clip 0: no clipping
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")

@@ -49,18 +49,20 @@ def build_model(backbone_path: str, config: ModRWKVConfig, init_from: str | None
     return model
 
 
-def adamw(groups: list[dict], lr: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW as RWKV-LM trains (betas 0.9, 0.99), each of `optimizer_groups`' groups at lr times its lr_scale."""
+def adamw(groups: list[dict], lr: float, fused: bool = True, eps: float = 1e-18) -> torch.optim.AdamW:
+    """AdamW as RWKV-LM trains (betas 0.9, 0.99, eps 1e-18), each of `optimizer_groups`' groups at lr times its
+    lr_scale."""
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=eps, fused=fused)
 
 
 def optimizer_for(model: ModRWKV, hp: PhaseConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters in RWKV-LM's groups (att.w0 at 2x lr, weight decay on matrices only).
     Fused: one pass over each (flat ZeRO) partition; on CPU the loop form takes 10x as long (0.32 vs 0.03 s for
     67M parameters), a sixth of a step of the L6, C512 backbone in benchmarks/train.py."""
-    return adamw(model.backbone.optimizer_groups(hp.weight_decay, params=model.trainable_parameters()), hp.lr)
+    return adamw(model.backbone.optimizer_groups(hp.weight_decay, params=model.trainable_parameters()), hp.lr,
+                 eps=hp.adam_eps)
 
 
 def accumulation_steps(hp: PhaseConfig, world: int) -> int:

@@ -178,6 +178,21 @@ def test_a_step_minimises_one_loss_however_its_batch_is_split_or_packed():
                     forecast_horizon=4) == pytest.approx(whole, rel=1e-4)
 
 
+def test_adamw_takes_rwkv_lms_epsilon_unless_the_phase_sets_another():
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    model = tiny_model()
+    model.set_phase(1)
+    assert {g["eps"] for g in optimizer_for(model, PhaseConfig(lr=1e-3, steps=2, global_batch=8)).param_groups} == {
+        1e-18}  # rwkv7.md's reference
+    hp = PhaseConfig(lr=1e-3, steps=2, global_batch=8, adam_eps=1e-8)
+    assert {g["eps"] for g in optimizer_for(model, hp).param_groups} == {1e-8}
+    with pytest.raises(ValueError, match="adam_eps must be between 0 and 1, not 0"):
+        PhaseConfig(lr=1e-3, steps=2, global_batch=8, adam_eps=0)
+
+
 def test_the_deepspeed_config_takes_the_cores_accumulation():
     from pipelines.train_config import DeepSpeedConfig, PhaseConfig
     from pipelines.deepspeed_engine import deepspeed_config
