@@ -20,7 +20,7 @@ unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature no
 """
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -199,6 +199,14 @@ class ModRWKVConfig:
                    series_encoder=WaveNetConfig(**d["series_encoder"]) if d.get("series_encoder") else None)
 
 
+class LossUnits(NamedTuple):
+    tokens: int  # labelled tokens: lm_loss is their mean
+    answering: int  # samples with any
+    values: int  # forecast values: forecast_loss is their mean
+    forecasting: int  # samples with a forecast target
+    samples: int
+
+
 @dataclass
 class ModRWKVOutput:
     loss: torch.Tensor | None
@@ -324,13 +332,17 @@ class ModRWKV(nn.Module):
         return self.forecast_head is not None and any(m == "series" for items in features for m, _ in items)
 
     def loss_units(self, labels: torch.Tensor, features: list[Features], series_target=None,
-                   cu_seqlens=None) -> tuple[int, int]:
-        """(labelled tokens, forecast values) of a batch: what `forward`'s lm_loss and forecast_loss are the means
-        over, counted on the host before it runs (a trainer weighs each micro-batch's means by them)."""
-        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, labels.shape[1]).offsets
-        tokens = len(self.learned_positions(labels, offsets)[0])
-        values = series_target.numel() if series_target is not None and self.forecasts(features) else 0
-        return tokens, values
+                   cu_seqlens=None) -> "LossUnits":
+        """What `forward`'s lm_loss and forecast_loss are the means over, and over how many of the batch's samples,
+        counted on the host before it runs (a trainer weighs each micro-batch's means by them)."""
+        T = labels.shape[1]
+        offsets = None if cu_seqlens is None else as_layout(cu_seqlens, T).offsets
+        where = self.learned_positions(labels, offsets)[0]
+        owners = where // T if offsets is None else np.searchsorted(offsets, where % T, side="right") - 1
+        forecasting = series_target is not None and self.forecasts(features)
+        return LossUnits(tokens=len(where), answering=len(np.unique(owners)),
+                         values=series_target.numel() if forecasting else 0,
+                         forecasting=series_target.shape[0] if forecasting else 0, samples=len(features))
 
     @staticmethod
     def learned_positions(labels: torch.Tensor, offsets=None) -> tuple[np.ndarray, np.ndarray]:

@@ -232,18 +232,22 @@ def per_packed_draw(weights: list[float], caches: list[FeatureCache], mm_config:
     return drawn
 
 
-def check_zero2_order(caches: list[FeatureCache]) -> None:
-    """ZeRO-2 reduces each gradient as the backward produces it, in buckets it assumes every worker fills in one
-    order (deepspeedai/DeepSpeed#2343). A micro-batch of a media cache whose samples are all text-only leaves the
-    projector to the trainer's x0 term, so its gradients come first on that worker and last on the others: tensors
-    summed with other tensors, silently (measured: tests/pipelines/test_deepspeed_engine.py). Refused here."""
+def check_reduction_order(caches: list[FeatureCache], ds) -> None:
+    """ZeRO-2, and ZeRO-1 with overlap_comm, reduce each gradient as the backward produces it, in buckets they
+    assume every worker fills in one order (deepspeedai/DeepSpeed#2343). A micro-batch of a media cache whose
+    samples are all text-only leaves the projector to the trainer's x0 term, so its gradients come first on that
+    worker and last on the others: tensors summed with other tensors, silently (measured: RESULTS.md, "A step's
+    objective across micro-batches and workers"). Refused here."""
+    if not (ds.zero_stage == 2 or (ds.zero_stage == 1 and ds.overlap_comm)):
+        return
+    mode = "ZeRO-2" if ds.zero_stage == 2 else "ZeRO-1 with overlap_comm"
     for cache in caches:
         if cache.modality != "series" and (n := cache.text_only()):
-            raise ConfigError(f"{cache.uri}: {n} of {len(cache)} samples are text-only, and under ZeRO-2 a worker "
+            raise ConfigError(f"{cache.uri}: {n} of {len(cache)} samples are text-only, and under {mode} a worker "
                               f"whose micro-batch holds no {cache.modality} item reduces its gradients in another "
-                              "order than the others (DeepSpeed's stage 2 assumes one order; its reduction then mixes "
-                              "tensors): set deepspeed.zero_stage: 1 (optimizer states still partitioned, gradients "
-                              "reduced once a step in parameter order), or train on one worker")
+                              "order than the others (DeepSpeed assumes one order; its reduction then mixes tensors): "
+                              "set deepspeed.zero_stage: 1 without overlap_comm (optimizer states still partitioned, "
+                              "gradients reduced once a step in parameter order), or train on one worker")
 
 
 def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
@@ -252,8 +256,8 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     groups = resolve_groups(hp.caches or config.caches)
     caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
-    if world > 1 and config.deepspeed.zero_stage == 2:
-        check_zero2_order(opened)
+    if world > 1:
+        check_reduction_order(opened, config.deepspeed)
     weights, left_out = draw_weights(hp.mix, groups, [len(c) for c in opened], world)
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)

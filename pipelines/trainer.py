@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from modrwkv import RWKV7
 from modrwkv.batching import SKIP_REASONS, OverLength, first_fit_decreasing
-from modrwkv.multimodal import ModRWKV, ModRWKVConfig
+from modrwkv.multimodal import LossUnits, ModRWKV, ModRWKVConfig
 from modrwkv_kernels import to_device_nowait
 from preprocessing.cache.entry import entry_name
 from preprocessing.local_copy import local_copy
@@ -307,10 +307,12 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     compressed to nothing: `modrwkv.batching.BadSample`), by step:
     `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it.
 
-    A step minimises what one forward over its whole global batch would: the mean over every labelled token of the
-    step (all micro-batches, all workers) plus the mean squared error over every forecast value of the step. Each
-    micro-batch's means are weighted by its share of those counts (`step_objective`), so micro_batch, packing and
-    the number of workers change how a step is computed, not what it minimises."""
+    A step minimises the mean cross-entropy over every labelled token of the step (all micro-batches, all workers)
+    times the share of its samples that answer in text, plus the mean squared error over every forecast value of the
+    step times the share of its samples that forecast: one task alone, its plain mean; tasks mixed in a step, each
+    weighed by its samples, as the mix draws them. Each micro-batch's means are weighted by its part of those
+    counts (`step_objective`), so micro_batch, packing and the number of workers change how a step is computed, not
+    what it minimises."""
     # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
     # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
     # ~800 others; touching them too added thousands of tiny kernels a micro-step); the same in one process, which
@@ -323,8 +325,8 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     workers = dist.get_world_size() if dist.is_initialized() else 1
     while step < hp.steps:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = hp.lr * g["lr_scale"] * scale
+        for g in optimizer.param_groups:  # eps too: a resumed optimizer's groups hold their checkpoint's
+            g["lr"], g["eps"] = hp.lr * g["lr_scale"] * scale, hp.adam_eps
         started, micro, waited = time.perf_counter(), [], 0.0
         for _ in range(accumulation):  # all of the step's micro-batches first: their counts weigh each one's loss
             before = time.perf_counter()
@@ -333,26 +335,25 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
         units = [model.loss_units(b.labels, b.features, b.series_target, b.cu_seqlens) for _, b in micro]
         totals = step_totals(units, engine.device)
         modalities = sorted({modality for modality, _ in micro})
-        # per modality, summed over its micro-batches on the device until the step's one read:
-        # (token loss sum, labelled tokens, squared error sum, forecast values)
-        sums = torch.zeros(len(modalities), 4, dtype=torch.float64, device=engine.device)
+        # per modality, summed over its micro-batches on the device until the step's one read: the token loss sum,
+        # the squared error sum, then the LossUnits
+        sums = torch.zeros(len(modalities), 2 + len(LossUnits._fields), dtype=torch.float64, device=engine.device)
         samples, tokens, slots = 0, 0, 0
-        for (modality, batch), (n_tokens, n_values) in zip(micro, units):
+        for (modality, batch), counts in zip(micro, units):
             skipped.extend({**s, "step": step + 1} for s in batch.skipped)
             batch = to_device(batch, engine.device)
             out = engine(batch.input_ids, batch.features, attention_mask=batch.attention_mask, labels=batch.labels,
                          series_target=batch.series_target, sample_ids=batch.sample_ids, return_logits=False,
                          series_lookback=batch.series_lookback, cu_seqlens=batch.cu_seqlens)
-            objective = step_objective(out, n_tokens, n_values, totals) * (accumulation * workers)
+            objective = step_objective(out, counts, totals) * (accumulation * workers)
             engine.backward(objective + sum(p.sum() * 0.0 for p in touch))
             engine.step()
             row = sums[modalities.index(modality)]
             if out.lm_loss is not None:
-                row[0] += out.lm_loss.detach().double() * n_tokens
+                row[0] += out.lm_loss.detach().double() * counts.tokens
             if out.forecast_loss is not None:
-                row[2] += out.forecast_loss.detach().double() * n_values
-            row[1] += n_tokens
-            row[3] += n_values
+                row[1] += out.forecast_loss.detach().double() * counts.values
+            row[2:] += to_device_nowait(torch.tensor(counts, dtype=torch.float64), engine.device)
             samples += len(batch.sample_ids)
             tokens += batch.n_tokens
             slots += batch.slots
@@ -363,8 +364,9 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
                               dtype=torch.float64)
         # every worker draws the same cache per micro-step, so the modalities agree across workers
         values = all_sum(torch.cat([sums.flatten(), to_device_nowait(counts, engine.device)]))
-        per_modality = [values[4 * i : 4 * i + 4] for i in range(len(modalities))]
-        samples, tokens, slots, waited, *n_skipped = values[4 * len(modalities) :]
+        width = sums.shape[1]
+        per_modality = [values[width * i : width * (i + 1)] for i in range(len(modalities))]
+        samples, tokens, slots, waited, *n_skipped = values[width * len(modalities) :]
         seconds = time.perf_counter() - started  # after the read, which waited for the step's device work
         metrics = {"loss": mean_loss(*map(sum, zip(*per_modality))), "lr": hp.lr * scale,
                    "samples_per_s": samples / seconds,
@@ -382,30 +384,35 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     return skipped
 
 
-def step_totals(units: list[tuple[int, int]], device) -> tuple[int, int]:
-    """(labelled tokens, forecast values) of a step: its micro-batches' `loss_units`, summed over workers (an
-    all-reduce when torch.distributed is up, read back before the step's first backward)."""
-    n_tokens, n_values = map(sum, zip(*units))
+def step_totals(units: list[LossUnits], device) -> LossUnits:
+    """A step's `LossUnits`: its micro-batches', summed over workers (an all-reduce when torch.distributed is up,
+    read back before the step's first backward: one more read a step on a GPU)."""
+    totals = [sum(column) for column in zip(*units)]
     if dist.is_initialized():
-        totals = torch.tensor([n_tokens, n_values], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        n_tokens, n_values = totals.tolist()
-    return int(n_tokens), int(n_values)
+        summed = torch.tensor(totals, dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        totals = summed.tolist()
+    return LossUnits(*map(int, totals))
 
 
-def step_objective(out, n_tokens: int, n_values: int, totals: tuple[int, int]) -> torch.Tensor:
-    """A micro-batch's part of the step's loss: its token-mean LM loss and value-mean forecast loss, each times the
-    micro-batch's share of the step's tokens or values; the parts add up to the step's means."""
+def step_objective(out, units: LossUnits, totals: LossUnits) -> torch.Tensor:
+    """A micro-batch's part of the step's loss (`train_steps`): its token-mean LM loss times its share of the step's
+    tokens, and its value-mean forecast loss times its share of the step's values, each task then weighed by its
+    share of the step's samples; the parts add up to the step's loss."""
     parts = []
     if out.lm_loss is not None:
-        parts.append(out.lm_loss * (n_tokens / totals[0]))
+        parts.append(out.lm_loss * (units.tokens / totals.tokens * totals.answering / totals.samples))
     if out.forecast_loss is not None:
-        parts.append(out.forecast_loss * (n_values / totals[1]))
+        parts.append(out.forecast_loss * (units.values / totals.values * totals.forecasting / totals.samples))
     if not parts:
         raise ValueError("a micro-batch with neither labelled tokens nor a forecast target: nothing to learn")
     return sum(parts)
 
 
-def mean_loss(token_loss_sum: float, n_tokens: float, squared_error_sum: float, n_values: float) -> float:
-    """The step's loss from its sums: the token mean plus the forecast values' mean (each where there are any)."""
-    return (token_loss_sum / n_tokens if n_tokens else 0.0) + (squared_error_sum / n_values if n_values else 0.0)
+def mean_loss(token_loss_sum: float, squared_error_sum: float, *counts: float) -> float:
+    """The step's loss (`train_steps`) from its sums: the token mean and the forecast values' mean, each weighed by
+    the share of the samples it is over (the step's, or one modality's)."""
+    units = LossUnits(*counts)
+    lm = token_loss_sum / units.tokens * units.answering if units.tokens else 0.0
+    forecast = squared_error_sum / units.values * units.forecasting if units.values else 0.0
+    return (lm + forecast) / units.samples

@@ -180,7 +180,7 @@ def test_training_resumes_after_a_worker_is_killed(setup, mixed_cache):
     root, _ = setup
     cache = mixed_cache  # with over-long samples: those left out before the failure stay named after it
     config = train_config(root, cache, "fault", steps=12, checkpoint_every=3)
-    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_zero2_order`)
+    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_reduction_order`)
     config.scaling.max_failures = 1
     killed = []
     watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint,
@@ -219,7 +219,7 @@ def test_a_run_that_fails_for_good_names_its_skipped_samples(setup, mixed_cache)
 
     root, _ = setup
     config = train_config(root, mixed_cache, "failed", steps=12, checkpoint_every=3)
-    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_zero2_order`)
+    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_reduction_order`)
     config.scaling.max_failures = 0
     killed = []
     storage = root / "runs" / "failed" / "phase1" / "ray"
@@ -338,7 +338,7 @@ def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, mix
     counted in a metric and named in an artifact."""
     root, _ = setup
     config = train_config(root, mixed_cache, "mixed", steps=6)
-    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_zero2_order`)
+    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_reduction_order`)
     config.max_length = 96
     result = run_train(config, phase=1)
 

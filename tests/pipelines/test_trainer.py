@@ -132,50 +132,81 @@ def test_a_step_reads_the_device_once_whatever_it_accumulates(device_reads):
         assert m["tokens_per_s"] / m["samples_per_s"] == pytest.approx(batch.n_tokens / len(batch.sample_ids))
 
 
+def one_step(batches, **model_args) -> tuple[float, float]:
+    """(loss, gradient norm) of one optimizer step over `batches`, (modality, batch) pairs, one per micro-step, by
+    the training core in one process, from one initial model."""
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for, train_steps
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    model = tiny_model(seed=1, **model_args)
+    model.set_phase(2)
+    hp = PhaseConfig(lr=1e-3, steps=1, global_batch=len(batches), micro_batch=1, grad_clip=0.0)
+    engine = LocalEngine(model, optimizer_for(model, hp), len(batches), grad_clip=0.0)
+    metrics = []
+    train_steps(engine, engine.optimizer, iter(batches), hp, on_step=lambda step, m: metrics.append(m))
+    return metrics[0]["loss"], metrics[0]["grad_norm"]
+
+
+def series_windows(n: int) -> list:
+    """`n` forecasting samples of unequal lookbacks (series projector width 8) and 4 target values each."""
+    import numpy as np
+
+    from modrwkv.conversation import Sample, Turn
+
+    rng = np.random.default_rng(0)
+    return [Sample(f"w{i}", "series", [Turn("user", "<series>\nForecast the next 4 values.")],
+                   items=[rng.standard_normal((6 + 3 * i, 8)).astype(np.float32)],
+                   target=rng.standard_normal(4).astype(np.float32)) for i in range(n)]
+
+
 def test_a_step_minimises_one_loss_however_its_batch_is_split_or_packed():
     """Four samples whose answers run from 2 to 13 tokens, one optimizer step: the same loss and gradient (norm) as
     one padded micro-batch, as four micro-batches of one accumulated, or packed into one row or two. Before, each
     micro-batch's token mean counted once: alone in a micro-batch the 2-token answer weighed a quarter of the step,
-    in a packed row 2 tokens in 30. A series step likewise: forecast windows one by one or together."""
-    import numpy as np
-
+    in a packed row 2 tokens in 30."""
     from modrwkv.batching import Collator
-    from modrwkv.conversation import Sample, Turn
     from modrwkv.multimodal import ModRWKV
     from modrwkv.tokenizer import WorldTokenizer
-    from pipelines.train_config import PhaseConfig
-    from pipelines.trainer import optimizer_for, train_steps
     from tests.modrwkv.test_multimodal import packing_samples, tiny_model
-
-    def one_step(batches, modality="image", **model_args):
-        model = tiny_model(seed=1, **model_args)
-        model.set_phase(2)
-        hp = PhaseConfig(lr=1e-3, steps=1, global_batch=len(batches), micro_batch=1, grad_clip=0.0)
-        engine = LocalEngine(model, optimizer_for(model, hp), len(batches), grad_clip=0.0)
-        metrics = []
-        train_steps(engine, engine.optimizer, iter([(modality, b) for b in batches]), hp,
-                    on_step=lambda step, m: metrics.append(m))
-        return metrics[0]["loss"], metrics[0]["grad_norm"]
 
     collator = Collator(WorldTokenizer(), tiny_model().config, max_length=400)
     samples = packing_samples()[:4]
     encoded = collator.encode_all(samples)[0]
     answers = sorted(len(ModRWKV.learned_positions(collator([s]).labels, None)[0]) for s in samples)
     assert answers[0] <= 3 and answers[-1] >= 10  # answers of very different lengths
-    whole = one_step([collator(samples)])
+    whole = one_step([("image", collator(samples))])
     for split in ([collator([s]) for s in samples], [collator.pack([encoded])],
                   [collator.pack([encoded[:2]]), collator.pack([encoded[2:]])], [collator(samples[:1]),
                                                                                  collator(samples[1:])]):
-        assert one_step(split) == pytest.approx(whole, rel=1e-4)
+        assert one_step([("image", b) for b in split]) == pytest.approx(whole, rel=1e-4)
 
-    rng = np.random.default_rng(0)
-    windows = [Sample(f"w{i}", "series", [Turn("user", "<series>\nForecast the next 4 values.")],
-                      items=[rng.standard_normal((6 + 3 * i, 8)).astype(np.float32)],
-                      target=rng.standard_normal(4).astype(np.float32)) for i in range(3)]
-    whole = one_step([collator(windows)], "series", forecast_horizon=4)
-    assert one_step([collator([w]) for w in windows], "series", forecast_horizon=4) == pytest.approx(whole, rel=1e-4)
-    assert one_step([collator.pack([collator.encode_all(windows)[0]])], "series",
-                    forecast_horizon=4) == pytest.approx(whole, rel=1e-4)
+
+def test_a_step_of_answers_and_forecasts_weighs_each_task_by_its_samples():
+    """A step of two image samples (answers of 2 and 13 tokens) and two forecast windows, in one micro-batch of each
+    modality, in four of one, or packed: one loss and gradient, and that loss is half the image samples' token-mean
+    cross-entropy plus half the windows' mean squared error, as one forward of each modality gives them. Before, a
+    micro-batch's mean counted once, whatever it held; summing each task's step mean instead would have weighed the
+    forecast as much as all the answers whatever its share of the samples."""
+    import torch
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from tests.modrwkv.test_multimodal import packing_samples, run, tiny_model
+
+    model = tiny_model(seed=1, forecast_horizon=4)
+    collator = Collator(WorldTokenizer(), model.config, max_length=400)
+    images, windows = packing_samples()[:2], series_windows(2)
+    with torch.no_grad():
+        expected = 0.5 * float(run(model, collator(images)).lm_loss) + 0.5 * float(
+            run(model, collator(windows)).forecast_loss)
+    together = one_step([("image", collator(images)), ("series", collator(windows))], forecast_horizon=4)
+    assert together[0] == pytest.approx(expected, rel=1e-5)
+    ones = [("image", collator([s])) for s in images] + [("series", collator([w])) for w in windows]
+    assert one_step(ones, forecast_horizon=4) == pytest.approx(together, rel=1e-4)
+    packed = [("image", collator.pack([collator.encode_all(images)[0]])),
+              ("series", collator.pack([collator.encode_all(windows)[0]]))]
+    assert one_step(packed, forecast_horizon=4) == pytest.approx(together, rel=1e-4)
 
 
 def test_adamw_takes_rwkv_lms_epsilon_unless_the_phase_sets_another():
@@ -191,6 +222,19 @@ def test_adamw_takes_rwkv_lms_epsilon_unless_the_phase_sets_another():
     assert {g["eps"] for g in optimizer_for(model, hp).param_groups} == {1e-8}
     with pytest.raises(ValueError, match="adam_eps must be between 0 and 1, not 0"):
         PhaseConfig(lr=1e-3, steps=2, global_batch=8, adam_eps=0)
+    # an optimizer state resumed from a checkpoint brings its own eps: the phase's replaces it at the first step
+    from itertools import repeat
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.trainer import train_steps
+    from tests.modrwkv.test_multimodal import packing_samples
+
+    resumed = optimizer_for(model, hp)
+    batch = Collator(WorldTokenizer(), model.config, max_length=400)(packing_samples()[:1])
+    train_steps(LocalEngine(model, resumed, 1, grad_clip=1.0), resumed, repeat(("image", batch)),
+                PhaseConfig(lr=1e-3, steps=1, global_batch=1, micro_batch=1))
+    assert {g["eps"] for g in resumed.param_groups} == {1e-18}
 
 
 def test_the_deepspeed_config_takes_the_cores_accumulation():
@@ -452,22 +496,23 @@ def test_a_collection_entry_smaller_than_the_workers_is_left_out_before_they_sta
     assert plan_phase(config, 1, world=16).left_out == []
 
 
-def test_zero2_across_workers_is_refused_for_a_cache_with_text_only_samples(setup, mixed_cache):
-    """A text-only micro-batch on one worker would have ZeRO-2 reduce its gradients in another order than its peer's
-    (tests/pipelines/test_deepspeed_engine.py); refused before workers start, naming the cache, the count and the
-    way out. One worker, or ZeRO-1, or a cache whose samples all hold an image, is planned."""
+def test_bucketed_reduction_across_workers_is_refused_for_a_cache_with_text_only_samples(setup, mixed_cache):
+    """A text-only micro-batch on one worker would have ZeRO-2, or ZeRO-1 with overlap_comm, reduce its gradients in
+    another order than its peer's (RESULTS.md); refused before workers start, naming the cache, the count and the
+    way out. One worker, or ZeRO-1 without overlap_comm, or a cache whose samples all hold an image, is planned."""
     from pipelines.config import ConfigError
     from pipelines.train_setup import plan_phase
 
     root, digits = setup
-    config = config_for(root, mixed_cache, "zero2", max_length=96, deepspeed={"zero_stage": 2})
-    with pytest.raises(ConfigError, match=rf"{mixed_cache}: \d+ of \d+ samples are text-only, .* set "
-                                          "deepspeed.zero_stage: 1"):
-        plan_phase(config, 1, world=2)
-    plan_phase(config, 1, world=1)
-    config.deepspeed.zero_stage = 1
-    plan_phase(config, 1, world=2)
-    plan_phase(config_for(root, digits, "zero2", deepspeed={"zero_stage": 2}), 1, world=2)
+    for deepspeed, mode in (({"zero_stage": 2}, "ZeRO-2"), ({"zero_stage": 1, "overlap_comm": True},
+                                                            "ZeRO-1 with overlap_comm")):
+        config = config_for(root, mixed_cache, "bucketed", max_length=96, deepspeed=deepspeed)
+        with pytest.raises(ConfigError, match=rf"{mixed_cache}: \d+ of \d+ samples are text-only, and under {mode} "
+                                              ".* set deepspeed.zero_stage: 1 without overlap_comm"):
+            plan_phase(config, 1, world=2)
+        plan_phase(config, 1, world=1)
+        plan_phase(config_for(root, digits, "bucketed", deepspeed=deepspeed), 1, world=2)
+    plan_phase(config_for(root, mixed_cache, "bucketed", max_length=96, deepspeed={"zero_stage": 1}), 1, world=2)
 
 
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
