@@ -414,7 +414,7 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     assert [again[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-5)
     runs = len(client.search_runs([client.get_run(first.run_id).info.experiment_id]))
     with pytest.raises(ValueError, match=r"saved at step 6, the last of phase 1's 6: nothing to resume .* "
-                                         r"raise phase1.steps to train on"):
+                                         r"with phase1.steps raised it trains on, its lr from then on the longer"):
         run_train(config, phase=1, resume_from=f"{ray_storage}/{checkpoints[1]}")
     other = config_for(root, short_item_cache[0], "resume", output_dir=base, tracking=tracking)
     with pytest.raises(ValueError, match=f"saved over the entry {Path(cache).name} cannot resume a run that reads "
