@@ -395,24 +395,29 @@ def step_totals(units: list[LossUnits], device) -> LossUnits:
     return LossUnits(*map(int, totals))
 
 
+def task_weights(totals: LossUnits) -> tuple[float, float]:
+    """What a token's cross-entropy and a forecast value's squared error each weigh in the loss over `totals` (a
+    step's, or one modality's): each task's mean, weighed by the share of the samples it is over."""
+    lm = totals.answering / (totals.tokens * totals.samples) if totals.tokens else 0.0
+    forecast = totals.forecasting / (totals.values * totals.samples) if totals.values else 0.0
+    return lm, forecast
+
+
 def step_objective(out, units: LossUnits, totals: LossUnits) -> torch.Tensor:
-    """A micro-batch's part of the step's loss (`train_steps`): its token-mean LM loss times its share of the step's
-    tokens, and its value-mean forecast loss times its share of the step's values, each task then weighed by its
-    share of the step's samples; the parts add up to the step's loss."""
+    """A micro-batch's part of the step's loss (`train_steps`): its means times its tokens and values (their sums)
+    at the step's `task_weights`; the parts add up to the step's loss."""
+    lm, forecast = task_weights(totals)
     parts = []
     if out.lm_loss is not None:
-        parts.append(out.lm_loss * (units.tokens / totals.tokens * totals.answering / totals.samples))
+        parts.append(out.lm_loss * (units.tokens * lm))
     if out.forecast_loss is not None:
-        parts.append(out.forecast_loss * (units.values / totals.values * totals.forecasting / totals.samples))
+        parts.append(out.forecast_loss * (units.values * forecast))
     if not parts:
         raise ValueError("a micro-batch with neither labelled tokens nor a forecast target: nothing to learn")
     return sum(parts)
 
 
 def mean_loss(token_loss_sum: float, squared_error_sum: float, *counts: float) -> float:
-    """The step's loss (`train_steps`) from its sums: the token mean and the forecast values' mean, each weighed by
-    the share of the samples it is over (the step's, or one modality's)."""
-    units = LossUnits(*counts)
-    lm = token_loss_sum / units.tokens * units.answering if units.tokens else 0.0
-    forecast = squared_error_sum / units.values * units.forecasting if units.values else 0.0
-    return (lm + forecast) / units.samples
+    """The loss (`train_steps`) from its sums over a step, or one modality's part of it."""
+    lm, forecast = task_weights(LossUnits(*counts))
+    return token_loss_sum * lm + squared_error_sum * forecast
