@@ -1,10 +1,11 @@
 """The experiments behind the shipped defaults, re-runnable: each compares arms, each arm a quality suite's shipped
 configs with `--set`-style overrides (of the train config, of its encode configs, of the data a suite builds),
 trained by the training core in this process and scored as benchmarks/RESULTS.md quotes it: mean ± std over seeds
-beside the suite's ceiling and baseline (`benchmarks/quality.py`'s suites, untracked).
+beside the suite's ceiling and baseline (`benchmarks/quality.py`'s suites, untracked), on each task's val split by
+default (`--split test`: the test split, where the experiments before 2026-12-06 compared their arms).
 
     python benchmarks/experiments.py --list
-    python benchmarks/experiments.py NAME [--seeds 0 1 2] [--arms ARM ...] [--out DIR]
+    python benchmarks/experiments.py NAME [--seeds 0 1 2] [--split val|test] [--arms ARM ...] [--out DIR]
 
 The table (arm × task and metric) is printed beside what RESULTS.md quoted for each arm, and written as NAME.md and
 NAME.json under --out (default runs/experiments/NAME), where the arms' models and evaluations go too. Smoke runs:
@@ -34,7 +35,8 @@ if __name__ == "__main__":  # run as a script: import the project's packages, no
     sys.path[0] = str(ROOT)
 
 from benchmarks import quality  # noqa: E402
-from benchmarks.quality import DEMO_EVALS, SUITE_CONFIGS, Variant, encode_overrides, fmt  # noqa: E402
+from benchmarks.quality import (DEMO_EVALS, SPLITS, SUITE_CONFIGS, Variant, encode_overrides, fmt,  # noqa: E402
+                                split_yaml)
 from benchmarks.report import write_report  # noqa: E402
 
 
@@ -79,11 +81,11 @@ def arm_variant(experiment: Experiment, arm: Arm, extra: dict) -> Variant:
 
 
 # ---- the registry: the settings of the time, then one entry per experiment -----------------------------------
-SHAPES_ENCODES = ("configs/quality/encode_shapes_train.yaml", "configs/quality/encode_shapes_test.yaml")
+SHAPES_ENCODES = tuple(f"configs/quality/encode_shapes_{split}.yaml" for split in SPLITS)
 LAST_LAYER = {yaml: {"encoder.layer": None} for yaml in SHAPES_ENCODES}
 COMPRESSED = {"model.projectors.image.kernel": 5, "model.projectors.image.stride": 4}  # 65 DINOv2 tokens -> 16
-# the shapes set before it grew: 2,000 training images, 500 test questions (100 a type)
-SHAPES_2000 = {"n_train": 2000, "n_test": 500}
+# the shapes set before it grew: 2,000 training images, 500 test questions (100 a type), as many val questions
+SHAPES_2000 = {"n_train": 2000, "n_val": 500, "n_test": 500}
 # the first shapes recipe: one question an image, the last layer's tokens, compressed, phase II 300 steps
 FIRST_SHAPES = Variant(train={"phase2.steps": 300, **COMPRESSED}, encode=LAST_LAYER,
                        data={"shapes": {**SHAPES_2000, "extra_yesno": 0}})
@@ -114,7 +116,7 @@ def series_encoder(suite: str, encode_yaml: str, layers: int, fracast: str, quot
     (per-window z-scored) series, or the frozen Fracast-0's features; `layers` sets WaveNet's receptive field
     (2^layers steps) to cover the suite's lookback. The adapter is the suite's in both arms (the paper's 4x is the
     third arm); `quoted`: what RESULTS.md quotes for those two."""
-    raw = {encode_yaml.format(split): {"encoder.kind": "raw", "encoder.model_dir": None} for split in ("train", "test")}
+    raw = {encode_yaml.format(split): {"encoder.kind": "raw", "encoder.model_dir": None} for split in SPLITS}
     wavenet = {"model.wavenet": {"hidden": 64, "layers": layers}}
     return Experiment(
         "series-encoder" + ("" if suite == "elnino" else f"-{suite}"),  # the demo's: CO2 beside digits and speech
@@ -224,7 +226,7 @@ EXPERIMENTS = {e.name: e for e in [
         "speech-utterances", "how many spoken-digit utterances the demo trains on: 96 or 384 (the same 150 steps)",
         "SPEECH_SIZES = (384, 48) (preprocessing/demo_data.py)",
         ("Four times the training utterances",), "demo",
-        (Arm("96-utterances", data={"speech": {"n_train": 96, "n_test": 48}},
+        (Arm("96-utterances", data={"speech": {"n_train": 96, "n_val": 48, "n_test": 48}},
              quoted="WER 0.000 / 0.292 / 0.014, CER 0.014 / 0.222 / 0.014; digits 0.773 ± 0.005, CO2 0.324 ± 0.013"),
          Arm("384-utterances", quoted="WER 0.000 / 0.000 / 0.000, CER 0.000 / 0.000 / 0.000; digits 0.790 ± 0.029, "
                                       "CO2 0.328 ± 0.019")),
@@ -255,7 +257,7 @@ EXPERIMENTS = {e.name: e for e in [
         (Arm("fp16", quoted="the shipped store; one process: digits 0.770 ± 0.014, WER 0.005 ± 0.007, CER 0, CO2 "
                             "0.319 ± 0.001 ('Training core')"),
          Arm("int8", encode={f"configs/demo/encode_{task}_{split}.yaml": {"cache.precision": "int8"}
-                             for task in ("digits", "speech", "co2") for split in ("train", "test")},
+                             for task in ("digits", "speech", "co2") for split in SPLITS},
              quoted="new")),
         Variant(train=DEMO_BEFORE_DIGITS_RECIPE), "the quoted fp16 figures (2026-12-04) predate the speech test "
         "split held out of training (2026-12-05), which moved digits: compare the two arms of one run"),
@@ -266,7 +268,7 @@ EXPERIMENTS = {e.name: e for e in [
         (Arm("fp16", quoted="the shipped store; Ray Train: El Nino MSE 1.142 ± 0.037 ('Learning quality', "
                             "2026-12-01)"),
          Arm("int8", encode={f"configs/quality/encode_elnino_{split}.yaml": {"cache.precision": "int8"}
-                             for split in ("train", "test")}, quoted="new")),
+                             for split in SPLITS}, quoted="new")),
         differs="the quoted fp16 figure is the pipeline's (Ray Train, 2 workers); both arms here run in one process"),
     Experiment(
         "feature-precision-shapes", "the shapes suite's DINOv2 features (layer 8) stored in fp16 or in int8: colour "
@@ -275,7 +277,7 @@ EXPERIMENTS = {e.name: e for e in [
         (Arm("fp16", quoted="the shipped store; Ray Train: yes/no 0.967 ± 0.012, colour 0.999 ± 0.001, count 0.987 ± "
                             "0.005 ('G25's three seeds')"),
          Arm("int8", encode={f"configs/quality/encode_shapes_{split}.yaml": {"cache.precision": "int8"}
-                             for split in ("train", "test")}, quoted="three seeds: colour 0.999 ± 0.001, count 0.991 ± "
+                             for split in SPLITS}, quoted="three seeds: colour 0.999 ± 0.001, count 0.991 ± "
                                                                      "0.004, yes/no 0.968 ± 0.009")),
         differs="the quoted fp16 figures are the pipeline's (Ray Train, 2 workers); both arms here run in one process"),
     series_encoder("elnino", "configs/quality/encode_elnino_{}.yaml", layers=6,
@@ -296,7 +298,8 @@ EXPERIMENTS = {e.name: e for e in [
 def resolve(experiment: Experiment) -> None:
     """Loads every config the experiment would run, with each arm's overrides, building and training nothing: the
     suite's train config, the encode configs it and the suite's eval configs read, and the data builders' keywords
-    against their signatures. Raises on the first that does not resolve."""
+    against their signatures; an arm's overrides of an eval's test cache must be its val twin's too (both splits
+    encoded alike). Raises on the first that does not resolve."""
     from pipelines.config import ConfigError, load_config
     from pipelines.encode import EncodeConfig
     from pipelines.evaluate import EvalConfig
@@ -306,9 +309,14 @@ def resolve(experiment: Experiment) -> None:
     for arm in experiment.arms:
         variant = arm_variant(experiment, arm, {})
         config = load_config(suite.train_config, TrainConfig, variant.train)
-        evals = [load_config(path, EvalConfig) for path in suite.eval_configs]
-        read = {*config.caches, *(e.cache for e in evals)}
+        scored = [load_config(path, EvalConfig).cache for path in suite.eval_configs]
+        read = {*config.caches, *scored, *(split_yaml(test, "val") for test in scored)}
         encode = encode_overrides(variant, build=False)
+        for test in scored:  # (a data set a variant builds writes both splits: its paths differ, as they should)
+            own, val = variant.encode.get(test), variant.encode.get(split_yaml(test, "val"))
+            if own != val:
+                raise ConfigError(f"{experiment.name}, arm {arm.name}: overrides {test} and {split_yaml(test, 'val')} "
+                                  f"differently ({own} and {val})")
         if set(encode) - read:
             raise ConfigError(f"{experiment.name}, arm {arm.name}: overrides {sorted(set(encode) - read)}, which "
                               f"this suite does not read ({sorted(read)})")
@@ -318,24 +326,27 @@ def resolve(experiment: Experiment) -> None:
             inspect.signature(quality.data_builder(name)).bind(Path("folder"), **keywords)
 
 
-def run(experiment: Experiment, seeds: list[int], arms: list[Arm], extra: dict) -> list[dict]:
+def run(experiment: Experiment, seeds: list[int], arms: list[Arm], extra: dict, split: str) -> list[dict]:
     rows = []
     for arm in arms:
         variant = arm_variant(experiment, arm, extra)
         rows += [{"arm": arm.name, **row, "quoted": arm.quoted}
-                 for row in SUITES[experiment.suite].run(seeds, None, variant)]
+                 for row in SUITES[experiment.suite].run(seeds, None, variant, split=split)]
     return rows
 
 
-def report_lines(experiment: Experiment, rows: list[dict], arms: list[Arm]) -> list[str]:
-    lines = [f"{experiment.name}: {experiment.decides}. Shipped: {experiment.chose}.", "",
+def report_lines(experiment: Experiment, rows: list[dict], arms: list[Arm], split: str) -> list[str]:
+    lines = [f"{experiment.name}: {experiment.decides}. Shipped: {experiment.chose}. Scored on the {split} split"
+             + (" (where arms are compared; the quality tables score the test split)." if split == "val" else
+                " (the quality tables' split: a choice made here is biased upward on it)."), "",
              "| arm | task | metric | model (mean ± std) | per seed | ceiling | baseline | minutes per seed |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['task']} | {r['metric']} | {fmt(r.get('model'))} | "
               f"{' / '.join(f'{v:.3f}' for v in r.get('model', []))} | {fmt(r.get('ceiling'))} | "
               f"{fmt(r.get('baseline'))} | {np.mean(r.get('minutes', [np.nan])):.1f} |" for r in rows]
-    lines += ["", "benchmarks/RESULTS.md quoted (" + "; ".join(f'"{line}"' for line in experiment.results) + "; a ± "
-              "quoted before 2026-12-06 is the population std, the table's the sample std):"]
+    lines += ["", "benchmarks/RESULTS.md quoted (" + "; ".join(f'"{line}"' for line in experiment.results) + "; on the "
+              "test split unless it says otherwise; a ± quoted before 2026-12-06 is the population std, the "
+              "table's the sample std):"]
     lines += [f"- {arm.name}: {arm.quoted}" for arm in arms]
     if experiment.differs:
         lines += ["", f"Differs from the original runs: {experiment.differs}."]
@@ -355,6 +366,9 @@ def main():
                         help="an experiment: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--list", action="store_true", help="one line per experiment, and stop")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="the split the arms are scored on: val (default: choosing there leaves the test split's "
+                             "figures unbiased), or test (as the experiments quoted before 2026-12-06 were)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: all)")
     parser.add_argument("--out", type=Path, help="default: runs/experiments/NAME")
     parser.add_argument("--steps", type=int, help="every phase this many steps (a smoke run)")
@@ -390,13 +404,13 @@ def main():
         from pipelines.demo_backbone import pretrained_backbone
 
         pretrained_backbone(Path("runs/demo/backbone"), device="cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(experiment, args.seeds, arms, extra)
-    machine = f"{quality.machine_description()}; seeds {args.seeds}; trained in one process"
+    rows = run(experiment, args.seeds, arms, extra, args.split)
+    machine = f"{quality.machine_description()}; seeds {args.seeds}; the {args.split} split; trained in one process"
     if args.steps:
         machine += f"; {args.steps} steps a phase (a smoke run)"
     if args.set:  # every arm's figures depend on them: the report names them, as the command did
         machine += f"; every arm with --set {' '.join(args.set)}"
-    write_report(out, experiment.name, machine, rows, report_lines(experiment, rows, arms))
+    write_report(out, experiment.name, machine, rows, report_lines(experiment, rows, arms, args.split))
 
 
 if __name__ == "__main__":

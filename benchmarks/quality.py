@@ -24,7 +24,8 @@ A machine without the demo's data and encoders (a lent GPU) is given the demo's 
 stand-in backbone is trained there).
 
 Each suite also runs a `Variant` of its shipped configs: benchmarks/experiments.py re-runs the experiments behind
-the shipped defaults that way.
+the shipped defaults that way, scored on each task's val split (`--split val`: ceilings fit on the training split,
+scored on val), so that a choice among arms leaves the test split's figures unbiased.
 """
 
 import argparse
@@ -59,11 +60,12 @@ SUITE_CONFIGS = {  # suite -> its train config and its eval configs
     "elnino": ("configs/quality/train_elnino.yaml", ("configs/quality/eval_elnino.yaml",)),
 }
 VARIANT_DATA = Path("runs/experiments/data")  # data sets other than the shipped ones, each in a folder of its own
+SPLITS = ("train", "val", "test")  # an eval config reads the test split's encode YAML; its val twin is beside it
 DATA_BUILDERS = {  # data a variant may build: module, builder, and the file each encode YAML then reads
-    "shapes": ("preprocessing.shapes_data", "build_shapes", {"configs/quality/encode_shapes_train.yaml": "train.json",
-                                                            "configs/quality/encode_shapes_test.yaml": "test.json"}),
-    "speech": ("preprocessing.demo_data", "build_speech", {"configs/demo/encode_speech_train.yaml": "train.jsonl",
-                                                          "configs/demo/encode_speech_test.yaml": "test.jsonl"}),
+    "shapes": ("preprocessing.shapes_data", "build_shapes",
+               {f"configs/quality/encode_shapes_{split}.yaml": f"{split}.json" for split in SPLITS}),
+    "speech": ("preprocessing.demo_data", "build_speech",
+               {f"configs/demo/encode_speech_{split}.yaml": f"{split}.jsonl" for split in SPLITS}),
 }
 
 
@@ -121,15 +123,27 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str, variant: V
     return Path(phase_dir(config, 2)) / "model"
 
 
-def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str, encode: dict | None = None):
+def evaluate(eval_path: str, checkpoint: Path, tracking_uri: str, encode: dict | None = None, split: str = "test"):
+    """The eval config on its cache's `split` (`split_yaml`)."""
     from pipelines.config import load_config
     from pipelines.evaluate import EvalConfig, run_eval
 
-    out_dir = checkpoint.parent.parent / "eval" / Path(eval_path).stem
+    out_dir = checkpoint.parent.parent / "eval" / f"{Path(eval_path).stem}-{split}"
     config = load_config(eval_path, EvalConfig, {"checkpoint": str(checkpoint), "out_dir": str(out_dir),
                                                  "tracking_uri": tracking_uri, "experiment": "quality",
                                                  "actors": 0 if SINGLE_PROCESS else 1, "track": not UNTRACKED})
-    return run_eval(dataclasses.replace(config, cache=cache_uri(config.cache, (encode or {}).get(config.cache))))
+    yaml = split_yaml(config.cache, split)
+    return run_eval(dataclasses.replace(config, cache=cache_uri(yaml, (encode or {}).get(yaml))))
+
+
+def split_yaml(test_yaml: str, split: str) -> str:
+    """The encode YAML of `split` beside an eval config's test one (encode_X_test.yaml -> encode_X_val.yaml)."""
+    if not test_yaml.endswith("_test.yaml"):
+        raise ValueError(f"{test_yaml}: an eval config's cache here is a test split's encode YAML (*_test.yaml)")
+    path = test_yaml.removesuffix("_test.yaml") + f"_{split}.yaml"
+    if not (ROOT / path).is_file():
+        raise FileNotFoundError(f"{path}: no {split} split beside {test_yaml}")
+    return path
 
 
 def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
@@ -182,13 +196,14 @@ def encode_overrides(variant: Variant, build: bool = True) -> dict[str, dict]:
     return overrides
 
 
-def split_samples(encode_yaml: str, encode: dict[str, dict]) -> tuple[list, list]:
-    """The training and test samples of the encode YAMLs `encode_yaml` names with "{}" for the split."""
+def split_samples(encode_yaml: str, encode: dict[str, dict], split: str = "test") -> tuple[list, list]:
+    """The training samples and those of `split` (test or val) of the encode YAMLs `encode_yaml` names with "{}"
+    for the split: what a ceiling is fit on and scored on."""
     from pipelines.metrics.ceilings import cache_samples
 
-    yamls = [encode_yaml.format(split) for split in ("train", "test")]
-    train, test = (cache_samples(cache_uri(yaml, encode.get(yaml))) for yaml in yamls)
-    return train, test
+    yamls = [encode_yaml.format(s) for s in ("train", split)]
+    train, scored = (cache_samples(cache_uri(yaml, encode.get(yaml))) for yaml in yamls)
+    return train, scored
 
 
 def write_caches(path: Path) -> None:
@@ -212,24 +227,26 @@ def machine_description() -> str:
     return f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs, {where}"
 
 
-def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO_EVALS)) -> list[dict]:
-    """`tasks`: the demo tasks evaluated (all three; a variant that trains some of the caches alone names those)."""
+def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO_EVALS), split: str = "test"
+               ) -> list[dict]:
+    """`tasks`: the demo tasks evaluated (all three; a variant that trains some of the caches alone names those);
+    `split`: the one scored (test, or val where arms are compared)."""
     from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
 
     encode = encode_overrides(variant)
     rows = {(task, metric): {} for task in tasks for metric in DEMO_METRICS[task]}
     if "digits VQA" in tasks:
-        digits = vqa_ceilings(*split_samples("configs/demo/encode_digits_{}.yaml", encode))["all"]
+        digits = vqa_ceilings(*split_samples("configs/demo/encode_digits_{}.yaml", encode, split))["all"]
         rows["digits VQA", "accuracy"].update(ceiling=digits["ceiling"], baseline=digits["baseline"])
     if "CO2 forecast" in tasks:
         rows["CO2 forecast", "mse"]["ceiling"] = ridge_forecast_mse(*split_samples("configs/demo/encode_co2_{}.yaml",
-                                                                                   encode))
+                                                                                   encode, split))
     train_config, _ = SUITE_CONFIGS["demo"]
     for seed in seeds:
         started = time.perf_counter()
         checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
         for task in tasks:
-            result = evaluate(DEMO_EVALS[task], checkpoint, tracking_uri, encode)
+            result = evaluate(DEMO_EVALS[task], checkpoint, tracking_uri, encode, split)
             for metric in DEMO_METRICS[task]:
                 rows[task, metric].setdefault("model", []).append(result.metrics[metric])
                 if metric != "accuracy":  # empty transcript, seasonal naive: the same for every seed
@@ -239,7 +256,7 @@ def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO
     return [{"task": t, "metric": m, **row} for (t, m), row in rows.items()]
 
 
-def shapes_suite(seeds, tracking_uri, variant: Variant = SHIPPED) -> list[dict]:
+def shapes_suite(seeds, tracking_uri, variant: Variant = SHIPPED, split: str = "test") -> list[dict]:
     from pipelines.config import load_config
     from pipelines.encode import EncodeConfig
     from pipelines.metrics.ceilings import vqa_ceilings
@@ -249,34 +266,34 @@ def shapes_suite(seeds, tracking_uri, variant: Variant = SHIPPED) -> list[dict]:
         build_shapes(SHAPES_DATA)  # the shipped size, in seconds; the feature store re-encodes only images that changed
     encode = encode_overrides(variant)
     shapes_yaml = "configs/quality/encode_shapes_{}.yaml"
-    kinds = {r["id"]: r["type"] for split in ("train", "test") for r in json.loads(
-        Path(load_config(shapes_yaml.format(split), EncodeConfig, encode.get(shapes_yaml.format(split))).dataset.path)
+    kinds = {r["id"]: r["type"] for part in ("train", split) for r in json.loads(
+        Path(load_config(shapes_yaml.format(part), EncodeConfig, encode.get(shapes_yaml.format(part))).dataset.path)
         .read_text())}
-    references = vqa_ceilings(*split_samples(shapes_yaml, encode), lambda s: kinds[s.meta["id"]],
+    references = vqa_ceilings(*split_samples(shapes_yaml, encode, split), lambda s: kinds[s.meta["id"]],
                               {"yesno": [*COLOURS, *SHAPES]})
     rows = {kind: {**ref} for kind, ref in references.items()}
     train_config, (eval_config,) = SUITE_CONFIGS["shapes"]
     for seed in seeds:
         started = time.perf_counter()
         checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
-        result = evaluate(eval_config, checkpoint, tracking_uri, encode)
+        result = evaluate(eval_config, checkpoint, tracking_uri, encode, split)
         for kind, accuracy in grouped_accuracy(result.predictions, kinds.__getitem__).items():
             rows[kind].setdefault("model", []).append(accuracy)
             rows[kind].setdefault("minutes", []).append((time.perf_counter() - started) / 60)
     return [{"task": f"shapes VQA: {kind}", "metric": "accuracy", **row} for kind, row in rows.items()]
 
 
-def elnino_suite(seeds, tracking_uri, variant: Variant = SHIPPED) -> list[dict]:
+def elnino_suite(seeds, tracking_uri, variant: Variant = SHIPPED, split: str = "test") -> list[dict]:
     """The second real series: monthly El Nino sea-surface temperature, trained alone."""
     from pipelines.metrics.ceilings import ridge_forecast_mse
 
     encode = encode_overrides(variant)
-    row = {"ceiling": ridge_forecast_mse(*split_samples("configs/quality/encode_elnino_{}.yaml", encode))}
+    row = {"ceiling": ridge_forecast_mse(*split_samples("configs/quality/encode_elnino_{}.yaml", encode, split))}
     train_config, (eval_config,) = SUITE_CONFIGS["elnino"]
     for seed in seeds:
         started = time.perf_counter()
         checkpoint = train_both_phases(train_config, seed, tracking_uri, variant, encode)
-        result = evaluate(eval_config, checkpoint, tracking_uri, encode)
+        result = evaluate(eval_config, checkpoint, tracking_uri, encode, split)
         row.setdefault("model", []).append(result.metrics["mse"])
         row["baseline"] = result.baselines["mse"]  # seasonal naive: the same for every seed
         row.setdefault("minutes", []).append((time.perf_counter() - started) / 60)
@@ -329,6 +346,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="the split scored: test (the quality tables), or val (where recipes are compared)")
     parser.add_argument("--single-process", action="store_true",
                         help="train (the training core) and evaluate in this process, on the GPU when there is one, "
                              "instead of Ray Train + DeepSpeed and Ray Data")
@@ -355,7 +374,7 @@ def main():
 
         CACHES.update(json.loads(args.caches.read_text()))
         pretrained_backbone(Path("runs/demo/backbone"), device="cuda" if torch.cuda.is_available() else "cpu")
-        rows = demo_suite(args.seeds, tracking_uri)
+        rows = demo_suite(args.seeds, tracking_uri, split=args.split)
     else:
         import ray
 
@@ -367,11 +386,11 @@ def main():
             if args.write_caches:
                 return write_caches(args.write_caches)
             rows = [row for name, suite in SUITES.items() if name in args.suites
-                    for row in suite(args.seeds, tracking_uri)]
+                    for row in suite(args.seeds, tracking_uri, split=args.split)]
         finally:
             ray.shutdown()
     plot(rows, out / "quality.png")
-    machine = (f"{machine_description()}; seeds {args.seeds}; "
+    machine = (f"{machine_description()}; seeds {args.seeds}; the {args.split} split; "
                f"trained {'in one process' if SINGLE_PROCESS else 'by Ray Train + DeepSpeed'}")
     lines = ["| task | metric | model (mean ± std) | ceiling | baseline | minutes per seed |",
              "|---|---|---|---|---|---|"]

@@ -177,7 +177,8 @@ def cmd_data_demo(args) -> None:
 def cmd_data_shapes(args) -> None:
     from preprocessing.shapes_data import build_shapes
 
-    out = build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno, args.yesno_per_shape)
+    out = build_shapes(args.out, args.train, args.test, args.seed, args.extra_yesno, args.yesno_per_shape,
+                       n_val=args.val)
     print(f"wrote the shapes VQA set to {out}")
 
 
@@ -390,12 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="digits VQA, spoken digits (espeak-ng) and statsmodels series in standard formats")
     p.add_argument("--out", default="runs/demo/data")
     p.set_defaults(func=cmd_data_demo)
-    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES, YESNO_PER_SHAPE  # PIL only, no job framework
+    from preprocessing.shapes_data import TEST_IMAGES, TRAIN_IMAGES, VAL_IMAGES, YESNO_PER_SHAPE  # PIL only
 
     p = data.add_parser("shapes", help="shapes/colours/positions/count/yes-no VQA on PIL-drawn images (LLaVA JSON)")
     p.add_argument("--out", default="runs/shapes/data")
     p.add_argument("--train", type=int, default=TRAIN_IMAGES,
                    help="training images (one question each, plus --extra-yesno)")
+    p.add_argument("--val", type=int, default=VAL_IMAGES,
+                   help="validation images (one question each): where recipes are compared, the test split kept apart")
     p.add_argument("--test", type=int, default=TEST_IMAGES, help="test images (one question each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-yesno", type=int, default=1,

@@ -101,18 +101,19 @@ def relocated(path: str | None, out: Path) -> str | None:
 
 
 def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[str, EvalConfig]]:
-    """configs/demo's encode, train and eval configs (by file stem), reading the assets `prepare_assets(out)` made:
-    with another `out` than runs/demo, the encode configs' data and encoder folders and the backbone move there."""
+    """configs/demo's train and eval configs and the encode configs they read (by file stem; not the val splits,
+    which only benchmarks/experiments.py scores), reading the assets `prepare_assets(out)` made: with another `out`
+    than runs/demo, the encode configs' data and encoder folders and the backbone move there."""
+    train = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
+    evals = {name: load_config(CONFIGS / f"{name}.yaml", EvalConfig) for name in TASKS.values()}
     encodes = {}
-    for path in sorted(CONFIGS.glob("encode_*.yaml")):
+    for path in sorted({*train.caches, *(e.cache for e in evals.values())}):
         c = load_config(path, EncodeConfig)
-        encodes[path.stem] = dataclasses.replace(
+        encodes[Path(path).stem] = dataclasses.replace(
             c, dataset=dataclasses.replace(c.dataset, path=relocated(c.dataset.path, out)),
             encoder=dataclasses.replace(c.encoder, model_dir=relocated(c.encoder.model_dir, out)))
-    train = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
     backbone = dataclasses.replace(train.model.backbone, path=relocated(train.model.backbone.path, out))
     train = dataclasses.replace(train, model=dataclasses.replace(train.model, backbone=backbone))
-    evals = {name: load_config(CONFIGS / f"{name}.yaml", EvalConfig) for name in TASKS.values()}
     return encodes, train, evals
 
 

@@ -27,13 +27,17 @@ def write_json(path: Path, records, lines: bool = False) -> None:
         path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
 
 
-def build_digits(out: Path, n_train: int, n_test: int) -> None:
-    """Train from the front of sklearn's 1797 digits, test from the back: the splits never share an image."""
+def build_digits(out: Path, n_train: int, n_val: int, n_test: int) -> None:
+    """Train from the front of sklearn's 1797 digits, val right after it, test from the back: no two splits share
+    an image, and growing val or test leaves the training images as they were."""
     from sklearn.datasets import load_digits  # the [demo] extra
 
     digits = load_digits()
+    total = len(digits.target)
+    if n_train + n_val + n_test > total:
+        raise ValueError(f"{n_train} + {n_val} + {n_test} digit images asked for; sklearn has {total}")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = {"train": range(n_train), "test": range(len(digits.target) - n_test, len(digits.target))}
+    splits = {"train": range(n_train), "val": range(n_train, n_train + n_val), "test": range(total - n_test, total)}
     for split, indices in splits.items():
         records = []
         for i in indices:
@@ -59,16 +63,24 @@ def synthesise(text: str, voice: str, path: Path) -> None:
                    input=speech, check=True, capture_output=True)
 
 
-HELD_OUT = 125  # of the 1,000 three-digit strings, those only the test split says (a fixed shuffle picks them)
+HELD_OUT = 125  # of the 1,000 three-digit strings, those only the test split says, and as many only val says
+SPLIT_SEEDS = {"train": 0, "test": 1, "val": 2}  # each split's own generator (train's and test's as before val)
+
+
+def split_strings(split: str, seed: int = 0) -> np.ndarray:
+    """The three-digit strings a split draws from: a fixed shuffle's first `HELD_OUT` for test, the next
+    `HELD_OUT` for val, the rest for training."""
+    shuffled = np.random.default_rng(seed).permutation(1000)
+    parts = {"test": shuffled[:HELD_OUT], "val": shuffled[HELD_OUT : 2 * HELD_OUT], "train": shuffled[2 * HELD_OUT :]}
+    return parts[split]
 
 
 def speech_texts(split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """(text, language) of a split's utterances: three-digit strings, English and Mandarin in turn. Each split
-    draws with its own generator from its own part of the strings (`HELD_OUT` of them for the test split), so no
-    test utterance's words are heard in training, and the test set does not depend on the training set's size."""
-    shuffled = np.random.default_rng(seed).permutation(1000)
-    strings = shuffled[:HELD_OUT] if split == "test" else shuffled[HELD_OUT:]
-    rng = np.random.default_rng([seed, split == "test"])
+    draws with its own generator from its own part of the strings (`split_strings`), so no val or test utterance's
+    words are heard in training, val's strings are not test's, and no split depends on another's size."""
+    strings = split_strings(split, seed)
+    rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
     texts = []
     for i in range(n):
         number = int(strings[rng.integers(len(strings))])
@@ -80,20 +92,23 @@ def speech_texts(split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def speech_is_current(folder: Path, seed: int = 0) -> bool:
-    """Whether `folder` holds the test utterances `build_speech` writes now (a build before 2026-12-05 drew its
-    test strings without holding them out of training)."""
-    path = Path(folder) / "test.jsonl"
-    if not path.is_file():
-        return False
-    said = [(r["text"], r["language"]) for r in map(json.loads, path.read_text().splitlines())]
-    return said == speech_texts("test", len(said), seed)
+    """Whether `folder` holds the utterances `build_speech` writes now, in every split (a build before 2026-12-05
+    drew its test strings without holding them out of training; one before 2026-12-06 had no val split)."""
+    for split in SPLIT_SEEDS:
+        path = Path(folder) / f"{split}.jsonl"
+        if not path.is_file():
+            return False
+        said = [(r["text"], r["language"]) for r in map(json.loads, path.read_text().splitlines())]
+        if said != speech_texts(split, len(said), seed):
+            return False
+    return True
 
 
-def build_speech(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+def build_speech(out: Path, n_train: int, n_val: int, n_test: int, seed: int = 0) -> None:
     """`speech_texts` of each split, spoken by espeak-ng (English and Mandarin voices)."""
     require_espeak()
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         records = []
         for i, (text, language) in enumerate(speech_texts(split, n, seed)):
             name = f"audio/{split}-{i:04d}.wav"
@@ -116,8 +131,8 @@ def build_series(out: Path) -> None:
     pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
 
 
-SPEECH_SIZES = (384, 48)  # training and test utterances
-DIGITS_SIZES = (256, 100)  # training and test images
+SPEECH_SIZES = (384, 48, 48)  # training, val and test utterances
+DIGITS_SIZES = (256, 100, 100)  # training, val and test images
 BUILDERS = {  # each dataset's builder, by its folder under the demo data
     "digits": lambda out: build_digits(out, *DIGITS_SIZES),
     "speech": lambda out: build_speech(out, *SPEECH_SIZES),
@@ -133,9 +148,11 @@ def build_demo_data(out) -> Path:
 
 
 def missing_datasets(out) -> list[str]:
-    """The demo datasets under `out` not built whole, or built before the current speech test split: a build cut
-    short (Ctrl-C in the speech) left the ones after it missing, and a check of the digits alone never made them."""
+    """The demo datasets under `out` not built whole, or built before the current speech or digit splits: a build
+    cut short (Ctrl-C in the speech) left the ones after it missing, and a check of the digits alone never made
+    them."""
     out = Path(out)
-    present = {"digits": (out / "digits" / "test.json").is_file(), "speech": speech_is_current(out / "speech"),
+    present = {"digits": all((out / "digits" / f"{split}.json").is_file() for split in ("train", "val", "test")),
+               "speech": speech_is_current(out / "speech"),
                "series": all((out / "series" / f"{name}.csv").is_file() for name in ("co2", "sunspots", "elnino"))}
     return [name for name in BUILDERS if not present[name]]

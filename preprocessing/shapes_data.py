@@ -37,7 +37,7 @@ QUESTION_TYPES = ("colour", "shape", "position", "count", "yesno")
 CANVAS, SIZE = 64, 18  # shape bounding box side, px
 # the shipped set's size: 2,000 training images are memorised; 500 test questions a type, since on 100 yes/no
 # questions one model's score moved by up to 0.06 between test draws
-TRAIN_IMAGES, TEST_IMAGES = 8000, 2500
+TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 8000, 2500, 2500
 YESNO_PER_SHAPE = 3  # different yes/no questions an extra record asks per shape drawn (yes/no 0.949 -> 0.967)
 ASKABLE = len(COLOURS) + len(SHAPES)  # the different yes/no questions an image can be asked
 
@@ -116,8 +116,9 @@ def record(record_id: str, image: str, kind: str, turns: list[tuple[str, str]]) 
 
 
 def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, seed: int = 0,
-                 extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE, yesno_turns: int | None = None) -> Path:
-    """train.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
+                 extra_yesno: int = 1, yesno_per_shape: int = YESNO_PER_SHAPE, yesno_turns: int | None = None,
+                 n_val: int = VAL_IMAGES) -> Path:
+    """train.json / val.json / test.json (LLaVA format) and images/ under `out`; question types cycle, so each split
     holds them in equal numbers, and each training image gets `extra_yesno` more records of different yes/no
     questions, `yesno_per_shape` for each shape drawn (at most `ASKABLE`, all there are), asked in turn; or, with
     `yesno_turns`, that many whatever the shapes drawn (the sets measured before the count followed the shapes:
@@ -127,11 +128,11 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
             raise ValueError(f"{name} must be 1-{ASKABLE} (the different questions an image can be asked), got {count}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # the test split and the extra questions draw from their own generators: the test split does not depend on the
-    # training size, and neither split's images depend on the extra questions
+    # val, test and the extra questions draw from their own generators: no split depends on another's size, and no
+    # split's images depend on the extra questions
     extra_rng = random.Random(f"{seed}-extra-yesno")
-    for split, n in (("train", n_train), ("test", n_test)):
-        rng = random.Random(seed if split == "train" else f"{seed}-test")
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        rng = random.Random(seed if split == "train" else f"{seed}-{split}")
         records = []
         for i in range(n):
             kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]

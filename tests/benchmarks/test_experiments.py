@@ -16,7 +16,7 @@ from pipelines.encode import EncodeConfig, run_encode
 from tests.conftest import random_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
-CO2_ENCODES = ("configs/demo/encode_co2_train.yaml", "configs/demo/encode_co2_test.yaml")
+CO2_ENCODES = tuple(f"configs/demo/encode_co2_{split}.yaml" for split in ("train", "val", "test"))
 
 
 def test_every_experiment_resolves_and_results_names_its_command():
@@ -29,6 +29,23 @@ def test_every_experiment_resolves_and_results_names_its_command():
         for line in experiment.results:
             assert f"- **{line}" in results, (experiment.name, line)
         assert f"`python benchmarks/experiments.py {experiment.name}`" in results, experiment.name
+
+
+def test_an_arm_that_encodes_the_test_split_otherwise_than_val_is_refused():
+    """The arms are compared on val and the choice scored on test: both must hold the same features."""
+    import dataclasses
+
+    import pytest
+
+    from benchmarks.experiments import Arm
+    from pipelines.config import ConfigError
+
+    precision = EXPERIMENTS["feature-precision"]
+    int8 = {f"configs/demo/encode_{task}_{split}.yaml": {"cache.precision": "int8"}
+            for task in ("digits", "speech", "co2") for split in ("train", "test")}  # val left in fp16
+    broken = dataclasses.replace(precision, arms=(precision.arms[0], Arm("int8", encode=int8, quoted="new")))
+    with pytest.raises(ConfigError, match="encode_digits_test.yaml and configs/demo/encode_digits_val.yaml differently"):
+        resolve(broken)
 
 
 def tiny_co2_caches(root: Path) -> dict[str, str]:
@@ -60,6 +77,8 @@ def test_the_forecast_skip_runs_end_to_end_in_a_few_steps(tmp_path):
         assert row["ceiling"] > 0 and row["baseline"] > 0 and row["quoted"]
     assert "2 steps a phase" in report["machine"]
     assert f"every arm with --set model.backbone.path={tmp_path / 'backbone'}" in report["machine"]
+    assert "the val split" in report["machine"]
     table = (out / "forecast-skip.md").read_text()
     assert "| skip | CO2 forecast | mse |" in table and "Forecast head alone vs head + lookback skip" in table
+    assert "Scored on the val split" in table
     assert (out / "train" / "demo-forecast-skip-skip-s0" / "phase2" / "model").is_dir()

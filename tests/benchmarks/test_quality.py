@@ -37,3 +37,29 @@ def test_a_phases_own_caches_get_the_variants_encode_overrides(monkeypatch):
     config = trained[-1]
     assert config.phase2.caches == [f"{digits} with {{'cache.precision': 'int8'}}"]
     assert config.caches[0] == config.phase2.caches[0] and config.phase1.caches is None
+
+
+def test_each_eval_cache_has_its_val_twin_and_a_suite_scores_the_split_asked(monkeypatch):
+    """Arms are compared on val (benchmarks/experiments.py), so that the test split scores only what was chosen: the
+    eval configs' caches are the test split's encode YAMLs, and the val split's sits beside each."""
+    import pytest
+
+    import benchmarks.quality as quality
+    from pipelines.config import load_config
+    from pipelines.evaluate import EvalConfig
+
+    for _, evals in quality.SUITE_CONFIGS.values():
+        for path in evals:
+            test = load_config(path, EvalConfig).cache
+            assert quality.split_yaml(test, "test") == test and quality.split_yaml(test, "val").endswith("_val.yaml")
+    with pytest.raises(ValueError, match="a test split's encode YAML"):
+        quality.split_yaml("configs/demo/encode_co2_train.yaml", "val")
+    with pytest.raises(FileNotFoundError, match="no val split beside"):
+        quality.split_yaml("configs/paper/encode_etth1_test.yaml", "val")
+
+    scored = []
+    monkeypatch.setattr(quality, "cache_uri", lambda yaml, overrides=None: yaml)
+    monkeypatch.setattr("pipelines.evaluate.run_eval", lambda config: scored.append(config.cache))
+    quality.evaluate("configs/demo/eval_co2.yaml", quality.Path("runs/x/phase2/model"), "sqlite:///unused.db",
+                     split="val")
+    assert scored == ["configs/demo/encode_co2_val.yaml"]

@@ -75,7 +75,8 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
     out.mkdir()
     demo.run_demo(out)
 
-    assert len(seen["encode"]) == 6
+    assert len(seen["encode"]) == 6  # not the val splits, which only benchmarks/experiments.py scores
+    assert not any("val" in (Path(c.dataset.path).stem, c.dataset.split) for c in seen["encode"])
     for config in seen["encode"]:
         assert Path(config.dataset.path).is_relative_to(out) and Path(config.encoder.model_dir).is_relative_to(out)
     assert Path(seen["train"].model.backbone.path) == out / "backbone"
@@ -95,8 +96,13 @@ def test_a_data_build_cut_short_is_finished_on_the_next_start(tmp_path, monkeypa
     monkeypatch.setattr(demo, "pretrained_backbone", lambda *args, **kwargs: None)
     data = tmp_path / "data"
     (data / "digits").mkdir(parents=True)
-    (data / "digits" / "test.json").write_text("[]")
+    for split in ("train", "val", "test"):
+        (data / "digits" / f"{split}.json").write_text("[]")
     (data / "series").mkdir()
     (data / "series" / "co2.csv").write_text("week,co2\n")  # one of the three series files
     demo.prepare_assets(tmp_path)
     assert built == ["speech", "series"]
+    (data / "digits" / "val.json").unlink()  # digits built before the val split
+    built.clear()
+    demo.prepare_assets(tmp_path)
+    assert built == ["digits", "speech", "series"]

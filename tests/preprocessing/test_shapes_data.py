@@ -21,7 +21,7 @@ def drawn_shapes(image_path) -> int:
 
 
 def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
-    build_shapes(tmp_path, n_train=60, n_test=10, seed=3)
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, n_val=4)
     samples, rejects = read_llava(str(tmp_path / "train.json"))
     assert len(samples) == 120 and rejects == []
     records = json.loads((tmp_path / "train.json").read_text())
@@ -55,29 +55,30 @@ def test_records_read_as_llava_with_balanced_types_and_true_answers(tmp_path):
     test = json.loads((tmp_path / "test.json").read_text())
     assert Counter(r["type"] for r in test) == {t: 2 for t in QUESTION_TYPES}
     assert {len(r["conversations"]) for r in [*test, *records] if "-yesno" not in r["id"]} == {2}
-    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_per_shape=1)
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_per_shape=1, n_val=4)
     extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
     assert all(len(r["conversations"]) == 2 * drawn_shapes(tmp_path / r["image"]) for r in extra)
-    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=3)  # as many whatever the shapes drawn
+    build_shapes(tmp_path, n_train=60, n_test=10, seed=3, yesno_turns=3, n_val=4)  # as many whatever the shapes drawn
     extra = [r for r in json.loads((tmp_path / "train.json").read_text()) if "-yesno" in r["id"]]
     assert {len(r["conversations"]) for r in extra} == {6}
 
 
 def test_same_seed_same_set_and_the_cli(tmp_path):
-    assert main(["data", "shapes", "--out", str(tmp_path / "a"), "--train", "10", "--test", "5", "--seed", "1",
+    assert main(["data", "shapes", "--out", str(tmp_path / "a"), "--train", "10", "--val", "4", "--test", "5",
+                 "--seed", "1",
                  "--yesno-per-shape", "2"]) == 0
-    build_shapes(tmp_path / "b", 10, 5, seed=1, yesno_per_shape=2)
-    build_shapes(tmp_path / "c", 10, 5, seed=1)
+    build_shapes(tmp_path / "b", 10, 5, seed=1, yesno_per_shape=2, n_val=4)
+    build_shapes(tmp_path / "c", 10, 5, seed=1, n_val=4)
     assert (tmp_path / "a" / "train.json").read_text() != (tmp_path / "c" / "train.json").read_text()
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         assert (tmp_path / "a" / f"{split}.json").read_text() == (tmp_path / "b" / f"{split}.json").read_text()
     first = json.loads((tmp_path / "a" / "test.json").read_text())[0]
     assert (tmp_path / "a" / first["image"]).read_bytes() == (tmp_path / "b" / first["image"]).read_bytes()
 
 
 def test_extra_questions_leave_images_and_test_split_unchanged(tmp_path):
-    build_shapes(tmp_path / "plain", 20, 10, seed=2, extra_yesno=0)
-    build_shapes(tmp_path / "extra", 20, 10, seed=2)
+    build_shapes(tmp_path / "plain", 20, 10, seed=2, extra_yesno=0, n_val=4)
+    build_shapes(tmp_path / "extra", 20, 10, seed=2, n_val=4)
     plain, extra = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("plain", "extra"))
     assert len(plain) == 20 and [r for r in extra if "-yesno" not in r["id"]] == plain
     assert (tmp_path / "plain" / "test.json").read_text() == (tmp_path / "extra" / "test.json").read_text()
@@ -86,10 +87,14 @@ def test_extra_questions_leave_images_and_test_split_unchanged(tmp_path):
         assert plain.read_bytes() == extra.read_bytes()
 
 
-def test_test_split_does_not_depend_on_the_training_size(tmp_path):
-    build_shapes(tmp_path / "small", 10, 5, seed=4)
-    build_shapes(tmp_path / "large", 30, 5, seed=4)
+def test_no_split_depends_on_another_splits_size(tmp_path):
+    build_shapes(tmp_path / "small", 10, 5, seed=4, n_val=4)
+    build_shapes(tmp_path / "large", 30, 5, seed=4, n_val=8)
     assert (tmp_path / "small" / "test.json").read_text() == (tmp_path / "large" / "test.json").read_text()
+    small_val, large_val = (json.loads((tmp_path / d / "val.json").read_text()) for d in ("small", "large"))
+    assert large_val[:4] == small_val and [r["id"] for r in small_val] == [f"shapes-val-{i:05d}" for i in range(4)]
+    test = json.loads((tmp_path / "small" / "test.json").read_text())
+    assert [r["conversations"] for r in test[:4]] != [r["conversations"] for r in small_val]  # its own draws
     small, large = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("small", "large"))
     assert [r for r in large if int(r["id"].split("-")[2]) < 10] == small  # the first training images are kept too
     for name in ("train-00009.png", "test-00004.png"):
@@ -99,7 +104,7 @@ def test_test_split_does_not_depend_on_the_training_size(tmp_path):
 
 def test_more_yesno_questions_than_an_image_has_is_refused(tmp_path):
     with pytest.raises(ValueError, match="yesno_per_shape must be 1-11"):
-        build_shapes(tmp_path, 2, 1, yesno_per_shape=12)
+        build_shapes(tmp_path, 2, 1, yesno_per_shape=12, n_val=4)
     with pytest.raises(ValueError, match="yesno_turns must be 1-11"):
-        build_shapes(tmp_path, 2, 1, yesno_turns=0)
+        build_shapes(tmp_path, 2, 1, yesno_turns=0, n_val=4)
     assert not (tmp_path / "train.json").exists()
