@@ -224,7 +224,7 @@ EXPERIMENTS = {e.name: e for e in [
         differs="the pipeline's runs (Ray Train, 2 workers, 20-35 minutes a seed); here one process"),
     Experiment(
         "speech-utterances", "how many spoken-digit utterances the demo trains on: 96 or 384 (the same 150 steps)",
-        "SPEECH_SIZES = (384, 48) (preprocessing/demo_data.py)",
+        "SPEECH_SIZES: 384 training utterances (preprocessing/demo_data.py)",
         ("Four times the training utterances",), "demo",
         (Arm("96-utterances", data={"speech": {"n_train": 96, "n_val": 48, "n_test": 48}},
              quoted="WER 0.000 / 0.292 / 0.014, CER 0.014 / 0.222 / 0.014; digits 0.773 ± 0.005, CO2 0.324 ± 0.013"),

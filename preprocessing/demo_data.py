@@ -27,7 +27,7 @@ def write_json(path: Path, records, lines: bool = False) -> None:
         path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
 
 
-def build_digits(out: Path, n_train: int, n_val: int, n_test: int) -> None:
+def build_digits(out: Path, n_train: int, n_test: int, n_val: int = 0) -> None:
     """Train from the front of sklearn's 1797 digits, val right after it, test from the back: no two splits share
     an image, and growing val or test leaves the training images as they were."""
     from sklearn.datasets import load_digits  # the [demo] extra
@@ -104,7 +104,7 @@ def speech_is_current(folder: Path, seed: int = 0) -> bool:
     return True
 
 
-def build_speech(out: Path, n_train: int, n_val: int, n_test: int, seed: int = 0) -> None:
+def build_speech(out: Path, n_train: int, n_test: int, n_val: int, seed: int = 0) -> None:
     """`speech_texts` of each split, spoken by espeak-ng (English and Mandarin voices)."""
     require_espeak()
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -131,11 +131,11 @@ def build_series(out: Path) -> None:
     pd.DataFrame({"month": np.arange(len(monthly)), "sst": monthly}).to_csv(out / "elnino.csv", index=False)
 
 
-SPEECH_SIZES = (384, 48, 48)  # training, val and test utterances
-DIGITS_SIZES = (256, 100, 100)  # training, val and test images
+SPEECH_SIZES = {"n_train": 384, "n_val": 48, "n_test": 48}  # utterances
+DIGITS_SIZES = {"n_train": 256, "n_val": 100, "n_test": 100}  # images
 BUILDERS = {  # each dataset's builder, by its folder under the demo data
-    "digits": lambda out: build_digits(out, *DIGITS_SIZES),
-    "speech": lambda out: build_speech(out, *SPEECH_SIZES),
+    "digits": lambda out: build_digits(out, **DIGITS_SIZES),
+    "speech": lambda out: build_speech(out, **SPEECH_SIZES),
     "series": build_series,
 }
 

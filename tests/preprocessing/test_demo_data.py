@@ -49,8 +49,8 @@ def test_an_older_build_of_the_speech_data_is_found_out(tmp_path):
 
 def test_digit_splits_share_no_image_and_val_leaves_training_as_it_was(tmp_path):
     pytest.importorskip("sklearn")  # the [demo] extra, installed by make test
-    build_digits(tmp_path / "a", 20, 10, 5)
-    build_digits(tmp_path / "b", 20, 30, 5)
+    build_digits(tmp_path / "a", 20, 5, n_val=10)
+    build_digits(tmp_path / "b", 20, 5, n_val=30)
     ids = {split: [r["id"] for r in json.loads((tmp_path / "a" / f"{split}.json").read_text())]
            for split in ("train", "val", "test")}
     assert ids["train"] == [f"digit-{i:04d}" for i in range(20)] and ids["val"][0] == "digit-0020"
@@ -58,4 +58,4 @@ def test_digit_splits_share_no_image_and_val_leaves_training_as_it_was(tmp_path)
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
     assert (tmp_path / "a" / "test.json").read_text() == (tmp_path / "b" / "test.json").read_text()
     with pytest.raises(ValueError, match="sklearn has 1797"):
-        build_digits(tmp_path / "c", 1000, 700, 100)
+        build_digits(tmp_path / "c", 1000, 100, n_val=700)
