@@ -35,11 +35,11 @@ DATA, ENCODER = Path("runs/demo/data"), Path("runs/demo/encoders/dinov2-small")
 
 def prepare():
     from pipelines.demo_backbone import pretrained_backbone
-    from preprocessing.demo_data import build_digits
+    from preprocessing.demo_data import BUILDERS, missing_datasets
     from preprocessing.encoders.convert import export_encoder
 
-    if not (DATA / "digits" / "train.json").is_file():
-        build_digits(DATA / "digits", 256, 100)
+    if "digits" in missing_datasets(DATA):  # the demo's digits, as `make demo` builds them
+        BUILDERS["digits"](DATA / "digits")
     if not (ENCODER / "config.json").is_file():
         export_encoder("dinov2-small", ENCODER)
     return pretrained_backbone(Path("runs/demo/backbone"))

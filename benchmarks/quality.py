@@ -50,7 +50,6 @@ from benchmarks.report import write_report  # noqa: E402
 from pipelines.environment import cpu_description  # noqa: E402
 
 SHAPES_DATA = Path("runs/shapes/data")
-DEMO_CONFIGS = Path("configs/demo")
 DEMO_EVALS = {"digits VQA": "configs/demo/eval_digits.yaml", "spoken digits": "configs/demo/eval_speech.yaml",
               "CO2 forecast": "configs/demo/eval_co2.yaml"}
 DEMO_METRICS = {"digits VQA": ("accuracy",), "spoken digits": ("wer_en", "cer_zh"), "CO2 forecast": ("mse",)}
@@ -207,13 +206,19 @@ def split_samples(encode_yaml: str, encode: dict[str, dict], split: str = "test"
 
 
 def write_caches(path: Path) -> None:
-    """The demo's encode YAMLs and copies of their entries in a cache root beside FILE (with only the store items
-    they use: `modrwkv cache cp`), for `--caches` on a machine without the data or the encoders."""
+    """The demo suite's encode YAMLs (its training caches and the test splits it scores) and copies of their entries
+    in a cache root beside FILE (with only the store items they use: `modrwkv cache cp`), for `--caches` on a
+    machine without the data or the encoders."""
+    from pipelines.config import load_config
+    from pipelines.evaluate import EvalConfig
+    from pipelines.train_config import TrainConfig
     from preprocessing.cache.copy import copy_entry
 
     root = path.absolute().parent / "cache"
+    train_config, evals = SUITE_CONFIGS["demo"]
+    read = {*load_config(train_config, TrainConfig).caches, *(load_config(e, EvalConfig).cache for e in evals)}
     entries = {}
-    for yaml in sorted(DEMO_CONFIGS.glob("encode_*.yaml")):
+    for yaml in sorted(read):
         copied = copy_entry(cache_uri(str(yaml)), str(root), progress=False)
         entries[str(yaml)] = str(Path(copied.uri).relative_to(ROOT))
     path.write_text(json.dumps(entries, indent=1) + "\n")

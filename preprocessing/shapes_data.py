@@ -85,6 +85,15 @@ def make_item(kind: str, rng: random.Random) -> tuple[list[tuple[str, str, int, 
     return drawn, question, answer
 
 
+def item_outside(kind: str, rng: random.Random, excluded: set, tries: int = 10_000):
+    """`make_item`'s draw, drawn again while its (shapes, question) is in `excluded`."""
+    for _ in range(tries):
+        shapes, question, answer = make_item(kind, rng)
+        if (tuple(shapes), question) not in excluded:
+            return shapes, question, answer
+    raise ValueError(f"{tries} {kind} items drawn, each among the test split's: it asks all there are")
+
+
 def yesno_question(drawn: list[tuple[str, str, int, int]], by_colour: bool, rng: random.Random) -> tuple[str, str]:
     """A question naming a colour (or a shape) that is drawn ("yes") or not ("no"), half the time each."""
     present = {c for _, c, _, _ in drawn} if by_colour else {s for s, _, _, _ in drawn}
@@ -128,15 +137,20 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
             raise ValueError(f"{name} must be 1-{ASKABLE} (the different questions an image can be asked), got {count}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # val, test and the extra questions draw from their own generators: no split depends on another's size, and no
-    # split's images depend on the extra questions
+    # test, val and the extra questions draw from their own generators: neither train nor test depends on another
+    # split's size, and no split's images depend on the extra questions. The items' space is small (a position
+    # question has a few hundred), so the splits repeat one another's items: val is drawn without test's, so that a
+    # recipe chosen on val is not chosen on test's items (training repeats some, as it always has)
     extra_rng = random.Random(f"{seed}-extra-yesno")
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+    in_test = set()
+    for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
         rng = random.Random(seed if split == "train" else f"{seed}-{split}")
         records = []
         for i in range(n):
             kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-            shapes, question, answer = make_item(kind, rng)
+            shapes, question, answer = item_outside(kind, rng, in_test if split == "val" else set())
+            if split == "test":
+                in_test.add((tuple(shapes), question))
             image = Image.new("RGB", (CANVAS, CANVAS), "white")
             canvas = ImageDraw.Draw(image)
             for shape, colour, x, y in shapes:

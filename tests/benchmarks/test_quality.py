@@ -63,3 +63,18 @@ def test_each_eval_cache_has_its_val_twin_and_a_suite_scores_the_split_asked(mon
     quality.evaluate("configs/demo/eval_co2.yaml", quality.Path("runs/x/phase2/model"), "sqlite:///unused.db",
                      split="val")
     assert scored == ["configs/demo/encode_co2_val.yaml"]
+
+
+def test_the_caches_written_for_a_gpu_machine_are_the_demo_suites_train_and_test_ones(tmp_path, monkeypatch):
+    """Not the val splits: a lent machine scores the test split, and its carry is capped (benchmarks/gpu_rehearsal.sh)."""
+    import benchmarks.quality as quality
+    import preprocessing.cache.copy
+
+    copied = []
+    monkeypatch.setattr(quality, "cache_uri", lambda yaml, overrides=None: yaml)
+    monkeypatch.setattr(preprocessing.cache.copy, "copy_entry", lambda uri, root, progress: copied.append(uri) or
+                        type("Copied", (), {"uri": str(quality.ROOT / "runs" / "copies" / quality.Path(uri).stem)}))
+    quality.write_caches(tmp_path / "caches.json")
+    assert sorted(copied) == sorted(f"configs/demo/encode_{task}_{split}.yaml" for task in ("digits", "speech", "co2")
+                                    for split in ("train", "test"))
+    assert len(json.loads((tmp_path / "caches.json").read_text())) == 6

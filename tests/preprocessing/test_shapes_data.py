@@ -87,7 +87,7 @@ def test_extra_questions_leave_images_and_test_split_unchanged(tmp_path):
         assert plain.read_bytes() == extra.read_bytes()
 
 
-def test_no_split_depends_on_another_splits_size(tmp_path):
+def test_no_split_depends_on_the_training_size_nor_its_own(tmp_path):
     build_shapes(tmp_path / "small", 10, 5, seed=4, n_val=4)
     build_shapes(tmp_path / "large", 30, 5, seed=4, n_val=8)
     assert (tmp_path / "small" / "test.json").read_text() == (tmp_path / "large" / "test.json").read_text()
@@ -100,6 +100,18 @@ def test_no_split_depends_on_another_splits_size(tmp_path):
     for name in ("train-00009.png", "test-00004.png"):
         small, large = (tmp_path / folder / "images" / name for folder in ("small", "large"))
         assert small.read_bytes() == large.read_bytes()
+
+
+def test_val_asks_none_of_the_test_splits_questions_on_the_same_image(tmp_path):
+    """The items' space is small (4 positions x shapes x colours for a position question): drawn freely, val
+    repeated some 190 of test's 2,500 records, and a recipe chosen on val was partly chosen on test."""
+    build_shapes(tmp_path, n_train=0, n_test=400, seed=0, n_val=400)
+    pixels = {}
+    for split in ("test", "val"):
+        for r in json.loads((tmp_path / f"{split}.json").read_text()):
+            image = (tmp_path / r["image"]).read_bytes()
+            pixels.setdefault(split, set()).add((image, r["conversations"][0]["value"]))
+    assert len(pixels["val"]) > 300 and not pixels["val"] & pixels["test"]
 
 
 def test_more_yesno_questions_than_an_image_has_is_refused(tmp_path):
