@@ -12,7 +12,7 @@ NAME.json under --out (default runs/experiments/NAME), where the arms' models an
 `--steps N` trains every phase N steps without warmup (the figures then mean nothing); `--set KEY=VALUE` overrides
 every arm's train config (a backbone elsewhere); `--caches FILE` gives the demo's caches as `quality.py
 --write-caches` wrote them, for a machine without the data or encoders (arms that change an encode config cannot use
-it).
+it; it holds the train and test caches: with `--split test`), or as a JSON of encode YAML -> entry of your own.
 
 Most experiments ran before today's code (RESULTS.md says when); what the configs cannot say of the original runs
 is in each entry's `differs`, and the figures may differ by it.
