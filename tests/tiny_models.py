@@ -1,7 +1,7 @@
 """Tiny encoders saved to a directory, loaded back through the same local-path code as real weights."""
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, WhisperConfig, WhisperModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, WavLMConfig, WavLMModel, WhisperConfig, WhisperModel
 
 
 def save_tiny_clip(path, hidden: int = 32, image_size: int = 32, seed: int = 0):
@@ -16,6 +16,15 @@ def save_tiny_whisper(path, hidden: int = 32, seed: int = 0):
     WhisperModel(WhisperConfig(d_model=hidden, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                decoder_attention_heads=2, encoder_ffn_dim=2 * hidden,
                                decoder_ffn_dim=2 * hidden)).save_pretrained(path)
+    return path
+
+
+def save_tiny_wavlm(path, hidden: int = 32, seed: int = 0):
+    """WavLM Base's convolutions (one feature frame reads 400 samples) under one small transformer layer."""
+    torch.manual_seed(seed)
+    WavLMModel(WavLMConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * hidden,
+                           conv_dim=(hidden,) * 7, num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=2)).save_pretrained(path)
     return path
 
 

@@ -25,7 +25,7 @@ from preprocessing.cache.entry import FeatureCache
 from preprocessing.demo_data import build_digits
 from preprocessing.readers.sample import RawSample, sample_key
 from preprocessing.validate import Limits, Rejected
-from tests.tiny_models import save_tiny_clip, save_tiny_whisper
+from tests.tiny_models import save_tiny_clip, save_tiny_wavlm, save_tiny_whisper
 
 from ..preprocessing.bad_inputs import huge_header_png, png_bytes, truncated_jpeg, wav_bytes
 
@@ -150,8 +150,7 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
         run = {"in_process_max_items": 0}
     audio = tmp_path / "audio"
     audio.mkdir()
-    # "long" passes the job's limits (raised to 40 s) but not Whisper's 30 s window: the decode task, where the
-    # encoder's inputs are prepared, refuses it
+    # "long" passes the job's limits (raised to 40 s) and is read as two of Whisper's 30 s windows
     clips = {"ok": wav_bytes(0.6), "stereo8k": wav_bytes(0.6, rate=8000, channels=2), "text": b"not audio at all",
              "long": wav_bytes(31, rate=8000)}
     for name, data in clips.items():
@@ -164,14 +163,25 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
                                encoder={"kind": "whisper", "model_dir": str(encoders["whisper"])},
                                cache={"root": str(tmp_path / "cache")}, limits={"max_audio_seconds": 40}, run=run))
     assert result.encoded_in == encoded_in
-    assert result.manifest["counts"] == {"read": 7, "written": 2, "rejected": 5}
+    assert result.manifest["counts"] == {"read": 7, "written": 3, "rejected": 4}
     reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl"))}
     assert "not a readable audio file" in reasons["text"] and "is empty" in reasons["silent-text"]
     assert "cannot read" in reasons["gone"] and "holds <image>, a placeholder of another" in reasons["placeholder"]
-    assert reasons["long"] == (f"the encoder refused it: sample {audio / 'long.wav'}: 31.0 s is longer than "
-                               "Whisper's 30 s window")
     lengths = {s.key: s.items[0].shape[0] for s in FeatureCache(result.uri).iter_samples(shuffle=False)}
-    assert lengths == {"ok": 30, "stereo8k": 30}  # 0.6 s at 50 Hz, the 8 kHz stereo clip resampled
+    assert lengths == {"ok": 30, "stereo8k": 30, "long": 1550}  # 0.6 s at 50 Hz (8 kHz stereo resampled); 31 s
+
+    # a clip within the job's limits (lowered to 10 ms) but shorter than WavLM's one feature frame (400 samples):
+    # the decode task, where the encoder's inputs are prepared, refuses it
+    save_tiny_wavlm(tmp_path / "wavlm")
+    (audio / "tiny.wav").write_bytes(wav_bytes(0.02))
+    (audio / "tiny.jsonl").write_text(json.dumps({"audio": "tiny.wav", "text": "one"}) + "\n")
+    result = run_encode(config(dataset={"format": "asr_jsonl", "path": str(audio / "tiny.jsonl")},
+                               encoder={"kind": "wavlm", "model_dir": str(tmp_path / "wavlm")},
+                               cache={"root": str(tmp_path / "cache")}, limits={"min_audio_seconds": 0.01}, run=run))
+    assert result.manifest["counts"] == {"read": 1, "written": 0, "rejected": 1}
+    (reject,) = map(json.loads, open(Path(result.uri) / "rejects.jsonl"))
+    assert reject["reason"] == (f"the encoder refused it: sample {audio / 'tiny.wav'}: 320 samples at 16 kHz, fewer "
+                                "than the 400 of one feature frame")
 
     rows = ["v,dead"] + [f"{np.sin(i / 3):.4f},nan" if i != 50 else "nan,nan" for i in range(60)]
     (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
