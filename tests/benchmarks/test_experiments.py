@@ -44,7 +44,7 @@ def test_an_arm_that_encodes_the_test_split_otherwise_than_val_is_refused():
     int8 = {f"configs/demo/encode_{task}_{split}.yaml": {"cache.precision": "int8"}
             for task in ("digits", "speech", "co2") for split in ("train", "test")}  # val left in fp16
     broken = dataclasses.replace(precision, arms=(precision.arms[0], Arm("int8", encode=int8, quoted="new")))
-    with pytest.raises(ConfigError, match="encode_digits_test.yaml and configs/demo/encode_digits_val.yaml differently"):
+    with pytest.raises(ConfigError, match="encode_digits_test.yaml and configs/demo/encode_digits_val.yaml differ"):
         resolve(broken)
 
 

@@ -66,7 +66,8 @@ def test_each_eval_cache_has_its_val_twin_and_a_suite_scores_the_split_asked(mon
 
 
 def test_the_caches_written_for_a_gpu_machine_are_the_demo_suites_train_and_test_ones(tmp_path, monkeypatch):
-    """Not the val splits: a lent machine scores the test split, and its carry is capped (benchmarks/gpu_rehearsal.sh)."""
+    """Not the val splits: a lent machine scores the test split, and its carry is capped
+    (benchmarks/gpu_rehearsal.sh)."""
     import benchmarks.quality as quality
     import preprocessing.cache.copy
 
