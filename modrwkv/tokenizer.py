@@ -76,7 +76,8 @@ def read_vocab(path: Path) -> tuple[dict[int, bytes], dict]:
 
 class WorldTokenizer:
     def __init__(self, vocab_path=None):
-        self.id_to_bytes, self._trie = read_vocab(Path(vocab_path).resolve() if vocab_path else default_vocab_path())
+        # resolved: one reading per file, however it is named (a venv behind a symlink, a relative path)
+        self.id_to_bytes, self._trie = read_vocab(Path(vocab_path or default_vocab_path()).resolve())
         self.special_tokens = dict(SPECIAL_TOKENS)
         self.special_ids = {v: k for k, v in self.special_tokens.items()}
         self.vocab_size = VOCAB_SIZE

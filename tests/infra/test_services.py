@@ -22,7 +22,7 @@ from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
+VENV_BIN = Path(sys.executable).parent.resolve()  # the venv may be reached through a symlink
 
 
 def port_free(port: int) -> bool:
@@ -167,7 +167,7 @@ def test_ray_task_from_a_client_process(ray_head):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # workers run the venv's `python3`, the job's `python` may be either name: compare the venv's bin dir
-    assert Path(out.stdout.strip().splitlines()[-1]).parent == VENV_BIN
+    assert Path(out.stdout.strip().splitlines()[-1]).parent.resolve() == VENV_BIN
 
 
 def listening_addresses(head: psutil.Process) -> list:
@@ -205,7 +205,7 @@ def test_job_runs_with_the_venv_python(ray_head):
     result = run_job(ray_head.dashboard_url, 'python -c "import modrwkv, sys; print(sys.executable)"',
                      working_dir=REPO, headers=ray_head.auth_headers(), timeout=180)
     assert result.status == "SUCCEEDED", result.logs
-    assert Path(result.logs.strip().splitlines()[-1]).parent == VENV_BIN
+    assert Path(result.logs.strip().splitlines()[-1]).parent.resolve() == VENV_BIN
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ os.environ.update({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WOR
 torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 """
 
-OVERLAP_ON_AND_OFF = ONE_RANK + r"""
+ON_AND_OFF = ONE_RANK + r"""
+import sys
 from modrwkv import RWKV7Config
 from modrwkv.batching import Collator
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
@@ -32,23 +33,23 @@ from pipelines.trainer import train_steps
 from tests.conftest import random_backbone
 from tests.pipelines.test_deepspeed_cuda import digit_like_batches
 
-report = {}
-for overlap in (False, True):
+setting, report = sys.argv[1], {}
+for value in (False, True):
     torch.manual_seed(0)
     config = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                            {"image": ProjectorConfig(encoder_dim=32, kernel=3, stride=2, adapter_scale=2)})
     model = ModRWKV(config, backbone=random_backbone(config.backbone))
     model.set_phase(2)
     hp = PhaseConfig(lr=3e-3, steps=4, global_batch=8, micro_batch=4)
-    engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=2, overlap_comm=overlap), world=1,
+    engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=2, **{setting: value}), world=1,
                                      on_gpu=False)
     losses = []
     train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp,
                 on_step=lambda step, metrics: losses.append(metrics["loss"]))
-    report[str(overlap)] = {"engine_overlaps": engine.zero_overlap_comm(), "losses": losses}
+    report[str(value)] = {"overlap_comm": engine.zero_overlap_comm(), "offload_optimizer": engine.zero_cpu_offload(),
+                          "losses": losses}
 print(json.dumps(report))
 """
-
 
 # the group torn down before the interpreter's exit, which otherwise may destroy gloo's threads while they still
 # run: "terminate called without an active exception", an abort after the report was printed (seen once in CI)
@@ -63,9 +64,14 @@ def run_script(script: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_overlap_comm_reaches_deepspeed_and_trains_as_without_it():
-    report = run_script(OVERLAP_ON_AND_OFF)
-    assert [report[k]["engine_overlaps"] for k in ("False", "True")] == [False, True]
+# ZeRO-Offload moves the optimizer step to the CPU (DeepSpeed refuses a client optimizer there unless told); the
+# fast tier starts DeepSpeed once, with overlap_comm
+@pytest.mark.parametrize("setting", ["overlap_comm", pytest.param("offload_optimizer", marks=pytest.mark.slow)])
+def test_a_zero_setting_reaches_deepspeed_and_trains_as_without_it(setting):
+    report = run_script(ON_AND_OFF, setting)
+    other = ({"overlap_comm", "offload_optimizer"} - {setting}).pop()
+    assert [report[k][setting] for k in ("False", "True")] == [False, True]
+    assert not report["False"][other] and not report["True"][other]
     off, on = report["False"]["losses"], report["True"]["losses"]
     assert len(off) == 4 and off[-1] < off[0]
     assert on == pytest.approx(off, rel=1e-6)
@@ -105,7 +111,7 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.slow  # DeepSpeed's start: the fast tier starts it once, in the overlap_comm test
+@pytest.mark.slow  # DeepSpeed's start: the fast tier starts it once, with overlap_comm
 def test_deepspeed_without_zero_logs_the_gradient_norm_the_local_engine_logs():
     """DeepSpeed keeps no gradient norm without ZeRO (and bf16): the metric is the norm its step clips by, the
     local engine's and ZeRO-2's on the same data, with clipping on or off; never a made-up 0."""

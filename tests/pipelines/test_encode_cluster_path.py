@@ -2,8 +2,9 @@
 
 `python -m pipelines.encode` and `ray job submit --working-dir .` both put the repository root first on sys.path
 (the driver's, and the Ray workers'), where our old `kernels/` folder hid HF's `kernels`, which transformers >= 5.25
-imports when any encoder loads. Both run the demo's config on its 256 digit images with the real DINOv2-S,
-so Ray Data's actor pool loads the encoder too; only the data, encoder and cache paths move to a temp dir."""
+imports when any encoder loads. Both run the demo's config on 32 digit images with the real DINOv2-S, on Ray Data
+however few the items (`run.in_process_max_items=0`), so that its actor pool loads the encoder too; only the data,
+encoder and cache paths move to a temp dir."""
 
 import importlib.metadata as metadata
 import json
@@ -20,9 +21,9 @@ from preprocessing.encoders.convert import export_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/demo/encode_digits_train.yaml"
-IMAGES = 256  # the demo's count: above run.in_process_max_items, so the job encodes with Ray Data, not in the driver
+IMAGES = 32
 
-pytestmark = pytest.mark.slow  # two real encodes of 256 images and a Ray head: about a minute on 2 cores
+pytestmark = pytest.mark.slow  # two real encodes on Ray Data and a Ray head: about 40 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def inputs(tmp_path_factory):
 def job_args(inputs: Path, cache_root: Path) -> list[str]:
     return ["-m", "pipelines.encode", "--config", CONFIG,
             "--set", f"dataset.path={inputs / 'digits' / 'train.json'}",
-            "--set", f"encoder.model_dir={inputs / 'dinov2-small'}", "--set", f"cache.root={cache_root}"]
+            "--set", f"encoder.model_dir={inputs / 'dinov2-small'}", "--set", f"cache.root={cache_root}",
+            "--set", "run.in_process_max_items=0"]
 
 
 def assert_encoded(output: str, cache_root: Path) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import shlex
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +155,15 @@ def test_paper_vision_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, t
                        f"--out-dir {tmp_path / 'eval'}", f"tracking_uri={mlflow_server.tracking_uri}",
         "max_new_tokens=2")
 
-    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-vision", [cache])
+    client = MlflowClient(mlflow_server.tracking_uri)
+    runs = check_runs(client, "modrwkv-vision", [cache])
     assert 0 <= runs["eval"].data.metrics["accuracy"] <= 1
+    for phase in ("1", "2"):  # the over-long samples each phase left out, named in an artifact of its run
+        (tmp_path / phase).mkdir()
+        artifact = client.download_artifacts(runs[phase].info.run_id, "skipped_samples.jsonl", str(tmp_path / phase))
+        named = [json.loads(line) for line in Path(artifact).read_text().splitlines()]
+        assert len(named) == runs[phase].data.metrics["skipped_over_length"]
+        assert {r["key"] for r in named} <= {"long-0", "long-1"} and all(r["tokens"] > 96 for r in named)
     assert set(normalization(model, "image")) == {"feature_mean", "feature_whitening"}  # image's default: whiten
 
 
@@ -182,8 +190,20 @@ def test_paper_audio_recipe_on_a_ray_head(ray_head, mlflow_server, s3_server, tm
         f"checkpoint={model}", f"cache={caches['encode_librispeech_test_clean']}", f"out_dir={bucket}/eval",
         "actors=1", "gpus_per_actor=0",
         "max_new_tokens=2", f"tracking_uri={mlflow_server.tracking_uri}")
-    runs = check_runs(MlflowClient(mlflow_server.tracking_uri), "modrwkv-audio", [cache])
+    client = MlflowClient(mlflow_server.tracking_uri)
+    runs = check_runs(client, "modrwkv-audio", [cache])
     assert runs["eval"].data.metrics["wer_en"] >= 0
+    # through the server: each phase's loss history by its REST API, its loss curve and its logged model in S3
+    stored = keys(s3, f"s3://{BUCKET}/mlflow")
+    for phase, weights in (("1", "adapter.safetensors"), ("2", "model.safetensors")):
+        run_id = runs[phase].info.run_id
+        history = urllib.request.urlopen(f"{mlflow_server.tracking_uri}/api/2.0/mlflow/metrics/get-history?"
+                                         f"run_id={run_id}&metric_key=loss").read()
+        assert sorted(m["step"] for m in json.loads(history)["metrics"]) == [1, 2, 3]
+        assert any(k.endswith(f"{run_id}/artifacts/loss_curve.png") for k in stored)
+        (logged,) = client.search_logged_models([runs[phase].info.experiment_id],
+                                                filter_string=f"source_run_id = '{run_id}'")
+        assert any(f"/models/{logged.model_id}/" in k and k.endswith(f"/model/{weights}") for k in stored)
     written = sorted(keys(s3, f"{bucket}/runs/modrwkv-audio-1.5b"))
     assert [k for k in written if "/ray/" not in k] == [
         "phase1/model/adapter.safetensors", "phase1/model/backbone_source.json", "phase1/model/encoders.json",

@@ -137,21 +137,6 @@ def test_phase1_then_phase2_with_mlflow(setup):
     assert [r.info.run_id for r in found] == [one.run_id]
 
 
-@pytest.mark.slow
-def test_optimizer_offload_trains_as_without_it(setup):
-    """ZeRO-Offload moves the optimizer step to the CPU; it must run (DeepSpeed refuses a client optimizer there
-    unless told) and compute the same steps."""
-    root, cache = setup
-    histories = []
-    for offload in (False, True):
-        config = train_config(root, cache, f"offload-{offload}", steps=3)
-        config.deepspeed.offload_optimizer = offload
-        result = run_train(config, phase=1)
-        histories.append(losses(MlflowClient(config.tracking.tracking_uri), result.run_id))
-    assert len(histories[1]) == 3 and histories[1][-1] < histories[1][0]
-    assert np.allclose(histories[0], histories[1], rtol=1e-6)
-
-
 def command_line(process: psutil.Process) -> str:
     try:
         return " ".join(process.cmdline())
@@ -285,40 +270,6 @@ def stream_after(config: TrainConfig, cache: str, micro_batches: int, rank: int,
     return stream.position(), [{**s, "step": i // accumulation + 1} for i, b in enumerate(batches) for s in b.skipped]
 
 
-@pytest.mark.slow
-def test_training_job_submitted_to_a_ray_head_logs_to_the_mlflow_server(setup, ray_head, mlflow_server, s3_server, tmp_path):
-    import urllib.request
-
-    import yaml
-
-    from infra.jobs import run_job
-    from infra.s3_server import s3_client
-    from pipelines.config import to_dict
-
-    from tests.services import BUCKET
-
-    root, cache = setup
-    config = train_config(root, cache, "submitted", steps=4)
-    config.tracking.tracking_uri, config.tracking.experiment = mlflow_server.tracking_uri, "submitted"
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(to_dict(config)))
-    repo = Path(__file__).resolve().parents[2]
-    job = run_job(ray_head.dashboard_url, f"python -m pipelines.train --config {path} --phase 1",
-                  working_dir=repo, headers=ray_head.auth_headers(), timeout=600)
-    assert job.status == "SUCCEEDED", job.logs[-3000:]
-
-    client = MlflowClient(mlflow_server.tracking_uri)
-    experiment = client.get_experiment_by_name("submitted")
-    [run] = client.search_runs([experiment.experiment_id])
-    url = f"{mlflow_server.tracking_uri}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=loss"
-    history = json.loads(urllib.request.urlopen(url).read())["metrics"]
-    assert sorted(m["step"] for m in history) == [1, 2, 3, 4]
-    keys = [o["Key"] for o in s3_client(s3_server.endpoint_url).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
-    assert any(k.endswith(f"{run.info.run_id}/artifacts/loss_curve.png") for k in keys)
-    (model,) = client.search_logged_models([experiment.experiment_id])  # its model: in the store, through the server
-    assert any(f"/models/{model.model_id}/" in k and k.endswith("/model/adapter.safetensors") for k in keys)
-
-
 def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):
     """A train config may name an RWKV-LM .pth (sizes read from the weights' shapes) or a saved folder."""
     from modrwkv.checkpoint import read_config
@@ -329,29 +280,6 @@ def test_backbone_config_from_an_rwkv_lm_pth_or_a_folder(tmp_path):
     backbone.save_pretrained(tmp_path / "folder")
     assert read_config(tmp_path / "model.pth") == config
     assert read_config(tmp_path / "folder") == config
-
-
-@pytest.mark.slow
-def test_llava_style_data_with_text_only_and_over_long_samples_trains(setup, mixed_cache, tmp_path):
-    """LLaVA's mixed data: image samples, text-only conversations and a few samples over the context length in
-    one cache. Training runs through, batches mix text-only with image samples, the over-long ones are skipped,
-    counted in a metric and named in an artifact."""
-    root, _ = setup
-    config = train_config(root, mixed_cache, "mixed", steps=6)
-    config.deepspeed.zero_stage = 1  # its text-only samples: ZeRO-2 is refused (`check_reduction_order`)
-    config.max_length = 96
-    result = run_train(config, phase=1)
-
-    client = MlflowClient(config.tracking.tracking_uri)
-    assert client.get_run(result.run_id).info.status == "FINISHED" and result.metrics["step"] == 6
-    skipped = client.get_metric_history(result.run_id, "skipped_over_length")
-    assert len(skipped) == 6 and skipped[-1].value >= 1
-    artifact = Path(client.download_artifacts(result.run_id, "skipped_samples.jsonl", str(tmp_path)))
-    named = [json.loads(line) for line in artifact.read_text().splitlines()]
-    assert len(named) == skipped[-1].value and {r["key"] for r in named} <= {"long-0", "long-1", "long-2"}
-    assert all(r["tokens"] > 96 for r in named)
-    (expected,) = client.get_metric_history(result.run_id, "over_length_in_caches")  # known before training
-    assert expected.value == 3
 
 
 def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
