@@ -310,7 +310,7 @@ def resolve(experiment: Experiment) -> None:
         variant = arm_variant(experiment, arm, {})
         config = load_config(suite.train_config, TrainConfig, variant.train)
         scored = [load_config(path, EvalConfig).cache for path in suite.eval_configs]
-        read = {*config.caches, *scored, *(split_yaml(test, "val") for test in scored)}
+        read = {*config.read_caches(), *scored, *(split_yaml(test, "val") for test in scored)}
         encode = encode_overrides(variant, build=False)
         for test in scored:  # (a data set a variant builds writes both splits: its paths differ, as they should)
             own, val = variant.encode.get(test), variant.encode.get(split_yaml(test, "val"))

@@ -216,7 +216,7 @@ def write_caches(path: Path) -> None:
 
     root = path.absolute().parent / "cache"
     train_config, evals = SUITE_CONFIGS["demo"]
-    read = {*load_config(train_config, TrainConfig).caches, *(load_config(e, EvalConfig).cache for e in evals)}
+    read = {*load_config(train_config, TrainConfig).read_caches(), *(load_config(e, EvalConfig).cache for e in evals)}
     entries = {}
     for yaml in sorted(read):
         copied = copy_entry(cache_uri(str(yaml)), str(root), progress=False)

@@ -169,7 +169,7 @@ def demo_mean_length(cfg) -> float:
     from pipelines.caches import resolve_caches
     from preprocessing.cache.entry import FeatureCache
 
-    caches = [FeatureCache(u) for u in resolve_caches(cfg.phase2.caches or cfg.caches)]
+    caches = [FeatureCache(u) for u in resolve_caches(cfg.phase_caches(cfg.phase2))]
     means = []
     for cache in caches:  # every sample is over a length of 0: the manifest's lengths of them all
         compressed = cfg.model.projectors[cache.modality].compressed_length

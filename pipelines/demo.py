@@ -107,7 +107,7 @@ def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[
     train = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
     evals = {name: load_config(CONFIGS / f"{name}.yaml", EvalConfig) for name in TASKS.values()}
     encodes = {}
-    for path in sorted({*train.caches, *(e.cache for e in evals.values())}):
+    for path in sorted({*train.read_caches(), *(e.cache for e in evals.values())}):
         c = load_config(path, EncodeConfig)
         encodes[Path(path).stem] = dataclasses.replace(
             c, dataset=dataclasses.replace(c.dataset, path=relocated(c.dataset.path, out)),

@@ -161,7 +161,7 @@ class TrainConfig:
             raise ValueError(f"packing needs pack_buffer and max_length of 1 or more, not {self.pack_buffer}, "
                              f"{self.max_length}")
         for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
-            caches = phase.caches or self.caches
+            caches = self.phase_caches(phase)
             if not caches:
                 raise ValueError(f"{name}: no data; give caches (both phases) or {name}.caches")
             if phase.mix is not None and len(phase.mix) != len(caches):
@@ -172,6 +172,15 @@ class TrainConfig:
             if phase.global_batch % per_step:
                 raise ValueError(f"{name}.global_batch {phase.global_batch} is not a multiple of micro_batch x "
                                  f"scaling.workers = {phase.micro_batch} x {self.scaling.workers} = {per_step}")
+
+
+    def phase_caches(self, phase: PhaseConfig) -> list[str]:
+        """What `phase` (self.phase1 or self.phase2) reads: its own caches, or the top-level ones."""
+        return phase.caches or self.caches
+
+    def read_caches(self) -> list[str]:
+        """Every cache entry or encode YAML either phase reads, once each, in order."""
+        return list(dict.fromkeys(self.phase_caches(self.phase1) + self.phase_caches(self.phase2)))
 
 
 def train_overrides(args) -> dict:

@@ -253,7 +253,7 @@ def check_reduction_order(caches: list[FeatureCache], ds) -> None:
 def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     """`world`: the workers that will train (each reads samples of its own from every cache it draws)."""
     hp = config.phase1 if phase == 1 else config.phase2
-    groups = resolve_groups(hp.caches or config.caches)
+    groups = resolve_groups(config.phase_caches(hp))
     caches = [uri for group in groups for uri in group]
     opened = [FeatureCache(uri) for uri in caches]  # each manifest read once per start
     if world > 1:

@@ -85,6 +85,13 @@ def test_mix_accepted():
     assert from_dict(TrainConfig, config(mix=[2, 1])).phase1.mix == [2, 1]
 
 
+def test_a_phase_reads_its_own_caches_and_the_config_lists_every_cache_read():
+    """What the demo, the benchmarks' cache copies and the experiments' checks take as the config's inputs."""
+    train = from_dict(TrainConfig, config(caches=["c3", "c1"]))
+    assert train.phase_caches(train.phase1) == ["c3", "c1"] and train.phase_caches(train.phase2) == ["c1", "c2"]
+    assert train.read_caches() == ["c3", "c1", "c2"]
+
+
 def test_a_collections_weight_is_spread_over_its_entries_by_their_sample_counts():
     """`mix` gives a weight per configured entry; a collection's encode YAML is an entry per folder, drawn from as
     one cache of them all: its weight shared by sample counts (here 30 and 10 samples of weight 1; 10 of weight 3)."""
