@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from .conversation import ROLES, TURN_END, expand_placeholders, prompt_ids
+from .conversation import PLACEHOLDERS, ROLES, TURN_END, expand_placeholders, prompt_ids
 from .generation import GenerationConfig, generate_text
 from .multimodal import Features, ModRWKV
 from .tokenizer import END_OF_TEXT, WorldTokenizer
@@ -55,9 +55,11 @@ def forecast_series(model: ModRWKV, tokenizer: WorldTokenizer, question: str, fe
     normalised as its features were, whose mean and std undo the normalisation."""
     if model.forecast_head is None:
         raise ValueError("this model has no forecast head (it was trained without a forecast_horizon)")
-    text = question if "<series>" in question else f"<series>\n{question}"
+    placeholder = PLACEHOLDERS["series"]
+    text = question if placeholder in question else f"{placeholder}\n{question}"
     n = model.config.projectors["series"].compressed_length(features.shape[0])
     device = model.backbone.emb.weight.device
-    ids = torch.tensor([prompt_ids(tokenizer, text, [n], "forecast")], device=device)
+    # the question's own text is text (as `ChatSession.ask` reads it): only its series placeholder is one
+    ids = torch.tensor([prompt_ids(tokenizer, text, [n], "forecast", specials={placeholder})], device=device)
     output = model(ids, [[("series", features.to(device))]], series_lookback=lookback[None].float().to(device))
     return (output.forecast[0].float().cpu() * std + mean).tolist()

@@ -20,6 +20,7 @@ This module and `tokenizer.py` import no torch: the encode job's data workers, t
 scoring read the format without it (`modrwkv/batching.py` turns samples into tensors).
 """
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -63,15 +64,17 @@ def expand_placeholders(ids: list[int], item_lengths: list[int], sample_id: str,
 
 
 def tokenize_conversation(
-    tokenizer: WorldTokenizer, turns: list[Turn], item_lengths: list[int], sample_id: str = "?"
+    tokenizer: WorldTokenizer, turns: list[Turn], item_lengths: list[int], sample_id: str = "?",
+    specials: bool | Collection[str] = True,
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels), aligned: labels[t] is the target for input position t (shift when computing the loss)."""
+    """(input_ids, labels), aligned: labels[t] is the target for input position t (shift when computing the loss).
+    `specials`: the special tokens a user turn's text may hold (`WorldTokenizer.encode`'s allow_special)."""
     if not turns:
         raise ValueError(f"sample {sample_id}: no turns")
     ids, labels = [], []
     for turn in turns:
         if turn.role == "user":
-            piece = tokenizer.encode(f"{ROLES['user']}: {turn.text}{TURN_END}", allow_special=True)
+            piece = tokenizer.encode(f"{ROLES['user']}: {turn.text}{TURN_END}", allow_special=specials)
             ids += piece
             labels += [IGNORE] * len(piece)
         else:
@@ -93,11 +96,12 @@ def text_length(tokenizer: WorldTokenizer, turns: list[Turn], n_items: int, samp
     return len(tokenize_conversation(tokenizer, turns, [0] * n_items, sample_id)[0])
 
 
-def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int], sample_id: str = "?") -> list[int]:
+def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int], sample_id: str = "?",
+               specials: bool | Collection[str] = True) -> list[int]:
     """A generation prompt: one user turn, then "Assistant:" for the model to continue. The same tokens as a
     training conversation that ends with that user turn (a forecasting sample), so a forecast head reads the
     position it was trained on."""
-    return tokenize_conversation(tokenizer, [Turn("user", user_text)], item_lengths, sample_id)[0]
+    return tokenize_conversation(tokenizer, [Turn("user", user_text)], item_lengths, sample_id, specials)[0]
 
 
 SERIES_ARRAYS = ("lookback", "target")

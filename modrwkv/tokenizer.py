@@ -13,6 +13,7 @@ one `id repr(token) byte_length` per line). The rest are ours:
 import codecs
 import functools
 import importlib.util
+from collections.abc import Collection
 from pathlib import Path
 
 VOCAB_SIZE = 65536
@@ -99,13 +100,15 @@ class WorldTokenizer:
             pos = best_end
         return ids
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Text to ids. With allow_special, the literal strings of SPECIAL_TOKENS become their ids."""
-        if not allow_special:
+    def encode(self, text: str, allow_special: bool | Collection[str] = False) -> list[int]:
+        """Text to ids. With allow_special, the literal strings of SPECIAL_TOKENS (True) or of those it names become
+        their ids; any other is text."""
+        specials = [s for s in self.special_tokens if allow_special is True or s in (allow_special or ())]
+        if not specials:
             return self.encode_bytes(text.encode("utf-8"))
         ids, rest = [], text
         while rest:
-            hits = [(rest.find(s), s) for s in self.special_tokens if s in rest]
+            hits = [(rest.find(s), s) for s in specials if s in rest]
             if not hits:
                 ids += self.encode_bytes(rest.encode("utf-8"))
                 break

@@ -20,15 +20,13 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from modrwkv import RWKV7
     from modrwkv.hf_export.exporter import check_out_dir, export_fla, export_hf
     from pipelines.logged_models import local_model
     from pipelines.trained_model import load_trained_model
-    from preprocessing.local_copy import local_copy
 
     folder = local_model(args.model_dir).model_dir
     check_out_dir(folder, args.out_dir, args.to, args.backbone)  # before the model is opened
-    model = load_trained_model(str(folder), RWKV7.from_pretrained(local_copy(args.backbone)) if args.backbone else None)
+    model = load_trained_model(str(folder), args.backbone)
     export = export_hf if args.to == "hf" else export_fla
     print(f"wrote {export(model, folder, args.out_dir)}")
 
@@ -103,7 +101,8 @@ def load_media(args, model_dir, encoder_dirs: dict[str, str]):
             media.append((modality, encode(Path(path).read_bytes(), path)))
     if args.series:
         try:
-            values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float32)
+            # float64: z-scored as the encode job does (float32 rounds a series at 1e7 moving by 0.01 flat)
+            values = np.loadtxt(args.series, delimiter=",", ndmin=2, dtype=np.float64)
         except ValueError as e:  # a header line, a word among the numbers
             raise ValueError(f"{args.series}: not a CSV of numbers ({e})") from None
         if values.shape[1] != 1:
@@ -114,17 +113,14 @@ def load_media(args, model_dir, encoder_dirs: dict[str, str]):
 
 
 def cmd_chat(args) -> None:
-    from modrwkv import RWKV7
     from modrwkv.chat import ChatSession, forecast_series
     from modrwkv.inference import prepare_for_inference
     from modrwkv.tokenizer import WorldTokenizer
     from pipelines.logged_models import local_model
     from pipelines.trained_model import load_trained_model
-    from preprocessing.local_copy import local_copy
 
     found = local_model(args.model)
-    backbone = RWKV7.from_pretrained(local_copy(args.backbone)) if args.backbone else None
-    model = prepare_for_inference(load_trained_model(str(found.model_dir), backbone), quantization=args.quantize)
+    model = prepare_for_inference(load_trained_model(str(found.model_dir), args.backbone), quantization=args.quantize)
     media, series = load_media(args, found.model_dir, found.encoder_dirs)
     tokenizer = WorldTokenizer()
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())

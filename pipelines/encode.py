@@ -338,10 +338,10 @@ def samples_table(prepared: list[Prepared], files: dict[str, str], item_rejects:
     a sample with a rejected item is rejected."""
     written = []
     for p in prepared:
-        reason = None if inline else next((item_rejects[ref] for ref in p.refs if ref not in files), None)
-        if reason is not None:
-            rejects.append(Reject(p.raw.sources[0] if p.raw.sources else p.raw.meta.get("source", "?"),
-                                  reason, p.raw.key, stage="encode"))
+        failed = None if inline else next((i for i, ref in enumerate(p.refs) if ref not in files), None)
+        if failed is not None:  # named by the item that failed (a sample may hold several)
+            source = p.raw.sources[failed] if failed < len(p.raw.sources) else p.raw.meta.get("source", "?")
+            rejects.append(Reject(source, item_rejects[p.refs[failed]], p.raw.key, stage="encode"))
             continue
         meta = {k: v for k, v in {**p.raw.meta, **p.meta}.items() if k != "turns"}
         written.append(Sample(p.raw.key, p.raw.modality, [Turn(**t) for t in p.raw.meta["turns"]],
@@ -459,9 +459,12 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
     written = samples_table(prepared, files, item_rejects, rejects, inline=config.encoder.kind == RAW_SERIES)
     shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
     for index, shard in enumerate(shards):
-        if index not in done:
-            entry.write_shard(index, pack_shard(shard), [w.key for w in shard], [],
-                              [sample_lengths(w) for w in shard], [w.item_files for w in shard])
+        keys, item_files = [w.key for w in shard], [w.item_files for w in shard]
+        # an interrupted run's shard is kept only if it holds exactly these samples: one that run rejected and this
+        # one encodes (or the reverse) moves every sample after it to another shard
+        kept = done.get(index)
+        if not (kept and kept["keys"] == keys and kept["item_files"] == item_files):
+            entry.write_shard(index, pack_shard(shard), keys, [], [sample_lengths(w) for w in shard], item_files)
     reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store]
     gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
     if gone:  # a gc that listed the root before this job's lease: the manifest would name missing features

@@ -4,6 +4,8 @@ against the recorded sha256; `ModRWKV.from_pretrained` resolves local backbones 
 
 from pathlib import Path
 
+import torch
+
 from modrwkv import RWKV7
 from modrwkv.checkpoint import CheckpointError
 from modrwkv.model_folder import ADAPTER_FILE, backbone_weights, file_sha256, read_backbone_source
@@ -21,9 +23,18 @@ def recorded_remote_backbone(folder: Path) -> RWKV7 | None:
     if "sha256" in source and file_sha256(backbone_weights(path)) != source["sha256"]:
         raise CheckpointError(f"{folder}: its backbone {source['path']} now holds other weights than the recorded "
                               "sha256")
-    return RWKV7.from_pretrained(path)
+    return fp32_backbone(path)
 
 
-def load_trained_model(checkpoint: str, backbone: RWKV7 | None = None) -> ModRWKV:
+def fp32_backbone(path: str | Path) -> RWKV7:
+    """A backbone as training built the adapter beside it, and as a local recorded one loads: in fp32, whatever dtype
+    it was saved in (a bf16 one would make the whole model bf16, the adapter's trained weights rounded)."""
+    return RWKV7.from_pretrained(path, dtype=torch.float32)
+
+
+def load_trained_model(checkpoint: str, backbone_path: str | None = None) -> ModRWKV:
+    """`backbone_path` (a folder, a .pth or an s3:// URI): an adapter-only folder's backbone in place of the one
+    it records."""
     folder = Path(local_copy(checkpoint))
-    return ModRWKV.from_pretrained(folder, backbone=backbone or recorded_remote_backbone(folder))
+    backbone = fp32_backbone(local_copy(backbone_path)) if backbone_path else recorded_remote_backbone(folder)
+    return ModRWKV.from_pretrained(folder, backbone=backbone)

@@ -115,6 +115,33 @@ def test_encoder_options_are_per_medium(tmp_path):
         load_media(media, tmp_path, {})
 
 
+def test_a_series_csv_reaches_its_encoder_in_float64(tmp_path, monkeypatch):
+    """z-scored as the encode job does: read as float32, a series at 1e7 moving by hundredths was two values."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import preprocessing.encoders.recorded as recorded
+    from pipelines.cli import load_media
+
+    values = 1e7 + 0.01 * np.arange(8)
+    (tmp_path / "s.csv").write_text("\n".join(repr(float(v)) for v in values) + "\n")
+    received = []
+
+    class Encoders:
+        def __init__(self, *args):
+            pass
+
+        def series(self, series, name):
+            received.append(series)
+            return SimpleNamespace(features=series)
+
+    monkeypatch.setattr(recorded, "MediaEncoders", Encoders)
+    load_media(SimpleNamespace(image=None, audio=None, series=str(tmp_path / "s.csv"), encoder_dir=None, encoder=None),
+               tmp_path, {})
+    assert received[0].dtype == np.float64 and np.array_equal(received[0], values)
+
+
 @pytest.mark.slow
 def test_chat_answers_several_questions_about_one_image(tmp_path, capsys, prepared):
     import numpy as np

@@ -150,12 +150,13 @@ class CacheEntry:
             raise FileNotFoundError(f"{self.uri}: no {MANIFEST}; the cache entry is missing or was never finished")
         return json.loads(storage.read_bytes(self.path(MANIFEST)))
 
-    def done_shards(self) -> set[int]:
-        """The shards a previous, interrupted run wrote (a receipt from before the index, without item files, is
-        written again)."""
+    def done_shards(self) -> dict[int, dict]:
+        """The receipts of the shards a previous, interrupted run wrote, by index (a receipt from before the index,
+        without item files, is left out: written again)."""
         written = {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
                    if n.startswith("shard-") and n.endswith(".json")}
-        return {index for index in written if "item_files" in self.receipt(index)}
+        receipts = {index: self.receipt(index) for index in written}
+        return {index: receipt for index, receipt in receipts.items() if "item_files" in receipt}
 
     def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
                     lengths: list[list], item_files: list[list[str]]) -> dict:

@@ -69,14 +69,21 @@ def read_aishell(transcript: str, audio_root: str,
     (wav/train, wav/dev or wav/test, its per-speaker archives unpacked). The split's .wav files are the samples, their
     words joined without the spaces (Mandarin is scored by characters); a file the transcript has no words for is
     rejected, named (Aishell-1 holds a few hundred)."""
-    rejects, texts = [], {}
-    for where, line in text_lines(transcript, rejects):
+    rejects, texts, bad_lines = [], {}, []
+    for where, line in text_lines(transcript, bad_lines):
         utterance, _, words = line.strip().partition(" ")
         texts[utterance] = (where, "".join(words.split()))
+    # a line that is not UTF-8 counts in the split whose audio it transcribes, named by its first word (ASCII)
+    lines = storage.read_bytes(transcript).splitlines() if bad_lines else []
+    unreadable = {lines[int(r.source.rsplit(":", 1)[1]) - 1].split(b" ", 1)[0].decode("ascii", "replace"): r
+                  for r in bad_lines}
     samples = []
     for relative in storage.walk(audio_root, ".wav"):
         utterance = posixpath.splitext(posixpath.basename(relative))[0]
         where, text = texts.get(utterance, (storage.join(audio_root, relative), ""))
+        if utterance in unreadable:
+            rejects.append(Reject(unreadable[utterance].source, unreadable[utterance].reason, sample_key(utterance)))
+            continue
         if not text:
             rejects.append(Reject(where, f"no transcribed words for it in {transcript}", sample_key(utterance)))
             continue

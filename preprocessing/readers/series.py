@@ -266,6 +266,10 @@ class Windowing:
         train = train[np.isfinite(train)]  # gaps a window's check rejects, not the scale
         scale = {"train_mean": float(train.mean()), "train_std": float(train.std())} if len(train) else {}
         starts = range(max(lo - lookback, 0), hi - lookback - horizon + 1, self.stride)
+        if not starts:  # long enough as a whole, too short in this split
+            rejects.append(Reject(where, f"{what} has no {self.split} window: its {self.split} values, {lo} to {hi}, "
+                                         f"hold no horizon of {horizon} with a lookback of {lookback} before it"))
+            return
         if self.max_windows is not None and self.windows_before + len(samples) + len(starts) > self.max_windows:
             raise TooManyWindows(
                 f"{where}: with {what}'s {len(starts):,} windows the job would hold more than dataset.max_windows, "

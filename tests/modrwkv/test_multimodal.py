@@ -162,6 +162,22 @@ def test_features_splice_into_fp32_embeddings_under_bf16_autocast(tok):
     assert torch.isfinite(out.loss) and model.projectors["image"].adapter[0].weight.grad.abs().sum() > 0
 
 
+def test_a_forecast_question_is_text_but_for_its_series_placeholder(tok):
+    """A served request's question: `<image>` was read as a placeholder (refused: 2 placeholders for 1 series) and
+    `<|endoftext|>` as token 0; a plain question keeps the tokens of the user turn forecasting trains on."""
+    from modrwkv.chat import forecast_series
+    from modrwkv.conversation import PLACEHOLDERS
+    from modrwkv.tokenizer import END_OF_TEXT
+
+    series = {PLACEHOLDERS["series"]}
+    odd = prompt_ids(tok, "<series>\nWhat is <image>?<|endoftext|>", [3], specials=series)
+    assert odd.count(PLACEHOLDER_IDS["series"]) == 3 and PLACEHOLDER_IDS["image"] not in odd and END_OF_TEXT not in odd
+    assert prompt_ids(tok, "<series>\nForecast.", [3], specials=series) == prompt_ids(tok, "<series>\nForecast.", [3])
+    model = tiny_model(forecast_horizon=6).eval()
+    forecast = forecast_series(model, tok, "What is <image>?<|endoftext|>", torch.randn(6, 8), torch.randn(6), 0.0, 1.0)
+    assert len(forecast) == 6
+
+
 def test_phase_parameters():
     model = tiny_model(forecast_horizon=6)
     model.set_phase(1)

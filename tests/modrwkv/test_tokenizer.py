@@ -76,6 +76,15 @@ def test_the_vocabulary_loads_without_the_python_parser(monkeypatch):
         parse_literal("x'a'")
 
 
+def test_only_the_special_tokens_named_become_ids():
+    tok = WorldTokenizer()
+    text = "<series> then <image> and <|endoftext|>"
+    named = tok.encode(text, allow_special={"<series>"})
+    assert named == [tok.special_tokens["<series>"]] + tok.encode(" then <image> and <|endoftext|>")
+    assert tok.encode(text, allow_special=True)[-1] == tok.special_tokens["<|endoftext|>"]
+    assert tok.encode(text, allow_special=set()) == tok.encode(text)
+
+
 def test_tokenizers_share_one_reading_of_a_vocab_file_and_a_bad_one_names_its_line(tmp_path):
     assert WorldTokenizer().id_to_bytes is WorldTokenizer(default_vocab_path()).id_to_bytes
     vocab = tmp_path / "vocab.txt"

@@ -667,6 +667,64 @@ def test_interrupted_encode_resumes_with_only_the_missing_items(tmp_path, encode
     assert store_items(tmp_path / "fresh").keys() == after.keys()  # the same item files, byte for byte
 
 
+def test_a_resumed_encode_rewrites_the_shards_a_sample_rejected_before_has_moved(tmp_path, encoders, monkeypatch):
+    """The first run fails one image (as a decode short of memory would) and dies writing its second shard; the
+    second encodes it: every shard from the first on holds other samples now, and none may be kept."""
+    import pipelines.encode as encode
+    from preprocessing.cache.entry import CacheEntry
+    from preprocessing.cache.index import read_index
+
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+    real_encode, real_write = encode.encode_items, CacheEntry.write_shard
+
+    def first_image_fails(config, store, todo):
+        results, where = real_encode(config, store, todo)
+        first = min(todo, key=lambda ref: todo[ref]["source"])
+        return {**results, first: {"reject": "decoding it needs more memory than this process has"}}, where
+
+    def dies_at_the_second_shard(entry, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real_write(entry, index, *args)
+
+    monkeypatch.setattr(encode, "encode_items", first_image_fails)
+    monkeypatch.setattr(CacheEntry, "write_shard", dies_at_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(config(**sections))
+    monkeypatch.undo()
+
+    resumed = run_encode(config(**sections))
+    keys = read_index(resumed.uri, ["key"])["key"].to_pylist()
+    assert sorted(keys) == sorted(r["id"] for r in json.loads((tmp_path / "digits" / "train.json").read_text()))
+    fresh = run_encode(config(**{**sections, "cache": {**sections["cache"], "root": str(tmp_path / "fresh")}}))
+    assert fresh.manifest["shards"] == resumed.manifest["shards"]
+
+
+def test_a_sample_rejected_at_encode_is_named_by_the_item_that_failed(tmp_path, encoders, monkeypatch):
+    """Two images in one sample, the second's features refused: the reject names that file, not the first."""
+    import pipelines.encode as encode
+
+    build_digits(tmp_path / "digits", n_train=2, n_test=0)
+    records = json.loads((tmp_path / "digits" / "train.json").read_text())
+    both = {**records[0], "id": "pair", "image": [records[0]["image"], records[1]["image"]],
+            "conversations": turns("<image>\n<image>\nWhich is larger?", "the second")}
+    (tmp_path / "digits" / "pair.json").write_text(json.dumps([both]))
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+    sections["dataset"]["path"] = str(tmp_path / "digits" / "pair.json")
+    real_encode = encode.encode_items
+
+    def second_image_fails(config, store, todo):
+        results, where = real_encode(config, store, todo)
+        second = next(ref for ref in todo if todo[ref]["source"].endswith(records[1]["image"]))
+        return {**results, second: {"reject": "the encoder's features hold NaN"}}, where
+
+    monkeypatch.setattr(encode, "encode_items", second_image_fails)
+    result = run_encode(config(**sections))
+    (reject,) = map(json.loads, open(Path(result.uri) / "rejects.jsonl"))
+    assert reject["key"] == "pair" and reject["source"].endswith(records[1]["image"])
+
+
 def test_each_media_item_is_encoded_once_across_questions_prompts_and_datasets(tmp_path, encoders, ray_local):
     build_digits(tmp_path / "digits", n_train=8, n_test=0)
     records = json.loads((tmp_path / "digits" / "train.json").read_text())

@@ -81,6 +81,10 @@ def test_aishell_as_it_ships(tmp_path):
         (test / "S0764" / f"{name}.wav").write_bytes(b"RIFF")
     (test / "S0764" / "BAC009S0764W0125.wav").symlink_to(tmp_path / "elsewhere.wav")
     transcript.write_text(transcript.read_text() + "BAC009S0764W0125 链接\n")
+    # lines that are not UTF-8: one a training utterance's (not this split's to count), one a test utterance's
+    (test / "S0764" / "BAC009S0764W0126.wav").write_bytes(b"RIFF")
+    with transcript.open("ab") as f:
+        f.write("BAC009S0002W0123 楼市\n".encode("gb18030") + "BAC009S0764W0126 楼市\n".encode("gb18030"))
     samples, rejects = read_aishell(str(transcript), str(test))
     assert [s.key for s in samples] == ["BAC009S0764W0121", "BAC009S0764W0122"]
     assert samples[0].meta["text"] == "甚至出现交易几乎停滞的情况" and samples[0].meta["language"] == "zh"
@@ -89,7 +93,10 @@ def test_aishell_as_it_ships(tmp_path):
     assert [(r.key, r.reason.split(" in ")[0]) for r in rejects[:2]] == [
         ("BAC009S0764W0123", "no transcribed words for it"), ("BAC009S0764W0124", "no transcribed words for it")]
     assert rejects[0].source == str(test / "S0764" / "BAC009S0764W0123.wav") and rejects[1].source == f"{transcript}:4"
-    assert len(rejects) == 3 and "outside the media root" in rejects[2].reason  # 5 files = 2 samples + 3 rejects
+    assert "outside the media root" in rejects[2].reason
+    assert (rejects[3].key, rejects[3].source) == ("BAC009S0764W0126", f"{transcript}:7")
+    assert rejects[3].reason.startswith("not UTF-8 text")
+    assert len(rejects) == 4  # 6 files = 2 samples + 4 rejects
 
 
 def test_asr_samples_without_an_id_are_named_by_their_path(tmp_path):
@@ -176,6 +183,17 @@ def test_series_windows_split_by_time(tmp_path):
     assert all(80 <= s.meta["start"] + 10 for s in test) and test[-1].meta["start"] + 15 <= n
     targets = [tuple(s.series["target"].tolist()) for s in a + val + test]
     assert len(targets) == len(set(targets))  # no horizon appears in two splits
+
+
+def test_a_series_with_no_window_in_its_split_is_rejected_not_dropped(tmp_path):
+    """130 values are enough for one window of 96 + 24, but not inside the first 70% (91) or the next 10%."""
+    (tmp_path / "s.csv").write_text("a\n" + "\n".join(map(str, range(130))) + "\n")
+    for split, rows in (("train", "0 to 91"), ("val", "91 to 104")):
+        samples, rejects = read_series(str(tmp_path / "s.csv"), lookback=96, horizon=24, stride=24, split=split)
+        assert samples == [] and [(r.source, r.reason) for r in rejects] == [(
+            f"{tmp_path / 's.csv'}:a", f"the column has no {split} window: its {split} values, {rows}, hold no "
+                                       "horizon of 24 with a lookback of 96 before it")]
+    assert len(read_series(str(tmp_path / "s.csv"), lookback=96, horizon=24, stride=24, split="test")[0]) == 1
 
 
 def test_fractions_cut_the_rows_where_the_time_series_library_does():
