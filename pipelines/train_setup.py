@@ -11,7 +11,7 @@ import numpy as np
 
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
-from modrwkv.model_folder import backbone_weights, file_sha256, read_backbone_source
+from modrwkv.model_folder import backbone_weights, file_sha256, read_backbone_source, read_encoders_record
 from modrwkv.multimodal import ModRWKVConfig
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache, Share
@@ -160,11 +160,33 @@ def backbone_record(path: str) -> dict:
     return {"path": path, "sha256": file_sha256(backbone_weights(Path(local_copy(path))))}
 
 
+# what makes two caches' features vectors of different spaces, however alike their widths; other settings (an image
+# size, a storage precision) change features within one space: `encoder_store_keys` notes those
+FEATURE_SPACE = ("kind", "weights_hash", "layer")
+
+
+def check_feature_spaces(caches: list[FeatureCache], phase1_model: Path | None, phase1_uri: str | None) -> None:
+    """One adapter reads every cache of its modality: caches whose features come from other encoder weights or
+    layers than each other's, or than those phase I's adapter learnt (`phase1_model`, its local copy), are refused
+    before anything trains on them."""
+    first = {modality: (f"phase I's model {phase1_uri}", {f: key.get(f) for f in FEATURE_SPACE})
+             for modality, key in (read_encoders_record(phase1_model) if phase1_model else {}).items()}
+    for cache in caches:
+        if (store := cache.manifest.get("store")) is None:  # written by other code: nothing to compare
+            continue
+        space = {f: store.get(f) for f in FEATURE_SPACE}
+        where, seen = first.setdefault(cache.modality, (cache.uri, space))
+        if space != seen:
+            raise ConfigError(f"{cache.uri}: its {cache.modality} features come from {space}, those of {where} from "
+                              f"{seen}; one adapter cannot read both: encode every {cache.modality} cache of the run "
+                              "with the same encoder and layer")
+
+
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     """modality -> the feature store key of its caches: the encoder settings inference must reproduce, and for series
     the lookback of their windows when they agree on one (None when not). A modality whose caches came from different
-    encoders or settings, or one whose manifest records none (a cache written by other code), is left out (chat then
-    needs its kind), with a note."""
+    settings of one encoder (`check_feature_spaces` refused different encoders), or one whose manifest records none
+    (a cache written by other code), is left out (chat then needs its kind), with a note."""
     keys: dict[str, list[dict | None]] = {}
     for cache in caches:
         keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
@@ -173,7 +195,7 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
         if None in found:
             print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
         elif any(k != found[0] for k in found):
-            print(f"note: the {modality} caches come from different encoders or settings; the model records none")
+            print(f"note: the {modality} caches come from different encoder settings; the model records none")
         else:
             agreed[modality] = found[0]
     if "series" in agreed:  # the window inference cuts from a longer series
@@ -263,15 +285,17 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
     if config.packing:
         weights = per_packed_draw(weights, opened, mm_config, config, world)
-    init_from = phase1_source = None
+    init_from = phase1_source = phase1_model = None
     if phase == 2:
         init_from = storage.join(phase_dir(config, 1), "model")
         try:
-            phase1_source = read_backbone_source(local_copy(init_from))
+            phase1_model = Path(local_copy(init_from))
+            phase1_source = read_backbone_source(phase1_model)
         except FileNotFoundError:  # no such remote folder
             phase1_source = None
         if phase1_source is None:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
+    check_feature_spaces(opened, phase1_model, init_from)
     destination = phase_dir(config, phase)
     out = working_dir(destination)
     return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone, weights,

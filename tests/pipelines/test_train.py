@@ -306,12 +306,13 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
 
     sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],
                     items=[np.zeros((5, 12), np.float16)])
-    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8}
-    for name, encoder in (("a", dinov2), ("b", dinov2), ("c", {**dinov2, "layer": None}), ("d", None)):
+    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8, "image_size": 224}
+    for name, encoder in (("a", dinov2), ("b", dinov2), ("c", {**dinov2, "image_size": 448}), ("d", None)):
         write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
     opened = {name: FeatureCache(tmp_path / name) for name in "abcd"}
     assert encoder_store_keys([opened["a"], opened["b"]]) == {"image": dinov2}
-    assert encoder_store_keys([opened["a"], opened["c"]]) == {} and "different encoders" in capsys.readouterr().out
+    assert encoder_store_keys([opened["a"], opened["c"]]) == {}
+    assert "different encoder settings" in capsys.readouterr().out
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}
@@ -324,6 +325,35 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
     assert encoder_store_keys([series_cache(96), series_cache(96)])["series"] == {
         "modality": "series", "kind": "raw", "lookback": 96}
     assert encoder_store_keys([series_cache(96), series_cache(512)])["series"]["lookback"] is None
+
+
+def test_caches_from_other_encoders_than_each_other_or_phase_ones_are_refused(tmp_path):
+    """Another layer or other weights: another feature space, which the one adapter of a modality cannot read beside
+    the first (however alike the widths); another image size is one space."""
+    from modrwkv.conversation import Sample, Turn
+    from modrwkv.model_folder import ENCODERS_FILE
+    from pipelines.config import ConfigError
+    from pipelines.train_setup import check_feature_spaces
+    from tests.cache_entries import write_entry
+
+    sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],
+                    items=[np.zeros((5, 12), np.float16)])
+    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8, "weights_hash": "a" * 64, "image_size": 224}
+    encoders = {"a": dinov2, "size": {**dinov2, "image_size": 448}, "layer": {**dinov2, "layer": 6},
+                "weights": {**dinov2, "weights_hash": "b" * 64}, "other": None}
+    for name, encoder in encoders.items():
+        write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
+    opened = {name: FeatureCache(tmp_path / name) for name in encoders}
+    check_feature_spaces([opened["a"], opened["size"], opened["other"]], None, None)
+    for name in ("layer", "weights"):
+        with pytest.raises(ConfigError, match=f"{opened[name].uri}: its image features come from .*, those of "
+                                              f"{opened['a'].uri} from"):
+            check_feature_spaces([opened["a"], opened[name]], None, None)
+    (tmp_path / "phase1").mkdir()  # phase II: against the encoder phase I's adapter learnt
+    (tmp_path / "phase1" / ENCODERS_FILE).write_text(json.dumps({"image": encoders["layer"]}))
+    with pytest.raises(ConfigError, match=f"{opened['a'].uri}: .*, those of phase I's model uri-of-phase1 from"):
+        check_feature_spaces([opened["a"]], tmp_path / "phase1", "uri-of-phase1")
+    check_feature_spaces([opened["layer"]], tmp_path / "phase1", "uri-of-phase1")
 
 
 def test_feature_stats_come_from_samples_spread_over_shards_and_over_the_modalitys_caches(tmp_path):
