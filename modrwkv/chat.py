@@ -51,7 +51,7 @@ class ChatSession:
 def forecast_series(model: ModRWKV, tokenizer: WorldTokenizer, question: str, features: torch.Tensor,
                     lookback: torch.Tensor, mean: float, std: float) -> list[float]:
     """The forecast head's horizon for one series window, in the series' own units. The prompt is the user turn a
-    forecasting sample trains on (the question, after " <series>" unless it places it); lookback: the window
+    forecasting sample trains on (the question, after "<series>\\n" unless it places it); lookback: the window
     normalised as its features were, whose mean and std undo the normalisation."""
     if model.forecast_head is None:
         raise ValueError("this model has no forecast head (it was trained without a forecast_horizon)")

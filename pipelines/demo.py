@@ -135,8 +135,14 @@ def run_demo(out: Path = ASSETS) -> dict:
             done = "reused" if result.reused else (f"{result.items['encoded']} items encoded, "
                                                    f"{result.items['in_store']} from the store")
             say(f"{stem}.yaml: {done} in {result.seconds:.1f} s")
-        # the caches just encoded, not their YAMLs, whose paths are runs/demo's
-        train_config = dataclasses.replace(train_config, caches=[caches[Path(c).stem] for c in train_config.caches])
+        # the caches just encoded, not their YAMLs, whose paths are runs/demo's (a phase's own ones too)
+        def encoded(yamls: list[str] | None) -> list[str] | None:
+            return yamls and [caches[Path(c).stem] for c in yamls]
+
+        train_config = dataclasses.replace(
+            train_config, caches=encoded(train_config.caches),
+            phase1=dataclasses.replace(train_config.phase1, caches=encoded(train_config.phase1.caches)),
+            phase2=dataclasses.replace(train_config.phase2, caches=encoded(train_config.phase2.caches)))
         phases = [run_train(train_config, phase) for phase in (1, 2)]
         rows, ceiling = [], ceilings(caches)
         for task, name in TASKS.items():

@@ -465,6 +465,7 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
         kept = done.get(index)
         if not (kept and kept["keys"] == keys and kept["item_files"] == item_files):
             entry.write_shard(index, pack_shard(shard), keys, [], [sample_lengths(w) for w in shard], item_files)
+    entry.delete_shards(set(done) - set(range(len(shards))))  # that run's past this one's last
     reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store]
     gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
     if gone:  # a gc that listed the root before this job's lease: the manifest would name missing features

@@ -177,9 +177,10 @@ def check_feature_spaces(caches: list[FeatureCache], phase1_model: Path | None, 
         space = {f: store.get(f) for f in FEATURE_SPACE}
         where, seen = first.setdefault(cache.modality, (cache.uri, space))
         if space != seen:
+            remedy = ("train phase I on these caches, or encode them with phase I's encoder" if where.startswith(
+                "phase I") else f"encode every {cache.modality} cache of the run with the same encoder and layer")
             raise ConfigError(f"{cache.uri}: its {cache.modality} features come from {space}, those of {where} from "
-                              f"{seen}; one adapter cannot read both: encode every {cache.modality} cache of the run "
-                              "with the same encoder and layer")
+                              f"{seen}; one adapter cannot read both: {remedy}")
 
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:

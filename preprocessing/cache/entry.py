@@ -169,6 +169,11 @@ class CacheEntry:
         storage.write_atomic(self.path(receipt_name(index)), canonical_json(receipt))
         return receipt
 
+    def delete_shards(self, indices) -> None:
+        for index in indices:
+            storage.delete(self.path(receipt_name(index)))  # first: a shard without its receipt is never reused
+            storage.delete(self.path(shard_name(index)))
+
     def receipt(self, index: int) -> dict:
         return json.loads(storage.read_bytes(self.path(receipt_name(index))))
 

@@ -2,6 +2,7 @@
 relative to the manifest; without an id, the audio's path less its extension names the sample), LibriSpeech-style
 folders (`<speaker>/<chapter>/*.trans.txt` beside the audio) or Aishell-1 (one transcript for a folder of .wav)."""
 
+import codecs
 import posixpath
 
 from .. import storage
@@ -62,6 +63,11 @@ def read_librispeech(root: str, audio_suffix: str = ".flac",
     return unique(samples, rejects), rejects
 
 
+def first_word(line: bytes) -> str:
+    """A transcript line's utterance id, as `read_aishell` reads it from a decoded line (a byte-order mark dropped)."""
+    return line.removeprefix(codecs.BOM_UTF8).strip().partition(b" ")[0].decode("ascii", "replace")
+
+
 def read_aishell(transcript: str, audio_root: str,
                  allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
     """Aishell-1 as it ships (`data_aishell`): one transcript for every split (transcript/aishell_transcript_v0.8.txt,
@@ -75,8 +81,7 @@ def read_aishell(transcript: str, audio_root: str,
         texts[utterance] = (where, "".join(words.split()))
     # a line that is not UTF-8 counts in the split whose audio it transcribes, named by its first word (ASCII)
     lines = storage.read_bytes(transcript).splitlines() if bad_lines else []
-    unreadable = {lines[int(r.source.rsplit(":", 1)[1]) - 1].split(b" ", 1)[0].decode("ascii", "replace"): r
-                  for r in bad_lines}
+    unreadable = {first_word(lines[int(r.source.rsplit(":", 1)[1]) - 1]): r for r in bad_lines}
     samples = []
     for relative in storage.walk(audio_root, ".wav"):
         utterance = posixpath.splitext(posixpath.basename(relative))[0]

@@ -27,27 +27,28 @@ from modrwkv import RWKV7Config
 from modrwkv.batching import Collator
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.tokenizer import WorldTokenizer
-from pipelines.deepspeed_engine import start_engine
+from pipelines.deepspeed_engine import fp32_master_weights, start_engine
 from pipelines.train_config import DeepSpeedConfig, PhaseConfig
 from pipelines.trainer import train_steps
 from tests.conftest import random_backbone
 from tests.pipelines.test_deepspeed_cuda import digit_like_batches
 
-setting, report = sys.argv[1], {}
+setting, phase, report = sys.argv[1], int(sys.argv[2]), {}
 for value in (False, True):
     torch.manual_seed(0)
     config = ModRWKVConfig(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16),
                            {"image": ProjectorConfig(encoder_dim=32, kernel=3, stride=2, adapter_scale=2)})
     model = ModRWKV(config, backbone=random_backbone(config.backbone))
-    model.set_phase(2)
+    model.set_phase(phase)
     hp = PhaseConfig(lr=3e-3, steps=4, global_batch=8, micro_batch=4)
     engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=2, **{setting: value}), world=1,
                                      on_gpu=False)
     losses = []
     train_steps(engine, optimizer, digit_like_batches(Collator(WorldTokenizer(), config, max_length=64), 4), hp,
                 on_step=lambda step, metrics: losses.append(metrics["loss"]))
+    saved = fp32_master_weights(model, engine.optimizer, rank=0)  # what save_final writes
     report[str(value)] = {"overlap_comm": engine.zero_overlap_comm(), "offload_optimizer": engine.zero_cpu_offload(),
-                          "losses": losses}
+                          "losses": losses, "saved": {k: v.double().sum().item() for k, v in saved.items()}}
 print(json.dumps(report))
 """
 
@@ -64,17 +65,21 @@ def run_script(script: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ZeRO-Offload moves the optimizer step to the CPU (DeepSpeed refuses a client optimizer there unless told); the
-# fast tier starts DeepSpeed once, with overlap_comm
-@pytest.mark.parametrize("setting", ["overlap_comm", pytest.param("offload_optimizer", marks=pytest.mark.slow)])
-def test_a_zero_setting_reaches_deepspeed_and_trains_as_without_it(setting):
-    report = run_script(ON_AND_OFF, setting)
+# ZeRO-Offload moves the optimizer step and its fp32 master weights to the CPU (DeepSpeed refuses a client optimizer
+# there unless told), checked in phase I, the backbone frozen; the fast tier starts DeepSpeed once, with overlap_comm
+@pytest.mark.parametrize("setting, phase", [("overlap_comm", 2),
+                                            pytest.param("offload_optimizer", 1, marks=pytest.mark.slow)])
+def test_a_zero_setting_reaches_deepspeed_and_trains_as_without_it(setting, phase):
+    report = run_script(ON_AND_OFF, setting, str(phase))
     other = ({"overlap_comm", "offload_optimizer"} - {setting}).pop()
     assert [report[k][setting] for k in ("False", "True")] == [False, True]
     assert not report["False"][other] and not report["True"][other]
-    off, on = report["False"]["losses"], report["True"]["losses"]
-    assert len(off) == 4 and off[-1] < off[0]
-    assert on == pytest.approx(off, rel=1e-6)
+    off, on = report["False"], report["True"]
+    assert len(off["losses"]) == 4 and off["losses"][-1] < off["losses"][0]
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-6)
+    assert on["saved"].keys() == off["saved"].keys() and all(k.startswith("projectors.") for k in off["saved"]) == (
+        phase == 1)
+    assert [on["saved"][k] for k in off["saved"]] == pytest.approx(list(off["saved"].values()), rel=1e-6)
 
 
 GRAD_NORMS = ONE_RANK + r"""

@@ -701,6 +701,33 @@ def test_a_resumed_encode_rewrites_the_shards_a_sample_rejected_before_has_moved
     assert fresh.manifest["shards"] == resumed.manifest["shards"]
 
 
+def test_a_resumed_encode_of_fewer_shards_leaves_none_of_the_first_runs_past_them(tmp_path, encoders, monkeypatch):
+    """The first run writes 4 shards and dies before its manifest; two of its store items go (a `cache gc`), and the
+    second run fails to encode them again: 3 shards, and the first run's fourth, which no manifest names, is not left
+    in the entry to be copied or counted."""
+    import pipelines.encode as encode
+    from preprocessing.cache.entry import CacheEntry
+
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+
+    def dies_before_the_manifest(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheEntry, "finish", dies_before_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(config(**sections))
+    monkeypatch.undo()
+    for item in sorted((tmp_path / "cache").glob("features/*/*/*.npy"))[:2]:
+        item.unlink()
+    monkeypatch.setattr(encode, "encode_items", lambda config, store, todo: (
+        {ref: {"reject": "decoding it needs more memory than this process has"} for ref in todo}, "driver"))
+    resumed = run_encode(config(**sections))
+    assert resumed.manifest["counts"] == {"read": 8, "written": 6, "rejected": 2}
+    assert sorted(p.name for p in Path(resumed.uri).glob("shard-*")) == [
+        f"shard-{i:05d}.{suffix}" for i in range(3) for suffix in ("json", "tar")]
+
+
 def test_a_sample_rejected_at_encode_is_named_by_the_item_that_failed(tmp_path, encoders, monkeypatch):
     """Two images in one sample, the second's features refused: the reject names that file, not the first."""
     import pipelines.encode as encode
