@@ -173,7 +173,6 @@ class TrainConfig:
                 raise ValueError(f"{name}.global_batch {phase.global_batch} is not a multiple of micro_batch x "
                                  f"scaling.workers = {phase.micro_batch} x {self.scaling.workers} = {per_step}")
 
-
     def phase_caches(self, phase: PhaseConfig) -> list[str]:
         """What `phase` (self.phase1 or self.phase2) reads: its own caches, or the top-level ones."""
         return phase.caches or self.caches
