@@ -40,7 +40,7 @@ demo: tools $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
-# every module, without the multi-minute runs (Ray Train + DeepSpeed, learning checks): under 3 minutes on 2 cores
+# every module, without the multi-minute runs (Ray Train + DeepSpeed, learning checks): about 4 minutes on 2 cores
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
