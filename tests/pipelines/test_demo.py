@@ -106,3 +106,17 @@ def test_a_data_build_cut_short_is_finished_on_the_next_start(tmp_path, monkeypa
     built.clear()
     demo.prepare_assets(tmp_path)
     assert built == ["digits", "speech", "series"]
+
+
+def test_the_demo_trains_a_phases_own_caches_as_encoded_too():
+    """A train config whose phase names caches of its own: those YAMLs, too, become the entries just encoded."""
+    from pipelines.config import from_dict
+    from pipelines.train_config import TrainConfig
+
+    phase = {"lr": 1e-3, "steps": 1, "global_batch": 16}
+    train = from_dict(TrainConfig, {"name": "x", "caches": ["configs/demo/a.yaml"], "model": {"backbone": {"path": "b"}},
+                                    "phase1": phase,
+                                    "phase2": {**phase, "caches": ["configs/demo/a.yaml", "configs/demo/b.yaml"]}})
+    reading = demo.reading_encoded(train, {"a": "/cache/a-entry", "b": "/cache/b-entry"})
+    assert reading.caches == ["/cache/a-entry"] and reading.phase1.caches is None
+    assert reading.phase_caches(reading.phase2) == ["/cache/a-entry", "/cache/b-entry"]
