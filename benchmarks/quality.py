@@ -104,13 +104,8 @@ def train_both_phases(config_path: str, seed: int, tracking_uri: str, variant: V
                                                     "tracking.tracking_uri": tracking_uri,
                                                     "tracking.experiment": "quality"})
 
-    def resolved(caches: list[str] | None) -> list[str] | None:
-        return caches and [cache_uri(c, (encode or {}).get(c)) for c in caches]
-
     # a phase's own caches too: a variant's encode overrides (and --caches) reach every cache trained on
-    config = dataclasses.replace(config, caches=resolved(config.caches),
-                                 phase1=dataclasses.replace(config.phase1, caches=resolved(config.phase1.caches)),
-                                 phase2=dataclasses.replace(config.phase2, caches=resolved(config.phase2.caches)))
+    config = config.with_caches(lambda c: cache_uri(c, (encode or {}).get(c)))
     if SINGLE_PROCESS:
         train = run_single_process
     else:

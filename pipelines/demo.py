@@ -117,17 +117,6 @@ def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[
     return encodes, train, evals
 
 
-def reading_encoded(train: TrainConfig, caches: dict[str, str]) -> TrainConfig:
-    """`train` reading the caches just encoded (`caches`: by their encode YAML's stem), not those YAMLs, whose paths
-    are runs/demo's: the top-level caches and a phase's own."""
-    def encoded(yamls: list[str] | None) -> list[str] | None:
-        return yamls and [caches[Path(c).stem] for c in yamls]
-
-    return dataclasses.replace(train, caches=encoded(train.caches),
-                               phase1=dataclasses.replace(train.phase1, caches=encoded(train.phase1.caches)),
-                               phase2=dataclasses.replace(train.phase2, caches=encoded(train.phase2.caches)))
-
-
 def run_demo(out: Path = ASSETS) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
@@ -146,7 +135,8 @@ def run_demo(out: Path = ASSETS) -> dict:
             done = "reused" if result.reused else (f"{result.items['encoded']} items encoded, "
                                                    f"{result.items['in_store']} from the store")
             say(f"{stem}.yaml: {done} in {result.seconds:.1f} s")
-        train_config = reading_encoded(train_config, caches)
+        # the caches just encoded, not their YAMLs, whose paths are runs/demo's (a phase's own ones too)
+        train_config = train_config.with_caches(lambda c: caches[Path(c).stem])
         phases = [run_train(train_config, phase) for phase in (1, 2)]
         rows, ceiling = [], ceilings(caches)
         for task, name in TASKS.items():

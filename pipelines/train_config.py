@@ -1,6 +1,7 @@
 """The schema of a train YAML (`modrwkv train --config`): checked at load by `pipelines.config`."""
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from modrwkv.multimodal import ProjectorConfig
@@ -176,6 +177,14 @@ class TrainConfig:
     def phase_caches(self, phase: PhaseConfig) -> list[str]:
         """What `phase` (self.phase1 or self.phase2) reads: its own caches, or the top-level ones."""
         return phase.caches or self.caches
+
+    def with_caches(self, resolve: Callable[[str], str]) -> "TrainConfig":
+        """This config with each cache it names, top-level and a phase's own, replaced by `resolve(cache)`."""
+        def each(caches: list[str] | None) -> list[str] | None:
+            return caches and [resolve(c) for c in caches]
+
+        return replace(self, caches=each(self.caches), phase1=replace(self.phase1, caches=each(self.phase1.caches)),
+                       phase2=replace(self.phase2, caches=each(self.phase2.caches)))
 
     def read_caches(self) -> list[str]:
         """Every cache entry or encode YAML either phase reads, once each, in order."""

@@ -117,6 +117,7 @@ def test_the_demo_trains_a_phases_own_caches_as_encoded_too():
     train = from_dict(TrainConfig, {"name": "x", "caches": ["configs/demo/a.yaml"], "model": {"backbone": {"path": "b"}},
                                     "phase1": phase,
                                     "phase2": {**phase, "caches": ["configs/demo/a.yaml", "configs/demo/b.yaml"]}})
-    reading = demo.reading_encoded(train, {"a": "/cache/a-entry", "b": "/cache/b-entry"})
+    caches = {"a": "/cache/a-entry", "b": "/cache/b-entry"}
+    reading = train.with_caches(lambda c: caches[Path(c).stem])  # as run_demo calls it
     assert reading.caches == ["/cache/a-entry"] and reading.phase1.caches is None
     assert reading.phase_caches(reading.phase2) == ["/cache/a-entry", "/cache/b-entry"]
