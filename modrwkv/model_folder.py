@@ -27,8 +27,9 @@ ADAPTER_FILE = "adapter.safetensors"
 BACKBONE_SOURCE_FILE = "backbone_source.json"
 ENCODERS_FILE = "encoders.json"
 # what of a store key decides features: the encoder and how it ran, our code's revision of them, how they were stored;
-# and a series window's length
-ENCODER_SETTINGS = ("kind", "dtype", "image_size", "layer", "weights_hash", "revision", "precision", "lookback")
+# a series window's length; "differing" names those the caches a model trained on did not agree on
+ENCODER_SETTINGS = ("kind", "dtype", "image_size", "layer", "weights_hash", "revision", "precision", "lookback",
+                    "differing")
 
 
 def in_adapter(name: str) -> bool:
@@ -92,7 +93,8 @@ def write_records(directory, backbone_source: dict | None = None, encoders: dict
                 record["sha256"] = file_sha256(backbone_weights(backbone))
         (directory / BACKBONE_SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     if encoders is not None:
-        record = {modality: {k: key.get(k) for k in ENCODER_SETTINGS} for modality, key in encoders.items()}
+        record = {modality: {k: key.get(k) for k in ENCODER_SETTINGS if k in key or k != "differing"}
+                  for modality, key in encoders.items()}
         (directory / ENCODERS_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -185,9 +185,11 @@ def check_feature_spaces(caches: list[FeatureCache], phase1_model: Path | None, 
 
 def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     """modality -> the feature store key of its caches: the encoder settings inference must reproduce, and for series
-    the lookback of their windows when they agree on one (None when not). A modality whose caches came from different
-    settings of one encoder (`check_feature_spaces` refused different encoders), or one whose manifest records none
-    (a cache written by other code), is left out (chat then needs its kind), with a note."""
+    the lookback of their windows when they agree on one (None when not). Where a modality's caches came from
+    different settings of one encoder (`check_feature_spaces` refused different encoders), the record keeps what they
+    share (the encoder's kind, weights and layer, which phase II checks its caches against) and names the settings
+    that differ, with a note; inference then takes the encoder's defaults for those. A modality one of whose manifests
+    records none (a cache written by other code) is left out (chat then needs its kind), with a note."""
     keys: dict[str, list[dict | None]] = {}
     for cache in caches:
         keys.setdefault(cache.modality, []).append(cache.manifest.get("store"))
@@ -195,10 +197,13 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
     for modality, found in keys.items():
         if None in found:
             print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
-        elif any(k != found[0] for k in found):
-            print(f"note: the {modality} caches come from different encoder settings; the model records none")
-        else:
-            agreed[modality] = found[0]
+            continue
+        differing = sorted({k for key in found for k in key.keys() | found[0].keys() if key.get(k) != found[0].get(k)})
+        agreed[modality] = {k: v for k, v in found[0].items() if k not in differing}
+        if differing:
+            agreed[modality]["differing"] = differing
+            print(f"note: the {modality} caches come from different encoder settings ({', '.join(differing)}); the "
+                  "model records the encoder without them, and inference takes its defaults for them")
     if "series" in agreed:  # the window inference cuts from a longer series
         lookbacks = {c.manifest["dataset"]["lookback"] for c in caches if c.modality == "series"}
         agreed["series"] = {**agreed["series"], "lookback": lookbacks.pop() if len(lookbacks) == 1 else None}

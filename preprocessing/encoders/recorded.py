@@ -35,6 +35,9 @@ def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, 
     if recorded.get("weights_hash") and found != recorded["weights_hash"]:
         raise ValueError(f"{encoder_dir}: not the {recorded['kind']} weights {model_dir} was trained with "
                          f"(weights sha256 {found[:12]}, trained on {recorded['weights_hash'][:12]})")
+    if recorded.get("differing"):
+        print(f"note: {model_dir} trained on {modality} caches of different {', '.join(recorded['differing'])}; "
+              f"{encoder_dir} encodes with its defaults for those", file=sys.stderr)
     dtype = DTYPES[recorded.get("dtype") or "fp32"]
     encoder = build_encoder(recorded["kind"], encoder_dir, device=device, dtype=dtype, **build_settings(recorded))
     return AsStored(encoder, recorded.get("precision") or DEFAULT)
@@ -42,12 +45,12 @@ def encoder_for(model_dir, modality: str, encoder_dir, kind: str | None = None, 
 
 def check_revision(model_dir, recorded: dict) -> None:
     """Refuses features our code has changed since the model's caches were encoded (a record names its revision;
-    none, a kind that had no revision then). A record from before revisions were recorded is let through, with a
-    note where the kind has been revised."""
+    none, a kind that had no revision then). A record from before revisions were recorded, or of caches of several
+    revisions, is let through, with a note where the kind has been revised."""
     kind, now = recorded["kind"], FEATURE_REVISIONS.get(recorded["kind"], 1)
-    if "revision" not in recorded:
+    if "revision" not in recorded or "revision" in recorded.get("differing", ()):
         if now > 1:
-            print(f"note: {model_dir} does not record which revision of the {kind} features it trained on; this code "
+            print(f"note: {model_dir} does not record one revision of the {kind} features it trained on; this code "
                   f"makes revision {now} (preprocessing/cache/key.py): a model whose caches are older answers from "
                   "other features than it learnt", file=sys.stderr)
         return

@@ -298,10 +298,12 @@ def test_cache_shapes_pass_over_text_only_samples_and_empty_shards(tmp_path):
         cache_shapes([FeatureCache(tmp_path / "text")])
 
 
-def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agrees(tmp_path, capsys):
+def test_the_model_records_the_encoder_settings_its_caches_agree_on_and_names_the_others(tmp_path, capsys):
     from modrwkv.conversation import Sample
     from modrwkv.conversation import Turn
-    from pipelines.train_setup import encoder_store_keys
+    from modrwkv.model_folder import write_records
+    from pipelines.config import ConfigError
+    from pipelines.train_setup import check_feature_spaces, encoder_store_keys
     from tests.cache_entries import write_entry
 
     sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],
@@ -311,8 +313,16 @@ def test_the_model_records_an_encoder_only_where_every_cache_of_its_modality_agr
         write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
     opened = {name: FeatureCache(tmp_path / name) for name in "abcd"}
     assert encoder_store_keys([opened["a"], opened["b"]]) == {"image": dinov2}
-    assert encoder_store_keys([opened["a"], opened["c"]]) == {}
-    assert "different encoder settings" in capsys.readouterr().out
+    mixed = encoder_store_keys([opened["a"], opened["c"]])
+    assert mixed == {"image": {"modality": "image", "kind": "dinov2", "layer": 8, "differing": ["image_size"]}}
+    assert "different encoder settings (image_size)" in capsys.readouterr().out
+    # phase I trained on both sizes: phase II's caches are still checked against its encoder
+    (tmp_path / "phase1").mkdir()
+    write_records(tmp_path / "phase1", encoders=mixed)
+    write_entry(str(tmp_path / "layer6"), [[sample]], encoder={**dinov2, "layer": 6})
+    check_feature_spaces([opened["c"]], tmp_path / "phase1", "phase1")
+    with pytest.raises(ConfigError, match="those of phase I's model phase1 from"):
+        check_feature_spaces([FeatureCache(tmp_path / "layer6")], tmp_path / "phase1", "phase1")
     # a cache written by other code records no encoder: nothing to record, and training goes on
     assert encoder_store_keys([opened["d"]]) == {} and "records no encoder settings" in capsys.readouterr().out
     assert encoder_store_keys([opened["a"], opened["d"]]) == {}

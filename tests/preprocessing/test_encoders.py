@@ -289,7 +289,7 @@ def test_a_chosen_layer_gives_that_hidden_state(tmp_path, kind):
         build_encoder(kind, tmp_path, layer=3)
 
 
-def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
+def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path, capsys):
     model_class, config, _ = VISION["dinov2"]
     torch.manual_seed(0)
     model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "enc")
@@ -313,6 +313,15 @@ def test_inference_builds_the_encoder_the_model_was_trained_with(tmp_path):
         encoder_for(tmp_path / "enc", "image", tmp_path / "enc")
     unrecorded = encoder_for(tmp_path / "enc", "image", tmp_path / "enc", kind="dinov2")  # a model saved by hand
     assert unrecorded.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1
+    # trained on caches of two image sizes: the recorded layer and weights, the encoder's default size, a note
+    write_records(tmp_path / "model", encoders={"image": {
+        "kind": "dinov2", "layer": 1, "weights_hash": trained.weights_hash(), "revision": 2,
+        "differing": ["image_size"]}})
+    mixed = encoder_for(tmp_path / "model", "image", tmp_path / "enc")
+    assert "of different image_size; " in capsys.readouterr().err
+    assert mixed.encode([rgb(0)], ["a"])[0].shape[0] == 2 * 2 + 1 and mixed.encoder.layer == 1
+    with pytest.raises(ValueError, match="not the dinov2 weights .* was trained with"):
+        encoder_for(tmp_path / "model", "image", tmp_path / "other")
 
 
 def test_inference_reads_the_features_training_read(tmp_path, capsys):
@@ -342,7 +351,9 @@ def test_inference_reads_the_features_training_read(tmp_path, capsys):
     with pytest.raises(ValueError, match="revision 1 of the dinov2 features, and this code makes revision 2"):
         check_revision(tmp_path / "model", {**record, "revision": None})
     check_revision(tmp_path / "model", audio)  # recorded before revisions were: let through, with a note
-    assert "does not record which revision of the wavlm features" in capsys.readouterr().err
+    assert "does not record one revision of the wavlm features" in capsys.readouterr().err
+    check_revision(tmp_path / "model", {**audio, "revision": None, "differing": ["revision"]})  # caches of several
+    assert "does not record one revision of the wavlm features" in capsys.readouterr().err
 
 
 def test_inference_refuses_features_the_caches_could_not_hold():
