@@ -99,5 +99,7 @@ bench: tools $(STAMP)
 quality: tools $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
+# the services first: their record, database and token are under runs/, and `down` finds them by it
 clean:
+	if [ -x $(BIN)/modrwkv ]; then $(BIN)/modrwkv services down; fi
 	rm -rf $(VENV) $(DRIFT) runs benchmarks/out

@@ -4,14 +4,16 @@ recorded in `<state-dir>/services.json`."""
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
-from .mlflow_server import MlflowServer, start_mlflow
+from .mlflow_server import TRACKING_DATABASE, MlflowServer, start_mlflow
 from .process import ServiceError, ServiceProcess, without_proxy_for_loopback
 from .ray_head import RayHead, start_ray_head
 from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
@@ -65,14 +67,36 @@ def load_services(state_dir: Path) -> dict[str, ServiceProcess]:
                            "names by hand and delete it") from None
 
 
+def set_aside_tracking_database(state_dir: Path) -> Path | None:
+    """The MLflow database of the services' last run, renamed `mlflow-until-<time>.db` (returned; None when there is
+    none): its runs' artifacts were in the S3 endpoint, which keeps objects in memory and lost them when it stopped,
+    so a new server starts on a new database, and the old one keeps those runs' params and metrics."""
+    database = state_dir / TRACKING_DATABASE
+    if not database.exists():
+        return None
+    stopped = time.strftime("%Y%m%dT%H%M%S", time.localtime(database.stat().st_mtime))
+    kept = state_dir / f"mlflow-until-{stopped}.db"
+    for n in itertools.count(2):
+        if not kept.exists():
+            break
+        kept = state_dir / f"mlflow-until-{stopped}-{n}.db"
+    database.rename(kept)
+    return kept
+
+
 def services_up(state_dir: Path, num_cpus: int | None = None) -> dict[str, ServiceProcess]:
-    """S3 with bucket `modrwkv`, MLflow storing artifacts in `s3://modrwkv/mlflow`, and a Ray head whose jobs get
-    both in their environment. If one fails, the ones already started are stopped."""
+    """S3 with bucket `modrwkv`, MLflow storing artifacts in `s3://modrwkv/mlflow` (on a new database:
+    `set_aside_tracking_database`), and a Ray head whose jobs get both in their environment. If one fails, the ones
+    already started are stopped."""
     with services_lock(state_dir), contextlib.ExitStack() as started:
         running = [name for name, s in load_services(state_dir).items() if s.alive()]
         if running:
             raise ServiceError(f"already running: {', '.join(running)} (see {services_file(state_dir)}); "
                                "run `down` first")
+        if kept := set_aside_tracking_database(state_dir):
+            print(f"the MLflow runs of the services' last run are in {kept}: their params and metrics, not their "
+                  f"artifacts (the S3 endpoint held those in memory); `mlflow ui --backend-store-uri "
+                  f"sqlite:///{kept}` shows them", file=sys.stderr)
         s3 = started.enter_context(start_s3(state_dir))
         s3.create_bucket(BUCKET)
         mlflow = started.enter_context(start_mlflow(state_dir, artifacts_destination=f"s3://{BUCKET}/mlflow",
@@ -109,8 +133,8 @@ def describe(name: str, service: ServiceProcess) -> str:
 
 def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
     """Shell lines that point clients at the services, quoted for the shell. No credentials: the S3 placeholders
-    are in `infra.s3_server.s3_env`, the Ray token stays in its file. Behind a proxy, also the loopback exception
-    its clients need."""
+    only where the shell has no AWS keys of its own, the Ray token stays in its file. Behind a proxy, also the
+    loopback exception its clients need."""
     env = without_proxy_for_loopback(os.environ) if any(os.environ.get(v) for v in PROXY_VARIABLES) else {}
     if "s3" in services:
         env |= {k: v for k, v in services["s3"].env().items() if k not in LOCAL_CREDENTIALS}
@@ -118,7 +142,10 @@ def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
         env |= services["mlflow"].env()
     if "ray" in services:
         env |= services["ray"].client_env()
-    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    if "s3" in services:  # moto takes any keys, yet clients sign with some: the placeholders where none are set
+        exports.append("export " + " ".join(f'{k}="${{{k}:-{v}}}"' for k, v in LOCAL_CREDENTIALS.items()))
+    return exports
 
 
 @contextlib.contextmanager
@@ -148,6 +175,8 @@ def cmd_services(args) -> None:
         stopped, not_running = services_down(state_dir)
         gone = [f"{s.name} (pid {s.pid} gone or now another process's)" for s in not_running]
         lines = [f"stopped: {', '.join(stopped)}"] if stopped else []
+        lines += [f"the S3 endpoint kept its objects in memory: what runs wrote to s3://{BUCKET} (MLflow's "
+                  "artifacts, caches) is gone with it"] if "s3" in stopped else []
         lines += [f"not running, left alone: {', '.join(gone)}"] if gone else []
         print("\n".join(lines) or f"nothing recorded in {services_file(state_dir)}")
         return

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .process import HOST, ServiceProcess, http_ok, service_port, spawn, venv_bin, wait_until
 
+TRACKING_DATABASE = "mlflow.db"  # in the state dir
+
 
 @dataclasses.dataclass(kw_only=True)
 class MlflowServer(ServiceProcess):
@@ -28,7 +30,7 @@ def start_mlflow(
     port = service_port(port)
     cmd = [
         venv_bin("mlflow"), "server", "--host", HOST, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
+        "--backend-store-uri", f"sqlite:///{state_dir / TRACKING_DATABASE}",
         "--artifacts-destination", artifacts_destination or str(state_dir / "mlflow-artifacts"),
         "--workers", "1",
     ]
@@ -37,7 +39,7 @@ def start_mlflow(
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     server = MlflowServer(**spawn("mlflow", cmd, state_dir, env), port=port)
     # /health answers after 7-13 s on 2 cores (the server imports all of MLflow first)
-    wait_until(server, lambda: http_ok(f"{server.tracking_uri}/health"), "answer /health", timeout)
+    wait_until(server, lambda: http_ok(f"{server.tracking_uri}/health"), "answer /health", timeout, port)
     return server
 
 

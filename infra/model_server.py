@@ -28,5 +28,5 @@ def start_model_server(model_uri: str, state_dir: str | Path, port: int | None =
     cmd = [venv_bin("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", HOST,
            "--port", str(port), "--workers", "1"]
     server = ModelServer(**spawn("model-server", cmd, Path(state_dir).resolve(), {**path, **(env or {})}), port=port)
-    wait_until(server, lambda: http_ok(f"{server.url}/ping"), "answer /ping", timeout)
+    wait_until(server, lambda: http_ok(f"{server.url}/ping"), "answer /ping", timeout, port)
     return server

@@ -6,6 +6,7 @@ pid and its start time are enough to stop one later from another process (`modrw
 
 import contextlib
 import dataclasses
+import http.client
 import os
 import socket
 import subprocess
@@ -77,8 +78,8 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
     try:
         with DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
             return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError):
+        return False  # HTTPException: something that is not an HTTP server on the port (an SSH banner)
 
 
 def seconds_after_boot(process: psutil.Process) -> float:
@@ -122,6 +123,18 @@ class ServiceProcess:
 
     def alive(self) -> bool:
         return self.process() is not None
+
+    def listens_on(self, port: int) -> bool:
+        """Whether the service (or a process it started) listens on `port`: what answers there is this service,
+        not another process that took the port between `free_ports` letting it go and the service binding it."""
+        proc = self.process()
+        if proc is None:
+            return False
+        listening = set()
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                listening |= {c.laddr.port for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        return port in listening
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -180,14 +193,15 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
         raise
 
 
-def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll `healthy` until it holds; if the process exits first or time runs out, stop it and raise an error
-    that names the log file and quotes its end. Interrupted (Ctrl-C, or a signal the caller turns into an
-    exception), it stops the service too: its caller does not hold it yet, and it runs in a session of its own."""
+def wait_until(service: ServiceProcess, healthy: Callable[[], bool], what: str, timeout: float, port: int) -> None:
+    """Poll `healthy` until it holds while the service listens on `port` (not another process answering there);
+    if the process exits first or time runs out, stop it and raise an error that names the log file and quotes its
+    end. Interrupted (Ctrl-C, or a signal the caller turns into an exception), it stops the service too: its caller
+    does not hold it yet, and it runs in a session of its own."""
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if healthy() and service.alive():  # not another process answering on its port
+            if healthy() and service.listens_on(port):
                 return
             if not service.alive():
                 raise ServiceError(f"{service.name} exited before {what}; log: {service.log_path}\n"

@@ -9,15 +9,17 @@ Token authentication is always on, with the token in a file under the state dir:
 127.0.0.1 too, and an explicit mode keeps a stray `~/.ray/auth_token` from switching auth on behind our back.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import secrets
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
-from .process import (HOST, ServiceError, ServiceProcess, free_ports, http_ok, port_open, service_port, spawn,
+from .process import (HOST, ServiceError, ServiceProcess, free_ports, http_ok, service_port, spawn,
                       venv_bin, wait_until)
 
 # Ports Ray would otherwise take from fixed defaults (10001, 52365, ...), which a second head on the machine holds.
@@ -59,11 +61,21 @@ class RayHead(ServiceProcess):
 
 
 def auth_token_file(state_dir: Path) -> Path:
-    """The cluster's token, created once (owner-only) and reused on restarts."""
+    """The cluster's token, created once (owner-only) and reused on restarts; made again when the file is empty (a
+    start cut short) or readable by others (it may have been read)."""
     path = state_dir / "ray-auth-token"
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32))
+    with contextlib.suppress(FileNotFoundError):
+        found = path.lstat()
+        if stat.S_ISREG(found.st_mode) and found.st_size and stat.S_IMODE(found.st_mode) == 0o600:
+            return path
+    temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.replace(temporary, path)  # whole, or the old file stays
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -78,7 +90,10 @@ def private_dir(path: Path) -> Path:
     refused when another user owns it: its name is predictable, and whoever controls the folder controls the sockets
     Ray puts in it."""
     path.mkdir(mode=0o700, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
+    found = path.lstat()  # the folder itself: a link planted there would pass its target's owner off as the folder's
+    if not stat.S_ISDIR(found.st_mode):
+        raise ServiceError(f"{path}: Ray's socket folder is not a folder (a link?); remove it, or pass ray_tmpdir")
+    if found.st_uid != os.getuid():
         raise ServiceError(f"{path}: Ray's socket folder belongs to another user; remove it, or pass ray_tmpdir")
     path.chmod(0o700)
     return path
@@ -122,8 +137,8 @@ def start_ray_head(
         cmd += [flag, str(next(picked))]
     head = RayHead(**spawn("ray", cmd, state_dir, head_env), gcs_port=port, dashboard_port=dashboard_port,
                    token_path=str(token_path))
-    wait_until(head, lambda: port_open(port) and http_ok(f"{head.dashboard_url}/api/version", head.auth_headers()),
-               "GCS and dashboard answering", timeout)
+    wait_until(head, lambda: http_ok(f"{head.dashboard_url}/api/version", head.auth_headers()),
+               "GCS and dashboard answering", timeout, port)  # the GCS listening, and the dashboard answering
     return head
 
 

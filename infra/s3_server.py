@@ -54,7 +54,7 @@ def start_s3(state_dir: str | Path, port: int | None = None, timeout: float = 30
         raise ServiceError("the local S3 endpoint needs moto's server: pip install 'modrwkv[demo]'")
     cmd = [venv_bin("moto_server"), "-H", HOST, "-p", str(port)]
     server = S3Server(**spawn("s3", cmd, Path(state_dir)), port=port)
-    wait_until(server, lambda: http_ok(f"{server.endpoint_url}/moto-api/"), "answer on its port", timeout)
+    wait_until(server, lambda: http_ok(f"{server.endpoint_url}/moto-api/"), "answer on its port", timeout, port)
     return server
 
 

@@ -3,10 +3,12 @@ imports its own job inside its function, so `modrwkv --help` or `modrwkv generat
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from infra.cli import add_services_parser, signals_unwind
 from infra.process import ServiceError
+from pipelines.redaction import redact
 
 
 def cmd_convert(args) -> None:
@@ -415,16 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
 def user_error(e: Exception) -> str | None:
     """The message of an error that is a user's mistake or an unreachable service (a config, a path, a model URI, a
     server), printed on one line without a traceback; None for any other (a bug keeps its traceback). MLflow's
-    errors are known once a command loaded MLflow (this module loads no job framework); their text may hold the
-    tracking URI, whose credentials are left out."""
+    errors are known once a command loaded MLflow (this module loads no job framework)."""
     known = (ValueError, OSError, ServiceError)
-    if "mlflow" not in sys.modules:
-        return str(e) if isinstance(e, known) else None
-    from mlflow.exceptions import MlflowException
+    if "mlflow" in sys.modules:
+        from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import redact
-
-    return redact(str(e)) if isinstance(e, (*known, MlflowException)) else None
+        known += (MlflowException,)
+    return str(e) if isinstance(e, known) else None
 
 
 def main(argv=None) -> int:
@@ -432,10 +431,13 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except Exception as e:
+        # either way without credentials: MLflow's errors name the tracking URI, and a worker's reach this wrapped
+        # in Ray's (which no user error is)
         message = user_error(e)
         if message is None:
-            raise
-        print(f"modrwkv {args.command}: error: {message}", file=sys.stderr)
+            print(redact("".join(traceback.format_exception(e))), file=sys.stderr, end="")
+            return 1
+        print(f"modrwkv {args.command}: error: {redact(message)}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,7 +11,8 @@ with a forecast head. Media are decoded, checked and encoded as the encode job m
 recorded encoder the model carries; the answer is `modrwkv chat`'s. A bad row fails the request with HTTP 400
 and its reason; a medium the model was logged without the encoder of (a phase I or checkpoint model) with 501,
 anything else that fails with 500; the server goes on serving. Rows are answered one after another, at most
-`MAX_ROWS` a request (an evaluation belongs in `modrwkv eval`); the size of a request's body is the proxy's to limit.
+`MAX_ROWS` a request (an evaluation belongs in `modrwkv eval`). MLflow's server reads a whole body before any of
+this runs and limits none: a proxy in front limits it (README, "From a run to a served model").
 """
 
 import base64

@@ -3,7 +3,6 @@ logging from rank 0, and the loss-curve plot."""
 
 import json
 import os
-import re
 import subprocess
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from preprocessing.cache.entry import entry_name
 from .config import to_dict
 from .environment import environment_tags
 from .plots import pyplot, save_figure
+from .redaction import redact
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
 
@@ -41,16 +41,6 @@ def tracking_uri(configured: str | None) -> str:
         return server.tracking_uri
     SERVICES_DIR.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{SERVICES_DIR.parent.absolute() / 'mlflow.db'}"  # absolute: workers run elsewhere
-
-
-CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")  # a URL's `user:password@`
-
-
-def redact(text: str) -> str:
-    """`text` with each URL's credentials left out (`https://user:token@host` -> `https://host`): a tracking URI
-    may carry them, and what is printed or logged, or shown by Ray, must not. MLflow reads them from the URI or from
-    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN."""
-    return CREDENTIALS.sub(r"\1", text)
 
 
 def logged_config(config) -> dict:

@@ -156,6 +156,8 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
+        if not self.name or self.name in (".", "..") or "/" in self.name:  # <output_dir>/<name>/phase<N>/
+            raise ValueError(f"name {self.name!r}: one folder's name, without '/'")
         if self.prefetch_threads < 0:
             raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
         if self.packing and (self.pack_buffer < 1 or self.max_length < 1):

@@ -52,7 +52,14 @@ def is_remote(uri: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    return posixpath.join(str(base), *parts) if is_remote(base) else str(Path(base, *parts))
+    """`parts` under `base`. Under a URI, a part that is absolute or climbs (`..`) is refused: posixpath would turn
+    the first into a local path and keep the second in the key, another object than a folder's."""
+    if not is_remote(base):
+        return str(Path(base, *parts))
+    for part in parts:
+        if str(part).startswith("/") or ".." in str(part).split("/"):
+            raise ValueError(f"{part!r} is not a path under {base}")
+    return posixpath.join(str(base), *parts)
 
 
 def resolve(base_dir: str, path: str) -> str:

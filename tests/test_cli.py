@@ -90,6 +90,21 @@ def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, mo
     assert user_error(TypeError("a bug")) is None  # keeps its traceback
 
 
+def test_a_bugs_traceback_is_printed_without_credentials(monkeypatch, capsys):
+    """An error that is no user's mistake keeps its traceback, but a worker's MLflow error wrapped in Ray's names the
+    tracking URI with its credentials."""
+    import pipelines.cli
+
+    def failing_job(args):
+        raise RuntimeError("WorkerGroupError: API request to https://alice:s3cretTOKEN@mlflow.example/api failed")
+
+    monkeypatch.setattr(pipelines.cli, "cmd_demo", failing_job)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in failing_job" in err and "https://mlflow.example/api" in err, err
+    assert "s3cret" not in err
+
+
 def test_encoder_options_are_per_medium(tmp_path):
     """One --encoder-dir went to every medium: an image and an audio clip together could not be asked about."""
     from types import SimpleNamespace

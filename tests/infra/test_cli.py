@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ UP_WITH_STAND_INS = textwrap.dedent(f"""
 
     def start_mlflow(state_dir, **kwargs):
         server = MlflowServer(**spawn("mlflow", {SLEEP!r}, state_dir), port=2)
-        wait_until(server, lambda: False, "answer /health", timeout=90)
+        wait_until(server, lambda: False, "answer /health", timeout=90, port=2)
 
     cli.start_s3, cli.start_mlflow, S3Server.create_bucket = start_s3, start_mlflow, lambda self, name: None
     sys.exit(main(["services", "up", "--state-dir", sys.argv[1]]))
@@ -74,7 +75,11 @@ def test_up_status_down(capsys):
             status = capsys.readouterr().out
             assert status.count(" running ") == 3 and "NOT RUNNING" not in status
             assert f"export MLFLOW_TRACKING_URI={mlflow_uri}" in status
-            assert "SECRET" not in status and open(recorded["ray"]["token_path"]).read() not in status
+            # no key but the placeholders, and only where the shell has none
+            assert [line for line in status.splitlines() if "SECRET" in line] == [
+                'export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-moto-local}" '
+                'AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-moto-local}"']
+            assert open(recorded["ray"]["token_path"]).read() not in status
         finally:
             services(["down", "--state-dir", state_dir])
         assert "stopped: s3, mlflow, ray" in capsys.readouterr().out
@@ -237,6 +242,39 @@ def test_status_exports_are_quoted_and_only_for_running_services(tmp_path, capsy
         assert out.stdout.strip() == f"{state_dir / 'ray-auth-token'}|{HOST},localhost", out.stderr
     finally:
         ray.stop()
+
+
+def test_status_exports_placeholder_s3_keys_only_where_the_shell_has_none(tmp_path, capsys):
+    """moto takes any keys, but boto3 signs with some: a shell with none could not reach the endpoint; a shell
+    with real ones keeps them."""
+    state_dir = tmp_path / "services"
+    s3 = S3Server(**spawn("s3", SLEEP, state_dir), port=1)
+    try:
+        cli.write_services(state_dir, {"s3": s3})
+        services(["status", "--state-dir", str(state_dir)])
+        exports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export ")]
+        shell = "\n".join([*exports, 'echo "$AWS_ENDPOINT_URL|$AWS_ACCESS_KEY_ID|$AWS_SECRET_ACCESS_KEY"'])
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        for keys, expected in (({}, "moto-local|moto-local"), ({"AWS_ACCESS_KEY_ID": "mine", "AWS_SECRET_ACCESS_KEY":
+                                                                  "my secret"}, "mine|my secret")):
+            out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=30,
+                                 env={**clean, **keys})
+            assert out.stdout.strip() == f"http://{HOST}:1|{expected}", out.stderr
+    finally:
+        s3.stop()
+
+
+def test_services_up_starts_mlflow_on_a_new_database_keeping_the_last(tmp_path):
+    """moto keeps objects in memory: after `down`, the database's runs point at artifacts that are gone, so the next
+    `up` sets it aside (their params and metrics kept) instead of serving them."""
+    assert cli.set_aside_tracking_database(tmp_path) is None
+    for run in ("first", "second"):
+        (tmp_path / "mlflow.db").write_text(run)
+        os.utime(tmp_path / "mlflow.db", (1_700_000_000, 1_700_000_000))  # both stopped in the same second
+        kept = cli.set_aside_tracking_database(tmp_path)
+        assert kept.read_text() == run and kept.name.startswith("mlflow-until-") and kept.suffix == ".db"
+        assert not (tmp_path / "mlflow.db").exists()
+    assert len(list(tmp_path.glob("mlflow-until-*.db"))) == 2
 
 
 def test_a_negative_cpu_count_is_refused(capsys):

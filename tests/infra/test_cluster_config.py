@@ -40,6 +40,13 @@ def test_cluster_install_provides_what_a_job_imports(config):
     assert {"torch", "ray", "deepspeed", "mlflow", "webdataset", "boto3", "transformers", "rwkv"} <= names
 
 
+def test_nothing_git_ignores_is_copied_to_the_nodes(config):
+    """`ray up` rsyncs the working tree to every node: `make drift`'s venv went along (2.8 GB), missing from the
+    list of excludes."""
+    assert ".gitignore" in config["rsync_filter"]
+    assert {".venv", ".venv-drift", "runs"} <= set(config["rsync_exclude"])  # for a copy without git
+
+
 @pytest.mark.parametrize("where", ["top", "node_type"])
 def test_unknown_key_is_rejected(config, where):
     bad = copy.deepcopy(config)

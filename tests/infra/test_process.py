@@ -85,6 +85,29 @@ def test_rays_socket_folder_is_private(tmp_path, monkeypatch):
         private_dir(folder)
 
 
+def test_a_link_planted_as_rays_socket_folder_is_refused(tmp_path):
+    """Its name is predictable: a link another user plants there passed the owner check with our folder as its
+    target, and stayed theirs to point elsewhere later."""
+    (tmp_path / "ours").mkdir(mode=0o755)
+    (tmp_path / "ray-1234").symlink_to(tmp_path / "ours")
+    with pytest.raises(ServiceError, match="ray-1234: Ray's socket folder is not a folder"):
+        private_dir(tmp_path / "ray-1234")
+    assert stat.S_IMODE((tmp_path / "ours").stat().st_mode) == 0o755  # the target left as it was
+
+
+def test_the_ray_token_is_owner_only_and_made_again_when_empty_or_readable_by_others(tmp_path):
+    path = ray_head.auth_token_file(tmp_path)
+    token = path.read_text()
+    assert len(token) == 64 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ray_head.auth_token_file(tmp_path).read_text() == token  # reused on a restart
+    path.chmod(0o644)
+    assert ray_head.auth_token_file(tmp_path).read_text() not in ("", token)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("")  # a start cut short between creating the file and writing it
+    assert len(ray_head.auth_token_file(tmp_path).read_text()) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray-auth-token"]  # no temporary file left
+
+
 def test_the_loopback_exception_joins_both_spellings_once():
     env = {"no_proxy": "a.example,127.0.0.1", "NO_PROXY": "b.example,a.example"}
     once = without_proxy_for_loopback(env)

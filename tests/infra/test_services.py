@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.jobs import run_job
-from infra.process import HOST, ServiceError, ServiceProcess, spawn, wait_until
+from infra.process import HOST, ServiceError, ServiceProcess, free_ports, http_ok, spawn, wait_until
 from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
 
@@ -84,15 +85,47 @@ def test_a_port_in_use_is_refused_before_the_start(tmp_path):
 def test_failed_start_names_the_log(tmp_path):
     service = ServiceProcess(**spawn("s3", [sys.executable, "-c", "print('no such bucket'); exit(3)"], tmp_path))
     with pytest.raises(ServiceError, match=f"(?s)log: {tmp_path / 's3.log'}.*no such bucket"):
-        wait_until(service, lambda: False, "answer", timeout=20)
+        wait_until(service, lambda: False, "answer", timeout=20, port=1)
 
 
 def test_an_answer_from_another_process_is_not_a_start(tmp_path):
-    """The service exited (its port taken meanwhile) while whatever holds the port answers the health check."""
-    service = ServiceProcess(**spawn("s3", [sys.executable, "-c", "exit(3)"], tmp_path))
-    psutil.Process(service.pid).wait(timeout=30)
-    with pytest.raises(ServiceError, match="s3 exited before answering"):
-        wait_until(service, lambda: True, "answering", timeout=20)
+    """Whatever took the port answers the health check: while the service starts (it has not bound the port yet),
+    and after it exited."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        starting = ServiceProcess(**spawn("s3", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path))
+        with pytest.raises(ServiceError, match="s3 did not get to answering within 2 s"):
+            wait_until(starting, lambda: True, "answering", timeout=2, port=port)
+        exited = ServiceProcess(**spawn("s3", [sys.executable, "-c", "exit(3)"], tmp_path))
+        psutil.Process(exited.pid).wait(timeout=30)
+        with pytest.raises(ServiceError, match="s3 exited before answering"):
+            wait_until(exited, lambda: True, "answering", timeout=20, port=port)
+
+
+def test_a_start_is_its_own_service_answering_on_its_port(tmp_path):
+    """A child of the service listening counts (MLflow's and Ray's servers are)."""
+    (port,) = free_ports(1)
+    listener = f"import subprocess, sys; subprocess.run([sys.executable, '-m', 'http.server', " \
+               f"'--bind', '{HOST}', '{port}'])"
+    service = ServiceProcess(**spawn("http", [sys.executable, "-c", listener], tmp_path))
+    try:
+        wait_until(service, lambda: http_ok(f"http://{HOST}:{port}/"), "answer", timeout=30, port=port)
+        assert service.listens_on(port) and not service.listens_on(port + 1)
+    finally:
+        service.stop()
+
+
+def test_a_port_answering_in_another_protocol_is_not_healthy():
+    """An SSH banner made the health check raise http.client's BadStatusLine instead of answering False."""
+    with socket.socket() as server:
+        server.bind((HOST, 0))
+        server.listen()
+        answer = threading.Thread(target=lambda: server.accept()[0].sendall(b"SSH-2.0-OpenSSH_9.6\r\n"))
+        answer.start()
+        assert not http_ok(f"http://{HOST}:{server.getsockname()[1]}/health")
+        answer.join(timeout=10)
 
 
 def test_an_interrupted_start_stops_the_service(tmp_path):
@@ -109,7 +142,7 @@ def test_an_interrupted_start_stops_the_service(tmp_path):
 
     try:
         with pytest.raises(KeyboardInterrupt):
-            wait_until(service, ctrl_c_on_the_second_poll, "answer", timeout=60)
+            wait_until(service, ctrl_c_on_the_second_poll, "answer", timeout=60, port=1)
         assert not psutil.pid_exists(service.pid)
         assert not Path(service.pid_file).exists()
     finally:

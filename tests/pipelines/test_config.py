@@ -93,6 +93,8 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
     ({"scaling.workers": 0}, "scaling: workers must be 1 or more, not 0"),
     ({"scaling.workers": 4},
      r"phase1.global_batch 16 is not a multiple of micro_batch x scaling.workers = 8 x 4 = 32"),
+    ({"name": "../other-run"}, "name '../other-run': one folder's name, without '/'"),  # out of output_dir
+    ({"name": ".."}, "name '..': one folder's name"),
 ])
 def test_batch_sizes_and_schedules_are_checked_at_load(override, message):
     """Not in the workers, after the MLflow run, the caches and Ray have started (where Ray retried it)."""

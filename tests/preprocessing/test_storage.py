@@ -76,3 +76,11 @@ def test_the_parent_of_a_uri_named_with_a_trailing_slash_is_the_folder_holding_i
     assert storage.parent("s3://bucket/cache/image-x/") == storage.parent("s3://bucket/cache/image-x") == \
         "s3://bucket/cache"
     assert storage.parent(f"{tmp_path}/image-x/") == str(tmp_path)
+
+
+def test_a_uri_joined_with_an_absolute_or_climbing_part_is_refused():
+    """posixpath made `s3://bucket/runs` joined with `/tmp/x` the local `/tmp/x`, and kept `..` in an S3 key."""
+    assert storage.join("s3://bucket/runs", "a/b", "c") == "s3://bucket/runs/a/b/c"
+    for part in ("/tmp/x", "../other", "a/../../b"):
+        with pytest.raises(ValueError, match=f"{part!r} is not a path under s3://bucket/runs"):
+            storage.join("s3://bucket/runs", part)
