@@ -92,6 +92,8 @@ def fla_to_rwkv(weights: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict
         out[name] = t.reshape(template[name].shape).contiguous() if t.numel() == template[name].numel() else t
     if unexpected:
         raise CheckpointError(f"fla checkpoint has keys with no RWKV-LM counterpart: {', '.join(unexpected)}")
+    for name in UNUSED_LAYER0:  # fla has no layer-0 value LoRA; RWKV-LM's trainer loads strictly and wants them
+        out.setdefault(name, torch.zeros_like(template[name]))
     return out, config
 
 

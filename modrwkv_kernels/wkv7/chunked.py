@@ -39,6 +39,12 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None, segment_chunks=None):
     """
     B, T, H, N = r.shape
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    if T == 0:  # no chunk: the state as it came in
+        y = r.new_zeros(B, 0, H, N, dtype=dtype)
+        states = len(segment_chunks) if segment_chunks is not None else B
+        if initial_state is None:
+            return y, r.new_zeros(states, H, N, N, dtype=dtype)
+        return y, initial_state.to(dtype).reshape(states, H, N, N)
     C = CHUNK
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
@@ -51,7 +57,7 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None, segment_chunks=None):
             x = F.pad(x, (0, 0, 0, 0, 0, pad))
         return x.view(B, n_chunks, C, H, N).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, C, N)
 
-    log_decay = blocks(-torch.exp(w.to(dtype)).clamp(min=LOG_DECAY_FLOOR))
+    log_decay = blocks((-torch.exp(w.to(dtype))).clamp(min=LOG_DECAY_FLOOR))
     r, k, v, a, b = (blocks(x) for x in (r, k, v, a, b))
 
     g = log_decay.cumsum(dim=2)  # log Γ_t, inclusive

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ..layout import CHUNK, rows_layout
 from .chunked import LOG_DECAY_FLOOR
+from .triton_kernel import _checkpoint_offset, _segment, _step_offset
 
 BLOCK_V = 32  # state rows per program
 
@@ -89,13 +90,12 @@ def _program(cu_ptr, chunk_cu_ptr, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl
              BLOCK_N: tl.constexpr, L: tl.constexpr):
     """Program (segment, head, row block): its head, segment, first step, length, first chunk, chunk count, its
     rows and columns with their masks, and its state tile's mask and offsets in an N x N matrix."""
-    pid = tl.program_id(0)
-    seg = pid // H
-    bos, eos = tl.load(cu_ptr + seg), tl.load(cu_ptr + seg + 1)
+    pid = tl.program_id(0).to(tl.int64)
+    h, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, L)
     rows = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < N, cols < N
-    return (pid % H, pid, bos, eos - bos, tl.load(chunk_cu_ptr + seg), tl.cdiv(eos - bos, L),
+    return (h, pid, bos, T, c0, n_chunks,
             rows, row_mask, cols, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * N + cols[None, :])
 
 
@@ -115,9 +115,9 @@ def _chunk_fwd_kernel(
         S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     steps = tl.arange(0, L)
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + (h * total_chunks + c0 + c) * N * N + tile_off, S, mask=tile_mask)
+        tl.store(ckpt_ptr + _checkpoint_offset(h, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
         t = c * L + steps
-        step_off = ((bos + t) * H + h) * N
+        step_off = _step_offset(bos, t, H, h, N)
         key_mask = (t < T)[:, None] & col_mask[None, :]
         val_mask = (t < T)[:, None] & row_mask[None, :]
         _, _, G_L, a_t, b_t, k_t, r_t, b_h, k_h, M_ab, M_ak, M_rb, M_rk = _chunk_terms(
@@ -145,7 +145,7 @@ def _chunk_bwd_kernel(
 ):
     (h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask, tile_mask,
      tile_off) = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V, BLOCK_N, L)
-    part = tl.program_id(1) * part_stride
+    part = tl.program_id(1).to(tl.int64) * part_stride  # past 2^31 from 524k steps at C = 2048
     if HAS_DST:
         dS = tl.load(dsT_ptr + pid * N * N + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
     else:
@@ -153,9 +153,9 @@ def _chunk_bwd_kernel(
     steps = tl.arange(0, L)
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
-        S = tl.load(ckpt_ptr + (h * total_chunks + c0 + c) * N * N + tile_off, mask=tile_mask, other=0.0)
+        S = tl.load(ckpt_ptr + _checkpoint_offset(h, total_chunks, c0, c, N) + tile_off, mask=tile_mask, other=0.0)
         t = c * L + steps
-        step_off = ((bos + t) * H + h) * N
+        step_off = _step_offset(bos, t, H, h, N)
         key_off = step_off[:, None] + cols[None, :]
         key_mask = (t < T)[:, None] & col_mask[None, :]
         val_off = step_off[:, None] + rows[None, :]

@@ -63,10 +63,24 @@ def _step(S, d, k, v, a, b):
 
 @triton.jit
 def _segment(cu_ptr, chunk_cu_ptr, pid, H: tl.constexpr, CHUNK_LEN: tl.constexpr):
-    """Program (segment, head): its head, first step, step count, first chunk and chunk count."""
+    """Program `pid` (segment, head, an int64): its head, first step, step count, first chunk and chunk count, all
+    int64, so that every address computed from them is: in int32, the checkpoints of one call of 270k steps at
+    C = 2048 lay past 2^31 elements, and the addresses wrapped."""
     seg = pid // H
-    bos, eos = tl.load(cu_ptr + seg), tl.load(cu_ptr + seg + 1)
-    return pid % H, bos, eos - bos, tl.load(chunk_cu_ptr + seg), tl.cdiv(eos - bos, CHUNK_LEN)
+    bos, eos = tl.load(cu_ptr + seg).to(tl.int64), tl.load(cu_ptr + seg + 1).to(tl.int64)
+    return pid % H, bos, eos - bos, tl.load(chunk_cu_ptr + seg).to(tl.int64), tl.cdiv(eos - bos, CHUNK_LEN)
+
+
+@triton.jit
+def _checkpoint_offset(h, total_chunks, c0, c, N: tl.constexpr):
+    """Where chunk `c` of the segment whose chunks start at `c0` keeps head `h`'s checkpoint: [H, chunks, N, N]."""
+    return (h * total_chunks + c0 + c) * N * N
+
+
+@triton.jit
+def _step_offset(bos, t, H: tl.constexpr, h, N: tl.constexpr):
+    """Where step `t` of the segment starting at step `bos` keeps head `h`'s vectors: [steps, H, N]."""
+    return ((bos + t) * H + h) * N
 
 
 @triton.jit
@@ -77,7 +91,7 @@ def _wkv7_fwd_kernel(
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_S0: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (segment, head); axis 1 picks the block of state rows
+    pid = tl.program_id(0).to(tl.int64)  # (segment, head); axis 1 picks the block of state rows
     h_idx, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, CHUNK_LEN)
     rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, tl.program_id(1) * BLOCK_V)
     if HAS_S0:
@@ -85,11 +99,11 @@ def _wkv7_fwd_kernel(
     else:
         S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + (h_idx * total_chunks + c0 + c) * N * N + tile_off, S, mask=tile_mask)
+        tl.store(ckpt_ptr + _checkpoint_offset(h_idx, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
-                off = ((bos + t) * H + h_idx) * N
+                off = _step_offset(bos, t, H, h_idx, N)
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
@@ -105,7 +119,7 @@ def _wkv7_bwd_kernel(
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
     HAS_DST: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (segment, head), all rows: BLOCK_V covers N
+    pid = tl.program_id(0).to(tl.int64)  # (segment, head), all rows: BLOCK_V covers N
     h_idx, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, CHUNK_LEN)
     rows, row_mask, cols, col_mask, tile_mask, tile_off = _tile(N, BLOCK_V, BLOCK_N, 0)
     if HAS_DST:
@@ -116,12 +130,12 @@ def _wkv7_bwd_kernel(
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
         # 1. recompute the chunk's states S_{t-1} from its checkpoint
-        S = tl.load(ckpt_ptr + (h_idx * total_chunks + c0 + c) * N * N + tile_off, mask=tile_mask, other=0.0)
+        S = tl.load(ckpt_ptr + _checkpoint_offset(h_idx, total_chunks, c0, c, N) + tile_off, mask=tile_mask, other=0.0)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
                 tl.store(scratch + s * N * N + tile_off, S, mask=tile_mask)
-                off = ((bos + t) * H + h_idx) * N
+                off = _step_offset(bos, t, H, h_idx, N)
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)
                 S, _ = _step(S, tl.exp(-tl.exp(w)), k, v, a, b)
@@ -131,7 +145,7 @@ def _wkv7_bwd_kernel(
             s = CHUNK_LEN - 1 - s_rev
             t = c * CHUNK_LEN + s
             if t < T:
-                off = ((bos + t) * H + h_idx) * N
+                off = _step_offset(bos, t, H, h_idx, N)
                 S_prev = tl.load(scratch + s * N * N + tile_off, mask=tile_mask, other=0.0)
                 r, w, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, off, cols, col_mask)
                 v = tl.load(v_ptr + off + rows, mask=row_mask, other=0.0).to(tl.float32)

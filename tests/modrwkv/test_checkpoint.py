@@ -52,9 +52,11 @@ def test_fla_conversion_round_trip(tmp_path, pth):
 
     convert_fla_to_rwkv_pth(tmp_path / "fla", tmp_path / "back.pth")
     back = torch.load(tmp_path / "back.pth", weights_only=True)
-    assert set(back) == set(original) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    assert set(back) == set(original)  # layer 0's unused value LoRA too, which RWKV-LM's strict load wants
     for name, tensor in back.items():
-        assert torch.equal(tensor, original[name]), name
+        unused = name in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+        assert tensor.shape == original[name].shape and (not tensor.any() if unused else torch.equal(
+            tensor, original[name])), name
     ids = torch.randint(0, 211, (1, 9))
     with torch.no_grad():
         assert torch.equal(RWKV7.from_pretrained(pth)(ids)[0], RWKV7.from_pretrained(tmp_path / "back.pth")(ids)[0])

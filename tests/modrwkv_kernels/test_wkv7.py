@@ -49,6 +49,31 @@ def test_chunked_matches_reference_fp32_long():
     assert rel_err(s, s_ref) < 1e-5
 
 
+def test_chunked_raises_decays_below_its_floor_to_it():
+    """The floor was never applied (`-exp(w).clamp(...)` clamps exp(w) >= 0): a step's log-decay under about -5.5
+    overflowed a 16-step chunk's factors to inf, and the output was NaN. Floored, it equals the reference run on
+    decays raised to the floor (log-decay -exp(w) >= -5 where w <= ln 5)."""
+    import math
+
+    from modrwkv_kernels.wkv7.chunked import LOG_DECAY_FLOOR
+
+    xs, s0 = wkv_inputs(1, 40, 2, 8)
+    xs[1] = xs[1] + 3.5  # w up to about 3: log-decays down to -20
+    assert (-xs[1].exp()).min() < 3 * LOG_DECAY_FLOOR
+    y, s = wkv7(*xs, initial_state=s0, backend="chunked")
+    floored = [x.clamp(max=math.log(-LOG_DECAY_FLOOR)) if i == 1 else x for i, x in enumerate(xs)]
+    y_ref, s_ref = wkv7(*floored, initial_state=s0, backend="reference")
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_no_steps_give_no_output_and_the_state_as_it_came(backend):
+    xs, s0 = wkv_inputs(2, 0, 3, 8)
+    y, s = wkv7(*xs, initial_state=s0, backend=backend)
+    assert y.shape == (2, 0, 3, 8) and torch.equal(s, s0)
+    assert torch.equal(wkv7(*xs, backend=backend)[1], torch.zeros_like(s0))
+
+
 def test_chunked_and_reference_gradients_agree():
     xs, s0 = wkv_inputs(2, 21, 2, 8, requires_grad=True)
     grads = {}

@@ -4,9 +4,11 @@ kernels run; without a GPU the same tests run on CPU tensors under TRITON_INTERP
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from modrwkv_kernels import wkv7
-from modrwkv_kernels.wkv7.triton_kernel import CHUNK
+from modrwkv_kernels.wkv7.triton_kernel import CHUNK, _checkpoint_offset, _segment, _step_offset
 from tests.modrwkv_kernels.test_wkv7 import rel_err, wkv_inputs
 
 TOL = 1e-5
@@ -28,6 +30,31 @@ def loss_of(y, s, seed=0):
     g = torch.Generator().manual_seed(seed)
     weights = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
     return (y * weights(y)).sum() + (s * weights(s)).sum()
+
+
+@triton.jit
+def offsets(cu_ptr, chunk_cu_ptr, total_chunks, out_ptr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
+    """Each program's last checkpoint and last step offsets, as the kernels compute them."""
+    pid = tl.program_id(0).to(tl.int64)
+    h, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, L)
+    tl.store(out_ptr + 2 * pid, _checkpoint_offset(h, total_chunks, c0, n_chunks - 1, N))
+    tl.store(out_ptr + 2 * pid + 1, _step_offset(bos, T - 1, H, h, N))
+
+
+def test_addresses_past_two_to_the_31_are_exact():
+    """Checkpoint and step offsets of a segment starting at step 2^26 (a 2.9B model's call of 210k steps reaches
+    2^31 in the checkpoints already): computed in int64 from what the kernels load, as both kernels compute them;
+    in int32 they wrapped negative."""
+    H, N = 32, 64
+    cu, chunk_cu = [0, 2**26, 2**26 + 2**20], [0, 2**26 // CHUNK, (2**26 + 2**20) // CHUNK]
+    out = torch.zeros(2 * 2 * H, dtype=torch.int64, device=DEVICE)
+    offsets[(2 * H,)](torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+                      torch.tensor(chunk_cu, dtype=torch.int32, device=DEVICE), chunk_cu[-1], out, H=H, N=N, L=CHUNK)
+    expected = []
+    for pid in range(2 * H):
+        segment, h = divmod(pid, H)
+        expected += [(h * chunk_cu[-1] + chunk_cu[segment + 1] - 1) * N * N, ((cu[segment + 1] - 1) * H + h) * N]
+    assert out.tolist() == expected and max(expected) > 2**31
 
 
 @pytest.mark.parametrize("T", [1, CHUNK - 3, CHUNK, 2 * CHUNK + 5])
