@@ -141,14 +141,15 @@ def split_yaml(test_yaml: str, split: str) -> str:
 
 
 def grouped_accuracy(predictions: Path, group_of_key) -> dict[str, float]:
-    """Accuracy per group over the rows evaluation scored: a sample it skipped (named, with its reason, in the
-    predictions file; counted by the run's rows_skipped) has no prediction, as in its own metrics."""
+    """Accuracy per group over the rows evaluation scored, as its own metrics do: a sample it skipped (named, with
+    its reason, in the predictions file; counted by the run's rows_skipped) is scored as its empty prediction, wrong;
+    one with no prediction at all is left out."""
     from pipelines.metrics.vqa import exact_match
 
     scores = defaultdict(list)
     for line in predictions.read_text().splitlines():
         row = json.loads(line)
-        if "skipped" not in row:
+        if "prediction" in row:
             scores[group_of_key(row["key"])].append(exact_match(row["prediction"], row["reference"]))
     return {group: float(np.mean(v)) for group, v in scores.items()}
 

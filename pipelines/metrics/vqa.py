@@ -4,7 +4,8 @@ Answers are normalised the way the official script does it (vqaEval.py): whitesp
 digit rules), lowercasing, number words to digits, articles dropped, missing apostrophes restored. The
 official script skips normalisation when all ten human answers agree (they are stored normalised); here both
 sides are always normalised, as lmms-eval does: safe on other data, and on VQAv2 a reply that needs normalising
-against ten agreeing answers ("two" for "2") scores 1 here where the official script gives 0.
+against ten agreeing answers ("two" for "2") scores 1 here where the official script gives 0. An empty reply
+scores 0, and an answer that is only an article ("A" as a choice letter) keeps its articles (`answers_match`).
 """
 
 import re
@@ -63,26 +64,36 @@ def strip_punctuation(text: str) -> str:
     return PERIOD_NOT_DECIMAL.sub("", out)
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, keep_articles: bool = False) -> str:
     text = text.replace("\n", " ").replace("\t", " ").strip()
     words = [NUMBER_WORDS.get(w, w) for w in strip_punctuation(text).lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if keep_articles or w not in ARTICLES)
+
+
+def answers_match(prediction: str, answer: str) -> bool:
+    """The normalised prediction equals the normalised answer. An empty prediction (a sample left unanswered)
+    matches nothing, and an answer that normalises to nothing (the choice letter "A", an article) is compared with
+    articles kept: both normalised to "" matched, and "the" was the right answer to "A"."""
+    if not prediction.strip():
+        return False
+    if not normalize_answer(answer):
+        return normalize_answer(prediction, keep_articles=True) == normalize_answer(answer, keep_articles=True)
+    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """min(#matching annotators / 3, 1), averaged over the leave-one-out subsets of the (usually 10) answers."""
     if not answers:
         raise ValueError("VQA accuracy needs at least one human answer")
-    predicted = normalize_answer(prediction)
-    matches = [normalize_answer(a) == predicted for a in answers]
+    matches = [answers_match(prediction, a) for a in answers]
     total = sum(matches)
     # leaving out annotator i leaves total - matches[i] matching answers among the others
     return sum(min((total - m) / 3, 1.0) for m in matches) / len(answers)
 
 
 def exact_match(prediction: str, answer: str) -> float:
-    """1.0 if the normalised prediction equals the normalised answer (GQA-style single answers), else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(answer))
+    """1.0 if the prediction matches the answer (`answers_match`; GQA-style single answers), else 0.0."""
+    return float(answers_match(prediction, answer))
 
 
 def mean_vqa_accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> float:

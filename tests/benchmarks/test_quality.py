@@ -11,14 +11,18 @@ def test_a_cell_shows_mean_and_std_over_seeds_and_no_spread_for_one_seed():
     assert fmt([]) == fmt(None) == "—" and fmt(0.245) == "0.245"
 
 
-def test_grouped_accuracy_leaves_out_the_samples_evaluation_skipped(tmp_path):
+def test_grouped_accuracy_scores_what_evaluation_scores(tmp_path):
+    """A sample the model could not take is written with an empty prediction, which evaluation scores wrong; the
+    per-type table left it out and divided by fewer samples than the run's accuracy."""
     rows = [{"key": "colour-1", "prediction": "red", "reference": "red"},
             {"key": "colour-2", "prediction": "blue", "reference": "red"},
             {"key": "count-1", "prediction": "3", "reference": "3"},
-            {"key": "count-2", "language": None, "skipped": "an item too short for the projector"}]
+            {"key": "count-2", "prediction": "", "stopped": True, "reference": "2",
+             "skipped": "an item too short for the projector"},
+            {"key": "count-3", "language": None, "skipped": "no reference"}]  # no prediction: not scored
     predictions = tmp_path / "predictions_vqa.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert grouped_accuracy(predictions, lambda key: key.split("-")[0]) == {"colour": 0.5, "count": 1.0}
+    assert grouped_accuracy(predictions, lambda key: key.split("-")[0]) == {"colour": 0.5, "count": 0.5}
 
 
 def test_a_phases_own_caches_get_the_variants_encode_overrides(monkeypatch):

@@ -52,6 +52,15 @@ def test_vqa_aggregates_and_exact_match():
         vqa_accuracy("yes", [])
 
 
+def test_an_empty_reply_is_wrong_even_against_an_answer_of_articles_only():
+    """"A" (a choice letter) normalises to nothing, as did an unanswered sample's empty prediction: they matched,
+    and so did "the"."""
+    assert exact_match("", "A") == exact_match("   ", "A") == exact_match("the", "A") == 0.0
+    assert exact_match("a", "A") == exact_match("(A)", "A") == 1.0
+    assert exact_match("", "") == 0.0 and exact_match("a cat", "cat") == 1.0  # articles still go elsewhere
+    assert vqa_accuracy("", ["A"] * 10) == 0.0 and vqa_accuracy("A.", ["A"] * 10) == 1.0
+
+
 # ---- multiple choice and POPE ---------------------------------------------------------------------------
 
 OPTIONS = ["dog", "cat", "dark red", "red"]
