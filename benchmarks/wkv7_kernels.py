@@ -7,6 +7,8 @@ inputs; plus the fraction of the memory floor (inputs read once + y written once
 `PEAK_GBS` by its name, or --peak-gbs).
 Packed rows: the same segments of spread lengths as one packed row (`cu_seqlens`) vs a right-padded
 batch, real (non-pad) tokens/s; CPU: "chunked" at 4k tokens, fp32; CUDA: every GPU backend at 16k tokens, bf16.
+Decode: one step (T = 1) with the state carried, B = 1 and 64, fp32; CPU: "reference" vs "chunked", CUDA: "triton"
+vs "triton_chunked" (the CUDA default for every T until this measures the step kernel faster at T = 1).
 
     python benchmarks/wkv7_kernels.py [--out DIR] [--peak-gbs GBS]
 """
@@ -97,6 +99,21 @@ def packed_vs_padded(T, H, N, dtype, device, backends: dict) -> list[dict]:
     return rows
 
 
+def decode_steps(device: str, backends: tuple[str, ...], H: int, N: int) -> list[dict]:
+    """One decode step (T = 1, the state carried in and out, no gradient) per backend, at batch sizes 1 and 64:
+    what generation runs once per token and layer, and what `default_backend` picks a backend for."""
+    rows = []
+    for B in (1, 64):
+        xs = inputs(B, 1, H, N, torch.float32, device)
+        state = torch.zeros(B, H, N, N, device=device)
+        for name in backends:
+            with torch.no_grad():
+                seconds = timed(lambda: wkv7(*xs, initial_state=state, backend=name), device, repeats=50)
+            rows.append({"device": device if device == "cpu" else torch.cuda.get_device_name(), "B": B,
+                         "backend": name, "steps_per_s": 1 / seconds})
+    return rows
+
+
 def bench_backend(name, fn, xs, device, T, B):
     res = {"backend": name}
     with torch.no_grad():
@@ -126,7 +143,7 @@ def main():
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (about a minute of a short GPU lease)")
     args = parser.parse_args()
 
-    rows, packed = [], []
+    rows, packed, decode = [], [], []
     started = time.perf_counter()
     torch.set_num_threads(2)
     H, N = 12, 64
@@ -142,6 +159,7 @@ def main():
             rows.append(row)
         packed = packed_vs_padded(4096, H, N, torch.float32, "cpu",
                                   {"chunked": lambda *t, **kw: wkv7(*t, backend="chunked", **kw)[0]})
+        decode = decode_steps("cpu", ("reference", "chunked"), H, N)
 
     if torch.cuda.is_available():
         from modrwkv_kernels.wkv7.triton_chunked import wkv7_triton_chunked
@@ -153,6 +171,8 @@ def main():
             *t, layout=cu_seqlens, precision="tf32x3")[0]
         if importlib.util.find_spec("fla") is not None:  # flash-linear-attention's chunk_rwkv7, last: it autotunes
             backends["fla chunk_rwkv7"] = lambda *t, **kw: wkv7(*t, backend="fla", **kw)[0]
+        decode += decode_steps("cuda", ("triton", "triton_chunked"), H, N)  # first: seconds, before any autotuning
+        print(f"[{time.perf_counter() - started:.0f}s] {decode}", file=sys.stderr, flush=True)
         cases = {}  # each length's inputs, fp64 output and gradients, made once for every backend
         for T in (1024, 4096, 16384):
             xs = inputs(B, T, H, N, torch.bfloat16, "cuda")
@@ -193,7 +213,9 @@ def main():
               "| fwd+bwd tok/s |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['device']} | {r['T']} | {r['segments']} ({r['longest']}) | {r['dtype']} | {r['backend']} | "
               f"{r['layout']} | {r['fwd_tok_s']:.0f} | {r['fwd_bwd_tok_s']:.0f} |" for r in packed]
-    write_report(args.out, "kernels", machine, rows + packed, lines)
+    lines += ["", "| device | B | backend | decode steps/s (T = 1, state in and out) |", "|---|---|---|---|"]
+    lines += [f"| {r['device']} | {r['B']} | {r['backend']} | {r['steps_per_s']:.0f} |" for r in decode]
+    write_report(args.out, "kernels", machine, rows + packed + decode, lines)
 
 
 if __name__ == "__main__":
