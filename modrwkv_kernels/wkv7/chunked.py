@@ -31,6 +31,15 @@ from ..layout import CHUNK
 LOG_DECAY_FLOOR = -5.0
 
 
+def no_steps(r, initial_state, dtype, states: int):
+    """A call of T = 0 steps: no output, and the state as it came in (zero without one), in `dtype`."""
+    _, _, H, N = r.shape
+    y = r.new_zeros(r.shape, dtype=dtype)
+    if initial_state is None:
+        return y, r.new_zeros(states, H, N, N, dtype=dtype)
+    return y, initial_state.to(dtype)
+
+
 def wkv7_chunked(r, w, k, v, a, b, initial_state=None, segment_chunks=None):
     """Same contract as `wkv7_reference`: [B, T, H, N] inputs; returns (y, final_state) in fp32 (fp64 in).
 
@@ -39,12 +48,8 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state=None, segment_chunks=None):
     """
     B, T, H, N = r.shape
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
-    if T == 0:  # no chunk: the state as it came in
-        y = r.new_zeros(B, 0, H, N, dtype=dtype)
-        states = len(segment_chunks) if segment_chunks is not None else B
-        if initial_state is None:
-            return y, r.new_zeros(states, H, N, N, dtype=dtype)
-        return y, initial_state.to(dtype).reshape(states, H, N, N)
+    if T == 0:
+        return no_steps(r, initial_state, dtype, len(segment_chunks) if segment_chunks is not None else B)
     C = CHUNK
     n_chunks = -(-T // C)
     pad = n_chunks * C - T

@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from ..layout import CHUNK, rows_layout
-from .chunked import LOG_DECAY_FLOOR
-from .triton_kernel import _checkpoint_offset, _segment, _step_offset
+from .chunked import LOG_DECAY_FLOOR, no_steps
+from .triton_kernel import _checkpoint_offset, _segment, _step_offset, checkpoints, differentiable
 
 BLOCK_V = 32  # state rows per program
 
@@ -106,6 +106,7 @@ def _chunk_fwd_kernel(
     cu_ptr, chunk_cu_ptr, total_chunks,
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
     FLOOR: tl.constexpr, SQUARINGS: tl.constexpr, PRECISION: tl.constexpr, HAS_S0: tl.constexpr,
+    KEEP_CHECKPOINTS: tl.constexpr,
 ):
     (h, pid, bos, T, c0, n_chunks, rows, row_mask, cols, col_mask, tile_mask,
      tile_off) = _program(cu_ptr, chunk_cu_ptr, H, N, BLOCK_V, BLOCK_N, L)
@@ -115,7 +116,8 @@ def _chunk_fwd_kernel(
         S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     steps = tl.arange(0, L)
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + _checkpoint_offset(h, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
+        if KEEP_CHECKPOINTS:  # for the backward; inference needs none
+            tl.store(ckpt_ptr + _checkpoint_offset(h, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
         t = c * L + steps
         step_off = _step_offset(bos, t, H, h, N)
         key_mask = (t < T)[:, None] & col_mask[None, :]
@@ -228,7 +230,7 @@ def _meta(N: int, precision: str) -> dict:
 
 class WKV7TritonChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, layout, precision):
+    def forward(ctx, r, w, k, v, a, b, s0, layout, precision, differentiable):
         B, T, H, N = r.shape
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         layout = layout or rows_layout(B, T, r.device)
@@ -238,11 +240,12 @@ class WKV7TritonChunked(torch.autograd.Function):
         grid = (S * H, triton.cdiv(N, meta["BLOCK_V"]))
         y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
-        ckpt = torch.empty(H, total_chunks, N, N, device=r.device, dtype=torch.float32)
+        ckpt = checkpoints(H, total_chunks, N, r.device, differentiable, s_final)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
         _chunk_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, H=H,
-                                HAS_S0=s0 is not None, **meta)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
+                                HAS_S0=s0 is not None, KEEP_CHECKPOINTS=differentiable, **meta)
+        if differentiable:
+            ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         ctx.precision = precision
         return y, s_final
@@ -265,7 +268,7 @@ class WKV7TritonChunked(torch.autograd.Function):
         dr, dw, dk, da, db = (p.sum(0) for p in parts)
         grads = (g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b)))
         ds0 = ds0.to(ctx.s0_dtype) if ctx.s0_dtype is not None else None
-        return (*grads, ds0, None, None)
+        return (*grads, ds0, None, None, None)
 
 
 def wkv7_triton_chunked(r, w, k, v, a, b, initial_state=None, layout=None, precision=None):
@@ -275,7 +278,6 @@ def wkv7_triton_chunked(r, w, k, v, a, b, initial_state=None, layout=None, preci
     "tf32x3" (about fp32's accuracy) for fp32 inputs and "tf32" for 16-bit ones, whose rounding is larger."""
     precision = precision or ("tf32x3" if r.dtype in (torch.float32, torch.float64) else "tf32")
     if r.shape[1] == 0:
-        B, _, H, N = r.shape
-        state = initial_state.float() if initial_state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
-        return r.new_zeros(r.shape, dtype=torch.float32), state
-    return WKV7TritonChunked.apply(r, w, k, v, a, b, initial_state, layout, precision)
+        return no_steps(r, initial_state, torch.float32, r.shape[0])
+    return WKV7TritonChunked.apply(r, w, k, v, a, b, initial_state, layout, precision,
+                                   differentiable(r, w, k, v, a, b, initial_state))

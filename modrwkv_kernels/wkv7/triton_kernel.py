@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CHUNK, rows_layout
+from .chunked import no_steps
 BLOCK_V = 16  # state rows per forward program (16 beat 32 and 64 on an H200)
 
 
@@ -89,7 +90,7 @@ def _wkv7_fwd_kernel(
     y_ptr, sT_ptr, ckpt_ptr,  # y [T_all, H, N] fp32; final states [S, H, N, N]; checkpoints [H, chunks, N, N]
     cu_ptr, chunk_cu_ptr, total_chunks,  # segment offsets [S + 1] in steps and in chunks
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_LEN: tl.constexpr,
-    HAS_S0: tl.constexpr,
+    HAS_S0: tl.constexpr, KEEP_CHECKPOINTS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # (segment, head); axis 1 picks the block of state rows
     h_idx, bos, T, c0, n_chunks = _segment(cu_ptr, chunk_cu_ptr, pid, H, CHUNK_LEN)
@@ -99,7 +100,8 @@ def _wkv7_fwd_kernel(
     else:
         S = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + _checkpoint_offset(h_idx, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
+        if KEEP_CHECKPOINTS:  # for the backward; inference needs none
+            tl.store(ckpt_ptr + _checkpoint_offset(h_idx, total_chunks, c0, c, N) + tile_off, S, mask=tile_mask)
         for s in range(0, CHUNK_LEN):
             t = c * CHUNK_LEN + s
             if t < T:
@@ -174,9 +176,20 @@ def _launch(programs: int, N: int, rows_per_program: int) -> tuple[tuple[int, in
     return grid, {"N": N, "BLOCK_V": block_v, "BLOCK_N": block_n, "CHUNK_LEN": CHUNK}
 
 
+def differentiable(*inputs) -> bool:
+    """Whether a backward can follow: grad mode on and an input that requires a gradient."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+
+
+def checkpoints(H: int, total_chunks: int, N: int, device, differentiable: bool, unused: torch.Tensor):
+    """The forward's chunk-start states for the backward, fp32 [H, chunks, N, N] (16 bytes a channel a step at
+    N = 64: more than the inputs of a bf16 prefill); none without a backward (`unused` stands in, never written)."""
+    return torch.empty(H, total_chunks, N, N, device=device, dtype=torch.float32) if differentiable else unused
+
+
 class WKV7Triton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, layout):
+    def forward(ctx, r, w, k, v, a, b, s0, layout, differentiable):
         B, T, H, N = r.shape
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         layout = layout or rows_layout(B, T, r.device)
@@ -184,12 +197,13 @@ class WKV7Triton(torch.autograd.Function):
         S = cu.numel() - 1
         y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
-        ckpt = torch.empty(H, total_chunks, N, N, device=r.device, dtype=torch.float32)
+        ckpt = checkpoints(H, total_chunks, N, r.device, differentiable, s_final)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
         grid, meta = _launch(S * H, N, BLOCK_V)
         _wkv7_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, H=H,
-                               HAS_S0=s0 is not None, **meta)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
+                               HAS_S0=s0 is not None, KEEP_CHECKPOINTS=differentiable, **meta)
+        if differentiable:
+            ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
         ctx.has_s0 = s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         return y, s_final
@@ -209,14 +223,12 @@ class WKV7Triton(torch.autograd.Function):
         _wkv7_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *grads, ds0, scratch, cu, chunk_cu,
                                ckpt.shape[1], H=H, HAS_DST=has_dst, **meta)
         dr, dw, dk, dv, da, db = (g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b)))
-        return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None
+        return dr, dw, dk, dv, da, db, ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None
 
 
 def wkv7_triton(r, w, k, v, a, b, initial_state=None, layout=None):
     """Same contract as `wkv7_reference`; y comes back in fp32 (the dispatcher casts it to r's dtype).
     layout: a packed row's `PackedLayout` (B = 1), checked by the dispatcher; one program per segment and head."""
     if r.shape[1] == 0:
-        B, _, H, N = r.shape
-        state = initial_state.float() if initial_state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
-        return r.new_zeros(r.shape, dtype=torch.float32), state
-    return WKV7Triton.apply(r, w, k, v, a, b, initial_state, layout)
+        return no_steps(r, initial_state, torch.float32, r.shape[0])
+    return WKV7Triton.apply(r, w, k, v, a, b, initial_state, layout, differentiable(r, w, k, v, a, b, initial_state))

@@ -57,6 +57,21 @@ def test_addresses_past_two_to_the_31_are_exact():
     assert out.tolist() == expected and max(expected) > 2**31
 
 
+def test_a_forward_with_no_backward_to_follow_keeps_no_checkpoints_and_gives_the_same(backend):
+    """Inference (no grad mode, or no input needing a gradient) skips the fp32 chunk checkpoints: 16 bytes a channel
+    a step, more than a bf16 prefill's inputs."""
+    xs, s0 = wkv_inputs(2, 2 * CHUNK + 5, 2, 16)
+    leaves = on_device(xs + [s0])
+    y, s = wkv7(*leaves[:6], initial_state=leaves[6], backend=backend)
+    assert y.grad_fn is not None
+    plain = [x.detach() for x in leaves]
+    for context in (torch.no_grad(), torch.enable_grad()):  # no grad mode; grad mode with no input needing one
+        with context:
+            y_inference, s_inference = wkv7(*plain[:6], initial_state=plain[6], backend=backend)
+        assert y_inference.grad_fn is None
+        assert torch.equal(y_inference, y.detach()) and torch.equal(s_inference, s.detach())
+
+
 @pytest.mark.parametrize("T", [1, CHUNK - 3, CHUNK, 2 * CHUNK + 5])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_and_gradients_match_fp64_reference(backend, T, with_state):
