@@ -181,19 +181,21 @@ def cmd_data_shapes(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from preprocessing import storage
-    from preprocessing.cache.inventory import describe, garbage
+    from preprocessing.cache.inventory import describe, garbage, sweep
 
     if args.cache_command in ("ls", "du"):
         print(describe(args.root, sizes=args.cache_command == "du"))
         return
     found = garbage(args.root, args.grace_hours * 3600)
-    for uri in found:
-        print(uri)
-        if args.apply:
-            storage.delete(uri)
-    what = "removed" if args.apply else "would remove (dry run; --apply removes them)"
-    print(f"{what}: {len(found)} files no complete entry uses, older than {args.grace_hours:g} h")
+    if not args.apply:
+        print("\n".join(found + [f"would remove (dry run; --apply removes them): {len(found)} files no complete entry "
+                                  f"uses, older than {args.grace_hours:g} h"]))
+        return
+    removed = sweep(args.root, found, args.grace_hours * 3600)
+    print("\n".join(removed + [f"removed: {len(removed)} files no complete entry uses, older than "
+                                f"{args.grace_hours:g} h"]))
+    if len(removed) < len(found):
+        print(f"kept: {len(found) - len(removed)} of them, which an encode started or finished since took")
 
 
 def cmd_cache_local(args) -> None:

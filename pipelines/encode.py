@@ -40,8 +40,8 @@ from modrwkv.conversation import Sample, Turn, text_length
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
 from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
-                                      pack_shard)
-from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, store_key
+                                      pack_shard, shard_name)
+from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, hash_model_dir, store_key
 from preprocessing.cache.lease import lease
 from preprocessing.cache.precision import checked_stored
 from preprocessing.cache.resolved import Resolution, source_digest
@@ -242,6 +242,10 @@ class ItemEncoder:
         dtype = DTYPES[self.spec.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_dir = local_copy(self.spec.model_dir)  # an s3:// folder: this node's copy
+        keyed = self.store.key().get("weights_hash")
+        if keyed and (found := hash_model_dir(model_dir)) != keyed:  # replaced since the driver keyed the store
+            raise RuntimeError(f"{self.spec.model_dir}: other weights (sha256 {found[:12]}) than the job keyed its "
+                               f"feature store by ({keyed[:12]}); they changed while it ran: run it again")
         settings = build_settings(dataclasses.asdict(self.spec))
         return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **settings)
 
@@ -458,20 +462,23 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
     item_rejects = {ref: r["reject"] for ref, r in results.items() if "reject" in r}
     written = samples_table(prepared, files, item_rejects, rejects, inline=config.encoder.kind == RAW_SERIES)
     shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
+    kept_shards = []
     for index, shard in enumerate(shards):
         keys, item_files = [w.key for w in shard], [w.item_files for w in shard]
         # an interrupted run's shard is kept only if it holds exactly these samples: one that run rejected and this
         # one encodes (or the reverse) moves every sample after it to another shard
         kept = done.get(index)
-        if not (kept and kept["keys"] == keys and kept["item_files"] == item_files):
+        if kept and kept["keys"] == keys and kept["item_files"] == item_files:
+            kept_shards.append(entry.path(shard_name(index)))
+        else:
             entry.write_shard(index, pack_shard(shard), keys, [], [sample_lengths(w) for w in shard], item_files)
     entry.delete_shards(set(done) - set(range(len(shards))))  # that run's past this one's last
-    reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store]
+    reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store] + kept_shards
     gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
-    if gone:  # a gc that listed the root before this job's lease: the manifest would name missing features
-        raise RuntimeError(f"{len(gone)} of the {len(reused)} store items this job found and reused were removed "
-                           f"while it ran (a `modrwkv cache gc --apply`?), e.g. {gone[0]}; run the job again: it "
-                           "encodes them anew")
+    if gone:  # a gc that listed the root before this job's lease: the manifest would name missing files
+        raise RuntimeError(f"{len(gone)} of the {len(reused)} store items and shards this job found and reused were "
+                           f"removed while it ran (a `modrwkv cache gc --apply`?), e.g. {gone[0]}; run the job "
+                           "again: it writes them anew")
     items = {"unique": len(needed), "in_store": len(needed) - len(todo), "encoded": len(todo) - len(item_rejects),
              "rejected": len(item_rejects)}
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,

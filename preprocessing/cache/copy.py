@@ -14,8 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import storage
-from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache, entry_name
+from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache, entry_name, parse_item_file
 from .inventory import referenced_items
+from .lease import lease
 
 
 @dataclass
@@ -41,6 +42,8 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
     dest_store = storage.join(dest_root, STORE_FOLDER, cache.manifest["feature_store"])
     present = set(storage.list_tree(dest_store))
     items = sorted(referenced_items(cache))
+    for name in items:  # from the entry's index, which no checksum covers: never a path out of either store
+        parse_item_file(name)
     absent = [name for name in items if name not in present]
     store_files = absent + ([STORE_KEY_FILE] if STORE_KEY_FILE not in present
                             and storage.exists(storage.join(cache.store.uri, STORE_KEY_FILE)) else [])
@@ -53,8 +56,15 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
         storage.write_atomic(pair[1], data)
         return len(data)
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") as pool:
+    # a lease, as an encode holds: a gc at the destination keeps the items copied (or found) before the manifest
+    with lease(dest, cache.manifest["feature_store"]), ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") \
+            as pool:
         copied = sum(tqdm(pool.map(copy, pairs), total=len(pairs), desc=f"copy {entry_name(uri)}", unit="file",
                           disable=not progress))
-    copied += copy((storage.join(cache.uri, MANIFEST), storage.join(dest, MANIFEST)))
+        stats = storage.stat_files([storage.join(dest_store, name) for name in items])
+        gone = [uri for uri, stat in stats.items() if stat is None]
+        if gone:  # a gc that listed the destination before the lease: the manifest would name missing features
+            raise RuntimeError(f"{len(gone)} of the {len(items)} store items copied or found at {dest_root} were "
+                               f"removed meanwhile (a `modrwkv cache gc --apply`?), e.g. {gone[0]}; copy again")
+        copied += copy((storage.join(cache.uri, MANIFEST), storage.join(dest, MANIFEST)))
     return Copied(dest, len(entry_files) + 1, len(absent), len(items) - len(absent), copied)

@@ -27,7 +27,7 @@ round), shuffles them with a seed and reads ahead on background threads."""
 import hashlib
 import io
 import json
-import posixpath
+import re
 import tarfile
 import threading
 from collections import deque
@@ -151,12 +151,14 @@ class CacheEntry:
         return json.loads(storage.read_bytes(self.path(MANIFEST)))
 
     def done_shards(self) -> dict[int, dict]:
-        """The receipts of the shards a previous, interrupted run wrote, by index (a receipt from before the index,
-        without item files, is left out: written again)."""
+        """The receipts of the shards a previous, interrupted run wrote, by index, each beside a shard of its size
+        (a receipt from before the index, without item files, is left out: written again)."""
         written = {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
                    if n.startswith("shard-") and n.endswith(".json")}
         receipts = {index: self.receipt(index) for index in written}
-        return {index: receipt for index, receipt in receipts.items() if "item_files" in receipt}
+        shards = storage.stat_files([self.path(shard_name(index)) for index in receipts])
+        return {index: receipt for index, receipt in receipts.items() if "item_files" in receipt
+                and (shards[self.path(shard_name(index))] or (None,))[0] == receipt["bytes"]}
 
     def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
                     lengths: list[list], item_files: list[list[str]]) -> dict:
@@ -165,6 +167,8 @@ class CacheEntry:
         receipt = {"index": index, "name": shard_name(index), "count": len(keys), "keys": keys,
                    "sha256": hashlib.sha256(shard).hexdigest(), "bytes": len(shard), "rejects": rejects,
                    "lengths": lengths, "item_files": item_files}
+        # an older run's receipt first: a crash between the two writes must not leave it beside other bytes
+        storage.delete(self.path(receipt_name(index)))
         storage.write_atomic(self.path(shard_name(index)), shard)
         storage.write_atomic(self.path(receipt_name(index)), canonical_json(receipt))
         return receipt
@@ -205,10 +209,17 @@ def item_file(ref: str, data: bytes, length: int) -> str:
     return f"{ref[:2]}/{ref}_{length}_{hashlib.sha256(data).hexdigest()[:32]}.npy"
 
 
+# `item_file`'s names: what a store reads or copies is one of its own items, never a path out of it (`../x.npy`)
+ITEM_FILE = re.compile(r"([0-9a-f]{2})/(\1[0-9a-f]{62})_(\d+)_([0-9a-f]{32})\.npy")
+
+
 def parse_item_file(name: str) -> tuple[str, int, str]:
-    """(ref, length, digest) of an item file's relative name."""
-    ref, length, digest = posixpath.basename(name).removesuffix(".npy").split("_")
-    return ref, int(length), digest
+    """(ref, length, digest) of an item file's relative name; ValueError for a name `item_file` never makes (an
+    index or shard naming it was damaged or made by hand)."""
+    match = ITEM_FILE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not the name of a feature store's item (xx/<sha256>_<length>_<digest>.npy)")
+    return match[2], int(match[3]), match[4]
 
 
 def item_length(name: str) -> int:
@@ -232,9 +243,14 @@ class FeatureStore:
             storage.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True).encode())
         return store
 
+    def key(self) -> dict:
+        """The store key it was made for (`for_key`); {} for a store that records none."""
+        path = storage.join(self.uri, STORE_KEY_FILE)
+        return json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+
     def items(self) -> dict[str, str]:
         """ref -> its item file (relative), for every item the store holds: one listing, nothing read."""
-        return {parse_item_file(name)[0]: name for name in storage.list_tree(self.uri) if name.endswith(".npy")}
+        return {match[2]: name for name in storage.list_tree(self.uri) if (match := ITEM_FILE.fullmatch(name))}
 
     def write(self, ref: str, features: np.ndarray) -> str:
         """Stores one item's features as given (`precision.to_stored` made them); returns its file name (relative)."""
@@ -245,8 +261,9 @@ class FeatureStore:
 
     def read(self, name: str) -> np.ndarray:
         """One item's features, checked against the digest in its name; never unpickled; int8 ones decoded."""
+        digest = parse_item_file(name)[2]  # before anything is read: a name out of the store is refused
         data = storage.read_bytes(storage.join(self.uri, name))
-        if not hashlib.sha256(data).hexdigest().startswith(parse_item_file(name)[2]):
+        if not hashlib.sha256(data).hexdigest().startswith(digest):
             raise ValueError(f"{self.uri}/{name}: sha256 differs from its name; the features were changed or "
                              "damaged after encoding (delete the file and encode again)")
         return from_stored(load_npy(data), self.precision)

@@ -8,6 +8,7 @@ hold other things (a dataset beside its caches): only the files an entry writes 
 no entry."""
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -102,25 +103,67 @@ def referenced_items(cache: FeatureCache) -> set[str]:
 def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     """The URIs `gc` removes: unreferenced store items, entries of an older format or never finished, series records
     of entries gone, and half-written files, when older than `grace_s` seconds. An entry an encode holds a fresh
-    lease on (`lease.py`) is kept whole, and so is every item of the store it takes items from (a store unknown, as
-    when the lease is being rewritten: every store's)."""
+    lease on (`lease.py`) is kept whole, and so is every file of the store it takes items from (a store unknown, as
+    when the lease is being rewritten: every store's). Nothing reached through a link out of a local root is."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
-    # encodes running now: a lease renewed within RENEW_S, whatever the grace (0 included)
-    fresh = time.time_ns() - int(max(grace_s, 3 * RENEW_S) * 1e9)
-    leased = [e for e in entries if LEASE in e.files and e.files[LEASE][1] >= fresh]
-    held = {leased_store(storage.join(root, e.name)) for e in leased}
+    leased, held = in_use(root, grace_s)
     found = []
     for entry in entries:
-        if not entry.current and entry not in leased and all(mtime < old for _, mtime in entry.files.values()):
+        if not entry.current and entry.name not in leased and all(mtime < old for _, mtime in entry.files.values()):
             found += [storage.join(root, entry.name, f) for f in sorted(entry.files)]
     for store in stores:
+        if store.name in held or None in held:  # its items being reused, its half-written ones being written
+            continue
         for name, (_, mtime) in sorted(store.files.items()):
-            unused = (name.endswith(".npy") and name not in store.referenced and store.name not in held
-                      and None not in held) or ".tmp-" in name
+            unused = (name.endswith(".npy") and name not in store.referenced) or ".tmp-" in name
             if unused and mtime < old:
                 found.append(storage.join(root, STORE_FOLDER, store.name, name))
-    return found + stale_records(root, {e.name for e in entries if e.current}, old)
+    return inside(root, found + stale_records(root, {e.name for e in entries if e.current}, old))
+
+
+def in_use(root: str, grace_s: float) -> tuple[set[str], set[str | None]]:
+    """The entries encodes are writing now (a lease renewed within the grace, and at least 3 renewals, whatever the
+    grace: 0 included), and the stores they take items from (None: a lease being rewritten, any store)."""
+    fresh = time.time_ns() - int(max(grace_s, 3 * RENEW_S) * 1e9)
+    names = storage.list_folders(root)
+    leases = storage.stat_files([storage.join(root, name, LEASE) for name in names])
+    leased = {name for name in names if (stat := leases[storage.join(root, name, LEASE)]) and stat[1] >= fresh}
+    return leased, {leased_store(storage.join(root, name)) for name in leased}
+
+
+def inside(root: str, uris: list[str]) -> list[str]:
+    """`uris` but those whose file lies out of a local `root` (a folder in it linked to another disk or root):
+    deleting through the link would delete another root's files."""
+    if storage.is_remote(root):
+        return uris
+    real_root = os.path.realpath(root)
+    return [uri for uri in uris if os.path.realpath(uri).startswith(real_root + os.sep)]
+
+
+def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = 30.0) -> list[str]:
+    """Deletes `found` (`garbage`'s list), looking again every `recheck_s` seconds for what changed since it was
+    made: an encode that took its lease since (its entry and its store kept) or an unfinished entry finished since.
+    Returns what it deleted. (A job that starts between a look and a delete still fails naming what went, before
+    its manifest: `pipelines/encode.py`, `write_entry`.)"""
+    prefix = storage.join(root, "_")[:-1]  # root and its separator, as `garbage` joined them
+    tops = {uri[len(prefix):].split("/", 1)[0] for uri in found}
+    entries = tops - {STORE_FOLDER, RESOLVED_FOLDER}
+    unfinished = {top for top in entries if storage.join(root, top, MANIFEST) not in found}
+    deleted, looked = [], None
+    for uri in found:
+        if looked is None or time.monotonic() - looked > recheck_s:
+            leased, held = in_use(root, grace_s)
+            finished = {top for top in unfinished if storage.exists(storage.join(root, top, MANIFEST))}
+            looked = time.monotonic()
+        top, _, rest = uri[len(prefix):].partition("/")
+        if top == STORE_FOLDER and (rest.split("/", 1)[0] in held or None in held):
+            continue
+        if top in leased or top in finished:
+            continue
+        storage.delete(uri)
+        deleted.append(uri)
+    return deleted
 
 
 # a series record's name, and its half-written form

@@ -728,6 +728,54 @@ def test_a_resumed_encode_of_fewer_shards_leaves_none_of_the_first_runs_past_the
         f"shard-{i:05d}.{suffix}" for i in range(3) for suffix in ("json", "tar")]
 
 
+def test_weights_replaced_after_the_job_keyed_its_store_fail_it(tmp_path, encoders, monkeypatch):
+    """The driver keys the store by the weights it hashed; an encoder that loaded others would file their features
+    under the old weights' key, where every later job reuses them."""
+    import shutil
+
+    import pipelines.encode as encode
+
+    build_digits(tmp_path / "digits", n_train=2, n_test=0)
+    shutil.copytree(encoders["clip"], tmp_path / "clip")
+    shutil.copy(encoders["clip_b"] / "model.safetensors", tmp_path / "clip_b.safetensors")
+    write_entry = encode.write_entry
+
+    def replaced_meanwhile(*args):
+        shutil.copy(tmp_path / "clip_b.safetensors", tmp_path / "clip" / "model.safetensors")
+        return write_entry(*args)
+
+    monkeypatch.setattr(encode, "write_entry", replaced_meanwhile)
+    with pytest.raises(RuntimeError, match=r"clip: other weights \(sha256 .*\) than the job keyed its feature store "
+                                           r"by .* run it again"):
+        run_encode(config(**digits_config(tmp_path / "digits", tmp_path / "clip", tmp_path / "cache")))
+
+
+def test_a_kept_shard_removed_while_the_resumed_job_ran_fails_it(tmp_path, encoders, monkeypatch):
+    """The first run dies before its manifest; while the second keeps its shards, a gc that listed the root before
+    the lease removes one: the job fails naming it rather than writing a manifest of a missing shard."""
+    from preprocessing.cache.entry import CacheEntry
+
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
+
+    def dies_before_the_manifest(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheEntry, "finish", dies_before_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(config(**sections))
+    monkeypatch.undo()
+    delete_shards = CacheEntry.delete_shards
+
+    def collected_meanwhile(entry, indices):  # after the shards were found whole and kept
+        next((tmp_path / "cache").glob("image-*/shard-00001.tar")).unlink()
+        delete_shards(entry, indices)
+
+    monkeypatch.setattr(CacheEntry, "delete_shards", collected_meanwhile)
+    with pytest.raises(RuntimeError, match=r"1 of the 12 store items and shards .* e\.g\. .*shard-00001\.tar"):
+        run_encode(config(**sections))
+
+
 def test_a_sample_rejected_at_encode_is_named_by_the_item_that_failed(tmp_path, encoders, monkeypatch):
     """Two images in one sample, the second's features refused: the reject names that file, not the first."""
     import pipelines.encode as encode
@@ -920,8 +968,8 @@ def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heal
         return plan_shards(*args)
 
     monkeypatch.setattr(pipelines.encode, "plan_shards", collected_meanwhile)
-    with pytest.raises(RuntimeError, match="1 of the 8 store items this job found and reused were removed while it "
-                                           "ran .* run the job again: it encodes them anew"):
+    with pytest.raises(RuntimeError, match="1 of the 8 store items and shards this job found and reused were "
+                                           "removed while it ran .* run the job again: it writes them anew"):
         run_encode(config(**settings))
     monkeypatch.setattr(pipelines.encode, "plan_shards", plan_shards)
     healed = run_encode(config(**settings))

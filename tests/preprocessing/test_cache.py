@@ -458,3 +458,108 @@ def test_raw_series_windows_read_as_their_lookback_and_entries_with_store_items_
     (before,) = FeatureCache(str(tmp_path / "before")).read_shard(0)
     assert not before.items_inline and before.item_files
     np.testing.assert_array_equal(before.items[0], lookback[:, None] * 2)  # the store's, not the lookback
+
+
+def test_a_shard_is_kept_on_a_resume_only_beside_its_own_receipt(tmp_path, monkeypatch):
+    """A run died between rewriting a shard and its receipt: the older run's receipt stayed beside other bytes, and
+    a resume whose plan matched it kept bytes whose sha256 no read would pass. A shard cut short is not kept
+    either."""
+    import preprocessing.storage as storage
+
+    entry = CacheEntry(str(tmp_path / "entry"))
+    first = entry.write_shard(0, b"a" * 100, ["k0"], [], [[0, []]], [[]])
+    entry.write_shard(1, b"b" * 100, ["k1"], [], [[0, []]], [[]])
+    assert set(entry.done_shards()) == {0, 1} and entry.done_shards()[0] == first
+    real_write = storage.write_atomic
+
+    def dies_before_the_receipt(uri, data):
+        if uri.endswith(".json"):
+            raise KeyboardInterrupt
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_atomic", dies_before_the_receipt)
+    with pytest.raises(KeyboardInterrupt):
+        entry.write_shard(0, b"c" * 100, ["k0"], [], [[0, []]], [[]])  # other bytes, the same size and samples
+    monkeypatch.undo()
+    Path(entry.path("shard-00001.tar")).write_bytes(b"b" * 60)  # cut short
+    assert entry.done_shards() == {}
+
+
+def test_gc_removes_nothing_through_a_link_out_of_the_root(tmp_path):
+    """A store folder linked to another disk (or another root's): its files were listed through the link as
+    garbage, and deleting them deleted the other root's."""
+    from pipelines.cli import main
+    from preprocessing.cache.entry import FeatureStore
+    from preprocessing.cache.inventory import garbage
+
+    other = tmp_path / "other-root"
+    item = FeatureStore(str(other), STORE).write("f" * 64, np.ones((2, 4), np.float16))
+    root = tmp_path / "cache"
+    write_entry(str(root / NAMES["kept"]), [1])
+    (root / "features" / "linked").symlink_to(other / "features" / STORE)
+    assert garbage(str(root), grace_s=0) == []
+    assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
+    assert (other / "features" / STORE / item).is_file()
+
+
+def test_gc_keeps_a_store_a_job_writes_in_now_and_looks_again_before_it_deletes(tmp_path, capsys):
+    """A running encode's half-written items (grace 0 took them); and what a job that started after gc's listing
+    holds, or an entry finished meanwhile, is kept by the deletion that follows the listing."""
+    from pipelines.cli import main
+    from preprocessing.cache.entry import FeatureStore
+    from preprocessing.cache.inventory import garbage, sweep
+    from preprocessing.cache.lease import lease
+
+    root = tmp_path / "cache"
+    write_entry(str(root / NAMES["unfinished"]), [1])
+    (root / NAMES["unfinished"] / "manifest.json").rename(tmp_path / "manifest.json")
+    unused = FeatureStore(str(root), STORE).write("e" * 64, np.ones((2, 4), np.float16))
+    (root / "features" / STORE / "ab").mkdir(exist_ok=True)
+    (root / "features" / STORE / "ab" / "x.npy.tmp-12345678").write_bytes(b"half")
+    with lease(str(root / NAMES["gone"]), STORE):  # the store held: not one of its files, half-written or not
+        assert not [uri for uri in garbage(str(root), grace_s=0) if "/features/" in uri]
+    found = garbage(str(root), grace_s=0)
+    assert f"{root}/features/{STORE}/{unused}" in found and f"{root}/{NAMES['unfinished']}/index.parquet" in found
+    with lease(str(root / NAMES["gone"]), STORE):  # a job starts after the listing
+        (tmp_path / "manifest.json").rename(root / NAMES["unfinished"] / "manifest.json")  # and one finishes
+        assert sweep(str(root), found, grace_s=0) == []
+    assert (root / "features" / STORE / unused).is_file() and FeatureCache(str(root / NAMES["unfinished"]))
+    assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
+    assert not (root / "features" / STORE / unused).exists()
+    assert "removed: 2 files" in capsys.readouterr().out  # the unused item and the half-written one
+
+
+def test_cache_cp_holds_a_lease_and_names_what_went_meanwhile_and_copies_no_path_out_of_a_store(tmp_path,
+                                                                                               monkeypatch):
+    """A copy runs for hours on a large entry: a gc at the destination took the items copied first (older than its
+    grace, referenced by no manifest yet); an index naming `../x.npy` read and wrote out of both stores."""
+    import pyarrow as pa
+
+    import preprocessing.cache.copy as copy
+    from preprocessing.cache.index import read_index, write_index
+
+    root, dest = tmp_path / "cache", tmp_path / "dest"
+    write_entry(str(root / ENTRY), [2, 1])
+    real_stat, leases = copy.storage.stat_files, []
+
+    def gc_meanwhile(uris):  # once every item is at the destination, before the manifest
+        leases.append(json.loads((dest / ENTRY / "lease.json").read_text())["store"])
+        next((dest / "features").glob("*/*/*.npy")).unlink()
+        return real_stat(uris)
+
+    monkeypatch.setattr(copy.storage, "stat_files", gc_meanwhile)
+    with pytest.raises(RuntimeError, match="1 of the 3 store items copied or found at .* were removed meanwhile"):
+        copy.copy_entry(str(root / ENTRY), str(dest), progress=False)
+    monkeypatch.undo()
+    assert leases == [STORE] and not (dest / ENTRY / "manifest.json").exists()
+    assert not (dest / ENTRY / "lease.json").exists()  # let go when the copy ends, failed or not
+
+    index = read_index(str(root / ENTRY), None)
+    names = index["item_files"].to_pylist()
+    names[0] = ["../../../secret.npy"]
+    write_index(str(root / ENTRY), index.set_column(index.schema.get_field_index("item_files"), "item_files",
+                                                    pa.array(names)))
+    with pytest.raises(ValueError, match="'../../../secret.npy' is not the name of a feature store's item"):
+        copy.copy_entry(str(root / ENTRY), str(tmp_path / "third"), progress=False)
+    with pytest.raises(ValueError, match="is not the name of a feature store's item"):  # nor read: its digest was ""
+        FeatureCache(str(root / ENTRY)).store.read("../../../secret.npy")
