@@ -701,23 +701,30 @@ def test_a_resumed_encode_rewrites_the_shards_a_sample_rejected_before_has_moved
     assert fresh.manifest["shards"] == resumed.manifest["shards"]
 
 
+def encoded_but_the_manifest(tmp_path, encoder, monkeypatch) -> dict:
+    """8 digits encoded in 4 shards by a run that dies before its manifest; returns the config's sections."""
+    from preprocessing.cache.entry import CacheEntry
+
+    build_digits(tmp_path / "digits", n_train=8, n_test=0)
+    sections = digits_config(tmp_path / "digits", encoder, tmp_path / "cache")
+
+    def dies_before_the_manifest(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CacheEntry, "finish", dies_before_the_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            run_encode(config(**sections))
+    return sections
+
+
 def test_a_resumed_encode_of_fewer_shards_leaves_none_of_the_first_runs_past_them(tmp_path, encoders, monkeypatch):
     """The first run writes 4 shards and dies before its manifest; two of its store items go (a `cache gc`), and the
     second run fails to encode them again: 3 shards, and the first run's fourth, which no manifest names, is not left
     in the entry to be copied or counted."""
     import pipelines.encode as encode
-    from preprocessing.cache.entry import CacheEntry
 
-    build_digits(tmp_path / "digits", n_train=8, n_test=0)
-    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
-
-    def dies_before_the_manifest(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CacheEntry, "finish", dies_before_the_manifest)
-    with pytest.raises(KeyboardInterrupt):
-        run_encode(config(**sections))
-    monkeypatch.undo()
+    sections = encoded_but_the_manifest(tmp_path, encoders["clip"], monkeypatch)
     for item in sorted((tmp_path / "cache").glob("features/*/*/*.npy"))[:2]:
         item.unlink()
     monkeypatch.setattr(encode, "encode_items", lambda config, store, todo: (
@@ -755,16 +762,7 @@ def test_a_kept_shard_removed_while_the_resumed_job_ran_fails_it(tmp_path, encod
     the lease removes one: the job fails naming it rather than writing a manifest of a missing shard."""
     from preprocessing.cache.entry import CacheEntry
 
-    build_digits(tmp_path / "digits", n_train=8, n_test=0)
-    sections = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
-
-    def dies_before_the_manifest(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CacheEntry, "finish", dies_before_the_manifest)
-    with pytest.raises(KeyboardInterrupt):
-        run_encode(config(**sections))
-    monkeypatch.undo()
+    sections = encoded_but_the_manifest(tmp_path, encoders["clip"], monkeypatch)
     delete_shards = CacheEntry.delete_shards
 
     def collected_meanwhile(entry, indices):  # after the shards were found whole and kept
