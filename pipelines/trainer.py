@@ -182,6 +182,16 @@ def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int)
                              "workers): start the phase afresh")
 
 
+def stream_order(seed: int, buffers: list[int] | None, collator) -> dict:
+    """What, beside the entries and their epochs, decides which samples a data position's counts point at: the seed
+    (the cache draws and each epoch's shuffle) and, packing (`buffers`: each cache's), how a buffer becomes rows:
+    its size, max_length and each projector's compression (a sample's tokens)."""
+    if buffers is None:
+        return {"seed": seed}
+    return {"seed": seed, "pack_buffers": buffers, "max_length": collator.max_length,
+            "compression": {m: [p.kernel, p.stride] for m, p in sorted(collator.config.projectors.items())}}
+
+
 def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: int = 8192) -> float:
     """The samples a packed row holds on average when RowPacker packs samples of these lengths (`tokens`, those
     over max_length skipped): measured by packing up to `sampled` of them, seeded, in buffers of `buffer`."""
@@ -224,21 +234,26 @@ class MicroBatches:
         if ("rows" in position) != bool(pack_buffer):
             saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
             raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
+        # a buffer no larger than the worker's share: a larger one would hold some of its samples twice
+        buffers = [min(pack_buffer, share) or 1 for share in self.epoch] if pack_buffer else None
+        self.order = stream_order(seed, buffers, collator)
+        if "order" in position and position["order"] != self.order:  # one saved before it was recorded: as it is
+            raise ValueError(f"a data position saved with {position['order']} cannot resume a run with {self.order} "
+                             "(the same counts would point at other samples): start the phase afresh")
         self.draws, self.taken = 0, list(position["taken"])
         self.pick = random.Random(seed)
         for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
-        # a buffer no larger than the worker's share: a larger one would hold some of its samples twice
-        self.packers = [RowPacker(self.streams[i], collator, min(pack_buffer, self.epoch[i]) or 1, len(c),
-                                  c.uri, seed, position["taken"][i], position["rows"][i])
-                        for i, c in enumerate(caches)] if pack_buffer else None
+        self.packers = [RowPacker(self.streams[i], collator, buffers[i], len(c), c.uri, seed, position["taken"][i],
+                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
+        where = {"epoch": self.epoch, "entries": self.entries, "order": self.order}
         if self.packers is None:
-            return {"draws": self.draws, "taken": list(self.taken), "epoch": self.epoch, "entries": self.entries}
+            return {"draws": self.draws, "taken": list(self.taken), **where}
         return {"draws": self.draws, "taken": [p.start for p in self.packers], "rows": [p.used for p in self.packers],
-                "epoch": self.epoch, "entries": self.entries}
+                **where}
 
     def draw(self) -> int:
         self.draws += 1
@@ -314,11 +329,15 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     counts (`step_objective`), so micro_batch, packing and the number of workers change how a step is computed, not
     what it minimises."""
     # every trainable tensor a micro-batch may leave idle joins its graph (x0), so that ZeRO reduces every gradient:
-    # the projectors of the other modalities, the heads, and the backbone's unread tensors (every forward reads its
-    # ~800 others; touching them too added thousands of tiny kernels a micro-step); the same in one process, which
-    # then computes what workers do
+    # the projectors of the other modalities, the heads (the LM head reads labelled positions only, and a forecast
+    # has none), and the backbone's unread tensors (every forward reads its ~800 others; touching them too added
+    # thousands of tiny kernels a micro-step); the same in one process, where AdamW skips a tensor with no gradient
+    # (no decay, no momentum) that ZeRO's flat partition updates with a zero one: so one process computes what
+    # workers do
     model = engine.module
-    read = {id(p) for p in model.backbone.parameters()} - {id(p) for p in model.backbone.unread_parameters()}
+    always_read = set(model.backbone.parameters()) - set(model.backbone.unread_parameters()) - {
+        model.backbone.head.weight}
+    read = {id(p) for p in always_read}
     touch = [p for p in model.parameters() if p.requires_grad and id(p) not in read]
     accumulation, skipped = engine.gradient_accumulation_steps(), [] if skipped is None else skipped
     # the engines divide the loss by the accumulation steps, and DeepSpeed averages the gradients over workers

@@ -157,8 +157,9 @@ def test_a_stream_built_from_a_position_continues_exactly_where_the_first_stood(
 class FakePackingCollator:
     """Like Collator(max_length, skip_bad_samples=True) for packing: sample i is `length(i)` tokens long."""
 
-    def __init__(self, max_length: int, length):
+    def __init__(self, max_length: int, length, kernel: int = 3):
         self.max_length, self.length = max_length, length
+        self.config = SimpleNamespace(projectors={"image": SimpleNamespace(kernel=kernel, stride=2)})
 
     def encode_all(self, samples):
         kept = [SimpleNamespace(ids=[0] * self.length(x["i"]), sample=x) for x in samples
@@ -255,6 +256,32 @@ def test_a_pack_buffer_larger_than_the_workers_share_holds_each_sample_once():
         next(stream)
         packed = [e.sample["i"] for row in stream.packers[0].rows for e in row]
         assert sorted(packed) == list(range(7))
+
+
+def test_a_position_is_refused_by_a_run_whose_seed_or_packing_would_point_its_counts_at_other_samples():
+    """Counts of draws, samples and rows mean a place only under the same seed (the draws, each epoch's shuffle) and,
+    packing, the same buffer, max_length and compression: another packs that buffer into other rows (fewer than
+    were handed out: an IndexError at the first draw), or trains samples twice and skips others."""
+    caches = lambda: [FakeCache("a", 15), FakeCache("b", 7)]  # noqa: E731
+    first = packed_stream(caches())
+    for _ in range(5):
+        next(first)
+    position = first.position()
+    assert position["order"] == {"seed": 2, "pack_buffers": [10, 7], "max_length": 16, "compression": {
+        "image": [3, 2]}}
+    for changed in (dict(seed=3), dict(pack_buffer=8), dict(collator=FakePackingCollator(20, lambda i: 5)),
+                    dict(collator=FakePackingCollator(16, lambda i: 5, kernel=4))):
+        args = {"collator": FakePackingCollator(16, lambda i: 5), "seed": 2, "pack_buffer": 10, **changed}
+        with pytest.raises(ValueError, match="a data position saved with .* cannot resume a run with .* start the "
+                                             "phase afresh"):
+            MicroBatches(caches(), args["collator"], 3, 0, 1, seed=args["seed"], position=position,
+                         pack_buffer=args["pack_buffer"])
+    unpacked = MicroBatches(caches(), fake_collator(), 2, 0, 1, seed=4)
+    next(unpacked)
+    with pytest.raises(ValueError, match="saved with {'seed': 4} cannot resume a run with {'seed': 5}"):
+        MicroBatches(caches(), fake_collator(), 2, 0, 1, seed=5, position=unpacked.position())
+    del position["order"]  # saved before it was recorded: taken as it is
+    assert packed_stream(caches(), position).position()["taken"] == position["taken"]
 
 
 def test_a_position_saved_over_other_epochs_is_refused_and_one_without_them_is_taken_with_a_warning(capsys):

@@ -209,6 +209,28 @@ def test_a_step_of_answers_and_forecasts_weighs_each_task_by_its_samples():
     assert one_step(packed, forecast_horizon=4) == pytest.approx(together, rel=1e-4)
 
 
+def test_a_step_of_forecasts_alone_updates_the_lm_head_as_deepspeed_does():
+    """The LM head reads only labelled positions, and a forecast has none: its gradient stayed None in one process,
+    where AdamW then skips the tensor (no decay, no momentum), while ZeRO's flat partition gets a zero gradient and
+    decays it. Touched like every idle tensor, it gets the zero gradient in one process too."""
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for, train_steps
+    from tests.modrwkv.test_multimodal import tiny_model
+
+    model = tiny_model(seed=1, forecast_horizon=4)
+    model.set_phase(2)
+    head = model.backbone.head.weight.detach().clone()
+    hp = PhaseConfig(lr=1e-3, steps=1, global_batch=1, micro_batch=1, grad_clip=0.0, weight_decay=0.1)
+    engine = LocalEngine(model, optimizer_for(model, hp), 1, grad_clip=0.0)
+    batch = Collator(WorldTokenizer(), model.config, max_length=400)(series_windows(2))
+    train_steps(engine, engine.optimizer, iter([("series", batch)]), hp)
+    decayed = model.backbone.head.weight.detach()
+    factor = float((decayed * head).sum() / (head * head).sum())  # a zero gradient moves it by decay alone
+    assert factor < 1 - 1e-6 and torch.allclose(decayed, head * factor, rtol=0, atol=1e-7)
+
+
 def test_adamw_takes_rwkv_lms_epsilon_unless_the_phase_sets_another():
     from pipelines.train_config import PhaseConfig
     from pipelines.trainer import optimizer_for
