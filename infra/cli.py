@@ -80,6 +80,9 @@ def set_aside_tracking_database(state_dir: Path) -> Path | None:
         if not kept.exists():
             break
         kept = state_dir / f"mlflow-until-{stopped}-{n}.db"
+    for suffix in ("-journal", "-wal", "-shm"):  # SQLite's, of a server killed mid-write: they go with their database
+        if (companion := database.with_name(database.name + suffix)).exists():
+            companion.rename(kept.with_name(kept.name + suffix))
     database.rename(kept)
     return kept
 

@@ -245,7 +245,9 @@ class ItemEncoder:
         keyed = self.store.key().get("weights_hash")
         if keyed and (found := hash_model_dir(model_dir)) != keyed:  # replaced since the driver keyed the store
             raise RuntimeError(f"{self.spec.model_dir}: other weights (sha256 {found[:12]}) than the job keyed its "
-                               f"feature store by ({keyed[:12]}); they changed while it ran: run it again")
+                               f"feature store by ({keyed[:12]}): they changed while it ran, and a rerun keys them "
+                               "anew; or they were replaced keeping their size and modification time (cp -p, rsync "
+                               "-a), which the driver's fingerprints take for unchanged: touch the new files")
         settings = build_settings(dataclasses.asdict(self.spec))
         return build_encoder(self.spec.kind, model_dir, device=device, dtype=dtype, **settings)
 
@@ -472,7 +474,7 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
             kept_shards.append(entry.path(shard_name(index)))
         else:
             entry.write_shard(index, pack_shard(shard), keys, [], [sample_lengths(w) for w in shard], item_files)
-    entry.delete_shards(set(done) - set(range(len(shards))))  # that run's past this one's last
+    entry.delete_shards_from(len(shards))  # an earlier run's past this one's last
     reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store] + kept_shards
     gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
     if gone:  # a gc that listed the root before this job's lease: the manifest would name missing files

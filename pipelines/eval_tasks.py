@@ -15,7 +15,7 @@ import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import ForecastErrors, seasonal_naive
-from .metrics.vqa import mean_exact_match, mean_vqa_accuracy, normalize_answer
+from .metrics.vqa import answer_key, mean_exact_match, mean_vqa_accuracy, normalize_answer
 from .plots import pyplot, save_figure
 from .row_sample import RowSample
 
@@ -169,9 +169,8 @@ class VQA(DecodeTask):
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        label = Counter(map(normalize_answer, references)).most_common(1)[0][0]
-        # as a reference spells it: an answer that normalises to nothing ("A") is not the empty reply
-        majority = [next(r for r in references if normalize_answer(r) == label)] * len(rows)
+        label = Counter(map(answer_key, references)).most_common(1)[0][0]
+        majority = [next(r for r in references if answer_key(r) == label)] * len(rows)  # as a reference spells it
         metrics = {"accuracy": mean_exact_match(predictions, references)}
         baselines = {"accuracy": mean_exact_match(majority, references)}
         annotated = sum("answers" in r for r in rows)

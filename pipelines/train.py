@@ -35,7 +35,7 @@ from .schedule import lr_at, schedule_of
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
 from .train_setup import encoder_store_keys, plan_phase, skipped_in_caches
-from .trainer import check_position, worker_epochs
+from .trainer import check_position, stream_order, worker_epochs
 
 # glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
 # and unmaps it when freed: the embedding's and head's gradients of a 65536-word vocabulary (33.5 MB each at width
@@ -69,7 +69,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                                      plan.out)
     checkpoint = Checkpoint(*storage.for_ray(resume_from)) if resume_from else None
     if checkpoint:
-        check_resumable(checkpoint.get_metadata(), resume_from, plan, phase, config.scaling.workers)
+        check_resumable(checkpoint.get_metadata(), resume_from, plan, phase, config)
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(map(entry_name, caches))}
     if phase == 2:
@@ -135,11 +135,13 @@ def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str,
     return out / "model"
 
 
-def check_resumable(saved: dict, resume_from: str, plan, phase: int, world: int) -> None:
+def check_resumable(saved: dict, resume_from: str, plan, phase: int, config: TrainConfig) -> None:
     """What the workers would refuse after loading the checkpoint, refused before any run starts (a checkpoint
     written before its metadata held these is left to the workers): a phase already at its last step, which would
-    run nothing, and data positions saved over other entries or epochs (`trainer.check_position`). A schedule other
-    than the checkpoint's is let through with a note of the lr it resumes at, and the saved run's there."""
+    run nothing, and data positions saved over other entries or epochs, or in another order (another seed or
+    packing: `trainer.check_position`). A schedule other than the checkpoint's is let through with a note of the lr
+    it resumes at, and the saved run's there."""
+    world = config.scaling.workers
     steps, step = plan.hp.steps, saved.get("step", 0)
     if step >= steps:  # the workers would run no step, and report no checkpoint
         raise ValueError(f"{resume_from}: saved at step {step}, the last of phase {phase}'s {steps}: nothing to "
@@ -157,8 +159,11 @@ def check_resumable(saved: dict, resume_from: str, plan, phase: int, world: int)
         raise ValueError(f"{resume_from}: saved by {len(saved['epochs'])} workers, resumed by {world}")
     entries = [entry_name(c.uri) for c in plan.opened]
     for rank, epoch in enumerate(saved["epochs"]):
-        check_position({"entries": saved["entries"], "epoch": epoch},
-                       worker_epochs(plan.opened, plan.weights, rank, world), entries, rank)
+        now = worker_epochs(plan.opened, plan.weights, rank, world)
+        order = stream_order(config.seed, config.pack_buffer if config.packing else 0, now, config.max_length,
+                             plan.model.projectors)
+        check_position({"entries": saved["entries"], "epoch": epoch,
+                        **({"order": saved["orders"][rank]} if "orders" in saved else {})}, now, entries, rank, order)
 
 
 def log_artifacts(uri: str, run_id: str, config: TrainConfig, out: Path, phase: int) -> None:

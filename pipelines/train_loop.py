@@ -124,7 +124,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                 checkpoint = Checkpoint.from_directory(d)
                 # what a resume checks before it starts workers
                 checkpoint.set_metadata({"step": step, "entries": positions[0]["entries"],
-                                         "epochs": [p["epoch"] for p in positions], "schedule": schedule_of(hp)})
+                                         "epochs": [p["epoch"] for p in positions],
+                                         "orders": [p["order"] for p in positions], "schedule": schedule_of(hp)})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints

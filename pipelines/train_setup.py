@@ -11,7 +11,8 @@ import numpy as np
 
 from modrwkv.checkpoint import read_config
 from modrwkv.config import RWKV7Config
-from modrwkv.model_folder import backbone_weights, file_sha256, read_backbone_source, read_encoders_record
+from modrwkv.model_folder import (ENCODER_SETTINGS, backbone_weights, file_sha256, read_backbone_source,
+                                  read_encoders_record)
 from modrwkv.multimodal import ModRWKVConfig
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache, Share
@@ -198,7 +199,7 @@ def encoder_store_keys(caches: list[FeatureCache]) -> dict[str, dict]:
         if None in found:
             print(f"note: a {modality} cache records no encoder settings; the model records none for {modality}")
             continue
-        differing = sorted({k for key in found for k in key.keys() | found[0].keys() if key.get(k) != found[0].get(k)})
+        differing = [k for k in ENCODER_SETTINGS if any(key.get(k) != found[0].get(k) for key in found)]
         agreed[modality] = {k: v for k, v in found[0].items() if k not in differing}
         if differing:
             agreed[modality]["differing"] = differing

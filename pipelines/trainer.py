@@ -159,11 +159,14 @@ def worker_epochs(caches: list, weights: list[float], rank: int, world: int) -> 
     return [c.samples_of(rank, world) if w else 0 for c, w in zip(caches, weights, strict=True)]
 
 
-def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int) -> None:
-    """A data position counts samples taken: it means the same place only over the same entries and epochs.
-    Refuses a position saved over another entry (one encoded again) or another epoch of one drawn then and now
-    (the entry shared otherwise among the workers); one saved before these were recorded is taken as it is, with a
-    warning."""
+def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int, order: dict | None = None) -> None:
+    """A data position counts samples taken: it means the same place only over the same entries and epochs, and in
+    the same order (`stream_order`). Refuses a position saved over another entry (one encoded again), another epoch
+    of one drawn then and now (the entry shared otherwise among the workers) or in another order; one saved before
+    these were recorded is taken as it is (without its entries and epochs, with a warning)."""
+    if order is not None and "order" in saved and not same_order(saved["order"], order):
+        raise ValueError(f"a data position saved with {saved['order']} cannot resume a run with {order} (the same "
+                         "counts would point at other samples): start the phase afresh")
     if "entries" not in saved:
         print(f"worker {rank}: the data position predates its record of the entries and epochs; resuming where its "
               "counts lead, which is where the run stood only if the caches and their split among the workers are "
@@ -182,14 +185,25 @@ def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int)
                              "workers): start the phase afresh")
 
 
-def stream_order(seed: int, buffers: list[int] | None, collator) -> dict:
+def stream_order(seed: int, pack_buffer: int, epochs: list[int], max_length: int | None, projectors: dict) -> dict:
     """What, beside the entries and their epochs, decides which samples a data position's counts point at: the seed
-    (the cache draws and each epoch's shuffle) and, packing (`buffers`: each cache's), how a buffer becomes rows:
-    its size, max_length and each projector's compression (a sample's tokens)."""
-    if buffers is None:
+    (the cache draws and each epoch's shuffle) and, packing (`pack_buffer` > 0), how a buffer becomes rows: each
+    cache's buffer (no larger than the worker's share of it, `epochs`: a larger one would hold some of its samples
+    twice; None for a cache never drawn), max_length and each projector's compression (a sample's tokens)."""
+    if not pack_buffer:
         return {"seed": seed}
-    return {"seed": seed, "pack_buffers": buffers, "max_length": collator.max_length,
-            "compression": {m: [p.kernel, p.stride] for m, p in sorted(collator.config.projectors.items())}}
+    return {"seed": seed, "pack_buffers": [min(pack_buffer, share) if share else None for share in epochs],
+            "max_length": max_length, "compression": {m: [p.kernel, p.stride] for m, p in sorted(projectors.items())}}
+
+
+def same_order(saved: dict, now: dict) -> bool:
+    """Whether a position saved under `saved` points at the same samples under `now`: equal, but for the buffer of
+    a cache not drawn in one of the runs (it took nothing there)."""
+    if saved.keys() != now.keys() or len(saved.get("pack_buffers", [])) != len(now.get("pack_buffers", [])):
+        return False
+    buffers = zip(saved.get("pack_buffers", []), now.get("pack_buffers", []))
+    return (all(a == b for a, b in buffers if a is not None and b is not None)
+            and all(saved[k] == now[k] for k in now if k != "pack_buffers"))
 
 
 def samples_per_row(tokens, max_length: int, buffer: int, seed: int, sampled: int = 8192) -> float:
@@ -224,29 +238,27 @@ class MicroBatches:
         self.weights = mix or [len(c) for c in caches]
         self.epoch = worker_epochs(caches, self.weights, rank, world)
         self.entries = [entry_name(c.uri) for c in caches]
+        self.order = stream_order(seed, pack_buffer, self.epoch, collator.max_length if pack_buffer else None,
+                                  collator.config.projectors if pack_buffer else {})
         if position is None:
             position = {"draws": 0, "taken": [0] * len(caches)}
             if pack_buffer:
                 position["rows"] = [0] * len(caches)
-        if len(position["taken"]) != len(caches):
-            raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
-        check_position(position, self.epoch, self.entries, rank)
-        if ("rows" in position) != bool(pack_buffer):
-            saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
-            raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
-        # a buffer no larger than the worker's share: a larger one would hold some of its samples twice
-        buffers = [min(pack_buffer, share) or 1 for share in self.epoch] if pack_buffer else None
-        self.order = stream_order(seed, buffers, collator)
-        if "order" in position and position["order"] != self.order:  # one saved before it was recorded: as it is
-            raise ValueError(f"a data position saved with {position['order']} cannot resume a run with {self.order} "
-                             "(the same counts would point at other samples): start the phase afresh")
+        else:
+            if len(position["taken"]) != len(caches):
+                raise ValueError(f"a data position for {len(position['taken'])} caches cannot resume {len(caches)}")
+            if ("rows" in position) != bool(pack_buffer):
+                saved, now = ("on" if "rows" in position else "off"), ("on" if pack_buffer else "off")
+                raise ValueError(f"a data position saved with packing {saved} cannot resume a run with packing {now}")
+            check_position(position, self.epoch, self.entries, rank, self.order)
         self.draws, self.taken = 0, list(position["taken"])
         self.pick = random.Random(seed)
         for _ in range(position["draws"]):  # the cache choices are a seeded sequence: replaying them reads nothing
             self.draw()
         self.streams = [self.stream(i) for i in range(len(caches))]
-        self.packers = [RowPacker(self.streams[i], collator, buffers[i], len(c), c.uri, seed, position["taken"][i],
-                                  position["rows"][i]) for i, c in enumerate(caches)] if pack_buffer else None
+        self.packers = [RowPacker(self.streams[i], collator, self.order["pack_buffers"][i] or 1, len(c), c.uri, seed,
+                                  position["taken"][i], position["rows"][i])
+                        for i, c in enumerate(caches)] if pack_buffer else None
 
     def position(self) -> dict:
         where = {"epoch": self.epoch, "entries": self.entries, "order": self.order}

@@ -63,9 +63,16 @@ def join(base: str, *parts: str) -> str:
 
 
 def resolve(base_dir: str, path: str) -> str:
-    """`path` as given when absolute or a URI, else relative to `base_dir` (a manifest's folder)."""
+    """`path` as given when absolute or a URI, else relative to `base_dir` (a manifest's folder): under a URI,
+    climbing (`..`) within its bucket (S3 keys know no `..`: it stayed in the key, another object's name)."""
     if is_remote(path) or Path(path).is_absolute():
         return str(path)
+    if is_remote(base_dir):
+        scheme, prefix = str(base_dir).rstrip("/").split("://", 1)
+        joined = posixpath.normpath(posixpath.join(prefix, path))
+        if joined.split("/", 1)[0] != prefix.split("/", 1)[0] or joined.startswith(".."):
+            raise ValueError(f"{path!r} climbs out of the bucket of {base_dir}")
+        return f"{scheme}://{joined}"
     return join(base_dir, path)
 
 
@@ -78,11 +85,13 @@ def media_path(root: str, path: str, allow_outside: bool = False) -> str:
     if is_remote(path) or Path(path).is_absolute() or posixpath.isabs(path):
         raise ValueError(f"media path {path!r} is absolute; it must be relative to the media root {root}")
     if is_remote(root):
-        scheme, prefix = root.rstrip("/").split("://", 1)
-        joined = posixpath.normpath(posixpath.join(prefix, path))
-        if not joined.startswith(prefix + "/"):
+        try:
+            joined = resolve(root, path)
+        except ValueError:
+            joined = ""
+        if not joined.startswith(root.rstrip("/") + "/"):
             raise ValueError(f"media path {path!r} leaves the media root {root}")
-        return f"{scheme}://{joined}"
+        return joined
     base = Path(root).resolve()
     target = (base / path).resolve()  # follows symlinks
     if not target.is_relative_to(base):
@@ -145,6 +154,13 @@ def open_for_reading(uri: str):
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def file_mtime_ns(uri: str) -> int | None:
+    """A file's modification time in ns (one request: HEAD on S3), None when there is none."""
+    fs, path = _fs(uri)
+    info = fs.get_file_info(path)
+    return info.mtime_ns if info.type == pafs.FileType.File else None
 
 
 def listing(uri: str, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]]:

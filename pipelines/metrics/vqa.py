@@ -5,7 +5,7 @@ digit rules), lowercasing, number words to digits, articles dropped, missing apo
 official script skips normalisation when all ten human answers agree (they are stored normalised); here both
 sides are always normalised, as lmms-eval does: safe on other data, and on VQAv2 a reply that needs normalising
 against ten agreeing answers ("two" for "2") scores 1 here where the official script gives 0. An empty reply
-scores 0, and an answer that is only an article ("A" as a choice letter) keeps its articles (`answers_match`).
+scores 0, and an answer that is only an article ("A" as a choice letter) keeps its articles (`answer_key`).
 """
 
 import re
@@ -70,15 +70,16 @@ def normalize_answer(text: str, keep_articles: bool = False) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if keep_articles or w not in ARTICLES)
 
 
+def answer_key(text: str) -> str:
+    """What answers are told apart by: the normalised text, or for one that normalises to nothing (the choice letter
+    "A", an article) the text with its articles kept: "A" and "The" both normalised to "" and matched."""
+    return normalize_answer(text) or normalize_answer(text, keep_articles=True)
+
+
 def answers_match(prediction: str, answer: str) -> bool:
-    """The normalised prediction equals the normalised answer. An empty prediction (a sample left unanswered)
-    matches nothing, and an answer that normalises to nothing (the choice letter "A", an article) is compared with
-    articles kept: both normalised to "" matched, and "the" was the right answer to "A"."""
-    if not prediction.strip():
-        return False
-    if not normalize_answer(answer):
-        return normalize_answer(prediction, keep_articles=True) == normalize_answer(answer, keep_articles=True)
-    return normalize_answer(prediction) == normalize_answer(answer)
+    """The prediction's `answer_key` equals the answer's; an empty prediction (a sample left unanswered) matches
+    nothing."""
+    return bool(prediction.strip()) and answer_key(prediction) == answer_key(answer)
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:

@@ -173,8 +173,12 @@ class CacheEntry:
         storage.write_atomic(self.path(receipt_name(index)), canonical_json(receipt))
         return receipt
 
-    def delete_shards(self, indices) -> None:
-        for index in indices:
+    def delete_shards_from(self, first: int) -> None:
+        """Removes every shard (and receipt) numbered `first` or more: an earlier run's past this one's last, whether
+        its receipt was found whole or not."""
+        written = {int(n[len("shard-"):].split(".")[0]) for n in storage.list_files(self.uri)
+                   if re.fullmatch(r"shard-\d+\.(tar|json)", n)}
+        for index in sorted(i for i in written if i >= first):
             storage.delete(self.path(receipt_name(index)))  # first: a shard without its receipt is never reused
             storage.delete(self.path(shard_name(index)))
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import storage
@@ -107,7 +108,7 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     when the lease is being rewritten: every store's). Nothing reached through a link out of a local root is."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
-    leased, held = in_use(root, grace_s)
+    leased, held = in_use(root, grace_s, {e.name: e.files[LEASE][1] for e in entries if LEASE in e.files})
     found = []
     for entry in entries:
         if not entry.current and entry.name not in leased and all(mtime < old for _, mtime in entry.files.values()):
@@ -122,13 +123,18 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     return inside(root, found + stale_records(root, {e.name for e in entries if e.current}, old))
 
 
-def in_use(root: str, grace_s: float) -> tuple[set[str], set[str | None]]:
+def in_use(root: str, grace_s: float, leases: dict[str, int] | None = None) -> tuple[set[str], set[str | None]]:
     """The entries encodes are writing now (a lease renewed within the grace, and at least 3 renewals, whatever the
-    grace: 0 included), and the stores they take items from (None: a lease being rewritten, any store)."""
+    grace: 0 included), and the stores they take items from (None: a lease being rewritten, any store). `leases`:
+    entry -> its lease's mtime (ns), when a listing has them; else looked up, one request an entry folder, 16 at a
+    time."""
     fresh = time.time_ns() - int(max(grace_s, 3 * RENEW_S) * 1e9)
-    names = storage.list_folders(root)
-    leases = storage.stat_files([storage.join(root, name, LEASE) for name in names])
-    leased = {name for name in names if (stat := leases[storage.join(root, name, LEASE)]) and stat[1] >= fresh}
+    if leases is None:
+        names = [name for name in storage.list_folders(root) if ENTRY_NAME.fullmatch(name)]
+        with ThreadPoolExecutor(16, thread_name_prefix="gc-leases") as pool:
+            mtimes = pool.map(storage.file_mtime_ns, [storage.join(root, name, LEASE) for name in names])
+        leases = {name: mtime for name, mtime in zip(names, mtimes) if mtime is not None}
+    leased = {name for name, mtime in leases.items() if mtime >= fresh}
     return leased, {leased_store(storage.join(root, name)) for name in leased}
 
 

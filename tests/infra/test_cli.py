@@ -275,6 +275,24 @@ def test_services_up_starts_mlflow_on_a_new_database_keeping_the_last(tmp_path):
         assert kept.read_text() == run and kept.name.startswith("mlflow-until-") and kept.suffix == ".db"
         assert not (tmp_path / "mlflow.db").exists()
     assert len(list(tmp_path.glob("mlflow-until-*.db"))) == 2
+    (tmp_path / "mlflow.db").write_text("third")
+    (tmp_path / "mlflow.db-journal").write_text("a killed server's half-written transaction")
+    kept = cli.set_aside_tracking_database(tmp_path)
+    assert kept.with_name(kept.name + "-journal").is_file() and not (tmp_path / "mlflow.db-journal").exists()
+
+
+def test_services_up_sets_the_database_aside_before_mlflow_starts(tmp_path, monkeypatch):
+    (tmp_path / "mlflow.db").write_text("the last up's")
+    seen = []
+
+    def start_s3(state_dir):
+        seen.append((state_dir / "mlflow.db").exists())
+        raise ServiceError("no S3 today")
+
+    monkeypatch.setattr(cli, "start_s3", start_s3)
+    with pytest.raises(ServiceError, match="no S3 today"):
+        services_up(tmp_path)
+    assert seen == [False] and [p.read_text() for p in tmp_path.glob("mlflow-until-*.db")] == ["the last up's"]
 
 
 def test_a_negative_cpu_count_is_refused(capsys):

@@ -57,9 +57,21 @@ def test_addresses_past_two_to_the_31_are_exact():
     assert out.tolist() == expected and max(expected) > 2**31
 
 
-def test_a_forward_with_no_backward_to_follow_keeps_no_checkpoints_and_gives_the_same(backend):
+def test_a_forward_with_no_backward_to_follow_keeps_no_checkpoints_and_gives_the_same(backend, monkeypatch):
     """Inference (no grad mode, or no input needing a gradient) skips the fp32 chunk checkpoints: 16 bytes a channel
     a step, more than a bf16 prefill's inputs."""
+    import importlib
+
+    # by name: the package's `wkv7` attribute is the dispatcher function, not this folder
+    module = importlib.import_module(f"modrwkv_kernels.wkv7.{'triton_kernel' if backend == 'triton' else backend}")
+    allocated, checkpoints = [], module.checkpoints
+
+    def spied(H, total_chunks, N, device, differentiable, unused):
+        made = checkpoints(H, total_chunks, N, device, differentiable, unused)
+        allocated.append(made is not unused)
+        return made
+
+    monkeypatch.setattr(module, "checkpoints", spied)
     xs, s0 = wkv_inputs(2, 2 * CHUNK + 5, 2, 16)
     leaves = on_device(xs + [s0])
     y, s = wkv7(*leaves[:6], initial_state=leaves[6], backend=backend)
@@ -70,6 +82,7 @@ def test_a_forward_with_no_backward_to_follow_keeps_no_checkpoints_and_gives_the
             y_inference, s_inference = wkv7(*plain[:6], initial_state=plain[6], backend=backend)
         assert y_inference.grad_fn is None
         assert torch.equal(y_inference, y.detach()) and torch.equal(s_inference, s.detach())
+    assert allocated == [True, False, False]  # the training forward's only
 
 
 @pytest.mark.parametrize("T", [1, CHUNK - 3, CHUNK, 2 * CHUNK + 5])

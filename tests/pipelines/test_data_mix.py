@@ -284,6 +284,32 @@ def test_a_position_is_refused_by_a_run_whose_seed_or_packing_would_point_its_co
     assert packed_stream(caches(), position).position()["taken"] == position["taken"]
 
 
+def test_a_cache_drawn_in_one_run_only_changes_no_order_and_the_driver_checks_orders_before_workers_start(capsys):
+    """A cache the mix leaves out (weight 0) took nothing: its buffer is no part of the order. The driver refuses a
+    checkpoint saved in another order from its metadata, before the MLflow run, the caches and Ray start."""
+    from pipelines.train import check_resumable
+    from pipelines.train_config import PhaseConfig
+
+    caches = lambda: [FakeCache("a", 15), FakeCache("b", 7)]  # noqa: E731
+    collator = FakePackingCollator(16, lambda i: 5)
+    first = MicroBatches(caches(), collator, 3, 0, 1, seed=2, mix=[1, 0], pack_buffer=10)
+    next(first)
+    position = first.position()
+    assert position["order"]["pack_buffers"] == [10, None]
+    both = MicroBatches(caches(), collator, 3, 0, 1, seed=2, mix=[1, 1], position=position, pack_buffer=10)
+    assert both.position()["taken"] == position["taken"]
+    assert "predates" not in capsys.readouterr().out  # a fresh stream has no position to check
+
+    saved = {"step": 1, "entries": position["entries"], "epochs": [position["epoch"]], "orders": [position["order"]]}
+    plan = SimpleNamespace(hp=PhaseConfig(lr=1e-3, steps=10, global_batch=8), opened=caches(), weights=[1, 0],
+                           model=collator.config, destination="out")
+    config = SimpleNamespace(scaling=SimpleNamespace(workers=1), seed=2, packing=True, pack_buffer=10, max_length=16)
+    check_resumable(saved, "ckpt", plan, 1, config)
+    with pytest.raises(ValueError, match="a data position saved with .*'seed': 2.* cannot resume a run with "
+                                         ".*'seed': 3"):
+        check_resumable(saved, "ckpt", plan, 1, SimpleNamespace(**{**vars(config), "seed": 3}))
+
+
 def test_a_position_saved_over_other_epochs_is_refused_and_one_without_them_is_taken_with_a_warning(capsys):
     """A count of samples taken is a place in the data only over the same epochs: an entry encoded again (15
     samples, then 16) would resume elsewhere, silently."""

@@ -727,6 +727,7 @@ def test_a_resumed_encode_of_fewer_shards_leaves_none_of_the_first_runs_past_the
     sections = encoded_but_the_manifest(tmp_path, encoders["clip"], monkeypatch)
     for item in sorted((tmp_path / "cache").glob("features/*/*/*.npy"))[:2]:
         item.unlink()
+    next((tmp_path / "cache").glob("image-*/shard-00003.json")).unlink()  # a shard left without its receipt
     monkeypatch.setattr(encode, "encode_items", lambda config, store, todo: (
         {ref: {"reject": "decoding it needs more memory than this process has"} for ref in todo}, "driver"))
     resumed = run_encode(config(**sections))
@@ -753,7 +754,7 @@ def test_weights_replaced_after_the_job_keyed_its_store_fail_it(tmp_path, encode
 
     monkeypatch.setattr(encode, "write_entry", replaced_meanwhile)
     with pytest.raises(RuntimeError, match=r"clip: other weights \(sha256 .*\) than the job keyed its feature store "
-                                           r"by .* run it again"):
+                                           r"by .* a rerun keys them anew"):
         run_encode(config(**digits_config(tmp_path / "digits", tmp_path / "clip", tmp_path / "cache")))
 
 
@@ -763,13 +764,13 @@ def test_a_kept_shard_removed_while_the_resumed_job_ran_fails_it(tmp_path, encod
     from preprocessing.cache.entry import CacheEntry
 
     sections = encoded_but_the_manifest(tmp_path, encoders["clip"], monkeypatch)
-    delete_shards = CacheEntry.delete_shards
+    delete_shards_from = CacheEntry.delete_shards_from
 
-    def collected_meanwhile(entry, indices):  # after the shards were found whole and kept
+    def collected_meanwhile(entry, first):  # after the shards were found whole and kept
         next((tmp_path / "cache").glob("image-*/shard-00001.tar")).unlink()
-        delete_shards(entry, indices)
+        delete_shards_from(entry, first)
 
-    monkeypatch.setattr(CacheEntry, "delete_shards", collected_meanwhile)
+    monkeypatch.setattr(CacheEntry, "delete_shards_from", collected_meanwhile)
     with pytest.raises(RuntimeError, match=r"1 of the 12 store items and shards .* e\.g\. .*shard-00001\.tar"):
         run_encode(config(**sections))
 

@@ -30,12 +30,12 @@ def test_a_resume_on_another_schedule_says_where_its_lr_jumps(capsys):
     saved = {"step": 100, "schedule": schedule_of(plan(100).hp)}
     with pytest.raises(ValueError, match="saved at step 100, the last of phase 1's 100: nothing to resume .* "
                                          "its lr from then on the longer schedule's"):
-        check_resumable(saved, "ckpt", plan(100), 1, world=1)
-    check_resumable({**saved, "step": 60}, "ckpt", plan(200), 1, world=1)
+        check_resumable(saved, "ckpt", plan(100), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
+    check_resumable({**saved, "step": 60}, "ckpt", plan(200), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
     err = capsys.readouterr().err
     assert f"step 61 runs at lr {lr_at(schedule_of(plan(200).hp), 60):.3g}" in err
     assert f"the saved run's would be {lr_at(saved['schedule'], 60):.3g}" in err
     assert lr_at(schedule_of(plan(200).hp), 60) > 2 * lr_at(saved["schedule"], 60)
-    check_resumable({**saved, "step": 60}, "ckpt", plan(100), 1, world=1)
-    check_resumable({"step": 60}, "ckpt", plan(200), 1, world=1)
+    check_resumable({**saved, "step": 60}, "ckpt", plan(100), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
+    check_resumable({"step": 60}, "ckpt", plan(200), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
     assert capsys.readouterr().err == ""

@@ -313,6 +313,8 @@ def test_the_model_records_the_encoder_settings_its_caches_agree_on_and_names_th
         write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
     opened = {name: FeatureCache(tmp_path / name) for name in "abcd"}
     assert encoder_store_keys([opened["a"], opened["b"]]) == {"image": dinov2}
+    write_entry(str(tmp_path / "limits"), [[sample]], encoder={**dinov2, "limits": {"max_image_pixels": 4}})
+    assert encoder_store_keys([opened["a"], FeatureCache(tmp_path / "limits")])["image"].get("differing") is None
     mixed = encoder_store_keys([opened["a"], opened["c"]])
     assert mixed == {"image": {"modality": "image", "kind": "dinov2", "layer": 8, "differing": ["image_size"]}}
     assert "different encoder settings (image_size)" in capsys.readouterr().out

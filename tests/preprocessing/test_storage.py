@@ -84,3 +84,12 @@ def test_a_uri_joined_with_an_absolute_or_climbing_part_is_refused():
     for part in ("/tmp/x", "../other", "a/../../b"):
         with pytest.raises(ValueError, match=f"{part!r} is not a path under s3://bucket/runs"):
             storage.join("s3://bucket/runs", part)
+
+
+def test_a_relative_path_under_a_uri_climbs_within_its_bucket():
+    """A manifest's `../images/x.jpg` beside an S3 dataset (allow_media_outside_root): the key it names, not a key
+    holding `..`, nor a refusal."""
+    assert storage.resolve("s3://b/data/train", "../images/x.jpg") == "s3://b/data/images/x.jpg"
+    assert storage.media_path("s3://b/data/root", "../x.jpg", allow_outside=True) == "s3://b/data/x.jpg"
+    with pytest.raises(ValueError, match="'../../../x.jpg' climbs out of the bucket of s3://b/data/train"):
+        storage.resolve("s3://b/data/train", "../../../x.jpg")
