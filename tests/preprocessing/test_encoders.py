@@ -19,6 +19,7 @@ from modrwkv.model_folder import read_encoders_record, write_records
 from preprocessing.encoders import ENCODERS, build_encoder, build_inputs
 from preprocessing.encoders.audio import length_groups
 from preprocessing.encoders.fracast import FracastConfig, FracastNet, save_fracast
+from preprocessing.cache.entry import FeatureStore
 from preprocessing.cache.key import hash_model_dir
 from preprocessing.encoders.recorded import encoder_for
 from preprocessing.encoders.timer import TimerConfig, TimerModel
@@ -406,7 +407,8 @@ def test_tiny_images_encode_as_their_pil_form_on_the_encode_jobs_path(tmp_path, 
     model_class, config, length = VISION[kind]
     torch.manual_seed(0)
     model_class(config).save_pretrained(tmp_path)
-    encoder = ItemEncoder(EncoderSpec(kind=kind, model_dir=str(tmp_path)), store=None).encoder
+    store = FeatureStore(str(tmp_path / "cache"), "unkeyed")  # no store key: no weights to check against
+    encoder = ItemEncoder(EncoderSpec(kind=kind, model_dir=str(tmp_path)), store).encoder
     rng = np.random.default_rng(0)
     for height, width in ((1, 1), (1, 3), (3, 1), (3, 500), (2, 2)):
         pil = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -430,4 +432,4 @@ def test_the_encode_job_builds_the_layer_its_config_names_the_embeddings_too(tmp
     model_class(config.__class__(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path)
     for layer in (0, 1, None):  # 0, the embeddings, is a layer like any other
         spec = EncoderSpec(kind="dinov2", model_dir=str(tmp_path), image_size=28, layer=layer)
-        assert ItemEncoder(spec, store=None).encoder.layer == layer
+        assert ItemEncoder(spec, FeatureStore(str(tmp_path / "cache"), "unkeyed")).encoder.layer == layer
