@@ -347,9 +347,8 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     # (no decay, no momentum) that ZeRO's flat partition updates with a zero one: so one process computes what
     # workers do
     model = engine.module
-    always_read = set(model.backbone.parameters()) - set(model.backbone.unread_parameters()) - {
-        model.backbone.head.weight}
-    read = {id(p) for p in always_read}
+    idle = [*model.backbone.unread_parameters(), model.backbone.head.weight]
+    read = {id(p) for p in model.backbone.parameters()} - {id(p) for p in idle}
     touch = [p for p in model.parameters() if p.requires_grad and id(p) not in read]
     accumulation, skipped = engine.gradient_accumulation_steps(), [] if skipped is None else skipped
     # the engines divide the loss by the accumulation steps, and DeepSpeed averages the gradients over workers
