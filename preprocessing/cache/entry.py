@@ -153,12 +153,15 @@ class CacheEntry:
     def done_shards(self) -> dict[int, dict]:
         """The receipts of the shards a previous, interrupted run wrote, by index, each beside a shard of its size
         (a receipt from before the index, without item files, is left out: written again)."""
-        written = {int(n[len("shard-"):-len(".json")]) for n in storage.list_files(self.uri)
-                   if n.startswith("shard-") and n.endswith(".json")}
-        receipts = {index: self.receipt(index) for index in written}
+        receipts = {index: self.receipt(index) for index in self.shard_indices("json")}
         shards = storage.stat_files([self.path(shard_name(index)) for index in receipts])
         return {index: receipt for index, receipt in receipts.items() if "item_files" in receipt
                 and (shards[self.path(shard_name(index))] or (None,))[0] == receipt["bytes"]}
+
+    def shard_indices(self, suffixes: str) -> set[int]:
+        """The numbers of the shard files (`suffixes`: "tar", "json" or "tar|json") the entry's folder holds."""
+        return {int(match[1]) for n in storage.list_files(self.uri)
+                if (match := re.fullmatch(rf"shard-(\d+)\.({suffixes})", n))}
 
     def write_shard(self, index: int, shard: bytes, keys: list[str], rejects: list[dict],
                     lengths: list[list], item_files: list[list[str]]) -> dict:
@@ -176,9 +179,7 @@ class CacheEntry:
     def delete_shards_from(self, first: int) -> None:
         """Removes every shard (and receipt) numbered `first` or more: an earlier run's past this one's last, whether
         its receipt was found whole or not."""
-        written = {int(n[len("shard-"):].split(".")[0]) for n in storage.list_files(self.uri)
-                   if re.fullmatch(r"shard-\d+\.(tar|json)", n)}
-        for index in sorted(i for i in written if i >= first):
+        for index in sorted(i for i in self.shard_indices("tar|json") if i >= first):
             storage.delete(self.path(receipt_name(index)))  # first: a shard without its receipt is never reused
             storage.delete(self.path(shard_name(index)))
 
