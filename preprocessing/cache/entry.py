@@ -250,8 +250,10 @@ class FeatureStore:
 
     def key(self) -> dict:
         """The store key it was made for (`for_key`); {} for a store that records none."""
-        path = storage.join(self.uri, STORE_KEY_FILE)
-        return json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+        try:  # one request, not a look then a read
+            return json.loads(storage.read_bytes(storage.join(self.uri, STORE_KEY_FILE)))
+        except FileNotFoundError:
+            return {}
 
     def items(self) -> dict[str, str]:
         """ref -> its item file (relative), for every item the store holds: one listing, nothing read."""
