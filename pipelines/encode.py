@@ -425,7 +425,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
                       (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
-    if entry.is_complete() and not config.run.force:
+
+    def cache_hit() -> EncodeResult:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
         report_other_rejects(entry, manifest["counts"]["read"], rejects, n_read)
@@ -433,9 +434,16 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
             resolution.write(uri)
         return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
                             report_over_length(uri, config), fingerprints.files_read)
-    if config.run.force:
-        entry.clear()
-    with lease(uri, store.name):  # `gc` keeps the store's items and this entry's files while it runs
+
+    if entry.is_complete() and not config.run.force:
+        return cache_hit()
+    # one job writes an entry at a time (a second waits: it finds the entry the first wrote), and `gc` keeps the
+    # store's items and this entry's files while it runs
+    with lease(uri, store.name):
+        if entry.is_complete() and not config.run.force:
+            return cache_hit()
+        if config.run.force:
+            entry.clear()
         manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read)
     if resolution:
         resolution.write(uri)

@@ -56,8 +56,9 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
         storage.write_atomic(pair[1], data)
         return len(data)
 
-    # a lease, as an encode holds: a gc at the destination keeps the items copied (or found) before the manifest
-    with lease(dest, cache.manifest["feature_store"]), ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") \
+    # a lease, as an encode holds: a gc at the destination keeps the items copied (or found) before the manifest; an
+    # encode or copy writing the entry there now fails this one (EntryBusy, naming it)
+    with lease(dest, cache.manifest["feature_store"], wait=False), ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") \
             as pool:
         copied = sum(tqdm(pool.map(copy, pairs), total=len(pairs), desc=f"copy {entry_name(uri)}", unit="file",
                           disable=not progress))

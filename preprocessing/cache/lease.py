@@ -1,4 +1,4 @@
-"""A running encode's claim on its entry and its store: `gc` keeps what a fresh lease names.
+"""A running encode's claim on its entry and its store: one writer an entry, and `gc` keeps what a fresh lease names.
 
 An encode job lists the store's items, reuses those it finds and writes its entry's shards over minutes to hours;
 until its manifest exists, nothing else says that those files are in use. The job rewrites `lease.json` in its
@@ -6,12 +6,20 @@ entry folder every `RENEW_S` seconds while it works and removes it when it ends;
 whose lease was renewed within its grace (and at least 3 renewals), and every unreferenced item of that store. A
 job killed outright leaves a lease that goes stale, and its files are garbage once older than the grace. A gc that
 listed the root before a job took its lease may still remove an item the job reuses: the job checks its reused
-items before it writes its manifest, and fails naming them (a rerun encodes them again)."""
+items before it writes its manifest, and fails naming them (a rerun encodes them again).
+
+A lease is exclusive: a job that finds another's lease renewed within 3 of its holder's renewals waits for it (or,
+asked not to, fails naming the holder). Neither a local disk nor S3 gives every writer an atomic create, so a taker
+writes its record, waits `SETTLE_S` for a rival's write to land, and reads it back: of two jobs that both found the
+entry free, the one whose record is read back goes on, the other waits. Two takers collide only if one took longer
+than the settling time between finding the entry free and writing."""
 
 import json
 import os
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,20 +27,82 @@ from .. import storage
 
 LEASE = "lease.json"
 RENEW_S = 300.0  # well inside gc's default grace of an hour
+SETTLE_S = {False: 0.05, True: 2.0}  # local disk, S3: well past the time between a check and a write
+STALE_RENEWALS = 3  # a holder this many renewals late is taken to be dead
+
+
+class EntryBusy(RuntimeError):
+    """Another job holds the entry's lease."""
+
+
+def _holder(path: str) -> tuple[dict, float] | None:
+    """The live lease at `path` (its record, seconds since renewed); None when there is none, or a stale one."""
+    mtime_ns = storage.file_mtime_ns(path)
+    if mtime_ns is None:
+        return None
+    try:
+        record = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None  # let go since the look
+    except (OSError, ValueError):
+        record = {}  # half-written: a renewal under way, so held
+    age_s = time.time() - mtime_ns / 1e9
+    return (record, age_s) if age_s < STALE_RENEWALS * float(record.get("renew_s", RENEW_S)) else None
+
+
+def _describe(path: str, record: dict, age_s: float) -> str:
+    return (f"{storage.parent(path)} is being written by another job ({record.get('host', '?')}, pid "
+            f"{record.get('pid', '?')}; its lease renewed {age_s:.0f} s ago)")
+
+
+def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:
+    """Writes `record` as the lease once no live holder has one: waits for the holder, or raises EntryBusy."""
+    waiting = False
+    while True:
+        found = _holder(path)
+        if found is None:
+            storage.write_atomic(path, json.dumps(record).encode())
+            time.sleep(SETTLE_S[storage.is_remote(path)])
+            found = _holder(path)
+            if found is not None and found[0].get("token") == record["token"]:
+                return
+        if found is None:  # ours went stale already, or a rival let go: try again
+            continue
+        if not wait:
+            raise EntryBusy(_describe(path, *found) + "; run again when it ends")
+        if not waiting:
+            print(_describe(path, *found) + "; waiting for it to end", flush=True)
+            waiting = True
+        time.sleep(poll_s)
+
+
+def _held(path: str, token: str) -> bool:
+    try:
+        return json.loads(storage.read_bytes(path)).get("token") == token
+    except (OSError, ValueError):
+        return False
 
 
 @contextmanager
-def lease(entry_uri: str, store: str, renew_s: float = RENEW_S) -> Iterator[None]:
-    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs."""
+def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = True,
+          poll_s: float = 10.0) -> Iterator[None]:
+    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs; a live lease of
+    another job's is waited for (`wait`) or raises EntryBusy."""
     path = storage.join(entry_uri, LEASE)
-    record = json.dumps({"store": store, "host": socket.gethostname(), "pid": os.getpid()}).encode()
-    storage.write_atomic(path, record)
+    record = {"store": store, "host": socket.gethostname(), "pid": os.getpid(), "renew_s": renew_s,
+              "token": uuid.uuid4().hex}
+    _take(path, record, wait, poll_s)
+    data = json.dumps(record).encode()
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(renew_s):
             try:
-                storage.write_atomic(path, record)
+                if not _held(path, record["token"]):
+                    print(f"{path}: this job's lease was taken by another job (this one was {STALE_RENEWALS} "
+                          "renewals late); both now write this entry", flush=True)
+                    return
+                storage.write_atomic(path, data)
             except OSError as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
                 print(f"{path}: lease not renewed ({e}); trying again in {renew_s:g} s", flush=True)
 
@@ -43,7 +113,8 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S) -> Iterator[None
     finally:
         stop.set()
         renewing.join()
-        storage.delete(path)
+        if _held(path, record["token"]):
+            storage.delete(path)
 
 
 def leased_store(entry_uri: str) -> str | None:

@@ -950,6 +950,40 @@ def test_an_encode_holds_a_lease_on_its_entry_while_it_writes_and_lets_it_go(tmp
     assert held == [True] and not Path(uri, LEASE).exists()
 
 
+def test_two_encodes_of_one_entry_at_once_take_turns_and_the_second_finds_the_first_ones(tmp_path, monkeypatch):
+    """Two jobs of one config started together (an experiment submitted twice): one writes the entry, the other
+    waits for its lease and finds the entry written; no shard is written twice at once."""
+    import functools
+    import threading
+
+    import pipelines.encode
+    from preprocessing.cache.lease import lease
+
+    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
+    config = from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4, "stride": 4,
+                    "fractions": [1.0, 0.0, 0.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+    writing, write = [], pipelines.encode.write_entry
+
+    def slow_write(*args):
+        writing.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return write(*args)
+
+    monkeypatch.setattr(pipelines.encode, "write_entry", slow_write)
+    monkeypatch.setattr(pipelines.encode, "lease", functools.partial(lease, poll_s=0.05))
+    results = {}
+    jobs = [threading.Thread(target=lambda n=n: results.update({n: run_encode(config)}), name=n) for n in "ab"]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(writing) == 1 and results["a"].uri == results["b"].uri
+    assert [results[n].reused for n in writing] == [False] and sum(r.reused for r in results.values()) == 1
+    assert len(list(FeatureCache(results["a"].uri).iter_samples(shuffle=False))) == 8
+
+
 def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heals(tmp_path, encoders, monkeypatch):
     """A gc that listed the root before the job took its lease removes an old item the job reuses: the job fails
     naming it rather than writing a manifest of missing features; run again, it encodes that item anew."""

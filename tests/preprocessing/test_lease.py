@@ -1,0 +1,85 @@
+"""An entry's lease is exclusive: one job writes an entry at a time, the next waits for it (or fails naming it), and
+a dead job's lease is taken over."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from preprocessing.cache import lease as lease_module
+from preprocessing.cache.lease import LEASE, EntryBusy, lease
+
+
+def test_a_live_lease_of_another_job_is_waited_for_or_names_its_holder(tmp_path):
+    entry = str(tmp_path / "entry")
+    released, order = threading.Event(), []
+
+    def holder() -> None:
+        with lease(entry, "store-a"):
+            order.append("first holds")
+            released.wait(5)
+            order.append("first lets go")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    while not order:
+        time.sleep(0.01)
+    with pytest.raises(EntryBusy, match=rf"{entry} is being written by another job \(.*pid {os.getpid()}; its lease"):
+        with lease(entry, "store-b", wait=False):
+            pass
+    threading.Timer(0.3, released.set).start()
+    with lease(entry, "store-b", poll_s=0.02):
+        order.append("second holds")
+        assert json.loads((tmp_path / "entry" / LEASE).read_text())["store"] == "store-b"
+    first.join()
+    assert order == ["first holds", "first lets go", "second holds"]
+    assert not (tmp_path / "entry" / LEASE).exists()
+
+
+def test_a_stale_lease_is_taken_over_and_its_late_holder_leaves_the_new_one(tmp_path):
+    """A job three renewals late is dead (or as good as): its lease is taken; if it comes back and ends, it removes
+    no lease that is no longer its own."""
+    entry = tmp_path / "entry"
+    with lease(str(entry), "store-a", renew_s=3600):  # renewed next in an hour: made late below
+        long_ago = time.time() - 3 * 3600 - 1
+        os.utime(entry / LEASE, (long_ago, long_ago))
+        with lease(str(entry), "store-b", wait=False):
+            assert json.loads((entry / LEASE).read_text())["store"] == "store-b"
+            inner = (entry / LEASE).read_text()
+        assert not (entry / LEASE).exists()
+        (entry / LEASE).write_text(inner)  # as if the taker still held it when the late job ended
+    assert (entry / LEASE).read_text() == inner
+
+
+def test_two_jobs_that_find_the_entry_free_at_once_take_turns(tmp_path, monkeypatch):
+    """Both look before either writes (the race a shared store allows): the one whose record is read back holds the
+    entry, the other waits for it."""
+    entry, holding, overlaps = str(tmp_path / "entry"), [], []
+    looked = threading.Barrier(2)
+    real_holder = lease_module._holder
+
+    def look_together(path):
+        found = real_holder(path)
+        if not hasattr(looked_once, threading.current_thread().name):
+            setattr(looked_once, threading.current_thread().name, True)
+            looked.wait(5)  # each job's first look: both find the entry free
+        return found
+
+    looked_once = type("Looks", (), {})()
+    monkeypatch.setattr(lease_module, "_holder", look_together)
+
+    def job(name: str) -> None:
+        with lease(entry, name, poll_s=0.02):
+            overlaps.append(len(holding))
+            holding.append(name)
+            time.sleep(0.2)
+            holding.remove(name)
+
+    jobs = [threading.Thread(target=job, args=(n,), name=n) for n in ("a", "b")]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    assert overlaps == [0, 0] and not (tmp_path / "entry" / LEASE).exists()
