@@ -3,6 +3,7 @@ training core's model and optimizer, and the final save. A Ray Train worker (`tr
 can a single process that sets up torch.distributed itself (the GPU test)."""
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ def deepspeed_config(hp: PhaseConfig, ds: DeepSpeedConfig, world: int, on_gpu: b
         # parameters' dtype by default); ZeRO 1 and 2 keep that sum in their own fp32 partition, while without ZeRO
         # DeepSpeed has no such mode (it refuses the setting)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif on_gpu and config["gradient_accumulation_steps"] > 1:
+        warnings.warn(f"deepspeed.zero_stage 0 on a GPU sums each step's {config['gradient_accumulation_steps']} "
+                      "micro-batch gradients in bf16 (DeepSpeed has no fp32 sum without ZeRO), which rounds away "
+                      "the small ones; zero_stage 1 sums them in fp32 at the same memory", stacklevel=2)
     if ds.overlap_comm:
         config["zero_optimization"]["overlap_comm"] = True
     if ds.offload_optimizer:

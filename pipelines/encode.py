@@ -39,9 +39,10 @@ import numpy as np
 from modrwkv.conversation import Sample, Turn, text_length
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
-from preprocessing.cache.entry import (REJECTS, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
-                                      pack_shard, shard_name)
-from preprocessing.cache.key import cache_fingerprints, cache_spec, code_version, entry_uri, hash_model_dir, store_key
+from preprocessing.cache.entry import (REJECTS, WRITTEN_WITH, CacheEntry, FeatureCache, FeatureStore, item_length,
+                                      npy_bytes, pack_shard, shard_name)
+from preprocessing.cache.key import (cache_fingerprints, cache_spec, code_version, entry_uri, hash_model_dir,
+                                     library_versions, store_key)
 from preprocessing.cache.lease import lease
 from preprocessing.cache.precision import checked_stored
 from preprocessing.cache.resolved import Resolution, source_digest
@@ -420,7 +421,7 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     n_read = len(samples) + len(rejects)
     samples = check_texts(samples, rejects)  # the rejected let go (a series window holds a view of its series)
     prepared = prepare(samples, rejects, config.limits, fingerprints)
-    store = FeatureStore.for_key(config.cache.root, key)
+    store = FeatureStore.for_key(config.cache.root, key, library_versions())
     spec = cache_spec(key, dataclasses.asdict(config.dataset), config.cache.shard_size,
                       (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))
     uri = entry_uri(config.cache.root, spec)
@@ -466,6 +467,8 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
     todo = {ref: item for ref, item in needed.items() if ref not in in_store}
     if needed:
         print(f"{len(needed)} unique items: {len(needed) - len(todo)} in the store {store.uri}, {len(todo)} to encode")
+    if len(todo) < len(needed):
+        note_other_libraries(store)
     results, encoded_in = encode_items(config, store, todo) if todo else ({}, None)
     files = {ref: in_store[ref] for ref in needed if ref in in_store}
     files.update({ref: r["file"] for ref, r in results.items() if "file" in r})
@@ -493,8 +496,21 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
              "rejected": len(item_rejects)}
     manifest = entry.finish(spec, len(shards), [r.to_dict() for r in rejects], n_read=n_read,
                             extra={"config": to_dict(config), "code_version": code_version(),
+                                   "libraries": library_versions(),
                                    "feature_store": store.name, "items": items})
     return manifest, items, encoded_in
+
+
+def note_other_libraries(store: FeatureStore) -> None:
+    """Says so when the store's items were first written with other versions of the libraries that make features
+    than this job runs: the items it reuses and those it adds may differ by a release's rounding."""
+    recorded, running = store.key().get(WRITTEN_WITH) or {}, library_versions()
+    differ = [f"{name} {recorded[name]} -> {running.get(name, 'none')}" for name in sorted(recorded)
+              if recorded[name] != running.get(name)]
+    if differ:
+        print(f"note: the store {store.uri} was made with other library versions than this job runs "
+              f"({', '.join(differ)}); the items it reuses may differ from those it encodes by their rounding "
+              "(`run.force: true` re-encodes every item)", flush=True)
 
 
 def run_encodes(config: EncodeConfig) -> list[EncodeResult]:

@@ -37,6 +37,9 @@ def to_16k_mono(audio: Audio, sample_id: str) -> np.ndarray:
     if isinstance(wave, np.ndarray) and np.issubdtype(wave.dtype, np.integer):  # PCM as scipy's wavfile reads it
         wave = pcm_to_float(wave)
     wave = np.asarray(wave, dtype=np.float32)
+    if isinstance(rate, bool) or not isinstance(rate, int | float | np.integer | np.floating) or rate != int(rate):
+        raise ValueError(f"sample {sample_id}: the sample rate must be a whole number of Hz, got {rate!r}")
+    rate = int(rate)  # 44100.0 as a rate read from metadata gives it
     if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
         raise ValueError(f"sample {sample_id}: sample rate {rate} Hz is outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
     if wave.ndim == 2 and wave.shape[1] > MAX_CHANNELS:  # torchaudio's layout: each channel would be a 2-sample clip

@@ -105,9 +105,17 @@ def node_copy(source: str, name: str, listing: dict, fetch: Callable[[Path], Non
         hold(slot)
     # after this slot's lock is released: a process holding one lock never waits for another
     for other in copies_root().iterdir():
-        if other != slot and (other / SOURCE).is_file() and (other / SOURCE).read_text() == str(source):
+        if other != slot and read_if_there(other / SOURCE) == str(source):
             empty_slot(other)
     return target
+
+
+def read_if_there(path: Path) -> str | None:
+    """A slot's record, or None when there is none: another process may be emptying the slot as this one looks."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 _held: dict[Path, IO] = {}  # slot -> its open IN_USE file, shared-locked while this process lives
@@ -223,12 +231,13 @@ def node_folders() -> list[NodeFolder]:
     """This node's local copies and staged outputs, least recently used first."""
     found = []
     for slot in sorted(copies_root().glob("*")) if copies_root().is_dir() else []:
-        record = slot / LISTING
-        if not record.is_file():  # being fetched, or pruned: only its lock file is left
+        try:  # a slot being fetched, or emptied (by this node's other processes, now too): only its lock is left
+            last_used = (slot / LISTING).stat().st_mtime
+        except FileNotFoundError:
             continue
-        source = (slot / SOURCE).read_text() if (slot / SOURCE).is_file() else None  # copies from before SOURCE
-        found.append(NodeFolder(slot, source or "(remote not recorded)", tree_stats(slot)[0],
-                                record.stat().st_mtime, in_use=in_use(slot)))
+        source = read_if_there(slot / SOURCE)  # None: a copy from before SOURCE, or one emptied since the look
+        found.append(NodeFolder(slot, source or "(remote not recorded)", tree_stats(slot)[0], last_used,
+                                in_use=in_use(slot)))
     for folder in sorted(outputs_root().glob("*")) if outputs_root().is_dir() else []:
         found.append(NodeFolder(folder, None, *tree_stats(folder), (folder / UPLOADED).is_file()))
     return sorted(found, key=lambda f: f.last_used)

@@ -80,6 +80,8 @@ def media_path(root: str, path: str, allow_outside: bool = False) -> str:
     """A dataset's media path resolved against its `root`, refused (ValueError, with the reason) before anything
     is opened when it is absolute or another URI, climbs out of the root with `..`, or (locally) resolves through
     a symlink to a place outside it. `allow_outside` accepts such paths, as `resolve` does."""
+    if posixpath.normpath(str(path)) == ".":  # "", ".", "a/..": the root, not a file
+        raise ValueError(f"media path {path!r} names the media root {root} itself, not a file in it")
     if allow_outside:
         return resolve(root, path)
     if is_remote(path) or Path(path).is_absolute() or posixpath.isabs(path):

@@ -12,10 +12,11 @@ LEADING_LETTER = re.compile(r"^\**\(?([A-Za-z])(?:[.):*]|[ \t]*(?:\n|$))")
 # "The answer is B", "Answer: b)", "answer is (C)", "The answer is: B", "The correct option is B": a lowercase
 # letter needs a closing mark, so that "the answer is a cat" is not option A.
 STATED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+is\s*:?|\s*:)\s*\(?(?:([A-Z])\b|([a-z])(?=[.)]|$))")
-# "Option B is right", "I choose C", "I'd pick D": a capital letter as a word after the verb or "option" ("I choose
-# a cat" stays text), not one of a list ("pick A or B", "Select A, B, C or D"), nor after a negation ("I would not
-# choose A"); a reply naming two this way names none
-NAMED_LETTER = re.compile(r"\b(?i:option|choose|chose|pick|select)\s+([A-Z])\b(?!['’]|\s*(?:[,/]|or\b|and\b))")
+# "Option B is right", "I choose C", "I'd pick D", "I think it's C": a capital letter as a word after the verb or
+# "option" ("I choose a cat" stays text), not one of a list ("pick A or B", "Select A, B, C or D"), nor after a
+# negation ("I would not choose A"); a reply naming two this way names none
+NAMED_LETTER = re.compile(r"\b(?i:option|choose|chose|pick|select|it['’]s|it\s+is)\s+([A-Z])\b"
+                          r"(?!['’]|\s*(?:[,/]|or\b|and\b))")
 NEGATED = re.compile(r"(?i:\bnot|n't|n’t|\bnever)\s+(?:\w+\s+)?$")
 BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
 
@@ -30,27 +31,41 @@ def words_of(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def named_by_text(text: str, letters: str, options: Sequence[str]) -> str | None:
+    """The option whose text the response is, or failing that the one whose text it contains; an option found only
+    inside a longer one it names ("red" in "dark red") is not named. None for none, or several."""
+    said = words_of(text)
+    named = [letter for letter, option in zip(letters, options) if words_of(option) == said]
+    if not named:
+        spans = {letter: [m.span() for m in re.finditer(rf"\b{re.escape(words_of(option))}\b", said)]
+                 for letter, option in zip(letters, options) if words_of(option)}
+        longer = [(a, b) for found in spans.values() for a, b in found]
+        named = [letter for letter, found in spans.items()
+                 if any(not any(a <= start and end <= b and b - a > end - start for a, b in longer)
+                        for start, end in found)]
+    return named[0] if len(named) == 1 else None
+
+
 def extract_choice(response: str, options: Sequence[str]) -> str | None:
     """The option letter a free-text response names, or None if it names none (or several)."""
     letters = option_letters(len(options))
     text = response.strip()
-    for pattern in (LEADING_LETTER, STATED_LETTER):
+    # a stated answer first: a reply that echoes the options ("A) dog B) cat ... Answer: C") leads with a letter
+    for pattern in (STATED_LETTER, LEADING_LETTER):
         found = pattern.search(text)
         if found and found.group(found.lastindex).upper() in letters:
-            return found.group(found.lastindex).upper()
+            letter = found.group(found.lastindex).upper()
+            # "The answer is A cat": the capital may be an article, which the option text after it settles
+            if letter == "A" and re.match(r"\s+[a-z]", text[found.end():]):
+                return named_by_text(text[found.end():], letters, options) or letter
+            return letter
     named = {m.group(1) for m in NAMED_LETTER.finditer(text) if not NEGATED.search(text[:m.start()])} & set(letters)
     if len(named) == 1:
         return named.pop()
     bracketed = {m.upper() for m in BRACKETED_LETTER.findall(text)} & set(letters)
     if len(bracketed) == 1:
         return bracketed.pop()
-    # no letter: the option whose text the response contains (an exact answer wins over containment)
-    said = words_of(text)
-    named = [letter for letter, option in zip(letters, options) if words_of(option) == said]
-    if not named:
-        named = [letter for letter, option in zip(letters, options)
-                 if words_of(option) and re.search(rf"\b{re.escape(words_of(option))}\b", said)]
-    return named[0] if len(named) == 1 else None
+    return named_by_text(text, letters, options)  # no letter
 
 
 def choice_accuracy(responses: Sequence[str], answers: Sequence[str], option_lists: Sequence[Sequence[str]]) -> float:

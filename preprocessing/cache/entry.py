@@ -3,7 +3,8 @@ encoder, and cache entries, the samples tables that reference them. The encode j
 `CacheEntry`); training and evaluation read an entry with its features (`FeatureCache`).
 
     <cache root>/features/<modality>-<encoder kind>-<16 hex of the store key>/
-        store.json                                  the store's key: encoder, its weights hash, validation limits
+        store.json                                  the store's key: encoder, its weights hash, validation limits;
+                                                    and the library versions of the job that made it
         <ref[:2]>/<ref>_<length>_<sha256[:32]>.npy  one item: ref = sha256 of the media file's bytes (or of the
                                                     normalised series window); length = its feature vectors; the
                                                     digest is of the .npy bytes, checked on every read
@@ -51,6 +52,7 @@ FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
 STORE_FOLDER = "features"
 STORE_KEY_FILE = "store.json"
+WRITTEN_WITH = "written_with"  # in store.json beside the key: provenance, not part of it
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 
@@ -241,15 +243,19 @@ class FeatureStore:
         self.name, self.precision = name, precision
 
     @classmethod
-    def for_key(cls, root: str, key: dict) -> "FeatureStore":
+    def for_key(cls, root: str, key: dict, written_with: dict[str, str] | None = None) -> "FeatureStore":
+        """The store of `key`, made if new: its store.json holds the key and `written_with` (the library versions
+        of its first writer, `key.library_versions`)."""
         store = cls(root, store_name(key), key_precision(key))
         if not storage.exists(storage.join(store.uri, STORE_KEY_FILE)):
             key_file = storage.join(store.uri, STORE_KEY_FILE)
-            storage.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True).encode())
+            record = {**key, WRITTEN_WITH: written_with} if written_with else key
+            storage.write_atomic(key_file, json.dumps(record, indent=1, sort_keys=True).encode())
         return store
 
     def key(self) -> dict:
-        """The store key it was made for (`for_key`); {} for a store that records none."""
+        """The store key it was made for (`for_key`), with `WRITTEN_WITH` where recorded; {} for a store that
+        records none."""
         try:  # one request, not a look then a read
             return json.loads(storage.read_bytes(storage.join(self.uri, STORE_KEY_FILE)))
         except FileNotFoundError:

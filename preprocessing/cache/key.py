@@ -11,7 +11,7 @@ again only when its size or modification time changes, so a start on unchanged d
 import hashlib
 import posixpath
 from collections.abc import Iterable
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from .. import storage
 from .entry import canonical_json, cache_id
@@ -84,3 +84,20 @@ def entry_uri(root: str, spec: dict) -> str:
 def code_version() -> str:
     """The installed modrwkv version, recorded in each manifest (provenance, not part of the key)."""
     return version("modrwkv")
+
+
+# the libraries that decode media and run the encoders: a new release may move features by rounding (a fused kernel,
+# a resampler), so their versions are recorded with a store and each entry; not keyed, since re-encoding a
+# store of millions of items on every patch release costs more than such a shift is worth (`run.force` re-encodes)
+FEATURE_LIBRARIES = ("torch", "transformers", "numpy", "pillow", "soundfile", "scipy")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of `FEATURE_LIBRARIES` (those installed)."""
+    found = {}
+    for name in FEATURE_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

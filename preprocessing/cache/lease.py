@@ -9,7 +9,8 @@ listed the root before a job took its lease may still remove an item the job reu
 items before it writes its manifest, and fails naming them (a rerun encodes them again).
 
 A lease is exclusive: a job that finds another's lease renewed within 3 of its holder's renewals waits for it (or,
-asked not to, fails naming the holder). Neither a local disk nor S3 gives every writer an atomic create, so a taker
+asked not to, fails naming the holder); a lease of a process of this host that is gone is a killed job's, taken over
+at once. Neither a local disk nor S3 gives every writer an atomic create, so a taker
 writes its record, waits `SETTLE_S` for a rival's write to land, and reads it back: of two jobs that both found the
 entry free, the one whose record is read back goes on, the other waits. Two takers collide only if one took longer
 than the settling time between finding the entry free and writing."""
@@ -47,12 +48,30 @@ def _holder(path: str) -> tuple[dict, float] | None:
     except (OSError, ValueError):
         record = {}  # half-written: a renewal under way, so held
     age_s = time.time() - mtime_ns / 1e9
-    return (record, age_s) if age_s < STALE_RENEWALS * float(record.get("renew_s", RENEW_S)) else None
+    if age_s >= STALE_RENEWALS * float(record.get("renew_s", RENEW_S)) or _died_here(record):
+        return None
+    return record, age_s
+
+
+def _died_here(record: dict) -> bool:
+    """Whether the lease is a process's of this host that is gone (a job killed outright: its rerun goes on at
+    once, rather than wait out the renewals)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's, alive
+        pass
+    return False
 
 
 def _describe(path: str, record: dict, age_s: float) -> str:
+    renew_s = float(record.get("renew_s", RENEW_S))
     return (f"{storage.parent(path)} is being written by another job ({record.get('host', '?')}, pid "
-            f"{record.get('pid', '?')}; its lease renewed {age_s:.0f} s ago)")
+            f"{record.get('pid', '?')}; its lease renewed {age_s:.0f} s ago, taken over once "
+            f"{STALE_RENEWALS * renew_s:.0f} s late; if that job is dead, remove {path})")
 
 
 def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:

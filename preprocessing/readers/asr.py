@@ -52,7 +52,11 @@ def read_librispeech(root: str, audio_suffix: str = ".flac",
     for transcript in storage.walk(root, ".trans.txt"):
         uri = storage.join(root, transcript)
         for where, line in text_lines(uri, rejects):
-            utterance, _, text = line.partition(" ")
+            utterance, text = (line.split(maxsplit=1) + ["", ""])[:2]  # spaces or tabs, leading ones too
+            if not text.strip():
+                rejects.append(Reject(where, "a transcript line must be '<utterance id> <words>'",
+                                      sample_key(utterance) if utterance else None))
+                continue
             relative = posixpath.join(posixpath.dirname(transcript), utterance + audio_suffix)
             try:
                 audio = storage.media_path(root, relative, allow_outside_root)
@@ -75,10 +79,13 @@ def read_aishell(transcript: str, audio_root: str,
     (wav/train, wav/dev or wav/test, its per-speaker archives unpacked). The split's .wav files are the samples, their
     words joined without the spaces (Mandarin is scored by characters); a file the transcript has no words for is
     rejected, named (Aishell-1 holds a few hundred)."""
-    rejects, texts, bad_lines = [], {}, []
+    rejects, texts, bad_lines, conflicting = [], {}, [], {}
     for where, line in text_lines(transcript, bad_lines):
-        utterance, _, words = line.strip().partition(" ")
-        texts[utterance] = (where, "".join(words.split()))
+        utterance, words = (line.split(maxsplit=1) + ["", ""])[:2]
+        text = "".join(words.split())
+        if utterance in texts and texts[utterance][1] != text:  # which line is right is anyone's guess
+            conflicting.setdefault(utterance, [texts[utterance][0]]).append(where)
+        texts.setdefault(utterance, (where, text))
     # a line that is not UTF-8 counts in the split whose audio it transcribes, named by its first word (ASCII)
     lines = storage.read_bytes(transcript).splitlines() if bad_lines else []
     unreadable = {first_word(lines[int(r.source.rsplit(":", 1)[1]) - 1]): r for r in bad_lines}
@@ -91,6 +98,10 @@ def read_aishell(transcript: str, audio_root: str,
             continue
         if not text:
             rejects.append(Reject(where, f"no transcribed words for it in {transcript}", sample_key(utterance)))
+            continue
+        if utterance in conflicting:
+            rejects.append(Reject(where, f"transcript lines {', '.join(conflicting[utterance])} give it different "
+                                         "words", sample_key(utterance)))
             continue
         try:
             audio = storage.media_path(audio_root, relative, allow_outside_root)

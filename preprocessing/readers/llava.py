@@ -91,6 +91,9 @@ def read_llava(uri: str, image_root: str | None = None,
         try:
             if not isinstance(record, dict) or "id" not in record:
                 raise ValueError("a sample must be an object with an 'id'")
+            # null, "" or true would key the sample as "None", "-<hash>", "True": a real id's key, or none
+            if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)) or record["id"] == "":
+                raise ValueError(f"'id' must be a non-empty string or an integer, got {record['id']!r}")
             images = record.get("image", [])
             images = [images] if isinstance(images, str) else images
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -105,7 +108,9 @@ def read_llava(uri: str, image_root: str | None = None,
                                             and all(isinstance(a, str) for a in answers)):
                 raise ValueError("'answers' must be a non-empty list of strings (the annotators' answers)")
         except ValueError as e:
-            rejects.append(Reject(where, str(e), sample_key(record["id"]) if isinstance(record, dict) and "id" in record else None))
+            keyed = isinstance(record, dict) and isinstance(record.get("id"), (str, int)) \
+                and not isinstance(record["id"], bool) and record["id"] != ""
+            rejects.append(Reject(where, str(e), sample_key(record["id"]) if keyed else None))
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
                                  {"id": str(record["id"]), "turns": turns, "source": where,

@@ -41,7 +41,9 @@ def unique(samples: list[RawSample], rejects: list[Reject]) -> list[RawSample]:
     seen, kept = set(), []
     for s in samples:
         if s.key in seen:
-            rejects.append(Reject(s.sources[0] if s.sources else s.meta.get("source", "?"), "duplicate sample id", s.key))
+            # the record (file:line) that repeats the id: its media may be shared by records of other ids
+            where = s.meta.get("source") or (s.sources[0] if s.sources else "?")
+            rejects.append(Reject(where, "duplicate sample id", s.key))
             continue
         seen.add(s.key)
         kept.append(s)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -84,6 +85,15 @@ def checked_time_column(table, name: str, uri: str) -> str:
             or pa.types.is_floating(kind)):
         raise ValueError(f"{uri}: time column {name!r} holds {kind} values, which do not sort in time order; give "
                          "ISO dates or times (2020-01-31, 2020-01-31 10:00) or numbers")
+    times = table[name]
+    # a row without a time has no place in the series: sorted last, its value would end the test split
+    timed = pc.is_valid(times)
+    if pa.types.is_floating(kind):
+        timed = pc.and_(timed, pc.invert(pc.is_nan(pc.fill_null(times, 0.0))))
+    missing = len(times) - (pc.sum(timed).as_py() or 0)
+    if missing:
+        raise ValueError(f"{uri}: time column {name!r} has no time in {missing} of its {len(times)} rows (the first: "
+                         f"data row {pc.index(timed, False).as_py() + 1}); give each row its time, or drop those rows")
     return name
 
 

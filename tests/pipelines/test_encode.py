@@ -984,16 +984,23 @@ def test_two_encodes_of_one_entry_at_once_take_turns_and_the_second_finds_the_fi
     assert len(list(FeatureCache(results["a"].uri).iter_samples(shuffle=False))) == 8
 
 
-def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heals(tmp_path, encoders, monkeypatch):
+def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heals(tmp_path, encoders, monkeypatch,
+                                                                                  capsys):
     """A gc that listed the root before the job took its lease removes an old item the job reuses: the job fails
-    naming it rather than writing a manifest of missing features; run again, it encodes that item anew."""
+    naming it rather than writing a manifest of missing features; run again, it encodes that item anew. A store made
+    with other library versions is named as such when its items are reused."""
     import shutil
 
     import pipelines.encode
+    from preprocessing.cache.key import library_versions
 
     build_digits(tmp_path / "digits", n_train=8, n_test=0)
     settings = digits_config(tmp_path / "digits", encoders["clip"], tmp_path / "cache")
     shutil.rmtree(run_encode(config(**settings)).uri)  # the store's items stay, unreferenced
+    store_json = next((tmp_path / "cache" / "features").glob("*/store.json"))
+    record = json.loads(store_json.read_text())
+    assert record["written_with"] == library_versions() and {"torch", "transformers"} <= set(record["written_with"])
+    store_json.write_text(json.dumps({**record, "written_with": {**record["written_with"], "torch": "2.0.0"}}))
     plan_shards = pipelines.encode.plan_shards
 
     def collected_meanwhile(*args):
@@ -1005,6 +1012,9 @@ def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heal
                                            "removed while it ran .* run the job again: it writes them anew"):
         run_encode(config(**settings))
     monkeypatch.setattr(pipelines.encode, "plan_shards", plan_shards)
+    capsys.readouterr()
     healed = run_encode(config(**settings))
     assert healed.items == {"unique": 8, "in_store": 7, "encoded": 1, "rejected": 0}
+    assert f"made with other library versions than this job runs (torch 2.0.0 -> {library_versions()['torch']})" \
+        in capsys.readouterr().out and healed.manifest["libraries"] == library_versions()
     assert len([s for s in FeatureCache(healed.uri).iter_samples() if len(s.items[0])]) == 8

@@ -85,6 +85,12 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
     ("Select A, B, C or D: the cat", "B"), ("I can pick A or B", None),  # a list of letters names none
     ("E", None),  # there is no fifth option
     ("a bird", None), ("dog or cat", None),
+    ("It is dark red.", "C"), ("The answer is dark red.", "C"),  # "red" inside "dark red" is not named
+    ("dark red or red", None),  # ... but standing on its own it is: two named, none
+    ("The answer is A cat.", "B"), ("Answer: A cat", "B"),  # the capital is an article: the option text decides
+    ("The answer is A because dogs bark.", "A"),  # no option text after it: the letter
+    ("A) dog B) cat C) dark red D) red. Answer: C", "C"),  # the options echoed, then the answer
+    ("I think it's C", "C"), ("It is D.", "D"),
 ])
 def test_extract_choice(response, letter):
     assert extract_choice(response, OPTIONS) == letter

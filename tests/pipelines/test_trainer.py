@@ -270,7 +270,8 @@ def test_the_deepspeed_config_takes_the_cores_accumulation():
     assert "data_types" not in config  # fp32 parameters: gradients are summed in fp32 already
     on_gpu = deepspeed_config(hp, DeepSpeedConfig(zero_stage=2), world=2, on_gpu=True)
     assert on_gpu["bf16"] == {"enabled": True} and on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert "data_types" not in deepspeed_config(hp, DeepSpeedConfig(zero_stage=0), world=2, on_gpu=True)
+    with pytest.warns(UserWarning, match="zero_stage 0 on a GPU sums each step's 2 micro-batch gradients in bf16"):
+        assert "data_types" not in deepspeed_config(hp, DeepSpeedConfig(zero_stage=0), world=2, on_gpu=True)
     with pytest.raises(ValueError, match="not a multiple of micro_batch x workers = 12"):
         deepspeed_config(hp, DeepSpeedConfig(), world=3, on_gpu=False)
     overlapped = deepspeed_config(hp, DeepSpeedConfig(zero_stage=1, overlap_comm=True), world=2, on_gpu=True)

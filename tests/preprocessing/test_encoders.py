@@ -165,6 +165,11 @@ def test_integer_pcm_is_scaled_and_channels_first_is_refused():
     assert to_16k_mono(Audio([0, 1, -1], 16000), "list").tolist() == [0.0, 1.0, -1.0]  # numbers, not PCM
     with pytest.raises(ValueError, match=r"sample s: a \(2, 1600\) waveform has 1600 channels; give it as \[samples"):
         to_16k_mono(Audio(np.stack([floats, floats]), 16000), "s")
+    # a rate read from metadata as a float (a TypeError from math.gcd stopped its whole batch)
+    assert to_16k_mono(Audio(floats, np.float64(22050.0)), "f").shape == to_16k_mono(Audio(floats, 22050), "i").shape
+    for rate in (22050.5, "16000", True):
+        with pytest.raises(ValueError, match=f"sample r: the sample rate must be a whole number of Hz, got {rate!r}"):
+            to_16k_mono(Audio(floats, rate), "r")
 
 
 @pytest.mark.parametrize("max_padding", [0.0, 0.2, float("inf")])  # each length alone, two pairs, all

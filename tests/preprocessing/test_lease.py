@@ -83,3 +83,26 @@ def test_two_jobs_that_find_the_entry_free_at_once_take_turns(tmp_path, monkeypa
     for j in jobs:
         j.join()
     assert overlaps == [0, 0] and not (tmp_path / "entry" / LEASE).exists()
+
+
+def test_the_fresh_lease_of_a_killed_job_of_this_host_is_taken_at_once_another_hosts_is_not(tmp_path):
+    """A job killed outright (SIGKILL, out of memory) leaves a fresh lease: its rerun on the same host goes on at
+    once; a lease from another host may be a living job's, and is waited for."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / LEASE).write_text(json.dumps({"store": "s", "host": socket.gethostname(), "pid": gone.pid,
+                                           "renew_s": 300, "token": "killed"}))
+    with lease(str(entry), "s", wait=False):
+        assert json.loads((entry / LEASE).read_text())["token"] != "killed"
+    (entry / LEASE).write_text(json.dumps({"store": "s", "host": "another-node", "pid": gone.pid, "renew_s": 300,
+                                           "token": "elsewhere"}))
+    with pytest.raises(EntryBusy, match=rf"another-node, pid {gone.pid}; its lease renewed 0 s ago, taken over once "
+                                        rf"900 s late; if that job is dead, remove {entry / LEASE}\)"):
+        with lease(str(entry), "s", wait=False):
+            pass

@@ -205,3 +205,26 @@ def test_a_published_folder_is_left_as_the_staged_one_is(s3):
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
               if not o["Key"].endswith("/")]  # the folder's marker aside
     assert listed == [f"{prefix}/adapter.safetensors"]
+
+
+def test_a_slot_another_process_empties_while_this_one_looks_is_passed_over(tmp_path, monkeypatch):
+    """Workers of one node starting at once: each, its fetch done, empties the source's other versions, and lists
+    the node's copies; a slot's records removed by another between a look and a read are passed over, not raised."""
+    from preprocessing.local_copy import SOURCE, node_copy, node_folders
+
+    monkeypatch.setenv(local_copy_module.ROOT_ENV, str(tmp_path / "copies"))
+
+    def fetch(path: Path) -> None:
+        path.write_text("weights")
+
+    node_copy("s3://b/model", "model", {"v": 1}, fetch)
+    read_text = Path.read_text
+
+    def emptied_meanwhile(path: Path, *args, **kwargs):
+        if path.name == SOURCE:
+            path.unlink(missing_ok=True)  # as the other process's `empty_slot` does
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", emptied_meanwhile)
+    assert node_copy("s3://b/model", "model", {"v": 2}, fetch).read_text() == "weights"
+    assert {f.source for f in node_folders()} == {"(remote not recorded)"}

@@ -59,10 +59,14 @@ def test_asr_manifest_and_librispeech_folders(tmp_path):
 
     chapter = tmp_path / "ls" / "19" / "198"
     chapter.mkdir(parents=True)
-    (chapter / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n19-198-0001 CHAPTER ONE\n")
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n19-198-0001 CHAPTER ONE\n"
+                                              " 19-198-0002\tBY JANE AUSTEN\n19-198-0003\n")
     samples, rejects = read_librispeech(str(tmp_path / "ls"))
-    assert [s.key for s in samples] == ["19-198-0000", "19-198-0001"] and not rejects
+    assert [s.key for s in samples] == ["19-198-0000", "19-198-0001", "19-198-0002"]
     assert samples[1].sources == [str(chapter / "19-198-0001.flac")] and samples[1].meta["text"] == "CHAPTER ONE"
+    assert samples[2].sources == [str(chapter / "19-198-0002.flac")] and samples[2].meta["text"] == "BY JANE AUSTEN"
+    assert [(r.key, r.reason) for r in rejects] == [("19-198-0003", "a transcript line must be '<utterance id> "
+                                                                    "<words>'")]
 
 
 def test_aishell_as_it_ships(tmp_path):
@@ -81,6 +85,10 @@ def test_aishell_as_it_ships(tmp_path):
         (test / "S0764" / f"{name}.wav").write_bytes(b"RIFF")
     (test / "S0764" / "BAC009S0764W0125.wav").symlink_to(tmp_path / "elsewhere.wav")
     transcript.write_text(transcript.read_text() + "BAC009S0764W0125 链接\n")
+    # an utterance transcribed twice alike is kept; twice apart, rejected naming both lines (which is right?)
+    (test / "S0764" / "BAC009S0764W0127.wav").write_bytes(b"RIFF")
+    transcript.write_text(transcript.read_text() + "BAC009S0764W0127 一 二\nBAC009S0764W0127 三 四\n"
+                          "BAC009S0764W0121 甚至 出现 交易 几乎 停滞 的 情况\n")
     # lines that are not UTF-8: one a training utterance's (not this split's to count), one a test utterance's
     (test / "S0764" / "BAC009S0764W0126.wav").write_bytes(b"RIFF")
     with transcript.open("ab") as f:
@@ -94,9 +102,11 @@ def test_aishell_as_it_ships(tmp_path):
         ("BAC009S0764W0123", "no transcribed words for it"), ("BAC009S0764W0124", "no transcribed words for it")]
     assert rejects[0].source == str(test / "S0764" / "BAC009S0764W0123.wav") and rejects[1].source == f"{transcript}:4"
     assert "outside the media root" in rejects[2].reason
-    assert (rejects[3].key, rejects[3].source) == ("BAC009S0764W0126", f"{transcript}:7")
+    assert (rejects[3].key, rejects[3].source) == ("BAC009S0764W0126", f"{transcript}:10")
     assert rejects[3].reason.startswith("not UTF-8 text")
-    assert len(rejects) == 4  # 6 files = 2 samples + 4 rejects
+    assert (rejects[4].key, rejects[4].reason) == ("BAC009S0764W0127", f"transcript lines {transcript}:6, "
+                                                   f"{transcript}:7 give it different words")
+    assert len(rejects) == 5  # 7 files = 2 samples + 5 rejects
 
 
 def test_asr_samples_without_an_id_are_named_by_their_path(tmp_path):
@@ -270,6 +280,12 @@ def test_series_time_column_must_sort_in_time_order(tmp_path):
     with pytest.raises(ValueError, match="twice.csv: the header names the time column 'date' 2 times"):
         read_series(str(tmp_path / "twice.csv"), lookback=8, horizon=2, stride=10, time_column="date")
 
+    for name, value in (("gap.csv", ""), ("nan.csv", "nan")):  # a row with no time, sorted last, ended the test split
+        (tmp_path / name).write_text("\n".join(["t,v"] + [f"{value if i == 5 else i},{i}" for i in range(20)]) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{name}: time column 't' has no time in 1 of its 20 rows (the "
+                                                       "first: data row 6); give each row its time")):
+            read_series(str(tmp_path / name), lookback=4, horizon=2, stride=1, time_column="t")
+
     shuffled = np.random.default_rng(0).permutation(len(days))
     (tmp_path / "iso.csv").write_text("\n".join(["date,v"] + [f"2020-{days[i][1]:02d}-{days[i][0]:02d},{i}"
                                                               for i in shuffled]) + "\n")
@@ -330,6 +346,10 @@ def test_media_paths_under_an_s3_root_stay_under_its_prefix():
     from preprocessing import storage
 
     assert storage.media_path("s3://bucket/set", "img/a.png") == "s3://bucket/set/img/a.png"
+    for root in ("s3://bucket/set", "/data/set"):  # rejected then as "no such file": a folder is none
+        for path in ("", ".", "img/.."):
+            with pytest.raises(ValueError, match=f"media path '{path}' names the media root {root} itself, not a file"):
+                storage.media_path(root, path, allow_outside=root.startswith("/"))
     with pytest.raises(ValueError, match="leaves the media root"):
         storage.media_path("s3://bucket/set", "../other/a.png")
     with pytest.raises(ValueError, match="is absolute"):
@@ -350,9 +370,19 @@ def test_llava_conversations_that_share_their_images_id_are_all_kept(tmp_path):
     assert [s.meta["id"] for s in samples] == ["000000033471", "000000033471", "2338"]
     assert len({s.key for s in samples}) == 3 and samples[2].key == "2338"
     assert all(re.fullmatch(r"000000033471-[0-9a-f]{8}", s.key) for s in samples[:2])
-    assert [(r.key, r.reason) for r in rejects] == [(samples[1].key, "duplicate sample id")]
-    again, _ = read_llava(str(tmp_path / "llava_v1_5_mix665k.json"))
+    # the duplicate is named by its record, not by the image the other conversations share
+    path = tmp_path / "llava_v1_5_mix665k.json"
+    assert [(r.key, r.source, r.reason) for r in rejects] == [(samples[1].key, f"{path}[2]", "duplicate sample id")]
+    again, _ = read_llava(str(path))
     assert [s.key for s in again] == [s.key for s in samples]  # stable: an entry's key is built from them
+
+    # an id of null, "" or true keyed its sample "None", "-<hash>", "True": another's key, or none
+    path.write_text(json.dumps([{"id": i, "image": image, "conversations": conversation()}
+                                for i in (None, "", True, "None")]))
+    samples, rejects = read_llava(str(path))
+    assert [s.meta["id"] for s in samples] == ["None"] and [r.key for r in rejects] == [None] * 3
+    assert [r.reason for r in rejects] == [f"'id' must be a non-empty string or an integer, got {v!r}"
+                                           for v in (None, "", True)]
 
 
 def test_a_date_column_is_no_series(tmp_path):
