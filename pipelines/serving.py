@@ -9,7 +9,7 @@ medium:
 and gets one prediction per row: {"answer": text}, or {"forecast": [...]} (in the series' own units) from a model
 with a forecast head. Media are decoded, checked and encoded as the encode job made the training caches, by the
 recorded encoder the model carries; the answer is `modrwkv chat`'s. A bad row fails the request with HTTP 400
-and its reason; a medium the model was logged without the encoder of (a phase I or checkpoint model) with 501,
+and its reason alone (never the request: `RequestError`), each row checked before any is answered; a medium the model was logged without the encoder of (a phase I or checkpoint model) with 501,
 anything else that fails with 500; the server goes on serving. Rows are answered one after another, at most
 `MAX_ROWS` a request (an evaluation belongs in `modrwkv eval`). MLflow's server reads a whole body before any of
 this runs and limits none: a proxy in front limits it (README, "From a run to a served model").
@@ -79,10 +79,10 @@ def media_bytes(text, field: str, where: str) -> bytes:
         raise ValueError(f"{where}: {field} is not valid base64 ({e})") from None
 
 
-def answer(model, tokenizer, media, row: dict, where: str) -> dict:
-    """One request row's prediction; ValueError naming `where` and the reason for a row that cannot be answered."""
-    from modrwkv.chat import ChatSession, forecast_series
-
+def checked_row(model, row: dict, where: str) -> tuple[str, str, bytes | list]:
+    """A request row's question, modality and medium (its bytes, or a series' values), once it passes every check
+    that runs no model; ValueError naming `where` and the reason. Each row of a request is checked before any is
+    answered: a bad last row costs the server no work on the rows before it."""
     unknown = sorted(k for k, v in row.items() if k not in FIELDS and not absent(v))
     if unknown:
         raise ValueError(f"{where}: unknown fields {unknown}; a row holds {list(FIELDS)}")
@@ -97,22 +97,45 @@ def answer(model, tokenizer, media, row: dict, where: str) -> dict:
     modality = given[0]
     if modality not in model.projectors:
         raise ValueError(f"{where}: this model takes {sorted(model.projectors)}, not {modality}")
+    if modality != "series":
+        return question, modality, media_bytes(row[modality], modality, where)
+    values = row["series"]
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:MAX_SERIES_VALUES + 1]):
+        raise ValueError(f"{where}: series must be a list of numbers")
+    if len(values) > MAX_SERIES_VALUES:
+        raise ValueError(f"{where}: the series holds {len(values)} values, over the limit of {MAX_SERIES_VALUES}")
+    return question, modality, values
+
+
+def answer(model, tokenizer, media, question: str, modality: str, medium: bytes | list, where: str) -> dict:
+    """One checked row's prediction (`checked_row`); ValueError naming `where` for a medium that does not decode or
+    fails the encode job's checks."""
+    from modrwkv.chat import ChatSession, forecast_series
+
     if modality == "series":
-        values = row["series"]
-        if not isinstance(values, (list, tuple)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:MAX_SERIES_VALUES + 1]):
-            raise ValueError(f"{where}: series must be a list of numbers")
-        if len(values) > MAX_SERIES_VALUES:
-            raise ValueError(f"{where}: the series holds {len(values)} values, over the limit of {MAX_SERIES_VALUES}")
-        series = media.series(values, where)
+        series = media.series(medium, where)
         if model.forecast_head is not None:
             return {"forecast": forecast_series(model, tokenizer, question, series.features, series.lookback,
                                                 series.mean, series.std)}
         features = series.features
     else:
-        encode = media.image if modality == "image" else media.audio
-        features = encode(media_bytes(row[modality], modality, where), where)
+        features = (media.image if modality == "image" else media.audio)(medium, where)
     return {"answer": ChatSession(model, tokenizer, [(modality, features)]).ask(question)}
+
+
+class RequestError(MlflowException):
+    """An error whose message stays the project's: MLflow's scoring server prefixes a predict error's message with the
+    whole request ("Failed to predict data '<rows>'"), which sent a refused medium of megabytes back to its
+    client."""
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass  # the server's prefix; the message is the exception's argument
 
 
 class ModRWKVService(PythonModel):
@@ -145,13 +168,13 @@ class ModRWKVService(PythonModel):
         from preprocessing.encoders.recorded import MissingEncoder
 
         try:
-            rows = request_rows(model_input)
-            return [answer(self.model, self.tokenizer, self.media, row, f"row {i}") for i, row in enumerate(rows)]
+            rows = [checked_row(self.model, row, f"row {i}") for i, row in enumerate(request_rows(model_input))]
+            return [answer(self.model, self.tokenizer, self.media, *row, f"row {i}") for i, row in enumerate(rows)]
         except MissingEncoder as e:  # the server's lack, not the request's: 501
-            raise MlflowException(f"{e}; this logged model carries none (serve one logged with it)",
-                                  error_code=NOT_IMPLEMENTED) from None
+            raise RequestError(f"{e}; this logged model carries none (serve one logged with it)",
+                               error_code=NOT_IMPLEMENTED) from None
         except ValueError as e:  # a bad request, not a failure of the server: HTTP 400 with the reason
-            raise MlflowException.invalid_parameter_value(str(e)) from None
+            raise RequestError.invalid_parameter_value(str(e)) from None
         except Exception as e:  # MLflow would call any error a bad request
-            raise MlflowException(f"the server failed to answer: {type(e).__name__}: {e}",
-                                  error_code=INTERNAL_ERROR) from e
+            raise RequestError(f"the server failed to answer: {type(e).__name__}: {e}",
+                               error_code=INTERNAL_ERROR) from e

@@ -67,15 +67,18 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
     check_out_dir(model_dir, out_dir, "hf")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = world_tokenizer.WorldTokenizer()
     config = {"model_type": "modrwkv", "architectures": [ARCHITECTURES["hf"]], "auto_map": AUTO_MAP,
               **model.config.to_dict(), "placeholder_ids": PLACEHOLDER_IDS,
-              "encoders": read_encoders_record(model_dir), "dtype": "float32", "tie_word_embeddings": False}
+              "encoders": read_encoders_record(model_dir), "turn_end_ids": turn_end_ids(tokenizer),
+              "dtype": "float32", "tie_word_embeddings": False}
     write_json(out_dir / "config.json", config)
     weights = {name: t.float() for name, t in cpu_state_dict(model).items()}  # fp32 copies, the model left as it is
     save_file(weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     end_of_text = world_tokenizer.END_OF_TEXT
-    # an answer ends its turn with "\n\n" (trained so), rarely with end-of-text: generate() stops at either token
-    turn_end = world_tokenizer.WorldTokenizer().encode(TURN_END)
+    # an answer ends its turn with "\n\n" (trained so), rarely with end-of-text: generate() stops at either token,
+    # and at a turn end split over two tokens ("。\n" then "\n": `turn_end_ids`, the remote code's TurnEnd)
+    turn_end = tokenizer.encode(TURN_END)
     write_json(out_dir / "generation_config.json", {"eos_token_id": [end_of_text, *turn_end],
                                                     "pad_token_id": end_of_text})
     write_json(out_dir / "tokenizer_config.json", {"auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
@@ -86,6 +89,16 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
     for name, source in SHIPPED_MODULES.items():
         shutil.copyfile(source, out_dir / name)
     return out_dir
+
+
+def turn_end_ids(tokenizer: world_tokenizer.WorldTokenizer) -> dict[str, list[int]]:
+    """The tokens a reply's turn end ("\n\n") lies in: within one, or across the end of one and the start of the
+    next. A few dozen ids each of the vocabulary's, so the remote code needs no tokenizer to stop there."""
+    first, last = TURN_END[:1].encode(), TURN_END[-1:].encode()
+    pieces = tokenizer.id_to_bytes.items()
+    return {"within": sorted(i for i, b in pieces if TURN_END.encode() in b),
+            "ends": sorted(i for i, b in pieces if b.endswith(first)),
+            "starts": sorted(i for i, b in pieces if b.startswith(last))}
 
 
 def export_fla(model: ModRWKV, model_dir, out_dir) -> Path:

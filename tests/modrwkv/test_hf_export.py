@@ -60,12 +60,17 @@ with torch.no_grad():
                                            series_features=[series])
     generated = model.generate(image_ids, image_features=[image], max_new_tokens=inputs["greedy_tokens"],
                                do_sample=False)
+    # a reply steered token by token: it ends its turn across two tokens ("。\n", "\n"), then would go on
+    forced, start = inputs["forced"].tolist(), image_ids.shape[1]
+    steered = model.generate(image_ids, image_features=[image], max_new_tokens=len(forced), do_sample=False,
+                             prefix_allowed_tokens_fn=lambda row, ids: [forced[len(ids) - start]])
     outputs = {
         "text_ids": text_ids, "image_ids": image_ids, "series_ids": series_ids,
         "text_logits": model(text_ids).logits,
         "image_logits": model(image_ids, image_features=[image]).logits,
         "forecast": model(series_ids, series_features=series, series_lookback=inputs["lookback"]).forecast,
         "greedy": generated[:, image_ids.shape[1]:],
+        "steered": steered[0, start:],
         "tokenized": [torch.tensor(tokenizer.encode(text)) for text in inputs["tokenizer_texts"]],
     }
 decoded = [tokenizer.decode(ids) for ids in outputs["tokenized"]]
@@ -139,7 +144,8 @@ def test_transformers_loads_the_export_without_our_packages_and_gives_our_output
     inputs = {"text_prompt": "User: Tell me a story.\n\nAssistant:", "image": torch.randn(11, 24),
               "image_prompt": f"User: {IMAGE_QUESTION}\n\nAssistant:", "series": torch.randn(12, 1),
               "series_prompt": f"User: {SERIES_QUESTION}\n\nAssistant:", "lookback": torch.randn(1, 12),
-              "greedy_tokens": GREEDY_TOKENS, "tokenizer_texts": TOKENIZER_TEXTS}
+              "greedy_tokens": GREEDY_TOKENS, "tokenizer_texts": TOKENIZER_TEXTS,
+              "forced": torch.tensor(WorldTokenizer().encode(" 这是猫。\n\nUser: and then"))}
     torch.save(inputs, tmp_path / "inputs.pt")
     env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
@@ -158,6 +164,9 @@ def test_transformers_loads_the_export_without_our_packages_and_gives_our_output
         assert torch.equal(theirs[name], ours[name]), name
     assert all(torch.equal(a, b) for a, b in zip(theirs["tokenized"], ours["tokenized"], strict=True))
     assert (theirs["image_ids"] == PLACEHOLDER_IDS["image"]).sum() == 5  # 11 features, kernel 3, stride 2
+    turn = WorldTokenizer().encode(" 这是猫。\n\n")
+    assert not set(turn) & set(WorldTokenizer().encode("\n\n"))  # the turn end split: "。\n", "\n"
+    assert theirs["steered"].tolist() == turn  # stopped there, not at the end of the steered tokens
     for name in ("text_logits", "image_logits", "forecast"):
         difference = (theirs[name] - ours[name]).abs().max().item()
         print(f"{name}: max abs difference {difference:.2e} (values up to {ours[name].abs().max():.1f})")

@@ -300,6 +300,8 @@ def test_the_served_model_takes_each_of_mlflows_request_formats(trained, monkeyp
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
+    from pipelines import serving
+
     root, uri, _, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     served = TestClient(scoring_server.init(mlflow.pyfunc.load_model("models:/tiny/1")))
@@ -319,6 +321,17 @@ def test_the_served_model_takes_each_of_mlflows_request_formats(trained, monkeyp
                          ({"inputs": {"question": ["a", "b"], "image": [image]}}, "columns of different lengths")):
         response = served.post("/invocations", json=body)
         assert response.status_code == 400 and reason in response.json()["message"], response.json()
+
+    # a bad last row: refused before any row is answered, and its reply is the reason alone (MLflow's server put the
+    # whole request before it: a refused medium of megabytes went back to the client)
+    answered = []
+    monkeypatch.setattr(serving, "answer", lambda *args: answered.append(args) or {"answer": ""})
+    rows = [{"question": "What digit is this?", "image": image}, {"question": "Which?", "image": "A" * 2**20 + "!"}]
+    for body in ({"inputs": rows}, {"instances": rows}, {"dataframe_records": rows}):
+        response = served.post("/invocations", json=body)
+        assert (response.status_code, response.json()["message"]) == (
+            400, "row 1: image is not valid base64 (Only base64 data is allowed)"), body.keys()
+    assert not answered
 
 
 def test_the_served_model_loads_its_encoders_at_start_and_tells_its_failures_from_the_requests(trained, monkeypatch):
@@ -356,10 +369,9 @@ def test_the_served_model_loads_its_encoders_at_start_and_tells_its_failures_fro
 
 def test_a_modality_the_model_was_not_trained_on_is_refused_with_the_reason():
     from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
-    from modrwkv.tokenizer import WorldTokenizer
-    from pipelines.serving import answer
+    from pipelines.serving import checked_row
 
     backbone = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)
     model = ModRWKV(ModRWKVConfig(backbone, {"image": ProjectorConfig(32, 32)}), random_backbone(backbone))
     with pytest.raises(ValueError, match=r"row 3: this model takes \['image'\], not audio"):
-        answer(model, WorldTokenizer(), None, {"question": "Transcribe.", "audio": b64(wav_bytes(0.2))}, "row 3")
+        checked_row(model, {"question": "Transcribe.", "audio": b64(wav_bytes(0.2))}, "row 3")

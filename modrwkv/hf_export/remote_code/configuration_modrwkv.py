@@ -11,6 +11,8 @@ The fields are ModRWKV's own config as its `modrwkv_config.json` holds it, so no
     series_encoder    the WaveNet run on raw series items (in_channels, hidden, layers, kernel), or None
     placeholder_ids   per modality, the token id whose positions receive that modality's adapted features
     encoders          per modality, the frozen encoder the features must come from (kind, layer, weights hash)
+    turn_end_ids      the token ids a reply's turn end ("\n\n") lies in: "within" one, or across one that "ends" with
+                      "\n" and the next that "starts" with it; generate() stops there (TurnEnd)
 """
 
 from transformers import PretrainedConfig
@@ -20,7 +22,7 @@ class ModRWKVConfig(PretrainedConfig):
     model_type = "modrwkv"
 
     def __init__(self, backbone=None, projectors=None, forecast_horizon=0, forecast_lookback=0, series_encoder=None,
-                 placeholder_ids=None, encoders=None, tie_word_embeddings=False, **kwargs):
+                 placeholder_ids=None, encoders=None, turn_end_ids=None, tie_word_embeddings=False, **kwargs):
         self.backbone = dict(backbone or {})
         self.projectors = dict(projectors or {})
         self.forecast_horizon = forecast_horizon
@@ -28,6 +30,7 @@ class ModRWKVConfig(PretrainedConfig):
         self.series_encoder = series_encoder
         self.placeholder_ids = dict(placeholder_ids or {})
         self.encoders = dict(encoders or {})
+        self.turn_end_ids = dict(turn_end_ids or {})
         # the names transformers' generic code reads (generation, resizing)
         self.vocab_size = self.backbone.get("vocab_size")
         self.hidden_size = self.backbone.get("n_embd")

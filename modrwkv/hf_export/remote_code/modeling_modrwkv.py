@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, StoppingCriteria
 from transformers.utils import ModelOutput
 
 from .configuration_modrwkv import ModRWKVConfig
@@ -229,6 +229,24 @@ class Projector(nn.Module):
         return self.adapter(x)
 
 
+class TurnEnd(StoppingCriteria):
+    """generate() stops a row once its reply holds the turn end "\n\n" (how training ends an answer): in one token,
+    or across two ("。\n" then "\n"), which generation_config's eos ids ("\n\n" and end-of-text) do not see.
+    `ids`: the config's turn_end_ids."""
+
+    def __init__(self, ids: dict):
+        self.within, self.ends, self.starts = (set(ids[k]) for k in ("within", "ends", "starts"))
+        self.prompt_length = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.prompt_length is None:  # called first with one new token: the prompt's own text does not count
+            self.prompt_length = input_ids.shape[1] - 1
+        last = input_ids[:, -1].tolist()
+        before = input_ids[:, -2].tolist() if input_ids.shape[1] - 2 >= self.prompt_length else [None] * len(last)
+        return torch.tensor([t in self.within or (t in self.starts and b in self.ends) for t, b in zip(last, before)],
+                            dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class ModRWKVCausalLMOutput(ModelOutput):
     """logits [B, T, V] (the last `logits_to_keep` positions when given); state: pass it back as `state` to
@@ -341,6 +359,12 @@ class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
                     raise ValueError(f"this model forecasts from the lookback too: pass series_lookback [B, >= {n}]")
                 forecast = forecast + self.forecast_skip(series_lookback[:, -n:].to(forecast.dtype))
         return ModRWKVCausalLMOutput(loss=loss, logits=logits, state=state, forecast=forecast)
+
+    def _get_stopping_criteria(self, generation_config, stopping_criteria, tokenizer=None, **kwargs):
+        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
+        if self.config.turn_end_ids:
+            criteria.append(TurnEnd(self.config.turn_end_ids))
+        return criteria
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
