@@ -20,7 +20,7 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         stop = tuple(tokenizer.encode(TURN_END)) + (END_OF_TEXT,)
         self.config = config or GenerationConfig(max_new_tokens=128, temperature=0, stop_tokens=stop)
-        self.prompt_ids = tokenizer.encode(f"{ROLES['user']}:")
+        self.prompt_ids, self.items = tokenizer.encode(f"{ROLES['user']}:"), 0
         with torch.no_grad():
             _, self.media_state = model.backbone(torch.tensor([self.prompt_ids]), logits_to_keep=1)
         for modality, features in media:
@@ -28,19 +28,29 @@ class ChatSession:
 
     @torch.no_grad()
     def add(self, modality: str, features: torch.Tensor) -> None:
-        """Appends one item (" <modality>" expanded to its feature count) to the user turn, in the state."""
+        """Appends one item ("<modality>" expanded to its feature count) to the user turn, in the state: the
+        first after "User: ", as training places it; each later one right after the one before, so that the chunks
+        of a streamed clip make one run of features, as the whole clip does in training."""
         if modality not in self.model.projectors:
             raise ValueError(f"this model has no {modality} projector (it has: {sorted(self.model.projectors)})")
         # WaveNet keeps the series length, so the projector's compression alone sets the count
         n = self.model.config.projectors[modality].compressed_length(features.shape[0])
-        ids, _ = expand_placeholders(self.tokenizer.encode(f" <{modality}>", allow_special=True), [n], "chat")
+        text = f"{' ' if not self.items else ''}<{modality}>"
+        ids, _ = expand_placeholders(self.tokenizer.encode(text, allow_special=True), [n], "chat")
         _, self.media_state = self.model.prefill(torch.tensor([ids]), [[(modality, features)]], state=self.media_state)
         self.prompt_ids += ids
+        self.items += 1
+
+    def question_ids(self, question: str) -> list[int]:
+        """What follows the media in the prompt: `prompt_ids + question_ids(q)` is training's user turn, "User:
+        <media>\n{q}\n\nAssistant:", or "User: {q}\n\nAssistant:" without media."""
+        separator = "\n" if self.items else " "
+        return self.tokenizer.encode(f"{separator}{question}{TURN_END}{ROLES['assistant']}:")
 
     @torch.no_grad()
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """One answer, from a fresh copy of the media state (earlier questions do not leak into it)."""
-        ids = self.tokenizer.encode(f"\n{question}{TURN_END}{ROLES['assistant']}:")
+        ids = self.question_ids(question)
         # the answer's closing "\n\n" is not always one token ("。\n" then "\n"): the text ends the turn too
         text = generate_text(self.model.backbone, self.tokenizer, ids, self.config, on_text=on_text,
                              state=self.media_state.clone(), stop_texts=(TURN_END,))

@@ -136,19 +136,37 @@ def generate_text(
     stop_texts: Sequence[str] = (),
 ) -> str:
     """One prompt's continuation as text; on_text receives it piece by piece, in whole UTF-8 characters.
-    Generation also ends at the first of `stop_texts` to appear, and the text is cut before it."""
+    Generation also ends at the first of `stop_texts` to appear, and the text is cut before it: on_text is never
+    given a stop text, nor the start of one that may yet complete it."""
     decoder = tokenizer.stream_decoder()
-    pieces = []
+    pieces, shown = [], 0
+
+    def show(upto: int) -> None:
+        nonlocal shown
+        if on_text is not None and upto > shown:
+            on_text("".join(pieces)[shown:upto])
+            shown = upto
 
     def stream(_row: int, token: int) -> bool:
         pieces.append(decoder.push(token))
-        if on_text is not None and pieces[-1]:
-            on_text(pieces[-1])
-        return bool(pieces[-1]) and any(s in "".join(pieces) for s in stop_texts)
+        text = "".join(pieces)
+        cut = stop_at(text, stop_texts)
+        show(cut if cut is not None else len(text) - open_stop(text, stop_texts))
+        return cut is not None
 
     generate(model, [prompt_ids], config, state=state, on_token=stream, first_logits=first_logits)
     pieces.append(decoder.flush())
-    if on_text is not None and pieces[-1]:
-        on_text(pieces[-1])
     text = "".join(pieces)
-    return text[: min([text.find(s) for s in stop_texts if s in text], default=len(text))]
+    text = text[: stop_at(text, stop_texts)]  # [:None]: all of it
+    show(len(text))
+    return text
+
+
+def stop_at(text: str, stop_texts: Sequence[str]) -> int | None:
+    """Where the first of `stop_texts` in `text` begins; None when none is in it."""
+    return min([text.find(s) for s in stop_texts if s in text], default=None)
+
+
+def open_stop(text: str, stop_texts: Sequence[str]) -> int:
+    """How many of `text`'s last characters begin a stop text (held back: the next token may complete it)."""
+    return max((n for s in stop_texts for n in range(1, len(s)) if text.endswith(s[:n])), default=0)

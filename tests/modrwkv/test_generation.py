@@ -130,4 +130,5 @@ def test_generate_text_ends_at_a_stop_text_and_cuts_it_off():
     streamed = []
     cut = generate_text(model, tok, prompt, cfg, on_text=streamed.append, stop_texts=[stop, "never there"])
     assert cut == free[: free.find(stop)]
-    assert len("".join(streamed)) < len(free)  # generation stopped early, not only the text cut
+    assert "".join(streamed) == cut  # the stop text (and the start of it, held back) never streamed: chat showed it
+    assert len(cut) + len(stop) < len(free)  # generation stopped early, not only the text cut

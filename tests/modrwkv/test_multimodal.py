@@ -420,6 +420,10 @@ def test_streamed_audio_chunks_equal_one_pass(tok):
         torch.testing.assert_close(getattr(stream.media_state, field), getattr(one_pass, field), rtol=1e-4, atol=1e-5)
     assert stream.ask("What was said?") == ChatSession(model, tok, [("audio", c) for c in chunks]).ask("What was said?")
     assert whole.prompt_ids == tok.encode("User:")
+    # the prompts are training's: the chunks one run of features, as the whole clip's; no media, no "\n" before it
+    n = sum(model.config.projectors["audio"].compressed_length(len(c)) for c in chunks)
+    assert stream.prompt_ids + stream.question_ids("What was said?") == prompt_ids(tok, "<audio>\nWhat was said?", [n])
+    assert whole.prompt_ids + whole.question_ids("What is 2+2?") == prompt_ids(tok, "What is 2+2?", [])
 
 
 def test_a_batch_mixing_image_and_text_only_samples_trains(tok):
