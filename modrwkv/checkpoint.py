@@ -112,11 +112,15 @@ def read_pretrained(directory) -> tuple[RWKV7Config, dict[str, torch.Tensor]]:
         config = RWKV7Config.load(directory / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid config ({e})") from e
+    return config, read_safetensors(directory / WEIGHTS_FILE)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; CheckpointError naming the file when it does not read (truncated, not one)."""
     try:
-        weights = load_file(directory / WEIGHTS_FILE)
-    except Exception as e:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({e})") from e
-    return config, weights
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError, and OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def read_config(path) -> RWKV7Config:

@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import WEIGHTS_FILE, CheckpointError  # a backbone folder names its weights alike
+from .checkpoint import WEIGHTS_FILE, CheckpointError, read_safetensors  # a backbone folder names its weights alike
 
 CONFIG_FILE = "modrwkv_config.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -61,17 +61,28 @@ class FolderContents:
     adapter_only: bool
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; CheckpointError naming the file when it holds none."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_model_folder(directory) -> FolderContents:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; expected a ModRWKV save_pretrained directory")
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = read_json_object(directory / CONFIG_FILE)
     if (directory / WEIGHTS_FILE).is_file() and (directory / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{directory}: both {WEIGHTS_FILE} and {ADAPTER_FILE}, from two saves; which one its "
                               f"{CONFIG_FILE} describes is unknown: save the model again, or remove the stale file")
     for name, adapter_only in ((WEIGHTS_FILE, False), (ADAPTER_FILE, True)):
         if (directory / name).is_file():
-            return FolderContents(config, load_file(directory / name), directory / name, adapter_only)
+            return FolderContents(config, read_safetensors(directory / name), directory / name, adapter_only)
     raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {ADAPTER_FILE}")
 
 

@@ -20,6 +20,7 @@ unit variance (measured in benchmarks/RESULTS.md, "Learning quality": feature no
 """
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
@@ -33,7 +34,8 @@ from .checkpoint import CheckpointError, cpu_state_dict, load_state_strict, refu
 from .config import RWKV7Config
 from .conversation import IGNORE, PLACEHOLDER_IDS
 from .model import RWKV7, RWKV7State, last_valid
-from .model_folder import in_adapter, read_model_folder, resolve_backbone, write_model_folder
+from .model_folder import (CONFIG_FILE, in_adapter, read_json_object, read_model_folder, resolve_backbone,
+                           write_model_folder)
 from .wavenet import WaveNet, WaveNetConfig
 
 Features = list[tuple[str, torch.Tensor]]  # one sample's items in order: (modality, [L, encoder_dim])
@@ -197,6 +199,19 @@ class ModRWKVConfig:
                    projectors={k: ProjectorConfig(**v) for k, v in d.get("projectors", {}).items()},
                    forecast_horizon=d.get("forecast_horizon", 0), forecast_lookback=d.get("forecast_lookback", 0),
                    series_encoder=WaveNetConfig(**d["series_encoder"]) if d.get("series_encoder") else None)
+
+    @classmethod
+    def read(cls, directory) -> "ModRWKVConfig":
+        """The config of a ModRWKV folder; CheckpointError naming its file when that holds no ModRWKV config."""
+        path = Path(directory) / CONFIG_FILE
+        return cls.from_folder_dict(read_json_object(path), path)
+
+    @classmethod
+    def from_folder_dict(cls, d: dict, path: Path) -> "ModRWKVConfig":
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a ModRWKV config ({type(e).__name__}: {e})") from e
 
 
 class LossUnits(NamedTuple):
@@ -413,7 +428,7 @@ class ModRWKV(nn.Module):
         its backbone_source.json names, in fp32 as a full checkpoint loads, whatever dtype it was saved in; a
         given backbone's dtype is the whole model's)."""
         folder = read_model_folder(directory)
-        config = ModRWKVConfig.from_dict(folder.config)
+        config = ModRWKVConfig.from_folder_dict(folder.config, Path(directory) / CONFIG_FILE)
         if not folder.adapter_only:
             model = cls(config)
             load_state_strict(model, folder.weights, folder.weights_file)

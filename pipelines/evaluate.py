@@ -19,7 +19,6 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from modrwkv.model_folder import CONFIG_FILE
 from modrwkv.multimodal import ModRWKVConfig
 from preprocessing import storage
 from preprocessing.cache.entry import FeatureCache
@@ -224,8 +223,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         raise ValueError(f"{cache_uri}: a {modality} cache cannot be evaluated as {config.task}")
     # the model folder here (prediction actors resolve the checkpoint the same way on their nodes)
     model_dir = local_model(config.checkpoint, configured_uri=config.tracking_uri).model_dir
-    check_model_fits(config, ModRWKVConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text())),
-                     FeatureCache(cache_uri))
+    check_model_fits(config, ModRWKVConfig.read(model_dir), FeatureCache(cache_uri))
     if config.checkpoint.startswith("models:/"):  # the actors download it from the server this driver found
         from .tracking import tracking_uri
 

@@ -71,6 +71,11 @@ with torch.no_grad():
         "forecast": model(series_ids, series_features=series, series_lookback=inputs["lookback"]).forecast,
         "greedy": generated[:, image_ids.shape[1]:],
         "steered": steered[0, start:],
+        # a batch of the prompt twice, an item each; two sequences of one prompt (top_k=1: each the greedy one)
+        "batch_ids": model.expand_placeholders(tokenizer([inputs["image_prompt"]] * 2, return_tensors="pt").input_ids,
+                                               image_features=[image, image]),
+        "sampled_twice": model.generate(image_ids, image_features=[image], max_new_tokens=inputs["greedy_tokens"],
+                                        do_sample=True, top_k=1, num_return_sequences=2)[:, start:],
         "tokenized": [torch.tensor(tokenizer.encode(text)) for text in inputs["tokenizer_texts"]],
     }
 decoded = [tokenizer.decode(ids) for ids in outputs["tokenized"]]
@@ -167,6 +172,8 @@ def test_transformers_loads_the_export_without_our_packages_and_gives_our_output
     turn = WorldTokenizer().encode(" 这是猫。\n\n")
     assert not set(turn) & set(WorldTokenizer().encode("\n\n"))  # the turn end split: "。\n", "\n"
     assert theirs["steered"].tolist() == turn  # stopped there, not at the end of the steered tokens
+    assert torch.equal(theirs["batch_ids"], ours["image_ids"].repeat(2, 1))  # the second row was dropped
+    assert torch.equal(theirs["sampled_twice"], ours["greedy"].repeat(2, 1))  # the items were not repeated
     for name in ("text_logits", "image_logits", "forecast"):
         difference = (theirs[name] - ours[name]).abs().max().item()
         print(f"{name}: max abs difference {difference:.2e} (values up to {ours[name].abs().max():.1f})")

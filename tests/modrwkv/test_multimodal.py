@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -240,6 +241,26 @@ def test_a_save_into_a_folder_replaces_the_weights_another_save_left_there(tmp_p
     shutil.copy(tmp_path / "model" / "model.safetensors", tmp_path / "model" / "adapter.safetensors")
     with pytest.raises(CheckpointError, match="both model.safetensors and adapter.safetensors, from two saves"):
         ModRWKV.from_pretrained(tmp_path / "model")
+
+
+def test_a_damaged_model_folder_is_an_error_naming_its_file(tmp_path):
+    """A config of another program's, or weights cut short by a full disk, raised a bare KeyError or SafetensorError
+    that named no file."""
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    config, weights = folder / "modrwkv_config.json", folder / "model.safetensors"
+    good = config.read_text()
+    for text, reason in (("{}", "not a ModRWKV config (KeyError: 'backbone')"), ("[1]", "holds a JSON list, not an "
+                                                                                      "object"), ("{", "not JSON")):
+        config.write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(f"{config}: {reason}")):
+            ModRWKV.from_pretrained(folder)
+        with pytest.raises(CheckpointError, match=re.escape(f"{config}: {reason}")):
+            ModRWKVConfig.read(folder)
+    config.write_text(good)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: not a readable safetensors file")):
+        ModRWKV.from_pretrained(folder)
 
 
 def test_an_adapter_on_a_bf16_backbone_folder_loads_in_one_dtype_and_runs(tmp_path, tok):

@@ -293,19 +293,28 @@ class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
         return self.projectors[modality](x)
 
     def expand_placeholders(self, input_ids: torch.LongTensor, **features) -> torch.LongTensor:
-        """A prompt ([1, T]) with one placeholder token per item, each repeated as many times as its item gives
-        embeddings (features as in `forward`)."""
+        """Prompts [B, T] with one placeholder token per item, each repeated as many times as its item gives
+        embeddings (features as in `forward`: the items in order, row by row). The rows must come out equally
+        long (padding is not supported), and every item must find its placeholder."""
         items = {m: as_items(features.get(arg)) for m, arg in FEATURE_ARGUMENTS.items()}
-        ids = []
-        for token in input_ids[0].tolist():
-            modality = next((m for m, p in self.config.placeholder_ids.items() if p == token), None)
-            if modality is None:
-                ids.append(token)
-                continue
-            if not items[modality]:
-                raise ValueError(f"more <{modality}> placeholders than {FEATURE_ARGUMENTS[modality]} items")
-            ids += [token] * len(self.item_embeddings(modality, items[modality].pop(0)))
-        return torch.tensor([ids], dtype=input_ids.dtype, device=input_ids.device)
+        rows = []
+        for row in input_ids.tolist():
+            ids = []
+            for token in row:
+                modality = next((m for m, p in self.config.placeholder_ids.items() if p == token), None)
+                if modality is None:
+                    ids.append(token)
+                    continue
+                if not items[modality]:
+                    raise ValueError(f"more <{modality}> placeholders than {FEATURE_ARGUMENTS[modality]} items")
+                ids += [token] * len(self.item_embeddings(modality, items[modality].pop(0)))
+            rows.append(ids)
+        if left := {FEATURE_ARGUMENTS[m]: len(rest) for m, rest in items.items() if rest}:
+            raise ValueError(f"items without a placeholder: {left}")
+        if len({len(ids) for ids in rows}) > 1:
+            raise ValueError(f"the rows expand to {[len(ids) for ids in rows]} tokens: padding is not supported, "
+                             "expand and run prompts of different lengths one at a time")
+        return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)
 
     def embed(self, input_ids: torch.LongTensor, features: dict, prompt: bool) -> torch.Tensor:
         """Token embeddings, each modality's placeholder positions (row by row, in order) replaced by its items'
@@ -359,6 +368,19 @@ class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
                     raise ValueError(f"this model forecasts from the lookback too: pass series_lookback [B, >= {n}]")
                 forecast = forecast + self.forecast_skip(series_lookback[:, -n:].to(forecast.dtype))
         return ModRWKVCausalLMOutput(loss=loss, logits=logits, state=state, forecast=forecast)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """num_return_sequences > 1: the prompt's rows repeated (by transformers), and the feature items with them,
+        which transformers would stretch as tensors or leave as lists. Items are the prompt's, row by row: a
+        one-row prompt's are repeated whole; which of several rows' items are whose is not known here."""
+        items = {name: as_items(model_kwargs.pop(name)) for name in FEATURE_ARGUMENTS.values()
+                 if model_kwargs.get(name) is not None}
+        if expand_size > 1 and items and input_ids is not None and input_ids.shape[0] > 1:
+            raise ValueError("num_return_sequences > 1 with features takes a prompt of one row: generate the rows "
+                             "one at a time")
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
+                                                                        **model_kwargs)
+        return input_ids, {**model_kwargs, **{name: found * expand_size for name, found in items.items()}}
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, tokenizer=None, **kwargs):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
