@@ -398,8 +398,9 @@ def main():
     lines += [f"| {r['task']} | {r['metric']} | {fmt(r.get('model'))} | {fmt(r.get('ceiling'))} | "
               f"{fmt(r.get('baseline'))} | {np.mean(r.get('minutes', [np.nan])):.1f} |" for r in rows]
     lines.append("\nceiling: logistic-regression probe (VQA) or ridge (forecast) on the same cached features; "
-                 "baseline: majority answer, empty transcript, seasonal naive (52 weeks, 12 months). Minutes cover training "
-                 "and evaluation; a demo training serves its three tasks.")
+                 "baseline: majority answer, empty transcript, seasonal naive (52 weeks, 12 months); ± is the "
+                 "seeds' sample std (ddof 1). Minutes cover training and evaluation; a demo training serves its "
+                 "three tasks.")
     write_report(out, "quality", machine, rows, lines)
 
 

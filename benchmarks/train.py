@@ -366,6 +366,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--only", choices=PARTS, help="one part (default: all)")
     args = parser.parse_args()
+    if args.steps < 2:  # the first step (compilation, warm-up) is left out of every time per step
+        parser.error("--steps must be at least 2")
     parts = [args.only] if args.only else PARTS
     prepare()
     out = (Path(args.out) / "train-work").absolute()

@@ -57,7 +57,9 @@ class ModRWKVEvalModel(EvalModelBase):
         # a full save, or an adapter-only one with its backbone recorded beside it (an s3:// one: this node's copy)
         model = pretrained if isinstance(pretrained, ModRWKV) else load_trained_model(str(pretrained))
         self.model = prepare_for_inference(model.to(self.device), quantization=quantize)
-        if encoder_dir is not None and not isinstance(pretrained, ModRWKV):  # set up as the training caches were
+        # a kind (or none) is set up as the training caches were; an encoder object is used as given
+        by_kind = encoder is None or isinstance(encoder, str)
+        if by_kind and encoder_dir is not None and not isinstance(pretrained, ModRWKV):
             encoder = encoder_for(pretrained, "image", encoder_dir, encoder, device=self.device)
         elif isinstance(encoder, str):
             encoder = build_encoder(encoder, encoder_dir, device=self.device)

@@ -166,8 +166,11 @@ def model_id_of(uri: str, reference: str) -> str | None:
                     raise ValueError(f"{reference}: no version of {name!r} is registered")
                 version = newest[0].version
             source = client.get_model_version(name, version).source
-        else:
+        elif name.startswith("m-"):  # a logged model's own id
             return name
+        else:
+            raise ValueError(f"{reference}: a registered model needs its version or alias: models:/{name}/VERSION, "
+                             f"models:/{name}/latest or models:/{name}@ALIAS (or give a logged model's models:/m-...)")
         return source.removeprefix("models:/") if source.startswith("models:/m-") else None
     from modrwkv.model_folder import read_backbone_source
     from preprocessing.local_copy import local_copy

@@ -1,8 +1,8 @@
 """A trained ModRWKV behind `mlflow models serve`: the pyfunc model of every logged ModRWKV (`logged_models.py`).
 
 A request holds rows in any of MLflow's formats (`{"dataframe_records": [...]}`, `dataframe_split`, `{"inputs":
-[...]}` or `{"instances": [...]}`, or `{"inputs": {...}}`: columns, or one row's fields), each a question and one
-medium:
+[...]}` or `{"instances": [...]}`, or `{"inputs": {...}}`: columns, or one row's fields; MLflow makes columns of
+`instances` and refuses rows of other media or series lengths there), each a question and one medium:
     {"question": "What digit is this?", "image": "<base64 PNG or JPEG>"}
     {"question": "Transcribe the audio.", "audio": "<base64 WAV or FLAC>"}
     {"question": "Forecast the next 13 weeks.", "series": [315.2, 315.4, ...]}

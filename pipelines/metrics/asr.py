@@ -2,7 +2,8 @@
 characters), as WER tables report them, not a mean of per-utterance rates.
 
 English is normalised first so that spelling choices do not count as errors: case, punctuation,
-contractions ("don't" = "do not") and numbers ("twenty one" = "21": spelled-out numbers become digits).
+contractions ("don't" = "do not"), numbers ("twenty one" = "21": spelled-out numbers become digits; ".5" = "0.5")
+and the symbols % and $ ("5%" = "five percent", "$3" = "three dollars").
 Mandarin CER compares characters with punctuation and every space removed.
 """
 
@@ -68,6 +69,9 @@ def number_words_to_digits(words: list[str]) -> list[str]:
 def normalize_english(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
+    text = re.sub(r"(?<![\w.])\.(?=\d)", "0.", text)  # .5 -> 0.5 (as punctuation it went: .5 read 5)
+    # symbols a transcript spells: 5% -> 5 percent, $5 -> 5 dollars (as punctuation they went: "5" for "5 percent")
+    text = re.sub(r"\$(\d+(?:\.\d+)?)", r"\1 dollars", text.replace("%", " percent "))
     for pattern, expansion in CONTRACTIONS:
         text = re.sub(pattern, expansion, text)
     text = NOT_IN_A_WORD.sub(" ", text.replace("'", ""))  # a possessive keeps its s: "john's" -> "johns"

@@ -75,6 +75,14 @@ def wrapper(saved, tok):
     return evaluator
 
 
+def test_an_encoder_object_is_used_as_given_beside_an_encoder_dir(wrapper, saved, tok):
+    """An encoder object with the folder of its weights was taken for an encoder kind's name: "unknown encoder"."""
+    root, _ = saved
+    evaluator = lmms_eval_model.ModRWKVEvalModel(pretrained=str(root / "model"), encoder=wrapper.encoder,
+                                                 encoder_dir=str(root / "clip"), device="cpu", tokenizer=tok)
+    assert evaluator.encoder is wrapper.encoder
+
+
 def stepwise_log_prob(model, ids, features, target_ids):
     """Reference: prefill the prompt, then feed the target one token at a time (the recurrent path)."""
     logits, state = model.prefill(torch.tensor([ids]), [features])

@@ -128,6 +128,8 @@ def test_each_phase_is_a_logged_model_with_its_datasets_and_phase_two_is_registe
     assert len(copies) == 3 and all(f.source.startswith("models:/m-") for f in copies)
     (version,) = client.search_model_versions("name = 'tiny'")
     assert version.source == f"models:/{model_id_of(uri, str(phase2))}" and int(version.version) == 1
+    with pytest.raises(ValueError, match="models:/tiny: a registered model needs its version or alias"):
+        model_id_of(uri, "models:/tiny")  # read as a logged model's id: "Logged model with ID 'tiny' not found"
 
 
 def written(cache_uri: str) -> float:

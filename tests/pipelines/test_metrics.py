@@ -138,6 +138,9 @@ def test_pope_scores():
     ("It costs 1,000 dollars", "it costs 1000 dollars"), ("one thousand dollars", "1000 dollars"),
     ("I don't know; it's 3.5 km.", "i do not know it is 3.5 km"),
     ("John's car WON'T   start", "johns car will not start"),
+    (".5 litres", "0.5 litres"), ("a .5 b.", "a 0.5 b"),  # the point as punctuation read five
+    ("5%", "5 percent"), ("five percent", "5 percent"),  # the % as punctuation read 5
+    ("It costs $3.50.", "it costs 3.50 dollars"), ("three dollars", "3 dollars"),
 ])
 def test_english_normalization(raw, normalized):
     assert normalize_english(raw) == normalized
