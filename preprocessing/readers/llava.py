@@ -94,7 +94,8 @@ def read_llava(uri: str, image_root: str | None = None,
             # null, "" or true would key the sample as "None", "-<hash>", "True": a real id's key, or none
             if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)) or record["id"] == "":
                 raise ValueError(f"'id' must be a non-empty string or an integer, got {record['id']!r}")
-            images = record.get("image", [])
+            images = record.get("image")
+            images = [] if images is None else images  # null, as a table exported to JSON writes "no image"
             images = [images] if isinstance(images, str) else images
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 raise ValueError("'image' must be a path or a list of paths")

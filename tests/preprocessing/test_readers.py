@@ -49,6 +49,13 @@ def test_llava_json_and_jsonl(tmp_path):
     assert samples[0].meta["answers"] == ["cat"] * 10  # a VQAv2-style question's, kept for its scoring
     assert rejects[0].source.endswith("data.jsonl:2") and "invalid JSON" in rejects[0].reason
 
+    # "image": null, as a table exported to JSON writes a text-only sample's, is no image
+    text_only = {"id": "t", "image": None, "conversations": [{"from": "human", "value": "Hi?"},
+                                                              {"from": "gpt", "value": "Hello."}]}
+    (tmp_path / "text.json").write_text(json.dumps([text_only]))
+    samples, rejects = read_llava(str(tmp_path / "text.json"))
+    assert [s.sources for s in samples] == [[]] and not rejects
+
 
 def test_asr_manifest_and_librispeech_folders(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a/x.wav", "text": "hello", "language": "en"}\n{"audio": 3}\n')
