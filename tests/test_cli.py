@@ -73,7 +73,8 @@ def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, mo
     store, server = f"sqlite:///{tmp_path / 'mlflow.db'}", "http://alice:s3cretTOKEN@127.0.0.1:9"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the unreachable server: fail at once
     for uri, argv, reason in (
-            (store, ["chat", "--model", "models:/nosuch"], "Logged model with ID 'nosuch' not found"),
+            (store, ["chat", "--model", "models:/m-nosuch"], "Logged model with ID 'm-nosuch' not found"),
+            (store, ["chat", "--model", "models:/nosuch"], "models:/nosuch: a registered model needs its version"),
             (store, ["chat", "--model", "models:/digits@prod"], "name=digits not found"),
             (store, ["chat", "--model", "models:/digits/latest"], "no version of 'digits' is registered"),
             (server, ["chat", "--model", "models:/digits/1"], "API request to http://127.0.0.1:9/api/"),

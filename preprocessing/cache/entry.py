@@ -100,7 +100,9 @@ def load_npy(data: bytes) -> np.ndarray:
 def pack_shard(samples: list[Sample]) -> bytes:
     """The samples' records (`Sample.to_shard_record`) as a WebDataset tar, written in the given order."""
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # PAX: a member name over USTAR's 100 characters (a long sample key) gets an extended header; every other
+    # member is written byte for byte as USTAR writes it, so the shards of earlier encodes are unchanged
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             record = sample.to_shard_record()
             members = [(name, npy_bytes(record[name])) for name in sorted(record) if name.endswith(".npy")]

@@ -32,6 +32,29 @@ def test_shards_are_deterministic_and_never_pickled(tmp_path):
         pack_shard([Sample("x", "series", [], lookback=np.array([{"a": 1}], dtype=object))])
 
 
+def test_a_long_sample_key_is_stored_and_short_ones_as_ustar_stores_them():
+    """A key of 88 characters or more made "<key>.lookback.npy" longer than USTAR's 100 characters: the job failed
+    after encoding ("name is too long"). Shards of short keys keep the bytes earlier encodes wrote."""
+    import io
+    import tarfile
+
+    key = "electricity_load_diagrams_20112014_portugal-H-data-MT_001_active_power_consumption_kw-120"
+    window = Sample(key, "series", [Turn("user", "<series>")], [], lookback=np.zeros(3, np.float32),
+                    target=np.zeros(1, np.float32))
+    (back,) = unpack_shard(pack_shard([window]))
+    assert back.key == key and len(f"{key}.lookback.npy") > 100
+    packed = pack_shard(samples(2))
+    with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    ustar = io.BytesIO()
+    with tarfile.open(fileobj=ustar, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # as shards were written
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    assert ustar.getvalue() == packed
+
+
 def test_a_sample_is_stored_in_the_layout_entries_of_format_2_hold():
     """Entries written before the `Sample` type stay readable: the same members, the same json document."""
     import io
