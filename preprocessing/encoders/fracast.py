@@ -51,6 +51,7 @@ def significant_periods(x: torch.Tensor, top_k: int, min_period: int, alpha: flo
     """[B, top_k] integer periods of the strongest periodogram peaks passing a Bonferroni test; 0 = none."""
     width = x.shape[1]
     n_fft = 1 << math.ceil(math.log2(max(2, width)))
+    x = x.float()  # the periodogram in fp32 whatever the model's dtype (torch's CPU FFT takes no fp16/bf16)
     spectrum = torch.fft.rfft(x - x.mean(dim=1, keepdim=True), n=n_fft)
     power = spectrum.abs().square()[:, 1:]  # drop DC; index j is frequency bin j + 1
     n_bins = power.shape[1]
@@ -58,7 +59,7 @@ def significant_periods(x: torch.Tensor, top_k: int, min_period: int, alpha: flo
     # candidate bins: periods between min_period and half the window
     lo = max(0, n_fft // max(2, width // 2) - 1)
     hi = min(n_bins - 1, max(0, n_fft // max(2, min_period) - 1))
-    in_range = torch.zeros(n_bins, dtype=torch.bool)
+    in_range = torch.zeros(n_bins, dtype=torch.bool, device=x.device)
     in_range[lo : hi + 1] = hi > lo
     local_max = F.pad((share[:, 1:-1] > share[:, :-2]) & (share[:, 1:-1] > share[:, 2:]), (1, 1), value=False)
     threshold = math.log(max(2, n_bins) / min(max(alpha, 1e-12), 1.0)) / max(2, n_bins)
@@ -70,7 +71,7 @@ def significant_periods(x: torch.Tensor, top_k: int, min_period: int, alpha: flo
 
 def phase_features(periods: torch.Tensor, length: int) -> torch.Tensor:
     """[B, length, 2K]: (sin, cos) of each position's phase within each period; zeros for rejected slots."""
-    t = torch.arange(length, dtype=torch.float32)[None, :, None]
+    t = torch.arange(length, dtype=torch.float32, device=periods.device)[None, :, None]
     angle = 2 * math.pi * t / periods.clamp(min=1)[:, None, :].float()
     valid = (periods > 0)[:, None, :].float()
     return torch.stack([torch.sin(angle) * valid, torch.cos(angle) * valid], dim=-1).flatten(2)
@@ -88,7 +89,7 @@ class PeriodicPhase(nn.Module):
         filled = torch.where(observed, values, mean)
         c = self.config
         periods = significant_periods(filled, c.periods, c.min_period, c.period_alpha)
-        return self.proj(phase_features(periods, values.shape[1]))
+        return self.proj(phase_features(periods, values.shape[1]).to(self.proj.weight.dtype))
 
 
 class ScaleFiLM(nn.Module):
@@ -100,7 +101,7 @@ class ScaleFiLM(nn.Module):
         self.to_gb = nn.Linear(2 * self.freqs, 2 * d_model)
 
     def forward(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
-        angle = math.log2(dilation) / 2.0 ** torch.arange(self.freqs, dtype=torch.float32) * math.pi
+        angle = math.log2(dilation) / 2.0 ** torch.arange(self.freqs, dtype=torch.float32, device=x.device) * math.pi
         gamma, beta = self.to_gb(torch.cat([torch.sin(angle), torch.cos(angle)]).to(x.dtype)).chunk(2, dim=-1)
         return x * (1 + gamma) + beta
 

@@ -88,6 +88,21 @@ def test_fracast_wrapper_lengths_and_limits(tiny_fracast):
         tiny_fracast.encode([seasonal(5)], ["short"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fracast_runs_in_half_precision_and_off_the_cpu(tiny_fracast, dtype):
+    """Its periodogram ran torch's FFT in the model's dtype (the CPU's takes no fp16/bf16) and its phase and scale
+    features were made on the CPU in fp32 whatever the model's device and dtype: an encode on a GPU failed."""
+    model_dir = tiny_fracast.model_dir
+    half = build_encoder("fracast", model_dir, dtype=dtype)
+    series = [seasonal(64), seasonal(40, seed=3)]
+    assert next(half.model.parameters()).dtype == dtype
+    for low, full in zip(half.encode(series), tiny_fracast.encode(series)):
+        assert low.shape == full.shape and torch.allclose(low, full, rtol=0.1, atol=0.1)
+    model = FracastNet(FracastConfig(d_model=16, context=64, stages=4)).to("meta")  # a device of its own
+    out = model(torch.zeros(2, 64, device="meta"), torch.ones(2, 64, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 64, 16)
+
+
 def test_periodogram_finds_the_seasons():
     periods = significant_periods(torch.from_numpy(seasonal(2048))[None], top_k=4, min_period=2, alpha=0.05)
     assert {24, 7} <= set(periods[0].tolist())
