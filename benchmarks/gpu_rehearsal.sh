@@ -3,7 +3,7 @@
 # inside one budget, so the command ends before the device's limit. Ours first: flash-linear-attention autotunes
 # about 90 s per shape and dtype on a bare machine, so its parts go last and can never hide our rows.
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
-#   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-2 in bf16 with fp32 gradient
+#   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-1 and 2 in bf16, fp32 gradient
 #                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py);
 #                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py); the
 #                       model's packed rows on CUDA against the CPU (test_model_cuda.py, also in kernel_tests)
@@ -36,9 +36,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-benchmarks/out/gpu}")  # absolute: the autotuning results are packed from another folder
 LOGS=$(mktemp -d)
-ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput wavlm_batching"
-ALL_PARTS+=" fla_tests phase2_fla phase2_ckpt"
-PARTS=${PARTS:-"$ALL_PARTS phase2_compile"}
+ALL_PARTS="kernel_tests deepspeed_tests demo_quality encoder_throughput wavlm_batching wkv7_kernels"
+ALL_PARTS+=" fla_tests phase2_fla phase2_ckpt phase2_compile"
+PARTS=${PARTS:-$ALL_PARTS}
+for name in $PARTS; do  # a mistyped part ran nothing and brought nothing back: the machine's start spent for none
+    [[ " $ALL_PARTS " == *" $name "* ]] || { echo "== unknown part $name; the parts: $ALL_PARTS"; exit 2; }
+done
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,7 +51,7 @@ mkdir -p "$TRITON_CACHE_DIR"
 [[ -f runs/triton_autotune.tar.gz ]] && tar xzf runs/triton_autotune.tar.gz -C "$TRITON_CACHE_DIR"
 # a failed install stops here, not minutes later at the first import of what it lacks
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         || { echo "== the wheels in .whl did not install: stopping"; exit 1; }
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
     python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
@@ -56,6 +59,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOGS/machine.log"
+tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .  # the machine's line comes back, whatever the parts do
 
 LINE_BUFFERED=$(command -v stdbuf >/dev/null && echo "stdbuf -oL")  # coreutils' stdbuf, where the image has it
 part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is left of the budget), log, pack
@@ -72,7 +76,9 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
     tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tar.gz" -T -)
 }
-part kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py -k "not fla"
+# -v: each test's outcome as it ends (a part its limit cuts short prints no summary)
+part kernel_tests 150 python3 -m pytest -v -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py \
+    -k "not fla"
 part deepspeed_tests 150 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
     tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py tests/modrwkv/test_model_cuda.py \
     -k "cuda or deepspeed or on_the_gpu"

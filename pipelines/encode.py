@@ -50,6 +50,7 @@ from preprocessing.items import RAW_SERIES
 from preprocessing.local_copy import local_configs, local_copy
 from preprocessing.readers import (RawSample, Reject, read_aishell, read_asr_manifest, read_librispeech, read_llava,
                                    read_series)
+from preprocessing.readers.series import READERS as SERIES_READERS
 from preprocessing.validate import (Limits, Rejected, check_series, check_text, decode_audio, decode_image,
                                    keyed_limits, normalised_lookback)
 
@@ -147,7 +148,11 @@ def series_window(s: RawSample, limits: Limits) -> Prepared:
     if float(std) <= STD_FLOOR and float((target - mean).abs().max()) > STD_FLOOR:
         raise Rejected("the lookback is flat but the target moves: the target has no scale to be normalised by")
     window = normalised[:, 0].numpy()
-    arrays = {"target": ((target - mean) / std)[:, 0].float().numpy(), "lookback": window, "item": window}
+    scaled_target = ((target - mean) / std)[:, 0].float()
+    if not bool(torch.isfinite(scaled_target).all()):  # past float32's range: stored as inf, a NaN loss in training
+        raise Rejected(f"the target normalised by the lookback (mean {float(mean):.6g}, std {float(std):.6g}) is past "
+                       "float32's range")
+    arrays = {"target": scaled_target.numpy(), "lookback": window, "item": window}
     return Prepared(s, [hashlib.sha256(npy_bytes(window)).hexdigest()], arrays,
                     {"mean": float(mean), "std": float(std), "values_sha256": values})
 
@@ -374,16 +379,17 @@ def series_resolution(config: EncodeConfig, store: dict) -> Resolution | None:
     the limits), the shard size, and the code and libraries that read, cut, check, tokenize and key windows."""
     if config.dataset.format != "series":
         return None
-    from modrwkv import tokenizer, wavenet
+    from modrwkv import conversation, tokenizer, wavenet
     from preprocessing import validate
-    from preprocessing.cache import entry, key
+    from preprocessing.cache import entry, index, key
     from preprocessing.readers import sample, series
 
     dataset = {k: v for k, v in dataclasses.asdict(config.dataset).items() if k not in CHANGE_NO_WINDOW}
     path = config.dataset.path.rstrip("/")
     dataset["path"] = path if storage.is_remote(path) else os.path.abspath(path)  # one record however it is named
-    code = source_digest([sys.modules[__name__], series, sample, validate, key, entry, storage, wavenet, tokenizer],
-                         ["numpy", "pyarrow", "rwkv"])  # rwkv: the tokenizer's vocabulary
+    # conversation: what a window's text checks and token counts are; index: what the entry's index holds
+    code = source_digest([sys.modules[__name__], series, sample, validate, key, entry, index, storage, wavenet,
+                          tokenizer, conversation], ["numpy", "pyarrow", "rwkv"])  # rwkv: the tokenizer's vocabulary
     described = {"dataset": dataset, "store": store, "shard_size": config.cache.shard_size, "code": code}
     return Resolution(config.cache.root, described, series.files_read(config.dataset.path))
 
@@ -530,6 +536,9 @@ def run_encodes(config: EncodeConfig) -> list[EncodeResult]:
         raise ValueError(f"{path}: dataset.each_folder reads the folders directly inside it, and there are none")
     if len(folders) < len(listed):
         print(f"{path}: not datasets, not read: {sorted(set(listed) - set(folders))}")
+    loose = [f for f in storage.list_files(path) if f.endswith(tuple(SERIES_READERS))]
+    if loose:  # a job per folder: series files beside the folders belong to none
+        print(f"{path}: series files outside its folders, not read (move each into a folder of its own): {loose}")
     configs = [dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, path=storage.join(path, f),
                                                                        each_folder=False)) for f in folders]
     outcomes: dict[int, EncodeResult | str] = {}

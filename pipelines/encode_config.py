@@ -1,6 +1,6 @@
 """The schema of `configs/encode_*.yaml` (`EncodeConfig`), checked when the config is loaded."""
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from preprocessing.cache.precision import DEFAULT as DEFAULT_PRECISION
@@ -10,6 +10,11 @@ from preprocessing.validate import Limits
 
 MODALITY_OF_FORMAT = {"llava": "image", "asr_jsonl": "audio", "librispeech": "audio", "aishell": "audio",
                       "series": "series"}
+
+
+# the dataset options of series windows (and of a collection of series folders)
+SERIES_ONLY = ("each_folder", "lookback", "horizon", "stride", "split", "fractions", "split_rows", "max_windows",
+               "columns", "time_column", "nan_policy", "prompt")
 
 
 @dataclass
@@ -42,6 +47,12 @@ class DatasetConfig:
     prompt: str = "<series>\nForecast the next values."
 
     def __post_init__(self):
+        if self.format != "series":  # ignored there, yet keyed: the same data would go to another entry
+            given = [f.name for f in fields(self) if f.name in SERIES_ONLY and getattr(self, f.name) != (
+                f.default_factory() if f.default_factory is not MISSING else f.default)]
+            if given:
+                raise ValueError(f"dataset.{', dataset.'.join(given)} applies to series, not dataset.format "
+                                 f"{self.format!r}")
         if self.format == "aishell" and not self.media_root:
             raise ValueError("dataset.media_root is required for aishell: the split's folder of .wav files "
                              "(data_aishell/wav/test, say), beside dataset.path, the transcript")
@@ -75,6 +86,8 @@ class EncoderSpec:
 
         if self.image_size is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.image_size applies to vision encoders, not {self.kind!r}")
+        if self.image_size is not None and self.image_size < 1:  # 0 was ignored yet keyed, -32 rejected every image
+            raise ValueError(f"encoder.image_size must be a positive number of pixels, got {self.image_size}")
         if self.layer is not None and self.kind not in VISION_ENCODERS:
             raise ValueError(f"encoder.layer applies to vision encoders, not {self.kind!r}")
 
@@ -158,6 +171,9 @@ class EncodeConfig:
         if modality == "series" and self.dataset.lookback < self.limits.min_series_length:
             raise ValueError(f"dataset.lookback {self.dataset.lookback} is shorter than limits.min_series_length "
                              f"{self.limits.min_series_length}: every window would be rejected")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be 1 or more (the context length the cache will train at), got "
+                             f"{self.max_length}")
         if self.cache.precision != DEFAULT_PRECISION and self.encoder.kind == RAW_SERIES:
             raise ValueError(f"cache.precision {self.cache.precision!r} applies to encoder features; raw series "
                              "(the WaveNet's input) are stored in full precision, in the shards")

@@ -14,6 +14,10 @@ from .items import RATE_RANGE, SAMPLE_RATE, Audio, to_16k_mono
 
 
 MONO_BLOCK_VALUES = 2**18  # values decoded at once (1 MiB of float32), whatever the channel count
+# a processor that resizes the shortest side (CLIP's, DINOv2's: to 224 or 256 before the crop) scales a thin image's
+# long side up by as much: a 105-byte 8000x1 PNG became a 224x1.8M-pixel array (MemoryError, the job lost). A fixed
+# rule, as "decodable" is: a panorama is 10:1
+MAX_ASPECT_RATIO = 100
 
 
 class Rejected(ValueError):
@@ -62,6 +66,9 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
                                "(possible decompression bomb)")
             if min(w, h) < limits.min_image_side:
                 raise Rejected(f"image is {w}x{h}, smaller than {limits.min_image_side} pixels on a side")
+            if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                raise Rejected(f"image is {w}x{h}, a side over {MAX_ASPECT_RATIO} times the other (an encoder's "
+                               "resize of its short side would make the long one as many times longer)")
             im.load()
             return as_rgb(im)  # PIL's conversion of the file's mode and palette: a damaged file's to fail, too
     except Rejected:

@@ -59,8 +59,24 @@ def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.
     stored = {"precision": precision} if precision != DEFAULT else {}
     revision = {"revision": FEATURE_REVISIONS[encoder["kind"]]} if encoder["kind"] in FEATURE_REVISIONS else {}
     return {"modality": modality, "kind": encoder["kind"], "dtype": encoder["dtype"],
-            "image_size": encoder["image_size"], **layer, **stored, **revision, "limits": limits,
+            "image_size": encoder["image_size"], **layer, **stored, **revision,
+            **processor_only_nested(encoder["kind"], model_dir), "limits": limits,
             "weights_hash": hash_model_dir(model_dir, fingerprints) if model_dir else None}
+
+
+# the kinds whose features follow the folder's processor settings (`preprocessing/encoders/base.py`)
+READS_PROCESSOR = ("clip", "siglip", "siglip2", "dinov2", "wavlm")
+
+
+def processor_only_nested(kind: str, model_dir) -> dict:
+    """{"processor_file": ...} for a folder whose processor settings only transformers 5's processor_config.json
+    holds: until 2026-12-07 its items were encoded with the model's default processor, so its store is keyed apart
+    from those (every other folder keeps its key)."""
+    if kind not in READS_PROCESSOR or not model_dir:
+        return {}
+    names = set(storage.list_files(str(model_dir)))
+    nested_only = "processor_config.json" in names and "preprocessor_config.json" not in names
+    return {"processor_file": "processor_config.json"} if nested_only else {}
 
 
 def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[dict]) -> dict:

@@ -53,10 +53,20 @@ def _holder(path: str) -> tuple[dict, float] | None:
     return record, age_s
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace ("pid:[4026531836]"); None where /proc has none (not Linux)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _died_here(record: dict) -> bool:
     """Whether the lease is a process's of this host that is gone (a job killed outright: its rerun goes on at
-    once, rather than wait out the renewals)."""
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+    once, rather than wait out the renewals). Containers sharing the host's name (host networking) do not share
+    its PIDs: only a lease of this PID namespace is looked up."""
+    if (record.get("host") != socket.gethostname() or record.get("pid_namespace", False) != _pid_namespace()
+            or not isinstance(record.get("pid"), int)):
         return False
     try:
         os.kill(record["pid"], 0)
@@ -108,8 +118,8 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
     """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs; a live lease of
     another job's is waited for (`wait`) or raises EntryBusy."""
     path = storage.join(entry_uri, LEASE)
-    record = {"store": store, "host": socket.gethostname(), "pid": os.getpid(), "renew_s": renew_s,
-              "token": uuid.uuid4().hex}
+    record = {"store": store, "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+              "renew_s": renew_s, "token": uuid.uuid4().hex}
     _take(path, record, wait, poll_s)
     data = json.dumps(record).encode()
     stop = threading.Event()

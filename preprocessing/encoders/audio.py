@@ -3,6 +3,7 @@ to the real audio's length; a longer clip read as consecutive 30 s windows). Ite
 other sample rates are resampled; nonsense rates and empty clips are refused."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,11 +12,12 @@ from transformers import (Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel, Whi
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from ..items import SAMPLE_RATE, to_16k_mono
-from .base import PREPROCESSOR_FILE, EncoderInputs, FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, check_model_type, require_local_dir, ships_processor
 
 
 def load_whisper_encoder(path):
     """A full WhisperModel save or an encoder-only one (what our converters write: no decoder weights to fake)."""
+    check_model_type(Path(path), "whisper", "whisper")
     if "WhisperEncoder" in (WhisperConfig.from_pretrained(path).architectures or []):
         return HFWhisperEncoder.from_pretrained(path, local_files_only=True)
     return WhisperModel.from_pretrained(path, local_files_only=True).get_encoder()
@@ -97,6 +99,7 @@ class WavLMEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
+        check_model_type(path, self.kind, "wavlm")
         model = WavLMModel.from_pretrained(path, local_files_only=True)
         if model.adapter is not None:  # `forward` runs the model's parts itself, without one
             raise ValueError(f"{path}: a WavLM with an adapter (add_adapter) is not supported")
@@ -109,7 +112,7 @@ class WavLMEncoder(FrozenEncoder):
         path = require_local_dir(model_dir)
         config = config or WavLMConfig.from_pretrained(path, local_files_only=True)
         normalize = (Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True).do_normalize
-                     if (path / PREPROCESSOR_FILE).is_file() else True)
+                     if ships_processor(path) else True)
         return WaveformInputs(normalize, receptive_field(config.conv_kernel, config.conv_stride))
 
     def forward(self, prepared) -> list[torch.Tensor]:

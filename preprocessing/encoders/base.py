@@ -6,6 +6,7 @@ arrays its model reads: the image processor's resize and patchify, Whisper's log
 `forward` batches those arrays and runs the model. `encode` is one after the other; the encode job runs the first
 half in Ray Data's CPU tasks, beside the decoding, so that an encoder actor's one CPU never feeds its GPU alone."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,23 @@ import torch
 
 from ..cache.key import hash_model_dir
 
-PREPROCESSOR_FILE = "preprocessor_config.json"  # a checkpoint's processor settings, where it ships them
+# a checkpoint's processor settings, where it ships them: alone (transformers 4's save_pretrained, the hub's
+# checkpoints), or nested in a whole processor's file (transformers 5's ProcessorMixin.save_pretrained writes only
+# that); the processor classes' from_pretrained read either
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def ships_processor(path: Path) -> bool:
+    return any((path / name).is_file() for name in PROCESSOR_FILES)
+
+
+def check_model_type(path: Path, kind: str, *accepted: str) -> None:
+    """Refuses a checkpoint of another architecture, which transformers loads with a warning, dropping the weights
+    it does not know and drawing random ones for those it misses (DINOv2 with registers ran without its registers;
+    a HuBERT folder as WavLM gave features that changed from load to load)."""
+    found = json.loads((path / "config.json").read_text()).get("model_type")
+    if found not in accepted:
+        raise ValueError(f"{path}: a {found} checkpoint, not the {accepted[0]} model the {kind} encoder reads")
 
 
 class EncoderInputs:

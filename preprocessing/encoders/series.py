@@ -8,9 +8,9 @@ import torch
 
 from modrwkv.wavenet import normalize_series
 
-from .base import EncoderInputs, FrozenEncoder, require_local_dir
+from .base import EncoderInputs, FrozenEncoder, check_model_type, require_local_dir
 from .fracast import load_fracast, read_fracast_config
-from .timer import TimerModel
+from .timer import TimerConfig, TimerModel
 
 
 def normalized(series, sample_id: str) -> torch.Tensor:
@@ -83,6 +83,7 @@ class TimerEncoder(FrozenEncoder):
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         path = require_local_dir(model_dir)
+        check_model_type(path, self.kind, TimerConfig.model_type)
         super().__init__(path, TimerModel.from_pretrained(path, local_files_only=True), ZScoreInputs(), device,
                          dtype)
         self.patch = self.model.config.input_token_len

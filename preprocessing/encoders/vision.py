@@ -1,9 +1,6 @@
 """Vision towers: CLIP, SigLIP, SigLIP2 and DINOv2, any width; the last hidden state or a chosen layer's tokens
 (CLS included where present)."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
@@ -18,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .base import PREPROCESSOR_FILE, EncoderInputs, FrozenEncoder, require_local_dir, right_padded
+from .base import EncoderInputs, FrozenEncoder, check_model_type, require_local_dir, right_padded, ships_processor
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's normalisation
 
@@ -63,15 +60,6 @@ class NaFlexInputs(ImageInputs):
         return {"patches": inputs["pixel_values"][:real], "spatial_shapes": inputs["spatial_shapes"]}
 
 
-def check_model_type(path: Path, kind: str, expected: str) -> None:
-    """Refuses a checkpoint of another architecture, which transformers loads with a warning and the weights it
-    does not know dropped (DINOv2 with registers as DINOv2 ran without its registers). A whole CLIP or SigLIP model
-    (`clip` beside `clip_vision_model`) is fine: its vision tower is read."""
-    found = json.loads((path / "config.json").read_text()).get("model_type")
-    if found not in (expected, expected.removesuffix("_vision_model")):
-        raise ValueError(f"{path}: a {found} checkpoint, not the {expected} model the {kind} encoder reads")
-
-
 class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
@@ -85,7 +73,9 @@ class VisionEncoder(FrozenEncoder):
         `layer` indexes the hidden states (0: the embeddings, -1: the last block's output before the final norm;
         None: the model's last_hidden_state, after the final norm where it has one)."""
         path = require_local_dir(model_dir)
-        check_model_type(path, self.kind, self.model_class.config_class.model_type)
+        # a whole CLIP or SigLIP model (`clip` beside `clip_vision_model`) is fine: its vision tower is read
+        expected = self.model_class.config_class.model_type
+        check_model_type(path, self.kind, expected, expected.removesuffix("_vision_model"))
         model = self.model_class.from_pretrained(path, local_files_only=True)
         super().__init__(path, model, self.build_inputs(path, image_size, model.config), device, dtype)
         layers = self.model.config.num_hidden_layers
@@ -98,7 +88,7 @@ class VisionEncoder(FrozenEncoder):
         """The processor the folder ships (its own defaults from the model's config when it ships none), with
         `image_size` as the square input size."""
         path = require_local_dir(model_dir)
-        if (path / PREPROCESSOR_FILE).is_file():
+        if ships_processor(path):
             processor = cls.processor_class.from_pretrained(path, local_files_only=True)
         else:
             config = config or cls.model_class.config_class.from_pretrained(path, local_files_only=True)

@@ -122,10 +122,13 @@ def read_series(uri: str, lookback: int, horizon: int, stride: int, split: str =
     if not files:
         raise ValueError(f"{uri}: no .csv, .parquet or .arrow file under it")
     samples, rejects = [], []
-    for relative in files:
+    stems = [posixpath.splitext(relative)[0] for relative in files]
+    for relative, stem in zip(files, stems):
         file = storage.join(uri, relative)
+        if stems.count(stem) > 1:  # load.csv beside load.parquet: keyed by their whole names, not one key for both
+            stem = relative
         try:
-            found, refused = file_series(file, posixpath.splitext(relative)[0],
+            found, refused = file_series(file, stem,
                                          dataclasses.replace(windows, windows_before=len(samples)), columns,
                                          time_column)
         except TooManyWindows:

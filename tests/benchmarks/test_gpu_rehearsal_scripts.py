@@ -73,6 +73,27 @@ def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing,
     assert "== kernel_tests" not in run.stdout
 
 
+def test_an_unknown_part_stops_the_rehearsal_naming_the_parts_and_the_machine_line_comes_back(tmp_path):
+    """A mistyped part ("wkv7_kernel") ran nothing and packed nothing: not even the machine's line came back."""
+    repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
+    tools = tmp_path / "bin"
+    stub(tools, "python3", "echo stub python3 \"$@\"")
+    stub(tools, "nvidia-smi", "echo stub GPU")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env={**env, "PARTS": "kernel_tests "
+                                                                                 "wkv7_kernel"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "== unknown part wkv7_kernel; the parts: kernel_tests" in run.stdout
+    assert "== kernel_tests" not in run.stdout
+    # no part runs past its budget here: each is skipped at once, the machine's line packed before any
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env={**env, "BUDGET_S": "0"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "== wkv7_kernels: skipped" in run.stdout, run.stdout + run.stderr
+    with tarfile.open(tmp_path / "out" / "rehearsal.tar.gz") as logs:
+        assert logs.getnames() == [".", "./machine.log"]
+
+
 def test_parts_that_need_no_wheels_run_without_them(tmp_path):
     """The import check belongs to the carried wheels: a kernels-only run on an image without DeepSpeed goes on."""
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
@@ -99,6 +120,14 @@ def test_the_inputs_script_runs_in_a_git_worktree(tmp_path):
     run = subprocess.run(["bash", "benchmarks/gpu_rehearsal_inputs.sh", "--no-caches"], cwd=worktree, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+    assert "KiB of the" in run.stdout and "KiB beside the tracked tree" in run.stdout
     (worktree / ".whl" / "x.whl").write_text("")
     ignored = subprocess.run(["git", "-C", str(worktree), "check-ignore", ".whl/x.whl"], capture_output=True)
     assert ignored.returncode == 0
+    # what a call carries is counted in bytes with the tracked tree's: 64 MiB of caches leave no room
+    (worktree / "runs" / "gpu_demo").mkdir(parents=True)
+    with open(worktree / "runs" / "gpu_demo" / "caches.tar", "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: its size without its disk
+    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal_inputs.sh", "--no-caches"], cwd=worktree, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and ".whl runs/gpu_demo hold 655" in run.stderr and "KiB, over the" in run.stderr

@@ -69,6 +69,7 @@ def test_chunked_raises_decays_below_its_floor_to_it():
 @pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_chunked"])
 def test_no_steps_give_no_output_and_the_state_as_it_came(backend):
     xs, s0 = wkv_inputs(2, 0, 3, 8)
+    xs, s0 = [x.to(device_of(backend)) for x in xs], s0.to(device_of(backend))  # Triton's on CUDA where there is one
     y, s = wkv7(*xs, initial_state=s0, backend=backend)
     assert y.shape == (2, 0, 3, 8) and torch.equal(s, s0.to(s.dtype))  # Triton keeps states in fp32
     assert torch.equal(wkv7(*xs, backend=backend)[1], torch.zeros_like(s0))

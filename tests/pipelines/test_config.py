@@ -66,6 +66,14 @@ def test_valid_config_with_defaults_and_overrides(tmp_path):
      "not valid YAML: .*the key 'run' is given twice"),
     ("dataset: {format: series, path: x}\nencoder: {kind: raw}\n? [1, 2]\n: 3", "\\[1, 2\\] cannot be a key"),
     ("dataset: [", "not valid YAML"),
+    # options that were accepted and ignored, yet keyed (another entry of the same data), or failed at run time
+    ("dataset: {format: llava, path: x, prompt: Describe it., lookback: 48}\nencoder: {kind: clip, model_dir: c}",
+     "dataset.lookback, dataset.prompt applies to series, not dataset.format 'llava'"),
+    ("dataset: {format: asr_jsonl, path: x, each_folder: true}\nencoder: {kind: whisper, model_dir: w}",
+     "dataset.each_folder applies to series"),
+    ("dataset: {format: llava, path: x}\nencoder: {kind: clip, model_dir: c, image_size: 0}",
+     "encoder.image_size must be a positive number of pixels, got 0"),
+    ("dataset: {format: series, path: x}\nencoder: {kind: raw}\nmax_length: 0", "max_length must be 1 or more"),
 ])
 def test_bad_configs_are_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:

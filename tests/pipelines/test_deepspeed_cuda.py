@@ -52,7 +52,9 @@ def process_group(monkeypatch):
     torch.distributed.destroy_process_group()
 
 
-def test_zero2_in_bf16_sums_gradients_in_fp32_learns_and_saves(process_group, tmp_path):
+# stage 1 (configs/paper/train_vision.yaml): DeepSpeed's BF16_Optimizer, not stage 2's ZeRO optimizer
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_in_bf16_sums_gradients_in_fp32_learns_and_saves(process_group, tmp_path, stage):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from pipelines.deepspeed_engine import save_final, start_engine
@@ -66,9 +68,10 @@ def test_zero2_in_bf16_sums_gradients_in_fp32_learns_and_saves(process_group, tm
     model.projectors["image"].set_feature_stats(torch.full((32,), 5.0), whitening=whitening)
     model.set_phase(1)
     hp = PhaseConfig(lr=3e-3, steps=12, global_batch=16, micro_batch=4, warmup_steps=1)
-    engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=2), world=1, on_gpu=True)
+    engine, optimizer = start_engine(model, hp, DeepSpeedConfig(zero_stage=stage), world=1, on_gpu=True)
 
-    assert engine.bfloat16_enabled() and engine.optimizer.gradient_accumulation_dtype == torch.float32
+    summed_in = getattr(engine.optimizer, "gradient_accumulation_dtype", None) or engine.optimizer.grad_acc_dtype
+    assert engine.bfloat16_enabled() and summed_in == torch.float32
     projector = engine.module.projectors["image"]
     assert projector.adapter[0].weight.dtype == torch.bfloat16
     assert projector.feature_whitening.dtype == torch.float32 and torch.equal(projector.feature_whitening.cpu(),

@@ -219,6 +219,9 @@ def test_a_flat_lookback_is_kept_only_while_its_target_stays_flat():
     assert np.abs(window([0.1] * 7 + [0.2], [0.1, 0.1, 1.3, 2.5]).arrays["target"]).max() < 100  # a scale: kept
     with pytest.raises(Rejected, match="the lookback is flat but the target moves"):
         window([0.1] * 8, [0.1, 0.1, 1.3, 2.5])
+    # a target past float32's range once normalised was stored as inf: a NaN loss in training
+    with pytest.raises(Rejected, match=r"normalised by the lookback \(mean 0.5, std 0.534522\) is past float32"):
+        window([0.0, 1.0] * 4, [1.0, 1e39])
 
 
 def test_a_window_at_a_high_level_stores_its_target_as_it_moves():
@@ -375,6 +378,7 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
         (collection / name / "H").mkdir(parents=True)
         (collection / name / "H" / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(steps)) + "\n")
     (collection / "README.md").write_text("a file beside the folders: not a dataset")
+    (collection / "top.csv").write_text("x\n1\n2\n")  # a series beside them: in no folder's job, and said so
     (collection / ".cache" / "huggingface").mkdir(parents=True)  # what `huggingface-cli download` leaves
     spec = {"dataset": {"format": "series", "path": str(collection), "each_folder": True, "lookback": 8,
                         "horizon": 4, "stride": 4, "fractions": [1.0, 0.0, 0.0], "max_windows": 20},
@@ -386,6 +390,7 @@ def test_a_collection_is_encoded_an_entry_per_folder_and_one_failing_stops_none_
     assert "[1/3] huge: TooManyWindows" in printed
     assert re.search(r"\[3/3\] solar: encoded \S+ \(13 samples, 0 rejected\)\n", printed)
     assert "not datasets, not read: ['.cache']" in printed
+    assert "series files outside its folders, not read (move each into a folder of its own): ['top.csv']" in printed
     alone = {name: run_encode(from_dict(EncodeConfig, {**spec, "dataset": {
         **spec["dataset"], "path": str(collection / name), "each_folder": False}})) for name in ("retail", "solar")}
     assert all(r.reused for r in alone.values())  # the collection's job made the very entries
@@ -1018,3 +1023,22 @@ def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heal
     assert f"made with other library versions than this job runs (torch 2.0.0 -> {library_versions()['torch']})" \
         in capsys.readouterr().out and healed.manifest["libraries"] == library_versions()
     assert len([s for s in FeatureCache(healed.uri).iter_samples() if len(s.items[0])]) == 8
+
+
+def test_a_series_record_is_described_by_the_code_that_checks_and_counts_its_windows(tmp_path, monkeypatch):
+    """An edit of modrwkv/conversation.py (the text checks and token counts of every window) left a series record
+    found: its entry came back, nothing read, though a run would now write other windows."""
+    import shutil
+
+    import modrwkv.conversation as conversation
+    from pipelines.encode import series_resolution
+
+    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
+    config = from_dict(EncodeConfig, {"dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8},
+                                      "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+    before = series_resolution(config, {"kind": "raw"}).uri
+    edited = tmp_path / "conversation.py"
+    shutil.copy(conversation.__file__, edited)
+    edited.write_text(edited.read_text() + "\n# an edit\n")
+    monkeypatch.setattr(conversation, "__file__", str(edited))
+    assert series_resolution(config, {"kind": "raw"}).uri != before

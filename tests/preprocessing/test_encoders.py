@@ -101,6 +101,42 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
                                                                       "intermediate_size": 64})) \
         .save_pretrained(tmp_path / "whole-clip")  # a whole CLIP: its vision tower is what the encoder reads
     assert build_encoder("clip", tmp_path / "whole-clip").encode([rgb(0)])[0].shape[0] == length
+    # the speech and Timer encoders too: a HuBERT folder read as WavLM gave features that changed from load to load
+    from transformers import HubertConfig, HubertModel
+
+    HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)) \
+        .save_pretrained(tmp_path / "hubert")
+    for kind, expected in (("wavlm", "wavlm"), ("whisper", "whisper"), ("timer", "timer")):
+        with pytest.raises(ValueError, match=f"hubert: a hubert checkpoint, not the {expected} model the {kind}"):
+            build_encoder(kind, tmp_path / "hubert")
+
+
+def test_processor_settings_nested_in_transformers_5s_processor_file_are_read(tmp_path):
+    """transformers 5's ProcessorMixin.save_pretrained writes only processor_config.json, the image processor's or
+    feature extractor's settings nested in it: the encoders used the model's defaults instead (CLIP's mean and std;
+    WavLM's normalised samples, where Base and Base+ read raw ones). Such a folder's store is keyed apart from the
+    stores its items were encoded into before."""
+    import json
+
+    from preprocessing.cache.key import store_key
+    from preprocessing.storage import Fingerprints
+    from tests.tiny_models import save_tiny_clip, save_tiny_wavlm
+
+    save_tiny_clip(tmp_path / "clip")
+    save_tiny_wavlm(tmp_path / "wavlm")
+    key = store_key("image", {"kind": "clip", "model_dir": str(tmp_path / "clip"), "dtype": "fp32",
+                              "image_size": None}, {}, Fingerprints(str(tmp_path / "fp")))
+    processor = build_inputs("clip", tmp_path / "clip").processor.to_dict()
+    nested = {"image_processor": {**processor, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}}
+    (tmp_path / "clip" / "processor_config.json").write_text(json.dumps(nested))
+    assert list(build_inputs("clip", tmp_path / "clip").processor.image_mean) == [0.5] * 3
+    (tmp_path / "wavlm" / "processor_config.json").write_text(json.dumps(
+        {"feature_extractor": {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": False}}))
+    assert build_inputs("wavlm", tmp_path / "wavlm").features.do_normalize is False
+    nested_key = store_key("image", {"kind": "clip", "model_dir": str(tmp_path / "clip"), "dtype": "fp32",
+                                     "image_size": None}, {}, Fingerprints(str(tmp_path / "fp")))
+    assert nested_key.pop("processor_file") == "processor_config.json" and "processor_file" not in key
 
 
 def test_missing_model_dir_is_clear(tmp_path):

@@ -96,10 +96,16 @@ def test_the_fresh_lease_of_a_killed_job_of_this_host_is_taken_at_once_another_h
     gone.wait()
     entry = tmp_path / "entry"
     entry.mkdir()
-    (entry / LEASE).write_text(json.dumps({"store": "s", "host": socket.gethostname(), "pid": gone.pid,
-                                           "renew_s": 300, "token": "killed"}))
+    here = {"store": "s", "host": socket.gethostname(), "pid": gone.pid, "renew_s": 300,
+            "pid_namespace": lease_module._pid_namespace()}
+    (entry / LEASE).write_text(json.dumps({**here, "token": "killed"}))
     with lease(str(entry), "s", wait=False):
         assert json.loads((entry / LEASE).read_text())["token"] != "killed"
+    # a container sharing the host's name (host networking) but not its PIDs: its job may live on
+    (entry / LEASE).write_text(json.dumps({**here, "pid_namespace": "pid:[1]", "token": "a container's"}))
+    with pytest.raises(EntryBusy, match="if that job is dead, remove"):
+        with lease(str(entry), "s", wait=False):
+            pass
     (entry / LEASE).write_text(json.dumps({"store": "s", "host": "another-node", "pid": gone.pid, "renew_s": 300,
                                            "token": "elsewhere"}))
     with pytest.raises(EntryBusy, match=rf"another-node, pid {gone.pid}; its lease renewed 0 s ago, taken over once "

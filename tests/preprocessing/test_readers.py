@@ -448,6 +448,7 @@ def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
     file is read, keyed by its path under the folder (the file names repeat); one that does not read is rejected;
     where a `save_to_disk` state.json lists a folder's data files, only those (not `datasets`' cache files)."""
     import pyarrow as pa
+    import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
     for dataset, sign in (("electricity/15T", 1.0), ("solar/H", -1.0)):
         (tmp_path / "gift" / dataset).mkdir(parents=True)
@@ -474,6 +475,13 @@ def test_a_folder_of_series_files_reads_as_one_dataset(tmp_path):
     assert samples[-1].series["target"].tolist() == [-16.0, -17.0, -18.0, -19.0]
     (reject,) = rejects
     assert reject.source == str(tmp_path / "gift" / "broken.parquet") and reject.reason.startswith("not a readable")
+    # load.csv beside load.parquet: two series, not one key for both (the second's windows were "duplicate")
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "load.csv").write_text("x\n" + "\n".join(str(i) for i in range(20)) + "\n")
+    pa.parquet.write_table(pa.table({"x": [float(-i) for i in range(20)]}), tmp_path / "pair" / "load.parquet")
+    samples, rejects = read_series(str(tmp_path / "pair"), 8, 4, 4, "train", [1.0, 0.0, 0.0])
+    assert len(samples) == 6 and not rejects
+    assert {s.meta["id"].rsplit("-x", 1)[0] for s in samples} == {"load.csv", "load.parquet"}
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "dataset_info.json").write_text("{}")
     with pytest.raises(ValueError, match="no .csv, .parquet or .arrow file under it"):

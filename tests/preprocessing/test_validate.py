@@ -29,6 +29,14 @@ def test_images():
     phone = io.BytesIO()
     Image.new("L", (8000, 6000)).save(phone, "PNG")  # 48 megapixels, as phones take them
     assert decode_image(phone.getvalue(), LIMITS).shape == (6000, 8000, 3)
+    for size, refused in (((8000, 1), True), ((1, 101), True), ((100, 1), False), ((3000, 300), False)):
+        thin = io.BytesIO()
+        Image.new("L", size).save(thin, "PNG")  # 8000x1: a 105-byte file a shortest-side resize made 1.8M pixels
+        if refused:
+            with pytest.raises(Rejected, match=f"image is {size[0]}x{size[1]}, a side over 100 times the other"):
+                decode_image(thin.getvalue(), LIMITS)
+        else:
+            assert decode_image(thin.getvalue(), LIMITS).shape == (size[1], size[0], 3)
     with pytest.raises(Rejected, match="not a readable image"):
         decode_image(b"this is text", LIMITS)
     im_file = image_bytes(np.zeros((20, 20, 3), np.uint8), "IM").replace(b"20*20", b"20*2.")  # a corrupt size
