@@ -254,6 +254,9 @@ def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO
                     rows[task, metric]["baseline"] = result.baselines[metric]
         for row in rows.values():
             row.setdefault("minutes", []).append((time.perf_counter() - started) / 60)
+        # each seed's scores as it ends: a run cut short (a lent GPU's limit) still leaves the seeds it finished
+        print(f"seed {seed} ({rows[next(iter(rows))]['minutes'][-1]:.1f} min): " + ", ".join(
+            f"{task} {metric} {row['model'][-1]:.4g}" for (task, metric), row in rows.items()), flush=True)
     return [{"task": t, "metric": m, **row} for (t, m), row in rows.items()]
 
 
