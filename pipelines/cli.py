@@ -157,7 +157,8 @@ def cmd_train(args) -> None:
         from pipelines.train_local import main
     else:
         from pipelines.train import main
-    main(args)
+    with signals_unwind():  # `kill` or a closed terminal ends the MLflow run KILLED/FAILED, not left RUNNING
+        main(args)
 
 
 def cmd_eval(args) -> None:

@@ -1,4 +1,4 @@
-"""`modrwkv encode --config configs/encode_*.yaml`: raw dataset -> features in the feature store + a cache entry.
+"""`modrwkv encode --config configs/*/encode_*.yaml`: raw dataset -> features in the feature store + a cache entry.
 
     driver: a series config's record of its entry, found while its files are unchanged -> reused, nothing read
             (`series_resolution`); else readers, text checks; each media file's sha256 from the fingerprints (files

@@ -1,4 +1,4 @@
-"""The schema of `configs/encode_*.yaml` (`EncodeConfig`), checked when the config is loaded."""
+"""The schema of `configs/*/encode_*.yaml` (`EncodeConfig`), checked when the config is loaded."""
 
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal

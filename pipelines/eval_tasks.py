@@ -16,7 +16,7 @@ import numpy as np
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import ForecastErrors, seasonal_naive
 from .metrics.vqa import answer_key, mean_exact_match, mean_vqa_accuracy, normalize_answer
-from .plots import pyplot, save_figure
+from .plots import figure, save_figure
 from .row_sample import RowSample
 
 if TYPE_CHECKING:
@@ -199,8 +199,8 @@ class VQA(DecodeTask):
         labels, counts = self.confusion(tally.rows)
         if not 2 <= len(labels) <= 30:
             return []
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(7, 6))
+        fig = figure(figsize=(7, 6))
+        ax = fig.subplots()
         ax.imshow(counts, cmap="Blues")
         ax.set_xticks(range(len(labels) + 1), labels + ["other"], rotation=45, ha="right")
         ax.set_yticks(range(len(labels)), labels)
@@ -285,7 +285,8 @@ class Forecast(EvalTask):
     def plots(self, tally: "ForecastTally", out_dir: Path) -> list[Path]:
         """Lookback, truth and forecast of a few windows (`ForecastTally.shown`), on the original scale."""
         shown = tally.shown.rows()
-        fig, axes = pyplot().subplots(len(shown), 1, figsize=(7, 2.2 * len(shown)), squeeze=False)
+        fig = figure(figsize=(7, 2.2 * len(shown)))
+        axes = fig.subplots(len(shown), 1, squeeze=False)
         for ax, r in zip(axes[:, 0], shown):
             lookback, truth, forecast = (np.asarray(r[k]) * r["std"] + r["mean"]
                                          for k in ("lookback", "reference", "prediction"))

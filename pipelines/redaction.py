@@ -1,5 +1,6 @@
 """Credentials left out of text that is printed, logged or shown by Ray."""
 
+import logging
 import re
 
 CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")  # a URL's `user:password@`
@@ -10,3 +11,23 @@ def redact(text: str) -> str:
     may carry them, and what is printed or logged, or shown by Ray, must not. MLflow reads them from the URI or from
     MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN."""
     return CREDENTIALS.sub(r"\1", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Leaves credentials out of a log record's message: MLflow's own error logs quote the URL a request failed on
+    ("API request to http://user:token@host/api/... failed"), from its background logging thread and its system
+    metrics monitor, where no caller can redact them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if CREDENTIALS.search(message):
+            record.msg, record.args = redact(message), None
+        return True
+
+
+def redact_mlflow_logs() -> None:
+    """Puts a `RedactingFilter` on the handlers MLflow's loggers write through (its own, and the root's, where a
+    program configured logging), once a process."""
+    for handler in (*logging.getLogger("mlflow").handlers, *logging.getLogger().handlers):
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

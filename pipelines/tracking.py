@@ -23,10 +23,11 @@ from preprocessing.cache.entry import entry_name
 
 from .config import to_dict
 from .environment import environment_tags
-from .plots import pyplot, save_figure
-from .redaction import redact
+from .plots import figure, save_figure
+from .redaction import redact, redact_mlflow_logs
 
 SERVICES_DIR = Path("runs/services")  # where `modrwkv services up` records what it started
+redact_mlflow_logs()  # every process that tracks imports this module: drivers, Ray Train workers, evaluation actors
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -107,15 +108,32 @@ def experiment_id(client, uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
+MAX_PARAM, MAX_TAG = 6000, 8000  # MLflow's value lengths (a SQL store's columns refuse longer tags)
+
+
+def within(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, saying so: a list of caches cut silently read as another, shorter one."""
+    if len(value) <= limit:
+        return value
+    marker = f"... ({len(value)} characters, cut to {limit})"
+    return value[: limit - len(marker)] + marker
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
-    """Creates the run on the driver (workers that restart after a failure keep logging into it)."""
+    """Creates the run on the driver (workers that restart after a failure keep logging into it); a run whose params
+    cannot be logged ends FAILED, not RUNNING for ever."""
     client = MlflowClient(uri)
     tags = {"mlflow.source.git.commit": git_revision(), **tags}
-    run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name,
+                            tags={k: within(str(v), MAX_TAG) for k, v in tags.items()})
     items = list(flatten(params).items())
-    for i in range(0, len(items), 100):  # MLflow's batch limit for params
-        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]],
-                         tags=[RunTag("modrwkv.config", "see params")] if i == 0 else [])
+    try:
+        for i in range(0, len(items), 100):  # MLflow's batch limit for params
+            client.log_batch(run.info.run_id, params=[Param(k, within(v, MAX_PARAM)) for k, v in items[i : i + 100]],
+                             tags=[RunTag("modrwkv.config", "see params")] if i == 0 else [])
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
     return run.info.run_id
 
 
@@ -133,21 +151,29 @@ class MetricLogger:
     """Step metrics into one run, a batch a step, sent by MLflow's background logging thread: the step does not
     wait for the tracking server (a batch took 11-40 ms against the local one, 90-110 ms with its CPUs busy,
     `benchmarks/metric_logging.py`, while every other worker waited at the next all-reduce). `flush()` waits until
-    every batch has landed and raises what failed."""
+    every batch has landed; the batches a tracking server's outage lost are counted and said, never raised: a run
+    of days must not fail at its last step, before its final checkpoint, for the figures of one minute."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id
-        self.pending = []
+        self.pending, self.lost = [], 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.pending.append(self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=False))
 
-    def flush(self) -> None:
-        for operation in self.pending:
-            operation.wait()
-        self.pending.clear()
+    def flush(self) -> int:
+        """Waits for every batch logged so far; returns how many of them the run has lost, all told."""
+        pending, self.pending = self.pending, []
+        for operation in pending:
+            try:
+                operation.wait()
+            except Exception as e:  # noqa: BLE001 - the tracking server's failure, not the run's
+                self.lost += 1
+                print(f"MLflow run {self.run_id}: a batch of step metrics was not logged ({redact(str(e))[:300]})",
+                      flush=True)
+        return self.lost
 
 
 def log_environment(uri: str, run_id: str, node: str | None) -> None:
@@ -176,13 +202,14 @@ class StepProgress:
         self.total, self.desc = total, desc
 
     def poll(self) -> None:
-        try:
-            history = self.client.get_metric_history(self.run_id, self.metric)
+        try:  # the run's latest value (its whole history, read every 2 s, grew with the run)
+            run = self.client.get_run(self.run_id)
         except Exception:  # noqa: BLE001 - a progress bar must never fail the job it reports on
             return
-        if history:
-            last = max(history, key=lambda m: m.step)
-            self.bar.update(last.step - self.bar.n)
+        # the latest values with their steps: RunData keeps the Metric entities it was built from (no public getter)
+        last = next((m for m in getattr(run.data, "_metric_objs", ()) if m.key == self.metric), None)
+        if last is not None:
+            self.bar.update(max(0, min(self.total, last.step)) - self.bar.n)
             self.bar.set_postfix({self.metric: f"{last.value:.4f}"})
 
     def __enter__(self):
@@ -256,7 +283,8 @@ def latest_per_step(history) -> list[tuple[int, float]]:
 
 
 def loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
-    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    fig = figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     steps, losses = zip(*history) if history else ((), ())
     ax.plot(steps, losses)
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)

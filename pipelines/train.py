@@ -1,4 +1,4 @@
-"""`modrwkv train --config configs/train_*.yaml --phase 1|2`: Ray Train workers, one DeepSpeed engine each,
+"""`modrwkv train --config configs/*/train*.yaml --phase 1|2`: Ray Train workers, one DeepSpeed engine each,
 reading the feature cache; MLflow tracks the run.
 
 Phase I trains the projectors (Conv1D compression + adapter), the forecast head and WaveNet at a high lr on
@@ -72,8 +72,12 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         check_resumable(checkpoint.get_metadata(), resume_from, plan, phase, config)
     tags = {"phase": str(phase), "feature_caches": json.dumps(caches),
             "feature_cache_ids": ",".join(map(entry_name, caches))}
-    if phase == 2:
+    if phase == 2 and (plan.phase1_source or {}).get("run_id"):  # none after an untracked single-process phase I
         tags["phase1_run_id"] = plan.phase1_source["run_id"]
+    if checkpoint:  # the run this one continues, and from where (checkpoints before 2026-12-07 name no run)
+        tags["resumed_from"] = tracking.redact(resume_from)
+        if checkpoint.get_metadata().get("run_id"):
+            tags["resumed_from_run_id"] = checkpoint.get_metadata()["run_id"]
     run_id = tracking.start_training_run(uri, config, phase, caches, tags)
 
     with tracking.run_status(uri, run_id):  # FINISHED, FAILED or KILLED, with an end time
@@ -108,7 +112,8 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         encoders = loop_config.encoders
         model_dir = export_model(result.checkpoint, out, plan.backbone, phase, run_id, encoders)
         log_artifacts(uri, run_id, config, out, phase)
-        model_id = log_trained_model(uri, run_id, model_dir, phase, hp.steps, opened, encoder_dirs(opened, encoders),
+        model_id = log_trained_model(uri, run_id, model_dir, phase, hp.steps, plan.drawn,
+                                     encoder_dirs(opened, encoders),
                                      storage.join(plan.destination, "model"))
         if phase == 2 and config.tracking.register_as:
             register(uri, model_id, config.tracking.register_as)

@@ -40,7 +40,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
                          "process uses only when told where: set tracking.tracking_uri or MLFLOW_TRACKING_URI")
     plan = plan_phase(config, phase, world=1)
     hp, opened, out = plan.hp, plan.opened, plan.out
-    logger = mlflow_logger(config, phase, plan.caches, uri) if uri else None
+    logger = mlflow_logger(config, phase, plan, uri) if uri else None
     skipped = []  # train_steps extends it as it goes: a failed run names those left out before it failed too
     with tracked_run(logger, skipped):
         known_skips = skipped_in_caches(opened, plan.model, config.max_length, plan.left_out)
@@ -78,7 +78,7 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
 
                     save(out / "checkpoints" / f"step-{step:06d}", step)
                     log_trained_model(uri, logger.run_id, out / "checkpoints" / f"step-{step:06d}", phase, step,
-                                      opened, {})
+                                      plan.drawn, {})
 
         train_steps(engine, optimizer, batches, hp, on_step=on_step, skipped=skipped)
         save(out / "model", hp.steps)
@@ -94,10 +94,13 @@ def run_single_process(config: TrainConfig, phase: int, device: str | None = Non
     return out / "model", history
 
 
-def mlflow_logger(config: TrainConfig, phase: int, caches: list[str], uri: str):
+def mlflow_logger(config: TrainConfig, phase: int, plan: PhasePlan, uri: str):
     from . import tracking  # only when a run is tracked: this driver runs without MLflow
 
-    run_id = tracking.start_training_run(uri, config, phase, caches, {"phase": str(phase), "driver": "single-process"})
+    tags = {"phase": str(phase), "driver": "single-process"}
+    if phase == 2 and (plan.phase1_source or {}).get("run_id"):  # as the cluster driver links phase II to phase I
+        tags["phase1_run_id"] = plan.phase1_source["run_id"]
+    run_id = tracking.start_training_run(uri, config, phase, plan.caches, tags)
     return tracking.MetricLogger(uri, run_id)
 
 
@@ -140,7 +143,7 @@ def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, 
                                                                           f"{config.name} phase {phase}")))
     tracking.log_skipped_samples(logger.uri, logger.run_id, skipped)
     model_id = log_trained_model(logger.uri, logger.run_id, plan.out / "model", phase, history[-1]["step"],
-                                 plan.opened, encoder_dirs(plan.opened, encoders),
+                                 plan.drawn, encoder_dirs(plan.opened, encoders),
                                  storage.join(plan.destination, "model"))
     if phase == 2 and config.tracking.register_as:
         register(logger.uri, model_id, config.tracking.register_as)

@@ -120,10 +120,11 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
                     write_records(Path(d) / "model", encoders=cfg.encoders, backbone_source={
                         "run_id": cfg.run_id, "phase": phase, **cfg.backbone, "step": step})
-                    log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, caches, {})
+                    drawn = [cache for cache, weight in zip(caches, cfg.weights) if weight > 0]  # not left_out
+                    log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, drawn, {})
                 checkpoint = Checkpoint.from_directory(d)
                 # what a resume checks before it starts workers
-                checkpoint.set_metadata({"step": step, "entries": positions[0]["entries"],
+                checkpoint.set_metadata({"step": step, "run_id": cfg.run_id, "entries": positions[0]["entries"],
                                          "epochs": [p["epoch"] for p in positions],
                                          "orders": [p["order"] for p in positions], "schedule": schedule_of(hp)})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)

@@ -230,6 +230,11 @@ class PhasePlan:
     left_out: list[str]  # collection entries with fewer samples than workers, never drawn (`caches.too_small`)
     whiten_eps: float = WHITEN_EPS
 
+    @property
+    def drawn(self) -> list[FeatureCache]:
+        """The caches training draws from: the datasets its logged models name (not those `left_out`)."""
+        return [cache for cache in self.opened if cache.uri not in self.left_out]
+
     def publish(self) -> str:
         """The model folders written in `out` copied to an s3:// destination (nothing to do for a local one);
         returns where the model folder now is."""

@@ -206,16 +206,21 @@ def test_job_modules_run_as_scripts(module, flag):
     assert bad.returncode == 2 and ("no/such.yaml" in bad.stderr or "required" in bad.stderr)
 
 
-def test_a_killed_demo_unwinds_as_on_ctrl_c():
-    """SIGTERM (`kill`, a closed terminal) reaches the demo's `finally`, where it shuts its local Ray down; by
-    default the process would end on the spot and leave Ray's processes running."""
-    # the demo module stood in for, not imported (Ray, MLflow, torch: seconds)
+@pytest.mark.parametrize("command, module, function", [
+    (["demo"], "pipelines.demo", "run_demo(out)"),
+    # a single-process training: its MLflow run ended KILLED/FAILED in `run_status`, not left RUNNING for ever
+    (["train", "--config", "c.yaml", "--phase", "1", "--single-process"], "pipelines.train_local", "main(args)")])
+def test_a_killed_run_unwinds_as_on_ctrl_c(command, module, function):
+    """SIGTERM (`kill`, a closed terminal) reaches the job's `finally` (the demo shuts its local Ray down there, a
+    training ends its MLflow run); by default the process would end on the spot and leave them as they were."""
+    # the job's module stood in for, not imported (Ray, MLflow, torch: seconds)
+    name = function.split("(")[0]
     stand_in = ("import os, signal, sys, time, types\n"
-                "def run_demo(out):\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(30)\n"
+                f"def {function}:\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(30)\n"
                 "    finally:\n        print('shut down', flush=True)\n"
-                "sys.modules['pipelines.demo'] = types.SimpleNamespace(run_demo=run_demo)\n"
-                "from pipelines.cli import main\nmain(['demo'])\n")
+                f"sys.modules['{module}'] = types.SimpleNamespace({name}={name})\n"
+                f"from pipelines.cli import main\nmain({command!r})\n")
     done = subprocess.run([sys.executable, "-c", stand_in], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parents[1],  # SIGTERM at its default, whatever this process inherited
                           preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-    assert done.returncode == 128 + 15 and done.stdout == "shut down\n"
+    assert done.returncode == 128 + 15 and done.stdout == "shut down\n", done.stderr[-2000:]

@@ -24,9 +24,10 @@ def test_step_progress_follows_the_logged_steps(tmp_path):
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"  # the bar only reads
 
 
-def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path, monkeypatch):
+def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path, monkeypatch, capsys):
     """A step hands its batch to MLflow's logging thread and goes on; `flush` returns once every step's metrics are
-    in the run, and raises what the server refused."""
+    in the run, and counts and says what the server refused: it raised, at a run's last step, before its final
+    checkpoint, for the figures of one minute of an outage days before."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(uri, "background", "run", {}, {})
     logger = MetricLogger(uri, run_id)
@@ -40,8 +41,39 @@ def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path,
     history = MlflowClient(uri).get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 21))
     logger.log({"bad name/../": 1.0}, 21)  # MLflow refuses the name: seen at flush, not at the step
-    with pytest.raises(Exception, match="bad name"):
-        logger.flush()
+    assert logger.flush() == 1 and logger.pending == []
+    assert f"MLflow run {run_id}: a batch of step metrics was not logged" in capsys.readouterr().out
+    logger.log({"loss": 0.01}, 22)
+    assert logger.flush() == 1  # the count is the run's, all told
+    assert max(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")) == 22
+
+
+def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
+    """MLflow's background logging and system metrics monitor log the URL a request failed on, password and all."""
+    import io
+    import logging
+
+    from pipelines.redaction import redact_mlflow_logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    monkeypatch.setattr(logging.getLogger("mlflow"), "handlers", [*logging.getLogger("mlflow").handlers, handler])
+    redact_mlflow_logs()
+    logging.getLogger("mlflow.utils.async_logging").error(
+        "Failed to log run data: Exception: API request to %s failed", "http://alice:s3cretTOKEN@127.0.0.1:9/api")
+    assert "API request to http://127.0.0.1:9/api failed" in stream.getvalue() and "s3cret" not in stream.getvalue()
+
+
+def test_a_run_whose_params_do_not_log_ends_failed_and_long_tags_are_cut_saying_so(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(Exception, match="exceeds"):
+        start_run(uri, "params", "long key", {"k" * 300: 1}, {})
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("params").experiment_id])
+    assert run.info.status == "FAILED"  # not RUNNING for ever
+    run_id = start_run(uri, "params", "long tag", {"caches": ["c" * 100] * 100}, {"feature_caches": "x" * 9000})
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["feature_caches"].endswith("... (9000 characters, cut to 8000)")
+    assert len(run.data.tags["feature_caches"]) == 8000 and len(run.data.params["caches"]) == 6000
 
 
 def test_step_progress_survives_an_unreachable_server(tmp_path):

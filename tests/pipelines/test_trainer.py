@@ -432,6 +432,8 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     assert len(checkpoints) == 2  # steps 3 and 6, the two kept
     resumed = run_train(config, phase=1, resume_from=f"{ray_storage}/{checkpoints[0]}")
     assert [m.value for m in client.get_metric_history(resumed.run_id, "resumed_from_step")] == [3]
+    tags = client.get_run(resumed.run_id).data.tags  # the run it continues: a new one, linked to it
+    assert tags["resumed_from_run_id"] == first.run_id and tags["resumed_from"] == f"{ray_storage}/{checkpoints[0]}"
     again = {m.step: m.value for m in client.get_metric_history(resumed.run_id, "loss")}
     assert sorted(again) == [4, 5, 6]
     assert [again[s] for s in (4, 5, 6)] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-5)
