@@ -31,20 +31,29 @@ def repo_with(folder: Path, *files: str) -> Path:
     return folder
 
 
+PYTHON3 = 'echo stub python3 "$@"'
+
+
+def rehearse(repo: Path, tmp_path: Path, python3: str = PYTHON3, **env) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_rehearsal.sh run in `repo` with python3 and nvidia-smi stubbed; `env` over the defaults: OUT
+    under tmp_path, the kernel tests alone, 60 s of budget."""
+    tools = tmp_path / "bin"
+    stub(tools, "python3", python3)
+    stub(tools, "nvidia-smi", "echo stub GPU")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "PARTS": "kernel_tests", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60", **env}
+    return subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
 def test_the_rehearsal_packs_logs_and_autotuning_results_into_a_relative_out(tmp_path):
     """OUT given relative (its default is): both archives land in it, although the autotuning results are packed
     from inside Triton's cache folder."""
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
-    tools = tmp_path / "bin"
-    stub(tools, "python3", "echo stub python3 \"$@\"")
-    stub(tools, "nvidia-smi", "echo stub GPU")
     cache = tmp_path / "triton"
     (cache / "somehash").mkdir(parents=True)
     (cache / "somehash" / "_chunk_fwd_kernel.autotune.json").write_text("{}")
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": "out/gpu", "PARTS": "kernel_tests",
-           "TRITON_CACHE_DIR": str(cache), "BUDGET_S": "60"}
-    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = rehearse(repo, tmp_path, OUT="out/gpu")
     assert run.returncode == 0, run.stderr
     assert "== kernel_tests: exit 0" in run.stdout
     out = repo / "out" / "gpu"
@@ -62,13 +71,7 @@ def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing,
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
     (repo / ".whl").mkdir()
     (repo / ".whl" / "deepspeed-0.19.8-py3-none-any.whl").write_text("")
-    tools = tmp_path / "bin"
-    stub(tools, "python3", f'case "$*" in *"{failing}"*) exit 1;; esac; echo stub python3 "$@"')
-    stub(tools, "nvidia-smi", "echo stub GPU")
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "PARTS": "kernel_tests", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
-    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = rehearse(repo, tmp_path, f'case "$*" in *"{failing}"*) exit 1;; esac; {PYTHON3}')
     assert run.returncode == 1 and f"== {message}: stopping" in run.stdout, run.stdout + run.stderr
     assert "== kernel_tests" not in run.stdout
 
@@ -76,19 +79,11 @@ def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing,
 def test_an_unknown_part_stops_the_rehearsal_naming_the_parts_and_the_machine_line_comes_back(tmp_path):
     """A mistyped part ("wkv7_kernel") ran nothing and packed nothing: not even the machine's line came back."""
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
-    tools = tmp_path / "bin"
-    stub(tools, "python3", "echo stub python3 \"$@\"")
-    stub(tools, "nvidia-smi", "echo stub GPU")
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
-    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env={**env, "PARTS": "kernel_tests "
-                                                                                 "wkv7_kernel"},
-                         capture_output=True, text=True, timeout=60)
+    run = rehearse(repo, tmp_path, PARTS="kernel_tests wkv7_kernel")
     assert run.returncode == 2 and "== unknown part wkv7_kernel; the parts: kernel_tests" in run.stdout
     assert "== kernel_tests" not in run.stdout
-    # no part runs past its budget here: each is skipped at once, the machine's line packed before any
-    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env={**env, "BUDGET_S": "0"},
-                         capture_output=True, text=True, timeout=60)
+    # every part by default, none with budget left: each skipped at once, the machine's line packed before any
+    run = rehearse(repo, tmp_path, BUDGET_S="0", PARTS="")  # empty: the default, every part
     assert run.returncode == 0 and "== wkv7_kernels: skipped" in run.stdout, run.stdout + run.stderr
     with tarfile.open(tmp_path / "out" / "rehearsal.tar.gz") as logs:
         assert logs.getnames() == [".", "./machine.log"]
@@ -97,13 +92,7 @@ def test_an_unknown_part_stops_the_rehearsal_naming_the_parts_and_the_machine_li
 def test_parts_that_need_no_wheels_run_without_them(tmp_path):
     """The import check belongs to the carried wheels: a kernels-only run on an image without DeepSpeed goes on."""
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
-    tools = tmp_path / "bin"
-    stub(tools, "python3", 'case "$*" in *"import deepspeed"*) exit 1;; esac; echo stub python3 "$@"')
-    stub(tools, "nvidia-smi", "echo stub GPU")
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "PARTS": "kernel_tests", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "BUDGET_S": "60"}
-    run = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=60)
+    run = rehearse(repo, tmp_path, f'case "$*" in *"import deepspeed"*) exit 1;; esac; {PYTHON3}')
     assert run.returncode == 0 and "== kernel_tests: exit 0" in run.stdout, run.stdout + run.stderr
 
 

@@ -938,16 +938,21 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert run_encode(config(**spec)).reused
 
 
+def cycle_series(tmp_path: Path) -> EncodeConfig:
+    """A raw series encode of 40 rows of a 7-step cycle: 8 training windows of 8 + 4 steps, nothing to encode."""
+    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
+    return from_dict(EncodeConfig, {
+        "dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4, "stride": 4,
+                    "fractions": [1.0, 0.0, 0.0]},
+        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+
+
 def test_an_encode_holds_a_lease_on_its_entry_while_it_writes_and_lets_it_go(tmp_path, monkeypatch):
     """What tells `gc` that the store items the job reuses and its entry's first shards are in use."""
     import pipelines.encode
     from preprocessing.cache.lease import LEASE, leased_store
 
-    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
-    config = from_dict(EncodeConfig, {
-        "dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4, "stride": 4,
-                    "fractions": [1.0, 0.0, 0.0]},
-        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+    config = cycle_series(tmp_path)
     held, write = [], pipelines.encode.write_entry
     monkeypatch.setattr(pipelines.encode, "write_entry", lambda config, entry, store, *rest: held.append(
         leased_store(entry.uri) == store.name) or write(config, entry, store, *rest))
@@ -964,11 +969,7 @@ def test_two_encodes_of_one_entry_at_once_take_turns_and_the_second_finds_the_fi
     import pipelines.encode
     from preprocessing.cache.lease import lease
 
-    (tmp_path / "s.csv").write_text("x\n" + "\n".join(str(i % 7) for i in range(40)) + "\n")
-    config = from_dict(EncodeConfig, {
-        "dataset": {"format": "series", "path": str(tmp_path / "s.csv"), "lookback": 8, "horizon": 4, "stride": 4,
-                    "fractions": [1.0, 0.0, 0.0]},
-        "encoder": {"kind": "raw"}, "cache": {"root": str(tmp_path / "cache")}})
+    config = cycle_series(tmp_path)
     writing, write = [], pipelines.encode.write_entry
 
     def slow_write(*args):
