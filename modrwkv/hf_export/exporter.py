@@ -16,11 +16,10 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from .. import tokenizer as world_tokenizer
 from .. import wavenet
-from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict
+from ..checkpoint import WEIGHTS_FILE, CheckpointError, cpu_state_dict, write_safetensors
 from ..conversation import PLACEHOLDER_IDS, TURN_END
 from ..fla_layout import ARCHITECTURE as FLA_ARCHITECTURE
 from ..fla_layout import write_fla_folder
@@ -74,7 +73,7 @@ def export_hf(model: ModRWKV, model_dir, out_dir) -> Path:
               "dtype": "float32", "tie_word_embeddings": False}
     write_json(out_dir / "config.json", config)
     weights = {name: t.float() for name, t in cpu_state_dict(model).items()}  # fp32 copies, the model left as it is
-    save_file(weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_safetensors(weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     end_of_text = world_tokenizer.END_OF_TEXT
     # an answer ends its turn with "\n\n" (trained so), rarely with end-of-text: generate() stops at either token,
     # and at a turn end split over two tokens ("。\n" then "\n": `turn_end_ids`, the remote code's TurnEnd)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from modrwkv.checkpoint import write_safetensors
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -162,7 +164,7 @@ def save_fracast(model: FracastNet, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     return out
 
 

@@ -104,3 +104,29 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_from_pretrained_needs_its_files(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         RWKV7.from_pretrained(tmp_path)
+
+
+def test_a_save_cut_short_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """safetensors wrote straight onto model.safetensors: a save cut short (Ctrl-C, a full disk) left a truncated file
+    that the next start (the demo's backbone) took for a saved model."""
+    import modrwkv.checkpoint as checkpoint
+
+    model = random_backbone(RWKV7Config(vocab_size=256, n_layer=1, n_embd=32, head_size=16))
+    model.save_pretrained(tmp_path / "saved")
+    before = (tmp_path / "saved" / "model.safetensors").read_bytes()
+    real = checkpoint.save_file
+
+    def cut_short(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        random_backbone(model.config, seed=1).save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new" / "model.safetensors").exists()

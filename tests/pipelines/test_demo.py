@@ -1,5 +1,6 @@
 """`make demo`'s MLflow server, recorded with those of `modrwkv services up` in one services.json."""
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -96,13 +97,18 @@ def test_a_data_build_cut_short_is_finished_on_the_next_start(tmp_path, monkeypa
     monkeypatch.setattr(demo, "pretrained_backbone", lambda *args, **kwargs: None)
     data = tmp_path / "data"
     (data / "digits").mkdir(parents=True)
-    for split in ("train", "val", "test"):
-        (data / "digits" / f"{split}.json").write_text("[]")
+    for split, n in (("train", 256), ("val", 100), ("test", 100)):  # `DIGITS_SIZES`: a build of today's
+        (data / "digits" / f"{split}.json").write_text(json.dumps([{}] * n))
     (data / "series").mkdir()
     (data / "series" / "co2.csv").write_text("week,co2\n")  # one of the three series files
     demo.prepare_assets(tmp_path)
     assert built == ["speech", "series"]
     (data / "digits" / "val.json").unlink()  # digits built before the val split
+    built.clear()
+    demo.prepare_assets(tmp_path)
+    assert built == ["digits", "speech", "series"]
+    (data / "digits" / "val.json").write_text(json.dumps([{}] * 100))
+    (data / "digits" / "test.json").write_text(json.dumps([{}] * 24))  # a smaller build than today's sizes
     built.clear()
     demo.prepare_assets(tmp_path)
     assert built == ["digits", "speech", "series"]
@@ -121,3 +127,33 @@ def test_the_demo_trains_a_phases_own_caches_as_encoded_too():
     reading = train.with_caches(lambda c: caches[Path(c).stem])  # as run_demo calls it
     assert reading.caches == ["/cache/a-entry"] and reading.phase1.caches is None
     assert reading.phase_caches(reading.phase2) == ["/cache/a-entry", "/cache/b-entry"]
+
+
+def test_an_encoder_export_cut_short_is_made_again_and_the_demo_refuses_another_folder(tmp_path, monkeypatch):
+    """An export writes its config.json first: one cut short (Ctrl-C) was taken for done by every later start, whose
+    encode then failed. Run from outside the repository, the demo made minutes of data and a backbone there before
+    it failed on configs/demo; it now stops first."""
+    import pytest
+
+    monkeypatch.setattr(demo, "missing_datasets", lambda out: [])
+    monkeypatch.setattr(demo, "pretrained_backbone", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "ENCODERS", ("fracast",))
+
+    def cut_short(name, folder):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "export_encoder", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        demo.prepare_assets(tmp_path)
+    assert not (tmp_path / "encoders" / "fracast").exists()
+    exported = []
+    monkeypatch.setattr(demo, "export_encoder", lambda name, folder: exported.append(name) or folder.mkdir())
+    demo.prepare_assets(tmp_path)
+    assert exported == ["fracast"] and (tmp_path / "encoders" / "fracast").is_dir()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "mlflow_server", lambda: pytest.fail("started before the configs were found"))
+    with pytest.raises(ValueError, match="no configs/demo here .*: run the demo from the repository's root folder"):
+        demo.run_demo(tmp_path / "out")

@@ -30,21 +30,30 @@ def test_the_test_utterances_are_those_said_before_val_was_split_off():
 
 
 def write_split(folder, split: str, texts) -> None:
-    rows = [{"id": f"{split}-{i:04d}", "text": text, "language": language} for i, (text, language) in enumerate(texts)]
+    rows = [{"id": f"{split}-{i:04d}", "audio": f"audio/{split}-{i:04d}.wav", "text": text, "language": language}
+            for i, (text, language) in enumerate(texts)]
+    (folder / "audio").mkdir(exist_ok=True)
+    for row in rows:
+        (folder / row["audio"]).write_bytes(b"RIFF")
     (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_an_older_build_of_the_speech_data_is_found_out(tmp_path):
-    assert not speech_is_current(tmp_path)
+    sizes = {"n_train": 8, "n_val": 4, "n_test": 6}
+    assert not speech_is_current(tmp_path, sizes)
     for split, n in (("train", 8), ("val", 4), ("test", 6)):
         write_split(tmp_path, split, speech_texts(split, n))
-    assert speech_is_current(tmp_path)
+    assert speech_is_current(tmp_path, sizes)
+    assert not speech_is_current(tmp_path, {**sizes, "n_train": 16})  # a smaller build than the sizes of today
     test = speech_texts("test", 6)
     write_split(tmp_path, "test", [("one two three", "en"), *test[1:]])  # a string the older builds could draw
-    assert not speech_is_current(tmp_path)
+    assert not speech_is_current(tmp_path, sizes)
+    write_split(tmp_path, "test", test)
+    (tmp_path / "audio" / "test-0005.wav").unlink()  # a build cut short before its last clip
+    assert not speech_is_current(tmp_path, sizes)
     write_split(tmp_path, "test", test)
     (tmp_path / "val.jsonl").unlink()  # a build from before the val split
-    assert not speech_is_current(tmp_path)
+    assert not speech_is_current(tmp_path, sizes)
 
 
 def test_digit_splits_share_no_image_and_val_leaves_training_as_it_was(tmp_path):
