@@ -14,7 +14,6 @@ and writes JSON.
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 SHAPE = dict(vocab_size=65536, n_layer=12, n_embd=768, head_size=64)
 DECODE_STEPS = 16
 
@@ -282,7 +281,7 @@ def main():
         lines.append(f"\nper-token prefill cost at T={args.lengths[-1]} vs T={args.lengths[0]} (ours, fp32): "
                      f"{fp32[0]['prefill_tok_s'] / fp32[-1]['prefill_tok_s']:.2f}x")
     plot(rows, args.lengths, Path(args.out) / "backbone_cpu.png")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    machine = f"{cpu_line()}, torch {torch.__version__}, {args.threads} threads"
     write_report(args.out, "backbone_cpu", machine, results, lines)
 
 

@@ -44,7 +44,6 @@ included); CPU fp32, batch 8, 32 images and 16 clips (under a minute on 2 cores)
 import argparse
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
 from benchmarks import prepare_workers  # noqa: E402
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 from preprocessing.encoders import build_encoder  # noqa: E402
 from preprocessing.items import SAMPLE_RATE, Audio  # noqa: E402
 
@@ -220,7 +219,7 @@ def main():
         print(f"[{time.perf_counter() - started:.0f}s] {rows[-1]}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    cpu = f"{cpu_line()}, {torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name() if cuda else f"CPU ({cpu})"
     machine = (f"{where}, torch {torch.__version__}, transformers {transformers.__version__}; "
                f"{'tiny' if args.tiny else 'real-size'} encoders with random weights, {dtype}")

@@ -12,8 +12,6 @@ Give a trained checkpoint and one test cache per task, e.g. the demo's:
 """
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 from modrwkv.inference import prepare_for_inference  # noqa: E402
 from modrwkv.multimodal import ModRWKV  # noqa: E402
 from modrwkv.conversation import Sample  # noqa: E402
@@ -92,7 +90,7 @@ def main():
                      f"{r['samples_s'] / first['samples_s']:.2f}x | {same}/{r['samples']} | {scores} |")
     for r in results:
         r.pop("predictions")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    machine = (f"{cpu_line()}, torch {torch.__version__}, "
                f"{args.threads} threads")
     write_report(args.out, "eval_throughput", machine, results, lines)
 

@@ -8,9 +8,11 @@ feature tokens + a lognormal text of median 120 tokens, context at most 2048) la
 `cu_seqlens`, the loss on each answer (the text's second half). The same rows and weights run through each
 backend in turn.
 
-Model FLOPs per token: 6 x (parameters of the blocks and the projector) for every token, plus 6 x the head's
-parameters for each labelled token (the head runs at labelled positions only); the recurrence itself adds under
-1 % and is not counted. MFU divides by the device's dense bf16 peak (`--peak-tflops`, H200/H100 SXM: 989).
+Model FLOPs per step: 6 x the blocks' parameters for every token in the rows, 6 x the projector's for each image
+token, 6 x the head's for each labelled token (the head runs at labelled positions only), and the recurrence's own,
+27 x layers x width x head size a token (forward and backward of `wkv7/reference.py`'s 9 N² a head and step: 2 % at
+0.4B). The tokens are the rows' own (a row's last sample can be dropped short of `--row-tokens`). MFU divides by the
+device's dense bf16 peak (`--peak-tflops`, H200/H100 SXM: 989).
 
 With `--checkpointing off on` each backend runs again with the backbone's gradient checkpointing (the blocks'
 activations recomputed in the backward pass): its peak memory and its cost in tokens/s; MFU counts model FLOPs
@@ -33,7 +35,6 @@ set the pace).
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ from benchmarks.report import write_report  # noqa: E402
 from modrwkv import RWKV7, RWKV7Config  # noqa: E402
 from modrwkv.conversation import IGNORE, PLACEHOLDER_IDS  # noqa: E402
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig  # noqa: E402
+from pipelines.environment import cpu_description  # noqa: E402
 
 SHAPES = {  # the paper's 0.4B backbone (RWKV-7 World 0.4B) and a tiny one for CPU runs
     "0.4b": {"backbone": RWKV7Config(vocab_size=65536, n_layer=24, n_embd=1024, head_size=64),
@@ -85,11 +87,15 @@ def packed_row(lengths, image_tokens, encoder_dim, vocab, device, seed):
     return torch.cat(ids)[None], torch.cat(labels)[None], features, cu_seqlens
 
 
-def model_flops_per_step(model: ModRWKV, tokens: int, labelled: int) -> float:
-    head = sum(p.numel() for p in model.backbone.head.parameters())
-    embedding = sum(p.numel() for p in model.backbone.emb.parameters())
-    body = sum(p.numel() for p in model.parameters()) - head - embedding
-    return 6.0 * (body * tokens + head * labelled)
+def model_flops_per_step(model: ModRWKV, tokens: float, image_tokens: float, labelled: float) -> float:
+    """Model FLOPs of a training step (forward and backward) over `tokens`, of which `image_tokens` go through the
+    projector and `labelled` through the head."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    head, embedding, projectors = count(model.backbone.head), count(model.backbone.emb), count(model.projectors)
+    blocks = count(model) - head - embedding - projectors
+    c = model.config.backbone
+    recurrence = 27 * c.n_layer * c.n_embd * c.head_size
+    return 6.0 * (blocks * tokens + projectors * image_tokens + head * labelled) + recurrence * tokens
 
 
 def build_model(shape, device, seed=0) -> ModRWKV:
@@ -147,11 +153,13 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
     losses = [step(*row) for row in rows[1:]]
     sync()
     seconds = (time.perf_counter() - started) / steps
-    tokens = shape["row_tokens"]
-    labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in rows[1:]) / steps
-    flops = model_flops_per_step(model, tokens, labelled)
+    timed = rows[1:]  # their own tokens and samples: a row's last sample may have been dropped
+    tokens = sum(int(cu_seqlens[-1]) for _, _, _, cu_seqlens in timed) / steps
+    image = sum(int((ids == PLACEHOLDER_IDS["image"]).sum()) for ids, _, _, _ in timed) / steps
+    labelled = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _, _ in timed) / steps
+    flops = model_flops_per_step(model, tokens, image, labelled)
     result = {"backend": backend, "checkpointing": checkpointing, "compiled": compiled, "tokens_per_step": tokens,
-              "samples_per_step": len(rows[1][3]) - 1,
+              "samples_per_step": sum(len(cu_seqlens) - 1 for _, _, _, cu_seqlens in timed) / steps,
               "seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
               "first_loss": first_loss, "last_loss": float(losses[-1])}
     if device == "cuda":
@@ -185,7 +193,8 @@ def main():
     shape = SHAPES[args.shape]
     started = time.perf_counter()
     model = build_model(shape, device)
-    initial = {name: t.clone() for name, t in model.state_dict().items()}  # every backend starts from these
+    # every backend starts from these; on the host: held on the GPU they were 1.7 GiB of its peak memory at 0.4B
+    initial = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     print(f"[{time.perf_counter() - started:.0f}s] model built", file=sys.stderr, flush=True)
     rows, blocks_compiled = [], False
     for compiled, backend, checkpointing in [(c == "on", b, ck) for c in sorted(set(args.compile))
@@ -205,14 +214,14 @@ def main():
         print(f"[{time.perf_counter() - started:.0f}s] {row}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    machine = f"{where}, torch {torch.__version__}; shape {args.shape}, {shape['row_tokens']} tokens a step"
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({cpu_description()}, {torch.get_num_threads()} threads)"
+    machine = f"{where}, torch {torch.__version__}; shape {args.shape}, rows of up to {shape['row_tokens']} tokens"
     lines = ["| backend | checkpointing | compiled | samples / step | s / step | tokens/s | model TFLOP/s | MFU | "
              "peak GiB | loss first -> last |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"| {r['backend']} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{'yes' if r['compiled'] else 'no'} | {r['samples_per_step']} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {r['samples_per_step']:.1f} | "
                      f"{r['seconds_per_step']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {mfu} | {r.get('peak_memory_gib', 0):.1f} | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")

@@ -7,8 +7,6 @@ the demo's stand-in backbone, and the backbone of a trained ModRWKV) and on the 
 """
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.backbone_cpu import SHAPE  # noqa: E402
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 from modrwkv import RWKV7, RWKV7Config  # noqa: E402
 from modrwkv.inference import prepare_for_inference  # noqa: E402
 from modrwkv.multimodal import ModRWKV  # noqa: E402
@@ -68,7 +66,7 @@ def main():
     lines += [f"| {r['model']} | {r['weights']} | {r['tokens']} | {100 * r['top1_agreement']:.1f}% | "
               f"{r['ppl_fp32']:.4g} | {r['ppl']:.4g} | {100 * (r['ppl'] / r['ppl_fp32'] - 1):+.2f}% | "
               f"{r['logit_rel_err']:.2%} |" for r in results]
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    machine = (f"{cpu_line()}, torch {torch.__version__}, "
                f"{args.threads} threads")
     write_report(args.out, "quantize_quality", machine, results, lines)
 

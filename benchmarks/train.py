@@ -21,7 +21,6 @@ WORKER_ENV`) vs glibc's defaults, alternated, 2 workers.
 
 import argparse
 import os
-import platform
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,7 +33,7 @@ os.chdir(ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 
 CASES = [(1, 2), (2, 1), (2, 2)]  # (workers, ZeRO stage)
 DEMO_BACKBONE = "runs/demo/backbone"
@@ -396,7 +395,7 @@ def main():
         compute = compute_cases()
         rows += compute
         lines += ([""] if lines else []) + compute_lines(compute)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    machine = (f"{cpu_line()}, torch {torch.__version__}, "
                "1 CPU per worker")
     write_report(args.out, "train", machine, rows, lines)
 

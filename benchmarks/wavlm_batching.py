@@ -24,8 +24,6 @@ Defaults: CUDA bf16, 256 clips in batches of 32; CPU fp32, 16 clips in batches o
 """
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from transformers import WavLMConfig, WavLMModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the project's packages, not this folder's modules
 
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks.report import cpu_line, write_report  # noqa: E402
 from preprocessing.encoders import build_encoder  # noqa: E402
 from preprocessing.items import SAMPLE_RATE, Audio  # noqa: E402
 
@@ -110,7 +108,7 @@ def main():
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     rows = measure(args.device, dtype, args.clips or (256 if cuda else 16), args.batch_size or (32 if cuda else 8),
                    args.max_padding, args.tiny)
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    cpu = f"{cpu_line()}, {torch.get_num_threads()} threads"
     machine = (f"{torch.cuda.get_device_name() if cuda else f'CPU ({cpu})'}, torch {torch.__version__}, "
                f"transformers {transformers.__version__}; random weights, {dtype}")
     lines = ["| model | clips (audio s) | batch | each clip's whole model alone: clips/s | max_padding | shipped "

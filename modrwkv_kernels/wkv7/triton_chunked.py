@@ -99,7 +99,9 @@ def _program(cu_ptr, chunk_cu_ptr, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl
             rows, row_mask, cols, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * N + cols[None, :])
 
 
-@triton.jit
+# the packed layout's sizes vary with every row: specialised (Triton compiles a variant for an integer divisible by
+# 16), a training run recompiled both kernels whenever a row's count crossed that, inside timed steps
+@triton.jit(do_not_specialize=["total_chunks"])
 def _chunk_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [T_all, H, N]; s0 [S, H, N, N]
     y_ptr, sT_ptr, ckpt_ptr,  # y [T_all, H, N] fp32; final states [S, H, N, N]; checkpoints [H, chunks, N, N]
@@ -136,7 +138,7 @@ def _chunk_fwd_kernel(
     tl.store(sT_ptr + pid * N * N + tile_off, S, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_chunks", "part_stride"])
 def _chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
     dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr,  # [row blocks, T_all, H, N] fp32: each block's part, summed after

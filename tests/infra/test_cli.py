@@ -104,7 +104,8 @@ def test_a_signal_during_up_stops_what_it_started(tmp_path, signum):
         deadline = time.monotonic() + 60
         while not (tmp_path / "mlflow.pid").exists() and up.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        started = [psutil.Process(int((tmp_path / f"{name}.pid").read_text())) for name in ("s3", "mlflow")]
+        started = [psutil.Process(int(path.read_text())) for path in sorted(tmp_path.glob("*.pid"))]
+        assert len(started) == 2, up.stderr.read() if up.poll() is not None else "no mlflow.pid in 60 s"
         time.sleep(0.5)  # polling for /health now
         up.send_signal(signum)
         up.wait(timeout=60)
@@ -195,7 +196,7 @@ def test_down_stops_its_own_services_and_leaves_a_reused_pid_alone(tmp_path, cap
     s3 = S3Server(**spawn("s3", sleep, tmp_path), port=1)
     started = spawn("mlflow", sleep, tmp_path)
     other = psutil.Process(started["pid"])
-    try:
+    try:  # both sleepers stopped whatever fails: `down` may not reach them
         reused = MlflowServer(**{**started, "started_after_boot": started["started_after_boot"] - 10}, port=2)
         (tmp_path / "services.json").write_text(json.dumps({"s3": s3.to_dict(), "mlflow": reused.to_dict()}))
         capsys.readouterr()
@@ -206,6 +207,8 @@ def test_down_stops_its_own_services_and_leaves_a_reused_pid_alone(tmp_path, cap
         assert not (tmp_path / "services.json").exists()
     finally:
         other.kill()
+        if psutil.pid_exists(s3.pid):
+            psutil.Process(s3.pid).kill()
 
 
 def test_a_record_from_another_version_is_refused_by_name(tmp_path):

@@ -55,24 +55,28 @@ def test_stop_survives_processes_ending_on_their_own(tmp_path, monkeypatch):
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)")
     service = ServiceProcess(**spawn("tree", [sys.executable, "-c", parent], tmp_path))
     root = psutil.Process(service.pid)
-    deadline = time.monotonic() + 30
-    while not root.children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = root.children()[0]
-    real_status = psutil.Process.status
+    children = []
+    try:  # from the spawn on: a failure leaves neither process running its two minutes
+        deadline = time.monotonic() + 30
+        while not root.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = root.children()
+        assert children, "the parent started no child"
+        real_status = psutil.Process.status
 
-    def gone_when_asked(process):
-        if process.pid != service.pid:
-            raise psutil.NoSuchProcess(process.pid)
-        return real_status(process)
+        def gone_when_asked(process):
+            if process.pid != service.pid:
+                raise psutil.NoSuchProcess(process.pid)
+            return real_status(process)
 
-    monkeypatch.setattr(psutil.Process, "status", gone_when_asked)
-    try:
+        monkeypatch.setattr(psutil.Process, "status", gone_when_asked)
         assert service.stop(timeout=5)
         assert not root.is_running()
     finally:
         monkeypatch.undo()
-        child.kill()
+        for process in [root, *children]:
+            if process.is_running():
+                process.kill()
 
 
 def test_rays_socket_folder_is_private(tmp_path, monkeypatch):

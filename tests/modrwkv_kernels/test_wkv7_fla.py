@@ -1,6 +1,7 @@
 """The optional "fla" backend (flash-linear-attention's chunk_rwkv7) behind our contract: same inputs, state
-layout (value x key), initial and final states, packed rows. It runs only on a GPU with fla installed; on CPU
-the backend's error names the extra to install."""
+layout (value x key), initial and final states, packed rows. fla's kernel runs only on a GPU with fla installed; on
+CPU the backend's error names the extra to install, and our side of it is checked against a stand-in of fla's
+contract."""
 
 import importlib.util
 
@@ -18,6 +19,57 @@ def test_fla_backend_without_the_package_names_the_extra():
     xs, _ = wkv_inputs(1, 4, 2, 16, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"pip install 'modrwkv\[fla\]'"):
         wkv7(*xs, backend="fla")
+
+
+def fla_stand_in(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens=None, cu_seqlens_cpu=None):
+    """fla's `chunk_rwkv7` as its documentation has it, computed by our reference: w is the log-decay (the decay is
+    exp(w)), states are key x value, a packed row's segments are given by cu_seqlens (and its host copy)."""
+    from modrwkv_kernels import wkv7_reference
+
+    assert scale == 1.0 and output_final_state and bool((w < 0).all())  # a log-decay: our w would not be
+    ours = torch.log(-w)  # our w: the decay is exp(-exp(w))
+    state = None if initial_state is None else initial_state.transpose(-1, -2)
+    if cu_seqlens is None:
+        y, final = wkv7_reference(r, ours, k, v, a, b, state)
+        return y, final.transpose(-1, -2)
+    assert cu_seqlens_cpu.device.type == "cpu" and torch.equal(cu_seqlens.cpu(), cu_seqlens_cpu)
+    ys, finals = [], []
+    for i, (start, end) in enumerate(zip(cu_seqlens_cpu[:-1].tolist(), cu_seqlens_cpu[1:].tolist())):
+        part = [x[:, start:end] for x in (r, ours, k, v, a, b)]
+        y, final = wkv7_reference(*part, None if state is None else state[i : i + 1])
+        ys.append(y)
+        finals.append(final.transpose(-1, -2))
+    return torch.cat(ys, 1), torch.cat(finals)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_fla_backend_hands_fla_its_conventions(packed, monkeypatch):
+    """Our side of the fla backend on CPU (its kernel needs a GPU): the log-decay, the state transposed both ways
+    and the packed row's offsets reach a stand-in that computes fla's documented contract with our reference; the
+    outputs, states and gradients are the reference's."""
+    import sys
+    import types
+
+    fla = types.ModuleType("fla")
+    fla.ops = types.ModuleType("fla.ops")
+    fla.ops.rwkv7 = types.SimpleNamespace(chunk_rwkv7=fla_stand_in)
+    monkeypatch.setitem(sys.modules, "fla", fla)
+    monkeypatch.setitem(sys.modules, "fla.ops", fla.ops)
+    monkeypatch.setitem(sys.modules, "fla.ops.rwkv7", fla.ops.rwkv7)
+    lengths = (1, 16, 17, 5)
+    if packed:
+        xs, _ = wkv_inputs(1, sum(lengths), 2, 8, seed=3, dtype=torch.float64)
+        s0 = wkv_inputs(len(lengths), 1, 2, 8, seed=4, dtype=torch.float64)[1]
+        cu_seqlens = packed_layout(torch.tensor([0, *lengths]).cumsum(0), sum(lengths))
+    else:
+        xs, s0 = wkv_inputs(2, 21, 2, 8, seed=3, dtype=torch.float64)
+        cu_seqlens = None
+    ref, fla_run = run("reference", xs, s0, cu_seqlens), run("fla", xs, s0, cu_seqlens)
+    # 1e-6: the adapter takes the log-decay in fp32 (fla computes in it at most); a state left untransposed, or the
+    # decay's sign or segments wrong, is off by its whole size
+    assert rel_err(fla_run[0], ref[0]) < 1e-6 and rel_err(fla_run[1], ref[1]) < 1e-6
+    for name, g, g_ref in zip(["r", "w", "k", "v", "a", "b", "s0"], fla_run[2], ref[2]):
+        assert rel_err(g, g_ref) < 1e-6, name
 
 
 def weighted_loss(y, s, seed=0):

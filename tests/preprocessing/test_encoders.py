@@ -451,7 +451,7 @@ def test_tiny_images_encode_as_their_pil_form_on_the_encode_jobs_path(tmp_path, 
     store = FeatureStore(str(tmp_path / "cache"), "unkeyed")  # no store key: no weights to check against
     encoder = ItemEncoder(EncoderSpec(kind=kind, model_dir=str(tmp_path)), store).encoder
     rng = np.random.default_rng(0)
-    for height, width in ((1, 1), (1, 3), (3, 1), (3, 500), (2, 2)):
+    for height, width in ((1, 1), (1, 3), (3, 1), (3, 250), (2, 2)):
         pil = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
         png = io.BytesIO()
         pil.save(png, format="PNG")
