@@ -108,8 +108,9 @@ def relocated(path: str | None, out: Path) -> str | None:
 
 def demo_configs(out: Path) -> tuple[dict[str, EncodeConfig], TrainConfig, dict[str, EvalConfig]]:
     """configs/demo's train and eval configs and the encode configs they read (by file stem; not the val splits,
-    which only benchmarks/experiments.py scores), reading the assets `prepare_assets(out)` made: with another `out`
-    than runs/demo, the encode configs' data and encoder folders and the backbone move there."""
+    which only benchmarks/experiments.py scores), pointing at the assets `prepare_assets(out)` makes (loaded before
+    them: nothing is read): with another `out` than runs/demo, the encode configs' data and encoder folders and the
+    backbone move there."""
     train = load_config(CONFIGS / "train.yaml", TrainConfig, {"tracking.register_as": REGISTERED_NAME})
     evals = {name: load_config(CONFIGS / f"{name}.yaml", EvalConfig) for name in TASKS.values()}
     encodes = {}

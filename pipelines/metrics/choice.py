@@ -46,6 +46,15 @@ def named_by_text(text: str, letters: str, options: Sequence[str]) -> str | None
     return named[0] if len(named) == 1 else None
 
 
+def option_starting(text: str, letters: str, options: Sequence[str]) -> str | None:
+    """The option whose words `text` starts with (the longest, where one's words begin another's: "dark red" over
+    "dark"); None for none."""
+    said = words_of(text)
+    starts = [(len(words_of(o)), letter) for letter, o in zip(letters, options)
+              if words_of(o) and (said == words_of(o) or said.startswith(words_of(o) + " "))]
+    return max(starts)[1] if starts else None
+
+
 def extract_choice(response: str, options: Sequence[str]) -> str | None:
     """The option letter a free-text response names, or None if it names none (or several)."""
     letters = option_letters(len(options))
@@ -55,9 +64,9 @@ def extract_choice(response: str, options: Sequence[str]) -> str | None:
         found = pattern.search(text)
         if found and found.group(found.lastindex).upper() in letters:
             letter = found.group(found.lastindex).upper()
-            # "The answer is A cat": the capital may be an article, which the option text after it settles
-            if letter == "A" and re.match(r"\s+[a-z]", text[found.end():]):
-                return named_by_text(text[found.end():], letters, options) or letter
+            # "The answer is A cat": a stated capital A may be an article, when an option's words follow it at once
+            if pattern is STATED_LETTER and letter == "A":
+                return option_starting(text[found.end():], letters, options) or letter
             return letter
     named = {m.group(1) for m in NAMED_LETTER.finditer(text) if not NEGATED.search(text[:m.start()])} & set(letters)
     if len(named) == 1:

@@ -9,6 +9,7 @@ again only when its size or modification time changes, so a start on unchanged d
 """
 
 import hashlib
+import json
 import posixpath
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -68,6 +69,20 @@ def store_key(modality: str, encoder: dict, limits: dict, fingerprints: storage.
 READS_PROCESSOR = ("clip", "siglip", "siglip2", "dinov2", "wavlm")
 
 
+# where transformers 5's processor_config.json nests an image processor's or a feature extractor's settings
+NESTED_PROCESSORS = ("image_processor", "feature_extractor")
+
+
+def nests_processor_settings(data: bytes) -> bool:
+    """Whether a processor_config.json holds an image processor's or feature extractor's settings (transformers 4's
+    held a processor's own options only, which the encoders do not read)."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and any(isinstance(record.get(k), dict) for k in NESTED_PROCESSORS)
+
+
 def processor_only_nested(kind: str, model_dir) -> dict:
     """{"processor_file": ...} for a folder whose processor settings only transformers 5's processor_config.json
     holds: until 2026-12-07 its items were encoded with the model's default processor, so its store is keyed apart
@@ -75,7 +90,9 @@ def processor_only_nested(kind: str, model_dir) -> dict:
     if kind not in READS_PROCESSOR or not model_dir:
         return {}
     names = set(storage.list_files(str(model_dir)))
-    nested_only = "processor_config.json" in names and "preprocessor_config.json" not in names
+    nested_only = ("processor_config.json" in names and "preprocessor_config.json" not in names
+                   and nests_processor_settings(storage.read_bytes(storage.join(str(model_dir),
+                                                                                "processor_config.json"))))
     return {"processor_file": "processor_config.json"} if nested_only else {}
 
 

@@ -32,8 +32,8 @@ SETTLE_S = {False: 0.05, True: 2.0}  # local disk, S3: well past the time betwee
 STALE_RENEWALS = 3  # a holder this many renewals late is taken to be dead
 
 
-class EntryBusy(RuntimeError):
-    """Another job holds the entry's lease."""
+class EntryBusy(OSError):
+    """Another job holds the entry's lease (an OSError, as a file another holds is: the CLI's one-line error)."""
 
 
 def _holder(path: str) -> tuple[dict, float] | None:
@@ -92,10 +92,10 @@ def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:
         if found is None:
             storage.write_atomic(path, json.dumps(record).encode())
             time.sleep(SETTLE_S[storage.is_remote(path)])
-            found = _holder(path)
-            if found is not None and found[0].get("token") == record["token"]:
+            if _token(path) == record["token"]:  # ours read back, however old its time looks (a skewed clock)
                 return
-        if found is None:  # ours went stale already, or a rival let go: try again
+            found = _holder(path)
+        if found is None:  # a rival let go meanwhile: try again
             continue
         if not wait:
             raise EntryBusy(_describe(path, *found) + "; run again when it ends")
@@ -105,11 +105,18 @@ def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def _held(path: str, token: str) -> bool:
+class _Unread(Exception):
+    """The lease could not be read (a storage error, or a half-written file): who holds it is not known."""
+
+
+def _token(path: str) -> str | None:
+    """The token of the lease at `path`; None when there is none; _Unread when it cannot be read."""
     try:
-        return json.loads(storage.read_bytes(path)).get("token") == token
-    except (OSError, ValueError):
-        return False
+        return json.loads(storage.read_bytes(path)).get("token")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise _Unread(str(e)) from e
 
 
 @contextmanager
@@ -127,12 +134,13 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
     def renew() -> None:
         while not stop.wait(renew_s):
             try:
-                if not _held(path, record["token"]):
+                token = _token(path)
+                if token not in (None, record["token"]):  # another job's: it took this one's for dead
                     print(f"{path}: this job's lease was taken by another job (this one was {STALE_RENEWALS} "
                           "renewals late); both now write this entry", flush=True)
                     return
-                storage.write_atomic(path, data)
-            except OSError as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
+                storage.write_atomic(path, data)  # renewed, or written again where it went missing
+            except (OSError, _Unread) as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
                 print(f"{path}: lease not renewed ({e}); trying again in {renew_s:g} s", flush=True)
 
     renewing = threading.Thread(target=renew, name="entry-lease", daemon=True)
@@ -142,8 +150,11 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
     finally:
         stop.set()
         renewing.join()
-        if _held(path, record["token"]):
-            storage.delete(path)
+        try:
+            if _token(path) == record["token"]:  # never a lease another job has taken since
+                storage.delete(path)
+        except _Unread:
+            pass  # left to go stale: gc and the next job treat it as any dead job's
 
 
 def leased_store(entry_uri: str) -> str | None:

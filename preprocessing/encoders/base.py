@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache.key import hash_model_dir
+from ..cache.key import hash_model_dir, nests_processor_settings
 
 # a checkpoint's processor settings, where it ships them: alone (transformers 4's save_pretrained, the hub's
 # checkpoints), or nested in a whole processor's file (transformers 5's ProcessorMixin.save_pretrained writes only
@@ -21,7 +21,10 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def ships_processor(path: Path) -> bool:
-    return any((path / name).is_file() for name in PROCESSOR_FILES)
+    """Whether the folder holds the settings its processor class reads: a preprocessor_config.json, or a
+    processor_config.json with them nested (not transformers 4's, of the processor's own options)."""
+    preprocessor, processor = (path / name for name in PROCESSOR_FILES)
+    return preprocessor.is_file() or (processor.is_file() and nests_processor_settings(processor.read_bytes()))
 
 
 def check_model_type(path: Path, kind: str, *accepted: str) -> None:

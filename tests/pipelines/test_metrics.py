@@ -89,6 +89,8 @@ OPTIONS = ["dog", "cat", "dark red", "red"]
     ("dark red or red", None),  # ... but standing on its own it is: two named, none
     ("The answer is A cat.", "B"), ("Answer: A cat", "B"),  # the capital is an article: the option text decides
     ("The answer is A because dogs bark.", "A"),  # no option text after it: the letter
+    ("A: because the cat sleeps", "A"), ("A) the cat is not it", "A"),  # a letter with its mark is a letter
+    ("Answer: A so not the cat", "A"), ("The answer is A since red is wrong", "A"),  # the option text later: no article
     ("A) dog B) cat C) dark red D) red. Answer: C", "C"),  # the options echoed, then the answer
     ("I think it's C", "C"), ("It is D.", "D"),
 ])

@@ -125,8 +125,12 @@ def test_processor_settings_nested_in_transformers_5s_processor_file_are_read(tm
 
     save_tiny_clip(tmp_path / "clip")
     save_tiny_wavlm(tmp_path / "wavlm")
+    # transformers 4's processor_config.json: the processor's own options, no image processor's: the defaults
+    (tmp_path / "clip" / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}))
+    assert list(build_inputs("clip", tmp_path / "clip").processor.image_mean) != [0.5] * 3
     key = store_key("image", {"kind": "clip", "model_dir": str(tmp_path / "clip"), "dtype": "fp32",
                               "image_size": None}, {}, Fingerprints(str(tmp_path / "fp")))
+    assert "processor_file" not in key
     processor = build_inputs("clip", tmp_path / "clip").processor.to_dict()
     nested = {"image_processor": {**processor, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}}
     (tmp_path / "clip" / "processor_config.json").write_text(json.dumps(nested))
@@ -136,7 +140,7 @@ def test_processor_settings_nested_in_transformers_5s_processor_file_are_read(tm
     assert build_inputs("wavlm", tmp_path / "wavlm").features.do_normalize is False
     nested_key = store_key("image", {"kind": "clip", "model_dir": str(tmp_path / "clip"), "dtype": "fp32",
                                      "image_size": None}, {}, Fingerprints(str(tmp_path / "fp")))
-    assert nested_key.pop("processor_file") == "processor_config.json" and "processor_file" not in key
+    assert nested_key["processor_file"] == "processor_config.json"
 
 
 def test_missing_model_dir_is_clear(tmp_path):

@@ -114,3 +114,37 @@ def test_the_fresh_lease_of_a_killed_job_of_this_host_is_taken_at_once_another_h
                                         rf"once 900 s late; if that job is dead, remove {entry / LEASE}\)"):
         with lease(str(entry), "s", wait=False):
             pass
+
+
+def test_a_holder_keeps_its_lease_through_a_storage_hiccup_and_a_lost_file(tmp_path, monkeypatch, capsys):
+    """A read that failed once (an S3 503), or a lease file gone (a late holder's delete of a lease it took for its
+    own), made the holder give its lease up for the rest of its job: gc and a second job then took its entry."""
+    from preprocessing import storage
+
+    entry = tmp_path / "entry"
+    real_read, failures = storage.read_bytes, [OSError("S3 503")]
+
+    def flaky(uri):
+        if uri.endswith(LEASE) and failures:
+            raise failures.pop()
+        return real_read(uri)
+
+    with lease(str(entry), "s", renew_s=0.05):
+        token = json.loads((entry / LEASE).read_text())["token"]
+        monkeypatch.setattr(storage, "read_bytes", flaky)
+        time.sleep(0.3)  # renewals through the failed read
+        (entry / LEASE).unlink()
+        time.sleep(0.3)  # written again
+        assert json.loads((entry / LEASE).read_text())["token"] == token
+        with pytest.raises(EntryBusy):
+            with lease(str(entry), "s", wait=False):
+                pass
+    out = capsys.readouterr().out
+    assert "lease not renewed (S3 503)" in out and "taken by another job" not in out
+
+
+def test_a_lease_renewed_faster_than_it_settles_is_still_taken(tmp_path):
+    """Read back older than 3 of its renewals (a skewed clock, a tiny renew_s), its own record looked stale and the
+    taker wrote it again for ever."""
+    with lease(str(tmp_path / "entry"), "s", renew_s=0.001):
+        pass

@@ -376,8 +376,8 @@ class ModRWKVForCausalLM(PreTrainedModel, GenerationMixin):
         items = {name: as_items(model_kwargs.pop(name)) for name in FEATURE_ARGUMENTS.values()
                  if model_kwargs.get(name) is not None}
         if expand_size > 1 and items and input_ids is not None and input_ids.shape[0] > 1:
-            raise ValueError("num_return_sequences > 1 with features takes a prompt of one row: generate the rows "
-                             "one at a time")
+            raise ValueError("num_return_sequences > 1 (or num_beams > 1) with features takes a prompt of one row: "
+                             "generate the rows one at a time")
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
                                                                         **model_kwargs)
         return input_ids, {**model_kwargs, **{name: found * expand_size for name, found in items.items()}}
