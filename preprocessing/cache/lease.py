@@ -86,14 +86,20 @@ def _describe(path: str, record: dict, age_s: float) -> str:
 
 def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:
     """Writes `record` as the lease once no live holder has one: waits for the holder, or raises EntryBusy."""
-    waiting = False
+    waiting, settle_s = False, SETTLE_S[storage.is_remote(path)]
     while True:
         found = _holder(path)
+        if found is not None and found[0].get("token") == record["token"]:  # ours, read back on a later look
+            return
         if found is None:
             storage.write_atomic(path, json.dumps(record).encode())
-            time.sleep(SETTLE_S[storage.is_remote(path)])
-            if _token(path) == record["token"]:  # ours read back, however old its time looks (a skewed clock)
-                return
+            time.sleep(settle_s)
+            try:
+                if _token(path) == record["token"]:  # ours read back, however old its time looks (a skewed clock)
+                    return
+            except _Unread:  # a storage hiccup: look again
+                time.sleep(settle_s)
+                continue
             found = _holder(path)
         if found is None:  # a rival let go meanwhile: try again
             continue

@@ -129,9 +129,10 @@ def test_a_holder_keeps_its_lease_through_a_storage_hiccup_and_a_lost_file(tmp_p
             raise failures.pop()
         return real_read(uri)
 
-    with lease(str(entry), "s", renew_s=0.05):
+    monkeypatch.setattr(storage, "read_bytes", flaky)  # the taker's read-back fails first
+    with lease(str(entry), "s", renew_s=0.05, wait=False):
         token = json.loads((entry / LEASE).read_text())["token"]
-        monkeypatch.setattr(storage, "read_bytes", flaky)
+        failures.append(OSError("S3 503"))  # and a renewal's
         time.sleep(0.3)  # renewals through the failed read
         (entry / LEASE).unlink()
         time.sleep(0.3)  # written again
