@@ -263,8 +263,9 @@ class RWKV7(nn.Module):
     def optimizer_groups(self, weight_decay: float = 0.0, params: dict | None = None) -> list[dict]:
         """RWKV-LM's parameter groups: att.w0 at 2x lr; weight decay only on large matrices.
 
-        Each group carries `lr_scale` (multiply the base lr by it). `params` (name -> parameter) restricts the
-        groups to those, e.g. only trainable ones; default: every parameter of the model.
+        Each group carries `lr_scale` (multiply the base lr by it), the decayed one `decays` (a trainer resuming an
+        optimizer's state sets its decay anew, the state's holding the old one). `params` (name -> parameter)
+        restricts the groups to those, e.g. only trainable ones; default: every parameter of the model.
         """
         params = dict(self.named_parameters()) if params is None else params
         double, decay, plain = [], [], []
@@ -278,7 +279,7 @@ class RWKV7(nn.Module):
         groups = [
             {"params": plain, "weight_decay": 0.0, "lr_scale": 1.0},
             {"params": double, "weight_decay": 0.0, "lr_scale": 2.0},
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "decays": True},
         ]
         return [g for g in groups if g["params"]]
 

@@ -317,6 +317,9 @@ class ModRWKV(nn.Module):
         model with a forecast skip. cu_seqlens: the samples are packed into one row [1, T] at these offsets
         (features, series_target, series_lookback and the returned state are then per sample)."""
         device = self.backbone.emb.weight.device
+        if labels is not None and labels.shape != input_ids.shape:  # else they would score other positions
+            raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, unshifted (position t "
+                             f"learns the label at t + 1), got {tuple(labels.shape)}")
         packed = None if cu_seqlens is None else as_layout(cu_seqlens, input_ids.shape[1], device)
         embeds = self.embed(input_ids, features, sample_ids, packed)
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask,
@@ -325,6 +328,10 @@ class ModRWKV(nn.Module):
         lm_loss = forecast_loss = forecast = None
         learned = None if labels is None else self.learned_positions(labels, None if packed is None else packed.offsets)
         if learned is not None and len(learned[0]):  # forecasting-only batches have no text targets
+            vocab = self.backbone.config.vocab_size
+            if learned[1].min() < 0 or learned[1].max() >= vocab:  # named here, not a device assert on a GPU
+                raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE} (not learned), got "
+                                 f"{sorted(set(learned[1][(learned[1] < 0) | (learned[1] >= vocab)].tolist()))[:5]}")
             where, targets = (to_device_nowait(torch.from_numpy(a), device) for a in learned)
             if logits is not None:
                 scores = logits.flatten(0, 1).index_select(0, where)
@@ -337,6 +344,9 @@ class ModRWKV(nn.Module):
             if self.forecast_skip is not None:
                 forecast = forecast + self.forecast_skip(self.lookback_window(series_lookback).to(forecast.dtype))
             if series_target is not None:
+                if series_target.shape != forecast.shape:  # mse_loss would broadcast one against the other
+                    raise ValueError(f"series_target must be [forecasts, horizon] = {tuple(forecast.shape)}, got "
+                                     f"{tuple(series_target.shape)}")
                 forecast_loss = F.mse_loss(forecast.float(), series_target.float())
         parts = [x for x in (lm_loss, forecast_loss) if x is not None]
         loss = sum(parts) if parts else None
@@ -393,6 +403,9 @@ class ModRWKV(nn.Module):
             return logits[:, -1], state
         hidden, state = self.backbone.forward_hidden(inputs_embeds=embeds, state=state, attention_mask=attention_mask)
         last = attention_mask.long().sum(dim=1) - 1  # an index, whatever the mask's dtype (the backbone takes any)
+        if bool((last < 0).any()):  # -1 would read the last column: padding's logits
+            raise ValueError(f"prefill: rows {(last < 0).nonzero().flatten().tolist()} of the attention_mask hold no "
+                             "token")
         return self.backbone.head(hidden[torch.arange(len(hidden), device=hidden.device), last]), state
 
     # ---- save / load: the folder's layout lives in model_folder.py ----------------------------------------

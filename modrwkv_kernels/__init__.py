@@ -6,7 +6,8 @@ RWKV-LM's form (per-step decay exp(-exp(w))), state [B, H, N, N] (value dim x ke
     S_t = S_{t-1} diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_t^T + v_t k_t^T,     y_t = S_t r_t
 
 Backends, each beside its reference in `modrwkv_kernels/wkv7/`:
-- "reference": the plain per-step recurrence (also the default for a single decode step);
+- "reference": the plain per-step recurrence (also the CPU default for a single decode step; on CUDA one step
+               runs "triton_chunked" like any length until the GPU decode rows in benchmarks/RESULTS.md decide);
 - "chunked":   exact chunked matrix form in PyTorch, the default on CPU;
 - "triton":    Triton forward/backward kernels walking the sequence step by step;
 - "triton_chunked": Triton kernels in the chunked matrix form (`tl.dot` inside each chunk), the default on
@@ -109,8 +110,15 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     name = backend or default_backend(r.device, shape[1])
     if name not in BACKENDS:
         raise ValueError(f"wkv7: unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    y, state = BACKENDS[name](r, w, k, v, a, b, initial_state)
+    with fp32_products(r):
+        y, state = BACKENDS[name](r, w, k, v, a, b, initial_state)
     return y.to(r.dtype), state
+
+
+def fp32_products(x: torch.Tensor):
+    """Autocast off: the torch backends compute in fp32 (their inputs cast), which a caller's bf16 autocast would
+    turn into bf16 products and, in the chunked form, a bf16 state; the Triton kernels choose their own precision."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def segment_index(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +153,8 @@ def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
         index = to_device_nowait(starts, r.device)[segment] + position
         inputs = [x.new_full((sum(chunks) * CHUNK, H, N), fill).index_put((index,), x[0])[None]
                   for x, fill in zip((r, w, k, v, a, b), fills)]
-        y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks)
+        with fp32_products(r):
+            y, state = wkv7_chunked(*inputs, initial_state=initial_state, segment_chunks=chunks)
         return y[:, index].to(r.dtype), state
 
     def batched(x, fill):  # [1, T, H, N] -> [S, longest, H, N], each segment from step 0, `fill` after its end

@@ -142,11 +142,19 @@ def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str,
 
 def check_resumable(saved: dict, resume_from: str, plan, phase: int, config: TrainConfig) -> None:
     """What the workers would refuse after loading the checkpoint, refused before any run starts (a checkpoint
-    written before its metadata held these is left to the workers): a phase already at its last step, which would
-    run nothing, and data positions saved over other entries or epochs, or in another order (another seed or
-    packing: `trainer.check_position`). A schedule other than the checkpoint's is let through with a note of the lr
-    it resumes at, and the saved run's there."""
+    written before its metadata held these is left to the workers): another phase's checkpoint, a phase already at
+    its last step, which would run nothing, weight decay turned on or off (the optimizer's groups differ), and data
+    positions saved over other entries or epochs, or in another order (another seed or packing:
+    `trainer.check_position`). A schedule other than the checkpoint's is let through with a note of the lr it
+    resumes at, and the saved run's there."""
     world = config.scaling.workers
+    if saved.get("phase", phase) != phase:  # else the workers' load fails on missing tensors, or phase I's takes II's
+        raise ValueError(f"{resume_from}: a phase {saved['phase']} checkpoint cannot resume phase {phase}")
+    decay = plan.hp.weight_decay
+    if (saved.get("weight_decay", decay) > 0) != (decay > 0):  # a decay changed between two others is taken
+        raise ValueError(f"{resume_from}: saved with weight_decay {saved['weight_decay']}, resumed with {decay}: its "
+                         "optimizer state has a parameter group for the decayed matrices only when the decay is above "
+                         f"0; set phase{phase}.weight_decay {'above 0' if saved['weight_decay'] else 'to 0'}")
     steps, step = plan.hp.steps, saved.get("step", 0)
     if step >= steps:  # the workers would run no step, and report no checkpoint
         raise ValueError(f"{resume_from}: saved at step {step}, the last of phase {phase}'s {steps}: nothing to "

@@ -93,6 +93,9 @@ class DeepSpeedConfig:
         if self.overlap_comm and self.zero_stage == 0:
             raise ValueError("overlap_comm overlaps ZeRO's gradient reduction with the backward: it needs zero_stage "
                              "1 or 2")
+        if self.offload_optimizer and self.zero_stage == 0:  # DeepSpeed reads the offload settings only under ZeRO
+            raise ValueError("offload_optimizer moves ZeRO's partitioned optimizer states to the CPU: it needs "
+                             "zero_stage 1 or 2")
         if self.zero_stage == 3:  # refused here, not as an autograd error in the workers' first backward
             raise ValueError("zero_stage 3 is not supported yet: the trainer adds every trainable tensor to each "
                              "step's loss (times 0) so that ZeRO reduces the projectors a micro-batch leaves idle, "

@@ -124,9 +124,10 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                     log_trained_model(cfg.tracking_uri, cfg.run_id, Path(d) / "model", phase, step, drawn, {})
                 checkpoint = Checkpoint.from_directory(d)
                 # what a resume checks before it starts workers
-                checkpoint.set_metadata({"step": step, "run_id": cfg.run_id, "entries": positions[0]["entries"],
-                                         "epochs": [p["epoch"] for p in positions],
-                                         "orders": [p["order"] for p in positions], "schedule": schedule_of(hp)})
+                checkpoint.set_metadata({"phase": phase, "step": step, "run_id": cfg.run_id,
+                                         "entries": positions[0]["entries"], "epochs": [p["epoch"] for p in positions],
+                                         "orders": [p["order"] for p in positions], "schedule": schedule_of(hp),
+                                         "weight_decay": hp.weight_decay})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints

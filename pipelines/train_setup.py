@@ -284,6 +284,50 @@ def check_reduction_order(caches: list[FeatureCache], ds) -> None:
                               "gradients reduced once a step in parameter order), or train on one worker")
 
 
+def check_phase1_backbone(backbone: dict, phase1_source: dict, init_from: str) -> None:
+    """Phase II trains phase I's adapter on the backbone it learnt with: a config naming another checkpoint of the
+    same shape would load without a word. Compared by the weights' sha256 where the path differs (or the record is
+    a URI's, whose hash `backbone_record` took anyway); one path is taken for the same weights."""
+    if backbone["path"] == phase1_source.get("path") and "sha256" not in backbone:
+        return
+    recorded = phase1_source.get("sha256")
+    if recorded is None:  # a record without a hash (weights not found when phase I saved): nothing to compare
+        return
+    sha256 = backbone.get("sha256") or file_sha256(backbone_weights(Path(backbone["path"])))
+    if sha256 != recorded:
+        raise ConfigError(f"model.backbone.path: {backbone['path']} holds other weights (sha256 {sha256[:12]}) than "
+                          f"the backbone phase I's model {init_from} learnt on, {phase1_source.get('path')} "
+                          f"(sha256 {recorded[:12]}): phase II trains that adapter on that backbone; point "
+                          "model.backbone.path at it, or train phase I again on this one")
+
+
+def phase1_config(planned: ModRWKVConfig, trained: ModRWKVConfig, init_from: str) -> ModRWKVConfig:
+    """Phase II trains the model phase I saved (`trained`), whatever this config now says: a projector setting
+    changed since (compression, adapter width, normalisation), a forecast over another horizon or lookback, or a
+    modality phase I trained no projector for is refused here, naming the setting, not taken in silence. Returns
+    phase I's config: what the workers load, and what the packed draw, the skip counts and a resume's check of the
+    data order must read."""
+    for modality, p in planned.projectors.items():
+        if modality not in trained.projectors:
+            raise ConfigError(f"{init_from}: phase I trained no {modality} projector, and phase II's caches hold "
+                              f"{modality} features: train phase I on {modality} features too")
+        was = trained.projectors[modality]
+        for name in (f.name for f in dataclasses.fields(p)):
+            if getattr(p, name) != getattr(was, name):
+                raise ConfigError(f"model.projectors.{modality}.{name}: {getattr(p, name)} in this config, "
+                                  f"{getattr(was, name)} in phase I's model {init_from}, which phase II trains on: "
+                                  "set it back, or train phase I again with it")
+    if "series" in planned.projectors:
+        for name, setting in (("forecast_horizon", "the series caches' horizon"),
+                              ("forecast_lookback", "model.forecast_skip (the series caches' lookback)"),
+                              ("series_encoder", "model.wavenet")):
+            if getattr(planned, name) != getattr(trained, name):
+                raise ConfigError(f"{setting}: gives {name} {getattr(planned, name)} here, "
+                                  f"{getattr(trained, name)} in phase I's model {init_from}, which phase II trains "
+                                  "on: set it back, or train phase I again with it")
+    return trained
+
+
 def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     """`world`: the workers that will train (each reads samples of its own from every cache it draws)."""
     hp = config.phase1 if phase == 1 else config.phase2
@@ -295,8 +339,6 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
     weights, left_out = draw_weights(hp.mix, groups, [len(c) for c in opened], world)
     backbone = backbone_record(config.model.backbone.path)
     mm_config = model_config(config, read_config(local_copy(backbone["path"])), opened)
-    if config.packing:
-        weights = per_packed_draw(weights, opened, mm_config, config, world)
     init_from = phase1_source = phase1_model = None
     if phase == 2:
         init_from = storage.join(phase_dir(config, 1), "model")
@@ -307,7 +349,11 @@ def plan_phase(config: TrainConfig, phase: int, world: int) -> PhasePlan:
             phase1_source = None
         if phase1_source is None:
             raise FileNotFoundError(f"{init_from}: no phase I output; run `modrwkv train --phase 1` first")
+        check_phase1_backbone(backbone, phase1_source, init_from)
+        mm_config = phase1_config(mm_config, ModRWKVConfig.read(phase1_model), init_from)
     check_feature_spaces(opened, phase1_model, init_from)
+    if config.packing:
+        weights = per_packed_draw(weights, opened, mm_config, config, world)
     destination = phase_dir(config, phase)
     out = working_dir(destination)
     return PhasePlan(hp, caches, opened, mm_config, init_from, phase1_source, destination, out, backbone, weights,

@@ -355,8 +355,10 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
     workers = dist.get_world_size() if dist.is_initialized() else 1
     while step < hp.steps:
         scale = warmup_cosine(step, hp.steps, hp.warmup_steps, hp.min_lr_ratio)
-        for g in optimizer.param_groups:  # eps too: a resumed optimizer's groups hold their checkpoint's
+        for g in optimizer.param_groups:  # eps and decay too: a resumed optimizer's groups hold their checkpoint's
             g["lr"], g["eps"] = hp.lr * g["lr_scale"] * scale, hp.adam_eps
+            if g.get("decays"):
+                g["weight_decay"] = hp.weight_decay
         started, micro, waited = time.perf_counter(), [], 0.0
         for _ in range(accumulation):  # all of the step's micro-batches first: their counts weigh each one's loss
             before = time.perf_counter()

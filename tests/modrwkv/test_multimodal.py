@@ -541,6 +541,38 @@ def test_an_item_compressed_to_nothing_raises_or_is_skipped_and_named(tok):
         assert torch.isfinite(out.loss)
 
 
+def test_labels_series_targets_and_masks_that_would_score_the_wrong_thing_are_refused(tok):
+    """Labels shifted already (HF style) would score every target at the wrong position, a label outside the
+    vocabulary is a device assert on a GPU, a forecast target of another shape broadcasts against the forecast, and
+    an empty prompt row would be given the logits of its padding: each a ValueError saying what was expected."""
+    import numpy as np
+
+    from modrwkv.batching import Collator, right_pad
+
+    model = tiny_model(forecast_horizon=3)
+    image = Sample("with-image", "image", [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "a cat")],
+                   items=[np.random.default_rng(0).standard_normal((9, 24)).astype(np.float32)])
+    batch = Collator(tok, model.config)([image])
+    with pytest.raises(ValueError, match=r"labels must be shaped like input_ids \(1, \d+\), unshifted .* got "
+                                         r"\(1, \d+\)"):
+        model(batch.input_ids, batch.features, labels=batch.labels[:, 1:])
+    labels = batch.labels.clone()
+    labels[0, -1] = 70000
+    with pytest.raises(ValueError, match=r"labels must be token ids in \[0, 65536\) or -100 .* got \[70000\]"):
+        model(batch.input_ids, batch.features, labels=labels)
+    assert torch.isfinite(model(batch.input_ids, batch.features, labels=batch.labels).loss)
+
+    ids, feats, _ = series_batch(tok, model, 2, 5)
+    model(ids, feats, series_target=torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"series_target must be \[forecasts, horizon\] = \(2, 3\), got \(2, 1\)"):
+        model(ids, feats, series_target=torch.randn(2, 1))
+
+    ids, mask, _ = right_pad([[1, 2, 3], [4]])
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"prefill: rows \[1\] of the attention_mask hold no token"):
+        model.prefill(ids, [[], []], attention_mask=mask)
+
+
 def test_prefill_of_padded_prompts_equals_each_prompt_alone():
     from modrwkv.batching import right_pad
 

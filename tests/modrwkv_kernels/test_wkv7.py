@@ -110,6 +110,21 @@ def test_output_dtype_follows_input_and_state_is_fp32():
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_the_torch_backends_keep_fp32_under_autocast(backend, packed):
+    """The trainer runs the model under bf16 autocast: the torch backends' products stay fp32 there (autocast would
+    have made them bf16, and the chunked state bf16), so inside autocast they compute what they compute outside."""
+    xs, s0 = wkv_inputs(1, 40, 2, 16, dtype=torch.float32)
+    cu_seqlens = torch.tensor([0, 17, 40]) if packed else None
+    init = torch.cat([s0, s0.flip(0)]) if packed else s0
+    y_ref, s_ref = wkv7(*xs, initial_state=init, backend=backend, cu_seqlens=cu_seqlens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = wkv7(*xs, initial_state=init, backend=backend, cu_seqlens=cu_seqlens)
+    assert s.dtype == torch.float32 and y.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(s, s_ref) < 1e-6
+
+
 def test_bad_shapes_and_backend_are_named():
     xs, _ = wkv_inputs(1, 4, 2, 4)
     with pytest.raises(ValueError, match="k has shape"):

@@ -39,3 +39,26 @@ def test_a_resume_on_another_schedule_says_where_its_lr_jumps(capsys):
     check_resumable({**saved, "step": 60}, "ckpt", plan(100), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
     check_resumable({"step": 60}, "ckpt", plan(200), 1, SimpleNamespace(scaling=SimpleNamespace(workers=1)))
     assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_resumes_only_its_own_phase_and_decay_groups():
+    """Phase I's checkpoint holds no backbone states for phase II to resume, and phase II's would load its backbone
+    into phase I's frozen one; an optimizer state saved without weight decay has no decayed group to resume with one
+    (and the reverse): refused by the driver, before workers start (one written before checkpoints named their phase
+    or decay is left to the workers). Another decay above 0 is taken (the trainer sets it)."""
+    from types import SimpleNamespace
+
+    from pipelines.train import check_resumable
+    from pipelines.train_config import PhaseConfig
+
+    plan = SimpleNamespace(hp=PhaseConfig(lr=1e-3, steps=100, global_batch=8), destination="out", opened=[])
+    config = SimpleNamespace(scaling=SimpleNamespace(workers=1))
+    check_resumable({"phase": 2, "step": 60}, "ckpt", plan, 2, config)
+    check_resumable({"step": 60}, "ckpt", plan, 2, config)
+    with pytest.raises(ValueError, match="ckpt: a phase 1 checkpoint cannot resume phase 2"):
+        check_resumable({"phase": 1, "step": 60}, "ckpt", plan, 2, config)
+    decayed = SimpleNamespace(**{**vars(plan), "hp": PhaseConfig(lr=1e-3, steps=100, global_batch=8, weight_decay=0.1)})
+    check_resumable({"phase": 2, "step": 60, "weight_decay": 0.01}, "ckpt", decayed, 2, config)  # 0.1 from step 61
+    with pytest.raises(ValueError, match="ckpt: saved with weight_decay 0.01, resumed with 0.0: .* set "
+                                         "phase2.weight_decay above 0"):
+        check_resumable({"phase": 2, "step": 60, "weight_decay": 0.01}, "ckpt", plan, 2, config)

@@ -259,6 +259,29 @@ def test_adamw_takes_rwkv_lms_epsilon_unless_the_phase_sets_another():
     assert {g["eps"] for g in resumed.param_groups} == {1e-18}
 
 
+def test_a_resumed_optimizer_decays_as_the_phase_now_says():
+    """An optimizer state saved under weight_decay 0.01 brings 0.01 back in its decayed group; the phase's 0.1
+    replaces it from the first step (the other groups stay undecayed)."""
+    from itertools import repeat
+
+    from modrwkv.batching import Collator
+    from modrwkv.tokenizer import WorldTokenizer
+    from pipelines.train_config import PhaseConfig
+    from pipelines.trainer import optimizer_for, train_steps
+    from tests.modrwkv.test_multimodal import packing_samples, tiny_model
+
+    model = tiny_model()
+    model.set_phase(2)
+    saved = optimizer_for(model, PhaseConfig(lr=1e-3, steps=2, global_batch=8, weight_decay=0.01)).state_dict()
+    hp = PhaseConfig(lr=1e-3, steps=1, global_batch=1, micro_batch=1, weight_decay=0.1)
+    resumed = optimizer_for(model, hp)
+    resumed.load_state_dict(saved)
+    assert sorted(g["weight_decay"] for g in resumed.param_groups) == [0.0, 0.0, 0.01]
+    batch = Collator(WorldTokenizer(), model.config, max_length=400)(packing_samples()[:1])
+    train_steps(LocalEngine(model, resumed, 1, grad_clip=1.0), resumed, repeat(("image", batch)), hp)
+    assert sorted(g["weight_decay"] for g in resumed.param_groups) == [0.0, 0.0, 0.1]
+
+
 def test_the_deepspeed_config_takes_the_cores_accumulation():
     from pipelines.train_config import DeepSpeedConfig, PhaseConfig
     from pipelines.deepspeed_engine import deepspeed_config
@@ -278,6 +301,8 @@ def test_the_deepspeed_config_takes_the_cores_accumulation():
     assert overlapped["zero_optimization"] == {"stage": 1, "overlap_comm": True}
     with pytest.raises(ValueError, match="overlap_comm .* needs zero_stage 1 or 2"):
         DeepSpeedConfig(zero_stage=0, overlap_comm=True)
+    with pytest.raises(ValueError, match="offload_optimizer .* needs zero_stage 1 or 2"):
+        DeepSpeedConfig(zero_stage=0, offload_optimizer=True)
 
 
 def test_single_process_phase1_then_phase2_learn_and_load_no_cluster_framework(setup, tmp_path):
@@ -445,6 +470,8 @@ def test_a_ray_run_with_its_output_in_s3_resumes_from_a_checkpoint_uri(setup, ra
     with pytest.raises(ValueError, match=f"saved over the entry {Path(cache).name} cannot resume a run that reads "
                                          f"{Path(short_item_cache[0]).name} in its place"):
         run_train(other, phase=1, resume_from=f"{ray_storage}/{checkpoints[0]}")
+    with pytest.raises(ValueError, match="a phase 1 checkpoint cannot resume phase 2"):
+        run_train(config, phase=2, resume_from=f"{ray_storage}/{checkpoints[0]}")
     assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == runs  # refused before one
 
 
@@ -538,6 +565,67 @@ def test_bucketed_reduction_across_workers_is_refused_for_a_cache_with_text_only
         plan_phase(config, 1, world=1)
         plan_phase(config_for(root, digits, "bucketed", deepspeed=deepspeed), 1, world=2)
     plan_phase(config_for(root, mixed_cache, "bucketed", max_length=96, deepspeed={"zero_stage": 1}), 1, world=2)
+
+
+def save_phase1(config: TrainConfig, model_config, backbone: Path) -> None:
+    """A phase I output folder as training writes it (adapter-only, its backbone recorded), untrained."""
+    from pipelines.train_setup import phase_dir
+
+    model = ModRWKV(model_config, backbone=RWKV7.from_pretrained(backbone))
+    model.save_pretrained(Path(phase_dir(config, 1)) / "model", adapter_only=True,
+                          backbone_source={"path": str(backbone)})
+
+
+def test_phase2_plans_the_model_phase1_saved_and_refuses_settings_changed_since(setup, mixed_cache, tmp_path):
+    """Phase II trains phase I's saved model: its plan (the packed draw, the skip counts, a resume's data order) reads
+    phase I's projectors, also those of a modality phase II does not read; a projector setting changed in the config
+    since, a modality phase I has no projector for, or another backbone of the same shape is refused by name before
+    anything starts, not ignored."""
+    import dataclasses
+
+    from pipelines.config import ConfigError
+    from pipelines.train_setup import plan_phase
+    from preprocessing.cache.entry import FeatureCache
+
+    root, digits = setup
+    both = config_for(root, digits, "phases", output_dir=str(tmp_path / "runs"),
+                      model={"backbone": {"path": str(root / "backbone")},
+                             "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2},
+                                            "audio": {"kernel": 2, "stride": 2, "adapter_scale": 2}}})
+    phase1 = plan_phase(both, 1, world=1).model
+    audio = dataclasses.replace(phase1.projectors["image"], encoder_dim=16, normalize="standardize")
+    phase1 = dataclasses.replace(phase1, projectors={**phase1.projectors, "audio": audio})
+    save_phase1(both, phase1, root / "backbone")
+
+    plan = plan_phase(both, 2, world=1)  # the config names an audio projector; phase II's caches hold no audio
+    assert plan.model.projectors == phase1.projectors and plan.init_from.endswith("phases/phase1/model")
+    changed = config_for(root, digits, "phases", output_dir=str(tmp_path / "runs"),
+                         model={"backbone": {"path": str(root / "backbone")},
+                                "projectors": {"image": {"kernel": 4, "stride": 2, "adapter_scale": 2}}})
+    with pytest.raises(ConfigError, match=r"model.projectors.image.kernel: 4 in this config, 3 in phase I's model "
+                                          r".*phases/phase1/model, which phase II trains on"):
+        plan_phase(changed, 2, world=1)
+
+    assert FeatureCache(mixed_cache).modality == "image"
+    only_audio = dataclasses.replace(phase1, projectors={"audio": audio})
+    save_phase1(both, only_audio, root / "backbone")
+    with pytest.raises(ConfigError, match=r"phase I trained no image projector, and phase II's caches hold image "
+                                          "features"):
+        plan_phase(both, 2, world=1)
+
+    save_phase1(both, phase1, root / "backbone")
+    other = tmp_path / "other_backbone"
+    random_backbone(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=64, head_size=16), seed=1).save_pretrained(other)
+    elsewhere = config_for(root, digits, "phases", output_dir=str(tmp_path / "runs"),
+                           model={"backbone": {"path": str(other)},
+                                  "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2}}})
+    with pytest.raises(ConfigError, match=rf"model.backbone.path: {other} holds other weights .* than the backbone "
+                                          rf"phase I's model .* learnt on, {root / 'backbone'}"):
+        plan_phase(elsewhere, 2, world=1)
+    same = tmp_path / "same_backbone"
+    RWKV7.from_pretrained(root / "backbone").save_pretrained(same)  # a copy of phase I's weights: taken
+    plan_phase(dataclasses.replace(elsewhere, model=dataclasses.replace(
+        elsewhere.model, backbone=dataclasses.replace(elsewhere.model.backbone, path=str(same)))), 2, world=1)
 
 
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
