@@ -219,6 +219,7 @@ def s3_start_rows(work: Path) -> list[dict]:
 def main():
     import ray
 
+    from infra.local_ray import init_ray
     from pipelines.encode import run_encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,7 +229,7 @@ def main():
     backbone = prepare()
     work = Path(args.out) / "encode-work"
     shutil.rmtree(work, ignore_errors=True)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
     rows = []
     for actors in (1, 2):
         first = run_encode(encode_config(work / f"actors{actors}", actors, in_process_max_items=0))

@@ -382,10 +382,11 @@ def main():
     else:
         import ray
 
+        from infra.local_ray import init_ray
         from pipelines.demo import prepare_assets
 
         prepare_assets()
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
         try:
             if args.write_caches:
                 return write_caches(args.write_caches)

@@ -358,6 +358,7 @@ def main():
     import ray
 
     from benchmarks.encode import prepare
+    from infra.local_ray import init_ray
     from infra.s3_server import start_s3, stop_s3
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -376,7 +377,7 @@ def main():
         if s3:
             os.environ.update(s3.env())  # before Ray starts: its workers inherit the endpoint
             s3.create_bucket("bench")
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
         cache = digits_cache(out, args.steps) if {"scaling", "allocator"} & set(parts) else None
         if s3:
             scaling, waits, lines = scaling_cases(out, cache, args.steps)

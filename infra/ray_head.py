@@ -32,6 +32,9 @@ INTERNAL_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 
 # Ray's single-machine mode: every port on 127.0.0.1 (see above)
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray takes a token in RAY_AUTH_TOKEN before the one in RAY_AUTH_TOKEN_PATH's file: one exported for another cluster
+# would become this head's (and its clients' would not match the file's); empty, Ray passes over it
+NO_TOKEN_VARIABLE = {"RAY_AUTH_TOKEN": ""}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,7 +57,7 @@ class RayHead(ServiceProcess):
         """What a client (ray.init, `ray job submit`, JobSubmissionClient) needs in its environment. ray.init needs
         the single-machine mode too: without it, it swaps the head's 127.0.0.1 for the machine's address and finds
         nothing listening there."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, **SINGLE_MACHINE}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, **NO_TOKEN_VARIABLE, **SINGLE_MACHINE}
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
@@ -118,6 +121,7 @@ def start_ray_head(
         "RAY_TMPDIR": str(ray_tmpdir or private_dir(default_ray_tmpdir(state_dir))),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
+        **NO_TOKEN_VARIABLE,
         # jobs run `python ...` from PATH: it must be this venv's interpreter
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain locally; stop at once on SIGTERM

@@ -34,8 +34,8 @@ def _convert(value, hint, where: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
-    if origin is typing.Literal:
-        if value not in args:
+    if origin is typing.Literal:  # of the choice's type too: True == 1 and 2.0 == 2 in Python
+        if not any(value == choice and type(value) is type(choice) for choice in args):
             raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
@@ -48,7 +48,8 @@ def _convert(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {k: _convert(v, args[1] if args else typing.Any, f"{where}.{k}") for k, v in value.items()}
+        key, item = args or (typing.Any, typing.Any)
+        return {_convert(k, key, f"{where} key {k!r}"): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint in (dict, list):
         if not isinstance(value, hint):
             raise ConfigError(f"{where}: expected a {'mapping' if hint is dict else 'list'}, got {value!r}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 
 from infra.cli import load_services, services_lock, write_services
+from infra.local_ray import init_ray
 from infra.mlflow_server import start_mlflow
 from preprocessing.demo_data import BUILDERS, missing_datasets
 from preprocessing.encoders.convert import export_encoder
@@ -140,7 +141,7 @@ def run_demo(out: Path = ASSETS) -> dict:
         raise
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
     say(f"MLflow server at {mlflow.tracking_uri}")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         caches = {}
         for stem, encode_config in encodes.items():

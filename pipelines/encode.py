@@ -321,9 +321,11 @@ def join_ray(run: RunConfig, local_cpus: int):
     times."""
     import ray  # heavy: only the jobs that need it import it
 
+    from infra.local_ray import init_ray
+
     if not ray.is_initialized():
         joining = run.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=run.ray_address, include_dashboard=False, log_to_driver=False,
+        init_ray(run.ray_address, include_dashboard=False, log_to_driver=False,
                  **({} if joining else {"num_cpus": local_cpus,
                                         "_system_config": {"task_oom_retries": OOM_RETRIES}}))
     return ray

@@ -2,8 +2,9 @@
 
 Ray Data batch inference over a feature cache (one actor per model copy, one shard per call), or with `actors: 0`
 in this process (on the GPU when there is one: a one-GPU machine, a debugger), each sample predicted, and the
-whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Shards are written and scored as they arrive,
-so the driver holds a shard's rows at a time, whatever the test set's size. Predictions go to JSONL, in the cache's
+whole scored and plotted, by its task (`pipelines/eval_tasks.py`). Shards are written and scored as they arrive:
+the driver holds a shard's rows at a time and what its task's scores need (a forecast's running sums; VQA and ASR
+keep each row, their scores being over all answers at once). Predictions go to JSONL, in the cache's
 order; metrics, a per-sample table (`table_rows` of them at most) and the plots go to MLflow, in a child run of the
 training run (`track: false`: to disk only, with neither Ray nor MLflow imported).
 """
@@ -131,8 +132,10 @@ def predict_with_ray(config: EvalConfig, cache_uri: str, task: EvalTask, n_shard
     """Each shard's predicted rows, from Ray Data actors."""
     import ray  # only when actors predict
 
+    from infra.local_ray import init_ray
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        init_ray(log_to_driver=False)
     ds = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors),
                         num_gpus=config.gpus_per_actor or None,
@@ -199,8 +202,8 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
                        for k in ("key", "reference", "prediction", "stopped", "language") if k in rows[0]}
             mlflow.set_tracking_uri(uri)
             mlflow.log_table(columns, artifact_file=f"eval_{config.task}.json", run_id=run_id)
-        client.set_tag(run_id, "table", f"{len(rows)} of the {table.seen} scored rows (every row when they are no "
-                                        f"more than table_rows; else those whose keys hash lowest)")
+        client.set_tag(run_id, "table", f"{len(rows)} of the {table.seen} predicted rows (every row when they are "
+                                        "no more than table_rows; else those whose keys hash lowest)")
         published = storage.join(absolute(config.out_dir), result.predictions.name)
         size = result.predictions.stat().st_size
         if size <= config.predictions_artifact_mb * 2**20:
@@ -245,7 +248,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, scored.table, plots)
     result.seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"eval {config.task} on {scored.table.seen} samples: {shown}; predictions in "
+    print(f"eval {config.task} on {scored.scored} samples: {shown}; predictions in "
           f"{storage.join(config.out_dir, predictions.name)}")
     return result
 
@@ -275,7 +278,8 @@ def check_model_fits(config: EvalConfig, model: ModRWKVConfig, cache: FeatureCac
 @dataclass
 class Scored:
     tally: Tally
-    table: RowSample  # the MLflow table's rows; `seen`: every scored row
+    table: RowSample  # the MLflow table's rows, of the predicted ones (`seen`)
+    scored: int = 0  # rows the scores are over: the predicted, and the skipped its task scores as unanswered
     skipped: int = 0  # samples the model could not take
     first_reason: str | None = None
     truncated: int = 0  # answers cut at max_new_tokens before they ended their turn
@@ -298,8 +302,7 @@ def coverage(config: EvalConfig, cache_uri: str, scored: Scored) -> dict[str, in
 
 
 def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: Path, table_rows: int) -> Scored:
-    """Each shard's rows written to the predictions file and added to the task's running scores as it arrives:
-    the driver holds one shard's rows at a time."""
+    """Each shard's rows written to the predictions file and added to the task's scores as it arrives."""
     scored = Scored(task.tally(), RowSample(table_rows))
     with predictions.open("w") as file:
         for rows in shards:
@@ -312,6 +315,7 @@ def write_and_score(shards: Iterable[list[dict]], task: EvalTask, predictions: P
             scored.first_reason = scored.first_reason or next((r["skipped"] for r in skipped), None)
             taken = [r for r in rows if "skipped" not in r or "prediction" in r]
             scored.tally.add(taken)
+            scored.scored += len(taken)
             scored.truncated += sum(r.get("stopped") is False for r in taken)
             scored.table.add([r for r in saved if "skipped" not in r])
     return scored

@@ -25,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from modrwkv.model_folder import write_records
+from infra.local_ray import init_ray
 from preprocessing import storage
 from preprocessing.cache.entry import entry_name
 
@@ -63,7 +64,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
     tracking.check_reachable_by_workers(uri, config.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():  # before the plan, whose encodes (a collection's folder tasks) would start one
-        ray.init(address=config.scaling.ray_address, log_to_driver=False)
+        init_ray(config.scaling.ray_address, log_to_driver=False)
     plan = plan_phase(config, phase, config.scaling.workers)
     hp, caches, opened, mm_config, init_from, out = (plan.hp, plan.caches, plan.opened, plan.model, plan.init_from,
                                                      plan.out)

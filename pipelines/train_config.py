@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from modrwkv.conversation import PLACEHOLDER_IDS
 from modrwkv.multimodal import ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 
@@ -37,6 +38,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.whiten_eps <= 0:
             raise ValueError(f"whiten_eps must be positive, not {self.whiten_eps}")
+        if unknown := sorted(set(self.projectors) - set(PLACEHOLDER_IDS)):  # else a misspelt one is never built
+            raise ValueError(f"projectors: unknown modalities {unknown}; known: {sorted(PLACEHOLDER_IDS)}")
 
 
 @dataclass

@@ -71,6 +71,8 @@ def ray_local():
     """One local Ray instance for the whole test session (starting one costs ~5 s)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    from infra.local_ray import init_ray
+
+    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

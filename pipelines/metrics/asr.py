@@ -2,7 +2,8 @@
 characters), as WER tables report them, not a mean of per-utterance rates.
 
 English is normalised first so that spelling choices do not count as errors: case, punctuation,
-contractions ("don't" = "do not"), numbers ("twenty one" = "21": spelled-out numbers become digits; ".5" = "0.5")
+contractions ("don't" = "do not"), numbers ("twenty one" = "21": spelled-out numbers become digits; ".5" = "0.5";
+"5 million" = "five million" = "5000000")
 and the symbols % and $ ("5%" = "five percent", "$3" = "three dollars").
 Mandarin CER compares characters with punctuation and every space removed.
 """
@@ -11,6 +12,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import jiwer
 
@@ -24,6 +26,7 @@ ONES = {w: i for i, w in enumerate("zero one two three four five six seven eight
                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
 TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
 SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
+DIGITS = re.compile(r"\d+(\.\d+)?")
 NOT_IN_A_WORD = re.compile(r"[^\w\s.]|_|\.(?!\d)|(?<!\d)\.")  # punctuation; a decimal point (3.5) stays
 
 
@@ -57,12 +60,23 @@ def read_number(words: list[str], start: int) -> tuple[int, int]:
     return total + group, i - start
 
 
+def scaled_digits(number: str, scale: str) -> str | None:
+    """A number written in digits times the scale word after it ("5 million", "2.5 billion") as "five million" reads:
+    in digits; None when `number` is not digits or `scale` no scale."""
+    factor = 100 if scale == "hundred" else SCALES.get(scale)
+    if factor is None or not DIGITS.fullmatch(number):
+        return None
+    value = Decimal(number) * factor
+    return str(int(value)) if value == value.to_integral_value() else str(value.normalize())
+
+
 def number_words_to_digits(words: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(words):
         value, length = read_number(words, i)
-        out.append(str(value) if length else words[i])
-        i += length or 1
+        scaled = scaled_digits(words[i], words[i + 1]) if not length and i + 1 < len(words) else None
+        out.append(str(value) if length else scaled or words[i])
+        i += length or (2 if scaled else 1)
     return out
 
 
@@ -71,7 +85,8 @@ def normalize_english(text: str) -> str:
     text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
     text = re.sub(r"(?<![\w.])\.(?=\d)", "0.", text)  # .5 -> 0.5 (as punctuation it went: .5 read 5)
     # symbols a transcript spells: 5% -> 5 percent, $5 -> 5 dollars (as punctuation they went: "5" for "5 percent")
-    text = re.sub(r"\$(\d+(?:\.\d+)?)", r"\1 dollars", text.replace("%", " percent "))
+    text = re.sub(r"\$(\d+(?:\.\d+)?(?:\s+(?:hundred|thousand|million|billion)\b)?)", r"\1 dollars",
+                  text.replace("%", " percent "))  # $5 million -> 5 million dollars
     for pattern, expansion in CONTRACTIONS:
         text = re.sub(pattern, expansion, text)
     text = NOT_IN_A_WORD.sub(" ", text.replace("'", ""))  # a possessive keeps its s: "john's" -> "johns"

@@ -40,6 +40,25 @@ def test_cluster_install_provides_what_a_job_imports(config):
     assert {"torch", "ray", "deepspeed", "mlflow", "webdataset", "boto3", "transformers", "rwkv"} <= names
 
 
+def test_every_node_installs_the_lock_but_torchs_own_build(config, tmp_path):
+    """A node got the newest versions pyproject.toml's ranges allowed when it booted (the head one day, a worker the
+    autoscaler adds another); now the lock's, run here as a node runs the setup commands (HOME holding the
+    repository as ~/modrwkv): every locked package but torch (its CUDA build from PyPI) and triton (that torch's)."""
+    import subprocess
+
+    (tmp_path / "modrwkv").symlink_to(CONFIG.parent)
+    *prepare, install = config["setup_commands"]
+    for command in prepare:
+        subprocess.run(command, shell=True, check=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert "-c ~/modrwkv-lock.txt" in install and "-c ~/modrwkv/constraints.txt" in install
+    locked = [line for line in (CONFIG.parent / "requirements.lock").read_text().splitlines()
+              if line and not line.startswith("#")]
+    constrained = [line for line in (tmp_path / "modrwkv-lock.txt").read_text().splitlines()
+                   if line and not line.startswith("#")]
+    assert {line.split("==")[0] for line in set(locked) - set(constrained)} == {"torch", "triton"}
+    assert set(constrained) < set(locked)
+
+
 def test_nothing_git_ignores_is_copied_to_the_nodes(config):
     """`ray up` rsyncs the working tree to every node: `make drift`'s venv went along (2.8 GB), missing from the
     list of excludes."""

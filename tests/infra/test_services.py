@@ -219,6 +219,33 @@ def test_ray_listens_on_loopback_only(ray_head):
     assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
 
 
+def test_a_jobs_own_ray_instance_listens_on_loopback_only(ray_local):
+    """The instance a job starts without a cluster (`infra.local_ray.init_ray`; the tests' `ray_local` too) is in
+    the head's single-machine mode: a plain ray.init() put the GCS and raylet on every interface (`::`) and the
+    dashboard agent on 0.0.0.0, with no token asked."""
+    gcs_port = int(ray_local.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    listening = listening_addresses(psutil.Process())  # this process's services (tests' own) are on HOST too
+    assert gcs_port in [address.port for address in listening]
+    assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
+
+
+def test_a_token_exported_for_another_cluster_is_neither_the_heads_nor_its_clients(tmp_path, monkeypatch):
+    """Ray reads RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH: a user's token for another cluster, left in the shell,
+    made the head take it while its health check sent the file's (refused: the start failed after its timeout)."""
+    from infra.ray_head import start_ray_head
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    head = start_ray_head(tmp_path / "state", num_cpus=0, timeout=45)
+    try:
+        assert http_ok(f"{head.dashboard_url}/api/version", head.auth_headers())
+        script = f"import ray; ray.init(address='{head.address}'); print('joined')"
+        out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **head.client_env()},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "joined" in out.stdout, out.stderr[-2000:]
+    finally:
+        head.stop()
+
+
 def test_ray_takes_no_fixed_port(ray_head):
     """A second head on the machine (another user's, or a test's) would find Ray's fixed defaults taken."""
     from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT

@@ -103,8 +103,15 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
      r"phase1.global_batch 16 is not a multiple of micro_batch x scaling.workers = 8 x 4 = 32"),
     ({"name": "../other-run"}, "name '../other-run': one folder's name, without '/'"),  # out of output_dir
     ({"name": ".."}, "name '..': one folder's name"),
+    # Python's True == 1 and 2.0 == 2: a choice of numbers takes numbers of its type only
+    ({"deepspeed.zero_stage": True}, r"deepspeed.zero_stage: must be one of \[0, 1, 2, 3\], got True"),
+    ({"deepspeed.zero_stage": 2.0}, r"deepspeed.zero_stage: must be one of \[0, 1, 2, 3\], got 2.0"),
+    # a misspelt modality's projector was never built, its settings silently unused
+    ({"model.projectors": {"imgae": {"kernel": 3, "stride": 2}}},
+     r"model: projectors: unknown modalities \['imgae'\]; known: \['audio', 'image', 'series'\]"),
+    ({"model.projectors": {1: {"kernel": 3, "stride": 2}}}, "model.projectors key 1: expected str, got 1"),
 ])
-def test_batch_sizes_and_schedules_are_checked_at_load(override, message):
+def test_bad_training_settings_are_refused_at_load(override, message):
     """Not in the workers, after the MLflow run, the caches and Ray have started (where Ray retried it)."""
     from pipelines.train import TrainConfig
 

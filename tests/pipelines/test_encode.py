@@ -866,13 +866,13 @@ def test_two_jobs_encoding_overlapping_data_at_once_share_one_copy(tmp_path, enc
 # itself. Then what Ray's state API (the dashboard's source) shows of the job's tasks and actors.
 RAY_STARTED_WITHOUT_S3 = r"""
 import json, os, sys, time
-import ray
 from ray.util.state import list_actors, list_tasks
+from infra.local_ray import init_ray
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 
 spec, settings, dashboard_port = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-dashboard = "http://" + ray.init(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,
+dashboard = "http://" + init_ray(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,
                                  log_to_driver=False).dashboard_url
 os.environ.update(settings)
 result = run_encode(from_dict(EncodeConfig, spec))

@@ -123,10 +123,10 @@ def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_predi
         run_eval(replace(config, checkpoint=str(tmp_path / "longer")))
 
 
-def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained):
+def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained, capsys):
     """A cache with an image of 2 feature vectors, fewer than the projector's compression kernel 3: not a failed run;
     that one is counted (`rows_skipped`), named with its reason in the predictions and scored as unanswered (wrong):
-    the accuracy is over all three."""
+    the accuracy is over all three, and its line says so."""
     from modrwkv.conversation import Sample, Turn
     from pipelines.metrics.vqa import normalize_answer
     from tests.cache_entries import write_entry
@@ -146,6 +146,7 @@ def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(train
                               "prediction": "", "stopped": True, "reference": "seven"}
     right = sum(normalize_answer(p["prediction"]) == "7" for p in predictions)
     assert vqa.metrics["accuracy"] == pytest.approx(right / 3)  # b counted, as wrong
+    assert "eval vqa on 3 samples: accuracy" in capsys.readouterr().out
 
 
 def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_path, monkeypatch):
@@ -219,7 +220,7 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     keys = [row[table["columns"].index("key")] for row in table["data"]]
     assert len(keys) == 3 and keys == sorted(keys) and set(keys) < set(predicted)
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["table"].startswith(f"3 of the {len(predicted)} scored rows")
+    assert tags["table"].startswith(f"3 of the {len(predicted)} predicted rows")
     assert tags["predictions"].startswith(f"{forecast.predictions} (") and "not an artifact" in tags["predictions"]
 
     with pytest.raises(ValueError, match="a image cache cannot be evaluated as forecast"):

@@ -143,6 +143,10 @@ def test_pope_scores():
     (".5 litres", "0.5 litres"), ("a .5 b.", "a 0.5 b"),  # the point as punctuation read five
     ("5%", "5 percent"), ("five percent", "5 percent"),  # the % as punctuation read 5
     ("It costs $3.50.", "it costs 3.50 dollars"), ("three dollars", "3 dollars"),
+    # digits and a scale word as the words read: "5 million" was two words to "five million"'s one number
+    ("5 million people", "5000000 people"), ("five million people", "5000000 people"),
+    ("$5 million", "5000000 dollars"), ("five million dollars", "5000000 dollars"), ("2.5 billion", "2500000000"),
+    ("3 hundred", "300"), ("the 5 of us", "the 5 of us"),
 ])
 def test_english_normalization(raw, normalized):
     assert normalize_english(raw) == normalized
