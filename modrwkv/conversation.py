@@ -30,6 +30,9 @@ from .tokenizer import SPECIAL_TOKENS, WorldTokenizer
 IGNORE = -100
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "series": "<series>"}  # modality -> its placeholder text
 PLACEHOLDER_IDS = {modality: SPECIAL_TOKENS[text] for modality, text in PLACEHOLDERS.items()}
+# what a user turn's text may hold as tokens: its placeholders; "<|endoftext|>" written in it is text, as chat reads a
+# question (a scraped conversation's literal one became a document break inside the prompt in training alone)
+TURN_SPECIALS = frozenset(PLACEHOLDERS.values())
 MODALITY_OF_ID = {v: k for k, v in PLACEHOLDER_IDS.items()}
 ROLES = {"user": "User", "assistant": "Assistant"}
 TURN_END = "\n\n"
@@ -65,7 +68,7 @@ def expand_placeholders(ids: list[int], item_lengths: list[int], sample_id: str,
 
 def tokenize_conversation(
     tokenizer: WorldTokenizer, turns: list[Turn], item_lengths: list[int], sample_id: str = "?",
-    specials: bool | Collection[str] = True,
+    specials: bool | Collection[str] = TURN_SPECIALS,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels), aligned: labels[t] is the target for input position t (shift when computing the loss).
     `specials`: the special tokens a user turn's text may hold (`WorldTokenizer.encode`'s allow_special)."""
@@ -97,7 +100,7 @@ def text_length(tokenizer: WorldTokenizer, turns: list[Turn], n_items: int, samp
 
 
 def prompt_ids(tokenizer: WorldTokenizer, user_text: str, item_lengths: list[int], sample_id: str = "?",
-               specials: bool | Collection[str] = True) -> list[int]:
+               specials: bool | Collection[str] = TURN_SPECIALS) -> list[int]:
     """A generation prompt: one user turn, then "Assistant:" for the model to continue. The same tokens as a
     training conversation that ends with that user turn (a forecasting sample), so a forecast head reads the
     position it was trained on."""

@@ -1,13 +1,16 @@
 """What a run's figures can move with between machines, for its MLflow tags: the versions of the packages that
-compute them and the CPU's vector instructions (torch's, oneDNN's and MKL's kernels pick their code path by them,
-so one seed's features, probe and model can differ in their last bits, and a borderline answer can flip)."""
+compute them (the scores' too: jiwer's WER, rwkv's vocabulary), the CPU's vector instructions (torch's, oneDNN's
+and MKL's kernels pick their code path by them, so one seed's features, probe and model can differ in their last
+bits, and a borderline answer can flip), and the GPUs with their CUDA, cuDNN and driver versions where a process
+sees one (bf16 kernels, autotuned Triton configs and cuBLAS's algorithms differ between them)."""
 
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("torch", "numpy", "transformers", "deepspeed", "ray", "triton", "scikit-learn", "mlflow")
+PACKAGES = ("torch", "numpy", "transformers", "deepspeed", "ray", "triton", "fla-core", "scikit-learn", "mlflow",
+            "jiwer", "rwkv")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")  # x86; /proc/cpuinfo's names
 
 
@@ -35,9 +38,37 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{model} ({', '.join(offered)})" if offered else model
 
 
+def gpu_tags(prefix: str = "env.") -> dict[str, str]:
+    """{prefix + "gpu": the devices this process sees, e.g. "NVIDIA H100 80GB HBM3 (sm_90) x8", prefix + "cuda": the
+    CUDA build, cuDNN and driver versions}; {} without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    devices = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+               for i in range(torch.cuda.device_count())]
+    kinds = ", ".join(f"{d} x{devices.count(d)}" for d in dict.fromkeys(devices))
+    return {f"{prefix}gpu": kinds, f"{prefix}cuda": f"{torch.version.cuda} (cuDNN {torch.backends.cudnn.version()}, "
+                                                    f"driver {driver_version()})"}
+
+
+def driver_version() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML missing or failing: a tag says so rather than fail the run
+        return "unknown"
+
+
 def environment_tags(prefix: str = "env.") -> dict[str, str]:
-    """{prefix + "cpu": ..., prefix + "<package>": version} for this process's machine."""
-    return {f"{prefix}cpu": cpu_description(), **{f"{prefix}{name}": package_version(name) for name in PACKAGES}}
+    """{prefix + "cpu": ..., prefix + "<package>": version, and `gpu_tags`'} for this process's machine."""
+    return {f"{prefix}cpu": cpu_description(), **{f"{prefix}{name}": package_version(name) for name in PACKAGES},
+            **gpu_tags(prefix)}
 
 
 def require_cuda(setting: str) -> None:

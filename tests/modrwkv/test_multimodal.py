@@ -163,6 +163,20 @@ def test_features_splice_into_fp32_embeddings_under_bf16_autocast(tok):
     assert torch.isfinite(out.loss) and model.projectors["image"].adapter[0].weight.grad.abs().sum() > 0
 
 
+def test_end_of_text_written_in_a_turn_is_text_in_training_as_in_chat(tok):
+    """A scraped conversation's literal "<|endoftext|>" was token 0 in training and evaluation prompts, text in chat
+    and serving: now text everywhere; a turn's placeholders stay tokens."""
+    from modrwkv.chat import ChatSession
+    from modrwkv.tokenizer import END_OF_TEXT
+
+    question = "a<|endoftext|>b"
+    ids, _ = tokenize_conversation(tok, [Turn("user", question), Turn("assistant", "c")], [])
+    assert END_OF_TEXT not in ids
+    session = ChatSession(tiny_model().eval(), tok)
+    assert prompt_ids(tok, question, []) == session.prompt_ids + session.question_ids(question)
+    assert prompt_ids(tok, "<audio>\nhi", [2]).count(PLACEHOLDER_IDS["audio"]) == 2
+
+
 def test_a_forecast_question_is_text_but_for_its_series_placeholder(tok):
     """A served request's question: `<image>` was read as a placeholder (refused: 2 placeholders for 1 series) and
     `<|endoftext|>` as token 0; a plain question keeps the tokens of the user turn forecasting trains on."""

@@ -26,6 +26,23 @@ def test_environment_tags_hold_this_machine_and_its_packages():
     assert not any(v == "not installed" for k, v in tags.items() if k.endswith((".torch", ".numpy", ".ray")))
 
 
+def test_a_gpu_process_tags_its_devices_and_cuda_versions(monkeypatch):
+    """Two runs on other GPUs or CUDA builds had the same tags; the scores' packages (jiwer's WER, rwkv's vocabulary)
+    were not named either. Without a GPU there is no GPU tag (this machine's case)."""
+    assert "env.gpu" not in environment_tags() or torch.cuda.is_available()
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H100 80GB HBM3", 2: "NVIDIA A10G"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", names.get)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6) if i == 2 else (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    tags = environment_tags()
+    assert tags["env.gpu"] == "NVIDIA H100 80GB HBM3 (sm_90) x2, NVIDIA A10G (sm_86) x1"
+    assert tags["env.cuda"].startswith("12.8 (cuDNN 91002, driver ")
+    assert {"env.jiwer", "env.rwkv", "env.fla-core"} <= set(tags) and tags["env.jiwer"] != "not installed"
+
+
 def test_a_process_sent_to_a_gpu_it_lacks_fails_naming_the_setting(monkeypatch):
     """A training worker (scaling.use_gpu) or an eval actor (gpus_per_actor) on a node whose torch sees no GPU stops
     with the reason, before it loads anything, instead of running on its CPU."""
