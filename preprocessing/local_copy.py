@@ -154,6 +154,7 @@ def empty_slot(slot: Path, still_unused: Callable[[], bool] = lambda: True) -> b
     with node_lock(slot / LOCK):
         if not (slot / LISTING).is_file() or in_use(slot) or not still_unused():
             return False
+        (slot / LISTING).unlink()  # first: a removal cut short leaves a copy `node_copy` fetches again, not reuses
         for entry in slot.iterdir():
             if entry.name not in (LOCK, IN_USE):
                 remove(entry)

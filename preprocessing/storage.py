@@ -147,6 +147,15 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_json(uri: str):
+    """The JSON document at `uri`; a ValueError naming it when its bytes are none (a write a crash cut short)."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{uri}: not JSON ({e})") from None
+
+
 def open_for_reading(uri: str):
     """A seekable file: readers of columnar files fetch only the parts they need (ranged reads on S3)."""
     fs, path = _fs(uri)
@@ -288,7 +297,10 @@ class Fingerprints:
         digests = {}
         for folder, members in by_folder.items():
             record_uri = self.record_uri(folder)
-            record = json.loads(read_bytes(record_uri)) if exists(record_uri) else {}
+            try:  # a damaged record (a crash during its write) is none: its files are hashed again
+                record = read_json(record_uri) if exists(record_uri) else {}
+            except ValueError:
+                record = {}
             changed = []
             for uri in members:
                 name, stat = posixpath.basename(str(uri)), stats[uri]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .. import storage
 from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache, entry_name, parse_item_file
 from .inventory import referenced_items
-from .lease import lease
+from .lease import LEASE, lease
 
 
 @dataclass
@@ -47,7 +47,9 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
     absent = [name for name in items if name not in present]
     store_files = absent + ([STORE_KEY_FILE] if STORE_KEY_FILE not in present
                             and storage.exists(storage.join(cache.store.uri, STORE_KEY_FILE)) else [])
-    entry_files = [name for name in storage.list_files(cache.uri) if name != MANIFEST and ".tmp-" not in name]
+    # not its lease: one left by a job killed after its manifest would replace the copy's own at the destination
+    entry_files = [name for name in storage.list_files(cache.uri)
+                   if name not in (MANIFEST, LEASE) and ".tmp-" not in name]
     pairs = ([(storage.join(cache.store.uri, n), storage.join(dest_store, n)) for n in store_files]
              + [(storage.join(cache.uri, n), storage.join(dest, n)) for n in entry_files])
 

@@ -152,12 +152,17 @@ class CacheEntry:
     def manifest(self) -> dict:
         if not self.is_complete():
             raise FileNotFoundError(f"{self.uri}: no {MANIFEST}; the cache entry is missing or was never finished")
-        return json.loads(storage.read_bytes(self.path(MANIFEST)))
+        return storage.read_json(self.path(MANIFEST))
 
     def done_shards(self) -> dict[int, dict]:
         """The receipts of the shards a previous, interrupted run wrote, by index, each beside a shard of its size
-        (a receipt from before the index, without item files, is left out: written again)."""
-        receipts = {index: self.receipt(index) for index in self.shard_indices("json")}
+        (a receipt from before the index, without item files, or a damaged one is left out: written again)."""
+        receipts = {}
+        for index in self.shard_indices("json"):
+            try:
+                receipts[index] = self.receipt(index)
+            except ValueError as e:  # the crash that interrupted the run cut its write short
+                print(f"note: {e}; its shard is written again")
         shards = storage.stat_files([self.path(shard_name(index)) for index in receipts])
         return {index: receipt for index, receipt in receipts.items() if "item_files" in receipt
                 and (shards[self.path(shard_name(index))] or (None,))[0] == receipt["bytes"]}
@@ -188,7 +193,7 @@ class CacheEntry:
             storage.delete(self.path(shard_name(index)))
 
     def receipt(self, index: int) -> dict:
-        return json.loads(storage.read_bytes(self.path(receipt_name(index))))
+        return storage.read_json(self.path(receipt_name(index)))
 
     def clear(self) -> None:
         """Forgets a previous encode: manifest first, so the entry stops counting as complete at once."""
@@ -259,7 +264,7 @@ class FeatureStore:
         """The store key it was made for (`for_key`), with `WRITTEN_WITH` where recorded; {} for a store that
         records none."""
         try:  # one request, not a look then a read
-            return json.loads(storage.read_bytes(storage.join(self.uri, STORE_KEY_FILE)))
+            return storage.read_json(storage.join(self.uri, STORE_KEY_FILE))
         except FileNotFoundError:
             return {}
 

@@ -508,6 +508,37 @@ def test_a_shard_is_kept_on_a_resume_only_beside_its_own_receipt(tmp_path, monke
     assert entry.done_shards() == {}
 
 
+def test_a_damaged_receipt_is_written_again_and_damaged_records_are_named(tmp_path, capsys):
+    """A node crash left a receipt empty (a local write is not synced): every resume failed on it with json's bare
+    "Expecting value"; now its shard is written again. A damaged manifest or store key names its file; a damaged
+    record of a folder's file hashes is none (the files are hashed again)."""
+    from preprocessing import storage
+    from preprocessing.cache.entry import FeatureStore
+
+    entry = CacheEntry(str(tmp_path / "entry"))
+    entry.write_shard(0, b"a" * 100, ["k0"], [], [[0, []]], [[]])
+    entry.write_shard(1, b"b" * 100, ["k1"], [], [[0, []]], [[]])
+    Path(entry.path("shard-00001.json")).write_bytes(b"")
+    assert set(entry.done_shards()) == {0}
+    assert f"note: {entry.path('shard-00001.json')}: not JSON (" in capsys.readouterr().out
+    Path(entry.path("manifest.json")).write_bytes(b'{"counts": ')
+    with pytest.raises(ValueError, match=f"{entry.path('manifest.json')}: not JSON"):
+        entry.manifest()
+    store = FeatureStore(str(tmp_path / "cache"), STORE)
+    store.write("f" * 64, np.ones((2, 4), np.float16))
+    Path(store.uri, "store.json").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=f"{store.uri}/store.json: not JSON"):
+        store.key()
+
+    files = storage.Fingerprints(str(tmp_path / "hashes"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.bin").write_bytes(b"abc")
+    uri = str(tmp_path / "data" / "a.bin")
+    digest = files.sha256s([uri])[uri]
+    Path(files.record_uri(str(tmp_path / "data"))).write_bytes(b"{")
+    assert files.sha256s([uri])[uri] == digest
+
+
 def test_gc_removes_nothing_through_a_link_out_of_the_root(tmp_path):
     """A store folder linked to another disk (or another root's): its files were listed through the link as
     garbage, and deleting them deleted the other root's."""
@@ -550,6 +581,22 @@ def test_gc_keeps_a_store_a_job_writes_in_now_and_looks_again_before_it_deletes(
     assert main(["cache", "gc", "--root", str(root), "--grace-hours", "0", "--apply"]) == 0
     assert not (root / "features" / STORE / unused).exists()
     assert "removed: 2 files" in capsys.readouterr().out  # the unused item and the half-written one
+
+
+def test_cache_cp_leaves_a_lease_the_source_kept_behind(tmp_path):
+    """A complete entry can keep a lease (its job killed between the manifest and the lease's release): copied along,
+    it replaced the copy's own lease at the destination, which then stopped renewing it and left it there, fresh,
+    for the next copy to be refused by."""
+    from preprocessing.cache.copy import copy_entry
+
+    root, dest = tmp_path / "cache", tmp_path / "dest"
+    write_entry(str(root / ENTRY), [2, 1])
+    stale = {"token": "STALE", "store": STORE, "host": "elsewhere", "pid": 1, "renewed": 0}
+    (root / ENTRY / "lease.json").write_text(json.dumps(stale))
+    copied = copy_entry(str(root / ENTRY), str(dest), progress=False)
+    assert (dest / ENTRY / "manifest.json").is_file() and not (dest / ENTRY / "lease.json").exists()
+    assert copied.entry_files == len(list((dest / ENTRY).iterdir()))
+    copy_entry(str(root / ENTRY), str(tmp_path / "again"), progress=False)  # and a second copy is not refused
 
 
 def test_cache_cp_holds_a_lease_and_names_what_went_meanwhile_and_copies_no_path_out_of_a_store(tmp_path,

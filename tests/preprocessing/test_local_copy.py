@@ -171,6 +171,29 @@ def test_a_copy_used_after_it_was_listed_is_not_pruned(s3, monkeypatch):
     assert local_copy_module.prune(7 * 86400, apply=True) == [] and copy.read_bytes() == b"b" * 100
 
 
+def test_a_removal_cut_short_leaves_a_copy_fetched_again_not_reused(s3, monkeypatch):
+    """`cache local --apply` interrupted (Ctrl-C) inside a copy's removal: the slot's listing had outlived the
+    half-removed folder, which every later job on the node then loaded as the source."""
+    prefix = "local-copy/interrupted"
+    for name in ("config.json", "weights.safetensors"):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=name.encode())
+    fetched, uri = fetches(monkeypatch), f"s3://{BUCKET}/{prefix}"
+    copy = Path(local_copy(uri))
+    local_copy_module.release_copies()
+
+    def interrupted(path):  # the copy loses a file, then the removal stops
+        (copy / "weights.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    real_remove = local_copy_module.remove
+    monkeypatch.setattr(local_copy_module, "remove", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        local_copy_module.empty_slot(copy.parent)
+    monkeypatch.setattr(local_copy_module, "remove", real_remove)
+    assert Path(local_copy(uri)) == copy and fetched == [uri, uri]
+    assert (copy / "weights.safetensors").read_bytes() == b"weights.safetensors"
+
+
 def test_a_copy_a_living_process_was_handed_is_kept_until_it_exits(s3, capsys):
     from pipelines.cli import main
 
