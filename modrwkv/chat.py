@@ -30,11 +30,17 @@ class ChatSession:
     def add(self, modality: str, features: torch.Tensor) -> None:
         """Appends one item ("<modality>" expanded to its feature count) to the user turn, in the state: the
         first after "User: ", as training places it; each later one right after the one before, so that the chunks
-        of a streamed clip make one run of features, as the whole clip does in training."""
+        of a streamed clip make one run of features, as the whole clip does in training, where its projector's
+        compression windows do not overlap (stride = kernel, or none): with kernel 3 and stride 2 a chunk's edge
+        loses the window across it (and a WaveNet pads each chunk's start anew)."""
         if modality not in self.model.projectors:
             raise ValueError(f"this model has no {modality} projector (it has: {sorted(self.model.projectors)})")
         # WaveNet keeps the series length, so the projector's compression alone sets the count
-        n = self.model.config.projectors[modality].compressed_length(features.shape[0])
+        projector = self.model.config.projectors[modality]
+        n = projector.compressed_length(features.shape[0])
+        if n == 0:  # as training skips such a sample (TooShort), named rather than failing inside the projector
+            raise ValueError(f"this {modality} item has {features.shape[0]} feature vectors, none left after the "
+                             f"projector's compression (kernel {projector.kernel})")
         text = f"{' ' if not self.items else ''}<{modality}>"
         ids, _ = expand_placeholders(self.tokenizer.encode(text, allow_special=True), [n], "chat")
         _, self.media_state = self.model.prefill(torch.tensor([ids]), [[(modality, features)]], state=self.media_state)

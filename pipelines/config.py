@@ -105,6 +105,8 @@ def parse_overrides(items: list[str] | None) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. phase1.steps=3")
         if not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: {key.strip()!r} has an empty part between its dots")
+        if key.strip() in overrides:  # as a YAML file's key given twice: the first would be dropped in silence
+            raise ConfigError(f"--set {key.strip()} is given twice")
         try:
             overrides[key.strip()] = yaml.load(value, UniqueKeyLoader)
         except yaml.YAMLError as e:

@@ -117,6 +117,9 @@ class ScalingSpec:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"workers must be 1 or more, not {self.workers}")
+        if self.cpus_per_worker < 1 or self.max_failures < 0:
+            raise ValueError(f"cpus_per_worker must be 1 or more and max_failures 0 or more, not "
+                             f"{self.cpus_per_worker} and {self.max_failures}")
 
 
 @dataclass
@@ -135,6 +138,8 @@ class TrackingConfig:
 
     def __post_init__(self):
         check_registered_name(self.register_as)
+        if self.system_metrics_every_s < 0:  # a monitor's sampling interval: 0 is off, below it no interval
+            raise ValueError(f"system_metrics_every_s must be 0 (off) or more, not {self.system_metrics_every_s}")
 
 
 @dataclass
@@ -166,9 +171,10 @@ class TrainConfig:
             raise ValueError(f"name {self.name!r}: one folder's name, without '/'")
         if self.prefetch_threads < 0:
             raise ValueError(f"prefetch_threads must be 0 or more, not {self.prefetch_threads}")
-        if self.packing and (self.pack_buffer < 1 or self.max_length < 1):
-            raise ValueError(f"packing needs pack_buffer and max_length of 1 or more, not {self.pack_buffer}, "
-                             f"{self.max_length}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be 1 or more, not {self.max_length}")
+        if self.packing and self.pack_buffer < 1:
+            raise ValueError(f"packing needs a pack_buffer of 1 or more, not {self.pack_buffer}")
         for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
             caches = self.phase_caches(phase)
             if not caches:

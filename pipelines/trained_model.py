@@ -36,5 +36,8 @@ def load_trained_model(checkpoint: str, backbone_path: str | None = None) -> Mod
     """`backbone_path` (a folder, a .pth or an s3:// URI): an adapter-only folder's backbone in place of the one
     it records."""
     folder = Path(local_copy(checkpoint))
+    if backbone_path and not (folder / ADAPTER_FILE).is_file():  # it would be loaded, then ignored
+        raise ValueError(f"{checkpoint}: a full model folder (phase II's) holds its own backbone: a backbone given "
+                         "beside it (--backbone) is for an adapter-only folder")
     backbone = fp32_backbone(local_copy(backbone_path)) if backbone_path else recorded_remote_backbone(folder)
     return ModRWKV.from_pretrained(folder, backbone=backbone)

@@ -459,6 +459,10 @@ def test_streamed_audio_chunks_equal_one_pass(tok):
     n = sum(model.config.projectors["audio"].compressed_length(len(c)) for c in chunks)
     assert stream.prompt_ids + stream.question_ids("What was said?") == prompt_ids(tok, "<audio>\nWhat was said?", [n])
     assert whole.prompt_ids + whole.question_ids("What is 2+2?") == prompt_ids(tok, "What is 2+2?", [])
+    # an image of 2 vectors under a kernel of 3: named, as training names the sample it skips
+    with pytest.raises(ValueError, match=r"this image item has 2 feature vectors, none left after the projector's "
+                                         r"compression \(kernel 3\)"):
+        whole.add("image", torch.randn(2, 24))
 
 
 def test_a_batch_mixing_image_and_text_only_samples_trains(tok):

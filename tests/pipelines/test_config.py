@@ -110,6 +110,11 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
     ({"model.projectors": {"imgae": {"kernel": 3, "stride": 2}}},
      r"model: projectors: unknown modalities \['imgae'\]; known: \['audio', 'image', 'series'\]"),
     ({"model.projectors": {1: {"kernel": 3, "stride": 2}}}, "model.projectors key 1: expected str, got 1"),
+    # a negative interval started a monitor per node with no interval; Ray refused 0 CPUs a worker only in the workers
+    ({"tracking.system_metrics_every_s": -1}, "tracking: system_metrics_every_s must be 0 .off. or more, not -1"),
+    ({"scaling.cpus_per_worker": 0}, "scaling: cpus_per_worker must be 1 or more and max_failures 0 or more, not 0"),
+    ({"max_length": 0, "packing": False}, "max_length must be 1 or more, not 0"),
+    ({"pack_buffer": 0, "packing": True}, "packing needs a pack_buffer of 1 or more, not 0"),
 ])
 def test_bad_training_settings_are_refused_at_load(override, message):
     """Not in the workers, after the MLflow run, the caches and Ray have started (where Ray retried it)."""
@@ -167,6 +172,8 @@ def test_set_overrides_are_typed_checked_and_named(tmp_path):
         load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, parse_overrides(["scaling.workers.n=1"]))
     with pytest.raises(ConfigError, match="'scaling..workers' has an empty part between its dots"):
         parse_overrides(["scaling..workers=1"])
+    with pytest.raises(ConfigError, match="--set phase1.steps is given twice"):  # as a YAML key: not the last alone
+        parse_overrides(["phase1.steps=3", "phase1.steps=30"])
     text = (CONFIGS / "demo" / "train.yaml").read_text() + "tracking:\n"  # an empty section takes keys too
     config = load_config(write(tmp_path, text), TrainConfig, parse_overrides(["tracking.experiment=x"]))
     assert config.tracking.experiment == "x"

@@ -34,3 +34,18 @@ def test_an_adapter_only_model_opens_in_fp32_from_a_bf16_backbone(tmp_path, s3_s
         weights = opened.state_dict()
         assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}
         assert all(torch.equal(weights[k], v) for k, v in saved.items())
+
+
+def test_a_backbone_given_beside_a_full_model_folder_is_refused(tmp_path):
+    """A full save (phase II's) holds its backbone: `--backbone` beside it was loaded, then ignored without a word."""
+    import pytest
+
+    config = RWKV7Config(vocab_size=256, n_layer=1, n_embd=32, head_size=16)
+    random_backbone(config).save_pretrained(tmp_path / "backbone")
+    model = ModRWKV(ModRWKVConfig(config, {"image": ProjectorConfig(encoder_dim=8, adapter_scale=2)}),
+                    backbone=random_backbone(config))
+    model.save_pretrained(tmp_path / "full")
+    assert isinstance(load_trained_model(str(tmp_path / "full")), ModRWKV)
+    with pytest.raises(ValueError, match="full model folder .* holds its own backbone: a backbone given beside it "
+                                         r"\(--backbone\) is for an adapter-only folder"):
+        load_trained_model(str(tmp_path / "full"), backbone_path=str(tmp_path / "backbone"))
