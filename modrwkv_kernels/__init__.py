@@ -98,12 +98,8 @@ def wkv7(r, w, k, v, a, b, initial_state=None, backend=None, cu_seqlens=None):
     """Returns y in the dtype of `r` and the final state in fp32 (fp64 for fp64 inputs on the torch backends)."""
     if cu_seqlens is not None:
         return wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens)
+    check_shapes(r, w, k, v, a, b)
     shape = r.shape
-    if r.dim() != 4:
-        raise ValueError(f"wkv7 expects [B, T, H, N] tensors, got r of shape {tuple(shape)}")
-    for name, x in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
-        if x.shape != shape:
-            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {tuple(shape)} like r")
     B, _, H, N = shape
     if initial_state is not None and initial_state.shape != (B, H, N, N):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
@@ -130,8 +126,18 @@ def segment_index(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tenso
     return to_device_nowait(segment, device), to_device_nowait(position, device)
 
 
+def check_shapes(r, w, k, v, a, b) -> None:
+    """[B, T, H, N] tensors all of r's shape (a kernel would read past the end of a shorter one)."""
+    if r.dim() != 4:
+        raise ValueError(f"wkv7 expects [B, T, H, N] tensors, got r of shape {tuple(r.shape)}")
+    for name, x in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
+        if x.shape != r.shape:
+            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)} like r")
+
+
 def wkv7_packed(r, w, k, v, a, b, initial_state, backend, cu_seqlens):
-    if r.dim() != 4 or r.shape[0] != 1:
+    check_shapes(r, w, k, v, a, b)
+    if r.shape[0] != 1:
         raise ValueError(f"wkv7: packed input (cu_seqlens) is one row, [1, T, H, N]; got r of shape {tuple(r.shape)}")
     _, T, H, N = r.shape
     layout = as_layout(cu_seqlens, T, r.device)

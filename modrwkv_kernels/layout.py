@@ -7,7 +7,7 @@ lengths) and on the device what the kernels read there (offsets in steps and in 
 waiting, so no layer syncs. CHUNK, the chunk length of every chunked backend, is defined here alone.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
 import torch
@@ -73,11 +73,16 @@ def packed_layout(cu_seqlens: torch.Tensor, T: int, device=None) -> PackedLayout
 
 
 def as_layout(packed: "PackedLayout | torch.Tensor", T: int, device=None) -> PackedLayout:
-    """A layout as given (checked against T on the host) or built from cu_seqlens."""
+    """A layout as given (checked against T on the host; its tensors copied to `device` without waiting when built
+    on another, as `packed_layout(cu_seqlens, T)` builds them on the offsets' CPU) or built from cu_seqlens."""
     if isinstance(packed, PackedLayout):
         if sum(packed.lengths) != T:
             raise ValueError(f"the packed layout covers {sum(packed.lengths)} steps, the input has T={T}")
-        return packed
+        if device is None or packed.step_offsets.device == torch.device(device):
+            return packed
+        return replace(packed, cu_seqlens=to_device_nowait(packed.cu_seqlens, device),
+                       step_offsets=to_device_nowait(packed.step_offsets, device),
+                       chunk_offsets=to_device_nowait(packed.chunk_offsets, device))
     return packed_layout(packed, T, device)
 
 

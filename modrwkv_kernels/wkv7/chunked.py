@@ -29,6 +29,8 @@ from ..layout import CHUNK
 # (exp(-5) = 0.0067); smaller decays are raised to it, which changes the state by less than 0.7%
 # of an already-vanishing term.
 LOG_DECAY_FLOOR = -5.0
+# a longer chunk needs a higher floor: e^88.7 is fp32's largest
+assert CHUNK * -LOG_DECAY_FLOOR <= 88, f"CHUNK {CHUNK} needs a LOG_DECAY_FLOOR of at least {-88 / CHUNK:.2f}"
 
 
 def no_steps(r, initial_state, dtype, states: int):

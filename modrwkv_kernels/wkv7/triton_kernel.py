@@ -84,7 +84,8 @@ def _step_offset(bos, t, H: tl.constexpr, h, N: tl.constexpr):
     return ((bos + t) * H + h) * N
 
 
-@triton.jit
+# the layout's chunk count varies with every packed row: not specialised (see triton_chunked.py)
+@triton.jit(do_not_specialize=["total_chunks"])
 def _wkv7_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [T_all, H, N]; s0 [S, H, N, N] fp32
     y_ptr, sT_ptr, ckpt_ptr,  # y [T_all, H, N] fp32; final states [S, H, N, N]; checkpoints [H, chunks, N, N]
@@ -113,7 +114,7 @@ def _wkv7_fwd_kernel(
     tl.store(sT_ptr + pid * N * N + tile_off, S, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_chunks"])
 def _wkv7_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, scratch_ptr,  # scratch [S*H, CHUNK, N, N]

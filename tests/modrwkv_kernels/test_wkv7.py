@@ -223,6 +223,19 @@ def test_bad_packing_is_named():
         wkv7(*two_rows, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="must fill the 1 chunks of one row"):
         kernels.wkv7_chunked(*xs, segment_chunks=[1, 1])
+    for backend in ("chunked", "triton_chunked"):  # a kernel read past the end of the shorter one
+        with pytest.raises(ValueError, match=r"wkv7: k has shape \(1, 9, 2, 8\), expected \(1, 10, 2, 8\) like r"):
+            wkv7(xs[0], xs[1], xs[2][:, :-1], *xs[3:], cu_seqlens=torch.tensor([0, 4, 10]), backend=backend)
+
+
+def test_a_layout_built_on_the_host_reaches_the_inputs_device():
+    """`packed_layout(cu_seqlens, T)` builds on the offsets' device (training's are on the host): given with CUDA
+    inputs, its offsets reached the Triton kernels on the CPU (refused: "cpu tensor?") and fla's cu_seqlens too."""
+    layout = kernels.packed_layout(torch.tensor([0, 3, 5]), 5)
+    moved = kernels.as_layout(layout, 5, torch.device("meta"))
+    assert {moved.cu_seqlens.device.type, moved.step_offsets.device.type, moved.chunk_offsets.device.type} == {"meta"}
+    assert moved.lengths == layout.lengths and moved.total_chunks == layout.total_chunks
+    assert kernels.as_layout(layout, 5, torch.device("cpu")) is layout
 
 
 def test_a_compiled_caller_steps_around_the_kernels_and_needs_no_graph_per_layout():

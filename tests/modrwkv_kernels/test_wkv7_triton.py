@@ -136,6 +136,47 @@ def test_several_forward_row_blocks_per_head(backend):
     assert rel_err(s32.grad, s64.grad) < TOL
 
 
+def test_chunked_kernel_floors_decays_as_the_torch_chunked_form_does():
+    """Log-decays down to about -20, past the -5 floor both chunked forms raise them to (its gradient zero there):
+    the Triton one computes what the torch one does in fp64, forward and every gradient (GPU runs were the only
+    check of this path)."""
+    xs64, s64 = wkv_inputs(1, 40, 2, 16, seed=8)
+    xs64[1] = xs64[1] + 3.5
+    xs64 = [x.requires_grad_() for x in xs64]
+    s64.requires_grad_()
+    xs32 = on_device(xs64)
+    (s32,) = on_device([s64])
+    y_ref, s_ref = wkv7(*xs64, initial_state=s64, backend="chunked")
+    y, s = wkv7(*xs32, initial_state=s32, backend="triton_chunked")
+    assert (-torch.exp(xs64[1])).min() < -15 and rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
+    loss_of(y_ref, s_ref).backward()
+    loss_of(y, s).backward()
+    for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b", "s0"], xs32 + [s32], xs64 + [s64]):
+        assert rel_err(x32.grad, x64.grad) < TOL, name
+
+
+def test_a_packed_row_of_strided_inputs_and_several_row_blocks_matches_separate_fp64_runs():
+    """Segments of 1, 16, 17 and 40 steps with their own initial states, N = 64 (several row blocks a head), and
+    inputs given as strided views (a [1, T, H, 2N] tensor's halves): what GPU tests alone covered."""
+    lengths, H, N = [1, 16, 17, 40], 2, 64
+    T = sum(lengths)
+    wide, s64 = wkv_inputs(1, T, H, 2 * N, seed=9)
+    xs64 = [x[..., :N].contiguous().requires_grad_() for x in wide]
+    s0 = torch.randn(len(lengths), H, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    s0.requires_grad_()
+    strided = [x.detach().to(DEVICE, torch.float32)[..., :N].requires_grad_() for x in wide]
+    assert not strided[0].is_contiguous()
+    (s32,) = on_device([s0])
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
+    y_ref, st_ref = wkv7(*xs64, initial_state=s0, backend="chunked", cu_seqlens=cu_seqlens)
+    y, st = wkv7(*strided, initial_state=s32, backend="triton_chunked", cu_seqlens=cu_seqlens.to(DEVICE))
+    assert rel_err(y, y_ref) < TOL and rel_err(st, st_ref) < TOL
+    loss_of(y_ref, st_ref).backward()
+    loss_of(y, st).backward()
+    for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b", "s0"], strided + [s32], xs64 + [s0]):
+        assert rel_err(x32.grad, x64.grad) < TOL, name
+
+
 def test_head_size_not_a_power_of_two_and_only_final_state_used(backend):
     xs64, s64 = wkv_inputs(2, 9, 2, 12, seed=3, requires_grad=True)
     xs32 = on_device(xs64)
