@@ -190,8 +190,12 @@ def normalised_lookback(values, limits: Limits, sample_id: str, name: str = "loo
 
 
 def check_text(turns: list[dict], tokenizer, modality: str, n_items: int) -> None:
-    """Every turn has words, the whole conversation tokenizes, and it holds one placeholder of the sample's own
-    modality per item (a text-only sample none): what the cache's lengths and the collator rely on."""
+    """Every assistant turn has words, a sample of media or text has one (a series window's answer is its target), the
+    whole conversation tokenizes, and it holds one placeholder of the sample's own modality per item (a text-only
+    sample none): what the cache's lengths and the collator rely on."""
+    if modality != "series" and not any(turn["role"] == "assistant" for turn in turns):
+        # nothing to learn or score: a micro-batch of such samples alone stopped a training run
+        raise Rejected("no assistant turn: nothing to learn or score")
     for i, turn in enumerate(turns):
         words = turn["text"]
         for placeholder in PLACEHOLDERS.values():

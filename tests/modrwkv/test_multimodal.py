@@ -382,8 +382,9 @@ def test_forecast_skip_learns_a_linear_map_of_the_lookback_in_phase_one(tok):
     for lookback_len in (0, 8):
         model = tiny_model(forecast_horizon=3, forecast_lookback=lookback_len)
         model.set_phase(1)
-        opt = torch.optim.Adam(model.trainable_parameters().values(), lr=1e-2)
-        for step in range(150):
+        # 60 steps at 3e-2: the skip's loss 1.3-1.7 % of the head's over three target maps (150 at 1e-2: 5.6 %)
+        opt = torch.optim.Adam(model.trainable_parameters().values(), lr=3e-2)
+        for step in range(60):
             ids, feats, lookback = series_batch(tok, model, 16, 8, seed=step)
             out = model(ids, feats, series_target=lookback @ true_map, series_lookback=lookback)
             opt.zero_grad()

@@ -170,6 +170,11 @@ def test_series_and_text():
     with pytest.raises(Rejected, match=r"turn 1 \(assistant\) is empty"):
         check_text([{"role": "user", "text": "<audio>\nTranscribe."}, {"role": "assistant", "text": "  "}], tokenizer,
                    "audio", 1)
+    # a LLaVA record of a human turn alone: nothing to learn or score (a micro-batch of such samples stopped a
+    # run); a series window's answer is its target
+    with pytest.raises(Rejected, match="no assistant turn: nothing to learn or score"):
+        check_text([{"role": "user", "text": "<image>\nWhat is it?"}], tokenizer, "image", 1)
+    check_text([{"role": "user", "text": "<series>\nForecast."}], tokenizer, "series", 1)
 
 
 @pytest.mark.parametrize("modality, n_items, user_text, reason", [
