@@ -15,7 +15,7 @@ import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import ForecastErrors, seasonal_naive
-from .metrics.vqa import answer_key, mean_exact_match, mean_vqa_accuracy, normalize_answer
+from .metrics.vqa import answer_key, mean_exact_match, mean_vqa_accuracy
 from .plots import figure, save_figure
 from .row_sample import RowSample
 
@@ -185,13 +185,14 @@ class VQA(DecodeTask):
 
     @staticmethod
     def confusion(rows: list[dict]) -> tuple[list[str], np.ndarray]:
-        """The answers (normalised as the metric compares them) and counts[reference, prediction], the last
-        column any answer outside the set: its diagonal is what `accuracy` counts."""
-        labels = sorted({normalize_answer(r["reference"]) for r in rows})
+        """The answers (as the metric tells them apart: `answer_key`) and counts[reference, prediction], the last
+        column any answer outside the set or none (a skipped sample's): its diagonal is what `accuracy` counts."""
+        labels = sorted({answer_key(r["reference"]) for r in rows})
         index = {label: i for i, label in enumerate(labels)}
         counts = np.zeros((len(labels), len(labels) + 1), dtype=int)
         for r in rows:
-            counts[index[normalize_answer(r["reference"])], index.get(normalize_answer(r["prediction"]), -1)] += 1
+            predicted = index.get(answer_key(r["prediction"]), -1) if r["prediction"].strip() else -1
+            counts[index[answer_key(r["reference"])], predicted] += 1
         return labels, counts
 
     def plots(self, tally: KeptRows, out_dir: Path) -> list[Path]:

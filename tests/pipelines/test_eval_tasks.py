@@ -28,6 +28,13 @@ def test_vqa_scores_exact_match_beside_the_majority_answer_and_plots_a_confusion
     assert counts.tolist() == [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]] and np.trace(counts) == 0.75 * len(rows)
     assert VQA().plots(tally(VQA(), rows), tmp_path) == [tmp_path / "confusion_matrix.png"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+    # a choice letter (normalised to nothing) and a skipped sample's empty answer: on the diagonal before, though
+    # accuracy counted the empty answer wrong
+    choices = [{"prediction": "A", "reference": "A"}, {"prediction": "", "reference": "A"},
+               {"prediction": "B", "reference": "B"}]
+    assert VQA().score(choices)[0]["accuracy"] == pytest.approx(2 / 3)
+    labels, counts = VQA.confusion(choices)
+    assert labels == ["a", "b"] and counts.tolist() == [[1, 0, 1], [0, 1, 0]] and np.trace(counts) == 2
     one_answer = [{"prediction": "yes", "reference": "yes"}] * 2  # no closed set of answers to cross
     assert VQA().plots(tally(VQA(), one_answer), tmp_path / "none") == []
     # choice letters: "A" normalises to nothing, yet the majority answer "A" is no empty reply
