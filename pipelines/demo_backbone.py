@@ -11,6 +11,7 @@ It never sees an image, a sound or a series: mapping those to words is left to t
 the joint fine-tune (phase II), as in the paper.
 """
 
+import json
 import random
 from pathlib import Path
 
@@ -49,8 +50,15 @@ def context_questions(seed: int = 0):
     return sample
 
 
+def recipe(steps: int) -> dict:
+    """What the demo backbone is made from, recorded beside it: a folder another recipe made (an older TINY, other
+    steps) is made again rather than reused."""
+    return {"config": TINY.to_dict(), "steps": steps}
+
+
 def pretrained_backbone(path: Path, steps: int = 200, say=print, device: str = "cpu") -> Path:
-    if (path / "model.safetensors").is_file():
+    record = path / "recipe.json"
+    if (path / "model.safetensors").is_file() and record.is_file() and json.loads(record.read_text()) == recipe(steps):
         return path
     tokenizer = WorldTokenizer()
     torch.manual_seed(0)
@@ -58,6 +66,7 @@ def pretrained_backbone(path: Path, steps: int = 200, say=print, device: str = "
     losses = train_on_chats(model, tokenizer, tokenizer.encode(bundled_text()), context_questions(), steps=steps,
                             text_batch=1, progress=True)
     model.save_pretrained(path)
+    record.write_text(json.dumps(recipe(steps)))
     greedy = GenerationConfig(max_new_tokens=8, temperature=0)
     prompt = "four\nWhat digit is this?"
     answer = generate_text(model, tokenizer, prompt_ids(tokenizer, prompt, []), greedy)

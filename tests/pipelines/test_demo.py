@@ -157,3 +157,18 @@ def test_an_encoder_export_cut_short_is_made_again_and_the_demo_refuses_another_
     monkeypatch.setattr(demo, "mlflow_server", lambda: pytest.fail("started before the configs were found"))
     with pytest.raises(ValueError, match="no configs/demo here .*: run the demo from the repository's root folder"):
         demo.run_demo(tmp_path / "out")
+
+
+def test_the_demo_backbone_is_made_again_when_its_recipe_changed(tmp_path):
+    """A backbone folder was reused whatever made it: after TINY or the steps changed, the demo ran on the old one."""
+    from pipelines.demo_backbone import pretrained_backbone, recipe
+
+    folder = tmp_path / "backbone"
+    pretrained_backbone(folder, steps=1, say=lambda _: None)
+    made = (folder / "model.safetensors").stat().st_mtime_ns
+    assert json.loads((folder / "recipe.json").read_text()) == recipe(1)
+    pretrained_backbone(folder, steps=1, say=lambda _: None)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == made  # the same recipe: reused
+    pretrained_backbone(folder, steps=2, say=lambda _: None)
+    assert json.loads((folder / "recipe.json").read_text()) == recipe(2)
+    assert (folder / "model.safetensors").stat().st_mtime_ns != made
