@@ -182,17 +182,20 @@ def cmd_data_shapes(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from preprocessing.cache.inventory import describe, garbage, sweep
+    from preprocessing.cache.inventory import RECHECK_S, collect, describe, garbage, sweep
+    from preprocessing.cache.lease import sweeping
 
     if args.cache_command in ("ls", "du"):
         print(describe(args.root, sizes=args.cache_command == "du"))
         return
-    found = garbage(args.root, args.grace_hours * 3600)
     if not args.apply:
+        found = garbage(args.root, args.grace_hours * 3600)
         print("\n".join(found + [f"would remove (dry run; --apply removes them): {len(found)} files no complete entry "
                                   f"uses, older than {args.grace_hours:g} h"]))
         return
-    removed = sweep(args.root, found, args.grace_hours * 3600)
+    with sweeping(args.root, RECHECK_S):  # from before the listing: a job finishing meanwhile waits for a look
+        found, listed = collect(args.root, args.grace_hours * 3600)
+        removed = sweep(args.root, found, args.grace_hours * 3600, listed=listed)
     print("\n".join(removed + [f"removed: {len(removed)} files no complete entry uses, older than "
                                 f"{args.grace_hours:g} h"]))
     if len(removed) < len(found):

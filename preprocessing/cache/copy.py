@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .. import storage
 from .entry import MANIFEST, STORE_FOLDER, STORE_KEY_FILE, FeatureCache, entry_name, parse_item_file
 from .inventory import referenced_items
-from .lease import LEASE, lease
+from .lease import LEASE, lease, wait_out_sweep
 
 
 @dataclass
@@ -60,10 +60,11 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
 
     # a lease, as an encode holds: a gc at the destination keeps the items copied (or found) before the manifest; an
     # encode or copy writing the entry there now fails this one (EntryBusy, naming it)
-    with lease(dest, cache.manifest["feature_store"], wait=False), ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") \
-            as pool:
+    with lease(dest, cache.manifest["feature_store"], wait=False) as leased_at, \
+            ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") as pool:
         copied = sum(tqdm(pool.map(copy, pairs), total=len(pairs), desc=f"copy {entry_name(uri)}", unit="file",
                           disable=not progress))
+        wait_out_sweep(dest_root, leased_at)
         stats = storage.stat_files([storage.join(dest_store, name) for name in items])
         gone = [uri for uri, stat in stats.items() if stat is None]
         if gone:  # a gc that listed the destination before the lease: the manifest would name missing features

@@ -106,6 +106,12 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
     of entries gone, and half-written files, when older than `grace_s` seconds. An entry an encode holds a fresh
     lease on (`lease.py`) is kept whole, and so is every file of the store it takes items from (a store unknown, as
     when the lease is being rewritten: every store's). Nothing reached through a link out of a local root is."""
+    return collect(root, grace_s)[0]
+
+
+def collect(root: str, grace_s: float) -> tuple[list[str], set[str]]:
+    """`garbage`'s list, and the entries with a manifest it was made from: `sweep` keeps the items of any entry
+    finished since."""
     entries, stores = inventory(root)
     old = time.time_ns() - int(grace_s * 1e9)
     leased, held = in_use(root, grace_s, {e.name: e.files[LEASE][1] for e in entries if LEASE in e.files})
@@ -120,7 +126,31 @@ def garbage(root: str, grace_s: float = 3600.0) -> list[str]:
             unused = (name.endswith(".npy") and name not in store.referenced) or ".tmp-" in name
             if unused and mtime < old:
                 found.append(storage.join(root, STORE_FOLDER, store.name, name))
-    return inside(root, found + stale_records(root, {e.name for e in entries if e.current}, old))
+    found = inside(root, found + stale_records(root, {e.name for e in entries if e.current}, old))
+    return found, {e.name for e in entries if MANIFEST in e.files}
+
+
+def finished_entries(root: str) -> set[str]:
+    """The entries under `root` with a manifest now: one listing, then one a folder."""
+    names = [name for name in storage.list_folders(root) if ENTRY_NAME.fullmatch(name)]
+    stats = storage.stat_files([storage.join(root, name, MANIFEST) for name in names])
+    return {name for name in names if stats[storage.join(root, name, MANIFEST)] is not None}
+
+
+def items_in_use(root: str, names: set[str]) -> tuple[set[tuple[str, str]], set[str]]:
+    """The (store, item) pairs the entries `names` reference, and the stores of those that cannot be read (their
+    whole store kept)."""
+    items, stores = set(), set()
+    for name in names:
+        try:
+            cache = FeatureCache(storage.join(root, name))
+            items |= {(cache.manifest["feature_store"], item) for item in referenced_items(cache)}
+        except (OSError, ValueError, KeyError) as e:
+            store = (entry_manifest(storage.join(root, name)) or {}).get("feature_store")
+            print(f"note: {name} finished during the sweep but reads as no entry ({e}): "
+                  f"{'its store' if store else 'every store'} kept", flush=True)
+            stores.add(store)
+    return items, stores
 
 
 def in_use(root: str, grace_s: float, leases: dict[str, int] | None = None) -> tuple[set[str], set[str | None]]:
@@ -147,23 +177,35 @@ def inside(root: str, uris: list[str]) -> list[str]:
     return [uri for uri in uris if os.path.realpath(uri).startswith(real_root + os.sep)]
 
 
-def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = 30.0) -> list[str]:
-    """Deletes `found` (`garbage`'s list), looking again every `recheck_s` seconds for what changed since it was
-    made: an encode that took its lease since (its entry and its store kept) or an unfinished entry finished since.
-    Returns what it deleted. (A job that starts between a look and a delete still fails naming what went, before
-    its manifest: `pipelines/encode.py`, `write_entry`.)"""
+RECHECK_S = 30.0  # how long a sweep deletes before it looks at the leases and manifests again
+
+
+def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = RECHECK_S,
+          listed: set[str] | None = None) -> list[str]:
+    """Deletes `found` (`garbage`'s list, made from the entries with a manifest `listed`: `collect`'s), looking
+    again every `recheck_s` seconds for what changed since it was made: an encode that took its lease since (its
+    entry and its store kept), an unfinished entry finished since, and the items of any entry finished since (a
+    short job's whole lease can fall between two looks). Without `listed`, the entries finished at its first look
+    are taken for those. Returns what it deleted. A job that finishes an entry under a sweep first waits until the
+    sweep has looked at its lease (`lease.wait_out_sweep`), then checks what it reuses: a deletion before that look
+    fails it, naming the file (`pipelines/encode.py`, `write_entry`; `cache cp`)."""
     prefix = storage.join(root, "_")[:-1]  # root and its separator, as `garbage` joined them
     tops = {uri[len(prefix):].split("/", 1)[0] for uri in found}
     entries = tops - {STORE_FOLDER, RESOLVED_FOLDER}
     unfinished = {top for top in entries if storage.join(root, top, MANIFEST) not in found}
-    deleted, looked = [], None
+    deleted, looked, reused, reused_stores = [], None, set(), set()
     for uri in found:
         if looked is None or time.monotonic() - looked > recheck_s:
             leased, held = in_use(root, grace_s)
             finished = {top for top in unfinished if storage.exists(storage.join(root, top, MANIFEST))}
+            now = finished_entries(root)
+            listed = now if listed is None else listed
+            items, stores = items_in_use(root, now - listed)
+            reused, reused_stores, listed = reused | items, reused_stores | stores, listed | now
             looked = time.monotonic()
         top, _, rest = uri[len(prefix):].partition("/")
-        if top == STORE_FOLDER and (rest.split("/", 1)[0] in held or None in held):
+        store, _, item = rest.partition("/")
+        if top == STORE_FOLDER and ({store, None} & (held | reused_stores) or (store, item) in reused):
             continue
         if top in leased or top in finished:
             continue

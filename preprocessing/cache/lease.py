@@ -5,8 +5,10 @@ until its manifest exists, nothing else says that those files are in use. The jo
 entry folder every `RENEW_S` seconds while it works and removes it when it ends; `gc` keeps the files of an entry
 whose lease was renewed within its grace (and at least 3 renewals), and every unreferenced item of that store. A
 job killed outright leaves a lease that goes stale, and its files are garbage once older than the grace. A gc that
-listed the root before a job took its lease may still remove an item the job reuses: the job checks its reused
-items before it writes its manifest, and fails naming them (a rerun encodes them again).
+listed the root before a job took its lease may still remove an item the job reuses, until its next look at the
+leases: under a sweep (`sweeping`: a mark at the root) the job waits for that look before it checks its reused items
+(`wait_out_sweep`), then writes its manifest or fails naming them (a rerun encodes them again); and the sweep keeps
+the items of any entry finished since its listing (`inventory.sweep`).
 
 A lease is exclusive: a job that finds another's lease renewed within 3 of its holder's renewals waits for it (or,
 asked not to, fails naming the holder); a lease of a process of this host that is gone is a killed job's, taken over
@@ -127,13 +129,14 @@ def _token(path: str) -> str | None:
 
 @contextmanager
 def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = True,
-          poll_s: float = 10.0) -> Iterator[None]:
-    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs; a live lease of
-    another job's is waited for (`wait`) or raises EntryBusy."""
+          poll_s: float = 10.0) -> Iterator[float]:
+    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs, giving it the time
+    (`time.time()`) the lease was taken; a live lease of another job's is waited for (`wait`) or raises EntryBusy."""
     path = storage.join(entry_uri, LEASE)
     record = {"store": store, "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
               "renew_s": renew_s, "token": uuid.uuid4().hex}
     _take(path, record, wait, poll_s)
+    taken = time.time()
     data = json.dumps(record).encode()
     stop = threading.Event()
 
@@ -152,7 +155,7 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
     renewing = threading.Thread(target=renew, name="entry-lease", daemon=True)
     renewing.start()
     try:
-        yield
+        yield taken
     finally:
         stop.set()
         renewing.join()
@@ -169,3 +172,56 @@ def leased_store(entry_uri: str) -> str | None:
         return json.loads(storage.read_bytes(storage.join(entry_uri, LEASE)))["store"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+SWEEP = "gc-sweep.json"  # at a cache root while `modrwkv cache gc --apply` lists and deletes there
+
+
+@contextmanager
+def sweeping(root: str, recheck_s: float) -> Iterator[None]:
+    """Marks `root` as swept by a gc (its listing, then its deletions, which look at the leases again every
+    `recheck_s`) while the block runs, the mark renewed as often: a job that finishes an entry there meanwhile waits
+    out one of those looks before its last check of the files it reuses (`wait_out_sweep`)."""
+    path = storage.join(root, SWEEP)
+    data = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "recheck_s": recheck_s}).encode()
+    storage.write_atomic(path, data)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(recheck_s):
+            try:
+                storage.write_atomic(path, data)
+            except OSError as e:  # a storage hiccup: the next renewal tries again
+                print(f"{path}: not renewed ({e})", flush=True)
+
+    renewing = threading.Thread(target=renew, name="gc-sweep", daemon=True)
+    renewing.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewing.join()
+        storage.delete(path)
+
+
+def wait_out_sweep(root: str, leased_at: float) -> None:
+    """Called by a job just before its last check of the files it reuses (then its manifest). A gc that listed the
+    root before the job's lease deletes on until its next look at the leases, up to `recheck_s` later (and its look
+    takes a while on S3): while a gc sweeps `root` (its mark renewed within 3 looks), the job waits until its lease,
+    taken at `leased_at` (`time.time()`), is two look intervals old, so that every such deletion has happened by its
+    check, which then names it. A gc that starts later finds the lease, or the manifest."""
+    path = storage.join(root, SWEEP)
+    mtime_ns = storage.file_mtime_ns(path)
+    if mtime_ns is None:
+        return
+    try:
+        recheck_s = float(json.loads(storage.read_bytes(path))["recheck_s"])
+    except (OSError, ValueError, KeyError, TypeError):  # let go since the look, or half-written: a look's worth
+        recheck_s = 30.0
+    if time.time() - mtime_ns / 1e9 > 3 * recheck_s:  # a killed gc's mark
+        return
+    remaining = leased_at + 2 * recheck_s - time.time()
+    if remaining > 0:
+        print(f"{root} is being swept by `modrwkv cache gc --apply`: waiting {remaining:.0f} s until it has seen "
+              "this job's lease", flush=True)
+        time.sleep(remaining)

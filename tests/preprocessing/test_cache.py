@@ -583,6 +583,51 @@ def test_gc_keeps_a_store_a_job_writes_in_now_and_looks_again_before_it_deletes(
     assert "removed: 2 files" in capsys.readouterr().out  # the unused item and the half-written one
 
 
+def test_gc_keeps_the_items_of_an_entry_finished_after_its_listing_with_no_lease_left(tmp_path):
+    """A short job (a rerun reusing a killed run's items) can take its lease, write its manifest and let the lease go
+    between gc's listing and its deletions: no lease to see, and its items were deleted from under a complete entry.
+    The sweep keeps what any entry finished since the listing references (its own files too)."""
+    from preprocessing.cache.inventory import collect, sweep
+
+    root = tmp_path / "cache"
+    write_entry(str(root / NAMES["unfinished"]), [2])
+    (root / NAMES["unfinished"] / "manifest.json").rename(tmp_path / "manifest.json")
+    found, listed = collect(str(root), grace_s=0)
+    items = [uri for uri in found if "/features/" in uri]
+    assert len(items) == 2 and NAMES["unfinished"] not in listed
+    (tmp_path / "manifest.json").rename(root / NAMES["unfinished"] / "manifest.json")  # the job, done meanwhile
+    assert sweep(str(root), found, grace_s=0, listed=listed) == []
+    assert len(list(FeatureCache(str(root / NAMES["unfinished"])).iter_samples())) == 2
+
+
+def test_a_job_under_a_gc_sweep_waits_until_the_sweep_has_seen_its_lease(tmp_path, monkeypatch):
+    """While `cache gc --apply` sweeps a root (its mark renewed every look), a job about to check what it reuses
+    waits until its lease is two look intervals old: a deletion before the sweep saw the lease has happened by then,
+    and the check names it. No sweep, or a killed one's mark, costs no wait."""
+    from types import SimpleNamespace
+
+    import preprocessing.cache.lease as lease_module
+    from preprocessing.cache.lease import SWEEP, sweeping, wait_out_sweep
+
+    slept = []
+    monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=time.time, sleep=slept.append))
+    root = tmp_path / "cache"
+    root.mkdir()
+    wait_out_sweep(str(root), time.time())
+    assert slept == []
+    with sweeping(str(root), recheck_s=30):
+        assert (root / SWEEP).is_file()
+        wait_out_sweep(str(root), time.time() - 10)  # leased 10 s ago: 50 s to go
+        assert len(slept) == 1 and 49 < slept[0] <= 50
+        wait_out_sweep(str(root), time.time() - 70)  # seen already
+        assert len(slept) == 1
+    assert not (root / SWEEP).exists()
+    (root / SWEEP).write_text(json.dumps({"recheck_s": 30}))
+    os.utime(root / SWEEP, (time.time() - 100, time.time() - 100))  # a killed gc's mark, 3 looks late
+    wait_out_sweep(str(root), time.time())
+    assert len(slept) == 1
+
+
 def test_cache_cp_leaves_a_lease_the_source_kept_behind(tmp_path):
     """A complete entry can keep a lease (its job killed between the manifest and the lease's release): copied along,
     it replaced the copy's own lease at the destination, which then stopped renewing it and left it there, fresh,
