@@ -72,3 +72,18 @@ def test_unknown_key_is_rejected(config, where):
     (bad if where == "top" else bad["available_node_types"]["gpu_a10g"])["gpus_per_node"] = 1
     with pytest.raises(Exception, match="gpus_per_node"):
         validate_config(prepare_config(bad))
+
+
+def test_a_gpu_workers_setup_refuses_a_torch_that_sees_no_gpu(config):
+    """The check runs as the node runs it: on this CPU-only torch it stops the setup, naming why (a node whose driver
+    is too old for its CUDA torch fails the same way, at setup, not at every job's first step)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    (check,) = config["worker_setup_commands"]
+    done = subprocess.run(check.replace("python ", f"{sys.executable} ", 1), shell=True, capture_output=True, text=True)
+    expected = "CPU-only torch on a GPU worker" if not torch.version.cuda else "sees no GPU"
+    assert done.returncode != 0 or torch.cuda.is_available()
+    assert torch.cuda.is_available() or expected in done.stderr, done.stderr
