@@ -2,6 +2,7 @@
 imports its own job inside its function, so `modrwkv --help` or `modrwkv generate` loads no Ray or MLflow."""
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -420,10 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "MODRWKV_TRACEBACK"  # 1: every error with its traceback (a ValueError may be a bug deep inside too)
+
+
 def user_error(e: Exception) -> str | None:
     """The message of an error that is a user's mistake or an unreachable service (a config, a path, a model URI, a
-    server), printed on one line without a traceback; None for any other (a bug keeps its traceback). MLflow's
-    errors are known once a command loaded MLflow (this module loads no job framework)."""
+    server), printed on one line without a traceback; None for any other (a bug keeps its traceback), and for every
+    one under MODRWKV_TRACEBACK=1. MLflow's errors are known once a command loaded MLflow (this module loads no job
+    framework)."""
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        return None
     known = (ValueError, OSError, ServiceError)
     if "mlflow" in sys.modules:
         from mlflow.exceptions import MlflowException
@@ -443,7 +450,8 @@ def main(argv=None) -> int:
         if message is None:
             print(redact("".join(traceback.format_exception(e))), file=sys.stderr, end="")
             return 1
-        print(f"modrwkv {args.command}: error: {redact(message)}", file=sys.stderr)
+        print(f"modrwkv {args.command}: error: {redact(message)}\n(where it came from: {TRACEBACK_ENV}=1 modrwkv ...)",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -85,10 +85,17 @@ def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, mo
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         assert main(argv) == 2, argv
         err = capsys.readouterr().err  # MLflow's own log lines before it, when it creates the store
-        assert err.splitlines()[-1].startswith(f"modrwkv {argv[0]}: error: ") and "Traceback" not in err, err
+        assert err.splitlines()[-2].startswith(f"modrwkv {argv[0]}: error: ") and "Traceback" not in err, err
+        assert err.splitlines()[-1] == "(where it came from: MODRWKV_TRACEBACK=1 modrwkv ...)"
         assert reason in err and "s3cret" not in err, err
     assert user_error(PermissionError(13, "Permission denied", "x.yaml")) == "[Errno 13] Permission denied: 'x.yaml'"
     assert user_error(TypeError("a bug")) is None  # keeps its traceback
+    # a ValueError may be a bug deep in a job too: its traceback on asking, credentials still left out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("MODRWKV_TRACEBACK", "1")
+    assert main(["chat", "--model", "models:/digits/1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "API request to http://127.0.0.1:9/api/" in err and "s3cret" not in err, err
 
 
 def test_a_bugs_traceback_is_printed_without_credentials(monkeypatch, capsys):
