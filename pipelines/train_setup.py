@@ -318,10 +318,15 @@ def phase1_config(planned: ModRWKVConfig, trained: ModRWKVConfig, init_from: str
                                   f"{getattr(was, name)} in phase I's model {init_from}, which phase II trains on: "
                                   "set it back, or train phase I again with it")
     if "series" in planned.projectors:
-        for name, setting in (("forecast_horizon", "the series caches' horizon"),
-                              ("forecast_lookback", "model.forecast_skip (the series caches' lookback)"),
-                              ("series_encoder", "model.wavenet")):
-            if getattr(planned, name) != getattr(trained, name):
+        # a forecast skip reads the last forecast_lookback values of any lookback at least that long (`lookback_window`)
+        reads = (planned.forecast_lookback >= trained.forecast_lookback) if trained.forecast_lookback else (
+            not planned.forecast_lookback)
+        for name, setting, same in (
+                ("forecast_horizon", "the series caches' horizon",
+                 planned.forecast_horizon == trained.forecast_horizon),
+                ("forecast_lookback", "model.forecast_skip, or the series caches' lookback", reads),
+                ("series_encoder", "model.wavenet", planned.series_encoder == trained.series_encoder)):
+            if not same:
                 raise ConfigError(f"{setting}: gives {name} {getattr(planned, name)} here, "
                                   f"{getattr(trained, name)} in phase I's model {init_from}, which phase II trains "
                                   "on: set it back, or train phase I again with it")

@@ -628,6 +628,33 @@ def test_phase2_plans_the_model_phase1_saved_and_refuses_settings_changed_since(
         elsewhere.model, backbone=dataclasses.replace(elsewhere.model.backbone, path=str(same)))), 2, world=1)
 
 
+def test_phase2_forecasts_with_phase1s_head_and_skip_from_any_lookback_the_skip_can_read():
+    """Phase I's forecast head fixes the horizon; its skip reads the last forecast_lookback values of a lookback at
+    least that long (phase II's caches may hold longer ones); a skip turned off or on, or a WaveNet of other settings,
+    is another model."""
+    import dataclasses
+
+    from modrwkv.multimodal import ModRWKVConfig, ProjectorConfig
+    from modrwkv.wavenet import WaveNetConfig
+    from pipelines.config import ConfigError
+    from pipelines.train_setup import phase1_config
+
+    backbone = RWKV7Config(vocab_size=65536, n_layer=1, n_embd=64, head_size=16)
+    series = {"series": ProjectorConfig(encoder_dim=8, adapter_scale=2)}
+    trained = ModRWKVConfig(backbone, series, forecast_horizon=4, series_encoder=WaveNetConfig(in_channels=1, hidden=8),
+                            forecast_lookback=8)
+    assert phase1_config(dataclasses.replace(trained, forecast_lookback=16), trained, "p1") is trained
+    for change, setting in (({"forecast_lookback": 4}, "model.forecast_skip, or the series caches' lookback"),
+                            ({"forecast_lookback": 0}, "model.forecast_skip, or the series caches' lookback"),
+                            ({"forecast_horizon": 6}, "the series caches' horizon"),
+                            ({"series_encoder": WaveNetConfig(in_channels=1, hidden=8, layers=2)}, "model.wavenet")):
+        with pytest.raises(ConfigError, match=f"{setting}: gives .* in phase I's model p1"):
+            phase1_config(dataclasses.replace(trained, **change), trained, "p1")
+    no_skip = dataclasses.replace(trained, forecast_lookback=0)
+    with pytest.raises(ConfigError, match="forecast_lookback 8 here, 0 in phase I's model"):
+        phase1_config(trained, no_skip, "p1")
+
+
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
 def test_an_item_compressed_to_nothing_is_skipped_counted_and_named(setup, short_item_cache, tmp_path, request,
                                                                     driver):
