@@ -6,31 +6,49 @@ interface (measured on this machine's 192.0.2.2: the GCS and raylet on `::`, the
 Ray's token authentication off, so anyone who reaches the machine could submit code to it. Ray's single-machine
 mode, the one `infra.ray_head` runs its head in, keeps every port on 127.0.0.1. Ray reads that mode once, when it
 is imported (the jobs' modules import it at the top), and its processes read it from their environment: both are
-set here, just before the instance starts.
+set here, just before the instance starts, and restored once it has.
 """
 
 import ipaddress
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .ray_head import SINGLE_MACHINE
 
 
 def init_ray(address: str | None = None, **kwargs):
-    """ray.init(address, **kwargs), a new local instance on 127.0.0.1 only; returns Ray's context."""
+    """ray.init(address, **kwargs); a new local instance (no address given, none in RAY_ADDRESS, no local cluster of
+    `ray start`'s to join) on 127.0.0.1 only. Returns Ray's context."""
     import ray
+    from ray._private import services
 
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        loopback_only()
-    return ray.init(address=address, **kwargs)
+    if services.canonicalize_bootstrap_address(address) is not None:  # joining: the cluster's own mode
+        return ray.init(address=address, **kwargs)
+    with loopback_only():
+        return ray.init(address=address, **kwargs)
 
 
-def loopback_only() -> None:
-    """Ray's single-machine mode for the instance this process starts next and for the processes it starts."""
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode for the instance started inside, and for the processes it starts (which take it
+    from their environment as they start); restored afterwards, so that nothing later (a `ray start --address` run
+    from this process, a later join) inherits it."""
     from ray._private import ray_constants, services
 
+    saved_env, saved_mode = {k: os.environ.get(k) for k in SINGLE_MACHINE}, ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(SINGLE_MACHINE)
     ray_constants.ENABLE_RAY_CLUSTER = False
-    address = services.get_node_ip_address()
-    if not ipaddress.ip_address(address).is_loopback:  # a Ray that reads the mode elsewhere: not started open
-        raise RuntimeError(f"Ray {__import__('ray').__version__} would start on {address} despite its single-machine "
-                           "mode; start a head with `modrwkv services up` and pass its address")
+    try:
+        address = services.get_node_ip_address()
+        if not ipaddress.ip_address(address).is_loopback:  # a Ray that reads the mode elsewhere: not started open
+            raise RuntimeError(f"Ray {__import__('ray').__version__} would start on {address} despite its "
+                               "single-machine mode; start a head with `modrwkv services up` and pass its address")
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_mode
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -194,9 +194,9 @@ def cmd_cache(args) -> None:
         print("\n".join(found + [f"would remove (dry run; --apply removes them): {len(found)} files no complete entry "
                                   f"uses, older than {args.grace_hours:g} h"]))
         return
-    with sweeping(args.root, RECHECK_S):  # from before the listing: a job finishing meanwhile waits for a look
+    with sweeping(args.root, RECHECK_S) as mark:  # from before the listing: a job finishing meanwhile waits for a look
         found, listed = collect(args.root, args.grace_hours * 3600)
-        removed = sweep(args.root, found, args.grace_hours * 3600, listed=listed)
+        removed = sweep(args.root, found, args.grace_hours * 3600, listed=listed, on_look=mark.look)
     print("\n".join(removed + [f"removed: {len(removed)} files no complete entry uses, older than "
                                 f"{args.grace_hours:g} h"]))
     if len(removed) < len(found):
@@ -426,9 +426,9 @@ TRACEBACK_ENV = "MODRWKV_TRACEBACK"  # 1: every error with its traceback (a Valu
 
 def user_error(e: Exception) -> str | None:
     """The message of an error that is a user's mistake or an unreachable service (a config, a path, a model URI, a
-    server), printed on one line without a traceback; None for any other (a bug keeps its traceback), and for every
-    one under MODRWKV_TRACEBACK=1. MLflow's errors are known once a command loaded MLflow (this module loads no job
-    framework)."""
+    server), printed on one line without a traceback (and one on how to get it); None for any other (a bug keeps its
+    traceback), and for every one under MODRWKV_TRACEBACK=1. MLflow's errors are known once a command loaded MLflow
+    (this module loads no job framework)."""
     if os.environ.get(TRACEBACK_ENV) == "1":
         return None
     known = (ValueError, OSError, ServiceError)

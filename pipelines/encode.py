@@ -448,12 +448,12 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
         return cache_hit()
     # one job writes an entry at a time (a second waits: it finds the entry the first wrote), and `gc` keeps the
     # store's items and this entry's files while it runs
-    with lease(uri, store.name) as leased_at:
+    with lease(uri, store.name):
         if entry.is_complete() and not config.run.force:
             return cache_hit()
         if config.run.force:
             entry.clear()
-        manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read, leased_at)
+        manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read)
     if resolution:
         resolution.write(uri)
     c = manifest["counts"]
@@ -464,9 +464,9 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
 
 
 def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, spec: dict, prepared: list,
-                rejects: list[Reject], n_read: int, leased_at: float) -> tuple[dict, dict, str | None]:
+                rejects: list[Reject], n_read: int) -> tuple[dict, dict, str | None]:
     """The items not yet in the store encoded, then the entry's shards and its manifest; (manifest, item counts,
-    where the items were encoded). `leased_at`: when this job's lease on the entry was taken."""
+    where the items were encoded)."""
     needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
     if config.encoder.kind != RAW_SERIES:  # a raw window is its own item, stored with it (`Sample.items_inline`)
         needed.update({p.refs[0]: {"window": npy_bytes(p.arrays["item"])} for p in prepared
@@ -495,7 +495,8 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
             entry.write_shard(index, pack_shard(shard), keys, [], [sample_lengths(w) for w in shard], item_files)
     entry.delete_shards_from(len(shards))  # an earlier run's past this one's last
     reused = [storage.join(store.uri, in_store[ref]) for ref in needed if ref in in_store] + kept_shards
-    wait_out_sweep(storage.parent(entry.uri), leased_at)
+    if reused:  # what it wrote itself no sweep listed
+        wait_out_sweep(storage.parent(entry.uri))
     gone = [uri for uri, stat in storage.stat_files(reused).items() if stat is None]
     if gone:  # a gc that listed the root before this job's lease: the manifest would name missing files
         raise RuntimeError(f"{len(gone)} of the {len(reused)} store items and shards this job found and reused were "

@@ -117,8 +117,8 @@ class ScalingSpec:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"workers must be 1 or more, not {self.workers}")
-        if self.cpus_per_worker < 1 or self.max_failures < 0:
-            raise ValueError(f"cpus_per_worker must be 1 or more and max_failures 0 or more, not "
+        if self.cpus_per_worker < 1 or self.max_failures < -1:  # -1: Ray Train retries for ever
+            raise ValueError(f"cpus_per_worker must be 1 or more and max_failures -1 (for ever), 0 or more, not "
                              f"{self.cpus_per_worker} and {self.max_failures}")
 
 

@@ -60,11 +60,12 @@ def copy_entry(uri: str, dest_root: str, threads: int = 8, progress: bool = True
 
     # a lease, as an encode holds: a gc at the destination keeps the items copied (or found) before the manifest; an
     # encode or copy writing the entry there now fails this one (EntryBusy, naming it)
-    with lease(dest, cache.manifest["feature_store"], wait=False) as leased_at, \
+    with lease(dest, cache.manifest["feature_store"], wait=False), \
             ThreadPoolExecutor(threads, thread_name_prefix="cache-copy") as pool:
         copied = sum(tqdm(pool.map(copy, pairs), total=len(pairs), desc=f"copy {entry_name(uri)}", unit="file",
                           disable=not progress))
-        wait_out_sweep(dest_root, leased_at)
+        if len(items) > len(absent):  # items found at the destination, which a sweep may have listed
+            wait_out_sweep(dest_root)
         stats = storage.stat_files([storage.join(dest_store, name) for name in items])
         gone = [uri for uri, stat in stats.items() if stat is None]
         if gone:  # a gc that listed the destination before the lease: the manifest would name missing features

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -181,14 +182,15 @@ RECHECK_S = 30.0  # how long a sweep deletes before it looks at the leases and m
 
 
 def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = RECHECK_S,
-          listed: set[str] | None = None) -> list[str]:
+          listed: set[str] | None = None, on_look: Callable[[], None] = lambda: None) -> list[str]:
     """Deletes `found` (`garbage`'s list, made from the entries with a manifest `listed`: `collect`'s), looking
     again every `recheck_s` seconds for what changed since it was made: an encode that took its lease since (its
     entry and its store kept), an unfinished entry finished since, and the items of any entry finished since (a
     short job's whole lease can fall between two looks). Without `listed`, the entries finished at its first look
-    are taken for those. Returns what it deleted. A job that finishes an entry under a sweep first waits until the
-    sweep has looked at its lease (`lease.wait_out_sweep`), then checks what it reuses: a deletion before that look
-    fails it, naming the file (`pipelines/encode.py`, `write_entry`; `cache cp`)."""
+    are taken for those; `on_look` is called as each look starts (`lease.SweepMark.look`). Returns what it deleted. A
+    job that finishes an entry under a sweep first waits for a look that sees its lease (`lease.wait_out_sweep`), then
+    checks what it reuses: a deletion before that look fails it, naming the file (`pipelines/encode.py`,
+    `write_entry`; `cache cp`)."""
     prefix = storage.join(root, "_")[:-1]  # root and its separator, as `garbage` joined them
     tops = {uri[len(prefix):].split("/", 1)[0] for uri in found}
     entries = tops - {STORE_FOLDER, RESOLVED_FOLDER}
@@ -196,6 +198,7 @@ def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = RECHEC
     deleted, looked, reused, reused_stores = [], None, set(), set()
     for uri in found:
         if looked is None or time.monotonic() - looked > recheck_s:
+            on_look()
             leased, held = in_use(root, grace_s)
             finished = {top for top in unfinished if storage.exists(storage.join(root, top, MANIFEST))}
             now = finished_entries(root)

@@ -6,7 +6,7 @@ entry folder every `RENEW_S` seconds while it works and removes it when it ends;
 whose lease was renewed within its grace (and at least 3 renewals), and every unreferenced item of that store. A
 job killed outright leaves a lease that goes stale, and its files are garbage once older than the grace. A gc that
 listed the root before a job took its lease may still remove an item the job reuses, until its next look at the
-leases: under a sweep (`sweeping`: a mark at the root) the job waits for that look before it checks its reused items
+leases: under a sweep (`sweeping`: a mark at the root) the job waits for such a look before it checks its reused items
 (`wait_out_sweep`), then writes its manifest or fails naming them (a rerun encodes them again); and the sweep keeps
 the items of any entry finished since its listing (`inventory.sweep`).
 
@@ -129,14 +129,13 @@ def _token(path: str) -> str | None:
 
 @contextmanager
 def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = True,
-          poll_s: float = 10.0) -> Iterator[float]:
-    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs, giving it the time
-    (`time.time()`) the lease was taken; a live lease of another job's is waited for (`wait`) or raises EntryBusy."""
+          poll_s: float = 10.0) -> Iterator[None]:
+    """Holds the lease on `entry_uri` (naming the store it takes items from) while the block runs; a live lease of
+    another job's is waited for (`wait`) or raises EntryBusy."""
     path = storage.join(entry_uri, LEASE)
     record = {"store": store, "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
               "renew_s": renew_s, "token": uuid.uuid4().hex}
     _take(path, record, wait, poll_s)
-    taken = time.time()
     data = json.dumps(record).encode()
     stop = threading.Event()
 
@@ -155,7 +154,7 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
     renewing = threading.Thread(target=renew, name="entry-lease", daemon=True)
     renewing.start()
     try:
-        yield taken
+        yield
     finally:
         stop.set()
         renewing.join()
@@ -177,51 +176,78 @@ def leased_store(entry_uri: str) -> str | None:
 SWEEP = "gc-sweep.json"  # at a cache root while `modrwkv cache gc --apply` lists and deletes there
 
 
+class SweepMark:
+    """The mark a sweep keeps at its root: alive (rewritten every `recheck_s`) and counting the sweep's looks at the
+    leases, each counted as it starts (`look`)."""
+
+    def __init__(self, root: str, recheck_s: float):
+        self.path, self.recheck_s, self.looks = storage.join(root, SWEEP), recheck_s, 0
+
+    def write(self) -> None:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "recheck_s": self.recheck_s, "looks": self.looks}
+        storage.write_atomic(self.path, json.dumps(record).encode())
+
+    def look(self) -> None:
+        """A look at the leases starts: a job whose lease was written before it is seen by it."""
+        self.looks += 1
+        self.write()
+
+
 @contextmanager
-def sweeping(root: str, recheck_s: float) -> Iterator[None]:
+def sweeping(root: str, recheck_s: float) -> Iterator[SweepMark]:
     """Marks `root` as swept by a gc (its listing, then its deletions, which look at the leases again every
-    `recheck_s`) while the block runs, the mark renewed as often: a job that finishes an entry there meanwhile waits
-    out one of those looks before its last check of the files it reuses (`wait_out_sweep`)."""
-    path = storage.join(root, SWEEP)
-    data = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "recheck_s": recheck_s}).encode()
-    storage.write_atomic(path, data)
+    `recheck_s`) while the block runs: a job that finishes an entry there meanwhile waits for one of those looks to
+    start before its last check of the files it reuses (`wait_out_sweep`)."""
+    mark = SweepMark(root, recheck_s)
+    mark.write()
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(recheck_s):
             try:
-                storage.write_atomic(path, data)
+                mark.write()
             except OSError as e:  # a storage hiccup: the next renewal tries again
-                print(f"{path}: not renewed ({e})", flush=True)
+                print(f"{mark.path}: not renewed ({e})", flush=True)
 
     renewing = threading.Thread(target=renew, name="gc-sweep", daemon=True)
     renewing.start()
     try:
-        yield
+        yield mark
     finally:
         stop.set()
         renewing.join()
-        storage.delete(path)
+        storage.delete(mark.path)
 
 
-def wait_out_sweep(root: str, leased_at: float) -> None:
-    """Called by a job just before its last check of the files it reuses (then its manifest). A gc that listed the
-    root before the job's lease deletes on until its next look at the leases, up to `recheck_s` later (and its look
-    takes a while on S3): while a gc sweeps `root` (its mark renewed within 3 looks), the job waits until its lease,
-    taken at `leased_at` (`time.time()`), is two look intervals old, so that every such deletion has happened by its
-    check, which then names it. A gc that starts later finds the lease, or the manifest."""
-    path = storage.join(root, SWEEP)
+def _sweep_looks(path: str) -> tuple[int, float] | None:
+    """(looks, recheck_s) of a live sweep's mark; None without one (or a killed gc's, 3 renewals late)."""
     mtime_ns = storage.file_mtime_ns(path)
     if mtime_ns is None:
-        return
+        return None
     try:
-        recheck_s = float(json.loads(storage.read_bytes(path))["recheck_s"])
-    except (OSError, ValueError, KeyError, TypeError):  # let go since the look, or half-written: a look's worth
-        recheck_s = 30.0
-    if time.time() - mtime_ns / 1e9 > 3 * recheck_s:  # a killed gc's mark
+        record = json.loads(storage.read_bytes(path))
+        looks, recheck_s = int(record["looks"]), float(record["recheck_s"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # half-written: a renewal under way, look again
+        return -1, 1.0
+    return None if time.time() - mtime_ns / 1e9 > 3 * recheck_s else (looks, recheck_s)
+
+
+def wait_out_sweep(root: str) -> None:
+    """Called by a job, under its lease, just before its last check of the files it reuses (then its manifest). A gc
+    that listed the root before the lease deletes on until its next look at the leases: while a gc sweeps `root`, the
+    job waits until a look has started since this call (so after the lease), by which time every deletion made
+    without seeing the lease has happened, and the check names it. A gc that starts later finds the lease, or the
+    manifest; one killed leaves a mark that goes stale."""
+    path = storage.join(root, SWEEP)
+    found = _sweep_looks(path)
+    if found is None:
         return
-    remaining = leased_at + 2 * recheck_s - time.time()
-    if remaining > 0:
-        print(f"{root} is being swept by `modrwkv cache gc --apply`: waiting {remaining:.0f} s until it has seen "
-              "this job's lease", flush=True)
-        time.sleep(remaining)
+    print(f"{root} is being swept by `modrwkv cache gc --apply`: waiting for it to see this job's lease", flush=True)
+    first = found[0]
+    while found is not None and (first < 0 or found[0] <= first):
+        time.sleep(min(5.0, found[1]))
+        found = _sweep_looks(path)
+        if first < 0 and found is not None:
+            first = found[0]

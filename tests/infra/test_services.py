@@ -227,6 +227,9 @@ def test_a_jobs_own_ray_instance_listens_on_loopback_only(ray_local):
     listening = listening_addresses(psutil.Process())  # this process's services (tests' own) are on HOST too
     assert gcs_port in [address.port for address in listening]
     assert {address.ip for address in listening} <= {HOST, f"::ffff:{HOST}"}, listening
+    from ray._private import ray_constants  # and the mode was this instance's alone: a later join is a cluster's
+
+    assert ray_constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_a_token_exported_for_another_cluster_is_neither_the_heads_nor_its_clients(tmp_path, monkeypatch):

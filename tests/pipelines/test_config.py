@@ -112,7 +112,8 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
     ({"model.projectors": {1: {"kernel": 3, "stride": 2}}}, "model.projectors key 1: expected str, got 1"),
     # a negative interval started a monitor per node with no interval; Ray refused 0 CPUs a worker only in the workers
     ({"tracking.system_metrics_every_s": -1}, "tracking: system_metrics_every_s must be 0 .off. or more, not -1"),
-    ({"scaling.cpus_per_worker": 0}, "scaling: cpus_per_worker must be 1 or more and max_failures 0 or more, not 0"),
+    ({"scaling.cpus_per_worker": 0}, "scaling: cpus_per_worker must be 1 or more and max_failures -1 .* not 0"),
+    ({"scaling.max_failures": -2}, r"max_failures -1 \(for ever\), 0 or more, not 1 and -2"),
     ({"max_length": 0, "packing": False}, "max_length must be 1 or more, not 0"),
     ({"pack_buffer": 0, "packing": True}, "packing needs a pack_buffer of 1 or more, not 0"),
 ])
@@ -122,6 +123,13 @@ def test_bad_training_settings_are_refused_at_load(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, override)
+
+
+def test_ray_trains_failure_settings_load_as_ray_takes_them():
+    from pipelines.train import TrainConfig
+
+    config = load_config(CONFIGS / "demo" / "train.yaml", TrainConfig, {"scaling.max_failures": -1})
+    assert config.scaling.max_failures == -1  # Ray Train's "retry for ever"
 
 
 def test_one_process_is_one_worker_in_the_global_batch(monkeypatch, capsys):

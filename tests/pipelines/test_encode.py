@@ -1032,8 +1032,8 @@ def test_a_reused_store_item_removed_while_the_job_ran_fails_it_and_a_rerun_heal
 def test_a_job_finishing_under_a_gc_sweep_checks_what_it_reuses_after_the_sweep_saw_its_lease(tmp_path, encoders,
                                                                                                 monkeypatch, capsys):
     """A gc listed the root before this job's lease and deletes on until its next look: the job, about to write its
-    manifest, first waits for that look (two look intervals of its lease), then finds the item the sweep took
-    meanwhile and fails naming it, rather than finish an entry whose features are gone."""
+    manifest, first waits for a look that sees its lease, then finds the item the sweep took meanwhile and fails
+    naming it, rather than finish an entry whose features are gone."""
     import shutil
     from types import SimpleNamespace
 
@@ -1045,18 +1045,19 @@ def test_a_job_finishing_under_a_gc_sweep_checks_what_it_reuses_after_the_sweep_
     shutil.rmtree(run_encode(config(**settings)).uri)  # the store's items stay, unreferenced: gc's to take
     waited = []
 
-    def swept_meanwhile(seconds: float) -> None:  # the sweep deletes a reused item while the job waits
+    def swept_meanwhile(seconds: float) -> None:  # while the job waits, the sweep deletes a reused item, then looks
         if seconds < 1:  # the lease's settling, as it takes it
             return time.sleep(seconds)
         waited.append(seconds)
         next(iter((tmp_path / "cache" / "features").glob("*/*/*.npy"))).unlink()
+        mark.look()
 
     monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=time.time, sleep=swept_meanwhile))
-    with sweeping(str(tmp_path / "cache"), recheck_s=30):
+    with sweeping(str(tmp_path / "cache"), recheck_s=30) as mark:
         with pytest.raises(RuntimeError, match="1 of the 8 store items and shards this job found and reused were "
                                                "removed while it ran"):
             run_encode(config(**settings))
-    assert len(waited) == 1 and 0 < waited[0] <= 60
+    assert waited == [5.0]
     assert "is being swept by `modrwkv cache gc --apply`: waiting" in capsys.readouterr().out
 
 

@@ -596,36 +596,40 @@ def test_gc_keeps_the_items_of_an_entry_finished_after_its_listing_with_no_lease
     items = [uri for uri in found if "/features/" in uri]
     assert len(items) == 2 and NAMES["unfinished"] not in listed
     (tmp_path / "manifest.json").rename(root / NAMES["unfinished"] / "manifest.json")  # the job, done meanwhile
-    assert sweep(str(root), found, grace_s=0, listed=listed) == []
-    assert len(list(FeatureCache(str(root / NAMES["unfinished"])).iter_samples())) == 2
+    looks = []
+    assert sweep(str(root), found, grace_s=0, listed=listed, on_look=lambda: looks.append(1)) == []
+    assert len(list(FeatureCache(str(root / NAMES["unfinished"])).iter_samples())) == 2 and looks == [1]
 
 
-def test_a_job_under_a_gc_sweep_waits_until_the_sweep_has_seen_its_lease(tmp_path, monkeypatch):
-    """While `cache gc --apply` sweeps a root (its mark renewed every look), a job about to check what it reuses
-    waits until its lease is two look intervals old: a deletion before the sweep saw the lease has happened by then,
-    and the check names it. No sweep, or a killed one's mark, costs no wait."""
-    from types import SimpleNamespace
+def test_a_job_under_a_gc_sweep_waits_for_a_look_that_sees_its_lease(tmp_path):
+    """While `cache gc --apply` sweeps a root (its mark renewed, its looks at the leases counted as they start), a job
+    about to check what it reuses waits for a look started after it asked: by then every deletion made without seeing
+    its lease has happened, and the check names it (a fixed wait did not hold when a look took longer than its
+    interval). A sweep that ends lets it go; no sweep, or a killed one's mark, costs no wait."""
+    import threading
 
-    import preprocessing.cache.lease as lease_module
     from preprocessing.cache.lease import SWEEP, sweeping, wait_out_sweep
 
-    slept = []
-    monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=time.time, sleep=slept.append))
     root = tmp_path / "cache"
     root.mkdir()
-    wait_out_sweep(str(root), time.time())
-    assert slept == []
-    with sweeping(str(root), recheck_s=30):
-        assert (root / SWEEP).is_file()
-        wait_out_sweep(str(root), time.time() - 10)  # leased 10 s ago: 50 s to go
-        assert len(slept) == 1 and 49 < slept[0] <= 50
-        wait_out_sweep(str(root), time.time() - 70)  # seen already
-        assert len(slept) == 1
-    assert not (root / SWEEP).exists()
-    (root / SWEEP).write_text(json.dumps({"recheck_s": 30}))
-    os.utime(root / SWEEP, (time.time() - 100, time.time() - 100))  # a killed gc's mark, 3 looks late
-    wait_out_sweep(str(root), time.time())
-    assert len(slept) == 1
+    wait_out_sweep(str(root))  # no sweep: at once
+    with sweeping(str(root), recheck_s=0.05) as mark:
+        assert json.loads((root / SWEEP).read_text())["looks"] == 0
+        jobs = [threading.Thread(target=wait_out_sweep, args=(str(root),)) for _ in range(2)]
+        jobs[0].start()
+        jobs[0].join(0.5)
+        assert jobs[0].is_alive()  # no look since it asked
+        mark.look()
+        jobs[0].join(30)
+        assert not jobs[0].is_alive()
+        jobs[1].start()
+        jobs[1].join(0.5)
+        assert jobs[1].is_alive()  # the look before it asked is not one that saw its lease
+    jobs[1].join(30)
+    assert not jobs[1].is_alive() and not (root / SWEEP).exists()  # the sweep ended
+    (root / SWEEP).write_text(json.dumps({"recheck_s": 30, "looks": 3}))
+    os.utime(root / SWEEP, (time.time() - 100, time.time() - 100))  # a killed gc's mark, 3 renewals late
+    wait_out_sweep(str(root))
 
 
 def test_cache_cp_leaves_a_lease_the_source_kept_behind(tmp_path):
