@@ -38,18 +38,27 @@ class EntryBusy(OSError):
     """Another job holds the entry's lease (an OSError, as a file another holds is: the CLI's one-line error)."""
 
 
-def _holder(path: str) -> tuple[dict, float] | None:
-    """The live lease at `path` (its record, seconds since renewed); None when there is none, or a stale one."""
+def _record_and_age(path: str) -> tuple[dict, float] | None:
+    """The JSON record at `path` (a lease, a sweep's mark) and the seconds since it was written; None when there is
+    none (let go since the look); {} while it cannot be read (half-written: a renewal under way)."""
     mtime_ns = storage.file_mtime_ns(path)
     if mtime_ns is None:
         return None
     try:
         record = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
-        return None  # let go since the look
+        return None
     except (OSError, ValueError):
-        record = {}  # half-written: a renewal under way, so held
-    age_s = time.time() - mtime_ns / 1e9
+        record = {}
+    return (record if isinstance(record, dict) else {}), time.time() - mtime_ns / 1e9
+
+
+def _holder(path: str) -> tuple[dict, float] | None:
+    """The live lease at `path` (its record, seconds since renewed); None when there is none, or a stale one."""
+    found = _record_and_age(path)
+    if found is None:
+        return None
+    record, age_s = found  # a half-written one is held: a renewal under way
     if age_s >= STALE_RENEWALS * float(record.get("renew_s", RENEW_S)) or _died_here(record):
         return None
     return record, age_s
@@ -221,17 +230,15 @@ def sweeping(root: str, recheck_s: float) -> Iterator[SweepMark]:
 
 def _sweep_looks(path: str) -> tuple[int, float] | None:
     """(looks, recheck_s) of a live sweep's mark; None without one (or a killed gc's, 3 renewals late)."""
-    mtime_ns = storage.file_mtime_ns(path)
-    if mtime_ns is None:
+    found = _record_and_age(path)
+    if found is None:
         return None
+    record, age_s = found
     try:
-        record = json.loads(storage.read_bytes(path))
         looks, recheck_s = int(record["looks"]), float(record["recheck_s"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):  # half-written: a renewal under way, look again
+    except (KeyError, TypeError, ValueError):  # half-written: a renewal under way, look again
         return -1, 1.0
-    return None if time.time() - mtime_ns / 1e9 > 3 * recheck_s else (looks, recheck_s)
+    return None if age_s > 3 * recheck_s else (looks, recheck_s)
 
 
 def wait_out_sweep(root: str) -> None:
