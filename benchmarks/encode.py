@@ -229,7 +229,7 @@ def main():
     backbone = prepare()
     work = Path(args.out) / "encode-work"
     shutil.rmtree(work, ignore_errors=True)
-    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_ray(local={"num_cpus": 3}, include_dashboard=False, log_to_driver=False)
     rows = []
     for actors in (1, 2):
         first = run_encode(encode_config(work / f"actors{actors}", actors, in_process_max_items=0))

@@ -386,7 +386,7 @@ def main():
         from pipelines.demo import prepare_assets
 
         prepare_assets()
-        init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        init_ray(local={"num_cpus": 3}, include_dashboard=False, log_to_driver=False)
         try:
             if args.write_caches:
                 return write_caches(args.write_caches)

@@ -377,7 +377,7 @@ def main():
         if s3:
             os.environ.update(s3.env())  # before Ray starts: its workers inherit the endpoint
             s3.create_bucket("bench")
-        init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        init_ray(local={"num_cpus": 3}, include_dashboard=False, log_to_driver=False)
         cache = digits_cache(out, args.steps) if {"scaling", "allocator"} & set(parts) else None
         if s3:
             scaling, waits, lines = scaling_cases(out, cache, args.steps)

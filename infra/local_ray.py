@@ -17,16 +17,17 @@ from contextlib import contextmanager
 from .ray_head import SINGLE_MACHINE
 
 
-def init_ray(address: str | None = None, **kwargs):
+def init_ray(address: str | None = None, local: dict | None = None, **kwargs):
     """ray.init(address, **kwargs); a new local instance (no address given, none in RAY_ADDRESS, no local cluster of
-    `ray start`'s to join) on 127.0.0.1 only. Returns Ray's context."""
+    `ray start`'s to join) on 127.0.0.1 only, with the settings `local` adds (num_cpus: Ray refuses them when it
+    joins). Returns Ray's context."""
     import ray
     from ray._private import services
 
     if services.canonicalize_bootstrap_address(address) is not None:  # joining: the cluster's own mode
         return ray.init(address=address, **kwargs)
     with loopback_only():
-        return ray.init(address=address, **kwargs)
+        return ray.init(address=address, **kwargs, **(local or {}))
 
 
 @contextmanager

@@ -141,7 +141,7 @@ def run_demo(out: Path = ASSETS) -> dict:
         raise
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
     say(f"MLflow server at {mlflow.tracking_uri}")
-    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_ray(local={"num_cpus": 3}, include_dashboard=False, log_to_driver=False)
     try:
         caches = {}
         for stem, encode_config in encodes.items():

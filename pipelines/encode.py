@@ -324,10 +324,8 @@ def join_ray(run: RunConfig, local_cpus: int):
     from infra.local_ray import init_ray
 
     if not ray.is_initialized():
-        joining = run.ray_address or os.environ.get("RAY_ADDRESS")
         init_ray(run.ray_address, include_dashboard=False, log_to_driver=False,
-                 **({} if joining else {"num_cpus": local_cpus,
-                                        "_system_config": {"task_oom_retries": OOM_RETRIES}}))
+                 local={"num_cpus": local_cpus, "_system_config": {"task_oom_retries": OOM_RETRIES}})
     return ray
 
 

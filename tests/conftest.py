@@ -73,6 +73,6 @@ def ray_local():
 
     from infra.local_ray import init_ray
 
-    init_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_ray(local={"num_cpus": 3}, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -200,8 +200,8 @@ def sweep(root: str, found: list[str], grace_s: float, recheck_s: float = RECHEC
         if looked is None or time.monotonic() - looked > recheck_s:
             on_look()
             leased, held = in_use(root, grace_s)
-            finished = {top for top in unfinished if storage.exists(storage.join(root, top, MANIFEST))}
             now = finished_entries(root)
+            finished = unfinished & now
             listed = now if listed is None else listed
             items, stores = items_in_use(root, now - listed)
             reused, reused_stores, listed = reused | items, reused_stores | stores, listed | now

@@ -872,7 +872,7 @@ from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 
 spec, settings, dashboard_port = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-dashboard = "http://" + init_ray(num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,
+dashboard = "http://" + init_ray(local={"num_cpus": 2}, include_dashboard=True, dashboard_port=dashboard_port,
                                  log_to_driver=False).dashboard_url
 os.environ.update(settings)
 result = run_encode(from_dict(EncodeConfig, spec))
