@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .. import storage
@@ -38,19 +38,34 @@ class EntryBusy(OSError):
     """Another job holds the entry's lease (an OSError, as a file another holds is: the CLI's one-line error)."""
 
 
+class _Unread(Exception):
+    """A record could not be read (a storage error, or a half-written file): who holds the lease is not known."""
+
+
+def _record(path: str) -> dict | None:
+    """The JSON record at `path` (a lease, a sweep's mark); None when there is none; _Unread when it cannot be read."""
+    try:
+        record = storage.read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise _Unread(str(e)) from e
+    if not isinstance(record, dict):
+        raise _Unread(f"{path}: not a JSON object")
+    return record
+
+
 def _record_and_age(path: str) -> tuple[dict, float] | None:
-    """The JSON record at `path` (a lease, a sweep's mark) and the seconds since it was written; None when there is
-    none (let go since the look); {} while it cannot be read (half-written: a renewal under way)."""
+    """The record at `path` and the seconds since it was written; None when there is none (let go since the look);
+    {} while it cannot be read (half-written: a renewal under way)."""
     mtime_ns = storage.file_mtime_ns(path)
     if mtime_ns is None:
         return None
     try:
-        record = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+        record = _record(path)
+    except _Unread:
         record = {}
-    return (record if isinstance(record, dict) else {}), time.time() - mtime_ns / 1e9
+    return None if record is None else (record, time.time() - mtime_ns / 1e9)
 
 
 def _holder(path: str) -> tuple[dict, float] | None:
@@ -122,18 +137,27 @@ def _take(path: str, record: dict, wait: bool, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-class _Unread(Exception):
-    """The lease could not be read (a storage error, or a half-written file): who holds it is not known."""
-
-
 def _token(path: str) -> str | None:
     """The token of the lease at `path`; None when there is none; _Unread when it cannot be read."""
+    return (_record(path) or {}).get("token")
+
+
+@contextmanager
+def _repeating(every_s: float, step: Callable[[], bool], name: str) -> Iterator[None]:
+    """Runs `step` every `every_s` seconds in a thread of its own while the block runs, until it returns False."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every_s) and step():
+            pass
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
     try:
-        return json.loads(storage.read_bytes(path)).get("token")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise _Unread(str(e)) from e
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager
@@ -146,27 +170,23 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
               "renew_s": renew_s, "token": uuid.uuid4().hex}
     _take(path, record, wait, poll_s)
     data = json.dumps(record).encode()
-    stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(renew_s):
-            try:
-                token = _token(path)
-                if token not in (None, record["token"]):  # another job's: it took this one's for dead
-                    print(f"{path}: this job's lease was taken by another job (this one was {STALE_RENEWALS} "
-                          "renewals late); both now write this entry", flush=True)
-                    return
-                storage.write_atomic(path, data)  # renewed, or written again where it went missing
-            except (OSError, _Unread) as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
-                print(f"{path}: lease not renewed ({e}); trying again in {renew_s:g} s", flush=True)
+    def renew() -> bool:
+        try:
+            token = _token(path)
+            if token not in (None, record["token"]):  # another job's: it took this one's for dead
+                print(f"{path}: this job's lease was taken by another job (this one was {STALE_RENEWALS} "
+                      "renewals late); both now write this entry", flush=True)
+                return False
+            storage.write_atomic(path, data)  # renewed, or written again where it went missing
+        except (OSError, _Unread) as e:  # a storage hiccup: the next renewal tries again, long before gc's grace
+            print(f"{path}: lease not renewed ({e}); trying again in {renew_s:g} s", flush=True)
+        return True
 
-    renewing = threading.Thread(target=renew, name="entry-lease", daemon=True)
-    renewing.start()
     try:
-        yield
+        with _repeating(renew_s, renew, "entry-lease"):
+            yield
     finally:
-        stop.set()
-        renewing.join()
         try:
             if _token(path) == record["token"]:  # never a lease another job has taken since
                 storage.delete(path)
@@ -177,8 +197,8 @@ def lease(entry_uri: str, store: str, renew_s: float = RENEW_S, wait: bool = Tru
 def leased_store(entry_uri: str) -> str | None:
     """The store a lease names; None when it is unreadable (half-written: a renewal under way)."""
     try:
-        return json.loads(storage.read_bytes(storage.join(entry_uri, LEASE)))["store"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return (_record(storage.join(entry_uri, LEASE)) or {}).get("store")
+    except _Unread:
         return None
 
 
@@ -209,22 +229,18 @@ def sweeping(root: str, recheck_s: float) -> Iterator[SweepMark]:
     start before its last check of the files it reuses (`wait_out_sweep`)."""
     mark = SweepMark(root, recheck_s)
     mark.write()
-    stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(recheck_s):
-            try:
-                mark.write()
-            except OSError as e:  # a storage hiccup: the next renewal tries again
-                print(f"{mark.path}: not renewed ({e})", flush=True)
+    def renew() -> bool:
+        try:
+            mark.write()
+        except OSError as e:  # a storage hiccup: the next renewal tries again
+            print(f"{mark.path}: not renewed ({e})", flush=True)
+        return True
 
-    renewing = threading.Thread(target=renew, name="gc-sweep", daemon=True)
-    renewing.start()
     try:
-        yield mark
+        with _repeating(recheck_s, renew, "gc-sweep"):
+            yield mark
     finally:
-        stop.set()
-        renewing.join()
         storage.delete(mark.path)
 
 
