@@ -4,10 +4,10 @@ attention mask (`Collator.__call__`), or packed, the samples end to end in one r
 (`Collator.pack`, rows of up to `max_length` tokens filled by `first_fit_decreasing`).
 
 A sample longer than `max_length` tokens raises `OverLength`, one with an item its projector compresses to no
-position (fewer feature vectors than the compression kernel: 50 ms of audio is 2 WavLM frames) `TooShort`; with
-`skip_bad_samples` either is left out of its batch and named, with the reason, in `Batch.skipped` (training's
-policy: one sample never stops a run; truncating would cut the answer or split a media item, so it is skipped and
-reported instead).
+position (fewer feature vectors than the compression kernel: 50 ms of audio is 2 WavLM frames) `TooShort`, one
+with neither an answer nor a forecast target `NoAnswer`; with `skip_bad_samples` each is left out of its batch and
+named, with the reason, in `Batch.skipped` (training's policy: one sample never stops a run; truncating would cut
+the answer or split a media item, so it is skipped and reported instead).
 
 The cached sample itself (`Sample`, its shard record) is the conversation format's: `modrwkv/conversation.py`.
 `right_pad` lays rows of ids (and labels) into one right-padded batch, the layout every padded forward takes.
@@ -72,7 +72,16 @@ class TooShort(BadSample):
                          vectors=vectors, kernel=kernel)
 
 
-SKIP_REASONS = (OverLength.reason, TooShort.reason)
+class NoAnswer(BadSample):
+    reason = "no_answer"
+
+    def __init__(self, key: str):
+        # encoding rejects these since 2026-12-07; a cache written before may hold them, and a micro-batch of them
+        # alone would have no loss to step on
+        super().__init__(f"sample {key}: no assistant turn and no forecast target: nothing to learn", key)
+
+
+SKIP_REASONS = (OverLength.reason, TooShort.reason, NoAnswer.reason)
 
 
 @dataclass
@@ -127,6 +136,8 @@ class Collator:
         items = sample_features(sample)
         ids, labels = tokenize_conversation(self.tokenizer, sample.turns,
                                             item_lengths(self.config, items, sample.key), sample.key)
+        if sample.target is None and all(label == IGNORE for label in labels):
+            raise NoAnswer(sample.key)
         if self.max_length and len(ids) > self.max_length:
             raise OverLength(sample.key, len(ids), self.max_length)
         as_tensor = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731

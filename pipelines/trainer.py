@@ -330,8 +330,8 @@ def train_steps(engine, optimizer, batches: MicroBatches, hp: PhaseConfig, step:
                 on_step: Callable[[int, dict], None] | None = None, skipped: list[dict] | None = None) -> list[dict]:
     """Optimizer steps `step + 1` ... `hp.steps` of one phase: each sets the scheduled lr, runs the accumulation's
     micro-batches through `engine` (LocalEngine, or DeepSpeed's) and calls `on_step(step, metrics)`; metrics are
-    summed over workers when torch.distributed is up. Returns the samples left out (over-long, or with an item
-    compressed to nothing: `modrwkv.batching.BadSample`), by step:
+    summed over workers when torch.distributed is up. Returns the samples left out (over-long, with an item
+    compressed to nothing, or with nothing to learn: `modrwkv.batching.BadSample`), by step:
     `skipped` (those of the steps before `step`, when resuming) extended in place, so `on_step` may save it.
 
     A step minimises the mean cross-entropy over every labelled token of the step (all micro-batches, all workers)

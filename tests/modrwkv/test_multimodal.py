@@ -560,6 +560,26 @@ def test_an_item_compressed_to_nothing_raises_or_is_skipped_and_named(tok):
         assert torch.isfinite(out.loss)
 
 
+def test_a_sample_with_nothing_to_learn_raises_or_is_skipped_and_named(tok):
+    """A conversation with no assistant turn (a cache encoded before encoding rejected it) labels no token: the
+    collator says so, or leaves it out with its reason, so that no micro-batch of such samples has no loss."""
+    import numpy as np
+
+    from modrwkv.batching import Collator, NoAnswer
+
+    model = tiny_model(forecast_horizon=3)
+    features = [np.zeros((9, 24), dtype=np.float32)]
+    asked = Sample("asked", "image", [Turn("user", "<image>\nWhat?")], items=features)
+    answered = Sample("answered", "image", [Turn("user", "<image>\nWhat?"), Turn("assistant", "cat")], items=features)
+    with pytest.raises(NoAnswer, match="sample asked: no assistant turn and no forecast target: nothing to learn"):
+        Collator(tok, model.config, max_length=64)([answered, asked])
+    batch = Collator(tok, model.config, max_length=64, skip_bad_samples=True)([asked, answered])
+    assert batch.sample_ids == ["answered"] and batch.skipped == [{"key": "asked", "reason": "no_answer"}]
+    series = Sample("window", "series", [Turn("user", "<series>\nNext?")], items=[np.zeros((4, 8), np.float32)],
+                    target=np.zeros(3, np.float32))  # a forecast's answer is its target
+    assert Collator(tok, model.config)([series]).sample_ids == ["window"]
+
+
 def test_labels_series_targets_and_masks_that_would_score_the_wrong_thing_are_refused(tok):
     """Labels shifted already (HF style) would score every target at the wrong position, a label outside the
     vocabulary is a device assert on a GPU, a forecast target of another shape broadcasts against the forecast, and

@@ -63,6 +63,25 @@ def short_item_cache(tmp_path_factory) -> tuple[str, set[str]]:
     return uri, {s.key for s in samples if len(s.items[0]) == 2}
 
 
+@pytest.fixture(scope="module")
+def unanswered_cache(tmp_path_factory) -> tuple[str, set[str]]:
+    """16 image samples, 12 of them a question with no answer (as encoding wrote them before it rejected such
+    samples); and the keys of those 12."""
+    import numpy as np
+
+    from modrwkv.conversation import Sample, Turn
+    from tests.cache_entries import write_entry
+
+    rng = np.random.default_rng(0)
+    asked = [Turn("user", "<image>\nWhich digit?")]
+    samples = [Sample(f"{'asked' if i % 4 else 'answered'}-{i}", "image",
+                      asked + ([] if i % 4 else [Turn("assistant", "seven")]),
+                      items=[rng.normal(size=(9, 32)).astype(np.float16)]) for i in range(16)]
+    uri = str(tmp_path_factory.mktemp("unanswered") / "entry")
+    write_entry(uri, [samples[:8], samples[8:]])
+    return uri, {s.key for s in samples if len(s.turns) == 1}
+
+
 def config_for(root: Path, cache: str, name: str, **top) -> TrainConfig:
     return from_dict(TrainConfig, {
         "name": name, "caches": [cache], "output_dir": str(root / "runs"), "max_length": 64, "pack_buffer": 16,
@@ -653,6 +672,27 @@ def test_phase2_forecasts_with_phase1s_head_and_skip_from_any_lookback_the_skip_
     no_skip = dataclasses.replace(trained, forecast_lookback=0)
     with pytest.raises(ConfigError, match="forecast_lookback 8 here, 0 in phase I's model"):
         phase1_config(trained, no_skip, "p1")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_samples_with_nothing_to_learn_are_skipped_counted_and_named(setup, unanswered_cache, tmp_path, packing):
+    """A cache written before encoding rejected unanswered samples: micro-batches (rows) of them alone have no loss;
+    training skips each such sample, runs on, counts them at every step and names each one with its reason."""
+    root, _ = setup
+    cache, unanswered = unanswered_cache
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = config_for(root, cache, "unanswered", packing=packing,
+                        phase1={"lr": 3e-3, "steps": 3, "global_batch": 4, "micro_batch": 2},
+                        tracking={"tracking_uri": uri, "experiment": "unanswered", "system_metrics_every_s": 0})
+    run_single_process(config, phase=1, device="cpu")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("unanswered").experiment_id])
+    assert run.info.status == "FINISHED"
+    counted = sorted(client.get_metric_history(run.info.run_id, "skipped_no_answer"), key=lambda m: m.step)
+    artifact = client.download_artifacts(run.info.run_id, "skipped_samples.jsonl", str(tmp_path))
+    named = [json.loads(line) for line in Path(artifact).read_text().splitlines()]
+    assert len(counted) == 3 and counted[-1].value == len(named) >= 6
+    assert {r["key"] for r in named} <= unanswered and {r["reason"] for r in named} == {"no_answer"}
 
 
 @pytest.mark.parametrize("driver", ["one process", pytest.param("ray", marks=pytest.mark.slow)])
