@@ -6,6 +6,7 @@ sees one (bf16 kernels, autotuned Triton configs and cuBLAS's algorithms differ 
 
 import os
 import platform
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def environment_tags(prefix: str = "env.") -> dict[str, str]:
     """{prefix + "cpu": ..., prefix + "<package>": version, and `gpu_tags`'} for this process's machine."""
     return {f"{prefix}cpu": cpu_description(), **{f"{prefix}{name}": package_version(name) for name in PACKAGES},
             **gpu_tags(prefix)}
+
+
+def merged_tags(environments: Iterable[dict[str, str]], prefix: str) -> dict[str, str]:
+    """Several processes' `environment_tags("")` as one set of tags under `prefix`: each key's distinct values in
+    the order first seen, joined by " | " (one value where the processes agree)."""
+    values: dict[str, dict[str, None]] = {}
+    for tags in environments:
+        for key, value in tags.items():
+            values.setdefault(key, {})[value] = None
+    return {f"{prefix}{key}": " | ".join(seen) for key, seen in values.items()}
 
 
 def require_cuda(setting: str) -> None:

@@ -27,7 +27,7 @@ from preprocessing.local_copy import publish, working_dir
 
 from .caches import absolute, resolve_cache
 from .config import from_dict, load_config, parse_overrides
-from .environment import environment_tags, require_cuda
+from .environment import environment_tags, merged_tags, require_cuda
 from .eval_tasks import TASKS, EvalTask, Tally, TaskName
 from .logged_models import check_registered_name, local_model
 from .row_sample import RowSample
@@ -77,12 +77,14 @@ class EvalResult:
     baselines: dict[str, float] = field(default_factory=dict)
     predictions: Path | None = None
     coverage: dict[str, int] = field(default_factory=dict)  # what the scores cover of the test set (`coverage`)
+    predictors: list[dict[str, str]] = field(default_factory=list)  # where the predictions ran: `Predictor.environment`
     run_id: str | None = None
     seconds: float = 0.0
 
 
 class Predictor:
-    """A Ray Data actor: one model copy; each call predicts every sample of one cache shard."""
+    """A Ray Data actor: one model copy; each call predicts every sample of one cache shard, and names the machine it
+    ran on (`environment`: its CPU, GPUs, packages and the model's device), which may not be the driver's."""
 
     def __init__(self, checkpoint: str, cache_uri: str, task: EvalTask, quantize: str = "none", device: str = "cpu",
                  tracking_uri: str | None = None, s3: storage.Settings | None = None):
@@ -102,20 +104,27 @@ class Predictor:
         model = load_trained_model(str(folder)).to(device)
         self.model = prepare_for_inference(model, quantization=quantize)
         self.tokenizer, self.cache, self.task = WorldTokenizer(), FeatureCache(cache_uri), task
+        self.environment = json.dumps({**environment_tags(""), "device": device})
 
     def __call__(self, batch: dict) -> dict:
-        rows = [row for index in batch["shard"]
-                for row in self.task.predict(self.model, self.tokenizer, list(self.cache.read_shard(int(index))))]
-        return {"rows": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object)}
+        """One record a shard: its rows (a JSON list) and this actor's environment."""
+        rows = [self.task.predict(self.model, self.tokenizer, list(self.cache.read_shard(int(index))))
+                for index in batch["shard"]]
+        return {"rows": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object),
+                "environment": np.array([self.environment] * len(rows), dtype=object)}
 
 
-def predicted_shards(config: EvalConfig, cache_uri: str, task: EvalTask) -> Iterator[list[dict]]:
-    """Each shard's predicted rows, shard by shard in the cache's order."""
+def predicted_shards(config: EvalConfig, cache_uri: str, task: EvalTask,
+                     environments: dict[str, None]) -> Iterator[list[dict]]:
+    """Each shard's predicted rows, shard by shard in the cache's order; the environments of the processes that
+    predicted them added to `environments` (JSON, in the order first seen)."""
     n_shards = len(FeatureCache(cache_uri).shards)
     shards = (predict_here(config, cache_uri, task) if config.actors == 0
               else predict_with_ray(config, cache_uri, task, n_shards))
     for batch in tqdm(shards, total=n_shards, desc=f"eval {config.task}", unit="shard"):
-        yield [json.loads(r) for r in batch["rows"]]
+        environments.update(dict.fromkeys(batch["environment"]))
+        for rows in batch["rows"]:
+            yield json.loads(rows)
 
 
 def predict_here(config: EvalConfig, cache_uri: str, task: EvalTask):
@@ -178,7 +187,9 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         experiment_id = client.get_run(parent).info.experiment_id
     else:
         experiment_id = tracking.experiment_id(client, uri, config.experiment)
-    tags = {"task": config.task, "checkpoint": str(config.checkpoint), **environment_tags()}  # where it scored
+    # where it scored (env.*) and where the model predicted (env.predictors.*: each actor's, merged)
+    tags = {"task": config.task, "checkpoint": str(config.checkpoint), **environment_tags(),
+            **merged_tags(result.predictors, "env.predictors.")}
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"eval-{config.task}", tags=tags)
@@ -233,7 +244,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
         config = replace(config, tracking_uri=tracking_uri(config.tracking_uri))
     out = working_dir(config.out_dir)
     predictions = out / f"predictions_{config.task}.jsonl"
-    scored = write_and_score(predicted_shards(config, cache_uri, task), task, predictions, config.table_rows)
+    environments = {}
+    scored = write_and_score(predicted_shards(config, cache_uri, task, environments), task, predictions,
+                             config.table_rows)
     if not scored.table.seen:
         raise ValueError(f"{cache_uri}: no row to score: " + (f"every sample was skipped, e.g. {scored.first_reason}"
                                                               if scored.skipped else "the cache holds no sample"))
@@ -241,7 +254,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if scored.skipped:
         metrics["rows_skipped"] = scored.skipped
         print(f"eval {config.task}: {scored.skipped} samples skipped, e.g. {scored.first_reason}")
-    result = EvalResult(metrics, baselines, predictions, coverage(config, cache_uri, scored))
+    result = EvalResult(metrics, baselines, predictions, coverage(config, cache_uri, scored),
+                        predictors=[json.loads(e) for e in environments])
     plots = task.plots(scored.tally, out)
     publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
     if config.track:

@@ -43,6 +43,19 @@ def test_a_gpu_process_tags_its_devices_and_cuda_versions(monkeypatch):
     assert {"env.jiwer", "env.rwkv", "env.fla-core"} <= set(tags) and tags["env.jiwer"] != "not installed"
 
 
+def test_several_processes_tags_merge_into_one_set_naming_each_distinct_value():
+    """An evaluation's actors may run on other machines than its driver, and on several kinds: each tag holds every
+    value seen, once, in the order first seen."""
+    from pipelines.environment import merged_tags
+
+    h100 = {"cpu": "Xeon (avx2)", "gpu": "NVIDIA H100 (sm_90) x1", "torch": "2.13.0", "device": "cuda"}
+    a10g = {**h100, "gpu": "NVIDIA A10G (sm_86) x1"}
+    assert merged_tags([h100, a10g, h100], "env.predictors.") == {
+        "env.predictors.cpu": "Xeon (avx2)", "env.predictors.gpu": "NVIDIA H100 (sm_90) x1 | NVIDIA A10G (sm_86) x1",
+        "env.predictors.torch": "2.13.0", "env.predictors.device": "cuda"}
+    assert merged_tags([], "env.predictors.") == {}
+
+
 def test_a_process_sent_to_a_gpu_it_lacks_fails_naming_the_setting(monkeypatch):
     """A training worker (scaling.use_gpu) or an eval actor (gpus_per_actor) on a node whose torch sees no GPU stops
     with the reason, before it loads anything, instead of running on its CPU."""

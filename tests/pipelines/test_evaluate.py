@@ -15,7 +15,7 @@ from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
 from modrwkv.wavenet import WaveNetConfig
 from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
-from pipelines.environment import cpu_description
+from pipelines.environment import cpu_description, package_version
 from pipelines.evaluate import EvalConfig, run_eval
 from preprocessing.cache.entry import FeatureCache
 from tests.conftest import random_backbone
@@ -186,6 +186,9 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     assert metrics["baseline_accuracy"] == pytest.approx(vqa.baselines["accuracy"])
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["env.numpy"] == np.__version__ and tags["env.cpu"] == cpu_description()  # what scored, where
+    # and where the actors predicted: here, two on this machine's CPU
+    assert (tags["env.predictors.device"], tags["env.predictors.cpu"]) == ("cpu", cpu_description())
+    assert tags["env.predictors.torch"] == package_version("torch") and "env.predictors.gpu" not in tags
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={vqa.run_id}")["files"]}
     assert {"eval_vqa.json", "predictions_vqa.jsonl", "confusion_matrix.png"} <= files
     assert tags["predictions"] == f"{vqa.predictions} (and an artifact of this run)"  # out_dir is local here
