@@ -11,8 +11,10 @@ It never sees an image, a sound or a series: mapping those to words is left to t
 the joint fine-tune (phase II), as in the paper.
 """
 
+import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -50,10 +52,15 @@ def context_questions(seed: int = 0):
     return sample
 
 
+# the modules whose code decides what the demo backbone learns: its data, its prompts and its training loop
+RECIPE_MODULES = (__name__, "pipelines.text_pretrain", "preprocessing.demo_data", "preprocessing.readers.asr")
+
+
 def recipe(steps: int) -> dict:
     """What the demo backbone is made from, recorded beside it: a folder another recipe made (an older TINY, other
-    steps) is made again rather than reused."""
-    return {"config": TINY.to_dict(), "steps": steps}
+    steps, a change to the code of `RECIPE_MODULES`) is made again rather than reused."""
+    code = hashlib.sha256(b"".join(Path(sys.modules[name].__file__).read_bytes() for name in RECIPE_MODULES))
+    return {"config": TINY.to_dict(), "steps": steps, "code": code.hexdigest()}
 
 
 def pretrained_backbone(path: Path, steps: int = 200, say=print, device: str = "cpu") -> Path:

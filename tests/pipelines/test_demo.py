@@ -159,8 +159,10 @@ def test_an_encoder_export_cut_short_is_made_again_and_the_demo_refuses_another_
         demo.run_demo(tmp_path / "out")
 
 
-def test_the_demo_backbone_is_made_again_when_its_recipe_changed(tmp_path):
-    """A backbone folder was reused whatever made it: after TINY or the steps changed, the demo ran on the old one."""
+def test_the_demo_backbone_is_made_again_when_its_recipe_changed(tmp_path, monkeypatch):
+    """A backbone folder was reused whatever made it: after TINY, the steps or the code that trains it changed, the
+    demo ran on the old one."""
+    from pipelines import demo_backbone
     from pipelines.demo_backbone import pretrained_backbone, recipe
 
     folder = tmp_path / "backbone"
@@ -171,4 +173,9 @@ def test_the_demo_backbone_is_made_again_when_its_recipe_changed(tmp_path):
     assert (folder / "model.safetensors").stat().st_mtime_ns == made  # the same recipe: reused
     pretrained_backbone(folder, steps=2, say=lambda _: None)
     assert json.loads((folder / "recipe.json").read_text()) == recipe(2)
+    assert (folder / "model.safetensors").stat().st_mtime_ns != made
+    made = (folder / "model.safetensors").stat().st_mtime_ns
+    # the code that makes it changed (here, a module of its recipe read as another): made again
+    monkeypatch.setattr(demo_backbone, "RECIPE_MODULES", ("pipelines.text_pretrain",))
+    pretrained_backbone(folder, steps=2, say=lambda _: None)
     assert (folder / "model.safetensors").stat().st_mtime_ns != made
