@@ -77,5 +77,7 @@ def forecast_series(model: ModRWKV, tokenizer: WorldTokenizer, question: str, fe
     device = model.backbone.emb.weight.device
     # the question's own text is text (as `ChatSession.ask` reads it): only its series placeholder is one
     ids = torch.tensor([prompt_ids(tokenizer, text, [n], "forecast", specials={placeholder})], device=device)
-    output = model(ids, [[("series", features.to(device))]], series_lookback=lookback[None].float().to(device))
+    # no logits: a [1, T, vocab] head output nobody reads, 0.26 MB a position
+    output = model(ids, [[("series", features.to(device))]], series_lookback=lookback[None].float().to(device),
+                   return_logits=False)
     return (output.forecast[0].float().cpu() * std + mean).tolist()

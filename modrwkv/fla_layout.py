@@ -3,6 +3,7 @@ LoRA matrices transposed, [1, 1, C] vectors flattened. Conversions are checked a
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,7 +104,12 @@ def convert_rwkv_pth_to_fla(src, out_dir) -> None:
 
 
 def write_fla_folder(weights: dict[str, torch.Tensor], config: RWKV7Config, out_dir) -> None:
-    """A backbone's RWKV-LM-named weights, written in fla's layout: config.json and model.safetensors."""
+    """A backbone's RWKV-LM-named weights, written in fla's layout: config.json and model.safetensors. fla's ln_x
+    (g_norm) takes eps = head_dim x norm_eps, RWKV-7's is 64e-5 at any head size: equal at 64 only (one norm_eps
+    also sets the LayerNorms' 1e-5, so no config makes both right); other head sizes are written with a warning."""
+    if config.head_size != 64:
+        warnings.warn(f"head size {config.head_size}: fla computes ln_x with eps {config.head_size * 1e-5:g}, this "
+                      "backbone was trained with 64e-5; its outputs in fla will differ slightly", stacklevel=2)
     fla_weights, hf_config = rwkv_to_fla(weights, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

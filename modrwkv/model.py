@@ -194,7 +194,8 @@ class RWKV7(nn.Module):
         if path.is_dir():
             config, weights = read_pretrained(path)
             source, optional = path / WEIGHTS_FILE, ()
-            dtype = dtype or weights["emb.weight"].dtype
+            # the saved dtype; a file without emb.weight is named by the strict load below
+            dtype = dtype or getattr(weights.get("emb.weight"), "dtype", None)
         else:
             weights = read_rwkv_pth(path)
             config, source, optional = infer_config(weights, path), path, UNUSED_LAYER0

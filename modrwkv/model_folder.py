@@ -111,13 +111,13 @@ def write_records(directory, backbone_source: dict | None = None, encoders: dict
 def read_backbone_source(directory) -> dict | None:
     """What the folder records of its backbone, or None."""
     path = Path(directory) / BACKBONE_SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
 
 
 def read_encoders_record(directory) -> dict[str, dict]:
     """modality -> the encoder settings its features came from; {} for a folder that records none."""
     path = Path(directory) / ENCODERS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def resolve_backbone(directory) -> Path:
@@ -128,6 +128,10 @@ def resolve_backbone(directory) -> Path:
     if source is None:
         raise CheckpointError(f"{directory}: an adapter-only checkpoint needs the backbone it was trained on "
                               f"(give it, or record it in {BACKBONE_SOURCE_FILE})")
+    if "://" in str(source.get("path", "")):  # Path() would read s3://b/k as the local s3:/b/k
+        raise CheckpointError(f"{directory}: its backbone is recorded at {source['path']}, not a local path: pass "
+                              "backbone= (a local copy of it), or open the folder with "
+                              "pipelines.trained_model.load_trained_model, which fetches it")
     candidates = ([directory / source["relative_path"]] if source.get("relative_path") else []) + [Path(source["path"])]
     mismatched = []
     for candidate in candidates:

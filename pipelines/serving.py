@@ -9,8 +9,9 @@ A request holds rows in any of MLflow's formats (`{"dataframe_records": [...]}`,
 and gets one prediction per row: {"answer": text}, or {"forecast": [...]} (in the series' own units) from a model
 with a forecast head. Media are decoded, checked and encoded as the encode job made the training caches, by the
 recorded encoder the model carries; the answer is `modrwkv chat`'s. A bad row fails the request with HTTP 400
-and its reason alone (never the request: `RequestError`), each row checked before any is answered; a medium the model was logged without the encoder of (a phase I or checkpoint model) with 501,
-anything else that fails with 500; the server goes on serving. Rows are answered one after another, at most
+and its reason alone (never the request: `RequestError`), each row checked, and its medium decoded and encoded,
+before any is answered; a medium the model was logged without the encoder of (a phase I or checkpoint model) with
+501, anything else that fails with 500; the server goes on serving. Rows are answered one after another, at most
 `MAX_ROWS` a request (an evaluation belongs in `modrwkv eval`). MLflow's server reads a whole body before any of
 this runs and limits none: a proxy in front limits it (README, "From a run to a served model").
 """
@@ -108,20 +109,29 @@ def checked_row(model, row: dict, where: str) -> tuple[str, str, bytes | list]:
     return question, modality, values
 
 
-def answer(model, tokenizer, media, question: str, modality: str, medium: bytes | list, where: str) -> dict:
-    """One checked row's prediction (`checked_row`); ValueError naming `where` for a medium that does not decode or
-    fails the encode job's checks."""
+def encoded(media, modality: str, medium: bytes | list, where: str):
+    """A checked row's medium (`checked_row`) decoded, checked as the encode job checks it and encoded: its features,
+    or a series' `SeriesInput`; ValueError naming `where` for one that does not decode or fails those checks."""
+    from preprocessing.validate import Rejected
+
+    if modality == "series":
+        return media.series(medium, where)
+    try:
+        return (media.image if modality == "image" else media.audio)(medium, where)
+    except Rejected as e:  # the decoder's reason, which names no row
+        raise ValueError(f"{where}: {e}") from None
+
+
+def answer(model, tokenizer, question: str, modality: str, inputs) -> dict:
+    """One row's prediction from its encoded medium (`encoded`)."""
     from modrwkv.chat import ChatSession, forecast_series
 
     if modality == "series":
-        series = media.series(medium, where)
         if model.forecast_head is not None:
-            return {"forecast": forecast_series(model, tokenizer, question, series.features, series.lookback,
-                                                series.mean, series.std)}
-        features = series.features
-    else:
-        features = (media.image if modality == "image" else media.audio)(medium, where)
-    return {"answer": ChatSession(model, tokenizer, [(modality, features)]).ask(question)}
+            return {"forecast": forecast_series(model, tokenizer, question, inputs.features, inputs.lookback,
+                                                inputs.mean, inputs.std)}
+        inputs = inputs.features
+    return {"answer": ChatSession(model, tokenizer, [(modality, inputs)]).ask(question)}
 
 
 class RequestError(MlflowException):
@@ -151,14 +161,15 @@ class ModRWKVService(PythonModel):
 
     def load_context(self, context) -> None:
         from modrwkv.inference import prepare_for_inference
-        from modrwkv.multimodal import ModRWKV
         from modrwkv.tokenizer import WorldTokenizer
         from preprocessing.encoders.recorded import MediaEncoders
 
         from .logged_models import ENCODER_ARTIFACT, MODEL_ARTIFACT
+        from .trained_model import load_trained_model
 
         model_dir = context.artifacts[MODEL_ARTIFACT]
-        self.model = prepare_for_inference(ModRWKV.from_pretrained(model_dir))
+        # an adapter-only model whose backbone was recorded by URI (a cluster's phase I) fetches it, as chat does
+        self.model = prepare_for_inference(load_trained_model(model_dir))
         self.tokenizer = WorldTokenizer()
         encoders = {m: context.artifacts.get(ENCODER_ARTIFACT.format(m)) for m in MODALITIES}
         self.media = MediaEncoders(model_dir, encoders)
@@ -169,7 +180,12 @@ class ModRWKVService(PythonModel):
 
         try:
             rows = [checked_row(self.model, row, f"row {i}") for i, row in enumerate(request_rows(model_input))]
-            return [answer(self.model, self.tokenizer, self.media, *row, f"row {i}") for i, row in enumerate(rows)]
+            # every medium decoded, checked and encoded before any row is answered: a bad one, or one the server
+            # has no encoder for, costs no generation of the rows before it
+            inputs = [encoded(self.media, modality, medium, f"row {i}")
+                      for i, (_, modality, medium) in enumerate(rows)]
+            return [answer(self.model, self.tokenizer, question, modality, features)
+                    for (question, modality, _), features in zip(rows, inputs)]
         except MissingEncoder as e:  # the server's lack, not the request's: 501
             raise RequestError(f"{e}; this logged model carries none (serve one logged with it)",
                                error_code=NOT_IMPLEMENTED) from None

@@ -336,6 +336,10 @@ def test_the_served_model_takes_each_of_mlflows_request_formats(trained, monkeyp
         response = served.post("/invocations", json=body)
         assert (response.status_code, response.json()["message"]) == (
             400, "row 1: image is not valid base64 (Only base64 data is allowed)"), body.keys()
+    # base64 of what is no image: found when decoded, still before any row is answered
+    rows[1]["image"] = b64(b"GIF89a, but no more")
+    response = served.post("/invocations", json={"inputs": rows})
+    assert response.status_code == 400 and response.json()["message"].startswith("row 1: "), response.json()
     assert not answered
 
 

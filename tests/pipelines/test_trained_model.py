@@ -1,11 +1,18 @@
 """An adapter-only model opens in fp32 however its backbone reaches it: recorded by a local path or by an s3:// URI,
-or given (`--backbone`), even a backbone saved in bf16; the adapter is what training saved, bit for bit."""
+or given (`--backbone`), even a backbone saved in bf16, and so does the served model; the adapter is what training
+saved, bit for bit."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from modrwkv import RWKV7, RWKV7Config
+from modrwkv.checkpoint import CheckpointError
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
+from pipelines.logged_models import MODEL_ARTIFACT
+from pipelines.serving import ModRWKVService
 from pipelines.trained_model import load_trained_model
 from preprocessing import local_copy, storage
 from tests.conftest import random_backbone
@@ -34,12 +41,17 @@ def test_an_adapter_only_model_opens_in_fp32_from_a_bf16_backbone(tmp_path, s3_s
         weights = opened.state_dict()
         assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}
         assert all(torch.equal(weights[k], v) for k, v in saved.items())
+    # served as a logged model, it fetches its backbone as chat does; the model class alone says what to do
+    service = ModRWKVService()
+    service.load_context(SimpleNamespace(artifacts={MODEL_ARTIFACT: str(tmp_path / "remote")}))
+    assert torch.equal(service.model.backbone.emb.weight, backbone.emb.weight)
+    with pytest.raises(CheckpointError, match=f"its backbone is recorded at {remote}, not a local path: pass "
+                                              "backbone="):
+        ModRWKV.from_pretrained(tmp_path / "remote")
 
 
 def test_a_backbone_given_beside_a_full_model_folder_is_refused(tmp_path):
     """A full save (phase II's) holds its backbone: `--backbone` beside it was loaded, then ignored without a word."""
-    import pytest
-
     config = RWKV7Config(vocab_size=256, n_layer=1, n_embd=32, head_size=16)
     random_backbone(config).save_pretrained(tmp_path / "backbone")
     model = ModRWKV(ModRWKVConfig(config, {"image": ProjectorConfig(encoder_dim=8, adapter_scale=2)}),

@@ -213,6 +213,15 @@ class Projector(nn.Module):
         self.adapter = nn.Sequential(nn.Linear(encoder_dim, adapter_scale * model_dim), nn.ReLU(),
                                      nn.Linear(adapter_scale * model_dim, model_dim))
 
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.bfloat16)` or `.half()` keep the feature statistics in fp32 (only moved), as the trained model
+        # does; transformers' own fp32 list applies within from_pretrained(dtype=...) only
+        stats = {name: b for name, b in self._buffers.items() if name.startswith("feature_")}
+        super()._apply(fn, recurse)
+        for name, kept in stats.items():
+            self._buffers[name] = kept.to(self._buffers[name].device)
+        return self
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # the normalisation in fp32 whatever the model's dtype: whitening reaches low-variance directions by
         # cancelling large components, which bf16 rounding swamps
