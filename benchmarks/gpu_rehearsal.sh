@@ -5,8 +5,8 @@
 #   kernel_tests        tests/modrwkv_kernels on CUDA (both Triton backends, fp32 and bf16), the model on CUDA vs CPU
 #   deepspeed_tests     the DeepSpeed engine as workers run it, in one process: ZeRO-1 and 2 in bf16, fp32 gradient
 #                       sums and fp32 feature statistics learns and saves (tests/pipelines/test_deepspeed_cuda.py);
-#                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py); the
-#                       model's packed rows on CUDA against the CPU (test_model_cuda.py, also in kernel_tests)
+#                       a micro-step of the core makes no synchronizing CUDA call (test_trainer_cuda.py); host
+#                       features reach a model on the GPU (test_multimodal.py)
 #   demo_quality        the demo suite trained (the core, bf16, Triton kernels) and evaluated on the GPU in one
 #                       process, 3 seeds, from copies of the demo's caches carried in runs/gpu_demo (no data or
 #                       encoders there; `python benchmarks/quality.py --write-caches runs/gpu_demo/caches.json`);
@@ -27,10 +27,11 @@
 # (fla-core for the fla rows, rwkv for the World vocabulary file, jiwer and RapidFuzz for WER, DeepSpeed with hjson
 # and pydantic's packages; the six cache entries with only the features they use): carry ".whl" and "runs/gpu_demo".
 # Logs and every benchmark's JSON are packed into $OUT/rehearsal.tar.gz after each part (what comes back is counted
-# in files). Triton's autotuning results (fla's took its parts' whole limits twice) are kept on disk and packed into
-# $OUT/triton_autotune.tar.gz after each part; copied here to runs/triton_autotune.tar.gz and carried, they are
-# reused by the next lent machine (same image: the cache key holds Triton's version, the GPU, each kernel's source
-# and shapes), which then compiles only each kernel's chosen config.
+# in files), and all that is printed goes to $OUT/console.log as it is printed. deepspeed_tests and demo_quality
+# refuse to start without the carried inputs (exit 3). Triton's autotuning results (fla's took its parts' whole
+# limits twice) are kept on disk and packed into $OUT/triton_autotune.tar.gz after each part; copied here to
+# runs/triton_autotune.tar.gz and carried, they are reused by the next lent machine (same image: the cache key holds
+# Triton's version, the GPU, each kernel's source and shapes), which then compiles only each kernel's chosen config.
 #   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,21 @@ PARTS=${PARTS:-$ALL_PARTS}
 for name in $PARTS; do  # a mistyped part ran nothing and brought nothing back: the machine's start spent for none
     [[ " $ALL_PARTS " == *" $name "* ]] || { echo "== unknown part $name; the parts: $ALL_PARTS"; exit 2; }
 done
+# the parts that read what gpu_rehearsal_inputs.sh made here: without it (not carried, or made in another
+# checkout) each would fail on its first import or file, one after another, on the device's time
+needs_inputs=""
+for name in deepspeed_tests demo_quality; do [[ " $PARTS " == *" $name "* ]] && needs_inputs+=" $name"; done
+if [[ -n $needs_inputs ]] && ! { compgen -G ".whl/*.whl" >/dev/null && [[ -f runs/gpu_demo/caches.json ]]; }; then
+    echo "==$needs_inputs need .whl/ and runs/gpu_demo/caches.json (benchmarks/gpu_rehearsal_inputs.sh, then carry"
+    echo "   both): stopping"
+    exit 3
+fi
 DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
 mkdir -p "$OUT"
+# everything printed, as it is printed: what a part had written survives a cut by the device's own limit
+exec > >(tee "$OUT/console.log") 2>&1
+console=$!
+trap 'exec >&- 2>&-; wait $console' EXIT  # the last lines written before the script ends
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # one folder for every call on the machine: a second call while it is still warm compiles nothing again
 export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/modrwkv-triton-cache}
@@ -51,14 +65,15 @@ mkdir -p "$TRITON_CACHE_DIR"
 [[ -f runs/triton_autotune.tar.gz ]] && tar xzf runs/triton_autotune.tar.gz -C "$TRITON_CACHE_DIR"
 # a failed install stops here, not minutes later at the first import of what it lacks
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    timeout 120 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         || { echo "== the wheels in .whl did not install: stopping"; exit 1; }
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
+    timeout 120 python3 -c "import deepspeed, jiwer, rapidfuzz, rwkv" \
         || { echo "== a carried package does not import: stopping"; exit 1; }
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOGS/machine.log"
+{ timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  timeout 60 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$LOGS/machine.log"
 tar czf "$OUT/rehearsal.tar.gz" -C "$LOGS" .  # the machine's line comes back, whatever the parts do
 
 LINE_BUFFERED=$(command -v stdbuf >/dev/null && echo "stdbuf -oL")  # coreutils' stdbuf, where the image has it
@@ -79,9 +94,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit (or what is lef
 # -v: each test's outcome as it ends (a part its limit cuts short prints no summary)
 part kernel_tests 150 python3 -m pytest -v -p no:cacheprovider tests/modrwkv_kernels tests/modrwkv/test_model_cuda.py \
     -k "not fla"
-part deepspeed_tests 150 python3 -m pytest -q -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
-    tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py tests/modrwkv/test_model_cuda.py \
-    -k "cuda or deepspeed or on_the_gpu"
+part deepspeed_tests 150 python3 -m pytest -v -p no:cacheprovider tests/pipelines/test_deepspeed_cuda.py \
+    tests/pipelines/test_trainer_cuda.py tests/modrwkv/test_multimodal.py -k "cuda or deepspeed or on_the_gpu"
 part demo_quality 280 python3 benchmarks/quality.py --suites demo --single-process --untracked \
     --caches runs/gpu_demo/caches.json --seeds ${SEEDS:-0 1 2} --out "$LOGS"
 part encoder_throughput 120 python3 benchmarks/encoder_throughput.py --out "$LOGS"

@@ -130,6 +130,7 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
     `backend`; with `profile`, one more step under torch's profiler."""
     os.environ["MODRWKV_WKV7_BACKEND"] = backend
     model.load_state_dict(initial)
+    model.zero_grad(set_to_none=True)  # a row that failed mid-step (out of memory) left its gradients behind
     model.backbone.gradient_checkpointing = checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     vocab = shape["backbone"].vocab_size
@@ -184,13 +185,17 @@ def main():
     parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
                         help="the backbone's blocks under torch.compile, each given value in turn (off first)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--row-tokens", type=int, help="tokens a packed row holds at most (the shape's by default: "
+                                                       "16,384 at 0.4B); fewer for a GPU of less memory")
     parser.add_argument("--profile", action="store_true", help="profile one more step of each row: top ops by "
                                                                "device time, kernels launched, device busy share")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = parser.parse_args()
     device = "cuda" if cuda else "cpu"
-    shape = SHAPES[args.shape]
+    shape = {**SHAPES[args.shape], **({"row_tokens": args.row_tokens} if args.row_tokens else {})}
+    if shape["row_tokens"] < shape["context"]:
+        parser.error(f"--row-tokens must hold one sample of the context, {shape['context']} tokens or more")
     started = time.perf_counter()
     model = build_model(shape, device)
     # every backend starts from these; on the host: held on the GPU they were 1.7 GiB of its peak memory at 0.4B

@@ -69,8 +69,7 @@ def test_a_failed_install_stops_the_rehearsal_before_any_part(tmp_path, failing,
     """Without the stop, every part ran on and the first one to import what the wheels held failed minutes later,
     on the device's time."""
     repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
-    (repo / ".whl").mkdir()
-    (repo / ".whl" / "deepspeed-0.19.8-py3-none-any.whl").write_text("")
+    carried_inputs(repo)
     run = rehearse(repo, tmp_path, f'case "$*" in *"{failing}"*) exit 1;; esac; {PYTHON3}')
     assert run.returncode == 1 and f"== {message}: stopping" in run.stdout, run.stdout + run.stderr
     assert "== kernel_tests" not in run.stdout
@@ -83,10 +82,30 @@ def test_an_unknown_part_stops_the_rehearsal_naming_the_parts_and_the_machine_li
     assert run.returncode == 2 and "== unknown part wkv7_kernel; the parts: kernel_tests" in run.stdout
     assert "== kernel_tests" not in run.stdout
     # every part by default, none with budget left: each skipped at once, the machine's line packed before any
+    carried_inputs(repo)
     run = rehearse(repo, tmp_path, BUDGET_S="0", PARTS="")  # empty: the default, every part
     assert run.returncode == 0 and "== wkv7_kernels: skipped" in run.stdout, run.stdout + run.stderr
     with tarfile.open(tmp_path / "out" / "rehearsal.tar.gz") as logs:
         assert logs.getnames() == [".", "./machine.log"]
+    # and all it printed, in $OUT as it was printed
+    assert (tmp_path / "out" / "console.log").read_text() == run.stdout
+
+
+def carried_inputs(repo: Path) -> None:
+    """What gpu_rehearsal_inputs.sh makes and a call carries: wheels, and the demo's caches."""
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "deepspeed-0.19.8-py3-none-any.whl").write_text("")
+    (repo / "runs" / "gpu_demo").mkdir(parents=True)
+    (repo / "runs" / "gpu_demo" / "caches.json").write_text("{}")
+
+
+@pytest.mark.parametrize("parts", ["deepspeed_tests", "kernel_tests demo_quality"])
+def test_parts_that_read_the_carried_inputs_stop_the_rehearsal_without_them(tmp_path, parts):
+    """Not carried (or made in another checkout), each such part failed on its first import or file in turn."""
+    repo = repo_with(tmp_path / "repo", "benchmarks/gpu_rehearsal.sh")
+    run = rehearse(repo, tmp_path, PARTS=parts)
+    assert run.returncode == 3 and "need .whl/ and runs/gpu_demo/caches.json" in run.stdout, run.stdout
+    assert "== kernel_tests" not in run.stdout
 
 
 def test_parts_that_need_no_wheels_run_without_them(tmp_path):

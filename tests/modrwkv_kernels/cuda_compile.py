@@ -1,0 +1,72 @@
+"""The Triton wkv7 kernels compiled for NVIDIA GPUs on a machine without one: each backend's forward and backward
+run through its autograd function as training calls them, with Triton's active driver replaced by one that names
+the target GPU and each launch turned into a compile (`JITFunction.warmup`'s path). Triton lowers to PTX and the
+`ptxas` its wheel ships assembles the cubin, so what only the real compiler checks (types, layouts of `tl.dot`
+operands, shared memory per block) is checked here; nothing runs. Prints one JSON line per compiled kernel:
+{"kernel", "arch", "dtype", "shared", "cubin_bytes"}.
+
+    python tests/modrwkv_kernels/cuda_compile.py 90:bfloat16,float32 80:bfloat16   # capability:input dtypes
+
+Run it in a process of its own without TRITON_INTERPRET (the interpreter replaces the kernels)."""
+
+import json
+import sys
+
+import torch
+import triton.runtime.driver as active_driver
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+
+class TargetOnly:
+    """The part of a Triton driver that compiling reads: the device, its stream and the target GPU."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def compile_backends(capability: int, dtype: torch.dtype, B=1, T=40, H=2, N=64) -> list[dict]:
+    """Every kernel the two Triton backends launch for a forward and backward at `dtype`, compiled for
+    sm_<capability>."""
+    from modrwkv_kernels.wkv7.triton_chunked import wkv7_triton_chunked
+    from modrwkv_kernels.wkv7.triton_kernel import wkv7_triton
+
+    compiled, launch, targeted = [], JITFunction.run, set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        if self not in targeted:  # each kernel keeps the target it first compiled for, per device
+            self.device_caches.clear()
+            targeted.add(self)
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append({"kernel": self.__name__, "arch": f"sm_{capability}", "dtype": str(dtype).split(".")[-1],
+                         "shared": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])})
+        return kernel
+
+    JITFunction.run = compile_only
+    active_driver.set_active(TargetOnly(capability))
+    try:
+        for backend in (wkv7_triton, wkv7_triton_chunked):
+            inputs = [torch.randn(B, T, H, N, dtype=dtype, requires_grad=True) for _ in range(6)]
+            initial = torch.zeros(B, H, N, N, requires_grad=True)
+            y, state = backend(*inputs, initial_state=initial)  # outputs unwritten: nothing ran
+            (y.float().sum() + state.sum()).backward()
+    finally:
+        JITFunction.run = launch
+    return compiled
+
+
+if __name__ == "__main__":  # capability:dtype,... e.g. 90:bfloat16,float32 80:bfloat16
+    for target in sys.argv[1:]:
+        capability, dtypes = target.split(":")
+        for dtype in dtypes.split(","):
+            for row in compile_backends(int(capability), getattr(torch, dtype)):
+                print(json.dumps(row), flush=True)

@@ -1,0 +1,32 @@
+"""The Triton kernels compile for the GPUs users train on, checked on a machine without one (`cuda_compile.py`):
+the interpreter that runs them on CPU here checks neither Triton's types and `tl.dot` layouts nor the shared
+memory a block needs, which only the real compiler does. H100/H200 (sm_90, wgmma) at the training dtype and
+fp32, A100 (sm_80, mma) at the training dtype."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KERNELS = {"_wkv7_fwd_kernel", "_wkv7_bwd_kernel", "_chunk_fwd_kernel", "_chunk_bwd_kernel"}
+SHARED_PER_BLOCK = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}  # the most a block may opt in to (CUDA's tables)
+
+
+@pytest.mark.slow
+def test_every_triton_kernel_compiles_for_hopper_and_ampere_within_their_shared_memory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))  # a fresh cache: compiled here, not found
+    done = subprocess.run([sys.executable, str(REPO / "tests/modrwkv_kernels/cuda_compile.py"),
+                           "90:bfloat16,float32", "80:bfloat16"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
+    assert compiled == {(k, arch, dtype) for k in KERNELS
+                        for arch, dtype in (("sm_90", "bfloat16"), ("sm_90", "float32"), ("sm_80", "bfloat16"))}
+    for row in rows:
+        assert row["cubin_bytes"] > 0 and row["shared"] <= SHARED_PER_BLOCK[row["arch"]], row
