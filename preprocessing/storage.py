@@ -94,8 +94,11 @@ def media_path(root: str, path: str, allow_outside: bool = False) -> str:
         if not joined.startswith(root.rstrip("/") + "/"):
             raise ValueError(f"media path {path!r} leaves the media root {root}")
         return joined
-    base = Path(root).resolve()
-    target = (base / path).resolve()  # follows symlinks
+    try:
+        base = Path(root).resolve()
+        target = (base / path).resolve()  # follows symlinks
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13), a name too long
+        raise ValueError(f"media path {path!r} does not resolve: {e}") from None
     if not target.is_relative_to(base):
         raise ValueError(f"media path {path!r} resolves to {target}, outside the media root {base}")
     return str(Path(root) / path)

@@ -7,7 +7,7 @@ import posixpath
 
 from .. import storage
 from .llava import parse_records, text_lines
-from .sample import RawSample, Reject, sample_key, unique
+from .sample import RawSample, Reject, is_sample_id, sample_key, unique
 
 PROMPTS = {"en": "Transcribe the English speech.", "zh": "Transcribe the Mandarin speech."}
 DEFAULT_PROMPT = "Transcribe the speech."
@@ -31,7 +31,10 @@ def read_asr_manifest(uri: str, audio_root: str | None = None,
             continue
         given_id = r.get("id")
         # the path, not the file's name: spk1/001.wav and spk2/001.wav are two samples
-        key_id = str(given_id) if given_id not in (None, "") else posixpath.splitext(posixpath.normpath(r["audio"]))[0]
+        key_id = posixpath.splitext(posixpath.normpath(r["audio"]))[0] if given_id in (None, "") else str(given_id)
+        if given_id not in (None, "") and not is_sample_id(given_id):
+            rejects.append(Reject(where, f"'id' must be a non-empty string or an integer, got {given_id!r:.80}"))
+            continue
         if not isinstance(r.get("language"), str | None):
             rejects.append(Reject(where, f"'language' must be a string, got {r['language']!r:.40}", sample_key(key_id)))
             continue

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 from .. import storage
-from .sample import RawSample, Reject, sample_key, unique
+from .sample import RawSample, Reject, is_sample_id, sample_key, unique
 
 ROLE_OF = {"human": "user", "gpt": "assistant"}
 
@@ -41,13 +41,15 @@ def parse_records(uri: str) -> tuple[list, list[Reject]]:
                 records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
                 rejects.append(Reject(where, f"invalid JSON: {e.msg}"))
+            except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
+                rejects.append(Reject(where, f"invalid JSON: {str(e)[:200]}"))
             escapes = escapes or bool(SURROGATE_ESCAPE.search(line))
     else:
         try:
             text = storage.read_bytes(uri).decode("utf-8-sig")  # a byte-order mark (Windows editors) is no text
             data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{uri}: not a readable JSON file: {e}") from None
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a giant integer, nesting past the stack
+            raise ValueError(f"{uri}: not a readable JSON file: {str(e)[:200]}") from None
         if not isinstance(data, list):
             raise ValueError(f"{uri}: expected a JSON list of samples, got {type(data).__name__}")
         records, escapes = [(f"{uri}[{i}]", r) for i, r in enumerate(data)], bool(SURROGATE_ESCAPE.search(text))
@@ -91,9 +93,8 @@ def read_llava(uri: str, image_root: str | None = None,
         try:
             if not isinstance(record, dict) or "id" not in record:
                 raise ValueError("a sample must be an object with an 'id'")
-            # null, "" or true would key the sample as "None", "-<hash>", "True": a real id's key, or none
-            if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)) or record["id"] == "":
-                raise ValueError(f"'id' must be a non-empty string or an integer, got {record['id']!r}")
+            if not is_sample_id(record["id"]):
+                raise ValueError(f"'id' must be a non-empty string or an integer, got {record['id']!r:.80}")
             images = record.get("image")
             images = [] if images is None else images  # null, as a table exported to JSON writes "no image"
             images = [images] if isinstance(images, str) else images
@@ -109,8 +110,7 @@ def read_llava(uri: str, image_root: str | None = None,
                                             and all(isinstance(a, str) for a in answers)):
                 raise ValueError("'answers' must be a non-empty list of strings (the annotators' answers)")
         except ValueError as e:
-            keyed = isinstance(record, dict) and isinstance(record.get("id"), (str, int)) \
-                and not isinstance(record["id"], bool) and record["id"] != ""
+            keyed = isinstance(record, dict) and is_sample_id(record.get("id"))
             rejects.append(Reject(where, str(e), sample_key(record["id"]) if keyed else None))
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,

@@ -16,6 +16,12 @@ def sample_key(source_id: str) -> str:
     return f"{safe[:80]}-{hashlib.sha1(str(source_id).encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
+def is_sample_id(value) -> bool:
+    """A record's "id" as a sample may be named by: a non-empty string or an integer. null, "", true, a list or an
+    object would key it as "None", "-<hash>", "True" or their Python text: a real id's key, or none."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
+
+
 @dataclass
 class RawSample:
     key: str

@@ -29,10 +29,30 @@ SPLITS = ("train", "val", "test")
 def read_arrow(data: io.BytesIO) -> pa.Table:
     """Arrow IPC: the stream format Hugging Face's `save_to_disk` writes, or the file (Feather v2) format."""
     try:
-        return pa.ipc.open_stream(data).read_all()
+        table = pa.ipc.open_stream(data).read_all()
     except pa.ArrowInvalid:
         data.seek(0)
         return pa.ipc.open_file(data).read_all()
+    check_stream_end(data.getbuffer())
+    return table
+
+
+STREAM_ENDS = (b"\xff\xff\xff\xff\x00\x00\x00\x00", b"\x00\x00\x00\x00")  # the end-of-stream marker; before Arrow 0.15
+
+
+def check_stream_end(data) -> None:
+    """A stream cut between two of its messages reads as fewer rows without a word (the series shorter, the split
+    points moved): its last message must be followed by the end-of-stream marker, as every writer closes it."""
+    reader = pa.BufferReader(pa.py_buffer(data))
+    while True:
+        end = reader.tell()
+        try:
+            pa.ipc.read_message(reader)
+        except EOFError:  # at the marker, or at the end of the bytes
+            break
+    if bytes(data[end:]) not in STREAM_ENDS:
+        raise pa.ArrowInvalid(f"the stream stops after {end} bytes of record batches without its end-of-stream "
+                              "marker: the file was cut short")
 
 
 READERS = {".parquet": pq.read_table, ".csv": pacsv.read_csv, ".arrow": read_arrow}
@@ -95,6 +115,17 @@ def checked_time_column(table, name: str, uri: str) -> str:
         raise ValueError(f"{uri}: time column {name!r} has no time in {missing} of its {len(times)} rows (the first: "
                          f"data row {pc.index(timed, False).as_py() + 1}); give each row its time, or drop those rows")
     return name
+
+
+def check_distinct_times(times, name: str, uri: str) -> None:
+    """Sorted times, each at most once: a time given twice (a clock's fall-back hour, rows appended twice) would
+    repeat a step, and every window across it would be a step off."""
+    repeated = pc.equal(times.slice(1), times.slice(0, max(len(times) - 1, 0)))
+    count = pc.sum(repeated).as_py() or 0
+    if count:
+        first = times[pc.index(repeated, True).as_py()].as_py()
+        raise ValueError(f"{uri}: time column {name!r} gives the time {first} to more than one row ({count} rows "
+                         "repeat a time in all); a series has one value a time: drop or merge those rows")
 
 
 class TooManyWindows(ValueError):
@@ -184,6 +215,7 @@ def file_series(uri: str, stem: str, windows: "Windowing", columns,
     table = load_table(uri)
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
+        check_distinct_times(table[time_column], time_column, uri)
     # each name once: a column listed twice gave windows with the same keys, which the cache stores once. Dates are
     # no series (the Time-Series-Library's files lead with a `date` column, which cast to numbers is epoch seconds);
     # in the long layout the series are `target`'s (its other lists are covariates)

@@ -174,6 +174,27 @@ def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
     (tmp_path / "v.json").write_bytes(b'[{"id": "caf\xe9"}]')
     with pytest.raises(ValueError, match="v.json: not a readable JSON file: 'utf-8' codec can't decode byte 0xe9"):
         read_llava(str(tmp_path / "v.json"))
+    # what Python's parser raises besides JSONDecodeError: nesting past the stack, an integer of 5,000 digits
+    for text, reason in (("[" * 200_000, "maximum recursion depth exceeded"), ('[{"id": ' + "1" * 5000 + "}]",
+                                                                               "Exceeds the limit")):
+        (tmp_path / "v.json").write_text(text)
+        with pytest.raises(ValueError, match=f"v.json: not a readable JSON file: {reason}"):
+            read_llava(str(tmp_path / "v.json"))
+
+
+def test_a_jsonl_line_python_cannot_parse_or_an_id_that_names_nothing_rejects_that_line_only(tmp_path):
+    """A line nested past the stack (RecursionError) or holding an integer of over 4,300 digits (a plain ValueError)
+    escaped the per-line reject and stopped the job naming neither file nor line; an ASR manifest keyed a sample by
+    any JSON value's Python text ("True", "{'a': 1}"), where LLaVA's reader refuses such ids."""
+    good = {"audio": "a.wav", "text": "hi"}
+    lines = ["[" * 200_000, '{"id": ' + "1" * 5000 + ', "audio": "b.wav", "text": "hi"}', json.dumps(good),
+             json.dumps({**good, "id": True}), json.dumps({**good, "id": {"a": 1}})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
+    assert [s.key for s in samples] == ["a"]
+    assert [(r.source.rsplit(":", 1)[1], r.reason[:40]) for r in rejects] == [
+        ("1", "invalid JSON: maximum recursion depth ex"), ("2", "invalid JSON: Exceeds the limit (4300 di"),
+        ("4", "'id' must be a non-empty string or an in"), ("5", "'id' must be a non-empty string or an in")]
 
 
 def as_lists(series: dict) -> dict:
@@ -270,6 +291,23 @@ def test_a_series_file_pyarrow_cannot_read_is_an_error_naming_it(tmp_path):
         with pytest.raises(ValueError, match=f"{tmp_path / name}: not a readable {kind} file: "):
             read_series(str(tmp_path / name), lookback=1, horizon=1, stride=1)
 
+    # an Arrow stream (save_to_disk's) cut between two record batches read as half its rows, without a word
+    table = pa.table({"v": [float(i) for i in range(1000)]})
+    with pa.ipc.new_stream(tmp_path / "whole.arrow", table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=250):
+            writer.write_batch(batch)
+    assert len(read_series(str(tmp_path / "whole.arrow"), lookback=8, horizon=2, stride=10)[0]) > 0
+    data = (tmp_path / "whole.arrow").read_bytes()
+    reader, ends = pa.BufferReader(data), []
+    for _ in range(3):  # the schema and two batches
+        pa.ipc.read_message(reader)
+        ends.append(reader.tell())
+    (tmp_path / "cut.arrow").write_bytes(data[:ends[-1]])
+    assert pa.ipc.open_stream(data[:ends[-1]]).read_all().num_rows == 500  # what pyarrow reads of it
+    with pytest.raises(ValueError, match=f"{tmp_path / 'cut.arrow'}: not a readable arrow file: the stream stops "
+                                         "after .* bytes of record batches without its end-of-stream marker"):
+        read_series(str(tmp_path / "cut.arrow"), lookback=8, horizon=2, stride=10)
+
 
 def test_series_time_column_must_sort_in_time_order(tmp_path):
     """A CSV's dd/mm/yyyy dates are text, which sorted alphabetically scrambled the series (01/01, 01/02, 02/01):
@@ -286,6 +324,12 @@ def test_series_time_column_must_sort_in_time_order(tmp_path):
     (tmp_path / "twice.csv").write_text("date,date,v\n2020-01-01,2020-01-01,1\n")
     with pytest.raises(ValueError, match="twice.csv: the header names the time column 'date' 2 times"):
         read_series(str(tmp_path / "twice.csv"), lookback=8, horizon=2, stride=10, time_column="date")
+    # a time given to two rows (a clock's fall-back hour) repeated a step: every window across it a step off
+    hours = [f"2020-10-25 {h:02d}:00" for h in range(24)]
+    (tmp_path / "dst.csv").write_text("\n".join(["t,v"] + [f"{t},{i}" for i, t in enumerate(hours + hours[2:3])]))
+    with pytest.raises(ValueError, match="dst.csv: time column 't' gives the time 2020-10-25 02:00:00 to more than "
+                                         r"one row \(1 rows repeat a time in all\)"):
+        read_series(str(tmp_path / "dst.csv"), lookback=8, horizon=2, stride=10, time_column="t")
 
     for name, value in (("gap.csv", ""), ("nan.csv", "nan")):  # a row with no time, sorted last, ended the test split
         (tmp_path / name).write_text("\n".join(["t,v"] + [f"{value if i == 5 else i},{i}" for i in range(20)]) + "\n")
@@ -326,6 +370,14 @@ def test_media_paths_outside_the_root_are_rejected_before_they_are_opened(tmp_pa
 
     opted_in, rejects = read_llava(str(root / "data.json"), allow_outside_root=True)
     assert len(opted_in) == 6 and not rejects
+    # a symlink loop (RuntimeError from Path.resolve) rejects its record, where it stopped the job
+    (root / "img" / "loop1").symlink_to(root / "img" / "loop2")
+    (root / "img" / "loop2").symlink_to(root / "img" / "loop1")
+    (root / "loop.json").write_text(json.dumps([{"id": "loop", "image": "img/loop1/x.png",
+                                                  "conversations": conversation()}]))
+    samples, rejects = read_llava(str(root / "loop.json"))
+    assert not samples and rejects[0].key == "loop" and "media path 'img/loop1/x.png' does not resolve" in (
+        rejects[0].reason)
 
     (root / "m.jsonl").write_text('{"audio": "../secret.wav", "text": "hi"}\n{"audio": "a/x.wav", "text": "hi"}\n')
     samples, rejects = read_asr_manifest(str(root / "m.jsonl"))
