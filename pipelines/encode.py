@@ -27,7 +27,6 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import os
 import sys
 import time
@@ -39,8 +38,8 @@ import numpy as np
 from modrwkv.conversation import Sample, Turn, text_length
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing import storage
-from preprocessing.cache.entry import (REJECTS, WRITTEN_WITH, CacheEntry, FeatureCache, FeatureStore, item_length,
-                                      npy_bytes, pack_shard, shard_name)
+from preprocessing.cache.entry import (WRITTEN_WITH, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
+                                      pack_shard, shard_name)
 from preprocessing.cache.key import (cache_fingerprints, cache_spec, code_version, entry_uri, hash_model_dir,
                                      library_versions, store_key)
 from preprocessing.cache.lease import lease, wait_out_sweep
@@ -429,14 +428,14 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
     prepared = prepare(samples, rejects, config.limits, fingerprints)
     store = FeatureStore.for_key(config.cache.root, key, library_versions())
     spec = cache_spec(key, dataclasses.asdict(config.dataset), config.cache.shard_size,
-                      (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)))
+                      (p.record() for p in sorted(prepared, key=lambda p: p.raw.key)),
+                      ((r.key, r.reason) for r in rejects))
     uri = entry_uri(config.cache.root, spec)
     entry = CacheEntry(uri)
 
     def cache_hit() -> EncodeResult:
         manifest = entry.manifest()
         print(f"cache hit: {uri} ({manifest['counts']['written']} samples); nothing to encode")
-        report_other_rejects(entry, manifest["counts"]["read"], rejects, n_read)
         if resolution:
             resolution.write(uri)
         return EncodeResult(uri, manifest, True, manifest["items"], time.perf_counter() - start,
@@ -638,18 +637,6 @@ def folder_outcomes(configs: list[EncodeConfig], run: RunConfig) -> Iterator[tup
         yield index, outcome
         for index in itertools.islice(waiting, 1):
             running[encode.remote(configs[index], s3)] = index
-
-
-def report_other_rejects(entry: CacheEntry, entry_read: int, rejects: list[Reject], n_read: int) -> None:
-    """On a cache hit: the entry holds the same samples, but this run may have read and rejected others than the run
-    that built it (a bad record added since); those are printed, as the entry's rejects.jsonl lists the other's."""
-    listed = {(r["key"], r["reason"]) for r in map(json.loads, storage.read_bytes(entry.path(REJECTS)).splitlines())}
-    new = [r for r in rejects if (r.key, r.reason) not in listed]
-    if new or n_read != entry_read:
-        print(f"this run read {n_read} samples ({entry_read} when the entry was built); "
-              f"{len(new)} rejects it found are not in the entry's {REJECTS}:")
-        for r in new:
-            print(f"  {r.source}: {r.reason}")
 
 
 def report_over_length(uri: str, config: EncodeConfig) -> list[dict] | None:

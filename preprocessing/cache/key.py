@@ -96,14 +96,22 @@ def processor_only_nested(kind: str, model_dir) -> dict:
     return {"processor_file": "processor_config.json"} if nested_only else {}
 
 
-def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[dict]) -> dict:
-    """store: its key; records: each sample's descriptor with the content hashes of its media, in key order."""
+def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[dict],
+               rejected: Iterable[tuple[str | None, str]] = ()) -> dict:
+    """store: its key; records: each sample's descriptor with the content hashes of its media, in key order;
+    rejected: (key, reason) of each record refused before encoding. An entry's manifest counts what its run read and
+    rejected, so a bad record added since names another entry (its shards written again, its items found in the
+    store) rather than a hit whose counts and rejects.jsonl leave it out; an entry with none keeps the id it had."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(canonical_json(record))
-    return {"modality": store["modality"], "store": store, "shard_size": shard_size,
+    spec = {"modality": store["modality"], "store": store, "shard_size": shard_size,
             "dataset": {k: v for k, v in dataset.items() if k not in CHANGE_NO_SAMPLE},
             "samples_hash": digest.hexdigest()}
+    refused = sorted((key or "", reason) for key, reason in rejected)
+    if refused:
+        spec["rejects_hash"] = hashlib.sha256(canonical_json(refused)).hexdigest()
+    return spec
 
 
 def cache_fingerprints(cache_root: str) -> storage.Fingerprints:

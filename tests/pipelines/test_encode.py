@@ -127,18 +127,23 @@ def test_a_file_that_storage_fails_to_read_fails_the_job_and_a_vanished_one_is_r
     assert "cannot read it" in decode_item(row, "image", None, None)["reject"]
 
 
-def test_a_cache_hit_prints_the_rejects_the_entry_does_not_list(tmp_path, encoders, capsys):
+def test_a_bad_record_added_since_names_another_entry_whose_counts_reconcile(tmp_path, encoders, capsys):
+    """A cache hit served the entry of the same samples, whose manifest and rejects.jsonl did not count the record
+    rejected since (only printed): the run's read != written + rejected. Its entry now holds it, its items found."""
     dataset, _ = bad_images_set(tmp_path)
     encoder = {"kind": "clip", "model_dir": str(encoders["clip"])}
     first = run_encode(config(dataset=dataset, encoder=encoder, cache={"root": str(tmp_path / "cache")}))
     records = json.loads(Path(dataset["path"]).read_text())
     Path(dataset["path"]).write_text(json.dumps(records + [{"id": "added", "conversations": "not a list"}]))
-    capsys.readouterr()
     again = run_encode(config(dataset=dataset, encoder=encoder, cache={"root": str(tmp_path / "cache")}))
-    assert again.reused and again.uri == first.uri  # the same samples are written: the entry serves
-    out = capsys.readouterr().out
-    assert "this run read 8 samples (7 when the entry was built); 1 rejects it found are not in" in out
-    assert "'conversations' must be a non-empty list" in out.split("not in the entry's rejects.jsonl:")[1]
+    assert not again.reused and again.uri != first.uri and first.manifest["counts"]["read"] == 7
+    assert again.manifest["counts"] == {**first.manifest["counts"], "read": 8,
+                                        "rejected": first.manifest["counts"]["rejected"] + 1}
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(again.uri) / "rejects.jsonl"))}
+    assert "'conversations' must be a non-empty list" in reasons["added"]
+    assert again.items.get("encoded", 0) == 0, again.items  # the features were in the store
+    third = run_encode(config(dataset=dataset, encoder=encoder, cache={"root": str(tmp_path / "cache")}))
+    assert third.reused and third.uri == again.uri  # the same records, good and bad: the entry serves
 
 
 # the image set above covers the Ray job's quarantine in the fast tier; Ray's audio and series jobs take seconds each
