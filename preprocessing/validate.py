@@ -125,6 +125,7 @@ def decode_audio(data: bytes, limits: Limits) -> Audio:
 
     if not data:
         raise Rejected("empty file")
+    check_wav_length(data)
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:  # libsndfile refuses a header with a rate of 0
             rate = f.samplerate
@@ -148,6 +149,23 @@ def decode_audio(data: bytes, limits: Limits) -> Audio:
         return Audio(to_16k_mono(Audio(wave, rate), "audio"), SAMPLE_RATE)
     except ValueError as e:
         raise Rejected(str(e).removeprefix("sample audio: ")) from None
+
+
+def check_wav_length(data: bytes) -> None:
+    """A WAV file cut short (a download or copy that stopped) decodes as shorter audio without a word: libsndfile
+    counts its frames from the bytes there, and the sample would keep its whole transcript. Its data chunk's
+    declared size says how many bytes should follow (0 or 0xFFFFFFFF: a streaming writer's unknown size)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    at = 12
+    while at + 8 <= len(data):
+        chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if chunk == b"data":
+            present = len(data) - at - 8
+            if size not in (0, 0xFFFFFFFF) and size > present:
+                raise Rejected(f"a truncated WAV file: its data chunk declares {size} bytes, {present} are there")
+            return
+        at += 8 + size + size % 2  # chunks are padded to an even length
 
 
 def read_mono(f) -> np.ndarray:

@@ -149,10 +149,15 @@ def test_audio_channels_are_averaged_as_they_are_decoded():
     np.testing.assert_allclose(audio.wave, whole, atol=1e-6)
 
 
-def test_truncated_audio_decodes_what_it_holds():
+def test_a_truncated_wav_is_rejected_not_read_short():
+    """libsndfile counts a WAV's frames from the bytes there: cut short, it decoded as shorter audio, and an ASR
+    sample kept its whole transcript. A streaming writer's unknown size (0xFFFFFFFF) is no truncation."""
     data = wav_bytes(0.5)
-    audio = decode_audio(data[: 44 + 2 * 4000], LIMITS)  # a 44-byte header claiming 8000 samples, 4000 left
-    assert audio.wave.shape == (4000,)
+    assert data[36:40] == b"data"  # a 44-byte header claiming 8000 samples
+    with pytest.raises(Rejected, match="a truncated WAV file: its data chunk declares 16000 bytes, 8000 are there"):
+        decode_audio(data[: 44 + 2 * 4000], LIMITS)
+    streamed = data[:40] + (0xFFFFFFFF).to_bytes(4, "little") + data[44 : 44 + 2 * 4000]
+    audio = decode_audio(streamed, LIMITS)  # what it holds, all of it
     np.testing.assert_allclose(audio.wave, decode_audio(data, LIMITS).wave[:4000], atol=1e-6)
 
 
