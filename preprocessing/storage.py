@@ -183,7 +183,32 @@ def listing(uri: str, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return path, []
-    return path, fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    try:
+        for info in found:
+            info.path  # noqa: B018 - decoded on reading
+        return path, found
+    except UnicodeDecodeError:  # a local name that is not UTF-8 (an old zip's): pyarrow names none of the others
+        return path, local_listing(path, recursive)
+
+
+def local_listing(path: str, recursive: bool) -> list[pafs.FileInfo]:
+    """A local folder's `listing` from the operating system's own: each name that is not UTF-8 (no record or
+    transcript can name it) is left out and said so, where pyarrow's listing failed for the whole folder."""
+    found = []
+    for entry in os.scandir(path):
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"{os.fsencode(entry.path)!r}: its name is not UTF-8; left out of the listing", flush=True)
+            continue
+        if entry.is_dir():
+            found.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
+            found += local_listing(entry.path, recursive) if recursive else []
+        elif entry.is_file():
+            stat = entry.stat()
+            found.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size, mtime_ns=stat.st_mtime_ns))
+    return found
 
 
 def list_files(uri: str) -> list[str]:

@@ -93,3 +93,22 @@ def test_a_relative_path_under_a_uri_climbs_within_its_bucket():
     assert storage.media_path("s3://b/data/root", "../x.jpg", allow_outside=True) == "s3://b/data/x.jpg"
     with pytest.raises(ValueError, match="'../../../x.jpg' climbs out of the bucket of s3://b/data/train"):
         storage.resolve("s3://b/data/train", "../../../x.jpg")
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_of_a_listing_and_said_so(tmp_path, capsys):
+    """pyarrow's listing of a local folder failed whole on one such name (an old zip's), with a UnicodeDecodeError
+    naming no file: a LLaVA job stopped though no record named it, and so did a LibriSpeech or series folder's."""
+    import hashlib
+    import os
+
+    (tmp_path / "s" / "deep").mkdir(parents=True)
+    for name in (b"s/ok.wav", b"s/\xff\xfe.wav", b"s/deep/x.wav"):
+        with open(os.path.join(os.fsencode(tmp_path), name), "wb") as f:
+            f.write(b"RIFF")
+    assert storage.walk(str(tmp_path), ".wav") == ["s/deep/x.wav", "s/ok.wav"]
+    assert "\\xff\\xfe.wav': its name is not UTF-8; left out of the listing" in capsys.readouterr().out
+    stats = storage.stat_files([str(tmp_path / "s" / "ok.wav"), str(tmp_path / "s" / "gone.wav")])
+    assert stats[str(tmp_path / "s" / "ok.wav")][0] == 4 and stats[str(tmp_path / "s" / "gone.wav")] is None
+    # what an encode job does with each media file: its folder listed, its bytes hashed
+    digests = storage.Fingerprints(str(tmp_path / "records")).sha256s([str(tmp_path / "s" / "ok.wav")])
+    assert digests == {str(tmp_path / "s" / "ok.wav"): hashlib.sha256(b"RIFF").hexdigest()}
