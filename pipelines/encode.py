@@ -191,6 +191,12 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
         return {name: loaded[name] for name in loaded.files}
 
 
+# the reason of a file whose bytes are not those it was fingerprinted and keyed by: `write_entry` drops its
+# fingerprint, so that the next run hashes it again rather than reject it for good
+CHANGED = ("its bytes are not those this job keyed it by: rewritten while the job ran, or before it keeping its size "
+           "and modification time (cp -p, rsync -a); its fingerprint is dropped, run the job again")
+
+
 def decode_item(row: dict, modality: str, limits: Limits, inputs, s3: storage.Settings | None = None) -> dict:
     """One item ready for the encoder's model: a media file read, checked against the sha256 it was keyed by,
     decoded and prepared by `inputs` (resize + patchify, log-mel, normalisation), or a series window prepared; an
@@ -207,7 +213,7 @@ def decode_item(row: dict, modality: str, limits: Limits, inputs, s3: storage.Se
             except OSError as e:  # storage failing (after pyarrow's retries): fail, or the entry would miss it for good
                 raise OSError(f"{row['source']}: cannot read it: {e}") from e
             if hashlib.sha256(data).hexdigest() != row["ref"]:
-                raise Rejected("it changed while the job ran; encode again")
+                raise Rejected(CHANGED)
             item = DECODE_MEDIA[modality](data, limits)
         else:
             item = np.load(io.BytesIO(row["window"]), allow_pickle=False)
@@ -450,7 +456,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
             return cache_hit()
         if config.run.force:
             entry.clear()
-        manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read)
+        manifest, items, encoded_in = write_entry(config, entry, store, spec, prepared, rejects, n_read,
+                                                  fingerprints)
     if resolution:
         resolution.write(uri)
     c = manifest["counts"]
@@ -461,7 +468,8 @@ def run_encode(config: EncodeConfig) -> EncodeResult:
 
 
 def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, spec: dict, prepared: list,
-                rejects: list[Reject], n_read: int) -> tuple[dict, dict, str | None]:
+                rejects: list[Reject], n_read: int,
+                fingerprints: storage.Fingerprints) -> tuple[dict, dict, str | None]:
     """The items not yet in the store encoded, then the entry's shards and its manifest; (manifest, item counts,
     where the items were encoded)."""
     needed = {ref: {"source": src} for p in prepared for ref, src in zip(p.refs, p.raw.sources)}
@@ -478,6 +486,7 @@ def write_entry(config: EncodeConfig, entry: CacheEntry, store: FeatureStore, sp
     files = {ref: in_store[ref] for ref in needed if ref in in_store}
     files.update({ref: r["file"] for ref, r in results.items() if "file" in r})
     item_rejects = {ref: r["reject"] for ref, r in results.items() if "reject" in r}
+    fingerprints.forget([needed[ref]["source"] for ref, reason in item_rejects.items() if reason.endswith(CHANGED)])
     written = samples_table(prepared, files, item_rejects, rejects, inline=config.encoder.kind == RAW_SERIES)
     shards, done = plan_shards(written, config.cache.shard_size), entry.done_shards()
     kept_shards = []

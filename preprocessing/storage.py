@@ -343,6 +343,22 @@ class Fingerprints:
                 self.hash_changed(folder, changed, stats, record, digests)
         return digests
 
+    def forget(self, uris: list[str]) -> None:
+        """Drops these files' records: each is hashed again the next time, whatever its size and modification time
+        (a file rewritten keeping both, whose recorded sha256 is no longer its bytes')."""
+        by_folder: dict[str, list[str]] = {}
+        for uri in uris:
+            by_folder.setdefault(parent(uri), []).append(posixpath.basename(str(uri)))
+        for folder, names in by_folder.items():
+            record_uri = self.record_uri(folder)
+            try:
+                record = read_json(record_uri) if exists(record_uri) else {}
+            except ValueError:  # damaged: its files are hashed again anyway
+                continue
+            if any(name in record for name in names):
+                write_atomic(record_uri, json.dumps({k: v for k, v in record.items() if k not in names},
+                                                    sort_keys=True).encode())
+
     def hash_changed(self, folder: str, changed: list[str], stats: dict, record: dict, digests: dict) -> None:
         """Reads and hashes `changed` (8 at a time), adding each to `record` and `digests`; the record is saved
         every `save_every_s`, at the end, and on the way out of an interruption."""

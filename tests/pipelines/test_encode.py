@@ -146,6 +146,31 @@ def test_a_bad_record_added_since_names_another_entry_whose_counts_reconcile(tmp
     assert third.reused and third.uri == again.uri  # the same records, good and bad: the entry serves
 
 
+def test_a_file_rewritten_keeping_its_size_and_time_is_rejected_once_then_read_anew(tmp_path, encoders):
+    """Its fingerprint (size, modification time, sha256) still named the old bytes: a run that decoded it rejected it
+    ("changed while the job ran; encode again"), and every run after it too, `run.force` included."""
+    import os
+
+    from pipelines.encode import CHANGED
+
+    dataset, _ = bad_images_set(tmp_path)
+    image = tmp_path / "img" / "good-1.png"
+    run = {"dataset": dataset, "encoder": {"kind": "clip", "model_dir": str(encoders["clip"])},
+           "cache": {"root": str(tmp_path / "cache")}}
+    first = run_encode(config(**run))
+    stat = image.stat()
+    image.write_bytes(png_bytes((40, 24), seed=7))  # cp -p, rsync -a: other bytes, the same size and time
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size
+    forced = run_encode(config(**run, run={"force": True}))
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, open(Path(forced.uri) / "rejects.jsonl"))}
+    assert reasons["good-1"].startswith(f"{image}: {CHANGED}") and forced.uri == first.uri
+    again = run_encode(config(**run))  # hashed anew: its new bytes are encoded, into an entry of their own
+    assert again.uri != first.uri and again.manifest["counts"] == first.manifest["counts"]
+    cache = FeatureCache(again.uri)
+    assert "good-1" in {sample.key for index in range(len(cache.shards)) for sample in cache.read_shard(index)}
+
+
 # the image set above covers the Ray job's quarantine in the fast tier; Ray's audio and series jobs take seconds each
 @pytest.mark.parametrize("encoded_in", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
 def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, encoders, request, encoded_in):
