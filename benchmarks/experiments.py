@@ -251,6 +251,14 @@ EXPERIMENTS = {e.name: e for e in [
         differs="none: every arm is today's code and data, in one process; the pipeline's figures (Ray Train, 2 "
         "workers) draw the caches in another order (RESULTS.md, 'Training core')"),
     Experiment(
+        "digits-compression", "whether the demo's image projector compresses DINOv2's 65 tokens (Conv1D kernel 5, "
+        "stride 4: 16 positions) or reads all 65 as the digits probe does (its ceiling since 2026-12-07: 0.89 on "
+        "val, 0.83 on test, where the pooled probe had 0.67 / 0.72)",
+        "model.projectors.image: kernel 5, stride 4 (configs/demo/train.yaml)", (), "demo",
+        (Arm("kernel-5-stride-4"),
+         Arm("uncompressed", train={"model.projectors.image.kernel": 0, "model.projectors.image.stride": 0})),
+        differs="none: new on 2026-12-07"),
+    Experiment(
         "feature-precision", "how the feature store holds each vector: fp16, or int8 with its own scale (half the "
         "bytes; preprocessing/cache/precision.py)", "cache.precision: fp16 (pipelines/encode_config.py)",
         ("The feature store in 8 bits",), "demo",

@@ -91,3 +91,25 @@ def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_
     result = vqa_ceilings(train, test, asked={"all": colours})["all"]
     assert result["ceiling"] > 0.9  # a probe on first turns alone knows only "no": 0.30
     assert abs(result["baseline"] - 0.7) < 1e-9  # the majority of all 900 training answers, "yes"
+
+
+def test_the_probe_reads_every_token_as_the_model_does():
+    """The probe read the first token joined to the others' mean, and the digits' pooled probe (0.72) stood under a
+    probe on all 65 tokens (0.83), where the model read all of them: its "ceiling" was not one. Here the class sits
+    in which patch token holds a bump, which the mean of the patch tokens loses; more features than training rows
+    (solved in their span) and the strength chosen by cross-validation."""
+    rng = np.random.default_rng(3)
+
+    def make(n):
+        samples = []
+        for i in range(n):
+            tokens = rng.standard_normal((9, 40))
+            tokens[1 + i % 4, :4] += 2.5  # the class: which of patch tokens 1-4 carries the bump
+            samples.append(vqa_sample(tokens, "Which?", f"c{i % 4}", "all"))
+        return samples
+
+    train, test = make(200), make(100)
+    assert vqa_ceilings(train, test)["all"]["ceiling"] > 0.9  # 360 features, 200 rows
+    pooled = [vqa_sample(np.stack([s.items[0][0], s.items[0][1:].mean(0)]), "Which?", s.text("assistant"), "all")
+              for s in (*train, *test)]
+    assert vqa_ceilings(pooled[:200], pooled[200:])["all"]["ceiling"] < 0.6  # what the pooled probe saw
