@@ -34,10 +34,13 @@ def to_16k_mono(audio: Audio, sample_id: str) -> np.ndarray:
     if not isinstance(audio, Audio):
         raise ValueError(f"sample {sample_id}: expected an Audio(wave, rate) item, got {type(audio).__name__}")
     wave, rate = audio.wave, audio.rate
+    if hasattr(wave, "numpy"):  # a torch tensor: its integer PCM is scaled as an array's
+        wave = wave.numpy()
     if isinstance(wave, np.ndarray) and np.issubdtype(wave.dtype, np.integer):  # PCM as scipy's wavfile reads it
         wave = pcm_to_float(wave)
     wave = np.asarray(wave, dtype=np.float32)
-    if isinstance(rate, bool) or not isinstance(rate, int | float | np.integer | np.floating) or rate != int(rate):
+    if (isinstance(rate, bool) or not isinstance(rate, int | float | np.integer | np.floating)
+            or not math.isfinite(rate) or rate != int(rate)):
         raise ValueError(f"sample {sample_id}: the sample rate must be a whole number of Hz, got {rate!r}")
     rate = int(rate)  # 44100.0 as a rate read from metadata gives it
     if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:

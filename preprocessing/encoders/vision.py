@@ -88,12 +88,16 @@ class VisionEncoder(FrozenEncoder):
         """The processor the folder ships (its own defaults from the model's config when it ships none), with
         `image_size` as the square input size."""
         path = require_local_dir(model_dir)
+        config = config or cls.model_class.config_class.from_pretrained(path, local_files_only=True)
         if ships_processor(path):
             processor = cls.processor_class.from_pretrained(path, local_files_only=True)
         else:
-            config = config or cls.model_class.config_class.from_pretrained(path, local_files_only=True)
             processor = cls.default_processor(config)
         if image_size:
+            if image_size % config.patch_size:  # the convolution's last partial patch is dropped, without a word
+                raise ValueError(f"{model_dir}: {cls.kind}'s image_size {image_size} is not a multiple of its patch "
+                                 f"size {config.patch_size}: the last {image_size % config.patch_size} pixels of "
+                                 "each row and column would be left out")
             processor.size = {"height": image_size, "width": image_size}
             processor.do_center_crop = False
         return cls.inputs_class(processor)

@@ -70,6 +70,12 @@ def test_vision_encoders_load_from_a_local_dir(tmp_path, kind):
     assert len(encoder.weights_hash()) == 64
     with pytest.raises(ValueError, match="sample gray-3: expected an RGB image, got PIL mode 'L'"):
         encoder.encode([rgb(0).convert("L")], ["gray-3"])
+    if kind != "siglip2":  # a size its patches do not tile lost its last pixels without a word (siglip2's: below)
+        patch = config.patch_size
+        assert build_inputs(kind, tmp_path, image_size=2 * patch).processor.size["height"] == 2 * patch
+        with pytest.raises(ValueError, match=f"{kind}'s image_size {2 * patch + 3} is not a multiple of its patch "
+                                             f"size {patch}: the last 3 pixels"):
+            build_inputs(kind, tmp_path, image_size=2 * patch + 3)
 
 
 def test_siglip2s_image_size_sets_its_patch_budget(tmp_path):
@@ -207,9 +213,11 @@ def test_integer_pcm_is_scaled_and_channels_first_is_refused():
         to_16k_mono(Audio(np.stack([floats, floats]), 16000), "s")
     # a rate read from metadata as a float (a TypeError from math.gcd stopped its whole batch)
     assert to_16k_mono(Audio(floats, np.float64(22050.0)), "f").shape == to_16k_mono(Audio(floats, 22050), "i").shape
-    for rate in (22050.5, "16000", True):
+    for rate in (22050.5, "16000", True, float("inf"), float("nan")):  # inf: an OverflowError no caller caught
         with pytest.raises(ValueError, match=f"sample r: the sample rate must be a whole number of Hz, got {rate!r}"):
             to_16k_mono(Audio(floats, rate), "r")
+    # int16 PCM in a torch tensor (as torchaudio-style loaders hand it over) is scaled as the array is
+    np.testing.assert_allclose(to_16k_mono(Audio(torch.from_numpy(pcm), 16000), "tensor"), floats, atol=1e-4)
 
 
 @pytest.mark.parametrize("max_padding", [0.0, 0.2, float("inf")])  # each length alone, two pairs, all
