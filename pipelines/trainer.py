@@ -176,9 +176,10 @@ def check_position(saved: dict, epoch: list[int], entries: list[str], rank: int,
         raise ValueError(f"a data position saved over {len(saved['entries'])} entries cannot resume a run over "
                          f"{len(entries)}: start the phase afresh")
     for i, name in enumerate(entries):
-        if saved["entries"][i] != name:
+        if saved["entries"][i] != name:  # encoded again, or (since 2026-12-07) its refused records are keyed too
             raise ValueError(f"a data position saved over the entry {saved['entries'][i]} cannot resume a run that "
-                             f"reads {name} in its place: start the phase afresh")
+                             f"reads {name} in its place: start the phase afresh, or name that entry's folder in "
+                             "caches (its URI, not the encode config that now finds another)")
         if saved["epoch"][i] and epoch[i] and saved["epoch"][i] != epoch[i]:
             raise ValueError(f"{name}: a data position saved when worker {rank}'s epoch held {saved['epoch'][i]} of "
                              f"its samples cannot resume one of {epoch[i]} (it is shared otherwise among the "

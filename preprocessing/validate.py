@@ -151,10 +151,15 @@ def decode_audio(data: bytes, limits: Limits) -> Audio:
         raise Rejected(str(e).removeprefix("sample audio: ")) from None
 
 
+UNKNOWN_WAV_SIZE = 0x7FFF0000  # a data chunk declared this large or larger: written without knowing its length
+
+
 def check_wav_length(data: bytes) -> None:
-    """A WAV file cut short (a download or copy that stopped) decodes as shorter audio without a word: libsndfile
-    counts its frames from the bytes there, and the sample would keep its whole transcript. Its data chunk's
-    declared size says how many bytes should follow (0 or 0xFFFFFFFF: a streaming writer's unknown size)."""
+    """A RIFF WAV file cut short (a download or copy that stopped) decodes as shorter audio without a word:
+    libsndfile counts its frames from the bytes there, and the sample would keep its whole transcript. Its data
+    chunk's declared size says how many bytes should follow; 0, and sizes from 0x7FFF0000 (about 2 GiB) up, are a
+    streaming writer's "unknown" (SoX writing to a pipe declares 0x7FFFF000, others 0xFFFFFFFF). RF64 and RIFX
+    files are not checked."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return
     at = 12
@@ -162,7 +167,7 @@ def check_wav_length(data: bytes) -> None:
         chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
         if chunk == b"data":
             present = len(data) - at - 8
-            if size not in (0, 0xFFFFFFFF) and size > present:
+            if 0 < size < UNKNOWN_WAV_SIZE and size > present:
                 raise Rejected(f"a truncated WAV file: its data chunk declares {size} bytes, {present} are there")
             return
         at += 8 + size + size % 2  # chunks are padded to an even length

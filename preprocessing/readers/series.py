@@ -50,9 +50,13 @@ def check_stream_end(data) -> None:
             pa.ipc.read_message(reader)
         except EOFError:  # at the marker, or at the end of the bytes
             break
-    if bytes(data[end:]) not in STREAM_ENDS:
+    tail = bytes(data[end:])
+    marker = next((m for m in STREAM_ENDS if tail.startswith(m)), None)
+    if marker is None:
         raise pa.ArrowInvalid(f"the stream stops after {end} bytes of record batches without its end-of-stream "
                               "marker: the file was cut short")
+    if tail[len(marker):].strip(b"\0"):  # zero padding after the marker is harmless
+        raise pa.ArrowInvalid(f"{len(tail) - len(marker)} bytes follow the stream's end-of-stream marker")
 
 
 READERS = {".parquet": pq.read_table, ".csv": pacsv.read_csv, ".arrow": read_arrow}
@@ -213,13 +217,14 @@ def file_series(uri: str, stem: str, windows: "Windowing", columns,
                 time_column) -> tuple[list[RawSample], list[Reject]]:
     """One file's windows, keyed under `stem`."""
     table = load_table(uri)
+    long_layout = "target" in table.column_names and is_list(table.schema.field("target").type)
     if time_column:
         table = table.sort_by(checked_time_column(table, time_column, uri))
-        check_distinct_times(table[time_column], time_column, uri)
+        if not long_layout:  # there a row is a series (its items may share a start), not a time step
+            check_distinct_times(table[time_column], time_column, uri)
     # each name once: a column listed twice gave windows with the same keys, which the cache stores once. Dates are
     # no series (the Time-Series-Library's files lead with a `date` column, which cast to numbers is epoch seconds);
     # in the long layout the series are `target`'s (its other lists are covariates)
-    long_layout = "target" in table.column_names and is_list(table.schema.field("target").type)
     names = dict.fromkeys(columns or (["target"] if long_layout else [
         n for n, kind in zip(table.column_names, table.schema.types)
         if n != time_column and not pa.types.is_temporal(kind)]))

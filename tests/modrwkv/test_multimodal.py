@@ -117,6 +117,11 @@ def test_a_bf16_model_normalises_its_features_in_fp32():
     bf16_error = ((bf16 - reference) @ vectors).square().mean(0).sqrt()
     assert error.max() < 1e-4 and bf16_error[:4].min() > 100 * error.max()
     assert projector(features, torch.bfloat16).dtype == torch.bfloat16
+    # built on the meta device (no values to keep), it materialises like any module, its statistics in fp32
+    with torch.device("meta"):
+        empty = Projector(ProjectorConfig(encoder_dim=d, model_dim=16, normalize="whiten"))
+    empty.to_empty(device="cpu")
+    assert empty.feature_whitening.device.type == "cpu" and empty.feature_whitening.dtype == torch.float32
 
 
 def test_conversation_labels_only_on_assistant_turns(tok):

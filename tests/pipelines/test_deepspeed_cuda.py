@@ -50,10 +50,14 @@ def process_group(monkeypatch):
     torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     # through DeepSpeed, which caches the world group: torch's own teardown left it holding the destroyed one, and
-    # the next test's deepspeed.initialize failed on it ("Group ... is not registered"; seen with gloo on a CPU)
+    # the next test's deepspeed.initialize failed on it ("Group ... is not registered"; seen with gloo on a CPU); a
+    # test that failed before DeepSpeed started has only torch's
     import deepspeed.comm
 
-    deepspeed.comm.destroy_process_group()
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    elif torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # stage 1 (configs/paper/train_vision.yaml): DeepSpeed's BF16_Optimizer, not stage 2's ZeRO optimizer

@@ -307,6 +307,8 @@ def test_a_series_file_pyarrow_cannot_read_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'cut.arrow'}: not a readable arrow file: the stream stops "
                                          "after .* bytes of record batches without its end-of-stream marker"):
         read_series(str(tmp_path / "cut.arrow"), lookback=8, horizon=2, stride=10)
+    (tmp_path / "padded.arrow").write_bytes(data + bytes(8))  # zeros after the marker: whole
+    assert len(read_series(str(tmp_path / "padded.arrow"), lookback=8, horizon=2, stride=10)[0]) > 0
 
 
 def test_series_time_column_must_sort_in_time_order(tmp_path):
@@ -330,6 +332,14 @@ def test_series_time_column_must_sort_in_time_order(tmp_path):
     with pytest.raises(ValueError, match="dst.csv: time column 't' gives the time 2020-10-25 02:00:00 to more than "
                                          r"one row \(1 rows repeat a time in all\)"):
         read_series(str(tmp_path / "dst.csv"), lookback=8, horizon=2, stride=10, time_column="t")
+    # in the long layout a row is a series: items that share a start are no repeated time
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"item_id": ["a", "b"], "start": pa.array([0, 0], pa.int64()),
+                             "target": [[float(i) for i in range(40)], [float(-i) for i in range(40)]]}),
+                   tmp_path / "long.parquet")
+    assert len(read_series(str(tmp_path / "long.parquet"), lookback=8, horizon=2, stride=10, time_column="start")[0])
 
     for name, value in (("gap.csv", ""), ("nan.csv", "nan")):  # a row with no time, sorted last, ended the test split
         (tmp_path / name).write_text("\n".join(["t,v"] + [f"{value if i == 5 else i},{i}" for i in range(20)]) + "\n")

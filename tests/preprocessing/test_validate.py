@@ -151,14 +151,15 @@ def test_audio_channels_are_averaged_as_they_are_decoded():
 
 def test_a_truncated_wav_is_rejected_not_read_short():
     """libsndfile counts a WAV's frames from the bytes there: cut short, it decoded as shorter audio, and an ASR
-    sample kept its whole transcript. A streaming writer's unknown size (0xFFFFFFFF) is no truncation."""
+    sample kept its whole transcript. A streaming writer's unknown size (0xFFFFFFFF, SoX's 0x7FFFF000) is none."""
     data = wav_bytes(0.5)
     assert data[36:40] == b"data"  # a 44-byte header claiming 8000 samples
     with pytest.raises(Rejected, match="a truncated WAV file: its data chunk declares 16000 bytes, 8000 are there"):
         decode_audio(data[: 44 + 2 * 4000], LIMITS)
-    streamed = data[:40] + (0xFFFFFFFF).to_bytes(4, "little") + data[44 : 44 + 2 * 4000]
-    audio = decode_audio(streamed, LIMITS)  # what it holds, all of it
-    np.testing.assert_allclose(audio.wave, decode_audio(data, LIMITS).wave[:4000], atol=1e-6)
+    for unknown in (0xFFFFFFFF, 0x7FFFF000):  # streaming writers' (SoX's to a pipe: the second)
+        streamed = data[:40] + unknown.to_bytes(4, "little") + data[44 : 44 + 2 * 4000]
+        audio = decode_audio(streamed, LIMITS)  # what it holds, all of it
+        np.testing.assert_allclose(audio.wave, decode_audio(data, LIMITS).wave[:4000], atol=1e-6)
 
 
 def test_series_and_text():

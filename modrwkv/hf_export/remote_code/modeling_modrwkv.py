@@ -218,8 +218,9 @@ class Projector(nn.Module):
         # does; transformers' own fp32 list applies within from_pretrained(dtype=...) only
         stats = {name: b for name, b in self._buffers.items() if name.startswith("feature_")}
         super()._apply(fn, recurse)
-        for name, kept in stats.items():
-            self._buffers[name] = kept.to(self._buffers[name].device)
+        for name, kept in stats.items():  # a meta tensor has no values to keep (`to_empty`): its new one, in fp32
+            now = self._buffers[name]
+            self._buffers[name] = now.float() if kept.is_meta else kept.to(now.device)
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
