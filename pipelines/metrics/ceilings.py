@@ -1,8 +1,9 @@
 """What simple models get from the same cached features a ModRWKV trains on: the ceiling beside every score.
 
 - VQA: an L2-regularised logistic-regression probe per question group on every feature vector of each image, as
-  the model reads them (where the answer depends on the asked word, on the first token joined to the mean of the
-  others, with the word one-hot and its product with those: all tokens times every word would not fit), its
+  the model reads them (where the answer depends on the asked word, or the images' token counts differ, on the first
+  token joined to the mean of the others, with the word one-hot and its product with those: all tokens times every
+  word would not fit), its
   strength chosen by 5-fold cross-validation on the training questions; the majority answer of the group's training
   questions as the trivial baseline. Probe and majority learn from every question of a training record (a
   multi-turn record trains the model on each answer) and score each test sample's first question (the one
@@ -89,20 +90,24 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
     """{group: {"ceiling": probe accuracy, "baseline": majority accuracy}} for each question group of `test`.
     `asked` maps a group to the words its questions may name (e.g. yes/no questions), given to its probe."""
     out = {}
+    # every token where every image has as many (DINOv2, CLIP); a NaFlex encoder's counts vary with the image
+    whole = len({s.items[0].shape for s in (*train, *test)}) == 1
     for group in sorted({group_of(s) for s in test}):
         words = (asked or {}).get(group)
-        xtr, ytr = questions([s for s in train if group_of(s) == group], words, every_turn=True)
-        xte, yte = questions([s for s in test if group_of(s) == group], words, every_turn=False)
+        xtr, ytr = questions([s for s in train if group_of(s) == group], words, every_turn=True, whole=whole)
+        xte, yte = questions([s for s in test if group_of(s) == group], words, every_turn=False, whole=whole)
         out[group] = {"ceiling": probe_accuracy(xtr, ytr, xte, yte), "baseline": majority_accuracy(ytr, yte)}
     return out
 
 
-def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool) -> tuple[list, list[str]]:
+def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool,
+              whole: bool = True) -> tuple[list, list[str]]:
     """(probe features, normalised answers) of the samples' (question, answer) turns: every turn (training: the
-    model learns each answer of a multi-turn record), or each sample's first (test: the question evaluation asks)."""
+    model learns each answer of a multi-turn record), or each sample's first (test: the question evaluation asks).
+    `whole`: every token of the image (else, and with asked words, the pooled image)."""
     x, y = [], []
     for sample in samples:
-        image = pooled_image(sample) if words else image_tokens(sample)
+        image = image_tokens(sample) if whole and not words else pooled_image(sample)
         turns = zip([t.text for t in sample.turns if t.role == "user"],
                     [t.text for t in sample.turns if t.role == "assistant"])
         for question, answer in turns if every_turn else [next(turns)]:
