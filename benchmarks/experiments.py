@@ -92,7 +92,10 @@ FIRST_SHAPES = Variant(train={"phase2.steps": 300, **COMPRESSED}, encode=LAST_LA
 FIRST_SHAPES_TEST = ("the test questions are the first 500 of today's test split, not the 500 then drawn after the "
                      "training images (the generator changed when the split grew to 2,500); same kinds, same size")
 # the demo's recipe before 2026-12-05's digits-recipe (phase I 300 steps, phase II at 5e-4 since)
-DEMO_BEFORE_DIGITS_RECIPE = {"phase1.steps": 150, "phase1.checkpoint_every": 75, "phase2.lr": 1.0e-3}
+# the demo's recipe before 2026-12-07's adapter decay (phase I's weight decay 1.0 since), and before that day's
+DEMO_BEFORE_ADAPTER_DECAY = {"phase1.weight_decay": 0.0}
+DEMO_BEFORE_DIGITS_RECIPE = {"phase1.steps": 150, "phase1.checkpoint_every": 75, "phase2.lr": 1.0e-3,
+                             **DEMO_BEFORE_ADAPTER_DECAY}
 LARGER_SET = ("the single-process figures were on a separate 2,500-question test set (`modrwkv data shapes --train "
               "0 --test 2500 --seed 11`); the arms here are scored on the shipped 2,500-question test split")
 
@@ -142,7 +145,7 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("head-alone", train={"model.forecast_skip": False}, quoted="not measured (features standardised since)"),
          Arm("skip", quoted="not measured (the shipped recipe on the CO2 cache alone)")),
         Variant(train={"caches": ["configs/demo/encode_co2_train.yaml"], "phase1.mix": None, "phase2.mix": None,
-                       "phase1.steps": 40, "phase2.steps": 40, "phase2.lr": 1.0e-3}),
+                       "phase1.steps": 40, "phase2.steps": 40, "phase2.lr": 1.0e-3, **DEMO_BEFORE_ADAPTER_DECAY}),
         "then the series features were not normalised (the '-unnormalised' arms; standardisation came after), and "
         "training read the forecast after 'User: …\\n\\n' where evaluation read it after 'Assistant:' (fixed since: "
         "'Forecast read at a different position'); which position the script of the time evaluated is not recorded"),
@@ -249,7 +252,9 @@ EXPERIMENTS = {e.name: e for e in [
              quoted="one process, seeds 0-4: digits 0.766 ± 0.023"),
          Arm("shipped", quoted="one process, seeds 0-4 / 5-9: digits 0.790 ± 0.046 / 0.786 ± 0.029"),
          Arm("phase1-600-steps", train={"phase1.steps": 600, "phase1.checkpoint_every": 300},
-             quoted="val, seeds 0-2 (2026-12-07): digits 0.780 ± 0.020 shipped, beside the all-token probe's 0.89")),
+             quoted="val, seeds 0-2 (2026-12-07): digits 0.800 ± 0.026; shipped 0.780 ± 0.020, beside the "
+                    "all-token probe's 0.89")),
+        Variant(train=DEMO_BEFORE_ADAPTER_DECAY),
         differs="none: every arm is today's code and data, in one process; the pipeline's figures (Ray Train, 2 "
         "workers) draw the caches in another order (RESULTS.md, 'Training core')"),
     Experiment(
@@ -261,6 +266,16 @@ EXPERIMENTS = {e.name: e for e in [
         (Arm("kernel-5-stride-4", quoted="val, seeds 0-2: digits 0.780 ± 0.020, CO2 0.383 ± 0.002"),
          Arm("uncompressed", train={"model.projectors.image.kernel": 0, "model.projectors.image.stride": 0},
              quoted="val, seeds 0-2: digits 0.773 ± 0.040, CO2 0.375 ± 0.008")),
+        Variant(train=DEMO_BEFORE_ADAPTER_DECAY), "none: new on 2026-12-07, before the adapter decay"),
+    Experiment(
+        "adapter-decay", "phase I's weight decay on the demo's trainable matrices (the projectors' adapters and "
+        "compression, the forecast head and skip; AdamW, decoupled): none, 0.1 or 1.0",
+        "phase1.weight_decay: 1.0 (configs/demo/train.yaml)", ("2026-12-07: phase I's weight decay",), "demo",
+        (Arm("none", train=DEMO_BEFORE_ADAPTER_DECAY,
+             quoted="val, seeds 0-2: digits 0.780 ± 0.020, CO2 0.383 ± 0.002, WER 0, CER 0.005 ± 0.008"),
+         Arm("decay-0.1", train={"phase1.weight_decay": 0.1},
+             quoted="val, seeds 0-2: digits 0.803 ± 0.067, CO2 0.364 ± 0.007, WER 0, CER 0.009 ± 0.008"),
+         Arm("decay-1", quoted="val, seeds 0-2: digits 0.787 ± 0.006, CO2 0.280 ± 0.005, WER 0, CER 0.005 ± 0.008")),
         differs="none: new on 2026-12-07"),
     Experiment(
         "feature-precision", "how the feature store holds each vector: fp16, or int8 with its own scale (half the "
@@ -299,10 +314,11 @@ EXPERIMENTS = {e.name: e for e in [
                    fracast="seeds 0-2: CO2 MSE 0.336 ± 0.018",
                    quoted=("seeds 0-2: 0.298 ± 0.003", "seeds 0-2: 0.284 ± 0.003"),
                    setting=Variant(train={"caches": ["configs/demo/encode_co2_train.yaml"], "phase1.mix": None,
-                                          "phase2.mix": None})),
+                                          "phase2.mix": None, **DEMO_BEFORE_ADAPTER_DECAY})),
     series_encoder("demo", "configs/demo/encode_co2_{}.yaml", layers=7,
                    fracast="seeds 0-2: CO2 MSE 0.304 ± 0.007, digits 0.827 ± 0.009, WER 0, CER 0",
-                   quoted=("not run", "seeds 0-2: CO2 MSE 0.314 ± 0.007, digits 0.800 ± 0.008, WER 0, CER 0")),
+                   quoted=("not run", "seeds 0-2: CO2 MSE 0.314 ± 0.007, digits 0.800 ± 0.008, WER 0, CER 0"),
+                   setting=Variant(train=DEMO_BEFORE_ADAPTER_DECAY)),
 ]}
 
 
