@@ -56,8 +56,8 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
 
     if len(set(train_y)) < 2:
         return float(np.mean(np.array(test_y) == train_y[0]))
-    scaler = StandardScaler().fit(np.stack(train_x))
-    train, test = scaler.transform(np.stack(train_x)), scaler.transform(np.stack(test_x))
+    scaler = StandardScaler()
+    train, test = scaler.fit_transform(np.stack(train_x)), scaler.transform(np.stack(test_x))
     if train.shape[1] > train.shape[0]:
         rows = np.linalg.svd(train, full_matrices=False)[2]  # an orthonormal basis of the training rows' span
         train, test = train @ rows.T, test @ rows.T
