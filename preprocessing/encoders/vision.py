@@ -60,10 +60,23 @@ class NaFlexInputs(ImageInputs):
         return {"patches": inputs["pixel_values"][:real], "spatial_shapes": inputs["spatial_shapes"]}
 
 
+def fixed_input_size(processor) -> tuple[int, int] | None:
+    """(height, width) every image comes out at, or None where that depends on the image (no resize, or its
+    shortest edge resized with no crop after it)."""
+    crop = getattr(processor, "crop_size", None) or {}
+    if getattr(processor, "do_center_crop", False) and crop.get("height") and crop.get("width"):
+        return crop["height"], crop["width"]  # a smaller image is padded to the crop
+    size = processor.size or {}
+    if processor.do_resize and size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    return None
+
+
 class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
     inputs_class = ImageInputs
+    one_input_size = True  # its batches stack the images: the processor must bring all to one size
     forward_options = {}  # what the model's forward needs told to take `image_size` (DINOv2 interpolates always)
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None,
@@ -99,7 +112,13 @@ class VisionEncoder(FrozenEncoder):
                                  f"size {config.patch_size}: the last {image_size % config.patch_size} pixels of "
                                  "each row and column would be left out")
             processor.size = {"height": image_size, "width": image_size}
-            processor.do_center_crop = False
+            processor.do_resize, processor.do_center_crop = True, False
+        if cls.one_input_size and fixed_input_size(processor) is None:
+            settings = {name: getattr(processor, name, None) for name in ("do_resize", "do_center_crop")}
+            raise ValueError(f"{model_dir}: {cls.kind}'s image processor brings images to sizes of their own "
+                             f"({settings}, size {dict(processor.size or {})}), and a batch needs them all alike: "
+                             "give its preprocessor_config.json a size with height and width, or a crop_size with "
+                             "do_center_crop, or set the encoder's image_size")
         return cls.inputs_class(processor)
 
     def hidden(self, inputs) -> torch.Tensor:
@@ -151,6 +170,7 @@ class Siglip2Encoder(VisionEncoder):
 
     kind, model_class, processor_class, inputs_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessorPil, \
         NaFlexInputs
+    one_input_size = False  # its batches pad each image's patches (`forward`)
 
     @classmethod
     def build_inputs(cls, model_dir, image_size: int | None = None, config=None) -> ImageInputs:
