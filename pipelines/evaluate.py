@@ -10,6 +10,7 @@ training run (`track: false`: to disk only, with neither Ray nor MLflow imported
 """
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -181,12 +182,14 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
         if model_id is None:
             raise ValueError(f"{config.checkpoint}: not a logged model (trained without MLflow?); nothing to register")
         register(uri, model_id, config.register_as)
-    parent = config.parent_run_id or (read_backbone_source(model_dir) or {}).get("run_id")
     client = MlflowClient(uri)
-    if parent:
-        experiment_id = client.get_run(parent).info.experiment_id
+    parent = config.parent_run_id or (read_backbone_source(model_dir) or {}).get("run_id")
+    # a parent given is required; the one the folder records may live on another server (a top-level run then)
+    parent_run = client.get_run(parent) if config.parent_run_id else parent and tracking.recorded_run(client, parent)
+    if parent_run:
+        experiment_id = parent_run.info.experiment_id
     else:
-        experiment_id = tracking.experiment_id(client, uri, config.experiment)
+        parent, experiment_id = None, tracking.experiment_id(client, uri, config.experiment)
     # where it scored (env.*) and where the model predicted (env.predictors.*: each actor's, merged)
     tags = {"task": config.task, "checkpoint": str(config.checkpoint), **environment_tags(),
             **merged_tags(result.predictors, "env.predictors.")}
@@ -243,7 +246,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
         config = replace(config, tracking_uri=tracking_uri(config.tracking_uri))
     out = working_dir(config.out_dir)
-    predictions = out / f"predictions_{config.task}.jsonl"
+    predictions = out / predictions_name(config, model_dir, cache_uri)
     environments = {}
     scored = write_and_score(predicted_shards(config, cache_uri, task, environments), task, predictions,
                              config.table_rows)
@@ -258,13 +261,22 @@ def run_eval(config: EvalConfig) -> EvalResult:
                         predictors=[json.loads(e) for e in environments])
     plots = task.plots(scored.tally, out)
     publish(out, config.out_dir, (predictions.name, *(p.name for p in plots)))
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    # printed before MLflow is reached: a tracking server that fails then loses no score
+    print(f"eval {config.task} on {scored.scored} samples: {shown}; predictions in "
+          f"{storage.join(config.out_dir, predictions.name)}")
     if config.track:
         result.run_id = log_to_mlflow(config, model_dir, cache_uri, result, scored.table, plots)
     result.seconds = time.perf_counter() - start
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"eval {config.task} on {scored.scored} samples: {shown}; predictions in "
-          f"{storage.join(config.out_dir, predictions.name)}")
     return result
+
+
+def predictions_name(config: EvalConfig, model_dir: Path, cache_uri: str) -> str:
+    """predictions_<task>_<digest>.jsonl, the digest of what decides them (the model folder, here or as this node's
+    copy of a logged model, its quantization, the cache, the decoding settings): another model or quantization
+    evaluated into the same out_dir keeps the file an earlier run's tag names; the same evaluation rewrites its own."""
+    decided = [str(Path(model_dir).absolute()), config.quantize, cache_uri, config.max_new_tokens, config.season]
+    return f"predictions_{config.task}_{hashlib.sha256(json.dumps(decided).encode()).hexdigest()[:10]}.jsonl"
 
 
 def check_model_fits(config: EvalConfig, model: ModRWKVConfig, cache: FeatureCache) -> None:

@@ -176,11 +176,13 @@ def model_id_of(uri: str, reference: str) -> str | None:
     from preprocessing.local_copy import local_copy
 
     from .caches import absolute
+    from .tracking import recorded_run
 
     run_id = (read_backbone_source(local_copy(reference)) or {}).get("run_id")
-    if not run_id:
+    run = run_id and recorded_run(client, run_id)
+    if not run:
         return None
-    experiment = client.get_run(run_id).info.experiment_id
+    experiment = run.info.experiment_id
     folder = absolute(reference)
     found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     matches = [m for m in found if m.tags.get(FOLDER_TAG) == folder]

@@ -108,6 +108,20 @@ def experiment_id(client, uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
+def recorded_run(client, run_id: str):
+    """The run a model folder records it was trained in, or None where this server has no such run (the folder was
+    trained against another tracking server, or the run was deleted): what it links to is then left out."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        warnings.warn(f"run {run_id} is not on {redact(client.tracking_uri)}: {e.message}", stacklevel=2)
+        return None
+
+
 MAX_PARAM, MAX_TAG = 6000, 8000  # MLflow's value lengths (a SQL store's columns refuse longer tags)
 
 

@@ -149,7 +149,7 @@ def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(train
     assert "eval vqa on 3 samples: accuracy" in capsys.readouterr().out
 
 
-def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_path, monkeypatch):
+def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
     root, image_cache, _ = trained
@@ -164,6 +164,39 @@ def test_an_eval_run_whose_logging_fails_ends_failed_not_running(trained, tmp_pa
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "eval-vqa" and run.info.status == "FAILED" and run.info.end_time is not None
+    # the scores were printed before MLflow was reached: every prediction's work is kept
+    assert "eval vqa on 6 samples: accuracy " in capsys.readouterr().out
+
+
+def test_a_model_trained_against_another_tracking_server_is_evaluated_into_a_run_of_its_own(trained, tmp_path):
+    """The folder records the run that trained it; on another server (the cluster's, or quality.py's SQLite store)
+    that run is not found, and the eval failed after every prediction, in the logged-model lookup."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    root, image_cache, _ = trained
+    folder = tmp_path / "model"
+    shutil.copytree(root / "model", folder)
+    elsewhere = "f" * 32
+    (folder / "backbone_source.json").write_text(json.dumps({"path": str(folder), "run_id": elsewhere, "phase": 2}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = replace(eval_config(root, image_cache, "vqa", out="other-server", max_new_tokens=3, actors=0,
+                                 tracking_uri=uri, experiment="here"), checkpoint=str(folder))
+    with pytest.warns(UserWarning, match=f"run {elsewhere} is not on sqlite:///"):
+        result = run_eval(config)
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+    assert client.get_experiment(run.info.experiment_id).name == "here"
+    assert run.data.metrics["accuracy"] == result.metrics["accuracy"]
+    # another model evaluated into the same out_dir: the first run's predictions, which its tag names, are kept
+    other = run_eval(replace(config, checkpoint=str(root / "model"), track=False))
+    assert other.predictions.parent == result.predictions.parent and other.predictions != result.predictions
+    assert run.data.tags["predictions"].startswith(str(result.predictions)) and result.predictions.is_file()
+    assert run_eval(replace(config, track=False)).predictions == result.predictions  # the same eval: its own file
+    with pytest.raises(Exception, match="not found"):  # a parent asked for by id must exist
+        run_eval(replace(config, parent_run_id=elsewhere))
 
 
 @pytest.mark.slow
@@ -190,7 +223,7 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     assert (tags["env.predictors.device"], tags["env.predictors.cpu"]) == ("cpu", cpu_description())
     assert tags["env.predictors.torch"] == package_version("torch") and "env.predictors.gpu" not in tags
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={vqa.run_id}")["files"]}
-    assert {"eval_vqa.json", "predictions_vqa.jsonl", "confusion_matrix.png"} <= files
+    assert {"eval_vqa.json", vqa.predictions.name, "confusion_matrix.png"} <= files
     assert tags["predictions"] == f"{vqa.predictions} (and an artifact of this run)"  # out_dir is local here
     artifact_uri = run["info"]["artifact_uri"]  # mlflow-artifacts:/<experiment>/<run>/artifacts
     path = artifact_uri.split("mlflow-artifacts:/", 1)[1]
@@ -214,7 +247,7 @@ def test_eval_logs_metrics_and_a_table_to_the_mlflow_server(trained, ray_local, 
     assert {"mse", "mae", "mse_normalized", "mae_normalized", "mse_standardized", "mae_standardized",
             "mase"} == set(forecast.metrics) == set(forecast.baselines)
     files = {f["path"] for f in get(f"{uri}/api/2.0/mlflow/artifacts/list?run_id={forecast.run_id}")["files"]}
-    assert "forecast_vs_truth.png" in files and "predictions_forecast.jsonl" not in files  # over 1 kB: named only
+    assert "forecast_vs_truth.png" in files and forecast.predictions.name not in files  # over 1 kB: named only
     # a test set of millions of windows: the table holds `table_rows` of them, and says so; the file holds all
     run = get(f"{uri}/api/2.0/mlflow/runs/get?run_id={forecast.run_id}")["run"]
     path = run["info"]["artifact_uri"].split("mlflow-artifacts:/", 1)[1]
