@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from .conversation import PLACEHOLDERS, ROLES, TURN_END, expand_placeholders, prompt_ids
+from .conversation import PLACEHOLDERS, ROLES, TURN_END, expand_placeholders, prompt_ids, turn_text
 from .generation import GenerationConfig, generate_text
 from .multimodal import Features, ModRWKV
 from .tokenizer import END_OF_TEXT, WorldTokenizer
@@ -51,7 +51,7 @@ class ChatSession:
         """What follows the media in the prompt: `prompt_ids + question_ids(q)` is training's user turn, "User:
         <media>\n{q}\n\nAssistant:", or "User: {q}\n\nAssistant:" without media."""
         separator = "\n" if self.items else " "
-        return self.tokenizer.encode(f"{separator}{question}{TURN_END}{ROLES['assistant']}:")
+        return self.tokenizer.encode(f"{separator}{turn_text(question)}{TURN_END}{ROLES['assistant']}:")
 
     @torch.no_grad()
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:

@@ -2,6 +2,8 @@
 
     User: <image>\nWhat digit is this?\n\nAssistant: seven\n\n
 
+A turn's text is normalised first (`turn_text`): "\n\n" ends a turn, so none stays inside one.
+
 Every modality placeholder in a user turn expands to as many positions as its (compressed) feature sequence
 has vectors; the model writes the adapted features there. Labels: the assistant's words and its closing
 "\n\n" are learned; user turns, the "Assistant:" prefix and modality positions get -100 (ignored).
@@ -20,6 +22,7 @@ This module and `tokenizer.py` import no torch: the encode job's data workers, t
 scoring read the format without it (`modrwkv/batching.py` turns samples into tensors).
 """
 
+import re
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +49,14 @@ class Turn:
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"turn role must be one of {sorted(ROLES)}, got {self.role!r}")
+
+
+def turn_text(text: str) -> str:
+    """A turn's text as the template lays it out, in training and at inference alike: line ends as "\n", no
+    surrounding whitespace, no blank line (a run of newlines is one), as RWKV's own chat format writes turns. A
+    "\n\n" kept inside an answer was learned as text, where every decoder stops the answer at it (a LLaVA
+    description's second paragraph trained, then cut), and inside a question it read as the turn's end."""
+    return re.sub(r"\n{2,}", "\n", re.sub(r"\r\n?", "\n", text)).strip()
 
 
 def expand_placeholders(ids: list[int], item_lengths: list[int], sample_id: str, labels: list[int] | None = None):
@@ -77,14 +88,14 @@ def tokenize_conversation(
     ids, labels = [], []
     for turn in turns:
         if turn.role == "user":
-            piece = tokenizer.encode(f"{ROLES['user']}: {turn.text}{TURN_END}", allow_special=specials)
+            piece = tokenizer.encode(f"{ROLES['user']}: {turn_text(turn.text)}{TURN_END}", allow_special=specials)
             ids += piece
             labels += [IGNORE] * len(piece)
         else:
             if any(s in turn.text for s in PLACEHOLDERS.values()):
                 raise ValueError(f"sample {sample_id}: modality placeholders belong in user turns")
             prefix = tokenizer.encode(f"{ROLES['assistant']}:")
-            answer = tokenizer.encode(f" {turn.text}{TURN_END}")
+            answer = tokenizer.encode(f" {turn_text(turn.text)}{TURN_END}")
             ids += prefix + answer
             labels += [IGNORE] * len(prefix) + answer
     if turns[-1].role == "user":  # a prompt: its answer (words, or a forecast read here) follows "Assistant:"

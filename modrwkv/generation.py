@@ -42,7 +42,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # the largest logit made 0 first: at a tiny temperature the others overflow to -inf, never inf / inf (NaN)
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

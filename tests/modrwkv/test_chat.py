@@ -5,7 +5,7 @@ import types
 import torch
 
 from modrwkv.chat import ChatSession
-from modrwkv.conversation import IGNORE, Turn, tokenize_conversation
+from modrwkv.conversation import IGNORE, Turn, prompt_ids, tokenize_conversation
 from modrwkv.model import RWKV7State
 from modrwkv.tokenizer import WorldTokenizer
 
@@ -36,3 +36,22 @@ def test_an_answer_ends_at_its_turn_end_when_that_is_split_across_tokens():
     session = ChatSession(types.SimpleNamespace(backbone=backbone, projectors={}), tok)
     backbone.calls = 0  # the session's prompt took a call
     assert session.ask("这是什么?") == "这是猫。"
+
+
+def test_a_blank_line_inside_a_turn_is_trained_as_the_decoders_read_it():
+    """A two-paragraph answer kept its "\\n\\n": training taught the model to go on after the very token every decoder
+    stops at, so chat gave its first paragraph; a question's blank line read as the end of the user's turn."""
+    tok = WorldTokenizer()
+    answer = "A dog runs.\r\n\r\nIt is sunny.\n\n\n"
+    _, labels = tokenize_conversation(tok, [Turn("user", "<image>\n\nDescribe it.\n"), Turn("assistant", answer)],
+                                      [2])
+    targets = [t for t in labels if t != IGNORE]
+    assert tok.decode(targets) == " A dog runs.\nIt is sunny.\n\n"  # one turn end, at the end
+    backbone = ScriptedBackbone(targets)
+    session = ChatSession(types.SimpleNamespace(backbone=backbone, projectors={}), tok)
+    backbone.calls = 0
+    assert session.ask("Describe it.") == "A dog runs.\nIt is sunny."  # the whole answer, both paragraphs
+    # the question as training lays it out, whatever its blank lines and line ends
+    question = "What is this?\r\n\r\nAnswer briefly. "
+    assert prompt_ids(tok, question, []) == session.prompt_ids + session.question_ids(question)
+    assert tok.decode(session.question_ids(question)) == " What is this?\nAnswer briefly.\n\nAssistant:"

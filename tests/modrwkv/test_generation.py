@@ -132,3 +132,10 @@ def test_generate_text_ends_at_a_stop_text_and_cuts_it_off():
     assert cut == free[: free.find(stop)]
     assert "".join(streamed) == cut  # the stop text (and the start of it, held back) never streamed: chat showed it
     assert len(cut) + len(stop) < len(free)  # generation stopped early, not only the text cut
+
+
+def test_a_tiny_temperature_samples_the_largest_logit_rather_than_failing():
+    """logits / 1e-40 overflowed to inf and softmax gave NaN: torch.multinomial refused the row."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    assert sample(logits, 1e-40, 1.0, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    assert sample(logits, 1e-40, 0.5, torch.Generator().manual_seed(0)).tolist() == [1, 0]

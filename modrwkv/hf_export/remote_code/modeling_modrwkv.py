@@ -6,6 +6,7 @@ made to be read and to reproduce the trained model's logits, not for speed.
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     ids = tokenizer("User: <image>\\nWhat digit is this?\\n\\nAssistant:", return_tensors="pt").input_ids
+    # a turn's text holds no blank line (training wrote "\n\n" only to end a turn: runs of newlines made one "\n")
     # one <image> placeholder stands for as many positions as the projector makes of the features (see
     # `expand_placeholders`); features: [L, encoder_dim] from the encoder the config's `encoders` names
     ids = model.expand_placeholders(ids, image_features=[features])
