@@ -121,7 +121,11 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
 
 
 def plan_shards(samples: list[Sample], shard_size: int) -> list[list[Sample]]:
-    ordered = sorted(samples, key=lambda s: s.key)
+    """Shards of `shard_size` samples, in the order of their keys' sha256: fixed by the keys alone, and unrelated to
+    them. In key order a shard held consecutive windows of one series (keys "<series>-<start>") or one speaker's
+    utterances, and training, which shuffles shards and then samples within windows of a few shards, drew whole
+    batches from them."""
+    ordered = sorted(samples, key=lambda s: hashlib.sha256(s.key.encode()).digest())
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 

@@ -226,7 +226,7 @@ def test_bad_audio_and_series_are_quarantined_and_counts_reconcile(tmp_path, enc
     reasons = sorted(r["reason"] for r in map(json.loads, open(Path(result.uri) / "rejects.jsonl")))
     assert reasons == ["lookback has 1 NaN or inf values", "target has 1 NaN or inf values",
                        "the column has no finite values"]
-    sample = next(FeatureCache(result.uri).iter_samples(shuffle=False))
+    sample = next(s for s in FeatureCache(result.uri).iter_samples(shuffle=False) if s.meta["start"] == 0)
     assert sample.items[0].shape == (16, 1) and sample.target.shape == (4,) and sample.item_files == []
     assert sample.items[0].dtype == np.float32 and np.array_equal(sample.items[0][:, 0], sample.lookback)
     assert abs(float(sample.items[0].mean())) < 1e-5  # normalised per window
@@ -966,9 +966,26 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert sum(n.endswith(".npy") for n in names) == 6  # one item per image, in the store
     assert not any(".tmp-" in n for n in names)
     samples = list(FeatureCache(result.uri).iter_samples(shuffle=False))
-    assert [s.key for s in samples] == [f"digit-{i:04d}" for i in range(6)]
+    assert sorted(s.key for s in samples) == [f"digit-{i:04d}" for i in range(6)]
     assert samples[0].meta["source"].startswith(f"s3://{BUCKET}/raw/digits/train.json")
     assert run_encode(config(**spec)).reused
+
+
+def test_a_shard_holds_windows_of_many_series_not_consecutive_windows_of_one():
+    """Shards were cut from the samples in key order, "<series>-<start>": a shard of the paper's series caches (4,096
+    windows) held one series' consecutive windows, and training, which samples within windows of a few shards, drew
+    whole batches from one or two series."""
+    from modrwkv.conversation import Sample
+    from pipelines.encode import plan_shards
+
+    samples = [Sample(sample_key(f"{series}-{start}"), "series", []) for series in ("co2", "etth1", "ecl")
+               for start in range(0, 1200, 4)]
+    shards = plan_shards(samples, 100)
+    assert [len(shard) for shard in shards] == [100] * 9
+    assert sorted(s.key for shard in shards for s in shard) == sorted(s.key for s in samples)
+    assert all(len({s.key.split("-")[0] for s in shard}) == 3 for shard in shards)
+    assert all(20 <= sum(s.key.startswith("co2") for s in shard) <= 50 for shard in shards)  # about 100 / 3 each
+    assert plan_shards(samples[::-1], 100) == shards  # fixed by the keys alone
 
 
 def cycle_series(tmp_path: Path) -> EncodeConfig:
