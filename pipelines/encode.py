@@ -41,7 +41,7 @@ from preprocessing import storage
 from preprocessing.cache.entry import (WRITTEN_WITH, CacheEntry, FeatureCache, FeatureStore, item_length, npy_bytes,
                                       pack_shard, shard_name)
 from preprocessing.cache.key import (cache_fingerprints, cache_spec, code_version, entry_uri, hash_model_dir,
-                                     library_versions, store_key)
+                                     library_versions, shard_order, store_key)
 from preprocessing.cache.lease import lease, wait_out_sweep
 from preprocessing.cache.precision import checked_stored
 from preprocessing.cache.resolved import Resolution, source_digest
@@ -121,11 +121,11 @@ def check_texts(samples: list[RawSample], rejects: list[Reject]) -> list[RawSamp
 
 
 def plan_shards(samples: list[Sample], shard_size: int) -> list[list[Sample]]:
-    """Shards of `shard_size` samples, in the order of their keys' sha256: fixed by the keys alone, and unrelated to
-    them. In key order a shard held consecutive windows of one series (keys "<series>-<start>") or one speaker's
+    """Shards of `shard_size` samples, in `shard_order` (their keys' sha256): fixed by the keys alone, and unrelated
+    to them. In key order a shard held consecutive windows of one series (keys "<series>-<start>") or one speaker's
     utterances, and training, which shuffles shards and then samples within windows of a few shards, drew whole
     batches from them."""
-    ordered = sorted(samples, key=lambda s: hashlib.sha256(s.key.encode()).digest())
+    ordered = sorted(samples, key=lambda s: shard_order(s.key))
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 

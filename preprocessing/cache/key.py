@@ -96,6 +96,15 @@ def processor_only_nested(kind: str, model_dir) -> dict:
     return {"processor_file": "processor_config.json"} if nested_only else {}
 
 
+# samples are laid into shards in the order of their keys' sha256 (`shard_order`): fixed by the keys, unrelated to
+# them; entries from before 2026-12-07 had them in key order, and no such field in their spec
+SHARD_ORDER = "sha256"
+
+
+def shard_order(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
 def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[dict],
                rejected: Iterable[tuple[str | None, str]] = ()) -> dict:
     """store: its key; records: each sample's descriptor with the content hashes of its media, in key order;
@@ -105,7 +114,7 @@ def cache_spec(store: dict, dataset: dict, shard_size: int, records: Iterable[di
     digest = hashlib.sha256()
     for record in records:
         digest.update(canonical_json(record))
-    spec = {"modality": store["modality"], "store": store, "shard_size": shard_size,
+    spec = {"modality": store["modality"], "store": store, "shard_size": shard_size, "shard_order": SHARD_ORDER,
             "dataset": {k: v for k, v in dataset.items() if k not in CHANGE_NO_SAMPLE},
             "samples_hash": digest.hexdigest()}
     refused = sorted((key or "", reason) for key, reason in rejected)

@@ -971,7 +971,7 @@ def test_encode_and_read_through_s3(tmp_path, encoders, ray_local, s3_server, mo
     assert run_encode(config(**spec)).reused
 
 
-def test_a_shard_holds_windows_of_many_series_not_consecutive_windows_of_one():
+def test_a_shard_holds_windows_of_many_series_not_consecutive_windows_of_one(tmp_path):
     """Shards were cut from the samples in key order, "<series>-<start>": a shard of the paper's series caches (4,096
     windows) held one series' consecutive windows, and training, which samples within windows of a few shards, drew
     whole batches from one or two series."""
@@ -986,6 +986,8 @@ def test_a_shard_holds_windows_of_many_series_not_consecutive_windows_of_one():
     assert all(len({s.key.split("-")[0] for s in shard}) == 3 for shard in shards)
     assert all(20 <= sum(s.key.startswith("co2") for s in shard) <= 50 for shard in shards)  # about 100 / 3 each
     assert plan_shards(samples[::-1], 100) == shards  # fixed by the keys alone
+    # an entry names the order: one in key order (written before) is another entry, written again once
+    assert run_encode(cycle_series(tmp_path)).manifest["shard_order"] == "sha256"
 
 
 def cycle_series(tmp_path: Path) -> EncodeConfig:
