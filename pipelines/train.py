@@ -146,11 +146,18 @@ def check_resumable(saved: dict, resume_from: str, plan, phase: int, config: Tra
     written before its metadata held these is left to the workers): another phase's checkpoint, a phase already at
     its last step, which would run nothing, weight decay turned on or off (the optimizer's groups differ), and data
     positions saved over other entries or epochs, or in another order (another seed or packing:
-    `trainer.check_position`). A schedule other than the checkpoint's is let through with a note of the lr it
+    `trainer.check_position`), and for phase I another backbone than the saved run's. A schedule other than the checkpoint's is let through with a note of the lr it
     resumes at, and the saved run's there."""
     world = config.scaling.workers
     if saved.get("phase", phase) != phase:  # else the workers' load fails on missing tensors, or phase I's takes II's
         raise ValueError(f"{resume_from}: a phase {saved['phase']} checkpoint cannot resume phase {phase}")
+    # phase I's checkpoints hold no backbone (frozen): a resume builds it from the config's path, which must be the
+    # saved run's (by path, and by sha256 where the record has one: a URI's); phase II's hold theirs
+    if phase == 1 and "backbone" in saved and saved["backbone"] != plan.backbone:
+        raise ValueError(f"{resume_from}: phase I trained its adapter on the backbone {saved['backbone']['path']}, "
+                         f"this config names {plan.backbone['path']}"
+                         + (" (other weights)" if saved["backbone"]["path"] == plan.backbone["path"] else "")
+                         + ": point model.backbone.path at the saved one, or start phase I anew")
     decay = plan.hp.weight_decay
     if (saved.get("weight_decay", decay) > 0) != (decay > 0):  # a decay changed between two others is taken
         raise ValueError(f"{resume_from}: saved with weight_decay {saved['weight_decay']}, resumed with {decay}: its "

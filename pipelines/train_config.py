@@ -52,6 +52,9 @@ class PhaseConfig:
     micro_batch: int = 8
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    # AdamW's decoupled decay on the matrices RWKV-LM decays (`RWKV7.optimizer_groups`), applied every step to all
+    # of them: a projector whose caches a step does not draw is pulled toward 0 (and moves on its momentum) all the
+    # same, so a modality the mix draws rarely is decayed more for each step that trains it
     weight_decay: float = 0.0
     # AdamW's epsilon: RWKV-LM's 1e-18 (rwkv7.md), under which a tensor of tiny gradients still moves by about lr a
     # step; torch's 1e-8 damps any whose gradients' RMS is near or below it

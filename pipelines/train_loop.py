@@ -127,7 +127,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                 checkpoint.set_metadata({"phase": phase, "step": step, "run_id": cfg.run_id,
                                          "entries": positions[0]["entries"], "epochs": [p["epoch"] for p in positions],
                                          "orders": [p["order"] for p in positions], "schedule": schedule_of(hp),
-                                         "weight_decay": hp.weight_decay})
+                                         "weight_decay": hp.weight_decay, "backbone": cfg.backbone})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints
