@@ -4,13 +4,16 @@ import logging
 import re
 
 CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")  # a URL's `user:password@`
+# a query's secrets: `?token=...`, a presigned S3 URL's X-Amz-Signature and X-Amz-Credential (the access key id)
+SECRET_PARAMETERS = re.compile(r"([?&][^=&#\s]*(?:token|password|secret|signature|credential)[^=&#\s]*=)[^&#\s]+",
+                               re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """`text` with each URL's credentials left out (`https://user:token@host` -> `https://host`): a tracking URI
-    may carry them, and what is printed or logged, or shown by Ray, must not. MLflow reads them from the URI or from
-    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN."""
-    return CREDENTIALS.sub(r"\1", text)
+    """`text` with each URL's credentials left out (`https://user:token@host` -> `https://host`, `?token=abc` ->
+    `?token=***`): a tracking URI may carry them, and what is printed or logged, or shown by Ray, must not. MLflow
+    reads them from the URI or from MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN."""
+    return SECRET_PARAMETERS.sub(r"\1***", CREDENTIALS.sub(r"\1", text))
 
 
 class RedactingFilter(logging.Filter):
@@ -20,8 +23,12 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if CREDENTIALS.search(message):
+        if redact(message) != message:
             record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:  # the traceback's text, which formatters take as it is set here
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
 
 

@@ -168,11 +168,16 @@ class MetricLogger:
     every batch has landed; the batches a tracking server's outage lost are counted and said, never raised: a run
     of days must not fail at its last step, before its final checkpoint, for the figures of one minute."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, wait_every: int = 256):
         self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id
         self.pending, self.lost = [], 0
+        # batches held before they are waited for (landed long since, as a rule): a run of 100k steps held every one
+        # until its last, and an outage on its first day was said on its last
+        self.wait_every = wait_every
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if len(self.pending) >= self.wait_every:
+            self.flush()
         now = int(time.time() * 1000)
         self.pending.append(self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=False))

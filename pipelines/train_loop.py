@@ -53,7 +53,8 @@ class WorkerConfig:
     log_checkpoints: bool = False  # each checkpoint's model folder a logged model of the run (rank 0)
     encoders: dict | None = None  # modality -> the caches' encoder settings, recorded in those folders
     resume_from: Checkpoint | None = None  # `--resume-from`: where a fresh run starts (Ray's own restarts win)
-    s3: storage.Settings | None = None  # the driver's S3 settings, applied first (not in the runtime env)
+    s3: storage.Settings | None = None  # the driver's S3 settings and MLflow credentials, applied first (not in the
+    # runtime env)
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:

@@ -17,16 +17,20 @@ import pyarrow.fs as pafs
 # What the S3 client is built from, by name (values never printed); Ray's workers are given the same.
 ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
        "AWS_REGION")
+# and how MLflow's client authenticates, which a worker on another node that logs (rank 0) or downloads a model needs
+TRACKING_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
 def environment() -> dict[str, str]:
-    """This process's S3 settings (`ENV`, those set)."""
-    return {name: os.environ[name] for name in ENV if name in os.environ}
+    """This process's S3 and MLflow client settings (`ENV`, `TRACKING_ENV`; those set)."""
+    return {name: os.environ[name] for name in ENV + TRACKING_ENV if name in os.environ}
 
 
 class Settings:
-    """This process's S3 settings, for the Ray workers a job starts (a driver given them in its shell passes them
-    on; otherwise workers have only their node's, e.g. an instance profile's). They travel as an argument (a
+    """This process's S3 settings and MLflow client credentials (`environment`), for the Ray workers a job starts
+    (a driver given them in its shell passes them on; otherwise workers have only their node's, e.g. an instance
+    profile's). They travel as an argument (a
     constructor's, a function's, the train loop config) and are applied first thing in the worker; not in a runtime
     env, whose variables Ray's dashboard and state API show to anyone who can reach them. The repr names the
     variables, never their values (Ray Train shows its loop config as text). Evaluation's actors get the tracking URI,
@@ -36,10 +40,10 @@ class Settings:
         self._values = dict(values)
 
     def __repr__(self) -> str:
-        return f"S3Settings({', '.join(sorted(self._values))})"
+        return f"WorkerSettings({', '.join(sorted(self._values))})"
 
     def apply(self) -> None:
-        """Sets them in this process's environment; S3 clients built after it use them."""
+        """Sets them in this process's environment; S3 and MLflow clients built after it use them."""
         os.environ.update(self._values)
 
 

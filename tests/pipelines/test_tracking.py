@@ -46,6 +46,12 @@ def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path,
     logger.log({"loss": 0.01}, 22)
     assert logger.flush() == 1  # the count is the run's, all told
     assert max(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")) == 22
+    # a long run holds at most `wait_every` batches: an outage is said within that many steps, not at the last
+    logger.wait_every = 4
+    logger.log({"bad name/../": 1.0}, 23)
+    for step in range(24, 28):
+        logger.log({"loss": 0.01}, step)
+    assert logger.lost == 2 and len(logger.pending) == 1
 
 
 def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
@@ -62,6 +68,16 @@ def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
     logging.getLogger("mlflow.utils.async_logging").error(
         "Failed to log run data: Exception: API request to %s failed", "http://alice:s3cretTOKEN@127.0.0.1:9/api")
     assert "API request to http://127.0.0.1:9/api failed" in stream.getvalue() and "s3cret" not in stream.getvalue()
+    # a query's secrets (a presigned artifact URL's signature and key id), and a traceback's text
+    try:
+        raise ConnectionError("GET https://bucket.s3/key?X-Amz-Credential=AKIAXYZ%2F2026&X-Amz-Signature=9f8e&n=1 "
+                              "and http://bob:hunter2@127.0.0.1:9/api")
+    except ConnectionError:
+        logging.getLogger("mlflow.store.artifact").exception("download failed: %s", "https://h/a?token=abc123")
+    logged = stream.getvalue()
+    assert "download failed: https://h/a?token=***\n" in logged and "X-Amz-Signature=***&n=1" in logged
+    assert not any(secret in logged for secret in ("abc123", "AKIAXYZ", "9f8e", "hunter2"))
+    assert "ConnectionError: GET https://bucket.s3/key?X-Amz-Credential=***&" in logged  # the traceback kept
 
 
 def test_a_run_whose_params_do_not_log_ends_failed_and_long_tags_are_cut_saying_so(tmp_path):

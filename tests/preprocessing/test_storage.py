@@ -48,16 +48,19 @@ def test_writes_are_whole_on_s3_in_one_upload_and_renamed_into_place_locally(tmp
 
 
 def test_s3_settings_travel_name_their_variables_and_apply_where_they_land(monkeypatch):
-    for name in storage.ENV:
+    for name in storage.ENV + storage.TRACKING_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    # a tracking server's token: rank 0 on another node logged nothing without it, an eval actor downloaded no model
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken-value")
     settings = copy.deepcopy(storage.settings())  # by the reduce protocol Ray's pickling uses to hand it over
-    assert repr(settings) == "S3Settings(AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY)"
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert repr(settings) == "WorkerSettings(AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN)"
+    for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name)
     settings.apply()
-    assert storage.environment() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    assert storage.environment() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+                                     "MLFLOW_TRACKING_TOKEN": "t0ken-value"}
 
 
 def test_a_file_gone_has_no_sha256_but_a_failing_read_is_raised(tmp_path, monkeypatch):
