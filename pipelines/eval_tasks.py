@@ -15,7 +15,7 @@ import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.forecast import ForecastErrors, seasonal_naive
-from .metrics.vqa import answer_key, mean_exact_match, mean_vqa_accuracy
+from .metrics.vqa import answer_key, best_constant_answer, mean_exact_match, mean_vqa_accuracy
 from .plots import figure, save_figure
 from .row_sample import RowSample
 
@@ -160,10 +160,10 @@ class DecodeTask(EvalTask):
 class VQA(DecodeTask):
     """Exact match after VQAv2 normalisation against the reference answer (`accuracy`), and when every sample
     carries its annotators' answers (a VQAv2-style test set), VQAv2's accuracy by their rule (`vqa_accuracy`, what
-    published tables report), each beside the majority answer's (the most frequent reference, after the same
-    normalisation, given to every question: what a model that ignores the image can reach; taken from the test
-    references, as evaluation sees no training answers, so an upper bound on a training-majority guess); a
-    confusion matrix."""
+    published tables report), each beside the best constant answer's (given to every question: what a model that
+    ignores the image can reach; for `accuracy` the most frequent reference after the same normalisation, for
+    `vqa_accuracy` the answer that scores best by its rule, `best_constant_answer`; taken from the test answers, as
+    evaluation sees no training answers, so an upper bound on a training-majority guess); a confusion matrix."""
 
     modality: ClassVar[str] = "image"
 
@@ -177,7 +177,7 @@ class VQA(DecodeTask):
         if annotated == len(rows):
             answers = [r["answers"] for r in rows]
             metrics["vqa_accuracy"] = mean_vqa_accuracy(predictions, answers)
-            baselines["vqa_accuracy"] = mean_vqa_accuracy(majority, answers)
+            baselines["vqa_accuracy"] = mean_vqa_accuracy([best_constant_answer(answers)] * len(rows), answers)
         elif annotated:
             print(f"vqa: {annotated} of {len(rows)} samples carry annotators' answers: no vqa_accuracy (it needs "
                   "every sample's)")

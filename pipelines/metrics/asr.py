@@ -5,7 +5,12 @@ English is normalised first so that spelling choices do not count as errors: cas
 contractions ("don't" = "do not"), numbers ("twenty one" = "21": spelled-out numbers become digits; ".5" = "0.5";
 "5 million" = "five million" = "5000000")
 and the symbols % and $ ("5%" = "five percent", "$3" = "three dollars").
-Mandarin CER compares characters with punctuation and every space removed.
+Only cardinals are read: a year said in pairs is two numbers ("nineteen ninety" = "19 90", not "1990"), ordinals
+and "point five" stay words, and "a thousand" is not 1000. LibriSpeech's references are words, so a model trained
+on them is scored word for word; one that writes years or ordinals in digits loses against these words where
+Whisper's normaliser (the Open ASR Leaderboard's) would not: compare its WER with such tables only with care.
+Mandarin CER compares characters with punctuation and every space removed; numerals are not unified ("三" is not
+"3"), as AISHELL's references write them in characters.
 """
 
 import re

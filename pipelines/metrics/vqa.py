@@ -9,6 +9,7 @@ scores 0, and an answer that is only an article ("A" as a choice letter) keeps i
 """
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 # A comma between two digits ("1,000") means every punctuation mark is deleted rather than spaced out.
@@ -90,6 +91,23 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     total = sum(matches)
     # leaving out annotator i leaves total - matches[i] matching answers among the others
     return sum(min((total - m) / 3, 1.0) for m in matches) / len(answers)
+
+
+def best_constant_answer(answer_lists: Sequence[Sequence[str]]) -> str:
+    """The one answer that, given to every question, scores the highest VQA accuracy (as its annotators spelled
+    it): each answer's score summed over the questions whose annotators gave it, by `vqa_accuracy`'s rule. The most
+    frequent reference need not be it: an answer given by 3 of 10 annotators on many questions can outscore one
+    that is the reference of more."""
+    scores, spelling = Counter(), {}
+    for answers in answer_lists:
+        keys = [answer_key(a) for a in answers]
+        counts = Counter(k for k, a in zip(keys, answers) if a.strip())
+        for key, total in counts.items():
+            # n - total annotators left out leave `total` matches, `total` of them leave total - 1
+            scores[key] += ((len(keys) - total) * min(total / 3, 1.0) + total * min((total - 1) / 3, 1.0)) / len(keys)
+        for key, answer in zip(keys, answers):
+            spelling.setdefault(key, answer)
+    return spelling[max(scores, key=lambda k: (scores[k], k))]
 
 
 def exact_match(prediction: str, answer: str) -> float:

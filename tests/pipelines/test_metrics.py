@@ -2,12 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from pipelines.metrics.asr import character_error_rate, normalize_english, normalize_mandarin, word_error_rate
 from pipelines.metrics.choice import choice_accuracy, extract_choice, parse_yes_no, pope_scores
 from pipelines.metrics.forecast import ForecastErrors, denormalize, mae, mase_scale, mse, seasonal_naive
-from pipelines.metrics.vqa import exact_match, mean_exact_match, mean_vqa_accuracy, normalize_answer, vqa_accuracy
+from pipelines.metrics.vqa import (best_constant_answer, exact_match, mean_exact_match, mean_vqa_accuracy,
+                                  normalize_answer, vqa_accuracy)
 
 # ---- VQA ---------------------------------------------------------------------------------------------------
 
@@ -39,6 +41,21 @@ def test_vqa_ten_annotator_rule(matching, expected):
     # the matching annotators wrote the number in words and digits; both must count
     answers = ["two", "2"] * (matching // 2) + ["2"] * (matching % 2) + ["3"] * (10 - matching)
     assert vqa_accuracy("Two.", answers) == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_best_constant_answer_is_the_one_scoring_best_by_the_annotators_rule():
+    """Brute force over every answer given: the fast sum picks one scoring as high, spelled as an annotator did."""
+    rng = np.random.default_rng(0)
+    vocabulary = ["yes", "no", "2", "two", "red", "Red.", "a dog", "cat", ""]
+    for _ in range(20):
+        lists = [list(rng.choice(vocabulary, size=int(rng.integers(3, 11)))) for _ in range(int(rng.integers(1, 30)))]
+        best = best_constant_answer(lists)
+        brute = max(mean_vqa_accuracy([a] * len(lists), lists) for answers in lists for a in answers)
+        assert mean_vqa_accuracy([best] * len(lists), lists) == pytest.approx(brute, abs=1e-12)
+        assert any(best in answers for answers in lists)
+    # "two" ("2") from 3 of 10 annotators on two questions (0.9 each) beats "yes", all 10 on one (1.0)
+    others = ["red", "blue", "cat", "dog", "car", "tree", "sky"]
+    assert best_constant_answer([["yes"] * 10, ["two"] * 3 + others, ["2"] * 3 + others[::-1]]) == "two"
 
 
 def test_vqa_aggregates_and_exact_match():
