@@ -46,12 +46,14 @@ def pooled_image(sample: "Sample") -> np.ndarray:
 PROBE_STRENGTHS = np.logspace(-3, 1, 5)  # the inverse L2 strengths cross-validation chooses from
 
 
-def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+def probe_accuracy(train_x, train_y, test_x, test_y, train_images=None) -> float:
     """Standardised features; with more of them than training rows (65 DINOv2 tokens: 24,960 a digit, 256 digits),
     solved in the span of the training rows, which is exact (an L2 penalty's optimum lies there, and the rotation
-    onto that span keeps the norm) and a hundred times faster."""
+    onto that span keeps the norm) and a hundred times faster. `train_images`: each training row's image, so that
+    cross-validation keeps an image's questions in one fold (a multi-turn record's other answers in the held-out
+    fold beside it chose the strength on images the probe had seen)."""
     from sklearn.linear_model import LogisticRegression  # the [demo] extra, like every ceiling
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
     from sklearn.preprocessing import StandardScaler
 
     if len(set(train_y)) < 2:
@@ -61,9 +63,11 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     if train.shape[1] > train.shape[0]:
         rows = np.linalg.svd(train, full_matrices=False)[2]  # an orthonormal basis of the training rows' span
         train, test = train @ rows.T, test @ rows.T
-    folds = StratifiedKFold(5, shuffle=True, random_state=0)
-    fold_accuracy = [cross_val_score(LogisticRegression(C=c, max_iter=3000), train, train_y, cv=folds).mean()
-                     for c in PROBE_STRENGTHS]
+    # one question an image: the plain stratified folds, as every ceiling before multi-turn records was chosen
+    shared = train_images is not None and len(set(train_images)) < len(train_images)
+    folds = (StratifiedGroupKFold if shared else StratifiedKFold)(5, shuffle=True, random_state=0)
+    fold_accuracy = [cross_val_score(LogisticRegression(C=c, max_iter=3000), train, train_y, cv=folds,
+                                     groups=train_images if shared else None).mean() for c in PROBE_STRENGTHS]
     probe = LogisticRegression(C=PROBE_STRENGTHS[int(np.argmax(fold_accuracy))], max_iter=3000).fit(train, train_y)
     return float(np.mean(probe.predict(test) == np.array(test_y)))
 
@@ -94,18 +98,18 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
     whole = len({s.items[0].shape for s in (*train, *test)}) == 1
     for group in sorted({group_of(s) for s in test}):
         words = (asked or {}).get(group)
-        xtr, ytr = questions([s for s in train if group_of(s) == group], words, every_turn=True, whole=whole)
-        xte, yte = questions([s for s in test if group_of(s) == group], words, every_turn=False, whole=whole)
-        out[group] = {"ceiling": probe_accuracy(xtr, ytr, xte, yte), "baseline": majority_accuracy(ytr, yte)}
+        xtr, ytr, images = questions([s for s in train if group_of(s) == group], words, every_turn=True, whole=whole)
+        xte, yte, _ = questions([s for s in test if group_of(s) == group], words, every_turn=False, whole=whole)
+        out[group] = {"ceiling": probe_accuracy(xtr, ytr, xte, yte, images), "baseline": majority_accuracy(ytr, yte)}
     return out
 
 
 def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool,
-              whole: bool = True) -> tuple[list, list[str]]:
-    """(probe features, normalised answers) of the samples' (question, answer) turns: every turn (training: the
-    model learns each answer of a multi-turn record), or each sample's first (test: the question evaluation asks).
-    `whole`: every token of the image (else, and with asked words, the pooled image)."""
-    x, y = [], []
+              whole: bool = True) -> tuple[list, list[str], list[str]]:
+    """(probe features, normalised answers, the samples' keys) of the samples' (question, answer) turns: every turn
+    (training: the model learns each answer of a multi-turn record), or each sample's first (test: the question
+    evaluation asks). `whole`: every token of the image (else, and with asked words, the pooled image)."""
+    x, y, keys = [], [], []
     for sample in samples:
         image = image_tokens(sample) if whole and not words else pooled_image(sample)
         turns = zip([t.text for t in sample.turns if t.role == "user"],
@@ -113,7 +117,8 @@ def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool
         for question, answer in turns if every_turn else [next(turns)]:
             x.append(with_asked(image, asked_words(question, words)) if words else image)
             y.append(normalize_answer(answer))
-    return x, y
+            keys.append(sample.key)
+    return x, y, keys
 
 
 def ridge_forecast_mse(train: list["Sample"], test: list["Sample"]) -> float:

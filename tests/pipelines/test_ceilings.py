@@ -1,14 +1,17 @@
 """Ceilings and trivial baselines on synthetic cached samples whose answers the features do or do not hold."""
 
+from itertools import count
+
 import numpy as np
 
-from modrwkv.conversation import Turn
-from modrwkv.conversation import Sample
+from modrwkv.conversation import Sample, Turn
 from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
+
+KEYS = count()  # every sample its own key, as a cache's are
 
 
 def vqa_sample(tokens, question, answer, group):
-    return Sample("q", "image", [Turn("user", f"<image>\n{question}"), Turn("assistant", answer)],
+    return Sample(f"q{next(KEYS)}", "image", [Turn("user", f"<image>\n{question}"), Turn("assistant", answer)],
                   items=[tokens.astype(np.float32)], meta={"group": group})
 
 
@@ -60,7 +63,7 @@ def test_ridge_recovers_a_linear_forecast_on_the_original_scale():
     assert 0.5 < noisy < 1.5  # noise variance 0.25, times std² = 4, on the original scale
 
 
-def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_first_test_question():
+def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_first_test_question(monkeypatch):
     # shapes' extra records ask several yes/no questions of one image in turn, and the model learns every answer
     rng = np.random.default_rng(2)
     colours = ["red", "green", "blue"]
@@ -73,7 +76,7 @@ def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_
     def record(turns, tokens):
         conversation = [Turn(role, text) for question, answer in turns
                         for role, text in (("user", question), ("assistant", answer))]
-        return Sample("q", "image", conversation, items=[tokens.astype(np.float32)])
+        return Sample(f"q{next(KEYS)}", "image", conversation, items=[tokens.astype(np.float32)])
 
     train = []
     for i in range(300):  # the first question is always answered "no": only the later turns hold a "yes"
@@ -88,9 +91,21 @@ def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_
         test.append(record([(f"<image>\nIs there a {asked} shape?", "yes" if asked == drawn else "no"),
                             ("Odd?", "maybe")], image(drawn)))
 
+    import sklearn.model_selection
+
+    folds, cross_val_score = [], sklearn.model_selection.cross_val_score
+
+    def recorded(estimator, x, y, cv, groups=None):
+        images = np.asarray(groups)
+        folds.extend((set(images[fit]), set(images[held])) for fit, held in cv.split(x, y, groups))
+        return cross_val_score(estimator, x, y, cv=cv, groups=groups)
+
+    monkeypatch.setattr(sklearn.model_selection, "cross_val_score", recorded)
     result = vqa_ceilings(train, test, asked={"all": colours})["all"]
     assert result["ceiling"] > 0.9  # a probe on first turns alone knows only "no": 0.30
     assert abs(result["baseline"] - 0.7) < 1e-9  # the majority of all 900 training answers, "yes"
+    # the strength was chosen on folds that keep each image's three questions together
+    assert len(folds) == 5 * 5 and all(len(held) > 40 and not fit & held for fit, held in folds)
 
 
 def test_the_probe_reads_every_token_as_the_model_does():
