@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from modrwkv import RWKV7Config
 from modrwkv.checkpoint import UNUSED_LAYER0
-from modrwkv.conversation import PLACEHOLDER_IDS, prompt_ids
+from modrwkv.conversation import PLACEHOLDER_IDS, TURN_SPECIALS, prompt_ids
 from modrwkv.fla_layout import convert_fla_to_rwkv_pth
 from modrwkv.hf_export.exporter import export_fla, export_hf
 from modrwkv.multimodal import ModRWKV, ModRWKVConfig, ProjectorConfig
@@ -141,7 +141,9 @@ def our_outputs(model: ModRWKV, inputs: dict) -> dict:
             "image_logits": model(image_ids, [[("image", image)]]).logits,
             "forecast": model(series_ids, [[("series", series)]], series_lookback=inputs["lookback"]).forecast,
             "greedy": torch.tensor([greedy]),
-            "tokenized": [torch.tensor(tokenizer.encode(text, allow_special=True)) for text in TOKENIZER_TEXTS],
+            # as training reads a turn: a written "<|endoftext|>" is text
+            "tokenized": [torch.tensor(tokenizer.encode(text, allow_special=TURN_SPECIALS))
+                          for text in TOKENIZER_TEXTS],
         }
 
 

@@ -19,6 +19,10 @@ def as_token(data: bytes) -> str:
     return data.decode("latin-1")
 
 
+# what a turn's text may hold as tokens in training (`TURN_SPECIALS`): "<|endoftext|>" written in a prompt is text
+PLACEHOLDERS = [text for text, idx in SPECIAL_TOKENS.items() if idx != END_OF_TEXT]
+
+
 class ModRWKVTokenizer(PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": VOCAB_FILENAME}
     model_input_names = ["input_ids", "attention_mask"]
@@ -42,8 +46,10 @@ class ModRWKVTokenizer(PreTrainedTokenizer):
     def get_vocab(self) -> dict[str, int]:
         return {**self.token_ids, **SPECIAL_TOKENS}
 
-    def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return [as_token(self.world.id_to_bytes[idx]) for idx in self.world.encode_bytes(text.encode("utf-8"))]
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """As training reads a turn: the placeholders split off, all else bytes; transformers' own split would take
+        the eos token's text, a literal "<|endoftext|>" in a question, for a document break."""
+        return [self._convert_id_to_token(idx) for idx in self.world.encode(text, allow_special=PLACEHOLDERS)]
 
     def _convert_token_to_id(self, token: str) -> int:
         return self.token_ids[token]
