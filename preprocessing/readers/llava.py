@@ -6,7 +6,7 @@ Image paths resolve against `image_root` (local or s3://) and must stay inside i
 import hashlib
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 
 from .. import storage
@@ -29,16 +29,39 @@ def text_lines(uri: str, rejects: list[Reject]) -> Iterator[tuple[str, str]]:
             yield f"{uri}:{n}", line
 
 
+class RepeatedKeys(dict):
+    """A JSON object that names a key twice or more, of which `json` keeps the last value without a word."""
+
+    repeated: list[str]
+
+
+def repeated_keys(value) -> list[str]:
+    """The keys some object within `value` names more than once."""
+    if isinstance(value, dict):
+        return [*getattr(value, "repeated", []), *(k for v in value.values() for k in repeated_keys(v))]
+    return [k for v in value for k in repeated_keys(v)] if isinstance(value, list) else []
+
+
 def parse_records(uri: str) -> tuple[list, list[Reject]]:
-    """(records with their position, rejects): JSONL lines that fail to decode or parse, and records holding text
-    that is not Unicode (a lone surrogate escape such as "\\ud800", which no UTF-8 file can hold), are rejected one
-    by one; a JSON file that does not parse is an error naming it."""
-    rejects = []
+    """(records with their position, rejects): JSONL lines that fail to decode or parse, records holding text
+    that is not Unicode (a lone surrogate escape such as "\\ud800", which no UTF-8 file can hold) and records naming
+    a key twice (two "from"s in a turn: which one the writer meant is unknown) are rejected one by one; a JSON file
+    that does not parse is an error naming it."""
+    rejects, repeats = [], []
+
+    def object_of(pairs: list[tuple]) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            obj = RepeatedKeys(obj)
+            obj.repeated = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+            repeats.append(obj)
+        return obj
+
     if uri.endswith(".jsonl"):
         records, escapes = [], False
         for where, line in text_lines(uri, rejects):
             try:
-                records.append((where, json.loads(line)))
+                records.append((where, json.loads(line, object_pairs_hook=object_of)))
             except json.JSONDecodeError as e:
                 rejects.append(Reject(where, f"invalid JSON: {e.msg}"))
             except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the stack
@@ -47,22 +70,27 @@ def parse_records(uri: str) -> tuple[list, list[Reject]]:
     else:
         try:
             text = storage.read_bytes(uri).decode("utf-8-sig")  # a byte-order mark (Windows editors) is no text
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=object_of)
         except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a giant integer, nesting past the stack
             raise ValueError(f"{uri}: not a readable JSON file: {str(e)[:200]}") from None
         if not isinstance(data, list):
             raise ValueError(f"{uri}: expected a JSON list of samples, got {type(data).__name__}")
         records, escapes = [(f"{uri}[{i}]", r) for i, r in enumerate(data)], bool(SURROGATE_ESCAPE.search(text))
-    if not escapes:  # no surrogate escape in the file: every record is Unicode, nothing to check
+    if not escapes and not repeats:  # nothing in the file to look for record by record
         return records, rejects
-    unicode = []
+    kept = []
     for where, record in records:
+        if repeated := repeats and repeated_keys(record):
+            rejects.append(Reject(where, f"names the key {repeated[0]!r} twice in one object (JSON would keep the last "
+                                         "value without a word)"))
+            continue
         try:
-            json.dumps(record, ensure_ascii=False).encode("utf-8")
-            unicode.append((where, record))
+            if escapes:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            kept.append((where, record))
         except UnicodeEncodeError as e:
             rejects.append(Reject(where, f"holds text that is not Unicode: a lone surrogate {e.object[e.start]!a}"))
-    return unicode, rejects
+    return kept, rejects
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

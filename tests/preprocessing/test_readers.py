@@ -166,6 +166,28 @@ def test_records_holding_a_lone_surrogate_are_rejected_and_a_byte_order_mark_is_
     assert sample_key("bad\ud800").startswith("bad_-")  # a key for any id, whatever it holds
 
 
+def test_a_record_naming_a_key_twice_is_rejected_not_read_as_its_last_value(tmp_path):
+    """{"from": "human", "from": "gpt"} parsed as "gpt", silently: a turn whose writer meant the other was trained
+    as said by the model. The record is rejected naming the key, in a JSON list, a JSONL and an ASR manifest alike."""
+    turns = '[{"from": "human", "value": "<image>\\nWhat?"}, {"from": "gpt", "value": "a cat"}]'
+    twice = '[{"from": "human", "from": "gpt", "value": "<image>\\nWhat?"}, {"from": "gpt", "value": "a cat"}]'
+    records = [f'{{"id": "s1", "image": "1.png", "conversations": {turns}}}',
+               f'{{"id": "s2", "image": "2.png", "conversations": {twice}}}',
+               f'{{"id": "s3", "id": "s4", "image": "3.png", "conversations": {turns}}}']
+    (tmp_path / "data.json").write_text("[" + ",\n".join(records) + "]")
+    (tmp_path / "data.jsonl").write_text("\n".join(records) + "\n")
+    for name, places in (("data.json", ("data.json[1]", "data.json[2]")),
+                         ("data.jsonl", ("data.jsonl:2", "data.jsonl:3"))):
+        samples, rejects = read_llava(str(tmp_path / name))
+        assert [s.key for s in samples] == ["s1"]
+        assert [(r.source.rsplit("/", 1)[1], r.reason.split(" in one")[0]) for r in rejects] == [
+            (places[0], "names the key 'from' twice"), (places[1], "names the key 'id' twice")]
+    (tmp_path / "asr.jsonl").write_text('{"audio": "a.wav", "text": "hi", "text": "bye"}\n'
+                                        '{"audio": "b.wav", "text": "hi"}\n')
+    samples, rejects = read_asr_manifest(str(tmp_path / "asr.jsonl"))
+    assert [s.key for s in samples] == ["b"] and "names the key 'text' twice" in rejects[0].reason
+
+
 def test_a_json_file_that_does_not_parse_is_an_error_naming_it(tmp_path):
     (tmp_path / "v.json").write_text('[{"id": "a"},]')
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'v.json'}: not a readable JSON file: Expecting "
