@@ -168,16 +168,17 @@ class MetricLogger:
     every batch has landed; the batches a tracking server's outage lost are counted and said, never raised: a run
     of days must not fail at its last step, before its final checkpoint, for the figures of one minute."""
 
-    def __init__(self, uri: str, run_id: str, wait_every: int = 256):
+    def __init__(self, uri: str, run_id: str):
         self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id
         self.pending, self.lost = [], 0
-        # batches held before they are waited for (landed long since, as a rule): a run of 100k steps held every one
-        # until its last, and an outage on its first day was said on its last
-        self.wait_every = wait_every
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if len(self.pending) >= self.wait_every:
-            self.flush()
+        # the batches landed so far settled and let go, without waiting for any (MLflow retries a request for
+        # minutes): a run of 100k steps held every one until its last, and said an outage of its first day then
+        landed = [op for op in self.pending if all(f.done() for f in op._operation_futures)]
+        self.pending = [op for op in self.pending if op not in landed]
+        for operation in landed:
+            self.settle(operation)
         now = int(time.time() * 1000)
         self.pending.append(self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=False))
@@ -186,13 +187,17 @@ class MetricLogger:
         """Waits for every batch logged so far; returns how many of them the run has lost, all told."""
         pending, self.pending = self.pending, []
         for operation in pending:
-            try:
-                operation.wait()
-            except Exception as e:  # noqa: BLE001 - the tracking server's failure, not the run's
-                self.lost += 1
-                print(f"MLflow run {self.run_id}: a batch of step metrics was not logged ({redact(str(e))[:300]})",
-                      flush=True)
+            self.settle(operation)
         return self.lost
+
+    def settle(self, operation) -> None:
+        """Waits for one batch; a failure is counted and said."""
+        try:
+            operation.wait()
+        except Exception as e:  # noqa: BLE001 - the tracking server's failure, not the run's
+            self.lost += 1
+            print(f"MLflow run {self.run_id}: a batch of step metrics was not logged ({redact(str(e))[:300]})",
+                  flush=True)
 
 
 def log_environment(uri: str, run_id: str, node: str | None) -> None:

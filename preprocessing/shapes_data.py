@@ -89,22 +89,23 @@ def make_item(kind: str, rng: random.Random) -> tuple[list[tuple[str, str, int, 
     return drawn, question, answer
 
 
-def item_split(shapes: list[tuple[str, str, int, int]], question: str) -> str:
-    """The one split an item (its shapes and question) may be drawn for: a tenth of the items for test, a tenth for
-    val, by their hash. An item's space is small for some types (a position question's: 9,600 items, 1,248 before),
-    and drawn freely 365 of test's 500 position questions repeated a training item; partitioned, no item is in two
-    splits, and no split depends on another's size."""
-    bucket = int.from_bytes(hashlib.sha256(repr((tuple(shapes), question)).encode()).digest()[:8], "big") % 10
+def image_split(shapes: list[tuple[str, str, int, int]]) -> str:
+    """The one split an image (the shapes drawn, where) may be drawn for: a tenth of the images for test, a tenth for
+    val, by their hash. The images' space is small for some types (a position question's: 9,600, 1,248 before; one
+    shape in a grid cell: 1,944), and drawn freely 365 of test's 500 position questions repeated a training image
+    and question; partitioned, no image is in two splits, with any question (a training image's extra yes/no
+    questions too), and no split depends on another's size."""
+    bucket = int.from_bytes(hashlib.sha256(repr(tuple(shapes)).encode()).digest()[:8], "big") % 10
     return "test" if bucket == 0 else "val" if bucket == 1 else "train"
 
 
 def item_for(split: str, kind: str, rng: random.Random, tries: int = 10_000):
-    """`make_item`'s draw, drawn again until it is one of `split`'s items."""
+    """`make_item`'s draw, drawn again until its image is one of `split`'s."""
     for _ in range(tries):
         shapes, question, answer = make_item(kind, rng)
-        if item_split(shapes, question) == split:
+        if image_split(shapes) == split:
             return shapes, question, answer
-    raise ValueError(f"{tries} {kind} items drawn, none of them one of the {split} split's")
+    raise ValueError(f"{tries} {kind} items drawn, none of them on one of the {split} split's images")
 
 
 def yesno_question(drawn: list[tuple[str, str, int, int]], by_colour: bool, rng: random.Random) -> tuple[str, str]:
@@ -150,8 +151,8 @@ def build_shapes(out, n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, se
             raise ValueError(f"{name} must be 1-{ASKABLE} (the different questions an image can be asked), got {count}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # test, val and the extra questions draw from their own generators, each split from its own items
-    # (`item_split`): no split depends on another's size, no item is in two, and no split's images depend on the
+    # test, val and the extra questions draw from their own generators, each split from its own images
+    # (`image_split`): no split depends on another's size, no image is in two, and no split's images depend on the
     # extra questions
     extra_rng = random.Random(f"{seed}-extra-yesno")
     for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):

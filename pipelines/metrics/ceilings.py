@@ -106,10 +106,11 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
 
 def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool,
               whole: bool = True) -> tuple[list, list[str], list[str]]:
-    """(probe features, normalised answers, the samples' keys) of the samples' (question, answer) turns: every turn
-    (training: the model learns each answer of a multi-turn record), or each sample's first (test: the question
-    evaluation asks). `whole`: every token of the image (else, and with asked words, the pooled image)."""
-    x, y, keys = [], [], []
+    """(probe features, normalised answers, images) of the samples' (question, answer) turns: every turn (training:
+    the model learns each answer of a multi-turn record), or each sample's first (test: the question evaluation
+    asks). `whole`: every token of the image (else, and with asked words, the pooled image). An image is named by its
+    feature files, which two records of one image share (a sample read without them: by its key)."""
+    x, y, images = [], [], []
     for sample in samples:
         image = image_tokens(sample) if whole and not words else pooled_image(sample)
         turns = zip([t.text for t in sample.turns if t.role == "user"],
@@ -117,8 +118,8 @@ def questions(samples: list["Sample"], words: list[str] | None, every_turn: bool
         for question, answer in turns if every_turn else [next(turns)]:
             x.append(with_asked(image, asked_words(question, words)) if words else image)
             y.append(normalize_answer(answer))
-            keys.append(sample.key)
-    return x, y, keys
+            images.append("|".join(sample.item_files) or sample.key)
+    return x, y, images
 
 
 def ridge_forecast_mse(train: list["Sample"], test: list["Sample"]) -> float:

@@ -73,17 +73,20 @@ def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_
         tokens[1:, colours.index(colour)] += 3.0
         return tokens
 
-    def record(turns, tokens):
+    def record(turns, tokens, files=()):
         conversation = [Turn(role, text) for question, answer in turns
                         for role, text in (("user", question), ("assistant", answer))]
-        return Sample(f"q{next(KEYS)}", "image", conversation, items=[tokens.astype(np.float32)])
+        return Sample(f"q{next(KEYS)}", "image", conversation, list(files), items=[tokens.astype(np.float32)])
 
     train = []
     for i in range(300):  # the first question is always answered "no": only the later turns hold a "yes"
         drawn = colours[i % 3]
         absent = colours[(i + 1) % 3]
+        tokens, files = image(drawn), [f"image-{i}.npy"]
         train.append(record([(f"<image>\nIs there a {absent} shape?", "no"), (f"Is there a {drawn} shape?", "yes"),
-                             (f"Is there a {drawn} shape?", "yes")], image(drawn)))
+                             (f"Is there a {drawn} shape?", "yes")], tokens, files))
+        if i % 2:  # a second record of the same image (shapes' extra yes/no records): its own key, the same image
+            train.append(record([(f"<image>\nIs there a {drawn} shape?", "yes")], tokens, files))
     test = []
     for i in range(100):  # "yes" 70 times; a second turn that evaluation never asks
         drawn = colours[i % 3]
@@ -103,9 +106,10 @@ def test_probe_and_majority_learn_every_turn_of_a_training_record_and_score_the_
     monkeypatch.setattr(sklearn.model_selection, "cross_val_score", recorded)
     result = vqa_ceilings(train, test, asked={"all": colours})["all"]
     assert result["ceiling"] > 0.9  # a probe on first turns alone knows only "no": 0.30
-    assert abs(result["baseline"] - 0.7) < 1e-9  # the majority of all 900 training answers, "yes"
-    # the strength was chosen on folds that keep each image's three questions together
+    assert abs(result["baseline"] - 0.7) < 1e-9  # the majority of all 1,050 training answers, "yes"
+    # the strength was chosen on folds that keep each image's questions together, over its records
     assert len(folds) == 5 * 5 and all(len(held) > 40 and not fit & held for fit, held in folds)
+    assert len(set().union(*folds[0])) == 300
 
 
 def test_the_probe_reads_every_token_as_the_model_does():

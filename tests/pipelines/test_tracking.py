@@ -1,10 +1,12 @@
 """The driver-side training progress bar follows the steps rank 0 logs to MLflow."""
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 
 from pipelines.tracking import MetricLogger, StepProgress, start_run
 
@@ -22,6 +24,13 @@ def test_step_progress_follows_the_logged_steps(tmp_path):
         assert progress.bar.n == 3
         assert progress.bar.postfix == "loss=0.3333"
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"  # the bar only reads
+
+
+def stuck_future(release: "threading.Event"):
+    """A logging operation's future that completes once `release` is set (a tracking server not answering)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1).submit(release.wait)
 
 
 def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path, monkeypatch, capsys):
@@ -46,12 +55,22 @@ def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path,
     logger.log({"loss": 0.01}, 22)
     assert logger.flush() == 1  # the count is the run's, all told
     assert max(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")) == 22
-    # a long run holds at most `wait_every` batches: an outage is said within that many steps, not at the last
-    logger.wait_every = 4
+    # a long run lets each batch go once it has landed, its failure said then, not at the last step; a step never
+    # waits for one that has not
     logger.log({"bad name/../": 1.0}, 23)
-    for step in range(24, 28):
-        logger.log({"loss": 0.01}, step)
-    assert logger.lost == 2 and len(logger.pending) == 1
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f in logger.pending[0]._operation_futures) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.log({"loss": 0.01}, 24)
+    assert logger.lost == 2 and len(logger.pending) == 1  # step 24's, in flight or not yet let go
+    stuck = threading.Event()
+    monkeypatch.setattr(logger.client, "log_batch", lambda *a, **k: RunOperations([stuck_future(stuck)]))
+    logger.log({"loss": 0.01}, 25)
+    started = time.monotonic()
+    logger.log({"loss": 0.01}, 26)  # step 25's batch has not landed: not waited for
+    assert time.monotonic() - started < 1 and len(logger.pending) >= 2
+    stuck.set()
+    assert logger.flush() == 2
 
 
 def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
