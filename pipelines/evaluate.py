@@ -273,9 +273,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
 def predictions_name(config: EvalConfig, model_dir: Path, cache_uri: str) -> str:
     """predictions_<task>_<digest>.jsonl, the digest of what decides them (the model folder, here or as this node's
-    copy of a logged model, its quantization, the cache, the decoding settings): another model or quantization
+    copy of a logged model, with its files' sizes and modification times, so that a model trained again into the
+    same folder is another; its quantization, the cache, the decoding settings): another model or quantization
     evaluated into the same out_dir keeps the file an earlier run's tag names; the same evaluation rewrites its own."""
-    decided = [str(Path(model_dir).absolute()), config.quantize, cache_uri, config.max_new_tokens, config.season]
+    folder = Path(model_dir).absolute()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    decided = [str(folder), files, config.quantize, cache_uri, config.max_new_tokens, config.season]
     return f"predictions_{config.task}_{hashlib.sha256(json.dumps(decided).encode()).hexdigest()[:10]}.jsonl"
 
 

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from modrwkv.model_folder import write_records
+from modrwkv.model_folder import backbone_weights, file_sha256, write_records
 from infra.local_ray import init_ray
 from preprocessing import storage
 from preprocessing.cache.entry import entry_name
@@ -141,23 +141,38 @@ def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str,
     return out / "model"
 
 
+def check_same_backbone(saved: dict, now: dict, resume_from: str) -> None:
+    """Phase I's checkpoints hold no backbone (frozen): a resume builds it from the config's path, which must hold
+    the saved run's weights. One record is the same backbone; else their sha256 are compared (a URI's record holds
+    it, a local file's is read: the same weights at another mount are taken); a saved local path this machine
+    cannot read is let through with a note."""
+    if saved == now:
+        return
+    hashes = []
+    for record in (saved, now):
+        local = not storage.is_remote(record["path"]) and backbone_weights(Path(record["path"]))
+        hashes.append(record.get("sha256") or (file_sha256(local) if local and local.is_file() else None))
+    if None in hashes:
+        print(f"note: {resume_from} trained its adapter on the backbone {saved['path']}, which this machine cannot "
+              f"read; resuming on {now['path']}, unchecked", file=sys.stderr)
+    elif hashes[0] != hashes[1]:
+        raise ValueError(f"{resume_from}: phase I trained its adapter on the backbone {saved['path']} (sha256 "
+                         f"{hashes[0][:12]}), this config names {now['path']} ({hashes[1][:12]}): point "
+                         "model.backbone.path at the saved one, or start phase I anew")
+
+
 def check_resumable(saved: dict, resume_from: str, plan, phase: int, config: TrainConfig) -> None:
     """What the workers would refuse after loading the checkpoint, refused before any run starts (a checkpoint
     written before its metadata held these is left to the workers): another phase's checkpoint, a phase already at
     its last step, which would run nothing, weight decay turned on or off (the optimizer's groups differ), and data
     positions saved over other entries or epochs, or in another order (another seed or packing:
-    `trainer.check_position`), and for phase I another backbone than the saved run's. A schedule other than the checkpoint's is let through with a note of the lr it
-    resumes at, and the saved run's there."""
+    `trainer.check_position`), and for phase I other backbone weights than the saved run's. A schedule other than
+    the checkpoint's is let through with a note of the lr it resumes at, and the saved run's there."""
     world = config.scaling.workers
     if saved.get("phase", phase) != phase:  # else the workers' load fails on missing tensors, or phase I's takes II's
         raise ValueError(f"{resume_from}: a phase {saved['phase']} checkpoint cannot resume phase {phase}")
-    # phase I's checkpoints hold no backbone (frozen): a resume builds it from the config's path, which must be the
-    # saved run's (by path, and by sha256 where the record has one: a URI's); phase II's hold theirs
-    if phase == 1 and "backbone" in saved and saved["backbone"] != plan.backbone:
-        raise ValueError(f"{resume_from}: phase I trained its adapter on the backbone {saved['backbone']['path']}, "
-                         f"this config names {plan.backbone['path']}"
-                         + (" (other weights)" if saved["backbone"]["path"] == plan.backbone["path"] else "")
-                         + ": point model.backbone.path at the saved one, or start phase I anew")
+    if phase == 1 and "backbone" in saved:  # phase II's checkpoints hold their backbone
+        check_same_backbone(saved["backbone"], plan.backbone, resume_from)
     decay = plan.hp.weight_decay
     if (saved.get("weight_decay", decay) > 0) != (decay > 0):  # a decay changed between two others is taken
         raise ValueError(f"{resume_from}: saved with weight_decay {saved['weight_decay']}, resumed with {decay}: its "

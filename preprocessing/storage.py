@@ -17,9 +17,10 @@ import pyarrow.fs as pafs
 # What the S3 client is built from, by name (values never printed); Ray's workers are given the same.
 ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
        "AWS_REGION")
-# and how MLflow's client authenticates, which a worker on another node that logs (rank 0) or downloads a model needs
-TRACKING_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+# and how MLflow's client authenticates and reaches its artifacts, which a worker on another node that logs (rank 0)
+# or downloads a model needs; not its certificate paths, files of the driver's machine that a node's own settings name
+TRACKING_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_AUTH",
+                "MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL")
 
 
 def environment() -> dict[str, str]:

@@ -60,23 +60,10 @@ class NaFlexInputs(ImageInputs):
         return {"patches": inputs["pixel_values"][:real], "spatial_shapes": inputs["spatial_shapes"]}
 
 
-def fixed_input_size(processor) -> tuple[int, int] | None:
-    """(height, width) every image comes out at, or None where that depends on the image (no resize, or its
-    shortest edge resized with no crop after it)."""
-    crop = getattr(processor, "crop_size", None) or {}
-    if getattr(processor, "do_center_crop", False) and crop.get("height") and crop.get("width"):
-        return crop["height"], crop["width"]  # a smaller image is padded to the crop
-    size = processor.size or {}
-    if processor.do_resize and size.get("height") and size.get("width"):
-        return size["height"], size["width"]
-    return None
-
-
 class VisionEncoder(FrozenEncoder):
     model_class = None
     processor_class = None
     inputs_class = ImageInputs
-    one_input_size = True  # its batches stack the images: the processor must bring all to one size
     forward_options = {}  # what the model's forward needs told to take `image_size` (DINOv2 interpolates always)
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32, image_size: int | None = None,
@@ -113,12 +100,6 @@ class VisionEncoder(FrozenEncoder):
                                  "each row and column would be left out")
             processor.size = {"height": image_size, "width": image_size}
             processor.do_resize, processor.do_center_crop = True, False
-        if cls.one_input_size and fixed_input_size(processor) is None:
-            settings = {name: getattr(processor, name, None) for name in ("do_resize", "do_center_crop")}
-            raise ValueError(f"{model_dir}: {cls.kind}'s image processor brings images to sizes of their own "
-                             f"({settings}, size {dict(processor.size or {})}), and a batch needs them all alike: "
-                             "give its preprocessor_config.json a size with height and width, or a crop_size with "
-                             "do_center_crop, or set the encoder's image_size")
         return cls.inputs_class(processor)
 
     def hidden(self, inputs) -> torch.Tensor:
@@ -133,8 +114,15 @@ class VisionEncoder(FrozenEncoder):
         return cls.processor_class(size={"height": size, "width": size}, do_center_crop=False)
 
     def forward(self, prepared) -> list[torch.Tensor]:
-        pixels = self.to_model([p["pixel_values"] for p in prepared])
-        return list(self.hidden({"pixel_values": pixels}).float().cpu().unbind(0))
+        # a batch of one pixel size at a time: a processor may size each image its own way (a shortest-edge resize
+        # with no crop after it, or none), where a mixed batch failed to stack and stopped the encode job
+        features = [None] * len(prepared)
+        for size in dict.fromkeys(p["pixel_values"].shape for p in prepared):
+            rows = [i for i, p in enumerate(prepared) if p["pixel_values"].shape == size]
+            pixels = self.to_model([prepared[i]["pixel_values"] for i in rows])
+            for i, hidden in zip(rows, self.hidden({"pixel_values": pixels}).float().cpu().unbind(0)):
+                features[i] = hidden
+        return features
 
 
 # at the model's own input size the interpolation hands back its position embeddings unchanged
@@ -170,7 +158,6 @@ class Siglip2Encoder(VisionEncoder):
 
     kind, model_class, processor_class, inputs_class = "siglip2", Siglip2VisionModel, Siglip2ImageProcessorPil, \
         NaFlexInputs
-    one_input_size = False  # its batches pad each image's patches (`forward`)
 
     @classmethod
     def build_inputs(cls, model_dir, image_size: int | None = None, config=None) -> ImageInputs:

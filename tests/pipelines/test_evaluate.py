@@ -3,6 +3,7 @@ found through MLflow's REST API, and a run in this process with neither Ray nor 
 tested in test_eval_tasks.py."""
 
 import json
+import os
 import sys
 import urllib.request
 from dataclasses import replace
@@ -201,6 +202,9 @@ def test_a_model_trained_against_another_tracking_server_is_evaluated_into_a_run
     assert other.predictions.parent == result.predictions.parent and other.predictions != result.predictions
     assert run.data.tags["predictions"].startswith(str(result.predictions)) and result.predictions.is_file()
     assert run_eval(replace(config, track=False)).predictions == result.predictions  # the same eval: its own file
+    weights = next(folder.glob("*.safetensors"))  # the folder trained again: another model, another file
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert run_eval(replace(config, track=False)).predictions != result.predictions
     with pytest.raises(Exception, match="not found"):  # a parent asked for by id must exist
         run_eval(replace(config, parent_run_id=elsewhere))
 

@@ -64,17 +64,19 @@ def test_a_checkpoint_resumes_only_its_own_phase_and_decay_groups():
         check_resumable({"phase": 2, "step": 60, "weight_decay": 0.01}, "ckpt", plan, 2, config)
 
 
-def test_phase_one_resumes_only_on_the_backbone_it_was_saved_over():
+def test_phase_one_resumes_only_on_the_backbone_it_was_saved_over(tmp_path, capsys):
     """Phase I's checkpoints hold no backbone: a resume built it from whatever the config named, and the adapter went
     on over other weights without a word (the model folder then recorded the new backbone, so phase II's check
-    passed too)."""
+    passed too). The same weights elsewhere (another mount, a copy) are taken."""
     from types import SimpleNamespace
 
     from pipelines.train import check_resumable
     from pipelines.train_config import PhaseConfig
 
     config = SimpleNamespace(scaling=SimpleNamespace(workers=1))
-    here = {"path": "/models/rwkv7-0.4b.pth"}
+    for name, content in (("a.pth", b"weights a"), ("copy-of-a.pth", b"weights a"), ("b.pth", b"weights b")):
+        (tmp_path / name).write_bytes(content)
+    here = {"path": str(tmp_path / "a.pth")}
 
     def plan(backbone):
         return SimpleNamespace(hp=PhaseConfig(lr=1e-3, steps=100, global_batch=8), destination="out", opened=[],
@@ -82,12 +84,17 @@ def test_phase_one_resumes_only_on_the_backbone_it_was_saved_over():
 
     check_resumable({"phase": 1, "step": 60, "backbone": here}, "ckpt", plan(here), 1, config)
     check_resumable({"phase": 1, "step": 60}, "ckpt", plan(here), 1, config)  # saved before it was recorded
-    with pytest.raises(ValueError, match="ckpt: phase I trained its adapter on the backbone /models/rwkv7-0.4b.pth, "
-                                         "this config names /models/rwkv7-1.5b.pth: point model.backbone.path"):
-        check_resumable({"phase": 1, "step": 60, "backbone": here}, "ckpt", plan({"path": "/models/rwkv7-1.5b.pth"}),
+    check_resumable({"phase": 1, "step": 60, "backbone": here}, "ckpt", plan({"path": str(tmp_path / "copy-of-a.pth")}),
+                    1, config)
+    with pytest.raises(ValueError, match=f"ckpt: phase I trained its adapter on the backbone {here['path']} .*, this "
+                                         f"config names {tmp_path / 'b.pth'} .*: point model.backbone.path"):
+        check_resumable({"phase": 1, "step": 60, "backbone": here}, "ckpt", plan({"path": str(tmp_path / "b.pth")}),
                         1, config)
     uri = {"path": "s3://b/rwkv7.pth", "sha256": "a" * 64}
-    with pytest.raises(ValueError, match=r"names s3://b/rwkv7.pth \(other weights\)"):
+    with pytest.raises(ValueError, match=r"names s3://b/rwkv7.pth \(bbbbbbbbbbbb\)"):
         check_resumable({"phase": 1, "step": 60, "backbone": uri}, "ckpt", plan({**uri, "sha256": "b" * 64}), 1,
                         config)
     check_resumable({"phase": 2, "step": 60, "backbone": here}, "ckpt", plan(uri), 2, config)  # phase II holds its own
+    gone = {"path": "/mnt/elsewhere/rwkv7.pth"}  # saved on another machine: said, not refused
+    check_resumable({"phase": 1, "step": 60, "backbone": gone}, "ckpt", plan(here), 1, config)
+    assert "/mnt/elsewhere/rwkv7.pth, which this machine cannot read" in capsys.readouterr().err

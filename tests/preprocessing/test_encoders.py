@@ -119,30 +119,27 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2"])
-def test_a_processor_that_sizes_each_image_its_own_way_is_refused_where_batches_stack(tmp_path, kind):
+def test_a_processor_that_sizes_each_image_its_own_way_encodes_a_mixed_batch_as_each_alone(tmp_path, kind):
     """A shipped preprocessor_config.json with no crop after a shortest-edge resize (or no resize) gave each aspect
     ratio its own pixel shape: the first batch of mixed images failed to stack and stopped the whole encode job."""
     import json
 
     model_class, config, length = VISION[kind]
     model_class(config).save_pretrained(tmp_path)
-    processor = build_inputs(kind, tmp_path).processor
-    assert [f.shape[0] for f in build_encoder(kind, tmp_path).encode([rgb(0), rgb(1, (25, 60))])] == [length] * 2
-    settings = {**processor.to_dict(), "size": {"shortest_edge": 32}, "do_center_crop": False}
+    settings = {**build_inputs(kind, tmp_path).processor.to_dict(), "size": {"shortest_edge": 16},
+                "do_center_crop": False}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match=rf"{kind}'s image processor brings images to sizes of their own "
-                                         r"\(\{'do_resize': True, 'do_center_crop': False\}, size \{'shortest_edge'"):
-        build_inputs(kind, tmp_path)
+    encoder = build_encoder(kind, tmp_path)
+    images = [rgb(0, (30, 30)), rgb(1, (30, 60)), rgb(2, (30, 30))]  # H x W: square, wide, square
+    batch = encoder.encode(images)
+    for image, features in zip(images, batch):
+        torch.testing.assert_close(features, encoder.encode([image])[0], atol=1e-5, rtol=1e-5)
+    assert batch[1].shape[0] > batch[0].shape[0] == batch[2].shape[0]  # the wide image: more patches
+    # image_size turns resizing on whatever the file says: one size again
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**settings, "do_resize": False}))
-    with pytest.raises(ValueError, match="'do_resize': False"):
-        build_encoder(kind, tmp_path)
-    # a fixed size given by the encoder's image_size, or a crop after the resize: one shape whatever the image
     fixed = build_encoder(kind, tmp_path, image_size=2 * config.patch_size)
     with_cls = length - (config.image_size // config.patch_size) ** 2
-    assert {tuple(f.shape) for f in fixed.encode([rgb(0), rgb(1, (25, 60))])} == {(2 * 2 + with_cls, 32)}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {**settings, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}}))
-    assert build_inputs(kind, tmp_path).processor.crop_size["height"] == 32
+    assert {tuple(f.shape) for f in fixed.encode(images)} == {(2 * 2 + with_cls, 32)}
 
 
 def test_processor_settings_nested_in_transformers_5s_processor_file_are_read(tmp_path):
