@@ -180,7 +180,8 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
     model_id = model_id_of(uri, config.checkpoint)
     if config.register_as:
         if model_id is None:
-            raise ValueError(f"{config.checkpoint}: not a logged model (trained without MLflow?); nothing to register")
+            raise ValueError(f"{config.checkpoint}: not a logged model on this tracking server (trained without "
+                             "MLflow, or against another server?); nothing to register")
         register(uri, model_id, config.register_as)
     client = MlflowClient(uri)
     parent = config.parent_run_id or (read_backbone_source(model_dir) or {}).get("run_id")

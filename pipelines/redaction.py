@@ -4,9 +4,10 @@ import logging
 import re
 
 CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")  # a URL's `user:password@`
-# a query's secrets: `?token=...`, a presigned S3 URL's X-Amz-Signature and X-Amz-Credential (the access key id)
-SECRET_PARAMETERS = re.compile(r"([?&][^=&#\s]*(?:token|password|secret|signature|credential)[^=&#\s]*=)[^&#\s]+",
-                               re.IGNORECASE)
+# a query's secrets: `?token=...`, a presigned URL's signature and key id (S3's X-Amz-Signature, X-Amz-Credential,
+# Signature and AWSAccessKeyId; Azure's sig; GCS's GoogleAccessId)
+SECRET_PARAMETERS = re.compile(r"([?&](?:[^=&#\s]*(?:token|password|secret|signature|credential|accesskeyid|accessid|"
+                               r"apikey|api_key)[^=&#\s]*|sig)=)[^&#\s]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

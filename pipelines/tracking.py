@@ -118,7 +118,7 @@ def recorded_run(client, run_id: str):
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        warnings.warn(f"run {run_id} is not on {redact(client.tracking_uri)}: {e.message}", stacklevel=2)
+        warnings.warn(f"run {run_id} is not on {redact(client.tracking_uri)}: {e.message}")  # once, where two look
         return None
 
 

@@ -107,7 +107,8 @@ def best_constant_answer(answer_lists: Sequence[Sequence[str]]) -> str:
             scores[key] += ((len(keys) - total) * min(total / 3, 1.0) + total * min((total - 1) / 3, 1.0)) / len(keys)
         for key, answer in zip(keys, answers):
             spelling.setdefault(key, answer)
-    return spelling[max(scores, key=lambda k: (scores[k], k))]
+    # no answer but blank ones: none scores, and a blank prediction is what scores 0
+    return spelling[max(scores, key=lambda k: (scores[k], k))] if scores else ""
 
 
 def exact_match(prediction: str, answer: str) -> float:

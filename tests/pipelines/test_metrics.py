@@ -56,6 +56,7 @@ def test_the_best_constant_answer_is_the_one_scoring_best_by_the_annotators_rule
     # "two" ("2") from 3 of 10 annotators on two questions (0.9 each) beats "yes", all 10 on one (1.0)
     others = ["red", "blue", "cat", "dog", "car", "tree", "sky"]
     assert best_constant_answer([["yes"] * 10, ["two"] * 3 + others, ["2"] * 3 + others[::-1]]) == "two"
+    assert best_constant_answer([["", " "], [""]]) == ""  # blank answers only: nothing scores, and nothing raises
 
 
 def test_vqa_aggregates_and_exact_match():

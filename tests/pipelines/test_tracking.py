@@ -78,7 +78,7 @@ def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
     import io
     import logging
 
-    from pipelines.redaction import redact_mlflow_logs
+    from pipelines.redaction import redact, redact_mlflow_logs
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -97,6 +97,12 @@ def test_credentials_in_mlflows_own_error_logs_are_left_out(monkeypatch):
     assert "download failed: https://h/a?token=***\n" in logged and "X-Amz-Signature=***&n=1" in logged
     assert not any(secret in logged for secret in ("abc123", "AKIAXYZ", "9f8e", "hunter2"))
     assert "ConnectionError: GET https://bucket.s3/key?X-Amz-Credential=***&" in logged  # the traceback kept
+    for url, kept in (("https://acct.blob.core.windows.net/c/b?sv=2024&sig=abc%2Bdef", "?sv=2024&sig=***"),
+                      ("https://s3/k?AWSAccessKeyId=AKIA1&Signature=zz&Expires=9",
+                       "?AWSAccessKeyId=***&Signature=***&"),
+                      ("https://storage.googleapis.com/b/o?GoogleAccessId=sa%40p&Expires=1", "?GoogleAccessId=***&"),
+                      ("http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id=abc", "?run_id=abc")):
+        assert kept in redact(url)
 
 
 def test_a_run_whose_params_do_not_log_ends_failed_and_long_tags_are_cut_saying_so(tmp_path):
