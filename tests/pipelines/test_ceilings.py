@@ -15,7 +15,7 @@ def vqa_sample(tokens, question, answer, group):
                   items=[tokens.astype(np.float32)], meta={"group": group})
 
 
-def test_probe_reads_what_the_features_hold_and_the_majority_baseline():
+def test_probe_reads_what_the_features_hold_and_the_majority_baseline(monkeypatch):
     rng = np.random.default_rng(0)
     colours = ["red", "green", "blue"]
 
@@ -35,6 +35,18 @@ def test_probe_reads_what_the_features_hold_and_the_majority_baseline():
 
     train, test = make(300), make(150)
     result = vqa_ceilings(train, test, lambda s: s.meta["group"], {"yesno": colours})
+    # the folds, and so the strength chosen, whatever order the cache's shards hold the training samples in
+    import sklearn.model_selection
+
+    folded, cross_val_score = [], sklearn.model_selection.cross_val_score
+    monkeypatch.setattr(sklearn.model_selection, "cross_val_score", lambda estimator, x, y, **kwargs: folded.append(
+        np.asarray(x)[:, 0].round(6).tolist()) or cross_val_score(estimator, x, y, **kwargs))
+    orders = []
+    for ordered in (train, train[::-1]):
+        folded.clear()
+        assert vqa_ceilings(ordered, test, lambda s: s.meta["group"], {"yesno": colours}) == result
+        orders.append(list(folded))
+    assert orders[0] == orders[1]
     assert result["colour"]["ceiling"] > 0.97
     assert abs(result["colour"]["baseline"] - np.mean([turn == "red" for turn in
                (s.text("assistant") for s in test if s.meta["group"] == "colour")])) < 1e-9
