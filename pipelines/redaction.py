@@ -24,8 +24,9 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if redact(message) != message:
-            record.msg, record.args = redact(message), None
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:  # the traceback's text, which formatters take as it is set here
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

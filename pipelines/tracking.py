@@ -175,10 +175,13 @@ class MetricLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         # the batches landed so far settled and let go, without waiting for any (MLflow retries a request for
         # minutes): a run of 100k steps held every one until its last, and said an outage of its first day then
-        landed = [op for op in self.pending if all(f.done() for f in op._operation_futures)]
-        self.pending = [op for op in self.pending if op not in landed]
-        for operation in landed:
-            self.settle(operation)
+        flying = []
+        for operation in self.pending:
+            if all(f.done() for f in operation._operation_futures):
+                self.settle(operation)
+            else:
+                flying.append(operation)
+        self.pending = flying
         now = int(time.time() * 1000)
         self.pending.append(self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=False))
