@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from modrwkv.model_folder import backbone_weights, file_sha256, write_records
+from modrwkv.model_folder import write_records
 from infra.local_ray import init_ray
 from preprocessing import storage
 from preprocessing.cache.entry import entry_name
@@ -35,7 +35,7 @@ from .logged_models import encoder_dirs, log_trained_model, register
 from .schedule import lr_at, schedule_of
 from .train_config import TrainConfig, train_overrides
 from .train_loop import WorkerConfig, train_loop_per_worker
-from .train_setup import encoder_store_keys, plan_phase, skipped_in_caches
+from .train_setup import backbone_sha256, encoder_store_keys, plan_phase, skipped_in_caches
 from .trainer import check_position, stream_order, worker_epochs
 
 # glibc maps every allocation over 32 MB afresh (over 64 MB in a thread's own arena, and the loop runs in a thread)
@@ -148,10 +148,7 @@ def check_same_backbone(saved: dict, now: dict, resume_from: str) -> None:
     cannot read is let through with a note."""
     if saved == now:
         return
-    hashes = []
-    for record in (saved, now):
-        local = not storage.is_remote(record["path"]) and backbone_weights(Path(record["path"]))
-        hashes.append(record.get("sha256") or (file_sha256(local) if local and local.is_file() else None))
+    hashes = [backbone_sha256(saved), backbone_sha256(now)]
     if None in hashes:
         print(f"note: {resume_from} trained its adapter on the backbone {saved['path']}, which this machine cannot "
               f"read; resuming on {now['path']}, unchecked", file=sys.stderr)

@@ -161,6 +161,15 @@ def backbone_record(path: str) -> dict:
     return {"path": path, "sha256": file_sha256(backbone_weights(Path(local_copy(path))))}
 
 
+def backbone_sha256(record: dict) -> str | None:
+    """The sha256 of a backbone record's weights: the record's own (a URI's), else its local file's; None where
+    this machine cannot read them."""
+    if record.get("sha256"):
+        return record["sha256"]
+    weights = None if storage.is_remote(record["path"]) else backbone_weights(Path(record["path"]))
+    return file_sha256(weights) if weights and weights.is_file() else None
+
+
 # what makes two caches' features vectors of different spaces, however alike their widths; other settings (an image
 # size, a storage precision) change features within one space: `encoder_store_keys` notes those
 FEATURE_SPACE = ("kind", "weights_hash", "layer")
@@ -293,7 +302,9 @@ def check_phase1_backbone(backbone: dict, phase1_source: dict, init_from: str) -
     recorded = phase1_source.get("sha256")
     if recorded is None:  # a record without a hash (weights not found when phase I saved): nothing to compare
         return
-    sha256 = backbone.get("sha256") or file_sha256(backbone_weights(Path(backbone["path"])))
+    sha256 = backbone_sha256(backbone)
+    if sha256 is None:
+        raise ConfigError(f"model.backbone.path: {backbone['path']}: no backbone weights there")
     if sha256 != recorded:
         raise ConfigError(f"model.backbone.path: {backbone['path']} holds other weights (sha256 {sha256[:12]}) than "
                           f"the backbone phase I's model {init_from} learnt on, {phase1_source.get('path')} "

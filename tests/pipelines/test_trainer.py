@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from modrwkv import RWKV7, RWKV7Config
-from modrwkv.checkpoint import CheckpointError
+from modrwkv.checkpoint import WEIGHTS_FILE, CheckpointError
 from modrwkv.multimodal import ModRWKV
 from pipelines.cli import main
 from pipelines.config import from_dict, to_dict
@@ -640,6 +640,9 @@ def test_phase2_plans_the_model_phase1_saved_and_refuses_settings_changed_since(
                                   "projectors": {"image": {"kernel": 3, "stride": 2, "adapter_scale": 2}}})
     with pytest.raises(ConfigError, match=rf"model.backbone.path: {other} holds other weights .* than the backbone "
                                           rf"phase I's model .* learnt on, {root / 'backbone'}"):
+        plan_phase(elsewhere, 2, world=1)
+    (other / WEIGHTS_FILE).unlink()  # a config without its weights: said so, not a FileNotFoundError from hashing
+    with pytest.raises(ConfigError, match=rf"model.backbone.path: {other}: no backbone weights there"):
         plan_phase(elsewhere, 2, world=1)
     same = tmp_path / "same_backbone"
     RWKV7.from_pretrained(root / "backbone").save_pretrained(same)  # a copy of phase I's weights: taken
