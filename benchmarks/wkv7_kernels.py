@@ -162,7 +162,7 @@ def main():
         decode = decode_steps("cpu", ("reference", "chunked"), H, N)
 
     if torch.cuda.is_available():
-        from modrwkv_kernels.wkv7.triton_chunked import wkv7_triton_chunked
+        from modrwkv_kernels.wkv7.triton_chunked import chosen_launches, wkv7_triton_chunked
 
         B = 8
         backends = {name: lambda *t, name=name, **kw: wkv7(*t, backend=name, **kw)[0]
@@ -189,6 +189,8 @@ def main():
                 (y.float() * weights).sum().backward()
                 row["max_rel_err_vs_fp64"] = max_rel_err(y.detach(), ref64)
                 row["grad_max_rel_err_vs_fp64"] = max(max_rel_err(x.grad, g) for x, g in zip(leaves, grads64))
+                if name.startswith("triton_chunked"):  # what its autotuning chose (tuned at the first T, kept)
+                    row["launch"] = chosen_launches()
                 floor_bytes = 7 * B * T * H * N * 2  # six inputs read, y written, bf16
                 peak = args.peak_gbs or peak_bandwidth(torch.cuda.get_device_name())
                 if peak:
@@ -206,6 +208,8 @@ def main():
         grad_err = f"{r['grad_max_rel_err_vs_fp64']:.1e}" if "grad_max_rel_err_vs_fp64" in r else "-"
         lines.append(f"| {r['device']} | {r['T']} | {r['B']} | {r['dtype']} | {r['backend']} | {r['fwd_tok_s']:.0f} | "
                      f"{r['fwd_bwd_tok_s']:.0f} | {r['max_rel_err_vs_fp64']:.1e} | {grad_err} |")
+    lines += [f"\n{r['backend']} at T={r['T']} launched as its autotuning chose: {r['launch']}" for r in rows
+              if "launch" in r]
     cpu = {r["backend"]: r for r in rows if r["device"] == "cpu"}
     if cpu:
         lines.append(f"\nchunked vs reference at T={cpu['chunked']['T']} on CPU: forward "

@@ -35,6 +35,10 @@ chunks start at its first step, its last chunk is masked past its end (identity 
 Tested on CPU under TRITON_INTERPRET=1 against the fp64 reference.
 """
 
+import functools
+import inspect
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,7 +47,25 @@ from ..layout import CHUNK, rows_layout
 from .chunked import LOG_DECAY_FLOOR, no_steps
 from .triton_kernel import _checkpoint_offset, _segment, _step_offset, checkpoints, differentiable
 
-BLOCK_V = 32  # state rows per program
+# How each kernel launches, chosen on the GPU it runs on by timing each (`triton.autotune`, on the first call per
+# head size, heads, dtypes, precision and `programs_class`; the choice kept on disk in Triton's cache where this
+# Triton can, so later processes repeat it):
+# state rows per program (32: twice the programs, each redoing its chunk's key-side work; 64: once) and warps (at 4
+# ptxas spills the backward's registers: 576 bytes a thread on sm_90 in bf16, 192 at 8; `cuda_compile.py` reports).
+LAUNCHES = [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows in (32, 64) for warps in (4, 8)]
+
+
+def _launches_for(configs, named_args, **kwargs):
+    """Row blocks no taller than the state's padded height; the interpreter computes every launch alike and times
+    none, so it runs the first."""
+    fitting = dict.fromkeys((min(c.kwargs["BLOCK_V"], kwargs["BLOCK_N"]), c.num_warps) for c in configs)
+    launches = [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows, warps in fitting]
+    return launches[:1] if os.environ.get("TRITON_INTERPRET") == "1" else launches
+
+
+def _tuned(key: list[str]):
+    on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(LAUNCHES, key=key, prune_configs_by={"early_config_prune": _launches_for}, **on_disk)
 
 
 @triton.jit
@@ -101,11 +123,12 @@ def _program(cu_ptr, chunk_cu_ptr, H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl
 
 # the packed layout's sizes vary with every row: specialised (Triton compiles a variant for an integer divisible by
 # 16), a training run recompiled both kernels whenever a row's count crossed that, inside timed steps
-@triton.jit(do_not_specialize=["total_chunks"])
+@_tuned(["H", "N", "PRECISION", "KEEP_CHECKPOINTS", "programs_class"])
+@triton.jit(do_not_specialize=["total_chunks", "programs_class"])
 def _chunk_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr,  # inputs [T_all, H, N]; s0 [S, H, N, N]
     y_ptr, sT_ptr, ckpt_ptr,  # y [T_all, H, N] fp32; final states [S, H, N, N]; checkpoints [H, chunks, N, N]
-    cu_ptr, chunk_cu_ptr, total_chunks,
+    cu_ptr, chunk_cu_ptr, total_chunks, programs_class,  # programs_class: read by the autotuning alone
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
     FLOOR: tl.constexpr, SQUARINGS: tl.constexpr, PRECISION: tl.constexpr, HAS_S0: tl.constexpr,
     KEEP_CHECKPOINTS: tl.constexpr,
@@ -138,12 +161,13 @@ def _chunk_fwd_kernel(
     tl.store(sT_ptr + pid * N * N + tile_off, S, mask=tile_mask)
 
 
-@triton.jit(do_not_specialize=["total_chunks", "part_stride"])
+@_tuned(["H", "N", "PRECISION", "programs_class"])
+@triton.jit(do_not_specialize=["total_chunks", "part_stride", "programs_class"])
 def _chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ckpt_ptr, dy_ptr, dsT_ptr,
     dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr,  # [row blocks, T_all, H, N] fp32: each block's part, summed after
     dv_ptr, ds0_ptr,  # dv [T_all, H, N]; ds0 [S, H, N, N]
-    cu_ptr, chunk_cu_ptr, total_chunks, part_stride,
+    cu_ptr, chunk_cu_ptr, total_chunks, part_stride, programs_class,
     H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
     FLOOR: tl.constexpr, SQUARINGS: tl.constexpr, PRECISION: tl.constexpr, HAS_DST: tl.constexpr,
 ):
@@ -225,9 +249,26 @@ def _chunk_bwd_kernel(
 
 def _meta(N: int, precision: str) -> dict:
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot needs every side >= 16
-    return {"N": N, "BLOCK_V": min(BLOCK_V, block_n), "BLOCK_N": block_n, "L": CHUNK, "FLOOR": LOG_DECAY_FLOOR,
-            "SQUARINGS": CHUNK.bit_length() - 2,
+    return {"N": N, "BLOCK_N": block_n, "L": CHUNK, "FLOOR": LOG_DECAY_FLOOR, "SQUARINGS": CHUNK.bit_length() - 2,
             "PRECISION": precision}
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def programs_class(programs: int, device: torch.device) -> int:
+    """0, 1 or 2 for fewer (segment, head) programs than the GPU has SMs, up to four times as many, or more: where
+    32-row blocks' doubled programs fill the GPU and where halving their key-side work pays. The autotuning keys on
+    it, so a launch chosen for a few long rows is not kept for many (it retimes once per class)."""
+    sms = _multiprocessors(device)
+    return 0 if programs < sms else 1 if programs < 4 * sms else 2
+
+
+def _launch_args(programs: int, N: int, device: torch.device) -> tuple:
+    """The grid for `programs` (segment, head) pairs, and their class."""
+    return lambda launch: (programs, triton.cdiv(N, launch["BLOCK_V"])), programs_class(programs, device)
 
 
 class WKV7TritonChunked(torch.autograd.Function):
@@ -239,13 +280,13 @@ class WKV7TritonChunked(torch.autograd.Function):
         cu, chunk_cu, total_chunks = layout.step_offsets, layout.chunk_offsets, layout.total_chunks
         S = cu.numel() - 1
         meta = _meta(N, precision)
-        grid = (S * H, triton.cdiv(N, meta["BLOCK_V"]))
         y = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
         ckpt = checkpoints(H, total_chunks, N, r.device, differentiable, s_final)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
-        _chunk_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, H=H,
-                                HAS_S0=s0 is not None, KEEP_CHECKPOINTS=differentiable, **meta)
+        grid, occupancy = _launch_args(S * H, N, r.device)
+        _chunk_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, occupancy,
+                                H=H, HAS_S0=s0 is not None, KEEP_CHECKPOINTS=differentiable, **meta)
         if differentiable:
             ctx.save_for_backward(r, w, k, v, a, b, ckpt, cu, chunk_cu)
         ctx.s0_dtype = s0.dtype if s0 is not None else None
@@ -258,19 +299,29 @@ class WKV7TritonChunked(torch.autograd.Function):
         B, T, H, N = r.shape
         S = cu.numel() - 1
         meta = _meta(N, ctx.precision)
-        grid = (S * H, triton.cdiv(N, meta["BLOCK_V"]))
-        parts = [torch.empty(grid[1], B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5)]
+        most_blocks = triton.cdiv(N, min(c.kwargs["BLOCK_V"] for c in LAUNCHES))  # whichever launch is timed
+        parts = [torch.empty(most_blocks, B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5)]
         dv = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         ds0 = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
         dy = torch.zeros_like(dv) if dy is None else dy.float().contiguous()
         has_dst = ds_final is not None
         dst_arg = ds_final.float().contiguous() if has_dst else ds0
+        grid, occupancy = _launch_args(S * H, N, r.device)
         _chunk_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *parts, dv, ds0, cu, chunk_cu,
-                                ckpt.shape[1], B * T * H * N, H=H, HAS_DST=has_dst, **meta)
-        dr, dw, dk, da, db = (p.sum(0) for p in parts)
+                                ckpt.shape[1], B * T * H * N, occupancy, H=H, HAS_DST=has_dst, **meta)
+        blocks = triton.cdiv(N, _chunk_bwd_kernel.best_config.kwargs["BLOCK_V"])  # the parts the launch wrote
+        dr, dw, dk, da, db = (p[0] if blocks == 1 else p[:blocks].sum(0) for p in parts)
         grads = (g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b)))
         ds0 = ds0.to(ctx.s0_dtype) if ctx.s0_dtype is not None else None
         return (*grads, ds0, None, None, None)
+
+
+def chosen_launches() -> dict[str, str]:
+    """The launch each kernel last ran with (after a training step's forward and backward: training's), as
+    "BLOCK_V 64, 8 warps"; a kernel not run yet is left out."""
+    return {name: f"BLOCK_V {kernel.best_config.kwargs['BLOCK_V']}, {kernel.best_config.num_warps} warps"
+            for name, kernel in (("forward", _chunk_fwd_kernel), ("backward", _chunk_bwd_kernel))
+            if hasattr(kernel, "best_config")}
 
 
 def wkv7_triton_chunked(r, w, k, v, a, b, initial_state=None, layout=None, precision=None):

@@ -1,7 +1,7 @@
 """The Triton kernels compile for the GPUs users train on, checked on a machine without one (`cuda_compile.py`):
 the interpreter that runs them on CPU here checks neither Triton's types and `tl.dot` layouts nor the shared
 memory a block needs, which only the real compiler does. H100/H200 (sm_90, wgmma) at the training dtype and
-fp32, A100 (sm_80, mma) at the training dtype."""
+fp32, A100 (sm_80, mma) at the training dtype; each launch the chunked kernels' autotuning may choose."""
 
 import json
 import os
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from modrwkv_kernels.wkv7.triton_chunked import LAUNCHES
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = {"_wkv7_fwd_kernel", "_wkv7_bwd_kernel", "_chunk_fwd_kernel", "_chunk_bwd_kernel"}
@@ -28,5 +30,11 @@ def test_every_triton_kernel_compiles_for_hopper_and_ampere_within_their_shared_
     compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
     assert compiled == {(k, arch, dtype) for k in KERNELS
                         for arch, dtype in (("sm_90", "bfloat16"), ("sm_90", "float32"), ("sm_80", "bfloat16"))}
+    launches = {(launch.kwargs["BLOCK_V"], launch.num_warps) for launch in LAUNCHES}
+    for kernel, arch, dtype in compiled:  # every launch the GPU's autotuning may choose (N = 64: none clamped)
+        if kernel.startswith("_chunk"):
+            assert {(r["launch"]["BLOCK_V"], r["launch"]["num_warps"]) for r in rows
+                    if (r["kernel"], r["arch"], r["dtype"]) == (kernel, arch, dtype)} == launches
     for row in rows:
         assert row["cubin_bytes"] > 0 and row["shared"] <= SHARED_PER_BLOCK[row["arch"]], row
+        assert 0 < row["registers"] <= 255 and row["stack"] >= 0, row

@@ -115,14 +115,29 @@ def test_forward_and_gradients_match_fp64_reference(backend, T, with_state):
         assert rel_err(s32.grad, s64.grad) < TOL
 
 
-def test_several_forward_row_blocks_per_head(backend):
-    """N = 48: the forward runs several programs of BLOCK_V rows per head (the last masked past N); the backward
-    reads the checkpoints they wrote (the chunked one also runs a program per row block and sums their parts)."""
+def launches():
+    """The step kernel's one launch, and each height of state rows the chunked kernels' autotuning chooses among
+    (their warps do not change what the interpreter computes)."""
+    from modrwkv_kernels.wkv7 import triton_chunked
+
+    heights = dict.fromkeys(launch.kwargs["BLOCK_V"] for launch in triton_chunked.LAUNCHES)
+    return [("triton", None)] + [("triton_chunked", rows) for rows in heights]
+
+
+@pytest.mark.parametrize("backend, rows", launches())
+def test_row_blocks_of_each_launch(backend, rows, monkeypatch):
+    """N = 48: the forward runs programs of BLOCK_V rows per head (several, the last masked past N, or one taller
+    than N); the backward reads the checkpoints they wrote (the chunked one also runs a program per row block and
+    sums their parts: it allocates them for the most blocks any launch runs)."""
     from modrwkv_kernels.wkv7 import triton_chunked, triton_kernel
 
     N = 48
-    block_v = (triton_kernel if backend == "triton" else triton_chunked).BLOCK_V
-    assert -(-N // block_v) > 1
+    if backend == "triton":
+        assert -(-N // triton_kernel.BLOCK_V) > 1
+    else:  # the autotuners hold this launch alone, as if their timing had chosen it
+        for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_V": rows})])
+            monkeypatch.setattr(kernel, "cache", {})
     xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, N, seed=5, requires_grad=True)
     xs32 = on_device(xs64)
     (s32,) = on_device([s64])
@@ -134,6 +149,60 @@ def test_several_forward_row_blocks_per_head(backend):
     for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b"], xs32, xs64):
         assert rel_err(x32.grad, x64.grad) < TOL, name
     assert rel_err(s32.grad, s64.grad) < TOL
+    if backend == "triton_chunked":
+        ran = f"BLOCK_V {rows}, 4 warps"
+        assert triton_chunked.chosen_launches() == {"forward": ran, "backward": ran}
+
+
+@pytest.mark.parametrize("rows", [32, 64])
+def test_autotuning_times_every_launch_then_runs_the_fastest(rows, monkeypatch):
+    """The chunked kernels' autotuning as on a GPU (where the interpreter prunes to the first launch): every
+    launch timed, by a stand-in that runs each once and calls the one of `rows` rows and 8 warps the fastest, then
+    that one run. Each timed launch wrote the outputs and the backward's parts before it (64 rows: one part of the
+    two that 32 rows wrote); the result is the reference's."""
+    from modrwkv_kernels.wkv7 import triton_chunked
+
+    timed = []
+    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **kwargs: configs)  # all: N = 48
+        monkeypatch.setitem(kernel.__dict__, "do_bench", lambda call, quantiles: [call(), 0.0][1:] * len(quantiles))
+
+        def bench(*args, config, bench=kernel._bench, kernel=kernel, **meta):
+            bench(*args, config=config, **meta)  # runs the launch once
+            timed.append((kernel.base_fn.__name__, config.kwargs["BLOCK_V"], config.num_warps))
+            return [0.0 if (config.kwargs["BLOCK_V"], config.num_warps) == (rows, 8) else 1.0] * 3
+
+        monkeypatch.setattr(kernel, "_bench", bench)
+    xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, 48, seed=5, requires_grad=True)
+    xs32 = on_device(xs64)
+    (s32,) = on_device([s64])
+    y_ref, s_ref = wkv7(*xs64, initial_state=s64, backend="reference")
+    y, s = wkv7(*xs32, initial_state=s32, backend="triton_chunked")
+    loss_of(y_ref, s_ref).backward()
+    loss_of(y, s).backward()
+    launches = [(launch.kwargs["BLOCK_V"], launch.num_warps) for launch in triton_chunked.LAUNCHES]
+    assert timed == [(kernel, *launch) for kernel in ("_chunk_fwd_kernel", "_chunk_bwd_kernel") for launch in launches]
+    assert triton_chunked.chosen_launches() == {"forward": f"BLOCK_V {rows}, 8 warps",
+                                                "backward": f"BLOCK_V {rows}, 8 warps"}
+    assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
+    for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b", "s0"], xs32 + [s32], xs64 + [s64]):
+        assert rel_err(x32.grad, x64.grad) < TOL, name
+
+
+def test_launches_are_chosen_again_for_another_share_of_the_gpu(monkeypatch):
+    """The autotuning keys on how the (segment, head) programs fill the GPU's SMs (fewer, up to 4x, more): a launch
+    timed on a few long rows is not kept for many short ones."""
+    from modrwkv_kernels.wkv7 import triton_chunked
+
+    monkeypatch.setattr(triton_chunked, "_multiprocessors", lambda device: 4)
+    assert [triton_chunked.programs_class(p, torch.device(DEVICE)) for p in (1, 3, 4, 15, 16, 99)] == [0, 0, 1, 1, 2, 2]
+    kernel = triton_chunked._chunk_fwd_kernel
+    monkeypatch.setattr(kernel, "cache", {})
+    with torch.no_grad():
+        for B in (1, 2, 8):  # H = 2: 2, 4 and 16 programs
+            wkv7(*on_device(wkv_inputs(B, 5, 2, 16, seed=B)[0]), backend="triton_chunked")
+    assert sorted(key[4] for key in kernel.cache) == [0, 1, 2]  # H, N, PRECISION, KEEP_CHECKPOINTS, the class
 
 
 def test_chunked_kernel_floors_decays_as_the_torch_chunked_form_does():
