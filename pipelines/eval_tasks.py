@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 
 from .metrics.asr import character_error_rate, word_error_rate
+from .metrics.choice import choice_accuracy, extract_choice, pope_scores
 from .metrics.forecast import ForecastErrors, seasonal_naive
 from .metrics.vqa import answer_key, best_constant_answer, mean_exact_match, mean_vqa_accuracy
 from .plots import figure, save_figure
@@ -147,8 +148,10 @@ class DecodeTask(EvalTask):
 
     @staticmethod
     def references(sample: "Sample") -> dict:
-        return {"reference": sample.text("assistant"), **({"answers": sample.meta["answers"]} if "answers" in
-                                                           sample.meta else {})}
+        """The reference answer, and what scoring reads beside it: a VQAv2 question's annotators' answers, a
+        multiple-choice question's options."""
+        return {"reference": sample.text("assistant"), **{k: sample.meta[k] for k in ("answers", "options")
+                                                           if k in sample.meta}}
 
     def unanswered(self, sample: "Sample") -> dict:
         """Scored as an empty answer: wrong for VQA, every word deleted for ASR. A sample the model cannot read is
@@ -163,7 +166,11 @@ class VQA(DecodeTask):
     published tables report), each beside the best constant answer's (given to every question: what a model that
     ignores the image can reach; for `accuracy` the most frequent reference after the same normalisation, for
     `vqa_accuracy` the answer that scores best by its rule, `best_constant_answer`; taken from the test answers, as
-    evaluation sees no training answers, so an upper bound on a training-majority guess); a confusion matrix."""
+    evaluation sees no training answers, so an upper bound on a training-majority guess); a confusion matrix.
+    When every sample is a multiple-choice question (its record's `options`, its answer a letter: ScienceQA,
+    MMBench), the share of replies naming the right option by letter or text (`choice_accuracy`) beside the letter
+    right most often; when every reference is yes or no (POPE), POPE's accuracy, precision, recall and F1 of "yes",
+    yes ratio and unparsed replies (`pope_*`) beside "yes" to every question."""
 
     modality: ClassVar[str] = "image"
 
@@ -181,6 +188,20 @@ class VQA(DecodeTask):
         elif annotated:
             print(f"vqa: {annotated} of {len(rows)} samples carry annotators' answers: no vqa_accuracy (it needs "
                   "every sample's)")
+        with_options = sum("options" in r for r in rows)
+        if with_options == len(rows):
+            options = [r["options"] for r in rows]
+            right = [extract_choice(r, o) for r, o in zip(references, options)]
+            metrics["choice_accuracy"] = choice_accuracy(predictions, right, options)
+            constant = Counter(right).most_common(1)[0][0]
+            baselines["choice_accuracy"] = right.count(constant) / len(rows)
+        elif with_options:
+            print(f"vqa: {with_options} of {len(rows)} samples are multiple-choice questions: no choice_accuracy (it "
+                  "needs every sample's options)")
+        if all(answer_key(r) in ("yes", "no") for r in references):
+            labels = [answer_key(r) for r in references]
+            metrics.update(pope_scores(predictions, labels).metrics())
+            baselines.update(pope_scores(["yes"] * len(rows), labels).metrics())
         return metrics, baselines
 
     @staticmethod

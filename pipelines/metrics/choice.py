@@ -114,6 +114,10 @@ class PopeScores:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """As an evaluation logs them: pope_accuracy, pope_precision, ..., pope_unparsed."""
+        return {f"pope_{name}": float(value) for name, value in asdict(self).items()}
+
 
 def pope_scores(responses: Sequence[str], labels: Sequence[str]) -> PopeScores:
     labels = list(labels)

@@ -1,6 +1,9 @@
 """LLaVA-style instruction data: a JSON list or JSONL of
     {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}],
-     "answers": [str, ...] (optional: a VQAv2-style test question's annotators' answers, scored by their rule)}
+     "answers": [str, ...] (optional: a VQAv2-style test question's annotators' answers, scored by their rule),
+     "options": [str, ...] (optional: a multiple-choice question's options, A first (ScienceQA, MMBench); the first
+                gpt turn, the answer scored, is then the right option's letter, as LLaVA's ScienceQA data writes it:
+                "B", "B." or "(B)")}
 Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
 import hashlib
@@ -8,6 +11,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from string import ascii_uppercase
 
 from .. import storage
 from .sample import RawSample, Reject, is_sample_id, sample_key, unique
@@ -112,6 +116,18 @@ def to_turns(conversations, placeholder: str) -> list[dict]:
     return turns
 
 
+def check_options(options, answer: str) -> None:
+    """A multiple-choice record's options (2 to 26 non-empty strings) and its answer, the right option's letter."""
+    if not (isinstance(options, list) and 2 <= len(options) <= len(ascii_uppercase)
+            and all(isinstance(o, str) and o.strip() for o in options)):
+        raise ValueError(f"'options' must be a list of 2 to {len(ascii_uppercase)} non-empty strings (a "
+                         "multiple-choice question's options, A first)")
+    letters = ascii_uppercase[:len(options)]
+    if not re.fullmatch(rf"\([{letters}]\)|[{letters}][.)]?", answer.strip()):
+        raise ValueError(f"the answer {answer.strip()[:40]!r} is not one of the options' letters {letters[0]}-"
+                         f"{letters[-1]} (a multiple-choice record answers with its right option's letter)")
+
+
 def read_llava(uri: str, image_root: str | None = None,
                allow_outside_root: bool = False) -> tuple[list[RawSample], list[Reject]]:
     root = image_root or storage.parent(uri)
@@ -137,13 +153,17 @@ def read_llava(uri: str, image_root: str | None = None,
             if answers is not None and not (isinstance(answers, list) and answers
                                             and all(isinstance(a, str) for a in answers)):
                 raise ValueError("'answers' must be a non-empty list of strings (the annotators' answers)")
+            options = record.get("options")
+            if options is not None:
+                check_options(options, next((t["text"] for t in turns if t["role"] == "assistant"), ""))
         except ValueError as e:
             keyed = isinstance(record, dict) and is_sample_id(record.get("id"))
             rejects.append(Reject(where, str(e), sample_key(record["id"]) if keyed else None))
             continue
         samples.append(RawSample(sample_key(record["id"]), "image", sources,
                                  {"id": str(record["id"]), "turns": turns, "source": where,
-                                  **({"answers": answers} if answers else {})}))
+                                  **({"answers": answers} if answers else {}),
+                                  **({"options": options} if options is not None else {})}))
         contents.append([images, turns])
     return unique(distinct_keys(samples, contents), rejects), rejects
 

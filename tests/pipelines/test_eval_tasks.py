@@ -5,6 +5,7 @@ from typing import get_args
 import numpy as np
 import pytest
 
+from modrwkv.conversation import Sample, Turn
 from pipelines.config import from_dict
 from pipelines.eval_tasks import ASR, TASKS, VQA, Forecast, TaskName
 from pipelines.evaluate import EvalConfig
@@ -57,6 +58,34 @@ def test_vqa_with_the_annotators_answers_scores_vqav2_accuracy_too(capsys):
     assert VQA().score(skewed)[1] == {"accuracy": pytest.approx(2 / 3), "vqa_accuracy": 1.0}
     metrics, _ = VQA().score(rows + [{"prediction": "dog", "reference": "dog"}])
     assert "vqa_accuracy" not in metrics and "2 of 3 samples carry annotators' answers" in capsys.readouterr().out
+
+
+def test_vqa_scores_multiple_choice_by_the_letter_named_beside_the_most_frequent_right_letter(capsys):
+    """Multiple-choice questions (each row's options, the reference a letter): `choice_accuracy` counts the option
+    a reply names, by its letter or its text; its baseline is the constant letter right most often."""
+    options = ["red", "green", "blue"]
+    said = [("B", "B"), ("The answer is (A)", "A."), ("blue", "(C)"), ("green", "B"), ("I don't know", "B")]
+    rows = [{"prediction": p, "reference": r, "options": options} for p, r in said]
+    metrics, baselines = VQA().score(rows)
+    assert metrics["choice_accuracy"] == pytest.approx(4 / 5) and baselines["choice_accuracy"] == pytest.approx(3 / 5)
+    metrics, _ = VQA().score(rows + [{"prediction": "B", "reference": "B"}])
+    assert "choice_accuracy" not in metrics
+    assert "5 of 6 samples are multiple-choice questions" in capsys.readouterr().out
+    # the options travel from the cached sample into its row, a skipped sample's too
+    sample = Sample("q1", "image", [Turn("user", "<image>\nWhich?"), Turn("assistant", "B")], meta={"options": options})
+    assert VQA().unanswered(sample) == {"prediction": "", "stopped": True, "reference": "B", "options": options}
+
+
+def test_vqa_on_yes_no_questions_scores_pope_beside_always_yes():
+    """Every reference yes or no (POPE): its accuracy, precision, recall and F1 of "yes", yes ratio and unparsed
+    replies, beside the answer "yes" to every question (F1 2p / (1 + p) at a share p of yes)."""
+    rows = [{"prediction": p, "reference": r}
+            for p, r in [("Yes.", "yes"), ("No, there is not.", "No"), ("yes", "no"), ("maybe", "yes")]]
+    metrics, baselines = VQA().score(rows)
+    assert metrics["pope_accuracy"] == 0.5 and metrics["pope_precision"] == 0.5 and metrics["pope_recall"] == 0.5
+    assert metrics["pope_f1"] == 0.5 and metrics["pope_yes_ratio"] == 0.5 and metrics["pope_unparsed"] == 1
+    assert baselines["pope_f1"] == pytest.approx(2 / 3) and baselines["pope_yes_ratio"] == 1.0
+    assert "pope_f1" not in VQA().score(rows + [{"prediction": "a cat", "reference": "cat"}])[0]
 
 
 def test_asr_scores_each_language_beside_the_empty_transcript(tmp_path):

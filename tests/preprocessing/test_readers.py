@@ -57,6 +57,28 @@ def test_llava_json_and_jsonl(tmp_path):
     assert [s.sources for s in samples] == [[]] and not rejects
 
 
+def test_llava_multiple_choice_records_keep_their_options_and_answer_with_a_letter(tmp_path):
+    def record(key, options, answer):
+        return {"id": key, "image": "q.png", "options": options, "conversations": [
+            {"from": "human", "value": "<image>\nWhich animal?\nA. cat\nB. dog\nAnswer with the option's letter."},
+            {"from": "gpt", "value": answer}]}
+
+    records = [record("plain", ["cat", "dog"], "B"), record("dotted", ["cat", "dog"], "A."),
+               record("bracketed", ["cat", "dog"], " (B)\n"),
+               record("not-a-list", "cat, dog", "A"), record("one-option", ["cat"], "A"),
+               record("blank-option", ["cat", " "], "A"), record("option-text", ["cat", "dog"], "dog"),
+               record("past-the-options", ["cat", "dog"], "C"), record("lowercase", ["cat", "dog"], "b")]
+    (tmp_path / "mc.json").write_text(json.dumps(records))
+    samples, rejects = read_llava(str(tmp_path / "mc.json"))
+    assert [s.key for s in samples] == ["plain", "dotted", "bracketed"]
+    assert all(s.meta["options"] == ["cat", "dog"] for s in samples)  # kept for choice_accuracy
+    assert [r.key for r in rejects] == ["not-a-list", "one-option", "blank-option", "option-text",
+                                        "past-the-options", "lowercase"]
+    assert all("'options' must be a list of 2 to 26 non-empty strings" in r.reason for r in rejects[:3])
+    assert rejects[3].reason.startswith("the answer 'dog' is not one of the options' letters A-B")
+    assert "'C'" in rejects[4].reason and "'b'" in rejects[5].reason
+
+
 def test_asr_manifest_and_librispeech_folders(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a/x.wav", "text": "hello", "language": "en"}\n{"audio": 3}\n')
     samples, rejects = read_asr_manifest(str(tmp_path / "m.jsonl"))
