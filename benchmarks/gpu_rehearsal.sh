@@ -16,7 +16,8 @@
 #                       the forward fed by 8 processes running that half (the encode job's rate per GPU)
 #   wavlm_batching      WavLM Base (real size, random weights) on clips of unequal length: each clip's whole model
 #                       alone against the shipped forward (convolutions alone, the transformer batched)
-#   wkv7_kernels        ours step by step, ours chunked, fla's chunk_rwkv7; B=8, H=12, N=64, bf16
+#   wkv7_kernels        ours chunked (its launch chosen by timing, logged), the decode steps, fla's chunk_rwkv7,
+#                       ours step by step and chunked in tf32x3; B=8, H=12, N=64, bf16
 #   fla_tests           the fla backend against ours (when fla-core is carried)
 #   phase2_fla          phase II steps at the paper's 0.4B shape, ours chunked beside fla
 #   phase2_ckpt         the same step of ours with gradient checkpointing off and on: peak GiB and tokens/s, and
@@ -31,7 +32,8 @@
 # refuse to start without the carried inputs (exit 3). Triton's autotuning results (fla's took its parts' whole
 # limits twice) are kept on disk and packed into $OUT/triton_autotune.tar.gz after each part; copied here to
 # runs/triton_autotune.tar.gz and carried, they are reused by the next lent machine (same image: the cache key holds
-# Triton's version, the GPU, each kernel's source and shapes), which then compiles only each kernel's chosen config.
+# Triton's version, the GPU's architecture (not its model: an H100's choice is an H200's), each kernel's source and
+# shapes), which then compiles only each kernel's chosen config (ours too: the chunked kernels' launches).
 #   OUT=/some/dir [PARTS="kernel_tests demo_quality"] [SEEDS="0 1 2"] [BUDGET_S=420] benchmarks/gpu_rehearsal.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

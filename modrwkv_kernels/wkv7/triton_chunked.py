@@ -41,6 +41,7 @@ import os
 
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 from ..layout import CHUNK, rows_layout
@@ -49,23 +50,50 @@ from .triton_kernel import _checkpoint_offset, _segment, _step_offset, checkpoin
 
 # How each kernel launches, chosen on the GPU it runs on by timing each (`triton.autotune`, on the first call per
 # head size, heads, dtypes, precision and `programs_class`; the choice kept on disk in Triton's cache where this
-# Triton can, so later processes repeat it):
-# state rows per program (32: twice the programs, each redoing its chunk's key-side work; 64: once) and warps (at 4
-# ptxas spills the backward's registers: 576 bytes a thread on sm_90 in bf16, 192 at 8; `cuda_compile.py` reports).
+# Triton can, so later processes repeat it): state rows per program (32: twice the programs, each redoing its chunk's
+# key-side work; 64: once) and warps (at 4 ptxas spills the backward's registers: 576 bytes a thread on sm_90 in
+# bf16, 192 at 8; `cuda_compile.py` reports). A key's first call times every launch: a device wait and a 256 MiB
+# buffer (Triton's L2 flush) mid-run where a new key comes up; ranks may choose differently (their results differ
+# in rounding). MODRWKV_WKV7_LAUNCH="rows,warps" (e.g. "64,8") pins one launch and times none.
 LAUNCHES = [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows in (32, 64) for warps in (4, 8)]
+LAUNCH_ENV = "MODRWKV_WKV7_LAUNCH"
+
+
+def pinned_launch() -> tuple[int, int] | None:
+    """(rows, warps) of the launch MODRWKV_WKV7_LAUNCH names, one of LAUNCHES; under the interpreter, which computes
+    every launch alike and can time none, the first; else None."""
+    offered = [(launch.kwargs["BLOCK_V"], launch.num_warps) for launch in LAUNCHES]
+    value = os.environ.get(LAUNCH_ENV)
+    if value is None:
+        return offered[0] if os.environ.get("TRITON_INTERPRET") == "1" else None
+    named = tuple(int(x) for x in value.split(",") if x.strip().isdigit())
+    if named not in offered:
+        raise ValueError(f"{LAUNCH_ENV}={value!r}: expected 'rows,warps', one of "
+                         + ", ".join(f"'{rows},{warps}'" for rows, warps in offered))
+    return named
 
 
 def _launches_for(configs, named_args, **kwargs):
-    """Row blocks no taller than the state's padded height; the interpreter computes every launch alike and times
-    none, so it runs the first."""
-    fitting = dict.fromkeys((min(c.kwargs["BLOCK_V"], kwargs["BLOCK_N"]), c.num_warps) for c in configs)
-    launches = [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows, warps in fitting]
-    return launches[:1] if os.environ.get("TRITON_INTERPRET") == "1" else launches
+    """The launches to time: the pinned one alone, else each of `configs`; row blocks no taller than the state's
+    padded height."""
+    pinned = pinned_launch()
+    wanted = [pinned] if pinned else [(c.kwargs["BLOCK_V"], c.num_warps) for c in configs]
+    fitting = dict.fromkeys((min(rows, kwargs["BLOCK_N"]), warps) for rows, warps in wanted)
+    return [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows, warps in fitting]
+
+
+def _timed(kernel_call, quantiles):
+    """Triton's timing of one launch; none where a launch is pinned (Triton before 3.9 times even a single one, and
+    the interpreter has no device to time on)."""
+    if pinned_launch() is not None:
+        return [0.0] * len(quantiles)
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
 def _tuned(key: list[str]):
     on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(LAUNCHES, key=key, prune_configs_by={"early_config_prune": _launches_for}, **on_disk)
+    return triton.autotune(LAUNCHES, key=key, prune_configs_by={"early_config_prune": _launches_for},
+                           do_bench=_timed, **on_disk)
 
 
 @triton.jit
@@ -267,8 +295,16 @@ def programs_class(programs: int, device: torch.device) -> int:
 
 
 def _launch_args(programs: int, N: int, device: torch.device) -> tuple:
-    """The grid for `programs` (segment, head) pairs, and their class."""
-    return lambda launch: (programs, triton.cdiv(N, launch["BLOCK_V"])), programs_class(programs, device)
+    """The grid for `programs` (segment, head) pairs, which notes in `ran` each launch's rows (the last: the
+    launch that ran after any timing; `best_config`, one for the process, may be another thread's), and the
+    programs' class."""
+    ran = {}
+
+    def grid(launch):
+        ran["BLOCK_V"] = launch["BLOCK_V"]
+        return programs, triton.cdiv(N, launch["BLOCK_V"])
+
+    return grid, ran, programs_class(programs, device)
 
 
 class WKV7TritonChunked(torch.autograd.Function):
@@ -284,7 +320,7 @@ class WKV7TritonChunked(torch.autograd.Function):
         s_final = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
         ckpt = checkpoints(H, total_chunks, N, r.device, differentiable, s_final)
         s0_arg = s0.float().contiguous() if s0 is not None else s_final  # unread when HAS_S0 is False
-        grid, occupancy = _launch_args(S * H, N, r.device)
+        grid, _, occupancy = _launch_args(S * H, N, r.device)
         _chunk_fwd_kernel[grid](r, w, k, v, a, b, s0_arg, y, s_final, ckpt, cu, chunk_cu, total_chunks, occupancy,
                                 H=H, HAS_S0=s0 is not None, KEEP_CHECKPOINTS=differentiable, **meta)
         if differentiable:
@@ -299,18 +335,18 @@ class WKV7TritonChunked(torch.autograd.Function):
         B, T, H, N = r.shape
         S = cu.numel() - 1
         meta = _meta(N, ctx.precision)
-        most_blocks = triton.cdiv(N, min(c.kwargs["BLOCK_V"] for c in LAUNCHES))  # whichever launch is timed
+        most_blocks = triton.cdiv(N, min(c.kwargs["BLOCK_V"] for c in _chunk_bwd_kernel.configs))  # any timed
         parts = [torch.empty(most_blocks, B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5)]
         dv = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         ds0 = torch.empty(S, H, N, N, device=r.device, dtype=torch.float32)
         dy = torch.zeros_like(dv) if dy is None else dy.float().contiguous()
         has_dst = ds_final is not None
         dst_arg = ds_final.float().contiguous() if has_dst else ds0
-        grid, occupancy = _launch_args(S * H, N, r.device)
+        grid, ran, occupancy = _launch_args(S * H, N, r.device)
         _chunk_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *parts, dv, ds0, cu, chunk_cu,
                                 ckpt.shape[1], B * T * H * N, occupancy, H=H, HAS_DST=has_dst, **meta)
-        blocks = triton.cdiv(N, _chunk_bwd_kernel.best_config.kwargs["BLOCK_V"])  # the parts the launch wrote
-        dr, dw, dk, da, db = (p[0] if blocks == 1 else p[:blocks].sum(0) for p in parts)
+        blocks = triton.cdiv(N, ran["BLOCK_V"])  # the parts the launch that ran wrote
+        dr, dw, dk, da, db = (p[:blocks].sum(0) for p in parts)  # a new tensor: no gradient keeps `parts` alive
         grads = (g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b)))
         ds0 = ds0.to(ctx.s0_dtype) if ctx.s0_dtype is not None else None
         return (*grads, ds0, None, None, None)

@@ -116,16 +116,16 @@ def test_forward_and_gradients_match_fp64_reference(backend, T, with_state):
 
 
 def launches():
-    """The step kernel's one launch, and each height of state rows the chunked kernels' autotuning chooses among
-    (their warps do not change what the interpreter computes)."""
+    """The step kernel's one launch, and each the chunked kernels' autotuning chooses among (on CPU their warps do
+    not change what the interpreter computes; on a GPU they do)."""
     from modrwkv_kernels.wkv7 import triton_chunked
 
-    heights = dict.fromkeys(launch.kwargs["BLOCK_V"] for launch in triton_chunked.LAUNCHES)
-    return [("triton", None)] + [("triton_chunked", rows) for rows in heights]
+    return [("triton", None, None)] + [("triton_chunked", launch.kwargs["BLOCK_V"], launch.num_warps)
+                                       for launch in triton_chunked.LAUNCHES]
 
 
-@pytest.mark.parametrize("backend, rows", launches())
-def test_row_blocks_of_each_launch(backend, rows, monkeypatch):
+@pytest.mark.parametrize("backend, rows, warps", launches())
+def test_row_blocks_of_each_launch(backend, rows, warps, monkeypatch):
     """N = 48: the forward runs programs of BLOCK_V rows per head (several, the last masked past N, or one taller
     than N); the backward reads the checkpoints they wrote (the chunked one also runs a program per row block and
     sums their parts: it allocates them for the most blocks any launch runs)."""
@@ -136,7 +136,7 @@ def test_row_blocks_of_each_launch(backend, rows, monkeypatch):
         assert -(-N // triton_kernel.BLOCK_V) > 1
     else:  # the autotuners hold this launch alone, as if their timing had chosen it
         for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
-            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_V": rows})])
+            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_V": rows}, num_warps=warps)])
             monkeypatch.setattr(kernel, "cache", {})
     xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, N, seed=5, requires_grad=True)
     xs32 = on_device(xs64)
@@ -150,7 +150,7 @@ def test_row_blocks_of_each_launch(backend, rows, monkeypatch):
         assert rel_err(x32.grad, x64.grad) < TOL, name
     assert rel_err(s32.grad, s64.grad) < TOL
     if backend == "triton_chunked":
-        ran = f"BLOCK_V {rows}, 4 warps"
+        ran = f"BLOCK_V {rows}, {warps} warps"
         assert triton_chunked.chosen_launches() == {"forward": ran, "backward": ran}
 
 
@@ -165,6 +165,7 @@ def test_autotuning_times_every_launch_then_runs_the_fastest(rows, monkeypatch):
     timed = []
     for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
         monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "cache_results", False)  # on a GPU: no stand-in timings on disk
         monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **kwargs: configs)  # all: N = 48
         monkeypatch.setitem(kernel.__dict__, "do_bench", lambda call, quantiles: [call(), 0.0][1:] * len(quantiles))
 
@@ -188,6 +189,25 @@ def test_autotuning_times_every_launch_then_runs_the_fastest(rows, monkeypatch):
     assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
     for name, x32, x64 in zip(["r", "w", "k", "v", "a", "b", "s0"], xs32 + [s32], xs64 + [s64]):
         assert rel_err(x32.grad, x64.grad) < TOL, name
+
+
+def test_a_pinned_launch_runs_alone_and_a_misnamed_one_is_refused(monkeypatch):
+    """MODRWKV_WKV7_LAUNCH="64,8": that launch, timed by nothing (where the interpreter runs the first launch, and
+    a GPU would time all four); a launch not offered is refused naming those that are."""
+    from modrwkv_kernels.wkv7 import triton_chunked
+
+    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setenv(triton_chunked.LAUNCH_ENV, "64,8")
+    xs = on_device(wkv_inputs(1, 5, 2, 64, seed=3)[0])
+    wkv7(*xs, backend="triton_chunked")[0].sum().backward()
+    assert triton_chunked.chosen_launches() == {"forward": "BLOCK_V 64, 8 warps", "backward": "BLOCK_V 64, 8 warps"}
+    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setenv(triton_chunked.LAUNCH_ENV, "64")
+    with pytest.raises(ValueError, match="MODRWKV_WKV7_LAUNCH='64': expected 'rows,warps', one of '32,4', '32,8', "
+                                         "'64,4', '64,8'"):
+        wkv7(*xs, backend="triton_chunked")
 
 
 def test_launches_are_chosen_again_for_another_share_of_the_gpu(monkeypatch):
