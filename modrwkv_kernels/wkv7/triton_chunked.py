@@ -346,7 +346,9 @@ class WKV7TritonChunked(torch.autograd.Function):
         _chunk_bwd_kernel[grid](r, w, k, v, a, b, ckpt, dy, dst_arg, *parts, dv, ds0, cu, chunk_cu,
                                 ckpt.shape[1], B * T * H * N, occupancy, H=H, HAS_DST=has_dst, **meta)
         blocks = triton.cdiv(N, ran["BLOCK_V"])  # the parts the launch that ran wrote
-        dr, dw, dk, da, db = (p[:blocks].sum(0) for p in parts)  # a new tensor: no gradient keeps `parts` alive
+        # one block: its part as it is (a sum would be another pass over 5 gradients' bytes; the unused block's
+        # memory then lives as long as these gradients, which the layer below consumes at once in training)
+        dr, dw, dk, da, db = (p[0] if blocks == 1 else p[:blocks].sum(0) for p in parts)
         grads = (g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b)))
         ds0 = ds0.to(ctx.s0_dtype) if ctx.s0_dtype is not None else None
         return (*grads, ds0, None, None, None)
