@@ -394,11 +394,11 @@ class ModRWKV(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, features: list[Features], state: RWKV7State | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, sample_ids=None):
         """Runs prompts (features injected here, and only here); returns last-position logits [B, V] and state.
         attention_mask ([B, T], right padding): prompts of different lengths in one pass, each row's logits at
-        its last real token and its state after it."""
-        embeds = self.embed(input_ids, features)
+        its last real token and its state after it. sample_ids: each row's name in errors, as `embed` takes."""
+        embeds = self.embed(input_ids, features, sample_ids)
         if attention_mask is None:
             logits, state = self.backbone(inputs_embeds=embeds, state=state, logits_to_keep=1)
             return logits[:, -1], state

@@ -1,8 +1,10 @@
-"""ModRWKV as an lmms-eval model, registered as "modrwkv".
+"""ModRWKV as an lmms-eval model, "modrwkv" by name (lmms-eval 0.4 and later find it through the installed package's
+entry point, `pipelines/lmms_eval_entry.py`), or passed as an object:
 
-    import pipelines.lmms_eval_model  # registers the class with lmms-eval
     lmms_eval.evaluator.simple_evaluate(model="modrwkv", tasks=["pope"],
         model_args="pretrained=runs/phase2,encoder=siglip2,encoder_dir=encoders/siglip2")
+    lmms_eval.evaluator.simple_evaluate(model=ModRWKVEvalModel(pretrained="runs/phase2", encoder_dir=...),
+                                        tasks=["pope"])
 
 Each request's images go through the frozen encoder, then into the chat prompt ("User: <image>\\n{question}
 \\n\\nAssistant:"). Generation is greedy. The module imports without lmms-eval installed (the class is then
@@ -19,7 +21,7 @@ from modrwkv.multimodal import ModRWKV
 from modrwkv.tokenizer import WorldTokenizer
 from preprocessing.encoders import build_encoder
 from preprocessing.encoders.recorded import encoder_for
-from preprocessing.validate import as_rgb
+from preprocessing.validate import Rejected, as_rgb
 
 from .logged_models import local_model
 from .trained_model import load_trained_model
@@ -38,19 +40,23 @@ except ImportError:
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-@register_model("modrwkv")
+@register_model("modrwkv")  # what lmms-eval before 0.2.3 read; later ones the entry point
 class ModRWKVEvalModel(EvalModelBase):
     """pretrained: a ModRWKV save_pretrained directory, full or adapter-only, a logged or registered model
     (models:/..., whose image encoder is the default encoder_dir), or the model; encoder_dir: the image
     encoder's weights, set up as the model's training caches were (kind, input size, layer: recorded beside the
     model; `encoder` names the kind where nothing is recorded), or an encoder object as `encoder`; quantize:
-    "none", "int8" or "bf16" (modrwkv.quantize). batch_size is accepted because lmms-eval always passes it; requests
-    run one at a time, each with its own images."""
+    "none", "int8" or "bf16" (modrwkv.quantize). A model object is prepared for inference in place (eval mode,
+    moved to `device`, quantized) and records no encoder: name its kind with `encoder`. batch_size is accepted
+    because lmms-eval always passes it; requests run one at a time, each with its own images."""
 
     def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1,
                  tokenizer: WorldTokenizer | None = None, quantize: str = "none"):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(pretrained, ModRWKV) and encoder is None and encoder_dir is not None:
+            raise ValueError(f"encoder_dir {encoder_dir}: a model object records no encoder; name its kind with "
+                             "encoder=, e.g. encoder='siglip2'")
         if not isinstance(pretrained, ModRWKV):  # a logged or registered model: its folder and the encoders it carries
             found = local_model(pretrained)
             pretrained, encoder_dir = found.model_dir, encoder_dir or found.encoder_dirs.get("image")
@@ -80,7 +86,10 @@ class ModRWKVEvalModel(EvalModelBase):
         if not all(isinstance(im, Image.Image) for im in images):
             kinds = sorted({type(im).__name__ for im in images})
             raise ValueError(f"{name}: only PIL images are supported, got {kinds}")
-        rgb = [as_rgb(im) for im in images]  # as the encode job decodes its images (16-bit ones scaled, not clipped)
+        try:  # as the encode job decodes its images (16-bit ones scaled, not clipped)
+            rgb = [as_rgb(im) for im in images]
+        except Rejected as e:
+            raise Rejected(f"{name}: {e}") from e
         features = self.encoder.encode(rgb, [f"{name}/{i}" for i in range(len(images))])
         if "<image>" not in context:
             context = " ".join(["<image>"] * len(images)) + "\n" + context
@@ -95,10 +104,12 @@ class ModRWKVEvalModel(EvalModelBase):
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             target = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            ids, features = self.request_inputs(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}")
+            name = f"{task}/{split}/{doc_id}"
+            ids, features = self.request_inputs(context, doc_to_visual(doc), name)
             # the answer follows "Assistant:" after a space, as tokenize_conversation lays out training samples
             target_ids = self.tokenizer.encode(target if target[:1].isspace() else f" {target}")
-            embeds = self.model.embed(torch.tensor([ids + target_ids], device=self.device), [features])
+            embeds = self.model.embed(torch.tensor([ids + target_ids], device=self.device), [features],
+                                      sample_ids=[name])
             hidden, _ = self.model.backbone.forward_hidden(inputs_embeds=embeds)
             # position t predicts token t + 1: the logits from the prompt's last token on score the target
             logits = self.model.backbone.head(hidden[0, len(ids) - 1 : -1]).float()
@@ -116,14 +127,15 @@ class ModRWKVEvalModel(EvalModelBase):
             doc = self.task_dict[task][split][doc_id]
             until = gen_kwargs.get("until") or []
             stops = [s for s in ([until] if isinstance(until, str) else until) if s] + [TURN_END]
-            ids, features = self.request_inputs(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}")
+            name = f"{task}/{split}/{doc_id}"
+            ids, features = self.request_inputs(context, doc_to_visual(doc), name)
             max_new_tokens = int(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-            answers.append(self.greedy_until(ids, features, stops, max_new_tokens))
+            answers.append(self.greedy_until(ids, features, stops, max_new_tokens, name))
         return answers
 
-    def greedy_until(self, ids: list[int], features, stops: list[str], max_new_tokens: int) -> str:
+    def greedy_until(self, ids: list[int], features, stops: list[str], max_new_tokens: int, name: str) -> str:
         """Decodes until a stop string appears (the text is cut before it), END_OF_TEXT or max_new_tokens."""
-        logits, state = self.model.prefill(torch.tensor([ids], device=self.device), [features])
+        logits, state = self.model.prefill(torch.tensor([ids], device=self.device), [features], sample_ids=[name])
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0)
         return generate_text(self.model.backbone, self.tokenizer, ids, config, state=state, first_logits=logits,
                              stop_texts=stops).strip()

@@ -169,6 +169,50 @@ def test_images_go_through_the_encoder_once_per_request(wrapper, monkeypatch):
         wrapper.generate_until([Request(("<image><image>?", {}, doc_to_visual, 0, "vqa", "test"))])
 
 
+def test_errors_name_the_request(wrapper):
+    """An image the encode job would reject, and one whose features the model cannot place, name the request's
+    task/split/doc_id (the model's own check named "sample 0" for every request)."""
+    nan = Image.fromarray(np.full((40, 30), np.nan, dtype=np.float32))  # a float image ("F" mode)
+    with pytest.raises(ValueError, match=r"vqa/test/1: .*NaN"):
+        wrapper.generate_until([Request(("What?", {}, lambda doc: [nan], 1, "vqa", "test"))])
+    ids, features = wrapper.request_inputs("What is it?", [rgb(0)], "vqa/test/0")
+    shorter = [("image", features[0][1][:-2])]  # fewer vectors than the prompt's placeholders hold
+    with pytest.raises(ValueError, match="vqa/test/0"):
+        wrapper.greedy_until(ids, shorter, ["\n"], 2, "vqa/test/0")
+
+
+def test_a_model_object_with_only_an_encoder_dir_is_refused(saved, tok):
+    """A model object records no encoder: an encoder_dir without its kind was ignored, and every image request
+    then failed with "no image encoder was given"."""
+    root, model = saved
+    with pytest.raises(ValueError, match="a model object records no encoder; name its kind with encoder="):
+        lmms_eval_model.ModRWKVEvalModel(pretrained=model, encoder_dir=str(root / "clip"), device="cpu", tokenizer=tok)
+
+
+def test_lmms_eval_finds_the_class_by_name_through_the_entry_point(monkeypatch):
+    """lmms-eval 0.4 and later read plugin models from the "lmms_eval.models" entry points, each a manifest (a
+    stand-in of lmms-eval's ModelManifest here): the installed package declares one naming this class."""
+    from importlib.metadata import entry_points
+
+    declared = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "modrwkv"]
+    assert [ep.value for ep in declared] == ["pipelines.lmms_eval_entry:manifest"]
+
+    @dataclass(frozen=True)
+    class ModelManifest:
+        model_id: str
+        simple_class_path: str | None = None
+
+    registry = types.ModuleType("lmms_eval.models.registry_v2")
+    registry.ModelManifest = ModelManifest
+    for name in ("lmms_eval", "lmms_eval.models"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "lmms_eval.models.registry_v2", registry)
+    manifest = declared[0].load()()
+    module, cls = manifest.simple_class_path.rsplit(".", 1)
+    assert manifest.model_id == "modrwkv" and getattr(importlib.import_module(module), cls).__name__ == (
+        "ModRWKVEvalModel")
+
+
 def test_a_16_bit_image_reaches_the_encoder_as_the_encode_job_decodes_it(wrapper):
     """Evaluation and the cached features it is compared with read an image alike: a 16-bit scan scaled by its
     range (PIL's convert("RGB") would clip it to white)."""
