@@ -78,9 +78,12 @@ def registered_version(uri: str, model_id: str) -> str:
     """models:/NAME/VERSION of the demo's registered version holding the logged model."""
     from mlflow import MlflowClient
 
-    (version,) = [v for v in MlflowClient(uri).search_model_versions(f"source_path = 'models:/{model_id}'")
-                  if v.name == REGISTERED_NAME]
-    return f"models:/{REGISTERED_NAME}/{version.version}"
+    versions = [v for v in MlflowClient(uri).search_model_versions(f"source_path = 'models:/{model_id}'")
+                if v.name == REGISTERED_NAME]
+    if len(versions) != 1:
+        raise RuntimeError(f"{uri}: {len(versions)} versions of {REGISTERED_NAME} hold the logged model {model_id}, "
+                           "expected the one training registered")
+    return f"models:/{REGISTERED_NAME}/{versions[0].version}"
 
 
 def prepare_assets(out: Path = ASSETS) -> None:

@@ -12,9 +12,9 @@ the joint fine-tune (phase II), as in the paper.
 """
 
 import hashlib
+import importlib
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -52,14 +52,17 @@ def context_questions(seed: int = 0):
     return sample
 
 
-# the modules whose code decides what the demo backbone learns: its data, its prompts and its training loop
-RECIPE_MODULES = (__name__, "pipelines.text_pretrain", "preprocessing.demo_data", "preprocessing.readers.asr")
+# the modules whose code decides what the demo backbone learns: its data, its prompts, the chat template and
+# tokenizer that lay them out, and its training loop with the optimizer step it runs
+RECIPE_MODULES = (__name__, "pipelines.text_pretrain", "preprocessing.demo_data", "preprocessing.readers.asr",
+                  "modrwkv.conversation", "modrwkv.tokenizer", "pipelines.trainer")
 
 
 def recipe(steps: int) -> dict:
     """What the demo backbone is made from, recorded beside it: a folder another recipe made (an older TINY, other
     steps, a change to the code of `RECIPE_MODULES`) is made again rather than reused."""
-    code = hashlib.sha256(b"".join(Path(sys.modules[name].__file__).read_bytes() for name in RECIPE_MODULES))
+    modules = (importlib.import_module(name) for name in RECIPE_MODULES)
+    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in modules))
     return {"config": TINY.to_dict(), "steps": steps, "code": code.hexdigest()}
 
 

@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import pipelines.demo as demo
 from infra.cli import load_services, services_lock, write_services
 from infra.mlflow_server import MlflowServer
@@ -39,7 +41,7 @@ def test_the_demo_waits_for_services_up_and_uses_its_mlflow(tmp_path, monkeypatc
             service.stop()
 
 
-def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch):
+def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch, capsys):
     """`modrwkv demo --out DIR` builds the data, encoders and backbone in DIR; the encodes, the training and the
     evaluations read them from there. They read configs/demo's runs/demo paths whatever --out said: missing there,
     or another run's assets, silently."""
@@ -48,8 +50,8 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
 
     class Ran:  # what the jobs return, as far as the demo reads it
         def __init__(self, **fields):
-            self.__dict__.update(reused=True, seconds=0.0, baselines={}, metrics={}, run_id="r", model_id="m",
-                                 **fields)
+            self.__dict__.update({"reused": True, "seconds": 0.0, "baselines": {}, "metrics": {}, "run_id": "r",
+                                  "model_id": "m", **fields})
 
     def encode(config):
         seen["encode"].append(config)
@@ -59,9 +61,14 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
         seen["train"] = config
         return Ran()
 
+    scores = {"vqa": ({"accuracy": 0.8, "vqa_accuracy": 0.7}, {"accuracy": 0.1, "vqa_accuracy": 0.1}),
+              "asr": ({"wer_en": 0.0, "cer_zh": 0.05}, {"wer_en": 1.0, "cer_zh": 1.0}),
+              "forecast": ({"mse": 0.3, "mase": 0.29, "mae": 0.4}, {"mse": 3.4, "mase": 1.0, "mae": 1.5})}
+
     def evaluate(config):
         seen["eval"].append(config)
-        return Ran()
+        metrics, baselines = scores[config.task]
+        return Ran(metrics=metrics, baselines=baselines)
 
     monkeypatch.setattr(demo, "mlflow_server", lambda: SimpleNamespace(tracking_uri="sqlite:///unused.db"))
     monkeypatch.setattr(demo, "prepare_assets", lambda where: None)
@@ -70,11 +77,11 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
     monkeypatch.setattr(demo, "run_encode", encode)
     monkeypatch.setattr(demo, "run_train", train)
     monkeypatch.setattr(demo, "run_eval", evaluate)
-    monkeypatch.setattr(demo, "ceilings", lambda caches: {})
+    monkeypatch.setattr(demo, "ceilings", lambda caches: {"accuracy": 0.83, "mse": 0.26})
     monkeypatch.setattr(demo, "registered_version", lambda uri, model_id: "models:/modrwkv-demo/1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unused")  # the demo sets it; monkeypatch puts it back
     out.mkdir()
-    demo.run_demo(out)
+    summary = demo.run_demo(out)
 
     assert len(seen["encode"]) == 6  # not the val splits, which only benchmarks/experiments.py scores
     assert not any("val" in (Path(c.dataset.path).stem, c.dataset.split) for c in seen["encode"])
@@ -85,6 +92,31 @@ def test_the_demo_trains_on_the_assets_it_built_under_out(tmp_path, monkeypatch)
     assert len(seen["train"].caches) == 3 and set(seen["train"].caches) <= encoded  # the training splits'
     assert not any("test" in Path(c).name for c in seen["train"].caches)
     assert len(seen["eval"]) == 3 and all(c.cache in encoded and "test" in Path(c.cache).name for c in seen["eval"])
+    # each task's table rows: its score beside its ceiling (where one exists) and its baseline
+    assert [tuple(row[1:]) for row in summary["table"]] == [
+        ("accuracy", 0.8, 0.83, 0.1), ("wer_en", 0.0, None, 1.0), ("cer_zh", 0.05, None, 1.0),
+        ("mse", 0.3, 0.26, 3.4), ("mase", 0.29, None, 1.0)]
+    printed = capsys.readouterr().out
+    assert "accuracy      0.8000    0.8300    0.1000  linear probe on the features; the majority answer" in printed
+
+
+def test_the_registered_version_is_the_one_holding_the_model_or_a_clear_error(monkeypatch):
+    import mlflow
+
+    versions = []
+
+    class Client:
+        def __init__(self, uri):
+            pass
+
+        def search_model_versions(self, query):
+            return versions
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    with pytest.raises(RuntimeError, match="0 versions of modrwkv-demo hold the logged model m-1"):
+        demo.registered_version("http://127.0.0.1:5000", "m-1")  # "not enough values to unpack" before
+    versions += [SimpleNamespace(name="other", version="4"), SimpleNamespace(name=demo.REGISTERED_NAME, version="2")]
+    assert demo.registered_version("http://127.0.0.1:5000", "m-1") == "models:/modrwkv-demo/2"
 
 
 def test_a_data_build_cut_short_is_finished_on_the_next_start(tmp_path, monkeypatch):
@@ -179,3 +211,11 @@ def test_the_demo_backbone_is_made_again_when_its_recipe_changed(tmp_path, monke
     monkeypatch.setattr(demo_backbone, "RECIPE_MODULES", ("pipelines.text_pretrain",))
     pretrained_backbone(folder, steps=2, say=lambda _: None)
     assert (folder / "model.safetensors").stat().st_mtime_ns != made
+    monkeypatch.undo()
+    # the chat template, the tokenizer and the optimizer step are its recipe too (a change to the template's turns
+    # once left a backbone trained on the old layout in use)
+    before = recipe(2)
+    for module in ("modrwkv.conversation", "modrwkv.tokenizer", "pipelines.trainer"):
+        with monkeypatch.context() as patched:
+            patched.setattr(sys.modules[module], "__file__", demo_backbone.__file__)
+            assert recipe(2) != before, module
