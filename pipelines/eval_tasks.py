@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
+from preprocessing.readers.llava import answer_letter
+
 from .metrics.asr import character_error_rate, word_error_rate
 from .metrics.choice import choice_accuracy, extract_choice, pope_scores
 from .metrics.forecast import ForecastErrors, seasonal_naive
@@ -167,10 +169,12 @@ class VQA(DecodeTask):
     ignores the image can reach; for `accuracy` the most frequent reference after the same normalisation, for
     `vqa_accuracy` the answer that scores best by its rule, `best_constant_answer`; taken from the test answers, as
     evaluation sees no training answers, so an upper bound on a training-majority guess); a confusion matrix.
-    When every sample is a multiple-choice question (its record's `options`, its answer a letter: ScienceQA,
-    MMBench), the share of replies naming the right option by letter or text (`choice_accuracy`) beside the letter
-    right most often; when every reference is yes or no (POPE), POPE's accuracy, precision, recall and F1 of "yes",
-    yes ratio and unparsed replies (`pope_*`) beside "yes" to every question."""
+    When every sample is a multiple-choice question (its record's `options`, its answer naming a letter:
+    ScienceQA, MMBench), the share of replies naming the right option by letter or text (`choice_accuracy`; one
+    pass, not MMBench's CircularEval) beside the letter right most often, and the replies naming none
+    (`choice_unparsed`, counted wrong); when every reference is yes or no (POPE), POPE's accuracy, precision,
+    recall and F1 of "yes", yes ratio and unparsed replies (`pope_*`, which POPE's script would call yes) beside
+    "yes" to every question."""
 
     modality: ClassVar[str] = "image"
 
@@ -191,10 +195,13 @@ class VQA(DecodeTask):
         with_options = sum("options" in r for r in rows)
         if with_options == len(rows):
             options = [r["options"] for r in rows]
-            right = [extract_choice(r, o) for r, o in zip(references, options)]
+            right = [answer_letter(r, len(o)) for r, o in zip(references, options)]
             metrics["choice_accuracy"] = choice_accuracy(predictions, right, options)
             constant = Counter(right).most_common(1)[0][0]
             baselines["choice_accuracy"] = right.count(constant) / len(rows)
+            # replies naming no option, counted wrong (LLaVA's ScienceQA script gives them a random option)
+            metrics["choice_unparsed"] = sum(extract_choice(p, o) is None for p, o in zip(predictions, options))
+            baselines["choice_unparsed"] = 0
         elif with_options:
             print(f"vqa: {with_options} of {len(rows)} samples are multiple-choice questions: no choice_accuracy (it "
                   "needs every sample's options)")
@@ -202,6 +209,8 @@ class VQA(DecodeTask):
             labels = [answer_key(r) for r in references]
             metrics.update(pope_scores(predictions, labels).metrics())
             baselines.update(pope_scores(["yes"] * len(rows), labels).metrics())
+            print(f"vqa: every reference is yes or no: POPE's scores too (pope_*; {metrics['pope_unparsed']:.0f} "
+                  "replies neither yes nor no, which POPE's script would call yes)")
         return metrics, baselines
 
     @staticmethod

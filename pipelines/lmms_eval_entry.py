@@ -1,4 +1,4 @@
-"""lmms-eval's plugin entry point (pyproject.toml, group "lmms_eval.models"): lmms-eval 0.4 and later resolve
+"""lmms-eval's plugin entry point (pyproject.toml, group "lmms_eval.models"): lmms-eval 0.6 and later resolve
 `simple_evaluate(model="modrwkv", ...)` through it to `pipelines.lmms_eval_model.ModRWKVEvalModel`, which it
 imports only then (this module imports nothing of ours: lmms-eval loads every plugin when it starts)."""
 

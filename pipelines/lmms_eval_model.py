@@ -1,4 +1,4 @@
-"""ModRWKV as an lmms-eval model, "modrwkv" by name (lmms-eval 0.4 and later find it through the installed package's
+"""ModRWKV as an lmms-eval model, "modrwkv" by name (lmms-eval 0.6 and later find it through the installed package's
 entry point, `pipelines/lmms_eval_entry.py`), or passed as an object:
 
     lmms_eval.evaluator.simple_evaluate(model="modrwkv", tasks=["pope"],
@@ -40,17 +40,18 @@ except ImportError:
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-@register_model("modrwkv")  # what lmms-eval before 0.2.3 read; later ones the entry point
+@register_model("modrwkv")  # what lmms-eval before 0.2.3 read; 0.6 and later read the entry point
 class ModRWKVEvalModel(EvalModelBase):
     """pretrained: a ModRWKV save_pretrained directory, full or adapter-only, a logged or registered model
     (models:/..., whose image encoder is the default encoder_dir), or the model; encoder_dir: the image
     encoder's weights, set up as the model's training caches were (kind, input size, layer: recorded beside the
     model; `encoder` names the kind where nothing is recorded), or an encoder object as `encoder`; quantize:
     "none", "int8" or "bf16" (modrwkv.quantize). A model object is prepared for inference in place (eval mode,
-    moved to `device`, quantized) and records no encoder: name its kind with `encoder`. batch_size is accepted
-    because lmms-eval always passes it; requests run one at a time, each with its own images."""
+    moved to `device`, quantized) and records no encoder: name its kind with `encoder`. batch_size and
+    max_batch_size are accepted because lmms-eval's command line passes them; requests run one at a time, each with
+    its own images."""
 
-    def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1,
+    def __init__(self, pretrained, encoder=None, encoder_dir=None, device=None, batch_size=1, max_batch_size=None,
                  tokenizer: WorldTokenizer | None = None, quantize: str = "none"):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

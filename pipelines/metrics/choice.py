@@ -33,8 +33,11 @@ def words_of(text: str) -> str:
 
 def named_by_text(text: str, letters: str, options: Sequence[str]) -> str | None:
     """The option whose text the response is, or failing that the one whose text it contains; an option found only
-    inside a longer one it names ("red" in "dark red") is not named. None for none, or several."""
+    inside a longer one it names ("red" in "dark red") is not named. None for none, or several; a response or
+    option without a word (an empty reply, an option ">") names none by text."""
     said = words_of(text)
+    if not said:
+        return None
     named = [letter for letter, option in zip(letters, options) if words_of(option) == said]
     if not named:
         spans = {letter: [m.span() for m in re.finditer(rf"\b{re.escape(words_of(option))}\b", said)]

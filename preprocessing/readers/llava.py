@@ -2,8 +2,8 @@
     {"id", "image": "rel/path.png" | [paths] (optional), "conversations": [{"from": "human"|"gpt", "value"}],
      "answers": [str, ...] (optional: a VQAv2-style test question's annotators' answers, scored by their rule),
      "options": [str, ...] (optional: a multiple-choice question's options, A first (ScienceQA, MMBench); the first
-                gpt turn, the answer scored, is then the right option's letter, as LLaVA's ScienceQA data writes it:
-                "B", "B." or "(B)")}
+                gpt turn, the answer scored, then names the right option's letter: "B", "B." or "(B)", or closing
+                it, as LLaVA's ScienceQA conversions write it: "The answer is B.")}
 Image paths resolve against `image_root` (local or s3://) and must stay inside it (`storage.media_path`)."""
 
 import hashlib
@@ -116,16 +116,28 @@ def to_turns(conversations, placeholder: str) -> list[dict]:
     return turns
 
 
+def answer_letter(answer: str, n_options: int) -> str | None:
+    """The right option's letter a multiple-choice record's answer gives: the letter alone ("B", "B.", "B)",
+    "(B)"), or closing the answer as LLaVA's ScienceQA conversions write it ("The answer is B.", after a lecture
+    or not); None for anything else."""
+    letters = ascii_uppercase[:n_options]
+    found = (re.fullmatch(rf"\(([{letters}])\)|([{letters}])[.)]?", answer.strip())
+             or re.search(rf"(?:^|\s)(?i:the answer is):?\s*\(?([{letters}])\)?\.?$", answer.strip()))
+    return next(letter for letter in found.groups() if letter) if found else None
+
+
 def check_options(options, answer: str) -> None:
-    """A multiple-choice record's options (2 to 26 non-empty strings) and its answer, the right option's letter."""
+    """A multiple-choice record's options (2 to 26 non-empty strings) and its answer, naming the right option's
+    letter (`answer_letter`)."""
     if not (isinstance(options, list) and 2 <= len(options) <= len(ascii_uppercase)
             and all(isinstance(o, str) and o.strip() for o in options)):
         raise ValueError(f"'options' must be a list of 2 to {len(ascii_uppercase)} non-empty strings (a "
                          "multiple-choice question's options, A first)")
-    letters = ascii_uppercase[:len(options)]
-    if not re.fullmatch(rf"\([{letters}]\)|[{letters}][.)]?", answer.strip()):
-        raise ValueError(f"the answer {answer.strip()[:40]!r} is not one of the options' letters {letters[0]}-"
-                         f"{letters[-1]} (a multiple-choice record answers with its right option's letter)")
+    if answer_letter(answer, len(options)) is None:
+        last = ascii_uppercase[len(options) - 1]
+        raise ValueError(f"the answer {answer.strip()[:40]!r} names none of the options' letters A-{last} (a "
+                         "multiple-choice record answers with its right option's letter: 'B', '(B)' or 'The answer "
+                         "is B.')")
 
 
 def read_llava(uri: str, image_root: str | None = None,

@@ -68,6 +68,10 @@ def test_vqa_scores_multiple_choice_by_the_letter_named_beside_the_most_frequent
     rows = [{"prediction": p, "reference": r, "options": options} for p, r in said]
     metrics, baselines = VQA().score(rows)
     assert metrics["choice_accuracy"] == pytest.approx(4 / 5) and baselines["choice_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["choice_unparsed"] == 1 and baselines["choice_unparsed"] == 0  # "I don't know"
+    # an empty reply (a skipped sample's) names no option, not one without a word (">")
+    symbols = [{"prediction": "", "reference": "The answer is A.", "options": [">", "<"]}]
+    assert VQA().score(symbols)[0] == {"accuracy": 0.0, "choice_accuracy": 0.0, "choice_unparsed": 1}
     metrics, _ = VQA().score(rows + [{"prediction": "B", "reference": "B"}])
     assert "choice_accuracy" not in metrics
     assert "5 of 6 samples are multiple-choice questions" in capsys.readouterr().out
@@ -76,7 +80,7 @@ def test_vqa_scores_multiple_choice_by_the_letter_named_beside_the_most_frequent
     assert VQA().unanswered(sample) == {"prediction": "", "stopped": True, "reference": "B", "options": options}
 
 
-def test_vqa_on_yes_no_questions_scores_pope_beside_always_yes():
+def test_vqa_on_yes_no_questions_scores_pope_beside_always_yes(capsys):
     """Every reference yes or no (POPE): its accuracy, precision, recall and F1 of "yes", yes ratio and unparsed
     replies, beside the answer "yes" to every question (F1 2p / (1 + p) at a share p of yes)."""
     rows = [{"prediction": p, "reference": r}
@@ -85,6 +89,7 @@ def test_vqa_on_yes_no_questions_scores_pope_beside_always_yes():
     assert metrics["pope_accuracy"] == 0.5 and metrics["pope_precision"] == 0.5 and metrics["pope_recall"] == 0.5
     assert metrics["pope_f1"] == 0.5 and metrics["pope_yes_ratio"] == 0.5 and metrics["pope_unparsed"] == 1
     assert baselines["pope_f1"] == pytest.approx(2 / 3) and baselines["pope_yes_ratio"] == 1.0
+    assert "POPE's scores too (pope_*; 1 replies neither yes nor no" in capsys.readouterr().out
     assert "pope_f1" not in VQA().score(rows + [{"prediction": "a cat", "reference": "cat"}])[0]
 
 

@@ -3,6 +3,7 @@ lmms-eval's Instance does. lmms-eval itself is not installed here; registration 
 
 import abc
 import importlib
+import inspect
 import math
 import sys
 import types
@@ -209,8 +210,11 @@ def test_lmms_eval_finds_the_class_by_name_through_the_entry_point(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmms_eval.models.registry_v2", registry)
     manifest = declared[0].load()()
     module, cls = manifest.simple_class_path.rsplit(".", 1)
-    assert manifest.model_id == "modrwkv" and getattr(importlib.import_module(module), cls).__name__ == (
-        "ModRWKVEvalModel")
+    found = getattr(importlib.import_module(module), cls)
+    assert manifest.model_id == "modrwkv" and found.__name__ == "ModRWKVEvalModel"
+    # what lmms-eval's command line hands `create_from_arg_string` besides model_args binds (None values dropped)
+    inspect.signature(found).bind(pretrained="runs/phase2", encoder_dir="encoders/siglip2", batch_size=1,
+                                  max_batch_size=8, device="cuda")
 
 
 def test_a_16_bit_image_reaches_the_encoder_as_the_encode_job_decodes_it(wrapper):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from preprocessing.readers import read_aishell, read_asr_manifest, read_librispeech, read_llava, read_series, sample_key
+from preprocessing.readers.llava import answer_letter
 from preprocessing.readers.series import TooManyWindows
 
 
@@ -64,18 +65,20 @@ def test_llava_multiple_choice_records_keep_their_options_and_answer_with_a_lett
             {"from": "gpt", "value": answer}]}
 
     records = [record("plain", ["cat", "dog"], "B"), record("dotted", ["cat", "dog"], "A."),
-               record("bracketed", ["cat", "dog"], " (B)\n"),
+               record("bracketed", ["cat", "dog"], " (B)\n"), record("stated", ["cat", "dog"], "The answer is B."),
+               record("lecture", ["cat", "dog"], "Dogs bark.\nThe answer is (B)."),  # LLaVA's ScienceQA forms
                record("not-a-list", "cat, dog", "A"), record("one-option", ["cat"], "A"),
                record("blank-option", ["cat", " "], "A"), record("option-text", ["cat", "dog"], "dog"),
                record("past-the-options", ["cat", "dog"], "C"), record("lowercase", ["cat", "dog"], "b")]
     (tmp_path / "mc.json").write_text(json.dumps(records))
     samples, rejects = read_llava(str(tmp_path / "mc.json"))
-    assert [s.key for s in samples] == ["plain", "dotted", "bracketed"]
+    assert [s.key for s in samples] == ["plain", "dotted", "bracketed", "stated", "lecture"]
+    assert [answer_letter(s.meta["turns"][1]["text"], 2) for s in samples] == ["B", "A", "B", "B", "B"]
     assert all(s.meta["options"] == ["cat", "dog"] for s in samples)  # kept for choice_accuracy
     assert [r.key for r in rejects] == ["not-a-list", "one-option", "blank-option", "option-text",
                                         "past-the-options", "lowercase"]
     assert all("'options' must be a list of 2 to 26 non-empty strings" in r.reason for r in rejects[:3])
-    assert rejects[3].reason.startswith("the answer 'dog' is not one of the options' letters A-B")
+    assert rejects[3].reason.startswith("the answer 'dog' names none of the options' letters A-B")
     assert "'C'" in rejects[4].reason and "'b'" in rejects[5].reason
 
 
