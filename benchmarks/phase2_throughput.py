@@ -146,10 +146,10 @@ def run_backend(backend, model, initial, shape, device, steps, seed=0, checkpoin
         return out.loss.detach()
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    first_loss = step(*rows[0]).item()  # warm-up: compiles the kernels
+    first_loss = step(*rows[0]).item()  # warm-up: compiles the kernels (and times their launches: a 256 MiB buffer)
     sync()
+    if device == "cuda":  # the timed steps' peak, as the first configuration of a run and the later ones alike
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     losses = [step(*row) for row in rows[1:]]
     sync()

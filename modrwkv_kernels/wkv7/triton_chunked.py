@@ -36,7 +36,6 @@ Tested on CPU under TRITON_INTERPRET=1 against the fp64 reference.
 """
 
 import functools
-import inspect
 import os
 
 import torch
@@ -49,12 +48,13 @@ from .chunked import LOG_DECAY_FLOOR, no_steps
 from .triton_kernel import _checkpoint_offset, _segment, _step_offset, checkpoints, differentiable
 
 # How each kernel launches, chosen on the GPU it runs on by timing each (`triton.autotune`, on the first call per
-# head size, heads, dtypes, precision and `programs_class`; the choice kept on disk in Triton's cache where this
-# Triton can, so later processes repeat it): state rows per program (32: twice the programs, each redoing its chunk's
+# head size, heads, dtypes, precision and `programs_class`; the choice kept on disk in Triton's cache, so later
+# processes repeat it): state rows per program (32: twice the programs, each redoing its chunk's
 # key-side work; 64: once) and warps (at 4 ptxas spills the backward's registers: 576 bytes a thread on sm_90 in
 # bf16, 192 at 8; `cuda_compile.py` reports). A key's first call times every launch: a device wait and a 256 MiB
 # buffer (Triton's L2 flush) mid-run where a new key comes up; ranks may choose differently (their results differ
-# in rounding). MODRWKV_WKV7_LAUNCH="rows,warps" (e.g. "64,8") pins one launch and times none.
+# in rounding). MODRWKV_WKV7_LAUNCH="rows,warps" (e.g. "64,8") pins one launch and times none (read at a key's
+# first call in a process: set it before).
 LAUNCHES = [triton.Config({"BLOCK_V": rows}, num_warps=warps) for rows in (32, 64) for warps in (4, 8)]
 LAUNCH_ENV = "MODRWKV_WKV7_LAUNCH"
 
@@ -91,9 +91,8 @@ def _timed(kernel_call, quantiles):
 
 
 def _tuned(key: list[str]):
-    on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(LAUNCHES, key=key, prune_configs_by={"early_config_prune": _launches_for},
-                           do_bench=_timed, **on_disk)
+                           do_bench=_timed, cache_results=True)
 
 
 @triton.jit
@@ -354,12 +353,17 @@ class WKV7TritonChunked(torch.autograd.Function):
         return (*grads, ds0, None, None, None)
 
 
-def chosen_launches() -> dict[str, str]:
-    """The launch each kernel last ran with (after a training step's forward and backward: training's), as
-    "BLOCK_V 64, 8 warps"; a kernel not run yet is left out."""
-    return {name: f"BLOCK_V {kernel.best_config.kwargs['BLOCK_V']}, {kernel.best_config.num_warps} warps"
-            for name, kernel in (("forward", _chunk_fwd_kernel), ("backward", _chunk_bwd_kernel))
-            if hasattr(kernel, "best_config")}
+def chosen_launches() -> dict[str, dict[str, str]]:
+    """Each kernel's launch for every autotuning key this process has run, as
+    {"forward": {"H=12 N=64 PRECISION=tf32 KEEP_CHECKPOINTS=True programs_class=0 bfloat16": "BLOCK_V 64, 8 warps"},
+    "backward": {...}} (the key's named settings and its first tensor's dtype)."""
+    def key_text(kernel, key) -> str:
+        return " ".join([*(f"{name}={value}" for name, value in zip(kernel.keys, key)),
+                         str(key[len(kernel.keys)]).removeprefix("torch.")])
+
+    return {name: {key_text(kernel, key): f"BLOCK_V {launch.kwargs['BLOCK_V']}, {launch.num_warps} warps"
+                   for key, launch in kernel.cache.items()}
+            for name, kernel in (("forward", _chunk_fwd_kernel), ("backward", _chunk_bwd_kernel))}
 
 
 def wkv7_triton_chunked(r, w, k, v, a, b, initial_state=None, layout=None, precision=None):
