@@ -18,6 +18,7 @@ from pipelines.config import from_dict
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.environment import cpu_description, package_version
 from pipelines.evaluate import EvalConfig, run_eval
+from pipelines.metrics.choice import extract_choice
 from preprocessing.cache.entry import FeatureCache
 from tests.conftest import random_backbone
 from tests.tiny_models import tiny_digits_cache
@@ -85,6 +86,36 @@ def test_eval_in_this_process_needs_neither_ray_nor_mlflow(trained, monkeypatch)
     assert forecast.metrics == pytest.approx(one_by_one.metrics, rel=1e-4)
     # the lookback (720 values a window at the paper's length) stays in the cache: the file holds the forecast
     assert set(batched[0]) == {"key", "language", "prediction", "reference", "mean", "std", "train_std"}
+
+
+def test_multiple_choice_records_are_scored_by_the_option_each_reply_names(trained):
+    """The digits as multiple-choice questions (each record's `options`, its answer a letter), from the records
+    through the cache to the scores: `choice_accuracy` is the share of predictions naming the right option, by
+    letter or text, recomputed here from the predictions file; replies naming none are counted."""
+    root, _, _ = trained
+    records = json.loads((root / "digits" / "test.json").read_text())
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for n, record in enumerate(records):
+        right = record["conversations"][1]["value"]
+        options = [w for w in words if w != right][n % 7: n % 7 + 3]
+        options.insert(n % 4, right)
+        record["options"] = options
+        listed = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+        record["conversations"] = [{"from": "human", "value": f"<image>\nWhat digit is this?\n{listed}"},
+                                   {"from": "gpt", "value": "ABCD"[n % 4]}]
+    (root / "digits" / "choice.json").write_text(json.dumps(records))
+    cache = run_encode(from_dict(EncodeConfig, {
+        "dataset": {"format": "llava", "path": str(root / "digits" / "choice.json")},
+        "encoder": {"kind": "clip", "model_dir": str(root / "clip")}, "cache": {"root": str(root / "cache")}})).uri
+    result = run_eval(eval_config(root, cache, "vqa", out="choice", max_new_tokens=3, actors=0, track=False))
+    rows = read_predictions(result.predictions)
+    assert len(rows) == 6 and all(len(r["options"]) == 4 for r in rows)
+    named = [extract_choice(r["prediction"], r["options"]) for r in rows]
+    assert result.metrics["choice_accuracy"] == pytest.approx(np.mean([n == r["reference"] for n, r in
+                                                                       zip(named, rows)]))
+    assert result.metrics["choice_unparsed"] == named.count(None)
+    assert result.baselines["choice_accuracy"] == pytest.approx(max(map([r["reference"] for r in rows].count,
+                                                                        "ABCD")) / 6)
 
 
 def test_the_test_samples_the_encode_rejected_are_counted_beside_the_scores(trained, capsys):
