@@ -40,8 +40,8 @@ import os
 
 import torch
 import triton
-import triton.testing
 import triton.language as tl
+import triton.testing
 
 from ..layout import CHUNK, rows_layout
 from .chunked import LOG_DECAY_FLOOR, no_steps
@@ -49,8 +49,8 @@ from .triton_kernel import _checkpoint_offset, _segment, _step_offset, checkpoin
 
 # How each kernel launches, chosen on the GPU it runs on by timing each (`triton.autotune`, on the first call per
 # head size, heads, dtypes, precision and `programs_class`; the choice kept on disk in Triton's cache, so later
-# processes repeat it): state rows per program (32: twice the programs, each redoing its chunk's
-# key-side work; 64: once) and warps (at 4 ptxas spills the backward's registers: 576 bytes a thread on sm_90 in
+# processes repeat it): state rows per program (32: twice the programs, each redoing its chunk's key-side work; 64:
+# once) and warps (at 4 ptxas spills the backward's registers: 576 bytes a thread on sm_90 in
 # bf16, 192 at 8; `cuda_compile.py` reports). A key's first call times every launch: a device wait and a 256 MiB
 # buffer (Triton's L2 flush) mid-run where a new key comes up; ranks may choose differently (their results differ
 # in rounding). MODRWKV_WKV7_LAUNCH="rows,warps" (e.g. "64,8") pins one launch and times none (read at a key's
