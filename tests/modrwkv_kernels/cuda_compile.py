@@ -5,8 +5,8 @@ the target GPU and each launch turned into a compile (`JITFunction.warmup`'s pat
 operands, shared memory per block) is checked here; nothing runs. An autotuned kernel compiles every launch it
 would time (its timer replaced by one that calls each once, timing nothing; nothing kept on disk). Prints one JSON
 line per compiled kernel and launch: {"kernel", "arch", "dtype", "launch" (its tuned settings and warps), "shared",
-"cubin_bytes", "registers", "stack"} (registers a thread and its stack frame in bytes, as `cuobjdump` reads them from the cubin: a stack above
-zero is registers spilled to local memory).
+"cubin_bytes", "registers", "stack"} (registers a thread and its stack frame in bytes, as `cuobjdump` reads them
+from the cubin: a stack above zero is registers spilled to local memory).
 
     python tests/modrwkv_kernels/cuda_compile.py 90:bfloat16,float32 80:bfloat16   # capability:input dtypes
 
