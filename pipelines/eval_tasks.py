@@ -180,8 +180,9 @@ class VQA(DecodeTask):
 
     def score(self, rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        label = Counter(map(answer_key, references)).most_common(1)[0][0]
-        majority = [next(r for r in references if answer_key(r) == label)] * len(rows)  # as a reference spells it
+        keys = [answer_key(r) for r in references]  # the references as the metric tells them apart
+        label = Counter(keys).most_common(1)[0][0]
+        majority = [references[keys.index(label)]] * len(rows)  # as a reference spells it
         metrics = {"accuracy": mean_exact_match(predictions, references)}
         baselines = {"accuracy": mean_exact_match(majority, references)}
         annotated = sum("answers" in r for r in rows)
@@ -205,10 +206,9 @@ class VQA(DecodeTask):
         elif with_options:
             print(f"vqa: {with_options} of {len(rows)} samples are multiple-choice questions: no choice_accuracy (it "
                   "needs every sample's options)")
-        if all(answer_key(r) in ("yes", "no") for r in references):
-            labels = [answer_key(r) for r in references]
-            metrics.update(pope_scores(predictions, labels).metrics())
-            baselines.update(pope_scores(["yes"] * len(rows), labels).metrics())
+        if set(keys) <= {"yes", "no"}:
+            metrics.update(pope_scores(predictions, keys).metrics())
+            baselines.update(pope_scores(["yes"] * len(rows), keys).metrics())
             print(f"vqa: every reference is yes or no: POPE's scores too (pope_*; {metrics['pope_unparsed']:.0f} "
                   "replies neither yes nor no, which POPE's script would call yes)")
         return metrics, baselines

@@ -353,6 +353,9 @@ class WKV7TritonChunked(torch.autograd.Function):
         return (*grads, ds0, None, None, None)
 
 
+TUNED = {"forward": _chunk_fwd_kernel, "backward": _chunk_bwd_kernel}  # the autotuned kernels, by direction
+
+
 def chosen_launches() -> dict[str, dict[str, str]]:
     """Each kernel's launch for every autotuning key this process has run, as
     {"forward": {"H=12 N=64 PRECISION=tf32 KEEP_CHECKPOINTS=True programs_class=0 bfloat16": "BLOCK_V 64, 8 warps"},
@@ -363,7 +366,7 @@ def chosen_launches() -> dict[str, dict[str, str]]:
 
     return {name: {key_text(kernel, key): f"BLOCK_V {launch.kwargs['BLOCK_V']}, {launch.num_warps} warps"
                    for key, launch in kernel.cache.items()}
-            for name, kernel in (("forward", _chunk_fwd_kernel), ("backward", _chunk_bwd_kernel))}
+            for name, kernel in TUNED.items()}
 
 
 def wkv7_triton_chunked(r, w, k, v, a, b, initial_state=None, layout=None, precision=None):

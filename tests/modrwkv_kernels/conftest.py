@@ -13,6 +13,6 @@ def first_launch_on_gpu(monkeypatch):
 
     first = triton_chunked.LAUNCHES[0]
     monkeypatch.setenv(triton_chunked.LAUNCH_ENV, f"{first.kwargs['BLOCK_V']},{first.num_warps}")
-    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+    for kernel in triton_chunked.TUNED.values():
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "cache_results", False)

@@ -135,7 +135,7 @@ def test_row_blocks_of_each_launch(backend, rows, warps, monkeypatch):
     if backend == "triton":
         assert -(-N // triton_kernel.BLOCK_V) > 1
     else:  # the autotuners hold this launch alone, as if their timing had chosen it
-        for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+        for kernel in triton_chunked.TUNED.values():
             monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_V": rows}, num_warps=warps)])
             monkeypatch.setattr(kernel, "cache", {})
     xs64, s64 = wkv_inputs(1, CHUNK + 3, 2, N, seed=5, requires_grad=True)
@@ -150,7 +150,7 @@ def test_row_blocks_of_each_launch(backend, rows, warps, monkeypatch):
         assert rel_err(x32.grad, x64.grad) < TOL, name
     assert rel_err(s32.grad, s64.grad) < TOL
     if backend == "triton_chunked":  # one launch offered: run as it is, no choice kept
-        for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+        for kernel in triton_chunked.TUNED.values():
             assert (kernel.best_config.kwargs["BLOCK_V"], kernel.best_config.num_warps) == (rows, warps)
 
 
@@ -163,7 +163,7 @@ def test_autotuning_times_every_launch_then_runs_the_fastest(rows, monkeypatch):
     from modrwkv_kernels.wkv7 import triton_chunked
 
     timed = []
-    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+    for kernel in triton_chunked.TUNED.values():
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "cache_results", False)  # on a GPU: no stand-in timings on disk
         monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **kwargs: configs)  # all: N = 48
@@ -199,14 +199,14 @@ def test_a_pinned_launch_runs_alone_and_a_misnamed_one_is_refused(monkeypatch):
     a GPU would time all four); a launch not offered is refused naming those that are."""
     from modrwkv_kernels.wkv7 import triton_chunked
 
-    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+    for kernel in triton_chunked.TUNED.values():
         monkeypatch.setattr(kernel, "cache", {})
     monkeypatch.setenv(triton_chunked.LAUNCH_ENV, "64,8")
     xs = on_device(wkv_inputs(1, 5, 2, 64, seed=3)[0])
     wkv7(*xs, backend="triton_chunked")[0].sum().backward()
     assert [set(launches.values()) for launches in triton_chunked.chosen_launches().values()] == [
         {"BLOCK_V 64, 8 warps"}] * 2
-    for kernel in (triton_chunked._chunk_fwd_kernel, triton_chunked._chunk_bwd_kernel):
+    for kernel in triton_chunked.TUNED.values():
         monkeypatch.setattr(kernel, "cache", {})
     monkeypatch.setenv(triton_chunked.LAUNCH_ENV, "64")
     with pytest.raises(ValueError, match="MODRWKV_WKV7_LAUNCH='64': expected 'rows,warps', one of '32,4', '32,8', "
@@ -221,7 +221,7 @@ def test_launches_are_chosen_again_for_another_share_of_the_gpu(monkeypatch):
 
     monkeypatch.setattr(triton_chunked, "_multiprocessors", lambda device: 4)
     assert [triton_chunked.programs_class(p, torch.device(DEVICE)) for p in (1, 3, 4, 15, 16, 99)] == [0, 0, 1, 1, 2, 2]
-    kernel = triton_chunked._chunk_fwd_kernel
+    kernel = triton_chunked.TUNED["forward"]
     monkeypatch.setattr(kernel, "cache", {})
     with torch.no_grad():
         for B in (1, 2, 8):  # H = 2: 2, 4 and 16 programs
