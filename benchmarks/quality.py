@@ -192,8 +192,8 @@ def encode_overrides(variant: Variant, build: bool = True) -> dict[str, dict]:
 
 
 def split_samples(encode_yaml: str, encode: dict[str, dict], split: str = "test") -> tuple[list, list]:
-    """The training samples and those of `split` (test or val) of the encode YAMLs `encode_yaml` names with "{}"
-    for the split: what a ceiling is fit on and scored on."""
+    """The training samples and those of `split` (test, val, or train itself) of the encode YAMLs `encode_yaml`
+    names with "{}" for the split: what a ceiling is fit on and scored on."""
     from pipelines.metrics.ceilings import cache_samples
 
     yamls = [encode_yaml.format(s) for s in ("train", split)]
@@ -231,7 +231,7 @@ def machine_description() -> str:
 def demo_suite(seeds, tracking_uri, variant: Variant = SHIPPED, tasks=tuple(DEMO_EVALS), split: str = "test"
                ) -> list[dict]:
     """`tasks`: the demo tasks evaluated (all three; a variant that trains some of the caches alone names those);
-    `split`: the one scored (test, or val where arms are compared)."""
+    `split`: the one scored (test, val where arms are compared, or train: the fit)."""
     from pipelines.metrics.ceilings import ridge_forecast_mse, vqa_ceilings
 
     encode = encode_overrides(variant)

@@ -46,23 +46,32 @@ def pooled_image(sample: "Sample") -> np.ndarray:
 PROBE_STRENGTHS = np.logspace(-3, 1, 5)  # the inverse L2 strengths cross-validation chooses from
 
 
-def probe_accuracy(train_x, train_y, test_x, test_y, train_images=None) -> float:
-    """Standardised features; with more of them than training rows (65 DINOv2 tokens: 24,960 a digit, 256 digits),
-    solved in the span of the training rows, which is exact (an L2 penalty's optimum lies there, and the rotation
-    onto that span keeps the norm) and a hundred times faster. `train_images`: each training row's image, so that
-    cross-validation keeps an image's questions in one fold (a multi-turn record's other answers in the held-out
-    fold beside it chose the strength on images the probe had seen)."""
-    from sklearn.linear_model import LogisticRegression  # the [demo] extra, like every ceiling
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
-    from sklearn.preprocessing import StandardScaler
+def probe_space(train_x, test_x) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a probe is fit and scored on: standardised features; with more of them than training rows (65
+    DINOv2 tokens: 24,960 a digit, 256 digits), their coordinates in the span of the training rows, which is exact
+    for an L2-penalised fit (its optimum lies there, and the rotation onto that span keeps the norm) and a hundred
+    times faster."""
+    from sklearn.preprocessing import StandardScaler  # the [demo] extra, like every ceiling
 
-    if len(set(train_y)) < 2:
-        return float(np.mean(np.array(test_y) == train_y[0]))
     scaler = StandardScaler()
     train, test = scaler.fit_transform(np.stack(train_x)), scaler.transform(np.stack(test_x))
     if train.shape[1] > train.shape[0]:
         rows = np.linalg.svd(train, full_matrices=False)[2]  # an orthonormal basis of the training rows' span
         train, test = train @ rows.T, test @ rows.T
+    return train, test
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, train_images=None) -> float:
+    """A logistic regression on `probe_space`'s rows, its L2 strength chosen by 5-fold cross-validation.
+    `train_images`: each training row's image, so that cross-validation keeps an image's questions in one fold (a
+    multi-turn record's other answers in the held-out fold beside it chose the strength on images the probe had
+    seen)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
+
+    if len(set(train_y)) < 2:
+        return float(np.mean(np.array(test_y) == train_y[0]))
+    train, test = probe_space(train_x, test_x)
     # one question an image: the plain stratified folds, as every ceiling before multi-turn records was chosen
     shared = train_images is not None and len(set(train_images)) < len(train_images)
     folds = (StratifiedGroupKFold if shared else StratifiedKFold)(5, shuffle=True, random_state=0)

@@ -1,6 +1,6 @@
 """benchmarks/experiments.py: every registered experiment resolves (its configs load and validate with each arm's
 overrides, its suite exists, RESULTS.md names its command), and the forecast skip runs end to end as a script on
-tiny CO2-shaped caches and a tiny backbone built here, a few steps a phase."""
+tiny CO2-shaped caches and a tiny backbone built here, a few steps a phase, scored on val and on the train split."""
 
 import json
 import subprocess
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.experiments import EXPERIMENTS, SUITES, resolve
 from modrwkv import RWKV7Config
@@ -59,15 +60,26 @@ def tiny_co2_caches(root: Path) -> dict[str, str]:
     return {yaml: run_encode(load_config(ROOT / yaml, EncodeConfig, overrides)).uri for yaml in CO2_ENCODES}
 
 
-def test_the_forecast_skip_runs_end_to_end_in_a_few_steps(tmp_path):
-    (tmp_path / "caches.json").write_text(json.dumps(tiny_co2_caches(tmp_path)))
+@pytest.fixture(scope="module")
+def tiny_co2(tmp_path_factory) -> Path:
+    """caches.json (the CO2 encode YAMLs' tiny entries) and a tiny backbone, in one folder."""
+    root = tmp_path_factory.mktemp("tiny_co2")
+    (root / "caches.json").write_text(json.dumps(tiny_co2_caches(root)))
     random_backbone(RWKV7Config(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)).save_pretrained(
-        tmp_path / "backbone")
-    out = tmp_path / "out"
+        root / "backbone")
+    return root
+
+
+def forecast_skip(tiny_co2: Path, out: Path, *args: str) -> None:
+    """The forecast-skip experiment, 2 steps a phase on the tiny caches and backbone."""
     subprocess.run([sys.executable, "benchmarks/experiments.py", "forecast-skip", "--seeds", "0", "--steps", "2",
-                    "--arms", "head-alone", "skip", "--caches", str(tmp_path / "caches.json"),
-                    "--set", f"model.backbone.path={tmp_path / 'backbone'}", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+                    "--caches", str(tiny_co2 / "caches.json"), "--set", f"model.backbone.path={tiny_co2 / 'backbone'}",
+                    "--out", str(out), *args], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def test_the_forecast_skip_runs_end_to_end_in_a_few_steps(tiny_co2, tmp_path):
+    out = tmp_path / "out"
+    forecast_skip(tiny_co2, out, "--arms", "head-alone", "skip")
 
     report = json.loads((out / "forecast-skip.json").read_text())
     rows = {row["arm"]: row for row in report["results"]}
@@ -76,9 +88,21 @@ def test_the_forecast_skip_runs_end_to_end_in_a_few_steps(tmp_path):
         assert (row["task"], row["metric"]) == ("CO2 forecast", "mse") and len(row["model"]) == 1
         assert row["ceiling"] > 0 and row["baseline"] > 0 and row["quoted"]
     assert "2 steps a phase" in report["machine"]
-    assert f"every arm with --set model.backbone.path={tmp_path / 'backbone'}" in report["machine"]
+    assert f"every arm with --set model.backbone.path={tiny_co2 / 'backbone'}" in report["machine"]
     assert "the val split" in report["machine"]
     table = (out / "forecast-skip.md").read_text()
     assert "| skip | CO2 forecast | mse |" in table and "Forecast head alone vs head + lookback skip" in table
     assert "Scored on the val split" in table
     assert (out / "train" / "demo-forecast-skip-skip-s0" / "phase2" / "model").is_dir()
+
+
+def test_the_train_split_scores_the_windows_the_arm_trained_on(tiny_co2, tmp_path):
+    forecast_skip(tiny_co2, tmp_path, "--arms", "skip", "--split", "train")
+
+    report = json.loads((tmp_path / "forecast-skip.json").read_text())
+    assert "the train split" in report["machine"]
+    assert "the questions the arms trained on: a diagnostic of fit" in (tmp_path / "forecast-skip.md").read_text()
+    (predictions,) = (tmp_path / "train" / "demo-forecast-skip-skip-s0" / "eval" / "eval_co2-train").glob("*.jsonl")
+    train_entry = json.loads((tiny_co2 / "caches.json").read_text())["configs/demo/encode_co2_train.yaml"]
+    written = json.loads((Path(train_entry) / "manifest.json").read_text())["counts"]["written"]
+    assert len(predictions.read_text().splitlines()) == written  # every training window, each once
