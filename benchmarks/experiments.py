@@ -13,7 +13,8 @@ NAME.json under --out (default runs/experiments/NAME), where the arms' models an
 `--steps N` trains every phase N steps without warmup (the figures then mean nothing); `--set KEY=VALUE` overrides
 every arm's train config (a backbone elsewhere); `--caches FILE` gives the demo's caches as `quality.py
 --write-caches` wrote them, for a machine without the data or encoders (arms that change an encode config cannot use
-it; it holds the train and test caches: with `--split test`), or as a JSON of encode YAML -> entry of your own.
+it; it holds the train and test caches: with `--split test` or `train`), or as a JSON of encode YAML -> entry of
+your own.
 
 Most experiments ran before today's code (RESULTS.md says when); what the configs cannot say of the original runs
 is in each entry's `differs`, and the figures may differ by it.
@@ -290,7 +291,7 @@ EXPERIMENTS = {e.name: e for e in [
     Experiment(
         "digits-generalisation", "what holds the demo's digits under the all-token probe (val 0.82 against 0.89) "
         "where every seed answers its 256 training images all right (`--split train`: 1.000): the image features "
-        "whitened less, more, or standardised as the probe's are, or the adapters' weight decay stronger",
+        "whitened less or more, or standardised per dimension instead, or the adapters' weight decay stronger",
         "image projectors whiten, model.whiten_eps 0.1 (modrwkv/multimodal.py, pipelines/train_config.py); "
         "phase1.weight_decay 1.0 (configs/demo/train.yaml)", ("2026-12-07: the digits' generalisation gap",), "demo",
         (Arm("shipped", quoted="val, seeds 0-5, one process: digits 0.818 ± 0.035, CO2 0.294 ± 0.009, WER 0; train "
@@ -395,8 +396,8 @@ def run(experiment: Experiment, seeds: list[int], arms: list[Arm], extra: dict, 
 SPLIT_READING = {  # how a table scored on each split reads
     "val": " (where arms are compared; the quality tables score the test split).",
     "test": " (the quality tables' split: a choice made here is biased upward on it).",
-    "train": " (the questions the arms trained on: a diagnostic of fit, never a choice; the ceiling is the probe "
-             "scored on its own training rows).",
+    "train": " (the questions the arms trained on: a diagnostic of fit, never a choice; each ceiling fit and "
+             "scored on the same training rows).",
 }
 
 

@@ -44,6 +44,7 @@ def pooled_image(sample: "Sample") -> np.ndarray:
 
 
 PROBE_STRENGTHS = np.logspace(-3, 1, 5)  # the inverse L2 strengths cross-validation chooses from
+PROBE_MAX_ITER = 3000
 
 
 def probe_space(train_x, test_x) -> tuple[np.ndarray, np.ndarray]:
@@ -61,23 +62,31 @@ def probe_space(train_x, test_x) -> tuple[np.ndarray, np.ndarray]:
     return train, test
 
 
-def probe_accuracy(train_x, train_y, test_x, test_y, train_images=None) -> float:
-    """A logistic regression on `probe_space`'s rows, its L2 strength chosen by 5-fold cross-validation.
+def cross_validated_strength(train, train_y, train_images=None) -> float:
+    """The inverse L2 strength (of PROBE_STRENGTHS) that scores best over 5 folds of `probe_space`'s training rows.
     `train_images`: each training row's image, so that cross-validation keeps an image's questions in one fold (a
     multi-turn record's other answers in the held-out fold beside it chose the strength on images the probe had
     seen)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 
-    if len(set(train_y)) < 2:
-        return float(np.mean(np.array(test_y) == train_y[0]))
-    train, test = probe_space(train_x, test_x)
     # one question an image: the plain stratified folds, as every ceiling before multi-turn records was chosen
     shared = train_images is not None and len(set(train_images)) < len(train_images)
     folds = (StratifiedGroupKFold if shared else StratifiedKFold)(5, shuffle=True, random_state=0)
-    fold_accuracy = [cross_val_score(LogisticRegression(C=c, max_iter=3000), train, train_y, cv=folds,
+    fold_accuracy = [cross_val_score(LogisticRegression(C=c, max_iter=PROBE_MAX_ITER), train, train_y, cv=folds,
                                      groups=train_images if shared else None).mean() for c in PROBE_STRENGTHS]
-    probe = LogisticRegression(C=PROBE_STRENGTHS[int(np.argmax(fold_accuracy))], max_iter=3000).fit(train, train_y)
+    return float(PROBE_STRENGTHS[int(np.argmax(fold_accuracy))])
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, train_images=None) -> float:
+    """A logistic regression on `probe_space`'s rows at the `cross_validated_strength`."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(train_y)) < 2:
+        return float(np.mean(np.array(test_y) == train_y[0]))
+    train, test = probe_space(train_x, test_x)
+    strength = cross_validated_strength(train, train_y, train_images)
+    probe = LogisticRegression(C=strength, max_iter=PROBE_MAX_ITER).fit(train, train_y)
     return float(np.mean(probe.predict(test) == np.array(test_y)))
 
 
@@ -102,6 +111,14 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
                  asked: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
     """{group: {"ceiling": probe accuracy, "baseline": majority accuracy}} for each question group of `test`.
     `asked` maps a group to the words its questions may name (e.g. yes/no questions), given to its probe."""
+    return {group: {"ceiling": probe_accuracy(xtr, ytr, xte, yte, images), "baseline": majority_accuracy(ytr, yte)}
+            for group, (xtr, ytr, images, xte, yte) in question_groups(train, test, group_of, asked).items()}
+
+
+def question_groups(train: list["Sample"], test: list["Sample"], group_of: Callable[["Sample"], str] = lambda s: "all",
+                    asked: dict[str, list[str]] | None = None) -> dict[str, tuple]:
+    """{group: (training features, answers, images, test features, answers)}: the rows each group's probe is fit
+    and scored on (`questions`), for each question group of `test`."""
     out = {}
     # the training rows in key order: the folds that choose the probe's strength follow the rows' order, which the
     # cache's shards would otherwise set (their sha256 order moved the digits' probe from 0.83 to 0.84)
@@ -112,7 +129,7 @@ def vqa_ceilings(train: list["Sample"], test: list["Sample"], group_of: Callable
         words = (asked or {}).get(group)
         xtr, ytr, images = questions([s for s in train if group_of(s) == group], words, every_turn=True, whole=whole)
         xte, yte, _ = questions([s for s in test if group_of(s) == group], words, every_turn=False, whole=whole)
-        out[group] = {"ceiling": probe_accuracy(xtr, ytr, xte, yte, images), "baseline": majority_accuracy(ytr, yte)}
+        out[group] = (xtr, ytr, images, xte, yte)
     return out
 
 

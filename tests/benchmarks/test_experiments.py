@@ -14,6 +14,7 @@ from benchmarks.experiments import EXPERIMENTS, SUITES, resolve
 from modrwkv import RWKV7Config
 from pipelines.config import load_config
 from pipelines.encode import EncodeConfig, run_encode
+from pipelines.metrics.ceilings import cache_samples, ridge_forecast_mse
 from tests.conftest import random_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +107,6 @@ def test_the_train_split_scores_the_windows_the_arm_trained_on(tiny_co2, tmp_pat
     train_entry = json.loads((tiny_co2 / "caches.json").read_text())["configs/demo/encode_co2_train.yaml"]
     written = json.loads((Path(train_entry) / "manifest.json").read_text())["counts"]["written"]
     assert len(predictions.read_text().splitlines()) == written  # every training window, each once
+    (row,) = report["results"]
+    windows = cache_samples(train_entry)
+    assert row["ceiling"] == ridge_forecast_mse(windows, windows)  # ridge, too, fit and scored on them
