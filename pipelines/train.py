@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import yaml
 from mlflow import MlflowClient
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from modrwkv.model_folder import write_records
@@ -97,19 +97,23 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             log_checkpoints=config.tracking.log_checkpoints, encoders=encoder_store_keys(opened),
             resume_from=checkpoint, s3=storage.settings())
         storage_path, storage_filesystem = storage.for_ray(storage.join(plan.destination, "ray"))  # folder or s3://
+        ray_run = f"{config.name}-phase{phase}-{run_id[:8]}"
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
                                          resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
             # one Ray run per MLflow run: Ray Train resumes any run whose name it finds in storage, and a new
             # `modrwkv train` must start fresh (resuming is --resume-from, or a restart inside this fit)
-            run_config=RunConfig(name=f"{config.name}-phase{phase}-{run_id[:8]}", storage_path=storage_path,
+            run_config=RunConfig(name=ray_run, storage_path=storage_path,
                                  storage_filesystem=storage_filesystem,
                                  failure_config=FailureConfig(max_failures=config.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  worker_runtime_env={"env_vars": worker_env()}))
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            finally:  # a run that fails for good names those up to its last checkpoint too
+                log_skipped_samples(uri, run_id, f"{storage_path}/{ray_run}", storage_filesystem)
         encoders = loop_config.encoders
         model_dir = export_model(result.checkpoint, out, plan.backbone, phase, run_id, encoders)
         log_artifacts(uri, run_id, config, out, phase)
@@ -123,6 +127,17 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s: step {metrics.get('step')}, "
               f"loss {metrics.get('loss', float('nan')):.4f}; model in {model_uri}")
     return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start, model_id, model_uri)
+
+
+def log_skipped_samples(uri: str, run_id: str, ray_run: str, filesystem) -> None:
+    """Names in the MLflow run the samples training left out up to the last checkpoint Ray registered (its
+    metadata's), as a resume from it knows them: none before Ray registers one."""
+    try:
+        checkpoint = Result.from_path(ray_run, filesystem).checkpoint
+    except RuntimeError:  # no run folder or checkpoint record yet: the run failed before its first checkpoint
+        return
+    if checkpoint:
+        tracking.log_skipped_samples(uri, run_id, checkpoint.get_metadata().get("skipped_samples", []))
 
 
 def export_model(checkpoint, out: Path, backbone: dict, phase: int, run_id: str, encoders: dict) -> Path:
