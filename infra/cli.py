@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .mlflow_server import TRACKING_DATABASE, MlflowServer, start_mlflow
-from .process import ServiceError, ServiceProcess, without_proxy_for_loopback
+from .process import ServiceError, ServiceProcess, without_proxy_for_loopback, write_whole
 from .ray_head import RayHead, start_ray_head
 from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
 
@@ -43,15 +43,9 @@ def services_lock(state_dir: Path):
 
 
 def write_services(state_dir: Path, services: dict[str, ServiceProcess]) -> None:
-    """Whole or not at all (a temporary file renamed over the record): a reader never sees half a record, and a
-    write that fails (disk full) leaves the previous one, whose services `down` can still stop."""
-    path = services_file(state_dir)
-    temporary = path.with_name(f"{path.name}.tmp")
-    try:
-        temporary.write_text(json.dumps({name: s.to_dict() for name, s in services.items()}, indent=2))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Whole or not at all: a write that fails (disk full) leaves the previous record, whose services `down` can still
+    stop."""
+    write_whole(services_file(state_dir), json.dumps({name: s.to_dict() for name, s in services.items()}, indent=2))
 
 
 def load_services(state_dir: Path) -> dict[str, ServiceProcess]:

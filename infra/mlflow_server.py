@@ -22,7 +22,7 @@ class MlflowServer(ServiceProcess):
 
 def start_mlflow(
     state_dir: str | Path, port: int | None = None, artifacts_destination: str | None = None,
-    env: dict[str, str] | None = None, timeout: float = 90.0,
+    env: dict[str, str] | None = None, timeout: float = 300.0,
 ) -> MlflowServer:
     """`artifacts_destination` is a directory or `s3://bucket/prefix` (then `env` carries the S3 endpoint and
     credentials, e.g. `S3Server.env()`); clients upload through the server, so they need no S3 access."""

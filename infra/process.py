@@ -168,6 +168,17 @@ class ServiceProcess:
         self.stop()
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Whole or not at all (a temporary file renamed over `path`): a reader never sees half of it, and a write that
+    fails (disk full) leaves the previous one."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None = None) -> dict:
     """Start `cmd` in a new session (it outlives the caller and gets no terminal signals), output to
     `<state_dir>/<name>.log`, pid to `<state_dir>/<name>.pid`. Returns the `ServiceProcess` fields."""
@@ -180,7 +191,7 @@ def spawn(name: str, cmd: list[str], state_dir: Path, env: dict[str, str] | None
             env={**os.environ, **without_proxy_for_loopback(os.environ), **(env or {})},
         )
     try:
-        pid_file.write_text(f"{proc.pid}\n")
+        write_whole(pid_file, f"{proc.pid}\n")  # `down`, or a waiting `up`, may read it at any moment
         return dict(name=name, pid=proc.pid, started_after_boot=seconds_after_boot(psutil.Process(proc.pid)),
                     log_path=str(log_path), pid_file=str(pid_file))
     except BaseException:  # Ctrl-C before the caller holds it: in a session of its own, it would run on unrecorded

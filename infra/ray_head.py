@@ -105,7 +105,7 @@ def private_dir(path: Path) -> Path:
 def start_ray_head(
     state_dir: str | Path, port: int | None = None, dashboard_port: int | None = None, num_cpus: int | None = None,
     home: str | Path | None = None, ray_tmpdir: str | Path | None = None, env: dict[str, str] | None = None,
-    timeout: float = 90.0,
+    timeout: float = 300.0,
 ) -> RayHead:
     """`env` reaches the jobs' drivers and workers (e.g. MLFLOW_TRACKING_URI, the S3 variables). `home` defaults
     to the caller's HOME."""

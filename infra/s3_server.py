@@ -48,7 +48,7 @@ class S3Server(ServiceProcess):
         s3_client(self.endpoint_url).create_bucket(Bucket=name)
 
 
-def start_s3(state_dir: str | Path, port: int | None = None, timeout: float = 30.0) -> S3Server:
+def start_s3(state_dir: str | Path, port: int | None = None, timeout: float = 120.0) -> S3Server:
     port = service_port(port)
     if not Path(venv_bin("moto_server")).is_file():
         raise ServiceError("the local S3 endpoint needs moto's server: pip install 'modrwkv[demo]'")

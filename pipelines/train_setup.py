@@ -170,9 +170,10 @@ def backbone_sha256(record: dict) -> str | None:
     return file_sha256(weights) if weights and weights.is_file() else None
 
 
-# what makes two caches' features vectors of different spaces, however alike their widths; other settings (an image
-# size, a storage precision) change features within one space: `encoder_store_keys` notes those
-FEATURE_SPACE = ("kind", "weights_hash", "layer")
+# what makes two caches' features vectors of different spaces, however alike their widths (a revision: our code changed
+# the features, as WavLM's 3 feeds Base unnormalised samples); other settings (an image size, a storage precision)
+# change features within one space: `encoder_store_keys` notes those
+FEATURE_SPACE = ("kind", "weights_hash", "layer", "revision")
 
 
 def check_feature_spaces(caches: list[FeatureCache], phase1_model: Path | None, phase1_uri: str | None) -> None:

@@ -188,6 +188,8 @@ def listing(uri: str, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return path, []
+    if recursive and not is_remote(uri):  # pyarrow's enters every linked folder, a loop's without end
+        return path, local_listing(path, recursive)
     found = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     try:
         for info in found:
@@ -199,21 +201,34 @@ def listing(uri: str, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]
 
 def local_listing(path: str, recursive: bool) -> list[pafs.FileInfo]:
     """A local folder's `listing` from the operating system's own: each name that is not UTF-8 (no record or
-    transcript can name it) is left out and said so, where pyarrow's listing failed for the whole folder."""
-    found = []
-    for entry in os.scandir(path):
-        try:
-            entry.name.encode("utf-8")
-        except UnicodeEncodeError:
-            print(f"{os.fsencode(entry.path)!r}: its name is not UTF-8; left out of the listing", flush=True)
-            continue
-        if entry.is_dir():
-            found.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
-            found += local_listing(entry.path, recursive) if recursive else []
-        elif entry.is_file():
-            stat = entry.stat()
-            found.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size, mtime_ns=stat.st_mtime_ns))
-    return found
+    transcript can name it) is left out and said so, where pyarrow's listing failed for the whole folder. Recursive,
+    each folder is entered once, and a folder linked into the tree from inside it not at all: its files are listed
+    where they are (pyarrow's listed an aliased dataset folder twice, and a loop's without end)."""
+    root = os.path.realpath(path)
+    entered = {root}
+
+    def folder(current: str) -> list[pafs.FileInfo]:
+        found = []
+        for entry in sorted(os.scandir(current), key=lambda e: e.name):  # which of two links is entered: the first
+            try:
+                entry.name.encode("utf-8")
+            except UnicodeEncodeError:
+                print(f"{os.fsencode(entry.path)!r}: its name is not UTF-8; left out of the listing", flush=True)
+                continue
+            if entry.is_dir():
+                found.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
+                real = os.path.realpath(entry.path)
+                alias = entry.is_symlink() and (real + os.sep).startswith(root + os.sep)
+                if recursive and not alias and real not in entered:
+                    entered.add(real)
+                    found += folder(entry.path)
+            elif entry.is_file():
+                stat = entry.stat()
+                found.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size,
+                                           mtime_ns=stat.st_mtime_ns))
+        return found
+
+    return folder(path)
 
 
 def list_files(uri: str) -> list[str]:

@@ -269,8 +269,11 @@ class FeatureStore:
             return {}
 
     def items(self) -> dict[str, str]:
-        """ref -> its item file (relative), for every item the store holds: one listing, nothing read."""
-        return {match[2]: name for name in storage.list_tree(self.uri) if (match := ITEM_FILE.fullmatch(name))}
+        """ref -> its item file (relative), for every item the store holds: one listing, nothing read. A ref held
+        twice (`run.force` encoded it again into other bytes, another library's rounding, while entries still name
+        the old file): the newer file, as the forced job wrote it."""
+        listed = sorted(storage.list_tree(self.uri).items(), key=lambda file: (file[1][1], file[0]))  # by mtime
+        return {match[2]: name for name, _ in listed if (match := ITEM_FILE.fullmatch(name))}
 
     def write(self, ref: str, features: np.ndarray) -> str:
         """Stores one item's features as given (`precision.to_stored` made them); returns its file name (relative)."""

@@ -1019,9 +1019,12 @@ def test_two_encodes_of_one_entry_at_once_take_turns_and_the_second_finds_the_fi
     import threading
 
     import pipelines.encode
+    from preprocessing.cache import lease as lease_module
     from preprocessing.cache.lease import lease
 
     config = cycle_series(tmp_path)
+    # a rival's write lands within the settle: 50 ms on local disk, which two threads of a loaded CI can overrun
+    monkeypatch.setitem(lease_module.SETTLE_S, False, 1.0)
     writing, write = [], pipelines.encode.write_entry
 
     def slow_write(*args):

@@ -66,9 +66,10 @@ def test_step_metrics_are_sent_in_the_background_and_all_land_by_flush(tmp_path,
     stuck = threading.Event()
     monkeypatch.setattr(logger.client, "log_batch", lambda *a, **k: RunOperations([stuck_future(stuck)]))
     logger.log({"loss": 0.01}, 25)
-    started = time.monotonic()
-    logger.log({"loss": 0.01}, 26)  # step 25's batch has not landed: not waited for
-    assert time.monotonic() - started < 1 and len(logger.pending) >= 2
+    step = threading.Thread(target=logger.log, args=({"loss": 0.01}, 26))
+    step.start()
+    step.join(30)  # step 25's batch has not landed (nor will it, until `stuck` is set): not waited for
+    assert not step.is_alive() and len(logger.pending) >= 2
     stuck.set()
     assert logger.flush() == 2
 

@@ -144,14 +144,24 @@ def command_line(process: psutil.Process) -> str:
         return ""
 
 
+def registered_a_checkpoint(storage: Path) -> bool:
+    """Whether Ray's controller has registered a checkpoint: its snapshot lists one (one being rewritten, which Ray
+    truncates then writes, reads as not yet)."""
+    for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
+        try:
+            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        except ValueError:
+            return False
+    return False
+
+
 def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
-    """Waits until Ray's controller has registered a checkpoint (its snapshot lists one), then kills a worker of
-    this test's Ray instance (started by this process: its workers descend from it), never another job's."""
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        snapshots = list(storage.rglob("checkpoint_manager_snapshot.json"))
-        if snapshots and json.loads(snapshots[0].read_text()).get("checkpoint_results"):
-            break
+    """Waits until Ray's controller has registered a checkpoint, then kills a worker of this test's Ray instance
+    (started by this process: its workers descend from it), never another job's; none if no checkpoint comes."""
+    deadline = time.monotonic() + 600
+    while not registered_a_checkpoint(storage):
+        if time.monotonic() > deadline:
+            return
         time.sleep(0.2)
     workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
     if workers:
@@ -342,8 +352,9 @@ def test_the_model_records_the_encoder_settings_its_caches_agree_on_and_names_th
 
 
 def test_caches_from_other_encoders_than_each_other_or_phase_ones_are_refused(tmp_path):
-    """Another layer or other weights: another feature space, which the one adapter of a modality cannot read beside
-    the first (however alike the widths); another image size is one space."""
+    """Another layer, other weights or another revision of our code's features (WavLM's 2 and 3 feed the encoder
+    differently scaled samples): another feature space, which the one adapter of a modality cannot read beside the
+    first (however alike the widths); another image size is one space."""
     from modrwkv.conversation import Sample, Turn
     from modrwkv.model_folder import ENCODERS_FILE
     from pipelines.config import ConfigError
@@ -352,14 +363,15 @@ def test_caches_from_other_encoders_than_each_other_or_phase_ones_are_refused(tm
 
     sample = Sample("i0", "image", [Turn("user", "<image>\nSay yes."), Turn("assistant", "yes")],
                     items=[np.zeros((5, 12), np.float16)])
-    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8, "weights_hash": "a" * 64, "image_size": 224}
+    dinov2 = {"modality": "image", "kind": "dinov2", "layer": 8, "weights_hash": "a" * 64, "image_size": 224,
+              "revision": 2}
     encoders = {"a": dinov2, "size": {**dinov2, "image_size": 448}, "layer": {**dinov2, "layer": 6},
-                "weights": {**dinov2, "weights_hash": "b" * 64}, "other": None}
+                "weights": {**dinov2, "weights_hash": "b" * 64}, "revision": {**dinov2, "revision": 3}, "other": None}
     for name, encoder in encoders.items():
         write_entry(str(tmp_path / name), [[sample]], encoder=encoder)
     opened = {name: FeatureCache(tmp_path / name) for name in encoders}
     check_feature_spaces([opened["a"], opened["size"], opened["other"]], None, None)
-    for name in ("layer", "weights"):
+    for name in ("layer", "weights", "revision"):
         with pytest.raises(ConfigError, match=f"{opened[name].uri}: its image features come from .*, those of "
                                               f"{opened['a'].uri} from"):
             check_feature_spaces([opened["a"], opened[name]], None, None)

@@ -10,7 +10,7 @@ import pytest
 
 from modrwkv.conversation import Turn
 from modrwkv.conversation import Sample
-from preprocessing.cache.entry import CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
+from preprocessing.cache.entry import STORE_FOLDER, CacheEntry, FeatureCache, cache_id, pack_shard, unpack_shard
 from preprocessing.cache.key import store_key
 from preprocessing.storage import Fingerprints
 from tests.cache_entries import STORE
@@ -335,6 +335,22 @@ def test_gc_finds_exactly_what_no_complete_entry_uses(tmp_path):
     assert all(path.read_text() == "not the cache's" for path in others)
 
 
+def test_a_store_holding_an_item_twice_gives_the_newer_file(tmp_path):
+    """`run.force` writes an item again beside the file older entries still name: what a later entry reuses is the
+    forced job's, whichever digest sorts first."""
+    from preprocessing.cache.entry import FeatureStore
+
+    store, ref = FeatureStore(str(tmp_path), STORE), "e" * 64
+    old = store.write(ref, np.zeros((2, 4), np.float16))
+    for value in range(1, 100):  # a newer file whose name sorts before the old one's
+        new = store.write(ref, np.full((2, 4), value, np.float16))
+        if new < old:
+            break
+        (tmp_path / STORE_FOLDER / STORE / new).unlink()
+    os.utime(tmp_path / STORE_FOLDER / STORE / old, ns=(1, 1))  # written long before
+    assert store.items() == {ref: new}
+
+
 def test_gc_keeps_what_a_running_encode_holds_a_lease_on_and_what_only_looks_like_an_entry(tmp_path):
     """An encode of two hours: its receipts and the old store items it reuses, not referenced by any complete entry
     yet, are kept while its lease is fresh, and are garbage once the lease is stale (the job killed). A user's
@@ -613,7 +629,7 @@ def test_a_job_under_a_gc_sweep_waits_for_a_look_that_sees_its_lease(tmp_path):
     root = tmp_path / "cache"
     root.mkdir()
     wait_out_sweep(str(root))  # no sweep: at once
-    with sweeping(str(root), recheck_s=0.05) as mark:
+    with sweeping(str(root), recheck_s=1.0) as mark:  # stale after 3 s: a late renewal is not a killed gc
         assert json.loads((root / SWEEP).read_text())["looks"] == 0
         jobs = [threading.Thread(target=wait_out_sweep, args=(str(root),)) for _ in range(2)]
         jobs[0].start()

@@ -71,6 +71,8 @@ def test_two_jobs_that_find_the_entry_free_at_once_take_turns(tmp_path, monkeypa
 
     looked_once = type("Looks", (), {})()
     monkeypatch.setattr(lease_module, "_holder", look_together)
+    # the second write lands within the first's settle: 50 ms on local disk, which a loaded CI can overrun
+    monkeypatch.setitem(lease_module.SETTLE_S, False, 1.0)
 
     def job(name: str) -> None:
         with lease(entry, name, poll_s=0.02):
@@ -130,6 +132,7 @@ def test_a_holder_keeps_its_lease_through_a_storage_hiccup_and_a_lost_file(tmp_p
         return real_read(uri)
 
     monkeypatch.setattr(storage, "read_bytes", flaky)  # the taker's read-back fails first
+    monkeypatch.setattr(lease_module, "STALE_RENEWALS", 1000)  # a renewal a loaded CI runs late is not a dead holder
     with lease(str(entry), "s", renew_s=0.05, wait=False):
         token = json.loads((entry / LEASE).read_text())["token"]
         failures.append(OSError("S3 503"))  # and a renewal's

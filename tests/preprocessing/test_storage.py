@@ -115,3 +115,22 @@ def test_a_file_name_that_is_not_utf8_is_left_out_of_a_listing_and_said_so(tmp_p
     # what an encode job does with each media file: its folder listed, its bytes hashed
     digests = storage.Fingerprints(str(tmp_path / "records")).sha256s([str(tmp_path / "s" / "ok.wav")])
     assert digests == {str(tmp_path / "s" / "ok.wav"): hashlib.sha256(b"RIFF").hexdigest()}
+
+
+def test_a_walk_enters_each_folder_once_and_no_folder_linked_from_inside_the_tree(tmp_path):
+    """pyarrow's listing enters every linked folder: one linked into a dataset listed its series twice (in train and
+    test alike), and a loop without end (a listing that never returned). A folder linked from elsewhere is entered
+    (what it holds a reader may refuse: `media_path`), once."""
+    import os
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "ETT-small").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (data / "ETT-small" / "h1.csv", elsewhere / "far.csv"):
+        path.write_text("date,OT\n")
+    os.symlink("ETT-small", data / "ETT")  # an alias: the same files again
+    os.symlink("..", data / "ETT-small" / "up")  # a loop
+    os.symlink(elsewhere, data / "out")
+    os.symlink(elsewhere, data / "ETT-small" / "out-again")
+    os.symlink(data, elsewhere / "back")  # a loop through a folder out of the tree
+    assert storage.walk(str(data), ".csv") == ["ETT-small/h1.csv", "ETT-small/out-again/far.csv"]  # first by name
