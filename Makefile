@@ -7,6 +7,9 @@ LOCK := requirements.lock
 # -c, not PIP_CONSTRAINT: the variable would replace the machine's own constraint file
 PIP_INSTALL = pip install --quiet -c constraints.txt
 EXTRAS := .[demo,dev,weights]
+# The lock's torch is the CPU build, which PyPI does not host: where pip's configuration names no place holding it
+# (this project's machines have a folder of wheels), the install is tried again with PyTorch's CPU index
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 DRIFT := .venv-drift
 DRIFT_RUN := runs/drift
 
@@ -28,7 +31,8 @@ tools:
 # nothing unlocked comes in), then `pip check` fails if the lock misses something pyproject.toml asks for.
 $(STAMP): $(LOCK) pyproject.toml constraints.txt
 	$(PYTHON) -m venv --clear $(VENV)
-	$(BIN)/$(PIP_INSTALL) --no-deps -r $(LOCK)
+	$(BIN)/$(PIP_INSTALL) --no-deps -r $(LOCK) || { echo "retrying with $(TORCH_CPU_INDEX) for torch's CPU build" >&2; \
+		$(BIN)/$(PIP_INSTALL) --no-deps -r $(LOCK) --extra-index-url $(TORCH_CPU_INDEX); }
 	$(BIN)/$(PIP_INSTALL) --no-deps -e .
 	$(BIN)/pip check || { echo "$(LOCK) does not satisfy pyproject.toml: run make lock" >&2; exit 1; }
 	touch $@

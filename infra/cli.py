@@ -199,6 +199,7 @@ def add_services_parser(subparsers) -> None:
     p = subparsers.add_parser("services", help="start/stop the local S3 endpoint, MLflow server and Ray head")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--state-dir", default="runs/services", help="pids, ports, logs and data of the services")
-    p.add_argument("--num-cpus", type=cpu_count, default=os.cpu_count(),
-                   help="CPUs the Ray head offers (0: a head that runs no tasks)")
+    p.add_argument("--num-cpus", type=cpu_count,
+                   help="CPUs the Ray head offers (0: a head that runs no tasks; default: those this machine, or its "
+                        "container's CPU quota, allows, as Ray counts them)")
     p.set_defaults(func=cmd_services)

@@ -135,7 +135,9 @@ def start_ray_head(
         # the node's address, so every port's: HOST, the address its clients dial (kept as given only in the
         # single-machine mode set above)
         "--node-ip-address", HOST, "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
-        "--num-cpus", str(os.cpu_count() if num_cpus is None else num_cpus), "--disable-usage-stats",
+        "--disable-usage-stats",
+        # none given: Ray's own count, which is a container's CPU quota (os.cpu_count() is the host's)
+        *(["--num-cpus", str(num_cpus)] if num_cpus is not None else []),
     ]
     for flag in INTERNAL_PORT_FLAGS:
         cmd += [flag, str(next(picked))]

@@ -18,6 +18,11 @@ class WaveNetConfig:
     layers: int = 6  # dilations 1, 2, 4, ... 2^(layers-1)
     kernel: int = 2
 
+    def __post_init__(self):  # at load: else a Ray Train worker fails on it, after retries, naming no setting
+        for name in ("in_channels", "hidden", "layers", "kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, not {getattr(self, name)}")
+
     @property
     def receptive_field(self) -> int:
         return (self.kernel - 1) * (2**self.layers - 1) + 1

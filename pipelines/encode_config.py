@@ -126,8 +126,8 @@ class RunConfig:
     # A collection's folders (`dataset.each_folder`) encoded at once, each as a Ray task of one CPU holding that
     # folder's windows (up to dataset.max_windows, ~28 KiB each at lookback 720): sized to the cluster's memory.
     # Ray's memory monitor kills a task over it; a local instance of ours retries it OOM_RETRIES times, then names
-    # that folder failed; a cluster retries it without end unless started with RAY_task_oom_retries. 1: one after
-    # another in the driver, without Ray.
+    # that folder failed, as do ray_cluster.yaml's nodes (RAY_task_oom_retries=2); a cluster started without it
+    # retries it without end. 1: one after another in the driver, without Ray.
     folder_jobs: int = 1
     # Memory Ray reserves for each folder task (its `memory` resource): a node takes no more tasks than it holds,
     # so large folders wait rather than being killed (more than any node has: they wait for a node that has it, as

@@ -12,6 +12,7 @@ training run (`track: false`: to disk only, with neither Ray nor MLflow imported
 import argparse
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -234,6 +235,10 @@ def log_to_mlflow(config: EvalConfig, model_dir: Path, cache_uri: str, result: E
 
 def run_eval(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
+    if config.track or config.checkpoint.startswith("models:/"):  # before anything is predicted
+        from . import tracking
+
+        tracking.check_reachable_by_workers(tracking.tracking_uri(config.tracking_uri), os.environ.get("RAY_ADDRESS"))
     cache_uri = resolve_cache(config.cache)
     task = TASKS[config.task].from_config(config)
     modality = FeatureCache(cache_uri).modality

@@ -53,12 +53,14 @@ def logged_config(config) -> dict:
 
 
 def check_reachable_by_workers(uri: str, cluster: str | None) -> None:
-    """Workers of a cluster (`cluster`: its address; None when the job starts its own local Ray) log to the tracking
-    URI from their own machines (rank 0 the metrics, each node its system metrics): a store in a file on this
-    machine would be another, empty file there, and their figures would be lost without an error."""
+    """Workers of a cluster (`cluster`: its address; None when the job starts its own local Ray) reach the tracking
+    URI from their own machines (training's rank 0 its metrics, each node its system metrics, evaluation's actors a
+    models:/ checkpoint): a store in a file on this machine would be another, empty file there, and their figures
+    would be lost without an error (the default file, too, lies in the job's working directory, which Ray's job
+    submission copies to a temporary one)."""
     if cluster and (uri.startswith(("sqlite:", "file:", ".")) or Path(uri).is_absolute()):
         raise ValueError(f"the tracking URI {uri} is a store in a file on this machine, which the workers of the Ray "
-                         f"cluster at {cluster} cannot reach; give an MLflow server (tracking.tracking_uri: "
+                         f"cluster at {cluster} cannot reach; give an MLflow server (the config's tracking_uri: "
                          "http://..., or MLFLOW_TRACKING_URI; `modrwkv services up` starts one)")
 
 

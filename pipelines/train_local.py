@@ -151,7 +151,7 @@ def finish_mlflow_run(logger, config: TrainConfig, plan: PhasePlan, phase: int, 
 
 def main(args: argparse.Namespace) -> None:
     if args.resume_from:
-        raise SystemExit("--resume-from continues a Ray Train checkpoint; --single-process starts a phase afresh")
+        raise ValueError("--resume-from continues a Ray Train checkpoint; --single-process starts a phase afresh")
     # this process is the one worker: global_batch need only be a multiple of micro_batch here
     config = load_config(args.config, TrainConfig, {**train_overrides(args), "scaling.workers": 1})
     run_single_process(config, args.phase)

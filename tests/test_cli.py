@@ -66,7 +66,7 @@ def test_bad_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
 
 def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, monkeypatch, capsys):
     """A model URI naming nothing, an unreachable tracking server (its credentials left out of the message), a
-    folder given as the config, a --set into a number: one line naming it, exit 2."""
+    folder given as the config, a --set into a number, a resume of one process's run: one line naming it, exit 2."""
     from pipelines.cli import user_error
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -81,7 +81,9 @@ def test_plausible_mistakes_are_one_line_errors_without_a_traceback(tmp_path, mo
             (store, ["train", "--config", str(configs), "--phase", "1"],
              "cannot read it as a config file (Is a directory)"),
             (store, ["train", "--config", str(configs / "demo" / "train.yaml"), "--phase", "1",
-                     "--set", "scaling.workers.=1"], "'scaling.workers.' has an empty part between its dots")):
+                     "--set", "scaling.workers.=1"], "'scaling.workers.' has an empty part between its dots"),
+            (store, ["train", "--config", str(configs / "demo" / "train.yaml"), "--phase", "1", "--single-process",
+                     "--resume-from", "runs/x"], "--single-process starts a phase afresh")):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         assert main(argv) == 2, argv
         err = capsys.readouterr().err  # MLflow's own log lines before it, when it creates the store

@@ -22,6 +22,16 @@ def test_cluster_config_is_valid(config):
     assert gpu_types and all(t["max_workers"] >= t["min_workers"] for t in gpu_types.values())
 
 
+def test_every_node_fails_a_task_killed_for_memory_after_the_retries_a_local_instance_makes(config):
+    """Ray's default retries such a task without end: a collection's folder encode too large for its node never
+    failed, and nothing said so."""
+    from pipelines.encode import OOM_RETRIES
+
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if "ray start" in c]
+        assert f"RAY_task_oom_retries={OOM_RETRIES} ray start" in start
+
+
 def test_cluster_install_provides_what_a_job_imports(config):
     """The packages the setup command installs (the project's dependencies plus the extras it names) cover
     what a training, encode or eval job imports on a node, the tokenizer's vocabulary (`rwkv`) included."""

@@ -119,7 +119,7 @@ def test_the_loopback_exception_joins_both_spellings_once():
     assert without_proxy_for_loopback(once) == once  # exported, then read again: no longer each time
 
 
-def test_a_head_of_zero_cpus_offers_zero(tmp_path, monkeypatch):
+def test_a_head_of_zero_cpus_offers_zero_and_one_given_none_as_many_as_ray_counts(tmp_path, monkeypatch):
     commands = []
 
     def spawn_nothing(name, cmd, state_dir, env):
@@ -129,7 +129,10 @@ def test_a_head_of_zero_cpus_offers_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_head, "spawn", spawn_nothing)
     with pytest.raises(RuntimeError, match="not started"):
         ray_head.start_ray_head(tmp_path, num_cpus=0, ray_tmpdir=tmp_path)
-    (cmd,) = commands
+    with pytest.raises(RuntimeError, match="not started"):
+        ray_head.start_ray_head(tmp_path, ray_tmpdir=tmp_path)
+    cmd, counted = commands
     assert cmd[cmd.index("--num-cpus") + 1] == "0"
+    assert "--num-cpus" not in counted  # Ray's count: a container's quota, where os.cpu_count() is the host's
     ports = [int(cmd[cmd.index(flag) + 1]) for flag in ("--port", "--dashboard-port", *ray_head.INTERNAL_PORT_FLAGS)]
     assert len(set(ports)) == len(ports)

@@ -116,6 +116,9 @@ def test_zero_stage_3_is_refused_at_load_with_why(tmp_path):
     ({"scaling.max_failures": -2}, r"max_failures -1 \(for ever\), 0 or more, not 1 and -2"),
     ({"max_length": 0, "packing": False}, "max_length must be 1 or more, not 0"),
     ({"pack_buffer": 0, "packing": True}, "packing needs a pack_buffer of 1 or more, not 0"),
+    # a WaveNet of no layers failed in the workers on a TypeError from relu, naming nothing
+    ({"model.wavenet": {"layers": 0}}, "model.wavenet: layers must be 1 or more, not 0"),
+    ({"model.wavenet": {"kernel": 0}}, "model.wavenet: kernel must be 1 or more, not 0"),
 ])
 def test_bad_training_settings_are_refused_at_load(override, message):
     """Not in the workers, after the MLflow run, the caches and Ray have started (where Ray retried it)."""

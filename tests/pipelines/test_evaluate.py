@@ -161,6 +161,21 @@ def test_a_model_or_season_that_cannot_take_the_task_is_refused_before_any_predi
         run_eval(replace(config, checkpoint=str(tmp_path / "longer")))
 
 
+def test_an_eval_job_on_a_cluster_refuses_a_tracking_store_in_a_file_before_it_predicts(trained, tmp_path,
+                                                                                         monkeypatch):
+    """Submitted to a cluster, the job runs in a temporary copy of its working directory: its run and scores went
+    into the default SQLite file there, lost with it, where training refuses such a store."""
+    root, image_cache, _ = trained
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives the entrypoint
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # no services recorded here: the default store is a file
+    config = eval_config(root, image_cache, "vqa", actors=0, out="on-a-cluster")
+    with pytest.raises(ValueError, match="is a store in a file on this machine, which the workers of the Ray cluster "
+                                         "at 10.0.0.1:6379 cannot reach"):
+        run_eval(config)
+    assert not (root / "on-a-cluster").exists()  # nothing predicted
+
+
 def test_eval_counts_the_samples_it_skips_and_names_them_with_their_reason(trained, capsys):
     """A cache with an image of 2 feature vectors, fewer than the projector's compression kernel 3: not a failed run;
     that one is counted (`rows_skipped`), named with its reason in the predictions and scored as unanswered (wrong):
