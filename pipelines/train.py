@@ -9,6 +9,7 @@ checkpoint; workers run the loop in `train_loop.py`.
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -110,10 +111,18 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  worker_runtime_env={"env_vars": worker_env()}))
         with tracking.StepProgress(uri, run_id, hp.steps, f"{config.name} phase {phase}"):
+            last_checkpoint = functools.partial(registered_checkpoint, f"{storage_path}/{ray_run}", storage_filesystem,
+                                                checkpoint)
             try:
                 result = trainer.fit()
-            finally:  # a run that fails for good names those up to its last checkpoint too
-                log_skipped_samples(uri, run_id, f"{storage_path}/{ray_run}", storage_filesystem)
+            except BaseException:  # a run that fails for good names those up to its last checkpoint too
+                try:
+                    log_skipped_samples(uri, run_id, last_checkpoint())
+                except Exception as e:  # the training's own error is the one to see
+                    print(f"note: the samples skipped up to the last checkpoint could not be named in the run: "
+                          f"{tracking.redact(str(e))}", file=sys.stderr)
+                raise
+            log_skipped_samples(uri, run_id, last_checkpoint())
         encoders = loop_config.encoders
         model_dir = export_model(result.checkpoint, out, plan.backbone, phase, run_id, encoders)
         log_artifacts(uri, run_id, config, out, phase)
@@ -129,13 +138,17 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
     return TrainResult(run_id, model_dir, metrics, time.perf_counter() - start, model_id, model_uri)
 
 
-def log_skipped_samples(uri: str, run_id: str, ray_run: str, filesystem) -> None:
-    """Names in the MLflow run the samples training left out up to the last checkpoint Ray registered (its
-    metadata's), as a resume from it knows them: none before Ray registers one."""
+def registered_checkpoint(ray_run: str, filesystem, resumed: Checkpoint | None) -> Checkpoint | None:
+    """The last checkpoint Ray registered for this run; before its first, the one it resumed from (if any)."""
     try:
-        checkpoint = Result.from_path(ray_run, filesystem).checkpoint
-    except RuntimeError:  # no run folder or checkpoint record yet: the run failed before its first checkpoint
-        return
+        return Result.from_path(ray_run, filesystem).checkpoint or resumed
+    except RuntimeError:  # no run folder or checkpoint record yet
+        return resumed
+
+
+def log_skipped_samples(uri: str, run_id: str, checkpoint: Checkpoint | None) -> None:
+    """Names in the MLflow run the samples training left out up to `checkpoint` (its metadata's), as a resume from
+    it knows them."""
     if checkpoint:
         tracking.log_skipped_samples(uri, run_id, checkpoint.get_metadata().get("skipped_samples", []))
 

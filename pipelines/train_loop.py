@@ -91,11 +91,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             if len(positions) != world:
                 raise ValueError(f"{d}: saved by {len(positions)} workers, resumed by {world}")
             position = positions[rank]
-            saved = checkpoint.get_metadata().get("skipped_samples")
-            if saved is None:  # saved before 2026-12-08: in DeepSpeed's state, a list a rank (or none)
-                skipped = client_state.get("skipped_samples", [[]] * world)[rank]
-            else:
-                skipped = [{k: v for k, v in s.items() if k != "rank"} for s in saved if s["rank"] == rank]
+            skipped = client_state.get("skipped_samples", [[]] * world)[rank]  # absent: saved before it was kept
 
     caches = [FeatureCache(u) for u in cfg.caches]
     collator = Collator(WorldTokenizer(), model.config, cfg.max_length, skip_bad_samples=True)
@@ -112,12 +108,11 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             if last:  # every step's metrics in MLflow before the final checkpoint ends the run
                 logger.flush()
         if last or (hp.checkpoint_every and step % hp.checkpoint_every == 0):
-            positions = gather(batches.position(), world)
-            everyone_skipped = [{**s, "rank": r} for r, part in enumerate(gather(skipped, world)) for s in part]
+            positions, everyone_skipped = gather(batches.position(), world), gather(skipped, world)
             with tempfile.TemporaryDirectory() as d:
                 # without the frozen weights: a 1.5B backbone is 3 GB in bf16, every checkpoint_every steps
                 engine.save_checkpoint(d, tag="ds", exclude_frozen_parameters=True, client_state={
-                    "step": step, "data_positions": positions})
+                    "step": step, "data_positions": positions, "skipped_samples": everyone_skipped})
                 if last or cfg.log_checkpoints:
                     save_final(engine, Path(d), phase, rank)
                 if cfg.log_checkpoints and not last and rank == 0:  # the final one: the driver's, with encoders
@@ -131,9 +126,10 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
                                          "entries": positions[0]["entries"], "epochs": [p["epoch"] for p in positions],
                                          "orders": [p["order"] for p in positions], "schedule": schedule_of(hp),
                                          "weight_decay": hp.weight_decay, "backbone": cfg.backbone,
-                                         # the driver names them from the checkpoint Ray registered, as a resume
-                                         # from it knows them (a worker's own log could run ahead of it)
-                                         "skipped_samples": everyone_skipped})
+                                         # the driver names them from the checkpoint Ray registered (a worker's
+                                         # own log could run ahead of it), as a resume from it knows them
+                                         "skipped_samples": [{**s, "rank": r} for r, part in
+                                                             enumerate(everyone_skipped) for s in part]})
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
     train_steps(engine, optimizer, batches, hp, step, on_step, skipped)  # the last step checkpoints

@@ -1,6 +1,7 @@
 """Local paths and s3:// URIs behind one small API (pyarrow.fs). S3 endpoint and credentials come from the
 environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from configs or logs."""
 
+import errno
 import functools
 import hashlib
 import json
@@ -209,23 +210,33 @@ def local_listing(path: str, recursive: bool) -> list[pafs.FileInfo]:
 
     def folder(current: str) -> list[pafs.FileInfo]:
         found = []
-        for entry in sorted(os.scandir(current), key=lambda e: e.name):  # which of two links is entered: the first
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)  # which of two links is entered: the first
+        except (FileNotFoundError, NotADirectoryError):  # gone since it was listed
+            return found
+        for entry in entries:
             try:
                 entry.name.encode("utf-8")
             except UnicodeEncodeError:
                 print(f"{os.fsencode(entry.path)!r}: its name is not UTF-8; left out of the listing", flush=True)
                 continue
-            if entry.is_dir():
-                found.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
-                real = os.path.realpath(entry.path)
-                alias = entry.is_symlink() and (real + os.sep).startswith(root + os.sep)
-                if recursive and not alias and real not in entered:
-                    entered.add(real)
-                    found += folder(entry.path)
-            elif entry.is_file():
-                stat = entry.stat()
-                found.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size,
-                                           mtime_ns=stat.st_mtime_ns))
+            try:
+                if entry.is_dir():
+                    found.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
+                    real = os.path.realpath(entry.path)
+                    alias = entry.is_symlink() and (real + os.sep).startswith(root + os.sep)
+                    if recursive and not alias and real not in entered:
+                        entered.add(real)
+                        found += folder(entry.path)
+                elif entry.is_file():
+                    stat = entry.stat()
+                    found.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size,
+                                               mtime_ns=stat.st_mtime_ns))
+            # as pyarrow's: left out, a file renamed or removed since the folder was read (a writer's temporary
+            # file), or a link that leads to itself
+            except OSError as e:
+                if not isinstance(e, (FileNotFoundError, NotADirectoryError)) and e.errno != errno.ELOOP:
+                    raise
         return found
 
     return folder(path)

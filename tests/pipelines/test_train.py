@@ -237,6 +237,41 @@ def test_a_run_that_fails_for_good_names_its_skipped_samples(setup, mixed_cache)
     assert named and named == [{**s, "rank": rank} for rank, (_, skipped) in enumerate(expected) for s in skipped]
 
 
+def test_a_run_that_fails_raises_its_own_error_and_names_the_samples_of_the_checkpoint_it_resumed(setup, monkeypatch,
+                                                                                                   capsys):
+    """Naming the skipped samples when `fit` fails must not hide why it failed (an S3 or MLflow error raised in its
+    place); and a resumed run that fails before its first checkpoint names those of the one it resumed."""
+    from ray.train import Checkpoint
+
+    import pipelines.train as train
+
+    root, cache = setup
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise RuntimeError("worker died")
+
+    def storage_down(*args, **kwargs):
+        raise OSError("S3 unreachable")
+
+    monkeypatch.setattr(train, "TorchTrainer", Failing)
+    monkeypatch.setattr(train.Result, "from_path", storage_down)
+    with pytest.raises(RuntimeError, match="worker died"):
+        run_train(train_config(root, cache, "hidden"), phase=1)
+    assert "could not be named in the run: S3 unreachable" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    resumed = root / "resumed"
+    resumed.mkdir()
+    Checkpoint(str(resumed)).set_metadata({"skipped_samples": [{"key": "long-0", "reason": "over_length", "rank": 1}]})
+    assert train.registered_checkpoint(str(root / "no-ray-run-yet"), None, Checkpoint(str(resumed))).get_metadata()[
+        "skipped_samples"] == [{"key": "long-0", "reason": "over_length", "rank": 1}]
+    assert train.registered_checkpoint(str(root / "no-ray-run-yet"), None, None) is None
+
+
 def test_a_job_joining_a_cluster_refuses_a_tracking_store_in_a_local_file(setup, monkeypatch):
     """On a cluster, rank 0 and every node's monitor log from their own machines: a SQLite file on the driver's
     would be a different, empty database there. The job stops before it starts a run; a server URI passes."""

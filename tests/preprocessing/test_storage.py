@@ -134,3 +134,32 @@ def test_a_walk_enters_each_folder_once_and_no_folder_linked_from_inside_the_tre
     os.symlink(elsewhere, data / "ETT-small" / "out-again")
     os.symlink(data, elsewhere / "back")  # a loop through a folder out of the tree
     assert storage.walk(str(data), ".csv") == ["ETT-small/h1.csv", "ETT-small/out-again/far.csv"]  # first by name
+
+
+def test_a_walk_leaves_out_what_goes_while_it_lists_and_a_link_to_itself(tmp_path, monkeypatch):
+    """A writer's temporary file renamed between the folder's read and its stat (a store written by another job
+    while `cache gc` or a reuse lists it), a folder removed before it is entered, a link that leads to itself: left
+    out, as pyarrow's listing left them, not an error that stops the job."""
+    import os
+    import shutil
+
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "x.npy.tmp-1").write_bytes(b"x")
+    (tmp_path / "gone").mkdir()
+    os.symlink("self", tmp_path / "self")
+    real_scandir = os.scandir
+
+    def scandir_then_a_writer_renames(path):
+        if not isinstance(path, str):  # rmtree's own, by descriptor
+            return real_scandir(path)
+        entries = list(real_scandir(path))
+        if path.endswith("ab"):
+            os.rename(tmp_path / "ab" / "x.npy.tmp-1", tmp_path / "ab" / "x.npy")
+        elif path == str(tmp_path):
+            shutil.rmtree(tmp_path / "gone")
+        return iter(entries)
+
+    monkeypatch.setattr(storage.os, "scandir", scandir_then_a_writer_renames)
+    assert storage.list_tree(str(tmp_path)) == {}
+    monkeypatch.undo()
+    assert list(storage.list_tree(str(tmp_path))) == ["ab/x.npy"]
