@@ -1,6 +1,8 @@
 """`modrwkv train` on CPU: 2 Ray Train workers, DeepSpeed ZeRO-2, the digits-VQA feature cache, MLflow."""
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -155,15 +157,26 @@ def registered_a_checkpoint(storage: Path) -> bool:
     return False
 
 
-def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
-    """Waits until Ray's controller has registered a checkpoint, then kills a worker of this test's Ray instance
-    (started by this process: its workers descend from it), never another job's; none if no checkpoint comes."""
+def first_checkpoint_registered(storage: Path, give_up: threading.Event) -> bool:
+    """Waits until Ray's controller has registered a checkpoint; False where `give_up` is set first, or 600 s pass."""
     deadline = time.monotonic() + 600
     while not registered_a_checkpoint(storage):
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.2)
-    workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
+        if give_up.wait(0.2) or time.monotonic() > deadline:
+            return False
+    return True
+
+
+def train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this test's Ray instance (started by this process: they descend from it)."""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
+
+
+def kill_a_worker_after_first_checkpoint(storage: Path, killed: list):
+    """Waits until Ray's controller has registered a checkpoint, then kills a worker of this test's Ray instance,
+    never another job's; none if no checkpoint comes."""
+    if not first_checkpoint_registered(storage, threading.Event()):
+        return
+    workers = train_workers()
     if workers:
         allocator = {k: workers[0].environ().get(k) for k in WORKER_ENV}
         workers[0].kill()
@@ -235,6 +248,40 @@ def test_a_run_that_fails_for_good_names_its_skipped_samples(setup, mixed_cache)
     artifact = Path(client.download_artifacts(run.info.run_id, "skipped_samples.jsonl", str(root / "failed")))
     named = [json.loads(line) for line in artifact.read_text().splitlines()]
     assert named and named == [{**s, "rank": rank} for rank, (_, skipped) in enumerate(expected) for s in skipped]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_stops_its_workers_and_ends_the_run_killed(setup):
+    """Ray Train's `fit` takes Ctrl-C for itself (it aborts the run, then exits 1) and leaves its handler installed:
+    the run ended FAILED, and a later Ctrl-C called the finished run's controller. Now: KeyboardInterrupt, KILLED,
+    the handler of before put back."""
+    root, cache = setup
+    config = train_config(root, cache, "interrupted", steps=60, checkpoint_every=3)  # far from done when stopped
+    storage = root / "runs" / "interrupted" / "phase1" / "ray"
+    stop_waiting, handler_before = threading.Event(), signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_after_first_checkpoint():
+        if first_checkpoint_registered(storage, stop_waiting):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=ctrl_c_after_first_checkpoint)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_train(config, phase=1)
+    finally:
+        stop_waiting.set()
+        watcher.join()
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    client = MlflowClient(config.tracking.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+                                "tags.mlflow.runName LIKE 'interrupted%'")
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) < 60
+    gone_by = time.monotonic() + 60  # Ray's abort stopped the workers
+    while train_workers() and time.monotonic() < gone_by:
+        time.sleep(0.5)
+    assert not train_workers()
 
 
 def test_a_run_that_fails_raises_its_own_error_and_names_the_samples_of_the_checkpoint_it_resumed(setup, monkeypatch,
