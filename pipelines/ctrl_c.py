@@ -6,6 +6,7 @@ the handler stays installed after `fit`. So a Ctrl-C ended the MLflow run FAILED
 after `fit` (the model's export, the demo's next phase) called a finished run's controller instead of stopping.
 """
 
+import os
 import signal
 import socket
 import threading
@@ -17,7 +18,8 @@ from contextlib import contextmanager
 def ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
     """Lets the block's handlers (Ray's abort of the run) do their work, then raises KeyboardInterrupt where the
     block saw a SIGINT, from the block's own exception if it raised one; the SIGINT handler of before the block is
-    back after it. A SIGINT is seen by the byte Python writes for it to a wakeup file, whichever handler runs."""
+    back after it. A SIGINT is seen by the byte Python writes for it to a wakeup file, whichever handler runs (the
+    bytes are passed on to the wakeup file of before, where one was set: an event loop's)."""
     if threading.current_thread() is not threading.main_thread():  # signals are handled in the main thread only
         yield
         return
@@ -26,30 +28,35 @@ def ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
     with reader, writer:
         reader.setblocking(False)
         writer.setblocking(False)
-        wakeup_before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        wakeup_before, raised = None, None
         try:
+            wakeup_before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
             yield
-        except KeyboardInterrupt:
-            raise
         except BaseException as e:
-            if _received(reader, signal.SIGINT):
-                raise KeyboardInterrupt from e
-            raise
-        else:
-            if _received(reader, signal.SIGINT):  # the run ended as it came: stopped here, as Ctrl-C would stop
-                raise KeyboardInterrupt
-        finally:
-            signal.set_wakeup_fd(wakeup_before)
+            raised = e
+        finally:  # the handler first: a Ctrl-C from here on is the caller's again
             if previous is not None:  # None: a handler not installed from Python, which Python cannot put back
                 signal.signal(signal.SIGINT, previous)
+            if wakeup_before is not None:
+                signal.set_wakeup_fd(wakeup_before)
+        received = _drained(reader)
+    if wakeup_before not in (None, -1) and received:  # a wakeup file of before (an event loop's) gets its bytes
+        try:
+            os.write(wakeup_before, received)
+        except OSError:
+            pass
+    if signal.SIGINT in received and not isinstance(raised, KeyboardInterrupt):
+        raise KeyboardInterrupt from raised  # after a run that ended as the Ctrl-C came too: stopped, as Ctrl-C stops
+    if raised is not None:
+        raise raised
 
 
-def _received(reader: socket.socket, signum: int) -> bool:
-    """Whether the wakeup bytes written so far name `signum`."""
+def _drained(reader: socket.socket) -> bytes:
+    """The wakeup bytes written so far: a byte a signal, its number."""
     data = b""
     try:
         while chunk := reader.recv(4096):
             data += chunk
     except BlockingIOError:
         pass
-    return signum in data
+    return data

@@ -3,6 +3,7 @@ own; the real `fit` interrupted is in test_train.py."""
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -48,10 +49,20 @@ def test_a_ctrl_c_that_the_blocks_handler_turns_into_an_exit_is_a_keyboard_inter
 
 def test_a_ctrl_c_that_the_blocks_handler_swallows_stops_the_job_when_the_block_ends(handler_before):
     handled = []
-    with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_raises_keyboard_interrupt():
-            installed_handler(lambda: handled.append(True))  # Ray's, when the run had already ended
-            ctrl_c()
+    reader, writer = socket.socketpair()  # a wakeup file of before, an event loop's: it still hears of the signal
+    with reader, writer:
+        writer.setblocking(False)
+        reader.settimeout(5)
+        before = signal.set_wakeup_fd(writer.fileno())
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with ctrl_c_raises_keyboard_interrupt():
+                    installed_handler(lambda: handled.append(True))  # Ray's, when the run had already ended
+                    ctrl_c()
+            assert wakeup_fd() == writer.fileno()
+        finally:
+            signal.set_wakeup_fd(before)
+        assert reader.recv(16) == bytes([signal.SIGINT])
     assert handled == [True] and signal.getsignal(signal.SIGINT) is handler_before
 
 

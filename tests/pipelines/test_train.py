@@ -269,10 +269,12 @@ def test_ctrl_c_during_training_stops_its_workers_and_ends_the_run_killed(setup)
     try:
         with pytest.raises(KeyboardInterrupt):
             run_train(config, phase=1)
+        assert signal.getsignal(signal.SIGINT) is handler_before
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C (a run ended otherwise) must not stop the tests
         stop_waiting.set()
         watcher.join()
-    assert signal.getsignal(signal.SIGINT) is handler_before
+        signal.signal(signal.SIGINT, handler_before)
     client = MlflowClient(config.tracking.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
                                 "tags.mlflow.runName LIKE 'interrupted%'")
