@@ -40,16 +40,13 @@ $(STAMP): $(LOCK) pyproject.toml constraints.txt
 demo: tools $(STAMP)
 	$(BIN)/modrwkv demo
 
-# Two test processes (pytest-xdist), each module's tests in one of them (its fixtures built once): one process left
-# a third of 2 cores idle (imports, startups, waits). tests/conftest.py gives each its share of the cores' threads.
-# The 15 slowest tests listed at the end: the suite's 20-minute budget is spent where they are.
-PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# the 15 slowest tests listed at the end: the suite's 20-minute budget is spent where they are
 test: $(STAMP)
-	$(PYTEST) --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
-# every module, without the multi-minute runs (Ray Train + DeepSpeed, learning checks)
+# every module, without the multi-minute runs (Ray Train + DeepSpeed, learning checks): about 4 minutes on 2 cores
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Re-resolves the lock on purpose: the newest versions pyproject.toml's ranges allow, in a throwaway venv,
 # frozen with every transitive package (setuptools too: torch requires it at run time; pip itself is not locked).

@@ -1,12 +1,5 @@
 import os
 
-# Under xdist (`make test`: two test processes), each process's torch, and what it starts (Ray workers, jobs), takes
-# its share of the cores: with all of them each, the in-process trainings beside each other ran up to 8x slower.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
-    share = cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
-
 import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be on before any
