@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,10 @@ from .mlflow_server import TRACKING_DATABASE, MlflowServer, start_mlflow
 from .process import ServiceError, ServiceProcess, without_proxy_for_loopback, write_whole
 from .ray_head import RayHead, start_ray_head
 from .s3_server import LOCAL_CREDENTIALS, S3Server, start_s3
+from .signals import signals_unwind
 
 BUCKET = "modrwkv"
 KINDS = {"s3": S3Server, "mlflow": MlflowServer, "ray": RayHead}  # start order; stopped in reverse
-UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
@@ -143,24 +142,6 @@ def client_exports(services: dict[str, ServiceProcess]) -> list[str]:
     if "s3" in services:  # moto takes any keys, yet clients sign with some: the placeholders where none are set
         exports.append("export " + " ".join(f'{k}="${{{k}:-{v}}}"' for k, v in LOCAL_CREDENTIALS.items()))
     return exports
-
-
-@contextlib.contextmanager
-def signals_unwind():
-    """SIGTERM and SIGHUP (`kill`, a closed terminal, a supervisor) raise SystemExit here as Ctrl-C raises
-    KeyboardInterrupt, so what was started is stopped on the way out; by default they end the process on the spot
-    and leave the services running, unrecorded. A signal ignored on entry (nohup) stays ignored."""
-    def unwind(signum, frame):
-        for s in UNWIND_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)  # a second one must not cut the stopping short
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, unwind) for s in UNWIND_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def cmd_services(args) -> None:

@@ -7,8 +7,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from infra.cli import add_services_parser, signals_unwind
+from infra.cli import add_services_parser
 from infra.process import ServiceError
+from infra.signals import signals_unwind
 from pipelines.redaction import redact
 
 
@@ -158,7 +159,7 @@ def cmd_train(args) -> None:
         from pipelines.train_local import main
     else:
         from pipelines.train import main
-    with signals_unwind():  # `kill` or a closed terminal ends the MLflow run KILLED/FAILED, not left RUNNING
+    with signals_unwind():  # `kill` or a closed terminal ends the MLflow run KILLED, not left RUNNING
         main(args)
 
 

@@ -19,6 +19,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from tqdm import tqdm
 
 from infra.cli import load_services
+from infra.signals import StoppedBySignal
 from preprocessing.cache.entry import entry_name
 
 from .config import to_dict
@@ -291,12 +292,13 @@ def log_skipped_samples(uri: str, run_id: str, skipped: list[dict]) -> None:
 
 @contextmanager
 def run_status(uri: str, run_id: str):
-    """Ends the run FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any other exception (which
-    propagates), each with its end time, so the runs table can be filtered by outcome."""
+    """Ends the run FINISHED when the block completes, KILLED on Ctrl-C or a stop from outside (`kill`, `ray job
+    stop`: `signals_unwind`), FAILED on any other exception (which propagates), each with its end time, so the runs
+    table can be filtered by outcome."""
     client = MlflowClient(uri)
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoppedBySignal):
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:

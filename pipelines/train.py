@@ -32,7 +32,7 @@ from preprocessing.cache.entry import entry_name
 
 from . import tracking
 from .config import load_config
-from .ctrl_c import ctrl_c_raises_keyboard_interrupt
+from .stop_signals import stop_signals_abort_ray_train
 from .logged_models import encoder_dirs, log_trained_model, register
 from .schedule import lr_at, schedule_of
 from .train_config import TrainConfig, train_overrides
@@ -115,7 +115,7 @@ def run_train(config: TrainConfig, phase: int, resume_from: str | None = None) -
             last_checkpoint = functools.partial(registered_checkpoint, f"{storage_path}/{ray_run}", storage_filesystem,
                                                 checkpoint)
             try:
-                with ctrl_c_raises_keyboard_interrupt():  # Ray's own handler would end the run FAILED
+                with stop_signals_abort_ray_train():  # Ray's own SIGINT handler would end the run FAILED
                     result = trainer.fit()
             except BaseException:  # a run that fails for good names those up to its last checkpoint too
                 try:

@@ -219,7 +219,7 @@ def test_job_modules_run_as_scripts(module, flag):
 
 @pytest.mark.parametrize("command, module, function", [
     (["demo"], "pipelines.demo", "run_demo(out)"),
-    # a single-process training: its MLflow run ended KILLED/FAILED in `run_status`, not left RUNNING for ever
+    # a single-process training: its MLflow run ends KILLED in `run_status`, not left RUNNING for ever
     (["train", "--config", "c.yaml", "--phase", "1", "--single-process"], "pipelines.train_local", "main(args)")])
 def test_a_killed_run_unwinds_as_on_ctrl_c(command, module, function):
     """SIGTERM (`kill`, a closed terminal) reaches the job's `finally` (the demo shuts its local Ray down there, a

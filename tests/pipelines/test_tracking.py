@@ -140,12 +140,15 @@ def test_step_progress_survives_a_server_that_does_not_answer(monkeypatch):
 def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_path):
     import pytest
 
+    from infra.signals import StoppedBySignal
     from pipelines.tracking import run_status
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     outcomes = {}
-    for name, error in (("ok", None), ("crash", RuntimeError("boom")), ("ctrl-c", KeyboardInterrupt())):
+    errors = {"ok": None, "crash": RuntimeError("boom"), "exit": SystemExit(1), "ctrl-c": KeyboardInterrupt(),
+              "kill": StoppedBySignal(143)}  # `kill` or `ray job stop`, unwound by `signals_unwind`
+    for name, error in errors.items():
         run_id = start_run(uri, "status", name, {}, {})
         if error is None:
             with run_status(uri, run_id):
@@ -156,7 +159,7 @@ def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_pat
         info = client.get_run(run_id).info
         outcomes[name] = info.status
         assert info.end_time is not None and info.end_time >= info.start_time
-    assert outcomes == {"ok": "FINISHED", "crash": "FAILED", "ctrl-c": "KILLED"}
+    assert outcomes == {"ok": "FINISHED", "crash": "FAILED", "exit": "FAILED", "ctrl-c": "KILLED", "kill": "KILLED"}
 
 
 def test_the_caches_a_run_read_are_its_datasets_and_those_left_out_of_the_draw_are_named(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from infra.signals import signals_unwind
 from modrwkv import RWKV7Config
 from modrwkv.model_folder import read_encoders_record
 from pipelines.config import from_dict
@@ -251,33 +252,42 @@ def test_a_run_that_fails_for_good_names_its_skipped_samples(setup, mixed_cache)
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_training_stops_its_workers_and_ends_the_run_killed(setup):
-    """Ray Train's `fit` takes Ctrl-C for itself (it aborts the run, then exits 1) and leaves its handler installed:
-    the run ended FAILED, and a later Ctrl-C called the finished run's controller. Now: KeyboardInterrupt, KILLED,
-    the handler of before put back."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_during_training_stops_its_workers_and_ends_the_run_killed(setup, signum):
+    """Ctrl-C, or SIGTERM (`kill`, `ray job stop`), during `modrwkv train`'s `fit`. Ray Train's `fit` takes Ctrl-C for
+    itself (it aborts the run, then exits 1) and leaves its handler installed: the run ended FAILED, and a later
+    Ctrl-C called the finished run's controller. A SIGTERM's exit, raised in Ray's wait for the run, came out of
+    `fit` as SystemExit(1) (Ray's), and the run ended FAILED. Now both abort Ray's run, end the MLflow run KILLED and
+    leave the process as outside `fit`: KeyboardInterrupt, or exit status 143."""
     root, cache = setup
-    config = train_config(root, cache, "interrupted", steps=60, checkpoint_every=3)  # far from done when stopped
-    storage = root / "runs" / "interrupted" / "phase1" / "ray"
-    stop_waiting, handler_before = threading.Event(), signal.getsignal(signal.SIGINT)
+    name = f"stopped-{signum.name.lower()}"
+    config = train_config(root, cache, name, steps=60, checkpoint_every=3)  # far from done when stopped
+    storage = root / "runs" / name / "phase1" / "ray"
+    stop_waiting, sigint_before = threading.Event(), signal.getsignal(signal.SIGINT)
 
-    def ctrl_c_after_first_checkpoint():
+    def signal_after_first_checkpoint():
         if first_checkpoint_registered(storage, stop_waiting):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
-    watcher = threading.Thread(target=ctrl_c_after_first_checkpoint)
-    watcher.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_train(config, phase=1)
-        assert signal.getsignal(signal.SIGINT) is handler_before
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C (a run ended otherwise) must not stop the tests
-        stop_waiting.set()
-        watcher.join()
-        signal.signal(signal.SIGINT, handler_before)
+    watcher = threading.Thread(target=signal_after_first_checkpoint)
+    with signals_unwind():  # as `modrwkv train` runs it
+        handler_before = signal.getsignal(signum)
+        watcher.start()
+        try:
+            with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else SystemExit) as raised:
+                run_train(config, phase=1)
+            assert signal.getsignal(signal.SIGINT) is sigint_before
+            if signum == signal.SIGTERM:  # the handler of before got it: it exits so, and ignores a second one
+                assert raised.value.code == 128 + signal.SIGTERM
+                assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        finally:
+            signal.signal(signum, signal.SIG_IGN)  # a late one (a run ended otherwise) must not stop the tests
+            stop_waiting.set()
+            watcher.join()
+            signal.signal(signum, handler_before)
     client = MlflowClient(config.tracking.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
-                                "tags.mlflow.runName LIKE 'interrupted%'")
+                                f"tags.mlflow.runName LIKE '{name}%'")
     assert run.info.status == "KILLED" and run.info.end_time is not None
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) < 60
     gone_by = time.monotonic() + 60  # Ray's abort stopped the workers
