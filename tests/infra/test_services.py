@@ -4,6 +4,7 @@ They are shared per session (tests/services.py); the stop checks run on instance
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.jobs import run_job
+from infra.jobs import run_job, submit_job
 from infra.process import HOST, ServiceError, ServiceProcess, free_ports, http_ok, spawn, wait_until
 from infra.s3_server import s3_client, start_s3
 from tests.services import BUCKET
@@ -276,6 +277,41 @@ def test_job_runs_with_the_venv_python(ray_head):
                      working_dir=REPO, headers=ray_head.auth_headers(), timeout=180)
     assert result.status == "SUCCEEDED", result.logs
     assert Path(result.logs.strip().splitlines()[-1]).parent.resolve() == VENV_BIN
+
+
+def test_a_stopped_job_has_time_to_end_its_runs(ray_head, tmp_path):
+    """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, Ray's 3 s by default: a training
+    aborts its Ray run and ends its MLflow run KILLED on the way out (`signals_unwind`), 2.4 s on 2 cores. A job
+    that takes 5 s to unwind is let finish."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    unwound = tmp_path / "unwound"
+    script = textwrap.dedent(f"""
+        import time
+        from infra.signals import signals_unwind
+        with signals_unwind():
+            try:
+                print("started", flush=True)
+                time.sleep(120)
+            finally:
+                time.sleep(5)
+                open({str(unwound)!r}, "w").close()
+        """)
+    job_id = submit_job(ray_head.dashboard_url, f"python -c {shlex.quote(script)}", working_dir=REPO,
+                        headers=ray_head.auth_headers())
+    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers())
+    try:
+        deadline = time.monotonic() + 180
+        while "started" not in client.get_job_logs(job_id) and time.monotonic() < deadline:
+            assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
+            time.sleep(0.5)
+        client.stop_job(job_id)
+        deadline = time.monotonic() + 60
+        while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        client.stop_job(job_id)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED and unwound.exists(), client.get_job_logs(job_id)
 
 
 @pytest.mark.slow
