@@ -11,6 +11,8 @@ set here, just before the instance starts, and restored once it has.
 
 import ipaddress
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,14 +22,28 @@ from .ray_head import SINGLE_MACHINE
 def init_ray(address: str | None = None, local: dict | None = None, **kwargs):
     """ray.init(address, **kwargs); a new local instance (no address given, none in RAY_ADDRESS, no local cluster of
     `ray start`'s to join) on 127.0.0.1 only, with the settings `local` adds (num_cpus: Ray refuses them when it
-    joins). Returns Ray's context."""
+    joins). Returns Ray's context. A SIGTERM handler the job installed (`signals_unwind`'s) stays: `ray.init` puts
+    its own in place, `sys.exit(15)`, on every call (exit status 15, and a run it tracks ended FAILED)."""
     import ray
     from ray._private import services
 
-    if services.canonicalize_bootstrap_address(address) is not None:  # joining: the cluster's own mode
-        return ray.init(address=address, **kwargs)
-    with loopback_only():
-        return ray.init(address=address, **kwargs, **(local or {}))
+    with job_sigterm_handler_kept():
+        if services.canonicalize_bootstrap_address(address) is not None:  # joining: the cluster's own mode
+            return ray.init(address=address, **kwargs)
+        with loopback_only():
+            return ray.init(address=address, **kwargs, **(local or {}))
+
+
+@contextmanager
+def job_sigterm_handler_kept() -> Iterator[None]:
+    """The SIGTERM handler of before the block, back after it where it was one of Python's (Ray's stays in place of
+    the default, where it ends the process by an exception that shuts Ray down, as it means to)."""
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextmanager

@@ -5,8 +5,8 @@ Ray Train's `fit` (its v2 API, Ray 2.60 here) installs a SIGINT handler of its o
 workers) and the process goes on with a SystemExit (1, as measured here; 0 where the controller has gone first), and
 the handler stays installed after `fit`. So a Ctrl-C ended the MLflow run FAILED and the process with 1, and a Ctrl-C
 after `fit` (the model's export, the demo's next phase) called a finished run's controller instead of stopping. A
-SIGTERM, which Ray leaves to the job, raised the job's exit (`signals_unwind`) inside `fit`: where it landed in Ray's
-wait for the run, Ray put SystemExit(1) in its place (measured), so the run ended FAILED and the process 1; and the run
+SIGTERM, whose handler is the job's (`signals_unwind`; `init_ray` keeps it from `ray.init`'s), raised the job's exit
+inside `fit`: where it landed in Ray's wait for the run, Ray put SystemExit(1) in its place (measured), and the run
 was not aborted, its controller killed with the last reference to it.
 """
 
@@ -47,11 +47,13 @@ def stop_signals_abort_ray_train() -> Iterator[None]:
         except BaseException as e:
             raised = e
         finally:  # the handlers first: a signal from here on is the caller's again
-            for s, handler in previous.items():
-                if handler is not None:  # None: a handler not installed from Python, which Python cannot put back
-                    signal.signal(s, handler)
-            if wakeup_before is not None:
-                signal.set_wakeup_fd(wakeup_before)
+            try:
+                for s, handler in previous.items():
+                    if handler is not None:  # None: a handler not installed from Python, which it cannot put back
+                        signal.signal(s, handler)
+            finally:  # whatever a handler raises meanwhile: the wakeup file is not left on one closed below
+                if wakeup_before is not None:
+                    signal.set_wakeup_fd(wakeup_before)
         received = _drained(reader)
     stop = next((s for s in received if s in STOP_SIGNALS), None)
     if stop in FROM_OUTSIDE:  # raised again below, which writes its byte again

@@ -19,7 +19,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from tqdm import tqdm
 
 from infra.cli import load_services
-from infra.signals import StoppedBySignal
+from infra.signals import StoppedBySignal, stop_received
 from preprocessing.cache.entry import entry_name
 
 from .config import to_dict
@@ -298,11 +298,9 @@ def run_status(uri: str, run_id: str):
     client = MlflowClient(uri)
     try:
         yield
-    except (KeyboardInterrupt, StoppedBySignal):
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as e:
+        stopped = isinstance(e, (KeyboardInterrupt, StoppedBySignal)) or stop_received()  # Ray's SystemExit(1) too
+        client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
 

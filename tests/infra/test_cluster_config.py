@@ -32,13 +32,15 @@ def test_every_node_fails_a_task_killed_for_memory_after_the_retries_a_local_ins
         assert f"RAY_task_oom_retries={OOM_RETRIES} ray start" in start
 
 
-def test_the_head_gives_a_stopped_job_the_time_a_local_head_does(config):
+def test_every_node_gives_a_stopped_job_the_time_a_local_head_does(config):
     """`ray job stop`'s SIGKILL comes RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM, read where the job's supervisor
-    runs: the head (`test_a_stopped_job_has_time_to_end_its_runs` checks the local head's)."""
+    runs: the head, or a worker where the job asks for entrypoint resources (the local head's is checked by
+    `test_a_stopped_job_has_time_to_end_its_runs`)."""
     from infra.ray_head import JOB_STOP_WAIT
 
-    (start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
-    assert " ".join(f"{k}={v}" for k, v in JOB_STOP_WAIT.items()) in start.split(";")[-1].split("ray start")[0]
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if "ray start" in c]
+        assert " ".join(f"{k}={v}" for k, v in JOB_STOP_WAIT.items()) in start.split(";")[-1].split("ray start")[0]
 
 
 def test_cluster_install_provides_what_a_job_imports(config):

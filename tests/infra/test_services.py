@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -231,6 +232,19 @@ def test_a_jobs_own_ray_instance_listens_on_loopback_only(ray_local):
     from ray._private import ray_constants  # and the mode was this instance's alone: a later join is a cluster's
 
     assert ray_constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+def test_a_jobs_sigterm_handler_outlives_ray_init(ray_local):
+    """`ray.init` puts its own SIGTERM handler (sys.exit(15)) in place on every call: `modrwkv train` under `kill`
+    or `ray job stop` exited 15 and ended its MLflow run FAILED, its `signals_unwind` handler gone once Ray had
+    started."""
+    from infra.local_ray import init_ray
+    from infra.signals import signals_unwind
+
+    with signals_unwind():
+        handler = signal.getsignal(signal.SIGTERM)
+        init_ray(ignore_reinit_error=True)  # the jobs' call, Ray being up already
+        assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_a_token_exported_for_another_cluster_is_neither_the_heads_nor_its_clients(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from infra.signals import StoppedBySignal, signals_unwind
+from infra.signals import StoppedBySignal, signals_unwind, stop_received
 
 
 @pytest.fixture
@@ -46,10 +46,20 @@ def test_an_exit_put_in_the_stops_place_is_still_the_stop(handlers_before):
     assert raised.value.code == 128 + signal.SIGTERM and raised.value.__cause__.code == 1
 
 
+def test_a_stop_caught_on_the_way_still_stops_the_job(handlers_before):
+    with pytest.raises(StoppedBySignal) as raised, signals_unwind():
+        try:
+            kill_self(signal.SIGHUP)
+        except BaseException:  # as a library's catch-all may
+            pass
+        assert stop_received()
+    assert raised.value.code == 128 + signal.SIGHUP and not stop_received()
+
+
 def test_without_a_signal_the_block_ends_as_it_would(handlers_before):
     with pytest.raises(SystemExit) as raised, signals_unwind():
         raise SystemExit(1)
-    assert type(raised.value) is SystemExit and raised.value.code == 1
+    assert type(raised.value) is SystemExit and raised.value.code == 1 and not stop_received()
     assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
 
 

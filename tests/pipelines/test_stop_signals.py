@@ -92,25 +92,25 @@ def test_a_ctrl_c_before_the_blocks_handler_is_the_keyboard_interrupt_it_always_
 def test_a_kill_in_the_block_aborts_as_ctrl_c_does_then_stops_the_job_as_outside_it(handler_before):
     """SIGTERM (`kill`, `ray job stop`) in `fit`: Ray's handler aborts the run, and once `fit` is left the job's own
     handler (`signals_unwind`) raises its exit, so the run ends KILLED; Ray's handler alone sees a second signal."""
-    aborts = []
-    with signals_unwind():
-        unwind = signal.getsignal(signal.SIGTERM)
-        with pytest.raises(StoppedBySignal) as raised:
+    aborts, after = [], {}
+    with pytest.raises(StoppedBySignal) as raised, signals_unwind():
+        try:
             with stop_signals_abort_ray_train():
                 installed_handler(lambda: aborts.append(True))
                 signal_self(signal.SIGTERM)
                 signal_self(signal.SIGHUP)  # ignored: the abort under way is not cut short
-                assert aborts == [True]
                 exit_1()
-        assert raised.value.code == 128 + signal.SIGTERM and isinstance(raised.value.__cause__, SystemExit)
-        assert signal.getsignal(signal.SIGINT) is handler_before
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the unwinding's: a second one waits
-        signal.signal(signal.SIGTERM, unwind)
+        finally:
+            after = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert aborts == [True]
+    assert raised.value.code == 128 + signal.SIGTERM and isinstance(raised.value.__cause__, SystemExit)
+    # the SIGINT handler of before back; the unwinding's SIGTERM one got it: it ignores a second one
+    assert after == {signal.SIGINT: handler_before, signal.SIGTERM: signal.SIG_IGN}
 
 
 def test_a_kill_before_the_blocks_handler_stops_the_block_as_ctrl_c_would(handler_before):
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    with signals_unwind(), pytest.raises(StoppedBySignal) as raised:
+    with pytest.raises(StoppedBySignal) as raised, signals_unwind():
         with stop_signals_abort_ray_train():
             signal_self(signal.SIGHUP)
             raise AssertionError("the block went on")

@@ -15,7 +15,8 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from infra.signals import signals_unwind
+from infra.local_ray import init_ray
+from infra.signals import StoppedBySignal, signals_unwind
 from modrwkv import RWKV7Config
 from modrwkv.model_folder import read_encoders_record
 from pipelines.config import from_dict
@@ -257,34 +258,37 @@ def test_a_stop_signal_during_training_stops_its_workers_and_ends_the_run_killed
     """Ctrl-C, or SIGTERM (`kill`, `ray job stop`), during `modrwkv train`'s `fit`. Ray Train's `fit` takes Ctrl-C for
     itself (it aborts the run, then exits 1) and leaves its handler installed: the run ended FAILED, and a later
     Ctrl-C called the finished run's controller. A SIGTERM's exit, raised in Ray's wait for the run, came out of
-    `fit` as SystemExit(1) (Ray's), and the run ended FAILED. Now both abort Ray's run, end the MLflow run KILLED and
-    leave the process as outside `fit`: KeyboardInterrupt, or exit status 143."""
+    `fit` as SystemExit(1) (Ray's), or as Ray's own SIGTERM handler's exit (15: `ray.init` installs it), and the run
+    ended FAILED. Now both abort Ray's run, end the MLflow run KILLED and leave the process as outside `fit`:
+    KeyboardInterrupt, or exit status 143."""
     root, cache = setup
     name = f"stopped-{signum.name.lower()}"
     config = train_config(root, cache, name, steps=60, checkpoint_every=3)  # far from done when stopped
     storage = root / "runs" / name / "phase1" / "ray"
-    stop_waiting, sigint_before = threading.Event(), signal.getsignal(signal.SIGINT)
+    stop_waiting = threading.Event()
 
     def signal_after_first_checkpoint():
         if first_checkpoint_registered(storage, stop_waiting):
             os.kill(os.getpid(), signum)
 
     watcher = threading.Thread(target=signal_after_first_checkpoint)
-    with signals_unwind():  # as `modrwkv train` runs it
-        handler_before = signal.getsignal(signum)
-        watcher.start()
-        try:
-            with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else SystemExit) as raised:
-                run_train(config, phase=1)
-            assert signal.getsignal(signal.SIGINT) is sigint_before
-            if signum == signal.SIGTERM:  # the handler of before got it: it exits so, and ignores a second one
-                assert raised.value.code == 128 + signal.SIGTERM
-                assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        finally:
-            signal.signal(signum, signal.SIG_IGN)  # a late one (a run ended otherwise) must not stop the tests
-            stop_waiting.set()
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signum, lambda *_: None)  # a late one (a run ended otherwise) must not stop the tests
+    try:
+        handlers = {s: signal.getsignal(s) for s in handlers_before}
+        with (pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else StoppedBySignal) as raised,
+              signals_unwind()):  # as `modrwkv train` runs it
+            init_ray(ignore_reinit_error=True)  # `run_train`'s, Ray being up already here: it took SIGTERM
+            watcher.start()
+            run_train(config, phase=1)
+        assert {s: signal.getsignal(s) for s in handlers} == handlers  # Ray's SIGINT handler gone, no other left
+        assert signum == signal.SIGINT or raised.value.code == 128 + signal.SIGTERM
+    finally:
+        stop_waiting.set()
+        if watcher.ident:
             watcher.join()
-            signal.signal(signum, handler_before)
+        for s, handler in handlers_before.items():
+            signal.signal(s, handler)
     client = MlflowClient(config.tracking.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
                                 f"tags.mlflow.runName LIKE '{name}%'")
