@@ -151,7 +151,8 @@ def cmd_demo(args) -> None:
 def cmd_encode(args) -> None:
     from pipelines.encode import main
 
-    main(args)
+    with signals_unwind():  # `kill` or a closed terminal lets go of the entry's lease, as Ctrl-C does
+        main(args)
 
 
 def cmd_train(args) -> None:
@@ -166,7 +167,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from pipelines.evaluate import main
 
-    main(args)
+    with signals_unwind():  # `kill` or a closed terminal ends the MLflow run KILLED, not left RUNNING
+        main(args)
 
 
 def cmd_data_demo(args) -> None:

@@ -220,7 +220,9 @@ def test_job_modules_run_as_scripts(module, flag):
 @pytest.mark.parametrize("command, module, function", [
     (["demo"], "pipelines.demo", "run_demo(out)"),
     # a single-process training: its MLflow run ends KILLED in `run_status`, not left RUNNING for ever
-    (["train", "--config", "c.yaml", "--phase", "1", "--single-process"], "pipelines.train_local", "main(args)")])
+    (["train", "--config", "c.yaml", "--phase", "1", "--single-process"], "pipelines.train_local", "main(args)"),
+    (["eval", "--config", "c.yaml"], "pipelines.evaluate", "main(args)"),  # its run, too
+    (["encode", "--config", "c.yaml"], "pipelines.encode", "main(args)")])  # the entry's lease let go
 def test_a_killed_run_unwinds_as_on_ctrl_c(command, module, function):
     """SIGTERM (`kill`, a closed terminal) reaches the job's `finally` (the demo shuts its local Ray down there, a
     training ends its MLflow run); by default the process would end on the spot and leave them as they were."""
