@@ -36,13 +36,13 @@ def init_ray(address: str | None = None, local: dict | None = None, **kwargs):
 
 @contextmanager
 def job_sigterm_handler_kept() -> Iterator[None]:
-    """The SIGTERM handler of before the block, back after it where it was one of Python's (Ray's stays in place of
-    the default, where it ends the process by an exception that shuts Ray down, as it means to)."""
+    """The SIGTERM handler of before the block, back after it where it was one of Python's or ignored (Ray's stays in
+    place of the default, where it ends the process by an exception that shuts Ray down, as it means to)."""
     before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
     finally:
-        if callable(before):
+        if before not in (None, signal.SIG_DFL):
             signal.signal(signal.SIGTERM, before)
 
 

@@ -17,8 +17,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FROM_OUTSIDE = (signal.SIGTERM, signal.SIGHUP)  # `kill`, `ray job stop`, a closed terminal
+# their handlers put back in this order: a SIGTERM between two is not passed to the caller's SIGINT handler
+STOP_SIGNALS = (*FROM_OUTSIDE, signal.SIGINT)
 
 
 @contextmanager
