@@ -12,9 +12,10 @@ from infra.signals import StoppedBySignal, signals_unwind, stop_received
 
 @pytest.fixture
 def handlers_before():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    yield before
-    for s, handler in before.items():
+    """SIGTERM and SIGHUP at their defaults, as in a terminal (under nohup the tests inherit SIGHUP ignored)."""
+    saved = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)}
+    yield {s: signal.SIG_DFL for s in saved}
+    for s, handler in saved.items():
         signal.signal(s, handler)
 
 

@@ -27,9 +27,13 @@ def exit_1():
 
 @pytest.fixture
 def handler_before():
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield before[signal.SIGINT]
-    for s, handler in before.items():
+    """SIGINT's handler; SIGTERM and SIGHUP at their defaults, as in a terminal (under nohup the tests inherit SIGHUP
+    ignored)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    yield saved[signal.SIGINT]
+    for s, handler in saved.items():
         signal.signal(s, handler)
 
 
