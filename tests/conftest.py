@@ -1,4 +1,6 @@
 import os
+import signal
+import time
 
 import torch  # noqa: E402
 
@@ -32,6 +34,24 @@ def random_backbone(config: RWKV7Config, seed: int = 0) -> RWKV7:
             elif name == "emb.weight":
                 p.normal_(0, 1.0)
     return model.eval()
+
+
+def signal_self(signum: int = signal.SIGINT) -> None:
+    """A signal to this process, as `kill` or Ctrl-C sends it; its Python handler runs in the main thread meanwhile."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.5)
+
+
+@pytest.fixture
+def stop_signals_at_defaults():
+    """SIGTERM and SIGHUP at their defaults, as in a terminal (under nohup the tests inherit SIGHUP ignored); the
+    handlers of before (SIGINT's too) put back after the test, which yields them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    yield saved
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 # each reads a tensor's values back to the host, which on a GPU waits for all the queued work

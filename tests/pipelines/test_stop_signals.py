@@ -1,20 +1,14 @@
 """`stop_signals_abort_ray_train` around a block that, as Ray Train's `fit` does, installs a SIGINT handler of its
 own; the real `fit` stopped is in test_train.py."""
 
-import os
 import signal
 import socket
-import time
 
 import pytest
 
 from infra.signals import StoppedBySignal, signals_unwind
 from pipelines.stop_signals import stop_signals_abort_ray_train
-
-
-def signal_self(signum=signal.SIGINT) -> None:
-    os.kill(os.getpid(), signum)
-    time.sleep(0.5)  # the main thread's handler runs here
+from tests.conftest import signal_self
 
 
 def installed_handler(on_sigint) -> None:
@@ -26,15 +20,8 @@ def exit_1():
 
 
 @pytest.fixture
-def handler_before():
-    """SIGINT's handler; SIGTERM and SIGHUP at their defaults, as in a terminal (under nohup the tests inherit SIGHUP
-    ignored)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, signal.SIG_DFL)
-    yield saved[signal.SIGINT]
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+def handler_before(stop_signals_at_defaults):
+    return stop_signals_at_defaults[signal.SIGINT]
 
 
 def wakeup_fd() -> int:

@@ -164,21 +164,19 @@ def test_run_status_ends_runs_finished_failed_or_killed_with_an_end_time(tmp_pat
 
 def test_a_stop_that_ray_carried_as_its_own_exit_ends_the_run_killed(tmp_path):
     """A SIGTERM raised in `ray.get`'s wait comes out of it as SystemExit(1), Ray's: still the job's stop."""
-    import os
     import signal
-    import time
 
     import pytest
 
     from infra.signals import StoppedBySignal, signals_unwind
     from pipelines.tracking import run_status
+    from tests.conftest import signal_self
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(uri, "status", "stopped in ray.get", {}, {})
     with pytest.raises(StoppedBySignal), signals_unwind(), run_status(uri, run_id):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.5)  # the main thread's handler runs here
+            signal_self(signal.SIGTERM)
         except StoppedBySignal:
             raise SystemExit(1) from None
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
